@@ -1,0 +1,118 @@
+"""The two calls most users need: :func:`train` a plan and :func:`predict` from a finished run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from .data import batches
+from .engine import Party
+from .plan import DataSpec, Plan, PlanError, load_plan
+from .results import build_result, load_weights, save_weights, write_json
+from .runner import Step, check_plan, prepare, run_parties, setup_party
+
+__all__ = ["train", "predict"]
+
+
+def train(plan: Plan | str | Path | dict, *, epochs: int | None = None, seed: int | None = None,
+          out: str | Path | None = None, on_step: Callable[[Step], None] | None = None,
+          timeout: float = 600.0) -> dict[str, Any]:
+    """Train a plan with every party in this process; return (and with ``out``, write) the result.
+
+    ``out`` receives ``result.json``, ``plan.json`` and ``parties/NAME/weights.safetensors``.
+    """
+    plan, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
+    return train_prepared(plan, setups, shapes, out=out, on_step=on_step, timeout=timeout)
+
+
+def train_prepared(plan: Plan, setups: dict, shapes: dict, *, out: str | Path | None = None,
+                   on_step: Callable[[Step], None] | None = None, timeout: float = 600.0) -> dict[str, Any]:
+    """:func:`train` after :func:`~splitlearn.runner.prepare` (which checks the plan end to end)."""
+    reports = run_parties(setups, shapes, on_step=on_step, timeout=timeout)
+    graph = next(iter(setups.values())).graph
+    result = build_result(plan, graph, reports, {"transport": "in-process"})
+    if out is not None:
+        save_run(Path(out), plan, result, {p: s.modules for p, s in setups.items()})
+    return result
+
+
+def save_run(out: Path, plan: Plan, result: dict, modules: dict[str, dict]) -> None:
+    for party, mods in modules.items():
+        save_weights(out / "parties" / party / "weights.safetensors", mods)
+    write_json(out / "plan.json", plan.model_dump(mode="json"))
+    write_json(out / "result.json", result)
+
+
+def _predict_job(party: Party, steps: Iterator[Step], on_step: Callable | None) -> dict[str, list[torch.Tensor]]:
+    preds: dict[str, list[torch.Tensor]] = {}
+    for step in steps:
+        for k, v in party.step(step.id, step.rows, "predict").predictions.items():
+            preds.setdefault(k, []).append(v)
+        if on_step is not None:
+            on_step(step)
+    return preds
+
+
+def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: bool = True) -> dict[str, dict]:
+    """Run a trained plan forward on new data (default: the run's test split).
+
+    Each party loads only its own weights. Predictions arrive at the party that owns each
+    head and are written to ``RUN_DIR/parties/PARTY/predictions.csv``; the returned dict maps
+    each task to ``{"party", "ids", "outputs", "predictions"}``.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "plan.json").is_file():
+        raise PlanError("not a run folder: plan.json is missing", file=run_dir,
+                        hint="give the --out folder of a finished 'splitlearn run'")
+    plan = load_plan(json.loads((run_dir / "plan.json").read_text()))
+    spec = DataSpec.model_validate(data) if isinstance(data, dict) else data
+    cache: dict = {}
+    setups = {p: setup_party(plan, p, cache, spec, predict=True) for p in plan.parties}
+    for p, s in setups.items():
+        path = run_dir / "parties" / p / "weights.safetensors"
+        if s.modules:
+            if not path.is_file():
+                raise PlanError(f"no weights for party {p!r} at {path}", file=run_dir, hint="train with --out first")
+            load_weights(path, s.modules)
+        for m in s.modules.values():
+            m.eval()
+    shapes = check_plan(setups)
+    first = next(iter(setups.values()))
+    rows = first.splits.test if spec is None else np.arange(len(first.splits.ids))
+    bs = plan.train.eval_batch_size
+
+    def steps(_s) -> Iterator[Step]:
+        for i, b in enumerate(batches(len(rows), bs, 0, 0, shuffle=False)):
+            yield Step(i, "predict", 0, torch.from_numpy(rows[b]))
+
+    results = run_parties(setups, shapes, steps=steps, job=_predict_job)
+    graph = first.graph
+    ids = first.splits.ids[rows]
+    out: dict[str, dict] = {}
+    for party, preds in results.items():
+        for task, chunks in preds.items():
+            outputs = torch.cat(chunks)
+            kind = plan.losses[task].kind
+            labels = (outputs.argmax(-1) if kind == "cross_entropy" else
+                      (outputs.reshape(len(ids), -1)[:, 0] > 0).long() if kind == "bce" else outputs.reshape(len(ids), -1)[:, 0])
+            out[task] = {"party": party, "ids": ids.tolist(), "outputs": outputs, "predictions": labels.tolist()}
+            assert graph.nodes[task].party == party
+            if write:
+                path = run_dir / "parties" / party / "predictions.csv"
+                _write_predictions(path, out, party)
+    return out
+
+
+def _write_predictions(path: Path, out: dict[str, dict], party: str) -> None:
+    tasks = [t for t, v in out.items() if v["party"] == party]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", *tasks])
+        for i, id_ in enumerate(out[tasks[0]]["ids"]):
+            w.writerow([id_, *(out[t]["predictions"][i] for t in tasks)])

@@ -1,0 +1,138 @@
+"""The ``splitlearn`` command line: run, inspect, predict (and the network commands)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .plan import PlanError, load_plan
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Split learning: train, inspect and predict from plans of any configuration.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _human(n: float, unit: str = "") -> str:
+    for prefix in ("", "k", "M", "G", "T", "P"):
+        if abs(n) < 1000:
+            return f"{n:.3g} {prefix}{unit}".strip()
+        n /= 1000
+    return f"{n:.3g} E{unit}"
+
+
+def _summary(result: dict) -> None:
+    m = result["metrics"]
+    if "test_accuracy" in m:
+        console.print(f"[bold]test accuracy[/]: {m['test_accuracy']:.4f}")
+    for task, t in m.get("tasks", {}).items():
+        acc = f"accuracy {t['test_accuracy']:.4f}" if "test_accuracy" in t else f"test loss {t['test_loss']:.4f}"
+        console.print(f"  task [cyan]{task}[/] (at {t['party']}): {acc}")
+    table = Table(title="per party", show_lines=False)
+    for col in ("party", "bytes sent", "bytes received", "FLOPs", "compute s", "wait s"):
+        table.add_column(col, justify="right" if col != "party" else "left")
+    for name, p in result["parties"].items():
+        table.add_row(name, _human(p["bytes_sent"], "B"), _human(p["bytes_received"], "B"), _human(p["flops"]),
+                      f"{p['compute_s']:.2f}", f"{p['wait_s']:.2f}")
+    console.print(table)
+    labels = [w for w in result["wires"] if w["carries"] == "label"]
+    for w in labels:
+        console.print(f"[yellow]label wire[/] {w['name']}: labels of {w['src']} travel to {w['dst']}")
+
+
+@app.command()
+def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
+        epochs: Optional[int] = typer.Option(None, min=1, help="override the plan's epochs"),
+        seed: Optional[int] = typer.Option(None, help="override the plan's seed"),
+        out: Path = typer.Option(Path("runs/latest"), help="folder for result.json, plan.json and weights"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar")) -> None:
+    """Train PLAN with every party in this process; write OUT/result.json and per-party weights."""
+    from .api import train_prepared
+    from .runner import RunError, prepare, schedule
+
+    try:
+        p, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
+    except PlanError as e:
+        _fail(str(e))
+    first = next(iter(setups.values()))
+    total = sum(1 for _ in schedule(p, first.splits))
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=quiet, transient=False) as bar:
+        task = bar.add_task(f"{p.name}: epoch 1/{p.train.epochs}", total=total)
+
+        def on_step(step) -> None:
+            bar.update(task, advance=1, description=f"{p.name}: epoch {step.epoch + 1}/{p.train.epochs} {step.mode}")
+
+        try:
+            result = train_prepared(p, setups, shapes, out=out, on_step=on_step)
+        except RunError as e:
+            _fail(str(e), code=1)
+    _summary(result)
+    console.print(f"wrote {out / 'result.json'}")
+
+
+@app.command()
+def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
+            png: Optional[Path] = typer.Option(None, help="where to draw the topology (default: PLAN-topology.png)"),
+            check: bool = typer.Option(True, help="also load the data and dry-run one sample through the plan")) -> None:
+    """Print PLAN's parties, stages and wires, flag label wires, and draw its topology."""
+    from .graph import build_graph
+    from .runner import prepare
+    from .viz import describe, draw_topology
+
+    try:
+        p = load_plan(plan)
+        shapes = prepare(p)[2] if check else {}
+    except PlanError as e:
+        _fail(str(e))
+    graph = build_graph(p)
+    console.print(describe(graph), highlight=False)
+    for wire, (dtype, shape) in shapes.items():
+        console.print(f"  {wire}: {dtype} [batch, {', '.join(map(str, shape))}]", highlight=False)
+    target = png or Path(f"{plan.stem}-topology.png")
+    draw_topology(graph, target)
+    console.print(f"drew {target}")
+
+
+@app.command()
+def predict(run_dir: Path = typer.Argument(..., help="the --out folder of a finished run"),
+            data: Optional[Path] = typer.Option(None, help="CSV of new rows (an 'id' column and feature columns); "
+                                                "default: the run's test split"),
+            id_column: str = typer.Option("id", help="id column of --data")) -> None:
+    """Run a trained plan forward; predictions go to the party owning each head."""
+    from .api import predict as do_predict
+    from .data import DataError
+    from .runner import RunError
+
+    spec = {"dataset": "csv", "path": str(data.resolve()), "id_column": id_column} if data else None
+    try:
+        out = do_predict(run_dir, spec)
+    except (PlanError, DataError) as e:
+        _fail(str(e))
+    except RunError as e:
+        _fail(str(e), code=1)
+    for task, r in out.items():
+        path = run_dir / "parties" / r["party"] / "predictions.csv"
+        console.print(f"task [cyan]{task}[/]: {len(r['ids'])} predictions delivered to [bold]{r['party']}[/] ({path})")
+
+
+def main() -> None:  # pragma: no cover
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

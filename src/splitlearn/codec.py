@@ -1,0 +1,187 @@
+"""Tensor <-> bytes. The only place tensors are serialised; nothing here can run code.
+
+A codec turns a tensor into an :class:`Encoded` (raw little-endian buffers plus its dtype and
+shape) and back. Decoding checks the dtype against an allow-list and the byte count against
+the shape before touching the data. Codecs are chosen per wire and direction by name:
+
+=============  ============================================  ==========================
+name           sends                                          bytes per element
+=============  ============================================  ==========================
+``raw``        the tensor's own dtype, exactly (labels)       its itemsize
+``float32``    float32, exactly (the identity codec)          4
+``float16``    float16                                        2
+``bfloat16``   bfloat16                                       2
+``int8``       affine 8-bit quantisation, one scale/tensor    1 (+ 8 per tensor)
+``topk:F``     the largest fraction F of entries by size      4 + 4 per kept entry
+=============  ============================================  ==========================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["Encoded", "Codec", "WireError", "get_codec", "CODECS", "DTYPES", "MAX_ELEMENTS"]
+
+DTYPES: dict[str, tuple[torch.dtype, str]] = {  # name -> (torch dtype, little-endian numpy storage)
+    "float32": (torch.float32, "<f4"),
+    "float64": (torch.float64, "<f8"),
+    "float16": (torch.float16, "<f2"),
+    "bfloat16": (torch.bfloat16, "<u2"),  # stored as its raw 16 bits
+    "int64": (torch.int64, "<i8"),
+    "int32": (torch.int32, "<i4"),
+    "int8": (torch.int8, "i1"),
+    "uint8": (torch.uint8, "u1"),
+    "bool": (torch.bool, "?"),
+}
+_NAMES = {t: n for n, (t, _) in DTYPES.items()}
+MAX_ELEMENTS = 1 << 28  # refuse anything larger, whatever its header claims
+
+
+class WireError(ValueError):
+    """Received data that is malformed or not what was agreed."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    codec: str
+    dtype: str  # dtype of the decoded tensor
+    shape: tuple[int, ...]
+    data: bytes
+    extra: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes: the data and the codec's side buffers."""
+        return len(self.data) + sum(len(v) for v in self.extra.values())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _NAMES:
+        raise WireError(f"dtype {dtype} cannot be sent; allowed: {sorted(DTYPES)}")
+    return _NAMES[dtype]
+
+
+def to_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().cpu()
+    name = dtype_name(t.dtype)
+    if name == "bfloat16":
+        t = t.view(torch.int16)  # numpy has no bfloat16: send its 16 bits
+    return t.numpy().astype(DTYPES[name][1], copy=False).tobytes()
+
+
+def from_bytes(data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor from raw little-endian bytes, after checking dtype, shape and length."""
+    if dtype not in DTYPES:
+        raise WireError(f"dtype {dtype!r} is not allowed; allowed: {sorted(DTYPES)}")
+    if any(d < 0 for d in shape):
+        raise WireError(f"negative dimension in shape {list(shape)}")
+    numel = math.prod(shape)
+    if numel > MAX_ELEMENTS:
+        raise WireError(f"{numel} elements exceed the limit of {MAX_ELEMENTS}")
+    torch_dtype, storage = DTYPES[dtype]
+    itemsize = np.dtype(storage).itemsize
+    if len(data) != numel * itemsize:
+        raise WireError(f"{len(data)} bytes for shape {list(shape)} of {dtype} (expected {numel * itemsize})")
+    arr = np.frombuffer(data, dtype=storage).copy().reshape(shape)
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+class Codec:
+    """Base codec: sends the tensor as ``wire_dtype`` (or its own dtype if None)."""
+
+    name = "raw"
+    wire_dtype: str | None = None
+
+    def encode(self, t: torch.Tensor) -> Encoded:
+        out_dtype = dtype_name(t.dtype)
+        if self.wire_dtype is not None:
+            t = t.to(DTYPES[self.wire_dtype][0])
+        return Encoded(self.name, out_dtype, tuple(t.shape), to_bytes(t))
+
+    def decode(self, e: Encoded) -> torch.Tensor:
+        t = from_bytes(e.data, self.wire_dtype or e.dtype, e.shape)
+        return t.to(DTYPES[e.dtype][0]) if e.dtype in DTYPES else t
+
+
+class Float32(Codec):
+    name, wire_dtype = "float32", "float32"
+
+
+class Float16(Codec):
+    name, wire_dtype = "float16", "float16"
+
+
+class BFloat16(Codec):
+    name, wire_dtype = "bfloat16", "bfloat16"
+
+
+class Int8(Codec):
+    """Affine quantisation to 256 levels between the tensor's min and max.
+
+    Error bound: ``|x - decode(encode(x))| <= (max - min) / 255 / 2`` per element.
+    """
+
+    name = "int8"
+
+    def encode(self, t: torch.Tensor) -> Encoded:
+        x = t.detach().float()
+        lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0.0, 0.0)
+        scale = (hi - lo) / 255 or 1.0
+        q = torch.round((x - lo) / scale).clamp_(0, 255).to(torch.uint8)
+        params = np.array([lo, scale], dtype="<f4").tobytes()
+        return Encoded(self.name, dtype_name(t.dtype), tuple(t.shape), to_bytes(q), {"affine": params})
+
+    def decode(self, e: Encoded) -> torch.Tensor:
+        if len(e.extra.get("affine", b"")) != 8:
+            raise WireError("int8 tensor without its 8-byte affine parameters")
+        lo, scale = np.frombuffer(e.extra["affine"], dtype="<f4").tolist()
+        q = from_bytes(e.data, "uint8", e.shape)
+        return (q.float() * scale + lo).to(DTYPES[e.dtype][0])
+
+
+class TopK(Codec):
+    """Keep the ``fraction`` of entries largest in magnitude (at least one); the rest are zero."""
+
+    def __init__(self, fraction: float):
+        if not 0 < fraction <= 1:
+            raise ValueError(f"top-k fraction must be in (0, 1], got {fraction}")
+        self.fraction, self.name = fraction, f"topk:{fraction:g}"
+
+    def k(self, numel: int) -> int:
+        return max(1, int(math.ceil(self.fraction * numel))) if numel else 0
+
+    def encode(self, t: torch.Tensor) -> Encoded:
+        flat = t.detach().float().reshape(-1)
+        idx = torch.topk(flat.abs(), self.k(flat.numel()), sorted=False).indices.sort().values
+        return Encoded(self.name, dtype_name(t.dtype), tuple(t.shape), to_bytes(flat[idx]),
+                       {"indices": to_bytes(idx.to(torch.int32))})
+
+    def decode(self, e: Encoded) -> torch.Tensor:
+        numel, k = math.prod(e.shape), self.k(math.prod(e.shape))
+        values = from_bytes(e.data, "float32", (k,))
+        idx = from_bytes(e.extra.get("indices", b""), "int32", (k,)).long()
+        if k and (idx.min() < 0 or idx.max() >= numel):
+            raise WireError(f"top-k index out of range for shape {list(e.shape)}")
+        out = torch.zeros(numel, dtype=torch.float32)
+        out[idx] = values
+        return out.reshape(e.shape).to(DTYPES[e.dtype][0])
+
+
+CODECS = {c.name: c for c in (Codec, Float32, Float16, BFloat16, Int8)}
+
+
+def get_codec(name: str) -> Codec:
+    """A codec instance by name (``float32``, ``float16``, ``bfloat16``, ``int8``, ``topk:0.1``, ``raw``)."""
+    if name.startswith("topk:"):
+        try:
+            return TopK(float(name.split(":", 1)[1]))
+        except ValueError as e:
+            raise ValueError(f"bad top-k codec {name!r}: {e}") from None
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r}; choose one of {sorted(CODECS)} or 'topk:FRACTION'")
+    return CODECS[name]()

@@ -1,0 +1,332 @@
+"""One party's side of a step: the stage protocol of DESIGN.md, over a :class:`~splitlearn.link.Link`.
+
+Pure logic: no sockets and no files. The same code runs in an in-process simulation and in a
+party process on another machine; only the transport under the link differs.
+
+A step, at every party at once:
+
+1. every local node runs forward as soon as its inputs are present (local data, or tensors
+   received on a wire, which become leaves with ``requires_grad=True``); outputs feeding a
+   wire are sent at once;
+2. losses are computed where their input segment runs;
+3. a stage runs backward once it holds the gradient of every tensor it sent (plus its local
+   losses), then sends the gradient of every leaf it received back up its wire;
+4. the party steps its optimizer once all its stages are done.
+
+Evaluation runs 1-2 without gradients; prediction runs 1 only and skips label wires, so the
+predictions stay at the party that owns the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .codec import Codec, WireError, dtype_name, get_codec
+from .graph import Graph, Node, Stage, Wire
+from .link import Link
+from .messages import Kind, Message
+from .plan import PlanError
+from .transport.base import TransportTimeout
+
+__all__ = ["Party", "StepOutput", "PartyError", "Mode", "dry_run", "merge_inputs", "LOSSES"]
+
+Mode = Literal["train", "eval", "predict"]
+
+
+class PartyError(RuntimeError):
+    """A party cannot go on (a peer stopped, a timeout, a refused message of ours)."""
+
+
+def _bce(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(out.reshape(target.shape), target.float())
+
+
+def _mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out.reshape(target.shape), target.float())
+
+
+LOSSES = {"cross_entropy": F.cross_entropy, "bce": _bce, "mse": _mse}
+
+
+def correct(kind: str, out: torch.Tensor, target: torch.Tensor) -> int:
+    """Correct predictions in a batch (classification losses only)."""
+    if kind == "cross_entropy":
+        return int((out.argmax(-1) == target).sum())
+    if kind == "bce":
+        return int(((out.reshape(target.shape) > 0).long() == target.long()).sum())
+    raise ValueError(f"no accuracy for loss kind {kind!r}")
+
+
+def merge_inputs(how: str, module: nn.Module, xs: list[torch.Tensor]) -> torch.Tensor:
+    """Run a segment on its inputs: concatenated on the feature dimension, summed, or as arguments."""
+    if len(xs) == 1:
+        return module(xs[0])
+    if how == "concat":
+        return module(torch.cat(xs, dim=1))
+    if how == "sum":
+        return module(torch.stack(xs).sum(0))
+    return module(*xs)
+
+
+@dataclass
+class StepOutput:
+    losses: dict[str, float] = field(default_factory=dict)  # loss name -> value (unweighted)
+    predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # loss name -> outputs of its head
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # loss name -> targets (eval)
+
+
+class Party:
+    """The stages of one party, its modules, optimizer and local data.
+
+    ``data`` maps input nodes (``party.field``) to tensors over all aligned rows; a step
+    reads the rows it is given. ``wire_shapes`` (wire -> dtype, shape without the batch
+    dimension) is what the parties agreed; received tensors are checked against it.
+    """
+
+    def __init__(self, graph: Graph, name: str, link: Link, modules: dict[str, nn.Module],
+                 optimizer: torch.optim.Optimizer | None, data: dict[str, torch.Tensor],
+                 wire_shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None, timeout: float | None = 600.0):
+        self.graph, self.name, self.link = graph, name, link
+        self.meter = link.meter
+        self.modules, self.optimizer, self.data = modules, optimizer, data
+        self.wire_shapes = wire_shapes or {}
+        self.timeout = timeout
+        self.nodes = graph.nodes
+        self.order = graph.local_order(name)
+        self.stages = graph.stages_of(name)
+        self.wires = {w.name: w for w in graph.wires if name in (w.src_party, w.dst_party)}
+        self.sends_from: dict[str, list[Wire]] = {}
+        for w in self.wires.values():
+            if w.src_party == name:
+                self.sends_from.setdefault(w.src, []).append(w)
+        # encoders are per wire and direction (a codec may keep state, e.g. error feedback)
+        self.encoders: dict[tuple[str, Kind], Codec] = {}
+        for w in self.wires.values():
+            if w.src_party == name:
+                self.encoders[(w.name, Kind.ACTIVATION)] = get_codec(w.codec)
+            elif w.carries == "activation":
+                self.encoders[(w.name, Kind.GRADIENT)] = get_codec(w.grad_codec)
+        self.label_only = graph.label_inputs() & set(self.order)
+        self._early: dict[int, list[Message]] = {}
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self, step: int, rows: torch.Tensor, mode: Mode) -> StepOutput:
+        """Run one step on the given rows (positions into the aligned data) in ``mode``."""
+        train = mode == "train"
+        st = _StepState(step, rows, mode)
+        st.todo = [n for n in self.order if not (mode == "predict" and n in self.label_only)]
+        stages = list(self.stages) if train else []
+        if train and self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(train):
+            while True:
+                progressed = True
+                while progressed:
+                    progressed = False
+                    for n in list(st.todo):
+                        if all(d in st.values for d in self._needs(n, mode)):
+                            self._forward(self.nodes[n], st)
+                            st.todo.remove(n)
+                            progressed = True
+                    for s in list(stages):
+                        if self._stage_ready(s, st):
+                            self._backward(s, st)
+                            stages.remove(s)
+                            progressed = True
+                if not st.todo and not stages:
+                    break
+                self._receive(st, stages)
+        if train and self.optimizer is not None:
+            with self.meter.timed("compute"):
+                self.optimizer.step()
+        return st.out
+
+    def _needs(self, n: str, mode: Mode) -> tuple[str, ...]:
+        node = self.nodes[n]
+        if node.kind == "loss" and mode == "predict":
+            return node.inputs[:1]  # the head's output only; labels are not needed
+        return node.inputs
+
+    def _forward(self, node: Node, st: "_StepState") -> None:
+        batch = len(st.rows)
+        if node.kind == "input":
+            st.values[node.name] = self.data[node.name][st.rows]
+        elif node.kind == "segment":
+            spec = self.graph.plan.segments[node.name]
+            xs = [st.values[d] for d in node.inputs]
+            st.values[node.name] = self.meter.compute(
+                (node.name, batch), "forward", lambda: merge_inputs(spec.merge, self.modules[node.name], xs))
+        else:  # loss
+            spec = self.graph.plan.losses[node.name]
+            out = st.values[node.inputs[0]]
+            if st.mode == "predict":
+                st.out.predictions[node.name] = out.detach()
+                return
+            target = st.values[node.inputs[1]]
+            loss = self.meter.compute((node.name, batch), "forward", lambda: LOSSES[spec.kind](out, target))
+            st.losses[node.name] = loss
+            st.out.losses[node.name] = float(loss.detach())
+            if st.mode == "eval":
+                st.out.predictions[node.name] = out.detach()
+                st.out.targets[node.name] = target
+        for w in self.sends_from.get(node.name, []):
+            self._send(Kind.ACTIVATION, w, st.step, st.values[node.name])
+
+    def _stage_ready(self, s: Stage, st: "_StepState") -> bool:
+        return (not any(n in st.todo for n in s.nodes)
+                and all(w in st.grads for w in s.sends if self.wires[w].carries == "activation"))
+
+    def _backward(self, s: Stage, st: "_StepState") -> None:
+        roots, grads = [], []
+        for name in s.losses:
+            roots.append(st.losses[name])
+            grads.append(torch.tensor(self.graph.plan.losses[name].weight))
+        for w in s.sends:
+            wire = self.wires[w]
+            if wire.carries == "activation":
+                roots.append(st.values[wire.src])
+                grads.append(st.grads[w])
+        pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
+        if pairs:
+            self.meter.compute((("stage", s.index), len(st.rows)), "backward",
+                               lambda: torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs]))
+        for w in s.receives:
+            wire = self.wires[w]
+            if wire.carries == "activation":
+                leaf = st.values[wire.src]
+                grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                self._send(Kind.GRADIENT, wire, st.step, grad)
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def _send(self, kind: Kind, wire: Wire, step: int, t: torch.Tensor) -> None:
+        dst = wire.dst_party if kind == Kind.ACTIVATION else wire.src_party
+        with self.meter.timed("compute"):
+            enc = self.encoders[(wire.name, kind)].encode(t.detach())
+        self.link.send(Message(kind, self.name, dst, step, wire.name, {"t": enc}))
+
+    def _next_message(self, st: "_StepState", stages: list[Stage]) -> Message:
+        if self._early.get(st.step):
+            return self._early[st.step].pop(0)
+        try:
+            return self.link.recv(self.timeout)
+        except TransportTimeout:
+            waiting = [n for n in st.todo] + [w for s in stages for w in s.sends if w not in st.grads]
+            raise PartyError(f"{self.name}: nothing received for {self.timeout} s at step {st.step} "
+                             f"while waiting for {waiting}") from None
+
+    def _receive(self, st: "_StepState", stages: list[Stage]) -> None:
+        msg = self._next_message(st, stages)
+        if msg.kind in (Kind.STOP, Kind.ERROR):
+            raise PartyError(f"{self.name}: party {msg.sender!r} stopped: {msg.text or 'no reason given'}")
+        if msg.kind not in (Kind.ACTIVATION, Kind.GRADIENT):
+            self.link.refuse(msg.sender, f"unexpected {msg.kind.name} message during step {st.step}", msg.step)
+            return
+        if msg.step > st.step:
+            self._early.setdefault(msg.step, []).append(msg)
+            return
+        if msg.step < st.step:
+            return  # a duplicate of a finished step
+        wire = self.wires.get(msg.wire)
+        expected_sender = None
+        if wire is not None:
+            if msg.kind == Kind.ACTIVATION and wire.dst_party == self.name:
+                expected_sender = wire.src_party
+            elif msg.kind == Kind.GRADIENT and wire.src_party == self.name and wire.carries == "activation":
+                expected_sender = wire.dst_party
+        if expected_sender != msg.sender:
+            self.link.refuse(msg.sender, f"no {msg.kind.name.lower()} from {msg.sender!r} is expected on this wire",
+                             msg.step, msg.wire)
+            return
+        try:
+            t = self._check_and_decode(msg, wire, st)
+        except WireError as e:
+            self.link.refuse(msg.sender, str(e), msg.step, msg.wire)
+            return
+        if msg.kind == Kind.ACTIVATION:
+            if wire.src in st.values:
+                return  # duplicate
+            if st.mode == "train" and wire.carries == "activation":
+                t.requires_grad_(True)
+            st.values[wire.src] = t
+        else:
+            st.grads.setdefault(wire.name, t)
+
+    def _check_and_decode(self, msg: Message, wire: Wire, st: "_StepState") -> torch.Tensor:
+        if set(msg.tensors) != {"t"}:
+            raise WireError(f"expected one tensor 't', got {sorted(msg.tensors)}")
+        enc = msg.tensors["t"]
+        want_codec = wire.codec if msg.kind == Kind.ACTIVATION else wire.grad_codec
+        if enc.codec != get_codec(want_codec).name:
+            raise WireError(f"codec {enc.codec!r} where {want_codec!r} was agreed")
+        if msg.kind == Kind.GRADIENT:
+            sent = st.values[wire.src]
+            want_dtype, want_shape = dtype_name(sent.dtype), tuple(sent.shape)
+        elif wire.name in self.wire_shapes:
+            dtype, shape = self.wire_shapes[wire.name]
+            want_dtype, want_shape = dtype, (len(st.rows), *shape)
+        else:
+            want_dtype, want_shape = enc.dtype, (len(st.rows), *enc.shape[1:])
+        if enc.dtype != want_dtype:
+            raise WireError(f"dtype {enc.dtype} where {want_dtype} was agreed")
+        if tuple(enc.shape) != want_shape:
+            raise WireError(f"shape {list(enc.shape)} where {list(want_shape)} was expected")
+        return get_codec(enc.codec).decode(enc)
+
+
+@dataclass
+class _StepState:
+    step: int
+    rows: torch.Tensor
+    mode: Mode
+    todo: list[str] = field(default_factory=list)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # node -> tensor (local or received)
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> gradient of what we sent on it
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    out: StepOutput = field(default_factory=StepOutput)
+
+
+def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Run one sample through the whole graph in one process; return each wire's dtype and shape.
+
+    ``sample`` maps input nodes to tensors with a batch dimension of 1. A segment that fails
+    on what it receives raises a :class:`PlanError` naming the wire (or input) and the shapes.
+    """
+    values: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for n in graph.order:
+            node = graph.nodes[n]
+            if node.kind == "input":
+                if n in sample:
+                    values[n] = sample[n]
+                continue
+            if node.kind == "segment":
+                spec = graph.plan.segments[n]
+                xs = [values[d] for d in node.inputs]
+                try:
+                    values[n] = merge_inputs(spec.merge, modules[n], xs)
+                except Exception as e:
+                    came = ", ".join(
+                        f"{graph.wire_between(d, node.party).name if graph.wire_between(d, node.party) else d} "
+                        f"with shape {list(values[d].shape)}" for d in node.inputs)
+                    raise PlanError(f"segment {n!r} (party {node.party!r}) cannot take {came}: {e}",
+                                    entry=f"segments.{n}",
+                                    hint="make the layers before the cut produce what this segment expects "
+                                    "(check 'layers' and the network sizes)") from None
+            elif node.inputs[1] in sample:  # prediction runs have no labels
+                spec = graph.plan.losses[n]
+                out, target = values[node.inputs[0]], values[node.inputs[1]]
+                try:
+                    LOSSES[spec.kind](out, target)
+                except Exception as e:
+                    raise PlanError(f"loss {n!r} cannot compare output {list(out.shape)} of {node.inputs[0]!r} with "
+                                    f"target {list(target.shape)} of {node.inputs[1]!r}: {e}", entry=f"losses.{n}",
+                                    hint="check the head's output width and the loss kind") from None
+    return {w.name: (dtype_name(values[w.src].dtype), tuple(values[w.src].shape[1:])) for w in graph.wires
+            if w.src in values}

@@ -1,0 +1,253 @@
+"""The plan as a graph: nodes, wires (edges that cross parties) and stages.
+
+Three kinds of node:
+- input ``party.field``: a field of one party's local data;
+- segment: a module run by one party on one or more inputs;
+- loss: computed at the party of its input segment, against a target input.
+
+An edge between nodes of two parties is a *wire*. It carries the source tensor forward and,
+for activations, its gradient backward. A loss target held by another party travels on a
+``label`` wire. Raw features never travel: an input feeds segments of its own party only.
+
+A *stage* is a connected piece of one party's nodes (received tensors are leaves, so they
+separate stages). A U-shaped client owns two stages: the bottom and the head.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .plan import Plan, PlanError
+
+__all__ = ["Graph", "Node", "Wire", "Stage", "build_graph"]
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    party: str
+    kind: Literal["input", "segment", "loss"]
+    inputs: tuple[str, ...] = ()  # segment: its inputs; loss: (input segment, target)
+
+
+@dataclass(frozen=True)
+class Wire:
+    name: str
+    src: str  # source node
+    src_party: str
+    dst_party: str
+    carries: Literal["activation", "label"]
+    consumers: tuple[str, ...]  # nodes at dst_party that read it
+    codec: str = "float32"  # forward
+    grad_codec: str = "float32"  # backward (activation wires only)
+
+
+@dataclass(frozen=True)
+class Stage:
+    party: str
+    index: int
+    nodes: tuple[str, ...]  # in topological order
+    receives: tuple[str, ...]  # wires whose tensors enter this stage
+    sends: tuple[str, ...]  # wires leaving this stage
+    losses: tuple[str, ...]
+
+
+@dataclass
+class Graph:
+    plan: Plan
+    nodes: dict[str, Node]
+    order: list[str]  # topological
+    wires: list[Wire]
+    stages: list[Stage] = field(default_factory=list)
+
+    @property
+    def parties(self) -> list[str]:
+        return list(self.plan.parties)
+
+    def wire(self, name: str) -> Wire:
+        return next(w for w in self.wires if w.name == name)
+
+    def wire_between(self, src: str, dst_party: str) -> Wire | None:
+        return next((w for w in self.wires if w.src == src and w.dst_party == dst_party), None)
+
+    def local_order(self, party: str) -> list[str]:
+        return [n for n in self.order if self.nodes[n].party == party]
+
+    def stages_of(self, party: str) -> list[Stage]:
+        return [s for s in self.stages if s.party == party]
+
+    def label_wires(self) -> list[Wire]:
+        return [w for w in self.wires if w.carries == "label"]
+
+    def losses(self) -> list[Node]:
+        return [self.nodes[n] for n in self.order if self.nodes[n].kind == "loss"]
+
+    def label_inputs(self) -> set[str]:
+        """Input nodes used only as loss targets: prediction does without them."""
+        users: dict[str, list[Node]] = {}
+        for n in self.nodes.values():
+            for d in n.inputs:
+                users.setdefault(d, []).append(n)
+        return {n for n, node in self.nodes.items() if node.kind == "input"
+                and all(u.kind == "loss" and u.inputs[1] == n for u in users.get(n, []))}
+
+    def neighbours(self, party: str) -> list[str]:
+        """Parties this party exchanges messages with."""
+        out = {w.dst_party for w in self.wires if w.src_party == party}
+        out |= {w.src_party for w in self.wires if w.dst_party == party}
+        return sorted(out)
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _resolve(plan: Plan, ref: str, entry: str, nodes: dict[str, Node], role: str = "input") -> str:
+    """Check a reference to a data field (``party.field``) or a segment; return the node name."""
+    if "." in ref:
+        party, fld = ref.split(".", 1)
+        if party not in plan.parties:
+            raise PlanError(f"{ref!r} names unknown party {party!r}", entry=entry,
+                            hint=_suggest(party, list(plan.parties)) + f"known parties: {sorted(plan.parties)}")
+        if fld not in plan.parties[party].holds:
+            holds = sorted(plan.parties[party].holds)
+            what = (f"the loss target {ref!r} is held by nobody" if role == "target"
+                    else f"nothing produces input {ref!r}")
+            raise PlanError(f"{what}: party {party!r} holds no field {fld!r}", entry=entry,
+                            hint=f"add {fld!r} to parties.{party}.holds, or use one of {holds}")
+        nodes.setdefault(ref, Node(ref, party, "input"))
+        return ref
+    if ref not in plan.segments:
+        raise PlanError(f"unknown segment {ref!r}", entry=entry,
+                        hint=_suggest(ref, list(plan.segments)) + f"segments are {sorted(plan.segments)}; "
+                        "a data field is written 'party.field'")
+    return ref
+
+
+def _toposort(nodes: dict[str, Node]) -> list[str]:
+    indeg = {n: 0 for n in nodes}
+    users: dict[str, list[str]] = {n: [] for n in nodes}
+    for n in nodes.values():
+        for d in n.inputs:
+            indeg[n.name] += 1
+            users[d].append(n.name)
+    ready = [n for n in nodes if indeg[n] == 0]
+    order: list[str] = []
+    while ready:
+        n = ready.pop(0)
+        order.append(n)
+        for u in users[n]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                ready.append(u)
+    if len(order) < len(nodes):
+        cyc = sorted(n for n in nodes if indeg[n] > 0 and nodes[n].kind == "segment")
+        raise PlanError(f"the segments {cyc} form a cycle", entry=f"segments.{cyc[0]}.inputs",
+                        hint="a plan must be acyclic: remove one of the inputs that closes the loop")
+    return order
+
+
+def _stages(g: Graph) -> list[Stage]:
+    stages: list[Stage] = []
+    for party in g.parties:
+        local = g.local_order(party)
+        parent = {n: n for n in local}
+
+        def find(n: str) -> str:
+            while parent[n] != n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
+
+        for n in local:
+            for d in g.nodes[n].inputs:
+                if d in parent:
+                    parent[find(n)] = find(d)
+        groups: dict[str, list[str]] = {}
+        for n in local:
+            groups.setdefault(find(n), []).append(n)
+        for i, members in enumerate(groups.values()):
+            member_set = set(members)
+            receives = tuple(w.name for w in g.wires if w.dst_party == party and set(w.consumers) & member_set)
+            sends = tuple(w.name for w in g.wires if w.src in member_set)
+            losses = tuple(n for n in members if g.nodes[n].kind == "loss")
+            stages.append(Stage(party, i, tuple(members), receives, sends, losses))
+    return stages
+
+
+def build_graph(plan: Plan) -> Graph:
+    """Check the plan's structure and derive its wires and stages. Raises :class:`PlanError`."""
+    nodes: dict[str, Node] = {}
+    for name, seg in plan.segments.items():
+        entry = f"segments.{name}"
+        if seg.party not in plan.parties:
+            raise PlanError(f"segment {name!r} belongs to unknown party {seg.party!r}", entry=f"{entry}.party",
+                            hint=_suggest(seg.party, list(plan.parties)) + f"known parties: {sorted(plan.parties)}")
+        if seg.network not in plan.networks:
+            raise PlanError(f"unknown network {seg.network!r}", entry=f"{entry}.network",
+                            hint=_suggest(seg.network, list(plan.networks)) + f"networks are {sorted(plan.networks)}")
+        inputs = tuple(_resolve(plan, ref, f"{entry}.inputs", nodes) for ref in seg.inputs)
+        for ref in inputs:
+            if "." in ref and nodes[ref].party != seg.party:
+                raise PlanError(f"raw data {ref!r} of party {nodes[ref].party!r} would be sent to {seg.party!r}",
+                                entry=f"{entry}.inputs",
+                                hint=f"raw features never leave their party: add a segment at {nodes[ref].party!r} first")
+        nodes[name] = Node(name, seg.party, "segment", inputs)
+    for name, loss in plan.losses.items():
+        entry = f"losses.{name}"
+        src = _resolve(plan, loss.input, f"{entry}.input", nodes)
+        if "." in src:
+            raise PlanError(f"a loss takes the output of a segment, not the data field {src!r}", entry=f"{entry}.input",
+                            hint=f"name one of the segments {sorted(plan.segments)}")
+        if "." not in loss.target:
+            raise PlanError(f"the loss target {loss.target!r} is not held by anybody", entry=f"{entry}.target",
+                            hint="name the field holding the labels as 'party.field', e.g. 'hospital.y'")
+        target = _resolve(plan, loss.target, f"{entry}.target", nodes, role="target")
+        nodes[name] = Node(name, plan.segments[src].party, "loss", (src, target))
+
+    order = _toposort(nodes)
+
+    # wires: one per (source node, destination party)
+    consumers: dict[tuple[str, str], list[str]] = {}
+    for n in order:
+        for d in nodes[n].inputs:
+            if nodes[d].party != nodes[n].party:
+                consumers.setdefault((d, nodes[n].party), []).append(n)
+    wires = []
+    for (src, dst_party), users in consumers.items():
+        spec = plan.wires.get(src)
+        carries = "label" if nodes[src].kind == "input" else "activation"
+        wires.append(Wire(name=f"{src}->{'+'.join(users)}", src=src, src_party=nodes[src].party, dst_party=dst_party,
+                          carries=carries, consumers=tuple(users),
+                          codec="raw" if carries == "label" else (spec.codec if spec else "float32"),
+                          grad_codec=spec.grad_codec if spec else "float32"))
+    for key in plan.wires:
+        if not any(w.src == key for w in wires):
+            raise PlanError(f"no wire leaves {key!r}", entry=f"wires.{key}",
+                            hint=f"wire settings are keyed by their source; wires leave {sorted({w.src for w in wires})}")
+
+    # every segment must lead to a loss, every party must have something to do
+    feeds_loss = {n for n in nodes if nodes[n].kind == "loss"}
+    for n in reversed(order):
+        if any(n in nodes[u].inputs for u in feeds_loss):
+            feeds_loss.add(n)
+    for name in plan.segments:
+        if name not in feeds_loss:
+            raise PlanError(f"segment {name!r} feeds no loss, so it would never train", entry=f"segments.{name}",
+                            hint="use it as an input of a later segment or a loss, or remove it")
+    busy = {node.party for node in nodes.values()}
+    for party in plan.parties:
+        if party not in busy:
+            raise PlanError(f"party {party!r} has nothing to do: it runs no segment and none of its data is used",
+                            entry=f"parties.{party}", hint="remove the party or give it a segment or a field that is used")
+        unused = [f for f in plan.parties[party].holds if f"{party}.{f}" not in nodes]
+        if unused:
+            raise PlanError(f"party {party!r} holds {unused} but nothing uses it", entry=f"parties.{party}.holds",
+                            hint="remove the field or use it as a segment input or loss target")
+
+    g = Graph(plan, nodes, order, wires)
+    g.stages = _stages(g)
+    return g

@@ -1,0 +1,105 @@
+"""What one party computes and sends: bytes per wire and direction, FLOPs, time.
+
+Bytes are the exact length of the serialised messages (``bytes``) and of the tensor data the
+codecs produced (``payload``); the difference is the protobuf framing. FLOPs come from
+``torch.utils.flop_counter.FlopCounterMode``; since they depend only on shapes, each
+(piece, batch size) is counted once and reused.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["Meter", "Traffic"]
+
+
+@dataclass
+class Traffic:
+    messages: int = 0
+    bytes: int = 0
+    payload: int = 0
+
+    def add(self, nbytes: int, payload: int) -> None:
+        self.messages += 1
+        self.bytes += nbytes
+        self.payload += payload
+
+
+@dataclass
+class Meter:
+    party: str
+    sent: dict[tuple[str, str], Traffic] = field(default_factory=dict)  # (wire, direction) -> traffic
+    received: dict[tuple[str, str], Traffic] = field(default_factory=dict)
+    flops_forward: int = 0
+    flops_backward: int = 0
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+    _flop_cache: dict[tuple, int] = field(default_factory=dict, repr=False)
+
+    def on_send(self, wire: str, direction: str, nbytes: int, payload: int) -> None:
+        self.sent.setdefault((wire, direction), Traffic()).add(nbytes, payload)
+
+    def on_recv(self, wire: str, direction: str, nbytes: int, payload: int) -> None:
+        self.received.setdefault((wire, direction), Traffic()).add(nbytes, payload)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(t.bytes for t in self.sent.values())
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(t.bytes for t in self.received.values())
+
+    @property
+    def flops(self) -> int:
+        return self.flops_forward + self.flops_backward
+
+    def compute(self, key: tuple, phase: str, fn: Callable[[], object]) -> object:
+        """Run ``fn``, timing it and adding its FLOPs (counted once per ``key``) to ``phase``."""
+        t0 = time.perf_counter()
+        if key in self._flop_cache:
+            out = fn()
+            flops = self._flop_cache[key]
+        else:
+            with FlopCounterMode(display=False) as counter:
+                out = fn()
+            flops = self._flop_cache[key] = counter.get_total_flops()
+        self.compute_s += time.perf_counter() - t0
+        if phase == "forward":
+            self.flops_forward += flops
+        else:
+            self.flops_backward += flops
+        return out
+
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            if what == "wait":
+                self.wait_s += dt
+            else:
+                self.compute_s += dt
+
+    def summary(self) -> dict:
+        def table(d: dict[tuple[str, str], Traffic]) -> list[dict]:
+            return [{"wire": w, "direction": k, **asdict(t)} for (w, k), t in sorted(d.items())]
+
+        return {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "flops": self.flops,
+            "flops_forward": self.flops_forward,
+            "flops_backward": self.flops_backward,
+            "compute_s": round(self.compute_s, 4),
+            "wait_s": round(self.wait_s, 4),
+            "sent": table(self.sent),
+            "received": table(self.received),
+        }

@@ -1,0 +1,259 @@
+"""Plans: the parties, their data, the segments they own and the losses, as validated data.
+
+A plan is written in TOML (see ``examples/``) or built in Python with the same fields::
+
+    plan = Plan.model_validate({"name": "vanilla", "parties": {...}, ...})
+
+Structural checks that need the whole graph (cycles, dangling inputs, label wires) live in
+:mod:`splitlearn.graph`; this module checks each entry on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Plan", "PlanError", "load_plan", "plan_hash"]
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+class PlanError(ValueError):
+    """A plan that cannot run, with where (file, entry) and what to change."""
+
+    def __init__(self, message: str, *, entry: str = "", hint: str = "", file: str | Path | None = None):
+        self.message, self.entry, self.hint = message, entry, hint
+        self.file = str(file) if file else None
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = self.file or "plan"
+        if self.entry:
+            where += f", entry '{self.entry}'"
+        text = f"{where}: {self.message}"
+        return text + (f"\n  hint: {self.hint}" if self.hint else "")
+
+    def in_file(self, file: str | Path | None) -> "PlanError":
+        """The same error, naming the plan file."""
+        return PlanError(self.message, entry=self.entry, hint=self.hint, file=file or self.file)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Strict):
+    """Where rows come from: an embedded dataset or a file the user already has."""
+
+    dataset: Literal["digits", "breast_cancer", "synthetic", "mnist", "csv"] = "digits"
+    path: str | None = None
+    id_column: str | None = None
+    label_column: str | None = None
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class FieldRef(_Strict):
+    """A field of the party's data, optionally a range ``[start, stop)`` of its feature columns."""
+
+    field: str
+    columns: tuple[int, int] | None = None
+
+    @field_validator("columns")
+    @classmethod
+    def _range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (0 <= v[0] < v[1]):
+            raise ValueError(f"columns must be [start, stop) with 0 <= start < stop, got {list(v)}")
+        return v
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class PartySpec(_Strict):
+    """One party: the data fields it holds (local name -> field) and its optimizer."""
+
+    holds: dict[str, FieldRef] = Field(default_factory=dict)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    source: DataSpec | None = None  # the party's own file (vertical data aligned by id)
+
+    @field_validator("holds", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        # `holds = { x = "x" }` is short for `holds = { x = { field = "x" } }`
+        if isinstance(v, dict):
+            return {k: ({"field": f} if isinstance(f, str) else f) for k, f in v.items()}
+        return v
+
+
+class NetworkSpec(_Strict):
+    """A network from the model zoo (``zoo``) or a user factory ``package.module:function``."""
+
+    zoo: str | None = None
+    factory: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "NetworkSpec":
+        if (self.zoo is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'zoo' (a model-zoo name) or 'factory' ('package.module:function')")
+        if self.factory is not None and not re.match(r"^[\w.]+:[\w]+$", self.factory):
+            raise ValueError(f"factory must look like 'package.module:function', got {self.factory!r}")
+        return self
+
+
+class SegmentSpec(_Strict):
+    """Layers ``[start, stop)`` of a network, run by one party on one or more inputs."""
+
+    party: str
+    inputs: list[str] = Field(min_length=1)
+    network: str
+    layers: tuple[int, int] | None = None
+    merge: Literal["concat", "sum", "module"] = "concat"
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _one(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("layers")
+    @classmethod
+    def _range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (0 <= v[0] < v[1]):
+            raise ValueError(f"layers must be [start, stop) with 0 <= start < stop, got {list(v)}")
+        return v
+
+
+class LossSpec(_Strict):
+    """A loss computed where its ``input`` segment runs, against ``target`` (``party.field``)."""
+
+    input: str
+    target: str
+    kind: Literal["cross_entropy", "bce", "mse"] = "cross_entropy"
+    weight: float = Field(1.0, gt=0.0)
+
+
+class WireSpec(_Strict):
+    """Per-wire settings; the wire is named by its source node (segment or ``party.field``)."""
+
+    codec: str = "float32"
+    grad_codec: str = "float32"
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    seed: int = 0
+
+
+class Plan(_Strict):
+    """A split learning plan: a directed acyclic graph of inputs, segments and losses."""
+
+    name: str
+    description: str = ""
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    parties: dict[str, PartySpec] = Field(min_length=1)
+    networks: dict[str, NetworkSpec] = Field(min_length=1)
+    segments: dict[str, SegmentSpec] = Field(min_length=1)
+    losses: dict[str, LossSpec] = Field(min_length=1)
+    wires: dict[str, WireSpec] = Field(default_factory=dict)
+    _source: Path | None = PrivateAttr(default=None)  # the TOML file, for relative data paths
+
+    @model_validator(mode="after")
+    def _names(self) -> "Plan":
+        for table in ("parties", "networks", "segments", "losses"):
+            for key in getattr(self, table):
+                if not _NAME.match(key):
+                    raise ValueError(f"{table} name {key!r} must be letters, digits, '_' or '-' (no dots)")
+        clash = set(self.segments) & set(self.losses)
+        if clash:
+            raise ValueError(f"names used for both a segment and a loss: {sorted(clash)}")
+        return self
+
+    def with_train(self, **changes: Any) -> "Plan":
+        """A copy with some training settings changed (``epochs``, ``seed``, ...)."""
+        return self.model_copy(update={"train": self.train.model_copy(update=changes)})
+
+
+def plan_hash(plan: Plan) -> str:
+    """A stable hash of everything that shapes the computation (parties must agree on it)."""
+    body = json.dumps(plan.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _entry(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith(("function-", "tagged-")))
+
+
+def from_validation_error(err: ValidationError, file: str | Path | None = None) -> PlanError:
+    """The first problem of a pydantic error, as a PlanError naming the entry."""
+    first = err.errors()[0]
+    entry = _entry(first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    hint = ""
+    if first["type"] == "extra_forbidden":
+        msg, hint = f"unknown key '{entry.rsplit('.', 1)[-1]}'", "remove it or check its spelling (see docs/plans.md)"
+    elif first["type"] == "missing":
+        msg, hint = "required entry is missing", "add it (see examples/ for complete plans)"
+    more = len(err.errors()) - 1
+    if more:
+        hint = (hint + "; " if hint else "") + f"{more} more problem(s) after this one"
+    return PlanError(msg, entry=entry, hint=hint, file=file)
+
+
+def load_plan(source: str | Path | dict[str, Any] | Plan) -> Plan:
+    """Read and validate a plan from a TOML file, a dict or an existing :class:`Plan`.
+
+    Raises :class:`PlanError` naming the file and entry on any problem; the graph is checked
+    too (``graph.build_graph``) so a returned plan is structurally sound.
+    """
+    from .graph import build_graph  # the graph checks need the validated plan
+
+    file: Path | None = None
+    if isinstance(source, Plan):
+        plan = source
+    else:
+        if isinstance(source, (str, Path)):
+            file = Path(source)
+            if not file.is_file():
+                raise PlanError("no such plan file", hint="give the path of a .toml plan, e.g. examples/vanilla.toml", file=file)
+            try:
+                data = tomllib.loads(file.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise PlanError(f"not valid TOML: {e}", hint="fix the syntax at the line shown", file=file) from None
+            data.setdefault("name", file.stem)
+        else:
+            data = source
+        try:
+            plan = Plan.model_validate(data)
+        except ValidationError as e:
+            raise from_validation_error(e, file) from None
+    try:
+        build_graph(plan)
+    except PlanError as e:
+        raise e.in_file(file) from None
+    if file is not None:
+        plan._source = file
+    return plan
+
+
+def plan_dir(plan: Plan) -> Path | None:
+    """The folder of the plan file, for resolving relative data paths (None if built in Python)."""
+    return plan._source.parent if plan._source else None

@@ -1,0 +1,46 @@
+"""The transport interface: move bytes between named parties. Nothing else.
+
+A transport knows who it is (``party``), sends a buffer to a party, and receives the next
+buffer addressed to it together with the *authenticated* name of the party that sent it
+(the in-process hub knows the caller; gRPC takes it from the peer's TLS certificate).
+Message parsing, checks and accounting live above it, in :class:`splitlearn.link.Link`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+__all__ = ["Transport", "TransportError", "TransportClosed", "TransportTimeout"]
+
+
+class TransportError(RuntimeError):
+    """The transport cannot deliver or receive."""
+
+
+class TransportClosed(TransportError):
+    """The transport was closed (locally or by the run being stopped)."""
+
+
+class TransportTimeout(TransportError):
+    """Nothing arrived within the timeout."""
+
+
+class Transport(ABC):
+    party: str
+
+    @abstractmethod
+    def send(self, dst: str, data: bytes) -> None:
+        """Queue ``data`` for party ``dst``. Raises TransportError if ``dst`` is unreachable."""
+
+    @abstractmethod
+    def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
+        """The next buffer for this party and the authenticated sender's name."""
+
+    def close(self) -> None:
+        """Release connections; later calls raise TransportClosed."""
+
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,53 @@
+"""In-process transport: one queue per party, for simulations and tests."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from .base import Transport, TransportClosed, TransportError, TransportTimeout
+
+__all__ = ["InProcessHub", "InProcessTransport"]
+
+_CLOSED = object()
+
+
+class InProcessHub:
+    """Connects the parties of one process. ``hub.transport(name)`` is that party's end."""
+
+    def __init__(self, parties: list[str]):
+        self._queues: dict[str, queue.Queue] = {p: queue.Queue() for p in parties}
+        self._closed = threading.Event()
+
+    def transport(self, party: str) -> "InProcessTransport":
+        if party not in self._queues:
+            raise TransportError(f"party {party!r} is not part of this hub ({sorted(self._queues)})")
+        return InProcessTransport(self, party)
+
+    def close(self) -> None:
+        """Stop every party: their pending and later ``recv`` calls raise TransportClosed."""
+        self._closed.set()
+        for q in self._queues.values():
+            q.put(_CLOSED)
+
+
+class InProcessTransport(Transport):
+    def __init__(self, hub: InProcessHub, party: str):
+        self.hub, self.party = hub, party
+
+    def send(self, dst: str, data: bytes) -> None:
+        if self.hub._closed.is_set():
+            raise TransportClosed("the in-process hub is closed")
+        if dst not in self.hub._queues:
+            raise TransportError(f"no party {dst!r} to send to")
+        self.hub._queues[dst].put((self.party, bytes(data)))
+
+    def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
+        try:
+            item = self.hub._queues[self.party].get(timeout=timeout)
+        except queue.Empty:
+            raise TransportTimeout(f"{self.party}: nothing received within {timeout} s") from None
+        if item is _CLOSED:
+            self.hub._queues[self.party].put(_CLOSED)  # keep later calls closed too
+            raise TransportClosed("the in-process hub is closed")
+        return item

@@ -1,0 +1,122 @@
+"""Bad plans are refused before any training, naming the file, the entry and what to change."""
+
+import copy
+import tomllib
+
+import pytest
+
+from splitlearn.plan import PlanError, load_plan
+from splitlearn.runner import prepare
+
+from .conftest import EXAMPLES
+
+
+@pytest.fixture
+def vanilla() -> dict:
+    return tomllib.loads((EXAMPLES / "vanilla.toml").read_text())
+
+
+def refused(plan: dict, *, dry_run: bool = False) -> PlanError:
+    with pytest.raises(PlanError) as info:
+        prepare(plan) if dry_run else load_plan(plan)
+    return info.value
+
+
+def test_unknown_party(vanilla):
+    vanilla["segments"]["top"]["party"] = "sever"
+    e = refused(vanilla)
+    assert e.entry == "segments.top.party"
+    assert "unknown party 'sever'" in str(e) and "did you mean 'server'" in str(e)
+
+
+def test_unknown_segment(vanilla):
+    vanilla["segments"]["top"]["inputs"] = ["botom"]
+    e = refused(vanilla)
+    assert e.entry == "segments.top.inputs"
+    assert "unknown segment 'botom'" in str(e) and "did you mean 'bottom'" in str(e)
+
+
+def test_cycle(vanilla):
+    vanilla["segments"]["bottom"]["inputs"] = ["hospital.x", "top"]
+    e = refused(vanilla)
+    assert "cycle" in str(e) and "bottom" in str(e) and "top" in str(e)
+
+
+def test_input_nothing_produces(vanilla):
+    vanilla["segments"]["bottom"]["inputs"] = ["hospital.image"]
+    e = refused(vanilla)
+    assert e.entry == "segments.bottom.inputs"
+    assert "nothing produces input 'hospital.image'" in str(e)
+    assert "parties.hospital.holds" in e.hint
+
+
+def test_loss_target_nobody_holds(vanilla):
+    vanilla["losses"]["digit"]["target"] = "server.y"
+    e = refused(vanilla)
+    assert e.entry == "losses.digit.target"
+    assert "the loss target 'server.y' is held by nobody" in str(e)
+
+
+def test_shape_mismatch_at_a_wire_found_by_dry_run(vanilla):
+    vanilla["segments"]["bottom"]["layers"] = [0, 3]  # bottom now ends with 64 values, top expects 128
+    load_plan(copy.deepcopy(vanilla))  # structurally fine...
+    e = refused(vanilla, dry_run=True)  # ...but the dry run on one sample finds the mismatch
+    assert e.entry == "segments.top"
+    assert "bottom->top" in str(e) and "[1, 64]" in str(e)
+
+
+def test_factory_that_cannot_be_imported(vanilla):
+    vanilla["networks"]["mlp"] = {"factory": "no_such_package.models:make_net", "args": {}}
+    e = refused(vanilla, dry_run=True)
+    assert e.entry == "networks.mlp.factory"
+    assert "cannot import module 'no_such_package.models'" in str(e)
+
+
+def test_factory_function_missing(vanilla):
+    vanilla["networks"]["mlp"] = {"factory": "torch.nn:no_such_function"}
+    e = refused(vanilla, dry_run=True)
+    assert "has no function 'no_such_function'" in str(e)
+
+
+def test_party_with_nothing_to_do(vanilla):
+    vanilla["parties"]["observer"] = {}
+    e = refused(vanilla)
+    assert e.entry == "parties.observer"
+    assert "nothing to do" in str(e)
+
+
+def test_raw_features_never_travel(vanilla):
+    vanilla["segments"]["top"]["inputs"] = ["hospital.x"]
+    e = refused(vanilla)
+    assert "raw data 'hospital.x'" in str(e)
+
+
+def test_unknown_key_and_missing_entry(vanilla):
+    bad = copy.deepcopy(vanilla)
+    bad["segments"]["top"]["layer"] = [2, 5]
+    e = refused(bad)
+    assert e.entry == "segments.top.layer" and "unknown key 'layer'" in str(e)
+    del vanilla["losses"]
+    assert refused(vanilla).entry == "losses"
+
+
+def test_errors_name_the_plan_file(tmp_path):
+    text = (EXAMPLES / "vanilla.toml").read_text().replace('party = "server"', 'party = "srv"')
+    path = tmp_path / "broken.toml"
+    path.write_text(text)
+    with pytest.raises(PlanError) as info:
+        load_plan(path)
+    assert str(path) in str(info.value) and "segments.top.party" in str(info.value)
+
+
+def test_toml_syntax_error_names_the_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("name = 'x'\n[parties\n")
+    with pytest.raises(PlanError) as info:
+        load_plan(path)
+    assert str(path) in str(info.value) and "not valid TOML" in str(info.value)
+
+
+def test_missing_plan_file(tmp_path):
+    with pytest.raises(PlanError, match="no such plan file"):
+        load_plan(tmp_path / "nope.toml")
