@@ -29,22 +29,25 @@ def test_activation_bytes_are_batch_times_width_times_four_plus_framing():
     assert shapes["bottom->top"] == ("float32", (width,))
     sent = {(r["wire"], r["direction"]): r for r in reports["hospital"].meter["sent"]}
     act = sent[("bottom->top", "forward")]
-    assert act["messages"] == 3
-    assert act["payload"] == 3 * 32 * width * 4
+    # three steps of 32 rows, plus the handshake step: one row of zeros fixing the wire's shape
+    assert act["messages"] == 4
+    assert act["payload"] == (3 * 32 + 1) * width * 4
     expected_framing = sum(framing(Kind.ACTIVATION, "hospital", "server", s.id, "bottom->top", torch.zeros(32, width))
-                           for s in steps)
+                           for s in steps) + framing(Kind.ACTIVATION, "hospital", "server", -1, "bottom->top",
+                                                     torch.zeros(1, width))
     assert act["bytes"] - act["payload"] == expected_framing
-    assert expected_framing <= 3 * 64  # a few dozen bytes per message
+    assert expected_framing <= 4 * 80  # a few dozen bytes per message
 
     labels = sent[("hospital.y->digit", "forward")]
-    assert labels["payload"] == 3 * 32 * 8  # int64 labels
+    assert labels["payload"] == (3 * 32 + 1) * 8  # int64 labels
 
     # the gradient coming back has the same size, and what one side sent the other received
     got = {(r["wire"], r["direction"]): r for r in reports["server"].meter["received"]}
     assert got[("bottom->top", "forward")] == act
     back = {(r["wire"], r["direction"]): r for r in reports["server"].meter["sent"]}[("bottom->top", "backward")]
-    assert back["payload"] == 3 * 32 * width * 4
-    assert reports["hospital"].meter["bytes_sent"] == act["bytes"] + labels["bytes"]
+    assert back["payload"] == 3 * 32 * width * 4  # no gradient at the handshake
+    control = sum(r["bytes"] for r in reports["hospital"].meter["sent"] if r["direction"] == "control")
+    assert reports["hospital"].meter["bytes_sent"] == act["bytes"] + labels["bytes"] + control
 
 
 def test_flops_per_party_match_hand_count():
@@ -74,4 +77,4 @@ def test_label_wires_vanilla_one_u_shaped_none():
 def test_u_shaped_client_has_two_stages():
     g = build_graph(load_plan(EXAMPLES / "u_shaped.toml"))
     stages = g.stages_of("hospital")
-    assert sorted(s.nodes for s in stages) == sorted([("hospital.x", "bottom"), ("head", "digit", "hospital.y")])
+    assert sorted(set(s.nodes) for s in stages) == sorted([{"hospital.x", "bottom"}, {"head", "digit", "hospital.y"}])

@@ -14,7 +14,7 @@ from .data import batches
 from .engine import Party
 from .plan import DataSpec, Plan, PlanError, load_plan
 from .results import build_result, load_weights, save_weights, write_json
-from .runner import Step, check_plan, prepare, run_parties, setup_party
+from .runner import Step, check_plan, prepare, run_parties, session, setup_party
 
 __all__ = ["train", "predict"]
 
@@ -48,13 +48,16 @@ def save_run(out: Path, plan: Plan, result: dict, modules: dict[str, dict]) -> N
     write_json(out / "result.json", result)
 
 
-def _predict_job(party: Party, steps: Iterator[Step], on_step: Callable | None) -> dict[str, list[torch.Tensor]]:
+def predict_party(party: Party, steps: Iterator[Step], on_step: Callable | None = None,
+                  ids_hash: str = "") -> dict[str, list[torch.Tensor]]:
+    """One party's side of a prediction run: the outputs of the heads it owns, batch by batch."""
     preds: dict[str, list[torch.Tensor]] = {}
-    for step in steps:
-        for k, v in party.step(step.id, step.rows, "predict").predictions.items():
-            preds.setdefault(k, []).append(v)
-        if on_step is not None:
-            on_step(step)
+    with session(party, ids_hash):
+        for step in steps:
+            for k, v in party.step(step.id, step.rows, "predict").predictions.items():
+                preds.setdefault(k, []).append(v)
+            if on_step is not None:
+                on_step(step)
     return preds
 
 
@@ -90,22 +93,25 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
         for i, b in enumerate(batches(len(rows), bs, 0, 0, shuffle=False)):
             yield Step(i, "predict", 0, torch.from_numpy(rows[b]))
 
-    results = run_parties(setups, shapes, steps=steps, job=_predict_job)
-    graph = first.graph
+    results = run_parties(setups, shapes, steps=steps, job=predict_party, predicting=True)
     ids = first.splits.ids[rows]
     out: dict[str, dict] = {}
     for party, preds in results.items():
         for task, chunks in preds.items():
             outputs = torch.cat(chunks)
-            kind = plan.losses[task].kind
-            labels = (outputs.argmax(-1) if kind == "cross_entropy" else
-                      (outputs.reshape(len(ids), -1)[:, 0] > 0).long() if kind == "bce" else outputs.reshape(len(ids), -1)[:, 0])
-            out[task] = {"party": party, "ids": ids.tolist(), "outputs": outputs, "predictions": labels.tolist()}
-            assert graph.nodes[task].party == party
-            if write:
-                path = run_dir / "parties" / party / "predictions.csv"
-                _write_predictions(path, out, party)
+            out[task] = {"party": party, "ids": ids.tolist(), "outputs": outputs,
+                         "predictions": _decide(plan.losses[task].kind, outputs).tolist()}
+        if preds and write:
+            _write_predictions(run_dir / "parties" / party / "predictions.csv", out, party)
     return out
+
+
+def _decide(kind: str, outputs: torch.Tensor) -> torch.Tensor:
+    """Class labels from a head's outputs (values for regression)."""
+    if kind == "cross_entropy":
+        return outputs.argmax(-1)
+    flat = outputs.reshape(len(outputs), -1)[:, 0]
+    return (flat > 0).long() if kind == "bce" else flat
 
 
 def _write_predictions(path: Path, out: dict[str, dict], party: str) -> None:

@@ -52,13 +52,22 @@ def _summary(result: dict) -> None:
         console.print(f"[yellow]label wire[/] {w['name']}: labels of {w['src']} travel to {w['dst']}")
 
 
+def _bar(quiet: bool) -> Progress:
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    return Progress(*columns, console=console, disable=quiet)
+
+
 @app.command()
 def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         epochs: Optional[int] = typer.Option(None, min=1, help="override the plan's epochs"),
         seed: Optional[int] = typer.Option(None, help="override the plan's seed"),
         out: Path = typer.Option(Path("runs/latest"), help="folder for result.json, plan.json and weights"),
+        in_process: bool = typer.Option(False, "--in-process", help="simulate: every party in this process"),
+        insecure: bool = typer.Option(False, "--insecure", help="no TLS between party processes (not recommended)"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar")) -> None:
-    """Train PLAN with every party in this process; write OUT/result.json and per-party weights."""
+    """Train PLAN: one process per party on loopback with mutual TLS (or --in-process);
+    write OUT/result.json and each party's weights."""
     from .api import train_prepared
     from .runner import RunError, prepare, schedule
 
@@ -66,22 +75,96 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         p, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
     except PlanError as e:
         _fail(str(e))
-    first = next(iter(setups.values()))
-    total = sum(1 for _ in schedule(p, first.splits))
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=quiet, transient=False) as bar:
+    total = sum(1 for _ in schedule(p, next(iter(setups.values())).splits))
+    if insecure and not in_process:
+        err.print("[bold yellow]warning:[/] --insecure: parties talk without TLS; anyone on the network can read "
+                  "and impersonate them")
+    with _bar(quiet) as bar:
         task = bar.add_task(f"{p.name}: epoch 1/{p.train.epochs}", total=total)
 
         def on_step(step) -> None:
             bar.update(task, advance=1, description=f"{p.name}: epoch {step.epoch + 1}/{p.train.epochs} {step.mode}")
 
         try:
-            result = train_prepared(p, setups, shapes, out=out, on_step=on_step)
+            if in_process:
+                result = train_prepared(p, setups, shapes, out=out, on_step=on_step)
+            else:
+                from .distributed import launch
+
+                del setups  # each party process builds its own
+                result = launch(plan, out, epochs=epochs, seed=seed, insecure=insecure, on_step=on_step)
         except RunError as e:
-            _fail(str(e), code=1)
+            for party, text in e.errors.items():
+                err.print(f"[bold red]party {party} failed:[/] {text}", highlight=False)
+            raise typer.Exit(1)
     _summary(result)
     console.print(f"wrote {out / 'result.json'}")
+
+
+def _peers(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, sep, addr = v.partition("=")
+        if not sep or not name or ":" not in addr:
+            _fail(f"--peer {v!r}: expected NAME=HOST:PORT")
+        out[name] = addr
+    return out
+
+
+@app.command()
+def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at every party"),
+          name: str = typer.Option(..., "--name", help="which party of the plan this process is"),
+          certs: Optional[Path] = typer.Option(None, help="folder from 'splitlearn certs' (CA + this party's key)"),
+          listen: Optional[str] = typer.Option(None, help="HOST:PORT to listen on (default: the plan's address)"),
+          peer: list[str] = typer.Option([], help="NAME=HOST:PORT of a party to dial (repeatable)"),
+          out: Optional[Path] = typer.Option(None, help="folder for this party's weights and report"),
+          epochs: Optional[int] = typer.Option(None, min=1), seed: Optional[int] = typer.Option(None),
+          insecure: bool = typer.Option(False, "--insecure", help="no TLS (explicit opt-in; a warning is printed)"),
+          connect_timeout: float = typer.Option(60.0, help="seconds to reach every neighbour"),
+          step_timeout: float = typer.Option(120.0, help="seconds to wait for a message before giving up"),
+          progress: bool = typer.Option(False, "--progress", hidden=True),
+          quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+    """Run one party of PLAN on this machine, talking to its neighbours over gRPC."""
+    from .distributed import run_one_party
+    from .results import write_json
+    from .runner import RunError
+
+    if certs is None and not insecure:
+        _fail("give --certs DIR (made by 'splitlearn certs PLAN --out DIR'), or --insecure to run without TLS")
+    if insecure:
+        err.print("[bold yellow]warning:[/] --insecure: this party talks without TLS; peers are not authenticated")
+
+    def on_step(step) -> None:
+        print(f"step {step.id} {step.epoch} {step.mode}", flush=True)
+
+    try:
+        report = run_one_party(plan, name, certs=None if insecure else certs, listen=listen, peers=_peers(peer),
+                               out=out, epochs=epochs, seed=seed, connect_timeout=connect_timeout,
+                               step_timeout=step_timeout, on_step=on_step if progress else None)
+    except Exception as e:  # noqa: BLE001 - every failure of a party is reported the same way
+        text = str(e) if isinstance(e, (PlanError, RunError, RuntimeError, OSError, ValueError)) else repr(e)
+        if out is not None:
+            write_json(out / "parties" / name / "error.json", {"party": name, "error": text})
+        _fail(f"party {name}: {text}", code=1)
+    if not quiet:
+        console.print(f"party {name} done: sent {_human(report.meter['bytes_sent'], 'B')}, "
+                      f"received {_human(report.meter['bytes_received'], 'B')}, {_human(report.meter['flops'])} FLOPs")
+
+
+@app.command()
+def certs(plan: Path = typer.Argument(..., help="plan file (.toml)"),
+          out: Path = typer.Option(..., help="folder for ca.pem and NAME.pem/NAME.key per party"),
+          days: int = typer.Option(365, min=1, help="validity")) -> None:
+    """Make a certificate authority and a key and certificate for every party of PLAN."""
+    from .transport.tls import make_certs
+
+    try:
+        p = load_plan(plan)
+    except PlanError as e:
+        _fail(str(e))
+    make_certs(list(p.parties), out, days=days)
+    console.print(f"wrote a CA and certificates for {', '.join(p.parties)} to {out}")
+    console.print("give each party only ca.pem and its own NAME.pem and NAME.key; keep ca.key offline")
 
 
 @app.command()
@@ -99,9 +182,11 @@ def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
     except PlanError as e:
         _fail(str(e))
     graph = build_graph(p)
-    console.print(describe(graph), highlight=False)
+    console.print(describe(graph), highlight=False, markup=False)
+    if shapes:
+        console.print("wire shapes (from a dry run on one sample):")
     for wire, (dtype, shape) in shapes.items():
-        console.print(f"  {wire}: {dtype} [batch, {', '.join(map(str, shape))}]", highlight=False)
+        console.print(f"  {wire}: {dtype} [batch, {', '.join(map(str, shape))}]", highlight=False, markup=False)
     target = png or Path(f"{plan.stem}-topology.png")
     draw_topology(graph, target)
     console.print(f"drew {target}")

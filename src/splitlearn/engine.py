@@ -14,7 +14,9 @@ A step, at every party at once:
 4. the party steps its optimizer once all its stages are done.
 
 Evaluation runs 1-2 without gradients; prediction runs 1 only and skips label wires, so the
-predictions stay at the party that owns the head.
+predictions stay at the party that owns the head. The *handshake* is an evaluation step on one
+row of zeros: it checks the plan across parties and fixes the shape of every wire, against
+which every later message is checked.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .transport.base import TransportTimeout
 
 __all__ = ["Party", "StepOutput", "PartyError", "Mode", "dry_run", "merge_inputs", "LOSSES"]
 
-Mode = Literal["train", "eval", "predict"]
+Mode = Literal["train", "eval", "predict", "handshake"]
 
 
 class PartyError(RuntimeError):
@@ -90,12 +92,14 @@ class Party:
 
     def __init__(self, graph: Graph, name: str, link: Link, modules: dict[str, nn.Module],
                  optimizer: torch.optim.Optimizer | None, data: dict[str, torch.Tensor],
-                 wire_shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None, timeout: float | None = 600.0):
+                 wire_shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None, timeout: float | None = 600.0,
+                 predicting: bool = False):
         self.graph, self.name, self.link = graph, name, link
         self.meter = link.meter
         self.modules, self.optimizer, self.data = modules, optimizer, data
         self.wire_shapes = wire_shapes or {}
         self.timeout = timeout
+        self.predicting = predicting  # a prediction run: no labels anywhere, not even at the handshake
         self.nodes = graph.nodes
         self.order = graph.local_order(name)
         self.stages = graph.stages_of(name)
@@ -113,14 +117,17 @@ class Party:
                 self.encoders[(w.name, Kind.GRADIENT)] = get_codec(w.grad_codec)
         self.label_only = graph.label_inputs() & set(self.order)
         self._early: dict[int, list[Message]] = {}
+        self.finished: set[str] = set()  # neighbours that said they are done
 
     # -- the step ---------------------------------------------------------------------------
 
     def step(self, step: int, rows: torch.Tensor, mode: Mode) -> StepOutput:
         """Run one step on the given rows (positions into the aligned data) in ``mode``."""
         train = mode == "train"
-        st = _StepState(step, rows, mode)
-        st.todo = [n for n in self.order if not (mode == "predict" and n in self.label_only)]
+        if mode == "handshake":
+            rows = torch.zeros(1, dtype=torch.long)
+        st = _StepState(step, rows, mode, skip_labels=mode == "predict" or (mode == "handshake" and self.predicting))
+        st.todo = [n for n in self.order if not (st.skip_labels and n in self.label_only)]
         stages = list(self.stages) if train else []
         if train and self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -130,7 +137,7 @@ class Party:
                 while progressed:
                     progressed = False
                     for n in list(st.todo):
-                        if all(d in st.values for d in self._needs(n, mode)):
+                        if all(d in st.values for d in self._needs(n, st)):
                             self._forward(self.nodes[n], st)
                             st.todo.remove(n)
                             progressed = True
@@ -147,28 +154,35 @@ class Party:
                 self.optimizer.step()
         return st.out
 
-    def _needs(self, n: str, mode: Mode) -> tuple[str, ...]:
+    def _needs(self, n: str, st: "_StepState") -> tuple[str, ...]:
         node = self.nodes[n]
-        if node.kind == "loss" and mode == "predict":
+        if node.kind == "loss" and st.skip_labels:
             return node.inputs[:1]  # the head's output only; labels are not needed
         return node.inputs
 
     def _forward(self, node: Node, st: "_StepState") -> None:
         batch = len(st.rows)
         if node.kind == "input":
-            st.values[node.name] = self.data[node.name][st.rows]
+            data = self.data[node.name]
+            st.values[node.name] = torch.zeros_like(data[:1]) if st.mode == "handshake" else data[st.rows]
         elif node.kind == "segment":
             spec = self.graph.plan.segments[node.name]
             xs = [st.values[d] for d in node.inputs]
-            st.values[node.name] = self.meter.compute(
-                (node.name, batch), "forward", lambda: merge_inputs(spec.merge, self.modules[node.name], xs))
+            if st.mode == "handshake":
+                st.values[node.name] = _checked(self.graph, node, xs, lambda: merge_inputs(spec.merge, self.modules[node.name], xs))
+            else:
+                st.values[node.name] = self.meter.compute(
+                    (node.name, batch), "forward", lambda: merge_inputs(spec.merge, self.modules[node.name], xs))
         else:  # loss
             spec = self.graph.plan.losses[node.name]
             out = st.values[node.inputs[0]]
-            if st.mode == "predict":
+            if st.skip_labels:
                 st.out.predictions[node.name] = out.detach()
                 return
             target = st.values[node.inputs[1]]
+            if st.mode == "handshake":
+                _checked(self.graph, node, [out, target], lambda: LOSSES[spec.kind](out, target))
+                return
             loss = self.meter.compute((node.name, batch), "forward", lambda: LOSSES[spec.kind](out, target))
             st.losses[node.name] = loss
             st.out.losses[node.name] = float(loss.detach())
@@ -223,6 +237,11 @@ class Party:
 
     def _receive(self, st: "_StepState", stages: list[Stage]) -> None:
         msg = self._next_message(st, stages)
+        if msg.kind == Kind.STOP and msg.text == "done":
+            self.finished.add(msg.sender)
+            if msg.sender in self._waiting_on(st, stages):
+                raise PartyError(f"{self.name}: party {msg.sender!r} finished while step {st.step} still waits for it")
+            return
         if msg.kind in (Kind.STOP, Kind.ERROR):
             raise PartyError(f"{self.name}: party {msg.sender!r} stopped: {msg.text or 'no reason given'}")
         if msg.kind not in (Kind.ACTIVATION, Kind.GRADIENT):
@@ -258,6 +277,15 @@ class Party:
         else:
             st.grads.setdefault(wire.name, t)
 
+    def _waiting_on(self, st: "_StepState", stages: list[Stage]) -> set[str]:
+        """Parties this step still needs a message from."""
+        parties = {self.wires[w].dst_party for s in stages for w in s.sends
+                   if self.wires[w].carries == "activation" and w not in st.grads}
+        for n in st.todo:
+            parties |= {self.nodes[d].party for d in self._needs(n, st)
+                        if d not in st.values and self.nodes[d].party != self.name}
+        return parties
+
     def _check_and_decode(self, msg: Message, wire: Wire, st: "_StepState") -> torch.Tensor:
         if set(msg.tensors) != {"t"}:
             raise WireError(f"expected one tensor 't', got {sorted(msg.tensors)}")
@@ -268,6 +296,8 @@ class Party:
         if msg.kind == Kind.GRADIENT:
             sent = st.values[wire.src]
             want_dtype, want_shape = dtype_name(sent.dtype), tuple(sent.shape)
+        elif st.mode == "handshake":
+            want_dtype, want_shape = enc.dtype, (1, *enc.shape[1:])
         elif wire.name in self.wire_shapes:
             dtype, shape = self.wire_shapes[wire.name]
             want_dtype, want_shape = dtype, (len(st.rows), *shape)
@@ -277,7 +307,27 @@ class Party:
             raise WireError(f"dtype {enc.dtype} where {want_dtype} was agreed")
         if tuple(enc.shape) != want_shape:
             raise WireError(f"shape {list(enc.shape)} where {list(want_shape)} was expected")
+        if st.mode == "handshake" and msg.kind == Kind.ACTIVATION:
+            self.wire_shapes[wire.name] = (enc.dtype, tuple(enc.shape[1:]))
         return get_codec(enc.codec).decode(enc)
+
+
+def _checked(graph: Graph, node: Node, xs: list[torch.Tensor], fn):
+    """Run a segment or loss on a one-row sample; a failure is a PlanError naming the wires and shapes."""
+    try:
+        return fn()
+    except Exception as e:
+        came = ", ".join(f"{_via(graph, d, node.party)} with shape {list(x.shape)}" for d, x in zip(node.inputs, xs))
+        what = "segment" if node.kind == "segment" else "loss"
+        raise PlanError(f"{what} {node.name!r} (party {node.party!r}) cannot take {came}: {e}",
+                        entry=f"{what}s.{node.name}",
+                        hint="make what comes in match what this step expects (check 'layers', the network sizes, "
+                        "the head's output width and the loss kind)") from None
+
+
+def _via(graph: Graph, src: str, party: str) -> str:
+    wire = graph.wire_between(src, party)
+    return f"wire {wire.name!r}" if wire else repr(src)
 
 
 @dataclass
@@ -285,6 +335,7 @@ class _StepState:
     step: int
     rows: torch.Tensor
     mode: Mode
+    skip_labels: bool = False
     todo: list[str] = field(default_factory=list)
     values: dict[str, torch.Tensor] = field(default_factory=dict)  # node -> tensor (local or received)
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> gradient of what we sent on it
@@ -295,8 +346,9 @@ class _StepState:
 def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Run one sample through the whole graph in one process; return each wire's dtype and shape.
 
-    ``sample`` maps input nodes to tensors with a batch dimension of 1. A segment that fails
-    on what it receives raises a :class:`PlanError` naming the wire (or input) and the shapes.
+    ``sample`` maps input nodes to tensors with a batch dimension of 1 (label inputs may be
+    missing, as when predicting). A failing segment or loss raises a :class:`PlanError` naming
+    the wire and the shapes.
     """
     values: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -305,28 +357,12 @@ def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch
             if node.kind == "input":
                 if n in sample:
                     values[n] = sample[n]
-                continue
-            if node.kind == "segment":
+            elif node.kind == "segment":
                 spec = graph.plan.segments[n]
                 xs = [values[d] for d in node.inputs]
-                try:
-                    values[n] = merge_inputs(spec.merge, modules[n], xs)
-                except Exception as e:
-                    came = ", ".join(
-                        f"{graph.wire_between(d, node.party).name if graph.wire_between(d, node.party) else d} "
-                        f"with shape {list(values[d].shape)}" for d in node.inputs)
-                    raise PlanError(f"segment {n!r} (party {node.party!r}) cannot take {came}: {e}",
-                                    entry=f"segments.{n}",
-                                    hint="make the layers before the cut produce what this segment expects "
-                                    "(check 'layers' and the network sizes)") from None
-            elif node.inputs[1] in sample:  # prediction runs have no labels
-                spec = graph.plan.losses[n]
+                values[n] = _checked(graph, node, xs, lambda: merge_inputs(spec.merge, modules[n], xs))
+            elif node.inputs[1] in values:
                 out, target = values[node.inputs[0]], values[node.inputs[1]]
-                try:
-                    LOSSES[spec.kind](out, target)
-                except Exception as e:
-                    raise PlanError(f"loss {n!r} cannot compare output {list(out.shape)} of {node.inputs[0]!r} with "
-                                    f"target {list(target.shape)} of {node.inputs[1]!r}: {e}", entry=f"losses.{n}",
-                                    hint="check the head's output width and the loss kind") from None
+                _checked(graph, node, [out, target], lambda: LOSSES[graph.plan.losses[n].kind](out, target))
     return {w.name: (dtype_name(values[w.src].dtype), tuple(values[w.src].shape[1:])) for w in graph.wires
             if w.src in values}

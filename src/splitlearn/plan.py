@@ -91,6 +91,8 @@ class PartySpec(_Strict):
     holds: dict[str, FieldRef] = Field(default_factory=dict)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     source: DataSpec | None = None  # the party's own file (vertical data aligned by id)
+    address: str | None = Field(None, pattern=r"^[\w.\-\[\]:]+:\d+$")  # where it listens ("host:port")
+    dial_out: bool = False  # behind a firewall: it connects to its neighbours, never listens
 
     @field_validator("holds", mode="before")
     @classmethod
@@ -192,9 +194,15 @@ class Plan(_Strict):
         return self.model_copy(update={"train": self.train.model_copy(update=changes)})
 
 
+_DEPLOYMENT = {"parties": {"__all__": {"address", "dial_out", "source"}}}
+
+
 def plan_hash(plan: Plan) -> str:
-    """A stable hash of everything that shapes the computation (parties must agree on it)."""
-    body = json.dumps(plan.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """A stable hash of everything that shapes the computation (parties must agree on it).
+
+    Where parties run (addresses, who dials) and where each reads its own data are left out.
+    """
+    body = json.dumps(plan.model_dump(mode="json", exclude=_DEPLOYMENT), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 

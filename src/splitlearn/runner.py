@@ -8,8 +8,11 @@ wire shapes (a dry run on one sample). :func:`run_party` is what a party process
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,12 +22,13 @@ import torch
 from torch import nn
 
 from .data import DataError, Table, batches, load_table, train_test_split_ids
-from .engine import LOSSES, Mode, Party, PartyError, correct, dry_run
+from .engine import Mode, Party, PartyError, StepOutput, correct, dry_run
 from .graph import Graph, build_graph
 from .link import Link
+from .messages import PROTOCOL_VERSION, Kind, Message
 from .models import build_segment
-from .plan import DataSpec, Plan, PlanError, load_plan, plan_dir
-from .transport import InProcessHub, TransportClosed
+from .plan import DataSpec, Plan, PlanError, load_plan, plan_dir, plan_hash
+from .transport import InProcessHub, TransportClosed, TransportError
 
 __all__ = ["Step", "schedule", "PartySetup", "setup_party", "run_party", "train", "RunError"]
 
@@ -134,6 +138,11 @@ class PartySetup:
     inputs: dict[str, torch.Tensor]
     splits: Splits
 
+    @property
+    def ids_hash(self) -> str:
+        """Parties must hold the same sample ids; the hello compares this."""
+        return hashlib.sha256(np.ascontiguousarray(self.splits.ids, dtype="<i8").tobytes()).hexdigest()[:16]
+
 
 def setup_party(plan: Plan, name: str, cache: dict | None = None, data: DataSpec | None = None,
                 predict: bool = False) -> PartySetup:
@@ -187,42 +196,107 @@ class _Epoch:
     right: int = 0
 
 
-def run_party(party: Party, steps: Iterator[Step], on_step: Callable[[Step], None] | None = None) -> PartyReport:
-    """Run a party through the schedule; collect the metrics of the losses it computes."""
-    plan = party.graph.plan
-    mine = {n.name: plan.losses[n.name].kind for n in party.graph.losses() if n.party == party.name}
-    hist = {k: {"train_loss": [], "test_loss": [], "test_accuracy": []} for k in mine}
-    acc = {k: _Epoch() for k in mine}
+def _hello_text(party: Party, ids_hash: str) -> dict:
+    return {"protocol": PROTOCOL_VERSION, "plan_hash": plan_hash(party.graph.plan), "ids_hash": ids_hash}
 
-    def close_epoch() -> None:
-        for k, a in acc.items():
-            if a.train_n:
-                hist[k]["train_loss"].append(a.train_sum / a.train_n)
-            if a.test_n:
-                hist[k]["test_loss"].append(a.test_sum / a.test_n)
-                if mine[k] in ("cross_entropy", "bce"):
-                    hist[k]["test_accuracy"].append(a.right / a.test_n)
-            acc[k] = _Epoch()
 
-    epoch = None
-    for step in steps:
-        if epoch is not None and step.epoch != epoch:
-            close_epoch()
-        epoch = step.epoch
-        out = party.step(step.id, step.rows, step.mode)
+@contextmanager
+def session(party: Party, ids_hash: str = "") -> Iterator[None]:
+    """Hello (protocol, plan and ids must match), a handshake step fixing wire shapes, then the
+    caller's steps, then goodbye. A failure is sent to the neighbours before it is raised."""
+    link, me = party.link, party.name
+    neighbours = party.graph.neighbours(me)
+    try:
+        ours = _hello_text(party, ids_hash)
+        for p in neighbours:
+            link.send(Message(Kind.HELLO, me, p, text=json.dumps(ours)))
+        heard: set[str] = set()
+        while heard != set(neighbours):
+            msg = link.recv(party.timeout)
+            if msg.kind == Kind.HELLO and msg.sender in neighbours:
+                try:
+                    theirs = json.loads(msg.text)
+                    assert isinstance(theirs, dict)
+                except (ValueError, AssertionError):
+                    link.refuse(msg.sender, "its hello is not a JSON object")
+                    continue
+                for key, value in ours.items():
+                    if theirs.get(key) != value:
+                        raise PartyError(f"{me}: {key} differs from {msg.sender!r}'s: ours is {value!r}, "
+                                         f"theirs is {theirs.get(key)!r}" + (
+                                             " (both must run the same plan file with the same --epochs/--seed)"
+                                             if key == "plan_hash" else ""))
+                heard.add(msg.sender)
+            elif msg.kind in (Kind.ERROR, Kind.STOP):
+                raise PartyError(f"{me}: party {msg.sender!r} stopped: {msg.text}")
+            else:
+                party._early.setdefault(msg.step, []).append(msg)
+        party.step(-1, None, "handshake")
+        yield
+        for p in neighbours:
+            link.send(Message(Kind.STOP, me, p, text="done"))
+        while not set(neighbours) <= party.finished:
+            msg = link.recv(party.timeout)
+            if msg.kind == Kind.STOP and msg.text == "done":
+                party.finished.add(msg.sender)
+            elif msg.kind in (Kind.ERROR, Kind.STOP):
+                raise PartyError(f"{me}: party {msg.sender!r} stopped: {msg.text}")
+    except (PartyError, PlanError, TransportError) as e:
+        for p in neighbours:
+            try:
+                link.send(Message(Kind.ERROR, me, p, text=f"{me} failed: {e}"))
+            except Exception:  # noqa: BLE001 - the neighbour may be gone already
+                pass
+        raise
+
+
+class _Metrics:
+    """Per-epoch history of the losses a party computes."""
+
+    def __init__(self, party: Party):
+        plan = party.graph.plan
+        self.kinds = {n.name: plan.losses[n.name].kind for n in party.graph.losses() if n.party == party.name}
+        self.hist = {k: {"train_loss": [], "test_loss": [], "test_accuracy": []} for k in self.kinds}
+        self.acc = {k: _Epoch() for k in self.kinds}
+
+    def add(self, step: Step, out: StepOutput) -> None:
         n = len(step.rows)
         for k, v in out.losses.items():
-            a = acc[k]
+            a = self.acc[k]
             if step.mode == "train":
                 a.train_sum, a.train_n = a.train_sum + v * n, a.train_n + n
             else:
                 a.test_sum, a.test_n = a.test_sum + v * n, a.test_n + n
-                if mine[k] in ("cross_entropy", "bce"):
-                    a.right += correct(mine[k], out.predictions[k], out.targets[k])
-        if on_step is not None:
-            on_step(step)
-    close_epoch()
-    return PartyReport(party.name, hist, party.meter.summary(), list(party.link.refused))
+                if self.kinds[k] in ("cross_entropy", "bce"):
+                    a.right += correct(self.kinds[k], out.predictions[k], out.targets[k])
+
+    def close_epoch(self) -> None:
+        for k, a in self.acc.items():
+            h = self.hist[k]
+            if a.train_n:
+                h["train_loss"].append(a.train_sum / a.train_n)
+            if a.test_n:
+                h["test_loss"].append(a.test_sum / a.test_n)
+                if self.kinds[k] in ("cross_entropy", "bce"):
+                    h["test_accuracy"].append(a.right / a.test_n)
+            self.acc[k] = _Epoch()
+
+
+def run_party(party: Party, steps: Iterator[Step], on_step: Callable[[Step], None] | None = None,
+              ids_hash: str = "") -> PartyReport:
+    """Run a party through the schedule; collect the metrics of the losses it computes."""
+    metrics = _Metrics(party)
+    epoch = None
+    with session(party, ids_hash):
+        for step in steps:
+            if epoch is not None and step.epoch != epoch:
+                metrics.close_epoch()
+            epoch = step.epoch
+            metrics.add(step, party.step(step.id, step.rows, step.mode))
+            if on_step is not None:
+                on_step(step)
+    metrics.close_epoch()
+    return PartyReport(party.name, metrics.hist, party.meter.summary(), list(party.link.refused))
 
 
 # -- in-process simulation -------------------------------------------------------------------
@@ -244,7 +318,7 @@ def prepare(plan: Plan | str | Path, *, epochs: int | None = None, seed: int | N
 
 def run_parties(setups: dict[str, PartySetup], shapes: dict, on_step: Callable[[Step], None] | None = None,
                 timeout: float = 600.0, steps: Callable[[PartySetup], Iterator[Step]] | None = None,
-                job: Callable[..., object] = run_party) -> dict[str, object]:
+                job: Callable[..., object] | None = None, predicting: bool = False) -> dict[str, object]:
     """Run every party in a thread of this process over the in-process transport."""
     first = next(iter(setups.values()))
     graph = first.graph
@@ -253,12 +327,14 @@ def run_parties(setups: dict[str, PartySetup], shapes: dict, on_step: Callable[[
     steps = steps or (lambda s: schedule(s.plan, s.splits))
     reports: dict[str, object] = {}
     errors: dict[str, BaseException] = {}
-    parties = {name: Party(graph, name, Link(hub.transport(name)), s.modules, s.optimizer, s.inputs, shapes, timeout)
-               for name, s in setups.items()}
+    parties = {name: Party(graph, name, Link(hub.transport(name)), s.modules, s.optimizer, s.inputs, dict(shapes),
+                           timeout, predicting) for name, s in setups.items()}
+    job = job or run_party
 
     def work(name: str) -> None:
         try:
-            reports[name] = job(parties[name], steps(setups[name]), on_step if name == lead else None)
+            reports[name] = job(parties[name], steps(setups[name]), on_step if name == lead else None,
+                                ids_hash=setups[name].ids_hash)
         except BaseException as e:  # noqa: BLE001 - reported per party below
             errors[name] = e
             hub.close()

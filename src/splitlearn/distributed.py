@@ -1,0 +1,222 @@
+"""Parties as operating-system processes over gRPC: one party here, or all of them on loopback.
+
+:func:`run_one_party` is ``splitlearn party``: it builds its party from the plan and its own
+data, connects to its neighbours and runs the same :func:`~splitlearn.runner.run_party` as the
+in-process simulation. :func:`launch` is ``splitlearn run``: throw-away certificates, one
+process per party on 127.0.0.1, and the merged ``result.json``.
+
+Who dials whom: for each pair of neighbours, a party marked ``dial_out`` (behind a firewall)
+dials the other; otherwise the party later in the plan dials the earlier one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .engine import Party
+from .graph import Graph, build_graph
+from .link import Link
+from .plan import Plan, PlanError
+from .results import build_result, save_weights, write_json
+from .runner import PartyReport, RunError, Step, prepare, run_party, schedule, setup_party
+
+__all__ = ["connections", "run_one_party", "launch", "PartyFailed"]
+
+
+class PartyFailed(RuntimeError):
+    """This party stopped with an error (already written to its error.json)."""
+
+
+def connections(plan: Plan, graph: Graph | None = None) -> list[tuple[str, str]]:
+    """(dialer, listener) for every pair of parties that exchange messages."""
+    graph = graph or build_graph(plan)
+    names = list(plan.parties)
+    out = []
+    for a in names:
+        for b in graph.neighbours(a):
+            if names.index(b) <= names.index(a):
+                continue  # each pair once, a before b
+            da, db = plan.parties[a].dial_out, plan.parties[b].dial_out
+            if da and db:
+                raise PlanError(f"parties {a!r} and {b!r} exchange messages but both only dial out",
+                                entry=f"parties.{b}.dial_out", hint="one of each pair of neighbours must listen")
+            out.append((a, b) if da else (b, a))
+    return out
+
+
+@dataclass
+class Endpoints:
+    listen: str | None
+    dial: dict[str, str]
+    accept: list[str]
+
+
+def endpoints(plan: Plan, name: str, listen: str | None, peers: dict[str, str]) -> Endpoints:
+    """Where this party listens and whom it dials, from the command line or the plan."""
+    pairs = connections(plan)
+    dial_to = [lst for d, lst in pairs if d == name]
+    accept = [d for d, lst in pairs if lst == name]
+    dial = {}
+    for peer in dial_to:
+        addr = peers.get(peer) or plan.parties[peer].address
+        if not addr:
+            raise PlanError(f"party {name!r} must dial {peer!r} but has no address for it", entry=f"parties.{peer}.address",
+                            hint=f"pass --peer {peer}=HOST:PORT or set parties.{peer}.address in the plan")
+        dial[peer] = addr
+    unknown = set(peers) - set(plan.parties)
+    if unknown:
+        raise PlanError(f"--peer names unknown parties {sorted(unknown)}", hint=f"parties are {sorted(plan.parties)}")
+    listen = listen or plan.parties[name].address
+    if accept and not listen:
+        raise PlanError(f"party {name!r} must listen for {accept} but has no address", entry=f"parties.{name}.address",
+                        hint="pass --listen HOST:PORT or set the party's address in the plan")
+    return Endpoints(listen if accept else None, dial, accept)
+
+
+def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, listen: str | None = None,
+                  peers: dict[str, str] | None = None, out: Path | None = None, epochs: int | None = None,
+                  seed: int | None = None, connect_timeout: float = 60.0, step_timeout: float = 120.0,
+                  on_step=None) -> PartyReport:
+    """Run party ``name`` of the plan in this process, over gRPC. ``certs=None`` means insecure."""
+    from .transport.grpc import GrpcTransport
+    from .transport.tls import load_credentials
+
+    plan, setup = _own_setup(plan_path, name, epochs, seed)
+    ends = endpoints(plan, name, listen, peers or {})
+    creds = load_credentials(certs, name) if certs is not None else None
+    transport = GrpcTransport(name, listen=ends.listen, dial=ends.dial, accept=ends.accept, credentials=creds,
+                              connect_timeout=connect_timeout)
+    transport.start()
+    try:
+        transport.wait_connected(connect_timeout)
+        party = Party(setup.graph, name, Link(transport), setup.modules, setup.optimizer, setup.inputs,
+                      timeout=step_timeout)
+        report = run_party(party, schedule(plan, setup.splits), on_step, ids_hash=setup.ids_hash)
+    finally:
+        transport.close()
+    if out is not None:
+        folder = Path(out) / "parties" / name
+        save_weights(folder / "weights.safetensors", setup.modules)
+        write_json(folder / "report.json", report.__dict__)
+    return report
+
+
+def _own_setup(plan_path, name, epochs, seed):
+    from .plan import load_plan
+
+    plan = load_plan(plan_path)
+    changes = {k: v for k, v in {"epochs": epochs, "seed": seed}.items() if v is not None}
+    if changes:
+        src = plan._source
+        plan = plan.with_train(**changes)
+        plan._source = src
+    if name not in plan.parties:
+        raise PlanError(f"no party {name!r} in the plan", hint=f"parties are {sorted(plan.parties)}")
+    return plan, setup_party(plan, name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed: int | None = None,
+           insecure: bool = False, timeout: float = 3600.0, on_step=None) -> dict:
+    """``splitlearn run``: one process per party on loopback (mutual TLS with throw-away
+    certificates unless ``insecure``); returns the merged result. Raises RunError naming each
+    failed party; Ctrl-C stops every process."""
+    from .transport.tls import make_certs
+
+    plan, setups, shapes = prepare(plan_path, epochs=epochs, seed=seed)  # all checks before starting anything
+    out = Path(out)
+    graph = next(iter(setups.values())).graph
+    lead = next(n.party for n in graph.losses())
+    ports = {p: _free_port() for p in plan.parties}
+    procs: dict[str, subprocess.Popen] = {}
+    with tempfile.TemporaryDirectory(prefix="splitlearn-certs-") as certs:
+        if not insecure:
+            make_certs(list(plan.parties), Path(certs))
+        for name in plan.parties:
+            folder = out / "parties" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "error.json").unlink(missing_ok=True)
+            cmd = [sys.executable, "-m", "splitlearn", "party", str(plan_path), "--name", name, "--out", str(out),
+                   "--listen", f"127.0.0.1:{ports[name]}", "--progress" if name == lead else "--quiet"]
+            cmd += ["--insecure"] if insecure else ["--certs", certs]
+            for peer in plan.parties:
+                if peer != name:
+                    cmd += ["--peer", f"{peer}=127.0.0.1:{ports[peer]}"]
+            if epochs is not None:
+                cmd += ["--epochs", str(epochs)]
+            if seed is not None:
+                cmd += ["--seed", str(seed)]
+            with open(folder / "party.log", "w") as log:
+                procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE if name == lead else log, stderr=log,
+                                               start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if on_step is not None:
+            threading.Thread(target=_follow, args=(procs[lead].stdout, on_step), daemon=True).start()
+        try:
+            codes = _wait(procs, timeout)
+        except KeyboardInterrupt:
+            _stop(procs)
+            raise
+    errors = {}
+    for name, code in codes.items():
+        if code != 0:
+            err_file, log = out / "parties" / name / "error.json", out / "parties" / name / "party.log"
+            lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+            errors[name] = (json.loads(err_file.read_text())["error"] if err_file.is_file()
+                            else (lines or [f"exit status {code}"])[-1])
+    if errors:
+        raise RunError(errors)
+    reports = {n: PartyReport(**json.loads((out / "parties" / n / "report.json").read_text())) for n in plan.parties}
+    result = build_result(plan, graph, reports, {"transport": "grpc" + ("" if insecure else "+mtls")})
+    write_json(out / "plan.json", plan.model_dump(mode="json"))
+    write_json(out / "result.json", result)
+    return result
+
+
+def _follow(stream, on_step) -> None:
+    """Relay the lead party's progress lines ("step ID EPOCH MODE") to ``on_step``."""
+    for line in stream:
+        parts = line.decode(errors="replace").split()
+        if len(parts) == 4 and parts[0] == "step":
+            on_step(Step(int(parts[1]), parts[3], int(parts[2]), torch.empty(0)))
+
+
+def _wait(procs: dict[str, subprocess.Popen], timeout: float) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        codes = {n: p.poll() for n, p in procs.items()}
+        if all(c is not None for c in codes.values()):
+            return codes
+        time.sleep(0.1)
+    _stop(procs)
+    return {n: (p.returncode if p.returncode is not None else -9) for n, p in procs.items()}
+
+
+def _stop(procs: dict[str, subprocess.Popen]) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p in procs.values():
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
