@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,16 +288,22 @@ def run_party(party: Party, steps: Iterator[Step], on_step: Callable[[Step], Non
     """Run a party through the schedule; collect the metrics of the losses it computes."""
     metrics = _Metrics(party)
     epoch = None
+    timing = {"train_s": 0.0, "train_samples": 0}
     with session(party, ids_hash):
         for step in steps:
             if epoch is not None and step.epoch != epoch:
                 metrics.close_epoch()
             epoch = step.epoch
-            metrics.add(step, party.step(step.id, step.rows, step.mode))
+            t0 = time.perf_counter()
+            out = party.step(step.id, step.rows, step.mode)
+            if step.mode == "train":
+                timing["train_s"] += time.perf_counter() - t0
+                timing["train_samples"] += len(step.rows)
+            metrics.add(step, out)
             if on_step is not None:
                 on_step(step)
     metrics.close_epoch()
-    return PartyReport(party.name, metrics.hist, party.meter.summary(), list(party.link.refused))
+    return PartyReport(party.name, metrics.hist, {**party.meter.summary(), **timing}, list(party.link.refused))
 
 
 # -- in-process simulation -------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""The command line: run writes the results contract, inspect flags label wires, predict delivers."""
+
+import json
+
+from typer.testing import CliRunner
+
+from splitlearn.cli import app
+
+from .conftest import EXAMPLES
+
+runner = CliRunner()
+
+
+def test_run_in_process_writes_the_results_contract(tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["run", str(EXAMPLES / "vanilla.toml"), "--in-process", "--epochs", "2", "--seed", "3",
+                            "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "test accuracy" in r.output and "hospital" in r.output
+    res = json.loads((out / "result.json").read_text())
+    assert res["plan"] == "vanilla" and res["epochs"] == 2 and res["seed"] == 3
+    assert 0.0 <= res["metrics"]["test_accuracy"] <= 1.0 and len(res["metrics"]["train_loss"]) == 2
+    assert {(w["name"], w["carries"]) for w in res["wires"]} == {("bottom->top", "activation"), ("hospital.y->digit", "label")}
+    for p in ("hospital", "server"):
+        assert {"bytes_sent", "bytes_received", "flops", "compute_s", "wait_s"} <= set(res["parties"][p])
+    assert res["parties"]["hospital"]["bytes_sent"] == res["parties"]["server"]["bytes_received"]
+    assert (out / "parties" / "hospital" / "weights.safetensors").is_file()
+    assert (out / "parties" / "server" / "weights.safetensors").is_file()
+
+
+def test_predict_delivers_to_the_head_owner_only(tmp_path):
+    out = tmp_path / "u"
+    assert runner.invoke(app, ["run", str(EXAMPLES / "u_shaped.toml"), "--in-process", "--epochs", "3", "--out", str(out),
+                               "-q"]).exit_code == 0
+    r = runner.invoke(app, ["predict", str(out)])
+    assert r.exit_code == 0, r.output
+    preds = (out / "parties" / "hospital" / "predictions.csv").read_text().splitlines()
+    assert preds[0] == "id,digit" and len(preds) == 1 + 359
+    assert not (out / "parties" / "server" / "predictions.csv").exists()
+    # the predictions are those of the trained model: most match the labels
+    from sklearn.datasets import load_digits
+
+    y = load_digits().target
+    right = sum(int(line.split(",")[1]) == y[int(line.split(",")[0])] for line in preds[1:])
+    assert right / 359 >= 0.9
+
+
+def test_predict_on_new_csv_rows(tmp_path):
+    out = tmp_path / "v"
+    assert runner.invoke(app, ["run", str(EXAMPLES / "vanilla.toml"), "--in-process", "--epochs", "2", "--out", str(out),
+                               "-q"]).exit_code == 0
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rows = ["id," + ",".join(f"p{i}" for i in range(64))]
+    rows += [f"{1000 + i}," + ",".join(str(v / 16) for v in d.data[i]) for i in range(20)]
+    csv = tmp_path / "new.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    r = runner.invoke(app, ["predict", str(out), "--data", str(csv)])
+    assert r.exit_code == 0, r.output
+    lines = (out / "parties" / "server" / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "id,digit" and [int(x.split(",")[0]) for x in lines[1:]] == list(range(1000, 1020))
+
+
+def test_inspect_flags_label_wires_and_draws(tmp_path):
+    png = tmp_path / "t.png"
+    r = runner.invoke(app, ["inspect", str(EXAMPLES / "vanilla.toml"), "--png", str(png)])
+    assert r.exit_code == 0, r.output
+    assert "label wires: hospital.y->digit (labels of hospital travel to server)" in r.output
+    assert "bottom->top: float32 [batch, 128]" in r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = runner.invoke(app, ["inspect", str(EXAMPLES / "u_shaped.toml"), "--png", str(tmp_path / "u.png")])
+    assert "no wire carries labels" in r.output
+
+
+def test_bad_plan_is_a_clear_error_not_a_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text((EXAMPLES / "vanilla.toml").read_text().replace('inputs = ["bottom"]', 'inputs = ["botom"]'))
+    r = runner.invoke(app, ["run", str(bad), "--in-process", "-q"])
+    assert r.exit_code == 2
+    assert "unknown segment 'botom'" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "runs").exists()

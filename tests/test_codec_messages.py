@@ -1,0 +1,79 @@
+"""Tensor codecs and the protobuf envelope round-trip exactly (or within stated bounds)."""
+
+import numpy as np
+import pytest
+import torch
+
+from splitlearn.codec import DTYPES, WireError, from_bytes, get_codec
+from splitlearn.messages import Kind, Message, decode, encode
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_raw_codec_roundtrips_every_allowed_dtype(dtype):
+    t = (torch.randn(3, 5) * 10).to(DTYPES[dtype][0])
+    enc = get_codec("raw").encode(t)
+    assert len(enc.data) == t.numel() * t.element_size()
+    back = get_codec("raw").decode(enc)
+    assert back.dtype == t.dtype and torch.equal(back, t)
+
+
+def test_float32_identity_is_exact_and_four_bytes_per_value():
+    t = torch.randn(32, 128)
+    enc = get_codec("float32").encode(t)
+    assert enc.nbytes == 32 * 128 * 4
+    assert torch.equal(get_codec("float32").decode(enc), t)
+
+
+@pytest.mark.parametrize("name,bytes_per,tol", [("float16", 2, 1e-3), ("bfloat16", 2, 1e-2)])
+def test_half_codecs(name, bytes_per, tol):
+    t = torch.randn(64, 16)
+    enc = get_codec(name).encode(t)
+    assert enc.nbytes == t.numel() * bytes_per
+    back = get_codec(name).decode(enc)
+    assert back.dtype == torch.float32
+    assert torch.allclose(back, t, rtol=tol, atol=tol)
+
+
+def test_int8_within_half_a_step():
+    t = torch.randn(64, 32) * 3
+    enc = get_codec("int8").encode(t)
+    assert enc.nbytes == t.numel() + 8
+    back = get_codec("int8").decode(enc)
+    step = (t.max() - t.min()) / 255
+    assert (back - t).abs().max() <= step / 2 + 1e-5
+
+
+def test_topk_keeps_exactly_k_largest():
+    t = torch.randn(10, 50)
+    codec = get_codec("topk:0.1")
+    back = codec.decode(codec.encode(t))
+    kept = back != 0
+    assert int(kept.sum()) == 50
+    assert torch.equal(back[kept], t[kept])
+    assert t.abs()[kept].min() >= t.abs()[~kept].max()
+
+
+def test_envelope_roundtrip():
+    msg = Message(Kind.GRADIENT, "server", "hospital", 42, "bottom->top",
+                  {"t": get_codec("float32").encode(torch.randn(4, 3))}, text="hi")
+    back = decode(encode(msg))
+    assert back == msg
+
+
+@pytest.mark.parametrize("bad", [b"\xff\xfe garbage", bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8))])
+def test_random_bytes_are_refused(bad):
+    with pytest.raises(WireError):
+        decode(bad)
+
+
+def test_disallowed_dtype_and_lying_shape_are_refused():
+    good = Message(Kind.ACTIVATION, "a", "b", 1, "w", {"t": get_codec("float32").encode(torch.zeros(2, 2))})
+    data = encode(good).replace(b"float32", b"object!")
+    with pytest.raises(WireError, match="not allowed"):
+        decode(data)
+    with pytest.raises(WireError, match="bytes for shape"):
+        from_bytes(b"\x00" * 12, "float32", (2, 2))
+    with pytest.raises(WireError, match="exceed"):
+        from_bytes(b"", "float32", (1 << 20, 1 << 20))
+    with pytest.raises(WireError, match="exceeds the limit"):
+        decode(b"\x00" * 100, max_bytes=10)
