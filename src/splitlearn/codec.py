@@ -42,7 +42,11 @@ MAX_ELEMENTS = 1 << 28  # refuse anything larger, whatever its header claims
 
 
 class WireError(ValueError):
-    """Received data that is malformed or not what was agreed."""
+    """Received data that is malformed or not what was agreed (``wire``/``step`` when known)."""
+
+    def __init__(self, message: str, *, wire: str = "", step: int = 0):
+        super().__init__(message)
+        self.wire, self.step = wire, step
 
 
 @dataclass(frozen=True)

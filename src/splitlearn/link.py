@@ -48,7 +48,7 @@ class Link:
             try:
                 msg = decode(data)
             except WireError as e:
-                self.refuse(peer, str(e))
+                self.refuse(peer, str(e), e.step, e.wire)
                 continue
             if msg.sender != peer:
                 self.refuse(peer, f"it claims to come from {msg.sender!r} but the authenticated sender is {peer!r}",

@@ -9,11 +9,12 @@ kind, a dtype outside the allow-list or a byte count that does not match the sha
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from .codec import DTYPES, Encoded, WireError
+from .codec import DTYPES, MAX_ELEMENTS, Encoded, WireError
 from .proto import splitlearn_pb2 as pb
 
 __all__ = ["Kind", "Message", "encode", "decode", "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES"]
@@ -73,9 +74,14 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         raise WireError(f"unknown message kind {env.kind}") from None
     tensors: dict[str, Encoded] = {}
     for t in env.tensors:
+        problem = None
         if t.dtype not in DTYPES:
-            raise WireError(f"tensor {t.name!r} has dtype {t.dtype!r}, which is not allowed; allowed: {sorted(DTYPES)}")
-        if t.name in tensors:
-            raise WireError(f"tensor {t.name!r} appears twice")
+            problem = f"tensor {t.name!r} has dtype {t.dtype!r}, which is not allowed; allowed: {sorted(DTYPES)}"
+        elif any(d < 0 for d in t.shape) or math.prod(t.shape) > MAX_ELEMENTS:
+            problem = f"tensor {t.name!r} of shape {list(t.shape)}: {math.prod(t.shape)} elements exceed the limit of {MAX_ELEMENTS}"
+        elif t.name in tensors:
+            problem = f"tensor {t.name!r} appears twice"
+        if problem:
+            raise WireError(problem, wire=env.wire, step=env.step)
         tensors[t.name] = Encoded(t.codec, t.dtype, tuple(t.shape), t.data, dict(t.extra))
     return Message(kind, env.sender, env.receiver, env.step, env.wire, tensors, env.text)
