@@ -5,36 +5,47 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .embedded import breast_cancer, digits, synthetic
-from .files import mnist, read_csv, read_idx
+from .embedded import SYNTHETIC_OPTIONS, breast_cancer, digits, synthetic
+from .files import mnist, read_csv
 from .split import batches, train_test_split_ids
 from .table import DataError, Table
 
 __all__ = ["Table", "DataError", "load_table", "batches", "train_test_split_ids", "DATASETS"]
 
 DATASETS = ("digits", "breast_cancer", "synthetic", "mnist", "csv")
-_OPTIONS = {"digits": set(), "breast_cancer": set(), "synthetic": {"n", "features", "classes", "seed", "image"},
-            "mnist": {"limit"}, "csv": {"standardize"}}
+_OPTIONS: dict[str, set[str]] = {"digits": set(), "breast_cancer": set(), "synthetic": set(SYNTHETIC_OPTIONS),
+                                 "mnist": {"limit"}, "csv": {"standardize"}}
+_SETTINGS = {"mnist": {"path"}, "csv": {"path", "id_column", "label_column"}}  # besides options
 
 
 def load_table(dataset: str, *, path: str | None = None, id_column: str | None = None, label_column: str | None = None,
                options: dict[str, Any] | None = None, base_dir: Path | None = None) -> Table:
-    """Load a dataset by name; ``path`` (for mnist and csv) is relative to ``base_dir`` if given."""
-    options = dict(options or {})
+    """Load a dataset by name; a relative ``path`` (mnist, csv) is resolved against ``base_dir`` when given."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    if options is not None and not isinstance(options, dict):
+        raise DataError(f"options for dataset {dataset!r} must be a mapping, got {type(options).__name__}")
+    options = dict(options or {})
     unknown = set(options) - _OPTIONS[dataset]
     if unknown:
-        raise DataError(f"unknown option(s) {sorted(unknown)} for dataset {dataset!r}; allowed: {sorted(_OPTIONS[dataset])}")
-    if dataset in ("mnist", "csv"):
-        if not path:
-            raise DataError(f"dataset {dataset!r} reads a local file: set path")
-        file = Path(path).expanduser()
-        if base_dir is not None and not file.is_absolute():
-            file = base_dir / file
-        if dataset == "mnist":
-            return mnist(file, options.get("limit"))
-        return read_csv(file, id_column, label_column, bool(options.get("standardize", False)))
+        raise DataError(f"unknown option(s) {sorted(unknown)} for dataset {dataset!r}; "
+                        f"allowed: {sorted(_OPTIONS[dataset])}")
+    given = {k for k, v in {"path": path, "id_column": id_column, "label_column": label_column}.items() if v}
+    unused = given - _SETTINGS.get(dataset, set())
+    if unused:
+        raise DataError(f"dataset {dataset!r} does not use {sorted(unused)}; remove them")
     if dataset == "synthetic":
         return synthetic(**options)
-    return digits() if dataset == "digits" else breast_cancer()
+    if dataset in ("digits", "breast_cancer"):
+        return digits() if dataset == "digits" else breast_cancer()
+    if not path:
+        raise DataError(f"dataset {dataset!r} reads a local file: set path")
+    file = Path(path).expanduser()
+    if base_dir is not None and not file.is_absolute():
+        file = Path(base_dir) / file
+    if dataset == "mnist":
+        return mnist(file, options.get("limit"))
+    standardize = options.get("standardize", False)
+    if not isinstance(standardize, bool):
+        raise DataError(f"csv option standardize must be true or false, got {standardize!r}")
+    return read_csv(file, id_column, label_column, standardize)

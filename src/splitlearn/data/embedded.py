@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .table import DataError, Table
 
-__all__ = ["digits", "breast_cancer", "synthetic"]
+__all__ = ["digits", "breast_cancer", "synthetic", "SYNTHETIC_OPTIONS"]
 
 
 def digits() -> Table:
-    """1797 8x8 handwritten digits: ``x`` (64 values in [0, 1]), ``image`` (1x8x8), ``y``, ``parity``."""
+    """1797 8x8 handwritten digits: ``x`` (64 values in [0, 1]), ``image`` (1x8x8), ``y``, ``parity`` (y % 2)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -21,7 +23,11 @@ def digits() -> Table:
 
 
 def breast_cancer() -> Table:
-    """569 patients x 30 features (z-scored with the statistics of all rows), ``y`` 1 = benign."""
+    """569 patients x 30 features, ``y`` 1 = benign.
+
+    ``x`` is z-scored per column with the mean and standard deviation of all 569 rows
+    (train and test alike), so every party derives the same values without coordination.
+    """
     from sklearn.datasets import load_breast_cancer
 
     d = load_breast_cancer()
@@ -30,29 +36,35 @@ def breast_cancer() -> Table:
                  {"x": list(d.feature_names)})
 
 
-_SYNTHETIC = {"n": 1000, "features": 20, "classes": 2, "seed": 0, "image": None}
+SYNTHETIC_OPTIONS: dict[str, Any] = {"n": 1000, "features": 20, "classes": 2, "seed": 0, "image": None}
 
 
-def synthetic(**options) -> Table:
-    """Gaussian classes with random means: ``x`` (n, features), ``y``; ``image`` (n, C, H, W) if asked.
+def _int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise DataError(f"synthetic option {name} must be an integer >= {low}, got {value!r}")
+    return int(value)
 
-    Options: ``n``, ``features``, ``classes``, ``seed``, ``image = [C, H, W]``.
+
+def synthetic(**options: Any) -> Table:
+    """Gaussian classes around random means: ``x`` (n, features) float32, ``y``; ``image`` (n, C, H, W) if asked.
+
+    Options: ``n``, ``features``, ``classes``, ``seed``, ``image = [C, H, W]``. The same options give
+    the same data everywhere; asking for ``image`` leaves ``x`` and ``y`` unchanged.
     """
-    unknown = set(options) - set(_SYNTHETIC)
+    unknown = set(options) - set(SYNTHETIC_OPTIONS)
     if unknown:
-        raise DataError(f"unknown synthetic option(s) {sorted(unknown)}; allowed: {sorted(_SYNTHETIC)}")
-    o = {**_SYNTHETIC, **options}
-    n, d, k = int(o["n"]), int(o["features"]), int(o["classes"])
-    if n < 1 or d < 1 or k < 2:
-        raise DataError(f"synthetic data needs n >= 1, features >= 1 and classes >= 2, got n={n}, features={d}, classes={k}")
-    rng = np.random.default_rng(int(o["seed"]))
+        raise DataError(f"unknown synthetic option(s) {sorted(unknown)}; allowed: {sorted(SYNTHETIC_OPTIONS)}")
+    o = {**SYNTHETIC_OPTIONS, **options}
+    n, d, k = _int("n", o["n"], 1), _int("features", o["features"], 1), _int("classes", o["classes"], 2)
+    rng = np.random.default_rng(_int("seed", o["seed"], 0))
     y = rng.integers(0, k, n).astype(np.int64)
     means = rng.normal(0.0, 1.5, (k, d))
     fields = {"x": (means[y] + rng.normal(0.0, 1.0, (n, d))).astype(np.float32), "y": y}
     if o["image"] is not None:
-        shape = tuple(int(s) for s in o["image"])
-        if len(shape) != 3 or min(shape) < 1:
-            raise DataError(f"synthetic image must be [C, H, W] with positive sizes, got {list(o['image'])}")
+        shape = o["image"]
+        if not isinstance(shape, (list, tuple)) or len(shape) != 3:
+            raise DataError(f"synthetic option image must be [C, H, W], got {shape!r}")
+        shape = tuple(_int("image size", s, 1) for s in shape)
         patterns = rng.normal(0.0, 1.0, (k, *shape))
         fields["image"] = (patterns[y] + rng.normal(0.0, 1.0, (n, *shape))).astype(np.float32)
     return Table(np.arange(n, dtype=np.int64), fields)
