@@ -1,0 +1,62 @@
+"""Plans built in Python, with user factories, train like TOML plans."""
+
+import pytest
+import torch
+
+import splitlearn
+from splitlearn.plan import Plan, PlanError
+from splitlearn.runner import prepare
+
+
+def python_plan(**network) -> dict:
+    return {
+        "name": "py",
+        "data": {"dataset": "digits"},
+        "train": {"epochs": 3, "batch_size": 32},
+        "parties": {"phone": {"holds": {"x": "x", "y": "y"}, "optimizer": {"name": "adam", "lr": 0.01}},
+                    "cloud": {"optimizer": {"name": "adam", "lr": 0.01}}},
+        "networks": {"net": network or {"factory": "tests.factories:tiny_mlp", "args": {"width": 48}}},
+        "segments": {"bottom": {"party": "phone", "inputs": "phone.x", "network": "net", "layers": [0, 2]},
+                     "top": {"party": "cloud", "inputs": ["bottom"], "network": "net", "layers": [2, 3]}},
+        "losses": {"digit": {"input": "top", "target": "phone.y"}},
+    }
+
+
+def test_factory_plan_built_in_python_trains():
+    result = splitlearn.train(python_plan())
+    assert result["metrics"]["test_accuracy"] > 0.85
+    plan, setups, shapes = prepare(python_plan())
+    assert shapes["bottom->top"] == ("float32", (48,))  # the factory's kwargs reached it
+    assert isinstance(setups["phone"].modules["bottom"][1], torch.nn.Tanh)
+
+
+def test_plan_object_is_the_same_as_its_dict():
+    assert Plan.model_validate(python_plan()) == Plan.model_validate(python_plan())
+
+
+def test_factory_returning_no_module_is_refused():
+    with pytest.raises(PlanError, match="not a torch.nn.Module"):
+        prepare(python_plan(factory="tests.factories:not_a_module"))
+
+
+def test_cutting_a_non_sequential_factory_is_refused():
+    with pytest.raises(PlanError, match="cannot be cut at layer indices"):
+        prepare(python_plan(factory="tests.factories:two_inputs"))
+
+
+def test_module_merge_passes_inputs_as_arguments():
+    plan = {
+        "name": "two", "data": {"dataset": "breast_cancer"}, "train": {"epochs": 10},
+        "parties": {"a": {"holds": {"x": {"field": "x", "columns": [0, 15]}}},
+                    "b": {"holds": {"x": {"field": "x", "columns": [15, 30]}, "y": "y"}}},
+        "networks": {"ea": {"zoo": "mlp", "args": {"sizes": [15, 16], "out_activation": True}},
+                     "eb": {"zoo": "mlp", "args": {"sizes": [15, 16], "out_activation": True}},
+                     "head": {"factory": "tests.factories:two_inputs", "args": {"width": 16}}},
+        "segments": {"ea": {"party": "a", "inputs": ["a.x"], "network": "ea"},
+                     "eb": {"party": "b", "inputs": ["b.x"], "network": "eb"},
+                     "head": {"party": "b", "inputs": ["ea", "eb"], "network": "head", "merge": "module"}},
+        "losses": {"y": {"input": "head", "target": "b.y"}},
+    }
+    result = splitlearn.train(plan)
+    assert result["metrics"]["test_accuracy"] > 0.9
+    assert [w["name"] for w in result["wires"]] == ["ea->head"]
