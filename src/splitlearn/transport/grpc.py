@@ -1,0 +1,294 @@
+"""gRPC transport: one bidirectional stream (``/splitlearn.v1.SplitLearning/Connect``) per pair
+of parties, mutually authenticated with TLS.
+
+Raw bytes go over the stream (no (de)serialiser here): they are serialised ``Envelope``\\ s,
+parsed and checked above, in :class:`splitlearn.link.Link`. Who sent a buffer:
+
+* the listening side takes the peer's name from the CN of its client certificate, which must
+  be signed by the CA (``require_client_auth``); names not in ``accept``, or already connected,
+  are refused with PERMISSION_DENIED and the server keeps serving;
+* the dialing side checks the listener's certificate against the CA with the expected peer
+  name as TLS target name, so the peer it dialed is the peer it talks to.
+
+Without credentials (insecure mode) the dialer states its name in the ``x-splitlearn-party``
+header and the listener believes it: nothing is authenticated or encrypted then.
+
+When a peer's stream breaks (error, cancellation, process killed) ``recv`` raises
+:class:`TransportClosed` after the peer's earlier buffers. When a peer closes cleanly, that
+happens once no other peer is still connected, so a party that is still finishing with a third
+party is not stopped by a neighbour that is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Iterator
+
+import grpc
+
+from .base import Transport, TransportClosed, TransportError, TransportTimeout
+from .tls import Credentials
+
+__all__ = ["GrpcTransport", "METHOD", "PARTY_HEADER"]
+
+log = logging.getLogger("splitlearn.transport.grpc")
+
+SERVICE = "splitlearn.v1.SplitLearning"
+METHOD = f"/{SERVICE}/Connect"
+PARTY_HEADER = "x-splitlearn-party"
+KEEPALIVE_MS = 30_000  # detect dead peers and keep idle connections open through NATs
+_END = object()  # in an outgoing queue: finish that stream
+_CLOSED = object()  # in the inbox: this transport is closed
+
+
+class _Lost:
+    """In the inbox: the stream to ``peer`` is gone."""
+
+    def __init__(self, peer: str, reason: str):
+        self.peer, self.reason = peer, reason
+
+
+def _why(e: BaseException) -> str:
+    code, details = getattr(e, "code", None), getattr(e, "details", None)
+    if callable(code) and callable(details):
+        return f"{code().name if code() else '?'}: {details()}"
+    return type(e).__name__
+
+
+class GrpcTransport(Transport):
+    """This party's end of the network. ``start()`` then ``wait_connected()`` before use."""
+
+    def __init__(self, party: str, *, listen: str | None = None, dial: dict[str, str] | None = None,
+                 accept: Iterable[str] = (), credentials: Credentials | None = None,
+                 connect_timeout: float = 60.0, max_message_bytes: int = 256 * 2**20):
+        self.party, self.listen, self.dial = party, listen, dict(dial or {})
+        self.accept, self.credentials = frozenset(accept), credentials
+        self.connect_timeout, self.max_message_bytes = connect_timeout, max_message_bytes
+        if party in self.dial or party in self.accept or set(self.dial) & self.accept:
+            raise ValueError(f"{party}: a peer must be either dialed or accepted, and not be this party")
+        if self.accept and not listen:
+            raise ValueError(f"{party}: accepting {sorted(self.accept)} needs a listen address")
+        if credentials is not None and credentials.party != party:
+            raise ValueError(f"credentials are for {credentials.party!r}, not for {party!r}")
+        self.port: int | None = None
+        self._cond = threading.Condition()
+        self._out: dict[str, queue.Queue] = {}  # connected peer -> its outgoing queue
+        self._seen: set[str] = set()  # peers that have been connected
+        self._failed: dict[str, str] = {}  # dialed peer -> why dialing gave up
+        self._problem: dict[str, str] = {}  # peer -> last connection problem
+        self._channels: dict[str, grpc.Channel] = {}
+        self._inbox: queue.Queue = queue.Queue()
+        self._closed = threading.Event()
+        self._server: grpc.Server | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._started = False
+
+    # -- setting up ---------------------------------------------------------------------------
+    def _options(self) -> list[tuple[str, int]]:
+        return [("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)]
+
+    def start(self) -> "GrpcTransport":
+        """Bind the server (if ``listen``) and start dialing (if ``dial``); does not wait."""
+        if self._started:
+            raise TransportError(f"{self.party}: transport already started")
+        self._started = True
+        if self.listen:
+            handler = grpc.method_handlers_generic_handler(SERVICE, {"Connect": grpc.stream_stream_rpc_method_handler(
+                self._serve, request_deserializer=None, response_serializer=None)})
+            self._pool = ThreadPoolExecutor(2 * len(self.accept) + 4, thread_name_prefix="sl-serve")
+            self._server = grpc.server(self._pool, handlers=[handler], options=self._options() + [
+                                           ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 3),
+                                           ("grpc.http2.max_ping_strikes", 0)])
+            try:
+                if self.credentials is None:
+                    self.port = self._server.add_insecure_port(self.listen)
+                else:
+                    c = self.credentials
+                    self.port = self._server.add_secure_port(self.listen, grpc.ssl_server_credentials(
+                        [(c.key, c.cert)], root_certificates=c.ca, require_client_auth=True))
+            except RuntimeError as e:
+                raise TransportError(f"{self.party}: cannot listen on {self.listen}: {e}") from None
+            if not self.port:
+                raise TransportError(f"{self.party}: cannot listen on {self.listen}")
+            self._server.start()
+        options = self._options() + [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
+                                     ("grpc.max_reconnect_backoff_ms", 2000)]
+        for peer, addr in self.dial.items():
+            if self.credentials is None:
+                self._channels[peer] = grpc.insecure_channel(addr, options=options)
+            else:
+                c = self.credentials
+                self._channels[peer] = grpc.secure_channel(addr, grpc.ssl_channel_credentials(c.ca, c.key, c.cert),
+                                                           options=options + [("grpc.ssl_target_name_override", peer)])
+        for peer, addr in self.dial.items():
+            threading.Thread(target=self._dial, args=(peer, addr), name=f"sl-dial-{peer}", daemon=True).start()
+        return self
+
+    def wait_connected(self, timeout: float | None = None) -> None:
+        """Block until every dialed and accepted peer has connected (``connect_timeout`` by default)."""
+        timeout = self.connect_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        expected = set(self.dial) | self.accept
+        with self._cond:
+            while True:
+                if self._closed.is_set():
+                    raise TransportClosed(f"{self.party}: transport closed")
+                missing = sorted(expected - self._seen)
+                left = deadline - time.monotonic()
+                if not missing:
+                    return
+                if left <= 0 or any(p in self._failed for p in missing):
+                    why = "; ".join(f"{p}: " + (self._failed.get(p) or self._problem.get(p) or (
+                        f"no answer from {self.dial[p]}" if p in self.dial else "it did not dial in")) for p in missing)
+                    raise TransportTimeout(f"{self.party}: not connected to {missing} within {timeout} s ({why})")
+                self._cond.wait(min(left, 0.5))
+
+    # -- streams --------------------------------------------------------------------------------
+    def _attach(self, peer: str, out: queue.Queue) -> bool:
+        with self._cond:
+            if self._closed.is_set() or peer in self._out:
+                return False
+            self._out[peer] = out
+            self._seen.add(peer)
+            self._problem.pop(peer, None)
+            self._cond.notify_all()
+        log.info("%s: connected to %s", self.party, peer)
+        return True
+
+    def _detach(self, peer: str, out: queue.Queue, reason: str, clean: bool) -> None:
+        out.put(_END)
+        with self._cond:
+            if self._out.get(peer) is not out:
+                return
+            del self._out[peer]
+            self._cond.notify_all()
+            if self._closed.is_set():
+                return
+            if not clean or not self._out:
+                self._inbox.put(_Lost(peer, reason))
+        log.log(logging.INFO if clean else logging.WARNING, "%s: connection to %s ended: %s", self.party, peer, reason)
+
+    def _pump(self, peer: str, out: queue.Queue, incoming: Iterator[bytes]) -> None:
+        """Move the peer's buffers to the inbox until its stream ends."""
+        try:
+            for data in incoming:
+                self._inbox.put((peer, data))
+            reason, clean = f"{peer} closed the connection", True
+        except Exception as e:  # noqa: BLE001 - grpc.RpcError and anything else ends the stream
+            reason, clean = _why(e), False
+        self._detach(peer, out, reason, clean)
+
+    @staticmethod
+    def _drain(out: queue.Queue) -> Iterator[bytes]:
+        while (item := out.get()) is not _END:
+            yield item
+
+    def _serve(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Server side of ``Connect``: authenticate, register, then stream both ways."""
+        if self.credentials is None:
+            peer = dict(context.invocation_metadata()).get(PARTY_HEADER, "")
+        else:
+            cn = context.auth_context().get("x509_common_name") or [b""]
+            peer = cn[0].decode(errors="replace")
+        out: queue.Queue = queue.Queue()
+        refusal = ("it is not expected to connect" if peer not in self.accept
+                   else None if self._attach(peer, out) else "it is already connected (or this party is closing)")
+        if refusal:
+            log.warning("%s: refused a connection from %r (%s): %s", self.party, peer, context.peer(), refusal)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{self.party} refused {peer!r}: {refusal}")
+        context.add_callback(lambda: out.put(_END))
+        context.send_initial_metadata(((PARTY_HEADER, self.party),))
+        threading.Thread(target=self._pump, args=(peer, out, requests), name=f"sl-recv-{peer}", daemon=True).start()
+        yield from self._drain(out)
+
+    def _dial(self, peer: str, addr: str) -> None:
+        """Client side: connect to ``peer`` with backoff until ``connect_timeout``, then stream."""
+        channel = self._channels[peer]
+        connect = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
+        deadline, delay = time.monotonic() + self.connect_timeout, 0.05
+        while not self._closed.is_set() and (left := deadline - time.monotonic()) > 0:
+            ready = grpc.channel_ready_future(channel)
+            try:
+                ready.result(timeout=min(left / 2, 1.0))
+            except grpc.FutureTimeoutError:
+                ready.cancel()  # open the stream anyway: its error says why the channel is not ready
+            out: queue.Queue = queue.Queue()
+            try:
+                call = connect(self._drain(out), metadata=((PARTY_HEADER, self.party),))
+            except ValueError:  # the channel was closed: this transport is closing
+                break
+            timer = threading.Timer(max(deadline - time.monotonic(), 0.1), call.cancel)
+            timer.start()
+            try:
+                header = dict(call.initial_metadata() or ()).get(PARTY_HEADER)
+            finally:
+                timer.cancel()
+            if header == peer and self._attach(peer, out):
+                return self._pump(peer, out, call)
+            call.cancel()
+            out.put(_END)
+            self._problem[peer] = (f"{addr} is party {header!r}, not {peer!r}" if header
+                                   else f"cannot open a stream to {addr}: {_why(call)}")
+            log.debug("%s: dialing %s: %s", self.party, peer, self._problem[peer])
+            self._closed.wait(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(2 * delay, 2.0)
+        with self._cond:
+            self._failed[peer] = self._problem.get(peer, "transport closed")
+            self._cond.notify_all()
+
+    # -- the Transport interface -----------------------------------------------------------------
+    def send(self, dst: str, data: bytes) -> None:
+        if self._closed.is_set():
+            raise TransportClosed(f"{self.party}: transport closed")
+        if len(data) > self.max_message_bytes:
+            raise TransportError(f"{self.party}: message of {len(data)} bytes to {dst!r} exceeds the limit of "
+                                 f"{self.max_message_bytes}")
+        if dst == self.party:
+            self._inbox.put((dst, bytes(data)))
+            return
+        with self._cond:
+            out = self._out.get(dst)
+        if out is None:
+            if dst not in self.dial and dst not in self.accept:
+                raise TransportError(f"{self.party}: no party {dst!r} to send to (peers: "
+                                     f"{sorted(set(self.dial) | self.accept)})")
+            raise TransportError(f"{self.party}: not connected to {dst!r}")
+        out.put(bytes(data))
+
+    def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
+        try:
+            item = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise TransportTimeout(f"{self.party}: nothing received within {timeout} s") from None
+        if item is _CLOSED:
+            self._inbox.put(_CLOSED)  # keep later calls closed too
+            raise TransportClosed(f"{self.party}: transport closed")
+        if isinstance(item, _Lost):
+            raise TransportClosed(f"connection to {item.peer!r} lost: {item.reason}")
+        return item
+
+    def close(self, grace: float = 0.5) -> None:
+        """Finish every stream (flushing what was sent, up to ``grace`` s), stop the server;
+        pending and later ``recv`` calls raise TransportClosed."""
+        with self._cond:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            for out in self._out.values():
+                out.put(_END)
+            deadline = time.monotonic() + grace
+            while self._out and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+        for channel in self._channels.values():
+            channel.close()  # ends the calls still open
+        if self._server is not None:
+            self._server.stop(grace=0).wait(grace)
+            self._pool.shutdown(wait=False)
+        self._inbox.put(_CLOSED)

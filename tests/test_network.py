@@ -1,0 +1,178 @@
+"""Parties as processes over gRPC with mutual TLS: same weights as in-process, any start order,
+a dead party ends the others, Ctrl-C stops everything, failures show up in the exit status."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import splitlearn
+from splitlearn.distributed import connections, launch
+from splitlearn.plan import load_plan
+from splitlearn.runner import RunError
+from splitlearn.transport.tls import make_certs
+
+from .conftest import EXAMPLES
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def weights(run_dir, party):
+    return load_file(str(run_dir / "parties" / party / "weights.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["vanilla", "u_shaped", "vertical"])
+def test_grpc_training_equals_in_process_exactly(tmp_path, name):
+    plan = EXAMPLES / f"{name}.toml"
+    net = launch(plan, tmp_path / "grpc", epochs=1, seed=5)
+    local = splitlearn.train(plan, epochs=1, seed=5, out=tmp_path / "local")
+    assert net["transport"] == "grpc+mtls"
+    for party in load_plan(plan).parties:
+        a, b = weights(tmp_path / "grpc", party), weights(tmp_path / "local", party)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (party, k)
+    assert net["metrics"] == local["metrics"]
+    # the same messages of the same sizes crossed the network as the in-process queues
+    for party, p in net["parties"].items():
+        assert p["bytes_sent"] == local["parties"][party]["bytes_sent"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _party_cmd(plan, name, certs, ports, out, extra=()):
+    cmd = [sys.executable, "-m", "splitlearn", "party", str(plan), "--name", name, "--certs", str(certs),
+           "--listen", f"127.0.0.1:{ports[name]}", "--out", str(out), "-q", *extra]
+    for peer, port in ports.items():
+        if peer != name:
+            cmd += ["--peer", f"{peer}=127.0.0.1:{port}"]
+    return cmd
+
+
+def test_parties_started_in_reverse_order_still_train(tmp_path):
+    plan = EXAMPLES / "multi_hop.toml"
+    names = list(load_plan(plan).parties)
+    make_certs(names, tmp_path / "certs")
+    ports = {n: _free_port() for n in names}
+    procs = []
+    for n in reversed(names):  # the server first, the client last, with pauses between
+        procs.append(subprocess.Popen(_party_cmd(plan, n, tmp_path / "certs", ports, tmp_path / "out", ["--epochs", "1"]),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        time.sleep(1.0)
+    outs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(names), outs
+    report = json.loads((tmp_path / "out" / "parties" / "server" / "report.json").read_text())
+    local = splitlearn.train(plan, epochs=1)  # the start order changes nothing
+    assert report["metrics"]["digit"]["test_accuracy"][-1] == local["metrics"]["test_accuracy"]
+
+
+def test_killing_one_party_ends_the_others_with_an_error(tmp_path):
+    plan = EXAMPLES / "vanilla.toml"
+    names = list(load_plan(plan).parties)
+    make_certs(names, tmp_path / "certs")
+    ports = {n: _free_port() for n in names}
+    hospital = subprocess.Popen(_party_cmd(plan, "hospital", tmp_path / "certs", ports, tmp_path / "out",
+                                           ["--epochs", "500", "--progress"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = subprocess.Popen(_party_cmd(plan, "server", tmp_path / "certs", ports, tmp_path / "out", ["--epochs", "500"]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(20):  # training is under way
+        assert hospital.stdout.readline().startswith(b"step")
+    server.kill()
+    t0 = time.monotonic()
+    hospital.wait(timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert hospital.returncode == 1
+    error = json.loads((tmp_path / "out" / "parties" / "hospital" / "error.json").read_text())["error"]
+    assert "server" in error
+
+
+def test_run_exit_status_and_error_of_a_failed_party(tmp_path):
+    bad = tmp_path / "bad.toml"
+    # the server's file names a factory only its own process cannot build: the plan check in
+    # `run` catches it before any process starts
+    bad.write_text((EXAMPLES / "vanilla.toml").read_text().replace('zoo = "mlp"', 'factory = "nowhere.at_all:net"'))
+    r = subprocess.run([sys.executable, "-m", "splitlearn", "run", str(bad), "--out", str(tmp_path / "o"), "-q"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "cannot import module 'nowhere.at_all'" in r.stderr
+    assert not (tmp_path / "o" / "parties").exists()
+
+
+def test_failed_party_surfaces_through_launch(tmp_path, monkeypatch):
+    # a party whose data differs from the others' (a hash of the ids is compared at hello)
+    csv = tmp_path / "a.csv"
+    csv.write_text("id,f1,f2\n" + "".join(f"{i},{i % 3},{i % 5}\n" for i in range(40)))
+    other = tmp_path / "b.csv"
+    other.write_text("id,g1,y\n" + "".join(f"{i},{i % 7},{i % 2}\n" for i in range(1, 41)))
+    plan = tmp_path / "ids.toml"
+    plan.write_text(f"""
+name = "ids"
+[train]
+epochs = 1
+[parties.a]
+holds = {{ x = "x" }}
+source = {{ dataset = "csv", path = "{csv}", id_column = "id" }}
+[parties.b]
+holds = {{ x = "x", y = "y" }}
+source = {{ dataset = "csv", path = "{other}", id_column = "id", label_column = "y" }}
+[networks.ea]
+zoo = "mlp"
+args = {{ sizes = [2, 4], out_activation = true }}
+[networks.head]
+zoo = "mlp"
+args = {{ sizes = [5, 2] }}
+[segments.ea]
+party = "a"
+inputs = ["a.x"]
+network = "ea"
+[segments.head]
+party = "b"
+inputs = ["ea", "b.x"]
+network = "head"
+[losses.y]
+input = "head"
+target = "b.y"
+""")
+    from splitlearn.plan import PlanError
+
+    with pytest.raises(PlanError, match="hold different ids"):
+        launch(plan, tmp_path / "o")
+
+
+def test_ctrl_c_stops_every_party_process(tmp_path):
+    run = subprocess.Popen([sys.executable, "-m", "splitlearn", "run", str(EXAMPLES / "vanilla.toml"), "--epochs", "500",
+                            "--out", str(tmp_path / "o"), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           start_new_session=True)
+    log = tmp_path / "o" / "parties" / "server" / "party.log"
+    deadline = time.monotonic() + 60
+    while not log.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(5)  # the parties are connected and training
+    pattern = f"splitlearn party .*--out {tmp_path / 'o'}"
+    children = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2
+    os.kill(run.pid, signal.SIGINT)
+    run.wait(timeout=30)
+    assert run.returncode != 0
+    time.sleep(1)
+    alive = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True).stdout.split()
+    assert alive == []
+
+
+def test_who_dials_whom():
+    plan = load_plan(EXAMPLES / "multi_hop.toml")
+    assert connections(plan) == [("relay_1", "client"), ("server", "client"), ("relay_2", "relay_1"),
+                                 ("server", "relay_2")]
+    fw = plan.model_copy(update={"parties": {**plan.parties,
+                                             "client": plan.parties["client"].model_copy(update={"dial_out": True})}})
+    assert ("client", "relay_1") in connections(fw) and ("client", "server") in connections(fw)
