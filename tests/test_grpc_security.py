@@ -236,16 +236,31 @@ def test_peer_closing_ends_recv(hospital, certs, who_closes):
     clinic.close()
 
 
-def test_broken_stream_ends_recv(hospital, certs):
-    """The listener's server dies without saying goodbye: the dialer's recv fails at once."""
+@pytest.mark.parametrize("who_breaks", ["dialer", "listener"])
+def test_broken_stream_ends_recv(hospital, certs, who_breaks):
+    """One end drops the connection without saying goodbye: the other's pending recv fails at once."""
     clinic = dialer("clinic_a", hospital.port, load_credentials(certs, "clinic_a"))
     clinic.wait_connected(10)
-    waiting = ThreadPoolExecutor(1).submit(clinic.recv, 10)
-    time.sleep(0.1)
-    hospital._server.stop(grace=0)
-    with pytest.raises(TransportClosed, match="connection to 'hospital' lost"):
-        waiting.result(10)
+    # a second peer stays connected: a broken stream is reported anyway (a clean close would not be)
+    other = dialer("mallory", hospital.port, load_credentials(certs, "mallory"))
+    other.wait_connected(10)
+    victim, peer = (hospital, "clinic_a") if who_breaks == "dialer" else (clinic, "hospital")
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(victim.recv, 10)
+        time.sleep(0.1)
+        if who_breaks == "dialer":
+            clinic._channels["hospital"].close()  # cancels the stream
+        else:
+            hospital._server.stop(grace=0)
+        with pytest.raises(TransportClosed, match=f"connection to '{peer}' lost"):
+            waiting.result(10)
     clinic.close()
+    other.close()
+
+
+def test_port_in_use(hospital, certs):
+    with pytest.raises(TransportError, match="cannot listen"):
+        GrpcTransport("clinic_a", listen=f"127.0.0.1:{hospital.port}", accept=["hospital"]).start()
 
 
 def test_neighbour_leaving_cleanly_does_not_stop_the_rest(certs):

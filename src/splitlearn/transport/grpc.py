@@ -105,7 +105,8 @@ class GrpcTransport(Transport):
             self._pool = ThreadPoolExecutor(2 * len(self.accept) + 4, thread_name_prefix="sl-serve")
             self._server = grpc.server(self._pool, handlers=[handler], options=self._options() + [
                                            ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 3),
-                                           ("grpc.http2.max_ping_strikes", 0)])
+                                           ("grpc.http2.max_ping_strikes", 0),
+                                           ("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
             try:
                 if self.credentials is None:
                     self.port = self._server.add_insecure_port(self.listen)
@@ -114,9 +115,8 @@ class GrpcTransport(Transport):
                     self.port = self._server.add_secure_port(self.listen, grpc.ssl_server_credentials(
                         [(c.key, c.cert)], root_certificates=c.ca, require_client_auth=True))
             except RuntimeError as e:
+                self.close()
                 raise TransportError(f"{self.party}: cannot listen on {self.listen}: {e}") from None
-            if not self.port:
-                raise TransportError(f"{self.party}: cannot listen on {self.listen}")
             self._server.start()
         options = self._options() + [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
                                      ("grpc.max_reconnect_backoff_ms", 2000)]
@@ -230,8 +230,11 @@ class GrpcTransport(Transport):
                 header = dict(call.initial_metadata() or ()).get(PARTY_HEADER)
             finally:
                 timer.cancel()
-            if header == peer and self._attach(peer, out):
-                return self._pump(peer, out, call)
+            if header == peer:
+                if self._attach(peer, out):
+                    return self._pump(peer, out, call)
+                call.cancel()  # closing meanwhile
+                break
             call.cancel()
             out.put(_END)
             self._problem[peer] = (f"{addr} is party {header!r}, not {peer!r}" if header
