@@ -13,6 +13,9 @@ import torch
 from .data import batches
 from .engine import Party
 from .plan import DataSpec, Plan, PlanError, load_plan
+from safetensors.torch import save_file
+
+from .observe import Recorder
 from .results import build_result, load_weights, save_weights, write_json
 from .runner import Step, check_plan, prepare, run_parties, session, setup_party
 
@@ -33,19 +36,25 @@ def train(plan: Plan | str | Path | dict, *, epochs: int | None = None, seed: in
 def train_prepared(plan: Plan, setups: dict, shapes: dict, *, out: str | Path | None = None,
                    on_step: Callable[[Step], None] | None = None, timeout: float = 600.0) -> dict[str, Any]:
     """:func:`train` after :func:`~splitlearn.runner.prepare` (which checks the plan end to end)."""
-    reports = run_parties(setups, shapes, on_step=on_step, timeout=timeout)
+    observers = {p: Recorder(s.splits.ids) for p, s in setups.items()} if out is not None else None
+    reports = run_parties(setups, shapes, on_step=on_step, timeout=timeout, observers=observers)
     graph = next(iter(setups.values())).graph
     result = build_result(plan, graph, reports, {"transport": "in-process"})
     if out is not None:
-        save_run(Path(out), plan, result, {p: s.modules for p, s in setups.items()})
+        out = Path(out)
+        for party, s in setups.items():
+            save_party(out / "parties" / party, s.modules, observers[party])
+        write_json(out / "plan.json", plan.model_dump(mode="json"))
+        write_json(out / "result.json", result)
     return result
 
 
-def save_run(out: Path, plan: Plan, result: dict, modules: dict[str, dict]) -> None:
-    for party, mods in modules.items():
-        save_weights(out / "parties" / party / "weights.safetensors", mods)
-    write_json(out / "plan.json", plan.model_dump(mode="json"))
-    write_json(out / "result.json", result)
+def save_party(folder: Path, modules: dict, recorder: Recorder) -> None:
+    """A party's weights and what it saw on its wires (for ``splitlearn audit``), in its own folder."""
+    save_weights(folder / "weights.safetensors", modules)
+    seen = recorder.tensors()
+    if seen:
+        save_file(seen, str(folder / "observed.safetensors"))
 
 
 def predict_party(party: Party, steps: Iterator[Step], on_step: Callable | None = None,

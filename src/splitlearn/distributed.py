@@ -29,7 +29,9 @@ from .engine import Party
 from .graph import Graph, build_graph
 from .link import Link
 from .plan import Plan, PlanError
-from .results import build_result, save_weights, write_json
+from .api import save_party
+from .observe import Recorder
+from .results import build_result, write_json
 from .runner import PartyReport, RunError, Step, prepare, run_party, schedule, setup_party
 
 __all__ = ["connections", "run_one_party", "launch", "PartyFailed"]
@@ -103,12 +105,13 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
         transport.wait_connected(connect_timeout)
         party = Party(setup.graph, name, Link(transport), setup.modules, setup.optimizer, setup.inputs,
                       timeout=step_timeout)
+        recorder = party.observer = Recorder(setup.splits.ids)
         report = run_party(party, schedule(plan, setup.splits), on_step, ids_hash=setup.ids_hash)
     finally:
         transport.close()
     if out is not None:
         folder = Path(out) / "parties" / name
-        save_weights(folder / "weights.safetensors", setup.modules)
+        save_party(folder, setup.modules, recorder)
         write_json(folder / "report.json", report.__dict__)
     return report
 

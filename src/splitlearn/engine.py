@@ -21,8 +21,9 @@ which every later message is checked.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +118,13 @@ class Party:
                 self.encoders[(w.name, Kind.GRADIENT)] = get_codec(w.grad_codec)
         self.label_only = graph.label_inputs() & set(self.order)
         self._early: dict[int, list[Message]] = {}
+        self.stage_of = {n: s.index for s in self.stages for n in s.nodes}
+        # NoPeek compares a wire's activations with the raw inputs they were computed from
+        self.raw_inputs = {w.src: self._ancestors(w.src) for w in self.wires.values() if w.src_party == name}
+        self.num_classes = {n: int(data[n].max()) + 1 for n in self.order
+                            if self.nodes[n].kind == "input" and n in data and not data[n].is_floating_point()
+                            and data[n].numel()}
+        self.observer: Callable[[str, str, "_StepState", torch.Tensor], None] | None = None
         self.finished: set[str] = set()  # neighbours that said they are done
 
     # -- the step ---------------------------------------------------------------------------
@@ -190,7 +198,48 @@ class Party:
                 st.out.predictions[node.name] = out.detach()
                 st.out.targets[node.name] = target
         for w in self.sends_from.get(node.name, []):
-            self._send(Kind.ACTIVATION, w, st.step, st.values[node.name])
+            st.sent[w.name] = self._defend_forward(w, st)
+            self._send(Kind.ACTIVATION, w, st.step, st.sent[w.name])
+
+    # -- defenses (configured per wire; see splitlearn.privacy) -----------------------------
+
+    def _rng(self, step: int, wire: Wire, salt: int) -> torch.Generator:
+        """Reproducible noise: seeded by the plan seed, the step and the wire."""
+        key = f"{self.graph.plan.train.seed}/{step}/{wire.name}/{salt}".encode()
+        return torch.Generator().manual_seed(zlib.crc32(key))
+
+    def _defend_forward(self, w: Wire, st: "_StepState") -> torch.Tensor:
+        """What the sender puts on a wire: NoPeek adds a loss term; noise and randomized response change it."""
+        value, spec = st.values[w.src], w.spec
+        if st.mode == "handshake":
+            return value
+        if spec.nopeek and st.mode == "train":
+            from .privacy.nopeek import distance_correlation
+
+            raw = torch.cat([st.values[n].reshape(len(value), -1).float() for n in self.raw_inputs[w.src]], dim=1)
+            st.extra.setdefault(self.stage_of[w.src], []).append(spec.nopeek * distance_correlation(raw, value))
+        if spec.noise is not None:
+            from .privacy.noise import clip_and_noise
+
+            value = clip_and_noise(value, spec.noise.clip, spec.noise.sigma, self._rng(st.step, w, 1))
+        if spec.randomized_response is not None and st.mode == "train":
+            from .privacy.labels import randomized_response
+
+            classes = self.num_classes[w.src]
+            value = randomized_response(value, spec.randomized_response, classes, self._rng(st.step, w, 2))
+        return value
+
+    def _defend_backward(self, w: Wire, s: Stage, st: "_StepState", grad: torch.Tensor) -> torch.Tensor:
+        """What the label holder returns on a wire: the gradient, protected if the plan says so."""
+        lp = w.spec.label_protection
+        if lp is None or st.mode != "train":
+            return grad
+        from .privacy import labels as protect
+
+        if lp.kind == "max_norm":
+            return protect.max_norm(grad, self._rng(st.step, w, 3))
+        target = st.values[self.nodes[s.losses[0]].inputs[1]]
+        return protect.marvell(grad, target, lp.strength, self._rng(st.step, w, 3))
 
     def _stage_ready(self, s: Stage, st: "_StepState") -> bool:
         return (not any(n in st.todo for n in s.nodes)
@@ -201,10 +250,13 @@ class Party:
         for name in s.losses:
             roots.append(st.losses[name])
             grads.append(torch.tensor(self.graph.plan.losses[name].weight))
+        for term in st.extra.get(s.index, []):
+            roots.append(term)
+            grads.append(None)
         for w in s.sends:
             wire = self.wires[w]
             if wire.carries == "activation":
-                roots.append(st.values[wire.src])
+                roots.append(st.sent[w])
                 grads.append(st.grads[w])
         pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
         if pairs:
@@ -215,7 +267,7 @@ class Party:
             if wire.carries == "activation":
                 leaf = st.values[wire.src]
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                self._send(Kind.GRADIENT, wire, st.step, grad)
+                self._send(Kind.GRADIENT, wire, st.step, self._defend_backward(wire, s, st, grad))
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -268,6 +320,8 @@ class Party:
         except WireError as e:
             self.link.refuse(msg.sender, str(e), msg.step, msg.wire)
             return
+        if self.observer is not None and st.mode in ("train", "eval"):
+            self.observer(wire.name, "forward" if msg.kind == Kind.ACTIVATION else "backward", st, t)
         if msg.kind == Kind.ACTIVATION:
             if wire.src in st.values:
                 return  # duplicate
@@ -276,6 +330,17 @@ class Party:
             st.values[wire.src] = t
         else:
             st.grads.setdefault(wire.name, t)
+
+    def _ancestors(self, n: str) -> list[str]:
+        """The raw inputs of this party that ``n`` is computed from."""
+        node = self.nodes[n]
+        if node.kind == "input":
+            return [n]
+        out: list[str] = []
+        for d in node.inputs:
+            if self.nodes[d].party == self.name:
+                out += [a for a in self._ancestors(d) if a not in out]
+        return out
 
     def _waiting_on(self, st: "_StepState", stages: list[Stage]) -> set[str]:
         """Parties this step still needs a message from."""
@@ -294,7 +359,7 @@ class Party:
         if enc.codec != get_codec(want_codec).name:
             raise WireError(f"codec {enc.codec!r} where {want_codec!r} was agreed")
         if msg.kind == Kind.GRADIENT:
-            sent = st.values[wire.src]
+            sent = st.sent[wire.name]
             want_dtype, want_shape = dtype_name(sent.dtype), tuple(sent.shape)
         elif st.mode == "handshake":
             want_dtype, want_shape = enc.dtype, (1, *enc.shape[1:])
@@ -340,6 +405,8 @@ class _StepState:
     values: dict[str, torch.Tensor] = field(default_factory=dict)  # node -> tensor (local or received)
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> gradient of what we sent on it
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    sent: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> the tensor sent on it (after defenses)
+    extra: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage -> extra loss terms (NoPeek)
     out: StepOutput = field(default_factory=StepOutput)
 
 

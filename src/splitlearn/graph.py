@@ -19,7 +19,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .plan import Plan, PlanError
+from .plan import Plan, PlanError, WireSpec
 
 __all__ = ["Graph", "Node", "Wire", "Stage", "build_graph"]
 
@@ -42,6 +42,7 @@ class Wire:
     consumers: tuple[str, ...]  # nodes at dst_party that read it
     codec: str = "float32"  # forward
     grad_codec: str = "float32"  # backward (activation wires only)
+    spec: WireSpec = field(default_factory=WireSpec)  # defenses and codecs as the plan gives them
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,12 @@ def _stages(g: Graph) -> list[Stage]:
     return stages
 
 
+def _feeds_local_loss(nodes: dict[str, Node], start: str, party: str) -> bool:
+    """Whether ``start`` leads, inside ``party``, to a loss."""
+    users = [n for n in nodes.values() if start in n.inputs and n.party == party]
+    return any(u.kind == "loss" or _feeds_local_loss(nodes, u.name, party) for u in users)
+
+
 def build_graph(plan: Plan) -> Graph:
     """Check the plan's structure and derive its wires and stages. Raises :class:`PlanError`."""
     nodes: dict[str, Node] = {}
@@ -218,12 +225,23 @@ def build_graph(plan: Plan) -> Graph:
                 consumers.setdefault((d, nodes[n].party), []).append(n)
     wires = []
     for (src, dst_party), users in consumers.items():
-        spec = plan.wires.get(src)
+        spec = plan.wires.get(src) or WireSpec()
         carries = "label" if nodes[src].kind == "input" else "activation"
+        entry = f"wires.{src}"
+        if carries == "label" and (spec.nopeek or spec.noise or spec.label_protection or spec.codec != "float32"):
+            raise PlanError(f"{src!r} is a label wire: only randomized_response applies to it", entry=entry,
+                            hint="labels travel exactly; put codecs and activation defenses on activation wires")
+        if carries == "activation" and spec.randomized_response is not None:
+            raise PlanError(f"randomized_response applies to label wires, and {src!r} carries activations", entry=entry,
+                            hint="set it on the wire of the labels, e.g. [wires.\"hospital.y\"]")
+        if spec.label_protection is not None and not any(
+                nodes[u].kind == "loss" or _feeds_local_loss(nodes, u, dst_party) for u in users):
+            raise PlanError(f"label_protection on {src!r}: party {dst_party!r} computes no loss from it, so it holds "
+                            "no labels to protect", entry=f"{entry}.label_protection",
+                            hint="protect the wire whose gradients the label holder returns")
         wires.append(Wire(name=f"{src}->{'+'.join(users)}", src=src, src_party=nodes[src].party, dst_party=dst_party,
                           carries=carries, consumers=tuple(users),
-                          codec="raw" if carries == "label" else (spec.codec if spec else "float32"),
-                          grad_codec=spec.grad_codec if spec else "float32"))
+                          codec="raw" if carries == "label" else spec.codec, grad_codec=spec.grad_codec, spec=spec))
     for key in plan.wires:
         if not any(w.src == key for w in wires):
             raise PlanError(f"no wire leaves {key!r}", entry=f"wires.{key}",

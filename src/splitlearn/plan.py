@@ -150,11 +150,38 @@ class LossSpec(_Strict):
     weight: float = Field(1.0, gt=0.0)
 
 
+class NoiseSpec(_Strict):
+    """Per-sample L2 clipping of the activations to ``clip``, then Gaussian noise of std ``sigma * clip``."""
+
+    clip: float = Field(gt=0.0)
+    sigma: float = Field(ge=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+
+
+class LabelProtectionSpec(_Strict):
+    """Noise the label holder adds to the gradients it returns (see :mod:`splitlearn.privacy.labels`)."""
+
+    kind: Literal["marvell", "max_norm"] = "marvell"
+    strength: float = Field(1.0, ge=0.0)
+
+
 class WireSpec(_Strict):
     """Per-wire settings; the wire is named by its source node (segment or ``party.field``)."""
 
-    codec: str = "float32"
-    grad_codec: str = "float32"
+    codec: str = "float32"  # forward
+    grad_codec: str = "float32"  # backward
+    nopeek: float = Field(0.0, ge=0.0)  # sender adds nopeek * dCor(its raw inputs, the activations) to its loss
+    noise: NoiseSpec | None = None  # sender clips and noises the activations it sends
+    label_protection: LabelProtectionSpec | None = None  # receiver protects the gradients it returns
+    randomized_response: float | None = Field(None, gt=0.0)  # label wires: epsilon of label DP (training only)
+
+    @field_validator("codec", "grad_codec")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        from .codec import get_codec
+
+        get_codec(v)  # raises ValueError naming the known codecs
+        return v
 
 
 class TrainSpec(_Strict):

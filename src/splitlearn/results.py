@@ -48,7 +48,8 @@ def build_result(plan: Plan, graph: Graph, reports: dict, extra: dict[str, Any] 
         "wires": [{"name": w.name, "src": w.src_party, "dst": w.dst_party, "carries": w.carries,
                    "codec": w.codec, **({"grad_codec": w.grad_codec} if w.carries == "activation" else {})}
                   for w in graph.wires],
-        "parties": {name: {**rep.meter, "refused": rep.refused} for name, rep in reports.items()},
+        "parties": {name: {**rep.meter, "refused": rep.refused, **({"privacy": rep.privacy} if rep.privacy else {})}
+                    for name, rep in reports.items()},
     }
     result.update(extra or {})
     return result

@@ -186,6 +186,7 @@ class PartyReport:
     metrics: dict[str, dict] = field(default_factory=dict)  # loss name -> per-epoch history
     meter: dict = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
+    privacy: dict[str, dict] = field(default_factory=dict)  # wire -> epsilon spent by its noise
 
 
 @dataclass
@@ -288,7 +289,7 @@ def run_party(party: Party, steps: Iterator[Step], on_step: Callable[[Step], Non
     """Run a party through the schedule; collect the metrics of the losses it computes."""
     metrics = _Metrics(party)
     epoch = None
-    timing = {"train_s": 0.0, "train_samples": 0}
+    timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0}
     with session(party, ids_hash):
         for step in steps:
             if epoch is not None and step.epoch != epoch:
@@ -299,11 +300,32 @@ def run_party(party: Party, steps: Iterator[Step], on_step: Callable[[Step], Non
             if step.mode == "train":
                 timing["train_s"] += time.perf_counter() - t0
                 timing["train_samples"] += len(step.rows)
+                timing["train_steps"] += 1
             metrics.add(step, out)
             if on_step is not None:
                 on_step(step)
     metrics.close_epoch()
-    return PartyReport(party.name, metrics.hist, {**party.meter.summary(), **timing}, list(party.link.refused))
+    report = PartyReport(party.name, metrics.hist, {**party.meter.summary(), **timing}, list(party.link.refused))
+    report.privacy = privacy_spent(party, timing["train_samples"], timing["train_steps"])
+    return report
+
+
+def privacy_spent(party: Party, samples: int, steps: int) -> dict[str, dict]:
+    """(epsilon, delta) of the Gaussian noise on each wire this party sends, after ``steps`` steps."""
+    out = {}
+    epochs = party.graph.plan.train.epochs
+    for w in party.wires.values():
+        noise = w.spec.noise
+        if w.src_party != party.name or noise is None or not steps:
+            continue
+        from .privacy.noise import PrivacyAccountant
+
+        per_epoch = samples / epochs
+        acc = PrivacyAccountant(noise.sigma, min(1.0, party.graph.plan.train.batch_size / per_epoch), noise.delta)
+        acc.step(steps)
+        out[w.name] = {"epsilon": acc.epsilon(), "delta": noise.delta, "sigma": noise.sigma, "clip": noise.clip,
+                       "steps": steps, "accountant": acc.backend}
+    return out
 
 
 # -- in-process simulation -------------------------------------------------------------------
@@ -325,7 +347,8 @@ def prepare(plan: Plan | str | Path, *, epochs: int | None = None, seed: int | N
 
 def run_parties(setups: dict[str, PartySetup], shapes: dict, on_step: Callable[[Step], None] | None = None,
                 timeout: float = 600.0, steps: Callable[[PartySetup], Iterator[Step]] | None = None,
-                job: Callable[..., object] | None = None, predicting: bool = False) -> dict[str, object]:
+                job: Callable[..., object] | None = None, predicting: bool = False,
+                observers: dict[str, Callable] | None = None) -> dict[str, object]:
     """Run every party in a thread of this process over the in-process transport."""
     first = next(iter(setups.values()))
     graph = first.graph
@@ -337,6 +360,8 @@ def run_parties(setups: dict[str, PartySetup], shapes: dict, on_step: Callable[[
     parties = {name: Party(graph, name, Link(hub.transport(name)), s.modules, s.optimizer, s.inputs, dict(shapes),
                            timeout, predicting) for name, s in setups.items()}
     job = job or run_party
+    for name, obs in (observers or {}).items():
+        parties[name].observer = obs
 
     def work(name: str) -> None:
         try:

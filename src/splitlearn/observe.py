@@ -1,0 +1,51 @@
+"""What a party saw on its wires, kept for the leakage audit.
+
+A :class:`Recorder` is attached to a party (``party.observer``) and keeps, per wire and
+direction, the tensors the party *received* during training together with the sample ids
+they belong to: the first ``max_rows`` rows of the run (early gradients leak labels most)
+and the last ``max_rows`` (the trained model's smashed data). Nothing else is kept.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+
+__all__ = ["Recorder"]
+
+
+class Recorder:
+    def __init__(self, ids: np.ndarray, max_rows: int = 4096):
+        self.ids, self.max_rows = ids, max_rows
+        self.first: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.last: dict[tuple[str, str], deque] = {}
+        self._count: dict[tuple[str, str], int] = {}
+
+    def __call__(self, wire: str, direction: str, st, t: torch.Tensor) -> None:
+        if st.mode != "train":
+            return
+        key = (wire, direction)
+        rows = torch.as_tensor(self.ids[st.rows.numpy()])
+        t = t.detach().clone()
+        seen = self._count.get(key, 0)
+        if seen < self.max_rows:
+            self.first.setdefault(key, []).append((rows, t))
+        self._count[key] = seen + len(rows)
+        last = self.last.setdefault(key, deque())
+        last.append((rows, t))
+        while sum(len(r) for r, _ in last) - len(last[0][0]) >= self.max_rows:
+            last.popleft()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``WIRE|DIRECTION|first|values`` / ``...|ids`` (and ``last``), ready for safetensors."""
+        out: dict[str, torch.Tensor] = {}
+        for part, store in (("first", self.first), ("last", self.last)):
+            keep = slice(-self.max_rows, None) if part == "last" else slice(0, self.max_rows)
+            for (wire, direction), chunks in store.items():
+                values = torch.cat([t for _, t in chunks])[keep]
+                ids = torch.cat([r for r, _ in chunks])[keep]
+                out[f"{wire}|{direction}|{part}|values"] = values.contiguous()
+                out[f"{wire}|{direction}|{part}|ids"] = ids.to(torch.int64).contiguous()
+        return out
