@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from _md import write_section
 from splitlearn.distributed import launch
 from splitlearn.models import build_segment
 from splitlearn.runner import prepare, schedule
@@ -67,7 +68,6 @@ def split_figures(plan_path: Path, epochs: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--epochs", type=int, default=None, help="override the benchmark plans' epochs")
-    ap.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
     args = ap.parse_args()
     rows = []
     for label, path in PLANS.items():
@@ -81,13 +81,10 @@ def main() -> None:
         print(f"{label}: split {split['samples_per_s']:.0f}/s, unsplit {unsplit:.0f}/s, "
               f"ratio {split['samples_per_s'] / unsplit:.3f}, framing {100 * overhead:.3f}%")
     lines = [
-        "# Benchmarks",
-        "",
-        "Produced by `.venv/bin/python bench/run.py` (one run; figures are ratios against a reference",
-        "measured in the same run). Machine: " + f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"Python {platform.python_version()}, torch {torch.__version__}.",
-        "",
         "## Split training over loopback gRPC with mutual TLS vs. unsplit training in one process",
+        "",
+        "Written by `.venv/bin/python bench/run.py`. Machine: " + f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"Python {platform.python_version()}, torch {torch.__version__}.",
         "",
         "Vanilla plan (hospital: bottom + labels; server: top + loss), one operating-system process per",
         "party, TLS with throw-away certificates, identity codec. *Unsplit*: the same bottom and top",
@@ -107,8 +104,8 @@ def main() -> None:
               "ratio is low; for the CNN the computation dominates. Split training can come out faster than",
               "unsplit because the two processes overlap a little (the server's optimizer step runs while the",
               "hospital finishes its backward pass), and each process keeps its own allocator caches.", ""]
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    write_section("network", "\n".join(lines))
+    print("wrote the network section of BENCHMARKS.md")
 
 
 if __name__ == "__main__":
