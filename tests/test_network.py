@@ -176,3 +176,19 @@ def test_who_dials_whom():
     fw = plan.model_copy(update={"parties": {**plan.parties,
                                              "client": plan.parties["client"].model_copy(update={"dial_out": True})}})
     assert ("client", "relay_1") in connections(fw) and ("client", "server") in connections(fw)
+
+
+def test_hospital_behind_a_firewall_dials_out(tmp_path):
+    """--dial-out makes the hospital dial the server, which only listens; training completes."""
+    plan = EXAMPLES / "vanilla.toml"
+    make_certs(["hospital", "server"], tmp_path / "certs")
+    port = _free_port()
+    common = ["--certs", str(tmp_path / "certs"), "--out", str(tmp_path / "out"), "--epochs", "1", "-q",
+              "--dial-out", "hospital"]
+    server = subprocess.Popen([sys.executable, "-m", "splitlearn", "party", str(plan), "--name", "server",
+                               "--listen", f"127.0.0.1:{port}", *common], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    hospital = subprocess.Popen([sys.executable, "-m", "splitlearn", "party", str(plan), "--name", "hospital",
+                                 "--peer", f"server=127.0.0.1:{port}", *common], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)  # no --listen: it never listens
+    outs = [p.communicate(timeout=120)[0].decode() for p in (server, hospital)]
+    assert (server.returncode, hospital.returncode) == (0, 0), outs

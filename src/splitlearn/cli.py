@@ -117,6 +117,8 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
           certs: Optional[Path] = typer.Option(None, help="folder from 'splitlearn certs' (CA + this party's key)"),
           listen: Optional[str] = typer.Option(None, help="HOST:PORT to listen on (default: the plan's address)"),
           peer: list[str] = typer.Option([], help="NAME=HOST:PORT of a party to dial (repeatable)"),
+          dial_out: list[str] = typer.Option([], "--dial-out", help="party that only dials out, e.g. behind a "
+                                             "firewall (repeatable; give every party the same list)"),
           out: Optional[Path] = typer.Option(None, help="folder for this party's weights and report"),
           epochs: Optional[int] = typer.Option(None, min=1), seed: Optional[int] = typer.Option(None),
           insecure: bool = typer.Option(False, "--insecure", help="no TLS (explicit opt-in; a warning is printed)"),
@@ -140,7 +142,7 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
     try:
         report = run_one_party(plan, name, certs=None if insecure else certs, listen=listen, peers=_peers(peer),
                                out=out, epochs=epochs, seed=seed, connect_timeout=connect_timeout,
-                               step_timeout=step_timeout, on_step=on_step if progress else None)
+                               step_timeout=step_timeout, on_step=on_step if progress else None, dial_out=dial_out)
     except Exception as e:  # noqa: BLE001 - every failure of a party is reported the same way
         text = str(e) if isinstance(e, (PlanError, RunError, RuntimeError, OSError, ValueError)) else repr(e)
         if out is not None:

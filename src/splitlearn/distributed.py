@@ -58,6 +58,18 @@ def connections(plan: Plan, graph: Graph | None = None) -> list[tuple[str, str]]
     return out
 
 
+def with_dial_out(plan: Plan, names: list[str]) -> Plan:
+    """The plan with these parties marked ``dial_out`` (give every party the same list)."""
+    unknown = set(names) - set(plan.parties)
+    if unknown:
+        raise PlanError(f"--dial-out names unknown parties {sorted(unknown)}", hint=f"parties are {sorted(plan.parties)}")
+    parties = {n: (p.model_copy(update={"dial_out": True}) if n in names else p) for n, p in plan.parties.items()}
+    src = plan._source
+    plan = plan.model_copy(update={"parties": parties})
+    plan._source = src
+    return plan
+
+
 @dataclass
 class Endpoints:
     listen: str | None
@@ -90,12 +102,14 @@ def endpoints(plan: Plan, name: str, listen: str | None, peers: dict[str, str]) 
 def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, listen: str | None = None,
                   peers: dict[str, str] | None = None, out: Path | None = None, epochs: int | None = None,
                   seed: int | None = None, connect_timeout: float = 60.0, step_timeout: float = 120.0,
-                  on_step=None) -> PartyReport:
+                  on_step=None, dial_out: list[str] = ()) -> PartyReport:
     """Run party ``name`` of the plan in this process, over gRPC. ``certs=None`` means insecure."""
     from .transport.grpc import GrpcTransport
     from .transport.tls import load_credentials
 
     plan, setup = _own_setup(plan_path, name, epochs, seed)
+    if dial_out:
+        plan = with_dial_out(plan, dial_out)
     ends = endpoints(plan, name, listen, peers or {})
     creds = load_credentials(certs, name) if certs is not None else None
     transport = GrpcTransport(name, listen=ends.listen, dial=ends.dial, accept=ends.accept, credentials=creds,
