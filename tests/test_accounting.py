@@ -1,7 +1,9 @@
 """Bytes on each wire are exactly what the codec produced plus the stated protobuf framing."""
 
+import tomllib
 from itertools import islice
 
+import pytest
 import torch
 
 from splitlearn.codec import get_codec
@@ -78,3 +80,18 @@ def test_u_shaped_client_has_two_stages():
     g = build_graph(load_plan(EXAMPLES / "u_shaped.toml"))
     stages = g.stages_of("hospital")
     assert sorted(set(s.nodes) for s in stages) == sorted([{"hospital.x", "bottom"}, {"head", "digit", "hospital.y"}])
+
+
+@pytest.mark.parametrize("codec,per_step", [("int8", 32 * 128 + 8), ("float16", 32 * 128 * 2),
+                                            ("topk:0.1", 410 * 8)])
+def test_wire_codecs_change_the_bytes_actually_sent(codec, per_step):
+    plan = tomllib.loads((EXAMPLES / "vanilla.toml").read_text())
+    plan["wires"] = {"bottom": {"codec": codec, "grad_codec": codec}}
+    plan, setups, shapes = prepare(plan, epochs=1)
+    steps = list(islice(schedule(plan, setups["hospital"].splits), 3))
+    reports = run_parties(setups, shapes, steps=lambda _s: iter(steps))
+    fwd = {(r["wire"], r["direction"]): r for r in reports["hospital"].meter["sent"]}[("bottom->top", "forward")]
+    handshake = get_codec(codec).encode(torch.zeros(1, 128)).nbytes  # one row, same codec
+    assert fwd["payload"] == 3 * per_step + handshake
+    back = {(r["wire"], r["direction"]): r for r in reports["server"].meter["sent"]}[("bottom->top", "backward")]
+    assert back["payload"] == 3 * per_step

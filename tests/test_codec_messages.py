@@ -77,3 +77,32 @@ def test_disallowed_dtype_and_lying_shape_are_refused():
         from_bytes(b"", "float32", (1 << 20, 1 << 20))
     with pytest.raises(WireError, match="exceeds the limit"):
         decode(b"\x00" * 100, max_bytes=10)
+
+
+def test_int8_per_channel_is_tighter_on_channels_of_different_scales():
+    t = torch.randn(16, 4, 5, 5) * torch.tensor([0.01, 1.0, 10.0, 100.0]).reshape(1, 4, 1, 1)
+    per_tensor, per_channel = get_codec("int8"), get_codec("int8:channel")
+    e = per_channel.encode(t)
+    assert e.nbytes == t.numel() + 8 * 4
+    back = per_channel.decode(e)
+    for c in range(4):
+        step = (t[:, c].max() - t[:, c].min()) / 255
+        assert (back[:, c] - t[:, c]).abs().max() <= step / 2 + 1e-4
+    assert (back[:, 0] - t[:, 0]).abs().max() < (per_tensor.decode(per_tensor.encode(t))[:, 0] - t[:, 0]).abs().max()
+
+
+def test_topk_error_feedback_sends_what_it_left_out_later():
+    sender, receiver = get_codec("topk:0.25:ef"), get_codec("topk:0.25:ef")
+    t = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    first = receiver.decode(sender.encode(t))
+    assert first.tolist() == [[4.0, 0.0, 0.0, 0.0]]
+    second = receiver.decode(sender.encode(torch.zeros(1, 4)))
+    assert second.tolist() == [[0.0, 3.0, 0.0, 0.0]]  # the largest of what was left out
+    total = first + second + sum(receiver.decode(sender.encode(torch.zeros(1, 4))) for _ in range(2))
+    assert torch.equal(total, t)  # after four sends everything arrived
+
+
+@pytest.mark.parametrize("bad", ["topk:2", "topk:x", "topk:0.1:zz", "int9", "gzip"])
+def test_bad_codec_names(bad):
+    with pytest.raises(ValueError):
+        get_codec(bad)

@@ -12,7 +12,9 @@ name           sends                                          bytes per element
 ``float16``    float16                                        2
 ``bfloat16``   bfloat16                                       2
 ``int8``       affine 8-bit quantisation, one scale/tensor    1 (+ 8 per tensor)
+``int8:channel`` the same with one scale per channel (dim 1)  1 (+ 8 per channel)
 ``topk:F``     the largest fraction F of entries by size      4 + 4 per kept entry
+``topk:F:ef``  the same, with error feedback at the sender    4 + 4 per kept entry
 =============  ============================================  ==========================
 """
 
@@ -125,43 +127,71 @@ class BFloat16(Codec):
 
 
 class Int8(Codec):
-    """Affine quantisation to 256 levels between the tensor's min and max.
+    """Affine quantisation to 256 levels between the min and max of the tensor (``int8``) or of
+    each channel, the second dimension (``int8:channel``).
 
-    Error bound: ``|x - decode(encode(x))| <= (max - min) / 255 / 2`` per element.
+    Error bound: ``|x - decode(encode(x))| <= (max - min) / 255 / 2`` per element, with the
+    min and max of the tensor or of the element's channel.
     """
 
-    name = "int8"
+    def __init__(self, per_channel: bool = False):
+        self.per_channel = per_channel
+        self.name = "int8:channel" if per_channel else "int8"
+
+    def _ranges(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.per_channel and x.dim() >= 2:
+            flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+            lo, hi = flat.min(1).values, flat.max(1).values
+        else:
+            lo, hi = (x.min(), x.max()) if x.numel() else (torch.tensor(0.0), torch.tensor(0.0))
+            lo, hi = lo.reshape(1), hi.reshape(1)
+        return lo, torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi))
+
+    def _view(self, v: torch.Tensor, x_dim: int) -> torch.Tensor:
+        return v.reshape(1, -1, *([1] * (x_dim - 2))) if self.per_channel and x_dim >= 2 else v
 
     def encode(self, t: torch.Tensor) -> Encoded:
         x = t.detach().float()
-        lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0.0, 0.0)
-        scale = (hi - lo) / 255 or 1.0
-        q = torch.round((x - lo) / scale).clamp_(0, 255).to(torch.uint8)
-        params = np.array([lo, scale], dtype="<f4").tobytes()
+        lo, scale = self._ranges(x)
+        q = torch.round((x - self._view(lo, x.dim())) / self._view(scale, x.dim())).clamp_(0, 255).to(torch.uint8)
+        params = torch.stack([lo, scale], dim=1).numpy().astype("<f4").tobytes()
         return Encoded(self.name, dtype_name(t.dtype), tuple(t.shape), to_bytes(q), {"affine": params})
 
     def decode(self, e: Encoded) -> torch.Tensor:
-        if len(e.extra.get("affine", b"")) != 8:
-            raise WireError("int8 tensor without its 8-byte affine parameters")
-        lo, scale = np.frombuffer(e.extra["affine"], dtype="<f4").tolist()
+        channels = e.shape[1] if self.per_channel and len(e.shape) >= 2 else 1
+        if len(e.extra.get("affine", b"")) != 8 * channels:
+            raise WireError(f"{self.name} tensor without its {8 * channels}-byte affine parameters")
+        params = torch.from_numpy(np.frombuffer(e.extra["affine"], dtype="<f4").reshape(channels, 2).copy())
         q = from_bytes(e.data, "uint8", e.shape)
+        lo, scale = self._view(params[:, 0], len(e.shape)), self._view(params[:, 1], len(e.shape))
         return (q.float() * scale + lo).to(DTYPES[e.dtype][0])
 
 
 class TopK(Codec):
-    """Keep the ``fraction`` of entries largest in magnitude (at least one); the rest are zero."""
+    """Keep the ``fraction`` of entries largest in magnitude (at least one); the rest are zero.
 
-    def __init__(self, fraction: float):
+    With error feedback (``topk:F:ef``) the sender adds what it left out last time to the next
+    tensor of the same shape, so nothing is lost for good (Stich et al., 2018).
+    """
+
+    def __init__(self, fraction: float, error_feedback: bool = False):
         if not 0 < fraction <= 1:
             raise ValueError(f"top-k fraction must be in (0, 1], got {fraction}")
-        self.fraction, self.name = fraction, f"topk:{fraction:g}"
+        self.fraction, self.error_feedback = fraction, error_feedback
+        self.name = f"topk:{fraction:g}" + (":ef" if error_feedback else "")
+        self.residual: torch.Tensor | None = None
 
     def k(self, numel: int) -> int:
         return max(1, int(math.ceil(self.fraction * numel))) if numel else 0
 
     def encode(self, t: torch.Tensor) -> Encoded:
         flat = t.detach().float().reshape(-1)
+        if self.error_feedback and self.residual is not None and self.residual.shape == flat.shape:
+            flat = flat + self.residual
         idx = torch.topk(flat.abs(), self.k(flat.numel()), sorted=False).indices.sort().values
+        if self.error_feedback:
+            self.residual = flat.clone()
+            self.residual[idx] = 0
         return Encoded(self.name, dtype_name(t.dtype), tuple(t.shape), to_bytes(flat[idx]),
                        {"indices": to_bytes(idx.to(torch.int32))})
 
@@ -176,16 +206,23 @@ class TopK(Codec):
         return out.reshape(e.shape).to(DTYPES[e.dtype][0])
 
 
-CODECS = {c.name: c for c in (Codec, Float32, Float16, BFloat16, Int8)}
+CODECS = {c.name: c for c in (Codec, Float32, Float16, BFloat16)}
 
 
 def get_codec(name: str) -> Codec:
-    """A codec instance by name (``float32``, ``float16``, ``bfloat16``, ``int8``, ``topk:0.1``, ``raw``)."""
+    """A codec instance by name: ``float32``, ``float16``, ``bfloat16``, ``int8``, ``int8:channel``,
+    ``topk:0.1`` (``topk:0.1:ef`` with error feedback) or ``raw``."""
+    if name in ("int8", "int8:channel"):
+        return Int8(per_channel=name.endswith("channel"))
     if name.startswith("topk:"):
+        parts = name.split(":")
         try:
-            return TopK(float(name.split(":", 1)[1]))
+            if len(parts) > 3 or (len(parts) == 3 and parts[2] != "ef"):
+                raise ValueError("expected topk:FRACTION or topk:FRACTION:ef")
+            return TopK(float(parts[1]), error_feedback=len(parts) == 3)
         except ValueError as e:
             raise ValueError(f"bad top-k codec {name!r}: {e}") from None
     if name not in CODECS:
-        raise ValueError(f"unknown codec {name!r}; choose one of {sorted(CODECS)} or 'topk:FRACTION'")
+        raise ValueError(f"unknown codec {name!r}; choose one of {sorted(CODECS) + ['int8', 'int8:channel']} "
+                         "or 'topk:FRACTION[:ef]'")
     return CODECS[name]()
