@@ -24,3 +24,8 @@ def two_inputs(width: int = 16) -> nn.Module:
 
 def not_a_module():
     return "nope"
+
+
+def bn_mlp(width: int = 64) -> nn.Sequential:
+    """Batch norm and dropout: they must act as in training only when training."""
+    return nn.Sequential(nn.Linear(64, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(0.5), nn.Linear(width, 10))

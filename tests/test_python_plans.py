@@ -60,3 +60,18 @@ def test_module_merge_passes_inputs_as_arguments():
     result = splitlearn.train(plan)
     assert result["metrics"]["test_accuracy"] > 0.9
     assert [w["name"] for w in result["wires"]] == ["ea->head"]
+
+
+def test_batch_norm_and_dropout_switch_off_outside_training(tmp_path):
+    plan = python_plan(factory="tests.factories:bn_mlp", args={"width": 64})
+    plan["segments"]["bottom"]["layers"] = [0, 3]  # Linear, BatchNorm, ReLU | Dropout, Linear
+    plan["segments"]["top"]["layers"] = [3, 5]
+    result = splitlearn.train(plan, out=tmp_path / "run")
+    assert result["metrics"]["test_accuracy"] > 0.85
+    from safetensors.torch import load_file
+
+    before = load_file(str(tmp_path / "run" / "parties" / "phone" / "weights.safetensors"))
+    assert before["bottom.1.num_batches_tracked"].item() == 3 * 45  # training steps only, not eval steps
+    a = splitlearn.predict(tmp_path / "run", write=False)["digit"]["outputs"]
+    b = splitlearn.predict(tmp_path / "run", write=False)["digit"]["outputs"]
+    assert torch.equal(a, b)  # no dropout at prediction

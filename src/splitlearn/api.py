@@ -91,8 +91,6 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
             if not path.is_file():
                 raise PlanError(f"no weights for party {p!r} at {path}", file=run_dir, hint="train with --out first")
             load_weights(path, s.modules)
-        for m in s.modules.values():
-            m.eval()
     shapes = check_plan(setups)
     first = next(iter(setups.values()))
     rows = first.splits.test if spec is None else np.arange(len(first.splits.ids))

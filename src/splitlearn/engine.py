@@ -137,6 +137,8 @@ class Party:
         st = _StepState(step, rows, mode, skip_labels=mode == "predict" or (mode == "handshake" and self.predicting))
         st.todo = [n for n in self.order if not (st.skip_labels and n in self.label_only)]
         stages = list(self.stages) if train else []
+        for m in self.modules.values():
+            m.train(train)  # batch norm and dropout behave as in training only when training
         if train and self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         with torch.set_grad_enabled(train):
