@@ -80,3 +80,15 @@ def test_bad_plan_is_a_clear_error_not_a_traceback(tmp_path):
     assert r.exit_code == 2
     assert "unknown segment 'botom'" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_cost_command_prints_ours_beside_the_seed():
+    r = runner.invoke(app, ["cost", "--model", "vgg16", "--dataset", "cifar10", "--clients", "100,500", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert 0.1548 / 29.4 / 1.5 < res["split_over_fedavg_flops"]["100"] < 0.1548 / 29.4 * 1.5  # the seed's ratio
+    split = {row["clients"]: row for row in res["rows"] if row["method"] == "split"}
+    assert abs(split[100]["gb"] / split[500]["gb"] - 5.0) < 0.01
+    assert res["assumptions"]
+    bad = runner.invoke(app, ["cost", "--clients", "ten"])
+    assert bad.exit_code == 2 and "expected positive integers" in bad.output

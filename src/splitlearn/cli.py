@@ -216,6 +216,138 @@ def predict(run_dir: Path = typer.Argument(..., help="the --out folder of a fini
         console.print(f"task [cyan]{task}[/]: {len(r['ids'])} predictions delivered to [bold]{r['party']}[/] ({path})")
 
 
+@app.command()
+def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'splitlearn run'), or a plan file with --sweep"),
+          sweep: Optional[str] = typer.Option(None, "--sweep", help="PARAM=V1,V2,...: train the plan once per value "
+                                              "and audit each run (nopeek.alpha, noise.sigma, label_protection.strength)"),
+          wire: Optional[str] = typer.Option(None, help="wire to set in a sweep (name or source node, or 'all'); "
+                                             "default: the first wire the setting applies to"),
+          out: Optional[Path] = typer.Option(None, help="sweep: folder for the runs, sweep.json/.md/.png (default "
+                                             "runs/sweep); run: also copy the audit there"),
+          aux_fraction: float = typer.Option(0.1, help="share of the recorded rows the inversion attacker knows"),
+          epochs: Optional[int] = typer.Option(None, min=1, help="sweep: training epochs (default: the plan's)"),
+          decoder_epochs: int = typer.Option(200, min=1, help="training epochs of the inversion decoder"),
+          seed: int = typer.Option(0, help="seed of the attacks")) -> None:
+    """Audit what each party of a finished run could learn (distance correlation, model inversion,
+    label leakage); or, with --sweep, train a plan at several strengths of a defense and tabulate
+    accuracy against leakage."""
+    import shutil
+
+    from .audit import AuditError, audit_run, parse_sweep
+    from .audit import sweep as do_sweep
+    from .runner import RunError
+
+    def num(v) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    if not 0 < aux_fraction < 1:
+        _fail(f"--aux-fraction must be between 0 and 1 (exclusive), got {aux_fraction}")
+    try:
+        if sweep is None:
+            if target.is_file():
+                _fail(f"{target} is a plan file: give --sweep PARAM=V1,V2,... to train and audit it, or give the "
+                      "--out folder of a finished run")
+            if epochs is not None:
+                _fail("--epochs sets the training epochs of a --sweep; for the inversion decoder use --decoder-epochs")
+            if wire is not None:
+                _fail("--wire chooses the wire a --sweep sets; a run's audit covers every wire")
+            result = audit_run(target, aux_fraction=aux_fraction, seed=seed, epochs=decoder_epochs)
+        else:
+            if target.is_dir():
+                _fail(f"{target} is a folder: --sweep trains a plan, give the plan file (.toml)")
+            param, values = parse_sweep(sweep)
+            dest = out or Path("runs/sweep")
+            result = do_sweep(target, param, values, dest, wire=wire, epochs=epochs, aux_fraction=aux_fraction,
+                              seed=seed, decoder_epochs=decoder_epochs,
+                              progress=lambda text: console.print(f"[dim]{text}[/]", highlight=False))
+    except (AuditError, PlanError) as e:
+        _fail(str(e))
+    except RunError as e:
+        _fail(str(e), code=1)
+
+    if sweep is not None:
+        from .audit.sweep import FIGURES
+
+        keys = [k for k in FIGURES if any(r.get(k) is not None for r in result["rows"])]
+        table = Table(title=f"{result['param']} on {', '.join(result['wires'])} ({result['plan']}, "
+                            f"{result['epochs']} epochs)")
+        for col in ("value", "test accuracy", *(FIGURES[k] for k in keys)):
+            table.add_column(col, justify="right")
+        for r in result["rows"]:
+            table.add_row(f"{r['value']:g}", num(r["test_accuracy"]), *(num(r.get(k)) for k in keys))
+        console.print(table)
+        if len(result["wires"]) > 1:
+            console.print("leakage figures: the worst over the wires (largest dCor, SSIM, AUCs; smallest MSE)")
+        console.print(f"wrote {dest / 'sweep.json'}, {dest / 'sweep.md'} and {dest / 'sweep.png'}")
+        return
+
+    acc = result.get("test_accuracy")
+    console.print(f"[bold]{result['plan']}[/]" + (f": test accuracy {acc:.4f}" if acc is not None else ""))
+    table = Table(title="what each party could learn from what it received")
+    for col in ("wire", "from -> to", "dCor (raw, smashed)", "inversion MSE (mean guess)", "SSIM (mean guess)",
+                "norm AUC", "direction AUC", "label attacker"):
+        table.add_column(col, justify="left" if col in ("wire", "from -> to", "label attacker") else "right")
+    notes = []
+    for name, w in result["wires"].items():
+        route = f"{w['sender']} -> {w['receiver']}"
+        if w["carries"] == "label":
+            seen = w.get("labels_exposed") or {}
+            agree = seen.get("agreement")
+            table.add_row(name, route, "", "", "", "", "", f"{w['receiver']} gets the labels"
+                          + (f" ({100 * agree:.1f}% exact)" if agree is not None else ""))
+            continue
+        inv = w.get("inversion") or {}
+        leak = w.get("label_leakage") or {}
+        mse = f"{inv['mse']:.4f} ({inv['mse_mean_guess']:.4f})" if inv else "-"
+        ssim = f"{num(inv.get('ssim'))} ({num(inv.get('ssim_mean_guess'))})" if inv.get("ssim") is not None else "-"
+        table.add_row(name, route, num(w.get("distance_correlation")), mse, ssim, num(leak.get("norm_auc")),
+                      num(leak.get("direction_auc")), leak.get("attacker", "-"))
+        why_not: dict[str, list[str]] = {}
+        for what, why in (w.get("why_not") or {}).items():
+            why_not.setdefault(why, []).append(what.replace("_", " "))
+        notes += [f"{name}: no {' or '.join(whats)}: {why}" for why, whats in why_not.items()]
+        for key in ("ssim_note",):
+            if inv.get(key):
+                notes.append(f"{name}: {inv[key]}")
+        if leak.get("note"):
+            notes.append(f"{name}: {leak['note']}")
+    console.print(table)
+    for n in notes:
+        console.print(f"[dim]{n}[/]", highlight=False)
+    folder = Path(result["run"]) / "audit"
+    if out is not None:
+        shutil.copytree(folder, out, dirs_exist_ok=True)
+        folder = out
+    console.print(f"wrote {folder / 'audit.json'}")
+
+
+@app.command()
+def cost(model: str = typer.Option("vgg16", help="vgg16 or resnet50 (CIFAR-style, from the model zoo)"),
+         dataset: str = typer.Option("cifar10", help="cifar10 or cifar100 (shapes only: no data is read)"),
+         clients: str = typer.Option("100,500", help="comma-separated client counts"),
+         cut: int = typer.Option(1, min=1, help="the client holds layers [0, cut); 1 = after the first convolution"),
+         epochs: Optional[float] = typer.Option(None, min=0.0, help="epochs (default: fitted to the seed's figures)"),
+         as_json: bool = typer.Option(False, "--json", help="print the full result as JSON")) -> None:
+    """Predict per-client FLOPs and bytes of split learning, FedAvg and large-batch SGD from shapes
+    alone, beside the seed's table, with every assumption stated."""
+    from .costmodel import compare, format_table
+
+    try:
+        counts = [int(c) for c in clients.split(",") if c.strip()]
+        if not counts or min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(f"--clients {clients!r}: expected positive integers separated by commas, e.g. 100,500")
+    try:
+        result = compare(model, dataset, counts, cut, epochs)
+    except ValueError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+
+
 def main() -> None:  # pragma: no cover
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -51,3 +51,7 @@ def cnn(in_channels: int = 1, image_size: int = 8, channels: list[int] = (16, 32
 
 
 ZOO: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}
+
+from .cifar import resnet50, vgg16  # noqa: E402
+
+ZOO.update({"vgg16": vgg16, "resnet50": resnet50})
