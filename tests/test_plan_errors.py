@@ -120,3 +120,18 @@ def test_toml_syntax_error_names_the_file(tmp_path):
 def test_missing_plan_file(tmp_path):
     with pytest.raises(PlanError, match="no such plan file"):
         load_plan(tmp_path / "nope.toml")
+
+
+def test_defenses_on_the_wrong_wire_or_data(vanilla):
+    bad = copy.deepcopy(vanilla)
+    bad["wires"] = {"hospital.y": {"nopeek": 0.5}}
+    assert "label wire" in str(refused(bad))
+    bad["wires"] = {"bottom": {"randomized_response": 1.0}}
+    assert "applies to label wires" in str(refused(bad))
+    bad["wires"] = {"bottom": {"codec": "zip"}}
+    assert "unknown codec 'zip'" in str(refused(bad))
+    bad["wires"] = {"bottom": {"label_protection": {"kind": "marvell"}}}  # digits have ten classes
+    e = refused(bad, dry_run=True)
+    assert "needs binary labels" in str(e) and e.entry == "wires.bottom"
+    bad["wires"] = {"top": {}}
+    assert "no wire leaves 'top'" in str(refused(bad))

@@ -167,7 +167,17 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
             raise PlanError(f"party {s.name!r} and {first.name!r} hold different ids ({len(missing)} of "
                             f"{first.name!r}'s are missing at {s.name!r})", entry=f"parties.{s.name}.source",
                             hint="every party must hold the same sample ids (rows are aligned by id)")
-    sample = {k: v[:1] for s in setups.values() for k, v in s.inputs.items()}
+    inputs = {k: v for s in setups.values() for k, v in s.inputs.items()}
+    graph = first.graph
+    for w in graph.wires:
+        lp = w.spec.label_protection
+        if lp is not None and lp.kind == "marvell":
+            losses = [n for n in graph.order if graph.nodes[n].kind == "loss" and graph.nodes[n].party == w.dst_party]
+            targets = [inputs[graph.nodes[n].inputs[1]] for n in losses if graph.nodes[n].inputs[1] in inputs]
+            if any(len(torch.unique(t)) > 2 for t in targets):
+                raise PlanError(f"marvell label protection on {w.src!r} needs binary labels", entry=f"wires.{w.src}",
+                                hint='use label_protection = { kind = "max_norm" } for more than two classes')
+    sample = {k: v[:1] for k, v in inputs.items()}
     modules = {k: m for s in setups.values() for k, m in s.modules.items()}
     modes = {k: m.training for k, m in modules.items()}
     for m in modules.values():
