@@ -63,11 +63,8 @@ def with_dial_out(plan: Plan, names: list[str]) -> Plan:
     unknown = set(names) - set(plan.parties)
     if unknown:
         raise PlanError(f"--dial-out names unknown parties {sorted(unknown)}", hint=f"parties are {sorted(plan.parties)}")
-    parties = {n: (p.model_copy(update={"dial_out": True}) if n in names else p) for n, p in plan.parties.items()}
-    src = plan._source
-    plan = plan.model_copy(update={"parties": parties})
-    plan._source = src
-    return plan
+    return plan.replace(parties={n: (p.model_copy(update={"dial_out": True}) if n in names else p)
+                                 for n, p in plan.parties.items()})
 
 
 @dataclass
@@ -133,12 +130,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
 def _own_setup(plan_path, name, epochs, seed):
     from .plan import load_plan
 
-    plan = load_plan(plan_path)
-    changes = {k: v for k, v in {"epochs": epochs, "seed": seed}.items() if v is not None}
-    if changes:
-        src = plan._source
-        plan = plan.with_train(**changes)
-        plan._source = src
+    plan = load_plan(plan_path).with_train(epochs=epochs, seed=seed)
     if name not in plan.parties:
         raise PlanError(f"no party {name!r} in the plan", hint=f"parties are {sorted(plan.parties)}")
     return plan, setup_party(plan, name)

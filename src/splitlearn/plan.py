@@ -217,8 +217,17 @@ class Plan(_Strict):
         return self
 
     def with_train(self, **changes: Any) -> "Plan":
-        """A copy with some training settings changed (``epochs``, ``seed``, ...)."""
-        return self.model_copy(update={"train": self.train.model_copy(update=changes)})
+        """A copy with the training settings that are not None changed (``epochs``, ``seed``, ...)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if not changes:
+            return self
+        return self.replace(train=self.train.model_copy(update=changes))
+
+    def replace(self, **fields: Any) -> "Plan":
+        """A copy with some top-level fields replaced, remembering the file it came from."""
+        plan = self.model_copy(update=fields)
+        plan._source = self._source
+        return plan
 
 
 _DEPLOYMENT = {"parties": {"__all__": {"address", "dial_out", "source"}}}

@@ -343,12 +343,7 @@ def privacy_spent(party: Party, samples: int, steps: int) -> dict[str, dict]:
 def prepare(plan: Plan | str | Path, *, epochs: int | None = None, seed: int | None = None,
             data: DataSpec | None = None) -> tuple[Plan, dict[str, PartySetup], dict]:
     """Load the plan, set every party up and check the plan end to end before any training."""
-    plan = load_plan(plan)
-    changes = {k: v for k, v in {"epochs": epochs, "seed": seed}.items() if v is not None}
-    if changes:
-        src = plan._source
-        plan = plan.with_train(**changes)
-        plan._source = src
+    plan = load_plan(plan).with_train(epochs=epochs, seed=seed)
     cache: dict = {}
     setups = {p: setup_party(plan, p, cache, data) for p in plan.parties}
     shapes = check_plan(setups)
