@@ -7,10 +7,11 @@ from typing import Any
 
 from .embedded import SYNTHETIC_OPTIONS, breast_cancer, digits, synthetic
 from .files import mnist, read_csv
+from .partition import partition
 from .split import batches, train_test_split_ids
 from .table import DataError, Table
 
-__all__ = ["Table", "DataError", "load_table", "batches", "train_test_split_ids", "DATASETS"]
+__all__ = ["Table", "DataError", "load_table", "batches", "train_test_split_ids", "partition", "DATASETS"]
 
 DATASETS = ("digits", "breast_cancer", "synthetic", "mnist", "csv")
 _OPTIONS: dict[str, set[str]] = {"digits": set(), "breast_cancer": set(), "synthetic": set(SYNTHETIC_OPTIONS),
