@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from splitlearn.models import build_segment
-from splitlearn.plan import load_plan
 from splitlearn.runner import prepare, run_parties, schedule
 
 from .conftest import EXAMPLES

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 import splitlearn
 from splitlearn.distributed import connections, launch
 from splitlearn.plan import load_plan
-from splitlearn.runner import RunError
 from splitlearn.transport.tls import make_certs
 
 from .conftest import EXAMPLES

@@ -5,7 +5,6 @@ import json
 import threading
 from pathlib import Path
 
-import pytest
 import torch
 
 import splitlearn

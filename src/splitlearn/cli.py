@@ -92,11 +92,11 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
                 from .distributed import launch
 
                 del setups  # each party process builds its own
-                result = launch(plan, out, epochs=epochs, seed=seed, insecure=insecure, on_step=on_step)
+                result = launch(plan, out, epochs=epochs, seed=seed, insecure=insecure, on_step=on_step, checked=p)
         except RunError as e:
             for party, text in e.errors.items():
                 err.print(f"[bold red]party {party} failed:[/] {text}", highlight=False)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
     _summary(result)
     console.print(f"wrote {out / 'result.json'}")
 
@@ -269,12 +269,14 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
         from .audit.sweep import FIGURES
 
         keys = [k for k in FIGURES if any(r.get(k) is not None for r in result["rows"])]
+        dp = any("delta" in r for r in result["rows"])
         table = Table(title=f"{result['param']} on {', '.join(result['wires'])} ({result['plan']}, "
                             f"{result['epochs']} epochs)")
-        for col in ("value", "test accuracy", *(FIGURES[k] for k in keys)):
+        for col in ("value", "test accuracy", *(FIGURES[k] for k in keys), *(["epsilon"] if dp else [])):
             table.add_column(col, justify="right")
         for r in result["rows"]:
-            table.add_row(f"{r['value']:g}", num(r["test_accuracy"]), *(num(r.get(k)) for k in keys))
+            eps = ([("unbounded" if r.get("epsilon") is None else f"{r['epsilon']:.3g}")] if dp else [])
+            table.add_row(f"{r['value']:g}", num(r["test_accuracy"]), *(num(r.get(k)) for k in keys), *eps)
         console.print(table)
         if len(result["wires"]) > 1:
             console.print("leakage figures: the worst over the wires (largest dCor, SSIM, AUCs; smallest MSE)")

@@ -143,15 +143,16 @@ def _free_port() -> int:
 
 
 def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed: int | None = None,
-           insecure: bool = False, timeout: float = 3600.0, on_step=None) -> dict:
+           insecure: bool = False, timeout: float = 3600.0, on_step=None, checked: Plan | None = None) -> dict:
     """``splitlearn run``: one process per party on loopback (mutual TLS with throw-away
     certificates unless ``insecure``); returns the merged result. Raises RunError naming each
-    failed party; Ctrl-C stops every process."""
+    failed party; Ctrl-C stops every process. ``checked``: the plan as already checked end to
+    end by :func:`~splitlearn.runner.prepare` (otherwise it is checked here first)."""
     from .transport.tls import make_certs
 
-    plan, setups, shapes = prepare(plan_path, epochs=epochs, seed=seed)  # all checks before starting anything
+    plan = checked or prepare(plan_path, epochs=epochs, seed=seed)[0]  # all checks before starting anything
     out = Path(out)
-    graph = next(iter(setups.values())).graph
+    graph = build_graph(plan)
     lead = next(n.party for n in graph.losses())
     ports = {p: _free_port() for p in plan.parties}
     procs: dict[str, subprocess.Popen] = {}

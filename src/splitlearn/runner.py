@@ -3,14 +3,13 @@
 Everything a party needs is derived from the plan and its own data: the same schedule
 (batches from the plan seed), the same initial weights (networks seeded by name), the same
 wire shapes (a dry run on one sample). :func:`run_party` is what a party process runs;
-:func:`train` runs every party in a thread of this process over the in-process transport.
+:func:`run_parties` runs every party in a thread of this process over the in-process transport.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -31,10 +30,8 @@ from .models import build_segment
 from .plan import DataSpec, Plan, PlanError, load_plan, plan_dir, plan_hash
 from .transport import InProcessHub, TransportClosed, TransportError
 
-__all__ = ["Step", "schedule", "PartySetup", "setup_party", "run_party", "train", "RunError"]
-
-log = logging.getLogger("splitlearn")
-
+__all__ = ["Step", "schedule", "PartySetup", "setup_party", "prepare", "session", "run_party", "run_parties",
+           "RunError"]
 
 class RunError(RuntimeError):
     """A run failed; ``errors`` maps each failed party to its error."""

@@ -42,6 +42,7 @@ METHOD = f"/{SERVICE}/Connect"
 PARTY_HEADER = "x-splitlearn-party"
 KEEPALIVE_MS = 30_000  # detect dead peers and keep idle connections open through NATs
 _END = object()  # in an outgoing queue: finish that stream
+_BYE = b""  # sent before closing a stream cleanly; never a message (an Envelope always has a kind)
 _CLOSED = object()  # in the inbox: this transport is closed
 
 
@@ -176,14 +177,16 @@ class GrpcTransport(Transport):
         log.log(logging.INFO if clean else logging.WARNING, "%s: connection to %s ended: %s", self.party, peer, reason)
 
     def _pump(self, peer: str, out: queue.Queue, incoming: Iterator[bytes]) -> None:
-        """Move the peer's buffers to the inbox until its stream ends."""
+        """Move the peer's buffers to the inbox until its goodbye or the end of its stream."""
         try:
             for data in incoming:
+                if data == _BYE:
+                    return self._detach(peer, out, f"{peer} closed the connection", clean=True)
                 self._inbox.put((peer, data))
-            reason, clean = f"{peer} closed the connection", True
+            reason = "the stream ended without a goodbye"
         except Exception as e:  # noqa: BLE001 - grpc.RpcError and anything else ends the stream
-            reason, clean = _why(e), False
-        self._detach(peer, out, reason, clean)
+            reason = _why(e)
+        self._detach(peer, out, reason, clean=False)
 
     @staticmethod
     def _drain(out: queue.Queue) -> Iterator[bytes]:
@@ -250,6 +253,8 @@ class GrpcTransport(Transport):
     def send(self, dst: str, data: bytes) -> None:
         if self._closed.is_set():
             raise TransportClosed(f"{self.party}: transport closed")
+        if not data:
+            raise TransportError(f"{self.party}: cannot send an empty message (it means goodbye on the wire)")
         if len(data) > self.max_message_bytes:
             raise TransportError(f"{self.party}: message of {len(data)} bytes to {dst!r} exceeds the limit of "
                                  f"{self.max_message_bytes}")
@@ -285,6 +290,7 @@ class GrpcTransport(Transport):
                 return
             self._closed.set()
             for out in self._out.values():
+                out.put(_BYE)
                 out.put(_END)
             deadline = time.monotonic() + grace
             while self._out and (left := deadline - time.monotonic()) > 0:
