@@ -1,0 +1,302 @@
+"""Auditing a finished run: find in its folder what each party received, attack it where the
+attacker sits, and write ``RUN_DIR/audit/audit.json`` and the inversion figures.
+
+A run folder (``splitlearn.train(plan, out=DIR)``) holds ``plan.json``, ``result.json`` and per
+party ``parties/P/observed.safetensors``: what P *received* during training, per wire and
+direction, with sample ids (the first and the last 4096 rows of the run). The attacks:
+
+- on an activation wire, the **receiver** holds the smashed data (``last`` rows: the trained
+  model): its distance correlation with the sender's raw inputs, and a model-inversion decoder
+  trained on an auxiliary share of the rows;
+- on an activation wire whose **sender** does not hold the labels of the loss its gradients
+  come from, the sender holds those gradients (``first`` rows: early training leaks most): the
+  norm and direction label-leakage attacks;
+- on a label wire, the receiver holds the labels: how many match the truth (randomized
+  response lowers it).
+
+The ground truth used to score the attacks (raw inputs, labels) is read from each party's data
+by sample id, as :func:`splitlearn.runner.setup_party` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..graph import Graph, Node, Wire, build_graph
+from ..plan import Plan, PlanError, WireSpec, load_plan
+from . import measures
+
+__all__ = ["AuditError", "audit_run", "wire_slug", "raw_sources", "loss_sources", "image_shape", "RunFolder"]
+
+
+class AuditError(ValueError):
+    """A run folder or sweep that cannot be audited, with what to do instead."""
+
+
+def wire_slug(name: str) -> str:
+    """A file-name-safe form of a wire name: ``bottom->top`` -> ``bottom_to_top``."""
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name.replace("->", "_to_"))
+
+
+def raw_sources(graph: Graph, wire: Wire) -> list[str]:
+    """The sender's input nodes (``party.field``) the wire's source is computed from, inside the sender."""
+    party = wire.src_party
+    out: list[str] = []
+
+    def walk(n: str) -> None:
+        node = graph.nodes[n]
+        if node.kind == "input":
+            if n not in out:
+                out.append(n)
+            return
+        for d in node.inputs:
+            if graph.nodes[d].party == party:
+                walk(d)
+
+    walk(wire.src)
+    return out
+
+
+def loss_sources(graph: Graph, wire: Wire) -> list[Node]:
+    """The losses the gradients returned on ``wire`` come from (downstream of its consumers)."""
+    users: dict[str, list[str]] = {}
+    for n in graph.nodes.values():
+        for d in n.inputs:
+            users.setdefault(d, []).append(n.name)
+    seen, todo, losses = set(), list(wire.consumers), []
+    while todo:
+        n = todo.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        node = graph.nodes[n]
+        if node.kind == "loss":
+            losses.append(node)
+        else:
+            todo += users.get(n, [])
+    order = {n: i for i, n in enumerate(graph.order)}
+    return sorted(losses, key=lambda n: order[n.name])
+
+
+def image_shape(plan: Plan, nodes: list[str], tensors: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """The image shape of the raw input, if it is one image field; None for tabular data.
+
+    ``image`` fields carry their shape; the flat ``x`` of digits (64 -> 8x8) and MNIST
+    (784 -> 28x28) is reshaped when the party holds all of its columns.
+    """
+    if len(nodes) != 1:
+        return None
+    t = tensors[nodes[0]]
+    if t.dim() in (3, 4):
+        return tuple(int(s) for s in t.shape[1:])
+    if t.dim() != 2:
+        return None
+    party, local = nodes[0].split(".", 1)
+    ref = plan.parties[party].holds[local]
+    dataset = (plan.parties[party].source or plan.data).dataset
+    width = int(t.shape[1])
+    side = math.isqrt(width)
+    full = ref.columns is None or tuple(ref.columns) == (0, width)
+    if ref.field == "x" and dataset in ("digits", "mnist") and full and side * side == width:
+        return (side, side)
+    return None
+
+
+@dataclass
+class RunFolder:
+    """What the audit reads from a run folder (each party's data is loaded on first use)."""
+
+    folder: Path
+    plan: Plan
+    graph: Graph
+    result: dict[str, Any]
+    observed: dict[str, dict[str, torch.Tensor]]  # party -> key -> tensor
+    _setups: dict[str, Any] = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> "RunFolder":
+        from safetensors.torch import load_file
+
+        folder = Path(run_dir)
+        if not folder.is_dir():
+            raise AuditError(f"{folder}: no such folder; give the --out folder of a finished run")
+        if not (folder / "plan.json").is_file():
+            raise AuditError(f"{folder}: not a run folder (plan.json is missing); give the --out folder of a "
+                             "finished 'splitlearn run' or splitlearn.train(..., out=...)")
+        try:
+            plan = load_plan(json.loads((folder / "plan.json").read_text()))
+        except (ValueError, PlanError) as e:
+            raise AuditError(f"{folder / 'plan.json'}: not a valid plan: {e}") from None
+        result_file = folder / "result.json"
+        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+        observed = {}
+        for party in plan.parties:
+            f = folder / "parties" / party / "observed.safetensors"
+            if f.is_file():
+                observed[party] = load_file(str(f))
+        if not observed:
+            raise AuditError(f"{folder}: no party left an observed.safetensors (what it received during training); "
+                             "train with out=... (or 'splitlearn run --out') to record it")
+        return cls(folder, plan, build_graph(plan), result, observed)
+
+    def setup(self, party: str):
+        from ..runner import setup_party
+
+        if party not in self._setups:
+            self._setups[party] = setup_party(self.plan, party, self._cache)
+        return self._setups[party]
+
+    def rows(self, party: str, node: str, ids: torch.Tensor) -> torch.Tensor:
+        """``node``'s values (a field of ``party``'s data) for the given sample ids."""
+        s = self.setup(party)
+        known = s.splits.ids
+        pos = np.searchsorted(known, ids.numpy())
+        pos = np.clip(pos, 0, len(known) - 1)
+        if not np.array_equal(known[pos], ids.numpy()):
+            raise AuditError(f"party {party!r} holds no rows for some recorded ids: was the run made on other data?")
+        return s.inputs[node][torch.from_numpy(pos)]
+
+    def seen(self, party: str, wire: str, direction: str, part: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        obs = self.observed.get(party, {})
+        key = f"{wire}|{direction}|{part}"
+        if f"{key}|values" not in obs:
+            return None
+        return obs[f"{key}|ids"], obs[f"{key}|values"]
+
+
+def _defenses(w: Wire) -> dict[str, Any]:
+    """The wire's settings that differ from the defaults (nested settings in full)."""
+    default = WireSpec().model_dump(mode="json")
+    return {k: v for k, v in w.spec.model_dump(mode="json").items() if v != default[k]}
+
+
+def _activation_wire(run: RunFolder, w: Wire, *, aux_fraction: float, seed: int, epochs: int, max_rows: int,
+                     out_dir: Path) -> dict[str, Any]:
+    entry: dict[str, Any] = {"carries": "activation", "sender": w.src_party, "receiver": w.dst_party,
+                             "defenses": _defenses(w), "distance_correlation": None, "inversion": None,
+                             "label_leakage": None, "why_not": {}}
+    why = entry["why_not"]
+    # -- what the receiver learns about the sender's raw inputs ------------------------------------
+    sources = raw_sources(run.graph, w)
+    smashed = run.seen(w.dst_party, w.name, "forward", "last")
+    if not sources:
+        reason = (f"{w.src_party!r} computes {w.src!r} from no data of its own (only from tensors it received): "
+                  "the raw inputs are audited on the wires that carry them from their owner")
+        why["distance_correlation"] = why["inversion"] = reason
+    elif smashed is None:
+        why["distance_correlation"] = why["inversion"] = f"{w.dst_party!r} recorded no activations on this wire"
+    else:
+        ids, values = measures.latest_per_id(*smashed)
+        raw_parts = {n: run.rows(w.src_party, n, ids) for n in sources}
+        raw = torch.cat([raw_parts[n].reshape(len(ids), -1).float() for n in sources], dim=1)
+        entry["raw_inputs"] = sources
+        entry["attacker"] = w.dst_party
+        dcor, used = measures.smashed_dcor(raw, values, max_rows=max_rows, seed=seed)
+        entry["distance_correlation"] = dcor
+        entry["distance_correlation_rows"] = used
+        shape = image_shape(run.plan, sources, raw_parts)
+        try:
+            inv = measures.invert(values, raw, aux_fraction=aux_fraction, seed=seed, epochs=epochs, image_shape=shape)
+        except ValueError as e:
+            why["inversion"] = str(e)
+        else:
+            png = out_dir / f"inversion_{wire_slug(w.name)}.png"
+            from .figures import inversion_grid
+
+            ssim_txt = f", SSIM {inv.figures['ssim']:.3f}" if inv.figures.get("ssim") is not None else ""
+            inversion_grid(png, inv.originals, inv.reconstructions, shape,
+                           f"{w.name}: {w.dst_party} inverts {w.src_party}'s {', '.join(sources)} "
+                           f"(MSE {inv.figures['mse']:.4f}{ssim_txt})")
+            entry["inversion"] = {**inv.figures, "figure": str(png.relative_to(run.folder))}
+    # -- what the sender learns about the labels from the gradients it receives --------------------
+    losses = loss_sources(run.graph, w)
+    foreign = [n for n in losses if run.graph.nodes[n.inputs[1]].party != w.src_party]
+    if not losses:
+        why["label_leakage"] = "no loss downstream of this wire"
+    elif not foreign:
+        held = ", ".join(n.inputs[1] for n in losses)
+        why["label_leakage"] = f"the sender {w.src_party!r} holds the labels ({held}) its gradients come from"
+    else:
+        grads = run.seen(w.src_party, w.name, "backward", "first")
+        if grads is None:
+            why["label_leakage"] = f"{w.src_party!r} recorded no gradients on this wire"
+        else:
+            ids, g = grads
+            per_loss = {}
+            for loss in foreign:
+                target = loss.inputs[1]
+                holder = run.graph.nodes[target].party
+                head = {"loss": loss.name, "labels": target, "label_holder": holder, "attacker": w.src_party}
+                if run.plan.losses[loss.name].kind == "mse":
+                    per_loss[loss.name] = {**head, "norm_auc": None, "direction_auc": None,
+                                           "note": "a regression target: the norm and direction attacks need classes"}
+                    continue
+                labels = run.rows(holder, target, ids)
+                per_loss[loss.name] = {**head, **measures.label_leakage(g, labels)}
+            first, *rest = per_loss.values()
+            entry["label_leakage"] = {**first, **({"other_losses": {r["loss"]: r for r in rest}} if rest else {})}
+    if not why:
+        del entry["why_not"]
+    return entry
+
+
+def _label_wire(run: RunFolder, w: Wire) -> dict[str, Any]:
+    entry: dict[str, Any] = {"carries": "label", "sender": w.src_party, "receiver": w.dst_party,
+                             "defenses": _defenses(w)}
+    seen = run.seen(w.dst_party, w.name, "forward", "first")
+    if seen is None:
+        entry["why_not"] = {"labels_exposed": f"{w.dst_party!r} recorded no labels on this wire"}
+        return entry
+    ids, values = seen
+    truth = run.rows(w.src_party, w.src, ids)
+    entry["labels_exposed"] = {"attacker": w.dst_party, "rows": int(len(ids)),
+                               "agreement": float((values.reshape(-1) == truth.reshape(-1)).float().mean()),
+                               "note": "the labels travel to the receiver; randomized response lowers the agreement"}
+    return entry
+
+
+def audit_run(run_dir: str | Path, aux_fraction: float = 0.1, seed: int = 0, epochs: int = 200,
+              max_rows: int = 1000) -> dict[str, Any]:
+    """Audit the run in ``run_dir``; write ``run_dir/audit/audit.json`` (and the inversion figures
+    ``audit/inversion_WIRE.png``) and return what it holds.
+
+    ``aux_fraction``: the share of recorded rows the inversion attacker knows in the clear;
+    ``epochs``: the inversion decoder's training epochs; ``max_rows``: rows used for the distance
+    correlation; ``seed``: the attacks' randomness.
+    """
+    if not 0 < aux_fraction < 1:
+        raise AuditError(f"aux_fraction must be between 0 and 1 (exclusive), got {aux_fraction}")
+    if epochs < 1:
+        raise AuditError(f"the decoder needs at least one epoch, got {epochs}")
+    run = RunFolder.open(run_dir)
+    audit = _audit(run, aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows)
+    from ..results import write_json
+
+    write_json(run.folder / "audit" / "audit.json", audit)
+    return audit
+
+
+def _audit(run: RunFolder, *, aux_fraction: float, seed: int, epochs: int, max_rows: int) -> dict[str, Any]:
+    out_dir = run.folder / "audit"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wires = {}
+    for w in run.graph.wires:
+        if w.carries == "activation":
+            wires[w.name] = _activation_wire(run, w, aux_fraction=aux_fraction, seed=seed, epochs=epochs,
+                                             max_rows=max_rows, out_dir=out_dir)
+        else:
+            wires[w.name] = _label_wire(run, w)
+    return {"run": str(run.folder), "plan": run.plan.name,
+            "test_accuracy": run.result.get("metrics", {}).get("test_accuracy"),
+            "settings": {"aux_fraction": aux_fraction, "seed": seed, "decoder_epochs": epochs,
+                          "dcor_rows": max_rows},
+            "wires": wires}

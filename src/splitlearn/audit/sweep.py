@@ -1,0 +1,211 @@
+"""Sweeping a defense: train the plan once per value, audit each run, tabulate accuracy vs leakage.
+
+    sweep("examples/vanilla.toml", "nopeek.alpha", [0, 0.5, 1], Path("runs/nopeek"))
+
+writes ``out/sweep.json``, ``out/sweep.md`` (the table) and ``out/sweep.png`` (accuracy against
+each leakage figure); each run and its audit stay in ``out/PARAM=VALUE/``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from ..graph import Graph, Wire, build_graph
+from ..plan import Plan, PlanError, load_plan
+from .run import AuditError, audit_run, raw_sources
+
+__all__ = ["PARAMS", "FIGURES", "sweep", "parse_sweep", "swept_wires", "plan_with"]
+
+PARAMS = {
+    "nopeek.alpha": "NoPeek weight: the sender adds alpha * dCor(raw inputs, activations) to its loss",
+    "noise.sigma": "Gaussian noise on the activations, std sigma * clip after per-sample clipping (clip 1.0 "
+                   "unless the plan sets it)",
+    "label_protection.strength": "Marvell-style noise the label holder adds to the gradients it returns "
+                                 "(the plan's kind, else marvell)",
+}
+
+# leakage figures of a row: key -> (label, which wire entry it comes from, how to read it)
+FIGURES = {
+    "distance_correlation": "distance correlation",
+    "inversion_mse": "inversion MSE",
+    "inversion_ssim": "inversion SSIM",
+    "norm_auc": "norm-attack AUC",
+    "direction_auc": "direction-attack AUC",
+}
+_WORST = {"distance_correlation": max, "inversion_mse": min, "inversion_ssim": max, "norm_auc": max,
+          "direction_auc": max}
+
+
+def parse_sweep(text: str) -> tuple[str, list[float]]:
+    """``PARAM=V1,V2,...`` -> (param, values); raises :class:`AuditError` with what is wrong."""
+    param, sep, rest = text.partition("=")
+    param = param.strip()
+    if not sep:
+        raise AuditError(f"--sweep {text!r}: expected PARAM=V1,V2,... (e.g. nopeek.alpha=0,0.5,1)")
+    if param not in PARAMS:
+        raise AuditError(f"--sweep: unknown parameter {param!r}; known: {', '.join(PARAMS)}")
+    return param, _values(param, [v.strip() for v in rest.split(",")])
+
+
+def _values(param: str, raw: list[Any]) -> list[float]:
+    out = []
+    for v in raw:
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise AuditError(f"{param}: {v!r} is not a number") from None
+        if not math.isfinite(x) or x < 0:
+            raise AuditError(f"{param}: values must be finite and >= 0, got {v!r}")
+        out.append(x)
+    if not out:
+        raise AuditError(f"{param}: give at least one value")
+    if len(set(out)) != len(out):
+        raise AuditError(f"{param}: values repeat: {raw}")
+    return out
+
+
+def _eligible(graph: Graph, param: str) -> list[Wire]:
+    acts = [w for w in graph.wires if w.carries == "activation"]
+    if param == "nopeek.alpha":  # the sender compares the activations with its own raw inputs
+        return [w for w in acts if raw_sources(graph, w)]
+    if param == "label_protection.strength":  # the receiver computes a loss from it (holds the labels)
+        return [w for w in acts if _receiver_has_loss(graph, w)]
+    return acts
+
+
+def _receiver_has_loss(graph: Graph, w: Wire) -> bool:
+    todo, seen = list(w.consumers), set()
+    while todo:
+        n = todo.pop()
+        if n in seen or graph.nodes[n].party != w.dst_party:
+            continue
+        seen.add(n)
+        if graph.nodes[n].kind == "loss":
+            return True
+        todo += [u.name for u in graph.nodes.values() if n in u.inputs]
+    return False
+
+
+def swept_wires(graph: Graph, param: str, wire: str | None) -> list[Wire]:
+    """The wires a sweep sets: ``wire`` (a wire name or its source node), ``"all"`` (every wire the
+    setting applies to), or by default the first such wire."""
+    eligible = _eligible(graph, param)
+    if not eligible:
+        raise AuditError(f"{param} applies to no wire of plan {graph.plan.name!r}")
+    if wire is None:
+        return eligible[:1]
+    if wire == "all":
+        return eligible
+    match = [w for w in graph.wires if wire in (w.name, w.src)]
+    if not match:
+        raise AuditError(f"--wire {wire!r}: no such wire; wires: {', '.join(w.name for w in graph.wires)}")
+    bad = [w.name for w in match if w not in eligible]
+    if bad:
+        raise AuditError(f"{param} does not apply to wire {bad[0]!r}; it applies to "
+                         f"{', '.join(w.name for w in eligible)}")
+    return match
+
+
+def plan_with(plan: Plan, param: str, value: float, wires: list[Wire]) -> Plan:
+    """A copy of ``plan`` with the swept setting at ``value`` on ``wires`` (keyed by source node)."""
+    body = plan.model_dump(mode="json")
+    for w in wires:
+        spec = dict(body["wires"].get(w.src) or {})
+        if param == "nopeek.alpha":
+            spec["nopeek"] = value
+        elif param == "noise.sigma":
+            clip = (spec.get("noise") or {}).get("clip", 1.0)
+            spec["noise"] = {**(spec.get("noise") or {}), "clip": clip, "sigma": value}
+        elif param == "label_protection.strength":
+            kind = (spec.get("label_protection") or {}).get("kind", "marvell")
+            spec["label_protection"] = {"kind": kind, "strength": value}
+        else:
+            raise AuditError(f"unknown parameter {param!r}; known: {', '.join(PARAMS)}")
+        body["wires"][w.src] = spec
+    try:
+        new = load_plan(body)
+    except PlanError as e:
+        raise AuditError(f"{param}={value:g}: {e}") from None
+    new._source = plan._source  # relative data paths stay relative to the plan file
+    return new
+
+
+def _figures(entry: dict[str, Any]) -> dict[str, Any]:
+    inv = entry.get("inversion") or {}
+    leak = entry.get("label_leakage") or {}
+    return {"distance_correlation": entry.get("distance_correlation"), "inversion_mse": inv.get("mse"),
+            "inversion_ssim": inv.get("ssim"), "norm_auc": leak.get("norm_auc"),
+            "direction_auc": leak.get("direction_auc")}
+
+
+def _table(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    keys = [k for k in FIGURES if any(r.get(k) is not None for r in rows)]
+    dp = any("delta" in r for r in rows)
+    head = ["value", "test accuracy", *(FIGURES[k] for k in keys), *(["epsilon (noise)"] if dp else [])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for r in rows:
+        acc = "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
+        cells = [f"{r['value']:g}", acc] + ["n/a" if r.get(k) is None else f"{r[k]:.4f}" for k in keys]
+        if dp:
+            cells.append("unbounded" if r.get("epsilon") is None else f"{r['epsilon']:.3g} (delta {r['delta']:g})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep(plan_path: str | Path | Plan, param: str, values: list[float], out: str | Path, wire: str | None = None,
+          epochs: int | None = None, *, aux_fraction: float = 0.1, seed: int = 0, decoder_epochs: int = 200,
+          train_seed: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train ``plan_path`` once per value of ``param`` on the chosen wire(s), audit every run and
+    tabulate test accuracy against the leakage figures of those wires (the worst over them when
+    there are several). ``epochs``/``train_seed`` override the plan's training settings;
+    ``aux_fraction``, ``seed``, ``decoder_epochs`` go to :func:`~splitlearn.audit.audit_run`;
+    ``progress`` is told what is being done."""
+    from ..api import train
+    from .figures import sweep_plot
+
+    if param not in PARAMS:
+        raise AuditError(f"unknown parameter {param!r}; known: {', '.join(PARAMS)}")
+    values = _values(param, list(values))
+    try:
+        base = load_plan(plan_path)
+    except PlanError as e:
+        raise AuditError(str(e)) from None
+    graph = build_graph(base)
+    wires = swept_wires(graph, param, wire)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for v in values:
+        plan = plan_with(base, param, v, wires)
+        run_dir = out / f"{param}={v:g}"
+        if progress is not None:
+            progress(f"{param}={v:g}: training {base.name} and auditing it ({run_dir})")
+        result = train(plan, epochs=epochs, seed=train_seed, out=run_dir)
+        audit = audit_run(run_dir, aux_fraction=aux_fraction, seed=seed, epochs=decoder_epochs)
+        per_wire = {w.name: _figures(audit["wires"][w.name]) for w in wires}
+        worst = {k: (_WORST[k](xs) if (xs := [f[k] for f in per_wire.values() if f[k] is not None]) else None)
+                 for k in FIGURES}
+        row = {"value": v, "test_accuracy": result["metrics"].get("test_accuracy"), **worst, "wires": per_wire,
+               "run": str(run_dir)}
+        spent = [result["parties"][w.src_party].get("privacy", {}).get(w.name) for w in wires]
+        if any(spent):  # the noise's (epsilon, delta), as the run accounted it; None where unbounded (sigma 0)
+            eps = [p["epsilon"] for p in spent if p]
+            row["epsilon"] = max(eps) if all(math.isfinite(e) for e in eps) else None
+            row["delta"] = max(p["delta"] for p in spent if p)
+        rows.append(row)
+    summary = {"plan": base.name, "param": param, "description": PARAMS[param], "wires": [w.name for w in wires],
+               "values": values, "epochs": epochs or base.train.epochs, "rows": rows}
+    from ..results import write_json
+
+    write_json(out / "sweep.json", summary)
+    note = ("" if len(wires) == 1 else
+            f"\nLeakage figures are the worst over the {len(wires)} wires (largest dCor, SSIM and AUCs, "
+            "smallest MSE).\n")
+    (out / "sweep.md").write_text(
+        f"# Sweep of {param} on {', '.join(w.name for w in wires)} ({base.name}, {summary['epochs']} epochs)\n\n"
+        f"{PARAMS[param]}.\n{note}\n{_table(summary)}\n")
+    sweep_plot(out / "sweep.png", param, rows, FIGURES)
+    return summary
