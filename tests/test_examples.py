@@ -13,6 +13,7 @@ TARGETS = {  # plan -> minimum test accuracy (the issue's figures)
     "vertical": 0.93,
     "vertical_three": 0.93,
     "vertical_u_shaped": 0.93,
+    "nopeek": 0.90,
 }
 
 
