@@ -32,6 +32,7 @@ from splitlearn.plan import load_plan
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = {"digits (vanilla)": ROOT / "examples" / "vanilla.toml",
          "breast cancer (vertical)": ROOT / "examples" / "vertical.toml"}
+NOPEEK_PLANS = {"digits (nopeek: 3-layer bottom, Adam)": ROOT / "examples" / "nopeek.toml", **PLANS}
 WORST = {"dcor": max, "mse": min, "norm_auc": max, "direction_auc": max}
 
 
@@ -132,11 +133,11 @@ def section_nopeek(seeds: list[int], alphas: list[float], tmp: Path) -> list[str
              "| data (plan) | alpha | test accuracy | change (points) | dCor | dCor / dCor(alpha=0) | inversion MSE |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     verdicts = []
-    for label, path in PLANS.items():
+    for label, path in NOPEEK_PLANS.items():
         body = load_plan(path).model_dump(mode="json")
         res = {}
         for a in alphas:
-            res[a] = measure(with_wires(body, {"nopeek": a}) if a else body, seeds, True, tmp)
+            res[a] = measure(with_wires(body, {"nopeek": a}), seeds, True, tmp)
             m = res[a]
             print(f"nopeek {label} alpha={a:g}: acc {m['acc']:.4f} dcor {m['dcor']:.4f}", flush=True)
         ref = res[alphas[0]]
@@ -213,7 +214,7 @@ def main() -> None:
             f"Written by `.venv/bin/python {cmd}` in {time.perf_counter() - t0:.0f} s. Machine: "
             f"{platform.machine()}, torch {torch.__version__}, one torch thread, in-process parties.",
             f"Seeds {seeds} (each seed also draws the train/test split: digits 360 test rows, breast cancer",
-            "114); plans' own epochs (vanilla 8, vertical 20). Accuracies are means over the seeds and changes",
+            "114); plans' own epochs (vanilla 8, nopeek 15, vertical 20). Accuracies are means over the seeds and changes",
             "are against the undefended plan on the same seeds; one test row is 0.28 points on digits and",
             "0.88 on breast cancer.", ""]
     write_section("privacy", "\n".join(head + body))
