@@ -282,3 +282,22 @@ def test_neighbour_leaving_cleanly_does_not_stop_the_rest(certs):
     finally:
         for t in (a, b, c):
             t.close()
+
+
+def test_message_limits(certs):
+    creds = {p: load_credentials(certs, p) for p in ["hospital", "clinic_a"]}
+    h = GrpcTransport("hospital", listen="127.0.0.1:0", accept=["clinic_a"], credentials=creds["hospital"],
+                      max_message_bytes=1000).start()
+    c = GrpcTransport("clinic_a", dial={"hospital": f"127.0.0.1:{h.port}"}, credentials=creds["clinic_a"]).start()
+    try:
+        c.wait_connected(10)
+        with pytest.raises(TransportError, match="empty"):  # an empty frame means goodbye on the wire
+            c.send("hospital", b"")
+        with pytest.raises(TransportError, match="exceeds the limit"):
+            h.send("clinic_a", b"x" * 1001)
+        c.send("hospital", b"x" * 5000)  # over the listener's limit: gRPC refuses it and the stream breaks
+        with pytest.raises(TransportClosed, match="clinic_a"):
+            h.recv(timeout=10)
+    finally:
+        c.close()
+        h.close()

@@ -135,3 +135,12 @@ def test_defenses_on_the_wrong_wire_or_data(vanilla):
     assert "needs binary labels" in str(e) and e.entry == "wires.bottom"
     bad["wires"] = {"top": {}}
     assert "no wire leaves 'top'" in str(refused(bad))
+
+
+def test_party_names_that_clash_as_certificates(vanilla):
+    bad = copy.deepcopy(vanilla)
+    bad["parties"]["Hospital"] = bad["parties"]["hospital"]
+    assert "differ in more than case" in str(refused(bad))
+    bad = copy.deepcopy(vanilla)
+    bad["parties"]["ca"] = bad["parties"].pop("server")
+    assert "may not be 'ca'" in str(refused(bad))

@@ -151,3 +151,22 @@ def test_other_seed_means_other_plan_hash():
     plan, _, _ = prepare(EXAMPLES / "vanilla.toml")
     assert plan_hash(plan) != plan_hash(plan.with_train(seed=1))
     assert plan_hash(plan) == plan_hash(plan.model_copy())
+
+
+def test_a_flooding_peer_is_counted_but_not_answered_forever():
+    hub = InProcessHub(["a", "b"])
+    link = Link(hub.transport("b"))
+    a = hub.transport("a")
+    for _ in range(150):
+        a.send("b", b"\x07garbage")
+    a.send("b", encode(Message(Kind.STOP, "a", "b", 0, "", {}, "done")))
+    assert link.recv(5).kind == Kind.STOP
+    assert link.refused_count == 150 and len(link.refused) == 100
+    answers = 0
+    while True:
+        try:
+            a.recv(0.1)
+            answers += 1
+        except Exception:  # noqa: BLE001 - TransportTimeout once drained
+            break
+    assert answers == 100

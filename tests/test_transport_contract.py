@@ -11,7 +11,12 @@ import time
 
 import pytest
 
-from splitlearn.transport import InProcessHub, TransportClosed, TransportError, TransportTimeout
+from splitlearn.transport import (
+    InProcessHub,
+    TransportClosed,
+    TransportError,
+    TransportTimeout,
+)
 
 PARTIES = ["a", "b", "c"]
 

@@ -14,6 +14,7 @@ __all__ = ["Link"]
 log = logging.getLogger("splitlearn.link")
 
 _DIRECTION = {Kind.ACTIVATION: "forward", Kind.GRADIENT: "backward"}
+MAX_KEPT = 100
 
 
 class Link:
@@ -23,7 +24,8 @@ class Link:
         self.transport = transport
         self.party = transport.party
         self.meter = meter or Meter(self.party)
-        self.refused: list[str] = []
+        self.refused: list[str] = []  # the first MAX_KEPT refusals; refused_count counts them all
+        self.refused_count = 0
 
     def send(self, msg: Message) -> None:
         data = encode(msg)
@@ -33,6 +35,9 @@ class Link:
     def refuse(self, peer: str, reason: str, step: int = 0, wire: str = "") -> None:
         """Record and log a refused message and tell the peer why; the party keeps running."""
         text = f"{self.party} refused a message from {peer!r}" + (f" on wire {wire!r}" if wire else "") + f": {reason}"
+        self.refused_count += 1
+        if self.refused_count > MAX_KEPT:  # a flooding peer: count it, but neither log nor answer every message
+            return
         log.warning(text)
         self.refused.append(text)
         try:

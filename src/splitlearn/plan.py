@@ -211,6 +211,10 @@ class Plan(_Strict):
             for key in getattr(self, table):
                 if not _NAME.match(key):
                     raise ValueError(f"{table} name {key!r} must be letters, digits, '_' or '-' (no dots)")
+        lower = [p.lower() for p in self.parties]
+        if "ca" in lower or len(set(lower)) < len(lower):
+            raise ValueError("party names must differ in more than case and may not be 'ca' "
+                             "(certificates are named after parties, and the authority's is ca.pem)")
         clash = set(self.segments) & set(self.losses)
         if clash:
             raise ValueError(f"names used for both a segment and a loss: {sorted(clash)}")

@@ -13,10 +13,11 @@ parsed and checked above, in :class:`splitlearn.link.Link`. Who sent a buffer:
 Without credentials (insecure mode) the dialer states its name in the ``x-splitlearn-party``
 header and the listener believes it: nothing is authenticated or encrypted then.
 
-When a peer's stream breaks (error, cancellation, process killed) ``recv`` raises
-:class:`TransportClosed` after the peer's earlier buffers. When a peer closes cleanly, that
-happens once no other peer is still connected, so a party that is still finishing with a third
-party is not stopped by a neighbour that is done.
+``close()`` sends an empty frame (goodbye; never a valid message) on every stream, flushes and
+ends them. When a peer's stream ends without a goodbye (error, cancellation, process killed),
+``recv`` raises :class:`TransportClosed` right after that peer's earlier buffers. After a goodbye
+it does so only once no other peer is still connected, so a party still finishing with a third
+party is not stopped by a neighbour that is done (the runner's goodbye phase).
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
 
 import grpc
 
 from .base import Transport, TransportClosed, TransportError, TransportTimeout
 from .tls import Credentials
 
-__all__ = ["GrpcTransport", "METHOD", "PARTY_HEADER"]
+__all__ = ["METHOD", "PARTY_HEADER", "GrpcTransport"]
 
 log = logging.getLogger("splitlearn.transport.grpc")
 
@@ -95,7 +96,7 @@ class GrpcTransport(Transport):
                 ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 20_000),
                 ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)]
 
-    def start(self) -> "GrpcTransport":
+    def start(self) -> GrpcTransport:
         """Bind the server (if ``listen``) and start dialing (if ``dial``); does not wait."""
         if self._started:
             raise TransportError(f"{self.party}: transport already started")
@@ -216,12 +217,12 @@ class GrpcTransport(Transport):
         channel = self._channels[peer]
         connect = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
         deadline, delay = time.monotonic() + self.connect_timeout, 0.05
+        ready = grpc.channel_ready_future(channel)  # one subscription: gRPC's poller races with close otherwise
         while not self._closed.is_set() and (left := deadline - time.monotonic()) > 0:
-            ready = grpc.channel_ready_future(channel)
             try:
                 ready.result(timeout=min(left / 2, 1.0))
             except grpc.FutureTimeoutError:
-                ready.cancel()  # open the stream anyway: its error says why the channel is not ready
+                pass  # open the stream anyway: its error says why the channel is not ready
             out: queue.Queue = queue.Queue()
             try:
                 call = connect(self._drain(out), metadata=((PARTY_HEADER, self.party),))
@@ -235,6 +236,7 @@ class GrpcTransport(Transport):
                 timer.cancel()
             if header == peer:
                 if self._attach(peer, out):
+                    ready.cancel()
                     return self._pump(peer, out, call)
                 call.cancel()  # closing meanwhile
                 break
@@ -245,6 +247,7 @@ class GrpcTransport(Transport):
             log.debug("%s: dialing %s: %s", self.party, peer, self._problem[peer])
             self._closed.wait(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(2 * delay, 2.0)
+        ready.cancel()
         with self._cond:
             self._failed[peer] = self._problem.get(peer, "transport closed")
             self._cond.notify_all()

@@ -42,6 +42,10 @@ class InProcessTransport(Transport):
             raise TransportError(f"no party {dst!r} to send to")
         self.hub._queues[dst].put((self.party, bytes(data)))
 
+    def close(self) -> None:
+        """This party's end only: its pending and later ``recv`` calls raise TransportClosed."""
+        self.hub._queues[self.party].put(_CLOSED)
+
     def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
         try:
             item = self.hub._queues[self.party].get(timeout=timeout)

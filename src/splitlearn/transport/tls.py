@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["Credentials", "make_certs", "load_credentials", "check_party_name"]
+__all__ = ["Credentials", "check_party_name", "load_credentials", "make_certs"]
 
 _HINT = "make them with `splitlearn certs PLAN --out DIR`"
 
@@ -68,7 +68,7 @@ def make_certs(parties: list[str], out: Path, days: int = 365) -> None:
     """Write a new CA and a certificate/key pair for every party to the folder ``out``."""
     for p in parties:
         check_party_name(p)
-    if len(set(p.lower() for p in parties)) != len(parties):
+    if len({p.lower() for p in parties}) != len(parties):
         raise ValueError(f"party names must differ (ignoring case, as certificate names do): {parties}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
