@@ -120,7 +120,7 @@ class Party:
         self._early: dict[int, list[Message]] = {}
         self.stage_of = {n: s.index for s in self.stages for n in s.nodes}
         # NoPeek compares a wire's activations with the raw inputs they were computed from
-        self.raw_inputs = {w.src: self._ancestors(w.src) for w in self.wires.values() if w.src_party == name}
+        self.raw_inputs = {w.src: graph.raw_inputs(w.src) for w in self.wires.values() if w.src_party == name}
         self.num_classes = {n: int(data[n].max()) + 1 for n in self.order
                             if self.nodes[n].kind == "input" and n in data and not data[n].is_floating_point()
                             and data[n].numel()}
@@ -332,17 +332,6 @@ class Party:
             st.values[wire.src] = t
         else:
             st.grads.setdefault(wire.name, t)
-
-    def _ancestors(self, n: str) -> list[str]:
-        """The raw inputs of this party that ``n`` is computed from."""
-        node = self.nodes[n]
-        if node.kind == "input":
-            return [n]
-        out: list[str] = []
-        for d in node.inputs:
-            if self.nodes[d].party == self.name:
-                out += [a for a in self._ancestors(d) if a not in out]
-        return out
 
     def _waiting_on(self, st: "_StepState", stages: list[Stage]) -> set[str]:
         """Parties this step still needs a message from."""

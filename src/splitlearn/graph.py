@@ -85,6 +85,16 @@ class Graph:
     def losses(self) -> list[Node]:
         return [self.nodes[n] for n in self.order if self.nodes[n].kind == "loss"]
 
+    def raw_inputs(self, node: str) -> list[str]:
+        """The input nodes (raw data) of ``node``'s party that ``node`` is computed from there."""
+        party, out, todo = self.nodes[node].party, [], [node]
+        while todo:
+            n = todo.pop()
+            if self.nodes[n].kind == "input":
+                out += [] if n in out else [n]
+            todo += [d for d in self.nodes[n].inputs if self.nodes[d].party == party]
+        return sorted(out)
+
     def label_inputs(self) -> set[str]:
         """Input nodes used only as loss targets: prediction does without them."""
         users: dict[str, list[Node]] = {}

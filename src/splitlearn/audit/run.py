@@ -34,7 +34,7 @@ from ..graph import Graph, Node, Wire, build_graph
 from ..plan import Plan, PlanError, WireSpec, load_plan
 from . import measures
 
-__all__ = ["AuditError", "audit_run", "wire_slug", "raw_sources", "loss_sources", "image_shape", "RunFolder"]
+__all__ = ["AuditError", "audit_run", "wire_slug", "loss_sources", "image_shape", "RunFolder"]
 
 
 class AuditError(ValueError):
@@ -44,25 +44,6 @@ class AuditError(ValueError):
 def wire_slug(name: str) -> str:
     """A file-name-safe form of a wire name: ``bottom->top`` -> ``bottom_to_top``."""
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name.replace("->", "_to_"))
-
-
-def raw_sources(graph: Graph, wire: Wire) -> list[str]:
-    """The sender's input nodes (``party.field``) the wire's source is computed from, inside the sender."""
-    party = wire.src_party
-    out: list[str] = []
-
-    def walk(n: str) -> None:
-        node = graph.nodes[n]
-        if node.kind == "input":
-            if n not in out:
-                out.append(n)
-            return
-        for d in node.inputs:
-            if graph.nodes[d].party == party:
-                walk(d)
-
-    walk(wire.src)
-    return out
 
 
 def loss_sources(graph: Graph, wire: Wire) -> list[Node]:
@@ -186,7 +167,7 @@ def _activation_wire(run: RunFolder, w: Wire, *, aux_fraction: float, seed: int,
                              "label_leakage": None, "why_not": {}}
     why = entry["why_not"]
     # -- what the receiver learns about the sender's raw inputs ------------------------------------
-    sources = raw_sources(run.graph, w)
+    sources = run.graph.raw_inputs(w.src)
     smashed = run.seen(w.dst_party, w.name, "forward", "last")
     if not sources:
         reason = (f"{w.src_party!r} computes {w.src!r} from no data of its own (only from tensors it received): "

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from ..graph import Graph, Wire, build_graph
 from ..plan import Plan, PlanError, load_plan
-from .run import AuditError, audit_run, raw_sources
+from .run import AuditError, audit_run
 
 __all__ = ["PARAMS", "FIGURES", "sweep", "parse_sweep", "swept_wires", "plan_with"]
 
@@ -69,7 +69,7 @@ def _values(param: str, raw: list[Any]) -> list[float]:
 def _eligible(graph: Graph, param: str) -> list[Wire]:
     acts = [w for w in graph.wires if w.carries == "activation"]
     if param == "nopeek.alpha":  # the sender compares the activations with its own raw inputs
-        return [w for w in acts if raw_sources(graph, w)]
+        return [w for w in acts if graph.raw_inputs(w.src)]
     if param == "label_protection.strength":  # the receiver computes a loss from it (holds the labels)
         return [w for w in acts if _receiver_has_loss(graph, w)]
     return acts
