@@ -92,3 +92,54 @@ def test_cost_command_prints_ours_beside_the_seed():
     assert res["assumptions"]
     bad = runner.invoke(app, ["cost", "--clients", "ten"])
     assert bad.exit_code == 2 and "expected positive integers" in bad.output
+
+
+def test_predict_with_damaged_weights_is_a_clear_error(tmp_path):
+    out = tmp_path / "v"
+    assert runner.invoke(app, ["run", str(EXAMPLES / "vanilla.toml"), "--in-process", "--epochs", "1", "--out", str(out),
+                               "-q"]).exit_code == 0
+    (out / "parties" / "server" / "weights.safetensors").write_bytes(b"not safetensors")
+    r = runner.invoke(app, ["predict", str(out)])
+    assert r.exit_code == 2 and "not a readable safetensors file" in r.output and "Traceback" not in r.output
+
+
+def test_plan_json_records_absolute_data_paths(tmp_path, monkeypatch):
+    csv = tmp_path / "plans" / "rows.csv"
+    csv.parent.mkdir()
+    csv.write_text("id,a,b,y\n" + "".join(f"{i},{i % 3},{i % 5},{i % 2}\n" for i in range(60)))
+    plan = tmp_path / "plans" / "p.toml"
+    plan.write_text("""
+name = "p"
+[data]
+dataset = "csv"
+path = "rows.csv"
+id_column = "id"
+label_column = "y"
+[train]
+epochs = 1
+[parties.a]
+holds = { x = "x", y = "y" }
+[parties.b]
+[networks.n]
+zoo = "mlp"
+args = { sizes = [2, 4, 2] }
+[segments.s1]
+party = "a"
+inputs = ["a.x"]
+network = "n"
+layers = [0, 2]
+[segments.s2]
+party = "b"
+inputs = ["s1"]
+network = "n"
+layers = [2, 3]
+[losses.y]
+input = "s2"
+target = "a.y"
+""")
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["run", str(plan), "--in-process", "--out", str(out), "-q"]).exit_code == 0
+    assert json.loads((out / "plan.json").read_text())["data"]["path"] == str(csv)
+    monkeypatch.chdir(tmp_path)  # elsewhere: predict still finds the rows
+    r = runner.invoke(app, ["predict", str(out)])
+    assert r.exit_code == 0, r.output

@@ -73,7 +73,7 @@ def test_factory_that_cannot_be_imported(vanilla):
 
 
 def test_factory_function_missing(vanilla):
-    vanilla["networks"]["mlp"] = {"factory": "torch.nn:no_such_function"}
+    vanilla["networks"]["mlp"] = {"factory": "tests.factories:no_such_function"}
     e = refused(vanilla, dry_run=True)
     assert "has no function 'no_such_function'" in str(e)
 
@@ -144,3 +144,10 @@ def test_party_names_that_clash_as_certificates(vanilla):
     bad = copy.deepcopy(vanilla)
     bad["parties"]["ca"] = bad["parties"].pop("server")
     assert "may not be 'ca'" in str(refused(bad))
+
+
+@pytest.mark.parametrize("factory", ["os:system", "subprocess:run", "torch:load", "builtins:eval", "pickle:loads"])
+def test_a_plan_cannot_call_system_or_unpickling_functions(vanilla, factory):
+    vanilla["networks"]["mlp"] = {"factory": factory, "args": {"command": "touch /tmp/splitlearn-pwned"}}
+    e = refused(vanilla, dry_run=True)
+    assert "is not a network factory" in str(e) and e.entry == "networks.mlp.factory"

@@ -170,3 +170,16 @@ def test_a_flooding_peer_is_counted_but_not_answered_forever():
         except Exception:  # noqa: BLE001 - TransportTimeout once drained
             break
     assert answers == 100
+
+
+def test_defense_noise_cannot_be_regenerated_from_the_plan():
+    """The noise comes from each party's secret: two runs of the same plan and seed differ."""
+    import tomllib
+
+    plan = tomllib.loads((EXAMPLES / "vanilla.toml").read_text())
+    plan["wires"] = {"bottom": {"noise": {"clip": 5.0, "sigma": 0.1}}}
+    a = splitlearn.train(plan, epochs=1)
+    b = splitlearn.train(plan, epochs=1)
+    assert a["metrics"]["train_loss"] != b["metrics"]["train_loss"]
+    plan["wires"] = {}
+    assert splitlearn.train(plan, epochs=1)["metrics"] == splitlearn.train(plan, epochs=1)["metrics"]

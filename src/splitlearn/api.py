@@ -16,7 +16,7 @@ from .plan import DataSpec, Plan, PlanError, load_plan
 from safetensors.torch import save_file
 
 from .observe import Recorder
-from .results import build_result, load_weights, save_weights, write_json
+from .results import build_result, load_weights, plan_record, save_weights, write_json
 from .runner import Step, check_plan, prepare, run_parties, session, setup_party
 
 __all__ = ["train", "predict"]
@@ -44,7 +44,7 @@ def train_prepared(plan: Plan, setups: dict, shapes: dict, *, out: str | Path | 
         out = Path(out)
         for party, s in setups.items():
             save_party(out / "parties" / party, s.modules, observers[party])
-        write_json(out / "plan.json", plan.model_dump(mode="json"))
+        write_json(out / "plan.json", plan_record(plan))
         write_json(out / "result.json", result)
     return result
 
@@ -90,7 +90,10 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
         if s.modules:
             if not path.is_file():
                 raise PlanError(f"no weights for party {p!r} at {path}", file=run_dir, hint="train with --out first")
-            load_weights(path, s.modules)
+            try:
+                load_weights(path, s.modules)
+            except ValueError as e:
+                raise PlanError(str(e), file=run_dir, hint="predict from the run folder the weights came from") from None
     shapes = check_plan(setups)
     first = next(iter(setups.values()))
     rows = first.splits.test if spec is None else np.arange(len(first.splits.ids))

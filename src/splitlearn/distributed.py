@@ -31,7 +31,7 @@ from .link import Link
 from .plan import Plan, PlanError
 from .api import save_party
 from .observe import Recorder
-from .results import build_result, write_json
+from .results import build_result, plan_record, write_json
 from .runner import PartyReport, RunError, Step, prepare, run_party, schedule, setup_party
 
 __all__ = ["connections", "run_one_party", "launch", "PartyFailed"]
@@ -163,8 +163,9 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
             folder = out / "parties" / name
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "error.json").unlink(missing_ok=True)
+            follow = name == lead and on_step is not None  # only a pipe somebody reads: a full one blocks
             cmd = [sys.executable, "-m", "splitlearn", "party", str(plan_path), "--name", name, "--out", str(out),
-                   "--listen", f"127.0.0.1:{ports[name]}", "--progress" if name == lead else "--quiet"]
+                   "--listen", f"127.0.0.1:{ports[name]}", "--progress" if follow else "--quiet"]
             cmd += ["--insecure"] if insecure else ["--certs", certs]
             for peer in plan.parties:
                 if peer != name:
@@ -174,7 +175,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
             if seed is not None:
                 cmd += ["--seed", str(seed)]
             with open(folder / "party.log", "w") as log:
-                procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE if name == lead else log, stderr=log,
+                procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE if follow else log, stderr=log,
                                                start_new_session=True, env=_child_env(len(plan.parties)))
         if on_step is not None:
             threading.Thread(target=_follow, args=(procs[lead].stdout, on_step), daemon=True).start()
@@ -194,7 +195,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
         raise RunError(errors)
     reports = {n: PartyReport(**json.loads((out / "parties" / n / "report.json").read_text())) for n in plan.parties}
     result = build_result(plan, graph, reports, {"transport": "grpc" + ("" if insecure else "+mtls")})
-    write_json(out / "plan.json", plan.model_dump(mode="json"))
+    write_json(out / "plan.json", plan_record(plan))
     write_json(out / "result.json", result)
     return result
 
@@ -240,3 +241,4 @@ def _stop(procs: dict[str, subprocess.Popen]) -> None:
             p.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

@@ -21,7 +21,8 @@ which every later message is checked.
 
 from __future__ import annotations
 
-import zlib
+import hashlib
+import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -94,13 +95,14 @@ class Party:
     def __init__(self, graph: Graph, name: str, link: Link, modules: dict[str, nn.Module],
                  optimizer: torch.optim.Optimizer | None, data: dict[str, torch.Tensor],
                  wire_shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None, timeout: float | None = 600.0,
-                 predicting: bool = False):
+                 predicting: bool = False, noise_secret: int | None = None):
         self.graph, self.name, self.link = graph, name, link
         self.meter = link.meter
         self.modules, self.optimizer, self.data = modules, optimizer, data
         self.wire_shapes = wire_shapes or {}
         self.timeout = timeout
         self.predicting = predicting  # a prediction run: no labels anywhere, not even at the handshake
+        self.noise_secret = secrets.randbits(128) if noise_secret is None else noise_secret
         self.nodes = graph.nodes
         self.order = graph.local_order(name)
         self.stages = graph.stages_of(name)
@@ -201,14 +203,15 @@ class Party:
                 st.out.targets[node.name] = target
         for w in self.sends_from.get(node.name, []):
             st.sent[w.name] = self._defend_forward(w, st)
-            self._send(Kind.ACTIVATION, w, st.step, st.sent[w.name])
+            self._send(Kind.ACTIVATION, w, st, st.sent[w.name])
 
     # -- defenses (configured per wire; see splitlearn.privacy) -----------------------------
 
     def _rng(self, step: int, wire: Wire, salt: int) -> torch.Generator:
-        """Reproducible noise: seeded by the plan seed, the step and the wire."""
-        key = f"{self.graph.plan.train.seed}/{step}/{wire.name}/{salt}".encode()
-        return torch.Generator().manual_seed(zlib.crc32(key))
+        """Defense noise: from this party's secret (never from the plan, which every party holds:
+        a receiver could regenerate and subtract it), the step and the wire."""
+        key = f"{self.noise_secret}/{step}/{wire.name}/{salt}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
     def _defend_forward(self, w: Wire, st: "_StepState") -> torch.Tensor:
         """What the sender puts on a wire: NoPeek adds a loss term; noise and randomized response change it."""
@@ -269,19 +272,24 @@ class Party:
             if wire.carries == "activation":
                 leaf = st.values[wire.src]
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                self._send(Kind.GRADIENT, wire, st.step, self._defend_backward(wire, s, st, grad))
+                self._send(Kind.GRADIENT, wire, st, self._defend_backward(wire, s, st, grad))
 
     # -- messages ---------------------------------------------------------------------------
 
-    def _send(self, kind: Kind, wire: Wire, step: int, t: torch.Tensor) -> None:
+    def _send(self, kind: Kind, wire: Wire, st: "_StepState", t: torch.Tensor) -> None:
         dst = wire.dst_party if kind == Kind.ACTIVATION else wire.src_party
+        codec = self.encoders[(wire.name, kind)]
+        if st.mode != "train":  # a codec's state (error feedback) belongs to training
+            codec = get_codec(codec.name)
         with self.meter.timed("compute"):
-            enc = self.encoders[(wire.name, kind)].encode(t.detach())
-        self.link.send(Message(kind, self.name, dst, step, wire.name, {"t": enc}))
+            enc = codec.encode(t.detach())
+        self.link.send(Message(kind, self.name, dst, st.step, wire.name, {"t": enc}))
 
     def _next_message(self, st: "_StepState", stages: list[Stage]) -> Message:
         if self._early.get(st.step):
             return self._early[st.step].pop(0)
+        for old in [k for k in self._early if k <= st.step]:
+            del self._early[old]
         try:
             return self.link.recv(self.timeout)
         except TransportTimeout:
@@ -302,7 +310,11 @@ class Party:
             self.link.refuse(msg.sender, f"unexpected {msg.kind.name} message during step {st.step}", msg.step)
             return
         if msg.step > st.step:
-            self._early.setdefault(msg.step, []).append(msg)
+            early = self._early.setdefault(msg.step, [])
+            if msg.step > st.step + 2 or len(early) >= 4 * len(self.wires):  # no honest party runs that far ahead
+                self.link.refuse(msg.sender, f"step {msg.step} is too far ahead of step {st.step}", msg.step, msg.wire)
+                return
+            early.append(msg)
             return
         if msg.step < st.step:
             return  # a duplicate of a finished step
@@ -350,6 +362,8 @@ class Party:
         if enc.codec != get_codec(want_codec).name:
             raise WireError(f"codec {enc.codec!r} where {want_codec!r} was agreed")
         if msg.kind == Kind.GRADIENT:
+            if wire.name not in st.sent:
+                raise WireError("a gradient for an activation not sent yet in this step")
             sent = st.sent[wire.name]
             want_dtype, want_shape = dtype_name(sent.dtype), tuple(sent.shape)
         elif st.mode == "handshake":

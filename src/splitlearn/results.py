@@ -55,6 +55,18 @@ def build_result(plan: Plan, graph: Graph, reports: dict, extra: dict[str, Any] 
     return result
 
 
+def plan_record(plan: Plan) -> dict[str, Any]:
+    """The plan as run, for ``plan.json``: data paths made absolute, so a later ``predict`` or
+    ``audit`` finds the files from wherever it is started."""
+    body = plan.model_dump(mode="json")
+    base = plan._source.parent.resolve() if plan._source else Path.cwd()
+    specs = [body["data"]] + [p["source"] for p in body["parties"].values() if p.get("source")]
+    for spec in specs:
+        if spec.get("path") and not Path(spec["path"]).expanduser().is_absolute():
+            spec["path"] = str(base / spec["path"])
+    return body
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file, fsync, rename): a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,11 +89,18 @@ def save_weights(path: Path, modules: dict[str, nn.Module]) -> None:
 
 def load_weights(path: Path, modules: dict[str, nn.Module]) -> None:
     """Load a party's segments saved by :func:`save_weights` (safetensors: no code is run)."""
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError: a damaged or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     for seg, m in modules.items():
         prefix = f"{seg}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         missing = set(m.state_dict()) - set(state)
         if missing:
             raise ValueError(f"{path}: no weights for {sorted(missing)[:3]} of segment {seg!r}; was it saved from this plan?")
-        m.load_state_dict(state)
+        try:
+            m.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: the weights of segment {seg!r} do not fit its network "
+                             f"(was the plan changed after training?): {str(e).splitlines()[0]}") from None

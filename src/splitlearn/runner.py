@@ -174,6 +174,10 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
             if any(len(torch.unique(t)) > 2 for t in targets):
                 raise PlanError(f"marvell label protection on {w.src!r} needs binary labels", entry=f"wires.{w.src}",
                                 hint='use label_protection = { kind = "max_norm" } for more than two classes')
+        if w.spec.randomized_response is not None and inputs.get(w.src) is not None \
+                and inputs[w.src].is_floating_point():
+            raise PlanError(f"randomized_response on {w.src!r} needs class labels, and {w.src!r} holds numbers",
+                            entry=f"wires.{w.src}", hint="use it on the labels of a classification loss")
     sample = {k: v[:1] for k, v in inputs.items()}
     modules = {k: m for s in setups.values() for k, m in s.modules.items()}
     modes = {k: m.training for k, m in modules.items()}

@@ -9,6 +9,7 @@ composed, unsplit model starts from identical weights.
 from __future__ import annotations
 
 import importlib
+import sys
 import zlib
 
 import torch
@@ -18,6 +19,12 @@ from ..plan import Plan, PlanError
 from .zoo import ZOO
 
 __all__ = ["build_network", "build_segment", "network_seed"]
+
+# Packages whose functions a plan may not call as factories: a plan file is data, and these
+# would let it run commands or load pickles (``os:system``, ``torch:load``, ...).
+_NOT_FACTORIES = {"torch", "numpy", "scipy", "sklearn", "pandas", "joblib", "dill", "cloudpickle", "safetensors",
+                  "grpc", "google", "splitlearn", "typer", "click", "rich", "matplotlib", "pydantic", "cryptography",
+                  "pip", "setuptools", "opacus", "IPython"}
 
 
 def network_seed(plan_seed: int, network: str) -> int:
@@ -33,6 +40,12 @@ def _factory(plan: Plan, name: str):
                             hint=f"choose one of {sorted(ZOO)} or give factory = 'package.module:function'")
         return ZOO[spec.zoo], f"{entry}.zoo"
     module_name, func_name = spec.factory.split(":")
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names or top in _NOT_FACTORIES:
+        raise PlanError(f"factory {spec.factory!r} is not a network factory: functions of {top!r} are refused",
+                        entry=f"{entry}.factory",
+                        hint="name a function of your own package that returns a torch.nn.Module "
+                        "(a plan's factory runs that code: only run plans you trust)")
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # ImportError, or an error raised while importing the user's module
