@@ -300,7 +300,7 @@ def run_party(party: Party, steps: Iterator[Step], on_step: Callable[[Step], Non
     """Run a party through the schedule; collect the metrics of the losses it computes."""
     metrics = _Metrics(party)
     epoch = None
-    timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0}
+    timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0, "first_step_s": 0.0, "first_step_samples": 0}
     with session(party, ids_hash):
         for step in steps:
             if epoch is not None and step.epoch != epoch:
@@ -309,7 +309,10 @@ def run_party(party: Party, steps: Iterator[Step], on_step: Callable[[Step], Non
             t0 = time.perf_counter()
             out = party.step(step.id, step.rows, step.mode)
             if step.mode == "train":
-                timing["train_s"] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                if not timing["train_steps"]:  # includes one-off work: FLOP counting, allocator warm-up
+                    timing["first_step_s"], timing["first_step_samples"] = dt, len(step.rows)
+                timing["train_s"] += dt
                 timing["train_samples"] += len(step.rows)
                 timing["train_steps"] += 1
             metrics.add(step, out)
