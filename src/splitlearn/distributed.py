@@ -116,7 +116,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
         transport.wait_connected(connect_timeout)
         party = Party(setup.graph, name, Link(transport), setup.modules, setup.optimizer, setup.inputs,
                       timeout=step_timeout)
-        recorder = party.observer = Recorder(setup.splits.ids)
+        recorder = party.observer = Recorder(setup.splits.ids) if out is not None else None
         report = run_party(party, schedule(plan, setup.splits), on_step, ids_hash=setup.ids_hash)
     finally:
         transport.close()
