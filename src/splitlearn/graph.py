@@ -67,9 +67,6 @@ class Graph:
     def parties(self) -> list[str]:
         return list(self.plan.parties)
 
-    def wire(self, name: str) -> Wire:
-        return next(w for w in self.wires if w.name == name)
-
     def wire_between(self, src: str, dst_party: str) -> Wire | None:
         return next((w for w in self.wires if w.src == src and w.dst_party == dst_party), None)
 
