@@ -304,17 +304,12 @@ class Party:
             if msg.sender in self._waiting_on(st, stages):
                 raise PartyError(f"{self.name}: party {msg.sender!r} finished while step {st.step} still waits for it")
             return
-        if msg.kind in (Kind.STOP, Kind.ERROR):
-            raise PartyError(f"{self.name}: party {msg.sender!r} stopped: {msg.text or 'no reason given'}")
+        self.raise_if_stopped(msg)
         if msg.kind not in (Kind.ACTIVATION, Kind.GRADIENT):
             self.link.refuse(msg.sender, f"unexpected {msg.kind.name} message during step {st.step}", msg.step)
             return
         if msg.step > st.step:
-            early = self._early.setdefault(msg.step, [])
-            if msg.step > st.step + 2 or len(early) >= 4 * len(self.wires):  # no honest party runs that far ahead
-                self.link.refuse(msg.sender, f"step {msg.step} is too far ahead of step {st.step}", msg.step, msg.wire)
-                return
-            early.append(msg)
+            self.keep_early(msg, st.step)
             return
         if msg.step < st.step:
             return  # a duplicate of a finished step
@@ -344,6 +339,19 @@ class Party:
             st.values[wire.src] = t
         else:
             st.grads.setdefault(wire.name, t)
+
+    def raise_if_stopped(self, msg: Message) -> None:
+        """An ERROR, or a STOP other than "done": the sender gave up, and so does this party."""
+        if msg.kind == Kind.ERROR or (msg.kind == Kind.STOP and msg.text != "done"):
+            raise PartyError(f"{self.name}: party {msg.sender!r} stopped: {msg.text or 'no reason given'}")
+
+    def keep_early(self, msg: Message, current: int) -> None:
+        """Keep a message of a later step for when this party gets there (a bounded number)."""
+        early = self._early.setdefault(msg.step, [])
+        if msg.step > current + 2 or len(early) >= 4 * len(self.wires):  # no honest party runs that far ahead
+            self.link.refuse(msg.sender, f"step {msg.step} is too far ahead of step {current}", msg.step, msg.wire)
+            return
+        early.append(msg)
 
     def _waiting_on(self, st: "_StepState", stages: list[Stage]) -> set[str]:
         """Parties this step still needs a message from."""

@@ -226,11 +226,13 @@ def session(party: Party, ids_hash: str = "") -> Iterator[None]:
         heard: set[str] = set()
         while heard != set(neighbours):
             msg = link.recv(party.timeout)
+            party.raise_if_stopped(msg)
             if msg.kind == Kind.HELLO and msg.sender in neighbours:
                 try:
                     theirs = json.loads(msg.text)
-                    assert isinstance(theirs, dict)
-                except (ValueError, AssertionError):
+                except ValueError:
+                    theirs = None
+                if not isinstance(theirs, dict):
                     link.refuse(msg.sender, "its hello is not a JSON object")
                     continue
                 for key, value in ours.items():
@@ -240,20 +242,17 @@ def session(party: Party, ids_hash: str = "") -> Iterator[None]:
                                              " (both must run the same plan file with the same --epochs/--seed)"
                                              if key == "plan_hash" else ""))
                 heard.add(msg.sender)
-            elif msg.kind in (Kind.ERROR, Kind.STOP):
-                raise PartyError(f"{me}: party {msg.sender!r} stopped: {msg.text}")
             else:
-                party._early.setdefault(msg.step, []).append(msg)
+                party.keep_early(msg, -2)  # before the handshake (step -1)
         party.step(-1, None, "handshake")
         yield
         for p in neighbours:
             link.send(Message(Kind.STOP, me, p, text="done"))
         while not set(neighbours) <= party.finished:
             msg = link.recv(party.timeout)
-            if msg.kind == Kind.STOP and msg.text == "done":
+            party.raise_if_stopped(msg)
+            if msg.kind == Kind.STOP:
                 party.finished.add(msg.sender)
-            elif msg.kind in (Kind.ERROR, Kind.STOP):
-                raise PartyError(f"{me}: party {msg.sender!r} stopped: {msg.text}")
     except (PartyError, PlanError, TransportError) as e:
         for p in neighbours:
             try:
