@@ -40,9 +40,16 @@ class Wire:
     dst_party: str
     carries: Literal["activation", "label"]
     consumers: tuple[str, ...]  # nodes at dst_party that read it
-    codec: str = "float32"  # forward
-    grad_codec: str = "float32"  # backward (activation wires only)
-    spec: WireSpec = field(default_factory=WireSpec)  # defenses and codecs as the plan gives them
+    spec: WireSpec = field(default_factory=WireSpec)  # codecs and defenses as the plan gives them
+
+    @property
+    def codec(self) -> str:
+        """Forward codec; labels always travel exactly."""
+        return "raw" if self.carries == "label" else self.spec.codec
+
+    @property
+    def grad_codec(self) -> str:
+        return self.spec.grad_codec
 
 
 @dataclass(frozen=True)
@@ -247,8 +254,7 @@ def build_graph(plan: Plan) -> Graph:
                             "no labels to protect", entry=f"{entry}.label_protection",
                             hint="protect the wire whose gradients the label holder returns")
         wires.append(Wire(name=f"{src}->{'+'.join(users)}", src=src, src_party=nodes[src].party, dst_party=dst_party,
-                          carries=carries, consumers=tuple(users),
-                          codec="raw" if carries == "label" else spec.codec, grad_codec=spec.grad_codec, spec=spec))
+                          carries=carries, consumers=tuple(users), spec=spec))
     for key in plan.wires:
         if not any(w.src == key for w in wires):
             raise PlanError(f"no wire leaves {key!r}", entry=f"wires.{key}",
