@@ -30,7 +30,27 @@ def train(plan: Plan | str | Path | dict, *, epochs: int | None = None, seed: in
     ``out`` receives ``result.json``, ``plan.json`` and ``parties/NAME/weights.safetensors``.
     """
     plan, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
+    if plan.clients is not None:
+        return train_clients(plan, out=out)
     return train_prepared(plan, setups, shapes, out=out, on_step=on_step, timeout=timeout)
+
+
+def train_clients(plan: Plan, *, out: str | Path | None = None, progress: Callable | None = None,
+                  faults: dict | None = None) -> dict[str, Any]:
+    """A plan with ``[clients]``: every client and fixed party in this process (see :mod:`splitlearn.federation`)."""
+    from .federation import merge_reports, run_clients
+
+    reports = run_clients(plan, progress=progress, faults=faults)
+    result = merge_reports(plan, reports)
+    result["transport"] = "in-process"
+    if out is not None:
+        out = Path(out)
+        for party, rep in reports.items():
+            if rep["modules"]:
+                save_weights(out / "parties" / party / "weights.safetensors", rep["modules"])
+        write_json(out / "plan.json", plan_record(plan))
+        write_json(out / "result.json", result)
+    return result
 
 
 def train_prepared(plan: Plan, setups: dict, shapes: dict, *, out: str | Path | None = None,

@@ -31,7 +31,7 @@ from .link import Link
 from .plan import Plan, PlanError
 from .api import save_party
 from .observe import Recorder
-from .results import build_result, plan_record, write_json
+from .results import build_result, plan_record, save_weights, write_json
 from .runner import PartyReport, RunError, Step, prepare, run_party, schedule, setup_party
 
 __all__ = ["connections", "run_one_party", "launch", "PartyFailed"]
@@ -76,24 +76,67 @@ class Endpoints:
 
 def endpoints(plan: Plan, name: str, listen: str | None, peers: dict[str, str]) -> Endpoints:
     """Where this party listens and whom it dials, from the command line or the plan."""
-    pairs = connections(plan)
+    pairs = _pairs(plan)
     dial_to = [lst for d, lst in pairs if d == name]
     accept = [d for d, lst in pairs if lst == name]
     dial = {}
     for peer in dial_to:
-        addr = peers.get(peer) or plan.parties[peer].address
+        addr = peers.get(peer) or (plan.parties[peer].address if peer in plan.parties else None)
         if not addr:
             raise PlanError(f"party {name!r} must dial {peer!r} but has no address for it", entry=f"parties.{peer}.address",
                             hint=f"pass --peer {peer}=HOST:PORT or set parties.{peer}.address in the plan")
         dial[peer] = addr
-    unknown = set(peers) - set(plan.parties)
+    names = _physical(plan)
+    unknown = set(peers) - set(names)
     if unknown:
-        raise PlanError(f"--peer names unknown parties {sorted(unknown)}", hint=f"parties are {sorted(plan.parties)}")
-    listen = listen or plan.parties[name].address
+        raise PlanError(f"--peer names unknown parties {sorted(unknown)}", hint=f"parties are {names[:8]}")
+    listen = listen or (plan.parties[name].address if name in plan.parties else None)
     if accept and not listen:
         raise PlanError(f"party {name!r} must listen for {accept} but has no address", entry=f"parties.{name}.address",
                         hint="pass --listen HOST:PORT or set the party's address in the plan")
     return Endpoints(listen if accept else None, dial, accept)
+
+
+def _physical(plan: Plan) -> list[str]:
+    """The processes a plan needs: its parties, or with ``[clients]`` every client and role."""
+    if plan.clients is None:
+        return list(plan.parties)
+    from .federation import roles
+
+    return roles(plan)
+
+
+def _pairs(plan: Plan) -> list[tuple[str, str]]:
+    if plan.clients is None:
+        return connections(plan)
+    from .federation import connections as client_connections
+
+    return client_connections(plan)
+
+
+def run_role(plan: Plan, name: str, transport_factory, out: Path | None, on_round=None) -> dict:
+    """One physical party of a plan with ``[clients]`` (see :mod:`splitlearn.federation`)."""
+    from .federation import Role, coordinator_of
+
+    spec = plan.clients
+    plays = spec.template if name in spec.names() else (name if name in plan.parties else None)
+    setup = setup_party(plan, plays) if plays is not None else None
+    transport = transport_factory()
+    try:
+        role = Role(plan, name, transport, setup)
+        if name == coordinator_of(plan):
+            role.coordinate(on_round)
+        else:
+            role.follow()
+    finally:
+        transport.close()
+    report = role.report()
+    if out is not None:
+        folder = Path(out) / "parties" / name
+        if setup is not None and setup.modules:
+            save_weights(folder / "weights.safetensors", setup.modules)
+        write_json(folder / "report.json", report)
+    return report
 
 
 def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, listen: str | None = None,
@@ -104,6 +147,28 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     from .transport.grpc import GrpcTransport
     from .transport.tls import load_credentials
 
+    from .plan import load_plan
+
+    plan = load_plan(plan_path).with_train(epochs=epochs, seed=seed)
+    if plan.clients is not None:
+        if name not in _physical(plan):
+            raise PlanError(f"no party {name!r} in the plan", hint=f"parties are {_physical(plan)[:8]} ...")
+        ends = endpoints(plan, name, listen, peers or {})
+        creds = load_credentials(certs, name) if certs is not None else None
+        clients = set(plan.clients.names())
+
+        def factory():
+            t = GrpcTransport(name, listen=ends.listen, dial=ends.dial, accept=ends.accept, credentials=creds,
+                              connect_timeout=connect_timeout,
+                              expendable=[p for p in (*ends.dial, *ends.accept) if p in clients])
+            t.start()
+            t.wait_connected(connect_timeout)
+            return t
+
+        report = run_role(plan, name, factory, out, on_round=(lambda r: on_step(Step(r.index, "train", r.epoch,
+                                                                                      torch.empty(0))))
+                          if on_step else None)
+        return PartyReport(name, meter=report["train"])
     plan, setup = _own_setup(plan_path, name, epochs, seed)
     if dial_out:
         plan = with_dial_out(plan, dial_out)
@@ -154,12 +219,18 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
     out = Path(out)
     graph = build_graph(plan)
     lead = next(n.party for n in graph.losses())
-    ports = {p: _free_port() for p in plan.parties}
+    names = _physical(plan)
+    pairs = _pairs(plan)
+    if plan.clients is not None:
+        from .federation import coordinator_of
+
+        lead = coordinator_of(plan)
+    ports = {p: _free_port() for p in names}
     procs: dict[str, subprocess.Popen] = {}
     with tempfile.TemporaryDirectory(prefix="splitlearn-certs-") as certs:
         if not insecure:
-            make_certs(list(plan.parties), Path(certs))
-        for name in plan.parties:
+            make_certs(names, Path(certs))
+        for name in names:
             folder = out / "parties" / name
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "error.json").unlink(missing_ok=True)
@@ -167,8 +238,8 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
             cmd = [sys.executable, "-m", "splitlearn", "party", str(plan_path), "--name", name, "--out", str(out),
                    "--listen", f"127.0.0.1:{ports[name]}", "--progress" if follow else "--quiet"]
             cmd += ["--insecure"] if insecure else ["--certs", certs]
-            for peer in plan.parties:
-                if peer != name:
+            for peer in names:
+                if peer != name and any(name in pair and peer in pair for pair in pairs):
                     cmd += ["--peer", f"{peer}=127.0.0.1:{ports[peer]}"]
             if epochs is not None:
                 cmd += ["--epochs", str(epochs)]
@@ -176,7 +247,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                 cmd += ["--seed", str(seed)]
             with open(folder / "party.log", "w") as log:
                 procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE if follow else log, stderr=log,
-                                               start_new_session=True, env=_child_env(len(plan.parties)))
+                                               start_new_session=True, env=_child_env(len(names)))
         if on_step is not None:
             threading.Thread(target=_follow, args=(procs[lead].stdout, on_step), daemon=True).start()
         try:
@@ -191,10 +262,34 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
             lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
             errors[name] = (json.loads(err_file.read_text())["error"] if err_file.is_file()
                             else (lines or [f"exit status {code}"])[-1])
+    if plan.clients is not None:
+        return _merge_roles(plan, out, names, errors, insecure)
     if errors:
         raise RunError(errors)
     reports = {n: PartyReport(**json.loads((out / "parties" / n / "report.json").read_text())) for n in plan.parties}
     result = build_result(plan, graph, reports, {"transport": "grpc" + ("" if insecure else "+mtls")})
+    write_json(out / "plan.json", plan_record(plan))
+    write_json(out / "result.json", result)
+    return result
+
+
+def _merge_roles(plan: Plan, out: Path, names: list[str], errors: dict[str, str], insecure: bool) -> dict:
+    """The result of a horizontal run over gRPC: a failed client is skipped (already in the
+    coordinator's report), a failed coordinator or fixed party fails the run."""
+    from .federation import merge_reports
+
+    clients = set(plan.clients.names())
+    fatal = {n: e for n, e in errors.items() if n not in clients}
+    if fatal:
+        raise RunError(fatal)
+    reports = {}
+    for n in names:
+        f = out / "parties" / n / "report.json"
+        if f.is_file():
+            reports[n] = json.loads(f.read_text())
+    result = merge_reports(plan, reports)
+    result["transport"] = "grpc" + ("" if insecure else "+mtls")
+    result["failed_processes"] = errors
     write_json(out / "plan.json", plan_record(plan))
     write_json(out / "result.json", result)
     return result

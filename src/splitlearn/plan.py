@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Plan", "PlanError", "load_plan", "plan_hash"]
+__all__ = ["Plan", "PlanError", "ClientsSpec", "load_plan", "plan_hash"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -191,6 +191,49 @@ class TrainSpec(_Strict):
     seed: int = 0
 
 
+class PartitionSpec(_Strict):
+    """How the training rows are shared among horizontal clients."""
+
+    kind: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0.0)  # dirichlet: small alpha gives each client few classes
+
+
+Schedule = Literal["sequential", "splitfed_v1", "splitfed_v2", "independent", "fedavg"]
+
+
+class ClientsSpec(_Strict):
+    """Horizontal clients: ``count`` copies of the plan party ``template`` (named ``template-1``,
+    ``template-2``, ...), each holding its own share of the training rows.
+
+    Schedules (see :mod:`splitlearn.schedule`): ``sequential`` (one client at a time; its
+    weights go to the next one, ``handoff`` peer-to-peer or through the coordinator),
+    ``splitfed_v1`` / ``splitfed_v2`` (every client trains each round; client halves averaged by
+    the ``federation`` role; v1 keeps a server copy per client, averaged too, v2 one shared
+    server), ``independent`` (no sharing), ``fedavg`` (the same averaging rounds, named for
+    plans where the client holds the whole model; ``local_steps = 1`` makes it large-batch SGD).
+    """
+
+    template: str
+    count: int = Field(ge=1, le=100_000)
+    partition: PartitionSpec = Field(default_factory=PartitionSpec)
+    schedule: Schedule = "sequential"
+    handoff: Literal["peer", "server"] = "peer"
+    federation: str | None = None  # who averages: a party of the plan, or a name of its own (a separate role)
+    local_epochs: int = Field(1, ge=1)  # averaging schedules: passes over the client's rows per round
+    local_steps: int | None = Field(None, ge=1)  # averaging schedules: batches per round instead (1 = large-batch SGD)
+    fraction: float = Field(1.0, gt=0.0, le=1.0)  # averaging schedules: share of clients drawn each round
+    timeout: float = Field(30.0, gt=0.0)  # seconds a client may take to answer before it is skipped
+
+    @field_validator("partition", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v  # `partition = "iid"`
+
+    def names(self) -> list[str]:
+        """The clients' party names: ``template-1`` ... ``template-count``."""
+        return [f"{self.template}-{k}" for k in range(1, self.count + 1)]
+
+
 class Plan(_Strict):
     """A split learning plan: a directed acyclic graph of inputs, segments and losses."""
 
@@ -203,6 +246,7 @@ class Plan(_Strict):
     segments: dict[str, SegmentSpec] = Field(min_length=1)
     losses: dict[str, LossSpec] = Field(min_length=1)
     wires: dict[str, WireSpec] = Field(default_factory=dict)
+    clients: ClientsSpec | None = None  # horizontal clients played by one party of the plan
     _source: Path | None = PrivateAttr(default=None)  # the TOML file, for relative data paths
 
     @model_validator(mode="after")
@@ -218,6 +262,21 @@ class Plan(_Strict):
         clash = set(self.segments) & set(self.losses)
         if clash:
             raise ValueError(f"names used for both a segment and a loss: {sorted(clash)}")
+        c = self.clients
+        if c is not None:
+            if c.template not in self.parties:
+                raise ValueError(f"clients.template {c.template!r} is not a party of the plan ({sorted(self.parties)})")
+            client = re.compile(rf"^{re.escape(c.template.lower())}-([1-9][0-9]*)$")
+            for other in [*self.parties, c.federation or ""]:
+                m = client.match(other.lower())
+                if m and int(m.group(1)) <= c.count:
+                    raise ValueError(f"{other!r} is also the name of a client ({c.template}-1 ... {c.template}-{c.count})")
+            if (c.federation or "").lower() == "ca":
+                raise ValueError("clients.federation may not be 'ca' (the certificate authority's file is ca.pem)")
+            if c.federation is not None and not _NAME.match(c.federation):
+                raise ValueError(f"clients.federation {c.federation!r} must be letters, digits, '_' or '-'")
+            if c.federation == c.template:
+                raise ValueError("clients.federation cannot be the client template: name the server or a role of its own")
         return self
 
     def with_train(self, **changes: Any) -> "Plan":

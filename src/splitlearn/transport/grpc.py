@@ -66,8 +66,10 @@ class GrpcTransport(Transport):
 
     def __init__(self, party: str, *, listen: str | None = None, dial: dict[str, str] | None = None,
                  accept: Iterable[str] = (), credentials: Credentials | None = None,
-                 connect_timeout: float = 60.0, max_message_bytes: int = 256 * 2**20):
+                 connect_timeout: float = 60.0, max_message_bytes: int = 256 * 2**20,
+                 expendable: Iterable[str] = ()):
         self.party, self.listen, self.dial = party, listen, dict(dial or {})
+        self.expendable = frozenset(expendable)  # peers whose lost connection is logged, not raised
         self.accept, self.credentials = frozenset(accept), credentials
         self.connect_timeout, self.max_message_bytes = connect_timeout, max_message_bytes
         if party in self.dial or party in self.accept or set(self.dial) & self.accept:
@@ -274,16 +276,20 @@ class GrpcTransport(Transport):
         out.put(bytes(data))
 
     def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
-        try:
-            item = self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            raise TransportTimeout(f"{self.party}: nothing received within {timeout} s") from None
-        if item is _CLOSED:
-            self._inbox.put(_CLOSED)  # keep later calls closed too
-            raise TransportClosed(f"{self.party}: transport closed")
-        if isinstance(item, _Lost):
-            raise TransportClosed(f"connection to {item.peer!r} lost: {item.reason}")
-        return item
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                item = self._inbox.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TransportTimeout(f"{self.party}: nothing received within {timeout} s") from None
+            if item is _CLOSED:
+                self._inbox.put(_CLOSED)  # keep later calls closed too
+                raise TransportClosed(f"{self.party}: transport closed")
+            if isinstance(item, _Lost):
+                if item.peer in self.expendable:  # e.g. a client of a schedule: it is skipped, not fatal
+                    continue
+                raise TransportClosed(f"connection to {item.peer!r} lost: {item.reason}")
+            return item
 
     def close(self, grace: float = 0.5) -> None:
         """Finish every stream (flushing what was sent, up to ``grace`` s), stop the server;

@@ -1,0 +1,588 @@
+"""Horizontal clients over any transport: a coordinator walks the schedule, everyone else follows.
+
+The physical parties of a plan with ``[clients]``:
+
+* **clients** ``T-1`` ... ``T-N`` play the plan's template party ``T``, one turn at a time, each
+  with its own weights, optimizer and share of the rows;
+* **fixed parties** (the plan's other parties, e.g. the server) take part in every turn;
+* the **coordinator** (the federation role if it is a plan party, else the first fixed party,
+  else the federation role) walks :func:`splitlearn.schedule.rounds` and tells each participant
+  what to do next; it waits for an answer at most ``clients.timeout`` seconds, and a client
+  that does not answer is skipped for that turn and reported (``skipped`` in the result): it
+  may answer again later and take its next turns;
+* the **federation** keeps the averaged client weights (sample-weighted FedAvg); it is the
+  coordinator unless ``clients.federation`` names a role of its own.
+
+A turn is the ordinary engine session (:func:`splitlearn.runner.run_party`) between the fixed
+parties and one client, over a :class:`~splitlearn.transport.bound.Bound` transport that lets
+``T-k`` speak as ``T``. Weights travel as ``WEIGHTS`` messages of raw tensors, checked
+against the receiver's own state names, dtypes and shapes; commands are small JSON texts with
+a deadline after which a late follower drops them. Every role meters what it sends and
+receives (training and weight traffic apart from evaluation traffic).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .codec import WireError, get_codec
+from .engine import Party, PartyError
+from .link import Link
+from .messages import Kind, Message
+from .metering import Meter
+from .plan import Plan, PlanError
+from .runner import PartySetup, RunError, make_optimizer, run_party, setup_party
+from .schedule import Round, Turn, averaging, client_shares, rounds
+from .transport import InProcessHub, TransportClosed, TransportError
+from .transport.base import Transport, TransportTimeout
+from .transport.bound import Bound
+
+__all__ = ["roles", "coordinator_of", "federation_of", "Role", "run_clients", "merge_reports"]
+
+log = logging.getLogger("splitlearn.federation")
+_RAW = get_codec("raw")
+
+
+def federation_of(plan: Plan) -> str:
+    """The party or role that averages client weights."""
+    spec = plan.clients
+    assert spec is not None
+    if spec.federation:
+        return spec.federation
+    fixed = [p for p in plan.parties if p != spec.template]
+    return fixed[0] if fixed else "federation"
+
+
+def coordinator_of(plan: Plan) -> str:
+    spec = plan.clients
+    assert spec is not None
+    fed = federation_of(plan)
+    fixed = [p for p in plan.parties if p != spec.template]
+    return fed if fed in plan.parties or not fixed else fixed[0]
+
+
+def roles(plan: Plan) -> list[str]:
+    """Every physical party of the plan: fixed parties, a separate federation, then the clients."""
+    spec = plan.clients
+    assert spec is not None
+    fixed = [p for p in plan.parties if p != spec.template]
+    fed = federation_of(plan)
+    return fixed + ([fed] if fed not in fixed else []) + spec.names()
+
+
+def ring_neighbours(plan: Plan, a: str, b: str) -> bool:
+    """Clients that hand weights to each other directly (``handoff = "peer"``): k and k+1, N and 1."""
+    names = plan.clients.names()
+    i, j = names.index(a), names.index(b)
+    return abs(i - j) == 1 or {i, j} == {0, len(names) - 1}
+
+
+def connections(plan: Plan) -> list[tuple[str, str]]:
+    """(dialer, listener) pairs of a horizontal plan: clients dial the fixed parties and the
+    federation; with peer hand-off each client also dials its ring predecessor."""
+    spec = plan.clients
+    assert spec is not None
+    fixed = [p for p in roles(plan) if p not in spec.names()]
+    from .graph import build_graph
+
+    graph = build_graph(plan)
+    out = []
+    for i, a in enumerate(fixed):  # fixed parties among themselves, as in a plan without clients
+        for b in fixed[i + 1:]:
+            if b in graph.neighbours(a) or coordinator_of(plan) in (a, b):
+                out.append((b, a))
+    names = spec.names()
+    for c in names:
+        out += [(c, f) for f in fixed]
+    if spec.schedule == "sequential" and spec.handoff == "peer" and len(names) > 1:
+        out += [(names[k], names[k - 1]) for k in range(1, len(names))]
+        if len(names) > 2:
+            out.append((names[0], names[-1]))
+    return out
+
+
+# -- weights on the wire -----------------------------------------------------------------------
+
+def state_of(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{seg}.{k}": v for seg, m in modules.items() for k, v in m.state_dict().items()}
+
+
+def weights_message(sender: str, receiver: str, state: dict[str, torch.Tensor], step: int = 0) -> Message:
+    return Message(Kind.WEIGHTS, sender, receiver, step, "weights",
+                   tensors={k: _RAW.encode(v.detach()) for k, v in state.items()})
+
+
+def read_weights(msg: Message, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a WEIGHTS message, checked name by name against our own state."""
+    if set(msg.tensors) != set(like):
+        missing, extra = sorted(set(like) - set(msg.tensors)), sorted(set(msg.tensors) - set(like))
+        raise WireError(f"weights from {msg.sender!r} do not fit: missing {missing[:3]}, unexpected {extra[:3]}",
+                        wire="weights")
+    out = {}
+    for k, enc in msg.tensors.items():
+        ref = like[k]
+        if tuple(enc.shape) != tuple(ref.shape) or enc.dtype != str(ref.dtype).removeprefix("torch."):
+            raise WireError(f"weight {k!r} from {msg.sender!r} is {enc.dtype}{list(enc.shape)}, expected "
+                            f"{str(ref.dtype).removeprefix('torch.')}{list(ref.shape)}", wire="weights")
+        out[k] = _RAW.decode(enc)
+    return out
+
+
+def load_state(modules: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, v in state_of(modules).items():
+            v.copy_(state[k])
+
+
+def average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Sample-weighted mean of floating-point entries; integer entries (counters) from the first."""
+    total = float(sum(weights))
+    out = {}
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            out[k] = sum(s[k].double() * (w / total) for s, w in zip(states, weights)).to(v.dtype)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+@dataclass
+class Context:
+    """What every party derives alike from the plan: the graph, the clients' rows, the rounds."""
+
+    graph: Any
+    ids_hash: str
+    shares: list[np.ndarray]
+    rounds: list[Round]
+    turns: dict[int, Turn]
+
+    @classmethod
+    def of(cls, plan: Plan, setup: PartySetup) -> "Context":
+        shares = client_shares(plan, setup.splits.train, _labels(plan, setup))
+        rs = rounds(plan, shares, setup.splits.test)
+        return cls(setup.graph, setup.ids_hash, shares, rs, {t.index: t for r in rs for t in (*r.train, *r.evals)})
+
+
+# -- one physical party ------------------------------------------------------------------------
+
+@dataclass
+class _Answer:
+    ok: dict[str, Message] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+
+class Role:
+    """One physical party of a horizontal plan: what it holds and how it acts on commands."""
+
+    def __init__(self, plan: Plan, name: str, transport: Transport, setup: PartySetup | None = None, *,
+                 timeout: float | None = None, fault: Callable[[dict], None] | None = None,
+                 context: "Context | None" = None):
+        spec = plan.clients
+        if spec is None:
+            raise PlanError("the plan has no [clients] section")
+        self.plan, self.spec, self.name = plan, spec, name
+        self.clients = spec.names()
+        self.coordinator, self.federation = coordinator_of(plan), federation_of(plan)
+        if name not in roles(plan):
+            raise PlanError(f"no party {name!r} in this plan", hint=f"parties are {roles(plan)[:6]} ...")
+        self.plays = spec.template if name in self.clients else (name if name in plan.parties else None)
+        self.setup = setup if setup is not None or self.plays is None else setup_party(plan, self.plays)
+        self.timeout = spec.timeout if timeout is None else timeout
+        self.link = Link(transport, Meter(name))
+        self.eval_meter = Meter(name)
+        self.fault = fault  # tests: called with each command before it is carried out
+        ctx = context or Context.of(plan, self.setup or setup_party(plan, next(iter(plan.parties))))
+        self.graph, self.ids_hash, self.rounds, self.turns = ctx.graph, ctx.ids_hash, ctx.rounds, ctx.turns
+        self.records: list[dict] = []
+        self.skipped: list[dict] = []
+        self.refused: list[str] = []
+        self.global_state: dict[str, torch.Tensor] | None = None  # federation: the averaged client weights
+        if name == self.federation:
+            self.global_state = {k: v.clone() for k, v in state_of(
+                {s: _build(plan, s) for s in _segments_of(self.graph, spec.template)}).items()}
+        self.copies: dict[str, tuple[dict, torch.optim.Optimizer | None]] = {}  # splitfed_v1: per-client server copies
+
+    # -- messages ---------------------------------------------------------------------------
+    def _send(self, kind: Kind, to: str, text: Any = None) -> None:
+        self.link.send(Message(kind, self.name, to, text=json.dumps(text) if text is not None else ""))
+
+    def _command(self, party: str, **cmd: Any) -> None:
+        self._send(Kind.STEP, party, {**cmd, "deadline": time.time() + self.timeout})
+
+    def _await(self, kind: Kind, senders: list[str], timeout: float) -> _Answer:
+        """Messages of ``kind`` from each of ``senders``; those that do not come in time are missing."""
+        want, got = set(senders), {}
+        deadline = time.monotonic() + timeout
+        while want - set(got):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                msg = self.link.recv(left)
+            except TransportTimeout:
+                break
+            if msg.kind == kind and msg.sender in want:
+                got[msg.sender] = msg
+            elif msg.kind == Kind.ERROR:
+                log.info("%s: %s", self.name, msg.text)
+            else:
+                log.debug("%s: ignoring a late %s from %s", self.name, msg.kind.name, msg.sender)
+        return _Answer(got, [s for s in senders if s not in got])
+
+    # -- a turn ----------------------------------------------------------------------------
+    def _models(self, turn: Turn, client: str) -> tuple[dict, torch.optim.Optimizer | None]:
+        if self.spec.schedule == "splitfed_v1" and self.plays != self.spec.template and turn.mode == "train":
+            if client not in self.copies:
+                mods = copy.deepcopy(self.setup.modules)
+                self.copies[client] = (mods, make_optimizer(self.plan, self.plays, mods))
+            return self.copies[client]
+        return self.setup.modules, self.setup.optimizer
+
+    def run_turn(self, turn: Turn, client: str) -> bool:
+        """Take part in one turn with ``client``; False if it failed (the peer is reported as skipped)."""
+        t = self.spec.template
+        bound = Bound(self.link.transport, self.plays, {} if self.plays == t else {t: client})
+        link = Link(bound, self.link.meter if turn.mode == "train" else self.eval_meter)
+        modules, optimizer = self._models(turn, client)
+        party = Party(self.graph, self.plays, link, modules, optimizer, self.setup.inputs, timeout=self.timeout)
+        try:
+            report = run_party(party, iter(turn.steps), ids_hash=self.ids_hash)
+        except (PartyError, PlanError, TransportTimeout) as e:
+            self.refused += link.refused
+            log.warning("%s: turn %d with %s failed: %s", self.name, turn.index, client, e)
+            return False
+        self.refused += link.refused
+        losses = {}
+        for loss, h in report.metrics.items():
+            key = "train_loss" if turn.mode == "train" else "test_loss"
+            losses[loss] = {k: v[0] for k, v in h.items() if v}
+            losses[loss].setdefault(key, None)
+        self.records.append({"turn": turn.index, "round": turn.round, "epoch": turn.steps[0].epoch if turn.steps else 0,
+                             "mode": turn.mode, "client": client, "rows": turn.rows, "losses": losses,
+                             "train_s": report.meter.get("train_s", 0.0)})
+        return True
+
+    # -- weights ---------------------------------------------------------------------------
+    def _client_state(self) -> dict[str, torch.Tensor]:
+        return state_of(self.setup.modules)
+
+    def send_weights(self, to: str) -> None:
+        state = self.global_state if self.name == self.federation and self.plays != self.spec.template \
+            else self._client_state()
+        self.link.send(weights_message(self.name, to, state))
+
+    def collect(self, clients: list[str], samples: list[int]) -> list[str]:
+        """Federation: receive the clients' weights, average them (by samples); who answered."""
+        ans = self._await(Kind.WEIGHTS, clients, self.timeout)
+        states, weights = [], []
+        for c, n in zip(clients, samples):
+            if c in ans.ok:
+                try:
+                    states.append(read_weights(ans.ok[c], self.global_state))
+                    weights.append(n)
+                except WireError as e:
+                    self.link.refuse(c, str(e), wire="weights")
+        if states:
+            self.global_state = average(states, weights)
+        return [c for c in clients if c in ans.ok]
+
+    # -- follower ------------------------------------------------------------------------------
+    def follow(self) -> None:
+        """Carry out the coordinator's commands until it says stop (clients, fixed parties, federation)."""
+        while True:
+            try:
+                msg = self.link.recv(None)
+            except TransportClosed:
+                return
+            if msg.kind == Kind.WEIGHTS and self.plays == self.spec.template:
+                try:
+                    load_state(self.setup.modules, read_weights(msg, self._client_state()))
+                except WireError as e:
+                    self.link.refuse(msg.sender, str(e), wire="weights")
+                    continue
+                self._send(Kind.ACK, self.coordinator, {"loaded": msg.sender})
+                continue
+            if msg.kind != Kind.STEP or msg.sender != self.coordinator:
+                if msg.kind == Kind.ERROR:
+                    log.info("%s: %s", self.name, msg.text)
+                continue
+            try:
+                cmd = json.loads(msg.text)
+                do = cmd["do"]
+            except (ValueError, KeyError, TypeError):
+                self.link.refuse(msg.sender, "a command that is not JSON with a 'do'")
+                continue
+            if self.fault is not None:
+                self.fault(cmd)
+            if do == "stop":
+                return
+            if time.time() > float(cmd.get("deadline", 0)):
+                log.info("%s: dropping a command that is past its deadline: %s", self.name, do)
+                continue
+            if do == "turn" and int(cmd.get("turn", -1)) in self.turns:
+                self.run_turn(self.turns[int(cmd["turn"])], str(cmd["client"]))
+            elif do == "send":
+                self.send_weights(str(cmd["to"]))
+            elif do == "collect" and self.name == self.federation:
+                got = self.collect(list(cmd["clients"]), [int(n) for n in cmd["samples"]])
+                self._send(Kind.ACK, self.coordinator, {"averaged": got})
+            elif do == "download" and self.name == self.federation:
+                for c in cmd["clients"]:
+                    self.send_weights(str(c))
+            else:
+                self.link.refuse(msg.sender, f"unknown command {do!r}")
+
+    # -- coordinator ---------------------------------------------------------------------------
+    def coordinate(self, progress: Callable[[Round], None] | None = None) -> None:
+        """Walk every round; skip clients that do not answer; stop everyone at the end."""
+        fixed = [p for p in self.plan.parties if p != self.spec.template and p != self.name]
+        others = fixed + ([self.federation] if self.federation not in (self.name, *fixed) else [])
+        holder: str | None = None  # sequential: the client with the latest weights
+        try:
+            for rnd in self.rounds:
+                names = [self.clients[k] for k in rnd.clients]
+                if rnd.average:
+                    names = self._download(rnd, names)
+                done = []
+                for turn in rnd.train:
+                    c = self.clients[turn.client]
+                    if c not in names:
+                        continue
+                    if self.spec.schedule == "sequential" and holder is not None and holder != c:
+                        self._handoff(rnd, holder, c)
+                    if self._turn(rnd, turn, c, fixed):
+                        done.append(c)
+                        holder = c
+                if rnd.average and done:
+                    self._average(rnd, done)
+                    if self.spec.schedule == "splitfed_v1":
+                        self._average_copies(rnd, done)
+                for turn in rnd.evals:
+                    c = self.clients[turn.client] if turn.client is not None else (holder if not rnd.average
+                                                                                  else (done or [None])[0])
+                    if c is not None:
+                        self._turn(rnd, turn, c, fixed)
+                if progress is not None:
+                    progress(rnd)
+        finally:
+            for p in [*others, *self.clients]:
+                try:
+                    self._send(Kind.STEP, p, {"do": "stop"})
+                except TransportError:
+                    pass
+
+    def _skip(self, rnd: Round, client: str, what: str, why: str) -> None:
+        self.skipped.append({"round": rnd.index, "client": client, "during": what, "reason": why})
+        log.warning("%s: skipped %s in round %d (%s): %s", self.name, client, rnd.index, what, why)
+
+    def _turn(self, rnd: Round, turn: Turn, client: str, fixed: list[str]) -> bool:
+        for p in [client, *fixed]:
+            try:
+                self._command(p, do="turn", turn=turn.index, client=client)
+            except TransportError as e:
+                self._skip(rnd, client, f"{turn.mode} turn", f"cannot reach {p}: {e}")
+                return False
+        if self.run_turn(turn, client):
+            return True
+        self._skip(rnd, client, f"{turn.mode} turn", f"no complete answer within {self.timeout:g} s")
+        return False
+
+    def _handoff(self, rnd: Round, holder: str, client: str) -> None:
+        """Sequential: the latest weights go from ``holder`` to ``client`` (peer-to-peer between ring
+        neighbours, else through this coordinator)."""
+        try:
+            if self.spec.handoff == "peer" and ring_neighbours(self.plan, holder, client):
+                self._command(holder, do="send", to=client)
+            else:
+                self._command(holder, do="send", to=self.name)
+                got = self._await(Kind.WEIGHTS, [holder], self.timeout)
+                if holder not in got.ok:
+                    self._skip(rnd, holder, "hand-off", f"its weights did not come within {self.timeout:g} s; "
+                                                        f"{client} trains on from its own")
+                    return
+                self.link.send(Message(Kind.WEIGHTS, self.name, client, 0, "weights", got.ok[holder].tensors))
+        except TransportError as e:
+            self._skip(rnd, holder, "hand-off", str(e))
+            return
+        if client not in self._await(Kind.ACK, [client], self.timeout).ok:
+            self._skip(rnd, client, "hand-off", f"no acknowledgement within {self.timeout:g} s")
+
+    def _download(self, rnd: Round, names: list[str]) -> list[str]:
+        """Averaging schedules: the round's clients receive the federation's weights; who did."""
+        try:
+            if self.federation == self.name:
+                for c in names:
+                    self.send_weights(c)
+            else:
+                self._command(self.federation, do="download", clients=names)
+        except TransportError as e:
+            log.warning("%s: download: %s", self.name, e)
+        ans = self._await(Kind.ACK, names, self.timeout)
+        for c in ans.missing:
+            self._skip(rnd, c, "download", f"no acknowledgement within {self.timeout:g} s")
+        return [c for c in names if c in ans.ok]
+
+    def _average(self, rnd: Round, done: list[str]) -> None:
+        samples = [rnd.samples[self.clients.index(c)] for c in done]
+        for c in done:
+            self._command(c, do="send", to=self.federation)
+        if self.federation == self.name:
+            got = self.collect(done, samples)
+        else:
+            self._command(self.federation, do="collect", clients=done, samples=samples)
+            ans = self._await(Kind.ACK, [self.federation], 2 * self.timeout)
+            got = json.loads(ans.ok[self.federation].text)["averaged"] if ans.ok else []
+        for c in done:
+            if c not in got:
+                self._skip(rnd, c, "averaging", f"its weights did not come within {self.timeout:g} s")
+
+    def _average_copies(self, rnd: Round, done: list[str]) -> None:
+        """SplitFed v1: the server copies of this round's clients, averaged into the server model."""
+        states = [state_of(self.copies[c][0]) for c in done if c in self.copies]
+        weights = [rnd.samples[self.clients.index(c)] for c in done if c in self.copies]
+        if states:
+            load_state(self.setup.modules, average(states, weights))
+        self.copies.clear()
+
+    # -- report --------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        return {"name": self.name, "plays": self.plays, "train": self.link.meter.summary(),
+                "eval": self.eval_meter.summary(), "records": self.records, "skipped": self.skipped,
+                "refused": self.refused + self.link.refused}
+
+
+def _segments_of(graph, party: str) -> list[str]:
+    return [n for n in graph.local_order(party) if graph.nodes[n].kind == "segment"]
+
+
+def _build(plan: Plan, segment: str) -> nn.Module:
+    from .models import build_segment
+
+    return build_segment(plan, segment)
+
+
+def _labels(plan: Plan, setup: PartySetup) -> np.ndarray | None:
+    """Class labels of the training rows, for a Dirichlet partition (from the loss target)."""
+    from .runner import party_table
+
+    table = party_table(plan, plan.clients.template)
+    table = table.align(setup.splits.ids)
+    y = table.fields.get("y")
+    if y is None or np.asarray(y).dtype.kind not in "iub":
+        return None
+    return np.asarray(y)[setup.splits.train]
+
+
+# -- in-process ----------------------------------------------------------------------------------
+
+def run_clients(plan: Plan, *, timeout: float | None = None, progress: Callable[[Round], None] | None = None,
+                faults: dict[str, Callable[[dict], None]] | None = None) -> dict[str, dict]:
+    """Every physical party of a horizontal plan in a thread of this process; their reports."""
+    names = roles(plan)
+    hub = InProcessHub(names)
+    cache: dict = {}
+    template = plan.clients.template
+    first = setup_party(plan, template, cache)
+    fixed = {p: setup_party(plan, p, cache) for p in plan.parties if p != template}
+    made: dict[str, Role] = {}
+    ctx = Context.of(plan, first)
+    for n in names:
+        if n in plan.clients.names():
+            mods = {s: _build(plan, s) for s in first.modules}
+            s = PartySetup(plan, first.graph, template, mods, make_optimizer(plan, template, mods), first.inputs,
+                           first.splits)
+        else:
+            s = fixed.get(n)
+        made[n] = Role(plan, n, hub.transport(n), s, timeout=timeout, fault=(faults or {}).get(n), context=ctx)
+    coord = coordinator_of(plan)
+    errors: dict[str, str] = {}
+
+    def work(n: str) -> None:
+        try:
+            made[n].coordinate(progress) if n == coord else made[n].follow()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors[n] = f"{type(e).__name__}: {e}"
+            if n == coord:
+                hub.close()
+
+    threads = [threading.Thread(target=work, args=(n,), name=f"role-{n}", daemon=True) for n in names]
+    for t in threads:
+        t.start()
+    threads[names.index(coord)].join()
+    hub.close()  # followers still waiting (a skipped client) stop here
+    for t in threads:
+        t.join(timeout=5)
+    if coord in errors:
+        raise RunError({coord: errors[coord]})
+    return {n: {**r.report(), "modules": r.setup.modules if r.setup else {}} for n, r in made.items()}
+
+
+def merge_reports(plan: Plan, reports: dict[str, dict]) -> dict[str, Any]:
+    """The result of a horizontal run: metrics per epoch, per-party and per-client accounting."""
+    spec = plan.clients
+    by_epoch: dict[int, dict[str, list]] = {}
+    seen: set[tuple] = set()
+    for rep in reports.values():
+        for r in rep["records"]:
+            for loss, v in r["losses"].items():
+                key = (r["turn"], loss)
+                if key in seen:
+                    continue
+                seen.add(key)
+                e = by_epoch.setdefault(r["epoch"], {"train": [], "test": [], "acc": []})
+                if r["mode"] == "train" and v.get("train_loss") is not None:
+                    e["train"].append((v["train_loss"], r["rows"]))
+                if r["mode"] == "eval":
+                    if v.get("test_loss") is not None:
+                        e["test"].append((v["test_loss"], r["rows"]))
+                    if v.get("test_accuracy") is not None:
+                        e["acc"].append((v["test_accuracy"], r["rows"]))
+
+    def mean(pairs: list) -> float | None:
+        n = sum(w for _, w in pairs)
+        return sum(x * w for x, w in pairs) / n if n else None
+
+    epochs = sorted(by_epoch)
+    metrics: dict[str, Any] = {"train_loss": [mean(by_epoch[e]["train"]) for e in epochs],
+                               "test_loss": [mean(by_epoch[e]["test"]) for e in epochs]}
+    acc = [mean(by_epoch[e]["acc"]) for e in epochs]
+    if any(a is not None for a in acc):
+        metrics["test_accuracy"] = [a for a in acc if a is not None][-1]
+        metrics["test_accuracy_per_epoch"] = acc
+    parties = {}
+    for n, rep in reports.items():
+        tr, ev = rep["train"], rep["eval"]
+        parties[n] = {"plays": rep["plays"], "bytes_sent": tr["bytes_sent"], "bytes_received": tr["bytes_received"],
+                      "flops": tr["flops"], "flops_forward": tr["flops_forward"], "flops_backward": tr["flops_backward"],
+                      "compute_s": tr["compute_s"], "wait_s": tr["wait_s"], "sent": tr["sent"], "received": tr["received"],
+                      "eval": {k: ev[k] for k in ("bytes_sent", "bytes_received", "flops")},
+                      "refused": rep["refused"][:20]}
+    clients = [parties[c] for c in spec.names() if c in parties]
+
+    def per_client(key: str) -> dict[str, float]:
+        vals = [c["bytes_sent"] + c["bytes_received"] if key == "bytes" else c[key] for c in clients]
+        return {"mean": float(np.mean(vals)), "max": float(np.max(vals)), "min": float(np.min(vals))}
+
+    coord = coordinator_of(plan)
+    return {
+        "plan": plan.name, "epochs": plan.train.epochs, "seed": plan.train.seed,
+        "schedule": {"kind": spec.schedule, "clients": spec.count, "partition": spec.partition.model_dump(),
+                     **({"handoff": spec.handoff} if spec.schedule == "sequential" else {}),
+                     **({"federation": federation_of(plan), "local_epochs": spec.local_epochs,
+                         "local_steps": spec.local_steps, "fraction": spec.fraction} if averaging(spec) else {}),
+                     "coordinator": coord},
+        "metrics": metrics,
+        "per_client": {"flops": per_client("flops"), "bytes": per_client("bytes")},
+        "skipped": reports[coord]["skipped"],
+        "parties": parties,
+    }

@@ -1,0 +1,144 @@
+"""Schedules for horizontal clients: who trains on which rows, in which order (pure logic).
+
+A plan with a ``[clients]`` section has ``count`` clients that all play its ``template`` party,
+each on its own share of the training rows (:func:`client_shares`). :func:`rounds` lists, for
+every round, the *turns*: one client running a list of steps against the plan's other parties
+(the same steps :func:`splitlearn.runner.schedule` yields for a single client), and what
+happens to the client weights around them:
+
+=============== ====================================================================
+sequential      clients in turn over their rows (one round = one epoch); the weights
+                of the client that trained last go to the next (``handoff``).
+splitfed_v1/v2  every drawn client trains each round from the averaged weights,
+fedavg          then the federation averages them (sample-weighted FedAvg); v1 also
+                keeps a server copy per client, averaged the same way.
+independent     clients in turn, no weights shared; each is evaluated on its own.
+=============== ====================================================================
+
+Every party computes the same rounds from the plan, so only "go" decisions travel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .data import batches, partition
+from .plan import ClientsSpec, Plan
+
+__all__ = ["Turn", "Round", "client_shares", "rounds", "averaging"]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Steps one client runs against the fixed parties; ``client`` is None for an evaluation
+    turn whose client the coordinator picks when it gets there (the holder of the latest weights)."""
+
+    index: int
+    round: int
+    mode: str  # "train" or "eval"
+    client: int | None
+    steps: tuple  # of runner.Step
+
+    @property
+    def rows(self) -> int:
+        return sum(len(s.rows) for s in self.steps)
+
+
+@dataclass(frozen=True)
+class Round:
+    index: int
+    epoch: int  # the epoch this round belongs to (metrics are reported per epoch)
+    clients: tuple[int, ...]  # who trains, in order
+    train: tuple[Turn, ...]
+    evals: tuple[Turn, ...] = ()  # after the round (and after averaging); empty between epochs
+    average: bool = False  # the federation averages the clients' weights after the train turns
+    samples: dict[int, int] = field(default_factory=dict)  # client -> rows it trains on this round (FedAvg weights)
+
+
+def averaging(spec: ClientsSpec) -> bool:
+    return spec.schedule in ("splitfed_v1", "splitfed_v2", "fedavg")
+
+
+def client_shares(plan: Plan, train_rows: np.ndarray, labels: np.ndarray | None) -> list[np.ndarray]:
+    """Each client's training rows (positions into the aligned data), from the plan's partition."""
+    spec = plan.clients
+    assert spec is not None
+    alpha = spec.partition.alpha if spec.partition.kind == "dirichlet" else None
+    if alpha is not None and labels is None:
+        from .plan import PlanError
+
+        raise PlanError("a dirichlet partition needs class labels in the data", entry="clients.partition",
+                        hint='use partition = "iid"')
+    parts = partition(labels if labels is not None else np.zeros(len(train_rows)), spec.count, alpha=alpha,
+                      seed=plan.train.seed)
+    return [train_rows[p] for p in parts]
+
+
+def _steps(ids: Iterator[int], rows: list[np.ndarray], mode: str, epoch: int) -> tuple:
+    from .runner import Step
+
+    return tuple(Step(next(ids), mode, epoch, torch.from_numpy(np.asarray(b))) for b in rows)
+
+
+def rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[Round]:
+    """Every round of the plan's schedule, with globally numbered steps (the same at every party)."""
+    spec, t = plan.clients, plan.train
+    assert spec is not None
+    ids = iter(range(1 << 62))
+    turn_ids = iter(range(1 << 62))
+    n = spec.count
+    rng = np.random.default_rng([t.seed, 7])
+
+    def batches_of(k: int, pass_: int) -> list[np.ndarray]:
+        return [shares[k][b] for b in batches(len(shares[k]), t.batch_size, t.seed, pass_ * 100_003 + k)]
+
+    def evals(r: int, epoch: int, clients: list[int | None]) -> tuple[Turn, ...]:
+        test = [test_rows[b] for b in batches(len(test_rows), t.eval_batch_size, t.seed, epoch, shuffle=False)]
+        return tuple(Turn(next(turn_ids), r, "eval", c, _steps(ids, test, "eval", epoch)) for c in clients)
+
+    out: list[Round] = []
+    if not averaging(spec):  # sequential, independent: one round per epoch, every client in order
+        for epoch in range(t.epochs):
+            order = list(range(n))
+            train = tuple(Turn(next(turn_ids), epoch, "train", k, _steps(ids, batches_of(k, epoch), "train", epoch))
+                          for k in order)
+            who: list[int | None] = list(range(n)) if spec.schedule == "independent" else [None]
+            out.append(Round(epoch, epoch, tuple(order), train, evals(epoch, epoch, who),
+                             samples={k: len(shares[k]) for k in order}))
+        return out
+    # averaging schedules: a round is local_epochs passes, or local_steps batches, per drawn client
+    per_pass = max(math.ceil(len(s) / t.batch_size) for s in shares)
+    if spec.local_steps is None:
+        total, per_epoch = math.ceil(t.epochs / spec.local_epochs), 1
+    else:
+        per_epoch = max(1, math.ceil(per_pass / spec.local_steps))
+        total = t.epochs * per_epoch
+    cursor = [0] * n  # batches each client has consumed (its stream of passes)
+    for r in range(total):
+        drawn = max(1, round(spec.fraction * n))
+        clients = sorted(rng.choice(n, size=drawn, replace=False).tolist()) if drawn < n else list(range(n))
+        epoch = r // per_epoch  # local_epochs: one round is one reporting period
+        train = []
+        samples = {}
+        for k in clients:
+            if spec.local_steps is None:
+                first = cursor[k] // max(1, math.ceil(len(shares[k]) / t.batch_size))
+                rows = [b for p in range(first, first + spec.local_epochs) for b in batches_of(k, p)]
+            else:
+                rows = []
+                for _ in range(spec.local_steps):
+                    nb = math.ceil(len(shares[k]) / t.batch_size)
+                    p, i = divmod(cursor[k] + len(rows), nb)
+                    rows.append(batches_of(k, p)[i])
+            cursor[k] += len(rows)
+            samples[k] = sum(len(b) for b in rows)
+            train.append(Turn(next(turn_ids), r, "train", k, _steps(ids, rows, "train", epoch)))
+        last_of_epoch = (r + 1) % per_epoch == 0 or r == total - 1
+        out.append(Round(r, epoch, tuple(clients), tuple(train), evals(r, epoch, [None]) if last_of_epoch else (),
+                         True, samples))
+    return out
