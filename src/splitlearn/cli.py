@@ -43,10 +43,19 @@ def _summary(result: dict) -> None:
     table = Table(title="per party", show_lines=False)
     for col in ("party", "bytes sent", "bytes received", "FLOPs", "compute s", "wait s"):
         table.add_column(col, justify="right" if col != "party" else "left")
-    for name, p in result["parties"].items():
+    rows = list(result["parties"].items())
+    for name, p in rows[:12]:
         table.add_row(name, _human(p["bytes_sent"], "B"), _human(p["bytes_received"], "B"), _human(p["flops"]),
                       f"{p['compute_s']:.2f}", f"{p['wait_s']:.2f}")
+    if len(rows) > 12:
+        table.add_row(f"... {len(rows) - 12} more", "", "", "", "", "")
     console.print(table)
+    if "per_client" in result:
+        pc = result["per_client"]
+        console.print(f"per client ({result['schedule']['kind']}, {result['schedule']['clients']} clients): "
+                      f"{_human(pc['flops']['mean'])} FLOPs, {_human(pc['bytes']['mean'], 'B')} sent + received (mean)")
+    for s in result.get("skipped", [])[:10]:
+        err.print(f"[yellow]skipped[/] {s['client']} in round {s['round']} ({s['during']}): {s['reason']}")
     labels = [w for w in result["wires"] if w["carries"] == "label"]
     for w in labels:
         console.print(f"[yellow]label wire[/] {w['name']}: labels of {w['src']} travel to {w['dst']}")
@@ -75,7 +84,12 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         p, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
     except PlanError as e:
         _fail(str(e))
-    total = sum(1 for _ in schedule(p, next(iter(setups.values())).splits))
+    if p.clients is not None:  # progress by rounds of the schedule
+        from .federation import Context
+
+        total = len(Context.of(p, setups[p.clients.template]).rounds)
+    else:
+        total = sum(1 for _ in schedule(p, next(iter(setups.values())).splits))
     if insecure and not in_process:
         err.print("[bold yellow]warning:[/] --insecure: parties talk without TLS; anyone on the network can read "
                   "and impersonate them")
@@ -83,10 +97,16 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         task = bar.add_task(f"{p.name}: epoch 1/{p.train.epochs}", total=total)
 
         def on_step(step) -> None:
-            bar.update(task, advance=1, description=f"{p.name}: epoch {step.epoch + 1}/{p.train.epochs} {step.mode}")
+            what = "round" if p.clients is not None else step.mode
+            bar.update(task, advance=1, description=f"{p.name}: epoch {step.epoch + 1}/{p.train.epochs} {what}")
 
         try:
-            if in_process:
+            if in_process and p.clients is not None:
+                from .api import train_clients
+
+                del setups
+                result = train_clients(p, out=out, progress=on_step)
+            elif in_process:
                 result = train_prepared(p, setups, shapes, out=out, on_step=on_step)
             else:
                 from .distributed import launch
@@ -348,6 +368,53 @@ def cost(model: str = typer.Option("vgg16", help="vgg16 or resnet50 (CIFAR-style
         print(json.dumps(result, indent=2))
     else:
         print(format_table(result))
+
+
+@app.command("compare")
+def compare_cmd(plan: Path = typer.Argument(..., help="a split plan (.toml): one party holds the data"),
+                clients: int = typer.Option(10, min=1, help="number of clients"),
+                methods: str = typer.Option(",".join(("sequential", "splitfed_v2", "fedavg", "large_batch",
+                                                      "centralized")),
+                                            help="comma-separated: sequential, splitfed_v1, splitfed_v2, independent, "
+                                                 "fedavg, large_batch, centralized"),
+                dirichlet: Optional[float] = typer.Option(None, min=0.0, help="non-iid: Dirichlet alpha over labels "
+                                                                             "(default: the plan's partition, or iid)"),
+                epochs: Optional[int] = typer.Option(None, min=1, help="override the plan's epochs"),
+                out: Path = typer.Option(Path("runs/compare"), help="folder for METHOD/result.json, compare.json/.md "
+                                                                    "and the two pictures")) -> None:
+    """Train split learning and its baselines on the same model, data and partition; tabulate
+    per-client TFLOPs, GB and accuracy beside the cost model's prediction, and draw the seed's
+    two pictures (accuracy vs per-client computation, per-client bytes)."""
+    from .compare import METHODS, format_compare, run_compare
+    from .runner import RunError
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in METHODS]
+    if not chosen or bad:
+        _fail(f"--methods: unknown {bad or 'empty list'}; choose from {', '.join(METHODS)}")
+    if dirichlet is not None and dirichlet <= 0:
+        _fail("--dirichlet must be positive")
+    partition = {"kind": "dirichlet", "alpha": dirichlet} if dirichlet is not None else None
+    with _bar(False) as bar:
+        task = bar.add_task("compare", total=len(chosen))
+        seen: list[str] = []
+
+        def progress(method: str) -> None:
+            if seen:
+                bar.update(task, advance=1)
+            seen.append(method)
+            bar.update(task, description=f"compare: {method}")
+
+        try:
+            table = run_compare(plan, clients, chosen, out=out, partition=partition, epochs=epochs, progress=progress)
+        except PlanError as e:
+            _fail(str(e))
+        except RunError as e:
+            _fail(str(e), code=1)
+        bar.update(task, advance=1)
+    console.print(format_compare(table))
+    console.print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'accuracy_vs_computation.png'}, "
+                  f"{out / 'bytes_per_client.png'}")
 
 
 def main() -> None:  # pragma: no cover

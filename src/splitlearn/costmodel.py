@@ -176,7 +176,7 @@ def fedavg_cost(model: nn.Module, input_shape: tuple[int, ...], samples: int, cl
 
 
 def large_batch_sgd_cost(model: nn.Module, input_shape: tuple[int, ...], samples: int, clients: int,
-                         epochs: float, batch: float) -> Cost:
+                         epochs: float, batch: float, whole_steps: bool = False) -> Cost:
     """Synchronous data-parallel SGD: every step each client runs forward+backward of the whole
     model on ``batch`` of its samples, sends its gradient and receives the new model (or the
     averaged gradient). Steps = epochs x N / (K x batch); the global batch is K x batch.
@@ -184,13 +184,15 @@ def large_batch_sgd_cost(model: nn.Module, input_shape: tuple[int, ...], samples
     share = _check(samples, clients, epochs)
     if batch <= 0:
         raise ValueError(f"batch must be positive, got {batch}")
-    steps = epochs * share / batch
+    # whole_steps: a pass ends with a smaller batch that is still a step (what a run does)
+    steps = epochs * (math.ceil(share / batch) if whole_steps else share / batch)
     f, b = _per_sample(model, input_shape)
     values = _trainable_values(model)
     assumptions = COMMON + [
         f"large-batch SGD: the client runs forward+backward of the whole model on each of its N/K samples "
         f"once per epoch, {epochs:g} epochs (the same FLOPs as FedAvg)",
-        "large-batch SGD: steps = epochs x (N/K) / per-client batch (no rounding); per step the client "
+        "large-batch SGD: steps = epochs x " + ("ceil((N/K) / per-client batch)" if whole_steps else
+                                                "(N/K) / per-client batch (no rounding)") + "; per step the client "
         f"sends its gradient and receives the model/gradient ({values} trainable values each way; "
         "BN statistics stay local)",
     ]

@@ -37,6 +37,7 @@ from torch import nn
 
 from .codec import WireError, get_codec
 from .engine import Party, PartyError
+from .graph import build_graph
 from .link import Link
 from .messages import Kind, Message
 from .metering import Meter
@@ -93,8 +94,6 @@ def connections(plan: Plan) -> list[tuple[str, str]]:
     spec = plan.clients
     assert spec is not None
     fixed = [p for p in roles(plan) if p not in spec.names()]
-    from .graph import build_graph
-
     graph = build_graph(plan)
     out = []
     for i, a in enumerate(fixed):  # fixed parties among themselves, as in a plan without clients
@@ -330,7 +329,9 @@ class Role:
                 log.info("%s: dropping a command that is past its deadline: %s", self.name, do)
                 continue
             if do == "turn" and int(cmd.get("turn", -1)) in self.turns:
-                self.run_turn(self.turns[int(cmd["turn"])], str(cmd["client"]))
+                ok = self.run_turn(self.turns[int(cmd["turn"])], str(cmd["client"]))
+                if self.coordinator not in self.plan.parties:  # it takes no part in turns: tell it we are done
+                    self._send(Kind.ACK, self.coordinator, {"turn": int(cmd["turn"]), "ok": ok})
             elif do == "send":
                 self.send_weights(str(cmd["to"]))
             elif do == "collect" and self.name == self.federation:
@@ -392,6 +393,14 @@ class Role:
             except TransportError as e:
                 self._skip(rnd, client, f"{turn.mode} turn", f"cannot reach {p}: {e}")
                 return False
+        if self.plays is None:  # a plan of one party (FedAvg): the client trains alone and says when it is done
+            limit = self.timeout * max(1, len(turn.steps))
+            ans = self._await(Kind.ACK, [client], limit)
+            if client in ans.ok and json.loads(ans.ok[client].text or "{}").get("ok"):
+                return True
+            self._skip(rnd, client, f"{turn.mode} turn", f"no answer within {limit:g} s" if client not in ans.ok
+                       else "its turn failed")
+            return False
         if self.run_turn(turn, client):
             return True
         self._skip(rnd, client, f"{turn.mode} turn", f"no complete answer within {self.timeout:g} s")
@@ -582,6 +591,8 @@ def merge_reports(plan: Plan, reports: dict[str, dict]) -> dict[str, Any]:
                          "local_steps": spec.local_steps, "fraction": spec.fraction} if averaging(spec) else {}),
                      "coordinator": coord},
         "metrics": metrics,
+        "wires": [{"name": w.name, "src": w.src_party, "dst": w.dst_party, "carries": w.carries, "codec": w.codec}
+                  for w in build_graph(plan).wires],
         "per_client": {"flops": per_client("flops"), "bytes": per_client("bytes")},
         "skipped": reports[coord]["skipped"],
         "parties": parties,

@@ -13,7 +13,7 @@ __all__ = ["Link"]
 
 log = logging.getLogger("splitlearn.link")
 
-_DIRECTION = {Kind.ACTIVATION: "forward", Kind.GRADIENT: "backward"}
+_DIRECTION = {Kind.ACTIVATION: "forward", Kind.GRADIENT: "backward", Kind.WEIGHTS: "weights"}
 MAX_KEPT = 100
 
 

@@ -95,7 +95,8 @@ def rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[
     rng = np.random.default_rng([t.seed, 7])
 
     def batches_of(k: int, pass_: int) -> list[np.ndarray]:
-        return [shares[k][b] for b in batches(len(shares[k]), t.batch_size, t.seed, pass_ * 100_003 + k)]
+        # client 0 draws exactly the batches of a plan without clients (runner.schedule)
+        return [shares[k][b] for b in batches(len(shares[k]), t.batch_size, t.seed + 7919 * k, pass_)]
 
     def evals(r: int, epoch: int, clients: list[int | None]) -> tuple[Turn, ...]:
         test = [test_rows[b] for b in batches(len(test_rows), t.eval_batch_size, t.seed, epoch, shuffle=False)]

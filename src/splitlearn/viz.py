@@ -387,3 +387,48 @@ def describe(graph: Graph) -> str:
     else:
         lines.append("no wire carries labels")
     return "\n".join(lines)
+
+
+def compare_figures(table: dict[str, Any], folder: str | Path) -> list[Path]:
+    """The seed's two pictures for a ``compare`` run: validation accuracy against per-client
+    computation (one curve per method, a point per epoch), and per-client bytes per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = table["rows"]
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for r in rows:
+        acc = [a for a in r["accuracy_per_epoch"] if a is not None]
+        if not acc:
+            continue
+        # computation grows linearly with the epochs: the total split evenly over the epochs
+        xs = [r["per_client_tflops"] * (i + 1) / len(acc) for i in range(len(acc))]
+        ax.plot(xs, acc, marker="o", label=r["method"])
+    ax.set_xscale("log")
+    ax.set_xlabel("per-client computation (TFLOPs, log scale)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"{table['plan']}: {table['clients']} clients")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    first = folder / "accuracy_vs_computation.png"
+    fig.savefig(first, dpi=120)
+
+    fig = Figure(figsize=(6.4, 3.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    shown = [r for r in rows if r["method"] != "centralized"]
+    ax.bar([r["method"] for r in shown], [r["per_client_gb"] * 1e3 for r in shown], color="#4c72b0")
+    ax.set_ylabel("per-client bytes sent + received (MB)")
+    ax.set_yscale("log")
+    ax.set_title(f"communication per client, {table['clients']} clients")
+    for i, r in enumerate(shown):
+        ax.annotate(f"{r['per_client_gb'] * 1e3:.3g}", (i, r["per_client_gb"] * 1e3), ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    second = folder / "bytes_per_client.png"
+    fig.savefig(second, dpi=120)
+    return [first, second]

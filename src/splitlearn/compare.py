@@ -1,0 +1,197 @@
+"""Split learning against its baselines on the same model, data and partition (``splitlearn compare``).
+
+Every method is a plan derived from one split plan and run by the same engine:
+
+============== ==============================================================================
+sequential     the plan with ``[clients]`` and the sequential schedule (peer hand-off)
+splitfed_v1/v2 the plan with a SplitFed schedule
+centralized    the plan's segments all at its template party, one party, no wires
+fedavg         that one-party plan with ``[clients]``, schedule ``fedavg`` (one local epoch a round)
+large_batch    the same with ``local_steps = 1``: each step every client computes its batch,
+               the federation averages (with plain SGD, averaging the stepped weights equals
+               stepping with the averaged gradient; the bytes are the same: the model up and down)
+============== ==============================================================================
+
+Per-client figures are the clients' own meters (training and weight traffic; evaluation apart);
+the cost model (:mod:`splitlearn.costmodel`) predicts the same figures from shapes alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .plan import ClientsSpec, Plan, PlanError, load_plan
+
+__all__ = ["METHODS", "DEFAULT_METHODS", "method_plan", "centralized_plan", "run_compare", "predict_cost",
+           "format_compare"]
+
+METHODS = ("sequential", "splitfed_v1", "splitfed_v2", "independent", "fedavg", "large_batch", "centralized")
+DEFAULT_METHODS = ("sequential", "splitfed_v2", "fedavg", "large_batch", "centralized")
+
+
+def _template(plan: Plan) -> str:
+    if plan.clients is not None:
+        return plan.clients.template
+    holders = [p for p, s in plan.parties.items() if s.holds]
+    if len(holders) != 1:
+        raise PlanError("compare needs a plan where one party (the client template) holds all the data",
+                        entry="parties", hint="give the plan a [clients] section naming its template party")
+    return holders[0]
+
+
+def centralized_plan(plan: Plan) -> Plan:
+    """Every segment at the template party: the unsplit model, trained by one party."""
+    t = _template(plan)
+    data_elsewhere = [p for p, s in plan.parties.items() if p != t and s.holds]
+    if data_elsewhere:
+        raise PlanError(f"parties {data_elsewhere} hold data too: only the template party may hold data to "
+                        "compare against unsplit baselines", entry=f"parties.{data_elsewhere[0]}.holds")
+    segments = {k: s.model_copy(update={"party": t}) for k, s in plan.segments.items()}
+    return plan.replace(name=f"{plan.name}-centralized", parties={t: plan.parties[t]}, segments=segments, wires={},
+                        clients=None)
+
+
+def method_plan(plan: Plan, method: str, clients: int, partition: dict | None = None) -> Plan:
+    """The plan that runs ``method`` with ``clients`` clients (centralized: one party, no clients)."""
+    if method not in METHODS:
+        raise PlanError(f"unknown method {method!r}", hint=f"choose from {', '.join(METHODS)}")
+    t = _template(plan)
+    base = plan.clients.model_dump() if plan.clients is not None else {"template": t}
+    spec = {**base, "count": clients, **({"partition": partition} if partition else {})}
+    if method == "centralized":
+        return centralized_plan(plan)
+    if method in ("fedavg", "large_batch"):
+        one = centralized_plan(plan)
+        spec.update(schedule="fedavg", federation="federation", local_steps=1 if method == "large_batch" else None)
+        return one.replace(name=f"{plan.name}-{method}", clients=ClientsSpec.model_validate(spec))
+    spec.update(schedule=method)
+    return plan.replace(name=f"{plan.name}-{method}", clients=ClientsSpec.model_validate(spec))
+
+
+def predict_cost(plan: Plan, method: str, train_rows: int) -> dict[str, Any] | None:
+    """The cost model's per-client FLOPs and bytes for ``method`` on this plan (None where it has
+    no formula: plans whose client part is not the first layers of one sequential network)."""
+    from . import costmodel
+    from .models.build import build_network
+
+    t = _template(plan)
+    mine = [s for s in plan.segments.values() if s.party == t]
+    if len({s.network for s in plan.segments.values()}) != 1:
+        return None
+    seg = mine[0]
+    net = build_network(plan, seg.network)  # the whole model: one network cut into segments
+    spec = plan.clients
+    k = spec.count if spec is not None else 1
+    shape = _input_shape(plan)
+    e = plan.train.epochs
+    if method == "centralized":
+        c = costmodel.fedavg_cost(net, shape, train_rows, 1, e)
+        return {"flops": c.flops_per_client, "bytes": 0.0, "assumptions": c.assumptions}
+    if method in ("fedavg", "large_batch"):
+        if method == "fedavg":
+            c = costmodel.fedavg_cost(net, shape, train_rows, k, e, rounds=math.ceil(e / spec.local_epochs))
+        else:
+            c = costmodel.large_batch_sgd_cost(net, shape, train_rows, k, e,
+                                               plan.train.batch_size, whole_steps=True)
+        return {"flops": c.flops_per_client, "bytes": c.bytes_per_client, "assumptions": c.assumptions}
+    if len(mine) != 1 or seg.layers is None or seg.layers[0] != 0:
+        return None
+    handoff = method == "sequential" and spec.handoff == "peer"
+    c = costmodel.split_cost(net, shape, seg.layers[1], train_rows, k, e, handoff=handoff)
+    extra = 0.0
+    notes = list(c.assumptions)
+    if method.startswith("splitfed"):  # the client half down and up each round
+        extra += 2 * c.details["bottom_values"] * 4 * math.ceil(e / spec.local_epochs)
+        notes.append("splitfed: the client half is downloaded and uploaded once per round")
+    from .graph import build_graph
+
+    labels = [w for w in build_graph(plan).wires if w.carries == "label" and w.src_party == t]
+    if labels:  # labels the client shares (vanilla): int64 per row, as the plan sends them
+        extra += len(labels) * 8 * train_rows / k * e
+        notes.append("labels: the client sends its int64 labels with every training row (8 bytes each)")
+    return {"flops": c.flops_per_client, "bytes": c.bytes_per_client + extra, "assumptions": notes}
+
+
+def _input_shape(plan: Plan) -> tuple[int, ...]:
+    from .runner import party_inputs, party_table
+
+    t = _template(plan)
+    seg = next(s for s in plan.segments.values() if s.party == t)
+    x = party_inputs(plan, t, party_table(plan, t))[seg.inputs[0]]
+    return tuple(x.shape[1:])
+
+
+def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None = None, *, out: Path,
+                partition: dict | None = None, epochs: int | None = None, progress=None) -> dict[str, Any]:
+    """Train every method, write ``OUT/METHOD/result.json``, ``OUT/compare.json``, ``OUT/compare.md``
+    and the two pictures; return the table."""
+    from .api import train, train_clients
+
+    plan = load_plan(plan).with_train(epochs=epochs)
+    methods = list(methods or DEFAULT_METHODS)
+    for m in methods:
+        if m not in METHODS:
+            raise PlanError(f"unknown method {m!r}", hint=f"choose from {', '.join(METHODS)}")
+    out = Path(out)
+    rows = []
+    for m in methods:
+        p = method_plan(plan, m, clients, partition)
+        if progress is not None:
+            progress(m)
+        result = train(p, out=out / m) if p.clients is None else train_clients(p, out=out / m)
+        if p.clients is None:
+            party = next(iter(result["parties"].values()))
+            flops, nbytes = float(party["flops"]), 0.0
+            curve = result["metrics"].get("test_accuracy_per_epoch", [])
+        else:
+            flops, nbytes = result["per_client"]["flops"]["mean"], result["per_client"]["bytes"]["mean"]
+            curve = result["metrics"].get("test_accuracy_per_epoch", [])
+        train_rows = _train_rows(plan)
+        pred = predict_cost(p, m, train_rows)
+        rows.append({"method": m, "clients": 1 if p.clients is None else clients,
+                     "per_client_tflops": flops / 1e12, "per_client_gb": nbytes / 1e9,
+                     "accuracy": result["metrics"].get("test_accuracy"), "accuracy_per_epoch": curve,
+                     "predicted_tflops": pred["flops"] / 1e12 if pred else None,
+                     "predicted_gb": pred["bytes"] / 1e9 if pred else None,
+                     "skipped": len(result.get("skipped", []))})
+    table = {"plan": plan.name, "clients": clients, "epochs": plan.train.epochs,
+             "partition": partition or (plan.clients.partition.model_dump() if plan.clients else {"kind": "iid"}),
+             "rows": rows}
+    from .results import write_json
+    from .viz import compare_figures
+
+    write_json(out / "compare.json", table)
+    (out / "compare.md").write_text(format_compare(table))
+    compare_figures(table, out)
+    return table
+
+
+def _train_rows(plan: Plan) -> int:
+    from .runner import party_table, splits_for
+
+    t = _template(plan)
+    return len(splits_for(plan, party_table(plan, t)).train)
+
+
+def format_compare(table: dict[str, Any]) -> str:
+    """The comparison as a Markdown table."""
+    lines = [f"# {table['plan']}: {table['clients']} clients, {table['epochs']} epochs, partition "
+             f"{table['partition']}", "",
+             "| method | clients | per-client TFLOPs | predicted | per-client GB | predicted | accuracy | skipped |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def num(v: float | None, f: str = ".4g") -> str:
+        return "n/a" if v is None else format(v, f)
+
+    for r in table["rows"]:
+        lines.append(f"| {r['method']} | {r['clients']} | {num(r['per_client_tflops'])} | {num(r['predicted_tflops'])} "
+                     f"| {num(r['per_client_gb'])} | {num(r['predicted_gb'])} | {num(r['accuracy'], '.4f')} "
+                     f"| {r['skipped']} |")
+    lines += ["", "Per-client figures are means over the clients of what each metered in training (activations, "
+              "gradients, labels, weights, commands; evaluation traffic apart); centralized is the one party's "
+              "work, its evaluation included. Predicted: the cost model from shapes alone (activations, gradients "
+              "and weights; no labels, commands or framing)."]
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,192 @@
+"""Horizontal clients: schedules equal their unsplit counterparts, exact accounting, skipped clients."""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from splitlearn.compare import centralized_plan, method_plan, predict_cost
+from splitlearn.federation import Context, merge_reports, run_clients
+from splitlearn.models import build_segment
+from splitlearn.plan import Plan, PlanError, load_plan
+from splitlearn.runner import prepare, run_parties, setup_party
+
+
+def tiny(hidden=16, **clients) -> Plan:
+    """Digits, a two-layer MLP cut after the first ReLU, plain SGD (no optimizer state to hand off)."""
+    body = {
+        "name": "tiny", "data": {"dataset": "digits"}, "train": {"epochs": 2, "batch_size": 32, "seed": 3},
+        "parties": {"hospital": {"holds": {"x": "x", "y": "y"}, "optimizer": {"name": "sgd", "lr": 0.1}},
+                    "server": {"optimizer": {"name": "sgd", "lr": 0.1}}},
+        "networks": {"mlp": {"zoo": "mlp", "args": {"sizes": [64, hidden, 10]}}},
+        "segments": {"bottom": {"party": "hospital", "inputs": ["hospital.x"], "network": "mlp", "layers": [0, 2]},
+                     "top": {"party": "server", "inputs": ["bottom"], "network": "mlp", "layers": [2, 3]}},
+        "losses": {"digit": {"input": "top", "target": "hospital.y"}},
+    }
+    if clients:
+        body["clients"] = {"template": "hospital", **clients}
+    return load_plan(body)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _state(mod) -> dict:
+    return {k: v.detach().clone() for k, v in mod.state_dict().items()}
+
+
+def test_sequential_peer_handoff_equals_centralized_on_the_same_batches():
+    plan = tiny(count=3, schedule="sequential", handoff="peer")
+    reports = run_clients(plan)
+    # the reference: the unsplit model, one optimizer, every client's batches in the schedule's order
+    ctx = Context.of(plan, setup_party(plan, "hospital"))
+    data = setup_party(plan, "hospital").inputs
+    ref = {s: build_segment(plan, s) for s in ("bottom", "top")}
+    before = {s: _state(m) for s, m in ref.items()}
+    opt = torch.optim.SGD([p for m in ref.values() for p in m.parameters()], lr=0.1)
+    for rnd in ctx.rounds:
+        for turn in rnd.train:
+            for step in turn.steps:
+                opt.zero_grad()
+                F.cross_entropy(ref["top"](ref["bottom"](data["hospital.x"][step.rows])),
+                                data["hospital.y"][step.rows]).backward()
+                opt.step()
+    last = reports["hospital-3"]["modules"]["bottom"]  # the last client holds the latest bottom
+    assert _max_diff(_state(last), _state(ref["bottom"])) < 1e-5
+    assert _max_diff(_state(reports["server"]["modules"]["top"]), _state(ref["top"])) < 1e-5
+    assert _max_diff(_state(ref["bottom"]), before["bottom"]) > 1e-2  # and training did move the weights
+    # every client trained on its own rows, disjoint and together all the training rows
+    rows = [torch.cat([s.rows for s in t.steps]) for t in ctx.rounds[0].train]
+    assert sum(len(r) for r in rows) == len(torch.unique(torch.cat(rows))) == sum(len(s) for s in ctx.shares)
+
+
+@pytest.mark.parametrize("schedule", ["splitfed_v1", "splitfed_v2", "sequential"])
+def test_one_client_equals_the_plain_plan(schedule):
+    plain, setups, shapes = prepare(tiny())
+    plain_reports = run_parties(setups, shapes)
+    plan = tiny(count=1, schedule=schedule)
+    reports = run_clients(plan)
+    assert _max_diff(_state(reports["hospital-1"]["modules"]["bottom"]), _state(setups["hospital"].modules["bottom"])) < 1e-6
+    assert _max_diff(_state(reports["server"]["modules"]["top"]), _state(setups["server"].modules["top"])) < 1e-6
+    ours = merge_reports(plan, {k: v for k, v in reports.items()})["metrics"]
+    theirs = plain_reports["server"].metrics["digit"]
+    assert ours["test_accuracy_per_epoch"] == pytest.approx(theirs["test_accuracy"], abs=1e-9)
+    assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-6)
+
+
+def test_fedavg_with_one_client_and_one_local_step_equals_centralized_sgd():
+    base = tiny()
+    central, setups, shapes = prepare(centralized_plan(base))
+    run_parties(setups, shapes)
+    fed = method_plan(base, "large_batch", 1)
+    assert fed.clients.schedule == "fedavg" and fed.clients.local_steps == 1
+    reports = run_clients(fed)
+    mine = reports["hospital-1"]["modules"]
+    for seg in ("bottom", "top"):
+        assert _max_diff(_state(mine[seg]), _state(setups["hospital"].modules[seg])) < 1e-6
+
+
+def _payload(table: list, wire: str, direction: str) -> int:
+    return sum(r["payload"] for r in table if r["wire"] == wire and r["direction"] == direction)
+
+
+def test_bytes_and_flops_of_each_method_match_a_hand_count():
+    hidden = 8
+    bottom_values = 64 * hidden + hidden  # Linear(64, 8): weight + bias
+    model_values = bottom_values + hidden * 10 + 10
+    # sequential, 2 clients, 1 epoch: activations up and gradients down, one hand-off 1 -> 2
+    plan = tiny(hidden, count=2, schedule="sequential").with_train(epochs=1)
+    ctx = Context.of(plan, setup_party(plan, "hospital"))
+    res = merge_reports(plan, run_clients(plan))
+    for k, name in enumerate(("hospital-1", "hospital-2")):
+        rows = len(ctx.shares[k])
+        p = res["parties"][name]
+        wire = next(w["name"] for w in res["wires"] if w["carries"] == "activation")
+        assert _payload(p["sent"], wire, "forward") == (rows + 1) * hidden * 4  # + the handshake's one row
+        assert _payload(p["received"], wire, "backward") == rows * hidden * 4
+        # forward 2*64*8 per row; backward only the weight gradient (the input is raw data): 2*64*8;
+        # the handshake's row of zeros is not training work and is not counted
+        assert p["flops"] == rows * 2 * (2 * 64 * hidden)
+    assert _payload(res["parties"]["hospital-1"]["sent"], "weights", "weights") == bottom_values * 4
+    assert _payload(res["parties"]["hospital-2"]["received"], "weights", "weights") == bottom_values * 4
+
+    # FedAvg, 2 clients, 2 rounds of one local epoch: the whole model down and up each round
+    fed = method_plan(tiny(hidden), "fedavg", 2)
+    res = merge_reports(fed, run_clients(fed))
+    ctx = Context.of(fed, setup_party(fed, "hospital"))
+    for k, name in enumerate(("hospital-1", "hospital-2")):
+        p = res["parties"][name]
+        assert _payload(p["received"], "weights", "weights") == 2 * model_values * 4
+        assert _payload(p["sent"], "weights", "weights") == 2 * model_values * 4
+        rows = 2 * len(ctx.shares[k])  # two epochs
+        fwd = 2 * 64 * hidden + 2 * hidden * 10
+        bwd = 2 * 64 * hidden + 2 * (2 * hidden * 10)  # layer 2 also passes a gradient down to layer 1
+        assert p["flops"] == rows * (fwd + bwd)
+
+    # large-batch SGD: one step per round, the model down and up every step
+    lb = method_plan(tiny(hidden), "large_batch", 2)
+    ctx = Context.of(lb, setup_party(lb, "hospital"))
+    res = merge_reports(lb, run_clients(lb))
+    steps = len(ctx.rounds)
+    assert steps == 2 * -(-max(len(s) for s in ctx.shares) // 32)
+    for name in ("hospital-1", "hospital-2"):
+        assert _payload(res["parties"][name]["received"], "weights", "weights") == steps * model_values * 4
+        assert _payload(res["parties"][name]["sent"], "weights", "weights") == steps * model_values * 4
+
+
+@pytest.mark.parametrize("method", ["sequential", "splitfed_v2", "fedavg", "large_batch"])
+def test_measured_per_client_cost_is_within_two_percent_of_the_cost_model(method):
+    base = tiny(128, count=4).with_train(epochs=2)
+    plan = method_plan(base, method, 4)
+    res = merge_reports(plan, run_clients(plan))
+    train_rows = sum(len(s) for s in Context.of(plan, setup_party(plan, "hospital")).shares)
+    pred = predict_cost(plan, method, train_rows)
+    assert res["per_client"]["flops"]["mean"] == pytest.approx(pred["flops"], rel=0.02)
+    assert res["per_client"]["bytes"]["mean"] == pytest.approx(pred["bytes"], rel=0.02)
+
+
+def test_a_client_that_stops_answering_is_skipped_reported_and_the_run_completes():
+    plan = tiny(count=3, schedule="sequential", timeout=1.0).with_train(epochs=3)
+    state = {"turns": 0}
+
+    def dies(cmd):  # hospital-2 trains once, then its process is gone
+        if cmd.get("do") == "turn":
+            state["turns"] += 1
+            if state["turns"] == 2:
+                raise SystemExit("killed")
+
+    res = merge_reports(plan, run_clients(plan, faults={"hospital-2": dies}))
+    skipped = {(s["round"], s["client"]) for s in res["skipped"]}
+    assert {(1, "hospital-2"), (2, "hospital-2")} <= skipped
+    assert all(c == "hospital-2" for _, c in skipped)
+    assert len(res["metrics"]["test_accuracy_per_epoch"]) == 3 and res["metrics"]["test_accuracy"] > 0.5
+
+
+def test_a_client_that_misses_its_turn_rejoins_later():
+    plan = tiny(count=3, schedule="splitfed_v2", timeout=1.0).with_train(epochs=3)
+    state = {"slept": False}
+
+    def slow(cmd):  # hospital-3 is away during round 0 and answers again afterwards
+        if cmd.get("do") == "turn" and not state["slept"]:
+            state["slept"] = True
+            time.sleep(2.5)
+
+    reports = run_clients(plan, faults={"hospital-3": slow})
+    res = merge_reports(plan, reports)
+    assert {s["client"] for s in res["skipped"]} == {"hospital-3"}
+    assert min(s["round"] for s in res["skipped"]) == 0
+    trained = {r["round"] for r in reports["hospital-3"]["records"] if r["mode"] == "train"}
+    assert 2 in trained  # back in a later round
+
+
+def test_client_plan_errors_name_the_entry():
+    with pytest.raises(PlanError, match="clients.template"):
+        load_plan({**tiny().model_dump(), "clients": {"template": "nobody", "count": 2}})
+    with pytest.raises(PlanError, match="count"):
+        load_plan({**tiny().model_dump(), "clients": {"template": "hospital", "count": 0}})
+    with pytest.raises(PlanError, match="also the name of a client"):
+        body = tiny().model_dump()
+        body["parties"]["hospital-2"] = body["parties"]["server"]
+        load_plan({**body, "clients": {"template": "hospital", "count": 3}})
