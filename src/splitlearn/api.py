@@ -35,12 +35,11 @@ def train(plan: Plan | str | Path | dict, *, epochs: int | None = None, seed: in
     return train_prepared(plan, setups, shapes, out=out, on_step=on_step, timeout=timeout)
 
 
-def train_clients(plan: Plan, *, out: str | Path | None = None, progress: Callable | None = None,
-                  faults: dict | None = None) -> dict[str, Any]:
+def train_clients(plan: Plan, *, out: str | Path | None = None, progress: Callable | None = None) -> dict[str, Any]:
     """A plan with ``[clients]``: every client and fixed party in this process (see :mod:`splitlearn.federation`)."""
     from .federation import merge_reports, run_clients
 
-    reports = run_clients(plan, progress=progress, faults=faults)
+    reports = run_clients(plan, progress=progress)
     result = merge_reports(plan, reports)
     result["transport"] = "in-process"
     if out is not None:

@@ -14,8 +14,8 @@ The physical parties of a plan with ``[clients]``:
   coordinator unless ``clients.federation`` names a role of its own.
 
 A turn is the ordinary engine session (:func:`splitlearn.runner.run_party`) between the fixed
-parties and one client, over a :class:`~splitlearn.transport.bound.Bound` transport that lets
-``T-k`` speak as ``T``. Weights travel as ``WEIGHTS`` messages of raw tensors, checked
+parties and one client, over a :class:`~splitlearn.transport.switch.Switch` view that lets
+``T-k`` speak as ``T`` and keeps the turn's messages apart from the schedule's. Weights travel as ``WEIGHTS`` messages of raw tensors, checked
 against the receiver's own state names, dtypes and shapes; commands are small JSON texts with
 a deadline after which a late follower drops them. Every role meters what it sends and
 receives (training and weight traffic apart from evaluation traffic).
@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -39,14 +40,14 @@ from .codec import WireError, get_codec
 from .engine import Party, PartyError
 from .graph import build_graph
 from .link import Link
-from .messages import Kind, Message
+from .messages import Kind, Message, decode, kind_of
 from .metering import Meter
 from .plan import Plan, PlanError
 from .runner import PartySetup, RunError, make_optimizer, run_party, setup_party
 from .schedule import Round, Turn, averaging, client_shares, rounds
 from .transport import InProcessHub, TransportClosed, TransportError
 from .transport.base import Transport, TransportTimeout
-from .transport.bound import Bound
+from .transport.switch import Switch
 
 __all__ = ["roles", "coordinator_of", "federation_of", "Role", "run_clients", "merge_reports"]
 
@@ -197,7 +198,8 @@ class Role:
         self.plays = spec.template if name in self.clients else (name if name in plan.parties else None)
         self.setup = setup if setup is not None or self.plays is None else setup_party(plan, self.plays)
         self.timeout = spec.timeout if timeout is None else timeout
-        self.link = Link(transport, Meter(name))
+        self.switch = Switch(transport, _classify)
+        self.link = Link(self.switch.control(), Meter(name))
         self.eval_meter = Meter(name)
         self.fault = fault  # tests: called with each command before it is carried out
         ctx = context or Context.of(plan, self.setup or setup_party(plan, next(iter(plan.parties))))
@@ -210,6 +212,7 @@ class Role:
             self.global_state = {k: v.clone() for k, v in state_of(
                 {s: _build(plan, s) for s in _segments_of(self.graph, spec.template)}).items()}
         self.copies: dict[str, tuple[dict, torch.optim.Optimizer | None]] = {}  # splitfed_v1: per-client server copies
+        self._early: dict[str, Message] = {}  # client: weights that arrived before their "load" command
 
     # -- messages ---------------------------------------------------------------------------
     def _send(self, kind: Kind, to: str, text: Any = None) -> None:
@@ -250,13 +253,26 @@ class Role:
     def run_turn(self, turn: Turn, client: str) -> bool:
         """Take part in one turn with ``client``; False if it failed (the peer is reported as skipped)."""
         t = self.spec.template
-        bound = Bound(self.link.transport, self.plays, {} if self.plays == t else {t: client})
-        link = Link(bound, self.link.meter if turn.mode == "train" else self.eval_meter)
+        peers = {client, *(p for p in self.plan.parties if p != t)} - {self.name}
+
+        tag = f"{self.ids_hash}/turn-{turn.index}"  # in every hello of this turn (the hello compares it)
+
+        def keep(peer: str, data: bytes) -> bool:
+            """A peer's hello for this very turn may have come before we got here; the rest is stale."""
+            if peer not in peers or kind_of(data) != Kind.HELLO:
+                return False
+            try:
+                return json.loads(decode(data).text).get("ids_hash") == tag
+            except (ValueError, AttributeError, WireError):
+                return False
+
+        view = self.switch.session(self.plays, {} if self.plays == t else {t: client}, keep)
+        link = Link(view, self.link.meter if turn.mode == "train" else self.eval_meter)
         modules, optimizer = self._models(turn, client)
         party = Party(self.graph, self.plays, link, modules, optimizer, self.setup.inputs, timeout=self.timeout)
         try:
-            report = run_party(party, iter(turn.steps), ids_hash=self.ids_hash)
-        except (PartyError, PlanError, TransportTimeout) as e:
+            report = run_party(party, iter(turn.steps), ids_hash=tag)
+        except (PartyError, PlanError, TransportError) as e:  # a peer that is gone or silent: failures as data
             self.refused += link.refused
             log.warning("%s: turn %d with %s failed: %s", self.name, turn.index, client, e)
             return False
@@ -279,6 +295,23 @@ class Role:
         state = self.global_state if self.name == self.federation and self.plays != self.spec.template \
             else self._client_state()
         self.link.send(weights_message(self.name, to, state))
+
+    def load_weights(self, sender: str) -> None:
+        """Client: take the weights ``sender`` sends next (checked against ours), then tell the coordinator."""
+        early = self._early.pop(sender, None)
+        ans = _Answer({sender: early}) if early is not None else self._await(Kind.WEIGHTS, [sender], self.timeout)
+        if sender not in ans.ok:
+            log.warning("%s: no weights from %s within %g s; training on with our own", self.name, sender,
+                        self.timeout)
+            self._send(Kind.ACK, self.coordinator, {"loaded": None, "missing": sender})
+            return
+        try:
+            load_state(self.setup.modules, read_weights(ans.ok[sender], self._client_state()))
+        except WireError as e:
+            self.link.refuse(sender, str(e), wire="weights")
+            self._send(Kind.ACK, self.coordinator, {"loaded": None, "refused": sender})
+            return
+        self._send(Kind.ACK, self.coordinator, {"loaded": sender})
 
     def collect(self, clients: list[str], samples: list[int]) -> list[str]:
         """Federation: receive the clients' weights, average them (by samples); who answered."""
@@ -303,13 +336,11 @@ class Role:
                 msg = self.link.recv(None)
             except TransportClosed:
                 return
-            if msg.kind == Kind.WEIGHTS and self.plays == self.spec.template:
-                try:
-                    load_state(self.setup.modules, read_weights(msg, self._client_state()))
-                except WireError as e:
-                    self.link.refuse(msg.sender, str(e), wire="weights")
-                    continue
-                self._send(Kind.ACK, self.coordinator, {"loaded": msg.sender})
+            if msg.kind == Kind.WEIGHTS:  # may overtake the "load" command naming its sender (other stream)
+                if self.plays == self.spec.template and (msg.sender in self._early or len(self._early) < 2):
+                    self._early[msg.sender] = msg  # the latest per sender, two senders at most
+                else:
+                    self.link.refuse(msg.sender, "weights nobody announced", wire="weights")
                 continue
             if msg.kind != Kind.STEP or msg.sender != self.coordinator:
                 if msg.kind == Kind.ERROR:
@@ -334,12 +365,16 @@ class Role:
                     self._send(Kind.ACK, self.coordinator, {"turn": int(cmd["turn"]), "ok": ok})
             elif do == "send":
                 self.send_weights(str(cmd["to"]))
+            elif do == "load" and self.plays == self.spec.template:
+                with self._metering(bool(cmd.get("evaluation"))):
+                    self.load_weights(str(cmd["from"]))
             elif do == "collect" and self.name == self.federation:
                 got = self.collect(list(cmd["clients"]), [int(n) for n in cmd["samples"]])
                 self._send(Kind.ACK, self.coordinator, {"averaged": got})
             elif do == "download" and self.name == self.federation:
-                for c in cmd["clients"]:
-                    self.send_weights(str(c))
+                with self._metering(bool(cmd.get("evaluation"))):
+                    for c in cmd["clients"]:
+                        self.send_weights(str(c))
             else:
                 self.link.refuse(msg.sender, f"unknown command {do!r}")
 
@@ -360,7 +395,9 @@ class Role:
                     if c not in names:
                         continue
                     if self.spec.schedule == "sequential" and holder is not None and holder != c:
-                        self._handoff(rnd, holder, c)
+                        if not self._handoff(rnd, holder, c):
+                            self._skip(rnd, c, "train turn", "it did not take the hand-off")
+                            continue
                     if self._turn(rnd, turn, c, fixed):
                         done.append(c)
                         holder = c
@@ -369,8 +406,12 @@ class Role:
                     if self.spec.schedule == "splitfed_v1":
                         self._average_copies(rnd, done)
                 for turn in rnd.evals:
-                    c = self.clients[turn.client] if turn.client is not None else (holder if not rnd.average
-                                                                                  else (done or [None])[0])
+                    if turn.client is not None:
+                        c = self.clients[turn.client]
+                    elif rnd.average:  # a client that trained this round, given the averaged weights
+                        c = next((c for c in done if self._download(rnd, [c], evaluation=True)), None)
+                    else:
+                        c = holder
                     if c is not None:
                         self._turn(rnd, turn, c, fixed)
                 if progress is not None:
@@ -406,45 +447,93 @@ class Role:
         self._skip(rnd, client, f"{turn.mode} turn", f"no complete answer within {self.timeout:g} s")
         return False
 
-    def _handoff(self, rnd: Round, holder: str, client: str) -> None:
+    def _handoff(self, rnd: Round, holder: str, client: str) -> bool:
         """Sequential: the latest weights go from ``holder`` to ``client`` (peer-to-peer between ring
-        neighbours, else through this coordinator)."""
-        try:
-            if self.spec.handoff == "peer" and ring_neighbours(self.plan, holder, client):
-                self._command(holder, do="send", to=client)
-            else:
+        neighbours, else through this coordinator). False if ``client`` cannot take its turn; if the
+        holder fails, the client trains on from its own weights (reported)."""
+        peer = self.spec.handoff == "peer" and ring_neighbours(self.plan, holder, client)
+        weights = None
+        if not peer:
+            try:
                 self._command(holder, do="send", to=self.name)
                 got = self._await(Kind.WEIGHTS, [holder], self.timeout)
-                if holder not in got.ok:
-                    self._skip(rnd, holder, "hand-off", f"its weights did not come within {self.timeout:g} s; "
-                                                        f"{client} trains on from its own")
-                    return
-                self.link.send(Message(Kind.WEIGHTS, self.name, client, 0, "weights", got.ok[holder].tensors))
+                weights = got.ok.get(holder)
+            except TransportError:
+                pass
+            if weights is None:
+                self._skip(rnd, holder, "hand-off", f"its weights did not come within {self.timeout:g} s; "
+                                                    f"{client} trains on from its own")
+        try:
+            if peer or weights is not None:
+                self._command(client, do="load", **{"from": holder if peer else self.name})
+            if peer:
+                try:
+                    self._command(holder, do="send", to=client)
+                except TransportError as e:  # the client will report that nothing came
+                    log.warning("%s: hand-off from %s: %s", self.name, holder, e)
+            elif weights is not None:
+                self.link.send(Message(Kind.WEIGHTS, self.name, client, 0, "weights", weights.tensors))
         except TransportError as e:
-            self._skip(rnd, holder, "hand-off", str(e))
-            return
-        if client not in self._await(Kind.ACK, [client], self.timeout).ok:
-            self._skip(rnd, client, "hand-off", f"no acknowledgement within {self.timeout:g} s")
+            self._skip(rnd, client, "hand-off", f"cannot reach it: {e}")
+            return False
+        if not peer and weights is None:
+            return True
+        ans = self._await(Kind.ACK, [client], 2 * self.timeout)  # the client itself waits up to one timeout
+        if client not in ans.ok:
+            self._skip(rnd, client, "hand-off", f"no acknowledgement within {2 * self.timeout:g} s")
+            return False
+        if json.loads(ans.ok[client].text or "{}").get("loaded") is None:
+            self._skip(rnd, holder, "hand-off", f"its weights did not reach {client} within {self.timeout:g} s; "
+                                                f"{client} trains on from its own")
+        return True
 
-    def _download(self, rnd: Round, names: list[str]) -> list[str]:
-        """Averaging schedules: the round's clients receive the federation's weights; who did."""
+    def _download(self, rnd: Round, names: list[str], evaluation: bool = False) -> list[str]:
+        """Averaging schedules: the clients receive the federation's weights (at the start of a
+        round, or before evaluating the averaged model: metered as evaluation traffic); who did."""
+        reached = []
+        for c in names:
+            try:
+                self._command(c, do="load", evaluation=evaluation, **{"from": self.federation})
+                reached.append(c)
+            except TransportError as e:
+                log.warning("%s: download to %s: %s", self.name, c, e)
         try:
             if self.federation == self.name:
-                for c in names:
-                    self.send_weights(c)
+                with self._metering(evaluation):
+                    for c in reached:
+                        self.send_weights(c)
             else:
-                self._command(self.federation, do="download", clients=names)
+                self._command(self.federation, do="download", clients=reached, evaluation=evaluation)
         except TransportError as e:
             log.warning("%s: download: %s", self.name, e)
         ans = self._await(Kind.ACK, names, self.timeout)
         for c in ans.missing:
-            self._skip(rnd, c, "download", f"no acknowledgement within {self.timeout:g} s")
+            self._skip(rnd, c, "evaluation download" if evaluation else "download",
+                       f"no acknowledgement within {self.timeout:g} s")
         return [c for c in names if c in ans.ok]
 
-    def _average(self, rnd: Round, done: list[str]) -> None:
-        samples = [rnd.samples[self.clients.index(c)] for c in done]
+    @contextmanager
+    def _metering(self, evaluation: bool) -> Iterator[None]:
+        """Count the traffic inside as evaluation traffic (or, by default, as training traffic)."""
+        if not evaluation:
+            yield
+            return
+        train, self.link.meter = self.link.meter, self.eval_meter
+        try:
+            yield
+        finally:
+            self.link.meter = train
+
+    def _average(self, rnd: Round, done: list[str]) -> list[str]:
+        sending = []
         for c in done:
-            self._command(c, do="send", to=self.federation)
+            try:
+                self._command(c, do="send", to=self.federation)
+                sending.append(c)
+            except TransportError as e:
+                self._skip(rnd, c, "averaging", f"cannot reach it: {e}")
+        done = sending
+        samples = [rnd.samples[self.clients.index(c)] for c in done]
         if self.federation == self.name:
             got = self.collect(done, samples)
         else:
@@ -454,6 +543,7 @@ class Role:
         for c in done:
             if c not in got:
                 self._skip(rnd, c, "averaging", f"its weights did not come within {self.timeout:g} s")
+        return got
 
     def _average_copies(self, rnd: Round, done: list[str]) -> None:
         """SplitFed v1: the server copies of this round's clients, averaged into the server model."""
@@ -468,6 +558,11 @@ class Role:
         return {"name": self.name, "plays": self.plays, "train": self.link.meter.summary(),
                 "eval": self.eval_meter.summary(), "records": self.records, "skipped": self.skipped,
                 "refused": self.refused + self.link.refused}
+
+
+def _classify(data: bytes) -> str:
+    """Commands, acknowledgements and weights are the schedule's; everything else belongs to a turn."""
+    return "control" if kind_of(data) in (None, Kind.STEP, Kind.ACK, Kind.WEIGHTS) else "session"
 
 
 def _segments_of(graph, party: str) -> list[str]:

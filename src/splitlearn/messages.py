@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from .codec import DTYPES, MAX_ELEMENTS, Encoded, WireError
 from .proto import splitlearn_pb2 as pb
 
-__all__ = ["Kind", "Message", "encode", "decode", "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES"]
+__all__ = ["Kind", "Message", "encode", "decode", "kind_of", "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES"]
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -57,6 +57,16 @@ def encode(msg: Message) -> bytes:
     for name, e in msg.tensors.items():
         env.tensors.add(name=name, dtype=e.dtype, shape=list(e.shape), codec=e.codec, data=e.data, extra=e.extra)
     return env.SerializeToString()
+
+
+def kind_of(data: bytes) -> Kind | None:
+    """The kind of a buffer, or None if it is not a message of a known kind (nothing is checked else)."""
+    env = pb.Envelope()
+    try:
+        env.ParseFromString(data)
+        return Kind(env.kind)
+    except (DecodeError, ValueError):
+        return None
 
 
 def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
