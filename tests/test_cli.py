@@ -143,3 +143,26 @@ target = "a.y"
     monkeypatch.chdir(tmp_path)  # elsewhere: predict still finds the rows
     r = runner.invoke(app, ["predict", str(out)])
     assert r.exit_code == 0, r.output
+
+
+def test_compare_writes_a_result_per_method_the_table_and_both_pictures(tmp_path):
+    out = tmp_path / "cmp"
+    r = runner.invoke(app, ["compare", str(EXAMPLES / "sequential.toml"), "--clients", "2", "--epochs", "1",
+                            "--methods", "sequential,fedavg,centralized", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    for m in ("sequential", "fedavg", "centralized"):
+        assert "test_accuracy" in json.loads((out / m / "result.json").read_text())["metrics"]
+    table = json.loads((out / "compare.json").read_text())
+    rows = {row["method"]: row for row in table["rows"]}
+    assert rows["sequential"]["per_client_tflops"] < rows["fedavg"]["per_client_tflops"]  # a third of the model
+    assert (out / "accuracy_vs_computation.png").stat().st_size > 10_000
+    assert (out / "bytes_per_client.png").stat().st_size > 5_000
+    assert "| sequential | 2 |" in (out / "compare.md").read_text()
+    bad = runner.invoke(app, ["compare", str(EXAMPLES / "sequential.toml"), "--methods", "sequential,magic"])
+    assert bad.exit_code == 2 and "magic" in bad.output
+
+
+def test_certs_for_a_plan_with_clients_covers_every_client(tmp_path):
+    r = runner.invoke(app, ["certs", str(EXAMPLES / "sequential.toml"), "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert {p.stem for p in tmp_path.glob("*.pem")} >= {"ca", "server", "hospital-1", "hospital-10"}

@@ -190,3 +190,42 @@ def test_client_plan_errors_name_the_entry():
         body = tiny().model_dump()
         body["parties"]["hospital-2"] = body["parties"]["server"]
         load_plan({**body, "clients": {"template": "hospital", "count": 3}})
+
+
+def test_handoff_through_the_server_moves_the_same_weights_by_way_of_the_server():
+    peer = run_clients(tiny(count=3, schedule="sequential", handoff="peer"))
+    plan = tiny(count=3, schedule="sequential", handoff="server")
+    via = run_clients(plan)
+    for name in ("hospital-1", "hospital-2", "hospital-3"):
+        assert _max_diff(_state(via[name]["modules"]["bottom"]), _state(peer[name]["modules"]["bottom"])) == 0
+    res = merge_reports(plan, via)
+    values = 64 * 16 + 16
+    hand_offs = 3 * 2 - 1  # every turn but the first receives the latest bottom
+    assert _payload(res["parties"]["server"]["received"], "weights", "weights") == hand_offs * values * 4
+    assert _payload(res["parties"]["server"]["sent"], "weights", "weights") == hand_offs * values * 4
+
+
+def test_a_federation_of_its_own_averages_like_the_server_does():
+    at_server = run_clients(tiny(count=3, schedule="splitfed_v2"))
+    plan = tiny(count=3, schedule="splitfed_v2", federation="fed")
+    apart = run_clients(plan)
+    assert "fed" in apart and apart["fed"]["plays"] is None
+    for name in ("hospital-1", "server"):
+        for seg, m in apart[name]["modules"].items():
+            assert _max_diff(_state(m), _state(at_server[name]["modules"][seg])) < 1e-6
+    res = merge_reports(plan, apart)
+    assert _payload(res["parties"]["fed"]["received"], "weights", "weights") > 0  # the weights went to it
+    assert _payload(res["parties"]["server"]["received"], "weights", "weights") == 0  # and not to the server
+
+
+def test_a_dirichlet_partition_gives_clients_different_label_mixes():
+    plan = tiny(count=4, partition={"kind": "dirichlet", "alpha": 0.1})
+    setup = setup_party(plan, "hospital")
+    ctx = Context.of(plan, setup)
+    y = setup.inputs["hospital.y"]
+    classes = [len(torch.unique(y[torch.from_numpy(s)])) for s in ctx.shares]
+    assert min(classes) < 10  # with alpha 0.1 some client misses classes (iid: every client has all ten)
+    assert sum(len(s) for s in ctx.shares) == len(setup.splits.train)
+    res = merge_reports(plan, run_clients(plan))
+    assert res["schedule"]["partition"] == {"kind": "dirichlet", "alpha": 0.1}
+    assert len(res["metrics"]["test_accuracy_per_epoch"]) == 2

@@ -47,6 +47,9 @@ def train_clients(plan: Plan, *, out: str | Path | None = None, progress: Callab
         for party, rep in reports.items():
             if rep["modules"]:
                 save_weights(out / "parties" / party / "weights.safetensors", rep["modules"])
+        if result["final_client"] is not None:  # the run's model under the plan's name, for predict
+            save_weights(out / "parties" / plan.clients.template / "weights.safetensors",
+                         reports[result["final_client"]]["modules"])
         write_json(out / "plan.json", plan_record(plan))
         write_json(out / "result.json", result)
     return result

@@ -184,8 +184,12 @@ def certs(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         p = load_plan(plan)
     except PlanError as e:
         _fail(str(e))
-    make_certs(list(p.parties), out, days=days)
-    console.print(f"wrote a CA and certificates for {', '.join(p.parties)} to {out}")
+    from .distributed import _physical
+
+    names = _physical(p)  # with [clients]: every client and role
+    make_certs(names, out, days=days)
+    shown = ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
+    console.print(f"wrote a CA and certificates for {shown} to {out}")
     console.print("give each party only ca.pem and its own NAME.pem and NAME.key; keep ca.key offline")
 
 
@@ -209,6 +213,15 @@ def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         console.print("wire shapes (from a dry run on one sample):")
     for wire, (dtype, shape) in shapes.items():
         console.print(f"  {wire}: {dtype} [batch, {', '.join(map(str, shape))}]", highlight=False, markup=False)
+    if p.clients is not None:
+        from .federation import coordinator_of, federation_of
+
+        c = p.clients
+        console.print(f"clients: {c.count} x {c.template!r} ({c.template}-1 ... {c.template}-{c.count}), "
+                      f"schedule {c.schedule}" + (f", hand-off {c.handoff}" if c.schedule == "sequential" else
+                                                  f", federation {federation_of(p)}")
+                      + f", partition {c.partition.kind}; coordinator {coordinator_of(p)}; "
+                      f"a client silent for {c.timeout:g} s is skipped", highlight=False, markup=False)
     target = png or Path(f"{plan.stem}-topology.png")
     draw_topology(graph, target)
     console.print(f"drew {target}")
@@ -412,7 +425,7 @@ def compare_cmd(plan: Path = typer.Argument(..., help="a split plan (.toml): one
         except RunError as e:
             _fail(str(e), code=1)
         bar.update(task, advance=1)
-    console.print(format_compare(table))
+    print(format_compare(table))
     console.print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'accuracy_vs_computation.png'}, "
                   f"{out / 'bytes_per_client.png'}")
 

@@ -191,7 +191,7 @@ def format_compare(table: dict[str, Any]) -> str:
                      f"| {r['skipped']} |")
     lines += ["", "Per-client figures are means over the clients of what each metered in training (activations, "
               "gradients, labels, weights, commands; evaluation traffic apart); centralized is the one party's "
-              "work, its evaluation included. Predicted: the cost model from shapes alone (activations, gradients "
-              "and weights; no labels, commands or framing)."]
+              "work, its evaluation included. Predicted: the cost model from shapes alone (activations, gradients, "
+              "weights and the labels a client shares; no commands or framing)."]
     return "\n".join(lines) + "\n"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -289,6 +290,10 @@ def _merge_roles(plan: Plan, out: Path, names: list[str], errors: dict[str, str]
             reports[n] = json.loads(f.read_text())
     result = merge_reports(plan, reports)
     result["transport"] = "grpc" + ("" if insecure else "+mtls")
+    final = out / "parties" / str(result["final_client"]) / "weights.safetensors"
+    if result["final_client"] is not None and final.is_file():  # the run's model under the plan's name
+        (out / "parties" / plan.clients.template).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(final, out / "parties" / plan.clients.template / "weights.safetensors")
     result["failed_processes"] = errors
     write_json(out / "plan.json", plan_record(plan))
     write_json(out / "result.json", result)

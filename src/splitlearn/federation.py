@@ -49,7 +49,7 @@ from .transport import InProcessHub, TransportClosed, TransportError
 from .transport.base import Transport, TransportTimeout
 from .transport.switch import Switch
 
-__all__ = ["roles", "coordinator_of", "federation_of", "Role", "run_clients", "merge_reports"]
+__all__ = ["roles", "coordinator_of", "federation_of", "Role", "run_clients", "merge_reports", "final_client"]
 
 log = logging.getLogger("splitlearn.federation")
 _RAW = get_codec("raw")
@@ -631,6 +631,13 @@ def run_clients(plan: Plan, *, timeout: float | None = None, progress: Callable[
     return {n: {**r.report(), "modules": r.setup.modules if r.setup else {}} for n, r in made.items()}
 
 
+def final_client(reports: dict[str, dict]) -> str | None:
+    """The client whose weights were evaluated last: the run's model (sequential: the last holder;
+    averaging schedules: the averaged weights; independent: the last client)."""
+    evals = [r for rep in reports.values() for r in rep["records"] if r["mode"] == "eval"]
+    return max(evals, key=lambda r: r["turn"])["client"] if evals else None
+
+
 def merge_reports(plan: Plan, reports: dict[str, dict]) -> dict[str, Any]:
     """The result of a horizontal run: metrics per epoch, per-party and per-client accounting."""
     spec = plan.clients
@@ -690,5 +697,6 @@ def merge_reports(plan: Plan, reports: dict[str, dict]) -> dict[str, Any]:
                   for w in build_graph(plan).wires],
         "per_client": {"flops": per_client("flops"), "bytes": per_client("bytes")},
         "skipped": reports[coord]["skipped"],
+        "final_client": final_client(reports),
         "parties": parties,
     }

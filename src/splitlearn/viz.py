@@ -424,7 +424,10 @@ def compare_figures(table: dict[str, Any], folder: str | Path) -> list[Path]:
     shown = [r for r in rows if r["method"] != "centralized"]
     ax.bar([r["method"] for r in shown], [r["per_client_gb"] * 1e3 for r in shown], color="#4c72b0")
     ax.set_ylabel("per-client bytes sent + received (MB)")
-    ax.set_yscale("log")
+    values = [r["per_client_gb"] for r in shown if r["per_client_gb"] > 0]
+    if values and max(values) / min(values) > 50:
+        ax.set_yscale("log")
+    ax.tick_params(axis="x", labelrotation=20)
     ax.set_title(f"communication per client, {table['clients']} clients")
     for i, r in enumerate(shown):
         ax.annotate(f"{r['per_client_gb'] * 1e3:.3g}", (i, r["per_client_gb"] * 1e3), ha="center", va="bottom", fontsize=8)
