@@ -64,3 +64,17 @@ def test_a_killed_client_process_is_skipped_and_the_run_completes(tmp_path):
     assert {c for _, c in skipped} == {"hospital-2"}
     evals = [r for r in report["records"] if r["mode"] == "eval"]
     assert len(evals) == 4 and evals[-1]["losses"]["digit"]["test_accuracy"] > 0.5  # training went on
+
+
+def test_splitfed_with_a_federation_process_of_its_own_matches_in_process(tmp_path):
+    from splitlearn.api import train_clients
+
+    text = (EXAMPLES / "sequential.toml").read_text().replace("count = 10", "count = 4").replace("epochs = 8", "epochs = 2")
+    plan_file = tmp_path / "splitfed.toml"
+    plan_file.write_text(text.replace('schedule = "sequential"', 'schedule = "splitfed_v2"\nfederation = "fed"'))
+    result = launch(plan_file, tmp_path / "run")
+    assert list(result["parties"])[:2] == ["server", "fed"] and not result["skipped"]
+    same = train_clients(load_plan(plan_file))
+    assert result["metrics"]["test_accuracy_per_epoch"] == same["metrics"]["test_accuracy_per_epoch"]
+    received = sum(r["payload"] for r in result["parties"]["fed"]["received"] if r["direction"] == "weights")
+    assert received == 2 * 4 * (64 * 128 + 128) * 4  # every client's bottom, every round

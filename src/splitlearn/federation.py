@@ -315,7 +315,9 @@ class Role:
 
     def collect(self, clients: list[str], samples: list[int]) -> list[str]:
         """Federation: receive the clients' weights, average them (by samples); who answered."""
-        ans = self._await(Kind.WEIGHTS, clients, self.timeout)
+        early = {c: self._early.pop(c) for c in clients if c in self._early}
+        ans = self._await(Kind.WEIGHTS, [c for c in clients if c not in early], self.timeout)
+        ans.ok.update(early)
         states, weights = [], []
         for c, n in zip(clients, samples):
             if c in ans.ok:
@@ -337,8 +339,9 @@ class Role:
             except TransportClosed:
                 return
             if msg.kind == Kind.WEIGHTS:  # may overtake the "load" command naming its sender (other stream)
-                if self.plays == self.spec.template and (msg.sender in self._early or len(self._early) < 2):
-                    self._early[msg.sender] = msg  # the latest per sender, two senders at most
+                if (self.name == self.federation and msg.sender in self.clients) or (
+                        self.plays == self.spec.template and (msg.sender in self._early or len(self._early) < 2)):
+                    self._early[msg.sender] = msg  # the latest per sender: a client's two, the federation's N
                 else:
                     self.link.refuse(msg.sender, "weights nobody announced", wire="weights")
                 continue
