@@ -229,3 +229,28 @@ def test_a_dirichlet_partition_gives_clients_different_label_mixes():
     res = merge_reports(plan, run_clients(plan))
     assert res["schedule"]["partition"] == {"kind": "dirichlet", "alpha": 0.1}
     assert len(res["metrics"]["test_accuracy_per_epoch"]) == 2
+
+
+def test_rounds_of_each_schedule():
+    def made(**kw):
+        plan = tiny(count=4, **kw)
+        return Context.of(plan, setup_party(plan, "hospital"))
+
+    seq = made(schedule="sequential")
+    assert [r.clients for r in seq.rounds] == [(0, 1, 2, 3)] * 2  # one round per epoch, clients in turn
+    assert all(not r.average and len(r.evals) == 1 and r.evals[0].client is None for r in seq.rounds)
+    ids = [s.id for t in seq.turns.values() for s in t.steps]
+    assert len(ids) == len(set(ids))  # every step of the run has its own id
+
+    half = made(schedule="fedavg", fraction=0.5, local_epochs=2).rounds
+    assert len(half) == 1 and len(half[0].clients) == 2 and half[0].average  # 2 epochs = one round of 2 passes
+    for turn in half[0].train:
+        assert turn.rows == 2 * len(seq.shares[turn.client])
+
+    lb = made(schedule="fedavg", local_steps=1)
+    per_pass = -(-max(len(s) for s in lb.shares) // 32)
+    assert len(lb.rounds) == 2 * per_pass and all(len(t.steps) == 1 for r in lb.rounds for t in r.train)
+    assert sum(1 for r in lb.rounds if r.evals) == 2  # evaluated once per epoch
+
+    ind = made(schedule="independent")
+    assert [t.client for t in ind.rounds[0].evals] == [0, 1, 2, 3]  # every client's own model is evaluated

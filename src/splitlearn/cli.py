@@ -432,6 +432,9 @@ def compare_cmd(plan: Path = typer.Argument(..., help="a split plan (.toml): one
 
 def main() -> None:  # pragma: no cover
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .distributed import tune_allocator
+
+    tune_allocator()
     app()
 
 
