@@ -154,6 +154,9 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     if plan.clients is not None:
         if name not in _physical(plan):
             raise PlanError(f"no party {name!r} in the plan", hint=f"parties are {_physical(plan)[:8]} ...")
+        if dial_out:
+            raise PlanError("--dial-out does not apply to a plan with [clients]: clients always dial the server",
+                            entry="clients", hint='use handoff = "server" if clients cannot listen for each other')
         ends = endpoints(plan, name, listen, peers or {})
         creds = load_credentials(certs, name) if certs is not None else None
         clients = set(plan.clients.names())

@@ -336,8 +336,9 @@ class Role:
         while True:
             try:
                 msg = self.link.recv(None)
-            except TransportClosed:
-                return
+            except TransportClosed as e:
+                raise PartyError(f"{self.name}: lost the coordinator {self.coordinator!r} before it said stop ({e})") \
+                    from None
             if msg.kind == Kind.WEIGHTS:  # may overtake the "load" command naming its sender (other stream)
                 if (self.name == self.federation and msg.sender in self.clients) or (
                         self.plays == self.spec.template and (msg.sender in self._early or len(self._early) < 2)):
