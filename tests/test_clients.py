@@ -125,6 +125,27 @@ def test_bytes_and_flops_of_each_method_match_a_hand_count():
         bwd = 2 * 64 * hidden + 2 * (2 * hidden * 10)  # layer 2 also passes a gradient down to layer 1
         assert p["flops"] == rows * (fwd + bwd)
 
+    # SplitFed v2, 2 clients, 2 rounds: the bottom down and up each round beside the activations
+    sf = tiny(hidden, count=2, schedule="splitfed_v2")
+    ctx = Context.of(sf, setup_party(sf, "hospital"))
+    res = merge_reports(sf, run_clients(sf))
+    for k, name in enumerate(("hospital-1", "hospital-2")):
+        p = res["parties"][name]
+        assert _payload(p["received"], "weights", "weights") == _payload(p["sent"], "weights", "weights") \
+            == 2 * bottom_values * 4
+        wire = next(w["name"] for w in res["wires"] if w["carries"] == "activation")
+        assert _payload(p["sent"], wire, "forward") == (2 * len(ctx.shares[k]) + 2) * hidden * 4  # + a handshake row a turn
+        assert p["flops"] == 2 * len(ctx.shares[k]) * 2 * (2 * 64 * hidden)
+
+    # centralized: one party, no bytes; its meter also holds the evaluation forward passes
+    central, setups, shapes = prepare(centralized_plan(tiny(hidden)))
+    rep = run_parties(setups, shapes)["hospital"]
+    train, test = len(setups["hospital"].splits.train), len(setups["hospital"].splits.test)
+    fwd = 2 * 64 * hidden + 2 * hidden * 10
+    bwd = 2 * 64 * hidden + 2 * (2 * hidden * 10)
+    assert rep.meter["bytes_sent"] == 0
+    assert rep.meter["flops"] == 2 * (train * (fwd + bwd) + test * fwd)
+
     # large-batch SGD: one step per round, the model down and up every step
     lb = method_plan(tiny(hidden), "large_batch", 2)
     ctx = Context.of(lb, setup_party(lb, "hospital"))
