@@ -260,8 +260,8 @@ def test_rounds_of_each_schedule():
     seq = made(schedule="sequential")
     assert [r.clients for r in seq.rounds] == [(0, 1, 2, 3)] * 2  # one round per epoch, clients in turn
     assert all(not r.average and len(r.evals) == 1 and r.evals[0].client is None for r in seq.rounds)
-    ids = [s.id for t in seq.turns.values() for s in t.steps]
-    assert len(ids) == len(set(ids))  # every step of the run has its own id
+    assert all([s.id for s in t.steps] == list(range(len(t.steps))) for t in seq.turns.values())  # a session each
+    assert sorted(seq.turns) == list(range(len(seq.turns)))  # turns are numbered across the run
 
     half = made(schedule="fedavg", fraction=0.5, local_epochs=2).rounds
     assert len(half) == 1 and len(half[0].clients) == 2 and half[0].average  # 2 epochs = one round of 2 passes

@@ -24,11 +24,13 @@ receives (training and weight traffic apart from evaluation traffic).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
-from contextlib import contextmanager
 import logging
 import threading
 import time
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -181,8 +183,34 @@ class _Answer:
     missing: list[str] = field(default_factory=list)
 
 
+def _request_of(msg: Message) -> int | None:
+    """The request a message answers: a WEIGHTS message's step, an ACK's ``request``."""
+    if msg.kind == Kind.WEIGHTS:
+        return msg.step
+    try:
+        r = json.loads(msg.text or "{}").get("request")
+    except (ValueError, AttributeError):
+        return None
+    return r if isinstance(r, int) else None
+
+
+def _info(msg: Message) -> dict:
+    try:
+        out = json.loads(msg.text or "{}")
+    except ValueError:
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+MAX_PENDING = 100  # commands a follower keeps while it waits for weights
+
+
 class Role:
-    """One physical party of a horizontal plan: what it holds and how it acts on commands."""
+    """One physical party of a horizontal plan: what it holds and how it acts on commands.
+
+    Every command carries a request id; the weights and the acknowledgement that answer it carry
+    the same id, so an answer that comes too late is never taken for a later one.
+    """
 
     def __init__(self, plan: Plan, name: str, transport: Transport, setup: PartySetup | None = None, *,
                  timeout: float | None = None, fault: Callable[[dict], None] | None = None,
@@ -211,18 +239,36 @@ class Role:
         if name == self.federation:
             self.global_state = {k: v.clone() for k, v in state_of(
                 {s: _build(plan, s) for s in _segments_of(self.graph, spec.template)}).items()}
-        self.copies: dict[str, tuple[dict, torch.optim.Optimizer | None]] = {}  # splitfed_v1: per-client server copies
-        self._early: dict[str, Message] = {}  # client: weights that arrived before their "load" command
+        # fixed parties: a copy of their segments per client (splitfed_v1 for a round, independent for good)
+        self.copies: dict[str, tuple[dict, torch.optim.Optimizer | None]] = {}
+        self._requests = itertools.count(1)
+        self._early: dict[str, Message] = {}  # weights that came before the command naming them
+        self._pending: deque[Message] = deque(maxlen=MAX_PENDING)  # follower: commands that came meanwhile
 
     # -- messages ---------------------------------------------------------------------------
     def _send(self, kind: Kind, to: str, text: Any = None) -> None:
         self.link.send(Message(kind, self.name, to, text=json.dumps(text) if text is not None else ""))
 
-    def _command(self, party: str, **cmd: Any) -> None:
-        self._send(Kind.STEP, party, {**cmd, "deadline": time.time() + self.timeout})
+    def _command(self, party: str, request: int | None = None, **cmd: Any) -> int:
+        """Send a command; its request id (a new one unless given)."""
+        rid = next(self._requests) if request is None else request
+        self._send(Kind.STEP, party, {**cmd, "request": rid, "deadline": time.time() + self.timeout})
+        return rid
 
-    def _await(self, kind: Kind, senders: list[str], timeout: float) -> _Answer:
-        """Messages of ``kind`` from each of ``senders``; those that do not come in time are missing."""
+    def _ack(self, request: int, **info: Any) -> None:
+        self._send(Kind.ACK, self.coordinator, {"request": request, **info})
+
+    def _may_hold(self, msg: Message) -> bool:
+        """Weights that may come before the command naming them: a client's from its two possible
+        senders, the federation's from every client; the latest per sender."""
+        if self.name == self.federation and msg.sender in self.clients:
+            return True
+        return self.plays == self.spec.template and (msg.sender in self._early or len(self._early) < 2)
+
+    def _await(self, kind: Kind, senders: list[str], timeout: float,
+               match: Callable[[Message], bool] | None = None) -> _Answer:
+        """Messages of ``kind`` from each of ``senders`` (that ``match``); those that do not come in
+        time are missing. Commands and early weights that come meanwhile are kept for later."""
         want, got = set(senders), {}
         deadline = time.monotonic() + timeout
         while want - set(got):
@@ -233,28 +279,43 @@ class Role:
                 msg = self.link.recv(left)
             except TransportTimeout:
                 break
-            if msg.kind == kind and msg.sender in want:
+            if msg.kind == kind and msg.sender in want and (match is None or match(msg)):
                 got[msg.sender] = msg
-            elif msg.kind == Kind.ERROR:
-                log.info("%s: %s", self.name, msg.text)
+            elif msg.kind == Kind.STEP and msg.sender == self.coordinator != self.name:
+                self._pending.append(msg)
+            elif msg.kind == Kind.WEIGHTS and self._may_hold(msg):
+                self._early[msg.sender] = msg
             else:
                 log.debug("%s: ignoring a late %s from %s", self.name, msg.kind.name, msg.sender)
         return _Answer(got, [s for s in senders if s not in got])
 
+    def _take_weights(self, senders: list[str], request: int, timeout: float) -> dict[str, Message]:
+        """The weights answering ``request`` from each sender that sends them in time."""
+        got = {}
+        for s in senders:
+            early = self._early.pop(s, None)
+            if early is not None and early.step == request:
+                got[s] = early
+        ans = self._await(Kind.WEIGHTS, [s for s in senders if s not in got], timeout,
+                          match=lambda m: m.step == request)
+        return {**got, **ans.ok}
+
     # -- a turn ----------------------------------------------------------------------------
     def _models(self, turn: Turn, client: str) -> tuple[dict, torch.optim.Optimizer | None]:
-        if self.spec.schedule == "splitfed_v1" and self.plays != self.spec.template and turn.mode == "train":
-            if client not in self.copies:
-                mods = copy.deepcopy(self.setup.modules)
-                self.copies[client] = (mods, make_optimizer(self.plan, self.plays, mods))
-            return self.copies[client]
-        return self.setup.modules, self.setup.optimizer
+        sched = self.spec.schedule
+        if self.plays == self.spec.template or not (sched == "independent" or
+                                                    (sched == "splitfed_v1" and turn.mode == "train")):
+            return self.setup.modules, self.setup.optimizer
+        if client not in self.copies:  # from the shared model (v1: averaged at the end of every round)
+            mods = copy.deepcopy(self.setup.modules)
+            self.copies[client] = (mods, make_optimizer(self.plan, self.plays, mods))
+        return self.copies[client]
 
-    def run_turn(self, turn: Turn, client: str) -> bool:
-        """Take part in one turn with ``client``; False if it failed (the peer is reported as skipped)."""
+    def run_turn(self, turn: Turn, client: str) -> tuple[bool, str]:
+        """Take part in one turn with ``client``: (done, why not)."""
         t = self.spec.template
-        peers = {client, *(p for p in self.plan.parties if p != t)} - {self.name}
-
+        fixed = {p for p in self.plan.parties if p != t}
+        peers = ({client} | fixed) - {self.name} if self.plays != t else fixed
         tag = f"{self.ids_hash}/turn-{turn.index}"  # in every hello of this turn (the hello compares it)
 
         def keep(peer: str, data: bytes) -> bool:
@@ -266,7 +327,7 @@ class Role:
             except (ValueError, AttributeError, WireError):
                 return False
 
-        view = self.switch.session(self.plays, {} if self.plays == t else {t: client}, keep)
+        view = self.switch.session(self.plays, {} if self.plays == t else {t: client}, keep, peers)
         link = Link(view, self.link.meter if turn.mode == "train" else self.eval_meter)
         modules, optimizer = self._models(turn, client)
         party = Party(self.graph, self.plays, link, modules, optimizer, self.setup.inputs, timeout=self.timeout)
@@ -275,7 +336,7 @@ class Role:
         except (PartyError, PlanError, TransportError) as e:  # a peer that is gone or silent: failures as data
             self.refused += link.refused
             log.warning("%s: turn %d with %s failed: %s", self.name, turn.index, client, e)
-            return False
+            return False, str(e)
         self.refused += link.refused
         losses = {}
         for loss, h in report.metrics.items():
@@ -285,64 +346,74 @@ class Role:
         self.records.append({"turn": turn.index, "round": turn.round, "epoch": turn.steps[0].epoch if turn.steps else 0,
                              "mode": turn.mode, "client": client, "rows": turn.rows, "losses": losses,
                              "train_s": report.meter.get("train_s", 0.0)})
-        return True
+        return True, ""
 
     # -- weights ---------------------------------------------------------------------------
     def _client_state(self) -> dict[str, torch.Tensor]:
         return state_of(self.setup.modules)
 
-    def send_weights(self, to: str) -> None:
+    def send_weights(self, to: str, request: int) -> None:
         state = self.global_state if self.name == self.federation and self.plays != self.spec.template \
             else self._client_state()
-        self.link.send(weights_message(self.name, to, state))
+        self.link.send(weights_message(self.name, to, state, step=request))
 
-    def load_weights(self, sender: str) -> None:
-        """Client: take the weights ``sender`` sends next (checked against ours), then tell the coordinator."""
-        early = self._early.pop(sender, None)
-        ans = _Answer({sender: early}) if early is not None else self._await(Kind.WEIGHTS, [sender], self.timeout)
-        if sender not in ans.ok:
+    def load_weights(self, sender: str, request: int, ready: bool = False) -> None:
+        """Client: take the weights answering ``request`` from ``sender`` (checked against ours), then
+        say so. ``ready``: first tell the coordinator we are waiting (so they cannot overtake us)."""
+        if ready:
+            self._ack(request, ready=True)
+        msg = self._take_weights([sender], request, self.timeout).get(sender)
+        if msg is None:
             log.warning("%s: no weights from %s within %g s; training on with our own", self.name, sender,
                         self.timeout)
-            self._send(Kind.ACK, self.coordinator, {"loaded": None, "missing": sender})
+            self._ack(request, loaded=None, missing=sender)
             return
         try:
-            load_state(self.setup.modules, read_weights(ans.ok[sender], self._client_state()))
+            load_state(self.setup.modules, read_weights(msg, self._client_state()))
         except WireError as e:
             self.link.refuse(sender, str(e), wire="weights")
-            self._send(Kind.ACK, self.coordinator, {"loaded": None, "refused": sender})
+            self._ack(request, loaded=None, refused=sender)
             return
-        self._send(Kind.ACK, self.coordinator, {"loaded": sender})
+        self._ack(request, loaded=sender)
 
-    def collect(self, clients: list[str], samples: list[int]) -> list[str]:
-        """Federation: receive the clients' weights, average them (by samples); who answered."""
-        early = {c: self._early.pop(c) for c in clients if c in self._early}
-        ans = self._await(Kind.WEIGHTS, [c for c in clients if c not in early], self.timeout)
-        ans.ok.update(early)
-        states, weights = [], []
+    def collect(self, clients: list[str], samples: list[int], request: int) -> list[str]:
+        """Federation: receive the clients' weights, average them (by samples); whose were averaged."""
+        got = self._take_weights(clients, request, self.timeout)
+        states, weights, used = [], [], []
         for c, n in zip(clients, samples):
-            if c in ans.ok:
+            if c in got:
                 try:
-                    states.append(read_weights(ans.ok[c], self.global_state))
+                    states.append(read_weights(got[c], self.global_state))
                     weights.append(n)
+                    used.append(c)
                 except WireError as e:
                     self.link.refuse(c, str(e), wire="weights")
         if states:
             self.global_state = average(states, weights)
-        return [c for c in clients if c in ans.ok]
+        return used
+
+    def merge_copies(self, clients: list[str], samples: list[int]) -> None:
+        """SplitFed v1: this round's server copies, averaged into the shared model (by samples)."""
+        pairs = [(state_of(self.copies[c][0]), n) for c, n in zip(clients, samples) if c in self.copies]
+        if pairs:
+            load_state(self.setup.modules, average([s for s, _ in pairs], [n for _, n in pairs]))
+        self.copies.clear()
 
     # -- follower ------------------------------------------------------------------------------
     def follow(self) -> None:
         """Carry out the coordinator's commands until it says stop (clients, fixed parties, federation)."""
         while True:
-            try:
-                msg = self.link.recv(None)
-            except TransportClosed as e:
-                raise PartyError(f"{self.name}: lost the coordinator {self.coordinator!r} before it said stop ({e})") \
-                    from None
-            if msg.kind == Kind.WEIGHTS:  # may overtake the "load" command naming its sender (other stream)
-                if (self.name == self.federation and msg.sender in self.clients) or (
-                        self.plays == self.spec.template and (msg.sender in self._early or len(self._early) < 2)):
-                    self._early[msg.sender] = msg  # the latest per sender: a client's two, the federation's N
+            if self._pending:
+                msg = self._pending.popleft()
+            else:
+                try:
+                    msg = self.link.recv(None)
+                except TransportClosed as e:
+                    raise PartyError(f"{self.name}: lost the coordinator {self.coordinator!r} before it said "
+                                     f"stop ({e})") from None
+            if msg.kind == Kind.WEIGHTS:  # may overtake the command naming it (it came on another stream)
+                if self._may_hold(msg):
+                    self._early[msg.sender] = msg
                 else:
                     self.link.refuse(msg.sender, "weights nobody announced", wire="weights")
                 continue
@@ -350,11 +421,10 @@ class Role:
                 if msg.kind == Kind.ERROR:
                     log.info("%s: %s", self.name, msg.text)
                 continue
-            try:
-                cmd = json.loads(msg.text)
-                do = cmd["do"]
-            except (ValueError, KeyError, TypeError):
-                self.link.refuse(msg.sender, "a command that is not JSON with a 'do'")
+            cmd = _info(msg)
+            do, request = cmd.get("do"), cmd.get("request")
+            if not isinstance(do, str) or not isinstance(request, int):
+                self.link.refuse(msg.sender, "a command that is not JSON with 'do' and 'request'")
                 continue
             if self.fault is not None:
                 self.fault(cmd)
@@ -363,24 +433,45 @@ class Role:
             if time.time() > float(cmd.get("deadline", 0)):
                 log.info("%s: dropping a command that is past its deadline: %s", self.name, do)
                 continue
-            if do == "turn" and int(cmd.get("turn", -1)) in self.turns:
-                ok = self.run_turn(self.turns[int(cmd["turn"])], str(cmd["client"]))
-                if self.coordinator not in self.plan.parties:  # it takes no part in turns: tell it we are done
-                    self._send(Kind.ACK, self.coordinator, {"turn": int(cmd["turn"]), "ok": ok})
-            elif do == "send":
-                self.send_weights(str(cmd["to"]))
-            elif do == "load" and self.plays == self.spec.template:
-                with self._metering(bool(cmd.get("evaluation"))):
-                    self.load_weights(str(cmd["from"]))
-            elif do == "collect" and self.name == self.federation:
-                got = self.collect(list(cmd["clients"]), [int(n) for n in cmd["samples"]])
-                self._send(Kind.ACK, self.coordinator, {"averaged": got})
-            elif do == "download" and self.name == self.federation:
-                with self._metering(bool(cmd.get("evaluation"))):
-                    for c in cmd["clients"]:
-                        self.send_weights(str(c))
-            else:
-                self.link.refuse(msg.sender, f"unknown command {do!r}")
+            try:
+                self._carry_out(do, request, cmd)
+            except (KeyError, TypeError, ValueError) as e:
+                self.link.refuse(msg.sender, f"a malformed {do!r} command ({e})")
+
+    def _carry_out(self, do: str, request: int, cmd: dict) -> None:
+        is_client, is_fed = self.plays == self.spec.template, self.name == self.federation
+        if do == "turn" and int(cmd["turn"]) in self.turns and self.plays is not None:
+            ok, why = self.run_turn(self.turns[int(cmd["turn"])], str(cmd["client"]))
+            if self.coordinator not in self.plan.parties:  # it takes no part in turns: tell it we are done
+                self._ack(request, ok=ok, why=why)
+        elif do == "send" and (is_client or is_fed):
+            self.send_weights(str(cmd["to"]), request)
+        elif do == "load" and is_client:
+            with self._metering(bool(cmd.get("evaluation"))):
+                self.load_weights(str(cmd["from"]), request, ready=bool(cmd.get("ready")))
+        elif do == "collect" and is_fed:
+            got = self.collect([str(c) for c in cmd["clients"]], [int(n) for n in cmd["samples"]], request)
+            self._ack(request, averaged=got)
+        elif do == "download" and is_fed:
+            with self._metering(bool(cmd.get("evaluation"))):
+                for c, r in zip(cmd["clients"], cmd["requests"]):
+                    self.send_weights(str(c), int(r))
+        elif do == "merge_copies" and self.setup is not None and not is_client:
+            self.merge_copies([str(c) for c in cmd["clients"]], [int(n) for n in cmd["samples"]])
+        else:
+            self.link.refuse(self.coordinator, f"a command {do!r} that {self.name} does not carry out")
+
+    @contextmanager
+    def _metering(self, evaluation: bool) -> Iterator[None]:
+        """Count the traffic inside as evaluation traffic (or, by default, as training traffic)."""
+        if not evaluation:
+            yield
+            return
+        train, self.link.meter = self.link.meter, self.eval_meter
+        try:
+            yield
+        finally:
+            self.link.meter = train
 
     # -- coordinator ---------------------------------------------------------------------------
     def coordinate(self, progress: Callable[[Round], None] | None = None) -> None:
@@ -398,17 +489,20 @@ class Role:
                     c = self.clients[turn.client]
                     if c not in names:
                         continue
-                    if self.spec.schedule == "sequential" and holder is not None and holder != c:
-                        if not self._handoff(rnd, holder, c):
-                            self._skip(rnd, c, "train turn", "it did not take the hand-off")
-                            continue
+                    if self.spec.schedule == "sequential" and holder not in (None, c) \
+                            and not self._handoff(rnd, holder, c):
+                        continue
                     if self._turn(rnd, turn, c, fixed):
                         done.append(c)
                         holder = c
                 if rnd.average and done:
                     self._average(rnd, done)
                     if self.spec.schedule == "splitfed_v1":
-                        self._average_copies(rnd, done)
+                        samples = [rnd.samples[self.clients.index(c)] for c in done]
+                        if self.setup is not None:
+                            self.merge_copies(done, samples)
+                        for p in fixed:
+                            self._command(p, do="merge_copies", clients=done, samples=samples)
                 for turn in rnd.evals:
                     if turn.client is not None:
                         c = self.clients[turn.client]
@@ -423,139 +517,143 @@ class Role:
         finally:
             for p in [*others, *self.clients]:
                 try:
-                    self._send(Kind.STEP, p, {"do": "stop"})
+                    self._command(p, do="stop")
                 except TransportError:
                     pass
 
-    def _skip(self, rnd: Round, client: str, what: str, why: str) -> None:
-        self.skipped.append({"round": rnd.index, "client": client, "during": what, "reason": why})
-        log.warning("%s: skipped %s in round %d (%s): %s", self.name, client, rnd.index, what, why)
+    def _skip(self, rnd: Round, party: str, what: str, why: str) -> None:
+        self.skipped.append({"round": rnd.index, "client": party, "during": what, "reason": why})
+        log.warning("%s: skipped %s in round %d (%s): %s", self.name, party, rnd.index, what, why)
 
     def _turn(self, rnd: Round, turn: Turn, client: str, fixed: list[str]) -> bool:
+        rid = 0
         for p in [client, *fixed]:
             try:
-                self._command(p, do="turn", turn=turn.index, client=client)
+                r = self._command(p, do="turn", turn=turn.index, client=client)
+                rid = r if p == client else rid
             except TransportError as e:
                 self._skip(rnd, client, f"{turn.mode} turn", f"cannot reach {p}: {e}")
                 return False
         if self.plays is None:  # a plan of one party (FedAvg): the client trains alone and says when it is done
             limit = self.timeout * max(1, len(turn.steps))
-            ans = self._await(Kind.ACK, [client], limit)
-            if client in ans.ok and json.loads(ans.ok[client].text or "{}").get("ok"):
+            ans = self._await(Kind.ACK, [client], limit, match=lambda m: _request_of(m) == rid)
+            if client in ans.ok and _info(ans.ok[client]).get("ok"):
                 return True
             self._skip(rnd, client, f"{turn.mode} turn", f"no answer within {limit:g} s" if client not in ans.ok
-                       else "its turn failed")
+                       else f"its turn failed: {_info(ans.ok[client]).get('why')}")
             return False
-        if self.run_turn(turn, client):
-            return True
-        self._skip(rnd, client, f"{turn.mode} turn", f"no complete answer within {self.timeout:g} s")
-        return False
+        ok, why = self.run_turn(turn, client)
+        if not ok:
+            self._skip(rnd, client, f"{turn.mode} turn", why)
+        return ok
 
     def _handoff(self, rnd: Round, holder: str, client: str) -> bool:
         """Sequential: the latest weights go from ``holder`` to ``client`` (peer-to-peer between ring
-        neighbours, else through this coordinator). False if ``client`` cannot take its turn; if the
-        holder fails, the client trains on from its own weights (reported)."""
+        neighbours, else through this coordinator). False if ``client`` does not answer (its turn is
+        skipped); if only the holder fails, the client trains on from its own weights (reported)."""
         peer = self.spec.handoff == "peer" and ring_neighbours(self.plan, holder, client)
-        weights = None
+        relayed = None
         if not peer:
+            rid = next(self._requests)
             try:
-                self._command(holder, do="send", to=self.name)
-                got = self._await(Kind.WEIGHTS, [holder], self.timeout)
-                weights = got.ok.get(holder)
+                self._command(holder, request=rid, do="send", to=self.name)
+                relayed = self._take_weights([holder], rid, self.timeout).get(holder)
             except TransportError:
                 pass
-            if weights is None:
+            if relayed is None:
                 self._skip(rnd, holder, "hand-off", f"its weights did not come within {self.timeout:g} s; "
                                                     f"{client} trains on from its own")
+                return True
+        rid = next(self._requests)
         try:
-            if peer or weights is not None:
-                self._command(client, do="load", **{"from": holder if peer else self.name})
-            if peer:
-                try:
-                    self._command(holder, do="send", to=client)
-                except TransportError as e:  # the client will report that nothing came
-                    log.warning("%s: hand-off from %s: %s", self.name, holder, e)
-            elif weights is not None:
-                self.link.send(Message(Kind.WEIGHTS, self.name, client, 0, "weights", weights.tensors))
+            self._command(client, request=rid, do="load", **{"from": holder if peer else self.name})
+            if relayed is not None:
+                self.link.send(Message(Kind.WEIGHTS, self.name, client, rid, "weights", relayed.tensors))
         except TransportError as e:
-            self._skip(rnd, client, "hand-off", f"cannot reach it: {e}")
+            self._skip(rnd, client, "hand-off", f"cannot reach it ({e}); its turn is skipped")
             return False
-        if not peer and weights is None:
-            return True
-        ans = self._await(Kind.ACK, [client], 2 * self.timeout)  # the client itself waits up to one timeout
-        if client not in ans.ok:
-            self._skip(rnd, client, "hand-off", f"no acknowledgement within {2 * self.timeout:g} s")
+        if peer:
+            try:
+                self._command(holder, request=rid, do="send", to=client)
+            except TransportError as e:  # the client will say that nothing came
+                log.warning("%s: hand-off from %s: %s", self.name, holder, e)
+        ans = self._await(Kind.ACK, [client], 2 * self.timeout, match=lambda m: _request_of(m) == rid)
+        if client not in ans.ok:  # the client itself waits up to one timeout for the weights
+            self._skip(rnd, client, "hand-off", f"no answer within {2 * self.timeout:g} s; its turn is skipped")
             return False
-        if json.loads(ans.ok[client].text or "{}").get("loaded") is None:
-            self._skip(rnd, holder, "hand-off", f"its weights did not reach {client} within {self.timeout:g} s; "
-                                                f"{client} trains on from its own")
+        if _info(ans.ok[client]).get("loaded") is None:
+            self._skip(rnd, holder, "hand-off", f"its weights did not reach {client}; {client} trains on "
+                                                "from its own")
         return True
 
     def _download(self, rnd: Round, names: list[str], evaluation: bool = False) -> list[str]:
         """Averaging schedules: the clients receive the federation's weights (at the start of a
         round, or before evaluating the averaged model: metered as evaluation traffic); who did."""
-        reached = []
+        apart = self.federation != self.name
+        requests: dict[str, int] = {}
         for c in names:
             try:
-                self._command(c, do="load", evaluation=evaluation, **{"from": self.federation})
-                reached.append(c)
+                requests[c] = self._command(c, do="load", evaluation=evaluation, ready=evaluation and apart,
+                                            **{"from": self.federation})
             except TransportError as e:
-                log.warning("%s: download to %s: %s", self.name, c, e)
+                self._skip(rnd, c, "download", f"cannot reach it: {e}")
+        if evaluation and apart:  # the weights may not overtake the command: it decides the meter
+            ready = self._await(Kind.ACK, list(requests), self.timeout,
+                                match=lambda m: _request_of(m) == requests[m.sender] and _info(m).get("ready"))
+            requests = {c: r for c, r in requests.items() if c in ready.ok}
         try:
-            if self.federation == self.name:
-                with self._metering(evaluation):
-                    for c in reached:
-                        self.send_weights(c)
+            if apart:
+                self._command(self.federation, do="download", clients=list(requests),
+                              requests=list(requests.values()), evaluation=evaluation)
             else:
-                self._command(self.federation, do="download", clients=reached, evaluation=evaluation)
+                with self._metering(evaluation):
+                    for c, r in requests.items():
+                        self.send_weights(c, r)
         except TransportError as e:
             log.warning("%s: download: %s", self.name, e)
-        ans = self._await(Kind.ACK, names, self.timeout)
-        for c in ans.missing:
-            self._skip(rnd, c, "evaluation download" if evaluation else "download",
-                       f"no acknowledgement within {self.timeout:g} s")
-        return [c for c in names if c in ans.ok]
-
-    @contextmanager
-    def _metering(self, evaluation: bool) -> Iterator[None]:
-        """Count the traffic inside as evaluation traffic (or, by default, as training traffic)."""
-        if not evaluation:
-            yield
-            return
-        train, self.link.meter = self.link.meter, self.eval_meter
-        try:
-            yield
-        finally:
-            self.link.meter = train
+        ans = self._await(Kind.ACK, list(requests), self.timeout,
+                          match=lambda m: _request_of(m) == requests[m.sender] and "loaded" in _info(m))
+        what = "evaluation download" if evaluation else "download"
+        loaded = []
+        for c in names:
+            if c not in ans.ok:
+                if c in requests:
+                    self._skip(rnd, c, what, f"no answer within {self.timeout:g} s")
+            elif _info(ans.ok[c]).get("loaded") != self.federation:
+                self._skip(rnd, c, what, f"the federation's weights did not reach it ({_info(ans.ok[c])})")
+            else:
+                loaded.append(c)
+        return loaded
 
     def _average(self, rnd: Round, done: list[str]) -> list[str]:
+        """The clients that trained send their weights to the federation, which averages them."""
+        rid = next(self._requests)
         sending = []
         for c in done:
             try:
-                self._command(c, do="send", to=self.federation)
+                self._command(c, request=rid, do="send", to=self.federation)
                 sending.append(c)
             except TransportError as e:
                 self._skip(rnd, c, "averaging", f"cannot reach it: {e}")
-        done = sending
-        samples = [rnd.samples[self.clients.index(c)] for c in done]
+        samples = [rnd.samples[self.clients.index(c)] for c in sending]
         if self.federation == self.name:
-            got = self.collect(done, samples)
+            got = self.collect(sending, samples, rid)
         else:
-            self._command(self.federation, do="collect", clients=done, samples=samples)
-            ans = self._await(Kind.ACK, [self.federation], 2 * self.timeout)
-            got = json.loads(ans.ok[self.federation].text)["averaged"] if ans.ok else []
-        for c in done:
+            try:
+                self._command(self.federation, request=rid, do="collect", clients=sending, samples=samples)
+            except TransportError as e:
+                self._skip(rnd, self.federation, "averaging", f"cannot reach the federation: {e}")
+                return []
+            ans = self._await(Kind.ACK, [self.federation], 2 * self.timeout, match=lambda m: _request_of(m) == rid)
+            if self.federation not in ans.ok:
+                self._skip(rnd, self.federation, "averaging", f"the federation did not answer within "
+                                                              f"{2 * self.timeout:g} s")
+                return []
+            got = list(_info(ans.ok[self.federation]).get("averaged") or [])
+        for c in sending:
             if c not in got:
                 self._skip(rnd, c, "averaging", f"its weights did not come within {self.timeout:g} s")
         return got
-
-    def _average_copies(self, rnd: Round, done: list[str]) -> None:
-        """SplitFed v1: the server copies of this round's clients, averaged into the server model."""
-        states = [state_of(self.copies[c][0]) for c in done if c in self.copies]
-        weights = [rnd.samples[self.clients.index(c)] for c in done if c in self.copies]
-        if states:
-            load_state(self.setup.modules, average(states, weights))
-        self.copies.clear()
 
     # -- report --------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:

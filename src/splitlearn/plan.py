@@ -277,6 +277,9 @@ class Plan(_Strict):
                 raise ValueError(f"clients.federation {c.federation!r} must be letters, digits, '_' or '-'")
             if c.federation == c.template:
                 raise ValueError("clients.federation cannot be the client template: name the server or a role of its own")
+            if c.local_steps is None and self.train.epochs % c.local_epochs:
+                raise ValueError(f"clients.local_epochs ({c.local_epochs}) must divide train.epochs ({self.train.epochs}): "
+                                 "a round is local_epochs passes")
         return self
 
     def with_train(self, **changes: Any) -> "Plan":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -79,17 +78,17 @@ def client_shares(plan: Plan, train_rows: np.ndarray, labels: np.ndarray | None)
     return [train_rows[p] for p in parts]
 
 
-def _steps(ids: Iterator[int], rows: list[np.ndarray], mode: str, epoch: int) -> tuple:
+def _steps(rows: list[np.ndarray], mode: str, epoch: int) -> tuple:
+    """A turn's steps, numbered from 0: a turn is a session of its own (its hello names the turn)."""
     from .runner import Step
 
-    return tuple(Step(next(ids), mode, epoch, torch.from_numpy(np.asarray(b))) for b in rows)
+    return tuple(Step(i, mode, epoch, torch.from_numpy(np.asarray(b))) for i, b in enumerate(rows))
 
 
 def rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[Round]:
-    """Every round of the plan's schedule, with globally numbered steps (the same at every party)."""
+    """Every round of the plan's schedule (the same at every party); turns are numbered globally."""
     spec, t = plan.clients, plan.train
     assert spec is not None
-    ids = iter(range(1 << 62))
     turn_ids = iter(range(1 << 62))
     n = spec.count
     rng = np.random.default_rng([t.seed, 7])
@@ -100,19 +99,24 @@ def rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[
 
     def evals(r: int, epoch: int, clients: list[int | None]) -> tuple[Turn, ...]:
         test = [test_rows[b] for b in batches(len(test_rows), t.eval_batch_size, t.seed, epoch, shuffle=False)]
-        return tuple(Turn(next(turn_ids), r, "eval", c, _steps(ids, test, "eval", epoch)) for c in clients)
+        return tuple(Turn(next(turn_ids), r, "eval", c, _steps(test, "eval", epoch)) for c in clients)
 
     out: list[Round] = []
     if not averaging(spec):  # sequential, independent: one round per epoch, every client in order
         for epoch in range(t.epochs):
             order = list(range(n))
-            train = tuple(Turn(next(turn_ids), epoch, "train", k, _steps(ids, batches_of(k, epoch), "train", epoch))
+            train = tuple(Turn(next(turn_ids), epoch, "train", k, _steps(batches_of(k, epoch), "train", epoch))
                           for k in order)
             who: list[int | None] = list(range(n)) if spec.schedule == "independent" else [None]
             out.append(Round(epoch, epoch, tuple(order), train, evals(epoch, epoch, who),
                              samples={k: len(shares[k]) for k in order}))
         return out
     # averaging schedules: a round is local_epochs passes, or local_steps batches, per drawn client
+    if spec.local_steps is None and t.epochs % spec.local_epochs:
+        from .plan import PlanError
+
+        raise PlanError(f"clients.local_epochs ({spec.local_epochs}) must divide train.epochs ({t.epochs})",
+                        entry="clients.local_epochs", hint="a round is local_epochs passes over each client's rows")
     per_pass = max(math.ceil(len(s) / t.batch_size) for s in shares)
     if spec.local_steps is None:
         total, per_epoch = math.ceil(t.epochs / spec.local_epochs), 1
@@ -138,7 +142,7 @@ def rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[
                     rows.append(batches_of(k, p)[i])
             cursor[k] += len(rows)
             samples[k] = sum(len(b) for b in rows)
-            train.append(Turn(next(turn_ids), r, "train", k, _steps(ids, rows, "train", epoch)))
+            train.append(Turn(next(turn_ids), r, "train", k, _steps(rows, "train", epoch)))
         last_of_epoch = (r + 1) % per_epoch == 0 or r == total - 1
         out.append(Round(r, epoch, tuple(clients), tuple(train), evals(r, epoch, [None]) if last_of_epoch else (),
                          True, samples))

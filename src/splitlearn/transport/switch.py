@@ -8,47 +8,73 @@ they overtake each other on different streams (a relay's hello can reach a clien
 coordinator's command to start the turn).
 
 :meth:`Switch.session` is the transport of one turn: it speaks as the plan party and renames
-only the bound peer (plan name -> physical name on the way out, back on the way in), so a
-message from ``hospital-5`` that claims to be ``hospital`` during ``hospital-3``'s turn still
-arrives under its authenticated name and is refused by the link as an impersonation.
+only the bound peer (plan name -> physical name on the way out, back on the way in), and it
+reads only from the turn's peers: what ``hospital-5`` sends during ``hospital-3``'s turn waits
+(and is dropped as stale when the next turn starts), so it can neither speak for
+``hospital`` nor stop the turn. What waits is capped per sender.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import Callable
 
 from .base import Transport, TransportTimeout
 
+log = logging.getLogger("splitlearn.transport.switch")
+
 __all__ = ["Switch"]
 
-MAX_HELD = 10_000  # messages kept for the other reader; beyond that the oldest are dropped
+MAX_HELD_BYTES = 256 * 2**20  # held for the other reader, per peer; beyond that a peer's messages are dropped
 
 
 class Switch:
-    """Sorts ``inner``'s messages with ``classify(data) -> "control" | "session" | None`` (None: stale, dropped)."""
+    """Sorts ``inner``'s messages with ``classify(data) -> "control" | "session"``."""
 
     def __init__(self, inner: Transport, classify: Callable[[bytes], str]):
         self.inner, self.classify = inner, classify
-        self.held: dict[str, deque] = {"control": deque(maxlen=MAX_HELD), "session": deque(maxlen=MAX_HELD)}
+        self.held: dict[str, deque] = {"control": deque(), "session": deque()}
+        self.held_bytes: dict[str, int] = {}
+        self.dropped = 0  # messages dropped because their sender had too much held
 
     def control(self) -> "_View":
         """The physical party's own view: commands, acknowledgements, weights."""
-        return _View(self, "control", self.inner.party, {})
+        return _View(self, "control", self.inner.party, {}, None)
 
-    def session(self, party: str, aliases: dict[str, str], keep: Callable[[str, bytes], bool]) -> "_View":
-        """A turn's view as plan party ``party``; held session messages that ``keep(peer, data)``
+    def session(self, party: str, aliases: dict[str, str], keep: Callable[[str, bytes], bool],
+                peers: set[str]) -> "_View":
+        """A turn's view as plan party ``party`` with the physical ``peers`` of the turn: messages
+        from anybody else wait for a later turn. Held session messages that ``keep(peer, data)``
         rejects (left over from an earlier turn) are dropped first."""
         held = self.held["session"]
-        kept = [(p, d) for p, d in held if keep(p, d)]
-        held.clear()
-        held.extend(kept)
-        return _View(self, "session", party, aliases)
+        for p, d in [(p, d) for p, d in held if not keep(p, d)]:
+            held.remove((p, d))
+            self.held_bytes[p] -= len(d)
+        return _View(self, "session", party, aliases, frozenset(peers))
 
-    def _recv(self, kind: str, timeout: float | None) -> tuple[str, bytes]:
-        if self.held[kind]:
-            return self.held[kind].popleft()
+    def _hold(self, kind: str, peer: str, data: bytes) -> None:
+        if self.held_bytes.get(peer, 0) + len(data) > MAX_HELD_BYTES:
+            self.dropped += 1
+            log.warning("%s: dropped a message from %s: %d bytes of its messages are waiting already",
+                        self.inner.party, peer, self.held_bytes.get(peer, 0))
+            return
+        self.held[kind].append((peer, data))
+        self.held_bytes[peer] = self.held_bytes.get(peer, 0) + len(data)
+
+    def _take(self, kind: str, peers: frozenset | None) -> tuple[str, bytes] | None:
+        for item in self.held[kind]:
+            if peers is None or item[0] in peers:
+                self.held[kind].remove(item)
+                self.held_bytes[item[0]] -= len(item[1])
+                return item
+        return None
+
+    def _recv(self, kind: str, timeout: float | None, peers: frozenset | None) -> tuple[str, bytes]:
+        item = self._take(kind, peers)
+        if item is not None:
+            return item
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -56,15 +82,14 @@ class Switch:
                 raise TransportTimeout(f"{self.inner.party}: nothing received within {timeout} s")
             peer, data = self.inner.recv(left)
             got = self.classify(data)
-            if got == kind:
+            if got == kind and (peers is None or peer in peers):
                 return peer, data
-            if got is not None:
-                self.held[got].append((peer, data))
+            self._hold(got, peer, data)
 
 
 class _View(Transport):
-    def __init__(self, switch: Switch, kind: str, party: str, aliases: dict[str, str]):
-        self.switch, self.kind, self.party = switch, kind, party
+    def __init__(self, switch: Switch, kind: str, party: str, aliases: dict[str, str], peers: frozenset | None):
+        self.switch, self.kind, self.party, self.peers = switch, kind, party, peers
         self._out = dict(aliases)
         self._in = {v: k for k, v in aliases.items()}
 
@@ -72,7 +97,7 @@ class _View(Transport):
         self.switch.inner.send(self._out.get(dst, dst), data)
 
     def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
-        peer, data = self.switch._recv(self.kind, timeout)
+        peer, data = self.switch._recv(self.kind, timeout, self.peers)
         return self._in.get(peer, peer), data
 
     def close(self) -> None:  # the connection outlives a view
