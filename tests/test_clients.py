@@ -1,5 +1,6 @@
 """Horizontal clients: schedules equal their unsplit counterparts, exact accounting, skipped clients."""
 
+import threading
 import time
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from splitlearn.compare import centralized_plan, method_plan, predict_cost
-from splitlearn.federation import Context, merge_reports, run_clients
+from splitlearn.federation import Context, merge_reports, run_clients, weights_message
+from splitlearn.messages import Kind
 from splitlearn.models import build_segment
 from splitlearn.plan import Plan, PlanError, load_plan
 from splitlearn.runner import prepare, run_parties, setup_party
@@ -172,7 +174,7 @@ def test_a_client_that_stops_answering_is_skipped_reported_and_the_run_completes
     plan = tiny(count=3, schedule="sequential", timeout=1.0).with_train(epochs=3)
     state = {"turns": 0}
 
-    def dies(cmd):  # hospital-2 trains once, then its process is gone
+    def dies(role, cmd):  # hospital-2 trains once, then its process is gone
         if cmd.get("do") == "turn":
             state["turns"] += 1
             if state["turns"] == 2:
@@ -189,7 +191,7 @@ def test_a_client_that_misses_its_turn_rejoins_later():
     plan = tiny(count=3, schedule="splitfed_v2", timeout=1.0).with_train(epochs=3)
     state = {"slept": False}
 
-    def slow(cmd):  # hospital-3 is away during round 0 and answers again afterwards
+    def slow(role, cmd):  # hospital-3 is away during round 0 and answers again afterwards
         if cmd.get("do") == "turn" and not state["slept"]:
             state["slept"] = True
             time.sleep(2.5)
@@ -275,3 +277,91 @@ def test_rounds_of_each_schedule():
 
     ind = made(schedule="independent")
     assert [t.client for t in ind.rounds[0].evals] == [0, 1, 2, 3]  # every client's own model is evaluated
+
+
+def test_a_client_speaking_out_of_turn_changes_nothing():
+    """hospital-1, done with its only turn, keeps sending while hospital-2 trains: a hello claiming
+    to be the plan's hospital, an error meant to stop the server, weights nobody asked for. The
+    run ends with exactly the weights of a clean run."""
+    from splitlearn.messages import Message, encode
+
+    plan = tiny(count=2, schedule="sequential").with_train(epochs=1)
+    clean = run_clients(plan)
+    started, bursts = threading.Event(), []
+
+    def mallory(role, cmd):
+        if cmd.get("do") != "send" or started.is_set():  # its hand-off to hospital-2, right before that turn
+            return
+        started.set()
+        raw, state = role.switch.inner, role._client_state()
+
+        def keep_sending():
+            try:
+                for i in range(200):
+                    raw.send("server", encode(Message(Kind.HELLO, "hospital", "server", text="{}")))
+                    raw.send("server", encode(Message(Kind.ERROR, "hospital-1", "server", text="stop, says hospital-1")))
+                    raw.send("server", encode(Message(Kind.ACTIVATION, "hospital", "server", i, "bottom->top")))
+                    raw.send("hospital-2", encode(weights_message("hospital-1", "hospital-2", state, 10_000 + i)))
+                    bursts.append(i)
+                    time.sleep(0.002)
+            except Exception:  # the run is over and the hub closed
+                pass
+
+        threading.Thread(target=keep_sending, daemon=True).start()
+
+    attacked = run_clients(plan, faults={"hospital-1": mallory})
+    assert started.is_set() and len(bursts) > 5
+    res = merge_reports(plan, attacked)
+    assert res["skipped"] == []
+    for name in ("hospital-1", "hospital-2", "server"):
+        for seg, m in attacked[name]["modules"].items():
+            assert _max_diff(_state(m), _state(clean[name]["modules"][seg])) == 0
+    assert res["metrics"] == merge_reports(plan, clean)["metrics"]
+
+
+def test_fedavg_averages_by_samples():
+    """Uneven shares (Dirichlet): the federation's model is the sample-weighted mean of the clients'."""
+    from splitlearn.federation import average
+
+    plan = method_plan(tiny(count=3, partition={"kind": "dirichlet", "alpha": 0.3}).with_train(epochs=1), "fedavg", 3)
+    ctx = Context.of(plan, setup_party(plan, "hospital"))
+    sizes = [len(s) for s in ctx.shares]
+    assert len(set(sizes)) == 3  # uneven, so a plain mean would differ
+    local = {}
+
+    def capture(role, cmd):  # the clients' own weights just before the averaged ones replace them
+        if cmd.get("do") in ("send", "load") and cmd.get("to", "") == "federation" or cmd.get("evaluation"):
+            local.setdefault(role.name, {k: v.clone() for k, v in role._client_state().items()})
+
+    faults = {c: capture for c in plan.clients.names()}
+    reports = run_clients(plan, faults=faults)
+    assert set(local) == set(plan.clients.names())
+    states = [local[c] for c in plan.clients.names()]
+    expected = average(states, sizes)
+    plain = average(states, [1, 1, 1])
+    got = {f"{seg}.{k}": v for seg, m in reports["hospital-1"]["modules"].items() for k, v in m.state_dict().items()}
+    assert _max_diff(got, expected) < 1e-6
+    assert _max_diff(got, plain) > 1e-4
+
+
+def test_clients_with_two_fixed_parties_train_and_splitfed_v1_merges_every_copy():
+    body = tiny().model_dump()
+    body["parties"]["relay"] = {"optimizer": {"name": "sgd", "lr": 0.1}}
+    body["networks"]["mlp"]["args"]["sizes"] = [64, 32, 32, 10]  # 0 Linear, 1 ReLU, 2 Linear, 3 ReLU, 4 Linear
+    body["train"]["epochs"] = 4
+    body["segments"] = {
+        "bottom": {"party": "hospital", "inputs": ["hospital.x"], "network": "mlp", "layers": [0, 2]},
+        "middle": {"party": "relay", "inputs": ["bottom"], "network": "mlp", "layers": [2, 4]},
+        "top": {"party": "server", "inputs": ["middle"], "network": "mlp", "layers": [4, 5]}}
+    for schedule in ("sequential", "splitfed_v1"):
+        plan = load_plan({**body, "clients": {"template": "hospital", "count": 3, "schedule": schedule}})
+        reports = run_clients(plan)
+        res = merge_reports(plan, reports)
+        assert res["skipped"] == [] and res["metrics"]["test_accuracy"] > 0.35  # measured 0.81 / 0.45; chance 0.1
+        start = build_segment(plan, "middle")
+        assert _max_diff(_state(reports["relay"]["modules"]["middle"]), _state(start)) > 1e-3  # the relay learned
+
+
+def test_local_epochs_must_divide_the_epochs():
+    with pytest.raises(PlanError, match="must divide"):
+        tiny(count=2, schedule="fedavg", local_epochs=3)

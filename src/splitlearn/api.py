@@ -27,11 +27,15 @@ def train(plan: Plan | str | Path | dict, *, epochs: int | None = None, seed: in
           timeout: float = 600.0) -> dict[str, Any]:
     """Train a plan with every party in this process; return (and with ``out``, write) the result.
 
+    With ``[clients]``, ``on_step`` is called once per round of the schedule and
+    ``clients.timeout`` (not ``timeout``) bounds how long a client may take to answer.
+
     ``out`` receives ``result.json``, ``plan.json`` and ``parties/NAME/weights.safetensors``.
     """
     plan, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
-    if plan.clients is not None:
-        return train_clients(plan, out=out)
+    if plan.clients is not None:  # on_step is called once a round; clients.timeout bounds each answer
+        progress = None if on_step is None else (lambda r: on_step(Step(r.index, "train", r.epoch, torch.empty(0))))
+        return train_clients(plan, out=out, progress=progress)
     return train_prepared(plan, setups, shapes, out=out, on_step=on_step, timeout=timeout)
 
 

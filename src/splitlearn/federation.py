@@ -213,7 +213,7 @@ class Role:
     """
 
     def __init__(self, plan: Plan, name: str, transport: Transport, setup: PartySetup | None = None, *,
-                 timeout: float | None = None, fault: Callable[[dict], None] | None = None,
+                 timeout: float | None = None, fault: "Callable[[Role, dict], None] | None" = None,
                  context: "Context | None" = None):
         spec = plan.clients
         if spec is None:
@@ -242,7 +242,7 @@ class Role:
         # fixed parties: a copy of their segments per client (splitfed_v1 for a round, independent for good)
         self.copies: dict[str, tuple[dict, torch.optim.Optimizer | None]] = {}
         self._requests = itertools.count(1)
-        self._early: dict[str, Message] = {}  # weights that came before the command naming them
+        self._early: dict[tuple[str, int], Message] = {}  # (sender, request): weights that beat their command
         self._pending: deque[Message] = deque(maxlen=MAX_PENDING)  # follower: commands that came meanwhile
 
     # -- messages ---------------------------------------------------------------------------
@@ -258,12 +258,26 @@ class Role:
     def _ack(self, request: int, **info: Any) -> None:
         self._send(Kind.ACK, self.coordinator, {"request": request, **info})
 
-    def _may_hold(self, msg: Message) -> bool:
-        """Weights that may come before the command naming them: a client's from its two possible
-        senders, the federation's from every client; the latest per sender."""
-        if self.name == self.federation and msg.sender in self.clients:
-            return True
-        return self.plays == self.spec.template and (msg.sender in self._early or len(self._early) < 2)
+    def _senders_of_weights(self) -> set[str]:
+        """Who may send us weights: a client's ring neighbours, the coordinator and the federation;
+        the federation's clients."""
+        if self.name == self.federation:
+            return set(self.clients)
+        if self.plays != self.spec.template:
+            return set()
+        return {self.coordinator, self.federation} | {c for c in self.clients
+                                                       if c != self.name and ring_neighbours(self.plan, c, self.name)}
+
+    def _hold_weights(self, msg: Message) -> bool:
+        """Keep weights that came before the command naming them (from an expected sender only;
+        the oldest go beyond two per possible sender)."""
+        allowed = self._senders_of_weights()
+        if msg.sender not in allowed:
+            return False
+        self._early[(msg.sender, msg.step)] = msg
+        while len(self._early) > 2 * len(allowed):
+            del self._early[next(iter(self._early))]
+        return True
 
     def _await(self, kind: Kind, senders: list[str], timeout: float,
                match: Callable[[Message], bool] | None = None) -> _Answer:
@@ -283,19 +297,15 @@ class Role:
                 got[msg.sender] = msg
             elif msg.kind == Kind.STEP and msg.sender == self.coordinator != self.name:
                 self._pending.append(msg)
-            elif msg.kind == Kind.WEIGHTS and self._may_hold(msg):
-                self._early[msg.sender] = msg
+            elif msg.kind == Kind.WEIGHTS and self._hold_weights(msg):
+                pass
             else:
                 log.debug("%s: ignoring a late %s from %s", self.name, msg.kind.name, msg.sender)
         return _Answer(got, [s for s in senders if s not in got])
 
     def _take_weights(self, senders: list[str], request: int, timeout: float) -> dict[str, Message]:
         """The weights answering ``request`` from each sender that sends them in time."""
-        got = {}
-        for s in senders:
-            early = self._early.pop(s, None)
-            if early is not None and early.step == request:
-                got[s] = early
+        got = {s: self._early.pop((s, request)) for s in senders if (s, request) in self._early}
         ans = self._await(Kind.WEIGHTS, [s for s in senders if s not in got], timeout,
                           match=lambda m: m.step == request)
         return {**got, **ans.ok}
@@ -412,10 +422,8 @@ class Role:
                     raise PartyError(f"{self.name}: lost the coordinator {self.coordinator!r} before it said "
                                      f"stop ({e})") from None
             if msg.kind == Kind.WEIGHTS:  # may overtake the command naming it (it came on another stream)
-                if self._may_hold(msg):
-                    self._early[msg.sender] = msg
-                else:
-                    self.link.refuse(msg.sender, "weights nobody announced", wire="weights")
+                if not self._hold_weights(msg):
+                    self.link.refuse(msg.sender, "weights from a party that never sends us any", wire="weights")
                 continue
             if msg.kind != Kind.STEP or msg.sender != self.coordinator:
                 if msg.kind == Kind.ERROR:
@@ -427,7 +435,7 @@ class Role:
                 self.link.refuse(msg.sender, "a command that is not JSON with 'do' and 'request'")
                 continue
             if self.fault is not None:
-                self.fault(cmd)
+                self.fault(self, cmd)
             if do == "stop":
                 return
             if time.time() > float(cmd.get("deadline", 0)):
@@ -657,7 +665,8 @@ class Role:
 
     # -- report --------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        return {"name": self.name, "plays": self.plays, "train": self.link.meter.summary(),
+        return {"name": self.name, "plays": self.plays, "schedule": self.spec.schedule,
+                "train": self.link.meter.summary(),
                 "eval": self.eval_meter.summary(), "records": self.records, "skipped": self.skipped,
                 "refused": self.refused + self.link.refused}
 
@@ -678,21 +687,28 @@ def _build(plan: Plan, segment: str) -> nn.Module:
 
 
 def _labels(plan: Plan, setup: PartySetup) -> np.ndarray | None:
-    """Class labels of the training rows, for a Dirichlet partition (from the loss target)."""
+    """Class labels of the training rows for a Dirichlet partition: the template's field that a
+    classification loss takes as its target (None for an iid partition: no labels needed)."""
     from .runner import party_table
 
-    table = party_table(plan, plan.clients.template)
-    table = table.align(setup.splits.ids)
-    y = table.fields.get("y")
-    if y is None or np.asarray(y).dtype.kind not in "iub":
+    spec = plan.clients
+    if spec.partition.kind != "dirichlet":
         return None
-    return np.asarray(y)[setup.splits.train]
+    holds = plan.parties[spec.template].holds
+    fields = [holds[t.split(".", 1)[1]].field for t in (loss.target for loss in plan.losses.values()
+                                                        if loss.kind in ("cross_entropy", "bce"))
+              if t.split(".", 1)[0] == spec.template and t.split(".", 1)[1] in holds]
+    if not fields:
+        return None
+    table = party_table(plan, spec.template).align(setup.splits.ids)
+    y = np.asarray(table.fields.get(fields[0]))
+    return y.reshape(len(y), -1)[:, 0][setup.splits.train] if y.dtype.kind in "iub" else None
 
 
 # -- in-process ----------------------------------------------------------------------------------
 
 def run_clients(plan: Plan, *, timeout: float | None = None, progress: Callable[[Round], None] | None = None,
-                faults: dict[str, Callable[[dict], None]] | None = None) -> dict[str, dict]:
+                faults: "dict[str, Callable[[Role, dict], None]] | None" = None) -> dict[str, dict]:
     """Every physical party of a horizontal plan in a thread of this process; their reports."""
     names = roles(plan)
     hub = InProcessHub(names)
@@ -737,7 +753,9 @@ def final_client(reports: dict[str, dict]) -> str | None:
     """The client whose weights were evaluated last: the run's model (sequential: the last holder;
     averaging schedules: the averaged weights; independent: the last client)."""
     evals = [r for rep in reports.values() for r in rep["records"] if r["mode"] == "eval"]
-    return max(evals, key=lambda r: r["turn"])["client"] if evals else None
+    if not evals or any(rep.get("schedule") == "independent" for rep in reports.values()):
+        return None  # independent: every client has a model of its own
+    return max(evals, key=lambda r: r["turn"])["client"]
 
 
 def merge_reports(plan: Plan, reports: dict[str, dict]) -> dict[str, Any]:

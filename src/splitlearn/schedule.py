@@ -71,8 +71,8 @@ def client_shares(plan: Plan, train_rows: np.ndarray, labels: np.ndarray | None)
     if alpha is not None and labels is None:
         from .plan import PlanError
 
-        raise PlanError("a dirichlet partition needs class labels in the data", entry="clients.partition",
-                        hint='use partition = "iid"')
+        raise PlanError(f"a dirichlet partition needs class labels: {spec.template!r} holds no target of a "
+                        "classification loss", entry="clients.partition", hint='use partition = "iid"')
     parts = partition(labels if labels is not None else np.zeros(len(train_rows)), spec.count, alpha=alpha,
                       seed=plan.train.seed)
     return [train_rows[p] for p in parts]
