@@ -112,7 +112,9 @@ def section_scale(counts: list[int], epochs: int) -> None:
                      f"| {r['skipped']} |")
     big = rows[-1]
     slope = (big["peak_rss_mb"] - ref["peak_rss_mb"]) / max(1, big["clients"] - ref["clients"])
-    lines += ["", f"Memory grows by about {slope * 1024:.0f} KB per client: its own bottom weights and optimizer "
+    lines += ["", f"The {ref['peak_rss_mb']:.0f} MB of the reference are fixed: the libraries (torch, scikit-learn) and "
+              "the data.",
+              f"Memory grows by about {slope * 1024:.0f} KB per client: its own bottom weights and optimizer "
               "state, meters, a thread and that thread's allocator arena; the data and the schedule are shared. "
               "Time grows with the number of turns, since every turn opens a session (hello and a one-row "
               "handshake) with the server; with 500 clients a client has about 3 rows, so a turn is one small "
