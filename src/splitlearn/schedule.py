@@ -12,7 +12,8 @@ sequential      clients in turn over their rows (one round = one epoch); the wei
 splitfed_v1/v2  every drawn client trains each round from the averaged weights,
 fedavg          then the federation averages them (sample-weighted FedAvg); v1 also
                 keeps a server copy per client, averaged the same way.
-independent     clients in turn, no weights shared; each is evaluated on its own.
+independent     clients in turn, nothing shared: each client has its own bottom and
+                its own server copy, and each is evaluated on its own.
 =============== ====================================================================
 
 Every party computes the same rounds from the plan, so only "go" decisions travel.
