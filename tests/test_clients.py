@@ -365,3 +365,18 @@ def test_clients_with_two_fixed_parties_train_and_splitfed_v1_merges_every_copy(
 def test_local_epochs_must_divide_the_epochs():
     with pytest.raises(PlanError, match="must divide"):
         tiny(count=2, schedule="fedavg", local_epochs=3)
+
+
+def test_multi_task_clients_report_every_task_of_every_epoch():
+    from .conftest import EXAMPLES
+
+    body = load_plan(EXAMPLES / "multi_task.toml").with_train(epochs=2).model_dump()
+    plan = load_plan({**body, "clients": {"template": "hospital", "count": 2}})
+    reports = run_clients(plan)
+    res = merge_reports(plan, reports)
+    assert set(res["metrics"]["tasks"]) == {"digit", "parity"} and res["skipped"] == []
+    for lab in ("digit_lab", "parity_lab"):  # each head's party evaluated the final model too
+        assert [r["epoch"] for r in reports[lab]["records"] if r["mode"] == "eval"] == [0, 1]
+    for task in res["metrics"]["tasks"].values():
+        assert None not in task["test_loss"] and len(task["test_loss"]) == 2
+        assert task["test_accuracy"] > 0.6

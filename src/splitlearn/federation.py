@@ -741,7 +741,12 @@ def run_clients(plan: Plan, *, timeout: float | None = None, progress: Callable[
     for t in threads:
         t.start()
     threads[names.index(coord)].join()
-    hub.close()  # followers still waiting (a skipped client) stop here
+    # the others end on their own once they have finished their last turn and read "stop";
+    # a follower that is still silent after one timeout is stopped by closing the hub
+    deadline = time.monotonic() + made[coord].timeout
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    hub.close()
     for t in threads:
         t.join(timeout=5)
     if coord in errors:
@@ -761,35 +766,42 @@ def final_client(reports: dict[str, dict]) -> str | None:
 def merge_reports(plan: Plan, reports: dict[str, dict]) -> dict[str, Any]:
     """The result of a horizontal run: metrics per epoch, per-party and per-client accounting."""
     spec = plan.clients
-    by_epoch: dict[int, dict[str, list]] = {}
+    series: dict[str, dict[int, dict[str, list]]] = {}  # loss -> epoch -> (value, rows) pairs
     seen: set[tuple] = set()
     for rep in reports.values():
         for r in rep["records"]:
             for loss, v in r["losses"].items():
-                key = (r["turn"], loss)
-                if key in seen:
+                if (r["turn"], loss) in seen:
                     continue
-                seen.add(key)
-                e = by_epoch.setdefault(r["epoch"], {"train": [], "test": [], "acc": []})
-                if r["mode"] == "train" and v.get("train_loss") is not None:
-                    e["train"].append((v["train_loss"], r["rows"]))
-                if r["mode"] == "eval":
-                    if v.get("test_loss") is not None:
-                        e["test"].append((v["test_loss"], r["rows"]))
-                    if v.get("test_accuracy") is not None:
-                        e["acc"].append((v["test_accuracy"], r["rows"]))
+                seen.add((r["turn"], loss))
+                e = series.setdefault(loss, {}).setdefault(r["epoch"], {"train": [], "test": [], "acc": []})
+                for key, name in (("train", "train_loss"), ("test", "test_loss"), ("acc", "test_accuracy")):
+                    if (r["mode"] == "train") == (key == "train") and v.get(name) is not None:
+                        e[key].append((v[name], r["rows"]))
 
     def mean(pairs: list) -> float | None:
         n = sum(w for _, w in pairs)
         return sum(x * w for x, w in pairs) / n if n else None
 
-    epochs = sorted(by_epoch)
-    metrics: dict[str, Any] = {"train_loss": [mean(by_epoch[e]["train"]) for e in epochs],
-                               "test_loss": [mean(by_epoch[e]["test"]) for e in epochs]}
-    acc = [mean(by_epoch[e]["acc"]) for e in epochs]
-    if any(a is not None for a in acc):
+    epochs = sorted({e for per in series.values() for e in per})
+    empty = {"train": [], "test": [], "acc": []}
+    per_loss = {loss: {k: [mean(series[loss].get(e, empty)[k]) for e in epochs] for k in ("train", "test", "acc")}
+                for loss in plan.losses if loss in series}
+    # as build_result: the weighted sum of the losses, the accuracy of the first classification loss
+    train = [sum(plan.losses[k].weight * (h["train"][i] or 0.0) for k, h in per_loss.items()) if any(
+        h["train"][i] is not None for h in per_loss.values()) else None for i in range(len(epochs))]
+    metrics: dict[str, Any] = {"train_loss": train}
+    first = next((k for k, h in per_loss.items() if any(a is not None for a in h["acc"])), None)
+    if first is not None:
+        acc = per_loss[first]["acc"]
         metrics["test_accuracy"] = [a for a in acc if a is not None][-1]
         metrics["test_accuracy_per_epoch"] = acc
+    if len(per_loss) == 1:
+        metrics["test_loss"] = next(iter(per_loss.values()))["test"]
+    else:
+        metrics["tasks"] = {k: {"train_loss": h["train"], "test_loss": h["test"],
+                                **({"test_accuracy": [a for a in h["acc"] if a is not None][-1]}
+                                   if any(a is not None for a in h["acc"]) else {})} for k, h in per_loss.items()}
     parties = {}
     for n, rep in reports.items():
         tr, ev = rep["train"], rep["eval"]
