@@ -38,7 +38,10 @@ def _summary(result: dict) -> None:
     if "test_accuracy" in m:
         console.print(f"[bold]test accuracy[/]: {m['test_accuracy']:.4f}")
     for task, t in m.get("tasks", {}).items():
-        acc = f"accuracy {t['test_accuracy']:.4f}" if "test_accuracy" in t else f"test loss {t['test_loss']:.4f}"
+        if "test_accuracy" in t:
+            acc = f"accuracy {t['test_accuracy']:.4f}"
+        else:
+            acc = f"test loss {t['test_loss'][-1]:.4f}" if t["test_loss"] else "not evaluated"
         console.print(f"  task [cyan]{task}[/] (at {t['party']}): {acc}")
     table = Table(title="per party", show_lines=False)
     for col in ("party", "bytes sent", "bytes received", "FLOPs", "compute s", "wait s"):

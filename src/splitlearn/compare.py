@@ -70,9 +70,11 @@ def method_plan(plan: Plan, method: str, clients: int, partition: dict | None = 
     return plan.replace(name=f"{plan.name}-{method}", clients=ClientsSpec.model_validate(spec))
 
 
-def predict_cost(plan: Plan, method: str, train_rows: int) -> dict[str, Any] | None:
+def predict_cost(plan: Plan, method: str, train_rows: int,
+                 input_shape: tuple[int, ...] | None = None) -> dict[str, Any] | None:
     """The cost model's per-client FLOPs and bytes for ``method`` on this plan (None where it has
-    no formula: plans whose client part is not the first layers of one sequential network)."""
+    no formula: plans whose client part is not the first layers of one sequential network).
+    ``input_shape`` (one row of the client's input) is read from the data when not given."""
     from . import costmodel
     from .models.build import build_network
 
@@ -84,7 +86,7 @@ def predict_cost(plan: Plan, method: str, train_rows: int) -> dict[str, Any] | N
     net = build_network(plan, seg.network)  # the whole model: one network cut into segments
     spec = plan.clients
     k = spec.count if spec is not None else 1
-    shape = _input_shape(plan)
+    shape = input_shape or _data_shape(plan)[0]
     e = plan.train.epochs
     if method == "centralized":
         c = costmodel.fedavg_cost(net, shape, train_rows, 1, e)
@@ -114,13 +116,15 @@ def predict_cost(plan: Plan, method: str, train_rows: int) -> dict[str, Any] | N
     return {"flops": c.flops_per_client, "bytes": c.bytes_per_client + extra, "assumptions": notes}
 
 
-def _input_shape(plan: Plan) -> tuple[int, ...]:
-    from .runner import party_inputs, party_table
+def _data_shape(plan: Plan) -> tuple[tuple[int, ...], int]:
+    """(shape of one row of the client's first segment input, number of training rows), read once."""
+    from .runner import party_inputs, party_table, splits_for
 
     t = _template(plan)
     seg = next(s for s in plan.segments.values() if s.party == t)
-    x = party_inputs(plan, t, party_table(plan, t))[seg.inputs[0]]
-    return tuple(x.shape[1:])
+    table = party_table(plan, t)
+    x = party_inputs(plan, t, table)[seg.inputs[0]]
+    return tuple(x.shape[1:]), len(splits_for(plan, table).train)
 
 
 def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None = None, *, out: Path,
@@ -135,6 +139,7 @@ def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None
         if m not in METHODS:
             raise PlanError(f"unknown method {m!r}", hint=f"choose from {', '.join(METHODS)}")
     out = Path(out)
+    shape, train_rows = _data_shape(plan)  # the same data for every method
     rows = []
     for m in methods:
         p = method_plan(plan, m, clients, partition)
@@ -142,14 +147,11 @@ def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None
             progress(m)
         result = train(p, out=out / m) if p.clients is None else train_clients(p, out=out / m)
         if p.clients is None:
-            party = next(iter(result["parties"].values()))
-            flops, nbytes = float(party["flops"]), 0.0
-            curve = result["metrics"].get("test_accuracy_per_epoch", [])
+            flops, nbytes = float(next(iter(result["parties"].values()))["flops"]), 0.0
         else:
             flops, nbytes = result["per_client"]["flops"]["mean"], result["per_client"]["bytes"]["mean"]
-            curve = result["metrics"].get("test_accuracy_per_epoch", [])
-        train_rows = _train_rows(plan)
-        pred = predict_cost(p, m, train_rows)
+        curve = result["metrics"].get("test_accuracy_per_epoch", [])
+        pred = predict_cost(p, m, train_rows, shape)
         rows.append({"method": m, "clients": 1 if p.clients is None else clients,
                      "per_client_tflops": flops / 1e12, "per_client_gb": nbytes / 1e9,
                      "accuracy": result["metrics"].get("test_accuracy"), "accuracy_per_epoch": curve,
@@ -166,13 +168,6 @@ def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None
     (out / "compare.md").write_text(format_compare(table))
     compare_figures(table, out)
     return table
-
-
-def _train_rows(plan: Plan) -> int:
-    from .runner import party_table, splits_for
-
-    t = _template(plan)
-    return len(splits_for(plan, party_table(plan, t)).train)
 
 
 def format_compare(table: dict[str, Any]) -> str:

@@ -117,11 +117,10 @@ def _pairs(plan: Plan) -> list[tuple[str, str]]:
 
 def run_role(plan: Plan, name: str, transport_factory, out: Path | None, on_round=None) -> dict:
     """One physical party of a plan with ``[clients]`` (see :mod:`splitlearn.federation`)."""
-    from .federation import Role, coordinator_of
+    from .federation import Role, coordinator_of, plays_of
 
-    spec = plan.clients
-    plays = spec.template if name in spec.names() else (name if name in plan.parties else None)
-    setup = setup_party(plan, plays) if plays is not None else None
+    plays = plays_of(plan, name)
+    setup = setup_party(plan, plays) if plays is not None else None  # plan and data errors before connecting
     transport = transport_factory()
     try:
         role = Role(plan, name, transport, setup)
@@ -134,8 +133,8 @@ def run_role(plan: Plan, name: str, transport_factory, out: Path | None, on_roun
     report = role.report()
     if out is not None:
         folder = Path(out) / "parties" / name
-        if setup is not None and setup.modules:
-            save_weights(folder / "weights.safetensors", setup.modules)
+        if role.setup is not None and role.setup.modules:
+            save_weights(folder / "weights.safetensors", role.setup.modules)
         write_json(folder / "report.json", report)
     return report
 

@@ -45,13 +45,14 @@ from .link import Link
 from .messages import Kind, Message, decode, kind_of
 from .metering import Meter
 from .plan import Plan, PlanError
+from .results import summarize, wires_of
 from .runner import PartySetup, RunError, make_optimizer, run_party, setup_party
 from .schedule import Round, Turn, averaging, client_shares, rounds
 from .transport import InProcessHub, TransportClosed, TransportError
 from .transport.base import Transport, TransportTimeout
 from .transport.switch import Switch
 
-__all__ = ["roles", "coordinator_of", "federation_of", "Role", "run_clients", "merge_reports", "final_client"]
+__all__ = ["roles", "coordinator_of", "federation_of", "plays_of", "Role", "run_clients", "merge_reports", "final_client"]
 
 log = logging.getLogger("splitlearn.federation")
 _RAW = get_codec("raw")
@@ -82,6 +83,13 @@ def roles(plan: Plan) -> list[str]:
     fixed = [p for p in plan.parties if p != spec.template]
     fed = federation_of(plan)
     return fixed + ([fed] if fed not in fixed else []) + spec.names()
+
+
+def plays_of(plan: Plan, name: str) -> str | None:
+    """The plan party a physical party plays: the template for a client, itself for a fixed
+    party, none for a federation of its own."""
+    spec = plan.clients
+    return spec.template if name in spec.names() else (name if name in plan.parties else None)
 
 
 def ring_neighbours(plan: Plan, a: str, b: str) -> bool:
@@ -223,7 +231,7 @@ class Role:
         self.coordinator, self.federation = coordinator_of(plan), federation_of(plan)
         if name not in roles(plan):
             raise PlanError(f"no party {name!r} in this plan", hint=f"parties are {roles(plan)[:6]} ...")
-        self.plays = spec.template if name in self.clients else (name if name in plan.parties else None)
+        self.plays = plays_of(plan, name)
         self.setup = setup if setup is not None or self.plays is None else setup_party(plan, self.plays)
         self.timeout = spec.timeout if timeout is None else timeout
         self.switch = Switch(transport, _classify)
@@ -665,8 +673,7 @@ class Role:
 
     # -- report --------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        return {"name": self.name, "plays": self.plays, "schedule": self.spec.schedule,
-                "train": self.link.meter.summary(),
+        return {"name": self.name, "plays": self.plays, "train": self.link.meter.summary(),
                 "eval": self.eval_meter.summary(), "records": self.records, "skipped": self.skipped,
                 "refused": self.refused + self.link.refused}
 
@@ -754,18 +761,19 @@ def run_clients(plan: Plan, *, timeout: float | None = None, progress: Callable[
     return {n: {**r.report(), "modules": r.setup.modules if r.setup else {}} for n, r in made.items()}
 
 
-def final_client(reports: dict[str, dict]) -> str | None:
+def final_client(plan: Plan, reports: dict[str, dict]) -> str | None:
     """The client whose weights were evaluated last: the run's model (sequential: the last holder;
-    averaging schedules: the averaged weights; independent: the last client)."""
+    averaging schedules: the averaged weights). None for independent: every client has its own."""
     evals = [r for rep in reports.values() for r in rep["records"] if r["mode"] == "eval"]
-    if not evals or any(rep.get("schedule") == "independent" for rep in reports.values()):
-        return None  # independent: every client has a model of its own
+    if not evals or plan.clients.schedule == "independent":
+        return None
     return max(evals, key=lambda r: r["turn"])["client"]
 
 
 def merge_reports(plan: Plan, reports: dict[str, dict]) -> dict[str, Any]:
     """The result of a horizontal run: metrics per epoch, per-party and per-client accounting."""
     spec = plan.clients
+    graph = build_graph(plan)
     series: dict[str, dict[int, dict[str, list]]] = {}  # loss -> epoch -> (value, rows) pairs
     seen: set[tuple] = set()
     for rep in reports.values():
@@ -774,34 +782,18 @@ def merge_reports(plan: Plan, reports: dict[str, dict]) -> dict[str, Any]:
                 if (r["turn"], loss) in seen:
                     continue
                 seen.add((r["turn"], loss))
-                e = series.setdefault(loss, {}).setdefault(r["epoch"], {"train": [], "test": [], "acc": []})
-                for key, name in (("train", "train_loss"), ("test", "test_loss"), ("acc", "test_accuracy")):
-                    if (r["mode"] == "train") == (key == "train") and v.get(name) is not None:
-                        e[key].append((v[name], r["rows"]))
+                e = series.setdefault(loss, {}).setdefault(r["epoch"], {})
+                for name in ("train_loss", "test_loss", "test_accuracy"):
+                    if (r["mode"] == "train") == (name == "train_loss") and v.get(name) is not None:
+                        e.setdefault(name, []).append((v[name], r["rows"]))
 
-    def mean(pairs: list) -> float | None:
-        n = sum(w for _, w in pairs)
-        return sum(x * w for x, w in pairs) / n if n else None
+    def means(per_epoch: dict[int, dict[str, list]], name: str) -> list[float]:  # row-weighted, per epoch
+        pairs = [per_epoch[e][name] for e in sorted(per_epoch) if per_epoch[e].get(name)]
+        return [sum(x * w for x, w in p) / sum(w for _, w in p) for p in pairs]
 
-    epochs = sorted({e for per in series.values() for e in per})
-    empty = {"train": [], "test": [], "acc": []}
-    per_loss = {loss: {k: [mean(series[loss].get(e, empty)[k]) for e in epochs] for k in ("train", "test", "acc")}
-                for loss in plan.losses if loss in series}
-    # as build_result: the weighted sum of the losses, the accuracy of the first classification loss
-    train = [sum(plan.losses[k].weight * (h["train"][i] or 0.0) for k, h in per_loss.items()) if any(
-        h["train"][i] is not None for h in per_loss.values()) else None for i in range(len(epochs))]
-    metrics: dict[str, Any] = {"train_loss": train}
-    first = next((k for k, h in per_loss.items() if any(a is not None for a in h["acc"])), None)
-    if first is not None:
-        acc = per_loss[first]["acc"]
-        metrics["test_accuracy"] = [a for a in acc if a is not None][-1]
-        metrics["test_accuracy_per_epoch"] = acc
-    if len(per_loss) == 1:
-        metrics["test_loss"] = next(iter(per_loss.values()))["test"]
-    else:
-        metrics["tasks"] = {k: {"train_loss": h["train"], "test_loss": h["test"],
-                                **({"test_accuracy": [a for a in h["acc"] if a is not None][-1]}
-                                   if any(a is not None for a in h["acc"]) else {})} for k, h in per_loss.items()}
+    tasks = {loss: {name: means(per_epoch, name) for name in ("train_loss", "test_loss", "test_accuracy")}
+             for loss, per_epoch in series.items()}
+    metrics = summarize(plan, graph, tasks)
     parties = {}
     for n, rep in reports.items():
         tr, ev = rep["train"], rep["eval"]
@@ -825,10 +817,9 @@ def merge_reports(plan: Plan, reports: dict[str, dict]) -> dict[str, Any]:
                          "local_steps": spec.local_steps, "fraction": spec.fraction} if averaging(spec) else {}),
                      "coordinator": coord},
         "metrics": metrics,
-        "wires": [{"name": w.name, "src": w.src_party, "dst": w.dst_party, "carries": w.carries, "codec": w.codec}
-                  for w in build_graph(plan).wires],
+        "wires": wires_of(graph),
         "per_client": {"flops": per_client("flops"), "bytes": per_client("bytes")},
         "skipped": reports[coord]["skipped"],
-        "final_client": final_client(reports),
+        "final_client": final_client(plan, reports),
         "parties": parties,
     }

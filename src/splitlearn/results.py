@@ -19,7 +19,34 @@ from torch import nn
 from .graph import Graph
 from .plan import Plan
 
-__all__ = ["build_result", "write_json", "save_weights", "load_weights"]
+__all__ = ["build_result", "summarize", "wires_of", "write_json", "save_weights", "load_weights"]
+
+
+def summarize(plan: Plan, graph: Graph, tasks: dict[str, dict]) -> dict[str, Any]:
+    """The ``metrics`` of a result from each loss's per-epoch history (``train_loss``,
+    ``test_loss``, ``test_accuracy`` lists): the weighted sum of the training losses, the accuracy
+    of the plan's first classification loss, and with several losses each task on its own."""
+    order = [n.name for n in graph.losses() if n.name in tasks]
+    epochs = max((len(tasks[k]["train_loss"]) for k in order), default=0)
+    total = [sum(plan.losses[k].weight * tasks[k]["train_loss"][e] for k in order) for e in range(epochs)]
+    metrics: dict[str, Any] = {"train_loss": total}
+    classif = [k for k in order if tasks[k]["test_accuracy"]]
+    if classif:
+        metrics["test_accuracy"] = tasks[classif[0]]["test_accuracy"][-1]
+        metrics["test_accuracy_per_epoch"] = tasks[classif[0]]["test_accuracy"]
+    if len(order) > 1:
+        metrics["tasks"] = {k: {"party": graph.nodes[k].party,
+                                **({"test_accuracy": tasks[k]["test_accuracy"][-1]} if tasks[k]["test_accuracy"] else {}),
+                                "test_loss": tasks[k]["test_loss"],
+                                "train_loss": tasks[k]["train_loss"]} for k in order}
+    return metrics
+
+
+def wires_of(graph: Graph) -> list[dict[str, Any]]:
+    """The ``wires`` of a result: what each carries, from whom to whom, with which codecs."""
+    return [{"name": w.name, "src": w.src_party, "dst": w.dst_party, "carries": w.carries,
+             "codec": w.codec, **({"grad_codec": w.grad_codec} if w.carries == "activation" else {})}
+            for w in graph.wires]
 
 
 def build_result(plan: Plan, graph: Graph, reports: dict, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -27,27 +54,12 @@ def build_result(plan: Plan, graph: Graph, reports: dict, extra: dict[str, Any] 
     tasks: dict[str, dict] = {}
     for rep in reports.values():
         tasks.update(rep.metrics)
-    order = [n.name for n in graph.losses()]
-    epochs = max((len(tasks[k]["train_loss"]) for k in order), default=0)
-    total = [sum(plan.losses[k].weight * tasks[k]["train_loss"][e] for k in order) for e in range(epochs)]
-    metrics: dict[str, Any] = {"train_loss": total}
-    classif = [k for k in order if tasks[k]["test_accuracy"]]
-    if classif:
-        metrics["test_accuracy"] = tasks[classif[0]]["test_accuracy"][-1]  # the plan's first classification loss
-        metrics["test_accuracy_per_epoch"] = tasks[classif[0]]["test_accuracy"]
-    if len(order) > 1:
-        metrics["tasks"] = {k: {"party": graph.nodes[k].party,
-                                **({"test_accuracy": tasks[k]["test_accuracy"][-1]} if tasks[k]["test_accuracy"] else {}),
-                                "test_loss": tasks[k]["test_loss"][-1] if tasks[k]["test_loss"] else None,
-                                "train_loss": tasks[k]["train_loss"]} for k in order}
     result = {
         "plan": plan.name,
         "epochs": plan.train.epochs,
         "seed": plan.train.seed,
-        "metrics": metrics,
-        "wires": [{"name": w.name, "src": w.src_party, "dst": w.dst_party, "carries": w.carries,
-                   "codec": w.codec, **({"grad_codec": w.grad_codec} if w.carries == "activation" else {})}
-                  for w in graph.wires],
+        "metrics": summarize(plan, graph, tasks),
+        "wires": wires_of(graph),
         "parties": {name: {**rep.meter, "refused": rep.refused, **({"privacy": rep.privacy} if rep.privacy else {})}
                     for name, rep in reports.items()},
     }
