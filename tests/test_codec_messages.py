@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from splitlearn.codec import DTYPES, WireError, from_bytes, get_codec
-from splitlearn.messages import Kind, Message, decode, encode
+from splitlearn.messages import Kind, Limits, Message, decode, encode
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
@@ -76,7 +76,7 @@ def test_disallowed_dtype_and_lying_shape_are_refused():
     with pytest.raises(WireError, match="exceed"):
         from_bytes(b"", "float32", (1 << 20, 1 << 20))
     with pytest.raises(WireError, match="exceeds the limit"):
-        decode(b"\x00" * 100, max_bytes=10)
+        decode(b"\x00" * 100, Limits(message_bytes=10))
 
 
 def test_int8_per_channel_is_tighter_on_channels_of_different_scales():

@@ -146,11 +146,15 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
           epochs: Optional[int] = typer.Option(None, min=1), seed: Optional[int] = typer.Option(None),
           insecure: bool = typer.Option(False, "--insecure", help="no TLS (explicit opt-in; a warning is printed)"),
           connect_timeout: float = typer.Option(60.0, help="seconds to reach every neighbour"),
-          step_timeout: float = typer.Option(120.0, help="seconds to wait for a message before giving up"),
+          step_timeout: float = typer.Option(120.0, min=0.001, help="seconds a step may take as a whole (however many "
+                                             "messages arrive meanwhile) before this party gives up"),
+          max_message_mb: float = typer.Option(256.0, min=0.001, help="largest message (and decoded tensor) a peer may "
+                                               "send, in MiB"),
           progress: bool = typer.Option(False, "--progress", hidden=True),
           quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Run one party of PLAN on this machine, talking to its neighbours over gRPC."""
     from .distributed import run_one_party
+    from .messages import Limits
     from .results import write_json
     from .runner import RunError
 
@@ -165,7 +169,9 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
     try:
         report = run_one_party(plan, name, certs=None if insecure else certs, listen=listen, peers=_peers(peer),
                                out=out, epochs=epochs, seed=seed, connect_timeout=connect_timeout,
-                               step_timeout=step_timeout, on_step=on_step if progress else None, dial_out=dial_out)
+                               step_timeout=step_timeout, on_step=on_step if progress else None, dial_out=dial_out,
+                               limits=Limits(message_bytes=int(max_message_mb * 2**20),
+                                             tensor_bytes=int(max_message_mb * 2**20)))
     except Exception as e:  # noqa: BLE001 - every failure of a party is reported the same way
         text = str(e) if isinstance(e, (PlanError, RunError, RuntimeError, OSError, ValueError)) else repr(e)
         if out is not None:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["Encoded", "Codec", "WireError", "get_codec", "CODECS", "DTYPES", "MAX_ELEMENTS"]
+__all__ = ["Encoded", "Codec", "WireError", "get_codec", "CODECS", "DTYPES", "MAX_ELEMENTS", "decoded_bytes",
+           "check_values"]
 
 DTYPES: dict[str, tuple[torch.dtype, str]] = {  # name -> (torch dtype, little-endian numpy storage)
     "float32": (torch.float32, "<f4"),
@@ -63,6 +64,29 @@ class Encoded:
     def nbytes(self) -> int:
         """Payload bytes: the data and the codec's side buffers."""
         return len(self.data) + sum(len(v) for v in self.extra.values())
+
+
+def decoded_bytes(dtype: str, numel: int) -> int:
+    """The most memory decoding ``numel`` elements of ``dtype`` takes (codecs decode through float32)."""
+    return numel * max(4, np.dtype(DTYPES[dtype][1]).itemsize if dtype in DTYPES else 8)
+
+
+def check_values(t: torch.Tensor, what: str, *, allow_nonfinite: bool = False, max_abs: float = math.inf) -> None:
+    """Refuse (WireError) a received floating-point tensor with NaN or infinite entries, or with
+    an entry larger than ``max_abs`` in magnitude; ``what`` names it in the error."""
+    if not t.is_floating_point() or not t.numel():
+        return
+    if not allow_nonfinite:
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise WireError(f"{what} holds {bad} non-finite value(s) (NaN or infinity); refused "
+                            "(set allow_nonfinite = true on the wire to accept them)")
+    if max_abs != math.inf:
+        top = float(t.detach().abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max())
+        if top > max_abs:
+            raise WireError(f"{what} holds a value of magnitude {top:.3g}, over the wire's max_abs of {max_abs:g}; "
+                            "refused (raise max_abs on the wire if such values are expected)")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -162,6 +186,8 @@ class Int8(Codec):
         if len(e.extra.get("affine", b"")) != 8 * channels:
             raise WireError(f"{self.name} tensor without its {8 * channels}-byte affine parameters")
         params = torch.from_numpy(np.frombuffer(e.extra["affine"], dtype="<f4").reshape(channels, 2).copy())
+        if not bool(torch.isfinite(params).all()):
+            raise WireError(f"{self.name} tensor with non-finite affine parameters (offset or scale)")
         q = from_bytes(e.data, "uint8", e.shape)
         lo, scale = self._view(params[:, 0], len(e.shape)), self._view(params[:, 1], len(e.shape))
         return (q.float() * scale + lo).to(DTYPES[e.dtype][0])

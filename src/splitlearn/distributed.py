@@ -29,6 +29,7 @@ import torch
 from .engine import Party
 from .graph import Graph, build_graph
 from .link import Link
+from .messages import Limits
 from .plan import Plan, PlanError
 from .api import save_party
 from .observe import Recorder
@@ -142,14 +143,17 @@ def run_role(plan: Plan, name: str, transport_factory, out: Path | None, on_roun
 def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, listen: str | None = None,
                   peers: dict[str, str] | None = None, out: Path | None = None, epochs: int | None = None,
                   seed: int | None = None, connect_timeout: float = 60.0, step_timeout: float = 120.0,
-                  on_step=None, dial_out: list[str] = ()) -> PartyReport:
-    """Run party ``name`` of the plan in this process, over gRPC. ``certs=None`` means insecure."""
+                  on_step=None, dial_out: list[str] = (), limits: Limits | None = None) -> PartyReport:
+    """Run party ``name`` of the plan in this process, over gRPC. ``certs=None`` means insecure.
+
+    ``step_timeout`` bounds each step as a whole; ``limits`` what a peer may make it hold."""
     from .transport.grpc import GrpcTransport
     from .transport.tls import load_credentials
 
     from .plan import load_plan
 
     plan = load_plan(plan_path).with_train(epochs=epochs, seed=seed)
+    limits = limits or Limits()
     if plan.clients is not None:
         if name not in _physical(plan):
             raise PlanError(f"no party {name!r} in the plan", hint=f"parties are {_physical(plan)[:8]} ...")
@@ -162,7 +166,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
 
         def factory():
             t = GrpcTransport(name, listen=ends.listen, dial=ends.dial, accept=ends.accept, credentials=creds,
-                              connect_timeout=connect_timeout,
+                              connect_timeout=connect_timeout, max_message_bytes=limits.message_bytes,
                               expendable=[p for p in (*ends.dial, *ends.accept) if p in clients])
             t.start()
             t.wait_connected(connect_timeout)
@@ -178,11 +182,11 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     ends = endpoints(plan, name, listen, peers or {})
     creds = load_credentials(certs, name) if certs is not None else None
     transport = GrpcTransport(name, listen=ends.listen, dial=ends.dial, accept=ends.accept, credentials=creds,
-                              connect_timeout=connect_timeout)
+                              connect_timeout=connect_timeout, max_message_bytes=limits.message_bytes)
     transport.start()
     try:
         transport.wait_connected(connect_timeout)
-        party = Party(setup.graph, name, Link(transport), setup.modules, setup.optimizer, setup.inputs,
+        party = Party(setup.graph, name, Link(transport, limits=limits), setup.modules, setup.optimizer, setup.inputs,
                       timeout=step_timeout)
         recorder = party.observer = Recorder(setup.splits.ids) if out is not None else None
         report = run_party(party, schedule(plan, setup.splits), on_step, ids_hash=setup.ids_hash)

@@ -22,7 +22,9 @@ which every later message is checked.
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -30,14 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codec import Codec, WireError, dtype_name, get_codec
+from .codec import Codec, WireError, check_values, decoded_bytes, dtype_name, get_codec
 from .graph import Graph, Node, Stage, Wire
 from .link import Link
-from .messages import Kind, Message
+from .messages import Kind, Message, quote
 from .plan import PlanError
 from .transport.base import TransportTimeout
 
-__all__ = ["Party", "StepOutput", "PartyError", "Mode", "dry_run", "merge_inputs", "LOSSES"]
+__all__ = ["Party", "StepOutput", "StepState", "PartyError", "Mode", "dry_run", "merge_inputs", "LOSSES"]
 
 Mode = Literal["train", "eval", "predict", "handshake"]
 
@@ -119,14 +121,19 @@ class Party:
             elif w.carries == "activation":
                 self.encoders[(w.name, Kind.GRADIENT)] = get_codec(w.grad_codec)
         self.label_only = graph.label_inputs() & set(self.order)
-        self._early: dict[int, list[Message]] = {}
+        self.limits = link.limits
+        t = graph.plan.train
+        self.max_rows = max(t.batch_size, t.eval_batch_size)  # no step is larger
+        self._early: dict[int, list[Message]] = {}  # step -> messages that came before this party got there
+        self._held: dict[str, list[int]] = {}  # sender -> [messages, bytes] it has in self._early
+        self.classes: dict[str, int] = {}  # label node -> classes of the cross-entropy head it feeds (handshake)
         self.stage_of = {n: s.index for s in self.stages for n in s.nodes}
         # NoPeek compares a wire's activations with the raw inputs they were computed from
         self.raw_inputs = {w.src: graph.raw_inputs(w.src) for w in self.wires.values() if w.src_party == name}
         self.num_classes = {n: int(data[n].max()) + 1 for n in self.order
                             if self.nodes[n].kind == "input" and n in data and not data[n].is_floating_point()
                             and data[n].numel()}
-        self.observer: Callable[[str, str, "_StepState", torch.Tensor], None] | None = None
+        self.observer: Callable[[str, str, "StepState", torch.Tensor], None] | None = None
         self.finished: set[str] = set()  # neighbours that said they are done
 
     # -- the step ---------------------------------------------------------------------------
@@ -136,7 +143,7 @@ class Party:
         train = mode == "train"
         if mode == "handshake":
             rows = torch.zeros(1, dtype=torch.long)
-        st = _StepState(step, rows, mode, skip_labels=mode == "predict" or (mode == "handshake" and self.predicting))
+        st = self.begin(step, rows, mode)
         st.todo = [n for n in self.order if not (st.skip_labels and n in self.label_only)]
         stages = list(self.stages) if train else []
         for m in self.modules.values():
@@ -166,13 +173,19 @@ class Party:
                 self.optimizer.step()
         return st.out
 
-    def _needs(self, n: str, st: "_StepState") -> tuple[str, ...]:
+    def begin(self, step: int, rows: torch.Tensor, mode: Mode) -> "StepState":
+        """The state of a new step; its deadline is ``timeout`` seconds from now, for the whole step."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        return StepState(step, rows, mode, skip_labels=mode == "predict" or (mode == "handshake" and self.predicting),
+                         deadline=deadline)
+
+    def _needs(self, n: str, st: "StepState") -> tuple[str, ...]:
         node = self.nodes[n]
         if node.kind == "loss" and st.skip_labels:
             return node.inputs[:1]  # the head's output only; labels are not needed
         return node.inputs
 
-    def _forward(self, node: Node, st: "_StepState") -> None:
+    def _forward(self, node: Node, st: "StepState") -> None:
         batch = len(st.rows)
         if node.kind == "input":
             data = self.data[node.name]
@@ -194,6 +207,9 @@ class Party:
             target = st.values[node.inputs[1]]
             if st.mode == "handshake":
                 _checked(self.graph, node, [out, target], lambda: LOSSES[spec.kind](out, target))
+                if spec.kind == "cross_entropy" and not target.is_floating_point():
+                    self.classes[node.inputs[1]] = out.shape[-1]
+                    self._check_local_labels(node, out.shape[-1])
                 return
             loss = self.meter.compute((node.name, batch), "forward", lambda: LOSSES[spec.kind](out, target))
             st.losses[node.name] = loss
@@ -205,6 +221,10 @@ class Party:
             st.sent[w.name] = self._defend_forward(w, st)
             self._send(Kind.ACTIVATION, w, st, st.sent[w.name])
 
+    def _check_local_labels(self, node: Node, classes: int) -> None:
+        """Labels this party holds must be classes of the head (else the loss fails mid-run)."""
+        check_labels(node, self.data.get(node.inputs[1]), classes)
+
     # -- defenses (configured per wire; see splitlearn.privacy) -----------------------------
 
     def _rng(self, step: int, wire: Wire, salt: int) -> torch.Generator:
@@ -213,7 +233,7 @@ class Party:
         key = f"{self.noise_secret}/{step}/{wire.name}/{salt}".encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
-    def _defend_forward(self, w: Wire, st: "_StepState") -> torch.Tensor:
+    def _defend_forward(self, w: Wire, st: "StepState") -> torch.Tensor:
         """What the sender puts on a wire: NoPeek adds a loss term; noise and randomized response change it."""
         value, spec = st.values[w.src], w.spec
         if st.mode == "handshake":
@@ -234,7 +254,7 @@ class Party:
             value = randomized_response(value, spec.randomized_response, classes, self._rng(st.step, w, 2))
         return value
 
-    def _defend_backward(self, w: Wire, s: Stage, st: "_StepState", grad: torch.Tensor) -> torch.Tensor:
+    def _defend_backward(self, w: Wire, s: Stage, st: "StepState", grad: torch.Tensor) -> torch.Tensor:
         """What the label holder returns on a wire: the gradient, protected if the plan says so."""
         lp = w.spec.label_protection
         if lp is None or st.mode != "train":
@@ -246,11 +266,11 @@ class Party:
         target = st.values[self.nodes[s.losses[0]].inputs[1]]
         return protect.marvell(grad, target, lp.strength, self._rng(st.step, w, 3))
 
-    def _stage_ready(self, s: Stage, st: "_StepState") -> bool:
+    def _stage_ready(self, s: Stage, st: "StepState") -> bool:
         return (not any(n in st.todo for n in s.nodes)
                 and all(w in st.grads for w in s.sends if self.wires[w].carries == "activation"))
 
-    def _backward(self, s: Stage, st: "_StepState") -> None:
+    def _backward(self, s: Stage, st: "StepState") -> None:
         roots, grads = [], []
         for name in s.losses:
             roots.append(st.losses[name])
@@ -276,7 +296,7 @@ class Party:
 
     # -- messages ---------------------------------------------------------------------------
 
-    def _send(self, kind: Kind, wire: Wire, st: "_StepState", t: torch.Tensor) -> None:
+    def _send(self, kind: Kind, wire: Wire, st: "StepState", t: torch.Tensor) -> None:
         dst = wire.dst_party if kind == Kind.ACTIVATION else wire.src_party
         codec = self.encoders[(wire.name, kind)]
         if st.mode != "train":  # a codec's state (error feedback) belongs to training
@@ -285,24 +305,36 @@ class Party:
             enc = codec.encode(t.detach())
         self.link.send(Message(kind, self.name, dst, st.step, wire.name, {"t": enc}))
 
-    def _next_message(self, st: "_StepState", stages: list[Stage]) -> Message:
-        if self._early.get(st.step):
-            return self._early[st.step].pop(0)
-        for old in [k for k in self._early if k <= st.step]:
-            del self._early[old]
+    def _next_message(self, st: "StepState", stages: list[Stage]) -> Message:
+        held = self._early.get(st.step)
+        if held:
+            return self._release(held.pop(0))
+        for old in [k for k in self._early if k <= st.step]:  # at most a few steps are held
+            for msg in self._early.pop(old):
+                self._release(msg)
         try:
-            return self.link.recv(self.timeout)
+            return self.link.recv(deadline=st.deadline)
         except TransportTimeout:
             waiting = [n for n in st.todo] + [w for s in stages for w in s.sends if w not in st.grads]
-            raise PartyError(f"{self.name}: nothing received for {self.timeout} s at step {st.step} "
-                             f"while waiting for {waiting}") from None
+            raise PartyError(f"{self.name}: step {st.step} not done within its deadline of {self.timeout} s "
+                             f"(still waiting for {waiting})") from None
 
-    def _receive(self, st: "_StepState", stages: list[Stage]) -> None:
-        msg = self._next_message(st, stages)
+    def _release(self, msg: Message) -> Message:
+        held = self._held[msg.sender]
+        held[0] -= 1
+        held[1] -= msg.payload_bytes
+        return msg
+
+    def _receive(self, st: "StepState", stages: list[Stage]) -> None:
+        self.receive(self._next_message(st, stages), st, stages)
+
+    def receive(self, msg: Message, st: "StepState", stages: list[Stage] = ()) -> None:
+        """Take one admitted message during step ``st``: use it, keep it for a later step, drop a
+        stale duplicate, or refuse it (nothing is kept for a refused message)."""
         if msg.kind == Kind.STOP and msg.text == "done":
             self.finished.add(msg.sender)
             if msg.sender in self._waiting_on(st, stages):
-                raise PartyError(f"{self.name}: party {msg.sender!r} finished while step {st.step} still waits for it")
+                raise PartyError(f"{self.name}: party {quote(msg.sender)} finished while step {st.step} still waits for it")
             return
         self.raise_if_stopped(msg)
         if msg.kind not in (Kind.ACTIVATION, Kind.GRADIENT):
@@ -313,19 +345,12 @@ class Party:
             return
         if msg.step < st.step:
             return  # a duplicate of a finished step
-        wire = self.wires.get(msg.wire)
-        expected_sender = None
-        if wire is not None:
-            if msg.kind == Kind.ACTIVATION and wire.dst_party == self.name:
-                expected_sender = wire.src_party
-            elif msg.kind == Kind.GRADIENT and wire.src_party == self.name and wire.carries == "activation":
-                expected_sender = wire.dst_party
-        if expected_sender != msg.sender:
-            self.link.refuse(msg.sender, f"no {msg.kind.name.lower()} from {msg.sender!r} is expected on this wire",
-                             msg.step, msg.wire)
+        wire = self._wire_for(msg)
+        if wire is None:
             return
         try:
             t = self._check_and_decode(msg, wire, st)
+            self._check_values(msg, wire, st, t)
         except WireError as e:
             self.link.refuse(msg.sender, str(e), msg.step, msg.wire)
             return
@@ -340,20 +365,105 @@ class Party:
         else:
             st.grads.setdefault(wire.name, t)
 
+    def _wire_for(self, msg: Message) -> Wire | None:
+        """The wire a tensor message may come on from its sender; None (refused) if none."""
+        wire = self.wires.get(msg.wire)
+        expected_sender = None
+        if wire is not None:
+            if msg.kind == Kind.ACTIVATION and wire.dst_party == self.name:
+                expected_sender = wire.src_party
+            elif msg.kind == Kind.GRADIENT and wire.src_party == self.name and wire.carries == "activation":
+                expected_sender = wire.dst_party
+        if expected_sender != msg.sender:
+            self.link.refuse(msg.sender, f"no {msg.kind.name.lower()} from {quote(msg.sender)} is expected on this wire",
+                             msg.step, msg.wire)
+            return None
+        return wire
+
+    def _check_values(self, msg: Message, wire: Wire, st: "StepState", t: torch.Tensor) -> None:
+        """Refuse values that would poison training: NaN or infinity, magnitudes past the wire's
+        ``max_abs`` (activations and gradients), labels that are no class of the head."""
+        spec = wire.spec
+        what = f"the {'label' if wire.carries == 'label' else msg.kind.name.lower()} tensor of step {st.step}"
+        check_values(t, what, allow_nonfinite=spec.allow_nonfinite,
+                     max_abs=math.inf if wire.carries == "label" else spec.max_abs)
+        if wire.carries != "label" or st.mode == "handshake" or not t.numel():
+            return
+        classes = self.classes.get(wire.src)
+        if classes is not None:
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= classes:
+                raise WireError(f"{what} holds label {lo if lo < 0 else hi}, outside the head's {classes} classes "
+                                f"(0..{classes - 1})")
+        elif any(self.graph.plan.losses[n.name].kind == "bce" for n in self.graph.losses()
+                 if n.party == self.name and n.inputs[1] == wire.src):
+            if float(t.min()) < 0 or float(t.max()) > 1:
+                raise WireError(f"{what} holds a value outside [0, 1], which a bce loss cannot take")
+
     def raise_if_stopped(self, msg: Message) -> None:
         """An ERROR, or a STOP other than "done": the sender gave up, and so does this party."""
         if msg.kind == Kind.ERROR or (msg.kind == Kind.STOP and msg.text != "done"):
-            raise PartyError(f"{self.name}: party {msg.sender!r} stopped: {msg.text or 'no reason given'}")
+            reason = msg.text[:500] + ("..." if len(msg.text) > 500 else "") if msg.text else "no reason given"
+            raise PartyError(f"{self.name}: party {quote(msg.sender)} stopped: {reason}")
 
     def keep_early(self, msg: Message, current: int) -> None:
-        """Keep a message of a later step for when this party gets there (a bounded number)."""
-        early = self._early.setdefault(msg.step, [])
-        if msg.step > current + 2 or len(early) >= 4 * len(self.wires):  # no honest party runs that far ahead
-            self.link.refuse(msg.sender, f"step {msg.step} is too far ahead of step {current}", msg.step, msg.wire)
-            return
-        early.append(msg)
+        """Keep a tensor message of a later step for when this party gets there.
 
-    def _waiting_on(self, st: "_StepState", stages: list[Stage]) -> set[str]:
+        Only what the step will accept is kept, checked before it is held: a tensor message
+        from the wire's sender, at most two steps ahead, of the agreed codec, dtype and per-row
+        shape with no more rows than a step has, within the per-peer ``early_messages`` and
+        ``early_bytes`` limits. Anything else is refused and counted, and leaves nothing behind.
+        """
+        problem = None
+        if msg.kind not in (Kind.ACTIVATION, Kind.GRADIENT):
+            problem = f"unexpected {msg.kind.name} message before step {msg.step}"
+        elif msg.step > current + 2:  # no honest party runs that far ahead
+            problem = f"step {msg.step} is too far ahead of step {current}"
+        if problem:
+            self.link.refuse(msg.sender, problem, msg.step, msg.wire)
+            return
+        wire = self._wire_for(msg)
+        if wire is None:
+            return
+        problem = self._early_problem(msg, wire)
+        held = self._held.setdefault(msg.sender, [0, 0])
+        if problem is None and held[0] >= self.limits.early_messages:
+            problem = f"{held[0]} messages of later steps are held already (Limits.early_messages)"
+        if problem is None and held[1] + msg.payload_bytes > self.limits.early_bytes:
+            problem = (f"{held[1]} bytes of later steps are held already and {msg.payload_bytes} more would pass "
+                       f"the limit of {self.limits.early_bytes} (Limits.early_bytes)")
+        if problem:
+            self.link.refuse(msg.sender, problem, msg.step, msg.wire)
+            return
+        held[0] += 1
+        held[1] += msg.payload_bytes
+        self._early.setdefault(msg.step, []).append(msg)
+
+    @property
+    def held_early(self) -> dict[str, tuple[int, int]]:
+        """Per peer: (messages, payload bytes) held for steps this party has not reached yet."""
+        return {p: (n, b) for p, (n, b) in self._held.items() if n}
+
+    def _early_problem(self, msg: Message, wire: Wire) -> str | None:
+        """Why a message of a later step cannot be what that step will accept (without decoding it)."""
+        enc = msg.tensors.get("t")
+        if enc is None or len(msg.tensors) != 1:
+            return f"expected one tensor 't', got {[quote(k) for k in list(msg.tensors)[:4]]}"
+        want_codec = wire.codec if msg.kind == Kind.ACTIVATION else wire.grad_codec
+        if enc.codec != get_codec(want_codec).name:
+            return f"codec {quote(enc.codec)} where {want_codec!r} was agreed"
+        rows = enc.shape[0] if enc.shape else 0
+        if wire.name in self.wire_shapes:
+            dtype, shape = self.wire_shapes[wire.name]
+            if enc.dtype != dtype or tuple(enc.shape[1:]) != tuple(shape):
+                return f"{enc.dtype}{list(enc.shape)[:8]} where {dtype} with rows of {list(shape)} was agreed"
+        if rows > (1 if msg.step < 0 else self.max_rows):
+            return f"{rows} rows, more than a step has"
+        if decoded_bytes(enc.dtype, math.prod(enc.shape)) > self.limits.tensor_bytes:
+            return "larger than Limits.tensor_bytes once decoded"
+        return None
+
+    def _waiting_on(self, st: "StepState", stages: list[Stage]) -> set[str]:
         """Parties this step still needs a message from."""
         parties = {self.wires[w].dst_party for s in stages for w in s.sends
                    if self.wires[w].carries == "activation" and w not in st.grads}
@@ -362,7 +472,7 @@ class Party:
                         if d not in st.values and self.nodes[d].party != self.name}
         return parties
 
-    def _check_and_decode(self, msg: Message, wire: Wire, st: "_StepState") -> torch.Tensor:
+    def _check_and_decode(self, msg: Message, wire: Wire, st: "StepState") -> torch.Tensor:
         if set(msg.tensors) != {"t"}:
             raise WireError(f"expected one tensor 't', got {sorted(msg.tensors)}")
         enc = msg.tensors["t"]
@@ -390,6 +500,17 @@ class Party:
         return get_codec(enc.codec).decode(enc)
 
 
+def check_labels(node: Node, labels: torch.Tensor | None, classes: int) -> None:
+    """A PlanError unless every label of a cross-entropy loss is a class of its head."""
+    if labels is None or not labels.numel() or labels.is_floating_point():
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= classes:
+        raise PlanError(f"loss {node.name!r}: the labels {node.inputs[1]!r} take values {lo}..{hi}, but the head "
+                        f"{node.inputs[0]!r} gives {classes} classes (0..{classes - 1})", entry=f"losses.{node.name}",
+                        hint="make the head's output width the number of classes, or number the classes from 0")
+
+
 def _checked(graph: Graph, node: Node, xs: list[torch.Tensor], fn):
     """Run a segment or loss on a one-row sample; a failure is a PlanError naming the wires and shapes."""
     try:
@@ -409,11 +530,14 @@ def _via(graph: Graph, src: str, party: str) -> str:
 
 
 @dataclass
-class _StepState:
+class StepState:
+    """What a party holds during one step (see :meth:`Party.begin`)."""
+
     step: int
     rows: torch.Tensor
     mode: Mode
     skip_labels: bool = False
+    deadline: float | None = None  # time.monotonic() by which the step must be done
     todo: list[str] = field(default_factory=list)
     values: dict[str, torch.Tensor] = field(default_factory=dict)  # node -> tensor (local or received)
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> gradient of what we sent on it
@@ -423,12 +547,13 @@ class _StepState:
     out: StepOutput = field(default_factory=StepOutput)
 
 
-def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
+def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch.Tensor],
+            labels: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Run one sample through the whole graph in one process; return each wire's dtype and shape.
 
     ``sample`` maps input nodes to tensors with a batch dimension of 1 (label inputs may be
     missing, as when predicting). A failing segment or loss raises a :class:`PlanError` naming
-    the wire and the shapes.
+    the wire and the shapes; so do ``labels`` (whole label columns) that are no class of their head.
     """
     values: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -444,5 +569,7 @@ def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch
             elif node.inputs[1] in values:
                 out, target = values[node.inputs[0]], values[node.inputs[1]]
                 _checked(graph, node, [out, target], lambda: LOSSES[graph.plan.losses[n].kind](out, target))
+                if graph.plan.losses[n].kind == "cross_entropy" and labels:
+                    check_labels(node, labels.get(node.inputs[1]), out.shape[-1])
     return {w.name: (dtype_name(values[w.src].dtype), tuple(values[w.src].shape[1:])) for w in graph.wires
             if w.src in values}

@@ -38,11 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .codec import WireError, get_codec
+from .codec import WireError, check_values, get_codec
 from .engine import Party, PartyError
 from .graph import build_graph
 from .link import Link
-from .messages import Kind, Message, decode, kind_of
+from .messages import Kind, Message, decode, kind_of, parse_json, quote
 from .metering import Meter
 from .plan import Plan, PlanError
 from .results import summarize, wires_of
@@ -136,15 +136,16 @@ def read_weights(msg: Message, like: dict[str, torch.Tensor]) -> dict[str, torch
     """The tensors of a WEIGHTS message, checked name by name against our own state."""
     if set(msg.tensors) != set(like):
         missing, extra = sorted(set(like) - set(msg.tensors)), sorted(set(msg.tensors) - set(like))
-        raise WireError(f"weights from {msg.sender!r} do not fit: missing {missing[:3]}, unexpected {extra[:3]}",
-                        wire="weights")
+        raise WireError(f"weights from {quote(msg.sender)} do not fit: missing {missing[:3]}, unexpected "
+                        f"{[quote(k) for k in extra[:3]]}", wire="weights")
     out = {}
     for k, enc in msg.tensors.items():
         ref = like[k]
         if tuple(enc.shape) != tuple(ref.shape) or enc.dtype != str(ref.dtype).removeprefix("torch."):
-            raise WireError(f"weight {k!r} from {msg.sender!r} is {enc.dtype}{list(enc.shape)}, expected "
+            raise WireError(f"weight {k!r} from {quote(msg.sender)} is {enc.dtype}{list(enc.shape)[:8]}, expected "
                             f"{str(ref.dtype).removeprefix('torch.')}{list(ref.shape)}", wire="weights")
         out[k] = _RAW.decode(enc)
+        check_values(out[k], f"weight {k!r} from {quote(msg.sender)}")  # one NaN would spread through averaging
     return out
 
 
@@ -196,16 +197,16 @@ def _request_of(msg: Message) -> int | None:
     if msg.kind == Kind.WEIGHTS:
         return msg.step
     try:
-        r = json.loads(msg.text or "{}").get("request")
-    except (ValueError, AttributeError):
+        r = parse_json(msg.text or "{}").get("request")
+    except (WireError, AttributeError):
         return None
     return r if isinstance(r, int) else None
 
 
 def _info(msg: Message) -> dict:
     try:
-        out = json.loads(msg.text or "{}")
-    except ValueError:
+        out = parse_json(msg.text or "{}")
+    except WireError:
         return {}
     return out if isinstance(out, dict) else {}
 
@@ -341,8 +342,8 @@ class Role:
             if peer not in peers or kind_of(data) != Kind.HELLO:
                 return False
             try:
-                return json.loads(decode(data).text).get("ids_hash") == tag
-            except (ValueError, AttributeError, WireError):
+                return parse_json(decode(data).text).get("ids_hash") == tag
+            except (AttributeError, WireError):
                 return False
 
         view = self.switch.session(self.plays, {} if self.plays == t else {t: client}, keep, peers)
@@ -446,13 +447,13 @@ class Role:
                 self.fault(self, cmd)
             if do == "stop":
                 return
-            if time.time() > float(cmd.get("deadline", 0)):
-                log.info("%s: dropping a command that is past its deadline: %s", self.name, do)
-                continue
             try:
+                if time.time() > float(cmd.get("deadline", 0)):
+                    log.info("%s: dropping a command that is past its deadline: %s", self.name, quote(do))
+                    continue
                 self._carry_out(do, request, cmd)
-            except (KeyError, TypeError, ValueError) as e:
-                self.link.refuse(msg.sender, f"a malformed {do!r} command ({e})")
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
+                self.link.refuse(msg.sender, f"a malformed {quote(do)} command ({quote(str(e))})")
 
     def _carry_out(self, do: str, request: int, cmd: dict) -> None:
         is_client, is_fed = self.plays == self.spec.template, self.name == self.federation
@@ -475,7 +476,7 @@ class Role:
         elif do == "merge_copies" and self.setup is not None and not is_client:
             self.merge_copies([str(c) for c in cmd["clients"]], [int(n) for n in cmd["samples"]])
         else:
-            self.link.refuse(self.coordinator, f"a command {do!r} that {self.name} does not carry out")
+            self.link.refuse(self.coordinator, f"a command {quote(do)} that {self.name} does not carry out")
 
     @contextmanager
     def _metering(self, evaluation: bool) -> Iterator[None]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from .codec import WireError
-from .messages import Kind, Message, decode, encode
+from .messages import Kind, Limits, Message, decode, encode, quote
 from .metering import Meter
-from .transport.base import Transport
+from .transport.base import Transport, TransportTimeout
 
 __all__ = ["Link"]
 
@@ -15,15 +16,20 @@ log = logging.getLogger("splitlearn.link")
 
 _DIRECTION = {Kind.ACTIVATION: "forward", Kind.GRADIENT: "backward", Kind.WEIGHTS: "weights"}
 MAX_KEPT = 100
+MAX_REASON = 600  # characters of a refusal kept, logged and sent back
 
 
 class Link:
-    """Wraps a :class:`Transport` for one party. Refused messages are logged and kept in ``refused``."""
+    """Wraps a :class:`Transport` for one party. Refused messages are logged and kept in ``refused``.
 
-    def __init__(self, transport: Transport, meter: Meter | None = None):
+    ``limits`` bound what a peer can make this party hold (see :class:`~splitlearn.messages.Limits`).
+    """
+
+    def __init__(self, transport: Transport, meter: Meter | None = None, limits: Limits | None = None):
         self.transport = transport
         self.party = transport.party
         self.meter = meter or Meter(self.party)
+        self.limits = limits or Limits()
         self.refused: list[str] = []  # the first MAX_KEPT refusals; refused_count counts them all
         self.refused_count = 0
 
@@ -33,34 +39,55 @@ class Link:
         self.transport.send(msg.receiver, data)
 
     def refuse(self, peer: str, reason: str, step: int = 0, wire: str = "") -> None:
-        """Record and log a refused message and tell the peer why; the party keeps running."""
-        text = f"{self.party} refused a message from {peer!r}" + (f" on wire {wire!r}" if wire else "") + f": {reason}"
+        """Record and log a refused message and tell the peer why; the party keeps running.
+
+        Every string that came from the peer is quoted cut short (:func:`~splitlearn.messages.quote`),
+        so a refusal costs this party a bounded amount whatever the peer sent."""
+        text = f"{self.party} refused a message from {quote(peer)}" + (f" on wire {quote(wire)}" if wire else "") \
+            + f": {reason}"
+        if len(text) > MAX_REASON:
+            text = text[:MAX_REASON] + "..."
         self.refused_count += 1
         if self.refused_count > MAX_KEPT:  # a flooding peer: count it, but neither log nor answer every message
             return
         log.warning(text)
         self.refused.append(text)
         try:
-            self.transport.send(peer, encode(Message(Kind.ERROR, self.party, peer, step, wire, text=text)))
+            self.transport.send(peer, encode(Message(Kind.ERROR, self.party, peer, step, wire[:self.limits.name_chars], text=text)))
         except Exception:  # the peer may be gone or may not exist; refusing must not fail
             pass
 
-    def recv(self, timeout: float | None = None) -> Message:
-        """The next acceptable message; malformed or impersonating ones are refused and skipped."""
+    def admit(self, peer: str, data: bytes) -> Message | None:
+        """Decode a buffer from the authenticated ``peer`` and check who it claims to be from and
+        for; None (after refusing it) when it is malformed, oversized or impersonating."""
+        try:
+            msg = decode(data, self.limits)
+        except WireError as e:
+            self.refuse(peer, str(e), e.step, e.wire)
+            return None
+        if msg.sender != peer:
+            self.refuse(peer, f"it claims to come from {quote(msg.sender)} but the authenticated sender is "
+                        f"{quote(peer)}", msg.step, msg.wire)
+            return None
+        if msg.receiver != self.party:
+            self.refuse(peer, f"it is addressed to {quote(msg.receiver)}", msg.step, msg.wire)
+            return None
+        self.meter.on_recv(msg.wire, _DIRECTION.get(msg.kind, "control"), len(data), msg.payload_bytes)
+        return msg
+
+    def recv(self, timeout: float | None = None, *, deadline: float | None = None) -> Message:
+        """The next acceptable message; malformed or impersonating ones are refused and skipped.
+
+        ``timeout`` (seconds from now) or ``deadline`` (``time.monotonic()``) bounds the whole
+        call, however many refused messages arrive meanwhile: raises TransportTimeout then."""
+        if deadline is None and timeout is not None:
+            deadline = time.monotonic() + timeout
         while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TransportTimeout(f"{self.party}: no acceptable message within the time allowed")
             with self.meter.timed("wait"):
-                peer, data = self.transport.recv(timeout)
-            try:
-                msg = decode(data)
-            except WireError as e:
-                self.refuse(peer, str(e), e.step, e.wire)
-                continue
-            if msg.sender != peer:
-                self.refuse(peer, f"it claims to come from {msg.sender!r} but the authenticated sender is {peer!r}",
-                            msg.step, msg.wire)
-                continue
-            if msg.receiver != self.party:
-                self.refuse(peer, f"it is addressed to {msg.receiver!r}", msg.step, msg.wire)
-                continue
-            self.meter.on_recv(msg.wire, _DIRECTION.get(msg.kind, "control"), len(data), msg.payload_bytes)
-            return msg
+                peer, data = self.transport.recv(left)
+            msg = self.admit(peer, data)
+            if msg is not None:
+                return msg

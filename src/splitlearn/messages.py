@@ -9,18 +9,74 @@ kind, a dtype outside the allow-list or a byte count that does not match the sha
 from __future__ import annotations
 
 import enum
+import json
 import math
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from .codec import DTYPES, MAX_ELEMENTS, Encoded, WireError
+from .codec import DTYPES, MAX_ELEMENTS, Encoded, WireError, decoded_bytes
 from .proto import splitlearn_pb2 as pb
 
-__all__ = ["Kind", "Message", "encode", "decode", "kind_of", "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES"]
+__all__ = ["Kind", "Message", "Limits", "encode", "decode", "kind_of", "parse_json", "quote", "PROTOCOL_VERSION",
+           "MAX_MESSAGE_BYTES"]
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+QUOTE_CHARS = 80  # a peer's string quoted in a refusal or an error is cut to this many characters
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one peer may make this party hold: the bounds a peer with a valid certificate meets.
+
+    ``message_bytes`` bounds a serialised envelope (the gRPC transport refuses larger ones too);
+    ``tensor_bytes`` what one received tensor may take once decoded (a top-k or int8 tensor is
+    small on the wire and large in memory); ``name_chars`` the sender, receiver, wire, tensor and
+    codec names; ``text_bytes`` and ``json_depth`` the text of a hello, a schedule command or a
+    reason; ``early_messages`` and ``early_bytes`` what a party keeps per peer for steps it has
+    not reached yet (anything beyond is refused and counted).
+    """
+
+    message_bytes: int = MAX_MESSAGE_BYTES
+    tensor_bytes: int = MAX_MESSAGE_BYTES
+    name_chars: int = 256
+    text_bytes: int = 1 << 20
+    json_depth: int = 32
+    early_messages: int = 64
+    early_bytes: int = MAX_MESSAGE_BYTES
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr`` of a peer's string, cut to ``limit`` characters with its length said."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def parse_json(text: str, limits: Limits = Limits()) -> Any:
+    """JSON a peer sent (a hello, a schedule command): size and nesting are checked before parsing,
+    so no text can exhaust the recursion limit or the memory. Raises WireError."""
+    if len(text) > limits.text_bytes:
+        raise WireError(f"a text of {len(text)} characters exceeds the limit of {limits.text_bytes}")
+    depth = deepest = 0
+    for b in _BRACKETS.findall(_STRING.sub("", text)):
+        depth += 1 if b in "[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limits.json_depth:
+                raise WireError(f"JSON nested deeper than {limits.json_depth} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise WireError(f"not valid JSON ({quote(str(e))})") from None
 
 
 class Kind(enum.IntEnum):
@@ -69,29 +125,47 @@ def kind_of(data: bytes) -> Kind | None:
         return None
 
 
-def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
-    """Parse and check one message. Raises WireError on anything malformed."""
-    if len(data) > max_bytes:
-        raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+def decode(data: bytes, limits: Limits = Limits()) -> Message:
+    """Parse and check one message against ``limits``. Raises WireError on anything malformed.
+
+    Every size is checked before anything is kept: the envelope, each name and text, and what
+    each tensor would take in memory once decoded. Peer strings in the error are cut short.
+    """
+    if len(data) > limits.message_bytes:
+        raise WireError(f"message of {len(data)} bytes exceeds the limit of {limits.message_bytes} "
+                        "(Limits.message_bytes)")
     env = pb.Envelope()
     try:
         env.ParseFromString(data)
-    except DecodeError as e:
-        raise WireError(f"not a splitlearn message ({e})") from None
+    except (DecodeError, RecursionError) as e:
+        raise WireError(f"not a splitlearn message ({quote(str(e))})") from None
     try:
         kind = Kind(env.kind)
     except ValueError:
         raise WireError(f"unknown message kind {env.kind}") from None
+    for what in ("sender", "receiver", "wire"):
+        if len(getattr(env, what)) > limits.name_chars:
+            raise WireError(f"its {what} name {quote(getattr(env, what))} is longer than {limits.name_chars} characters")
+    wire = env.wire
+    if len(env.text) > limits.text_bytes:
+        raise WireError(f"its text of {len(env.text)} characters exceeds the limit of {limits.text_bytes}",
+                        wire=wire, step=env.step)
     tensors: dict[str, Encoded] = {}
     for t in env.tensors:
         problem = None
-        if t.dtype not in DTYPES:
-            problem = f"tensor {t.name!r} has dtype {t.dtype!r}, which is not allowed; allowed: {sorted(DTYPES)}"
-        elif any(d < 0 for d in t.shape) or math.prod(t.shape) > MAX_ELEMENTS:
-            problem = f"tensor {t.name!r} of shape {list(t.shape)}: {math.prod(t.shape)} elements exceed the limit of {MAX_ELEMENTS}"
+        numel = math.prod(t.shape) if all(d >= 0 for d in t.shape) else -1
+        if max(len(t.name), len(t.codec), len(t.dtype), *(len(k) for k in t.extra)) > limits.name_chars:
+            problem = f"tensor {quote(t.name)} has a name, codec, dtype or buffer name longer than {limits.name_chars}"
+        elif t.dtype not in DTYPES:
+            problem = f"tensor {quote(t.name)} has dtype {quote(t.dtype)}, which is not allowed; allowed: {sorted(DTYPES)}"
+        elif numel < 0 or numel > MAX_ELEMENTS:
+            problem = f"tensor {quote(t.name)} of shape {list(t.shape)[:8]}: {numel} elements exceed the limit of {MAX_ELEMENTS}"
+        elif decoded_bytes(t.dtype, numel) > limits.tensor_bytes:
+            problem = (f"tensor {quote(t.name)} of shape {list(t.shape)[:8]} would take {decoded_bytes(t.dtype, numel)} "
+                       f"bytes decoded, over the limit of {limits.tensor_bytes} (Limits.tensor_bytes)")
         elif t.name in tensors:
-            problem = f"tensor {t.name!r} appears twice"
+            problem = f"tensor {quote(t.name)} appears twice"
         if problem:
-            raise WireError(problem, wire=env.wire, step=env.step)
+            raise WireError(problem, wire=wire, step=env.step)
         tensors[t.name] = Encoded(t.codec, t.dtype, tuple(t.shape), t.data, dict(t.extra))
-    return Message(kind, env.sender, env.receiver, env.step, env.wire, tensors, env.text)
+    return Message(kind, env.sender, env.receiver, env.step, wire, tensors, env.text)

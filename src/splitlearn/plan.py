@@ -174,6 +174,8 @@ class WireSpec(_Strict):
     noise: NoiseSpec | None = None  # sender clips and noises the activations it sends
     label_protection: LabelProtectionSpec | None = None  # receiver protects the gradients it returns
     randomized_response: float | None = Field(None, gt=0.0)  # label wires: epsilon of label DP (training only)
+    allow_nonfinite: bool = False  # receivers refuse NaN and infinite values unless this is set
+    max_abs: float = Field(1e6, gt=0.0)  # receivers refuse activations and gradients larger in magnitude (inf: none)
 
     @field_validator("codec", "grad_codec")
     @classmethod

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
+import torch
 from torch import nn
 
 from .graph import Graph
 from .plan import Plan
 
-__all__ = ["build_result", "summarize", "wires_of", "write_json", "save_weights", "load_weights"]
+__all__ = ["build_result", "summarize", "wires_of", "write_json", "save_weights", "load_weights", "non_finite"]
 
 
 def summarize(plan: Plan, graph: Graph, tasks: dict[str, dict]) -> dict[str, Any]:
@@ -99,12 +100,23 @@ def save_weights(path: Path, modules: dict[str, nn.Module]) -> None:
     os.replace(tmp, path)
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def load_weights(path: Path, modules: dict[str, nn.Module]) -> None:
-    """Load a party's segments saved by :func:`save_weights` (safetensors: no code is run)."""
+    """Load a party's segments saved by :func:`save_weights` (safetensors: no code is run).
+
+    Weights with NaN or infinite entries are refused: they would predict nonsense for every row."""
     try:
         tensors = load_file(str(path))
     except Exception as e:  # SafetensorError, OSError: a damaged or foreign file
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    bad = non_finite(tensors)
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}): "
+                         "training diverged or was poisoned, and these weights cannot predict")
     for seg, m in modules.items():
         prefix = f"{seg}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

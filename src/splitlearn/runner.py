@@ -25,10 +25,11 @@ from .data import DataError, Table, batches, load_table, train_test_split_ids
 from .engine import Mode, Party, PartyError, StepOutput, correct, dry_run
 from .graph import Graph, build_graph
 from .link import Link
-from .messages import PROTOCOL_VERSION, Kind, Message
+from .codec import WireError
+from .messages import PROTOCOL_VERSION, Kind, Message, parse_json, quote
 from .models import build_segment
 from .plan import DataSpec, Plan, PlanError, load_plan, plan_dir, plan_hash
-from .transport import InProcessHub, TransportClosed, TransportError
+from .transport import InProcessHub, TransportClosed, TransportError, TransportTimeout
 
 __all__ = ["Step", "schedule", "PartySetup", "setup_party", "prepare", "session", "run_party", "run_parties",
            "RunError"]
@@ -184,7 +185,7 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
     for m in modules.values():
         m.eval()  # no running statistics change during the dry run
     try:
-        shapes = dry_run(first.graph, modules, sample)
+        shapes = dry_run(first.graph, modules, sample, {n: inputs[n] for n in graph.label_inputs() if n in inputs})
     finally:
         for k, m in modules.items():
             m.train(modes[k])
@@ -219,26 +220,32 @@ def session(party: Party, ids_hash: str = "") -> Iterator[None]:
     caller's steps, then goodbye. A failure is sent to the neighbours before it is raised."""
     link, me = party.link, party.name
     neighbours = party.graph.neighbours(me)
+
+    def deadline() -> float | None:  # the hello, like the goodbye, has one deadline however much arrives
+        return None if party.timeout is None else time.monotonic() + party.timeout
+
     try:
         ours = _hello_text(party, ids_hash)
         for p in neighbours:
             link.send(Message(Kind.HELLO, me, p, text=json.dumps(ours)))
         heard: set[str] = set()
+        until = deadline()
         while heard != set(neighbours):
-            msg = link.recv(party.timeout)
+            msg = _recv(link, until, f"{me}: no hello from {sorted(set(neighbours) - heard)} within {party.timeout} s")
             party.raise_if_stopped(msg)
             if msg.kind == Kind.HELLO and msg.sender in neighbours:
                 try:
-                    theirs = json.loads(msg.text)
-                except ValueError:
-                    theirs = None
+                    theirs = parse_json(msg.text, link.limits)
+                except WireError as e:
+                    theirs = e
                 if not isinstance(theirs, dict):
-                    link.refuse(msg.sender, "its hello is not a JSON object")
+                    link.refuse(msg.sender, f"its hello is not a JSON object ({theirs})" if isinstance(theirs, WireError)
+                                else "its hello is not a JSON object")
                     continue
                 for key, value in ours.items():
                     if theirs.get(key) != value:
-                        raise PartyError(f"{me}: {key} differs from {msg.sender!r}'s: ours is {value!r}, "
-                                         f"theirs is {theirs.get(key)!r}" + (
+                        raise PartyError(f"{me}: {key} differs from {quote(msg.sender)}'s: ours is {value!r}, "
+                                         f"theirs is {quote(theirs.get(key))}" + (
                                              " (both must run the same plan file with the same --epochs/--seed)"
                                              if key == "plan_hash" else ""))
                 heard.add(msg.sender)
@@ -248,8 +255,10 @@ def session(party: Party, ids_hash: str = "") -> Iterator[None]:
         yield
         for p in neighbours:
             link.send(Message(Kind.STOP, me, p, text="done"))
+        until = deadline()
         while not set(neighbours) <= party.finished:
-            msg = link.recv(party.timeout)
+            msg = _recv(link, until, f"{me}: no goodbye from {sorted(set(neighbours) - party.finished)} "
+                        f"within {party.timeout} s")
             party.raise_if_stopped(msg)
             if msg.kind == Kind.STOP:
                 party.finished.add(msg.sender)
@@ -260,6 +269,13 @@ def session(party: Party, ids_hash: str = "") -> Iterator[None]:
             except Exception:  # noqa: BLE001 - the neighbour may be gone already
                 pass
         raise
+
+
+def _recv(link: Link, deadline: float | None, why: str) -> Message:
+    try:
+        return link.recv(deadline=deadline)
+    except TransportTimeout:
+        raise PartyError(why) from None
 
 
 class _Metrics:

@@ -32,6 +32,7 @@ import torch
 
 from ..graph import Graph, Node, Wire, build_graph
 from ..plan import Plan, PlanError, WireSpec, load_plan
+from ..results import non_finite
 from . import measures
 
 __all__ = ["AuditError", "audit_run", "wire_slug", "loss_sources", "image_shape", "RunFolder"]
@@ -124,6 +125,17 @@ class RunFolder:
             f = folder / "parties" / party / "observed.safetensors"
             if f.is_file():
                 observed[party] = load_file(str(f))
+                bad = non_finite(observed[party])
+                if bad:
+                    raise AuditError(f"{f}: what {party!r} received holds NaN or infinite values ({', '.join(bad[:3])}); "
+                                     "the run was poisoned or diverged, so no leakage figure from it would mean "
+                                     "anything (a distance correlation of such data reads as 'no leakage')")
+            w = folder / "parties" / party / "weights.safetensors"
+            if w.is_file():
+                bad = non_finite(load_file(str(w)))
+                if bad:
+                    raise AuditError(f"{w}: the weights of {party!r} hold NaN or infinite values ({', '.join(bad[:3])}); "
+                                     "the run was poisoned or diverged: audit a run that trained")
         if not observed:
             raise AuditError(f"{folder}: no party left an observed.safetensors (what it received during training); "
                              "train with out=... (or 'splitlearn run --out') to record it")

@@ -92,8 +92,15 @@ class GrpcTransport(Transport):
         self._started = False
 
     # -- setting up ---------------------------------------------------------------------------
+    @property
+    def hard_limit(self) -> int:
+        """What gRPC itself receives: twice ``max_message_bytes`` and a MiB, so that a message over
+        the limit reaches the link, which refuses it naming the limit, while the stream goes on.
+        A message over this breaks the stream (gRPC says no more than that to the receiver)."""
+        return 2 * self.max_message_bytes + 2**20
+
     def _options(self) -> list[tuple[str, int]]:
-        return [("grpc.max_receive_message_length", self.max_message_bytes),
+        return [("grpc.max_receive_message_length", self.hard_limit),
                 ("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 20_000),
                 ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)]
@@ -189,6 +196,10 @@ class GrpcTransport(Transport):
             reason = "the stream ended without a goodbye"
         except Exception as e:  # noqa: BLE001 - grpc.RpcError and anything else ends the stream
             reason = _why(e)
+            code = getattr(e, "code", None)
+            if not callable(code) or code() is None or code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                reason = (f"the stream from {peer} broke ({reason}); one cause is a message over the transport's hard "
+                          f"limit of {self.hard_limit} bytes (twice max_message_bytes, --max-message-mb, and a MiB)")
         self._detach(peer, out, reason, clean=False)
 
     @staticmethod
