@@ -27,7 +27,7 @@ METHODS = ["sequential", "splitfed_v1", "splitfed_v2", "independent", "fedavg", 
 
 
 def section_clients(clients: int) -> None:
-    from splitlearn.compare import run_compare
+    from splitlearn.tools.compare import run_compare
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,13 +73,13 @@ def one(clients: int, epochs: int) -> dict:
     """One scale point, in this (fresh) process."""
     import resource
 
-    from splitlearn.api import train_clients
-    from splitlearn.plan import load_plan
+    from splitlearn.api import train
+    from splitlearn.core.load import load_plan
 
     plan = load_plan(PLAN).with_train(epochs=epochs)
     plan = plan.replace(clients=plan.clients.model_copy(update={"count": clients}))
     t0 = time.perf_counter()
-    result = train_clients(plan)
+    result = train(plan)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"clients": clients, "seconds": seconds, "peak_rss_mb": peak,

@@ -7,7 +7,7 @@ cancer (vertical plan), every figure measured in the same run.
 Every setting is trained with the plan's own epochs once per seed (the seed also draws the
 train/test split) in one process; accuracies are means over the seeds, and a setting's cost is
 its mean accuracy minus that of the undefended plan over the same seeds. Leakage figures come
-from ``splitlearn.audit.audit_run`` on each run (the worst over the plan's wires where there are
+from ``splitlearn.tools.audit.audit_run`` on each run (the worst over the plan's wires where there are
 several), averaged over the seeds.
 """
 
@@ -26,8 +26,8 @@ import torch
 
 from _md import write_section
 from splitlearn.api import train
-from splitlearn.audit import audit_run
-from splitlearn.plan import load_plan
+from splitlearn.tools.audit import audit_run
+from splitlearn.core.load import load_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = {"digits (vanilla)": ROOT / "examples" / "vanilla.toml",
@@ -41,7 +41,7 @@ WORST = {"dcor": max, "mse": min, "norm_auc": max, "direction_auc": max}
 def activation_wires(body: dict) -> list[str]:
     """Sources of the plan's activation wires (those a segment sends to another party)."""
     plan = load_plan(body)
-    from splitlearn.graph import build_graph
+    from splitlearn.core.graph import build_graph
 
     return [w.src for w in build_graph(plan).wires if w.carries == "activation"]
 

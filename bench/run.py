@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from _md import write_section
-from splitlearn.distributed import launch
+from splitlearn.run.processes import launch
 from splitlearn.models import build_segment
-from splitlearn.runner import prepare, schedule
-from splitlearn.engine import LOSSES
+from splitlearn.run.setup import prepare, schedule
+from splitlearn.core.losses import LOSSES
 
 HERE = Path(__file__).parent
 PLANS = {"MLP on digits": HERE / "plans" / "mlp_digits.toml", "CNN on 32x32x3 synthetic": HERE / "plans" / "cnn_synthetic.toml"}

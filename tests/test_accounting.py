@@ -6,11 +6,12 @@ from itertools import islice
 import pytest
 import torch
 
-from splitlearn.codec import get_codec
-from splitlearn.graph import build_graph
-from splitlearn.messages import Kind, Message, encode
-from splitlearn.plan import load_plan
-from splitlearn.runner import prepare, run_parties, schedule
+from splitlearn.wire.codec import get_codec
+from splitlearn.core.graph import build_graph
+from splitlearn.wire.messages import Kind, Message, encode
+from splitlearn.core.load import load_plan
+from splitlearn.run.setup import prepare, schedule
+from splitlearn.run.local import run_local
 
 from .conftest import EXAMPLES
 
@@ -25,7 +26,7 @@ def test_activation_bytes_are_batch_times_width_times_four_plus_framing():
     plan, setups, shapes = prepare(EXAMPLES / "vanilla.toml", epochs=1)
     steps = list(islice(schedule(plan, setups["hospital"].splits), 3))
     assert all(len(s.rows) == 32 for s in steps)
-    reports = run_parties(setups, shapes, steps=lambda _s: iter(steps))
+    reports = run_local(plan, setups, shapes, steps=list(steps))
 
     width = 128  # layers [0, 2] of mlp([64, 128, 64, 10])
     assert shapes["bottom->top"] == ("float32", (width,))
@@ -55,7 +56,7 @@ def test_activation_bytes_are_batch_times_width_times_four_plus_framing():
 def test_flops_per_party_match_hand_count():
     plan, setups, shapes = prepare(EXAMPLES / "vanilla.toml", epochs=1)
     steps = list(islice(schedule(plan, setups["hospital"].splits), 2))
-    reports = run_parties(setups, shapes, steps=lambda _s: iter(steps))
+    reports = run_local(plan, setups, shapes, steps=list(steps))
     b = 32
     # hospital: Linear(64,128) forward 2*b*64*128; backward computes only the weight gradient
     # (the input needs none): another 2*b*64*128
@@ -89,7 +90,7 @@ def test_wire_codecs_change_the_bytes_actually_sent(codec, per_step):
     plan["wires"] = {"bottom": {"codec": codec, "grad_codec": codec}}
     plan, setups, shapes = prepare(plan, epochs=1)
     steps = list(islice(schedule(plan, setups["hospital"].splits), 3))
-    reports = run_parties(setups, shapes, steps=lambda _s: iter(steps))
+    reports = run_local(plan, setups, shapes, steps=list(steps))
     fwd = {(r["wire"], r["direction"]): r for r in reports["hospital"].meter["sent"]}[("bottom->top", "forward")]
     handshake = get_codec(codec).encode(torch.zeros(1, 128)).nbytes  # one row, same codec
     assert fwd["payload"] == 3 * per_step + handshake

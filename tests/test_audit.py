@@ -7,10 +7,11 @@ import torch
 from typer.testing import CliRunner
 
 import splitlearn
-from splitlearn.audit import AuditError, audit_run, parse_sweep, sweep
-from splitlearn.audit.measures import invert, label_leakage, latest_per_id, ssim
+from splitlearn.tools.audit import AuditError, audit_run, parse_sweep, sweep
+from splitlearn.tools.audit.measures import invert, label_leakage, latest_per_id, ssim
 from splitlearn.cli import app
-from splitlearn.plan import LabelProtectionSpec, load_plan
+from splitlearn.core.plan import LabelProtectionSpec
+from splitlearn.core.load import load_plan
 
 from .conftest import EXAMPLES
 

@@ -7,12 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from splitlearn.compare import centralized_plan, method_plan, predict_cost
-from splitlearn.federation import Context, merge_reports, run_clients, weights_message
-from splitlearn.messages import Kind
+from splitlearn.tools.compare import centralized_plan, method_plan, predict_cost
+from splitlearn.clients.roles import Context
+from splitlearn.run.results import build_result as merge_reports
+from splitlearn.wire.messages import weights as weights_message
+from splitlearn.wire.messages import Kind
 from splitlearn.models import build_segment
-from splitlearn.plan import Plan, PlanError, load_plan
-from splitlearn.runner import prepare, run_parties, setup_party
+from splitlearn.core.plan import Plan, PlanError
+from splitlearn.core.load import load_plan
+from splitlearn.run.setup import prepare, setup_party
+from splitlearn.run.local import run_local
 
 
 def tiny(hidden=16, **clients) -> Plan:
@@ -29,6 +33,17 @@ def tiny(hidden=16, **clients) -> Plan:
     if clients:
         body["clients"] = {"template": "hospital", **clients}
     return load_plan(body)
+
+
+def run_clients(plan: Plan, **kw) -> dict:
+    """Every physical party of the plan in this process: their reports."""
+    plan, setups, shapes = prepare(plan)
+    return run_local(plan, setups, shapes, **kw)
+
+
+def run_parties(setups, shapes) -> dict:
+    plan = next(iter(setups.values())).plan
+    return run_local(plan, setups, shapes)
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -55,9 +70,9 @@ def test_sequential_peer_handoff_equals_centralized_on_the_same_batches():
                 F.cross_entropy(ref["top"](ref["bottom"](data["hospital.x"][step.rows])),
                                 data["hospital.y"][step.rows]).backward()
                 opt.step()
-    last = reports["hospital-3"]["modules"]["bottom"]  # the last client holds the latest bottom
+    last = reports["hospital-3"].modules["bottom"]  # the last client holds the latest bottom
     assert _max_diff(_state(last), _state(ref["bottom"])) < 1e-5
-    assert _max_diff(_state(reports["server"]["modules"]["top"]), _state(ref["top"])) < 1e-5
+    assert _max_diff(_state(reports["server"].modules["top"]), _state(ref["top"])) < 1e-5
     assert _max_diff(_state(ref["bottom"]), before["bottom"]) > 1e-2  # and training did move the weights
     # every client trained on its own rows, disjoint and together all the training rows
     rows = [torch.cat([s.rows for s in t.steps]) for t in ctx.rounds[0].train]
@@ -70,8 +85,8 @@ def test_one_client_equals_the_plain_plan(schedule):
     plain_reports = run_parties(setups, shapes)
     plan = tiny(count=1, schedule=schedule)
     reports = run_clients(plan)
-    assert _max_diff(_state(reports["hospital-1"]["modules"]["bottom"]), _state(setups["hospital"].modules["bottom"])) < 1e-6
-    assert _max_diff(_state(reports["server"]["modules"]["top"]), _state(setups["server"].modules["top"])) < 1e-6
+    assert _max_diff(_state(reports["hospital-1"].modules["bottom"]), _state(setups["hospital"].modules["bottom"])) < 1e-6
+    assert _max_diff(_state(reports["server"].modules["top"]), _state(setups["server"].modules["top"])) < 1e-6
     ours = merge_reports(plan, {k: v for k, v in reports.items()})["metrics"]
     theirs = plain_reports["server"].metrics["digit"]
     assert ours["test_accuracy_per_epoch"] == pytest.approx(theirs["test_accuracy"], abs=1e-9)
@@ -85,7 +100,7 @@ def test_fedavg_with_one_client_and_one_local_step_equals_centralized_sgd():
     fed = method_plan(base, "large_batch", 1)
     assert fed.clients.schedule == "fedavg" and fed.clients.local_steps == 1
     reports = run_clients(fed)
-    mine = reports["hospital-1"]["modules"]
+    mine = reports["hospital-1"].modules
     for seg in ("bottom", "top"):
         assert _max_diff(_state(mine[seg]), _state(setups["hospital"].modules[seg])) < 1e-6
 
@@ -200,7 +215,7 @@ def test_a_client_that_misses_its_turn_rejoins_later():
     res = merge_reports(plan, reports)
     assert {s["client"] for s in res["skipped"]} == {"hospital-3"}
     assert min(s["round"] for s in res["skipped"]) == 0
-    trained = {r["round"] for r in reports["hospital-3"]["records"] if r["mode"] == "train"}
+    trained = {r["round"] for r in reports["hospital-3"].records if r["mode"] == "train"}
     assert 2 in trained  # back in a later round
 
 
@@ -220,7 +235,7 @@ def test_handoff_through_the_server_moves_the_same_weights_by_way_of_the_server(
     plan = tiny(count=3, schedule="sequential", handoff="server")
     via = run_clients(plan)
     for name in ("hospital-1", "hospital-2", "hospital-3"):
-        assert _max_diff(_state(via[name]["modules"]["bottom"]), _state(peer[name]["modules"]["bottom"])) == 0
+        assert _max_diff(_state(via[name].modules["bottom"]), _state(peer[name].modules["bottom"])) == 0
     res = merge_reports(plan, via)
     values = 64 * 16 + 16
     hand_offs = 3 * 2 - 1  # every turn but the first receives the latest bottom
@@ -232,10 +247,10 @@ def test_a_federation_of_its_own_averages_like_the_server_does():
     at_server = run_clients(tiny(count=3, schedule="splitfed_v2"))
     plan = tiny(count=3, schedule="splitfed_v2", federation="fed")
     apart = run_clients(plan)
-    assert "fed" in apart and apart["fed"]["plays"] is None
+    assert "fed" in apart and apart["fed"].plays is None
     for name in ("hospital-1", "server"):
-        for seg, m in apart[name]["modules"].items():
-            assert _max_diff(_state(m), _state(at_server[name]["modules"][seg])) < 1e-6
+        for seg, m in apart[name].modules.items():
+            assert _max_diff(_state(m), _state(at_server[name].modules[seg])) < 1e-6
     res = merge_reports(plan, apart)
     assert _payload(res["parties"]["fed"]["received"], "weights", "weights") > 0  # the weights went to it
     assert _payload(res["parties"]["server"]["received"], "weights", "weights") == 0  # and not to the server
@@ -283,7 +298,7 @@ def test_a_client_speaking_out_of_turn_changes_nothing():
     """hospital-1, done with its only turn, keeps sending while hospital-2 trains: a hello claiming
     to be the plan's hospital, an error meant to stop the server, weights nobody asked for. The
     run ends with exactly the weights of a clean run."""
-    from splitlearn.messages import Message, encode
+    from splitlearn.wire.messages import Message, encode
 
     plan = tiny(count=2, schedule="sequential").with_train(epochs=1)
     clean = run_clients(plan)
@@ -314,14 +329,14 @@ def test_a_client_speaking_out_of_turn_changes_nothing():
     res = merge_reports(plan, attacked)
     assert res["skipped"] == []
     for name in ("hospital-1", "hospital-2", "server"):
-        for seg, m in attacked[name]["modules"].items():
-            assert _max_diff(_state(m), _state(clean[name]["modules"][seg])) == 0
+        for seg, m in attacked[name].modules.items():
+            assert _max_diff(_state(m), _state(clean[name].modules[seg])) == 0
     assert res["metrics"] == merge_reports(plan, clean)["metrics"]
 
 
 def test_fedavg_averages_by_samples():
     """Uneven shares (Dirichlet): the federation's model is the sample-weighted mean of the clients'."""
-    from splitlearn.federation import average
+    from splitlearn.clients.roles import average
 
     plan = method_plan(tiny(count=3, partition={"kind": "dirichlet", "alpha": 0.3}).with_train(epochs=1), "fedavg", 3)
     ctx = Context.of(plan, setup_party(plan, "hospital"))
@@ -339,7 +354,7 @@ def test_fedavg_averages_by_samples():
     states = [local[c] for c in plan.clients.names()]
     expected = average(states, sizes)
     plain = average(states, [1, 1, 1])
-    got = {f"{seg}.{k}": v for seg, m in reports["hospital-1"]["modules"].items() for k, v in m.state_dict().items()}
+    got = {f"{seg}.{k}": v for seg, m in reports["hospital-1"].modules.items() for k, v in m.state_dict().items()}
     assert _max_diff(got, expected) < 1e-6
     assert _max_diff(got, plain) > 1e-4
 
@@ -359,7 +374,7 @@ def test_clients_with_two_fixed_parties_train_and_splitfed_v1_merges_every_copy(
         res = merge_reports(plan, reports)
         assert res["skipped"] == [] and res["metrics"]["test_accuracy"] > 0.35  # measured 0.81 / 0.45; chance 0.1
         start = build_segment(plan, "middle")
-        assert _max_diff(_state(reports["relay"]["modules"]["middle"]), _state(start)) > 1e-3  # the relay learned
+        assert _max_diff(_state(reports["relay"].modules["middle"]), _state(start)) > 1e-3  # the relay learned
 
 
 def test_local_epochs_must_divide_the_epochs():
@@ -376,7 +391,7 @@ def test_multi_task_clients_report_every_task_of_every_epoch():
     res = merge_reports(plan, reports)
     assert set(res["metrics"]["tasks"]) == {"digit", "parity"} and res["skipped"] == []
     for lab in ("digit_lab", "parity_lab"):  # each head's party evaluated the final model too
-        assert [r["epoch"] for r in reports[lab]["records"] if r["mode"] == "eval"] == [0, 1]
+        assert [r["epoch"] for r in reports[lab].records if r["mode"] == "eval"] == [0, 1]
     for task in res["metrics"]["tasks"].values():
         assert None not in task["test_loss"] and len(task["test_loss"]) == 2
         assert task["test_accuracy"] > 0.6

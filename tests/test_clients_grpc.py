@@ -6,23 +6,23 @@ import signal
 import subprocess
 import sys
 
-from splitlearn.distributed import _free_port, launch
-from splitlearn.federation import roles
-from splitlearn.plan import load_plan
-from splitlearn.transport.tls import make_certs
+from splitlearn.run.processes import _free_port, launch
+from splitlearn.clients.roles import roles
+from splitlearn.core.load import load_plan
+from splitlearn.wire.transport.tls import make_certs
 
 from .conftest import EXAMPLES
 
 
 def test_ten_client_processes_complete_and_match_the_in_process_run(tmp_path):
-    from splitlearn.api import train_clients
+    from splitlearn import train
 
     plan = EXAMPLES / "sequential.toml"
     result = launch(plan, tmp_path / "run", epochs=1)
     assert result["transport"] == "grpc+mtls"
     assert result["schedule"]["clients"] == 10 and not result["skipped"] and not result["failed_processes"]
     assert [p for p in result["parties"] if p.startswith("hospital-")] == [f"hospital-{k}" for k in range(1, 11)]
-    same = train_clients(load_plan(plan).with_train(epochs=1))
+    same = train(load_plan(plan).with_train(epochs=1))
     assert result["metrics"]["test_accuracy"] == same["metrics"]["test_accuracy"] > 0.5
     for name, p in result["parties"].items():  # the same FLOPs; bytes up to the commands' timestamps
         assert p["flops"] == same["parties"][name]["flops"]
@@ -49,7 +49,7 @@ def test_a_killed_client_process_is_skipped_and_the_run_completes(tmp_path):
                                     stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         first = procs["server"].stdout.readline().decode()  # the coordinator finished round 0
-        assert first.startswith("step 0 ")
+        assert first.startswith("progress 1 4 0 4 round train ")
         os.killpg(procs["hospital-2"].pid, signal.SIGKILL)
         assert procs["server"].wait(timeout=120) == 0
         for n in ("hospital-1", "hospital-3"):
@@ -67,14 +67,14 @@ def test_a_killed_client_process_is_skipped_and_the_run_completes(tmp_path):
 
 
 def test_splitfed_with_a_federation_process_of_its_own_matches_in_process(tmp_path):
-    from splitlearn.api import train_clients
+    from splitlearn import train
 
     text = (EXAMPLES / "sequential.toml").read_text().replace("count = 10", "count = 4").replace("epochs = 8", "epochs = 2")
     plan_file = tmp_path / "splitfed.toml"
     plan_file.write_text(text.replace('schedule = "sequential"', 'schedule = "splitfed_v2"\nfederation = "fed"'))
     result = launch(plan_file, tmp_path / "run")
     assert list(result["parties"])[:2] == ["server", "fed"] and not result["skipped"]
-    same = train_clients(load_plan(plan_file))
+    same = train(load_plan(plan_file))
     assert result["metrics"]["test_accuracy_per_epoch"] == same["metrics"]["test_accuracy_per_epoch"]
     received = sum(r["payload"] for r in result["parties"]["fed"]["received"] if r["direction"] == "weights")
     assert received == 2 * 4 * (64 * 128 + 128) * 4  # every client's bottom, every round

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from splitlearn.codec import DTYPES, WireError, from_bytes, get_codec
-from splitlearn.messages import Kind, Limits, Message, decode, encode
+from splitlearn.wire.codec import DTYPES, WireError, from_bytes, get_codec
+from splitlearn.wire.messages import Kind, Limits, Message, decode, encode
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))

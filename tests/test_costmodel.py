@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from splitlearn.costmodel import (Cost, compare, count_flops, fedavg_cost, format_table, large_batch_sgd_cost,
+from splitlearn.tools.costmodel import (Cost, compare, count_flops, fedavg_cost, format_table, large_batch_sgd_cost,
                                   seed_table, split_cost)
 from splitlearn.models.cifar import resnet50, vgg16
 from splitlearn.models.zoo import ZOO, mlp

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from splitlearn.models import build_segment
-from splitlearn.runner import prepare, run_parties, schedule
+from splitlearn.run.setup import prepare, schedule
+from splitlearn.run.local import run_local
 
 from .conftest import EXAMPLES
 
@@ -63,7 +64,7 @@ def test_split_training_equals_unsplit(name):
             for (k, a), b in zip(mod.state_dict().items(), build_segment(plan, seg).state_dict().values()):
                 assert torch.equal(a, b), (seg, k)
 
-    run_parties(setups, shapes, steps=lambda _s: iter(train_steps))
+    run_local(plan, setups, shapes, steps=list(train_steps))
 
     worst = 0.0
     for party in setups.values():

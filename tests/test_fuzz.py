@@ -17,14 +17,14 @@ import threading
 import pytest
 import torch
 
-from splitlearn.codec import Encoded, get_codec
-from splitlearn.engine import Party, PartyError
-from splitlearn.link import Link
-from splitlearn.messages import Kind, Message, decode, encode, kind_of
-from splitlearn.proto import splitlearn_pb2 as pb
-from splitlearn.runner import prepare, schedule
-from splitlearn.transport import InProcessHub
-from splitlearn.transport.base import Transport, TransportTimeout
+from splitlearn.wire.codec import get_codec
+from splitlearn.core.engine import Party, PartyError
+from splitlearn.wire.link import Link
+from splitlearn.wire.messages import Kind, Message, decode, encode, kind_of
+from splitlearn.wire.proto import splitlearn_pb2 as pb
+from splitlearn.run.setup import prepare, schedule
+from splitlearn.wire.transport import InProcessHub
+from splitlearn.wire.transport.base import Transport, TransportTimeout
 
 from .conftest import EXAMPLES
 
@@ -285,9 +285,9 @@ def test_a_few_hundred_mutants_over_grpc_with_a_valid_certificate(tmp_path):
     """The hospital, with a valid certificate, follows every honest message with four mutants of
     it and ignores the refusals: the server keeps training to the end. (Mutants that say the
     hospital stopped are left out: a peer that says so ends the run, as it should.)"""
-    from splitlearn.runner import run_party
-    from splitlearn.transport.grpc import GrpcTransport
-    from splitlearn.transport.tls import load_credentials, make_certs
+    from splitlearn.run.session import run_party
+    from splitlearn.wire.transport.grpc import GrpcTransport
+    from splitlearn.wire.transport.tls import load_credentials, make_certs
 
     plan, setups, shapes = prepare(EXAMPLES / "vanilla.toml", epochs=1)
     make_certs(["hospital", "server"], tmp_path)

@@ -14,12 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from splitlearn.codec import WireError
-from splitlearn.link import Link
-from splitlearn.messages import Kind, Message, decode, encode
-from splitlearn.transport import TransportClosed, TransportError, TransportTimeout
-from splitlearn.transport.grpc import METHOD, GrpcTransport
-from splitlearn.transport.tls import Credentials, load_credentials, make_certs
+from splitlearn.wire.codec import WireError
+from splitlearn.wire.link import Link
+from splitlearn.wire.messages import Kind, Message, decode, encode
+from splitlearn.wire.transport import TransportClosed, TransportError, TransportTimeout
+from splitlearn.wire.transport.grpc import METHOD, GrpcTransport
+from splitlearn.wire.transport.tls import Credentials, load_credentials, make_certs
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,15 +14,17 @@ import pytest
 import torch
 
 import splitlearn
-from splitlearn.audit.run import AuditError, audit_run
-from splitlearn.codec import Encoded, get_codec
-from splitlearn.engine import Party, PartyError
-from splitlearn.link import Link
-from splitlearn.messages import Kind, Limits, Message, decode, encode, parse_json
-from splitlearn.plan import PlanError, load_plan, plan_hash
-from splitlearn.codec import WireError
-from splitlearn.runner import prepare, run_party, schedule
-from splitlearn.transport import InProcessHub, TransportClosed
+from splitlearn.tools.audit.run import AuditError, audit_run
+from splitlearn.wire.codec import Encoded, get_codec
+from splitlearn.core.engine import Party
+from splitlearn.wire.link import Link
+from splitlearn.wire.messages import Kind, Limits, Message, decode, encode, parse_json
+from splitlearn.core.plan import PlanError, plan_hash
+from splitlearn.core.load import load_plan
+from splitlearn.wire.codec import WireError
+from splitlearn.run.setup import prepare, schedule
+from splitlearn.run.session import run_party
+from splitlearn.wire.transport import InProcessHub, TransportClosed
 
 from .conftest import EXAMPLES
 from .test_safety import FakeHospital, f32
@@ -319,13 +321,13 @@ def test_parse_json_refuses_depth_and_size_and_reads_the_rest():
 
 
 def test_a_deeply_nested_schedule_command_is_refused_by_a_follower():
-    from splitlearn.federation import Role, coordinator_of
+    from splitlearn.clients.roles import Follower, coordinator_of
     from tests.test_clients import tiny
 
     plan = tiny(count=2, schedule="sequential")
     coord = coordinator_of(plan)
     hub = InProcessHub(["server", "hospital-1", "hospital-2"])
-    role = Role(plan, "hospital-1", hub.transport("hospital-1"))
+    role = Follower(plan, "hospital-1", hub.transport("hospital-1"))
     box = {}
     th = threading.Thread(target=lambda: box.setdefault("ok", role.follow() or True), daemon=True)
     th.start()
@@ -337,14 +339,14 @@ def test_a_deeply_nested_schedule_command_is_refused_by_a_follower():
     c.send("hospital-1", encode(Message(Kind.STEP, coord, "hospital-1", text=json.dumps({"do": "stop", "request": 3}))))
     th.join(10)
     assert box.get("ok") is True
-    assert any("not JSON with 'do' and 'request'" in r for r in role.link.refused)  # the nested one
-    assert any("malformed 'turn' command" in r for r in role.link.refused)  # a deadline that is no number
+    assert any("nested deeper than 32" in r for r in role.link.refused)
+    assert any("'turn' command whose deadline is not a number" in r for r in role.link.refused)
 
 
 def test_an_oversized_envelope_is_named_as_such(tmp_path):
     """Over the limit: refused by name and the stream goes on; far over it: the broken stream names the limit."""
-    from splitlearn.transport.grpc import GrpcTransport
-    from splitlearn.transport.tls import load_credentials, make_certs
+    from splitlearn.wire.transport.grpc import GrpcTransport
+    from splitlearn.wire.transport.tls import load_credentials, make_certs
 
     make_certs(["a", "b"], tmp_path)
     a = GrpcTransport("a", listen="127.0.0.1:0", accept=["b"], credentials=load_credentials(tmp_path, "a"),

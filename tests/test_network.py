@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 import splitlearn
-from splitlearn.distributed import connections, launch
-from splitlearn.plan import load_plan
-from splitlearn.transport.tls import make_certs
+from splitlearn.run.processes import launch
+from splitlearn.run.topology import plain_connections as connections
+from splitlearn.core.load import load_plan
+from splitlearn.wire.transport.tls import make_certs
 
 from .conftest import EXAMPLES
 
@@ -86,7 +87,7 @@ def test_killing_one_party_ends_the_others_with_an_error(tmp_path):
     server = subprocess.Popen(_party_cmd(plan, "server", tmp_path / "certs", ports, tmp_path / "out", ["--epochs", "500"]),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(20):  # training is under way
-        assert hospital.stdout.readline().startswith(b"step")
+        assert hospital.stdout.readline().startswith(b"progress")
     server.kill()
     t0 = time.monotonic()
     hospital.wait(timeout=60)
@@ -142,7 +143,7 @@ network = "head"
 input = "head"
 target = "b.y"
 """)
-    from splitlearn.plan import PlanError
+    from splitlearn.core.plan import PlanError
 
     with pytest.raises(PlanError, match="hold different ids"):
         launch(plan, tmp_path / "o")

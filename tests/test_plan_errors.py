@@ -5,8 +5,9 @@ import tomllib
 
 import pytest
 
-from splitlearn.plan import PlanError, load_plan
-from splitlearn.runner import prepare
+from splitlearn.core.plan import PlanError
+from splitlearn.core.load import load_plan
+from splitlearn.run.setup import prepare
 
 from .conftest import EXAMPLES
 

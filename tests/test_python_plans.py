@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import splitlearn
-from splitlearn.plan import Plan, PlanError
-from splitlearn.runner import prepare
+from splitlearn.core.plan import Plan, PlanError
+from splitlearn.run.setup import prepare
 
 
 def python_plan(**network) -> dict:

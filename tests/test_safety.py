@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 
 import splitlearn
-from splitlearn.codec import Encoded, get_codec
-from splitlearn.engine import Party
-from splitlearn.link import Link
-from splitlearn.messages import PROTOCOL_VERSION, Kind, Message, encode
-from splitlearn.plan import plan_hash
-from splitlearn.runner import prepare, run_party, schedule
-from splitlearn.transport import InProcessHub
+from splitlearn.wire.codec import Encoded, get_codec
+from splitlearn.core.engine import Party
+from splitlearn.wire.link import Link
+from splitlearn.wire.messages import PROTOCOL_VERSION, Kind, Message, encode
+from splitlearn.core.plan import plan_hash
+from splitlearn.run.setup import prepare, schedule
+from splitlearn.run.session import run_party
+from splitlearn.wire.transport import InProcessHub
 
 from .conftest import EXAMPLES
 
@@ -65,7 +66,7 @@ class FakeHospital:
         self.t.send("server", encode(Message(kind, "hospital", "server", step, wire, tensors, text)))
 
     def recv(self):
-        from splitlearn.messages import decode
+        from splitlearn.wire.messages import decode
 
         return decode(self.t.recv(10)[1])
 

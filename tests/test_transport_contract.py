@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from splitlearn.transport import (
+from splitlearn.wire.transport import (
     InProcessHub,
     TransportClosed,
     TransportError,
@@ -27,8 +27,8 @@ def _inprocess(tmp_path):
 
 
 def _grpc(tmp_path):
-    from splitlearn.transport.grpc import GrpcTransport
-    from splitlearn.transport.tls import load_credentials, make_certs
+    from splitlearn.wire.transport.grpc import GrpcTransport
+    from splitlearn.wire.transport.tls import load_credentials, make_certs
 
     make_certs(PARTIES, tmp_path)
     creds = {p: load_credentials(tmp_path, p) for p in PARTIES}

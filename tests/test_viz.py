@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from splitlearn.graph import build_graph
-from splitlearn.plan import Plan
-from splitlearn.viz import _render, _wire_styles, describe, draw_topology
+from splitlearn.core.graph import build_graph
+from splitlearn.core.plan import Plan
+from splitlearn.tools.viz import _render, _wire_styles, describe, draw_topology
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .plan import PlanError, load_plan
+from .core.plan import PlanError
+from .core.load import load_plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Split learning: train, inspect and predict from plans of any configuration.")
@@ -81,38 +82,33 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
     """Train PLAN: one process per party on loopback with mutual TLS (or --in-process);
     write OUT/result.json and each party's weights."""
     from .api import train_prepared
-    from .runner import RunError, prepare, schedule
+    from .run.session import RunError
+    from .run.setup import prepare
 
     try:
         p, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
     except PlanError as e:
         _fail(str(e))
-    if p.clients is not None:  # progress by rounds of the schedule
-        from .federation import Context
-
-        total = len(Context.of(p, setups[p.clients.template]).rounds)
-    else:
-        total = sum(1 for _ in schedule(p, next(iter(setups.values())).splits))
     if insecure and not in_process:
         err.print("[bold yellow]warning:[/] --insecure: parties talk without TLS; anyone on the network can read "
                   "and impersonate them")
     with _bar(quiet) as bar:
-        task = bar.add_task(f"{p.name}: epoch 1/{p.train.epochs}", total=total)
+        task = bar.add_task(f"{p.name}: epoch 1/{p.train.epochs}", total=None)
+        last = {"loss": None}
 
-        def on_step(step) -> None:
-            what = "round" if p.clients is not None else step.mode
-            bar.update(task, advance=1, description=f"{p.name}: epoch {step.epoch + 1}/{p.train.epochs} {what}")
+        def on_step(pr) -> None:  # a Progress: after each step, or each round of a [clients] schedule
+            if pr.mode == "train" and pr.loss is not None:
+                last["loss"] = pr.loss
+            loss = "" if last["loss"] is None else f" train loss {last['loss']:.4f}"
+            what = pr.mode if pr.unit == "step" else "round"
+            bar.update(task, completed=pr.done, total=pr.total,
+                       description=f"{p.name}: epoch {pr.epoch + 1}/{pr.epochs} {what}{loss}")
 
         try:
-            if in_process and p.clients is not None:
-                from .api import train_clients
-
-                del setups
-                result = train_clients(p, out=out, progress=on_step)
-            elif in_process:
+            if in_process:
                 result = train_prepared(p, setups, shapes, out=out, on_step=on_step)
             else:
-                from .distributed import launch
+                from .run.processes import launch
 
                 del setups  # each party process builds its own
                 result = launch(plan, out, epochs=epochs, seed=seed, insecure=insecure, on_step=on_step, checked=p)
@@ -146,25 +142,26 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
           epochs: Optional[int] = typer.Option(None, min=1), seed: Optional[int] = typer.Option(None),
           insecure: bool = typer.Option(False, "--insecure", help="no TLS (explicit opt-in; a warning is printed)"),
           connect_timeout: float = typer.Option(60.0, help="seconds to reach every neighbour"),
-          step_timeout: float = typer.Option(120.0, min=0.001, help="seconds a step may take as a whole (however many "
-                                             "messages arrive meanwhile) before this party gives up"),
+          step_timeout: Optional[float] = typer.Option(None, min=0.001, help="seconds a step may take as a whole "
+                                                       "(however many messages arrive meanwhile) before this party "
+                                                       "gives up [default: 120; with clients: clients.timeout]"),
           max_message_mb: float = typer.Option(256.0, min=0.001, help="largest message (and decoded tensor) a peer may "
                                                "send, in MiB"),
           progress: bool = typer.Option(False, "--progress", hidden=True),
           quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Run one party of PLAN on this machine, talking to its neighbours over gRPC."""
-    from .distributed import run_one_party
-    from .messages import Limits
-    from .results import write_json
-    from .runner import RunError
+    from .run.processes import progress_line, run_one_party
+    from .wire.messages import Limits
+    from .run.results import write_json
+    from .run.session import RunError
 
     if certs is None and not insecure:
         _fail("give --certs DIR (made by 'splitlearn certs PLAN --out DIR'), or --insecure to run without TLS")
     if insecure:
         err.print("[bold yellow]warning:[/] --insecure: this party talks without TLS; peers are not authenticated")
 
-    def on_step(step) -> None:
-        print(f"step {step.id} {step.epoch} {step.mode}", flush=True)
+    def on_step(pr) -> None:
+        print(progress_line(pr), flush=True)
 
     try:
         report = run_one_party(plan, name, certs=None if insecure else certs, listen=listen, peers=_peers(peer),
@@ -187,15 +184,15 @@ def certs(plan: Path = typer.Argument(..., help="plan file (.toml)"),
           out: Path = typer.Option(..., help="folder for ca.pem and NAME.pem/NAME.key per party"),
           days: int = typer.Option(365, min=1, help="validity")) -> None:
     """Make a certificate authority and a key and certificate for every party of PLAN."""
-    from .transport.tls import make_certs
+    from .wire.transport.tls import make_certs
 
     try:
         p = load_plan(plan)
     except PlanError as e:
         _fail(str(e))
-    from .distributed import _physical
+    from .run.topology import Topology
 
-    names = _physical(p)  # with [clients]: every client and role
+    names = Topology.of(p).names  # with [clients]: every client and role
     make_certs(names, out, days=days)
     shown = ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
     console.print(f"wrote a CA and certificates for {shown} to {out}")
@@ -207,9 +204,9 @@ def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
             png: Optional[Path] = typer.Option(None, help="where to draw the topology (default: PLAN-topology.png)"),
             check: bool = typer.Option(True, help="also load the data and dry-run one sample through the plan")) -> None:
     """Print PLAN's parties, stages and wires, flag label wires, and draw its topology."""
-    from .graph import build_graph
-    from .runner import prepare
-    from .viz import describe, draw_topology
+    from .core.graph import build_graph
+    from .run.setup import prepare
+    from .tools.viz import describe, draw_topology
 
     try:
         p = load_plan(plan)
@@ -223,7 +220,7 @@ def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
     for wire, (dtype, shape) in shapes.items():
         console.print(f"  {wire}: {dtype} [batch, {', '.join(map(str, shape))}]", highlight=False, markup=False)
     if p.clients is not None:
-        from .federation import coordinator_of, federation_of
+        from .clients.roles import coordinator_of, federation_of
 
         c = p.clients
         console.print(f"clients: {c.count} x {c.template!r} ({c.template}-1 ... {c.template}-{c.count}), "
@@ -244,7 +241,7 @@ def predict(run_dir: Path = typer.Argument(..., help="the --out folder of a fini
     """Run a trained plan forward; predictions go to the party owning each head."""
     from .api import predict as do_predict
     from .data import DataError
-    from .runner import RunError
+    from .run.session import RunError
 
     spec = {"dataset": "csv", "path": str(data.resolve()), "id_column": id_column} if data else None
     try:
@@ -275,9 +272,9 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
     accuracy against leakage."""
     import shutil
 
-    from .audit import AuditError, audit_run, parse_sweep
-    from .audit import sweep as do_sweep
-    from .runner import RunError
+    from .tools.audit import AuditError, audit_run, parse_sweep
+    from .tools.audit import sweep as do_sweep
+    from .run.session import RunError
 
     def num(v) -> str:
         return "-" if v is None else f"{v:.3f}"
@@ -308,7 +305,7 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
         _fail(str(e), code=1)
 
     if sweep is not None:
-        from .audit.sweep import FIGURES
+        from .tools.audit.sweep import FIGURES
 
         keys = [k for k in FIGURES if any(r.get(k) is not None for r in result["rows"])]
         dp = any("delta" in r for r in result["rows"])
@@ -374,7 +371,7 @@ def cost(model: str = typer.Option("vgg16", help="vgg16 or resnet50 (CIFAR-style
          as_json: bool = typer.Option(False, "--json", help="print the full result as JSON")) -> None:
     """Predict per-client FLOPs and bytes of split learning, FedAvg and large-batch SGD from shapes
     alone, beside the seed's table, with every assumption stated."""
-    from .costmodel import compare, format_table
+    from .tools.costmodel import compare, format_table
 
     try:
         counts = [int(c) for c in clients.split(",") if c.strip()]
@@ -407,8 +404,8 @@ def compare_cmd(plan: Path = typer.Argument(..., help="a split plan (.toml): one
     """Train split learning and its baselines on the same model, data and partition; tabulate
     per-client TFLOPs, GB and accuracy beside the cost model's prediction, and draw the seed's
     two pictures (accuracy vs per-client computation, per-client bytes)."""
-    from .compare import METHODS, format_compare, run_compare
-    from .runner import RunError
+    from .tools.compare import METHODS, format_compare, run_compare
+    from .run.session import RunError
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in chosen if m not in METHODS]
@@ -441,7 +438,7 @@ def compare_cmd(plan: Path = typer.Argument(..., help="a split plan (.toml): one
 
 def main() -> None:  # pragma: no cover
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .distributed import tune_allocator
+    from .run.processes import tune_allocator
 
     tune_allocator()
     app()

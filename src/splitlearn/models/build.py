@@ -15,7 +15,7 @@ import zlib
 import torch
 from torch import nn
 
-from ..plan import Plan, PlanError
+from ..core.plan import Plan, PlanError
 from .zoo import ZOO
 
 __all__ = ["build_network", "build_segment", "network_seed"]

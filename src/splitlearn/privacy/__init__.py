@@ -1,4 +1,5 @@
-"""Privacy defenses for split learning: pure tensor-in, tensor-out functions the engine calls.
+"""Privacy defenses for split learning: pure tensor-in, tensor-out functions, and the registry
+(:mod:`.defenses`) through which the engine applies them per wire.
 
 - :mod:`.nopeek`: distance correlation (NoPeek loss term on the cut activations);
 - :mod:`.noise`: per-sample clipping + Gaussian noise on activations, and an RDP accountant;

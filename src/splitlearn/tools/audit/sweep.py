@@ -9,22 +9,33 @@ each leakage figure); each run and its audit stay in ``out/PARAM=VALUE/``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable
 
-from ..graph import Graph, Wire, build_graph
-from ..plan import Plan, PlanError, load_plan
+from ...core.graph import Graph, Wire, build_graph
+from ...core.plan import Plan, PlanError
+from ...core.load import load_plan
+from ...privacy import defenses
 from .run import AuditError, audit_run
 
 __all__ = ["PARAMS", "FIGURES", "sweep", "parse_sweep", "swept_wires", "plan_with"]
 
-PARAMS = {
-    "nopeek.alpha": "NoPeek weight: the sender adds alpha * dCor(raw inputs, activations) to its loss",
-    "noise.sigma": "Gaussian noise on the activations, std sigma * clip after per-sample clipping (clip 1.0 "
-                   "unless the plan sets it)",
-    "label_protection.strength": "Marvell-style noise the label holder adds to the gradients it returns "
-                                 "(the plan's kind, else marvell)",
-}
+class _Params(Mapping[str, str]):
+    """Sweep parameter -> description, read from the defense registry when asked (so a defense
+    registered later counts)."""
+
+    def __getitem__(self, param: str) -> str:
+        return defenses.sweep_params()[param][1].description
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(defenses.sweep_params())
+
+    def __len__(self) -> int:
+        return len(defenses.sweep_params())
+
+
+PARAMS: Mapping[str, str] = _Params()
 
 # leakage figures of a row: key -> (label, which wire entry it comes from, how to read it)
 FIGURES = {
@@ -67,25 +78,8 @@ def _values(param: str, raw: list[Any]) -> list[float]:
 
 
 def _eligible(graph: Graph, param: str) -> list[Wire]:
-    acts = [w for w in graph.wires if w.carries == "activation"]
-    if param == "nopeek.alpha":  # the sender compares the activations with its own raw inputs
-        return [w for w in acts if graph.raw_inputs(w.src)]
-    if param == "label_protection.strength":  # the receiver computes a loss from it (holds the labels)
-        return [w for w in acts if _receiver_has_loss(graph, w)]
-    return acts
-
-
-def _receiver_has_loss(graph: Graph, w: Wire) -> bool:
-    todo, seen = list(w.consumers), set()
-    while todo:
-        n = todo.pop()
-        if n in seen or graph.nodes[n].party != w.dst_party:
-            continue
-        seen.add(n)
-        if graph.nodes[n].kind == "loss":
-            return True
-        todo += [u.name for u in graph.nodes.values() if n in u.inputs]
-    return False
+    applies = defenses.sweep_params()[param][1].applies
+    return [w for w in graph.wires if applies(graph, w)]
 
 
 def swept_wires(graph: Graph, param: str, wire: str | None) -> list[Wire]:
@@ -111,18 +105,13 @@ def swept_wires(graph: Graph, param: str, wire: str | None) -> list[Wire]:
 def plan_with(plan: Plan, param: str, value: float, wires: list[Wire]) -> Plan:
     """A copy of ``plan`` with the swept setting at ``value`` on ``wires`` (keyed by source node)."""
     body = plan.model_dump(mode="json")
+    known = defenses.sweep_params()
+    if param not in known:
+        raise AuditError(f"unknown parameter {param!r}; known: {', '.join(known)}")
+    defense, setting = known[param]
     for w in wires:
         spec = dict(body["wires"].get(w.src) or {})
-        if param == "nopeek.alpha":
-            spec["nopeek"] = value
-        elif param == "noise.sigma":
-            clip = (spec.get("noise") or {}).get("clip", 1.0)
-            spec["noise"] = {**(spec.get("noise") or {}), "clip": clip, "sigma": value}
-        elif param == "label_protection.strength":
-            kind = (spec.get("label_protection") or {}).get("kind", "marvell")
-            spec["label_protection"] = {"kind": kind, "strength": value}
-        else:
-            raise AuditError(f"unknown parameter {param!r}; known: {', '.join(PARAMS)}")
+        spec[defense.key] = setting.value(spec.get(defense.key), value)
         body["wires"][w.src] = spec
     try:
         new = load_plan(body)
@@ -161,9 +150,9 @@ def sweep(plan_path: str | Path | Plan, param: str, values: list[float], out: st
     """Train ``plan_path`` once per value of ``param`` on the chosen wire(s), audit every run and
     tabulate test accuracy against the leakage figures of those wires (the worst over them when
     there are several). ``epochs``/``train_seed`` override the plan's training settings;
-    ``aux_fraction``, ``seed``, ``decoder_epochs`` go to :func:`~splitlearn.audit.audit_run`;
+    ``aux_fraction``, ``seed``, ``decoder_epochs`` go to :func:`~splitlearn.tools.audit.audit_run`;
     ``progress`` is told what is being done."""
-    from ..api import train
+    from ...api import train
     from .figures import sweep_plot
 
     if param not in PARAMS:
@@ -198,7 +187,7 @@ def sweep(plan_path: str | Path | Plan, param: str, values: list[float], out: st
         rows.append(row)
     summary = {"plan": base.name, "param": param, "description": PARAMS[param], "wires": [w.name for w in wires],
                "values": values, "epochs": epochs or base.train.epochs, "rows": rows}
-    from ..results import write_json
+    from ...run.results import write_json
 
     write_json(out / "sweep.json", summary)
     note = ("" if len(wires) == 1 else

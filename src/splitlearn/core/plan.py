@@ -5,7 +5,7 @@ A plan is written in TOML (see ``examples/``) or built in Python with the same f
     plan = Plan.model_validate({"name": "vanilla", "parties": {...}, ...})
 
 Structural checks that need the whole graph (cycles, dangling inputs, label wires) live in
-:mod:`splitlearn.graph`; this module checks each entry on its own.
+:mod:`splitlearn.core.graph`; this module checks each entry on its own.
 """
 
 from __future__ import annotations
@@ -15,16 +15,17 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Plan", "PlanError", "ClientsSpec", "load_plan", "plan_hash"]
+__all__ = ["Plan", "PlanError", "ClientsSpec", "parse_plan", "plan_hash"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -146,8 +147,16 @@ class LossSpec(_Strict):
 
     input: str
     target: str
-    kind: Literal["cross_entropy", "bce", "mse"] = "cross_entropy"
+    kind: str = "cross_entropy"  # a registered loss kind (splitlearn.core.losses)
     weight: float = Field(1.0, gt=0.0)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        from .losses import get
+
+        get(v)  # raises ValueError naming the known kinds
+        return v
 
 
 class NoiseSpec(_Strict):
@@ -166,7 +175,12 @@ class LabelProtectionSpec(_Strict):
 
 
 class WireSpec(_Strict):
-    """Per-wire settings; the wire is named by its source node (segment or ``party.field``)."""
+    """Per-wire settings; the wire is named by its source node (segment or ``party.field``).
+
+    Besides the built-in defenses below, a key may name any defense registered in
+    :mod:`splitlearn.privacy.defenses` when the plan is validated: its setting is kept in
+    ``extra_defenses`` and written back under its own key.
+    """
 
     codec: str = "float32"  # forward
     grad_codec: str = "float32"  # backward
@@ -176,11 +190,44 @@ class WireSpec(_Strict):
     randomized_response: float | None = Field(None, gt=0.0)  # label wires: epsilon of label DP (training only)
     allow_nonfinite: bool = False  # receivers refuse NaN and infinite values unless this is set
     max_abs: float = Field(1e6, gt=0.0)  # receivers refuse activations and gradients larger in magnitude (inf: none)
+    extra_defenses: dict[str, Any] = Field(default_factory=dict)  # registered defenses that are no field: key -> setting
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registered(cls, data: Any) -> Any:
+        """Keys naming a registered defense that is no field move into ``extra_defenses``."""
+        if not isinstance(data, dict):
+            return data
+        from ..privacy.defenses import DEFENSES
+
+        extra = {k: v for k, v in data.items() if k not in cls.model_fields and k in DEFENSES}
+        if not extra:
+            return data
+        body = {k: v for k, v in data.items() if k not in extra}
+        body["extra_defenses"] = {**(body.get("extra_defenses") or {}), **extra}
+        return body
+
+    @field_validator("extra_defenses")
+    @classmethod
+    def _known(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from ..privacy.defenses import DEFENSES
+
+        for key in v:
+            if key in cls.model_fields or key not in DEFENSES:
+                raise ValueError(f"{key!r} is no registered defense (registered: {sorted(DEFENSES)})")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: Callable[["WireSpec"], dict[str, Any]]) -> dict[str, Any]:
+        """Registered defenses are written under their own keys, as a plan gives them."""
+        data = handler(self)
+        extra = data.pop("extra_defenses", None) or {}
+        return {**data, **extra}
 
     @field_validator("codec", "grad_codec")
     @classmethod
     def _codec(cls, v: str) -> str:
-        from .codec import get_codec
+        from ..wire.codec import get_codec
 
         get_codec(v)  # raises ValueError naming the known codecs
         return v
@@ -207,7 +254,7 @@ class ClientsSpec(_Strict):
     """Horizontal clients: ``count`` copies of the plan party ``template`` (named ``template-1``,
     ``template-2``, ...), each holding its own share of the training rows.
 
-    Schedules (see :mod:`splitlearn.schedule`): ``sequential`` (one client at a time; its
+    Schedules (see :mod:`splitlearn.clients.schedule`): ``sequential`` (one client at a time; its
     weights go to the next one, ``handoff`` peer-to-peer or through the coordinator),
     ``splitfed_v1`` / ``splitfed_v2`` (every client trains each round; client halves averaged by
     the ``federation`` role; v1 keeps a server copy per client, averaged too, v2 one shared
@@ -330,13 +377,10 @@ def from_validation_error(err: ValidationError, file: str | Path | None = None) 
     return PlanError(msg, entry=entry, hint=hint, file=file)
 
 
-def load_plan(source: str | Path | dict[str, Any] | Plan) -> Plan:
-    """Read and validate a plan from a TOML file, a dict or an existing :class:`Plan`.
-
-    Raises :class:`PlanError` naming the file and entry on any problem; the graph is checked
-    too (``graph.build_graph``) so a returned plan is structurally sound.
-    """
-    from .graph import build_graph  # the graph checks need the validated plan
+def parse_plan(source: str | Path | dict[str, Any] | Plan) -> Plan:
+    """Read and validate a plan from a TOML file, a dict or an existing :class:`Plan`, entry by
+    entry (:func:`splitlearn.core.load.load_plan` checks its graph too). Raises :class:`PlanError`
+    naming the file and entry on any problem."""
 
     file: Path | None = None
     if isinstance(source, Plan):
@@ -357,10 +401,6 @@ def load_plan(source: str | Path | dict[str, Any] | Plan) -> Plan:
             plan = Plan.model_validate(data)
         except ValidationError as e:
             raise from_validation_error(e, file) from None
-    try:
-        build_graph(plan)
-    except PlanError as e:
-        raise e.in_file(file) from None
     if file is not None:
         plan._source = file
     return plan

@@ -15,7 +15,7 @@ direction, with sample ids (the first and the last 4096 rows of the run). The at
   response lowers it).
 
 The ground truth used to score the attacks (raw inputs, labels) is read from each party's data
-by sample id, as :func:`splitlearn.runner.setup_party` loads it.
+by sample id, as :func:`splitlearn.run.session.setup_party` loads it.
 """
 
 from __future__ import annotations
@@ -23,16 +23,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..graph import Graph, Node, Wire, build_graph
-from ..plan import Plan, PlanError, WireSpec, load_plan
-from ..results import non_finite
+from ...core.graph import Graph, Node, Wire, build_graph
+from ...core.plan import Plan, PlanError, WireSpec
+from ...core.load import load_plan
+from ...run.results import non_finite
 from . import measures
 
 __all__ = ["AuditError", "audit_run", "wire_slug", "loss_sources", "image_shape", "RunFolder"]
@@ -101,6 +102,7 @@ class RunFolder:
     graph: Graph
     result: dict[str, Any]
     observed: dict[str, dict[str, torch.Tensor]]  # party -> key -> tensor
+    per_client: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)  # [clients]: client -> observed
     _setups: dict[str, Any] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict)
 
@@ -121,7 +123,9 @@ class RunFolder:
         result_file = folder / "result.json"
         result = json.loads(result_file.read_text()) if result_file.is_file() else {}
         observed = {}
-        for party in plan.parties:
+        spec = plan.clients
+        folders = list(plan.parties) if spec is None else [p for p in plan.parties if p != spec.template] + spec.names()
+        for party in folders:
             f = folder / "parties" / party / "observed.safetensors"
             if f.is_file():
                 observed[party] = load_file(str(f))
@@ -139,10 +143,18 @@ class RunFolder:
         if not observed:
             raise AuditError(f"{folder}: no party left an observed.safetensors (what it received during training); "
                              "train with out=... (or 'splitlearn run --out') to record it")
-        return cls(folder, plan, build_graph(plan), result, observed)
+        per_client = {}
+        if spec is not None:  # a fixed party keeps what each client sent it under the client's name
+            fixed = [p for p in plan.parties if p != spec.template]
+            for c in spec.names():
+                per_client[c] = {p: {k[len(c) + 1:]: v for k, v in observed.get(p, {}).items() if k.startswith(f"{c}/")}
+                                 for p in fixed}
+                per_client[c][spec.template] = observed.get(c, {})
+            observed = _merged(per_client.values())
+        return cls(folder, plan, build_graph(plan), result, observed, per_client)
 
     def setup(self, party: str):
-        from ..runner import setup_party
+        from ...run.setup import setup_party
 
         if party not in self._setups:
             self._setups[party] = setup_party(self.plan, party, self._cache)
@@ -166,10 +178,20 @@ class RunFolder:
         return obs[f"{key}|ids"], obs[f"{key}|values"]
 
 
+def _merged(views) -> dict[str, dict[str, torch.Tensor]]:
+    """What every client's view holds, party by party (rows concatenated)."""
+    out: dict[str, dict[str, list]] = {}
+    for view in views:
+        for party, tensors in view.items():
+            for k, v in tensors.items():
+                out.setdefault(party, {}).setdefault(k, []).append(v)
+    return {p: {k: torch.cat(vs) for k, vs in kv.items()} for p, kv in out.items()}
+
+
 def _defenses(w: Wire) -> dict[str, Any]:
     """The wire's settings that differ from the defaults (nested settings in full)."""
     default = WireSpec().model_dump(mode="json")
-    return {k: v for k, v in w.spec.model_dump(mode="json").items() if v != default[k]}
+    return {k: v for k, v in w.spec.model_dump(mode="json").items() if v != default.get(k)}
 
 
 def _activation_wire(run: RunFolder, w: Wire, *, aux_fraction: float, seed: int, epochs: int, max_rows: int,
@@ -272,7 +294,7 @@ def audit_run(run_dir: str | Path, aux_fraction: float = 0.1, seed: int = 0, epo
         raise AuditError(f"the decoder needs at least one epoch, got {epochs}")
     run = RunFolder.open(run_dir)
     audit = _audit(run, aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows)
-    from ..results import write_json
+    from ...run.results import write_json
 
     write_json(run.folder / "audit" / "audit.json", audit)
     return audit
@@ -280,16 +302,23 @@ def audit_run(run_dir: str | Path, aux_fraction: float = 0.1, seed: int = 0, epo
 
 def _audit(run: RunFolder, *, aux_fraction: float, seed: int, epochs: int, max_rows: int) -> dict[str, Any]:
     out_dir = run.folder / "audit"
+    out = {"run": str(run.folder), "plan": run.plan.name,
+           "test_accuracy": run.result.get("metrics", {}).get("test_accuracy"),
+           "settings": {"aux_fraction": aux_fraction, "seed": seed, "decoder_epochs": epochs, "dcor_rows": max_rows},
+           "wires": _wires(run, out_dir, aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows)}
+    if run.per_client:  # and what each client's own traffic gives away
+        out["clients"] = {c: {"wires": _wires(replace(run, observed=view, per_client={}), out_dir / c,
+                                               aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows)}
+                          for c, view in run.per_client.items() if any(view.values())}
+    return out
+
+
+def _wires(run: RunFolder, out_dir: Path, **kw: Any) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     wires = {}
     for w in run.graph.wires:
         if w.carries == "activation":
-            wires[w.name] = _activation_wire(run, w, aux_fraction=aux_fraction, seed=seed, epochs=epochs,
-                                             max_rows=max_rows, out_dir=out_dir)
+            wires[w.name] = _activation_wire(run, w, out_dir=out_dir, **kw)
         else:
             wires[w.name] = _label_wire(run, w)
-    return {"run": str(run.folder), "plan": run.plan.name,
-            "test_accuracy": run.result.get("metrics", {}).get("test_accuracy"),
-            "settings": {"aux_fraction": aux_fraction, "seed": seed, "decoder_epochs": epochs,
-                          "dcor_rows": max_rows},
-            "wires": wires}
+    return wires

@@ -3,7 +3,7 @@
 A plan with a ``[clients]`` section has ``count`` clients that all play its ``template`` party,
 each on its own share of the training rows (:func:`client_shares`). :func:`rounds` lists, for
 every round, the *turns*: one client running a list of steps against the plan's other parties
-(the same steps :func:`splitlearn.runner.schedule` yields for a single client), and what
+(the same steps :func:`splitlearn.run.session.schedule` yields for a single client), and what
 happens to the client weights around them:
 
 =============== ====================================================================
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import batches, partition
-from .plan import ClientsSpec, Plan
+from ..data import batches, partition
+from ..core.plan import ClientsSpec, Plan
 
-__all__ = ["Turn", "Round", "client_shares", "rounds", "averaging"]
+__all__ = ["Turn", "Round", "client_shares", "rounds", "epoch_rounds", "averaging_rounds", "averaging"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,10 @@ class Round:
 
 
 def averaging(spec: ClientsSpec) -> bool:
-    return spec.schedule in ("splitfed_v1", "splitfed_v2", "fedavg")
+    """Whether the plan's schedule averages client weights (its strategy says so)."""
+    from .strategies import strategy_of
+
+    return strategy_of(spec).averages
 
 
 def client_shares(plan: Plan, train_rows: np.ndarray, labels: np.ndarray | None) -> list[np.ndarray]:
@@ -70,7 +73,7 @@ def client_shares(plan: Plan, train_rows: np.ndarray, labels: np.ndarray | None)
     assert spec is not None
     alpha = spec.partition.alpha if spec.partition.kind == "dirichlet" else None
     if alpha is not None and labels is None:
-        from .plan import PlanError
+        from ..core.plan import PlanError
 
         raise PlanError(f"a dirichlet partition needs class labels: {spec.template!r} holds no target of a "
                         "classification loss", entry="clients.partition", hint='use partition = "iid"')
@@ -81,40 +84,63 @@ def client_shares(plan: Plan, train_rows: np.ndarray, labels: np.ndarray | None)
 
 def _steps(rows: list[np.ndarray], mode: str, epoch: int) -> tuple:
     """A turn's steps, numbered from 0: a turn is a session of its own (its hello names the turn)."""
-    from .runner import Step
+    from ..run.setup import Step
 
     return tuple(Step(i, mode, epoch, torch.from_numpy(np.asarray(b))) for i, b in enumerate(rows))
 
 
 def rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[Round]:
     """Every round of the plan's schedule (the same at every party); turns are numbered globally."""
+    from .strategies import strategy_of
+
+    return strategy_of(plan.clients).rounds(plan, shares, test_rows)
+
+
+class _Batches:
+    """The batches and evaluation turns every schedule draws from, numbered alike at every party."""
+
+    def __init__(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray):
+        self.plan, self.shares, self.test_rows = plan, shares, test_rows
+        self.turn_ids = iter(range(1 << 62))
+
+    def of(self, k: int, pass_: int) -> list[np.ndarray]:
+        # client 0 draws exactly the batches of a plan without clients (run.setup.schedule)
+        t = self.plan.train
+        return [self.shares[k][b] for b in batches(len(self.shares[k]), t.batch_size, t.seed + 7919 * k, pass_)]
+
+    def turn(self, r: int, mode: str, client: int | None, rows: list[np.ndarray], epoch: int) -> Turn:
+        return Turn(next(self.turn_ids), r, mode, client, _steps(rows, mode, epoch))
+
+    def evals(self, r: int, epoch: int, clients: list[int | None]) -> tuple[Turn, ...]:
+        t = self.plan.train
+        test = [self.test_rows[b] for b in batches(len(self.test_rows), t.eval_batch_size, t.seed, epoch, shuffle=False)]
+        return tuple(self.turn(r, "eval", c, test, epoch) for c in clients)
+
+
+def epoch_rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray, *,
+                 evaluate_each: bool) -> list[Round]:
+    """One round per epoch, every client in order over its rows; then one evaluation turn (its
+    client picked by the coordinator), or one per client with ``evaluate_each``."""
+    b, n = _Batches(plan, shares, test_rows), plan.clients.count
+    out = []
+    for epoch in range(plan.train.epochs):
+        order = list(range(n))
+        train = tuple(b.turn(epoch, "train", k, b.of(k, epoch), epoch) for k in order)
+        who: list[int | None] = list(range(n)) if evaluate_each else [None]
+        out.append(Round(epoch, epoch, tuple(order), train, b.evals(epoch, epoch, who),
+                         samples={k: len(shares[k]) for k in order}))
+    return out
+
+
+def averaging_rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[Round]:
+    """Rounds of ``local_epochs`` passes (or ``local_steps`` batches) per drawn client (a
+    ``fraction`` of them), each followed by averaging; evaluation after each epoch's last round."""
     spec, t = plan.clients, plan.train
-    assert spec is not None
-    turn_ids = iter(range(1 << 62))
     n = spec.count
     rng = np.random.default_rng([t.seed, 7])
-
-    def batches_of(k: int, pass_: int) -> list[np.ndarray]:
-        # client 0 draws exactly the batches of a plan without clients (runner.schedule)
-        return [shares[k][b] for b in batches(len(shares[k]), t.batch_size, t.seed + 7919 * k, pass_)]
-
-    def evals(r: int, epoch: int, clients: list[int | None]) -> tuple[Turn, ...]:
-        test = [test_rows[b] for b in batches(len(test_rows), t.eval_batch_size, t.seed, epoch, shuffle=False)]
-        return tuple(Turn(next(turn_ids), r, "eval", c, _steps(test, "eval", epoch)) for c in clients)
-
-    out: list[Round] = []
-    if not averaging(spec):  # sequential, independent: one round per epoch, every client in order
-        for epoch in range(t.epochs):
-            order = list(range(n))
-            train = tuple(Turn(next(turn_ids), epoch, "train", k, _steps(batches_of(k, epoch), "train", epoch))
-                          for k in order)
-            who: list[int | None] = list(range(n)) if spec.schedule == "independent" else [None]
-            out.append(Round(epoch, epoch, tuple(order), train, evals(epoch, epoch, who),
-                             samples={k: len(shares[k]) for k in order}))
-        return out
-    # averaging schedules: a round is local_epochs passes, or local_steps batches, per drawn client
+    b = _Batches(plan, shares, test_rows)
     if spec.local_steps is None and t.epochs % spec.local_epochs:
-        from .plan import PlanError
+        from ..core.plan import PlanError
 
         raise PlanError(f"clients.local_epochs ({spec.local_epochs}) must divide train.epochs ({t.epochs})",
                         entry="clients.local_epochs", hint="a round is local_epochs passes over each client's rows")
@@ -125,6 +151,7 @@ def rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[
         per_epoch = max(1, math.ceil(per_pass / spec.local_steps))
         total = t.epochs * per_epoch
     cursor = [0] * n  # batches each client has consumed (its stream of passes)
+    out: list[Round] = []
     for r in range(total):
         drawn = max(1, round(spec.fraction * n))
         clients = sorted(rng.choice(n, size=drawn, replace=False).tolist()) if drawn < n else list(range(n))
@@ -134,17 +161,17 @@ def rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[
         for k in clients:
             if spec.local_steps is None:
                 first = cursor[k] // max(1, math.ceil(len(shares[k]) / t.batch_size))
-                rows = [b for p in range(first, first + spec.local_epochs) for b in batches_of(k, p)]
+                rows = [x for p in range(first, first + spec.local_epochs) for x in b.of(k, p)]
             else:
                 rows = []
                 for _ in range(spec.local_steps):
                     nb = math.ceil(len(shares[k]) / t.batch_size)
                     p, i = divmod(cursor[k] + len(rows), nb)
-                    rows.append(batches_of(k, p)[i])
+                    rows.append(b.of(k, p)[i])
             cursor[k] += len(rows)
-            samples[k] = sum(len(b) for b in rows)
-            train.append(Turn(next(turn_ids), r, "train", k, _steps(rows, "train", epoch)))
+            samples[k] = sum(len(x) for x in rows)
+            train.append(b.turn(r, "train", k, rows, epoch))
         last_of_epoch = (r + 1) % per_epoch == 0 or r == total - 1
-        out.append(Round(r, epoch, tuple(clients), tuple(train), evals(r, epoch, [None]) if last_of_epoch else (),
+        out.append(Round(r, epoch, tuple(clients), tuple(train), b.evals(r, epoch, [None]) if last_of_epoch else (),
                          True, samples))
     return out

@@ -7,7 +7,7 @@
 - :func:`sweep` trains a plan at several strengths of one defense, audits each run and
   tabulates accuracy against leakage.
 
-The attacks themselves are pure functions of tensors in :mod:`splitlearn.audit.measures`; the
+The attacks themselves are pure functions of tensors in :mod:`splitlearn.tools.audit.measures`; the
 defenses and the attack AUCs come from :mod:`splitlearn.privacy`.
 """
 

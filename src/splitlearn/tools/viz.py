@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from .graph import Graph, Node, Wire
+from ..core.graph import Graph, Node, Wire
 
 __all__ = ["draw_topology", "describe"]
 

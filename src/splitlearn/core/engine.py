@@ -1,4 +1,4 @@
-"""One party's side of a step: the stage protocol of DESIGN.md, over a :class:`~splitlearn.link.Link`.
+"""One party's side of a step: the stage protocol of DESIGN.md, over a :class:`~splitlearn.wire.link.Link`.
 
 Pure logic: no sockets and no files. The same code runs in an in-process simulation and in a
 party process on another machine; only the transport under the link differs.
@@ -29,43 +29,24 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .codec import Codec, WireError, check_values, decoded_bytes, dtype_name, get_codec
+from ..wire.codec import Codec, WireError, check_values, decoded_bytes, dtype_name, get_codec
 from .graph import Graph, Node, Stage, Wire
-from .link import Link
-from .messages import Kind, Message, quote
+from ..wire.link import Link
+from ..wire.messages import Kind, Message, quote
+from .losses import get as loss_kind
 from .plan import PlanError
-from .transport.base import TransportTimeout
+from ..privacy import defenses
+from ..wire.transport.base import TransportTimeout
 
-__all__ = ["Party", "StepOutput", "StepState", "PartyError", "Mode", "dry_run", "merge_inputs", "LOSSES"]
+__all__ = ["Party", "StepOutput", "StepState", "PartyError", "Mode", "dry_run", "merge_inputs"]
 
 Mode = Literal["train", "eval", "predict", "handshake"]
 
 
 class PartyError(RuntimeError):
     """A party cannot go on (a peer stopped, a timeout, a refused message of ours)."""
-
-
-def _bce(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(out.reshape(target.shape), target.float())
-
-
-def _mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(out.reshape(target.shape), target.float())
-
-
-LOSSES = {"cross_entropy": F.cross_entropy, "bce": _bce, "mse": _mse}
-
-
-def correct(kind: str, out: torch.Tensor, target: torch.Tensor) -> int:
-    """Correct predictions in a batch (classification losses only)."""
-    if kind == "cross_entropy":
-        return int((out.argmax(-1) == target).sum())
-    if kind == "bce":
-        return int(((out.reshape(target.shape) > 0).long() == target.long()).sum())
-    raise ValueError(f"no accuracy for loss kind {kind!r}")
 
 
 def merge_inputs(how: str, module: nn.Module, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -205,13 +186,14 @@ class Party:
                 st.out.predictions[node.name] = out.detach()
                 return
             target = st.values[node.inputs[1]]
+            kind = loss_kind(spec.kind)
             if st.mode == "handshake":
-                _checked(self.graph, node, [out, target], lambda: LOSSES[spec.kind](out, target))
-                if spec.kind == "cross_entropy" and not target.is_floating_point():
+                _checked(self.graph, node, [out, target], lambda: kind.fn(out, target))
+                if kind.indexes_classes and not target.is_floating_point():
                     self.classes[node.inputs[1]] = out.shape[-1]
                     self._check_local_labels(node, out.shape[-1])
                 return
-            loss = self.meter.compute((node.name, batch), "forward", lambda: LOSSES[spec.kind](out, target))
+            loss = self.meter.compute((node.name, batch), "forward", lambda: kind.fn(out, target))
             st.losses[node.name] = loss
             st.out.losses[node.name] = float(loss.detach())
             if st.mode == "eval":
@@ -225,46 +207,36 @@ class Party:
         """Labels this party holds must be classes of the head (else the loss fails mid-run)."""
         check_labels(node, self.data.get(node.inputs[1]), classes)
 
-    # -- defenses (configured per wire; see splitlearn.privacy) -----------------------------
+    # -- defenses (configured per wire; see splitlearn.privacy.defenses) ---------------------
 
-    def _rng(self, step: int, wire: Wire, salt: int) -> torch.Generator:
+    def noise_generator(self, step: int, wire: Wire, salt: int | str) -> torch.Generator:
         """Defense noise: from this party's secret (never from the plan, which every party holds:
         a receiver could regenerate and subtract it), the step and the wire."""
         key = f"{self.noise_secret}/{step}/{wire.name}/{salt}".encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
     def _defend_forward(self, w: Wire, st: "StepState") -> torch.Tensor:
-        """What the sender puts on a wire: NoPeek adds a loss term; noise and randomized response change it."""
-        value, spec = st.values[w.src], w.spec
+        """What the sender puts on a wire: each defense's extra loss term, from the undefended
+        value, then each defense's change of it (never in the handshake)."""
+        value = st.values[w.src]
         if st.mode == "handshake":
             return value
-        if spec.nopeek and st.mode == "train":
-            from .privacy.nopeek import distance_correlation
-
-            raw = torch.cat([st.values[n].reshape(len(value), -1).float() for n in self.raw_inputs[w.src]], dim=1)
-            st.extra.setdefault(self.stage_of[w.src], []).append(spec.nopeek * distance_correlation(raw, value))
-        if spec.noise is not None:
-            from .privacy.noise import clip_and_noise
-
-            value = clip_and_noise(value, spec.noise.clip, spec.noise.sigma, self._rng(st.step, w, 1))
-        if spec.randomized_response is not None and st.mode == "train":
-            from .privacy.labels import randomized_response
-
-            classes = self.num_classes[w.src]
-            value = randomized_response(value, spec.randomized_response, classes, self._rng(st.step, w, 2))
+        acting = [(d, defenses.WireContext(self, w, st, config)) for d, config in defenses.active(w.spec)
+                  if st.mode in d.modes]
+        for d, ctx in acting:
+            term = d.extra_loss(ctx, value)
+            if term is not None:
+                st.extra.setdefault(self.stage_of[w.src], []).append(term)
+        for d, ctx in acting:
+            value = d.on_send(ctx, value)
         return value
 
     def _defend_backward(self, w: Wire, s: Stage, st: "StepState", grad: torch.Tensor) -> torch.Tensor:
-        """What the label holder returns on a wire: the gradient, protected if the plan says so."""
-        lp = w.spec.label_protection
-        if lp is None or st.mode != "train":
-            return grad
-        from .privacy import labels as protect
-
-        if lp.kind == "max_norm":
-            return protect.max_norm(grad, self._rng(st.step, w, 3))
-        target = st.values[self.nodes[s.losses[0]].inputs[1]]
-        return protect.marvell(grad, target, lp.strength, self._rng(st.step, w, 3))
+        """What the receiver returns on a wire: the gradient, changed by each of the wire's defenses."""
+        for d, config in defenses.active(w.spec):
+            if st.mode in d.modes:
+                grad = d.on_gradient(defenses.WireContext(self, w, st, config, s), grad)
+        return grad
 
     def _stage_ready(self, s: Stage, st: "StepState") -> bool:
         return (not any(n in st.todo for n in s.nodes)
@@ -395,10 +367,14 @@ class Party:
             if lo < 0 or hi >= classes:
                 raise WireError(f"{what} holds label {lo if lo < 0 else hi}, outside the head's {classes} classes "
                                 f"(0..{classes - 1})")
-        elif any(self.graph.plan.losses[n.name].kind == "bce" for n in self.graph.losses()
-                 if n.party == self.name and n.inputs[1] == wire.src):
-            if float(t.min()) < 0 or float(t.max()) > 1:
-                raise WireError(f"{what} holds a value outside [0, 1], which a bce loss cannot take")
+            return
+        for n in self.graph.losses():
+            kind = loss_kind(self.graph.plan.losses[n.name].kind)
+            if n.party == self.name and n.inputs[1] == wire.src and kind.target_range is not None:
+                lo, hi = kind.target_range
+                if float(t.min()) < lo or float(t.max()) > hi:
+                    raise WireError(f"{what} holds a value outside [{lo:g}, {hi:g}], which a {kind.name} loss "
+                                    "cannot take")
 
     def raise_if_stopped(self, msg: Message) -> None:
         """An ERROR, or a STOP other than "done": the sender gave up, and so does this party."""
@@ -568,8 +544,9 @@ def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch
                 values[n] = _checked(graph, node, xs, lambda: merge_inputs(spec.merge, modules[n], xs))
             elif node.inputs[1] in values:
                 out, target = values[node.inputs[0]], values[node.inputs[1]]
-                _checked(graph, node, [out, target], lambda: LOSSES[graph.plan.losses[n].kind](out, target))
-                if graph.plan.losses[n].kind == "cross_entropy" and labels:
+                kind = loss_kind(graph.plan.losses[n].kind)
+                _checked(graph, node, [out, target], lambda: kind.fn(out, target))
+                if kind.indexes_classes and labels:
                     check_labels(node, labels.get(node.inputs[1]), out.shape[-1])
     return {w.name: (dtype_name(values[w.src].dtype), tuple(values[w.src].shape[1:])) for w in graph.wires
             if w.src in values}

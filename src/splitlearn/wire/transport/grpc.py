@@ -2,7 +2,7 @@
 of parties, mutually authenticated with TLS.
 
 Raw bytes go over the stream (no (de)serialiser here): they are serialised ``Envelope``\\ s,
-parsed and checked above, in :class:`splitlearn.link.Link`. Who sent a buffer:
+parsed and checked above, in :class:`splitlearn.wire.link.Link`. Who sent a buffer:
 
 * the listening side takes the peer's name from the CN of its client certificate, which must
   be signed by the CA (``require_client_auth``); names not in ``accept``, or already connected,
@@ -36,7 +36,7 @@ from .tls import Credentials
 
 __all__ = ["METHOD", "PARTY_HEADER", "GrpcTransport"]
 
-log = logging.getLogger("splitlearn.transport.grpc")
+log = logging.getLogger("splitlearn.wire.transport.grpc")
 
 SERVICE = "splitlearn.v1.SplitLearning"
 METHOD = f"/{SERVICE}/Connect"

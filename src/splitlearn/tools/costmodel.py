@@ -244,7 +244,7 @@ def seed_table() -> dict[str, Any]:
 
 
 def _zoo() -> dict[str, Callable[..., nn.Sequential]]:
-    from .models.cifar import resnet50, vgg16
+    from ..models.cifar import resnet50, vgg16
     return {"vgg16": vgg16, "resnet50": resnet50}
 
 

@@ -3,7 +3,7 @@
 A transport knows who it is (``party``), sends a buffer to a party, and receives the next
 buffer addressed to it together with the *authenticated* name of the party that sent it
 (the in-process hub knows the caller; gRPC takes it from the peer's TLS certificate).
-Message parsing, checks and accounting live above it, in :class:`splitlearn.link.Link`.
+Message parsing, checks and accounting live above it, in :class:`splitlearn.wire.link.Link`.
 """
 
 from __future__ import annotations

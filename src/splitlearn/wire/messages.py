@@ -3,7 +3,7 @@
 Transports move ``bytes``; :func:`encode` and :func:`decode` turn them into :class:`Message`
 and back. :func:`decode` never executes anything it reads: a malformed buffer, an unknown
 kind, a dtype outside the allow-list or a byte count that does not match the shape raises
-:class:`~splitlearn.codec.WireError`.
+:class:`~splitlearn.wire.codec.WireError`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from .codec import DTYPES, MAX_ELEMENTS, Encoded, WireError, decoded_bytes
 from .proto import splitlearn_pb2 as pb
 
 __all__ = ["Kind", "Message", "Limits", "encode", "decode", "kind_of", "parse_json", "quote", "PROTOCOL_VERSION",
-           "MAX_MESSAGE_BYTES"]
+           "MAX_MESSAGE_BYTES", "hello", "read_hello", "command", "read_command", "Command", "ack", "read_ack",
+           "weights", "read_weights"]
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -169,3 +170,93 @@ def decode(data: bytes, limits: Limits = Limits()) -> Message:
             raise WireError(problem, wire=wire, step=env.step)
         tensors[t.name] = Encoded(t.codec, t.dtype, tuple(t.shape), t.data, dict(t.extra))
     return Message(kind, env.sender, env.receiver, env.step, wire, tensors, env.text)
+
+
+# -- what the run layer says: the hello, the schedule's commands and acknowledgements, weights ----
+
+def hello(sender: str, receiver: str, plan_hash: str, ids_hash: str) -> Message:
+    """The first message of a session: what both sides must agree on."""
+    return Message(Kind.HELLO, sender, receiver, text=json.dumps(
+        {"protocol": PROTOCOL_VERSION, "plan_hash": plan_hash, "ids_hash": ids_hash}))
+
+
+def read_hello(msg: Message, limits: Limits = Limits()) -> dict[str, Any]:
+    """The fields of a peer's hello (protocol, plan_hash, ids_hash). Raises WireError."""
+    body = parse_json(msg.text, limits)
+    if not isinstance(body, dict):
+        raise WireError("its hello is not a JSON object")
+    return body
+
+
+@dataclass(frozen=True)
+class Command:
+    """A coordinator's command: what to do (``do``), its request id, its deadline (``time.time()``)
+    and its arguments."""
+
+    do: str
+    request: int
+    deadline: float
+    args: dict[str, Any]
+
+
+def command(sender: str, receiver: str, do: str, request: int, deadline: float, **args: Any) -> Message:
+    return Message(Kind.STEP, sender, receiver, text=json.dumps({**args, "do": do, "request": request,
+                                                                   "deadline": deadline}))
+
+
+def read_command(msg: Message, limits: Limits = Limits()) -> Command:
+    """A command from its message, its fields checked. Raises WireError."""
+    body = parse_json(msg.text or "{}", limits)
+    if not isinstance(body, dict) or not isinstance(body.get("do"), str) or type(body.get("request")) is not int:
+        raise WireError("a command that is not JSON with 'do' and 'request'")
+    deadline = body.pop("deadline", math.inf)
+    if type(deadline) not in (int, float) or deadline != deadline:
+        raise WireError(f"a {quote(body['do'])} command whose deadline is not a number")
+    return Command(body.pop("do"), body.pop("request"), float(deadline), body)
+
+
+def ack(sender: str, receiver: str, request: int, **info: Any) -> Message:
+    """The answer to command ``request``."""
+    return Message(Kind.ACK, sender, receiver, text=json.dumps({"request": request, **info}))
+
+
+def read_ack(msg: Message, limits: Limits = Limits()) -> tuple[int | None, dict[str, Any]]:
+    """(request, info) of an acknowledgement; (None, {}) for one that is not well formed."""
+    try:
+        body = parse_json(msg.text or "{}", limits)
+    except WireError:
+        return None, {}
+    if not isinstance(body, dict):
+        return None, {}
+    request = body.pop("request", None)
+    return (request if type(request) is int else None), body
+
+
+def weights(sender: str, receiver: str, state: dict[str, Any], request: int) -> Message:
+    """Model weights (name -> tensor) as raw tensors, answering ``request``."""
+    from .codec import get_codec
+
+    raw = get_codec("raw")
+    return Message(Kind.WEIGHTS, sender, receiver, request, "weights",
+                   tensors={k: raw.encode(v.detach()) for k, v in state.items()})
+
+
+def read_weights(msg: Message, like: dict[str, Any]) -> dict[str, Any]:
+    """The tensors of a WEIGHTS message, checked name by name against ``like`` (our own state):
+    the same names, dtypes and shapes, and no NaN or infinity (one would spread through averaging)."""
+    from .codec import check_values, get_codec
+
+    if set(msg.tensors) != set(like):
+        missing, extra = sorted(set(like) - set(msg.tensors)), sorted(set(msg.tensors) - set(like))
+        raise WireError(f"weights from {quote(msg.sender)} do not fit: missing {missing[:3]}, unexpected "
+                        f"{[quote(k) for k in extra[:3]]}", wire="weights")
+    raw, out = get_codec("raw"), {}
+    for k, enc in msg.tensors.items():
+        ref = like[k]
+        want = str(ref.dtype).removeprefix("torch.")
+        if tuple(enc.shape) != tuple(ref.shape) or enc.dtype != want:
+            raise WireError(f"weight {k!r} from {quote(msg.sender)} is {enc.dtype}{list(enc.shape)[:8]}, expected "
+                            f"{want}{list(ref.shape)}", wire="weights")
+        out[k] = raw.decode(enc)
+        check_values(out[k], f"weight {k!r} from {quote(msg.sender)}")
+    return out

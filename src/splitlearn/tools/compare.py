@@ -13,7 +13,7 @@ large_batch    the same with ``local_steps = 1``: each step every client compute
 ============== ==============================================================================
 
 Per-client figures are the clients' own meters (training and weight traffic; evaluation apart);
-the cost model (:mod:`splitlearn.costmodel`) predicts the same figures from shapes alone.
+the cost model (:mod:`splitlearn.tools.costmodel`) predicts the same figures from shapes alone.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .plan import ClientsSpec, Plan, PlanError, load_plan
+from ..core.plan import ClientsSpec, Plan, PlanError
+from ..core.load import load_plan
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "method_plan", "centralized_plan", "run_compare", "predict_cost",
            "format_compare"]
@@ -76,7 +77,7 @@ def predict_cost(plan: Plan, method: str, train_rows: int,
     no formula: plans whose client part is not the first layers of one sequential network).
     ``input_shape`` (one row of the client's input) is read from the data when not given."""
     from . import costmodel
-    from .models.build import build_network
+    from ..models.build import build_network
 
     t = _template(plan)
     mine = [s for s in plan.segments.values() if s.party == t]
@@ -107,7 +108,7 @@ def predict_cost(plan: Plan, method: str, train_rows: int,
     if method.startswith("splitfed"):  # the client half down and up each round
         extra += 2 * c.details["bottom_values"] * 4 * math.ceil(e / spec.local_epochs)
         notes.append("splitfed: the client half is downloaded and uploaded once per round")
-    from .graph import build_graph
+    from ..core.graph import build_graph
 
     labels = [w for w in build_graph(plan).wires if w.carries == "label" and w.src_party == t]
     if labels:  # labels the client shares (vanilla): int64 per row, as the plan sends them
@@ -118,7 +119,7 @@ def predict_cost(plan: Plan, method: str, train_rows: int,
 
 def _data_shape(plan: Plan) -> tuple[tuple[int, ...], int]:
     """(shape of one row of the client's first segment input, number of training rows), read once."""
-    from .runner import party_inputs, party_table, splits_for
+    from ..run.setup import party_inputs, party_table, splits_for
 
     t = _template(plan)
     seg = next(s for s in plan.segments.values() if s.party == t)
@@ -131,7 +132,7 @@ def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None
                 partition: dict | None = None, epochs: int | None = None, progress=None) -> dict[str, Any]:
     """Train every method, write ``OUT/METHOD/result.json``, ``OUT/compare.json``, ``OUT/compare.md``
     and the two pictures; return the table."""
-    from .api import train, train_clients
+    from ..api import train
 
     plan = load_plan(plan).with_train(epochs=epochs)
     methods = list(methods or DEFAULT_METHODS)
@@ -145,7 +146,7 @@ def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None
         p = method_plan(plan, m, clients, partition)
         if progress is not None:
             progress(m)
-        result = train(p, out=out / m) if p.clients is None else train_clients(p, out=out / m)
+        result = train(p, out=out / m)
         if p.clients is None:
             flops, nbytes = float(next(iter(result["parties"].values()))["flops"]), 0.0
         else:
@@ -161,7 +162,7 @@ def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None
     table = {"plan": plan.name, "clients": clients, "epochs": plan.train.epochs,
              "partition": partition or (plan.clients.partition.model_dump() if plan.clients else {"kind": "iid"}),
              "rows": rows}
-    from .results import write_json
+    from ..run.results import write_json
     from .viz import compare_figures
 
     write_json(out / "compare.json", table)

@@ -23,7 +23,7 @@ from typing import Callable
 
 from .base import Transport, TransportTimeout
 
-log = logging.getLogger("splitlearn.transport.switch")
+log = logging.getLogger("splitlearn.wire.transport.switch")
 
 __all__ = ["Switch"]
 

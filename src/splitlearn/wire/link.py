@@ -12,7 +12,7 @@ from .transport.base import Transport, TransportTimeout
 
 __all__ = ["Link"]
 
-log = logging.getLogger("splitlearn.link")
+log = logging.getLogger("splitlearn.wire.link")
 
 _DIRECTION = {Kind.ACTIVATION: "forward", Kind.GRADIENT: "backward", Kind.WEIGHTS: "weights"}
 MAX_KEPT = 100
@@ -22,7 +22,7 @@ MAX_REASON = 600  # characters of a refusal kept, logged and sent back
 class Link:
     """Wraps a :class:`Transport` for one party. Refused messages are logged and kept in ``refused``.
 
-    ``limits`` bound what a peer can make this party hold (see :class:`~splitlearn.messages.Limits`).
+    ``limits`` bound what a peer can make this party hold (see :class:`~splitlearn.wire.messages.Limits`).
     """
 
     def __init__(self, transport: Transport, meter: Meter | None = None, limits: Limits | None = None):
@@ -41,7 +41,7 @@ class Link:
     def refuse(self, peer: str, reason: str, step: int = 0, wire: str = "") -> None:
         """Record and log a refused message and tell the peer why; the party keeps running.
 
-        Every string that came from the peer is quoted cut short (:func:`~splitlearn.messages.quote`),
+        Every string that came from the peer is quoted cut short (:func:`~splitlearn.wire.messages.quote`),
         so a refusal costs this party a bounded amount whatever the peer sent."""
         text = f"{self.party} refused a message from {quote(peer)}" + (f" on wire {quote(wire)}" if wire else "") \
             + f": {reason}"

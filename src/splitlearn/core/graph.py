@@ -108,6 +108,11 @@ class Graph:
         return {n for n, node in self.nodes.items() if node.kind == "input"
                 and all(u.kind == "loss" and u.inputs[1] == n for u in users.get(n, []))}
 
+    def receiver_computes_loss(self, wire: Wire) -> bool:
+        """Whether the receiver of ``wire`` computes a loss from it (so holds the labels of its gradients)."""
+        return any(self.nodes[u].kind == "loss" or _feeds_local_loss(self.nodes, u, wire.dst_party)
+                   for u in wire.consumers)
+
     def neighbours(self, party: str) -> list[str]:
         """Parties this party exchanges messages with."""
         out = {w.dst_party for w in self.wires if w.src_party == party}
@@ -201,6 +206,7 @@ def _feeds_local_loss(nodes: dict[str, Node], start: str, party: str) -> bool:
 
 def build_graph(plan: Plan) -> Graph:
     """Check the plan's structure and derive its wires and stages. Raises :class:`PlanError`."""
+    from ..privacy import defenses  # defenses know graphs: imported here, not at the top
     nodes: dict[str, Node] = {}
     for name, seg in plan.segments.items():
         entry = f"segments.{name}"
@@ -241,20 +247,14 @@ def build_graph(plan: Plan) -> Graph:
     for (src, dst_party), users in consumers.items():
         spec = plan.wires.get(src) or WireSpec()
         carries = "label" if nodes[src].kind == "input" else "activation"
-        entry = f"wires.{src}"
-        if carries == "label" and (spec.nopeek or spec.noise or spec.label_protection or spec.codec != "float32"):
-            raise PlanError(f"{src!r} is a label wire: only randomized_response applies to it", entry=entry,
-                            hint="labels travel exactly; put codecs and activation defenses on activation wires")
-        if carries == "activation" and spec.randomized_response is not None:
-            raise PlanError(f"randomized_response applies to label wires, and {src!r} carries activations", entry=entry,
-                            hint="set it on the wire of the labels, e.g. [wires.\"hospital.y\"]")
-        if spec.label_protection is not None and not any(
-                nodes[u].kind == "loss" or _feeds_local_loss(nodes, u, dst_party) for u in users):
-            raise PlanError(f"label_protection on {src!r}: party {dst_party!r} computes no loss from it, so it holds "
-                            "no labels to protect", entry=f"{entry}.label_protection",
-                            hint="protect the wire whose gradients the label holder returns")
+        if carries == "label" and spec.codec != "float32":
+            raise PlanError(f"{src!r} is a label wire: labels travel exactly, so codec {spec.codec!r} does not apply "
+                            "to it", entry=f"wires.{src}.codec", hint="put codecs on activation wires")
         wires.append(Wire(name=f"{src}->{'+'.join(users)}", src=src, src_party=nodes[src].party, dst_party=dst_party,
                           carries=carries, consumers=tuple(users), spec=spec))
+    g = Graph(plan, nodes, order, wires)
+    for w in wires:
+        defenses.validate(g, w)  # each defense's own structural checks
     for key in plan.wires:
         if not any(w.src == key for w in wires):
             raise PlanError(f"no wire leaves {key!r}", entry=f"wires.{key}",
@@ -279,6 +279,5 @@ def build_graph(plan: Plan) -> Graph:
             raise PlanError(f"party {party!r} holds {unused} but nothing uses it", entry=f"parties.{party}.holds",
                             hint="remove the field or use it as a segment input or loss target")
 
-    g = Graph(plan, nodes, order, wires)
     g.stages = _stages(g)
     return g

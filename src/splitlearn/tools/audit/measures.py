@@ -7,7 +7,7 @@
 - :func:`ssim`: structural similarity of image batches.
 
 Each takes what the attacking party holds (and, to score the attack, the ground truth) and
-returns plain numbers; :mod:`splitlearn.audit.run` finds the tensors in a run folder.
+returns plain numbers; :mod:`splitlearn.tools.audit.run` finds the tensors in a run folder.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _subsample(n: int, k: int, seed: int) -> torch.Tensor:
 def smashed_dcor(raw: torch.Tensor, smashed: torch.Tensor, max_rows: int = 1000, seed: int = 0) -> tuple[float, int]:
     """Distance correlation between raw inputs and smashed data (rows aligned), on up to ``max_rows``
     rows drawn at random; returns (dCor, rows used)."""
-    from ..privacy.nopeek import distance_correlation
+    from ...privacy.nopeek import distance_correlation
 
     if len(raw) != len(smashed):
         raise ValueError(f"{len(raw)} raw rows but {len(smashed)} smashed rows")
@@ -200,7 +200,7 @@ def label_leakage(grads: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
     More classes: the direction AUC of "same class as a reference gradient" (the same attack,
     which compares labels for equality); the norm attack separates two classes only: null.
     """
-    from ..privacy.attacks import direction_attack_auc, norm_attack_auc
+    from ...privacy.attacks import direction_attack_auc, norm_attack_auc
 
     labels = labels.reshape(-1).long()
     g = grads.reshape(len(grads), -1).float()

@@ -1,0 +1,87 @@
+"""The thread launcher: every physical party of any plan in a thread of this process, over the
+in-process transport (the same serialised bytes as gRPC, so the same accounting)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from ..core.engine import PartyError
+from ..core.plan import Plan, PlanError
+from ..wire.transport import InProcessHub, TransportClosed
+from .session import PartyReport, Progress, RunError
+from .setup import PartySetup, Step
+from .topology import Topology, physical_party, physical_setups
+
+__all__ = ["run_local"]
+
+
+def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = None, *,
+              on_step: Callable[[Progress], None] | None = None, timeout: float | None = None,
+              record: bool = False, faults: dict[str, Callable] | None = None,
+              steps: list[Step] | None = None, predicting: bool = False) -> dict[str, PartyReport]:
+    """Run ``plan`` (set up and checked by :func:`~splitlearn.run.setup.prepare`) with every
+    physical party in a thread; their reports. ``on_step`` follows the lead party (a plain plan's
+    loss party, the coordinator of a ``[clients]`` plan); ``timeout`` bounds each step; ``record``
+    keeps what each party receives for the audit; ``faults`` (tests) are hooks of client roles;
+    ``steps`` replace the plan's schedule (``predicting``: prediction steps, no labels anywhere).
+
+    A party whose failure is data (a client) is reported by the coordinator and the run goes on;
+    any other failure stops every party and raises :class:`RunError` naming the parties that
+    failed first."""
+    topo = Topology.of(plan)
+    hub = InProcessHub(topo.names)
+    held = physical_setups(plan, topo, setups)
+    extra = {}
+    if plan.clients is not None:
+        from ..clients.roles import Context
+
+        template = setups[plan.clients.template]
+        extra["context"] = Context.of(plan, template)  # derived once, the same for every role
+    parts = {}
+    for n in topo.names:
+        kw = dict(extra)
+        if faults and n in faults:
+            kw["fault"] = faults[n]
+        if steps is not None:
+            kw.update(steps=steps, predicting=predicting)
+        parts[n] = physical_party(plan, n, held[n], hub.transport(n), shapes=shapes, timeout=timeout,
+                                  record=record, **kw)
+    reports: dict[str, PartyReport] = {}
+    errors: dict[str, BaseException] = {}
+    after: set[str] = set()  # parties that failed once the run was being stopped: consequences
+    stopping = threading.Event()
+
+    def work(name: str) -> None:
+        try:
+            reports[name] = parts[name].run(on_step if name == topo.lead else None)
+        except BaseException as e:  # noqa: BLE001 - reported per party below
+            if stopping.is_set():
+                after.add(name)
+            errors[name] = e
+            if name not in topo.expendable:
+                stopping.set()
+                hub.close()
+
+    threads = {n: threading.Thread(target=work, args=(n,), name=f"party-{n}", daemon=True) for n in topo.names}
+    for t in threads.values():
+        t.start()
+    for n, t in threads.items():  # every party that must finish; the others get one more timeout
+        if n not in topo.expendable:
+            t.join()
+    grace = time.monotonic() + (plan.clients.timeout if plan.clients is not None else 0)
+    for t in threads.values():
+        t.join(timeout=max(0.0, grace - time.monotonic()))
+    hub.close()
+    for t in threads.values():
+        t.join(timeout=5)
+    fatal = {p: e for p, e in errors.items() if p not in topo.expendable}
+    if fatal:
+        root = {p: e for p, e in fatal.items() if not isinstance(e, TransportClosed) and p not in after} or fatal
+        raise RunError({p: (str(e) if isinstance(e, (PartyError, PlanError)) else f"{type(e).__name__}: {e}")
+                        for p, e in root.items()})
+    for n, part in parts.items():  # a client that failed still reports what it did
+        if n not in reports and hasattr(part, "report"):
+            reports[n] = part.report()
+    return reports

@@ -1,0 +1,243 @@
+"""The results contract (``result.json``) and what a run leaves on disk.
+
+A run folder holds ``result.json``, ``plan.json`` (the plan as run) and, per party,
+``parties/NAME/weights.safetensors``: only that party's segments, so each party's folder
+can stay on that party's machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..core.graph import Graph, build_graph
+from ..core.plan import Plan, plan_dir
+from .session import PartyReport
+
+__all__ = ["build_result", "final_client", "summarize", "wires_of", "write_json", "save_party", "save_result",
+           "save_weights", "load_weights", "non_finite", "plan_record"]
+
+
+def summarize(plan: Plan, graph: Graph, tasks: dict[str, dict]) -> dict[str, Any]:
+    """The ``metrics`` of a result from each loss's per-epoch history (``train_loss``,
+    ``test_loss``, ``test_accuracy`` lists): the weighted sum of the training losses, the accuracy
+    of the plan's first classification loss, and with several losses each task on its own."""
+    order = [n.name for n in graph.losses() if n.name in tasks]
+    epochs = max((len(tasks[k]["train_loss"]) for k in order), default=0)
+    total = [sum(plan.losses[k].weight * tasks[k]["train_loss"][e] for k in order) for e in range(epochs)]
+    metrics: dict[str, Any] = {"train_loss": total}
+    classif = [k for k in order if tasks[k]["test_accuracy"]]
+    if classif:
+        metrics["test_accuracy"] = tasks[classif[0]]["test_accuracy"][-1]
+        metrics["test_accuracy_per_epoch"] = tasks[classif[0]]["test_accuracy"]
+    if len(order) > 1:
+        metrics["tasks"] = {k: {"party": graph.nodes[k].party,
+                                **({"test_accuracy": tasks[k]["test_accuracy"][-1]} if tasks[k]["test_accuracy"] else {}),
+                                "test_loss": tasks[k]["test_loss"],
+                                "train_loss": tasks[k]["train_loss"]} for k in order}
+    return metrics
+
+
+def wires_of(graph: Graph) -> list[dict[str, Any]]:
+    """The ``wires`` of a result: what each carries, from whom to whom, with which codecs."""
+    return [{"name": w.name, "src": w.src_party, "dst": w.dst_party, "carries": w.carries,
+             "codec": w.codec, **({"grad_codec": w.grad_codec} if w.carries == "activation" else {})}
+            for w in graph.wires]
+
+
+def build_result(plan: Plan, reports: dict[str, PartyReport], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge the physical parties' reports into the ``result.json`` shape of docs/design.md: the
+    same keys for every plan; with ``[clients]`` also the schedule, per-client cost, skipped
+    clients and the client whose weights are the run's model."""
+    graph = build_graph(plan)
+    if plan.clients is None:
+        tasks: dict[str, dict] = {}
+        for rep in reports.values():
+            tasks.update(rep.metrics)
+    else:
+        tasks = _client_tasks(reports)
+    result: dict[str, Any] = {"plan": plan.name, "epochs": plan.train.epochs, "seed": plan.train.seed,
+                              "metrics": summarize(plan, graph, tasks), "wires": wires_of(graph)}
+    parties = {}
+    for name, rep in reports.items():
+        entry = {**rep.meter, "refused": rep.refused[:20] if plan.clients else rep.refused}
+        if rep.privacy:
+            entry["privacy"] = rep.privacy
+        if plan.clients is not None:
+            entry = {"plays": rep.plays, **entry,
+                     "eval": {k: rep.eval_meter.get(k, 0) for k in ("bytes_sent", "bytes_received", "flops")}}
+        parties[name] = entry
+    privacy = _privacy(plan, reports)
+    if privacy:
+        result["privacy"] = privacy
+    if plan.clients is not None:
+        result.update(_clients_part(plan, reports, parties))
+    result["parties"] = parties
+    result.update(extra or {})
+    return result
+
+
+def _client_tasks(reports: dict[str, PartyReport]) -> dict[str, dict]:
+    """Each loss's per-epoch history from the turns' records (row-weighted means; every turn once)."""
+    series: dict[str, dict[int, dict[str, list]]] = {}  # loss -> epoch -> (value, rows) pairs
+    seen: set[tuple] = set()
+    for rep in reports.values():
+        for r in rep.records:
+            for loss, v in r["losses"].items():
+                if (r["turn"], loss) in seen:
+                    continue
+                seen.add((r["turn"], loss))
+                e = series.setdefault(loss, {}).setdefault(r["epoch"], {})
+                for name in ("train_loss", "test_loss", "test_accuracy"):
+                    if (r["mode"] == "train") == (name == "train_loss") and v.get(name) is not None:
+                        e.setdefault(name, []).append((v[name], r["rows"]))
+
+    def means(per_epoch: dict[int, dict[str, list]], name: str) -> list[float]:
+        pairs = [per_epoch[e][name] for e in sorted(per_epoch) if per_epoch[e].get(name)]
+        return [sum(x * w for x, w in p) / sum(w for _, w in p) for p in pairs]
+
+    return {loss: {name: means(per_epoch, name) for name in ("train_loss", "test_loss", "test_accuracy")}
+            for loss, per_epoch in series.items()}
+
+
+def _privacy(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict]:
+    """Per noised wire: the largest epsilon any sender spent (each client over all its turns)."""
+    out: dict[str, dict] = {}
+    for name, rep in reports.items():
+        for wire, p in rep.privacy.items():
+            entry = out.setdefault(wire, {**p, "by": {}})
+            entry["by"][name] = p["epsilon"]
+            if p["epsilon"] > entry["epsilon"]:
+                entry.update({**p, "by": entry["by"]})
+    return out
+
+
+def final_client(plan: Plan, reports: dict[str, PartyReport]) -> str | None:
+    """The client whose weights were evaluated last: the run's model (sequential: the last holder;
+    averaging schedules: the averaged weights). None where the strategy keeps a model per client."""
+    from ..clients.strategies import strategy_of
+
+    evals = [r for rep in reports.values() for r in rep.records if r["mode"] == "eval"]
+    if not evals or not strategy_of(plan.clients).one_model:
+        return None
+    return max(evals, key=lambda r: r["turn"])["client"]
+
+
+def _clients_part(plan: Plan, reports: dict[str, PartyReport], parties: dict[str, dict]) -> dict[str, Any]:
+    from ..clients.roles import coordinator_of
+    from ..clients.strategies import strategy_of
+
+    spec = plan.clients
+    clients = [parties[c] for c in spec.names() if c in parties]
+
+    def per_client(key: str) -> dict[str, float]:
+        vals = [c["bytes_sent"] + c["bytes_received"] if key == "bytes" else c[key] for c in clients]
+        return {"mean": float(np.mean(vals)), "max": float(np.max(vals)), "min": float(np.min(vals))}
+
+    coord = coordinator_of(plan)
+    return {
+        "schedule": {"kind": spec.schedule, "clients": spec.count, "partition": spec.partition.model_dump(),
+                     **strategy_of(spec).describe(plan), "coordinator": coord},
+        "per_client": {"flops": per_client("flops"), "bytes": per_client("bytes")},
+        "skipped": reports[coord].skipped if coord in reports else [],
+        "final_client": final_client(plan, reports),
+    }
+
+
+def save_party(folder: Path, report: PartyReport) -> None:
+    """One physical party's part of a run folder: its weights, what it recorded for the audit
+    and its report, in ``parties/NAME/`` (so it can stay on that party's machine)."""
+    if report.modules:
+        save_weights(folder / "weights.safetensors", report.modules)
+    if report.observed:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / ".observed.safetensors.tmp"
+        save_file(report.observed, str(tmp))
+        os.replace(tmp, folder / "observed.safetensors")
+    write_json(folder / "report.json", report.to_json())
+
+
+def save_result(out: Path, plan: Plan, result: dict[str, Any]) -> None:
+    """``plan.json`` and ``result.json``; with ``[clients]`` also the run's model (the final
+    client's weights) under the plan's party name, for ``predict``."""
+    final = result.get("final_client")
+    if final is not None:
+        src = out / "parties" / str(final) / "weights.safetensors"
+        if src.is_file():
+            dst = out / "parties" / plan.clients.template / "weights.safetensors"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+    write_json(out / "plan.json", plan_record(plan))
+    write_json(out / "result.json", result)
+
+
+def plan_record(plan: Plan) -> dict[str, Any]:
+    """The plan as run, for ``plan.json``: data paths made absolute, so a later ``predict`` or
+    ``audit`` finds the files from wherever it is started."""
+    body = plan.model_dump(mode="json")
+    folder = plan_dir(plan)
+    base = folder.resolve() if folder else Path.cwd()
+    specs = [body["data"]] + [p["source"] for p in body["parties"].values() if p.get("source")]
+    for spec in specs:
+        if spec.get("path") and not Path(spec["path"]).expanduser().is_absolute():
+            spec["path"] = str(base / spec["path"])
+    return body
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file, fsync, rename): a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_weights(path: Path, modules: dict[str, nn.Module]) -> None:
+    """One party's segments as safetensors (``segment.parameter`` keys), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{seg}.{k}": v.detach().contiguous().clone() for seg, m in modules.items() for k, v in m.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "splitlearn-segments", "segments": ",".join(modules)})
+    os.replace(tmp, path)
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def load_weights(path: Path, modules: dict[str, nn.Module]) -> None:
+    """Load a party's segments saved by :func:`save_weights` (safetensors: no code is run).
+
+    Weights with NaN or infinite entries are refused: they would predict nonsense for every row."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError: a damaged or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    bad = non_finite(tensors)
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}): "
+                         "training diverged or was poisoned, and these weights cannot predict")
+    for seg, m in modules.items():
+        prefix = f"{seg}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        missing = set(m.state_dict()) - set(state)
+        if missing:
+            raise ValueError(f"{path}: no weights for {sorted(missing)[:3]} of segment {seg!r}; was it saved from this plan?")
+        try:
+            m.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: the weights of segment {seg!r} do not fit its network "
+                             f"(was the plan changed after training?): {str(e).splitlines()[0]}") from None

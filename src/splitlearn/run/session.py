@@ -1,0 +1,209 @@
+"""The session every party runs, whatever the plan: hello, handshake, the steps, goodbye.
+
+:func:`run_party` takes a party through its steps inside a :func:`session` and returns its
+:class:`PartyReport`: the metrics of the losses it computes, its accounting, what it refused
+and the privacy its noise spent. A turn of a horizontal client is the same session.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from ..core import losses
+from ..core.engine import Party, PartyError, StepOutput
+from ..core.plan import PlanError, plan_hash
+from ..privacy import defenses
+from ..wire.codec import WireError
+from ..wire.link import Link
+from ..wire.messages import PROTOCOL_VERSION, Kind, Message, hello, quote, read_hello
+from ..wire.transport import TransportError, TransportTimeout
+from .setup import Step
+
+__all__ = ["RunError", "PartyReport", "Progress", "session", "run_party"]
+
+
+class RunError(RuntimeError):
+    """A run failed; ``errors`` maps each failed party to its error."""
+
+    def __init__(self, errors: dict[str, str]):
+        self.errors = errors
+        super().__init__("; ".join(f"party {p!r} failed: {e}" for p, e in errors.items()))
+
+
+@dataclass
+class PartyReport:
+    """What one physical party did, for :func:`~splitlearn.run.results.build_result`; the same
+    for every plan (the clients' fields stay empty without ``[clients]``)."""
+
+    name: str
+    metrics: dict[str, dict] = field(default_factory=dict)  # loss name -> per-epoch history (plain runs)
+    meter: dict = field(default_factory=dict)  # accounting of training, and timings
+    refused: list[str] = field(default_factory=list)
+    privacy: dict[str, dict] = field(default_factory=dict)  # wire -> epsilon spent by its noise
+    plays: str | None = None  # the plan party it plays (clients: the template)
+    eval_meter: dict = field(default_factory=dict)  # clients: the accounting of evaluation, apart
+    records: list[dict] = field(default_factory=list)  # clients: one per turn it took part in
+    skipped: list[dict] = field(default_factory=list)  # the coordinator: who was skipped, when and why
+    modules: dict = field(default_factory=dict, repr=False)  # its trained segments (not in JSON)
+    observed: dict = field(default_factory=dict, repr=False)  # what it recorded for the audit (not in JSON)
+    predictions: dict = field(default_factory=dict, repr=False)  # predict steps: head -> outputs per batch
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("modules", "observed", "predictions")}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a run is, told to ``on_step`` after each step (plain plans) or round ([clients])."""
+
+    done: int
+    total: int
+    epoch: int  # from 0
+    epochs: int
+    unit: str  # "step" or "round"
+    loss: float | None = None  # the training loss of that step (mean over the round's turns)
+    mode: str = "train"
+
+
+@dataclass
+class _Epoch:
+    train_sum: float = 0.0
+    train_n: int = 0
+    test_sum: float = 0.0
+    test_n: int = 0
+    right: int = 0
+
+
+@contextmanager
+def session(party: Party, ids_hash: str = "") -> Iterator[None]:
+    """Hello (protocol, plan and ids must match), a handshake step fixing wire shapes, then the
+    caller's steps, then goodbye. A failure is sent to the neighbours before it is raised."""
+    link, me = party.link, party.name
+    neighbours = party.graph.neighbours(me)
+
+    def deadline() -> float | None:  # the hello, like the goodbye, has one deadline however much arrives
+        return None if party.timeout is None else time.monotonic() + party.timeout
+
+    try:
+        ours = {"protocol": PROTOCOL_VERSION, "plan_hash": plan_hash(party.graph.plan), "ids_hash": ids_hash}
+        for p in neighbours:
+            link.send(hello(me, p, ours["plan_hash"], ids_hash))
+        heard: set[str] = set()
+        until = deadline()
+        while heard != set(neighbours):
+            msg = _recv(link, until, f"{me}: no hello from {sorted(set(neighbours) - heard)} within {party.timeout} s")
+            party.raise_if_stopped(msg)
+            if msg.kind == Kind.HELLO and msg.sender in neighbours:
+                try:
+                    theirs = read_hello(msg, link.limits)
+                except WireError as e:
+                    link.refuse(msg.sender, f"a hello that cannot be read: {e}")
+                    continue
+                for key, value in ours.items():
+                    if theirs.get(key) != value:
+                        raise PartyError(f"{me}: {key} differs from {quote(msg.sender)}'s: ours is {value!r}, "
+                                         f"theirs is {quote(theirs.get(key))}" + (
+                                             " (both must run the same plan file with the same --epochs/--seed)"
+                                             if key == "plan_hash" else ""))
+                heard.add(msg.sender)
+            else:
+                party.keep_early(msg, -2)  # before the handshake (step -1)
+        party.step(-1, None, "handshake")
+        yield
+        for p in neighbours:
+            link.send(Message(Kind.STOP, me, p, text="done"))
+        until = deadline()
+        while not set(neighbours) <= party.finished:
+            msg = _recv(link, until, f"{me}: no goodbye from {sorted(set(neighbours) - party.finished)} "
+                        f"within {party.timeout} s")
+            party.raise_if_stopped(msg)
+            if msg.kind == Kind.STOP:
+                party.finished.add(msg.sender)
+    except (PartyError, PlanError, TransportError) as e:
+        for p in neighbours:
+            try:
+                link.send(Message(Kind.ERROR, me, p, text=f"{me} failed: {e}"))
+            except Exception:  # noqa: BLE001 - the neighbour may be gone already
+                pass
+        raise
+
+
+def _recv(link: Link, deadline: float | None, why: str) -> Message:
+    try:
+        return link.recv(deadline=deadline)
+    except TransportTimeout:
+        raise PartyError(why) from None
+
+
+class _Metrics:
+    """Per-epoch history of the losses a party computes."""
+
+    def __init__(self, party: Party):
+        plan = party.graph.plan
+        self.kinds = {n.name: plan.losses[n.name].kind for n in party.graph.losses() if n.party == party.name}
+        self.hist = {k: {"train_loss": [], "test_loss": [], "test_accuracy": []} for k in self.kinds}
+        self.acc = {k: _Epoch() for k in self.kinds}
+
+    def add(self, step: Step, out: StepOutput) -> None:
+        n = len(step.rows)
+        for k, v in out.losses.items():
+            a = self.acc[k]
+            if step.mode == "train":
+                a.train_sum, a.train_n = a.train_sum + v * n, a.train_n + n
+            else:
+                a.test_sum, a.test_n = a.test_sum + v * n, a.test_n + n
+                if losses.is_classification(self.kinds[k]):
+                    a.right += losses.correct(self.kinds[k], out.predictions[k], out.targets[k])
+
+    def close_epoch(self) -> None:
+        for k, a in self.acc.items():
+            h = self.hist[k]
+            if a.train_n:
+                h["train_loss"].append(a.train_sum / a.train_n)
+            if a.test_n:
+                h["test_loss"].append(a.test_sum / a.test_n)
+                if losses.is_classification(self.kinds[k]):
+                    h["test_accuracy"].append(a.right / a.test_n)
+            self.acc[k] = _Epoch()
+
+
+def run_party(party: Party, steps: Iterator[Step], on_step: Callable[[Progress], None] | None = None,
+              ids_hash: str = "") -> PartyReport:
+    """Run a party through the schedule; collect the metrics of the losses it computes."""
+    steps = list(steps)
+    epochs = party.graph.plan.train.epochs
+    metrics = _Metrics(party)
+    predictions: dict[str, list] = {}
+    epoch = None
+    timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0, "first_step_s": 0.0, "first_step_samples": 0}
+    with session(party, ids_hash):
+        for i, step in enumerate(steps):
+            if epoch is not None and step.epoch != epoch:
+                metrics.close_epoch()
+            epoch = step.epoch
+            t0 = time.perf_counter()
+            out = party.step(step.id, step.rows, step.mode)
+            if step.mode == "train":
+                dt = time.perf_counter() - t0
+                if not timing["train_steps"]:  # includes one-off work: FLOP counting, allocator warm-up
+                    timing["first_step_s"], timing["first_step_samples"] = dt, len(step.rows)
+                timing["train_s"] += dt
+                timing["train_samples"] += len(step.rows)
+                timing["train_steps"] += 1
+            metrics.add(step, out)
+            if step.mode == "predict":
+                for k, v in out.predictions.items():
+                    predictions.setdefault(k, []).append(v)
+            if on_step is not None:
+                loss = next(iter(out.losses.values()), None)
+                on_step(Progress(i + 1, len(steps), step.epoch, epochs, "step", loss, step.mode))
+    metrics.close_epoch()
+    report = PartyReport(party.name, metrics.hist, {**party.meter.summary(), **timing}, list(party.link.refused),
+                         plays=party.name, modules=party.modules, predictions=predictions)
+    report.privacy = defenses.privacy_spent(party.graph, party.name, timing["train_samples"], timing["train_steps"])
+    if party.observer is not None and hasattr(party.observer, "tensors"):
+        report.observed = party.observer.tensors()
+    return report

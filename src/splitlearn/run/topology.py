@@ -1,0 +1,146 @@
+"""Who takes part in a run and who connects to whom, for every plan.
+
+The *physical parties* of a plan are the processes (or threads) that run it: its parties, or
+with ``[clients]`` its fixed parties, a federation of its own and every client. A plain plan is
+the trivial case: one fixed set of parties and no coordinator. :func:`physical_party` gives each
+one what it runs over a transport; both launchers (:mod:`~splitlearn.run.local`,
+:mod:`~splitlearn.run.processes`) use it and nothing else.
+
+Who dials whom: for each pair of neighbours, a party marked ``dial_out`` (behind a firewall)
+dials the other; otherwise the party later in the plan dials the earlier one. Clients dial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..core.engine import Party
+from ..core.graph import build_graph
+from ..core.plan import Plan, PlanError
+from ..wire.link import Link
+from ..wire.messages import Limits
+from ..wire.transport.base import Transport
+from .observe import Recorder
+from .session import PartyReport, Progress, run_party
+from .setup import PartySetup, Step, make_optimizer, schedule, setup_party
+
+__all__ = ["Topology", "physical_party", "physical_setups", "plain_connections", "with_dial_out"]
+
+
+def plain_connections(plan: Plan) -> list[tuple[str, str]]:
+    """(dialer, listener) for every pair of a plan's parties that exchange messages."""
+    graph = build_graph(plan)
+    names = list(plan.parties)
+    out = []
+    for a in names:
+        for b in graph.neighbours(a):
+            if names.index(b) <= names.index(a):
+                continue  # each pair once, a before b
+            da, db = plan.parties[a].dial_out, plan.parties[b].dial_out
+            if da and db:
+                raise PlanError(f"parties {a!r} and {b!r} exchange messages but both only dial out",
+                                entry=f"parties.{b}.dial_out", hint="one of each pair of neighbours must listen")
+            out.append((a, b) if da else (b, a))
+    return out
+
+
+def with_dial_out(plan: Plan, names: list[str]) -> Plan:
+    """The plan with these parties marked ``dial_out`` (give every party the same list)."""
+    unknown = set(names) - set(plan.parties)
+    if unknown:
+        raise PlanError(f"--dial-out names unknown parties {sorted(unknown)}", hint=f"parties are {sorted(plan.parties)}")
+    return plan.replace(parties={n: (p.model_copy(update={"dial_out": True}) if n in names else p)
+                                 for n, p in plan.parties.items()})
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The physical parties of a plan and their connections."""
+
+    names: list[str]  # in start order
+    pairs: list[tuple[str, str]]  # (dialer, listener)
+    coordinator: str | None  # walks a [clients] schedule; None for a plain plan
+    lead: str  # whose progress a launcher shows
+    expendable: frozenset[str]  # parties whose failure is data (clients), not the end of the run
+
+    @classmethod
+    def of(cls, plan: Plan) -> "Topology":
+        if plan.clients is None:
+            lead = next(n.party for n in build_graph(plan).losses())
+            return cls(list(plan.parties), plain_connections(plan), None, lead, frozenset())
+        from ..clients.roles import connections, coordinator_of, roles
+
+        coord = coordinator_of(plan)
+        return cls(roles(plan), connections(plan), coord, coord, frozenset(plan.clients.names()))
+
+    def plays(self, plan: Plan, name: str) -> str | None:
+        """The plan party physical party ``name`` plays (None: a federation of its own)."""
+        if plan.clients is None:
+            return name
+        from ..clients.roles import plays_of
+
+        return plays_of(plan, name)
+
+    def dials(self, name: str) -> list[str]:
+        return [lst for d, lst in self.pairs if d == name]
+
+    def accepts(self, name: str) -> list[str]:
+        return [d for d, lst in self.pairs if lst == name]
+
+
+class _PlainParty:
+    """A party of a plan without ``[clients]``: its session over the plan's schedule."""
+
+    def __init__(self, setup: PartySetup, transport: Transport, *, shapes: dict | None, timeout: float | None,
+                 record: bool, limits: Limits | None, steps: list[Step] | None = None, predicting: bool = False):
+        self.setup, self.steps = setup, steps
+        self.party = Party(setup.graph, setup.name, Link(transport, limits=limits), setup.modules, setup.optimizer,
+                           setup.inputs, dict(shapes or {}), timeout, predicting)
+        if record:
+            self.party.observer = Recorder(setup.splits.ids)
+
+    def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
+        s = self.setup
+        steps = self.steps if self.steps is not None else schedule(s.plan, s.splits)
+        return run_party(self.party, steps, progress, ids_hash=s.ids_hash)
+
+
+def physical_setups(plan: Plan, topo: Topology, prepared: dict[str, PartySetup]) -> dict[str, PartySetup | None]:
+    """What each physical party holds, from the plan parties' setups (:func:`~splitlearn.run.setup.prepare`):
+    every client gets fresh segments of its own (the same initial weights) over the template's data."""
+    out: dict[str, PartySetup | None] = {}
+    for n in topo.names:
+        plays = topo.plays(plan, n)
+        if plays is None:
+            out[n] = None
+        elif plan.clients is not None and n in topo.expendable:
+            from ..models import build_segment
+
+            t = prepared[plays]
+            mods = {s: build_segment(plan, s) for s in t.modules}
+            out[n] = PartySetup(plan, t.graph, plays, mods, make_optimizer(plan, plays, mods), t.inputs, t.splits)
+        else:
+            out[n] = prepared[plays]
+    return out
+
+
+def physical_party(plan: Plan, name: str, setup: PartySetup | None, transport: Transport, *,
+                   shapes: dict | None = None, timeout: float | None = None, record: bool = False,
+                   limits: Limits | None = None, steps: list[Step] | None = None, predicting: bool = False,
+                   **role: Any):
+    """What physical party ``name`` runs over ``transport``; ``.run(progress)`` gives its report.
+
+    ``timeout`` bounds each step (a client's: each step of its turns; ``clients.timeout`` bounds
+    the schedule's answers); ``record`` keeps what it receives for the audit; ``steps`` replace
+    the plan's schedule (prediction: ``predicting`` then); ``role``: more for a role of a
+    ``[clients]`` plan (its shared ``context``; ``fault``, a test hook)."""
+    if plan.clients is None:
+        setup = setup or setup_party(plan, name)
+        return _PlainParty(setup, transport, shapes=shapes, timeout=600.0 if timeout is None else timeout,
+                           record=record, limits=limits, steps=steps, predicting=predicting)
+    if steps is not None:
+        raise PlanError("a plan with [clients] runs its own schedule", entry="clients")
+    from ..clients.roles import make_role
+
+    return make_role(plan, name, transport, setup, step_timeout=timeout, record=record, limits=limits, **role)

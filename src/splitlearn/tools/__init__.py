@@ -1,0 +1,2 @@
+"""Tools around runs: the cost model, compare (split learning against its baselines), pictures, the audit.
+"""
