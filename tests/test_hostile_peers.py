@@ -275,14 +275,58 @@ def test_early_messages_are_checked_before_they_are_kept_and_bounded_per_peer():
 
 
 def test_far_ahead_step_ids_leave_no_state_behind():
-    srv = Server()
+    srv = Server(steps=41)
     srv.greet()
+    srv.h.send(Kind.ACTIVATION, srv.steps[40].id, ACT, {"t": f32(torch.zeros(len(srv.steps[40].rows), 128))})
+    deadline = time.monotonic() + 10
+    while not srv.party.held_early and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv.party.held_early["hospital"][0] == 1  # 40 steps ahead: an honest sender of eval steps may be
     for i in range(10_000):
         srv.h.send(Kind.ACTIVATION, 1000 + i, ACT, {"t": f32(torch.zeros(1, 128))})
-    srv.finish()
+    for i in range(41):
+        srv.finish(i)
     srv.done()
     assert srv.link.refused_count == 10_000
     assert srv.party.held_early == {} and srv.party._early == {}
+
+
+@pytest.mark.parametrize("dims", [240, 40_000])
+def test_a_shape_of_many_dimensions_is_refused_at_once(dims):
+    """2 KB of dimensions used to crash decode (a 4300-digit integer in an f-string) or take seconds."""
+    data = encode(Message(Kind.ACTIVATION, "hospital", "server", 0, ACT,
+                          {"t": Encoded("float32", "float32", (2**62,) * dims, b"")}))
+    t0 = time.process_time()
+    with pytest.raises(WireError, match=f"has {dims} dimensions, more than 16"):
+        decode(data)
+    assert time.process_time() - t0 < 0.5  # CPU time of one refusal, far from the 6 s it took
+
+
+def test_a_peer_cannot_fill_the_grpc_inbox_faster_than_the_party_reads(tmp_path):
+    from splitlearn.wire.transport.grpc import GrpcTransport
+    from splitlearn.wire.transport.tls import load_credentials, make_certs
+
+    make_certs(["a", "b"], tmp_path)
+    a = GrpcTransport("a", listen="127.0.0.1:0", accept=["b"], credentials=load_credentials(tmp_path, "a"),
+                      max_message_bytes=2**16)
+    a.start()
+    b = GrpcTransport("b", dial={"a": f"127.0.0.1:{a.port}"}, credentials=load_credentials(tmp_path, "b"))
+    b.start()
+    try:
+        a.wait_connected(20)
+        b.wait_connected(20)
+        for _ in range(40):  # 4 MB, while a reads nothing
+            b.send("a", b"\x01" * 100_000)
+        deadline = time.monotonic() + 3
+        while a.queued_bytes("b") < a.hard_limit - 100_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        held = a.queued_bytes("b")
+        assert 0 < held <= a.hard_limit < 40 * 100_000
+        got = sum(len(a.recv(10)[1]) for _ in range(40))  # reading lets the rest come
+        assert got == 40 * 100_000 and a.queued_bytes("b") == 0
+    finally:
+        b.close()
+        a.close()
 
 
 def test_a_huge_sender_string_is_quoted_short():
@@ -336,7 +380,8 @@ def test_a_deeply_nested_schedule_command_is_refused_by_a_follower():
                                         + "[" * 100_000 + "]" * 100_000 + "}")))
     c.send("hospital-1", encode(Message(Kind.STEP, coord, "hospital-1", text='{"do": "turn", "request": 2, '
                                         '"deadline": "soon"}')))
-    c.send("hospital-1", encode(Message(Kind.STEP, coord, "hospital-1", text=json.dumps({"do": "stop", "request": 3}))))
+    stop = json.dumps({"do": "stop", "request": 3, "deadline": time.time() + 60})
+    c.send("hospital-1", encode(Message(Kind.STEP, coord, "hospital-1", text=stop)))
     th.join(10)
     assert box.get("ok") is True
     assert any("nested deeper than 32" in r for r in role.link.refused)

@@ -355,6 +355,11 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
     console.print(table)
     for n in notes:
         console.print(f"[dim]{n}[/]", highlight=False)
+    for name in result["wires"]:  # [clients]: what each client's own traffic gives away
+        per = {c: a["wires"].get(name, {}).get("distance_correlation") for c, a in result.get("clients", {}).items()}
+        if any(v is not None for v in per.values()):
+            console.print(f"{name}: distance correlation per client: " + ", ".join(f"{c} {num(v)}" for c, v in per.items()),
+                          highlight=False)
     folder = Path(result["run"]) / "audit"
     if out is not None:
         shutil.copytree(folder, out, dirs_exist_ok=True)

@@ -386,15 +386,15 @@ class Party:
         """Keep a tensor message of a later step for when this party gets there.
 
         Only what the step will accept is kept, checked before it is held: a tensor message
-        from the wire's sender, at most two steps ahead, of the agreed codec, dtype and per-row
+        from the wire's sender, at most ``early_steps`` ahead, of the agreed codec, dtype and per-row
         shape with no more rows than a step has, within the per-peer ``early_messages`` and
         ``early_bytes`` limits. Anything else is refused and counted, and leaves nothing behind.
         """
         problem = None
         if msg.kind not in (Kind.ACTIVATION, Kind.GRADIENT):
             problem = f"unexpected {msg.kind.name} message before step {msg.step}"
-        elif msg.step > current + 2:  # no honest party runs that far ahead
-            problem = f"step {msg.step} is too far ahead of step {current}"
+        elif msg.step > current + self.limits.early_steps:
+            problem = f"step {msg.step} is too far ahead of step {current} (Limits.early_steps)"
         if problem:
             self.link.refuse(msg.sender, problem, msg.step, msg.wire)
             return

@@ -67,12 +67,15 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     threads = {n: threading.Thread(target=work, args=(n,), name=f"party-{n}", daemon=True) for n in topo.names}
     for t in threads.values():
         t.start()
-    for n, t in threads.items():  # every party that must finish; the others get one more timeout
-        if n not in topo.expendable:
+    # the lead (a plain plan: every party) must finish; the others end on their own once they have
+    # read "stop" and get one more timeout for it, then the hub is closed under them
+    for n, t in threads.items():
+        if topo.coordinator is None or n == topo.coordinator:
             t.join()
     grace = time.monotonic() + (plan.clients.timeout if plan.clients is not None else 0)
     for t in threads.values():
         t.join(timeout=max(0.0, grace - time.monotonic()))
+    stopping.set()
     hub.close()
     for t in threads.values():
         t.join(timeout=5)

@@ -124,7 +124,8 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
         for name in topo.names:
             folder = out / "parties" / name
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "error.json").unlink(missing_ok=True)
+            for old in ("error.json", "report.json"):  # nothing of an earlier run is taken for this one
+                (folder / old).unlink(missing_ok=True)
             follow = name == topo.lead and on_step is not None  # only a pipe somebody reads: a full one blocks
             cmd = [sys.executable, "-m", "splitlearn", "party", str(plan_path), "--name", name, "--out", str(out),
                    "--listen", f"127.0.0.1:{ports[name]}", "--progress" if follow else "--quiet"]
@@ -160,6 +161,8 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
         f = out / "parties" / n / "report.json"
         if f.is_file():
             reports[n] = PartyReport(**json.loads(f.read_text()))
+        elif n not in topo.expendable:
+            raise RunError({n: f"it exited without writing {f}"})
     result = build_result(plan, reports, {"transport": "grpc" + ("" if insecure else "+mtls")})
     if plan.clients is not None:
         result["failed_processes"] = errors

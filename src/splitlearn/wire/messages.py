@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +37,8 @@ class Limits:
     small on the wire and large in memory); ``name_chars`` the sender, receiver, wire, tensor and
     codec names; ``text_bytes`` and ``json_depth`` the text of a hello, a schedule command or a
     reason; ``early_messages`` and ``early_bytes`` what a party keeps per peer for steps it has
-    not reached yet (anything beyond is refused and counted).
+    not reached yet, at most ``early_steps`` ahead (anything beyond is refused and counted);
+    ``max_dims`` the dimensions of a tensor.
     """
 
     message_bytes: int = MAX_MESSAGE_BYTES
@@ -48,6 +48,8 @@ class Limits:
     json_depth: int = 32
     early_messages: int = 64
     early_bytes: int = MAX_MESSAGE_BYTES
+    early_steps: int = 64  # how far ahead of this party a message may be (a sender of eval steps never waits)
+    max_dims: int = 16  # dimensions of a tensor's shape
 
 
 def quote(value: object, limit: int = QUOTE_CHARS) -> str:
@@ -126,6 +128,18 @@ def kind_of(data: bytes) -> Kind | None:
         return None
 
 
+def _numel(shape) -> int:
+    """Elements of a shape, or -1 for a negative dimension, or MAX_ELEMENTS + 1 past it (stops early)."""
+    n = 1
+    for d in shape:
+        if d < 0:
+            return -1
+        n *= d
+        if n > MAX_ELEMENTS:
+            return MAX_ELEMENTS + 1
+    return n
+
+
 def decode(data: bytes, limits: Limits = Limits()) -> Message:
     """Parse and check one message against ``limits``. Raises WireError on anything malformed.
 
@@ -154,13 +168,16 @@ def decode(data: bytes, limits: Limits = Limits()) -> Message:
     tensors: dict[str, Encoded] = {}
     for t in env.tensors:
         problem = None
-        numel = math.prod(t.shape) if all(d >= 0 for d in t.shape) else -1
-        if max(len(t.name), len(t.codec), len(t.dtype), *(len(k) for k in t.extra)) > limits.name_chars:
+        numel = _numel(t.shape) if len(t.shape) <= limits.max_dims else -1
+        if len(t.shape) > limits.max_dims:
+            problem = f"tensor {quote(t.name)} has {len(t.shape)} dimensions, more than {limits.max_dims}"
+        elif max(len(t.name), len(t.codec), len(t.dtype), *(len(k) for k in t.extra)) > limits.name_chars:
             problem = f"tensor {quote(t.name)} has a name, codec, dtype or buffer name longer than {limits.name_chars}"
         elif t.dtype not in DTYPES:
             problem = f"tensor {quote(t.name)} has dtype {quote(t.dtype)}, which is not allowed; allowed: {sorted(DTYPES)}"
         elif numel < 0 or numel > MAX_ELEMENTS:
-            problem = f"tensor {quote(t.name)} of shape {list(t.shape)[:8]}: {numel} elements exceed the limit of {MAX_ELEMENTS}"
+            problem = (f"tensor {quote(t.name)} of shape {list(t.shape)[:8]}: "
+                       + ("a negative dimension" if numel < 0 else f"its elements exceed the limit of {MAX_ELEMENTS}"))
         elif decoded_bytes(t.dtype, numel) > limits.tensor_bytes:
             problem = (f"tensor {quote(t.name)} of shape {list(t.shape)[:8]} would take {decoded_bytes(t.dtype, numel)} "
                        f"bytes decoded, over the limit of {limits.tensor_bytes} (Limits.tensor_bytes)")
@@ -209,7 +226,7 @@ def read_command(msg: Message, limits: Limits = Limits()) -> Command:
     body = parse_json(msg.text or "{}", limits)
     if not isinstance(body, dict) or not isinstance(body.get("do"), str) or type(body.get("request")) is not int:
         raise WireError("a command that is not JSON with 'do' and 'request'")
-    deadline = body.pop("deadline", math.inf)
+    deadline = body.pop("deadline", None)
     if type(deadline) not in (int, float) or deadline != deadline:
         raise WireError(f"a {quote(body['do'])} command whose deadline is not a number")
     return Command(body.pop("do"), body.pop("request"), float(deadline), body)

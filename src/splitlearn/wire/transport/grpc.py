@@ -86,6 +86,8 @@ class GrpcTransport(Transport):
         self._problem: dict[str, str] = {}  # peer -> last connection problem
         self._channels: dict[str, grpc.Channel] = {}
         self._inbox: queue.Queue = queue.Queue()
+        self._space = threading.Condition()  # a peer's buffers waiting in the inbox are bounded (see _pump)
+        self._queued: dict[str, int] = {}  # peer -> bytes of its buffers in the inbox
         self._closed = threading.Event()
         self._server: grpc.Server | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -96,8 +98,15 @@ class GrpcTransport(Transport):
     def hard_limit(self) -> int:
         """What gRPC itself receives: twice ``max_message_bytes`` and a MiB, so that a message over
         the limit reaches the link, which refuses it naming the limit, while the stream goes on.
-        A message over this breaks the stream (gRPC says no more than that to the receiver)."""
+        A message over this breaks the stream (gRPC says no more than that to the receiver). It
+        also bounds what one peer's buffers may hold in the inbox before it waits for this party
+        to read them."""
         return 2 * self.max_message_bytes + 2**20
+
+    def queued_bytes(self, peer: str) -> int:
+        """Bytes of ``peer``'s buffers received and not read yet (at most about ``hard_limit``)."""
+        with self._space:
+            return self._queued.get(peer, 0)
 
     def _options(self) -> list[tuple[str, int]]:
         return [("grpc.max_receive_message_length", self.hard_limit),
@@ -192,6 +201,11 @@ class GrpcTransport(Transport):
             for data in incoming:
                 if data == _BYE:
                     return self._detach(peer, out, f"{peer} closed the connection", clean=True)
+                with self._space:  # a peer sending faster than this party reads waits (gRPC flow control)
+                    while self._queued.get(peer, 0) and self._queued[peer] + len(data) > self.hard_limit \
+                            and not self._closed.is_set():
+                        self._space.wait(0.5)
+                    self._queued[peer] = self._queued.get(peer, 0) + len(data)
                 self._inbox.put((peer, data))
             reason = "the stream ended without a goodbye"
         except Exception as e:  # noqa: BLE001 - grpc.RpcError and anything else ends the stream
@@ -300,6 +314,10 @@ class GrpcTransport(Transport):
                 if item.peer in self.expendable:  # e.g. a client of a schedule: it is skipped, not fatal
                     continue
                 raise TransportClosed(f"connection to {item.peer!r} lost: {item.reason}")
+            if item[0] != self.party:
+                with self._space:
+                    self._queued[item[0]] -= len(item[1])
+                    self._space.notify_all()
             return item
 
     def close(self, grace: float = 0.5) -> None:
