@@ -205,10 +205,6 @@ class Role:
         self._early: dict[tuple[str, int], Message] = {}  # (sender, request): weights that beat their command
         self._pending: deque[Message] = deque(maxlen=MAX_PENDING)  # follower: commands that came meanwhile
 
-    def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
-        """Take part until the coordinator says stop (the coordinator: walk the schedule); the report."""
-        raise NotImplementedError
-
     # -- messages ---------------------------------------------------------------------------
     def _command(self, party: str, request: int | None = None, **args: Any) -> int:
         """Send a command; its request id (a new one unless given)."""

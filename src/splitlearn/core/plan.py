@@ -65,6 +65,12 @@ class DataSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+def _half_open(v: tuple[int, int] | None, what: str) -> tuple[int, int] | None:
+    if v is not None and not (0 <= v[0] < v[1]):
+        raise ValueError(f"{what} must be [start, stop) with 0 <= start < stop, got {list(v)}")
+    return v
+
+
 class FieldRef(_Strict):
     """A field of the party's data, optionally a range ``[start, stop)`` of its feature columns."""
 
@@ -74,9 +80,7 @@ class FieldRef(_Strict):
     @field_validator("columns")
     @classmethod
     def _range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and not (0 <= v[0] < v[1]):
-            raise ValueError(f"columns must be [start, stop) with 0 <= start < stop, got {list(v)}")
-        return v
+        return _half_open(v, "columns")
 
 
 class OptimizerSpec(_Strict):
@@ -137,9 +141,7 @@ class SegmentSpec(_Strict):
     @field_validator("layers")
     @classmethod
     def _range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and not (0 <= v[0] < v[1]):
-            raise ValueError(f"layers must be [start, stop) with 0 <= start < stop, got {list(v)}")
-        return v
+        return _half_open(v, "layers")
 
 
 class LossSpec(_Strict):
