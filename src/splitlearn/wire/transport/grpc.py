@@ -210,10 +210,11 @@ class GrpcTransport(Transport):
             reason = "the stream ended without a goodbye"
         except Exception as e:  # noqa: BLE001 - grpc.RpcError and anything else ends the stream
             reason = _why(e)
-            code = getattr(e, "code", None)
-            if not callable(code) or code() is None or code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                reason = (f"the stream from {peer} broke ({reason}); one cause is a message over the transport's hard "
-                          f"limit of {self.hard_limit} bytes (twice max_message_bytes, --max-message-mb, and a MiB)")
+        # gRPC ends a stream that carried a message over its hard limit either with RESOURCE_EXHAUSTED or, depending
+        # on timing, as a plain end of stream: the hint goes with every unclean end, as a possible cause.
+        reason = (f"the stream from {peer} broke ({reason}); the peer's process may have stopped, the link dropped, "
+                  f"or a message exceeded the transport's hard limit of {self.hard_limit} bytes (twice "
+                  f"max_message_bytes, --max-message-mb, and a MiB)")
         self._detach(peer, out, reason, clean=False)
 
     @staticmethod
