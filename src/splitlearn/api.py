@@ -1,31 +1,101 @@
-"""The two calls most users need: :func:`train` a plan and :func:`predict` from a finished run."""
+"""The calls most users need: :func:`split` a module of their own and train it, :func:`train` a
+plan, and :func:`predict` from a finished run."""
 
 from __future__ import annotations
 
+import copy
 import csv
-import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from .core import losses
 from .core.plan import DataSpec, Plan, PlanError
 from .core.load import load_plan
 from .data import batches
 from .run.local import run_local
-from .run.results import build_result, load_weights, save_party, save_result
-from .run.session import Progress
+from .models import build_network
+from .run.results import build_result, load_run_plan, load_weights, save_party, save_result
+from .run.session import PartyReport, Progress
 from .run.setup import Step, check_plan, prepare, setup_party
 
-__all__ = ["train", "predict"]
+__all__ = ["split", "split_plan", "train", "predict", "Result"]
+
+
+class Result(dict):
+    """What :func:`train` and :func:`split` return: the content of ``result.json`` (a dict: metrics,
+    bytes, FLOPs per party, ...) and the trained modules, as objects.
+
+    ``modules`` maps each party to its segments (``{"server": {"top": module}}``); :meth:`network`
+    puts a network's trained segments back together as one module; ``model`` is that network
+    when the plan has just one; :meth:`save` writes the run folder that ``out=`` writes.
+    """
+
+    def __init__(self, body: dict[str, Any], plan: Plan, reports: dict[str, PartyReport]):
+        super().__init__(body)
+        self.plan = plan
+        self._reports = reports
+
+    @property
+    def modules(self) -> dict[str, dict[str, nn.Module]]:
+        """Each physical party's trained segments (clients of a ``[clients]`` plan each have theirs)."""
+        return {p: dict(r.modules) for p, r in self._reports.items() if r.modules}
+
+    def network(self, name: str | None = None) -> nn.Module:
+        """A fresh copy of network ``name`` (the only one if omitted) holding the trained weights of
+        every segment cut from it; with ``[clients]``, those of the run's model (the final client)."""
+        plan = self.plan
+        if name is None:
+            if len(plan.networks) != 1:
+                raise ValueError(f"the plan has networks {sorted(plan.networks)}: name one")
+            name = next(iter(plan.networks))
+        if name not in plan.networks:
+            raise ValueError(f"no network {name!r}; the plan has {sorted(plan.networks)}")
+        segments = [s for s, spec in plan.segments.items() if spec.network == name]
+        whole = [s for s in segments if plan.segments[s].layers is None and plan.segments[s].cut is None]
+        if len(segments) > 1 and len(whole) == len(segments):
+            raise ValueError(f"network {name!r} runs whole in segments {segments}: take each from result.modules")
+        net = build_network(plan, name).cpu()
+        state: dict[str, torch.Tensor] = {}
+        for s in segments:
+            party = plan.segments[s].party
+            if plan.clients is not None and party == plan.clients.template:
+                party = self.get("final_client")
+                if party is None:
+                    raise ValueError(f"a {plan.clients.schedule} run has no single model: take each client's from "
+                                     "result.modules")
+            state.update({k: v.detach().cpu() for k, v in self._reports[party].modules[s].state_dict().items()})
+        unexpected = set(state) - set(net.state_dict())
+        if unexpected:  # the segments were not cut from this network: nothing would be loaded right
+            raise ValueError(f"segments of {name!r} hold {sorted(unexpected)[:3]}, which the network has not")
+        net.load_state_dict(state, strict=False)
+        return net
+
+    @property
+    def model(self) -> nn.Module:
+        """The trained network when the plan has one network (see :meth:`network`)."""
+        return self.network()
+
+    def save(self, out: str | Path) -> Path:
+        """Write the run folder (``result.json``, ``plan.json``, ``parties/NAME/weights.safetensors``)
+        that ``predict`` reads; what the audit needs is recorded only when training with ``out=``."""
+        out = Path(out)
+        for name, rep in self._reports.items():
+            save_party(out / "parties" / name, rep)
+        save_result(out, self.plan, dict(self))
+        return out
 
 
 def train(plan: Plan | str | Path | dict, *, epochs: int | None = None, seed: int | None = None,
           out: str | Path | None = None, on_step: Callable[[Progress], None] | None = None,
-          timeout: float | None = None) -> dict[str, Any]:
-    """Train a plan with every party in this process; return (and with ``out``, write) the result.
+          timeout: float | None = None) -> Result:
+    """Train a plan with every party in this process; return (and with ``out``, write) the :class:`Result`.
+
+    Where the plan names a network, a plan built in Python may give an ``nn.Module`` (each
+    party trains a copy of its part; the object is left as it is) or a function returning one.
 
     ``on_step`` is told the :class:`~splitlearn.run.session.Progress` after every step (with
     ``[clients]``: every round), with the training loss. ``timeout`` bounds each step (default
@@ -39,31 +109,137 @@ def train(plan: Plan | str | Path | dict, *, epochs: int | None = None, seed: in
 
 def train_prepared(plan: Plan, setups: dict, shapes: dict, *, out: str | Path | None = None,
                    on_step: Callable[[Progress], None] | None = None, timeout: float | None = None,
-                   faults: dict | None = None) -> dict[str, Any]:
+                   faults: dict | None = None) -> Result:
     """:func:`train` after :func:`~splitlearn.run.setup.prepare` (which checks the plan end to end)."""
     reports = run_local(plan, setups, shapes, on_step=on_step, timeout=timeout, record=out is not None, faults=faults)
-    result = build_result(plan, reports, {"transport": "in-process"})
+    result = Result(build_result(plan, reports, {"transport": "in-process"}), plan, reports)
     if out is not None:
-        out = Path(out)
-        for name, rep in reports.items():
-            save_party(out / "parties" / name, rep)
-        save_result(out, plan, result)
+        result.save(out)
     return result
 
 
-def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: bool = True) -> dict[str, dict]:
+_EMBEDDED = ("digits", "breast_cancer", "synthetic")
+
+
+def _data_of(data: Any, id_column: str, label_column: str) -> DataSpec:
+    if isinstance(data, DataSpec):
+        return data
+    if isinstance(data, dict):
+        return DataSpec.model_validate(data)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return DataSpec.of_arrays({"x": data[0], "y": data[1]})
+    if isinstance(data, str) and data in _EMBEDDED:
+        return DataSpec(dataset=data)
+    if isinstance(data, (str, Path)):
+        path = Path(data).expanduser().resolve()
+        if path.is_dir():
+            return DataSpec(dataset="mnist", path=str(path))
+        if path.suffix.lower() == ".csv" or not path.exists():
+            return DataSpec(dataset="csv", path=str(path), id_column=id_column, label_column=label_column)
+    raise PlanError(f"data {data!r:.80} is neither an embedded dataset {list(_EMBEDDED)}, a CSV file, an MNIST "
+                    "folder nor a pair (inputs, labels) of tensors", entry="data",
+                    hint="give e.g. data=\"digits\", data=\"patients.csv\" or data=(x, y)")
+
+
+def _input_field(model: nn.Module | Callable[[], nn.Module], spec: DataSpec) -> str:
+    """``x``, or ``image`` where the dataset has images and the model takes them (a CNN on digits)."""
+    from .data import DataError
+    from .run.setup import _table
+
+    try:
+        table = _table(spec, None, {})
+    except DataError as e:
+        raise PlanError(str(e), entry="data", hint="check the data given to split()") from None
+    if "image" not in table.fields or "x" not in table.fields:
+        return "x"
+    net = copy.deepcopy(model) if isinstance(model, nn.Module) else model()
+    net.eval()
+    with torch.no_grad():
+        try:
+            net(torch.from_numpy(np.ascontiguousarray(table.fields["x"][:1])))
+            return "x"
+        except Exception:  # noqa: BLE001 - it does not take flat rows: try the images
+            return "image"
+
+
+def split_plan(model: nn.Module | Callable[[], nn.Module], cut: str | int | Sequence[str | int], *,
+               data: Any = "digits", inputs: str | None = None, parties: Sequence[str] | None = None,
+               epochs: int = 5, batch_size: int = 32, optimizer: str = "adam", lr: float = 1e-3,
+               momentum: float = 0.0, loss: str = "cross_entropy", codec: str = "float32", seed: int = 0,
+               device: str = "auto", test_fraction: float | None = None, id_column: str = "id",
+               label_column: str = "label", name: str = "split") -> Plan:
+    """The plan :func:`split` trains: ``model`` cut after the named submodule(s) ``cut``.
+
+    One cut gives a vanilla split (``client`` holds data and labels and runs the bottom,
+    ``server`` the top; a label wire carries the labels). Two cuts give a U-shaped split (the
+    client also runs the head and keeps its labels). ``parties`` names who runs each piece, in
+    order: ``["hospital", "relay", "server"]`` with two cuts is a multi-hop plan. The first
+    party holds the data. ``model`` may be an ``nn.Module`` (copied: the object stays yours)
+    or a function returning one; for an ``nn.Sequential`` a cut is a layer's index.
+    """
+    cuts = [str(c) for c in ([cut] if isinstance(cut, (str, int)) else cut)]
+    if not cuts:
+        raise PlanError("give at least one cut (the name of the submodule after which to cut)", entry="cut")
+    if parties is None:
+        if len(cuts) > 2:
+            raise PlanError(f"{len(cuts)} cuts: say which party runs each of the {len(cuts) + 1} pieces",
+                            entry="parties", hint='e.g. parties=["hospital", "relay", "server", "hospital"]')
+        parties = ["client", "server"] + (["client"] if len(cuts) == 2 else [])
+    parties = list(parties)
+    if len(parties) != len(cuts) + 1:
+        raise PlanError(f"{len(cuts)} cut(s) make {len(cuts) + 1} pieces, but parties lists {len(parties)}: "
+                        f"{parties}", entry="parties", hint="name one party per piece, in order")
+    spec = _data_of(data, id_column, label_column)
+    if test_fraction is not None:
+        spec = spec.model_copy(update={"test_fraction": test_fraction})
+    holder = parties[0]
+    names = (["bottom", "top"] if len(parties) == 2 else ["bottom", "middle", "top"] if len(parties) == 3
+             else [f"part{k + 1}" for k in range(len(parties))])
+    segments: dict[str, dict] = {}
+    for k, (seg, party) in enumerate(zip(names, parties)):
+        segments[seg] = {"party": party, "inputs": [f"{holder}.x"] if k == 0 else [names[k - 1]], "network": "model",
+                         **({"cut": cuts[k]} if k < len(cuts) else {})}
+    opt = {"name": optimizer, "lr": lr, **({"momentum": momentum} if optimizer == "sgd" else {})}
+    body = {
+        "name": name, "data": spec, "train": {"epochs": epochs, "batch_size": batch_size, "seed": seed},
+        "parties": {p: {"optimizer": opt, "device": device} for p in dict.fromkeys(parties)},
+        "networks": {"model": model}, "segments": segments,
+        "losses": {"task": {"input": names[-1], "target": f"{holder}.y", "kind": loss}},
+        "wires": {seg: {"codec": codec, "grad_codec": codec} for seg in names[:-1]},
+    }
+    body["parties"][holder]["holds"] = {"x": inputs or _input_field(model, spec), "y": "y"}
+    return load_plan(body)
+
+
+def split(model: nn.Module | Callable[[], nn.Module], cut: str | int | Sequence[str | int], *,
+          out: str | Path | None = None, on_step: Callable[[Progress], None] | None = None,
+          timeout: float | None = None, **options: Any) -> Result:
+    """Split ``model`` after the named submodule(s) ``cut``, train it across the parties in this
+    process and return the :class:`Result` (``result.model`` is the trained module, whole).
+
+    >>> result = splitlearn.split(model, cut="layer1", data="digits", epochs=1)
+    >>> result["metrics"]["test_accuracy"], result.model
+
+    ``options`` are those of :func:`split_plan` (``data``, ``epochs``, ``parties``, ``lr``, ...).
+    """
+    return train(split_plan(model, cut, **options), out=out, on_step=on_step, timeout=timeout)
+
+
+def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: bool = True,
+            networks: dict[str, nn.Module | Callable[[], nn.Module]] | None = None) -> dict[str, dict]:
     """Run a trained plan forward on new data (default: the run's test split).
 
     Each party loads only its own weights (a ``[clients]`` run: the run's model, saved under the
     plan's party name). Predictions arrive at the party that owns each head and are written to
     ``RUN_DIR/parties/PARTY/predictions.csv``; the returned dict maps each task to ``{"party",
-    "ids", "outputs", "predictions"}``.
+    "ids", "outputs", "predictions"}``. ``networks`` gives again the networks the run was given
+    as Python objects (their architecture; the weights come from the run folder).
     """
     run_dir = Path(run_dir)
     if not (run_dir / "plan.json").is_file():
         raise PlanError("not a run folder: plan.json is missing", file=run_dir,
                         hint="give the --out folder of a finished 'splitlearn run'")
-    plan = load_plan(json.loads((run_dir / "plan.json").read_text()))
+    plan = load_run_plan(run_dir, networks)
     if plan.clients is not None:
         plan = plan.replace(clients=None)  # the run's one model, between the plan's parties
     spec = DataSpec.model_validate(data) if isinstance(data, dict) else data

@@ -121,14 +121,14 @@ def load_state(modules: dict[str, nn.Module], state: dict[str, torch.Tensor]) ->
 
 
 def average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Sample-weighted mean of floating-point entries; integer entries (counters) from the first."""
+    """Sample-weighted mean of floating-point entries; integer entries (counters) from the first (on the CPU)."""
     total = float(sum(weights))
     out = {}
     for k, v in states[0].items():
         if v.is_floating_point():
-            out[k] = sum(s[k].double() * (w / total) for s, w in zip(states, weights)).to(v.dtype)
+            out[k] = sum(s[k].cpu().double() * (w / total) for s, w in zip(states, weights)).to(v.dtype)
         else:
-            out[k] = v.clone()
+            out[k] = v.cpu().clone()
     return out
 
 

@@ -82,6 +82,8 @@ class Party:
         self.graph, self.name, self.link = graph, name, link
         self.meter = link.meter
         self.modules, self.optimizer, self.data = modules, optimizer, data
+        # where it computes: its modules' device (data stay on the CPU; each batch moves when it is read)
+        self.device = next((p.device for m in modules.values() for p in m.parameters()), torch.device("cpu"))
         self.wire_shapes = wire_shapes or {}
         self.timeout = timeout
         self.predicting = predicting  # a prediction run: no labels anywhere, not even at the handshake
@@ -170,7 +172,7 @@ class Party:
         batch = len(st.rows)
         if node.kind == "input":
             data = self.data[node.name]
-            st.values[node.name] = torch.zeros_like(data[:1]) if st.mode == "handshake" else data[st.rows]
+            st.values[node.name] = (torch.zeros_like(data[:1]) if st.mode == "handshake" else data[st.rows]).to(self.device)
         elif node.kind == "segment":
             spec = self.graph.plan.segments[node.name]
             xs = [st.values[d] for d in node.inputs]
@@ -183,7 +185,7 @@ class Party:
             spec = self.graph.plan.losses[node.name]
             out = st.values[node.inputs[0]]
             if st.skip_labels:
-                st.out.predictions[node.name] = out.detach()
+                st.out.predictions[node.name] = out.detach().cpu()
                 return
             target = st.values[node.inputs[1]]
             kind = loss_kind(spec.kind)
@@ -197,8 +199,8 @@ class Party:
             st.losses[node.name] = loss
             st.out.losses[node.name] = float(loss.detach())
             if st.mode == "eval":
-                st.out.predictions[node.name] = out.detach()
-                st.out.targets[node.name] = target
+                st.out.predictions[node.name] = out.detach().cpu()
+                st.out.targets[node.name] = target.cpu()
         for w in self.sends_from.get(node.name, []):
             st.sent[w.name] = self._defend_forward(w, st)
             self._send(Kind.ACTIVATION, w, st, st.sent[w.name])
@@ -246,7 +248,7 @@ class Party:
         roots, grads = [], []
         for name in s.losses:
             roots.append(st.losses[name])
-            grads.append(torch.tensor(self.graph.plan.losses[name].weight))
+            grads.append(torch.tensor(self.graph.plan.losses[name].weight, device=st.losses[name].device))
         for term in st.extra.get(s.index, []):
             roots.append(term)
             grads.append(None)
@@ -274,7 +276,7 @@ class Party:
         if st.mode != "train":  # a codec's state (error feedback) belongs to training
             codec = get_codec(codec.name)
         with self.meter.timed("compute"):
-            enc = codec.encode(t.detach())
+            enc = codec.encode(t.detach().cpu())  # encoded from the CPU: the wire is bytes in host memory
         self.link.send(Message(kind, self.name, dst, st.step, wire.name, {"t": enc}))
 
     def _next_message(self, st: "StepState", stages: list[Stage]) -> Message:
@@ -331,11 +333,12 @@ class Party:
         if msg.kind == Kind.ACTIVATION:
             if wire.src in st.values:
                 return  # duplicate
+            t = t.to(self.device)
             if st.mode == "train" and wire.carries == "activation":
                 t.requires_grad_(True)
             st.values[wire.src] = t
         else:
-            st.grads.setdefault(wire.name, t)
+            st.grads.setdefault(wire.name, t.to(self.device))
 
     def _wire_for(self, msg: Message) -> Wire | None:
         """The wire a tensor message may come on from its sender; None (refused) if none."""
@@ -540,10 +543,11 @@ def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch
                     values[n] = sample[n]
             elif node.kind == "segment":
                 spec = graph.plan.segments[n]
-                xs = [values[d] for d in node.inputs]
+                device = next((p.device for p in modules[n].parameters()), None)
+                xs = [values[d] if device is None else values[d].to(device) for d in node.inputs]
                 values[n] = _checked(graph, node, xs, lambda: merge_inputs(spec.merge, modules[n], xs))
             elif node.inputs[1] in values:
-                out, target = values[node.inputs[0]], values[node.inputs[1]]
+                out, target = values[node.inputs[0]], values[node.inputs[1]].to(values[node.inputs[0]].device)
                 kind = loss_kind(graph.plan.losses[n].kind)
                 _checked(graph, node, [out, target], lambda: kind.fn(out, target))
                 if kind.indexes_classes and labels:

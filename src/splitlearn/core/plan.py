@@ -57,12 +57,28 @@ class _Strict(BaseModel):
 class DataSpec(_Strict):
     """Where rows come from: an embedded dataset or a file the user already has."""
 
-    dataset: Literal["digits", "breast_cancer", "synthetic", "mnist", "csv"] = "digits"
+    dataset: Literal["digits", "breast_cancer", "synthetic", "mnist", "csv", "arrays"] = "digits"
     path: str | None = None
     id_column: str | None = None
     label_column: str | None = None
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     options: dict[str, Any] = Field(default_factory=dict)
+    _table: Any = PrivateAttr(default=None)  # dataset "arrays": the rows given in Python (splitlearn.split)
+
+    @classmethod
+    def of_arrays(cls, fields: dict[str, Any], test_fraction: float = 0.2) -> "DataSpec":
+        """Rows given in Python as arrays or tensors of equal length (``{"x": X, "y": y}``), ids 0..n-1."""
+        from ..data import DataError, Table
+        import numpy as np
+
+        arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
+                  for k, v in fields.items()}
+        lengths = {k: len(v) if v.ndim else 0 for k, v in arrays.items()}
+        if len(set(lengths.values())) != 1 or not min(lengths.values()):
+            raise DataError(f"the arrays must have the same, non-zero number of rows; got {lengths}")
+        spec = cls(dataset="arrays", test_fraction=test_fraction)
+        spec._table = Table(np.arange(next(iter(lengths.values())), dtype=np.int64), arrays)
+        return spec
 
 
 def _half_open(v: tuple[int, int] | None, what: str) -> tuple[int, int] | None:
@@ -98,6 +114,7 @@ class PartySpec(_Strict):
     source: DataSpec | None = None  # the party's own file (vertical data aligned by id)
     address: str | None = Field(None, pattern=r"^[\w.\-\[\]:]+:\d+$")  # where it listens ("host:port")
     dial_out: bool = False  # behind a firewall: it connects to its neighbours, never listens
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")  # where it computes (auto: cuda if present)
 
     @field_validator("holds", mode="before")
     @classmethod
@@ -109,19 +126,77 @@ class PartySpec(_Strict):
 
 
 class NetworkSpec(_Strict):
-    """A network from the model zoo (``zoo``) or a user factory ``package.module:function``."""
+    """A network from the model zoo (``zoo``), a user factory ``package.module:function``, or,
+    in Python, an object: an ``nn.Module`` or a callable returning one (``python`` then names it).
+
+    ``networks = {"net": model}`` and ``{"net": {"factory": make, "args": {...}}}`` are accepted
+    where a plan is built in Python. A callable importable by its qualified name is also recorded
+    as ``factory`` (so party processes and ``predict`` can rebuild it); anything else lives only
+    in this process and ``python`` describes it in ``plan.json``.
+    """
 
     zoo: str | None = None
     factory: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+    python: str | None = None  # a Python object given in place of a factory: what it is (the object is private)
+    _object: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _objects(cls, data: Any, handler: Callable[[Any], "NetworkSpec"]) -> "NetworkSpec":
+        obj = None
+        if callable(data) and not isinstance(data, BaseModel):
+            data, obj = {}, data
+        elif isinstance(data, dict) and callable(data.get("factory")):
+            data = dict(data)
+            obj = data.pop("factory")
+        if obj is None:
+            return handler(data)
+        if "python" in data or "zoo" in data:
+            raise ValueError("give a Python object alone, not with 'zoo' or 'python'")
+        if _is_module(obj) and data.get("args"):
+            raise ValueError(f"'args' are given to a factory, but {type(obj).__name__} is an nn.Module object")
+        name = None if _is_module(obj) else importable_name(obj)
+        data = {**data, "factory": name} if name else {**data, "python": describe(obj)}
+        spec = handler(data)
+        spec._object = obj
+        return spec
 
     @model_validator(mode="after")
     def _one_source(self) -> "NetworkSpec":
-        if (self.zoo is None) == (self.factory is None):
+        if sum(x is not None for x in (self.zoo, self.factory, self.python)) != 1:
             raise ValueError("give exactly one of 'zoo' (a model-zoo name) or 'factory' ('package.module:function')")
         if self.factory is not None and not re.match(r"^[\w.]+:[\w]+$", self.factory):
             raise ValueError(f"factory must look like 'package.module:function', got {self.factory!r}")
+        if self.factory is not None and self.factory.split(":")[0] == "__main__" and self._object is None:
+            raise ValueError(f"factory {self.factory!r} lives in the script being run, which other processes cannot "
+                             "import: put it in a module next to the plan, or pass the function itself in Python")
         return self
+
+
+def _is_module(obj: Any) -> bool:
+    return any(c.__module__ == "torch.nn.modules.module" and c.__name__ == "Module" for c in type(obj).__mro__)
+
+
+def describe(obj: Any) -> str:
+    """How ``plan.json`` names a Python object given as a network."""
+    if _is_module(obj):
+        return f"{type(obj).__module__}.{type(obj).__qualname__} object"
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def importable_name(fn: Any) -> str | None:
+    """``module:name`` if ``fn`` is a top-level function or class that importing finds again."""
+    import importlib
+
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or not re.match(r"^\w+$", name or ""):
+        return None
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except Exception:  # noqa: BLE001 - not importable: it stays an in-process object
+        return None
+    return f"{module}:{name}" if found is fn else None
 
 
 class SegmentSpec(_Strict):
@@ -130,8 +205,15 @@ class SegmentSpec(_Strict):
     party: str
     inputs: list[str] = Field(min_length=1)
     network: str
-    layers: tuple[int, int] | None = None
+    layers: tuple[int, int] | None = None  # an nn.Sequential's layers [start, stop)
+    cut: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")  # ends after this submodule
     merge: Literal["concat", "sum", "module"] = "concat"
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "SegmentSpec":
+        if self.layers is not None and self.cut is not None:
+            raise ValueError("give 'layers' (indices of an nn.Sequential) or 'cut' (a submodule's name), not both")
+        return self
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -347,13 +429,13 @@ class Plan(_Strict):
         return plan
 
 
-_DEPLOYMENT = {"parties": {"__all__": {"address", "dial_out", "source"}}}
+_DEPLOYMENT = {"parties": {"__all__": {"address", "dial_out", "source", "device"}}}
 
 
 def plan_hash(plan: Plan) -> str:
     """A stable hash of everything that shapes the computation (parties must agree on it).
 
-    Where parties run (addresses, who dials) and where each reads its own data are left out.
+    Where parties run (addresses, who dials, devices) and where each reads its own data are left out.
     """
     body = json.dumps(plan.model_dump(mode="json", exclude=_DEPLOYMENT), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()[:16]

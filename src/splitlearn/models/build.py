@@ -8,14 +8,18 @@ composed, unsplit model starts from identical weights.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import sys
 import zlib
+from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..core.plan import Plan, PlanError
+from ..core.plan import Plan, PlanError, plan_dir
+from .cut import CutError, cut_module
 from .zoo import ZOO
 
 __all__ = ["build_network", "build_segment", "network_seed"]
@@ -31,9 +35,28 @@ def network_seed(plan_seed: int, network: str) -> int:
     return (plan_seed * 1_000_003 + zlib.crc32(network.encode())) % (2**63 - 1)
 
 
+def _import(module_name: str, folder: Path | None):
+    """Import a factory's module; a module next to the plan file is found without PYTHONPATH."""
+    added = folder is not None and str(folder) not in sys.path
+    if added:
+        sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added:
+            sys.path.remove(str(folder))
+
+
 def _factory(plan: Plan, name: str):
     spec = plan.networks[name]
     entry = f"networks.{name}"
+    if spec._object is not None:
+        return spec._object, f"{entry}.factory" if spec.factory else entry
+    if spec.python is not None:
+        raise PlanError(f"network {name!r} was given in Python as {spec.python}, which exists only in the process "
+                        "that built the plan", entry=entry,
+                        hint="pass the object again (splitlearn.train / predict(networks=...)), or name a factory "
+                        "function that other processes can import ('module:function', next to the plan)")
     if spec.zoo is not None:
         if spec.zoo not in ZOO:
             raise PlanError(f"unknown model-zoo network {spec.zoo!r}", entry=f"{entry}.zoo",
@@ -46,12 +69,14 @@ def _factory(plan: Plan, name: str):
                         entry=f"{entry}.factory",
                         hint="name a function of your own package that returns a torch.nn.Module "
                         "(a plan's factory runs that code: only run plans you trust)")
+    folder = plan_dir(plan)
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name, folder.resolve() if folder else None)
     except Exception as e:  # ImportError, or an error raised while importing the user's module
-        raise PlanError(f"cannot import module {module_name!r} of factory {spec.factory!r}: {e}",
-                        entry=f"{entry}.factory",
-                        hint="check the module path and that its package is installed or on PYTHONPATH") from None
+        where = f" (looked next to the plan, in {folder}, and on sys.path)" if folder else ""
+        raise PlanError(f"cannot import module {module_name!r} of factory {spec.factory!r}{where}: "
+                        f"{type(e).__name__}: {e}", entry=f"{entry}.factory",
+                        hint="put the module next to the plan file, or install its package") from None
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise PlanError(f"module {module_name!r} has no function {func_name!r}", entry=f"{entry}.factory",
@@ -60,33 +85,100 @@ def _factory(plan: Plan, name: str):
 
 
 def build_network(plan: Plan, name: str) -> nn.Module:
-    """Instantiate network ``name`` of the plan with its deterministic seed."""
+    """Instantiate network ``name`` of the plan with its deterministic seed.
+
+    A network given as an ``nn.Module`` object is copied (the caller's object is left as it is);
+    a factory is called with the plan's ``args`` under the network's seed.
+    """
     fn, entry = _factory(plan, name)
+    if isinstance(fn, nn.Module):
+        return copy.deepcopy(fn)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(network_seed(plan.train.seed, name))
         try:
             net = fn(**plan.networks[name].args)
-        except (TypeError, ValueError) as e:
-            raise PlanError(f"building network {name!r} failed: {e}", entry=f"networks.{name}.args",
-                            hint="check the arguments the network takes") from None
+        except Exception as e:  # noqa: BLE001 - the user's code: any error is a plan problem, not a crash
+            raise PlanError(f"building network {name!r} failed: {type(e).__name__}: {e}", entry=entry,
+                            hint="check the factory and the arguments it takes ('args')") from None
     if not isinstance(net, nn.Module):
         raise PlanError(f"{entry.split('.')[-1]} of network {name!r} returned {type(net).__name__}, not a torch.nn.Module",
                         entry=entry, hint="return a torch.nn.Module (an nn.Sequential to cut it at layer indices)")
     return net
 
 
+def _plain_sequential(net: nn.Module) -> bool:
+    """An nn.Sequential (or a subclass) that runs its layers in order: cut by slicing."""
+    return isinstance(net, nn.Sequential) and type(net).forward is nn.Sequential.forward
+
+
+def _bounds(plan: Plan, segment: str, net: nn.Module) -> tuple[int, int] | None:
+    """Which part of a plain nn.Sequential the segment runs: ``[start, stop)``, or None for all of it.
+
+    Segments of one network form a chain in plan order: ``layers`` gives the range, ``cut``
+    ends it after a named layer, and neither, after an earlier bounded segment, means the rest.
+    """
+    mine = [s for s, spec in plan.segments.items() if spec.network == plan.segments[segment].network]
+    if all(plan.segments[s].layers is None and plan.segments[s].cut is None for s in mine):
+        return None
+    names = [n for n, _ in net.named_children()]
+    pos = 0
+    for s in mine:
+        spec = plan.segments[s]
+        if spec.layers is not None:
+            start, stop = spec.layers
+        elif spec.cut is not None:
+            if spec.cut not in names:
+                raise PlanError(f"network {spec.network!r} has no layer named {spec.cut!r} (its layers: {names})",
+                                entry=f"segments.{s}.cut", hint="name one of its layers")
+            start, stop = pos, names.index(spec.cut) + 1
+        else:
+            start, stop = pos, len(net)
+        if stop > len(net):
+            raise PlanError(f"layers {[start, stop]} but network {spec.network!r} has {len(net)} layers "
+                            f"(0..{len(net) - 1})", entry=f"segments.{s}.layers", hint=f"use a stop of at most {len(net)}")
+        if start >= stop:
+            raise PlanError(f"segment {s!r} has no layers left of network {spec.network!r}: the segments before it "
+                            f"end at layer {pos}", entry=f"segments.{s}", hint="give it 'layers' or 'cut', or remove it")
+        if s == segment:
+            return start, stop
+        pos = stop
+    raise AssertionError(segment)
+
+
+def _piece(plan: Plan, segment: str, net: nn.Module) -> nn.Module:
+    """The part of a module that is no plain nn.Sequential, cut after named submodules with torch.fx."""
+    spec = plan.segments[segment]
+    mine = [s for s, sp in plan.segments.items() if sp.network == spec.network]
+    bounded = [s for s in mine if plan.segments[s].cut is not None]
+    for s in mine:
+        if plan.segments[s].layers is not None:
+            raise PlanError(f"network {spec.network!r} is a {type(net).__name__}, which cannot be cut at layer "
+                            "indices", entry=f"segments.{s}.layers",
+                            hint="cut it after a named submodule instead: cut = \"layer1\" (see docs/plans.md)")
+    if not bounded:
+        return net
+    rest = [s for s in mine if plan.segments[s].cut is None]
+    if rest and (len(rest) > 1 or rest[0] != mine[-1]):
+        raise PlanError(f"segments {mine} of network {spec.network!r}: only the last may leave out 'cut' "
+                        "(it runs the rest)", entry=f"segments.{rest[0]}",
+                        hint="give every segment of the network but the last a 'cut'")
+    cuts = [plan.segments[s].cut for s in bounded]
+    try:
+        pieces = cut_module(net, cuts)
+    except CutError as e:
+        raise PlanError(f"cannot cut network {spec.network!r} ({type(net).__name__}) after {cuts}: {e}",
+                        entry=f"segments.{segment}.cut", hint="see 'Cutting your own module' in docs/plans.md") from None
+    return pieces[bounded.index(segment) if segment in bounded else len(bounded)]
+
+
 def build_segment(plan: Plan, segment: str) -> nn.Module:
-    """The module a segment runs: its network, or layers ``[start, stop)`` of it."""
+    """The module a segment runs: its network, a slice of it (nn.Sequential) or a piece cut by name."""
     spec = plan.segments[segment]
     net = build_network(plan, spec.network)
-    if spec.layers is None:
+    if not _plain_sequential(net):
+        return _piece(plan, segment, net)
+    bounds = _bounds(plan, segment, net)
+    if bounds is None:
         return net
-    if not isinstance(net, nn.Sequential):
-        raise PlanError(f"network {spec.network!r} is a {type(net).__name__}, which cannot be cut at layer indices",
-                        entry=f"segments.{segment}.layers",
-                        hint="remove 'layers' or make the factory return an nn.Sequential")
-    start, stop = spec.layers
-    if stop > len(net):
-        raise PlanError(f"layers {list(spec.layers)} but network {spec.network!r} has {len(net)} layers (0..{len(net) - 1})",
-                        entry=f"segments.{segment}.layers", hint=f"use a stop of at most {len(net)}")
-    return net[start:stop]
+    start, stop = bounds
+    return nn.Sequential(OrderedDict(list(net.named_children())[start:stop]))

@@ -20,11 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.graph import Graph, build_graph
-from ..core.plan import Plan, plan_dir
+from ..core.plan import Plan, PlanError, parse_plan, plan_dir
 from .session import PartyReport
 
 __all__ = ["build_result", "final_client", "summarize", "wires_of", "write_json", "save_party", "save_result",
-           "save_weights", "load_weights", "non_finite", "plan_record"]
+           "save_weights", "load_weights", "non_finite", "plan_record", "load_run_plan"]
 
 
 def summarize(plan: Plan, graph: Graph, tasks: dict[str, dict]) -> dict[str, Any]:
@@ -177,7 +177,31 @@ def save_result(out: Path, plan: Plan, result: dict[str, Any]) -> None:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
     write_json(out / "plan.json", plan_record(plan))
+    if plan._source is not None:  # factories next to the plan file are found from there again (predict, audit)
+        result = {**result, "plan_file": str(plan._source.resolve())}
     write_json(out / "result.json", result)
+
+
+def load_run_plan(run_dir: Path, networks: dict[str, Any] | None = None) -> Plan:
+    """The plan of a run folder, its factories found next to the original plan file;
+    ``networks`` replaces networks by Python objects (those the run was given in Python)."""
+    from ..core.load import load_plan
+
+    body = json.loads((run_dir / "plan.json").read_text())
+    if networks:
+        unknown = sorted(set(networks) - set(body.get("networks", {})))
+        if unknown:
+            raise PlanError(f"networks {unknown} are not networks of the run (it has {sorted(body.get('networks', {}))})",
+                            file=run_dir / "plan.json", hint="name the networks as the plan does")
+        body["networks"] = {**body["networks"], **networks}
+    plan = parse_plan(body)
+    try:
+        source = json.loads((run_dir / "result.json").read_text()).get("plan_file")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    if isinstance(source, str) and Path(source).is_file():
+        plan._source = Path(source)
+    return load_plan(plan)
 
 
 def plan_record(plan: Plan) -> dict[str, Any]:
@@ -207,7 +231,8 @@ def write_json(path: Path, obj: Any) -> None:
 def save_weights(path: Path, modules: dict[str, nn.Module]) -> None:
     """One party's segments as safetensors (``segment.parameter`` keys), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{seg}.{k}": v.detach().contiguous().clone() for seg, m in modules.items() for k, v in m.state_dict().items()}
+    tensors = {f"{seg}.{k}": v.detach().cpu().contiguous().clone() for seg, m in modules.items()
+               for k, v in m.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "splitlearn-segments", "segments": ",".join(modules)})
     os.replace(tmp, path)

@@ -25,7 +25,7 @@ from ..models import build_segment
 from ..privacy import defenses
 
 __all__ = ["Step", "Splits", "schedule", "PartySetup", "setup_party", "check_plan", "prepare", "make_optimizer",
-           "party_table", "party_inputs", "splits_for"]
+           "party_table", "party_inputs", "splits_for", "party_device", "build_modules"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,11 @@ def schedule(plan: Plan, splits: Splits, epochs: int | None = None) -> Iterator[
 # -- data ------------------------------------------------------------------------------------
 
 def _table(spec: DataSpec, base: Path | None, cache: dict) -> Table:
+    if spec.dataset == "arrays":
+        if spec._table is None:
+            raise DataError("dataset 'arrays' holds rows given in Python, which this process does not have: give "
+                            "the data again (splitlearn.predict(run, data=...)) or use a file")
+        return spec._table
     key = spec.model_dump_json()
     if key not in cache:
         cache[key] = load_table(spec.dataset, path=spec.path, id_column=spec.id_column,
@@ -111,6 +116,28 @@ def make_optimizer(plan: Plan, party: str, modules: dict[str, nn.Module]) -> tor
     return cls(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
+def party_device(plan: Plan, party: str) -> torch.device:
+    """The device a party computes on: ``auto`` is the first CUDA device when there is one."""
+    want = plan.parties[party].device
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(want)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if dev.index is not None and dev.index >= count or not count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device (or no CUDA build of torch)"
+            raise PlanError(f"party {party!r} asks for device {want!r}, but this machine has {have}",
+                            entry=f"parties.{party}.device",
+                            hint='use device = "cpu", or "auto" (CUDA where there is one, else the CPU)')
+    return dev
+
+
+def build_modules(plan: Plan, party: str, segments: list[str]) -> dict[str, nn.Module]:
+    """A party's segments, built from the plan and moved to its device."""
+    device = party_device(plan, party)
+    return {s: build_segment(plan, s).to(device) for s in segments}
+
+
 @dataclass
 class PartySetup:
     """What a party builds from the plan and its data, before any message is exchanged."""
@@ -136,7 +163,7 @@ def setup_party(plan: Plan, name: str, cache: dict | None = None, data: DataSpec
     table = party_table(plan, name, cache, data)
     table = table.align(np.sort(table.ids))
     segs = [n for n in graph.local_order(name) if graph.nodes[n].kind == "segment"]
-    modules = {s: build_segment(plan, s) for s in segs}
+    modules = build_modules(plan, name, segs)
     return PartySetup(plan, graph, name, modules, make_optimizer(plan, name, modules),
                       party_inputs(plan, name, table, graph.label_inputs() if predict else set()),
                       splits_for(plan, table))

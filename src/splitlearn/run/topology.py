@@ -23,7 +23,7 @@ from ..wire.messages import Limits
 from ..wire.transport.base import Transport
 from .observe import Recorder
 from .session import PartyReport, Progress, run_party
-from .setup import PartySetup, Step, make_optimizer, schedule, setup_party
+from .setup import PartySetup, Step, build_modules, make_optimizer, schedule, setup_party
 
 __all__ = ["Topology", "physical_party", "physical_setups", "plain_connections", "with_dial_out"]
 
@@ -115,10 +115,8 @@ def physical_setups(plan: Plan, topo: Topology, prepared: dict[str, PartySetup])
         if plays is None:
             out[n] = None
         elif plan.clients is not None and n in topo.expendable:
-            from ..models import build_segment
-
             t = prepared[plays]
-            mods = {s: build_segment(plan, s) for s in t.modules}
+            mods = build_modules(plan, plays, list(t.modules))
             out[n] = PartySetup(plan, t.graph, plays, mods, make_optimizer(plan, plays, mods), t.inputs, t.splits)
         else:
             out[n] = prepared[plays]

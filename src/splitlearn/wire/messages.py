@@ -255,7 +255,7 @@ def weights(sender: str, receiver: str, state: dict[str, Any], request: int) -> 
 
     raw = get_codec("raw")
     return Message(Kind.WEIGHTS, sender, receiver, request, "weights",
-                   tensors={k: raw.encode(v.detach()) for k, v in state.items()})
+                   tensors={k: raw.encode(v.detach().cpu()) for k, v in state.items()})
 
 
 def read_weights(msg: Message, like: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import torch
 
 from ...core.graph import Graph, Node, Wire, build_graph
 from ...core.plan import Plan, PlanError, WireSpec
-from ...core.load import load_plan
+from ...run.results import load_run_plan
 from ...run.results import non_finite
 from . import measures
 
@@ -117,7 +117,7 @@ class RunFolder:
             raise AuditError(f"{folder}: not a run folder (plan.json is missing); give the --out folder of a "
                              "finished 'splitlearn run' or splitlearn.train(..., out=...)")
         try:
-            plan = load_plan(json.loads((folder / "plan.json").read_text()))
+            plan = load_run_plan(folder)
         except (ValueError, PlanError) as e:
             raise AuditError(f"{folder / 'plan.json'}: not a valid plan: {e}") from None
         result_file = folder / "result.json"

@@ -1,0 +1,111 @@
+"""Cut a user's ``nn.Module`` after named submodules, with ``torch.fx``.
+
+The module is traced once with the cut submodules kept whole (fx "leaf" modules), and the
+traced graph is divided at them: piece 0 runs from the inputs to the first cut submodule
+(included), piece ``k`` from there to the next, the last piece to the output. Each piece is an
+``fx.GraphModule`` over the very same submodules, so its ``state_dict`` keys are the module's
+own (``layer1.0.conv1.weight``) and the pieces composed compute exactly what the module does.
+
+Only the cut submodule's output may cross a cut. A value used on both sides (a skip
+connection around the cut, or the input reused later) is refused, naming it: one wire carries
+one tensor.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["CutError", "cut_module"]
+
+
+class CutError(ValueError):
+    """A module that cannot be cut where asked, with the reason."""
+
+
+class _KeepWhole(fx.Tracer):
+    def __init__(self, whole: set[str]):
+        super().__init__()
+        self.whole = whole
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.whole or super().is_leaf_module(m, qualname)
+
+
+def _trace(net: nn.Module, cuts: list[str]) -> fx.Graph:
+    names = dict(net.named_modules())
+    for c in cuts:
+        if c not in names:
+            top = [n for n, _ in net.named_children()]
+            raise CutError(f"it has no submodule {c!r} (its top-level submodules: {top})")
+    if len(set(cuts)) != len(cuts):
+        raise CutError(f"the cuts {cuts} name a submodule twice")
+    try:
+        return _KeepWhole(set(cuts)).trace(net)
+    except Exception as e:  # noqa: BLE001 - fx raises many kinds (TraceError, TypeError from a user's forward, ...)
+        raise CutError(f"torch.fx cannot trace its forward ({type(e).__name__}: {e}); a forward whose control flow "
+                       "depends on tensor values cannot be cut by name") from None
+
+
+def _assign(graph: fx.Graph, cuts: list[str]) -> tuple[dict[fx.Node, int], list[fx.Node]]:
+    """Each node's piece, and the node of each cut (its output is what crosses)."""
+    piece, ends = 0, []
+    where: dict[fx.Node, int] = {}
+    for n in graph.nodes:
+        if n.op == "output":
+            continue
+        if n.op == "call_module" and n.target in cuts:
+            if n.target != (cuts[piece] if piece < len(cuts) else None):
+                order = "is called more than once" if n.target in cuts[:piece] else "runs before the earlier cuts"
+                raise CutError(f"submodule {n.target!r} {order}: cuts must follow the order of the forward "
+                               f"(cuts given: {cuts})")
+            where[n] = piece
+            ends.append(n)
+            piece += 1
+            continue
+        where[n] = piece
+    if len(ends) < len(cuts):
+        missing = cuts[len(ends)]
+        raise CutError(f"submodule {missing!r} is never called by the forward, so nothing can be cut after it")
+    return where, ends
+
+
+def _check_crossings(graph: fx.Graph, where: dict[fx.Node, int], ends: list[fx.Node]) -> None:
+    last = len(ends)
+    for n in graph.nodes:
+        k = last if n.op == "output" else where[n]
+        for a in n.all_input_nodes:
+            if where[a] == k or (k > 0 and a is ends[k - 1]):
+                continue
+            what = "the network's input" if a.op == "placeholder" else f"the value {a.name!r}"
+            cut = ends[where[a]].target if where[a] < last else None
+            raise CutError(f"{what} (computed before the cut after {cut!r}) is also used after it, by {n.name!r}: a skip "
+                           f"connection across a cut; only the cut submodule's output may cross. Move the cut so "
+                           "the connection stays on one side")
+
+
+def cut_module(net: nn.Module, cuts: list[str]) -> list[fx.GraphModule]:
+    """``len(cuts) + 1`` pieces of ``net``: piece ``k`` ends with submodule ``cuts[k]``; the last runs to the output.
+
+    Raises :class:`CutError` if a cut names no submodule, the cuts are out of order, the forward
+    cannot be traced or a value other than a cut submodule's output crosses a cut.
+    """
+    graph = _trace(net, cuts)
+    where, ends = _assign(graph, cuts)
+    _check_crossings(graph, where, ends)
+    output = next(n for n in graph.nodes if n.op == "output")
+    pieces = []
+    for k in range(len(ends) + 1):
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        if k > 0:
+            env[ends[k - 1]] = g.placeholder(ends[k - 1].name.replace(".", "_"))
+        for n in graph.nodes:
+            if n.op != "output" and where[n] == k:
+                env[n] = g.node_copy(n, lambda a: env[a])
+        if k < len(ends):
+            g.output(env[ends[k]])
+        else:
+            g.output(fx.map_arg(output.args[0], lambda a: env[a]))
+        pieces.append(fx.GraphModule(net, g, class_name=f"{type(net).__name__}Piece{k}"))
+    return pieces
