@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +246,11 @@ def test_a_factory_next_to_the_plan_needs_no_pythonpath(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert pred.returncode == 0, pred.stdout + pred.stderr
     assert (tmp_path / "elsewhere" / "r" / "parties" / "server" / "predictions.csv").is_file()
+
+
+def test_the_python_example_runs_from_any_folder(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "own_model.py"
+    out = subprocess.run([sys.executable, str(script), "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    accuracy = float(out.stdout.split()[2].rstrip(";"))
+    assert accuracy > 0.8, out.stdout

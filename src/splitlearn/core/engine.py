@@ -1,4 +1,4 @@
-"""One party's side of a step: the stage protocol of DESIGN.md, over a :class:`~splitlearn.wire.link.Link`.
+"""One party's side of a step: the stage protocol of docs/design.md, over a :class:`~splitlearn.wire.link.Link`.
 
 Pure logic: no sockets and no files. The same code runs in an in-process simulation and in a
 party process on another machine; only the transport under the link differs.
