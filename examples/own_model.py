@@ -6,9 +6,12 @@ module is yours: splitlearn trains a copy of each part and hands the trained mod
 
 import sys
 
+import torch
+
 import splitlearn
 from my_resnet import ResNet  # next to this script
 
+torch.manual_seed(0)  # the object's initial weights are yours: seed them for a reproducible run
 model = ResNet()
 result = splitlearn.split(model, cut="layer1", data="digits", epochs=int(sys.argv[1]) if len(sys.argv) > 1 else 3)
 print(f"test accuracy {result['metrics']['test_accuracy']:.3f}; the client sent "

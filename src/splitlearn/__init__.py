@@ -1,9 +1,33 @@
-"""splitlearn: split learning in one engine, every configuration as a plan."""
+"""splitlearn: split learning in one engine, every configuration as a plan.
 
-from .api import Result, predict, split, train
-from .core.graph import build_graph
-from .core.plan import Plan, PlanError
-from .core.load import load_plan
+The names below are imported on first use, so ``splitlearn --help`` starts without torch.
+"""
 
-__all__ = ["Plan", "PlanError", "load_plan", "build_graph", "split", "train", "predict", "Result"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["Plan", "PlanError", "load_plan", "build_graph", "split", "train", "predict", "Result"]
+
+_HOME = {"Plan": ".core.plan", "PlanError": ".core.plan", "load_plan": ".core.load", "build_graph": ".core.graph",
+         "split": ".api", "train": ".api", "predict": ".api", "Result": ".api"}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import Result, predict, split, train
+    from .core.graph import build_graph
+    from .core.load import load_plan
+    from .core.plan import Plan, PlanError
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'splitlearn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

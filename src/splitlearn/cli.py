@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,26 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Split learning: train, inspect and predict from plans of any configuration.")
 console = Console()
 err = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"splitlearn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="print the version and exit"),
+             debug: bool = typer.Option(False, "--debug", help="show tracebacks and gRPC's own log lines")) -> None:
+    """Split learning: train, inspect and predict from plans of any configuration."""
+    _state["debug"] = debug
+    if debug:
+        os.environ["GRPC_VERBOSITY"] = "INFO"  # party processes inherit it
+        logging.getLogger().setLevel(logging.DEBUG)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -65,6 +86,14 @@ def _summary(result: dict) -> None:
         console.print(f"[yellow]label wire[/] {w['name']}: labels of {w['src']} travel to {w['dst']}")
 
 
+def _fresh(out: Path, force: bool) -> None:
+    """Nothing is overwritten silently: an ``--out`` folder that holds files needs ``--force``."""
+    if out.is_file():
+        _fail(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        _fail(f"--out {out} already holds files (an earlier run?): give --force to write over them, or another --out")
+
+
 def _bar(quiet: bool) -> Progress:
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn()]
@@ -75,7 +104,9 @@ def _bar(quiet: bool) -> Progress:
 def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         epochs: Optional[int] = typer.Option(None, min=1, help="override the plan's epochs"),
         seed: Optional[int] = typer.Option(None, help="override the plan's seed"),
-        out: Path = typer.Option(Path("runs/latest"), help="folder for result.json, plan.json and weights"),
+        out: Optional[Path] = typer.Option(None, help="folder for result.json, plan.json and weights "
+                                           "[default: runs/PLAN-NAME]"),
+        force: bool = typer.Option(False, "--force", help="write over an --out folder that holds files"),
         in_process: bool = typer.Option(False, "--in-process", help="simulate: every party in this process"),
         insecure: bool = typer.Option(False, "--insecure", help="no TLS between party processes (not recommended)"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar")) -> None:
@@ -89,6 +120,8 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         p, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
     except PlanError as e:
         _fail(str(e))
+    out = out or Path("runs") / plan.stem
+    _fresh(out, force)
     if insecure and not in_process:
         err.print("[bold yellow]warning:[/] --insecure: parties talk without TLS; anyone on the network can read "
                   "and impersonate them")
@@ -201,7 +234,8 @@ def certs(plan: Path = typer.Argument(..., help="plan file (.toml)"),
 
 @app.command()
 def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
-            png: Optional[Path] = typer.Option(None, help="where to draw the topology (default: PLAN-topology.png)"),
+            png: Optional[Path] = typer.Option(None, help="draw the topology (wires with their shapes and bytes per "
+                                               "sample) into this PNG file"),
             check: bool = typer.Option(True, help="also load the data and dry-run one sample through the plan")) -> None:
     """Print PLAN's parties, stages and wires, flag label wires, and draw its topology."""
     from .core.graph import build_graph
@@ -228,9 +262,11 @@ def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
                                                   f", federation {federation_of(p)}")
                       + f", partition {c.partition.kind}; coordinator {coordinator_of(p)}; "
                       f"a client silent for {c.timeout:g} s is skipped", highlight=False, markup=False)
-    target = png or Path(f"{plan.stem}-topology.png")
-    draw_topology(graph, target)
-    console.print(f"drew {target}")
+    if png is None:
+        console.print("(--png FILE draws the topology)", style="dim")
+        return
+    draw_topology(graph, png, shapes=shapes)
+    console.print(f"drew {png}")
 
 
 @app.command()
@@ -266,7 +302,8 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
           aux_fraction: float = typer.Option(0.1, help="share of the recorded rows the inversion attacker knows"),
           epochs: Optional[int] = typer.Option(None, min=1, help="sweep: training epochs (default: the plan's)"),
           decoder_epochs: int = typer.Option(200, min=1, help="training epochs of the inversion decoder"),
-          seed: int = typer.Option(0, help="seed of the attacks")) -> None:
+          seed: int = typer.Option(0, help="seed of the attacks"),
+          force: bool = typer.Option(False, "--force", help="sweep: write over an --out folder that holds files")) -> None:
     """Audit what each party of a finished run could learn (distance correlation, model inversion,
     label leakage); or, with --sweep, train a plan at several strengths of a defense and tabulate
     accuracy against leakage."""
@@ -296,6 +333,7 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
                 _fail(f"{target} is a folder: --sweep trains a plan, give the plan file (.toml)")
             param, values = parse_sweep(sweep)
             dest = out or Path("runs/sweep")
+            _fresh(dest, force)
             result = do_sweep(target, param, values, dest, wire=wire, epochs=epochs, aux_fraction=aux_fraction,
                               seed=seed, decoder_epochs=decoder_epochs,
                               progress=lambda text: console.print(f"[dim]{text}[/]", highlight=False))
@@ -405,13 +443,15 @@ def compare_cmd(plan: Path = typer.Argument(..., help="a split plan (.toml): one
                                                                              "(default: the plan's partition, or iid)"),
                 epochs: Optional[int] = typer.Option(None, min=1, help="override the plan's epochs"),
                 out: Path = typer.Option(Path("runs/compare"), help="folder for METHOD/result.json, compare.json/.md "
-                                                                    "and the two pictures")) -> None:
+                                                                    "and the two pictures"),
+                force: bool = typer.Option(False, "--force", help="write over an --out folder that holds files")) -> None:
     """Train split learning and its baselines on the same model, data and partition; tabulate
     per-client TFLOPs, GB and accuracy beside the cost model's prediction, and draw the seed's
     two pictures (accuracy vs per-client computation, per-client bytes)."""
     from .tools.compare import METHODS, format_compare, run_compare
     from .run.session import RunError
 
+    _fresh(out, force)
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in chosen if m not in METHODS]
     if not chosen or bad:
@@ -443,10 +483,18 @@ def compare_cmd(plan: Path = typer.Argument(..., help="a split plan (.toml): one
 
 def main() -> None:  # pragma: no cover
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .run.processes import tune_allocator
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core logs (E1202 ... add_port.cc) only with --debug
+    from .run.allocator import tune_allocator
 
     tune_allocator()
-    app()
+    try:
+        app()
+    except Exception as e:  # a bug or an error without its own message: one line, the traceback with --debug
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/] {type(e).__name__}: {e}\n(run 'splitlearn --debug ...' to see the traceback)",
+                  highlight=False)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

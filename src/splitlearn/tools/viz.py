@@ -18,7 +18,7 @@ from typing import Any
 
 from ..core.graph import Graph, Node, Wire
 
-__all__ = ["draw_topology", "describe"]
+__all__ = ["draw_topology", "describe", "shape_text", "clients_text"]
 
 # light band / box fill / dark edge+text, one triple per party (cycled)
 _PALETTE = [
@@ -58,21 +58,63 @@ def _layers_text(layers: tuple[int, int] | None) -> str:
     return f"layer {a}" if b - a == 1 else f"layers {a}-{b - 1}"
 
 
-def _wire_styles(graph: Graph) -> dict[str, dict[str, Any]]:
+_ITEM_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+               "int8": 1, "uint8": 1, "bool": 1}
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} GB"  # pragma: no cover
+
+
+def shape_text(dtype: str, shape: tuple[int, ...]) -> str:
+    """``16×8×8 float32, 4.1 kB/sample``: what one sample puts on a wire before its codec."""
+    values = 1
+    for d in shape:
+        values *= d
+    dims = "×".join(map(str, shape)) or "1"
+    return f"{dims} {dtype}, {_human_bytes(values * _ITEM_BYTES.get(dtype, 4))}/sample"
+
+
+def _wire_styles(graph: Graph, shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None
+                 ) -> dict[str, dict[str, Any]]:
     """How each wire is drawn: ``{wire name: {color, linestyle, linewidth, annotation}}``.
 
     Label wires are red and dashed (they are the privacy-relevant ones), activation wires blue
-    and solid, annotated with what travels each way (and the codec when it is not float32).
+    and solid, annotated with what travels each way (and the codec when it is not float32), and
+    with ``shapes`` (from a dry run) the values and bytes per sample.
     """
     styles: dict[str, dict[str, Any]] = {}
     for w in graph.wires:
+        size = f"\n{shape_text(*shapes[w.name])}" if shapes and w.name in shapes else ""
         if w.carries == "label":
-            styles[w.name] = {"color": _LABEL, "linestyle": "--", "linewidth": 2.6, "annotation": "labels"}
+            styles[w.name] = {"color": _LABEL, "linestyle": "--", "linewidth": 2.6, "annotation": "labels" + size}
         else:
             fwd = "act →" + (f" ({w.codec})" if w.codec != "float32" else "")
             bwd = "← grad" + (f" ({w.grad_codec})" if w.grad_codec != "float32" else "")
-            styles[w.name] = {"color": _ACT, "linestyle": "-", "linewidth": 2.6, "annotation": f"{fwd}\n{bwd}"}
+            styles[w.name] = {"color": _ACT, "linestyle": "-", "linewidth": 2.6,
+                              "annotation": f"{fwd}\n{bwd}{size}"}
     return styles
+
+
+def clients_text(graph: Graph) -> str:
+    """One line on a ``[clients]`` plan's clients, schedule and hand-off ("" without clients)."""
+    c = graph.plan.clients
+    if c is None:
+        return ""
+    from ..clients.roles import federation_of
+
+    text = f"{c.count} clients {c.template}-1 … {c.template}-{c.count} ({c.partition.kind}), schedule {c.schedule}"
+    if c.schedule == "sequential":
+        how = ("each passes its segments straight to the next client" if c.handoff == "peer"
+               else "each hands its segments to the server, which gives them to the next")
+        return f"{text}: one client at a time; {how}"
+    if c.schedule == "independent":
+        return f"{text}: every client trains its own model; nothing is shared"
+    return f"{text}: clients train in each round, {federation_of(graph.plan)} averages their segments"
 
 
 def _columns(graph: Graph) -> dict[str, int]:
@@ -99,7 +141,7 @@ def _node_text(graph: Graph, node: Node, label_inputs: set[str]) -> tuple[str, s
         return node.name, ("labels" if node.name in label_inputs else "")
     if node.kind == "segment":
         seg = plan.segments[node.name]
-        sub = _layers_text(seg.layers)
+        sub = _layers_text(seg.layers) or (f"to {seg.cut}" if seg.cut else "")
         if seg.network != node.name:
             sub = f"{sub} ({seg.network})" if sub else seg.network
         if len(node.inputs) > 1:
@@ -151,7 +193,7 @@ def _bend(a: tuple[float, float], b: tuple[float, float],
 
 # --------------------------------------------------------------------------- drawing
 
-def _render(graph: Graph, title: str | None = None):
+def _render(graph: Graph, title: str | None = None, shapes: dict | None = None):
     """Draw the topology on a new Agg figure; return ``(figure, {wire name: [arrow patches]})``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -185,7 +227,10 @@ def _render(graph: Graph, title: str | None = None):
     width = max(9.0, _LANE_LABEL_W + ncols * _COL_W + 0.3)
     if title is None:
         title = plan.name + (f": {plan.description}" if plan.description else "")
-    title_lines = textwrap.wrap(title, width=max(40, int(width * 72 / (0.6 * 13)))) or [""]
+    if plan.clients is not None:
+        title += "\n" + clients_text(graph)
+    title_lines = [line for part in title.split("\n")
+                   for line in textwrap.wrap(part, width=max(40, int(width * 72 / (0.6 * 13))))] or [""]
     title_h = 0.35 + 0.28 * len(title_lines)
     legend_ncol = 6 if width >= 13 else 3
     legend_h = 0.55 if legend_ncol == 6 else 0.8
@@ -212,6 +257,10 @@ def _render(graph: Graph, title: str | None = None):
     for p in parties:
         band, fill, dark = colour[p]
         y0 = top - lane_h[p]
+        many = plan.clients is not None and p == plan.clients.template
+        for k in (2, 1) if many else ():  # a stack of lanes: the template stands for its clients
+            ax.add_patch(Rectangle((0.1 + 0.06 * k, y0 - 0.04 * k), lane_right - 0.1, lane_h[p], facecolor=band,
+                                   edgecolor=dark, linewidth=0.6, zorder=-0.1 * k))
         ax.add_patch(Rectangle((0.1, y0), lane_right - 0.1, lane_h[p], facecolor=band, edgecolor=dark,
                                linewidth=0.8, zorder=0))
         ax.add_patch(Rectangle((0.1, y0), _LANE_LABEL_W - 0.2, lane_h[p], facecolor=fill, edgecolor="none",
@@ -219,8 +268,9 @@ def _render(graph: Graph, title: str | None = None):
         spec = plan.parties[p]
         holds = ", ".join(spec.holds) if spec.holds else "no data"
         holds_txt = "\n".join(textwrap.wrap(f"holds: {holds}", 22))
-        ax.text(0.25, y0 + lane_h[p] / 2 + 0.1, p, ha="left", va="bottom", color=dark,
-                fontsize=_fit(p, _LANE_LABEL_W - 0.4, 11.5), fontweight="bold", zorder=4)
+        shown = f"{p} ×{plan.clients.count}" if many else p
+        ax.text(0.25, y0 + lane_h[p] / 2 + 0.1, shown, ha="left", va="bottom", color=dark,
+                fontsize=_fit(shown, _LANE_LABEL_W - 0.4, 11.5), fontweight="bold", zorder=4)
         ax.text(0.25, y0 + lane_h[p] / 2 + 0.02, holds_txt, ha="left", va="top", color=dark, fontsize=7.5,
                 zorder=4)
 
@@ -265,7 +315,7 @@ def _render(graph: Graph, title: str | None = None):
 
     # edges: local ones thin grey, wires thick and annotated once per wire; each edge is bent
     # just enough that it does not run through another node's box
-    styles = _wire_styles(graph)
+    styles = _wire_styles(graph, shapes)
     arrows: dict[str, list[Any]] = {w.name: [] for w in graph.wires}
     annotated: set[str] = set()
     boxes = {n: (centre[n], extent[n]) for n in centre}
@@ -308,13 +358,16 @@ def _render(graph: Graph, title: str | None = None):
     return fig, arrows
 
 
-def draw_topology(graph: Graph, path: str | Path, title: str | None = None) -> Path:
+def draw_topology(graph: Graph, path: str | Path, title: str | None = None,
+                  shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> Path:
     """Draw the plan's topology (parties as lanes, nodes by depth, wires as arrows) as a PNG at ``path``.
 
-    ``title`` defaults to the plan's name and description. Returns the path written.
+    ``title`` defaults to the plan's name and description (and, with ``[clients]``, its clients,
+    schedule and hand-off); ``shapes`` (wire -> dtype, shape) puts each wire's size per sample
+    on it. Returns the path written.
     """
     path = Path(path)
-    fig, _ = _render(graph, title)
+    fig, _ = _render(graph, title, shapes)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=_DPI, format="png")
@@ -351,7 +404,7 @@ def describe(graph: Graph) -> str:
                 continue
             seg = plan.segments[n]
             detail = " ".join(t for t in (seg.network if seg.network != n or seg.layers else "",
-                                          _layers_text(seg.layers)) if t)
+                                          _layers_text(seg.layers) or (f"up to {seg.cut}" if seg.cut else "")) if t)
             segs.append(f"{n} ({detail})" if detail else n)
         if segs:
             parts.append("runs " + ", ".join(segs))
