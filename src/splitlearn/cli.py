@@ -59,6 +59,11 @@ def _summary(result: dict) -> None:
     m = result["metrics"]
     if "test_accuracy" in m:
         console.print(f"[bold]test accuracy[/]: {m['test_accuracy']:.4f}")
+        names = {"test_roc_auc": "ROC AUC", "test_f1": "F1", "test_sensitivity": "sensitivity",
+                 "test_specificity": "specificity", "test_ece": "calibration error (ECE)"}
+        shown = [f"{label} {m[k]:.4f}" for k, label in names.items() if m.get(k) is not None]
+        if shown:
+            console.print("  " + ", ".join(shown), highlight=False)
     for task, t in m.get("tasks", {}).items():
         if "test_accuracy" in t:
             acc = f"accuracy {t['test_accuracy']:.4f}"
@@ -109,7 +114,9 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         force: bool = typer.Option(False, "--force", help="write over an --out folder that holds files"),
         in_process: bool = typer.Option(False, "--in-process", help="simulate: every party in this process"),
         insecure: bool = typer.Option(False, "--insecure", help="no TLS between party processes (not recommended)"),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar")) -> None:
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+        log: Optional[str] = typer.Option(None, help="stream metrics to tensorboard[:DIR] (default OUT/tensorboard) "
+                                          "or mlflow[:URI] (default file:OUT/mlruns)")) -> None:
     """Train PLAN: one process per party on loopback with mutual TLS (or --in-process);
     write OUT/result.json and each party's weights."""
     from .api import train_prepared
@@ -139,12 +146,15 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
 
         try:
             if in_process:
-                result = train_prepared(p, setups, shapes, out=out, on_step=on_step)
+                result = train_prepared(p, setups, shapes, out=out, on_step=on_step, log=log)
             else:
                 from .run.processes import launch
 
                 del setups  # each party process builds its own
-                result = launch(plan, out, epochs=epochs, seed=seed, insecure=insecure, on_step=on_step, checked=p)
+                result = launch(plan, out, epochs=epochs, seed=seed, insecure=insecure, on_step=on_step, checked=p,
+                                log=log)
+        except PlanError as e:
+            _fail(str(e))
         except RunError as e:
             for party, text in e.errors.items():
                 err.print(f"[bold red]party {party} failed:[/] {text}", highlight=False)
@@ -181,7 +191,9 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
           max_message_mb: float = typer.Option(256.0, min=0.001, help="largest message (and decoded tensor) a peer may "
                                                "send, in MiB"),
           progress: bool = typer.Option(False, "--progress", hidden=True),
-          quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+          quiet: bool = typer.Option(False, "--quiet", "-q"),
+          log: Optional[str] = typer.Option(None, help="stream the metrics of the losses this party computes to "
+                                            "tensorboard[:DIR] or mlflow[:URI]")) -> None:
     """Run one party of PLAN on this machine, talking to its neighbours over gRPC."""
     from .run.processes import progress_line, run_one_party
     from .wire.messages import Limits
@@ -201,7 +213,7 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
                                out=out, epochs=epochs, seed=seed, connect_timeout=connect_timeout,
                                step_timeout=step_timeout, on_step=on_step if progress else None, dial_out=dial_out,
                                limits=Limits(message_bytes=int(max_message_mb * 2**20),
-                                             tensor_bytes=int(max_message_mb * 2**20)))
+                                             tensor_bytes=int(max_message_mb * 2**20)), log=log)
     except Exception as e:  # noqa: BLE001 - every failure of a party is reported the same way
         text = str(e) if isinstance(e, (PlanError, RunError, RuntimeError, OSError, ValueError)) else repr(e)
         if out is not None:

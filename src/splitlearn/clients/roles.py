@@ -169,7 +169,7 @@ class Role:
     def __init__(self, plan: Plan, name: str, transport: Transport, setup: PartySetup | None = None, *,
                  timeout: float | None = None, step_timeout: float | None = None,
                  fault: "Callable[[Role, dict], None] | None" = None, context: Context | None = None,
-                 record: bool = False, limits: m.Limits | None = None):
+                 record: bool = False, limits: m.Limits | None = None, tracking: Any = None):
         spec = plan.clients
         if spec is None:
             raise PlanError("the plan has no [clients] section")
@@ -195,6 +195,11 @@ class Role:
         self.refused: list[str] = []
         self.recorders: dict[str, Recorder] | None = {} if record and self.setup is not None else None
         self.noised = {"samples": 0, "steps": 0}  # training this party did, for the privacy its noise spent
+        self.tracker = None  # streams the losses this party computes in its turns (splitlearn.run.tracking)
+        if tracking is not None and self.plays is not None and any(n.party == self.plays for n in self.graph.losses()):
+            from ..run.tracking import open_tracker
+
+            self.tracker = open_tracker(tracking, plan, name)
         self.global_state: dict[str, torch.Tensor] | None = None  # federation: the averaged client weights
         if name == self.federation:
             self.global_state = {k: v.clone() for k, v in state_of(
@@ -308,7 +313,7 @@ class Role:
         if self.recorders is not None:
             party.observer = self.recorders.setdefault(client if self.plays != t else "", Recorder(self.setup.splits.ids))
         try:
-            report = run_party(party, iter(turn.steps), ids_hash=tag)
+            report = run_party(party, iter(turn.steps), ids_hash=tag, tracker=self.tracker)
         except (PartyError, PlanError, TransportError) as e:  # a peer that is gone or silent: failures as data
             self.refused += link.refused
             log.warning("%s: turn %d with %s failed: %s", self.name, turn.index, client, e)
@@ -319,7 +324,7 @@ class Role:
         losses = {}
         for loss, h in report.metrics.items():
             key = "train_loss" if turn.mode == "train" else "test_loss"
-            losses[loss] = {k: v[0] for k, v in h.items() if v}
+            losses[loss] = {k: v[0] for k, v in h.items() if v and k != "train_loss_steps"}
             losses[loss].setdefault(key, None)
         self.records.append({"turn": turn.index, "round": turn.round, "epoch": turn.steps[0].epoch if turn.steps else 0,
                              "mode": turn.mode, "client": client, "rows": turn.rows, "losses": losses,
@@ -391,6 +396,9 @@ class Role:
 
     # -- report --------------------------------------------------------------------------------
     def report(self) -> PartyReport:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
         privacy = {}
         if self.plays is not None and self.noised["steps"]:
             privacy = defenses.privacy_spent(self.graph, self.plays, self.noised["samples"], self.noised["steps"])

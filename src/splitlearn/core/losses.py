@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -27,7 +28,8 @@ class LossKind:
 
     ``fn(out, target)`` is the loss of a batch; ``decide(outputs)`` the predictions of a head
     (classes, or values for regression); ``correct(out, target)`` the right predictions in a
-    batch (classification only: None otherwise). ``indexes_classes``: targets are class indices
+    batch (classification only: None otherwise); ``probabilities(outputs)`` each row's class
+    probabilities (classification; gives the clinical metrics of :mod:`splitlearn.core.metrics`). ``indexes_classes``: targets are class indices
     into the head's last dimension (checked against its width); ``target_range``: the values a
     received target may take (others are refused).
     """
@@ -38,6 +40,7 @@ class LossKind:
     correct: Callable[[Tensor, Tensor], int] | None = None
     indexes_classes: bool = False
     target_range: tuple[float, float] | None = None
+    probabilities: Callable[[Tensor], Tensor] | None = None  # (rows, classes) from a head's outputs: AUC, F1, ECE
 
     @property
     def classification(self) -> bool:
@@ -107,9 +110,15 @@ class _Fns(Mapping[str, Callable[[Tensor, Tensor], Tensor]]):
 
 LOSSES: Mapping[str, Callable[[Tensor, Tensor], Tensor]] = _Fns()  # the functions alone, as engine.LOSSES was
 
+def _two_classes(out: Tensor) -> Tensor:
+    p = first_column(out).sigmoid()
+    return torch.stack([1 - p, p], dim=1)
+
+
 register(LossKind("cross_entropy", F.cross_entropy, decide=lambda out: out.argmax(-1),
-                  correct=lambda out, t: int((out.argmax(-1) == t).sum()), indexes_classes=True))
+                  correct=lambda out, t: int((out.argmax(-1) == t).sum()), indexes_classes=True,
+                  probabilities=lambda out: out.reshape(len(out), -1).softmax(-1)))
 register(LossKind("bce", _bce, decide=lambda out: (first_column(out) > 0).long(),
                   correct=lambda out, t: int(((out.reshape(t.shape) > 0).long() == t.long()).sum()),
-                  target_range=(0.0, 1.0)))
+                  target_range=(0.0, 1.0), probabilities=_two_classes))
 register(LossKind("mse", _mse, decide=first_column))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ..core.engine import PartyError
 from ..core.plan import Plan, PlanError
@@ -20,12 +20,14 @@ __all__ = ["run_local"]
 def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = None, *,
               on_step: Callable[[Progress], None] | None = None, timeout: float | None = None,
               record: bool = False, faults: dict[str, Callable] | None = None,
-              steps: list[Step] | None = None, predicting: bool = False) -> dict[str, PartyReport]:
+              steps: list[Step] | None = None, predicting: bool = False,
+              tracking: Any = None) -> dict[str, PartyReport]:
     """Run ``plan`` (set up and checked by :func:`~splitlearn.run.setup.prepare`) with every
     physical party in a thread; their reports. ``on_step`` follows the lead party (a plain plan's
     loss party, the coordinator of a ``[clients]`` plan); ``timeout`` bounds each step; ``record``
     keeps what each party receives for the audit; ``faults`` (tests) are hooks of client roles;
-    ``steps`` replace the plan's schedule (``predicting``: prediction steps, no labels anywhere).
+    ``steps`` replace the plan's schedule (``predicting``: prediction steps, no labels anywhere);
+    ``tracking`` (a :class:`~splitlearn.run.tracking.LogSpec`) streams each loss party's metrics.
 
     A party whose failure is data (a client) is reported by the coordinator and the run goes on;
     any other failure stops every party and raises :class:`RunError` naming the parties that
@@ -47,7 +49,7 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
         if steps is not None:
             kw.update(steps=steps, predicting=predicting)
         parts[n] = physical_party(plan, n, held[n], hub.transport(n), shapes=shapes, timeout=timeout,
-                                  record=record, **kw)
+                                  record=record, tracking=tracking, **kw)
     reports: dict[str, PartyReport] = {}
     errors: dict[str, BaseException] = {}
     after: set[str] = set()  # parties that failed once the run was being stopped: consequences

@@ -62,11 +62,14 @@ def endpoints(plan: Plan, topo: Topology, name: str, listen: str | None, peers: 
 def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, listen: str | None = None,
                   peers: dict[str, str] | None = None, out: Path | None = None, epochs: int | None = None,
                   seed: int | None = None, connect_timeout: float = 60.0, step_timeout: float | None = None,
-                  on_step=None, dial_out: list[str] = (), limits: Limits | None = None) -> PartyReport:
+                  on_step=None, dial_out: list[str] = (), limits: Limits | None = None,
+                  log: str | None = None) -> PartyReport:
     """Run physical party ``name`` of the plan in this process, over gRPC. ``certs=None`` means
     insecure. ``step_timeout`` bounds each step as a whole (default 120 s; with ``[clients]``,
-    ``clients.timeout``); ``limits`` what a peer may make it hold."""
+    ``clients.timeout``); ``limits`` what a peer may make it hold; ``log`` where a party that
+    computes a loss streams its metrics (``tensorboard[:DIR]``, ``mlflow[:URI]``)."""
     from ..wire.transport.grpc import GrpcTransport
+    from .tracking import parse_log
     from ..wire.transport.tls import load_credentials
 
     plan = load_plan(plan_path).with_train(epochs=epochs, seed=seed)
@@ -81,6 +84,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
         raise PlanError(f"no party {name!r} in the plan", hint=f"parties are {topo.names[:8]}")
     plays = topo.plays(plan, name)
     setup = setup_party(plan, plays) if plays is not None else None  # plan and data errors before connecting
+    tracking = parse_log(log, out) if log else None
     ends = endpoints(plan, topo, name, listen, peers or {})
     creds = load_credentials(certs, name) if certs is not None else None
     transport = GrpcTransport(name, listen=ends.listen, dial=ends.dial, accept=ends.accept, credentials=creds,
@@ -90,7 +94,8 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     try:
         transport.wait_connected(connect_timeout)
         timeout = step_timeout if step_timeout is not None else (None if plan.clients else 120.0)
-        part = physical_party(plan, name, setup, transport, timeout=timeout, record=out is not None, limits=limits)
+        part = physical_party(plan, name, setup, transport, timeout=timeout, record=out is not None, limits=limits,
+                              tracking=tracking)
         report = part.run(on_step)
     finally:
         transport.close()
@@ -106,7 +111,8 @@ def _free_port() -> int:
 
 
 def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed: int | None = None,
-           insecure: bool = False, timeout: float = 3600.0, on_step=None, checked: Plan | None = None) -> dict:
+           insecure: bool = False, timeout: float = 3600.0, on_step=None, checked: Plan | None = None,
+           log: str | None = None) -> dict:
     """``splitlearn run``: one process per physical party on loopback (mutual TLS with throw-away
     certificates unless ``insecure``); returns the merged result. Raises RunError naming each
     failed party whose failure ends the run (a client's is data: the coordinator reports it);
@@ -114,8 +120,11 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
     :func:`~splitlearn.run.setup.prepare` (otherwise it is checked here first)."""
     from ..wire.transport.tls import make_certs
 
+    from .tracking import finish_tracking, parse_log
+
     plan = checked or prepare(plan_path, epochs=epochs, seed=seed)[0]  # all checks before starting anything
     out = Path(out)
+    tracking = parse_log(log, out) if log else None
     topo = Topology.of(plan)
     ports = {p: _free_port() for p in topo.names}
     procs: dict[str, subprocess.Popen] = {}
@@ -137,6 +146,8 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                 cmd += ["--epochs", str(epochs)]
             if seed is not None:
                 cmd += ["--seed", str(seed)]
+            if tracking is not None:
+                cmd += ["--log", f"{tracking.kind}:{tracking.where}"]
             with open(folder / "party.log", "w") as log:
                 procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE if follow else log, stderr=log,
                                                start_new_session=True, env=_child_env(len(topo.names)))
@@ -168,6 +179,8 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
     if plan.clients is not None:
         result["failed_processes"] = errors
     save_result(out, plan, result)
+    if tracking is not None:
+        finish_tracking(tracking, plan, result)
     return result
 
 

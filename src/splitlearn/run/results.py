@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.graph import Graph, build_graph
+from ..core.metrics import METRICS
 from ..core.plan import Plan, PlanError, parse_plan, plan_dir
 from .session import PartyReport
 
@@ -36,14 +37,24 @@ def summarize(plan: Plan, graph: Graph, tasks: dict[str, dict]) -> dict[str, Any
     total = [sum(plan.losses[k].weight * tasks[k]["train_loss"][e] for k in order) for e in range(epochs)]
     metrics: dict[str, Any] = {"train_loss": total}
     classif = [k for k in order if tasks[k]["test_accuracy"]]
+    main = classif[0] if classif else (order[0] if order else None)
     if classif:
-        metrics["test_accuracy"] = tasks[classif[0]]["test_accuracy"][-1]
-        metrics["test_accuracy_per_epoch"] = tasks[classif[0]]["test_accuracy"]
+        metrics["test_accuracy"] = tasks[main]["test_accuracy"][-1]
+        metrics["test_accuracy_per_epoch"] = tasks[main]["test_accuracy"]
+        for name in METRICS[1:]:
+            if tasks[main].get(f"test_{name}"):
+                metrics[f"test_{name}"] = tasks[main][f"test_{name}"][-1]
+    if main is not None:
+        metrics["per_epoch"] = {"train_loss": total, **{k: v for k, v in tasks[main].items()
+                                                        if k.startswith("test_") and v}}
+        metrics["train_loss_steps"] = tasks[main].get("train_loss_steps", [])
     if len(order) > 1:
         metrics["tasks"] = {k: {"party": graph.nodes[k].party,
                                 **({"test_accuracy": tasks[k]["test_accuracy"][-1]} if tasks[k]["test_accuracy"] else {}),
-                                "test_loss": tasks[k]["test_loss"],
-                                "train_loss": tasks[k]["train_loss"]} for k in order}
+                                **{n: v for n, v in tasks[k].items() if n != "test_accuracy" or not v}} for k in order}
+        for k in order:
+            if tasks[k]["test_accuracy"]:
+                metrics["tasks"][k]["test_accuracy_per_epoch"] = tasks[k]["test_accuracy"]
     return metrics
 
 
@@ -97,16 +108,19 @@ def _client_tasks(reports: dict[str, PartyReport]) -> dict[str, dict]:
                     continue
                 seen.add((r["turn"], loss))
                 e = series.setdefault(loss, {}).setdefault(r["epoch"], {})
-                for name in ("train_loss", "test_loss", "test_accuracy"):
-                    if (r["mode"] == "train") == (name == "train_loss") and v.get(name) is not None:
-                        e.setdefault(name, []).append((v[name], r["rows"]))
+                for name, value in v.items():
+                    if (r["mode"] == "train") == (name == "train_loss") and isinstance(value, (int, float)):
+                        e.setdefault(name, []).append((value, r["rows"]))
 
     def means(per_epoch: dict[int, dict[str, list]], name: str) -> list[float]:
         pairs = [per_epoch[e][name] for e in sorted(per_epoch) if per_epoch[e].get(name)]
         return [sum(x * w for x, w in p) / sum(w for _, w in p) for p in pairs]
 
-    return {loss: {name: means(per_epoch, name) for name in ("train_loss", "test_loss", "test_accuracy")}
-            for loss, per_epoch in series.items()}
+    out = {}
+    for loss, per_epoch in series.items():
+        names = {"train_loss", "test_loss", "test_accuracy"} | {n for e in per_epoch.values() for n in e}
+        out[loss] = {name: means(per_epoch, name) for name in sorted(names)}
+    return out
 
 
 def _privacy(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict]:

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 from ..core import losses
 from ..core.engine import Party, PartyError, StepOutput
 from ..core.plan import PlanError, plan_hash
@@ -75,6 +77,8 @@ class _Epoch:
     test_sum: float = 0.0
     test_n: int = 0
     right: int = 0
+    probs: list = field(default_factory=list)  # eval batches' class probabilities (classification)
+    targets: list = field(default_factory=list)
 
 
 @contextmanager
@@ -138,13 +142,19 @@ def _recv(link: Link, deadline: float | None, why: str) -> Message:
         raise PartyError(why) from None
 
 
-class _Metrics:
-    """Per-epoch history of the losses a party computes."""
+STEP_POINTS = 500  # train loss per step: at most this many points are kept (evenly sampled)
 
-    def __init__(self, party: Party):
+
+class _Metrics:
+    """Per-epoch history of the losses a party computes: train and test loss, and for
+    classification the test metrics of :mod:`splitlearn.core.metrics`; the train loss per step."""
+
+    def __init__(self, party: Party, tracker: Any = None):
         plan = party.graph.plan
+        self.tracker = tracker  # a splitlearn.run.tracking.Tracker: values streamed as they come
         self.kinds = {n.name: plan.losses[n.name].kind for n in party.graph.losses() if n.party == party.name}
         self.hist = {k: {"train_loss": [], "test_loss": [], "test_accuracy": []} for k in self.kinds}
+        self.steps: dict[str, list[list[float]]] = {k: [] for k in self.kinds}
         self.acc = {k: _Epoch() for k in self.kinds}
 
     def add(self, step: Step, out: StepOutput) -> None:
@@ -153,36 +163,64 @@ class _Metrics:
             a = self.acc[k]
             if step.mode == "train":
                 a.train_sum, a.train_n = a.train_sum + v * n, a.train_n + n
+                self.steps[k].append([step.id, v])
+                if self.tracker is not None:
+                    self.tracker.log({f"{k}/train_loss_step": v}, step.id)
             else:
                 a.test_sum, a.test_n = a.test_sum + v * n, a.test_n + n
-                if losses.is_classification(self.kinds[k]):
-                    a.right += losses.correct(self.kinds[k], out.predictions[k], out.targets[k])
+                kind = losses.get(self.kinds[k])
+                if kind.classification:
+                    a.right += kind.correct(out.predictions[k], out.targets[k])
+                if kind.probabilities is not None:
+                    a.probs.append(kind.probabilities(out.predictions[k].float()).numpy())
+                    a.targets.append(out.targets[k].numpy())
 
-    def close_epoch(self) -> None:
+    def close_epoch(self, epoch: int) -> None:
+        from ..core.metrics import classification_metrics
+
         for k, a in self.acc.items():
             h = self.hist[k]
+            before = {name: len(v) for name, v in h.items()}
             if a.train_n:
                 h["train_loss"].append(a.train_sum / a.train_n)
             if a.test_n:
                 h["test_loss"].append(a.test_sum / a.test_n)
                 if losses.is_classification(self.kinds[k]):
                     h["test_accuracy"].append(a.right / a.test_n)
+                if a.probs:
+                    found = classification_metrics(np.concatenate(a.probs), np.concatenate(a.targets))
+                    for name, value in found.items():
+                        if name != "accuracy":
+                            h.setdefault(f"test_{name}", []).append(value)
+            if self.tracker is not None:
+                self.tracker.log({f"{k}/{name}": v[-1] for name, v in h.items() if len(v) > before.get(name, 0)},
+                                 epoch)
             self.acc[k] = _Epoch()
+
+    def history(self) -> dict[str, dict[str, list]]:
+        """Each loss's per-epoch lists, with ``train_loss_steps``: [step id, loss] pairs, sampled."""
+        out = {}
+        for k, h in self.hist.items():
+            pts = self.steps[k]
+            every = max(1, -(-len(pts) // STEP_POINTS))
+            out[k] = {**h, "train_loss_steps": pts[::every]}
+        return out
 
 
 def run_party(party: Party, steps: Iterator[Step], on_step: Callable[[Progress], None] | None = None,
-              ids_hash: str = "") -> PartyReport:
-    """Run a party through the schedule; collect the metrics of the losses it computes."""
+              ids_hash: str = "", tracker: Any = None) -> PartyReport:
+    """Run a party through the schedule; collect the metrics of the losses it computes (and
+    stream them to ``tracker``, a :class:`~splitlearn.run.tracking.Tracker`)."""
     steps = list(steps)
     epochs = party.graph.plan.train.epochs
-    metrics = _Metrics(party)
+    metrics = _Metrics(party, tracker)
     predictions: dict[str, list] = {}
     epoch = None
     timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0, "first_step_s": 0.0, "first_step_samples": 0}
     with session(party, ids_hash):
         for i, step in enumerate(steps):
             if epoch is not None and step.epoch != epoch:
-                metrics.close_epoch()
+                metrics.close_epoch(epoch)
             epoch = step.epoch
             t0 = time.perf_counter()
             out = party.step(step.id, step.rows, step.mode)
@@ -200,8 +238,8 @@ def run_party(party: Party, steps: Iterator[Step], on_step: Callable[[Progress],
             if on_step is not None:
                 loss = next(iter(out.losses.values()), None)
                 on_step(Progress(i + 1, len(steps), step.epoch, epochs, "step", loss, step.mode))
-    metrics.close_epoch()
-    report = PartyReport(party.name, metrics.hist, {**party.meter.summary(), **timing}, list(party.link.refused),
+    metrics.close_epoch(epoch or 0)
+    report = PartyReport(party.name, metrics.history(), {**party.meter.summary(), **timing}, list(party.link.refused),
                          plays=party.name, modules=party.modules, predictions=predictions)
     report.privacy = defenses.privacy_spent(party.graph, party.name, timing["train_samples"], timing["train_steps"])
     if party.observer is not None and hasattr(party.observer, "tensors"):

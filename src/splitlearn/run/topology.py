@@ -93,8 +93,9 @@ class _PlainParty:
     """A party of a plan without ``[clients]``: its session over the plan's schedule."""
 
     def __init__(self, setup: PartySetup, transport: Transport, *, shapes: dict | None, timeout: float | None,
-                 record: bool, limits: Limits | None, steps: list[Step] | None = None, predicting: bool = False):
-        self.setup, self.steps = setup, steps
+                 record: bool, limits: Limits | None, steps: list[Step] | None = None, predicting: bool = False,
+                 tracking: Any = None):
+        self.setup, self.steps, self.tracking = setup, steps, tracking
         self.party = Party(setup.graph, setup.name, Link(transport, limits=limits), setup.modules, setup.optimizer,
                            setup.inputs, dict(shapes or {}), timeout, predicting)
         if record:
@@ -103,7 +104,16 @@ class _PlainParty:
     def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
         s = self.setup
         steps = self.steps if self.steps is not None else schedule(s.plan, s.splits)
-        return run_party(self.party, steps, progress, ids_hash=s.ids_hash)
+        tracker = None
+        if self.tracking is not None and any(n.party == s.name for n in s.graph.losses()):
+            from .tracking import open_tracker
+
+            tracker = open_tracker(self.tracking, s.plan, s.name)
+        try:
+            return run_party(self.party, steps, progress, ids_hash=s.ids_hash, tracker=tracker)
+        finally:
+            if tracker is not None:
+                tracker.close()
 
 
 def physical_setups(plan: Plan, topo: Topology, prepared: dict[str, PartySetup]) -> dict[str, PartySetup | None]:
@@ -126,7 +136,7 @@ def physical_setups(plan: Plan, topo: Topology, prepared: dict[str, PartySetup])
 def physical_party(plan: Plan, name: str, setup: PartySetup | None, transport: Transport, *,
                    shapes: dict | None = None, timeout: float | None = None, record: bool = False,
                    limits: Limits | None = None, steps: list[Step] | None = None, predicting: bool = False,
-                   **role: Any):
+                   tracking: Any = None, **role: Any):
     """What physical party ``name`` runs over ``transport``; ``.run(progress)`` gives its report.
 
     ``timeout`` bounds each step (a client's: each step of its turns; ``clients.timeout`` bounds
@@ -136,9 +146,10 @@ def physical_party(plan: Plan, name: str, setup: PartySetup | None, transport: T
     if plan.clients is None:
         setup = setup or setup_party(plan, name)
         return _PlainParty(setup, transport, shapes=shapes, timeout=600.0 if timeout is None else timeout,
-                           record=record, limits=limits, steps=steps, predicting=predicting)
+                           record=record, limits=limits, steps=steps, predicting=predicting, tracking=tracking)
     if steps is not None:
         raise PlanError("a plan with [clients] runs its own schedule", entry="clients")
     from ..clients.roles import make_role
 
-    return make_role(plan, name, transport, setup, step_timeout=timeout, record=record, limits=limits, **role)
+    return make_role(plan, name, transport, setup, step_timeout=timeout, record=record, limits=limits,
+                     tracking=tracking, **role)
