@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -339,7 +340,9 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
                 _fail("--epochs sets the training epochs of a --sweep; for the inversion decoder use --decoder-epochs")
             if wire is not None:
                 _fail("--wire chooses the wire a --sweep sets; a run's audit covers every wire")
-            result = audit_run(target, aux_fraction=aux_fraction, seed=seed, epochs=decoder_epochs)
+            with console.status("auditing", spinner="dots") as status:
+                result = audit_run(target, aux_fraction=aux_fraction, seed=seed, epochs=decoder_epochs,
+                                   progress=lambda text: status.update(text))
         else:
             if target.is_dir():
                 _fail(f"{target} is a folder: --sweep trains a plan, give the plan file (.toml)")
@@ -375,36 +378,41 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
     acc = result.get("test_accuracy")
     console.print(f"[bold]{result['plan']}[/]" + (f": test accuracy {acc:.4f}" if acc is not None else ""))
     table = Table(title="what each party could learn from what it received")
-    for col in ("wire", "from -> to", "dCor (raw, smashed)", "inversion MSE (mean guess)", "SSIM (mean guess)",
-                "norm AUC", "direction AUC", "label attacker"):
-        table.add_column(col, justify="left" if col in ("wire", "from -> to", "label attacker") else "right")
+    for col in ("wire", "attacker", "attack", "figure", "verdict"):
+        table.add_column(col, overflow="fold")
+    labels = {"distance_correlation": "distance correlation", "inversion": "model inversion",
+              "label_leakage": "labels from gradients", "labels_exposed": "labels on the wire"}
     notes = []
     for name, w in result["wires"].items():
-        route = f"{w['sender']} -> {w['receiver']}"
-        if w["carries"] == "label":
-            seen = w.get("labels_exposed") or {}
-            agree = seen.get("agreement")
-            table.add_row(name, route, "", "", "", "", "", f"{w['receiver']} gets the labels"
-                          + (f" ({100 * agree:.1f}% exact)" if agree is not None else ""))
-            continue
-        inv = w.get("inversion") or {}
-        leak = w.get("label_leakage") or {}
-        mse = f"{inv['mse']:.4f} ({inv['mse_mean_guess']:.4f})" if inv else "-"
-        ssim = f"{num(inv.get('ssim'))} ({num(inv.get('ssim_mean_guess'))})" if inv.get("ssim") is not None else "-"
-        table.add_row(name, route, num(w.get("distance_correlation")), mse, ssim, num(leak.get("norm_auc")),
-                      num(leak.get("direction_auc")), leak.get("attacker", "-"))
+        inv, leak = w.get("inversion") or {}, w.get("label_leakage") or {}
+        for what, v in w.get("verdicts", {}).items():
+            if what == "inversion":
+                fig = f"MSE {inv['mse']:.4f} vs {inv['mse_mean_guess']:.4f} by guessing" + (
+                    f", SSIM {inv['ssim']:.2f}" if inv.get("ssim") is not None else "")
+            elif what == "label_leakage":
+                fig = ", ".join(f"{k} AUC {leak[k + '_auc']:.3f}" for k in ("norm", "direction")
+                                if leak.get(k + "_auc") is not None)
+            elif what == "labels_exposed":
+                fig = f"{100 * v['value']:.1f}% exact"
+            else:
+                fig = f"{v['value']:.3f}"
+            attacker = w["sender"] if what == "label_leakage" else w["receiver"]
+            colour = {"leaks": "red", "mild": "yellow"}.get(v["verdict"], "green")
+            table.add_row(name, attacker, labels[what], fig, f"[{colour}]{v['verdict']}[/]")
         why_not: dict[str, list[str]] = {}
         for what, why in (w.get("why_not") or {}).items():
             why_not.setdefault(why, []).append(what.replace("_", " "))
         notes += [f"{name}: no {' or '.join(whats)}: {why}" for why, whats in why_not.items()]
-        for key in ("ssim_note",):
-            if inv.get(key):
-                notes.append(f"{name}: {inv[key]}")
+        if inv.get("ssim_note"):
+            notes.append(f"{name}: {inv['ssim_note']}")
         if leak.get("note"):
             notes.append(f"{name}: {leak['note']}")
     console.print(table)
+    console.print("thresholds: " + "; ".join(result.get("thresholds", {}).values()), style="dim", highlight=False)
+    for text in result.get("explanations", []):
+        console.print(f"[bold yellow]note:[/] {escape(text)}", highlight=False)
     for n in notes:
-        console.print(f"[dim]{n}[/]", highlight=False)
+        console.print(f"[dim]{escape(n)}[/]", highlight=False)
     for name in result["wires"]:  # [clients]: what each client's own traffic gives away
         per = {c: a["wires"].get(name, {}).get("distance_correlation") for c, a in result.get("clients", {}).items()}
         if any(v is not None for v in per.values()):
@@ -415,6 +423,21 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
         shutil.copytree(folder, out, dirs_exist_ok=True)
         folder = out
     console.print(f"wrote {folder / 'audit.json'}")
+
+
+@app.command()
+def report(folder: Path = typer.Argument(..., help="a run folder (--out of 'splitlearn run') or a compare folder"),
+           out: Optional[Path] = typer.Option(None, help="where to write the page [default: FOLDER/report.html]")
+           ) -> None:
+    """Write one self-contained report.html of a run: topology, curves, bytes and FLOPs per party,
+    wires and their defenses, privacy spent, and the audit when there is one."""
+    from .tools.report import ReportError, write_report
+
+    try:
+        path = write_report(folder, out)
+    except ReportError as e:
+        _fail(str(e))
+    console.print(f"wrote {path} (open it in a browser; it needs no network)")
 
 
 @app.command()

@@ -26,7 +26,7 @@ from ..core.plan import ClientsSpec, Plan, PlanError
 from ..core.load import load_plan
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "method_plan", "centralized_plan", "run_compare", "predict_cost",
-           "format_compare"]
+           "format_compare", "partition_text"]
 
 METHODS = ("sequential", "splitfed_v1", "splitfed_v2", "independent", "fedavg", "large_batch", "centralized")
 DEFAULT_METHODS = ("sequential", "splitfed_v2", "fedavg", "large_batch", "centralized")
@@ -171,20 +171,41 @@ def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None
     return table
 
 
+def _si(v: float | None, unit: str) -> str:
+    """``18.9 MFLOPs``, ``1.2 GB``: a figure with the prefix that keeps it readable."""
+    if v is None:
+        return "n/a"
+    for prefix in ("", "k", "M", "G", "T", "P"):
+        if abs(v) < 1000 or prefix == "P":
+            return f"{v:.3g} {prefix}{unit}"
+        v /= 1000
+    return f"{v:.3g} P{unit}"  # pragma: no cover
+
+
+def partition_text(partition: dict[str, Any]) -> str:
+    """``iid`` or ``dirichlet (alpha 0.5)``."""
+    kind = partition.get("kind", "iid")
+    return f"dirichlet (alpha {partition.get('alpha'):g})" if kind == "dirichlet" else str(kind)
+
+
 def format_compare(table: dict[str, Any]) -> str:
     """The comparison as a Markdown table."""
     lines = [f"# {table['plan']}: {table['clients']} clients, {table['epochs']} epochs, partition "
-             f"{table['partition']}", "",
-             "| method | clients | per-client TFLOPs | predicted | per-client GB | predicted | accuracy | skipped |",
+             f"{partition_text(table['partition'])}", "",
+             "| method | clients | per-client compute | predicted | per-client traffic | predicted | accuracy | skipped |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def num(v: float | None, f: str = ".4g") -> str:
-        return "n/a" if v is None else format(v, f)
+    def flops(tf: float | None) -> str:
+        return _si(None if tf is None else tf * 1e12, "FLOPs")
+
+    def nbytes(gb: float | None) -> str:
+        return _si(None if gb is None else gb * 1e9, "B")
 
     for r in table["rows"]:
-        lines.append(f"| {r['method']} | {r['clients']} | {num(r['per_client_tflops'])} | {num(r['predicted_tflops'])} "
-                     f"| {num(r['per_client_gb'])} | {num(r['predicted_gb'])} | {num(r['accuracy'], '.4f')} "
-                     f"| {r['skipped']} |")
+        acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        lines.append(f"| {r['method']} | {r['clients']} | {flops(r['per_client_tflops'])} | "
+                     f"{flops(r['predicted_tflops'])} | {nbytes(r['per_client_gb'])} | {nbytes(r['predicted_gb'])} "
+                     f"| {acc} | {r['skipped']} |")
     lines += ["", "Per-client figures are means over the clients of what each metered in training (activations, "
               "gradients, labels, weights, commands; evaluation traffic apart); centralized is the one party's "
               "work, its evaluation included. Predicted: the cost model from shapes alone (activations, gradients, "

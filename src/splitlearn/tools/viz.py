@@ -18,7 +18,7 @@ from typing import Any
 
 from ..core.graph import Graph, Node, Wire
 
-__all__ = ["draw_topology", "describe", "shape_text", "clients_text"]
+__all__ = ["draw_topology", "topology_png", "describe", "shape_text", "clients_text"]
 
 # light band / box fill / dark edge+text, one triple per party (cycled)
 _PALETTE = [
@@ -374,6 +374,19 @@ def draw_topology(graph: Graph, path: str | Path, title: str | None = None,
     finally:
         fig.clear()
     return path
+
+
+def topology_png(graph: Graph, shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> bytes:
+    """The picture of :func:`draw_topology` as PNG bytes (for reports)."""
+    import io
+
+    fig, _ = _render(graph, None, shapes)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=_DPI, format="png")
+    finally:
+        fig.clear()
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- text

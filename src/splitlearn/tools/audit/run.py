@@ -25,7 +25,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ import torch
 from ...core.graph import Graph, Node, Wire, build_graph
 from ...core.plan import Plan, PlanError, WireSpec
 from ...run.results import load_run_plan
+from .verdicts import add_verdicts
 from ...run.results import non_finite
 from . import measures
 
@@ -280,43 +281,51 @@ def _label_wire(run: RunFolder, w: Wire) -> dict[str, Any]:
 
 
 def audit_run(run_dir: str | Path, aux_fraction: float = 0.1, seed: int = 0, epochs: int = 200,
-              max_rows: int = 1000) -> dict[str, Any]:
+              max_rows: int = 1000, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Audit the run in ``run_dir``; write ``run_dir/audit/audit.json`` (and the inversion figures
     ``audit/inversion_WIRE.png``) and return what it holds.
 
     ``aux_fraction``: the share of recorded rows the inversion attacker knows in the clear;
     ``epochs``: the inversion decoder's training epochs; ``max_rows``: rows used for the distance
-    correlation; ``seed``: the attacks' randomness.
+    correlation; ``seed``: the attacks' randomness; ``progress`` is told each wire as it is audited.
+    Every wire gets ``verdicts`` (see :mod:`splitlearn.tools.audit.verdicts`).
     """
     if not 0 < aux_fraction < 1:
         raise AuditError(f"aux_fraction must be between 0 and 1 (exclusive), got {aux_fraction}")
     if epochs < 1:
         raise AuditError(f"the decoder needs at least one epoch, got {epochs}")
     run = RunFolder.open(run_dir)
-    audit = _audit(run, aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows)
+    audit = add_verdicts(_audit(run, aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows,
+                                progress=progress))
     from ...run.results import write_json
 
     write_json(run.folder / "audit" / "audit.json", audit)
     return audit
 
 
-def _audit(run: RunFolder, *, aux_fraction: float, seed: int, epochs: int, max_rows: int) -> dict[str, Any]:
+def _audit(run: RunFolder, *, aux_fraction: float, seed: int, epochs: int, max_rows: int,
+           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     out_dir = run.folder / "audit"
     out = {"run": str(run.folder), "plan": run.plan.name,
            "test_accuracy": run.result.get("metrics", {}).get("test_accuracy"),
            "settings": {"aux_fraction": aux_fraction, "seed": seed, "decoder_epochs": epochs, "dcor_rows": max_rows},
-           "wires": _wires(run, out_dir, aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows)}
+           "wires": _wires(run, out_dir, aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows,
+                           progress=progress)}
     if run.per_client:  # and what each client's own traffic gives away
         out["clients"] = {c: {"wires": _wires(replace(run, observed=view, per_client={}), out_dir / c,
-                                               aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows)}
+                                               aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows,
+                                               progress=progress, who=c)}
                           for c, view in run.per_client.items() if any(view.values())}
     return out
 
 
-def _wires(run: RunFolder, out_dir: Path, **kw: Any) -> dict[str, Any]:
+def _wires(run: RunFolder, out_dir: Path, progress: Callable[[str], None] | None = None, who: str = "",
+           **kw: Any) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     wires = {}
     for w in run.graph.wires:
+        if progress is not None:
+            progress(f"auditing {w.name}" + (f" of {who}" if who else ""))
         if w.carries == "activation":
             wires[w.name] = _activation_wire(run, w, out_dir=out_dir, **kw)
         else:

@@ -1,0 +1,91 @@
+"""One-line verdicts on the audit's figures, with the thresholds stated, and explanations of
+what leaks where a plan's shape suggests it should not (labels in a U-shaped plan).
+
+The thresholds are rules of thumb, stated with every verdict so that a reader can judge:
+
+- distance correlation between the raw inputs and what the receiver saw: >= 0.5 leaks,
+  >= 0.2 mild, below that no measurable leak;
+- model inversion: the decoder's MSE over the MSE of guessing the mean image: <= 0.5 leaks
+  (it reconstructs far better than a guess), <= 0.9 mild, above that no measurable leak;
+- label leakage from gradients (the larger of the norm and direction AUCs): >= 0.8 leaks,
+  >= 0.6 mild, below that no measurable leak (0.5 is chance);
+- a label wire: the receiver holds the labels (agreement with the truth).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["THRESHOLDS", "verdict", "add_verdicts"]
+
+LEAKS, MILD, NONE = "leaks", "mild", "no measurable leak"
+THRESHOLDS = {
+    "distance_correlation": "dCor >= 0.5 leaks, >= 0.2 mild",
+    "inversion": "MSE / mean-guess MSE <= 0.5 leaks, <= 0.9 mild",
+    "label_leakage": "AUC >= 0.8 leaks, >= 0.6 mild (0.5: chance)",
+    "labels_exposed": "the labels travel: agreement >= 0.9 leaks, else mild",
+}
+
+
+def verdict(measure: str, value: float) -> str:
+    """The verdict of one figure (see the module's thresholds)."""
+    if measure == "distance_correlation":
+        return LEAKS if value >= 0.5 else MILD if value >= 0.2 else NONE
+    if measure == "inversion":  # value: MSE over the mean guess's MSE
+        return LEAKS if value <= 0.5 else MILD if value <= 0.9 else NONE
+    if measure == "label_leakage":
+        return LEAKS if value >= 0.8 else MILD if value >= 0.6 else NONE
+    if measure == "labels_exposed":
+        return LEAKS if value >= 0.9 else MILD
+    raise ValueError(f"no verdict for {measure!r}")
+
+
+def _of_wire(w: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    if w.get("distance_correlation") is not None:
+        v = w["distance_correlation"]
+        out["distance_correlation"] = {"value": v, "verdict": verdict("distance_correlation", v)}
+    inv = w.get("inversion") or {}
+    if inv.get("mse") is not None and inv.get("mse_mean_guess"):
+        ratio = inv["mse"] / inv["mse_mean_guess"]
+        out["inversion"] = {"value": ratio, "verdict": verdict("inversion", ratio)}
+    leak = w.get("label_leakage") or {}
+    aucs = [a for a in (leak.get("norm_auc"), leak.get("direction_auc")) if a is not None]
+    if aucs:
+        out["label_leakage"] = {"value": max(aucs), "verdict": verdict("label_leakage", max(aucs))}
+    seen = w.get("labels_exposed") or {}
+    if seen.get("agreement") is not None:
+        out["labels_exposed"] = {"value": seen["agreement"], "verdict": verdict("labels_exposed", seen["agreement"])}
+    return out
+
+
+def add_verdicts(audit: dict[str, Any]) -> dict[str, Any]:
+    """Give every wire of an audit its ``verdicts``, and the audit its ``thresholds`` and
+    ``explanations`` (what leaks that the plan's shape does not show, and the plan line that protects it)."""
+    wires = audit.get("wires", {})
+    label_wires = [n for n, w in wires.items() if w.get("carries") == "label"]
+    notes = []
+    for name, w in wires.items():
+        w["verdicts"] = _of_wire(w)
+        leak = w.get("label_leakage") or {}
+        v = w["verdicts"].get("label_leakage")
+        if v and v["verdict"] != NONE:
+            src = name.split("->")[0]
+            holder, attacker = leak.get("label_holder"), leak.get("attacker")
+            shape = ("no wire of this plan carries labels, yet" if not label_wires else
+                     "besides the label wire(s) " + ", ".join(label_wires) + ",")
+            protected = "label_protection" in (w.get("defenses") or {})
+            notes.append(
+                f"{name}: {shape} {holder} returns the gradients of its loss {leak.get('loss')!r} to {attacker} on "
+                f"this wire, and they reveal the labels (AUC {v['value']:.3f}: {v['verdict']}). "
+                + ("Its label protection lowers this; raise its strength to lower it further."
+                   if protected else
+                   f"{holder} can protect them with noise on the gradients it returns: "
+                   f"[wires.{src}] label_protection = {{ kind = \"max_norm\", strength = 1.0 }} "
+                   "(kind = \"marvell\" for binary labels)."))
+    for c in audit.get("clients", {}).values():
+        for w in c.get("wires", {}).values():
+            w["verdicts"] = _of_wire(w)
+    audit["thresholds"] = dict(THRESHOLDS)
+    audit["explanations"] = notes
+    return audit
