@@ -170,21 +170,24 @@ def test_ctrl_c_stops_every_party_process(tmp_path):
 
 
 def test_who_dials_whom():
+    """The data holder dials (behind its firewall); relays and the server listen; along a chain,
+    the party nearer the data dials; dial_out overrides."""
     plan = load_plan(EXAMPLES / "multi_hop.toml")
-    assert connections(plan) == [("relay_1", "client"), ("server", "client"), ("relay_2", "relay_1"),
-                                 ("server", "relay_2")]
+    assert connections(plan) == [("client", "relay_1"), ("client", "server"), ("relay_1", "relay_2"),
+                                 ("relay_2", "server")]
     fw = plan.model_copy(update={"parties": {**plan.parties,
-                                             "client": plan.parties["client"].model_copy(update={"dial_out": True})}})
-    assert ("client", "relay_1") in connections(fw) and ("client", "server") in connections(fw)
+                                             "server": plan.parties["server"].model_copy(update={"dial_out": True})}})
+    assert ("server", "relay_2") in connections(fw) and ("server", "client") in connections(fw)
+    vertical = load_plan(EXAMPLES / "vertical.toml")
+    assert sorted(connections(vertical)) == [("clinic_a", "server"), ("clinic_b", "server")]
 
 
-def test_hospital_behind_a_firewall_dials_out(tmp_path):
-    """--dial-out makes the hospital dial the server, which only listens; training completes."""
+def test_hospital_dials_the_server_by_default(tmp_path):
+    """The whole deployment: the server listens, the hospital names it with --peer and never listens."""
     plan = EXAMPLES / "vanilla.toml"
     make_certs(["hospital", "server"], tmp_path / "certs")
     port = _free_port()
-    common = ["--certs", str(tmp_path / "certs"), "--out", str(tmp_path / "out"), "--epochs", "1", "-q",
-              "--dial-out", "hospital"]
+    common = ["--certs", str(tmp_path / "certs"), "--out", str(tmp_path / "out"), "--epochs", "1", "-q"]
     server = subprocess.Popen([sys.executable, "-m", "splitlearn", "party", str(plan), "--name", "server",
                                "--listen", f"127.0.0.1:{port}", *common], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     hospital = subprocess.Popen([sys.executable, "-m", "splitlearn", "party", str(plan), "--name", "hospital",

@@ -99,10 +99,16 @@ def connections(plan: Plan) -> list[tuple[str, str]]:
     fixed = [p for p in roles(plan) if p not in spec.names()]
     graph = build_graph(plan)
     out = []
+    from ..run.topology import dialer
+
     for i, a in enumerate(fixed):  # fixed parties among themselves, as in a plan without clients
         for b in fixed[i + 1:]:
             if b in graph.neighbours(a) or coordinator_of(plan) in (a, b):
-                out.append((b, a))
+                if a in plan.parties and b in plan.parties:
+                    d = dialer(plan, a, b)
+                    out.append((d, b if d == a else a))
+                else:  # the federation as a role of its own listens
+                    out.append((a, b) if b not in plan.parties else (b, a))
     for c in spec.names():
         out += [(c, f) for f in fixed]
     return out + strategy_of(spec).peer_links(plan)

@@ -6,8 +6,10 @@ the trivial case: one fixed set of parties and no coordinator. :func:`physical_p
 one what it runs over a transport; both launchers (:mod:`~splitlearn.run.local`,
 :mod:`~splitlearn.run.processes`) use it and nothing else.
 
-Who dials whom: for each pair of neighbours, a party marked ``dial_out`` (behind a firewall)
-dials the other; otherwise the party later in the plan dials the earlier one. Clients dial.
+Who dials whom (:func:`dialer`): for each pair of neighbours, a party marked ``dial_out``
+dials the other; otherwise a party that holds raw data (a hospital, behind its firewall) dials
+the one that holds none (the server, a relay), which listens; between two parties alike, the
+one earlier in the plan (nearer the data) dials. Clients dial.
 """
 
 from __future__ import annotations
@@ -25,7 +27,26 @@ from .observe import Recorder
 from .session import PartyReport, Progress, run_party
 from .setup import PartySetup, Step, build_modules, make_optimizer, schedule, setup_party
 
-__all__ = ["Topology", "physical_party", "physical_setups", "plain_connections", "with_dial_out"]
+__all__ = ["Topology", "physical_party", "physical_setups", "plain_connections", "with_dial_out", "dialer",
+           "holds_raw_data"]
+
+
+def holds_raw_data(plan: Plan, party: str) -> bool:
+    """Whether ``party`` holds a field that a segment takes as input (features, not only labels)."""
+    fed = {i for s in plan.segments.values() for i in s.inputs}
+    return any(f"{party}.{local}" in fed for local in plan.parties[party].holds)
+
+
+def dialer(plan: Plan, a: str, b: str) -> str:
+    """Which of two neighbouring parties (``a`` earlier in the plan) dials the other (see the module)."""
+    da, db = plan.parties[a].dial_out, plan.parties[b].dial_out
+    if da and db:
+        raise PlanError(f"parties {a!r} and {b!r} exchange messages but both only dial out",
+                        entry=f"parties.{b}.dial_out", hint="one of each pair of neighbours must listen")
+    if da or db:
+        return a if da else b
+    ra, rb = holds_raw_data(plan, a), holds_raw_data(plan, b)
+    return b if rb and not ra else a
 
 
 def plain_connections(plan: Plan) -> list[tuple[str, str]]:
@@ -37,11 +58,8 @@ def plain_connections(plan: Plan) -> list[tuple[str, str]]:
         for b in graph.neighbours(a):
             if names.index(b) <= names.index(a):
                 continue  # each pair once, a before b
-            da, db = plan.parties[a].dial_out, plan.parties[b].dial_out
-            if da and db:
-                raise PlanError(f"parties {a!r} and {b!r} exchange messages but both only dial out",
-                                entry=f"parties.{b}.dial_out", hint="one of each pair of neighbours must listen")
-            out.append((a, b) if da else (b, a))
+            d = dialer(plan, a, b)
+            out.append((d, b if d == a else a))
     return out
 
 
