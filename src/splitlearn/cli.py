@@ -349,9 +349,19 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
             param, values = parse_sweep(sweep)
             dest = out or Path("runs/sweep")
             _fresh(dest, force)
-            result = do_sweep(target, param, values, dest, wire=wire, epochs=epochs, aux_fraction=aux_fraction,
-                              seed=seed, decoder_epochs=decoder_epochs,
-                              progress=lambda text: console.print(f"[dim]{text}[/]", highlight=False))
+            with _bar(False) as bar:
+                task = bar.add_task("sweep", total=len(values))
+                started: list[str] = []
+
+                def progress(text: str) -> None:  # told as each setting starts
+                    if started:
+                        bar.update(task, advance=1)
+                    started.append(text)
+                    bar.update(task, description=f"sweep: {escape(text.split(':')[0])}")
+
+                result = do_sweep(target, param, values, dest, wire=wire, epochs=epochs, aux_fraction=aux_fraction,
+                                  seed=seed, decoder_epochs=decoder_epochs, progress=progress)
+                bar.update(task, advance=1)
     except (AuditError, PlanError) as e:
         _fail(str(e))
     except RunError as e:

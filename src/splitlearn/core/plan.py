@@ -445,19 +445,26 @@ def _entry(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith(("function-", "tagged-")))
 
 
-def from_validation_error(err: ValidationError, file: str | Path | None = None) -> PlanError:
-    """The first problem of a pydantic error, as a PlanError naming the entry."""
-    first = err.errors()[0]
-    entry = _entry(first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
+def _problem(e: dict[str, Any]) -> tuple[str, str, str]:
+    """(entry, message, hint) of one pydantic error."""
+    entry = _entry(e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
     hint = ""
-    if first["type"] == "extra_forbidden":
+    if e["type"] == "extra_forbidden":
         msg, hint = f"unknown key '{entry.rsplit('.', 1)[-1]}'", "remove it or check its spelling (see docs/plans.md)"
-    elif first["type"] == "missing":
+    elif e["type"] == "missing":
         msg, hint = "required entry is missing", "add it (see examples/ for complete plans)"
-    more = len(err.errors()) - 1
-    if more:
-        hint = (hint + "; " if hint else "") + f"{more} more problem(s) after this one"
+    return entry, msg, hint
+
+
+def from_validation_error(err: ValidationError, file: str | Path | None = None) -> PlanError:
+    """Every problem of a pydantic error at once, as a PlanError naming the first entry (and each
+    further problem with its own entry on a line of its own)."""
+    problems = [_problem(e) for e in err.errors()]
+    entry, msg, hint = problems[0]
+    if len(problems) > 1:
+        more = "".join(f"\n  - entry '{en}': {m}" + (f" ({h})" if h else "") for en, m, h in problems[1:])
+        msg = f"{msg}\n  and {len(problems) - 1} more problem(s):{more}"
     return PlanError(msg, entry=entry, hint=hint, file=file)
 
 

@@ -44,6 +44,7 @@ def load_table(dataset: str, *, path: str | None = None, id_column: str | None =
     file = Path(path).expanduser()
     if base_dir is not None and not file.is_absolute():
         file = Path(base_dir) / file
+    file = file.resolve()  # errors name the file that was looked for
     if dataset == "mnist":
         return mnist(file, options.get("limit"))
     standardize = options.get("standardize", False)

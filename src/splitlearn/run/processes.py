@@ -83,7 +83,10 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     if name not in topo.names:
         raise PlanError(f"no party {name!r} in the plan", hint=f"parties are {topo.names[:8]}")
     plays = topo.plays(plan, name)
-    setup = setup_party(plan, plays) if plays is not None else None  # plan and data errors before connecting
+    try:
+        setup = setup_party(plan, plays) if plays is not None else None  # plan and data errors before connecting
+    except PlanError as e:
+        raise e.in_file(e.file or plan._source) from None
     tracking = parse_log(log, out) if log else None
     ends = endpoints(plan, topo, name, listen, peers or {})
     creds = load_credentials(certs, name) if certs is not None else None

@@ -200,6 +200,9 @@ def prepare(plan: Plan | str | Path, *, epochs: int | None = None, seed: int | N
     """Load the plan, set every party up and check the plan end to end before any training."""
     plan = load_plan(plan).with_train(epochs=epochs, seed=seed)
     cache: dict = {}
-    setups = {p: setup_party(plan, p, cache, data) for p in plan.parties}
-    shapes = check_plan(setups)
+    try:
+        setups = {p: setup_party(plan, p, cache, data) for p in plan.parties}
+        shapes = check_plan(setups)
+    except PlanError as e:  # name the plan file, whatever part of the set-up found the problem
+        raise e.in_file(e.file or plan._source) from None
     return plan, setups, shapes
