@@ -73,6 +73,8 @@ def _curves(metrics: dict[str, Any]) -> bytes | None:
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
 
+    from matplotlib.ticker import MaxNLocator
+
     def draw(fig) -> None:
         for i, name in enumerate(panels):
             ax = fig.add_subplot(rows, cols, i + 1)
@@ -83,6 +85,7 @@ def _curves(metrics: dict[str, Any]) -> bytes | None:
                 ys = per_epoch[name]
                 ax.plot(range(1, len(ys) + 1), ys, marker="o")
                 ax.set_xlabel("epoch")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(name.replace("_", " "), fontsize=10)
             ax.grid(alpha=0.3)
 
