@@ -159,7 +159,8 @@ def _input_field(model: nn.Module | Callable[[], nn.Module], spec: DataSpec) -> 
         raise PlanError(str(e), entry="data", hint="check the data given to split()") from None
     if "image" not in table.fields or "x" not in table.fields:
         return "x"
-    net = copy.deepcopy(model) if isinstance(model, nn.Module) else model()
+    with torch.random.fork_rng(devices=[]):  # building a throw-away copy leaves the caller's generator alone
+        net = copy.deepcopy(model) if isinstance(model, nn.Module) else model()
     net.eval()
     with torch.no_grad():
         try:

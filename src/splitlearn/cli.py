@@ -257,7 +257,7 @@ def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
 
     try:
         p = load_plan(plan)
-        shapes = prepare(p)[2] if check else {}
+        shapes = prepare(p, check_only=True)[2] if check else {}
     except PlanError as e:
         _fail(str(e))
     graph = build_graph(p)

@@ -157,14 +157,14 @@ class PartySetup:
 
 
 def setup_party(plan: Plan, name: str, cache: dict | None = None, data: DataSpec | None = None,
-                predict: bool = False) -> PartySetup:
-    """Build a party's segments, optimizer and inputs (without labels when ``predict``)."""
+                predict: bool = False, optimizer: bool = True) -> PartySetup:
+    """Build a party's segments, optimizer (unless not ``optimizer``) and inputs (without labels when ``predict``)."""
     graph = build_graph(plan)
     table = party_table(plan, name, cache, data)
     table = table.align(np.sort(table.ids))
     segs = [n for n in graph.local_order(name) if graph.nodes[n].kind == "segment"]
     modules = build_modules(plan, name, segs)
-    return PartySetup(plan, graph, name, modules, make_optimizer(plan, name, modules),
+    return PartySetup(plan, graph, name, modules, make_optimizer(plan, name, modules) if optimizer else None,
                       party_inputs(plan, name, table, graph.label_inputs() if predict else set()),
                       splits_for(plan, table))
 
@@ -196,12 +196,13 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
 
 
 def prepare(plan: Plan | str | Path, *, epochs: int | None = None, seed: int | None = None,
-            data: DataSpec | None = None) -> tuple[Plan, dict[str, PartySetup], dict]:
-    """Load the plan, set every party up and check the plan end to end before any training."""
+            data: DataSpec | None = None, check_only: bool = False) -> tuple[Plan, dict[str, PartySetup], dict]:
+    """Load the plan, set every party up and check the plan end to end before any training
+    (``check_only``: no optimizers, for a look at the plan)."""
     plan = load_plan(plan).with_train(epochs=epochs, seed=seed)
     cache: dict = {}
     try:
-        setups = {p: setup_party(plan, p, cache, data) for p in plan.parties}
+        setups = {p: setup_party(plan, p, cache, data, optimizer=not check_only) for p in plan.parties}
         shapes = check_plan(setups)
     except PlanError as e:  # name the plan file, whatever part of the set-up found the problem
         raise e.in_file(e.file or plan._source) from None
