@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..core.engine import Party, PartyError
+from ..core.randomness import PartyRandom, party_seed
 from ..core.graph import build_graph
 from ..core.plan import Plan, PlanError
 from ..run.observe import Recorder
@@ -201,6 +202,7 @@ class Role:
         self.refused: list[str] = []
         self.recorders: dict[str, Recorder] | None = {} if record and self.setup is not None else None
         self.noised = {"samples": 0, "steps": 0}  # training this party did, for the privacy its noise spent
+        self.rng: PartyRandom | None = None  # its random layers' stream (made at its first turn)
         self.tracker = None  # streams the losses this party computes in its turns (splitlearn.run.tracking)
         if tracking is not None and self.plays is not None and any(n.party == self.plays for n in self.graph.losses()):
             from ..run.tracking import open_tracker
@@ -315,7 +317,11 @@ class Role:
         view = self.switch.session(self.plays, {} if self.plays == t else {t: client}, keep, peers)
         link = Link(view, self.link.meter if turn.mode == "train" else self.eval_meter, self.limits)
         modules, optimizer = self._models(turn, client)
-        party = Party(self.graph, self.plays, link, modules, optimizer, self.setup.inputs, timeout=self.step_timeout)
+        if self.rng is None:  # this physical party's own random stream, kept from turn to turn
+            device = next((p.device for mod in modules.values() for p in mod.parameters()), "cpu")
+            self.rng = PartyRandom(party_seed(self.plan.train.seed, self.name), device)
+        party = Party(self.graph, self.plays, link, modules, optimizer, self.setup.inputs, timeout=self.step_timeout,
+                      rng=self.rng)
         if self.recorders is not None:
             party.observer = self.recorders.setdefault(client if self.plays != t else "", Recorder(self.setup.splits.ids))
         try:

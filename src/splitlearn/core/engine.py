@@ -37,6 +37,7 @@ from ..wire.link import Link
 from ..wire.messages import Kind, Message, quote
 from .losses import get as loss_kind
 from .plan import PlanError
+from .randomness import PartyRandom, party_seed
 from ..privacy import defenses
 from ..wire.transport.base import TransportTimeout
 
@@ -78,12 +79,14 @@ class Party:
     def __init__(self, graph: Graph, name: str, link: Link, modules: dict[str, nn.Module],
                  optimizer: torch.optim.Optimizer | None, data: dict[str, torch.Tensor],
                  wire_shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None, timeout: float | None = 600.0,
-                 predicting: bool = False, noise_secret: int | None = None):
+                 predicting: bool = False, noise_secret: int | None = None, rng: PartyRandom | None = None):
         self.graph, self.name, self.link = graph, name, link
         self.meter = link.meter
         self.modules, self.optimizer, self.data = modules, optimizer, data
         # where it computes: its modules' device (data stay on the CPU; each batch moves when it is read)
         self.device = next((p.device for m in modules.values() for p in m.parameters()), torch.device("cpu"))
+        # random layers draw from the party's own stream (seeded by the plan and its name), never a shared one
+        self.rng = rng or PartyRandom(party_seed(graph.plan.train.seed, name), self.device)
         self.wire_shapes = wire_shapes or {}
         self.timeout = timeout
         self.predicting = predicting  # a prediction run: no labels anywhere, not even at the handshake
@@ -176,11 +179,13 @@ class Party:
         elif node.kind == "segment":
             spec = self.graph.plan.segments[node.name]
             xs = [st.values[d] for d in node.inputs]
-            if st.mode == "handshake":
-                st.values[node.name] = _checked(self.graph, node, xs, lambda: merge_inputs(spec.merge, self.modules[node.name], xs))
-            else:
-                st.values[node.name] = self.meter.compute(
-                    (node.name, batch), "forward", lambda: merge_inputs(spec.merge, self.modules[node.name], xs))
+            with self.rng.scope():
+                if st.mode == "handshake":
+                    st.values[node.name] = _checked(self.graph, node, xs,
+                                                    lambda: merge_inputs(spec.merge, self.modules[node.name], xs))
+                else:
+                    st.values[node.name] = self.meter.compute(
+                        (node.name, batch), "forward", lambda: merge_inputs(spec.merge, self.modules[node.name], xs))
         else:  # loss
             spec = self.graph.plan.losses[node.name]
             out = st.values[node.inputs[0]]

@@ -1,8 +1,23 @@
-"""The C library's allocator tuned for messages of megabytes (no heavy imports: the CLI calls it first)."""
+"""Machine settings of a run: the C library's allocator tuned for messages of megabytes, and the
+number of math threads every party uses (no heavy imports: the CLI calls this first)."""
 
 from __future__ import annotations
 
-__all__ = ["tune_allocator"]
+import os
+
+__all__ = ["tune_allocator", "math_threads"]
+
+
+def math_threads(parties: int) -> int:
+    """Intra-op threads of each party, the same in-process and in party processes (results of
+    some kernels depend on the thread count): with more parties than cores, ``cores // parties``
+    (at least one), else torch's own default here. ``OMP_NUM_THREADS`` set by the user wins."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    if parties > cores and "OMP_NUM_THREADS" not in os.environ:
+        return max(1, cores // parties)
+    return torch.get_num_threads()
 
 
 def tune_allocator() -> bool:

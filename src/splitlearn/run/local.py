@@ -7,9 +7,12 @@ import threading
 import time
 from typing import Any, Callable
 
+import torch
+
 from ..core.engine import PartyError
 from ..core.plan import Plan, PlanError
 from ..wire.transport import InProcessHub, TransportClosed
+from .allocator import math_threads
 from .session import PartyReport, Progress, RunError
 from .setup import PartySetup, Step
 from .topology import Topology, physical_party, physical_setups
@@ -66,11 +69,31 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
                 stopping.set()
                 hub.close()
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(math_threads(len(topo.names)))  # what each party process would get (run/processes.py)
     threads = {n: threading.Thread(target=work, args=(n,), name=f"party-{n}", daemon=True) for n in topo.names}
+    try:
+        _join(threads, topo, plan, stopping, hub)
+    finally:
+        torch.set_num_threads(before)
+    fatal = {p: e for p, e in errors.items() if p not in topo.expendable}
+    if fatal:
+        root = {p: e for p, e in fatal.items() if not isinstance(e, TransportClosed) and p not in after} or fatal
+        raise RunError({p: (str(e) if isinstance(e, (PartyError, PlanError)) else f"{type(e).__name__}: {e}")
+                        for p, e in root.items()})
+    for n, part in parts.items():  # a client that failed still reports what it did
+        if n not in reports and hasattr(part, "report"):
+            reports[n] = part.report()
+    return reports
+
+
+def _join(threads: dict[str, threading.Thread], topo: Topology, plan: Plan, stopping: threading.Event,
+          hub: InProcessHub) -> None:
+    """Start the parties' threads and wait: the lead (a plain plan: every party) must finish; the
+    others end on their own once they have read "stop" and get one more timeout for it, then the
+    hub is closed under them."""
     for t in threads.values():
         t.start()
-    # the lead (a plain plan: every party) must finish; the others end on their own once they have
-    # read "stop" and get one more timeout for it, then the hub is closed under them
     for n, t in threads.items():
         if topo.coordinator is None or n == topo.coordinator:
             t.join()
@@ -81,12 +104,3 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     hub.close()
     for t in threads.values():
         t.join(timeout=5)
-    fatal = {p: e for p, e in errors.items() if p not in topo.expendable}
-    if fatal:
-        root = {p: e for p, e in fatal.items() if not isinstance(e, TransportClosed) and p not in after} or fatal
-        raise RunError({p: (str(e) if isinstance(e, (PartyError, PlanError)) else f"{type(e).__name__}: {e}")
-                        for p, e in root.items()})
-    for n, part in parts.items():  # a client that failed still reports what it did
-        if n not in reports and hasattr(part, "report"):
-            reports[n] = part.report()
-    return reports

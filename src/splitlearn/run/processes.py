@@ -23,7 +23,7 @@ from pathlib import Path
 from ..core.plan import Plan, PlanError
 from ..core.load import load_plan
 from ..wire.messages import Limits
-from .allocator import tune_allocator  # noqa: F401 - party processes call it from here
+from .allocator import math_threads, tune_allocator  # noqa: F401 - party processes call tune_allocator from here
 from .results import build_result, save_party, save_result
 from .session import PartyReport, Progress, RunError
 from .setup import prepare, setup_party
@@ -195,9 +195,7 @@ def _child_env(parties: int) -> dict[str, str]:
     user's own settings win."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    cores = os.cpu_count() or 1
-    if parties > cores and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, cores // parties))
+    env.setdefault("OMP_NUM_THREADS", str(math_threads(parties)))  # as in-process runs use (run/local.py)
     return env
 
 
