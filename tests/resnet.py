@@ -69,3 +69,15 @@ class Stack(nn.Sequential):
 
     def __init__(self, width: int = 32):
         super().__init__(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+class Tied(nn.Module):
+    """``a`` runs before and after ``b``: cutting after ``b`` would give two parties a copy of ``a`` each."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.a(self.b(torch.relu(self.a(x)))))

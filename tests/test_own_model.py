@@ -21,7 +21,7 @@ from splitlearn.models import build_network, build_segment
 from splitlearn.run.local import run_local
 from splitlearn.run.setup import prepare, schedule
 
-from .resnet import ResNet, Skip, Stack, resnet
+from .resnet import ResNet, Skip, Stack, Tied, resnet
 
 STEPS = 6
 
@@ -117,6 +117,11 @@ def test_a_skip_connection_across_the_cut_is_refused_naming_it():
         prepare(split_plan(Skip(), cut="middle"))
     plan = split_plan(Skip(), cut="first")  # the skip stays on one side of this cut
     assert prepare(plan)[2]["bottom->top"] == ("float32", (32,))
+
+
+def test_weights_used_on_both_sides_of_a_cut_are_refused():
+    with pytest.raises(PlanError, match=r"'a' is used on both sides of a cut \(shared or tied weights\)"):
+        prepare(split_plan(Tied(), cut="b"))
 
 
 @pytest.mark.parametrize("cut, message", [

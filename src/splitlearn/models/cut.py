@@ -67,7 +67,27 @@ def _assign(graph: fx.Graph, cuts: list[str]) -> tuple[dict[fx.Node, int], list[
     if len(ends) < len(cuts):
         missing = cuts[len(ends)]
         raise CutError(f"submodule {missing!r} is never called by the forward, so nothing can be cut after it")
+    for n in graph.nodes:  # a parameter read where it is used (fx may read it earlier, in another piece)
+        if n.op == "get_attr":
+            used = {where[u] if u.op != "output" else len(ends) for u in n.users}
+            if len(used) == 1:
+                where[n] = used.pop()
+    _check_shared(graph, where)
     return where, ends
+
+
+def _check_shared(graph: fx.Graph, where: dict[fx.Node, int]) -> None:
+    """A submodule or parameter used on both sides of a cut would be two copies at two parties
+    (tied weights drift apart): refused."""
+    pieces: dict[str, set[int]] = {}
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            pieces.setdefault(str(n.target), set()).update(
+                {where[n]} if n.op == "call_module" else {where[u] for u in n.users if u.op != "output"} | {where[n]})
+    for target, used in pieces.items():
+        if len(used) > 1:
+            raise CutError(f"{target!r} is used on both sides of a cut (shared or tied weights): the parties would "
+                           "train two copies of it. Cut where it is used on one side only")
 
 
 def _check_crossings(graph: fx.Graph, where: dict[fx.Node, int], ends: list[fx.Node]) -> None:
