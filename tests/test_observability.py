@@ -98,11 +98,11 @@ def test_tensorboard_and_mlflow_get_the_metrics_of_each_epoch(tmp_path):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("vertical")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"vertical:server", "vertical:result"}
+    assert set(runs) == {"vertical:server", "vertical:run.summary"}
     history = client.get_metric_history(runs["vertical:server"].info.run_id, "malignant/test_roc_auc")
     assert [h.value for h in sorted(history, key=lambda h: h.step)] == pytest.approx(
         result["metrics"]["per_epoch"]["test_roc_auc"])
-    params = runs["vertical:result"].data.params
+    params = runs["vertical:run.summary"].data.params
     assert params["seed"] == "0" and params["plan"] == "vertical"
     assert int(params["clinic_a.bytes_sent"]) == result["parties"]["clinic_a"]["bytes_sent"]
 
@@ -313,3 +313,51 @@ def test_pictures_of_clients_plans_show_the_clients(tmp_path):
     text = clients_text(build_graph(splitlearn.load_plan(EXAMPLES / "sequential.toml")))
     assert text.startswith("10 clients hospital-1 … hospital-10 (iid), schedule sequential")
     assert "passes its segments straight to the next client" in text
+
+
+def test_the_report_escapes_what_a_result_holds_and_embeds_only_the_audits_pictures(tmp_path):
+    from splitlearn.tools.report import write_report
+
+    run = tmp_path / "run"
+    splitlearn.train(EXAMPLES / "vanilla.toml", epochs=1, out=run)
+    result = json.loads((run / "result.json").read_text())
+    result["seed"] = "<script>alert(1)</script>"
+    result["plan"] = "<img src=x onerror=alert(2)>"
+    (run / "result.json").write_text(json.dumps(result))
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG not yours")
+    (run / "audit").mkdir()
+    (run / "audit" / "audit.json").write_text(json.dumps({"wires": {"bottom->top": {
+        "sender": "hospital", "receiver": "server", "carries": "activation",
+        "inversion": {"mse": 0.1, "figure": "../secret.png"}}}}))
+    page = write_report(run).read_text()
+    assert "<script>alert" not in page and "<img src=x" not in page and "&lt;script&gt;" in page
+    assert page.count("<img ") == 2  # topology and curves: the picture outside audit/ is not embedded
+
+
+def test_a_compare_folder_gets_its_report(tmp_path):
+    from splitlearn.tools.report import write_report
+
+    (tmp_path / "compare.json").write_text(json.dumps({"plan": "p", "clients": 2, "epochs": 1, "partition": {},
+                                                       "rows": [{"method": "fedavg", "accuracy": 0.9,
+                                                                 "accuracy_per_epoch": [0.9]}]}))
+    page = write_report(tmp_path).read_text()
+    assert "<td>fedavg</td>" in page and "<td>0.9</td>" in page
+
+
+def test_macro_f1_averages_the_classes_that_are_there():
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1]])
+    assert classification_metrics(probs, np.array([0, 1, 1]))["f1"] == 1.0  # class 2 is in neither
+
+
+def test_a_clients_run_streams_its_steps_in_order(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = splitlearn.train(EXAMPLES / "sequential.toml", epochs=1, log=f"tensorboard:{tmp_path / 'tb'}")
+    server = EventAccumulator(str(tmp_path / "tb" / "server"))
+    server.Reload()
+    steps = [e.step for e in server.Scalars("digit/train_loss_step")]
+    assert steps == list(range(len(steps))) and len(steps) >= 40  # ten clients' turns, one numbering
+    assert [v for _, v in result["metrics"]["train_loss_steps"]] == pytest.approx(
+        [e.value for e in server.Scalars("digit/train_loss_step")])

@@ -23,7 +23,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def __getattr__(name: str) -> Any:
     if name not in _HOME:
-        raise AttributeError(f"module 'splitlearn' has no attribute {name!r}")
+        try:  # a subpackage, as an eager package would have it imported: splitlearn.tools, ...
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'splitlearn' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(_HOME[name], __name__), name)
     globals()[name] = value
     return value

@@ -92,12 +92,28 @@ def _summary(result: dict) -> None:
         console.print(f"[yellow]label wire[/] {w['name']}: labels of {w['src']} travel to {w['dst']}")
 
 
+_OUTPUTS = ("result.json", "plan.json", "report.html", "parties", "audit", "tensorboard", "mlruns", "compare.json",
+            "compare.md", "sweep.json", "sweep.md", "sweep.png", "accuracy_vs_computation.png", "bytes_per_client.png")
+
+
 def _fresh(out: Path, force: bool) -> None:
-    """Nothing is overwritten silently: an ``--out`` folder that holds files needs ``--force``."""
+    """Nothing is overwritten silently: an ``--out`` folder that holds files needs ``--force``,
+    which removes what an earlier run wrote there (an old audit must not describe the new run)
+    and leaves anything else alone."""
+    import shutil
+
     if out.is_file():
         _fail(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        _fail(f"--out {out} already holds files (an earlier run?): give --force to write over them, or another --out")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not force:
+        _fail(f"--out {out} already holds files (an earlier run?): give --force to replace that run, or another --out")
+    for name in _OUTPUTS:
+        old = out / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
 
 
 def _bar(quiet: bool) -> Progress:
@@ -395,6 +411,8 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
     notes = []
     for name, w in result["wires"].items():
         inv, leak = w.get("inversion") or {}, w.get("label_leakage") or {}
+        if not w.get("verdicts"):
+            table.add_row(name, w["receiver"], "none applies", "-", "see the notes below")
         for what, v in w.get("verdicts", {}).items():
             if what == "inversion":
                 fig = f"MSE {inv['mse']:.4f} vs {inv['mse_mean_guess']:.4f} by guessing" + (

@@ -207,7 +207,9 @@ class Role:
         if tracking is not None and self.plays is not None and any(n.party == self.plays for n in self.graph.losses()):
             from ..run.tracking import open_tracker
 
-            self.tracker = open_tracker(tracking, plan, name)
+            from ..run.tracking import StepNumbers
+
+            self.tracker = StepNumbers(open_tracker(tracking, plan, name))
         self.global_state: dict[str, torch.Tensor] | None = None  # federation: the averaged client weights
         if name == self.federation:
             self.global_state = {k: v.clone() for k, v in state_of(
@@ -325,6 +327,8 @@ class Role:
         if self.recorders is not None:
             party.observer = self.recorders.setdefault(client if self.plays != t else "", Recorder(self.setup.splits.ids))
         try:
+            if self.tracker is not None:
+                self.tracker.turn = turn.index
             report = run_party(party, iter(turn.steps), ids_hash=tag, tracker=self.tracker)
         except (PartyError, PlanError, TransportError) as e:  # a peer that is gone or silent: failures as data
             self.refused += link.refused
@@ -333,13 +337,15 @@ class Role:
         self.refused += link.refused
         self.noised["samples"] += report.meter.get("train_samples", 0)
         self.noised["steps"] += report.meter.get("train_steps", 0)
-        losses = {}
+        losses, steps = {}, {}
         for loss, h in report.metrics.items():
             key = "train_loss" if turn.mode == "train" else "test_loss"
             losses[loss] = {k: v[0] for k, v in h.items() if v and k != "train_loss_steps"}
             losses[loss].setdefault(key, None)
+            if h.get("train_loss_steps"):
+                steps[loss] = [v for _, v in h["train_loss_steps"]]
         self.records.append({"turn": turn.index, "round": turn.round, "epoch": turn.steps[0].epoch if turn.steps else 0,
-                             "mode": turn.mode, "client": client, "rows": turn.rows, "losses": losses,
+                             "mode": turn.mode, "client": client, "rows": turn.rows, "losses": losses, "steps": steps,
                              "train_s": report.meter.get("train_s", 0.0)})
         return True, ""
 
@@ -407,10 +413,13 @@ class Role:
             self.link.meter = train
 
     # -- report --------------------------------------------------------------------------------
-    def report(self) -> PartyReport:
+    def close_tracker(self) -> None:
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
+
+    def report(self) -> PartyReport:
+        self.close_tracker()
         privacy = {}
         if self.plays is not None and self.noised["steps"]:
             privacy = defenses.privacy_spent(self.graph, self.plays, self.noised["samples"], self.noised["steps"])
@@ -428,7 +437,10 @@ class Follower(Role):
     dispatched by name through :attr:`COMMANDS`, until it says stop."""
 
     def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
-        self.follow()
+        try:
+            self.follow()
+        finally:
+            self.close_tracker()
         return self.report()
 
     def follow(self) -> None:
@@ -527,7 +539,10 @@ class Coordinator(Role):
     holder: str | None = None  # the client with the latest weights (sequential)
 
     def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
-        self.coordinate(progress)
+        try:
+            self.coordinate(progress)
+        finally:
+            self.close_tracker()
         return self.report()
 
     def coordinate(self, progress: Callable[[Progress], None] | None = None) -> None:

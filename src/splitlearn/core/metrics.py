@@ -1,6 +1,7 @@
 """Clinical metrics of a classification head, from its outputs and the true classes.
 
-ROC AUC (one-vs-rest, macro, for several classes), F1 (binary; macro for several classes),
+ROC AUC (one-vs-rest, macro, for several classes; None unless every class is among the rows),
+F1 (binary; for several classes the macro mean over the classes in the rows or predictions),
 sensitivity and specificity (binary: class 1 is the positive one) come from scikit-learn;
 the expected calibration error is the usual 10-bin estimate (bins of equal width over the
 confidence of the decided class), which scikit-learn does not provide.
@@ -50,6 +51,7 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, 
     else:
         out["roc_auc"] = (float(roc_auc_score(targets, probs, multi_class="ovr", average="macro", labels=labels))
                           if len(present) == k else None)
-        out["f1"] = float(f1_score(targets, decided, labels=labels, average="macro", zero_division=0))
+        seen = sorted(set(present.tolist()) | set(np.unique(decided).tolist()))  # an absent class is no 0 to average
+        out["f1"] = float(f1_score(targets, decided, labels=seen, average="macro", zero_division=0))
     out["ece"] = expected_calibration_error(probs, targets)
     return out

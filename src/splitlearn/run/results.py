@@ -100,6 +100,7 @@ def build_result(plan: Plan, reports: dict[str, PartyReport], extra: dict[str, A
 def _client_tasks(reports: dict[str, PartyReport]) -> dict[str, dict]:
     """Each loss's per-epoch history from the turns' records (row-weighted means; every turn once)."""
     series: dict[str, dict[int, dict[str, list]]] = {}  # loss -> epoch -> (value, rows) pairs
+    steps: dict[str, list[tuple[int, list[float]]]] = {}  # loss -> (turn, train losses of its steps)
     seen: set[tuple] = set()
     for rep in reports.values():
         for r in rep.records:
@@ -107,19 +108,32 @@ def _client_tasks(reports: dict[str, PartyReport]) -> dict[str, dict]:
                 if (r["turn"], loss) in seen:
                     continue
                 seen.add((r["turn"], loss))
+                if r.get("steps", {}).get(loss):
+                    steps.setdefault(loss, []).append((r["turn"], r["steps"][loss]))
                 e = series.setdefault(loss, {}).setdefault(r["epoch"], {})
                 for name, value in v.items():
                     if (r["mode"] == "train") == (name == "train_loss") and isinstance(value, (int, float)):
                         e.setdefault(name, []).append((value, r["rows"]))
 
-    def means(per_epoch: dict[int, dict[str, list]], name: str) -> list[float]:
-        pairs = [per_epoch[e][name] for e in sorted(per_epoch) if per_epoch[e].get(name)]
-        return [sum(x * w for x, w in p) / sum(w for _, w in p) for p in pairs]
+    def means(per_epoch: dict[int, dict[str, list]], name: str) -> list[float | None]:
+        """One value per epoch that has any; None for an epoch where this metric has none (AUC on one class)."""
+        family = [e for e in sorted(per_epoch) if any(k == name or (k.startswith("test_") and name.startswith("test_"))
+                                                      for k in per_epoch[e])]
+        out: list[float | None] = []
+        for e in family:
+            p = per_epoch[e].get(name)
+            out.append(sum(x * w for x, w in p) / sum(w for _, w in p) if p else None)
+        return out
 
     out = {}
     for loss, per_epoch in series.items():
         names = {"train_loss", "test_loss", "test_accuracy"} | {n for e in per_epoch.values() for n in e}
         out[loss] = {name: means(per_epoch, name) for name in sorted(names)}
+        if all(v is None for v in out[loss]["test_accuracy"]):
+            out[loss]["test_accuracy"] = []
+        pts = [v for _, vs in sorted(steps.get(loss, [])) for v in vs]
+        every = max(1, -(-len(pts) // 500))
+        out[loss]["train_loss_steps"] = [[i, v] for i, v in enumerate(pts)][::every]
     return out
 
 

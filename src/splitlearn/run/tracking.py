@@ -3,9 +3,12 @@
 ``--log tensorboard[:DIR]`` and ``--log mlflow[:URI]`` (``splitlearn run``; ``log=`` in
 :func:`splitlearn.train`). Every party that computes a loss streams its own: the train loss
 of each step (``TASK/train_loss_step``) and each epoch's test metrics (``TASK/test_accuracy``,
-``TASK/test_roc_auc``, ...), one TensorBoard run folder or MLflow run per party. When the run
-ends, the launcher adds the run's summary: the per-epoch metrics of ``result.json`` (under
-``result/``) and, as parameters, the plan, its hash, the seed and each party's bytes and FLOPs.
+``TASK/test_roc_auc``, ...), one TensorBoard run folder or MLflow run per party (in a clients
+run: each turn's values at the turn's index, the train loss per step numbered across turns).
+When the run ends, the launcher adds the run's summary (``run.summary``): the per-epoch metrics
+of ``result.json`` (under ``result/``) and, as parameters, the plan, its hash, the seed and
+each party's bytes and FLOPs. A tracker that fails (a full disk) is reported once and training
+goes on.
 
 Both are optional extras (``pip install splitlearn[tensorboard]`` / ``[mlflow]``); MLflow's
 local file store (the default, ``RUN_DIR/mlruns``) works offline.
@@ -13,6 +16,7 @@ local file store (the default, ``RUN_DIR/mlruns``) works offline.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +24,12 @@ from typing import Any, Protocol
 
 from ..core.plan import Plan, PlanError, plan_hash
 
-__all__ = ["LogSpec", "parse_log", "Tracker", "open_tracker", "finish_tracking"]
+__all__ = ["LogSpec", "parse_log", "Tracker", "open_tracker", "finish_tracking", "StepNumbers", "SUMMARY"]
+
+log = logging.getLogger(__name__)
 
 KINDS = ("tensorboard", "mlflow")
+SUMMARY = "run.summary"  # the run's own tracker run: no party can be named so (names have no dots)
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,16 @@ class _MLflow:
 
         self.client = MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
-        exp = found.experiment_id if found else self.client.create_experiment(experiment)
+        if found is None:
+            try:
+                exp = self.client.create_experiment(experiment)
+            except Exception:  # noqa: BLE001 - another party created it meanwhile
+                found = self.client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+                exp = found.experiment_id
+        else:
+            exp = found.experiment_id
         self.run_id = self.client.create_run(exp, run_name=run_name, tags=tags).info.run_id
         for k, v in params.items():
             self.client.log_param(self.run_id, k, v)
@@ -99,12 +115,55 @@ def _params(plan: Plan) -> dict[str, Any]:
             "batch_size": plan.train.batch_size}
 
 
+class _Guarded:
+    """A tracker whose failures are logged once; training goes on without it."""
+
+    def __init__(self, inner: Tracker, who: str):
+        self.inner, self.who, self.failed = inner, who, False
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.failed:
+            return
+        try:
+            self.inner.log(values, step)
+        except Exception as e:  # noqa: BLE001 - tracking must never end training
+            self.failed = True
+            log.warning("%s: metrics tracking stopped: %s: %s", self.who, type(e).__name__, e)
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s: closing the tracker failed: %s", self.who, e)
+
+
+class StepNumbers:
+    """A clients run's tracker: each turn restarts its step ids, so the train loss per step is
+    numbered across turns, and every other value is logged at the turn's index."""
+
+    def __init__(self, inner: Tracker):
+        self.inner, self.steps, self.turn = inner, 0, 0
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            if k.endswith("/train_loss_step"):
+                self.inner.log({k: v}, self.steps)
+                self.steps += 1
+            else:
+                self.inner.log({k: v}, self.turn)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def open_tracker(spec: LogSpec, plan: Plan, party: str) -> Tracker:
     """The tracker of party ``party`` (a run folder or an MLflow run of its own)."""
     if spec.kind == "tensorboard":
-        return _TensorBoard(Path(spec.where) / party)
-    return _MLflow(spec.where, plan.name, f"{plan.name}:{party}", {**_params(plan), "party": party},
-                   {"splitlearn.party": party})
+        inner: Tracker = _TensorBoard(Path(spec.where) / party)
+    else:
+        inner = _MLflow(spec.where, plan.name, f"{plan.name}:{party}", {**_params(plan), "party": party},
+                        {"splitlearn.party": party})
+    return _Guarded(inner, party)
 
 
 def finish_tracking(spec: LogSpec, plan: Plan, result: dict[str, Any]) -> None:
@@ -117,11 +176,11 @@ def finish_tracking(spec: LogSpec, plan: Plan, result: dict[str, Any]) -> None:
         params[f"{name}.flops"] = p.get("flops")
     per_epoch = result.get("metrics", {}).get("per_epoch", {})
     if spec.kind == "tensorboard":
-        tb = _TensorBoard(Path(spec.where) / "result")
+        tb = _TensorBoard(Path(spec.where) / SUMMARY)
         tb.writer.add_text("parameters", "\n".join(f"- {k}: {v}" for k, v in params.items()))
         tracker: Tracker = tb
     else:
-        tracker = _MLflow(spec.where, plan.name, f"{plan.name}:result", params, {"splitlearn.party": "result"})
+        tracker = _MLflow(spec.where, plan.name, f"{plan.name}:{SUMMARY}", params, {"splitlearn.party": SUMMARY})
     try:
         for name, values in per_epoch.items():
             for epoch, v in enumerate(values):

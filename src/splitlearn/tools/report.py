@@ -93,20 +93,15 @@ def _curves(metrics: dict[str, Any]) -> bytes | None:
 
 
 def _topology(run_dir: Path) -> bytes | None:
+    """The run's picture from its plan.json (parsed only: no factory of the plan is run)."""
     from ..core.graph import build_graph
-    from ..run.results import load_run_plan
+    from ..core.plan import parse_plan
     from .viz import topology_png
 
     try:
-        plan = load_run_plan(run_dir)
-    except Exception:  # noqa: BLE001 - a plan that no longer loads (its factory is gone): no picture
-        try:
-            from ..core.plan import parse_plan
-
-            plan = parse_plan(json.loads((run_dir / "plan.json").read_text()))
-        except Exception:  # noqa: BLE001
-            return None
-    return topology_png(build_graph(plan))
+        return topology_png(build_graph(parse_plan(json.loads((run_dir / "plan.json").read_text()))))
+    except Exception:  # noqa: BLE001 - no plan.json, or one this version cannot read: no picture
+        return None
 
 
 def _defenses(spec: dict[str, Any]) -> str:
@@ -129,7 +124,8 @@ def _audit_section(run_dir: Path) -> str:
                      w.get("distance_correlation"), inv.get("mse"), inv.get("ssim"), leak.get("norm_auc"),
                      leak.get("direction_auc"), verdicts or "-"])
         fig = inv.get("figure")
-        if fig and (run_dir / fig).is_file():
+        inside = isinstance(fig, str) and (run_dir / fig).resolve().is_relative_to((run_dir / "audit").resolve())
+        if inside and (run_dir / fig).is_file():  # only the audit's own pictures are embedded
             pictures.append(f"<figure>{_img((run_dir / fig).read_bytes(), f'inversion on {name}')}"
                             f"<figcaption>model inversion on {html.escape(name)}: originals (top) and what "
                             "the receiver reconstructs (bottom)</figcaption></figure>")
@@ -170,15 +166,16 @@ def _run_body(run_dir: Path, result: dict[str, Any]) -> str:
     parts = [f"<h1>{html.escape(str(result.get('plan', run_dir.name)))}</h1>"]
     if plan.get("description"):
         parts.append(f"<p>{html.escape(plan['description'])}</p>")
-    parts.append(f"<p>{result.get('epochs')} epochs, seed {result.get('seed')}, transport "
-                 f"{html.escape(str(result.get('transport', '-')))}</p>")
+    e = html.escape
+    parts.append(f"<p>{e(_fmt(result.get('epochs')))} epochs, seed {e(_fmt(result.get('seed')))}, transport "
+                 f"{e(str(result.get('transport', '-')))}</p>")
     final = [(k.removeprefix("test_").replace("_", " "), v) for k, v in m.items()
              if k.startswith("test_") and isinstance(v, float)]
     if final:
         parts.append("<h2>Results on the test rows</h2>" + _table([k for k, _ in final], [[v for _, v in final]]))
     for task, t in m.get("tasks", {}).items():
-        parts.append(f"<p>task <b>{html.escape(task)}</b> at {html.escape(t['party'])}: test accuracy "
-                     f"{_fmt(t.get('test_accuracy'))}</p>")
+        parts.append(f"<p>task <b>{html.escape(str(task))}</b> at {html.escape(str(t.get('party')))}: test accuracy "
+                     f"{html.escape(_fmt(t.get('test_accuracy')))}</p>")
     topo = _topology(run_dir)
     if topo:
         parts.append("<h2>Topology</h2>" + _img(topo, "topology"))
@@ -208,7 +205,8 @@ def _run_body(run_dir: Path, result: dict[str, Any]) -> str:
                                                             "</p>"))
     if "schedule" in result:
         s = result["schedule"]
-        parts.append(f"<h2>Clients</h2><p>{s.get('clients')} clients, schedule {html.escape(str(s.get('kind')))}, "
+        parts.append(f"<h2>Clients</h2><p>{html.escape(_fmt(s.get('clients')))} clients, schedule "
+                     f"{html.escape(str(s.get('kind')))}, "
                      f"partition {html.escape(json.dumps(s.get('partition')))}</p>")
         if result.get("skipped"):
             parts.append(_table(["round", "client", "during", "reason"],
