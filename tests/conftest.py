@@ -1,8 +1,13 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# The suite's figures are CPU figures (bit-identical comparisons with plain PyTorch on the CPU):
+# plans default to device = "auto", so CUDA is hidden from this process and the party processes
+# it starts. A GPU check is bench/device.py.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

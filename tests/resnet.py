@@ -53,7 +53,7 @@ def resnet(**kwargs) -> ResNet:
 
 
 class Skip(nn.Module):
-    """A skip connection around ``middle``: cutting after ``first`` must be refused."""
+    """A skip connection around ``middle``: cutting after ``middle`` must be refused (after ``first`` is fine)."""
 
     def __init__(self):
         super().__init__()
@@ -81,3 +81,36 @@ class Tied(nn.Module):
 
     def forward(self, x):
         return self.head(self.a(self.b(torch.relu(self.a(x)))))
+
+
+class ReadsMode(nn.Module):
+    """A forward that reads ``self.training``: a traced piece would fix one mode, so cutting it is refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.b(nn.functional.dropout(torch.relu(self.a(x)), 0.5, self.training))
+
+
+class Pair(nn.Module):
+    """``a`` returns a tuple: no wire can carry it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _Split(), nn.Linear(32, 10)
+
+    def forward(self, x):
+        h, _ = self.a(x)
+        return self.b(h)
+
+
+class _Split(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 32)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h, h

@@ -21,7 +21,7 @@ from splitlearn.models import build_network, build_segment
 from splitlearn.run.local import run_local
 from splitlearn.run.setup import prepare, schedule
 
-from .resnet import ResNet, Skip, Stack, Tied, resnet
+from .resnet import Pair, ReadsMode, ResNet, Skip, Stack, Tied, resnet
 
 STEPS = 6
 
@@ -38,6 +38,7 @@ def _train_steps(plan, steps=STEPS):
 def test_a_resnet_cut_by_name_trains_as_the_unsplit_module(cuts):
     torch.manual_seed(1)
     model = ResNet()
+    snapshot = copy.deepcopy(model.state_dict())
     plan = split_plan(model, cuts, data="digits", epochs=1, optimizer="sgd", lr=0.05, momentum=0.9)
     plan, setups, shapes, steps = _train_steps(plan)
     assert shapes["bottom->" + ("middle" if len(cuts) == 2 else "top")] == ("float32", (8, 8, 8))  # layer1's output
@@ -59,9 +60,9 @@ def test_a_resnet_cut_by_name_trains_as_the_unsplit_module(cuts):
     worst = max((trained[k].double() - v.double()).abs().max().item() for k, v in ref.state_dict().items())
     assert worst <= 1e-6, f"split and unsplit ResNet differ by {worst}"
     moved = max((a.double() - b.double()).abs().max().item()
-                for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
+                for a, b in zip(ref.state_dict().values(), snapshot.values()))
     assert moved > 1e-3  # training moved the weights; and the object passed in stayed as it was:
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.deepcopy(model).state_dict().values()))
+    assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
 
 
 def test_split_trains_and_returns_the_trained_module(tmp_path):
@@ -117,6 +118,27 @@ def test_a_skip_connection_across_the_cut_is_refused_naming_it():
         prepare(split_plan(Skip(), cut="middle"))
     plan = split_plan(Skip(), cut="first")  # the skip stays on one side of this cut
     assert prepare(plan)[2]["bottom->top"] == ("float32", (32,))
+
+
+def test_a_forward_reading_self_training_and_a_tuple_output_are_refused():
+    with pytest.raises(PlanError, match=r"computes differently in training and in evaluation \(it reads self.training"):
+        prepare(split_plan(ReadsMode(), cut="a"))
+    with pytest.raises(PlanError, match=r"segment 'bottom' \(party 'client'\) gives a tuple, not one tensor"):
+        prepare(split_plan(Pair(), cut="a"))
+
+
+def test_two_plans_with_one_factory_module_name_are_not_confused(tmp_path):
+    for name, width in (("one", 16), ("two", 24)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "samename.py").write_text(
+            f"from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Linear(64, {width}), nn.ReLU(), "
+            f"nn.Linear({width}, 10))\n")
+        (tmp_path / name / "plan.toml").write_text(PLAN.replace('factory = "mynet:make"\nargs = { width = 24 }',
+                                                                 'factory = "samename:make"').replace(
+            'cut = "encoder"', "layers = [0, 2]"))
+    assert prepare(tmp_path / "one" / "plan.toml")[2]["bottom->top"] == ("float32", (16,))
+    with pytest.raises(PlanError, match=r"a module 'samename' from .*one/samename.py is already imported"):
+        prepare(tmp_path / "two" / "plan.toml")
 
 
 def test_weights_used_on_both_sides_of_a_cut_are_refused():

@@ -250,6 +250,9 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
     plan = load_run_plan(run_dir, networks)
     if plan.clients is not None:
         plan = plan.replace(clients=None)  # the run's one model, between the plan's parties
+    if data is not None and not isinstance(data, (DataSpec, dict)):
+        raise PlanError(f"predict takes data as a DataSpec or its dict, not a {type(data).__name__}", entry="data",
+                        hint="for tensors: DataSpec.of_arrays({'x': x}) with the field names the plan's parties hold")
     spec = DataSpec.model_validate(data) if isinstance(data, dict) else data
     cache: dict = {}
     setups = {p: setup_party(plan, p, cache, spec, predict=True) for p in plan.parties}

@@ -551,6 +551,11 @@ def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch
                 device = next((p.device for p in modules[n].parameters()), None)
                 xs = [values[d] if device is None else values[d].to(device) for d in node.inputs]
                 values[n] = _checked(graph, node, xs, lambda: merge_inputs(spec.merge, modules[n], xs))
+                if not isinstance(values[n], torch.Tensor):
+                    raise PlanError(f"segment {n!r} (party {node.party!r}) gives a {type(values[n]).__name__}, not "
+                                    "one tensor: a segment's output is what its wire carries", entry=f"segments.{n}",
+                                    hint="end the segment where the network's value is a single tensor (cut after a "
+                                    "submodule that returns one)")
             elif node.inputs[1] in values:
                 out, target = values[node.inputs[0]], values[node.inputs[1]].to(values[node.inputs[0]].device)
                 kind = loss_kind(graph.plan.losses[n].kind)

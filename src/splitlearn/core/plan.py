@@ -192,6 +192,10 @@ def importable_name(fn: Any) -> str | None:
     module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
     if not module or module == "__main__" or not re.match(r"^\w+$", name or ""):
         return None
+    from ..models.build import refused_factory_package
+
+    if refused_factory_package(module):  # torch's own classes: a plan file could not name them either
+        return None
     try:
         found = getattr(importlib.import_module(module), name, None)
     except Exception:  # noqa: BLE001 - not importable: it stays an in-process object

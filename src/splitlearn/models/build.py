@@ -8,6 +8,7 @@ composed, unsplit model starts from identical weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import sys
@@ -31,20 +32,41 @@ _NOT_FACTORIES = {"torch", "numpy", "scipy", "sklearn", "pandas", "joblib", "dil
                   "pip", "setuptools", "opacus", "IPython"}
 
 
+def refused_factory_package(module_name: str) -> bool:
+    """Whether a plan may not name a factory of this module (the standard library, torch, ...)."""
+    top = module_name.split(".")[0]
+    return top in sys.stdlib_module_names or top in _NOT_FACTORIES
+
+
 def network_seed(plan_seed: int, network: str) -> int:
     return (plan_seed * 1_000_003 + zlib.crc32(network.encode())) % (2**63 - 1)
 
 
-def _import(module_name: str, folder: Path | None):
-    """Import a factory's module; a module next to the plan file is found without PYTHONPATH."""
+@contextlib.contextmanager
+def _beside(folder: Path | None):
+    """The plan's folder first on sys.path (importing the factory and calling it, which may import more)."""
     added = folder is not None and str(folder) not in sys.path
     if added:
         sys.path.insert(0, str(folder))
     try:
-        return importlib.import_module(module_name)
+        yield
     finally:
         if added:
             sys.path.remove(str(folder))
+
+
+def _import(module_name: str, folder: Path | None):
+    """Import a factory's module; a module next to the plan file is found without PYTHONPATH."""
+    top = module_name.split(".")[0]
+    here = folder is not None and ((folder / f"{top}.py").is_file() or (folder / top / "__init__.py").is_file())
+    cached = sys.modules.get(top)
+    if here and cached is not None:
+        file = Path(getattr(cached, "__file__", "") or "").resolve()
+        if folder.resolve() not in file.parents:
+            raise ImportError(f"a module {top!r} from {file} is already imported in this process, so the one next to "
+                              f"the plan, in {folder}, cannot be: give one of them another name")
+    with _beside(folder):
+        return importlib.import_module(module_name)
 
 
 def _factory(plan: Plan, name: str):
@@ -64,7 +86,7 @@ def _factory(plan: Plan, name: str):
         return ZOO[spec.zoo], f"{entry}.zoo"
     module_name, func_name = spec.factory.split(":")
     top = module_name.split(".")[0]
-    if top in sys.stdlib_module_names or top in _NOT_FACTORIES:
+    if refused_factory_package(module_name):
         raise PlanError(f"factory {spec.factory!r} is not a network factory: functions of {top!r} are refused",
                         entry=f"{entry}.factory",
                         hint="name a function of your own package that returns a torch.nn.Module "
@@ -93,7 +115,8 @@ def build_network(plan: Plan, name: str) -> nn.Module:
     fn, entry = _factory(plan, name)
     if isinstance(fn, nn.Module):
         return copy.deepcopy(fn)
-    with torch.random.fork_rng(devices=[]):
+    folder = plan_dir(plan)
+    with torch.random.fork_rng(devices=[]), _beside(folder.resolve() if folder else None):
         torch.manual_seed(network_seed(plan.train.seed, name))
         try:
             net = fn(**plan.networks[name].args)
@@ -167,7 +190,7 @@ def _piece(plan: Plan, segment: str, net: nn.Module) -> nn.Module:
         pieces = cut_module(net, cuts)
     except CutError as e:
         raise PlanError(f"cannot cut network {spec.network!r} ({type(net).__name__}) after {cuts}: {e}",
-                        entry=f"segments.{segment}.cut", hint="see 'Cutting your own module' in docs/plans.md") from None
+                        entry=f"segments.{segment}.cut", hint="see 'Cutting a network' in docs/plans.md") from None
     return pieces[bounded.index(segment) if segment in bounded else len(bounded)]
 
 

@@ -104,12 +104,7 @@ def _check_crossings(graph: fx.Graph, where: dict[fx.Node, int], ends: list[fx.N
                            "the connection stays on one side")
 
 
-def cut_module(net: nn.Module, cuts: list[str]) -> list[fx.GraphModule]:
-    """``len(cuts) + 1`` pieces of ``net``: piece ``k`` ends with submodule ``cuts[k]``; the last runs to the output.
-
-    Raises :class:`CutError` if a cut names no submodule, the cuts are out of order, the forward
-    cannot be traced or a value other than a cut submodule's output crosses a cut.
-    """
+def _pieces(net: nn.Module, cuts: list[str]) -> list[fx.GraphModule]:
     graph = _trace(net, cuts)
     where, ends = _assign(graph, cuts)
     _check_crossings(graph, where, ends)
@@ -129,3 +124,30 @@ def cut_module(net: nn.Module, cuts: list[str]) -> list[fx.GraphModule]:
             g.output(fx.map_arg(output.args[0], lambda a: env[a]))
         pieces.append(fx.GraphModule(net, g, class_name=f"{type(net).__name__}Piece{k}"))
     return pieces
+
+
+def cut_module(net: nn.Module, cuts: list[str]) -> list[fx.GraphModule]:
+    """``len(cuts) + 1`` pieces of ``net``: piece ``k`` ends with submodule ``cuts[k]``; the last runs to the output.
+
+    A forward that reads ``self.training`` (``F.dropout(x, training=self.training)``) would be
+    traced with that mode fixed, so it is refused (``nn.Dropout`` modules follow the mode).
+    Raises :class:`CutError` if a cut names no submodule, the cuts are out of order, the forward
+    cannot be traced, a value other than a cut submodule's output crosses a cut, or weights are
+    used on both sides of one.
+    """
+    was = net.training
+    try:
+        net.train(True)
+        training = _pieces(net, cuts)
+        net.train(False)
+        evaluating = _pieces(net, cuts)
+    finally:
+        net.train(was)
+    for t, e in zip(training, evaluating):
+        if t.code != e.code:
+            raise CutError("its forward computes differently in training and in evaluation (it reads "
+                           "self.training, e.g. F.dropout(x, training=self.training)), which a traced piece would fix "
+                           "at one mode: use modules that follow the mode (nn.Dropout, nn.BatchNorm) instead")
+    for p in training:
+        p.train(was)
+    return training
