@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .core.plan import PlanError
 from .core.load import load_plan
+from .tools.units import human as _human
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Split learning: train, inspect and predict from plans of any configuration.")
@@ -46,14 +47,6 @@ def _options(version: bool = typer.Option(False, "--version", callback=_version,
 def _fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
-
-
-def _human(n: float, unit: str = "") -> str:
-    for prefix in ("", "k", "M", "G", "T", "P"):
-        if abs(n) < 1000:
-            return f"{n:.3g} {prefix}{unit}".strip()
-        n /= 1000
-    return f"{n:.3g} E{unit}"
 
 
 def _summary(result: dict) -> None:

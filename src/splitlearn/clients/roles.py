@@ -105,11 +105,8 @@ def connections(plan: Plan) -> list[tuple[str, str]]:
     for i, a in enumerate(fixed):  # fixed parties among themselves, as in a plan without clients
         for b in fixed[i + 1:]:
             if b in graph.neighbours(a) or coordinator_of(plan) in (a, b):
-                if a in plan.parties and b in plan.parties:
-                    d = dialer(plan, a, b)
-                    out.append((d, b if d == a else a))
-                else:  # the federation as a role of its own listens
-                    out.append((a, b) if b not in plan.parties else (b, a))
+                d = dialer(plan, a, b)
+                out.append((d, b if d == a else a))
     for c in spec.names():
         out += [(c, f) for f in fixed]
     return out + strategy_of(spec).peer_links(plan)

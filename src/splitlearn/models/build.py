@@ -134,13 +134,19 @@ def _plain_sequential(net: nn.Module) -> bool:
     return isinstance(net, nn.Sequential) and type(net).forward is nn.Sequential.forward
 
 
+def _chain(plan: Plan, segment: str) -> list[str]:
+    """The segments cut from ``segment``'s network, in plan order."""
+    network = plan.segments[segment].network
+    return [s for s, spec in plan.segments.items() if spec.network == network]
+
+
 def _bounds(plan: Plan, segment: str, net: nn.Module) -> tuple[int, int] | None:
     """Which part of a plain nn.Sequential the segment runs: ``[start, stop)``, or None for all of it.
 
     Segments of one network form a chain in plan order: ``layers`` gives the range, ``cut``
     ends it after a named layer, and neither, after an earlier bounded segment, means the rest.
     """
-    mine = [s for s, spec in plan.segments.items() if spec.network == plan.segments[segment].network]
+    mine = _chain(plan, segment)
     if all(plan.segments[s].layers is None and plan.segments[s].cut is None for s in mine):
         return None
     names = [n for n, _ in net.named_children()]
@@ -171,7 +177,7 @@ def _bounds(plan: Plan, segment: str, net: nn.Module) -> tuple[int, int] | None:
 def _piece(plan: Plan, segment: str, net: nn.Module) -> nn.Module:
     """The part of a module that is no plain nn.Sequential, cut after named submodules with torch.fx."""
     spec = plan.segments[segment]
-    mine = [s for s, sp in plan.segments.items() if sp.network == spec.network]
+    mine = _chain(plan, segment)
     bounded = [s for s in mine if plan.segments[s].cut is not None]
     for s in mine:
         if plan.segments[s].layers is not None:

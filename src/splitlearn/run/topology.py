@@ -38,7 +38,10 @@ def holds_raw_data(plan: Plan, party: str) -> bool:
 
 
 def dialer(plan: Plan, a: str, b: str) -> str:
-    """Which of two neighbouring parties (``a`` earlier in the plan) dials the other (see the module)."""
+    """Which of two neighbouring parties (``a`` earlier in the plan) dials the other (see the module).
+    A role that is no party of the plan (a ``[clients]`` federation of its own) listens."""
+    if a not in plan.parties or b not in plan.parties:
+        return b if a not in plan.parties else a
     da, db = plan.parties[a].dial_out, plan.parties[b].dial_out
     if da and db:
         raise PlanError(f"parties {a!r} and {b!r} exchange messages but both only dial out",

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..core.plan import ClientsSpec, Plan, PlanError
 from ..core.load import load_plan
+from .units import human
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "method_plan", "centralized_plan", "run_compare", "predict_cost",
            "format_compare", "partition_text"]
@@ -171,17 +172,6 @@ def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None
     return table
 
 
-def _si(v: float | None, unit: str) -> str:
-    """``18.9 MFLOPs``, ``1.2 GB``: a figure with the prefix that keeps it readable."""
-    if v is None:
-        return "n/a"
-    for prefix in ("", "k", "M", "G", "T", "P"):
-        if abs(v) < 1000 or prefix == "P":
-            return f"{v:.3g} {prefix}{unit}"
-        v /= 1000
-    return f"{v:.3g} P{unit}"  # pragma: no cover
-
-
 def partition_text(partition: dict[str, Any]) -> str:
     """``iid`` or ``dirichlet (alpha 0.5)``."""
     kind = partition.get("kind", "iid")
@@ -196,10 +186,10 @@ def format_compare(table: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def flops(tf: float | None) -> str:
-        return _si(None if tf is None else tf * 1e12, "FLOPs")
+        return human(None if tf is None else tf * 1e12, "FLOPs", missing="n/a")
 
     def nbytes(gb: float | None) -> str:
-        return _si(None if gb is None else gb * 1e9, "B")
+        return human(None if gb is None else gb * 1e9, "B", missing="n/a")
 
     for r in table["rows"]:
         acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"

@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .units import human as _human
+
 __all__ = ["ReportError", "write_report"]
 
 
@@ -39,16 +41,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-def _human(n: float | None, unit: str = "") -> str:
-    if n is None:
-        return "-"
-    for prefix in ("", "k", "M", "G", "T", "P"):
-        if abs(n) < 1000:
-            return f"{n:.3g} {prefix}{unit}".strip()
-        n /= 1000
-    return f"{n:.3g} E{unit}"
 
 
 def _figure(draw, width: float = 9.0, height: float = 3.2) -> bytes:

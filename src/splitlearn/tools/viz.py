@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.graph import Graph, Node, Wire
+from .units import human
 
 __all__ = ["draw_topology", "topology_png", "describe", "shape_text", "clients_text"]
 
@@ -62,21 +63,13 @@ _ITEM_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64":
                "int8": 1, "uint8": 1, "bool": 1}
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} GB"  # pragma: no cover
-
-
 def shape_text(dtype: str, shape: tuple[int, ...]) -> str:
     """``16×8×8 float32, 4.1 kB/sample``: what one sample puts on a wire before its codec."""
     values = 1
     for d in shape:
         values *= d
     dims = "×".join(map(str, shape)) or "1"
-    return f"{dims} {dtype}, {_human_bytes(values * _ITEM_BYTES.get(dtype, 4))}/sample"
+    return f"{dims} {dtype}, {human(values * _ITEM_BYTES.get(dtype, 4), 'B')}/sample"
 
 
 def _wire_styles(graph: Graph, shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None
