@@ -130,9 +130,9 @@ def test_csv_integer_labels_bom_and_standardize(tmp_path):
     t = load_table("csv", path=str(p), id_column="id", label_column="label")
     assert t.fields["y"].tolist() == [2, 0, 2] and "y" not in t.columns
     assert t.fields["x"][:, 0].tolist() == [1, 3, 5]
+    # the reader keeps raw values: standardisation is fitted later, on the training rows only
     s = load_table("csv", path=str(p), id_column="id", options={"standardize": True})
-    assert s.columns["x"] == ["f", "label"] and np.allclose(s.fields["x"].mean(0), 0, atol=1e-6)
-    assert np.allclose(s.fields["x"].std(0), 1, atol=1e-5)
+    assert s.columns["x"] == ["f", "label"] and s.fields["x"][:, 0].tolist() == [1, 3, 5]
     with pytest.raises(DataError, match="standardize must be true or false"):
         load_table("csv", path=str(p), id_column="id", options={"standardize": "false"})
 
@@ -155,8 +155,7 @@ def test_csv_errors_name_line_and_column(tmp_path):
     ("id,a,b\n1,2,3\n", {"id_column": None}, "set id_column"),
     ("id,a,b\n1,2,3\n", {"id_column": "id", "label_column": "c"}, "no column 'c'"),
     ("id,a\n1,2\n1,3\n", {"id_column": "id"}, "not unique (repeated: [1])"),
-    ("id,a\nx7,2\n", {"id_column": "id"}, "line 2, column 'id': id 'x7' is not an integer"),
-    ("id,a\n1.5,2\n", {"id_column": "id"}, "is not an integer"),
+    ("id,a\nx7,2\nx7,3\n", {"id_column": "id"}, "not unique"),
     ("id,a,b\n1,2\n", {"id_column": "id"}, "line 2: 2 cells where the header has 3"),
     ("id,a,a\n1,2,3\n", {"id_column": "id"}, "['a'] appear more than once"),
     ("", {"id_column": "id"}, "empty file"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -237,25 +238,75 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
             networks: dict[str, nn.Module | Callable[[], nn.Module]] | None = None) -> dict[str, dict]:
     """Run a trained plan forward on new data (default: the run's test split).
 
-    Each party loads only its own weights (a ``[clients]`` run: the run's model, saved under the
-    plan's party name). Predictions arrive at the party that owns each head and are written to
-    ``RUN_DIR/parties/PARTY/predictions.csv``; the returned dict maps each task to ``{"party",
-    "ids", "outputs", "predictions"}``. ``networks`` gives again the networks the run was given
+    ``data``: one source for every party (a :class:`DataSpec` or its dict), or one per party
+    (``{"clinic_a": "a.csv", "clinic_b": DataSpec(...)}``; a path keeps the party's own
+    settings). Each party loads only its own weights and its own preprocessing (fitted on its
+    training rows, saved beside its weights), so one new row is predicted as it would be in a
+    batch. Predictions arrive at the party that owns each head and are written to
+    ``RUN_DIR/parties/PARTY/predictions.csv`` (the decided class and, for classification, each
+    class's probability); the returned dict maps each task to ``{"party", "ids", "outputs",
+    "predictions", "probabilities"}``. ``networks`` gives again the networks the run was given
     as Python objects (their architecture; the weights come from the run folder).
     """
+    from .data.preprocess import wants_preprocess
+    from .run.results import load_preprocess
+    from .run.setup import data_spec, holds_data, with_file
+
     run_dir = Path(run_dir)
     if not (run_dir / "plan.json").is_file():
         raise PlanError("not a run folder: plan.json is missing", file=run_dir,
                         hint="give the --out folder of a finished 'splitlearn run'")
     plan = load_run_plan(run_dir, networks)
+    template = plan.clients.template if plan.clients is not None else None
     if plan.clients is not None:
         plan = plan.replace(clients=None)  # the run's one model, between the plan's parties
-    if data is not None and not isinstance(data, (DataSpec, dict)):
-        raise PlanError(f"predict takes data as a DataSpec or its dict, not a {type(data).__name__}", entry="data",
-                        hint="for tensors: DataSpec.of_arrays({'x': x}) with the field names the plan's parties hold")
-    spec = DataSpec.model_validate(data) if isinstance(data, dict) else data
+    if plan.data.align != "exact":  # new rows are matched by id: every party gives the same patients
+        plan = plan.replace(data=plan.data.model_copy(update={"align": "exact"}))
+    per: dict[str, DataSpec] = {}
+    if isinstance(data, dict) and data and set(data) <= set(plan.parties) and "dataset" not in data:
+        for party, d in data.items():
+            if not holds_data(plan, party):
+                raise PlanError(f"party {party!r} holds no data, so it takes no data file", entry="--data",
+                                hint=f"parties with data: {[p for p in plan.parties if holds_data(plan, p)]}")
+            if isinstance(d, (str, Path)):
+                base = plan.parties[party].data or plan.data
+                if base.path and "{client}" in base.path:
+                    base = base.model_copy(update={"path": None})
+                per[party] = with_file(base, d)
+            else:
+                per[party] = d if isinstance(d, DataSpec) else DataSpec.model_validate(d)
+        missing = [p for p in plan.parties if holds_data(plan, p) and p not in per]
+        if missing:
+            raise PlanError(f"new data for {sorted(per)} but not for {missing}: every party with data needs its rows",
+                            entry="--data", hint="give --data NAME=FILE once for each party that holds data")
+    elif data is not None:
+        if not isinstance(data, (DataSpec, dict)):
+            raise PlanError(f"predict takes data as a DataSpec or its dict, not a {type(data).__name__}", entry="data",
+                            hint="for tensors: DataSpec.of_arrays({'x': x}) with the field names the plan's parties hold")
+        spec = DataSpec.model_validate(data) if isinstance(data, dict) else data
+        per = {p: spec for p in plan.parties if holds_data(plan, p)}
+    per = {p: _without_absent_labels(d) for p, d in per.items()}
+    try:
+        final = json.loads((run_dir / "result.json").read_text()).get("final_client")
+    except (OSError, ValueError, AttributeError):
+        final = None
     cache: dict = {}
-    setups = {p: setup_party(plan, p, cache, spec, predict=True) for p in plan.parties}
+    setups = {}
+    for p in plan.parties:
+        folder = run_dir / "parties" / p
+        try:
+            pre = load_preprocess(folder / "preprocess.safetensors")
+        except ValueError as e:
+            raise PlanError(str(e), file=run_dir, hint="predict from the run folder the weights came from") from None
+        spec = per.get(p)
+        client = final if p == template else None  # per-client files: the final client's test rows
+        if pre is None and holds_data(plan, p):
+            own = spec or data_spec(plan, p, client or "")
+            if own is not None and wants_preprocess(own.options):
+                raise PlanError(f"party {p!r} standardises its data, but the run holds no preprocessing for it "
+                                f"({folder / 'preprocess.safetensors'})", file=run_dir,
+                                hint="train again with this version of splitlearn")
+        setups[p] = setup_party(plan, p, cache, spec, predict=True, preprocess=pre, client=client)
     for p, s in setups.items():
         path = run_dir / "parties" / p / "weights.safetensors"
         if s.modules:
@@ -266,8 +317,8 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
             except ValueError as e:
                 raise PlanError(str(e), file=run_dir, hint="predict from the run folder the weights came from") from None
     shapes = check_plan(setups)
-    first = next(iter(setups.values()))
-    rows = first.splits.test if spec is None else np.arange(len(first.splits.ids))
+    first = next(s for s in setups.values() if s.table is not None)
+    rows = first.splits.test if not per else np.arange(len(first.splits.ids))
     steps = [Step(i, "predict", 0, torch.from_numpy(rows[b]))
              for i, b in enumerate(batches(len(rows), plan.train.eval_batch_size, 0, 0, shuffle=False))]
     reports = run_local(plan, setups, shapes, steps=steps, predicting=True)
@@ -276,18 +327,49 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
     for party, rep in reports.items():
         for task, chunks in rep.predictions.items():
             outputs = torch.cat(chunks)
+            kind = losses.get(plan.losses[task].kind)
+            probs = kind.probabilities(outputs.float()) if kind.probabilities is not None else None
             out[task] = {"party": party, "ids": ids.tolist(), "outputs": outputs,
-                         "predictions": losses.decide(plan.losses[task].kind, outputs).tolist()}
+                         "predictions": losses.decide(plan.losses[task].kind, outputs).tolist(),
+                         "probabilities": None if probs is None else probs.tolist()}
         if rep.predictions and write:
             _write_predictions(run_dir / "parties" / party / "predictions.csv", out, party)
     return out
 
 
+def _without_absent_labels(spec: DataSpec) -> DataSpec:
+    """New rows need no labels: a table without the training's label column is read without it."""
+    if not spec.label_column or spec.dataset not in ("csv", "parquet") or not spec.path:
+        return spec
+    path = Path(spec.path).expanduser()
+    try:
+        if spec.dataset == "csv":
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                header = [h.strip() for h in next(csv.reader(f), [])]
+        else:
+            import pyarrow.parquet as pq
+
+            header = list(pq.read_schema(path).names)
+    except Exception:  # noqa: BLE001 - the reader names the problem with the file
+        return spec
+    return spec if spec.label_column in header else spec.model_copy(update={"label_column": None})
+
+
 def _write_predictions(path: Path, out: dict[str, dict], party: str) -> None:
     tasks = [t for t, v in out.items() if v["party"] == party]
     path.parent.mkdir(parents=True, exist_ok=True)
+    def columns(t: str) -> list[str]:
+        probs = out[t]["probabilities"]
+        k = len(probs[0]) if probs else 0
+        return [t] + [f"{t}_p{c}" for c in range(k)]
+
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", *tasks])
+        w.writerow(["id", *(c for t in tasks for c in columns(t))])
         for i, id_ in enumerate(out[tasks[0]]["ids"]):
-            w.writerow([id_, *(out[t]["predictions"][i] for t in tasks)])
+            row = [id_]
+            for t in tasks:
+                row.append(out[t]["predictions"][i])
+                if out[t]["probabilities"]:
+                    row += [f"{p:.6g}" for p in out[t]["probabilities"][i]]
+            w.writerow(row)

@@ -203,7 +203,9 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
           progress: bool = typer.Option(False, "--progress", hidden=True),
           quiet: bool = typer.Option(False, "--quiet", "-q"),
           log: Optional[str] = typer.Option(None, help="stream the metrics of the losses this party computes to "
-                                            "tensorboard[:DIR] or mlflow[:URI]")) -> None:
+                                            "tensorboard[:DIR] or mlflow[:URI]"),
+          data: Optional[Path] = typer.Option(None, help="this party's own rows (.csv, .parquet, .npz, a folder of "
+                                              "images or MNIST files); wins over the plan's data settings")) -> None:
     """Run one party of PLAN on this machine, talking to its neighbours over gRPC."""
     from .run.processes import progress_line, run_one_party
     from .wire.messages import Limits
@@ -223,7 +225,7 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
                                out=out, epochs=epochs, seed=seed, connect_timeout=connect_timeout,
                                step_timeout=step_timeout, on_step=on_step if progress else None, dial_out=dial_out,
                                limits=Limits(message_bytes=int(max_message_mb * 2**20),
-                                             tensor_bytes=int(max_message_mb * 2**20)), log=log)
+                                             tensor_bytes=int(max_message_mb * 2**20)), log=log, data=data)
     except Exception as e:  # noqa: BLE001 - every failure of a party is reported the same way
         text = str(e) if isinstance(e, (PlanError, RunError, RuntimeError, OSError, ValueError)) else repr(e)
         if out is not None:
@@ -293,16 +295,20 @@ def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
 
 @app.command()
 def predict(run_dir: Path = typer.Argument(..., help="the --out folder of a finished run"),
-            data: Optional[Path] = typer.Option(None, help="CSV of new rows (an 'id' column and feature columns); "
-                                                "default: the run's test split"),
-            id_column: str = typer.Option("id", help="id column of --data")) -> None:
-    """Run a trained plan forward; predictions go to the party owning each head."""
+            data: list[str] = typer.Option([], help="new rows: NAME=FILE for each party that holds data "
+                                           "(repeatable; its columns as at training), or one FILE for a plan whose "
+                                           "data one party holds; default: the run's test split"),
+            id_column: Optional[str] = typer.Option(None, help="id column of the files (default: as at training)")) -> None:
+    """Run a trained plan forward; predictions (the class and each class's probability) go to the
+    party owning each head."""
     from .api import predict as do_predict
     from .data import DataError
     from .run.session import RunError
 
-    spec = {"dataset": "csv", "path": str(data.resolve()), "id_column": id_column} if data else None
+    spec: dict | None = None
     try:
+        if data:
+            spec = _party_files(run_dir, data, id_column)
         out = do_predict(run_dir, spec)
     except (PlanError, DataError) as e:
         _fail(str(e))
@@ -311,6 +317,41 @@ def predict(run_dir: Path = typer.Argument(..., help="the --out folder of a fini
     for task, r in out.items():
         path = run_dir / "parties" / r["party"] / "predictions.csv"
         console.print(f"task [cyan]{task}[/]: {len(r['ids'])} predictions delivered to [bold]{r['party']}[/] ({path})")
+
+
+def _party_files(run_dir: Path, given: list[str], id_column: str | None) -> dict:
+    """``--data NAME=FILE`` (or one FILE for the one party that holds data) as DataSpecs per party."""
+    from .run.results import load_run_plan
+    from .run.setup import holds_data, with_file
+
+    if not (run_dir / "plan.json").is_file():
+        raise PlanError("not a run folder: plan.json is missing", file=run_dir,
+                        hint="give the --out folder of a finished 'splitlearn run'")
+    plan = load_run_plan(run_dir)
+    holders = [p for p in plan.parties if holds_data(plan, p)]
+    out: dict = {}
+    for item in given:
+        name, sep, file = item.partition("=")
+        if not sep:
+            if len(given) > 1 or len(holders) > 1:
+                raise PlanError(f"--data {item!r}: several parties hold data ({holders}); say whose each file is",
+                                entry="--data", hint="--data NAME=FILE, once per party")
+            name, file = holders[0], item
+        if name not in plan.parties:
+            raise PlanError(f"--data {item!r}: no party {name!r}", entry="--data", hint=f"parties are {holders}")
+        if name in out:
+            raise PlanError(f"--data names party {name!r} twice", entry="--data")
+        if not Path(file).expanduser().exists():
+            raise PlanError(f"--data {item!r}: no such file or folder {str(Path(file).expanduser().resolve())!r}",
+                            entry="--data")
+        base = plan.parties[name].data or plan.data
+        if base.path and "{client}" in base.path:
+            base = base.model_copy(update={"path": None})
+        spec = with_file(base, file)
+        if id_column is not None:
+            spec = spec.model_copy(update={"id_column": id_column})
+        out[name] = spec
+    return out
 
 
 @app.command()

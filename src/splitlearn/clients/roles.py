@@ -57,7 +57,7 @@ from .schedule import Round, Turn, client_shares, rounds
 from .strategies import strategy_of
 
 __all__ = ["roles", "coordinator_of", "federation_of", "plays_of", "connections", "Coordinator", "Follower",
-           "make_role", "Context"]
+           "make_role", "Context", "per_client", "schema_difference"]
 
 log = logging.getLogger("splitlearn.clients.roles")
 
@@ -146,11 +146,37 @@ class Context:
     rounds: list[Round]
     turns: dict[int, Turn]
 
+    tests: list[np.ndarray] | None = None  # per-client data: each client's own test rows
+
     @classmethod
     def of(cls, plan: Plan, setup: PartySetup) -> "Context":
         shares = client_shares(plan, setup.splits.train, _labels(plan, setup))
         rs = rounds(plan, shares, setup.splits.test)
         return cls(setup.graph, setup.ids_hash, shares, rs, {t.index: t for r in rs for t in (*r.train, *r.evals)})
+
+    @classmethod
+    def of_counts(cls, plan: Plan, train: list[int], test: list[int], me: int | None = None,
+                  setup: PartySetup | None = None) -> "Context":
+        """Each client reads its own file: its rows are its own (the client ``me`` knows their
+        positions; every other party only how many there are, from the census)."""
+        shares = [np.arange(n, dtype=np.int64) for n in train]
+        tests = [np.arange(n, dtype=np.int64) for n in test]
+        if me is not None and setup is not None:
+            shares[me], tests[me] = setup.splits.train, setup.splits.test
+        rs = rounds(plan, shares, tests[0] if tests else np.zeros(0, dtype=np.int64))
+        return cls(build_graph(plan), "", shares, rs, {t.index: t for r in rs for t in (*r.train, *r.evals)}, tests)
+
+    def steps_of(self, plan: Plan, turn: Turn, client: int) -> tuple:
+        """A turn's steps; with per-client data an evaluation runs on the evaluating client's own test rows."""
+        if self.tests is None or turn.mode != "eval":
+            return turn.steps
+        from .schedule import _steps
+        from ..data import batches
+
+        t, rows = plan.train, self.tests[client]
+        epoch = turn.steps[0].epoch if turn.steps else 0
+        return _steps([rows[b] for b in batches(len(rows), t.eval_batch_size, t.seed, epoch, shuffle=False)],
+                      "eval", epoch)
 
 
 @dataclass
@@ -184,7 +210,8 @@ class Role:
         if name not in roles(plan):
             raise PlanError(f"no party {name!r} in this plan", hint=f"parties are {roles(plan)[:6]} ...")
         self.plays = plays_of(plan, name)
-        self.setup = setup if setup is not None or self.plays is None else setup_party(plan, self.plays)
+        me = name if name in spec.names() else None
+        self.setup = setup if setup is not None or self.plays is None else setup_party(plan, self.plays, client=me)
         self.timeout = spec.timeout if timeout is None else timeout  # for an answer of the schedule
         self.step_timeout = self.timeout if step_timeout is None else step_timeout  # for a step of a turn
         self.limits = limits or m.Limits()
@@ -192,8 +219,15 @@ class Role:
         self.link = Link(self.switch.control(), Meter(name), self.limits)
         self.eval_meter = Meter(name)
         self.fault = fault  # tests: called with each command before it is carried out
-        ctx = context or Context.of(plan, self.setup or setup_party(plan, next(iter(plan.parties))))
-        self.graph, self.ids_hash, self.rounds, self.turns = ctx.graph, ctx.ids_hash, ctx.rounds, ctx.turns
+        self.per_client = per_client(plan)
+        self.ctx: Context | None = None
+        self.record_ids: np.ndarray | None = None  # the ids of recorded rows (per-client data: positions)
+        if not self.per_client:  # the shares of one dataset: every party derives them alike
+            template = self.setup if self.plays == spec.template else setup_party(plan, spec.template, optimizer=False)
+            self.record_ids = template.splits.ids
+            self.use(context or Context.of(plan, template))
+        else:  # each client's own file: the coordinator's census tells everyone how many rows each has
+            self.graph, self.ids_hash, self.rounds, self.turns = build_graph(plan), "", [], {}
         self.records: list[dict] = []
         self.skipped: list[dict] = []
         self.refused: list[str] = []
@@ -216,6 +250,17 @@ class Role:
         self._requests = itertools.count(1)
         self._early: dict[tuple[str, int], Message] = {}  # (sender, request): weights that beat their command
         self._pending: deque[Message] = deque(maxlen=MAX_PENDING)  # follower: commands that came meanwhile
+
+    def use(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.graph, self.ids_hash, self.rounds, self.turns = ctx.graph, ctx.ids_hash, ctx.rounds, ctx.turns
+
+    def use_counts(self, train: list[int], test: list[int]) -> None:
+        """Per-client data: the rows every client holds, from the census."""
+        if len(train) != len(self.clients) or len(test) != len(self.clients):
+            raise ValueError(f"row counts for {len(train)} clients; the plan has {len(self.clients)}")
+        me = self.clients.index(self.name) if self.name in self.clients else None
+        self.use(Context.of_counts(self.plan, [int(n) for n in train], [int(n) for n in test], me, self.setup))
 
     # -- messages ---------------------------------------------------------------------------
     def _command(self, party: str, request: int | None = None, **args: Any) -> int:
@@ -313,7 +358,16 @@ class Role:
             except WireError:
                 return False
 
-        view = self.switch.session(self.plays, {} if self.plays == t else {t: client}, keep, peers)
+        def defer(peer: str, data: bytes) -> bool:
+            """Another turn's hello (the next one's can come while this one says goodbye): it waits."""
+            if m.kind_of(data) != Kind.HELLO:
+                return False
+            try:
+                return m.read_hello(m.decode(data, self.limits), self.limits).get("ids_hash") != tag
+            except WireError:
+                return False
+
+        view = self.switch.session(self.plays, {} if self.plays == t else {t: client}, keep, peers, defer)
         link = Link(view, self.link.meter if turn.mode == "train" else self.eval_meter, self.limits)
         modules, optimizer = self._models(turn, client)
         if self.rng is None:  # this physical party's own random stream, kept from turn to turn
@@ -322,11 +376,12 @@ class Role:
         party = Party(self.graph, self.plays, link, modules, optimizer, self.setup.inputs, timeout=self.step_timeout,
                       rng=self.rng)
         if self.recorders is not None:
-            party.observer = self.recorders.setdefault(client if self.plays != t else "", Recorder(self.setup.splits.ids))
+            party.observer = self.recorders.setdefault(client if self.plays != t else "", Recorder(self.record_ids))
         try:
             if self.tracker is not None:
                 self.tracker.turn = turn.index
-            report = run_party(party, iter(turn.steps), ids_hash=tag, tracker=self.tracker)
+            turn_steps = self.ctx.steps_of(self.plan, turn, self.clients.index(client)) if self.ctx else turn.steps
+            report = run_party(party, iter(turn_steps), ids_hash=tag, tracker=self.tracker)
         except (PartyError, PlanError, TransportError) as e:  # a peer that is gone or silent: failures as data
             self.refused += link.refused
             log.warning("%s: turn %d with %s failed: %s", self.name, turn.index, client, e)
@@ -342,7 +397,7 @@ class Role:
             if h.get("train_loss_steps"):
                 steps[loss] = [v for _, v in h["train_loss_steps"]]
         self.records.append({"turn": turn.index, "round": turn.round, "epoch": turn.steps[0].epoch if turn.steps else 0,
-                             "mode": turn.mode, "client": client, "rows": turn.rows, "losses": losses, "steps": steps,
+                             "mode": turn.mode, "client": client, "rows": sum(len(x.rows) for x in turn_steps), "losses": losses, "steps": steps,
                              "train_s": report.meter.get("train_s", 0.0)})
         return True, ""
 
@@ -426,7 +481,9 @@ class Role:
         return PartyReport(self.name, plays=self.plays, meter=self.link.meter.summary(),
                            eval_meter=self.eval_meter.summary(), refused=self.refused + self.link.refused,
                            privacy=privacy, records=self.records, skipped=self.skipped,
-                           modules=self.setup.modules if self.setup else {}, observed=observed)
+                           modules=self.setup.modules if self.setup else {}, observed=observed,
+                           data=self.setup.data_report() if self.setup else {},
+                           preprocess=self.setup.preprocess if self.setup else None)
 
 
 class Follower(Role):
@@ -488,6 +545,12 @@ class Follower(Role):
         if self.coordinator not in self.plan.parties:  # it takes no part in turns: tell it we are done
             self._ack(request, ok=ok, why=why)
 
+    def _census(self, request: int, a: dict) -> None:
+        self._ack(request, rows=list(self.setup.rows), schema=self.setup.schema())
+
+    def _rows(self, request: int, a: dict) -> None:
+        self.use_counts(list(a["train"]), list(a["test"]))
+
     def _load(self, request: int, a: dict) -> None:
         with self._metering(bool(a.get("evaluation"))):
             self.load_weights(str(a["from"]), request, ready=bool(a.get("ready")))
@@ -522,6 +585,8 @@ Follower.COMMANDS = {
     "send": Follower._Handler(lambda r, req, a: r.send_weights(str(a["to"]), req),
                               lambda r: _is_client(r) or _is_federation(r)),
     "load": Follower._Handler(Follower._load, _is_client),
+    "census": Follower._Handler(Follower._census, lambda r: _is_client(r) and r.per_client),
+    "rows": Follower._Handler(Follower._rows, lambda r: r.per_client and r.ctx is None),
     "collect": Follower._Handler(Follower._collect, _is_federation),
     "download": Follower._Handler(Follower._download, _is_federation),
     "merge_copies": Follower._Handler(
@@ -546,6 +611,8 @@ class Coordinator(Role):
         fixed = [p for p in self.plan.parties if p != self.spec.template and p != self.name]
         others = fixed + ([self.federation] if self.federation not in (self.name, *fixed) else [])
         try:
+            if self.per_client:
+                self.census(others)
             for rnd in self.rounds:
                 names = self.strategy.before_round(self, rnd, [self.clients[k] for k in rnd.clients])
                 done = []
@@ -576,6 +643,48 @@ class Coordinator(Role):
                   for v in r["losses"].values() if v.get("train_loss") is not None]
         return Progress(rnd.index + 1, len(self.rounds), rnd.epoch, self.plan.train.epochs, "round",
                         sum(losses) / len(losses) if losses else None)
+
+    def census(self, others: list[str]) -> None:
+        """Per-client data: ask every client how many rows it holds and what they look like (no
+        row travels); the first client's schema is the one the others must have; then tell
+        everyone the counts, from which each derives the same rounds. A client that does not
+        answer gets no rows (and no turns)."""
+        rid = next(self._requests)
+        for c in self.clients:
+            try:
+                self._command(c, request=rid, do="census")
+            except TransportError as e:
+                log.warning("%s: census: cannot reach %s: %s", self.name, c, e)
+        ans = self._acks(self.clients, self.timeout, rid, has="rows")
+        train, test, first = [], [], None
+        for c in self.clients:
+            rows = ans.get(c, {}).get("rows")
+            if not (isinstance(rows, list) and len(rows) == 2 and all(isinstance(v, int) and v >= 0 for v in rows)):
+                self.skipped.append({"round": 0, "client": c, "during": "census",
+                                     "reason": "no answer" if c not in ans else f"rows {quote(rows)}"})
+                train.append(0)
+                test.append(0)
+                continue
+            schema = ans[c].get("schema")
+            if first is None:
+                first = (c, schema)
+            elif schema != first[1]:
+                problem = schema_difference(first[1], schema, first[0], c)
+                for p in self.clients:
+                    try:
+                        self.link.send(Message(Kind.ERROR, self.name, p, text=f"{self.name} stopped the run: {problem}"))
+                    except TransportError:
+                        pass
+                raise PlanError(problem, entry=f"parties.{self.spec.template}.data",
+                                hint="every client's file needs the same columns, dtypes, image shape and classes")
+            train.append(rows[0])
+            test.append(rows[1])
+        for p in [*others, *self.clients]:
+            try:
+                self._command(p, do="rows", train=train, test=test)
+            except TransportError as e:
+                log.warning("%s: census: cannot reach %s: %s", self.name, p, e)
+        self.use_counts(train, test)
 
     def _skip(self, rnd: Round, party: str, what: str, why: str) -> None:
         self.skipped.append({"round": rnd.index, "client": party, "during": what, "reason": why})
@@ -716,6 +825,33 @@ class Coordinator(Role):
         for p in self.plan.parties:
             if p not in (self.spec.template, self.name):
                 self._command(p, do="merge_copies", clients=clients, samples=samples)
+
+
+def per_client(plan: Plan) -> bool:
+    """Whether each client reads its own file (its template's data path names ``{client}``)."""
+    spec = plan.clients
+    data = plan.parties[spec.template].data if spec is not None else None
+    return data is not None and "{client}" in (data.path or "")
+
+
+def schema_difference(a: dict, b: dict, who_a: str, who_b: str) -> str:
+    """The first difference of two data schemas, naming both parties, the field and both values."""
+    a, b = a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}
+    for f in sorted(set(a) | set(b)):
+        if f not in a or f not in b:
+            return f"{who_a if f in a else who_b} holds field {f!r}, {who_b if f in a else who_a} does not"
+        for k in sorted(set(a[f]) | set(b[f])):
+            va, vb = a[f].get(k), b[f].get(k)
+            if va != vb:
+                if k == "columns" and isinstance(va, list) and isinstance(vb, list):
+                    extra = [c for c in vb if c not in va][:3] or [c for c in va if c not in vb][:3]
+                    at = next((i for i, (x, y) in enumerate(zip(va, vb)) if x != y), min(len(va), len(vb)))
+                    return (f"the data of {who_b} differs from {who_a}'s in field {f!r}: column {at} is "
+                            f"{quote(vb[at] if at < len(vb) else None)} at {who_b} and "
+                            f"{quote(va[at] if at < len(va) else None)} at {who_a} (columns only one has: {extra})")
+                return (f"the data of {who_b} differs from {who_a}'s in field {f!r}: its {k} is {quote(vb)} at "
+                        f"{who_b} and {quote(va)} at {who_a}")
+    return f"the data of {who_b} differs from {who_a}'s"
 
 
 def make_role(plan: Plan, name: str, transport: Transport, setup: PartySetup | None = None, **kw: Any) -> Role:

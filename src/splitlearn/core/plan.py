@@ -55,13 +55,21 @@ class _Strict(BaseModel):
 
 
 class DataSpec(_Strict):
-    """Where rows come from: an embedded dataset or a file the user already has."""
+    """Where rows come from: an embedded dataset or a file the user already has.
 
-    dataset: Literal["digits", "breast_cancer", "synthetic", "mnist", "csv", "arrays"] = "digits"
+    ``path`` may name each client's own file with ``{client}`` (``"data/{client}.csv"``) in the
+    data of a ``[clients]`` template. ``align`` (the plan's ``[data]``) says how the parties'
+    rows are matched: ``exact`` (every party holds the same ids) or ``psi`` (private set
+    intersection: only the ids every party holds are kept, and no party learns the others' other ids).
+    """
+
+    dataset: Literal["digits", "breast_cancer", "synthetic", "mnist", "csv", "parquet", "npz", "images",
+                     "arrays"] = "digits"
     path: str | None = None
     id_column: str | None = None
     label_column: str | None = None
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    align: Literal["exact", "psi"] = "exact"
     options: dict[str, Any] = Field(default_factory=dict)
     _table: Any = PrivateAttr(default=None)  # dataset "arrays": the rows given in Python (splitlearn.split)
 
@@ -111,10 +119,18 @@ class PartySpec(_Strict):
 
     holds: dict[str, FieldRef] = Field(default_factory=dict)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
-    source: DataSpec | None = None  # the party's own file (vertical data aligned by id)
+    data: DataSpec | None = None  # the party's own rows (default: the plan's [data], a simulation)
     address: str | None = Field(None, pattern=r"^[\w.\-\[\]:]+:\d+$")  # where it listens ("host:port")
     dial_out: bool = False  # behind a firewall: it connects to its neighbours, never listens
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")  # where it computes (auto: cuda if present)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_is_data(cls, v: Any) -> Any:
+        # `source` is the earlier name of `data`
+        if isinstance(v, dict) and "source" in v and "data" not in v:
+            v = {("data" if k == "source" else k): x for k, x in v.items()}
+        return v
 
     @field_validator("holds", mode="before")
     @classmethod
@@ -396,6 +412,15 @@ class Plan(_Strict):
         if "ca" in lower or len(set(lower)) < len(lower):
             raise ValueError("party names must differ in more than case and may not be 'ca' "
                              "(certificates are named after parties, and the authority's is ca.pem)")
+        for p, spec in self.parties.items():
+            if spec.data is not None and spec.data.align != "exact":
+                raise ValueError(f"parties.{p}.data.align: alignment is one for all parties: set it in [data]")
+            if spec.data is not None and "{client}" in (spec.data.path or "") and (
+                    self.clients is None or p != self.clients.template):
+                raise ValueError(f"parties.{p}.data.path names {{client}}, which only a [clients] template's data can")
+        if "{client}" in (self.data.path or ""):
+            raise ValueError("data.path names {client}: give the pattern in the template's own data "
+                             "([parties.TEMPLATE.data])")
         clash = set(self.segments) & set(self.losses)
         if clash:
             raise ValueError(f"names used for both a segment and a loss: {sorted(clash)}")
@@ -414,6 +439,10 @@ class Plan(_Strict):
                 raise ValueError(f"clients.federation {c.federation!r} must be letters, digits, '_' or '-'")
             if c.federation == c.template:
                 raise ValueError("clients.federation cannot be the client template: name the server or a role of its own")
+            for p, spec in self.parties.items():
+                if spec.data is not None and "{client}" in (spec.data.path or "") and p != c.template:
+                    raise ValueError(f"parties.{p}.data.path names {{client}}, but {p!r} is no client template: "
+                                     f"only the data of {c.template!r} can be read per client")
             if c.local_steps is None and self.train.epochs % c.local_epochs:
                 raise ValueError(f"clients.local_epochs ({c.local_epochs}) must divide train.epochs ({self.train.epochs}): "
                                  "a round is local_epochs passes")
@@ -433,7 +462,7 @@ class Plan(_Strict):
         return plan
 
 
-_DEPLOYMENT = {"parties": {"__all__": {"address", "dial_out", "source", "device"}}}
+_DEPLOYMENT = {"parties": {"__all__": {"address", "dial_out", "data", "device"}}}
 
 
 def plan_hash(plan: Plan) -> str:

@@ -6,22 +6,31 @@ from pathlib import Path
 from typing import Any
 
 from .embedded import SYNTHETIC_OPTIONS, breast_cancer, digits, synthetic
-from .files import mnist, read_csv
+from .files import check_classes, mnist, read_csv
+from .formats import check_flag, infer_dataset, read_npz, read_parquet
+from .images import check_normalize, read_images
 from .partition import partition
 from .split import batches, train_test_split_ids
 from .table import DataError, Table
 
-__all__ = ["Table", "DataError", "load_table", "batches", "train_test_split_ids", "partition", "DATASETS"]
+__all__ = ["Table", "DataError", "load_table", "infer_dataset", "batches", "train_test_split_ids", "partition",
+           "DATASETS"]
 
-DATASETS = ("digits", "breast_cancer", "synthetic", "mnist", "csv")
+DATASETS = ("digits", "breast_cancer", "synthetic", "mnist", "csv", "parquet", "npz", "images")
 _OPTIONS: dict[str, set[str]] = {"digits": set(), "breast_cancer": set(), "synthetic": set(SYNTHETIC_OPTIONS),
-                                 "mnist": {"limit"}, "csv": {"standardize"}}
-_SETTINGS = {"mnist": {"path"}, "csv": {"path", "id_column", "label_column"}}  # besides options
+                                 "mnist": {"limit"}, "csv": {"standardize", "classes"},
+                                 "parquet": {"standardize", "classes"}, "npz": {"standardize", "normalize"},
+                                 "images": {"size", "channels", "normalize", "classes", "image_column"}}
+_SETTINGS = {"mnist": {"path"}, "csv": {"path", "id_column", "label_column"},  # besides options
+             "parquet": {"path", "id_column", "label_column"}, "npz": {"path", "id_column"},
+             "images": {"path", "id_column", "label_column"}}
 
 
 def load_table(dataset: str, *, path: str | None = None, id_column: str | None = None, label_column: str | None = None,
                options: dict[str, Any] | None = None, base_dir: Path | None = None) -> Table:
-    """Load a dataset by name; a relative ``path`` (mnist, csv) is resolved against ``base_dir`` when given."""
+    """Load a dataset by name; a relative ``path`` (mnist, csv, parquet, npz, images) is resolved against
+    ``base_dir`` when given. ``standardize`` and ``normalize`` are only checked here: they are fitted
+    on the training rows later (:mod:`splitlearn.data.preprocess`)."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
     if options is not None and not isinstance(options, dict):
@@ -39,6 +48,9 @@ def load_table(dataset: str, *, path: str | None = None, id_column: str | None =
         return synthetic(**options)
     if dataset in ("digits", "breast_cancer"):
         return digits() if dataset == "digits" else breast_cancer()
+    if "standardize" in options:
+        check_flag(dataset, "standardize", options["standardize"])
+    classes = check_classes(options.get("classes"), dataset)
     if not path:
         raise DataError(f"dataset {dataset!r} reads a local file: set path")
     file = Path(path).expanduser()
@@ -47,7 +59,13 @@ def load_table(dataset: str, *, path: str | None = None, id_column: str | None =
     file = file.resolve()  # errors name the file that was looked for
     if dataset == "mnist":
         return mnist(file, options.get("limit"))
-    standardize = options.get("standardize", False)
-    if not isinstance(standardize, bool):
-        raise DataError(f"csv option standardize must be true or false, got {standardize!r}")
-    return read_csv(file, id_column, label_column, standardize)
+    if dataset == "csv":
+        return read_csv(file, id_column, label_column, classes)
+    if dataset == "parquet":
+        return read_parquet(file, id_column, label_column, classes)
+    if "normalize" in options:
+        check_normalize(options["normalize"], options.get("channels", 1) if dataset == "images" else None, dataset)
+    if dataset == "npz":
+        return read_npz(file, id_column)
+    return read_images(file, id_column, label_column, image_column=options.get("image_column"),
+                       size=options.get("size"), channels=options.get("channels", 1), classes=classes)

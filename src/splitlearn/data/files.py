@@ -1,7 +1,8 @@
 """Readers for files a user already has: MNIST idx files and CSV with an id column.
 
 Nothing here unpickles: idx files are parsed from their header with numpy, CSV with the
-standard library, and every mismatch is a DataError naming the file.
+standard library, and every mismatch is a DataError naming the file. The helpers for ids,
+labels and CSV records are shared with the Parquet and image readers.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import gzip
 import math
 import struct
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .table import DataError, Table
+from .table import DataError, Table, repeated
 
 __all__ = ["read_idx", "mnist", "read_csv"]
 
@@ -91,21 +93,62 @@ def mnist(folder: Path, limit: int | None = None) -> Table:
                   "is_test": np.concatenate([p[2] for p in parts])})
 
 
-def read_csv(path: Path, id_column: str | None, label_column: str | None = None, standardize: bool = False) -> Table:
-    """A CSV with a header, a unique integer id column, an optional label column ``y``, and numeric columns ``x``.
+def _canonical_int(s: str) -> bool:
+    try:
+        return str(int(s)) == s and -2**63 <= int(s) < 2**63
+    except ValueError:
+        return False
 
-    Integer labels are kept; any other labels map their sorted distinct values to 0..k-1, kept in ``columns["y"]``.
-    ``standardize`` z-scores ``x`` per column with the statistics of all rows.
+
+def text_ids(values: Sequence[str], where: Callable[[int], str]) -> np.ndarray:
+    """Ids read as text: int64 when every (stripped) value is a canonical integer ('161', not '0161' or '+161'),
+    else the stripped strings. ``where(i)`` names the place of value ``i`` in errors."""
+    stripped = [v.strip() for v in values]
+    for i, s in enumerate(stripped):
+        if not s:
+            raise DataError(f"{where(i)}: empty id; every row needs one")
+    if all(_canonical_int(s) for s in stripped):
+        return np.asarray([int(s) for s in stripped], dtype=np.int64)
+    return np.asarray(stripped, dtype=str)
+
+
+def check_classes(classes: object, what: str) -> list[str] | None:
+    """Option ``classes``: None, or distinct label values (strings) in class order."""
+    if classes is None:
+        return None
+    if (not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) and c for c in classes)):
+        raise DataError(f"{what} option classes must be a non-empty list of label values as strings "
+                        f"(e.g. [\"benign\", \"malignant\"] or [\"0\", \"1\"]), got {classes!r}")
+    if len(set(classes)) != len(classes):
+        raise DataError(f"{what} option classes names {sorted({c for c in classes if classes.count(c) > 1})} "
+                        "more than once")
+    return list(classes)
+
+
+def label_indices(labels: Sequence[str], classes: list[str] | None,
+                  where: Callable[[int], str]) -> tuple[np.ndarray, list[str] | None]:
+    """Labels (stripped text) as int64 class indices, and the class names (None when integer labels are kept).
+
+    With ``classes`` a label is its index in that list (one outside it is an error at ``where(i)``);
+    without, integer labels are kept and any other labels map their sorted distinct values to 0..k-1.
     """
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if not id_column:
-        raise DataError(f"{path}: a CSV needs an id column: set id_column")
-    if label_column == id_column:
-        raise DataError(f"{path}: label_column and id_column are both {id_column!r}")
-    ids: list[int] = []
-    labels: list[str] = []
-    rows: list[list[float]] = []
+    if classes is not None:
+        index = {c: i for i, c in enumerate(classes)}
+        for i, v in enumerate(labels):
+            if v not in index:
+                raise DataError(f"{where(i)}: label {v!r} is not one of the classes {classes}")
+        return np.asarray([index[v] for v in labels], dtype=np.int64), classes
+    try:
+        return np.asarray([int(v) for v in labels], dtype=np.int64), None
+    except (ValueError, OverflowError):
+        names = sorted(set(labels))
+        index = {c: i for i, c in enumerate(names)}
+        return np.asarray([index[v] for v in labels], dtype=np.int64), names
+
+
+def csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """``(1, header)`` (names stripped, checked distinct), then ``(line, cells)`` for every non-empty record,
+    ``line`` being the line it starts on; every record has as many cells as the header."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -115,12 +158,7 @@ def read_csv(path: Path, id_column: str | None, label_column: str | None = None,
             dupes = sorted({h for h in header if header.count(h) > 1})
             if dupes:
                 raise DataError(f"{path}: column name(s) {dupes} appear more than once in the header")
-            for col in (id_column, label_column):
-                if col and col not in header:
-                    raise DataError(f"{path}: no column {col!r}; columns are {header}")
-            id_at = header.index(id_column)
-            label_at = header.index(label_column) if label_column else None
-            features = [(i, h) for i, h in enumerate(header) if i not in (id_at, label_at)]
+            yield 1, header
             line_end = reader.line_num
             for row in reader:
                 line, line_end = line_end + 1, reader.line_num  # the line the record starts on
@@ -128,44 +166,75 @@ def read_csv(path: Path, id_column: str | None, label_column: str | None = None,
                     continue
                 if len(row) != len(header):
                     raise DataError(f"{path}, line {line}: {len(row)} cells where the header has {len(header)}")
-                try:
-                    ids.append(int(row[id_at]))
-                except ValueError:
-                    raise DataError(f"{path}, line {line}, column {id_column!r}: id {row[id_at]!r} "
-                                    "is not an integer; ids must be integers") from None
-                values = []
-                for i, h in features:
-                    try:
-                        v = float(row[i])
-                    except ValueError:
-                        v = math.nan
-                    if not math.isfinite(v):
-                        raise DataError(f"{path}, line {line}, column {h!r}: {row[i]!r} is not a finite number; "
-                                        "feature columns must be numeric (or name it as label_column)")
-                    values.append(v)
-                rows.append(values)
-                if label_at is not None:
-                    labels.append(row[label_at].strip())
+                yield line, row
     except (UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: not a readable UTF-8 CSV ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def header_index(path: Path, header: list[str], name: str | None) -> int | None:
+    if name is None:
+        return None
+    if name not in header:
+        raise DataError(f"{path}: no column {name!r}; columns are {header}")
+    return header.index(name)
+
+
+def check_unique(path: Path, ids: np.ndarray, column: str) -> None:
+    """Repeated ids are an error naming the file, the column and the first few."""
+    if len(np.unique(ids)) != len(ids):
+        raise DataError(f"{path}: ids in column {column!r} are not unique (repeated: {repeated(ids)})")
+
+
+def read_csv(path: Path, id_column: str | None, label_column: str | None = None,
+             classes: list[str] | None = None) -> Table:
+    """A CSV with a header, a unique id column, an optional label column ``y``, and numeric columns ``x`` (float32).
+
+    Ids are int64 when every one is a canonical integer, else strings. Labels: see :func:`label_indices`
+    (class names, when there are any, in ``columns["y"]``). Nothing is standardised here: preprocessing
+    is fitted later on the training rows.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if not id_column:
+        raise DataError(f"{path}: a CSV needs an id column: set id_column")
+    if label_column == id_column:
+        raise DataError(f"{path}: label_column and id_column are both {id_column!r}")
+    classes = check_classes(classes, "csv")
+    records = csv_records(path)
+    header = next(records)[1]
+    id_at, label_at = header_index(path, header, id_column), header_index(path, header, label_column)
+    features = [(i, h) for i, h in enumerate(header) if i not in (id_at, label_at)]
+    lines: list[int] = []
+    ids: list[str] = []
+    labels: list[str] = []
+    rows: list[list[float]] = []
+    for line, row in records:
+        values = []
+        for i, h in features:
+            try:
+                v = float(row[i])
+            except ValueError:
+                v = math.nan
+            if not math.isfinite(v):
+                raise DataError(f"{path}, line {line}, column {h!r}: {row[i]!r} is not a finite number; "
+                                "feature columns must be numeric (or name it as label_column)")
+            values.append(v)
+        lines.append(line)
+        ids.append(row[id_at])
+        rows.append(values)
+        if label_at is not None:
+            labels.append(row[label_at].strip())
     if not ids:
         raise DataError(f"{path}: no rows after the header")
-    ids_arr = np.asarray(ids, dtype=np.int64)
-    uniq, counts = np.unique(ids_arr, return_counts=True)
-    if len(uniq) != len(ids_arr):
-        raise DataError(f"{path}: ids in column {id_column!r} are not unique "
-                        f"(repeated: {uniq[counts > 1][:5].tolist()})")
+    ids_arr = text_ids(ids, lambda i: f"{path}, line {lines[i]}, column {id_column!r}")
+    check_unique(path, ids_arr, id_column)
     x = np.asarray(rows, dtype=np.float32).reshape(len(ids), len(features))
-    if standardize:
-        std = x.std(0)
-        x = ((x - x.mean(0)) / np.where(std > 0, std, 1)).astype(np.float32)
     fields, columns = {"x": x}, {"x": [h for _, h in features]}
     if label_at is not None:
-        try:
-            fields["y"] = np.asarray([int(v) for v in labels], dtype=np.int64)
-        except ValueError:
-            classes = sorted(set(labels))
-            index = {c: i for i, c in enumerate(classes)}
-            fields["y"] = np.asarray([index[v] for v in labels], dtype=np.int64)
-            columns["y"] = classes
+        fields["y"], names = label_indices(labels, classes,
+                                           lambda i: f"{path}, line {lines[i]}, column {label_column!r}")
+        if names is not None:
+            columns["y"] = names
     return Table(ids_arr, fields, columns)

@@ -40,10 +40,11 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     held = physical_setups(plan, topo, setups)
     extra = {}
     if plan.clients is not None:
-        from ..clients.roles import Context
+        from ..clients.roles import Context, per_client
 
-        template = setups[plan.clients.template]
-        extra["context"] = Context.of(plan, template)  # derived once, the same for every role
+        if not per_client(plan):
+            template = setups[plan.clients.template]
+            extra["context"] = Context.of(plan, template)  # derived once, the same for every role
     parts = {}
     for n in topo.names:
         kw = dict(extra)

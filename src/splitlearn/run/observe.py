@@ -17,7 +17,7 @@ __all__ = ["Recorder"]
 
 
 class Recorder:
-    def __init__(self, ids: np.ndarray, max_rows: int = 4096):
+    def __init__(self, ids: np.ndarray | None, max_rows: int = 4096):
         self.ids, self.max_rows = ids, max_rows
         self.first: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.last: dict[tuple[str, str], deque] = {}
@@ -27,7 +27,9 @@ class Recorder:
         if st.mode != "train":
             return
         key = (wire, direction)
-        rows = torch.as_tensor(self.ids[st.rows.numpy()])
+        # sample ids where they are integers; positions in the sorted ids where they are strings
+        ids = self.ids
+        rows = torch.as_tensor(ids[st.rows.numpy()]) if ids is not None and ids.dtype.kind in "iu" else st.rows.clone()
         t = t.detach().clone()
         seen = self._count.get(key, 0)
         if seen < self.max_rows:
@@ -47,5 +49,7 @@ class Recorder:
                 values = torch.cat([t for _, t in chunks])[keep]
                 ids = torch.cat([r for r, _ in chunks])[keep]
                 out[f"{wire}|{direction}|{part}|values"] = values.contiguous()
-                out[f"{wire}|{direction}|{part}|ids"] = ids.to(torch.int64).contiguous()
+                # a party without data (or with string ids) knows only positions in the sorted aligned ids
+                label = "ids" if self.ids is not None and self.ids.dtype.kind in "iu" else "positions"
+                out[f"{wire}|{direction}|{part}|{label}"] = ids.to(torch.int64).contiguous()
         return out

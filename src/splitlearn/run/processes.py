@@ -63,11 +63,12 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
                   peers: dict[str, str] | None = None, out: Path | None = None, epochs: int | None = None,
                   seed: int | None = None, connect_timeout: float = 60.0, step_timeout: float | None = None,
                   on_step=None, dial_out: list[str] = (), limits: Limits | None = None,
-                  log: str | None = None) -> PartyReport:
+                  log: str | None = None, data: str | Path | None = None) -> PartyReport:
     """Run physical party ``name`` of the plan in this process, over gRPC. ``certs=None`` means
     insecure. ``step_timeout`` bounds each step as a whole (default 120 s; with ``[clients]``,
     ``clients.timeout``); ``limits`` what a peer may make it hold; ``log`` where a party that
-    computes a loss streams its metrics (``tensorboard[:DIR]``, ``mlflow[:URI]``)."""
+    computes a loss streams its metrics (``tensorboard[:DIR]``, ``mlflow[:URI]``); ``data`` this
+    party's own file (``--data``), instead of the plan's data settings."""
     from ..wire.transport.grpc import GrpcTransport
     from .tracking import parse_log
     from ..wire.transport.tls import load_credentials
@@ -83,8 +84,26 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     if name not in topo.names:
         raise PlanError(f"no party {name!r} in the plan", hint=f"parties are {topo.names[:8]}")
     plays = topo.plays(plan, name)
+    client = name if plan.clients is not None and name in plan.clients.names() else None
     try:
-        setup = setup_party(plan, plays) if plays is not None else None  # plan and data errors before connecting
+        given = None
+        if data is not None:
+            from .setup import data_spec, holds_data, with_file
+
+            if plays is None or not holds_data(plan, plays):
+                raise PlanError(f"party {name!r} holds no data, so it takes no --data", entry="--data",
+                                hint="give --data to the parties that hold rows")
+            if plan.clients is not None and client is not None:
+                from ..clients.roles import per_client
+
+                if not per_client(plan):
+                    raise PlanError("this plan shares one dataset among its clients, so a client cannot bring its "
+                                    "own file", entry=f"parties.{plays}.data", hint='give the template\'s data a '
+                                    'path with {client} (e.g. path = "data/{client}.csv") to let each client read its own')
+            base = data_spec(plan, plays, client)
+            given = with_file(base, data)
+        setup = setup_party(plan, plays, data=given, client=client) if plays is not None else None
+        # plan and data errors before connecting
     except PlanError as e:
         raise e.in_file(e.file or plan._source) from None
     tracking = parse_log(log, out) if log else None

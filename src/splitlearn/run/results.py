@@ -83,6 +83,8 @@ def build_result(plan: Plan, reports: dict[str, PartyReport], extra: dict[str, A
         entry = {**rep.meter, "refused": rep.refused[:20] if plan.clients else rep.refused}
         if rep.privacy:
             entry["privacy"] = rep.privacy
+        if rep.data:
+            entry["data"] = rep.data
         if plan.clients is not None:
             entry = {"plays": rep.plays, **entry,
                      "eval": {k: rep.eval_meter.get(k, 0) for k in ("bytes_sent", "bytes_received", "flops")}}
@@ -90,6 +92,9 @@ def build_result(plan: Plan, reports: dict[str, PartyReport], extra: dict[str, A
     privacy = _privacy(plan, reports)
     if privacy:
         result["privacy"] = privacy
+    aligned = {n: r.data["alignment"] for n, r in reports.items() if r.data.get("alignment")}
+    if aligned:  # private alignment: how many rows each party had, and how many every party holds
+        result["alignment"] = {"method": plan.data.align, "parties": aligned}
     if plan.clients is not None:
         result.update(_clients_part(plan, reports, parties))
     result["parties"] = parties
@@ -186,6 +191,8 @@ def save_party(folder: Path, report: PartyReport) -> None:
     and its report, in ``parties/NAME/`` (so it can stay on that party's machine)."""
     if report.modules:
         save_weights(folder / "weights.safetensors", report.modules)
+    if report.preprocess is not None and report.preprocess.stats:  # part of the model: predict uses it
+        save_preprocess(folder / "preprocess.safetensors", report.preprocess)
     if report.observed:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / ".observed.safetensors.tmp"
@@ -199,11 +206,12 @@ def save_result(out: Path, plan: Plan, result: dict[str, Any]) -> None:
     client's weights) under the plan's party name, for ``predict``."""
     final = result.get("final_client")
     if final is not None:
-        src = out / "parties" / str(final) / "weights.safetensors"
-        if src.is_file():
-            dst = out / "parties" / plan.clients.template / "weights.safetensors"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
+        for file in ("weights.safetensors", "preprocess.safetensors"):
+            src = out / "parties" / str(final) / file
+            if src.is_file():
+                dst = out / "parties" / plan.clients.template / file
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
     write_json(out / "plan.json", plan_record(plan))
     if plan._source is not None:  # factories next to the plan file are found from there again (predict, audit)
         result = {**result, "plan_file": str(plan._source.resolve())}
@@ -238,7 +246,7 @@ def plan_record(plan: Plan) -> dict[str, Any]:
     body = plan.model_dump(mode="json")
     folder = plan_dir(plan)
     base = folder.resolve() if folder else Path.cwd()
-    specs = [body["data"]] + [p["source"] for p in body["parties"].values() if p.get("source")]
+    specs = [body["data"]] + [p["data"] for p in body["parties"].values() if p.get("data")]
     for spec in specs:
         if spec.get("path") and not Path(spec["path"]).expanduser().is_absolute():
             spec["path"] = str(base / spec["path"])
@@ -264,6 +272,26 @@ def save_weights(path: Path, modules: dict[str, nn.Module]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "splitlearn-segments", "segments": ",".join(modules)})
     os.replace(tmp, path)
+
+
+def save_preprocess(path: Path, pre: Any) -> None:
+    """A party's fitted preprocessing (``FIELD.mean``, ``FIELD.std``), beside its weights."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(pre.tensors(), str(tmp), metadata={"format": "splitlearn-preprocess"})
+    os.replace(tmp, path)
+
+
+def load_preprocess(path: Path) -> Any:
+    """The preprocessing saved by :func:`save_preprocess` (None if the party had none)."""
+    from ..data.preprocess import Preprocess
+
+    if not path.is_file():
+        return None
+    try:
+        return Preprocess.from_tensors(load_file(str(path)))
+    except Exception as e:  # SafetensorError, DataError: a damaged file
+        raise ValueError(f"{path}: not a readable preprocessing file ({e})") from None
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:

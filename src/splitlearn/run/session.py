@@ -52,9 +52,12 @@ class PartyReport:
     modules: dict = field(default_factory=dict, repr=False)  # its trained segments (not in JSON)
     observed: dict = field(default_factory=dict, repr=False)  # what it recorded for the audit (not in JSON)
     predictions: dict = field(default_factory=dict, repr=False)  # predict steps: head -> outputs per batch
+    data: dict = field(default_factory=dict)  # the rows it held and trained on, their schema, the alignment
+    preprocess: Any = field(default=None, repr=False)  # its fitted preprocessing (saved beside its weights)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("modules", "observed", "predictions")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("modules", "observed", "predictions", "preprocess")}
 
 
 @dataclass(frozen=True)
@@ -82,39 +85,97 @@ class _Epoch:
 
 
 @contextmanager
-def session(party: Party, ids_hash: str = "") -> Iterator[None]:
+def session(party: Party, ids_hash: str = "", setup: Any = None) -> Iterator[None]:
     """Hello (protocol, plan and ids must match), a handshake step fixing wire shapes, then the
-    caller's steps, then goodbye. A failure is sent to the neighbours before it is raised."""
+    caller's steps, then goodbye. A failure is sent to the neighbours before it is raised.
+
+    ``setup`` (a :class:`~splitlearn.run.setup.PartySetup`): a session over the party's own data.
+    Its hello tells how many rows it holds; a party without data learns them from the first hello
+    that tells (and only then says hello itself, so the count travels on along the graph). With
+    ``[data] align = "psi"``, the hello is followed by the private alignment
+    (:mod:`~splitlearn.run.align`) and a second hello with the aligned rows."""
     link, me = party.link, party.name
     neighbours = party.graph.neighbours(me)
+    psi = setup is not None and party.graph.plan.data.align == "psi"
+    later: list[Message] = []  # messages of a later phase that came early
 
     def deadline() -> float | None:  # the hello, like the goodbye, has one deadline however much arrives
         return None if party.timeout is None else time.monotonic() + party.timeout
 
-    try:
-        ours = {"protocol": PROTOCOL_VERSION, "plan_hash": plan_hash(party.graph.plan), "ids_hash": ids_hash}
-        for p in neighbours:
-            link.send(hello(me, p, ours["plan_hash"], ids_hash))
+    def exchange(phase: str, ids: str, rows: tuple[int, int] | None, schema: dict | None) -> None:
+        ours = {"protocol": PROTOCOL_VERSION, "plan_hash": plan_hash(party.graph.plan), "ids_hash": ids}
+        sent = False
+
+        def say() -> None:
+            for p in neighbours:
+                link.send(hello(me, p, ours["plan_hash"], ids, rows=list(rows) if rows else None, schema=schema,
+                                phase=phase if phase != "hello" else None))
+
+        if rows is not None or setup is None or phase == "hello" and psi:
+            say()
+            sent = True
         heard: set[str] = set()
         until = deadline()
-        while heard != set(neighbours):
-            msg = _recv(link, until, f"{me}: no hello from {sorted(set(neighbours) - heard)} within {party.timeout} s")
+        pending, later[:] = list(later), []
+        while heard != set(neighbours) or not sent:
+            msg = pending.pop(0) if pending else _recv(
+                link, until, f"{me}: no hello from {sorted(set(neighbours) - heard) or neighbours} within "
+                             f"{party.timeout} s")
             party.raise_if_stopped(msg)
-            if msg.kind == Kind.HELLO and msg.sender in neighbours:
-                try:
-                    theirs = read_hello(msg, link.limits)
-                except WireError as e:
-                    link.refuse(msg.sender, f"a hello that cannot be read: {e}")
+            if msg.kind != Kind.HELLO or msg.sender not in neighbours:
+                later.append(msg)
+                continue
+            try:
+                theirs = read_hello(msg, link.limits)
+            except WireError as e:
+                link.refuse(msg.sender, f"a hello that cannot be read: {e}")
+                continue
+            if theirs.get("phase", "hello") != phase:
+                later.append(msg)
+                continue
+            for key, value in ours.items():
+                if key == "ids_hash" and not (value and theirs.get(key)):
+                    continue  # a party without data has no ids to compare
+                if theirs.get(key) != value:
+                    raise PartyError(f"{me}: {key} differs from {quote(msg.sender)}'s: ours is {value!r}, "
+                                     f"theirs is {quote(theirs.get(key))}" + (
+                                         " (both must run the same plan file with the same --epochs/--seed)"
+                                         if key == "plan_hash" else _ids_hint(party, ids)))
+            told = theirs.get("rows")
+            if setup is not None and told is not None and not (phase == "hello" and psi):
+                if not (isinstance(told, list) and len(told) == 2 and all(isinstance(v, int) and v >= 0 for v in told)):
+                    link.refuse(msg.sender, f"a hello with rows {quote(told)}: expected [train, test] counts")
                     continue
-                for key, value in ours.items():
-                    if theirs.get(key) != value:
-                        raise PartyError(f"{me}: {key} differs from {quote(msg.sender)}'s: ours is {value!r}, "
-                                         f"theirs is {quote(theirs.get(key))}" + (
-                                             " (both must run the same plan file with the same --epochs/--seed)"
-                                             if key == "plan_hash" else ""))
-                heard.add(msg.sender)
-            else:
-                party.keep_early(msg, -2)  # before the handshake (step -1)
+                if rows is None:
+                    rows = (told[0], told[1])
+                    setup.count(*rows)
+                elif list(rows) != told:
+                    raise PartyError(f"{me}: {quote(msg.sender)} holds {told[0]} training and {told[1]} test rows, "
+                                     f"we {'hold' if setup.table is not None else 'were told'} {rows[0]} and "
+                                     f"{rows[1]}" + _ids_hint(party, ids))
+            heard.add(msg.sender)
+            if not sent and rows is not None:
+                say()
+                sent = True
+        later.extend(pending)
+
+    try:
+        held = setup.rows if setup is not None and setup.table is not None else None
+        schema = setup.schema() if setup is not None else None
+        exchange("hello", "" if psi else ids_hash, None if psi else held, schema)
+        if psi:
+            from .align import align_psi
+
+            kept = align_psi(link, party.graph, me, setup.table.ids if setup.table is not None else None,
+                             timeout=party.timeout, keep=later.append)
+            if kept is not None:
+                before = len(setup.table)
+                setup.restrict(kept)
+                setup.alignment = {"held": before, "aligned": len(kept)}
+                party.data = setup.inputs
+            exchange("rows", setup.ids_hash, setup.rows if setup.table is not None else None, None)
+        for msg in later:
+            party.keep_early(msg, -2)  # before the handshake (step -1)
         party.step(-1, None, "handshake")
         yield
         for p in neighbours:
@@ -133,6 +194,13 @@ def session(party: Party, ids_hash: str = "") -> Iterator[None]:
             except Exception:  # noqa: BLE001 - the neighbour may be gone already
                 pass
         raise
+
+
+def _ids_hint(party: Party, ids: str) -> str:
+    if not ids or party.graph.plan.data.align == "psi":
+        return ""
+    return ('; the parties must hold the same sample ids (or set [data] align = "psi" to keep only the ids '
+            "every party holds)")
 
 
 def _recv(link: Link, deadline: float | None, why: str) -> Message:
@@ -207,17 +275,20 @@ class _Metrics:
         return out
 
 
-def run_party(party: Party, steps: Iterator[Step], on_step: Callable[[Progress], None] | None = None,
-              ids_hash: str = "", tracker: Any = None) -> PartyReport:
+def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]],
+              on_step: Callable[[Progress], None] | None = None, ids_hash: str = "", tracker: Any = None,
+              setup: Any = None) -> PartyReport:
     """Run a party through the schedule; collect the metrics of the losses it computes (and
-    stream them to ``tracker``, a :class:`~splitlearn.run.tracking.Tracker`)."""
-    steps = list(steps)
+    stream them to ``tracker``, a :class:`~splitlearn.run.tracking.Tracker`). ``steps`` may be
+    a function giving them once the hello has told how many rows there are (``setup``: the
+    party's own data, see :func:`session`)."""
     epochs = party.graph.plan.train.epochs
     metrics = _Metrics(party, tracker)
     predictions: dict[str, list] = {}
     epoch = None
     timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0, "first_step_s": 0.0, "first_step_samples": 0}
-    with session(party, ids_hash):
+    with session(party, ids_hash, setup):
+        steps = list(steps() if callable(steps) else steps)
         for i, step in enumerate(steps):
             if epoch is not None and step.epoch != epoch:
                 metrics.close_epoch(epoch)

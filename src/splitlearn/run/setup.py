@@ -8,7 +8,7 @@ name), the same wire shapes (a dry run on one sample): no coordination is needed
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -21,11 +21,13 @@ from ..core.graph import Graph, build_graph
 from ..core.plan import DataSpec, Plan, PlanError, plan_dir
 from ..core.load import load_plan
 from ..data import DataError, Table, batches, load_table, train_test_split_ids
+from ..data.preprocess import Preprocess, fit_preprocess
 from ..models import build_segment
 from ..privacy import defenses
 
 __all__ = ["Step", "Splits", "schedule", "PartySetup", "setup_party", "check_plan", "prepare", "make_optimizer",
-           "party_table", "party_inputs", "splits_for", "party_device", "build_modules"]
+           "party_table", "party_inputs", "splits_for", "party_device", "build_modules", "data_spec", "with_file",
+           "holds_data", "counted_splits", "ids_digest"]
 
 
 @dataclass(frozen=True)
@@ -71,14 +73,58 @@ def _table(spec: DataSpec, base: Path | None, cache: dict) -> Table:
     return cache[key]
 
 
-def party_table(plan: Plan, party: str, cache: dict | None = None, data: DataSpec | None = None) -> Table:
-    """The rows a party holds: its own source, or the plan's dataset (``data`` overrides both)."""
-    spec = data or plan.parties[party].source or plan.data
+def holds_data(plan: Plan, party: str) -> bool:
+    """Whether a party holds any rows (features or labels); one that holds none reads no data."""
+    return bool(plan.parties[party].holds)
+
+
+def data_spec(plan: Plan, party: str, client: str | None = None, data: DataSpec | None = None) -> DataSpec | None:
+    """Where a party's rows come from: ``data`` (given at start), else its own ``[parties.NAME.data]``
+    (a client's ``{client}`` in the path filled in), else the plan's ``[data]``; None if it holds none."""
+    if not holds_data(plan, party):
+        return None
+    spec = data or plan.parties[party].data or plan.data
+    if spec.path and "{client}" in spec.path:
+        if client is None:
+            raise PlanError(f"the data of {party!r} is one file per client ({spec.path!r}); which client is this?",
+                            entry=f"parties.{party}.data.path", hint="start it as a client: --name "
+                            f"{party}-1 (or another client's name)")
+        spec = spec.model_copy(update={"path": spec.path.replace("{client}", client)})
+    return spec
+
+
+def with_file(spec: DataSpec, path: str | Path) -> DataSpec:
+    """``spec`` reading ``path`` instead (``--data FILE``): its kind told by the file when it differs."""
+    from ..data import infer_dataset
+
+    file = Path(path).expanduser().resolve()
     try:
-        return _table(spec, plan_dir(plan), {} if cache is None else cache)
+        kind = infer_dataset(file)
     except DataError as e:
-        entry = f"parties.{party}.source" if plan.parties[party].source and data is None else "data"
-        raise PlanError(str(e), entry=entry, hint="fix the data settings or the file") from None
+        raise PlanError(str(e), entry="--data", hint="give a .csv, .parquet or .npz file, or a folder of images "
+                        "(one subfolder per class) or of MNIST idx files") from None
+    if kind == spec.dataset:
+        return spec.model_copy(update={"path": str(file)})
+    keep = {k: getattr(spec, k) for k in ("id_column", "label_column") if kind in ("csv", "parquet", "images")}
+    return DataSpec(dataset=kind, path=str(file), test_fraction=spec.test_fraction, **keep)
+
+
+def _data_entry(plan: Plan, party: str, given: bool) -> str:
+    return "--data" if given else (f"parties.{party}.data" if plan.parties[party].data else "data")
+
+
+def party_table(plan: Plan, party: str, cache: dict | None = None, data: DataSpec | None = None,
+                client: str | None = None) -> Table:
+    """The rows a party holds (see :func:`data_spec`), sorted by id."""
+    spec = data_spec(plan, party, client, data)
+    if spec is None:
+        raise PlanError(f"party {party!r} holds no data", entry=f"parties.{party}.holds")
+    try:
+        table = _table(spec, plan_dir(plan), {} if cache is None else cache)
+        return table.align(np.sort(table.ids))
+    except DataError as e:
+        raise PlanError(f"party {client or party!r}: {e}", entry=_data_entry(plan, party, data is not None),
+                        hint="fix the data settings or the file") from None
 
 
 def party_inputs(plan: Plan, party: str, table: Table, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
@@ -101,6 +147,24 @@ def splits_for(plan: Plan, table: Table) -> Splits:
     is_test = table.align(ids).fields.get("is_test") if "is_test" in table.fields else None
     train_ids, test_ids = train_test_split_ids(ids, plan.data.test_fraction, plan.train.seed, is_test)
     return Splits(ids, np.searchsorted(ids, train_ids), np.searchsorted(ids, test_ids))
+
+
+def counted_splits(train: int, test: int) -> Splits:
+    """The splits of a party that holds no data: only how many rows there are (told in the hello)."""
+    return Splits(np.arange(train + test, dtype=np.int64), np.arange(train, dtype=np.int64),
+                  np.arange(train, train + test, dtype=np.int64))
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    """A hash of sorted sample ids, integers or strings alike."""
+    h = hashlib.sha256()
+    if ids.dtype.kind in "iu":
+        h.update(b"i" + np.ascontiguousarray(ids, dtype="<i8").tobytes())
+    else:
+        for v in ids.tolist():
+            b = str(v).encode()
+            h.update(len(b).to_bytes(4, "little") + b)
+    return h.hexdigest()[:16]
 
 
 # -- a party ---------------------------------------------------------------------------------
@@ -140,7 +204,11 @@ def build_modules(plan: Plan, party: str, segments: list[str]) -> dict[str, nn.M
 
 @dataclass
 class PartySetup:
-    """What a party builds from the plan and its data, before any message is exchanged."""
+    """What a party builds from the plan and its data, before any message is exchanged.
+
+    A party that holds no data has no ``table``; its ``splits`` are only counts, learnt from
+    its neighbours' hellos (:meth:`count`). ``preprocess`` is fitted on the training rows (or
+    given: the saved one, for ``predict``) and applied to every row of ``inputs``."""
 
     plan: Plan
     graph: Graph
@@ -148,36 +216,128 @@ class PartySetup:
     modules: dict[str, nn.Module]
     optimizer: torch.optim.Optimizer | None
     inputs: dict[str, torch.Tensor]
-    splits: Splits
+    splits: Splits | None
+    table: Table | None = None  # the raw rows, sorted by id (before preprocessing)
+    preprocess: Preprocess | None = None
+    skip: frozenset = frozenset()  # input nodes left out (labels, for predict)
+    fixed_preprocess: bool = False  # preprocessing given (predict), not fitted
+    options: dict = field(default_factory=dict)  # the data source's options (preprocessing)
+    client: str | None = None  # the client it is, for a per-client file
+    alignment: dict | None = None  # private alignment: rows held before, and kept
+
+    def data_report(self) -> dict:
+        """For ``result.json``: the rows it held, their schema and how alignment changed them."""
+        if self.table is None:
+            return {}
+        out: dict = {"rows": len(self.table), "train": len(self.splits.train), "test": len(self.splits.test),
+                     "schema": self.schema()}
+        if self.alignment is not None:
+            out["alignment"] = self.alignment
+        return out
 
     @property
     def ids_hash(self) -> str:
-        """Parties must hold the same sample ids; the hello compares this."""
-        return hashlib.sha256(np.ascontiguousarray(self.splits.ids, dtype="<i8").tobytes()).hexdigest()[:16]
+        """Parties must hold the same sample ids; the hello compares this ("" without data)."""
+        return ids_digest(self.splits.ids) if self.table is not None and self.splits is not None else ""
+
+    @property
+    def rows(self) -> tuple[int, int] | None:
+        """(training rows, test rows), once known."""
+        return None if self.splits is None else (len(self.splits.train), len(self.splits.test))
+
+    def derive(self, table: Table) -> None:
+        """Splits, preprocessing (fitted on the training rows) and inputs from ``table``."""
+        self.table = table
+        self.splits = splits_for(self.plan, table)
+        if not self.fixed_preprocess:
+            try:
+                self.preprocess = fit_preprocess(self.options, table, self.splits.train)
+            except DataError as e:
+                raise PlanError(f"party {self.client or self.name!r}: {e}", entry=f"parties.{self.name}.data.options",
+                                hint="standardize is for tables, normalize for images") from None
+        if self.preprocess is not None:
+            try:
+                table = self.preprocess.apply(table)
+            except DataError as e:
+                raise PlanError(f"party {self.client or self.name!r}: {e}", entry=f"parties.{self.name}.data",
+                                hint="predict with data of the same columns and shapes as the training data") from None
+        self.inputs = party_inputs(self.plan, self.name, table, set(self.skip))
+
+    def restrict(self, ids: np.ndarray) -> None:
+        """Keep only the rows of ``ids`` (private alignment): splits, preprocessing and inputs again."""
+        assert self.table is not None
+        self.derive(self.table.align(np.sort(ids)))
+
+    def count(self, train: int, test: int) -> None:
+        """A party without data: how many rows the others hold (from their hellos). Splits already
+        known with these counts (in one process: the data holders' own) are kept."""
+        if self.rows != (train, test):
+            self.splits = counted_splits(train, test)
+
+    def schema(self) -> dict[str, dict]:
+        """What the party's rows look like, without any row: per field its dtype, shape per row,
+        column names and (labels) class names."""
+        if self.table is None:
+            return {}
+        out = {}
+        for local, ref in self.plan.parties[self.name].holds.items():
+            arr = self.table.fields.get(ref.field)
+            if arr is None:
+                continue
+            if ref.columns is not None and arr.ndim == 2:
+                arr = arr[:, ref.columns[0]:ref.columns[1]]
+            entry = {"dtype": str(arr.dtype), "shape": list(arr.shape[1:])}
+            cols = self.table.columns.get(ref.field)
+            if cols is not None:
+                cols = cols[ref.columns[0]:ref.columns[1]] if ref.columns and arr.ndim == 2 else cols
+                entry["columns" if arr.ndim == 2 else "classes"] = [str(c) for c in cols]
+            out[local] = entry
+        return out
 
 
 def setup_party(plan: Plan, name: str, cache: dict | None = None, data: DataSpec | None = None,
-                predict: bool = False, optimizer: bool = True) -> PartySetup:
-    """Build a party's segments, optimizer (unless not ``optimizer``) and inputs (without labels when ``predict``)."""
+                predict: bool = False, optimizer: bool = True, client: str | None = None,
+                preprocess: Preprocess | None = None) -> PartySetup:
+    """Build a party's segments, optimizer (unless not ``optimizer``) and inputs (without labels
+    when ``predict``); ``client``: the client it is (for a per-client file); ``preprocess``: use
+    this one (predict) instead of fitting one on the training rows."""
     graph = build_graph(plan)
-    table = party_table(plan, name, cache, data)
-    table = table.align(np.sort(table.ids))
     segs = [n for n in graph.local_order(name) if graph.nodes[n].kind == "segment"]
     modules = build_modules(plan, name, segs)
-    return PartySetup(plan, graph, name, modules, make_optimizer(plan, name, modules) if optimizer else None,
-                      party_inputs(plan, name, table, graph.label_inputs() if predict else set()),
-                      splits_for(plan, table))
+    spec = data_spec(plan, name, client, data)
+    setup = PartySetup(plan, graph, name, modules, make_optimizer(plan, name, modules) if optimizer else None, {},
+                       None, preprocess=preprocess, fixed_preprocess=preprocess is not None,
+                       skip=frozenset(graph.label_inputs() if predict else ()),
+                       options=dict(spec.options) if spec is not None else {}, client=client)
+    if spec is not None:
+        setup.derive(party_table(plan, name, cache, data, client))
+    return setup
+
+
+def _first_missing(a: PartySetup, b: PartySetup) -> str:
+    missing = np.setdiff1d(a.splits.ids, b.splits.ids)
+    return f"{len(missing)} of {a.name!r}'s ids are missing at {b.name!r} (first: {missing[:5].tolist()})"
 
 
 def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Checks that need every party's data: aligned ids and a dry run. Returns the wire shapes."""
-    first = next(iter(setups.values()))
+    holders = [s for s in setups.values() if s.table is not None]
+    if not holders:
+        raise PlanError("no party holds any data", entry="parties", hint="give a party `holds = { x = \"x\" }`")
+    first = holders[0]
+    plan = first.plan
+    if plan.data.align == "exact":
+        for s in holders:
+            if not np.array_equal(s.splits.ids, first.splits.ids):
+                problem = _first_missing(first, s) if len(np.setdiff1d(first.splits.ids, s.splits.ids)) \
+                    else _first_missing(s, first)
+                raise PlanError(f"parties {first.name!r} and {s.name!r} hold different ids: {problem}",
+                                entry=_data_entry(plan, s.name, False),
+                                hint='every party must hold the same sample ids; or set [data] align = "psi" '
+                                     "to keep only the ids every party holds")
     for s in setups.values():
-        if not np.array_equal(s.splits.ids, first.splits.ids):
-            missing = np.setdiff1d(first.splits.ids, s.splits.ids)
-            raise PlanError(f"party {s.name!r} and {first.name!r} hold different ids ({len(missing)} of "
-                            f"{first.name!r}'s are missing at {s.name!r})", entry=f"parties.{s.name}.source",
-                            hint="every party must hold the same sample ids (rows are aligned by id)")
+        if s.table is None:  # in one process the splits are at hand; over a network the counts come in the hello
+            s.splits = first.splits
     inputs = {k: v for s in setups.values() for k, v in s.inputs.items()}
     graph = first.graph
     defenses.check_data(graph, inputs)  # what each wire's defenses need of the data (binary labels, classes)
@@ -196,13 +356,23 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
 
 
 def prepare(plan: Plan | str | Path, *, epochs: int | None = None, seed: int | None = None,
-            data: DataSpec | None = None, check_only: bool = False) -> tuple[Plan, dict[str, PartySetup], dict]:
+            data: DataSpec | dict[str, DataSpec] | None = None,
+            check_only: bool = False) -> tuple[Plan, dict[str, PartySetup], dict]:
     """Load the plan, set every party up and check the plan end to end before any training
-    (``check_only``: no optimizers, for a look at the plan)."""
+    (``check_only``: no optimizers, for a look at the plan). ``data``: one source for every
+    party, or one per party name."""
     plan = load_plan(plan).with_train(epochs=epochs, seed=seed)
     cache: dict = {}
+    per = data if isinstance(data, dict) else {p: data for p in plan.parties}
+    first_client = None
+    if plan.clients is not None:
+        from ..clients.roles import per_client
+
+        first_client = plan.clients.names()[0] if per_client(plan) else None
     try:
-        setups = {p: setup_party(plan, p, cache, data, optimizer=not check_only) for p in plan.parties}
+        setups = {p: setup_party(plan, p, cache, per.get(p), optimizer=not check_only,
+                                 client=first_client if plan.clients and p == plan.clients.template else None)
+                  for p in plan.parties}
         shapes = check_plan(setups)
     except PlanError as e:  # name the plan file, whatever part of the set-up found the problem
         raise e.in_file(e.file or plan._source) from None

@@ -120,26 +120,36 @@ class _PlainParty:
         self.party = Party(setup.graph, setup.name, Link(transport, limits=limits), setup.modules, setup.optimizer,
                            setup.inputs, dict(shapes or {}), timeout, predicting)
         if record:
-            self.party.observer = Recorder(setup.splits.ids)
+            self.party.observer = Recorder(setup.splits.ids if setup.splits is not None else None)
 
     def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
         s = self.setup
-        steps = self.steps if self.steps is not None else schedule(s.plan, s.splits)
         tracker = None
         if self.tracking is not None and any(n.party == s.name for n in s.graph.losses()):
             from .tracking import open_tracker
 
             tracker = open_tracker(self.tracking, s.plan, s.name)
+
+        def steps() -> list[Step]:  # once the hello has told how many rows there are
+            if self.party.observer is not None:
+                self.party.observer.ids = s.splits.ids
+            return self.steps if self.steps is not None else list(schedule(s.plan, s.splits))
+
         try:
-            return run_party(self.party, steps, progress, ids_hash=s.ids_hash, tracker=tracker)
+            report = run_party(self.party, steps, progress, ids_hash=s.ids_hash, tracker=tracker, setup=s)
         finally:
             if tracker is not None:
                 tracker.close()
+        report.data = s.data_report()
+        report.preprocess = s.preprocess
+        return report
 
 
-def physical_setups(plan: Plan, topo: Topology, prepared: dict[str, PartySetup]) -> dict[str, PartySetup | None]:
+def physical_setups(plan: Plan, topo: Topology, prepared: dict[str, PartySetup],
+                    data: dict | None = None) -> dict[str, PartySetup | None]:
     """What each physical party holds, from the plan parties' setups (:func:`~splitlearn.run.setup.prepare`):
-    every client gets fresh segments of its own (the same initial weights) over the template's data."""
+    every client gets fresh segments of its own (the same initial weights) over the template's data,
+    or over its own file (a per-client path; ``data``: files given per client)."""
     out: dict[str, PartySetup | None] = {}
     for n in topo.names:
         plays = topo.plays(plan, n)
@@ -147,8 +157,12 @@ def physical_setups(plan: Plan, topo: Topology, prepared: dict[str, PartySetup])
             out[n] = None
         elif plan.clients is not None and n in topo.expendable:
             t = prepared[plays]
+            if t.client is not None:  # each client reads its own file
+                out[n] = setup_party(plan, plays, client=n, data=data.get(n) if data else None)
+                continue
             mods = build_modules(plan, plays, list(t.modules))
-            out[n] = PartySetup(plan, t.graph, plays, mods, make_optimizer(plan, plays, mods), t.inputs, t.splits)
+            out[n] = PartySetup(plan, t.graph, plays, mods, make_optimizer(plan, plays, mods), t.inputs, t.splits,
+                                t.table, t.preprocess, t.skip, t.fixed_preprocess, t.options)
         else:
             out[n] = prepared[plays]
     return out

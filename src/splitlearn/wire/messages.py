@@ -92,6 +92,7 @@ class Kind(enum.IntEnum):
     ACK = pb.ACK
     STOP = pb.STOP
     ERROR = pb.ERROR
+    ALIGN = pb.ALIGN
 
 
 @dataclass
@@ -191,10 +192,12 @@ def decode(data: bytes, limits: Limits = Limits()) -> Message:
 
 # -- what the run layer says: the hello, the schedule's commands and acknowledgements, weights ----
 
-def hello(sender: str, receiver: str, plan_hash: str, ids_hash: str) -> Message:
-    """The first message of a session: what both sides must agree on."""
+def hello(sender: str, receiver: str, plan_hash: str, ids_hash: str, **more: Any) -> Message:
+    """The first message of a session: what both sides must agree on (``more``: the rows the
+    sender holds, ``[train, test]``, and their schema, for a session over its own data)."""
     return Message(Kind.HELLO, sender, receiver, text=json.dumps(
-        {"protocol": PROTOCOL_VERSION, "plan_hash": plan_hash, "ids_hash": ids_hash}))
+        {"protocol": PROTOCOL_VERSION, "plan_hash": plan_hash, "ids_hash": ids_hash,
+         **{k: v for k, v in more.items() if v is not None}}))
 
 
 def read_hello(msg: Message, limits: Limits = Limits()) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def image_shape(plan: Plan, nodes: list[str], tensors: dict[str, torch.Tensor]) 
         return None
     party, local = nodes[0].split(".", 1)
     ref = plan.parties[party].holds[local]
-    dataset = (plan.parties[party].source or plan.data).dataset
+    dataset = (plan.parties[party].data or plan.data).dataset
     width = int(t.shape[1])
     side = math.isqrt(width)
     full = ref.columns is None or tuple(ref.columns) == (0, width)
@@ -176,6 +176,12 @@ class RunFolder:
         key = f"{wire}|{direction}|{part}"
         if f"{key}|values" not in obs:
             return None
+        if f"{key}|ids" not in obs and f"{key}|positions" in obs:  # recorded by a party without data
+            holder = next(p for p in self.plan.parties if self.plan.parties[p].holds)
+            known = self.setup(holder).splits.ids
+            if known.dtype.kind not in "iu":
+                raise AuditError("the audit needs integer sample ids; this run's ids are strings")
+            return torch.from_numpy(known[obs[f"{key}|positions"].numpy()]), obs[f"{key}|values"]
         return obs[f"{key}|ids"], obs[f"{key}|values"]
 
 

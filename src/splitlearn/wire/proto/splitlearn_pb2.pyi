@@ -19,6 +19,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACK: _ClassVar[Kind]
     STOP: _ClassVar[Kind]
     ERROR: _ClassVar[Kind]
+    ALIGN: _ClassVar[Kind]
 KIND_UNSPECIFIED: Kind
 HELLO: Kind
 STEP: Kind
@@ -29,6 +30,7 @@ CHECKPOINT: Kind
 ACK: Kind
 STOP: Kind
 ERROR: Kind
+ALIGN: Kind
 
 class Tensor(_message.Message):
     __slots__ = ("name", "dtype", "shape", "codec", "data", "extra")

@@ -44,15 +44,16 @@ class Switch:
         return _View(self, "control", self.inner.party, {}, None)
 
     def session(self, party: str, aliases: dict[str, str], keep: Callable[[str, bytes], bool],
-                peers: set[str]) -> "_View":
+                peers: set[str], defer: Callable[[str, bytes], bool] | None = None) -> "_View":
         """A turn's view as plan party ``party`` with the physical ``peers`` of the turn: messages
-        from anybody else wait for a later turn. Held session messages that ``keep(peer, data)``
-        rejects (left over from an earlier turn) are dropped first."""
+        from anybody else wait for a later turn, as do those ``defer(peer, data)`` says belong to
+        one (the next turn's hello, which can come while this turn says goodbye). Held session
+        messages that ``keep(peer, data)`` rejects (left over from an earlier turn) are dropped first."""
         held = self.held["session"]
         for p, d in [(p, d) for p, d in held if not keep(p, d)]:
             held.remove((p, d))
             self.held_bytes[p] -= len(d)
-        return _View(self, "session", party, aliases, frozenset(peers))
+        return _View(self, "session", party, aliases, frozenset(peers), defer)
 
     def _hold(self, kind: str, peer: str, data: bytes) -> None:
         if self.held_bytes.get(peer, 0) + len(data) > MAX_HELD_BYTES:
@@ -63,16 +64,16 @@ class Switch:
         self.held[kind].append((peer, data))
         self.held_bytes[peer] = self.held_bytes.get(peer, 0) + len(data)
 
-    def _take(self, kind: str, peers: frozenset | None) -> tuple[str, bytes] | None:
+    def _take(self, kind: str, peers: frozenset | None, defer=None) -> tuple[str, bytes] | None:
         for item in self.held[kind]:
-            if peers is None or item[0] in peers:
+            if (peers is None or item[0] in peers) and not (defer is not None and defer(*item)):
                 self.held[kind].remove(item)
                 self.held_bytes[item[0]] -= len(item[1])
                 return item
         return None
 
-    def _recv(self, kind: str, timeout: float | None, peers: frozenset | None) -> tuple[str, bytes]:
-        item = self._take(kind, peers)
+    def _recv(self, kind: str, timeout: float | None, peers: frozenset | None, defer=None) -> tuple[str, bytes]:
+        item = self._take(kind, peers, defer)
         if item is not None:
             return item
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -82,14 +83,15 @@ class Switch:
                 raise TransportTimeout(f"{self.inner.party}: nothing received within {timeout} s")
             peer, data = self.inner.recv(left)
             got = self.classify(data)
-            if got == kind and (peers is None or peer in peers):
+            if got == kind and (peers is None or peer in peers) and not (defer is not None and defer(peer, data)):
                 return peer, data
             self._hold(got, peer, data)
 
 
 class _View(Transport):
-    def __init__(self, switch: Switch, kind: str, party: str, aliases: dict[str, str], peers: frozenset | None):
-        self.switch, self.kind, self.party, self.peers = switch, kind, party, peers
+    def __init__(self, switch: Switch, kind: str, party: str, aliases: dict[str, str], peers: frozenset | None,
+                 defer: Callable[[str, bytes], bool] | None = None):
+        self.switch, self.kind, self.party, self.peers, self.defer = switch, kind, party, peers, defer
         self._out = dict(aliases)
         self._in = {v: k for k, v in aliases.items()}
 
@@ -97,7 +99,7 @@ class _View(Transport):
         self.switch.inner.send(self._out.get(dst, dst), data)
 
     def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
-        peer, data = self.switch._recv(self.kind, timeout, self.peers)
+        peer, data = self.switch._recv(self.kind, timeout, self.peers, self.defer)
         return self._in.get(peer, peer), data
 
     def close(self) -> None:  # the connection outlives a view
