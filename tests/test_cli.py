@@ -35,7 +35,7 @@ def test_predict_delivers_to_the_head_owner_only(tmp_path):
     r = runner.invoke(app, ["predict", str(out)])
     assert r.exit_code == 0, r.output
     preds = (out / "parties" / "hospital" / "predictions.csv").read_text().splitlines()
-    assert preds[0] == "id,digit" and len(preds) == 1 + 359
+    assert preds[0] == "id,digit," + ",".join(f"digit_p{c}" for c in range(10)) and len(preds) == 1 + 359
     assert not (out / "parties" / "server" / "predictions.csv").exists()
     # the predictions are those of the trained model: most match the labels
     from sklearn.datasets import load_digits
@@ -59,7 +59,7 @@ def test_predict_on_new_csv_rows(tmp_path):
     r = runner.invoke(app, ["predict", str(out), "--data", str(csv)])
     assert r.exit_code == 0, r.output
     lines = (out / "parties" / "server" / "predictions.csv").read_text().splitlines()
-    assert lines[0] == "id,digit" and [int(x.split(",")[0]) for x in lines[1:]] == list(range(1000, 1020))
+    assert lines[0].startswith("id,digit,digit_p0,") and [int(x.split(",")[0]) for x in lines[1:]] == list(range(1000, 1020))
 
 
 def test_inspect_flags_label_wires_and_draws(tmp_path):

@@ -105,7 +105,9 @@ def with_file(spec: DataSpec, path: str | Path) -> DataSpec:
                         "(one subfolder per class) or of MNIST idx files") from None
     if kind == spec.dataset:
         return spec.model_copy(update={"path": str(file)})
-    keep = {k: getattr(spec, k) for k in ("id_column", "label_column") if kind in ("csv", "parquet", "images")}
+    keep = {k: getattr(spec, k) for k in ("id_column", "label_column") if kind in ("csv", "parquet")}
+    if kind in ("csv", "parquet") and not keep.get("id_column"):
+        keep["id_column"] = "id"  # a table from elsewhere: its ids in a column named "id"
     return DataSpec(dataset=kind, path=str(file), test_fraction=spec.test_fraction, **keep)
 
 
