@@ -4,7 +4,6 @@ preprocessing that travels with the weights, predict per party."""
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch
 import splitlearn
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import PlanError
-from splitlearn.data import breast_cancer, digits
+from splitlearn.data import digits
 from splitlearn.run.local import run_local
 from splitlearn.run.session import RunError
 from splitlearn.run.setup import prepare
