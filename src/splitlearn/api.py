@@ -250,7 +250,7 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
     """
     from .data.preprocess import wants_preprocess
     from .run.results import load_preprocess
-    from .run.setup import data_spec, holds_data, with_file
+    from .run.setup import data_spec, holds_data, party_file
 
     run_dir = Path(run_dir)
     if not (run_dir / "plan.json").is_file():
@@ -269,10 +269,7 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
                 raise PlanError(f"party {party!r} holds no data, so it takes no data file", entry="--data",
                                 hint=f"parties with data: {[p for p in plan.parties if holds_data(plan, p)]}")
             if isinstance(d, (str, Path)):
-                base = plan.parties[party].data or plan.data
-                if base.path and "{client}" in base.path:
-                    base = base.model_copy(update={"path": None})
-                per[party] = with_file(base, d)
+                per[party] = party_file(plan, party, d)
             else:
                 per[party] = d if isinstance(d, DataSpec) else DataSpec.model_validate(d)
         missing = [p for p in plan.parties if holds_data(plan, p) and p not in per]

@@ -322,7 +322,7 @@ def predict(run_dir: Path = typer.Argument(..., help="the --out folder of a fini
 def _party_files(run_dir: Path, given: list[str], id_column: str | None) -> dict:
     """``--data NAME=FILE`` (or one FILE for the one party that holds data) as DataSpecs per party."""
     from .run.results import load_run_plan
-    from .run.setup import holds_data, with_file
+    from .run.setup import holds_data, party_file
 
     if not (run_dir / "plan.json").is_file():
         raise PlanError("not a run folder: plan.json is missing", file=run_dir,
@@ -344,10 +344,7 @@ def _party_files(run_dir: Path, given: list[str], id_column: str | None) -> dict
         if not Path(file).expanduser().exists():
             raise PlanError(f"--data {item!r}: no such file or folder {str(Path(file).expanduser().resolve())!r}",
                             entry="--data")
-        base = plan.parties[name].data or plan.data
-        if base.path and "{client}" in base.path:
-            base = base.model_copy(update={"path": None})
-        spec = with_file(base, file)
+        spec = party_file(plan, name, file)
         if id_column is not None:
             spec = spec.model_copy(update={"id_column": id_column})
         out[name] = spec

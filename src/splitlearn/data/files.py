@@ -187,6 +187,18 @@ def check_unique(path: Path, ids: np.ndarray, column: str) -> None:
         raise DataError(f"{path}: ids in column {column!r} are not unique (repeated: {repeated(ids)})")
 
 
+def check_table_settings(path: Path, what: str, id_column: str | None, label_column: str | None,
+                         classes: list[str] | None, dataset: str) -> list[str] | None:
+    """The checks every table reader makes before reading: the file, its id and label columns, ``classes``."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if not id_column:
+        raise DataError(f"{path}: {what} needs an id column: set id_column")
+    if label_column == id_column:
+        raise DataError(f"{path}: label_column and id_column are both {id_column!r}")
+    return check_classes(classes, dataset)
+
+
 def read_csv(path: Path, id_column: str | None, label_column: str | None = None,
              classes: list[str] | None = None) -> Table:
     """A CSV with a header, a unique id column, an optional label column ``y``, and numeric columns ``x`` (float32).
@@ -195,13 +207,7 @@ def read_csv(path: Path, id_column: str | None, label_column: str | None = None,
     (class names, when there are any, in ``columns["y"]``). Nothing is standardised here: preprocessing
     is fitted later on the training rows.
     """
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if not id_column:
-        raise DataError(f"{path}: a CSV needs an id column: set id_column")
-    if label_column == id_column:
-        raise DataError(f"{path}: label_column and id_column are both {id_column!r}")
-    classes = check_classes(classes, "csv")
+    classes = check_table_settings(path, "a CSV", id_column, label_column, classes, "csv")
     records = csv_records(path)
     header = next(records)[1]
     id_at, label_at = header_index(path, header, id_column), header_index(path, header, label_column)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import check_classes, check_unique, label_indices, text_ids
+from .files import check_table_settings, check_unique, label_indices, text_ids
 from .images import IMAGE_SUFFIXES
 from .table import DataError, Table, as_ids, repeated
 
@@ -75,13 +75,7 @@ def read_parquet(path: Path, id_column: str | None, label_column: str | None = N
     """A Parquet file read like a CSV (:func:`splitlearn.data.files.read_csv`): a unique id column, an
     optional label column ``y``, numeric feature columns ``x`` (float32); errors name the 0-based row."""
     pa = _pyarrow()
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if not id_column:
-        raise DataError(f"{path}: a Parquet file needs an id column: set id_column")
-    if label_column == id_column:
-        raise DataError(f"{path}: label_column and id_column are both {id_column!r}")
-    classes = check_classes(classes, "parquet")
+    classes = check_table_settings(path, "a Parquet file", id_column, label_column, classes, "parquet")
     try:
         table = pa.parquet.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as e:

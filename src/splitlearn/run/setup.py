@@ -26,7 +26,7 @@ from ..models import build_segment
 from ..privacy import defenses
 
 __all__ = ["Step", "Splits", "schedule", "PartySetup", "setup_party", "check_plan", "prepare", "make_optimizer",
-           "party_table", "party_inputs", "splits_for", "party_device", "build_modules", "data_spec", "with_file",
+           "party_table", "party_inputs", "splits_for", "party_device", "build_modules", "data_spec", "with_file", "party_file",
            "holds_data", "counted_splits", "ids_digest"]
 
 
@@ -109,6 +109,15 @@ def with_file(spec: DataSpec, path: str | Path) -> DataSpec:
     if kind in ("csv", "parquet") and not keep.get("id_column"):
         keep["id_column"] = "id"  # a table from elsewhere: its ids in a column named "id"
     return DataSpec(dataset=kind, path=str(file), test_fraction=spec.test_fraction, **keep)
+
+
+def party_file(plan: Plan, party: str, path: str | Path) -> DataSpec:
+    """A party's rows from ``path`` (``--data``), read with its own data settings (a per-client
+    ``{client}`` path is replaced)."""
+    base = plan.parties[party].data or plan.data
+    if base.path and "{client}" in base.path:
+        base = base.model_copy(update={"path": None})
+    return with_file(base, path)
 
 
 def _data_entry(plan: Plan, party: str, given: bool) -> str:
