@@ -170,13 +170,9 @@ class Context:
         """A turn's steps; with per-client data an evaluation runs on the evaluating client's own test rows."""
         if self.tests is None or turn.mode != "eval":
             return turn.steps
-        from .schedule import _steps
-        from ..data import batches
+        from .schedule import eval_steps
 
-        t, rows = plan.train, self.tests[client]
-        epoch = turn.steps[0].epoch if turn.steps else 0
-        return _steps([rows[b] for b in batches(len(rows), t.eval_batch_size, t.seed, epoch, shuffle=False)],
-                      "eval", epoch)
+        return eval_steps(plan, self.tests[client], turn.steps[0].epoch if turn.steps else 0)
 
 
 @dataclass
@@ -349,23 +345,23 @@ class Role:
         peers = ({client} | fixed) - {self.name} if self.plays != t else fixed
         tag = f"{self.ids_hash}/turn-{turn.index}"  # in every hello of this turn (the hello compares it)
 
+        def turn_of(data: bytes) -> str | None:
+            """The turn tag of a hello (None: no readable hello)."""
+            if m.kind_of(data) != Kind.HELLO:
+                return None
+            try:
+                return m.read_hello(m.decode(data, self.limits), self.limits).get("ids_hash")
+            except WireError:
+                return None
+
         def keep(peer: str, data: bytes) -> bool:
             """A peer's hello for this very turn may have come before we got here; the rest is stale."""
-            if peer not in peers or m.kind_of(data) != Kind.HELLO:
-                return False
-            try:
-                return m.read_hello(m.decode(data, self.limits), self.limits).get("ids_hash") == tag
-            except WireError:
-                return False
+            return peer in peers and turn_of(data) == tag
 
         def defer(peer: str, data: bytes) -> bool:
             """Another turn's hello (the next one's can come while this one says goodbye): it waits."""
-            if m.kind_of(data) != Kind.HELLO:
-                return False
-            try:
-                return m.read_hello(m.decode(data, self.limits), self.limits).get("ids_hash") != tag
-            except WireError:
-                return False
+            found = turn_of(data)
+            return found is not None and found != tag
 
         view = self.switch.session(self.plays, {} if self.plays == t else {t: client}, keep, peers, defer)
         link = Link(view, self.link.meter if turn.mode == "train" else self.eval_meter, self.limits)

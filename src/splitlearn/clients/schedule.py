@@ -96,6 +96,13 @@ def rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[
     return strategy_of(plan.clients).rounds(plan, shares, test_rows)
 
 
+def eval_steps(plan: Plan, test_rows: np.ndarray, epoch: int) -> tuple:
+    """An evaluation turn's steps over ``test_rows``, in order."""
+    t = plan.train
+    return _steps([test_rows[b] for b in batches(len(test_rows), t.eval_batch_size, t.seed, epoch, shuffle=False)],
+                  "eval", epoch)
+
+
 class _Batches:
     """The batches and evaluation turns every schedule draws from, numbered alike at every party."""
 
@@ -112,9 +119,8 @@ class _Batches:
         return Turn(next(self.turn_ids), r, mode, client, _steps(rows, mode, epoch))
 
     def evals(self, r: int, epoch: int, clients: list[int | None]) -> tuple[Turn, ...]:
-        t = self.plan.train
-        test = [self.test_rows[b] for b in batches(len(self.test_rows), t.eval_batch_size, t.seed, epoch, shuffle=False)]
-        return tuple(self.turn(r, "eval", c, test, epoch) for c in clients)
+        steps = eval_steps(self.plan, self.test_rows, epoch)
+        return tuple(Turn(next(self.turn_ids), r, "eval", c, steps) for c in clients)
 
 
 def epoch_rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray, *,

@@ -88,7 +88,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     try:
         given = None
         if data is not None:
-            from .setup import data_spec, holds_data, with_file
+            from .setup import holds_data, party_file
 
             if plays is None or not holds_data(plan, plays):
                 raise PlanError(f"party {name!r} holds no data, so it takes no --data", entry="--data",
@@ -100,8 +100,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
                     raise PlanError("this plan shares one dataset among its clients, so a client cannot bring its "
                                     "own file", entry=f"parties.{plays}.data", hint='give the template\'s data a '
                                     'path with {client} (e.g. path = "data/{client}.csv") to let each client read its own')
-            base = data_spec(plan, plays, client)
-            given = with_file(base, data)
+            given = party_file(plan, plays, data)
         setup = setup_party(plan, plays, data=given, client=client) if plays is not None else None
         # plan and data errors before connecting
     except PlanError as e:

@@ -102,16 +102,18 @@ def session(party: Party, ids_hash: str = "", setup: Any = None) -> Iterator[Non
     def deadline() -> float | None:  # the hello, like the goodbye, has one deadline however much arrives
         return None if party.timeout is None else time.monotonic() + party.timeout
 
-    def exchange(phase: str, ids: str, rows: tuple[int, int] | None, schema: dict | None) -> None:
+    def exchange(phase: str, ids: str, rows: tuple[int, int] | None, counts: bool) -> None:
+        """One round of hellos; ``counts``: they carry the row counts (``rows`` None: ours, learnt
+        from the first neighbour that tells, are told on only then)."""
         ours = {"protocol": PROTOCOL_VERSION, "plan_hash": plan_hash(party.graph.plan), "ids_hash": ids}
         sent = False
 
         def say() -> None:
             for p in neighbours:
-                link.send(hello(me, p, ours["plan_hash"], ids, rows=list(rows) if rows else None, schema=schema,
+                link.send(hello(me, p, ours["plan_hash"], ids, rows=list(rows) if rows else None,
                                 phase=phase if phase != "hello" else None))
 
-        if rows is not None or setup is None or phase == "hello" and psi:
+        if rows is not None or not counts:
             say()
             sent = True
         heard: set[str] = set()
@@ -142,7 +144,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None) -> Iterator[Non
                                          " (both must run the same plan file with the same --epochs/--seed)"
                                          if key == "plan_hash" else _ids_hint(party, ids)))
             told = theirs.get("rows")
-            if setup is not None and told is not None and not (phase == "hello" and psi):
+            if counts and told is not None:
                 if not (isinstance(told, list) and len(told) == 2 and all(isinstance(v, int) and v >= 0 for v in told)):
                     link.refuse(msg.sender, f"a hello with rows {quote(told)}: expected [train, test] counts")
                     continue
@@ -161,19 +163,17 @@ def session(party: Party, ids_hash: str = "", setup: Any = None) -> Iterator[Non
 
     try:
         held = setup.rows if setup is not None and setup.table is not None else None
-        schema = setup.schema() if setup is not None else None
-        exchange("hello", "" if psi else ids_hash, None if psi else held, schema)
+        # counts travel in the first hello, or (psi) in a second one once the rows are aligned
+        exchange("hello", "" if psi else ids_hash, None if psi else held, setup is not None and not psi)
         if psi:
             from .align import align_psi
 
             kept = align_psi(link, party.graph, me, setup.table.ids if setup.table is not None else None,
                              timeout=party.timeout, keep=later.append)
             if kept is not None:
-                before = len(setup.table)
                 setup.restrict(kept)
-                setup.alignment = {"held": before, "aligned": len(kept)}
                 party.data = setup.inputs
-            exchange("rows", setup.ids_hash, setup.rows if setup.table is not None else None, None)
+            exchange("rows", setup.ids_hash, setup.rows if setup.table is not None else None, True)
         for msg in later:
             party.keep_early(msg, -2)  # before the handshake (step -1)
         party.step(-1, None, "handshake")

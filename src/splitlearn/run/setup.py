@@ -112,12 +112,8 @@ def with_file(spec: DataSpec, path: str | Path) -> DataSpec:
 
 
 def party_file(plan: Plan, party: str, path: str | Path) -> DataSpec:
-    """A party's rows from ``path`` (``--data``), read with its own data settings (a per-client
-    ``{client}`` path is replaced)."""
-    base = plan.parties[party].data or plan.data
-    if base.path and "{client}" in base.path:
-        base = base.model_copy(update={"path": None})
-    return with_file(base, path)
+    """A party's rows from ``path`` (``--data``), read with its own data settings."""
+    return with_file(plan.parties[party].data or plan.data, path)
 
 
 def _data_entry(plan: Plan, party: str, given: bool) -> str:
@@ -277,6 +273,7 @@ class PartySetup:
     def restrict(self, ids: np.ndarray) -> None:
         """Keep only the rows of ``ids`` (private alignment): splits, preprocessing and inputs again."""
         assert self.table is not None
+        self.alignment = {"held": len(self.table), "aligned": len(ids)}
         self.derive(self.table.align(np.sort(ids)))
 
     def count(self, train: int, test: int) -> None:

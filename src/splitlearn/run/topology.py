@@ -14,6 +14,7 @@ one earlier in the plan (nearer the data) dials. Clients dial.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -161,8 +162,7 @@ def physical_setups(plan: Plan, topo: Topology, prepared: dict[str, PartySetup],
                 out[n] = setup_party(plan, plays, client=n, data=data.get(n) if data else None)
                 continue
             mods = build_modules(plan, plays, list(t.modules))
-            out[n] = PartySetup(plan, t.graph, plays, mods, make_optimizer(plan, plays, mods), t.inputs, t.splits,
-                                t.table, t.preprocess, t.skip, t.fixed_preprocess, t.options)
+            out[n] = dataclasses.replace(t, modules=mods, optimizer=make_optimizer(plan, plays, mods))
         else:
             out[n] = prepared[plays]
     return out

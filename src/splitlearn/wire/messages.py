@@ -194,7 +194,7 @@ def decode(data: bytes, limits: Limits = Limits()) -> Message:
 
 def hello(sender: str, receiver: str, plan_hash: str, ids_hash: str, **more: Any) -> Message:
     """The first message of a session: what both sides must agree on (``more``: the rows the
-    sender holds, ``[train, test]``, and their schema, for a session over its own data)."""
+    sender holds, ``[train, test]``, for a session over its own data; ``phase``: a later hello)."""
     return Message(Kind.HELLO, sender, receiver, text=json.dumps(
         {"protocol": PROTOCOL_VERSION, "plan_hash": plan_hash, "ids_hash": ids_hash,
          **{k: v for k, v in more.items() if v is not None}}))
