@@ -519,6 +519,8 @@ class Follower(Role):
             if self.fault is not None:
                 self.fault(self, {"do": cmd.do, "request": cmd.request, **cmd.args})
             if cmd.do == "stop":
+                if cmd.args.get("reason"):  # the run was stopped for a reason that concerns us all
+                    raise PartyError(f"{self.name}: {self.coordinator} stopped the run: {str(cmd.args['reason'])[:600]}")
                 return
             if time.time() > cmd.deadline:
                 log.info("%s: dropping a command that is past its deadline: %s", self.name, quote(cmd.do))
@@ -666,9 +668,9 @@ class Coordinator(Role):
                 first = (c, schema)
             elif schema != first[1]:
                 problem = schema_difference(first[1], schema, first[0], c)
-                for p in self.clients:
+                for p in [*others, *self.clients]:  # every party stops, naming the problem
                     try:
-                        self.link.send(Message(Kind.ERROR, self.name, p, text=f"{self.name} stopped the run: {problem}"))
+                        self._command(p, do="stop", reason=problem)
                     except TransportError:
                         pass
                 raise PlanError(problem, entry=f"parties.{self.spec.template}.data",
