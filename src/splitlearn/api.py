@@ -92,7 +92,7 @@ class Result(dict):
 
 def train(plan: Plan | str | Path | dict, *, epochs: int | None = None, seed: int | None = None,
           out: str | Path | None = None, on_step: Callable[[Progress], None] | None = None,
-          timeout: float | None = None, log: str | None = None) -> Result:
+          timeout: float | None = None, log: str | None = None, resume: bool = False) -> Result:
     """Train a plan with every party in this process; return (and with ``out``, write) the :class:`Result`.
 
     Where the plan names a network, a plan built in Python may give an ``nn.Module`` (each
@@ -102,22 +102,26 @@ def train(plan: Plan | str | Path | dict, *, epochs: int | None = None, seed: in
     ``[clients]``: every round), with the training loss. ``timeout`` bounds each step (default
     600 s; with ``[clients]``, ``clients.timeout``, which also bounds each answer of the schedule).
     ``out`` receives ``result.json``, ``plan.json`` and per party ``parties/NAME/``: its weights
-    (safetensors), what it received (for ``splitlearn audit``) and its report. ``log`` streams
+    (safetensors), what it received (for ``splitlearn audit``), its report and its checkpoints
+    (``[train] checkpoint_every`` training steps, and every epoch's end); ``resume`` goes on from
+    the last checkpoint every party holds there, to the same weights as a run never stopped. ``log`` streams
     the metrics to ``"tensorboard[:DIR]"`` or ``"mlflow[:URI]"`` (see :mod:`splitlearn.run.tracking`).
     """
     plan, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
-    return train_prepared(plan, setups, shapes, out=out, on_step=on_step, timeout=timeout, log=log)
+    return train_prepared(plan, setups, shapes, out=out, on_step=on_step, timeout=timeout, log=log, resume=resume)
 
 
 def train_prepared(plan: Plan, setups: dict, shapes: dict, *, out: str | Path | None = None,
                    on_step: Callable[[Progress], None] | None = None, timeout: float | None = None,
-                   faults: dict | None = None, log: str | None = None) -> Result:
+                   faults: dict | None = None, log: str | None = None, resume: bool = False) -> Result:
     """:func:`train` after :func:`~splitlearn.run.setup.prepare` (which checks the plan end to end)."""
     from .run.tracking import finish_tracking, parse_log
 
     tracking = parse_log(log, out) if log else None
+    if resume and out is None:
+        raise PlanError("resume needs the run folder (out) whose checkpoints to go on from", entry="--resume")
     reports = run_local(plan, setups, shapes, on_step=on_step, timeout=timeout, record=out is not None, faults=faults,
-                        tracking=tracking)
+                        tracking=tracking, out=out, resume=resume)
     result = Result(build_result(plan, reports, {"transport": "in-process"}), plan, reports)
     if out is not None:
         result.save(out)

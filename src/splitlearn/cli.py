@@ -122,6 +122,7 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         out: Optional[Path] = typer.Option(None, help="folder for result.json, plan.json and weights "
                                            "[default: runs/PLAN-NAME]"),
         force: bool = typer.Option(False, "--force", help="write over an --out folder that holds files"),
+        resume: bool = typer.Option(False, "--resume", help="go on from the last checkpoint every party holds in --out"),
         in_process: bool = typer.Option(False, "--in-process", help="simulate: every party in this process"),
         insecure: bool = typer.Option(False, "--insecure", help="no TLS between party processes (not recommended)"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
@@ -138,7 +139,12 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
     except PlanError as e:
         _fail(str(e))
     out = out or Path("runs") / plan.stem
-    _fresh(out, force)
+    if resume and force:
+        _fail("--resume goes on with the run in --out, --force replaces it: give one of them")
+    if not resume:
+        _fresh(out, force)
+    elif not (out / "parties").is_dir():
+        _fail(f"--resume: {out} holds no run to go on with (no parties/ folder)")
     if insecure and not in_process:
         err.print("[bold yellow]warning:[/] --insecure: parties talk without TLS; anyone on the network can read "
                   "and impersonate them")
@@ -156,13 +162,13 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
 
         try:
             if in_process:
-                result = train_prepared(p, setups, shapes, out=out, on_step=on_step, log=log)
+                result = train_prepared(p, setups, shapes, out=out, on_step=on_step, log=log, resume=resume)
             else:
                 from .run.processes import launch
 
                 del setups  # each party process builds its own
                 result = launch(plan, out, epochs=epochs, seed=seed, insecure=insecure, on_step=on_step, checked=p,
-                                log=log)
+                                log=log, resume=resume)
         except PlanError as e:
             _fail(str(e))
         except RunError as e:
@@ -205,7 +211,9 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
           log: Optional[str] = typer.Option(None, help="stream the metrics of the losses this party computes to "
                                             "tensorboard[:DIR] or mlflow[:URI]"),
           data: Optional[Path] = typer.Option(None, help="this party's own rows (.csv, .parquet, .npz, a folder of "
-                                              "images or MNIST files); wins over the plan's data settings")) -> None:
+                                              "images or MNIST files); wins over the plan's data settings"),
+          resume: bool = typer.Option(False, "--resume", help="go on from the last checkpoint in --out that every "
+                                      "party holds (start every party with --resume)")) -> None:
     """Run one party of PLAN on this machine, talking to its neighbours over gRPC."""
     from .run.processes import progress_line, run_one_party
     from .wire.messages import Limits
@@ -225,7 +233,8 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
                                out=out, epochs=epochs, seed=seed, connect_timeout=connect_timeout,
                                step_timeout=step_timeout, on_step=on_step if progress else None, dial_out=dial_out,
                                limits=Limits(message_bytes=int(max_message_mb * 2**20),
-                                             tensor_bytes=int(max_message_mb * 2**20)), log=log, data=data)
+                                             tensor_bytes=int(max_message_mb * 2**20)), log=log, data=data,
+                               resume=resume)
     except Exception as e:  # noqa: BLE001 - every failure of a party is reported the same way
         text = str(e) if isinstance(e, (PlanError, RunError, RuntimeError, OSError, ValueError)) else repr(e)
         if out is not None:

@@ -342,6 +342,8 @@ class TrainSpec(_Strict):
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(256, ge=1)
     seed: int = 0
+    # a checkpoint every this many training steps (and at every epoch's end) when the run has an --out folder
+    checkpoint_every: int | None = Field(None, ge=1)
 
 
 class PartitionSpec(_Strict):

@@ -24,13 +24,14 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
               on_step: Callable[[Progress], None] | None = None, timeout: float | None = None,
               record: bool = False, faults: dict[str, Callable] | None = None,
               steps: list[Step] | None = None, predicting: bool = False,
-              tracking: Any = None) -> dict[str, PartyReport]:
+              tracking: Any = None, out: Any = None, resume: bool = False) -> dict[str, PartyReport]:
     """Run ``plan`` (set up and checked by :func:`~splitlearn.run.setup.prepare`) with every
     physical party in a thread; their reports. ``on_step`` follows the lead party (a plain plan's
     loss party, the coordinator of a ``[clients]`` plan); ``timeout`` bounds each step; ``record``
     keeps what each party receives for the audit; ``faults`` (tests) are hooks of client roles;
     ``steps`` replace the plan's schedule (``predicting``: prediction steps, no labels anywhere);
-    ``tracking`` (a :class:`~splitlearn.run.tracking.LogSpec`) streams each loss party's metrics.
+    ``tracking`` (a :class:`~splitlearn.run.tracking.LogSpec`) streams each loss party's metrics;
+    ``out``: the run folder (checkpoints are taken there); ``resume``: from the last checkpoint.
 
     A party whose failure is data (a client) is reported by the coordinator and the run goes on;
     any other failure stops every party and raises :class:`RunError` naming the parties that
@@ -52,6 +53,10 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
             kw["fault"] = faults[n]
         if steps is not None:
             kw.update(steps=steps, predicting=predicting)
+        if out is not None and plan.clients is None:
+            kw.update(out=out, resume=resume)
+        elif resume:
+            kw["resume"] = resume
         parts[n] = physical_party(plan, n, held[n], hub.transport(n), shapes=shapes, timeout=timeout,
                                   record=record, tracking=tracking, **kw)
     reports: dict[str, PartyReport] = {}

@@ -63,12 +63,13 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
                   peers: dict[str, str] | None = None, out: Path | None = None, epochs: int | None = None,
                   seed: int | None = None, connect_timeout: float = 60.0, step_timeout: float | None = None,
                   on_step=None, dial_out: list[str] = (), limits: Limits | None = None,
-                  log: str | None = None, data: str | Path | None = None) -> PartyReport:
+                  log: str | None = None, data: str | Path | None = None, resume: bool = False) -> PartyReport:
     """Run physical party ``name`` of the plan in this process, over gRPC. ``certs=None`` means
     insecure. ``step_timeout`` bounds each step as a whole (default 120 s; with ``[clients]``,
     ``clients.timeout``); ``limits`` what a peer may make it hold; ``log`` where a party that
     computes a loss streams its metrics (``tensorboard[:DIR]``, ``mlflow[:URI]``); ``data`` this
-    party's own file (``--data``), instead of the plan's data settings."""
+    party's own file (``--data``), instead of the plan's data settings; ``resume``: go on from the
+    last checkpoint in ``out`` that every party holds."""
     from ..wire.transport.grpc import GrpcTransport
     from .tracking import parse_log
     from ..wire.transport.tls import load_credentials
@@ -115,8 +116,11 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     try:
         transport.wait_connected(connect_timeout)
         timeout = step_timeout if step_timeout is not None else (None if plan.clients else 120.0)
+        if resume and out is None:
+            raise PlanError("--resume needs the --out folder whose checkpoints to go on from", entry="--resume")
         part = physical_party(plan, name, setup, transport, timeout=timeout, record=out is not None, limits=limits,
-                              tracking=tracking)
+                              tracking=tracking, **({"out": out} if out is not None and plan.clients is None else {}),
+                              **({"resume": True} if resume else {}))
         report = part.run(on_step)
     finally:
         transport.close()
@@ -133,12 +137,13 @@ def _free_port() -> int:
 
 def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed: int | None = None,
            insecure: bool = False, timeout: float = 3600.0, on_step=None, checked: Plan | None = None,
-           log: str | None = None) -> dict:
+           log: str | None = None, resume: bool = False) -> dict:
     """``splitlearn run``: one process per physical party on loopback (mutual TLS with throw-away
     certificates unless ``insecure``); returns the merged result. Raises RunError naming each
     failed party whose failure ends the run (a client's is data: the coordinator reports it);
     Ctrl-C stops every process. ``checked``: the plan as already checked end to end by
-    :func:`~splitlearn.run.setup.prepare` (otherwise it is checked here first)."""
+    :func:`~splitlearn.run.setup.prepare` (otherwise it is checked here first); ``resume``: every
+    party goes on from the last checkpoint in ``out`` they all hold."""
     from ..wire.transport.tls import make_certs
 
     from .tracking import finish_tracking, parse_log
@@ -161,6 +166,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
             cmd = [sys.executable, "-m", "splitlearn", "party", str(plan_path), "--name", name, "--out", str(out),
                    "--listen", f"127.0.0.1:{ports[name]}", "--progress" if follow else "--quiet"]
             cmd += ["--insecure"] if insecure else ["--certs", certs]
+            cmd += ["--resume"] if resume else []
             for peer in (*topo.dials(name), *topo.accepts(name)):
                 cmd += ["--peer", f"{peer}=127.0.0.1:{ports[peer]}"]
             if epochs is not None:

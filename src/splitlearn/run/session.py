@@ -85,7 +85,8 @@ class _Epoch:
 
 
 @contextmanager
-def session(party: Party, ids_hash: str = "", setup: Any = None) -> Iterator[None]:
+def session(party: Party, ids_hash: str = "", setup: Any = None,
+            checkpoints: list[int] | None = None) -> Iterator[dict]:
     """Hello (protocol, plan and ids must match), a handshake step fixing wire shapes, then the
     caller's steps, then goodbye. A failure is sent to the neighbours before it is raised.
 
@@ -93,7 +94,12 @@ def session(party: Party, ids_hash: str = "", setup: Any = None) -> Iterator[Non
     Its hello tells how many rows it holds; a party without data learns them from the first hello
     that tells (and only then says hello itself, so the count travels on along the graph). With
     ``[data] align = "psi"``, the hello is followed by the private alignment
-    (:mod:`~splitlearn.run.align`) and a second hello with the aligned rows."""
+    (:mod:`~splitlearn.run.align`) and a second hello with the aligned rows.
+
+    ``checkpoints``: resume; the steps of the checkpoints this party holds. The neighbours tell
+    theirs, each party picks the last step it and all its neighbours hold, and a second hello
+    checks that they picked the same (naming both otherwise). Yields ``{"resume": step}`` (None:
+    from the start)."""
     link, me = party.link, party.name
     neighbours = party.graph.neighbours(me)
     psi = setup is not None and party.graph.plan.data.align == "psi"
@@ -102,16 +108,20 @@ def session(party: Party, ids_hash: str = "", setup: Any = None) -> Iterator[Non
     def deadline() -> float | None:  # the hello, like the goodbye, has one deadline however much arrives
         return None if party.timeout is None else time.monotonic() + party.timeout
 
-    def exchange(phase: str, ids: str, rows: tuple[int, int] | None, counts: bool) -> None:
+    def exchange(phase: str, ids: str, rows: tuple[int, int] | None, counts: bool, tell: dict | None = None,
+                 agree: dict | None = None) -> dict[str, dict]:
         """One round of hellos; ``counts``: they carry the row counts (``rows`` None: ours, learnt
-        from the first neighbour that tells, are told on only then)."""
-        ours = {"protocol": PROTOCOL_VERSION, "plan_hash": plan_hash(party.graph.plan), "ids_hash": ids}
+        from the first neighbour that tells, are told on only then); ``tell``: more to say;
+        ``agree``: more that must be equal on both sides. Each neighbour's hello, by name."""
+        ours = {"protocol": PROTOCOL_VERSION, "plan_hash": plan_hash(party.graph.plan), "ids_hash": ids,
+                **(agree or {})}
         sent = False
+        got: dict[str, dict] = {}
 
         def say() -> None:
             for p in neighbours:
                 link.send(hello(me, p, ours["plan_hash"], ids, rows=list(rows) if rows else None,
-                                phase=phase if phase != "hello" else None))
+                                phase=phase if phase != "hello" else None, **(agree or {}), **(tell or {})))
 
         if rows is not None or not counts:
             say()
@@ -142,7 +152,9 @@ def session(party: Party, ids_hash: str = "", setup: Any = None) -> Iterator[Non
                     raise PartyError(f"{me}: {key} differs from {quote(msg.sender)}'s: ours is {value!r}, "
                                      f"theirs is {quote(theirs.get(key))}" + (
                                          " (both must run the same plan file with the same --epochs/--seed)"
-                                         if key == "plan_hash" else _ids_hint(party, ids)))
+                                         if key == "plan_hash" else _ids_hint(party, ids) if key == "ids_hash" else
+                                         " (a checkpoint is used only when every party holds it)"
+                                         if key == "resume_from" else ""))
             told = theirs.get("rows")
             if counts and told is not None:
                 if not (isinstance(told, list) and len(told) == 2 and all(isinstance(v, int) and v >= 0 for v in told)):
@@ -156,15 +168,21 @@ def session(party: Party, ids_hash: str = "", setup: Any = None) -> Iterator[Non
                                      f"we {'hold' if setup.table is not None else 'were told'} {rows[0]} and "
                                      f"{rows[1]}" + _ids_hint(party, ids))
             heard.add(msg.sender)
+            got[msg.sender] = theirs
             if not sent and rows is not None:
                 say()
                 sent = True
         later.extend(pending)
+        return got
 
     try:
         held = setup.rows if setup is not None and setup.table is not None else None
         # counts travel in the first hello, or (psi) in a second one once the rows are aligned
-        exchange("hello", "" if psi else ids_hash, None if psi else held, setup is not None and not psi)
+        resuming = checkpoints is not None
+        heard = exchange("hello", "" if psi else ids_hash, None if psi else held, setup is not None and not psi,
+                         tell={"checkpoints": checkpoints} if resuming else None,
+                         agree={"resuming": True} if resuming else None)
+        resume = _pick_checkpoint(me, checkpoints, heard) if resuming else None
         if psi:
             from .align import align_psi
 
@@ -174,10 +192,21 @@ def session(party: Party, ids_hash: str = "", setup: Any = None) -> Iterator[Non
                 setup.restrict(kept)
                 party.data = setup.inputs
             exchange("rows", setup.ids_hash, setup.rows if setup.table is not None else None, True)
+        if resuming:  # the lowest pick spreads one hop a round: after as many rounds as parties, all agree
+            for r in range(len(party.graph.plan.parties) - 1):
+                picks = exchange(f"resume-{r}", "", None, False, tell={"pick": resume})
+                for peer, theirs in picks.items():
+                    if not isinstance(theirs.get("pick"), int):
+                        raise PartyError(f"{me}: {quote(peer)} sent no checkpoint step to resume from")
+                    resume = min(resume, theirs["pick"])
+            if resume >= 0 and resume not in checkpoints:
+                raise PartyError(f"{me}: the parties would resume after step {resume}, whose checkpoint this party "
+                                 f"does not hold (it holds {checkpoints})")
+            exchange("resume", "", None, False, agree={"resume_from": resume})
         for msg in later:
             party.keep_early(msg, -2)  # before the handshake (step -1)
         party.step(-1, None, "handshake")
-        yield
+        yield {"resume": None if resume is None or resume < 0 else resume}
         for p in neighbours:
             link.send(Message(Kind.STOP, me, p, text="done"))
         until = deadline()
@@ -194,6 +223,17 @@ def session(party: Party, ids_hash: str = "", setup: Any = None) -> Iterator[Non
             except Exception:  # noqa: BLE001 - the neighbour may be gone already
                 pass
         raise
+
+
+def _pick_checkpoint(me: str, ours: list[int], heard: dict[str, dict]) -> int:
+    """The last step this party and every neighbour hold a checkpoint of (-1: none in common)."""
+    common = set(ours)
+    for peer, theirs in heard.items():
+        held = theirs.get("checkpoints")
+        if not (isinstance(held, list) and all(isinstance(v, int) for v in held)):
+            raise PartyError(f"{me}: {quote(peer)} resumes without telling which checkpoints it holds")
+        common &= set(held)
+    return max(common) if common else -1
 
 
 def _ids_hint(party: Party, ids: str) -> str:
@@ -265,6 +305,17 @@ class _Metrics:
                                  epoch)
             self.acc[k] = _Epoch()
 
+    def state(self) -> dict:
+        """For a checkpoint after a training step (no evaluation pending)."""
+        assert not any(a.probs for a in self.acc.values()), "a checkpoint falls between evaluation steps"
+        return {"hist": self.hist, "steps": self.steps,
+                "acc": {k: [a.train_sum, a.train_n, a.test_sum, a.test_n, a.right] for k, a in self.acc.items()}}
+
+    def load(self, state: dict) -> None:
+        self.hist, self.steps = state["hist"], state["steps"]
+        for k, (ts, tn, vs, vn, right) in state["acc"].items():
+            self.acc[k] = _Epoch(ts, tn, vs, vn, right)
+
     def history(self) -> dict[str, dict[str, list]]:
         """Each loss's per-epoch lists, with ``train_loss_steps``: [step id, loss] pairs, sampled."""
         out = {}
@@ -277,19 +328,32 @@ class _Metrics:
 
 def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]],
               on_step: Callable[[Progress], None] | None = None, ids_hash: str = "", tracker: Any = None,
-              setup: Any = None) -> PartyReport:
+              setup: Any = None, checkpoints: Any = None, resume: bool = False) -> PartyReport:
     """Run a party through the schedule; collect the metrics of the losses it computes (and
     stream them to ``tracker``, a :class:`~splitlearn.run.tracking.Tracker`). ``steps`` may be
     a function giving them once the hello has told how many rows there are (``setup``: the
-    party's own data, see :func:`session`)."""
+    party's own data, see :func:`session`). ``checkpoints`` (a
+    :class:`~splitlearn.run.checkpoint.Checkpoints`): take one every ``every`` training steps and
+    at every epoch's end; ``resume``: go on from the last one every party holds."""
+    from .checkpoint import capture, restore
+
     epochs = party.graph.plan.train.epochs
     metrics = _Metrics(party, tracker)
     predictions: dict[str, list] = {}
     epoch = None
     timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0, "first_step_s": 0.0, "first_step_samples": 0}
-    with session(party, ids_hash, setup):
+    held = checkpoints.steps() if resume and checkpoints is not None else ([] if resume else None)
+    with session(party, ids_hash, setup, held) as info:
         steps = list(steps() if callable(steps) else steps)
-        for i, step in enumerate(steps):
+        start = 0
+        if info["resume"] is not None:  # the state after that step, as it was (accounting included)
+            tensors, manifest = checkpoints.load(info["resume"])
+            restore(party, tensors, manifest)
+            metrics.load(manifest["metrics"])
+            timing, epoch = manifest["timing"], manifest["epoch"]
+            start = next((i for i, st in enumerate(steps) if st.id > info["resume"]), len(steps))
+        for i in range(start, len(steps)):
+            step = steps[i]
             if epoch is not None and step.epoch != epoch:
                 metrics.close_epoch(epoch)
             epoch = step.epoch
@@ -306,10 +370,20 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
             if step.mode == "predict":
                 for k, v in out.predictions.items():
                     predictions.setdefault(k, []).append(v)
+            if checkpoints is not None and step.mode in ("train", "eval"):
+                last = i + 1 == len(steps) or steps[i + 1].epoch != step.epoch
+                every = checkpoints.every
+                if last or step.mode == "train" and every and timing["train_steps"] % every == 0:
+                    if last:  # the epoch is complete: its metrics go in the checkpoint
+                        metrics.close_epoch(epoch)
+                        epoch = None
+                    checkpoints.save(step.id, *capture(party, {"metrics": metrics.state(), "timing": timing,
+                                                               "epoch": epoch}))
             if on_step is not None:
                 loss = next(iter(out.losses.values()), None)
                 on_step(Progress(i + 1, len(steps), step.epoch, epochs, "step", loss, step.mode))
-    metrics.close_epoch(epoch or 0)
+    if epoch is not None:
+        metrics.close_epoch(epoch)
     report = PartyReport(party.name, metrics.history(), {**party.meter.summary(), **timing}, list(party.link.refused),
                          plays=party.name, modules=party.modules, predictions=predictions)
     report.privacy = defenses.privacy_spent(party.graph, party.name, timing["train_samples"], timing["train_steps"])

@@ -15,6 +15,7 @@ one earlier in the plan (nearer the data) dials. Clients dial.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -116,8 +117,14 @@ class _PlainParty:
 
     def __init__(self, setup: PartySetup, transport: Transport, *, shapes: dict | None, timeout: float | None,
                  record: bool, limits: Limits | None, steps: list[Step] | None = None, predicting: bool = False,
-                 tracking: Any = None):
-        self.setup, self.steps, self.tracking = setup, steps, tracking
+                 tracking: Any = None, out: Path | None = None, resume: bool = False):
+        self.setup, self.steps, self.tracking, self.resume = setup, steps, tracking, resume
+        self.checkpoints = None  # a run with an --out folder takes checkpoints there (never predictions)
+        if out is not None and steps is None:
+            from .checkpoint import Checkpoints
+
+            self.checkpoints = Checkpoints(Path(out) / "parties" / setup.name / "checkpoints",
+                                           setup.plan.train.checkpoint_every)
         self.party = Party(setup.graph, setup.name, Link(transport, limits=limits), setup.modules, setup.optimizer,
                            setup.inputs, dict(shapes or {}), timeout, predicting)
         if record:
@@ -137,7 +144,8 @@ class _PlainParty:
             return self.steps if self.steps is not None else list(schedule(s.plan, s.splits))
 
         try:
-            report = run_party(self.party, steps, progress, ids_hash=s.ids_hash, tracker=tracker, setup=s)
+            report = run_party(self.party, steps, progress, ids_hash=s.ids_hash, tracker=tracker, setup=s,
+                               checkpoints=self.checkpoints, resume=self.resume)
         finally:
             if tracker is not None:
                 tracker.close()
@@ -171,17 +179,22 @@ def physical_setups(plan: Plan, topo: Topology, prepared: dict[str, PartySetup],
 def physical_party(plan: Plan, name: str, setup: PartySetup | None, transport: Transport, *,
                    shapes: dict | None = None, timeout: float | None = None, record: bool = False,
                    limits: Limits | None = None, steps: list[Step] | None = None, predicting: bool = False,
-                   tracking: Any = None, **role: Any):
+                   tracking: Any = None, out: Path | None = None, resume: bool = False, **role: Any):
     """What physical party ``name`` runs over ``transport``; ``.run(progress)`` gives its report.
 
     ``timeout`` bounds each step (a client's: each step of its turns; ``clients.timeout`` bounds
     the schedule's answers); ``record`` keeps what it receives for the audit; ``steps`` replace
     the plan's schedule (prediction: ``predicting`` then); ``role``: more for a role of a
-    ``[clients]`` plan (its shared ``context``; ``fault``, a test hook)."""
+    ``[clients]`` plan (its shared ``context``; ``fault``, a test hook); ``out``: the run folder,
+    where checkpoints are taken; ``resume``: go on from the last checkpoint every party holds."""
     if plan.clients is None:
         setup = setup or setup_party(plan, name)
         return _PlainParty(setup, transport, shapes=shapes, timeout=600.0 if timeout is None else timeout,
-                           record=record, limits=limits, steps=steps, predicting=predicting, tracking=tracking)
+                           record=record, limits=limits, steps=steps, predicting=predicting, tracking=tracking,
+                           out=out, resume=resume)
+    if resume:
+        raise PlanError("--resume is not yet available for a plan with [clients]: its checkpoints would need the "
+                        "schedule's and the federation's state", entry="clients", hint="run it again from the start")
     if steps is not None:
         raise PlanError("a plan with [clients] runs its own schedule", entry="clients")
     from ..clients.roles import make_role

@@ -1,0 +1,163 @@
+"""Consistent checkpoints of a party: everything it needs to continue from a step boundary.
+
+A checkpoint holds the party's weights, optimizer state, random stream, codec state (error
+feedback), noise secret, accounting and metrics so far, and the step it was taken after. Every
+party takes one at the same step boundaries (``[train] checkpoint_every`` training steps, and at
+the end of every epoch), in ``parties/NAME/checkpoints/step-N/``: ``state.safetensors`` (tensors,
+no code) and ``manifest.json`` (the rest, with the SHA-256 of the tensors file). It is written
+to a temporary folder, flushed to disk and renamed, so a kill during the write leaves no
+checkpoint that looks whole; the last :data:`KEEP` are kept. On ``--resume`` the parties tell
+each other in the hello which steps they hold and continue from the last step all of them hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..core.engine import Party
+from ..wire.metering import Traffic
+
+__all__ = ["Checkpoints", "KEEP", "capture", "restore"]
+
+KEEP = 2
+FORMAT = "splitlearn-checkpoint-1"
+
+
+def capture(party: Party, extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, manifest) of a party's state after a step; ``extra``: the caller's own (metrics, timing)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for seg, mod in party.modules.items():
+        for k, v in mod.state_dict().items():
+            tensors[f"module.{seg}.{k}"] = v.detach().cpu().contiguous().clone()
+    optim: dict[str, Any] = {}
+    if party.optimizer is not None:
+        sd = party.optimizer.state_dict()
+        optim = {"param_groups": sd["param_groups"], "scalars": {}}
+        for pid, state in sd["state"].items():
+            for name, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous().clone()
+                else:
+                    optim["scalars"][f"{pid}.{name}"] = value
+    for name, value in party.rng.state().items():
+        tensors[f"rng.{name}"] = value.clone()
+    for (wire, kind), codec in party.encoders.items():
+        residual = getattr(codec, "residual", None)
+        if residual is not None:
+            tensors[f"codec.{wire}.{int(kind)}.residual"] = residual.detach().cpu().contiguous().clone()
+    meter = party.meter
+    manifest = {
+        "format": FORMAT, "party": party.name, "optimizer": optim, "noise_secret": str(party.noise_secret),
+        "meter": {"sent": [[w, d, t.messages, t.bytes, t.payload] for (w, d), t in meter.sent.items()],
+                  "received": [[w, d, t.messages, t.bytes, t.payload] for (w, d), t in meter.received.items()],
+                  "flops_forward": meter.flops_forward, "flops_backward": meter.flops_backward,
+                  "compute_s": meter.compute_s, "wait_s": meter.wait_s},
+        **extra,
+    }
+    return tensors, manifest
+
+
+def restore(party: Party, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+    """Put a party back in the state :func:`capture` saw."""
+    for seg, mod in party.modules.items():
+        prefix = f"module.{seg}."
+        mod.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    if party.optimizer is not None:
+        o = manifest["optimizer"]
+        state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+        for k, v in o.get("scalars", {}).items():
+            pid, name = k.split(".", 1)
+            state.setdefault(int(pid), {})[name] = v
+        party.optimizer.load_state_dict({"state": state, "param_groups": o["param_groups"]})
+    party.rng.load({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")})
+    for (wire, kind), codec in party.encoders.items():
+        key = f"codec.{wire}.{int(kind)}.residual"
+        if hasattr(codec, "residual"):
+            codec.residual = tensors[key].clone() if key in tensors else None
+    party.noise_secret = int(manifest["noise_secret"])
+    m, meter = manifest["meter"], party.meter
+    meter.sent = {(w, d): Traffic(n, b, p) for w, d, n, b, p in m["sent"]}
+    meter.received = {(w, d): Traffic(n, b, p) for w, d, n, b, p in m["received"]}
+    meter.flops_forward, meter.flops_backward = m["flops_forward"], m["flops_backward"]
+    meter.compute_s, meter.wait_s = m["compute_s"], m["wait_s"]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Checkpoints:
+    """A party's checkpoint folder: ``every`` training steps (None: at epoch ends only)."""
+
+    folder: Path
+    every: int | None = None
+
+    def save(self, step: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self.folder / f"step-{step:09d}"
+        tmp = self.folder / f".step-{step:09d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(tensors, str(tmp / "state.safetensors"))
+        with open(tmp / "state.safetensors", "rb+") as f:
+            os.fsync(f.fileno())
+        body = {**manifest, "step": step, "tensors_sha256": _sha256(tmp / "state.safetensors")}
+        with open(tmp / "manifest.json", "w") as f:
+            json.dump(body, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(self.folder)
+        for old in self.steps()[:-KEEP]:
+            shutil.rmtree(self.folder / f"step-{old:09d}", ignore_errors=True)
+        return final
+
+    def steps(self) -> list[int]:
+        """The steps of the whole checkpoints held (a torn or damaged one is not listed), ascending."""
+        if not self.folder.is_dir():
+            return []
+        out = []
+        for d in self.folder.glob("step-*"):
+            try:
+                step = int(d.name[5:])
+                body = json.loads((d / "manifest.json").read_text())
+                if body.get("format") != FORMAT or body.get("step") != step:
+                    continue
+                if _sha256(d / "state.safetensors") != body.get("tensors_sha256"):
+                    continue
+            except (ValueError, OSError):
+                continue
+            out.append(step)
+        return sorted(out)
+
+    def load(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        d = self.folder / f"step-{step:09d}"
+        return load_file(str(d / "state.safetensors")), json.loads((d / "manifest.json").read_text())

@@ -1,0 +1,132 @@
+"""Checkpoints and resume: a run stopped anywhere (an error, or every process killed with
+SIGKILL) and started again with resume ends with the weights, metrics and bytes of a run never
+stopped; a checkpoint torn by a kill during its write is never used."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import splitlearn
+from splitlearn.core.load import load_plan
+from splitlearn.run.checkpoint import Checkpoints
+
+from .conftest import EXAMPLES
+from .test_randomness import _plan as dropout_plan
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_after(n: int):
+    seen = {"k": 0}
+
+    def on_step(pr) -> None:
+        seen["k"] += 1
+        if seen["k"] == n:
+            raise Stop(f"stopped after {n} steps")
+
+    return on_step
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for folder in sorted((run / "parties").iterdir()):
+        f = folder / "weights.safetensors"
+        if f.is_file():
+            out.update({f"{folder.name}/{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def _same_run(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and wa
+    assert max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa) == 0.0
+    ra, rb = (json.loads((r / "result.json").read_text()) for r in (a, b))
+    assert ra["metrics"]["test_accuracy_per_epoch"] == rb["metrics"]["test_accuracy_per_epoch"]
+    assert ra["metrics"]["train_loss"] == rb["metrics"]["train_loss"]
+    for p in ra["parties"]:
+        assert ra["parties"][p]["bytes_sent"] == rb["parties"][p]["bytes_sent"], p
+        assert ra["parties"][p]["flops"] == rb["parties"][p]["flops"], p
+
+
+@pytest.mark.parametrize("example", ["vanilla", "u_shaped", "multi_hop", "dropout"])
+def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, example):
+    plan = dropout_plan(tmp_path) if example == "dropout" else EXAMPLES / f"{example}.toml"
+    body = load_plan(plan).with_train(epochs=2, checkpoint_every=7)
+    splitlearn.train(body, out=tmp_path / "a")
+    with pytest.raises(Exception, match="stopped after 30 steps"):
+        splitlearn.train(body, out=tmp_path / "b", on_step=_stop_after(30))
+    held = Checkpoints(tmp_path / "b" / "parties" / next(iter(body.parties)) / "checkpoints").steps()
+    assert len(held) == 2 and max(held) < 30  # the last two, both before the stop
+    splitlearn.train(body, out=tmp_path / "b", resume=True)
+    _same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_torn_checkpoint_is_never_used(tmp_path):
+    body = load_plan(EXAMPLES / "vanilla.toml").with_train(epochs=2, checkpoint_every=5)
+    splitlearn.train(body, out=tmp_path / "a")
+    with pytest.raises(Exception, match="stopped"):
+        splitlearn.train(body, out=tmp_path / "b", on_step=_stop_after(40))
+    ck = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints")
+    older, latest = ck.steps()
+    state = ck.folder / f"step-{latest:09d}" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a kill in the middle of the write
+    (ck.folder / f".step-{latest + 5:09d}.tmp").mkdir()  # and one that never got its rename
+    assert ck.steps() == [older]
+    splitlearn.train(body, out=tmp_path / "b", resume=True)  # the hospital holds both: they agree on the older
+    _same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_parties_holding_different_checkpoints_agree_on_the_last_they_all_hold(tmp_path):
+    body = load_plan(EXAMPLES / "multi_hop.toml").with_train(epochs=2, checkpoint_every=5)
+    splitlearn.train(body, out=tmp_path / "a")
+    with pytest.raises(Exception, match="stopped"):
+        splitlearn.train(body, out=tmp_path / "b", on_step=_stop_after(40))
+    first = next(iter(body.parties))  # the party at one end of the chain lost its latest checkpoint
+    ck = Checkpoints(tmp_path / "b" / "parties" / first / "checkpoints")
+    import shutil
+
+    shutil.rmtree(ck.folder / f"step-{ck.steps()[-1]:09d}")
+    splitlearn.train(body, out=tmp_path / "b", resume=True)
+    _same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_every_party_process_killed_with_sigkill_then_resumed(tmp_path):
+    plan = tmp_path / "plan.toml"
+    plan.write_text((EXAMPLES / "vanilla.toml").read_text().replace("seed = 0", "seed = 0\ncheckpoint_every = 5", 1))
+    cli = [sys.executable, "-m", "splitlearn", "run", str(plan), "--epochs", "2", "-q"]
+    subprocess.run([*cli, "--out", str(tmp_path / "a")], check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen([*cli, "--out", str(tmp_path / "b")], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints")
+    deadline = time.monotonic() + 120
+    while len(ck.steps()) < 2 and time.monotonic() < deadline:  # mid-epoch: after the second checkpoint
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (tmp_path / "b" / "result.json").exists()
+    done = subprocess.run([*cli, "--out", str(tmp_path / "b"), "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    _same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_resume_without_a_run_folder_is_a_clear_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from splitlearn.cli import app
+
+    r = CliRunner().invoke(app, ["run", str(EXAMPLES / "vanilla.toml"), "--out", str(tmp_path / "none"), "--resume"])
+    assert r.exit_code != 0 and "holds no run to go on with" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, ["run", str(EXAMPLES / "vanilla.toml"), "--out", str(tmp_path), "--resume", "--force"])
+    assert r.exit_code != 0 and "give one of them" in " ".join(r.output.split())
