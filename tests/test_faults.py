@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import splitlearn
 from splitlearn.core.load import load_plan
+from splitlearn.core.plan import plan_hash
 from splitlearn.run.checkpoint import Checkpoints
 
 from .conftest import EXAMPLES
@@ -67,7 +68,8 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, example):
     splitlearn.train(body, out=tmp_path / "a")
     with pytest.raises(Exception, match="stopped after 30 steps"):
         splitlearn.train(body, out=tmp_path / "b", on_step=_stop_after(30))
-    held = Checkpoints(tmp_path / "b" / "parties" / next(iter(body.parties)) / "checkpoints").steps()
+    held = Checkpoints(tmp_path / "b" / "parties" / next(iter(body.parties)) / "checkpoints",
+                       plan_hash=plan_hash(body)).steps()
     assert len(held) == 2 and max(held) < 30  # the last two, both before the stop
     splitlearn.train(body, out=tmp_path / "b", resume=True)
     _same_run(tmp_path / "a", tmp_path / "b")
@@ -78,7 +80,7 @@ def test_a_torn_checkpoint_is_never_used(tmp_path):
     splitlearn.train(body, out=tmp_path / "a")
     with pytest.raises(Exception, match="stopped"):
         splitlearn.train(body, out=tmp_path / "b", on_step=_stop_after(40))
-    ck = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints")
+    ck = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints", plan_hash=plan_hash(body))
     older, latest = ck.steps()
     state = ck.folder / f"step-{latest:09d}" / "state.safetensors"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a kill in the middle of the write
@@ -94,7 +96,7 @@ def test_parties_holding_different_checkpoints_agree_on_the_last_they_all_hold(t
     with pytest.raises(Exception, match="stopped"):
         splitlearn.train(body, out=tmp_path / "b", on_step=_stop_after(40))
     first = next(iter(body.parties))  # the party at one end of the chain lost its latest checkpoint
-    ck = Checkpoints(tmp_path / "b" / "parties" / first / "checkpoints")
+    ck = Checkpoints(tmp_path / "b" / "parties" / first / "checkpoints", plan_hash=plan_hash(body))
     import shutil
 
     shutil.rmtree(ck.folder / f"step-{ck.steps()[-1]:09d}")
@@ -109,7 +111,8 @@ def test_every_party_process_killed_with_sigkill_then_resumed(tmp_path):
     subprocess.run([*cli, "--out", str(tmp_path / "a")], check=True, capture_output=True, timeout=300)
     proc = subprocess.Popen([*cli, "--out", str(tmp_path / "b")], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ck = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints")
+    ck = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints",
+                     plan_hash=plan_hash(load_plan(plan).with_train(epochs=2)))
     deadline = time.monotonic() + 120
     while len(ck.steps()) < 2 and time.monotonic() < deadline:  # mid-epoch: after the second checkpoint
         time.sleep(0.05)
@@ -130,3 +133,20 @@ def test_resume_without_a_run_folder_is_a_clear_error(tmp_path):
     assert r.exit_code != 0 and "holds no run to go on with" in " ".join(r.output.split())
     r = CliRunner().invoke(app, ["run", str(EXAMPLES / "vanilla.toml"), "--out", str(tmp_path), "--resume", "--force"])
     assert r.exit_code != 0 and "give one of them" in " ".join(r.output.split())
+
+
+def test_a_new_run_clears_an_earlier_runs_checkpoints_and_resume_ignores_another_plans(tmp_path):
+    body = load_plan(EXAMPLES / "vanilla.toml").with_train(epochs=2, checkpoint_every=5)
+    splitlearn.train(body, out=tmp_path / "a")
+    folder = tmp_path / "a" / "parties" / "server" / "checkpoints"
+    assert Checkpoints(folder, plan_hash=plan_hash(body)).steps()
+    other = body.with_train(seed=3)  # another plan (hash): its run may not go on from these
+    assert Checkpoints(folder, plan_hash=plan_hash(other)).steps() == []
+    splitlearn.train(other, out=tmp_path / "a", resume=True)  # nothing in common: from the start
+    splitlearn.train(other, out=tmp_path / "b")  # (only the resume's hellos add bytes)
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa) == 0.0
+    short = body.with_train(epochs=1)
+    splitlearn.train(short, out=tmp_path / "a")  # from the start: only its own checkpoints are left
+    assert sorted(p.name for p in folder.iterdir()) == [f"step-{s:09d}" for s in
+                                                       Checkpoints(folder, plan_hash=plan_hash(short)).steps()]

@@ -117,6 +117,11 @@ class Checkpoints:
 
     folder: Path
     every: int | None = None
+    plan_hash: str = ""  # only checkpoints of this plan are listed (set by the party that takes them)
+
+    def clear(self) -> None:
+        """A run from the start: an earlier run's checkpoints must never be taken for this one's."""
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -127,7 +132,8 @@ class Checkpoints:
         save_file(tensors, str(tmp / "state.safetensors"))
         with open(tmp / "state.safetensors", "rb+") as f:
             os.fsync(f.fileno())
-        body = {**manifest, "step": step, "tensors_sha256": _sha256(tmp / "state.safetensors")}
+        body = {**manifest, "step": step, "plan_hash": self.plan_hash,
+                "tensors_sha256": _sha256(tmp / "state.safetensors")}
         with open(tmp / "manifest.json", "w") as f:
             json.dump(body, f)
             f.flush()
@@ -141,7 +147,8 @@ class Checkpoints:
         return final
 
     def steps(self) -> list[int]:
-        """The steps of the whole checkpoints held (a torn or damaged one is not listed), ascending."""
+        """The steps of the whole checkpoints of this plan held (a torn or damaged one is not
+        listed), ascending."""
         if not self.folder.is_dir():
             return []
         out = []
@@ -149,7 +156,7 @@ class Checkpoints:
             try:
                 step = int(d.name[5:])
                 body = json.loads((d / "manifest.json").read_text())
-                if body.get("format") != FORMAT or body.get("step") != step:
+                if body.get("format") != FORMAT or body.get("step") != step or body.get("plan_hash") != self.plan_hash:
                     continue
                 if _sha256(d / "state.safetensors") != body.get("tensors_sha256"):
                     continue

@@ -342,6 +342,10 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     predictions: dict[str, list] = {}
     epoch = None
     timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0, "first_step_s": 0.0, "first_step_samples": 0}
+    if checkpoints is not None:
+        checkpoints.plan_hash = plan_hash(party.graph.plan)
+        if not resume:
+            checkpoints.clear()
     held = checkpoints.steps() if resume and checkpoints is not None else ([] if resume else None)
     with session(party, ids_hash, setup, held) as info:
         steps = list(steps() if callable(steps) else steps)
