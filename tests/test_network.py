@@ -78,7 +78,8 @@ def test_parties_started_in_reverse_order_still_train(tmp_path):
 
 
 def test_killing_one_party_ends_the_others_with_an_error(tmp_path):
-    plan = EXAMPLES / "vanilla.toml"
+    plan = tmp_path / "vanilla.toml"  # the hospital waits 3 s for the server to come back, then gives up
+    plan.write_text((EXAMPLES / "vanilla.toml").read_text().replace("seed = 0", "seed = 0\nreconnect_timeout = 3", 1))
     names = list(load_plan(plan).parties)
     make_certs(names, tmp_path / "certs")
     ports = {n: _free_port() for n in names}
@@ -95,6 +96,7 @@ def test_killing_one_party_ends_the_others_with_an_error(tmp_path):
     assert hospital.returncode == 1
     error = json.loads((tmp_path / "out" / "parties" / "hospital" / "error.json").read_text())["error"]
     assert "server" in error
+    assert "did not come back within 3 s" in error and "the last step both parties finished" in error
 
 
 def test_run_exit_status_and_error_of_a_failed_party(tmp_path):

@@ -344,6 +344,8 @@ class TrainSpec(_Strict):
     seed: int = 0
     # a checkpoint every this many training steps (and at every epoch's end) when the run has an --out folder
     checkpoint_every: int | None = Field(None, ge=1)
+    # seconds a party waits for a peer whose link broke to come back (over gRPC) before it stops
+    reconnect_timeout: float = Field(180.0, ge=0.0)
 
 
 class PartitionSpec(_Strict):

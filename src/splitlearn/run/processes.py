@@ -111,7 +111,8 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     creds = load_credentials(certs, name) if certs is not None else None
     transport = GrpcTransport(name, listen=ends.listen, dial=ends.dial, accept=ends.accept, credentials=creds,
                               connect_timeout=connect_timeout, max_message_bytes=limits.message_bytes,
-                              expendable=[p for p in (*ends.dial, *ends.accept) if p in topo.expendable])
+                              expendable=[p for p in (*ends.dial, *ends.accept) if p in topo.expendable],
+                              reconnect_timeout=plan.train.reconnect_timeout)
     transport.start()
     try:
         transport.wait_connected(connect_timeout)

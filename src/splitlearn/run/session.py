@@ -362,7 +362,11 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                 metrics.close_epoch(epoch)
             epoch = step.epoch
             t0 = time.perf_counter()
-            out = party.step(step.id, step.rows, step.mode)
+            try:
+                out = party.step(step.id, step.rows, step.mode)
+            except TransportError as e:  # a peer gone for good (after waiting for it to come back)
+                raise PartyError(f"{party.name}: {e} (during step {step.id}; the last step both parties finished: "
+                                 f"{steps[i - 1].id if i else 'none'})") from None
             if step.mode == "train":
                 dt = time.perf_counter() - t0
                 if not timing["train_steps"]:  # includes one-off work: FLOP counting, allocator warm-up

@@ -18,14 +18,26 @@ ends them. When a peer's stream ends without a goodbye (error, cancellation, pro
 ``recv`` raises :class:`TransportClosed` right after that peer's earlier buffers. After a goodbye
 it does so only once no other peer is still connected, so a party still finishing with a third
 party is not stopped by a neighbour that is done (the runner's goodbye phase).
+
+With ``reconnect_timeout`` a stream that breaks is not the end: the dialing side dials again with
+backoff, the listening side takes the peer back, and what was sent meanwhile, or sent and not
+acknowledged before the break, is sent again. Frames carry a sequence number per direction
+(``D`` + seq + bytes), the receiver acknowledges each (``A`` + seq) and drops those it already
+has; each new stream begins with ``S`` + the sender's incarnation + the last seq it received, so
+both sides know where to go on. A peer that does not come back within the timeout is lost
+(:class:`TransportClosed`, naming it); one that comes back as a new process (another
+incarnation) starts its streams from scratch and is reported as :class:`PeerRestarted`.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import secrets
+import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,7 +46,7 @@ import grpc
 from .base import Transport, TransportClosed, TransportError, TransportTimeout
 from .tls import Credentials
 
-__all__ = ["METHOD", "PARTY_HEADER", "GrpcTransport"]
+__all__ = ["METHOD", "PARTY_HEADER", "GrpcTransport", "PeerRestarted"]
 
 log = logging.getLogger("splitlearn.wire.transport.grpc")
 
@@ -50,8 +62,40 @@ _CLOSED = object()  # in the inbox: this transport is closed
 class _Lost:
     """In the inbox: the stream to ``peer`` is gone."""
 
-    def __init__(self, peer: str, reason: str):
-        self.peer, self.reason = peer, reason
+    def __init__(self, peer: str, reason: str, restarted: bool = False):
+        self.peer, self.reason, self.restarted = peer, reason, restarted
+
+
+class PeerRestarted(TransportClosed):
+    """A peer came back as a new process: what it held (and what it was sent) is gone."""
+
+    def __init__(self, peer: str, message: str):
+        self.peer = peer
+        super().__init__(message)
+
+
+_DATA, _ACK, _SYNC = b"D", b"A", b"S"
+_SEQ = struct.Struct("<Q")
+MAX_UNACKED_BYTES = 1 << 30  # what a party keeps for a peer that has not acknowledged it
+
+
+class _Peer:
+    """One peer's side of the resumable link: sequence numbers both ways, what is not acknowledged."""
+
+    def __init__(self) -> None:
+        self.sent = 0  # last seq assigned to a frame for the peer
+        self.unacked: deque[tuple[int, bytes]] = deque()
+        self.unacked_bytes = 0
+        self.received = 0  # last seq delivered from the peer
+        self.incarnation: bytes | None = None  # the peer's, from its first SYNC
+        self.lost_at: float | None = None  # when its stream broke (None: connected, or never)
+        self.lost_why = ""
+        self.synced = False  # its SYNC came on the current stream: frames may go out
+        self.gone = False  # it did not come back in time
+
+    def ack(self, upto: int) -> None:
+        while self.unacked and self.unacked[0][0] <= upto:
+            self.unacked_bytes -= len(self.unacked.popleft()[1])
 
 
 def _why(e: BaseException) -> str:
@@ -67,8 +111,11 @@ class GrpcTransport(Transport):
     def __init__(self, party: str, *, listen: str | None = None, dial: dict[str, str] | None = None,
                  accept: Iterable[str] = (), credentials: Credentials | None = None,
                  connect_timeout: float = 60.0, max_message_bytes: int = 256 * 2**20,
-                 expendable: Iterable[str] = ()):
+                 expendable: Iterable[str] = (), reconnect_timeout: float = 0.0):
         self.party, self.listen, self.dial = party, listen, dict(dial or {})
+        self.reconnect_timeout = reconnect_timeout  # seconds a broken stream may take to come back
+        self.incarnation = secrets.token_bytes(8)  # this process's streams, told to peers in every SYNC
+        self._peers: dict[str, _Peer] = {}
         self.expendable = frozenset(expendable)  # peers whose lost connection is logged, not raised
         self.accept, self.credentials = frozenset(accept), credentials
         self.connect_timeout, self.max_message_bytes = connect_timeout, max_message_bytes
@@ -172,15 +219,40 @@ class GrpcTransport(Transport):
 
     # -- streams --------------------------------------------------------------------------------
     def _attach(self, peer: str, out: queue.Queue) -> bool:
+        """A new stream to ``peer``: it begins with our SYNC; what we send waits for theirs."""
         with self._cond:
             if self._closed.is_set() or peer in self._out:
                 return False
+            st = self._peers.setdefault(peer, _Peer())
+            st.synced = False
             self._out[peer] = out
+            out.put(_SYNC + self.incarnation + _SEQ.pack(st.received))
             self._seen.add(peer)
             self._problem.pop(peer, None)
             self._cond.notify_all()
         log.info("%s: connected to %s", self.party, peer)
         return True
+
+    def _synced(self, peer: str, out: queue.Queue, incarnation: bytes, upto: int) -> None:
+        """The peer's SYNC: drop what it has, send again what it lacks (in order), then go on."""
+        restarted = False
+        with self._cond:
+            st = self._peers[peer]
+            if st.incarnation is not None and st.incarnation != incarnation:  # a new process: from scratch
+                restarted = True
+                st.sent = st.received = st.unacked_bytes = 0
+                st.unacked.clear()
+                upto = 0
+            st.incarnation = incarnation
+            st.ack(upto)
+            for _, frame in st.unacked:
+                out.put(frame)
+            st.synced, st.lost_at = True, None
+            self._cond.notify_all()
+        if restarted:
+            log.warning("%s: %s came back as a new process", self.party, peer)
+            self._inbox.put(_Lost(peer, f"{peer} restarted (a new process): the session with it begins again",
+                                  restarted=True))
 
     def _detach(self, peer: str, out: queue.Queue, reason: str, clean: bool) -> None:
         out.put(_END)
@@ -191,25 +263,65 @@ class GrpcTransport(Transport):
             self._cond.notify_all()
             if self._closed.is_set():
                 return
-            if not clean or not self._out:
+            st = self._peers.get(peer)
+            if not clean and self.reconnect_timeout > 0 and st is not None:  # it may come back
+                st.synced, st.lost_at, st.lost_why = False, time.monotonic(), reason
+                lost_at = st.lost_at
+                threading.Thread(target=self._await_return, args=(peer, lost_at), name=f"sl-await-{peer}",
+                                 daemon=True).start()
+                if peer in self.dial:
+                    threading.Thread(target=self._dial, args=(peer, self.dial[peer], self.reconnect_timeout),
+                                     name=f"sl-redial-{peer}", daemon=True).start()
+            elif not clean or not self._out:
                 self._inbox.put(_Lost(peer, reason))
         log.log(logging.INFO if clean else logging.WARNING, "%s: connection to %s ended: %s", self.party, peer, reason)
+
+    def _await_return(self, peer: str, lost_at: float) -> None:
+        """A peer whose stream broke has ``reconnect_timeout`` seconds to come back."""
+        self._closed.wait(self.reconnect_timeout)
+        with self._cond:
+            st = self._peers[peer]
+            if self._closed.is_set() or st.lost_at != lost_at:
+                return  # closing, or it came back (and may have broken again: that break has its own wait)
+            st.gone = True
+            self._inbox.put(_Lost(peer, f"{st.lost_why}; it did not come back within {self.reconnect_timeout:g} s"))
 
     def _pump(self, peer: str, out: queue.Queue, incoming: Iterator[bytes]) -> None:
         """Move the peer's buffers to the inbox until its goodbye or the end of its stream."""
         try:
+            synced = False
             for data in incoming:
                 if data == _BYE:
                     return self._detach(peer, out, f"{peer} closed the connection", clean=True)
+                kind = data[:1]
+                if kind == _SYNC and len(data) == 17 and not synced:
+                    self._synced(peer, out, data[1:9], _SEQ.unpack_from(data, 9)[0])
+                    synced = True
+                    continue
+                if not synced or kind not in (_DATA, _ACK) or len(data) < 9 or kind == _ACK and len(data) != 9:
+                    raise TransportError(f"a frame the link protocol does not have ({len(data)} bytes)")
+                seq = _SEQ.unpack_from(data, 1)[0]
+                st = self._peers[peer]
+                if kind == _ACK:
+                    with self._cond:
+                        st.ack(seq)
+                    continue
+                if seq <= st.received:
+                    continue  # sent again after a reconnection: we have it
+                if seq != st.received + 1:
+                    raise TransportError(f"frame {seq} after frame {st.received}: frames were lost")
+                payload = data[9:]
                 with self._space:  # a peer sending faster than this party reads waits (gRPC flow control)
-                    while self._queued.get(peer, 0) and self._queued[peer] + len(data) > self.hard_limit \
+                    while self._queued.get(peer, 0) and self._queued[peer] + len(payload) > self.hard_limit \
                             and not self._closed.is_set():
                         self._space.wait(0.5)
-                    self._queued[peer] = self._queued.get(peer, 0) + len(data)
-                self._inbox.put((peer, data))
+                    self._queued[peer] = self._queued.get(peer, 0) + len(payload)
+                st.received = seq
+                self._inbox.put((peer, payload))
+                out.put(_ACK + _SEQ.pack(seq))
             reason = "the stream ended without a goodbye"
         except Exception as e:  # noqa: BLE001 - grpc.RpcError and anything else ends the stream
-            reason = _why(e)
+            reason = str(e) if isinstance(e, TransportError) else _why(e)
         # gRPC ends a stream that carried a message over its hard limit either with RESOURCE_EXHAUSTED or, depending
         # on timing, as a plain end of stream: the hint goes with every unclean end, as a possible cause.
         reason = (f"the stream from {peer} broke ({reason}); the peer's process may have stopped, the link dropped, "
@@ -240,11 +352,12 @@ class GrpcTransport(Transport):
         threading.Thread(target=self._pump, args=(peer, out, requests), name=f"sl-recv-{peer}", daemon=True).start()
         yield from self._drain(out)
 
-    def _dial(self, peer: str, addr: str) -> None:
-        """Client side: connect to ``peer`` with backoff until ``connect_timeout``, then stream."""
+    def _dial(self, peer: str, addr: str, timeout: float | None = None) -> None:
+        """Client side: connect to ``peer`` with backoff until ``connect_timeout`` (a redial:
+        ``timeout``), then stream."""
         channel = self._channels[peer]
         connect = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
-        deadline, delay = time.monotonic() + self.connect_timeout, 0.05
+        deadline, delay = time.monotonic() + (self.connect_timeout if timeout is None else timeout), 0.05
         ready = grpc.channel_ready_future(channel)  # one subscription: gRPC's poller races with close otherwise
         while not self._closed.is_set() and (left := deadline - time.monotonic()) > 0:
             try:
@@ -277,7 +390,8 @@ class GrpcTransport(Transport):
             delay = min(2 * delay, 2.0)
         ready.cancel()
         with self._cond:
-            self._failed[peer] = self._problem.get(peer, "transport closed")
+            if timeout is None:  # a redial that gives up is reported by _await_return
+                self._failed[peer] = self._problem.get(peer, "transport closed")
             self._cond.notify_all()
 
     # -- the Transport interface -----------------------------------------------------------------
@@ -292,14 +406,22 @@ class GrpcTransport(Transport):
         if dst == self.party:
             self._inbox.put((dst, bytes(data)))
             return
+        if dst not in self.dial and dst not in self.accept:
+            raise TransportError(f"{self.party}: no party {dst!r} to send to (peers: "
+                                 f"{sorted(set(self.dial) | self.accept)})")
         with self._cond:
-            out = self._out.get(dst)
-        if out is None:
-            if dst not in self.dial and dst not in self.accept:
-                raise TransportError(f"{self.party}: no party {dst!r} to send to (peers: "
-                                     f"{sorted(set(self.dial) | self.accept)})")
-            raise TransportError(f"{self.party}: not connected to {dst!r}")
-        out.put(bytes(data))
+            out, st = self._out.get(dst), self._peers.get(dst)
+            if st is None or st.gone or (out is None and not self.reconnect_timeout):
+                raise TransportError(f"{self.party}: not connected to {dst!r}")
+            st.sent += 1
+            frame = _DATA + _SEQ.pack(st.sent) + bytes(data)
+            # kept until acknowledged: sent on the peer's SYNC if it has not come yet, and again after a reconnection
+            if st.unacked_bytes + len(frame) > MAX_UNACKED_BYTES:
+                raise TransportError(f"{self.party}: {dst!r} has not acknowledged {st.unacked_bytes} bytes")
+            st.unacked.append((st.sent, frame))
+            st.unacked_bytes += len(frame)
+            if out is not None and st.synced:
+                out.put(frame)
 
     def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -314,6 +436,8 @@ class GrpcTransport(Transport):
             if isinstance(item, _Lost):
                 if item.peer in self.expendable:  # e.g. a client of a schedule: it is skipped, not fatal
                     continue
+                if item.restarted:
+                    raise PeerRestarted(item.peer, f"connection to {item.peer!r}: {item.reason}")
                 raise TransportClosed(f"connection to {item.peer!r} lost: {item.reason}")
             if item[0] != self.party:
                 with self._space:
@@ -327,6 +451,9 @@ class GrpcTransport(Transport):
         with self._cond:
             if self._closed.is_set():
                 return
+            deadline = time.monotonic() + grace  # what waits for a peer's SYNC goes out before the goodbye
+            while any(not self._peers[p].synced for p in self._out) and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
             self._closed.set()
             for out in self._out.values():
                 out.put(_BYE)
