@@ -22,7 +22,15 @@ from splitlearn.core.plan import plan_hash
 from splitlearn.run.checkpoint import Checkpoints
 
 from .conftest import EXAMPLES
-from .test_randomness import _plan as dropout_plan
+from .test_randomness import DROPOUT, PLAN
+
+
+def dropout_plan(folder: Path) -> Path:
+    """The Dropout plan of test_randomness, its factory module under a name of its own (one module
+    name is one module in a process)."""
+    (folder / "fault_nets.py").write_text(DROPOUT)
+    (folder / "dropout.toml").write_text(PLAN.replace("dropout_nets:", "fault_nets:"))
+    return folder / "dropout.toml"
 
 
 class Stop(Exception):
