@@ -158,3 +158,53 @@ def test_a_new_run_clears_an_earlier_runs_checkpoints_and_resume_ignores_another
     splitlearn.train(short, out=tmp_path / "a")  # from the start: only its own checkpoints are left
     assert sorted(p.name for p in folder.iterdir()) == [f"step-{s:09d}" for s in
                                                        Checkpoints(folder, plan_hash=plan_hash(short)).steps()]
+
+
+def _party_cmd(plan: Path, name: str, certs: Path, ports: dict[str, int], out: Path, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "splitlearn", "party", str(plan), "--name", name, "--certs", str(certs),
+           "--listen", f"127.0.0.1:{ports[name]}", "--out", str(out), "-q", *extra]
+    return cmd + [a for peer, port in ports.items() if peer != name for a in ("--peer", f"{peer}=127.0.0.1:{port}")]
+
+
+@pytest.mark.parametrize("example, victim", [("vanilla", "server"), ("u_shaped", "hospital"), ("multi_hop", "relay_1")])
+def test_one_party_killed_and_restarted_with_resume_while_the_others_wait(tmp_path, example, victim):
+    """SIGKILL one party process mid-epoch; its neighbours wait for it; started again with --resume it
+    goes back to the last checkpoint every party holds, they go back with it, and the run ends with
+    the weights of a run never stopped."""
+    from splitlearn.wire.transport.tls import make_certs
+
+    plan = tmp_path / f"{example}.toml"
+    plan.write_text((EXAMPLES / f"{example}.toml").read_text().replace("seed = 0", "seed = 0\ncheckpoint_every = 4", 1))
+    body = load_plan(plan).with_train(epochs=2)
+    reference = splitlearn.train(body)
+    names = list(body.parties)
+    make_certs(names, tmp_path / "certs")
+    ports = {}
+    for n in names:
+        with __import__("socket").socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports[n] = s.getsockname()[1]
+    out = tmp_path / "run"
+    from splitlearn.run.allocator import math_threads
+
+    # the math threads `splitlearn run` gives parties sharing this machine (as in-process runs use)
+    env = {**os.environ, "OMP_NUM_THREADS": str(math_threads(len(names)))}
+    procs = {n: subprocess.Popen(_party_cmd(plan, n, tmp_path / "certs", ports, out, "--epochs", "2"), env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in names}
+    ck = Checkpoints(out / "parties" / victim / "checkpoints", plan_hash=plan_hash(body))
+    deadline = time.monotonic() + 120
+    while len([s for s in ck.steps() if s >= 0]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    procs[victim].kill()  # SIGKILL, mid-epoch
+    procs[victim].wait(timeout=30)
+    time.sleep(1)
+    procs[victim] = subprocess.Popen(_party_cmd(plan, victim, tmp_path / "certs", ports, out, "--epochs", "2",
+                                                "--resume"), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+    errors = {n: p.communicate(timeout=240)[1].decode() for n, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), errors
+    ref = {f"{p}/{seg}.{k}": v for p, mods in reference.modules.items() for seg, m in mods.items()
+           for k, v in m.state_dict().items()}
+    got = _weights(out)
+    assert ref.keys() == got.keys()
+    assert max((ref[k].double() - got[k].double()).abs().max().item() for k in ref) == 0.0

@@ -50,6 +50,15 @@ class PartyError(RuntimeError):
     """A party cannot go on (a peer stopped, a timeout, a refused message of ours)."""
 
 
+class SessionRestart(Exception):
+    """A neighbour began its session again (it went back to a checkpoint): so must this party.
+    ``hello`` is that neighbour's new hello."""
+
+    def __init__(self, hello: Message):
+        self.hello = hello
+        super().__init__(f"{hello.sender} began its session again")
+
+
 def merge_inputs(how: str, module: nn.Module, xs: list[torch.Tensor]) -> torch.Tensor:
     """Run a segment on its inputs: concatenated on the feature dimension, summed, or as arguments."""
     if len(xs) == 1:
@@ -121,6 +130,13 @@ class Party:
                             and data[n].numel()}
         self.observer: Callable[[str, str, "StepState", torch.Tensor], None] | None = None
         self.finished: set[str] = set()  # neighbours that said they are done
+        self.restartable = False  # a neighbour's new hello mid-run restarts the session (it has checkpoints)
+
+    def restart(self) -> None:
+        """Forget what the session held (messages kept early, goodbyes) before it begins again."""
+        self._early.clear()
+        self._held.clear()
+        self.finished.clear()
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -316,6 +332,8 @@ class Party:
                 raise PartyError(f"{self.name}: party {quote(msg.sender)} finished while step {st.step} still waits for it")
             return
         self.raise_if_stopped(msg)
+        if msg.kind == Kind.HELLO and self.restartable and msg.sender in self.graph.neighbours(self.name):
+            raise SessionRestart(msg)
         if msg.kind not in (Kind.ACTIVATION, Kind.GRADIENT):
             self.link.refuse(msg.sender, f"unexpected {msg.kind.name} message during step {st.step}", msg.step)
             return

@@ -7,6 +7,7 @@ and the privacy its noise spent. A turn of a horizontal client is the same sessi
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,14 +16,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..core import losses
-from ..core.engine import Party, PartyError, StepOutput
+from ..core.engine import Party, PartyError, SessionRestart, StepOutput
 from ..core.plan import PlanError, plan_hash
 from ..privacy import defenses
 from ..wire.codec import WireError
 from ..wire.link import Link
 from ..wire.messages import PROTOCOL_VERSION, Kind, Message, hello, quote, read_hello
-from ..wire.transport import TransportError, TransportTimeout
+from ..wire.transport import PeerRestarted, TransportError, TransportTimeout
 from .setup import Step
+
+log = logging.getLogger("splitlearn.run.session")
 
 __all__ = ["RunError", "PartyReport", "Progress", "session", "run_party"]
 
@@ -86,7 +89,7 @@ class _Epoch:
 
 @contextmanager
 def session(party: Party, ids_hash: str = "", setup: Any = None,
-            checkpoints: list[int] | None = None) -> Iterator[dict]:
+            checkpoints: list[int] | None = None, first: list[Message] = ()) -> Iterator[dict]:
     """Hello (protocol, plan and ids must match), a handshake step fixing wire shapes, then the
     caller's steps, then goodbye. A failure is sent to the neighbours before it is raised.
 
@@ -103,7 +106,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
     link, me = party.link, party.name
     neighbours = party.graph.neighbours(me)
     psi = setup is not None and party.graph.plan.data.align == "psi"
-    later: list[Message] = []  # messages of a later phase that came early
+    later: list[Message] = list(first)  # messages of a later phase that came early (or began a restart)
 
     def deadline() -> float | None:  # the hello, like the goodbye, has one deadline however much arrives
         return None if party.timeout is None else time.monotonic() + party.timeout
@@ -135,6 +138,8 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
                              f"{party.timeout} s")
             party.raise_if_stopped(msg)
             if msg.kind != Kind.HELLO or msg.sender not in neighbours:
+                if phase == "hello" and msg.sender in neighbours and msg.sender not in heard and msg.kind != Kind.ERROR:
+                    continue  # before a neighbour's hello: its earlier session's, stale
                 later.append(msg)
                 continue
             try:
@@ -216,6 +221,8 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
             party.raise_if_stopped(msg)
             if msg.kind == Kind.STOP:
                 party.finished.add(msg.sender)
+    except (SessionRestart, PeerRestarted):
+        raise  # begun again by run_party: nobody is told to stop
     except (PartyError, PlanError, TransportError) as e:
         for p in neighbours:
             try:
@@ -250,6 +257,7 @@ def _recv(link: Link, deadline: float | None, why: str) -> Message:
         raise PartyError(why) from None
 
 
+MAX_RESTARTS = 20  # sessions begun again after a neighbour went back to a checkpoint, per run
 STEP_POINTS = 500  # train loss per step: at most this many points are kept (evenly sampled)
 
 
@@ -338,58 +346,80 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     from .checkpoint import capture, restore
 
     epochs = party.graph.plan.train.epochs
-    metrics = _Metrics(party, tracker)
-    predictions: dict[str, list] = {}
-    epoch = None
-    timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0, "first_step_s": 0.0, "first_step_samples": 0}
     if checkpoints is not None:
         checkpoints.plan_hash = plan_hash(party.graph.plan)
         if not resume:
             checkpoints.clear()
-    held = checkpoints.steps() if resume and checkpoints is not None else ([] if resume else None)
-    with session(party, ids_hash, setup, held) as info:
-        steps = list(steps() if callable(steps) else steps)
-        start = 0
-        if info["resume"] is not None:  # the state after that step, as it was (accounting included)
-            tensors, manifest = checkpoints.load(info["resume"])
-            restore(party, tensors, manifest)
-            metrics.load(manifest["metrics"])
-            timing, epoch = manifest["timing"], manifest["epoch"]
-            start = next((i for i, st in enumerate(steps) if st.id > info["resume"]), len(steps))
-        for i in range(start, len(steps)):
-            step = steps[i]
-            if epoch is not None and step.epoch != epoch:
-                metrics.close_epoch(epoch)
-            epoch = step.epoch
-            t0 = time.perf_counter()
-            try:
-                out = party.step(step.id, step.rows, step.mode)
-            except TransportError as e:  # a peer gone for good (after waiting for it to come back)
-                raise PartyError(f"{party.name}: {e} (during step {step.id}; the last step both parties finished: "
-                                 f"{steps[i - 1].id if i else 'none'})") from None
-            if step.mode == "train":
-                dt = time.perf_counter() - t0
-                if not timing["train_steps"]:  # includes one-off work: FLOP counting, allocator warm-up
-                    timing["first_step_s"], timing["first_step_samples"] = dt, len(step.rows)
-                timing["train_s"] += dt
-                timing["train_samples"] += len(step.rows)
-                timing["train_steps"] += 1
-            metrics.add(step, out)
-            if step.mode == "predict":
-                for k, v in out.predictions.items():
-                    predictions.setdefault(k, []).append(v)
-            if checkpoints is not None and step.mode in ("train", "eval"):
-                last = i + 1 == len(steps) or steps[i + 1].epoch != step.epoch
-                every = checkpoints.every
-                if last or step.mode == "train" and every and timing["train_steps"] % every == 0:
-                    if last:  # the epoch is complete: its metrics go in the checkpoint
+        party.restartable = True
+    first: list[Message] = []  # a neighbour's new hello that began a restart
+    todo: list[Step] | None = None
+    for attempt in range(MAX_RESTARTS + 1):
+        metrics = _Metrics(party, tracker)
+        predictions: dict[str, list] = {}
+        epoch = None
+        timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0, "first_step_s": 0.0, "first_step_samples": 0}
+        held = checkpoints.steps() if resume and checkpoints is not None else ([] if resume else None)
+        try:
+            with session(party, ids_hash, setup, held, first) as info:
+                if todo is None:
+                    todo = list(steps() if callable(steps) else steps)
+                start = 0
+                if info["resume"] is not None:  # the state after that step, as it was (accounting included)
+                    tensors, manifest = checkpoints.load(info["resume"])
+                    restore(party, tensors, manifest)
+                    metrics.load(manifest["metrics"])
+                    timing, epoch = manifest["timing"], manifest["epoch"]
+                    start = next((i for i, st in enumerate(todo) if st.id > info["resume"]), len(todo))
+                elif checkpoints is not None:  # the state before the first step: a restart can go back to it
+                    checkpoints.save(-1, *capture(party, {"metrics": metrics.state(), "timing": timing,
+                                                          "epoch": None}))
+                for i in range(start, len(todo)):
+                    step = todo[i]
+                    if epoch is not None and step.epoch != epoch:
                         metrics.close_epoch(epoch)
-                        epoch = None
-                    checkpoints.save(step.id, *capture(party, {"metrics": metrics.state(), "timing": timing,
-                                                               "epoch": epoch}))
-            if on_step is not None:
-                loss = next(iter(out.losses.values()), None)
-                on_step(Progress(i + 1, len(steps), step.epoch, epochs, "step", loss, step.mode))
+                    epoch = step.epoch
+                    t0 = time.perf_counter()
+                    try:
+                        out = party.step(step.id, step.rows, step.mode)
+                    except (PeerRestarted, SessionRestart):
+                        raise
+                    except TransportError as e:  # a peer gone for good (after waiting for it to come back)
+                        raise PartyError(f"{party.name}: {e} (during step {step.id}; the last step both parties "
+                                         f"finished: {todo[i - 1].id if i else 'none'})") from None
+                    if step.mode == "train":
+                        dt = time.perf_counter() - t0
+                        if not timing["train_steps"]:  # includes one-off work: FLOP counting, allocator warm-up
+                            timing["first_step_s"], timing["first_step_samples"] = dt, len(step.rows)
+                        timing["train_s"] += dt
+                        timing["train_samples"] += len(step.rows)
+                        timing["train_steps"] += 1
+                    metrics.add(step, out)
+                    if step.mode == "predict":
+                        for k, v in out.predictions.items():
+                            predictions.setdefault(k, []).append(v)
+                    if checkpoints is not None and step.mode in ("train", "eval"):
+                        last = i + 1 == len(todo) or todo[i + 1].epoch != step.epoch
+                        every = checkpoints.every
+                        if last or step.mode == "train" and every and timing["train_steps"] % every == 0:
+                            if last:  # the epoch is complete: its metrics go in the checkpoint
+                                metrics.close_epoch(epoch)
+                                epoch = None
+                            checkpoints.save(step.id, *capture(party, {"metrics": metrics.state(), "timing": timing,
+                                                                       "epoch": epoch}))
+                    if on_step is not None:
+                        loss = next(iter(out.losses.values()), None)
+                        on_step(Progress(i + 1, len(todo), step.epoch, epochs, "step", loss, step.mode))
+            break
+        except (PeerRestarted, SessionRestart) as e:
+            if checkpoints is None:
+                raise PartyError(f"{party.name}: {e}, and this party keeps no checkpoints to go back to "
+                                 "(give it an --out folder)") from None
+            if attempt == MAX_RESTARTS:
+                raise PartyError(f"{party.name}: the session began again {MAX_RESTARTS} times; giving up") from None
+            log.warning("%s: %s; going back to the last checkpoint every party holds", party.name, e)
+            first = [e.hello] if isinstance(e, SessionRestart) else []
+            party.restart()
+            resume = True
     if epoch is not None:
         metrics.close_epoch(epoch)
     report = PartyReport(party.name, metrics.history(), {**party.meter.summary(), **timing}, list(party.link.refused),

@@ -1,6 +1,6 @@
 """Transports move bytes between parties; see :mod:`.base` for the interface."""
 
-from .base import Transport, TransportClosed, TransportError, TransportTimeout
+from .base import PeerRestarted, Transport, TransportClosed, TransportError, TransportTimeout
 from .inprocess import InProcessHub, InProcessTransport
 
-__all__ = ["Transport", "TransportError", "TransportClosed", "TransportTimeout", "InProcessHub", "InProcessTransport"]
+__all__ = ["PeerRestarted", "Transport", "TransportError", "TransportClosed", "TransportTimeout", "InProcessHub", "InProcessTransport"]

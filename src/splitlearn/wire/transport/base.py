@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-__all__ = ["Transport", "TransportError", "TransportClosed", "TransportTimeout"]
+__all__ = ["Transport", "TransportError", "TransportClosed", "TransportTimeout", "PeerRestarted"]
 
 
 class TransportError(RuntimeError):
@@ -23,6 +23,14 @@ class TransportClosed(TransportError):
 
 class TransportTimeout(TransportError):
     """Nothing arrived within the timeout."""
+
+
+class PeerRestarted(TransportClosed):
+    """A peer came back as a new process: what it held (and what it was sent) is gone."""
+
+    def __init__(self, peer: str, message: str):
+        self.peer = peer
+        super().__init__(message)
 
 
 class Transport(ABC):

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from .base import Transport, TransportClosed, TransportError, TransportTimeout
+from .base import PeerRestarted, Transport, TransportClosed, TransportError, TransportTimeout
 from .tls import Credentials
 
 __all__ = ["METHOD", "PARTY_HEADER", "GrpcTransport", "PeerRestarted"]
@@ -64,14 +64,6 @@ class _Lost:
 
     def __init__(self, peer: str, reason: str, restarted: bool = False):
         self.peer, self.reason, self.restarted = peer, reason, restarted
-
-
-class PeerRestarted(TransportClosed):
-    """A peer came back as a new process: what it held (and what it was sent) is gone."""
-
-    def __init__(self, peer: str, message: str):
-        self.peer = peer
-        super().__init__(message)
 
 
 _DATA, _ACK, _SYNC = b"D", b"A", b"S"
