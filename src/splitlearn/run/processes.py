@@ -168,6 +168,8 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                    "--listen", f"127.0.0.1:{ports[name]}", "--progress" if follow else "--quiet"]
             cmd += ["--insecure"] if insecure else ["--certs", certs]
             cmd += ["--resume"] if resume else []
+            # every process imports torch before it connects: on few cores many take a while to start
+            cmd += ["--connect-timeout", str(max(60, 2 * len(topo.names)))]
             for peer in (*topo.dials(name), *topo.accepts(name)):
                 cmd += ["--peer", f"{peer}=127.0.0.1:{ports[peer]}"]
             if epochs is not None:

@@ -102,7 +102,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
     ``checkpoints``: resume; the steps of the checkpoints this party holds. The neighbours tell
     theirs, each party picks the last step it and all its neighbours hold, and a second hello
     checks that they picked the same (naming both otherwise). Yields ``{"resume": step}`` (None:
-    from the start)."""
+    no checkpoint in common, from the start; -1 is the checkpoint taken before the first step)."""
     link, me = party.link, party.name
     neighbours = party.graph.neighbours(me)
     psi = setup is not None and party.graph.plan.data.align == "psi"
@@ -201,17 +201,18 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
             for r in range(len(party.graph.plan.parties) - 1):
                 picks = exchange(f"resume-{r}", "", None, False, tell={"pick": resume})
                 for peer, theirs in picks.items():
-                    if not isinstance(theirs.get("pick"), int):
+                    pick = theirs.get("pick")
+                    if pick is not None and not isinstance(pick, int):
                         raise PartyError(f"{me}: {quote(peer)} sent no checkpoint step to resume from")
-                    resume = min(resume, theirs["pick"])
-            if resume >= 0 and resume not in checkpoints:
+                    resume = None if pick is None or resume is None else min(resume, pick)
+            if resume is not None and resume not in checkpoints:
                 raise PartyError(f"{me}: the parties would resume after step {resume}, whose checkpoint this party "
                                  f"does not hold (it holds {checkpoints})")
             exchange("resume", "", None, False, agree={"resume_from": resume})
         for msg in later:
             party.keep_early(msg, -2)  # before the handshake (step -1)
         party.step(-1, None, "handshake")
-        yield {"resume": None if resume is None or resume < 0 else resume}
+        yield {"resume": resume}
         for p in neighbours:
             link.send(Message(Kind.STOP, me, p, text="done"))
         until = deadline()
@@ -233,14 +234,14 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
 
 
 def _pick_checkpoint(me: str, ours: list[int], heard: dict[str, dict]) -> int:
-    """The last step this party and every neighbour hold a checkpoint of (-1: none in common)."""
+    """The last step this party and every neighbour hold a checkpoint of (None: none in common)."""
     common = set(ours)
     for peer, theirs in heard.items():
         held = theirs.get("checkpoints")
         if not (isinstance(held, list) and all(isinstance(v, int) for v in held)):
             raise PartyError(f"{me}: {quote(peer)} resumes without telling which checkpoints it holds")
         common &= set(held)
-    return max(common) if common else -1
+    return max(common) if common else None
 
 
 def _ids_hint(party: Party, ids: str) -> str:
@@ -370,6 +371,9 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                     metrics.load(manifest["metrics"])
                     timing, epoch = manifest["timing"], manifest["epoch"]
                     start = next((i for i, st in enumerate(todo) if st.id > info["resume"]), len(todo))
+                elif attempt:  # begun again, but there is nothing all parties hold to go back to
+                    raise PartyError(f"{party.name}: a neighbour began the session again, but no checkpoint is held "
+                                     "by every party")
                 elif checkpoints is not None:  # the state before the first step: a restart can go back to it
                     checkpoints.save(-1, *capture(party, {"metrics": metrics.state(), "timing": timing,
                                                           "epoch": None}))
