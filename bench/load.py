@@ -117,6 +117,11 @@ def main() -> None:
     for schedule, procs, seconds, ref_s, pss, acc, ref_acc, skipped in rows:
         lines.append(f"| {schedule} | {procs} | {seconds:.0f} | {seconds / n:.2f} | {ref_s:.0f} | {pss / 1024:.0f} "
                      f"| {pss / 1024 / max(procs, 1):.0f} | {acc:.4f} | {ref_acc:.4f} | {skipped} |")
+    per = max(r[4] / max(r[1], 1) for r in rows) / 1024
+    mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:")) / 2**20
+    lines += ["", f"Each process holds about {per:.0f} MiB of its own (torch alone, imported, is about 145 MiB of "
+              f"private memory): 100 clients and a server would need about {101 * per / 1024:.0f} GiB, and this "
+              f"machine has {mem:.0f} GiB."]
     lines += ["", "Where the time goes: each process imports torch and connects before the first turn "
               "(start-up dominates a one-epoch run); the turns themselves run one client at a time (sequential) or "
               "every client each round (SplitFed v2)."]

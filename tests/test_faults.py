@@ -124,8 +124,15 @@ def test_every_party_process_killed_with_sigkill_then_resumed(tmp_path):
     deadline = time.monotonic() + 120
     while len(ck.steps()) < 2 and time.monotonic() < deadline:  # mid-epoch: after the second checkpoint
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    victims = [proc.pid, *_descendants(proc.pid)]  # the launcher and every party process it started
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=30)
+    time.sleep(0.5)
+    assert not [p for p in victims[1:] if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]
     assert not (tmp_path / "b" / "result.json").exists()
     done = subprocess.run([*cli, "--out", str(tmp_path / "b"), "--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -158,6 +165,31 @@ def test_a_new_run_clears_an_earlier_runs_checkpoints_and_resume_ignores_another
     splitlearn.train(short, out=tmp_path / "a")  # from the start: only its own checkpoints are left
     assert sorted(p.name for p in folder.iterdir()) == [f"step-{s:09d}" for s in
                                                        Checkpoints(folder, plan_hash=plan_hash(short)).steps()]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (party processes start sessions of their own: no process group has them all)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
 
 
 def _party_cmd(plan: Path, name: str, certs: Path, ports: dict[str, int], out: Path, *extra: str) -> list[str]:
