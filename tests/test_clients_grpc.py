@@ -22,7 +22,7 @@ def test_ten_client_processes_complete_and_match_the_in_process_run(tmp_path):
     assert result["transport"] == "grpc+mtls"
     assert result["schedule"]["clients"] == 10 and not result["skipped"] and not result["failed_processes"]
     assert [p for p in result["parties"] if p.startswith("hospital-")] == [f"hospital-{k}" for k in range(1, 11)]
-    same = train(load_plan(plan).with_train(epochs=1))
+    same = train(load_plan(plan).with_train(epochs=1), out=tmp_path / "in-process")  # checkpoints, as the processes
     assert result["metrics"]["test_accuracy"] == same["metrics"]["test_accuracy"] > 0.5
     for name, p in result["parties"].items():  # the same FLOPs; bytes up to the commands' timestamps
         assert p["flops"] == same["parties"][name]["flops"]
@@ -30,8 +30,11 @@ def test_ten_client_processes_complete_and_match_the_in_process_run(tmp_path):
 
 
 def test_a_killed_client_process_is_skipped_and_the_run_completes(tmp_path):
+    """A client that is gone for good: the coordinator waits ``reconnect_timeout`` for it to come
+    back (it keeps checkpoints: --out), then skips it for the rest of the run."""
     text = (EXAMPLES / "sequential.toml").read_text()
     text = text.replace("count = 10", "count = 3").replace("epochs = 8", "epochs = 4").replace("timeout = 30", "timeout = 5")
+    text = text.replace("seed = 0", "seed = 0\nreconnect_timeout = 5", 1)
     plan_file = tmp_path / "three.toml"
     plan_file.write_text(text)
     names = roles(load_plan(plan_file))

@@ -240,3 +240,82 @@ def test_one_party_killed_and_restarted_with_resume_while_the_others_wait(tmp_pa
     got = _weights(out)
     assert ref.keys() == got.keys()
     assert max((ref[k].double() - got[k].double()).abs().max().item() for k in ref) == 0.0
+
+
+def _clients_plan(folder: Path, schedule: str, count: int = 3) -> Path:
+    """The sequential example with ``schedule``, ``count`` clients, short timeouts and 3 epochs."""
+    text = (EXAMPLES / "sequential.toml").read_text()
+    text = text.replace('schedule = "sequential"', f'schedule = "{schedule}"').replace("count = 10", f"count = {count}")
+    text = text.replace("timeout = 30 ", "timeout = 5 ").replace("epochs = 8", "epochs = 3")
+    text = text.replace("seed = 0", "seed = 0\nreconnect_timeout = 60", 1)
+    plan = folder / f"{schedule}.toml"
+    plan.write_text(text)
+    return plan
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    """The weights of every physical party that ``b`` holds equal ``a``'s (``b`` may lack the
+    launcher's summary: the template's final model, ``parties/hospital``)."""
+    ref, got = _weights(a), _weights(b)
+    if "hospital/bottom.0.weight" not in got:
+        ref = {k: v for k, v in ref.items() if not k.startswith("hospital/")}
+    assert ref.keys() == got.keys() and ref
+    assert max((ref[k].double() - got[k].double()).abs().max().item() for k in ref) == 0.0
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "splitfed_v1", "splitfed_v2"])
+def test_a_clients_run_stopped_after_a_round_resumes_to_the_same_weights(tmp_path, schedule):
+    """Every role saves its state at the end of every round (weights, optimizers, server copies,
+    the federation's average, random streams, records); resume goes back to the last round all hold."""
+    plan = load_plan(_clients_plan(tmp_path, schedule))
+    reference = splitlearn.train(plan, out=tmp_path / "a")
+    with pytest.raises(Exception, match="stopped after 2 steps"):
+        splitlearn.train(plan, out=tmp_path / "b", on_step=_stop_after(2))
+    held = Checkpoints(tmp_path / "b" / "parties" / "hospital-2" / "checkpoints", label="round",
+                       plan_hash=plan_hash(plan)).steps()
+    assert held == [0, 1]  # the last two rounds' ends (round -1, before the first, is gone)
+    resumed = splitlearn.train(plan, out=tmp_path / "b", resume=True)
+    _same_weights(tmp_path / "a", tmp_path / "b")
+    assert resumed["metrics"]["test_accuracy_per_epoch"] == reference["metrics"]["test_accuracy_per_epoch"]
+    assert resumed["metrics"]["train_loss"] == reference["metrics"]["train_loss"]
+    for p in reference["parties"]:  # the FLOPs of a run never stopped (its bytes: plus the resume's commands)
+        assert resumed["parties"][p]["flops"] == reference["parties"][p]["flops"], p
+    assert not resumed.get("skipped")
+
+
+def test_one_splitfed_client_killed_and_restarted_with_resume_while_the_others_wait(tmp_path):
+    """SplitFed v2 over mutual TLS, one process per role: SIGKILL a client mid-run; the coordinator
+    finds its turn failed and waits for it; started again with --resume it says so, every party goes
+    back to the end of the last round all of them hold, and the run ends with the weights of a run
+    never stopped."""
+    from splitlearn.run.allocator import math_threads
+    from splitlearn.wire.transport.tls import make_certs
+
+    plan = _clients_plan(tmp_path, "splitfed_v2")
+    body = load_plan(plan)
+    splitlearn.train(body, out=tmp_path / "reference")
+    names = ["server", *body.clients.names()]
+    make_certs(names, tmp_path / "certs")
+    ports = {}
+    for n in names:
+        with __import__("socket").socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports[n] = s.getsockname()[1]
+    out, victim = tmp_path / "run", "hospital-2"
+    env = {**os.environ, "OMP_NUM_THREADS": str(math_threads(len(names)))}
+    procs = {n: subprocess.Popen(_party_cmd(plan, n, tmp_path / "certs", ports, out), env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in names}
+    ck = Checkpoints(out / "parties" / victim / "checkpoints", label="round", plan_hash=plan_hash(body))
+    deadline = time.monotonic() + 120
+    while 0 not in ck.steps() and time.monotonic() < deadline:  # round 0 is done: kill it in round 1
+        time.sleep(0.02)
+    time.sleep(0.2)
+    procs[victim].kill()
+    procs[victim].wait(timeout=30)
+    time.sleep(1)
+    procs[victim] = subprocess.Popen(_party_cmd(plan, victim, tmp_path / "certs", ports, out, "--resume"), env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    errors = {n: p.communicate(timeout=240)[1].decode() for n, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), errors
+    assert "came back as a new process; every party went back to the end of round" in errors["server"]
+    _same_weights(tmp_path / "reference", out)

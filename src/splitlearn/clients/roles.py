@@ -28,6 +28,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -39,7 +40,8 @@ from torch import nn
 from ..core.engine import Party, PartyError
 from ..core.randomness import PartyRandom, party_seed
 from ..core.graph import build_graph
-from ..core.plan import Plan, PlanError
+from ..core.plan import Plan, PlanError, plan_hash
+from ..run import checkpoint as ck
 from ..run.observe import Recorder
 from ..core import losses
 from ..privacy import defenses
@@ -195,7 +197,8 @@ class Role:
     def __init__(self, plan: Plan, name: str, transport: Transport, setup: PartySetup | None = None, *,
                  timeout: float | None = None, step_timeout: float | None = None,
                  fault: "Callable[[Role, dict], None] | None" = None, context: Context | None = None,
-                 record: bool = False, limits: m.Limits | None = None, tracking: Any = None):
+                 record: bool = False, limits: m.Limits | None = None, tracking: Any = None,
+                 out: Path | None = None, resume: bool = False, returns: float = 0.0):
         spec = plan.clients
         if spec is None:
             raise PlanError("the plan has no [clients] section")
@@ -246,6 +249,21 @@ class Role:
         self._requests = itertools.count(1)
         self._early: dict[tuple[str, int], Message] = {}  # (sender, request): weights that beat their command
         self._pending: deque[Message] = deque(maxlen=MAX_PENDING)  # follower: commands that came meanwhile
+        # checkpoints (with an --out folder): every party saves its state at the end of every round, on the
+        # coordinator's word; going back to one begins the schedule again from there (see Coordinator)
+        self.checkpoints: ck.Checkpoints | None = None
+        if out is not None:
+            self.checkpoints = ck.Checkpoints(Path(out) / "parties" / name / "checkpoints", label="round",
+                                              plan_hash=plan_hash(plan))
+            if not resume:
+                self.checkpoints.clear()
+        elif resume:
+            raise PlanError("resume needs the run folder (--out) whose checkpoints to go on from", entry="--resume")
+        self.resuming = resume  # a follower started with --resume waits for the coordinator's word to go back
+        self.returns = returns  # seconds to wait for a failed party to come back as a new process (0: never)
+        self.attempt = 0  # times the schedule went back to a checkpoint: in every turn's tag
+        self._returned: set[str] = set()  # parties that said they came back (a new process, resuming)
+        self._waited: set[str] = set()  # parties waited for in vain (never again)
 
     def use(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -290,12 +308,12 @@ class Role:
         return True
 
     def _await(self, kind: Kind, senders: list[str], timeout: float,
-               match: Callable[[Message], bool] | None = None) -> _Answer:
+               match: Callable[[Message], bool] | None = None, until: Callable[[], bool] | None = None) -> _Answer:
         """Messages of ``kind`` from each of ``senders`` (that ``match``); those that do not come in
         time are missing. Commands and early weights that come meanwhile are kept for later."""
         want, got = set(senders), {}
         deadline = time.monotonic() + timeout
-        while want - set(got):
+        while want - set(got) and not (until is not None and until()):
             try:
                 msg = self.link.recv(deadline=deadline)
             except TransportTimeout:
@@ -306,6 +324,8 @@ class Role:
                 self._pending.append(msg)
             elif msg.kind == Kind.WEIGHTS and self._hold_weights(msg):
                 pass
+            elif msg.kind == Kind.ACK and m.read_ack(msg, self.limits)[1].get("back") is True:
+                self._returned.add(msg.sender)  # a party that came back: the coordinator goes back with it
             else:
                 log.debug("%s: ignoring a late %s from %s", self.name, msg.kind.name, quote(msg.sender))
         return _Answer(got, [s for s in senders if s not in got])
@@ -343,7 +363,8 @@ class Role:
         t = self.spec.template
         fixed = {p for p in self.plan.parties if p != t}
         peers = ({client} | fixed) - {self.name} if self.plays != t else fixed
-        tag = f"{self.ids_hash}/turn-{turn.index}"  # in every hello of this turn (the hello compares it)
+        # in every hello of this turn (the hello compares it); a turn done again after going back differs from the first
+        tag = f"{self.ids_hash}/turn-{turn.index}" + (f"/again-{self.attempt}" if self.attempt else "")
 
         def turn_of(data: bytes) -> str | None:
             """The turn tag of a hello (None: no readable hello)."""
@@ -367,8 +388,7 @@ class Role:
         link = Link(view, self.link.meter if turn.mode == "train" else self.eval_meter, self.limits)
         modules, optimizer = self._models(turn, client)
         if self.rng is None:  # this physical party's own random stream, kept from turn to turn
-            device = next((p.device for mod in modules.values() for p in mod.parameters()), "cpu")
-            self.rng = PartyRandom(party_seed(self.plan.train.seed, self.name), device)
+            self.rng = self._random(modules)
         party = Party(self.graph, self.plays, link, modules, optimizer, self.setup.inputs, timeout=self.step_timeout,
                       rng=self.rng)
         if self.recorders is not None:
@@ -460,6 +480,64 @@ class Role:
         finally:
             self.link.meter = train
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _random(self, modules: dict[str, nn.Module]) -> PartyRandom:
+        device = next((p.device for mod in modules.values() for p in mod.parameters()), "cpu")
+        return PartyRandom(party_seed(self.plan.train.seed, self.name), device)
+
+    def capture(self, rnd: int) -> None:
+        """Save this party's state at the end of round ``rnd`` (-1: before the first): weights,
+        optimizers (and the server copies kept per client), the federation's average, the random
+        stream, meters, records and the privacy spent."""
+        tensors, optim = {}, {}
+        if self.setup is not None:
+            tensors.update(ck.module_tensors(self.setup.modules))
+            t, optim = ck.optimizer_tensors(self.setup.optimizer)
+            tensors.update(t)
+        copies = {}
+        for c, (mods, opt) in self.copies.items():
+            tensors.update(ck.module_tensors(mods, f"copy.{c}.module."))
+            t, copies[c] = ck.optimizer_tensors(opt, f"copy.{c}.optim.")
+            tensors.update(t)
+        for k, v in (self.global_state or {}).items():
+            tensors[f"global.{k}"] = v.detach().cpu().contiguous().clone()
+        for k, v in (self.rng.state() if self.rng is not None else {}).items():
+            tensors[f"rng.{k}"] = v
+        self.checkpoints.save(rnd, tensors, {
+            "format": ck.FORMAT, "party": self.name, "round": rnd, "optimizer": optim, "copies": copies,
+            "random": self.rng is not None, "meter": ck.meter_state(self.link.meter),
+            "eval_meter": ck.meter_state(self.eval_meter), "records": self.records, "skipped": self.skipped,
+            "refused": self.refused, "noised": self.noised, "holder": getattr(self, "holder", None)})
+
+    def restore(self, rnd: int, attempt: int) -> None:
+        """Go back to the state :meth:`capture` saved at the end of round ``rnd``."""
+        tensors, man = self.checkpoints.load(rnd)
+        if self.setup is not None:
+            ck.load_modules(self.setup.modules, tensors)
+            ck.load_optimizer(self.setup.optimizer, tensors, man["optimizer"])
+        self.copies = {}
+        for c, entry in man["copies"].items():
+            mods = copy.deepcopy(self.setup.modules)
+            opt = make_optimizer(self.plan, self.plays, mods)
+            ck.load_modules(mods, tensors, f"copy.{c}.module.")
+            ck.load_optimizer(opt, tensors, entry, f"copy.{c}.optim.")
+            self.copies[c] = (mods, opt)
+        if self.global_state is not None:
+            self.global_state = {k: tensors[f"global.{k}"] for k in self.global_state}
+        self.rng = None
+        if man["random"]:
+            self.rng = self._random(self.setup.modules if self.setup is not None else {})
+            self.rng.load({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")})
+        ck.load_meter(self.link.meter, man["meter"])
+        ck.load_meter(self.eval_meter, man["eval_meter"])
+        self.records, self.skipped, self.refused, self.noised = (man["records"], man["skipped"], man["refused"],
+                                                                 man["noised"])
+        if isinstance(self, Coordinator):
+            self.holder = man["holder"]
+        self.attempt, self.resuming = attempt, False
+        self._early.clear()
+        self._pending.clear()
+
     # -- report --------------------------------------------------------------------------------
     def close_tracker(self) -> None:
         if self.tracker is not None:
@@ -488,10 +566,14 @@ class Follower(Role):
 
     def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
         try:
+            if self.resuming:  # a new process: the coordinator tells which checkpoint every party goes back to
+                self._ack(0, back=True, held=self.checkpoints.steps())
             self.follow()
         finally:
             self.close_tracker()
         return self.report()
+
+    WHILE_RESUMING = frozenset({"held", "restore", "stop", "rows", "census"})
 
     def follow(self) -> None:
         while True:
@@ -524,6 +606,9 @@ class Follower(Role):
                 return
             if time.time() > cmd.deadline:
                 log.info("%s: dropping a command that is past its deadline: %s", self.name, quote(cmd.do))
+                continue
+            if self.resuming and cmd.do not in self.WHILE_RESUMING:  # our state is not the others' yet
+                log.info("%s: waiting for the word to go back to a checkpoint; dropping %s", self.name, quote(cmd.do))
                 continue
             handler = self.COMMANDS.get(cmd.do)
             if handler is None or not handler.allowed(self):
@@ -562,6 +647,21 @@ class Follower(Role):
             for c, r in zip(a["clients"], a["requests"]):
                 self.send_weights(str(c), int(r))
 
+    def _checkpoint(self, request: int, a: dict) -> None:
+        self.capture(int(a["round"]))
+        self._ack(request, saved=int(a["round"]))
+
+    def _held(self, request: int, a: dict) -> None:
+        self._ack(request, held=self.checkpoints.steps())
+
+    def _restore(self, request: int, a: dict) -> None:
+        rnd = int(a["round"])
+        if rnd not in self.checkpoints.steps():
+            self._ack(request, restored=None)
+            return
+        self.restore(rnd, int(a["attempt"]))
+        self._ack(request, restored=rnd)
+
     @dataclass(frozen=True)
     class _Handler:
         run: Callable[["Follower", int, dict], None]
@@ -587,16 +687,28 @@ Follower.COMMANDS = {
     "rows": Follower._Handler(Follower._rows, lambda r: r.per_client and r.ctx is None),
     "collect": Follower._Handler(Follower._collect, _is_federation),
     "download": Follower._Handler(Follower._download, _is_federation),
+    "checkpoint": Follower._Handler(Follower._checkpoint, lambda r: r.checkpoints is not None),
+    "held": Follower._Handler(Follower._held, lambda r: r.checkpoints is not None),
+    "restore": Follower._Handler(Follower._restore, lambda r: r.checkpoints is not None),
     "merge_copies": Follower._Handler(
         lambda r, req, a: r.merge_copies([str(c) for c in a["clients"]], [int(n) for n in a["samples"]]),
         lambda r: r.setup is not None and not _is_client(r)),
 }
 
 
+class _Returned(Exception):
+    """A failed party came back as a new process (it lost its state since the last checkpoint)."""
+
+    def __init__(self, party: str):
+        super().__init__(party)
+        self.party = party
+
+
 class Coordinator(Role):
     """Walks the strategy's rounds; skips clients that do not answer; stops everyone at the end."""
 
     holder: str | None = None  # the client with the latest weights (sequential)
+    _counts: tuple[list[int], list[int]] | None = None  # per-client data: the census's row counts
 
     def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
         try:
@@ -608,33 +720,129 @@ class Coordinator(Role):
     def coordinate(self, progress: Callable[[Progress], None] | None = None) -> None:
         fixed = [p for p in self.plan.parties if p != self.spec.template and p != self.name]
         others = fixed + ([self.federation] if self.federation not in (self.name, *fixed) else [])
+        everyone = [*others, *self.clients]
         try:
             if self.per_client:
                 self.census(others)
-            for rnd in self.rounds:
-                names = self.strategy.before_round(self, rnd, [self.clients[k] for k in rnd.clients])
-                done = []
-                for turn in rnd.train:
-                    c = self.clients[turn.client]
-                    if c not in names or not self.strategy.before_turn(self, rnd, c):
-                        continue
-                    if self._turn(rnd, turn, c, fixed):
-                        done.append(c)
-                        self.holder = c
-                if done:
-                    self.strategy.after_round(self, rnd, done)
-                for turn in rnd.evals:
-                    c = self.strategy.eval_client(self, rnd, turn, done)
-                    if c is not None:
-                        self._turn(rnd, turn, c, fixed)
+            i = 0
+            if self.checkpoints is not None:
+                i = self.go_back(everyone, "resuming") if self.resuming else None
+                if i is None:  # from the start: every party saves its state before the first round
+                    self.checkpoint_everyone(-1, everyone)
+                    i = 0
+            while i < len(self.rounds):
+                rnd = self.rounds[i]
+                try:
+                    self._round(rnd, fixed)
+                    if self.checkpoints is not None:
+                        self.checkpoint_everyone(rnd.index, everyone, rnd)
+                except _Returned as e:
+                    i = self.go_back(everyone, f"{e.party} came back as a new process")
+                    if i is None:
+                        raise PartyError(f"{self.name}: {e.party} came back as a new process, but no checkpoint is "
+                                         "held by every party") from None
+                    continue
                 if progress is not None:
                     progress(self._progress(rnd))
+                i += 1
         finally:
-            for p in [*others, *self.clients]:
+            for p in everyone:
                 try:
                     self._command(p, do="stop")
                 except TransportError:
                     pass
+
+    def _round(self, rnd: Round, fixed: list[str]) -> None:
+        names = self.strategy.before_round(self, rnd, [self.clients[k] for k in rnd.clients])
+        done = []
+        for turn in rnd.train:
+            c = self.clients[turn.client]
+            if c not in names or not self.strategy.before_turn(self, rnd, c):
+                continue
+            if self._turn(rnd, turn, c, fixed):
+                done.append(c)
+                self.holder = c
+        if done:
+            self.strategy.after_round(self, rnd, done)
+        for turn in rnd.evals:
+            c = self.strategy.eval_client(self, rnd, turn, done)
+            if c is not None:
+                self._turn(rnd, turn, c, fixed)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_everyone(self, index: int, everyone: list[str], rnd: Round | None = None) -> None:
+        """Every party (this one too) saves its state as of the end of round ``index``."""
+        rid = next(self._requests)
+        asked = []
+        for p in everyone:
+            try:
+                self._command(p, request=rid, do="checkpoint", round=index)
+                asked.append(p)
+            except TransportError as e:
+                log.warning("%s: checkpoint: cannot reach %s: %s", self.name, p, e)
+        self.capture(index)
+        ans = self._acks(asked, self.timeout, rid, has="saved")
+        for p in everyone:
+            if p not in ans and rnd is not None:
+                self._skip(rnd, p, "checkpoint", f"it did not say within {self.timeout:g} s that it saved its state")
+
+    def go_back(self, everyone: list[str], why: str) -> int | None:
+        """Every party goes back to the last round whose checkpoint all of them hold; the index of
+        the round to do next (None: no round is held by all). Parties that do not answer are left
+        out (and reported)."""
+        if self.per_client and self._counts is not None:  # a new process knows no row counts yet
+            for p in self._returned & set(self.clients):
+                try:
+                    self._command(p, do="rows", train=self._counts[0], test=self._counts[1])
+                except TransportError:
+                    pass
+        rid = next(self._requests)
+        for p in everyone:
+            try:
+                self._command(p, request=rid, do="held")
+            except TransportError:
+                pass
+        ans = self._acks(everyone, self.timeout, rid, has="held")
+        common = set(self.checkpoints.steps())
+        for p, info in ans.items():
+            held = info["held"] if isinstance(info["held"], list) else []
+            common &= {r for r in held if type(r) is int}
+        missing = [p for p in everyone if p not in ans]
+        if not common:
+            log.warning("%s: %s, but no checkpoint is held by every party", self.name, why)
+            return None
+        rnd = max(common)
+        self.attempt += 1
+        rid = next(self._requests)
+        for p in ans:
+            self._command(p, request=rid, do="restore", round=rnd, attempt=self.attempt)
+        self.restore(rnd, self.attempt)
+        got = self._acks(list(ans), 3 * self.timeout, rid, has="restored")
+        failed = [p for p in ans if got.get(p, {}).get("restored") != rnd]
+        if failed:
+            raise PartyError(f"{self.name}: {why}; going back to the end of round {rnd}, {failed} did not")
+        log.warning("%s: %s; every party went back to the end of round %d", self.name, why, rnd)
+        self._returned.clear()
+        after = next((i for i, r in enumerate(self.rounds) if r.index > rnd), len(self.rounds))
+        for p in missing:
+            self.skipped.append({"round": after, "client": p, "during": "going back to a checkpoint",
+                                 "reason": f"it did not say which checkpoints it holds within {self.timeout:g} s"})
+        return after
+
+    def _came_back(self, party: str) -> bool:
+        """Whether ``party``, having failed, comes back as a new process within ``returns`` seconds
+        (once per party: one that does not is skipped at once afterwards)."""
+        if party in self._returned:
+            return True
+        if party in self._waited:
+            return False
+        log.warning("%s: waiting up to %g s for %s to come back", self.name, self.returns, party)
+        self._await(Kind.ACK, [party], self.returns, match=lambda msg: False,  # a 'back' ends up in _returned
+                    until=lambda: party in self._returned)
+        if party in self._returned:
+            return True
+        self._waited.add(party)
+        return False
 
     def _progress(self, rnd: Round) -> Progress:
         losses = [v["train_loss"] for r in self.records if r["round"] == rnd.index and r["mode"] == "train"
@@ -677,6 +885,7 @@ class Coordinator(Role):
                                 hint="every client's file needs the same columns, dtypes, image shape and classes")
             train.append(rows[0])
             test.append(rows[1])
+        self._counts = (train, test)
         for p in [*others, *self.clients]:
             try:
                 self._command(p, do="rows", train=train, test=test)
@@ -685,6 +894,8 @@ class Coordinator(Role):
         self.use_counts(train, test)
 
     def _skip(self, rnd: Round, party: str, what: str, why: str) -> None:
+        if self.checkpoints is not None and self.returns > 0 and self._came_back(party):
+            raise _Returned(party)  # it comes back as a new process: every party goes back to a checkpoint
         self.skipped.append({"round": rnd.index, "client": party, "during": what, "reason": why})
         log.warning("%s: skipped %s in round %d (%s): %s", self.name, party, rnd.index, what, why)
 

@@ -53,10 +53,7 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
             kw["fault"] = faults[n]
         if steps is not None:
             kw.update(steps=steps, predicting=predicting)
-        if out is not None and plan.clients is None:
-            kw.update(out=out, resume=resume)
-        elif resume:
-            kw["resume"] = resume
+        kw.update(out=out, resume=resume)
         parts[n] = physical_party(plan, n, held[n], hub.transport(n), shapes=shapes, timeout=timeout,
                                   record=record, tracking=tracking, **kw)
     reports: dict[str, PartyReport] = {}

@@ -9,6 +9,7 @@ certificates, one process per physical party on 127.0.0.1, and the merged ``resu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -19,15 +20,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..core.plan import Plan, PlanError
 from ..core.load import load_plan
 from ..wire.messages import Limits
+from .forker import Forker
 from .allocator import math_threads, tune_allocator  # noqa: F401 - party processes call tune_allocator from here
 from .results import build_result, save_party, save_result
 from .session import PartyReport, Progress, RunError
 from .setup import prepare, setup_party
 from .topology import Topology, physical_party, with_dial_out
+
+_log = logging.getLogger("splitlearn.run.processes")
 
 __all__ = ["run_one_party", "launch", "tune_allocator", "progress_line"]
 
@@ -119,9 +124,9 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
         timeout = step_timeout if step_timeout is not None else (None if plan.clients else 120.0)
         if resume and out is None:
             raise PlanError("--resume needs the --out folder whose checkpoints to go on from", entry="--resume")
+        role = {"returns": plan.train.reconnect_timeout} if plan.clients is not None else {}
         part = physical_party(plan, name, setup, transport, timeout=timeout, record=out is not None, limits=limits,
-                              tracking=tracking, **({"out": out} if out is not None and plan.clients is None else {}),
-                              **({"resume": True} if resume else {}))
+                              tracking=tracking, out=out, resume=resume, **role)
         report = part.run(on_step)
     finally:
         transport.close()
@@ -154,40 +159,64 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
     tracking = parse_log(log, out) if log else None
     topo = Topology.of(plan)
     ports = {p: _free_port() for p in topo.names}
-    procs: dict[str, subprocess.Popen] = {}
+    procs: dict[str, Any] = {}
+    env = _child_env(len(topo.names))
+    forker = Forker(env) if _forking() else None  # many processes share one import of torch
     with tempfile.TemporaryDirectory(prefix="splitlearn-certs-") as certs:
         if not insecure:
             make_certs(topo.names, Path(certs))
-        for name in topo.names:
-            folder = out / "parties" / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for old in ("error.json", "report.json"):  # nothing of an earlier run is taken for this one
-                (folder / old).unlink(missing_ok=True)
-            follow = name == topo.lead and on_step is not None  # only a pipe somebody reads: a full one blocks
-            cmd = [sys.executable, "-m", "splitlearn", "party", str(plan_path), "--name", name, "--out", str(out),
-                   "--listen", f"127.0.0.1:{ports[name]}", "--progress" if follow else "--quiet"]
-            cmd += ["--insecure"] if insecure else ["--certs", certs]
-            cmd += ["--resume"] if resume else []
-            # every process imports torch before it connects: on few cores many take a while to start
-            cmd += ["--connect-timeout", str(max(60, 2 * len(topo.names)))]
-            for peer in (*topo.dials(name), *topo.accepts(name)):
-                cmd += ["--peer", f"{peer}=127.0.0.1:{ports[peer]}"]
-            if epochs is not None:
-                cmd += ["--epochs", str(epochs)]
-            if seed is not None:
-                cmd += ["--seed", str(seed)]
-            if tracking is not None:
-                cmd += ["--log", f"{tracking.kind}:{tracking.where}"]
-            with open(folder / "party.log", "w") as log:
-                procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE if follow else log, stderr=log,
-                                               start_new_session=True, env=_child_env(len(topo.names)))
-        if on_step is not None:
-            threading.Thread(target=_follow, args=(procs[topo.lead].stdout, on_step), daemon=True).start()
         try:
+            for name in topo.names:
+                folder = out / "parties" / name
+                folder.mkdir(parents=True, exist_ok=True)
+                for old in ("error.json", "report.json"):  # nothing of an earlier run is taken for this one
+                    (folder / old).unlink(missing_ok=True)
+                follow = name == topo.lead and on_step is not None  # only a pipe somebody reads: a full one blocks
+                argv = ["party", str(plan_path), "--name", name, "--out", str(out),
+                        "--listen", f"127.0.0.1:{ports[name]}", "--progress" if follow else "--quiet"]
+                argv += ["--insecure"] if insecure else ["--certs", certs]
+                argv += ["--resume"] if resume else []
+                # every process imports torch before it connects: on few cores many take a while to start
+                argv += ["--connect-timeout", str(max(60, 2 * len(topo.names)))]
+                for peer in (*topo.dials(name), *topo.accepts(name)):
+                    argv += ["--peer", f"{peer}=127.0.0.1:{ports[peer]}"]
+                if epochs is not None:
+                    argv += ["--epochs", str(epochs)]
+                if seed is not None:
+                    argv += ["--seed", str(seed)]
+                if tracking is not None:
+                    argv += ["--log", f"{tracking.kind}:{tracking.where}"]
+                log_file = folder / "party.log"
+                log_file.write_text("")
+                if forker is not None and not procs:  # the forker must be able to start; else new interpreters
+                    try:
+                        forker.wait_ready()
+                    except RuntimeError as e:
+                        _log.warning("starting party processes as new interpreters: %s", e)
+                        forker = None
+                if forker is not None:
+                    stdout = log_file
+                    if follow:  # its progress lines come through a named pipe
+                        stdout = Path(certs) / "progress.fifo"
+                        os.mkfifo(stdout)
+                        threading.Thread(target=_follow_fifo, args=(stdout, on_step), daemon=True).start()
+                    procs[name] = forker.start(name, argv, stdout, log_file)
+                    continue
+                with open(log_file, "w") as log_fh:
+                    procs[name] = subprocess.Popen([sys.executable, "-m", "splitlearn", *argv],
+                                                   stdout=subprocess.PIPE if follow else log_fh, stderr=log_fh,
+                                                   start_new_session=True, env=env)
+                if follow:
+                    threading.Thread(target=_follow, args=(procs[name].stdout, on_step), daemon=True).start()
             codes = _wait(procs, timeout)
         except KeyboardInterrupt:
             _stop(procs)
             raise
+        finally:
+            if forker is not None:
+                forker.close()
+                if any(p.poll() is None for p in procs.values()):
+                    forker.kill()
     errors = {}
     for name, code in codes.items():
         if code != 0:
@@ -214,6 +243,17 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
     return result
 
 
+def _forking() -> bool:
+    """Whether party processes are forked from one warmed-up process (:mod:`splitlearn.run.forker`):
+    where the system can fork, unless ``SPLITLEARN_FORK=0`` asks for fresh interpreters."""
+    return hasattr(os, "fork") and sys.platform.startswith("linux") and os.environ.get("SPLITLEARN_FORK", "1") != "0"
+
+
+def _follow_fifo(path: Path, on_step) -> None:
+    with open(path, "rb") as stream:  # opens once the lead party opens its end
+        _follow(stream, on_step)
+
+
 def _child_env(parties: int) -> dict[str, str]:
     """Party processes on one machine take turns computing, so idle math threads must sleep, not
     spin on the cores the computing party needs (OMP_WAIT_POLICY=PASSIVE; measured on 2 cores:
@@ -223,6 +263,7 @@ def _child_env(parties: int) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("OMP_NUM_THREADS", str(math_threads(parties)))  # as in-process runs use (run/local.py)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS pool would start a thread in the forker
     return env
 
 
@@ -243,7 +284,7 @@ def _follow(stream, on_step) -> None:
                 continue
 
 
-def _wait(procs: dict[str, subprocess.Popen], timeout: float) -> dict[str, int]:
+def _wait(procs: dict[str, Any], timeout: float) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         codes = {n: p.poll() for n, p in procs.items()}
@@ -254,7 +295,7 @@ def _wait(procs: dict[str, subprocess.Popen], timeout: float) -> dict[str, int]:
     return {n: (p.returncode if p.returncode is not None else -9) for n, p in procs.items()}
 
 
-def _stop(procs: dict[str, subprocess.Popen]) -> None:
+def _stop(procs: dict[str, Any]) -> None:
     for p in procs.values():
         if p.poll() is None:
             try:
@@ -265,5 +306,8 @@ def _stop(procs: dict[str, subprocess.Popen]) -> None:
         try:
             p.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             p.wait()

@@ -185,19 +185,17 @@ def physical_party(plan: Plan, name: str, setup: PartySetup | None, transport: T
     ``timeout`` bounds each step (a client's: each step of its turns; ``clients.timeout`` bounds
     the schedule's answers); ``record`` keeps what it receives for the audit; ``steps`` replace
     the plan's schedule (prediction: ``predicting`` then); ``role``: more for a role of a
-    ``[clients]`` plan (its shared ``context``; ``fault``, a test hook); ``out``: the run folder,
+    ``[clients]`` plan (its shared ``context``; ``fault``, a test hook; ``returns``, the seconds the
+    coordinator waits for a failed party to come back as a new process); ``out``: the run folder,
     where checkpoints are taken; ``resume``: go on from the last checkpoint every party holds."""
     if plan.clients is None:
         setup = setup or setup_party(plan, name)
         return _PlainParty(setup, transport, shapes=shapes, timeout=600.0 if timeout is None else timeout,
                            record=record, limits=limits, steps=steps, predicting=predicting, tracking=tracking,
                            out=out, resume=resume)
-    if resume:
-        raise PlanError("--resume is not yet available for a plan with [clients]: its checkpoints would need the "
-                        "schedule's and the federation's state", entry="clients", hint="run it again from the start")
     if steps is not None:
         raise PlanError("a plan with [clients] runs its own schedule", entry="clients")
     from ..clients.roles import make_role
 
     return make_role(plan, name, transport, setup, step_timeout=timeout, record=record, limits=limits,
-                     tracking=tracking, **role)
+                     tracking=tracking, out=out, resume=resume, **role)

@@ -1,0 +1,254 @@
+"""Party processes forked from one warmed-up process, so that a hundred of them fit in memory.
+
+A Python process that has imported torch holds about 150 MiB of its own memory, and one that
+has trained a step more; ``splitlearn run`` of a plan with 100 clients would need 28 GiB. The
+launcher instead starts one *forker* (``python -m splitlearn.run.forker``): it imports torch and
+splitlearn once, trains one tiny step (torch initialises its kernels and allocator lazily),
+freezes its objects out of the garbage collector's reach (``gc.freeze``: the collector would
+otherwise write to every page) and then forks each party process on request. A child shares the
+forker's pages until it writes to them: measured, a few MiB of its own before it starts its party.
+
+The forker is single-threaded (fork copies only the calling thread) and creates no gRPC channel
+before forking (each child starts its own). It reads one JSON request per line on stdin
+(``{"name", "argv", "stdout", "stderr"}``: the ``splitlearn`` command line and the files for the
+child's output), answers ``{"name", "pid"}`` once forked and ``{"pid", "code"}`` when a child
+ends, and exits when its stdin closes and its children have ended. Each child begins a session of
+its own (its pid is its process group) and runs the command line as ``splitlearn`` would.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import select
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["Forker", "Forked"]
+
+PRELOAD = ("grpc", "splitlearn.cli", "splitlearn.clients.roles", "splitlearn.wire.transport.grpc",
+           "splitlearn.run.align", "splitlearn.data.formats", "safetensors.torch")
+
+
+# -- the launcher's side ---------------------------------------------------------------------------
+
+class Forked:
+    """A party process forked by the :class:`Forker`: ``pid``, ``poll()``, ``wait()``,
+    ``returncode`` as in :class:`subprocess.Popen`."""
+
+    def __init__(self, forker: "Forker", name: str, pid: int):
+        self.forker, self.name, self.pid = forker, name, pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.forker.cond:
+            while self.returncode is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    import subprocess
+
+                    raise subprocess.TimeoutExpired(self.name, timeout or 0)
+                self.forker.cond.wait(left if left is not None else 1.0)
+        return self.returncode
+
+
+class Forker:
+    """The launcher's handle on the forker process (started with ``env``: the party processes' own)."""
+
+    def __init__(self, env: dict[str, str]):
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "splitlearn.run.forker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+        self.ready = False
+        self.cond = threading.Condition()
+        self.by_pid: dict[int, Forked] = {}
+        self.started: dict[str, int] = {}
+        self.ended: dict[int, int] = {}  # codes of children whose handle was not made yet
+        threading.Thread(target=self._read, name="sl-forker", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            with self.cond:
+                if msg.get("ready"):
+                    self.ready = True
+                elif "code" in msg:
+                    child = self.by_pid.get(msg["pid"])
+                    if child is None:
+                        self.ended[msg["pid"]] = msg["code"]
+                    else:
+                        child.returncode = msg["code"]
+                elif "pid" in msg:
+                    self.started[msg["name"]] = msg["pid"]
+                self.cond.notify_all()
+        with self.cond:  # the forker is gone: so are the children it did not report
+            for child in self.by_pid.values():
+                if child.returncode is None:
+                    child.returncode = -9
+            self.cond.notify_all()
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Return once the forker has warmed up; RuntimeError if it cannot fork (it says why)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not self.ready:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    why = self.proc.stderr.read().decode(errors="replace").strip().splitlines() \
+                        if self.proc.poll() is not None else []
+                    self.kill()
+                    raise RuntimeError(f"the forker cannot start party processes: {(why or ['no answer'])[-1]}")
+                self.cond.wait(0.2)
+
+    def start(self, name: str, argv: list[str], stdout: str | Path, stderr: str | Path,
+              timeout: float = 120.0) -> Forked:
+        """Fork a party process running ``splitlearn ARGV`` (its output to the files given)."""
+        request = {"name": name, "argv": argv, "stdout": str(stdout), "stderr": str(stderr)}
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while name not in self.started:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the forker did not start {name!r} (exit status {self.proc.poll()})")
+                self.cond.wait(0.5)
+            pid = self.started.pop(name)
+            child = self.by_pid[pid] = Forked(self, name, pid)
+            if pid in self.ended:
+                child.returncode = self.ended.pop(pid)
+        return child
+
+    def close(self) -> None:
+        """No more children: the forker exits once those it has end."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# -- the forker process ----------------------------------------------------------------------------
+
+def _warm_up() -> None:
+    """Import what a party process runs, and train one tiny step, so that the children share it."""
+    import torch
+    from torch import nn
+
+    import importlib
+
+    for module in PRELOAD:  # grpc imported only: no channel before a fork
+        importlib.import_module(module)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # no OpenMP thread pool before a fork: a child would wait on it for ever
+    with torch.random.fork_rng():  # the children's global generator is the one a new process has
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loss = nn.functional.cross_entropy(model(torch.randn(4, 8)), torch.zeros(4, dtype=torch.long))
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)  # the pool is made at a child's first parallel region
+    extra = len(os.listdir("/proc/self/task")) - 1 if os.path.isdir("/proc/self/task") else 0
+    if extra:
+        raise RuntimeError(f"the forker has {extra} threads besides its own: forking would copy their locks")
+
+
+def _child(request: dict[str, Any]) -> None:
+    """In the forked child: a session of its own, its output to its files, then the command."""
+    code = 1
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        err = out if request["stderr"] == request["stdout"] else \
+            os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        gc.unfreeze()
+        from splitlearn.cli import app
+
+        sys.argv = ["splitlearn", *request["argv"]]
+        try:
+            app(args=list(request["argv"]), prog_name="splitlearn", standalone_mode=True)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - whatever it is, the child ends here, saying so
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _say(out: IO[bytes], msg: dict) -> None:
+    out.write((json.dumps(msg) + "\n").encode())
+    out.flush()
+
+
+def serve() -> None:
+    _warm_up()
+    out = sys.stdout.buffer
+    fd = sys.stdin.fileno()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # told the launcher it can fork: children's errors go to their logs
+    pending = b""
+    children: set[int] = set()
+    reading = True
+    gc.collect()
+    gc.freeze()
+    _say(out, {"ready": True})
+    while reading or children:
+        if reading:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    reading = False
+                pending += chunk
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    request = json.loads(line)
+                    pid = os.fork()
+                    if pid == 0:
+                        _child(request)
+                    children.add(pid)
+                    _say(out, {"name": request["name"], "pid": pid})
+        else:
+            time.sleep(0.1)
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                children.clear()
+                break
+            if pid == 0:
+                break
+            children.discard(pid)
+            _say(out, {"pid": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+if __name__ == "__main__":
+    serve()
