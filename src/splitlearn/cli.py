@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -127,7 +128,9 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         insecure: bool = typer.Option(False, "--insecure", help="no TLS between party processes (not recommended)"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
         log: Optional[str] = typer.Option(None, help="stream metrics to tensorboard[:DIR] (default OUT/tensorboard) "
-                                          "or mlflow[:URI] (default file:OUT/mlruns)")) -> None:
+                                          "or mlflow[:URI] (default file:OUT/mlruns)"),
+        link: Optional[str] = typer.Option(None, help="every connection through an emulated slow link: round trip "
+                                           "and/or bandwidth, e.g. 50ms,100mbit")) -> None:
     """Train PLAN: one process per party on loopback with mutual TLS (or --in-process);
     write OUT/result.json and each party's weights."""
     from .api import train_prepared
@@ -145,6 +148,15 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         _fresh(out, force)
     elif not (out / "parties").is_dir():
         _fail(f"--resume: {out} holds no run to go on with (no parties/ folder)")
+    if link is not None:
+        from .tools.slowlink import parse_link
+
+        if in_process:
+            _fail("--link emulates a slow network between party processes: it cannot go with --in-process")
+        try:
+            parse_link(link)
+        except ValueError as e:
+            _fail(f"--link: {e}")
     if insecure and not in_process:
         err.print("[bold yellow]warning:[/] --insecure: parties talk without TLS; anyone on the network can read "
                   "and impersonate them")
@@ -168,7 +180,7 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
 
                 del setups  # each party process builds its own
                 result = launch(plan, out, epochs=epochs, seed=seed, insecure=insecure, on_step=on_step, checked=p,
-                                log=log, resume=resume)
+                                log=log, resume=resume, link=link)
         except PlanError as e:
             _fail(str(e))
         except RunError as e:
@@ -506,6 +518,36 @@ def report(folder: Path = typer.Argument(..., help="a run folder (--out of 'spli
     except ReportError as e:
         _fail(str(e))
     console.print(f"wrote {path} (open it in a browser; it needs no network)")
+
+
+@app.command("link")
+def link_cmd(to: str = typer.Option(..., "--to", help="HOST:PORT to relay to (a party that listens)"),
+             listen: str = typer.Option("127.0.0.1:0", help="HOST:PORT to listen on (port 0: any free port)"),
+             rtt: str = typer.Option("50ms", help="round trip, e.g. 20ms"),
+             bandwidth: Optional[str] = typer.Option(None, help="each way, e.g. 100mbit (default: unlimited)")) -> None:
+    """Relay TCP connections to --to through an emulated slow link (delay and bandwidth each way),
+    to try a deployment's link before there is one: point a party's --peer at the address shown."""
+    from .tools.slowlink import SlowLink, parse_link
+
+    try:
+        delay, _ = parse_link(rtt)
+        _, bw = parse_link(bandwidth) if bandwidth else (0.0, None)
+        host, port = to.rsplit(":", 1)
+        lhost, lport = listen.rsplit(":", 1)
+        relay = SlowLink((host, int(port)), rtt=delay, bandwidth=bw, listen=(lhost, int(lport)))
+    except ValueError as e:
+        _fail(f"{e} (--to and --listen are HOST:PORT)")
+    try:
+        relay.start()
+    except OSError as e:
+        _fail(f"cannot listen on {listen}: {e}")
+    console.print(f"relaying {lhost}:{relay.port} -> {to} at {delay * 1e3:g} ms round trip, "
+                  f"{'unlimited' if bw is None else f'{bw / 1e6:g} Mbit/s'} each way (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        relay.stop()
 
 
 @app.command()

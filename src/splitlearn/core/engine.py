@@ -119,6 +119,7 @@ class Party:
         self.limits = link.limits
         t = graph.plan.train
         self.max_rows = max(t.batch_size, t.eval_batch_size)  # no step is larger
+        self.pipeline = t.pipeline  # micro-batches per training step (message step ids are step * pipeline + i)
         self._early: dict[int, list[Message]] = {}  # step -> messages that came before this party got there
         self._held: dict[str, list[int]] = {}  # sender -> [messages, bytes] it has in self._early
         self.classes: dict[str, int] = {}  # label node -> classes of the cross-entropy head it feeds (handshake)
@@ -141,13 +142,27 @@ class Party:
     # -- the step ---------------------------------------------------------------------------
 
     def step(self, step: int, rows: torch.Tensor, mode: Mode) -> StepOutput:
-        """Run one step on the given rows (positions into the aligned data) in ``mode``."""
+        """Run one step on the given rows (positions into the aligned data) in ``mode``.
+
+        A training step with ``[train] pipeline = K`` runs as K micro-batches (rows split as evenly
+        as possible) that flow through the parties as in GPipe: each runs forward as soon as its
+        inputs are there and backward as soon as its gradients are, its loss weighted by its share
+        of the rows, so the gradients accumulated over them are the whole batch's; the optimizer
+        steps once. Micro-batch ``i`` of step ``s`` travels as message step ``s * K + i``."""
         train = mode == "train"
         if mode == "handshake":
             rows = torch.zeros(1, dtype=torch.long)
-        st = self.begin(step, rows, mode)
-        st.todo = [n for n in self.order if not (st.skip_labels and n in self.label_only)]
-        stages = list(self.stages) if train else []
+        k = self.pipeline
+        parts = [r for r in torch.tensor_split(rows, k)] if train and k > 1 else [rows]
+        states = []
+        for i, part in enumerate(parts):
+            if not len(part):
+                continue  # fewer rows than micro-batches
+            st = self.begin(step * k + i, part, mode)
+            st.share = len(part) / len(rows)
+            st.todo = [n for n in self.order if not (st.skip_labels and n in self.label_only)]
+            st.stages = list(self.stages) if train else []
+            states.append(st)
         for m in self.modules.values():
             m.train(train)  # batch norm and dropout behave as in training only when training
         if train and self.optimizer is not None:
@@ -157,23 +172,30 @@ class Party:
                 progressed = True
                 while progressed:
                     progressed = False
-                    for n in list(st.todo):
-                        if all(d in st.values for d in self._needs(n, st)):
-                            self._forward(self.nodes[n], st)
-                            st.todo.remove(n)
-                            progressed = True
-                    for s in list(stages):
-                        if self._stage_ready(s, st):
-                            self._backward(s, st)
-                            stages.remove(s)
-                            progressed = True
-                if not st.todo and not stages:
+                    for st in states:
+                        for n in list(st.todo):
+                            if all(d in st.values for d in self._needs(n, st)):
+                                self._forward(self.nodes[n], st)
+                                st.todo.remove(n)
+                                progressed = True
+                        for s in list(st.stages):
+                            if self._stage_ready(s, st):
+                                self._backward(s, st)
+                                st.stages.remove(s)
+                                progressed = True
+                if all(not st.todo and not st.stages for st in states):
                     break
-                self._receive(st, stages)
+                self._receive(states)
         if train and self.optimizer is not None:
             with self.meter.timed("compute"):
                 self.optimizer.step()
-        return st.out
+        if len(states) == 1:
+            return states[0].out
+        out = StepOutput()  # the whole batch's losses: the micro-batches' weighted by their rows
+        for st in states:
+            for name, v in st.out.losses.items():
+                out.losses[name] = out.losses.get(name, 0.0) + st.share * v
+        return out
 
     def begin(self, step: int, rows: torch.Tensor, mode: Mode) -> "StepState":
         """The state of a new step; its deadline is ``timeout`` seconds from now, for the whole step."""
@@ -267,12 +289,13 @@ class Party:
 
     def _backward(self, s: Stage, st: "StepState") -> None:
         roots, grads = [], []
-        for name in s.losses:
+        for name in s.losses:  # a micro-batch's loss counts by its share of the batch's rows
             roots.append(st.losses[name])
-            grads.append(torch.tensor(self.graph.plan.losses[name].weight, device=st.losses[name].device))
+            weight = self.graph.plan.losses[name].weight
+            grads.append(torch.tensor(weight if st.share == 1.0 else weight * st.share, device=st.losses[name].device))
         for term in st.extra.get(s.index, []):
             roots.append(term)
-            grads.append(None)
+            grads.append(None if st.share == 1.0 else torch.tensor(st.share, device=term.device))
         for w in s.sends:
             wire = self.wires[w]
             if wire.carries == "activation":
@@ -300,19 +323,21 @@ class Party:
             enc = codec.encode(t.detach().cpu())  # encoded from the CPU: the wire is bytes in host memory
         self.link.send(Message(kind, self.name, dst, st.step, wire.name, {"t": enc}))
 
-    def _next_message(self, st: "StepState", stages: list[Stage]) -> Message:
-        held = self._early.get(st.step)
-        if held:
-            return self._release(held.pop(0))
-        for old in [k for k in self._early if k <= st.step]:  # at most a few steps are held
+    def _next_message(self, states: list["StepState"]) -> Message:
+        for st in states:
+            held = self._early.get(st.step)
+            if held:
+                return self._release(held.pop(0))
+        for old in [k for k in self._early if k <= states[-1].step]:  # at most a few steps are held
             for msg in self._early.pop(old):
                 self._release(msg)
         try:
-            return self.link.recv(deadline=st.deadline)
+            return self.link.recv(deadline=states[0].deadline)
         except TransportTimeout:
-            waiting = [n for n in st.todo] + [w for s in stages for w in s.sends if w not in st.grads]
-            raise PartyError(f"{self.name}: step {st.step} not done within its deadline of {self.timeout} s "
-                             f"(still waiting for {waiting})") from None
+            waiting = [n for st in states for n in st.todo] + [w for st in states for s in st.stages for w in s.sends
+                                                               if w not in st.grads]
+            raise PartyError(f"{self.name}: step {states[0].step // self.pipeline} not done within its deadline of "
+                             f"{self.timeout} s (still waiting for {sorted(set(waiting))})") from None
 
     def _release(self, msg: Message) -> Message:
         held = self._held[msg.sender]
@@ -320,8 +345,11 @@ class Party:
         held[1] -= msg.payload_bytes
         return msg
 
-    def _receive(self, st: "StepState", stages: list[Stage]) -> None:
-        self.receive(self._next_message(st, stages), st, stages)
+    def _receive(self, states: list["StepState"]) -> None:
+        """Take the next message, for the micro-batch it belongs to (or as early or stale)."""
+        msg = self._next_message(states)
+        st = next((s for s in states if s.step == msg.step), states[0] if msg.step < states[0].step else states[-1])
+        self.receive(msg, st, st.stages)
 
     def receive(self, msg: Message, st: "StepState", stages: list[Stage] = ()) -> None:
         """Take one admitted message during step ``st``: use it, keep it for a later step, drop a
@@ -419,8 +447,9 @@ class Party:
         problem = None
         if msg.kind not in (Kind.ACTIVATION, Kind.GRADIENT):
             problem = f"unexpected {msg.kind.name} message before step {msg.step}"
-        elif msg.step > current + self.limits.early_steps:
-            problem = f"step {msg.step} is too far ahead of step {current} (Limits.early_steps)"
+        elif msg.step // self.pipeline > current // self.pipeline + self.limits.early_steps:
+            problem = (f"step {msg.step // self.pipeline} is too far ahead of step {current // self.pipeline} "
+                       "(Limits.early_steps)")
         if problem:
             self.link.refuse(msg.sender, problem, msg.step, msg.wire)
             return
@@ -459,7 +488,7 @@ class Party:
             dtype, shape = self.wire_shapes[wire.name]
             if enc.dtype != dtype or tuple(enc.shape[1:]) != tuple(shape):
                 return f"{enc.dtype}{list(enc.shape)[:8]} where {dtype} with rows of {list(shape)} was agreed"
-        if rows > (1 if msg.step < 0 else self.max_rows):
+        if rows > (1 if msg.step < 0 else self.max_rows):  # (a micro-batch has fewer)
             return f"{rows} rows, more than a step has"
         if decoded_bytes(enc.dtype, math.prod(enc.shape)) > self.limits.tensor_bytes:
             return "larger than Limits.tensor_bytes once decoded"
@@ -547,6 +576,8 @@ class StepState:
     sent: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> the tensor sent on it (after defenses)
     extra: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage -> extra loss terms (NoPeek)
     out: StepOutput = field(default_factory=StepOutput)
+    share: float = 1.0  # this micro-batch's share of the step's rows (1: the whole batch)
+    stages: list[Stage] = field(default_factory=list)  # stages still to run backward
 
 
 def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch.Tensor],

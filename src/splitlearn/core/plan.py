@@ -346,6 +346,8 @@ class TrainSpec(_Strict):
     checkpoint_every: int | None = Field(None, ge=1)
     # seconds a party waits for a peer whose link broke to come back (over gRPC) before it stops
     reconnect_timeout: float = Field(180.0, ge=0.0)
+    # micro-batches per training step, pipelined through the parties (GPipe); the gradients are the whole batch's
+    pipeline: int = Field(1, ge=1, le=1024)
 
 
 class PartitionSpec(_Strict):

@@ -33,19 +33,26 @@ def mlp(sizes: list[int], activation: str = "relu", out_activation: bool = False
 
 
 def cnn(in_channels: int = 1, image_size: int = 8, channels: list[int] = (16, 32), hidden: int = 64,
-        classes: int = 10) -> nn.Sequential:
-    """Conv-ReLU-MaxPool blocks, then Flatten, Linear-ReLU, Linear.
+        classes: int = 10, pool_every: int = 1) -> nn.Sequential:
+    """Conv-ReLU pairs with a MaxPool after every ``pool_every`` of them (and after the last),
+    then Flatten, Linear-ReLU, Linear.
 
-    Each block is three layers (conv, relu, pool); with two blocks the indices are
-    0-5 for the blocks, 6 Flatten, 7 Linear, 8 ReLU, 9 Linear.
+    With ``pool_every = 1`` each block is three layers (conv, relu, pool); with two blocks the
+    indices are 0-5 for the blocks, 6 Flatten, 7 Linear, 8 ReLU, 9 Linear.
     """
+    if pool_every < 1:
+        raise ValueError("pool_every must be at least 1")
     layers: list[nn.Module] = []
     c, size = in_channels, image_size
-    for out in channels:
-        layers += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-        c, size = out, size // 2
-        if size < 1:
-            raise ValueError(f"image_size {image_size} is too small for {len(channels)} pooling blocks")
+    for i, out in enumerate(channels):
+        layers += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU()]
+        c = out
+        if (i + 1) % pool_every == 0 or i + 1 == len(channels):
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+            if size < 1:
+                raise ValueError(f"image_size {image_size} is too small for the pooling layers of {len(channels)} "
+                                 f"convolutions pooled every {pool_every}")
     layers += [nn.Flatten(), nn.Linear(c * size * size, hidden), nn.ReLU(), nn.Linear(hidden, classes)]
     return nn.Sequential(*layers)
 

@@ -143,13 +143,14 @@ def _free_port() -> int:
 
 def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed: int | None = None,
            insecure: bool = False, timeout: float = 3600.0, on_step=None, checked: Plan | None = None,
-           log: str | None = None, resume: bool = False) -> dict:
+           log: str | None = None, resume: bool = False, link: str | None = None) -> dict:
     """``splitlearn run``: one process per physical party on loopback (mutual TLS with throw-away
     certificates unless ``insecure``); returns the merged result. Raises RunError naming each
     failed party whose failure ends the run (a client's is data: the coordinator reports it);
     Ctrl-C stops every process. ``checked``: the plan as already checked end to end by
     :func:`~splitlearn.run.setup.prepare` (otherwise it is checked here first); ``resume``: every
-    party goes on from the last checkpoint in ``out`` they all hold."""
+    party goes on from the last checkpoint in ``out`` they all hold; ``link``: every connection
+    through an emulated slow link, e.g. ``"50ms,100mbit"`` (:mod:`splitlearn.tools.slowlink`)."""
     from ..wire.transport.tls import make_certs
 
     from .tracking import finish_tracking, parse_log
@@ -159,6 +160,19 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
     tracking = parse_log(log, out) if log else None
     topo = Topology.of(plan)
     ports = {p: _free_port() for p in topo.names}
+    dial_ports = dict(ports)  # where a dialer finds each listener: itself, or the slow link in front of it
+    relays = []
+    if link is not None:
+        from ..tools.slowlink import SlowLink, parse_link
+
+        try:
+            rtt, bandwidth = parse_link(link)
+        except ValueError as e:
+            raise PlanError(str(e), entry="--link") from None
+        for name in topo.names:
+            if topo.accepts(name):
+                relays.append(SlowLink(("127.0.0.1", ports[name]), rtt=rtt, bandwidth=bandwidth).start())
+                dial_ports[name] = relays[-1].port
     procs: dict[str, Any] = {}
     env = _child_env(len(topo.names))
     forker = Forker(env) if _forking() else None  # many processes share one import of torch
@@ -178,7 +192,9 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                 argv += ["--resume"] if resume else []
                 # every process imports torch before it connects: on few cores many take a while to start
                 argv += ["--connect-timeout", str(max(60, 2 * len(topo.names)))]
-                for peer in (*topo.dials(name), *topo.accepts(name)):
+                for peer in topo.dials(name):
+                    argv += ["--peer", f"{peer}=127.0.0.1:{dial_ports[peer]}"]
+                for peer in topo.accepts(name):
                     argv += ["--peer", f"{peer}=127.0.0.1:{ports[peer]}"]
                 if epochs is not None:
                     argv += ["--epochs", str(epochs)]
@@ -217,6 +233,8 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                 forker.close()
                 if any(p.poll() is None for p in procs.values()):
                     forker.kill()
+            for relay in relays:
+                relay.stop()
     errors = {}
     for name, code in codes.items():
         if code != 0:
@@ -235,6 +253,8 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
         elif n not in topo.expendable:
             raise RunError({n: f"it exited without writing {f}"})
     result = build_result(plan, reports, {"transport": "grpc" + ("" if insecure else "+mtls")})
+    if link is not None:
+        result["link"] = {"rtt_s": rtt, "bandwidth_bit_s": bandwidth}
     if plan.clients is not None:
         result["failed_processes"] = errors
     save_result(out, plan, result)
