@@ -106,3 +106,45 @@ def test_topk_error_feedback_sends_what_it_left_out_later():
 def test_bad_codec_names(bad):
     with pytest.raises(ValueError):
         get_codec(bad)
+
+
+@pytest.mark.parametrize("codec", ["float32", "float16", "bfloat16", "int8", "int8:channel", "topk:0.1", "raw"])
+@pytest.mark.parametrize("step", [0, 7, -1, 2**40, -(2**40)])
+def test_the_envelope_splitlearn_writes_is_byte_for_byte_what_protobuf_writes(codec, step):
+    """messages.encode builds the Envelope from its parts (a tensor's bytes copied once, from its
+    own memory); protobuf must read it back as the same message and would write the same bytes."""
+    from splitlearn.wire import messages as msgs
+    from splitlearn.wire.codec import get_codec
+    from splitlearn.wire.proto import splitlearn_pb2 as pb
+
+    t = torch.randn(64, 32, 4, 4)
+    enc = get_codec(codec).encode(t)
+    assert isinstance(enc.data, memoryview)  # a view of the encoded tensor, not a copy
+    msg = msgs.Message(msgs.Kind.ACTIVATION, "hospital-1", "server", step, "bottom->top", {"t": enc},
+                       text="why" if step == 7 else "")
+    ours = msgs.encode(msg)
+    env = pb.Envelope(sender=msg.sender, receiver=msg.receiver, step=step, kind=int(msg.kind), wire=msg.wire,
+                      text=msg.text)
+    env.tensors.add(name="t", dtype=enc.dtype, shape=list(enc.shape), codec=enc.codec, data=bytes(enc.data),
+                    extra=enc.extra)
+    assert ours == env.SerializeToString()
+    back = msgs.decode(memoryview(b"D" + bytes(8) + ours)[9:])  # as the gRPC transport hands it on
+    assert (back.kind, back.sender, back.receiver, back.step, back.wire, back.text) == \
+        (msg.kind, msg.sender, msg.receiver, step, msg.wire, msg.text)
+    assert back.tensors["t"].data == bytes(enc.data) and back.tensors["t"].extra == enc.extra
+    decoded = get_codec(codec).decode(back.tensors["t"])
+    assert torch.equal(decoded, get_codec(codec).decode(enc))
+
+
+def test_empty_fields_and_tensors_are_left_out_as_protobuf_leaves_them_out():
+    from splitlearn.wire import messages as msgs
+    from splitlearn.wire.codec import get_codec
+    from splitlearn.wire.proto import splitlearn_pb2 as pb
+
+    for msg in [msgs.Message(msgs.Kind.STOP, "a", "b"), msgs.Message(msgs.Kind.HELLO, "a", "b", text='{"x": 1}'),
+                msgs.Message(msgs.Kind.ACTIVATION, "a", "b", 3, "w", {"t": get_codec("float32").encode(torch.zeros(0, 3))})]:
+        env = pb.Envelope(sender=msg.sender, receiver=msg.receiver, step=msg.step, kind=int(msg.kind), wire=msg.wire,
+                          text=msg.text)
+        for name, e in msg.tensors.items():
+            env.tensors.add(name=name, dtype=e.dtype, shape=list(e.shape), codec=e.codec, data=bytes(e.data))
+        assert msgs.encode(msg) == env.SerializeToString()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 __all__ = ["Encoded", "Codec", "WireError", "get_codec", "CODECS", "DTYPES", "MAX_ELEMENTS", "decoded_bytes",
-           "check_values"]
+           "check_values", "to_buffer"]
 
 DTYPES: dict[str, tuple[torch.dtype, str]] = {  # name -> (torch dtype, little-endian numpy storage)
     "float32": (torch.float32, "<f4"),
@@ -57,7 +57,7 @@ class Encoded:
     codec: str
     dtype: str  # dtype of the decoded tensor
     shape: tuple[int, ...]
-    data: bytes
+    data: bytes | memoryview  # a sender's: a view of the tensor's own memory, copied once, into the message
     extra: dict[str, bytes] = field(default_factory=dict)
 
     @property
@@ -94,16 +94,26 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _NAMES[dtype]
 
 
-def to_bytes(t: torch.Tensor) -> bytes:
+def to_buffer(t: torch.Tensor) -> memoryview:
+    """The tensor's little-endian bytes, as a view of its own memory where it is contiguous, on
+    the CPU and little-endian already (no copy: the message is built from it directly). The view
+    keeps the memory alive; the tensor must not change until the message is encoded."""
     t = t.detach().contiguous().cpu()
     name = dtype_name(t.dtype)
     if name == "bfloat16":
         t = t.view(torch.int16)  # numpy has no bfloat16: send its 16 bits
-    return t.numpy().astype(DTYPES[name][1], copy=False).tobytes()
+    arr = t.numpy().astype(DTYPES[name][1], copy=False)  # copies only on a big-endian machine
+    return memoryview(arr).cast("B") if arr.size else memoryview(b"")
 
 
-def from_bytes(data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor from raw little-endian bytes, after checking dtype, shape and length."""
+def to_bytes(t: torch.Tensor) -> bytes:
+    return bytes(to_buffer(t))
+
+
+def from_bytes(data: bytes | memoryview, dtype: str, shape: tuple[int, ...], to: str | None = None) -> torch.Tensor:
+    """A tensor from raw little-endian bytes, after checking dtype, shape and length. ``to``: the
+    dtype wanted in the end; a conversion is then the one copy made (else the bytes are copied
+    once, so the tensor owns writable memory)."""
     if dtype not in DTYPES:
         raise WireError(f"dtype {dtype!r} is not allowed; allowed: {sorted(DTYPES)}")
     if any(d < 0 for d in shape):
@@ -115,8 +125,10 @@ def from_bytes(data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     itemsize = np.dtype(storage).itemsize
     if len(data) != numel * itemsize:
         raise WireError(f"{len(data)} bytes for shape {list(shape)} of {dtype} (expected {numel * itemsize})")
-    arr = np.frombuffer(data, dtype=storage).copy().reshape(shape)
-    t = torch.from_numpy(arr)
+    arr = np.frombuffer(data, dtype=storage).reshape(shape)  # a read-only view of the received bytes
+    if to is not None and to != dtype and dtype != "bfloat16" and to in ("float32", "float64", "float16"):
+        return torch.from_numpy(arr.astype(DTYPES[to][1]))  # the conversion is the copy (exact, as torch's)
+    t = torch.from_numpy(arr.copy())
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
@@ -130,10 +142,10 @@ class Codec:
         out_dtype = dtype_name(t.dtype)
         if self.wire_dtype is not None:
             t = t.to(DTYPES[self.wire_dtype][0])
-        return Encoded(self.name, out_dtype, tuple(t.shape), to_bytes(t))
+        return Encoded(self.name, out_dtype, tuple(t.shape), to_buffer(t))
 
     def decode(self, e: Encoded) -> torch.Tensor:
-        t = from_bytes(e.data, self.wire_dtype or e.dtype, e.shape)
+        t = from_bytes(e.data, self.wire_dtype or e.dtype, e.shape, to=e.dtype)
         return t.to(DTYPES[e.dtype][0]) if e.dtype in DTYPES else t
 
 
@@ -178,7 +190,7 @@ class Int8(Codec):
         lo, scale = self._ranges(x)
         q = torch.round((x - self._view(lo, x.dim())) / self._view(scale, x.dim())).clamp_(0, 255).to(torch.uint8)
         params = torch.stack([lo, scale], dim=1).numpy().astype("<f4").tobytes()
-        return Encoded(self.name, dtype_name(t.dtype), tuple(t.shape), to_bytes(q), {"affine": params})
+        return Encoded(self.name, dtype_name(t.dtype), tuple(t.shape), to_buffer(q), {"affine": params})
 
     def decode(self, e: Encoded) -> torch.Tensor:
         channels = e.shape[1] if self.per_channel and len(e.shape) >= 2 else 1
@@ -187,9 +199,9 @@ class Int8(Codec):
         params = torch.from_numpy(np.frombuffer(e.extra["affine"], dtype="<f4").reshape(channels, 2).copy())
         if not bool(torch.isfinite(params).all()):
             raise WireError(f"{self.name} tensor with non-finite affine parameters (offset or scale)")
-        q = from_bytes(e.data, "uint8", e.shape)
+        q = from_bytes(e.data, "uint8", e.shape, to="float32")  # the levels as floats: one copy
         lo, scale = self._view(params[:, 0], len(e.shape)), self._view(params[:, 1], len(e.shape))
-        return (q.float() * scale + lo).to(DTYPES[e.dtype][0])
+        return (q * scale + lo).to(DTYPES[e.dtype][0])
 
 
 class TopK(Codec):
@@ -217,7 +229,7 @@ class TopK(Codec):
         if self.error_feedback:
             self.residual = flat.clone()
             self.residual[idx] = 0
-        return Encoded(self.name, dtype_name(t.dtype), tuple(t.shape), to_bytes(flat[idx]),
+        return Encoded(self.name, dtype_name(t.dtype), tuple(t.shape), to_buffer(flat[idx]),
                        {"indices": to_bytes(idx.to(torch.int32))})
 
     def decode(self, e: Encoded) -> torch.Tensor:

@@ -302,7 +302,7 @@ class GrpcTransport(Transport):
                     continue  # sent again after a reconnection: we have it
                 if seq != st.received + 1:
                     raise TransportError(f"frame {seq} after frame {st.received}: frames were lost")
-                payload = data[9:]
+                payload = memoryview(data)[9:]  # no copy: protobuf parses the view
                 with self._space:  # a peer sending faster than this party reads waits (gRPC flow control)
                     while self._queued.get(peer, 0) and self._queued[peer] + len(payload) > self.hard_limit \
                             and not self._closed.is_set():
