@@ -38,7 +38,7 @@ def plan_text(path: Path, pipeline: int, codec: str) -> str:
     text = path.read_text().replace("seed = 0\n", f"seed = 0\npipeline = {pipeline}\n", 1)
     text = text.replace("epochs = 2\n", "epochs = 1\n", 1)
     if codec != "identity":
-        text += f'\n[wires."bottom->top"]\ncodec = "{codec}"\ngrad_codec = "{codec}"\n'
+        text += f'\n[wires.bottom]\ncodec = "{codec}"\ngrad_codec = "{codec}"\n'
     return text
 
 

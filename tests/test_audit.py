@@ -130,3 +130,24 @@ def test_measures_on_known_cases():
     g = (2.0 * y - 1)[:, None] * torch.ones(300, 5) + 0.1 * torch.randn(300, 5)
     assert label_leakage(g, y)["direction_auc"] > 0.95
     assert label_leakage(torch.randn(300, 5), y)["direction_auc"] < 0.65
+
+
+def test_a_failing_sweep_setting_is_listed_as_failed_while_the_others_finish(tmp_path, monkeypatch):
+    import importlib
+
+    from splitlearn.tools.audit import sweep
+
+    sweep_module = importlib.import_module("splitlearn.tools.audit.sweep")
+
+    real = sweep_module._setting
+
+    def flaky(plan, value, *rest):
+        if value == 0.5:
+            raise RuntimeError("the run diverged")
+        return real(plan, value, *rest)
+
+    monkeypatch.setattr(sweep_module, "_setting", flaky)
+    got = sweep(EXAMPLES / "nopeek.toml", "nopeek.alpha", [0.0, 0.5], tmp_path / "s", epochs=1, decoder_epochs=5)
+    assert [r.get("failed") for r in got["rows"]] == [None, "RuntimeError: the run diverged"]
+    assert got["rows"][0]["test_accuracy"] is not None
+    assert "| 0.5 | failed: RuntimeError: the run diverged |" in (tmp_path / "s" / "sweep.md").read_text()

@@ -130,7 +130,10 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         log: Optional[str] = typer.Option(None, help="stream metrics to tensorboard[:DIR] (default OUT/tensorboard) "
                                           "or mlflow[:URI] (default file:OUT/mlruns)"),
         link: Optional[str] = typer.Option(None, help="every connection through an emulated slow link: round trip "
-                                           "and/or bandwidth, e.g. 50ms,100mbit")) -> None:
+                                           "and/or bandwidth, e.g. 50ms,100mbit"),
+        ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="each party process as a Ray actor: "
+                                          "ADDRESS of a cluster (ray://HOST:10001, auto) or 'local' (pip install "
+                                          "'splitlearn[ray]')")) -> None:
     """Train PLAN: one process per party on loopback with mutual TLS (or --in-process);
     write OUT/result.json and each party's weights."""
     from .api import train_prepared
@@ -148,6 +151,8 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         _fresh(out, force)
     elif not (out / "parties").is_dir():
         _fail(f"--resume: {out} holds no run to go on with (no parties/ folder)")
+    if ray is not None and (in_process or link is not None):
+        _fail("--ray places party processes on a Ray cluster: it cannot go with --in-process or --link")
     if link is not None:
         from .tools.slowlink import parse_link
 
@@ -175,6 +180,14 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         try:
             if in_process:
                 result = train_prepared(p, setups, shapes, out=out, on_step=on_step, log=log, resume=resume)
+            elif ray is not None:
+                from .run.onray import launch_ray
+
+                del setups
+                if log is not None:
+                    _fail("--log is not available with --ray yet: the parties' metrics are in OUT/result.json")
+                result = launch_ray(plan, out, address=ray, epochs=epochs, seed=seed, insecure=insecure, checked=p,
+                                    resume=resume)
             else:
                 from .run.processes import launch
 
@@ -384,7 +397,10 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
           epochs: Optional[int] = typer.Option(None, min=1, help="sweep: training epochs (default: the plan's)"),
           decoder_epochs: int = typer.Option(200, min=1, help="training epochs of the inversion decoder"),
           seed: int = typer.Option(0, help="seed of the attacks"),
-          force: bool = typer.Option(False, "--force", help="sweep: write over an --out folder that holds files")) -> None:
+          force: bool = typer.Option(False, "--force", help="sweep: write over an --out folder that holds files"),
+          ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="sweep: every setting as a Ray "
+                                            "task in parallel: ADDRESS of a cluster or 'local' (pip install "
+                                            "'splitlearn[ray]')")) -> None:
     """Audit what each party of a finished run could learn (distance correlation, model inversion,
     label leakage); or, with --sweep, train a plan at several strengths of a defense and tabulate
     accuracy against leakage."""
@@ -393,6 +409,9 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
     from .tools.audit import AuditError, audit_run, parse_sweep
     from .tools.audit import sweep as do_sweep
     from .run.session import RunError
+
+    if ray is not None and sweep is None:
+        _fail("--ray runs the settings of a sweep as Ray tasks: give --sweep too")
 
     def num(v) -> str:
         return "-" if v is None else f"{v:.3f}"
@@ -428,7 +447,7 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
                     bar.update(task, description=f"sweep: {escape(text.split(':')[0])}")
 
                 result = do_sweep(target, param, values, dest, wire=wire, epochs=epochs, aux_fraction=aux_fraction,
-                                  seed=seed, decoder_epochs=decoder_epochs, progress=progress)
+                                  seed=seed, decoder_epochs=decoder_epochs, progress=progress, ray=ray)
                 bar.update(task, advance=1)
     except (AuditError, PlanError) as e:
         _fail(str(e))
@@ -589,7 +608,10 @@ def compare_cmd(plan: Path = typer.Argument(..., help="a split plan (.toml): one
                 epochs: Optional[int] = typer.Option(None, min=1, help="override the plan's epochs"),
                 out: Path = typer.Option(Path("runs/compare"), help="folder for METHOD/result.json, compare.json/.md "
                                                                     "and the two pictures"),
-                force: bool = typer.Option(False, "--force", help="write over an --out folder that holds files")) -> None:
+                force: bool = typer.Option(False, "--force", help="write over an --out folder that holds files"),
+                ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="train the methods as Ray "
+                                                  "tasks in parallel: ADDRESS of a cluster or 'local' (pip install "
+                                                  "'splitlearn[ray]')")) -> None:
     """Train split learning and its baselines on the same model, data and partition; tabulate
     per-client TFLOPs, GB and accuracy beside the cost model's prediction, and draw the seed's
     two pictures (accuracy vs per-client computation, per-client bytes)."""
@@ -615,7 +637,8 @@ def compare_cmd(plan: Path = typer.Argument(..., help="a split plan (.toml): one
             bar.update(task, description=f"compare: {method}")
 
         try:
-            table = run_compare(plan, clients, chosen, out=out, partition=partition, epochs=epochs, progress=progress)
+            table = run_compare(plan, clients, chosen, out=out, partition=partition, epochs=epochs, progress=progress,
+                                ray=ray)
         except PlanError as e:
             _fail(str(e))
         except RunError as e:

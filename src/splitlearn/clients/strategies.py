@@ -22,11 +22,26 @@ if TYPE_CHECKING:
 __all__ = ["Strategy", "STRATEGIES", "strategy_of", "ring_neighbours"]
 
 
+def _position(plan: Plan, name: str) -> int:
+    """A client's place in the ring, 0-based, from its name ``template-k`` (no list of names)."""
+    spec = plan.clients
+    prefix = f"{spec.template}-"
+    k = int(name[len(prefix):]) if name.startswith(prefix) and name[len(prefix):].isdigit() else 0
+    if not 1 <= k <= spec.count or name != f"{prefix}{k}":
+        raise ValueError(f"{name!r} is not a client of this plan")
+    return k - 1
+
+
 def ring_neighbours(plan: Plan, a: str, b: str) -> bool:
     """Clients next to each other in the ring of client names: k and k+1, N and 1."""
-    names = plan.clients.names()
-    i, j = names.index(a), names.index(b)
-    return abs(i - j) == 1 or {i, j} == {0, len(names) - 1}
+    i, j, n = _position(plan, a), _position(plan, b), plan.clients.count
+    return abs(i - j) == 1 or {i, j} == {0, n - 1}
+
+
+def _ring_of(plan: Plan, client: str) -> set[str]:
+    """The ring neighbours of ``client`` (found by position, not by comparing with every client)."""
+    i, n, t = _position(plan, client), plan.clients.count, plan.clients.template
+    return {f"{t}-{(i + d) % n + 1}" for d in (-1, 1)} - {client} if n > 1 else set()
 
 
 class Strategy:
@@ -92,7 +107,7 @@ class Sequential(Strategy):
     def weight_senders(self, plan: Plan, client: str) -> set[str]:
         if plan.clients.handoff != "peer":
             return set()
-        return {c for c in plan.clients.names() if c != client and ring_neighbours(plan, c, client)}
+        return _ring_of(plan, client)
 
     def describe(self, plan: Plan) -> dict[str, Any]:
         return {"handoff": plan.clients.handoff}

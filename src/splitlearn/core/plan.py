@@ -114,6 +114,13 @@ class OptimizerSpec(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
 
 
+class ResourcesSpec(_Strict):
+    """What a party's process asks of a Ray cluster (``splitlearn run --ray``)."""
+
+    num_cpus: float | None = Field(None, ge=0.0)
+    num_gpus: float | None = Field(None, ge=0.0)
+
+
 class PartySpec(_Strict):
     """One party: the data fields it holds (local name -> field) and its optimizer."""
 
@@ -123,6 +130,7 @@ class PartySpec(_Strict):
     address: str | None = Field(None, pattern=r"^[\w.\-\[\]:]+:\d+$")  # where it listens ("host:port")
     dial_out: bool = False  # behind a firewall: it connects to its neighbours, never listens
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")  # where it computes (auto: cuda if present)
+    resources: ResourcesSpec | None = None  # asked of a Ray cluster for its process (each client's, for a template)
 
     @model_validator(mode="before")
     @classmethod

@@ -129,11 +129,32 @@ def _data_shape(plan: Plan) -> tuple[tuple[int, ...], int]:
     return tuple(x.shape[1:]), len(splits_for(plan, table).train)
 
 
-def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None = None, *, out: Path,
-                partition: dict | None = None, epochs: int | None = None, progress=None) -> dict[str, Any]:
-    """Train every method, write ``OUT/METHOD/result.json``, ``OUT/compare.json``, ``OUT/compare.md``
-    and the two pictures; return the table."""
+def _train_here(p: Plan, dest: Path) -> dict[str, Any]:
     from ..api import train
+
+    return dict(train(p, out=dest))
+
+
+def _train_shipped(p: Plan) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A Ray task: train in a folder of the worker's own and send back the result and its files."""
+    import tempfile
+
+    from ..api import train
+    from ..run.onray import folder_files
+
+    with tempfile.TemporaryDirectory(prefix="splitlearn-compare-") as tmp:
+        result = dict(train(p, out=Path(tmp)))
+        return result, folder_files(Path(tmp))
+
+
+def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None = None, *, out: Path,
+                partition: dict | None = None, epochs: int | None = None, progress=None,
+                ray: str | None = None) -> dict[str, Any]:
+    """Train every method, write ``OUT/METHOD/result.json``, ``OUT/compare.json``, ``OUT/compare.md``
+    and the two pictures; return the table. ``ray``: train the methods as Ray tasks, in parallel as
+    the cluster at that address allows ("local": a cluster on this machine)."""
+    from ..run.onray import TaskFailure, run_tasks, write_files
+    from ..run.session import RunError
 
     plan = load_plan(plan).with_train(epochs=epochs)
     methods = list(methods or DEFAULT_METHODS)
@@ -143,11 +164,28 @@ def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None
     out = Path(out)
     shape, train_rows = _data_shape(plan)  # the same data for every method
     rows = []
-    for m in methods:
-        p = method_plan(plan, m, clients, partition)
+    plans = {m: method_plan(plan, m, clients, partition) for m in methods}
+    if ray is None:
+        def tell(i: int, value: Any) -> None:  # the next method starts
+            if i + 1 < len(methods) and progress is not None:
+                progress(methods[i + 1])
+
         if progress is not None:
-            progress(m)
-        result = train(p, out=out / m)
+            progress(methods[0])
+        done = run_tasks(_train_here, [(plans[m], out / m) for m in methods], progress=tell)
+    else:
+        done = run_tasks(_train_shipped, [(plans[m],) for m in methods], ray_address=ray, use_ray=True,
+                         progress=lambda i, value: progress(methods[i]) if progress is not None else None)
+    failed = {m: d.error for m, d in zip(methods, done) if isinstance(d, TaskFailure)}
+    if failed:
+        raise RunError({f"method {m}": e for m, e in failed.items()})
+    for m, d in zip(methods, done):
+        p = plans[m]
+        if ray is not None:
+            result, files = d
+            write_files(out / m, files)
+        else:
+            result = d
         if p.clients is None:
             flops, nbytes = float(next(iter(result["parties"].values()))["flops"]), 0.0
         else:

@@ -136,6 +136,10 @@ def _table(result: dict[str, Any]) -> str:
     head = ["value", "test accuracy", *(FIGURES[k] for k in keys), *(["epsilon (noise)"] if dp else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in rows:
+        if r.get("failed"):  # failures as data: the setting's error in the table, the others finished
+            cells = [f"{r['value']:g}", f"failed: {r['failed'][:200]}".replace("|", "/")] + [""] * (len(head) - 2)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         acc = "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
         cells = [f"{r['value']:g}", acc] + ["n/a" if r.get(k) is None else f"{r[k]:.4f}" for k in keys]
         if dp:
@@ -146,13 +150,15 @@ def _table(result: dict[str, Any]) -> str:
 
 def sweep(plan_path: str | Path | Plan, param: str, values: list[float], out: str | Path, wire: str | None = None,
           epochs: int | None = None, *, aux_fraction: float = 0.1, seed: int = 0, decoder_epochs: int = 200,
-          train_seed: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+          train_seed: int | None = None, progress: Callable[[str], None] | None = None,
+          ray: str | None = None) -> dict[str, Any]:
     """Train ``plan_path`` once per value of ``param`` on the chosen wire(s), audit every run and
     tabulate test accuracy against the leakage figures of those wires (the worst over them when
     there are several). ``epochs``/``train_seed`` override the plan's training settings;
     ``aux_fraction``, ``seed``, ``decoder_epochs`` go to :func:`~splitlearn.tools.audit.audit_run`;
-    ``progress`` is told what is being done."""
-    from ...api import train
+    ``progress`` is told what is being done; ``ray``: every setting as a Ray task, in parallel as
+    the cluster at that address allows ("local": one on this machine). A setting that fails is
+    listed as failed; the others finish."""
     from .figures import sweep_plot
 
     if param not in PARAMS:
@@ -166,25 +172,32 @@ def sweep(plan_path: str | Path | Plan, param: str, values: list[float], out: st
     wires = swept_wires(graph, param, wire)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    from ...run.onray import TaskFailure, run_tasks, write_files
+
+    items = [(plan_with(base, param, v, wires), v, [w.name for w in wires], [w.src_party for w in wires], epochs,
+              train_seed, aux_fraction, seed, decoder_epochs) for v in values]
+    if progress is not None:
+        progress(f"{param}={values[0]:g}: training {base.name} and auditing it"
+                 + (f" ({len(values)} settings as Ray tasks)" if ray is not None else ""))
+
+    def tell(i: int, value: Any) -> None:
+        if progress is not None and i + 1 < len(values):
+            progress(f"{param}={values[i + 1]:g}: training {base.name} and auditing it")
+
+    if ray is None:
+        done = run_tasks(_setting_here, [(*item, out / f"{param}={item[1]:g}") for item in items], progress=tell)
+    else:
+        done = run_tasks(_setting_shipped, items, ray_address=ray, use_ray=True, progress=tell)
     rows = []
-    for v in values:
-        plan = plan_with(base, param, v, wires)
+    for v, d in zip(values, done):
         run_dir = out / f"{param}={v:g}"
-        if progress is not None:
-            progress(f"{param}={v:g}: training {base.name} and auditing it ({run_dir})")
-        result = train(plan, epochs=epochs, seed=train_seed, out=run_dir)
-        audit = audit_run(run_dir, aux_fraction=aux_fraction, seed=seed, epochs=decoder_epochs)
-        per_wire = {w.name: _figures(audit["wires"][w.name]) for w in wires}
-        worst = {k: (_WORST[k](xs) if (xs := [f[k] for f in per_wire.values() if f[k] is not None]) else None)
-                 for k in FIGURES}
-        row = {"value": v, "test_accuracy": result["metrics"].get("test_accuracy"), **worst, "wires": per_wire,
-               "run": str(run_dir)}
-        spent = [result["parties"][w.src_party].get("privacy", {}).get(w.name) for w in wires]
-        if any(spent):  # the noise's (epsilon, delta), as the run accounted it; None where unbounded (sigma 0)
-            eps = [p["epsilon"] for p in spent if p]
-            row["epsilon"] = max(eps) if all(math.isfinite(e) for e in eps) else None
-            row["delta"] = max(p["delta"] for p in spent if p)
-        rows.append(row)
+        if isinstance(d, TaskFailure):
+            rows.append({"value": v, "failed": d.error, "test_accuracy": None, "run": str(run_dir)})
+            continue
+        row, files = d
+        if files is not None:
+            write_files(run_dir, files)
+        rows.append({**row, "run": str(run_dir)})
     summary = {"plan": base.name, "param": param, "description": PARAMS[param], "wires": [w.name for w in wires],
                "values": values, "epochs": epochs or base.train.epochs, "rows": rows}
     from ...run.results import write_json
@@ -196,5 +209,38 @@ def sweep(plan_path: str | Path | Plan, param: str, values: list[float], out: st
     (out / "sweep.md").write_text(
         f"# Sweep of {param} on {', '.join(w.name for w in wires)} ({base.name}, {summary['epochs']} epochs)\n\n"
         f"{PARAMS[param]}.\n{note}\n{_table(summary)}\n")
-    sweep_plot(out / "sweep.png", param, rows, FIGURES)
+    sweep_plot(out / "sweep.png", param, [r for r in rows if not r.get("failed")], FIGURES)
     return summary
+
+
+def _setting(plan: Plan, value: float, wire_names: list[str], senders: list[str], epochs: int | None,
+             train_seed: int | None, aux_fraction: float, seed: int, decoder_epochs: int, run_dir: Path) -> dict:
+    """Train one setting into ``run_dir``, audit it; its row of the table."""
+    from ...api import train
+
+    result = train(plan, epochs=epochs, seed=train_seed, out=run_dir)
+    audit = audit_run(run_dir, aux_fraction=aux_fraction, seed=seed, epochs=decoder_epochs)
+    per_wire = {w: _figures(audit["wires"][w]) for w in wire_names}
+    worst = {k: (_WORST[k](xs) if (xs := [f[k] for f in per_wire.values() if f[k] is not None]) else None)
+             for k in FIGURES}
+    row = {"value": value, "test_accuracy": result["metrics"].get("test_accuracy"), **worst, "wires": per_wire}
+    spent = [result["parties"][p].get("privacy", {}).get(w) for w, p in zip(wire_names, senders)]
+    if any(spent):  # the noise's (epsilon, delta), as the run accounted it; None where unbounded (sigma 0)
+        eps = [p["epsilon"] for p in spent if p]
+        row["epsilon"] = max(eps) if all(math.isfinite(e) for e in eps) else None
+        row["delta"] = max(p["delta"] for p in spent if p)
+    return row
+
+
+def _setting_here(*args: Any) -> tuple[dict, None]:
+    return _setting(*args), None
+
+
+def _setting_shipped(*args: Any) -> tuple[dict, dict[str, bytes]]:
+    """A Ray task: the setting in a folder of the worker's own; its row and the folder's files."""
+    import tempfile
+
+    from ...run.onray import folder_files
+
+    with tempfile.TemporaryDirectory(prefix="splitlearn-sweep-") as tmp:
+        return _setting(*args, Path(tmp)), folder_files(Path(tmp))

@@ -1,0 +1,114 @@
+"""splitlearn on a Ray cluster: party processes as actors (mutual TLS between them, as in a
+deployment), compare methods and sweep settings as tasks. On a local Ray instance started here
+(two CPUs, loopback only)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'splitlearn[ray]'); .ci/run installs it")
+
+import splitlearn  # noqa: E402
+from splitlearn.core.load import load_plan  # noqa: E402
+from splitlearn.run.onray import launch_ray  # noqa: E402
+from splitlearn.run.processes import launch  # noqa: E402
+from splitlearn.run.session import RunError  # noqa: E402
+
+from .conftest import EXAMPLES  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for party in sorted((folder / "parties").iterdir()):
+        f = party / "weights.safetensors"
+        if f.is_file():
+            out.update({f"{party.name}/{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def test_the_vanilla_plan_through_ray_equals_the_local_process_run(cluster, tmp_path):
+    local = launch(EXAMPLES / "vanilla.toml", tmp_path / "local", epochs=2)
+    on_ray = launch_ray(EXAMPLES / "vanilla.toml", tmp_path / "ray", epochs=2)
+    assert on_ray["transport"] == "grpc+mtls+ray"
+    a, b = _weights(tmp_path / "local"), _weights(tmp_path / "ray")
+    assert a.keys() == b.keys() and a
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    assert on_ray["metrics"] == local["metrics"]
+    for p in local["parties"]:
+        assert on_ray["parties"][p]["flops"] == local["parties"][p]["flops"]
+        assert on_ray["parties"][p]["bytes_sent"] == local["parties"][p]["bytes_sent"]
+
+
+def test_ten_clients_as_actors_complete_with_the_in_process_accuracy(cluster, tmp_path):
+    plan = load_plan(EXAMPLES / "sequential.toml").with_train(epochs=1)
+    on_ray = launch_ray(EXAMPLES / "sequential.toml", tmp_path / "ray", epochs=1)
+    same = splitlearn.train(plan, out=tmp_path / "in-process")
+    assert on_ray["schedule"]["clients"] == 10 and not on_ray["skipped"]
+    assert on_ray["metrics"]["test_accuracy"] == same["metrics"]["test_accuracy"] > 0.5
+
+
+def test_a_killed_actor_is_reported_by_its_party_name(cluster, tmp_path):
+    plan = tmp_path / "long.toml"
+    plan.write_text((EXAMPLES / "vanilla.toml").read_text().replace("seed = 0", "seed = 0\nreconnect_timeout = 5", 1))
+    failure: dict = {}
+
+    def run() -> None:
+        try:
+            launch_ray(plan, tmp_path / "ray", epochs=50)
+        except RunError as e:
+            failure["errors"] = e.errors
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 120
+    victim = None
+    while victim is None and time.monotonic() < deadline:
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)] \
+            if hasattr(ray.util, "list_named_actors") else []
+        victim = next((n for n in names if n.endswith("-server")), None)
+        time.sleep(0.5)
+    assert victim is not None
+    time.sleep(8)  # mid-run
+    ray.kill(ray.get_actor(victim))
+    t.join(timeout=120)
+    assert not t.is_alive()
+    assert "server" in failure["errors"] and "Ray actor died" in failure["errors"]["server"]
+
+
+def test_a_two_by_two_sweep_runs_as_four_tasks_and_writes_the_same_table(cluster, tmp_path):
+    from splitlearn.tools.audit import sweep
+
+    kw = dict(epochs=1, decoder_epochs=5)
+    here = sweep(EXAMPLES / "nopeek.toml", "nopeek.alpha", [0.0, 0.5], tmp_path / "here", **kw)
+    there = sweep(EXAMPLES / "nopeek.toml", "nopeek.alpha", [0.0, 0.5], tmp_path / "there", ray="local", **kw)
+    assert (tmp_path / "here" / "sweep.md").read_text() == (tmp_path / "there" / "sweep.md").read_text()
+    assert [r["test_accuracy"] for r in here["rows"]] == [r["test_accuracy"] for r in there["rows"]]
+    for v in ("0", "0.5"):  # each setting's run folder came back from its task
+        assert json.loads((tmp_path / "there" / f"nopeek.alpha={v}" / "result.json").read_text())["metrics"]
+
+
+def _fails_on_two(x: int) -> int:
+    if x == 2:
+        raise ValueError("setting 2 cannot be trained")
+    return x * 10
+
+
+def test_a_failing_task_is_data_and_the_others_finish(cluster):
+    from splitlearn.run.onray import TaskFailure, run_tasks
+
+    got = run_tasks(_fails_on_two, [(1,), (2,), (3,)], use_ray=True)
+    assert got[0] == 10 and got[2] == 30
+    assert isinstance(got[1], TaskFailure) and "setting 2 cannot be trained" in got[1].error
