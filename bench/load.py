@@ -106,7 +106,8 @@ def main() -> None:
             result, seconds, pss, procs, private = measure(plan_file, Path(tmp) / "run")
         acc, ref_acc = result["metrics"]["test_accuracy"], ref["metrics"]["test_accuracy"]
         rows.append((schedule, procs, seconds, ref_s, pss, private, acc, ref_acc, len(result.get("skipped", []))))
-        print(schedule, procs, f"{seconds:.0f} s", f"{pss / 1024:.0f} MiB", acc, ref_acc, flush=True)
+        print(schedule, procs, f"{seconds:.0f} s", f"{pss / 1024:.0f} MiB", f"private {private / 1024:.0f} MiB", acc, ref_acc,
+              flush=True)
     lines = [
         f"## {n} client processes over mutual TLS",
         "",

@@ -88,15 +88,19 @@ def test_a_killed_actor_is_reported_by_its_party_name(cluster, tmp_path):
     assert "server" in failure["errors"] and "Ray actor died" in failure["errors"]["server"]
 
 
-def test_a_two_by_two_sweep_runs_as_four_tasks_and_writes_the_same_table(cluster, tmp_path):
+def test_a_four_setting_sweep_runs_as_four_tasks_and_writes_the_same_table(cluster, tmp_path):
+    """A sweep sets one parameter; four values are four Ray tasks (a 2x2 grid of two parameters is
+    not a sweep splitlearn has: see the notes of the Ray issue)."""
     from splitlearn.tools.audit import sweep
 
     kw = dict(epochs=1, decoder_epochs=5)
-    here = sweep(EXAMPLES / "nopeek.toml", "nopeek.alpha", [0.0, 0.5], tmp_path / "here", **kw)
-    there = sweep(EXAMPLES / "nopeek.toml", "nopeek.alpha", [0.0, 0.5], tmp_path / "there", ray="local", **kw)
+    values = [0.0, 0.25, 0.5, 1.0]
+    here = sweep(EXAMPLES / "nopeek.toml", "nopeek.alpha", values, tmp_path / "here", **kw)
+    there = sweep(EXAMPLES / "nopeek.toml", "nopeek.alpha", values, tmp_path / "there", ray="local", **kw)
     assert (tmp_path / "here" / "sweep.md").read_text() == (tmp_path / "there" / "sweep.md").read_text()
     assert [r["test_accuracy"] for r in here["rows"]] == [r["test_accuracy"] for r in there["rows"]]
-    for v in ("0", "0.5"):  # each setting's run folder came back from its task
+    assert not any(r.get("failed") for r in there["rows"])
+    for v in ("0", "0.25", "0.5", "1"):  # each setting's run folder came back from its task
         assert json.loads((tmp_path / "there" / f"nopeek.alpha={v}" / "result.json").read_text())["metrics"]
 
 

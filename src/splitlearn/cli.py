@@ -238,7 +238,11 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
           data: Optional[Path] = typer.Option(None, help="this party's own rows (.csv, .parquet, .npz, a folder of "
                                               "images or MNIST files); wins over the plan's data settings"),
           resume: bool = typer.Option(False, "--resume", help="go on from the last checkpoint in --out that every "
-                                      "party holds (start every party with --resume)")) -> None:
+                                      "party holds (start every party with --resume)"),
+          rejoin_wait: Optional[float] = typer.Option(None, "--rejoin-wait", min=0.0, help="[clients] coordinator: "
+                                                      "seconds to wait for a failed party to come back as a new "
+                                                      "process [default: the plan's reconnect_timeout; 0: skip it "
+                                                      "at once]")) -> None:
     """Run one party of PLAN on this machine, talking to its neighbours over gRPC."""
     from .run.processes import progress_line, run_one_party
     from .wire.messages import Limits
@@ -259,7 +263,7 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
                                step_timeout=step_timeout, on_step=on_step if progress else None, dial_out=dial_out,
                                limits=Limits(message_bytes=int(max_message_mb * 2**20),
                                              tensor_bytes=int(max_message_mb * 2**20)), log=log, data=data,
-                               resume=resume)
+                               resume=resume, rejoin_wait=rejoin_wait)
     except Exception as e:  # noqa: BLE001 - every failure of a party is reported the same way
         text = str(e) if isinstance(e, (PlanError, RunError, RuntimeError, OSError, ValueError)) else repr(e)
         if out is not None:
@@ -457,6 +461,10 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
     if sweep is not None:
         from .tools.audit.sweep import FIGURES
 
+        failed = [r for r in result["rows"] if r.get("failed")]
+        for r in failed:
+            err.print(f"[bold red]setting {param}={r['value']:g} failed:[/] {escape(r['failed'])}", highlight=False)
+
         keys = [k for k in FIGURES if any(r.get(k) is not None for r in result["rows"])]
         dp = any("delta" in r for r in result["rows"])
         table = Table(title=f"{result['param']} on {', '.join(result['wires'])} ({result['plan']}, "
@@ -464,12 +472,17 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
         for col in ("value", "test accuracy", *(FIGURES[k] for k in keys), *(["epsilon"] if dp else [])):
             table.add_column(col, justify="right")
         for r in result["rows"]:
+            if r.get("failed"):
+                table.add_row(f"{r['value']:g}", "[red]failed[/]", *([""] * (len(keys) + dp)))
+                continue
             eps = ([("unbounded" if r.get("epsilon") is None else f"{r['epsilon']:.3g}")] if dp else [])
             table.add_row(f"{r['value']:g}", num(r["test_accuracy"]), *(num(r.get(k)) for k in keys), *eps)
         console.print(table)
         if len(result["wires"]) > 1:
             console.print("leakage figures: the worst over the wires (largest dCor, SSIM, AUCs; smallest MSE)")
         console.print(f"wrote {dest / 'sweep.json'}, {dest / 'sweep.md'} and {dest / 'sweep.png'}")
+        if failed:
+            raise typer.Exit(1)
         return
 
     acc = result.get("test_accuracy")

@@ -184,6 +184,7 @@ class _Answer:
 
 
 MAX_PENDING = 100  # commands a follower keeps while it waits for weights
+MAX_GOING_BACK = 20  # times a run may go back to a checkpoint (a party that fails every time ends it)
 
 
 # -- one physical party ------------------------------------------------------------------------
@@ -655,6 +656,11 @@ class Follower(Role):
         self._ack(request, held=self.checkpoints.steps())
 
     def _restore(self, request: int, a: dict) -> None:
+        if a["round"] is None:  # no checkpoint in common: from the start
+            self.checkpoints.clear()
+            self.resuming = False
+            self._ack(request, restored="start")
+            return
         rnd = int(a["round"])
         if rnd not in self.checkpoints.steps():
             self._ack(request, restored=None)
@@ -728,6 +734,8 @@ class Coordinator(Role):
             if self.checkpoints is not None:
                 i = self.go_back(everyone, "resuming") if self.resuming else None
                 if i is None:  # from the start: every party saves its state before the first round
+                    if self.resuming:  # nothing in common: every party (resuming too) begins again
+                        self.begin_again(everyone)
                     self.checkpoint_everyone(-1, everyone)
                     i = 0
             while i < len(self.rounds):
@@ -786,12 +794,25 @@ class Coordinator(Role):
             if p not in ans and rnd is not None:
                 self._skip(rnd, p, "checkpoint", f"it did not say within {self.timeout:g} s that it saved its state")
 
+    def begin_again(self, everyone: list[str]) -> None:
+        """Resuming, but no checkpoint is held by every party: every party begins the run again."""
+        rid = next(self._requests)
+        for p in everyone:
+            try:
+                self._command(p, request=rid, do="restore", round=None, attempt=0)
+            except TransportError:
+                pass
+        self._acks(everyone, self.timeout, rid, has="restored")
+        self.checkpoints.clear()
+        self.resuming = False
+        log.warning("%s: resuming, but no checkpoint is held by every party: from the start", self.name)
+
     def go_back(self, everyone: list[str], why: str) -> int | None:
         """Every party goes back to the last round whose checkpoint all of them hold; the index of
         the round to do next (None: no round is held by all). Parties that do not answer are left
         out (and reported)."""
         if self.per_client and self._counts is not None:  # a new process knows no row counts yet
-            for p in self._returned & set(self.clients):
+            for p in self._returned & set(everyone):
                 try:
                     self._command(p, do="rows", train=self._counts[0], test=self._counts[1])
                 except TransportError:
@@ -807,15 +828,24 @@ class Coordinator(Role):
         for p, info in ans.items():
             held = info["held"] if isinstance(info["held"], list) else []
             common &= {r for r in held if type(r) is int}
-        missing = [p for p in everyone if p not in ans]
+        missing = [p for p in everyone if p not in ans and p not in self._waited]
+        if missing:  # it would keep a later state than the others: the run could not stay consistent
+            raise PartyError(f"{self.name}: {why}, but {missing[:5]} did not say within {self.timeout:g} s which "
+                             "checkpoints they hold, so not every party can go back to the same round")
         if not common:
             log.warning("%s: %s, but no checkpoint is held by every party", self.name, why)
             return None
         rnd = max(common)
         self.attempt += 1
+        if self.attempt > MAX_GOING_BACK:
+            raise PartyError(f"{self.name}: the parties went back to a checkpoint {MAX_GOING_BACK} times; giving up "
+                             f"({why})")
         rid = next(self._requests)
         for p in ans:
-            self._command(p, request=rid, do="restore", round=rnd, attempt=self.attempt)
+            try:
+                self._command(p, request=rid, do="restore", round=rnd, attempt=self.attempt)
+            except TransportError as e:
+                raise PartyError(f"{self.name}: {why}; cannot tell {p} to go back to round {rnd}: {e}") from None
         self.restore(rnd, self.attempt)
         got = self._acks(list(ans), 3 * self.timeout, rid, has="restored")
         failed = [p for p in ans if got.get(p, {}).get("restored") != rnd]
@@ -823,26 +853,22 @@ class Coordinator(Role):
             raise PartyError(f"{self.name}: {why}; going back to the end of round {rnd}, {failed} did not")
         log.warning("%s: %s; every party went back to the end of round %d", self.name, why, rnd)
         self._returned.clear()
-        after = next((i for i, r in enumerate(self.rounds) if r.index > rnd), len(self.rounds))
-        for p in missing:
-            self.skipped.append({"round": after, "client": p, "during": "going back to a checkpoint",
-                                 "reason": f"it did not say which checkpoints it holds within {self.timeout:g} s"})
-        return after
+        return next((i for i, r in enumerate(self.rounds) if r.index > rnd), len(self.rounds))
 
-    def _came_back(self, party: str) -> bool:
-        """Whether ``party``, having failed, comes back as a new process within ``returns`` seconds
-        (once per party: one that does not is skipped at once afterwards)."""
-        if party in self._returned:
-            return True
-        if party in self._waited:
-            return False
-        log.warning("%s: waiting up to %g s for %s to come back", self.name, self.returns, party)
-        self._await(Kind.ACK, [party], self.returns, match=lambda msg: False,  # a 'back' ends up in _returned
-                    until=lambda: party in self._returned)
-        if party in self._returned:
-            return True
+    def _came_back(self, party: str) -> str | None:
+        """The party that came back as a new process (``party``, which failed, or another: the
+        failure may be a neighbour's), waiting up to ``returns`` seconds for one; None if none did
+        (``party`` is then not waited for again). Parties given up on are not taken back."""
+        self._returned -= self._waited
+        if not self._returned and party not in self._waited:
+            log.warning("%s: waiting up to %g s for %s to come back", self.name, self.returns, party)
+            self._await(Kind.ACK, [party], self.returns, match=lambda msg: False,  # a 'back' ends up in _returned
+                        until=lambda: bool(self._returned - self._waited))
+            self._returned -= self._waited
+        if self._returned:
+            return sorted(self._returned)[0]
         self._waited.add(party)
-        return False
+        return None
 
     def _progress(self, rnd: Round) -> Progress:
         losses = [v["train_loss"] for r in self.records if r["round"] == rnd.index and r["mode"] == "train"
@@ -894,8 +920,9 @@ class Coordinator(Role):
         self.use_counts(train, test)
 
     def _skip(self, rnd: Round, party: str, what: str, why: str) -> None:
-        if self.checkpoints is not None and self.returns > 0 and self._came_back(party):
-            raise _Returned(party)  # it comes back as a new process: every party goes back to a checkpoint
+        back = self._came_back(party) if self.checkpoints is not None and self.returns > 0 else None
+        if back is not None:
+            raise _Returned(back)  # it comes back as a new process: every party goes back to a checkpoint
         self.skipped.append({"round": rnd.index, "client": party, "during": what, "reason": why})
         log.warning("%s: skipped %s in round %d (%s): %s", self.name, party, rnd.index, what, why)
 

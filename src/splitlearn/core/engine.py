@@ -458,7 +458,7 @@ class Party:
             return
         problem = self._early_problem(msg, wire)
         held = self._held.setdefault(msg.sender, [0, 0])
-        if problem is None and held[0] >= self.limits.early_messages:
+        if problem is None and held[0] >= self.limits.early_messages * self.pipeline:  # (per micro-batch)
             problem = f"{held[0]} messages of later steps are held already (Limits.early_messages)"
         if problem is None and held[1] + msg.payload_bytes > self.limits.early_bytes:
             problem = (f"{held[1]} bytes of later steps are held already and {msg.payload_bytes} more would pass "

@@ -45,12 +45,17 @@ class Forked:
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
+        if self.returncode is None and self.forker.proc.poll() is not None:  # nobody reports for it any more
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                self.returncode = -9
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.forker.cond:
-            while self.returncode is None:
+            while self.poll() is None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     import subprocess
@@ -93,10 +98,7 @@ class Forker:
                 elif "pid" in msg:
                     self.started[msg["name"]] = msg["pid"]
                 self.cond.notify_all()
-        with self.cond:  # the forker is gone: so are the children it did not report
-            for child in self.by_pid.values():
-                if child.returncode is None:
-                    child.returncode = -9
+        with self.cond:  # the forker is gone: its children are watched by pid from now on (Forked.poll)
             self.cond.notify_all()
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -183,7 +185,7 @@ def _child(request: dict[str, Any]) -> None:
             os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(out, 1)
         os.dup2(err, 2)
-        gc.unfreeze()
+        # the inherited objects stay frozen: a collection over them would write to every shared page
         from splitlearn.cli import app
 
         sys.argv = ["splitlearn", *request["argv"]]

@@ -125,21 +125,29 @@ class _PartyActor:
     def __init__(self, name: str):
         self.name = name
         self.port = None
+        self._held = None  # the port's socket, bound until the party listens on it
 
     def address(self, listens: bool) -> str:
-        """Where its neighbours dial it: this node's address and a free port (if it listens)."""
+        """Where its neighbours dial it: this node's address and a port the kernel gave this actor
+        (held bound until the party listens: two actors of one node never get the same)."""
+        import socket
+
         import ray
 
-        from .processes import _free_port
-
         host = ray.util.get_node_ip_address()
-        self.port = _free_port() if listens else None
-        return f"{host}:{self.port}" if listens else host
+        if not listens:
+            return host
+        self._held = socket.socket()
+        self._held.bind(("0.0.0.0", 0))
+        self.port = self._held.getsockname()[1]
+        return f"{host}:{self.port}"
 
     def run(self, plan_path: str, certs: dict[str, bytes] | None, peers: dict[str, str], options: dict) -> dict:
         """Run the party; its folder's files and its error (None when it finished)."""
         from .processes import run_one_party
 
+        if self._held is not None:  # the party binds it now
+            self._held.close()
         with tempfile.TemporaryDirectory(prefix=f"splitlearn-{self.name}-") as tmp:
             cert_dir = None
             if certs is not None:
@@ -149,7 +157,7 @@ class _PartyActor:
             error = None
             try:
                 run_one_party(plan_path, self.name, certs=cert_dir, listen=f"0.0.0.0:{self.port}" if self.port else None,
-                              peers=peers, out=out, **options)
+                              peers=peers, out=out, rejoin_wait=0.0, **options)
             except Exception as e:  # noqa: BLE001 - told to the driver, by party
                 error = str(e) or type(e).__name__
             folder = out / "parties" / self.name

@@ -68,13 +68,16 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
                   peers: dict[str, str] | None = None, out: Path | None = None, epochs: int | None = None,
                   seed: int | None = None, connect_timeout: float = 60.0, step_timeout: float | None = None,
                   on_step=None, dial_out: list[str] = (), limits: Limits | None = None,
-                  log: str | None = None, data: str | Path | None = None, resume: bool = False) -> PartyReport:
+                  log: str | None = None, data: str | Path | None = None, resume: bool = False,
+                  rejoin_wait: float | None = None) -> PartyReport:
     """Run physical party ``name`` of the plan in this process, over gRPC. ``certs=None`` means
     insecure. ``step_timeout`` bounds each step as a whole (default 120 s; with ``[clients]``,
     ``clients.timeout``); ``limits`` what a peer may make it hold; ``log`` where a party that
     computes a loss streams its metrics (``tensorboard[:DIR]``, ``mlflow[:URI]``); ``data`` this
     party's own file (``--data``), instead of the plan's data settings; ``resume``: go on from the
-    last checkpoint in ``out`` that every party holds."""
+    last checkpoint in ``out`` that every party holds; ``rejoin_wait``: how long the coordinator of a
+    ``[clients]`` plan waits for a failed party to come back as a new process (default: the plan's
+    ``reconnect_timeout``)."""
     from ..wire.transport.grpc import GrpcTransport
     from .tracking import parse_log
     from ..wire.transport.tls import load_credentials
@@ -124,7 +127,8 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
         timeout = step_timeout if step_timeout is not None else (None if plan.clients else 120.0)
         if resume and out is None:
             raise PlanError("--resume needs the --out folder whose checkpoints to go on from", entry="--resume")
-        role = {"returns": plan.train.reconnect_timeout} if plan.clients is not None else {}
+        role = {"returns": plan.train.reconnect_timeout if rejoin_wait is None else rejoin_wait} \
+            if plan.clients is not None else {}
         part = physical_party(plan, name, setup, transport, timeout=timeout, record=out is not None, limits=limits,
                               tracking=tracking, out=out, resume=resume, **role)
         report = part.run(on_step)
@@ -213,6 +217,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                         "--listen", f"127.0.0.1:{ports[name]}", "--progress" if follow else "--quiet"]
                 argv += ["--insecure"] if insecure else ["--certs", certs]
                 argv += ["--resume"] if resume else []
+                argv += ["--rejoin-wait", "0"] if plan.clients is not None else []  # nobody restarts a party here
                 # every process imports torch before it connects: on few cores many take a while to start
                 argv += ["--connect-timeout", str(max(60, 2 * len(topo.names)))]
                 for peer in topo.dials(name):
@@ -248,7 +253,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                 if follow:
                     threading.Thread(target=_follow, args=(procs[name].stdout, on_step), daemon=True).start()
             codes = _wait(procs, timeout)
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or a party that could not be started: none is left running
             _stop(procs)
             raise
         finally:

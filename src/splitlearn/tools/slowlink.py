@@ -132,21 +132,24 @@ class SlowLink:
         done = False
 
         async def deliver() -> None:
-            while True:
-                while not queue:
-                    if done:
+            try:
+                while True:
+                    while not queue:
+                        if done:
+                            return
+                        arrived.clear()
+                        await arrived.wait()
+                    at, data = queue.popleft()
+                    wait = at - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    if not data:
                         return
-                    arrived.clear()
-                    await arrived.wait()
-                at, data = queue.popleft()
-                wait = at - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                if not data:
-                    return
-                writer.write(data)
-                await writer.drain()
-                self.bytes[way] += len(data)
+                    writer.write(data)
+                    await writer.drain()
+                    self.bytes[way] += len(data)
+            except (ConnectionError, RuntimeError):  # the other end went away: so does this direction
+                return
 
         sender = asyncio.ensure_future(deliver())
         try:
@@ -162,6 +165,8 @@ class SlowLink:
         finally:
             done = True
             arrived.set()
+            if not sender.done():
+                sender.cancel()
             try:
                 writer.close()
             except RuntimeError:
