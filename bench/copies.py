@@ -60,6 +60,9 @@ def timed(fn, *args, n: int = 50) -> float:
 
 
 def main() -> None:
+    from splitlearn.run.allocator import tune_allocator
+
+    tune_allocator()  # as party processes do: large buffers stay on the heap (no mmap and page faults per copy)
     t = torch.randn(64, 32, 16, 16)
     assert torch.equal(before(t), t) and torch.equal(after(t), t)
     buf = bytearray(t.numpy().tobytes())
@@ -76,8 +79,9 @@ def main() -> None:
         "",
         "Written by `.venv/bin/python bench/copies.py`: one 64 x 32 x 16 x 16 float32 activation "
         f"({mb:.0f} MiB, the bench CNN's) from the sender's tensor to the receiver's, through codec, envelope "
-        "and the gRPC transport's frame (gRPC's own buffers, the same for both, are not counted). Every message "
-        "of a step takes this path: per training step one activation and one gradient.",
+        "and the gRPC transport's frame (gRPC's own buffers, the same for both, are not counted), with the "
+        "allocator tuned as in party processes (`tune_allocator`). Every message of a step takes this path: per "
+        "training step one activation and one gradient.",
         "",
         "| path | full-size copies (by construction) | time per message | copy-equivalents (time / one memcpy) |",
         "|---|---:|---:|---:|",
