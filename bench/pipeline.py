@@ -32,6 +32,7 @@ MODELS = {"bench": ("bench CNN (32x32x3, 32x16x16 crossing)", HERE / "plans" / "
 LINKS = {"loopback": None, "20 ms / 1 Gbit/s": "20ms,1gbit", "50 ms / 100 Mbit/s": "50ms,100mbit"}
 CODECS = {"identity": 4.0, "float16": 2.0, "int8": 1.0}  # bytes per value on the wire
 PIPELINES = [1, 2, 4, 8]
+READING = (HERE / "pipeline_reading.md").read_text() if (HERE / "pipeline_reading.md").exists() else ""
 
 
 def plan_text(path: Path, pipeline: int, codec: str) -> str:
@@ -107,8 +108,8 @@ def main() -> None:
         "batches. Samples/s: training steps after the first; medians of "
         f"{args.repeats} alternated repeats. *Bound*: min(unsplit samples/s, bandwidth / wire bytes per sample one "
         "way). The codec is on the activation and on its gradient. *K*: `[train] pipeline` (1: synchronous). "
-        "*Where the time goes*: the client's compute and wait seconds over the run's training seconds (compute "
-        "includes encoding; wait is time blocked on the link).",
+        "*Client compute, wait*: the client's compute seconds (encoding included) and seconds blocked on the link, "
+        "over the training steps' seconds.",
         "",
     ]
     for m in models:
@@ -127,6 +128,7 @@ def main() -> None:
                     lines.append(f"| {link} | {codec} | {k} | {sps:.0f} | {sps / u:.2f} | {b:.0f} | {sps / b:.2f} "
                                  f"| {comp:.0%}, {wait:.0%} |")
         lines.append("")
+    lines.append(READING)
     write_section("pipeline", "\n".join(lines))
     print("wrote the pipeline section of BENCHMARKS.md")
 
