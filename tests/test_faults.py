@@ -20,6 +20,7 @@ import splitlearn
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import plan_hash
 from splitlearn.run.checkpoint import Checkpoints
+from splitlearn.run.processes import _free_port
 
 from .conftest import EXAMPLES
 from .test_randomness import DROPOUT, PLAN
@@ -211,11 +212,7 @@ def test_one_party_killed_and_restarted_with_resume_while_the_others_wait(tmp_pa
     reference = splitlearn.train(body)
     names = list(body.parties)
     make_certs(names, tmp_path / "certs")
-    ports = {}
-    for n in names:
-        with __import__("socket").socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports[n] = s.getsockname()[1]
+    ports = {n: _free_port() for n in names}
     out = tmp_path / "run"
     from splitlearn.run.allocator import math_threads
 
@@ -296,11 +293,7 @@ def test_one_splitfed_client_killed_and_restarted_with_resume_while_the_others_w
     splitlearn.train(body, out=tmp_path / "reference")
     names = ["server", *body.clients.names()]
     make_certs(names, tmp_path / "certs")
-    ports = {}
-    for n in names:
-        with __import__("socket").socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports[n] = s.getsockname()[1]
+    ports = {n: _free_port() for n in names}
     out, victim = tmp_path / "run", "hospital-2"
     env = {**os.environ, "OMP_NUM_THREADS": str(math_threads(len(names)))}
     procs = {n: subprocess.Popen(_party_cmd(plan, n, tmp_path / "certs", ports, out), env=env,

@@ -19,6 +19,7 @@ from splitlearn.run.processes import launch  # noqa: E402
 from splitlearn.run.session import RunError  # noqa: E402
 
 from .conftest import EXAMPLES  # noqa: E402
+from .test_faults import _weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +27,6 @@ def cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-def _weights(folder):
-    from safetensors.torch import load_file
-
-    out = {}
-    for party in sorted((folder / "parties").iterdir()):
-        f = party / "weights.safetensors"
-        if f.is_file():
-            out.update({f"{party.name}/{k}": v for k, v in load_file(str(f)).items()})
-    return out
 
 
 def test_the_vanilla_plan_through_ray_equals_the_local_process_run(cluster, tmp_path):

@@ -183,9 +183,7 @@ def launch_ray(plan_path: str | Path, out: Path, *, address: str | None = None, 
     """``splitlearn run --ray``: every physical party as a Ray actor (see the module's text); the
     merged result, as :func:`~splitlearn.run.processes.launch` gives it."""
     from ..wire.transport.tls import make_certs
-    from .processes import _child_env
-    from .results import build_result, save_result
-    from .session import PartyReport
+    from .processes import _child_env, gather
     from .setup import prepare
     from .topology import Topology
 
@@ -241,20 +239,4 @@ def launch_ray(plan_path: str | Path, out: Path, *, address: str | None = None, 
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-    fatal = {n: e for n, e in errors.items() if n not in topo.expendable}
-    if fatal:
-        raise RunError(fatal)
-    import json
-
-    reports = {}
-    for n in topo.names:
-        f = out / "parties" / n / "report.json"
-        if f.is_file():
-            reports[n] = PartyReport(**json.loads(f.read_text()))
-        elif n not in topo.expendable:
-            raise RunError({n: "it ended without a report"})
-    result = build_result(plan, reports, {"transport": "grpc" + ("" if insecure else "+mtls") + "+ray"})
-    if plan.clients is not None:
-        result["failed_processes"] = errors
-    save_result(out, plan, result)
-    return result
+    return gather(plan, topo, out, errors, "grpc" + ("" if insecure else "+mtls") + "+ray")

@@ -270,6 +270,17 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
             lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
             errors[name] = (json.loads(err_file.read_text())["error"] if err_file.is_file()
                             else (lines or [f"exit status {code}"])[-1])
+    extra = {"link": {"rtt_s": rtt, "bandwidth_bit_s": bandwidth}} if link is not None else {}
+    result = gather(plan, topo, out, errors, "grpc" + ("" if insecure else "+mtls"), extra)
+    if tracking is not None:
+        finish_tracking(tracking, plan, result)
+    return result
+
+
+def gather(plan: Plan, topo: Topology, out: Path, errors: dict[str, str], transport: str,
+           extra: dict | None = None) -> dict:
+    """The run's result from the party folders in ``out`` (written and saved); RunError naming
+    the parties whose failure ends the run (a client's failure is data: ``failed_processes``)."""
     fatal = {n: e for n, e in errors.items() if n not in topo.expendable}
     if fatal:
         raise RunError(fatal)
@@ -279,15 +290,12 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
         if f.is_file():
             reports[n] = PartyReport(**json.loads(f.read_text()))
         elif n not in topo.expendable:
-            raise RunError({n: f"it exited without writing {f}"})
-    result = build_result(plan, reports, {"transport": "grpc" + ("" if insecure else "+mtls")})
-    if link is not None:
-        result["link"] = {"rtt_s": rtt, "bandwidth_bit_s": bandwidth}
+            raise RunError({n: f"it ended without writing {f}"})
+    result = build_result(plan, reports, {"transport": transport})
+    result.update(extra or {})
     if plan.clients is not None:
         result["failed_processes"] = errors
     save_result(out, plan, result)
-    if tracking is not None:
-        finish_tracking(tracking, plan, result)
     return result
 
 
