@@ -5,6 +5,13 @@ from pathlib import Path
 # plans default to device = "auto", so CUDA is hidden from this process and the party processes
 # it starts. A GPU check is bench/device.py.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# Test workers (pytest -n, pytest-xdist) share the cores: each gets its share of math threads, and
+# so do the party processes it starts (OMP_NUM_THREADS), so that in-process and party-process
+# runs of one test use the same thread count (some kernels' results depend on it).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -12,7 +19,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The leakage audit: attacks where the attacker sits, defenses that lower them, sweeps, the command."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import splitlearn
 from splitlearn.tools.audit import AuditError, audit_run, parse_sweep, sweep
 from splitlearn.tools.audit.measures import invert, label_leakage, latest_per_id, ssim
 from splitlearn.cli import app
+from splitlearn.core import engine
 from splitlearn.core.plan import LabelProtectionSpec
 from splitlearn.core.load import load_plan
 
@@ -24,7 +26,12 @@ def _vertical(tmp_path_factory, protection: dict | None):
     if protection:
         body["wires"] = {src: {"label_protection": protection} for src in ("bottom_a", "bottom_b")}
     out = tmp_path_factory.mktemp("vertical")
-    result = splitlearn.train(body, epochs=3, out=out)
+    # each party draws its noise from a secret of its own, new every run: pinned here (to the first
+    # value tried) so that the figures below are those of one reproducible run. Over 220 secrets, the
+    # test accuracy with Marvell ranged 0.825-0.965 (plain: 0.956); 1 in 200 fell below the bound.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "secrets", SimpleNamespace(randbits=lambda bits: 0))
+        result = splitlearn.train(body, epochs=3, out=out)
     return result, audit_run(out, epochs=DECODER_EPOCHS)
 
 

@@ -33,8 +33,8 @@ def test_a_killed_client_process_is_skipped_and_the_run_completes(tmp_path):
     """A client that is gone for good: the coordinator waits ``reconnect_timeout`` for it to come
     back (it keeps checkpoints: --out), then skips it for the rest of the run."""
     text = (EXAMPLES / "sequential.toml").read_text()
-    text = text.replace("count = 10", "count = 3").replace("epochs = 8", "epochs = 4").replace("timeout = 30", "timeout = 5")
-    text = text.replace("seed = 0", "seed = 0\nreconnect_timeout = 5", 1)
+    text = text.replace("count = 10", "count = 3").replace("epochs = 8", "epochs = 4").replace("timeout = 30", "timeout = 3")
+    text = text.replace("seed = 0", "seed = 0\nreconnect_timeout = 3", 1)
     plan_file = tmp_path / "three.toml"
     plan_file.write_text(text)
     names = roles(load_plan(plan_file))
@@ -65,6 +65,8 @@ def test_a_killed_client_process_is_skipped_and_the_run_completes(tmp_path):
     skipped = {(s["round"], s["client"]) for s in report["skipped"]}
     assert {(2, "hospital-2"), (3, "hospital-2")} <= skipped  # from the round after the kill on
     assert {c for _, c in skipped} == {"hospital-2"}
+    later = [s["reason"] for s in report["skipped"] if s["round"] > 1 and s["during"] == "checkpoint"]
+    assert later and all("given up on earlier" in r for r in later)  # not asked, nor waited for, again
     evals = [r for r in report["records"] if r["mode"] == "eval"]
     assert len(evals) == 4 and evals[-1]["losses"]["digit"]["test_accuracy"] > 0.5  # training went on
 

@@ -156,11 +156,11 @@ def test_ctrl_c_stops_every_party_process(tmp_path):
     run = subprocess.Popen([sys.executable, "-m", "splitlearn", "run", str(EXAMPLES / "vanilla.toml"), "--epochs", "500",
                             "--out", str(tmp_path / "o"), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            start_new_session=True)
-    log = tmp_path / "o" / "parties" / "server" / "party.log"
-    deadline = time.monotonic() + 60
-    while not log.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(5)  # the parties are connected and training
+    held = tmp_path / "o" / "parties" / "server" / "checkpoints"
+    deadline = time.monotonic() + 60  # the parties are connected and training: the server saved its state before step 0
+    while not (held.is_dir() and any(p.name.startswith("step-") for p in held.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert time.monotonic() < deadline and run.poll() is None
     from .test_faults import _descendants, _state
 
     # the party processes (forked from the launcher's forker, run/forker.py) and the forker itself

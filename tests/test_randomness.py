@@ -110,3 +110,20 @@ def test_each_party_has_a_stream_of_its_own():
     again = PartyRandom(party_seed(0, "clinic_a"))
     with again.scope():
         assert torch.equal(torch.rand(4), xa)
+
+
+def test_parties_sharing_the_cores_get_the_same_thread_count_in_process_and_as_processes(monkeypatch):
+    """The rule both run paths use (run/local.py sets it, run/processes.py hands it to party processes):
+    more parties than cores share them; a user's OMP_NUM_THREADS wins."""
+    import torch
+
+    from splitlearn.run.allocator import math_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert [math_threads(n) for n in (3, 100)] == [1, 1]  # more parties than cores: one each
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert math_threads(65) == 1
+    assert math_threads(20) == torch.get_num_threads()  # no more parties than cores: torch's own
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert math_threads(100) == torch.get_num_threads()

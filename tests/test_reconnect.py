@@ -4,6 +4,7 @@ for seconds ends with the weights of a run whose link never broke."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -116,6 +117,32 @@ def test_a_cut_link_is_dialled_again_and_every_message_arrives_once_in_order(pai
         a.recv(0.5)
 
 
+def test_a_count_meant_for_an_earlier_process_acknowledges_nothing():
+    """A party that comes back as a new process and sends at once (before its peer's SYNC) must not
+    lose those frames to the count of frames the peer received from its earlier process."""
+    import queue
+    import secrets
+
+    from splitlearn.wire.transport import grpc as g
+
+    t = GrpcTransport("b", dial={"a": "127.0.0.1:9"}, reconnect_timeout=5)  # a new process of b (not started)
+    out: queue.Queue = queue.Queue()
+    assert t._attach("a", out)
+    assert out.get_nowait() == g._SYNC + t.incarnation + g._NOBODY + g._SEQ.pack(0)  # it knows no incarnation of a
+    t.send("a", b"hello")
+    t.send("a", b"again")
+    assert out.empty()  # kept until a's SYNC says where to go on
+    a_incarnation, earlier_b = secrets.token_bytes(8), secrets.token_bytes(8)
+    t._synced("a", out, a_incarnation, earlier_b, 500)  # a received 500 frames from the b that died
+    assert [out.get_nowait() for _ in range(2)] == [g._DATA + g._SEQ.pack(1) + b"hello", g._DATA + g._SEQ.pack(2) + b"again"]
+    out2: queue.Queue = queue.Queue()  # the stream breaks; a tells the count of this process's frames
+    t._out.pop("a")
+    assert t._attach("a", out2)
+    assert out2.get_nowait() == g._SYNC + t.incarnation + a_incarnation + g._SEQ.pack(0)
+    t._synced("a", out2, a_incarnation, t.incarnation, 1)  # it has the first: only the second goes again
+    assert out2.get_nowait() == g._DATA + g._SEQ.pack(2) + b"again" and out2.empty()
+
+
 def test_a_peer_that_does_not_come_back_is_named_after_the_timeout(tmp_path):
     make_certs(["a", "b"], tmp_path)
     a = GrpcTransport("a", listen="127.0.0.1:0", accept=["b"], credentials=load_credentials(tmp_path, "a"),
@@ -165,18 +192,28 @@ def _party(plan: Path, name: str, certs: Path, out: Path, *extra: str, netns: st
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _until_step(proc: subprocess.Popen, step: int) -> None:
+    """Read a party's ``--progress`` lines until it has finished ``step`` steps."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, "the party ended before the step"
+        if line.startswith("progress ") and int(line.split()[1]) >= step:
+            return
+    raise AssertionError(f"no step {step} within 120 s")
+
+
 def test_training_through_a_cut_link_ends_with_the_same_weights(tmp_path):
     """On loopback, the hospital reaches the server through a relay that the test cuts for 2 s mid-training."""
     port = _free_port()
     plan = tmp_path / "plan.toml"
     text = (EXAMPLES / "vanilla.toml").read_text().replace("[parties.server]", f'[parties.server]\naddress = "127.0.0.1:{port}"')
     plan.write_text(text)
-    reference = splitlearn.train(plan, epochs=2)
+    reference = splitlearn.train(plan, epochs=1)
     certs = tmp_path / "certs"
-    subprocess.run([sys.executable, "-m", "splitlearn", "certs", str(plan), "--out", str(certs)], check=True,
-                   capture_output=True)
+    make_certs(["hospital", "server"], certs)
     out = tmp_path / "run"
-    server = _party(plan, "server", certs, out, "--epochs", "2")
+    server = _party(plan, "server", certs, out, "--epochs", "1")
     proxy = None
     deadline = time.monotonic() + 30
     while proxy is None and time.monotonic() < deadline:
@@ -185,18 +222,21 @@ def test_training_through_a_cut_link_ends_with_the_same_weights(tmp_path):
             proxy = Proxy(("127.0.0.1", port))
         except OSError:
             time.sleep(0.1)
-    hospital = _party(plan, "hospital", certs, out, "--epochs", "2", "--peer", f"server=127.0.0.1:{proxy.port}")
-    time.sleep(4)  # well into training (about 10 s)
+    hospital = _party(plan, "hospital", certs, out, "--epochs", "1", "--peer", f"server=127.0.0.1:{proxy.port}",
+                      "--progress")
+    _until_step(hospital, 10)  # of 45 training steps
     proxy.cut(refuse_for=2)
     outs = [p.communicate(timeout=120) for p in (hospital, server)]
     proxy.close()
     assert hospital.returncode == 0 and server.returncode == 0, outs
+    assert "connection to server ended: the stream from server broke" in outs[0][1]  # the cut hit the run
     assert _same(_reference(reference), _weights(out)) == 0.0
 
 
-NETNS = shutil.which("ip") is not None and subprocess.run(["ip", "netns", "add", "sl-probe"], capture_output=True).returncode == 0
+_PROBE = f"sl-probe-{os.getpid()}"  # one per test process (test workers collect at the same time)
+NETNS = shutil.which("ip") is not None and subprocess.run(["ip", "netns", "add", _PROBE], capture_output=True).returncode == 0
 if NETNS:
-    subprocess.run(["ip", "netns", "del", "sl-probe"], capture_output=True)
+    subprocess.run(["ip", "netns", "del", _PROBE], capture_output=True)
 
 
 @pytest.mark.skipif(not NETNS, reason="network namespaces cannot be created here (needs root and iproute2)")
@@ -223,15 +263,16 @@ def test_a_link_down_for_five_seconds_between_namespaces(tmp_path):
             "[parties.server]", f'[parties.server]\naddress = "{addr["server"]}:7443"')
         plan = tmp_path / "plan.toml"
         plan.write_text(text)
-        reference = splitlearn.train(plan, epochs=2)
+        reference = splitlearn.train(plan, epochs=1)
         certs = tmp_path / "certs"
-        sh(sys.executable, "-m", "splitlearn", "certs", str(plan), "--out", str(certs))
+        make_certs(["hospital", "server"], certs)
         out = tmp_path / "run"
-        server = _party(plan, "server", certs, out, "--epochs", "2", netns=ns["server"])
-        hospital = _party(plan, "hospital", certs, out, "--epochs", "2", netns=ns["hospital"])
-        time.sleep(5)
+        server = _party(plan, "server", certs, out, "--epochs", "1", netns=ns["server"])
+        hospital = _party(plan, "hospital", certs, out, "--epochs", "1", "--progress", netns=ns["hospital"])
+        _until_step(hospital, 10)  # of 45 training steps
         sh("ip", "-n", ns["hospital"], "link", "set", veth[1], "down")
         time.sleep(5)
+        assert hospital.poll() is None and server.poll() is None  # the run waits for the link
         sh("ip", "-n", ns["hospital"], "link", "set", veth[1], "up")
         outs = [p.communicate(timeout=180) for p in (hospital, server)]
         assert hospital.returncode == 0 and server.returncode == 0, outs

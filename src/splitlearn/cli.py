@@ -22,7 +22,7 @@ from .tools.units import human as _human
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Split learning: train, inspect and predict from plans of any configuration.")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # errors keep their paths whole (never folded at 80 columns)
 _state = {"debug": False}
 
 

@@ -781,18 +781,23 @@ class Coordinator(Role):
     def checkpoint_everyone(self, index: int, everyone: list[str], rnd: Round | None = None) -> None:
         """Every party (this one too) saves its state as of the end of round ``index``."""
         rid = next(self._requests)
-        asked = []
+        asked, why = [], {}
         for p in everyone:
+            if p in self._waited:  # it did not come back when waited for: not asked (nor waited for) again
+                why[p] = "it was given up on earlier in the run (it did not come back in time)"
+                continue
             try:
                 self._command(p, request=rid, do="checkpoint", round=index)
                 asked.append(p)
             except TransportError as e:
                 log.warning("%s: checkpoint: cannot reach %s: %s", self.name, p, e)
+                why[p] = f"cannot reach it: {e}"
         self.capture(index)
         ans = self._acks(asked, self.timeout, rid, has="saved")
         for p in everyone:
             if p not in ans and rnd is not None:
-                self._skip(rnd, p, "checkpoint", f"it did not say within {self.timeout:g} s that it saved its state")
+                self._skip(rnd, p, "checkpoint", why.get(p, f"it did not say within {self.timeout:g} s that it saved "
+                                                             "its state"))
 
     def begin_again(self, everyone: list[str]) -> None:
         """Resuming, but no checkpoint is held by every party: every party begins the run again."""

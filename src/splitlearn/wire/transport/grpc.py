@@ -23,8 +23,9 @@ With ``reconnect_timeout`` a stream that breaks is not the end: the dialing side
 backoff, the listening side takes the peer back, and what was sent meanwhile, or sent and not
 acknowledged before the break, is sent again. Frames carry a sequence number per direction
 (``D`` + seq + bytes), the receiver acknowledges each (``A`` + seq) and drops those it already
-has; each new stream begins with ``S`` + the sender's incarnation + the last seq it received, so
-both sides know where to go on. A peer that does not come back within the timeout is lost
+has; each new stream begins with ``S`` + the sender's incarnation + the receiver's incarnation as
+the sender knows it + the last seq it received from that incarnation, so both sides know where to
+go on (a count meant for an earlier process of the receiver acknowledges nothing). A peer that does not come back within the timeout is lost
 (:class:`TransportClosed`, naming it); one that comes back as a new process (another
 incarnation) starts its streams from scratch and is reported as :class:`PeerRestarted`.
 """
@@ -68,6 +69,7 @@ class _Lost:
 
 _DATA, _ACK, _SYNC = b"D", b"A", b"S"
 _SEQ = struct.Struct("<Q")
+_NOBODY = bytes(8)  # in a SYNC: the peer's incarnation is not known yet
 MAX_UNACKED_BYTES = 1 << 30  # what a party keeps for a peer that has not acknowledged it
 
 
@@ -218,16 +220,20 @@ class GrpcTransport(Transport):
             st = self._peers.setdefault(peer, _Peer())
             st.synced = False
             self._out[peer] = out
-            out.put(_SYNC + self.incarnation + _SEQ.pack(st.received))
+            out.put(_SYNC + self.incarnation + (st.incarnation or _NOBODY) + _SEQ.pack(st.received))
             self._seen.add(peer)
             self._problem.pop(peer, None)
             self._cond.notify_all()
         log.info("%s: connected to %s", self.party, peer)
         return True
 
-    def _synced(self, peer: str, out: queue.Queue, incarnation: bytes, upto: int) -> None:
-        """The peer's SYNC: drop what it has, send again what it lacks (in order), then go on."""
+    def _synced(self, peer: str, out: queue.Queue, incarnation: bytes, ours: bytes, upto: int) -> None:
+        """The peer's SYNC: drop what it has, send again what it lacks (in order), then go on.
+        ``ours``: the incarnation of this party that ``upto`` counts frames of; when it is not this
+        process (the peer received ``upto`` frames from an earlier one), nothing of ours is acknowledged."""
         restarted = False
+        if ours != self.incarnation:
+            upto = 0
         with self._cond:
             st = self._peers[peer]
             if st.incarnation is not None and st.incarnation != incarnation:  # a new process: from scratch
@@ -286,8 +292,8 @@ class GrpcTransport(Transport):
                 if data == _BYE:
                     return self._detach(peer, out, f"{peer} closed the connection", clean=True)
                 kind = data[:1]
-                if kind == _SYNC and len(data) == 17 and not synced:
-                    self._synced(peer, out, data[1:9], _SEQ.unpack_from(data, 9)[0])
+                if kind == _SYNC and len(data) == 25 and not synced:
+                    self._synced(peer, out, data[1:9], data[9:17], _SEQ.unpack_from(data, 17)[0])
                     synced = True
                     continue
                 if not synced or kind not in (_DATA, _ACK) or len(data) < 9 or kind == _ACK and len(data) != 9:
