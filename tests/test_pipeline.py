@@ -6,7 +6,6 @@ run plus the framing of the extra messages; the emulated slow link passes bytes 
 from __future__ import annotations
 
 import pytest
-import torch
 
 import splitlearn
 from splitlearn.core.load import load_plan
