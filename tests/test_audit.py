@@ -148,13 +148,34 @@ def test_a_failing_sweep_setting_is_listed_as_failed_while_the_others_finish(tmp
 
     real = sweep_module._setting
 
-    def flaky(plan, value, *rest):
-        if value == 0.5:
+    def flaky(plan, values, *rest):
+        if values == {"nopeek.alpha": 0.5}:
             raise RuntimeError("the run diverged")
-        return real(plan, value, *rest)
+        return real(plan, values, *rest)
 
     monkeypatch.setattr(sweep_module, "_setting", flaky)
     got = sweep(EXAMPLES / "nopeek.toml", "nopeek.alpha", [0.0, 0.5], tmp_path / "s", epochs=1, decoder_epochs=5)
     assert [r.get("failed") for r in got["rows"]] == [None, "RuntimeError: the run diverged"]
     assert got["rows"][0]["test_accuracy"] is not None
     assert "| 0.5 | failed: RuntimeError: the run diverged |" in (tmp_path / "s" / "sweep.md").read_text()
+
+
+def test_a_sweep_of_two_parameters_trains_every_combination(tmp_path):
+    out = tmp_path / "grid"
+    r = CliRunner().invoke(app, ["audit", str(EXAMPLES / "nopeek.toml"), "--sweep", "nopeek.alpha=0,0.5", "--sweep",
+                                 "noise.sigma=0,0.2", "--epochs", "1", "--decoder-epochs", "5", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["params"] == ["nopeek.alpha", "noise.sigma"] and saved["param"] == "nopeek.alpha x noise.sigma"
+    grid = [(0, 0), (0, 0.2), (0.5, 0), (0.5, 0.2)]
+    assert [(r["values"]["nopeek.alpha"], r["values"]["noise.sigma"]) for r in saved["rows"]] == grid
+    for (alpha, sigma), row in zip(grid, saved["rows"]):  # each run trained with both settings on its wire
+        wire = json.loads((out / f"nopeek.alpha={alpha:g},noise.sigma={sigma:g}" / "plan.json").read_text())["wires"]
+        assert wire["bottom"]["nopeek"] == alpha and (wire["bottom"].get("noise") or {}).get("sigma", 0) == sigma
+        assert (row["epsilon"] is None) == (sigma == 0)  # the noise's epsilon; unbounded without noise
+    table = (out / "sweep.md").read_text()
+    assert "| nopeek.alpha | noise.sigma | test accuracy |" in table and "| 0.5 | 0.2 |" in table
+    assert (out / "sweep.png").is_file()
+    r = CliRunner().invoke(app, ["audit", str(EXAMPLES / "nopeek.toml"), "--sweep", "nopeek.alpha=0",
+                                 "--sweep", "nopeek.alpha=1", "--out", str(tmp_path / "twice")])
+    assert r.exit_code == 2 and "given twice" in r.output

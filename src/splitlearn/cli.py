@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -391,8 +392,10 @@ def _party_files(run_dir: Path, given: list[str], id_column: str | None) -> dict
 
 @app.command()
 def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'splitlearn run'), or a plan file with --sweep"),
-          sweep: Optional[str] = typer.Option(None, "--sweep", help="PARAM=V1,V2,...: train the plan once per value "
-                                              "and audit each run (nopeek.alpha, noise.sigma, label_protection.strength)"),
+          sweep: Optional[List[str]] = typer.Option(None, "--sweep", help="PARAM=V1,V2,...: train the plan once per "
+                                                    "value and audit each run (nopeek.alpha, noise.sigma, "
+                                                    "label_protection.strength); given twice or more: every "
+                                                    "combination (a grid)"),
           wire: Optional[str] = typer.Option(None, help="wire to set in a sweep (name or source node, or 'all'); "
                                              "default: the first wire the setting applies to"),
           out: Optional[Path] = typer.Option(None, help="sweep: folder for the runs, sweep.json/.md/.png (default "
@@ -414,6 +417,7 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
     from .tools.audit import sweep as do_sweep
     from .run.session import RunError
 
+    sweep = sweep or None
     if ray is not None and sweep is None:
         _fail("--ray runs the settings of a sweep as Ray tasks: give --sweep too")
 
@@ -437,11 +441,13 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
         else:
             if target.is_dir():
                 _fail(f"{target} is a folder: --sweep trains a plan, give the plan file (.toml)")
-            param, values = parse_sweep(sweep)
+            grid = dict(parse_sweep(text) for text in sweep)
+            if len(grid) < len(sweep):
+                _fail("--sweep: a parameter is given twice; give each once, with all its values")
             dest = out or Path("runs/sweep")
             _fresh(dest, force)
             with _bar(False) as bar:
-                task = bar.add_task("sweep", total=len(values))
+                task = bar.add_task("sweep", total=math.prod(len(v) for v in grid.values()))
                 started: list[str] = []
 
                 def progress(text: str) -> None:  # told as each setting starts
@@ -450,7 +456,7 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
                     started.append(text)
                     bar.update(task, description=f"sweep: {escape(text.split(':')[0])}")
 
-                result = do_sweep(target, param, values, dest, wire=wire, epochs=epochs, aux_fraction=aux_fraction,
+                result = do_sweep(target, grid, None, dest, wire=wire, epochs=epochs, aux_fraction=aux_fraction,
                                   seed=seed, decoder_epochs=decoder_epochs, progress=progress, ray=ray)
                 bar.update(task, advance=1)
     except (AuditError, PlanError) as e:
@@ -459,24 +465,28 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
         _fail(str(e), code=1)
 
     if sweep is not None:
-        from .tools.audit.sweep import FIGURES
+        from .tools.audit.sweep import FIGURES, setting_name
 
         failed = [r for r in result["rows"] if r.get("failed")]
         for r in failed:
-            err.print(f"[bold red]setting {param}={r['value']:g} failed:[/] {escape(r['failed'])}", highlight=False)
+            err.print(f"[bold red]setting {setting_name(r['values'])} failed:[/] {escape(r['failed'])}",
+                      highlight=False)
+        params = result["params"]
 
         keys = [k for k in FIGURES if any(r.get(k) is not None for r in result["rows"])]
         dp = any("delta" in r for r in result["rows"])
         table = Table(title=f"{result['param']} on {', '.join(result['wires'])} ({result['plan']}, "
                             f"{result['epochs']} epochs)")
-        for col in ("value", "test accuracy", *(FIGURES[k] for k in keys), *(["epsilon"] if dp else [])):
-            table.add_column(col, justify="right")
+        for col in (*(["value"] if len(params) == 1 else params), "test accuracy", *(FIGURES[k] for k in keys),
+                    *(["epsilon"] if dp else [])):
+            table.add_column(col, justify="right", no_wrap=col in params)
         for r in result["rows"]:
+            setting = [f"{r['values'][p]:g}" for p in params]
             if r.get("failed"):
-                table.add_row(f"{r['value']:g}", "[red]failed[/]", *([""] * (len(keys) + dp)))
+                table.add_row(*setting, "[red]failed[/]", *([""] * (len(keys) + dp)))
                 continue
             eps = ([("unbounded" if r.get("epsilon") is None else f"{r['epsilon']:.3g}")] if dp else [])
-            table.add_row(f"{r['value']:g}", num(r["test_accuracy"]), *(num(r.get(k)) for k in keys), *eps)
+            table.add_row(*setting, num(r["test_accuracy"]), *(num(r.get(k)) for k in keys), *eps)
         console.print(table)
         if len(result["wires"]) > 1:
             console.print("leakage figures: the worst over the wires (largest dCor, SSIM, AUCs; smallest MSE)")

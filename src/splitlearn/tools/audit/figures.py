@@ -66,7 +66,8 @@ def inversion_grid(path: Path, originals: torch.Tensor, reconstructions: torch.T
 
 
 def sweep_plot(path: Path, param: str, rows: list[dict[str, Any]], figures: dict[str, str]) -> Path:
-    """Test accuracy against each leakage figure (one panel each), points labelled by the swept value."""
+    """Test accuracy against each leakage figure (one panel each), points labelled by the swept value
+    (a row's ``label``, else its ``value``); the points of one parameter are joined, a grid's are not."""
     path.parent.mkdir(parents=True, exist_ok=True)
     present = [(k, label) for k, label in figures.items() if any(r.get(k) is not None for r in rows)]
     n = max(1, len(present))
@@ -76,11 +77,11 @@ def sweep_plot(path: Path, param: str, rows: list[dict[str, Any]], figures: dict
     for ax in axes[len(present):]:
         ax.set_visible(len(present) == 0)
     for ax, (key, label) in zip(axes, present):
-        pts = [(r[key], r["test_accuracy"], r["value"]) for r in rows
+        pts = [(r[key], r["test_accuracy"], r.get("label") or f"{r['value']:g}") for r in rows
                if r.get(key) is not None and r.get("test_accuracy") is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o" if " x " in param else "o-")
         for x, y, v in pts:
-            ax.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(v, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)

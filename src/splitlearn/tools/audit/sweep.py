@@ -1,15 +1,18 @@
 """Sweeping a defense: train the plan once per value, audit each run, tabulate accuracy vs leakage.
 
     sweep("examples/vanilla.toml", "nopeek.alpha", [0, 0.5, 1], Path("runs/nopeek"))
+    sweep("examples/nopeek.toml", {"nopeek.alpha": [0, 0.5], "noise.sigma": [0, 0.1]}, None, Path("runs/grid"))
 
 writes ``out/sweep.json``, ``out/sweep.md`` (the table) and ``out/sweep.png`` (accuracy against
-each leakage figure); each run and its audit stay in ``out/PARAM=VALUE/``.
+each leakage figure); each run and its audit stay in ``out/PARAM=VALUE/`` (a grid of several
+parameters: every combination, in ``out/P1=V1,P2=V2/``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +22,7 @@ from ...core.load import load_plan
 from ...privacy import defenses
 from .run import AuditError, audit_run
 
-__all__ = ["PARAMS", "FIGURES", "sweep", "parse_sweep", "swept_wires", "plan_with"]
+__all__ = ["PARAMS", "FIGURES", "sweep", "parse_sweep", "swept_wires", "plan_with", "setting_name"]
 
 class _Params(Mapping[str, str]):
     """Sweep parameter -> description, read from the defense registry when asked (so a defense
@@ -129,77 +132,105 @@ def _figures(entry: dict[str, Any]) -> dict[str, Any]:
             "direction_auc": leak.get("direction_auc")}
 
 
+def setting_name(values: Mapping[str, float]) -> str:
+    """A setting's folder and label: ``P=V``, or ``P1=V1,P2=V2`` in a grid."""
+    return ",".join(f"{p}={v:g}" for p, v in values.items())
+
+
 def _table(result: dict[str, Any]) -> str:
-    rows = result["rows"]
+    rows, params = result["rows"], result["params"]
     keys = [k for k in FIGURES if any(r.get(k) is not None for r in rows)]
     dp = any("delta" in r for r in rows)
-    head = ["value", "test accuracy", *(FIGURES[k] for k in keys), *(["epsilon (noise)"] if dp else [])]
+    head = [*(["value"] if len(params) == 1 else params), "test accuracy", *(FIGURES[k] for k in keys),
+            *(["epsilon (noise)"] if dp else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in rows:
+        setting = [f"{r['values'][p]:g}" for p in params]
         if r.get("failed"):  # failures as data: the setting's error in the table, the others finished
-            cells = [f"{r['value']:g}", f"failed: {r['failed'][:200]}".replace("|", "/")] + [""] * (len(head) - 2)
-            lines.append("| " + " | ".join(cells) + " |")
+            cells = setting + [f"failed: {r['failed'][:200]}".replace("|", "/")]
+            lines.append("| " + " | ".join(cells + [""] * (len(head) - len(cells))) + " |")
             continue
         acc = "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
-        cells = [f"{r['value']:g}", acc] + ["n/a" if r.get(k) is None else f"{r[k]:.4f}" for k in keys]
+        cells = setting + [acc] + ["n/a" if r.get(k) is None else f"{r[k]:.4f}" for k in keys]
         if dp:
             cells.append("unbounded" if r.get("epsilon") is None else f"{r['epsilon']:.3g} (delta {r['delta']:g})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def sweep(plan_path: str | Path | Plan, param: str, values: list[float], out: str | Path, wire: str | None = None,
-          epochs: int | None = None, *, aux_fraction: float = 0.1, seed: int = 0, decoder_epochs: int = 200,
-          train_seed: int | None = None, progress: Callable[[str], None] | None = None,
-          ray: str | None = None) -> dict[str, Any]:
+def sweep(plan_path: str | Path | Plan, param: str | Mapping[str, Sequence[float]], values: list[float] | None,
+          out: str | Path, wire: str | None = None, epochs: int | None = None, *, aux_fraction: float = 0.1,
+          seed: int = 0, decoder_epochs: int = 200, train_seed: int | None = None,
+          progress: Callable[[str], None] | None = None, ray: str | None = None) -> dict[str, Any]:
     """Train ``plan_path`` once per value of ``param`` on the chosen wire(s), audit every run and
     tabulate test accuracy against the leakage figures of those wires (the worst over them when
-    there are several). ``epochs``/``train_seed`` override the plan's training settings;
-    ``aux_fraction``, ``seed``, ``decoder_epochs`` go to :func:`~splitlearn.tools.audit.audit_run`;
-    ``progress`` is told what is being done; ``ray``: every setting as a Ray task, in parallel as
-    the cluster at that address allows ("local": one on this machine). A setting that fails is
-    listed as failed; the others finish."""
+    there are several). ``param`` may instead map several parameters to their values (``values``
+    None): a grid, one run per combination. ``epochs``/``train_seed`` override the plan's training
+    settings; ``aux_fraction``, ``seed``, ``decoder_epochs`` go to
+    :func:`~splitlearn.tools.audit.audit_run`; ``progress`` is told what is being done; ``ray``:
+    every setting as a Ray task, in parallel as the cluster at that address allows ("local": one on
+    this machine). A setting that fails is listed as failed; the others finish."""
     from .figures import sweep_plot
 
-    if param not in PARAMS:
-        raise AuditError(f"unknown parameter {param!r}; known: {', '.join(PARAMS)}")
-    values = _values(param, list(values))
+    if isinstance(param, str):
+        grid = {param: values}
+    elif values is not None:
+        raise AuditError("give the values with each parameter ({PARAM: [V1, ...]}) and no separate values")
+    else:
+        grid = dict(param)
+    if not grid:
+        raise AuditError("give at least one parameter to sweep")
+    for p in grid:
+        if p not in PARAMS:
+            raise AuditError(f"unknown parameter {p!r}; known: {', '.join(PARAMS)}")
+        grid[p] = _values(p, list(grid[p] or []))
     try:
         base = load_plan(plan_path)
     except PlanError as e:
         raise AuditError(str(e)) from None
     graph = build_graph(base)
-    wires = swept_wires(graph, param, wire)
+    on = {p: swept_wires(graph, p, wire) for p in grid}
+    wires = list({w.name: w for ws in on.values() for w in ws}.values())  # every wire a parameter sets, once
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     from ...run.onray import TaskFailure, run_tasks, write_files
 
-    items = [(plan_with(base, param, v, wires), v, [w.name for w in wires], [w.src_party for w in wires], epochs,
-              train_seed, aux_fraction, seed, decoder_epochs) for v in values]
+    settings = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    items = []
+    for setting in settings:
+        plan = base
+        for p, v in setting.items():
+            plan = plan_with(plan, p, v, on[p])
+        items.append((plan, setting, [w.name for w in wires], [w.src_party for w in wires], epochs, train_seed,
+                      aux_fraction, seed, decoder_epochs))
     if progress is not None:
-        progress(f"{param}={values[0]:g}: training {base.name} and auditing it"
-                 + (f" ({len(values)} settings as Ray tasks)" if ray is not None else ""))
+        progress(f"{setting_name(settings[0])}: training {base.name} and auditing it"
+                 + (f" ({len(settings)} settings as Ray tasks)" if ray is not None else ""))
 
     def tell(i: int, value: Any) -> None:
-        if progress is not None and i + 1 < len(values):
-            progress(f"{param}={values[i + 1]:g}: training {base.name} and auditing it")
+        if progress is not None and i + 1 < len(settings):
+            progress(f"{setting_name(settings[i + 1])}: training {base.name} and auditing it")
 
     if ray is None:
-        done = run_tasks(_setting_here, [(*item, out / f"{param}={item[1]:g}") for item in items], progress=tell)
+        done = run_tasks(_setting_here, [(*item, out / setting_name(item[1])) for item in items], progress=tell)
     else:
         done = run_tasks(_setting_shipped, items, ray_address=ray, use_ray=True, progress=tell)
     rows = []
-    for v, d in zip(values, done):
-        run_dir = out / f"{param}={v:g}"
+    for setting, d in zip(settings, done):
+        run_dir = out / setting_name(setting)
+        one = {"value": setting[next(iter(grid))]} if len(grid) == 1 else {}
         if isinstance(d, TaskFailure):
-            rows.append({"value": v, "failed": d.error, "test_accuracy": None, "run": str(run_dir)})
+            rows.append({**one, "values": setting, "failed": d.error, "test_accuracy": None, "run": str(run_dir)})
             continue
         row, files = d
         if files is not None:
             write_files(run_dir, files)
-        rows.append({**row, "run": str(run_dir)})
-    summary = {"plan": base.name, "param": param, "description": PARAMS[param], "wires": [w.name for w in wires],
-               "values": values, "epochs": epochs or base.train.epochs, "rows": rows}
+        rows.append({**one, **row, "run": str(run_dir)})
+    params = list(grid)
+    name = " x ".join(params)
+    summary = {"plan": base.name, "param": name, "params": params, "description": "; ".join(PARAMS[p] for p in params),
+               "wires": [w.name for w in wires], "values": grid[params[0]] if len(params) == 1 else grid,
+               "epochs": epochs or base.train.epochs, "rows": rows}
     from ...run.results import write_json
 
     write_json(out / "sweep.json", summary)
@@ -207,13 +238,14 @@ def sweep(plan_path: str | Path | Plan, param: str, values: list[float], out: st
             f"\nLeakage figures are the worst over the {len(wires)} wires (largest dCor, SSIM and AUCs, "
             "smallest MSE).\n")
     (out / "sweep.md").write_text(
-        f"# Sweep of {param} on {', '.join(w.name for w in wires)} ({base.name}, {summary['epochs']} epochs)\n\n"
-        f"{PARAMS[param]}.\n{note}\n{_table(summary)}\n")
-    sweep_plot(out / "sweep.png", param, [r for r in rows if not r.get("failed")], FIGURES)
+        f"# Sweep of {name} on {', '.join(w.name for w in wires)} ({base.name}, {summary['epochs']} epochs)\n\n"
+        f"{summary['description']}.\n{note}\n{_table(summary)}\n")
+    sweep_plot(out / "sweep.png", name, [{**r, "label": setting_name(r["values"]) if len(params) > 1 else
+                                          f"{r['value']:g}"} for r in rows if not r.get("failed")], FIGURES)
     return summary
 
 
-def _setting(plan: Plan, value: float, wire_names: list[str], senders: list[str], epochs: int | None,
+def _setting(plan: Plan, values: dict[str, float], wire_names: list[str], senders: list[str], epochs: int | None,
              train_seed: int | None, aux_fraction: float, seed: int, decoder_epochs: int, run_dir: Path) -> dict:
     """Train one setting into ``run_dir``, audit it; its row of the table."""
     from ...api import train
@@ -223,7 +255,7 @@ def _setting(plan: Plan, value: float, wire_names: list[str], senders: list[str]
     per_wire = {w: _figures(audit["wires"][w]) for w in wire_names}
     worst = {k: (_WORST[k](xs) if (xs := [f[k] for f in per_wire.values() if f[k] is not None]) else None)
              for k in FIGURES}
-    row = {"value": value, "test_accuracy": result["metrics"].get("test_accuracy"), **worst, "wires": per_wire}
+    row = {"values": values, "test_accuracy": result["metrics"].get("test_accuracy"), **worst, "wires": per_wire}
     spent = [result["parties"][p].get("privacy", {}).get(w) for w, p in zip(wire_names, senders)]
     if any(spent):  # the noise's (epsilon, delta), as the run accounted it; None where unbounded (sigma 0)
         eps = [p["epsilon"] for p in spent if p]
