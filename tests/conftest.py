@@ -10,8 +10,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # runs of one test use the same thread count (some kernels' results depend on it).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
-if _WORKERS > 1:
-    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", str(THREADS)))  # one set by the user wins
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

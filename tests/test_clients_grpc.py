@@ -33,7 +33,7 @@ def test_a_killed_client_process_is_skipped_and_the_run_completes(tmp_path):
     """A client that is gone for good: the coordinator waits ``reconnect_timeout`` for it to come
     back (it keeps checkpoints: --out), then skips it for the rest of the run."""
     text = (EXAMPLES / "sequential.toml").read_text()
-    text = text.replace("count = 10", "count = 3").replace("epochs = 8", "epochs = 4").replace("timeout = 30", "timeout = 3")
+    text = text.replace("count = 10", "count = 3").replace("epochs = 8", "epochs = 4").replace("timeout = 30", "timeout = 5")
     text = text.replace("seed = 0", "seed = 0\nreconnect_timeout = 3", 1)
     plan_file = tmp_path / "three.toml"
     plan_file.write_text(text)

@@ -156,18 +156,26 @@ def test_ctrl_c_stops_every_party_process(tmp_path):
     run = subprocess.Popen([sys.executable, "-m", "splitlearn", "run", str(EXAMPLES / "vanilla.toml"), "--epochs", "500",
                             "--out", str(tmp_path / "o"), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            start_new_session=True)
-    held = tmp_path / "o" / "parties" / "server" / "checkpoints"
-    deadline = time.monotonic() + 60  # the parties are connected and training: the server saved its state before step 0
-    while not (held.is_dir() and any(p.name.startswith("step-") for p in held.iterdir())) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert time.monotonic() < deadline and run.poll() is None
     from .test_faults import _descendants, _state
 
-    # the party processes (forked from the launcher's forker, run/forker.py) and the forker itself
-    children = [p for p in _descendants(run.pid) if "zombie" not in _state(p)]
-    assert len(children) >= 3
-    os.kill(run.pid, signal.SIGINT)
-    run.wait(timeout=30)
+    held = tmp_path / "o" / "parties" / "server" / "checkpoints"
+    deadline = time.monotonic() + 60  # the parties are connected and training: the server saved its state before step 0
+    try:
+        while not (held.is_dir() and any(p.name.startswith("step-") for p in held.iterdir())) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert time.monotonic() < deadline and run.poll() is None
+        # the party processes (forked from the launcher's forker, run/forker.py) and the forker itself
+        children = [p for p in _descendants(run.pid) if "zombie" not in _state(p)]
+        assert len(children) >= 3
+        os.kill(run.pid, signal.SIGINT)
+        run.wait(timeout=30)
+    finally:  # a failed check leaves no 500-epoch run behind
+        for pid in [*_descendants(run.pid), run.pid] if run.poll() is None else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert run.returncode != 0
     time.sleep(1)
     assert [p for p in children if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)] == []

@@ -156,7 +156,7 @@ def test_predict_one_new_row_standardised_with_the_training_statistics(tmp_path)
     assert single["ids"] == [7]
     # equal up to float rounding: matrix kernels may sum in another order for one row than for 40
     # (on some CPUs the last bits differ)
-    assert torch.allclose(single["outputs"][0], batch["outputs"][7], rtol=0, atol=1e-6)
+    assert torch.allclose(single["outputs"][0], batch["outputs"][7], rtol=1e-5, atol=1e-6)
     assert single["predictions"][0] == batch["predictions"][7]
     # ... and equal the trained model on the row standardised with the training statistics
     z = (torch.from_numpy(x[7:8]) - stats["x.mean"]) / stats["x.std"]

@@ -120,6 +120,7 @@ def test_parties_sharing_the_cores_get_the_same_thread_count_in_process_and_as_p
     from splitlearn.run.allocator import math_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # torch's own count, told apart from the rule's 1
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert [math_threads(n) for n in (3, 100)] == [1, 1]  # more parties than cores: one each
     monkeypatch.setattr("os.cpu_count", lambda: 64)

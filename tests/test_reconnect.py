@@ -224,10 +224,15 @@ def test_training_through_a_cut_link_ends_with_the_same_weights(tmp_path):
             time.sleep(0.1)
     hospital = _party(plan, "hospital", certs, out, "--epochs", "1", "--peer", f"server=127.0.0.1:{proxy.port}",
                       "--progress")
-    _until_step(hospital, 10)  # of 45 training steps
-    proxy.cut(refuse_for=2)
-    outs = [p.communicate(timeout=120) for p in (hospital, server)]
-    proxy.close()
+    try:
+        _until_step(hospital, 10)  # of 45 training steps
+        proxy.cut(refuse_for=2)
+        outs = [p.communicate(timeout=120) for p in (hospital, server)]
+    finally:  # a failed check leaves no party running
+        for p in (hospital, server):
+            if p.poll() is None:
+                p.kill()
+        proxy.close()
     assert hospital.returncode == 0 and server.returncode == 0, outs
     assert "connection to server ended: the stream from server broke" in outs[0][1]  # the cut hit the run
     assert _same(_reference(reference), _weights(out)) == 0.0
@@ -250,6 +255,7 @@ def test_a_link_down_for_five_seconds_between_namespaces(tmp_path):
     def sh(*cmd: str) -> None:
         subprocess.run(cmd, check=True, capture_output=True)
 
+    server = hospital = None
     try:
         for n in ns.values():
             sh("ip", "netns", "add", n)
@@ -278,5 +284,8 @@ def test_a_link_down_for_five_seconds_between_namespaces(tmp_path):
         assert hospital.returncode == 0 and server.returncode == 0, outs
         assert _same(_reference(reference), _weights(out)) == 0.0
     finally:
+        for proc in (server, hospital):  # a failed check leaves no party running
+            if proc is not None and proc.poll() is None:
+                proc.kill()
         for n in ns.values():
             subprocess.run(["ip", "netns", "del", n], capture_output=True)

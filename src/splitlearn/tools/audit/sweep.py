@@ -175,7 +175,7 @@ def sweep(plan_path: str | Path | Plan, param: str | Mapping[str, Sequence[float
     if isinstance(param, str):
         grid = {param: values}
     elif values is not None:
-        raise AuditError("give the values with each parameter ({PARAM: [V1, ...]}) and no separate values")
+        raise AuditError("a grid takes its values in the mapping: sweep(plan, {PARAM: [V1, ...], ...}, None, out)")
     else:
         grid = dict(param)
     if not grid:
@@ -183,7 +183,7 @@ def sweep(plan_path: str | Path | Plan, param: str | Mapping[str, Sequence[float
     for p in grid:
         if p not in PARAMS:
             raise AuditError(f"unknown parameter {p!r}; known: {', '.join(PARAMS)}")
-        grid[p] = _values(p, list(grid[p] or []))
+        grid[p] = _values(p, [] if grid[p] is None else list(grid[p]))
     try:
         base = load_plan(plan_path)
     except PlanError as e:
@@ -229,7 +229,7 @@ def sweep(plan_path: str | Path | Plan, param: str | Mapping[str, Sequence[float
     params = list(grid)
     name = " x ".join(params)
     summary = {"plan": base.name, "param": name, "params": params, "description": "; ".join(PARAMS[p] for p in params),
-               "wires": [w.name for w in wires], "values": grid[params[0]] if len(params) == 1 else grid,
+               "wires": [w.name for w in wires], "values": grid[params[0]] if len(params) == 1 else grid, "grid": grid,
                "epochs": epochs or base.train.epochs, "rows": rows}
     from ...run.results import write_json
 

@@ -296,6 +296,9 @@ class GrpcTransport(Transport):
                     self._synced(peer, out, data[1:9], data[9:17], _SEQ.unpack_from(data, 17)[0])
                     synced = True
                     continue
+                if kind == _SYNC and not synced:
+                    raise TransportError(f"a SYNC of {len(data)} bytes, not 25: the peer speaks another version of "
+                                         "the link protocol (run the same splitlearn version on both sides)")
                 if not synced or kind not in (_DATA, _ACK) or len(data) < 9 or kind == _ACK and len(data) != 9:
                     raise TransportError(f"a frame the link protocol does not have ({len(data)} bytes)")
                 seq = _SEQ.unpack_from(data, 1)[0]
