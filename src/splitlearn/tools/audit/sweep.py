@@ -240,8 +240,9 @@ def sweep(plan_path: str | Path | Plan, param: str | Mapping[str, Sequence[float
     (out / "sweep.md").write_text(
         f"# Sweep of {name} on {', '.join(w.name for w in wires)} ({base.name}, {summary['epochs']} epochs)\n\n"
         f"{summary['description']}.\n{note}\n{_table(summary)}\n")
-    sweep_plot(out / "sweep.png", name, [{**r, "label": setting_name(r["values"]) if len(params) > 1 else
-                                          f"{r['value']:g}"} for r in rows if not r.get("failed")], FIGURES)
+    shown = [{**r, "label": setting_name(r["values"]) if len(params) > 1 else f"{r['value']:g}"} for r in rows
+             if not r.get("failed")]
+    sweep_plot(out / "sweep.png", name, shown, FIGURES, join=len(params) == 1)
     return summary
 
 

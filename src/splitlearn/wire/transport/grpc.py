@@ -25,9 +25,10 @@ acknowledged before the break, is sent again. Frames carry a sequence number per
 (``D`` + seq + bytes), the receiver acknowledges each (``A`` + seq) and drops those it already
 has; each new stream begins with ``S`` + the sender's incarnation + the receiver's incarnation as
 the sender knows it + the last seq it received from that incarnation, so both sides know where to
-go on (a count meant for an earlier process of the receiver acknowledges nothing). A peer that does not come back within the timeout is lost
-(:class:`TransportClosed`, naming it); one that comes back as a new process (another
-incarnation) starts its streams from scratch and is reported as :class:`PeerRestarted`.
+go on (a count meant for an earlier process of the receiver acknowledges nothing). A peer that
+does not come back within the timeout is lost (:class:`TransportClosed`, naming it); one that
+comes back as a new process (another incarnation) starts its streams from scratch and is
+reported as :class:`PeerRestarted`.
 """
 
 from __future__ import annotations
