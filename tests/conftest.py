@@ -9,8 +9,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # so do the party processes it starts (OMP_NUM_THREADS), so that in-process and party-process
 # runs of one test use the same thread count (some kernels' results depend on it).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
-THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", str(THREADS)))  # one set by the user wins
+THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -125,12 +125,7 @@ def test_every_party_process_killed_with_sigkill_then_resumed(tmp_path):
     deadline = time.monotonic() + 120
     while len(ck.steps()) < 2 and time.monotonic() < deadline:  # mid-epoch: after the second checkpoint
         time.sleep(0.05)
-    victims = [proc.pid, *_descendants(proc.pid)]  # the launcher and every party process it started
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    victims = _kill_tree(proc.pid)  # the launcher and every party process it started
     proc.wait(timeout=30)
     time.sleep(0.5)
     assert not [p for p in victims[1:] if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]
@@ -184,6 +179,17 @@ def _descendants(pid: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
+
+
+def _kill_tree(pid: int) -> list[int]:
+    """SIGKILL ``pid`` and every process below it; their pids, ``pid`` first."""
+    victims = [pid, *_descendants(pid)]
+    for p in victims:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return victims
 
 
 def _state(pid: int) -> str:

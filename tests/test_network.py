@@ -156,7 +156,7 @@ def test_ctrl_c_stops_every_party_process(tmp_path):
     run = subprocess.Popen([sys.executable, "-m", "splitlearn", "run", str(EXAMPLES / "vanilla.toml"), "--epochs", "500",
                             "--out", str(tmp_path / "o"), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            start_new_session=True)
-    from .test_faults import _descendants, _state
+    from .test_faults import _descendants, _kill_tree, _state
 
     held = tmp_path / "o" / "parties" / "server" / "checkpoints"
     deadline = time.monotonic() + 60  # the parties are connected and training: the server saved its state before step 0
@@ -171,11 +171,8 @@ def test_ctrl_c_stops_every_party_process(tmp_path):
         os.kill(run.pid, signal.SIGINT)
         run.wait(timeout=30)
     finally:  # a failed check leaves no 500-epoch run behind
-        for pid in [*_descendants(run.pid), run.pid] if run.poll() is None else []:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if run.poll() is None:
+            _kill_tree(run.pid)
     assert run.returncode != 0
     time.sleep(1)
     assert [p for p in children if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)] == []

@@ -92,9 +92,9 @@ def test_a_two_by_two_sweep_runs_as_four_tasks_and_writes_the_same_table(cluster
     assert len(a) == len(b) and a[:-4] == b[:-4]  # title, description, header
     for ra, rb, row in zip(a[-4:], b[-4:], here["rows"]):
         assert ra == rb if row["values"]["noise.sigma"] == 0 else (ra[:2] == rb[:2] and ra[-1] == rb[-1])
-    for a in ("0", "0.5"):  # each setting's run folder came back from its task
-        for s in ("0", "0.2"):
-            folder = tmp_path / "there" / f"nopeek.alpha={a},noise.sigma={s}"
+    for alpha in ("0", "0.5"):  # each setting's run folder came back from its task
+        for sigma in ("0", "0.2"):
+            folder = tmp_path / "there" / f"nopeek.alpha={alpha},noise.sigma={sigma}"
             assert json.loads((folder / "result.json").read_text())["metrics"]
 
 

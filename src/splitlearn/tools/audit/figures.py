@@ -67,8 +67,8 @@ def inversion_grid(path: Path, originals: torch.Tensor, reconstructions: torch.T
 
 def sweep_plot(path: Path, param: str, rows: list[dict[str, Any]], figures: dict[str, str],
                join: bool = True) -> Path:
-    """Test accuracy against each leakage figure (one panel each), points labelled by the swept value
-    (a row's ``label``, else its ``value``); ``join``: a line through the points (one parameter's
+    """Test accuracy against each leakage figure (one panel each), points labelled by each row's
+    ``label`` (its setting); ``join``: a line through the points (one parameter's
     values, in order; not a grid's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     present = [(k, label) for k, label in figures.items() if any(r.get(k) is not None for r in rows)]
@@ -79,7 +79,7 @@ def sweep_plot(path: Path, param: str, rows: list[dict[str, Any]], figures: dict
     for ax in axes[len(present):]:
         ax.set_visible(len(present) == 0)
     for ax, (key, label) in zip(axes, present):
-        pts = [(r[key], r["test_accuracy"], r.get("label") or f"{r['value']:g}") for r in rows
+        pts = [(r[key], r["test_accuracy"], r["label"]) for r in rows
                if r.get(key) is not None and r.get("test_accuracy") is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if join else "o")
         for x, y, v in pts:

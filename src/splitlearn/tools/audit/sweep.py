@@ -229,8 +229,9 @@ def sweep(plan_path: str | Path | Plan, param: str | Mapping[str, Sequence[float
     params = list(grid)
     name = " x ".join(params)
     summary = {"plan": base.name, "param": name, "params": params, "description": "; ".join(PARAMS[p] for p in params),
-               "wires": [w.name for w in wires], "values": grid[params[0]] if len(params) == 1 else grid, "grid": grid,
-               "epochs": epochs or base.train.epochs, "rows": rows}
+               "wires": [w.name for w in wires], "grid": grid, "epochs": epochs or base.train.epochs, "rows": rows}
+    if len(params) == 1:
+        summary["values"] = grid[params[0]]  # as before grids: one parameter's values
     from ...run.results import write_json
 
     write_json(out / "sweep.json", summary)
