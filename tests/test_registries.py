@@ -51,8 +51,8 @@ def vanilla() -> dict:
 
 
 def _received(out) -> tuple[torch.Tensor, torch.Tensor]:
-    seen = load_file(out / "parties" / "server" / "observed.safetensors")
-    return seen[f"{FIRST}|ids"], seen[f"{FIRST}|values"]
+    seen = load_file(out / "parties" / "server" / "observed.safetensors")  # the server holds no data: positions
+    return seen[f"{FIRST}|positions"], seen[f"{FIRST}|values"]
 
 
 def test_a_registered_defense_is_read_from_the_plan_and_changes_what_the_server_receives(shift, vanilla, tmp_path):

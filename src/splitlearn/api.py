@@ -249,12 +249,14 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
     batch. Predictions arrive at the party that owns each head and are written to
     ``RUN_DIR/parties/PARTY/predictions.csv`` (the decided class and, for classification, each
     class's probability); the returned dict maps each task to ``{"party", "ids", "outputs",
-    "predictions", "probabilities"}``. ``networks`` gives again the networks the run was given
+    "predictions", "probabilities", "classes", "unmatched"}`` (``classes``: the names text labels were
+    mapped from in training; ``unmatched``: per party, the ids of its rows that not every party holds, when
+    the plan aligns rows with ``align = "psi"``: they are not predicted). ``networks`` gives again the networks the run was given
     as Python objects (their architecture; the weights come from the run folder).
     """
     from .data.preprocess import wants_preprocess
     from .run.results import load_preprocess
-    from .run.setup import data_spec, holds_data, party_file
+    from .run.setup import data_spec, holds_data, party_file, party_table
 
     run_dir = Path(run_dir)
     if not (run_dir / "plan.json").is_file():
@@ -264,7 +266,8 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
     template = plan.clients.template if plan.clients is not None else None
     if plan.clients is not None:
         plan = plan.replace(clients=None)  # the run's one model, between the plan's parties
-    if plan.data.align != "exact":  # new rows are matched by id: every party gives the same patients
+    aligned = plan.data.align == "psi"  # rows are matched as in training: by the ids every party holds
+    if aligned:  # every party's rows are here, in one process: their intersection is taken directly
         plan = plan.replace(data=plan.data.model_copy(update={"align": "exact"}))
     per: dict[str, DataSpec] = {}
     if isinstance(data, dict) and data and set(data) <= set(plan.parties) and "dataset" not in data:
@@ -287,10 +290,18 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
         spec = DataSpec.model_validate(data) if isinstance(data, dict) else data
         per = {p: spec for p in plan.parties if holds_data(plan, p)}
     per = {p: _without_absent_labels(d) for p, d in per.items()}
+    new_rows = bool(per)  # new data: every row is predicted; else the run's test rows
     try:
-        final = json.loads((run_dir / "result.json").read_text()).get("final_client")
+        recorded = json.loads((run_dir / "result.json").read_text())
+        final = recorded.get("final_client")
     except (OSError, ValueError, AttributeError):
-        final = None
+        recorded, final = {}, None
+    classes = _recorded_classes(plan, recorded if isinstance(recorded, dict) else {})
+    for p, names in classes.items():  # new labels are read with the training's mapping, never a new sorted one
+        if holds_data(plan, p):
+            spec = per.get(p) or data_spec(plan, p, final if p == template else None)
+            if spec is not None and spec.label_column and "classes" not in spec.options:
+                per[p] = spec.model_copy(update={"options": {**spec.options, "classes": names}})
     cache: dict = {}
     setups = {}
     for p in plan.parties:
@@ -307,7 +318,13 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
                 raise PlanError(f"party {p!r} standardises its data, but the run holds no preprocessing for it "
                                 f"({folder / 'preprocess.safetensors'})", file=run_dir,
                                 hint="train again with this version of splitlearn")
-        setups[p] = setup_party(plan, p, cache, spec, predict=True, preprocess=pre, client=client)
+        try:
+            if spec is not None and holds_data(plan, p):  # read once (cached): its columns checked before any use
+                _check_columns(plan, p, party_table(plan, p, cache, spec, client),
+                               recorded if isinstance(recorded, dict) else {})
+            setups[p] = setup_party(plan, p, cache, spec, predict=True, preprocess=pre, client=client)
+        except PlanError as e:
+            raise e.in_file(e.file or run_dir) from None
     for p, s in setups.items():
         path = run_dir / "parties" / p / "weights.safetensors"
         if s.modules:
@@ -317,9 +334,24 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
                 load_weights(path, s.modules)
             except ValueError as e:
                 raise PlanError(str(e), file=run_dir, hint="predict from the run folder the weights came from") from None
+    unmatched: dict[str, list] = {}
+    if aligned:
+        holders = [s for s in setups.values() if s.table is not None]
+        common = holders[0].splits.ids
+        for s in holders[1:]:
+            common = np.intersect1d(common, s.splits.ids)
+        if not len(common):
+            raise PlanError("no id is held by every party: nothing can be predicted", file=run_dir,
+                            hint="give each party's rows of the same patients (matched by id)")
+        for s in holders:
+            alone = np.setdiff1d(s.splits.ids, common)
+            if len(alone):
+                if new_rows:  # (the run's own rows outside the intersection were never part of it)
+                    unmatched[s.name] = alone.tolist()
+                s.restrict(common)
     shapes = check_plan(setups)
     first = next(s for s in setups.values() if s.table is not None)
-    rows = first.splits.test if not per else np.arange(len(first.splits.ids))
+    rows = first.splits.test if not new_rows else np.arange(len(first.splits.ids))
     steps = [Step(i, "predict", 0, torch.from_numpy(rows[b]))
              for i, b in enumerate(batches(len(rows), plan.train.eval_batch_size, 0, 0, shuffle=False))]
     reports = run_local(plan, setups, shapes, steps=steps, predicting=True)
@@ -330,11 +362,51 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
             outputs = torch.cat(chunks)
             kind = losses.get(plan.losses[task].kind)
             probs = kind.probabilities(outputs.float()) if kind.probabilities is not None else None
+            owner = plan.losses[task].target.partition(".")[0]
             out[task] = {"party": party, "ids": ids.tolist(), "outputs": outputs,
                          "predictions": losses.decide(plan.losses[task].kind, outputs).tolist(),
-                         "probabilities": None if probs is None else probs.tolist()}
+                         "probabilities": None if probs is None else probs.tolist(),
+                         "classes": classes.get(owner) if kind.classification else None,
+                         "unmatched": unmatched}
         if rep.predictions and write:
             _write_predictions(run_dir / "parties" / party / "predictions.csv", out, party)
+    return out
+
+
+def _check_columns(plan: Plan, name: str, table: Any, result: dict) -> None:
+    """New rows must have the feature columns the model was trained on, in the same order: a missing,
+    extra or moved column is named (a model fed moved columns would predict nonsense without a word).
+    Columns named in another way entirely (an embedded dataset's names against a file's) are left to the
+    shape checks."""
+    parties = result.get("parties") if isinstance(result.get("parties"), dict) else {}
+    trained = ((parties.get(name) or {}).get("data") or {}).get("schema") or {}
+    for local, ref in plan.parties[name].holds.items():
+        want, have = (trained.get(local) or {}).get("columns"), table.columns.get(ref.field)
+        if not isinstance(want, list) or have is None:
+            continue
+        if ref.columns is not None:
+            have = have[ref.columns[0]:ref.columns[1]]
+        if have != want and set(have) & set(want):  # (names from another source entirely: only counts can tell)
+            missing, extra = [c for c in want if c not in have], [c for c in have if c not in want]
+            problem = (f"lacks column(s) {missing}" if missing else f"has column(s) {extra} the model was not trained on"
+                       if extra else f"has the columns in another order ({have}; trained on {want})")
+            raise PlanError(f"party {name!r}: its new data {problem}", entry=f"parties.{name}.holds.{local}",
+                            hint=f"give a file with the training's columns, in this order: {want}")
+
+
+def _recorded_classes(plan: Plan, result: dict) -> dict[str, list[str]]:
+    """Label holder -> the class names its labels were mapped to in training (``result.json``'s data schema),
+    for the holders whose labels were text."""
+    out: dict[str, list[str]] = {}
+    parties = result.get("parties") if isinstance(result.get("parties"), dict) else {}
+    for loss in plan.losses.values():
+        owner, _, local = loss.target.partition(".")
+        entries = [v for k, v in parties.items() if isinstance(v, dict) and (k == owner or v.get("plays") == owner)]
+        for entry in entries:
+            names = (((entry.get("data") or {}).get("schema") or {}).get(local) or {}).get("classes")
+            if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+                out[owner] = names
+                break
     return out
 
 
@@ -370,7 +442,8 @@ def _write_predictions(path: Path, out: dict[str, dict], party: str) -> None:
         for i, id_ in enumerate(out[tasks[0]]["ids"]):
             row = [id_]
             for t in tasks:
-                row.append(out[t]["predictions"][i])
+                names, decided = out[t].get("classes"), out[t]["predictions"][i]
+                row.append(names[decided] if names and 0 <= decided < len(names) else decided)
                 if out[t]["probabilities"]:
                     row += [f"{p:.6g}" for p in out[t]["probabilities"][i]]
             w.writerow(row)

@@ -20,7 +20,8 @@ from .core.plan import PlanError
 from .core.load import load_plan
 from .tools.units import human as _human
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help texts are plain (square brackets, as in pip install 'splitlearn[ray]', survive)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Split learning: train, inspect and predict from plans of any configuration.")
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # errors keep their paths whole (never folded at 80 columns)
@@ -47,19 +48,37 @@ def _options(version: bool = typer.Option(False, "--version", callback=_version,
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+def _with_ci(m: dict, key: str) -> str:
+    ci = (m.get("ci95") or {}).get(key)
+    return f"{m[key]:.4f}" + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
 
 
 def _summary(result: dict) -> None:
     m = result["metrics"]
+    rows = f" on {m['test_rows']} test rows" if m.get("test_rows") else ""
     if "test_accuracy" in m:
-        console.print(f"[bold]test accuracy[/]: {m['test_accuracy']:.4f}")
+        console.print(f"[bold]test accuracy[/]{rows}: {_with_ci(m, 'test_accuracy')}", highlight=False)
         names = {"test_roc_auc": "ROC AUC", "test_f1": "F1", "test_sensitivity": "sensitivity",
                  "test_specificity": "specificity", "test_ece": "calibration error (ECE)"}
-        shown = [f"{label} {m[k]:.4f}" for k, label in names.items() if m.get(k) is not None]
+        shown = [f"{label} {_with_ci(m, k)}" for k, label in names.items() if m.get(k) is not None]
         if shown:
             console.print("  " + ", ".join(shown), highlight=False)
+    elif m.get("test_mae") is not None:
+        names = {"test_mae": "MAE", "test_rmse": "RMSE", "test_r2": "R²"}
+        shown = [f"{label} {_with_ci(m, k)}" for k, label in names.items() if m.get(k) is not None]
+        console.print(f"[bold]test regression[/]{rows}: " + ", ".join(shown), highlight=False)
+    sites = list(m.get("per_client", {}).items())
+    if m.get("scored") and sites:  # a [clients] run: pooled over every site's test rows; each on its own
+        console.print(f"  pooled over {len(sites)} clients' test rows; per client:", highlight=False)
+        for c, e in sites[:12]:
+            figs = [f"{label} {e[k]:.4f}" for k, label in (("test_accuracy", "accuracy"), ("test_roc_auc", "ROC AUC"),
+                                                          ("test_sensitivity", "sensitivity"), ("test_mae", "MAE"))
+                    if isinstance(e.get(k), float)]
+            console.print(f"    {c} ({e['rows']} rows): {', '.join(figs)}", highlight=False)
     for task, t in m.get("tasks", {}).items():
         if "test_accuracy" in t:
             acc = f"accuracy {t['test_accuracy']:.4f}"
@@ -81,7 +100,7 @@ def _summary(result: dict) -> None:
         console.print(f"per client ({result['schedule']['kind']}, {result['schedule']['clients']} clients): "
                       f"{_human(pc['flops']['mean'])} FLOPs, {_human(pc['bytes']['mean'], 'B')} sent + received (mean)")
     for s in result.get("skipped", [])[:10]:
-        err.print(f"[yellow]skipped[/] {s['client']} in round {s['round']} ({s['during']}): {s['reason']}")
+        err.print(f"[yellow]skipped[/] {s['client']} in round {s['round']} ({s['during']}): {escape(str(s['reason']))}")
     labels = [w for w in result["wires"] if w["carries"] == "label"]
     for w in labels:
         console.print(f"[yellow]label wire[/] {w['name']}: labels of {w['src']} travel to {w['dst']}")
@@ -139,12 +158,14 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
     write OUT/result.json and each party's weights."""
     from .api import train_prepared
     from .run.session import RunError
-    from .run.setup import prepare
+    from .run.setup import label_notes, prepare
 
     try:
         p, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
     except PlanError as e:
         _fail(str(e))
+    for note in label_notes(setups):
+        err.print(f"[bold]note:[/] {escape(note)}", highlight=False)
     out = out or Path("runs") / plan.stem
     if resume and force:
         _fail("--resume goes on with the run in --out, --force replaces it: give one of them")
@@ -302,16 +323,19 @@ def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
             check: bool = typer.Option(True, help="also load the data and dry-run one sample through the plan")) -> None:
     """Print PLAN's parties, stages and wires, flag label wires, and draw its topology."""
     from .core.graph import build_graph
-    from .run.setup import prepare
+    from .run.setup import label_notes, prepare
     from .tools.viz import describe, draw_topology
 
     try:
         p = load_plan(plan)
-        shapes = prepare(p, check_only=True)[2] if check else {}
+        prepared = prepare(p, check_only=True) if check else None
+        shapes = prepared[2] if prepared else {}
     except PlanError as e:
         _fail(str(e))
     graph = build_graph(p)
     console.print(describe(graph), highlight=False, markup=False)
+    for note in label_notes(prepared[1]) if prepared else []:
+        console.print(note, highlight=False, markup=False)
     if shapes:
         console.print("wire shapes (from a dry run on one sample):")
     for wire, (dtype, shape) in shapes.items():
@@ -353,6 +377,9 @@ def predict(run_dir: Path = typer.Argument(..., help="the --out folder of a fini
         _fail(str(e))
     except RunError as e:
         _fail(str(e), code=1)
+    for party, ids in next(iter(out.values()), {}).get("unmatched", {}).items():
+        err.print(f"[yellow]not matched[/]: {len(ids)} of {party}'s rows have ids that not every party holds, so "
+                  f"they are not predicted (first: {escape(str(ids[:5]))})", highlight=False)
     for task, r in out.items():
         path = run_dir / "parties" / r["party"] / "predictions.csv"
         console.print(f"task [cyan]{task}[/]: {len(r['ids'])} predictions delivered to [bold]{r['party']}[/] ({path})")
@@ -621,7 +648,8 @@ def cost(model: str = typer.Option("vgg16", help="vgg16 or resnet50 (CIFAR-style
 
 @app.command("compare")
 def compare_cmd(plan: Path = typer.Argument(..., help="a split plan (.toml): one party holds the data"),
-                clients: int = typer.Option(10, min=1, help="number of clients"),
+                clients: Optional[int] = typer.Option(None, min=1, help="number of clients (default: the plan's "
+                                                      "[clients] count, else 10)"),
                 methods: str = typer.Option(",".join(("sequential", "splitfed_v2", "fedavg", "large_batch",
                                                       "centralized")),
                                             help="comma-separated: sequential, splitfed_v1, splitfed_v2, independent, "
@@ -683,7 +711,7 @@ def main() -> None:  # pragma: no cover
     except Exception as e:  # a bug or an error without its own message: one line, the traceback with --debug
         if _state["debug"]:
             raise
-        err.print(f"[bold red]error:[/] {type(e).__name__}: {e}\n(run 'splitlearn --debug ...' to see the traceback)",
+        err.print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}\n(run 'splitlearn --debug ...' to see the traceback)",
                   highlight=False)
         raise SystemExit(1) from None
 

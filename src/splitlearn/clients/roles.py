@@ -59,7 +59,7 @@ from .schedule import Round, Turn, client_shares, rounds
 from .strategies import strategy_of
 
 __all__ = ["roles", "coordinator_of", "federation_of", "plays_of", "connections", "Coordinator", "Follower",
-           "make_role", "Context", "per_client", "schema_difference"]
+           "make_role", "Context", "per_client", "schema_difference", "pooled_metrics"]
 
 log = logging.getLogger("splitlearn.clients.roles")
 
@@ -165,16 +165,67 @@ class Context:
         tests = [np.arange(n, dtype=np.int64) for n in test]
         if me is not None and setup is not None:
             shares[me], tests[me] = setup.splits.train, setup.splits.test
-        rs = rounds(plan, shares, tests[0] if tests else np.zeros(0, dtype=np.int64))
+        sites = [k for k, n in enumerate(test) if n > 0]  # every evaluation scores each of them
+        rs = rounds(plan, shares, tests[0] if tests else np.zeros(0, dtype=np.int64), sites)
         return cls(build_graph(plan), "", shares, rs, {t.index: t for r in rs for t in (*r.train, *r.evals)}, tests)
 
     def steps_of(self, plan: Plan, turn: Turn, client: int) -> tuple:
-        """A turn's steps; with per-client data an evaluation runs on the evaluating client's own test rows."""
+        """A turn's steps; with per-client data an evaluation runs on its site's own test rows."""
         if self.tests is None or turn.mode != "eval":
             return turn.steps
         from .schedule import eval_steps
 
-        return eval_steps(plan, self.tests[client], turn.steps[0].epoch if turn.steps else 0)
+        site = client if turn.site is None else turn.site
+        return eval_steps(plan, self.tests[site], turn.steps[0].epoch if turn.steps else 0)
+
+
+Scores = tuple[np.ndarray, np.ndarray, float, int]  # head outputs (probabilities), targets, loss sum, rows
+
+
+def pooled_metrics(kind: str, parts: list[Scores]) -> dict[str, Any]:
+    """Test metrics over the union of the rows of ``parts`` (several clients' test rows), computed
+    on all the rows together (never a mean of per-client figures): the test loss, the rows, those
+    of :mod:`splitlearn.core.metrics` (classification, or regression) and their 95 % bootstrap
+    intervals (``ci95``)."""
+    from ..core.metrics import bootstrap_ci, classification_metrics, curves, regression_metrics
+
+    rows = sum(n for *_, n in parts)
+    if not rows:
+        return {}
+    out: dict[str, Any] = {"test_loss": sum(s for _, _, s, _ in parts) / rows, "test_rows": rows}
+    outputs = np.concatenate([o for o, *_ in parts])
+    targets = np.concatenate([t for _, t, *_ in parts])
+    lk = losses.get(kind)
+    if lk.probabilities is None and lk.classification:  # no probabilities: accuracy only
+        out["test_accuracy"] = float((outputs.reshape(-1) == targets.reshape(-1)).mean())
+        return out
+    classification = lk.probabilities is not None
+    found = (classification_metrics if classification else regression_metrics)(outputs, targets)
+    out.update({f"test_{k}": v for k, v in found.items()})
+    out["ci95"] = {f"test_{k}": v for k, v in bootstrap_ci(outputs, targets, classification=classification).items()}
+    out["curves"] = curves(outputs, targets, classification=classification)
+    return out
+
+
+class _Scoring(Party):
+    """A turn's party that keeps its heads' outputs of evaluation steps, with the targets and the
+    loss, so the run's test metrics can be pooled over every client's test rows."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.scored: dict[str, list[Scores]] = {}
+
+    def step(self, step: int, rows: torch.Tensor, mode: Any) -> Any:
+        out = super().step(step, rows, mode)
+        if mode == "eval":
+            for k, pred in out.predictions.items():
+                if k in out.targets and k in out.losses:
+                    kind = losses.get(self.graph.plan.losses[k].kind)
+                    pred = pred.detach().float().cpu()
+                    probs = kind.probabilities(pred) if kind.probabilities is not None else kind.decide(pred)
+                    self.scored.setdefault(k, []).append((probs.numpy(), out.targets[k].detach().cpu().numpy(),
+                                                          out.losses[k] * len(rows), len(rows)))
+        return out
 
 
 @dataclass
@@ -185,6 +236,8 @@ class _Answer:
 
 MAX_PENDING = 100  # commands a follower keeps while it waits for weights
 MAX_GOING_BACK = 20  # times a run may go back to a checkpoint (a party that fails every time ends it)
+MAX_EARLY_WEIGHTS = 1  # weights messages kept per sender before the command naming them; later ones are refused
+POLL_S = 0.5  # while waiting for a party to come back, how often its stream's state is looked at again
 
 
 # -- one physical party ------------------------------------------------------------------------
@@ -247,6 +300,9 @@ class Role:
                 {s: _build(plan, s) for s in _segments_of(self.graph, spec.template)}).items()}
         # fixed parties: a copy of their segments per client (splitfed_v1 for a round, independent for good)
         self.copies: dict[str, tuple[dict, torch.optim.Optimizer | None]] = {}
+        self.lent: dict[str, torch.Tensor] | None = None  # a client: the run's model, lent for one evaluation turn
+        self._pool: dict[str, list[Scores]] = {}  # a head: the current evaluation's scores per loss (all sites)
+        self._pool_of: tuple[int, int] | None = None  # (round, attempt) of that evaluation
         self._requests = itertools.count(1)
         self._early: dict[tuple[str, int], Message] = {}  # (sender, request): weights that beat their command
         self._pending: deque[Message] = deque(maxlen=MAX_PENDING)  # follower: commands that came meanwhile
@@ -263,8 +319,9 @@ class Role:
         self.resuming = resume  # a follower started with --resume waits for the coordinator's word to go back
         self.returns = returns  # seconds to wait for a failed party to come back as a new process (0: never)
         self.attempt = 0  # times the schedule went back to a checkpoint: in every turn's tag
-        self._returned: set[str] = set()  # parties that said they came back (a new process, resuming)
+        self._returned: set[str] = set()  # parties that came back as new processes (said so, and proven)
         self._waited: set[str] = set()  # parties waited for in vain (never again)
+        self._restarts_taken: dict[str, int] = {}  # per party: its restarts (seen by the transport) believed
 
     def use(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -298,15 +355,47 @@ class Role:
         return {self.coordinator, self.federation} | self.strategy.weight_senders(self.plan, self.name)
 
     def _hold_weights(self, msg: Message) -> bool:
-        """Keep weights that came before the command naming them (from an expected sender only;
-        the oldest go beyond two per possible sender)."""
-        allowed = self._senders_of_weights()
-        if msg.sender not in allowed:
+        """Keep weights that came before the command naming them: from an expected sender only
+        (False otherwise), at most :data:`MAX_EARLY_WEIGHTS` per sender; beyond that they are
+        refused (an ERROR to the sender) and counted."""
+        if msg.sender not in self._senders_of_weights():
             return False
+        held = [r for s, r in self._early if s == msg.sender]
+        if len(held) >= MAX_EARLY_WEIGHTS:
+            self.link.refuse(msg.sender, f"weights for request {msg.step} before any command named them, while its "
+                             f"weights for request {held[0]} wait already: at most {MAX_EARLY_WEIGHTS} early weights "
+                             "message per sender is kept", wire="weights")
+            return True
         self._early[(msg.sender, msg.step)] = msg
-        while len(self._early) > 2 * len(allowed):
-            del self._early[next(iter(self._early))]
         return True
+
+    def _restarts(self, party: str) -> int:
+        """How many times the transport saw ``party`` come back as a new process (0: it cannot tell)."""
+        try:
+            return self.switch.inner.restarts(party)
+        except TransportError:
+            return 0
+
+    def _broken(self, party: str) -> bool:
+        """Whether ``party``'s stream is broken now (the transport knows; never waits)."""
+        try:
+            return self.switch.inner.broken_since(party) is not None
+        except TransportError:
+            return False
+
+    def _back(self, party: str) -> None:
+        """``party`` says it came back as a new process (resuming). Believed once per restart the
+        transport saw (another incarnation of it); otherwise refused, named and counted. A
+        coordinator that itself resumes takes every party back anyway: nothing to believe."""
+        if self.name != self.coordinator or (self.resuming and isinstance(self, Coordinator)):
+            return
+        seen = self._restarts(party)
+        if seen > self._restarts_taken.get(party, 0):
+            self._restarts_taken[party] = seen
+            self._returned.add(party)  # the coordinator goes back with it
+            return
+        self.link.refuse(party, "it says it came back as a new process, but the transport saw no new process of it "
+                         f"since its last restart ({seen} restarts): not believed, nobody goes back")
 
     def _await(self, kind: Kind, senders: list[str], timeout: float,
                match: Callable[[Message], bool] | None = None, until: Callable[[], bool] | None = None) -> _Answer:
@@ -326,7 +415,7 @@ class Role:
             elif msg.kind == Kind.WEIGHTS and self._hold_weights(msg):
                 pass
             elif msg.kind == Kind.ACK and m.read_ack(msg, self.limits)[1].get("back") is True:
-                self._returned.add(msg.sender)  # a party that came back: the coordinator goes back with it
+                self._back(msg.sender)
             else:
                 log.debug("%s: ignoring a late %s from %s", self.name, msg.kind.name, quote(msg.sender))
         return _Answer(got, [s for s in senders if s not in got])
@@ -346,12 +435,20 @@ class Role:
     def _take_weights(self, senders: list[str], request: int, timeout: float) -> dict[str, Message]:
         """The weights answering ``request`` from each sender that sends them in time."""
         got = {s: self._early.pop((s, request)) for s in senders if (s, request) in self._early}
+        for key in [k for k in self._early if k[0] in senders]:  # another request's: stale, one request at a time
+            del self._early[key]
         ans = self._await(Kind.WEIGHTS, [s for s in senders if s not in got], timeout,
                           match=lambda msg: msg.step == request)
         return {**got, **ans.ok}
 
     # -- a turn ----------------------------------------------------------------------------
-    def _models(self, turn: Turn, client: str) -> tuple[dict, torch.optim.Optimizer | None]:
+    def _models(self, turn: Turn, client: str, model: str | None = None) -> tuple[dict, torch.optim.Optimizer | None]:
+        if self.plays == self.spec.template and model is not None:  # another client's weights, for this turn only
+            if self.lent is None:
+                raise PartyError(f"{self.name}: no weights of {model} came to evaluate")
+            mods = copy.deepcopy(self.setup.modules)
+            load_state(mods, self.lent)
+            return mods, None
         if self.plays == self.spec.template or not self.strategy.own_copy(turn):
             return self.setup.modules, self.setup.optimizer
         if client not in self.copies:  # from the shared model (v1: averaged at the end of every round)
@@ -359,8 +456,9 @@ class Role:
             self.copies[client] = (mods, make_optimizer(self.plan, self.plays, mods))
         return self.copies[client]
 
-    def run_turn(self, turn: Turn, client: str) -> tuple[bool, str]:
-        """Take part in one turn with ``client``: (done, why not)."""
+    def run_turn(self, turn: Turn, client: str, model: str | None = None) -> tuple[bool, str]:
+        """Take part in one turn with ``client`` (evaluating ``model``'s weights, lent to it, when
+        not its own): (done, why not)."""
         t = self.spec.template
         fixed = {p for p in self.plan.parties if p != t}
         peers = ({client} | fixed) - {self.name} if self.plays != t else fixed
@@ -387,10 +485,15 @@ class Role:
 
         view = self.switch.session(self.plays, {} if self.plays == t else {t: client}, keep, peers, defer)
         link = Link(view, self.link.meter if turn.mode == "train" else self.eval_meter, self.limits)
-        modules, optimizer = self._models(turn, client)
+        try:
+            modules, optimizer = self._models(turn, client, model)
+        except PartyError as e:
+            return False, str(e)
+        finally:
+            self.lent = None if self.plays == t else self.lent
         if self.rng is None:  # this physical party's own random stream, kept from turn to turn
             self.rng = self._random(modules)
-        party = Party(self.graph, self.plays, link, modules, optimizer, self.setup.inputs, timeout=self.step_timeout,
+        party = _Scoring(self.graph, self.plays, link, modules, optimizer, self.setup.inputs, timeout=self.step_timeout,
                       rng=self.rng)
         if self.recorders is not None:
             party.observer = self.recorders.setdefault(client if self.plays != t else "", Recorder(self.record_ids))
@@ -409,14 +512,50 @@ class Role:
         losses, steps = {}, {}
         for loss, h in report.metrics.items():
             key = "train_loss" if turn.mode == "train" else "test_loss"
-            losses[loss] = {k: v[0] for k, v in h.items() if v and k != "train_loss_steps"}
+            losses[loss] = {k: v[0] for k, v in h.items() if v and k not in ("train_loss_steps", "ci95", "curves")}
             losses[loss].setdefault(key, None)
             if h.get("train_loss_steps"):
                 steps[loss] = [v for _, v in h["train_loss_steps"]]
-        self.records.append({"turn": turn.index, "round": turn.round, "epoch": turn.steps[0].epoch if turn.steps else 0,
-                             "mode": turn.mode, "client": client, "rows": sum(len(x.rows) for x in turn_steps), "losses": losses, "steps": steps,
-                             "train_s": report.meter.get("train_s", 0.0)})
+        record = {"turn": turn.index, "round": turn.round, "epoch": turn.steps[0].epoch if turn.steps else 0,
+                  "mode": turn.mode, "client": client, "rows": sum(len(x.rows) for x in turn_steps), "losses": losses,
+                  "steps": steps, "train_s": report.meter.get("train_s", 0.0)}
+        if model is not None:
+            record["model"] = model
+        self.records.append(record)
+        if turn.mode == "eval" and party.scored:
+            self._pool_scores(turn, client, party.scored, record)
         return True, ""
+
+    def _pool_scores(self, turn: Turn, client: str, scored: dict[str, list[Scores]], record: dict) -> None:
+        """A head's evaluation turn: add its scores to the pool of the round's evaluation (every
+        site it scores; :meth:`_close_pool` writes the pooled record once they are all in). A
+        client head with its own test rows also keeps its scores in the turn's record, so the
+        run's result can pool them over every client."""
+        if self._pool_of != (turn.round, self.attempt):
+            self._close_pool()
+            self._pool_of = (turn.round, self.attempt)
+        for loss, parts in scored.items():
+            self._pool.setdefault(loss, []).extend(parts)
+            if self.per_client and self.plays == self.spec.template:
+                record.setdefault("scores", {})[loss] = {
+                    "outputs": np.concatenate([o for o, *_ in parts]).tolist(),
+                    "targets": np.concatenate([t for _, t, *_ in parts]).tolist(),
+                    "loss_sum": float(sum(x for *_, x, _ in parts)), "rows": int(sum(n for *_, n in parts))}
+
+    def _close_pool(self) -> None:
+        """Write the pooled record of the evaluation whose scores are pooled (``mode = "pooled"``:
+        the metrics over the union of every site's test rows), and empty the pool."""
+        if not self._pool or self._pool_of is None:
+            return
+        rnd = self._pool_of[0]
+        evals = [r for r in self.records
+                 if r["mode"] == "eval" and r["round"] == rnd and set(r["losses"]) & set(self._pool)]
+        pooled = {"mode": "pooled", "round": rnd, "epoch": evals[-1]["epoch"] if evals else 0,
+                  "turns": [r["turn"] for r in evals], "clients": [r["client"] for r in evals],
+                  "rows": sum(r["rows"] for r in evals),
+                  "losses": {k: pooled_metrics(self.plan.losses[k].kind, v) for k, v in self._pool.items()}}
+        self.records = [r for r in self.records if not (r["mode"] == "pooled" and r["round"] == rnd)] + [pooled]
+        self._pool, self._pool_of = {}, None
 
     # -- weights ---------------------------------------------------------------------------
     def _client_state(self) -> dict[str, torch.Tensor]:
@@ -427,9 +566,10 @@ class Role:
             else self._client_state()
         self.link.send(m.weights(self.name, to, state, request))
 
-    def load_weights(self, sender: str, request: int, ready: bool = False) -> None:
+    def load_weights(self, sender: str, request: int, ready: bool = False, lend: bool = False) -> None:
         """Client: take the weights answering ``request`` from ``sender`` (checked against ours), then
-        say so. ``ready``: first tell the coordinator we are waiting (so they cannot overtake us)."""
+        say so. ``ready``: first tell the coordinator we are waiting (so they cannot overtake us);
+        ``lend``: keep them for the next evaluation turn only (our own weights stay as they are)."""
         if ready:
             self._ack(request, ready=True)
         msg = self._take_weights([sender], request, self.timeout).get(sender)
@@ -439,17 +579,22 @@ class Role:
             self._ack(request, loaded=None, missing=sender)
             return
         try:
-            load_state(self.setup.modules, m.read_weights(msg, self._client_state()))
+            state = m.read_weights(msg, self._client_state())
+            if lend:
+                self.lent = state
+            else:
+                load_state(self.setup.modules, state)
         except WireError as e:
             self.link.refuse(sender, str(e), wire="weights")
-            self._ack(request, loaded=None, refused=sender)
+            self._ack(request, loaded=None, refused=sender, why=str(e)[:300])
             return
         self._ack(request, loaded=sender)
 
-    def collect(self, clients: list[str], samples: list[int], request: int) -> list[str]:
-        """Federation: receive the clients' weights, average them (by samples); whose were averaged."""
+    def collect(self, clients: list[str], samples: list[int], request: int) -> tuple[list[str], dict[str, str]]:
+        """Federation: receive the clients' weights, average them (by samples); whose were averaged,
+        and why each refused client's were refused."""
         got = self._take_weights(clients, request, self.timeout)
-        states, weights, used = [], [], []
+        states, weights, used, refused = [], [], [], {}
         for c, n in zip(clients, samples):
             if c in got:
                 try:
@@ -458,9 +603,10 @@ class Role:
                     used.append(c)
                 except WireError as e:
                     self.link.refuse(c, str(e), wire="weights")
+                    refused[c] = str(e)[:300]
         if states:
             self.global_state = average(states, weights)
-        return used
+        return used, refused
 
     def merge_copies(self, clients: list[str], samples: list[int]) -> None:
         """SplitFed v1: this round's server copies, averaged into the shared model (by samples)."""
@@ -490,6 +636,7 @@ class Role:
         """Save this party's state at the end of round ``rnd`` (-1: before the first): weights,
         optimizers (and the server copies kept per client), the federation's average, the random
         stream, meters, records and the privacy spent."""
+        self._close_pool()  # the round's evaluation is over: its pooled record goes in the checkpoint
         tensors, optim = {}, {}
         if self.setup is not None:
             tensors.update(ck.module_tensors(self.setup.modules))
@@ -536,6 +683,7 @@ class Role:
         if isinstance(self, Coordinator):
             self.holder = man["holder"]
         self.attempt, self.resuming = attempt, False
+        self.lent, self._pool, self._pool_of = None, {}, None
         self._early.clear()
         self._pending.clear()
 
@@ -547,6 +695,7 @@ class Role:
 
     def report(self) -> PartyReport:
         self.close_tracker()
+        self._close_pool()
         privacy = {}
         if self.plays is not None and self.noised["steps"]:
             privacy = defenses.privacy_spent(self.graph, self.plays, self.noised["samples"], self.noised["steps"])
@@ -625,7 +774,12 @@ class Follower(Role):
         turn = self.turns.get(int(a["turn"]))
         if turn is None:
             raise ValueError(f"no turn {quote(a['turn'])}")
-        ok, why = self.run_turn(turn, str(a["client"]))
+        model = a.get("model")
+        if model is not None and model not in self.clients:
+            raise ValueError(f"no client {quote(model)} whose weights to evaluate")
+        if a["client"] not in self.clients:
+            raise ValueError(f"no client {quote(a['client'])} to take the turn with")
+        ok, why = self.run_turn(turn, a["client"], model)
         if self.coordinator not in self.plan.parties:  # it takes no part in turns: tell it we are done
             self._ack(request, ok=ok, why=why)
 
@@ -637,11 +791,17 @@ class Follower(Role):
 
     def _load(self, request: int, a: dict) -> None:
         with self._metering(bool(a.get("evaluation"))):
-            self.load_weights(str(a["from"]), request, ready=bool(a.get("ready")))
+            self.load_weights(str(a["from"]), request, ready=bool(a.get("ready")), lend=bool(a.get("lend")))
+
+    def _send(self, request: int, a: dict) -> None:
+        with self._metering(bool(a.get("evaluation"))):
+            if a["to"] not in roles(self.plan):
+                raise ValueError(f"no party {quote(a['to'])} to send weights to")
+            self.send_weights(a["to"], request)
 
     def _collect(self, request: int, a: dict) -> None:
-        got = self.collect([str(c) for c in a["clients"]], [int(n) for n in a["samples"]], request)
-        self._ack(request, averaged=got)
+        got, refused = self.collect([str(c) for c in a["clients"]], [int(n) for n in a["samples"]], request)
+        self._ack(request, averaged=got, refused=refused)
 
     def _download(self, request: int, a: dict) -> None:
         with self._metering(bool(a.get("evaluation"))):
@@ -656,8 +816,10 @@ class Follower(Role):
         self._ack(request, held=self.checkpoints.steps())
 
     def _restore(self, request: int, a: dict) -> None:
-        if a["round"] is None:  # no checkpoint in common: from the start
-            self.checkpoints.clear()
+        if a["round"] is None:  # no checkpoint in common: from the start (what it held is moved aside, not lost)
+            moved = self.checkpoints.set_aside()
+            log.warning("%s: told to begin again from the start%s", self.name,
+                        f" (checkpoints moved to {moved})" * bool(moved))
             self.resuming = False
             self._ack(request, restored="start")
             return
@@ -686,8 +848,7 @@ def _is_federation(r: Role) -> bool:
 
 Follower.COMMANDS = {
     "turn": Follower._Handler(Follower._turn, lambda r: r.plays is not None),
-    "send": Follower._Handler(lambda r, req, a: r.send_weights(str(a["to"]), req),
-                              lambda r: _is_client(r) or _is_federation(r)),
+    "send": Follower._Handler(Follower._send, lambda r: _is_client(r) or _is_federation(r)),
     "load": Follower._Handler(Follower._load, _is_client),
     "census": Follower._Handler(Follower._census, lambda r: _is_client(r) and r.per_client),
     "rows": Follower._Handler(Follower._rows, lambda r: r.per_client and r.ctx is None),
@@ -724,41 +885,52 @@ class Coordinator(Role):
         return self.report()
 
     def coordinate(self, progress: Callable[[Progress], None] | None = None) -> None:
+        """Walk the rounds; then tell every party to stop: plainly when the run is done, with the
+        reason when it failed (so every party ends saying how the run really ended)."""
         fixed = [p for p in self.plan.parties if p != self.spec.template and p != self.name]
         others = fixed + ([self.federation] if self.federation not in (self.name, *fixed) else [])
         everyone = [*others, *self.clients]
         try:
-            if self.per_client:
-                self.census(others)
-            i = 0
-            if self.checkpoints is not None:
-                i = self.go_back(everyone, "resuming") if self.resuming else None
-                if i is None:  # from the start: every party saves its state before the first round
-                    if self.resuming:  # nothing in common: every party (resuming too) begins again
-                        self.begin_again(everyone)
-                    self.checkpoint_everyone(-1, everyone)
-                    i = 0
-            while i < len(self.rounds):
-                rnd = self.rounds[i]
-                try:
-                    self._round(rnd, fixed)
-                    if self.checkpoints is not None:
-                        self.checkpoint_everyone(rnd.index, everyone, rnd)
-                except _Returned as e:
-                    i = self.go_back(everyone, f"{e.party} came back as a new process")
-                    if i is None:
-                        raise PartyError(f"{self.name}: {e.party} came back as a new process, but no checkpoint is "
-                                         "held by every party") from None
-                    continue
-                if progress is not None:
-                    progress(self._progress(rnd))
-                i += 1
-        finally:
-            for p in everyone:
-                try:
-                    self._command(p, do="stop")
-                except TransportError:
-                    pass
+            self._walk(fixed, everyone, progress)
+        except BaseException as e:
+            self._stop(everyone, str(e) or type(e).__name__)
+            raise
+        self._stop(everyone, None)
+
+    def _stop(self, everyone: list[str], reason: str | None) -> None:
+        for p in everyone:
+            try:
+                self._command(p, do="stop", **({"reason": reason[:600]} if reason else {}))
+            except TransportError:
+                pass
+
+    def _walk(self, fixed: list[str], everyone: list[str], progress: Callable[[Progress], None] | None) -> None:
+        others = [p for p in everyone if p not in self.clients]
+        if self.per_client:
+            self.census(others)
+        i = 0
+        if self.checkpoints is not None:
+            i = self.go_back(everyone, "resuming") if self.resuming else None
+            if i is None:  # from the start: every party saves its state before the first round
+                if self.resuming:  # nothing in common: every party (resuming too) begins again
+                    self.begin_again(everyone)
+                self.checkpoint_everyone(-1, everyone)
+                i = 0
+        while i < len(self.rounds):
+            rnd = self.rounds[i]
+            try:
+                self._round(rnd, fixed)
+                if self.checkpoints is not None:
+                    self.checkpoint_everyone(rnd.index, everyone, rnd)
+            except _Returned as e:
+                i = self.go_back(everyone, f"{e.party} came back as a new process")
+                if i is None:
+                    raise PartyError(f"{self.name}: {e.party} came back as a new process, but no checkpoint is "
+                                     "held by every party") from None
+                continue
+            if progress is not None:
+                progress(self._progress(rnd))
+            i += 1
 
     def _round(self, rnd: Round, fixed: list[str]) -> None:
         names = self.strategy.before_round(self, rnd, [self.clients[k] for k in rnd.clients])
@@ -773,9 +945,9 @@ class Coordinator(Role):
         if done:
             self.strategy.after_round(self, rnd, done)
         for turn in rnd.evals:
-            c = self.strategy.eval_client(self, rnd, turn, done)
-            if c is not None:
-                self._turn(rnd, turn, c, fixed)
+            pick = self.strategy.eval_client(self, rnd, turn, done)
+            if pick is not None:
+                self._turn(rnd, turn, pick[0], fixed, model=pick[1])
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_everyone(self, index: int, everyone: list[str], rnd: Round | None = None) -> None:
@@ -808,9 +980,10 @@ class Coordinator(Role):
             except TransportError:
                 pass
         self._acks(everyone, self.timeout, rid, has="restored")
-        self.checkpoints.clear()
+        moved = self.checkpoints.set_aside()  # a peer's word never deletes checkpoints
         self.resuming = False
-        log.warning("%s: resuming, but no checkpoint is held by every party: from the start", self.name)
+        log.warning("%s: resuming, but no checkpoint is held by every party: from the start%s", self.name,
+                    f" (checkpoints moved to {moved})" * bool(moved))
 
     def go_back(self, everyone: list[str], why: str) -> int | None:
         """Every party goes back to the last round whose checkpoint all of them hold; the index of
@@ -862,18 +1035,28 @@ class Coordinator(Role):
 
     def _came_back(self, party: str) -> str | None:
         """The party that came back as a new process (``party``, which failed, or another: the
-        failure may be a neighbour's), waiting up to ``returns`` seconds for one; None if none did
-        (``party`` is then not waited for again). Parties given up on are not taken back."""
+        failure may be a neighbour's), proven by the transport (see :meth:`_back`); None if none
+        did. It is waited for only while the transport says one may come back (:meth:`_away`), up to
+        ``returns`` seconds; ``party``, still away then, is not waited for again. A party that is
+        connected is not waited for at all. Parties given up on are not taken back."""
         self._returned -= self._waited
-        if not self._returned and party not in self._waited:
-            log.warning("%s: waiting up to %g s for %s to come back", self.name, self.returns, party)
-            self._await(Kind.ACK, [party], self.returns, match=lambda msg: False,  # a 'back' ends up in _returned
-                        until=lambda: bool(self._returned - self._waited))
-            self._returned -= self._waited
-        if self._returned:
-            return sorted(self._returned)[0]
-        self._waited.add(party)
-        return None
+        if not self._returned and party not in self._waited and self._away(party):
+            log.warning("%s: waiting up to %g s for %s to come back (away: %s)", self.name, self.returns, party,
+                        self._away(party))
+            deadline = time.monotonic() + self.returns
+            while not self._returned and self._away(party) and (left := deadline - time.monotonic()) > 0:
+                self._await(Kind.ACK, [party], min(left, POLL_S), match=lambda msg: False,  # a 'back': _returned
+                            until=lambda: bool(self._returned - self._waited))
+                self._returned -= self._waited
+            if not self._returned and self._broken(party):
+                self._waited.add(party)
+        return sorted(self._returned)[0] if self._returned else None
+
+    def _away(self, party: str) -> list[str]:
+        """Who may yet come back as a new process: ``party`` or a fixed role whose stream is broken
+        now, or that the transport saw restart without saying so yet."""
+        roles_ = [party, *(p for p in roles(self.plan) if p not in self.clients and p not in (self.name, party))]
+        return [p for p in roles_ if self._broken(p) or self._restarts(p) > self._restarts_taken.get(p, 0)]
 
     def _progress(self, rnd: Round) -> Progress:
         losses = [v["train_loss"] for r in self.records if r["round"] == rnd.index and r["mode"] == "train"
@@ -931,11 +1114,13 @@ class Coordinator(Role):
         self.skipped.append({"round": rnd.index, "client": party, "during": what, "reason": why})
         log.warning("%s: skipped %s in round %d (%s): %s", self.name, party, rnd.index, what, why)
 
-    def _turn(self, rnd: Round, turn: Turn, client: str, fixed: list[str]) -> bool:
+    def _turn(self, rnd: Round, turn: Turn, client: str, fixed: list[str], model: str | None = None) -> bool:
+        """``client`` takes its turn (evaluating ``model``'s weights, lent to it, when not its own)."""
         rid = 0
+        lent = {"model": model} if model is not None else {}
         for p in [client, *fixed]:
             try:
-                r = self._command(p, do="turn", turn=turn.index, client=client)
+                r = self._command(p, do="turn", turn=turn.index, client=client, **lent)
                 rid = r if p == client else rid
             except TransportError as e:
                 self._skip(rnd, client, f"{turn.mode} turn", f"cannot reach {p}: {e}")
@@ -948,10 +1133,39 @@ class Coordinator(Role):
             self._skip(rnd, client, f"{turn.mode} turn", f"no answer within {limit:g} s" if client not in ans
                        else f"its turn failed: {ans[client].get('why')}")
             return False
-        ok, why = self.run_turn(turn, client)
+        ok, why = self.run_turn(turn, client, model)
         if not ok:
             self._skip(rnd, client, f"{turn.mode} turn", why)
         return ok
+
+    def lend(self, rnd: Round, holder: str, client: str) -> bool:
+        """Evaluation on another site's test rows: the run's model (``holder``'s weights) goes to
+        ``client`` by way of this coordinator, kept there for that one turn (its own weights stay
+        as they are); metered as evaluation traffic. False (the site is skipped) if they did not
+        get there."""
+        rid = next(self._requests)
+        with self._metering(True):
+            try:
+                self._command(holder, request=rid, do="send", to=self.name, evaluation=True)
+                got = self._take_weights([holder], rid, self.timeout).get(holder)
+            except TransportError:
+                got = None
+            if got is None:
+                self._skip(rnd, holder, "evaluation", f"its weights did not come within {self.timeout:g} s; "
+                                                      f"{client}'s test rows are not scored")
+                return False
+            rid = next(self._requests)
+            try:
+                self._command(client, request=rid, do="load", evaluation=True, lend=True, **{"from": self.name})
+                self.link.send(Message(Kind.WEIGHTS, self.name, client, rid, "weights", got.tensors))
+            except TransportError as e:
+                self._skip(rnd, client, "evaluation", f"cannot reach it: {e}")
+                return False
+            ans = self._acks([client], 2 * self.timeout, rid, has="loaded")
+        if ans.get(client, {}).get("loaded") != self.name:
+            self._skip(rnd, client, "evaluation", f"the weights of {holder}: {_not_loaded(ans.get(client), client)}")
+            return False
+        return True
 
     def handoff(self, rnd: Round, holder: str, client: str) -> bool:
         """Sequential: the latest weights go from ``holder`` to ``client`` (peer-to-peer between ring
@@ -988,8 +1202,7 @@ class Coordinator(Role):
             self._skip(rnd, client, "hand-off", f"no answer within {2 * self.timeout:g} s; its turn is skipped")
             return False
         if ans[client].get("loaded") is None:
-            self._skip(rnd, holder, "hand-off", f"its weights did not reach {client}; {client} trains on "
-                                                "from its own")
+            self._skip(rnd, holder, "hand-off", f"{_not_loaded(ans[client], client)}; {client} trains on from its own")
         return True
 
     def download(self, rnd: Round, names: list[str], evaluation: bool = False) -> list[str]:
@@ -1024,7 +1237,7 @@ class Coordinator(Role):
                 if c in requests:
                     self._skip(rnd, c, what, f"no answer within {self.timeout:g} s")
             elif ans[c].get("loaded") != self.federation:
-                self._skip(rnd, c, what, f"the federation's weights did not reach it ({ans[c]})")
+                self._skip(rnd, c, what, f"the federation's weights: {_not_loaded(ans[c], c)}")
             else:
                 loaded.append(c)
         return loaded
@@ -1040,8 +1253,9 @@ class Coordinator(Role):
             except TransportError as e:
                 self._skip(rnd, c, "averaging", f"cannot reach it: {e}")
         samples = [rnd.samples[self.clients.index(c)] for c in sending]
+        refused: dict = {}
         if self.federation == self.name:
-            got = self.collect(sending, samples, rid)
+            got, refused = self.collect(sending, samples, rid)
         else:
             try:
                 self._command(self.federation, request=rid, do="collect", clients=sending, samples=samples)
@@ -1053,9 +1267,14 @@ class Coordinator(Role):
                 self._skip(rnd, self.federation, "averaging", f"the federation did not answer within "
                                                               f"{2 * self.timeout:g} s")
                 return []
-            got = list(ans[self.federation].get("averaged") or [])
+            got = ans[self.federation].get("averaged")
+            got = [c for c in got if c in sending] if isinstance(got, list) else []
+            refused = ans[self.federation].get("refused")
+            refused = refused if isinstance(refused, dict) else {}
         for c in sending:
-            if c not in got:
+            if c in refused:  # it is there, and sent what the federation refused: skipped at once
+                self._skip(rnd, c, "averaging", f"its weights were refused by {self.federation}: {quote(refused[c])}")
+            elif c not in got:
                 self._skip(rnd, c, "averaging", f"its weights did not come within {self.timeout:g} s")
         return got
 
@@ -1099,6 +1318,16 @@ def make_role(plan: Plan, name: str, transport: Transport, setup: PartySetup | N
     """The role physical party ``name`` plays: the coordinator, or a follower."""
     cls = Coordinator if name == coordinator_of(plan) else Follower
     return cls(plan, name, transport, setup, **kw)
+
+
+def _not_loaded(info: dict | None, client: str) -> str:
+    """Why weights did not get into ``client``, from its acknowledgement: refused (and why), or not come."""
+    info = info if isinstance(info, dict) else {}
+    if info.get("refused") is not None:
+        return f"{client} refused them: {quote(info.get('why'))}"
+    if info.get("missing") is not None:
+        return f"they did not reach {client} within {client}'s timeout"
+    return f"{client} did not say it loaded them ({quote(info)})"
 
 
 def _classify(data: bytes) -> str:

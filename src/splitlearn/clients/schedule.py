@@ -36,13 +36,16 @@ __all__ = ["Turn", "Round", "client_shares", "rounds", "epoch_rounds", "averagin
 @dataclass(frozen=True)
 class Turn:
     """Steps one client runs against the fixed parties; ``client`` is None for an evaluation
-    turn whose client the coordinator picks when it gets there (the holder of the latest weights)."""
+    turn whose weights the coordinator picks when it gets there (the run's model: the holder of
+    the latest weights, or the federation's average). ``site``: the client whose own test rows an
+    evaluation scores (each client's file; it runs the turn), None for the plan's test rows."""
 
     index: int
     round: int
     mode: str  # "train" or "eval"
     client: int | None
     steps: tuple  # of runner.Step
+    site: int | None = None
 
     @property
     def rows(self) -> int:
@@ -89,11 +92,14 @@ def _steps(rows: list[np.ndarray], mode: str, epoch: int) -> tuple:
     return tuple(Step(i, mode, epoch, torch.from_numpy(np.asarray(b))) for i, b in enumerate(rows))
 
 
-def rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[Round]:
-    """Every round of the plan's schedule (the same at every party); turns are numbered globally."""
+def rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray,
+           sites: list[int] | None = None) -> list[Round]:
+    """Every round of the plan's schedule (the same at every party); turns are numbered globally.
+    ``sites``: the clients that hold test rows of their own (per-client data); every evaluation
+    then scores each of them, so the run's figures are pooled over all their test rows."""
     from .strategies import strategy_of
 
-    return strategy_of(plan.clients).rounds(plan, shares, test_rows)
+    return strategy_of(plan.clients).rounds(plan, shares, test_rows, sites)
 
 
 def eval_steps(plan: Plan, test_rows: np.ndarray, epoch: int) -> tuple:
@@ -106,8 +112,8 @@ def eval_steps(plan: Plan, test_rows: np.ndarray, epoch: int) -> tuple:
 class _Batches:
     """The batches and evaluation turns every schedule draws from, numbered alike at every party."""
 
-    def __init__(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray):
-        self.plan, self.shares, self.test_rows = plan, shares, test_rows
+    def __init__(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray, sites: list[int] | None = None):
+        self.plan, self.shares, self.test_rows, self.sites = plan, shares, test_rows, sites
         self.turn_ids = iter(range(1 << 62))
 
     def of(self, k: int, pass_: int) -> list[np.ndarray]:
@@ -119,15 +125,20 @@ class _Batches:
         return Turn(next(self.turn_ids), r, mode, client, _steps(rows, mode, epoch))
 
     def evals(self, r: int, epoch: int, clients: list[int | None]) -> tuple[Turn, ...]:
+        """Evaluation turns: one per entry of ``clients`` (None: the run's model); with per-client
+        test rows, the run's model once on every site's rows (a client of its own: on its rows)."""
         steps = eval_steps(self.plan, self.test_rows, epoch)
-        return tuple(Turn(next(self.turn_ids), r, "eval", c, steps) for c in clients)
+        if self.sites is None:
+            return tuple(Turn(next(self.turn_ids), r, "eval", c, steps) for c in clients)
+        pairs = [(None, k) for k in self.sites] if clients == [None] else [(c, c) for c in clients if c in self.sites]
+        return tuple(Turn(next(self.turn_ids), r, "eval", c, steps, site) for c, site in pairs)
 
 
-def epoch_rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray, *,
+def epoch_rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray, sites: list[int] | None = None, *,
                  evaluate_each: bool) -> list[Round]:
     """One round per epoch, every client in order over its rows; then one evaluation turn (its
     client picked by the coordinator), or one per client with ``evaluate_each``."""
-    b, n = _Batches(plan, shares, test_rows), plan.clients.count
+    b, n = _Batches(plan, shares, test_rows, sites), plan.clients.count
     out = []
     for epoch in range(plan.train.epochs):
         order = list(range(n))
@@ -138,13 +149,14 @@ def epoch_rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray, *,
     return out
 
 
-def averaging_rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[Round]:
+def averaging_rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray,
+                     sites: list[int] | None = None) -> list[Round]:
     """Rounds of ``local_epochs`` passes (or ``local_steps`` batches) per drawn client (a
     ``fraction`` of them), each followed by averaging; evaluation after each epoch's last round."""
     spec, t = plan.clients, plan.train
     n = spec.count
     rng = np.random.default_rng([t.seed, 7])
-    b = _Batches(plan, shares, test_rows)
+    b = _Batches(plan, shares, test_rows, sites)
     if spec.local_steps is None and t.epochs % spec.local_epochs:
         from ..core.plan import PlanError
 

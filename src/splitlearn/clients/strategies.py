@@ -51,8 +51,9 @@ class Strategy:
     averages = False  # the federation averages the clients' weights after every round
     one_model = True  # the run ends with one model (for predict); False: one per client
 
-    def rounds(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[Round]:
-        return epoch_rounds(plan, shares, test_rows, evaluate_each=False)
+    def rounds(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray,
+               sites: list[int] | None = None) -> list[Round]:
+        return epoch_rounds(plan, shares, test_rows, sites, evaluate_each=False)
 
     def own_copy(self, turn: Turn) -> bool:
         """Whether a fixed party runs this turn on a copy of its segments kept for the client."""
@@ -69,9 +70,18 @@ class Strategy:
     def after_round(self, coord: Coordinator, rnd: Round, done: list[str]) -> None:
         """What happens once the round's clients (``done``: those whose turn went through) trained."""
 
-    def eval_client(self, coord: Coordinator, rnd: Round, turn: Turn, done: list[str]) -> str | None:
-        """The client whose weights an evaluation turn scores (None: nobody can)."""
-        return coord.clients[turn.client] if turn.client is not None else coord.holder
+    def eval_client(self, coord: Coordinator, rnd: Round, turn: Turn, done: list[str]) -> tuple[str, str | None] | None:
+        """Who runs an evaluation turn and whose weights it scores, when not its own (None: nobody
+        can). The run's model is the holder's (the client that trained last); on another site's
+        test rows that site scores it with the holder's weights lent for the turn."""
+        if turn.client is not None:
+            return coord.clients[turn.client], None
+        if turn.site is None:
+            return (coord.holder, None) if coord.holder is not None else None
+        site = coord.clients[turn.site]
+        if coord.holder in (None, site):
+            return site, None
+        return (site, coord.holder) if coord.lend(rnd, coord.holder, site) else None
 
     def peer_links(self, plan: Plan) -> list[tuple[str, str]]:
         """Connections between clients, as (dialer, listener)."""
@@ -120,8 +130,9 @@ class Independent(Strategy):
     name = "independent"
     one_model = False
 
-    def rounds(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[Round]:
-        return epoch_rounds(plan, shares, test_rows, evaluate_each=True)
+    def rounds(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray,
+               sites: list[int] | None = None) -> list[Round]:
+        return epoch_rounds(plan, shares, test_rows, sites, evaluate_each=True)
 
     def own_copy(self, turn: Turn) -> bool:
         return True
@@ -134,8 +145,9 @@ class SplitFedV2(Strategy):
     name = "splitfed_v2"
     averages = True
 
-    def rounds(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray) -> list[Round]:
-        return averaging_rounds(plan, shares, test_rows)
+    def rounds(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray,
+               sites: list[int] | None = None) -> list[Round]:
+        return averaging_rounds(plan, shares, test_rows, sites)
 
     def before_round(self, coord: Coordinator, rnd: Round, names: list[str]) -> list[str]:
         return coord.download(rnd, names)  # the federation's weights first
@@ -143,9 +155,13 @@ class SplitFedV2(Strategy):
     def after_round(self, coord: Coordinator, rnd: Round, done: list[str]) -> None:
         coord.average(rnd, done)
 
-    def eval_client(self, coord: Coordinator, rnd: Round, turn: Turn, done: list[str]) -> str | None:
-        # a client that trained this round, given the averaged weights
-        return next((c for c in done if coord.download(rnd, [c], evaluation=True)), None)
+    def eval_client(self, coord: Coordinator, rnd: Round, turn: Turn, done: list[str]) -> tuple[str, str | None] | None:
+        # given the averaged weights: the site whose test rows it scores, or a client that trained this round
+        if turn.site is not None:
+            site = coord.clients[turn.site]
+            return (site, None) if coord.download(rnd, [site], evaluation=True) else None
+        c = next((c for c in done if coord.download(rnd, [c], evaluation=True)), None)
+        return (c, None) if c is not None else None
 
     def describe(self, plan: Plan) -> dict[str, Any]:
         from .roles import federation_of

@@ -21,27 +21,30 @@ which every later message is checked.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
 
 from ..wire.codec import Codec, WireError, check_values, decoded_bytes, dtype_name, get_codec
+from .flow import FlowControl
 from .graph import Graph, Node, Stage, Wire
 from ..wire.link import Link
-from ..wire.messages import Kind, Message, quote
+from ..wire.messages import Kind, Message, encode, quote
+from ..wire.metering import Meter
 from .losses import get as loss_kind
 from .plan import PlanError
 from .randomness import PartyRandom, party_seed
 from ..privacy import defenses
 from ..wire.transport.base import TransportTimeout
 
-__all__ = ["Party", "StepOutput", "StepState", "PartyError", "Mode", "dry_run", "merge_inputs"]
+__all__ = ["Party", "StepOutput", "StepState", "PartyError", "Mode", "LearntBounds", "dry_run", "merge_inputs"]
 
 Mode = Literal["train", "eval", "predict", "handshake"]
 
@@ -132,6 +135,10 @@ class Party:
         self.observer: Callable[[str, str, "StepState", torch.Tensor], None] | None = None
         self.finished: set[str] = set()  # neighbours that said they are done
         self.restartable = False  # a neighbour's new hello mid-run restarts the session (it has checkpoints)
+        self.flow = FlowControl(graph, name, self.limits)  # credits: never a window ahead of a consumer
+        self.last_step = -1  # the last step this party finished (a checkpoint is taken after it)
+        self.resumed_at = -1  # the session's step to go on after (set by the session before its handshake)
+        self.bounds = LearntBounds()  # per wire and direction: the magnitudes its peer sent (``max_jump``)
 
     def restart(self) -> None:
         """Forget what the session held (messages kept early, goodbyes) before it begins again."""
@@ -167,6 +174,11 @@ class Party:
             m.train(train)  # batch norm and dropout behave as in training only when training
         if train and self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
+        if mode == "handshake":
+            self.flow.begin_session()
+        else:
+            self.flow.begin_step(step, mode)
+        self._gate(states, step, mode)
         with torch.set_grad_enabled(train):
             while True:
                 progressed = True
@@ -189,6 +201,9 @@ class Party:
         if train and self.optimizer is not None:
             with self.meter.timed("compute"):
                 self.optimizer.step()
+        for pair in self.flow.credits(step, mode):  # the producers that wait for this party: it finished the step
+            self.link.send(Message(Kind.CREDIT, self.name, pair.producer, step * k, pair.wire))
+        self.last_step = step
         if len(states) == 1:
             return states[0].out
         out = StepOutput()  # the whole batch's losses: the micro-batches' weighted by their rows
@@ -200,6 +215,8 @@ class Party:
     def begin(self, step: int, rows: torch.Tensor, mode: Mode) -> "StepState":
         """The state of a new step; its deadline is ``timeout`` seconds from now, for the whole step."""
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        if mode in ("eval", "predict"):
+            self.bounds.freeze()  # the first epoch's training is over: what it carried is the bound
         return StepState(step, rows, mode, skip_labels=mode == "predict" or (mode == "handshake" and self.predicting),
                          deadline=deadline)
 
@@ -336,6 +353,8 @@ class Party:
         except TransportTimeout:
             waiting = [n for st in states for n in st.todo] + [w for st in states for s in st.stages for w in s.sends
                                                                if w not in st.grads]
+            first = states[0]
+            waiting += [f"a credit from {c}" for c in self.flow.blocked(first.step // self.pipeline, first.mode)]
             raise PartyError(f"{self.name}: step {states[0].step // self.pipeline} not done within its deadline of "
                              f"{self.timeout} s (still waiting for {sorted(set(waiting))})") from None
 
@@ -345,9 +364,51 @@ class Party:
         held[1] -= msg.payload_bytes
         return msg
 
+    def _gate(self, states: list["StepState"], step: int, mode: Mode) -> None:
+        """Flow control (:mod:`~splitlearn.core.flow`): before a step in which this party would send to
+        a consumer without hearing back, wait until that consumer is at most a window behind; what
+        comes meanwhile is taken as in the step (tensors of this step are kept in its state)."""
+        while blocked := self.flow.blocked(step, mode):
+            gone = [c for c in blocked if c in self.finished]
+            if gone:
+                raise PartyError(f"{self.name}: party {quote(gone[0])} finished while step {step} still waits for "
+                                 "its credit")
+            self._receive(states)
+
+    def _take_credit(self, msg: Message) -> None:
+        """A consumer's CREDIT: it finished the step it names (or it is refused, naming why)."""
+        problem = self.flow.credit_problem(msg)
+        if problem is not None:
+            self.link.refuse(msg.sender, problem, msg.step, msg.wire)
+        else:
+            self.flow.credited(msg.sender, msg.step // self.pipeline)
+
+    def checkpoint_meter(self) -> Meter:
+        """The accounting as a run resumed after the last step must find it: without the messages of
+        later steps read early (their senders send them again), with the credits owed for the steps
+        done that have not come yet (their senders will not). A run never stopped counts each once."""
+        meter, step = copy.deepcopy(self.meter), self.last_step
+        for held, msgs in self._early.items():
+            for msg in msgs if held // self.pipeline > step else ():
+                t = meter.received[(msg.wire, "forward" if msg.kind == Kind.ACTIVATION else "backward")]
+                t.messages, t.bytes, t.payload = (t.messages - 1, t.bytes - len(encode(msg)),
+                                                  t.payload - msg.payload_bytes)
+        for consumer, steps in self.flow.unread.items():
+            wire = self.flow.out[consumer].wire
+            for s in steps:
+                if s <= step:
+                    meter.on_recv(wire, "credit", len(encode(Message(Kind.CREDIT, consumer, self.name,
+                                                                     s * self.pipeline, wire))), 0)
+        return meter
+
     def _receive(self, states: list["StepState"]) -> None:
         """Take the next message, for the micro-batch it belongs to (or as early or stale)."""
         msg = self._next_message(states)
+        if msg.kind == Kind.CREDIT:
+            self._take_credit(msg)
+            return
+        if msg.kind in (Kind.ACTIVATION, Kind.GRADIENT):  # sent during its step: the sender reached it
+            self.flow.heard(msg.sender, msg.step // self.pipeline)
         st = next((s for s in states if s.step == msg.step), states[0] if msg.step < states[0].step else states[-1])
         self.receive(msg, st, st.stages)
 
@@ -376,6 +437,7 @@ class Party:
         try:
             t = self._check_and_decode(msg, wire, st)
             self._check_values(msg, wire, st, t)
+            learnt = self._check_jump(msg, wire, st, t)
         except WireError as e:
             self.link.refuse(msg.sender, str(e), msg.step, msg.wire)
             return
@@ -389,7 +451,11 @@ class Party:
                 t.requires_grad_(True)
             st.values[wire.src] = t
         else:
-            st.grads.setdefault(wire.name, t.to(self.device))
+            if wire.name in st.grads:
+                return  # duplicate
+            st.grads[wire.name] = t.to(self.device)
+        if learnt is not None:  # only what enters the step teaches the bound
+            self.bounds.learn(*learnt)
 
     def _wire_for(self, msg: Message) -> Wire | None:
         """The wire a tensor message may come on from its sender; None (refused) if none."""
@@ -430,6 +496,25 @@ class Party:
                     raise WireError(f"{what} holds a value outside [{lo:g}, {hi:g}], which a {kind.name} loss "
                                     "cannot take")
 
+    def _check_jump(self, msg: Message, wire: Wire, st: "StepState", t: torch.Tensor) -> tuple[str, float] | None:
+        """Refuse (and count, per peer) an activation or gradient more than the wire's ``max_jump``
+        times larger in magnitude than its learnt bound (:class:`LearntBounds`); label wires, the
+        handshake and integer tensors are left to their own checks. Returns what a training step
+        teaches the bound (wire and direction, magnitude) once the tensor is taken; None otherwise."""
+        factor = wire.spec.max_jump
+        if (not factor or wire.carries == "label" or st.mode == "handshake" or not t.is_floating_point()
+                or not t.numel()):
+            return None
+        key = f"{wire.name}/{'forward' if msg.kind == Kind.ACTIVATION else 'backward'}"
+        top = _magnitude(t)
+        problem = self.bounds.problem(key, top, factor)
+        if problem is not None:
+            self.bounds.count(msg.sender)
+            kind = msg.kind.name.lower()
+            raise WireError(f"the {kind} tensor of step {st.step} holds a value of magnitude {top:.3g}, {problem}; "
+                            "refused (raise max_jump on the wire if such jumps are expected; 0 turns this off)")
+        return (key, top) if st.mode == "train" else None
+
     def raise_if_stopped(self, msg: Message) -> None:
         """An ERROR, or a STOP other than "done": the sender gave up, and so does this party."""
         if msg.kind == Kind.ERROR or (msg.kind == Kind.STOP and msg.text != "done"):
@@ -444,12 +529,15 @@ class Party:
         shape with no more rows than a step has, within the per-peer ``early_messages`` and
         ``early_bytes`` limits. Anything else is refused and counted, and leaves nothing behind.
         """
+        if msg.kind == Kind.CREDIT:  # (read before the handshake): taken at once, nothing kept
+            self._take_credit(msg)
+            return
         problem = None
         if msg.kind not in (Kind.ACTIVATION, Kind.GRADIENT):
             problem = f"unexpected {msg.kind.name} message before step {msg.step}"
-        elif msg.step // self.pipeline > current // self.pipeline + self.limits.early_steps:
-            problem = (f"step {msg.step // self.pipeline} is too far ahead of step {current // self.pipeline} "
-                       "(Limits.early_steps)")
+        elif (msg.step // self.pipeline
+              > (at := max(current // self.pipeline, self.resumed_at)) + self.limits.early_steps):  # (resumed: its step)
+            problem = f"step {msg.step // self.pipeline} is too far ahead of step {at} (Limits.early_steps)"
         if problem:
             self.link.refuse(msg.sender, problem, msg.step, msg.wire)
             return
@@ -529,6 +617,58 @@ class Party:
         if st.mode == "handshake" and msg.kind == Kind.ACTIVATION:
             self.wire_shapes[wire.name] = (enc.dtype, tuple(enc.shape[1:]))
         return get_codec(enc.codec).decode(enc)
+
+
+class LearntBounds:
+    """Bounds learnt from the run (``[wires.SOURCE] max_jump``), per wire and direction
+    (``"WIRE/forward"``, ``"WIRE/backward"``): the largest magnitude the peer sent in training steps.
+
+    Until the party's first evaluation step (the end of the first epoch's training) a value more
+    than ``max_jump`` times the largest one so far is refused, and every value taken raises the
+    bound; from then on the bound stays what the first epoch carried. A wire that carried only
+    zeros so far (a handshake's row, an unused output) has no bound yet and keeps learning.
+    ``refused`` counts the refusals per peer; :meth:`state` and :meth:`load` go in checkpoints.
+    """
+
+    def __init__(self) -> None:
+        self.top: dict[str, float] = {}  # wire/direction -> largest magnitude taken in training
+        self.fixed: set[str] = set()  # those whose bound no longer grows
+        self.refused: dict[str, int] = {}  # peer -> values refused for jumping past a bound
+
+    def problem(self, key: str, top: float, factor: float) -> str | None:
+        """Why a value of magnitude ``top`` on ``key`` jumps too far (None: it does not)."""
+        ref = self.top.get(key, 0.0)
+        if ref <= 0.0 or top <= factor * ref:
+            return None
+        when = "in its first epoch" if key in self.fixed else "so far"
+        return f"more than max_jump ({factor:g}) times the largest the wire carried {when} ({ref:.3g})"
+
+    def learn(self, key: str, top: float) -> None:
+        if key not in self.fixed and top > self.top.get(key, 0.0):
+            self.top[key] = top
+
+    def count(self, peer: str) -> None:
+        self.refused[peer] = self.refused.get(peer, 0) + 1
+
+    def freeze(self) -> None:
+        """Fix every bound learnt so far (a wire still without one keeps learning)."""
+        self.fixed.update(k for k, v in self.top.items() if v > 0.0)
+
+    def state(self) -> dict[str, Any]:
+        """What decides acceptance from here on, as JSON (for a checkpoint)."""
+        return {"top": dict(self.top), "fixed": sorted(self.fixed)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.top = {str(k): float(v) for k, v in state.get("top", {}).items()}
+        self.fixed = set(state.get("fixed", []))
+
+
+def _magnitude(t: torch.Tensor) -> float:
+    """The largest finite magnitude in ``t`` (NaN and infinities, where a wire allows them, ignored)."""
+    top = float(t.detach().abs().max())
+    if not math.isfinite(top):
+        top = float(t.detach().abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max())
+    return top
 
 
 def check_labels(node: Node, labels: torch.Tensor | None, classes: int) -> None:

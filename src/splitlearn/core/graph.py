@@ -10,7 +10,8 @@ for activations, its gradient backward. A loss target held by another party trav
 ``label`` wire. Raw features never travel: an input feeds segments of its own party only.
 
 A *stage* is a connected piece of one party's nodes (received tensors are leaves, so they
-separate stages). A U-shaped client owns two stages: the bottom and the head.
+separate stages; the nodes that read one received tensor are in one stage, which sends its gradient
+back once). A U-shaped client owns two stages: the bottom and the head.
 """
 
 from __future__ import annotations
@@ -186,6 +187,10 @@ def _stages(g: Graph) -> list[Stage]:
             for d in g.nodes[n].inputs:
                 if d in parent:
                     parent[find(n)] = find(d)
+        for w in g.wires:  # nodes that read one received tensor are one stage: its gradient is sent back once,
+            if w.dst_party == party:  # the sum over all of them (two heads on one received activation)
+                for c in w.consumers[1:]:
+                    parent[find(c)] = find(w.consumers[0])
         groups: dict[str, list[str]] = {}
         for n in local:
             groups.setdefault(find(n), []).append(n)

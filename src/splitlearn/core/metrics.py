@@ -1,19 +1,25 @@
-"""Clinical metrics of a classification head, from its outputs and the true classes.
+"""Clinical metrics of a head, from its outputs and the true targets.
 
 ROC AUC (one-vs-rest, macro, for several classes; None unless every class is among the rows),
 F1 (binary; for several classes the macro mean over the classes in the rows or predictions),
 sensitivity and specificity (binary: class 1 is the positive one) come from scikit-learn;
 the expected calibration error is the usual 10-bin estimate (bins of equal width over the
-confidence of the decided class), which scikit-learn does not provide.
+confidence of the decided class), which scikit-learn does not provide. Regression heads get MAE, RMSE and R² (scikit-learn).
+Every headline figure comes with the rows it was computed on and a 95 % percentile bootstrap
+interval (:func:`bootstrap_ci`: 1,000 resamples of the rows, a fixed seed, so a run and its
+resumed twin give the same interval).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["METRICS", "classification_metrics", "expected_calibration_error"]
+__all__ = ["METRICS", "REGRESSION_METRICS", "classification_metrics", "regression_metrics",
+           "expected_calibration_error", "bootstrap_ci", "curves"]
 
 METRICS = ("accuracy", "roc_auc", "f1", "sensitivity", "specificity", "ece")  # per epoch, as test_<name>
+REGRESSION_METRICS = ("mae", "rmse", "r2")  # per epoch, as test_<name>
+BOOTSTRAP_ROUNDS = 1000
 
 
 def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 10) -> float:
@@ -54,4 +60,121 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, 
         seen = sorted(set(present.tolist()) | set(np.unique(decided).tolist()))  # an absent class is no 0 to average
         out["f1"] = float(f1_score(targets, decided, labels=seen, average="macro", zero_division=0))
     out["ece"] = expected_calibration_error(probs, targets)
+    return out
+
+
+def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str, float | None]:
+    """Mean absolute error, root mean squared error and R² (None for fewer than two rows or constant targets)."""
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    pred = np.asarray(predictions, dtype=np.float64).reshape(-1)
+    true = np.asarray(targets, dtype=np.float64).reshape(-1)
+    out: dict[str, float | None] = {"mae": float(mean_absolute_error(true, pred)),
+                                    "rmse": float(np.sqrt(mean_squared_error(true, pred)))}
+    out["r2"] = float(r2_score(true, pred)) if len(true) > 1 and np.ptp(true) > 0 else None
+    return out
+
+
+def _auc_rows(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of ``scores`` (resamples x rows) against boolean ``positive``: the Mann-Whitney
+    statistic over average ranks (ties count one half, as scikit-learn's); NaN where one class is absent."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=1)
+    n1 = positive.sum(1).astype(np.float64)
+    n0 = positive.shape[1] - n1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((ranks * positive).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return np.where((n1 > 0) & (n0 > 0), auc, np.nan)
+
+
+def _interval(values: np.ndarray) -> list[float] | None:
+    ok = values[np.isfinite(values)]
+    if len(ok) < len(values) / 2:  # undefined in most resamples (e.g. AUC with a rare class)
+        return None
+    return [float(np.percentile(ok, 2.5)), float(np.percentile(ok, 97.5))]
+
+
+def bootstrap_ci(outputs: np.ndarray, targets: np.ndarray, *, classification: bool,
+                 rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> dict[str, list[float] | None]:
+    """95 % percentile bootstrap intervals of the headline metrics, ``{name: [low, high]}``.
+
+    ``outputs``: class probabilities (rows, classes) for classification, predicted values for
+    regression. Classification gives ``accuracy`` and ``roc_auc``, binary also ``sensitivity``,
+    ``specificity`` and ``f1``; regression ``mae``, ``rmse`` and ``r2``. An interval is None where the
+    metric is undefined in most resamples."""
+    true = np.asarray(targets).reshape(-1)
+    n = len(true)
+    if n < 2:
+        return {}
+    idx = np.random.default_rng(seed).integers(0, n, (rounds, n))
+    out: dict[str, list[float] | None] = {}
+    if not classification:
+        pred = np.asarray(outputs, dtype=np.float64).reshape(-1)
+        t = true.astype(np.float64)[idx]
+        err = pred[idx] - t
+        out["mae"] = _interval(np.abs(err).mean(1))
+        out["rmse"] = _interval(np.sqrt((err ** 2).mean(1)))
+        sst = ((t - t.mean(1, keepdims=True)) ** 2).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["r2"] = _interval(np.where(sst > 0, 1 - (err ** 2).sum(1) / sst, np.nan))
+        return out
+    probs = np.asarray(outputs, dtype=np.float64)
+    t = true.astype(np.int64)
+    k = probs.shape[1]
+    right = probs.argmax(1) == t
+    out["accuracy"] = _interval(right[idx].mean(1))
+    if k == 2:
+        pos, r = t[idx] == 1, right[idx]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tp, fn = (r & pos).sum(1), (~r & pos).sum(1)
+            tn, fp = (r & ~pos).sum(1), (~r & ~pos).sum(1)
+            out["roc_auc"] = _interval(_auc_rows(probs[:, 1][idx], pos))
+            out["sensitivity"] = _interval(np.where(tp + fn > 0, tp / (tp + fn), np.nan))
+            out["specificity"] = _interval(np.where(tn + fp > 0, tn / (tn + fp), np.nan))
+            out["f1"] = _interval(np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan))
+    else:
+        aucs = np.stack([_auc_rows(probs[:, c][idx], t[idx] == c) for c in range(k)])
+        out["roc_auc"] = _interval(aucs.mean(0))  # macro one-vs-rest; NaN where a class is absent
+    return out
+
+
+CURVE_POINTS = 500  # at most this many points of a curve or scatter are kept (evenly spaced)
+
+
+def _thin(n: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, min(n, CURVE_POINTS)).round().astype(int)) if n else np.zeros(0, int)
+
+
+def curves(outputs: np.ndarray, targets: np.ndarray, *, classification: bool, bins: int = 10) -> dict:
+    """What the report draws, small enough for ``result.json``: for classification the confusion matrix
+    (rows: true class), the reliability diagram (per confidence bin: mean confidence, accuracy, rows) and,
+    binary, the ROC curve (scikit-learn; at most 500 points); for regression observed and predicted values
+    (at most 500 rows, evenly spaced)."""
+    true = np.asarray(targets).reshape(-1)
+    if not classification:
+        pred = np.asarray(outputs, dtype=np.float64).reshape(-1)
+        keep = _thin(len(true))
+        return {"observed": true.astype(np.float64)[keep].tolist(), "predicted": pred[keep].tolist()}
+    from sklearn.metrics import confusion_matrix, roc_curve
+
+    probs = np.asarray(outputs, dtype=np.float64)
+    k = probs.shape[1]
+    t = true.astype(np.int64)
+    decided = probs.argmax(1)
+    out: dict = {"confusion": confusion_matrix(t, decided, labels=list(range(k))).tolist()}
+    confidence = probs.max(1)
+    which = np.clip(np.digitize(confidence, np.linspace(0.0, 1.0, bins + 1)[1:-1], right=True), 0, bins - 1)
+    cal = {"confidence": [], "accuracy": [], "rows": []}
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            cal["confidence"].append(float(confidence[inside].mean()))
+            cal["accuracy"].append(float((decided[inside] == t[inside]).mean()))
+            cal["rows"].append(int(inside.sum()))
+    out["calibration"] = cal
+    if k == 2 and len(np.unique(t)) == 2:
+        fpr, tpr, _ = roc_curve(t, probs[:, 1])
+        keep = _thin(len(fpr))
+        out["roc"] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}
     return out

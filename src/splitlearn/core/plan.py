@@ -63,7 +63,7 @@ class DataSpec(_Strict):
     intersection: only the ids every party holds are kept, and no party learns the others' other ids).
     """
 
-    dataset: Literal["digits", "breast_cancer", "synthetic", "mnist", "csv", "parquet", "npz", "images",
+    dataset: Literal["digits", "breast_cancer", "wine", "diabetes", "synthetic", "mnist", "csv", "parquet", "npz", "images",
                      "arrays"] = "digits"
     path: str | None = None
     id_column: str | None = None
@@ -302,6 +302,9 @@ class WireSpec(_Strict):
     randomized_response: float | None = Field(None, gt=0.0)  # label wires: epsilon of label DP (training only)
     allow_nonfinite: bool = False  # receivers refuse NaN and infinite values unless this is set
     max_abs: float = Field(1e6, gt=0.0)  # receivers refuse activations and gradients larger in magnitude (inf: none)
+    # receivers refuse activations and gradients more than this many times larger in magnitude than the
+    # largest the wire carried in its first epoch (so far, during it): a bound learnt from the run (0: none)
+    max_jump: float = Field(1000.0, ge=0.0)
     extra_defenses: dict[str, Any] = Field(default_factory=dict)  # registered defenses that are no field: key -> setting
 
     @model_validator(mode="before")
@@ -486,6 +489,42 @@ def plan_hash(plan: Plan) -> str:
     """
     body = json.dumps(plan.model_dump(mode="json", exclude=_DEPLOYMENT), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def plan_parts(plan: Plan, depth: int = 3) -> dict[str, str]:
+    """The hashed body of :func:`plan_hash` entry by entry (``train.epochs``, ``parties.clinic.optimizer``,
+    down to ``depth`` levels): parties whose plans differ can name the entries that differ."""
+    body = plan.model_dump(mode="json", exclude=_DEPLOYMENT)
+    out: dict[str, str] = {}
+
+    def walk(value: Any, path: str, level: int) -> None:
+        if isinstance(value, dict) and value and level < depth:
+            for k, v in value.items():
+                walk(v, f"{path}.{k}" if path else str(k), level + 1)
+            return
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+        out[path] = hashlib.sha256(text.encode()).hexdigest()[:8]
+
+    walk(body, "", 0)
+    return out
+
+
+def plan_value(plan: Plan, entry: str) -> Any:
+    """The value of a dotted entry of the plan as :func:`plan_parts` names it (None when absent)."""
+    value: Any = plan.model_dump(mode="json", exclude=_DEPLOYMENT)
+    for key in entry.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def differing_entries(ours: dict[str, str], theirs: Any) -> list[str]:
+    """The entries whose hashes differ, or that one side has and the other lacks (sorted); [] if ``theirs``
+    is not a mapping of entries to hashes."""
+    if not isinstance(theirs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in theirs.items()):
+        return []
+    return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
 
 
 def _entry(loc: tuple[Any, ...]) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .embedded import SYNTHETIC_OPTIONS, breast_cancer, digits, synthetic
-from .files import check_classes, mnist, read_csv
+from .embedded import SYNTHETIC_OPTIONS, breast_cancer, diabetes, digits, synthetic, wine
+from .files import TARGETS, check_classes, mnist, read_csv
 from .formats import check_flag, infer_dataset, read_npz, read_parquet
 from .images import check_normalize, read_images
 from .partition import partition
@@ -16,8 +16,8 @@ from .table import DataError, Table
 __all__ = ["Table", "DataError", "load_table", "infer_dataset", "batches", "train_test_split_ids", "partition",
            "DATASETS"]
 
-DATASETS = ("digits", "breast_cancer", "synthetic", "mnist", "csv", "parquet", "npz", "images")
-_OPTIONS: dict[str, set[str]] = {"digits": set(), "breast_cancer": set(), "synthetic": set(SYNTHETIC_OPTIONS),
+DATASETS = ("digits", "breast_cancer", "wine", "diabetes", "synthetic", "mnist", "csv", "parquet", "npz", "images")
+_OPTIONS: dict[str, set[str]] = {"digits": set(), "breast_cancer": set(), "wine": set(), "diabetes": set(), "synthetic": set(SYNTHETIC_OPTIONS),
                                  "mnist": {"limit"}, "csv": {"standardize", "classes"},
                                  "parquet": {"standardize", "classes"}, "npz": {"standardize", "normalize"},
                                  "images": {"size", "channels", "normalize", "classes", "image_column"}}
@@ -27,10 +27,13 @@ _SETTINGS = {"mnist": {"path"}, "csv": {"path", "id_column", "label_column"},  #
 
 
 def load_table(dataset: str, *, path: str | None = None, id_column: str | None = None, label_column: str | None = None,
-               options: dict[str, Any] | None = None, base_dir: Path | None = None) -> Table:
+               options: dict[str, Any] | None = None, base_dir: Path | None = None, target: str = "class") -> Table:
     """Load a dataset by name; a relative ``path`` (mnist, csv, parquet, npz, images) is resolved against
     ``base_dir`` when given. ``standardize`` and ``normalize`` are only checked here: they are fitted
-    on the training rows later (:mod:`splitlearn.data.preprocess`)."""
+    on the training rows later (:mod:`splitlearn.data.preprocess`). ``target``: what a label column
+    holds, ``"class"`` labels or ``"value"``s (a regression loss's targets, read as float32)."""
+    if target not in TARGETS:
+        raise DataError(f"target must be one of {list(TARGETS)}, got {target!r}")
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
     if options is not None and not isinstance(options, dict):
@@ -46,8 +49,8 @@ def load_table(dataset: str, *, path: str | None = None, id_column: str | None =
         raise DataError(f"dataset {dataset!r} does not use {sorted(unused)}; remove them")
     if dataset == "synthetic":
         return synthetic(**options)
-    if dataset in ("digits", "breast_cancer"):
-        return digits() if dataset == "digits" else breast_cancer()
+    if dataset in ("digits", "breast_cancer", "wine", "diabetes"):
+        return {"digits": digits, "breast_cancer": breast_cancer, "wine": wine, "diabetes": diabetes}[dataset]()
     if "standardize" in options:
         check_flag(dataset, "standardize", options["standardize"])
     classes = check_classes(options.get("classes"), dataset)
@@ -60,9 +63,12 @@ def load_table(dataset: str, *, path: str | None = None, id_column: str | None =
     if dataset == "mnist":
         return mnist(file, options.get("limit"))
     if dataset == "csv":
-        return read_csv(file, id_column, label_column, classes)
+        return read_csv(file, id_column, label_column, classes, target)
     if dataset == "parquet":
-        return read_parquet(file, id_column, label_column, classes)
+        return read_parquet(file, id_column, label_column, classes, target)
+    if target == "value" and dataset == "images":
+        raise DataError("images hold class labels (one subfolder or label per class), but the loss using them is a "
+                        "regression loss; use a classification loss, or give the targets in a CSV or npz")
     if "normalize" in options:
         check_normalize(options["normalize"], options.get("channels", 1) if dataset == "images" else None, dataset)
     if dataset == "npz":

@@ -1,4 +1,4 @@
-"""Datasets that need no download: scikit-learn's digits and breast cancer, and synthetic data."""
+"""Datasets that need no download: scikit-learn's digits, breast cancer, wine and diabetes, and synthetic data."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 
 from .table import DataError, Table
 
-__all__ = ["digits", "breast_cancer", "synthetic", "SYNTHETIC_OPTIONS"]
+__all__ = ["digits", "breast_cancer", "wine", "diabetes", "synthetic", "SYNTHETIC_OPTIONS"]
 
 
 def digits() -> Table:
@@ -34,6 +34,26 @@ def breast_cancer() -> Table:
     x = ((d.data - d.data.mean(0)) / d.data.std(0)).astype(np.float32)
     return Table(np.arange(len(x), dtype=np.int64), {"x": x, "y": d.target.astype(np.int64)},
                  {"x": list(d.feature_names)})
+
+
+def wine() -> Table:
+    """178 wines x 13 measurements, ``y`` one of 3 cultivars; ``x`` z-scored like :func:`breast_cancer`'s."""
+    from sklearn.datasets import load_wine
+
+    d = load_wine()
+    x = ((d.data - d.data.mean(0)) / d.data.std(0)).astype(np.float32)
+    return Table(np.arange(len(x), dtype=np.int64), {"x": x, "y": d.target.astype(np.int64)},
+                 {"x": list(d.feature_names)})
+
+
+def diabetes() -> Table:
+    """442 patients x 10 baseline measurements (scikit-learn's scaled values), ``y`` disease progression
+    one year later (float32, 25 to 346): a regression target."""
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes()
+    return Table(np.arange(len(d.target), dtype=np.int64),
+                 {"x": d.data.astype(np.float32), "y": d.target.astype(np.float32)}, {"x": list(d.feature_names)})
 
 
 SYNTHETIC_OPTIONS: dict[str, Any] = {"n": 1000, "features": 20, "classes": 2, "seed": 0, "image": None}

@@ -19,7 +19,7 @@ import numpy as np
 
 from .table import DataError, Table, repeated
 
-__all__ = ["read_idx", "mnist", "read_csv"]
+__all__ = ["read_idx", "mnist", "read_csv", "TARGETS"]
 
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -125,13 +125,44 @@ def check_classes(classes: object, what: str) -> list[str] | None:
     return list(classes)
 
 
+TARGETS = ("class", "value")  # what a label column holds: class labels, or values (regression targets)
+
+
+def check_target(target: str, classes: list[str] | None, what: str) -> None:
+    """``target`` is one of :data:`TARGETS`; classes make no sense for values."""
+    if target not in TARGETS:
+        raise DataError(f"{what}: target must be one of {list(TARGETS)}, got {target!r}")
+    if target == "value" and classes is not None:
+        raise DataError(f"{what} option classes is set, but the label column is a regression target (the loss "
+                        "using it is not a classification loss); remove classes or use a classification loss")
+
+
+def label_values(labels: Sequence[str], where: Callable[[int], str]) -> np.ndarray:
+    """Regression targets (stripped text) as float32; one that is not a finite number is an error at ``where(i)``."""
+    out = np.empty(len(labels), dtype=np.float32)
+    for i, v in enumerate(labels):
+        try:
+            x = float(v)
+        except ValueError:
+            x = math.nan
+        if not math.isfinite(x):
+            raise DataError(f"{where(i)}: target {v!r} is not a finite number, but the loss using this column is a "
+                            "regression loss; fix the value, or use a classification loss for class labels")
+        out[i] = x
+    return out
+
+
 def label_indices(labels: Sequence[str], classes: list[str] | None,
-                  where: Callable[[int], str]) -> tuple[np.ndarray, list[str] | None]:
-    """Labels (stripped text) as int64 class indices, and the class names (None when integer labels are kept).
+                  where: Callable[[int], str], target: str = "class") -> tuple[np.ndarray, list[str] | None]:
+    """Labels (stripped text) as int64 class indices, and the class names (None when integer labels are kept);
+    with ``target = "value"`` (a regression loss) the values as float32 instead, and no names.
 
     With ``classes`` a label is its index in that list (one outside it is an error at ``where(i)``);
-    without, integer labels are kept and any other labels map their sorted distinct values to 0..k-1.
+    without, integer labels are kept and any other labels map their sorted distinct values to 0..k-1
+    (the names are recorded with the run and printed, so the mapping is never silent).
     """
+    if target == "value":
+        return label_values(labels, where), None
     if classes is not None:
         index = {c: i for i, c in enumerate(classes)}
         for i, v in enumerate(labels):
@@ -200,14 +231,15 @@ def check_table_settings(path: Path, what: str, id_column: str | None, label_col
 
 
 def read_csv(path: Path, id_column: str | None, label_column: str | None = None,
-             classes: list[str] | None = None) -> Table:
+             classes: list[str] | None = None, target: str = "class") -> Table:
     """A CSV with a header, a unique id column, an optional label column ``y``, and numeric columns ``x`` (float32).
 
     Ids are int64 when every one is a canonical integer, else strings. Labels: see :func:`label_indices`
-    (class names, when there are any, in ``columns["y"]``). Nothing is standardised here: preprocessing
+    (class names, when there are any, in ``columns["y"]``; ``target = "value"``: float32 regression targets). Nothing is standardised here: preprocessing
     is fitted later on the training rows.
     """
     classes = check_table_settings(path, "a CSV", id_column, label_column, classes, "csv")
+    check_target(target, classes, "csv")
     records = csv_records(path)
     header = next(records)[1]
     id_at, label_at = header_index(path, header, id_column), header_index(path, header, label_column)
@@ -240,7 +272,7 @@ def read_csv(path: Path, id_column: str | None, label_column: str | None = None,
     fields, columns = {"x": x}, {"x": [h for _, h in features]}
     if label_at is not None:
         fields["y"], names = label_indices(labels, classes,
-                                           lambda i: f"{path}, line {lines[i]}, column {label_column!r}")
+                                           lambda i: f"{path}, line {lines[i]}, column {label_column!r}", target)
         if names is not None:
             columns["y"] = names
     return Table(ids_arr, fields, columns)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import check_table_settings, check_unique, label_indices, text_ids
+from .files import check_table_settings, check_target, check_unique, label_indices, text_ids
 from .images import IMAGE_SUFFIXES
 from .table import DataError, Table, as_ids, repeated
 
@@ -71,11 +71,12 @@ def _numbers(pa: Any, path: Path, name: str, col: Any) -> np.ndarray:
 
 
 def read_parquet(path: Path, id_column: str | None, label_column: str | None = None,
-                 classes: list[str] | None = None) -> Table:
+                 classes: list[str] | None = None, target: str = "class") -> Table:
     """A Parquet file read like a CSV (:func:`splitlearn.data.files.read_csv`): a unique id column, an
     optional label column ``y``, numeric feature columns ``x`` (float32); errors name the 0-based row."""
     pa = _pyarrow()
     classes = check_table_settings(path, "a Parquet file", id_column, label_column, classes, "parquet")
+    check_target(target, classes, "parquet")
     try:
         table = pa.parquet.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as e:
@@ -106,7 +107,8 @@ def read_parquet(path: Path, id_column: str | None, label_column: str | None = N
         if bad is not None:
             raise DataError(f"{path}, row {bad}, column {label_column!r}: no label (null)")
         labels = [str(v).strip() for v in col.to_pylist()]
-        fields["y"], names = label_indices(labels, classes, lambda i: f"{path}, row {i}, column {label_column!r}")
+        fields["y"], names = label_indices(labels, classes, lambda i: f"{path}, row {i}, column {label_column!r}",
+                                           target)
         if names is not None:
             columns["y"] = names
     return Table(ids, fields, columns)

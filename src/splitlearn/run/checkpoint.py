@@ -1,13 +1,17 @@
 """Consistent checkpoints of a party: everything it needs to continue from a step boundary.
 
 A checkpoint holds the party's weights, optimizer state, random stream, codec state (error
-feedback), noise secret, accounting and metrics so far, and the step it was taken after. Every
+feedback), noise secret, the bounds learnt from the run (``max_jump``), accounting and metrics so
+far, and the step it was taken after. Every
 party takes one at the same step boundaries (``[train] checkpoint_every`` training steps, and at
 the end of every epoch), in ``parties/NAME/checkpoints/step-N/``: ``state.safetensors`` (tensors,
-no code) and ``manifest.json`` (the rest, with the SHA-256 of the tensors file). It is written
-to a temporary folder, flushed to disk and renamed, so a kill during the write leaves no
-checkpoint that looks whole; the last :data:`KEEP` are kept. On ``--resume`` the parties tell
-each other in the hello which steps they hold and continue from the last step all of them hold.
+no code), ``manifest.json`` (the rest) and ``SHA256SUMS`` (the SHA-256 of both, as ``sha256sum``
+writes it): a changed byte in any of the three makes the checkpoint unusable, and it is read
+from the very bytes whose hash was checked. It is written to a temporary folder, flushed to disk
+and renamed, so a kill during the write leaves no checkpoint that looks whole; the last
+:data:`KEEP` are kept. On ``--resume`` the parties tell each other in the hello which steps they
+hold and continue from the last step all of them hold; a run that begins again instead moves the
+folder aside (:meth:`Checkpoints.set_aside`), never deleting what a peer's word made useless.
 """
 
 from __future__ import annotations
@@ -16,21 +20,29 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
-from ..core.engine import Party
+from ..core.engine import Party, PartyError
 from ..wire.metering import Meter, Traffic
 
-__all__ = ["Checkpoints", "KEEP", "capture", "restore", "module_tensors", "load_modules", "optimizer_tensors",
-           "load_optimizer", "meter_state", "load_meter"]
+__all__ = ["Checkpoints", "CheckpointError", "KEEP", "capture", "restore", "module_tensors", "load_modules",
+           "optimizer_tensors", "load_optimizer", "meter_state", "load_meter", "read_verified"]
 
 KEEP = 2
-FORMAT = "splitlearn-checkpoint-1"
+FORMAT = "splitlearn-checkpoint-2"  # 2: SHA256SUMS covers the manifest too
+FILES = ("manifest.json", "state.safetensors")  # in SHA256SUMS, in this order
+SUMS = "SHA256SUMS"
+
+
+class CheckpointError(PartyError):
+    """A checkpoint that cannot be used (damaged, changed, of another plan)."""
 
 
 def module_tensors(modules: dict[str, torch.nn.Module], prefix: str = "module.") -> dict[str, torch.Tensor]:
@@ -104,7 +116,7 @@ def capture(party: Party, extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor
         if residual is not None:
             tensors[f"codec.{wire}.{int(kind)}.residual"] = residual.detach().cpu().contiguous().clone()
     manifest = {"format": FORMAT, "party": party.name, "optimizer": optim, "noise_secret": str(party.noise_secret),
-                "meter": meter_state(party.meter), **extra}
+                "meter": meter_state(party.checkpoint_meter()), "learnt_bounds": party.bounds.state(), **extra}
     return tensors, manifest
 
 
@@ -119,14 +131,12 @@ def restore(party: Party, tensors: dict[str, torch.Tensor], manifest: dict[str, 
             codec.residual = tensors[key].clone() if key in tensors else None
     party.noise_secret = int(manifest["noise_secret"])
     load_meter(party.meter, manifest["meter"])
+    party.bounds.load(manifest.get("learnt_bounds", {}))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _sums_text(digests: dict[str, str]) -> str:
+    """``SHA256SUMS`` as ``sha256sum`` writes it (``sha256sum -c SHA256SUMS`` checks a checkpoint by hand)."""
+    return "".join(f"{digests[f]}  {f}\n" for f in FILES)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -137,6 +147,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_verified(folder: Path) -> dict[str, bytes]:
+    """The bytes of a checkpoint's files, once each matches its SHA-256 in ``SHA256SUMS`` (and
+    ``SHA256SUMS`` is exactly what :meth:`Checkpoints.save` writes). Raises CheckpointError naming
+    the file that differs."""
+    try:
+        sums = (folder / SUMS).read_bytes()
+        data = {f: (folder / f).read_bytes() for f in FILES}
+    except OSError as e:
+        raise CheckpointError(f"{folder.name}: {e.strerror or e} ({Path(e.filename or '').name or 'a file'})") from None
+    digests = {f: hashlib.sha256(b).hexdigest() for f, b in data.items()}
+    if sums != _sums_text(digests).encode():
+        told = {}
+        for line in sums.decode("utf-8", "replace").splitlines():
+            digest, _, name = line.partition("  ")
+            told[name] = digest
+        bad = [f for f in FILES if told.get(f) != digests[f]] if set(told) == set(FILES) else []
+        raise CheckpointError(f"{folder.name}: {', '.join(bad)} does not match its SHA-256 in {SUMS} "
+                              "(changed or damaged since it was written)" if bad else
+                              f"{folder.name}: {SUMS} is not the one written with it (changed or damaged)")
+    return data
+
+
+def _manifest(folder: Path, data: bytes, step: int, label: str) -> dict[str, Any]:
+    try:
+        body = json.loads(data)
+    except ValueError:
+        raise CheckpointError(f"{folder.name}: manifest.json is not JSON") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT or body.get("step") != step:
+        raise CheckpointError(f"{folder.name}: not a {FORMAT} checkpoint of {label} {step}")
+    return body
+
+
 @dataclass
 class Checkpoints:
     """A party's checkpoint folder: ``every`` training steps (None: at epoch ends only)."""
@@ -145,10 +194,27 @@ class Checkpoints:
     every: int | None = None
     plan_hash: str = ""  # only checkpoints of this plan are listed (set by the party that takes them)
     label: str = "step"  # what the number counts: steps (``step-N``), or rounds of a [clients] plan (``round-N``)
+    lag: int = 0  # how many steps behind this party a neighbour may be (flow control's window): kept too
 
     def clear(self) -> None:
-        """A run from the start: an earlier run's checkpoints must never be taken for this one's."""
+        """A run from the start (without --resume, the user's word): an earlier run's checkpoints
+        must never be taken for this one's."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def set_aside(self) -> Path | None:
+        """A resumed run that begins again: move the folder, whatever it holds, to
+        ``checkpoints.before-TIME`` beside it (nothing is deleted). The new place (None: nothing held)."""
+        if not self.folder.is_dir() or not any(self.folder.iterdir()):
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.folder.with_name(f"{self.folder.name}.before-{stamp}")
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self.folder.with_name(f"{self.folder.name}.before-{stamp}-{n}")
+        os.replace(self.folder, dest)
+        _fsync_dir(self.folder.parent)
+        return dest
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -159,39 +225,62 @@ class Checkpoints:
         save_file(tensors, str(tmp / "state.safetensors"))
         with open(tmp / "state.safetensors", "rb+") as f:
             os.fsync(f.fileno())
-        body = {**manifest, "step": step, "plan_hash": self.plan_hash,
-                "tensors_sha256": _sha256(tmp / "state.safetensors")}
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(body, f)
-            f.flush()
-            os.fsync(f.fileno())
+            f.seek(0)
+            digests = {"state.safetensors": hashlib.file_digest(f, "sha256").hexdigest()}
+        body = json.dumps({**manifest, "format": FORMAT, "step": step, "plan_hash": self.plan_hash}).encode()
+        digests["manifest.json"] = hashlib.sha256(body).hexdigest()
+        _write(tmp / "manifest.json", body)
+        _write(tmp / SUMS, _sums_text(digests).encode())
         _fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(self.folder)
-        for old in self.steps()[:-KEEP]:
-            shutil.rmtree(self.folder / f"{self.label}-{old:09d}", ignore_errors=True)
+        # the last KEEP, and every one a neighbour up to `lag` steps behind may hold as its last: a party that
+        # runs ahead (a label-only registry) must still hold the step all will agree on
+        held = self.steps()
+        cutoff = step - self.lag  # a neighbour is at or after it; its last checkpoint is the newest held at or
+        below = [h for h in held if h < cutoff]  # after it, or the newest one before it
+        keep = set(held[-KEEP:]) | {h for h in held if h >= cutoff} | set(below[-1:])
+        for old in held:
+            if old not in keep:
+                shutil.rmtree(self.folder / f"{self.label}-{old:09d}", ignore_errors=True)
         return final
 
-    def steps(self) -> list[int]:
-        """The steps of the whole checkpoints of this plan held (a torn or damaged one is not
-        listed), ascending."""
+    def scan(self) -> tuple[list[int], list[str]]:
+        """(the steps of the whole checkpoints of this plan held, ascending; why each other one
+        here cannot be used). Another plan's checkpoints are passed over in silence."""
         if not self.folder.is_dir():
-            return []
-        out = []
-        for d in self.folder.glob(f"{self.label}-*"):
+            return [], []
+        out, bad = [], []
+        for d in sorted(self.folder.glob(f"{self.label}-*")):
             try:
                 step = int(d.name[len(self.label) + 1:])
-                body = json.loads((d / "manifest.json").read_text())
-                if body.get("format") != FORMAT or body.get("step") != step or body.get("plan_hash") != self.plan_hash:
-                    continue
-                if _sha256(d / "state.safetensors") != body.get("tensors_sha256"):
-                    continue
-            except (ValueError, OSError):
+            except ValueError:
                 continue
-            out.append(step)
-        return sorted(out)
+            try:
+                body = _manifest(d, read_verified(d)["manifest.json"], step, self.label)
+            except CheckpointError as e:
+                bad.append(str(e))
+                continue
+            if body.get("plan_hash") == self.plan_hash:
+                out.append(step)
+        return sorted(out), bad
+
+    def steps(self) -> list[int]:
+        """The steps of the whole checkpoints of this plan held (a torn, changed or damaged one is
+        not listed), ascending."""
+        return self.scan()[0]
 
     def load(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The tensors and manifest of a checkpoint, read from the bytes whose SHA-256 was just
+        checked (a change since :meth:`steps` listed it raises CheckpointError)."""
         d = self.folder / f"{self.label}-{step:09d}"
-        return load_file(str(d / "state.safetensors")), json.loads((d / "manifest.json").read_text())
+        data = read_verified(d)
+        body = _manifest(d, data["manifest.json"], step, self.label)
+        if body.get("plan_hash") != self.plan_hash:
+            raise CheckpointError(f"{d.name}: a checkpoint of another plan")
+        try:
+            tensors = load_bytes(data["state.safetensors"])
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own kinds on a malformed file
+            raise CheckpointError(f"{d.name}: state.safetensors cannot be read ({e})") from None
+        return tensors, body

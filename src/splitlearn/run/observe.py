@@ -18,6 +18,8 @@ __all__ = ["Recorder"]
 
 class Recorder:
     def __init__(self, ids: np.ndarray | None, max_rows: int = 4096):
+        """``ids``: the party's sorted aligned sample ids; None for a party without data, which records
+        positions in them (as a party with string ids does)."""
         self.ids, self.max_rows = ids, max_rows
         self.first: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.last: dict[tuple[str, str], deque] = {}

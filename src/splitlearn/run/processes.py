@@ -136,7 +136,29 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
         transport.close()
     if out is not None:
         save_party(Path(out) / "parties" / name, report)
+        if name == topo.lead:  # the label owner (or a schedule's coordinator) holds the run's result.json
+            write_partial_result(plan, topo, Path(out), "grpc" if certs is None else "grpc+mtls")
     return report
+
+
+def write_partial_result(plan: Plan, topo: Topology, out: Path, transport: str) -> dict:
+    """``result.json`` and ``plan.json`` in ``out`` from the party reports found there: on a deployment each
+    site has its own folder, so the lead party's holds its own report (metrics, its traffic) and any other
+    party's that shares the folder; ``parties_missing`` names the others. ``report`` and ``predict`` read it."""
+    reports = {}
+    for n in topo.names:
+        f = out / "parties" / n / "report.json"
+        if f.is_file():
+            try:
+                reports[n] = PartyReport(**json.loads(f.read_text()))
+            except (ValueError, TypeError):
+                continue  # a report of another version or a torn write: that party is listed as missing
+    result = build_result(plan, reports, {"transport": transport})
+    missing = [n for n in topo.names if n not in reports]
+    if missing:
+        result["parties_missing"] = missing
+    save_result(out, plan, result)
+    return result
 
 
 _taken: set[int] = set()  # ports this process handed out (a party may not have bound its own yet)
@@ -252,7 +274,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                                                    start_new_session=True, env=env)
                 if follow:
                     threading.Thread(target=_follow, args=(procs[name].stdout, on_step), daemon=True).start()
-            codes = _wait(procs, timeout)
+            codes, stopped = _wait(procs, timeout, topo.expendable)
         except BaseException:  # Ctrl-C, or a party that could not be started: none is left running
             _stop(procs)
             raise
@@ -264,12 +286,16 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
             for relay in relays:
                 relay.stop()
     errors = {}
+    failed = [n for n, c in codes.items() if c != 0 and n not in stopped]
     for name, code in codes.items():
-        if code != 0:
+        if name in stopped and failed:  # the cause is the failed party, named on its own
+            errors[name] = f"stopped by the launcher after {', '.join(failed)} failed"
+        elif code != 0:
             err_file, log = out / "parties" / name / "error.json", out / "parties" / name / "party.log"
             lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
             errors[name] = (json.loads(err_file.read_text())["error"] if err_file.is_file()
                             else (lines or [f"exit status {code}"])[-1])
+    errors = {**{n: errors[n] for n in failed if n in errors}, **errors}  # the parties that failed first
     extra = {"link": {"rtt_s": rtt, "bandwidth_bit_s": bandwidth}} if link is not None else {}
     result = gather(plan, topo, out, errors, "grpc" + ("" if insecure else "+mtls"), extra)
     if tracking is not None:
@@ -340,15 +366,26 @@ def _follow(stream, on_step) -> None:
                 continue
 
 
-def _wait(procs: dict[str, Any], timeout: float) -> dict[str, int]:
+GRACE_S = 5.0  # after a party process failed, how long the others get to end by themselves (and say why)
+
+
+def _wait(procs: dict[str, Any], timeout: float, expendable: frozenset[str] = frozenset()
+          ) -> tuple[dict[str, int], list[str]]:
+    """Exit codes once every process ended, and the parties the launcher stopped. No one restarts a
+    party under ``splitlearn run``: once one that is not expendable failed, the others get
+    :data:`GRACE_S` to end, then are stopped, rather than waiting out their ``reconnect_timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         codes = {n: p.poll() for n, p in procs.items()}
         if all(c is not None for c in codes.values()):
-            return codes
+            return codes, []
+        failed = any(c not in (None, 0) and n not in expendable for n, c in codes.items())
+        if failed:
+            deadline = min(deadline, time.monotonic() + GRACE_S)
         time.sleep(0.1)
+    stopped = [n for n, p in procs.items() if p.poll() is None]
     _stop(procs)
-    return {n: (p.returncode if p.returncode is not None else -9) for n, p in procs.items()}
+    return {n: (p.returncode if p.returncode is not None else -9) for n, p in procs.items()}, stopped
 
 
 def _stop(procs: dict[str, Any]) -> None:

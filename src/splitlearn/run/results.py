@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.graph import Graph, build_graph
-from ..core.metrics import METRICS
+from ..core.metrics import METRICS, REGRESSION_METRICS
 from ..core.plan import Plan, PlanError, parse_plan, plan_dir
 from .session import PartyReport
 
@@ -41,10 +41,16 @@ def summarize(plan: Plan, graph: Graph, tasks: dict[str, dict]) -> dict[str, Any
     if classif:
         metrics["test_accuracy"] = tasks[main]["test_accuracy"][-1]
         metrics["test_accuracy_per_epoch"] = tasks[main]["test_accuracy"]
-        for name in METRICS[1:]:
+    if main is not None:  # the headline: the last evaluation's figures, the rows scored, their intervals
+        for name in (METRICS[1:] if classif else REGRESSION_METRICS):
             if tasks[main].get(f"test_{name}"):
                 metrics[f"test_{name}"] = tasks[main][f"test_{name}"][-1]
-    if main is not None:
+        if tasks[main].get("test_rows"):
+            metrics["test_rows"] = tasks[main]["test_rows"][-1]
+        if tasks[main].get("ci95"):
+            metrics["ci95"] = tasks[main]["ci95"]
+        if tasks[main].get("curves"):
+            metrics["curves"] = tasks[main]["curves"]
         metrics["per_epoch"] = {"train_loss": total, **{k: v for k, v in tasks[main].items()
                                                         if k.startswith("test_") and v}}
         metrics["train_loss_steps"] = tasks[main].get("train_loss_steps", [])
@@ -75,12 +81,15 @@ def build_result(plan: Plan, reports: dict[str, PartyReport], extra: dict[str, A
         for rep in reports.values():
             tasks.update(rep.metrics)
     else:
-        tasks = _client_tasks(reports)
+        tasks, pools = _client_tasks(plan, reports)
     result: dict[str, Any] = {"plan": plan.name, "epochs": plan.train.epochs, "seed": plan.train.seed,
                               "metrics": summarize(plan, graph, tasks), "wires": wires_of(graph)}
+    if plan.clients is not None:
+        result["metrics"].update(_scored(plan, graph, tasks, pools))
     parties = {}
     for name, rep in reports.items():
-        entry = {**rep.meter, "refused": rep.refused[:20] if plan.clients else rep.refused}
+        entry = {**rep.meter, "refused": rep.refused[:20] if plan.clients else rep.refused,
+                 "refused_jumps": rep.refused_jumps}
         if rep.privacy:
             entry["privacy"] = rep.privacy
         if rep.data:
@@ -102,44 +111,109 @@ def build_result(plan: Plan, reports: dict[str, PartyReport], extra: dict[str, A
     return result
 
 
-def _client_tasks(reports: dict[str, PartyReport]) -> dict[str, dict]:
-    """Each loss's per-epoch history from the turns' records (row-weighted means; every turn once)."""
-    series: dict[str, dict[int, dict[str, list]]] = {}  # loss -> epoch -> (value, rows) pairs
+def _client_tasks(plan: Plan, reports: dict[str, PartyReport]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Each loss's per-epoch history from the turns' records: the training loss the row-weighted
+    mean over the epoch's training turns (every turn once); the test metrics those of the epoch's
+    last evaluation, pooled over every site it scored (:func:`_pools`). Also the pools."""
+    train: dict[str, dict[int, list]] = {}  # loss -> epoch -> (value, rows) pairs
     steps: dict[str, list[tuple[int, list[float]]]] = {}  # loss -> (turn, train losses of its steps)
     seen: set[tuple] = set()
     for rep in reports.values():
         for r in rep.records:
+            if r["mode"] != "train":
+                continue
             for loss, v in r["losses"].items():
                 if (r["turn"], loss) in seen:
                     continue
                 seen.add((r["turn"], loss))
                 if r.get("steps", {}).get(loss):
                     steps.setdefault(loss, []).append((r["turn"], r["steps"][loss]))
-                e = series.setdefault(loss, {}).setdefault(r["epoch"], {})
-                for name, value in v.items():
-                    if (r["mode"] == "train") == (name == "train_loss") and isinstance(value, (int, float)):
-                        e.setdefault(name, []).append((value, r["rows"]))
-
-    def means(per_epoch: dict[int, dict[str, list]], name: str) -> list[float | None]:
-        """One value per epoch that has any; None for an epoch where this metric has none (AUC on one class)."""
-        family = [e for e in sorted(per_epoch) if any(k == name or (k.startswith("test_") and name.startswith("test_"))
-                                                      for k in per_epoch[e])]
-        out: list[float | None] = []
-        for e in family:
-            p = per_epoch[e].get(name)
-            out.append(sum(x * w for x, w in p) / sum(w for _, w in p) if p else None)
-        return out
-
+                if isinstance(v.get("train_loss"), (int, float)):
+                    train.setdefault(loss, {}).setdefault(r["epoch"], []).append((v["train_loss"], r["rows"]))
+    pools = _pools(plan, reports)
     out = {}
-    for loss, per_epoch in series.items():
-        names = {"train_loss", "test_loss", "test_accuracy"} | {n for e in per_epoch.values() for n in e}
-        out[loss] = {name: means(per_epoch, name) for name in sorted(names)}
-        if all(v is None for v in out[loss]["test_accuracy"]):
-            out[loss]["test_accuracy"] = []
+    for loss in sorted(set(train) | set(pools)):
+        per_epoch = train.get(loss, {})
+        h: dict[str, list] = {"train_loss": [sum(x * w for x, w in p) / sum(w for _, w in p)
+                                             for _, p in sorted(per_epoch.items())]}
+        evals = [pools[loss][e]["metrics"] for e in sorted(pools.get(loss, {}))]
+        for name in sorted({"test_loss", "test_accuracy"} | {n for m in evals for n in m} - {"ci95", "curves"}):
+            h[name] = [m.get(name) for m in evals]
+        if all(v is None for v in h["test_accuracy"]):
+            h["test_accuracy"] = []
+        for name in ("ci95", "curves"):  # of the last evaluation
+            if evals and evals[-1].get(name):
+                h[name] = evals[-1][name]
         pts = [v for _, vs in sorted(steps.get(loss, [])) for v in vs]
         every = max(1, -(-len(pts) // 500))
-        out[loss]["train_loss_steps"] = [[i, v] for i, v in enumerate(pts)][::every]
+        h["train_loss_steps"] = [[i, v] for i, v in enumerate(pts)][::every]
+        out[loss] = h
+    return out, pools
+
+
+def _pools(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict[int, dict]]:
+    """Per loss and epoch, the epoch's last evaluation: ``metrics`` over the union of the test rows
+    of every site it scored, ``sites`` (each client's own figures and rows), ``rows``. A head that
+    is a fixed party pooled them itself (its ``pooled`` record); heads at the clients each kept
+    their scores, pooled here; where there are none, the row-weighted mean (clients evaluated on
+    the same rows, each with its own model)."""
+    from ..clients.roles import pooled_metrics
+
+    evals: dict[tuple[str, int], dict[int, dict]] = {}  # (loss, round) -> turn -> the head's record
+    pooled: dict[tuple[str, int], list[dict]] = {}  # (loss, round) -> the heads' pooled records
+    for rep in reports.values():
+        for r in rep.records:
+            for loss in r["losses"]:
+                if r["mode"] == "eval":
+                    evals.setdefault((loss, r["round"]), {})[r["turn"]] = r
+                elif r["mode"] == "pooled":
+                    pooled.setdefault((loss, r["round"]), []).append(r)
+    out: dict[str, dict[int, dict]] = {}
+    for (loss, rnd), turns in sorted(evals.items(), key=lambda kv: kv[0][1]):
+        recs = [turns[t] for t in sorted(turns)]
+        heads = pooled.get((loss, rnd), [])
+        if len(heads) == 1:
+            metrics = heads[0]["losses"][loss]
+        elif all("scores" in r and loss in r["scores"] for r in recs):
+            metrics = pooled_metrics(plan.losses[loss].kind, [_scores(r["scores"][loss]) for r in recs])
+        else:
+            metrics = _mean(recs, loss)
+        sites = {r["client"]: {"rows": r["rows"], **{k: v for k, v in r["losses"][loss].items()
+                                                     if k not in ("train_loss", "test_rows")}} for r in recs}
+        out.setdefault(loss, {})[recs[0]["epoch"]] = {"metrics": metrics, "sites": sites, "round": rnd,
+                                                      "rows": sum(r["rows"] for r in recs)}
     return out
+
+
+def _scores(s: dict) -> tuple[np.ndarray, np.ndarray, float, int]:
+    return np.asarray(s["outputs"], dtype=np.float64), np.asarray(s["targets"]), float(s["loss_sum"]), int(s["rows"])
+
+
+def _mean(recs: list[dict], loss: str) -> dict[str, float | None]:
+    """The row-weighted mean of each figure over the records that have it."""
+    names = {n for r in recs for n, v in r["losses"][loss].items() if n.startswith("test_")} - {"test_rows"}
+    out: dict[str, float | None] = {"test_rows": sum(r["rows"] for r in recs)}
+    for n in sorted(names):
+        p = [(r["losses"][loss][n], r["rows"]) for r in recs if isinstance(r["losses"][loss].get(n), (int, float))]
+        out[n] = sum(x * w for x, w in p) / sum(w for _, w in p) if p and sum(w for _, w in p) else None
+    return out
+
+
+def _scored(plan: Plan, graph: Graph, tasks: dict[str, dict], pools: dict[str, dict[int, dict]]) -> dict[str, Any]:
+    """What the headline was computed on: ``scored`` (rows, clients; ``own_rows``: each client
+    scored its own test rows, else the plan's shared test split) and ``per_client`` (each site's
+    rows and own figures) of the main loss's last evaluation."""
+    from ..clients.roles import per_client
+
+    order = [n.name for n in graph.losses() if n.name in tasks]
+    classif = [k for k in order if tasks[k]["test_accuracy"]]
+    main = classif[0] if classif else (order[0] if order else None)
+    if main is None or not pools.get(main):
+        return {}
+    last = pools[main][max(pools[main])]
+    return {"scored": {"rows": last["rows"], "clients": list(last["sites"]), "loss": main,
+                       "own_rows": per_client(plan)},
+            "per_client": last["sites"]}
 
 
 def _privacy(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict]:
@@ -162,7 +236,8 @@ def final_client(plan: Plan, reports: dict[str, PartyReport]) -> str | None:
     evals = [r for rep in reports.values() for r in rep.records if r["mode"] == "eval"]
     if not evals or not strategy_of(plan.clients).one_model:
         return None
-    return max(evals, key=lambda r: r["turn"])["client"]
+    last = max(evals, key=lambda r: r["turn"])
+    return last.get("model") or last["client"]  # a site that evaluated with lent weights: their owner
 
 
 def _clients_part(plan: Plan, reports: dict[str, PartyReport], parties: dict[str, dict]) -> dict[str, Any]:

@@ -7,21 +7,22 @@ and the privacy its noise spent. A turn of a horizontal client is the same sessi
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from ..core import losses
 from ..core.engine import Party, PartyError, SessionRestart, StepOutput
-from ..core.plan import PlanError, plan_hash
+from ..core.plan import PlanError, differing_entries, plan_hash, plan_parts, plan_value
 from ..privacy import defenses
 from ..wire.codec import WireError
 from ..wire.link import Link
-from ..wire.messages import PROTOCOL_VERSION, Kind, Message, hello, quote, read_hello
+from ..wire.messages import PROTOCOL_VERSION, Kind, Message, encode, hello, quote, read_hello
 from ..wire.transport import PeerRestarted, TransportError, TransportTimeout
 from .setup import Step
 
@@ -57,6 +58,7 @@ class PartyReport:
     predictions: dict = field(default_factory=dict, repr=False)  # predict steps: head -> outputs per batch
     data: dict = field(default_factory=dict)  # the rows it held and trained on, their schema, the alignment
     preprocess: Any = field(default=None, repr=False)  # its fitted preprocessing (saved beside its weights)
+    refused_jumps: dict[str, int] = field(default_factory=dict)  # peer -> values refused past a learnt bound
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()
@@ -83,8 +85,54 @@ class _Epoch:
     test_sum: float = 0.0
     test_n: int = 0
     right: int = 0
-    probs: list = field(default_factory=list)  # eval batches' class probabilities (classification)
+    probs: list = field(default_factory=list)  # eval batches' class probabilities, or predicted values (regression)
     targets: list = field(default_factory=list)
+
+
+def _held_size(msg: Message) -> int:
+    """Bytes a kept message takes, about: its payload, text and names (each at most ``Limits.name_chars``)."""
+    return msg.payload_bytes + len(msg.text) + 256 * (1 + len(msg.tensors))
+
+
+class _Ahead:
+    """Messages of a later phase that come during the hello, the alignment and the resume
+    agreement: held per peer within the budget of messages held for later steps,
+    ``Limits.early_messages`` (per micro-batch) and ``Limits.early_bytes``. Past it, or from a
+    party that is not a neighbour, a message is refused (the sender named and told, the refusal
+    counted) and nothing of it is kept: an honest neighbour sends at most its hello of the next
+    phase and one step's messages ahead, far within the budget."""
+
+    def __init__(self, party: Party, neighbours: list[str], first: Iterable[Message] = ()):
+        self.party, self.neighbours = party, set(neighbours)
+        self.messages: list[Message] = []
+        self.held: dict[str, list[int]] = {}  # sender -> [messages, bytes] in self.messages
+        for msg in first:
+            self.keep(msg)
+
+    def keep(self, msg: Message) -> None:
+        limits, held = self.party.limits, self.held.setdefault(msg.sender, [0, 0])
+        size = _held_size(msg)
+        problem = None
+        if msg.sender not in self.neighbours:
+            problem = f"{msg.kind.name} from a party that is not a neighbour of {self.party.name!r}"
+        elif held[0] >= limits.early_messages * self.party.pipeline:
+            problem = (f"{held[0]} of its messages are held before the handshake already (hello, alignment, "
+                       "resume; Limits.early_messages)")
+        elif held[1] + size > limits.early_bytes:
+            problem = (f"{held[1]} bytes of its messages are held before the handshake already (hello, alignment, "
+                       f"resume) and {size} more would pass the limit of {limits.early_bytes} (Limits.early_bytes)")
+        if problem:
+            self.party.link.refuse(msg.sender, problem, msg.step, msg.wire)
+            return
+        held[0] += 1
+        held[1] += size
+        self.messages.append(msg)
+
+    def take(self) -> list[Message]:
+        """Every message held, in order of arrival; none is held afterwards."""
+        out, self.messages = self.messages, []
+        self.held.clear()
+        return out
 
 
 @contextmanager
@@ -106,7 +154,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
     link, me = party.link, party.name
     neighbours = party.graph.neighbours(me)
     psi = setup is not None and party.graph.plan.data.align == "psi"
-    later: list[Message] = list(first)  # messages of a later phase that came early (or began a restart)
+    ahead = _Ahead(party, neighbours, first)  # messages of a later phase that came early (or began a restart)
 
     def deadline() -> float | None:  # the hello, like the goodbye, has one deadline however much arrives
         return None if party.timeout is None else time.monotonic() + party.timeout
@@ -121,17 +169,20 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
         sent = False
         got: dict[str, dict] = {}
 
+        parts = plan_parts(party.graph.plan) if phase == "hello" else None  # to name what differs, if it does
+
         def say() -> None:
             for p in neighbours:
                 link.send(hello(me, p, ours["plan_hash"], ids, rows=list(rows) if rows else None,
-                                phase=phase if phase != "hello" else None, **(agree or {}), **(tell or {})))
+                                phase=phase if phase != "hello" else None, plan_parts=parts, **(agree or {}),
+                                **(tell or {})))
 
         if rows is not None or not counts:
             say()
             sent = True
         heard: set[str] = set()
         until = deadline()
-        pending, later[:] = list(later), []
+        pending = ahead.take()
         while heard != set(neighbours) or not sent:
             msg = pending.pop(0) if pending else _recv(
                 link, until, f"{me}: no hello from {sorted(set(neighbours) - heard) or neighbours} within "
@@ -140,7 +191,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
             if msg.kind != Kind.HELLO or msg.sender not in neighbours:
                 if phase == "hello" and msg.sender in neighbours and msg.sender not in heard and msg.kind != Kind.ERROR:
                     continue  # before a neighbour's hello: its earlier session's, stale
-                later.append(msg)
+                ahead.keep(msg)
                 continue
             try:
                 theirs = read_hello(msg, link.limits)
@@ -148,12 +199,14 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
                 link.refuse(msg.sender, f"a hello that cannot be read: {e}")
                 continue
             if theirs.get("phase", "hello") != phase:
-                later.append(msg)
+                ahead.keep(msg)
                 continue
             for key, value in ours.items():
                 if key == "ids_hash" and not (value and theirs.get(key)):
                     continue  # a party without data has no ids to compare
-                if theirs.get(key) != value:
+                if theirs.get(key) != value or type(theirs.get(key)) is not type(value):  # true is not protocol 1
+                    if key == "plan_hash" and parts is not None:
+                        _plan_differs(me, msg.sender, party.graph.plan, parts, theirs.get("plan_parts"))
                     raise PartyError(f"{me}: {key} differs from {quote(msg.sender)}'s: ours is {value!r}, "
                                      f"theirs is {quote(theirs.get(key))}" + (
                                          " (both must run the same plan file with the same --epochs/--seed)"
@@ -162,8 +215,9 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
                                          if key == "resume_from" else ""))
             told = theirs.get("rows")
             if counts and told is not None:
-                if not (isinstance(told, list) and len(told) == 2 and all(isinstance(v, int) and v >= 0 for v in told)):
-                    link.refuse(msg.sender, f"a hello with rows {quote(told)}: expected [train, test] counts")
+                if not (isinstance(told, list) and len(told) == 2 and all(type(v) is int and 0 <= v <= MAX_ROWS for v in told)):
+                    link.refuse(msg.sender, f"a hello with rows {quote(told)}: expected [train, test] counts "
+                                f"of at most {MAX_ROWS}")
                     continue
                 if rows is None:
                     rows = (told[0], told[1])
@@ -177,39 +231,39 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
             if not sent and rows is not None:
                 say()
                 sent = True
-        later.extend(pending)
+        for msg in pending:  # held within the budget before: they fit again
+            ahead.keep(msg)
         return got
 
     try:
         held = setup.rows if setup is not None and setup.table is not None else None
         # counts travel in the first hello, or (psi) in a second one once the rows are aligned
         resuming = checkpoints is not None
+        tell = {"checkpoints": checkpoints} if resuming else {}
+        if psi and held is not None:  # how many ids it aligns: what its requests are bounded by (run/align.py)
+            tell["id_count"] = len(setup.table.ids)
         heard = exchange("hello", "" if psi else ids_hash, None if psi else held, setup is not None and not psi,
-                         tell={"checkpoints": checkpoints} if resuming else None,
-                         agree={"resuming": True} if resuming else None)
-        resume = _pick_checkpoint(me, checkpoints, heard) if resuming else None
+                         tell=tell or None, agree={"resuming": True} if resuming else None)
+        known = _held_by(me, checkpoints, heard) if resuming else {}
         if psi:
             from .align import align_psi
 
             kept = align_psi(link, party.graph, me, setup.table.ids if setup.table is not None else None,
-                             timeout=party.timeout, keep=later.append)
+                             timeout=party.timeout, keep=ahead.keep, first=ahead.take(), hellos=heard)
             if kept is not None:
                 setup.restrict(kept)
                 party.data = setup.inputs
             exchange("rows", setup.ids_hash, setup.rows if setup.table is not None else None, True)
-        if resuming:  # the lowest pick spreads one hop a round: after as many rounds as parties, all agree
-            for r in range(len(party.graph.plan.parties) - 1):
-                picks = exchange(f"resume-{r}", "", None, False, tell={"pick": resume})
-                for peer, theirs in picks.items():
-                    pick = theirs.get("pick")
-                    if pick is not None and not isinstance(pick, int):
-                        raise PartyError(f"{me}: {quote(peer)} sent no checkpoint step to resume from")
-                    resume = None if pick is None or resume is None else min(resume, pick)
-            if resume is not None and resume not in checkpoints:
-                raise PartyError(f"{me}: the parties would resume after step {resume}, whose checkpoint this party "
-                                 f"does not hold (it holds {checkpoints})")
+        resume = None
+        if resuming:  # what each party holds spreads one hop a round, until every party knows every party's
+            parties = list(party.graph.plan.parties)
+            for r in range(len(parties) - 2):
+                _learn(me, known, exchange(f"resume-{r}", "", None, False, tell={"held": known}), parties)
+            resume = _agree(me, known, parties)
             exchange("resume", "", None, False, agree={"resume_from": resume})
-        for msg in later:
+            _say_resume(me, checkpoints, resume, known)
+        party.resumed_at = -1 if resume is None else resume  # where every party goes on (flow control)
+        for msg in ahead.take():
             party.keep_early(msg, -2)  # before the handshake (step -1)
         party.step(-1, None, "handshake")
         yield {"resume": resume}
@@ -233,15 +287,79 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
         raise
 
 
-def _pick_checkpoint(me: str, ours: list[int], heard: dict[str, dict]) -> int:
-    """The last step this party and every neighbour hold a checkpoint of (None: none in common)."""
-    common = set(ours)
+MAX_HELD = 1000  # checkpoint steps a party may say it holds
+MAX_ROWS = 2**31 - 1  # rows a hello may count (a party without data makes index arrays of them)
+
+
+def _steps_of(value: Any) -> list[int] | None:
+    """A list of checkpoint steps a peer sent, sorted (None: not one)."""
+    if isinstance(value, list) and len(value) <= MAX_HELD and all(type(v) is int for v in value):
+        return sorted(set(value))
+    return None
+
+
+def _held_by(me: str, ours: list[int], heard: dict[str, dict]) -> dict[str, list[int]]:
+    """Which checkpoint steps this party and each neighbour hold, from the first hello."""
+    known = {me: sorted(set(ours))}
     for peer, theirs in heard.items():
-        held = theirs.get("checkpoints")
-        if not (isinstance(held, list) and all(isinstance(v, int) for v in held)):
+        held = _steps_of(theirs.get("checkpoints"))
+        if held is None:
             raise PartyError(f"{me}: {quote(peer)} resumes without telling which checkpoints it holds")
-        common &= set(held)
+        known[peer] = held
+    return known
+
+
+def _learn(me: str, known: dict[str, list[int]], told: dict[str, dict], parties: list[str]) -> None:
+    """Add what the neighbours know of every party's checkpoints to ``known``; a party said to
+    hold other steps than we heard stops the agreement, naming both."""
+    for peer, theirs in told.items():
+        held = theirs.get("held")
+        if not isinstance(held, dict):
+            raise PartyError(f"{me}: {quote(peer)} did not say which checkpoints the parties hold")
+        for name, value in held.items():
+            steps = _steps_of(value)
+            if name not in parties or steps is None:
+                raise PartyError(f"{me}: {quote(peer)} says party {quote(name)} holds checkpoints {quote(value)}: "
+                                 f"expected a party of the plan and at most {MAX_HELD} step numbers")
+            if name in known and known[name] != steps:
+                raise PartyError(f"{me}: {quote(peer)} says {name!r} holds the checkpoints of steps {steps}, but "
+                                 f"{'this party holds' if name == me else 'we heard'} {known[name]}")
+            known[name] = steps
+
+
+def _agree(me: str, known: dict[str, list[int]], parties: list[str]) -> int | None:
+    """The last step every party holds a checkpoint of (None: none in common)."""
+    unknown = [p for p in parties if p not in known]
+    if unknown:
+        raise PartyError(f"{me}: resuming, but nobody said which checkpoints {unknown} hold")
+    common = set.intersection(*(set(known[p]) for p in parties))
     return max(common) if common else None
+
+
+def _say_resume(me: str, ours: list[int], agreed: int | None, known: dict[str, list[int]]) -> None:
+    """Log a resume that goes back further than this party's last checkpoint, with both steps."""
+    last = max(ours) if ours else None
+    if last is None or agreed == last:
+        return
+    lacking = sorted(p for p, held in known.items() if last not in held)
+    if agreed is None:
+        log.warning("%s: resuming, but no checkpoint is held by every party (this party's last: after step %s; "
+                    "%s do not hold it): from the start", me, last, lacking)
+    else:
+        log.warning("%s: resuming after step %s, the last checkpoint every party holds, not after step %s, this "
+                    "party's last (%s do not hold it)", me, agreed, last, lacking)
+
+
+def _plan_differs(me: str, peer: str, plan: Any, ours: dict[str, str], theirs: Any) -> None:
+    """Raise the error naming the first entries where a neighbour's plan differs from ours (when it said)."""
+    entries = differing_entries(ours, theirs)
+    if not entries:
+        return
+    shown = "; ".join(f"{e} (ours: {json.dumps(plan_value(plan, e))[:80] if e in ours else 'absent'}"
+                      f"{', theirs: absent' if e not in theirs else ''})" for e in entries[:5])
+    more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+    raise PartyError(f"{me}: the plan differs from {quote(peer)}'s at {shown}{more} (both must run the same plan "
+                     "file with the same --epochs/--seed)")
 
 
 def _ids_hint(party: Party, ids: str) -> str:
@@ -258,13 +376,41 @@ def _recv(link: Link, deadline: float | None, why: str) -> Message:
         raise PartyError(why) from None
 
 
+def _usable(me: str, checkpoints: Any) -> list[int]:
+    """The steps of the checkpoints this party can resume from; why any other is not usable is logged."""
+    if checkpoints is None:
+        return []
+    steps, bad = checkpoints.scan()
+    for why in bad:
+        log.warning("%s: checkpoint %s: not used", me, why)
+    return steps
+
+
+def _set_aside(me: str, checkpoints: Any) -> None:
+    """A resumed run that begins again keeps the checkpoints it had, moved aside, and says where."""
+    moved = checkpoints.set_aside()
+    if moved is not None:
+        log.warning("%s: beginning again from the start; the checkpoints held before were moved to %s", me, moved)
+
+
+def _meter_kept(party: Party) -> None:
+    """After a restore put the meter back: count again the messages of later steps that came before
+    it (kept early), whose bytes the restored meter does not hold; a run never stopped counts them."""
+    for msgs in party._early.values():  # noqa: SLF001 - the engine's own queue of early messages
+        for msg in msgs:
+            direction = "forward" if msg.kind == Kind.ACTIVATION else "backward"
+            party.meter.on_recv(msg.wire, direction, len(encode(msg)), msg.payload_bytes)
+
+
 MAX_RESTARTS = 20  # sessions begun again after a neighbour went back to a checkpoint, per run
 STEP_POINTS = 500  # train loss per step: at most this many points are kept (evenly sampled)
 
 
 class _Metrics:
-    """Per-epoch history of the losses a party computes: train and test loss, and for
-    classification the test metrics of :mod:`splitlearn.core.metrics`; the train loss per step."""
+    """Per-epoch history of the losses a party computes: train and test loss, the rows scored
+    (``test_rows``), for classification the test metrics of :mod:`splitlearn.core.metrics`, for
+    regression MAE, RMSE and R²; the last evaluation's 95 % bootstrap intervals (``ci95``); the
+    train loss per step."""
 
     def __init__(self, party: Party, tracker: Any = None):
         plan = party.graph.plan
@@ -273,6 +419,8 @@ class _Metrics:
         self.hist = {k: {"train_loss": [], "test_loss": [], "test_accuracy": []} for k in self.kinds}
         self.steps: dict[str, list[list[float]]] = {k: [] for k in self.kinds}
         self.acc = {k: _Epoch() for k in self.kinds}
+        self.ci: dict[str, dict] = {}  # loss -> the last evaluation's intervals
+        self.curves: dict[str, dict] = {}  # loss -> the last evaluation's curves (core.metrics.curves)
 
     def add(self, step: Step, out: StepOutput) -> None:
         n = len(step.rows)
@@ -291,9 +439,12 @@ class _Metrics:
                 if kind.probabilities is not None:
                     a.probs.append(kind.probabilities(out.predictions[k].float()).numpy())
                     a.targets.append(out.targets[k].numpy())
+                elif not kind.classification:
+                    a.probs.append(kind.decide(out.predictions[k].float()).numpy().reshape(-1))
+                    a.targets.append(out.targets[k].numpy().reshape(-1))
 
     def close_epoch(self, epoch: int) -> None:
-        from ..core.metrics import classification_metrics
+        from ..core.metrics import bootstrap_ci, classification_metrics, curves, regression_metrics
 
         for k, a in self.acc.items():
             h = self.hist[k]
@@ -302,36 +453,45 @@ class _Metrics:
                 h["train_loss"].append(a.train_sum / a.train_n)
             if a.test_n:
                 h["test_loss"].append(a.test_sum / a.test_n)
-                if losses.is_classification(self.kinds[k]):
+                h.setdefault("test_rows", []).append(a.test_n)
+                classification = losses.is_classification(self.kinds[k])
+                if classification:
                     h["test_accuracy"].append(a.right / a.test_n)
                 if a.probs:
-                    found = classification_metrics(np.concatenate(a.probs), np.concatenate(a.targets))
+                    outputs, targets = np.concatenate(a.probs), np.concatenate(a.targets)
+                    found = (classification_metrics if classification else regression_metrics)(outputs, targets)
                     for name, value in found.items():
                         if name != "accuracy":
                             h.setdefault(f"test_{name}", []).append(value)
+                    self.ci[k] = {f"test_{n}": v for n, v in
+                                  bootstrap_ci(outputs, targets, classification=classification).items()}
+                    self.curves[k] = curves(outputs, targets, classification=classification)
             if self.tracker is not None:
-                self.tracker.log({f"{k}/{name}": v[-1] for name, v in h.items() if len(v) > before.get(name, 0)},
-                                 epoch)
+                self.tracker.log({f"{k}/{name}": v[-1] for name, v in h.items()
+                                  if len(v) > before.get(name, 0) and v[-1] is not None}, epoch)
             self.acc[k] = _Epoch()
 
     def state(self) -> dict:
         """For a checkpoint after a training step (no evaluation pending)."""
         assert not any(a.probs for a in self.acc.values()), "a checkpoint falls between evaluation steps"
-        return {"hist": self.hist, "steps": self.steps,
+        return {"hist": self.hist, "steps": self.steps, "ci": self.ci, "curves": self.curves,
                 "acc": {k: [a.train_sum, a.train_n, a.test_sum, a.test_n, a.right] for k, a in self.acc.items()}}
 
     def load(self, state: dict) -> None:
-        self.hist, self.steps = state["hist"], state["steps"]
+        self.hist, self.steps, self.ci = state["hist"], state["steps"], state.get("ci", {})
+        self.curves = state.get("curves", {})
         for k, (ts, tn, vs, vn, right) in state["acc"].items():
             self.acc[k] = _Epoch(ts, tn, vs, vn, right)
 
     def history(self) -> dict[str, dict[str, list]]:
-        """Each loss's per-epoch lists, with ``train_loss_steps``: [step id, loss] pairs, sampled."""
+        """Each loss's per-epoch lists, with ``train_loss_steps``: [step id, loss] pairs, sampled,
+        ``ci95``: the last evaluation's intervals, and ``curves``: its curves for the report."""
         out = {}
         for k, h in self.hist.items():
             pts = self.steps[k]
             every = max(1, -(-len(pts) // STEP_POINTS))
-            out[k] = {**h, "train_loss_steps": pts[::every]}
+            out[k] = {**h, "train_loss_steps": pts[::every], **({"ci95": self.ci[k]} if self.ci.get(k) else {}),
+                      **({"curves": self.curves[k]} if self.curves.get(k) else {})}
         return out
 
 
@@ -359,7 +519,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
         predictions: dict[str, list] = {}
         epoch = None
         timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0, "first_step_s": 0.0, "first_step_samples": 0}
-        held = checkpoints.steps() if resume and checkpoints is not None else ([] if resume else None)
+        held = _usable(party.name, checkpoints) if resume else None
         try:
             with session(party, ids_hash, setup, held, first) as info:
                 if todo is None:
@@ -368,6 +528,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                 if info["resume"] is not None:  # the state after that step, as it was (accounting included)
                     tensors, manifest = checkpoints.load(info["resume"])
                     restore(party, tensors, manifest)
+                    _meter_kept(party)
                     metrics.load(manifest["metrics"])
                     timing, epoch = manifest["timing"], manifest["epoch"]
                     start = next((i for i, st in enumerate(todo) if st.id > info["resume"]), len(todo))
@@ -375,6 +536,8 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                     raise PartyError(f"{party.name}: a neighbour began the session again, but no checkpoint is held "
                                      "by every party")
                 elif checkpoints is not None:  # the state before the first step: a restart can go back to it
+                    if resume:
+                        _set_aside(party.name, checkpoints)
                     checkpoints.save(-1, *capture(party, {"metrics": metrics.state(), "timing": timing,
                                                           "epoch": None}))
                 for i in range(start, len(todo)):
@@ -428,6 +591,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
         metrics.close_epoch(epoch)
     report = PartyReport(party.name, metrics.history(), {**party.meter.summary(), **timing}, list(party.link.refused),
                          plays=party.name, modules=party.modules, predictions=predictions)
+    report.refused_jumps = dict(party.bounds.refused)
     report.privacy = defenses.privacy_spent(party.graph, party.name, timing["train_samples"], timing["train_steps"])
     if party.observer is not None and hasattr(party.observer, "tensors"):
         report.observed = party.observer.tensors()

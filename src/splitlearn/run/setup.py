@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core import losses
 from ..core.engine import Mode, dry_run
 from ..core.graph import Graph, build_graph
 from ..core.plan import DataSpec, Plan, PlanError, plan_dir
@@ -27,7 +28,7 @@ from ..privacy import defenses
 
 __all__ = ["Step", "Splits", "schedule", "PartySetup", "setup_party", "check_plan", "prepare", "make_optimizer",
            "party_table", "party_inputs", "splits_for", "party_device", "build_modules", "data_spec", "with_file", "party_file",
-           "holds_data", "counted_splits", "ids_digest"]
+           "holds_data", "counted_splits", "ids_digest", "target_kinds", "label_notes"]
 
 
 @dataclass(frozen=True)
@@ -60,17 +61,46 @@ def schedule(plan: Plan, splits: Splits, epochs: int | None = None) -> Iterator[
 
 # -- data ------------------------------------------------------------------------------------
 
-def _table(spec: DataSpec, base: Path | None, cache: dict) -> Table:
+def _table(spec: DataSpec, base: Path | None, cache: dict, target: str = "class") -> Table:
     if spec.dataset == "arrays":
         if spec._table is None:
             raise DataError("dataset 'arrays' holds rows given in Python, which this process does not have: give "
                             "the data again (splitlearn.predict(run, data=...)) or use a file")
         return spec._table
-    key = spec.model_dump_json()
+    key = (spec.model_dump_json(), target)
     if key not in cache:
         cache[key] = load_table(spec.dataset, path=spec.path, id_column=spec.id_column,
-                                label_column=spec.label_column, options=dict(spec.options), base_dir=base)
+                                label_column=spec.label_column, options=dict(spec.options), base_dir=base,
+                                target=target)
     return cache[key]
+
+
+def target_kinds(plan: Plan, party: str) -> dict[str, tuple[str, str]]:
+    """The party's fields that a loss takes as its target: field -> (``"class"`` or ``"value"``, the loss).
+
+    The loss kind decides what a target means: classification losses take class labels, any other
+    (``mse``, a registered regression kind) values, kept as floating point end to end. One field
+    cannot be both."""
+    out: dict[str, tuple[str, str]] = {}
+    holds = plan.parties[party].holds
+    for name, loss in plan.losses.items():
+        owner, _, local = loss.target.partition(".")
+        if owner != party or local not in holds:
+            continue
+        field_name = holds[local].field
+        kind = "class" if losses.is_classification(loss.kind) else "value"
+        if field_name in out and out[field_name][0] != kind:
+            other = out[field_name][1]
+            raise PlanError(f"field {field_name!r} of {party!r} is the target of classification and regression "
+                            f"losses ({other!r} and {name!r}): its values cannot be both class labels and numbers",
+                            entry=f"losses.{name}.kind", hint="give each kind of target its own column")
+        out[field_name] = (kind, name)
+    return out
+
+
+def _label_target(plan: Plan, party: str) -> str:
+    """What the party's label column (field ``y``) holds, for the readers."""
+    return target_kinds(plan, party).get("y", ("class", ""))[0]
 
 
 def holds_data(plan: Plan, party: str) -> bool:
@@ -127,16 +157,35 @@ def party_table(plan: Plan, party: str, cache: dict | None = None, data: DataSpe
     if spec is None:
         raise PlanError(f"party {party!r} holds no data", entry=f"parties.{party}.holds")
     try:
-        table = _table(spec, plan_dir(plan), {} if cache is None else cache)
+        table = _table(spec, plan_dir(plan), {} if cache is None else cache, _label_target(plan, party))
         return table.align(np.sort(table.ids))
     except DataError as e:
         raise PlanError(f"party {client or party!r}: {e}", entry=_data_entry(plan, party, data is not None),
                         hint="fix the data settings or the file") from None
 
 
+def _as_target(arr: np.ndarray, kind: str, loss: str, where: str) -> np.ndarray:
+    """A loss target in the dtype its loss kind gives it: values float32; class labels integers
+    (floating labels only when every one is a whole number: 1.0 is class 1)."""
+    if arr.dtype.kind not in "biuf":
+        raise PlanError(f"{where} holds {arr.dtype} values, but loss {loss!r} needs numbers", entry=f"losses.{loss}",
+                        hint="use a numeric column, or map it to classes (options.classes)")
+    if kind == "value":
+        return arr.astype(np.float32, copy=False)
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            raise PlanError(f"{where} holds {arr[bad][0].item()!r}, not a class label, but loss {loss!r} is a "
+                            "classification loss", entry=f"losses.{loss}.kind",
+                            hint='use kind = "mse" for a numeric target, or give whole-number class labels')
+    return arr
+
+
 def party_inputs(plan: Plan, party: str, table: Table, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """The party's input nodes (``party.field``) as tensors over the table's rows."""
+    """The party's input nodes (``party.field``) as tensors over the table's rows; loss targets in the
+    dtype their loss kind gives them (:func:`target_kinds`)."""
     out = {}
+    targets = target_kinds(plan, party)
     for local, ref in plan.parties[party].holds.items():
         if f"{party}.{local}" in skip:
             continue
@@ -145,6 +194,11 @@ def party_inputs(plan: Plan, party: str, table: Table, skip: set[str] = frozense
         except DataError as e:
             raise PlanError(str(e), entry=f"parties.{party}.holds.{local}",
                             hint="name a field of the dataset and a column range inside it") from None
+        if ref.field in targets:
+            kind, loss = targets[ref.field]
+            arr = _as_target(arr, kind, loss, f"field {ref.field!r} of {party!r}")
+            if kind == "class" and arr.dtype.kind == "f" and losses.get(plan.losses[loss].kind).indexes_classes:
+                arr = arr.astype(np.int64)
         out[f"{party}.{local}"] = torch.from_numpy(np.ascontiguousarray(arr))
     return out
 
@@ -322,6 +376,27 @@ def setup_party(plan: Plan, name: str, cache: dict | None = None, data: DataSpec
     return setup
 
 
+def label_notes(setups: dict[str, PartySetup]) -> list[str]:
+    """One line per loss target read as text labels: the mapping from label to class index (recorded in each
+    party's data schema in ``result.json``), and whether the plan chose it or it is the sorted values."""
+    notes = []
+    for s in setups.values():
+        if s.table is None:
+            continue
+        targets = target_kinds(s.plan, s.name)
+        for local, ref in s.plan.parties[s.name].holds.items():
+            names = s.table.columns.get(ref.field) if ref.field in targets else None
+            if not names or s.table.fields[ref.field].ndim != 1:
+                continue
+            chosen = "classes" in s.options
+            mapping = ", ".join(f"{n!r} -> {i}" for i, n in enumerate(names))
+            positive = f"; {names[1]!r} is the positive class (sensitivity, specificity)" if len(names) == 2 else ""
+            notes.append(f"labels of {s.client or s.name}.{local}: {mapping}"
+                         + ("" if chosen else " (their sorted values; set options.classes to choose the order)")
+                         + positive)
+    return notes
+
+
 def _first_missing(a: PartySetup, b: PartySetup) -> str:
     missing = np.setdiff1d(a.splits.ids, b.splits.ids)
     return f"{len(missing)} of {a.name!r}'s ids are missing at {b.name!r} (first: {missing[:5].tolist()})"
@@ -344,8 +419,8 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
                                 hint='every party must hold the same sample ids; or set [data] align = "psi" '
                                      "to keep only the ids every party holds")
     for s in setups.values():
-        if s.table is None:  # in one process the splits are at hand; over a network the counts come in the hello
-            s.splits = first.splits
+        if s.table is None:  # only counts, as over a network (where they come in the hello): its step rows
+            s.splits = counted_splits(len(first.splits.train), len(first.splits.test))  # are schedule positions
     inputs = {k: v for s in setups.values() for k, v in s.inputs.items()}
     graph = first.graph
     defenses.check_data(graph, inputs)  # what each wire's defenses need of the data (binary labels, classes)

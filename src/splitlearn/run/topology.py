@@ -123,12 +123,16 @@ class _PlainParty:
         if out is not None and steps is None:
             from .checkpoint import Checkpoints
 
+            from ..core.flow import flow_pairs
+
+            ahead = [p.window for p in flow_pairs(setup.graph, limits or Limits())  # runs ahead while training
+                     if p.producer == setup.name and "train" in p.gated]
             self.checkpoints = Checkpoints(Path(out) / "parties" / setup.name / "checkpoints",
-                                           setup.plan.train.checkpoint_every)
+                                           setup.plan.train.checkpoint_every, lag=max(ahead, default=0))
         self.party = Party(setup.graph, setup.name, Link(transport, limits=limits), setup.modules, setup.optimizer,
                            setup.inputs, dict(shapes or {}), timeout, predicting)
         if record:
-            self.party.observer = Recorder(setup.splits.ids if setup.splits is not None else None)
+            self.party.observer = Recorder(setup.splits.ids if setup.table is not None else None)
 
     def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
         s = self.setup
@@ -139,8 +143,8 @@ class _PlainParty:
             tracker = open_tracker(self.tracking, s.plan, s.name)
 
         def steps() -> list[Step]:  # once the hello has told how many rows there are
-            if self.party.observer is not None:
-                self.party.observer.ids = s.splits.ids
+            if self.party.observer is not None:  # the ids after any private alignment; a party without data
+                self.party.observer.ids = s.splits.ids if s.table is not None else None  # records positions
             return self.steps if self.steps is not None else list(schedule(s.plan, s.splits))
 
         try:

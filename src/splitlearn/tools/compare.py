@@ -14,6 +14,10 @@ large_batch    the same with ``local_steps = 1``: each step every client compute
 
 Per-client figures are the clients' own meters (training and weight traffic; evaluation apart);
 the cost model (:mod:`splitlearn.tools.costmodel`) predicts the same figures from shapes alone.
+Test figures are each method's headline, pooled over every client's test rows (the clinical ones
+too: ROC AUC, sensitivity, specificity, F1; regression MAE, R2). With per-client files (the
+template's path names ``{client}``) every client method runs on the clients' own files; the
+centralized baseline, which needs every row at one party, is left out.
 """
 
 from __future__ import annotations
@@ -31,6 +35,16 @@ __all__ = ["METHODS", "DEFAULT_METHODS", "method_plan", "centralized_plan", "run
 
 METHODS = ("sequential", "splitfed_v1", "splitfed_v2", "independent", "fedavg", "large_batch", "centralized")
 DEFAULT_METHODS = ("sequential", "splitfed_v2", "fedavg", "large_batch", "centralized")
+FIGURES = {"roc_auc": "AUC", "sensitivity": "sensitivity", "specificity": "specificity", "f1": "F1", "mae": "MAE",
+           "r2": "R2"}  # the test figures a row shows beside accuracy, as test_<name> in a result
+DEFAULT_CLIENTS = 10
+
+
+def _own_files(plan: Plan) -> bool:
+    """Whether each client reads its own file (the template's data path names ``{client}``)."""
+    from ..clients.roles import per_client
+
+    return plan.clients is not None and per_client(plan)
 
 
 def _template(plan: Plan) -> str:
@@ -46,13 +60,22 @@ def _template(plan: Plan) -> str:
 def centralized_plan(plan: Plan) -> Plan:
     """Every segment at the template party: the unsplit model, trained by one party."""
     t = _template(plan)
+    if _own_files(plan):
+        raise PlanError("the centralized baseline needs every row at one party, but each client reads its own file "
+                        f"({plan.parties[t].data.path})", entry=f"parties.{t}.data.path",
+                        hint="leave centralized out of the methods, or give the plan one shared dataset")
+    return _one_party(plan).replace(clients=None)
+
+
+def _one_party(plan: Plan) -> Plan:
+    """Every segment at the template party (keeping ``[clients]``: the clients' own files stay theirs)."""
+    t = _template(plan)
     data_elsewhere = [p for p, s in plan.parties.items() if p != t and s.holds]
     if data_elsewhere:
         raise PlanError(f"parties {data_elsewhere} hold data too: only the template party may hold data to "
                         "compare against unsplit baselines", entry=f"parties.{data_elsewhere[0]}.holds")
     segments = {k: s.model_copy(update={"party": t}) for k, s in plan.segments.items()}
-    return plan.replace(name=f"{plan.name}-centralized", parties={t: plan.parties[t]}, segments=segments, wires={},
-                        clients=None)
+    return plan.replace(name=f"{plan.name}-centralized", parties={t: plan.parties[t]}, segments=segments, wires={})
 
 
 def method_plan(plan: Plan, method: str, clients: int, partition: dict | None = None) -> Plan:
@@ -65,7 +88,7 @@ def method_plan(plan: Plan, method: str, clients: int, partition: dict | None = 
     if method == "centralized":
         return centralized_plan(plan)
     if method in ("fedavg", "large_batch"):
-        one = centralized_plan(plan)
+        one = _one_party(plan)
         spec.update(schedule="fedavg", federation="federation", local_steps=1 if method == "large_batch" else None)
         return one.replace(name=f"{plan.name}-{method}", clients=ClientsSpec.model_validate(spec))
     spec.update(schedule=method)
@@ -119,14 +142,16 @@ def predict_cost(plan: Plan, method: str, train_rows: int,
 
 
 def _data_shape(plan: Plan) -> tuple[tuple[int, ...], int]:
-    """(shape of one row of the client's first segment input, number of training rows), read once."""
+    """(shape of one row of the client's first segment input, number of training rows), read once
+    (per-client files: the first client's rows' shape, every client's training rows)."""
     from ..run.setup import party_inputs, party_table, splits_for
 
     t = _template(plan)
     seg = next(s for s in plan.segments.values() if s.party == t)
-    table = party_table(plan, t)
-    x = party_inputs(plan, t, table)[seg.inputs[0]]
-    return tuple(x.shape[1:]), len(splits_for(plan, table).train)
+    clients = plan.clients.names() if _own_files(plan) else [None]
+    tables = [party_table(plan, t, client=c) for c in clients]
+    x = party_inputs(plan, t, tables[0])[seg.inputs[0]]
+    return tuple(x.shape[1:]), sum(len(splits_for(plan, table).train) for table in tables)
 
 
 def _train_here(p: Plan, dest: Path) -> dict[str, Any]:
@@ -147,16 +172,31 @@ def _train_shipped(p: Plan) -> tuple[dict[str, Any], dict[str, bytes]]:
         return result, folder_files(Path(tmp))
 
 
-def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None = None, *, out: Path,
+def _clients_of(plan: Plan, clients: int | None) -> int:
+    """How many clients: as asked, else the plan's; with per-client files exactly the plan's."""
+    own = plan.clients.count if plan.clients is not None else None
+    if _own_files(plan) and clients not in (None, own):
+        raise PlanError(f"each client reads its own file ({plan.parties[plan.clients.template].data.path}) and the "
+                        f"plan has {own} clients: compare cannot run {clients}", entry="clients.count",
+                        hint=f"leave the number of clients out (or give {own})")
+    return clients or own or DEFAULT_CLIENTS
+
+
+def run_compare(plan: Plan | str | Path, clients: int | None = None, methods: list[str] | None = None, *, out: Path,
                 partition: dict | None = None, epochs: int | None = None, progress=None,
                 ray: str | None = None) -> dict[str, Any]:
     """Train every method, write ``OUT/METHOD/result.json``, ``OUT/compare.json``, ``OUT/compare.md``
-    and the two pictures; return the table. ``ray``: train the methods as Ray tasks, in parallel as
-    the cluster at that address allows ("local": a cluster on this machine)."""
+    and the two pictures; return the table. ``clients``: None for the plan's count (else 10);
+    ``ray``: train the methods as Ray tasks, in parallel as the cluster at that address allows
+    ("local": a cluster on this machine)."""
     from ..run.onray import TaskFailure, run_tasks, write_files
     from ..run.session import RunError
 
     plan = load_plan(plan).with_train(epochs=epochs)
+    clients = _clients_of(plan, clients)
+    left_out = []
+    if methods is None and _own_files(plan):  # the centralized baseline needs every row at one party
+        methods, left_out = [m for m in DEFAULT_METHODS if m != "centralized"], ["centralized"]
     methods = list(methods or DEFAULT_METHODS)
     for m in methods:
         if m not in METHODS:
@@ -190,17 +230,24 @@ def run_compare(plan: Plan | str | Path, clients: int, methods: list[str] | None
             flops, nbytes = float(next(iter(result["parties"].values()))["flops"]), 0.0
         else:
             flops, nbytes = result["per_client"]["flops"]["mean"], result["per_client"]["bytes"]["mean"]
-        curve = result["metrics"].get("test_accuracy_per_epoch", [])
+        metrics = result["metrics"]
         pred = predict_cost(p, m, train_rows, shape)
         rows.append({"method": m, "clients": 1 if p.clients is None else clients,
                      "per_client_tflops": flops / 1e12, "per_client_gb": nbytes / 1e9,
-                     "accuracy": result["metrics"].get("test_accuracy"), "accuracy_per_epoch": curve,
+                     "accuracy": metrics.get("test_accuracy"),
+                     "accuracy_per_epoch": metrics.get("test_accuracy_per_epoch", []),
+                     **{k: metrics.get(f"test_{k}") for k in FIGURES if metrics.get(f"test_{k}") is not None},
+                     "test_rows": metrics.get("scored", {}).get("rows", metrics.get("test_rows")),
                      "predicted_tflops": pred["flops"] / 1e12 if pred else None,
                      "predicted_gb": pred["bytes"] / 1e9 if pred else None,
                      "skipped": len(result.get("skipped", []))})
+    for k in [k for k in FIGURES if any(k in r for r in rows)]:  # every row the same columns (None: no figure)
+        for r in rows:
+            r.setdefault(k, None)
     table = {"plan": plan.name, "clients": clients, "epochs": plan.train.epochs,
              "partition": partition or (plan.clients.partition.model_dump() if plan.clients else {"kind": "iid"}),
-             "rows": rows}
+             "rows": rows, **({"left_out": {m: "each client reads its own file: no party holds every row"
+                                            for m in left_out}} if left_out else {})}
     from ..run.results import write_json
     from .viz import compare_figures
 
@@ -218,10 +265,15 @@ def partition_text(partition: dict[str, Any]) -> str:
 
 def format_compare(table: dict[str, Any]) -> str:
     """The comparison as a Markdown table."""
+    shown = [k for k in FIGURES if any(r.get(k) is not None for r in table["rows"])]
     lines = [f"# {table['plan']}: {table['clients']} clients, {table['epochs']} epochs, partition "
              f"{partition_text(table['partition'])}", "",
-             "| method | clients | per-client compute | predicted | per-client traffic | predicted | accuracy | skipped |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | clients | per-client compute | predicted | per-client traffic | predicted | accuracy | "
+             + "".join(f"{FIGURES[k]} | " for k in shown) + "test rows | skipped |",
+             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(shown) + "---:|---:|"]
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
 
     def flops(tf: float | None) -> str:
         return human(None if tf is None else tf * 1e12, "FLOPs", missing="n/a")
@@ -230,13 +282,16 @@ def format_compare(table: dict[str, Any]) -> str:
         return human(None if gb is None else gb * 1e9, "B", missing="n/a")
 
     for r in table["rows"]:
-        acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
         lines.append(f"| {r['method']} | {r['clients']} | {flops(r['per_client_tflops'])} | "
                      f"{flops(r['predicted_tflops'])} | {nbytes(r['per_client_gb'])} | {nbytes(r['predicted_gb'])} "
-                     f"| {acc} | {r['skipped']} |")
+                     f"| {num(r.get('accuracy'))} | " + "".join(f"{num(r.get(k))} | " for k in shown)
+                     + f"{r.get('test_rows') if r.get('test_rows') is not None else 'n/a'} | {r['skipped']} |")
     lines += ["", "Per-client figures are means over the clients of what each metered in training (activations, "
               "gradients, labels, weights, commands; evaluation traffic apart); centralized is the one party's "
               "work, its evaluation included. Predicted: the cost model from shapes alone (activations, gradients, "
-              "weights and the labels a client shares; no commands or framing)."]
+              "weights and the labels a client shares; no commands or framing). Test figures are pooled over every "
+              "client's test rows (test rows: how many were scored)."]
+    for m, why in table.get("left_out", {}).items():
+        lines.append(f"{m} was not run: {why}.")
     return "\n".join(lines) + "\n"
 

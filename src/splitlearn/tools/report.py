@@ -3,7 +3,9 @@
 Everything is in the file (pictures as inline PNG, the style inline, no script or font from
 anywhere), so it opens offline and can be mailed: the topology, the curves of every metric,
 per-party bytes, FLOPs, compute and wait, each wire with what it carries, its codecs and
-defenses, the privacy spent, the audit's figures and pictures when ``RUN_DIR/audit`` exists,
+defenses, the privacy spent, the test figures with their rows and 95 % intervals, the last
+evaluation's confusion matrix, ROC curve and reliability diagram (regression: predicted against
+observed, residuals), the audit's figures and pictures when ``RUN_DIR/audit`` exists,
 and for a ``compare`` folder its table and the accuracy-vs-computation picture.
 """
 
@@ -84,6 +86,86 @@ def _curves(metrics: dict[str, Any]) -> bytes | None:
     return _figure(draw, 4.0 * cols, 2.8 * rows)
 
 
+def _class_names(result: dict[str, Any], k: int) -> list[str]:
+    """The label holder's class names (recorded when its labels were text), else 0..k-1."""
+    for party in result.get("parties", {}).values():
+        for entry in ((party.get("data") or {}).get("schema") or {}).values():
+            names = entry.get("classes") if isinstance(entry, dict) else None
+            if isinstance(names, list) and len(names) == k:
+                return [str(n) for n in names]
+    return [str(i) for i in range(k)]
+
+
+def _clinical(result: dict[str, Any]) -> bytes | None:
+    """The last evaluation as a clinician reads it: confusion matrix, ROC curve (binary) and reliability
+    diagram for classification; predicted against observed and residuals for regression."""
+    c = result.get("metrics", {}).get("curves")
+    if not isinstance(c, dict):
+        return None
+    if "observed" in c:
+        obs, pred = c["observed"], c["predicted"]
+        if not obs:
+            return None
+
+        def draw_regression(fig) -> None:
+            ax = fig.add_subplot(1, 2, 1)
+            ax.scatter(obs, pred, s=8, alpha=0.6)
+            lo, hi = min(min(obs), min(pred)), max(max(obs), max(pred))
+            ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1)
+            ax.set_xlabel("observed")
+            ax.set_ylabel("predicted")
+            ax.set_title("predicted against observed", fontsize=10)
+            ax = fig.add_subplot(1, 2, 2)
+            ax.scatter(pred, [o - p for o, p in zip(obs, pred)], s=8, alpha=0.6)
+            ax.axhline(0, color="grey", linewidth=1)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("observed - predicted")
+            ax.set_title("residuals", fontsize=10)
+            for a in fig.axes:
+                a.grid(alpha=0.3)
+
+        return _figure(draw_regression, 9.0, 3.6)
+    matrix = c.get("confusion")
+    if not matrix:
+        return None
+    names = _class_names(result, len(matrix))
+    panels = 2 + ("roc" in c)
+
+    def draw_classification(fig) -> None:
+        ax = fig.add_subplot(1, panels, 1)
+        ax.imshow(matrix, cmap="Blues")
+        top = max(max(row) for row in matrix) or 1
+        for i, row in enumerate(matrix):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > top / 2 else "black")
+        ticks = range(len(names))
+        ax.set_xticks(list(ticks), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(list(ticks), names, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title("confusion matrix", fontsize=10)
+        at = 2
+        if "roc" in c:
+            ax = fig.add_subplot(1, panels, at)
+            ax.plot(c["roc"]["fpr"], c["roc"]["tpr"])
+            ax.plot([0, 1], [0, 1], color="grey", linewidth=1, linestyle="--")
+            ax.set_xlabel(f"1 - specificity (positive: {names[1]})")
+            ax.set_ylabel("sensitivity")
+            ax.set_title("ROC curve", fontsize=10)
+            ax.grid(alpha=0.3)
+            at += 1
+        cal = c.get("calibration") or {}
+        ax = fig.add_subplot(1, panels, at)
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=1, linestyle="--")
+        ax.plot(cal.get("confidence", []), cal.get("accuracy", []), marker="o")
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title("calibration (reliability)", fontsize=10)
+        ax.grid(alpha=0.3)
+
+    return _figure(draw_classification, 3.6 * panels, 3.4)
+
+
 def _topology(run_dir: Path) -> bytes | None:
     """The run's picture from its plan.json (parsed only: no factory of the plan is run)."""
     from ..core.graph import build_graph
@@ -97,7 +179,7 @@ def _topology(run_dir: Path) -> bytes | None:
 
 
 def _defenses(spec: dict[str, Any]) -> str:
-    keys = [k for k in spec if k not in ("codec", "grad_codec", "allow_nonfinite", "max_abs")
+    keys = [k for k in spec if k not in ("codec", "grad_codec", "allow_nonfinite", "max_abs", "max_jump")
             and spec[k] not in (None, 0, 0.0, {}, False)]
     return ", ".join(f"{k} {json.dumps(spec[k])}" for k in keys) or "none"
 
@@ -161,10 +243,18 @@ def _run_body(run_dir: Path, result: dict[str, Any]) -> str:
     e = html.escape
     parts.append(f"<p>{e(_fmt(result.get('epochs')))} epochs, seed {e(_fmt(result.get('seed')))}, transport "
                  f"{e(str(result.get('transport', '-')))}</p>")
-    final = [(k.removeprefix("test_").replace("_", " "), v) for k, v in m.items()
+    final = [(k.removeprefix("test_").replace("_", " "), v, (m.get("ci95") or {}).get(k)) for k, v in m.items()
              if k.startswith("test_") and isinstance(v, float)]
     if final:
-        parts.append("<h2>Results on the test rows</h2>" + _table([k for k, _ in final], [[v for _, v in final]]))
+        rows = f" ({m['test_rows']} rows)" if m.get("test_rows") else ""
+        parts.append(f"<h2>Results on the test rows{html.escape(rows)}</h2>"
+                     + _table(["", *(k for k, _, _ in final)],
+                              [["value", *(v for _, v, _ in final)],
+                               ["95 % interval", *(f"{ci[0]:.4g} - {ci[1]:.4g}" if ci else "-" for _, _, ci in final)]]))
+    clinical = _clinical(result)
+    if clinical:
+        parts.append("<h2>The last evaluation</h2>" + _img(clinical, "confusion matrix, ROC curve and calibration, "
+                                                            "or predicted against observed and residuals"))
     for task, t in m.get("tasks", {}).items():
         parts.append(f"<p>task <b>{html.escape(str(task))}</b> at {html.escape(str(t.get('party')))}: test accuracy "
                      f"{html.escape(_fmt(t.get('test_accuracy')))}</p>")
@@ -200,6 +290,14 @@ def _run_body(run_dir: Path, result: dict[str, Any]) -> str:
         parts.append(f"<h2>Clients</h2><p>{html.escape(_fmt(s.get('clients')))} clients, schedule "
                      f"{html.escape(str(s.get('kind')))}, "
                      f"partition {html.escape(json.dumps(s.get('partition')))}</p>")
+        sites = m.get("per_client", {})
+        if m.get("scored") and sites:  # the headline is pooled over these sites' test rows; each on its own
+            names = [k for k in ("test_accuracy", "test_roc_auc", "test_sensitivity", "test_specificity", "test_f1",
+                                 "test_mae", "test_r2") if any(k in e for e in sites.values())]
+            parts.append(f"<p>Test figures above: pooled over {html.escape(_fmt(m['scored'].get('rows')))} test rows "
+                         f"of {len(sites)} clients. Per client:</p>"
+                         + _table(["client", "rows", *(k.removeprefix("test_") for k in names)],
+                                  [[c, e.get("rows"), *(e.get(k) for k in names)] for c, e in sites.items()]))
         if result.get("skipped"):
             parts.append(_table(["round", "client", "during", "reason"],
                                 [[x["round"], x["client"], x["during"], x["reason"]] for x in result["skipped"][:50]]))

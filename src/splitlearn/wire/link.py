@@ -14,7 +14,8 @@ __all__ = ["Link"]
 
 log = logging.getLogger("splitlearn.wire.link")
 
-_DIRECTION = {Kind.ACTIVATION: "forward", Kind.GRADIENT: "backward", Kind.WEIGHTS: "weights"}
+_DIRECTION = {Kind.ACTIVATION: "forward", Kind.GRADIENT: "backward", Kind.WEIGHTS: "weights",
+              Kind.CREDIT: "credit"}  # credits: flow control (core/flow.py), metered like every message
 MAX_KEPT = 100
 MAX_REASON = 600  # characters of a refusal kept, logged and sent back
 

@@ -48,7 +48,7 @@ class Limits:
     json_depth: int = 32
     early_messages: int = 64
     early_bytes: int = MAX_MESSAGE_BYTES
-    early_steps: int = 64  # how far ahead of this party a message may be (a sender of eval steps never waits)
+    early_steps: int = 64  # how far ahead of this party a message may be (flow control keeps honest ones within half)
     max_dims: int = 16  # dimensions of a tensor's shape
 
 
@@ -93,6 +93,7 @@ class Kind(enum.IntEnum):
     STOP = pb.STOP
     ERROR = pb.ERROR
     ALIGN = pb.ALIGN
+    CREDIT = pb.CREDIT  # flow control (core/flow.py): the sender finished a step
 
 
 @dataclass

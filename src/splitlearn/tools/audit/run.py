@@ -155,34 +155,64 @@ class RunFolder:
         return cls(folder, plan, build_graph(plan), result, observed, per_client)
 
     def setup(self, party: str):
+        """The party as it trained: its data, restricted to the ids every party holds when the run aligned
+        them privately (the audit, like ``predict``, has every party's data at hand)."""
         from ...run.setup import setup_party
 
         if party not in self._setups:
-            self._setups[party] = setup_party(self.plan, party, self._cache)
+            s = setup_party(self.plan, party, self._cache)
+            common = self.aligned_ids()
+            if s.table is not None and common is not None and len(common) != len(s.splits.ids):
+                s.restrict(common)
+            self._setups[party] = s
         return self._setups[party]
 
-    def rows(self, party: str, node: str, ids: torch.Tensor) -> torch.Tensor:
-        """``node``'s values (a field of ``party``'s data) for the given sample ids."""
-        s = self.setup(party)
-        known = s.splits.ids
-        pos = np.searchsorted(known, ids.numpy())
-        pos = np.clip(pos, 0, len(known) - 1)
-        if not np.array_equal(known[pos], ids.numpy()):
-            raise AuditError(f"party {party!r} holds no rows for some recorded ids: was the run made on other data?")
-        return s.inputs[node][torch.from_numpy(pos)]
+    def aligned_ids(self) -> np.ndarray | None:
+        """The sorted sample ids the run trained on (None before any party with data is read)."""
+        from ...run.setup import setup_party
+
+        if "_ids" not in self._cache:
+            holders = [p for p in self.plan.parties if self.plan.parties[p].holds]
+            ids = None
+            for p in holders:
+                own = setup_party(self.plan, p, self._cache, optimizer=False).splits.ids
+                ids = own if ids is None else np.intersect1d(ids, own)
+                if self.plan.data.align == "exact":
+                    break
+            self._cache["_ids"] = ids
+        return self._cache["_ids"]
+
+    def rows(self, party: str, node: str, positions: torch.Tensor) -> torch.Tensor:
+        """``node``'s values (a field of ``party``'s data) at the given positions in the run's sorted ids."""
+        return self.setup(party).inputs[node][positions]
 
     def seen(self, party: str, wire: str, direction: str, part: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What ``party`` received on ``wire``: (positions in the run's sorted ids, values). A party with
+        integer ids recorded the ids; a party without data, or with string ids, positions."""
         obs = self.observed.get(party, {})
         key = f"{wire}|{direction}|{part}"
         if f"{key}|values" not in obs:
             return None
-        if f"{key}|ids" not in obs and f"{key}|positions" in obs:  # recorded by a party without data
-            holder = next(p for p in self.plan.parties if self.plan.parties[p].holds)
-            known = self.setup(holder).splits.ids
-            if known.dtype.kind not in "iu":
-                raise AuditError("the audit needs integer sample ids; this run's ids are strings")
-            return torch.from_numpy(known[obs[f"{key}|positions"].numpy()]), obs[f"{key}|values"]
-        return obs[f"{key}|ids"], obs[f"{key}|values"]
+        known = self.aligned_ids()
+        if f"{key}|positions" in obs:
+            pos = obs[f"{key}|positions"].long()
+            if len(pos) and (int(pos.min()) < 0 or int(pos.max()) >= len(known)):
+                raise AuditError(f"what {party!r} recorded names rows beyond the {len(known)} the run trained on: "
+                                 "was the run made on other data?")
+            if not self.plan.parties[party].holds:  # a party without data counts rows in schedule order:
+                holder = next(p for p in self.plan.parties if self.plan.parties[p].holds)  # training rows, then test
+                splits = self.setup(holder).splits
+                pos = torch.from_numpy(np.concatenate([splits.train, splits.test]))[pos]
+            return pos, obs[f"{key}|values"]
+        ids = obs[f"{key}|ids"].numpy()
+        if known.dtype.kind not in "iu":
+            raise AuditError(f"{party!r} recorded integer ids, but the data's ids are strings: was the run made on "
+                             "other data?")
+        pos = np.clip(np.searchsorted(known, ids), 0, max(len(known) - 1, 0))
+        if not np.array_equal(known[pos], ids):
+            raise AuditError(f"the data holds no rows for some ids {party!r} recorded (first: "
+                             f"{ids[known[pos] != ids][:5].tolist()}): was the run made on other data?")
+        return torch.from_numpy(pos), obs[f"{key}|values"]
 
 
 def _merged(views) -> dict[str, dict[str, torch.Tensor]]:

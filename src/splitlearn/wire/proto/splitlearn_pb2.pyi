@@ -20,6 +20,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP: _ClassVar[Kind]
     ERROR: _ClassVar[Kind]
     ALIGN: _ClassVar[Kind]
+    CREDIT: _ClassVar[Kind]
 KIND_UNSPECIFIED: Kind
 HELLO: Kind
 STEP: Kind
@@ -31,6 +32,7 @@ ACK: Kind
 STOP: Kind
 ERROR: Kind
 ALIGN: Kind
+CREDIT: Kind
 
 class Tensor(_message.Message):
     __slots__ = ("name", "dtype", "shape", "codec", "data", "extra")

@@ -3,6 +3,8 @@
 A transport knows who it is (``party``), sends a buffer to a party, and receives the next
 buffer addressed to it together with the *authenticated* name of the party that sent it
 (the in-process hub knows the caller; gRPC takes it from the peer's TLS certificate).
+It also says, without waiting, whether a peer's stream is up (``is_connected``) and since when
+it is down (``broken_since``), so a user need not wait for a peer that is still there.
 Message parsing, checks and accounting live above it, in :class:`splitlearn.wire.link.Link`.
 """
 
@@ -43,6 +45,23 @@ class Transport(ABC):
     @abstractmethod
     def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
         """The next buffer for this party and the authenticated sender's name."""
+
+    def is_connected(self, peer: str) -> bool:
+        """Whether ``peer``'s stream is up now; never waits. False before it first connects, while
+        its stream is broken (it may come back within ``reconnect_timeout``), after it left and after
+        ``close()``. Raises TransportError for a party this transport has no link to. A transport
+        that cannot tell (the default) says every peer is connected."""
+        return self.broken_since(peer) is None
+
+    def broken_since(self, peer: str) -> float | None:
+        """``time.monotonic()`` when ``peer``'s stream last ended (broken, closed, or this transport
+        closed) and has not come back since; None while it is up, and before it first connects."""
+        return None
+
+    def restarts(self, peer: str) -> int:
+        """How many times ``peer`` came back as a new process (another incarnation) since this
+        transport first heard from it; never waits. 0 for a transport that cannot tell (the default)."""
+        return 0
 
     def close(self) -> None:
         """Release connections; later calls raise TransportClosed."""

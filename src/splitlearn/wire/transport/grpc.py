@@ -28,7 +28,9 @@ the sender knows it + the last seq it received from that incarnation, so both si
 go on (a count meant for an earlier process of the receiver acknowledges nothing). A peer that
 does not come back within the timeout is lost (:class:`TransportClosed`, naming it); one that
 comes back as a new process (another incarnation) starts its streams from scratch and is
-reported as :class:`PeerRestarted`.
+reported as :class:`PeerRestarted`. One thread per dialed peer dials and dials again; at most
+one per peer waits for it to come back (a reconnect flood cannot pile threads up).
+``is_connected(peer)`` and ``broken_since(peer)`` say where a peer stands without waiting.
 """
 
 from __future__ import annotations
@@ -83,10 +85,13 @@ class _Peer:
         self.unacked_bytes = 0
         self.received = 0  # last seq delivered from the peer
         self.incarnation: bytes | None = None  # the peer's, from its first SYNC
-        self.lost_at: float | None = None  # when its stream broke (None: connected, or never)
+        self.lost_at: float | None = None  # when its stream broke and may come back (None: connected, or never)
         self.lost_why = ""
+        self.down_at: float | None = None  # when its stream last ended, broken or closed (None: up, or never)
         self.synced = False  # its SYNC came on the current stream: frames may go out
         self.gone = False  # it did not come back in time
+        self.waiting = False  # a thread waits for it to come back (one at most: see _await_return)
+        self.restarts = 0  # times it came back with another incarnation (a new process)
 
     def ack(self, upto: int) -> None:
         while self.unacked and self.unacked[0][0] <= upto:
@@ -131,6 +136,7 @@ class GrpcTransport(Transport):
         self._space = threading.Condition()  # a peer's buffers waiting in the inbox are bounded (see _pump)
         self._queued: dict[str, int] = {}  # peer -> bytes of its buffers in the inbox
         self._closed = threading.Event()
+        self._closed_at: float | None = None  # when close() began
         self._server: grpc.Server | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._started = False
@@ -239,6 +245,7 @@ class GrpcTransport(Transport):
             st = self._peers[peer]
             if st.incarnation is not None and st.incarnation != incarnation:  # a new process: from scratch
                 restarted = True
+                st.restarts += 1
                 st.sent = st.received = st.unacked_bytes = 0
                 st.unacked.clear()
                 upto = 0
@@ -246,47 +253,59 @@ class GrpcTransport(Transport):
             st.ack(upto)
             for _, frame in st.unacked:
                 out.put(frame)
-            st.synced, st.lost_at = True, None
-            self._cond.notify_all()
+            st.synced, st.lost_at, st.down_at = True, None, None
+            self._cond.notify_all()  # wakes the thread waiting for it to come back
         if restarted:
             log.warning("%s: %s came back as a new process", self.party, peer)
             self._inbox.put(_Lost(peer, f"{peer} restarted (a new process): the session with it begins again",
                                   restarted=True))
 
-    def _detach(self, peer: str, out: queue.Queue, reason: str, clean: bool) -> None:
+    def _detach(self, peer: str, out: queue.Queue, reason: str, clean: bool) -> bool:
+        """The stream ``out`` to ``peer`` ended. True if the peer may come back (a dialer dials again)."""
         out.put(_END)
+        back = False
         with self._cond:
             if self._out.get(peer) is not out:
-                return
+                return False
             del self._out[peer]
+            st = self._peers.get(peer)
+            if st is not None:
+                st.synced, st.down_at = False, time.monotonic()
             self._cond.notify_all()
             if self._closed.is_set():
-                return
-            st = self._peers.get(peer)
+                return False
             if not clean and self.reconnect_timeout > 0 and st is not None:  # it may come back
-                st.synced, st.lost_at, st.lost_why = False, time.monotonic(), reason
-                lost_at = st.lost_at
-                threading.Thread(target=self._await_return, args=(peer, lost_at), name=f"sl-await-{peer}",
-                                 daemon=True).start()
-                if peer in self.dial:
-                    threading.Thread(target=self._dial, args=(peer, self.dial[peer], self.reconnect_timeout),
-                                     name=f"sl-redial-{peer}", daemon=True).start()
+                st.lost_at, st.lost_why, back = st.down_at, reason, True
+                if not st.waiting:  # else the thread waiting already takes the new deadline
+                    st.waiting = True
+                    threading.Thread(target=self._await_return, args=(peer,), name=f"sl-await-{peer}",
+                                     daemon=True).start()
             elif not clean or not self._out:
                 self._inbox.put(_Lost(peer, reason))
         log.log(logging.INFO if clean else logging.WARNING, "%s: connection to %s ended: %s", self.party, peer, reason)
+        return back
 
-    def _await_return(self, peer: str, lost_at: float) -> None:
-        """A peer whose stream broke has ``reconnect_timeout`` seconds to come back."""
-        self._closed.wait(self.reconnect_timeout)
+    def _await_return(self, peer: str) -> None:
+        """A peer whose stream broke has ``reconnect_timeout`` seconds from its last break to come
+        back (its SYNC on a new stream). One such thread per peer: it ends as soon as the peer is back
+        and follows each new break's deadline, so a reconnect flood cannot pile threads up."""
         with self._cond:
             st = self._peers[peer]
-            if self._closed.is_set() or st.lost_at != lost_at:
-                return  # closing, or it came back (and may have broken again: that break has its own wait)
-            st.gone = True
-            self._inbox.put(_Lost(peer, f"{st.lost_why}; it did not come back within {self.reconnect_timeout:g} s"))
+            try:
+                while not self._closed.is_set() and st.lost_at is not None:
+                    left = st.lost_at + self.reconnect_timeout - time.monotonic()
+                    if left <= 0:
+                        st.gone = True
+                        self._inbox.put(_Lost(peer, f"{st.lost_why}; it did not come back within "
+                                                    f"{self.reconnect_timeout:g} s"))
+                        return
+                    self._cond.wait(left)  # woken by its return (_synced), a new break and close
+            finally:
+                st.waiting = False
 
-    def _pump(self, peer: str, out: queue.Queue, incoming: Iterator[bytes]) -> None:
-        """Move the peer's buffers to the inbox until its goodbye or the end of its stream."""
+    def _pump(self, peer: str, out: queue.Queue, incoming: Iterator[bytes]) -> bool:
+        """Move the peer's buffers to the inbox until its goodbye or the end of its stream; True if
+        the peer may come back (see :meth:`_detach`)."""
         try:
             synced = False
             for data in incoming:
@@ -312,6 +331,8 @@ class GrpcTransport(Transport):
                     continue  # sent again after a reconnection: we have it
                 if seq != st.received + 1:
                     raise TransportError(f"frame {seq} after frame {st.received}: frames were lost")
+                if self._closed.is_set():  # nobody reads the inbox any more: a frame kept now is only memory
+                    return self._detach(peer, out, "this party closed", clean=True)
                 payload = memoryview(data)[9:]  # no copy: protobuf parses the view
                 with self._space:  # a peer sending faster than this party reads waits (gRPC flow control)
                     while self._queued.get(peer, 0) and self._queued[peer] + len(payload) > self.hard_limit \
@@ -329,7 +350,7 @@ class GrpcTransport(Transport):
         reason = (f"the stream from {peer} broke ({reason}); the peer's process may have stopped, the link dropped, "
                   f"or a message exceeded the transport's hard limit of {self.hard_limit} bytes (twice "
                   f"max_message_bytes, --max-message-mb, and a MiB)")
-        self._detach(peer, out, reason, clean=False)
+        return self._detach(peer, out, reason, clean=False)
 
     @staticmethod
     def _drain(out: queue.Queue) -> Iterator[bytes]:
@@ -354,47 +375,59 @@ class GrpcTransport(Transport):
         threading.Thread(target=self._pump, args=(peer, out, requests), name=f"sl-recv-{peer}", daemon=True).start()
         yield from self._drain(out)
 
-    def _dial(self, peer: str, addr: str, timeout: float | None = None) -> None:
-        """Client side: connect to ``peer`` with backoff until ``connect_timeout`` (a redial:
-        ``timeout``), then stream."""
-        channel = self._channels[peer]
-        connect = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
-        deadline, delay = time.monotonic() + (self.connect_timeout if timeout is None else timeout), 0.05
-        ready = grpc.channel_ready_future(channel)  # one subscription: gRPC's poller races with close otherwise
-        while not self._closed.is_set() and (left := deadline - time.monotonic()) > 0:
-            try:
-                ready.result(timeout=min(left / 2, 1.0))
-            except grpc.FutureTimeoutError:
-                pass  # open the stream anyway: its error says why the channel is not ready
-            out: queue.Queue = queue.Queue()
-            try:
-                call = connect(self._drain(out), metadata=((PARTY_HEADER, self.party),))
-            except ValueError:  # the channel was closed: this transport is closing
-                break
-            timer = threading.Timer(max(deadline - time.monotonic(), 0.1), call.cancel)
-            timer.start()
-            try:
-                header = dict(call.initial_metadata() or ()).get(PARTY_HEADER)
-            finally:
-                timer.cancel()
-            if header == peer:
-                if self._attach(peer, out):
-                    ready.cancel()
-                    return self._pump(peer, out, call)
-                call.cancel()  # closing meanwhile
-                break
-            call.cancel()
-            out.put(_END)
-            self._problem[peer] = (f"{addr} is party {header!r}, not {peer!r}" if header
-                                   else f"cannot open a stream to {addr}: {_why(call)}")
-            log.debug("%s: dialing %s: %s", self.party, peer, self._problem[peer])
-            self._closed.wait(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(2 * delay, 2.0)
-        ready.cancel()
+    def _dial(self, peer: str, addr: str) -> None:
+        """Client side, one thread per dialed peer: connect with backoff until ``connect_timeout``,
+        stream, and after a break dial again until ``reconnect_timeout`` after it."""
+        deadline, first = time.monotonic() + self.connect_timeout, True
+        while (stream := self._open(peer, addr, deadline)) is not None:
+            first = False
+            if not self._pump(peer, *stream):
+                return  # a goodbye, closing, or no reconnection
+            with self._cond:
+                deadline = (self._peers[peer].lost_at or time.monotonic()) + self.reconnect_timeout
         with self._cond:
-            if timeout is None:  # a redial that gives up is reported by _await_return
+            if first:  # a redial that gives up is reported by _await_return
                 self._failed[peer] = self._problem.get(peer, "transport closed")
             self._cond.notify_all()
+
+    def _open(self, peer: str, addr: str, deadline: float) -> tuple[queue.Queue, grpc.Call] | None:
+        """A stream to ``peer``, attached (its outgoing queue and the call), or None by ``deadline``."""
+        channel = self._channels[peer]
+        connect = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
+        delay = 0.05
+        ready = grpc.channel_ready_future(channel)  # one subscription: gRPC's poller races with close otherwise
+        try:
+            while not self._closed.is_set() and (left := deadline - time.monotonic()) > 0:
+                try:
+                    ready.result(timeout=min(left / 2, 1.0))
+                except grpc.FutureTimeoutError:
+                    pass  # open the stream anyway: its error says why the channel is not ready
+                out: queue.Queue = queue.Queue()
+                try:
+                    call = connect(self._drain(out), metadata=((PARTY_HEADER, self.party),))
+                except ValueError:  # the channel was closed: this transport is closing
+                    return None
+                timer = threading.Timer(max(deadline - time.monotonic(), 0.1), call.cancel)
+                timer.start()
+                try:
+                    header = dict(call.initial_metadata() or ()).get(PARTY_HEADER)
+                finally:
+                    timer.cancel()
+                if header == peer:
+                    if self._attach(peer, out):
+                        return out, call
+                    call.cancel()  # closing meanwhile
+                    return None
+                call.cancel()
+                out.put(_END)
+                self._problem[peer] = (f"{addr} is party {header!r}, not {peer!r}" if header
+                                       else f"cannot open a stream to {addr}: {_why(call)}")
+                log.debug("%s: dialing %s: %s", self.party, peer, self._problem[peer])
+                self._closed.wait(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(2 * delay, 2.0)
+            return None
+        finally:
+            ready.cancel()
 
     # -- the Transport interface -----------------------------------------------------------------
     def send(self, dst: str, data: bytes) -> None:
@@ -447,6 +480,37 @@ class GrpcTransport(Transport):
                     self._space.notify_all()
             return item
 
+    def is_connected(self, peer: str) -> bool:
+        """Whether ``peer``'s stream is up: connected and its SYNC received (see :class:`Transport`)."""
+        if peer == self.party:
+            return not self._closed.is_set()
+        self._known(peer)
+        with self._cond:
+            st = self._peers.get(peer)
+            return not self._closed.is_set() and peer in self._out and st is not None and st.synced
+
+    def broken_since(self, peer: str) -> float | None:
+        """When ``peer``'s stream last ended and has not come back (its SYNC on a new stream);
+        after ``close()``, at the latest when this transport closed (see :class:`Transport`)."""
+        if peer != self.party:
+            self._known(peer)
+        with self._cond:
+            st = self._peers.get(peer)
+            down = st.down_at if st is not None else None
+            return self._closed_at if down is None else down
+
+    def restarts(self, peer: str) -> int:
+        """Times ``peer`` came back as a new process: its SYNC named another incarnation (see :class:`Transport`)."""
+        self._known(peer)
+        with self._cond:
+            st = self._peers.get(peer)
+            return st.restarts if st is not None else 0
+
+    def _known(self, peer: str) -> None:
+        if peer not in self.dial and peer not in self.accept:
+            raise TransportError(f"{self.party}: no link to party {peer!r} (peers: "
+                                 f"{sorted(set(self.dial) | self.accept)})")
+
     def close(self, grace: float = 0.5) -> None:
         """Finish every stream (flushing what was sent, up to ``grace`` s), stop the server;
         pending and later ``recv`` calls raise TransportClosed."""
@@ -457,6 +521,8 @@ class GrpcTransport(Transport):
             while any(not self._peers[p].synced for p in self._out) and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
             self._closed.set()
+            self._closed_at = time.monotonic()
+            self._cond.notify_all()  # the threads waiting for a peer to come back end
             for out in self._out.values():
                 out.put(_BYE)
                 out.put(_END)

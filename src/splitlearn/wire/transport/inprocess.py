@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 from .base import Transport, TransportClosed, TransportError, TransportTimeout
 
@@ -18,6 +19,8 @@ class InProcessHub:
     def __init__(self, parties: list[str]):
         self._queues: dict[str, queue.Queue] = {p: queue.Queue() for p in parties}
         self._closed = threading.Event()
+        self._left: dict[str, float] = {}  # party -> when it closed its end (time.monotonic())
+        self._closed_at: float | None = None
 
     def transport(self, party: str) -> "InProcessTransport":
         if party not in self._queues:
@@ -26,6 +29,7 @@ class InProcessHub:
 
     def close(self) -> None:
         """Stop every party: their pending and later ``recv`` calls raise TransportClosed."""
+        self._closed_at = self._closed_at or time.monotonic()
         self._closed.set()
         for q in self._queues.values():
             q.put(_CLOSED)
@@ -44,7 +48,14 @@ class InProcessTransport(Transport):
 
     def close(self) -> None:
         """This party's end only: its pending and later ``recv`` calls raise TransportClosed."""
+        self.hub._left.setdefault(self.party, time.monotonic())
         self.hub._queues[self.party].put(_CLOSED)
+
+    def broken_since(self, peer: str) -> float | None:
+        """When ``peer`` closed its end, or the hub was closed; None while both are open."""
+        if peer not in self.hub._queues:
+            raise TransportError(f"no party {peer!r} in this hub")
+        return self.hub._left.get(peer, self.hub._closed_at)
 
     def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
         try:

@@ -102,5 +102,11 @@ class _View(Transport):
         peer, data = self.switch._recv(self.kind, timeout, self.peers, self.defer)
         return self._in.get(peer, peer), data
 
+    def is_connected(self, peer: str) -> bool:
+        return self.switch.inner.is_connected(self._out.get(peer, peer))
+
+    def broken_since(self, peer: str) -> float | None:
+        return self.switch.inner.broken_since(self._out.get(peer, peer))
+
     def close(self) -> None:  # the connection outlives a view
         pass

@@ -1,0 +1,143 @@
+"""The space of plans that ``inspect`` accepts, as a hypothesis strategy, and the checks every drawn plan
+must pass (tests/test_plan_space.py draws from it).
+
+A drawn :class:`Study` says: the task (binary or multi-class classification, regression), 1 to 3 feature
+parties holding column ranges, where the labels are (at a feature party, at the server, at a label-only
+registry), the configuration (vanilla, U-shaped, multi-hop with 1 to 3 relays, multi-task), where the
+rows come from (the embedded dataset, or each party's own CSV with string ids, shuffled rows and missing
+patients aligned by PSI) and the pipeline (1 or 2 micro-batches). :func:`build` writes its plan and files.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from hypothesis import strategies as st
+
+TASKS = {  # embedded dataset, feature columns, head width, loss kind
+    "binary": ("breast_cancer", 30, 2, "cross_entropy"),
+    "multiclass": ("wine", 13, 3, "cross_entropy"),
+    "regression": ("diabetes", 10, 1, "mse"),
+}
+NAMES = {"binary": ["benign", "malignant"], "multiclass": ["barolo", "grignolino", "barbera"]}
+
+
+@dataclass(frozen=True)
+class Study:
+    task: str
+    features: int  # feature parties
+    labels: str  # "feature" (site_0), "server", "registry"
+    shape: str  # "vanilla", "u_shaped", "multi_hop", "multi_task"
+    hops: int  # relays between site_0 and the server (multi_hop)
+    files: bool  # each party's own CSV, string ids, missing patients, PSI
+    pipeline: int
+    seed: int
+
+    def __str__(self) -> str:
+        return (f"{self.task} {self.shape}{self.hops if self.shape == 'multi_hop' else ''} features={self.features} "
+                f"labels@{self.labels} {'files+psi' if self.files else 'embedded'} pipeline={self.pipeline}")
+
+
+@st.composite
+def studies(draw) -> Study:
+    task = draw(st.sampled_from(sorted(TASKS)))
+    shape = draw(st.sampled_from(["vanilla", "u_shaped", "multi_hop", "multi_task"]))
+    features = 1 if shape == "multi_hop" else draw(st.integers(1, 3))
+    labels = "feature" if shape == "u_shaped" else draw(st.sampled_from(["feature", "server", "registry"]))
+    hops = draw(st.integers(1, 3)) if shape == "multi_hop" else 0
+    return Study(task, features, labels, shape, hops, draw(st.booleans()), draw(st.sampled_from([1, 2])),
+                 draw(st.integers(0, 3)))
+
+
+def _table(task: str):
+    from splitlearn.data import load_table
+
+    t = load_table(TASKS[task][0])
+    return t.fields["x"], t.fields["y"]
+
+
+def _ranges(width: int, parts: int) -> list[tuple[int, int]]:
+    edges = np.linspace(0, width, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def build(study: Study, folder: Path, exact_ids: bool = False) -> dict:
+    """The plan of ``study`` (files written into ``folder``). ``exact_ids``: the CSVs hold only the ids every
+    party holds, aligned exactly: what the PSI run must equal bit for bit."""
+    dataset, width, out, kind = TASKS[study.task]
+    sites = [f"site_{i}" for i in range(study.features)]
+    holder = {"feature": sites[0], "server": "server", "registry": "registry"}[study.labels]
+    ranges = _ranges(width, study.features)
+    # targets of 25 to 346 (diabetes progression, not standardised) take a small step
+    opt = {"name": "sgd", "lr": 0.05, "momentum": 0.9} if kind != "mse" else {"name": "sgd", "lr": 2e-4}
+    parties: dict[str, dict] = {p: {"holds": {"x": {"field": "x", "columns": list(r)} if not study.files else "x"},
+                                    "optimizer": opt} for p, r in zip(sites, ranges)}
+    parties.setdefault("server", {"optimizer": opt})
+    if study.labels == "registry":
+        parties["registry"] = {"optimizer": opt}
+    parties[holder].setdefault("holds", {})["y"] = "y"
+    plan: dict = {"name": "drawn", "train": {"epochs": 2, "batch_size": 32, "seed": study.seed,
+                                             "pipeline": study.pipeline}, "parties": parties}
+    if study.files:
+        plan["data"] = {"align": "exact" if exact_ids else "psi"}
+        _write_files(study, folder, sites, holder, ranges, exact_ids)
+        for p in [*sites, holder]:
+            parties[p]["data"] = {"dataset": "csv", "path": str(folder / f"{p}.csv"), "id_column": "pid",
+                                  **({"label_column": "target"} if p == holder else {})}
+            if p == holder and study.task in NAMES:
+                parties[p]["data"]["options"] = {"classes": NAMES[study.task]}
+    else:
+        plan["data"] = {"dataset": dataset}
+    networks, segments, losses = {}, {}, {}
+    for p, (a, b) in zip(sites, ranges):
+        networks[f"bottom_{p}"] = {"zoo": "mlp", "args": {"sizes": [b - a, 8], "out_activation": True}}
+        segments[f"bottom_{p}"] = {"party": p, "inputs": [f"{p}.x"], "network": f"bottom_{p}"}
+    merged = [f"bottom_{p}" for p in sites]
+    width_in = 8 * len(sites)
+    if study.shape == "multi_hop":
+        prev = merged[0]
+        for k in range(study.hops):
+            networks[f"relay_{k}"] = {"zoo": "mlp", "args": {"sizes": [8, 8], "out_activation": True}}
+            parties[f"relay_{k}"] = {"optimizer": opt}
+            segments[f"relay_{k}"] = {"party": f"relay_{k}", "inputs": [prev], "network": f"relay_{k}"}
+            prev = f"relay_{k}"
+        merged, width_in = [prev], 8
+    heads = {"task": "server"}
+    if study.shape == "u_shaped":
+        networks["middle"] = {"zoo": "mlp", "args": {"sizes": [width_in, 8], "out_activation": True}}
+        segments["middle"] = {"party": "server", "inputs": merged, "network": "middle"}
+        merged, width_in, heads = ["middle"], 8, {"task": holder}
+    if study.shape == "multi_task":
+        heads = {"task": "server", "second": "server"}
+    for name, party in heads.items():
+        networks[f"head_{name}"] = {"zoo": "mlp", "args": {"sizes": [width_in, out]}}
+        segments[f"head_{name}"] = {"party": party, "inputs": merged, "network": f"head_{name}"}
+        losses[name] = {"input": f"head_{name}", "target": f"{holder}.y", "kind": kind,
+                        "weight": 1.0 if name == "task" else 0.5}
+    plan.update(networks=networks, segments=segments, losses=losses)
+    return plan
+
+
+def _write_files(study: Study, folder: Path, sites: list[str], holder: str, ranges, exact_ids: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y = _table(study.task)
+    n = len(y)
+    rng = np.random.default_rng(study.seed)
+    owners = list(dict.fromkeys([*sites, holder]))
+    missing = {p: set(rng.choice(n, size=n // 25, replace=False).tolist()) for p in owners}
+    everywhere = set(range(n)) - set().union(*missing.values())
+    for p in owners:
+        keep = sorted(everywhere) if exact_ids else [i for i in range(n) if i not in missing[p]]
+        keep = [keep[i] for i in rng.permutation(len(keep))]  # each party its own order
+        cols = ranges[sites.index(p)] if p in sites else (0, 0)
+        with open(folder / f"{p}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["pid", *[f"c{j}" for j in range(*cols)], *(["target"] if p == holder else [])])
+            for i in keep:
+                label = []
+                if p == holder:
+                    label = [NAMES[study.task][int(y[i])] if study.task in NAMES else f"{float(y[i]):.1f}"]
+                w.writerow([f"id-{i:04d}", *[f"{v:.7g}" for v in x[i, cols[0]:cols[1]]], *label])

@@ -1,0 +1,226 @@
+"""Checkpoints a resume can trust: the whole checkpoint is covered by its hash, a peer's word never
+deletes one, what a peer makes a party hold before the handshake is bounded, and a resumed run
+meters the bytes of a run never stopped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+
+import splitlearn
+from splitlearn.core.engine import Party
+from splitlearn.core.load import load_plan
+from splitlearn.core.plan import plan_hash
+from splitlearn.run.checkpoint import Checkpoints
+from splitlearn.wire.codec import Encoded, get_codec
+from splitlearn.run.session import run_party
+from splitlearn.wire.messages import Kind, Limits, encode, hello
+
+from .conftest import EXAMPLES
+from .test_faults import _same_run, _stop_after, _weights
+from .test_hostile_peers import ACT, LABEL, Server
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _stopped_run(tmp_path: Path, example: str = "vanilla", stop: int = 40):
+    """(plan, run a never stopped, run b stopped after ``stop`` steps)."""
+    body = load_plan(EXAMPLES / f"{example}.toml").with_train(epochs=2, checkpoint_every=5)
+    splitlearn.train(body, out=tmp_path / "a")
+    with pytest.raises(Exception, match="stopped"):
+        splitlearn.train(body, out=tmp_path / "b", on_step=_stop_after(stop))
+    return body, tmp_path / "a", tmp_path / "b"
+
+
+def _ck(run: Path, party: str, body) -> Checkpoints:
+    return Checkpoints(run / "parties" / party / "checkpoints", plan_hash=plan_hash(body))
+
+
+def _change_lr(folder: Path) -> None:
+    """One byte of the manifest changed: the learning rate 0.05 becomes 0.95."""
+    f = folder / "manifest.json"
+    text = f.read_bytes()
+    assert text.count(b'"lr": 0.05') >= 1
+    f.write_bytes(text.replace(b'"lr": 0.05', b'"lr": 0.95', 1))
+
+
+def _same_model(a: Path, b: Path) -> None:
+    """The weights and metrics of a run never stopped (a run begun again also sent its resume hellos)."""
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and wa
+    assert max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa) == 0.0
+    ra, rb = (json.loads((r / "result.json").read_text()) for r in (a, b))
+    assert ra["metrics"]["train_loss"] == rb["metrics"]["train_loss"]
+
+
+def _messages(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records)
+
+
+def test_a_changed_manifest_byte_makes_that_checkpoint_unusable_and_the_older_one_is_used(tmp_path, caplog):
+    body, a, b = _stopped_run(tmp_path)
+    ck = _ck(b, "server", body)
+    older, latest = ck.steps()
+    _change_lr(ck.folder / f"step-{latest:09d}")
+    assert ck.steps() == [older]
+    with caplog.at_level(logging.WARNING, logger="splitlearn"):
+        splitlearn.train(body, out=b, resume=True)  # the hospital holds both: they agree on the older
+    _same_run(a, b)  # not 40 away from the run never stopped: the changed learning rate was never used
+    said = _messages(caplog)
+    assert f"step-{latest:09d}: manifest.json does not match its SHA-256 in SHA256SUMS" in said
+    assert f"hospital: resuming after step {older}, the last checkpoint every party holds, not after step " \
+           f"{latest}, this party's last (['server'] do not hold it)" in said
+
+
+def test_changed_checkpoints_everywhere_begin_the_run_again_keeping_them_aside(tmp_path, caplog):
+    body, a, b = _stopped_run(tmp_path)
+    before = {}
+    for party in body.parties:
+        ck = _ck(b, party, body)
+        for step in ck.steps():
+            _change_lr(ck.folder / f"step-{step:09d}")
+        before[party] = {p.relative_to(ck.folder): p.read_bytes() for p in ck.folder.rglob("*") if p.is_file()}
+        assert ck.steps() == []
+    with caplog.at_level(logging.WARNING, logger="splitlearn"):
+        splitlearn.train(body, out=b, resume=True)
+    _same_model(a, b)
+    said = _messages(caplog)
+    for party in body.parties:
+        aside = list((b / "parties" / party).glob("checkpoints.before-*"))
+        assert len(aside) == 1, aside
+        kept = {p.relative_to(aside[0]): p.read_bytes() for p in aside[0].rglob("*") if p.is_file()}
+        assert kept == before[party]  # every byte still on disk
+        assert f"{party}: beginning again from the start; the checkpoints held before were moved to {aside[0]}" in said
+
+
+def test_a_peer_with_nothing_in_common_cannot_make_a_resumed_party_lose_its_checkpoints(tmp_path, caplog):
+    """The hospital comes back with no checkpoint: the server begins again, its own checkpoints moved aside."""
+    body, a, b = _stopped_run(tmp_path)
+    server = _ck(b, "server", body)
+    held = server.steps()
+    assert len(held) == 2
+    files = {p.relative_to(server.folder): p.read_bytes() for p in server.folder.rglob("*") if p.is_file()}
+    import shutil
+
+    shutil.rmtree(_ck(b, "hospital", body).folder)
+    with caplog.at_level(logging.WARNING, logger="splitlearn"):
+        splitlearn.train(body, out=b, resume=True)
+    _same_model(a, b)
+    aside = list((b / "parties" / "server").glob("checkpoints.before-*"))
+    assert len(aside) == 1
+    assert {p.relative_to(aside[0]): p.read_bytes() for p in aside[0].rglob("*") if p.is_file()} == files
+    assert Checkpoints(aside[0], plan_hash=plan_hash(body)).steps() == held  # still usable by hand
+    said = _messages(caplog)
+    assert (f"server: resuming, but no checkpoint is held by every party (this party's last: after step {held[-1]}; "
+            "['hospital'] do not hold it): from the start") in said
+    assert f"server: beginning again from the start; the checkpoints held before were moved to {aside[0]}" in said
+
+
+def test_going_back_further_than_a_partys_last_checkpoint_is_logged_with_both_steps(tmp_path, caplog):
+    """Multi-hop: the client at one end lost its latest checkpoint; the server at the other end learns
+    it through the relays, goes back with everyone and says so, naming both steps and the client."""
+    body, a, b = _stopped_run(tmp_path, "multi_hop")
+    client = _ck(b, "client", body)
+    older, latest = client.steps()
+    import shutil
+
+    shutil.rmtree(client.folder / f"step-{latest:09d}")
+    with caplog.at_level(logging.WARNING, logger="splitlearn"):
+        splitlearn.train(body, out=b, resume=True)
+    _same_run(a, b)
+    said = _messages(caplog)
+    for party in ("relay_1", "relay_2", "server"):
+        assert (f"{party}: resuming after step {older}, the last checkpoint every party holds, not after step "
+                f"{latest}, this party's last (['client'] do not hold it)") in said
+
+
+def _flood_tensor(nbytes: int) -> dict[str, Encoded]:
+    return {"t": Encoded("float32", "float32", (1, nbytes // 4), bytes(nbytes))}
+
+
+class _ResumingServer(Server):
+    """The vanilla server started with --resume (it holds no checkpoint); the test plays the hospital."""
+
+    def __init__(self, folder: Path, **kw):
+        self.folder = folder
+        super().__init__(**kw)
+
+    def _work(self):
+        try:
+            self.box["report"] = run_party(self.party, iter(self.steps), ids_hash=self.setups["server"].ids_hash,
+                                           checkpoints=Checkpoints(self.folder), resume=True)
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            self.box["error"] = e
+
+    def say(self, **more) -> None:
+        self.h.t.send("server", encode(hello("hospital", "server", plan_hash(self.plan), more.pop("ids", ""), **more)))
+
+    def heard(self) -> None:
+        """The server's next hello, passing over its ERROR replies to what it refused."""
+        while (m := self.h.recv()).kind != Kind.HELLO:
+            assert m.kind == Kind.ERROR
+
+
+def test_a_flood_before_the_resume_hello_is_bounded_by_the_stated_budget(tmp_path):
+    """40 x 4 MiB sent between the hello and the resume hello: the server holds at most its budget
+    (8 MiB here) of it, refuses the rest naming the hospital and the limit, and the honest run that
+    follows works."""
+    budget, size, count = 8 * 2**20, 4 * 2**20 - 4096, 40
+    srv = _ResumingServer(tmp_path / "checkpoints", limits=Limits(early_bytes=budget))
+    srv.say(ids=srv.setups["hospital"].ids_hash, resuming=True, checkpoints=[])
+    srv.heard()
+    received = lambda: sum(t.messages for t in srv.link.meter.received.values())  # noqa: E731
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(count):
+            srv.h.send(Kind.ACTIVATION, 10**6, ACT, _flood_tensor(size))  # far ahead: never used
+            deadline = time.monotonic() + 10
+            while received() < i + 2 and time.monotonic() < deadline:  # (its hello first) one in flight at a time
+                time.sleep(0.005)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert received() == count + 1
+    # the budget, and the one message in flight: the sender's copies, the receiver's frame and parse (was 160 MiB)
+    assert peak < budget + 5 * size, f"{peak / 2**20:.0f} MiB held before the resume hello"
+    before = [r for r in srv.link.refused if "before the handshake" in r]
+    assert len(before) == count - 2  # two fit in 8 MiB
+    assert all("refused a message from 'hospital'" in r and "Limits.early_bytes" in r for r in before)
+    srv.say(phase="resume")
+    srv.heard()
+    srv.h.send(Kind.ACTIVATION, -1, ACT, {"t": srv.encode(torch.zeros(1, 128))})
+    srv.h.send(Kind.ACTIVATION, -1, LABEL, {"t": get_codec("raw").encode(torch.zeros(1, dtype=torch.long))})
+    srv.finish()
+    srv.done()
+    assert Checkpoints(tmp_path / "checkpoints", plan_hash=plan_hash(srv.plan)).steps() == [-1, srv.steps[0].id]
+
+
+def test_a_resumed_server_meters_the_messages_that_came_before_its_restore(tmp_path, monkeypatch):
+    """vertical_three: every clinic's first step after the resume reaches the server during its
+    handshake (forced here; it happens by chance otherwise): they are counted, as in a run never stopped."""
+    body, a, b = _stopped_run(tmp_path, "vertical_three", stop=12)
+    step = Party.step
+    clinics = [p for p in body.parties if p != "server"]
+
+    def server_waits_for_the_clinics(self, sid, rows, mode):
+        if self.name == "server" and mode == "handshake":
+            inbox = self.link.transport.hub._queues["server"]  # handshake and first step of every clinic
+            deadline = time.monotonic() + 20
+            while inbox.qsize() < 2 * len(clinics) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return step(self, sid, rows, mode)
+
+    monkeypatch.setattr(Party, "step", server_waits_for_the_clinics)
+    splitlearn.train(body, out=b, resume=True)
+    _same_run(a, b)
+    ra, rb = (json.loads((r / "result.json").read_text()) for r in (a, b))
+    for p in ra["parties"]:
+        assert rb["parties"][p]["bytes_received"] == ra["parties"][p]["bytes_received"], p
+        assert rb["parties"][p]["received"] == ra["parties"][p]["received"], p

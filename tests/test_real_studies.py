@@ -1,0 +1,244 @@
+"""Studies as people bring them: string patient ids, rows aligned by PSI, party processes. The audit
+joins what each party recorded with the right rows, and predict matches new rows as training did."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import splitlearn
+from splitlearn.tools.audit.run import audit_run
+
+from .conftest import EXAMPLES
+
+psi = pytest.importorskip("private_set_intersection.python", reason="openmined-psi is installed by the README's "
+                          "test command (pip install --no-deps openmined-psi)")
+
+
+def _clinics(tmp_path, missing: dict[str, list[int]]) -> dict:
+    """Breast cancer split over two clinics by columns, string ids in each clinic's own order, some
+    patients missing at one clinic or the other; the diagnosis at clinic_a; PSI alignment."""
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer()
+    x = ((d.data - d.data.mean(0)) / d.data.std(0)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    parties, networks, segments = {}, {}, {}
+    for k, (name, cols) in enumerate((("clinic_a", slice(0, 15)), ("clinic_b", slice(15, 30)))):
+        rows = [i for i in rng.permutation(len(x)) if i not in missing.get(name, [])]
+        path = tmp_path / f"{name}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["patient", *[f"f{j}" for j in range(15)], *(["diagnosis"] if k == 0 else [])])
+            for i in rows:
+                w.writerow([f"P{i:04d}", *[f"{v:.6g}" for v in x[i, cols]],
+                            *(["benign" if d.target[i] else "malignant"] if k == 0 else [])])
+        parties[name] = {"holds": {"x": "x", **({"y": "y"} if k == 0 else {})},
+                         "data": {"dataset": "csv", "path": str(path), "id_column": "patient",
+                                  **({"label_column": "diagnosis"} if k == 0 else {})}}
+        networks[name] = {"zoo": "mlp", "args": {"sizes": [15, 8], "out_activation": True}}
+        segments[name] = {"party": name, "inputs": [f"{name}.x"], "network": name}
+    parties["server"] = {}
+    networks["top"] = {"zoo": "mlp", "args": {"sizes": [8, 2]}}
+    segments["top"] = {"party": "server", "inputs": ["clinic_a", "clinic_b"], "merge": "sum", "network": "top"}
+    return {"name": "clinics", "data": {"align": "psi"}, "train": {"epochs": 2, "batch_size": 32, "seed": 0},
+            "parties": parties, "networks": networks, "segments": segments,
+            "losses": {"diagnosis": {"input": "top", "target": "clinic_a.y"}}}
+
+
+def test_audit_of_a_psi_run_with_string_ids_joins_the_right_rows(tmp_path):
+    plan = _clinics(tmp_path, {"clinic_a": list(range(0, 40)), "clinic_b": list(range(30, 60))})
+    result = splitlearn.train(plan, out=tmp_path / "run")
+    assert result["parties"]["clinic_a"]["data"]["alignment"] == {"held": 529, "aligned": 509}
+    audit = audit_run(tmp_path / "run", epochs=20)  # was: "party 'clinic_a' holds no rows for some recorded ids"
+    wires = audit["wires"]
+    # the label wire carries the labels in the clear: joined with the right rows, every one agrees
+    assert wires["clinic_a.y->diagnosis"]["labels_exposed"]["agreement"] == 1.0
+    for w in ("clinic_a->top", "clinic_b->top"):  # activations of 8 ReLU units depend strongly on their inputs
+        assert wires[w]["distance_correlation"] > 0.5, wires[w]
+
+
+def test_audit_of_a_party_process_run_equals_the_in_process_audit(tmp_path):
+    # a party without data numbers its rows in schedule order; its records were read as sample ids, so the
+    # audit of every party-process run joined activations and labels with other patients' rows (agreement 0.10)
+    plan = EXAMPLES / "vanilla.toml"
+    r = subprocess.run([sys.executable, "-m", "splitlearn.cli", "run", str(plan), "--epochs", "1", "--out",
+                        str(tmp_path / "procs"), "-q"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    splitlearn.train(plan, epochs=1, out=tmp_path / "inproc")
+    procs, inproc = (audit_run(tmp_path / d, epochs=5)["wires"] for d in ("procs", "inproc"))
+    assert procs["hospital.y->digit"]["labels_exposed"]["agreement"] == 1.0
+    assert procs["bottom->top"]["distance_correlation"] == pytest.approx(inproc["bottom->top"]["distance_correlation"],
+                                                                        abs=1e-6)
+    assert procs["bottom->top"]["distance_correlation"] > 0.5
+
+
+def test_predict_on_a_psi_run_matches_rows_and_lists_the_unmatched(tmp_path):
+    plan = _clinics(tmp_path, {"clinic_a": [1, 2, 3], "clinic_b": [3, 4, 5, 6]})
+    splitlearn.train(plan, out=tmp_path / "run")
+    own = splitlearn.predict(tmp_path / "run")["diagnosis"]  # the run's test rows (was: "set align = psi")
+    assert len(own["ids"]) == 113 and own["unmatched"] == {}  # 20 % of the 563 patients both clinics hold
+    assert own["classes"] == ["benign", "malignant"]
+    new = splitlearn.predict(tmp_path / "run", data={"clinic_a": str(tmp_path / "clinic_a.csv"),
+                                                     "clinic_b": str(tmp_path / "clinic_b.csv")})["diagnosis"]
+    assert len(new["ids"]) == 563
+    assert new["unmatched"] == {"clinic_a": ["P0004", "P0005", "P0006"], "clinic_b": ["P0001", "P0002"]}
+    with open(tmp_path / "run" / "parties" / "server" / "predictions.csv") as f:
+        assert {r["diagnosis"] for r in csv.DictReader(f)} <= {"benign", "malignant"}
+
+
+_DIES = '''
+import os
+from torch import nn
+
+
+class DiesAtCall(nn.Module):
+    """A bottom whose process dies (no goodbye, no error message) at its 15th forward in a party process."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.calls = nn.Linear(64, 16), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 15 and os.environ.get("SPLITLEARN_TEST_DIE") == "1":
+            os._exit(9)
+        return self.lin(x).relu()
+
+
+def bottom():
+    return DiesAtCall()
+'''
+
+
+def _dying_plan(tmp_path):
+    (tmp_path / "dies.py").write_text(_DIES)
+    plan = tmp_path / "dies.toml"
+    plan.write_text('''name = "dies"
+[train]
+epochs = 50
+[parties.hospital]
+holds = { x = "x", y = "y" }
+[parties.server]
+[networks.bottom]
+factory = "dies:bottom"
+[networks.top]
+zoo = "mlp"
+args = { sizes = [16, 10] }
+[segments.bottom]
+party = "hospital"
+inputs = ["hospital.x"]
+network = "bottom"
+[segments.top]
+party = "server"
+inputs = ["bottom"]
+network = "top"
+[losses.digit]
+input = "top"
+target = "hospital.y"
+''')
+    return plan
+
+
+def test_the_launcher_names_a_dead_party_at_once(tmp_path):
+    plan = _dying_plan(tmp_path)
+    env = {**__import__("os").environ, "SPLITLEARN_TEST_DIE": "1"}
+    start = __import__("time").monotonic()
+    r = subprocess.run([sys.executable, "-m", "splitlearn", "run", str(plan), "--out", str(tmp_path / "o"), "-q"],
+                       capture_output=True, text=True, timeout=170, env=env)
+    took = __import__("time").monotonic() - start
+    assert r.returncode == 1
+    err = " ".join(r.stderr.split())
+    assert "party hospital failed: exit status 9" in err, err
+    assert "party server failed: stopped by the launcher after hospital failed" in err
+    assert err.index("party hospital failed") < err.index("party server failed")
+    assert took < 60, f"the launcher waited {took:.0f} s (reconnect_timeout is 180 s)"
+
+
+def test_party_processes_leave_a_result_that_report_and_predict_read(tmp_path):
+    from splitlearn.core.load import load_plan
+    from splitlearn.wire.transport.tls import make_certs
+
+    plan = EXAMPLES / "vanilla.toml"
+    names = list(load_plan(plan).parties)
+    make_certs(names, tmp_path / "certs")
+    ports = {}
+    for n in names:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports[n] = s.getsockname()[1]
+    procs = []
+    for n in names:  # each site its own folder, as on a deployment
+        cmd = [sys.executable, "-m", "splitlearn", "party", str(plan), "--name", n, "--certs", str(tmp_path / "certs"),
+               "--listen", f"127.0.0.1:{ports[n]}", "--out", str(tmp_path / n), "-q", "--epochs", "1"]
+        cmd += [a for p, port in ports.items() if p != n for a in ("--peer", f"{p}=127.0.0.1:{port}")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert not (tmp_path / "hospital" / "result.json").exists()  # the label owner's folder holds the result
+    result = json.loads((tmp_path / "server" / "result.json").read_text())
+    local = splitlearn.train(plan, epochs=1)
+    assert result["metrics"]["test_accuracy"] == local["metrics"]["test_accuracy"]
+    assert result["parties_missing"] == ["hospital"] and result["transport"] == "grpc+mtls"
+    assert result["parties"]["server"]["bytes_sent"] == local["parties"]["server"]["bytes_sent"]
+    from splitlearn.tools.report import write_report
+
+    page = write_report(tmp_path / "server")
+    text = page.read_text()
+    assert "Results on the test rows" in text and f"{result['metrics']['test_accuracy']:.4g}" in text
+
+
+def test_parties_whose_plans_differ_are_told_which_entries(tmp_path):
+    from splitlearn.wire.transport.tls import make_certs
+
+    server_plan = tmp_path / "server.toml"
+    server_plan.write_text((EXAMPLES / "vanilla.toml").read_text().replace("epochs = 8", "epochs = 3"))
+    make_certs(["hospital", "server"], tmp_path / "certs")
+    import socket
+
+    ports = {}
+    for n in ("hospital", "server"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports[n] = s.getsockname()[1]
+    procs = []
+    for n, plan in (("server", server_plan), ("hospital", EXAMPLES / "vanilla.toml")):
+        other = "hospital" if n == "server" else "server"
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "splitlearn", "party", str(plan), "--name", n, "--certs", str(tmp_path / "certs"),
+             "--listen", f"127.0.0.1:{ports[n]}", "--peer", f"{other}=127.0.0.1:{ports[other]}", "-q"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = [" ".join(p.communicate(timeout=120)[0].decode().split()) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], outs
+    # whichever reads the other's hello first names the entry; the other is told its reason
+    said = [o for o in outs if "the plan differs from" in o]
+    assert said and all("at train.epochs (ours: " in o for o in said), outs
+    assert all("train.epochs" in o for o in outs), outs
+
+
+def test_the_diabetes_study_regression_at_a_label_only_registry_over_psi(tmp_path):
+    import shutil
+
+    work = tmp_path / "diabetes"
+    shutil.copytree(EXAMPLES / "diabetes", work, ignore=shutil.ignore_patterns("*.csv"))
+    subprocess.run([sys.executable, str(work / "make_diabetes.py")], check=True, capture_output=True)
+    local = splitlearn.train(work / "diabetes.toml", epochs=6)
+    m = local["metrics"]
+    kept = {v["aligned"] for v in local["alignment"]["parties"].values()}
+    assert len(kept) == 1 and 442 - 28 <= kept.pop() <= 442 - 12  # 12, 9 and 7 patients missing at three sites
+    assert m["test_r2"] > 0.2 and m["test_mae"] < 70 and m["test_rows"] > 80
+    assert [w["name"] for w in local["wires"] if w["src"] == "registry"] == ["registry.y->progression"]
+    # the same study over party processes with mutual TLS: the same figures (gRPC = in-process)
+    r = subprocess.run([sys.executable, "-m", "splitlearn", "run", str(work / "diabetes.toml"), "--epochs", "6",
+                        "--out", str(tmp_path / "procs"), "-q"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    net = json.loads((tmp_path / "procs" / "result.json").read_text())
+    assert net["metrics"]["test_r2"] == m["test_r2"] and net["metrics"]["test_mae"] == m["test_mae"]
+    assert net["metrics"]["ci95"] == m["ci95"]
