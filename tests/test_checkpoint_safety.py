@@ -20,7 +20,7 @@ from splitlearn.core.plan import plan_hash
 from splitlearn.run.checkpoint import Checkpoints
 from splitlearn.wire.codec import Encoded, get_codec
 from splitlearn.run.session import run_party
-from splitlearn.wire.messages import Kind, Limits, encode, hello
+from splitlearn.wire.messages import Kind, Limits, encode, hello, read_hello
 
 from .conftest import EXAMPLES
 from .test_faults import _same_run, _stop_after, _weights
@@ -127,15 +127,18 @@ def test_going_back_further_than_a_partys_last_checkpoint_is_logged_with_both_st
     it through the relays, goes back with everyone and says so, naming both steps and the client."""
     body, a, b = _stopped_run(tmp_path, "multi_hop")
     client = _ck(b, "client", body)
-    older, latest = client.steps()
+    *_, older, latest = client.steps()  # (it keeps more: its label wire to the server is gated, Checkpoints.lag)
     import shutil
 
     shutil.rmtree(client.folder / f"step-{latest:09d}")
+    # the parties whose own last checkpoint is the client's lost one (the stop may come before a party took it)
+    ahead = [p for p in ("relay_1", "relay_2", "server") if _ck(b, p, body).steps()[-1] == latest]
+    assert ahead
     with caplog.at_level(logging.WARNING, logger="splitlearn"):
         splitlearn.train(body, out=b, resume=True)
     _same_run(a, b)
     said = _messages(caplog)
-    for party in ("relay_1", "relay_2", "server"):
+    for party in ahead:
         assert (f"{party}: resuming after step {older}, the last checkpoint every party holds, not after step "
                 f"{latest}, this party's last (['client'] do not hold it)") in said
 
@@ -224,3 +227,91 @@ def test_a_resumed_server_meters_the_messages_that_came_before_its_restore(tmp_p
     for p in ra["parties"]:
         assert rb["parties"][p]["bytes_received"] == ra["parties"][p]["bytes_received"], p
         assert rb["parties"][p]["received"] == ra["parties"][p]["received"], p
+
+
+def _registry_plan(folder: Path) -> dict:
+    """Two feature sites, a label-only registry (it runs ahead of the server, up to flow control's
+    window: here through every step), PSI, a checkpoint every 3 training steps."""
+    from .plan_space import Study, build
+
+    body = build(Study("regression", 2, "registry", "vanilla", 0, True, 1, 0), folder)
+    body["train"]["checkpoint_every"] = 3
+    return body
+
+
+# (stopped run: the registry's goodbye reached the server before its checkpoints / never;
+#  resumed run: it reaches the server after its restore / before it, during the handshake / during the
+#  resume agreement, the sites' last hellos held back until it is sent)
+@pytest.mark.parametrize("stopped, resumed", [("early", "after_restore"), ("never", "before_restore"),
+                                              ("never", "before_agreement")])
+def test_a_resumed_run_counts_the_goodbye_of_a_party_that_ran_ahead_once(tmp_path, monkeypatch, stopped, resumed):
+    """The registry's STOP "done" (26 bytes) was counted twice (in the server's checkpoint and again when
+    the resumed registry says goodbye) or not at all (wiped by the restore): the server's bytes_received
+    differed from a run never stopped by one goodbye. Each order is forced here; they happen by chance."""
+    import threading
+
+    from splitlearn.run import checkpoint as ck
+    from splitlearn.wire.link import Link
+
+    body = _registry_plan(tmp_path / "data")
+    splitlearn.train(body, out=tmp_path / "a")  # never stopped
+    ev = {k: threading.Event() for k in ("goodbye", "stopping", "restored")}
+    gate: dict[str, str | None] = {"goodbye": None, "handshake": None, "agreement": None}  # None: waits for nothing
+    late: list[str] = []
+    send, step, restore = Link.send, Party.step, ck.restore
+
+    def wait(name: str) -> None:
+        if not ev[name].wait(60):
+            late.append(name)
+
+    def gated_send(self, msg):
+        if msg.kind == Kind.STOP and msg.sender == "registry" and msg.text == "done":
+            if gate["goodbye"]:
+                wait(gate["goodbye"])
+            send(self, msg)
+            ev["goodbye"].set()
+            return
+        if (gate["agreement"] and msg.kind == Kind.HELLO and msg.sender.startswith("site_")
+                and read_hello(msg).get("phase") == "resume"):
+            wait(gate["agreement"])
+        send(self, msg)
+
+    def gated_step(self, sid, rows, mode):
+        if mode == "handshake" and self.name != "registry" and gate["handshake"]:
+            wait(gate["handshake"])  # the server (and the sites, which it waits for) after the goodbye
+        return step(self, sid, rows, mode)
+
+    def restore_then_tell(party, tensors, manifest):
+        restore(party, tensors, manifest)
+        if party.name == "server":
+            ev["restored"].set()
+
+    monkeypatch.setattr(Link, "send", gated_send)
+    monkeypatch.setattr(Party, "step", gated_step)
+    monkeypatch.setattr(ck, "restore", restore_then_tell)
+    seen = {"k": 0}
+
+    def on_step(pr) -> None:  # the server's progress
+        seen["k"] += 1
+        if seen["k"] == 1 and stopped == "early":
+            wait("goodbye")  # the goodbye is read before the server's step 3 ends: in its checkpoints
+        if seen["k"] == 14:
+            ev["stopping"].set()
+            raise RuntimeError("stopped")
+
+    gate["goodbye"] = "stopping" if stopped == "never" else None
+    with pytest.raises(Exception, match="stopped"):
+        splitlearn.train(body, out=tmp_path / "b", on_step=on_step)
+    for e in ev.values():
+        e.clear()
+    gate["goodbye"] = "restored" if resumed == "after_restore" else None
+    gate["handshake"] = "goodbye" if resumed == "before_restore" else None
+    gate["agreement"] = "goodbye" if resumed == "before_agreement" else None
+    splitlearn.train(body, out=tmp_path / "b", resume=True)
+    assert not late, f"waited in vain for {late}"
+    _same_model(tmp_path / "a", tmp_path / "b")
+    ra, rb = (json.loads((tmp_path / r / "result.json").read_text()) for r in ("a", "b"))
+    assert rb["metrics"] == ra["metrics"]
+    for p in ra["parties"]:
+        for key in ("bytes_sent", "bytes_received", "sent", "received"):
+            assert rb["parties"][p][key] == ra["parties"][p][key], (p, key)

@@ -214,3 +214,95 @@ def test_early_weights_are_bounded_per_sender(tmp_path):
     got = server._take_weights(["hospital-1", "hospital-3"], 7, 0.01)  # hospital-3's request comes
     assert list(got) == ["hospital-3"] and not server._early  # hospital-1's other request was stale: dropped
     hub.close()
+
+
+LIAR = '''
+import sys
+
+import splitlearn.clients.roles as roles
+
+made = roles.Role.__init__
+
+
+def lying(self, *a, **k):  # hospital-2's own certificate and code: it only lies
+    made(self, *a, **k)
+
+    def liar(role, cmd):
+        if cmd["do"] == "turn":
+            role._ack(0, back=True, held=role.checkpoints.steps())
+            role.run_turn = lambda *a, **k: (False, "this client fails its turn")
+
+    self.fault = liar
+
+
+roles.Role.__init__ = lying
+sys.argv = ["splitlearn", *sys.argv[1:]]
+from splitlearn.cli import main
+
+main()
+'''
+
+
+def test_a_lying_client_process_stops_nobody_and_every_process_says_how_the_run_ended(tmp_path):
+    """Issue case 2 against real ``splitlearn party`` processes over mutual TLS: hospital-2 (a valid
+    certificate) claims a restart before each of its turns and fails them. The old server went back
+    to a checkpoint 20 times and exited 1, the honest clients exited 0; now the run completes,
+    the claims are refused and hospital-2 is skipped, named."""
+    from splitlearn.clients.roles import roles as role_names
+    from splitlearn.core.load import load_plan
+    from splitlearn.run.processes import _free_port
+    from splitlearn.wire.transport.tls import make_certs
+
+    from .test_faults import _party_cmd
+
+    text = (EXAMPLES / "sequential.toml").read_text()
+    text = text.replace("count = 10", "count = 3").replace("epochs = 8", "epochs = 2").replace("timeout = 30", "timeout = 3")
+    plan = tmp_path / "three.toml"
+    plan.write_text(text.replace("seed = 0", "seed = 0\nreconnect_timeout = 60", 1))
+    (tmp_path / "liar.py").write_text(LIAR)
+    names = role_names(load_plan(plan))
+    make_certs(names, tmp_path / "certs")
+    ports = {n: _free_port() for n in names}
+    out = tmp_path / "run"
+    procs = {}
+    for n in names:
+        cmd = _party_cmd(plan, n, tmp_path / "certs", ports, out)
+        if n == "hospital-2":
+            cmd = [sys.executable, str(tmp_path / "liar.py"), *cmd[3:]]  # python liar.py party PLAN ...
+        procs[n] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        errors = {n: procs[n].communicate(timeout=200)[1].decode() for n in ("server", "hospital-1", "hospital-3")}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert {n: procs[n].returncode for n in errors} == {"server": 0, "hospital-1": 0, "hospital-3": 0}, errors
+    assert "went back to a checkpoint" not in errors["server"] and "waiting up to" not in errors["server"]
+    report = json.loads((out / "parties" / "server" / "report.json").read_text())
+    claims = [r for r in report["refused"] if "says it came back as a new process" in r]
+    assert len(claims) == 2 and all("hospital-2" in r for r in claims)  # one per turn it had
+    assert [(s["round"], s["client"], s["during"]) for s in report["skipped"]] == \
+        [(0, "hospital-2", "train turn"), (1, "hospital-2", "train turn")]
+    evals = [r for r in report["records"] if r["mode"] == "eval"]
+    assert len(evals) == 2 and evals[-1]["losses"]["digit"]["test_accuracy"] > 0.5  # training went on
+
+
+def test_a_restart_that_never_says_back_is_waited_for_once(tmp_path, caplog):
+    """The transport saw hospital-2 come back as a new process, but it never says 'back' (started
+    without --resume) and fails its turns: waited for once (up to ``returns``), then skipped at
+    once, nobody going back."""
+    plan = tiny(count=3, schedule="sequential", timeout=1.0).with_train(epochs=3)
+    box: dict = {}
+
+    def silent_restart(role, cmd):
+        if cmd["do"] == "turn":
+            box["coord"].seen["hospital-2"] = 1
+            _fail_turns(role)
+
+    with caplog.at_level(logging.WARNING, logger="splitlearn.clients.roles"):
+        roles, ended = launch(plan, tmp_path, {"hospital-2": silent_restart}, returns=2.0, box=box)
+    assert all(not isinstance(e, BaseException) for e in ended.values()), ended
+    waits = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
+    assert len(waits) == 1 and "hospital-2" in waits[0]
+    assert roles["server"].attempt == 0 and not roles["server"]._waited  # connected: not given up on
+    assert [s["round"] for s in roles["server"].skipped if s["during"] == "train turn"] == [0, 1, 2]

@@ -332,7 +332,7 @@ def test_the_report_escapes_what_a_result_holds_and_embeds_only_the_audits_pictu
         "inversion": {"mse": 0.1, "figure": "../secret.png"}}}}))
     page = write_report(run).read_text()
     assert "<script>alert" not in page and "<img src=x" not in page and "&lt;script&gt;" in page
-    assert page.count("<img ") == 2  # topology and curves: the picture outside audit/ is not embedded
+    assert page.count("<img ") == 3  # topology, curves, the last evaluation: the picture outside audit/ is not
 
 
 def test_a_compare_folder_gets_its_report(tmp_path):

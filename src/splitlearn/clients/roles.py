@@ -1048,8 +1048,11 @@ class Coordinator(Role):
                 self._await(Kind.ACK, [party], min(left, POLL_S), match=lambda msg: False,  # a 'back': _returned
                             until=lambda: bool(self._returned - self._waited))
                 self._returned -= self._waited
-            if not self._returned and self._broken(party):
-                self._waited.add(party)
+            if not self._returned:
+                for p in self._away(party):  # a restart that never said 'back' is not waited for again
+                    self._restarts_taken[p] = self._restarts(p)
+                if self._broken(party):
+                    self._waited.add(party)
         return sorted(self._returned)[0] if self._returned else None
 
     def _away(self, party: str) -> list[str]:

@@ -532,6 +532,9 @@ class Party:
         if msg.kind == Kind.CREDIT:  # (read before the handshake): taken at once, nothing kept
             self._take_credit(msg)
             return
+        if msg.kind == Kind.STOP and msg.text == "done":  # a neighbour that needed nothing from this party finished
+            self.finished.add(msg.sender)  # all it had to send (read before the handshake): its goodbye, noted
+            return
         problem = None
         if msg.kind not in (Kind.ACTIVATION, Kind.GRADIENT):
             problem = f"unexpected {msg.kind.name} message before step {msg.step}"

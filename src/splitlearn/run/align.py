@@ -41,7 +41,7 @@ from ..wire.link import Link
 from ..wire.messages import Kind, Message, parse_json, quote
 from ..wire.transport import TransportTimeout
 
-__all__ = ["align_psi", "psi_route", "PSI_EXTRA", "Budget", "MAX_ELEMENTS", "peer_budgets"]
+__all__ = ["align_psi", "check_arrangement", "psi_route", "PSI_EXTRA", "Budget", "MAX_ELEMENTS", "peer_budgets"]
 
 PSI_EXTRA = "pip install --no-deps openmined-psi  (its wheel pins an older protobuf; splitlearn's works with it)"
 FPR = 1e-9  # false positive rate of the server's set encoding: about one in 10^9 ids wrongly kept
@@ -376,14 +376,9 @@ class _Alignment:
         self.send(nxt, {"phase": "response"}, response.SerializeToString())
 
 
-def align_psi(link: Link, graph: Graph, me: str, ids: np.ndarray | None, *, timeout: float | None,
-              keep: Callable[[Message], None], first: Iterable[Message] = (), hellos: dict[str, dict] | None = None,
-              max_elements: int = MAX_ELEMENTS) -> np.ndarray | None:
-    """Take part in the alignment: a holder (``ids`` given) gets the ids every holder has; a party
-    without data only forwards messages between holders that are not neighbours (None). ``keep``
-    takes messages of the session that come meanwhile; ``first``: messages that came before the
-    alignment began (during the hello), taken first; ``hellos``: the neighbours' first hellos (a
-    holder's tells how many ids it holds, ``id_count``); ``max_elements``: the most ids of a request."""
+def _routes(graph: Graph, me: str) -> tuple[list[str], set[str], set[str]]:
+    """The holders in chain order, the parties that relay between two of them, and the holders whose final
+    result passes through ``me``. Raises PlanError for an arrangement the chain cannot serve."""
     holders = holders_of(graph)
     last = holders[-1]
     pairs = [(holders[k], holders[k + 1]) for k in range(len(holders) - 1)]
@@ -394,7 +389,28 @@ def align_psi(link: Link, graph: Graph, me: str, ids: np.ndarray | None, *, time
     if me in relays and not served:
         raise PlanError(f'align = "psi": {me!r} would pass alignment messages between data holders but not '
                         "their result; this arrangement of parties is not supported", entry="data.align",
-                        hint="let the data holders exchange messages with one common party (the server)")
+                        hint="let the data holders exchange messages with one common party (the server) that "
+                             "holds no data of its own")
+    return holders, relays, served
+
+
+def check_arrangement(graph: Graph) -> None:
+    """Whether private alignment can run between this plan's parties (every party's part); a PlanError
+    naming the party that cannot play it otherwise. ``prepare`` calls it, so ``inspect`` refuses such a plan."""
+    if len(holders_of(graph)) > 1:
+        for party in graph.plan.parties:
+            _routes(graph, party)
+
+
+def align_psi(link: Link, graph: Graph, me: str, ids: np.ndarray | None, *, timeout: float | None,
+              keep: Callable[[Message], None], first: Iterable[Message] = (), hellos: dict[str, dict] | None = None,
+              max_elements: int = MAX_ELEMENTS) -> np.ndarray | None:
+    """Take part in the alignment: a holder (``ids`` given) gets the ids every holder has; a party
+    without data only forwards messages between holders that are not neighbours (None). ``keep``
+    takes messages of the session that come meanwhile; ``first``: messages that came before the
+    alignment began (during the hello), taken first; ``hellos``: the neighbours' first hellos (a
+    holder's tells how many ids it holds, ``id_count``); ``max_elements``: the most ids of a request."""
+    holders, relays, served = _routes(graph, me)
     first = list(first)
     if ids is None and me not in relays:
         for msg in first:

@@ -30,10 +30,12 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
 from ..core.engine import Party, PartyError
+from ..wire.messages import Kind, Message, encode
 from ..wire.metering import Meter, Traffic
 
 __all__ = ["Checkpoints", "CheckpointError", "KEEP", "capture", "restore", "module_tensors", "load_modules",
-           "optimizer_tensors", "load_optimizer", "meter_state", "load_meter", "read_verified"]
+           "optimizer_tensors", "load_optimizer", "meter_state", "load_meter", "read_verified", "goodbye_bytes",
+           "without_goodbyes"]
 
 KEEP = 2
 FORMAT = "splitlearn-checkpoint-2"  # 2: SHA256SUMS covers the manifest too
@@ -104,6 +106,22 @@ def load_meter(meter: Meter, m: dict[str, Any]) -> None:
     meter.compute_s, meter.wait_s = m["compute_s"], m["wait_s"]
 
 
+def goodbye_bytes(sender: str, receiver: str) -> int:
+    """The bytes of a goodbye (STOP "done") as the session sends it, as its receiver meters it."""
+    return len(encode(Message(Kind.STOP, sender, receiver, text="done")))
+
+
+def without_goodbyes(meter: Meter, party: Party) -> Meter:
+    """``meter`` without the goodbyes received from neighbours that finished already (a party that
+    ran ahead, such as a label-only registry): a resumed run's neighbours say goodbye again at its
+    end, so a run never stopped counts each once. Changes and returns ``meter``."""
+    for peer in party.finished:
+        t = meter.received.get(("", "control"))
+        if t is not None and t.messages:
+            t.messages, t.bytes = t.messages - 1, t.bytes - goodbye_bytes(peer, party.name)
+    return meter
+
+
 def capture(party: Party, extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, manifest) of a party's state after a step; ``extra``: the caller's own (metrics, timing)."""
     tensors = module_tensors(party.modules)
@@ -115,8 +133,9 @@ def capture(party: Party, extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor
         residual = getattr(codec, "residual", None)
         if residual is not None:
             tensors[f"codec.{wire}.{int(kind)}.residual"] = residual.detach().cpu().contiguous().clone()
+    meter = without_goodbyes(party.checkpoint_meter(), party)
     manifest = {"format": FORMAT, "party": party.name, "optimizer": optim, "noise_secret": str(party.noise_secret),
-                "meter": meter_state(party.checkpoint_meter()), "learnt_bounds": party.bounds.state(), **extra}
+                "meter": meter_state(meter), "learnt_bounds": party.bounds.state(), **extra}
     return tensors, manifest
 
 

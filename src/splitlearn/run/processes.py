@@ -137,14 +137,19 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     if out is not None:
         save_party(Path(out) / "parties" / name, report)
         if name == topo.lead:  # the label owner (or a schedule's coordinator) holds the run's result.json
-            write_partial_result(plan, topo, Path(out), "grpc" if certs is None else "grpc+mtls")
+            try:
+                write_partial_result(plan, topo, Path(out), "grpc" if certs is None else "grpc+mtls")
+            except Exception as e:  # noqa: BLE001 - the run itself succeeded; its report.json is written
+                _log.warning("%s: no result.json from the reports in %s (%s); a launcher's gathers them all",
+                             name, out, e)
     return report
 
 
 def write_partial_result(plan: Plan, topo: Topology, out: Path, transport: str) -> dict:
     """``result.json`` and ``plan.json`` in ``out`` from the party reports found there: on a deployment each
     site has its own folder, so the lead party's holds its own report (metrics, its traffic) and any other
-    party's that shares the folder; ``parties_missing`` names the others. ``report`` and ``predict`` read it."""
+    party's that shares the folder; ``parties_missing`` names the others (a ``[clients]`` plan needs them all).
+    ``report`` and ``predict`` read it."""
     reports = {}
     for n in topo.names:
         f = out / "parties" / n / "report.json"
@@ -155,6 +160,8 @@ def write_partial_result(plan: Plan, topo: Topology, out: Path, transport: str) 
                 continue  # a report of another version or a torn write: that party is listed as missing
     result = build_result(plan, reports, {"transport": transport})
     missing = [n for n in topo.names if n not in reports]
+    if plan.clients is not None and missing:  # a schedule's figures need every client's report
+        raise RunError({n: "its report.json is not in this folder" for n in missing[:3]})
     if missing:
         result["parties_missing"] = missing
     save_result(out, plan, result)

@@ -201,6 +201,11 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
             if theirs.get("phase", "hello") != phase:
                 ahead.keep(msg)
                 continue
+            if phase == "hello" and theirs.get("resuming") is not ours.get("resuming"):
+                if ours.get("resuming"):
+                    continue  # its earlier session's hello: it begins again on ours (or says why it cannot)
+                if party.restartable and theirs.get("resuming") is True:
+                    raise SessionRestart(msg)  # it came back: this party goes back with it
             for key, value in ours.items():
                 if key == "ids_hash" and not (value and theirs.get(key)):
                     continue  # a party without data has no ids to compare
@@ -244,38 +249,27 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
             tell["id_count"] = len(setup.table.ids)
         heard = exchange("hello", "" if psi else ids_hash, None if psi else held, setup is not None and not psi,
                          tell=tell or None, agree={"resuming": True} if resuming else None)
-        known = _held_by(me, checkpoints, heard) if resuming else {}
-        if psi:
-            from .align import align_psi
-
-            kept = align_psi(link, party.graph, me, setup.table.ids if setup.table is not None else None,
-                             timeout=party.timeout, keep=ahead.keep, first=ahead.take(), hellos=heard)
-            if kept is not None:
-                setup.restrict(kept)
-                party.data = setup.inputs
-            exchange("rows", setup.ids_hash, setup.rows if setup.table is not None else None, True)
-        resume = None
-        if resuming:  # what each party holds spreads one hop a round, until every party knows every party's
-            parties = list(party.graph.plan.parties)
-            for r in range(len(parties) - 2):
-                _learn(me, known, exchange(f"resume-{r}", "", None, False, tell={"held": known}), parties)
-            resume = _agree(me, known, parties)
-            exchange("resume", "", None, False, agree={"resume_from": resume})
-            _say_resume(me, checkpoints, resume, known)
-        party.resumed_at = -1 if resume is None else resume  # where every party goes on (flow control)
-        for msg in ahead.take():
-            party.keep_early(msg, -2)  # before the handshake (step -1)
-        party.step(-1, None, "handshake")
-        yield {"resume": resume}
+        done = _finished_neighbours(me, heard, checkpoints) if resuming else None
+        if done is not None:  # its neighbours finished: this party is at its final checkpoint, with them
+            party.resumed_at = done
+            yield {"resume": done, "finished": True}
+        else:
+            yield from _agree_and_handshake(party, setup, checkpoints, heard, exchange, ahead, psi)
         for p in neighbours:
             link.send(Message(Kind.STOP, me, p, text="done"))
         until = deadline()
         while not set(neighbours) <= party.finished:
-            msg = _recv(link, until, f"{me}: no goodbye from {sorted(set(neighbours) - party.finished)} "
-                        f"within {party.timeout} s")
+            try:
+                msg = _recv(link, until, f"{me}: no goodbye from {sorted(set(neighbours) - party.finished)} "
+                            f"within {party.timeout} s")
+            except PeerRestarted:
+                continue  # done with every step: a neighbour that comes back is answered from the final state
             party.raise_if_stopped(msg)
             if msg.kind == Kind.STOP:
                 party.finished.add(msg.sender)
+            elif msg.kind == Kind.HELLO and msg.sender in neighbours and party.restartable:
+                _answer_finished(party, msg)
+                until = deadline()
     except (SessionRestart, PeerRestarted):
         raise  # begun again by run_party: nobody is told to stop
     except (PartyError, PlanError, TransportError) as e:
@@ -285,6 +279,82 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
             except Exception:  # noqa: BLE001 - the neighbour may be gone already
                 pass
         raise
+
+
+def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[int] | None, heard: dict[str, dict],
+                         exchange: Callable[..., dict[str, dict]], ahead: _Ahead, psi: bool) -> Iterator[dict]:
+    """The session between the first hello and the steps: the PSI alignment and the rows hello, the
+    resume agreement, the handshake; yields ``{"resume": step}``."""
+    link, me = party.link, party.name
+    resuming = checkpoints is not None
+    known = _held_by(me, checkpoints, heard) if resuming else {}
+    if psi:
+        from .align import align_psi
+
+        kept = align_psi(link, party.graph, me, setup.table.ids if setup.table is not None else None,
+                         timeout=party.timeout, keep=ahead.keep, first=ahead.take(), hellos=heard)
+        if kept is not None:
+            setup.restrict(kept)
+            party.data = setup.inputs
+        exchange("rows", setup.ids_hash, setup.rows if setup.table is not None else None, True)
+    resume = None
+    if resuming:  # what each party holds spreads one hop a round, until every party knows every party's
+        parties = list(party.graph.plan.parties)
+        for r in range(len(parties) - 2):
+            _learn(me, known, exchange(f"resume-{r}", "", None, False, tell={"held": known}), parties)
+        resume = _agree(me, known, parties)
+        exchange("resume", "", None, False, agree={"resume_from": resume})
+        _say_resume(me, checkpoints, resume, known)
+    party.resumed_at = -1 if resume is None else resume  # where every party goes on (flow control)
+    for msg in ahead.take():
+        party.keep_early(msg, -2)  # before the handshake (step -1)
+    party.step(-1, None, "handshake")
+    yield {"resume": resume}
+
+
+def _finished_neighbours(me: str, heard: dict[str, dict], ours: list[int]) -> int | None:
+    """The step at which the neighbours that answered our resuming hello from their final state
+    finished (None: none did); every neighbour must have, and this party must hold that step."""
+    done = {p: h.get("finished") for p, h in heard.items() if "finished" in h}
+    if not done:
+        return None
+    steps = set(done.values())
+    step = steps.pop()
+    if steps or type(step) is not int:
+        raise PartyError(f"{me}: neighbours say they finished at different steps: {done}")
+    rest = sorted(set(heard) - set(done))
+    if rest:
+        raise PartyError(f"{me}: {sorted(done)} finished at step {step} while {rest} go back to a checkpoint; "
+                         "start every party again with --resume")
+    if step not in ours:
+        raise PartyError(f"{me}: {sorted(done)} finished after step {step}, but this party holds no checkpoint of "
+                         f"it (it holds {ours}); the run cannot go on")
+    return step
+
+
+def _answer_finished(party: Party, msg: Message) -> None:
+    """A neighbour that came back (its resuming hello) after this party finished every step: tell it
+    the step this party finished at, and say goodbye again; it goes on from its checkpoint of that step.
+    Neither its hello nor the answer is counted (a resume's agreement is not the run's traffic)."""
+    try:
+        theirs = read_hello(msg, party.link.limits)
+    except WireError as e:
+        party.link.refuse(msg.sender, f"a hello that cannot be read: {e}")
+        return
+    if theirs.get("resuming") is not True or theirs.get("phase", "hello") != "hello":
+        return  # not a party that came back (nothing to answer)
+    from .checkpoint import load_meter, meter_state
+
+    received = party.meter.received[(msg.wire, "control")]
+    received.messages, received.bytes = received.messages - 1, received.bytes - len(encode(msg))
+    counted = meter_state(party.meter)
+    party.finished.discard(msg.sender)  # its goodbye, if any, was its earlier process's
+    party.link.send(hello(party.name, msg.sender, plan_hash(party.graph.plan), "", resuming=True,
+                          finished=party.last_step))
+    party.link.send(Message(Kind.STOP, party.name, msg.sender, text="done"))
+    load_meter(party.meter, counted)
+    log.warning("%s: %s came back after this party finished; told it to go on from step %s", party.name,
+                msg.sender, party.last_step)
 
 
 MAX_HELD = 1000  # checkpoint steps a party may say it holds
@@ -395,11 +465,16 @@ def _set_aside(me: str, checkpoints: Any) -> None:
 
 def _meter_kept(party: Party) -> None:
     """After a restore put the meter back: count again the messages of later steps that came before
-    it (kept early), whose bytes the restored meter does not hold; a run never stopped counts them."""
+    it (kept early) and the goodbyes of neighbours that ran ahead and finished already, whose bytes
+    the restored meter does not hold (a checkpoint holds no goodbye); a run never stopped counts them."""
+    from .checkpoint import goodbye_bytes
+
     for msgs in party._early.values():  # noqa: SLF001 - the engine's own queue of early messages
         for msg in msgs:
             direction = "forward" if msg.kind == Kind.ACTIVATION else "backward"
             party.meter.on_recv(msg.wire, direction, len(encode(msg)), msg.payload_bytes)
+    for peer in party.finished:
+        party.meter.on_recv("", "control", goodbye_bytes(peer, party.name), 0)
 
 
 MAX_RESTARTS = 20  # sessions begun again after a neighbour went back to a checkpoint, per run
@@ -504,7 +579,8 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     party's own data, see :func:`session`). ``checkpoints`` (a
     :class:`~splitlearn.run.checkpoint.Checkpoints`): take one every ``every`` training steps and
     at every epoch's end; ``resume``: go on from the last one every party holds."""
-    from .checkpoint import capture, restore
+    from ..wire.metering import Meter
+    from .checkpoint import capture, load_meter, meter_state, restore
 
     epochs = party.graph.plan.train.epochs
     if checkpoints is not None:
@@ -512,6 +588,8 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
         if not resume:
             checkpoints.clear()
         party.restartable = True
+    # the state before any step, in memory: a session begun again with no checkpoint in common goes back to it
+    initial = capture(party, {}) if checkpoints is not None else None
     first: list[Message] = []  # a neighbour's new hello that began a restart
     todo: list[Step] | None = None
     for attempt in range(MAX_RESTARTS + 1):
@@ -520,6 +598,8 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
         epoch = None
         timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0, "first_step_s": 0.0, "first_step_samples": 0}
         held = _usable(party.name, checkpoints) if resume else None
+        if attempt:  # what this session counts (a checkpoint's meter replaces it where one is common)
+            load_meter(party.meter, meter_state(Meter(party.name)))
         try:
             with session(party, ids_hash, setup, held, first) as info:
                 if todo is None:
@@ -532,10 +612,12 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                     metrics.load(manifest["metrics"])
                     timing, epoch = manifest["timing"], manifest["epoch"]
                     start = next((i for i, st in enumerate(todo) if st.id > info["resume"]), len(todo))
-                elif attempt:  # begun again, but there is nothing all parties hold to go back to
-                    raise PartyError(f"{party.name}: a neighbour began the session again, but no checkpoint is held "
-                                     "by every party")
-                elif checkpoints is not None:  # the state before the first step: a restart can go back to it
+                    if info.get("finished") and start < len(todo):
+                        raise PartyError(f"{party.name}: its neighbours finished after step {info['resume']}, but "
+                                         f"this party's schedule goes on to step {todo[-1].id}")
+                elif attempt:  # begun again with no checkpoint in common: from the start, as a new run
+                    restore(party, initial[0], {**initial[1], "meter": meter_state(party.meter)})
+                if info["resume"] is None and checkpoints is not None:  # the state before the first step
                     if resume:
                         _set_aside(party.name, checkpoints)
                     checkpoints.save(-1, *capture(party, {"metrics": metrics.state(), "timing": timing,

@@ -409,6 +409,10 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
         raise PlanError("no party holds any data", entry="parties", hint="give a party `holds = { x = \"x\" }`")
     first = holders[0]
     plan = first.plan
+    if plan.data.align == "psi":  # the chain of holders must be able to reach each other and their result
+        from .align import check_arrangement
+
+        check_arrangement(first.graph)
     if plan.data.align == "exact":
         for s in holders:
             if not np.array_equal(s.splits.ids, first.splits.ids):

@@ -125,8 +125,11 @@ class _PlainParty:
 
             from ..core.flow import flow_pairs
 
-            ahead = [p.window for p in flow_pairs(setup.graph, limits or Limits())  # runs ahead while training
-                     if p.producer == setup.name and "train" in p.gated]
+            # a party that hears nothing while training (it sends labels only) runs ahead by up to flow
+            # control's window: it keeps the checkpoints its neighbours may still hold as their last
+            g, me = setup.graph, setup.name
+            free = not any(w.dst_party == me or (w.src_party == me and w.carries == "activation") for w in g.wires)
+            ahead = [p.window for p in flow_pairs(g, limits or Limits()) if p.producer == me and free]
             self.checkpoints = Checkpoints(Path(out) / "parties" / setup.name / "checkpoints",
                                            setup.plan.train.checkpoint_every, lag=max(ahead, default=0))
         self.party = Party(setup.graph, setup.name, Link(transport, limits=limits), setup.modules, setup.optimizer,
