@@ -57,7 +57,7 @@ def test_a_killed_actor_is_reported_by_its_party_name(cluster, tmp_path):
 
     def run() -> None:
         try:
-            launch_ray(plan, tmp_path / "ray", epochs=50)
+            launch_ray(plan, tmp_path / "ray", epochs=500)  # still running when the actor is killed
         except RunError as e:
             failure["errors"] = e.errors
 
