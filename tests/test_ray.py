@@ -42,11 +42,13 @@ def test_the_vanilla_plan_through_ray_equals_the_local_process_run(cluster, tmp_
         assert on_ray["parties"][p]["bytes_sent"] == local["parties"][p]["bytes_sent"]
 
 
-def test_ten_clients_as_actors_complete_with_the_in_process_accuracy(cluster, tmp_path):
-    plan = load_plan(EXAMPLES / "sequential.toml").with_train(epochs=1)
-    on_ray = launch_ray(EXAMPLES / "sequential.toml", tmp_path / "ray", epochs=1)
+def test_every_client_as_an_actor_completes_with_the_in_process_accuracy(cluster, tmp_path):
+    plan_file = tmp_path / "sequential.toml"  # four hospitals: an actor each, on a two-CPU cluster
+    plan_file.write_text((EXAMPLES / "sequential.toml").read_text().replace("count = 10", "count = 4", 1))
+    plan = load_plan(plan_file).with_train(epochs=1)
+    on_ray = launch_ray(plan_file, tmp_path / "ray", epochs=1)
     same = splitlearn.train(plan, out=tmp_path / "in-process")
-    assert on_ray["schedule"]["clients"] == 10 and not on_ray["skipped"]
+    assert on_ray["schedule"]["clients"] == 4 and not on_ray["skipped"]
     assert on_ray["metrics"]["test_accuracy"] == same["metrics"]["test_accuracy"] > 0.5
 
 
@@ -57,7 +59,7 @@ def test_a_killed_actor_is_reported_by_its_party_name(cluster, tmp_path):
 
     def run() -> None:
         try:
-            launch_ray(plan, tmp_path / "ray", epochs=500)  # still running when the actor is killed
+            launch_ray(plan, tmp_path / "ray", epochs=500)  # long enough never to finish before the kill
         except RunError as e:
             failure["errors"] = e.errors
 
@@ -71,8 +73,7 @@ def test_a_killed_actor_is_reported_by_its_party_name(cluster, tmp_path):
         victim = next((n for n in names if n.endswith("-server")), None)
         time.sleep(0.5)
     assert victim is not None
-    time.sleep(8)  # mid-run
-    ray.kill(ray.get_actor(victim))
+    ray.kill(ray.get_actor(victim))  # whenever that is (starting, dialling or training), the party is named
     t.join(timeout=120)
     assert not t.is_alive()
     assert "server" in failure["errors"] and "Ray actor died" in failure["errors"]["server"]

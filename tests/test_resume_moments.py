@@ -80,10 +80,10 @@ def sending(self, msg):
 
 
 link.Link.send = sending
-from splitlearn.cli import app
+from splitlearn.cli import main
 
 sys.argv = ["splitlearn", *sys.argv[1:]]
-app()
+main()
 '''
 
 

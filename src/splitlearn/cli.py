@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -701,19 +702,36 @@ def compare_cmd(plan: Path = typer.Argument(..., help="a split plan (.toml): one
 
 
 def main() -> None:  # pragma: no cover
+    """The ``splitlearn`` command. Its process ends with ``os._exit`` once the command is done and its
+    output flushed: interpreter finalization can deadlock on gRPC's call objects (a ``__del__`` waiting
+    for a lock that a frozen daemon thread holds), and a party process must never outlive its run."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core logs (E1202 ... add_port.cc) only with --debug
     from .run.allocator import tune_allocator
 
     tune_allocator()
+    code = 1
     try:
         app()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:  # a bug or an error without its own message: one line, the traceback with --debug
         if _state["debug"]:
-            raise
-        err.print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}\n(run 'splitlearn --debug ...' to see the traceback)",
-                  highlight=False)
-        raise SystemExit(1) from None
+            import traceback
+
+            traceback.print_exc()
+        else:
+            err.print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}\n(run 'splitlearn --debug ...' to see "
+                      "the traceback)", highlight=False)
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # closed, or a broken pipe: nothing more to say
+                pass
+        os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -206,8 +206,15 @@ def launch_ray(plan_path: str | Path, out: Path, *, address: str | None = None, 
     errors: dict[str, str] = {}
     refs: dict[Any, str] = {}
     try:
-        addresses = dict(zip(topo.names, ray.get([actors[n].address.remote(bool(topo.accepts(n))) for n in topo.names],
-                                                 timeout=300)))
+        asked = {n: actors[n].address.remote(bool(topo.accepts(n))) for n in topo.names}
+        addresses = {}
+        for n, ref in asked.items():
+            try:
+                addresses[n] = ray.get(ref, timeout=300)
+            except Exception as e:  # noqa: BLE001 - killed, out of memory or its node lost before it began
+                errors[n] = f"its Ray actor died before the run began ({type(e).__name__})"
+        if errors:  # no party can run without every address (a client too: the plan names its peers)
+            raise RunError(errors)
         with tempfile.TemporaryDirectory(prefix="splitlearn-certs-") as certs:
             if not insecure:
                 make_certs(topo.names, Path(certs))
