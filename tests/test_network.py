@@ -61,16 +61,29 @@ def _party_cmd(plan, name, certs, ports, out, extra=()):
     return cmd
 
 
+def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Until something accepts connections on ``port`` (the party ``proc`` listens)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, f"nothing listens on {port}"
+            time.sleep(0.02)
+
+
 def test_parties_started_in_reverse_order_still_train(tmp_path):
     plan = EXAMPLES / "multi_hop.toml"
     names = list(load_plan(plan).parties)
     make_certs(names, tmp_path / "certs")
     ports = {n: _free_port() for n in names}
     procs = []
-    for n in reversed(names):  # the server first, the client last, with pauses between
+    for n in reversed(names):  # the server first, the client last, each once the one before listens
         procs.append(subprocess.Popen(_party_cmd(plan, n, tmp_path / "certs", ports, tmp_path / "out", ["--epochs", "1"]),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        time.sleep(1.0)
+        if n != names[0]:  # every party but the client listens (the client only dials)
+            _wait_listening(ports[n], procs[-1])
     outs = [p.communicate(timeout=180)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0] * len(names), outs
     report = json.loads((tmp_path / "out" / "parties" / "server" / "report.json").read_text())
@@ -174,8 +187,11 @@ def test_ctrl_c_stops_every_party_process(tmp_path):
         if run.poll() is None:
             _kill_tree(run.pid)
     assert run.returncode != 0
-    time.sleep(1)
-    assert [p for p in children if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)] == []
+    deadline = time.monotonic() + 30  # each ends on its own (told by the launcher), within moments
+    while (alive := [p for p in children if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert alive == []
 
 
 def test_who_dials_whom():
