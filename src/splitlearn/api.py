@@ -248,9 +248,10 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
     training rows, saved beside its weights), so one new row is predicted as it would be in a
     batch. Predictions arrive at the party that owns each head and are written to
     ``RUN_DIR/parties/PARTY/predictions.csv`` (the decided class and, for classification, each
-    class's probability); the returned dict maps each task to ``{"party", "ids", "outputs",
-    "predictions", "probabilities", "classes", "unmatched"}`` (``classes``: the names text labels were
-    mapped from in training; ``unmatched``: per party, the ids of its rows that not every party holds, when
+    class's probability; a target its holder standardised, ``standardize_target``, is predicted in its
+    own units, with the holder's saved scale: ``outputs`` too); the returned dict maps each task to
+    ``{"party", "ids", "outputs", "predictions", "probabilities", "classes", "unmatched"}`` (``classes``:
+    the names text labels were mapped from in training; ``unmatched``: per party, the ids of its rows that not every party holds, when
     the plan aligns rows with ``align = "psi"``: they are not predicted). ``networks`` gives again the networks the run was given
     as Python objects (their architecture; the weights come from the run folder).
     """
@@ -362,7 +363,11 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
             outputs = torch.cat(chunks)
             kind = losses.get(plan.losses[task].kind)
             probs = kind.probabilities(outputs.float()) if kind.probabilities is not None else None
-            owner = plan.losses[task].target.partition(".")[0]
+            owner, _, local = plan.losses[task].target.partition(".")
+            saved = setups[owner].preprocess if owner in setups else None  # the holder's, from the run folder
+            scale = saved.targets.get(local) if saved is not None else None
+            if scale is not None:  # the model learnt the standardised target: predictions in its own units
+                outputs = torch.from_numpy(scale.undo(outputs.numpy()))
             out[task] = {"party": party, "ids": ids.tolist(), "outputs": outputs,
                          "predictions": losses.decide(plan.losses[task].kind, outputs).tolist(),
                          "probabilities": None if probs is None else probs.tolist(),

@@ -17,9 +17,12 @@ __all__ = ["Table", "DataError", "load_table", "infer_dataset", "batches", "trai
            "DATASETS"]
 
 DATASETS = ("digits", "breast_cancer", "wine", "diabetes", "synthetic", "mnist", "csv", "parquet", "npz", "images")
-_OPTIONS: dict[str, set[str]] = {"digits": set(), "breast_cancer": set(), "wine": set(), "diabetes": set(), "synthetic": set(SYNTHETIC_OPTIONS),
-                                 "mnist": {"limit"}, "csv": {"standardize", "classes"},
-                                 "parquet": {"standardize", "classes"}, "npz": {"standardize", "normalize"},
+TARGET_OPTION = "standardize_target"  # regression targets (data.preprocess): the datasets that can hold them
+_T = TARGET_OPTION
+_OPTIONS: dict[str, set[str]] = {"digits": set(), "breast_cancer": set(), "wine": set(), "diabetes": {_T},
+                                 "synthetic": set(SYNTHETIC_OPTIONS), "mnist": {"limit"},
+                                 "csv": {"standardize", "classes", _T}, "parquet": {"standardize", "classes", _T},
+                                 "npz": {"standardize", "normalize", _T},
                                  "images": {"size", "channels", "normalize", "classes", "image_column"}}
 _SETTINGS = {"mnist": {"path"}, "csv": {"path", "id_column", "label_column"},  # besides options
              "parquet": {"path", "id_column", "label_column"}, "npz": {"path", "id_column"},
@@ -29,9 +32,10 @@ _SETTINGS = {"mnist": {"path"}, "csv": {"path", "id_column", "label_column"},  #
 def load_table(dataset: str, *, path: str | None = None, id_column: str | None = None, label_column: str | None = None,
                options: dict[str, Any] | None = None, base_dir: Path | None = None, target: str = "class") -> Table:
     """Load a dataset by name; a relative ``path`` (mnist, csv, parquet, npz, images) is resolved against
-    ``base_dir`` when given. ``standardize`` and ``normalize`` are only checked here: they are fitted
-    on the training rows later (:mod:`splitlearn.data.preprocess`). ``target``: what a label column
-    holds, ``"class"`` labels or ``"value"``s (a regression loss's targets, read as float32)."""
+    ``base_dir`` when given. ``standardize``, ``normalize`` and ``standardize_target`` are only checked
+    here: they are fitted on the training rows later (:mod:`splitlearn.data.preprocess`). ``target``:
+    what a label column holds, ``"class"`` labels or ``"value"``s (a regression loss's targets, read as
+    float32)."""
     if target not in TARGETS:
         raise DataError(f"target must be one of {list(TARGETS)}, got {target!r}")
     if dataset not in DATASETS:
@@ -47,6 +51,8 @@ def load_table(dataset: str, *, path: str | None = None, id_column: str | None =
     unused = given - _SETTINGS.get(dataset, set())
     if unused:
         raise DataError(f"dataset {dataset!r} does not use {sorted(unused)}; remove them")
+    if TARGET_OPTION in options:
+        check_flag(dataset, TARGET_OPTION, options.pop(TARGET_OPTION))
     if dataset == "synthetic":
         return synthetic(**options)
     if dataset in ("digits", "breast_cancer", "wine", "diabetes"):

@@ -175,7 +175,8 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
             for p in neighbours:
                 link.send(hello(me, p, ours["plan_hash"], ids, rows=list(rows) if rows else None,
                                 phase=phase if phase != "hello" else None, plan_parts=parts, **(agree or {}),
-                                **(tell or {})))
+                                **(tell or {}), target_scale=setup.scale_hello(p) if counts and setup is not None
+                                else None))
 
         if rows is not None or not counts:
             say()
@@ -231,6 +232,12 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
                     raise PartyError(f"{me}: {quote(msg.sender)} holds {told[0]} training and {told[1]} test rows, "
                                      f"we {'hold' if setup.table is not None else 'were told'} {rows[0]} and "
                                      f"{rows[1]}" + _ids_hint(party, ids))
+            if counts and setup is not None and "target_scale" in theirs:  # the scale of targets it standardised
+                try:
+                    setup.learn_scales(msg.sender, theirs["target_scale"])
+                except ValueError as e:
+                    link.refuse(msg.sender, f"a hello that cannot be read: {e}")
+                    continue
             heard.add(msg.sender)
             got[msg.sender] = theirs
             if not sent and rows is not None:
@@ -487,8 +494,9 @@ class _Metrics:
     regression MAE, RMSE and R²; the last evaluation's 95 % bootstrap intervals (``ci95``); the
     train loss per step."""
 
-    def __init__(self, party: Party, tracker: Any = None):
+    def __init__(self, party: Party, tracker: Any = None, setup: Any = None):
         plan = party.graph.plan
+        self.setup = setup  # a PartySetup: the scale of a standardised target (setup.scale_of), undone here
         self.tracker = tracker  # a splitlearn.run.tracking.Tracker: values streamed as they come
         self.kinds = {n.name: plan.losses[n.name].kind for n in party.graph.losses() if n.party == party.name}
         self.hist = {k: {"train_loss": [], "test_loss": [], "test_accuracy": []} for k in self.kinds}
@@ -515,8 +523,13 @@ class _Metrics:
                     a.probs.append(kind.probabilities(out.predictions[k].float()).numpy())
                     a.targets.append(out.targets[k].numpy())
                 elif not kind.classification:
-                    a.probs.append(kind.decide(out.predictions[k].float()).numpy().reshape(-1))
-                    a.targets.append(out.targets[k].numpy().reshape(-1))
+                    pred = kind.decide(out.predictions[k].float()).numpy().reshape(-1)
+                    true = out.targets[k].numpy().reshape(-1)
+                    scale = self.setup.scale_of(k) if self.setup is not None else None
+                    if scale is not None:  # metrics in the target's own units
+                        pred, true = scale.undo(pred), scale.undo_target(true)
+                    a.probs.append(pred)
+                    a.targets.append(true)
 
     def close_epoch(self, epoch: int) -> None:
         from ..core.metrics import bootstrap_ci, classification_metrics, curves, regression_metrics
@@ -593,7 +606,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     first: list[Message] = []  # a neighbour's new hello that began a restart
     todo: list[Step] | None = None
     for attempt in range(MAX_RESTARTS + 1):
-        metrics = _Metrics(party, tracker)
+        metrics = _Metrics(party, tracker, setup)
         predictions: dict[str, list] = {}
         epoch = None
         timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0, "first_step_s": 0.0, "first_step_samples": 0}

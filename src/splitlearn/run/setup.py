@@ -22,13 +22,13 @@ from ..core.graph import Graph, build_graph
 from ..core.plan import DataSpec, Plan, PlanError, plan_dir
 from ..core.load import load_plan
 from ..data import DataError, Table, batches, load_table, train_test_split_ids
-from ..data.preprocess import Preprocess, fit_preprocess
+from ..data.preprocess import Preprocess, TargetScale, fit_preprocess, fit_target_scale
 from ..models import build_segment
 from ..privacy import defenses
 
 __all__ = ["Step", "Splits", "schedule", "PartySetup", "setup_party", "check_plan", "prepare", "make_optimizer",
            "party_table", "party_inputs", "splits_for", "party_device", "build_modules", "data_spec", "with_file", "party_file",
-           "holds_data", "counted_splits", "ids_digest", "target_kinds", "label_notes"]
+           "holds_data", "counted_splits", "ids_digest", "target_kinds", "label_notes", "scaled_targets"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,50 @@ def target_kinds(plan: Plan, party: str) -> dict[str, tuple[str, str]]:
                             entry=f"losses.{name}.kind", hint="give each kind of target its own column")
         out[field_name] = (kind, name)
     return out
+
+
+def scaled_targets(plan: Plan, party: str, spec: DataSpec | None, given: bool = False) -> dict[str, str]:
+    """The party's regression targets that its data's ``standardize_target`` standardises: its local input
+    name -> a loss taking it (empty without the option). Class labels are never standardised: the option is
+    refused, naming its entry, where the party's targets are all class labels, where the party's own data
+    (``[parties.NAME.data]``) has it but the party holds no target, where the plan's ``[data]`` has it but
+    no party reading it holds a regression target, and in a ``[clients]`` plan."""
+    if spec is None or not spec.options.get("standardize_target"):
+        return {}
+    own = not given and plan.parties[party].data is not None
+    shared = not given and not own  # the plan's [data]: the parties holding a regression target use it
+    entry = "--data" if given else f"{'parties.' + party + '.' if own else ''}data.options.standardize_target"
+    hint = ('set it in the data of the party that holds a regression loss\'s target (kind = "mse" or another '
+            "regression kind), or remove it")
+    if plan.clients is not None:
+        raise PlanError("standardize_target is not available in a [clients] plan yet: each client would fit its own "
+                        "scale on its own rows", entry=entry, hint="remove the option, or train without [clients]")
+
+    def targets(p: str) -> tuple[dict[str, str], list[str]]:  # regression targets; classification losses
+        value, classes = {}, []
+        for name, loss in plan.losses.items():
+            owner, _, local = loss.target.partition(".")
+            if owner == p and local in plan.parties[p].holds:
+                if losses.is_classification(loss.kind):
+                    classes.append(f"{name!r} ({loss.kind})")
+                else:
+                    value.setdefault(local, name)
+        return value, classes
+
+    mine, classes = targets(party)
+    if mine:
+        return mine
+    if classes:
+        raise PlanError(f"standardize_target standardises a regression target, but {party!r} holds only class "
+                        f"labels, the target(s) of classification loss(es) {', '.join(classes)}",
+                        entry=entry, hint=hint)
+    if own:
+        raise PlanError(f"standardize_target standardises a regression target, but {party!r} holds the target of "
+                        "no loss", entry=entry, hint=hint)
+    if shared and not any(targets(p)[0] for p, ps in plan.parties.items() if ps.data is None and holds_data(plan, p)):
+        raise PlanError("standardize_target standardises a regression target, but no party reading [data] holds "
+                        "one", entry=entry, hint=hint)
+    return {}
 
 
 def _label_target(plan: Plan, party: str) -> str:
@@ -269,7 +313,10 @@ class PartySetup:
 
     A party that holds no data has no ``table``; its ``splits`` are only counts, learnt from
     its neighbours' hellos (:meth:`count`). ``preprocess`` is fitted on the training rows (or
-    given: the saved one, for ``predict``) and applied to every row of ``inputs``."""
+    given: the saved one, for ``predict``) and applied to every row of ``inputs``; so are the scales
+    of the regression targets it standardises (``standardize_target``: ``scaled``), which the party
+    computing each loss learns in the hello (:meth:`scale_hello`, :meth:`learn_scales`) and undoes
+    wherever a prediction or a metric is computed (:meth:`scale_of`)."""
 
     plan: Plan
     graph: Graph
@@ -285,6 +332,8 @@ class PartySetup:
     options: dict = field(default_factory=dict)  # the data source's options (preprocessing)
     client: str | None = None  # the client it is, for a per-client file
     alignment: dict | None = None  # private alignment: rows held before, and kept
+    scaled: dict[str, str] = field(default_factory=dict)  # standardised targets: local input -> a loss taking it
+    learnt: dict[str, TargetScale] = field(default_factory=dict)  # loss -> its target's scale, told by its holder
 
     def data_report(self) -> dict:
         """For ``result.json``: the rows it held, their schema and how alignment changed them."""
@@ -323,6 +372,59 @@ class PartySetup:
                 raise PlanError(f"party {self.client or self.name!r}: {e}", entry=f"parties.{self.name}.data",
                                 hint="predict with data of the same columns and shapes as the training data") from None
         self.inputs = party_inputs(self.plan, self.name, table, set(self.skip))
+        self._scale_targets()
+
+    def _scale_targets(self) -> None:
+        """Fit (on the training rows) and apply the scales of the targets it standardises."""
+        if not self.fixed_preprocess and self.scaled:
+            fitted = {}
+            for local in self.scaled:
+                try:
+                    fitted[local] = fit_target_scale(self.inputs[f"{self.name}.{local}"][self.splits.train].numpy())
+                except DataError as e:
+                    raise PlanError(f"party {self.client or self.name!r}: {e}", entry=f"parties.{self.name}.data",
+                                    hint="give every training row a finite target value") from None
+            self.preprocess = (self.preprocess or Preprocess()).with_targets(fitted)
+        for local, scale in (self.preprocess.targets if self.preprocess is not None else {}).items():
+            node = f"{self.name}.{local}"
+            if node in self.inputs:  # (prediction reads no targets)
+                self.inputs[node] = torch.from_numpy(scale.apply(self.inputs[node].numpy()))
+
+    def scale_of(self, loss: str) -> TargetScale | None:
+        """The scale of loss ``loss``'s target when its holder standardised it (this party's own, or told in
+        a hello); its predictions and targets are multiplied back by it before any metric."""
+        owner, _, local = self.plan.losses[loss].target.partition(".")
+        if owner == self.name and self.preprocess is not None:
+            return self.preprocess.targets.get(local)
+        return self.learnt.get(loss)
+
+    def scale_hello(self, peer: str) -> dict[str, dict[str, float]] | None:
+        """What this party tells ``peer`` in the hello that carries its rows: the scale of each target it
+        standardised whose loss ``peer`` computes (the party that receives those targets; no other)."""
+        if self.table is None or self.preprocess is None:
+            return None
+        mine = self.preprocess.targets
+        out = {}
+        for name, loss in self.plan.losses.items():
+            owner, _, local = loss.target.partition(".")
+            if owner == self.name and local in mine and self.graph.nodes[name].party == peer:
+                out[name] = mine[local].describe()
+        return out or None
+
+    def learn_scales(self, sender: str, told: object) -> None:
+        """Keep the target scales ``sender``'s hello tells (:meth:`scale_hello`); a DataError unless each names
+        a loss this party computes whose target ``sender`` holds, with a finite mean and a std above 0."""
+        if not isinstance(told, dict):
+            raise DataError(f"target_scale must map losses to scales, got {str(told)[:200]}")
+        learnt = {}
+        for name, value in told.items():
+            loss = self.plan.losses.get(name) if isinstance(name, str) else None
+            if loss is None or self.graph.nodes[name].party != self.name \
+                    or loss.target.partition(".")[0] != sender:
+                raise DataError(f"target_scale names {str(name)[:100]!r}, which is no loss of {self.name!r} "
+                                f"whose target {sender!r} holds")
+            learnt[name] = TargetScale.read(value)
+        self.learnt.update(learnt)
 
     def restrict(self, ids: np.ndarray) -> None:
         """Keep only the rows of ``ids`` (private alignment): splits, preprocessing and inputs again."""
@@ -353,6 +455,9 @@ class PartySetup:
             if cols is not None:
                 cols = cols[ref.columns[0]:ref.columns[1]] if ref.columns and arr.ndim == 2 else cols
                 entry["columns" if arr.ndim == 2 else "classes"] = [str(c) for c in cols]
+            scale = self.preprocess.targets.get(local) if self.preprocess is not None else None
+            if scale is not None:  # the model learnt (y - mean) / std; predictions and metrics are in y's units
+                entry["standardized"] = scale.describe()
             out[local] = entry
         return out
 
@@ -370,7 +475,8 @@ def setup_party(plan: Plan, name: str, cache: dict | None = None, data: DataSpec
     setup = PartySetup(plan, graph, name, modules, make_optimizer(plan, name, modules) if optimizer else None, {},
                        None, preprocess=preprocess, fixed_preprocess=preprocess is not None,
                        skip=frozenset(graph.label_inputs() if predict else ()),
-                       options=dict(spec.options) if spec is not None else {}, client=client)
+                       options=dict(spec.options) if spec is not None else {}, client=client,
+                       scaled=scaled_targets(plan, name, spec, given=data is not None))
     if spec is not None:
         setup.derive(party_table(plan, name, cache, data, client))
     return setup
