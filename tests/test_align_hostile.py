@@ -29,7 +29,7 @@ from splitlearn.wire.link import Link
 from splitlearn.wire.messages import Kind, Message, decode, hello
 from splitlearn.wire.transport import InProcessHub, TransportError
 
-from .test_faults import _free_port, _party_cmd
+from .hostile import free_port, hwm_kib, party_cmd, toml
 from .test_own_data import _clinic_files, _vertical_plan
 
 psi = pytest.importorskip("private_set_intersection.python", reason="openmined-psi is installed by the README's "
@@ -226,37 +226,15 @@ def test_budgets_follow_the_row_counts(tmp_path):
 
 # -- real party processes --------------------------------------------------------------------------
 
-def _toml(body: dict) -> str:
-    def val(v) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items() if x is not None) + "}"
-
-    lines = [f"{k} = {val(v)}" for k, v in body.items() if not isinstance(v, dict)]
-    for k, v in body.items():
-        if isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()) and k != "data":
-            for name, section in v.items():
-                lines += [f"[{k}.{name}]", *(f"{a} = {val(b)}" for a, b in section.items() if b is not None)]
-        elif isinstance(v, dict):
-            lines += [f"[{k}]", *(f"{a} = {val(b)}" for a, b in v.items() if b is not None)]
-    return "\n".join(lines) + "\n"
-
-
 def _processes(tmp_path: Path, names: list[str], extra: tuple[str, ...] = (),
                body: dict | None = None) -> tuple[Path, dict, dict]:
     from splitlearn.wire.transport.tls import make_certs
 
     plan = tmp_path / "clinics.toml"
-    plan.write_text(_toml(body or _plan(tmp_path)))
+    plan.write_text(toml(body or _plan(tmp_path)))
     make_certs(["clinic_a", "clinic_b", "server"], tmp_path / "certs")
-    ports = {n: _free_port() for n in ("clinic_a", "clinic_b", "server")}
-    cmds = {n: _party_cmd(plan, n, tmp_path / "certs", ports, tmp_path / "run", "--connect-timeout", "60", *extra)
+    ports = {n: free_port() for n in ("clinic_a", "clinic_b", "server")}
+    cmds = {n: party_cmd(plan, n, tmp_path / "certs", ports, tmp_path / "run", "--connect-timeout", "60", *extra)
             for n in names}
     return plan, ports, cmds
 
@@ -295,12 +273,7 @@ def _until_stopped(p: subprocess.Popen) -> tuple[int, list[str]]:
     lines = [p.stderr.readline()]
     while lines[-1] and "refused a message" not in lines[-1] and not lines[-1].startswith("error:"):
         lines.append(p.stderr.readline())
-    return _hwm_kib(p.pid), lines
-
-
-def _hwm_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmHWM:", 1)[1].split()[0]) if "VmHWM:" in status else -1
+    return hwm_kib(p.pid), lines
 
 
 def test_a_psi_flood_from_a_peer_with_a_certificate_stays_within_the_budget(tmp_path):
@@ -329,7 +302,7 @@ def test_a_psi_flood_from_a_peer_with_a_certificate_stays_within_the_budget(tmp_
             msg = link.recv(timeout=60)
             if msg.kind == Kind.ALIGN:
                 break
-        before = {n: _hwm_kib(p.pid) for n, p in procs.items()}
+        before = {n: hwm_kib(p.pid) for n, p in procs.items()}
         pool = ThreadPoolExecutor(len(procs))
         watch = {n: pool.submit(_until_stopped, p) for n, p in procs.items()}
         flood = b"\x12\x21" + b"\x00" * 33

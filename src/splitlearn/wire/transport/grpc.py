@@ -58,6 +58,10 @@ SERVICE = "splitlearn.v1.SplitLearning"
 METHOD = f"/{SERVICE}/Connect"
 PARTY_HEADER = "x-splitlearn-party"
 KEEPALIVE_MS = 30_000  # detect dead peers and keep idle connections open through NATs
+# HTTP/2 flow control with a fixed window: what a peer can park in this party's gRPC buffers, unread, is
+# at most this per stream. gRPC's default (BDP probing) grows the window with the link, without bound
+# for a peer that floods (100 x 1 MiB parked up to 127 MiB); 4 MiB still fills a 50 ms link at 80 MB/s.
+RECEIVE_WINDOW = 4 << 20
 _END = object()  # in an outgoing queue: finish that stream
 _BYE = b""  # sent before closing a stream cleanly; never a message (an Envelope always has a kind)
 _CLOSED = object()  # in the inbox: this transport is closed
@@ -160,7 +164,8 @@ class GrpcTransport(Transport):
         return [("grpc.max_receive_message_length", self.hard_limit),
                 ("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 20_000),
-                ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)]
+                ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW)]
 
     def start(self) -> GrpcTransport:
         """Bind the server (if ``listen``) and start dialing (if ``dial``); does not wait."""
