@@ -5,7 +5,7 @@ wide-area links, against unsplit training of the same model in one process, in t
     .venv/bin/python bench/pipeline.py --repeats 1 --models bench
 
 Each split run is `splitlearn run` (one process per party, mutual TLS), its connections through
-the emulated link of :mod:`splitlearn.tools.slowlink` where one is named. Samples/s count the
+the emulated link of :mod:`splitlearn.wire.transport.slowlink` where one is named. Samples/s count the
 training steps after the first (which warms up and counts FLOPs). Repeats are alternated (every
 setting once, then every setting again) and the figures are medians. Beside each row the
 physical bound: min(unsplit samples/s, link bandwidth / wire bytes per sample in one direction).
@@ -62,7 +62,7 @@ def split_run(text: str, link: str | None) -> dict:
 def bound(unsplit: float, link: str | None, values: int, codec: str) -> float:
     if link is None:
         return unsplit
-    from splitlearn.tools.slowlink import parse_link
+    from splitlearn.wire.transport.slowlink import parse_link
 
     _, bandwidth = parse_link(link)
     per_sample = values * CODECS[codec] + (8 / 64 if codec == "int8" else 0)  # int8: 8 bytes of scale per tensor
@@ -103,7 +103,7 @@ def main() -> None:
         f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}.",
         "",
         "Vanilla split (hospital: convolutions + labels; server: the rest + loss), `splitlearn run` (one process per "
-        "party, mutual TLS), batch 64, one epoch; *links*: every connection through `splitlearn.tools.slowlink` "
+        "party, mutual TLS), batch 64, one epoch; *links*: every connection through `splitlearn.wire.transport.slowlink` "
         "(half the round trip each way, the bandwidth each way). *Unsplit*: the same model in one process, same "
         "batches. Samples/s: training steps after the first; medians of "
         f"{args.repeats} alternated repeats. *Bound*: min(unsplit samples/s, bandwidth / wire bytes per sample one "

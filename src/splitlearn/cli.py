@@ -177,7 +177,7 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
     if ray is not None and (in_process or link is not None):
         _fail("--ray places party processes on a Ray cluster: it cannot go with --in-process or --link")
     if link is not None:
-        from .tools.slowlink import parse_link
+        from .wire.transport.slowlink import parse_link
 
         if in_process:
             _fail("--link emulates a slow network between party processes: it cannot go with --in-process")
@@ -597,7 +597,7 @@ def link_cmd(to: str = typer.Option(..., "--to", help="HOST:PORT to relay to (a 
              bandwidth: Optional[str] = typer.Option(None, help="each way, e.g. 100mbit (default: unlimited)")) -> None:
     """Relay TCP connections to --to through an emulated slow link (delay and bandwidth each way),
     to try a deployment's link before there is one: point a party's --peer at the address shown."""
-    from .tools.slowlink import SlowLink, parse_link
+    from .wire.transport.slowlink import SlowLink, parse_link
 
     try:
         delay, _ = parse_link(rtt)

@@ -206,7 +206,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
     Ctrl-C stops every process. ``checked``: the plan as already checked end to end by
     :func:`~splitlearn.run.setup.prepare` (otherwise it is checked here first); ``resume``: every
     party goes on from the last checkpoint in ``out`` they all hold; ``link``: every connection
-    through an emulated slow link, e.g. ``"50ms,100mbit"`` (:mod:`splitlearn.tools.slowlink`)."""
+    through an emulated slow link, e.g. ``"50ms,100mbit"`` (:mod:`splitlearn.wire.transport.slowlink`)."""
     from ..wire.transport.tls import make_certs
 
     from .tracking import finish_tracking, parse_log
@@ -219,7 +219,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
     dial_ports = dict(ports)  # where a dialer finds each listener: itself, or the slow link in front of it
     relays = []
     if link is not None:
-        from ..tools.slowlink import SlowLink, parse_link
+        from ..wire.transport.slowlink import SlowLink, parse_link
 
         try:
             rtt, bandwidth = parse_link(link)
