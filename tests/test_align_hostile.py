@@ -29,8 +29,7 @@ from splitlearn.wire.link import Link
 from splitlearn.wire.messages import Kind, Message, decode, hello
 from splitlearn.wire.transport import InProcessHub, TransportError
 
-from .hostile import free_port, hwm_kib, party_cmd, toml
-from .test_own_data import _clinic_files, _vertical_plan
+from .support import clinic_files, free_port, hwm_kib, party_cmd, toml, vertical_plan
 
 psi = pytest.importorskip("private_set_intersection.python", reason="openmined-psi is installed by the README's "
                           "test command (pip install --no-deps openmined-psi)")
@@ -40,8 +39,8 @@ pytestmark = pytest.mark.timeout(180)
 
 def _plan(tmp_path: Path, relayed: bool = True) -> dict:
     """Two clinics: through the server (relayed), or neighbours (the server's top at clinic_a)."""
-    files, _, _ = _clinic_files(tmp_path, missing_at_b=5)  # clinic_a holds 569 ids, clinic_b 564 of them
-    body = _vertical_plan(tmp_path, {p: files[p] for p in ("clinic_a", "clinic_b")}, align="psi")
+    files, _, _ = clinic_files(tmp_path, missing_at_b=5)  # clinic_a holds 569 ids, clinic_b 564 of them
+    body = vertical_plan(tmp_path, {p: files[p] for p in ("clinic_a", "clinic_b")}, align="psi")
     body["train"]["epochs"] = 1
     if not relayed:
         del body["parties"]["server"]

@@ -23,8 +23,7 @@ from splitlearn.run.session import run_party
 from splitlearn.wire.messages import Kind, Limits, encode, hello, read_hello
 
 from .conftest import EXAMPLES
-from .test_faults import _same_run, _stop_after, _weights
-from .test_hostile_peers import ACT, LABEL, Server
+from .support import ACT, LABEL, Server, same_run, stop_after, weights
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -34,7 +33,7 @@ def _stopped_run(tmp_path: Path, example: str = "vanilla", stop: int = 40):
     body = load_plan(EXAMPLES / f"{example}.toml").with_train(epochs=2, checkpoint_every=5)
     splitlearn.train(body, out=tmp_path / "a")
     with pytest.raises(Exception, match="stopped"):
-        splitlearn.train(body, out=tmp_path / "b", on_step=_stop_after(stop))
+        splitlearn.train(body, out=tmp_path / "b", on_step=stop_after(stop))
     return body, tmp_path / "a", tmp_path / "b"
 
 
@@ -52,7 +51,7 @@ def _change_lr(folder: Path) -> None:
 
 def _same_model(a: Path, b: Path) -> None:
     """The weights and metrics of a run never stopped (a run begun again also sent its resume hellos)."""
-    wa, wb = _weights(a), _weights(b)
+    wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys() and wa
     assert max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa) == 0.0
     ra, rb = (json.loads((r / "result.json").read_text()) for r in (a, b))
@@ -71,7 +70,7 @@ def test_a_changed_manifest_byte_makes_that_checkpoint_unusable_and_the_older_on
     assert ck.steps() == [older]
     with caplog.at_level(logging.WARNING, logger="splitlearn"):
         splitlearn.train(body, out=b, resume=True)  # the hospital holds both: they agree on the older
-    _same_run(a, b)  # not 40 away from the run never stopped: the changed learning rate was never used
+    same_run(a, b)  # not 40 away from the run never stopped: the changed learning rate was never used
     said = _messages(caplog)
     assert f"step-{latest:09d}: manifest.json does not match its SHA-256 in SHA256SUMS" in said
     assert f"hospital: resuming after step {older}, the last checkpoint every party holds, not after step " \
@@ -136,7 +135,7 @@ def test_going_back_further_than_a_partys_last_checkpoint_is_logged_with_both_st
     assert ahead
     with caplog.at_level(logging.WARNING, logger="splitlearn"):
         splitlearn.train(body, out=b, resume=True)
-    _same_run(a, b)
+    same_run(a, b)
     said = _messages(caplog)
     for party in ahead:
         assert (f"{party}: resuming after step {older}, the last checkpoint every party holds, not after step "
@@ -222,7 +221,7 @@ def test_a_resumed_server_meters_the_messages_that_came_before_its_restore(tmp_p
 
     monkeypatch.setattr(Party, "step", server_waits_for_the_clinics)
     splitlearn.train(body, out=b, resume=True)
-    _same_run(a, b)
+    same_run(a, b)
     ra, rb = (json.loads((r / "result.json").read_text()) for r in (a, b))
     for p in ra["parties"]:
         assert rb["parties"][p]["bytes_received"] == ra["parties"][p]["bytes_received"], p

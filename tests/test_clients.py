@@ -18,21 +18,7 @@ from splitlearn.core.load import load_plan
 from splitlearn.run.setup import prepare, setup_party
 from splitlearn.run.local import run_local
 
-
-def tiny(hidden=16, **clients) -> Plan:
-    """Digits, a two-layer MLP cut after the first ReLU, plain SGD (no optimizer state to hand off)."""
-    body = {
-        "name": "tiny", "data": {"dataset": "digits"}, "train": {"epochs": 2, "batch_size": 32, "seed": 3},
-        "parties": {"hospital": {"holds": {"x": "x", "y": "y"}, "optimizer": {"name": "sgd", "lr": 0.1}},
-                    "server": {"optimizer": {"name": "sgd", "lr": 0.1}}},
-        "networks": {"mlp": {"zoo": "mlp", "args": {"sizes": [64, hidden, 10]}}},
-        "segments": {"bottom": {"party": "hospital", "inputs": ["hospital.x"], "network": "mlp", "layers": [0, 2]},
-                     "top": {"party": "server", "inputs": ["bottom"], "network": "mlp", "layers": [2, 3]}},
-        "losses": {"digit": {"input": "top", "target": "hospital.y"}},
-    }
-    if clients:
-        body["clients"] = {"template": "hospital", **clients}
-    return load_plan(body)
+from .support import max_diff, module_state, tiny
 
 
 def run_clients(plan: Plan, **kw) -> dict:
@@ -46,14 +32,6 @@ def run_parties(setups, shapes) -> dict:
     return run_local(plan, setups, shapes)
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def _state(mod) -> dict:
-    return {k: v.detach().clone() for k, v in mod.state_dict().items()}
-
-
 def test_sequential_peer_handoff_equals_centralized_on_the_same_batches():
     plan = tiny(count=3, schedule="sequential", handoff="peer")
     reports = run_clients(plan)
@@ -61,7 +39,7 @@ def test_sequential_peer_handoff_equals_centralized_on_the_same_batches():
     ctx = Context.of(plan, setup_party(plan, "hospital"))
     data = setup_party(plan, "hospital").inputs
     ref = {s: build_segment(plan, s) for s in ("bottom", "top")}
-    before = {s: _state(m) for s, m in ref.items()}
+    before = {s: module_state(m) for s, m in ref.items()}
     opt = torch.optim.SGD([p for m in ref.values() for p in m.parameters()], lr=0.1)
     for rnd in ctx.rounds:
         for turn in rnd.train:
@@ -71,9 +49,9 @@ def test_sequential_peer_handoff_equals_centralized_on_the_same_batches():
                                 data["hospital.y"][step.rows]).backward()
                 opt.step()
     last = reports["hospital-3"].modules["bottom"]  # the last client holds the latest bottom
-    assert _max_diff(_state(last), _state(ref["bottom"])) < 1e-5
-    assert _max_diff(_state(reports["server"].modules["top"]), _state(ref["top"])) < 1e-5
-    assert _max_diff(_state(ref["bottom"]), before["bottom"]) > 1e-2  # and training did move the weights
+    assert max_diff(module_state(last), module_state(ref["bottom"])) < 1e-5
+    assert max_diff(module_state(reports["server"].modules["top"]), module_state(ref["top"])) < 1e-5
+    assert max_diff(module_state(ref["bottom"]), before["bottom"]) > 1e-2  # and training did move the weights
     # every client trained on its own rows, disjoint and together all the training rows
     rows = [torch.cat([s.rows for s in t.steps]) for t in ctx.rounds[0].train]
     assert sum(len(r) for r in rows) == len(torch.unique(torch.cat(rows))) == sum(len(s) for s in ctx.shares)
@@ -85,8 +63,9 @@ def test_one_client_equals_the_plain_plan(schedule):
     plain_reports = run_parties(setups, shapes)
     plan = tiny(count=1, schedule=schedule)
     reports = run_clients(plan)
-    assert _max_diff(_state(reports["hospital-1"].modules["bottom"]), _state(setups["hospital"].modules["bottom"])) < 1e-6
-    assert _max_diff(_state(reports["server"].modules["top"]), _state(setups["server"].modules["top"])) < 1e-6
+    assert max_diff(module_state(reports["hospital-1"].modules["bottom"]),
+                    module_state(setups["hospital"].modules["bottom"])) < 1e-6
+    assert max_diff(module_state(reports["server"].modules["top"]), module_state(setups["server"].modules["top"])) < 1e-6
     ours = merge_reports(plan, {k: v for k, v in reports.items()})["metrics"]
     theirs = plain_reports["server"].metrics["digit"]
     assert ours["test_accuracy_per_epoch"] == pytest.approx(theirs["test_accuracy"], abs=1e-9)
@@ -102,7 +81,7 @@ def test_fedavg_with_one_client_and_one_local_step_equals_centralized_sgd():
     reports = run_clients(fed)
     mine = reports["hospital-1"].modules
     for seg in ("bottom", "top"):
-        assert _max_diff(_state(mine[seg]), _state(setups["hospital"].modules[seg])) < 1e-6
+        assert max_diff(module_state(mine[seg]), module_state(setups["hospital"].modules[seg])) < 1e-6
 
 
 def _payload(table: list, wire: str, direction: str) -> int:
@@ -235,7 +214,7 @@ def test_handoff_through_the_server_moves_the_same_weights_by_way_of_the_server(
     plan = tiny(count=3, schedule="sequential", handoff="server")
     via = run_clients(plan)
     for name in ("hospital-1", "hospital-2", "hospital-3"):
-        assert _max_diff(_state(via[name].modules["bottom"]), _state(peer[name].modules["bottom"])) == 0
+        assert max_diff(module_state(via[name].modules["bottom"]), module_state(peer[name].modules["bottom"])) == 0
     res = merge_reports(plan, via)
     values = 64 * 16 + 16
     hand_offs = 3 * 2 - 1  # every turn but the first receives the latest bottom
@@ -250,7 +229,7 @@ def test_a_federation_of_its_own_averages_like_the_server_does():
     assert "fed" in apart and apart["fed"].plays is None
     for name in ("hospital-1", "server"):
         for seg, m in apart[name].modules.items():
-            assert _max_diff(_state(m), _state(at_server[name].modules[seg])) < 1e-6
+            assert max_diff(module_state(m), module_state(at_server[name].modules[seg])) < 1e-6
     res = merge_reports(plan, apart)
     assert _payload(res["parties"]["fed"]["received"], "weights", "weights") > 0  # the weights went to it
     assert _payload(res["parties"]["server"]["received"], "weights", "weights") == 0  # and not to the server
@@ -330,7 +309,7 @@ def test_a_client_speaking_out_of_turn_changes_nothing():
     assert res["skipped"] == []
     for name in ("hospital-1", "hospital-2", "server"):
         for seg, m in attacked[name].modules.items():
-            assert _max_diff(_state(m), _state(clean[name].modules[seg])) == 0
+            assert max_diff(module_state(m), module_state(clean[name].modules[seg])) == 0
     assert res["metrics"] == merge_reports(plan, clean)["metrics"]
 
 
@@ -355,8 +334,8 @@ def test_fedavg_averages_by_samples():
     expected = average(states, sizes)
     plain = average(states, [1, 1, 1])
     got = {f"{seg}.{k}": v for seg, m in reports["hospital-1"].modules.items() for k, v in m.state_dict().items()}
-    assert _max_diff(got, expected) < 1e-6
-    assert _max_diff(got, plain) > 1e-4
+    assert max_diff(got, expected) < 1e-6
+    assert max_diff(got, plain) > 1e-4
 
 
 def test_clients_with_two_fixed_parties_train_and_splitfed_v1_merges_every_copy():
@@ -374,7 +353,8 @@ def test_clients_with_two_fixed_parties_train_and_splitfed_v1_merges_every_copy(
         res = merge_reports(plan, reports)
         assert res["skipped"] == [] and res["metrics"]["test_accuracy"] > 0.35  # measured 0.81 / 0.45; chance 0.1
         start = build_segment(plan, "middle")
-        assert _max_diff(_state(reports["relay"].modules["middle"]), _state(start)) > 1e-3  # the relay learned
+        # the relay learned
+        assert max_diff(module_state(reports["relay"].modules["middle"]), module_state(start)) > 1e-3
 
 
 def test_local_epochs_must_divide_the_epochs():

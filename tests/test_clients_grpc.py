@@ -6,12 +6,13 @@ import signal
 import subprocess
 import sys
 
-from splitlearn.run.processes import _free_port, launch
+from splitlearn.run.processes import launch
 from splitlearn.clients.roles import roles
 from splitlearn.core.load import load_plan
 from splitlearn.wire.transport.tls import make_certs
 
 from .conftest import EXAMPLES
+from .support import free_port
 
 
 def test_ten_client_processes_complete_and_match_the_in_process_run(tmp_path):
@@ -40,7 +41,7 @@ def test_a_killed_client_process_is_skipped_and_the_run_completes(tmp_path):
     names = roles(load_plan(plan_file))
     assert names == ["server", "hospital-1", "hospital-2", "hospital-3"]
     make_certs(names, tmp_path / "certs")
-    ports = {n: _free_port() for n in names}
+    ports = {n: free_port() for n in names}
     procs = {}
     for n in names:
         cmd = [sys.executable, "-m", "splitlearn", "party", str(plan_file), "--name", n, "--certs", str(tmp_path / "certs"),

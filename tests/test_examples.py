@@ -5,18 +5,7 @@ import pytest
 import splitlearn
 
 from .conftest import EXAMPLES
-
-TARGETS = {  # plan -> minimum test accuracy (the figures)
-    "vanilla": 0.90,
-    "u_shaped": 0.90,
-    "multi_hop": 0.90,
-    "vertical": 0.93,
-    "vertical_three": 0.93,
-    "vertical_u_shaped": 0.93,
-    "nopeek": 0.90,
-    "vertical_nopeek": 0.93,
-    "resnet": 0.95,  # a user's own nn.Module (examples/my_resnet.py), cut by name
-}
+from .support import TARGETS
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))

@@ -4,71 +4,31 @@ stopped; a checkpoint torn by a kill during its write is never used."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import splitlearn
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import plan_hash
 from splitlearn.run.checkpoint import Checkpoints
-from splitlearn.run.processes import _free_port
 
 from .conftest import EXAMPLES
-from .test_randomness import DROPOUT, PLAN
+from .support import DROPOUT, PLAN, free_port, kill_tree, party_cmd, process_state, same_run, stop_after, weights
+
+_weights = weights  # kept for test_plan_space until it imports from .support
 
 
 def dropout_plan(folder: Path) -> Path:
-    """The Dropout plan of test_randomness, its factory module under a name of its own (one module
+    """The Dropout plan of test_randomness (support.PLAN), its factory module under a name of its own (one module
     name is one module in a process)."""
     (folder / "fault_nets.py").write_text(DROPOUT)
     (folder / "dropout.toml").write_text(PLAN.replace("dropout_nets:", "fault_nets:"))
     return folder / "dropout.toml"
-
-
-class Stop(Exception):
-    pass
-
-
-def _stop_after(n: int):
-    seen = {"k": 0}
-
-    def on_step(pr) -> None:
-        seen["k"] += 1
-        if seen["k"] == n:
-            raise Stop(f"stopped after {n} steps")
-
-    return on_step
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for folder in sorted((run / "parties").iterdir()):
-        f = folder / "weights.safetensors"
-        if f.is_file():
-            out.update({f"{folder.name}/{k}": v for k, v in load_file(str(f)).items()})
-    return out
-
-
-def _same_run(a: Path, b: Path, count_bytes: bool = True) -> None:
-    """``b`` ends as ``a``: weights and metrics, and (``count_bytes``) bytes and FLOPs per party."""
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys() and wa
-    assert max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa) == 0.0
-    ra, rb = (json.loads((r / "result.json").read_text()) for r in (a, b))
-    assert ra["metrics"]["test_accuracy_per_epoch"] == rb["metrics"]["test_accuracy_per_epoch"]
-    assert ra["metrics"]["train_loss"] == rb["metrics"]["train_loss"]
-    for p in ra["parties"] if count_bytes else ():
-        assert ra["parties"][p]["bytes_sent"] == rb["parties"][p]["bytes_sent"], p
-        assert ra["parties"][p]["flops"] == rb["parties"][p]["flops"], p
 
 
 @pytest.mark.parametrize("example", ["vanilla", "u_shaped", "multi_hop", "dropout"])
@@ -77,19 +37,19 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, example):
     body = load_plan(plan).with_train(epochs=2, checkpoint_every=7)
     splitlearn.train(body, out=tmp_path / "a")
     with pytest.raises(Exception, match="stopped after 30 steps"):
-        splitlearn.train(body, out=tmp_path / "b", on_step=_stop_after(30))
+        splitlearn.train(body, out=tmp_path / "b", on_step=stop_after(30))
     held = Checkpoints(tmp_path / "b" / "parties" / next(iter(body.parties)) / "checkpoints",
                        plan_hash=plan_hash(body)).steps()
     assert len(held) == 2 and max(held) < 30  # the last two, both before the stop
     splitlearn.train(body, out=tmp_path / "b", resume=True)
-    _same_run(tmp_path / "a", tmp_path / "b")
+    same_run(tmp_path / "a", tmp_path / "b")
 
 
 def test_a_torn_checkpoint_is_never_used(tmp_path):
     body = load_plan(EXAMPLES / "vanilla.toml").with_train(epochs=2, checkpoint_every=5)
     splitlearn.train(body, out=tmp_path / "a")
     with pytest.raises(Exception, match="stopped"):
-        splitlearn.train(body, out=tmp_path / "b", on_step=_stop_after(40))
+        splitlearn.train(body, out=tmp_path / "b", on_step=stop_after(40))
     ck = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints", plan_hash=plan_hash(body))
     older, latest = ck.steps()
     state = ck.folder / f"step-{latest:09d}" / "state.safetensors"
@@ -97,21 +57,21 @@ def test_a_torn_checkpoint_is_never_used(tmp_path):
     (ck.folder / f".step-{latest + 5:09d}.tmp").mkdir()  # and one that never got its rename
     assert ck.steps() == [older]
     splitlearn.train(body, out=tmp_path / "b", resume=True)  # the hospital holds both: they agree on the older
-    _same_run(tmp_path / "a", tmp_path / "b")
+    same_run(tmp_path / "a", tmp_path / "b")
 
 
 def test_parties_holding_different_checkpoints_agree_on_the_last_they_all_hold(tmp_path):
     body = load_plan(EXAMPLES / "multi_hop.toml").with_train(epochs=2, checkpoint_every=5)
     splitlearn.train(body, out=tmp_path / "a")
     with pytest.raises(Exception, match="stopped"):
-        splitlearn.train(body, out=tmp_path / "b", on_step=_stop_after(40))
+        splitlearn.train(body, out=tmp_path / "b", on_step=stop_after(40))
     first = next(iter(body.parties))  # the party at one end of the chain lost its latest checkpoint
     ck = Checkpoints(tmp_path / "b" / "parties" / first / "checkpoints", plan_hash=plan_hash(body))
     import shutil
 
     shutil.rmtree(ck.folder / f"step-{ck.steps()[-1]:09d}")
     splitlearn.train(body, out=tmp_path / "b", resume=True)
-    _same_run(tmp_path / "a", tmp_path / "b")
+    same_run(tmp_path / "a", tmp_path / "b")
 
 
 def test_every_party_process_killed_with_sigkill_then_resumed(tmp_path):
@@ -126,17 +86,17 @@ def test_every_party_process_killed_with_sigkill_then_resumed(tmp_path):
     deadline = time.monotonic() + 120
     while len(ck.steps()) < 2 and time.monotonic() < deadline:  # mid-epoch: after the second checkpoint
         time.sleep(0.05)
-    victims = _kill_tree(proc.pid)  # the launcher and every party process it started
+    victims = kill_tree(proc.pid)  # the launcher and every party process it started
     proc.wait(timeout=30)
     deadline = time.monotonic() + 30  # SIGKILL is delivered at once; the kernel reaps a moment later
-    while (alive := [p for p in victims[1:] if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]) \
+    while (alive := [p for p in victims[1:] if Path(f"/proc/{p}").exists() and "zombie" not in process_state(p)]) \
             and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not alive
     assert not (tmp_path / "b" / "result.json").exists()
     done = subprocess.run([*cli, "--out", str(tmp_path / "b"), "--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    _same_run(tmp_path / "a", tmp_path / "b")
+    same_run(tmp_path / "a", tmp_path / "b")
 
 
 def test_resume_without_a_run_folder_is_a_clear_error(tmp_path):
@@ -159,54 +119,12 @@ def test_a_new_run_clears_an_earlier_runs_checkpoints_and_resume_ignores_another
     assert Checkpoints(folder, plan_hash=plan_hash(other)).steps() == []
     splitlearn.train(other, out=tmp_path / "a", resume=True)  # nothing in common: from the start
     splitlearn.train(other, out=tmp_path / "b")  # (only the resume's hellos add bytes)
-    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa) == 0.0
     short = body.with_train(epochs=1)
     splitlearn.train(short, out=tmp_path / "a")  # from the start: only its own checkpoints are left
     assert sorted(p.name for p in folder.iterdir()) == [f"step-{s:09d}" for s in
                                                        Checkpoints(folder, plan_hash=plan_hash(short)).steps()]
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (party processes start sessions of their own: no process group has them all)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _kill_tree(pid: int) -> list[int]:
-    """SIGKILL ``pid`` and every process below it; their pids, ``pid`` first."""
-    victims = [pid, *_descendants(pid)]
-    for p in victims:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return victims
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0].lower()
-    except (OSError, IndexError):
-        return "zombie"
-
-
-def _party_cmd(plan: Path, name: str, certs: Path, ports: dict[str, int], out: Path, *extra: str) -> list[str]:
-    cmd = [sys.executable, "-m", "splitlearn", "party", str(plan), "--name", name, "--certs", str(certs),
-           "--listen", f"127.0.0.1:{ports[name]}", "--out", str(out), "-q", *extra]
-    return cmd + [a for peer, port in ports.items() if peer != name for a in ("--peer", f"{peer}=127.0.0.1:{port}")]
 
 
 # (the server of a plan killed mid-run: tests/test_resume_moments.py, on the PSI plan of the clinics)
@@ -223,13 +141,13 @@ def test_one_party_killed_and_restarted_with_resume_while_the_others_wait(tmp_pa
     reference = splitlearn.train(body)
     names = list(body.parties)
     make_certs(names, tmp_path / "certs")
-    ports = {n: _free_port() for n in names}
+    ports = {n: free_port() for n in names}
     out = tmp_path / "run"
     from splitlearn.run.allocator import math_threads
 
     # the math threads `splitlearn run` gives parties sharing this machine (as in-process runs use)
     env = {**os.environ, "OMP_NUM_THREADS": str(math_threads(len(names)))}
-    procs = {n: subprocess.Popen(_party_cmd(plan, n, tmp_path / "certs", ports, out, "--epochs", "2"), env=env,
+    procs = {n: subprocess.Popen(party_cmd(plan, n, tmp_path / "certs", ports, out, "--epochs", "2"), env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in names}
     ck = Checkpoints(out / "parties" / victim / "checkpoints", plan_hash=plan_hash(body))
     deadline = time.monotonic() + 120
@@ -237,14 +155,14 @@ def test_one_party_killed_and_restarted_with_resume_while_the_others_wait(tmp_pa
         time.sleep(0.05)
     procs[victim].kill()  # SIGKILL, mid-epoch
     procs[victim].wait(timeout=30)
-    procs[victim] = subprocess.Popen(_party_cmd(plan, victim, tmp_path / "certs", ports, out, "--epochs", "2",
-                                                "--resume"), env=env, stdout=subprocess.DEVNULL,
+    procs[victim] = subprocess.Popen(party_cmd(plan, victim, tmp_path / "certs", ports, out, "--epochs", "2",
+                                               "--resume"), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
     errors = {n: p.communicate(timeout=240)[1].decode() for n, p in procs.items()}
     assert all(p.returncode == 0 for p in procs.values()), errors
     ref = {f"{p}/{seg}.{k}": v for p, mods in reference.modules.items() for seg, m in mods.items()
            for k, v in m.state_dict().items()}
-    got = _weights(out)
+    got = weights(out)
     assert ref.keys() == got.keys()
     assert max((ref[k].double() - got[k].double()).abs().max().item() for k in ref) == 0.0
 
@@ -263,7 +181,7 @@ def _clients_plan(folder: Path, schedule: str, count: int = 3) -> Path:
 def _same_weights(a: Path, b: Path) -> None:
     """The weights of every physical party that ``b`` holds equal ``a``'s (``b`` may lack the
     launcher's summary: the template's final model, ``parties/hospital``)."""
-    ref, got = _weights(a), _weights(b)
+    ref, got = weights(a), weights(b)
     if "hospital/bottom.0.weight" not in got:
         ref = {k: v for k, v in ref.items() if not k.startswith("hospital/")}
     assert ref.keys() == got.keys() and ref
@@ -277,7 +195,7 @@ def test_a_clients_run_stopped_after_a_round_resumes_to_the_same_weights(tmp_pat
     plan = load_plan(_clients_plan(tmp_path, schedule))
     reference = splitlearn.train(plan, out=tmp_path / "a")
     with pytest.raises(Exception, match="stopped after 2 steps"):
-        splitlearn.train(plan, out=tmp_path / "b", on_step=_stop_after(2))
+        splitlearn.train(plan, out=tmp_path / "b", on_step=stop_after(2))
     held = Checkpoints(tmp_path / "b" / "parties" / "hospital-2" / "checkpoints", label="round",
                        plan_hash=plan_hash(plan)).steps()
     assert held == [0, 1]  # the last two rounds' ends (round -1, before the first, is gone)
@@ -303,10 +221,10 @@ def test_one_splitfed_client_killed_and_restarted_with_resume_while_the_others_w
     splitlearn.train(body, out=tmp_path / "reference")
     names = ["server", *body.clients.names()]
     make_certs(names, tmp_path / "certs")
-    ports = {n: _free_port() for n in names}
+    ports = {n: free_port() for n in names}
     out, victim = tmp_path / "run", "hospital-2"
     env = {**os.environ, "OMP_NUM_THREADS": str(math_threads(len(names)))}
-    procs = {n: subprocess.Popen(_party_cmd(plan, n, tmp_path / "certs", ports, out), env=env,
+    procs = {n: subprocess.Popen(party_cmd(plan, n, tmp_path / "certs", ports, out), env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in names}
     ck = Checkpoints(out / "parties" / victim / "checkpoints", label="round", plan_hash=plan_hash(body))
     deadline = time.monotonic() + 120
@@ -314,7 +232,7 @@ def test_one_splitfed_client_killed_and_restarted_with_resume_while_the_others_w
         time.sleep(0.02)
     procs[victim].kill()
     procs[victim].wait(timeout=30)
-    procs[victim] = subprocess.Popen(_party_cmd(plan, victim, tmp_path / "certs", ports, out, "--resume"), env=env,
+    procs[victim] = subprocess.Popen(party_cmd(plan, victim, tmp_path / "certs", ports, out, "--resume"), env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     errors = {n: p.communicate(timeout=240)[1].decode() for n, p in procs.items()}
     assert all(p.returncode == 0 for p in procs.values()), errors

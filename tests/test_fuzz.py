@@ -33,6 +33,7 @@ from splitlearn.wire.transport import InProcessHub
 from splitlearn.wire.transport.base import Transport, TransportTimeout
 
 from .conftest import EXAMPLES
+from .support import clinic_files, tiny, vertical_plan
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -588,7 +589,8 @@ def _hello_scenarios(tmp_path: Path) -> list[HelloScenario]:
     """The first hello at a party without data (counts ignored, and adopted), at a data holder (counts
     compared), a resumed session's two hellos, and the hellos around a private alignment (id_count,
     then the aligned rows of two clinics, which must agree)."""
-    from .test_own_data import _clinic_files, _vertical_plan
+    pytest.importorskip("private_set_intersection.python", reason="openmined-psi is installed by the README's "
+                        "test command (pip install --no-deps openmined-psi)")
 
     plan, setups, shapes = prepare(EXAMPLES / "vanilla.toml", epochs=1)
     ph, parts, hs = plan_hash(plan), plan_parts(plan), setups["hospital"]
@@ -606,8 +608,8 @@ def _hello_scenarios(tmp_path: Path) -> list[HelloScenario]:
                                                    plan_parts=parts))], setup=hs, ids=hs.ids_hash),
            HelloScenario("resume", setups, shapes, "server", [("hospital", "hello", resumed), ("hospital", "resume", again)],
                          checkpoints=list(CHECKPOINTS))]
-    files, _, _ = _clinic_files(tmp_path, missing_at_b=5)
-    plan, setups, shapes = prepare(_vertical_plan(tmp_path, {p: files[p] for p in ("clinic_a", "clinic_b")}, align="psi"))
+    files, _, _ = clinic_files(tmp_path, missing_at_b=5)
+    plan, setups, shapes = prepare(vertical_plan(tmp_path, {p: files[p] for p in ("clinic_a", "clinic_b")}, align="psi"))
     ph, parts = plan_hash(plan), plan_parts(plan)
     slots = [(c, "hello", body(c, "server", "", plan_parts=parts, id_count=569 - 5 * k))
              for k, c in enumerate(("clinic_a", "clinic_b"))]
@@ -757,10 +759,11 @@ def test_mutated_alignment_messages_leak_nothing_and_only_the_protocols_are_take
     (PlanError naming the peer) or taken, and what is taken or forwarded is a message of the protocol
     on its route, once, with a size within the ids its sender said it holds and bytes within them."""
     from splitlearn.run import align
-    from .test_own_data import _clinic_files, _vertical_plan
+    pytest.importorskip("private_set_intersection.python", reason="openmined-psi is installed by the README's "
+                        "test command (pip install --no-deps openmined-psi)")
 
-    files, _, _ = _clinic_files(tmp_path, missing_at_b=5)
-    plan, _, _ = prepare(_vertical_plan(tmp_path, {p: files[p] for p in ("clinic_a", "clinic_b")}, align="psi"))
+    files, _, _ = clinic_files(tmp_path, missing_at_b=5)
+    plan, _, _ = prepare(vertical_plan(tmp_path, {p: files[p] for p in ("clinic_a", "clinic_b")}, align="psi"))
     graph = build_graph(plan)
     honest = _align_honest()
     mutate = JsonMutator(seed=11)
@@ -820,7 +823,6 @@ class _Federation:
     def __init__(self):
         from splitlearn.clients.roles import Follower, make_role
         from splitlearn.wire.metering import Meter
-        from .test_clients import tiny
 
         self.plan = tiny(count=2, schedule="fedavg")
         hub = InProcessHub(["server", "hospital-1", "hospital-2"])

@@ -27,11 +27,9 @@ from splitlearn.run.session import run_party
 from splitlearn.wire.transport import InProcessHub, TransportClosed
 
 from .conftest import EXAMPLES
-from .test_safety import FakeHospital, f32
+from .support import ACT, LABEL, Server, f32
 
 pytestmark = pytest.mark.timeout(120)
-
-ACT, LABEL = "bottom->top", "hospital.y->digit"
 
 
 def vanilla(**wire):
@@ -39,72 +37,6 @@ def vanilla(**wire):
     if wire:
         body["wires"] = {"bottom": wire}
     return body
-
-
-class Server:
-    """The vanilla plan's server in a thread, run through its session for ``steps``; the test plays the hospital."""
-
-    def __init__(self, plan=None, steps=1, timeout=10.0, limits=None):
-        self.plan, self.setups, self.shapes = prepare(plan or EXAMPLES / "vanilla.toml", epochs=1)
-        self.steps = list(schedule(self.plan, self.setups["server"].splits))[:steps]
-        self.hub = InProcessHub(["hospital", "server"])
-        s = self.setups["server"]
-        self.link = Link(self.hub.transport("server"), limits=limits)
-        self.party = Party(s.graph, "server", self.link, s.modules, s.optimizer, s.inputs, {}, timeout=timeout)
-        self.h = FakeHospital(self.hub, self.plan, self.setups["hospital"])
-        self.box = {}
-        self.thread = threading.Thread(target=self._work, daemon=True)
-        self.thread.start()
-
-    def _work(self):
-        try:
-            self.box["report"] = run_party(self.party, iter(self.steps), ids_hash=self.setups["server"].ids_hash)
-        except Exception as e:  # noqa: BLE001 - the test reads it
-            self.box["error"] = e
-
-    def greet(self):
-        """Hello and the handshake (one row of zeros on each wire)."""
-        self.h.hello(plan_hash(self.plan))
-        assert self.h.recv().kind == Kind.HELLO
-        self.h.send(Kind.ACTIVATION, -1, ACT, {"t": self.encode(torch.zeros(1, 128))})
-        self.h.send(Kind.ACTIVATION, -1, LABEL, {"t": get_codec("raw").encode(torch.zeros(1, dtype=torch.long))})
-
-    def encode(self, t):
-        return get_codec(self.plan.wires["bottom"].codec if "bottom" in self.plan.wires else "float32").encode(t)
-
-    def good(self, i=0):
-        """The honest activation and labels of step i."""
-        st = self.steps[i]
-        hs = self.setups["hospital"]
-        act = hs.modules["bottom"](hs.inputs["hospital.x"][st.rows]).detach()
-        return {"t": self.encode(act)}, {"t": get_codec("raw").encode(hs.inputs["hospital.y"][st.rows])}
-
-    def finish(self, i=0):
-        act, lab = self.good(i)
-        self.h.send(Kind.ACTIVATION, self.steps[i].id, ACT, act)
-        self.h.send(Kind.ACTIVATION, self.steps[i].id, LABEL, lab)
-
-    def errors(self):
-        """ERROR messages the server sent back (gradients are skipped)."""
-        out = []
-        while True:
-            try:
-                m = decode(self.h.t.recv(0.5)[1])
-            except Exception:  # noqa: BLE001 - drained
-                return out
-            if m.kind == Kind.ERROR:
-                out.append(m)
-
-    def done(self):
-        self.h.send(Kind.STOP, 0, "", {}, "done")
-        self.thread.join(20)
-        assert not self.thread.is_alive()
-        assert "error" not in self.box, self.box.get("error")
-        return self.box["report"]
-
-    def weights(self):
-        return {f"{k}.{n}": v.detach().clone() for k, m in self.setups["server"].modules.items()
-                for n, v in m.state_dict().items()}
 
 
 def clean_weights(plan=None):
@@ -366,7 +298,7 @@ def test_parse_json_refuses_depth_and_size_and_reads_the_rest():
 
 def test_a_deeply_nested_schedule_command_is_refused_by_a_follower():
     from splitlearn.clients.roles import Follower, coordinator_of
-    from tests.test_clients import tiny
+    from .support import tiny
 
     plan = tiny(count=2, schedule="sequential")
     coord = coordinator_of(plan)

@@ -37,11 +37,10 @@ from splitlearn.wire.transport.grpc import _NOBODY, _SEQ, _SYNC, METHOD, PARTY_H
 from splitlearn.wire.transport.tls import load_credentials, make_certs
 
 from .conftest import EXAMPLES
-from .hostile import Mallory, Proc, free_port, party_cmd, threads, toml
+from .support import ACT, Mallory, Proc, free_port, party_cmd, threads, toml
 
 pytestmark = pytest.mark.timeout(120)
 
-ACT = "bottom->top"
 MIB = 2**20
 
 

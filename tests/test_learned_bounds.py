@@ -26,10 +26,7 @@ from splitlearn.wire.messages import Kind, Message, decode, encode, kind_of
 from splitlearn.wire.transport import InProcessHub
 
 from .conftest import EXAMPLES
-from .test_examples import TARGETS
-from .test_faults import _same_run, _stop_after
-from .test_hostile_peers import Server
-from .test_safety import f32
+from .support import TARGETS, Server, f32, same_run, stop_after
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -162,12 +159,12 @@ def test_a_resumed_run_keeps_the_bounds_it_learnt(tmp_path, monkeypatch):
     splitlearn.train(plan, out=tmp_path / "a")
     first = train_steps(plan, 1)
     with pytest.raises(Exception, match="stopped after"):
-        splitlearn.train(plan, out=tmp_path / "b", on_step=_stop_after(first[0] + 2))
+        splitlearn.train(plan, out=tmp_path / "b", on_step=stop_after(first[0] + 2))
     held = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints", plan_hash=plan_hash(plan)).steps()
     assert max(held) == first[0] - 1  # the first epoch's end (its last evaluation step)
     attack(monkeypatch, "hospital", Kind.ACTIVATION, set(first[:10]))
     splitlearn.train(plan, out=tmp_path / "b", resume=True)
-    _same_run(tmp_path / "a", tmp_path / "b")
+    same_run(tmp_path / "a", tmp_path / "b")
     result = json.loads((tmp_path / "b" / "result.json").read_text())
     assert result["parties"]["server"]["refused_jumps"] == {"hospital": 10}
 

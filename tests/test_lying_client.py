@@ -30,7 +30,7 @@ from splitlearn.wire.transport import InProcessHub
 from splitlearn.wire.transport.inprocess import InProcessTransport
 
 from .conftest import EXAMPLES
-from .test_clients import tiny
+from .support import free_port, party_cmd, tiny
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -250,10 +250,7 @@ def test_a_lying_client_process_stops_nobody_and_every_process_says_how_the_run_
     the claims are refused and hospital-2 is skipped, named."""
     from splitlearn.clients.roles import roles as role_names
     from splitlearn.core.load import load_plan
-    from splitlearn.run.processes import _free_port
     from splitlearn.wire.transport.tls import make_certs
-
-    from .test_faults import _party_cmd
 
     text = (EXAMPLES / "sequential.toml").read_text()
     text = text.replace("count = 10", "count = 3").replace("epochs = 8", "epochs = 2").replace("timeout = 30", "timeout = 3")
@@ -262,11 +259,11 @@ def test_a_lying_client_process_stops_nobody_and_every_process_says_how_the_run_
     (tmp_path / "liar.py").write_text(LIAR)
     names = role_names(load_plan(plan))
     make_certs(names, tmp_path / "certs")
-    ports = {n: _free_port() for n in names}
+    ports = {n: free_port() for n in names}
     out = tmp_path / "run"
     procs = {}
     for n in names:
-        cmd = _party_cmd(plan, n, tmp_path / "certs", ports, out)
+        cmd = party_cmd(plan, n, tmp_path / "certs", ports, out)
         if n == "hospital-2":
             cmd = [sys.executable, str(tmp_path / "liar.py"), *cmd[3:]]  # python liar.py party PLAN ...
         procs[n] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)

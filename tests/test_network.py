@@ -21,6 +21,7 @@ from splitlearn.core.load import load_plan
 from splitlearn.wire.transport.tls import make_certs
 
 from .conftest import EXAMPLES
+from .support import descendants, free_port, kill_tree, party_cmd, process_state
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -46,21 +47,6 @@ def test_grpc_training_equals_in_process_exactly(tmp_path, name):
         assert p["bytes_sent"] == local["parties"][party]["bytes_sent"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _party_cmd(plan, name, certs, ports, out, extra=()):
-    cmd = [sys.executable, "-m", "splitlearn", "party", str(plan), "--name", name, "--certs", str(certs),
-           "--listen", f"127.0.0.1:{ports[name]}", "--out", str(out), "-q", *extra]
-    for peer, port in ports.items():
-        if peer != name:
-            cmd += ["--peer", f"{peer}=127.0.0.1:{port}"]
-    return cmd
-
-
 def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     """Until something accepts connections on ``port`` (the party ``proc`` listens)."""
     deadline = time.monotonic() + timeout
@@ -77,10 +63,10 @@ def test_parties_started_in_reverse_order_still_train(tmp_path):
     plan = EXAMPLES / "multi_hop.toml"
     names = list(load_plan(plan).parties)
     make_certs(names, tmp_path / "certs")
-    ports = {n: _free_port() for n in names}
+    ports = {n: free_port() for n in names}
     procs = []
     for n in reversed(names):  # the server first, the client last, each once the one before listens
-        procs.append(subprocess.Popen(_party_cmd(plan, n, tmp_path / "certs", ports, tmp_path / "out", ["--epochs", "1"]),
+        procs.append(subprocess.Popen(party_cmd(plan, n, tmp_path / "certs", ports, tmp_path / "out", "--epochs", "1"),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         if n != names[0]:  # every party but the client listens (the client only dials)
             _wait_listening(ports[n], procs[-1])
@@ -96,10 +82,10 @@ def test_killing_one_party_ends_the_others_with_an_error(tmp_path):
     plan.write_text((EXAMPLES / "vanilla.toml").read_text().replace("seed = 0", "seed = 0\nreconnect_timeout = 3", 1))
     names = list(load_plan(plan).parties)
     make_certs(names, tmp_path / "certs")
-    ports = {n: _free_port() for n in names}
-    hospital = subprocess.Popen(_party_cmd(plan, "hospital", tmp_path / "certs", ports, tmp_path / "out",
-                                           ["--epochs", "500", "--progress"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    server = subprocess.Popen(_party_cmd(plan, "server", tmp_path / "certs", ports, tmp_path / "out", ["--epochs", "500"]),
+    ports = {n: free_port() for n in names}
+    hospital = subprocess.Popen(party_cmd(plan, "hospital", tmp_path / "certs", ports, tmp_path / "out",
+                                          "--epochs", "500", "--progress"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = subprocess.Popen(party_cmd(plan, "server", tmp_path / "certs", ports, tmp_path / "out", "--epochs", "500"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(20):  # training is under way
         assert hospital.stdout.readline().startswith(b"progress")
@@ -169,8 +155,6 @@ def test_ctrl_c_stops_every_party_process(tmp_path):
     run = subprocess.Popen([sys.executable, "-m", "splitlearn", "run", str(EXAMPLES / "vanilla.toml"), "--epochs", "500",
                             "--out", str(tmp_path / "o"), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            start_new_session=True)
-    from .test_faults import _descendants, _kill_tree, _state
-
     held = tmp_path / "o" / "parties" / "server" / "checkpoints"
     deadline = time.monotonic() + 60  # the parties are connected and training: the server saved its state before step 0
     try:
@@ -179,16 +163,16 @@ def test_ctrl_c_stops_every_party_process(tmp_path):
             time.sleep(0.1)
         assert time.monotonic() < deadline and run.poll() is None
         # the party processes (forked from the launcher's forker, run/forker.py) and the forker itself
-        children = [p for p in _descendants(run.pid) if "zombie" not in _state(p)]
+        children = [p for p in descendants(run.pid) if "zombie" not in process_state(p)]
         assert len(children) >= 3
         os.kill(run.pid, signal.SIGINT)
         run.wait(timeout=30)
     finally:  # a failed check leaves no 500-epoch run behind
         if run.poll() is None:
-            _kill_tree(run.pid)
+            kill_tree(run.pid)
     assert run.returncode != 0
     deadline = time.monotonic() + 30  # each ends on its own (told by the launcher), within moments
-    while (alive := [p for p in children if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]) \
+    while (alive := [p for p in children if Path(f"/proc/{p}").exists() and "zombie" not in process_state(p)]) \
             and time.monotonic() < deadline:
         time.sleep(0.02)
     assert alive == []
@@ -211,7 +195,7 @@ def test_hospital_dials_the_server_by_default(tmp_path):
     """The whole deployment: the server listens, the hospital names it with --peer and never listens."""
     plan = EXAMPLES / "vanilla.toml"
     make_certs(["hospital", "server"], tmp_path / "certs")
-    port = _free_port()
+    port = free_port()
     common = ["--certs", str(tmp_path / "certs"), "--out", str(tmp_path / "out"), "--epochs", "1", "-q"]
     server = subprocess.Popen([sys.executable, "-m", "splitlearn", "party", str(plan), "--name", "server",
                                "--listen", f"127.0.0.1:{port}", *common], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -3,8 +3,6 @@ preprocessing that travels with the weights, predict per party."""
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 import torch
@@ -19,69 +17,16 @@ from splitlearn.run.setup import prepare
 from splitlearn.wire.transport.inprocess import InProcessTransport
 
 from .conftest import EXAMPLES
+from .support import clinic_files, raw_cancer, vertical_plan, write_csv
 
 psi = pytest.importorskip("private_set_intersection.python", reason="openmined-psi is installed by the README's "
                           "test command (pip install --no-deps openmined-psi)")
 
 
-def _raw_cancer():
-    from sklearn.datasets import load_breast_cancer
-
-    d = load_breast_cancer()
-    return d.data.astype(np.float32), d.target.astype(np.int64)
-
-
-def _write_csv(path, ids, x, y=None, names=None):
-    names = names or [f"f{i}" for i in range(x.shape[1])]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["pid", *names] + (["outcome"] if y is not None else []))
-        for k, i in enumerate(ids):
-            w.writerow([i, *[f"{v:.6g}" for v in x[k]]] + ([int(y[k])] if y is not None else []))
-
-
-def _vertical_plan(tmp_path, files: dict[str, str], align: str = "exact", standardize: bool = False,
-                   label_at: str = "clinic_a") -> dict:
-    widths = {"clinic_a": 10, "clinic_b": 10, "clinic_c": 10}
-    parties, networks, segments = {}, {}, {}
-    for p, file in files.items():
-        holds = {"x": "x"} if p != label_at else {"x": "x", "y": "y"}
-        parties[p] = {"holds": holds, "data": {"dataset": "csv", "path": file, "id_column": "pid",
-                                                "label_column": "outcome" if p == label_at else None,
-                                                "options": {"standardize": standardize}}}
-        networks[f"b_{p}"] = {"zoo": "mlp", "args": {"sizes": [widths[p], 8], "out_activation": True}}
-        segments[f"b_{p}"] = {"party": p, "inputs": [f"{p}.x"], "network": f"b_{p}"}
-    parties["server"] = {}
-    networks["top"] = {"zoo": "mlp", "args": {"sizes": [8, 8, 2]}}
-    segments["top"] = {"party": "server", "inputs": [f"b_{p}" for p in files], "merge": "sum", "network": "top"}
-    return {"name": "clinics", "data": {"align": align}, "train": {"epochs": 2, "batch_size": 32, "seed": 0},
-            "parties": parties, "networks": networks, "segments": segments,
-            "losses": {"malignant": {"input": "top", "target": f"{label_at}.y"}}}
-
-
-def _clinic_files(tmp_path, missing_at_b: int = 0, rng_seed: int = 3):
-    """Three clinics with ten columns each, string ids, each file's rows shuffled; clinic_b misses some ids."""
-    x, y = _raw_cancer()
-    ids = np.asarray([f"PAT-{i:05d}-Q" for i in range(len(y))])
-    rng = np.random.default_rng(rng_seed)
-    out, held = {}, {}
-    for k, p in enumerate(("clinic_a", "clinic_b", "clinic_c")):
-        keep = np.arange(len(y))
-        if p == "clinic_b" and missing_at_b:
-            keep = np.sort(rng.choice(len(y), len(y) - missing_at_b, replace=False))
-        if p == "clinic_c":
-            keep = keep[5:]  # the first five patients never went to clinic c
-        order = rng.permutation(keep)
-        file = tmp_path / f"{p}.csv"
-        _write_csv(file, ids[order], x[order, 10 * k:10 * k + 10], y[order] if p == "clinic_a" else None)
-        out[p], held[p] = str(file), set(ids[keep].tolist())
-    return out, held, ids
-
-
 # -- private alignment -------------------------------------------------------------------------
 
 def test_psi_aligns_three_clinics_to_exactly_the_intersection_and_no_other_id_travels(tmp_path, monkeypatch):
-    files, held, all_ids = _clinic_files(tmp_path, missing_at_b=20)
+    files, held, all_ids = clinic_files(tmp_path, missing_at_b=20)
     inter = held["clinic_a"] & held["clinic_b"] & held["clinic_c"]
     assert 500 < len(inter) < len(all_ids) - 20
     sent: list[bytes] = []
@@ -92,7 +37,7 @@ def test_psi_aligns_three_clinics_to_exactly_the_intersection_and_no_other_id_tr
         original(self, dst, data)
 
     monkeypatch.setattr(InProcessTransport, "send", spy)
-    res = splitlearn.train(_vertical_plan(tmp_path, files, align="psi", standardize=True), out=tmp_path / "run")
+    res = splitlearn.train(vertical_plan(tmp_path, files, align="psi", standardize=True), out=tmp_path / "run")
     al = res["alignment"]
     assert al["method"] == "psi"
     assert {p: v["held"] for p, v in al["parties"].items()} == {p: len(h) for p, h in held.items()}
@@ -111,9 +56,9 @@ def test_psi_aligns_three_clinics_to_exactly_the_intersection_and_no_other_id_tr
 
 
 def test_exact_alignment_names_the_first_missing_ids(tmp_path):
-    files, held, _ = _clinic_files(tmp_path, missing_at_b=3)
+    files, held, _ = clinic_files(tmp_path, missing_at_b=3)
     with pytest.raises(PlanError) as e:
-        prepare(_vertical_plan(tmp_path, files))
+        prepare(vertical_plan(tmp_path, files))
     missing = sorted(held["clinic_a"] - held["clinic_b"])
     text = str(e.value)
     assert "hold different ids" in text and missing[0] in text and 'align = "psi"' in text
@@ -122,9 +67,9 @@ def test_exact_alignment_names_the_first_missing_ids(tmp_path):
 # -- preprocessing travels with the weights ------------------------------------------------------
 
 def test_predict_one_new_row_standardised_with_the_training_statistics(tmp_path):
-    x, y = _raw_cancer()
+    x, y = raw_cancer()
     ids = np.arange(len(y))
-    _write_csv(tmp_path / "train.csv", ids, x, y)
+    write_csv(tmp_path / "train.csv", ids, x, y)
     plan = {"name": "one", "train": {"epochs": 2, "batch_size": 32, "seed": 0},
             "parties": {"clinic": {"holds": {"x": "x", "y": "y"},
                                    "data": {"dataset": "csv", "path": str(tmp_path / "train.csv"), "id_column": "pid",
@@ -149,8 +94,8 @@ def test_predict_one_new_row_standardised_with_the_training_statistics(tmp_path)
     assert np.allclose(stats["x.mean"].numpy(), x[train_rows].mean(0), rtol=1e-5, atol=1e-4)
     assert not np.allclose(stats["x.mean"].numpy(), x.mean(0), rtol=1e-6, atol=1e-6)
     # a batch of new rows, and one of them alone (without labels: a new patient)
-    _write_csv(tmp_path / "batch.csv", ids[:40], x[:40])
-    _write_csv(tmp_path / "single.csv", ids[7:8], x[7:8])
+    write_csv(tmp_path / "batch.csv", ids[:40], x[:40])
+    write_csv(tmp_path / "single.csv", ids[7:8], x[7:8])
     batch = splitlearn.predict(tmp_path / "run", {"clinic": str(tmp_path / "batch.csv")})["y"]
     single = splitlearn.predict(tmp_path / "run", {"clinic": str(tmp_path / "single.csv")})["y"]
     assert single["ids"] == [7]
@@ -172,15 +117,15 @@ def test_predict_one_new_row_standardised_with_the_training_statistics(tmp_path)
 
 
 def test_vertical_predict_takes_one_file_per_party(tmp_path):
-    files, held, ids = _clinic_files(tmp_path)
+    files, held, ids = clinic_files(tmp_path)
     run = tmp_path / "run"
-    splitlearn.train(_vertical_plan(tmp_path, files, align="psi", standardize=True), out=run)
-    x, _ = _raw_cancer()
+    splitlearn.train(vertical_plan(tmp_path, files, align="psi", standardize=True), out=run)
+    x, _ = raw_cancer()
     new = {}
     for k, p in enumerate(("clinic_a", "clinic_b", "clinic_c")):
         f = tmp_path / f"new_{p}.csv"
         order = [3, 1, 2] if p == "clinic_b" else [1, 2, 3]  # rows in any order: aligned by id
-        _write_csv(f, ids[[i + 100 for i in order]], x[[i + 100 for i in order], 10 * k:10 * k + 10])
+        write_csv(f, ids[[i + 100 for i in order]], x[[i + 100 for i in order], 10 * k:10 * k + 10])
         new[p] = str(f)
     out = splitlearn.predict(run, new)["malignant"]
     assert out["party"] == "server" and out["ids"] == [f"PAT-{i:05d}-Q" for i in (101, 102, 103)]
@@ -242,22 +187,22 @@ def test_clients_whose_files_differ_in_schema_stop_the_run_naming_both(tmp_path)
 # -- clear errors ----------------------------------------------------------------------------------
 
 def test_a_missing_file_names_the_party_and_the_path(tmp_path):
-    files, _, _ = _clinic_files(tmp_path)
+    files, _, _ = clinic_files(tmp_path)
     files["clinic_b"] = str(tmp_path / "nowhere.csv")
     with pytest.raises(PlanError) as e:
-        prepare(_vertical_plan(tmp_path, files))
+        prepare(vertical_plan(tmp_path, files))
     assert "clinic_b" in str(e.value) and "nowhere.csv" in str(e.value)
 
 
 def test_a_non_numeric_cell_names_party_file_line_and_column(tmp_path):
-    files, _, _ = _clinic_files(tmp_path)
+    files, _, _ = clinic_files(tmp_path)
     lines = open(files["clinic_c"]).read().splitlines()
     cells = lines[4].split(",")
     cells[2] = "n/a"
     lines[4] = ",".join(cells)
     open(files["clinic_c"], "w").write("\n".join(lines) + "\n")
     with pytest.raises(PlanError) as e:
-        prepare(_vertical_plan(tmp_path, files))
+        prepare(vertical_plan(tmp_path, files))
     text = str(e.value)
     assert "clinic_c" in text and "line 5" in text and "'f1'" in text and "'n/a'" in text
 

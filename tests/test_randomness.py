@@ -10,53 +10,7 @@ from safetensors.torch import load_file
 import splitlearn
 from splitlearn.run.processes import launch
 
-DROPOUT = '''
-from torch import nn
-
-
-def bottom(width=16):
-    return nn.Sequential(nn.Linear(15, width), nn.ReLU(), nn.Dropout(0.3))
-
-
-def top():
-    return nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
-'''
-
-PLAN = '''
-[data]
-dataset = "breast_cancer"
-[train]
-epochs = 2
-batch_size = 32
-seed = 7
-[parties.clinic_a]
-holds = { x = { field = "x", columns = [0, 15] } }
-[parties.clinic_b]
-holds = { x = { field = "x", columns = [15, 30] } }
-[parties.server]
-holds = { y = "y" }
-[networks.bottom_a]
-factory = "dropout_nets:bottom"
-[networks.bottom_b]
-factory = "dropout_nets:bottom"
-[networks.top]
-factory = "dropout_nets:top"
-[segments.bottom_a]
-party = "clinic_a"
-inputs = ["clinic_a.x"]
-network = "bottom_a"
-[segments.bottom_b]
-party = "clinic_b"
-inputs = ["clinic_b.x"]
-network = "bottom_b"
-[segments.top]
-party = "server"
-inputs = ["bottom_a", "bottom_b"]
-network = "top"
-[losses.malignant]
-input = "top"
-target = "server.y"
-'''
+from .support import DROPOUT, PLAN
 
 
 def _plan(tmp_path: Path) -> Path:

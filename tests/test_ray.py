@@ -19,7 +19,7 @@ from splitlearn.run.processes import launch  # noqa: E402
 from splitlearn.run.session import RunError  # noqa: E402
 
 from .conftest import EXAMPLES  # noqa: E402
-from .test_faults import _weights  # noqa: E402
+from .support import weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_the_vanilla_plan_through_ray_equals_the_local_process_run(cluster, tmp_
     local = launch(EXAMPLES / "vanilla.toml", tmp_path / "local", epochs=2)
     on_ray = launch_ray(EXAMPLES / "vanilla.toml", tmp_path / "ray", epochs=2)
     assert on_ray["transport"] == "grpc+mtls+ray"
-    a, b = _weights(tmp_path / "local"), _weights(tmp_path / "ray")
+    a, b = weights(tmp_path / "local"), weights(tmp_path / "ray")
     assert a.keys() == b.keys() and a
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
     assert on_ray["metrics"] == local["metrics"]

@@ -15,12 +15,11 @@ import pytest
 
 import splitlearn
 from splitlearn.core.load import load_plan
-from splitlearn.run.processes import _free_port
 from splitlearn.tools.audit.run import audit_run
 from splitlearn.wire.transport.tls import make_certs
 
 from .conftest import EXAMPLES
-from .test_network import _party_cmd
+from .support import free_port, party_cmd
 
 
 @pytest.fixture
@@ -173,8 +172,8 @@ def test_party_processes_leave_a_result_at_the_label_owner_that_report_reads(tmp
     plan = EXAMPLES / "vanilla.toml"
     names = list(load_plan(plan).parties)
     make_certs(names, tmp_path / "certs")
-    ports = {n: _free_port() for n in names}
-    procs = [subprocess.Popen(_party_cmd(plan, n, tmp_path / "certs", ports, tmp_path / n, ["--epochs", "1"]),
+    ports = {n: free_port() for n in names}
+    procs = [subprocess.Popen(party_cmd(plan, n, tmp_path / "certs", ports, tmp_path / n, "--epochs", "1"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for n in names]  # each site its own folder, as on a deployment
     outs = [p.communicate(timeout=180)[0].decode() for p in procs]
@@ -196,8 +195,8 @@ def test_parties_whose_plans_differ_are_told_which_entries(tmp_path):
     server_plan = tmp_path / "server.toml"
     server_plan.write_text((EXAMPLES / "vanilla.toml").read_text().replace("epochs = 8", "epochs = 3"))
     make_certs(["hospital", "server"], tmp_path / "certs")
-    ports = {n: _free_port() for n in ("hospital", "server")}
-    procs = [subprocess.Popen(_party_cmd(plan, n, tmp_path / "certs", ports, tmp_path / "out"), stdout=subprocess.PIPE,
+    ports = {n: free_port() for n in ("hospital", "server")}
+    procs = [subprocess.Popen(party_cmd(plan, n, tmp_path / "certs", ports, tmp_path / "out"), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT)
              for n, plan in (("server", server_plan), ("hospital", EXAMPLES / "vanilla.toml"))]
     outs = [" ".join(p.communicate(timeout=120)[0].decode().split()) for p in procs]

@@ -9,12 +9,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 import splitlearn
 from splitlearn.wire.transport import TransportClosed
@@ -22,65 +20,7 @@ from splitlearn.wire.transport.grpc import GrpcTransport
 from splitlearn.wire.transport.tls import load_credentials, make_certs
 
 from .conftest import EXAMPLES
-
-
-class Proxy:
-    """A TCP relay on loopback whose connections the test can cut (and refuse for a while)."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.open = threading.Event()
-        self.open.set()
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            if not self.open.is_set():
-                client.close()
-                continue
-            upstream = socket.create_connection(self.target)
-            with self.lock:
-                self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._copy, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _copy(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self, refuse_for: float) -> None:
-        """Break every connection now and refuse new ones for ``refuse_for`` seconds."""
-        self.open.clear()
-        with self.lock:
-            for s in self.conns:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-            self.conns.clear()
-        threading.Timer(refuse_for, self.open.set).start()
-
-    def close(self) -> None:
-        self.server.close()
-        self.cut(0)
+from .support import Proxy, free_port, weights
 
 
 @pytest.fixture()
@@ -162,13 +102,8 @@ def test_a_peer_that_does_not_come_back_is_named_after_the_timeout(tmp_path):
     proxy.close()
 
 
-def _weights(run: Path) -> dict:
-    return {f"{p.name}/{k}": v for p in (run / "parties").iterdir() if (p / "weights.safetensors").is_file()
-            for k, v in load_file(str(p / "weights.safetensors")).items()}
-
-
 def _reference(result) -> dict:
-    """The weights of an in-process run, keyed as :func:`_weights` keys a run folder's."""
+    """The weights of an in-process run, keyed as :func:`weights` keys a run folder's."""
     return {f"{p}/{seg}.{k}": v for p, mods in result.modules.items() for seg, m in mods.items()
             for k, v in m.state_dict().items()}
 
@@ -176,12 +111,6 @@ def _reference(result) -> dict:
 def _same(a: dict, b: dict) -> float:
     assert a.keys() == b.keys() and a
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _party(plan: Path, name: str, certs: Path, out: Path, *extra: str, netns: str | None = None) -> subprocess.Popen:
@@ -205,7 +134,7 @@ def _until_step(proc: subprocess.Popen, step: int) -> None:
 
 def test_training_through_a_cut_link_ends_with_the_same_weights(tmp_path):
     """On loopback, the hospital reaches the server through a relay that the test cuts for 2 s mid-training."""
-    port = _free_port()
+    port = free_port()
     plan = tmp_path / "plan.toml"
     text = (EXAMPLES / "vanilla.toml").read_text().replace("[parties.server]", f'[parties.server]\naddress = "127.0.0.1:{port}"')
     plan.write_text(text)
@@ -235,7 +164,7 @@ def test_training_through_a_cut_link_ends_with_the_same_weights(tmp_path):
         proxy.close()
     assert hospital.returncode == 0 and server.returncode == 0, outs
     assert "connection to server ended: the stream from server broke" in outs[0][1]  # the cut hit the run
-    assert _same(_reference(reference), _weights(out)) == 0.0
+    assert _same(_reference(reference), weights(out)) == 0.0
 
 
 _PROBE = f"sl-probe-{os.getpid()}"  # one per test process (test workers collect at the same time)
@@ -247,7 +176,7 @@ if NETNS:
 @pytest.mark.skipif(not NETNS, reason="network namespaces cannot be created here (needs root and iproute2)")
 def test_a_link_down_for_five_seconds_between_namespaces(tmp_path):
     """Each party in its own namespace and address, joined by a veth pair that goes down for 5 s."""
-    tag = str(_free_port())[-4:]
+    tag = str(free_port())[-4:]
     ns = {"server": f"sls{tag}", "hospital": f"slh{tag}"}
     veth = (f"vs{tag}", f"vh{tag}")
     addr = {"server": "10.77.0.1", "hospital": "10.77.0.2"}
@@ -282,7 +211,7 @@ def test_a_link_down_for_five_seconds_between_namespaces(tmp_path):
         sh("ip", "-n", ns["hospital"], "link", "set", veth[1], "up")
         outs = [p.communicate(timeout=180) for p in (hospital, server)]
         assert hospital.returncode == 0 and server.returncode == 0, outs
-        assert _same(_reference(reference), _weights(out)) == 0.0
+        assert _same(_reference(reference), weights(out)) == 0.0
     finally:
         for proc in (server, hospital):  # a failed check leaves no party running
             if proc is not None and proc.poll() is None:

@@ -17,7 +17,7 @@ from splitlearn.wire.transport.grpc import _NOBODY, _SEQ, _SYNC, METHOD, PARTY_H
 from splitlearn.wire.transport.switch import Switch
 from splitlearn.wire.transport.tls import load_credentials, make_certs
 
-from .test_reconnect import Proxy
+from .support import Proxy
 
 pytestmark = pytest.mark.timeout(120)
 

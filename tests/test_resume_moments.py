@@ -19,10 +19,9 @@ import pytest
 
 import splitlearn
 from splitlearn.run.allocator import math_threads
-from splitlearn.run.processes import _free_port
 
 from .conftest import EXAMPLES
-from .test_faults import _party_cmd, _same_run
+from .support import free_port, party_cmd, same_run
 
 DRIVER = '''
 """Run `splitlearn party` (argv), frozen at the moment FREEZE names (a flag file written first)."""
@@ -113,7 +112,7 @@ class Run:
         self.tmp, self.plan, self.epochs = tmp_path, plan, epochs
         self.names = list(load_plan(plan).parties)
         make_certs(self.names, tmp_path / "certs")
-        self.ports = {n: _free_port() for n in self.names}
+        self.ports = {n: free_port() for n in self.names}
         self.out = tmp_path / "run"
         (tmp_path / "driver.py").write_text(DRIVER)
         self.env = {**os.environ, "OMP_NUM_THREADS": str(math_threads(len(self.names))),
@@ -123,8 +122,8 @@ class Run:
     def start(self, name: str, freeze: str = "", *extra: str) -> Path:
         """Start party ``name`` (frozen at ``freeze``, if given); the flag file that says it froze."""
         flag = self.tmp / f"frozen-{name}-{len(list(self.tmp.glob('frozen-*')))}"
-        cmd = _party_cmd(self.plan, name, self.tmp / "certs", self.ports, self.out, "--epochs", str(self.epochs),
-                         "--step-timeout", "60", *extra)
+        cmd = party_cmd(self.plan, name, self.tmp / "certs", self.ports, self.out, "--epochs", str(self.epochs),
+                        "--step-timeout", "60", *extra)
         cmd[1:3] = [str(self.tmp / "driver.py")]  # `python driver.py ARGS` instead of `python -m splitlearn ARGS`
         self.procs[name] = subprocess.Popen(cmd, env={**self.env, "FREEZE": freeze, "FREEZE_FLAG": str(flag)},
                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -204,7 +203,7 @@ def test_the_clinics_server_killed_then_resumed(tmp_path, clinics_reference, mom
     (tmp_path / "release").write_text("go")  # the clinics held at their first checkpoint go on
     failed = run.finish()
     assert not failed, "\n".join(f"{n}: {e[-1500:]}" for n, e in failed.items())
-    _same_run(reference, run.out, count_bytes=common)  # a run that began again said more hellos: bytes apart
+    same_run(reference, run.out, count_bytes=common)  # a run that began again said more hellos: bytes apart
 
 
 def test_a_party_killed_after_its_last_checkpoint_is_answered_by_the_finished_ones(tmp_path):
@@ -222,4 +221,4 @@ def test_a_party_killed_after_its_last_checkpoint_is_answered_by_the_finished_on
     run.kill_and_resume("digit_lab", flag)
     failed = run.finish()
     assert not failed, "\n".join(f"{n}: {e[-1500:]}" for n, e in failed.items())
-    _same_run(reference, run.out)
+    same_run(reference, run.out)

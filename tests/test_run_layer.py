@@ -21,7 +21,7 @@ from splitlearn.tools.compare import method_plan
 from splitlearn.wire import messages as m
 from splitlearn.wire.codec import WireError
 
-from .test_clients import _max_diff, _state, tiny
+from .support import max_diff, module_state, tiny
 
 
 def noisy(**clients):
@@ -117,7 +117,7 @@ def test_strategy_contract_one_client_equals_the_plain_plan(schedule):
     for seg in ("bottom", "top") if one_model else ("bottom",):
         holder = setups.get("hospital") if seg in setups["hospital"].modules else setups["server"]
         mine = reports["hospital-1"].modules.get(seg) or reports["server"].modules[seg]
-        assert _max_diff(_state(mine), _state(holder.modules[seg])) < 1e-6, seg
+        assert max_diff(module_state(mine), module_state(holder.modules[seg])) < 1e-6, seg
     assert result["metrics"]["test_accuracy_per_epoch"] == pytest.approx(
         plain_result["metrics"]["test_accuracy_per_epoch"], abs=1e-9)
 
@@ -144,8 +144,8 @@ def test_strategy_contract_averaging_is_weighted_by_samples(schedule):
     assert set(local) == set(plan.clients.names())
     states = [local[c] for c in plan.clients.names()]
     got = {f"{seg}.{k}": v for seg, mod in reports["hospital-1"].modules.items() for k, v in mod.state_dict().items()}
-    assert _max_diff(got, average(states, sizes)) < 1e-6
-    assert _max_diff(got, average(states, [1, 1, 1])) > 1e-4
+    assert max_diff(got, average(states, sizes)) < 1e-6
+    assert max_diff(got, average(states, [1, 1, 1])) > 1e-4
 
 
 def test_strategies_own_their_rounds():

@@ -1,7 +1,6 @@
 """Nothing received is unpickled or given to torch.load; bad tensors are refused, the party goes on."""
 
 import ast
-import json
 import threading
 from pathlib import Path
 
@@ -11,13 +10,14 @@ import splitlearn
 from splitlearn.wire.codec import Encoded, get_codec
 from splitlearn.core.engine import Party
 from splitlearn.wire.link import Link
-from splitlearn.wire.messages import PROTOCOL_VERSION, Kind, Message, encode
+from splitlearn.wire.messages import Kind, Message, encode
 from splitlearn.core.plan import plan_hash
 from splitlearn.run.setup import prepare, schedule
 from splitlearn.run.session import run_party
 from splitlearn.wire.transport import InProcessHub
 
 from .conftest import EXAMPLES
+from .support import FakeHospital, f32
 
 PACKAGE = Path(splitlearn.__file__).parent
 FORBIDDEN_CALLS = {("pickle", "load"), ("pickle", "loads"), ("torch", "load"), ("marshal", "loads"), ("dill", "loads"),
@@ -55,26 +55,6 @@ def test_the_scan_would_catch_a_torch_load(tmp_path):
     assert len(calls) == 1
 
 
-class FakeHospital:
-    """Plays the hospital of the vanilla plan by hand, to send the server whatever we like."""
-
-    def __init__(self, hub, plan, setup):
-        self.t = hub.transport("hospital")
-        self.plan, self.setup = plan, setup
-
-    def send(self, kind, step, wire, tensors, text=""):
-        self.t.send("server", encode(Message(kind, "hospital", "server", step, wire, tensors, text)))
-
-    def recv(self):
-        from splitlearn.wire.messages import decode
-
-        return decode(self.t.recv(10)[1])
-
-    def hello(self, plan_hash_value):
-        self.send(Kind.HELLO, 0, "", {}, json.dumps({"protocol": PROTOCOL_VERSION, "plan_hash": plan_hash_value,
-                                                      "ids_hash": self.setup.ids_hash}))
-
-
 def start_server(hub, plan, setups, shapes, steps):
     s = setups["server"]
     party = Party(s.graph, "server", Link(hub.transport("server")), s.modules, s.optimizer, s.inputs, {}, timeout=10)
@@ -89,10 +69,6 @@ def start_server(hub, plan, setups, shapes, steps):
     th = threading.Thread(target=work, daemon=True)
     th.start()
     return party, th, box
-
-
-def f32(t):
-    return get_codec("float32").encode(t)
 
 
 def test_bad_tensors_are_refused_and_the_server_keeps_running():

@@ -20,7 +20,7 @@ from splitlearn.run.checkpoint import Checkpoints
 from splitlearn.run.setup import prepare
 
 from .conftest import EXAMPLES
-from .test_faults import _stop_after, _weights
+from .support import stop_after, weights
 
 SCALED = {"dataset": "diabetes", "options": {"standardize_target": True}}
 
@@ -156,11 +156,11 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_runs_weights_and_m
     body = load_plan(_plan(epochs=2, checkpoint_every=4))
     a = splitlearn.train(body, out=tmp_path / "a")["metrics"]
     with pytest.raises(Exception, match="stopped after 15 steps"):
-        splitlearn.train(body, out=tmp_path / "b", on_step=_stop_after(15))
+        splitlearn.train(body, out=tmp_path / "b", on_step=stop_after(15))
     held = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints", plan_hash=plan_hash(body)).steps()
     assert held and 12 <= max(held) < 15  # it goes on from a checkpoint in the second epoch, not from the start
     b = splitlearn.train(body, out=tmp_path / "b", resume=True)["metrics"]
-    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     for key in ("per_epoch", "ci95", "curves", "test_mae", "test_rmse", "test_r2", "train_loss_steps"):
         assert a[key] == b[key], key
