@@ -5,7 +5,12 @@ A drawn :class:`Study` says: the task (binary or multi-class classification, reg
 parties holding column ranges, where the labels are (at a feature party, at the server, at a label-only
 registry), the configuration (vanilla, U-shaped, multi-hop with 1 to 3 relays, multi-task), where the
 rows come from (the embedded dataset, or each party's own CSV with string ids, shuffled rows and missing
-patients aligned by PSI) and the pipeline (1 or 2 micro-batches). :func:`build` writes its plan and files.
+patients aligned by PSI) and the pipeline (1 or 2 micro-batches). A drawn ``[clients]`` study
+(:func:`client_studies`) has 1 to 3 clients playing one feature party ``clinic`` that holds the labels too, a
+schedule (sequential with a peer or server hand-off, SplitFed v1 or v2, independent), vanilla, U-shaped,
+multi-hop or multi-task, and rows from shares of the embedded dataset (iid or Dirichlet over the classes) or
+each client's own CSV (string ids, shuffled, uneven sizes and class balance). :func:`build` writes its plan and
+files.
 """
 
 from __future__ import annotations
@@ -35,9 +40,19 @@ class Study:
     files: bool  # each party's own CSV, string ids, missing patients, PSI
     pipeline: int
     seed: int
+    clients: int = 0  # clients playing the template party "clinic" (0: no [clients] section)
+    schedule: str = ""  # "sequential", "splitfed_v1", "splitfed_v2", "independent"
+    handoff: str = "peer"  # sequential: "peer" or "server"
+    partition: str = "iid"  # shares of the embedded dataset: "iid" or "dirichlet"
 
     def __str__(self) -> str:
-        return (f"{self.task} {self.shape}{self.hops if self.shape == 'multi_hop' else ''} features={self.features} "
+        shape = f"{self.shape}{self.hops if self.shape == 'multi_hop' else ''}"
+        if self.clients:
+            sched = self.schedule + (f"/{self.handoff}" if self.schedule == "sequential" else "")
+            rows = "own files" if self.files else f"{self.partition} shares"
+            return (f"{self.task} {shape} clients={self.clients} {sched} {rows} pipeline={self.pipeline} "
+                    f"seed={self.seed}")
+        return (f"{self.task} {shape} features={self.features} "
                 f"labels@{self.labels} {'files+psi' if self.files else 'embedded'} pipeline={self.pipeline}")
 
 
@@ -50,6 +65,23 @@ def studies(draw) -> Study:
     hops = draw(st.integers(1, 3)) if shape == "multi_hop" else 0
     return Study(task, features, labels, shape, hops, draw(st.booleans()), draw(st.sampled_from([1, 2])),
                  draw(st.integers(0, 3)))
+
+
+SCHEDULES = ["sequential", "splitfed_v1", "splitfed_v2", "independent"]
+
+
+@st.composite
+def client_studies(draw) -> Study:
+    """A ``[clients]`` study: the template ``clinic`` holds the features and the labels."""
+    task = draw(st.sampled_from(sorted(TASKS)))
+    shape = draw(st.sampled_from(["vanilla", "u_shaped", "multi_hop", "multi_task"]))
+    schedule = draw(st.sampled_from(SCHEDULES))
+    handoff = draw(st.sampled_from(["peer", "server"])) if schedule == "sequential" else "peer"
+    files = draw(st.booleans())
+    partition = "iid" if files or task == "regression" else draw(st.sampled_from(["iid", "dirichlet"]))
+    return Study(task, 1, "feature", shape, draw(st.integers(1, 2)) if shape == "multi_hop" else 0, files,
+                 draw(st.sampled_from([1, 2])), draw(st.integers(0, 3)), draw(st.integers(1, 3)), schedule, handoff,
+                 partition)
 
 
 def _table(task: str):
@@ -68,7 +100,7 @@ def build(study: Study, folder: Path, exact_ids: bool = False) -> dict:
     """The plan of ``study`` (files written into ``folder``). ``exact_ids``: the CSVs hold only the ids every
     party holds, aligned exactly: what the PSI run must equal bit for bit."""
     dataset, width, out, kind = TASKS[study.task]
-    sites = [f"site_{i}" for i in range(study.features)]
+    sites = ["clinic"] if study.clients else [f"site_{i}" for i in range(study.features)]
     holder = {"feature": sites[0], "server": "server", "registry": "registry"}[study.labels]
     ranges = _ranges(width, study.features)
     # targets of 25 to 346 (diabetes progression, not standardised) take a small step
@@ -81,7 +113,16 @@ def build(study: Study, folder: Path, exact_ids: bool = False) -> dict:
     parties[holder].setdefault("holds", {})["y"] = "y"
     plan: dict = {"name": "drawn", "train": {"epochs": 2, "batch_size": 32, "seed": study.seed,
                                              "pipeline": study.pipeline}, "parties": parties}
-    if study.files:
+    if study.clients:
+        plan["clients"] = {"template": "clinic", "count": study.clients, "schedule": study.schedule,
+                           "handoff": study.handoff, "partition": study.partition, "timeout": 60}
+        parties["clinic"]["holds"]["x"] = "x"  # the whole row (a client's file holds only the features)
+    if study.clients and study.files:
+        _write_client_files(study, folder)
+        parties["clinic"]["data"] = {"dataset": "csv", "path": str(folder / "{client}.csv"), "id_column": "pid",
+                                     "label_column": "target",
+                                     **({"options": {"classes": NAMES[study.task]}} if study.task in NAMES else {})}
+    elif study.files:
         plan["data"] = {"align": "exact" if exact_ids else "psi"}
         _write_files(study, folder, sites, holder, ranges, exact_ids)
         for p in [*sites, holder]:
@@ -141,3 +182,24 @@ def _write_files(study: Study, folder: Path, sites: list[str], holder: str, rang
                 if p == holder:
                     label = [NAMES[study.task][int(y[i])] if study.task in NAMES else f"{float(y[i]):.1f}"]
                 w.writerow([f"id-{i:04d}", *[f"{v:.7g}" for v in x[i, cols[0]:cols[1]]], *label])
+
+
+def _write_client_files(study: Study, folder: Path) -> None:
+    """Each client's own CSV (``clinic-1.csv`` ...): string ids, its own row order, uneven sizes and class
+    balance (the rows are ordered by their target plus noise, then cut at random sizes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y = _table(study.task)
+    n = len(y)
+    rng = np.random.default_rng(study.seed)
+    order = np.argsort(np.asarray(y, dtype=np.float64) + rng.normal(0, 0.3 * float(np.std(y)) + 0.5, n), kind="stable")
+    weights = rng.uniform(1, 3, study.clients)
+    cuts = (np.cumsum(weights)[:-1] / weights.sum() * n).round().astype(int)
+    for k, rows in enumerate(np.split(order, cuts), start=1):
+        rows = rows[rng.permutation(len(rows))]
+        with open(folder / f"clinic-{k}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["pid", *[f"c{j}" for j in range(x.shape[1])], "target"])
+            for i in rows:
+                label = NAMES[study.task][int(y[i])] if study.task in NAMES else f"{float(y[i]):.1f}"
+                w.writerow([f"id-{i:04d}", *[f"{v:.7g}" for v in x[i]], label])
+

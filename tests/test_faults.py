@@ -20,7 +20,6 @@ from splitlearn.run.checkpoint import Checkpoints
 from .conftest import EXAMPLES
 from .support import DROPOUT, PLAN, free_port, kill_tree, party_cmd, process_state, same_run, stop_after, weights
 
-_weights = weights  # kept for test_plan_space until it imports from .support
 
 
 def dropout_plan(folder: Path) -> Path:
