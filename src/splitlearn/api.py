@@ -264,6 +264,14 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
         raise PlanError("not a run folder: plan.json is missing", file=run_dir,
                         hint="give the --out folder of a finished 'splitlearn run'")
     plan = load_run_plan(run_dir, networks)
+    if plan.clients is not None:
+        from .clients.strategies import strategy_of
+
+        if not strategy_of(plan.clients).one_model:
+            raise PlanError(f"this run's schedule is {plan.clients.schedule!r}: every client trained a model of its "
+                            "own and there is no single model to predict with", file=run_dir,
+                            hint="each client's model: its own weights (parties/CLIENT/weights.safetensors) and the "
+                                 "fixed parties' copy for it (parties/PARTY/weights-CLIENT.safetensors)")
     template = plan.clients.template if plan.clients is not None else None
     if plan.clients is not None:
         plan = plan.replace(clients=None)  # the run's one model, between the plan's parties

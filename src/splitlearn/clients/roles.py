@@ -702,10 +702,13 @@ class Role:
         observed = {}
         for client, rec in (self.recorders or {}).items():
             observed.update({(f"{client}/{k}" if client else k): v for k, v in rec.tensors().items()})
+        modules, per_client = self.setup.modules if self.setup else {}, {}
+        if not self.strategy.one_model and self.copies:  # each client's copy is its model; the shared one never trained
+            modules, per_client = {}, {c: mods for c, (mods, _) in self.copies.items()}
         return PartyReport(self.name, plays=self.plays, meter=self.link.meter.summary(),
                            eval_meter=self.eval_meter.summary(), refused=self.refused + self.link.refused,
                            privacy=privacy, records=self.records, skipped=self.skipped,
-                           modules=self.setup.modules if self.setup else {}, observed=observed,
+                           modules=modules, per_client=per_client, observed=observed,
                            data=self.setup.data_report() if self.setup else {},
                            preprocess=self.setup.preprocess if self.setup else None)
 

@@ -2,7 +2,8 @@
 
 A run folder holds ``result.json``, ``plan.json`` (the plan as run) and, per party,
 ``parties/NAME/weights.safetensors``: only that party's segments, so each party's folder
-can stay on that party's machine.
+can stay on that party's machine (under the ``independent`` schedule a fixed party keeps one copy
+of its segments per client instead: ``parties/NAME/weights-CLIENT.safetensors``).
 """
 
 from __future__ import annotations
@@ -266,6 +267,8 @@ def save_party(folder: Path, report: PartyReport) -> None:
     and its report, in ``parties/NAME/`` (so it can stay on that party's machine)."""
     if report.modules:
         save_weights(folder / "weights.safetensors", report.modules)
+    for client, modules in report.per_client.items():  # independent: a fixed party's copy for each client
+        save_weights(folder / f"weights-{client}.safetensors", modules)
     if report.preprocess is not None and report.preprocess.stats:  # part of the model: predict uses it
         save_preprocess(folder / "preprocess.safetensors", report.preprocess)
     if report.observed:

@@ -59,10 +59,11 @@ class PartyReport:
     data: dict = field(default_factory=dict)  # the rows it held and trained on, their schema, the alignment
     preprocess: Any = field(default=None, repr=False)  # its fitted preprocessing (saved beside its weights)
     refused_jumps: dict[str, int] = field(default_factory=dict)  # peer -> values refused past a learnt bound
+    per_client: dict = field(default_factory=dict, repr=False)  # independent: client -> its own trained segments
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("modules", "observed", "predictions", "preprocess")}
+                if k not in ("modules", "observed", "predictions", "preprocess", "per_client")}
 
 
 @dataclass(frozen=True)

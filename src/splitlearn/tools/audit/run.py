@@ -125,6 +125,11 @@ class RunFolder:
         result = json.loads(result_file.read_text()) if result_file.is_file() else {}
         observed = {}
         spec = plan.clients
+        own = spec is not None and (plan.parties[spec.template].data or plan.data).path or ""
+        if "{client}" in own:  # each recorded position is in one client's own rows: not matched to them yet
+            raise AuditError(f"{folder}: the audit does not yet cover a [clients] run whose clients read their own "
+                             f"files ({own!r}): what a party received is recorded per client, in that client's rows; "
+                             "audit a run on shares of one dataset, or one client's data as a plain plan")
         folders = list(plan.parties) if spec is None else [p for p in plan.parties if p != spec.template] + spec.names()
         for party in folders:
             f = folder / "parties" / party / "observed.safetensors"
