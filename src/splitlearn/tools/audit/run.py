@@ -15,7 +15,9 @@ direction, with sample ids (the first and the last 4096 rows of the run). The at
   response lowers it).
 
 The ground truth used to score the attacks (raw inputs, labels) is read from each party's data
-by sample id, as :func:`splitlearn.run.session.setup_party` loads it.
+by sample id, as :func:`splitlearn.run.session.setup_party` loads it. In a ``[clients]`` run whose
+clients read their own files, the template's data is the concatenation of the clients' tables (in
+the plan's client order) and every recorded row is a position in it.
 """
 
 from __future__ import annotations
@@ -104,6 +106,9 @@ class RunFolder:
     result: dict[str, Any]
     observed: dict[str, dict[str, torch.Tensor]]  # party -> key -> tensor
     per_client: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)  # [clients]: client -> observed
+    # [clients] on own files: the clients whose tables, concatenated in this order, are the template's data, and
+    # where each one's rows begin in it (every recorded row is then a position in that concatenation)
+    joined: dict[str, int] | None = None
     _setups: dict[str, Any] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict)
 
@@ -125,11 +130,6 @@ class RunFolder:
         result = json.loads(result_file.read_text()) if result_file.is_file() else {}
         observed = {}
         spec = plan.clients
-        own = spec is not None and (plan.parties[spec.template].data or plan.data).path or ""
-        if "{client}" in own:  # each recorded position is in one client's own rows: not matched to them yet
-            raise AuditError(f"{folder}: the audit does not yet cover a [clients] run whose clients read their own "
-                             f"files ({own!r}): what a party received is recorded per client, in that client's rows; "
-                             "audit a run on shares of one dataset, or one client's data as a plain plan")
         folders = list(plan.parties) if spec is None else [p for p in plan.parties if p != spec.template] + spec.names()
         for party in folders:
             f = folder / "parties" / party / "observed.safetensors"
@@ -156,8 +156,47 @@ class RunFolder:
                 per_client[c] = {p: {k[len(c) + 1:]: v for k, v in observed.get(p, {}).items() if k.startswith(f"{c}/")}
                                  for p in fixed}
                 per_client[c][spec.template] = observed.get(c, {})
-            observed = _merged(per_client.values())
-        return cls(folder, plan, build_graph(plan), result, observed, per_client)
+        run = cls(folder, plan, build_graph(plan), result, observed, per_client)
+        if spec is not None:
+            if "{client}" in ((plan.parties[spec.template].data or plan.data).path or ""):
+                run._join_clients()
+            run.observed = _merged(run.per_client.values())
+        return run
+
+    def _join_clients(self) -> None:
+        """A [clients] run whose clients read their own files: every row a party recorded for a client is in
+        that client's rows (a fixed party counts them in schedule order, the client in its sorted ids); make
+        each a position in the concatenation of the tables of the clients that recorded anything."""
+        spec = self.plan.clients
+        holders = [p for p in self.plan.parties if p != spec.template and self.plan.parties[p].holds]
+        if holders:  # a fixed party's own rows match no client's: there is no truth to score its view against
+            raise AuditError(f"{self.folder}: {holders[0]!r} holds data of its own in a [clients] run whose clients "
+                             "read their own files: the rows it recorded match no client's, so the audit cannot "
+                             "score them")
+        self.joined, offset = {}, 0
+        for c, view in self.per_client.items():
+            if not any(view.values()):
+                continue
+            s = self.client_setup(c)
+            n, order = len(s.splits.ids), np.concatenate([s.splits.train, s.splits.test])
+            self.joined[c] = offset
+            self.per_client[c] = {p: _shifted(tensors, c, p, offset, s.splits.ids,
+                                              None if p == spec.template else order)
+                                  for p, tensors in view.items()}
+            offset += n
+
+    def client_setup(self, client: str):
+        """A client of a [clients] run on own files as it trained: the template party on its own file."""
+        from ...run.setup import setup_party
+
+        if client not in self._setups:  # (a client's name is never a party's)
+            try:
+                self._setups[client] = setup_party(self.plan, self.plan.clients.template, self._cache,
+                                                   optimizer=False, client=client)
+            except PlanError as e:
+                raise AuditError(f"the data of client {client!r}, whose rows the run recorded, cannot be read: {e}; "
+                                 "audit where every client's file is at hand") from None
+        return self._setups[client]
 
     def setup(self, party: str):
         """The party as it trained: its data, restricted to the ids every party holds when the run aligned
@@ -188,7 +227,13 @@ class RunFolder:
         return self._cache["_ids"]
 
     def rows(self, party: str, node: str, positions: torch.Tensor) -> torch.Tensor:
-        """``node``'s values (a field of ``party``'s data) at the given positions in the run's sorted ids."""
+        """``node``'s values (a field of ``party``'s data) at the given positions in the run's sorted ids (own
+        files: in the concatenation of the clients' tables)."""
+        if self.joined is not None and party == self.plan.clients.template:
+            key = f"_joined|{node}"
+            if key not in self._cache:
+                self._cache[key] = torch.cat([self.client_setup(c).inputs[node] for c in self.joined])
+            return self._cache[key][positions]
         return self.setup(party).inputs[node][positions]
 
     def seen(self, party: str, wire: str, direction: str, part: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -198,6 +243,8 @@ class RunFolder:
         key = f"{wire}|{direction}|{part}"
         if f"{key}|values" not in obs:
             return None
+        if self.joined is not None:  # own files: positions in the clients' tables, concatenated (_join_clients)
+            return obs[f"{key}|positions"], obs[f"{key}|values"]
         known = self.aligned_ids()
         if f"{key}|positions" in obs:
             pos = obs[f"{key}|positions"].long()
@@ -218,6 +265,38 @@ class RunFolder:
             raise AuditError(f"the data holds no rows for some ids {party!r} recorded (first: "
                              f"{ids[known[pos] != ids][:5].tolist()}): was the run made on other data?")
         return torch.from_numpy(pos), obs[f"{key}|values"]
+
+
+def _shifted(tensors: dict[str, torch.Tensor], client: str, party: str, offset: int, ids: np.ndarray,
+             order: np.ndarray | None) -> dict[str, torch.Tensor]:
+    """What ``party`` recorded for ``client`` with every row made a position in the clients' concatenated tables:
+    ``order`` maps a position counted in schedule order (a party without data) to one in the client's sorted
+    ``ids``; the client records positions in them (or, integer ids, the ids), which start at ``offset``."""
+    out = {}
+    for k, v in tensors.items():
+        head, _, label = k.rpartition("|")
+        if label == "positions":
+            pos = v.long().numpy()
+            bound = len(ids) if order is None else len(order)
+            if len(pos) and (int(pos.min()) < 0 or int(pos.max()) >= bound):
+                raise AuditError(f"what {party!r} recorded for {client!r} names rows beyond the {bound} {client!r} "
+                                 "holds: was the run made on other data?")
+            pos = pos if order is None else order[pos]
+        elif label == "ids":
+            got = v.numpy()
+            if ids.dtype.kind not in "iu":
+                raise AuditError(f"{party!r} recorded integer ids for {client!r}, but {client!r}'s ids are strings: "
+                                 "was the run made on other data?")
+            pos = np.clip(np.searchsorted(ids, got), 0, max(len(ids) - 1, 0))
+            if len(got) and (not len(ids) or not np.array_equal(ids[pos], got)):
+                missing = got[ids[pos] != got] if len(ids) else got
+                raise AuditError(f"{client!r}'s data holds no rows for some ids {party!r} recorded (first: "
+                                 f"{missing[:5].tolist()}): was the run made on other data?")
+        else:
+            out[k] = v
+            continue
+        out[f"{head}|positions"] = torch.from_numpy(pos.astype(np.int64) + offset)
+    return out
 
 
 def _merged(views) -> dict[str, dict[str, torch.Tensor]]:
