@@ -254,7 +254,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
         resuming = checkpoints is not None
         tell = {"checkpoints": checkpoints} if resuming else {}
         if psi and held is not None:  # how many ids it aligns: what its requests are bounded by (run/align.py)
-            tell["id_count"] = len(setup.table.ids)
+            tell["id_count"] = len(setup.own_ids)
         heard = exchange("hello", "" if psi else ids_hash, None if psi else held, setup is not None and not psi,
                          tell=tell or None, agree={"resuming": True} if resuming else None)
         done = _finished_neighbours(me, heard, checkpoints) if resuming else None
@@ -299,7 +299,7 @@ def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[int] | None
     if psi:
         from .align import align_psi
 
-        kept = align_psi(link, party.graph, me, setup.table.ids if setup.table is not None else None,
+        kept = align_psi(link, party.graph, me, setup.own_ids if setup.table is not None else None,
                          timeout=party.timeout, keep=ahead.keep, first=ahead.take(), hellos=heard)
         if kept is not None:
             setup.restrict(kept)

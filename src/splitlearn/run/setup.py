@@ -334,6 +334,7 @@ class PartySetup:
     alignment: dict | None = None  # private alignment: rows held before, and kept
     scaled: dict[str, str] = field(default_factory=dict)  # standardised targets: local input -> a loss taking it
     learnt: dict[str, TargetScale] = field(default_factory=dict)  # loss -> its target's scale, told by its holder
+    unaligned: Table | None = None  # private alignment: the rows as read, before it (a restarted session aligns them)
 
     def data_report(self) -> dict:
         """For ``result.json``: the rows it held, their schema and how alignment changed them."""
@@ -426,11 +427,20 @@ class PartySetup:
             learnt[name] = TargetScale.read(value)
         self.learnt.update(learnt)
 
-    def restrict(self, ids: np.ndarray) -> None:
-        """Keep only the rows of ``ids`` (private alignment): splits, preprocessing and inputs again."""
+    @property
+    def own_ids(self) -> np.ndarray:
+        """The ids of every row this party read, aligned or not (what a private alignment starts from)."""
         assert self.table is not None
-        self.alignment = {"held": len(self.table), "aligned": len(ids)}
-        self.derive(self.table.align(np.sort(ids)))
+        return (self.unaligned if self.unaligned is not None else self.table).ids
+
+    def restrict(self, ids: np.ndarray) -> None:
+        """Keep only the rows of ``ids`` (private alignment): splits, preprocessing and inputs again, from the
+        rows as read (a session begun again aligns them again, not the rows an earlier alignment kept)."""
+        assert self.table is not None
+        if self.unaligned is None:
+            self.unaligned = self.table
+        self.alignment = {"held": len(self.unaligned), "aligned": len(ids)}
+        self.derive(self.unaligned.align(np.sort(ids)))
 
     def count(self, train: int, test: int) -> None:
         """A party without data: how many rows the others hold (from their hellos). Splits already
