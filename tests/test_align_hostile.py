@@ -351,3 +351,62 @@ def test_a_psi_flood_from_a_peer_with_a_certificate_stays_within_the_budget(tmp_
 
 def _blob(data: bytes) -> Encoded:
     return Encoded("raw", "uint8", (len(data),), data)
+
+
+# -- the same refusals by real party processes, from a peer holding clinic_b's certificate ------------
+
+def _many(n: int) -> bytes:
+    """A request of ``n`` blinded ids (valid points), built from one chunk of the library's."""
+    some = psi.Request()
+    some.ParseFromString(_request([f"x{i}" for i in range(align.CHUNK)]))
+    request = psi.Request(reveal_intersection=True)
+    for _ in range(n // align.CHUNK + 1):
+        request.encrypted_elements.extend(some.encrypted_elements)
+    del request.encrypted_elements[n:]
+    return request.SerializeToString()
+
+
+@pytest.mark.parametrize("case, id_count, size, data, checker, why", [
+    ("malformed", 569, "abc", lambda: _request(["1", "2"]), "server",
+     "a request of size 'abc': expected a count of ids from 0 to 569"),
+    ("over-its-hello", 50, 51, lambda: _request([str(i) for i in range(51)]), "server",
+     "expected a count of ids from 0 to 50 (the ids clinic_b said it holds)"),
+    ("past-the-deadline", 120_000, 120_000, lambda: _many(120_000), "clinic_a",
+     "did not finish within 3.0 s (answering clinic_b's request)"),
+], ids=["malformed", "over-its-hello", "past-the-deadline"])
+def test_party_processes_refuse_a_bad_psi_request_name_it_and_stop_together(tmp_path, case, id_count, size, data,
+                                                                            checker, why):
+    """Issue #22, cases 3 and 7 against `splitlearn party` processes: a malformed size, a request past
+    what the sender's hello said it holds (refused by the relay, the first honest party it reaches), and a
+    long request (answered by clinic_a in chunks, interrupted by its 3 s deadline). The party that
+    checks it stops naming the reason, the other is told and stops at once: both exit 1, well before
+    the deadline of a party left waiting."""
+    from splitlearn.core.load import load_plan
+
+    from .support import Mallory, Proc
+
+    plan, ports, cmds = _processes(tmp_path, ["server", "clinic_a"], ("--step-timeout", "3"))
+    procs = {n: Proc(cmd) for n, cmd in cmds.items()}
+    try:
+        with Mallory(tmp_path / "certs", "clinic_b", {"server": ports["server"]}) as mallory:
+            mallory.send(hello("clinic_b", "server", plan_hash(load_plan(plan)), "", id_count=id_count))
+            mallory.recv(Kind.HELLO)
+            t0 = time.monotonic()
+            mallory.send(Message(Kind.ALIGN, "clinic_b", "server", wire="align",
+                                 tensors={"data": _blob(data())},
+                                 text=json.dumps({"phase": "request", "size": size, "from": "clinic_b",
+                                                  "to": "clinic_a"})))
+            status = {n: p.end(timeout=60) for n, p in procs.items()}
+            took = time.monotonic() - t0
+    finally:
+        for p in procs.values():
+            p.kill()
+    assert status == {"server": 1, "clinic_a": 1}, {n: p.said[-2000:] for n, p in procs.items()}
+    assert why in procs[checker].said, procs[checker].said[-2000:]
+    if checker == "server":
+        assert "refused a message from 'clinic_b'" in procs["server"].said
+    other = "clinic_a" if checker == "server" else "server"
+    said = procs[other].said  # told by the checker; or, with a deadline of its own as short, stopped by it as well
+    assert f"party '{checker}' stopped" in said or (case == "past-the-deadline" and "did not finish within 3.0 s" in said), \
+        said[-2000:]
+    assert took < 3.0 + 5.0  # the deadline, one chunk of the library and the processes' exit; never a wait out
