@@ -2,8 +2,10 @@
 cannot bloat, stall or crash (run/align.py).
 
 In-process cases run the honest parties in threads over the in-process transport and play one
-clinic by hand (the transport authenticates it, as mutual TLS would); the slow clinic and the
-flood run real ``splitlearn party`` processes, the flood from a peer holding a valid certificate.
+clinic by hand (the transport authenticates it, as mutual TLS would); the slow clinic runs the three
+honest parties in threads, the clinic starting once the other's request reached the relay; the flood
+and the refused requests at the end run real ``splitlearn party`` processes, against a peer holding
+a valid certificate.
 """
 
 from __future__ import annotations
@@ -410,3 +412,26 @@ def test_party_processes_refuse_a_bad_psi_request_name_it_and_stop_together(tmp_
     assert f"party '{checker}' stopped" in said or (case == "past-the-deadline" and "did not finish within 3.0 s" in said), \
         said[-2000:]
     assert took < 3.0 + 5.0  # the deadline, one chunk of the library and the processes' exit; never a wait out
+
+
+def test_a_clinic_process_whose_hello_comes_two_seconds_late_is_aligned_with(tmp_path):
+    """Issue #22, case 5 as the issue ran it, with `splitlearn party` processes: clinic_a starts two
+    seconds after the server and clinic_b (the lateness is the case under test, not a wait for
+    anything). clinic_b's first alignment message reaches the relay before clinic_a's hello; it is
+    kept, and all three end with the aligned rows instead of failing after their deadline."""
+    from .support import Proc
+
+    plan, ports, cmds = _processes(tmp_path, ["server", "clinic_a", "clinic_b"], ("--step-timeout", "30"))
+    procs = {n: Proc(cmds[n]) for n in ("server", "clinic_b")}
+    try:
+        time.sleep(2.0)  # clinic_a is late, as in the issue
+        procs["clinic_a"] = Proc(cmds["clinic_a"])
+        status = {n: p.end(timeout=120) for n, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()
+    assert status == {"server": 0, "clinic_b": 0, "clinic_a": 0}, {n: p.said[-2000:] for n, p in procs.items()}
+    data = {n: json.loads((tmp_path / "run" / "parties" / n / "report.json").read_text())["data"]
+            for n in ("clinic_a", "clinic_b")}
+    assert data["clinic_a"]["alignment"] == {"held": 569, "aligned": 564}
+    assert data["clinic_b"]["alignment"] == {"held": 564, "aligned": 564}

@@ -219,5 +219,5 @@ def test_the_diabetes_study_regression_at_a_label_only_registry_over_psi(tmp_pat
     assert len(kept) == 1 and 442 - 28 <= kept.pop() <= 442 - 12  # 12, 9 and 7 patients missing at three sites
     assert m["test_r2"] > 0.2 and m["test_mae"] < 70 and m["test_rows"] > 80
     assert [w["name"] for w in local["wires"] if w["src"] == "registry"] == ["registry.y->progression"]
-    # over party processes (gRPC = in-process) the registry is tested in tests/test_flow_control.py; this study's
-    # PSI chain over processes fails now and then (tests/test_resume_moments.py, _PSI_FLAKE)
+    # in-process here, for time: over party processes, a label-only registry equals in-process in
+    # tests/test_flow_control.py, and PSI chains of three holders run in tests/test_resume_moments.py
