@@ -112,6 +112,17 @@ def _request(ids: list[str]) -> bytes:
     return client.CreateRequest(ids).SerializeToString()
 
 
+def _many(n: int) -> bytes:
+    """A request of ``n`` blinded ids (valid points), built from one chunk of the library's."""
+    some = psi.Request()
+    some.ParseFromString(_request([f"x{i}" for i in range(align.CHUNK)]))
+    request = psi.Request(reveal_intersection=True)
+    for _ in range(n // align.CHUNK + 1):
+        request.encrypted_elements.extend(some.encrypted_elements)
+    del request.encrypted_elements[n:]
+    return request.SerializeToString()
+
+
 # -- malformed fields: refused, named, told ------------------------------------------------------
 
 @pytest.mark.parametrize("size", ["abc", math.inf, [1]], ids=["text", "infinity", "list"])
@@ -173,14 +184,9 @@ def test_the_deadline_interrupts_a_long_request(tmp_path):
     c = Clinics(_plan(tmp_path, relayed=False), timeout=3.0)
     n = 120_000
     c.greet("clinic_a", n)
-    some = psi.Request()
-    some.ParseFromString(_request([f"x{i}" for i in range(align.CHUNK)]))
-    request = psi.Request(reveal_intersection=True)
-    for _ in range(n // align.CHUNK + 1):
-        request.encrypted_elements.extend(some.encrypted_elements)
-    del request.encrypted_elements[n:]
+    request = _many(n)
     t0 = time.monotonic()
-    c.align("clinic_a", "clinic_a", {"phase": "request", "size": n}, request.SerializeToString())
+    c.align("clinic_a", "clinic_a", {"phase": "request", "size": n}, request)
     at, err = c.join()["clinic_a"]
     assert isinstance(err, PlanError) and "did not finish within 3.0 s (answering clinic_b's request)" in str(err), err
     assert at - t0 < 3.0 + 1.5  # one chunk of the library past the deadline, at most
@@ -356,17 +362,6 @@ def _blob(data: bytes) -> Encoded:
 
 
 # -- the same refusals by real party processes, from a peer holding clinic_b's certificate ------------
-
-def _many(n: int) -> bytes:
-    """A request of ``n`` blinded ids (valid points), built from one chunk of the library's."""
-    some = psi.Request()
-    some.ParseFromString(_request([f"x{i}" for i in range(align.CHUNK)]))
-    request = psi.Request(reveal_intersection=True)
-    for _ in range(n // align.CHUNK + 1):
-        request.encrypted_elements.extend(some.encrypted_elements)
-    del request.encrypted_elements[n:]
-    return request.SerializeToString()
-
 
 @pytest.mark.parametrize("case, id_count, size, data, checker, why", [
     ("malformed", 569, "abc", lambda: _request(["1", "2"]), "server",

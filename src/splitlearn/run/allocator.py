@@ -23,9 +23,7 @@ def math_threads(parties: int) -> int:
 def tune_allocator() -> bool:
     """Keep large buffers on the heap (glibc): messages of megabytes are otherwise mapped and unmapped
     for every copy, and their pages faulted in each time (measured: encoding a 2 MB activation took
-    5 ms instead of 0.23 ms). Freed memory is returned to the system only above 256 MB, and at most two
-    arenas keep it (one per thread, glibc's default, let a flood of megabyte messages leave up to 50 MiB
-    scattered over the transport's threads; 30 MiB with two, tests/test_hostile_processes.py). A no-op
+    5 ms instead of 0.23 ms). Freed memory is returned to the system only above 256 MB. A no-op
     (False) where the C library is not glibc; the party processes and the CLI call it."""
     import ctypes
     import ctypes.util
@@ -35,8 +33,7 @@ def tune_allocator() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 256 * 2**20)
-                    and libc.mallopt(m_arena_max, 2))
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 256 * 2**20))
     except (OSError, AttributeError):
         return False
