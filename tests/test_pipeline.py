@@ -39,9 +39,10 @@ def test_pipelined_training_equals_synchronous_in_process(example, k):
     assert piped["metrics"]["train_loss"] == pytest.approx(sync["metrics"]["train_loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("example, k", [("vanilla", 2), ("u_shaped", 4), ("vertical", 2), ("multi_hop", 4)])
+# (every shape at depths 2 and 4 in-process above; over gRPC the transport is the same for any depth or shape)
+@pytest.mark.parametrize("example, k", [("vanilla", 4), ("vertical", 2)])
 def test_pipelined_training_over_grpc_equals_synchronous(tmp_path, example, k):
-    """Over gRPC each example once (K = 2 or 4; both K for every example in-process, above)."""
+    """Over gRPC, a chain at K = 4 and a merge at K = 2 (both K for every example in-process, above)."""
     plan = tmp_path / f"{example}.toml"
     plan.write_text((EXAMPLES / f"{example}.toml").read_text().replace("seed = 0", f"seed = 0\npipeline = {k}", 1))
     over_grpc = launch(plan, tmp_path / "run", epochs=1)
