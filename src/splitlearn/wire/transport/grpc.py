@@ -60,8 +60,9 @@ PARTY_HEADER = "x-splitlearn-party"
 KEEPALIVE_MS = 30_000  # detect dead peers and keep idle connections open through NATs
 # HTTP/2 flow control with a fixed window: what a peer can park in this party's gRPC buffers, unread, is
 # at most this per stream. gRPC's default (BDP probing) grows the window with the link, without bound
-# for a peer that floods (100 x 1 MiB parked up to 127 MiB); 4 MiB still fills a 50 ms link at 80 MB/s.
-RECEIVE_WINDOW = 4 << 20
+# for a peer that floods (100 x 1 MiB parked up to 127 MiB). Measured over an emulated 50 ms link
+# (wire/transport/slowlink.py), 2 MiB messages: 8 MiB gives 113 MiB/s, 4 MiB 62, gRPC's own window 119.
+RECEIVE_WINDOW = 8 << 20
 _END = object()  # in an outgoing queue: finish that stream
 _BYE = b""  # sent before closing a stream cleanly; never a message (an Envelope always has a kind)
 _CLOSED = object()  # in the inbox: this transport is closed
