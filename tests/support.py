@@ -30,14 +30,14 @@ from splitlearn.run.session import run_party
 from splitlearn.run.setup import prepare, schedule
 from splitlearn.wire.codec import Encoded, get_codec
 from splitlearn.wire.link import Link
-from splitlearn.wire.messages import PROTOCOL_VERSION, Kind, Message, decode, encode
+from splitlearn.wire.messages import PROTOCOL_VERSION, Kind, Message, decode, encode, kind_of
 from splitlearn.wire.transport import InProcessHub, TransportError
 from splitlearn.wire.transport.grpc import GrpcTransport
 from splitlearn.wire.transport.tls import load_credentials
 
 from .conftest import EXAMPLES
 
-__all__ = [
+__all__ = ["POISON", "Poisoning", 
     # party processes (tests/test_hostile_processes.py, tests/test_align_hostile.py, the resume tests)
     "free_port", "party_cmd", "toml", "hwm_kib", "threads", "Proc", "Mallory", "descendants", "kill_tree",
     "process_state",
@@ -618,3 +618,35 @@ class Proxy:
     def close(self) -> None:
         self.server.close()
         self.cut(0)
+
+
+POISON = 9.9e5  # just inside the default max_abs of 1e6 (issue #22's attack on values inside the bounds)
+
+
+class Poisoning:
+    """The attacker's end of a transport, under a party's real code: before each of its ``kind``
+    messages of ``steps`` on the activation wire ``ACT`` it sends the same tensor filled with
+    ``POISON``, then the honest one (so the run goes on wherever the poison is refused); the ERRORs
+    it receives are kept in ``told``, not handed on."""
+
+    def __init__(self, inner, steps: set[int], kind: Kind = Kind.ACTIVATION):
+        self.inner, self.steps, self.kind, self.told = inner, steps, kind, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def send(self, dst: str, data: bytes) -> None:
+        msg = decode(data)
+        if msg.kind == self.kind and msg.wire == ACT and msg.step in self.steps:
+            codec = get_codec(msg.tensors["t"].codec)
+            bad = torch.full_like(codec.decode(msg.tensors["t"]), POISON)
+            self.inner.send(dst, encode(Message(msg.kind, msg.sender, msg.receiver, msg.step, msg.wire,
+                                                {"t": codec.encode(bad)})))
+        self.inner.send(dst, data)
+
+    def recv(self, timeout=None):
+        while True:
+            peer, data = self.inner.recv(timeout)
+            if kind_of(data) != Kind.ERROR:
+                return peer, data
+            self.told.append(decode(data).text)

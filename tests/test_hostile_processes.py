@@ -31,13 +31,13 @@ from splitlearn.run.checkpoint import Checkpoints
 from splitlearn.run.setup import prepare, schedule, setup_party
 from splitlearn.run.topology import physical_party
 from splitlearn.wire.codec import Encoded, get_codec
-from splitlearn.wire.messages import Kind, Limits, Message, decode, encode, hello, kind_of
+from splitlearn.wire.messages import Kind, Limits, Message, decode, hello, kind_of
 from splitlearn.wire.messages import weights as weights_message
 from splitlearn.wire.transport.grpc import _NOBODY, _SEQ, _SYNC, METHOD, PARTY_HEADER, RECEIVE_WINDOW, GrpcTransport
 from splitlearn.wire.transport.tls import load_credentials, make_certs
 
 from .conftest import EXAMPLES
-from .support import ACT, Mallory, Proc, free_port, party_cmd, threads, toml
+from .support import ACT, Mallory, Poisoning, Proc, free_port, party_cmd, threads, toml
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -257,35 +257,7 @@ def test_a_reconnect_flood_leaves_the_party_process_threads_flat(tmp_path, stopp
 
 # -- case 6: values just inside the bounds, after an honest first epoch ----------------------------
 
-POISON, POISONED = 9.9e5, 20  # just inside the default max_abs of 1e6; steps of the second epoch (of 23)
-
-
-class _Poisoning:
-    """Mallory's end of the transport, under the hospital's real code: before each activation of the
-    poisoned steps she sends the same tensor filled with ``POISON`` (then the honest one, so that the
-    run goes on wherever the poison is refused); the server's ERRORs are kept, not handed on."""
-
-    def __init__(self, inner, steps: set[int]):
-        self.inner, self.steps, self.told = inner, steps, []
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def send(self, dst: str, data: bytes) -> None:
-        msg = decode(data)
-        if msg.kind == Kind.ACTIVATION and msg.wire == ACT and msg.step in self.steps:
-            codec = get_codec(msg.tensors["t"].codec)
-            bad = codec.decode(msg.tensors["t"]).fill_(POISON)
-            self.inner.send(dst, encode(Message(msg.kind, msg.sender, msg.receiver, msg.step, msg.wire,
-                                                {"t": codec.encode(bad)})))
-        self.inner.send(dst, data)
-
-    def recv(self, timeout=None):
-        while True:
-            peer, data = self.inner.recv(timeout)
-            if kind_of(data) != Kind.ERROR:
-                return peer, data
-            self.told.append(decode(data).text)
+POISONED = 20  # steps of the second epoch (of 23) poisoned with POISON (support.py)
 
 
 def _play(plan: Path, certs: Path, name: str, port: int, out: Path, wrap=None, **role):
@@ -319,7 +291,7 @@ def test_activations_just_inside_max_abs_after_an_honest_first_epoch_are_refused
     try:
         box = {}
         _play(plan, certs, "hospital", ports["server"], tmp_path / "mallory",
-              lambda t: box.setdefault("t", _Poisoning(t, set(second[:POISONED]))))
+              lambda t: box.setdefault("t", Poisoning(t, set(second[:POISONED]))))
         status = server.end()
     finally:
         server.kill()

@@ -22,45 +22,16 @@ from splitlearn.run.checkpoint import Checkpoints
 from splitlearn.run.session import RunError
 from splitlearn.run.setup import prepare, schedule
 from splitlearn.wire.codec import get_codec
-from splitlearn.wire.messages import Kind, Message, decode, encode, kind_of
+from splitlearn.wire.messages import Kind
 from splitlearn.wire.transport import InProcessHub
 
 from .conftest import EXAMPLES
-from .support import TARGETS, Server, f32, same_run, stop_after
+from .support import POISON, TARGETS, Poisoning, Server, f32, same_run, stop_after
 
 pytestmark = pytest.mark.timeout(300)
 
 ACT = "bottom->top"
-POISON = 9.9e5  # just inside the default max_abs of 1e6 (the issue's attack)
 EPOCHS = 2
-
-
-class Hostile:
-    """The attacker's end of the in-process transport: before each of its ``kind`` messages of
-    ``steps`` on the activation wire it sends the same tensor filled with ``POISON``, then the
-    honest one (so the run goes on wherever the poison is refused), and it ignores refusals."""
-
-    def __init__(self, inner, kind: Kind, steps: set[int]):
-        self.inner, self.kind, self.steps = inner, kind, steps
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def send(self, dst: str, data: bytes) -> None:
-        msg = decode(data)
-        if msg.kind == self.kind and msg.wire == ACT and msg.step in self.steps:
-            enc = msg.tensors["t"]
-            codec = get_codec(enc.codec)
-            bad = torch.full_like(codec.decode(enc), POISON)
-            self.inner.send(dst, encode(Message(msg.kind, msg.sender, msg.receiver, msg.step, msg.wire,
-                                                {"t": codec.encode(bad)})))
-        self.inner.send(dst, data)
-
-    def recv(self, timeout=None):
-        while True:
-            peer, data = self.inner.recv(timeout)
-            if kind_of(data) != Kind.ERROR:
-                return peer, data
 
 
 def attack(monkeypatch, attacker: str, kind: Kind, steps: set[int]) -> None:
@@ -69,7 +40,7 @@ def attack(monkeypatch, attacker: str, kind: Kind, steps: set[int]) -> None:
     class Hub(InProcessHub):
         def transport(self, party):
             end = super().transport(party)
-            return Hostile(end, kind, steps) if party == attacker else end
+            return Poisoning(end, steps, kind) if party == attacker else end
 
     monkeypatch.setattr(local, "InProcessHub", Hub)
 
