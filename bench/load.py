@@ -58,7 +58,7 @@ def _descendants(pid: int) -> list[int]:
 
 def measure(plan_file: Path, out: Path) -> tuple[dict, float, int, int, int]:
     """(result, seconds, peak summed PSS in KiB, processes at the peak, the largest private KiB of one)."""
-    from splitlearn.run.processes import launch
+    from splitlearn.launch.processes import launch
 
     peak = [0, 0, 0]
     done = threading.Event()
@@ -113,7 +113,7 @@ def main() -> None:
         "",
         f"Written by `.venv/bin/python bench/load.py --clients {n}`: `examples/sequential.toml` with {n} clients, "
         f"{args.epochs} epoch(s), run by `splitlearn run` (one OS process per client and for the server, mutual TLS on "
-        f"loopback, forked from one warmed-up process: `run/forker.py`) against the same plan in one process. "
+        f"loopback, forked from one warmed-up process: `launch/forker.py`) against the same plan in one process. "
         f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}. Memory, sampled "
         "every 0.2 s over the forker and every party process: the peak of their summed PSS (pages shared with the "
         "forker counted once across processes) and the largest private memory of one process.",

@@ -44,7 +44,7 @@ def plan_text(path: Path, pipeline: int, codec: str) -> str:
 
 
 def split_run(text: str, link: str | None) -> dict:
-    from splitlearn.run.processes import launch
+    from splitlearn.launch.processes import launch
 
     with tempfile.TemporaryDirectory() as tmp:
         plan = Path(tmp) / "plan.toml"

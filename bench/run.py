@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from _md import write_section
-from splitlearn.run.processes import launch
+from splitlearn.launch.processes import launch
 from splitlearn.models import build_segment
 from splitlearn.run.setup import prepare, schedule
 from splitlearn.core.losses import LOSSES

@@ -11,7 +11,7 @@ from splitlearn.core.graph import build_graph
 from splitlearn.wire.messages import Kind, Message, encode
 from splitlearn.core.load import load_plan
 from splitlearn.run.setup import prepare, schedule
-from splitlearn.run.local import run_local
+from splitlearn.launch.threads import run_local
 
 from .conftest import EXAMPLES
 

@@ -25,7 +25,7 @@ from splitlearn.core.graph import build_graph
 from splitlearn.core.plan import PlanError, plan_hash
 from splitlearn.run import align
 from splitlearn.run.setup import prepare
-from splitlearn.run.topology import Topology, physical_party, physical_setups
+from splitlearn.clients.layout import Topology, physical_party, physical_setups
 from splitlearn.wire.codec import Encoded
 from splitlearn.wire.link import Link
 from splitlearn.wire.messages import Kind, Message, decode, hello

@@ -9,14 +9,14 @@ import torch.nn.functional as F
 
 from splitlearn.tools.compare import centralized_plan, method_plan, predict_cost
 from splitlearn.clients.roles import Context
-from splitlearn.run.results import build_result as merge_reports
+from splitlearn.launch.results import build_result as merge_reports
 from splitlearn.wire.messages import weights as weights_message
 from splitlearn.wire.messages import Kind
 from splitlearn.models import build_segment
 from splitlearn.core.plan import Plan, PlanError
 from splitlearn.core.load import load_plan
 from splitlearn.run.setup import prepare, setup_party
-from splitlearn.run.local import run_local
+from splitlearn.launch.threads import run_local
 
 from .support import max_diff, module_state, tiny
 

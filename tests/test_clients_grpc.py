@@ -6,8 +6,8 @@ import signal
 import subprocess
 import sys
 
-from splitlearn.run.processes import launch
-from splitlearn.clients.roles import roles
+from splitlearn.launch.processes import launch
+from splitlearn.clients.layout import roles
 from splitlearn.core.load import load_plan
 from splitlearn.wire.transport.tls import make_certs
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from splitlearn.models import build_segment
 from splitlearn.run.setup import prepare, schedule
-from splitlearn.run.local import run_local
+from splitlearn.launch.threads import run_local
 
 from .conftest import EXAMPLES
 

@@ -27,8 +27,8 @@ from splitlearn.core.load import load_plan
 from splitlearn.core.plan import plan_hash
 from splitlearn.run.checkpoint import Checkpoints
 from splitlearn.models import build_segment
-from splitlearn.run.local import run_local
-from splitlearn.run.processes import launch
+from splitlearn.launch.threads import run_local
+from splitlearn.launch.processes import launch
 from splitlearn.run.setup import prepare, schedule
 from splitlearn.wire.link import Link
 from splitlearn.wire.messages import Kind, Limits, Message, decode, encode

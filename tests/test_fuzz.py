@@ -857,7 +857,8 @@ def test_mutated_commands_acks_and_weights_leak_nothing_and_nothing_harmful_is_c
     turn names a client or model outside the plan, no weights go to a party outside it, no weights
     that are not finite or do not fit are loaded or averaged, and no acknowledgement of another
     request (or without what was asked) is taken."""
-    from splitlearn.clients.roles import roles, state_of
+    from splitlearn.clients.layout import roles
+    from splitlearn.clients.roles import state_of
     from splitlearn.wire import messages as m
 
     fed_roles = _Federation()

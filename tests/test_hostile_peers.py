@@ -297,7 +297,8 @@ def test_parse_json_refuses_depth_and_size_and_reads_the_rest():
 
 
 def test_a_deeply_nested_schedule_command_is_refused_by_a_follower():
-    from splitlearn.clients.roles import Follower, coordinator_of
+    from splitlearn.clients.layout import coordinator_of
+    from splitlearn.clients.roles import Follower
     from .support import tiny
 
     plan = tiny(count=2, schedule="sequential")

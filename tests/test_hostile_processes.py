@@ -24,12 +24,12 @@ import pytest
 import torch
 
 import splitlearn
-from splitlearn.clients.roles import roles
+from splitlearn.clients.layout import roles
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import plan_hash
 from splitlearn.run.checkpoint import Checkpoints
 from splitlearn.run.setup import prepare, schedule, setup_party
-from splitlearn.run.topology import physical_party
+from splitlearn.clients.layout import physical_party
 from splitlearn.wire.codec import Encoded, get_codec
 from splitlearn.wire.messages import Kind, Limits, Message, decode, hello, kind_of
 from splitlearn.wire.messages import weights as weights_message

@@ -17,7 +17,7 @@ from splitlearn.core.engine import LearntBounds
 from splitlearn.core.load import load_plan
 from splitlearn.core.graph import build_graph
 from splitlearn.core.plan import plan_hash
-from splitlearn.run import local
+from splitlearn.launch import threads as local
 from splitlearn.run.checkpoint import Checkpoints
 from splitlearn.run.session import RunError
 from splitlearn.run.setup import prepare, schedule

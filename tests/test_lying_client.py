@@ -23,7 +23,7 @@ from splitlearn.clients.roles import Context, Role
 from splitlearn.core.engine import PartyError
 from splitlearn.core.plan import Plan
 from splitlearn.run.setup import prepare
-from splitlearn.run.topology import Topology, physical_party, physical_setups
+from splitlearn.clients.layout import Topology, physical_party, physical_setups
 from splitlearn.wire.messages import Kind, encode
 from splitlearn.wire.messages import weights as weights_message
 from splitlearn.wire.transport import InProcessHub
@@ -248,7 +248,7 @@ def test_a_lying_client_process_stops_nobody_and_every_process_says_how_the_run_
     certificate) claims a restart before each of its turns and fails them. The old server went back
     to a checkpoint 20 times and exited 1, the honest clients exited 0; now the run completes,
     the claims are refused and hospital-2 is skipped, named."""
-    from splitlearn.clients.roles import roles as role_names
+    from splitlearn.clients.layout import roles as role_names
     from splitlearn.core.load import load_plan
     from splitlearn.wire.transport.tls import make_certs
 

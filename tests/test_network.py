@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import splitlearn
-from splitlearn.run.processes import launch
-from splitlearn.run.topology import plain_connections as connections
+from splitlearn.launch.processes import launch
+from splitlearn.clients.layout import plain_connections as connections
 from splitlearn.core.load import load_plan
 from splitlearn.wire.transport.tls import make_certs
 
@@ -162,7 +162,7 @@ def test_ctrl_c_stops_every_party_process(tmp_path):
                 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert time.monotonic() < deadline and run.poll() is None
-        # the party processes (forked from the launcher's forker, run/forker.py) and the forker itself
+        # the party processes (forked from the launcher's forker, launch/forker.py) and the forker itself
         children = [p for p in descendants(run.pid) if "zombie" not in process_state(p)]
         assert len(children) >= 3
         os.kill(run.pid, signal.SIGINT)

@@ -11,7 +11,7 @@ import splitlearn
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import PlanError
 from splitlearn.data import digits
-from splitlearn.run.local import run_local
+from splitlearn.launch.threads import run_local
 from splitlearn.run.session import RunError
 from splitlearn.run.setup import prepare
 from splitlearn.wire.transport.inprocess import InProcessTransport

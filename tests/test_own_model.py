@@ -18,7 +18,7 @@ from splitlearn import PlanError
 from splitlearn.api import split_plan
 from splitlearn.data import load_table
 from splitlearn.models import build_network, build_segment
-from splitlearn.run.local import run_local
+from splitlearn.launch.threads import run_local
 from splitlearn.run.setup import prepare, schedule
 
 from .resnet import Pair, ReadsMode, ResNet, Skip, Stack, Tied, resnet

@@ -9,7 +9,7 @@ import pytest
 
 import splitlearn
 from splitlearn.core.load import load_plan
-from splitlearn.run.processes import launch
+from splitlearn.launch.processes import launch
 
 from .conftest import EXAMPLES
 

@@ -35,7 +35,7 @@ from splitlearn.core.engine import merge_inputs
 from splitlearn.core.graph import build_graph
 from splitlearn.models import build_segment
 from splitlearn.run.checkpoint import Checkpoints
-from splitlearn.run.local import run_local
+from splitlearn.launch.threads import run_local
 from splitlearn.run.setup import prepare, schedule, setup_party
 
 from .plan_space import Study, build, client_studies, studies
@@ -394,7 +394,7 @@ def test_drawn_plans_over_grpc_party_processes_equal_the_in_process_run(study):
     """``splitlearn run``'s party processes (gRPC, mutual TLS) end as the in-process run of the same plan file: every
     party's weights (max difference 0), the metrics, FLOPs and bytes (a ``[clients]`` plan: every wire's bytes but
     the schedule's commands', which carry clock times; those the same number of messages)."""
-    from splitlearn.run.processes import launch
+    from splitlearn.launch.processes import launch
 
     with tempfile.TemporaryDirectory(prefix="splitlearn-space-") as tmp:
         folder = Path(tmp)

@@ -175,8 +175,8 @@ def test_compare_takes_per_client_files_and_shows_the_clinical_figures(tmp_path)
 
 
 def test_a_site_that_cannot_score_is_left_out_and_the_result_says_which_rows_were_scored(tmp_path):
-    from splitlearn.run.local import run_local
-    from splitlearn.run.results import build_result
+    from splitlearn.launch.threads import run_local
+    from splitlearn.launch.results import build_result
     from splitlearn.run.setup import prepare
 
     _hospital_files(tmp_path)

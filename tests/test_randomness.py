@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import splitlearn
-from splitlearn.run.processes import launch
+from splitlearn.launch.processes import launch
 
 from .support import DROPOUT, PLAN
 
@@ -67,7 +67,7 @@ def test_each_party_has_a_stream_of_its_own():
 
 
 def test_parties_sharing_the_cores_get_the_same_thread_count_in_process_and_as_processes(monkeypatch):
-    """The rule both run paths use (run/local.py sets it, run/processes.py hands it to party processes):
+    """The rule both run paths use (launch/threads.py sets it, launch/processes.py hands it to party processes):
     more parties than cores share them; a user's OMP_NUM_THREADS wins."""
     import torch
 

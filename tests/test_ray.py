@@ -14,8 +14,8 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'spli
 
 import splitlearn  # noqa: E402
 from splitlearn.core.load import load_plan  # noqa: E402
-from splitlearn.run.onray import launch_ray  # noqa: E402
-from splitlearn.run.processes import launch  # noqa: E402
+from splitlearn.launch.onray import launch_ray  # noqa: E402
+from splitlearn.launch.processes import launch  # noqa: E402
 from splitlearn.run.session import RunError  # noqa: E402
 
 from .conftest import EXAMPLES  # noqa: E402
@@ -106,7 +106,7 @@ def _fails_on_two(x: int) -> int:
 
 
 def test_a_failing_task_is_data_and_the_others_finish(cluster):
-    from splitlearn.run.onray import TaskFailure, run_tasks
+    from splitlearn.launch.onray import TaskFailure, run_tasks
 
     got = run_tasks(_fails_on_two, [(1,), (2,), (3,)], use_ray=True)
     assert got[0] == 10 and got[2] == 30

@@ -149,8 +149,8 @@ class Run:
     def finish(self) -> dict[str, str]:
         """The errors of the parties that failed (none: {}); ``result.json`` made from every report."""
         from splitlearn.core.load import load_plan
-        from splitlearn.run.processes import write_partial_result
-        from splitlearn.run.topology import Topology
+        from splitlearn.launch.processes import write_partial_result
+        from splitlearn.clients.layout import Topology
 
         errors = {n: p.communicate(timeout=240)[1].decode() for n, p in self.procs.items()}
         failed = {n: e[-3000:] for n, e in errors.items() if self.procs[n].returncode != 0}

@@ -13,10 +13,10 @@ from splitlearn.clients.roles import Context
 from splitlearn.clients.strategies import STRATEGIES, Strategy, strategy_of
 from splitlearn.core.plan import Schedule
 from splitlearn.privacy.noise import PrivacyAccountant
-from splitlearn.run.results import build_result
+from splitlearn.launch.results import build_result
 from splitlearn.run.session import Progress
 from splitlearn.run.setup import prepare, setup_party
-from splitlearn.run.local import run_local
+from splitlearn.launch.threads import run_local
 from splitlearn.tools.compare import method_plan
 from splitlearn.wire import messages as m
 from splitlearn.wire.codec import WireError

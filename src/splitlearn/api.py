@@ -17,9 +17,9 @@ from .core import losses
 from .core.plan import DataSpec, Plan, PlanError
 from .core.load import load_plan
 from .data import batches
-from .run.local import run_local
+from .launch.threads import run_local
 from .models import build_network
-from .run.results import build_result, load_run_plan, load_weights, save_party, save_result
+from .launch.results import build_result, load_run_plan, load_weights, save_party, save_result
 from .run.session import PartyReport, Progress
 from .run.setup import Step, check_plan, prepare, setup_party
 
@@ -256,7 +256,7 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
     as Python objects (their architecture; the weights come from the run folder).
     """
     from .data.preprocess import wants_preprocess
-    from .run.results import load_preprocess
+    from .launch.results import load_preprocess
     from .run.setup import data_spec, holds_data, party_file, party_table
 
     run_dir = Path(run_dir)

@@ -204,7 +204,7 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
             if in_process:
                 result = train_prepared(p, setups, shapes, out=out, on_step=on_step, log=log, resume=resume)
             elif ray is not None:
-                from .run.onray import launch_ray
+                from .launch.onray import launch_ray
 
                 del setups
                 if log is not None:
@@ -212,7 +212,7 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
                 result = launch_ray(plan, out, address=ray, epochs=epochs, seed=seed, insecure=insecure, checked=p,
                                     resume=resume)
             else:
-                from .run.processes import launch
+                from .launch.processes import launch
 
                 del setups  # each party process builds its own
                 result = launch(plan, out, epochs=epochs, seed=seed, insecure=insecure, on_step=on_step, checked=p,
@@ -267,9 +267,9 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
                                                       "process [default: the plan's reconnect_timeout; 0: skip it "
                                                       "at once]")) -> None:
     """Run one party of PLAN on this machine, talking to its neighbours over gRPC."""
-    from .run.processes import progress_line, run_one_party
+    from .launch.processes import progress_line, run_one_party
     from .wire.messages import Limits
-    from .run.results import write_json
+    from .launch.results import write_json
     from .run.session import RunError
 
     if certs is None and not insecure:
@@ -308,7 +308,7 @@ def certs(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         p = load_plan(plan)
     except PlanError as e:
         _fail(str(e))
-    from .run.topology import Topology
+    from .clients.layout import Topology
 
     names = Topology.of(p).names  # with [clients]: every client and role
     make_certs(names, out, days=days)
@@ -342,7 +342,7 @@ def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
     for wire, (dtype, shape) in shapes.items():
         console.print(f"  {wire}: {dtype} [batch, {', '.join(map(str, shape))}]", highlight=False, markup=False)
     if p.clients is not None:
-        from .clients.roles import coordinator_of, federation_of
+        from .clients.layout import coordinator_of, federation_of
 
         c = p.clients
         console.print(f"clients: {c.count} x {c.template!r} ({c.template}-1 ... {c.template}-{c.count}), "
@@ -388,7 +388,7 @@ def predict(run_dir: Path = typer.Argument(..., help="the --out folder of a fini
 
 def _party_files(run_dir: Path, given: list[str], id_column: str | None) -> dict:
     """``--data NAME=FILE`` (or one FILE for the one party that holds data) as DataSpecs per party."""
-    from .run.results import load_run_plan
+    from .launch.results import load_run_plan
     from .run.setup import holds_data, party_file
 
     if not (run_dir / "plan.json").is_file():

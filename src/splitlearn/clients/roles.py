@@ -55,63 +55,13 @@ from ..wire.metering import Meter
 from ..wire.transport import TransportClosed, TransportError
 from ..wire.transport.base import Transport, TransportTimeout
 from ..wire.transport.switch import Switch
+from .layout import coordinator_of, federation_of, per_client, plays_of, roles
 from .schedule import Round, Turn, client_shares, rounds
 from .strategies import strategy_of
 
-__all__ = ["roles", "coordinator_of", "federation_of", "plays_of", "connections", "Coordinator", "Follower",
-           "make_role", "Context", "per_client", "schema_difference", "pooled_metrics"]
+__all__ = ["Coordinator", "Follower", "make_role", "Context", "schema_difference", "pooled_metrics"]
 
 log = logging.getLogger("splitlearn.clients.roles")
-
-
-def federation_of(plan: Plan) -> str:
-    """The party or role that averages client weights."""
-    spec = plan.clients
-    if spec.federation:
-        return spec.federation
-    fixed = [p for p in plan.parties if p != spec.template]
-    return fixed[0] if fixed else "federation"
-
-
-def coordinator_of(plan: Plan) -> str:
-    spec = plan.clients
-    fed = federation_of(plan)
-    fixed = [p for p in plan.parties if p != spec.template]
-    return fed if fed in plan.parties or not fixed else fixed[0]
-
-
-def roles(plan: Plan) -> list[str]:
-    """Every physical party of the plan: fixed parties, a separate federation, then the clients."""
-    spec = plan.clients
-    fixed = [p for p in plan.parties if p != spec.template]
-    fed = federation_of(plan)
-    return fixed + ([fed] if fed not in fixed else []) + spec.names()
-
-
-def plays_of(plan: Plan, name: str) -> str | None:
-    """The plan party a physical party plays: the template for a client, itself for a fixed
-    party, none for a federation of its own."""
-    spec = plan.clients
-    return spec.template if name in spec.names() else (name if name in plan.parties else None)
-
-
-def connections(plan: Plan) -> list[tuple[str, str]]:
-    """(dialer, listener) pairs of a horizontal plan: clients dial the fixed parties and the
-    federation; the strategy may link clients too (sequential peer hand-off: a ring)."""
-    spec = plan.clients
-    fixed = [p for p in roles(plan) if p not in spec.names()]
-    graph = build_graph(plan)
-    out = []
-    from ..run.topology import dialer
-
-    for i, a in enumerate(fixed):  # fixed parties among themselves, as in a plan without clients
-        for b in fixed[i + 1:]:
-            if b in graph.neighbours(a) or coordinator_of(plan) in (a, b):
-                d = dialer(plan, a, b)
-                out.append((d, b if d == a else a))
-    for c in spec.names():
-        out += [(c, f) for f in fixed]
-    return out + strategy_of(spec).peer_links(plan)
 
 
 # -- weights -----------------------------------------------------------------------------------
@@ -1291,13 +1241,6 @@ class Coordinator(Role):
         for p in self.plan.parties:
             if p not in (self.spec.template, self.name):
                 self._command(p, do="merge_copies", clients=clients, samples=samples)
-
-
-def per_client(plan: Plan) -> bool:
-    """Whether each client reads its own file (its template's data path names ``{client}``)."""
-    spec = plan.clients
-    data = plan.parties[spec.template].data if spec is not None else None
-    return data is not None and "{client}" in (data.path or "")
 
 
 def schema_difference(a: dict, b: dict, who_a: str, who_b: str) -> str:

@@ -164,7 +164,7 @@ class SplitFedV2(Strategy):
         return (c, None) if c is not None else None
 
     def describe(self, plan: Plan) -> dict[str, Any]:
-        from .roles import federation_of
+        from .layout import federation_of
 
         c = plan.clients
         return {"federation": federation_of(plan), "local_epochs": c.local_epochs, "local_steps": c.local_steps,

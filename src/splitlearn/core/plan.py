@@ -25,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Plan", "PlanError", "ClientsSpec", "parse_plan", "plan_hash"]
+__all__ = ["Plan", "PlanError", "ClientsSpec", "parse_plan", "plan_hash", "per_client"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -586,3 +586,10 @@ def parse_plan(source: str | Path | dict[str, Any] | Plan) -> Plan:
 def plan_dir(plan: Plan) -> Path | None:
     """The folder of the plan file, for resolving relative data paths (None if built in Python)."""
     return plan._source.parent if plan._source else None
+
+
+def per_client(plan: Plan) -> bool:
+    """Whether each client reads its own file (its template's data path names ``{client}``)."""
+    spec = plan.clients
+    data = plan.parties[spec.template].data if spec is not None else None
+    return data is not None and "{client}" in (data.path or "")

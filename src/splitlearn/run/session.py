@@ -41,7 +41,7 @@ class RunError(RuntimeError):
 
 @dataclass
 class PartyReport:
-    """What one physical party did, for :func:`~splitlearn.run.results.build_result`; the same
+    """What one physical party did, for :func:`~splitlearn.launch.results.build_result`; the same
     for every plan (the clients' fields stay empty without ``[clients]``)."""
 
     name: str

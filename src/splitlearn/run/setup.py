@@ -569,7 +569,7 @@ def prepare(plan: Plan | str | Path, *, epochs: int | None = None, seed: int | N
     per = data if isinstance(data, dict) else {p: data for p in plan.parties}
     first_client = None
     if plan.clients is not None:
-        from ..clients.roles import per_client
+        from ..core.plan import per_client
 
         first_client = plan.clients.names()[0] if per_client(plan) else None
     try:

@@ -42,7 +42,7 @@ DEFAULT_CLIENTS = 10
 
 def _own_files(plan: Plan) -> bool:
     """Whether each client reads its own file (the template's data path names ``{client}``)."""
-    from ..clients.roles import per_client
+    from ..clients.layout import per_client
 
     return plan.clients is not None and per_client(plan)
 
@@ -165,7 +165,7 @@ def _train_shipped(p: Plan) -> tuple[dict[str, Any], dict[str, bytes]]:
     import tempfile
 
     from ..api import train
-    from ..run.onray import folder_files
+    from ..launch.onray import folder_files
 
     with tempfile.TemporaryDirectory(prefix="splitlearn-compare-") as tmp:
         result = dict(train(p, out=Path(tmp)))
@@ -189,7 +189,7 @@ def run_compare(plan: Plan | str | Path, clients: int | None = None, methods: li
     and the two pictures; return the table. ``clients``: None for the plan's count (else 10);
     ``ray``: train the methods as Ray tasks, in parallel as the cluster at that address allows
     ("local": a cluster on this machine)."""
-    from ..run.onray import TaskFailure, run_tasks, write_files
+    from ..launch.onray import TaskFailure, run_tasks, write_files
     from ..run.session import RunError
 
     plan = load_plan(plan).with_train(epochs=epochs)
@@ -248,7 +248,7 @@ def run_compare(plan: Plan | str | Path, clients: int | None = None, methods: li
              "partition": partition or (plan.clients.partition.model_dump() if plan.clients else {"kind": "iid"}),
              "rows": rows, **({"left_out": {m: "each client reads its own file: no party holds every row"
                                             for m in left_out}} if left_out else {})}
-    from ..run.results import write_json
+    from ..launch.results import write_json
     from .viz import compare_figures
 
     write_json(out / "compare.json", table)

@@ -98,7 +98,7 @@ def clients_text(graph: Graph) -> str:
     c = graph.plan.clients
     if c is None:
         return ""
-    from ..clients.roles import federation_of
+    from ..clients.layout import federation_of
 
     text = f"{c.count} clients {c.template}-1 … {c.template}-{c.count} ({c.partition.kind}), schedule {c.schedule}"
     if c.schedule == "sequential":

@@ -34,9 +34,9 @@ import torch
 
 from ...core.graph import Graph, Node, Wire, build_graph
 from ...core.plan import Plan, PlanError, WireSpec
-from ...run.results import load_run_plan
+from ...launch.results import load_run_plan
 from .verdicts import add_verdicts
-from ...run.results import non_finite
+from ...launch.results import non_finite
 from . import measures
 
 __all__ = ["AuditError", "audit_run", "wire_slug", "loss_sources", "image_shape", "RunFolder"]
@@ -417,7 +417,7 @@ def audit_run(run_dir: str | Path, aux_fraction: float = 0.1, seed: int = 0, epo
     run = RunFolder.open(run_dir)
     audit = add_verdicts(_audit(run, aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows,
                                 progress=progress))
-    from ...run.results import write_json
+    from ...launch.results import write_json
 
     write_json(run.folder / "audit" / "audit.json", audit)
     return audit

@@ -193,7 +193,7 @@ def sweep(plan_path: str | Path | Plan, param: str | Mapping[str, Sequence[float
     wires = list({w.name: w for ws in on.values() for w in ws}.values())  # every wire a parameter sets, once
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from ...run.onray import TaskFailure, run_tasks, write_files
+    from ...launch.onray import TaskFailure, run_tasks, write_files
 
     settings = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     items = []
@@ -232,7 +232,7 @@ def sweep(plan_path: str | Path | Plan, param: str | Mapping[str, Sequence[float
                "wires": [w.name for w in wires], "grid": grid, "epochs": epochs or base.train.epochs, "rows": rows}
     if len(params) == 1:
         summary["values"] = grid[params[0]]  # as before grids: one parameter's values
-    from ...run.results import write_json
+    from ...launch.results import write_json
 
     write_json(out / "sweep.json", summary)
     note = ("" if len(wires) == 1 else
@@ -274,7 +274,7 @@ def _setting_shipped(*args: Any) -> tuple[dict, dict[str, bytes]]:
     """A Ray task: the setting in a folder of the worker's own; its row and the folder's files."""
     import tempfile
 
-    from ...run.onray import folder_files
+    from ...launch.onray import folder_files
 
     with tempfile.TemporaryDirectory(prefix="splitlearn-sweep-") as tmp:
         return _setting(*args, Path(tmp)), folder_files(Path(tmp))

@@ -3,8 +3,8 @@
 The *physical parties* of a plan are the processes (or threads) that run it: its parties, or
 with ``[clients]`` its fixed parties, a federation of its own and every client. A plain plan is
 the trivial case: one fixed set of parties and no coordinator. :func:`physical_party` gives each
-one what it runs over a transport; both launchers (:mod:`~splitlearn.run.local`,
-:mod:`~splitlearn.run.processes`) use it and nothing else.
+one what it runs over a transport; both launchers (:mod:`~splitlearn.launch.threads`,
+:mod:`~splitlearn.launch.processes`) use it and nothing else.
 
 Who dials whom (:func:`dialer`): for each pair of neighbours, a party marked ``dial_out``
 dials the other; otherwise a party that holds raw data (a hospital, behind its firewall) dials
@@ -21,16 +21,17 @@ from typing import Any, Callable
 
 from ..core.engine import Party
 from ..core.graph import build_graph
-from ..core.plan import Plan, PlanError
+from ..core.plan import Plan, PlanError, per_client
 from ..wire.link import Link
 from ..wire.messages import Limits
 from ..wire.transport.base import Transport
-from .observe import Recorder
-from .session import PartyReport, Progress, run_party
-from .setup import PartySetup, Step, build_modules, make_optimizer, schedule, setup_party
+from ..run.observe import Recorder
+from ..run.session import PartyReport, Progress, run_party
+from ..run.setup import PartySetup, Step, build_modules, make_optimizer, schedule, setup_party
+from .strategies import strategy_of
 
 __all__ = ["Topology", "physical_party", "physical_setups", "plain_connections", "with_dial_out", "dialer",
-           "holds_raw_data"]
+           "holds_raw_data", "federation_of", "coordinator_of", "roles", "plays_of", "connections", "per_client"]
 
 
 def holds_raw_data(plan: Plan, party: str) -> bool:
@@ -68,6 +69,54 @@ def plain_connections(plan: Plan) -> list[tuple[str, str]]:
     return out
 
 
+def federation_of(plan: Plan) -> str:
+    """The party or role that averages client weights."""
+    spec = plan.clients
+    if spec.federation:
+        return spec.federation
+    fixed = [p for p in plan.parties if p != spec.template]
+    return fixed[0] if fixed else "federation"
+
+
+def coordinator_of(plan: Plan) -> str:
+    spec = plan.clients
+    fed = federation_of(plan)
+    fixed = [p for p in plan.parties if p != spec.template]
+    return fed if fed in plan.parties or not fixed else fixed[0]
+
+
+def roles(plan: Plan) -> list[str]:
+    """Every physical party of the plan: fixed parties, a separate federation, then the clients."""
+    spec = plan.clients
+    fixed = [p for p in plan.parties if p != spec.template]
+    fed = federation_of(plan)
+    return fixed + ([fed] if fed not in fixed else []) + spec.names()
+
+
+def plays_of(plan: Plan, name: str) -> str | None:
+    """The plan party a physical party plays: the template for a client, itself for a fixed
+    party, none for a federation of its own."""
+    spec = plan.clients
+    return spec.template if name in spec.names() else (name if name in plan.parties else None)
+
+
+def connections(plan: Plan) -> list[tuple[str, str]]:
+    """(dialer, listener) pairs of a horizontal plan: clients dial the fixed parties and the
+    federation; the strategy may link clients too (sequential peer hand-off: a ring)."""
+    spec = plan.clients
+    fixed = [p for p in roles(plan) if p not in spec.names()]
+    graph = build_graph(plan)
+    out = []
+    for i, a in enumerate(fixed):  # fixed parties among themselves, as in a plan without clients
+        for b in fixed[i + 1:]:
+            if b in graph.neighbours(a) or coordinator_of(plan) in (a, b):
+                d = dialer(plan, a, b)
+                out.append((d, b if d == a else a))
+    for c in spec.names():
+        out += [(c, f) for f in fixed]
+    return out + strategy_of(spec).peer_links(plan)
+
+
 def with_dial_out(plan: Plan, names: list[str]) -> Plan:
     """The plan with these parties marked ``dial_out`` (give every party the same list)."""
     unknown = set(names) - set(plan.parties)
@@ -92,8 +141,6 @@ class Topology:
         if plan.clients is None:
             lead = next(n.party for n in build_graph(plan).losses())
             return cls(list(plan.parties), plain_connections(plan), None, lead, frozenset())
-        from ..clients.roles import connections, coordinator_of, roles
-
         coord = coordinator_of(plan)
         return cls(roles(plan), connections(plan), coord, coord, frozenset(plan.clients.names()))
 
@@ -101,8 +148,6 @@ class Topology:
         """The plan party physical party ``name`` plays (None: a federation of its own)."""
         if plan.clients is None:
             return name
-        from ..clients.roles import plays_of
-
         return plays_of(plan, name)
 
     def dials(self, name: str) -> list[str]:
@@ -121,7 +166,7 @@ class _PlainParty:
         self.setup, self.steps, self.tracking, self.resume = setup, steps, tracking, resume
         self.checkpoints = None  # a run with an --out folder takes checkpoints there (never predictions)
         if out is not None and steps is None:
-            from .checkpoint import Checkpoints
+            from ..run.checkpoint import Checkpoints
 
             from ..core.flow import flow_pairs
 
@@ -141,7 +186,7 @@ class _PlainParty:
         s = self.setup
         tracker = None
         if self.tracking is not None and any(n.party == s.name for n in s.graph.losses()):
-            from .tracking import open_tracker
+            from ..run.tracking import open_tracker
 
             tracker = open_tracker(self.tracking, s.plan, s.name)
 
@@ -202,7 +247,7 @@ def physical_party(plan: Plan, name: str, setup: PartySetup | None, transport: T
                            out=out, resume=resume)
     if steps is not None:
         raise PlanError("a plan with [clients] runs its own schedule", entry="clients")
-    from ..clients.roles import make_role
+    from .roles import make_role
 
     return make_role(plan, name, transport, setup, step_timeout=timeout, record=record, limits=limits,
                      tracking=tracking, out=out, resume=resume, **role)

@@ -12,10 +12,10 @@ import torch
 from ..core.engine import PartyError
 from ..core.plan import Plan, PlanError
 from ..wire.transport import InProcessHub, TransportClosed
-from .allocator import math_threads
-from .session import PartyReport, Progress, RunError
-from .setup import PartySetup, Step
-from .topology import Topology, physical_party, physical_setups
+from ..run.allocator import math_threads
+from ..run.session import PartyReport, Progress, RunError
+from ..run.setup import PartySetup, Step
+from ..clients.layout import Topology, physical_party, physical_setups
 
 __all__ = ["run_local"]
 
@@ -41,7 +41,8 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     held = physical_setups(plan, topo, setups)
     extra = {}
     if plan.clients is not None:
-        from ..clients.roles import Context, per_client
+        from ..clients.layout import per_client
+        from ..clients.roles import Context
 
         if not per_client(plan):
             template = setups[plan.clients.template]
@@ -73,7 +74,7 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
                 hub.close()
 
     before = torch.get_num_threads()
-    torch.set_num_threads(math_threads(len(topo.names)))  # what each party process would get (run/processes.py)
+    torch.set_num_threads(math_threads(len(topo.names)))  # what each party process would get (launch/processes.py)
     threads = {n: threading.Thread(target=work, args=(n,), name=f"party-{n}", daemon=True) for n in topo.names}
     try:
         _join(threads, topo, plan, stopping, hub)

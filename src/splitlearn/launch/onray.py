@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.plan import Plan, PlanError
-from .session import RunError
+from ..run.session import RunError
 
 __all__ = ["require_ray", "connect", "launch_ray", "run_tasks", "TaskFailure", "folder_files", "write_files"]
 
@@ -181,11 +181,11 @@ def launch_ray(plan_path: str | Path, out: Path, *, address: str | None = None, 
                seed: int | None = None, insecure: bool = False, timeout: float = 3600.0,
                checked: Plan | None = None, resume: bool = False) -> dict:
     """``splitlearn run --ray``: every physical party as a Ray actor (see the module's text); the
-    merged result, as :func:`~splitlearn.run.processes.launch` gives it."""
+    merged result, as :func:`~splitlearn.launch.processes.launch` gives it."""
     from ..wire.transport.tls import make_certs
     from .processes import _child_env, gather
-    from .setup import prepare
-    from .topology import Topology
+    from ..run.setup import prepare
+    from ..clients.layout import Topology
 
     if resume:
         raise PlanError("--resume is not available with --ray: checkpoints stay on the nodes that took them",

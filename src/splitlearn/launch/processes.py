@@ -1,7 +1,7 @@
 """Parties as operating-system processes over gRPC: one party here, or all of them on loopback.
 
 :func:`run_one_party` is ``splitlearn party``: it builds its physical party from the plan and
-its own data, connects to its neighbours and runs what :func:`~splitlearn.run.topology.physical_party`
+its own data, connects to its neighbours and runs what :func:`~splitlearn.clients.layout.physical_party`
 gives it, as the thread launcher does. :func:`launch` is ``splitlearn run``: throw-away
 certificates, one process per physical party on 127.0.0.1, and the merged ``result.json``.
 """
@@ -26,13 +26,13 @@ from ..core.plan import Plan, PlanError
 from ..core.load import load_plan
 from ..wire.messages import Limits
 from .forker import Forker
-from .allocator import math_threads, tune_allocator  # noqa: F401 - party processes call tune_allocator from here
+from ..run.allocator import math_threads, tune_allocator  # noqa: F401 - party processes call tune_allocator from here
 from .results import build_result, save_party, save_result
-from .session import PartyReport, Progress, RunError
-from .setup import prepare, setup_party
-from .topology import Topology, physical_party, with_dial_out
+from ..run.session import PartyReport, Progress, RunError
+from ..run.setup import prepare, setup_party
+from ..clients.layout import Topology, physical_party, with_dial_out
 
-_log = logging.getLogger("splitlearn.run.processes")
+_log = logging.getLogger("splitlearn.launch.processes")
 
 __all__ = ["run_one_party", "launch", "tune_allocator", "progress_line"]
 
@@ -79,7 +79,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     ``[clients]`` plan waits for a failed party to come back as a new process (default: the plan's
     ``reconnect_timeout``)."""
     from ..wire.transport.grpc import GrpcTransport
-    from .tracking import parse_log
+    from ..run.tracking import parse_log
     from ..wire.transport.tls import load_credentials
 
     plan = load_plan(plan_path).with_train(epochs=epochs, seed=seed)
@@ -97,13 +97,13 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     try:
         given = None
         if data is not None:
-            from .setup import holds_data, party_file
+            from ..run.setup import holds_data, party_file
 
             if plays is None or not holds_data(plan, plays):
                 raise PlanError(f"party {name!r} holds no data, so it takes no --data", entry="--data",
                                 hint="give --data to the parties that hold rows")
             if plan.clients is not None and client is not None:
-                from ..clients.roles import per_client
+                from ..clients.layout import per_client
 
                 if not per_client(plan):
                     raise PlanError("this plan shares one dataset among its clients, so a client cannot bring its "
@@ -209,7 +209,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
     through an emulated slow link, e.g. ``"50ms,100mbit"`` (:mod:`splitlearn.wire.transport.slowlink`)."""
     from ..wire.transport.tls import make_certs
 
-    from .tracking import finish_tracking, parse_log
+    from ..run.tracking import finish_tracking, parse_log
 
     plan = checked or prepare(plan_path, epochs=epochs, seed=seed)[0]  # all checks before starting anything
     out = Path(out)
@@ -333,7 +333,7 @@ def gather(plan: Plan, topo: Topology, out: Path, errors: dict[str, str], transp
 
 
 def _forking() -> bool:
-    """Whether party processes are forked from one warmed-up process (:mod:`splitlearn.run.forker`):
+    """Whether party processes are forked from one warmed-up process (:mod:`splitlearn.launch.forker`):
     where the system can fork, unless ``SPLITLEARN_FORK=0`` asks for fresh interpreters."""
     return hasattr(os, "fork") and sys.platform.startswith("linux") and os.environ.get("SPLITLEARN_FORK", "1") != "0"
 
@@ -351,7 +351,7 @@ def _child_env(parties: int) -> dict[str, str]:
     user's own settings win."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env.setdefault("OMP_NUM_THREADS", str(math_threads(parties)))  # as in-process runs use (run/local.py)
+    env.setdefault("OMP_NUM_THREADS", str(math_threads(parties)))  # as in-process runs use (launch/threads.py)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS pool would start a thread in the forker
     return env
 

@@ -2,7 +2,7 @@
 
 A Python process that has imported torch holds about 150 MiB of its own memory, and one that
 has trained a step more; ``splitlearn run`` of a plan with 100 clients would need 28 GiB. The
-launcher instead starts one *forker* (``python -m splitlearn.run.forker``): it imports torch and
+launcher instead starts one *forker* (``python -m splitlearn.launch.forker``): it imports torch and
 splitlearn once, trains one tiny step (torch initialises its kernels and allocator lazily),
 freezes its objects out of the garbage collector's reach (``gc.freeze``: the collector would
 otherwise write to every page) and then forks each party process on request. A child shares the
@@ -71,7 +71,7 @@ class Forker:
     def __init__(self, env: dict[str, str]):
         import subprocess
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "splitlearn.run.forker"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "splitlearn.launch.forker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
         self.ready = False
         self.cond = threading.Condition()

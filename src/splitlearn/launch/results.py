@@ -23,7 +23,7 @@ from torch import nn
 from ..core.graph import Graph, build_graph
 from ..core.metrics import METRICS, REGRESSION_METRICS
 from ..core.plan import Plan, PlanError, parse_plan, plan_dir
-from .session import PartyReport
+from ..run.session import PartyReport
 
 __all__ = ["build_result", "final_client", "summarize", "wires_of", "write_json", "save_party", "save_result",
            "save_weights", "load_weights", "non_finite", "plan_record", "load_run_plan"]
@@ -204,7 +204,7 @@ def _scored(plan: Plan, graph: Graph, tasks: dict[str, dict], pools: dict[str, d
     """What the headline was computed on: ``scored`` (rows, clients; ``own_rows``: each client
     scored its own test rows, else the plan's shared test split) and ``per_client`` (each site's
     rows and own figures) of the main loss's last evaluation."""
-    from ..clients.roles import per_client
+    from ..clients.layout import per_client
 
     order = [n.name for n in graph.losses() if n.name in tasks]
     classif = [k for k in order if tasks[k]["test_accuracy"]]
@@ -242,7 +242,7 @@ def final_client(plan: Plan, reports: dict[str, PartyReport]) -> str | None:
 
 
 def _clients_part(plan: Plan, reports: dict[str, PartyReport], parties: dict[str, dict]) -> dict[str, Any]:
-    from ..clients.roles import coordinator_of
+    from ..clients.layout import coordinator_of
     from ..clients.strategies import strategy_of
 
     spec = plan.clients
