@@ -1,0 +1,75 @@
+"""Registries of named parts the core looks up and other packages implement (pure logic).
+
+The core names what it needs (a defense, a loss kind, a schedule's strategy) and finds it here;
+``privacy/``, ``clients/`` and user code register implementations. The built-in ones live in
+packages above the core, so a registry imports their module by name the first time it is read
+(``builtins``): the core never imports them itself, and a plan naming a built-in validates
+without anyone importing its package first::
+
+    STRATEGIES = Registry("schedule", builtins="splitlearn.clients.strategies")
+    STRATEGIES.register("largest_two", LargestTwo())   # from a test file or a user's module
+    STRATEGIES.get("largest_two")
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from typing import Generic, Iterator, TypeVar
+
+__all__ = ["Registry"]
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Name -> implementation, in registration order; ``builtins`` are loaded on first read."""
+
+    def __init__(self, what: str, builtins: tuple[str, ...] | str = ()):
+        self.what = what
+        self._builtins = (builtins,) if isinstance(builtins, str) else tuple(builtins)
+        self._items: dict[str, T] = {}
+        self._loaded = not self._builtins
+        self._lock = threading.RLock()
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        with self._lock:
+            if not self._loaded:
+                self._loaded = True  # before the import: the module registers through this registry
+                for module in self._builtins:
+                    importlib.import_module(module)
+
+    def register(self, name: str, item: T) -> T:
+        """Add (or replace) ``item`` under ``name``; plans validated afterwards may name it."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"a {self.what} name must be an identifier, got {name!r}")
+        self._load()  # a user's registration then replaces a built-in of the same name, never the reverse
+        self._items[name] = item
+        return item
+
+    def get(self, name: str) -> T:
+        """The implementation named ``name``; a ValueError naming the registered ones otherwise."""
+        self._load()
+        if name not in self._items:
+            raise ValueError(f"unknown {self.what} {name!r}; registered: {sorted(self._items)}")
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        self._load()
+        return list(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        self._load()
+        return list(self._items.items())
+
+    def __contains__(self, name: object) -> bool:
+        self._load()
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
