@@ -23,7 +23,7 @@ from .launch.results import build_result, load_run_plan, load_weights, save_part
 from .run.session import PartyReport, Progress
 from .run.setup import Step, check_plan, prepare, setup_party
 
-__all__ = ["split", "split_plan", "train", "predict", "Result"]
+__all__ = ["split", "split_plan", "train", "predict", "Result", "LAUNCHERS"]
 
 
 class Result(dict):
@@ -35,10 +35,18 @@ class Result(dict):
     when the plan has just one; :meth:`save` writes the run folder that ``out=`` writes.
     """
 
-    def __init__(self, body: dict[str, Any], plan: Plan, reports: dict[str, PartyReport]):
+    def __init__(self, body: dict[str, Any], plan: Plan, reports: dict[str, PartyReport] | None = None,
+                 read: Callable[[], dict[str, PartyReport]] | None = None):
         super().__init__(body)
         self.plan = plan
-        self._reports = reports
+        self._given = reports
+        self._read = read  # party processes trained: their weights are read from the run folder when asked
+
+    @property
+    def _reports(self) -> dict[str, PartyReport]:
+        if self._given is None:
+            self._given = self._read() if self._read is not None else {}
+        return self._given
 
     @property
     def modules(self) -> dict[str, dict[str, nn.Module]]:
@@ -90,13 +98,24 @@ class Result(dict):
         return out
 
 
-def train(plan: Plan | str | Path | dict, *, epochs: int | None = None, seed: int | None = None,
-          out: str | Path | None = None, on_step: Callable[[Progress], None] | None = None,
-          timeout: float | None = None, log: str | None = None, resume: bool = False) -> Result:
-    """Train a plan with every party in this process; return (and with ``out``, write) the :class:`Result`.
+LAUNCHERS = ("threads", "processes", "ray")
+
+
+def train(plan: Plan | str | Path | dict, *, launcher: str = "threads", epochs: int | None = None,
+          seed: int | None = None, out: str | Path | None = None, on_step: Callable[[Progress], None] | None = None,
+          timeout: float | None = None, log: str | None = None, resume: bool = False, insecure: bool = False,
+          link: str | None = None, ray_address: str | None = None) -> Result:
+    """Train a plan; return (and with ``out``, write) the :class:`Result`.
+
+    ``launcher`` says where the parties run: ``"threads"`` (every party in this process, over the
+    in-process transport: the simulation), ``"processes"`` (one process per party on loopback gRPC
+    with mutual TLS, throw-away certificates unless ``insecure``; ``link`` emulates a slow network,
+    e.g. ``"50ms,100mbit"``) or ``"ray"`` (each party process a Ray actor on the cluster at
+    ``ray_address``, default a local one). Processes read the plan from its file and write to ``out``
+    (required), from which the result's modules are read back.
 
     Where the plan names a network, a plan built in Python may give an ``nn.Module`` (each
-    party trains a copy of its part; the object is left as it is) or a function returning one.
+    party trains a copy of its part; the object is left as it is) or a function returning one (threads only).
 
     ``on_step`` is told the :class:`~splitlearn.run.session.Progress` after every step (with
     ``[clients]``: every round), with the training loss. ``timeout`` bounds each step (default
@@ -107,19 +126,36 @@ def train(plan: Plan | str | Path | dict, *, epochs: int | None = None, seed: in
     the last checkpoint every party holds there, to the same weights as a run never stopped. ``log`` streams
     the metrics to ``"tensorboard[:DIR]"`` or ``"mlflow[:URI]"`` (see :mod:`splitlearn.run.tracking`).
     """
-    plan, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
-    return train_prepared(plan, setups, shapes, out=out, on_step=on_step, timeout=timeout, log=log, resume=resume)
+    if launcher not in LAUNCHERS:  # before the data is read
+        raise PlanError(f"unknown launcher {launcher!r}", entry="launcher", hint=f"choose one of {list(LAUNCHERS)}")
+    checked, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
+    return train_prepared(checked, setups, shapes, launcher=launcher, source=plan, epochs=epochs, seed=seed, out=out,
+                          on_step=on_step, timeout=timeout, log=log, resume=resume, insecure=insecure, link=link,
+                          ray_address=ray_address)
 
 
-def train_prepared(plan: Plan, setups: dict, shapes: dict, *, out: str | Path | None = None,
-                   on_step: Callable[[Progress], None] | None = None, timeout: float | None = None,
-                   faults: dict | None = None, log: str | None = None, resume: bool = False) -> Result:
-    """:func:`train` after :func:`~splitlearn.run.setup.prepare` (which checks the plan end to end)."""
+def train_prepared(plan: Plan, setups: dict, shapes: dict, *, launcher: str = "threads",
+                   source: Plan | str | Path | dict | None = None, epochs: int | None = None, seed: int | None = None,
+                   out: str | Path | None = None, on_step: Callable[[Progress], None] | None = None,
+                   timeout: float | None = None, faults: dict | None = None, log: str | None = None,
+                   resume: bool = False, insecure: bool = False, link: str | None = None,
+                   ray_address: str | None = None) -> Result:
+    """:func:`train` after :func:`~splitlearn.run.setup.prepare` (which checks the plan end to end);
+    ``source`` is what the plan was read from (party processes read it again), ``epochs`` and ``seed``
+    the overrides it was prepared with."""
     from .run.tracking import finish_tracking, parse_log
 
-    tracking = parse_log(log, out) if log else None
+    if launcher not in LAUNCHERS:
+        raise PlanError(f"unknown launcher {launcher!r}", entry="launcher", hint=f"choose one of {list(LAUNCHERS)}")
     if resume and out is None:
         raise PlanError("resume needs the run folder (out) whose checkpoints to go on from", entry="--resume")
+    if launcher != "threads":
+        return _train_in_processes(plan, source, launcher, epochs=epochs, seed=seed, out=out, on_step=on_step,
+                                   log=log, resume=resume, insecure=insecure, link=link, ray_address=ray_address)
+    for given, what in ((link, "link"), (ray_address, "ray_address")):
+        if given is not None:
+            raise PlanError(f"{what} applies to party processes, not to launcher='threads'", entry=what)
+    tracking = parse_log(log, out) if log else None
     reports = run_local(plan, setups, shapes, on_step=on_step, timeout=timeout, record=out is not None, faults=faults,
                         tracking=tracking, out=out, resume=resume)
     result = Result(build_result(plan, reports, {"transport": "in-process"}), plan, reports)
@@ -128,6 +164,49 @@ def train_prepared(plan: Plan, setups: dict, shapes: dict, *, out: str | Path | 
     if tracking is not None:
         finish_tracking(tracking, plan, result)
     return result
+
+
+def _train_in_processes(plan: Plan, source: Any, launcher: str, *, out: str | Path | None, **kw: Any) -> Result:
+    """One process per party (or Ray actor), from the plan's file; the modules read back from ``out``."""
+    from .clients.layout import Topology
+    from .run.setup import build_modules
+
+    path = source if isinstance(source, (str, Path)) else getattr(source, "_source", None) or plan._source
+    if path is None:
+        raise PlanError(f"launcher={launcher!r} starts party processes, which read the plan from its file: this plan "
+                        "was built in Python", entry="launcher", hint="save it as a TOML file, or use launcher='threads'")
+    if out is None:
+        raise PlanError(f"launcher={launcher!r}: party processes write their weights and reports to a run folder",
+                        entry="out", hint="give out=FOLDER")
+    out = Path(out)
+    if launcher == "ray":
+        from .launch.onray import launch_ray
+
+        for what in ("link", "log"):
+            if kw.get(what) is not None:
+                raise PlanError(f"{what} is not available with launcher='ray'", entry=what)
+        body = launch_ray(path, out, address=kw["ray_address"] or "local", epochs=kw["epochs"], seed=kw["seed"],
+                          insecure=kw["insecure"], checked=plan, resume=kw["resume"])
+    else:
+        from .launch.processes import launch
+
+        if kw.get("ray_address") is not None:
+            raise PlanError("ray_address applies to launcher='ray'", entry="ray_address")
+        body = launch(path, out, epochs=kw["epochs"], seed=kw["seed"], insecure=kw["insecure"], on_step=kw["on_step"],
+                      checked=plan, log=kw["log"], resume=kw["resume"], link=kw["link"])
+
+    def read() -> dict[str, PartyReport]:
+        topo, reports = Topology.of(plan), {}
+        for name in topo.names:
+            plays, weights = topo.plays(plan, name), out / "parties" / name / "weights.safetensors"
+            if plays is None or not weights.is_file():
+                continue
+            modules = build_modules(plan, plays, [s for s, spec in plan.segments.items() if spec.party == plays])
+            load_weights(weights, modules)
+            reports[name] = PartyReport(name, plays=plays, modules=modules)
+        return reports
+
+    return Result(body, plan, read=read)
 
 
 _EMBEDDED = ("digits", "breast_cancer", "synthetic")
@@ -238,13 +317,15 @@ def split(model: nn.Module | Callable[[], nn.Module], cut: str | int | Sequence[
     return train(split_plan(model, cut, **options), out=out, on_step=on_step, timeout=timeout)
 
 
-def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: bool = True,
-            networks: dict[str, nn.Module | Callable[[], nn.Module]] | None = None) -> dict[str, dict]:
+def predict(run_dir: str | Path, data: DataSpec | dict | str | Path | None = None, *, write: bool = True,
+            networks: dict[str, nn.Module | Callable[[], nn.Module]] | None = None,
+            id_column: str | None = None) -> dict[str, dict]:
     """Run a trained plan forward on new data (default: the run's test split).
 
     ``data``: one source for every party (a :class:`DataSpec` or its dict), or one per party
     (``{"clinic_a": "a.csv", "clinic_b": DataSpec(...)}``; a path keeps the party's own
-    settings). Each party loads only its own weights and its own preprocessing (fitted on its
+    settings), or one file's path when one party holds data; ``id_column`` names the id column of
+    files given by path (default: as at training). Each party loads only its own weights and its own preprocessing (fitted on its
     training rows, saved beside its weights), so one new row is predicted as it would be in a
     batch. Predictions arrive at the party that owns each head and are written to
     ``RUN_DIR/parties/PARTY/predictions.csv`` (the decided class and, for classification, each
@@ -279,13 +360,29 @@ def predict(run_dir: str | Path, data: DataSpec | dict | None = None, *, write: 
     if aligned:  # every party's rows are here, in one process: their intersection is taken directly
         plan = plan.replace(data=plan.data.model_copy(update={"align": "exact"}))
     per: dict[str, DataSpec] = {}
+    holders = [p for p in plan.parties if holds_data(plan, p)]
+    if isinstance(data, (str, Path)):
+        if len(holders) != 1:
+            raise PlanError(f"data {str(data)!r}: several parties hold data ({holders}); say whose each file is",
+                            entry="--data", hint="--data NAME=FILE once per party (in Python: {NAME: FILE})")
+        data = {holders[0]: data}
+    if isinstance(data, dict) and data and all(isinstance(d, (str, Path)) for d in data.values()):
+        unknown = sorted(set(data) - set(plan.parties))
+        if unknown:
+            raise PlanError(f"new data for {unknown}, which are no parties of the run", entry="--data",
+                            hint=f"parties with data: {holders}")
     if isinstance(data, dict) and data and set(data) <= set(plan.parties) and "dataset" not in data:
         for party, d in data.items():
             if not holds_data(plan, party):
                 raise PlanError(f"party {party!r} holds no data, so it takes no data file", entry="--data",
                                 hint=f"parties with data: {[p for p in plan.parties if holds_data(plan, p)]}")
             if isinstance(d, (str, Path)):
+                if not Path(d).expanduser().exists():
+                    raise PlanError(f"data of {party!r}: no such file or folder {str(Path(d).expanduser().resolve())!r}",
+                                    entry="--data")
                 per[party] = party_file(plan, party, d)
+                if id_column is not None:
+                    per[party] = per[party].model_copy(update={"id_column": id_column})
             else:
                 per[party] = d if isinstance(d, DataSpec) else DataSpec.model_validate(d)
         missing = [p for p in plan.parties if holds_data(plan, p) and p not in per]

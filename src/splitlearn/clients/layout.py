@@ -251,3 +251,14 @@ def physical_party(plan: Plan, name: str, setup: PartySetup | None, transport: T
 
     return make_role(plan, name, transport, setup, step_timeout=timeout, record=record, limits=limits,
                      tracking=tracking, out=out, resume=resume, **role)
+
+
+def describe_schedule(plan: Plan) -> str | None:
+    """One line on a ``[clients]`` plan's clients, schedule and roles (None for a plain plan)."""
+    c = plan.clients
+    if c is None:
+        return None
+    return (f"clients: {c.count} x {c.template!r} ({c.template}-1 ... {c.template}-{c.count}), schedule {c.schedule}"
+            + (f", hand-off {c.handoff}" if c.schedule == "sequential" else f", federation {federation_of(plan)}")
+            + f", partition {c.partition.kind}; coordinator {coordinator_of(plan)}; "
+            f"a client silent for {c.timeout:g} s is skipped")

@@ -10,10 +10,10 @@ forker's pages until it writes to them: measured, a few MiB of its own before it
 
 The forker is single-threaded (fork copies only the calling thread) and creates no gRPC channel
 before forking (each child starts its own). It reads one JSON request per line on stdin
-(``{"name", "argv", "stdout", "stderr"}``: the ``splitlearn`` command line and the files for the
-child's output), answers ``{"name", "pid"}`` once forked and ``{"pid", "code"}`` when a child
+(``{"name", "options", "stdout", "stderr"}``: the party's :class:`~splitlearn.launch.party.PartyOptions`
+as JSON and the files for the child's output), answers ``{"name", "pid"}`` once forked and ``{"pid", "code"}`` when a child
 ends, and exits when its stdin closes and its children have ended. Each child begins a session of
-its own (its pid is its process group) and runs the command line as ``splitlearn`` would.
+its own (its pid is its process group) and runs :func:`~splitlearn.launch.party.party_process`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import IO, Any
 
 __all__ = ["Forker", "Forked"]
 
-PRELOAD = ("grpc", "splitlearn.cli", "splitlearn.clients.roles", "splitlearn.wire.transport.grpc",
+PRELOAD = ("grpc", "splitlearn.launch.party", "splitlearn.clients.roles", "splitlearn.wire.transport.grpc",
            "splitlearn.run.align", "splitlearn.data.formats", "safetensors.torch")
 
 
@@ -113,10 +113,11 @@ class Forker:
                     raise RuntimeError(f"the forker cannot start party processes: {(why or ['no answer'])[-1]}")
                 self.cond.wait(0.2)
 
-    def start(self, name: str, argv: list[str], stdout: str | Path, stderr: str | Path,
+    def start(self, name: str, options: str, stdout: str | Path, stderr: str | Path,
               timeout: float = 120.0) -> Forked:
-        """Fork a party process running ``splitlearn ARGV`` (its output to the files given)."""
-        request = {"name": name, "argv": argv, "stdout": str(stdout), "stderr": str(stderr)}
+        """Fork a party process running the party of ``options`` (:class:`~splitlearn.launch.party.PartyOptions`
+        as JSON; its output to the files given)."""
+        request = {"name": name, "options": options, "stdout": str(stdout), "stderr": str(stderr)}
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
         self.proc.stdin.flush()
         deadline = time.monotonic() + timeout
@@ -186,14 +187,10 @@ def _child(request: dict[str, Any]) -> None:
         os.dup2(out, 1)
         os.dup2(err, 2)
         # the inherited objects stay frozen: a collection over them would write to every shared page
-        from splitlearn.cli import app
+        from splitlearn.launch.party import PartyOptions, party_process
 
-        sys.argv = ["splitlearn", *request["argv"]]
-        try:
-            app(args=list(request["argv"]), prog_name="splitlearn", standalone_mode=True)
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        sys.argv = ["splitlearn-party", request["name"]]
+        code = party_process(PartyOptions.from_json(request["options"]))
     except BaseException:  # noqa: BLE001 - whatever it is, the child ends here, saying so
         import traceback
 

@@ -26,6 +26,7 @@ from ..core.plan import Plan, PlanError
 from ..core.load import load_plan
 from ..wire.messages import Limits
 from .forker import Forker
+from .party import PartyOptions
 from ..run.allocator import math_threads, tune_allocator  # noqa: F401 - party processes call tune_allocator from here
 from .results import build_result, save_party, save_result
 from ..run.session import PartyReport, Progress, RunError
@@ -242,23 +243,15 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                 for old in ("error.json", "report.json"):  # nothing of an earlier run is taken for this one
                     (folder / old).unlink(missing_ok=True)
                 follow = name == topo.lead and on_step is not None  # only a pipe somebody reads: a full one blocks
-                argv = ["party", str(plan_path), "--name", name, "--out", str(out),
-                        "--listen", f"127.0.0.1:{ports[name]}", "--progress" if follow else "--quiet"]
-                argv += ["--insecure"] if insecure else ["--certs", certs]
-                argv += ["--resume"] if resume else []
-                argv += ["--rejoin-wait", "0"] if plan.clients is not None else []  # nobody restarts a party here
-                # every process imports torch before it connects: on few cores many take a while to start
-                argv += ["--connect-timeout", str(max(60, 2 * len(topo.names)))]
-                for peer in topo.dials(name):
-                    argv += ["--peer", f"{peer}=127.0.0.1:{dial_ports[peer]}"]
-                for peer in topo.accepts(name):
-                    argv += ["--peer", f"{peer}=127.0.0.1:{ports[peer]}"]
-                if epochs is not None:
-                    argv += ["--epochs", str(epochs)]
-                if seed is not None:
-                    argv += ["--seed", str(seed)]
-                if tracking is not None:
-                    argv += ["--log", f"{tracking.kind}:{tracking.where}"]
+                opts = PartyOptions(
+                    str(plan_path), name, out=str(out), listen=f"127.0.0.1:{ports[name]}", progress=follow,
+                    quiet=not follow, insecure=insecure, certs=None if insecure else certs, resume=resume,
+                    rejoin_wait_s=0.0 if topo.coordinator is not None else None,  # nobody restarts a party here
+                    # every process imports torch before it connects: on few cores many take a while to start
+                    connect_timeout_s=float(max(60, 2 * len(topo.names))),
+                    peers={**{p: f"127.0.0.1:{dial_ports[p]}" for p in topo.dials(name)},
+                           **{p: f"127.0.0.1:{ports[p]}" for p in topo.accepts(name)}},
+                    epochs=epochs, seed=seed, log=None if tracking is None else f"{tracking.kind}:{tracking.where}")
                 log_file = folder / "party.log"
                 log_file.write_text("")
                 if forker is not None and not procs:  # the forker must be able to start; else new interpreters
@@ -273,10 +266,10 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                         stdout = Path(certs) / "progress.fifo"
                         os.mkfifo(stdout)
                         threading.Thread(target=_follow_fifo, args=(stdout, on_step), daemon=True).start()
-                    procs[name] = forker.start(name, argv, stdout, log_file)
+                    procs[name] = forker.start(name, opts.to_json(), stdout, log_file)
                     continue
                 with open(log_file, "w") as log_fh:
-                    procs[name] = subprocess.Popen([sys.executable, "-m", "splitlearn", *argv],
+                    procs[name] = subprocess.Popen([sys.executable, "-m", "splitlearn.launch.party", opts.to_json()],
                                                    stdout=subprocess.PIPE if follow else log_fh, stderr=log_fh,
                                                    start_new_session=True, env=env)
                 if follow:

@@ -26,7 +26,8 @@ from ..core.plan import Plan, PlanError, parse_plan, plan_dir
 from ..run.session import PartyReport
 
 __all__ = ["build_result", "final_client", "summarize", "wires_of", "write_json", "save_party", "save_result",
-           "save_weights", "load_weights", "non_finite", "plan_record", "load_run_plan"]
+           "save_weights", "load_weights", "non_finite", "plan_record", "load_run_plan",
+           "RUN_OUTPUTS", "clear_run_folder"]
 
 
 def summarize(plan: Plan, graph: Graph, tasks: dict[str, dict]) -> dict[str, Any]:
@@ -329,6 +330,33 @@ def plan_record(plan: Plan) -> dict[str, Any]:
         if spec.get("path") and not Path(spec["path"]).expanduser().is_absolute():
             spec["path"] = str(base / spec["path"])
     return body
+
+
+# what splitlearn writes at the top of a run folder (run, audit, report, tracking, compare, sweep)
+RUN_OUTPUTS = ("result.json", "plan.json", "report.html", "parties", "audit", "tensorboard", "mlruns", "compare.json",
+               "compare.md", "sweep.json", "sweep.md", "sweep.png", "accuracy_vs_computation.png", "bytes_per_client.png")
+
+
+def clear_run_folder(out: Path, force: bool) -> None:
+    """Make ``out`` ready for a new run, never overwriting silently: a folder that holds files needs
+    ``force``, which removes what an earlier run wrote there (:data:`RUN_OUTPUTS`: an old audit must
+    not describe the new run) and leaves anything else alone. PlanError otherwise."""
+    import shutil
+
+    out = Path(out)
+    if out.is_file():
+        raise PlanError(f"--out {out} is a file; give a folder", entry="--out")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not force:
+        raise PlanError(f"--out {out} already holds files (an earlier run?): give --force to replace that run, or "
+                        "another --out", entry="--out")
+    for name in RUN_OUTPUTS:
+        old = out / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
 
 
 def write_json(path: Path, obj: Any) -> None:

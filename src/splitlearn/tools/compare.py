@@ -28,7 +28,7 @@ from typing import Any
 
 from ..core.plan import ClientsSpec, Plan, PlanError
 from ..core.load import load_plan
-from .units import human
+from ..core.units import human
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "method_plan", "centralized_plan", "run_compare", "predict_cost",
            "format_compare", "partition_text"]

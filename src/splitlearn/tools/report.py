@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .units import human as _human
+from ..core.units import human as _human
 
 __all__ = ["ReportError", "write_report"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.graph import Graph, Node, Wire
-from .units import human
+from ..core.units import human
 
 __all__ = ["draw_topology", "topology_png", "describe", "shape_text", "clients_text"]
 

@@ -1,0 +1,5 @@
+"""``python -m splitlearn.cli``."""
+
+from . import main
+
+main()

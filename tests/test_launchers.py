@@ -1,0 +1,53 @@
+"""The launchers from Python: ``splitlearn.train(plan, launcher=...)`` runs the same plan in threads or in
+party processes to the same weights, and a party process is started through a function, not the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import splitlearn
+from splitlearn.api import split_plan
+from splitlearn.core.plan import PlanError
+from splitlearn.launch.party import PartyOptions
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_party_processes_from_python_train_to_the_weights_of_threads(tmp_path):
+    """``launcher="processes"``: one process per party over gRPC with mutual TLS, forked through
+    :func:`~splitlearn.launch.party.party_process`; the result's model is read back from the run folder
+    and equals the in-process run's bit for bit (same seed, CPU)."""
+    plan = EXAMPLES / "vanilla.toml"
+    threads = splitlearn.train(plan, epochs=1, launcher="threads")
+    processes = splitlearn.train(plan, epochs=1, launcher="processes", out=tmp_path / "run")
+    assert processes["transport"] == "grpc+mtls" and threads["transport"] == "in-process"
+    a, b = threads.model.state_dict(), processes.model.state_dict()
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert processes["metrics"]["test_accuracy"] == threads["metrics"]["test_accuracy"]
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["metrics"] == processes["metrics"]
+
+
+def test_launcher_mistakes_are_one_clear_error(tmp_path):
+    plan = EXAMPLES / "vanilla.toml"
+    with pytest.raises(PlanError, match=r"(?s)unknown launcher 'gpu'.*threads.*processes.*ray"):
+        splitlearn.train(plan, epochs=1, launcher="gpu")
+    with pytest.raises(PlanError, match=r"write their weights and reports to a run folder"):
+        splitlearn.train(plan, epochs=1, launcher="processes")
+    built = split_plan(torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10)),
+                                  cut=1, data="digits")
+    with pytest.raises(PlanError, match=r"read the plan from its file: this plan was built in Python"):
+        splitlearn.train(built, launcher="processes", out=tmp_path / "x")
+    with pytest.raises(PlanError, match=r"link applies to party processes"):
+        splitlearn.train(plan, epochs=1, link="50ms")
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_party_options_travel_as_json_and_unknown_keys_are_refused():
+    opts = PartyOptions("plan.toml", "server", insecure=True, peers={"hospital": "127.0.0.1:5"}, dial_out=("a",),
+                        epochs=2, step_timeout_s=3.5)
+    assert PartyOptions.from_json(opts.to_json()) == opts
+    with pytest.raises(ValueError, match=r"unknown keys \['argv'\]"):
+        PartyOptions.from_json(json.dumps({"plan": "p", "name": "n", "argv": ["party"]}))
