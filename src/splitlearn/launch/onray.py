@@ -56,9 +56,7 @@ def connect(address: str | None) -> Any:
 
 def _python_path() -> list[str]:
     """Where this splitlearn (and a plan's factories next to it) are imported from, for the workers."""
-    import splitlearn
-
-    here = str(Path(splitlearn.__file__).resolve().parent.parent)
+    here = str(Path(__file__).resolve().parents[2])  # the folder holding the splitlearn package
     return [here, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
 
 

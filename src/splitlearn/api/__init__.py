@@ -1,0 +1,8 @@
+"""The calls most users need: :func:`split` a module of their own and train it, :func:`train` a
+plan (in threads, party processes or on Ray), and :func:`predict` from a finished run."""
+
+from .prediction import predict
+from .splitting import split, split_plan
+from .training import LAUNCHERS, Result, train, train_prepared
+
+__all__ = ["split", "split_plan", "train", "train_prepared", "predict", "Result", "LAUNCHERS"]

@@ -1,0 +1,201 @@
+"""Training a plan: :func:`train` with a launcher, and the :class:`Result` it returns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..core.plan import Plan, PlanError
+from ..launch.threads import run_local
+from ..models import build_network
+from ..launch.results import build_result, load_weights, save_party, save_result
+from ..run.session import PartyReport, Progress
+from ..run.setup import prepare
+
+__all__ = ["Result", "train", "train_prepared", "LAUNCHERS"]
+
+
+class Result(dict):
+    """What :func:`train` and :func:`split` return: the content of ``result.json`` (a dict: metrics,
+    bytes, FLOPs per party, ...) and the trained modules, as objects.
+
+    ``modules`` maps each party to its segments (``{"server": {"top": module}}``); :meth:`network`
+    puts a network's trained segments back together as one module; ``model`` is that network
+    when the plan has just one; :meth:`save` writes the run folder that ``out=`` writes.
+    """
+
+    def __init__(self, body: dict[str, Any], plan: Plan, reports: dict[str, PartyReport] | None = None,
+                 read: Callable[[], dict[str, PartyReport]] | None = None):
+        super().__init__(body)
+        self.plan = plan
+        self._given = reports
+        self._read = read  # party processes trained: their weights are read from the run folder when asked
+
+    @property
+    def _reports(self) -> dict[str, PartyReport]:
+        if self._given is None:
+            self._given = self._read() if self._read is not None else {}
+        return self._given
+
+    @property
+    def modules(self) -> dict[str, dict[str, nn.Module]]:
+        """Each physical party's trained segments (clients of a ``[clients]`` plan each have theirs)."""
+        return {p: dict(r.modules) for p, r in self._reports.items() if r.modules}
+
+    def network(self, name: str | None = None) -> nn.Module:
+        """A fresh copy of network ``name`` (the only one if omitted) holding the trained weights of
+        every segment cut from it; with ``[clients]``, those of the run's model (the final client)."""
+        plan = self.plan
+        if name is None:
+            if len(plan.networks) != 1:
+                raise ValueError(f"the plan has networks {sorted(plan.networks)}: name one")
+            name = next(iter(plan.networks))
+        if name not in plan.networks:
+            raise ValueError(f"no network {name!r}; the plan has {sorted(plan.networks)}")
+        segments = [s for s, spec in plan.segments.items() if spec.network == name]
+        whole = [s for s in segments if plan.segments[s].layers is None and plan.segments[s].cut is None]
+        if len(segments) > 1 and len(whole) == len(segments):
+            raise ValueError(f"network {name!r} runs whole in segments {segments}: take each from result.modules")
+        net = build_network(plan, name).cpu()
+        state: dict[str, torch.Tensor] = {}
+        for s in segments:
+            party = plan.segments[s].party
+            if plan.clients is not None and party == plan.clients.template:
+                party = self.get("final_client")
+                if party is None:
+                    raise ValueError(f"a {plan.clients.schedule} run has no single model: take each client's from "
+                                     "result.modules")
+            state.update({k: v.detach().cpu() for k, v in self._reports[party].modules[s].state_dict().items()})
+        unexpected = set(state) - set(net.state_dict())
+        if unexpected:  # the segments were not cut from this network: nothing would be loaded right
+            raise ValueError(f"segments of {name!r} hold {sorted(unexpected)[:3]}, which the network has not")
+        net.load_state_dict(state, strict=False)
+        return net
+
+    @property
+    def model(self) -> nn.Module:
+        """The trained network when the plan has one network (see :meth:`network`)."""
+        return self.network()
+
+    def save(self, out: str | Path) -> Path:
+        """Write the run folder (``result.json``, ``plan.json``, ``parties/NAME/weights.safetensors``)
+        that ``predict`` reads; what the audit needs is recorded only when training with ``out=``."""
+        out = Path(out)
+        for name, rep in self._reports.items():
+            save_party(out / "parties" / name, rep)
+        save_result(out, self.plan, dict(self))
+        return out
+
+
+LAUNCHERS = ("threads", "processes", "ray")
+
+
+def train(plan: Plan | str | Path | dict, *, launcher: str = "threads", epochs: int | None = None,
+          seed: int | None = None, out: str | Path | None = None, on_step: Callable[[Progress], None] | None = None,
+          timeout: float | None = None, log: str | None = None, resume: bool = False, insecure: bool = False,
+          link: str | None = None, ray_address: str | None = None) -> Result:
+    """Train a plan; return (and with ``out``, write) the :class:`Result`.
+
+    ``launcher`` says where the parties run: ``"threads"`` (every party in this process, over the
+    in-process transport: the simulation), ``"processes"`` (one process per party on loopback gRPC
+    with mutual TLS, throw-away certificates unless ``insecure``; ``link`` emulates a slow network,
+    e.g. ``"50ms,100mbit"``) or ``"ray"`` (each party process a Ray actor on the cluster at
+    ``ray_address``, default a local one). Processes read the plan from its file and write to ``out``
+    (required), from which the result's modules are read back.
+
+    Where the plan names a network, a plan built in Python may give an ``nn.Module`` (each
+    party trains a copy of its part; the object is left as it is) or a function returning one (threads only).
+
+    ``on_step`` is told the :class:`~splitlearn.run.session.Progress` after every step (with
+    ``[clients]``: every round), with the training loss. ``timeout`` bounds each step (default
+    600 s; with ``[clients]``, ``clients.timeout``, which also bounds each answer of the schedule).
+    ``out`` receives ``result.json``, ``plan.json`` and per party ``parties/NAME/``: its weights
+    (safetensors), what it received (for ``splitlearn audit``), its report and its checkpoints
+    (``[train] checkpoint_every`` training steps, and every epoch's end); ``resume`` goes on from
+    the last checkpoint every party holds there, to the same weights as a run never stopped. ``log`` streams
+    the metrics to ``"tensorboard[:DIR]"`` or ``"mlflow[:URI]"`` (see :mod:`splitlearn.run.tracking`).
+    """
+    if launcher not in LAUNCHERS:  # before the data is read
+        raise PlanError(f"unknown launcher {launcher!r}", entry="launcher", hint=f"choose one of {list(LAUNCHERS)}")
+    checked, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
+    return train_prepared(checked, setups, shapes, launcher=launcher, source=plan, epochs=epochs, seed=seed, out=out,
+                          on_step=on_step, timeout=timeout, log=log, resume=resume, insecure=insecure, link=link,
+                          ray_address=ray_address)
+
+
+def train_prepared(plan: Plan, setups: dict, shapes: dict, *, launcher: str = "threads",
+                   source: Plan | str | Path | dict | None = None, epochs: int | None = None, seed: int | None = None,
+                   out: str | Path | None = None, on_step: Callable[[Progress], None] | None = None,
+                   timeout: float | None = None, faults: dict | None = None, log: str | None = None,
+                   resume: bool = False, insecure: bool = False, link: str | None = None,
+                   ray_address: str | None = None) -> Result:
+    """:func:`train` after :func:`~splitlearn.run.setup.prepare` (which checks the plan end to end);
+    ``source`` is what the plan was read from (party processes read it again), ``epochs`` and ``seed``
+    the overrides it was prepared with."""
+    from ..run.tracking import finish_tracking, parse_log
+
+    if launcher not in LAUNCHERS:
+        raise PlanError(f"unknown launcher {launcher!r}", entry="launcher", hint=f"choose one of {list(LAUNCHERS)}")
+    if resume and out is None:
+        raise PlanError("resume needs the run folder (out) whose checkpoints to go on from", entry="--resume")
+    if launcher != "threads":
+        return _train_in_processes(plan, source, launcher, epochs=epochs, seed=seed, out=out, on_step=on_step,
+                                   log=log, resume=resume, insecure=insecure, link=link, ray_address=ray_address)
+    for given, what in ((link, "link"), (ray_address, "ray_address")):
+        if given is not None:
+            raise PlanError(f"{what} applies to party processes, not to launcher='threads'", entry=what)
+    tracking = parse_log(log, out) if log else None
+    reports = run_local(plan, setups, shapes, on_step=on_step, timeout=timeout, record=out is not None, faults=faults,
+                        tracking=tracking, out=out, resume=resume)
+    result = Result(build_result(plan, reports, {"transport": "in-process"}), plan, reports)
+    if out is not None:
+        result.save(out)
+    if tracking is not None:
+        finish_tracking(tracking, plan, result)
+    return result
+
+
+def _train_in_processes(plan: Plan, source: Any, launcher: str, *, out: str | Path | None, **kw: Any) -> Result:
+    """One process per party (or Ray actor), from the plan's file; the modules read back from ``out``."""
+    from ..clients.layout import Topology
+    from ..run.setup import build_modules
+
+    path = source if isinstance(source, (str, Path)) else getattr(source, "_source", None) or plan._source
+    if path is None:
+        raise PlanError(f"launcher={launcher!r} starts party processes, which read the plan from its file: this plan "
+                        "was built in Python", entry="launcher", hint="save it as a TOML file, or use launcher='threads'")
+    if out is None:
+        raise PlanError(f"launcher={launcher!r}: party processes write their weights and reports to a run folder",
+                        entry="out", hint="give out=FOLDER")
+    out = Path(out)
+    if launcher == "ray":
+        from ..launch.onray import launch_ray
+
+        for what in ("link", "log"):
+            if kw.get(what) is not None:
+                raise PlanError(f"{what} is not available with launcher='ray'", entry=what)
+        body = launch_ray(path, out, address=kw["ray_address"] or "local", epochs=kw["epochs"], seed=kw["seed"],
+                          insecure=kw["insecure"], checked=plan, resume=kw["resume"])
+    else:
+        from ..launch.processes import launch
+
+        if kw.get("ray_address") is not None:
+            raise PlanError("ray_address applies to launcher='ray'", entry="ray_address")
+        body = launch(path, out, epochs=kw["epochs"], seed=kw["seed"], insecure=kw["insecure"], on_step=kw["on_step"],
+                      checked=plan, log=kw["log"], resume=kw["resume"], link=kw["link"])
+
+    def read() -> dict[str, PartyReport]:
+        topo, reports = Topology.of(plan), {}
+        for name in topo.names:
+            plays, weights = topo.plays(plan, name), out / "parties" / name / "weights.safetensors"
+            if plays is None or not weights.is_file():
+                continue
+            modules = build_modules(plan, plays, [s for s, spec in plan.segments.items() if spec.party == plays])
+            load_weights(weights, modules)
+            reports[name] = PartyReport(name, plays=plays, modules=modules)
+        return reports
+
+    return Result(body, plan, read=read)
