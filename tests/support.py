@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import random
 import signal
@@ -49,7 +50,33 @@ __all__ = ["POISON", "Poisoning",
     "ACT", "LABEL", "f32", "FakeHospital", "Server",
     # links the test cuts
     "Proxy",
+    # waiting on what a party logs
+    "LogEvent",
 ]
+
+
+class LogEvent(logging.Handler):
+    """An event set when ``logger`` (or one below it) logs a message containing ``text``: a test
+    waits on what a party says it did (a client skipped) instead of sleeping past it. Use as a
+    context manager (the handler is removed on the way out)."""
+
+    def __init__(self, logger: str, text: str):
+        super().__init__(logging.DEBUG)
+        self.logger, self.text, self.event = logging.getLogger(logger), text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self.event.wait(timeout)
+
+    def __enter__(self) -> "LogEvent":
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
 
 
 # -- party processes ---------------------------------------------------------------------------

@@ -211,7 +211,7 @@ def test_a_flood_through_the_relay_is_refused_and_named(tmp_path, flood, why):
         elif flood == "duplicate":
             c.align("clinic_a", "server", {"phase": "request", "size": 2}, blob)
         else:  # messages of the session other than alignment: a MiB per peer during the alignment
-            c.link.send(Message(Kind.STEP, "clinic_b", "server", text="x" * 100_000))
+            c.link.send(Message(Kind.COMMAND, "clinic_b", "server", text="x" * 100_000))
     ended = c.join()
     err = ended["server"][1]
     assert isinstance(err, PlanError) and "'clinic_b'" in str(err) and why in str(err), err

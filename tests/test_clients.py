@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from splitlearn.tools.compare import centralized_plan, method_plan, predict_cost
-from splitlearn.clients.roles import Context
+from splitlearn.clients.context import Context
+from splitlearn.wire.control import LoadWeights, SendWeights, Turn
 from splitlearn.launch.results import build_result as merge_reports
 from splitlearn.wire.messages import weights as weights_message
 from splitlearn.wire.messages import Kind
@@ -18,7 +19,7 @@ from splitlearn.core.load import load_plan
 from splitlearn.run.setup import prepare, setup_party
 from splitlearn.launch.threads import run_local
 
-from .support import max_diff, module_state, tiny
+from .support import LogEvent, max_diff, module_state, tiny
 
 
 def run_clients(plan: Plan, **kw) -> dict:
@@ -36,7 +37,7 @@ def test_sequential_peer_handoff_equals_centralized_on_the_same_batches():
     plan = tiny(count=3, schedule="sequential", handoff="peer")
     reports = run_clients(plan)
     # the reference: the unsplit model, one optimizer, every client's batches in the schedule's order
-    ctx = Context.of(plan, setup_party(plan, "hospital"))
+    ctx = Context.from_setup(plan, setup_party(plan, "hospital"))
     data = setup_party(plan, "hospital").inputs
     ref = {s: build_segment(plan, s) for s in ("bottom", "top")}
     before = {s: module_state(m) for s, m in ref.items()}
@@ -94,7 +95,7 @@ def test_bytes_and_flops_of_each_method_match_a_hand_count():
     model_values = bottom_values + hidden * 10 + 10
     # sequential, 2 clients, 1 epoch: activations up and gradients down, one hand-off 1 -> 2
     plan = tiny(hidden, count=2, schedule="sequential").with_train(epochs=1)
-    ctx = Context.of(plan, setup_party(plan, "hospital"))
+    ctx = Context.from_setup(plan, setup_party(plan, "hospital"))
     res = merge_reports(plan, run_clients(plan))
     for k, name in enumerate(("hospital-1", "hospital-2")):
         rows = len(ctx.shares[k])
@@ -111,7 +112,7 @@ def test_bytes_and_flops_of_each_method_match_a_hand_count():
     # FedAvg, 2 clients, 2 rounds of one local epoch: the whole model down and up each round
     fed = method_plan(tiny(hidden), "fedavg", 2)
     res = merge_reports(fed, run_clients(fed))
-    ctx = Context.of(fed, setup_party(fed, "hospital"))
+    ctx = Context.from_setup(fed, setup_party(fed, "hospital"))
     for k, name in enumerate(("hospital-1", "hospital-2")):
         p = res["parties"][name]
         assert _payload(p["received"], "weights", "weights") == 2 * model_values * 4
@@ -123,7 +124,7 @@ def test_bytes_and_flops_of_each_method_match_a_hand_count():
 
     # SplitFed v2, 2 clients, 2 rounds: the bottom down and up each round beside the activations
     sf = tiny(hidden, count=2, schedule="splitfed_v2")
-    ctx = Context.of(sf, setup_party(sf, "hospital"))
+    ctx = Context.from_setup(sf, setup_party(sf, "hospital"))
     res = merge_reports(sf, run_clients(sf))
     for k, name in enumerate(("hospital-1", "hospital-2")):
         p = res["parties"][name]
@@ -144,7 +145,7 @@ def test_bytes_and_flops_of_each_method_match_a_hand_count():
 
     # large-batch SGD: one step per round, the model down and up every step
     lb = method_plan(tiny(hidden), "large_batch", 2)
-    ctx = Context.of(lb, setup_party(lb, "hospital"))
+    ctx = Context.from_setup(lb, setup_party(lb, "hospital"))
     res = merge_reports(lb, run_clients(lb))
     steps = len(ctx.rounds)
     assert steps == 2 * -(-max(len(s) for s in ctx.shares) // 32)
@@ -158,7 +159,7 @@ def test_measured_per_client_cost_is_within_two_percent_of_the_cost_model(method
     base = tiny(128, count=4).with_train(epochs=2)
     plan = method_plan(base, method, 4)
     res = merge_reports(plan, run_clients(plan))
-    train_rows = sum(len(s) for s in Context.of(plan, setup_party(plan, "hospital")).shares)
+    train_rows = sum(len(s) for s in Context.from_setup(plan, setup_party(plan, "hospital")).shares)
     pred = predict_cost(plan, method, train_rows)
     assert res["per_client"]["flops"]["mean"] == pytest.approx(pred["flops"], rel=0.02)
     assert res["per_client"]["bytes"]["mean"] == pytest.approx(pred["bytes"], rel=0.02)
@@ -168,8 +169,8 @@ def test_a_client_that_stops_answering_is_skipped_reported_and_the_run_completes
     plan = tiny(count=3, schedule="sequential", timeout=1.0).with_train(epochs=3)
     state = {"turns": 0}
 
-    def dies(role, cmd):  # hospital-2 trains once, then its process is gone
-        if cmd.get("do") == "turn":
+    def dies(role, request, ins):  # hospital-2 trains once, then its process is gone
+        if isinstance(ins, Turn):
             state["turns"] += 1
             if state["turns"] == 2:
                 raise SystemExit("killed")
@@ -183,14 +184,15 @@ def test_a_client_that_stops_answering_is_skipped_reported_and_the_run_completes
 
 def test_a_client_that_misses_its_turn_rejoins_later():
     plan = tiny(count=3, schedule="splitfed_v2", timeout=1.0).with_train(epochs=3)
-    state = {"slept": False}
+    state = {"away": False}
 
-    def slow(role, cmd):  # hospital-3 is away during round 0 and answers again afterwards
-        if cmd.get("do") == "turn" and not state["slept"]:
-            state["slept"] = True
-            time.sleep(2.5)
+    def away(role, request, ins):  # hospital-3 is away during round 0 until skipped, and answers again afterwards
+        if isinstance(ins, Turn) and not state["away"]:
+            state["away"] = True
+            assert skipped.wait(60)
 
-    reports = run_clients(plan, faults={"hospital-3": slow})
+    with LogEvent("splitlearn.clients", "skipped hospital-3 in round 0") as skipped:
+        reports = run_clients(plan, faults={"hospital-3": away})
     res = merge_reports(plan, reports)
     assert {s["client"] for s in res["skipped"]} == {"hospital-3"}
     assert min(s["round"] for s in res["skipped"]) == 0
@@ -238,7 +240,7 @@ def test_a_federation_of_its_own_averages_like_the_server_does():
 def test_a_dirichlet_partition_gives_clients_different_label_mixes():
     plan = tiny(count=4, partition={"kind": "dirichlet", "alpha": 0.1})
     setup = setup_party(plan, "hospital")
-    ctx = Context.of(plan, setup)
+    ctx = Context.from_setup(plan, setup)
     y = setup.inputs["hospital.y"]
     classes = [len(torch.unique(y[torch.from_numpy(s)])) for s in ctx.shares]
     assert min(classes) < 10  # with alpha 0.1 some client misses classes (iid: every client has all ten)
@@ -251,7 +253,7 @@ def test_a_dirichlet_partition_gives_clients_different_label_mixes():
 def test_rounds_of_each_schedule():
     def made(**kw):
         plan = tiny(count=4, **kw)
-        return Context.of(plan, setup_party(plan, "hospital"))
+        return Context.from_setup(plan, setup_party(plan, "hospital"))
 
     seq = made(schedule="sequential")
     assert [r.clients for r in seq.rounds] == [(0, 1, 2, 3)] * 2  # one round per epoch, clients in turn
@@ -283,11 +285,11 @@ def test_a_client_speaking_out_of_turn_changes_nothing():
     clean = run_clients(plan)
     started, bursts = threading.Event(), []
 
-    def mallory(role, cmd):
-        if cmd.get("do") != "send" or started.is_set():  # its hand-off to hospital-2, right before that turn
+    def mallory(role, request, ins):
+        if not isinstance(ins, SendWeights) or started.is_set():  # its hand-off to hospital-2, right before that turn
             return
         started.set()
-        raw, state = role.switch.inner, role._client_state()
+        raw, state = role.switch.inner, role.client_state()
 
         def keep_sending():
             try:
@@ -315,17 +317,18 @@ def test_a_client_speaking_out_of_turn_changes_nothing():
 
 def test_fedavg_averages_by_samples():
     """Uneven shares (Dirichlet): the federation's model is the sample-weighted mean of the clients'."""
-    from splitlearn.clients.roles import average
+    from splitlearn.clients.weights import average
 
     plan = method_plan(tiny(count=3, partition={"kind": "dirichlet", "alpha": 0.3}).with_train(epochs=1), "fedavg", 3)
-    ctx = Context.of(plan, setup_party(plan, "hospital"))
+    ctx = Context.from_setup(plan, setup_party(plan, "hospital"))
     sizes = [len(s) for s in ctx.shares]
     assert len(set(sizes)) == 3  # uneven, so a plain mean would differ
     local = {}
 
-    def capture(role, cmd):  # the clients' own weights just before the averaged ones replace them
-        if cmd.get("do") in ("send", "load") and cmd.get("to", "") == "federation" or cmd.get("evaluation"):
-            local.setdefault(role.name, {k: v.clone() for k, v in role._client_state().items()})
+    def capture(role, request, ins):  # the clients' own weights just before the averaged ones replace them
+        if isinstance(ins, SendWeights) and ins.to == "federation" or isinstance(ins, (SendWeights, LoadWeights)) \
+                and ins.evaluation:
+            local.setdefault(role.name, {k: v.clone() for k, v in role.client_state().items()})
 
     faults = {c: capture for c in plan.clients.names()}
     reports = run_clients(plan, faults=faults)

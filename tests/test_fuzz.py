@@ -789,7 +789,7 @@ def test_mutated_alignment_messages_leak_nothing_and_only_the_protocols_are_take
         kept: list[Message] = []
         run = None
         try:
-            run = align._Alignment(Link(rec), graph, me, None if relay else 569, 5.0, kept.append, said,
+            run = align.Alignment(Link(rec), graph, me, None if relay else 569, 5.0, kept.append, said,
                                    align.MAX_ELEMENTS)
             while rec.inbox:
                 run.pump()
@@ -812,7 +812,7 @@ def test_mutated_alignment_messages_leak_nothing_and_only_the_protocols_are_take
 
 # -- the federation's commands, acknowledgements and weights ------------------------------------------
 
-COMMAND_KEYS = ["do", "request", "deadline", "turn", "client", "model", "from", "to", "evaluation", "lend", "ready",
+COMMAND_KEYS = ["do", "request", "deadline", "turn", "client", "model", "source", "to", "evaluation", "lend", "ready",
                 "clients", "samples", "reason", "round"]
 
 
@@ -821,7 +821,8 @@ class _Federation:
     reading from a fed inbox; the client's turns are recorded, not run."""
 
     def __init__(self):
-        from splitlearn.clients.roles import Follower, make_role
+        from splitlearn.clients.follower import Follower
+        from splitlearn.clients.roles import make_role
         from splitlearn.wire.metering import Meter
 
         self.plan = tiny(count=2, schedule="fedavg")
@@ -858,8 +859,9 @@ def test_mutated_commands_acks_and_weights_leak_nothing_and_nothing_harmful_is_c
     that are not finite or do not fit are loaded or averaged, and no acknowledgement of another
     request (or without what was asked) is taken."""
     from splitlearn.clients.layout import roles
-    from splitlearn.clients.roles import state_of
+    from splitlearn.clients.weights import state_of
     from splitlearn.wire import messages as m
+    from splitlearn.wire.control import CensusAnswer, Collect, LoadWeights, SendWeights, Stop, Turn
 
     fed_roles = _Federation()
     client, server = fed_roles.client, fed_roles.server
@@ -887,16 +889,13 @@ def test_mutated_commands_acks_and_weights_leak_nothing_and_nothing_harmful_is_c
             figures[kind]["harmful"] += 1
 
     def commands():
-        honest = [{"do": "turn", "turn": turn, "client": "hospital-1"},
-                  {"do": "turn", "turn": turn, "client": "hospital-1", "model": "hospital-2"},
-                  {"do": "load", "from": "server", "evaluation": True}, {"do": "send", "to": "server"},
-                  {"do": "collect", "clients": ["hospital-1"], "samples": [3]}]
+        honest = [Turn(turn, "hospital-1"), Turn(turn, "hospital-1", "hospital-2"),
+                  LoadWeights("server", evaluation=True), SendWeights("server"), Collect(("hospital-1",), (3,))]
         inbox = []
         for k in range(mutate.r.randint(1, 4)):
-            body = {**mutate.r.choice(honest), "request": k + 1, "deadline": time.time() + 60}
-            msg = m.command("server", "hospital-1", body.pop("do"), body.pop("request"), body.pop("deadline"), **body)
+            msg = m.command("server", "hospital-1", mutate.r.choice(honest), k + 1, time.time() + 60)
             inbox.append(("server", mutate(msg, json.loads(msg.text), COMMAND_KEYS, ["server", "hospital-2", "x"])))
-        inbox.append(("server", encode(m.command("server", "hospital-1", "stop", 99, time.time() + 60))))
+        inbox.append(("server", encode(m.command("server", "hospital-1", Stop(), 99, time.time() + 60))))
         fed_roles.turns.clear()
         rec = fed_roles.feed(client, inbox)
         try:
@@ -936,18 +935,20 @@ def test_mutated_commands_acks_and_weights_leak_nothing_and_nothing_harmful_is_c
     def acks():
         inbox = []
         for s in ("hospital-1", "hospital-2"):
-            msg = m.ack(s, "server", 3, rows=[10, 2], schema={})
-            inbox.append((s, mutate(msg, json.loads(msg.text), ["request", "rows", "schema"], ["server", "x"])
-                          if mutate.r.random() < 0.8 else encode(msg)))
+            msg = m.reply(s, "server", 3, CensusAnswer(10, 2, {}))
+            inbox.append((s, mutate(msg, json.loads(msg.text), ["reply", "request", "train", "test", "schema"],
+                                    ["server", "x"]) if mutate.r.random() < 0.8 else encode(msg)))
         fed_roles.feed(server, inbox)
-        got = server._acks(["hospital-1", "hospital-2"], 5.0, 3, has="rows")  # noqa: SLF001 - the reader itself
+        got = server._replies(["hospital-1", "hospital-2"], 5.0, 3, CensusAnswer)  # noqa: SLF001 - the reader itself
         found = []
-        for s, info in got.items():
+        for s, answer in got.items():
             ok = [b for p, d in inbox if p == s for _, b in [_body_of(d)] if isinstance(b, dict)
-                  and _strict_int(b.get("request")) and b["request"] == 3 and "rows" in b
-                  and {k: v for k, v in b.items() if k != "request"} == info]
+                  and set(b) == {"reply", "request", "train", "test", "schema"} and b["reply"] == "census"
+                  and _strict_int(b["request"]) and b["request"] == 3 and _strict_int(b["train"], 0)
+                  and _strict_int(b["test"], 0) and isinstance(b["schema"], dict)
+                  and (b["train"], b["test"], b["schema"]) == (answer.train, answer.test, answer.schema)]
             if not ok:
-                found.append(f"took {str(info)[:80]} from {s}")
+                found.append(f"took {str(answer)[:80]} from {s}")
         return found, bool(got)
 
     for case in range(_cases("command")):
@@ -965,6 +966,6 @@ def test_mutated_commands_acks_and_weights_leak_nothing_and_nothing_harmful_is_c
 
 def load_state_dict(role, state: dict) -> None:
     """Put a client's weights back as they were before a case."""
-    from splitlearn.clients.roles import load_state
+    from splitlearn.clients.weights import load_state
 
     load_state(role.setup.modules, state)

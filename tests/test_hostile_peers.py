@@ -298,7 +298,7 @@ def test_parse_json_refuses_depth_and_size_and_reads_the_rest():
 
 def test_a_deeply_nested_schedule_command_is_refused_by_a_follower():
     from splitlearn.clients.layout import coordinator_of
-    from splitlearn.clients.roles import Follower
+    from splitlearn.clients.follower import Follower
     from .support import tiny
 
     plan = tiny(count=2, schedule="sequential")
@@ -309,12 +309,12 @@ def test_a_deeply_nested_schedule_command_is_refused_by_a_follower():
     th = threading.Thread(target=lambda: box.setdefault("ok", role.follow() or True), daemon=True)
     th.start()
     c = hub.transport(coord)
-    c.send("hospital-1", encode(Message(Kind.STEP, coord, "hospital-1", text='{"do": "turn", "request": 1, "x": '
+    c.send("hospital-1", encode(Message(Kind.COMMAND, coord, "hospital-1", text='{"do": "turn", "request": 1, "x": '
                                         + "[" * 100_000 + "]" * 100_000 + "}")))
-    c.send("hospital-1", encode(Message(Kind.STEP, coord, "hospital-1", text='{"do": "turn", "request": 2, '
+    c.send("hospital-1", encode(Message(Kind.COMMAND, coord, "hospital-1", text='{"do": "turn", "request": 2, '
                                         '"deadline": "soon"}')))
     stop = json.dumps({"do": "stop", "request": 3, "deadline": time.time() + 60})
-    c.send("hospital-1", encode(Message(Kind.STEP, coord, "hospital-1", text=stop)))
+    c.send("hospital-1", encode(Message(Kind.COMMAND, coord, "hospital-1", text=stop)))
     th.join(10)
     assert box.get("ok") is True
     assert any("nested deeper than 32" in r for r in role.link.refused)

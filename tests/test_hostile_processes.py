@@ -31,9 +31,12 @@ from splitlearn.run.checkpoint import Checkpoints
 from splitlearn.run.setup import prepare, schedule, setup_party
 from splitlearn.clients.layout import physical_party
 from splitlearn.wire.codec import Encoded, get_codec
+from splitlearn.wire.control import SendWeights
 from splitlearn.wire.messages import Kind, Limits, Message, decode, hello, kind_of
 from splitlearn.wire.messages import weights as weights_message
-from splitlearn.wire.transport.grpc import _NOBODY, _SEQ, _SYNC, METHOD, PARTY_HEADER, RECEIVE_WINDOW, GrpcTransport
+from splitlearn.wire.transport.frames import NOBODY, SEQ, SYNC
+from splitlearn.wire.transport.grpc import METHOD, PARTY_HEADER, GrpcTransport
+from splitlearn.wire.transport.grpc_channels import RECEIVE_WINDOW
 from splitlearn.wire.transport.tls import load_credentials, make_certs
 
 from .conftest import EXAMPLES
@@ -228,7 +231,7 @@ def test_a_reconnect_flood_leaves_the_party_process_threads_flat(tmp_path, stopp
                                   options=[("grpc.ssl_target_name_override", "server")])
     connect = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
     incarnation = b"mallory1"
-    sync = _SYNC + incarnation + _NOBODY + _SEQ.pack(0)
+    sync = SYNC + incarnation + NOBODY + SEQ.pack(0)
     counts, done = [], 0
     try:
         grpc.channel_ready_future(channel).result(timeout=60)
@@ -238,7 +241,7 @@ def test_a_reconnect_flood_leaves_the_party_process_threads_flat(tmp_path, stopp
             except grpc.RpcError as e:  # its previous stream is not detached yet: "already connected"
                 assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e
                 continue
-            assert frames and frames[0][:1] == _SYNC  # taken back: a reconnection
+            assert frames and frames[0][:1] == SYNC  # taken back: a reconnection
             done += 1
             counts.append(threads(server.pid))
         channel.close()
@@ -357,8 +360,8 @@ def test_a_client_flooding_weights_then_sending_refused_ones_is_skipped_at_once(
     server = Proc(party_cmd(plan, "server", tmp_path / "certs", ports, out, "--max-message-mb", "1"))
     box: dict = {}
 
-    def flood_then_nan(role, cmd) -> None:
-        if cmd["do"] != "send" or "before" in box:
+    def flood_then_nan(role, request, ins) -> None:
+        if not isinstance(ins, SendWeights) or "before" in box:
             return
         box["before"] = server.hwm()
         for i in range(WEIGHTS_FLOOD):
@@ -366,7 +369,7 @@ def test_a_client_flooding_weights_then_sending_refused_ones_is_skipped_at_once(
         real = role.send_weights
 
         def nan(to: str, request: int) -> None:
-            state = {k: torch.full_like(v, float("nan")) for k, v in role._client_state().items()}
+            state = {k: torch.full_like(v, float("nan")) for k, v in role.client_state().items()}
             role.link.send(weights_message(role.name, to, state, request))
             role.send_weights = real
 

@@ -1,7 +1,7 @@
 """A client with a valid identity that lies to the coordinator cannot stop or stall the federation.
 
 Each role of a ``[clients]`` plan runs in a thread over the in-process transport, with checkpoints
-(an ``--out`` folder) and a coordinator that waits for failed parties to come back (``returns``),
+(an ``--out`` folder) and a coordinator that waits for failed parties to come back (``rejoin_wait_s``),
 as party processes do; one test runs real party processes over mutual TLS.
 """
 
@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitlearn.clients.roles import Context, Role
+from splitlearn.clients.context import Context
+from splitlearn.clients.participant import Participant
 from splitlearn.core.engine import PartyError
 from splitlearn.core.plan import Plan
 from splitlearn.run.setup import prepare
 from splitlearn.clients.layout import Topology, physical_party, physical_setups
-from splitlearn.wire.messages import Kind, encode
+from splitlearn.wire.control import Rejoined, SendWeights, Turn
+from splitlearn.wire.messages import encode, reply
 from splitlearn.wire.messages import weights as weights_message
 from splitlearn.wire.transport import InProcessHub
 from splitlearn.wire.transport.inprocess import InProcessTransport
@@ -47,19 +49,20 @@ class Incarnations(InProcessTransport):
         return self.seen.get(peer, 0)
 
 
-def launch(plan: Plan, out: Path, faults: dict | None = None, returns: float = 30.0, box: dict | None = None):
+def launch(plan: Plan, out: Path, faults: dict | None = None, rejoin_wait_s: float = 30.0, box: dict | None = None):
     """Every role of ``plan`` in a thread, with checkpoints in ``out``: (roles, what each ended with:
     its report or its exception). ``box["coord"]``: the coordinator's transport, for the hooks."""
     plan, setups, shapes = prepare(plan)
     topo = Topology.of(plan)
     hub = InProcessHub(topo.names)
     held = physical_setups(plan, topo, setups)
-    ctx = Context.of(plan, setups[plan.clients.template])
+    ctx = Context.from_setup(plan, setups[plan.clients.template])
     coord = Incarnations(hub, topo.coordinator)
     if box is not None:
         box["coord"] = coord
     roles = {n: physical_party(plan, n, held[n], coord if n == topo.coordinator else hub.transport(n), context=ctx,
-                               fault=(faults or {}).get(n), out=out, returns=returns) for n in topo.names}
+                               fault=(faults or {}).get(n), out=out, rejoin_wait_s=rejoin_wait_s)
+             for n in topo.names}
     ended: dict = {}
 
     def work(n: str) -> None:
@@ -79,12 +82,12 @@ def launch(plan: Plan, out: Path, faults: dict | None = None, returns: float = 3
     return roles, ended
 
 
-def _lie(role: Role) -> None:
+def _lie(role: Participant) -> None:
     """Say 'I came back as a new process' (as a follower started with --resume does)."""
-    role._ack(0, back=True, held=role.checkpoints.steps())
+    role.link.send(reply(role.name, role.coordinator, 0, Rejoined(tuple(role.checkpoints.steps()))))
 
 
-def _fail_turns(role: Role) -> None:
+def _fail_turns(role: Participant) -> None:
     role.run_turn = lambda *a, **k: (False, "this client fails its turn")
 
 
@@ -94,9 +97,9 @@ def test_a_client_that_claims_restarts_it_never_made_sends_nobody_back(tmp_path)
     plan = tiny(count=3, schedule="sequential", timeout=1.0).with_train(epochs=3)
     lies = []
 
-    def liar(role, cmd):
-        if cmd["do"] == "turn":
-            lies.append(cmd["turn"])
+    def liar(role, request, ins):
+        if isinstance(ins, Turn):
+            lies.append(ins.turn)
             _lie(role)
             _fail_turns(role)
 
@@ -109,7 +112,7 @@ def test_a_client_that_claims_restarts_it_never_made_sends_nobody_back(tmp_path)
     turns = [s for s in server.skipped if s["during"] == "train turn"]
     assert [(s["round"], s["client"]) for s in turns] == [(0, "hospital-2"), (1, "hospital-2"), (2, "hospital-2")]
     assert {s["client"] for s in server.skipped} == {"hospital-2"}
-    assert not server._waited  # it stayed connected: never waited for
+    assert not server.given_up  # it stayed connected: never waited for
 
 
 def test_a_real_restart_sends_everyone_back_once_and_no_more(tmp_path):
@@ -118,8 +121,8 @@ def test_a_real_restart_sends_everyone_back_once_and_no_more(tmp_path):
     plan = tiny(count=3, schedule="sequential", timeout=1.0).with_train(epochs=2)
     box: dict = {"claims": 0}
 
-    def restarts_once_then_lies(role, cmd):
-        if cmd["do"] != "turn":
+    def restarts_once_then_lies(role, request, ins):
+        if not isinstance(ins, Turn):
             return
         if not box["claims"]:  # it really came back as a new process: the coordinator's transport saw it
             box["coord"].seen["hospital-2"] = 1
@@ -143,8 +146,8 @@ def test_an_honest_client_told_to_stop_because_the_run_failed_fails_naming_why(t
     plan = tiny(count=3, schedule="sequential", timeout=1.0).with_train(epochs=2)
     box: dict = {}
 
-    def restarts_empty(role, cmd):
-        if cmd["do"] == "turn" and "done" not in box:
+    def restarts_empty(role, request, ins):
+        if isinstance(ins, Turn) and "done" not in box:
             box["done"] = True
             box["coord"].seen["hospital-2"] = 1  # a new process ...
             role.checkpoints.set_aside()  # ... with nothing to go back to
@@ -168,28 +171,28 @@ def test_refused_weights_are_skipped_at_once_naming_the_refusal(tmp_path, caplog
     plan = tiny(count=3, schedule=schedule, handoff="server", timeout=1.0).with_train(epochs=2)
     poisoned = []
 
-    def poison(role, cmd):
-        if cmd["do"] != "send" or poisoned:
+    def poison(role, request, ins):
+        if not isinstance(ins, SendWeights) or poisoned:
             return
-        poisoned.append(cmd["request"])
+        poisoned.append(request)
         real = role.send_weights
 
         def bad(to, request):
-            nan = {k: torch.full_like(v, float("nan")) for k, v in role._client_state().items()}
+            nan = {k: torch.full_like(v, float("nan")) for k, v in role.client_state().items()}
             role.link.send(weights_message(role.name, to, nan, request))
             role.send_weights = real
 
         role.send_weights = bad
 
-    with caplog.at_level(logging.WARNING, logger="splitlearn.clients.roles"):
-        roles, ended = launch(plan, tmp_path, {culprit: poison}, returns=60.0)
+    with caplog.at_level(logging.WARNING, logger="splitlearn.clients"):
+        roles, ended = launch(plan, tmp_path, {culprit: poison}, rejoin_wait_s=60.0)
     assert poisoned and all(not isinstance(e, BaseException) for e in ended.values()), ended
     skips = [s for s in roles["server"].skipped if s["during"] == during]
     assert [s["client"] for s in skips] == [culprit]
     assert "refused" in skips[0]["reason"] and "non-finite" in skips[0]["reason"], skips[0]
     assert "did not come" not in skips[0]["reason"]
     assert not [r for r in caplog.records if "waiting up to" in r.getMessage()]  # not waited for
-    assert not roles["server"]._waited
+    assert not roles["server"].given_up
 
 
 def test_early_weights_are_bounded_per_sender(tmp_path):
@@ -200,13 +203,13 @@ def test_early_weights_are_bounded_per_sender(tmp_path):
     hub = InProcessHub(topo.names)
     held = physical_setups(plan, topo, setups)
     server = physical_party(plan, "server", held["server"], hub.transport("server"),
-                            context=Context.of(plan, setups["hospital"]))
+                            context=Context.from_setup(plan, setups["hospital"]))
     state = server.global_state
     flood, other = hub.transport("hospital-1"), hub.transport("hospital-3")
     for request in range(100, 106):  # six unsolicited weights messages from one client
         flood.send("server", encode(weights_message("hospital-1", "server", state, request)))
     other.send("server", encode(weights_message("hospital-3", "server", state, 7)))
-    server._await(Kind.ACK, ["hospital-2"], 30.0,
+    server._await(["hospital-2"], 30.0, lambda *_: None,
                   until=lambda: len(server._early) + server.link.refused_count >= 7)
     assert sorted(server._early) == [("hospital-1", 100), ("hospital-3", 7)]
     refusals = [r for r in server.link.refused if "early weights" in r]
@@ -219,23 +222,25 @@ def test_early_weights_are_bounded_per_sender(tmp_path):
 LIAR = '''
 import sys
 
-import splitlearn.clients.roles as roles
+import splitlearn.clients.participant as participant
+from splitlearn.wire.control import Rejoined, Turn
+from splitlearn.wire.messages import reply
 
-made = roles.Role.__init__
+made = participant.Participant.__init__
 
 
 def lying(self, *a, **k):  # hospital-2's own certificate and code: it only lies
     made(self, *a, **k)
 
-    def liar(role, cmd):
-        if cmd["do"] == "turn":
-            role._ack(0, back=True, held=role.checkpoints.steps())
+    def liar(role, request, ins):
+        if isinstance(ins, Turn):
+            role.link.send(reply(role.name, role.coordinator, 0, Rejoined(tuple(role.checkpoints.steps()))))
             role.run_turn = lambda *a, **k: (False, "this client fails its turn")
 
     self.fault = liar
 
 
-roles.Role.__init__ = lying
+participant.Participant.__init__ = lying
 sys.argv = ["splitlearn", *sys.argv[1:]]
 from splitlearn.cli import main
 
@@ -286,20 +291,20 @@ def test_a_lying_client_process_stops_nobody_and_every_process_says_how_the_run_
 
 def test_a_restart_that_never_says_back_is_waited_for_once(tmp_path, caplog):
     """The transport saw hospital-2 come back as a new process, but it never says 'back' (started
-    without --resume) and fails its turns: waited for once (up to ``returns``), then skipped at
+    without --resume) and fails its turns: waited for once (up to ``rejoin_wait_s``), then skipped at
     once, nobody going back."""
     plan = tiny(count=3, schedule="sequential", timeout=1.0).with_train(epochs=3)
     box: dict = {}
 
-    def silent_restart(role, cmd):
-        if cmd["do"] == "turn":
+    def silent_restart(role, request, ins):
+        if isinstance(ins, Turn):
             box["coord"].seen["hospital-2"] = 1
             _fail_turns(role)
 
-    with caplog.at_level(logging.WARNING, logger="splitlearn.clients.roles"):
-        roles, ended = launch(plan, tmp_path, {"hospital-2": silent_restart}, returns=2.0, box=box)
+    with caplog.at_level(logging.WARNING, logger="splitlearn.clients"):
+        roles, ended = launch(plan, tmp_path, {"hospital-2": silent_restart}, rejoin_wait_s=2.0, box=box)
     assert all(not isinstance(e, BaseException) for e in ended.values()), ended
     waits = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
     assert len(waits) == 1 and "hospital-2" in waits[0]
-    assert roles["server"].attempt == 0 and not roles["server"]._waited  # connected: not given up on
+    assert roles["server"].attempt == 0 and not roles["server"].given_up  # connected: not given up on
     assert [s["round"] for s in roles["server"].skipped if s["during"] == "train turn"] == [0, 1, 2]

@@ -147,9 +147,9 @@ def _sequential(tmp_path, per_client: bool) -> dict:
 def test_each_client_reading_its_own_file_equals_the_shared_dataset(tmp_path):
     shared = load_plan(_sequential(tmp_path, False))
     plan, setups, shapes = prepare(shared)
-    from splitlearn.clients.roles import Context
+    from splitlearn.clients.context import Context
 
-    ctx = Context.of(plan, setups["hospital"])
+    ctx = Context.from_setup(plan, setups["hospital"])
     table = digits()
     s = setups["hospital"].splits
     for k, share in enumerate(ctx.shares):  # each client's file: its share of the training rows, and the test rows

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import splitlearn
-from splitlearn.clients.roles import Context
+from splitlearn.clients.context import Context
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import DataSpec, PlanError, plan_hash
 from splitlearn.core import losses as loss_kinds
@@ -189,10 +189,10 @@ def client_batches(plan) -> Iterator[dict[str, torch.Tensor]]:
     spec = plan.clients
     if plan.parties[spec.template].data is None:  # shares of the plan's dataset
         shared = setup_party(plan, spec.template, optimizer=False)
-        ctx, data, own = Context.of(plan, shared), [shared.inputs] * spec.count, [None] * spec.count
+        ctx, data, own = Context.from_setup(plan, shared), [shared.inputs] * spec.count, [None] * spec.count
     else:
         sites = [setup_party(plan, spec.template, client=c, optimizer=False) for c in spec.names()]
-        ctx = Context.of_counts(plan, [len(s.splits.train) for s in sites], [len(s.splits.test) for s in sites])
+        ctx = Context.from_counts(plan, [len(s.splits.train) for s in sites], [len(s.splits.test) for s in sites])
         data, own = [s.inputs for s in sites], [torch.from_numpy(s.splits.train) for s in sites]
     for rnd in ctx.rounds:
         for turn in rnd.train:

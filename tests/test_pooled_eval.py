@@ -16,6 +16,7 @@ from sklearn.metrics import f1_score, recall_score, roc_auc_score
 import splitlearn
 from splitlearn.core.load import load_plan
 from splitlearn.run.setup import setup_party
+from splitlearn.wire.control import LoadWeights
 
 MALIGNANT = {"hospital-1": (140, 40), "hospital-2": (50, 100), "hospital-3": (19, 217)}  # (malignant, benign)
 
@@ -183,8 +184,8 @@ def test_a_site_that_cannot_score_is_left_out_and_the_result_says_which_rows_wer
     plan, setups, shapes = prepare(load_plan({**_plan(tmp_path, "sequential", epochs=2),
                                               "clients": {**_plan(tmp_path, "sequential")["clients"], "timeout": 1.0}}))
 
-    def dies(role, cmd):  # hospital-2's process is gone when the holder's weights are lent to it
-        if cmd.get("do") == "load" and cmd.get("lend"):
+    def dies(role, request, ins):  # hospital-2's process is gone when the holder's weights are lent to it
+        if isinstance(ins, LoadWeights) and ins.lend:
             raise SystemExit("killed")
 
     reports = run_local(plan, setups, shapes, faults={"hospital-2": dies})

@@ -63,24 +63,24 @@ def test_a_count_meant_for_an_earlier_process_acknowledges_nothing():
     import queue
     import secrets
 
-    from splitlearn.wire.transport import grpc as g
+    from splitlearn.wire.transport import frames
 
     t = GrpcTransport("b", dial={"a": "127.0.0.1:9"}, reconnect_timeout=5)  # a new process of b (not started)
     out: queue.Queue = queue.Queue()
     assert t._attach("a", out)
-    assert out.get_nowait() == g._SYNC + t.incarnation + g._NOBODY + g._SEQ.pack(0)  # it knows no incarnation of a
+    assert out.get_nowait() == frames.SYNC + t.incarnation + frames.NOBODY + frames.SEQ.pack(0)  # it knows no incarnation of a
     t.send("a", b"hello")
     t.send("a", b"again")
     assert out.empty()  # kept until a's SYNC says where to go on
     a_incarnation, earlier_b = secrets.token_bytes(8), secrets.token_bytes(8)
     t._synced("a", out, a_incarnation, earlier_b, 500)  # a received 500 frames from the b that died
-    assert [out.get_nowait() for _ in range(2)] == [g._DATA + g._SEQ.pack(1) + b"hello", g._DATA + g._SEQ.pack(2) + b"again"]
+    assert [out.get_nowait() for _ in range(2)] == [frames.DATA + frames.SEQ.pack(1) + b"hello", frames.DATA + frames.SEQ.pack(2) + b"again"]
     out2: queue.Queue = queue.Queue()  # the stream breaks; a tells the count of this process's frames
     t._out.pop("a")
     assert t._attach("a", out2)
-    assert out2.get_nowait() == g._SYNC + t.incarnation + a_incarnation + g._SEQ.pack(0)
+    assert out2.get_nowait() == frames.SYNC + t.incarnation + a_incarnation + frames.SEQ.pack(0)
     t._synced("a", out2, a_incarnation, t.incarnation, 1)  # it has the first: only the second goes again
-    assert out2.get_nowait() == g._DATA + g._SEQ.pack(2) + b"again" and out2.empty()
+    assert out2.get_nowait() == frames.DATA + frames.SEQ.pack(2) + b"again" and out2.empty()
 
 
 def test_a_peer_that_does_not_come_back_is_named_after_the_timeout(tmp_path):

@@ -13,7 +13,8 @@ import grpc
 import pytest
 
 from splitlearn.wire.transport import InProcessHub, TransportError, TransportTimeout
-from splitlearn.wire.transport.grpc import _NOBODY, _SEQ, _SYNC, METHOD, PARTY_HEADER, GrpcTransport
+from splitlearn.wire.transport.frames import NOBODY, SEQ, SYNC
+from splitlearn.wire.transport.grpc import METHOD, PARTY_HEADER, GrpcTransport
 from splitlearn.wire.transport.switch import Switch
 from splitlearn.wire.transport.tls import load_credentials, make_certs
 
@@ -47,7 +48,7 @@ def _flood(port: int, certs, n: int) -> int:
     channel = grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(creds.ca, creds.key, creds.cert),
                                   options=[("grpc.ssl_target_name_override", "a")])
     connect = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
-    sync = _SYNC + secrets.token_bytes(8) + _NOBODY + _SEQ.pack(0)  # one process of c: no restart each time
+    sync = SYNC + secrets.token_bytes(8) + NOBODY + SEQ.pack(0)  # one process of c: no restart each time
     done = most = 0
     try:
         while done < n:
@@ -57,7 +58,7 @@ def _flood(port: int, certs, n: int) -> int:
             except grpc.RpcError as e:  # its previous stream is not detached yet: "already connected"
                 assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e
                 continue
-            assert frames and frames[0][:1] == _SYNC  # a took c back: a reconnection
+            assert frames and frames[0][:1] == SYNC  # a took c back: a reconnection
             done += 1
             most = max(most, threading.active_count())
     finally:

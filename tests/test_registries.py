@@ -42,7 +42,7 @@ class Shift(defenses.Defense):
 def shift():
     defenses.register(Shift())
     yield
-    defenses.DEFENSES.pop("shift")
+    defenses.DEFENSES.unregister("shift")
 
 
 @pytest.fixture

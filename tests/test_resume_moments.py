@@ -59,7 +59,7 @@ def saving(self, step, tensors, manifest):
 
 checkpoint.Checkpoints.save = saving
 pumped = []
-pump = align._Alignment.pump
+pump = align.Alignment.pump
 
 
 def pumping(self):
@@ -69,7 +69,7 @@ def pumping(self):
     return pump(self)
 
 
-align._Alignment.pump = pumping
+align.Alignment.pump = pumping
 send = link.Link.send
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from splitlearn.core.graph import build_graph
 from splitlearn.core.plan import Plan
-from splitlearn.tools.viz import _render, _wire_styles, describe, draw_topology
+from splitlearn.tools.viz import render_topology, wire_styles, describe, draw_topology
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,8 +57,8 @@ def test_draw_topology_accepts_str_path_and_title(tmp_path):
 
 
 def test_figure_grows_with_parties_and_depth():
-    small, _ = _render(_graph("vanilla"))
-    big, _ = _render(_graph("multi_hop"))
+    small, _ = render_topology(_graph("vanilla"))
+    big, _ = render_topology(_graph("multi_hop"))
     (sw, sh), (bw, bh) = small.get_size_inches(), big.get_size_inches()
     assert bw > sw and bh > sh
 
@@ -95,7 +95,7 @@ def test_describe_lists_every_party_and_wire(name):
 
 def test_wire_styles_label_red_dashed_activation_blue_solid():
     g = _graph("vanilla")
-    styles = _wire_styles(g)
+    styles = wire_styles(g)
     assert set(styles) == {w.name for w in g.wires}
     for w in g.wires:
         st = styles[w.name]
@@ -109,7 +109,7 @@ def test_wire_styles_label_red_dashed_activation_blue_solid():
 
 def test_vanilla_figure_has_red_dashed_label_arrow():
     g = _graph("vanilla")
-    fig, arrows = _render(g)
+    fig, arrows = render_topology(g)
     drawn = {id(p) for ax in fig.axes for p in ax.patches}
     (label,) = g.label_wires()
     (act,) = [w for w in g.wires if w.carries == "activation"]
@@ -134,7 +134,7 @@ def test_vanilla_figure_has_red_dashed_label_arrow():
 
 def test_u_shaped_figure_has_no_label_arrow():
     g = _graph("u_shaped")
-    fig, arrows = _render(g)
+    fig, arrows = render_topology(g)
     reds = [p for ax in fig.axes for p in ax.patches
             if (p.get_gid() or "").startswith("wire:") and p.get_linestyle() == "--"]
     assert reds == [] and len(arrows) == 2
@@ -144,6 +144,6 @@ def test_codec_shown_on_compressed_wire():
     with open(EXAMPLES / "vanilla.toml", "rb") as f:
         data = tomllib.load(f) | {"name": "vanilla_int8", "wires": {"bottom": {"codec": "int8", "grad_codec": "float16"}}}
     g = build_graph(Plan.model_validate(data))
-    st = _wire_styles(g)["bottom->top"]
+    st = wire_styles(g)["bottom->top"]
     assert "int8" in st["annotation"] and "float16" in st["annotation"]
     assert "int8, grad float16" in describe(g)

@@ -45,7 +45,7 @@ def _data_of(data: Any, id_column: str, label_column: str) -> DataSpec:
 def _input_field(model: nn.Module | Callable[[], nn.Module], spec: DataSpec) -> str:
     """``x``, or ``image`` where the dataset has images and the model takes them (a CNN on digits)."""
     from ..data import DataError
-    from ..run.setup import _table
+    from ..run.rows import read_table as _table
 
     try:
         table = _table(spec, None, {})

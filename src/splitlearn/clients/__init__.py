@@ -1,2 +1,6 @@
-"""Horizontal clients: schedules (pure), their strategies, and the roles that carry them out.
+"""Horizontal clients (``[clients]``): who takes part (:mod:`.layout`, :mod:`.roles`), the rounds
+(:mod:`.schedule`, pure), the strategies that configure them (:mod:`.strategies`, as
+:mod:`.actions`), the coordinator that carries them out (:mod:`.coordinator`, :mod:`.transfers`,
+:mod:`.recovery`) and the participants that follow it (:mod:`.participant`, :mod:`.follower`,
+:mod:`.turns`, :mod:`.saving`, :mod:`.scoring`, :mod:`.weights`, :mod:`.context`).
 """

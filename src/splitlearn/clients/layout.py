@@ -134,7 +134,7 @@ class Topology:
     pairs: list[tuple[str, str]]  # (dialer, listener)
     coordinator: str | None  # walks a [clients] schedule; None for a plain plan
     lead: str  # whose progress a launcher shows
-    expendable: frozenset[str]  # parties whose failure is data (clients), not the end of the run
+    droppable: frozenset[str]  # parties whose failure is data (clients), not the end of the run
 
     @classmethod
     def of(cls, plan: Plan) -> "Topology":
@@ -216,7 +216,7 @@ def physical_setups(plan: Plan, topo: Topology, prepared: dict[str, PartySetup],
         plays = topo.plays(plan, n)
         if plays is None:
             out[n] = None
-        elif plan.clients is not None and n in topo.expendable:
+        elif plan.clients is not None and n in topo.droppable:
             t = prepared[plays]
             if t.client is not None:  # each client reads its own file
                 out[n] = setup_party(plan, plays, client=n, data=data.get(n) if data else None)
@@ -237,9 +237,9 @@ def physical_party(plan: Plan, name: str, setup: PartySetup | None, transport: T
     ``timeout`` bounds each step (a client's: each step of its turns; ``clients.timeout`` bounds
     the schedule's answers); ``record`` keeps what it receives for the audit; ``steps`` replace
     the plan's schedule (prediction: ``predicting`` then); ``role``: more for a role of a
-    ``[clients]`` plan (its shared ``context``; ``fault``, a test hook; ``returns``, the seconds the
-    coordinator waits for a failed party to come back as a new process); ``out``: the run folder,
-    where checkpoints are taken; ``resume``: go on from the last checkpoint every party holds."""
+    ``[clients]`` plan (its shared ``context``; ``fault``, a test hook; ``rejoin_wait_s``, the
+    seconds the coordinator waits for a failed party to come back as a new process); ``out``: the run folder, where checkpoints are taken;
+    ``resume``: go on from the last checkpoint every party holds."""
     if plan.clients is None:
         setup = setup or setup_party(plan, name)
         return _PlainParty(setup, transport, shapes=shapes, timeout=600.0 if timeout is None else timeout,

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from ..data import batches, partition
-from ..core.plan import ClientsSpec, Plan
+from ..core.plan import Plan
 
-__all__ = ["Turn", "Round", "client_shares", "rounds", "epoch_rounds", "averaging_rounds", "averaging"]
+__all__ = ["Turn", "Round", "client_shares", "rounds", "epoch_rounds", "averaging_rounds", "eval_steps"]
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,6 @@ class Round:
     samples: dict[int, int] = field(default_factory=dict)  # client -> rows it trains on this round (FedAvg weights)
 
 
-def averaging(spec: ClientsSpec) -> bool:
-    """Whether the plan's schedule averages client weights (its strategy says so)."""
-    from .strategies import strategy_of
-
-    return strategy_of(spec).averages
-
-
 def client_shares(plan: Plan, train_rows: np.ndarray, labels: np.ndarray | None) -> list[np.ndarray]:
     """Each client's training rows (positions into the aligned data), from the plan's partition."""
     spec = plan.clients
@@ -97,9 +90,9 @@ def rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray,
     """Every round of the plan's schedule (the same at every party); turns are numbered globally.
     ``sites``: the clients that hold test rows of their own (per-client data); every evaluation
     then scores each of them, so the run's figures are pooled over all their test rows."""
-    from .strategies import strategy_of
+    from ..core.strategy import STRATEGIES
 
-    return strategy_of(plan.clients).rounds(plan, shares, test_rows, sites)
+    return STRATEGIES.get(plan.clients.schedule).rounds(plan, shares, test_rows, sites)
 
 
 def eval_steps(plan: Plan, test_rows: np.ndarray, epoch: int) -> tuple:

@@ -1,23 +1,24 @@
-"""Schedules as strategies: what happens around the turns of horizontal clients.
+"""The built-in strategies of a ``[clients]`` schedule, registered in
+:data:`splitlearn.core.strategy.STRATEGIES` (a user's strategy registers there the same way).
 
-A strategy owns its rounds, which copies of the fixed parties' segments exist, what happens
-before a client's turn and after a round, which client an evaluation turn goes to and which
-extra connections its clients need. The coordinator (:class:`~splitlearn.clients.roles.Coordinator`)
-walks the rounds and asks the strategy; the turns themselves are the ordinary engine session.
-A new schedule is one new class here, registered in :data:`STRATEGIES`, plus its test.
+A strategy owns its rounds (:mod:`splitlearn.clients.schedule`), which copies of the fixed
+parties' segments exist, and, shaped like Flower's, configures each round as typed actions
+(:mod:`splitlearn.clients.actions`): :meth:`Strategy.configure_train` before the training turns,
+:meth:`Strategy.aggregate_train` once they went through (:class:`RoundResult`), and
+:meth:`Strategy.configure_evaluate` for each evaluation turn. The coordinator carries the actions
+out; a strategy never calls back into it. It also says which extra connections its clients need.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..core.plan import ClientsSpec, Plan
+from ..core.strategy import STRATEGIES
+from .actions import Action, Average, Download, Evaluate, HandOff, MergeCopies, RoundResult, Train
 from .schedule import Round, Turn, averaging_rounds, epoch_rounds
-
-if TYPE_CHECKING:
-    from .roles import Coordinator
 
 __all__ = ["Strategy", "STRATEGIES", "strategy_of", "ring_neighbours"]
 
@@ -44,12 +45,23 @@ def _ring_of(plan: Plan, client: str) -> set[str]:
     return {f"{t}-{(i + d) % n + 1}" for d in (-1, 1)} - {client} if n > 1 else set()
 
 
+def _names(plan: Plan, indices: Any) -> list[str]:
+    names = plan.clients.names()
+    return [names[k] for k in indices]
+
+
 class Strategy:
-    """The base: every client in turn over its rows, nothing shared, one evaluation per round."""
+    """The base: every client in turn over its rows, nothing shared, one evaluation per round (of
+    the run's model: the weights of the client that trained last)."""
 
     name = ""
     averages = False  # the federation averages the clients' weights after every round
     one_model = True  # the run ends with one model (for predict); False: one per client
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Refuse ``[clients.options]`` this strategy does not take (a ValueError naming them)."""
+        if options:
+            raise ValueError(f"schedule {self.name!r} takes no options, got {sorted(options)}")
 
     def rounds(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray,
                sites: list[int] | None = None) -> list[Round]:
@@ -59,29 +71,27 @@ class Strategy:
         """Whether a fixed party runs this turn on a copy of its segments kept for the client."""
         return False
 
-    def before_round(self, coord: Coordinator, rnd: Round, names: list[str]) -> list[str]:
-        """Prepare the round for the drawn clients ``names``; those who take part."""
-        return names
+    def configure_train(self, plan: Plan, rnd: Round, clients: list[str]) -> list[Action]:
+        """The round's actions up to and including its training turns; ``clients``: those drawn."""
+        return [Train(t, c) for t, c in zip(rnd.train, _names(plan, (t.client for t in rnd.train))) if c in clients]
 
-    def before_turn(self, coord: Coordinator, rnd: Round, client: str) -> bool:
-        """Prepare ``client``'s turn; False skips it."""
-        return True
+    def aggregate_train(self, plan: Plan, rnd: Round, result: RoundResult) -> list[Action]:
+        """What happens once the round's training turns are over (asked only if some went through)."""
+        return []
 
-    def after_round(self, coord: Coordinator, rnd: Round, done: list[str]) -> None:
-        """What happens once the round's clients (``done``: those whose turn went through) trained."""
-
-    def eval_client(self, coord: Coordinator, rnd: Round, turn: Turn, done: list[str]) -> tuple[str, str | None] | None:
-        """Who runs an evaluation turn and whose weights it scores, when not its own (None: nobody
-        can). The run's model is the holder's (the client that trained last); on another site's
-        test rows that site scores it with the holder's weights lent for the turn."""
+    def configure_evaluate(self, plan: Plan, rnd: Round, turn: Turn, result: RoundResult,
+                           holder: str | None) -> list[Action]:
+        """The actions of evaluation turn ``turn`` (none: nobody can run it). ``holder``: the client
+        that trained last in the run. The run's model is the holder's; on another site's test
+        rows that site scores it with the holder's weights lent for the turn."""
         if turn.client is not None:
-            return coord.clients[turn.client], None
+            return [Evaluate(turn, (_names(plan, [turn.client])[0],))]
         if turn.site is None:
-            return (coord.holder, None) if coord.holder is not None else None
-        site = coord.clients[turn.site]
-        if coord.holder in (None, site):
-            return site, None
-        return (site, coord.holder) if coord.lend(rnd, coord.holder, site) else None
+            return [Evaluate(turn, (holder,))] if holder is not None else []
+        site = _names(plan, [turn.site])[0]
+        if holder in (None, site):
+            return [Evaluate(turn, (site,))]
+        return [Evaluate(turn, (site,), model=holder)]
 
     def peer_links(self, plan: Plan) -> list[tuple[str, str]]:
         """Connections between clients, as (dialer, listener)."""
@@ -95,6 +105,10 @@ class Strategy:
         """What ``result.json`` says of the schedule beyond its kind and clients."""
         return {}
 
+    def summary(self, plan: Plan) -> str:
+        """How the clients train, in a few words (the plan's picture, ``splitlearn show``)."""
+        return "every client trains in turn"
+
 
 class Sequential(Strategy):
     """One client at a time; the weights of the client that trained last go to the next, directly
@@ -102,10 +116,11 @@ class Sequential(Strategy):
 
     name = "sequential"
 
-    def before_turn(self, coord: Coordinator, rnd: Round, client: str) -> bool:
-        if coord.holder in (None, client):
-            return True
-        return coord.handoff(rnd, coord.holder, client)
+    def configure_train(self, plan: Plan, rnd: Round, clients: list[str]) -> list[Action]:
+        out: list[Action] = []
+        for t in super().configure_train(plan, rnd, clients):
+            out += [HandOff(t.client), t]
+        return out
 
     def peer_links(self, plan: Plan) -> list[tuple[str, str]]:
         names = plan.clients.names()
@@ -122,6 +137,11 @@ class Sequential(Strategy):
     def describe(self, plan: Plan) -> dict[str, Any]:
         return {"handoff": plan.clients.handoff}
 
+    def summary(self, plan: Plan) -> str:
+        how = ("each passes its segments straight to the next client" if plan.clients.handoff == "peer"
+               else "each hands its segments to the server, which gives them to the next")
+        return f"one client at a time; {how}"
+
 
 class Independent(Strategy):
     """Nothing shared: each client has its own bottom and its own server copy, and each is
@@ -137,6 +157,9 @@ class Independent(Strategy):
     def own_copy(self, turn: Turn) -> bool:
         return True
 
+    def summary(self, plan: Plan) -> str:
+        return "every client trains its own model; nothing is shared"
+
 
 class SplitFedV2(Strategy):
     """Every drawn client trains each round from the averaged weights (the federation's), one
@@ -149,19 +172,18 @@ class SplitFedV2(Strategy):
                sites: list[int] | None = None) -> list[Round]:
         return averaging_rounds(plan, shares, test_rows, sites)
 
-    def before_round(self, coord: Coordinator, rnd: Round, names: list[str]) -> list[str]:
-        return coord.download(rnd, names)  # the federation's weights first
+    def configure_train(self, plan: Plan, rnd: Round, clients: list[str]) -> list[Action]:
+        return [Download(tuple(clients)), *super().configure_train(plan, rnd, clients)]  # the average first
 
-    def after_round(self, coord: Coordinator, rnd: Round, done: list[str]) -> None:
-        coord.average(rnd, done)
+    def aggregate_train(self, plan: Plan, rnd: Round, result: RoundResult) -> list[Action]:
+        return [Average(result.trained)]
 
-    def eval_client(self, coord: Coordinator, rnd: Round, turn: Turn, done: list[str]) -> tuple[str, str | None] | None:
+    def configure_evaluate(self, plan: Plan, rnd: Round, turn: Turn, result: RoundResult,
+                           holder: str | None) -> list[Action]:
         # given the averaged weights: the site whose test rows it scores, or a client that trained this round
         if turn.site is not None:
-            site = coord.clients[turn.site]
-            return (site, None) if coord.download(rnd, [site], evaluation=True) else None
-        c = next((c for c in done if coord.download(rnd, [c], evaluation=True)), None)
-        return (c, None) if c is not None else None
+            return [Evaluate(turn, (_names(plan, [turn.site])[0],), federation_weights=True)]
+        return [Evaluate(turn, result.trained, federation_weights=True)] if result.trained else []
 
     def describe(self, plan: Plan) -> dict[str, Any]:
         from .layout import federation_of
@@ -169,6 +191,11 @@ class SplitFedV2(Strategy):
         c = plan.clients
         return {"federation": federation_of(plan), "local_epochs": c.local_epochs, "local_steps": c.local_steps,
                 "fraction": c.fraction}
+
+    def summary(self, plan: Plan) -> str:
+        from .layout import federation_of
+
+        return f"clients train in each round, {federation_of(plan)} averages their segments"
 
 
 class SplitFedV1(SplitFedV2):
@@ -180,9 +207,8 @@ class SplitFedV1(SplitFedV2):
     def own_copy(self, turn: Turn) -> bool:
         return turn.mode == "train"
 
-    def after_round(self, coord: Coordinator, rnd: Round, done: list[str]) -> None:
-        coord.average(rnd, done)
-        coord.merge_copies_everywhere(done, [rnd.samples[coord.clients.index(c)] for c in done])
+    def aggregate_train(self, plan: Plan, rnd: Round, result: RoundResult) -> list[Action]:
+        return [Average(result.trained), MergeCopies(result.trained)]
 
 
 class FedAvg(SplitFedV2):
@@ -192,10 +218,10 @@ class FedAvg(SplitFedV2):
     name = "fedavg"
 
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (Sequential(), SplitFedV1(), SplitFedV2(), Independent(),
-                                                        FedAvg())}
+for _builtin in (Sequential(), SplitFedV1(), SplitFedV2(), Independent(), FedAvg()):
+    STRATEGIES.register(_builtin.name, _builtin)
 
 
 def strategy_of(spec: ClientsSpec) -> Strategy:
     """The strategy of a ``[clients]`` section."""
-    return STRATEGIES[spec.schedule]
+    return STRATEGIES.get(spec.schedule)

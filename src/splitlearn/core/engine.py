@@ -23,30 +23,31 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import secrets
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Callable
 
 import torch
 from torch import nn
 
-from ..wire.codec import Codec, WireError, check_values, decoded_bytes, dtype_name, get_codec
-from .flow import FlowControl
-from .graph import Graph, Node, Stage, Wire
+from ..wire.codec import Codec, WireError, get_codec
 from ..wire.link import Link
 from ..wire.messages import Kind, Message, encode, quote
 from ..wire.metering import Meter
-from .losses import get as loss_kind
-from .plan import PlanError
-from .randomness import PartyRandom, party_seed
-from ..privacy import defenses
 from ..wire.transport.base import TransportTimeout
+from .admission import check_received_values, decode_checked, early_problem
+from .bounds import LearntBounds
+from .defense import defend_backward, defend_forward
+from .dryrun import check_labels, dry_run, merge_inputs, run_checked
+from .flow import FlowControl
+from .graph import Graph, Node, Stage, Wire
+from .losses import get as loss_kind
+from .randomness import PartyRandom, party_seed
+from .step import Mode, StepOutput, StepState
 
+# StepOutput, StepState, Mode (.step), LearntBounds (.bounds), dry_run and merge_inputs (.dryrun) are
+# importable from here too
 __all__ = ["Party", "StepOutput", "StepState", "PartyError", "Mode", "LearntBounds", "dry_run", "merge_inputs"]
-
-Mode = Literal["train", "eval", "predict", "handshake"]
 
 
 class PartyError(RuntimeError):
@@ -60,24 +61,6 @@ class SessionRestart(Exception):
     def __init__(self, hello: Message):
         self.hello = hello
         super().__init__(f"{hello.sender} began its session again")
-
-
-def merge_inputs(how: str, module: nn.Module, xs: list[torch.Tensor]) -> torch.Tensor:
-    """Run a segment on its inputs: concatenated on the feature dimension, summed, or as arguments."""
-    if len(xs) == 1:
-        return module(xs[0])
-    if how == "concat":
-        return module(torch.cat(xs, dim=1))
-    if how == "sum":
-        return module(torch.stack(xs).sum(0))
-    return module(*xs)
-
-
-@dataclass
-class StepOutput:
-    losses: dict[str, float] = field(default_factory=dict)  # loss name -> value (unweighted)
-    predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # loss name -> outputs of its head
-    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # loss name -> targets (eval)
 
 
 class Party:
@@ -132,7 +115,7 @@ class Party:
         self.num_classes = {n: int(data[n].max()) + 1 for n in self.order
                             if self.nodes[n].kind == "input" and n in data and not data[n].is_floating_point()
                             and data[n].numel()}
-        self.observer: Callable[[str, str, "StepState", torch.Tensor], None] | None = None
+        self.observer: Callable[[str, str, StepState, torch.Tensor], None] | None = None
         self.finished: set[str] = set()  # neighbours that said they are done
         self.restartable = False  # a neighbour's new hello mid-run restarts the session (it has checkpoints)
         self.flow = FlowControl(graph, name, self.limits)  # credits: never a window ahead of a consumer
@@ -212,7 +195,7 @@ class Party:
                 out.losses[name] = out.losses.get(name, 0.0) + st.share * v
         return out
 
-    def begin(self, step: int, rows: torch.Tensor, mode: Mode) -> "StepState":
+    def begin(self, step: int, rows: torch.Tensor, mode: Mode) -> StepState:
         """The state of a new step; its deadline is ``timeout`` seconds from now, for the whole step."""
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         if mode in ("eval", "predict"):
@@ -220,13 +203,13 @@ class Party:
         return StepState(step, rows, mode, skip_labels=mode == "predict" or (mode == "handshake" and self.predicting),
                          deadline=deadline)
 
-    def _needs(self, n: str, st: "StepState") -> tuple[str, ...]:
+    def _needs(self, n: str, st: StepState) -> tuple[str, ...]:
         node = self.nodes[n]
         if node.kind == "loss" and st.skip_labels:
             return node.inputs[:1]  # the head's output only; labels are not needed
         return node.inputs
 
-    def _forward(self, node: Node, st: "StepState") -> None:
+    def _forward(self, node: Node, st: StepState) -> None:
         batch = len(st.rows)
         if node.kind == "input":
             data = self.data[node.name]
@@ -236,7 +219,7 @@ class Party:
             xs = [st.values[d] for d in node.inputs]
             with self.rng.scope():
                 if st.mode == "handshake":
-                    st.values[node.name] = _checked(self.graph, node, xs,
+                    st.values[node.name] = run_checked(self.graph, node, xs,
                                                     lambda: merge_inputs(spec.merge, self.modules[node.name], xs))
                 else:
                     st.values[node.name] = self.meter.compute(
@@ -250,7 +233,7 @@ class Party:
             target = st.values[node.inputs[1]]
             kind = loss_kind(spec.kind)
             if st.mode == "handshake":
-                _checked(self.graph, node, [out, target], lambda: kind.fn(out, target))
+                run_checked(self.graph, node, [out, target], lambda: kind.fn(out, target))
                 if kind.indexes_classes and not target.is_floating_point():
                     self.classes[node.inputs[1]] = out.shape[-1]
                     self._check_local_labels(node, out.shape[-1])
@@ -262,14 +245,14 @@ class Party:
                 st.out.predictions[node.name] = out.detach().cpu()
                 st.out.targets[node.name] = target.cpu()
         for w in self.sends_from.get(node.name, []):
-            st.sent[w.name] = self._defend_forward(w, st)
+            st.sent[w.name] = defend_forward(self, w, st)
             self._send(Kind.ACTIVATION, w, st, st.sent[w.name])
 
     def _check_local_labels(self, node: Node, classes: int) -> None:
         """Labels this party holds must be classes of the head (else the loss fails mid-run)."""
         check_labels(node, self.data.get(node.inputs[1]), classes)
 
-    # -- defenses (configured per wire; see splitlearn.privacy.defenses) ---------------------
+    # -- defenses (configured per wire; see splitlearn.core.defense) --------------------------
 
     def noise_generator(self, step: int, wire: Wire, salt: int | str) -> torch.Generator:
         """Defense noise: from this party's secret (never from the plan, which every party holds:
@@ -277,34 +260,11 @@ class Party:
         key = f"{self.noise_secret}/{step}/{wire.name}/{salt}".encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
-    def _defend_forward(self, w: Wire, st: "StepState") -> torch.Tensor:
-        """What the sender puts on a wire: each defense's extra loss term, from the undefended
-        value, then each defense's change of it (never in the handshake)."""
-        value = st.values[w.src]
-        if st.mode == "handshake":
-            return value
-        acting = [(d, defenses.WireContext(self, w, st, config)) for d, config in defenses.active(w.spec)
-                  if st.mode in d.modes]
-        for d, ctx in acting:
-            term = d.extra_loss(ctx, value)
-            if term is not None:
-                st.extra.setdefault(self.stage_of[w.src], []).append(term)
-        for d, ctx in acting:
-            value = d.on_send(ctx, value)
-        return value
-
-    def _defend_backward(self, w: Wire, s: Stage, st: "StepState", grad: torch.Tensor) -> torch.Tensor:
-        """What the receiver returns on a wire: the gradient, changed by each of the wire's defenses."""
-        for d, config in defenses.active(w.spec):
-            if st.mode in d.modes:
-                grad = d.on_gradient(defenses.WireContext(self, w, st, config, s), grad)
-        return grad
-
-    def _stage_ready(self, s: Stage, st: "StepState") -> bool:
+    def _stage_ready(self, s: Stage, st: StepState) -> bool:
         return (not any(n in st.todo for n in s.nodes)
                 and all(w in st.grads for w in s.sends if self.wires[w].carries == "activation"))
 
-    def _backward(self, s: Stage, st: "StepState") -> None:
+    def _backward(self, s: Stage, st: StepState) -> None:
         roots, grads = [], []
         for name in s.losses:  # a micro-batch's loss counts by its share of the batch's rows
             roots.append(st.losses[name])
@@ -327,11 +287,11 @@ class Party:
             if wire.carries == "activation":
                 leaf = st.values[wire.src]
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                self._send(Kind.GRADIENT, wire, st, self._defend_backward(wire, s, st, grad))
+                self._send(Kind.GRADIENT, wire, st, defend_backward(self, wire, s, st, grad))
 
     # -- messages ---------------------------------------------------------------------------
 
-    def _send(self, kind: Kind, wire: Wire, st: "StepState", t: torch.Tensor) -> None:
+    def _send(self, kind: Kind, wire: Wire, st: StepState, t: torch.Tensor) -> None:
         dst = wire.dst_party if kind == Kind.ACTIVATION else wire.src_party
         codec = self.encoders[(wire.name, kind)]
         if st.mode != "train":  # a codec's state (error feedback) belongs to training
@@ -340,7 +300,7 @@ class Party:
             enc = codec.encode(t.detach().cpu())  # encoded from the CPU: the wire is bytes in host memory
         self.link.send(Message(kind, self.name, dst, st.step, wire.name, {"t": enc}))
 
-    def _next_message(self, states: list["StepState"]) -> Message:
+    def _next_message(self, states: list[StepState]) -> Message:
         for st in states:
             held = self._early.get(st.step)
             if held:
@@ -364,7 +324,7 @@ class Party:
         held[1] -= msg.payload_bytes
         return msg
 
-    def _gate(self, states: list["StepState"], step: int, mode: Mode) -> None:
+    def _gate(self, states: list[StepState], step: int, mode: Mode) -> None:
         """Flow control (:mod:`~splitlearn.core.flow`): before a step in which this party would send to
         a consumer without hearing back, wait until that consumer is at most a window behind; what
         comes meanwhile is taken as in the step (tensors of this step are kept in its state)."""
@@ -401,7 +361,7 @@ class Party:
                                                                      s * self.pipeline, wire))), 0)
         return meter
 
-    def _receive(self, states: list["StepState"]) -> None:
+    def _receive(self, states: list[StepState]) -> None:
         """Take the next message, for the micro-batch it belongs to (or as early or stale)."""
         msg = self._next_message(states)
         if msg.kind == Kind.CREDIT:
@@ -412,7 +372,7 @@ class Party:
         st = next((s for s in states if s.step == msg.step), states[0] if msg.step < states[0].step else states[-1])
         self.receive(msg, st, st.stages)
 
-    def receive(self, msg: Message, st: "StepState", stages: list[Stage] = ()) -> None:
+    def receive(self, msg: Message, st: StepState, stages: list[Stage] = ()) -> None:
         """Take one admitted message during step ``st``: use it, keep it for a later step, drop a
         stale duplicate, or refuse it (nothing is kept for a refused message)."""
         if msg.kind == Kind.STOP and msg.text == "done":
@@ -435,9 +395,9 @@ class Party:
         if wire is None:
             return
         try:
-            t = self._check_and_decode(msg, wire, st)
-            self._check_values(msg, wire, st, t)
-            learnt = self._check_jump(msg, wire, st, t)
+            t = decode_checked(msg, wire, st, self.wire_shapes)
+            check_received_values(msg, wire, st, t, self.graph, self.name, self.classes)
+            learnt = self.bounds.check(msg, wire, st, t)
         except WireError as e:
             self.link.refuse(msg.sender, str(e), msg.step, msg.wire)
             return
@@ -472,49 +432,6 @@ class Party:
             return None
         return wire
 
-    def _check_values(self, msg: Message, wire: Wire, st: "StepState", t: torch.Tensor) -> None:
-        """Refuse values that would poison training: NaN or infinity, magnitudes past the wire's
-        ``max_abs`` (activations and gradients), labels that are no class of the head."""
-        spec = wire.spec
-        what = f"the {'label' if wire.carries == 'label' else msg.kind.name.lower()} tensor of step {st.step}"
-        check_values(t, what, allow_nonfinite=spec.allow_nonfinite,
-                     max_abs=math.inf if wire.carries == "label" else spec.max_abs)
-        if wire.carries != "label" or st.mode == "handshake" or not t.numel():
-            return
-        classes = self.classes.get(wire.src)
-        if classes is not None:
-            lo, hi = int(t.min()), int(t.max())
-            if lo < 0 or hi >= classes:
-                raise WireError(f"{what} holds label {lo if lo < 0 else hi}, outside the head's {classes} classes "
-                                f"(0..{classes - 1})")
-            return
-        for n in self.graph.losses():
-            kind = loss_kind(self.graph.plan.losses[n.name].kind)
-            if n.party == self.name and n.inputs[1] == wire.src and kind.target_range is not None:
-                lo, hi = kind.target_range
-                if float(t.min()) < lo or float(t.max()) > hi:
-                    raise WireError(f"{what} holds a value outside [{lo:g}, {hi:g}], which a {kind.name} loss "
-                                    "cannot take")
-
-    def _check_jump(self, msg: Message, wire: Wire, st: "StepState", t: torch.Tensor) -> tuple[str, float] | None:
-        """Refuse (and count, per peer) an activation or gradient more than the wire's ``max_jump``
-        times larger in magnitude than its learnt bound (:class:`LearntBounds`); label wires, the
-        handshake and integer tensors are left to their own checks. Returns what a training step
-        teaches the bound (wire and direction, magnitude) once the tensor is taken; None otherwise."""
-        factor = wire.spec.max_jump
-        if (not factor or wire.carries == "label" or st.mode == "handshake" or not t.is_floating_point()
-                or not t.numel()):
-            return None
-        key = f"{wire.name}/{'forward' if msg.kind == Kind.ACTIVATION else 'backward'}"
-        top = _magnitude(t)
-        problem = self.bounds.problem(key, top, factor)
-        if problem is not None:
-            self.bounds.count(msg.sender)
-            kind = msg.kind.name.lower()
-            raise WireError(f"the {kind} tensor of step {st.step} holds a value of magnitude {top:.3g}, {problem}; "
-                            "refused (raise max_jump on the wire if such jumps are expected; 0 turns this off)")
-        return (key, top) if st.mode == "train" else None
-
     def raise_if_stopped(self, msg: Message) -> None:
         """An ERROR, or a STOP other than "done": the sender gave up, and so does this party."""
         if msg.kind == Kind.ERROR or (msg.kind == Kind.STOP and msg.text != "done"):
@@ -547,7 +464,7 @@ class Party:
         wire = self._wire_for(msg)
         if wire is None:
             return
-        problem = self._early_problem(msg, wire)
+        problem = early_problem(msg, wire, self.wire_shapes, self.max_rows, self.limits)
         held = self._held.setdefault(msg.sender, [0, 0])
         if problem is None and held[0] >= self.limits.early_messages * self.pipeline:  # (per micro-batch)
             problem = f"{held[0]} messages of later steps are held already (Limits.early_messages)"
@@ -566,26 +483,7 @@ class Party:
         """Per peer: (messages, payload bytes) held for steps this party has not reached yet."""
         return {p: (n, b) for p, (n, b) in self._held.items() if n}
 
-    def _early_problem(self, msg: Message, wire: Wire) -> str | None:
-        """Why a message of a later step cannot be what that step will accept (without decoding it)."""
-        enc = msg.tensors.get("t")
-        if enc is None or len(msg.tensors) != 1:
-            return f"expected one tensor 't', got {[quote(k) for k in list(msg.tensors)[:4]]}"
-        want_codec = wire.codec if msg.kind == Kind.ACTIVATION else wire.grad_codec
-        if enc.codec != get_codec(want_codec).name:
-            return f"codec {quote(enc.codec)} where {want_codec!r} was agreed"
-        rows = enc.shape[0] if enc.shape else 0
-        if wire.name in self.wire_shapes:
-            dtype, shape = self.wire_shapes[wire.name]
-            if enc.dtype != dtype or tuple(enc.shape[1:]) != tuple(shape):
-                return f"{enc.dtype}{list(enc.shape)[:8]} where {dtype} with rows of {list(shape)} was agreed"
-        if rows > (1 if msg.step < 0 else self.max_rows):  # (a micro-batch has fewer)
-            return f"{rows} rows, more than a step has"
-        if decoded_bytes(enc.dtype, math.prod(enc.shape)) > self.limits.tensor_bytes:
-            return "larger than Limits.tensor_bytes once decoded"
-        return None
-
-    def _waiting_on(self, st: "StepState", stages: list[Stage]) -> set[str]:
+    def _waiting_on(self, st: StepState, stages: list[Stage]) -> set[str]:
         """Parties this step still needs a message from."""
         parties = {self.wires[w].dst_party for s in stages for w in s.sends
                    if self.wires[w].carries == "activation" and w not in st.grads}
@@ -593,166 +491,3 @@ class Party:
             parties |= {self.nodes[d].party for d in self._needs(n, st)
                         if d not in st.values and self.nodes[d].party != self.name}
         return parties
-
-    def _check_and_decode(self, msg: Message, wire: Wire, st: "StepState") -> torch.Tensor:
-        if set(msg.tensors) != {"t"}:
-            raise WireError(f"expected one tensor 't', got {sorted(msg.tensors)}")
-        enc = msg.tensors["t"]
-        want_codec = wire.codec if msg.kind == Kind.ACTIVATION else wire.grad_codec
-        if enc.codec != get_codec(want_codec).name:
-            raise WireError(f"codec {enc.codec!r} where {want_codec!r} was agreed")
-        if msg.kind == Kind.GRADIENT:
-            if wire.name not in st.sent:
-                raise WireError("a gradient for an activation not sent yet in this step")
-            sent = st.sent[wire.name]
-            want_dtype, want_shape = dtype_name(sent.dtype), tuple(sent.shape)
-        elif st.mode == "handshake":
-            want_dtype, want_shape = enc.dtype, (1, *enc.shape[1:])
-        elif wire.name in self.wire_shapes:
-            dtype, shape = self.wire_shapes[wire.name]
-            want_dtype, want_shape = dtype, (len(st.rows), *shape)
-        else:
-            want_dtype, want_shape = enc.dtype, (len(st.rows), *enc.shape[1:])
-        if enc.dtype != want_dtype:
-            raise WireError(f"dtype {enc.dtype} where {want_dtype} was agreed")
-        if tuple(enc.shape) != want_shape:
-            raise WireError(f"shape {list(enc.shape)} where {list(want_shape)} was expected")
-        if st.mode == "handshake" and msg.kind == Kind.ACTIVATION:
-            self.wire_shapes[wire.name] = (enc.dtype, tuple(enc.shape[1:]))
-        return get_codec(enc.codec).decode(enc)
-
-
-class LearntBounds:
-    """Bounds learnt from the run (``[wires.SOURCE] max_jump``), per wire and direction
-    (``"WIRE/forward"``, ``"WIRE/backward"``): the largest magnitude the peer sent in training steps.
-
-    Until the party's first evaluation step (the end of the first epoch's training) a value more
-    than ``max_jump`` times the largest one so far is refused, and every value taken raises the
-    bound; from then on the bound stays what the first epoch carried. A wire that carried only
-    zeros so far (a handshake's row, an unused output) has no bound yet and keeps learning.
-    ``refused`` counts the refusals per peer; :meth:`state` and :meth:`load` go in checkpoints.
-    """
-
-    def __init__(self) -> None:
-        self.top: dict[str, float] = {}  # wire/direction -> largest magnitude taken in training
-        self.fixed: set[str] = set()  # those whose bound no longer grows
-        self.refused: dict[str, int] = {}  # peer -> values refused for jumping past a bound
-
-    def problem(self, key: str, top: float, factor: float) -> str | None:
-        """Why a value of magnitude ``top`` on ``key`` jumps too far (None: it does not)."""
-        ref = self.top.get(key, 0.0)
-        if ref <= 0.0 or top <= factor * ref:
-            return None
-        when = "in its first epoch" if key in self.fixed else "so far"
-        return f"more than max_jump ({factor:g}) times the largest the wire carried {when} ({ref:.3g})"
-
-    def learn(self, key: str, top: float) -> None:
-        if key not in self.fixed and top > self.top.get(key, 0.0):
-            self.top[key] = top
-
-    def count(self, peer: str) -> None:
-        self.refused[peer] = self.refused.get(peer, 0) + 1
-
-    def freeze(self) -> None:
-        """Fix every bound learnt so far (a wire still without one keeps learning)."""
-        self.fixed.update(k for k, v in self.top.items() if v > 0.0)
-
-    def state(self) -> dict[str, Any]:
-        """What decides acceptance from here on, as JSON (for a checkpoint)."""
-        return {"top": dict(self.top), "fixed": sorted(self.fixed)}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.top = {str(k): float(v) for k, v in state.get("top", {}).items()}
-        self.fixed = set(state.get("fixed", []))
-
-
-def _magnitude(t: torch.Tensor) -> float:
-    """The largest finite magnitude in ``t`` (NaN and infinities, where a wire allows them, ignored)."""
-    top = float(t.detach().abs().max())
-    if not math.isfinite(top):
-        top = float(t.detach().abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max())
-    return top
-
-
-def check_labels(node: Node, labels: torch.Tensor | None, classes: int) -> None:
-    """A PlanError unless every label of a cross-entropy loss is a class of its head."""
-    if labels is None or not labels.numel() or labels.is_floating_point():
-        return
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= classes:
-        raise PlanError(f"loss {node.name!r}: the labels {node.inputs[1]!r} take values {lo}..{hi}, but the head "
-                        f"{node.inputs[0]!r} gives {classes} classes (0..{classes - 1})", entry=f"losses.{node.name}",
-                        hint="make the head's output width the number of classes, or number the classes from 0")
-
-
-def _checked(graph: Graph, node: Node, xs: list[torch.Tensor], fn):
-    """Run a segment or loss on a one-row sample; a failure is a PlanError naming the wires and shapes."""
-    try:
-        return fn()
-    except Exception as e:
-        came = ", ".join(f"{_via(graph, d, node.party)} with shape {list(x.shape)}" for d, x in zip(node.inputs, xs))
-        what = "segment" if node.kind == "segment" else "loss"
-        raise PlanError(f"{what} {node.name!r} (party {node.party!r}) cannot take {came}: {e}",
-                        entry=f"{what}s.{node.name}",
-                        hint="make what comes in match what this step expects (check 'layers', the network sizes, "
-                        "the head's output width and the loss kind)") from None
-
-
-def _via(graph: Graph, src: str, party: str) -> str:
-    wire = graph.wire_between(src, party)
-    return f"wire {wire.name!r}" if wire else repr(src)
-
-
-@dataclass
-class StepState:
-    """What a party holds during one step (see :meth:`Party.begin`)."""
-
-    step: int
-    rows: torch.Tensor
-    mode: Mode
-    skip_labels: bool = False
-    deadline: float | None = None  # time.monotonic() by which the step must be done
-    todo: list[str] = field(default_factory=list)
-    values: dict[str, torch.Tensor] = field(default_factory=dict)  # node -> tensor (local or received)
-    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> gradient of what we sent on it
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    sent: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> the tensor sent on it (after defenses)
-    extra: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage -> extra loss terms (NoPeek)
-    out: StepOutput = field(default_factory=StepOutput)
-    share: float = 1.0  # this micro-batch's share of the step's rows (1: the whole batch)
-    stages: list[Stage] = field(default_factory=list)  # stages still to run backward
-
-
-def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch.Tensor],
-            labels: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Run one sample through the whole graph in one process; return each wire's dtype and shape.
-
-    ``sample`` maps input nodes to tensors with a batch dimension of 1 (label inputs may be
-    missing, as when predicting). A failing segment or loss raises a :class:`PlanError` naming
-    the wire and the shapes; so do ``labels`` (whole label columns) that are no class of their head.
-    """
-    values: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for n in graph.order:
-            node = graph.nodes[n]
-            if node.kind == "input":
-                if n in sample:
-                    values[n] = sample[n]
-            elif node.kind == "segment":
-                spec = graph.plan.segments[n]
-                device = next((p.device for p in modules[n].parameters()), None)
-                xs = [values[d] if device is None else values[d].to(device) for d in node.inputs]
-                values[n] = _checked(graph, node, xs, lambda: merge_inputs(spec.merge, modules[n], xs))
-                if not isinstance(values[n], torch.Tensor):
-                    raise PlanError(f"segment {n!r} (party {node.party!r}) gives a {type(values[n]).__name__}, not "
-                                    "one tensor: a segment's output is what its wire carries", entry=f"segments.{n}",
-                                    hint="end the segment where the network's value is a single tensor (cut after a "
-                                    "submodule that returns one)")
-            elif node.inputs[1] in values:
-                out, target = values[node.inputs[0]], values[node.inputs[1]].to(values[node.inputs[0]].device)
-                kind = loss_kind(graph.plan.losses[n].kind)
-                _checked(graph, node, [out, target], lambda: kind.fn(out, target))
-                if kind.indexes_classes and labels:
-                    check_labels(node, labels.get(node.inputs[1]), out.shape[-1])
-    return {w.name: (dtype_name(values[w.src].dtype), tuple(values[w.src].shape[1:])) for w in graph.wires
-            if w.src in values}

@@ -20,6 +20,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .defense import validate as validate_defenses
 from .plan import Plan, PlanError, WireSpec
 
 __all__ = ["Graph", "Node", "Wire", "Stage", "build_graph"]
@@ -211,7 +212,6 @@ def _feeds_local_loss(nodes: dict[str, Node], start: str, party: str) -> bool:
 
 def build_graph(plan: Plan) -> Graph:
     """Check the plan's structure and derive its wires and stages. Raises :class:`PlanError`."""
-    from ..privacy import defenses  # defenses know graphs: imported here, not at the top
     nodes: dict[str, Node] = {}
     for name, seg in plan.segments.items():
         entry = f"segments.{name}"
@@ -259,7 +259,7 @@ def build_graph(plan: Plan) -> Graph:
                           carries=carries, consumers=tuple(users), spec=spec))
     g = Graph(plan, nodes, order, wires)
     for w in wires:
-        defenses.validate(g, w)  # each defense's own structural checks
+        validate_defenses(g, w)  # each defense's own structural checks
     for key in plan.wires:
         if not any(w.src == key for w in wires):
             raise PlanError(f"no wire leaves {key!r}", entry=f"wires.{key}",

@@ -30,16 +30,21 @@ class Registry(Generic[T]):
         self._builtins = (builtins,) if isinstance(builtins, str) else tuple(builtins)
         self._items: dict[str, T] = {}
         self._loaded = not self._builtins
-        self._lock = threading.RLock()
+        self._loading = False
+        self._lock = threading.RLock()  # another thread's first read waits until the built-ins are in
 
     def _load(self) -> None:
         if self._loaded:
             return
         with self._lock:
-            if not self._loaded:
-                self._loaded = True  # before the import: the module registers through this registry
+            if self._loaded or self._loading:  # loading: the built-ins' module registering, in this thread
+                return
+            self._loading = True
+            try:
                 for module in self._builtins:
                     importlib.import_module(module)
+            finally:
+                self._loaded, self._loading = True, False
 
     def register(self, name: str, item: T) -> T:
         """Add (or replace) ``item`` under ``name``; plans validated afterwards may name it."""
@@ -56,6 +61,11 @@ class Registry(Generic[T]):
             raise ValueError(f"unknown {self.what} {name!r}; registered: {sorted(self._items)}")
         return self._items[name]
 
+    def unregister(self, name: str) -> T:
+        """Take ``name`` out again (a test's own part, once it is done); KeyError if it is not there."""
+        self._load()
+        return self._items.pop(name)
+
     def names(self) -> list[str]:
         self._load()
         return list(self._items)
@@ -63,6 +73,10 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, T]]:
         self._load()
         return list(self._items.items())
+
+    def values(self) -> list[T]:
+        self._load()
+        return list(self._items.values())
 
     def __contains__(self, name: object) -> bool:
         self._load()

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 __all__ = ["Forker", "Forked"]
 
-PRELOAD = ("grpc", "splitlearn.launch.party", "splitlearn.clients.roles", "splitlearn.wire.transport.grpc",
+PRELOAD = ("grpc", "splitlearn.launch.party", "splitlearn.clients.coordinator", "splitlearn.clients.follower", "splitlearn.wire.transport.grpc",
            "splitlearn.run.align", "splitlearn.data.formats", "safetensors.torch")
 
 

@@ -236,7 +236,7 @@ def launch_ray(plan_path: str | Path, out: Path, *, address: str | None = None, 
             write_files(out / "parties" / name, got["files"])
             if got["error"] is not None:
                 errors[name] = got["error"]
-                if name not in topo.expendable:  # the run cannot go on: stop the others at once
+                if name not in topo.droppable:  # the run cannot go on: stop the others at once
                     break
     finally:
         for a in actors.values():

@@ -120,7 +120,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     creds = load_credentials(certs, name) if certs is not None else None
     transport = GrpcTransport(name, listen=ends.listen, dial=ends.dial, accept=ends.accept, credentials=creds,
                               connect_timeout=connect_timeout, max_message_bytes=limits.message_bytes,
-                              expendable=[p for p in (*ends.dial, *ends.accept) if p in topo.expendable],
+                              expendable=[p for p in (*ends.dial, *ends.accept) if p in topo.droppable],
                               reconnect_timeout=plan.train.reconnect_timeout)
     transport.start()
     try:
@@ -128,7 +128,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
         timeout = step_timeout if step_timeout is not None else (None if plan.clients else 120.0)
         if resume and out is None:
             raise PlanError("--resume needs the --out folder whose checkpoints to go on from", entry="--resume")
-        role = {"returns": plan.train.reconnect_timeout if rejoin_wait is None else rejoin_wait} \
+        role = {"rejoin_wait_s": plan.train.reconnect_timeout if rejoin_wait is None else rejoin_wait} \
             if plan.clients is not None else {}
         part = physical_party(plan, name, setup, transport, timeout=timeout, record=out is not None, limits=limits,
                               tracking=tracking, out=out, resume=resume, **role)
@@ -274,7 +274,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                                                    start_new_session=True, env=env)
                 if follow:
                     threading.Thread(target=_follow, args=(procs[name].stdout, on_step), daemon=True).start()
-            codes, stopped = _wait(procs, timeout, topo.expendable)
+            codes, stopped = _wait(procs, timeout, topo.droppable)
         except BaseException:  # Ctrl-C, or a party that could not be started: none is left running
             _stop(procs)
             raise
@@ -307,7 +307,7 @@ def gather(plan: Plan, topo: Topology, out: Path, errors: dict[str, str], transp
            extra: dict | None = None) -> dict:
     """The run's result from the party folders in ``out`` (written and saved); RunError naming
     the parties whose failure ends the run (a client's failure is data: ``failed_processes``)."""
-    fatal = {n: e for n, e in errors.items() if n not in topo.expendable}
+    fatal = {n: e for n, e in errors.items() if n not in topo.droppable}
     if fatal:
         raise RunError(fatal)
     reports = {}
@@ -315,7 +315,7 @@ def gather(plan: Plan, topo: Topology, out: Path, errors: dict[str, str], transp
         f = out / "parties" / n / "report.json"
         if f.is_file():
             reports[n] = PartyReport(**json.loads(f.read_text()))
-        elif n not in topo.expendable:
+        elif n not in topo.droppable:
             raise RunError({n: f"it ended without writing {f}"})
     result = build_result(plan, reports, {"transport": transport})
     result.update(extra or {})

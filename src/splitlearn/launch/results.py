@@ -159,7 +159,7 @@ def _pools(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict[int, d
     is a fixed party pooled them itself (its ``pooled`` record); heads at the clients each kept
     their scores, pooled here; where there are none, the row-weighted mean (clients evaluated on
     the same rows, each with its own model)."""
-    from ..clients.roles import pooled_metrics
+    from ..clients.scoring import pooled_metrics
 
     evals: dict[tuple[str, int], dict[int, dict]] = {}  # (loss, round) -> turn -> the head's record
     pooled: dict[tuple[str, int], list[dict]] = {}  # (loss, round) -> the heads' pooled records

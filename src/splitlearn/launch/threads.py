@@ -42,11 +42,11 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     extra = {}
     if plan.clients is not None:
         from ..clients.layout import per_client
-        from ..clients.roles import Context
+        from ..clients.context import Context
 
         if not per_client(plan):
             template = setups[plan.clients.template]
-            extra["context"] = Context.of(plan, template)  # derived once, the same for every role
+            extra["context"] = Context.from_setup(plan, template)  # derived once, the same for every role
     parts = {}
     for n in topo.names:
         kw = dict(extra)
@@ -69,7 +69,7 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
             if stopping.is_set():
                 after.add(name)
             errors[name] = e
-            if name not in topo.expendable:
+            if name not in topo.droppable:
                 stopping.set()
                 hub.close()
 
@@ -80,7 +80,7 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
         _join(threads, topo, plan, stopping, hub)
     finally:
         torch.set_num_threads(before)
-    fatal = {p: e for p, e in errors.items() if p not in topo.expendable}
+    fatal = {p: e for p, e in errors.items() if p not in topo.droppable}
     if fatal:
         root = {p: e for p, e in fatal.items() if not isinstance(e, TransportClosed) and p not in after} or fatal
         raise RunError({p: (str(e) if isinstance(e, (PartyError, PlanError)) else f"{type(e).__name__}: {e}")

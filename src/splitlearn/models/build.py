@@ -20,22 +20,11 @@ import torch
 from torch import nn
 
 from ..core.plan import Plan, PlanError, plan_dir
+from ..core.specs import refused_factory_package
 from .cut import CutError, cut_module
 from .zoo import ZOO
 
 __all__ = ["build_network", "build_segment", "network_seed"]
-
-# Packages whose functions a plan may not call as factories: a plan file is data, and these
-# would let it run commands or load pickles (``os:system``, ``torch:load``, ...).
-_NOT_FACTORIES = {"torch", "numpy", "scipy", "sklearn", "pandas", "joblib", "dill", "cloudpickle", "safetensors",
-                  "grpc", "google", "splitlearn", "typer", "click", "rich", "matplotlib", "pydantic", "cryptography",
-                  "pip", "setuptools", "opacus", "IPython"}
-
-
-def refused_factory_package(module_name: str) -> bool:
-    """Whether a plan may not name a factory of this module (the standard library, torch, ...)."""
-    top = module_name.split(".")[0]
-    return top in sys.stdlib_module_names or top in _NOT_FACTORIES
 
 
 def network_seed(plan_seed: int, network: str) -> int:

@@ -1,5 +1,6 @@
-"""Privacy defenses for split learning: pure tensor-in, tensor-out functions, and the registry
-(:mod:`.defenses`) through which the engine applies them per wire.
+"""Privacy defenses for split learning: pure tensor-in, tensor-out functions, and the built-in
+wire defenses made of them (:mod:`.defenses`), registered in the core's registry
+(:mod:`splitlearn.core.defense`) through which the engine applies them per wire.
 
 - :mod:`.nopeek`: distance correlation (NoPeek loss term on the cut activations);
 - :mod:`.noise`: per-sample clipping + Gaussian noise on activations, and an RDP accountant;

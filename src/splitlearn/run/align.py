@@ -41,7 +41,7 @@ from ..wire.link import Link
 from ..wire.messages import Kind, Message, parse_json, quote
 from ..wire.transport import TransportTimeout
 
-__all__ = ["align_psi", "check_arrangement", "psi_route", "PSI_EXTRA", "Budget", "MAX_ELEMENTS", "peer_budgets"]
+__all__ = ["align_psi", "Alignment", "check_arrangement", "psi_route", "PSI_EXTRA", "Budget", "MAX_ELEMENTS", "peer_budgets"]
 
 PSI_EXTRA = "pip install --no-deps openmined-psi  (its wheel pins an older protobuf; splitlearn's works with it)"
 FPR = 1e-9  # false positive rate of the server's set encoding: about one in 10^9 ids wrongly kept
@@ -173,7 +173,7 @@ def _key(ids: np.ndarray) -> list[str]:
     return [str(v) for v in ids.tolist()]
 
 
-class _Alignment:
+class Alignment:
     """One party's part in the alignment: receives, checks, holds or forwards alignment messages."""
 
     def __init__(self, link: Link, graph: Graph, me: str, n_ids: int | None, timeout: float | None,
@@ -416,7 +416,7 @@ def align_psi(link: Link, graph: Graph, me: str, ids: np.ndarray | None, *, time
         for msg in first:
             keep(msg)
         return None  # nothing to do here
-    run = _Alignment(link, graph, me, None if ids is None else len(ids), timeout, keep, hellos or {}, max_elements)
+    run = Alignment(link, graph, me, None if ids is None else len(ids), timeout, keep, hellos or {}, max_elements)
     run.pending = first
     if ids is None:  # a relay without data: forward until every holder it serves has its result
         while not served <= run.relayed:
@@ -432,7 +432,7 @@ def align_psi(link: Link, graph: Graph, me: str, ids: np.ndarray | None, *, time
     return np.sort(out)
 
 
-def _take_part(run: _Alignment, psi: Any, holders: list[str], mine: list[str]) -> list[str]:
+def _take_part(run: Alignment, psi: Any, holders: list[str], mine: list[str]) -> list[str]:
     """A holder's part of the chain; the ids of the final intersection (as keys)."""
     me, last = run.me, holders[-1]
     i = holders.index(me)

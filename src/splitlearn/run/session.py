@@ -11,83 +11,25 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
-
-from ..core import losses
-from ..core.engine import Party, PartyError, SessionRestart, StepOutput
+from ..core.defense import privacy_spent
+from ..core.engine import Party, PartyError, SessionRestart
 from ..core.plan import PlanError, differing_entries, plan_hash, plan_parts, plan_value
-from ..privacy import defenses
 from ..wire.codec import WireError
 from ..wire.link import Link
-from ..wire.messages import PROTOCOL_VERSION, Kind, Message, encode, hello, quote, read_hello
+from ..wire.messages import PROTOCOL_VERSION, Kind, Message, hello, quote, read_hello
 from ..wire.transport import PeerRestarted, TransportError, TransportTimeout
+from .report import Metrics, PartyReport, Progress, RunError
+from .resume import (MAX_HELD, agree_on_resume, answer_finished, count_kept_messages, finished_neighbours, held_by,
+                     learn_held, say_resume, set_aside, usable_checkpoints)
 from .setup import Step
 
 log = logging.getLogger("splitlearn.run.session")
 
-__all__ = ["RunError", "PartyReport", "Progress", "session", "run_party"]
+__all__ = ["RunError", "PartyReport", "Progress", "session", "run_party", "MAX_HELD", "MAX_ROWS"]
 
-
-class RunError(RuntimeError):
-    """A run failed; ``errors`` maps each failed party to its error."""
-
-    def __init__(self, errors: dict[str, str]):
-        self.errors = errors
-        super().__init__("; ".join(f"party {p!r} failed: {e}" for p, e in errors.items()))
-
-
-@dataclass
-class PartyReport:
-    """What one physical party did, for :func:`~splitlearn.launch.results.build_result`; the same
-    for every plan (the clients' fields stay empty without ``[clients]``)."""
-
-    name: str
-    metrics: dict[str, dict] = field(default_factory=dict)  # loss name -> per-epoch history (plain runs)
-    meter: dict = field(default_factory=dict)  # accounting of training, and timings
-    refused: list[str] = field(default_factory=list)
-    privacy: dict[str, dict] = field(default_factory=dict)  # wire -> epsilon spent by its noise
-    plays: str | None = None  # the plan party it plays (clients: the template)
-    eval_meter: dict = field(default_factory=dict)  # clients: the accounting of evaluation, apart
-    records: list[dict] = field(default_factory=list)  # clients: one per turn it took part in
-    skipped: list[dict] = field(default_factory=list)  # the coordinator: who was skipped, when and why
-    modules: dict = field(default_factory=dict, repr=False)  # its trained segments (not in JSON)
-    observed: dict = field(default_factory=dict, repr=False)  # what it recorded for the audit (not in JSON)
-    predictions: dict = field(default_factory=dict, repr=False)  # predict steps: head -> outputs per batch
-    data: dict = field(default_factory=dict)  # the rows it held and trained on, their schema, the alignment
-    preprocess: Any = field(default=None, repr=False)  # its fitted preprocessing (saved beside its weights)
-    refused_jumps: dict[str, int] = field(default_factory=dict)  # peer -> values refused past a learnt bound
-    per_client: dict = field(default_factory=dict, repr=False)  # independent: client -> its own trained segments
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()
-                if k not in ("modules", "observed", "predictions", "preprocess", "per_client")}
-
-
-@dataclass(frozen=True)
-class Progress:
-    """How far a run is, told to ``on_step`` after each step (plain plans) or round ([clients])."""
-
-    done: int
-    total: int
-    epoch: int  # from 0
-    epochs: int
-    unit: str  # "step" or "round"
-    loss: float | None = None  # the training loss of that step (mean over the round's turns)
-    mode: str = "train"
-
-
-@dataclass
-class _Epoch:
-    train_sum: float = 0.0
-    train_n: int = 0
-    test_sum: float = 0.0
-    test_n: int = 0
-    right: int = 0
-    probs: list = field(default_factory=list)  # eval batches' class probabilities, or predicted values (regression)
-    targets: list = field(default_factory=list)
+MAX_ROWS = 2**31 - 1  # rows a hello may count (a party without data makes index arrays of them)
 
 
 def _held_size(msg: Message) -> int:
@@ -257,7 +199,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
             tell["id_count"] = len(setup.own_ids)
         heard = exchange("hello", "" if psi else ids_hash, None if psi else held, setup is not None and not psi,
                          tell=tell or None, agree={"resuming": True} if resuming else None)
-        done = _finished_neighbours(me, heard, checkpoints) if resuming else None
+        done = finished_neighbours(me, heard, checkpoints) if resuming else None
         if done is not None:  # its neighbours finished: this party is at its final checkpoint, with them
             party.resumed_at = done
             yield {"resume": done, "finished": True}
@@ -276,7 +218,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
             if msg.kind == Kind.STOP:
                 party.finished.add(msg.sender)
             elif msg.kind == Kind.HELLO and msg.sender in neighbours and party.restartable:
-                _answer_finished(party, msg)
+                answer_finished(party, msg)
                 until = deadline()
     except (SessionRestart, PeerRestarted):
         raise  # begun again by run_party: nobody is told to stop
@@ -295,7 +237,7 @@ def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[int] | None
     resume agreement, the handshake; yields ``{"resume": step}``."""
     link, me = party.link, party.name
     resuming = checkpoints is not None
-    known = _held_by(me, checkpoints, heard) if resuming else {}
+    known = held_by(me, checkpoints, heard) if resuming else {}
     if psi:
         from .align import align_psi
 
@@ -309,123 +251,15 @@ def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[int] | None
     if resuming:  # what each party holds spreads one hop a round, until every party knows every party's
         parties = list(party.graph.plan.parties)
         for r in range(len(parties) - 2):
-            _learn(me, known, exchange(f"resume-{r}", "", None, False, tell={"held": known}), parties)
-        resume = _agree(me, known, parties)
+            learn_held(me, known, exchange(f"resume-{r}", "", None, False, tell={"held": known}), parties)
+        resume = agree_on_resume(me, known, parties)
         exchange("resume", "", None, False, agree={"resume_from": resume})
-        _say_resume(me, checkpoints, resume, known)
+        say_resume(me, checkpoints, resume, known)
     party.resumed_at = -1 if resume is None else resume  # where every party goes on (flow control)
     for msg in ahead.take():
         party.keep_early(msg, -2)  # before the handshake (step -1)
     party.step(-1, None, "handshake")
     yield {"resume": resume}
-
-
-def _finished_neighbours(me: str, heard: dict[str, dict], ours: list[int]) -> int | None:
-    """The step at which the neighbours that answered our resuming hello from their final state
-    finished (None: none did); every neighbour must have, and this party must hold that step."""
-    done = {p: h.get("finished") for p, h in heard.items() if "finished" in h}
-    if not done:
-        return None
-    steps = set(done.values())
-    step = steps.pop()
-    if steps or type(step) is not int:
-        raise PartyError(f"{me}: neighbours say they finished at different steps: {done}")
-    rest = sorted(set(heard) - set(done))
-    if rest:
-        raise PartyError(f"{me}: {sorted(done)} finished at step {step} while {rest} go back to a checkpoint; "
-                         "start every party again with --resume")
-    if step not in ours:
-        raise PartyError(f"{me}: {sorted(done)} finished after step {step}, but this party holds no checkpoint of "
-                         f"it (it holds {ours}); the run cannot go on")
-    return step
-
-
-def _answer_finished(party: Party, msg: Message) -> None:
-    """A neighbour that came back (its resuming hello) after this party finished every step: tell it
-    the step this party finished at, and say goodbye again; it goes on from its checkpoint of that step.
-    Neither its hello nor the answer is counted (a resume's agreement is not the run's traffic)."""
-    try:
-        theirs = read_hello(msg, party.link.limits)
-    except WireError as e:
-        party.link.refuse(msg.sender, f"a hello that cannot be read: {e}")
-        return
-    if theirs.get("resuming") is not True or theirs.get("phase", "hello") != "hello":
-        return  # not a party that came back (nothing to answer)
-    from .checkpoint import load_meter, meter_state
-
-    received = party.meter.received[(msg.wire, "control")]
-    received.messages, received.bytes = received.messages - 1, received.bytes - len(encode(msg))
-    counted = meter_state(party.meter)
-    party.finished.discard(msg.sender)  # its goodbye, if any, was its earlier process's
-    party.link.send(hello(party.name, msg.sender, plan_hash(party.graph.plan), "", resuming=True,
-                          finished=party.last_step))
-    party.link.send(Message(Kind.STOP, party.name, msg.sender, text="done"))
-    load_meter(party.meter, counted)
-    log.warning("%s: %s came back after this party finished; told it to go on from step %s", party.name,
-                msg.sender, party.last_step)
-
-
-MAX_HELD = 1000  # checkpoint steps a party may say it holds
-MAX_ROWS = 2**31 - 1  # rows a hello may count (a party without data makes index arrays of them)
-
-
-def _steps_of(value: Any) -> list[int] | None:
-    """A list of checkpoint steps a peer sent, sorted (None: not one)."""
-    if isinstance(value, list) and len(value) <= MAX_HELD and all(type(v) is int for v in value):
-        return sorted(set(value))
-    return None
-
-
-def _held_by(me: str, ours: list[int], heard: dict[str, dict]) -> dict[str, list[int]]:
-    """Which checkpoint steps this party and each neighbour hold, from the first hello."""
-    known = {me: sorted(set(ours))}
-    for peer, theirs in heard.items():
-        held = _steps_of(theirs.get("checkpoints"))
-        if held is None:
-            raise PartyError(f"{me}: {quote(peer)} resumes without telling which checkpoints it holds")
-        known[peer] = held
-    return known
-
-
-def _learn(me: str, known: dict[str, list[int]], told: dict[str, dict], parties: list[str]) -> None:
-    """Add what the neighbours know of every party's checkpoints to ``known``; a party said to
-    hold other steps than we heard stops the agreement, naming both."""
-    for peer, theirs in told.items():
-        held = theirs.get("held")
-        if not isinstance(held, dict):
-            raise PartyError(f"{me}: {quote(peer)} did not say which checkpoints the parties hold")
-        for name, value in held.items():
-            steps = _steps_of(value)
-            if name not in parties or steps is None:
-                raise PartyError(f"{me}: {quote(peer)} says party {quote(name)} holds checkpoints {quote(value)}: "
-                                 f"expected a party of the plan and at most {MAX_HELD} step numbers")
-            if name in known and known[name] != steps:
-                raise PartyError(f"{me}: {quote(peer)} says {name!r} holds the checkpoints of steps {steps}, but "
-                                 f"{'this party holds' if name == me else 'we heard'} {known[name]}")
-            known[name] = steps
-
-
-def _agree(me: str, known: dict[str, list[int]], parties: list[str]) -> int | None:
-    """The last step every party holds a checkpoint of (None: none in common)."""
-    unknown = [p for p in parties if p not in known]
-    if unknown:
-        raise PartyError(f"{me}: resuming, but nobody said which checkpoints {unknown} hold")
-    common = set.intersection(*(set(known[p]) for p in parties))
-    return max(common) if common else None
-
-
-def _say_resume(me: str, ours: list[int], agreed: int | None, known: dict[str, list[int]]) -> None:
-    """Log a resume that goes back further than this party's last checkpoint, with both steps."""
-    last = max(ours) if ours else None
-    if last is None or agreed == last:
-        return
-    lacking = sorted(p for p, held in known.items() if last not in held)
-    if agreed is None:
-        log.warning("%s: resuming, but no checkpoint is held by every party (this party's last: after step %s; "
-                    "%s do not hold it): from the start", me, last, lacking)
-    else:
-        log.warning("%s: resuming after step %s, the last checkpoint every party holds, not after step %s, this "
-                    "party's last (%s do not hold it)", me, agreed, last, lacking)
 
 
 def _plan_differs(me: str, peer: str, plan: Any, ours: dict[str, str], theirs: Any) -> None:
@@ -454,134 +288,7 @@ def _recv(link: Link, deadline: float | None, why: str) -> Message:
         raise PartyError(why) from None
 
 
-def _usable(me: str, checkpoints: Any) -> list[int]:
-    """The steps of the checkpoints this party can resume from; why any other is not usable is logged."""
-    if checkpoints is None:
-        return []
-    steps, bad = checkpoints.scan()
-    for why in bad:
-        log.warning("%s: checkpoint %s: not used", me, why)
-    return steps
-
-
-def _set_aside(me: str, checkpoints: Any) -> None:
-    """A resumed run that begins again keeps the checkpoints it had, moved aside, and says where."""
-    moved = checkpoints.set_aside()
-    if moved is not None:
-        log.warning("%s: beginning again from the start; the checkpoints held before were moved to %s", me, moved)
-
-
-def _meter_kept(party: Party) -> None:
-    """After a restore put the meter back: count again the messages of later steps that came before
-    it (kept early) and the goodbyes of neighbours that ran ahead and finished already, whose bytes
-    the restored meter does not hold (a checkpoint holds no goodbye); a run never stopped counts them."""
-    from .checkpoint import goodbye_bytes
-
-    for msgs in party._early.values():  # noqa: SLF001 - the engine's own queue of early messages
-        for msg in msgs:
-            direction = "forward" if msg.kind == Kind.ACTIVATION else "backward"
-            party.meter.on_recv(msg.wire, direction, len(encode(msg)), msg.payload_bytes)
-    for peer in party.finished:
-        party.meter.on_recv("", "control", goodbye_bytes(peer, party.name), 0)
-
-
 MAX_RESTARTS = 20  # sessions begun again after a neighbour went back to a checkpoint, per run
-STEP_POINTS = 500  # train loss per step: at most this many points are kept (evenly sampled)
-
-
-class _Metrics:
-    """Per-epoch history of the losses a party computes: train and test loss, the rows scored
-    (``test_rows``), for classification the test metrics of :mod:`splitlearn.core.metrics`, for
-    regression MAE, RMSE and R²; the last evaluation's 95 % bootstrap intervals (``ci95``); the
-    train loss per step."""
-
-    def __init__(self, party: Party, tracker: Any = None, setup: Any = None):
-        plan = party.graph.plan
-        self.setup = setup  # a PartySetup: the scale of a standardised target (setup.scale_of), undone here
-        self.tracker = tracker  # a splitlearn.run.tracking.Tracker: values streamed as they come
-        self.kinds = {n.name: plan.losses[n.name].kind for n in party.graph.losses() if n.party == party.name}
-        self.hist = {k: {"train_loss": [], "test_loss": [], "test_accuracy": []} for k in self.kinds}
-        self.steps: dict[str, list[list[float]]] = {k: [] for k in self.kinds}
-        self.acc = {k: _Epoch() for k in self.kinds}
-        self.ci: dict[str, dict] = {}  # loss -> the last evaluation's intervals
-        self.curves: dict[str, dict] = {}  # loss -> the last evaluation's curves (core.metrics.curves)
-
-    def add(self, step: Step, out: StepOutput) -> None:
-        n = len(step.rows)
-        for k, v in out.losses.items():
-            a = self.acc[k]
-            if step.mode == "train":
-                a.train_sum, a.train_n = a.train_sum + v * n, a.train_n + n
-                self.steps[k].append([step.id, v])
-                if self.tracker is not None:
-                    self.tracker.log({f"{k}/train_loss_step": v}, step.id)
-            else:
-                a.test_sum, a.test_n = a.test_sum + v * n, a.test_n + n
-                kind = losses.get(self.kinds[k])
-                if kind.classification:
-                    a.right += kind.correct(out.predictions[k], out.targets[k])
-                if kind.probabilities is not None:
-                    a.probs.append(kind.probabilities(out.predictions[k].float()).numpy())
-                    a.targets.append(out.targets[k].numpy())
-                elif not kind.classification:
-                    pred = kind.decide(out.predictions[k].float()).numpy().reshape(-1)
-                    true = out.targets[k].numpy().reshape(-1)
-                    scale = self.setup.scale_of(k) if self.setup is not None else None
-                    if scale is not None:  # metrics in the target's own units
-                        pred, true = scale.undo(pred), scale.undo_target(true)
-                    a.probs.append(pred)
-                    a.targets.append(true)
-
-    def close_epoch(self, epoch: int) -> None:
-        from ..core.metrics import bootstrap_ci, classification_metrics, curves, regression_metrics
-
-        for k, a in self.acc.items():
-            h = self.hist[k]
-            before = {name: len(v) for name, v in h.items()}
-            if a.train_n:
-                h["train_loss"].append(a.train_sum / a.train_n)
-            if a.test_n:
-                h["test_loss"].append(a.test_sum / a.test_n)
-                h.setdefault("test_rows", []).append(a.test_n)
-                classification = losses.is_classification(self.kinds[k])
-                if classification:
-                    h["test_accuracy"].append(a.right / a.test_n)
-                if a.probs:
-                    outputs, targets = np.concatenate(a.probs), np.concatenate(a.targets)
-                    found = (classification_metrics if classification else regression_metrics)(outputs, targets)
-                    for name, value in found.items():
-                        if name != "accuracy":
-                            h.setdefault(f"test_{name}", []).append(value)
-                    self.ci[k] = {f"test_{n}": v for n, v in
-                                  bootstrap_ci(outputs, targets, classification=classification).items()}
-                    self.curves[k] = curves(outputs, targets, classification=classification)
-            if self.tracker is not None:
-                self.tracker.log({f"{k}/{name}": v[-1] for name, v in h.items()
-                                  if len(v) > before.get(name, 0) and v[-1] is not None}, epoch)
-            self.acc[k] = _Epoch()
-
-    def state(self) -> dict:
-        """For a checkpoint after a training step (no evaluation pending)."""
-        assert not any(a.probs for a in self.acc.values()), "a checkpoint falls between evaluation steps"
-        return {"hist": self.hist, "steps": self.steps, "ci": self.ci, "curves": self.curves,
-                "acc": {k: [a.train_sum, a.train_n, a.test_sum, a.test_n, a.right] for k, a in self.acc.items()}}
-
-    def load(self, state: dict) -> None:
-        self.hist, self.steps, self.ci = state["hist"], state["steps"], state.get("ci", {})
-        self.curves = state.get("curves", {})
-        for k, (ts, tn, vs, vn, right) in state["acc"].items():
-            self.acc[k] = _Epoch(ts, tn, vs, vn, right)
-
-    def history(self) -> dict[str, dict[str, list]]:
-        """Each loss's per-epoch lists, with ``train_loss_steps``: [step id, loss] pairs, sampled,
-        ``ci95``: the last evaluation's intervals, and ``curves``: its curves for the report."""
-        out = {}
-        for k, h in self.hist.items():
-            pts = self.steps[k]
-            every = max(1, -(-len(pts) // STEP_POINTS))
-            out[k] = {**h, "train_loss_steps": pts[::every], **({"ci95": self.ci[k]} if self.ci.get(k) else {}),
-                      **({"curves": self.curves[k]} if self.curves.get(k) else {})}
-        return out
 
 
 def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]],
@@ -607,11 +314,11 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     first: list[Message] = []  # a neighbour's new hello that began a restart
     todo: list[Step] | None = None
     for attempt in range(MAX_RESTARTS + 1):
-        metrics = _Metrics(party, tracker, setup)
+        metrics = Metrics(party, tracker, setup)
         predictions: dict[str, list] = {}
         epoch = None
         timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0, "first_step_s": 0.0, "first_step_samples": 0}
-        held = _usable(party.name, checkpoints) if resume else None
+        held = usable_checkpoints(party.name, checkpoints) if resume else None
         if attempt:  # what this session counts (a checkpoint's meter replaces it where one is common)
             load_meter(party.meter, meter_state(Meter(party.name)))
         try:
@@ -622,7 +329,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                 if info["resume"] is not None:  # the state after that step, as it was (accounting included)
                     tensors, manifest = checkpoints.load(info["resume"])
                     restore(party, tensors, manifest)
-                    _meter_kept(party)
+                    count_kept_messages(party)
                     metrics.load(manifest["metrics"])
                     timing, epoch = manifest["timing"], manifest["epoch"]
                     start = next((i for i, st in enumerate(todo) if st.id > info["resume"]), len(todo))
@@ -633,7 +340,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                     restore(party, initial[0], {**initial[1], "meter": meter_state(party.meter)})
                 if info["resume"] is None and checkpoints is not None:  # the state before the first step
                     if resume:
-                        _set_aside(party.name, checkpoints)
+                        set_aside(party.name, checkpoints)
                     checkpoints.save(-1, *capture(party, {"metrics": metrics.state(), "timing": timing,
                                                           "epoch": None}))
                 for i in range(start, len(todo)):
@@ -688,7 +395,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     report = PartyReport(party.name, metrics.history(), {**party.meter.summary(), **timing}, list(party.link.refused),
                          plays=party.name, modules=party.modules, predictions=predictions)
     report.refused_jumps = dict(party.bounds.refused)
-    report.privacy = defenses.privacy_spent(party.graph, party.name, timing["train_samples"], timing["train_steps"])
+    report.privacy = privacy_spent(party.graph, party.name, timing["train_samples"], timing["train_steps"])
     if party.observer is not None and hasattr(party.observer, "tensors"):
         report.observed = party.observer.tensors()
     return report

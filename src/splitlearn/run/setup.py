@@ -2,12 +2,12 @@
 
 The same schedule (batches from the plan seed), the same initial weights (networks seeded by
 name), the same wire shapes (a dry run on one sample): no coordination is needed for any of it.
-:func:`prepare` loads a plan and checks it end to end before anything runs.
+:func:`prepare` loads a plan and checks it end to end before anything runs. A party's rows
+(reading, targets, inputs, splits) are :mod:`splitlearn.run.rows`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -16,15 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core import losses
+from ..core.defense import check_data as check_defense_data
 from ..core.engine import Mode, dry_run
 from ..core.graph import Graph, build_graph
-from ..core.plan import DataSpec, Plan, PlanError, plan_dir
 from ..core.load import load_plan
-from ..data import DataError, Table, batches, load_table, train_test_split_ids
+from ..core.plan import DataSpec, Plan, PlanError
+from ..data import DataError, Table, batches
 from ..data.preprocess import Preprocess, TargetScale, fit_preprocess, fit_target_scale
 from ..models import build_segment
-from ..privacy import defenses
+from .rows import (Splits, counted_splits, data_entry, data_spec, holds_data, ids_digest, party_file, party_inputs,
+                   party_table, scaled_targets, splits_for, target_kinds, with_file)
 
 __all__ = ["Step", "Splits", "schedule", "PartySetup", "setup_party", "check_plan", "prepare", "make_optimizer",
            "party_table", "party_inputs", "splits_for", "party_device", "build_modules", "data_spec", "with_file", "party_file",
@@ -39,13 +40,6 @@ class Step:
     rows: torch.Tensor  # positions into the train or test rows
 
 
-@dataclass
-class Splits:
-    ids: np.ndarray  # all aligned ids
-    train: np.ndarray  # positions into ids
-    test: np.ndarray
-
-
 def schedule(plan: Plan, splits: Splits, epochs: int | None = None) -> Iterator[Step]:
     """The steps every party runs, in order: each epoch's training batches, then evaluation."""
     t = plan.train
@@ -57,219 +51,6 @@ def schedule(plan: Plan, splits: Splits, epochs: int | None = None) -> Iterator[
         for b in batches(len(splits.test), t.eval_batch_size, t.seed, epoch, shuffle=False):
             yield Step(sid, "eval", epoch, torch.from_numpy(splits.test[b]))
             sid += 1
-
-
-# -- data ------------------------------------------------------------------------------------
-
-def _table(spec: DataSpec, base: Path | None, cache: dict, target: str = "class") -> Table:
-    if spec.dataset == "arrays":
-        if spec._table is None:
-            raise DataError("dataset 'arrays' holds rows given in Python, which this process does not have: give "
-                            "the data again (splitlearn.predict(run, data=...)) or use a file")
-        return spec._table
-    key = (spec.model_dump_json(), target)
-    if key not in cache:
-        cache[key] = load_table(spec.dataset, path=spec.path, id_column=spec.id_column,
-                                label_column=spec.label_column, options=dict(spec.options), base_dir=base,
-                                target=target)
-    return cache[key]
-
-
-def target_kinds(plan: Plan, party: str) -> dict[str, tuple[str, str]]:
-    """The party's fields that a loss takes as its target: field -> (``"class"`` or ``"value"``, the loss).
-
-    The loss kind decides what a target means: classification losses take class labels, any other
-    (``mse``, a registered regression kind) values, kept as floating point end to end. One field
-    cannot be both."""
-    out: dict[str, tuple[str, str]] = {}
-    holds = plan.parties[party].holds
-    for name, loss in plan.losses.items():
-        owner, _, local = loss.target.partition(".")
-        if owner != party or local not in holds:
-            continue
-        field_name = holds[local].field
-        kind = "class" if losses.is_classification(loss.kind) else "value"
-        if field_name in out and out[field_name][0] != kind:
-            other = out[field_name][1]
-            raise PlanError(f"field {field_name!r} of {party!r} is the target of classification and regression "
-                            f"losses ({other!r} and {name!r}): its values cannot be both class labels and numbers",
-                            entry=f"losses.{name}.kind", hint="give each kind of target its own column")
-        out[field_name] = (kind, name)
-    return out
-
-
-def scaled_targets(plan: Plan, party: str, spec: DataSpec | None, given: bool = False) -> dict[str, str]:
-    """The party's regression targets that its data's ``standardize_target`` standardises: its local input
-    name -> a loss taking it (empty without the option). Class labels are never standardised: the option is
-    refused, naming its entry, where the party's targets are all class labels, where the party's own data
-    (``[parties.NAME.data]``) has it but the party holds no target, where the plan's ``[data]`` has it but
-    no party reading it holds a regression target, and in a ``[clients]`` plan."""
-    if spec is None or not spec.options.get("standardize_target"):
-        return {}
-    own = not given and plan.parties[party].data is not None
-    shared = not given and not own  # the plan's [data]: the parties holding a regression target use it
-    entry = "--data" if given else f"{'parties.' + party + '.' if own else ''}data.options.standardize_target"
-    hint = ('set it in the data of the party that holds a regression loss\'s target (kind = "mse" or another '
-            "regression kind), or remove it")
-    if plan.clients is not None:
-        raise PlanError("standardize_target is not available in a [clients] plan yet: each client would fit its own "
-                        "scale on its own rows", entry=entry, hint="remove the option, or train without [clients]")
-
-    def targets(p: str) -> tuple[dict[str, str], list[str]]:  # regression targets; classification losses
-        value, classes = {}, []
-        for name, loss in plan.losses.items():
-            owner, _, local = loss.target.partition(".")
-            if owner == p and local in plan.parties[p].holds:
-                if losses.is_classification(loss.kind):
-                    classes.append(f"{name!r} ({loss.kind})")
-                else:
-                    value.setdefault(local, name)
-        return value, classes
-
-    mine, classes = targets(party)
-    if mine:
-        return mine
-    if classes:
-        raise PlanError(f"standardize_target standardises a regression target, but {party!r} holds only class "
-                        f"labels, the target(s) of classification loss(es) {', '.join(classes)}",
-                        entry=entry, hint=hint)
-    if own:
-        raise PlanError(f"standardize_target standardises a regression target, but {party!r} holds the target of "
-                        "no loss", entry=entry, hint=hint)
-    if shared and not any(targets(p)[0] for p, ps in plan.parties.items() if ps.data is None and holds_data(plan, p)):
-        raise PlanError("standardize_target standardises a regression target, but no party reading [data] holds "
-                        "one", entry=entry, hint=hint)
-    return {}
-
-
-def _label_target(plan: Plan, party: str) -> str:
-    """What the party's label column (field ``y``) holds, for the readers."""
-    return target_kinds(plan, party).get("y", ("class", ""))[0]
-
-
-def holds_data(plan: Plan, party: str) -> bool:
-    """Whether a party holds any rows (features or labels); one that holds none reads no data."""
-    return bool(plan.parties[party].holds)
-
-
-def data_spec(plan: Plan, party: str, client: str | None = None, data: DataSpec | None = None) -> DataSpec | None:
-    """Where a party's rows come from: ``data`` (given at start), else its own ``[parties.NAME.data]``
-    (a client's ``{client}`` in the path filled in), else the plan's ``[data]``; None if it holds none."""
-    if not holds_data(plan, party):
-        return None
-    spec = data or plan.parties[party].data or plan.data
-    if spec.path and "{client}" in spec.path:
-        if client is None:
-            raise PlanError(f"the data of {party!r} is one file per client ({spec.path!r}); which client is this?",
-                            entry=f"parties.{party}.data.path", hint="start it as a client: --name "
-                            f"{party}-1 (or another client's name)")
-        spec = spec.model_copy(update={"path": spec.path.replace("{client}", client)})
-    return spec
-
-
-def with_file(spec: DataSpec, path: str | Path) -> DataSpec:
-    """``spec`` reading ``path`` instead (``--data FILE``): its kind told by the file when it differs."""
-    from ..data import infer_dataset
-
-    file = Path(path).expanduser().resolve()
-    try:
-        kind = infer_dataset(file)
-    except DataError as e:
-        raise PlanError(str(e), entry="--data", hint="give a .csv, .parquet or .npz file, or a folder of images "
-                        "(one subfolder per class) or of MNIST idx files") from None
-    if kind == spec.dataset:
-        return spec.model_copy(update={"path": str(file)})
-    keep = {k: getattr(spec, k) for k in ("id_column", "label_column") if kind in ("csv", "parquet")}
-    if kind in ("csv", "parquet") and not keep.get("id_column"):
-        keep["id_column"] = "id"  # a table from elsewhere: its ids in a column named "id"
-    return DataSpec(dataset=kind, path=str(file), test_fraction=spec.test_fraction, **keep)
-
-
-def party_file(plan: Plan, party: str, path: str | Path) -> DataSpec:
-    """A party's rows from ``path`` (``--data``), read with its own data settings."""
-    return with_file(plan.parties[party].data or plan.data, path)
-
-
-def _data_entry(plan: Plan, party: str, given: bool) -> str:
-    return "--data" if given else (f"parties.{party}.data" if plan.parties[party].data else "data")
-
-
-def party_table(plan: Plan, party: str, cache: dict | None = None, data: DataSpec | None = None,
-                client: str | None = None) -> Table:
-    """The rows a party holds (see :func:`data_spec`), sorted by id."""
-    spec = data_spec(plan, party, client, data)
-    if spec is None:
-        raise PlanError(f"party {party!r} holds no data", entry=f"parties.{party}.holds")
-    try:
-        table = _table(spec, plan_dir(plan), {} if cache is None else cache, _label_target(plan, party))
-        return table.align(np.sort(table.ids))
-    except DataError as e:
-        raise PlanError(f"party {client or party!r}: {e}", entry=_data_entry(plan, party, data is not None),
-                        hint="fix the data settings or the file") from None
-
-
-def _as_target(arr: np.ndarray, kind: str, loss: str, where: str) -> np.ndarray:
-    """A loss target in the dtype its loss kind gives it: values float32; class labels integers
-    (floating labels only when every one is a whole number: 1.0 is class 1)."""
-    if arr.dtype.kind not in "biuf":
-        raise PlanError(f"{where} holds {arr.dtype} values, but loss {loss!r} needs numbers", entry=f"losses.{loss}",
-                        hint="use a numeric column, or map it to classes (options.classes)")
-    if kind == "value":
-        return arr.astype(np.float32, copy=False)
-    if arr.dtype.kind == "f":
-        bad = ~np.isfinite(arr) | (arr != np.round(arr))
-        if bad.any():
-            raise PlanError(f"{where} holds {arr[bad][0].item()!r}, not a class label, but loss {loss!r} is a "
-                            "classification loss", entry=f"losses.{loss}.kind",
-                            hint='use kind = "mse" for a numeric target, or give whole-number class labels')
-    return arr
-
-
-def party_inputs(plan: Plan, party: str, table: Table, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """The party's input nodes (``party.field``) as tensors over the table's rows; loss targets in the
-    dtype their loss kind gives them (:func:`target_kinds`)."""
-    out = {}
-    targets = target_kinds(plan, party)
-    for local, ref in plan.parties[party].holds.items():
-        if f"{party}.{local}" in skip:
-            continue
-        try:
-            arr = table.select(ref.field, ref.columns)
-        except DataError as e:
-            raise PlanError(str(e), entry=f"parties.{party}.holds.{local}",
-                            hint="name a field of the dataset and a column range inside it") from None
-        if ref.field in targets:
-            kind, loss = targets[ref.field]
-            arr = _as_target(arr, kind, loss, f"field {ref.field!r} of {party!r}")
-            if kind == "class" and arr.dtype.kind == "f" and losses.get(plan.losses[loss].kind).indexes_classes:
-                arr = arr.astype(np.int64)
-        out[f"{party}.{local}"] = torch.from_numpy(np.ascontiguousarray(arr))
-    return out
-
-
-def splits_for(plan: Plan, table: Table) -> Splits:
-    ids = np.sort(table.ids)
-    is_test = table.align(ids).fields.get("is_test") if "is_test" in table.fields else None
-    train_ids, test_ids = train_test_split_ids(ids, plan.data.test_fraction, plan.train.seed, is_test)
-    return Splits(ids, np.searchsorted(ids, train_ids), np.searchsorted(ids, test_ids))
-
-
-def counted_splits(train: int, test: int) -> Splits:
-    """The splits of a party that holds no data: only how many rows there are (told in the hello)."""
-    return Splits(np.arange(train + test, dtype=np.int64), np.arange(train, dtype=np.int64),
-                  np.arange(train, train + test, dtype=np.int64))
-
-
-def ids_digest(ids: np.ndarray) -> str:
-    """A hash of sorted sample ids, integers or strings alike."""
-    h = hashlib.sha256()
-    if ids.dtype.kind in "iu":
-        h.update(b"i" + np.ascontiguousarray(ids, dtype="<i8").tobytes())
-    else:
-        for v in ids.tolist():
-            b = str(v).encode()
-            h.update(len(b).to_bytes(4, "little") + b)
-    return h.hexdigest()[:16]
 
 
 # -- a party ---------------------------------------------------------------------------------
@@ -535,7 +316,7 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
                 problem = _first_missing(first, s) if len(np.setdiff1d(first.splits.ids, s.splits.ids)) \
                     else _first_missing(s, first)
                 raise PlanError(f"parties {first.name!r} and {s.name!r} hold different ids: {problem}",
-                                entry=_data_entry(plan, s.name, False),
+                                entry=data_entry(plan, s.name, False),
                                 hint='every party must hold the same sample ids; or set [data] align = "psi" '
                                      "to keep only the ids every party holds")
     for s in setups.values():
@@ -543,7 +324,7 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
             s.splits = counted_splits(len(first.splits.train), len(first.splits.test))  # are schedule positions
     inputs = {k: v for s in setups.values() for k, v in s.inputs.items()}
     graph = first.graph
-    defenses.check_data(graph, inputs)  # what each wire's defenses need of the data (binary labels, classes)
+    check_defense_data(graph, inputs)  # what each wire's defenses need of the data (binary labels, classes)
     sample = {k: v[:1] for k, v in inputs.items()}
     modules = {k: m for s in setups.values() for k, m in s.modules.items()}
     modes = {k: m.training for k, m in modules.items()}
@@ -555,7 +336,6 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
         for k, m in modules.items():
             m.train(modes[k])
     return shapes
-
 
 
 def prepare(plan: Plan | str | Path, *, epochs: int | None = None, seed: int | None = None,

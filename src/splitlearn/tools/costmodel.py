@@ -20,7 +20,7 @@ Common conventions (repeated in every ``Cost.assumptions``):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -53,9 +53,6 @@ class Cost:
     bytes_per_client: float
     assumptions: list[str]
     details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from typing import Any
 from ..core.graph import Graph, Node, Wire
 from ..core.units import human
 
-__all__ = ["draw_topology", "topology_png", "describe", "shape_text", "clients_text"]
+__all__ = ["draw_topology", "topology_png", "render_topology", "wire_styles", "describe", "shape_text", "clients_text"]
 
 # light band / box fill / dark edge+text, one triple per party (cycled)
 _PALETTE = [
@@ -72,7 +72,7 @@ def shape_text(dtype: str, shape: tuple[int, ...]) -> str:
     return f"{dims} {dtype}, {human(values * _ITEM_BYTES.get(dtype, 4), 'B')}/sample"
 
 
-def _wire_styles(graph: Graph, shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None
+def wire_styles(graph: Graph, shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None
                  ) -> dict[str, dict[str, Any]]:
     """How each wire is drawn: ``{wire name: {color, linestyle, linewidth, annotation}}``.
 
@@ -98,16 +98,10 @@ def clients_text(graph: Graph) -> str:
     c = graph.plan.clients
     if c is None:
         return ""
-    from ..clients.layout import federation_of
+    from ..clients.strategies import strategy_of
 
     text = f"{c.count} clients {c.template}-1 … {c.template}-{c.count} ({c.partition.kind}), schedule {c.schedule}"
-    if c.schedule == "sequential":
-        how = ("each passes its segments straight to the next client" if c.handoff == "peer"
-               else "each hands its segments to the server, which gives them to the next")
-        return f"{text}: one client at a time; {how}"
-    if c.schedule == "independent":
-        return f"{text}: every client trains its own model; nothing is shared"
-    return f"{text}: clients train in each round, {federation_of(graph.plan)} averages their segments"
+    return f"{text}: {strategy_of(c).summary(graph.plan)}"
 
 
 def _columns(graph: Graph) -> dict[str, int]:
@@ -186,7 +180,7 @@ def _bend(a: tuple[float, float], b: tuple[float, float],
 
 # --------------------------------------------------------------------------- drawing
 
-def _render(graph: Graph, title: str | None = None, shapes: dict | None = None):
+def render_topology(graph: Graph, title: str | None = None, shapes: dict | None = None):
     """Draw the topology on a new Agg figure; return ``(figure, {wire name: [arrow patches]})``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -308,7 +302,7 @@ def _render(graph: Graph, title: str | None = None, shapes: dict | None = None):
 
     # edges: local ones thin grey, wires thick and annotated once per wire; each edge is bent
     # just enough that it does not run through another node's box
-    styles = _wire_styles(graph, shapes)
+    styles = wire_styles(graph, shapes)
     arrows: dict[str, list[Any]] = {w.name: [] for w in graph.wires}
     annotated: set[str] = set()
     boxes = {n: (centre[n], extent[n]) for n in centre}
@@ -360,7 +354,7 @@ def draw_topology(graph: Graph, path: str | Path, title: str | None = None,
     on it. Returns the path written.
     """
     path = Path(path)
-    fig, _ = _render(graph, title, shapes)
+    fig, _ = render_topology(graph, title, shapes)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=_DPI, format="png")
@@ -373,7 +367,7 @@ def topology_png(graph: Graph, shapes: dict[str, tuple[str, tuple[int, ...]]] | 
     """The picture of :func:`draw_topology` as PNG bytes (for reports)."""
     import io
 
-    fig, _ = _render(graph, None, shapes)
+    fig, _ = render_topology(graph, None, shapes)
     buf = io.BytesIO()
     try:
         fig.savefig(buf, dpi=_DPI, format="png")

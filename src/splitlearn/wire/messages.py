@@ -8,19 +8,23 @@ kind, a dtype outside the allow-list or a byte count that does not match the sha
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
 from .codec import DTYPES, MAX_ELEMENTS, Encoded, WireError, decoded_bytes
+from .control import INSTRUCTIONS, REPLIES, Instruction, Reply
 from .proto import splitlearn_pb2 as pb
 
 __all__ = ["Kind", "Message", "Limits", "encode", "decode", "kind_of", "parse_json", "quote", "PROTOCOL_VERSION",
-           "MAX_MESSAGE_BYTES", "hello", "read_hello", "command", "read_command", "Command", "ack", "read_ack",
+           "MAX_MESSAGE_BYTES", "hello", "read_hello", "command", "read_command", "reply", "read_reply",
            "weights", "read_weights"]
 
 PROTOCOL_VERSION = 1
@@ -84,12 +88,11 @@ def parse_json(text: str, limits: Limits = Limits()) -> Any:
 
 class Kind(enum.IntEnum):
     HELLO = pb.HELLO
-    STEP = pb.STEP
     ACTIVATION = pb.ACTIVATION
     GRADIENT = pb.GRADIENT
     WEIGHTS = pb.WEIGHTS
-    CHECKPOINT = pb.CHECKPOINT
-    ACK = pb.ACK
+    COMMAND = pb.COMMAND  # a coordinator's instruction (wire/control.py)
+    ACK = pb.ACK  # a participant's reply to a command
     STOP = pb.STOP
     ERROR = pb.ERROR
     ALIGN = pb.ALIGN
@@ -236,7 +239,7 @@ def decode(data: bytes, limits: Limits = Limits()) -> Message:
     return Message(kind, env.sender, env.receiver, env.step, wire, tensors, env.text)
 
 
-# -- what the run layer says: the hello, the schedule's commands and acknowledgements, weights ----
+# -- what the run layer says: the hello, the schedule's commands and replies, weights ------------
 
 def hello(sender: str, receiver: str, plan_hash: str, ids_hash: str, **more: Any) -> Message:
     """The first message of a session: what both sides must agree on (``more``: the rows the
@@ -254,48 +257,99 @@ def read_hello(msg: Message, limits: Limits = Limits()) -> dict[str, Any]:
     return body
 
 
-@dataclass(frozen=True)
-class Command:
-    """A coordinator's command: what to do (``do``), its request id, its deadline (``time.time()``)
-    and its arguments."""
-
-    do: str
-    request: int
-    deadline: float
-    args: dict[str, Any]
+def command(sender: str, receiver: str, instruction: Instruction, request: int, deadline: float) -> Message:
+    """A coordinator's ``instruction``, answering to ``request``, to be dropped after ``deadline``
+    (``time.time()``)."""
+    return Message(Kind.COMMAND, sender, receiver, text=json.dumps(
+        {"do": instruction.WORD, "request": request, "deadline": deadline, **_fields(instruction)}))
 
 
-def command(sender: str, receiver: str, do: str, request: int, deadline: float, **args: Any) -> Message:
-    return Message(Kind.STEP, sender, receiver, text=json.dumps({**args, "do": do, "request": request,
-                                                                   "deadline": deadline}))
-
-
-def read_command(msg: Message, limits: Limits = Limits()) -> Command:
-    """A command from its message, its fields checked. Raises WireError."""
+def read_command(msg: Message, limits: Limits = Limits()) -> tuple[int, float, Instruction]:
+    """(request, deadline, instruction) of a command, every field's type checked. Raises WireError."""
     body = parse_json(msg.text or "{}", limits)
     if not isinstance(body, dict) or not isinstance(body.get("do"), str) or type(body.get("request")) is not int:
         raise WireError("a command that is not JSON with 'do' and 'request'")
-    deadline = body.pop("deadline", None)
-    if type(deadline) not in (int, float) or deadline != deadline:
-        raise WireError(f"a {quote(body['do'])} command whose deadline is not a number")
-    return Command(body.pop("do"), body.pop("request"), float(deadline), body)
+    do, request, deadline = body.pop("do"), body.pop("request"), body.pop("deadline", None)
+    if type(deadline) not in (int, float) or deadline != deadline or abs(deadline) > 1e300:
+        raise WireError(f"a {quote(do)} command whose deadline is not a number")
+    if do not in INSTRUCTIONS:
+        raise WireError(f"an unknown command {quote(do)} (known: {sorted(INSTRUCTIONS)})")
+    return request, float(deadline), _typed(INSTRUCTIONS[do], body, f"{quote(do)} command")
 
 
-def ack(sender: str, receiver: str, request: int, **info: Any) -> Message:
-    """The answer to command ``request``."""
-    return Message(Kind.ACK, sender, receiver, text=json.dumps({"request": request, **info}))
+def reply(sender: str, receiver: str, request: int, answer: Reply) -> Message:
+    """A participant's ``answer`` to command ``request`` (0: said unasked)."""
+    return Message(Kind.ACK, sender, receiver, text=json.dumps(
+        {"reply": answer.WORD, "request": request, **_fields(answer)}))
 
 
-def read_ack(msg: Message, limits: Limits = Limits()) -> tuple[int | None, dict[str, Any]]:
-    """(request, info) of an acknowledgement; (None, {}) for one that is not well formed."""
-    try:
-        body = parse_json(msg.text or "{}", limits)
-    except WireError:
-        return None, {}
-    if not isinstance(body, dict):
-        return None, {}
-    request = body.pop("request", None)
-    return (request if type(request) is int else None), body
+def read_reply(msg: Message, limits: Limits = Limits()) -> tuple[int, Reply]:
+    """(request, reply) of an acknowledgement, every field's type checked. Raises WireError."""
+    body = parse_json(msg.text or "{}", limits)
+    if not isinstance(body, dict) or not isinstance(body.get("reply"), str) or type(body.get("request")) is not int:
+        raise WireError("a reply that is not JSON with 'reply' and 'request'")
+    word, request = body.pop("reply"), body.pop("request")
+    if word not in REPLIES:
+        raise WireError(f"an unknown reply {quote(word)} (known: {sorted(REPLIES)})")
+    return request, _typed(REPLIES[word], body, f"{quote(word)} reply")
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _typed(cls: type, body: dict[str, Any], what: str) -> Any:
+    """An instance of ``cls`` from the JSON object ``body``: no field unknown or missing, each of
+    its declared type (lists become tuples), then :meth:`problem` asked. Raises WireError."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    hints, fields = _HINTS[cls], {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise WireError(f"a {what} with unknown fields {', '.join(quote(k) for k in unknown[:3])}")
+    values = {}
+    for name, f in fields.items():
+        if name not in body:
+            if f.default is dataclasses.MISSING:
+                raise WireError(f"a {what} without its field {name!r}")
+            continue
+        try:
+            values[name] = _of_type(body[name], hints[name])
+        except TypeError:
+            raise WireError(f"a {what} whose field {name!r} is not {_type_name(hints[name])}: "
+                            f"{quote(json.dumps(body[name]))}") from None
+    out = cls(**values)
+    problem = out.problem()
+    if problem:
+        raise WireError(f"a {what} whose fields do not fit: {problem}")
+    return out
+
+
+def _of_type(value: Any, hint: Any) -> Any:
+    """``value`` as ``hint`` (int, bool, str, Any, X | None, tuple[X, ...], dict[str, X]); TypeError if it is not."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if hint in (int, bool, str):
+        if type(value) is not hint:
+            raise TypeError
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _of_type(value, next(a for a in args if a is not type(None)))
+    if origin is tuple and isinstance(value, list):
+        return tuple(_of_type(v, args[0]) for v in value)
+    if origin is dict and isinstance(value, dict):
+        return {k: _of_type(v, args[1]) for k, v in value.items()}
+    raise TypeError
+
+
+def _type_name(hint: Any) -> str:
+    return {int: "an integer", bool: "true or false", str: "a string"}.get(hint, str(hint).replace("typing.", ""))
 
 
 def weights(sender: str, receiver: str, state: dict[str, Any], request: int) -> Message:

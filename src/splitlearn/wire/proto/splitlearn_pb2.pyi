@@ -11,11 +11,10 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     KIND_UNSPECIFIED: _ClassVar[Kind]
     HELLO: _ClassVar[Kind]
-    STEP: _ClassVar[Kind]
     ACTIVATION: _ClassVar[Kind]
     GRADIENT: _ClassVar[Kind]
     WEIGHTS: _ClassVar[Kind]
-    CHECKPOINT: _ClassVar[Kind]
+    COMMAND: _ClassVar[Kind]
     ACK: _ClassVar[Kind]
     STOP: _ClassVar[Kind]
     ERROR: _ClassVar[Kind]
@@ -23,11 +22,10 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CREDIT: _ClassVar[Kind]
 KIND_UNSPECIFIED: Kind
 HELLO: Kind
-STEP: Kind
 ACTIVATION: Kind
 GRADIENT: Kind
 WEIGHTS: Kind
-CHECKPOINT: Kind
+COMMAND: Kind
 ACK: Kind
 STOP: Kind
 ERROR: Kind

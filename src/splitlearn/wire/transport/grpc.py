@@ -21,11 +21,7 @@ party is not stopped by a neighbour that is done (the runner's goodbye phase).
 
 With ``reconnect_timeout`` a stream that breaks is not the end: the dialing side dials again with
 backoff, the listening side takes the peer back, and what was sent meanwhile, or sent and not
-acknowledged before the break, is sent again. Frames carry a sequence number per direction
-(``D`` + seq + bytes), the receiver acknowledges each (``A`` + seq) and drops those it already
-has; each new stream begins with ``S`` + the sender's incarnation + the receiver's incarnation as
-the sender knows it + the last seq it received from that incarnation, so both sides know where to
-go on (a count meant for an earlier process of the receiver acknowledges nothing). A peer that
+acknowledged before the break, is sent again (the frames: :mod:`.frames`). A peer that
 does not come back within the timeout is lost (:class:`TransportClosed`, naming it); one that
 comes back as a new process (another incarnation) starts its streams from scratch and is
 reported as :class:`PeerRestarted`. One thread per dialed peer dials and dials again; at most
@@ -38,31 +34,24 @@ from __future__ import annotations
 import logging
 import queue
 import secrets
-import struct
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from .base import PeerRestarted, Transport, TransportClosed, TransportError, TransportTimeout
+from .frames import (ACK, DATA, MAX_UNACKED_BYTES, SEQ, SYNC, SYNC_BYTES, PeerState, ack_frame, data_frame,
+                     sync_frame)
+from .grpc_channels import (METHOD, PARTY_HEADER, bind, channel_options, dial_channel, make_server,
+                            peer_name, why)
 from .tls import Credentials
 
 __all__ = ["METHOD", "PARTY_HEADER", "GrpcTransport", "PeerRestarted"]
 
 log = logging.getLogger("splitlearn.wire.transport.grpc")
 
-SERVICE = "splitlearn.v1.SplitLearning"
-METHOD = f"/{SERVICE}/Connect"
-PARTY_HEADER = "x-splitlearn-party"
-KEEPALIVE_MS = 30_000  # detect dead peers and keep idle connections open through NATs
-# HTTP/2 flow control with a fixed window: what a peer can park in this party's gRPC buffers, unread, is
-# at most this per stream. gRPC's default (BDP probing) grows the window with the link, without bound
-# for a peer that floods (100 x 1 MiB parked up to 127 MiB). Measured over an emulated 50 ms link
-# (wire/transport/slowlink.py), 2 MiB messages: 8 MiB gives 113 MiB/s, 4 MiB 62, gRPC's own window 119.
-RECEIVE_WINDOW = 8 << 20
 _END = object()  # in an outgoing queue: finish that stream
 _BYE = b""  # sent before closing a stream cleanly; never a message (an Envelope always has a kind)
 _CLOSED = object()  # in the inbox: this transport is closed
@@ -75,41 +64,6 @@ class _Lost:
         self.peer, self.reason, self.restarted = peer, reason, restarted
 
 
-_DATA, _ACK, _SYNC = b"D", b"A", b"S"
-_SEQ = struct.Struct("<Q")
-_NOBODY = bytes(8)  # in a SYNC: the peer's incarnation is not known yet
-MAX_UNACKED_BYTES = 1 << 30  # what a party keeps for a peer that has not acknowledged it
-
-
-class _Peer:
-    """One peer's side of the resumable link: sequence numbers both ways, what is not acknowledged."""
-
-    def __init__(self) -> None:
-        self.sent = 0  # last seq assigned to a frame for the peer
-        self.unacked: deque[tuple[int, bytes]] = deque()
-        self.unacked_bytes = 0
-        self.received = 0  # last seq delivered from the peer
-        self.incarnation: bytes | None = None  # the peer's, from its first SYNC
-        self.lost_at: float | None = None  # when its stream broke and may come back (None: connected, or never)
-        self.lost_why = ""
-        self.down_at: float | None = None  # when its stream last ended, broken or closed (None: up, or never)
-        self.synced = False  # its SYNC came on the current stream: frames may go out
-        self.gone = False  # it did not come back in time
-        self.waiting = False  # a thread waits for it to come back (one at most: see _await_return)
-        self.restarts = 0  # times it came back with another incarnation (a new process)
-
-    def ack(self, upto: int) -> None:
-        while self.unacked and self.unacked[0][0] <= upto:
-            self.unacked_bytes -= len(self.unacked.popleft()[1])
-
-
-def _why(e: BaseException) -> str:
-    code, details = getattr(e, "code", None), getattr(e, "details", None)
-    if callable(code) and callable(details):
-        return f"{code().name if code() else '?'}: {details()}"
-    return type(e).__name__
-
-
 class GrpcTransport(Transport):
     """This party's end of the network. ``start()`` then ``wait_connected()`` before use."""
 
@@ -120,7 +74,7 @@ class GrpcTransport(Transport):
         self.party, self.listen, self.dial = party, listen, dict(dial or {})
         self.reconnect_timeout = reconnect_timeout  # seconds a broken stream may take to come back
         self.incarnation = secrets.token_bytes(8)  # this process's streams, told to peers in every SYNC
-        self._peers: dict[str, _Peer] = {}
+        self._peers: dict[str, PeerState] = {}
         self.expendable = frozenset(expendable)  # peers whose lost connection is logged, not raised
         self.accept, self.credentials = frozenset(accept), credentials
         self.connect_timeout, self.max_message_bytes = connect_timeout, max_message_bytes
@@ -162,11 +116,7 @@ class GrpcTransport(Transport):
             return self._queued.get(peer, 0)
 
     def _options(self) -> list[tuple[str, int]]:
-        return [("grpc.max_receive_message_length", self.hard_limit),
-                ("grpc.max_send_message_length", self.max_message_bytes),
-                ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 20_000),
-                ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW)]
+        return channel_options(self.hard_limit, self.max_message_bytes)
 
     def start(self) -> GrpcTransport:
         """Bind the server (if ``listen``) and start dialing (if ``dial``); does not wait."""
@@ -174,33 +124,16 @@ class GrpcTransport(Transport):
             raise TransportError(f"{self.party}: transport already started")
         self._started = True
         if self.listen:
-            handler = grpc.method_handlers_generic_handler(SERVICE, {"Connect": grpc.stream_stream_rpc_method_handler(
-                self._serve, request_deserializer=None, response_serializer=None)})
             self._pool = ThreadPoolExecutor(2 * len(self.accept) + 4, thread_name_prefix="sl-serve")
-            self._server = grpc.server(self._pool, handlers=[handler], options=self._options() + [
-                                           ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 3),
-                                           ("grpc.http2.max_ping_strikes", 0),
-                                           ("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
+            self._server = make_server(self._serve, self._pool, self._options())
             try:
-                if self.credentials is None:
-                    self.port = self._server.add_insecure_port(self.listen)
-                else:
-                    c = self.credentials
-                    self.port = self._server.add_secure_port(self.listen, grpc.ssl_server_credentials(
-                        [(c.key, c.cert)], root_certificates=c.ca, require_client_auth=True))
+                self.port = bind(self._server, self.listen, self.credentials)
             except RuntimeError as e:
                 self.close()
                 raise TransportError(f"{self.party}: cannot listen on {self.listen}: {e}") from None
             self._server.start()
-        options = self._options() + [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
-                                     ("grpc.max_reconnect_backoff_ms", 2000)]
         for peer, addr in self.dial.items():
-            if self.credentials is None:
-                self._channels[peer] = grpc.insecure_channel(addr, options=options)
-            else:
-                c = self.credentials
-                self._channels[peer] = grpc.secure_channel(addr, grpc.ssl_channel_credentials(c.ca, c.key, c.cert),
-                                                           options=options + [("grpc.ssl_target_name_override", peer)])
+            self._channels[peer] = dial_channel(addr, peer, self.credentials, self._options())
         for peer, addr in self.dial.items():
             threading.Thread(target=self._dial, args=(peer, addr), name=f"sl-dial-{peer}", daemon=True).start()
         return self
@@ -230,10 +163,10 @@ class GrpcTransport(Transport):
         with self._cond:
             if self._closed.is_set() or peer in self._out:
                 return False
-            st = self._peers.setdefault(peer, _Peer())
+            st = self._peers.setdefault(peer, PeerState())
             st.synced = False
             self._out[peer] = out
-            out.put(_SYNC + self.incarnation + (st.incarnation or _NOBODY) + _SEQ.pack(st.received))
+            out.put(sync_frame(self.incarnation, st.incarnation, st.received))
             self._seen.add(peer)
             self._problem.pop(peer, None)
             self._cond.notify_all()
@@ -318,18 +251,18 @@ class GrpcTransport(Transport):
                 if data == _BYE:
                     return self._detach(peer, out, f"{peer} closed the connection", clean=True)
                 kind = data[:1]
-                if kind == _SYNC and len(data) == 25 and not synced:
-                    self._synced(peer, out, data[1:9], data[9:17], _SEQ.unpack_from(data, 17)[0])
+                if kind == SYNC and len(data) == SYNC_BYTES and not synced:
+                    self._synced(peer, out, data[1:9], data[9:17], SEQ.unpack_from(data, 17)[0])
                     synced = True
                     continue
-                if kind == _SYNC and not synced:
-                    raise TransportError(f"a SYNC of {len(data)} bytes, not 25: the peer speaks another version of "
-                                         "the link protocol (run the same splitlearn version on both sides)")
-                if not synced or kind not in (_DATA, _ACK) or len(data) < 9 or kind == _ACK and len(data) != 9:
+                if kind == SYNC and not synced:
+                    raise TransportError(f"a SYNC of {len(data)} bytes, not {SYNC_BYTES}: the peer speaks another "
+                                         "version of the link protocol (run the same splitlearn version on both sides)")
+                if not synced or kind not in (DATA, ACK) or len(data) < 9 or kind == ACK and len(data) != 9:
                     raise TransportError(f"a frame the link protocol does not have ({len(data)} bytes)")
-                seq = _SEQ.unpack_from(data, 1)[0]
+                seq = SEQ.unpack_from(data, 1)[0]
                 st = self._peers[peer]
-                if kind == _ACK:
+                if kind == ACK:
                     with self._cond:
                         st.ack(seq)
                     continue
@@ -347,10 +280,10 @@ class GrpcTransport(Transport):
                     self._queued[peer] = self._queued.get(peer, 0) + len(payload)
                 st.received = seq
                 self._inbox.put((peer, payload))
-                out.put(_ACK + _SEQ.pack(seq))
+                out.put(ack_frame(seq))
             reason = "the stream ended without a goodbye"
         except Exception as e:  # noqa: BLE001 - grpc.RpcError and anything else ends the stream
-            reason = str(e) if isinstance(e, TransportError) else _why(e)
+            reason = str(e) if isinstance(e, TransportError) else why(e)
         # gRPC ends a stream that carried a message over its hard limit either with RESOURCE_EXHAUSTED or, depending
         # on timing, as a plain end of stream: the hint goes with every unclean end, as a possible cause.
         reason = (f"the stream from {peer} broke ({reason}); the peer's process may have stopped, the link dropped, "
@@ -365,11 +298,7 @@ class GrpcTransport(Transport):
 
     def _serve(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         """Server side of ``Connect``: authenticate, register, then stream both ways."""
-        if self.credentials is None:
-            peer = dict(context.invocation_metadata()).get(PARTY_HEADER, "")
-        else:
-            cn = context.auth_context().get("x509_common_name") or [b""]
-            peer = cn[0].decode(errors="replace")
+        peer = peer_name(context, self.credentials)
         out: queue.Queue = queue.Queue()
         refusal = ("it is not expected to connect" if peer not in self.accept
                    else None if self._attach(peer, out) else "it is already connected (or this party is closing)")
@@ -427,7 +356,7 @@ class GrpcTransport(Transport):
                 call.cancel()
                 out.put(_END)
                 self._problem[peer] = (f"{addr} is party {header!r}, not {peer!r}" if header
-                                       else f"cannot open a stream to {addr}: {_why(call)}")
+                                       else f"cannot open a stream to {addr}: {why(call)}")
                 log.debug("%s: dialing %s: %s", self.party, peer, self._problem[peer])
                 self._closed.wait(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(2 * delay, 2.0)
@@ -455,7 +384,7 @@ class GrpcTransport(Transport):
             if st is None or st.gone or (out is None and not self.reconnect_timeout):
                 raise TransportError(f"{self.party}: not connected to {dst!r}")
             st.sent += 1
-            frame = _DATA + _SEQ.pack(st.sent) + bytes(data)
+            frame = data_frame(st.sent, bytes(data))
             # kept until acknowledged: sent on the peer's SYNC if it has not come yet, and again after a reconnection
             if st.unacked_bytes + len(frame) > MAX_UNACKED_BYTES:
                 raise TransportError(f"{self.party}: {dst!r} has not acknowledged {st.unacked_bytes} bytes")

@@ -1,0 +1,349 @@
+"""What every physical party of a ``[clients]`` plan does: take part in turns
+(:mod:`~splitlearn.clients.turns`), send and load weights, save and restore its state
+(:mod:`~splitlearn.clients.saving`), and exchange the typed control messages of
+:mod:`splitlearn.wire.control` with the coordinator.
+
+A turn is the ordinary session (:func:`splitlearn.run.session.run_party`) between the fixed
+parties and one client, over a :class:`~splitlearn.wire.transport.switch.Switch` view that lets
+``T-k`` speak as ``T`` and keeps the turn's messages apart from the schedule's (commands,
+replies and weights). A command carries a deadline after which a late follower drops it. Every
+participant meters what it sends and receives (training and weight traffic apart from
+evaluation traffic).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..core.graph import build_graph
+from ..core.plan import Plan, PlanError, plan_hash
+from ..core.randomness import PartyRandom
+from ..privacy import defenses
+from ..run.checkpoint import Checkpoints
+from ..run.observe import Recorder
+from ..run.session import PartyReport
+from ..run.setup import PartySetup, setup_party
+from ..wire.codec import WireError
+from ..wire.control import Instruction, Rejoined, Reply, WeightsLoaded, WeightsMissing, WeightsRefused, Ready
+from ..wire.link import Link
+from ..wire.messages import Kind, Limits, Message, kind_of, quote, read_reply, read_weights, reply, weights
+from ..wire.metering import Meter
+from ..wire.transport.base import Transport, TransportTimeout
+from ..wire.transport.switch import Switch
+from .context import Context
+from .layout import coordinator_of, federation_of, per_client, plays_of, roles
+from .roles import Duty, duties_of
+from .saving import StateSaving
+from .scoring import EvaluationPool
+from .strategies import strategy_of
+from .turns import TurnTaking
+from .weights import average, load_state, state_of
+
+__all__ = ["Participant", "Fault"]
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 100  # commands a follower keeps while it waits for weights
+MAX_EARLY_WEIGHTS = 1  # weights messages kept per sender before the command naming them; later ones are refused
+
+Fault = Callable[["Participant", int, Instruction], None]  # tests: called with each command before it is carried out
+
+
+class Participant(TurnTaking, StateSaving):
+    """One physical party of a ``[clients]`` plan. :class:`~splitlearn.clients.coordinator.Coordinator`
+    walks the schedule; :class:`~splitlearn.clients.follower.Follower` carries out its
+    instructions. ``record``: keep what this party receives, per client, for the audit;
+    ``rejoin_wait_s``: how long the coordinator waits for a failed party to come back as a new
+    process (0: never)."""
+
+    def __init__(self, plan: Plan, name: str, transport: Transport, setup: PartySetup | None = None, *,
+                 timeout: float | None = None, step_timeout: float | None = None, fault: Fault | None = None,
+                 context: Context | None = None, record: bool = False, limits: Limits | None = None,
+                 tracking: Any = None, out: Path | None = None, resume: bool = False, rejoin_wait_s: float = 0.0):
+        spec = plan.clients
+        if spec is None:
+            raise PlanError("the plan has no [clients] section")
+        if name not in roles(plan):
+            raise PlanError(f"no party {name!r} in this plan", hint=f"parties are {roles(plan)[:6]} ...")
+        self.plan, self.spec, self.name = plan, spec, name
+        self.strategy = strategy_of(spec)
+        self.clients = spec.names()
+        self.coordinator, self.federation = coordinator_of(plan), federation_of(plan)
+        self.duties = duties_of(plan, name)
+        self.plays = plays_of(plan, name)  # the plan party it plays in turns (None: a federation of its own)
+        me = name if self.is_client else None
+        self.setup = setup if setup is not None or self.plays is None else setup_party(plan, self.plays, client=me)
+        self.timeout = spec.timeout if timeout is None else timeout  # for an answer of the schedule
+        self.step_timeout = self.timeout if step_timeout is None else step_timeout  # for a step of a turn
+        self.limits = limits or Limits()
+        self.switch = Switch(transport, _classify)
+        self.link = Link(self.switch.control(), Meter(name), self.limits)
+        self.eval_meter = Meter(name)
+        self.fault = fault
+        self.per_client = per_client(plan)
+        self.ctx: Context | None = None
+        self.record_ids: np.ndarray | None = None  # the ids of recorded rows (per-client data: positions)
+        if not self.per_client:  # the shares of one dataset: every party derives them alike
+            template = self.setup if self.is_client else setup_party(plan, spec.template, optimizer=False)
+            self.record_ids = template.splits.ids
+            self.adopt_context(context or Context.from_setup(plan, template))
+        else:  # each client's own file: the coordinator's census tells everyone how many rows each has
+            self.graph, self.ids_hash, self.rounds, self.turns = build_graph(plan), "", [], {}
+        self.records: list[dict] = []
+        self.skipped: list[dict] = []
+        self.refused: list[str] = []
+        self.recorders: dict[str, Recorder] | None = {} if record and self.setup is not None else None
+        self.train_work = {"samples": 0, "steps": 0}  # training this party did: what its noise spent
+        self.rng: PartyRandom | None = None  # its random layers' stream (made at its first turn)
+        self.tracker = None  # streams the losses this party computes in its turns (splitlearn.run.tracking)
+        if tracking is not None and self.in_turns and any(n.party == self.plays for n in self.graph.losses()):
+            from ..run.tracking import StepNumbers, open_tracker
+
+            self.tracker = StepNumbers(open_tracker(tracking, plan, name))
+        self.global_state: dict[str, torch.Tensor] | None = None  # federation: the averaged client weights
+        if self.is_federation:
+            self.global_state = {k: v.clone() for k, v in state_of(
+                {s: _build(plan, s) for s in _segments_of(self.graph, spec.template)}).items()}
+        # fixed parties: a copy of their segments per client (splitfed_v1 for a round, independent for good)
+        self.copies: dict[str, tuple[dict, torch.optim.Optimizer | None]] = {}
+        self.lent: dict[str, torch.Tensor] | None = None  # a client: the run's model, lent for one evaluation turn
+        self.pool = EvaluationPool(plan)  # a head: the current evaluation's scores (all sites)
+        self._requests = itertools.count(1)
+        self._early: dict[tuple[str, int], Message] = {}  # (sender, request): weights that beat their command
+        self._pending: deque[Message] = deque(maxlen=MAX_PENDING)  # follower: commands that came meanwhile
+        # checkpoints (with an --out folder): every party saves its state at the end of every round, on the
+        # coordinator's word; rewinding to one begins the schedule again from there (see Coordinator)
+        self.checkpoints: Checkpoints | None = None
+        if out is not None:
+            self.checkpoints = Checkpoints(Path(out) / "parties" / name / "checkpoints", label="round",
+                                           plan_hash=plan_hash(plan))
+            if not resume:
+                self.checkpoints.clear()
+        elif resume:
+            raise PlanError("resume needs the run folder (--out) whose checkpoints to go on from", entry="--resume")
+        self.resuming = resume  # a follower started with --resume waits for the coordinator's word to rewind
+        self.rejoin_wait_s = rejoin_wait_s
+        self.attempt = 0  # times the schedule rewound to a checkpoint: in every turn's tag
+
+    # -- what this participant is ------------------------------------------------------------
+    @property
+    def is_client(self) -> bool:
+        return Duty.CLIENT in self.duties
+
+    @property
+    def is_federation(self) -> bool:
+        return Duty.FEDERATION in self.duties
+
+    @property
+    def in_turns(self) -> bool:
+        """Whether it takes part in turns (a client or a fixed party; not a federation of its own)."""
+        return bool(self.duties & (Duty.CLIENT | Duty.FIXED))
+
+    def adopt_context(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.graph, self.ids_hash, self.rounds, self.turns = ctx.graph, ctx.ids_hash, ctx.rounds, ctx.turns
+
+    def use_counts(self, train: list[int], test: list[int]) -> None:
+        """Per-client data: the rows every client holds, from the census (one count per client)."""
+        me = self.clients.index(self.name) if self.is_client else None
+        self.adopt_context(Context.from_counts(self.plan, list(train), list(test), me, self.setup))
+
+    # -- messages ---------------------------------------------------------------------------
+    def _reply(self, request: int, answer: Reply) -> None:
+        self.link.send(reply(self.name, self.coordinator, request, answer))
+
+    def _senders_of_weights(self) -> set[str]:
+        """Who may send us weights: a client's coordinator, federation and strategy peers; the
+        federation's clients."""
+        if self.is_federation:
+            return set(self.clients)
+        if not self.is_client:
+            return set()
+        return {self.coordinator, self.federation} | self.strategy.weight_senders(self.plan, self.name)
+
+    def _hold_weights(self, msg: Message) -> bool:
+        """Keep weights that came before the command naming them: from an expected sender only
+        (False otherwise), at most :data:`MAX_EARLY_WEIGHTS` per sender; beyond that they are
+        refused (an ERROR to the sender) and counted."""
+        if msg.sender not in self._senders_of_weights():
+            return False
+        held = [r for s, r in self._early if s == msg.sender]
+        if len(held) >= MAX_EARLY_WEIGHTS:
+            self.link.refuse(msg.sender, f"weights for request {msg.step} before any command named them, while its "
+                             f"weights for request {held[0]} wait already: at most {MAX_EARLY_WEIGHTS} early weights "
+                             "message per sender is kept", wire="weights")
+            return True
+        self._early[(msg.sender, msg.step)] = msg
+        return True
+
+    def _on_rejoined(self, party: str) -> None:
+        """``party`` says it came back as a new process: only the coordinator acts on it."""
+
+    def _await(self, senders: list[str], timeout: float, take: Callable[[Message, Reply | None, int], Any],
+               until: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """What ``take(message, reply, request)`` keeps (not None) of one message from each of
+        ``senders``, as far as it comes in time (replies decoded, a malformed one refused).
+        Commands, early weights and rejoin notices that come meanwhile are kept or acted on."""
+        want, got = set(senders), {}
+        deadline = time.monotonic() + timeout
+        while want - set(got) and not (until is not None and until()):
+            try:
+                msg = self.link.recv(deadline=deadline)
+            except TransportTimeout:
+                break
+            answer, request = None, 0
+            if msg.kind == Kind.ACK:
+                try:
+                    request, answer = read_reply(msg, self.limits)
+                except WireError as e:
+                    self.link.refuse(msg.sender, str(e))
+                    continue
+            kept = take(msg, answer, request) if msg.sender in want else None
+            if kept is not None:
+                got[msg.sender] = kept
+            elif msg.kind == Kind.COMMAND and msg.sender == self.coordinator != self.name:
+                self._pending.append(msg)
+            elif msg.kind == Kind.WEIGHTS and self._hold_weights(msg):
+                pass
+            elif isinstance(answer, Rejoined):
+                self._on_rejoined(msg.sender)
+            else:
+                log.debug("%s: ignoring a late %s from %s", self.name, msg.kind.name, quote(msg.sender))
+        return got
+
+    def _replies(self, senders: list[str], timeout: float, request: int | dict[str, int],
+                 *of: type[Reply]) -> dict[str, Reply]:
+        """The replies to ``request`` (one id, or one per sender) of the types ``of`` that come in time."""
+        def take(msg: Message, answer: Reply | None, rid: int) -> Reply | None:
+            expected = request if isinstance(request, int) else request[msg.sender]
+            return answer if isinstance(answer, of) and rid == expected else None
+
+        return self._await(senders, timeout, take)
+
+    def _take_weights(self, senders: list[str], request: int, timeout: float) -> dict[str, Message]:
+        """The weights answering ``request`` from each sender that sends them in time."""
+        got = {s: self._early.pop((s, request)) for s in senders if (s, request) in self._early}
+        for key in [k for k in self._early if k[0] in senders]:  # another request's: stale, one request at a time
+            del self._early[key]
+        ans = self._await([s for s in senders if s not in got], timeout,
+                          lambda msg, _, __: msg if msg.kind == Kind.WEIGHTS and msg.step == request else None)
+        return {**got, **ans}
+
+    # -- weights ---------------------------------------------------------------------------
+    def client_state(self) -> dict[str, torch.Tensor]:
+        return state_of(self.setup.modules)
+
+    def send_weights(self, to: str, request: int) -> None:
+        state = self.global_state if self.is_federation and not self.is_client else self.client_state()
+        self.link.send(weights(self.name, to, state, request))
+
+    def load_weights(self, sender: str, request: int, ready: bool = False, lend: bool = False) -> None:
+        """Client: take the weights answering ``request`` from ``sender`` (checked against ours), then
+        say so. ``ready``: first tell the coordinator we are waiting (so they cannot overtake us);
+        ``lend``: keep them for the next evaluation turn only (our own weights stay as they are)."""
+        if ready:
+            self._reply(request, Ready())
+        msg = self._take_weights([sender], request, self.timeout).get(sender)
+        if msg is None:
+            log.warning("%s: no weights from %s within %g s; training on with our own", self.name, sender,
+                        self.timeout)
+            self._reply(request, WeightsMissing(sender))
+            return
+        try:
+            state = read_weights(msg, self.client_state())
+            if lend:
+                self.lent = state
+            else:
+                load_state(self.setup.modules, state)
+        except WireError as e:
+            self.link.refuse(sender, str(e), wire="weights")
+            self._reply(request, WeightsRefused(sender, str(e)[:300]))
+            return
+        self._reply(request, WeightsLoaded(sender))
+
+    def collect(self, clients: list[str], samples: list[int], request: int) -> tuple[list[str], dict[str, str]]:
+        """Federation: receive the clients' weights, average them (by samples); whose were averaged,
+        and why each refused client's were refused."""
+        got = self._take_weights(clients, request, self.timeout)
+        states, shares, used, refused = [], [], [], {}
+        for c, n in zip(clients, samples):
+            if c in got:
+                try:
+                    states.append(read_weights(got[c], self.global_state))
+                    shares.append(n)
+                    used.append(c)
+                except WireError as e:
+                    self.link.refuse(c, str(e), wire="weights")
+                    refused[c] = str(e)[:300]
+        if states:
+            self.global_state = average(states, shares)
+        return used, refused
+
+    def merge_copies(self, clients: list[str], samples: list[int]) -> None:
+        """SplitFed v1: this round's server copies, averaged into the shared model (by samples)."""
+        pairs = [(state_of(self.copies[c][0]), n) for c, n in zip(clients, samples) if c in self.copies]
+        if pairs:
+            load_state(self.setup.modules, average([s for s, _ in pairs], [n for _, n in pairs]))
+        self.copies.clear()
+
+    @contextmanager
+    def _metering(self, evaluation: bool) -> Iterator[None]:
+        """Count the traffic inside as evaluation traffic (or, by default, as training traffic)."""
+        if not evaluation:
+            yield
+            return
+        train, self.link.meter = self.link.meter, self.eval_meter
+        try:
+            yield
+        finally:
+            self.link.meter = train
+
+    # -- report --------------------------------------------------------------------------------
+    def close_tracker(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
+
+    def report(self) -> PartyReport:
+        self.close_tracker()
+        self.records = self.pool.close(self.records)
+        privacy = {}
+        if self.in_turns and self.train_work["steps"]:
+            privacy = defenses.privacy_spent(self.graph, self.plays, self.train_work["samples"],
+                                             self.train_work["steps"])
+        observed = {}
+        for client, rec in (self.recorders or {}).items():
+            observed.update({(f"{client}/{k}" if client else k): v for k, v in rec.tensors().items()})
+        modules, per_client_modules = self.setup.modules if self.setup else {}, {}
+        if not self.strategy.one_model and self.copies:  # each client's copy is its model; the shared one never trained
+            modules, per_client_modules = {}, {c: mods for c, (mods, _) in self.copies.items()}
+        return PartyReport(self.name, plays=self.plays, meter=self.link.meter.summary(),
+                           eval_meter=self.eval_meter.summary(), refused=self.refused + self.link.refused,
+                           privacy=privacy, records=self.records, skipped=self.skipped,
+                           modules=modules, per_client=per_client_modules, observed=observed,
+                           data=self.setup.data_report() if self.setup else {},
+                           preprocess=self.setup.preprocess if self.setup else None)
+
+
+def _classify(data: bytes) -> str:
+    """Commands, replies and weights are the schedule's; everything else belongs to a turn."""
+    return "control" if kind_of(data) in (None, Kind.COMMAND, Kind.ACK, Kind.WEIGHTS) else "session"
+
+
+def _segments_of(graph: Any, party: str) -> list[str]:
+    return [n for n in graph.local_order(party) if graph.nodes[n].kind == "segment"]
+
+
+def _build(plan: Plan, segment: str) -> torch.nn.Module:
+    from ..models import build_segment
+
+    return build_segment(plan, segment)

@@ -1,0 +1,181 @@
+"""How the coordinator keeps a ``[clients]`` run consistent across failures: every participant
+saves its state at the end of every round; when a failed party comes back as a new process (it
+lost its state since the last checkpoint), every participant rewinds to the last round whose
+checkpoint all of them hold, and the schedule goes on from there."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ..core.engine import PartyError
+from ..wire.control import (Checkpoint, CheckpointsHeld, Restore, Restored, Rows, Saved, StartedOver, StartOver,
+                            WhichCheckpoints)
+from ..wire.transport import TransportError
+from .layout import roles
+from .schedule import Round
+
+if TYPE_CHECKING:
+    from .coordinator import Coordinator
+
+__all__ = ["Recovery", "PartyRejoined", "MAX_REWINDS"]
+
+log = logging.getLogger(__name__)
+
+MAX_REWINDS = 20  # times a run may rewind to a checkpoint (a party that fails every time ends it)
+POLL_S = 0.5  # while waiting for a party to come back, how often its stream's state is looked at again
+
+
+class PartyRejoined(Exception):
+    """A failed party came back as a new process (it lost its state since the last checkpoint)."""
+
+    def __init__(self, party: str):
+        super().__init__(party)
+        self.party = party
+
+
+class Recovery:
+    """Checkpoints, rewinds and rejoining parties of a :class:`~splitlearn.clients.coordinator.Coordinator`.
+
+    ``_rejoined``: parties that came back as new processes (said so, and proven by the
+    transport); ``given_up``: parties waited for in vain (never again); ``_restarts_taken``: per
+    party, its restarts (seen by the transport) believed."""
+
+    def _restarts(self: Coordinator, party: str) -> int:
+        """How many times the transport saw ``party`` come back as a new process (0: it cannot tell)."""
+        try:
+            return self.switch.inner.restarts(party)
+        except TransportError:
+            return 0
+
+    def _broken(self: Coordinator, party: str) -> bool:
+        """Whether ``party``'s stream is broken now (the transport knows; never waits)."""
+        try:
+            return self.switch.inner.broken_since(party) is not None
+        except TransportError:
+            return False
+
+    def _on_rejoined(self: Coordinator, party: str) -> None:
+        """``party`` says it came back as a new process (resuming). Believed once per restart the
+        transport saw (another incarnation of it); otherwise refused, named and counted. A
+        coordinator that itself resumes takes every party back anyway: nothing to believe."""
+        if self.resuming:
+            return
+        seen = self._restarts(party)
+        if seen > self._restarts_taken.get(party, 0):
+            self._restarts_taken[party] = seen
+            self._rejoined.add(party)  # the coordinator rewinds with it
+            return
+        self.link.refuse(party, "it says it came back as a new process, but the transport saw no new process of it "
+                         f"since its last restart ({seen} restarts): not believed, nobody goes back")
+
+    def checkpoint_everyone(self: Coordinator, index: int, everyone: list[str], rnd: Round | None = None) -> None:
+        """Every party (this one too) saves its state as of the end of round ``index``."""
+        rid = next(self._requests)
+        asked, why = [], {}
+        for p in everyone:
+            if p in self.given_up:  # it did not come back when waited for: not asked (nor waited for) again
+                why[p] = "it was given up on earlier in the run (it did not come back in time)"
+                continue
+            try:
+                self._instruct(p, Checkpoint(index), rid)
+                asked.append(p)
+            except TransportError as e:
+                log.warning("%s: checkpoint: cannot reach %s: %s", self.name, p, e)
+                why[p] = f"cannot reach it: {e}"
+        self.capture(index)
+        ans = self._replies(asked, self.timeout, rid, Saved)
+        for p in everyone:
+            if p not in ans and rnd is not None:
+                self._skip(rnd, p, "checkpoint", why.get(p, f"it did not say within {self.timeout:g} s that it saved "
+                                                             "its state"))
+
+    def start_over_everyone(self: Coordinator, everyone: list[str]) -> None:
+        """Resuming, but no checkpoint is held by every party: every party starts the run over."""
+        rid = next(self._requests)
+        for p in everyone:
+            try:
+                self._instruct(p, StartOver(), rid)
+            except TransportError:
+                pass
+        self._replies(everyone, self.timeout, rid, StartedOver)
+        moved = self.checkpoints.set_aside()  # a peer's word never deletes checkpoints
+        self.resuming = False
+        log.warning("%s: resuming, but no checkpoint is held by every party: from the start%s", self.name,
+                    f" (checkpoints moved to {moved})" * bool(moved))
+
+    def rewind(self: Coordinator, everyone: list[str], why: str) -> int | None:
+        """Every party goes back to the last round whose checkpoint all of them hold; the index of
+        the round to do next (None: no round is held by all). Parties that do not answer are left
+        out (and reported)."""
+        if self.per_client and self._counts is not None:  # a new process knows no row counts yet
+            for p in self._rejoined & set(everyone):
+                try:
+                    self._instruct(p, Rows(tuple(self._counts[0]), tuple(self._counts[1])))
+                except TransportError:
+                    pass
+        rid = next(self._requests)
+        for p in everyone:
+            try:
+                self._instruct(p, WhichCheckpoints(), rid)
+            except TransportError:
+                pass
+        ans = self._replies(everyone, self.timeout, rid, CheckpointsHeld)
+        common = set(self.checkpoints.steps())
+        for held in ans.values():
+            common &= set(held.rounds)
+        missing = [p for p in everyone if p not in ans and p not in self.given_up]
+        if missing:  # it would keep a later state than the others: the run could not stay consistent
+            raise PartyError(f"{self.name}: {why}, but {missing[:5]} did not say within {self.timeout:g} s which "
+                             "checkpoints they hold, so not every party can go back to the same round")
+        if not common:
+            log.warning("%s: %s, but no checkpoint is held by every party", self.name, why)
+            return None
+        rnd = max(common)
+        self.attempt += 1
+        if self.attempt > MAX_REWINDS:
+            raise PartyError(f"{self.name}: the parties went back to a checkpoint {MAX_REWINDS} times; giving up "
+                             f"({why})")
+        rid = next(self._requests)
+        for p in ans:
+            try:
+                self._instruct(p, Restore(rnd, self.attempt), rid)
+            except TransportError as e:
+                raise PartyError(f"{self.name}: {why}; cannot tell {p} to go back to round {rnd}: {e}") from None
+        self.restore(rnd, self.attempt)
+        got = self._replies(list(ans), 3 * self.timeout, rid, Restored)
+        failed = [p for p in ans if p not in got or got[p].round != rnd]
+        if failed:
+            raise PartyError(f"{self.name}: {why}; going back to the end of round {rnd}, {failed} did not")
+        log.warning("%s: %s; every party went back to the end of round %d", self.name, why, rnd)
+        self._rejoined.clear()
+        return next((i for i, r in enumerate(self.rounds) if r.index > rnd), len(self.rounds))
+
+    def _rejoined_party(self: Coordinator, party: str) -> str | None:
+        """The party that came back as a new process (``party``, which failed, or another: the
+        failure may be a neighbour's), proven by the transport (see :meth:`_on_rejoined`); None if
+        none did. It is waited for only while the transport says one may come back (:meth:`_away`),
+        up to ``rejoin_wait_s``; ``party``, still away then, is not waited for again. A party that
+        is connected is not waited for at all. Parties given up on are not taken back."""
+        self._rejoined -= self.given_up
+        if not self._rejoined and party not in self.given_up and self._away(party):
+            log.warning("%s: waiting up to %g s for %s to come back (away: %s)", self.name, self.rejoin_wait_s, party,
+                        self._away(party))
+            deadline = time.monotonic() + self.rejoin_wait_s
+            while not self._rejoined and self._away(party) and (left := deadline - time.monotonic()) > 0:
+                self._await([party], min(left, POLL_S), lambda *_: None,  # a rejoin notice: _on_rejoined
+                            until=lambda: bool(self._rejoined - self.given_up))
+                self._rejoined -= self.given_up
+            if not self._rejoined:
+                for p in self._away(party):  # a restart that never said it rejoined is not waited for again
+                    self._restarts_taken[p] = self._restarts(p)
+                if self._broken(party):
+                    self.given_up.add(party)
+        return sorted(self._rejoined)[0] if self._rejoined else None
+
+    def _away(self: Coordinator, party: str) -> list[str]:
+        """Who may yet come back as a new process: ``party`` or a fixed role whose stream is broken
+        now, or that the transport saw restart without saying so yet."""
+        candidates = [party, *(p for p in roles(self.plan) if p not in self.clients and p not in (self.name, party))]
+        return [p for p in candidates if self._broken(p) or self._restarts(p) > self._restarts_taken.get(p, 0)]

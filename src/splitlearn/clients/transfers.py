@@ -1,0 +1,184 @@
+"""The coordinator's weight-moving actions: hand-off, download, averaging, merging copies and
+lending a model for one evaluation (:mod:`splitlearn.clients.actions`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..wire.control import (Collect, Collected, Download, LoadWeights, MergeCopies, Ready, Reply, SendWeights,
+                            WeightsLoaded, WeightsMissing, WeightsRefused)
+from ..wire.messages import Kind, Message, quote
+from ..wire.transport import TransportError
+from .schedule import Round
+
+if TYPE_CHECKING:
+    from .coordinator import Coordinator
+
+__all__ = ["WeightTransfers"]
+
+log = logging.getLogger(__name__)
+
+LOAD_REPLIES = (WeightsLoaded, WeightsMissing, WeightsRefused)
+
+
+class WeightTransfers:
+    """How a :class:`~splitlearn.clients.coordinator.Coordinator` moves weights."""
+
+    def _lend(self: Coordinator, rnd: Round, holder: str, client: str) -> bool:
+        """Evaluation on another site's test rows: the run's model (``holder``'s weights) goes to
+        ``client`` by way of this coordinator, kept there for that one turn (its own weights stay
+        as they are); metered as evaluation traffic. False (the site is skipped) if they did not
+        get there."""
+        rid = next(self._requests)
+        with self._metering(True):
+            try:
+                self._instruct(holder, SendWeights(self.name, evaluation=True), rid)
+                got = self._take_weights([holder], rid, self.timeout).get(holder)
+            except TransportError:
+                got = None
+            if got is None:
+                self._skip(rnd, holder, "evaluation", f"its weights did not come within {self.timeout:g} s; "
+                                                      f"{client}'s test rows are not scored")
+                return False
+            rid = next(self._requests)
+            try:
+                self._instruct(client, LoadWeights(self.name, lend=True, evaluation=True), rid)
+                self.link.send(Message(Kind.WEIGHTS, self.name, client, rid, "weights", got.tensors))
+            except TransportError as e:
+                self._skip(rnd, client, "evaluation", f"cannot reach it: {e}")
+                return False
+            ans = self._replies([client], 2 * self.timeout, rid, *LOAD_REPLIES)
+        if not isinstance(ans.get(client), WeightsLoaded) or ans[client].source != self.name:
+            self._skip(rnd, client, "evaluation", f"the weights of {holder}: {_not_loaded(ans.get(client), client)}")
+            return False
+        return True
+
+    def _hand_off(self: Coordinator, rnd: Round, client: str) -> bool:
+        """Sequential: the latest weights go from the holder to ``client`` (peer-to-peer between ring
+        neighbours, else through this coordinator). False if ``client`` does not answer (its turn is
+        skipped); if only the holder fails, the client trains on from its own weights (reported)."""
+        holder = self.holder
+        if holder in (None, client):
+            return True
+        peer = holder in self.strategy.weight_senders(self.plan, client)
+        relayed = None
+        if not peer:
+            rid = next(self._requests)
+            try:
+                self._instruct(holder, SendWeights(self.name), rid)
+                relayed = self._take_weights([holder], rid, self.timeout).get(holder)
+            except TransportError:
+                pass
+            if relayed is None:
+                self._skip(rnd, holder, "hand-off", f"its weights did not come within {self.timeout:g} s; "
+                                                    f"{client} trains on from its own")
+                return True
+        rid = next(self._requests)
+        try:
+            self._instruct(client, LoadWeights(holder if peer else self.name), rid)
+            if relayed is not None:
+                self.link.send(Message(Kind.WEIGHTS, self.name, client, rid, "weights", relayed.tensors))
+        except TransportError as e:
+            self._skip(rnd, client, "hand-off", f"cannot reach it ({e}); its turn is skipped")
+            return False
+        if peer:
+            try:
+                self._instruct(holder, SendWeights(client), rid)
+            except TransportError as e:  # the client will say that nothing came
+                log.warning("%s: hand-off from %s: %s", self.name, holder, e)
+        ans = self._replies([client], 2 * self.timeout, rid, *LOAD_REPLIES)
+        if client not in ans:  # the client itself waits up to one timeout for the weights
+            self._skip(rnd, client, "hand-off", f"no answer within {2 * self.timeout:g} s; its turn is skipped")
+            return False
+        if not isinstance(ans[client], WeightsLoaded):
+            self._skip(rnd, holder, "hand-off", f"{_not_loaded(ans[client], client)}; {client} trains on from its own")
+        return True
+
+    def _download(self: Coordinator, rnd: Round, names: list[str] | tuple[str, ...], evaluation: bool = False) -> list[str]:
+        """Averaging schedules: the clients receive the federation's weights (at the start of a
+        round, or before evaluating the averaged model: metered as evaluation traffic); who did."""
+        apart = self.federation != self.name
+        requests: dict[str, int] = {}
+        for c in names:
+            try:
+                requests[c] = self._instruct(c, LoadWeights(self.federation, ready=evaluation and apart,
+                                                            evaluation=evaluation))
+            except TransportError as e:
+                self._skip(rnd, c, "download", f"cannot reach it: {e}")
+        if evaluation and apart:  # the weights may not overtake the command: it decides the meter
+            ready = self._replies(list(requests), self.timeout, requests, Ready)
+            requests = {c: r for c, r in requests.items() if c in ready}
+        try:
+            if apart:
+                self._instruct(self.federation, Download(tuple(requests), tuple(requests.values()), evaluation))
+            else:
+                with self._metering(evaluation):
+                    for c, r in requests.items():
+                        self.send_weights(c, r)
+        except TransportError as e:
+            log.warning("%s: download: %s", self.name, e)
+        ans = self._replies(list(requests), self.timeout, requests, *LOAD_REPLIES)
+        what = "evaluation download" if evaluation else "download"
+        loaded = []
+        for c in names:
+            if c not in ans:
+                if c in requests:
+                    self._skip(rnd, c, what, f"no answer within {self.timeout:g} s")
+            elif not isinstance(ans[c], WeightsLoaded) or ans[c].source != self.federation:
+                self._skip(rnd, c, what, f"the federation's weights: {_not_loaded(ans[c], c)}")
+            else:
+                loaded.append(c)
+        return loaded
+
+    def _average(self: Coordinator, rnd: Round, done: tuple[str, ...]) -> list[str]:
+        """The clients that trained send their weights to the federation, which averages them."""
+        rid = next(self._requests)
+        sending = []
+        for c in done:
+            try:
+                self._instruct(c, SendWeights(self.federation), rid)
+                sending.append(c)
+            except TransportError as e:
+                self._skip(rnd, c, "averaging", f"cannot reach it: {e}")
+        samples = [rnd.samples[self.clients.index(c)] for c in sending]
+        refused: dict[str, str] = {}
+        if self.federation == self.name:
+            got, refused = self.collect(sending, samples, rid)
+        else:
+            try:
+                self._instruct(self.federation, Collect(tuple(sending), tuple(samples)), rid)
+            except TransportError as e:
+                self._skip(rnd, self.federation, "averaging", f"cannot reach the federation: {e}")
+                return []
+            ans = self._replies([self.federation], 2 * self.timeout, rid, Collected)
+            if self.federation not in ans:
+                self._skip(rnd, self.federation, "averaging", f"the federation did not answer within "
+                                                              f"{2 * self.timeout:g} s")
+                return []
+            got = [c for c in ans[self.federation].averaged if c in sending]
+            refused = ans[self.federation].refused
+        for c in sending:
+            if c in refused:  # it is there, and sent what the federation refused: skipped at once
+                self._skip(rnd, c, "averaging", f"its weights were refused by {self.federation}: {quote(refused[c])}")
+            elif c not in got:
+                self._skip(rnd, c, "averaging", f"its weights did not come within {self.timeout:g} s")
+        return got
+
+    def _merge_copies_everywhere(self: Coordinator, rnd: Round, clients: tuple[str, ...]) -> None:
+        """SplitFed v1: every fixed party (this one too) merges the round's copies of its segments."""
+        samples = [rnd.samples[self.clients.index(c)] for c in clients]
+        if self.setup is not None:
+            self.merge_copies(list(clients), samples)
+        for p in self.plan.parties:
+            if p not in (self.spec.template, self.name):
+                self._instruct(p, MergeCopies(tuple(clients), tuple(samples)))
+
+
+def _not_loaded(answer: Reply | None, client: str) -> str:
+    """Why weights did not get into ``client``, from its reply: refused (and why), or not come."""
+    if isinstance(answer, WeightsRefused):
+        return f"{client} refused them: {quote(answer.why)}"
+    if isinstance(answer, WeightsMissing):
+        return f"they did not reach {client} within {client}'s timeout"
+    return f"{client} did not say it loaded them ({quote(answer)})"

@@ -1,0 +1,126 @@
+"""A participant's part in one turn: the ordinary engine session between the fixed parties and
+one client, over a view of the transport that lets ``T-k`` speak as ``T``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..core.engine import PartyError
+from ..core.plan import PlanError
+from ..core.randomness import PartyRandom, party_seed
+from ..run.observe import Recorder
+from ..run.session import run_party
+from ..run.setup import make_optimizer
+from ..wire.codec import WireError
+from ..wire.link import Link
+from ..wire.messages import Kind, decode, kind_of, read_hello
+from ..wire.transport import TransportError
+from .schedule import Turn
+from .scoring import ScoringParty
+from .weights import load_state
+
+if TYPE_CHECKING:
+    from .participant import Participant
+
+__all__ = ["TurnTaking"]
+
+log = logging.getLogger(__name__)
+
+
+class TurnTaking:
+    """The turns of a :class:`~splitlearn.clients.participant.Participant`."""
+
+    def _models(self: Participant, turn: Turn, client: str,
+                model: str | None = None) -> tuple[dict, torch.optim.Optimizer | None]:
+        if self.is_client and model is not None:  # another client's weights, for this turn only
+            if self.lent is None:
+                raise PartyError(f"{self.name}: no weights of {model} came to evaluate")
+            mods = copy.deepcopy(self.setup.modules)
+            load_state(mods, self.lent)
+            return mods, None
+        if self.is_client or not self.strategy.own_copy(turn):
+            return self.setup.modules, self.setup.optimizer
+        if client not in self.copies:  # from the shared model (v1: averaged at the end of every round)
+            mods = copy.deepcopy(self.setup.modules)
+            self.copies[client] = (mods, make_optimizer(self.plan, self.plays, mods))
+        return self.copies[client]
+
+    def _random(self: Participant, modules: dict[str, nn.Module]) -> PartyRandom:
+        device = next((p.device for mod in modules.values() for p in mod.parameters()), "cpu")
+        return PartyRandom(party_seed(self.plan.train.seed, self.name), device)
+
+    def run_turn(self: Participant, turn: Turn, client: str, model: str | None = None) -> tuple[bool, str]:
+        """Take part in one turn with ``client`` (evaluating ``model``'s weights, lent to it, when
+        not its own): (done, why not)."""
+        t = self.spec.template
+        fixed = {p for p in self.plan.parties if p != t}
+        peers = fixed if self.is_client else ({client} | fixed) - {self.name}
+        # in every hello of this turn (the hello compares it); a turn done again after a rewind differs from the first
+        tag = f"{self.ids_hash}/turn-{turn.index}" + (f"/again-{self.attempt}" if self.attempt else "")
+
+        def turn_of(data: bytes) -> str | None:
+            """The turn tag of a hello (None: no readable hello)."""
+            if kind_of(data) != Kind.HELLO:
+                return None
+            try:
+                return read_hello(decode(data, self.limits), self.limits).get("ids_hash")
+            except WireError:
+                return None
+
+        def keep(peer: str, data: bytes) -> bool:
+            """A peer's hello for this very turn may have come before we got here; the rest is stale."""
+            return peer in peers and turn_of(data) == tag
+
+        def defer(peer: str, data: bytes) -> bool:
+            """Another turn's hello (the next one's can come while this one says goodbye): it waits."""
+            found = turn_of(data)
+            return found is not None and found != tag
+
+        view = self.switch.session(self.plays, {} if self.is_client else {t: client}, keep, peers, defer)
+        link = Link(view, self.link.meter if turn.mode == "train" else self.eval_meter, self.limits)
+        try:
+            modules, optimizer = self._models(turn, client, model)
+        except PartyError as e:
+            return False, str(e)
+        finally:
+            self.lent = None if self.is_client else self.lent
+        if self.rng is None:  # this physical party's own random stream, kept from turn to turn
+            self.rng = self._random(modules)
+        party = ScoringParty(self.graph, self.plays, link, modules, optimizer, self.setup.inputs,
+                             timeout=self.step_timeout, rng=self.rng)
+        if self.recorders is not None:
+            party.observer = self.recorders.setdefault("" if self.is_client else client, Recorder(self.record_ids))
+        try:
+            if self.tracker is not None:
+                self.tracker.turn = turn.index
+            turn_steps = self.ctx.steps_of(self.plan, turn, self.clients.index(client)) if self.ctx else turn.steps
+            report = run_party(party, iter(turn_steps), ids_hash=tag, tracker=self.tracker)
+        except (PartyError, PlanError, TransportError) as e:  # a peer that is gone or silent: failures as data
+            self.refused += link.refused
+            log.warning("%s: turn %d with %s failed: %s", self.name, turn.index, client, e)
+            return False, str(e)
+        self.refused += link.refused
+        self.train_work["samples"] += report.meter.get("train_samples", 0)
+        self.train_work["steps"] += report.meter.get("train_steps", 0)
+        losses, steps = {}, {}
+        for loss, h in report.metrics.items():
+            key = "train_loss" if turn.mode == "train" else "test_loss"
+            losses[loss] = {k: v[0] for k, v in h.items() if v and k not in ("train_loss_steps", "ci95", "curves")}
+            losses[loss].setdefault(key, None)
+            if h.get("train_loss_steps"):
+                steps[loss] = [v for _, v in h["train_loss_steps"]]
+        record = {"turn": turn.index, "round": turn.round, "epoch": turn.steps[0].epoch if turn.steps else 0,
+                  "mode": turn.mode, "client": client, "rows": sum(len(x.rows) for x in turn_steps), "losses": losses,
+                  "steps": steps, "train_s": report.meter.get("train_s", 0.0)}
+        if model is not None:
+            record["model"] = model
+        self.records.append(record)
+        if turn.mode == "eval" and party.scored:
+            self.records = self.pool.add(self.records, turn, self.attempt, party.scored, record,
+                                         keep_in_record=self.per_client and self.is_client)
+        return True, ""

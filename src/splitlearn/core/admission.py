@@ -1,0 +1,101 @@
+"""What a received tensor message must be before a step takes it (or keeps it for a later step):
+the agreed codec, dtype and shape, and values that cannot poison training.
+
+Pure checks: each returns the problem or raises a :class:`~splitlearn.wire.codec.WireError`;
+:class:`~splitlearn.core.engine.Party` refuses the message with it, and keeps nothing of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..wire.codec import WireError, check_values, decoded_bytes, dtype_name, get_codec
+from ..wire.messages import Kind, Limits, Message, quote
+from .graph import Graph, Wire
+from .losses import get as loss_kind
+from .step import StepState
+
+__all__ = ["WireShapes", "early_problem", "decode_checked", "check_received_values"]
+
+WireShapes = dict[str, tuple[str, tuple[int, ...]]]  # wire -> (dtype, shape without the batch dimension)
+
+
+def early_problem(msg: Message, wire: Wire, wire_shapes: WireShapes, max_rows: int, limits: Limits) -> str | None:
+    """Why a message of a later step cannot be what that step will accept (without decoding it):
+    one tensor of the agreed codec, dtype and row shape, with no more rows than a step has."""
+    enc = msg.tensors.get("t")
+    if enc is None or len(msg.tensors) != 1:
+        return f"expected one tensor 't', got {[quote(k) for k in list(msg.tensors)[:4]]}"
+    want_codec = wire.codec if msg.kind == Kind.ACTIVATION else wire.grad_codec
+    if enc.codec != get_codec(want_codec).name:
+        return f"codec {quote(enc.codec)} where {want_codec!r} was agreed"
+    rows = enc.shape[0] if enc.shape else 0
+    if wire.name in wire_shapes:
+        dtype, shape = wire_shapes[wire.name]
+        if enc.dtype != dtype or tuple(enc.shape[1:]) != tuple(shape):
+            return f"{enc.dtype}{list(enc.shape)[:8]} where {dtype} with rows of {list(shape)} was agreed"
+    if rows > (1 if msg.step < 0 else max_rows):  # (a micro-batch has fewer)
+        return f"{rows} rows, more than a step has"
+    if decoded_bytes(enc.dtype, math.prod(enc.shape)) > limits.tensor_bytes:
+        return "larger than Limits.tensor_bytes once decoded"
+    return None
+
+
+def decode_checked(msg: Message, wire: Wire, st: StepState, wire_shapes: WireShapes) -> torch.Tensor:
+    """The tensor of a message for step ``st``, once its codec, dtype and shape are what was agreed
+    (a gradient: those of the activation sent); a WireError otherwise. In the handshake an
+    activation's dtype and row shape become the wire's, in ``wire_shapes``."""
+    if set(msg.tensors) != {"t"}:
+        raise WireError(f"expected one tensor 't', got {sorted(msg.tensors)}")
+    enc = msg.tensors["t"]
+    want_codec = wire.codec if msg.kind == Kind.ACTIVATION else wire.grad_codec
+    if enc.codec != get_codec(want_codec).name:
+        raise WireError(f"codec {enc.codec!r} where {want_codec!r} was agreed")
+    if msg.kind == Kind.GRADIENT:
+        if wire.name not in st.sent:
+            raise WireError("a gradient for an activation not sent yet in this step")
+        sent = st.sent[wire.name]
+        want_dtype, want_shape = dtype_name(sent.dtype), tuple(sent.shape)
+    elif st.mode == "handshake":
+        want_dtype, want_shape = enc.dtype, (1, *enc.shape[1:])
+    elif wire.name in wire_shapes:
+        dtype, shape = wire_shapes[wire.name]
+        want_dtype, want_shape = dtype, (len(st.rows), *shape)
+    else:
+        want_dtype, want_shape = enc.dtype, (len(st.rows), *enc.shape[1:])
+    if enc.dtype != want_dtype:
+        raise WireError(f"dtype {enc.dtype} where {want_dtype} was agreed")
+    if tuple(enc.shape) != want_shape:
+        raise WireError(f"shape {list(enc.shape)} where {list(want_shape)} was expected")
+    if st.mode == "handshake" and msg.kind == Kind.ACTIVATION:
+        wire_shapes[wire.name] = (enc.dtype, tuple(enc.shape[1:]))
+    return get_codec(enc.codec).decode(enc)
+
+
+def check_received_values(msg: Message, wire: Wire, st: StepState, t: torch.Tensor, graph: Graph, party: str,
+                          classes: dict[str, int]) -> None:
+    """A WireError for values that would poison ``party``'s training: NaN or infinity, magnitudes
+    past the wire's ``max_abs`` (activations and gradients), labels that are no class of the head
+    (``classes``: label node -> classes, learnt in the handshake) or outside the loss's range."""
+    spec = wire.spec
+    what = f"the {'label' if wire.carries == 'label' else msg.kind.name.lower()} tensor of step {st.step}"
+    check_values(t, what, allow_nonfinite=spec.allow_nonfinite,
+                 max_abs=math.inf if wire.carries == "label" else spec.max_abs)
+    if wire.carries != "label" or st.mode == "handshake" or not t.numel():
+        return
+    classes = classes.get(wire.src)
+    if classes is not None:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= classes:
+            raise WireError(f"{what} holds label {lo if lo < 0 else hi}, outside the head's {classes} classes "
+                            f"(0..{classes - 1})")
+        return
+    for n in graph.losses():
+        kind = loss_kind(graph.plan.losses[n.name].kind)
+        if n.party == party and n.inputs[1] == wire.src and kind.target_range is not None:
+            lo, hi = kind.target_range
+            if float(t.min()) < lo or float(t.max()) > hi:
+                raise WireError(f"{what} holds a value outside [{lo:g}, {hi:g}], which a {kind.name} loss "
+                                "cannot take")

@@ -1,0 +1,238 @@
+"""Wire defenses as the engine sees them: the :class:`Defense` protocol and the registry of them.
+
+A :class:`Defense` sits at an edge of the step and leaves the protocol alone: at the sender,
+:meth:`~Defense.extra_loss` (computed from the undefended value) and :meth:`~Defense.on_send`;
+at the receiver, :meth:`~Defense.on_gradient` on the gradient it returns. A defense is named by
+its key in ``[wires.SOURCE]``; the built-ins (``nopeek``, ``noise``, ``label_protection``,
+``randomized_response``, fields of :class:`~splitlearn.core.plan.WireSpec`) live in
+:mod:`splitlearn.privacy.defenses`, which :data:`DEFENSES` imports by name the first time it is
+read: the core never imports it. Any other registered key is accepted in a plan too::
+
+    class Shift(Defense):
+        key = "shift"
+        def on_send(self, ctx, value):
+            return value + ctx.config["by"]
+
+    register(Shift())  # before the plan is loaded: [wires.bottom] shift = { by = 1.0 }
+
+Defense noise comes from :meth:`WireContext.rng`: the sending party's secret, never the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from .registry import Registry
+from .specs import PlanError, WireSpec
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: validating a plan does not load it
+    import torch
+    from torch import Tensor
+
+    from .engine import Party
+    from .graph import Graph, Stage, Wire
+    from .plan import Plan
+    from .step import StepState
+
+__all__ = ["Defense", "SweepParam", "WireContext", "DEFENSES", "register", "active", "validate", "check_data",
+           "privacy_spent", "sweep_params"]
+
+ALL_MODES = frozenset({"train", "eval", "predict"})  # a defense never acts in the handshake
+BUILT_IN_KEYS = ("nopeek", "noise", "label_protection", "randomized_response")  # fields of WireSpec
+
+
+def _activation(graph: Graph, wire: Wire) -> bool:
+    return wire.carries == "activation"
+
+
+@dataclass(frozen=True)
+class SweepParam:
+    """A setting ``audit --sweep`` can vary: ``value(current, x)`` is the defense's new setting on
+    a wire (``current``: its setting there, or None) for the swept value ``x``; ``applies`` tells
+    the wires it can be set on."""
+
+    name: str  # e.g. "noise.sigma"
+    description: str
+    value: Callable[[Any, float], Any]
+    applies: Callable[[Graph, Wire], bool] = _activation
+
+
+@dataclass(frozen=True)
+class WireContext:
+    """What a defense sees of the step: the party, the wire, the step state, its own setting and,
+    on the way back, the stage returning the gradient."""
+
+    party: Party
+    wire: Wire
+    state: StepState
+    config: Any
+    stage: Stage | None = None
+
+    @property
+    def mode(self) -> str:
+        return self.state.mode
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def rng(self, salt: int | str) -> torch.Generator:
+        """Noise for this step and wire from the party's secret; ``salt`` keeps defenses apart (the
+        built-ins use 1, 2 and 3: give your defense's key)."""
+        return self.party.noise_generator(self.state.step, self.wire, salt)
+
+    def raw_inputs(self) -> Tensor:
+        """The sender's raw inputs the wire's value is computed from, one flat float row per sample."""
+        import torch
+
+        rows = len(self.state.values[self.wire.src])
+        return torch.cat([self.state.values[n].reshape(rows, -1).float()
+                          for n in self.party.raw_inputs[self.wire.src]], dim=1)
+
+    def target(self) -> Tensor:
+        """The labels of the returning stage's first loss (the receiver's side only)."""
+        loss = self.party.nodes[self.stage.losses[0]]
+        return self.state.values[loss.inputs[1]]
+
+    def num_classes(self) -> int:
+        """Classes of the labels the wire carries (the sender's side of a label wire)."""
+        return self.party.num_classes[self.wire.src]
+
+
+class Defense:
+    """One defense. Subclasses set ``key`` (its key in ``[wires.SOURCE]``) and override what they need.
+
+    ``carries``: the wires it applies to (``activation`` or ``label``); ``modes``: the steps it
+    acts in; ``sweep_params``: what ``audit --sweep`` can set.
+    """
+
+    key: str = ""
+    carries: str = "activation"
+    modes: frozenset[str] = frozenset({"train"})
+    sweep_params: tuple[SweepParam, ...] = ()
+
+    def validate(self, graph: Graph, wire: Wire, config: Any) -> None:
+        """Raise a PlanError for a structurally wrong use (checked when the plan is loaded)."""
+        if wire.carries == self.carries:
+            return
+        if wire.carries == "label":
+            raise PlanError(f"{wire.src!r} is a label wire: {_label_defenses()}", entry=f"wires.{wire.src}",
+                            hint="labels travel exactly; put codecs and activation defenses on activation wires")
+        raise PlanError(f"{self.key} applies to label wires, and {wire.src!r} carries activations",
+                        entry=f"wires.{wire.src}", hint="set it on the wire of the labels, e.g. [wires.\"hospital.y\"]")
+
+    def check_data(self, graph: Graph, wire: Wire, config: Any, inputs: dict[str, Tensor]) -> None:
+        """Raise a PlanError if the data cannot take the defense (``inputs``: every party's input nodes)."""
+
+    def extra_loss(self, ctx: WireContext, value: Tensor) -> Tensor | None:
+        """A term the sender adds to its stage's loss, from the undefended value."""
+        return None
+
+    def on_send(self, ctx: WireContext, value: Tensor) -> Tensor:
+        """What the sender puts on the wire instead of ``value``."""
+        return value
+
+    def on_gradient(self, ctx: WireContext, grad: Tensor) -> Tensor:
+        """What the receiver returns instead of the gradient ``grad`` (training steps)."""
+        return grad
+
+    def privacy_spent(self, wire: Wire, config: Any, plan: Plan, samples: int, steps: int) -> dict | None:
+        """The privacy the sender spent after ``steps`` training steps over ``samples`` rows, or None."""
+        return None
+
+
+DEFENSES: Registry[Defense] = Registry("defense", builtins="splitlearn.privacy.defenses")  # built-ins first
+
+
+def register(defense: Defense) -> Defense:
+    """Add (or replace) a defense under its key; plans validated afterwards may use the key."""
+    key = defense.key
+    if not key.isidentifier():
+        raise ValueError(f"a defense key must be an identifier, got {key!r}")
+    if key in WireSpec.model_fields and key not in BUILT_IN_KEYS:
+        raise ValueError(f"{key!r} is a wire setting, not a defense key")
+    if defense.carries not in ("activation", "label"):
+        raise ValueError(f"defense {key!r}: carries must be 'activation' or 'label', got {defense.carries!r}")
+    return DEFENSES.register(key, defense)
+
+
+def active(spec: WireSpec) -> list[tuple[Defense, Any]]:
+    """The defenses a wire's settings turn on, in registry order, each with its setting."""
+    out = []
+    for key, defense in DEFENSES.items():
+        if key in WireSpec.model_fields:
+            config = getattr(spec, key)
+            if config != WireSpec.model_fields[key].default:
+                out.append((defense, config))
+        elif key in spec.extra_defenses:
+            out.append((defense, spec.extra_defenses[key]))
+    return out
+
+
+def _label_defenses() -> str:
+    keys = [k for k, d in DEFENSES.items() if d.carries == "label"]
+    if not keys:
+        return "no defense applies to it"
+    return f"only {', '.join(keys)} {'applies' if len(keys) == 1 else 'apply'} to it"
+
+
+def validate(graph: Graph, wire: Wire) -> None:
+    """Every active defense's structural check of ``wire`` (:meth:`Defense.validate`)."""
+    for defense, config in active(wire.spec):
+        defense.validate(graph, wire, config)
+
+
+def check_data(graph: Graph, inputs: dict[str, Tensor]) -> None:
+    """The checks of every wire's defenses that need the data; ``inputs`` maps input nodes
+    (``party.field``) to every party's tensors (labels may be missing, as when predicting)."""
+    for wire in graph.wires:
+        for defense, config in active(wire.spec):
+            defense.check_data(graph, wire, config, inputs)
+
+
+def privacy_spent(graph: Graph, party: str, samples: int, steps: int) -> dict[str, dict]:
+    """Per wire ``party`` sends: what its defenses spent after ``steps`` training steps over
+    ``samples`` rows in all (a client: over all its turns); wires spending nothing are left out."""
+    out: dict[str, dict] = {}
+    if not steps:
+        return out
+    for wire in graph.wires:
+        if wire.src_party != party:
+            continue
+        for defense, config in active(wire.spec):
+            spent = defense.privacy_spent(wire, config, graph.plan, samples, steps)
+            if spent is not None:
+                out.setdefault(wire.name, {}).update(spent)
+    return out
+
+
+def sweep_params() -> dict[str, tuple[Defense, SweepParam]]:
+    """Every registered sweep parameter by name, with its defense."""
+    return {p.name: (d, p) for d in DEFENSES.values() for p in d.sweep_params}
+
+
+# -- at the edges of a step (Party._forward and Party._backward) ---------------------------------
+
+def defend_forward(party: Party, wire: Wire, st: StepState) -> Tensor:
+    """What the sender puts on a wire: each defense's extra loss term (kept in ``st.extra`` for the
+    sending stage), from the undefended value, then each defense's change of it (never in the handshake)."""
+    value = st.values[wire.src]
+    if st.mode == "handshake":
+        return value
+    acting = [(d, WireContext(party, wire, st, config)) for d, config in active(wire.spec) if st.mode in d.modes]
+    for d, ctx in acting:
+        term = d.extra_loss(ctx, value)
+        if term is not None:
+            st.extra.setdefault(party.stage_of[wire.src], []).append(term)
+    for d, ctx in acting:
+        value = d.on_send(ctx, value)
+    return value
+
+
+def defend_backward(party: Party, wire: Wire, stage: Stage, st: StepState, grad: Tensor) -> Tensor:
+    """What the receiver returns on a wire: the gradient, changed by each of the wire's defenses."""
+    for d, config in active(wire.spec):
+        if st.mode in d.modes:
+            grad = d.on_gradient(WireContext(party, wire, st, config, stage), grad)
+    return grad

@@ -1,0 +1,93 @@
+"""Running a plan's nodes on one sample row: how a segment takes its inputs, and the checks that
+turn a failing segment or loss into a :class:`~splitlearn.core.plan.PlanError` naming the wires
+and shapes (the handshake of :class:`~splitlearn.core.engine.Party`, and :func:`dry_run` in one process).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..wire.codec import dtype_name
+from .graph import Graph, Node
+from .losses import get as loss_kind
+from .plan import PlanError
+
+__all__ = ["merge_inputs", "check_labels", "run_checked", "dry_run"]
+
+
+def merge_inputs(how: str, module: nn.Module, xs: list[torch.Tensor]) -> torch.Tensor:
+    """Run a segment on its inputs: concatenated on the feature dimension, summed, or as arguments."""
+    if len(xs) == 1:
+        return module(xs[0])
+    if how == "concat":
+        return module(torch.cat(xs, dim=1))
+    if how == "sum":
+        return module(torch.stack(xs).sum(0))
+    return module(*xs)
+
+
+def check_labels(node: Node, labels: torch.Tensor | None, classes: int) -> None:
+    """A PlanError unless every label of a cross-entropy loss is a class of its head."""
+    if labels is None or not labels.numel() or labels.is_floating_point():
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= classes:
+        raise PlanError(f"loss {node.name!r}: the labels {node.inputs[1]!r} take values {lo}..{hi}, but the head "
+                        f"{node.inputs[0]!r} gives {classes} classes (0..{classes - 1})", entry=f"losses.{node.name}",
+                        hint="make the head's output width the number of classes, or number the classes from 0")
+
+
+def run_checked(graph: Graph, node: Node, xs: list[torch.Tensor], fn: Callable[[], Any]) -> Any:
+    """Run a segment or loss on a one-row sample; a failure is a PlanError naming the wires and shapes."""
+    try:
+        return fn()
+    except Exception as e:
+        came = ", ".join(f"{_via(graph, d, node.party)} with shape {list(x.shape)}" for d, x in zip(node.inputs, xs))
+        what = "segment" if node.kind == "segment" else "loss"
+        raise PlanError(f"{what} {node.name!r} (party {node.party!r}) cannot take {came}: {e}",
+                        entry=f"{what}s.{node.name}",
+                        hint="make what comes in match what this step expects (check 'layers', the network sizes, "
+                        "the head's output width and the loss kind)") from None
+
+
+def _via(graph: Graph, src: str, party: str) -> str:
+    wire = graph.wire_between(src, party)
+    return f"wire {wire.name!r}" if wire else repr(src)
+
+
+def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch.Tensor],
+            labels: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Run one sample through the whole graph in one process; return each wire's dtype and shape.
+
+    ``sample`` maps input nodes to tensors with a batch dimension of 1 (label inputs may be
+    missing, as when predicting). A failing segment or loss raises a :class:`PlanError` naming
+    the wire and the shapes; so do ``labels`` (whole label columns) that are no class of their head.
+    """
+    values: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for n in graph.order:
+            node = graph.nodes[n]
+            if node.kind == "input":
+                if n in sample:
+                    values[n] = sample[n]
+            elif node.kind == "segment":
+                spec = graph.plan.segments[n]
+                device = next((p.device for p in modules[n].parameters()), None)
+                xs = [values[d] if device is None else values[d].to(device) for d in node.inputs]
+                values[n] = run_checked(graph, node, xs, lambda: merge_inputs(spec.merge, modules[n], xs))
+                if not isinstance(values[n], torch.Tensor):
+                    raise PlanError(f"segment {n!r} (party {node.party!r}) gives a {type(values[n]).__name__}, not "
+                                    "one tensor: a segment's output is what its wire carries", entry=f"segments.{n}",
+                                    hint="end the segment where the network's value is a single tensor (cut after a "
+                                    "submodule that returns one)")
+            elif node.inputs[1] in values:
+                out, target = values[node.inputs[0]], values[node.inputs[1]].to(values[node.inputs[0]].device)
+                kind = loss_kind(graph.plan.losses[n].kind)
+                run_checked(graph, node, [out, target], lambda: kind.fn(out, target))
+                if kind.indexes_classes and labels:
+                    check_labels(node, labels.get(node.inputs[1]), out.shape[-1])
+    return {w.name: (dtype_name(values[w.src].dtype), tuple(values[w.src].shape[1:])) for w in graph.wires
+            if w.src in values}

@@ -1,0 +1,41 @@
+"""What a party holds during one step, and what the step gives back (:meth:`~splitlearn.core.engine.Party.step`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .graph import Stage
+
+__all__ = ["Mode", "StepOutput", "StepState"]
+
+Mode = Literal["train", "eval", "predict", "handshake"]
+
+
+@dataclass
+class StepOutput:
+    losses: dict[str, float] = field(default_factory=dict)  # loss name -> value (unweighted)
+    predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # loss name -> outputs of its head
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # loss name -> targets (eval)
+
+
+@dataclass
+class StepState:
+    """What a party holds during one step (see :meth:`~splitlearn.core.engine.Party.begin`)."""
+
+    step: int
+    rows: torch.Tensor
+    mode: Mode
+    skip_labels: bool = False
+    deadline: float | None = None  # time.monotonic() by which the step must be done
+    todo: list[str] = field(default_factory=list)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # node -> tensor (local or received)
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> gradient of what we sent on it
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    sent: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> the tensor sent on it (after defenses)
+    extra: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage -> extra loss terms (NoPeek)
+    out: StepOutput = field(default_factory=StepOutput)
+    share: float = 1.0  # this micro-batch's share of the step's rows (1: the whole batch)
+    stages: list[Stage] = field(default_factory=list)  # stages still to run backward

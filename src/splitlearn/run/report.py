@@ -1,0 +1,175 @@
+"""What a party's run gives back: its :class:`PartyReport` (metrics, accounting, refusals, privacy
+spent), the :class:`Progress` told after each step or round, :class:`RunError` naming the parties
+that failed, and the per-epoch :class:`Metrics` of the losses a party computes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..core import losses
+from ..core.engine import Party, StepOutput
+from .setup import Step
+
+__all__ = ["RunError", "PartyReport", "Progress", "Metrics"]
+
+
+class RunError(RuntimeError):
+    """A run failed; ``errors`` maps each failed party to its error."""
+
+    def __init__(self, errors: dict[str, str]):
+        self.errors = errors
+        super().__init__("; ".join(f"party {p!r} failed: {e}" for p, e in errors.items()))
+
+
+@dataclass
+class PartyReport:
+    """What one physical party did, for :func:`~splitlearn.launch.results.build_result`; the same
+    for every plan (the clients' fields stay empty without ``[clients]``)."""
+
+    name: str
+    metrics: dict[str, dict] = field(default_factory=dict)  # loss name -> per-epoch history (plain runs)
+    meter: dict = field(default_factory=dict)  # accounting of training, and timings
+    refused: list[str] = field(default_factory=list)
+    privacy: dict[str, dict] = field(default_factory=dict)  # wire -> epsilon spent by its noise
+    plays: str | None = None  # the plan party it plays (clients: the template)
+    eval_meter: dict = field(default_factory=dict)  # clients: the accounting of evaluation, apart
+    records: list[dict] = field(default_factory=list)  # clients: one per turn it took part in
+    skipped: list[dict] = field(default_factory=list)  # the coordinator: who was skipped, when and why
+    modules: dict = field(default_factory=dict, repr=False)  # its trained segments (not in JSON)
+    observed: dict = field(default_factory=dict, repr=False)  # what it recorded for the audit (not in JSON)
+    predictions: dict = field(default_factory=dict, repr=False)  # predict steps: head -> outputs per batch
+    data: dict = field(default_factory=dict)  # the rows it held and trained on, their schema, the alignment
+    preprocess: Any = field(default=None, repr=False)  # its fitted preprocessing (saved beside its weights)
+    refused_jumps: dict[str, int] = field(default_factory=dict)  # peer -> values refused past a learnt bound
+    per_client: dict = field(default_factory=dict, repr=False)  # independent: client -> its own trained segments
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("modules", "observed", "predictions", "preprocess", "per_client")}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a run is, told to ``on_step`` after each step (plain plans) or round ([clients])."""
+
+    done: int
+    total: int
+    epoch: int  # from 0
+    epochs: int
+    unit: str  # "step" or "round"
+    loss: float | None = None  # the training loss of that step (mean over the round's turns)
+    mode: str = "train"
+
+
+@dataclass
+class EpochSums:
+    """What an epoch of one loss adds up until it closes."""
+
+    train_sum: float = 0.0
+    train_n: int = 0
+    test_sum: float = 0.0
+    test_n: int = 0
+    right: int = 0
+    probs: list = field(default_factory=list)  # eval batches' class probabilities, or predicted values (regression)
+    targets: list = field(default_factory=list)
+
+
+STEP_POINTS = 500  # train loss per step: at most this many points are kept (evenly sampled)
+
+
+class Metrics:
+    """Per-epoch history of the losses a party computes: train and test loss, the rows scored
+    (``test_rows``), for classification the test metrics of :mod:`splitlearn.core.metrics`, for
+    regression MAE, RMSE and R²; the last evaluation's 95 % bootstrap intervals (``ci95``); the
+    train loss per step."""
+
+    def __init__(self, party: Party, tracker: Any = None, setup: Any = None):
+        plan = party.graph.plan
+        self.setup = setup  # a PartySetup: the scale of a standardised target (setup.scale_of), undone here
+        self.tracker = tracker  # a splitlearn.run.tracking.Tracker: values streamed as they come
+        self.kinds = {n.name: plan.losses[n.name].kind for n in party.graph.losses() if n.party == party.name}
+        self.hist = {k: {"train_loss": [], "test_loss": [], "test_accuracy": []} for k in self.kinds}
+        self.steps: dict[str, list[list[float]]] = {k: [] for k in self.kinds}
+        self.acc = {k: EpochSums() for k in self.kinds}
+        self.ci: dict[str, dict] = {}  # loss -> the last evaluation's intervals
+        self.curves: dict[str, dict] = {}  # loss -> the last evaluation's curves (core.metrics.curves)
+
+    def add(self, step: Step, out: StepOutput) -> None:
+        n = len(step.rows)
+        for k, v in out.losses.items():
+            a = self.acc[k]
+            if step.mode == "train":
+                a.train_sum, a.train_n = a.train_sum + v * n, a.train_n + n
+                self.steps[k].append([step.id, v])
+                if self.tracker is not None:
+                    self.tracker.log({f"{k}/train_loss_step": v}, step.id)
+            else:
+                a.test_sum, a.test_n = a.test_sum + v * n, a.test_n + n
+                kind = losses.get(self.kinds[k])
+                if kind.classification:
+                    a.right += kind.correct(out.predictions[k], out.targets[k])
+                if kind.probabilities is not None:
+                    a.probs.append(kind.probabilities(out.predictions[k].float()).numpy())
+                    a.targets.append(out.targets[k].numpy())
+                elif not kind.classification:
+                    pred = kind.decide(out.predictions[k].float()).numpy().reshape(-1)
+                    true = out.targets[k].numpy().reshape(-1)
+                    scale = self.setup.scale_of(k) if self.setup is not None else None
+                    if scale is not None:  # metrics in the target's own units
+                        pred, true = scale.undo(pred), scale.undo_target(true)
+                    a.probs.append(pred)
+                    a.targets.append(true)
+
+    def close_epoch(self, epoch: int) -> None:
+        from ..core.metrics import bootstrap_ci, classification_metrics, curves, regression_metrics
+
+        for k, a in self.acc.items():
+            h = self.hist[k]
+            before = {name: len(v) for name, v in h.items()}
+            if a.train_n:
+                h["train_loss"].append(a.train_sum / a.train_n)
+            if a.test_n:
+                h["test_loss"].append(a.test_sum / a.test_n)
+                h.setdefault("test_rows", []).append(a.test_n)
+                classification = losses.is_classification(self.kinds[k])
+                if classification:
+                    h["test_accuracy"].append(a.right / a.test_n)
+                if a.probs:
+                    outputs, targets = np.concatenate(a.probs), np.concatenate(a.targets)
+                    found = (classification_metrics if classification else regression_metrics)(outputs, targets)
+                    for name, value in found.items():
+                        if name != "accuracy":
+                            h.setdefault(f"test_{name}", []).append(value)
+                    self.ci[k] = {f"test_{n}": v for n, v in
+                                  bootstrap_ci(outputs, targets, classification=classification).items()}
+                    self.curves[k] = curves(outputs, targets, classification=classification)
+            if self.tracker is not None:
+                self.tracker.log({f"{k}/{name}": v[-1] for name, v in h.items()
+                                  if len(v) > before.get(name, 0) and v[-1] is not None}, epoch)
+            self.acc[k] = EpochSums()
+
+    def state(self) -> dict:
+        """For a checkpoint after a training step (no evaluation pending)."""
+        assert not any(a.probs for a in self.acc.values()), "a checkpoint falls between evaluation steps"
+        return {"hist": self.hist, "steps": self.steps, "ci": self.ci, "curves": self.curves,
+                "acc": {k: [a.train_sum, a.train_n, a.test_sum, a.test_n, a.right] for k, a in self.acc.items()}}
+
+    def load(self, state: dict) -> None:
+        self.hist, self.steps, self.ci = state["hist"], state["steps"], state.get("ci", {})
+        self.curves = state.get("curves", {})
+        for k, (ts, tn, vs, vn, right) in state["acc"].items():
+            self.acc[k] = EpochSums(ts, tn, vs, vn, right)
+
+    def history(self) -> dict[str, dict[str, list]]:
+        """Each loss's per-epoch lists, with ``train_loss_steps``: [step id, loss] pairs, sampled,
+        ``ci95``: the last evaluation's intervals, and ``curves``: its curves for the report."""
+        out = {}
+        for k, h in self.hist.items():
+            pts = self.steps[k]
+            every = max(1, -(-len(pts) // STEP_POINTS))
+            out[k] = {**h, "train_loss_steps": pts[::every], **({"ci95": self.ci[k]} if self.ci.get(k) else {}),
+                      **({"curves": self.curves[k]} if self.curves.get(k) else {})}
+        return out

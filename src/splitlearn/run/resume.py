@@ -1,0 +1,152 @@
+"""Going on from a checkpoint: which checkpoint every party holds, agreed over the hellos of
+:func:`~splitlearn.run.session.session` (what each party holds spreads one hop a round, then
+each picks the last step all hold), and a neighbour that comes back after this party finished.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..core.engine import Party, PartyError
+from ..core.plan import plan_hash
+from ..wire.codec import WireError
+from ..wire.messages import Kind, Message, encode, hello, quote, read_hello
+from .checkpoint import goodbye_bytes, load_meter, meter_state
+
+log = logging.getLogger("splitlearn.run.resume")
+
+__all__ = ["MAX_HELD", "held_by", "learn_held", "agree_on_resume", "finished_neighbours", "answer_finished"]
+
+MAX_HELD = 1000  # checkpoint steps a party may say it holds
+
+
+def finished_neighbours(me: str, heard: dict[str, dict], ours: list[int]) -> int | None:
+    """The step at which the neighbours that answered our resuming hello from their final state
+    finished (None: none did); every neighbour must have, and this party must hold that step."""
+    done = {p: h.get("finished") for p, h in heard.items() if "finished" in h}
+    if not done:
+        return None
+    steps = set(done.values())
+    step = steps.pop()
+    if steps or type(step) is not int:
+        raise PartyError(f"{me}: neighbours say they finished at different steps: {done}")
+    rest = sorted(set(heard) - set(done))
+    if rest:
+        raise PartyError(f"{me}: {sorted(done)} finished at step {step} while {rest} go back to a checkpoint; "
+                         "start every party again with --resume")
+    if step not in ours:
+        raise PartyError(f"{me}: {sorted(done)} finished after step {step}, but this party holds no checkpoint of "
+                         f"it (it holds {ours}); the run cannot go on")
+    return step
+
+
+def answer_finished(party: Party, msg: Message) -> None:
+    """A neighbour that came back (its resuming hello) after this party finished every step: tell it
+    the step this party finished at, and say goodbye again; it goes on from its checkpoint of that step.
+    Neither its hello nor the answer is counted (a resume's agreement is not the run's traffic)."""
+    try:
+        theirs = read_hello(msg, party.link.limits)
+    except WireError as e:
+        party.link.refuse(msg.sender, f"a hello that cannot be read: {e}")
+        return
+    if theirs.get("resuming") is not True or theirs.get("phase", "hello") != "hello":
+        return  # not a party that came back (nothing to answer)
+    received = party.meter.received[(msg.wire, "control")]
+    received.messages, received.bytes = received.messages - 1, received.bytes - len(encode(msg))
+    counted = meter_state(party.meter)
+    party.finished.discard(msg.sender)  # its goodbye, if any, was its earlier process's
+    party.link.send(hello(party.name, msg.sender, plan_hash(party.graph.plan), "", resuming=True,
+                          finished=party.last_step))
+    party.link.send(Message(Kind.STOP, party.name, msg.sender, text="done"))
+    load_meter(party.meter, counted)
+    log.warning("%s: %s came back after this party finished; told it to go on from step %s", party.name,
+                msg.sender, party.last_step)
+
+
+def steps_of(value: Any) -> list[int] | None:
+    """A list of checkpoint steps a peer sent, sorted (None: not one)."""
+    if isinstance(value, list) and len(value) <= MAX_HELD and all(type(v) is int for v in value):
+        return sorted(set(value))
+    return None
+
+
+def held_by(me: str, ours: list[int], heard: dict[str, dict]) -> dict[str, list[int]]:
+    """Which checkpoint steps this party and each neighbour hold, from the first hello."""
+    known = {me: sorted(set(ours))}
+    for peer, theirs in heard.items():
+        held = steps_of(theirs.get("checkpoints"))
+        if held is None:
+            raise PartyError(f"{me}: {quote(peer)} resumes without telling which checkpoints it holds")
+        known[peer] = held
+    return known
+
+
+def learn_held(me: str, known: dict[str, list[int]], told: dict[str, dict], parties: list[str]) -> None:
+    """Add what the neighbours know of every party's checkpoints to ``known``; a party said to
+    hold other steps than we heard stops the agreement, naming both."""
+    for peer, theirs in told.items():
+        held = theirs.get("held")
+        if not isinstance(held, dict):
+            raise PartyError(f"{me}: {quote(peer)} did not say which checkpoints the parties hold")
+        for name, value in held.items():
+            steps = steps_of(value)
+            if name not in parties or steps is None:
+                raise PartyError(f"{me}: {quote(peer)} says party {quote(name)} holds checkpoints {quote(value)}: "
+                                 f"expected a party of the plan and at most {MAX_HELD} step numbers")
+            if name in known and known[name] != steps:
+                raise PartyError(f"{me}: {quote(peer)} says {name!r} holds the checkpoints of steps {steps}, but "
+                                 f"{'this party holds' if name == me else 'we heard'} {known[name]}")
+            known[name] = steps
+
+
+def agree_on_resume(me: str, known: dict[str, list[int]], parties: list[str]) -> int | None:
+    """The last step every party holds a checkpoint of (None: none in common)."""
+    unknown = [p for p in parties if p not in known]
+    if unknown:
+        raise PartyError(f"{me}: resuming, but nobody said which checkpoints {unknown} hold")
+    common = set.intersection(*(set(known[p]) for p in parties))
+    return max(common) if common else None
+
+
+def say_resume(me: str, ours: list[int], agreed: int | None, known: dict[str, list[int]]) -> None:
+    """Log a resume that goes back further than this party's last checkpoint, with both steps."""
+    last = max(ours) if ours else None
+    if last is None or agreed == last:
+        return
+    lacking = sorted(p for p, held in known.items() if last not in held)
+    if agreed is None:
+        log.warning("%s: resuming, but no checkpoint is held by every party (this party's last: after step %s; "
+                    "%s do not hold it): from the start", me, last, lacking)
+    else:
+        log.warning("%s: resuming after step %s, the last checkpoint every party holds, not after step %s, this "
+                    "party's last (%s do not hold it)", me, agreed, last, lacking)
+
+
+def usable_checkpoints(me: str, checkpoints: Any) -> list[int]:
+    """The steps of the checkpoints this party can resume from; why any other is not usable is logged."""
+    if checkpoints is None:
+        return []
+    steps, bad = checkpoints.scan()
+    for why in bad:
+        log.warning("%s: checkpoint %s: not used", me, why)
+    return steps
+
+
+def set_aside(me: str, checkpoints: Any) -> None:
+    """A resumed run that begins again keeps the checkpoints it had, moved aside, and says where."""
+    moved = checkpoints.set_aside()
+    if moved is not None:
+        log.warning("%s: beginning again from the start; the checkpoints held before were moved to %s", me, moved)
+
+
+def count_kept_messages(party: Party) -> None:
+    """After a restore put the meter back: count again the messages of later steps that came before
+    it (kept early) and the goodbyes of neighbours that ran ahead and finished already, whose bytes
+    the restored meter does not hold (a checkpoint holds no goodbye); a run never stopped counts them."""
+    for msgs in party._early.values():  # noqa: SLF001 - the engine's own queue of early messages
+        for msg in msgs:
+            direction = "forward" if msg.kind == Kind.ACTIVATION else "backward"
+            party.meter.on_recv(msg.wire, direction, len(encode(msg)), msg.payload_bytes)
+    for peer in party.finished:
+        party.meter.on_recv("", "control", goodbye_bytes(peer, party.name), 0)
