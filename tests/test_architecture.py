@@ -50,3 +50,14 @@ def test_no_module_needs_more_than_one_sitting():
     too_long = {name: n for name, n in sizes.items() if n > MAX_LINES}
     assert not too_long, f"modules over {MAX_LINES} lines: {too_long}"
     assert len(sizes) > 50  # the walk found the package
+
+
+def test_only_clients_and_the_plan_model_read_plan_clients():
+    """One driver: what differs for a ``[clients]`` schedule is asked of ``clients/`` or of the plan model
+    (``core/plan.py``, ``core/specs.py``), so no other module reads ``plan.clients`` to branch on it."""
+    reads = re.compile(r"\b(plan|p|self\.plan|graph\.plan|body)\.clients\b")
+    allowed = ("clients/", "core/plan.py", "core/specs.py")
+    found = [f"{p.relative_to(PACKAGE)}:{i}" for p in PACKAGE.rglob("*.py")
+             if not str(p.relative_to(PACKAGE)).startswith(allowed)
+             for i, line in enumerate(p.read_text().splitlines(), 1) if reads.search(line)]
+    assert found == [], found

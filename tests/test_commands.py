@@ -57,7 +57,11 @@ def _round_trip(msg: m.Message) -> m.Message:
 def test_every_instruction_and_reply_has_one_word():
     words = [cls.WORD for cls in c.INSTRUCTIONS.values()] + [cls.WORD for cls in c.REPLIES.values()]
     assert len(c.INSTRUCTIONS) == 13 and len(c.REPLIES) == 13
-    assert len(set(c.INSTRUCTIONS)) == len(c.INSTRUCTIONS) and all(words)
+    assert all(words)
+    for kinds in (c.INSTRUCTIONS, c.REPLIES):  # one word, one type (instructions and replies travel apart)
+        assert len({cls.WORD for cls in kinds.values()}) == len(kinds)
+    assert set(c.INSTRUCTIONS.values()) == set(c.Instruction.__subclasses__())  # every type is decodable
+    assert set(c.REPLIES.values()) == set(c.Reply.__subclasses__())
     assert m.Kind.COMMAND.value == 6 and not hasattr(m.Kind, "STEP") and not hasattr(m.Kind, "CHECKPOINT")
 
 

@@ -25,7 +25,7 @@ from splitlearn.core.graph import build_graph
 from splitlearn.wire.codec import Encoded, WireError, get_codec
 from splitlearn.core.engine import Party, PartyError
 from splitlearn.wire.link import Link
-from splitlearn.wire.messages import Kind, Message, decode, encode, hello, kind_of
+from splitlearn.wire.messages import PROTOCOL_VERSION, Kind, Message, decode, encode, hello, kind_of
 from splitlearn.wire.proto import splitlearn_pb2 as pb
 from splitlearn.run.session import MAX_HELD, MAX_ROWS, session
 from splitlearn.run.setup import prepare, schedule
@@ -165,7 +165,7 @@ def _valid_envelopes(setups, step):
         env(Kind.GRADIENT, ACT, {"t": get_codec("float32").encode(torch.ones_like(act))}),
         env(Kind.ACTIVATION, ACT, {"t": get_codec("int8").encode(act)}),
         env(Kind.ACTIVATION, ACT, {"t": get_codec("topk:0.25").encode(act)}),
-        env(Kind.HELLO, text=json.dumps({"protocol": 1, "plan_hash": "0", "ids_hash": "0"})),
+        env(Kind.HELLO, text=json.dumps({"protocol": PROTOCOL_VERSION, "plan_hash": "0", "ids_hash": "0"})),
         env(Kind.STOP, text="done"),
         env(Kind.ERROR, text="hospital failed"),
         env(Kind.WEIGHTS, "weights", {"bottom.0.weight": get_codec("raw").encode(torch.zeros(3, 3))}),
@@ -544,7 +544,7 @@ class HelloScenario:
                 out.append(f"{phase} from {sender}: not a hello of {sender}")
                 continue
             read[(sender, phase)] = body
-            if not (_strict_int(body.get("protocol")) and body["protocol"] == 1):
+            if not (_strict_int(body.get("protocol")) and body["protocol"] == PROTOCOL_VERSION):
                 out.append(f"{phase} from {sender}: protocol {body.get('protocol')!r}")
             if type(body.get("plan_hash")) is not str or body["plan_hash"] != self.plan_hash:
                 out.append(f"{phase} from {sender}: plan hash {str(body.get('plan_hash'))[:40]}")

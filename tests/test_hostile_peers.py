@@ -18,7 +18,7 @@ from splitlearn.tools.audit.run import AuditError, audit_run
 from splitlearn.wire.codec import Encoded, get_codec
 from splitlearn.core.engine import Party
 from splitlearn.wire.link import Link
-from splitlearn.wire.messages import Kind, Limits, Message, decode, encode, parse_json
+from splitlearn.wire.messages import PROTOCOL_VERSION, Kind, Limits, Message, decode, encode, parse_json
 from splitlearn.core.plan import PlanError, plan_hash
 from splitlearn.core.load import load_plan
 from splitlearn.wire.codec import WireError
@@ -105,7 +105,7 @@ def test_a_nan_gradient_is_refused_at_the_hospital():
     def recv():
         return decode(srv.recv(10)[1])
 
-    send(Kind.HELLO, 0, "", {}, json.dumps({"protocol": 1, "plan_hash": plan_hash(plan), "ids_hash": hs.ids_hash}))
+    send(Kind.HELLO, 0, "", {}, json.dumps({"protocol": PROTOCOL_VERSION, "plan_hash": plan_hash(plan), "ids_hash": hs.ids_hash}))
     kinds = [recv().kind for _ in range(3)]  # its hello and the handshake's two tensors
     assert kinds == [Kind.HELLO, Kind.ACTIVATION, Kind.ACTIVATION]
     act = recv()

@@ -103,7 +103,7 @@ def l1():
 
     losses.register(losses.LossKind("l1", fn, decide=losses.first_column))
     yield calls
-    losses.LOSS_KINDS.pop("l1")
+    losses.LOSS_KINDS.unregister("l1")
 
 
 def test_a_registered_loss_kind_trains_from_a_plan(l1, vanilla):
@@ -144,3 +144,13 @@ def test_built_ins_are_registered_and_unknown_names_refused(vanilla):
     assert info.value.entry == "losses.digit.kind"
     with pytest.raises(ValueError, match="wire setting"):
         defenses.register(type("Codec", (defenses.Defense,), {"key": "codec"})())
+
+
+def test_a_registry_whose_built_ins_fail_to_import_says_so_at_every_read():
+    """A failed import of the built-ins is not taken for an empty registry (``unknown ...; registered: []``)."""
+    from splitlearn.core.registry import Registry
+
+    broken = Registry("widget", builtins="splitlearn.no_such_module")
+    for _ in range(2):
+        with pytest.raises(ModuleNotFoundError, match="splitlearn.no_such_module"):
+            broken.get("anything")

@@ -54,7 +54,12 @@ class LargestClients(Strategy):
         return [Evaluate(turn, result.trained, federation_weights=True)] if result.trained else []
 
 
-STRATEGIES.register("largest_two", LargestClients())
+@pytest.fixture(autouse=True)
+def largest_two():
+    """The strategy is registered for this file's tests only (the registry is process-wide)."""
+    STRATEGIES.register("largest_two", LargestClients())
+    yield
+    STRATEGIES.unregister("largest_two")
 
 PLAN = """
 name = "largest"
@@ -157,3 +162,16 @@ def test_an_unknown_schedule_is_refused_naming_the_registered_ones(tmp_path):
     assert e.value.entry == "clients.schedule"
     assert "unknown schedule 'largest_three'" in e.value.message
     assert all(name in e.value.message for name in ("sequential", "splitfed_v2", "fedavg", "largest_two"))
+
+
+def test_a_registered_name_is_never_replaced_silently():
+    """A built-in (or a strategy registered before) keeps its meaning unless the user asks to replace it."""
+    builtin = STRATEGIES.get("sequential")
+    with pytest.raises(ValueError, match=r"a schedule named 'sequential' is registered already; pass replace=True"):
+        STRATEGIES.register("sequential", LargestClients())
+    assert STRATEGIES.get("sequential") is builtin
+    STRATEGIES.register("sequential", LargestClients(), replace=True)
+    try:
+        assert isinstance(STRATEGIES.get("sequential"), LargestClients)
+    finally:
+        STRATEGIES.register("sequential", builtin, replace=True)

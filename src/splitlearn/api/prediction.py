@@ -14,6 +14,7 @@ from torch import nn
 from ..core import losses
 from ..core.plan import DataSpec, Plan, PlanError
 from ..data import batches
+from ..clients.results import predicting_plan
 from ..launch.threads import run_local
 from ..launch.results import load_run_plan, load_weights
 from ..run.setup import Step, check_plan, setup_party
@@ -49,17 +50,10 @@ def predict(run_dir: str | Path, data: DataSpec | dict | str | Path | None = Non
         raise PlanError("not a run folder: plan.json is missing", file=run_dir,
                         hint="give the --out folder of a finished 'splitlearn run'")
     plan = load_run_plan(run_dir, networks)
-    if plan.clients is not None:
-        from ..clients.strategies import strategy_of
-
-        if not strategy_of(plan.clients).one_model:
-            raise PlanError(f"this run's schedule is {plan.clients.schedule!r}: every client trained a model of its "
-                            "own and there is no single model to predict with", file=run_dir,
-                            hint="each client's model: its own weights (parties/CLIENT/weights.safetensors) and the "
-                                 "fixed parties' copy for it (parties/PARTY/weights-CLIENT.safetensors)")
-    template = plan.clients.template if plan.clients is not None else None
-    if plan.clients is not None:
-        plan = plan.replace(clients=None)  # the run's one model, between the plan's parties
+    try:  # the run's one model, between the plan's parties; the template's is the final client's
+        plan, template = predicting_plan(plan)
+    except PlanError as e:
+        raise e.in_file(run_dir) from None
     aligned = plan.data.align == "psi"  # rows are matched as in training: by the ids every party holds
     if aligned:  # every party's rows are here, in one process: their intersection is taken directly
         plan = plan.replace(data=plan.data.model_copy(update={"align": "exact"}))

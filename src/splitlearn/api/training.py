@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..core.plan import Plan, PlanError
+from ..clients.results import model_holder
 from ..launch.threads import run_local
 from ..models import build_network
 from ..launch.results import build_result, load_weights, save_party, save_result
@@ -62,12 +63,7 @@ class Result(dict):
         net = build_network(plan, name).cpu()
         state: dict[str, torch.Tensor] = {}
         for s in segments:
-            party = plan.segments[s].party
-            if plan.clients is not None and party == plan.clients.template:
-                party = self.get("final_client")
-                if party is None:
-                    raise ValueError(f"a {plan.clients.schedule} run has no single model: take each client's from "
-                                     "result.modules")
+            party = model_holder(plan, plan.segments[s].party, self.get("final_client"))
             state.update({k: v.detach().cpu() for k, v in self._reports[party].modules[s].state_dict().items()})
         unexpected = set(state) - set(net.state_dict())
         if unexpected:  # the segments were not cut from this network: nothing would be loaded right
@@ -110,8 +106,9 @@ def train(plan: Plan | str | Path | dict, *, launcher: str = "threads", epochs: 
     party trains a copy of its part; the object is left as it is) or a function returning one (threads only).
 
     ``on_step`` is told the :class:`~splitlearn.run.session.Progress` after every step (with
-    ``[clients]``: every round), with the training loss. ``timeout`` bounds each step (default
-    600 s; with ``[clients]``, ``clients.timeout``, which also bounds each answer of the schedule).
+    ``[clients]``: every round), with the training loss. ``timeout`` bounds each step (default: the
+    plan's ``[train] step_timeout``, 120 s unless set; with ``[clients]``, ``clients.timeout``, which
+    also bounds each answer of the schedule).
     ``out`` receives ``result.json``, ``plan.json`` and per party ``parties/NAME/``: its weights
     (safetensors), what it received (for ``splitlearn audit``), its report and its checkpoints
     (``[train] checkpoint_every`` training steps, and every epoch's end); ``resume`` goes on from

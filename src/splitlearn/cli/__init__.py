@@ -91,7 +91,7 @@ def main() -> None:  # pragma: no cover
         exit_flushed(code)
 
 
-from . import analysis, training  # noqa: E402,F401 - their commands register on app
+from . import training, analysis  # noqa: E402,F401,I001 - their commands register on app, in this order (--help)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

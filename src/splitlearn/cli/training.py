@@ -103,10 +103,6 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
     out = out or Path("runs") / plan.stem
     if resume and force:
         _fail("--resume goes on with the run in --out, --force replaces it: give one of them")
-    if not resume:
-        _fresh(out, force)
-    elif not (out / "parties").is_dir():
-        _fail(f"--resume: {out} holds no run to go on with (no parties/ folder)")
     if ray is not None and (in_process or link is not None):
         _fail("--ray places party processes on a Ray cluster: it cannot go with --in-process or --link")
     if log is not None and ray is not None:
@@ -120,6 +116,10 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
             parse_link(link)
         except ValueError as e:
             _fail(f"--link: {e}")
+    if not resume:  # every option checked first: an earlier run is removed only for a run that can start
+        _fresh(out, force)
+    elif not (out / "parties").is_dir():
+        _fail(f"--resume: {out} holds no run to go on with (no parties/ folder)")
     if insecure and not in_process:
         err.print("[bold yellow]warning:[/] --insecure: parties talk without TLS; anyone on the network can read "
                   "and impersonate them")
@@ -174,7 +174,8 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
           connect_timeout: float = typer.Option(60.0, help="seconds to reach every neighbour"),
           step_timeout: Optional[float] = typer.Option(None, min=0.001, help="seconds a step may take as a whole "
                                                        "(however many messages arrive meanwhile) before this party "
-                                                       "gives up [default: 120; with clients: clients.timeout]"),
+                                                       "gives up [default: the plan's [train] step_timeout, "
+                                                       "else 120; with clients: clients.timeout]"),
           max_message_mb: float = typer.Option(256.0, min=0.001, help="largest message (and decoded tensor) a peer may "
                                                "send, in MiB"),
           progress: bool = typer.Option(False, "--progress", hidden=True),

@@ -179,7 +179,7 @@ class Coordinator(Recovery, WeightTransfers, Participant):
                 self._skip(rnd, client, f"{turn.mode} turn", f"cannot reach {p}: {e}")
                 return False
         if not self.in_turns:  # a plan of one party (FedAvg): the client trains alone and says when it is done
-            limit = self.timeout * max(1, len(turn.steps))
+            limit = self.step_timeout * max(1, len(turn.steps))  # as long as its steps may take
             ans = self._replies([client], limit, rid, TurnDone)
             if client in ans and ans[client].ok:
                 return True

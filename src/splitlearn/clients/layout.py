@@ -21,17 +21,18 @@ from typing import Any, Callable
 
 from ..core.engine import Party
 from ..core.graph import build_graph
-from ..core.plan import Plan, PlanError, per_client
+from ..core.plan import DataSpec, Plan, PlanError, per_client
 from ..wire.link import Link
 from ..wire.messages import Limits
 from ..wire.transport.base import Transport
 from ..run.observe import Recorder
 from ..run.session import PartyReport, Progress, run_party
-from ..run.setup import PartySetup, Step, build_modules, make_optimizer, schedule, setup_party
+from ..run.setup import PartySetup, Step, build_modules, holds_data, make_optimizer, party_file, schedule, setup_party
 from .strategies import strategy_of
 
 __all__ = ["Topology", "physical_party", "physical_setups", "plain_connections", "with_dial_out", "dialer",
-           "holds_raw_data", "federation_of", "coordinator_of", "roles", "plays_of", "connections", "per_client"]
+           "holds_raw_data", "federation_of", "coordinator_of", "roles", "plays_of", "client_of", "clients_playing",
+           "own_data", "shared_in_process", "connections", "per_client", "describe_schedule", "schedule_line"]
 
 
 def holds_raw_data(plan: Plan, party: str) -> bool:
@@ -95,9 +96,34 @@ def roles(plan: Plan) -> list[str]:
 
 def plays_of(plan: Plan, name: str) -> str | None:
     """The plan party a physical party plays: the template for a client, itself for a fixed
-    party, none for a federation of its own."""
-    spec = plan.clients
-    return spec.template if name in spec.names() else (name if name in plan.parties else None)
+    party (every party of a plain plan), none for a federation of its own."""
+    return plan.clients.template if client_of(plan, name) is not None else (name if name in plan.parties else None)
+
+
+def client_of(plan: Plan, name: str) -> str | None:
+    """``name`` if physical party ``name`` is a client of the plan's ``[clients]`` (it reads a client's rows),
+    None for a fixed party, a federation and every party of a plain plan."""
+    return name if plan.clients is not None and name in plan.clients.names() else None
+
+
+def clients_playing(plan: Plan, party: str) -> list[str]:
+    """The clients that play plan party ``party`` (the ``[clients]`` template's); [] for any other party."""
+    return plan.clients.names() if plan.clients is not None and party == plan.clients.template else []
+
+
+def own_data(plan: Plan, name: str, data: str | Path) -> DataSpec:
+    """Where physical party ``name`` reads its rows when started on its own file ``data`` (``--data``).
+    PlanError where it takes none: it holds no data, or it is a client of a plan whose clients share one
+    dataset (only a template whose path names ``{client}`` lets each client bring its own)."""
+    plays = plays_of(plan, name)
+    if plays is None or not holds_data(plan, plays):
+        raise PlanError(f"party {name!r} holds no data, so it takes no --data", entry="--data",
+                        hint="give --data to the parties that hold rows")
+    if client_of(plan, name) is not None and not per_client(plan):
+        raise PlanError("this plan shares one dataset among its clients, so a client cannot bring its own file",
+                        entry=f"parties.{plays}.data", hint='give the template\'s data a path with {client} (e.g. '
+                        'path = "data/{client}.csv") to let each client read its own')
+    return party_file(plan, plays, data)
 
 
 def connections(plan: Plan) -> list[tuple[str, str]]:
@@ -118,7 +144,11 @@ def connections(plan: Plan) -> list[tuple[str, str]]:
 
 
 def with_dial_out(plan: Plan, names: list[str]) -> Plan:
-    """The plan with these parties marked ``dial_out`` (give every party the same list)."""
+    """The plan with these parties marked ``dial_out`` (give every party the same list). A ``[clients]`` plan
+    refuses it: its clients always dial the fixed parties."""
+    if names and plan.clients is not None:
+        raise PlanError("--dial-out does not apply to a plan with [clients]: clients always dial the server",
+                        entry="clients", hint='use handoff = "server" if clients cannot listen for each other')
     unknown = set(names) - set(plan.parties)
     if unknown:
         raise PlanError(f"--dial-out names unknown parties {sorted(unknown)}", hint=f"parties are {sorted(plan.parties)}")
@@ -135,6 +165,9 @@ class Topology:
     coordinator: str | None  # walks a [clients] schedule; None for a plain plan
     lead: str  # whose progress a launcher shows
     droppable: frozenset[str]  # parties whose failure is data (clients), not the end of the run
+    # once the coordinator ended, the seconds the others get to end on their own (they read "stop" within an answer's
+    # time, clients.timeout) before a launcher closes the transport under them; 0 without a coordinator
+    grace_s: float = 0.0
 
     @classmethod
     def of(cls, plan: Plan) -> "Topology":
@@ -142,12 +175,10 @@ class Topology:
             lead = next(n.party for n in build_graph(plan).losses())
             return cls(list(plan.parties), plain_connections(plan), None, lead, frozenset())
         coord = coordinator_of(plan)
-        return cls(roles(plan), connections(plan), coord, coord, frozenset(plan.clients.names()))
+        return cls(roles(plan), connections(plan), coord, coord, frozenset(plan.clients.names()), plan.clients.timeout)
 
     def plays(self, plan: Plan, name: str) -> str | None:
         """The plan party physical party ``name`` plays (None: a federation of its own)."""
-        if plan.clients is None:
-            return name
         return plays_of(plan, name)
 
     def dials(self, name: str) -> list[str]:
@@ -228,21 +259,34 @@ def physical_setups(plan: Plan, topo: Topology, prepared: dict[str, PartySetup],
     return out
 
 
+def shared_in_process(plan: Plan, setups: dict[str, PartySetup]) -> dict[str, Any]:
+    """What every physical party of a run in one process is given alike (more arguments of
+    :func:`physical_party`): the :class:`~splitlearn.clients.context.Context` of a ``[clients]`` plan whose
+    clients share one dataset, derived once from the template's setup; nothing otherwise."""
+    if plan.clients is None or per_client(plan):
+        return {}
+    from .context import Context
+
+    return {"context": Context.from_setup(plan, setups[plan.clients.template])}
+
+
 def physical_party(plan: Plan, name: str, setup: PartySetup | None, transport: Transport, *,
                    shapes: dict | None = None, timeout: float | None = None, record: bool = False,
                    limits: Limits | None = None, steps: list[Step] | None = None, predicting: bool = False,
                    tracking: Any = None, out: Path | None = None, resume: bool = False, **role: Any):
     """What physical party ``name`` runs over ``transport``; ``.run(progress)`` gives its report.
 
-    ``timeout`` bounds each step (a client's: each step of its turns; ``clients.timeout`` bounds
-    the schedule's answers); ``record`` keeps what it receives for the audit; ``steps`` replace
-    the plan's schedule (prediction: ``predicting`` then); ``role``: more for a role of a
-    ``[clients]`` plan (its shared ``context``; ``fault``, a test hook; ``rejoin_wait_s``, the
-    seconds the coordinator waits for a failed party to come back as a new process); ``out``: the run folder, where checkpoints are taken;
-    ``resume``: go on from the last checkpoint every party holds."""
+    ``timeout`` bounds each step (default: the plan's, :meth:`~splitlearn.core.plan.Plan.step_timeout_s`;
+    a client's: each step of its turns; ``clients.timeout`` bounds the schedule's answers);
+    ``record`` keeps what it receives for the audit; ``steps`` replace the plan's schedule
+    (prediction: ``predicting`` then); ``role``: more for a role of a ``[clients]`` plan (its
+    shared ``context``; ``fault``, a test hook; ``rejoin_wait_s``, the seconds the coordinator
+    waits for a failed party to come back as a new process), which a plain plan's parties,
+    resuming through their sessions, do without; ``out``: the run folder, where checkpoints are
+    taken; ``resume``: go on from the last checkpoint every party holds."""
     if plan.clients is None:
         setup = setup or setup_party(plan, name)
-        return _PlainParty(setup, transport, shapes=shapes, timeout=600.0 if timeout is None else timeout,
+        return _PlainParty(setup, transport, shapes=shapes, timeout=plan.step_timeout_s(timeout),
                            record=record, limits=limits, steps=steps, predicting=predicting, tracking=tracking,
                            out=out, resume=resume)
     if steps is not None:
@@ -251,6 +295,15 @@ def physical_party(plan: Plan, name: str, setup: PartySetup | None, transport: T
 
     return make_role(plan, name, transport, setup, step_timeout=timeout, record=record, limits=limits,
                      tracking=tracking, out=out, resume=resume, **role)
+
+
+def schedule_line(plan: Plan) -> str:
+    """The clients and how they train, in one line for the plan's picture ("" for a plain plan)."""
+    c = plan.clients
+    if c is None:
+        return ""
+    text = f"{c.count} clients {c.template}-1 … {c.template}-{c.count} ({c.partition.kind}), schedule {c.schedule}"
+    return f"{text}: {strategy_of(c).summary(plan)}"
 
 
 def describe_schedule(plan: Plan) -> str | None:

@@ -83,7 +83,7 @@ class Participant(TurnTaking, StateSaving):
         me = name if self.is_client else None
         self.setup = setup if setup is not None or self.plays is None else setup_party(plan, self.plays, client=me)
         self.timeout = spec.timeout if timeout is None else timeout  # for an answer of the schedule
-        self.step_timeout = self.timeout if step_timeout is None else step_timeout  # for a step of a turn
+        self.step_timeout = plan.step_timeout_s(step_timeout)  # for a step of a turn
         self.limits = limits or Limits()
         self.switch = Switch(transport, _classify)
         self.link = Link(self.switch.control(), Meter(name), self.limits)

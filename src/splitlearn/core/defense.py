@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from .registry import Registry
+from .registry import DEFENSES
 from .specs import PlanError, WireSpec
 
 if TYPE_CHECKING:  # torch is imported where a tensor is made: validating a plan does not load it
@@ -142,11 +142,11 @@ class Defense:
         return None
 
 
-DEFENSES: Registry[Defense] = Registry("defense", builtins="splitlearn.privacy.defenses")  # built-ins first
 
 
-def register(defense: Defense) -> Defense:
-    """Add (or replace) a defense under its key; plans validated afterwards may use the key."""
+
+def register(defense: Defense, *, replace: bool = False) -> Defense:
+    """Add a defense under its key (a taken key only with ``replace``); plans validated afterwards may use the key."""
     key = defense.key
     if not key.isidentifier():
         raise ValueError(f"a defense key must be an identifier, got {key!r}")
@@ -154,7 +154,7 @@ def register(defense: Defense) -> Defense:
         raise ValueError(f"{key!r} is a wire setting, not a defense key")
     if defense.carries not in ("activation", "label"):
         raise ValueError(f"defense {key!r}: carries must be 'activation' or 'label', got {defense.carries!r}")
-    return DEFENSES.register(key, defense)
+    return DEFENSES.register(key, defense, replace=replace)
 
 
 def active(spec: WireSpec) -> list[tuple[Defense, Any]]:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .registry import Registry
+
 __all__ = ["LossKind", "LOSS_KINDS", "LOSSES", "register", "get", "decide", "is_classification", "correct",
            "first_column"]
 
@@ -61,20 +63,17 @@ def _mse(out: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(out.reshape(target.shape), target.float())
 
 
-LOSS_KINDS: dict[str, LossKind] = {}
+LOSS_KINDS: Registry[LossKind] = Registry("loss kind")  # the built-ins are registered below
 
 
-def register(kind: LossKind) -> LossKind:
-    """Add (or replace) a loss kind under its name; plans validated afterwards may use it."""
-    LOSS_KINDS[kind.name] = kind
-    return kind
+def register(kind: LossKind, *, replace: bool = False) -> LossKind:
+    """Add a loss kind under its name (a taken name only with ``replace``); plans validated afterwards may use it."""
+    return LOSS_KINDS.register(kind.name, kind, replace=replace)
 
 
 def get(kind: str) -> LossKind:
-    """The registered loss kind ``kind``; a ValueError naming the known kinds otherwise."""
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"unknown loss kind {kind!r}; choose one of {sorted(LOSS_KINDS)}")
-    return LOSS_KINDS[kind]
+    """The registered loss kind ``kind``; a ValueError naming the registered kinds otherwise."""
+    return LOSS_KINDS.get(kind)
 
 
 def decide(kind: str, outputs: Tensor) -> Tensor:

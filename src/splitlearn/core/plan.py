@@ -30,9 +30,10 @@ from .specs import (DataSpec, LossSpec, NetworkSpec, PartitionSpec, PartySpec, P
                     WireSpec)
 from .specs import Strict as _Strict
 
-__all__ = ["Plan", "PlanError", "ClientsSpec", "parse_plan", "plan_hash", "per_client"]
+__all__ = ["Plan", "PlanError", "ClientsSpec", "parse_plan", "plan_hash", "per_client", "STEP_TIMEOUT_S"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+STEP_TIMEOUT_S = 120.0  # seconds a step may take where neither the caller nor the plan says (no [clients])
 
 
 class ClientsSpec(_Strict):
@@ -150,6 +151,37 @@ class Plan(_Strict):
                                  "a round is local_epochs passes")
         return self
 
+    def step_timeout_s(self, given: float | None = None) -> float:
+        """Seconds one step may take as a whole before a party gives up, for every launcher and participant:
+        ``given`` (``train(timeout=)``, ``--step-timeout``), else ``[train] step_timeout``, else
+        :data:`STEP_TIMEOUT_S`, or in a ``[clients]`` plan ``clients.timeout``."""
+        if given is not None:
+            return given
+        if self.train.step_timeout is not None:
+            return self.train.step_timeout
+        return self.clients.timeout if self.clients is not None else STEP_TIMEOUT_S
+
+    def reads_for(self, party: str) -> str | None:
+        """The client whose rows plan party ``party`` reads when the plan is checked end to end before a run
+        (:func:`~splitlearn.run.setup.prepare`): the first client's file for a template whose clients each read
+        their own (:func:`per_client`); None for every other party (its own rows)."""
+        c = self.clients
+        return f"{c.template}-1" if c is not None and party == c.template and per_client(self) else None
+
+    def check_target_scaling(self, entry: str) -> None:
+        """``standardize_target`` fits one scale on the rows of the party that holds the target: a ``[clients]``
+        plan, whose clients would each fit their own, refuses it (PlanError naming ``entry``)."""
+        if self.clients is not None:
+            raise PlanError("standardize_target is not available in a [clients] plan yet: each client would fit its "
+                            "own scale on its own rows", entry=entry, hint="remove the option, or train without "
+                            "[clients]")
+
+    def with_clients(self, **changes: Any) -> "Plan":
+        """A copy whose ``[clients]`` is the plan's own with ``changes`` (a plan without one: new clients with
+        ``changes``, which must name the ``template``)."""
+        base = self.clients.model_dump() if self.clients is not None else {}
+        return self.replace(clients=ClientsSpec.model_validate({**base, **changes}))
+
     def with_train(self, **changes: Any) -> "Plan":
         """A copy with the training settings that are not None changed (``epochs``, ``seed``, ...)."""
         changes = {k: v for k, v in changes.items() if v is not None}
@@ -164,13 +196,14 @@ class Plan(_Strict):
         return plan
 
 
-_DEPLOYMENT = {"parties": {"__all__": {"address", "dial_out", "data", "device"}}}
+_DEPLOYMENT = {"parties": {"__all__": {"address", "dial_out", "data", "device"}}, "train": {"step_timeout"}}
 
 
 def plan_hash(plan: Plan) -> str:
     """A stable hash of everything that shapes the computation (parties must agree on it).
 
-    Where parties run (addresses, who dials, devices) and where each reads its own data are left out.
+    Where parties run (addresses, who dials, devices), where each reads its own data and how long each
+    waits for a step (``--step-timeout`` may differ per party anyway) are left out.
     """
     body = json.dumps(plan.model_dump(mode="json", exclude=_DEPLOYMENT), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()[:16]

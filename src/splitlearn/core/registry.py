@@ -9,15 +9,21 @@ without anyone importing its package first::
     STRATEGIES = Registry("schedule", builtins="splitlearn.clients.strategies")
     STRATEGIES.register("largest_two", LargestTwo())   # from a test file or a user's module
     STRATEGIES.get("largest_two")
+
+The core imports the built-ins' modules by name here, and nowhere else: the one exception to
+"a layer never imports a layer above it", made so that a plan can be validated anywhere.
 """
 
 from __future__ import annotations
 
 import importlib
 import threading
-from typing import Generic, Iterator, TypeVar
+from typing import TYPE_CHECKING, Generic, Iterator, TypeVar
 
-__all__ = ["Registry"]
+if TYPE_CHECKING:
+    from .defense import Defense
+
+__all__ = ["Registry", "DEFENSES"]
 
 T = TypeVar("T")
 
@@ -43,14 +49,18 @@ class Registry(Generic[T]):
             try:
                 for module in self._builtins:
                     importlib.import_module(module)
+                self._loaded = True  # only once they are in: a failed import is raised again at the next read
             finally:
-                self._loaded, self._loading = True, False
+                self._loading = False
 
-    def register(self, name: str, item: T) -> T:
-        """Add (or replace) ``item`` under ``name``; plans validated afterwards may name it."""
+    def register(self, name: str, item: T, *, replace: bool = False) -> T:
+        """Add ``item`` under ``name``; plans validated afterwards may name it. A name already taken
+        (a built-in too) is refused unless ``replace``: nothing changes meaning silently."""
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"a {self.what} name must be an identifier, got {name!r}")
-        self._load()  # a user's registration then replaces a built-in of the same name, never the reverse
+        self._load()  # the built-ins first, so that a user's part never hides behind one
+        if name in self._items and not replace and self._items[name] is not item:
+            raise ValueError(f"a {self.what} named {name!r} is registered already; pass replace=True to replace it")
         self._items[name] = item
         return item
 
@@ -78,6 +88,9 @@ class Registry(Generic[T]):
         self._load()
         return list(self._items.values())
 
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
     def __contains__(self, name: object) -> bool:
         self._load()
         return name in self._items
@@ -87,3 +100,8 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self.names())
+
+
+# the defenses a wire may name (the protocol: core/defense.py), here so that the plan's entries can
+# check keys without importing the protocol; built-ins first, in registration order
+DEFENSES: Registry[Defense] = Registry("defense", builtins="splitlearn.privacy.defenses")

@@ -16,6 +16,8 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_serializer, model_validator
 
+from .registry import DEFENSES
+
 __all__ = ["PlanError", "DataSpec", "PartySpec", "NetworkSpec", "SegmentSpec", "LossSpec", "WireSpec", "TrainSpec",
            "PartitionSpec", "refused_factory_package"]
 
@@ -314,8 +316,6 @@ class WireSpec(Strict):
         """Keys naming a registered defense that is no field move into ``extra_defenses``."""
         if not isinstance(data, dict):
             return data
-        from .defense import DEFENSES  # (it reads WireSpec's fields: imported when a plan is validated)
-
         extra = {k: v for k, v in data.items() if k not in cls.model_fields and k in DEFENSES}
         if not extra:
             return data
@@ -326,8 +326,6 @@ class WireSpec(Strict):
     @field_validator("extra_defenses")
     @classmethod
     def _known(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from .defense import DEFENSES
-
         for key in v:
             if key in cls.model_fields or key not in DEFENSES:
                 raise ValueError(f"{key!r} is no registered defense (registered: {sorted(DEFENSES)})")
@@ -358,6 +356,9 @@ class TrainSpec(Strict):
     checkpoint_every: int | None = Field(None, ge=1)
     # seconds a party waits for a peer whose link broke to come back (over gRPC) before it stops
     reconnect_timeout: float = Field(180.0, ge=0.0)
+    # seconds one step (and the hello, the goodbye) may take as a whole before a party gives up; None: 120 s, or
+    # in a [clients] plan clients.timeout (Plan.step_timeout_s resolves it)
+    step_timeout: float | None = Field(None, gt=0.0)
     # micro-batches per training step, pipelined through the parties (GPipe); the gradients are the whole batch's
     pipeline: int = Field(1, ge=1, le=1024)
 

@@ -31,7 +31,8 @@ from ..run.allocator import math_threads, tune_allocator  # noqa: F401 - party p
 from .results import build_result, save_party, save_result
 from ..run.session import PartyReport, Progress, RunError
 from ..run.setup import prepare, setup_party
-from ..clients.layout import Topology, physical_party, with_dial_out
+from ..clients.layout import Topology, client_of, own_data, physical_party, with_dial_out
+from ..clients.results import failures_part, missing_part
 
 _log = logging.getLogger("splitlearn.launch.processes")
 
@@ -72,11 +73,11 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
                   log: str | None = None, data: str | Path | None = None, resume: bool = False,
                   rejoin_wait: float | None = None) -> PartyReport:
     """Run physical party ``name`` of the plan in this process, over gRPC. ``certs=None`` means
-    insecure. ``step_timeout`` bounds each step as a whole (default 120 s; with ``[clients]``,
-    ``clients.timeout``); ``limits`` what a peer may make it hold; ``log`` where a party that
-    computes a loss streams its metrics (``tensorboard[:DIR]``, ``mlflow[:URI]``); ``data`` this
-    party's own file (``--data``), instead of the plan's data settings; ``resume``: go on from the
-    last checkpoint in ``out`` that every party holds; ``rejoin_wait``: how long the coordinator of a
+    insecure. ``step_timeout`` bounds each step as a whole (default: the plan's ``[train]
+    step_timeout``, :meth:`~splitlearn.core.plan.Plan.step_timeout_s`); ``limits`` what a peer may
+    make it hold; ``log`` where a party that computes a loss streams its metrics
+    (``tensorboard[:DIR]``, ``mlflow[:URI]``); ``data`` this party's own file (``--data``), instead
+    of the plan's data settings; ``resume``: go on from the last checkpoint in ``out`` that every party holds; ``rejoin_wait``: how long the coordinator of a
     ``[clients]`` plan waits for a failed party to come back as a new process (default: the plan's
     ``reconnect_timeout``)."""
     from ..wire.transport.grpc import GrpcTransport
@@ -86,32 +87,14 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     plan = load_plan(plan_path).with_train(epochs=epochs, seed=seed)
     limits = limits or Limits()
     if dial_out:
-        if plan.clients is not None:
-            raise PlanError("--dial-out does not apply to a plan with [clients]: clients always dial the server",
-                            entry="clients", hint='use handoff = "server" if clients cannot listen for each other')
         plan = with_dial_out(plan, dial_out)
     topo = Topology.of(plan)
     if name not in topo.names:
         raise PlanError(f"no party {name!r} in the plan", hint=f"parties are {topo.names[:8]}")
     plays = topo.plays(plan, name)
-    client = name if plan.clients is not None and name in plan.clients.names() else None
     try:
-        given = None
-        if data is not None:
-            from ..run.setup import holds_data, party_file
-
-            if plays is None or not holds_data(plan, plays):
-                raise PlanError(f"party {name!r} holds no data, so it takes no --data", entry="--data",
-                                hint="give --data to the parties that hold rows")
-            if plan.clients is not None and client is not None:
-                from ..clients.layout import per_client
-
-                if not per_client(plan):
-                    raise PlanError("this plan shares one dataset among its clients, so a client cannot bring its "
-                                    "own file", entry=f"parties.{plays}.data", hint='give the template\'s data a '
-                                    'path with {client} (e.g. path = "data/{client}.csv") to let each client read its own')
-            given = party_file(plan, plays, data)
-        setup = setup_party(plan, plays, data=given, client=client) if plays is not None else None
+        given = own_data(plan, name, data) if data is not None else None
+        setup = setup_party(plan, plays, data=given, client=client_of(plan, name)) if plays is not None else None
         # plan and data errors before connecting
     except PlanError as e:
         raise e.in_file(e.file or plan._source) from None
@@ -125,13 +108,11 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     transport.start()
     try:
         transport.wait_connected(connect_timeout)
-        timeout = step_timeout if step_timeout is not None else (None if plan.clients else 120.0)
         if resume and out is None:
             raise PlanError("--resume needs the --out folder whose checkpoints to go on from", entry="--resume")
-        role = {"rejoin_wait_s": plan.train.reconnect_timeout if rejoin_wait is None else rejoin_wait} \
-            if plan.clients is not None else {}
-        part = physical_party(plan, name, setup, transport, timeout=timeout, record=out is not None, limits=limits,
-                              tracking=tracking, out=out, resume=resume, **role)
+        part = physical_party(plan, name, setup, transport, timeout=step_timeout, record=out is not None,
+                              limits=limits, tracking=tracking, out=out, resume=resume,
+                              rejoin_wait_s=plan.train.reconnect_timeout if rejoin_wait is None else rejoin_wait)
         report = part.run(on_step)
     finally:
         transport.close()
@@ -160,11 +141,7 @@ def write_partial_result(plan: Plan, topo: Topology, out: Path, transport: str) 
             except (ValueError, TypeError):
                 continue  # a report of another version or a torn write: that party is listed as missing
     result = build_result(plan, reports, {"transport": transport})
-    missing = [n for n in topo.names if n not in reports]
-    if plan.clients is not None and missing:  # a schedule's figures need every client's report
-        raise RunError({n: "its report.json is not in this folder" for n in missing[:3]})
-    if missing:
-        result["parties_missing"] = missing
+    result.update(missing_part(plan, [n for n in topo.names if n not in reports]))
     save_result(out, plan, result)
     return result
 
@@ -319,8 +296,7 @@ def gather(plan: Plan, topo: Topology, out: Path, errors: dict[str, str], transp
             raise RunError({n: f"it ended without writing {f}"})
     result = build_result(plan, reports, {"transport": transport})
     result.update(extra or {})
-    if plan.clients is not None:
-        result["failed_processes"] = errors
+    result.update(failures_part(plan, errors))
     save_result(out, plan, result)
     return result
 

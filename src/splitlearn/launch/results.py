@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -24,6 +23,8 @@ from ..core.graph import Graph, build_graph
 from ..core.metrics import METRICS, REGRESSION_METRICS
 from ..core.plan import Plan, PlanError, parse_plan, plan_dir
 from ..run.session import PartyReport
+from ..clients.layout import plays_of
+from ..clients.results import final_client, metric_histories, party_entry, schedule_part
 
 __all__ = ["build_result", "final_client", "summarize", "wires_of", "write_json", "save_party", "save_result",
            "save_weights", "load_weights", "non_finite", "plan_record", "load_run_plan",
@@ -75,147 +76,24 @@ def wires_of(graph: Graph) -> list[dict[str, Any]]:
 
 def build_result(plan: Plan, reports: dict[str, PartyReport], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge the physical parties' reports into the ``result.json`` shape of docs/design.md: the
-    same keys for every plan; with ``[clients]`` also the schedule, per-client cost, skipped
-    clients and the client whose weights are the run's model."""
+    same keys for every plan, and the schedule's own (:mod:`splitlearn.clients.results`: with
+    ``[clients]`` the schedule, per-client cost, skipped clients and the client whose weights are
+    the run's model)."""
     graph = build_graph(plan)
-    if plan.clients is None:
-        tasks: dict[str, dict] = {}
-        for rep in reports.values():
-            tasks.update(rep.metrics)
-    else:
-        tasks, pools = _client_tasks(plan, reports)
+    tasks, scored = metric_histories(plan, reports)
     result: dict[str, Any] = {"plan": plan.name, "epochs": plan.train.epochs, "seed": plan.train.seed,
-                              "metrics": summarize(plan, graph, tasks), "wires": wires_of(graph)}
-    if plan.clients is not None:
-        result["metrics"].update(_scored(plan, graph, tasks, pools))
-    parties = {}
-    for name, rep in reports.items():
-        entry = {**rep.meter, "refused": rep.refused[:20] if plan.clients else rep.refused,
-                 "refused_jumps": rep.refused_jumps}
-        if rep.privacy:
-            entry["privacy"] = rep.privacy
-        if rep.data:
-            entry["data"] = rep.data
-        if plan.clients is not None:
-            entry = {"plays": rep.plays, **entry,
-                     "eval": {k: rep.eval_meter.get(k, 0) for k in ("bytes_sent", "bytes_received", "flops")}}
-        parties[name] = entry
+                              "metrics": {**summarize(plan, graph, tasks), **scored}, "wires": wires_of(graph)}
+    parties = {name: party_entry(plan, rep) for name, rep in reports.items()}
     privacy = _privacy(plan, reports)
     if privacy:
         result["privacy"] = privacy
     aligned = {n: r.data["alignment"] for n, r in reports.items() if r.data.get("alignment")}
     if aligned:  # private alignment: how many rows each party had, and how many every party holds
         result["alignment"] = {"method": plan.data.align, "parties": aligned}
-    if plan.clients is not None:
-        result.update(_clients_part(plan, reports, parties))
+    result.update(schedule_part(plan, reports, parties))
     result["parties"] = parties
     result.update(extra or {})
     return result
-
-
-def _client_tasks(plan: Plan, reports: dict[str, PartyReport]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Each loss's per-epoch history from the turns' records: the training loss the row-weighted
-    mean over the epoch's training turns (every turn once); the test metrics those of the epoch's
-    last evaluation, pooled over every site it scored (:func:`_pools`). Also the pools."""
-    train: dict[str, dict[int, list]] = {}  # loss -> epoch -> (value, rows) pairs
-    steps: dict[str, list[tuple[int, list[float]]]] = {}  # loss -> (turn, train losses of its steps)
-    seen: set[tuple] = set()
-    for rep in reports.values():
-        for r in rep.records:
-            if r["mode"] != "train":
-                continue
-            for loss, v in r["losses"].items():
-                if (r["turn"], loss) in seen:
-                    continue
-                seen.add((r["turn"], loss))
-                if r.get("steps", {}).get(loss):
-                    steps.setdefault(loss, []).append((r["turn"], r["steps"][loss]))
-                if isinstance(v.get("train_loss"), (int, float)):
-                    train.setdefault(loss, {}).setdefault(r["epoch"], []).append((v["train_loss"], r["rows"]))
-    pools = _pools(plan, reports)
-    out = {}
-    for loss in sorted(set(train) | set(pools)):
-        per_epoch = train.get(loss, {})
-        h: dict[str, list] = {"train_loss": [sum(x * w for x, w in p) / sum(w for _, w in p)
-                                             for _, p in sorted(per_epoch.items())]}
-        evals = [pools[loss][e]["metrics"] for e in sorted(pools.get(loss, {}))]
-        for name in sorted({"test_loss", "test_accuracy"} | {n for m in evals for n in m} - {"ci95", "curves"}):
-            h[name] = [m.get(name) for m in evals]
-        if all(v is None for v in h["test_accuracy"]):
-            h["test_accuracy"] = []
-        for name in ("ci95", "curves"):  # of the last evaluation
-            if evals and evals[-1].get(name):
-                h[name] = evals[-1][name]
-        pts = [v for _, vs in sorted(steps.get(loss, [])) for v in vs]
-        every = max(1, -(-len(pts) // 500))
-        h["train_loss_steps"] = [[i, v] for i, v in enumerate(pts)][::every]
-        out[loss] = h
-    return out, pools
-
-
-def _pools(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict[int, dict]]:
-    """Per loss and epoch, the epoch's last evaluation: ``metrics`` over the union of the test rows
-    of every site it scored, ``sites`` (each client's own figures and rows), ``rows``. A head that
-    is a fixed party pooled them itself (its ``pooled`` record); heads at the clients each kept
-    their scores, pooled here; where there are none, the row-weighted mean (clients evaluated on
-    the same rows, each with its own model)."""
-    from ..clients.scoring import pooled_metrics
-
-    evals: dict[tuple[str, int], dict[int, dict]] = {}  # (loss, round) -> turn -> the head's record
-    pooled: dict[tuple[str, int], list[dict]] = {}  # (loss, round) -> the heads' pooled records
-    for rep in reports.values():
-        for r in rep.records:
-            for loss in r["losses"]:
-                if r["mode"] == "eval":
-                    evals.setdefault((loss, r["round"]), {})[r["turn"]] = r
-                elif r["mode"] == "pooled":
-                    pooled.setdefault((loss, r["round"]), []).append(r)
-    out: dict[str, dict[int, dict]] = {}
-    for (loss, rnd), turns in sorted(evals.items(), key=lambda kv: kv[0][1]):
-        recs = [turns[t] for t in sorted(turns)]
-        heads = pooled.get((loss, rnd), [])
-        if len(heads) == 1:
-            metrics = heads[0]["losses"][loss]
-        elif all("scores" in r and loss in r["scores"] for r in recs):
-            metrics = pooled_metrics(plan.losses[loss].kind, [_scores(r["scores"][loss]) for r in recs])
-        else:
-            metrics = _mean(recs, loss)
-        sites = {r["client"]: {"rows": r["rows"], **{k: v for k, v in r["losses"][loss].items()
-                                                     if k not in ("train_loss", "test_rows")}} for r in recs}
-        out.setdefault(loss, {})[recs[0]["epoch"]] = {"metrics": metrics, "sites": sites, "round": rnd,
-                                                      "rows": sum(r["rows"] for r in recs)}
-    return out
-
-
-def _scores(s: dict) -> tuple[np.ndarray, np.ndarray, float, int]:
-    return np.asarray(s["outputs"], dtype=np.float64), np.asarray(s["targets"]), float(s["loss_sum"]), int(s["rows"])
-
-
-def _mean(recs: list[dict], loss: str) -> dict[str, float | None]:
-    """The row-weighted mean of each figure over the records that have it."""
-    names = {n for r in recs for n, v in r["losses"][loss].items() if n.startswith("test_")} - {"test_rows"}
-    out: dict[str, float | None] = {"test_rows": sum(r["rows"] for r in recs)}
-    for n in sorted(names):
-        p = [(r["losses"][loss][n], r["rows"]) for r in recs if isinstance(r["losses"][loss].get(n), (int, float))]
-        out[n] = sum(x * w for x, w in p) / sum(w for _, w in p) if p and sum(w for _, w in p) else None
-    return out
-
-
-def _scored(plan: Plan, graph: Graph, tasks: dict[str, dict], pools: dict[str, dict[int, dict]]) -> dict[str, Any]:
-    """What the headline was computed on: ``scored`` (rows, clients; ``own_rows``: each client
-    scored its own test rows, else the plan's shared test split) and ``per_client`` (each site's
-    rows and own figures) of the main loss's last evaluation."""
-    from ..clients.layout import per_client
-
-    order = [n.name for n in graph.losses() if n.name in tasks]
-    classif = [k for k in order if tasks[k]["test_accuracy"]]
-    main = classif[0] if classif else (order[0] if order else None)
-    if main is None or not pools.get(main):
-        return {}
-    last = pools[main][max(pools[main])]
-    return {"scored": {"rows": last["rows"], "clients": list(last["sites"]), "loss": main,
-                       "own_rows": per_client(plan)},
-            "per_client": last["sites"]}
 
 
 def _privacy(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict]:
@@ -228,39 +106,6 @@ def _privacy(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict]:
             if p["epsilon"] > entry["epsilon"]:
                 entry.update({**p, "by": entry["by"]})
     return out
-
-
-def final_client(plan: Plan, reports: dict[str, PartyReport]) -> str | None:
-    """The client whose weights were evaluated last: the run's model (sequential: the last holder;
-    averaging schedules: the averaged weights). None where the strategy keeps a model per client."""
-    from ..clients.strategies import strategy_of
-
-    evals = [r for rep in reports.values() for r in rep.records if r["mode"] == "eval"]
-    if not evals or not strategy_of(plan.clients).one_model:
-        return None
-    last = max(evals, key=lambda r: r["turn"])
-    return last.get("model") or last["client"]  # a site that evaluated with lent weights: their owner
-
-
-def _clients_part(plan: Plan, reports: dict[str, PartyReport], parties: dict[str, dict]) -> dict[str, Any]:
-    from ..clients.layout import coordinator_of
-    from ..clients.strategies import strategy_of
-
-    spec = plan.clients
-    clients = [parties[c] for c in spec.names() if c in parties]
-
-    def per_client(key: str) -> dict[str, float]:
-        vals = [c["bytes_sent"] + c["bytes_received"] if key == "bytes" else c[key] for c in clients]
-        return {"mean": float(np.mean(vals)), "max": float(np.max(vals)), "min": float(np.min(vals))}
-
-    coord = coordinator_of(plan)
-    return {
-        "schedule": {"kind": spec.schedule, "clients": spec.count, "partition": spec.partition.model_dump(),
-                     **strategy_of(spec).describe(plan), "coordinator": coord},
-        "per_client": {"flops": per_client("flops"), "bytes": per_client("bytes")},
-        "skipped": reports[coord].skipped if coord in reports else [],
-        "final_client": final_client(plan, reports),
-    }
 
 
 def save_party(folder: Path, report: PartyReport) -> None:
@@ -282,13 +127,14 @@ def save_party(folder: Path, report: PartyReport) -> None:
 
 def save_result(out: Path, plan: Plan, result: dict[str, Any]) -> None:
     """``plan.json`` and ``result.json``; with ``[clients]`` also the run's model (the final
-    client's weights) under the plan's party name, for ``predict``."""
+    client's weights) under the plan party's name it plays, for ``predict``."""
     final = result.get("final_client")
-    if final is not None:
+    plays = plays_of(plan, str(final)) if final is not None else None
+    if plays is not None:
         for file in ("weights.safetensors", "preprocess.safetensors"):
             src = out / "parties" / str(final) / file
             if src.is_file():
-                dst = out / "parties" / plan.clients.template / file
+                dst = out / "parties" / plays / file
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dst)
     write_json(out / "plan.json", plan_record(plan))

@@ -15,7 +15,7 @@ from ..wire.transport import InProcessHub, TransportClosed
 from ..run.allocator import math_threads
 from ..run.session import PartyReport, Progress, RunError
 from ..run.setup import PartySetup, Step
-from ..clients.layout import Topology, physical_party, physical_setups
+from ..clients.layout import Topology, physical_party, physical_setups, shared_in_process
 
 __all__ = ["run_local"]
 
@@ -27,7 +27,8 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
               tracking: Any = None, out: Any = None, resume: bool = False) -> dict[str, PartyReport]:
     """Run ``plan`` (set up and checked by :func:`~splitlearn.run.setup.prepare`) with every
     physical party in a thread; their reports. ``on_step`` follows the lead party (a plain plan's
-    loss party, the coordinator of a ``[clients]`` plan); ``timeout`` bounds each step; ``record``
+    loss party, the coordinator of a ``[clients]`` plan); ``timeout`` bounds each step (default: the
+    plan's ``[train] step_timeout``, :meth:`~splitlearn.core.plan.Plan.step_timeout_s`); ``record``
     keeps what each party receives for the audit; ``faults`` (tests) are hooks of client roles;
     ``steps`` replace the plan's schedule (``predicting``: prediction steps, no labels anywhere);
     ``tracking`` (a :class:`~splitlearn.run.tracking.LogSpec`) streams each loss party's metrics;
@@ -39,14 +40,7 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     topo = Topology.of(plan)
     hub = InProcessHub(topo.names)
     held = physical_setups(plan, topo, setups)
-    extra = {}
-    if plan.clients is not None:
-        from ..clients.layout import per_client
-        from ..clients.context import Context
-
-        if not per_client(plan):
-            template = setups[plan.clients.template]
-            extra["context"] = Context.from_setup(plan, template)  # derived once, the same for every role
+    extra = shared_in_process(plan, setups)  # derived once, the same for every physical party
     parts = {}
     for n in topo.names:
         kw = dict(extra)
@@ -77,7 +71,7 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     torch.set_num_threads(math_threads(len(topo.names)))  # what each party process would get (launch/processes.py)
     threads = {n: threading.Thread(target=work, args=(n,), name=f"party-{n}", daemon=True) for n in topo.names}
     try:
-        _join(threads, topo, plan, stopping, hub)
+        _join(threads, topo, stopping, hub)
     finally:
         torch.set_num_threads(before)
     fatal = {p: e for p, e in errors.items() if p not in topo.droppable}
@@ -91,17 +85,17 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     return reports
 
 
-def _join(threads: dict[str, threading.Thread], topo: Topology, plan: Plan, stopping: threading.Event,
+def _join(threads: dict[str, threading.Thread], topo: Topology, stopping: threading.Event,
           hub: InProcessHub) -> None:
-    """Start the parties' threads and wait: the lead (a plain plan: every party) must finish; the
-    others end on their own once they have read "stop" and get one more timeout for it, then the
-    hub is closed under them."""
+    """Start the parties' threads and wait: the coordinator (a plain plan: every party) must finish;
+    the others end on their own once they have read "stop" and get ``topo.grace_s`` for it, then
+    the hub is closed under them."""
     for t in threads.values():
         t.start()
     for n, t in threads.items():
         if topo.coordinator is None or n == topo.coordinator:
             t.join()
-    grace = time.monotonic() + (plan.clients.timeout if plan.clients is not None else 0)
+    grace = time.monotonic() + topo.grace_s
     for t in threads.values():
         t.join(timeout=max(0.0, grace - time.monotonic()))
     stopping.set()

@@ -1,3 +1,4 @@
-"""Running plans: setting parties up, the session every party runs, who connects to whom, the thread and
-process launchers, and the results.
+"""One party's life in a run: set up from the plan and its own data (setup, rows, align), its
+session (hello, handshake, steps, goodbye; resume), checkpoints, its report, tracking. The launchers
+that start parties are in :mod:`splitlearn.launch`.
 """

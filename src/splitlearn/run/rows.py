@@ -77,9 +77,7 @@ def scaled_targets(plan: Plan, party: str, spec: DataSpec | None, given: bool = 
     entry = "--data" if given else f"{'parties.' + party + '.' if own else ''}data.options.standardize_target"
     hint = ('set it in the data of the party that holds a regression loss\'s target (kind = "mse" or another '
             "regression kind), or remove it")
-    if plan.clients is not None:
-        raise PlanError("standardize_target is not available in a [clients] plan yet: each client would fit its own "
-                        "scale on its own rows", entry=entry, hint="remove the option, or train without [clients]")
+    plan.check_target_scaling(entry)
 
     def targets(p: str) -> tuple[dict[str, str], list[str]]:  # regression targets; classification losses
         value, classes = {}, []

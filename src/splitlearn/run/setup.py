@@ -347,14 +347,8 @@ def prepare(plan: Plan | str | Path, *, epochs: int | None = None, seed: int | N
     plan = load_plan(plan).with_train(epochs=epochs, seed=seed)
     cache: dict = {}
     per = data if isinstance(data, dict) else {p: data for p in plan.parties}
-    first_client = None
-    if plan.clients is not None:
-        from ..core.plan import per_client
-
-        first_client = plan.clients.names()[0] if per_client(plan) else None
     try:
-        setups = {p: setup_party(plan, p, cache, per.get(p), optimizer=not check_only,
-                                 client=first_client if plan.clients and p == plan.clients.template else None)
+        setups = {p: setup_party(plan, p, cache, per.get(p), optimizer=not check_only, client=plan.reads_for(p))
                   for p in plan.parties}
         shapes = check_plan(setups)
     except PlanError as e:  # name the plan file, whatever part of the set-up found the problem

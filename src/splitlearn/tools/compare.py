@@ -1,6 +1,7 @@
 """Split learning against its baselines on the same model, data and partition (``splitlearn compare``).
 
-Every method is a plan derived from one split plan and run by the same engine:
+Every method is a plan derived from one split plan (:mod:`splitlearn.clients.baselines`) and run by the
+same engine:
 
 ============== ==============================================================================
 sequential     the plan with ``[clients]`` and the sequential schedule (peer hand-off)
@@ -22,77 +23,21 @@ centralized baseline, which needs every row at one party, is left out.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from ..core.plan import ClientsSpec, Plan, PlanError
+from ..clients.baselines import (METHODS, centralized_plan, client_count, method_plan, partition_of, row_sources,
+                                 schedule_shape, template_of)
+from ..core.plan import Plan, PlanError, per_client
 from ..core.load import load_plan
 from ..core.units import human
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "method_plan", "centralized_plan", "run_compare", "predict_cost",
            "format_compare", "partition_text"]
 
-METHODS = ("sequential", "splitfed_v1", "splitfed_v2", "independent", "fedavg", "large_batch", "centralized")
 DEFAULT_METHODS = ("sequential", "splitfed_v2", "fedavg", "large_batch", "centralized")
 FIGURES = {"roc_auc": "AUC", "sensitivity": "sensitivity", "specificity": "specificity", "f1": "F1", "mae": "MAE",
            "r2": "R2"}  # the test figures a row shows beside accuracy, as test_<name> in a result
-DEFAULT_CLIENTS = 10
-
-
-def _own_files(plan: Plan) -> bool:
-    """Whether each client reads its own file (the template's data path names ``{client}``)."""
-    from ..clients.layout import per_client
-
-    return plan.clients is not None and per_client(plan)
-
-
-def _template(plan: Plan) -> str:
-    if plan.clients is not None:
-        return plan.clients.template
-    holders = [p for p, s in plan.parties.items() if s.holds]
-    if len(holders) != 1:
-        raise PlanError("compare needs a plan where one party (the client template) holds all the data",
-                        entry="parties", hint="give the plan a [clients] section naming its template party")
-    return holders[0]
-
-
-def centralized_plan(plan: Plan) -> Plan:
-    """Every segment at the template party: the unsplit model, trained by one party."""
-    t = _template(plan)
-    if _own_files(plan):
-        raise PlanError("the centralized baseline needs every row at one party, but each client reads its own file "
-                        f"({plan.parties[t].data.path})", entry=f"parties.{t}.data.path",
-                        hint="leave centralized out of the methods, or give the plan one shared dataset")
-    return _one_party(plan).replace(clients=None)
-
-
-def _one_party(plan: Plan) -> Plan:
-    """Every segment at the template party (keeping ``[clients]``: the clients' own files stay theirs)."""
-    t = _template(plan)
-    data_elsewhere = [p for p, s in plan.parties.items() if p != t and s.holds]
-    if data_elsewhere:
-        raise PlanError(f"parties {data_elsewhere} hold data too: only the template party may hold data to "
-                        "compare against unsplit baselines", entry=f"parties.{data_elsewhere[0]}.holds")
-    segments = {k: s.model_copy(update={"party": t}) for k, s in plan.segments.items()}
-    return plan.replace(name=f"{plan.name}-centralized", parties={t: plan.parties[t]}, segments=segments, wires={})
-
-
-def method_plan(plan: Plan, method: str, clients: int, partition: dict | None = None) -> Plan:
-    """The plan that runs ``method`` with ``clients`` clients (centralized: one party, no clients)."""
-    if method not in METHODS:
-        raise PlanError(f"unknown method {method!r}", hint=f"choose from {', '.join(METHODS)}")
-    t = _template(plan)
-    base = plan.clients.model_dump() if plan.clients is not None else {"template": t}
-    spec = {**base, "count": clients, **({"partition": partition} if partition else {})}
-    if method == "centralized":
-        return centralized_plan(plan)
-    if method in ("fedavg", "large_batch"):
-        one = _one_party(plan)
-        spec.update(schedule="fedavg", federation="federation", local_steps=1 if method == "large_batch" else None)
-        return one.replace(name=f"{plan.name}-{method}", clients=ClientsSpec.model_validate(spec))
-    spec.update(schedule=method)
-    return plan.replace(name=f"{plan.name}-{method}", clients=ClientsSpec.model_validate(spec))
 
 
 def predict_cost(plan: Plan, method: str, train_rows: int,
@@ -103,14 +48,14 @@ def predict_cost(plan: Plan, method: str, train_rows: int,
     from . import costmodel
     from ..models.build import build_network
 
-    t = _template(plan)
+    t = template_of(plan)
     mine = [s for s in plan.segments.values() if s.party == t]
     if len({s.network for s in plan.segments.values()}) != 1:
         return None
     seg = mine[0]
     net = build_network(plan, seg.network)  # the whole model: one network cut into segments
-    spec = plan.clients
-    k = spec.count if spec is not None else 1
+    schedule = schedule_shape(plan)
+    k = schedule.clients
     shape = input_shape or _data_shape(plan)[0]
     e = plan.train.epochs
     if method == "centralized":
@@ -118,19 +63,19 @@ def predict_cost(plan: Plan, method: str, train_rows: int,
         return {"flops": c.flops_per_client, "bytes": 0.0, "assumptions": c.assumptions}
     if method in ("fedavg", "large_batch"):
         if method == "fedavg":
-            c = costmodel.fedavg_cost(net, shape, train_rows, k, e, rounds=math.ceil(e / spec.local_epochs))
+            c = costmodel.fedavg_cost(net, shape, train_rows, k, e, rounds=schedule.rounds)
         else:
             c = costmodel.large_batch_sgd_cost(net, shape, train_rows, k, e,
                                                plan.train.batch_size, whole_steps=True)
         return {"flops": c.flops_per_client, "bytes": c.bytes_per_client, "assumptions": c.assumptions}
     if len(mine) != 1 or seg.layers is None or seg.layers[0] != 0:
         return None
-    handoff = method == "sequential" and spec.handoff == "peer"
+    handoff = method == "sequential" and schedule.peer_handoff
     c = costmodel.split_cost(net, shape, seg.layers[1], train_rows, k, e, handoff=handoff)
     extra = 0.0
     notes = list(c.assumptions)
     if method.startswith("splitfed"):  # the client half down and up each round
-        extra += 2 * c.details["bottom_values"] * 4 * math.ceil(e / spec.local_epochs)
+        extra += 2 * c.details["bottom_values"] * 4 * schedule.rounds
         notes.append("splitfed: the client half is downloaded and uploaded once per round")
     from ..core.graph import build_graph
 
@@ -146,10 +91,9 @@ def _data_shape(plan: Plan) -> tuple[tuple[int, ...], int]:
     (per-client files: the first client's rows' shape, every client's training rows)."""
     from ..run.setup import party_inputs, party_table, splits_for
 
-    t = _template(plan)
+    t = template_of(plan)
     seg = next(s for s in plan.segments.values() if s.party == t)
-    clients = plan.clients.names() if _own_files(plan) else [None]
-    tables = [party_table(plan, t, client=c) for c in clients]
+    tables = [party_table(plan, t, client=c) for c in row_sources(plan)]
     x = party_inputs(plan, t, tables[0])[seg.inputs[0]]
     return tuple(x.shape[1:]), sum(len(splits_for(plan, table).train) for table in tables)
 
@@ -172,16 +116,6 @@ def _train_shipped(p: Plan) -> tuple[dict[str, Any], dict[str, bytes]]:
         return result, folder_files(Path(tmp))
 
 
-def _clients_of(plan: Plan, clients: int | None) -> int:
-    """How many clients: as asked, else the plan's; with per-client files exactly the plan's."""
-    own = plan.clients.count if plan.clients is not None else None
-    if _own_files(plan) and clients not in (None, own):
-        raise PlanError(f"each client reads its own file ({plan.parties[plan.clients.template].data.path}) and the "
-                        f"plan has {own} clients: compare cannot run {clients}", entry="clients.count",
-                        hint=f"leave the number of clients out (or give {own})")
-    return clients or own or DEFAULT_CLIENTS
-
-
 def run_compare(plan: Plan | str | Path, clients: int | None = None, methods: list[str] | None = None, *, out: Path,
                 partition: dict | None = None, epochs: int | None = None, progress=None,
                 ray: str | None = None) -> dict[str, Any]:
@@ -193,9 +127,9 @@ def run_compare(plan: Plan | str | Path, clients: int | None = None, methods: li
     from ..run.session import RunError
 
     plan = load_plan(plan).with_train(epochs=epochs)
-    clients = _clients_of(plan, clients)
+    clients = client_count(plan, clients)
     left_out = []
-    if methods is None and _own_files(plan):  # the centralized baseline needs every row at one party
+    if methods is None and per_client(plan):  # the centralized baseline needs every row at one party
         methods, left_out = [m for m in DEFAULT_METHODS if m != "centralized"], ["centralized"]
     methods = list(methods or DEFAULT_METHODS)
     for m in methods:
@@ -226,13 +160,14 @@ def run_compare(plan: Plan | str | Path, clients: int | None = None, methods: li
             write_files(out / m, files)
         else:
             result = d
-        if p.clients is None:
+        cost = result.get("per_client")  # a schedule's clients' meters; else the one party's work, no traffic
+        if cost is None:
             flops, nbytes = float(next(iter(result["parties"].values()))["flops"]), 0.0
         else:
-            flops, nbytes = result["per_client"]["flops"]["mean"], result["per_client"]["bytes"]["mean"]
+            flops, nbytes = cost["flops"]["mean"], cost["bytes"]["mean"]
         metrics = result["metrics"]
         pred = predict_cost(p, m, train_rows, shape)
-        rows.append({"method": m, "clients": 1 if p.clients is None else clients,
+        rows.append({"method": m, "clients": schedule_shape(p).clients,
                      "per_client_tflops": flops / 1e12, "per_client_gb": nbytes / 1e9,
                      "accuracy": metrics.get("test_accuracy"),
                      "accuracy_per_epoch": metrics.get("test_accuracy_per_epoch", []),
@@ -245,7 +180,7 @@ def run_compare(plan: Plan | str | Path, clients: int | None = None, methods: li
         for r in rows:
             r.setdefault(k, None)
     table = {"plan": plan.name, "clients": clients, "epochs": plan.train.epochs,
-             "partition": partition or (plan.clients.partition.model_dump() if plan.clients else {"kind": "iid"}),
+             "partition": partition or partition_of(plan),
              "rows": rows, **({"left_out": {m: "each client reads its own file: no party holds every row"
                                             for m in left_out}} if left_out else {})}
     from ..launch.results import write_json

@@ -95,13 +95,9 @@ def wire_styles(graph: Graph, shapes: dict[str, tuple[str, tuple[int, ...]]] | N
 
 def clients_text(graph: Graph) -> str:
     """One line on a ``[clients]`` plan's clients, schedule and hand-off ("" without clients)."""
-    c = graph.plan.clients
-    if c is None:
-        return ""
-    from ..clients.strategies import strategy_of
+    from ..clients.layout import schedule_line
 
-    text = f"{c.count} clients {c.template}-1 … {c.template}-{c.count} ({c.partition.kind}), schedule {c.schedule}"
-    return f"{text}: {strategy_of(c).summary(graph.plan)}"
+    return schedule_line(graph.plan)
 
 
 def _columns(graph: Graph) -> dict[str, int]:
@@ -187,6 +183,8 @@ def render_topology(graph: Graph, title: str | None = None, shapes: dict | None 
     from matplotlib.lines import Line2D
     from matplotlib.patches import Ellipse, FancyArrowPatch, FancyBboxPatch, Patch, Rectangle
 
+    from ..clients.layout import clients_playing
+
     plan = graph.plan
     parties = graph.parties
     colour = {p: _PALETTE[i % len(_PALETTE)] for i, p in enumerate(parties)}
@@ -214,8 +212,9 @@ def render_topology(graph: Graph, title: str | None = None, shapes: dict | None 
     width = max(9.0, _LANE_LABEL_W + ncols * _COL_W + 0.3)
     if title is None:
         title = plan.name + (f": {plan.description}" if plan.description else "")
-    if plan.clients is not None:
-        title += "\n" + clients_text(graph)
+    schedule = clients_text(graph)
+    if schedule:
+        title += "\n" + schedule
     title_lines = [line for part in title.split("\n")
                    for line in textwrap.wrap(part, width=max(40, int(width * 72 / (0.6 * 13))))] or [""]
     title_h = 0.35 + 0.28 * len(title_lines)
@@ -244,7 +243,8 @@ def render_topology(graph: Graph, title: str | None = None, shapes: dict | None 
     for p in parties:
         band, fill, dark = colour[p]
         y0 = top - lane_h[p]
-        many = plan.clients is not None and p == plan.clients.template
+        copies = clients_playing(plan, p)  # a [clients] template stands for its clients
+        many = bool(copies)
         for k in (2, 1) if many else ():  # a stack of lanes: the template stands for its clients
             ax.add_patch(Rectangle((0.1 + 0.06 * k, y0 - 0.04 * k), lane_right - 0.1, lane_h[p], facecolor=band,
                                    edgecolor=dark, linewidth=0.6, zorder=-0.1 * k))
@@ -255,7 +255,7 @@ def render_topology(graph: Graph, title: str | None = None, shapes: dict | None 
         spec = plan.parties[p]
         holds = ", ".join(spec.holds) if spec.holds else "no data"
         holds_txt = "\n".join(textwrap.wrap(f"holds: {holds}", 22))
-        shown = f"{p} ×{plan.clients.count}" if many else p
+        shown = f"{p} ×{len(copies)}" if many else p
         ax.text(0.25, y0 + lane_h[p] / 2 + 0.1, shown, ha="left", va="bottom", color=dark,
                 fontsize=_fit(shown, _LANE_LABEL_W - 0.4, 11.5), fontweight="bold", zorder=4)
         ax.text(0.25, y0 + lane_h[p] / 2 + 0.02, holds_txt, ha="left", va="top", color=dark, fontsize=7.5,

@@ -27,7 +27,7 @@ __all__ = ["Kind", "Message", "Limits", "encode", "decode", "kind_of", "parse_js
            "MAX_MESSAGE_BYTES", "hello", "read_hello", "command", "read_command", "reply", "read_reply",
            "weights", "read_weights"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: typed COMMAND/ACK control messages (wire/control.py) instead of commands in STEP
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 QUOTE_CHARS = 80  # a peer's string quoted in a refusal or an error is cut to this many characters
 

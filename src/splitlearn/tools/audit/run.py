@@ -34,6 +34,8 @@ import torch
 
 from ...core.graph import Graph, Node, Wire, build_graph
 from ...core.plan import Plan, PlanError, WireSpec
+from ...clients.layout import per_client as own_files, plays_of
+from ...clients.results import client_views, recording_parties
 from ...launch.results import load_run_plan
 from .verdicts import add_verdicts
 from ...launch.results import non_finite
@@ -109,6 +111,7 @@ class RunFolder:
     # [clients] on own files: the clients whose tables, concatenated in this order, are the template's data, and
     # where each one's rows begin in it (every recorded row is then a position in that concatenation)
     joined: dict[str, int] | None = None
+    joined_party: str | None = None  # the plan party whose data those tables are (the clients' template)
     _setups: dict[str, Any] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict)
 
@@ -129,9 +132,7 @@ class RunFolder:
         result_file = folder / "result.json"
         result = json.loads(result_file.read_text()) if result_file.is_file() else {}
         observed = {}
-        spec = plan.clients
-        folders = list(plan.parties) if spec is None else [p for p in plan.parties if p != spec.template] + spec.names()
-        for party in folders:
+        for party in recording_parties(plan):
             f = folder / "parties" / party / "observed.safetensors"
             if f.is_file():
                 observed[party] = load_file(str(f))
@@ -149,17 +150,10 @@ class RunFolder:
         if not observed:
             raise AuditError(f"{folder}: no party left an observed.safetensors (what it received during training); "
                              "train with out=... (or 'splitlearn run --out') to record it")
-        per_client = {}
-        if spec is not None:  # a fixed party keeps what each client sent it under the client's name
-            fixed = [p for p in plan.parties if p != spec.template]
-            for c in spec.names():
-                per_client[c] = {p: {k[len(c) + 1:]: v for k, v in observed.get(p, {}).items() if k.startswith(f"{c}/")}
-                                 for p in fixed}
-                per_client[c][spec.template] = observed.get(c, {})
-        run = cls(folder, plan, build_graph(plan), result, observed, per_client)
-        if spec is not None:
-            if "{client}" in ((plan.parties[spec.template].data or plan.data).path or ""):
-                run._join_clients()
+        run = cls(folder, plan, build_graph(plan), result, observed, client_views(plan, observed))
+        if own_files(plan):  # a [clients] run whose clients each read their own file
+            run._join_clients()
+        if run.per_client:  # a [clients] run: what every client's turns left, party by party
             run.observed = _merged(run.per_client.values())
         return run
 
@@ -167,8 +161,8 @@ class RunFolder:
         """A [clients] run whose clients read their own files: every row a party recorded for a client is in
         that client's rows (a fixed party counts them in schedule order, the client in its sorted ids); make
         each a position in the concatenation of the tables of the clients that recorded anything."""
-        spec = self.plan.clients
-        holders = [p for p in self.plan.parties if p != spec.template and self.plan.parties[p].holds]
+        template = self.joined_party = plays_of(self.plan, next(iter(self.per_client)))
+        holders = [p for p in self.plan.parties if p != template and self.plan.parties[p].holds]
         if holders:  # a fixed party's own rows match no client's: there is no truth to score its view against
             raise AuditError(f"{self.folder}: {holders[0]!r} holds data of its own in a [clients] run whose clients "
                              "read their own files: the rows it recorded match no client's, so the audit cannot "
@@ -181,7 +175,7 @@ class RunFolder:
             n, order = len(s.splits.ids), np.concatenate([s.splits.train, s.splits.test])
             self.joined[c] = offset
             self.per_client[c] = {p: _shifted(tensors, c, p, offset, s.splits.ids,
-                                              None if p == spec.template else order)
+                                              None if p == template else order)
                                   for p, tensors in view.items()}
             offset += n
 
@@ -191,7 +185,7 @@ class RunFolder:
 
         if client not in self._setups:  # (a client's name is never a party's)
             try:
-                self._setups[client] = setup_party(self.plan, self.plan.clients.template, self._cache,
+                self._setups[client] = setup_party(self.plan, plays_of(self.plan, client), self._cache,
                                                    optimizer=False, client=client)
             except PlanError as e:
                 raise AuditError(f"the data of client {client!r}, whose rows the run recorded, cannot be read: {e}; "
@@ -229,7 +223,7 @@ class RunFolder:
     def rows(self, party: str, node: str, positions: torch.Tensor) -> torch.Tensor:
         """``node``'s values (a field of ``party``'s data) at the given positions in the run's sorted ids (own
         files: in the concatenation of the clients' tables)."""
-        if self.joined is not None and party == self.plan.clients.template:
+        if party == self.joined_party:
             key = f"_joined|{node}"
             if key not in self._cache:
                 self._cache[key] = torch.cat([self.client_setup(c).inputs[node] for c in self.joined])
