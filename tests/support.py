@@ -12,7 +12,6 @@ import csv
 import json
 import logging
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from safetensors.torch import load_file
 from splitlearn.core.engine import Party
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import Plan, plan_hash
+from splitlearn.launch.processes import free_port
 from splitlearn.run.session import run_party
 from splitlearn.run.setup import prepare, schedule
 from splitlearn.wire.codec import Encoded, get_codec
@@ -45,7 +45,7 @@ __all__ = ["POISON", "Poisoning",
     # run folders and modules
     "weights", "same_run", "Stop", "stop_after", "max_diff", "module_state",
     # plans
-    "TARGETS", "DROPOUT", "PLAN", "tiny", "raw_cancer", "write_csv", "vertical_plan", "clinic_files",
+    "TARGETS", "DROPOUT", "PLAN", "tiny", "split_mlp", "raw_cancer", "write_csv", "vertical_plan", "clinic_files",
     # a server in a thread against a hospital played by hand
     "ACT", "LABEL", "f32", "FakeHospital", "Server",
     # links the test cuts
@@ -79,39 +79,28 @@ class LogEvent(logging.Handler):
         self.logger.removeHandler(self)
 
 
-# -- party processes ---------------------------------------------------------------------------
-
-_taken: set[int] = set()  # ports this process handed out (a party may not have bound its own yet)
-
-
-def free_port() -> int:
-    """A free loopback port for a party to listen on, below the kernel's ephemeral range (one the
-    kernel hands out for outgoing connections could be taken by a dialling party first), and none
-    this process gave out before; any free port if that range is crowded."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(200):
-        port = random.randrange(10000, max(10001, low))
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in _taken:
-            _taken.add(port)
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+# -- party processes (free_port is the launcher's: one set of ports handed out) -------------------
 
 def party_cmd(plan: Path, name: str, certs: Path, ports: dict[str, int], out: Path, *extra: str) -> list[str]:
     """``splitlearn party`` for ``name``, listening on its port and dialing every other one."""
     cmd = [sys.executable, "-m", "splitlearn", "party", str(plan), "--name", name, "--certs", str(certs),
            "--listen", f"127.0.0.1:{ports[name]}", "--out", str(out), "-q", *extra]
     return cmd + [a for peer, port in ports.items() if peer != name for a in ("--peer", f"{peer}=127.0.0.1:{port}")]
+
+
+def split_mlp(name: str, sizes: list[int], *, holder: str = "hospital", server: str = "server",
+              loss: str = "digit", lr: float | None = None, **sections) -> dict:
+    """A plan body: an MLP of ``sizes`` cut after its first layer, the bottom at ``holder`` (who holds
+    ``x`` and ``y``), the rest at ``server``; ``sections`` (``data``, ``train``, ``clients``, ...) as given.
+    Written as a file with :func:`toml`."""
+    opt = {"optimizer": {"name": "sgd", "lr": lr}} if lr is not None else {}
+    return {"name": name, **{k: v for k, v in sections.items() if k not in ("parties",)},
+            "parties": {holder: {"holds": {"x": "x", "y": "y"}, **sections.get("parties", {}).get(holder, {}), **opt},
+                        server: {**sections.get("parties", {}).get(server, {}), **opt}},
+            "networks": {"mlp": {"zoo": "mlp", "args": {"sizes": sizes}}},
+            "segments": {"bottom": {"party": holder, "inputs": [f"{holder}.x"], "network": "mlp", "layers": [0, 2]},
+                         "top": {"party": server, "inputs": ["bottom"], "network": "mlp", "layers": [2, 3]}},
+            "losses": {loss: {"input": "top", "target": f"{holder}.y"}}}
 
 
 def toml(body: dict) -> str:

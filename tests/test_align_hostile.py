@@ -22,10 +22,12 @@ from pathlib import Path
 import pytest
 
 from splitlearn.core.graph import build_graph
-from splitlearn.core.plan import PlanError, plan_hash
+from splitlearn.core.plan import plan_hash
+from splitlearn.core.specs import PlanError
 from splitlearn.run import align
 from splitlearn.run.setup import prepare
-from splitlearn.clients.layout import Topology, physical_party, physical_setups
+from splitlearn.clients.layout import Topology, physical_setups
+from splitlearn.clients.parties import physical_party
 from splitlearn.wire.codec import Encoded
 from splitlearn.wire.link import Link
 from splitlearn.wire.messages import Kind, Message, decode, hello

@@ -1,6 +1,7 @@
 """The shape of the package: layers that only point down (import-linter's contract in pyproject.toml,
 the one docs/design.md describes) and modules small enough to read in one sitting."""
 
+import ast
 import os
 import re
 import subprocess
@@ -19,13 +20,14 @@ def _layers() -> list[str]:
     return layers
 
 
-def test_the_layers_contract_holds():
-    """``lint-imports`` (every import, those inside functions too) finds no module importing a layer above its own."""
+def test_the_import_contracts_hold():
+    """``lint-imports`` (every import, those inside functions and under TYPE_CHECKING too) finds no module importing
+    a layer above its own, and no cycle among the modules of any one package."""
     out = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports; "
                           "sys.exit(lint_imports(no_cache=True, no_logo=True))"],
                          cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "1 kept, 0 broken" in out.stdout
+    assert "2 kept, 0 broken" in out.stdout
 
 
 def test_the_design_document_lists_the_contracts_layers_in_order():
@@ -61,3 +63,88 @@ def test_only_clients_and_the_plan_model_read_plan_clients():
              if not str(p.relative_to(PACKAGE)).startswith(allowed)
              for i, line in enumerate(p.read_text().splitlines(), 1) if reads.search(line)]
     assert found == [], found
+
+
+# -- one home per name: a name is imported from the module that defines it; a module's __all__ lists exactly the
+# public names it defines. The packages whose __init__ is their public face are the exceptions.
+FACES = {"splitlearn", "splitlearn.api", "splitlearn.data", "splitlearn.models", "splitlearn.privacy",
+         "splitlearn.tools.audit", "splitlearn.wire.transport"}
+SKIP = {"splitlearn.wire.proto.splitlearn_pb2", "splitlearn.wire.proto.generate"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in PACKAGE.rglob("*.py"):
+        parts = p.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if name not in SKIP and not name.endswith("__main__"):
+            out[name] = p
+    return out
+
+
+def _defined(tree: ast.Module) -> tuple[set[str], list[str] | None]:
+    names, all_ = set(), None
+    for node in tree.body:
+        stmts = [node] + ([s for s in ast.walk(node) if isinstance(s, ast.stmt)] if isinstance(node, (ast.If, ast.Try)) else [])
+        for s in stmts:
+            if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(s.name)
+            elif isinstance(s, (ast.Assign, ast.AnnAssign)):
+                for t in (s.targets if isinstance(s, ast.Assign) else [s.target]):
+                    if isinstance(t, ast.Name) and t.id == "__all__":
+                        all_ = [e.value for e in s.value.elts]
+                    else:
+                        names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names, all_
+
+
+def _public(tree: ast.Module, names: set[str]) -> set[str]:
+    """Defined names not starting with _, but for loggers and TypeVars."""
+    private = set()
+    for s in tree.body:
+        if isinstance(s, ast.Assign) and isinstance(s.value, ast.Call):
+            f = ast.unparse(s.value.func)
+            if f in ("logging.getLogger", "TypeVar"):
+                private |= {t.id for t in s.targets if isinstance(t, ast.Name)}
+    return {n for n in names if not n.startswith("_")} - private
+
+
+def test_every_module_lists_exactly_its_own_public_names():
+    wrong = {}
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        defined, all_ = _defined(tree)
+        if all_ is None:
+            continue
+        foreign = [] if name in FACES else sorted(set(all_) - defined)
+        missing = sorted(_public(tree, defined) - set(all_))
+        if foreign or missing:
+            wrong[name] = {"foreign": foreign, "missing": missing}
+    assert wrong == {}, wrong
+
+
+def test_every_import_names_the_module_that_defines_it():
+    mods = _modules()
+    info = {m: _defined(ast.parse(p.read_text())) for m, p in mods.items()}
+    wrong = []
+    for top in ("src", "tests", "bench", "examples"):
+        for path in (ROOT / top).rglob("*.py"):
+            rel = path.relative_to(ROOT)
+            here = ".".join(path.relative_to(ROOT / "src").with_suffix("").parts) if top == "src" else None
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ImportFrom) or (node.level and here is None):
+                    continue
+                if node.level:
+                    parts = here.split(".")  # a package's own __init__ counts as a module in it
+                    module = ".".join(parts[:len(parts) - node.level] + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                if module not in info:
+                    continue
+                defined, all_ = info[module]
+                for a in node.names:
+                    ok = (a.name in defined or f"{module}.{a.name}" in {*mods, *SKIP} or a.name in ("__version__", "__file__")
+                          or (module in FACES and a.name in (all_ or [])))
+                    if not ok:
+                        wrong.append(f"{rel}:{node.lineno}: from {module} import {a.name}")
+    assert wrong == [], wrong

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 from splitlearn.cli import app
 
 from .conftest import EXAMPLES
+from .support import split_mlp, toml
 
 runner = CliRunner()
 
@@ -108,35 +109,8 @@ def test_plan_json_records_absolute_data_paths(tmp_path, monkeypatch):
     csv.parent.mkdir()
     csv.write_text("id,a,b,y\n" + "".join(f"{i},{i % 3},{i % 5},{i % 2}\n" for i in range(60)))
     plan = tmp_path / "plans" / "p.toml"
-    plan.write_text("""
-name = "p"
-[data]
-dataset = "csv"
-path = "rows.csv"
-id_column = "id"
-label_column = "y"
-[train]
-epochs = 1
-[parties.a]
-holds = { x = "x", y = "y" }
-[parties.b]
-[networks.n]
-zoo = "mlp"
-args = { sizes = [2, 4, 2] }
-[segments.s1]
-party = "a"
-inputs = ["a.x"]
-network = "n"
-layers = [0, 2]
-[segments.s2]
-party = "b"
-inputs = ["s1"]
-network = "n"
-layers = [2, 3]
-[losses.y]
-input = "s2"
-target = "a.y"
-""")
+    plan.write_text(toml(split_mlp("p", [2, 4, 2], holder="a", server="b", loss="y", train={"epochs": 1},
+                                   data={"dataset": "csv", "path": "rows.csv", "id_column": "id", "label_column": "y"})))
     out = tmp_path / "run"
     assert runner.invoke(app, ["run", str(plan), "--in-process", "--out", str(out), "-q"]).exit_code == 0
     assert json.loads((out / "plan.json").read_text())["data"]["path"] == str(csv)

@@ -7,14 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from splitlearn.tools.compare import centralized_plan, method_plan, predict_cost
+from splitlearn.clients.baselines import centralized_plan, method_plan
+from splitlearn.tools.compare import predict_cost
 from splitlearn.clients.context import Context
-from splitlearn.wire.control import LoadWeights, SendWeights, Turn
+from splitlearn.wire.control import LoadWeights, SendWeights, TakeTurn
 from splitlearn.launch.results import build_result as merge_reports
 from splitlearn.wire.messages import weights as weights_message
 from splitlearn.wire.messages import Kind
 from splitlearn.models import build_segment
-from splitlearn.core.plan import Plan, PlanError
+from splitlearn.core.plan import Plan
+from splitlearn.core.specs import PlanError
 from splitlearn.core.load import load_plan
 from splitlearn.run.setup import prepare, setup_party
 from splitlearn.launch.threads import run_local
@@ -170,7 +172,7 @@ def test_a_client_that_stops_answering_is_skipped_reported_and_the_run_completes
     state = {"turns": 0}
 
     def dies(role, request, ins):  # hospital-2 trains once, then its process is gone
-        if isinstance(ins, Turn):
+        if isinstance(ins, TakeTurn):
             state["turns"] += 1
             if state["turns"] == 2:
                 raise SystemExit("killed")
@@ -187,7 +189,7 @@ def test_a_client_that_misses_its_turn_rejoins_later():
     state = {"away": False}
 
     def away(role, request, ins):  # hospital-3 is away during round 0 until skipped, and answers again afterwards
-        if isinstance(ins, Turn) and not state["away"]:
+        if isinstance(ins, TakeTurn) and not state["away"]:
             state["away"] = True
             assert skipped.wait(60)
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from splitlearn.launch.processes import launch
-from splitlearn.clients.layout import roles
+from splitlearn.clients.roles import physical_names
 from splitlearn.core.load import load_plan
 from splitlearn.wire.transport.tls import make_certs
 
@@ -38,7 +38,7 @@ def test_a_killed_client_process_is_skipped_and_the_run_completes(tmp_path):
     text = text.replace("seed = 0", "seed = 0\nreconnect_timeout = 3", 1)
     plan_file = tmp_path / "three.toml"
     plan_file.write_text(text)
-    names = roles(load_plan(plan_file))
+    names = physical_names(load_plan(plan_file))
     assert names == ["server", "hospital-1", "hospital-2", "hospital-3"]
     make_certs(names, tmp_path / "certs")
     ports = {n: free_port() for n in names}

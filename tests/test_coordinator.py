@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from splitlearn.clients.coordinator import Coordinator
-from splitlearn.clients.roles import make_role
+from splitlearn.clients.parties import make_role
 from splitlearn.core.load import load_plan
-from splitlearn.core.plan import PlanError
-from splitlearn.tools.compare import method_plan
+from splitlearn.core.specs import PlanError
+from splitlearn.clients.baselines import method_plan
 from splitlearn.wire import control as c
 from splitlearn.wire.messages import Kind, Message, decode, encode, read_command, reply, weights
 from splitlearn.wire.transport.base import Transport, TransportError, TransportTimeout
@@ -45,12 +45,12 @@ class Fake:
         if isinstance(ins, c.SendWeights):
             out.append(weights(self.name, ins.to, {k: torch.full_like(v, self.value) for k, v in net.like.items()},
                                request))
-        if isinstance(ins, c.Download):
+        if isinstance(ins, c.SendAverage):
             out += [weights(self.name, who, net.like, r) for who, r in zip(ins.clients, ins.requests)]
         return out
 
     def answer(self, request: int, ins: c.Instruction) -> list[c.Reply]:
-        if isinstance(ins, c.Turn):
+        if isinstance(ins, c.TakeTurn):
             if ins.turn == self.restarts_at:
                 self.restarts_at = None
                 self.net.restarted[self.name] = 1
@@ -134,7 +134,7 @@ def test_fedavg_round_by_round_a_failing_client_is_skipped_and_a_restarted_one_r
                               "reason": "its turn failed: out of memory"}]
     assert coord.attempt == 1  # one rewind, for the one restart
     for f in fakes:
-        assert f.kinds() == {c.LoadWeights, c.Turn, c.SendWeights, c.Checkpoint, c.WhichCheckpoints, c.Restore,
+        assert f.kinds() == {c.LoadWeights, c.TakeTurn, c.SendWeights, c.Checkpoint, c.WhichCheckpoints, c.Restore,
                              c.Stop}
         assert [i for i in f.heard if isinstance(i, c.Restore)] == [c.Restore(0, 1)]  # back to the end of round 0
         assert f.heard[-1] == c.Stop(None) and f.saved == [-1, 0, 1, 2]
@@ -196,13 +196,13 @@ def test_splitfed_v1_with_a_federation_of_its_own_and_per_client_files(tmp_path)
                               "reason": "hospital-2 is gone"}]
     every = {c.Rows, c.WhichCheckpoints, c.StartOver, c.Checkpoint, c.Stop}
     for f in clients:
-        assert f.kinds() == every | {c.Census, c.LoadWeights, c.Turn, c.SendWeights}
+        assert f.kinds() == every | {c.Census, c.LoadWeights, c.TakeTurn, c.SendWeights}
         assert c.Rows((50, 60, 70), (5, 0, 5)) in f.heard
-    assert relay.kinds() == every | {c.Turn, c.MergeCopies}
-    assert fed.kinds() == every | {c.Download, c.Collect}
+    assert relay.kinds() == every | {c.TakeTurn, c.MergeServerCopies}
+    assert fed.kinds() == every | {c.SendAverage, c.Collect}
     # round 0: hospital-2 is left out of the average and of the merge; round 1: everyone
     collects = [i for i in fed.heard if isinstance(i, c.Collect)]
-    merges = [i for i in relay.heard if isinstance(i, c.MergeCopies)]
+    merges = [i for i in relay.heard if isinstance(i, c.MergeServerCopies)]
     r0, r1 = coord.rounds[0].samples, coord.rounds[1].samples
     assert collects == [c.Collect(("hospital-1", "hospital-3"), (r0[0], r0[2])),
                         c.Collect(("hospital-1", "hospital-2", "hospital-3"), (r1[0], r1[1], r1[2]))]
@@ -212,7 +212,7 @@ def test_splitfed_v1_with_a_federation_of_its_own_and_per_client_files(tmp_path)
     assert evals == ["hospital-1", "hospital-3"] * 2
     loads = [i for i in clients[0].heard if isinstance(i, c.LoadWeights)]
     assert c.LoadWeights("fed", ready=True, evaluation=True) in loads and c.LoadWeights("fed") in loads
-    downloads = [i for i in fed.heard if isinstance(i, c.Download) and i.evaluation]  # the average to each site
+    downloads = [i for i in fed.heard if isinstance(i, c.SendAverage) and i.evaluation]  # the average to each site
     assert downloads and {client for d in downloads for client in d.clients} == {"hospital-1", "hospital-3"}
 
 
@@ -245,6 +245,6 @@ def test_a_client_that_refuses_the_download_sits_the_round_out_and_is_reported()
     assert coord.skipped == [{"round": 0, "client": "hospital-1", "during": "download", "reason":
                               "the federation's weights: hospital-1 refused them: \"weight 'bottom.0.weight' is "
                               "not finite\""}]
-    turns = [i.turn for i in first.heard if isinstance(i, c.Turn)]
+    turns = [i.turn for i in first.heard if isinstance(i, c.TakeTurn)]
     round_of = {t.index: r.index for r in coord.rounds for t in (*r.train, *r.evals)}
     assert [round_of[t] for t in turns] == [1, 1]  # round 1's training turn and its evaluation; none in round 0

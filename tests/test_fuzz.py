@@ -20,14 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitlearn.core.plan import PlanError, plan_hash, plan_parts
+from splitlearn.core.plan import plan_hash, plan_parts
+from splitlearn.core.specs import PlanError
 from splitlearn.core.graph import build_graph
 from splitlearn.wire.codec import Encoded, WireError, get_codec
 from splitlearn.core.engine import Party, PartyError
 from splitlearn.wire.link import Link
 from splitlearn.wire.messages import PROTOCOL_VERSION, Kind, Message, decode, encode, hello, kind_of
 from splitlearn.wire.proto import splitlearn_pb2 as pb
-from splitlearn.run.session import MAX_HELD, MAX_ROWS, session
+from splitlearn.run.resume import MAX_HELD
+from splitlearn.run.session import MAX_ROWS, session
 from splitlearn.run.setup import prepare, schedule
 from splitlearn.wire.transport import InProcessHub
 from splitlearn.wire.transport.base import Transport, TransportTimeout
@@ -822,7 +824,7 @@ class _Federation:
 
     def __init__(self):
         from splitlearn.clients.follower import Follower
-        from splitlearn.clients.roles import make_role
+        from splitlearn.clients.parties import make_role
         from splitlearn.wire.metering import Meter
 
         self.plan = tiny(count=2, schedule="fedavg")
@@ -858,14 +860,14 @@ def test_mutated_commands_acks_and_weights_leak_nothing_and_nothing_harmful_is_c
     turn names a client or model outside the plan, no weights go to a party outside it, no weights
     that are not finite or do not fit are loaded or averaged, and no acknowledgement of another
     request (or without what was asked) is taken."""
-    from splitlearn.clients.layout import roles
+    from splitlearn.clients.roles import physical_names
     from splitlearn.clients.weights import state_of
     from splitlearn.wire import messages as m
-    from splitlearn.wire.control import CensusAnswer, Collect, LoadWeights, SendWeights, Stop, Turn
+    from splitlearn.wire.control import CensusAnswer, Collect, LoadWeights, SendWeights, Stop, TakeTurn
 
     fed_roles = _Federation()
     client, server = fed_roles.client, fed_roles.server
-    everyone = set(roles(fed_roles.plan))
+    everyone = set(physical_names(fed_roles.plan))
     turn = next(iter(client.turns))
     mutate, envelope = JsonMutator(seed=13), Mutator(seed=17)
     figures = {k: {"cases": 0, "accepted": 0, "harmful": 0, "leaked": 0} for k in ("command", "weights", "ack")}
@@ -889,7 +891,7 @@ def test_mutated_commands_acks_and_weights_leak_nothing_and_nothing_harmful_is_c
             figures[kind]["harmful"] += 1
 
     def commands():
-        honest = [Turn(turn, "hospital-1"), Turn(turn, "hospital-1", "hospital-2"),
+        honest = [TakeTurn(turn, "hospital-1"), TakeTurn(turn, "hospital-1", "hospital-2"),
                   LoadWeights("server", evaluation=True), SendWeights("server"), Collect(("hospital-1",), (3,))]
         inbox = []
         for k in range(mutate.r.randint(1, 4)):

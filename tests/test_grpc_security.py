@@ -18,7 +18,8 @@ from splitlearn.wire.codec import WireError
 from splitlearn.wire.link import Link
 from splitlearn.wire.messages import Kind, Message, decode, encode
 from splitlearn.wire.transport import TransportClosed, TransportError, TransportTimeout
-from splitlearn.wire.transport.grpc import METHOD, GrpcTransport
+from splitlearn.wire.transport.grpc import GrpcTransport
+from splitlearn.wire.transport.grpc_channels import METHOD
 from splitlearn.wire.transport.tls import Credentials, load_credentials, make_certs
 
 pytestmark = pytest.mark.timeout(60)

@@ -19,7 +19,8 @@ from splitlearn.wire.codec import Encoded, get_codec
 from splitlearn.core.engine import Party
 from splitlearn.wire.link import Link
 from splitlearn.wire.messages import PROTOCOL_VERSION, Kind, Limits, Message, decode, encode, parse_json
-from splitlearn.core.plan import PlanError, plan_hash
+from splitlearn.core.plan import plan_hash
+from splitlearn.core.specs import PlanError
 from splitlearn.core.load import load_plan
 from splitlearn.wire.codec import WireError
 from splitlearn.run.setup import prepare, schedule
@@ -297,7 +298,7 @@ def test_parse_json_refuses_depth_and_size_and_reads_the_rest():
 
 
 def test_a_deeply_nested_schedule_command_is_refused_by_a_follower():
-    from splitlearn.clients.layout import coordinator_of
+    from splitlearn.clients.roles import coordinator_of
     from splitlearn.clients.follower import Follower
     from .support import tiny
 

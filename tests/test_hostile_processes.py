@@ -24,19 +24,19 @@ import pytest
 import torch
 
 import splitlearn
-from splitlearn.clients.layout import roles
+from splitlearn.clients.roles import physical_names
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import plan_hash
 from splitlearn.run.checkpoint import Checkpoints
 from splitlearn.run.setup import prepare, schedule, setup_party
-from splitlearn.clients.layout import physical_party
+from splitlearn.clients.parties import physical_party
 from splitlearn.wire.codec import Encoded, get_codec
 from splitlearn.wire.control import SendWeights
 from splitlearn.wire.messages import Kind, Limits, Message, decode, hello, kind_of
 from splitlearn.wire.messages import weights as weights_message
 from splitlearn.wire.transport.frames import NOBODY, SEQ, SYNC
-from splitlearn.wire.transport.grpc import METHOD, PARTY_HEADER, GrpcTransport
-from splitlearn.wire.transport.grpc_channels import RECEIVE_WINDOW
+from splitlearn.wire.transport.grpc import GrpcTransport
+from splitlearn.wire.transport.grpc_channels import METHOD, PARTY_HEADER, RECEIVE_WINDOW
 from splitlearn.wire.transport.tls import load_credentials, make_certs
 
 from .conftest import EXAMPLES
@@ -352,7 +352,7 @@ def test_a_client_flooding_weights_then_sending_refused_ones_is_skipped_at_once(
     her, refuses the NaN weights and skips her averaging at once, saying they were refused and
     why; nobody waits for her (she is connected), and the run ends normally in seconds."""
     plan = _federation(tmp_path)
-    names = roles(load_plan(plan))
+    names = physical_names(load_plan(plan))
     make_certs(names, tmp_path / "certs")
     ports = {n: free_port() for n in names}
     out = tmp_path / "run"

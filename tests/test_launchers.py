@@ -9,7 +9,7 @@ import torch
 
 import splitlearn
 from splitlearn.api import split_plan
-from splitlearn.core.plan import PlanError
+from splitlearn.core.specs import PlanError
 from splitlearn.launch.party import PartyOptions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -28,6 +28,9 @@ def test_party_processes_from_python_train_to_the_weights_of_threads(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert processes["metrics"]["test_accuracy"] == threads["metrics"]["test_accuracy"]
     assert json.loads((tmp_path / "run" / "result.json").read_text())["metrics"] == processes["metrics"]
+    copy = processes.save(tmp_path / "copy")  # the folder the processes wrote, as they wrote it
+    for name in ("result.json", "parties/server/report.json", "parties/hospital/weights.safetensors"):
+        assert (copy / name).read_bytes() == (tmp_path / "run" / name).read_bytes()
 
 
 def test_launcher_mistakes_are_one_clear_error(tmp_path):
@@ -42,6 +45,8 @@ def test_launcher_mistakes_are_one_clear_error(tmp_path):
         splitlearn.train(built, launcher="processes", out=tmp_path / "x")
     with pytest.raises(PlanError, match=r"link applies to party processes"):
         splitlearn.train(plan, epochs=1, link="50ms")
+    with pytest.raises(PlanError, match=r"timeout does not reach launcher='processes': set \[train\] step_timeout"):
+        splitlearn.train(plan, epochs=1, launcher="processes", out=tmp_path / "x", timeout=5.0)
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import splitlearn
-from splitlearn.core.engine import LearntBounds
+from splitlearn.core.bounds import LearntBounds
 from splitlearn.core.load import load_plan
 from splitlearn.core.graph import build_graph
 from splitlearn.core.plan import plan_hash
 from splitlearn.launch import threads as local
 from splitlearn.run.checkpoint import Checkpoints
-from splitlearn.run.session import RunError
+from splitlearn.run.report import RunError
 from splitlearn.run.setup import prepare, schedule
 from splitlearn.wire.codec import get_codec
 from splitlearn.wire.messages import Kind

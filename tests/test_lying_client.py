@@ -24,8 +24,9 @@ from splitlearn.clients.participant import Participant
 from splitlearn.core.engine import PartyError
 from splitlearn.core.plan import Plan
 from splitlearn.run.setup import prepare
-from splitlearn.clients.layout import Topology, physical_party, physical_setups
-from splitlearn.wire.control import Rejoined, SendWeights, Turn
+from splitlearn.clients.layout import Topology, physical_setups
+from splitlearn.clients.parties import physical_party
+from splitlearn.wire.control import Rejoined, SendWeights, TakeTurn
 from splitlearn.wire.messages import encode, reply
 from splitlearn.wire.messages import weights as weights_message
 from splitlearn.wire.transport import InProcessHub
@@ -98,7 +99,7 @@ def test_a_client_that_claims_restarts_it_never_made_sends_nobody_back(tmp_path)
     lies = []
 
     def liar(role, request, ins):
-        if isinstance(ins, Turn):
+        if isinstance(ins, TakeTurn):
             lies.append(ins.turn)
             _lie(role)
             _fail_turns(role)
@@ -122,7 +123,7 @@ def test_a_real_restart_sends_everyone_back_once_and_no_more(tmp_path):
     box: dict = {"claims": 0}
 
     def restarts_once_then_lies(role, request, ins):
-        if not isinstance(ins, Turn):
+        if not isinstance(ins, TakeTurn):
             return
         if not box["claims"]:  # it really came back as a new process: the coordinator's transport saw it
             box["coord"].seen["hospital-2"] = 1
@@ -147,7 +148,7 @@ def test_an_honest_client_told_to_stop_because_the_run_failed_fails_naming_why(t
     box: dict = {}
 
     def restarts_empty(role, request, ins):
-        if isinstance(ins, Turn) and "done" not in box:
+        if isinstance(ins, TakeTurn) and "done" not in box:
             box["done"] = True
             box["coord"].seen["hospital-2"] = 1  # a new process ...
             role.checkpoints.set_aside()  # ... with nothing to go back to
@@ -223,7 +224,7 @@ LIAR = '''
 import sys
 
 import splitlearn.clients.participant as participant
-from splitlearn.wire.control import Rejoined, Turn
+from splitlearn.wire.control import Rejoined, TakeTurn
 from splitlearn.wire.messages import reply
 
 made = participant.Participant.__init__
@@ -233,7 +234,7 @@ def lying(self, *a, **k):  # hospital-2's own certificate and code: it only lies
     made(self, *a, **k)
 
     def liar(role, request, ins):
-        if isinstance(ins, Turn):
+        if isinstance(ins, TakeTurn):
             role.link.send(reply(role.name, role.coordinator, 0, Rejoined(tuple(role.checkpoints.steps()))))
             role.run_turn = lambda *a, **k: (False, "this client fails its turn")
 
@@ -253,7 +254,7 @@ def test_a_lying_client_process_stops_nobody_and_every_process_says_how_the_run_
     certificate) claims a restart before each of its turns and fails them. The old server went back
     to a checkpoint 20 times and exited 1, the honest clients exited 0; now the run completes,
     the claims are refused and hospital-2 is skipped, named."""
-    from splitlearn.clients.layout import roles as role_names
+    from splitlearn.clients.roles import physical_names
     from splitlearn.core.load import load_plan
     from splitlearn.wire.transport.tls import make_certs
 
@@ -262,7 +263,7 @@ def test_a_lying_client_process_stops_nobody_and_every_process_says_how_the_run_
     plan = tmp_path / "three.toml"
     plan.write_text(text.replace("seed = 0", "seed = 0\nreconnect_timeout = 60", 1))
     (tmp_path / "liar.py").write_text(LIAR)
-    names = role_names(load_plan(plan))
+    names = physical_names(load_plan(plan))
     make_certs(names, tmp_path / "certs")
     ports = {n: free_port() for n in names}
     out = tmp_path / "run"
@@ -297,7 +298,7 @@ def test_a_restart_that_never_says_back_is_waited_for_once(tmp_path, caplog):
     box: dict = {}
 
     def silent_restart(role, request, ins):
-        if isinstance(ins, Turn):
+        if isinstance(ins, TakeTurn):
             box["coord"].seen["hospital-2"] = 1
             _fail_turns(role)
 

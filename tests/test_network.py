@@ -145,7 +145,7 @@ network = "head"
 input = "head"
 target = "b.y"
 """)
-    from splitlearn.core.plan import PlanError
+    from splitlearn.core.specs import PlanError
 
     with pytest.raises(PlanError, match="hold different ids"):
         launch(plan, tmp_path / "o")

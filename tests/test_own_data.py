@@ -9,10 +9,10 @@ import torch
 
 import splitlearn
 from splitlearn.core.load import load_plan
-from splitlearn.core.plan import PlanError
-from splitlearn.data import digits
+from splitlearn.core.specs import PlanError
+from splitlearn.data.embedded import digits
 from splitlearn.launch.threads import run_local
-from splitlearn.run.session import RunError
+from splitlearn.run.report import RunError
 from splitlearn.run.setup import prepare
 from splitlearn.wire.transport.inprocess import InProcessTransport
 
@@ -99,6 +99,9 @@ def test_predict_one_new_row_standardised_with_the_training_statistics(tmp_path)
     batch = splitlearn.predict(tmp_path / "run", {"clinic": str(tmp_path / "batch.csv")})["y"]
     single = splitlearn.predict(tmp_path / "run", {"clinic": str(tmp_path / "single.csv")})["y"]
     assert single["ids"] == [7]
+    # the same rows given as one DataSpec's dict (a dict of strings, but no party's names)
+    spec = {"dataset": "csv", "path": str(tmp_path / "batch.csv"), "id_column": "pid", "options": {"standardize": True}}
+    assert splitlearn.predict(tmp_path / "run", spec, write=False)["y"]["predictions"] == batch["predictions"]
     # equal up to float rounding: matrix kernels may sum in another order for one row than for 40
     # (on some CPUs the last bits differ)
     assert torch.allclose(single["outputs"][0], batch["outputs"][7], rtol=1e-5, atol=1e-6)

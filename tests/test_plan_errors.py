@@ -5,7 +5,7 @@ import tomllib
 
 import pytest
 
-from splitlearn.core.plan import PlanError
+from splitlearn.core.specs import PlanError
 from splitlearn.core.load import load_plan
 from splitlearn.run.setup import prepare
 

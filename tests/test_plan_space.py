@@ -29,9 +29,10 @@ from safetensors.torch import load_file
 import splitlearn
 from splitlearn.clients.context import Context
 from splitlearn.core.load import load_plan
-from splitlearn.core.plan import DataSpec, PlanError, plan_hash
+from splitlearn.core.plan import plan_hash
+from splitlearn.core.specs import DataSpec, PlanError
 from splitlearn.core import losses as loss_kinds
-from splitlearn.core.engine import merge_inputs
+from splitlearn.core.dryrun import merge_inputs
 from splitlearn.core.graph import build_graph
 from splitlearn.models import build_segment
 from splitlearn.run.checkpoint import Checkpoints

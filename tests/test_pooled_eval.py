@@ -18,6 +18,8 @@ from splitlearn.core.load import load_plan
 from splitlearn.run.setup import setup_party
 from splitlearn.wire.control import LoadWeights
 
+from .support import split_mlp, toml
+
 MALIGNANT = {"hospital-1": (140, 40), "hospital-2": (50, 100), "hospital-3": (19, 217)}  # (malignant, benign)
 
 
@@ -74,7 +76,7 @@ def _direct(res, plan, sites: list[str] | None = None) -> tuple[dict, dict[str, 
 @pytest.mark.parametrize("schedule", ["sequential", "splitfed_v2", "fedavg"])
 def test_the_headline_is_pooled_over_every_hospitals_test_rows(tmp_path, schedule):
     """fedavg: the head is at the clients, each scores its own rows; the result pools their scores."""
-    from splitlearn.tools.compare import method_plan
+    from splitlearn.clients.baselines import method_plan
 
     _hospital_files(tmp_path)
     plan = load_plan(_plan(tmp_path, schedule if schedule != "fedavg" else "sequential"))
@@ -108,42 +110,10 @@ def test_the_headline_is_pooled_over_every_hospitals_test_rows(tmp_path, schedul
             assert res["parties"][c]["eval"]["bytes_received"] >= 4 * bottom * 3, c
 
 
-PLAN_TOML = """
-name = "hospitals"
-[data]
-test_fraction = 0.2
-[train]
-epochs = 2
-batch_size = 16
-seed = 1
-[parties.hospital]
-holds = { x = "x", y = "y" }
-data = { dataset = "npz", path = "{client}.npz" }
-optimizer = { name = "sgd", lr = 0.02 }
-[parties.server]
-optimizer = { name = "sgd", lr = 0.02 }
-[networks.mlp]
-zoo = "mlp"
-args = { sizes = [30, 8, 2] }
-[segments.bottom]
-party = "hospital"
-inputs = ["hospital.x"]
-network = "mlp"
-layers = [0, 2]
-[segments.top]
-party = "server"
-inputs = ["bottom"]
-network = "mlp"
-layers = [2, 3]
-[losses.malignant]
-input = "top"
-target = "hospital.y"
-[clients]
-template = "hospital"
-count = 3
-schedule = "sequential"
-timeout = 60
-"""
+PLAN_TOML = toml(split_mlp("hospitals", [30, 8, 2], loss="malignant", lr=0.02, data={"test_fraction": 0.2},
+                           train={"epochs": 2, "batch_size": 16, "seed": 1},
+                           parties={"hospital": {"data": {"dataset": "npz", "path": "{client}.npz"}}},
+                           clients={"template": "hospital", "count": 3, "schedule": "sequential", "timeout": 60}))
 
 
 def test_compare_takes_per_client_files_and_shows_the_clinical_figures(tmp_path):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import splitlearn
-from splitlearn.core.plan import Plan, PlanError
+from splitlearn.core.plan import Plan
+from splitlearn.core.specs import PlanError
 from splitlearn.run.setup import prepare
 
 

@@ -16,7 +16,7 @@ import splitlearn  # noqa: E402
 from splitlearn.core.load import load_plan  # noqa: E402
 from splitlearn.launch.onray import launch_ray  # noqa: E402
 from splitlearn.launch.processes import launch  # noqa: E402
-from splitlearn.run.session import RunError  # noqa: E402
+from splitlearn.run.report import RunError  # noqa: E402
 
 from .conftest import EXAMPLES  # noqa: E402
 from .support import weights  # noqa: E402

@@ -14,7 +14,8 @@ import pytest
 
 from splitlearn.wire.transport import InProcessHub, TransportError, TransportTimeout
 from splitlearn.wire.transport.frames import NOBODY, SEQ, SYNC
-from splitlearn.wire.transport.grpc import METHOD, PARTY_HEADER, GrpcTransport
+from splitlearn.wire.transport.grpc import GrpcTransport
+from splitlearn.wire.transport.grpc_channels import METHOD, PARTY_HEADER
 from splitlearn.wire.transport.switch import Switch
 from splitlearn.wire.transport.tls import load_credentials, make_certs
 

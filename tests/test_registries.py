@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import splitlearn
-from splitlearn.core import losses
-from splitlearn.core.plan import PlanError, WireSpec, plan_hash
+from splitlearn.core import defense, losses
 from splitlearn.core.load import load_plan
-from splitlearn.privacy import defenses
+from splitlearn.core.plan import plan_hash
+from splitlearn.core.registry import DEFENSES
+from splitlearn.core.specs import PlanError, WireSpec
 from splitlearn.tools.audit import parse_sweep
 from splitlearn.tools.audit.sweep import plan_with, swept_wires
 
@@ -21,13 +22,13 @@ from .conftest import EXAMPLES
 FIRST = "bottom->top|forward|first"  # what the server received on the activation wire, first rows of the run
 
 
-class Shift(defenses.Defense):
+class Shift(defense.Defense):
     """Adds a constant to the activations the sender puts on the wire (training and evaluation)."""
 
     key = "shift"
     modes = frozenset({"train", "eval"})
-    sweep_params = (defenses.SweepParam("shift.by", "a constant added to the activations",
-                                        lambda current, x: {"by": x}),)
+    sweep_params = (defense.SweepParam("shift.by", "a constant added to the activations",
+                                       lambda current, x: {"by": x}),)
 
     def validate(self, graph, wire, config):
         super().validate(graph, wire, config)
@@ -40,9 +41,9 @@ class Shift(defenses.Defense):
 
 @pytest.fixture
 def shift():
-    defenses.register(Shift())
+    defense.register(Shift())
     yield
-    defenses.DEFENSES.unregister("shift")
+    DEFENSES.unregister("shift")
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_a_registered_defense_is_read_from_the_plan_and_changes_what_the_server_
     shifted["wires"] = {"bottom": {"shift": {"by": 1.0}}}
     plan = load_plan(shifted)
     assert plan.wires["bottom"].extra_defenses == {"shift": {"by": 1.0}}
-    assert [d.key for d, _ in defenses.active(plan.wires["bottom"])] == ["shift"]
+    assert [d.key for d, _ in defense.active(plan.wires["bottom"])] == ["shift"]
     # written back under its own key, and part of the plan hash
     assert plan.model_dump(mode="json")["wires"]["bottom"] == {**WireSpec().model_dump(mode="json"), "shift": {"by": 1.0}}
     assert plan_hash(plan) != plan_hash(load_plan(vanilla))
@@ -121,9 +122,9 @@ def test_a_registered_loss_kind_trains_from_a_plan(l1, vanilla):
 
 
 def test_built_ins_are_registered_and_unknown_names_refused(vanilla):
-    assert {"nopeek", "noise", "label_protection", "randomized_response"} <= set(defenses.DEFENSES)
+    assert {"nopeek", "noise", "label_protection", "randomized_response"} <= set(DEFENSES)
     assert {"cross_entropy", "bce", "mse"} <= set(losses.LOSS_KINDS)
-    assert {"nopeek.alpha", "noise.sigma", "label_protection.strength"} <= set(defenses.sweep_params())
+    assert {"nopeek.alpha", "noise.sigma", "label_protection.strength"} <= set(defense.sweep_params())
     out = torch.tensor([[0.1, 2.0], [3.0, -1.0]])
     assert torch.equal(losses.decide("cross_entropy", out), torch.tensor([1, 0]))
     assert torch.equal(losses.decide("bce", out), torch.tensor([1, 1]))
@@ -143,7 +144,7 @@ def test_built_ins_are_registered_and_unknown_names_refused(vanilla):
     assert "unknown loss kind 'hinge'" in str(info.value) and "cross_entropy" in str(info.value)
     assert info.value.entry == "losses.digit.kind"
     with pytest.raises(ValueError, match="wire setting"):
-        defenses.register(type("Codec", (defenses.Defense,), {"key": "codec"})())
+        defense.register(type("Codec", (defense.Defense,), {"key": "codec"})())
 
 
 def test_a_registry_whose_built_ins_fail_to_import_says_so_at_every_read():

@@ -149,7 +149,7 @@ class Run:
     def finish(self) -> dict[str, str]:
         """The errors of the parties that failed (none: {}); ``result.json`` made from every report."""
         from splitlearn.core.load import load_plan
-        from splitlearn.launch.processes import write_partial_result
+        from splitlearn.launch.oneparty import write_partial_result
         from splitlearn.clients.layout import Topology
 
         errors = {n: p.communicate(timeout=240)[1].decode() for n, p in self.procs.items()}

@@ -8,11 +8,12 @@ import time
 
 import pytest
 
-from splitlearn.clients.layout import physical_party
-from splitlearn.clients.roles import make_role
+from splitlearn.clients.parties import physical_party
+from splitlearn.clients.parties import make_role
 from splitlearn.core.engine import PartyError
-from splitlearn.core.plan import STEP_TIMEOUT_S, PlanError, parse_plan
-from splitlearn.launch.processes import run_one_party
+from splitlearn.core.plan import STEP_TIMEOUT_S, parse_plan
+from splitlearn.core.specs import PlanError
+from splitlearn.launch.oneparty import run_one_party
 from splitlearn.run.setup import prepare
 from splitlearn.wire.messages import Kind, kind_of
 from splitlearn.wire.transport import InProcessHub

@@ -15,14 +15,15 @@ from splitlearn.clients.schedule import Round, Turn, averaging_rounds
 from splitlearn.clients.strategies import Strategy
 from splitlearn.clients.weights import average
 from splitlearn.core.load import load_plan
-from splitlearn.core.plan import Plan, PlanError
+from splitlearn.core.plan import Plan
+from splitlearn.core.specs import PlanError
 from splitlearn.core.strategy import STRATEGIES
 from splitlearn.launch.results import build_result
 from splitlearn.launch.threads import run_local
 from splitlearn.run.setup import prepare, setup_party
 from splitlearn.wire.control import SendWeights
 
-from .support import max_diff
+from .support import max_diff, split_mlp, toml
 
 
 class LargestClients(Strategy):
@@ -30,7 +31,6 @@ class LargestClients(Strategy):
     and are averaged; the average is evaluated by the first of them."""
 
     name = "largest_two"
-    averages = True
 
     def check_options(self, options: dict[str, Any]) -> None:
         take = options.get("take", 2)
@@ -61,41 +61,10 @@ def largest_two():
     yield
     STRATEGIES.unregister("largest_two")
 
-PLAN = """
-name = "largest"
-[data]
-dataset = "digits"
-[train]
-epochs = 1
-batch_size = 32
-seed = 3
-[parties.hospital]
-holds = {x = "x", y = "y"}
-optimizer = {name = "sgd", lr = 0.1}
-[parties.server]
-optimizer = {name = "sgd", lr = 0.1}
-[networks.mlp]
-zoo = "mlp"
-args = {sizes = [64, 16, 10]}
-[segments.bottom]
-party = "hospital"
-inputs = ["hospital.x"]
-network = "mlp"
-layers = [0, 2]
-[segments.top]
-party = "server"
-inputs = ["bottom"]
-network = "mlp"
-layers = [2, 3]
-[losses.digit]
-input = "top"
-target = "hospital.y"
-[clients]
-template = "hospital"
-count = 4
-schedule = "largest_two"
-partition = {kind = "dirichlet", alpha = 0.3}
-"""
+PLAN = toml(split_mlp("largest", [64, 16, 10], lr=0.1, data={"dataset": "digits"},
+                      train={"epochs": 1, "batch_size": 32, "seed": 3},
+                      clients={"template": "hospital", "count": 4, "schedule": "largest_two",
+                               "partition": {"kind": "dirichlet", "alpha": 0.3}}))
 
 
 def _plan(tmp_path, text: str = PLAN) -> Plan:

@@ -14,7 +14,8 @@ from torch import nn
 
 import splitlearn
 from splitlearn.core.load import load_plan
-from splitlearn.core.plan import PlanError, plan_hash
+from splitlearn.core.plan import plan_hash
+from splitlearn.core.specs import PlanError
 from splitlearn.data import DataError
 from splitlearn.run.checkpoint import Checkpoints
 from splitlearn.run.setup import prepare

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import splitlearn
 from splitlearn.cli import app
 from splitlearn.core.metrics import bootstrap_ci
-from splitlearn.core.plan import DataSpec, PlanError
+from splitlearn.core.specs import DataSpec, PlanError
 from splitlearn.run.setup import prepare
 
 from .conftest import EXAMPLES

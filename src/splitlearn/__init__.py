@@ -11,14 +11,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 __all__ = ["Plan", "PlanError", "load_plan", "build_graph", "split", "train", "predict", "Result"]
 
-_HOME = {"Plan": ".core.plan", "PlanError": ".core.plan", "load_plan": ".core.load", "build_graph": ".core.graph",
+_HOME = {"Plan": ".core.plan", "PlanError": ".core.specs", "load_plan": ".core.load", "build_graph": ".core.graph",
          "split": ".api", "train": ".api", "predict": ".api", "Result": ".api"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import Result, predict, split, train
     from .core.graph import build_graph
     from .core.load import load_plan
-    from .core.plan import Plan, PlanError
+    from .core.plan import Plan
+    from .core.specs import PlanError
 
 
 def __getattr__(name: str) -> Any:

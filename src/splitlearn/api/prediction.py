@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..core import losses
-from ..core.plan import DataSpec, Plan, PlanError
+from ..core.plan import Plan
+from ..core.specs import DataSpec, PlanError
 from ..data import batches
 from ..clients.results import predicting_plan
 from ..launch.threads import run_local
@@ -43,7 +44,7 @@ def predict(run_dir: str | Path, data: DataSpec | dict | str | Path | None = Non
     """
     from ..data.preprocess import wants_preprocess
     from ..launch.results import load_preprocess
-    from ..run.setup import data_spec, holds_data, party_file, party_table
+    from ..run.rows import data_spec, holds_data, party_file, party_table
 
     run_dir = Path(run_dir)
     if not (run_dir / "plan.json").is_file():
@@ -64,7 +65,8 @@ def predict(run_dir: str | Path, data: DataSpec | dict | str | Path | None = Non
             raise PlanError(f"data {str(data)!r}: several parties hold data ({holders}); say whose each file is",
                             entry="--data", hint="--data NAME=FILE once per party (in Python: {NAME: FILE})")
         data = {holders[0]: data}
-    if isinstance(data, dict) and data and all(isinstance(d, (str, Path)) for d in data.values()):
+    per_party = isinstance(data, dict) and data and not set(data) & set(DataSpec.model_fields)  # else one DataSpec's dict
+    if per_party and all(isinstance(d, (str, Path)) for d in data.values()):
         unknown = sorted(set(data) - set(plan.parties))
         if unknown:
             raise PlanError(f"new data for {unknown}, which are no parties of the run", entry="--data",

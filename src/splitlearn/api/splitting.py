@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.plan import DataSpec, Plan, PlanError
+from ..core.plan import Plan
+from ..core.specs import DataSpec, PlanError
 from ..core.load import load_plan
-from ..run.session import Progress
+from ..run.report import Progress
 
 from .training import Result, train
 

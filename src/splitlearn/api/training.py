@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..core.plan import Plan, PlanError
+from ..core.plan import Plan
+from ..core.specs import PlanError
 from ..clients.results import model_holder
 from ..launch.threads import run_local
 from ..models import build_network
 from ..launch.results import build_result, load_weights, save_party, save_result
-from ..run.session import PartyReport, Progress
+from ..run.report import PartyReport, Progress
 from ..run.setup import prepare
 
 __all__ = ["Result", "train", "train_prepared", "LAUNCHERS"]
@@ -29,11 +31,12 @@ class Result(dict):
     """
 
     def __init__(self, body: dict[str, Any], plan: Plan, reports: dict[str, PartyReport] | None = None,
-                 read: Callable[[], dict[str, PartyReport]] | None = None):
+                 read: Callable[[], dict[str, PartyReport]] | None = None, folder: Path | None = None):
         super().__init__(body)
         self.plan = plan
         self._given = reports
         self._read = read  # party processes trained: their weights are read from the run folder when asked
+        self._folder = folder  # ... which they wrote: what save() copies
 
     @property
     def _reports(self) -> dict[str, PartyReport]:
@@ -78,8 +81,13 @@ class Result(dict):
 
     def save(self, out: str | Path) -> Path:
         """Write the run folder (``result.json``, ``plan.json``, ``parties/NAME/weights.safetensors``)
-        that ``predict`` reads; what the audit needs is recorded only when training with ``out=``."""
+        that ``predict`` reads; what the audit needs is recorded only when training with ``out=``.
+        A run of party processes is copied from the folder they wrote, as they wrote it."""
         out = Path(out)
+        if self._folder is not None:
+            if out.resolve() != Path(self._folder).resolve():
+                shutil.copytree(self._folder, out, dirs_exist_ok=True)
+            return out
         for name, rep in self._reports.items():
             save_party(out / "parties" / name, rep)
         save_result(out, self.plan, dict(self))
@@ -105,7 +113,7 @@ def train(plan: Plan | str | Path | dict, *, launcher: str = "threads", epochs: 
     Where the plan names a network, a plan built in Python may give an ``nn.Module`` (each
     party trains a copy of its part; the object is left as it is) or a function returning one (threads only).
 
-    ``on_step`` is told the :class:`~splitlearn.run.session.Progress` after every step (with
+    ``on_step`` is told the :class:`~splitlearn.run.report.Progress` after every step (with
     ``[clients]``: every round), with the training loss. ``timeout`` bounds each step (default: the
     plan's ``[train] step_timeout``, 120 s unless set; with ``[clients]``, ``clients.timeout``, which
     also bounds each answer of the schedule).
@@ -139,6 +147,12 @@ def train_prepared(plan: Plan, setups: dict, shapes: dict, *, launcher: str = "t
     if resume and out is None:
         raise PlanError("resume needs the run folder (out) whose checkpoints to go on from", entry="--resume")
     if launcher != "threads":
+        for given, what, why in ((timeout, "timeout", "set [train] step_timeout in the plan: every party process reads "
+                                  "it"), (faults, "faults", "faults are test hooks of in-process parties"),
+                                 (on_step if launcher == "ray" else None, "on_step", "Ray actors report no progress")):
+            if given is not None:
+                raise PlanError(f"{what} does not reach launcher={launcher!r}: {why}", entry=what)
+        setups.clear()  # each party process builds its own: the tables prepared here are not held for the run
         return _train_in_processes(plan, source, launcher, epochs=epochs, seed=seed, out=out, on_step=on_step,
                                    log=log, resume=resume, insecure=insecure, link=link, ray_address=ray_address)
     for given, what in ((link, "link"), (ray_address, "ray_address")):
@@ -195,4 +209,4 @@ def _train_in_processes(plan: Plan, source: Any, launcher: str, *, out: str | Pa
             reports[name] = PartyReport(name, plays=plays, modules=modules)
         return reports
 
-    return Result(body, plan, read=read)
+    return Result(body, plan, read=read, folder=out)

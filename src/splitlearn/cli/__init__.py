@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..core.plan import PlanError
+from ..core.specs import PlanError
 
 # rich_markup_mode=None: help texts are plain (square brackets, as in pip install 'splitlearn[ray]', survive)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,

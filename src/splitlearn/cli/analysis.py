@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..core.load import load_plan
-from ..core.plan import PlanError
+from ..core.specs import PlanError
 from . import _bar, _fail, _fresh, app, console, err
 
 
@@ -76,7 +76,7 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
 
     from ..tools.audit import AuditError, audit_run, parse_sweep
     from ..tools.audit import sweep as do_sweep
-    from ..run.session import RunError
+    from ..run.report import RunError
 
     sweep = sweep or None
     if ray is not None and sweep is None:
@@ -234,8 +234,9 @@ def compare_cmd(plan: Path = typer.Argument(..., help="a split plan (.toml): one
     """Train split learning and its baselines on the same model, data and partition; tabulate
     per-client TFLOPs, GB and accuracy beside the cost model's prediction, and draw the seed's
     two pictures (accuracy vs per-client computation, per-client bytes)."""
-    from ..tools.compare import METHODS, format_compare, run_compare
-    from ..run.session import RunError
+    from ..clients.baselines import METHODS
+    from ..tools.compare import format_compare, run_compare
+    from ..run.report import RunError
 
     _fresh(out, force)
     chosen = [m.strip() for m in methods.split(",") if m.strip()]

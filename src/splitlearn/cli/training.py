@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..core.load import load_plan
-from ..core.plan import PlanError
+from ..core.specs import PlanError
 from ..core.units import human as _human
 from . import _bar, _fail, _fresh, app, console, err
 
@@ -91,7 +91,7 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
     """Train PLAN: one process per party on loopback with mutual TLS (or --in-process);
     write OUT/result.json and each party's weights."""
     from ..api import train_prepared
-    from ..run.session import RunError
+    from ..run.report import RunError
     from ..run.setup import label_notes, prepare
 
     try:
@@ -233,7 +233,7 @@ def predict(run_dir: Path = typer.Argument(..., help="the --out folder of a fini
     party owning each head."""
     from ..api import predict as do_predict
     from ..data import DataError
-    from ..run.session import RunError
+    from ..run.report import RunError
 
     try:
         out = do_predict(run_dir, _party_files(data) if data else None, id_column=id_column)

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.plan import Plan, PlanError, per_client
+from ..core.plan import Plan, per_client
+from ..core.specs import PlanError
 
 __all__ = ["METHODS", "DEFAULT_CLIENTS", "template_of", "centralized_plan", "method_plan", "client_count",
            "row_sources", "partition_of", "ScheduleShape", "schedule_shape"]

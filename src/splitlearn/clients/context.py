@@ -64,7 +64,7 @@ def _turns(rs: list[Round]) -> dict[int, Turn]:
 def client_labels(plan: Plan, setup: PartySetup) -> np.ndarray | None:
     """Class labels of the training rows for a Dirichlet partition: the template's field that a
     classification loss takes as its target (None for an iid partition: no labels needed)."""
-    from ..run.setup import party_table
+    from ..run.rows import party_table
 
     spec = plan.clients
     if spec.partition.kind != "dirichlet":

@@ -9,18 +9,17 @@ skipped for that turn and reported (``skipped`` in the result): it may answer ag
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Callable
 
 from ..core.engine import PartyError
-from ..core.plan import PlanError
-from ..run.session import PartyReport, Progress
-from ..wire.control import Census, CensusAnswer, Instruction, Rows, Stop, Turn as TurnInstruction, TurnDone
-from ..wire.messages import command, quote
+from ..core.specs import PlanError
+from ..run.report import PartyReport, Progress
+from ..wire.control import Census, CensusAnswer, Rows, Stop, TakeTurn, TurnDone
+from ..wire.messages import quote
 from ..wire.transport import TransportError
 from .actions import Action, Average, Download, Evaluate, HandOff, MergeCopies, RoundResult, Train
-from .participant import Participant
-from .recovery import PartyRejoined, Recovery
+from .instructing import PartyRejoined
+from .recovery import Recovery
 from .schedule import Round, Turn
 from .transfers import WeightTransfers
 
@@ -29,18 +28,9 @@ __all__ = ["Coordinator", "schema_difference"]
 log = logging.getLogger(__name__)
 
 
-class Coordinator(Recovery, WeightTransfers, Participant):
-    """Walks the strategy's rounds; skips clients that do not answer; stops everyone at the end.
-    ``holder``: the client whose training turn went through last (the run's model, unless the
-    federation averages)."""
-
-    def __init__(self, *args: Any, **kw: Any):
-        super().__init__(*args, **kw)
-        self.holder: str | None = None
-        self._counts: tuple[list[int], list[int]] | None = None  # per-client data: the census's row counts
-        self._rejoined: set[str] = set()
-        self.given_up: set[str] = set()
-        self._restarts_taken: dict[str, int] = {}
+class Coordinator(Recovery, WeightTransfers):
+    """Walks the strategy's rounds; skips clients that do not answer; stops everyone at the end
+    (its state: :class:`~splitlearn.clients.instructing.Instructing`)."""
 
     def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
         try:
@@ -48,12 +38,6 @@ class Coordinator(Recovery, WeightTransfers, Participant):
         finally:
             self.close_tracker()
         return self.report()
-
-    def _instruct(self, party: str, instruction: Instruction, request: int | None = None) -> int:
-        """Send ``instruction`` to ``party``; its request id (a new one unless given)."""
-        rid = next(self._requests) if request is None else request
-        self.link.send(command(self.name, party, instruction, rid, time.time() + self.timeout))
-        return rid
 
     def _extra_state(self) -> dict[str, Any]:
         return {"holder": self.holder}
@@ -161,19 +145,12 @@ class Coordinator(Recovery, WeightTransfers, Participant):
         if pick is not None:
             self._turn(rnd, action.turn, pick, fixed, model=action.model)
 
-    def _skip(self, rnd: Round, party: str, what: str, why: str) -> None:
-        rejoined = self._rejoined_party(party) if self.checkpoints is not None and self.rejoin_wait_s > 0 else None
-        if rejoined is not None:
-            raise PartyRejoined(rejoined)  # it comes back as a new process: every party rewinds to a checkpoint
-        self.skipped.append({"round": rnd.index, "client": party, "during": what, "reason": why})
-        log.warning("%s: skipped %s in round %d (%s): %s", self.name, party, rnd.index, what, why)
-
     def _turn(self, rnd: Round, turn: Turn, client: str, fixed: list[str], model: str | None = None) -> bool:
         """``client`` takes its turn (evaluating ``model``'s weights, lent to it, when not its own)."""
         rid = 0
         for p in [client, *fixed]:
             try:
-                r = self._instruct(p, TurnInstruction(turn.index, client, model))
+                r = self._instruct(p, TakeTurn(turn.index, client, model))
                 rid = r if p == client else rid
             except TransportError as e:
                 self._skip(rnd, client, f"{turn.mode} turn", f"cannot reach {p}: {e}")

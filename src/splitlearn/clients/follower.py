@@ -9,17 +9,19 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..core.engine import PartyError
-from ..run.session import PartyReport, Progress
+from ..run.report import PartyReport, Progress
 from ..wire.codec import WireError
-from ..wire.control import (Census, CensusAnswer, Checkpoint, CheckpointsHeld, Collect, Collected, Download,
-                            Instruction, LoadWeights, MergeCopies, NotRestored, Rejoined, Restore, Restored, Rows,
-                            Saved, SendWeights, StartedOver, StartOver, Stop, Turn, TurnDone, WhichCheckpoints)
+from ..wire.control import (Census, CensusAnswer, Checkpoint, CheckpointsHeld, Collect, Collected, Instruction,
+                            LoadWeights, MergeServerCopies, NotRestored, Rejoined, Restore, Restored, Rows, Saved,
+                            SendAverage, SendWeights, StartedOver, StartOver, Stop, TakeTurn, TurnDone,
+                            WhichCheckpoints)
 from ..wire.messages import Kind, quote, read_command
 from ..wire.transport import TransportClosed
-from .layout import roles
-from .participant import Participant
+from .roles import physical_names
+from .saving import StateSaving
+from .turns import TurnTaking
 
-__all__ = ["Follower"]
+__all__ = ["Follower", "Unfit", "HANDLERS", "WHILE_RESUMING"]
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ class Unfit(Exception):
     """An instruction of the right types that this participant cannot carry out (it is refused)."""
 
 
-class Follower(Participant):
+class Follower(TurnTaking, StateSaving):
     """Carries out the coordinator's instructions, each by the handler of its type in
     :data:`HANDLERS` (if its duties allow it), until a :class:`~splitlearn.wire.control.Stop`."""
 
@@ -86,7 +88,7 @@ class Follower(Participant):
                 self.link.refuse(msg.sender, f"a {quote(ins.WORD)} command that {self.name} cannot carry out: {e}")
 
     # -- the instructions ------------------------------------------------------------------------
-    def _turn(self, request: int, ins: Turn) -> None:
+    def _turn(self, request: int, ins: TakeTurn) -> None:
         turn = self.turns.get(ins.turn)
         if turn is None:
             raise Unfit(f"no turn {ins.turn}")
@@ -112,7 +114,7 @@ class Follower(Participant):
             self.load_weights(ins.source, request, ready=ins.ready, lend=ins.lend)
 
     def _send(self, request: int, ins: SendWeights) -> None:
-        if ins.to not in roles(self.plan):
+        if ins.to not in physical_names(self.plan):
             raise Unfit(f"no party {quote(ins.to)} to send weights to")
         with self._metering(ins.evaluation):
             self.send_weights(ins.to, request)
@@ -121,7 +123,7 @@ class Follower(Participant):
         got, refused = self.collect(list(ins.clients), list(ins.samples), request)
         self._reply(request, Collected(tuple(got), refused))
 
-    def _download(self, request: int, ins: Download) -> None:
+    def _send_average(self, request: int, ins: SendAverage) -> None:
         strangers = [c for c in ins.clients if c not in self.clients]
         if strangers:
             raise Unfit(f"no client {quote(strangers[0])} to send the average to")
@@ -149,7 +151,7 @@ class Follower(Participant):
         self.restore(ins.round, ins.attempt)
         self._reply(request, Restored(ins.round))
 
-    def _merge_copies(self, request: int, ins: MergeCopies) -> None:
+    def _merge_copies(self, request: int, ins: MergeServerCopies) -> None:
         self.merge_copies(list(ins.clients), list(ins.samples))
 
 
@@ -164,18 +166,18 @@ def _saves(f: Follower) -> bool:
 
 
 HANDLERS: dict[type[Instruction], _Handler] = {
-    Turn: _Handler(Follower._turn, lambda f: f.in_turns),
+    TakeTurn: _Handler(Follower._turn, lambda f: f.in_turns),
     SendWeights: _Handler(Follower._send, lambda f: f.is_client or f.is_federation),
     LoadWeights: _Handler(Follower._load, lambda f: f.is_client),
     Census: _Handler(Follower._census, lambda f: f.is_client and f.per_client),
     Rows: _Handler(Follower._rows, lambda f: f.per_client and f.ctx is None),
     Collect: _Handler(Follower._collect, lambda f: f.is_federation),
-    Download: _Handler(Follower._download, lambda f: f.is_federation),
+    SendAverage: _Handler(Follower._send_average, lambda f: f.is_federation),
     Checkpoint: _Handler(Follower._checkpoint, _saves),
     WhichCheckpoints: _Handler(Follower._which_checkpoints, _saves),
     Restore: _Handler(Follower._restore, _saves),
     StartOver: _Handler(Follower._start_over, _saves),
-    MergeCopies: _Handler(Follower._merge_copies, lambda f: f.setup is not None and not f.is_client),
+    MergeServerCopies: _Handler(Follower._merge_copies, lambda f: f.setup is not None and not f.is_client),
 }
 
 WHILE_RESUMING = frozenset({WhichCheckpoints, Restore, StartOver, Stop, Rows, Census})

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from ..core.graph import build_graph
-from ..core.plan import Plan, PlanError, plan_hash
-from ..core.randomness import PartyRandom
-from ..privacy import defenses
+from ..core.plan import Plan, per_client, plan_hash
+from ..core.specs import PlanError
+from ..core.randomness import PartyRandom, party_seed
+from ..core import defense as defenses
 from ..run.checkpoint import Checkpoints
 from ..run.observe import Recorder
-from ..run.session import PartyReport
+from ..run.report import PartyReport
 from ..run.setup import PartySetup, setup_party
 from ..wire.codec import WireError
 from ..wire.control import Instruction, Rejoined, Reply, WeightsLoaded, WeightsMissing, WeightsRefused, Ready
@@ -40,15 +41,12 @@ from ..wire.metering import Meter
 from ..wire.transport.base import Transport, TransportTimeout
 from ..wire.transport.switch import Switch
 from .context import Context
-from .layout import coordinator_of, federation_of, per_client, plays_of, roles
-from .roles import Duty, duties_of
-from .saving import StateSaving
+from .roles import Duty, coordinator_of, duties_of, federation_of, physical_names, plays_of
 from .scoring import EvaluationPool
 from .strategies import strategy_of
-from .turns import TurnTaking
 from .weights import average, load_state, state_of
 
-__all__ = ["Participant", "Fault"]
+__all__ = ["Participant", "Fault", "MAX_PENDING", "MAX_EARLY_WEIGHTS"]
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +56,12 @@ MAX_EARLY_WEIGHTS = 1  # weights messages kept per sender before the command nam
 Fault = Callable[["Participant", int, Instruction], None]  # tests: called with each command before it is carried out
 
 
-class Participant(TurnTaking, StateSaving):
-    """One physical party of a ``[clients]`` plan. :class:`~splitlearn.clients.coordinator.Coordinator`
-    walks the schedule; :class:`~splitlearn.clients.follower.Follower` carries out its
-    instructions. ``record``: keep what this party receives, per client, for the audit;
+class Participant:
+    """One physical party of a ``[clients]`` plan: its state, messages, weights and report. Turns
+    (:class:`~splitlearn.clients.turns.TurnTaking`) and checkpoints
+    (:class:`~splitlearn.clients.saving.StateSaving`) build on it;
+    :class:`~splitlearn.clients.coordinator.Coordinator` walks the schedule and
+    :class:`~splitlearn.clients.follower.Follower` carries out its instructions. ``record``: keep what this party receives, per client, for the audit;
     ``rejoin_wait_s``: how long the coordinator waits for a failed party to come back as a new
     process (0: never)."""
 
@@ -72,8 +72,8 @@ class Participant(TurnTaking, StateSaving):
         spec = plan.clients
         if spec is None:
             raise PlanError("the plan has no [clients] section")
-        if name not in roles(plan):
-            raise PlanError(f"no party {name!r} in this plan", hint=f"parties are {roles(plan)[:6]} ...")
+        if name not in physical_names(plan):
+            raise PlanError(f"no party {name!r} in this plan", hint=f"parties are {physical_names(plan)[:6]} ...")
         self.plan, self.spec, self.name = plan, spec, name
         self.strategy = strategy_of(spec)
         self.clients = spec.names()
@@ -147,6 +147,11 @@ class Participant(TurnTaking, StateSaving):
     def in_turns(self) -> bool:
         """Whether it takes part in turns (a client or a fixed party; not a federation of its own)."""
         return bool(self.duties & (Duty.CLIENT | Duty.FIXED))
+
+    def _random(self, modules: dict[str, torch.nn.Module]) -> PartyRandom:
+        """This physical party's own random stream (its random layers'), on its modules' device."""
+        device = next((p.device for mod in modules.values() for p in mod.parameters()), "cpu")
+        return PartyRandom(party_seed(self.plan.train.seed, self.name), device)
 
     def adopt_context(self, ctx: Context) -> None:
         self.ctx = ctx

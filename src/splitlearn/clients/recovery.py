@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from ..core.engine import PartyError
 from ..wire.control import (Checkpoint, CheckpointsHeld, Restore, Restored, Rows, Saved, StartedOver, StartOver,
                             WhichCheckpoints)
 from ..wire.transport import TransportError
-from .layout import roles
+from .instructing import Instructing
+from .roles import physical_names
 from .schedule import Round
 
-if TYPE_CHECKING:
-    from .coordinator import Coordinator
-
-__all__ = ["Recovery", "PartyRejoined", "MAX_REWINDS"]
+__all__ = ["Recovery", "MAX_REWINDS", "POLL_S"]
 
 log = logging.getLogger(__name__)
 
@@ -27,36 +24,28 @@ MAX_REWINDS = 20  # times a run may rewind to a checkpoint (a party that fails e
 POLL_S = 0.5  # while waiting for a party to come back, how often its stream's state is looked at again
 
 
-class PartyRejoined(Exception):
-    """A failed party came back as a new process (it lost its state since the last checkpoint)."""
-
-    def __init__(self, party: str):
-        super().__init__(party)
-        self.party = party
-
-
-class Recovery:
+class Recovery(Instructing):
     """Checkpoints, rewinds and rejoining parties of a :class:`~splitlearn.clients.coordinator.Coordinator`.
 
     ``_rejoined``: parties that came back as new processes (said so, and proven by the
     transport); ``given_up``: parties waited for in vain (never again); ``_restarts_taken``: per
     party, its restarts (seen by the transport) believed."""
 
-    def _restarts(self: Coordinator, party: str) -> int:
+    def _restarts(self, party: str) -> int:
         """How many times the transport saw ``party`` come back as a new process (0: it cannot tell)."""
         try:
             return self.switch.inner.restarts(party)
         except TransportError:
             return 0
 
-    def _broken(self: Coordinator, party: str) -> bool:
+    def _broken(self, party: str) -> bool:
         """Whether ``party``'s stream is broken now (the transport knows; never waits)."""
         try:
             return self.switch.inner.broken_since(party) is not None
         except TransportError:
             return False
 
-    def _on_rejoined(self: Coordinator, party: str) -> None:
+    def _on_rejoined(self, party: str) -> None:
         """``party`` says it came back as a new process (resuming). Believed once per restart the
         transport saw (another incarnation of it); otherwise refused, named and counted. A
         coordinator that itself resumes takes every party back anyway: nothing to believe."""
@@ -70,7 +59,7 @@ class Recovery:
         self.link.refuse(party, "it says it came back as a new process, but the transport saw no new process of it "
                          f"since its last restart ({seen} restarts): not believed, nobody goes back")
 
-    def checkpoint_everyone(self: Coordinator, index: int, everyone: list[str], rnd: Round | None = None) -> None:
+    def checkpoint_everyone(self, index: int, everyone: list[str], rnd: Round | None = None) -> None:
         """Every party (this one too) saves its state as of the end of round ``index``."""
         rid = next(self._requests)
         asked, why = [], {}
@@ -91,21 +80,15 @@ class Recovery:
                 self._skip(rnd, p, "checkpoint", why.get(p, f"it did not say within {self.timeout:g} s that it saved "
                                                              "its state"))
 
-    def start_over_everyone(self: Coordinator, everyone: list[str]) -> None:
+    def start_over_everyone(self, everyone: list[str]) -> None:
         """Resuming, but no checkpoint is held by every party: every party starts the run over."""
-        rid = next(self._requests)
-        for p in everyone:
-            try:
-                self._instruct(p, StartOver(), rid)
-            except TransportError:
-                pass
-        self._replies(everyone, self.timeout, rid, StartedOver)
+        self._ask(everyone, StartOver(), StartedOver)
         moved = self.checkpoints.set_aside()  # a peer's word never deletes checkpoints
         self.resuming = False
         log.warning("%s: resuming, but no checkpoint is held by every party: from the start%s", self.name,
                     f" (checkpoints moved to {moved})" * bool(moved))
 
-    def rewind(self: Coordinator, everyone: list[str], why: str) -> int | None:
+    def rewind(self, everyone: list[str], why: str) -> int | None:
         """Every party goes back to the last round whose checkpoint all of them hold; the index of
         the round to do next (None: no round is held by all). Parties that do not answer are left
         out (and reported)."""
@@ -115,13 +98,7 @@ class Recovery:
                     self._instruct(p, Rows(tuple(self._counts[0]), tuple(self._counts[1])))
                 except TransportError:
                     pass
-        rid = next(self._requests)
-        for p in everyone:
-            try:
-                self._instruct(p, WhichCheckpoints(), rid)
-            except TransportError:
-                pass
-        ans = self._replies(everyone, self.timeout, rid, CheckpointsHeld)
+        ans = self._ask(everyone, WhichCheckpoints(), CheckpointsHeld)
         common = set(self.checkpoints.steps())
         for held in ans.values():
             common &= set(held.rounds)
@@ -152,7 +129,7 @@ class Recovery:
         self._rejoined.clear()
         return next((i for i, r in enumerate(self.rounds) if r.index > rnd), len(self.rounds))
 
-    def _rejoined_party(self: Coordinator, party: str) -> str | None:
+    def _rejoined_party(self, party: str) -> str | None:
         """The party that came back as a new process (``party``, which failed, or another: the
         failure may be a neighbour's), proven by the transport (see :meth:`_on_rejoined`); None if
         none did. It is waited for only while the transport says one may come back (:meth:`_away`),
@@ -174,8 +151,9 @@ class Recovery:
                     self.given_up.add(party)
         return sorted(self._rejoined)[0] if self._rejoined else None
 
-    def _away(self: Coordinator, party: str) -> list[str]:
+    def _away(self, party: str) -> list[str]:
         """Who may yet come back as a new process: ``party`` or a fixed role whose stream is broken
         now, or that the transport saw restart without saying so yet."""
-        candidates = [party, *(p for p in roles(self.plan) if p not in self.clients and p not in (self.name, party))]
+        fixed = [p for p in physical_names(self.plan) if p not in self.clients and p not in (self.name, party)]
+        candidates = [party, *fixed]
         return [p for p in candidates if self._broken(p) or self._restarts(p) > self._restarts_taken.get(p, 0)]

@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 
 from ..core.graph import Graph, build_graph
-from ..core.plan import Plan, PlanError
-from ..run.session import PartyReport, RunError
-from .layout import clients_playing, coordinator_of, per_client
+from ..core.plan import Plan, per_client
+from ..core.specs import PlanError
+from ..run.report import PartyReport, RunError
+from .layout import clients_playing
+from .roles import coordinator_of
 from .strategies import strategy_of
 
 __all__ = ["metric_histories", "party_entry", "schedule_part", "failures_part", "missing_part", "final_client",

@@ -11,23 +11,54 @@
   coordinator unless ``clients.federation`` names a role of its own.
 
 Each physical party's :class:`Duty` is computed once from the plan (:func:`duties_of`); what a
-participant does branches on it, never on its name.
+participant does branches on it, never on its name. The functions here read the plan only: every
+module of :mod:`splitlearn.clients` may ask them who is who.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
 
 from ..core.plan import Plan
-from ..wire.transport.base import Transport
-from .layout import coordinator_of, federation_of, plays_of
 
-if TYPE_CHECKING:
-    from ..run.setup import PartySetup
-    from .participant import Participant
+__all__ = ["Duty", "duties_of", "federation_of", "coordinator_of", "physical_names", "plays_of", "client_of"]
 
-__all__ = ["Duty", "duties_of", "make_role"]
+
+def federation_of(plan: Plan) -> str:
+    """The party or role that averages client weights."""
+    spec = plan.clients
+    if spec.federation:
+        return spec.federation
+    fixed = [p for p in plan.parties if p != spec.template]
+    return fixed[0] if fixed else "federation"
+
+
+def coordinator_of(plan: Plan) -> str:
+    """The physical party that walks the schedule (see the module)."""
+    spec = plan.clients
+    fed = federation_of(plan)
+    fixed = [p for p in plan.parties if p != spec.template]
+    return fed if fed in plan.parties or not fixed else fixed[0]
+
+
+def physical_names(plan: Plan) -> list[str]:
+    """Every physical party of a ``[clients]`` plan: fixed parties, a separate federation, then the clients."""
+    spec = plan.clients
+    fixed = [p for p in plan.parties if p != spec.template]
+    fed = federation_of(plan)
+    return fixed + ([fed] if fed not in fixed else []) + spec.names()
+
+
+def plays_of(plan: Plan, name: str) -> str | None:
+    """The plan party a physical party plays: the template for a client, itself for a fixed
+    party (every party of a plain plan), none for a federation of its own."""
+    return plan.clients.template if client_of(plan, name) is not None else (name if name in plan.parties else None)
+
+
+def client_of(plan: Plan, name: str) -> str | None:
+    """``name`` if physical party ``name`` is a client of the plan's ``[clients]`` (it reads a client's rows),
+    None for a fixed party, a federation and every party of a plain plan."""
+    return name if plan.clients is not None and name in plan.clients.names() else None
 
 
 class Duty(enum.Flag):
@@ -53,13 +84,3 @@ def duties_of(plan: Plan, name: str) -> Duty:
     if name == coordinator_of(plan):
         duty |= Duty.COORDINATOR
     return duty
-
-
-def make_role(plan: Plan, name: str, transport: Transport, setup: PartySetup | None = None,
-              **kw: Any) -> Participant:
-    """The participant physical party ``name`` is: the coordinator, or a follower."""
-    from .coordinator import Coordinator
-    from .follower import Follower
-
-    cls = Coordinator if Duty.COORDINATOR in duties_of(plan, name) else Follower
-    return cls(plan, name, transport, setup, **kw)

@@ -4,25 +4,23 @@ when the run rewinds to that round (with an ``--out`` folder)."""
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..run import checkpoint as checkpoints
 from ..run.setup import make_optimizer
-
-if TYPE_CHECKING:
-    from .participant import Participant
+from .participant import Participant
 
 __all__ = ["StateSaving"]
 
 
-class StateSaving:
-    """Checkpoints of a :class:`~splitlearn.clients.participant.Participant`."""
+class StateSaving(Participant):
+    """A :class:`~splitlearn.clients.participant.Participant` that saves its state (checkpoints)."""
 
     def _extra_state(self) -> dict[str, Any]:
         """More of this participant's state for its checkpoints' manifest (JSON)."""
         return {}
 
-    def capture(self: Participant, rnd: int) -> None:
+    def capture(self, rnd: int) -> None:
         """Save this party's state at the end of round ``rnd`` (-1: before the first): weights,
         optimizers (and the server copies kept per client), the federation's average, the random
         stream, meters, records and the training its noise spent."""
@@ -47,7 +45,7 @@ class StateSaving:
             "eval_meter": checkpoints.meter_state(self.eval_meter), "records": self.records, "skipped": self.skipped,
             "refused": self.refused, "train_work": self.train_work, **self._extra_state()})
 
-    def restore(self: Participant, rnd: int, attempt: int) -> dict[str, Any]:
+    def restore(self, rnd: int, attempt: int) -> dict[str, Any]:
         """Go back to the state :meth:`capture` saved at the end of round ``rnd``; its manifest."""
         tensors, man = self.checkpoints.load(rnd)
         if self.setup is not None:

@@ -69,7 +69,7 @@ def client_shares(plan: Plan, train_rows: np.ndarray, labels: np.ndarray | None)
     assert spec is not None
     alpha = spec.partition.alpha if spec.partition.kind == "dirichlet" else None
     if alpha is not None and labels is None:
-        from ..core.plan import PlanError
+        from ..core.specs import PlanError
 
         raise PlanError(f"a dirichlet partition needs class labels: {spec.template!r} holds no target of a "
                         "classification loss", entry="clients.partition", hint='use partition = "iid"')
@@ -151,7 +151,7 @@ def averaging_rounds(plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray
     rng = np.random.default_rng([t.seed, 7])
     b = _Batches(plan, shares, test_rows, sites)
     if spec.local_steps is None and t.epochs % spec.local_epochs:
-        from ..core.plan import PlanError
+        from ..core.specs import PlanError
 
         raise PlanError(f"clients.local_epochs ({spec.local_epochs}) must divide train.epochs ({t.epochs})",
                         entry="clients.local_epochs", hint="a round is local_epochs passes over each client's rows")

@@ -18,9 +18,10 @@ import numpy as np
 from ..core.plan import ClientsSpec, Plan
 from ..core.strategy import STRATEGIES
 from .actions import Action, Average, Download, Evaluate, HandOff, MergeCopies, RoundResult, Train
+from .roles import federation_of
 from .schedule import Round, Turn, averaging_rounds, epoch_rounds
 
-__all__ = ["Strategy", "STRATEGIES", "strategy_of", "ring_neighbours"]
+__all__ = ["Strategy", "Sequential", "Independent", "SplitFedV2", "SplitFedV1", "FedAvg", "strategy_of"]
 
 
 def _position(plan: Plan, name: str) -> int:
@@ -31,12 +32,6 @@ def _position(plan: Plan, name: str) -> int:
     if not 1 <= k <= spec.count or name != f"{prefix}{k}":
         raise ValueError(f"{name!r} is not a client of this plan")
     return k - 1
-
-
-def ring_neighbours(plan: Plan, a: str, b: str) -> bool:
-    """Clients next to each other in the ring of client names: k and k+1, N and 1."""
-    i, j, n = _position(plan, a), _position(plan, b), plan.clients.count
-    return abs(i - j) == 1 or {i, j} == {0, n - 1}
 
 
 def _ring_of(plan: Plan, client: str) -> set[str]:
@@ -55,7 +50,6 @@ class Strategy:
     the run's model: the weights of the client that trained last)."""
 
     name = ""
-    averages = False  # the federation averages the clients' weights after every round
     one_model = True  # the run ends with one model (for predict); False: one per client
 
     def check_options(self, options: dict[str, Any]) -> None:
@@ -166,7 +160,6 @@ class SplitFedV2(Strategy):
     after another against the one server model; then the federation averages them by samples."""
 
     name = "splitfed_v2"
-    averages = True
 
     def rounds(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray,
                sites: list[int] | None = None) -> list[Round]:
@@ -186,15 +179,11 @@ class SplitFedV2(Strategy):
         return [Evaluate(turn, result.trained, federation_weights=True)] if result.trained else []
 
     def describe(self, plan: Plan) -> dict[str, Any]:
-        from .layout import federation_of
-
         c = plan.clients
         return {"federation": federation_of(plan), "local_epochs": c.local_epochs, "local_steps": c.local_steps,
                 "fraction": c.fraction}
 
     def summary(self, plan: Plan) -> str:
-        from .layout import federation_of
-
         return f"clients train in each round, {federation_of(plan)} averages their segments"
 
 

@@ -4,42 +4,45 @@ lending a model for one evaluation (:mod:`splitlearn.clients.actions`)."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
-from ..wire.control import (Collect, Collected, Download, LoadWeights, MergeCopies, Ready, Reply, SendWeights,
+from ..wire.control import (Collect, Collected, LoadWeights, MergeServerCopies, Ready, Reply, SendAverage, SendWeights,
                             WeightsLoaded, WeightsMissing, WeightsRefused)
 from ..wire.messages import Kind, Message, quote
 from ..wire.transport import TransportError
+from .instructing import Instructing
 from .schedule import Round
 
-if TYPE_CHECKING:
-    from .coordinator import Coordinator
-
-__all__ = ["WeightTransfers"]
+__all__ = ["WeightTransfers", "LOAD_REPLIES"]
 
 log = logging.getLogger(__name__)
 
 LOAD_REPLIES = (WeightsLoaded, WeightsMissing, WeightsRefused)
 
 
-class WeightTransfers:
+class WeightTransfers(Instructing):
     """How a :class:`~splitlearn.clients.coordinator.Coordinator` moves weights."""
 
-    def _lend(self: Coordinator, rnd: Round, holder: str, client: str) -> bool:
+    def _fetch(self, rnd: Round, holder: str, what: str, then: str, evaluation: bool = False) -> Message | None:
+        """``holder``'s weights, sent to this coordinator; None if they did not come in time (``holder``
+        is skipped for ``what``, the report saying ``then``)."""
+        rid = next(self._requests)
+        try:
+            self._instruct(holder, SendWeights(self.name, evaluation=evaluation), rid)
+            got = self._take_weights([holder], rid, self.timeout).get(holder)
+        except TransportError:
+            got = None
+        if got is None:
+            self._skip(rnd, holder, what, f"its weights did not come within {self.timeout:g} s; {then}")
+        return got
+
+    def _lend(self, rnd: Round, holder: str, client: str) -> bool:
         """Evaluation on another site's test rows: the run's model (``holder``'s weights) goes to
         ``client`` by way of this coordinator, kept there for that one turn (its own weights stay
         as they are); metered as evaluation traffic. False (the site is skipped) if they did not
         get there."""
-        rid = next(self._requests)
         with self._metering(True):
-            try:
-                self._instruct(holder, SendWeights(self.name, evaluation=True), rid)
-                got = self._take_weights([holder], rid, self.timeout).get(holder)
-            except TransportError:
-                got = None
+            got = self._fetch(rnd, holder, "evaluation", f"{client}'s test rows are not scored", evaluation=True)
             if got is None:
-                self._skip(rnd, holder, "evaluation", f"its weights did not come within {self.timeout:g} s; "
-                                                      f"{client}'s test rows are not scored")
                 return False
             rid = next(self._requests)
             try:
@@ -54,7 +57,7 @@ class WeightTransfers:
             return False
         return True
 
-    def _hand_off(self: Coordinator, rnd: Round, client: str) -> bool:
+    def _hand_off(self, rnd: Round, client: str) -> bool:
         """Sequential: the latest weights go from the holder to ``client`` (peer-to-peer between ring
         neighbours, else through this coordinator). False if ``client`` does not answer (its turn is
         skipped); if only the holder fails, the client trains on from its own weights (reported)."""
@@ -64,15 +67,8 @@ class WeightTransfers:
         peer = holder in self.strategy.weight_senders(self.plan, client)
         relayed = None
         if not peer:
-            rid = next(self._requests)
-            try:
-                self._instruct(holder, SendWeights(self.name), rid)
-                relayed = self._take_weights([holder], rid, self.timeout).get(holder)
-            except TransportError:
-                pass
+            relayed = self._fetch(rnd, holder, "hand-off", f"{client} trains on from its own")
             if relayed is None:
-                self._skip(rnd, holder, "hand-off", f"its weights did not come within {self.timeout:g} s; "
-                                                    f"{client} trains on from its own")
                 return True
         rid = next(self._requests)
         try:
@@ -95,7 +91,7 @@ class WeightTransfers:
             self._skip(rnd, holder, "hand-off", f"{_not_loaded(ans[client], client)}; {client} trains on from its own")
         return True
 
-    def _download(self: Coordinator, rnd: Round, names: list[str] | tuple[str, ...], evaluation: bool = False) -> list[str]:
+    def _download(self, rnd: Round, names: list[str] | tuple[str, ...], evaluation: bool = False) -> list[str]:
         """Averaging schedules: the clients receive the federation's weights (at the start of a
         round, or before evaluating the averaged model: metered as evaluation traffic); who did."""
         apart = self.federation != self.name
@@ -111,7 +107,7 @@ class WeightTransfers:
             requests = {c: r for c, r in requests.items() if c in ready}
         try:
             if apart:
-                self._instruct(self.federation, Download(tuple(requests), tuple(requests.values()), evaluation))
+                self._instruct(self.federation, SendAverage(tuple(requests), tuple(requests.values()), evaluation))
             else:
                 with self._metering(evaluation):
                     for c, r in requests.items():
@@ -131,7 +127,7 @@ class WeightTransfers:
                 loaded.append(c)
         return loaded
 
-    def _average(self: Coordinator, rnd: Round, done: tuple[str, ...]) -> list[str]:
+    def _average(self, rnd: Round, done: tuple[str, ...]) -> list[str]:
         """The clients that trained send their weights to the federation, which averages them."""
         rid = next(self._requests)
         sending = []
@@ -165,14 +161,14 @@ class WeightTransfers:
                 self._skip(rnd, c, "averaging", f"its weights did not come within {self.timeout:g} s")
         return got
 
-    def _merge_copies_everywhere(self: Coordinator, rnd: Round, clients: tuple[str, ...]) -> None:
+    def _merge_copies_everywhere(self, rnd: Round, clients: tuple[str, ...]) -> None:
         """SplitFed v1: every fixed party (this one too) merges the round's copies of its segments."""
         samples = [rnd.samples[self.clients.index(c)] for c in clients]
         if self.setup is not None:
             self.merge_copies(list(clients), samples)
         for p in self.plan.parties:
             if p not in (self.spec.template, self.name):
-                self._instruct(p, MergeCopies(tuple(clients), tuple(samples)))
+                self._instruct(p, MergeServerCopies(tuple(clients), tuple(samples)))
 
 
 def _not_loaded(answer: Reply | None, client: str) -> str:

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from ..core.engine import PartyError
-from ..core.plan import PlanError
-from ..core.randomness import PartyRandom, party_seed
+from ..core.specs import PlanError
 from ..run.observe import Recorder
 from ..run.session import run_party
 from ..run.setup import make_optimizer
@@ -20,23 +17,20 @@ from ..wire.codec import WireError
 from ..wire.link import Link
 from ..wire.messages import Kind, decode, kind_of, read_hello
 from ..wire.transport import TransportError
+from .participant import Participant
 from .schedule import Turn
 from .scoring import ScoringParty
 from .weights import load_state
-
-if TYPE_CHECKING:
-    from .participant import Participant
 
 __all__ = ["TurnTaking"]
 
 log = logging.getLogger(__name__)
 
 
-class TurnTaking:
-    """The turns of a :class:`~splitlearn.clients.participant.Participant`."""
+class TurnTaking(Participant):
+    """A :class:`~splitlearn.clients.participant.Participant` that takes part in turns."""
 
-    def _models(self: Participant, turn: Turn, client: str,
-                model: str | None = None) -> tuple[dict, torch.optim.Optimizer | None]:
+    def _models(self, turn: Turn, client: str, model: str | None = None) -> tuple[dict, torch.optim.Optimizer | None]:
         if self.is_client and model is not None:  # another client's weights, for this turn only
             if self.lent is None:
                 raise PartyError(f"{self.name}: no weights of {model} came to evaluate")
@@ -50,11 +44,7 @@ class TurnTaking:
             self.copies[client] = (mods, make_optimizer(self.plan, self.plays, mods))
         return self.copies[client]
 
-    def _random(self: Participant, modules: dict[str, nn.Module]) -> PartyRandom:
-        device = next((p.device for mod in modules.values() for p in mod.parameters()), "cpu")
-        return PartyRandom(party_seed(self.plan.train.seed, self.name), device)
-
-    def run_turn(self: Participant, turn: Turn, client: str, model: str | None = None) -> tuple[bool, str]:
+    def run_turn(self, turn: Turn, client: str, model: str | None = None) -> tuple[bool, str]:
         """Take part in one turn with ``client`` (evaluating ``model``'s weights, lent to it, when
         not its own): (done, why not)."""
         t = self.spec.template

@@ -1,12 +1,13 @@
-"""Wire defenses as the engine sees them: the :class:`Defense` protocol and the registry of them.
+"""Wire defenses as the engine sees them: the :class:`Defense` protocol and what reads the registry of
+them (:data:`~splitlearn.core.registry.DEFENSES`).
 
 A :class:`Defense` sits at an edge of the step and leaves the protocol alone: at the sender,
 :meth:`~Defense.extra_loss` (computed from the undefended value) and :meth:`~Defense.on_send`;
 at the receiver, :meth:`~Defense.on_gradient` on the gradient it returns. A defense is named by
 its key in ``[wires.SOURCE]``; the built-ins (``nopeek``, ``noise``, ``label_protection``,
-``randomized_response``, fields of :class:`~splitlearn.core.plan.WireSpec`) live in
-:mod:`splitlearn.privacy.defenses`, which :data:`DEFENSES` imports by name the first time it is
-read: the core never imports it. Any other registered key is accepted in a plan too::
+``randomized_response``, fields of :class:`~splitlearn.core.specs.WireSpec`) live in
+:mod:`splitlearn.privacy.defenses`, which the registry imports by name the first time it is read:
+the core never imports it. Any other registered key is accepted in a plan too::
 
     class Shift(Defense):
         key = "shift"
@@ -35,8 +36,8 @@ if TYPE_CHECKING:  # torch is imported where a tensor is made: validating a plan
     from .plan import Plan
     from .step import StepState
 
-__all__ = ["Defense", "SweepParam", "WireContext", "DEFENSES", "register", "active", "validate", "check_data",
-           "privacy_spent", "sweep_params"]
+__all__ = ["ALL_MODES", "BUILT_IN_KEYS", "Defense", "SweepParam", "WireContext", "register", "active", "validate",
+           "check_data", "privacy_spent", "sweep_params", "defend_forward", "defend_backward"]
 
 ALL_MODES = frozenset({"train", "eval", "predict"})  # a defense never acts in the handshake
 BUILT_IN_KEYS = ("nopeek", "noise", "label_protection", "randomized_response")  # fields of WireSpec

@@ -1,5 +1,5 @@
 """Running a plan's nodes on one sample row: how a segment takes its inputs, and the checks that
-turn a failing segment or loss into a :class:`~splitlearn.core.plan.PlanError` naming the wires
+turn a failing segment or loss into a :class:`~splitlearn.core.specs.PlanError` naming the wires
 and shapes (the handshake of :class:`~splitlearn.core.engine.Party`, and :func:`dry_run` in one process).
 """
 
@@ -13,7 +13,7 @@ from torch import nn
 from ..wire.codec import dtype_name
 from .graph import Graph, Node
 from .losses import get as loss_kind
-from .plan import PlanError
+from .specs import PlanError
 
 __all__ = ["merge_inputs", "check_labels", "run_checked", "dry_run"]
 

@@ -38,16 +38,14 @@ from ..wire.transport.base import TransportTimeout
 from .admission import check_received_values, decode_checked, early_problem
 from .bounds import LearntBounds
 from .defense import defend_backward, defend_forward
-from .dryrun import check_labels, dry_run, merge_inputs, run_checked
+from .dryrun import check_labels, merge_inputs, run_checked
 from .flow import FlowControl
 from .graph import Graph, Node, Stage, Wire
 from .losses import get as loss_kind
 from .randomness import PartyRandom, party_seed
 from .step import Mode, StepOutput, StepState
 
-# StepOutput, StepState, Mode (.step), LearntBounds (.bounds), dry_run and merge_inputs (.dryrun) are
-# importable from here too
-__all__ = ["Party", "StepOutput", "StepState", "PartyError", "Mode", "LearntBounds", "dry_run", "merge_inputs"]
+__all__ = ["Party", "PartyError", "SessionRestart"]
 
 
 class PartyError(RuntimeError):

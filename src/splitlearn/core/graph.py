@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .defense import validate as validate_defenses
-from .plan import Plan, PlanError, WireSpec
+from .plan import Plan
+from .specs import PlanError, WireSpec
 
 __all__ = ["Graph", "Node", "Wire", "Stage", "build_graph"]
 

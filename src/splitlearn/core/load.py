@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .graph import build_graph
-from .plan import Plan, PlanError, parse_plan
+from .plan import Plan, parse_plan
+from .specs import PlanError
 
 __all__ = ["load_plan"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["METRICS", "REGRESSION_METRICS", "classification_metrics", "regression_metrics",
-           "expected_calibration_error", "bootstrap_ci", "curves"]
+           "expected_calibration_error", "bootstrap_ci", "curves", "BOOTSTRAP_ROUNDS", "CURVE_POINTS"]
 
 METRICS = ("accuracy", "roc_auc", "f1", "sensitivity", "specificity", "ece")  # per epoch, as test_<name>
 REGRESSION_METRICS = ("mae", "rmse", "r2")  # per epoch, as test_<name>

@@ -5,8 +5,9 @@ A plan is written in TOML (see ``examples/``) or built in Python with the same f
     plan = Plan.model_validate({"name": "vanilla", "parties": {...}, ...})
 
 Structural checks that need the whole graph (cycles, dangling inputs, label wires) live in
-:mod:`splitlearn.core.graph`; the entries, each checked on its own, in :mod:`splitlearn.core.specs`
-(importable from here too), and this module checks what needs several of them.
+:mod:`splitlearn.core.graph`; the entries, each checked on its own, and the plan's error
+(:class:`~splitlearn.core.specs.PlanError`) in :mod:`splitlearn.core.specs` (import them from there);
+this module checks what needs several of them.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-# the entries' types (core/specs.py); those a plan holds are importable from here too
+# the entries' types (core/specs.py), those a plan holds
 from .specs import (DataSpec, LossSpec, NetworkSpec, PartitionSpec, PartySpec, PlanError, SegmentSpec, TrainSpec,
                     WireSpec)
 from .specs import Strict as _Strict
 
-__all__ = ["Plan", "PlanError", "ClientsSpec", "parse_plan", "plan_hash", "per_client", "STEP_TIMEOUT_S"]
+__all__ = ["Plan", "ClientsSpec", "parse_plan", "plan_hash", "plan_parts", "plan_value", "differing_entries",
+           "from_validation_error", "plan_dir", "per_client", "STEP_TIMEOUT_S"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 STEP_TIMEOUT_S = 120.0  # seconds a step may take where neither the caller nor the plan says (no [clients])

@@ -2,8 +2,8 @@
 losses, wires (codecs, defenses, bounds) and training settings.
 
 :class:`~splitlearn.core.plan.Plan` puts them together (and checks what needs several of them);
-:mod:`splitlearn.core.graph` checks the structure they make. Every name here is importable from
-:mod:`splitlearn.core.plan` too.
+:mod:`splitlearn.core.graph` checks the structure they make. :class:`PlanError`, the error of a plan
+anywhere, is defined here too.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from .registry import DEFENSES
 
-__all__ = ["PlanError", "DataSpec", "PartySpec", "NetworkSpec", "SegmentSpec", "LossSpec", "WireSpec", "TrainSpec",
-           "PartitionSpec", "refused_factory_package"]
+__all__ = ["PlanError", "Strict", "DataSpec", "FieldRef", "OptimizerSpec", "ResourcesSpec", "PartySpec", "NetworkSpec",
+           "SegmentSpec", "LossSpec", "NoiseSpec", "LabelProtectionSpec", "WireSpec", "TrainSpec", "PartitionSpec",
+           "refused_factory_package", "describe", "importable_name"]
 
 
 class PlanError(ValueError):

@@ -26,7 +26,6 @@ class StrategyLike(Protocol):
     is the base the built-ins share)."""
 
     name: str
-    averages: bool  # the federation keeps averaged client weights
     one_model: bool  # the run ends with one model (False: one per client)
 
     def check_options(self, options: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from .split import batches, train_test_split_ids
 from .table import DataError, Table
 
 __all__ = ["Table", "DataError", "load_table", "infer_dataset", "batches", "train_test_split_ids", "partition",
-           "DATASETS"]
+           "DATASETS", "TARGET_OPTION"]
 
 DATASETS = ("digits", "breast_cancer", "wine", "diabetes", "synthetic", "mnist", "csv", "parquet", "npz", "images")
 TARGET_OPTION = "standardize_target"  # regression targets (data.preprocess): the datasets that can hold them

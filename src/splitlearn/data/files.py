@@ -19,7 +19,8 @@ import numpy as np
 
 from .table import DataError, Table, repeated
 
-__all__ = ["read_idx", "mnist", "read_csv", "TARGETS"]
+__all__ = ["read_idx", "mnist", "read_csv", "TARGETS", "check_classes", "check_table_settings", "check_target",
+           "check_unique", "csv_records", "header_index", "label_indices", "label_values", "text_ids"]
 
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 

@@ -18,7 +18,7 @@ from .files import check_table_settings, check_target, check_unique, label_indic
 from .images import IMAGE_SUFFIXES
 from .table import DataError, Table, as_ids, repeated
 
-__all__ = ["read_parquet", "read_npz", "infer_dataset"]
+__all__ = ["read_parquet", "read_npz", "infer_dataset", "check_flag"]
 
 
 def _pyarrow() -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Table", "DataError", "as_ids"]
+__all__ = ["Table", "DataError", "as_ids", "repeated"]
 
 
 class DataError(ValueError):

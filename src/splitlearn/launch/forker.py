@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["Forker", "Forked"]
+__all__ = ["Forker", "Forked", "PRELOAD", "serve"]
 
-PRELOAD = ("grpc", "splitlearn.launch.party", "splitlearn.clients.coordinator", "splitlearn.clients.follower", "splitlearn.wire.transport.grpc",
-           "splitlearn.run.align", "splitlearn.data.formats", "safetensors.torch")
+PRELOAD = ("grpc", "splitlearn.launch.party", "splitlearn.launch.oneparty", "splitlearn.clients.coordinator",
+           "splitlearn.clients.follower", "splitlearn.wire.transport.grpc", "splitlearn.run.align",
+           "splitlearn.data.formats", "safetensors.torch")
 
 
 # -- the launcher's side ---------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..core.plan import Plan, PlanError
-from ..run.session import RunError
+from ..core.plan import Plan
+from ..core.specs import PlanError
+from ..run.report import RunError
 
 __all__ = ["require_ray", "connect", "launch_ray", "run_tasks", "TaskFailure", "folder_files", "write_files"]
 
@@ -142,7 +143,7 @@ class _PartyActor:
 
     def run(self, plan_path: str, certs: dict[str, bytes] | None, peers: dict[str, str], options: dict) -> dict:
         """Run the party; its folder's files and its error (None when it finished)."""
-        from .processes import run_one_party
+        from .oneparty import run_one_party
 
         if self._held is not None:  # the party binds it now
             self._held.close()
@@ -181,7 +182,7 @@ def launch_ray(plan_path: str | Path, out: Path, *, address: str | None = None, 
     """``splitlearn run --ray``: every physical party as a Ray actor (see the module's text); the
     merged result, as :func:`~splitlearn.launch.processes.launch` gives it."""
     from ..wire.transport.tls import make_certs
-    from .processes import _child_env, gather
+    from .processes import child_env, gather
     from ..run.setup import prepare
     from ..clients.layout import Topology
 
@@ -193,7 +194,7 @@ def launch_ray(plan_path: str | Path, out: Path, *, address: str | None = None, 
     out = Path(out)
     topo = Topology.of(plan)
     run_id = f"{int(time.time() * 1000) % 10**10}"
-    env = {k: v for k, v in _child_env(len(topo.names)).items()
+    env = {k: v for k, v in child_env(len(topo.names)).items()
            if k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS", "PYTHONUNBUFFERED")}
     env["PYTHONPATH"] = os.pathsep.join(_python_path())
     resources = _resources(plan, topo, ray)

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PartyOptions", "party_process", "main"]
+__all__ = ["PartyOptions", "party_process", "main", "exit_flushed"]
 
 log = logging.getLogger("splitlearn.launch.party")
 
@@ -64,11 +64,11 @@ class PartyOptions:
 def party_process(opts: PartyOptions) -> int:
     """Run the party of ``opts`` in this process, over gRPC; the process's exit status. A failure
     is one line on stderr (and ``error.json`` in the party's ``out`` folder for its launcher)."""
-    from ..core.plan import PlanError
-    from ..run.session import RunError
+    from ..core.specs import PlanError
+    from ..run.report import RunError
     from ..core.units import human
     from ..wire.messages import Limits
-    from .processes import progress_line, run_one_party
+    from .oneparty import progress_line, run_one_party
     from .results import write_json
 
     if opts.certs is None and not opts.insecure:

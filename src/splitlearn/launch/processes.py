@@ -1,9 +1,8 @@
 """Parties as operating-system processes over gRPC: one party here, or all of them on loopback.
 
-:func:`run_one_party` is ``splitlearn party``: it builds its physical party from the plan and
-its own data, connects to its neighbours and runs what :func:`~splitlearn.clients.layout.physical_party`
-gives it, as the thread launcher does. :func:`launch` is ``splitlearn run``: throw-away
-certificates, one process per physical party on 127.0.0.1, and the merged ``result.json``.
+:func:`launch` is ``splitlearn run``: throw-away certificates, one process per physical party on
+127.0.0.1 (each runs :func:`~splitlearn.launch.oneparty.run_one_party`, as ``splitlearn party``
+does), and the merged ``result.json``.
 """
 
 from __future__ import annotations
@@ -18,141 +17,33 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.plan import Plan, PlanError
-from ..core.load import load_plan
-from ..wire.messages import Limits
+from ..core.plan import Plan
+from ..core.specs import PlanError
 from .forker import Forker
 from .party import PartyOptions
-from ..run.allocator import math_threads, tune_allocator  # noqa: F401 - party processes call tune_allocator from here
-from .results import build_result, save_party, save_result
-from ..run.session import PartyReport, Progress, RunError
-from ..run.setup import prepare, setup_party
-from ..clients.layout import Topology, client_of, own_data, physical_party, with_dial_out
-from ..clients.results import failures_part, missing_part
+from ..run.allocator import math_threads
+from .results import build_result, save_result
+from ..run.report import PartyReport, Progress, RunError
+from ..run.setup import prepare
+from ..clients.layout import Topology
+from ..clients.results import failures_part
 
 _log = logging.getLogger("splitlearn.launch.processes")
 
-__all__ = ["run_one_party", "launch", "tune_allocator", "progress_line"]
-
-
-@dataclass
-class Endpoints:
-    listen: str | None
-    dial: dict[str, str]
-    accept: list[str]
-
-
-def endpoints(plan: Plan, topo: Topology, name: str, listen: str | None, peers: dict[str, str]) -> Endpoints:
-    """Where this party listens and whom it dials, from the command line or the plan."""
-    dial = {}
-    for peer in topo.dials(name):
-        addr = peers.get(peer) or (plan.parties[peer].address if peer in plan.parties else None)
-        if not addr:
-            raise PlanError(f"party {name!r} must dial {peer!r} but has no address for it", entry=f"parties.{peer}.address",
-                            hint=f"pass --peer {peer}=HOST:PORT or set parties.{peer}.address in the plan")
-        dial[peer] = addr
-    unknown = set(peers) - set(topo.names)
-    if unknown:
-        raise PlanError(f"--peer names unknown parties {sorted(unknown)}", hint=f"parties are {topo.names[:8]}")
-    accept = topo.accepts(name)
-    listen = listen or (plan.parties[name].address if name in plan.parties else None)
-    if accept and not listen:
-        raise PlanError(f"party {name!r} must listen for {accept} but has no address", entry=f"parties.{name}.address",
-                        hint="pass --listen HOST:PORT or set the party's address in the plan")
-    return Endpoints(listen if accept else None, dial, accept)
-
-
-def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, listen: str | None = None,
-                  peers: dict[str, str] | None = None, out: Path | None = None, epochs: int | None = None,
-                  seed: int | None = None, connect_timeout: float = 60.0, step_timeout: float | None = None,
-                  on_step=None, dial_out: list[str] = (), limits: Limits | None = None,
-                  log: str | None = None, data: str | Path | None = None, resume: bool = False,
-                  rejoin_wait: float | None = None) -> PartyReport:
-    """Run physical party ``name`` of the plan in this process, over gRPC. ``certs=None`` means
-    insecure. ``step_timeout`` bounds each step as a whole (default: the plan's ``[train]
-    step_timeout``, :meth:`~splitlearn.core.plan.Plan.step_timeout_s`); ``limits`` what a peer may
-    make it hold; ``log`` where a party that computes a loss streams its metrics
-    (``tensorboard[:DIR]``, ``mlflow[:URI]``); ``data`` this party's own file (``--data``), instead
-    of the plan's data settings; ``resume``: go on from the last checkpoint in ``out`` that every party holds; ``rejoin_wait``: how long the coordinator of a
-    ``[clients]`` plan waits for a failed party to come back as a new process (default: the plan's
-    ``reconnect_timeout``)."""
-    from ..wire.transport.grpc import GrpcTransport
-    from ..run.tracking import parse_log
-    from ..wire.transport.tls import load_credentials
-
-    plan = load_plan(plan_path).with_train(epochs=epochs, seed=seed)
-    limits = limits or Limits()
-    if dial_out:
-        plan = with_dial_out(plan, dial_out)
-    topo = Topology.of(plan)
-    if name not in topo.names:
-        raise PlanError(f"no party {name!r} in the plan", hint=f"parties are {topo.names[:8]}")
-    plays = topo.plays(plan, name)
-    try:
-        given = own_data(plan, name, data) if data is not None else None
-        setup = setup_party(plan, plays, data=given, client=client_of(plan, name)) if plays is not None else None
-        # plan and data errors before connecting
-    except PlanError as e:
-        raise e.in_file(e.file or plan._source) from None
-    tracking = parse_log(log, out) if log else None
-    ends = endpoints(plan, topo, name, listen, peers or {})
-    creds = load_credentials(certs, name) if certs is not None else None
-    transport = GrpcTransport(name, listen=ends.listen, dial=ends.dial, accept=ends.accept, credentials=creds,
-                              connect_timeout=connect_timeout, max_message_bytes=limits.message_bytes,
-                              expendable=[p for p in (*ends.dial, *ends.accept) if p in topo.droppable],
-                              reconnect_timeout=plan.train.reconnect_timeout)
-    transport.start()
-    try:
-        transport.wait_connected(connect_timeout)
-        if resume and out is None:
-            raise PlanError("--resume needs the --out folder whose checkpoints to go on from", entry="--resume")
-        part = physical_party(plan, name, setup, transport, timeout=step_timeout, record=out is not None,
-                              limits=limits, tracking=tracking, out=out, resume=resume,
-                              rejoin_wait_s=plan.train.reconnect_timeout if rejoin_wait is None else rejoin_wait)
-        report = part.run(on_step)
-    finally:
-        transport.close()
-    if out is not None:
-        save_party(Path(out) / "parties" / name, report)
-        if name == topo.lead:  # the label owner (or a schedule's coordinator) holds the run's result.json
-            try:
-                write_partial_result(plan, topo, Path(out), "grpc" if certs is None else "grpc+mtls")
-            except Exception as e:  # noqa: BLE001 - the run itself succeeded; its report.json is written
-                _log.warning("%s: no result.json from the reports in %s (%s); a launcher's gathers them all",
-                             name, out, e)
-    return report
-
-
-def write_partial_result(plan: Plan, topo: Topology, out: Path, transport: str) -> dict:
-    """``result.json`` and ``plan.json`` in ``out`` from the party reports found there: on a deployment each
-    site has its own folder, so the lead party's holds its own report (metrics, its traffic) and any other
-    party's that shares the folder; ``parties_missing`` names the others (a ``[clients]`` plan needs them all).
-    ``report`` and ``predict`` read it."""
-    reports = {}
-    for n in topo.names:
-        f = out / "parties" / n / "report.json"
-        if f.is_file():
-            try:
-                reports[n] = PartyReport(**json.loads(f.read_text()))
-            except (ValueError, TypeError):
-                continue  # a report of another version or a torn write: that party is listed as missing
-    result = build_result(plan, reports, {"transport": transport})
-    result.update(missing_part(plan, [n for n in topo.names if n not in reports]))
-    save_result(out, plan, result)
-    return result
+__all__ = ["launch", "gather", "free_port", "child_env", "GRACE_S"]
 
 
 _taken: set[int] = set()  # ports this process handed out (a party may not have bound its own yet)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A free loopback port for a party to listen on, below the kernel's ephemeral range: a port
     the kernel gives out for outgoing connections could be taken by one of a hundred parties
-    dialling before the party meant to listen on it binds it (measured: 2 of 101 lost theirs)."""
+    dialling before the party meant to listen on it binds it (measured: 2 of 101 lost theirs); none
+    this process handed out before; any free port if that range is crowded (the tests take theirs here)."""
     import random
 
     try:
@@ -193,7 +84,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
     out = Path(out)
     tracking = parse_log(log, out) if log else None
     topo = Topology.of(plan)
-    ports = {p: _free_port() for p in topo.names}
+    ports = {p: free_port() for p in topo.names}
     dial_ports = dict(ports)  # where a dialer finds each listener: itself, or the slow link in front of it
     relays = []
     if link is not None:
@@ -208,7 +99,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                 relays.append(SlowLink(("127.0.0.1", ports[name]), rtt=rtt, bandwidth=bandwidth).start())
                 dial_ports[name] = relays[-1].port
     procs: dict[str, Any] = {}
-    env = _child_env(len(topo.names))
+    env = child_env(len(topo.names))
     forker = Forker(env) if _forking() else None  # many processes share one import of torch
     with tempfile.TemporaryDirectory(prefix="splitlearn-certs-") as certs:
         if not insecure:
@@ -312,7 +203,7 @@ def _follow_fifo(path: Path, on_step) -> None:
         _follow(stream, on_step)
 
 
-def _child_env(parties: int) -> dict[str, str]:
+def child_env(parties: int) -> dict[str, str]:
     """Party processes on one machine take turns computing, so idle math threads must sleep, not
     spin on the cores the computing party needs (OMP_WAIT_POLICY=PASSIVE; measured on 2 cores:
     CNN split 1127-1293 -> 1333-1456 samples/s). More party processes than cores: one math thread
@@ -323,11 +214,6 @@ def _child_env(parties: int) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", str(math_threads(parties)))  # as in-process runs use (launch/threads.py)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS pool would start a thread in the forker
     return env
-
-
-def progress_line(p: Progress) -> str:
-    """How a party process tells its launcher how far it is (one line on stdout)."""
-    return f"progress {p.done} {p.total} {p.epoch} {p.epochs} {p.unit} {p.mode} {'-' if p.loss is None else repr(p.loss)}"
 
 
 def _follow(stream, on_step) -> None:
@@ -345,17 +231,17 @@ def _follow(stream, on_step) -> None:
 GRACE_S = 5.0  # after a party process failed, how long the others get to end by themselves (and say why)
 
 
-def _wait(procs: dict[str, Any], timeout: float, expendable: frozenset[str] = frozenset()
+def _wait(procs: dict[str, Any], timeout: float, droppable: frozenset[str] = frozenset()
           ) -> tuple[dict[str, int], list[str]]:
     """Exit codes once every process ended, and the parties the launcher stopped. No one restarts a
-    party under ``splitlearn run``: once one that is not expendable failed, the others get
+    party under ``splitlearn run``: once one that is not droppable failed, the others get
     :data:`GRACE_S` to end, then are stopped, rather than waiting out their ``reconnect_timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         codes = {n: p.poll() for n, p in procs.items()}
         if all(c is not None for c in codes.values()):
             return codes, []
-        failed = any(c not in (None, 0) and n not in expendable for n, c in codes.items())
+        failed = any(c not in (None, 0) and n not in droppable for n, c in codes.items())
         if failed:
             deadline = min(deadline, time.monotonic() + GRACE_S)
         time.sleep(0.1)

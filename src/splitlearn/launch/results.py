@@ -21,13 +21,14 @@ from torch import nn
 
 from ..core.graph import Graph, build_graph
 from ..core.metrics import METRICS, REGRESSION_METRICS
-from ..core.plan import Plan, PlanError, parse_plan, plan_dir
-from ..run.session import PartyReport
-from ..clients.layout import plays_of
-from ..clients.results import final_client, metric_histories, party_entry, schedule_part
+from ..core.plan import Plan, parse_plan, plan_dir
+from ..core.specs import PlanError
+from ..run.report import PartyReport
+from ..clients.roles import plays_of
+from ..clients.results import metric_histories, party_entry, schedule_part
 
-__all__ = ["build_result", "final_client", "summarize", "wires_of", "write_json", "save_party", "save_result",
-           "save_weights", "load_weights", "non_finite", "plan_record", "load_run_plan",
+__all__ = ["build_result", "summarize", "wires_of", "write_json", "save_party", "save_result",
+           "save_weights", "load_weights", "save_preprocess", "load_preprocess", "non_finite", "plan_record", "load_run_plan",
            "RUN_OUTPUTS", "clear_run_folder"]
 
 

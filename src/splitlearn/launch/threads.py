@@ -10,12 +10,14 @@ from typing import Any, Callable
 import torch
 
 from ..core.engine import PartyError
-from ..core.plan import Plan, PlanError
+from ..core.plan import Plan
+from ..core.specs import PlanError
 from ..wire.transport import InProcessHub, TransportClosed
 from ..run.allocator import math_threads
-from ..run.session import PartyReport, Progress, RunError
+from ..run.report import PartyReport, Progress, RunError
 from ..run.setup import PartySetup, Step
-from ..clients.layout import Topology, physical_party, physical_setups, shared_in_process
+from ..clients.layout import Topology, physical_setups, shared_in_process
+from ..clients.parties import physical_party
 
 __all__ = ["run_local"]
 

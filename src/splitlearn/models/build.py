@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.plan import Plan, PlanError, plan_dir
-from ..core.specs import refused_factory_package
+from ..core.plan import Plan, plan_dir
+from ..core.specs import PlanError, refused_factory_package
 from .cut import CutError, cut_module
 from .zoo import ZOO
 

@@ -1,11 +1,11 @@
 """The built-in wire defenses, registered on import: ``nopeek``, ``noise``, ``label_protection``
-and ``randomized_response`` (fields of :class:`~splitlearn.core.plan.WireSpec`).
+and ``randomized_response`` (fields of :class:`~splitlearn.core.specs.WireSpec`).
 
-The protocol and the registry live in the core (:mod:`splitlearn.core.defense`), which imports
-this module by name the first time the registry is read; they are importable from here too, so
-a defense of one's own is written as::
+The protocol lives in the core (:mod:`splitlearn.core.defense`) and the registry in
+:mod:`splitlearn.core.registry`, which imports this module by name the first time the registry is
+read. A defense of one's own is written against the core's protocol::
 
-    from splitlearn.privacy.defenses import Defense, register
+    from splitlearn.core.defense import Defense, register
 
     class Shift(Defense):
         key = "shift"
@@ -22,13 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.defense import (ALL_MODES, DEFENSES, Defense, SweepParam, WireContext, active, check_data, privacy_spent,
-                            register, sweep_params, validate)
+from ..core.defense import ALL_MODES, Defense, SweepParam, WireContext, register
 from ..core.graph import Graph, Wire
-from ..core.plan import Plan, PlanError
+from ..core.plan import Plan
+from ..core.specs import PlanError
 
-__all__ = ["Defense", "SweepParam", "WireContext", "DEFENSES", "register", "active", "validate", "check_data",
-           "privacy_spent", "sweep_params", "NoPeek", "Noise", "LabelProtection", "RandomizedResponse"]
+__all__ = ["NoPeek", "Noise", "LabelProtection", "RandomizedResponse"]
 
 
 # -- the built-ins ----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .noise import _randn
 
-__all__ = ["max_norm", "marvell", "randomized_response"]
+__all__ = ["max_norm", "marvell", "randomized_response", "MARVELL_SCALE"]
 
 MARVELL_SCALE = 4.0  # std of the noise along the class-mean difference, in units of its length, at strength 1
 

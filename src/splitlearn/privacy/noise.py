@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["clip_and_noise", "PrivacyAccountant"]
+__all__ = ["clip_and_noise", "PrivacyAccountant", "ORDERS", "eps_from_rdp", "rdp_subsampled_gaussian"]
 
 # Opacus's default orders, plus a few smaller and larger ones (a tighter bound at very large or very small noise)
 ORDERS = [1.01, 1.02, 1.03, 1.05, 1.07] + [1 + x / 10 for x in range(1, 100)] + [*range(12, 65), 80, 96, 128, 256]

@@ -35,13 +35,15 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ..core.graph import Graph
-from ..core.plan import PlanError
+from ..core.specs import PlanError
 from ..wire.codec import Encoded, WireError
 from ..wire.link import Link
 from ..wire.messages import Kind, Message, parse_json, quote
 from ..wire.transport import TransportTimeout
 
-__all__ = ["align_psi", "Alignment", "check_arrangement", "psi_route", "PSI_EXTRA", "Budget", "MAX_ELEMENTS", "peer_budgets"]
+__all__ = ["align_psi", "Alignment", "check_arrangement", "psi_route", "PSI_EXTRA", "Budget", "MAX_ELEMENTS",
+           "peer_budgets", "CHUNK", "ELEMENT_BYTES", "FPR", "MAX_HASHES", "OTHER_BYTES", "PHASES", "TEXT_BYTES", "WIRE",
+           "holders_of", "message_bytes"]
 
 PSI_EXTRA = "pip install --no-deps openmined-psi  (its wheel pins an older protobuf; splitlearn's works with it)"
 FPR = 1e-9  # false positive rate of the server's set encoding: about one in 10^9 ids wrongly kept

@@ -35,7 +35,7 @@ from ..wire.metering import Meter, Traffic
 
 __all__ = ["Checkpoints", "CheckpointError", "KEEP", "capture", "restore", "module_tensors", "load_modules",
            "optimizer_tensors", "load_optimizer", "meter_state", "load_meter", "read_verified", "goodbye_bytes",
-           "without_goodbyes"]
+           "without_goodbyes", "FILES", "FORMAT", "SUMS"]
 
 KEEP = 2
 FORMAT = "splitlearn-checkpoint-2"  # 2: SHA256SUMS covers the manifest too

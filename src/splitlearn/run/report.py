@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 
 from ..core import losses
-from ..core.engine import Party, StepOutput
+from ..core.engine import Party
+from ..core.step import StepOutput
 from .setup import Step
 
-__all__ = ["RunError", "PartyReport", "Progress", "Metrics"]
+__all__ = ["RunError", "PartyReport", "Progress", "EpochSums", "STEP_POINTS", "Metrics"]
 
 
 class RunError(RuntimeError):

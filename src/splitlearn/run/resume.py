@@ -16,7 +16,8 @@ from .checkpoint import goodbye_bytes, load_meter, meter_state
 
 log = logging.getLogger("splitlearn.run.resume")
 
-__all__ = ["MAX_HELD", "held_by", "learn_held", "agree_on_resume", "finished_neighbours", "answer_finished"]
+__all__ = ["MAX_HELD", "held_by", "learn_held", "agree_on_resume", "finished_neighbours", "answer_finished", "steps_of",
+           "say_resume", "usable_checkpoints", "set_aside", "count_kept_messages"]
 
 MAX_HELD = 1000  # checkpoint steps a party may say it holds
 

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from ..core import losses
-from ..core.plan import DataSpec, Plan, PlanError, plan_dir
+from ..core.plan import Plan, plan_dir
+from ..core.specs import DataSpec, PlanError
 from ..data import DataError, Table, load_table, train_test_split_ids
 
 __all__ = ["Splits", "party_table", "party_inputs", "splits_for", "counted_splits", "ids_digest", "data_spec",
-           "with_file", "party_file", "holds_data", "target_kinds", "scaled_targets"]
+           "with_file", "party_file", "holds_data", "target_kinds", "scaled_targets", "read_table", "data_entry"]
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The session every party runs, whatever the plan: hello, handshake, the steps, goodbye.
 
 :func:`run_party` takes a party through its steps inside a :func:`session` and returns its
-:class:`PartyReport`: the metrics of the losses it computes, its accounting, what it refused
-and the privacy its noise spent. A turn of a horizontal client is the same session.
+:class:`~splitlearn.run.report.PartyReport`: the metrics of the losses it computes, its accounting,
+what it refused and the privacy its noise spent. A turn of a horizontal client is the same session.
 """
 
 from __future__ import annotations
@@ -15,19 +15,20 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ..core.defense import privacy_spent
 from ..core.engine import Party, PartyError, SessionRestart
-from ..core.plan import PlanError, differing_entries, plan_hash, plan_parts, plan_value
+from ..core.plan import differing_entries, plan_hash, plan_parts, plan_value
+from ..core.specs import PlanError
 from ..wire.codec import WireError
 from ..wire.link import Link
 from ..wire.messages import PROTOCOL_VERSION, Kind, Message, hello, quote, read_hello
 from ..wire.transport import PeerRestarted, TransportError, TransportTimeout
-from .report import Metrics, PartyReport, Progress, RunError
-from .resume import (MAX_HELD, agree_on_resume, answer_finished, count_kept_messages, finished_neighbours, held_by,
-                     learn_held, say_resume, set_aside, usable_checkpoints)
+from .report import Metrics, PartyReport, Progress
+from .resume import (agree_on_resume, answer_finished, count_kept_messages, finished_neighbours, held_by, learn_held,
+                     say_resume, set_aside, usable_checkpoints)
 from .setup import Step
 
 log = logging.getLogger("splitlearn.run.session")
 
-__all__ = ["RunError", "PartyReport", "Progress", "session", "run_party", "MAX_HELD", "MAX_ROWS"]
+__all__ = ["session", "run_party", "MAX_ROWS", "MAX_RESTARTS"]
 
 MAX_ROWS = 2**31 - 1  # rows a hello may count (a party without data makes index arrays of them)
 

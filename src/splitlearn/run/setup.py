@@ -17,19 +17,20 @@ import torch
 from torch import nn
 
 from ..core.defense import check_data as check_defense_data
-from ..core.engine import Mode, dry_run
+from ..core.dryrun import dry_run
 from ..core.graph import Graph, build_graph
 from ..core.load import load_plan
-from ..core.plan import DataSpec, Plan, PlanError
+from ..core.plan import Plan
+from ..core.specs import DataSpec, PlanError
+from ..core.step import Mode
 from ..data import DataError, Table, batches
 from ..data.preprocess import Preprocess, TargetScale, fit_preprocess, fit_target_scale
 from ..models import build_segment
-from .rows import (Splits, counted_splits, data_entry, data_spec, holds_data, ids_digest, party_file, party_inputs,
-                   party_table, scaled_targets, splits_for, target_kinds, with_file)
+from .rows import (Splits, counted_splits, data_entry, data_spec, ids_digest, party_inputs, party_table, scaled_targets,
+                   splits_for, target_kinds)
 
-__all__ = ["Step", "Splits", "schedule", "PartySetup", "setup_party", "check_plan", "prepare", "make_optimizer",
-           "party_table", "party_inputs", "splits_for", "party_device", "build_modules", "data_spec", "with_file", "party_file",
-           "holds_data", "counted_splits", "ids_digest", "target_kinds", "label_notes", "scaled_targets"]
+__all__ = ["Step", "schedule", "PartySetup", "setup_party", "check_plan", "prepare", "make_optimizer", "party_device",
+           "build_modules", "label_notes"]
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..core.plan import Plan, PlanError, plan_hash
+from ..core.plan import Plan, plan_hash
+from ..core.specs import PlanError
 
-__all__ = ["LogSpec", "parse_log", "Tracker", "open_tracker", "finish_tracking", "StepNumbers", "SUMMARY"]
+__all__ = ["LogSpec", "parse_log", "Tracker", "open_tracker", "finish_tracking", "StepNumbers", "SUMMARY", "KINDS"]
 
 log = logging.getLogger(__name__)
 

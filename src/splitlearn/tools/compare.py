@@ -26,14 +26,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..clients.baselines import (METHODS, centralized_plan, client_count, method_plan, partition_of, row_sources,
-                                 schedule_shape, template_of)
-from ..core.plan import Plan, PlanError, per_client
+from ..clients.baselines import (METHODS, client_count, method_plan, partition_of, row_sources, schedule_shape,
+                                 template_of)
 from ..core.load import load_plan
+from ..core.plan import Plan, per_client
+from ..core.specs import PlanError
 from ..core.units import human
 
-__all__ = ["METHODS", "DEFAULT_METHODS", "method_plan", "centralized_plan", "run_compare", "predict_cost",
-           "format_compare", "partition_text"]
+__all__ = ["DEFAULT_METHODS", "FIGURES", "run_compare", "predict_cost", "format_compare", "partition_text"]
 
 DEFAULT_METHODS = ("sequential", "splitfed_v2", "fedavg", "large_batch", "centralized")
 FIGURES = {"roc_auc": "AUC", "sensitivity": "sensitivity", "specificity": "specificity", "f1": "F1", "mae": "MAE",
@@ -89,7 +89,7 @@ def predict_cost(plan: Plan, method: str, train_rows: int,
 def _data_shape(plan: Plan) -> tuple[tuple[int, ...], int]:
     """(shape of one row of the client's first segment input, number of training rows), read once
     (per-client files: the first client's rows' shape, every client's training rows)."""
-    from ..run.setup import party_inputs, party_table, splits_for
+    from ..run.rows import party_inputs, party_table, splits_for
 
     t = template_of(plan)
     seg = next(s for s in plan.segments.values() if s.party == t)
@@ -124,7 +124,7 @@ def run_compare(plan: Plan | str | Path, clients: int | None = None, methods: li
     ``ray``: train the methods as Ray tasks, in parallel as the cluster at that address allows
     ("local": a cluster on this machine)."""
     from ..launch.onray import TaskFailure, run_tasks, write_files
-    from ..run.session import RunError
+    from ..run.report import RunError
 
     plan = load_plan(plan).with_train(epochs=epochs)
     clients = client_count(plan, clients)

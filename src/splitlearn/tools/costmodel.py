@@ -28,8 +28,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Cost", "count_flops", "split_cost", "fedavg_cost", "large_batch_sgd_cost", "seed_table",
-           "compare", "format_table", "DATASETS", "SEED_SETTINGS"]
+__all__ = ["Cost", "count_flops", "split_cost", "fedavg_cost", "large_batch_sgd_cost", "seed_table", "compare",
+           "format_table", "DATASETS", "SEED_SETTINGS", "BYTES_PER_VALUE", "COMMON", "GIGA", "TERA"]
 
 BYTES_PER_VALUE = 4
 TERA, GIGA = 1e12, 1e9

@@ -19,7 +19,8 @@ from typing import Any
 from ..core.graph import Graph, Node, Wire
 from ..core.units import human
 
-__all__ = ["draw_topology", "topology_png", "render_topology", "wire_styles", "describe", "shape_text", "clients_text"]
+__all__ = ["draw_topology", "topology_png", "render_topology", "wire_styles", "describe", "shape_text", "clients_text",
+           "compare_figures"]
 
 # light band / box fill / dark edge+text, one triple per party (cycled)
 _PALETTE = [

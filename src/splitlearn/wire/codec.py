@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 __all__ = ["Encoded", "Codec", "WireError", "get_codec", "CODECS", "DTYPES", "MAX_ELEMENTS", "decoded_bytes",
-           "check_values", "to_buffer"]
+           "check_values", "to_buffer", "Float32", "Float16", "BFloat16", "Int8", "TopK", "dtype_name", "to_bytes",
+           "from_bytes"]
 
 DTYPES: dict[str, tuple[torch.dtype, str]] = {  # name -> (torch dtype, little-endian numpy storage)
     "float32": (torch.float32, "<f4"),

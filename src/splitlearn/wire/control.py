@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-__all__ = ["Instruction", "Reply", "INSTRUCTIONS", "REPLIES", "Turn", "SendWeights", "LoadWeights", "Census", "Rows",
-           "Collect", "Download", "Checkpoint", "WhichCheckpoints", "Restore", "StartOver", "MergeCopies", "Stop",
+__all__ = ["Instruction", "Reply", "INSTRUCTIONS", "REPLIES", "TakeTurn", "SendWeights", "LoadWeights", "Census",
+           "Rows", "Collect", "SendAverage", "Checkpoint", "WhichCheckpoints", "Restore", "StartOver",
+           "MergeServerCopies", "Stop",
            "TurnDone", "CensusAnswer", "Collected", "Saved", "CheckpointsHeld", "Restored", "NotRestored",
            "StartedOver", "Ready", "WeightsLoaded", "WeightsMissing", "WeightsRefused", "Rejoined"]
 
@@ -43,7 +44,7 @@ class Reply(_Typed):
 # -- instructions ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Turn(Instruction):
+class TakeTurn(Instruction):
     """Take part in turn ``turn`` with ``client``; ``model``: the client whose weights (lent to
     ``client`` beforehand) it evaluates, when not its own."""
 
@@ -112,7 +113,7 @@ class Collect(Instruction):
 
 
 @dataclass(frozen=True)
-class Download(Instruction):
+class SendAverage(Instruction):
     """Federation: send the averaged weights to each of ``clients``, answering its request."""
 
     WORD: ClassVar[str] = "download"
@@ -158,7 +159,7 @@ class StartOver(Instruction):
 
 
 @dataclass(frozen=True)
-class MergeCopies(Instruction):
+class MergeServerCopies(Instruction):
     """A fixed party: average this round's copies of its segments (one per client in
     ``clients``, weighted by ``samples``) into its shared ones."""
 
@@ -284,8 +285,8 @@ class Rejoined(Reply):
 
 
 INSTRUCTIONS: dict[str, type[Instruction]] = {c.WORD: c for c in (
-    Turn, SendWeights, LoadWeights, Census, Rows, Collect, Download, Checkpoint, WhichCheckpoints, Restore, StartOver,
-    MergeCopies, Stop)}
+    TakeTurn, SendWeights, LoadWeights, Census, Rows, Collect, SendAverage, Checkpoint, WhichCheckpoints, Restore,
+    StartOver, MergeServerCopies, Stop)}
 REPLIES: dict[str, type[Reply]] = {c.WORD: c for c in (
     TurnDone, CensusAnswer, Collected, Saved, CheckpointsHeld, Restored, NotRestored, StartedOver, Ready, WeightsLoaded,
     WeightsMissing, WeightsRefused, Rejoined)}

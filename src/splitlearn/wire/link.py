@@ -10,7 +10,7 @@ from .messages import Kind, Limits, Message, decode, encode, quote
 from .metering import Meter
 from .transport.base import Transport, TransportTimeout
 
-__all__ = ["Link"]
+__all__ = ["Link", "MAX_KEPT", "MAX_REASON"]
 
 log = logging.getLogger("splitlearn.wire.link")
 

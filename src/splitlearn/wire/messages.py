@@ -24,8 +24,8 @@ from .control import INSTRUCTIONS, REPLIES, Instruction, Reply
 from .proto import splitlearn_pb2 as pb
 
 __all__ = ["Kind", "Message", "Limits", "encode", "decode", "kind_of", "parse_json", "quote", "PROTOCOL_VERSION",
-           "MAX_MESSAGE_BYTES", "hello", "read_hello", "command", "read_command", "reply", "read_reply",
-           "weights", "read_weights"]
+           "MAX_MESSAGE_BYTES", "hello", "read_hello", "command", "read_command", "reply", "read_reply", "weights",
+           "read_weights", "QUOTE_CHARS"]
 
 PROTOCOL_VERSION = 2  # 2: typed COMMAND/ACK control messages (wire/control.py) instead of commands in STEP
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024

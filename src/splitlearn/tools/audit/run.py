@@ -15,7 +15,7 @@ direction, with sample ids (the first and the last 4096 rows of the run). The at
   response lowers it).
 
 The ground truth used to score the attacks (raw inputs, labels) is read from each party's data
-by sample id, as :func:`splitlearn.run.session.setup_party` loads it. In a ``[clients]`` run whose
+by sample id, as :func:`splitlearn.run.setup.setup_party` loads it. In a ``[clients]`` run whose
 clients read their own files, the template's data is the concatenation of the clients' tables (in
 the plan's client order) and every recorded row is a position in it.
 """
@@ -32,10 +32,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ...core.graph import Graph, Node, Wire, build_graph
-from ...core.plan import Plan, PlanError, WireSpec
-from ...clients.layout import per_client as own_files, plays_of
 from ...clients.results import client_views, recording_parties
+from ...clients.roles import plays_of
+from ...core.graph import Graph, Node, Wire, build_graph
+from ...core.plan import Plan, per_client as own_files
+from ...core.specs import PlanError, WireSpec
 from ...launch.results import load_run_plan
 from .verdicts import add_verdicts
 from ...launch.results import non_finite

@@ -12,7 +12,7 @@ from typing import Any
 
 from .sweep import FIGURES
 
-__all__ = ["AuditSummary", "audit_summary", "sweep_summary", "ATTACKS"]
+__all__ = ["AuditSummary", "audit_summary", "sweep_summary", "ATTACKS", "figure"]
 
 ATTACKS = {"distance_correlation": "distance correlation", "inversion": "model inversion",
            "label_leakage": "labels from gradients", "labels_exposed": "labels on the wire"}

@@ -16,10 +16,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
+from ...core.defense import sweep_params
 from ...core.graph import Graph, Wire, build_graph
-from ...core.plan import Plan, PlanError
 from ...core.load import load_plan
-from ...privacy import defenses
+from ...core.plan import Plan
+from ...core.specs import PlanError
 from .run import AuditError, audit_run
 
 __all__ = ["PARAMS", "FIGURES", "sweep", "parse_sweep", "swept_wires", "plan_with", "setting_name"]
@@ -29,13 +30,13 @@ class _Params(Mapping[str, str]):
     registered later counts)."""
 
     def __getitem__(self, param: str) -> str:
-        return defenses.sweep_params()[param][1].description
+        return sweep_params()[param][1].description
 
     def __iter__(self) -> Iterator[str]:
-        return iter(defenses.sweep_params())
+        return iter(sweep_params())
 
     def __len__(self) -> int:
-        return len(defenses.sweep_params())
+        return len(sweep_params())
 
 
 PARAMS: Mapping[str, str] = _Params()
@@ -81,7 +82,7 @@ def _values(param: str, raw: list[Any]) -> list[float]:
 
 
 def _eligible(graph: Graph, param: str) -> list[Wire]:
-    applies = defenses.sweep_params()[param][1].applies
+    applies = sweep_params()[param][1].applies
     return [w for w in graph.wires if applies(graph, w)]
 
 
@@ -108,7 +109,7 @@ def swept_wires(graph: Graph, param: str, wire: str | None) -> list[Wire]:
 def plan_with(plan: Plan, param: str, value: float, wires: list[Wire]) -> Plan:
     """A copy of ``plan`` with the swept setting at ``value`` on ``wires`` (keyed by source node)."""
     body = plan.model_dump(mode="json")
-    known = defenses.sweep_params()
+    known = sweep_params()
     if param not in known:
         raise AuditError(f"unknown parameter {param!r}; known: {', '.join(known)}")
     defense, setting = known[param]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["THRESHOLDS", "verdict", "add_verdicts"]
+__all__ = ["THRESHOLDS", "verdict", "add_verdicts", "LEAKS", "MILD", "NONE"]
 
 LEAKS, MILD, NONE = "leaks", "mild", "no measurable leak"
 THRESHOLDS = {

@@ -24,8 +24,8 @@ backoff, the listening side takes the peer back, and what was sent meanwhile, or
 acknowledged before the break, is sent again (the frames: :mod:`.frames`). A peer that
 does not come back within the timeout is lost (:class:`TransportClosed`, naming it); one that
 comes back as a new process (another incarnation) starts its streams from scratch and is
-reported as :class:`PeerRestarted`. One thread per dialed peer dials and dials again; at most
-one per peer waits for it to come back (a reconnect flood cannot pile threads up).
+reported as :class:`~splitlearn.wire.transport.base.PeerRestarted`. One thread per dialed peer dials and
+dials again; at most one per peer waits for it to come back (a reconnect flood cannot pile threads up).
 ``is_connected(peer)`` and ``broken_since(peer)`` say where a peer stands without waiting.
 """
 
@@ -48,7 +48,7 @@ from .grpc_channels import (METHOD, PARTY_HEADER, bind, channel_options, dial_ch
                             peer_name, why)
 from .tls import Credentials
 
-__all__ = ["METHOD", "PARTY_HEADER", "GrpcTransport", "PeerRestarted"]
+__all__ = ["GrpcTransport"]
 
 log = logging.getLogger("splitlearn.wire.transport.grpc")
 
@@ -70,12 +70,12 @@ class GrpcTransport(Transport):
     def __init__(self, party: str, *, listen: str | None = None, dial: dict[str, str] | None = None,
                  accept: Iterable[str] = (), credentials: Credentials | None = None,
                  connect_timeout: float = 60.0, max_message_bytes: int = 256 * 2**20,
-                 expendable: Iterable[str] = (), reconnect_timeout: float = 0.0):
+                 droppable: Iterable[str] = (), reconnect_timeout: float = 0.0):
         self.party, self.listen, self.dial = party, listen, dict(dial or {})
         self.reconnect_timeout = reconnect_timeout  # seconds a broken stream may take to come back
         self.incarnation = secrets.token_bytes(8)  # this process's streams, told to peers in every SYNC
         self._peers: dict[str, PeerState] = {}
-        self.expendable = frozenset(expendable)  # peers whose lost connection is logged, not raised
+        self.droppable = frozenset(droppable)  # peers whose lost connection is logged, not raised
         self.accept, self.credentials = frozenset(accept), credentials
         self.connect_timeout, self.max_message_bytes = connect_timeout, max_message_bytes
         if party in self.dial or party in self.accept or set(self.dial) & self.accept:
@@ -404,7 +404,7 @@ class GrpcTransport(Transport):
                 self._inbox.put(_CLOSED)  # keep later calls closed too
                 raise TransportClosed(f"{self.party}: transport closed")
             if isinstance(item, _Lost):
-                if item.peer in self.expendable:  # e.g. a client of a schedule: it is skipped, not fatal
+                if item.peer in self.droppable:  # e.g. a client of a schedule: it is skipped, not fatal
                     continue
                 if item.restarted:
                     raise PeerRestarted(item.peer, f"connection to {item.peer!r}: {item.reason}")

@@ -12,7 +12,7 @@ import grpc
 from .tls import Credentials
 
 __all__ = ["SERVICE", "METHOD", "PARTY_HEADER", "KEEPALIVE_MS", "RECEIVE_WINDOW", "channel_options", "make_server",
-           "bind", "dial_channel", "peer_name", "why"]
+           "bind", "dial_channel", "peer_name", "why", "Serve"]
 
 SERVICE = "splitlearn.v1.SplitLearning"
 METHOD = f"/{SERVICE}/Connect"

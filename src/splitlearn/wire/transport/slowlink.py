@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 
-__all__ = ["SlowLink", "parse_link"]
+__all__ = ["SlowLink", "parse_link", "CHUNK"]
 
 CHUNK = 64 * 1024  # bytes read at a time: a packet train, small against a round trip's worth
 

@@ -25,7 +25,7 @@ from .base import Transport, TransportTimeout
 
 log = logging.getLogger("splitlearn.wire.transport.switch")
 
-__all__ = ["Switch"]
+__all__ = ["Switch", "MAX_HELD_BYTES"]
 
 MAX_HELD_BYTES = 256 * 2**20  # held for the other reader, per peer; beyond that a peer's messages are dropped
 

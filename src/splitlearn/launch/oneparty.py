@@ -1,0 +1,141 @@
+"""One physical party in this process, over gRPC: :func:`run_one_party` is what ``splitlearn party``
+runs (:func:`~splitlearn.launch.party.party_process`, in every party process a launcher starts,
+and in a Ray actor). It builds its physical party from the plan and its own data, connects to its
+neighbours and runs what :func:`~splitlearn.clients.parties.physical_party` gives it, as the thread
+launcher does; the lead party writes the ``result.json`` its folder allows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.plan import Plan
+from ..core.specs import PlanError
+from ..core.load import load_plan
+from ..wire.messages import Limits
+from .results import build_result, save_party, save_result
+from ..run.report import PartyReport, Progress
+from ..run.setup import setup_party
+from ..clients.layout import Topology, own_data, with_dial_out
+from ..clients.parties import physical_party
+from ..clients.results import missing_part
+from ..clients.roles import client_of
+
+_log = logging.getLogger("splitlearn.launch.oneparty")
+
+__all__ = ["run_one_party", "endpoints", "Endpoints", "write_partial_result", "progress_line"]
+
+
+@dataclass
+class Endpoints:
+    listen: str | None
+    dial: dict[str, str]
+    accept: list[str]
+
+
+def endpoints(plan: Plan, topo: Topology, name: str, listen: str | None, peers: dict[str, str]) -> Endpoints:
+    """Where this party listens and whom it dials, from the command line or the plan."""
+    dial = {}
+    for peer in topo.dials(name):
+        addr = peers.get(peer) or (plan.parties[peer].address if peer in plan.parties else None)
+        if not addr:
+            raise PlanError(f"party {name!r} must dial {peer!r} but has no address for it", entry=f"parties.{peer}.address",
+                            hint=f"pass --peer {peer}=HOST:PORT or set parties.{peer}.address in the plan")
+        dial[peer] = addr
+    unknown = set(peers) - set(topo.names)
+    if unknown:
+        raise PlanError(f"--peer names unknown parties {sorted(unknown)}", hint=f"parties are {topo.names[:8]}")
+    accept = topo.accepts(name)
+    listen = listen or (plan.parties[name].address if name in plan.parties else None)
+    if accept and not listen:
+        raise PlanError(f"party {name!r} must listen for {accept} but has no address", entry=f"parties.{name}.address",
+                        hint="pass --listen HOST:PORT or set the party's address in the plan")
+    return Endpoints(listen if accept else None, dial, accept)
+
+
+def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, listen: str | None = None,
+                  peers: dict[str, str] | None = None, out: Path | None = None, epochs: int | None = None,
+                  seed: int | None = None, connect_timeout: float = 60.0, step_timeout: float | None = None,
+                  on_step=None, dial_out: list[str] = (), limits: Limits | None = None,
+                  log: str | None = None, data: str | Path | None = None, resume: bool = False,
+                  rejoin_wait: float | None = None) -> PartyReport:
+    """Run physical party ``name`` of the plan in this process, over gRPC. ``certs=None`` means
+    insecure. ``step_timeout`` bounds each step as a whole (default: the plan's ``[train]
+    step_timeout``, :meth:`~splitlearn.core.plan.Plan.step_timeout_s`); ``limits`` what a peer may
+    make it hold; ``log`` where a party that computes a loss streams its metrics
+    (``tensorboard[:DIR]``, ``mlflow[:URI]``); ``data`` this party's own file (``--data``), instead
+    of the plan's data settings; ``resume``: go on from the last checkpoint in ``out`` that every party holds; ``rejoin_wait``: how long the coordinator of a
+    ``[clients]`` plan waits for a failed party to come back as a new process (default: the plan's
+    ``reconnect_timeout``)."""
+    from ..wire.transport.grpc import GrpcTransport
+    from ..run.tracking import parse_log
+    from ..wire.transport.tls import load_credentials
+
+    plan = load_plan(plan_path).with_train(epochs=epochs, seed=seed)
+    limits = limits or Limits()
+    if dial_out:
+        plan = with_dial_out(plan, dial_out)
+    topo = Topology.of(plan)
+    if name not in topo.names:
+        raise PlanError(f"no party {name!r} in the plan", hint=f"parties are {topo.names[:8]}")
+    plays = topo.plays(plan, name)
+    try:
+        given = own_data(plan, name, data) if data is not None else None
+        setup = setup_party(plan, plays, data=given, client=client_of(plan, name)) if plays is not None else None
+        # plan and data errors before connecting
+    except PlanError as e:
+        raise e.in_file(e.file or plan._source) from None
+    tracking = parse_log(log, out) if log else None
+    ends = endpoints(plan, topo, name, listen, peers or {})
+    creds = load_credentials(certs, name) if certs is not None else None
+    transport = GrpcTransport(name, listen=ends.listen, dial=ends.dial, accept=ends.accept, credentials=creds,
+                              connect_timeout=connect_timeout, max_message_bytes=limits.message_bytes,
+                              droppable=[p for p in (*ends.dial, *ends.accept) if p in topo.droppable],
+                              reconnect_timeout=plan.train.reconnect_timeout)
+    transport.start()
+    try:
+        transport.wait_connected(connect_timeout)
+        if resume and out is None:
+            raise PlanError("--resume needs the --out folder whose checkpoints to go on from", entry="--resume")
+        part = physical_party(plan, name, setup, transport, timeout=step_timeout, record=out is not None,
+                              limits=limits, tracking=tracking, out=out, resume=resume,
+                              rejoin_wait_s=plan.train.reconnect_timeout if rejoin_wait is None else rejoin_wait)
+        report = part.run(on_step)
+    finally:
+        transport.close()
+    if out is not None:
+        save_party(Path(out) / "parties" / name, report)
+        if name == topo.lead:  # the label owner (or a schedule's coordinator) holds the run's result.json
+            try:
+                write_partial_result(plan, topo, Path(out), "grpc" if certs is None else "grpc+mtls")
+            except Exception as e:  # noqa: BLE001 - the run itself succeeded; its report.json is written
+                _log.warning("%s: no result.json from the reports in %s (%s); a launcher's gathers them all",
+                             name, out, e)
+    return report
+
+
+def write_partial_result(plan: Plan, topo: Topology, out: Path, transport: str) -> dict:
+    """``result.json`` and ``plan.json`` in ``out`` from the party reports found there: on a deployment each
+    site has its own folder, so the lead party's holds its own report (metrics, its traffic) and any other
+    party's that shares the folder; ``parties_missing`` names the others (a ``[clients]`` plan needs them all).
+    ``report`` and ``predict`` read it."""
+    reports = {}
+    for n in topo.names:
+        f = out / "parties" / n / "report.json"
+        if f.is_file():
+            try:
+                reports[n] = PartyReport(**json.loads(f.read_text()))
+            except (ValueError, TypeError):
+                continue  # a report of another version or a torn write: that party is listed as missing
+    result = build_result(plan, reports, {"transport": transport})
+    result.update(missing_part(plan, [n for n in topo.names if n not in reports]))
+    save_result(out, plan, result)
+    return result
+
+
+def progress_line(p: Progress) -> str:
+    """How a party process tells its launcher how far it is (one line on stdout)."""
+    return f"progress {p.done} {p.total} {p.epoch} {p.epochs} {p.unit} {p.mode} {'-' if p.loss is None else repr(p.loss)}"
