@@ -1,5 +1,6 @@
-"""Horizontal clients (``[clients]``): who takes part (:mod:`.layout`, :mod:`.roles`) and what each
-runs (:mod:`.parties`), the rounds (:mod:`.schedule`, pure), the strategies that configure them
+"""Who takes part in every plan and what each runs (:mod:`.layout`, :mod:`.roles`, :mod:`.parties`),
+what a schedule adds to results and compare's derived plans (:mod:`.results`, :mod:`.baselines`);
+and horizontal clients (``[clients]``): the rounds (:mod:`.schedule`, pure), the strategies that configure them
 (:mod:`.strategies`, as :mod:`.actions`), the coordinator that carries them out
 (:mod:`.coordinator`, :mod:`.instructing`, :mod:`.transfers`, :mod:`.recovery`) and the participants
 that follow it (:mod:`.participant`, :mod:`.follower`, :mod:`.turns`, :mod:`.saving`,

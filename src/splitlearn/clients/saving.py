@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from ..core.specs import PlanError
 from ..run import checkpoint as checkpoints
 from ..run.setup import make_optimizer
 from .participant import Participant
@@ -48,6 +49,10 @@ class StateSaving(Participant):
     def restore(self, rnd: int, attempt: int) -> dict[str, Any]:
         """Go back to the state :meth:`capture` saved at the end of round ``rnd``; its manifest."""
         tensors, man = self.checkpoints.load(rnd)
+        if "train_work" not in man:  # written before the control messages were typed (protocol 1)
+            raise PlanError(f"{self.name}: the checkpoint of round {rnd} was written by an earlier splitlearn (its "
+                            "manifest has no 'train_work')", entry="--resume",
+                            hint="finish that run with the version that began it, or start it again without --resume")
         if self.setup is not None:
             checkpoints.load_modules(self.setup.modules, tensors)
             checkpoints.load_optimizer(self.setup.optimizer, tensors, man["optimizer"])

@@ -3,7 +3,7 @@
 A plan with a ``[clients]`` section has ``count`` clients that all play its ``template`` party,
 each on its own share of the training rows (:func:`client_shares`). :func:`rounds` lists, for
 every round, the *turns*: one client running a list of steps against the plan's other parties
-(the same steps :func:`splitlearn.run.session.schedule` yields for a single client), and what
+(the same steps :func:`splitlearn.run.setup.schedule` yields for a single client), and what
 happens to the client weights around them:
 
 =============== ====================================================================
@@ -16,7 +16,8 @@ independent     clients in turn, nothing shared: each client has its own bottom 
                 its own server copy, and each is evaluated on its own.
 =============== ====================================================================
 
-Every party computes the same rounds from the plan, so only "go" decisions travel.
+Every party computes the same rounds from the plan, so only the coordinator's typed instructions
+(:mod:`splitlearn.wire.control`) travel, never the rounds themselves.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Turn:
     round: int
     mode: str  # "train" or "eval"
     client: int | None
-    steps: tuple  # of runner.Step
+    steps: tuple  # of run.setup.Step
     site: int | None = None
 
     @property

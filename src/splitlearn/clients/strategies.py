@@ -100,7 +100,7 @@ class Strategy:
         return {}
 
     def summary(self, plan: Plan) -> str:
-        """How the clients train, in a few words (the plan's picture, ``splitlearn show``)."""
+        """How the clients train, in a few words (the plan's picture, ``splitlearn inspect``)."""
         return "every client trains in turn"
 
 

@@ -1,4 +1,5 @@
-"""Parties as operating-system processes over gRPC: one party here, or all of them on loopback.
+"""All of a plan's parties as operating-system processes on loopback, over gRPC (one party:
+:mod:`splitlearn.launch.oneparty`).
 
 :func:`launch` is ``splitlearn run``: throw-away certificates, one process per physical party on
 127.0.0.1 (each runs :func:`~splitlearn.launch.oneparty.run_one_party`, as ``splitlearn party``
