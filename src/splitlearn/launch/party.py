@@ -20,9 +20,6 @@ from pathlib import Path
 
 __all__ = ["PartyOptions", "party_process", "main", "exit_flushed"]
 
-log = logging.getLogger("splitlearn.launch.party")
-
-
 @dataclass(frozen=True)
 class PartyOptions:
     """What a party process runs: the ``splitlearn party`` options, typed (see its ``--help``)."""
@@ -114,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - the proce
             print("usage: python -m splitlearn.launch.party OPTIONS-JSON", file=sys.stderr)
         else:
             code = party_process(PartyOptions.from_json(args[0]))
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # options that are not a launcher's
         print(f"error: {e}", file=sys.stderr)
     finally:
         exit_flushed(code)
