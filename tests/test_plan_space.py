@@ -147,18 +147,8 @@ def check(study: Study) -> None:
 
         # one row predicted alone equals the same row predicted in a batch (matched by id under PSI)
         batch = splitlearn.predict(folder / "a", write=False)["task"]
-        one_id = batch["ids"][0]
-        if study.files:
-            single = {p: str(_one_row(folder / f"{p}.csv", one_id, folder / "one")) for p in body["parties"]
-                      if body["parties"][p].get("data")}
-        else:
-            from splitlearn.data import load_table
-
-            t = load_table(body["data"]["dataset"])
-            single = DataSpec.of_arrays({k: v[[one_id]] for k, v in t.fields.items()})
-        alone = splitlearn.predict(folder / "a", data=single, write=False)["task"]
-        assert len(alone["ids"]) == 1 and str(alone["ids"][0]) == str(one_id if study.files else 0), study
-        assert torch.allclose(alone["outputs"][0], batch["outputs"][0], atol=1e-5), study
+        _one_row_predicted_as_in_the_batch(folder, body, study, batch, {
+            p: folder / f"{p}.csv" for p in body["parties"] if body["parties"][p].get("data")})
 
         from splitlearn.tools.audit.run import AuditError, audit_run
         from splitlearn.tools.report import write_report
@@ -170,6 +160,22 @@ def check(study: Study) -> None:
             assert str(e), study
         page = write_report(folder / "a")
         assert "Results on the test rows" in page.read_text(), study
+
+
+def _one_row_predicted_as_in_the_batch(folder: Path, body: dict, study, batch: dict, files: dict[str, Path]) -> None:
+    """The batch's first row predicted alone (``files``: each data party's rows, per-client files' study;
+    else the embedded dataset) equals its prediction in the batch, matched by id."""
+    one_id = batch["ids"][0]
+    if study.files:
+        single = {p: str(_one_row(path, one_id, folder / "one")) for p, path in files.items()}
+    else:
+        from splitlearn.data import load_table
+
+        t = load_table(body["data"]["dataset"])
+        single = DataSpec.of_arrays({k: v[[one_id]] for k, v in t.fields.items()})
+    alone = splitlearn.predict(folder / "a", data=single, write=False)["task"]
+    assert len(alone["ids"]) == 1 and str(alone["ids"][0]) == str(one_id if study.files else 0), study
+    assert torch.allclose(alone["outputs"][0], batch["outputs"][0], atol=1e-5), study
 
 
 def _one_row(path: Path, pid: str, folder: Path) -> Path:
@@ -313,17 +319,7 @@ def check_clients(study: Study) -> None:
                 figure = (torch.as_tensor(batch["predictions"]).reshape(-1) == y.reshape(-1)).double().mean().item()
             scorer = final if study.files else scored["clients"][0]
             assert per[scorer][additive] == pytest.approx(figure, rel=1e-5), (study, per[scorer][additive], figure)
-            one_id = batch["ids"][0]
-            if study.files:
-                single = {template: str(_one_row(folder / f"{final}.csv", one_id, folder / "one"))}
-            else:
-                from splitlearn.data import load_table
-
-                t = load_table(body["data"]["dataset"])
-                single = DataSpec.of_arrays({k: v[[one_id]] for k, v in t.fields.items()})
-            alone = splitlearn.predict(folder / "a", data=single, write=False)["task"]
-            assert len(alone["ids"]) == 1 and str(alone["ids"][0]) == str(one_id if study.files else 0), study
-            assert torch.allclose(alone["outputs"][0], batch["outputs"][0], atol=1e-5), study
+            _one_row_predicted_as_in_the_batch(folder, body, study, batch, {template: folder / f"{final}.csv"})
 
         from splitlearn.tools.audit.run import AuditError, audit_run
         from splitlearn.tools.report import write_report

@@ -31,17 +31,16 @@ class Result(dict):
     """
 
     def __init__(self, body: dict[str, Any], plan: Plan, reports: dict[str, PartyReport] | None = None,
-                 read: Callable[[], dict[str, PartyReport]] | None = None, folder: Path | None = None):
+                 folder: Path | None = None):
         super().__init__(body)
         self.plan = plan
         self._given = reports
-        self._read = read  # party processes trained: their weights are read from the run folder when asked
-        self._folder = folder  # ... which they wrote: what save() copies
+        self._folder = folder  # party processes trained and wrote it: weights are read from it when asked
 
     @property
     def _reports(self) -> dict[str, PartyReport]:
         if self._given is None:
-            self._given = self._read() if self._read is not None else {}
+            self._given = _read_weights(self.plan, self._folder) if self._folder is not None else {}
         return self._given
 
     @property
@@ -123,8 +122,7 @@ def train(plan: Plan | str | Path | dict, *, launcher: str = "threads", epochs: 
     the last checkpoint every party holds there, to the same weights as a run never stopped. ``log`` streams
     the metrics to ``"tensorboard[:DIR]"`` or ``"mlflow[:URI]"`` (see :mod:`splitlearn.run.tracking`).
     """
-    if launcher not in LAUNCHERS:  # before the data is read
-        raise PlanError(f"unknown launcher {launcher!r}", entry="launcher", hint=f"choose one of {list(LAUNCHERS)}")
+    _check_launcher(launcher)  # before the data is read
     checked, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
     return train_prepared(checked, setups, shapes, launcher=launcher, source=plan, epochs=epochs, seed=seed, out=out,
                           on_step=on_step, timeout=timeout, log=log, resume=resume, insecure=insecure, link=link,
@@ -142,8 +140,7 @@ def train_prepared(plan: Plan, setups: dict, shapes: dict, *, launcher: str = "t
     the overrides it was prepared with."""
     from ..run.tracking import finish_tracking, parse_log
 
-    if launcher not in LAUNCHERS:
-        raise PlanError(f"unknown launcher {launcher!r}", entry="launcher", hint=f"choose one of {list(LAUNCHERS)}")
+    _check_launcher(launcher)
     if resume and out is None:
         raise PlanError("resume needs the run folder (out) whose checkpoints to go on from", entry="--resume")
     if launcher != "threads":
@@ -169,11 +166,13 @@ def train_prepared(plan: Plan, setups: dict, shapes: dict, *, launcher: str = "t
     return result
 
 
+def _check_launcher(launcher: str) -> None:
+    if launcher not in LAUNCHERS:
+        raise PlanError(f"unknown launcher {launcher!r}", entry="launcher", hint=f"choose one of {list(LAUNCHERS)}")
+
+
 def _train_in_processes(plan: Plan, source: Any, launcher: str, *, out: str | Path | None, **kw: Any) -> Result:
     """One process per party (or Ray actor), from the plan's file; the modules read back from ``out``."""
-    from ..clients.layout import Topology
-    from ..run.setup import build_modules
-
     path = source if isinstance(source, (str, Path)) else getattr(source, "_source", None) or plan._source
     if path is None:
         raise PlanError(f"launcher={launcher!r} starts party processes, which read the plan from its file: this plan "
@@ -198,15 +197,20 @@ def _train_in_processes(plan: Plan, source: Any, launcher: str, *, out: str | Pa
         body = launch(path, out, epochs=kw["epochs"], seed=kw["seed"], insecure=kw["insecure"], on_step=kw["on_step"],
                       checked=plan, log=kw["log"], resume=kw["resume"], link=kw["link"])
 
-    def read() -> dict[str, PartyReport]:
-        topo, reports = Topology.of(plan), {}
-        for name in topo.names:
-            plays, weights = topo.plays(plan, name), out / "parties" / name / "weights.safetensors"
-            if plays is None or not weights.is_file():
-                continue
-            modules = build_modules(plan, plays, [s for s, spec in plan.segments.items() if spec.party == plays])
-            load_weights(weights, modules)
-            reports[name] = PartyReport(name, plays=plays, modules=modules)
-        return reports
+    return Result(body, plan, folder=out)
 
-    return Result(body, plan, read=read, folder=out)
+
+def _read_weights(plan: Plan, folder: Path) -> dict[str, PartyReport]:
+    """Each physical party's trained segments, from the weights party processes wrote in ``folder``."""
+    from ..clients.layout import Topology
+    from ..run.setup import build_modules
+
+    topo, reports = Topology.of(plan), {}
+    for name in topo.names:
+        plays, weights = topo.plays(plan, name), folder / "parties" / name / "weights.safetensors"
+        if plays is None or not weights.is_file():
+            continue
+        modules = build_modules(plan, plays, [s for s, spec in plan.segments.items() if spec.party == plays])
+        load_weights(weights, modules)
+        reports[name] = PartyReport(name, plays=plays, modules=modules)
+    return reports
