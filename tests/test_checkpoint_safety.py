@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import tracemalloc
 from pathlib import Path
@@ -14,11 +15,13 @@ import pytest
 import torch
 
 import splitlearn
-from splitlearn.core.engine import Party
+from splitlearn.core.engine import Party, PartyError
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import plan_hash
-from splitlearn.run.checkpoint import Checkpoints
+from splitlearn.run.checkpoint import FILES, FORMAT, CheckpointError, Checkpoints, after_step, folder_name
+from splitlearn.run.resume import agree_on_resume, held_by, usable_checkpoints
 from splitlearn.wire.codec import Encoded, get_codec
+from splitlearn.wire.control import START, Cursor
 from splitlearn.run.session import run_party
 from splitlearn.wire.messages import Kind, Limits, encode, hello, read_hello
 
@@ -65,15 +68,15 @@ def _messages(caplog) -> str:
 def test_a_changed_manifest_byte_makes_that_checkpoint_unusable_and_the_older_one_is_used(tmp_path, caplog):
     body, a, b = _stopped_run(tmp_path)
     ck = _ck(b, "server", body)
-    older, latest = ck.steps()
-    _change_lr(ck.folder / f"step-{latest:09d}")
-    assert ck.steps() == [older]
+    older, latest = ck.cursors()
+    _change_lr(ck.folder / folder_name(latest))
+    assert ck.cursors() == [older]
     with caplog.at_level(logging.WARNING, logger="splitlearn"):
         splitlearn.train(body, out=b, resume=True)  # the hospital holds both: they agree on the older
     same_run(a, b)  # not 40 away from the run never stopped: the changed learning rate was never used
     said = _messages(caplog)
-    assert f"step-{latest:09d}: manifest.json does not match its SHA-256 in SHA256SUMS" in said
-    assert f"hospital: resuming after step {older}, the last checkpoint every party holds, not after step " \
+    assert f"{folder_name(latest)}: manifest.json does not match its SHA-256 in SHA256SUMS" in said
+    assert f"hospital: resuming {older}, the last checkpoint every party holds, not " \
            f"{latest}, this party's last (['server'] do not hold it)" in said
 
 
@@ -82,10 +85,10 @@ def test_changed_checkpoints_everywhere_begin_the_run_again_keeping_them_aside(t
     before = {}
     for party in body.parties:
         ck = _ck(b, party, body)
-        for step in ck.steps():
-            _change_lr(ck.folder / f"step-{step:09d}")
+        for cursor in ck.cursors():
+            _change_lr(ck.folder / folder_name(cursor))
         before[party] = {p.relative_to(ck.folder): p.read_bytes() for p in ck.folder.rglob("*") if p.is_file()}
-        assert ck.steps() == []
+        assert ck.cursors() == []
     with caplog.at_level(logging.WARNING, logger="splitlearn"):
         splitlearn.train(body, out=b, resume=True)
     _same_model(a, b)
@@ -102,7 +105,7 @@ def test_a_peer_with_nothing_in_common_cannot_make_a_resumed_party_lose_its_chec
     """The hospital comes back with no checkpoint: the server begins again, its own checkpoints moved aside."""
     body, a, b = _stopped_run(tmp_path)
     server = _ck(b, "server", body)
-    held = server.steps()
+    held = server.cursors()
     assert len(held) == 2
     files = {p.relative_to(server.folder): p.read_bytes() for p in server.folder.rglob("*") if p.is_file()}
     import shutil
@@ -114,9 +117,9 @@ def test_a_peer_with_nothing_in_common_cannot_make_a_resumed_party_lose_its_chec
     aside = list((b / "parties" / "server").glob("checkpoints.before-*"))
     assert len(aside) == 1
     assert {p.relative_to(aside[0]): p.read_bytes() for p in aside[0].rglob("*") if p.is_file()} == files
-    assert Checkpoints(aside[0], plan_hash=plan_hash(body)).steps() == held  # still usable by hand
+    assert Checkpoints(aside[0], plan_hash=plan_hash(body)).cursors() == held  # still usable by hand
     said = _messages(caplog)
-    assert (f"server: resuming, but no checkpoint is held by every party (this party's last: after step {held[-1]}; "
+    assert (f"server: resuming, but no checkpoint is held by every party (this party's last: {held[-1]}; "
             "['hospital'] do not hold it): from the start") in said
     assert f"server: beginning again from the start; the checkpoints held before were moved to {aside[0]}" in said
 
@@ -126,19 +129,19 @@ def test_going_back_further_than_a_partys_last_checkpoint_is_logged_with_both_st
     it through the relays, goes back with everyone and says so, naming both steps and the client."""
     body, a, b = _stopped_run(tmp_path, "multi_hop")
     client = _ck(b, "client", body)
-    *_, older, latest = client.steps()  # (it keeps more: its label wire to the server is gated, Checkpoints.lag)
+    *_, older, latest = client.cursors()  # (it keeps more: its label wire to the server is gated, Checkpoints.lag)
     import shutil
 
-    shutil.rmtree(client.folder / f"step-{latest:09d}")
+    shutil.rmtree(client.folder / folder_name(latest))
     # the parties whose own last checkpoint is the client's lost one (the stop may come before a party took it)
-    ahead = [p for p in ("relay_1", "relay_2", "server") if _ck(b, p, body).steps()[-1] == latest]
+    ahead = [p for p in ("relay_1", "relay_2", "server") if _ck(b, p, body).cursors()[-1] == latest]
     assert ahead
     with caplog.at_level(logging.WARNING, logger="splitlearn"):
         splitlearn.train(body, out=b, resume=True)
     same_run(a, b)
     said = _messages(caplog)
     for party in ahead:
-        assert (f"{party}: resuming after step {older}, the last checkpoint every party holds, not after step "
+        assert (f"{party}: resuming {older}, the last checkpoint every party holds, not "
                 f"{latest}, this party's last (['client'] do not hold it)") in said
 
 
@@ -204,7 +207,8 @@ def test_a_flood_before_the_resume_hello_is_bounded_by_the_stated_budget(tmp_pat
     srv.h.send(Kind.ACTIVATION, -1, LABEL, {"t": get_codec("raw").encode(torch.zeros(1, dtype=torch.long))})
     srv.finish()
     srv.done()
-    assert Checkpoints(tmp_path / "checkpoints", plan_hash=plan_hash(srv.plan)).steps() == [-1, srv.steps[0].id]
+    assert Checkpoints(tmp_path / "checkpoints", plan_hash=plan_hash(srv.plan)).cursors() == \
+        [START, after_step(srv.steps[0].id)]
 
 
 def test_a_resumed_server_meters_the_messages_that_came_before_its_restore(tmp_path, monkeypatch):
@@ -317,3 +321,73 @@ def test_a_resumed_run_counts_the_goodbye_of_a_party_that_ran_ahead_once(tmp_pat
     for p in ra["parties"]:
         for key in ("bytes_sent", "bytes_received", "sent", "received"):
             assert rb["parties"][p][key] == ra["parties"][p][key], (p, key)
+
+
+# -- one cursor (round, step) and one resume rule for every plan ------------------------------------
+
+def test_checkpoints_are_named_by_their_cursor_and_an_earlier_splitlearns_are_refused_naming_them(tmp_path, caplog):
+    """A plain plan's checkpoints (round 0, after a step) and a [clients] plan's (the start of a round)
+    are one kind of folder, ordered as cursors; a folder of splitlearn-checkpoint-2 (``step-N``,
+    ``round-N``) or a manifest of an earlier format is never read, and each is named with the reason."""
+    ck = Checkpoints(tmp_path / "checkpoints", plan_hash="p")
+    plain, clients = [START, after_step(0), after_step(41)], [Cursor.after_round(0), Cursor.after_round(1)]
+    names = [ck.save(c, {"w": torch.full((2,), float(i))}, {"party": "x"}).name for i, c in enumerate(plain + clients)]
+    assert names == ["round-000000-step--00000001", "round-000000-step-000000000", "round-000000-step-000000041",
+                     "round-000001-step--00000001", "round-000002-step--00000001"]
+    assert ck.cursors() == [(1, -1), (2, -1)] and START == Cursor(0, -1) < after_step(41) < Cursor.after_round(0)
+    tensors, manifest = ck.load(Cursor(1, -1))  # (the last KEEP are kept)
+    assert torch.equal(tensors["w"], torch.full((2,), 3.0)) and manifest["cursor"] == [1, -1]
+    for old in ("step-000000041", "round-000000001"):  # as splitlearn-checkpoint-2 named them
+        (ck.folder / old).mkdir()
+        (ck.folder / old / "manifest.json").write_text('{"format": "splitlearn-checkpoint-2"}')
+    earlier = ck.folder / "round-000009-step-000000003"  # a new name over a manifest of an earlier format
+    shutil.copytree(ck.folder / "round-000002-step--00000001", earlier)
+    body = json.loads((earlier / "manifest.json").read_text()) | {"format": "splitlearn-checkpoint-2",
+                                                                  "cursor": [9, 3]}
+    (earlier / "manifest.json").write_text(json.dumps(body))
+    (earlier / "SHA256SUMS").write_text(sha256_sums(earlier))
+    with caplog.at_level(logging.WARNING, logger="splitlearn"):
+        held = usable_checkpoints("x", ck)
+    assert held == [(1, -1), (2, -1)]  # none of the earlier ones
+    said = _messages(caplog)
+    for old in ("step-000000041", "round-000000001"):
+        assert f"x: checkpoint {old}: written by an earlier splitlearn (it named checkpoints step-N or round-N" in said
+    assert ("x: checkpoint round-000009-step-000000003: written by an earlier splitlearn (splitlearn-checkpoint-2; "
+            f"this one reads {FORMAT})") in said
+    with pytest.raises(CheckpointError, match="round-000009-step-000000003: written by an earlier splitlearn"):
+        ck.load(Cursor(9, 3))
+
+
+def sha256_sums(folder: Path) -> str:
+    """``SHA256SUMS`` of a checkpoint folder as ``sha256sum`` writes it."""
+    import hashlib
+
+    return "".join(f"{hashlib.sha256((folder / f).read_bytes()).hexdigest()}  {f}\n" for f in FILES)
+
+
+def test_every_plan_resumes_from_the_last_cursor_every_party_holds_by_one_rule():
+    """``agree_on_resume`` over cursors: a party lacking the latest takes everyone back to the last
+    one all hold; nothing in common is from the start (None). The plain plans' hello agreement and
+    the [clients] coordinator's rewind call this very function."""
+    held = {"server": [START, after_step(9), after_step(14)], "hospital": [START, after_step(9)],
+            "lab": [START, after_step(9), after_step(14)]}
+    assert agree_on_resume("server", held, list(held)) == Cursor(0, 9)
+    rounds = {"coordinator": [Cursor.after_round(r) for r in (-1, 0, 1)], "hospital-1": [Cursor.after_round(0)],
+              "hospital-2": [Cursor.after_round(r) for r in (0, 1)]}
+    assert agree_on_resume("coordinator", rounds, list(rounds)) == Cursor(1, -1)  # the end of round 0
+    assert agree_on_resume("server", {"server": [after_step(9)], "hospital": [START]}, ["server", "hospital"]) is None
+    with pytest.raises(PartyError, match=r"nobody said which checkpoints \['lab'\] hold"):
+        agree_on_resume("server", {"server": [START]}, ["server", "lab"])
+    from splitlearn.clients import recovery
+    from splitlearn.run import resume, session as sessions
+
+    assert sessions.agree_on_resume is resume.agree_on_resume is recovery.agree_on_resume
+
+
+@pytest.mark.parametrize("told", [[[0, 3], [0]], [[-1, 3]], [[0, -2]], [[0, True]], [3], "[[0, 3]]",
+                                  [[0, k] for k in range(1001)]])
+def test_a_hello_holding_anything_but_cursors_is_refused_naming_the_peer(told):
+    with pytest.raises(PartyError, match="server: 'hospital' resumes without telling which checkpoints it holds"):
+        held_by("server", [START], {"hospital": {"checkpoints": told}})
+    assert held_by("server", [START], {"hospital": {"checkpoints": [[0, 3], [0, -1], [0, 3]]}}) == \
+        {"server": [START], "hospital": [START, Cursor(0, 3)]}

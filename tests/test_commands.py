@@ -29,6 +29,8 @@ def _values(hint: typing.Any) -> st.SearchStrategy:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is int:
         return COUNT
+    if hint is c.Cursor:  # a checkpoint's (round, step): never before the start (0, -1)
+        return st.builds(c.Cursor, COUNT, st.integers(min_value=-1, max_value=2**40))
     if hint is bool:
         return st.booleans()
     if hint is str:
@@ -103,7 +105,10 @@ def _command(**body) -> m.Message:
     ({"do": "rows", "train": [1, 2.5], "test": [1, 1]}, "field 'train'"),
     ({"do": "collect", "clients": ["a"], "samples": [1, 2]}, "1 clients and 2 sample counts"),
     ({"do": "download", "clients": "a", "requests": [1]}, "field 'clients'"),
-    ({"do": "restore", "round": None, "attempt": 1}, "field 'round' is not an integer"),
+    ({"do": "restore", "cursor": None, "attempt": 1}, "field 'cursor' is not [round, step]"),
+    ({"do": "restore", "cursor": [3], "attempt": 1}, "field 'cursor' is not [round, step]"),
+    ({"do": "restore", "cursor": [3, True], "attempt": 1}, "field 'cursor' is not [round, step]"),
+    ({"do": "checkpoint", "cursor": [0, -2]}, "cursor [0, -2] is before the start"),
     ({"do": "stop", "reason": ["x"]}, "field 'reason'"),
     ({"do": "again"}, "unknown command 'again'"),
 ])
@@ -124,7 +129,8 @@ def test_a_command_without_a_deadline_or_request_is_refused():
     ({"reply": "census", "train": 3, "test": -1, "schema": {}}, "negative count -1"),
     ({"reply": "census", "train": 3, "test": 1, "schema": []}, "field 'schema'"),
     ({"reply": "collected", "averaged": ["a"], "refused": {"b": 3}}, "field 'refused'"),
-    ({"reply": "held", "rounds": [1, "2"]}, "field 'rounds'"),
+    ({"reply": "held", "cursors": [[1, -1], [2, "2"]]}, "field 'cursors' is not a list of [round, step]"),
+    ({"reply": "rejoined", "cursors": [[-1, 4]]}, "cursor [-1, 4] is before the start"),
     ({"reply": "loaded"}, "without its field 'source'"),
     ({"reply": "turn_done", "ok": 1}, "field 'ok' is not true or false"),
     ({"reply": "what"}, "unknown reply 'what'"),

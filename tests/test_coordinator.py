@@ -31,7 +31,7 @@ class Fake:
         self.name, self.value, self.fails, self.restarts_at, self.census = name, value, set(fails), restarts_at, census
         self.heard: list[c.Instruction] = []
         self.weights_in: list[Message] = []
-        self.saved: list[int] = []
+        self.saved: list[c.Cursor] = []
         self.net: FakeNetwork | None = None
 
     def hear(self, msg: Message) -> list[Message]:
@@ -65,12 +65,12 @@ class Fake:
         if isinstance(ins, c.Collect):
             return [c.Collected(ins.clients, {})]
         if isinstance(ins, c.Checkpoint):
-            self.saved.append(ins.round)
-            return [c.Saved(ins.round)]
+            self.saved.append(ins.cursor)
+            return [c.Saved(ins.cursor)]
         if isinstance(ins, c.WhichCheckpoints):
             return [c.CheckpointsHeld(tuple(self.saved))]
         if isinstance(ins, c.Restore):
-            return [c.Restored(ins.round) if ins.round in self.saved else c.NotRestored(ins.round)]
+            return [c.Restored(ins.cursor) if ins.cursor in self.saved else c.NotRestored(ins.cursor)]
         if isinstance(ins, c.StartOver):
             self.saved.clear()
             return [c.StartedOver()]
@@ -136,8 +136,8 @@ def test_fedavg_round_by_round_a_failing_client_is_skipped_and_a_restarted_one_r
     for f in fakes:
         assert f.kinds() == {c.LoadWeights, c.TakeTurn, c.SendWeights, c.Checkpoint, c.WhichCheckpoints, c.Restore,
                              c.Stop}
-        assert [i for i in f.heard if isinstance(i, c.Restore)] == [c.Restore(0, 1)]  # back to the end of round 0
-        assert f.heard[-1] == c.Stop(None) and f.saved == [-1, 0, 1, 2]
+        assert [i for i in f.heard if isinstance(i, c.Restore)] == [c.Restore(c.Cursor(1, -1), 1)]  # end of round 0
+        assert f.heard[-1] == c.Stop(None) and f.saved == [c.Cursor.after_round(r) for r in (-1, 0, 1, 2)]
     # who trained and sent weights in each round (round 1 twice: before and after the rewind)
     sends = [(f.name, i) for f in fakes for i in f.heard if isinstance(i, c.SendWeights)]
     assert sorted(n for n, _ in sends) == ["hospital-1"] * 3 + ["hospital-2"] * 2 + ["hospital-3"] * 3

@@ -5,6 +5,7 @@ stopped; a checkpoint torn by a kill during its write is never used."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ import pytest
 import splitlearn
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import plan_hash
-from splitlearn.run.checkpoint import Checkpoints
+from splitlearn.run.checkpoint import Checkpoints, after_step, folder_name
+from splitlearn.wire.control import Cursor
 
 from .conftest import EXAMPLES
 from .support import DROPOUT, PLAN, free_port, kill_tree, party_cmd, process_state, same_run, stop_after, weights
@@ -38,8 +40,8 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, example):
     with pytest.raises(Exception, match="stopped after 30 steps"):
         splitlearn.train(body, out=tmp_path / "b", on_step=stop_after(30))
     held = Checkpoints(tmp_path / "b" / "parties" / next(iter(body.parties)) / "checkpoints",
-                       plan_hash=plan_hash(body)).steps()
-    assert len(held) == 2 and max(held) < 30  # the last two, both before the stop
+                       plan_hash=plan_hash(body)).cursors()
+    assert len(held) == 2 and max(held) < after_step(30)  # the last two, both before the stop
     splitlearn.train(body, out=tmp_path / "b", resume=True)
     same_run(tmp_path / "a", tmp_path / "b")
 
@@ -50,11 +52,11 @@ def test_a_torn_checkpoint_is_never_used(tmp_path):
     with pytest.raises(Exception, match="stopped"):
         splitlearn.train(body, out=tmp_path / "b", on_step=stop_after(40))
     ck = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints", plan_hash=plan_hash(body))
-    older, latest = ck.steps()
-    state = ck.folder / f"step-{latest:09d}" / "state.safetensors"
+    older, latest = ck.cursors()
+    state = ck.folder / folder_name(latest) / "state.safetensors"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a kill in the middle of the write
-    (ck.folder / f".step-{latest + 5:09d}.tmp").mkdir()  # and one that never got its rename
-    assert ck.steps() == [older]
+    (ck.folder / f".{folder_name(after_step(latest.step + 5))}.tmp").mkdir()  # and one that never got its rename
+    assert ck.cursors() == [older]
     splitlearn.train(body, out=tmp_path / "b", resume=True)  # the hospital holds both: they agree on the older
     same_run(tmp_path / "a", tmp_path / "b")
 
@@ -68,7 +70,7 @@ def test_parties_holding_different_checkpoints_agree_on_the_last_they_all_hold(t
     ck = Checkpoints(tmp_path / "b" / "parties" / first / "checkpoints", plan_hash=plan_hash(body))
     import shutil
 
-    shutil.rmtree(ck.folder / f"step-{ck.steps()[-1]:09d}")
+    shutil.rmtree(ck.folder / folder_name(ck.cursors()[-1]))
     splitlearn.train(body, out=tmp_path / "b", resume=True)
     same_run(tmp_path / "a", tmp_path / "b")
 
@@ -83,7 +85,7 @@ def test_every_party_process_killed_with_sigkill_then_resumed(tmp_path):
     ck = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints",
                      plan_hash=plan_hash(load_plan(plan).with_train(epochs=2)))
     deadline = time.monotonic() + 120
-    while len(ck.steps()) < 2 and time.monotonic() < deadline:  # mid-epoch: after the second checkpoint
+    while len(ck.cursors()) < 2 and time.monotonic() < deadline:  # mid-epoch: after the second checkpoint
         time.sleep(0.05)
     victims = kill_tree(proc.pid)  # the launcher and every party process it started
     proc.wait(timeout=30)
@@ -113,17 +115,19 @@ def test_a_new_run_clears_an_earlier_runs_checkpoints_and_resume_ignores_another
     body = load_plan(EXAMPLES / "vanilla.toml").with_train(epochs=2, checkpoint_every=5)
     splitlearn.train(body, out=tmp_path / "a")
     folder = tmp_path / "a" / "parties" / "server" / "checkpoints"
-    assert Checkpoints(folder, plan_hash=plan_hash(body)).steps()
+    assert Checkpoints(folder, plan_hash=plan_hash(body)).cursors()
     other = body.with_train(seed=3)  # another plan (hash): its run may not go on from these
-    assert Checkpoints(folder, plan_hash=plan_hash(other)).steps() == []
+    assert Checkpoints(folder, plan_hash=plan_hash(other)).cursors() == []
     splitlearn.train(other, out=tmp_path / "a", resume=True)  # nothing in common: from the start
     splitlearn.train(other, out=tmp_path / "b")  # (only the resume's hellos add bytes)
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa) == 0.0
     short = body.with_train(epochs=1)
     splitlearn.train(short, out=tmp_path / "a")  # from the start: only its own checkpoints are left
-    assert sorted(p.name for p in folder.iterdir()) == [f"step-{s:09d}" for s in
-                                                       Checkpoints(folder, plan_hash=plan_hash(short)).steps()]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [folder_name(c) for c in Checkpoints(folder, plan_hash=plan_hash(short)).cursors()]
+    # a plain plan is one round: its checkpoints are named by their cursors (0, step), after steps of the run
+    assert len(names) == 2 and all(re.fullmatch(r"round-000000-step-\d{9}", n) for n in names), names
 
 
 # (the server of a plan killed mid-run: tests/test_resume_moments.py, on the PSI plan of the clinics)
@@ -150,7 +154,7 @@ def test_one_party_killed_and_restarted_with_resume_while_the_others_wait(tmp_pa
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in names}
     ck = Checkpoints(out / "parties" / victim / "checkpoints", plan_hash=plan_hash(body))
     deadline = time.monotonic() + 120
-    while len([s for s in ck.steps() if s >= 0]) < 2 and time.monotonic() < deadline:
+    while len([c for c in ck.cursors() if c.step >= 0]) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     procs[victim].kill()  # SIGKILL, mid-epoch
     procs[victim].wait(timeout=30)
@@ -195,9 +199,11 @@ def test_a_clients_run_stopped_after_a_round_resumes_to_the_same_weights(tmp_pat
     reference = splitlearn.train(plan, out=tmp_path / "a")
     with pytest.raises(Exception, match="stopped after 2 steps"):
         splitlearn.train(plan, out=tmp_path / "b", on_step=stop_after(2))
-    held = Checkpoints(tmp_path / "b" / "parties" / "hospital-2" / "checkpoints", label="round",
-                       plan_hash=plan_hash(plan)).steps()
-    assert held == [0, 1]  # the last two rounds' ends (round -1, before the first, is gone)
+    ck = Checkpoints(tmp_path / "b" / "parties" / "hospital-2" / "checkpoints", plan_hash=plan_hash(plan))
+    held = ck.cursors()
+    assert held == [Cursor.after_round(0), Cursor.after_round(1)]  # the last two rounds' ends (the start is gone)
+    # named by their cursors, as a plain plan's are: the end of round r is the start of round r + 1
+    assert sorted(p.name for p in ck.folder.iterdir()) == ["round-000001-step--00000001", "round-000002-step--00000001"]
     resumed = splitlearn.train(plan, out=tmp_path / "b", resume=True)
     _same_weights(tmp_path / "a", tmp_path / "b")
     assert resumed["metrics"]["test_accuracy_per_epoch"] == reference["metrics"]["test_accuracy_per_epoch"]
@@ -225,10 +231,10 @@ def test_one_splitfed_client_killed_and_restarted_with_resume_while_the_others_w
     env = {**os.environ, "OMP_NUM_THREADS": str(math_threads(len(names)))}
     procs = {n: subprocess.Popen(party_cmd(plan, n, tmp_path / "certs", ports, out), env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in names}
-    ck = Checkpoints(out / "parties" / victim / "checkpoints", label="round", plan_hash=plan_hash(body))
+    ck = Checkpoints(out / "parties" / victim / "checkpoints", plan_hash=plan_hash(body))
     deadline = time.monotonic() + 120
-    while 0 not in ck.steps() and time.monotonic() < deadline:  # round 0 is done: kill it in round 1
-        time.sleep(0.02)
+    while Cursor.after_round(0) not in ck.cursors() and time.monotonic() < deadline:  # round 0 is done: kill it
+        time.sleep(0.02)  # in round 1
     procs[victim].kill()
     procs[victim].wait(timeout=30)
     procs[victim] = subprocess.Popen(party_cmd(plan, victim, tmp_path / "certs", ports, out, "--resume"), env=env,

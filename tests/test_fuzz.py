@@ -24,6 +24,7 @@ from splitlearn.core.plan import plan_hash, plan_parts
 from splitlearn.core.specs import PlanError
 from splitlearn.core.graph import build_graph
 from splitlearn.wire.codec import Encoded, WireError, get_codec
+from splitlearn.wire.control import Cursor
 from splitlearn.core.engine import Party, PartyError
 from splitlearn.wire.link import Link
 from splitlearn.wire.messages import PROTOCOL_VERSION, Kind, Message, decode, encode, hello, kind_of
@@ -477,6 +478,11 @@ def _strict_int(v: object, low: int | None = None, high: int | None = None) -> b
     return type(v) is int and (low is None or v >= low) and (high is None or v <= high)
 
 
+def _is_cursor(v: object) -> bool:
+    """A checkpoint's cursor as a hello carries it: [round, step], never before the start [0, -1]."""
+    return isinstance(v, list) and len(v) == 2 and _strict_int(v[0], 0) and _strict_int(v[1], -1)
+
+
 def _body_of(data: bytes) -> tuple[Message | None, object]:
     """The message and its JSON text, as an honest reader would take them (None where either cannot be read)."""
     try:
@@ -514,7 +520,7 @@ def tally():
 
 HELLO_KEYS = ["protocol", "plan_hash", "ids_hash", "rows", "phase", "plan_parts", "id_count", "checkpoints",
               "resuming", "resume_from", "held"]
-CHECKPOINTS = [-1, 4, 9]  # the fed party's own, in the resume scenario
+CHECKPOINTS = [Cursor(0, -1), Cursor(0, 4), Cursor(0, 9)]  # the fed party's own, in the resume scenario
 
 
 class HelloScenario:
@@ -522,7 +528,7 @@ class HelloScenario:
     of them replaced by mutants. The party is built anew per case; its handshake only says it came."""
 
     def __init__(self, name: str, setups: dict, shapes: dict, me: str, slots: list[tuple[str, str, dict]],
-                 setup=None, ids: str = "", checkpoints: list[int] | None = None):
+                 setup=None, ids: str = "", checkpoints: list[Cursor] | None = None):
         self.name, self.setups, self.shapes, self.me, self.slots = name, setups, shapes, me, slots
         self.setup, self.ids, self.checkpoints = setup, ids, checkpoints
         self.plan_hash = plan_hash(setups[me].plan)
@@ -571,18 +577,18 @@ class HelloScenario:
                 out.append(f"{phase} from {sender}: rows {rows}, but the party holds {self.setup.rows}")
         if self.checkpoints is not None and phase == "hello":
             held = body.get("checkpoints")
-            if not (isinstance(held, list) and len(held) <= MAX_HELD and all(_strict_int(v) for v in held)):
+            if not (isinstance(held, list) and len(held) <= MAX_HELD and all(_is_cursor(v) for v in held)):
                 out.append(f"checkpoints {str(held)[:60]}")
             if body.get("resuming") is not True:
                 out.append(f"resuming {body.get('resuming')!r}")
         if phase == "resume":
             held = read.get((sender, "hello"), {}).get("checkpoints")
-            common = set(CHECKPOINTS) & set(held if isinstance(held, list) else [])
-            want = max(common) if common else None
+            common = set(CHECKPOINTS) & {Cursor(*v) for v in (held if isinstance(held, list) else []) if _is_cursor(v)}
+            want = list(max(common)) if common else None
             got = body.get("resume_from")
-            if type(got) is not type(want) or got != want:
+            if type(got) is not type(want) or got != want or want is not None and not _is_cursor(got):
                 out.append(f"resume_from {got!r}, but the last checkpoint both hold is {want!r}")
-            if party.resumed_at != (-1 if want is None else want):
+            if party.resumed_at != (-1 if want is None else want[1]):
                 out.append(f"the party resumes from {party.resumed_at}, not {want}")
         return out
 
@@ -601,8 +607,8 @@ def _hello_scenarios(tmp_path: Path) -> list[HelloScenario]:
         return json.loads(hello(sender, to, ph, ids, **more).text)
 
     first = body("hospital", "server", hs.ids_hash, rows=list(hs.rows), plan_parts=parts)
-    resumed = {**first, "checkpoints": [-1, 4, 9, 12], "resuming": True}
-    again = body("hospital", "server", "", phase="resume", resume_from=9)
+    resumed = {**first, "checkpoints": [[0, -1], [0, 4], [0, 9], [0, 12]], "resuming": True}
+    again = body("hospital", "server", "", phase="resume", resume_from=[0, 9])
     out = [HelloScenario("first", setups, shapes, "server", [("hospital", "hello", first)]),
            HelloScenario("counts", setups, shapes, "server", [("hospital", "hello", first)], setup=setups["server"]),
            HelloScenario("holder", setups, shapes, "hospital",
@@ -815,7 +821,7 @@ def test_mutated_alignment_messages_leak_nothing_and_only_the_protocols_are_take
 # -- the federation's commands, acknowledgements and weights ------------------------------------------
 
 COMMAND_KEYS = ["do", "request", "deadline", "turn", "client", "model", "source", "to", "evaluation", "lend", "ready",
-                "clients", "samples", "reason", "round"]
+                "clients", "samples", "reason", "cursor"]
 
 
 class _Federation:

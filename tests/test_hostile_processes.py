@@ -31,7 +31,7 @@ from splitlearn.run.checkpoint import Checkpoints
 from splitlearn.run.setup import prepare, schedule, setup_party
 from splitlearn.clients.parties import physical_party
 from splitlearn.wire.codec import Encoded, get_codec
-from splitlearn.wire.control import SendWeights
+from splitlearn.wire.control import Cursor, SendWeights
 from splitlearn.wire.messages import Kind, Limits, Message, decode, hello, kind_of
 from splitlearn.wire.messages import weights as weights_message
 from splitlearn.wire.transport.frames import NOBODY, SEQ, SYNC
@@ -108,13 +108,13 @@ PRE, DURING, MB = 100, 150, 1  # 1 MiB messages before the hello, during the res
 HELD = Limits().early_messages  # what the server keeps of a peer's messages before its handshake (64)
 
 
-def _greet_and_flood(mallory: Mallory, server: Proc, plan: Path, held: list[int] | None, flood: bool
-                     ) -> tuple[list[int], int | None]:
+def _greet_and_flood(mallory: Mallory, server: Proc, plan: Path, held: list[Cursor] | None, flood: bool
+                     ) -> tuple[list[int], list[int] | None]:
     """Mallory floods before her hello and says it; resuming (``held``: the checkpoints she claims)
     she floods during the resume agreement and ends with a resume point the server never agreed
     to, else she says she failed. The server's peak memory (KiB) when she connected, once it
     answered her hello (it had read everything before), and, resuming, once it refused the last of
-    the second flood; the step the server wanted to resume from."""
+    the second flood; the cursor [round, step] the server wanted to resume from."""
     peaks = [server.hwm()]
     if flood:
         for _ in range(PRE):
@@ -133,7 +133,7 @@ def _greet_and_flood(mallory: Mallory, server: Proc, plan: Path, held: list[int]
             mallory.recv(Kind.ERROR)
     peaks.append(server.hwm())
     mallory.send(hello("hospital", "server", plan_hash(load_plan(plan)), "", phase="resume",
-                       resume_from=resume_from + 1))
+                       resume_from=[resume_from[0], resume_from[1] + 1]))
     return peaks, resume_from
 
 
@@ -167,7 +167,7 @@ def test_floods_around_the_hello_and_the_resume_agreement_stay_within_the_budget
     of at most --max-message-mb each) and refuses the rest naming her; both exit 1 naming the
     reason; the checkpoints are as they were."""
     plan, certs, run = stopped
-    held = _server_checkpoints(run, plan).steps()
+    held = _server_checkpoints(run, plan).cursors()
     resuming = ("--resume",)
     servers = {"resume": resuming, "first": (), "honest": resuming}
     runs = {w: tmp_path / w for w in servers}
@@ -199,11 +199,12 @@ def test_floods_around_the_hello_and_the_resume_agreement_stay_within_the_budget
     assert all("server refused a message from 'hospital' on wire 'bottom->top': 64 of its messages are held "
                "before the handshake already (hello, alignment, resume; Limits.early_messages)" in x
                for x in refused["resume"])
+    after = [wanted["resume"][0], wanted["resume"][1] + 1]  # the step after the agreed one
     assert (f"server: resume_from differs from 'hospital''s: ours is {wanted['resume']}, theirs is "
-            f"'{wanted['resume'] + 1}'") in procs["resume"].said
+            f"'{after}'") in procs["resume"].said
     assert "server: party 'hospital' stopped: hospital failed: it leaves" in procs["first"].said
     for w in ("resume", "honest"):  # nothing was moved aside or deleted
-        assert _server_checkpoints(runs[w], plan).steps() == held
+        assert _server_checkpoints(runs[w], plan).cursors() == held
         assert not list((runs[w] / "parties" / "server").glob("checkpoints.before-*"))
     _within({"during the resume agreement": (grew["resume"][1], budget + transport + grew["honest"][1]),
              **{f"before the hello ({w})": (grew[w][0], transport + grew["honest"][0])
@@ -410,7 +411,7 @@ def test_a_client_flooding_weights_then_sending_refused_ones_is_skipped_at_once(
 
 # -- case 10: a peer deciding the resume point -------------------------------------------------------
 
-def _claim(mallory: Mallory, server: Proc, plan: Path, held: list[int], expect: str) -> None:
+def _claim(mallory: Mallory, server: Proc, plan: Path, held: list[Cursor], expect: str) -> None:
     """Mallory, resuming, says she holds the checkpoints ``held``, agrees on the step the server
     names and takes the handshake, until the server logs ``expect``; then she says she failed."""
     mallory.send(_hospital_hello(plan, resuming=True, checkpoints=held))
@@ -432,12 +433,12 @@ def test_a_peer_cannot_make_a_resumed_server_lose_or_silently_pass_over_its_chec
     checkpoint, or only the server's older one: the first moves what it held aside, every byte
     kept, and says so; the second logs both steps and who lacks its last, and keeps them all."""
     plan, certs, run = stopped
-    claims = {"none": [], "older": _server_checkpoints(run, plan).steps()[:1]}
+    claims = {"none": [], "older": _server_checkpoints(run, plan).cursors()[:1]}
     outs = {c: tmp_path / c for c in claims}
     ports = {c: {"server": free_port(), "hospital": free_port()} for c in claims}
     for c in claims:
         shutil.copytree(run, outs[c])
-    held = _server_checkpoints(run, plan).steps()
+    held = _server_checkpoints(run, plan).cursors()
     before = _files(_server_checkpoints(run, plan).folder)
     expect = {"none": "the checkpoints held before were moved to", "older": "the last checkpoint every party holds"}
     procs = {c: Proc(party_cmd(plan, "server", certs, ports[c], outs[c], "--resume", "--step-timeout", "30"))
@@ -455,13 +456,13 @@ def test_a_peer_cannot_make_a_resumed_server_lose_or_silently_pass_over_its_chec
     said = {c: p.said for c, p in procs.items()}
     aside = list((outs["none"] / "parties" / "server").glob("checkpoints.before-*"))
     assert len(aside) == 1 and _files(aside[0]) == before  # every byte kept
-    assert (f"server: resuming, but no checkpoint is held by every party (this party's last: after step "
+    assert (f"server: resuming, but no checkpoint is held by every party (this party's last: "
             f"{held[-1]}; ['hospital'] do not hold it): from the start") in said["none"]
     assert f"server: beginning again from the start; the checkpoints held before were moved to {aside[0]}" \
         in said["none"]
-    assert (f"server: resuming after step {held[0]}, the last checkpoint every party holds, not after step "
+    assert (f"server: resuming {held[0]}, the last checkpoint every party holds, not "
             f"{held[-1]}, this party's last (['hospital'] do not hold it)") in said["older"]
-    assert _server_checkpoints(outs["older"], plan).steps() == held
+    assert _server_checkpoints(outs["older"], plan).cursors() == held
     assert not list((outs["older"] / "parties" / "server").glob("checkpoints.before-*"))
     for c in claims:  # and each ends naming why
         assert "server: party 'hospital' stopped: hospital failed: it leaves" in said[c]

@@ -18,7 +18,7 @@ from splitlearn.core.load import load_plan
 from splitlearn.core.graph import build_graph
 from splitlearn.core.plan import plan_hash
 from splitlearn.launch import threads as local
-from splitlearn.run.checkpoint import Checkpoints
+from splitlearn.run.checkpoint import Checkpoints, after_step
 from splitlearn.run.report import RunError
 from splitlearn.run.setup import prepare, schedule
 from splitlearn.wire.codec import get_codec
@@ -131,8 +131,8 @@ def test_a_resumed_run_keeps_the_bounds_it_learnt(tmp_path, monkeypatch):
     first = train_steps(plan, 1)
     with pytest.raises(Exception, match="stopped after"):
         splitlearn.train(plan, out=tmp_path / "b", on_step=stop_after(first[0] + 2))
-    held = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints", plan_hash=plan_hash(plan)).steps()
-    assert max(held) == first[0] - 1  # the first epoch's end (its last evaluation step)
+    held = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints", plan_hash=plan_hash(plan)).cursors()
+    assert max(held) == after_step(first[0] - 1)  # the first epoch's end (its last evaluation step)
     attack(monkeypatch, "hospital", Kind.ACTIVATION, set(first[:10]))
     splitlearn.train(plan, out=tmp_path / "b", resume=True)
     same_run(tmp_path / "a", tmp_path / "b")

@@ -85,7 +85,7 @@ def launch(plan: Plan, out: Path, faults: dict | None = None, rejoin_wait_s: flo
 
 def _lie(role: Participant) -> None:
     """Say 'I came back as a new process' (as a follower started with --resume does)."""
-    role.link.send(reply(role.name, role.coordinator, 0, Rejoined(tuple(role.checkpoints.steps()))))
+    role.link.send(reply(role.name, role.coordinator, 0, Rejoined(tuple(role.checkpoints.cursors()))))
 
 
 def _fail_turns(role: Participant) -> None:
@@ -235,7 +235,7 @@ def lying(self, *a, **k):  # hospital-2's own certificate and code: it only lies
 
     def liar(role, request, ins):
         if isinstance(ins, TakeTurn):
-            role.link.send(reply(role.name, role.coordinator, 0, Rejoined(tuple(role.checkpoints.steps()))))
+            role.link.send(reply(role.name, role.coordinator, 0, Rejoined(tuple(role.checkpoints.cursors()))))
             role.run_turn = lambda *a, **k: (False, "this client fails its turn")
 
     self.fault = liar

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import splitlearn
 from splitlearn.launch.processes import launch
-from splitlearn.clients.layout import plain_connections as connections
+from splitlearn.clients.layout import connections
 from splitlearn.core.load import load_plan
 from splitlearn.wire.transport.tls import make_certs
 
@@ -158,7 +158,7 @@ def test_ctrl_c_stops_every_party_process(tmp_path):
     held = tmp_path / "o" / "parties" / "server" / "checkpoints"
     deadline = time.monotonic() + 60  # the parties are connected and training: the server saved its state before step 0
     try:
-        while not (held.is_dir() and any(p.name.startswith("step-") for p in held.iterdir())) \
+        while not (held.is_dir() and any(p.name.startswith("round-") for p in held.iterdir())) \
                 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert time.monotonic() < deadline and run.poll() is None

@@ -47,12 +47,12 @@ saves = []
 save = checkpoint.Checkpoints.save
 
 
-def saving(self, step, tensors, manifest):
-    if kind == "save-before" and step == int(arg):
+def saving(self, cursor, tensors, manifest):  # a plain plan's cursor: (0, step)
+    if kind == "save-before" and cursor.step == int(arg):
         freeze()
-    out = save(self, step, tensors, manifest)
-    saves.append(step)
-    if kind == "save-after" and step == int(arg) or kind == "save-after-nth" and len(saves) == int(arg):
+    out = save(self, cursor, tensors, manifest)
+    saves.append(cursor)
+    if kind == "save-after" and cursor.step == int(arg) or kind == "save-after-nth" and len(saves) == int(arg):
         freeze()
     return out
 

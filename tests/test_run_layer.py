@@ -161,7 +161,7 @@ def test_strategies_own_their_rounds():
     plan = tiny(count=3, schedule="independent")
     ctx = Context.from_setup(plan, setup_party(plan, "hospital"))
     assert all(sorted(t.client for t in r.evals) == [0, 1, 2] for r in ctx.rounds)  # each evaluated on its own
-    assert not strategy_of(plan.clients).one_model and strategy_of(tiny(count=2).clients).one_model
+    assert not strategy_of(plan).one_model and strategy_of(tiny(count=2)).one_model
 
 
 # -- serialisation in one place -------------------------------------------------------------------

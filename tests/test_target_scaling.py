@@ -17,7 +17,7 @@ from splitlearn.core.load import load_plan
 from splitlearn.core.plan import plan_hash
 from splitlearn.core.specs import PlanError
 from splitlearn.data import DataError
-from splitlearn.run.checkpoint import Checkpoints
+from splitlearn.run.checkpoint import Checkpoints, after_step
 from splitlearn.run.setup import prepare
 
 from .conftest import EXAMPLES
@@ -158,8 +158,8 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_runs_weights_and_m
     a = splitlearn.train(body, out=tmp_path / "a")["metrics"]
     with pytest.raises(Exception, match="stopped after 15 steps"):
         splitlearn.train(body, out=tmp_path / "b", on_step=stop_after(15))
-    held = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints", plan_hash=plan_hash(body)).steps()
-    assert held and 12 <= max(held) < 15  # it goes on from a checkpoint in the second epoch, not from the start
+    held = Checkpoints(tmp_path / "b" / "parties" / "server" / "checkpoints", plan_hash=plan_hash(body)).cursors()
+    assert held and after_step(12) <= max(held) < after_step(15)  # from a checkpoint in the second epoch
     b = splitlearn.train(body, out=tmp_path / "b", resume=True)["metrics"]
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

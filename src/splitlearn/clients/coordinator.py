@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..core.engine import PartyError
 from ..core.specs import PlanError
 from ..run.report import PartyReport, Progress
-from ..wire.control import Census, CensusAnswer, Rows, Stop, TakeTurn, TurnDone
+from ..wire.control import Census, CensusAnswer, Cursor, Rows, Stop, TakeTurn, TurnDone
 from ..wire.messages import quote
 from ..wire.transport import TransportError
 from .actions import Action, Average, Download, Evaluate, HandOff, MergeCopies, RoundResult, Train
@@ -42,8 +42,8 @@ class Coordinator(Recovery, WeightTransfers):
     def _extra_state(self) -> dict[str, Any]:
         return {"holder": self.holder}
 
-    def restore(self, rnd: int, attempt: int) -> dict[str, Any]:
-        man = super().restore(rnd, attempt)
+    def restore(self, cursor: Cursor, attempt: int) -> dict[str, Any]:
+        man = super().restore(cursor, attempt)
         self.holder = man["holder"]
         return man
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from ..core.engine import PartyError
 from ..run.report import PartyReport, Progress
+from ..run.resume import usable_checkpoints
 from ..wire.codec import WireError
 from ..wire.control import (Census, CensusAnswer, Checkpoint, CheckpointsHeld, Collect, Collected, Instruction,
                             LoadWeights, MergeServerCopies, NotRestored, Rejoined, Restore, Restored, Rows, Saved,
@@ -37,7 +38,7 @@ class Follower(TurnTaking, StateSaving):
     def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
         try:
             if self.resuming:  # a new process: the coordinator tells which checkpoint every party rewinds to
-                self._reply(0, Rejoined(tuple(self.checkpoints.steps())))
+                self._reply(0, Rejoined(tuple(usable_checkpoints(self.name, self.checkpoints))))
             self.follow()
         finally:
             self.close_tracker()
@@ -132,11 +133,11 @@ class Follower(TurnTaking, StateSaving):
                 self.send_weights(c, r)
 
     def _checkpoint(self, request: int, ins: Checkpoint) -> None:
-        self.capture(ins.round)
-        self._reply(request, Saved(ins.round))
+        self.capture(ins.cursor)
+        self._reply(request, Saved(ins.cursor))
 
     def _which_checkpoints(self, request: int, ins: WhichCheckpoints) -> None:
-        self._reply(request, CheckpointsHeld(tuple(self.checkpoints.steps())))
+        self._reply(request, CheckpointsHeld(tuple(usable_checkpoints(self.name, self.checkpoints))))
 
     def _start_over(self, request: int, ins: StartOver) -> None:
         moved = self.checkpoints.set_aside()  # what it held is moved aside, not lost
@@ -145,11 +146,11 @@ class Follower(TurnTaking, StateSaving):
         self._reply(request, StartedOver())
 
     def _restore(self, request: int, ins: Restore) -> None:
-        if ins.round not in self.checkpoints.steps():
-            self._reply(request, NotRestored(ins.round))
+        if ins.cursor not in self.checkpoints.cursors():
+            self._reply(request, NotRestored(ins.cursor))
             return
-        self.restore(ins.round, ins.attempt)
-        self._reply(request, Restored(ins.round))
+        self.restore(ins.cursor, ins.attempt)
+        self._reply(request, Restored(ins.cursor))
 
     def _merge_copies(self, request: int, ins: MergeServerCopies) -> None:
         self.merge_copies(list(ins.clients), list(ins.samples))

@@ -25,10 +25,10 @@ from ..core.specs import DataSpec, PlanError
 from ..run.rows import holds_data, party_file
 from ..run.setup import PartySetup, build_modules, make_optimizer, setup_party
 from .context import Context
-from .roles import client_of, coordinator_of, federation_of, physical_names, plays_of
+from .roles import client_names, client_of, coordinator_of, federation_of, physical_names, plays_of
 from .strategies import strategy_of
 
-__all__ = ["Topology", "physical_setups", "plain_connections", "with_dial_out", "dialer", "holds_raw_data",
+__all__ = ["Topology", "physical_setups", "with_dial_out", "dialer", "holds_raw_data",
            "clients_playing", "own_data", "shared_in_process", "connections", "describe_schedule", "schedule_line"]
 
 
@@ -53,20 +53,6 @@ def dialer(plan: Plan, a: str, b: str) -> str:
     return b if rb and not ra else a
 
 
-def plain_connections(plan: Plan) -> list[tuple[str, str]]:
-    """(dialer, listener) for every pair of a plan's parties that exchange messages."""
-    graph = build_graph(plan)
-    names = list(plan.parties)
-    out = []
-    for a in names:
-        for b in graph.neighbours(a):
-            if names.index(b) <= names.index(a):
-                continue  # each pair once, a before b
-            d = dialer(plan, a, b)
-            out.append((d, b if d == a else a))
-    return out
-
-
 def clients_playing(plan: Plan, party: str) -> list[str]:
     """The clients that play plan party ``party`` (the ``[clients]`` template's); [] for any other party."""
     return plan.clients.names() if plan.clients is not None and party == plan.clients.template else []
@@ -88,20 +74,22 @@ def own_data(plan: Plan, name: str, data: str | Path) -> DataSpec:
 
 
 def connections(plan: Plan) -> list[tuple[str, str]]:
-    """(dialer, listener) pairs of a horizontal plan: clients dial the fixed parties and the
-    federation; the strategy may link clients too (sequential peer hand-off: a ring)."""
-    spec = plan.clients
-    fixed = [p for p in physical_names(plan) if p not in spec.names()]
-    graph = build_graph(plan)
+    """(dialer, listener) for every pair of physical parties that exchange messages: fixed parties
+    that are neighbours in the graph (a plain plan: every pair of its parties that do), and the
+    coordinator with every fixed party; clients dial the fixed parties and the federation; the
+    strategy may link clients too (sequential peer hand-off: a ring)."""
+    clients = client_names(plan)
+    fixed = [p for p in physical_names(plan) if p not in clients]
+    graph, coordinator = build_graph(plan), coordinator_of(plan)
     out = []
-    for i, a in enumerate(fixed):  # fixed parties among themselves, as in a plan without clients
+    for i, a in enumerate(fixed):
         for b in fixed[i + 1:]:
-            if b in graph.neighbours(a) or coordinator_of(plan) in (a, b):
+            if b in graph.neighbours(a) or coordinator in (a, b):
                 d = dialer(plan, a, b)
                 out.append((d, b if d == a else a))
-    for c in spec.names():
+    for c in clients:
         out += [(c, f) for f in fixed]
-    return out + strategy_of(spec).peer_links(plan)
+    return out + strategy_of(plan).peer_links(plan)
 
 
 def with_dial_out(plan: Plan, names: list[str]) -> Plan:
@@ -123,7 +111,7 @@ class Topology:
 
     names: list[str]  # in start order
     pairs: list[tuple[str, str]]  # (dialer, listener)
-    coordinator: str | None  # walks a [clients] schedule; None for a plain plan
+    coordinator: str | None  # walks a coordinated schedule; None for a plain plan's trivial one
     lead: str  # whose progress a launcher shows
     droppable: frozenset[str]  # parties whose failure is data (clients), not the end of the run
     # once the coordinator ended, the seconds the others get to end on their own (they read "stop" within an answer's
@@ -132,11 +120,12 @@ class Topology:
 
     @classmethod
     def of(cls, plan: Plan) -> "Topology":
-        if plan.clients is None:
-            lead = next(n.party for n in build_graph(plan).losses())
-            return cls(list(plan.parties), plain_connections(plan), None, lead, frozenset())
+        """The one layout of every plan (its roles: :mod:`splitlearn.clients.roles`); the lead is
+        the coordinator, or without one the party of the plan's first loss."""
         coord = coordinator_of(plan)
-        return cls(physical_names(plan), connections(plan), coord, coord, frozenset(plan.clients.names()), plan.clients.timeout)
+        lead = coord or next(n.party for n in build_graph(plan).losses())
+        grace = plan.clients.timeout if coord is not None else 0.0
+        return cls(physical_names(plan), connections(plan), coord, lead, frozenset(client_names(plan)), grace)
 
     def plays(self, plan: Plan, name: str) -> str | None:
         """The plan party physical party ``name`` plays (None: a federation of its own)."""
@@ -186,7 +175,7 @@ def schedule_line(plan: Plan) -> str:
     if c is None:
         return ""
     text = f"{c.count} clients {c.template}-1 … {c.template}-{c.count} ({c.partition.kind}), schedule {c.schedule}"
-    return f"{text}: {strategy_of(c).summary(plan)}"
+    return f"{text}: {strategy_of(plan).summary(plan)}"
 
 
 def describe_schedule(plan: Plan) -> str | None:

@@ -41,7 +41,7 @@ from ..wire.metering import Meter
 from ..wire.transport.base import Transport, TransportTimeout
 from ..wire.transport.switch import Switch
 from .context import Context
-from .roles import Duty, coordinator_of, duties_of, federation_of, physical_names, plays_of
+from .roles import Duty, client_names, coordinator_of, duties_of, federation_of, physical_names, plays_of
 from .scoring import EvaluationPool
 from .strategies import strategy_of
 from .weights import average, load_state, state_of
@@ -57,43 +57,46 @@ Fault = Callable[["Participant", int, Instruction], None]  # tests: called with 
 
 
 class Participant:
-    """One physical party of a ``[clients]`` plan: its state, messages, weights and report. Turns
+    """One physical party of any plan: its state, messages, weights and report. Turns
     (:class:`~splitlearn.clients.turns.TurnTaking`) and checkpoints
-    (:class:`~splitlearn.clients.saving.StateSaving`) build on it;
-    :class:`~splitlearn.clients.coordinator.Coordinator` walks the schedule and
-    :class:`~splitlearn.clients.follower.Follower` carries out its instructions. ``record``: keep what this party receives, per client, for the audit;
-    ``rejoin_wait_s``: how long the coordinator waits for a failed party to come back as a new
-    process (0: never)."""
+    (:class:`~splitlearn.clients.saving.StateSaving`) build on it. A coordinated schedule's
+    :class:`~splitlearn.clients.coordinator.Coordinator` walks the rounds and its
+    :class:`~splitlearn.clients.follower.Follower` parties carry out its instructions; a plain
+    plan's parties are :class:`~splitlearn.clients.peer.Peer` parties, each running the trivial
+    schedule's one round (:class:`~splitlearn.clients.strategies.Trivial`). ``record``: keep what
+    this party receives, per client, for the audit; ``rejoin_wait_s``: how long the coordinator
+    waits for a failed party to come back as a new process (0: never)."""
 
     def __init__(self, plan: Plan, name: str, transport: Transport, setup: PartySetup | None = None, *,
                  timeout: float | None = None, step_timeout: float | None = None, fault: Fault | None = None,
                  context: Context | None = None, record: bool = False, limits: Limits | None = None,
                  tracking: Any = None, out: Path | None = None, resume: bool = False, rejoin_wait_s: float = 0.0):
-        spec = plan.clients
-        if spec is None:
-            raise PlanError("the plan has no [clients] section")
         if name not in physical_names(plan):
             raise PlanError(f"no party {name!r} in this plan", hint=f"parties are {physical_names(plan)[:6]} ...")
-        self.plan, self.spec, self.name = plan, spec, name
-        self.strategy = strategy_of(spec)
-        self.clients = spec.names()
+        self.plan, self.spec, self.name = plan, plan.clients, name
+        self.strategy = strategy_of(plan)
+        self.clients = client_names(plan)
         self.coordinator, self.federation = coordinator_of(plan), federation_of(plan)
         self.duties = duties_of(plan, name)
         self.plays = plays_of(plan, name)  # the plan party it plays in turns (None: a federation of its own)
         me = name if self.is_client else None
         self.setup = setup if setup is not None or self.plays is None else setup_party(plan, self.plays, client=me)
-        self.timeout = spec.timeout if timeout is None else timeout  # for an answer of the schedule
         self.step_timeout = plan.step_timeout_s(step_timeout)  # for a step of a turn
+        # for an answer of the schedule (the trivial schedule has none: nobody instructs)
+        self.timeout = timeout if timeout is not None else self.spec.timeout if self.spec else self.step_timeout
         self.limits = limits or Limits()
-        self.switch = Switch(transport, _classify)
-        self.link = Link(self.switch.control(), Meter(name), self.limits)
+        # a coordinated schedule's own messages (commands, replies, weights) travel apart from its turns'
+        self.switch = Switch(transport, _classify) if self.strategy.coordinated else None
+        self.link = Link(self.switch.control() if self.switch else transport, Meter(name), self.limits)
         self.eval_meter = Meter(name)
         self.fault = fault
         self.per_client = per_client(plan)
         self.ctx: Context | None = None
         self.record_ids: np.ndarray | None = None  # the ids of recorded rows (per-client data: positions)
-        if not self.per_client:  # the shares of one dataset: every party derives them alike
-            template = self.setup if self.is_client else setup_party(plan, spec.template, optimizer=False)
+        if not self.strategy.coordinated:  # its one round is derived once the hello told the rows (Peer)
+            self.graph, self.ids_hash, self.rounds, self.turns = self.setup.graph, self.setup.ids_hash, [], {}
+        elif not self.per_client:  # the shares of one dataset: every party derives them alike
+            template = self.setup if self.is_client else setup_party(plan, self.spec.template, optimizer=False)
             self.record_ids = template.splits.ids
             self.adopt_context(context or Context.from_setup(plan, template))
         else:  # each client's own file: the coordinator's census tells everyone how many rows each has
@@ -108,11 +111,12 @@ class Participant:
         if tracking is not None and self.in_turns and any(n.party == self.plays for n in self.graph.losses()):
             from ..run.tracking import StepNumbers, open_tracker
 
-            self.tracker = StepNumbers(open_tracker(tracking, plan, name))
+            tracker = open_tracker(tracking, plan, name)
+            self.tracker = StepNumbers(tracker) if self.strategy.coordinated else tracker  # turns number steps anew
         self.global_state: dict[str, torch.Tensor] | None = None  # federation: the averaged client weights
         if self.is_federation:
             self.global_state = {k: v.clone() for k, v in state_of(
-                {s: _build(plan, s) for s in _segments_of(self.graph, spec.template)}).items()}
+                {s: _build(plan, s) for s in _segments_of(self.graph, self.spec.template)}).items()}
         # fixed parties: a copy of their segments per client (splitfed_v1 for a round, independent for good)
         self.copies: dict[str, tuple[dict, torch.optim.Optimizer | None]] = {}
         self.lent: dict[str, torch.Tensor] | None = None  # a client: the run's model, lent for one evaluation turn
@@ -120,12 +124,10 @@ class Participant:
         self._requests = itertools.count(1)
         self._early: dict[tuple[str, int], Message] = {}  # (sender, request): weights that beat their command
         self._pending: deque[Message] = deque(maxlen=MAX_PENDING)  # follower: commands that came meanwhile
-        # checkpoints (with an --out folder): every party saves its state at the end of every round, on the
-        # coordinator's word; rewinding to one begins the schedule again from there (see Coordinator)
+        # checkpoints (with an --out folder): see _checkpoints
         self.checkpoints: Checkpoints | None = None
         if out is not None:
-            self.checkpoints = Checkpoints(Path(out) / "parties" / name / "checkpoints", label="round",
-                                           plan_hash=plan_hash(plan))
+            self.checkpoints = self._checkpoints(Path(out) / "parties" / name / "checkpoints")
             if not resume:
                 self.checkpoints.clear()
         elif resume:
@@ -133,6 +135,24 @@ class Participant:
         self.resuming = resume  # a follower started with --resume waits for the coordinator's word to rewind
         self.rejoin_wait_s = rejoin_wait_s
         self.attempt = 0  # times the schedule rewound to a checkpoint: in every turn's tag
+
+    def _checkpoints(self, folder: Path) -> Checkpoints:
+        """Where and when this party saves its state. A coordinated schedule: at the end of every
+        round, on the coordinator's word (rewinding to one begins the schedule again from there,
+        see :class:`~splitlearn.clients.recovery.Recovery`). The trivial schedule: every
+        ``[train] checkpoint_every`` training steps and at every epoch's end, inside its one turn
+        (:func:`~splitlearn.run.session.run_party`); a party that hears nothing while training (it
+        sends labels only) runs ahead by up to flow control's window, so it keeps the checkpoints
+        its neighbours may still hold as their last."""
+        if self.strategy.coordinated:
+            return Checkpoints(folder, plan_hash=plan_hash(self.plan))
+        from ..core.flow import flow_pairs
+
+        g, me = self.graph, self.name
+        free = not any(w.dst_party == me or (w.src_party == me and w.carries == "activation") for w in g.wires)
+        ahead = [p.window for p in flow_pairs(g, self.limits) if p.producer == me and free]
+        return Checkpoints(folder, self.plan.train.checkpoint_every, lag=max(ahead, default=0),
+                           plan_hash=plan_hash(self.plan))
 
     # -- what this participant is ------------------------------------------------------------
     @property

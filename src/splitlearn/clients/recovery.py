@@ -1,7 +1,8 @@
 """How the coordinator keeps a ``[clients]`` run consistent across failures: every participant
-saves its state at the end of every round; when a failed party comes back as a new process (it
-lost its state since the last checkpoint), every participant rewinds to the last round whose
-checkpoint all of them hold, and the schedule goes on from there."""
+saves its state at the end of every round (the :class:`~splitlearn.wire.control.Cursor` of the next
+round's start); when a failed party comes back as a new process (it lost its state since the last
+checkpoint), every participant rewinds to the last cursor all of them hold, by the rule every plan
+resumes by (:func:`~splitlearn.run.resume.agree_on_resume`), and the schedule goes on from there."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import logging
 import time
 
 from ..core.engine import PartyError
-from ..wire.control import (Checkpoint, CheckpointsHeld, Restore, Restored, Rows, Saved, StartedOver, StartOver,
-                            WhichCheckpoints)
+from ..run.resume import agree_on_resume, say_resume, usable_checkpoints
+from ..wire.control import (Checkpoint, CheckpointsHeld, Cursor, Restore, Restored, Rows, Saved, StartedOver,
+                            StartOver, WhichCheckpoints)
 from ..wire.transport import TransportError
 from .instructing import Instructing
 from .roles import physical_names
@@ -60,7 +62,9 @@ class Recovery(Instructing):
                          f"since its last restart ({seen} restarts): not believed, nobody goes back")
 
     def checkpoint_everyone(self, index: int, everyone: list[str], rnd: Round | None = None) -> None:
-        """Every party (this one too) saves its state as of the end of round ``index``."""
+        """Every party (this one too) saves its state as of the end of round ``index`` (-1: before the
+        first), the cursor of the next round's start."""
+        cursor = Cursor.after_round(index)
         rid = next(self._requests)
         asked, why = [], {}
         for p in everyone:
@@ -68,12 +72,12 @@ class Recovery(Instructing):
                 why[p] = "it was given up on earlier in the run (it did not come back in time)"
                 continue
             try:
-                self._instruct(p, Checkpoint(index), rid)
+                self._instruct(p, Checkpoint(cursor), rid)
                 asked.append(p)
             except TransportError as e:
                 log.warning("%s: checkpoint: cannot reach %s: %s", self.name, p, e)
                 why[p] = f"cannot reach it: {e}"
-        self.capture(index)
+        self.capture(cursor)
         ans = self._replies(asked, self.timeout, rid, Saved)
         for p in everyone:
             if p not in ans and rnd is not None:
@@ -89,9 +93,10 @@ class Recovery(Instructing):
                     f" (checkpoints moved to {moved})" * bool(moved))
 
     def rewind(self, everyone: list[str], why: str) -> int | None:
-        """Every party goes back to the last round whose checkpoint all of them hold; the index of
-        the round to do next (None: no round is held by all). Parties that do not answer are left
-        out (and reported)."""
+        """Every party goes back to the last cursor whose checkpoint all of them hold
+        (:func:`~splitlearn.run.resume.agree_on_resume`); the index of the round to do next, the
+        cursor's (None: no checkpoint is held by all). Parties that do not answer are left out (and
+        reported)."""
         if self.per_client and self._counts is not None:  # a new process knows no row counts yet
             for p in self._rejoined & set(everyone):
                 try:
@@ -99,17 +104,17 @@ class Recovery(Instructing):
                 except TransportError:
                     pass
         ans = self._ask(everyone, WhichCheckpoints(), CheckpointsHeld)
-        common = set(self.checkpoints.steps())
-        for held in ans.values():
-            common &= set(held.rounds)
+        ours = usable_checkpoints(self.name, self.checkpoints)
+        known = {self.name: ours, **{p: sorted(set(held.cursors)) for p, held in ans.items()}}
         missing = [p for p in everyone if p not in ans and p not in self.given_up]
         if missing:  # it would keep a later state than the others: the run could not stay consistent
             raise PartyError(f"{self.name}: {why}, but {missing[:5]} did not say within {self.timeout:g} s which "
                              "checkpoints they hold, so not every party can go back to the same round")
-        if not common:
+        cursor = agree_on_resume(self.name, known, list(known))
+        if cursor is None:
             log.warning("%s: %s, but no checkpoint is held by every party", self.name, why)
             return None
-        rnd = max(common)
+        say_resume(self.name, ours, cursor, known)  # (when it goes back further than its own last)
         self.attempt += 1
         if self.attempt > MAX_REWINDS:
             raise PartyError(f"{self.name}: the parties went back to a checkpoint {MAX_REWINDS} times; giving up "
@@ -117,17 +122,20 @@ class Recovery(Instructing):
         rid = next(self._requests)
         for p in ans:
             try:
-                self._instruct(p, Restore(rnd, self.attempt), rid)
+                self._instruct(p, Restore(cursor, self.attempt), rid)
             except TransportError as e:
-                raise PartyError(f"{self.name}: {why}; cannot tell {p} to go back to round {rnd}: {e}") from None
-        self.restore(rnd, self.attempt)
+                raise PartyError(f"{self.name}: {why}; cannot tell {p} to go back to the checkpoint {cursor}: "
+                                 f"{e}") from None
+        self.restore(cursor, self.attempt)
         got = self._replies(list(ans), 3 * self.timeout, rid, Restored)
-        failed = [p for p in ans if p not in got or got[p].round != rnd]
+        failed = [p for p in ans if p not in got or got[p].cursor != cursor]
         if failed:
-            raise PartyError(f"{self.name}: {why}; going back to the end of round {rnd}, {failed} did not")
-        log.warning("%s: %s; every party went back to the end of round %d", self.name, why, rnd)
+            raise PartyError(f"{self.name}: {why}; going back to the end of round {cursor.round - 1} ({cursor}), "
+                             f"{failed} did not")
+        log.warning("%s: %s; every party went back to the end of round %d (%s)", self.name, why, cursor.round - 1,
+                    cursor)
         self._rejoined.clear()
-        return next((i for i, r in enumerate(self.rounds) if r.index > rnd), len(self.rounds))
+        return next((i for i, r in enumerate(self.rounds) if r.index >= cursor.round), len(self.rounds))
 
     def _rejoined_party(self, party: str) -> str | None:
         """The party that came back as a new process (``party``, which failed, or another: the

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..core.graph import Graph, build_graph
+from ..core.metrics import Scores, evaluation_metrics
 from ..core.plan import Plan, per_client
 from ..core.specs import PlanError
 from ..run.report import PartyReport, RunError
@@ -91,7 +92,7 @@ def predicting_plan(plan: Plan) -> tuple[Plan, str | None]:
     PlanError where the schedule left a model per client."""
     if plan.clients is None:
         return plan, None
-    if not strategy_of(plan.clients).one_model:
+    if not strategy_of(plan).one_model:
         raise PlanError(f"this run's schedule is {plan.clients.schedule!r}: every client trained a model of its own "
                         "and there is no single model to predict with",
                         hint="each client's model: its own weights (parties/CLIENT/weights.safetensors) and the "
@@ -169,8 +170,6 @@ def _pools(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict[int, d
     is a fixed party pooled them itself (its ``pooled`` record); heads at the clients each kept
     their scores, pooled here; where there are none, the row-weighted mean (clients evaluated on
     the same rows, each with its own model)."""
-    from .scoring import pooled_metrics
-
     evals: dict[tuple[str, int], dict[int, dict]] = {}  # (loss, round) -> turn -> the head's record
     pooled: dict[tuple[str, int], list[dict]] = {}  # (loss, round) -> the heads' pooled records
     for rep in reports.values():
@@ -187,7 +186,7 @@ def _pools(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict[int, d
         if len(heads) == 1:
             metrics = heads[0]["losses"][loss]
         elif all("scores" in r and loss in r["scores"] for r in recs):
-            metrics = pooled_metrics(plan.losses[loss].kind, [_scores(r["scores"][loss]) for r in recs])
+            metrics = evaluation_metrics(plan.losses[loss].kind, [_scores(r["scores"][loss]) for r in recs])
         else:
             metrics = _mean(recs, loss)
         sites = {r["client"]: {"rows": r["rows"], **{k: v for k, v in r["losses"][loss].items()
@@ -197,8 +196,10 @@ def _pools(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict[int, d
     return out
 
 
-def _scores(s: dict) -> tuple[np.ndarray, np.ndarray, float, int]:
-    return np.asarray(s["outputs"], dtype=np.float64), np.asarray(s["targets"]), float(s["loss_sum"]), int(s["rows"])
+def _scores(s: dict) -> Scores:
+    """A client's scores as its turn's record keeps them (``right``: classification only)."""
+    return Scores(np.asarray(s["outputs"], dtype=np.float64), np.asarray(s["targets"]), float(s["loss_sum"]),
+                  int(s["rows"]), None if s.get("right") is None else int(s["right"]))
 
 
 def _mean(recs: list[dict], loss: str) -> dict[str, float | None]:
@@ -230,7 +231,7 @@ def final_client(plan: Plan, reports: dict[str, PartyReport]) -> str | None:
     """The client whose weights were evaluated last: the run's model (sequential: the last holder;
     averaging schedules: the averaged weights). None where the strategy keeps a model per client."""
     evals = [r for rep in reports.values() for r in rep.records if r["mode"] == "eval"]
-    if not evals or not strategy_of(plan.clients).one_model:
+    if not evals or not strategy_of(plan).one_model:
         return None
     last = max(evals, key=lambda r: r["turn"])
     return last.get("model") or last["client"]  # a site that evaluated with lent weights: their owner
@@ -247,7 +248,7 @@ def _clients_part(plan: Plan, reports: dict[str, PartyReport], parties: dict[str
     coord = coordinator_of(plan)
     return {
         "schedule": {"kind": spec.schedule, "clients": spec.count, "partition": spec.partition.model_dump(),
-                     **strategy_of(spec).describe(plan), "coordinator": coord},
+                     **strategy_of(plan).describe(plan), "coordinator": coord},
         "per_client": {"flops": spread("flops"), "bytes": spread("bytes")},
         "skipped": reports[coord].skipped if coord in reports else [],
         "final_client": final_client(plan, reports),

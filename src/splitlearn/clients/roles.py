@@ -1,4 +1,8 @@
-"""The physical parties of a ``[clients]`` plan and what each does.
+"""The physical parties of every plan and what each does.
+
+A plain plan is the trivial case: its physical parties are its parties, each a **fixed party**,
+with no coordinator and no federation (every party derives the one round of the trivial schedule
+from the plan). A ``[clients]`` plan has
 
 * **clients** ``T-1`` ... ``T-N`` play the plan's template party ``T``, one turn at a time, each
   with its own weights, optimizer and share of the rows;
@@ -21,29 +25,38 @@ import enum
 
 from ..core.plan import Plan
 
-__all__ = ["Duty", "duties_of", "federation_of", "coordinator_of", "physical_names", "plays_of", "client_of"]
+__all__ = ["Duty", "duties_of", "federation_of", "coordinator_of", "physical_names", "plays_of", "client_of",
+           "client_names"]
 
 
-def federation_of(plan: Plan) -> str:
-    """The party or role that averages client weights."""
+def federation_of(plan: Plan) -> str | None:
+    """The party or role that averages client weights (None: a plain plan has none)."""
     spec = plan.clients
+    if spec is None:
+        return None
     if spec.federation:
         return spec.federation
     fixed = [p for p in plan.parties if p != spec.template]
     return fixed[0] if fixed else "federation"
 
 
-def coordinator_of(plan: Plan) -> str:
-    """The physical party that walks the schedule (see the module)."""
+def coordinator_of(plan: Plan) -> str | None:
+    """The physical party that walks the schedule (see the module); None for a plain plan, whose
+    trivial schedule every party derives alike."""
     spec = plan.clients
+    if spec is None:
+        return None
     fed = federation_of(plan)
     fixed = [p for p in plan.parties if p != spec.template]
     return fed if fed in plan.parties or not fixed else fixed[0]
 
 
 def physical_names(plan: Plan) -> list[str]:
-    """Every physical party of a ``[clients]`` plan: fixed parties, a separate federation, then the clients."""
+    """Every physical party of a plan: fixed parties, a separate federation, then the clients (a plain plan: its
+    parties)."""
     spec = plan.clients
+    if spec is None:
+        return list(plan.parties)
     fixed = [p for p in plan.parties if p != spec.template]
     fed = federation_of(plan)
     return fixed + ([fed] if fed not in fixed else []) + spec.names()
@@ -55,6 +68,11 @@ def plays_of(plan: Plan, name: str) -> str | None:
     return plan.clients.template if client_of(plan, name) is not None else (name if name in plan.parties else None)
 
 
+def client_names(plan: Plan) -> list[str]:
+    """The clients of a ``[clients]`` plan, in order ([] for a plain plan)."""
+    return [] if plan.clients is None else plan.clients.names()
+
+
 def client_of(plan: Plan, name: str) -> str | None:
     """``name`` if physical party ``name`` is a client of the plan's ``[clients]`` (it reads a client's rows),
     None for a fixed party, a federation and every party of a plain plan."""
@@ -62,8 +80,8 @@ def client_of(plan: Plan, name: str) -> str | None:
 
 
 class Duty(enum.Flag):
-    """What a physical party of a ``[clients]`` plan is (several at once: a server that is the
-    federation and the coordinator too)."""
+    """What a physical party is (several at once: a server that is the federation and the
+    coordinator too; every party of a plain plan is FIXED only)."""
 
     NONE = 0
     CLIENT = enum.auto()  # plays the template party, one turn at a time
@@ -75,7 +93,7 @@ class Duty(enum.Flag):
 def duties_of(plan: Plan, name: str) -> Duty:
     plays = plays_of(plan, name)
     duty = Duty.NONE
-    if plays == plan.clients.template:
+    if client_of(plan, name) is not None:
         duty |= Duty.CLIENT
     elif plays is not None:
         duty |= Duty.FIXED

@@ -1,14 +1,15 @@
-"""A participant's state at the end of a round, saved on the coordinator's word and restored
-when the run rewinds to that round (with an ``--out`` folder)."""
+"""A participant's state at the end of a round (its :class:`~splitlearn.wire.control.Cursor`: the
+next round's start), saved on the coordinator's word and restored when the run rewinds to it (with
+an ``--out`` folder)."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-from ..core.specs import PlanError
 from ..run import checkpoint as checkpoints
 from ..run.setup import make_optimizer
+from ..wire.control import Cursor
 from .participant import Participant
 
 __all__ = ["StateSaving"]
@@ -21,8 +22,8 @@ class StateSaving(Participant):
         """More of this participant's state for its checkpoints' manifest (JSON)."""
         return {}
 
-    def capture(self, rnd: int) -> None:
-        """Save this party's state at the end of round ``rnd`` (-1: before the first): weights,
+    def capture(self, cursor: Cursor) -> None:
+        """Save this party's state as of ``cursor`` (a round's start: the end of the one before): weights,
         optimizers (and the server copies kept per client), the federation's average, the random
         stream, meters, records and the training its noise spent."""
         self.records = self.pool.close(self.records)  # the round's evaluation is over: its pooled record goes in
@@ -40,19 +41,16 @@ class StateSaving(Participant):
             tensors[f"global.{k}"] = v.detach().cpu().contiguous().clone()
         for k, v in (self.rng.state() if self.rng is not None else {}).items():
             tensors[f"rng.{k}"] = v
-        self.checkpoints.save(rnd, tensors, {
-            "format": checkpoints.FORMAT, "party": self.name, "round": rnd, "optimizer": optim, "copies": copies,
+        self.checkpoints.save(cursor, tensors, {
+            "format": checkpoints.FORMAT, "party": self.name, "optimizer": optim, "copies": copies,
             "random": self.rng is not None, "meter": checkpoints.meter_state(self.link.meter),
             "eval_meter": checkpoints.meter_state(self.eval_meter), "records": self.records, "skipped": self.skipped,
             "refused": self.refused, "train_work": self.train_work, **self._extra_state()})
 
-    def restore(self, rnd: int, attempt: int) -> dict[str, Any]:
-        """Go back to the state :meth:`capture` saved at the end of round ``rnd``; its manifest."""
-        tensors, man = self.checkpoints.load(rnd)
-        if "train_work" not in man:  # written before the control messages were typed (protocol 1)
-            raise PlanError(f"{self.name}: the checkpoint of round {rnd} was written by an earlier splitlearn (its "
-                            "manifest has no 'train_work')", entry="--resume",
-                            hint="finish that run with the version that began it, or start it again without --resume")
+    def restore(self, cursor: Cursor, attempt: int) -> dict[str, Any]:
+        """Go back to the state :meth:`capture` saved as of ``cursor``; its manifest (a checkpoint of an
+        earlier splitlearn is never listed nor read: :class:`~splitlearn.run.checkpoint.Checkpoints`)."""
+        tensors, man = self.checkpoints.load(cursor)
         if self.setup is not None:
             checkpoints.load_modules(self.setup.modules, tensors)
             checkpoints.load_optimizer(self.setup.optimizer, tensors, man["optimizer"])

@@ -43,7 +43,7 @@ class Turn:
 
     index: int
     round: int
-    mode: str  # "train" or "eval"
+    mode: str  # "train" or "eval"; "plan": the trivial schedule's one turn, every step of a plain plan
     client: int | None
     steps: tuple  # of run.setup.Step
     site: int | None = None

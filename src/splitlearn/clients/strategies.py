@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from ..core.plan import ClientsSpec, Plan
+from ..core.plan import Plan
 from ..core.strategy import STRATEGIES
 from .actions import Action, Average, Download, Evaluate, HandOff, MergeCopies, RoundResult, Train
 from .roles import federation_of
 from .schedule import Round, Turn, averaging_rounds, epoch_rounds
 
-__all__ = ["Strategy", "Sequential", "Independent", "SplitFedV2", "SplitFedV1", "FedAvg", "strategy_of"]
+__all__ = ["Strategy", "Sequential", "Independent", "SplitFedV2", "SplitFedV1", "FedAvg", "Trivial", "TRIVIAL",
+           "strategy_of"]
 
 
 def _position(plan: Plan, name: str) -> int:
@@ -51,6 +52,7 @@ class Strategy:
 
     name = ""
     one_model = True  # the run ends with one model (for predict); False: one per client
+    coordinated = True  # a coordinator walks the rounds and instructs the others (False: each party derives them)
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Refuse ``[clients.options]`` this strategy does not take (a ValueError naming them)."""
@@ -207,10 +209,39 @@ class FedAvg(SplitFedV2):
     name = "fedavg"
 
 
+class Trivial(Strategy):
+    """A plain plan's schedule: one fixed set of parties, one round whose one turn is every step of
+    the plan (training and evaluation, in order; :func:`splitlearn.run.setup.schedule`). Nobody
+    coordinates: every party derives the round from the plan, so no instruction travels, and a
+    plan whose parties are not all linked (multi-hop, ``dial_out``) needs no link it lacks. Not a
+    ``[clients]`` schedule (not registered)."""
+
+    name = "trivial"
+    coordinated = False
+
+    def rounds(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray,
+               sites: list[int] | None = None) -> list[Round]:
+        """Round 0, whose one turn (mode ``"plan"``) runs the plan's steps over ``shares[0]`` (the
+        training rows) and ``test_rows``, numbered as every party numbers them."""
+        from ..run.rows import Splits
+        from ..run.setup import schedule
+
+        steps = tuple(schedule(plan, Splits(np.empty(0), shares[0], test_rows)))  # ids: not read by the schedule
+        return [Round(0, 0, (), (Turn(0, 0, "plan", None, steps),))]
+
+    def configure_train(self, plan: Plan, rnd: Round, clients: list[str]) -> list[Action]:
+        return []  # nobody instructs: every party runs the round's one turn
+
+    def summary(self, plan: Plan) -> str:
+        return "every party takes part in every step"
+
+
+TRIVIAL = Trivial()
+
 for _builtin in (Sequential(), SplitFedV1(), SplitFedV2(), Independent(), FedAvg()):
     STRATEGIES.register(_builtin.name, _builtin)
 
 
-def strategy_of(spec: ClientsSpec) -> Strategy:
-    """The strategy of a ``[clients]`` section."""
-    return STRATEGIES.get(spec.schedule)
+def strategy_of(plan: Plan) -> Strategy:
+    """The strategy of a plan: its ``[clients]`` schedule's, or the trivial one of a plain plan."""
+    return TRIVIAL if plan.clients is None else STRATEGIES.get(plan.clients.schedule)

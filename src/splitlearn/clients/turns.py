@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from ..core.engine import PartyError
+from ..core.engine import Party, PartyError
 from ..core.specs import PlanError
 from ..run.observe import Recorder
 from ..run.session import run_party
@@ -19,7 +19,6 @@ from ..wire.messages import Kind, decode, kind_of, read_hello
 from ..wire.transport import TransportError
 from .participant import Participant
 from .schedule import Turn
-from .scoring import ScoringParty
 from .weights import load_state
 
 __all__ = ["TurnTaking"]
@@ -81,8 +80,8 @@ class TurnTaking(Participant):
             self.lent = None if self.is_client else self.lent
         if self.rng is None:  # this physical party's own random stream, kept from turn to turn
             self.rng = self._random(modules)
-        party = ScoringParty(self.graph, self.plays, link, modules, optimizer, self.setup.inputs,
-                             timeout=self.step_timeout, rng=self.rng)
+        party = Party(self.graph, self.plays, link, modules, optimizer, self.setup.inputs,
+                      timeout=self.step_timeout, rng=self.rng)
         if self.recorders is not None:
             party.observer = self.recorders.setdefault("" if self.is_client else client, Recorder(self.record_ids))
         try:
@@ -110,7 +109,7 @@ class TurnTaking(Participant):
         if model is not None:
             record["model"] = model
         self.records.append(record)
-        if turn.mode == "eval" and party.scored:
-            self.records = self.pool.add(self.records, turn, self.attempt, party.scored, record,
+        if turn.mode == "eval" and report.scores:  # its heads' scores, pooled over every site
+            self.records = self.pool.add(self.records, turn, self.attempt, report.scores, record,
                                          keep_in_record=self.per_client and self.is_client)
         return True, ""

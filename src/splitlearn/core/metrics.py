@@ -8,14 +8,23 @@ confidence of the decided class), which scikit-learn does not provide. Regressio
 Every headline figure comes with the rows it was computed on and a 95 % percentile bootstrap
 interval (:func:`bootstrap_ci`: 1,000 resamples of the rows, a fixed seed, so a run and its
 resumed twin give the same interval).
+:func:`evaluation_metrics` gives every test figure of a run from its scored rows (:class:`Scores`), whether
+one party scored them in one session or several sites' scores are pooled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
+from . import losses
+
 __all__ = ["METRICS", "REGRESSION_METRICS", "classification_metrics", "regression_metrics",
-           "expected_calibration_error", "bootstrap_ci", "curves", "BOOTSTRAP_ROUNDS", "CURVE_POINTS"]
+           "expected_calibration_error", "bootstrap_ci", "curves", "BOOTSTRAP_ROUNDS", "CURVE_POINTS",
+           "Scores", "evaluation_metrics"]
 
 METRICS = ("accuracy", "roc_auc", "f1", "sensitivity", "specificity", "ece")  # per epoch, as test_<name>
 REGRESSION_METRICS = ("mae", "rmse", "r2")  # per epoch, as test_<name>
@@ -177,4 +186,53 @@ def curves(outputs: np.ndarray, targets: np.ndarray, *, classification: bool, bi
         fpr, tpr, _ = roc_curve(t, probs[:, 1])
         keep = _thin(len(fpr))
         out["roc"] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}
+    return out
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Rows a head scored (one evaluation batch, or a site's rows): ``outputs`` the class probabilities
+    (rows, classes), else the decided values (regression: in the target's own units); ``targets``;
+    ``loss_sum`` the loss summed over the rows; ``right`` the rows decided right (``LossKind.correct``,
+    classification; None where not counted: accuracy then comes from ``outputs``)."""
+
+    outputs: np.ndarray
+    targets: np.ndarray
+    loss_sum: float
+    rows: int
+    right: int | None = None
+
+
+def _added(values: Sequence[float]) -> float:
+    """Left to right, as a running sum adds them (``sum`` of floats may compensate, Python 3.12 on)."""
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
+def evaluation_metrics(kind: str, parts: Sequence[Scores]) -> dict[str, Any]:
+    """Every test figure of loss kind ``kind`` over the union of the rows of ``parts`` (never a mean of
+    per-part figures), as ``test_<name>``: the loss, the rows, the accuracy (from the ``right`` counts
+    where every part has them), those of :func:`classification_metrics` (a kind with probabilities) or
+    :func:`regression_metrics` (a kind without an accuracy), with their 95 % intervals (``ci95``) and
+    :func:`curves`. No rows: an empty dict."""
+    rows = sum(p.rows for p in parts)
+    if not rows:
+        return {}
+    loss_kind = losses.get(kind)
+    out: dict[str, Any] = {"test_loss": _added([p.loss_sum for p in parts]) / rows, "test_rows": rows}
+    if loss_kind.classification and all(p.right is not None for p in parts):
+        out["test_accuracy"] = sum(p.right for p in parts) / rows
+    outputs = np.concatenate([p.outputs for p in parts])
+    targets = np.concatenate([p.targets for p in parts])
+    if loss_kind.probabilities is None and loss_kind.classification:  # decided classes only: the accuracy alone
+        out.setdefault("test_accuracy", float((outputs.reshape(-1) == targets.reshape(-1)).mean()))
+        return out
+    classification = loss_kind.probabilities is not None
+    found = (classification_metrics if classification else regression_metrics)(outputs, targets)
+    for name, value in found.items():
+        out.setdefault(f"test_{name}", value)  # the counted accuracy stays
+    out["ci95"] = {f"test_{n}": v for n, v in bootstrap_ci(outputs, targets, classification=classification).items()}
+    out["curves"] = curves(outputs, targets, classification=classification)
     return out

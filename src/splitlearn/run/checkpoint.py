@@ -1,17 +1,22 @@
-"""Consistent checkpoints of a party: everything it needs to continue from a step boundary.
+"""Consistent checkpoints of a party: everything it needs to continue from a cursor.
 
-A checkpoint holds the party's weights, optimizer state, random stream, codec state (error
-feedback), noise secret, the bounds learnt from the run (``max_jump``), accounting and metrics so
-far, and the step it was taken after. Every
-party takes one at the same step boundaries (``[train] checkpoint_every`` training steps, and at
-the end of every epoch), in ``parties/NAME/checkpoints/step-N/``: ``state.safetensors`` (tensors,
-no code), ``manifest.json`` (the rest) and ``SHA256SUMS`` (the SHA-256 of both, as ``sha256sum``
-writes it): a changed byte in any of the three makes the checkpoint unusable, and it is read
-from the very bytes whose hash was checked. It is written to a temporary folder, flushed to disk
-and renamed, so a kill during the write leaves no checkpoint that looks whole; the last
-:data:`KEEP` are kept. On ``--resume`` the parties tell each other in the hello which steps they
-hold and continue from the last step all of them hold; a run that begins again instead moves the
-folder aside (:meth:`Checkpoints.set_aside`), never deleting what a peer's word made useless.
+A checkpoint is named by a :class:`~splitlearn.wire.control.Cursor` ``(round, step)``: the state
+after step ``step`` of round ``round`` (-1: the start of the round). A plain plan (one round) takes
+one before its first step, (0, -1), then every ``[train] checkpoint_every`` training steps and at
+the end of every epoch, (0, k) after step id k; a ``[clients]`` plan on the coordinator's word before
+the first round and at the end of every round r, (r + 1, -1). It holds the party's weights,
+optimizer state, random stream, codec state (error feedback), noise secret, the bounds learnt from
+the run (``max_jump``), accounting and metrics so far, in
+``parties/NAME/checkpoints/round-RRRRRR-step-SSSSSSSSS/``: ``state.safetensors`` (tensors, no
+code), ``manifest.json`` (the rest, its cursor too) and ``SHA256SUMS`` (the SHA-256 of both, as
+``sha256sum`` writes it): a changed byte in any of the three makes the checkpoint unusable, and it
+is read from the very bytes whose hash was checked. It is written to a temporary folder, flushed to
+disk and renamed, so a kill during the write leaves no checkpoint that looks whole; the last
+:data:`KEEP` are kept. On ``--resume`` the parties go on from the last cursor every party holds
+(:func:`~splitlearn.run.resume.agree_on_resume`); a run that begins again instead moves the folder
+aside (:meth:`Checkpoints.set_aside`), never deleting what a peer's word made useless. A checkpoint
+of an earlier splitlearn (``step-N``, ``round-N``, an earlier format) is never read: it is named,
+with the reason, among those that cannot be used.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,21 +36,40 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
 from ..core.engine import Party, PartyError
+from ..wire.control import Cursor
 from ..wire.messages import Kind, Message, encode
 from ..wire.metering import Meter, Traffic
 
-__all__ = ["Checkpoints", "CheckpointError", "KEEP", "capture", "restore", "module_tensors", "load_modules",
-           "optimizer_tensors", "load_optimizer", "meter_state", "load_meter", "read_verified", "goodbye_bytes",
-           "without_goodbyes", "FILES", "FORMAT", "SUMS"]
+__all__ = ["Checkpoints", "CheckpointError", "KEEP", "folder_name", "after_step", "capture", "restore",
+           "module_tensors", "load_modules", "optimizer_tensors", "load_optimizer", "meter_state", "load_meter",
+           "read_verified", "goodbye_bytes", "without_goodbyes", "FILES", "FORMAT", "SUMS"]
 
 KEEP = 2
-FORMAT = "splitlearn-checkpoint-2"  # 2: SHA256SUMS covers the manifest too
+FORMAT = "splitlearn-checkpoint-3"  # 2: SHA256SUMS covers the manifest too; 3: named by a cursor (round, step)
 FILES = ("manifest.json", "state.safetensors")  # in SHA256SUMS, in this order
 SUMS = "SHA256SUMS"
+_NAME = re.compile(r"round-(\d{6,})-step-(-0{7}1|\d{9,})")  # folder_name's names, and no other
+_EARLIER = re.compile(r"(step|round)-(-?\d+)")  # the names of splitlearn-checkpoint-2 and earlier
 
 
 class CheckpointError(PartyError):
-    """A checkpoint that cannot be used (damaged, changed, of another plan)."""
+    """A checkpoint that cannot be used (damaged, changed, of another plan or an earlier splitlearn)."""
+
+
+def folder_name(cursor: Cursor) -> str:
+    """The folder of the checkpoint of ``cursor``: ``round-RRRRRR-step-SSSSSSSSS`` (step -1: ``-00000001``)."""
+    return f"round-{cursor.round:06d}-step-{cursor.step:09d}"
+
+
+def after_step(step: int) -> Cursor:
+    """A plain plan's cursor after step id ``step`` (-1: before the first): its schedule is one round, 0."""
+    return Cursor(0, step)
+
+
+def _cursor_of(name: str) -> Cursor | None:
+    """The cursor a folder's name says (None: not a checkpoint's name)."""
+    match = _NAME.fullmatch(name)
+    return Cursor(int(match[1]), int(match[2])) if match else None
 
 
 def module_tensors(modules: dict[str, torch.nn.Module], prefix: str = "module.") -> dict[str, torch.Tensor]:
@@ -195,24 +220,34 @@ def read_verified(folder: Path) -> dict[str, bytes]:
     return data
 
 
-def _manifest(folder: Path, data: bytes, step: int, label: str) -> dict[str, Any]:
+def _manifest(folder: Path, data: bytes, cursor: Cursor) -> dict[str, Any]:
     try:
         body = json.loads(data)
     except ValueError:
         raise CheckpointError(f"{folder.name}: manifest.json is not JSON") from None
-    if not isinstance(body, dict) or body.get("format") != FORMAT or body.get("step") != step:
-        raise CheckpointError(f"{folder.name}: not a {FORMAT} checkpoint of {label} {step}")
+    told = body.get("format") if isinstance(body, dict) else None
+    if isinstance(told, str) and told.startswith("splitlearn-checkpoint-") and told != FORMAT:
+        raise CheckpointError(f"{folder.name}: written by an earlier splitlearn ({told}; this one reads {FORMAT})")
+    if told != FORMAT or body.get("cursor") != list(cursor):
+        raise CheckpointError(f"{folder.name}: not a {FORMAT} checkpoint {cursor}")
     return body
+
+
+def _earlier(folder: Path) -> str:
+    """Why a folder named as an earlier splitlearn named its checkpoints is not read."""
+    return (f"{folder.name}: written by an earlier splitlearn (it named checkpoints step-N or round-N; this one "
+            f"reads {FORMAT}, named {folder_name(Cursor(0, 0))} and the like); finish that run with the version that "
+            "began it, or start it again without --resume")
 
 
 @dataclass
 class Checkpoints:
-    """A party's checkpoint folder: ``every`` training steps (None: at epoch ends only)."""
+    """A party's checkpoint folder, one checkpoint per :class:`~splitlearn.wire.control.Cursor`; a plain
+    plan's party takes one ``every`` training steps (None: at epoch ends only)."""
 
     folder: Path
     every: int | None = None
     plan_hash: str = ""  # only checkpoints of this plan are listed (set by the party that takes them)
-    label: str = "step"  # what the number counts: steps (``step-N``), or rounds of a [clients] plan (``round-N``)
     lag: int = 0  # how many steps behind this party a neighbour may be (flow control's window): kept too
 
     def clear(self) -> None:
@@ -235,10 +270,11 @@ class Checkpoints:
         _fsync_dir(self.folder.parent)
         return dest
 
-    def save(self, step: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:
+    def save(self, cursor: Cursor, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:
+        """Write the checkpoint of ``cursor`` (its manifest says the cursor); its folder."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        final = self.folder / f"{self.label}-{step:09d}"
-        tmp = self.folder / f".{self.label}-{step:09d}.tmp"
+        final = self.folder / folder_name(cursor)
+        tmp = self.folder / f".{folder_name(cursor)}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file(tensors, str(tmp / "state.safetensors"))
@@ -246,7 +282,7 @@ class Checkpoints:
             os.fsync(f.fileno())
             f.seek(0)
             digests = {"state.safetensors": hashlib.file_digest(f, "sha256").hexdigest()}
-        body = json.dumps({**manifest, "format": FORMAT, "step": step, "plan_hash": self.plan_hash}).encode()
+        body = json.dumps({**manifest, "format": FORMAT, "cursor": list(cursor), "plan_hash": self.plan_hash}).encode()
         digests["manifest.json"] = hashlib.sha256(body).hexdigest()
         _write(tmp / "manifest.json", body)
         _write(tmp / SUMS, _sums_text(digests).encode())
@@ -255,47 +291,49 @@ class Checkpoints:
         os.replace(tmp, final)
         _fsync_dir(self.folder)
         # the last KEEP, and every one a neighbour up to `lag` steps behind may hold as its last: a party that
-        # runs ahead (a label-only registry) must still hold the step all will agree on
-        held = self.steps()
-        cutoff = step - self.lag  # a neighbour is at or after it; its last checkpoint is the newest held at or
-        below = [h for h in held if h < cutoff]  # after it, or the newest one before it
+        # runs ahead (a label-only registry) must still hold the cursor all will agree on
+        held = self.cursors()
+        cutoff = Cursor(cursor.round, cursor.step - self.lag)  # a neighbour is at or after it; its last checkpoint
+        below = [h for h in held if h < cutoff]  # is the newest held at or after it, or the newest one before it
         keep = set(held[-KEEP:]) | {h for h in held if h >= cutoff} | set(below[-1:])
         for old in held:
             if old not in keep:
-                shutil.rmtree(self.folder / f"{self.label}-{old:09d}", ignore_errors=True)
+                shutil.rmtree(self.folder / folder_name(old), ignore_errors=True)
         return final
 
-    def scan(self) -> tuple[list[int], list[str]]:
-        """(the steps of the whole checkpoints of this plan held, ascending; why each other one
-        here cannot be used). Another plan's checkpoints are passed over in silence."""
+    def scan(self) -> tuple[list[Cursor], list[str]]:
+        """(the cursors of the whole checkpoints of this plan held, ascending; why each other one
+        here cannot be used, an earlier splitlearn's among them). Another plan's checkpoints are
+        passed over in silence."""
         if not self.folder.is_dir():
             return [], []
         out, bad = [], []
-        for d in sorted(self.folder.glob(f"{self.label}-*")):
-            try:
-                step = int(d.name[len(self.label) + 1:])
-            except ValueError:
+        for d in sorted(self.folder.iterdir()):
+            cursor = _cursor_of(d.name)
+            if cursor is None:
+                if _EARLIER.fullmatch(d.name) and d.is_dir():
+                    bad.append(_earlier(d))
                 continue
             try:
-                body = _manifest(d, read_verified(d)["manifest.json"], step, self.label)
+                body = _manifest(d, read_verified(d)["manifest.json"], cursor)
             except CheckpointError as e:
                 bad.append(str(e))
                 continue
             if body.get("plan_hash") == self.plan_hash:
-                out.append(step)
+                out.append(cursor)
         return sorted(out), bad
 
-    def steps(self) -> list[int]:
-        """The steps of the whole checkpoints of this plan held (a torn, changed or damaged one is
-        not listed), ascending."""
+    def cursors(self) -> list[Cursor]:
+        """The cursors of the whole checkpoints of this plan held (a torn, changed or damaged one
+        is not listed), ascending."""
         return self.scan()[0]
 
-    def load(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The tensors and manifest of a checkpoint, read from the bytes whose SHA-256 was just
-        checked (a change since :meth:`steps` listed it raises CheckpointError)."""
-        d = self.folder / f"{self.label}-{step:09d}"
+    def load(self, cursor: Cursor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The tensors and manifest of the checkpoint of ``cursor``, read from the bytes whose SHA-256
+        was just checked (a change since :meth:`cursors` listed it raises CheckpointError)."""
+        d = self.folder / folder_name(cursor)
         data = read_verified(d)
-        body = _manifest(d, data["manifest.json"], step, self.label)
+        body = _manifest(d, data["manifest.json"], cursor)
         if body.get("plan_hash") != self.plan_hash:
             raise CheckpointError(f"{d.name}: a checkpoint of another plan")
         try:

@@ -7,10 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ..core import losses
 from ..core.engine import Party
+from ..core.metrics import Scores, evaluation_metrics
 from ..core.step import StepOutput
 from .setup import Step
 
@@ -46,10 +45,11 @@ class PartyReport:
     preprocess: Any = field(default=None, repr=False)  # its fitted preprocessing (saved beside its weights)
     refused_jumps: dict[str, int] = field(default_factory=dict)  # peer -> values refused past a learnt bound
     per_client: dict = field(default_factory=dict, repr=False)  # independent: client -> its own trained segments
+    scores: dict[str, list[Scores]] = field(default_factory=dict, repr=False)  # loss -> last evaluation's (not in JSON)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("modules", "observed", "predictions", "preprocess", "per_client")}
+                if k not in ("modules", "observed", "predictions", "preprocess", "per_client", "scores")}
 
 
 @dataclass(frozen=True)
@@ -67,25 +67,22 @@ class Progress:
 
 @dataclass
 class EpochSums:
-    """What an epoch of one loss adds up until it closes."""
+    """What an epoch of one loss adds up until it closes: the training loss, and each evaluation batch's scores."""
 
     train_sum: float = 0.0
     train_n: int = 0
-    test_sum: float = 0.0
-    test_n: int = 0
-    right: int = 0
-    probs: list = field(default_factory=list)  # eval batches' class probabilities, or predicted values (regression)
-    targets: list = field(default_factory=list)
+    scores: list[Scores] = field(default_factory=list)
 
 
 STEP_POINTS = 500  # train loss per step: at most this many points are kept (evenly sampled)
 
 
 class Metrics:
-    """Per-epoch history of the losses a party computes: train and test loss, the rows scored
-    (``test_rows``), for classification the test metrics of :mod:`splitlearn.core.metrics`, for
-    regression MAE, RMSE and R²; the last evaluation's 95 % bootstrap intervals (``ci95``); the
-    train loss per step."""
+    """Per-epoch history of the losses a party computes: train loss, and the test figures of
+    :func:`~splitlearn.core.metrics.evaluation_metrics` (loss, rows scored, for classification
+    accuracy and the clinical metrics, for regression MAE, RMSE and R²); the last evaluation's 95 %
+    bootstrap intervals (``ci95``) and curves; the train loss per step. ``scores``: the last
+    evaluation's scored rows per loss (a ``[clients]`` evaluation pools them over every site)."""
 
     def __init__(self, party: Party, tracker: Any = None, setup: Any = None):
         plan = party.graph.plan
@@ -97,6 +94,7 @@ class Metrics:
         self.acc = {k: EpochSums() for k in self.kinds}
         self.ci: dict[str, dict] = {}  # loss -> the last evaluation's intervals
         self.curves: dict[str, dict] = {}  # loss -> the last evaluation's curves (core.metrics.curves)
+        self.scores: dict[str, list[Scores]] = {}  # loss -> the last evaluation's scores, batch by batch
 
     def add(self, step: Step, out: StepOutput) -> None:
         n = len(step.rows)
@@ -108,45 +106,36 @@ class Metrics:
                 if self.tracker is not None:
                     self.tracker.log({f"{k}/train_loss_step": v}, step.id)
             else:
-                a.test_sum, a.test_n = a.test_sum + v * n, a.test_n + n
-                kind = losses.get(self.kinds[k])
-                if kind.classification:
-                    a.right += kind.correct(out.predictions[k], out.targets[k])
-                if kind.probabilities is not None:
-                    a.probs.append(kind.probabilities(out.predictions[k].float()).numpy())
-                    a.targets.append(out.targets[k].numpy())
-                elif not kind.classification:
-                    pred = kind.decide(out.predictions[k].float()).numpy().reshape(-1)
-                    true = out.targets[k].numpy().reshape(-1)
-                    scale = self.setup.scale_of(k) if self.setup is not None else None
-                    if scale is not None:  # metrics in the target's own units
-                        pred, true = scale.undo(pred), scale.undo_target(true)
-                    a.probs.append(pred)
-                    a.targets.append(true)
+                a.scores.append(self._scores(k, out, v * n, n))
+
+    def _scores(self, k: str, out: StepOutput, loss_sum: float, rows: int) -> Scores:
+        """An evaluation batch's scores of loss ``k``: class probabilities, else the decided values (a
+        standardised target's in its own units), and the rows decided right (classification)."""
+        kind = losses.get(self.kinds[k])
+        pred, true = out.predictions[k], out.targets[k]
+        right = kind.correct(pred, true) if kind.classification else None
+        if kind.probabilities is not None:
+            return Scores(kind.probabilities(pred.float()).numpy(), true.numpy(), loss_sum, rows, right)
+        decided, target = kind.decide(pred.float()).numpy().reshape(-1), true.numpy().reshape(-1)
+        scale = self.setup.scale_of(k) if self.setup is not None and not kind.classification else None
+        if scale is not None:  # metrics in the target's own units
+            decided, target = scale.undo(decided), scale.undo_target(target)
+        return Scores(decided, target, loss_sum, rows, right)
 
     def close_epoch(self, epoch: int) -> None:
-        from ..core.metrics import bootstrap_ci, classification_metrics, curves, regression_metrics
-
         for k, a in self.acc.items():
             h = self.hist[k]
             before = {name: len(v) for name, v in h.items()}
             if a.train_n:
                 h["train_loss"].append(a.train_sum / a.train_n)
-            if a.test_n:
-                h["test_loss"].append(a.test_sum / a.test_n)
-                h.setdefault("test_rows", []).append(a.test_n)
-                classification = losses.is_classification(self.kinds[k])
-                if classification:
-                    h["test_accuracy"].append(a.right / a.test_n)
-                if a.probs:
-                    outputs, targets = np.concatenate(a.probs), np.concatenate(a.targets)
-                    found = (classification_metrics if classification else regression_metrics)(outputs, targets)
-                    for name, value in found.items():
-                        if name != "accuracy":
-                            h.setdefault(f"test_{name}", []).append(value)
-                    self.ci[k] = {f"test_{n}": v for n, v in
-                                  bootstrap_ci(outputs, targets, classification=classification).items()}
-                    self.curves[k] = curves(outputs, targets, classification=classification)
+            found = evaluation_metrics(self.kinds[k], a.scores)
+            if found:
+                self.scores[k] = a.scores
+                for name, value in found.items():
+                    if name not in ("ci95", "curves"):
+                        h.setdefault(name, []).append(value)
+                if "ci95" in found:
+                    self.ci[k], self.curves[k] = found["ci95"], found["curves"]
             if self.tracker is not None:
                 self.tracker.log({f"{k}/{name}": v[-1] for name, v in h.items()
                                   if len(v) > before.get(name, 0) and v[-1] is not None}, epoch)
@@ -154,15 +143,17 @@ class Metrics:
 
     def state(self) -> dict:
         """For a checkpoint after a training step (no evaluation pending)."""
-        assert not any(a.probs for a in self.acc.values()), "a checkpoint falls between evaluation steps"
+        assert not any(a.scores for a in self.acc.values()), "a checkpoint falls between evaluation steps"
         return {"hist": self.hist, "steps": self.steps, "ci": self.ci, "curves": self.curves,
-                "acc": {k: [a.train_sum, a.train_n, a.test_sum, a.test_n, a.right] for k, a in self.acc.items()}}
+                "acc": {k: [a.train_sum, a.train_n, 0.0, 0, 0] for k, a in self.acc.items()}}  # no test rows pending
 
     def load(self, state: dict) -> None:
         self.hist, self.steps, self.ci = state["hist"], state["steps"], state.get("ci", {})
         self.curves = state.get("curves", {})
-        for k, (ts, tn, vs, vn, right) in state["acc"].items():
-            self.acc[k] = EpochSums(ts, tn, vs, vn, right)
+        for k, (ts, tn, _vs, vn, _right) in state["acc"].items():
+            if vn:
+                raise ValueError(f"a checkpoint of loss {k!r} falls between evaluation steps ({vn} test rows pending)")
+            self.acc[k] = EpochSums(ts, tn)
 
     def history(self) -> dict[str, dict[str, list]]:
         """Each loss's per-epoch lists, with ``train_loss_steps``: [step id, loss] pairs, sampled,

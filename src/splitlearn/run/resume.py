@@ -1,6 +1,9 @@
-"""Going on from a checkpoint: which checkpoint every party holds, agreed over the hellos of
-:func:`~splitlearn.run.session.session` (what each party holds spreads one hop a round, then
-each picks the last step all hold), and a neighbour that comes back after this party finished.
+"""Going on from a checkpoint: the one rule by which the parties of any plan agree where to go on
+(:func:`agree_on_resume`: the last :class:`~splitlearn.wire.control.Cursor` every party holds), fed
+by the hellos of :func:`~splitlearn.run.session.session` in a plain plan (what each party holds
+spreads one hop a round) and by the coordinator's ``CheckpointsHeld`` answers in a ``[clients]``
+plan (:meth:`~splitlearn.clients.recovery.Recovery.rewind`); and a neighbour that comes back after
+this party finished.
 """
 
 from __future__ import annotations
@@ -11,35 +14,55 @@ from typing import Any
 from ..core.engine import Party, PartyError
 from ..core.plan import plan_hash
 from ..wire.codec import WireError
+from ..wire.control import Cursor
 from ..wire.messages import Kind, Message, encode, hello, quote, read_hello
-from .checkpoint import goodbye_bytes, load_meter, meter_state
+from .checkpoint import after_step, goodbye_bytes, load_meter, meter_state
 
 log = logging.getLogger("splitlearn.run.resume")
 
-__all__ = ["MAX_HELD", "held_by", "learn_held", "agree_on_resume", "finished_neighbours", "answer_finished", "steps_of",
-           "say_resume", "usable_checkpoints", "set_aside", "count_kept_messages"]
+__all__ = ["MAX_HELD", "held_by", "learn_held", "agree_on_resume", "finished_neighbours", "answer_finished",
+           "cursor_of", "cursors_of", "say_resume", "usable_checkpoints", "set_aside", "count_kept_messages"]
 
-MAX_HELD = 1000  # checkpoint steps a party may say it holds
+MAX_HELD = 1000  # checkpoints a party may say it holds
 
 
-def finished_neighbours(me: str, heard: dict[str, dict], ours: list[int]) -> int | None:
-    """The step at which the neighbours that answered our resuming hello from their final state
-    finished (None: none did); every neighbour must have, and this party must hold that step."""
+def cursor_of(value: Any) -> Cursor | None:
+    """A cursor a peer sent, ``[round, step]`` (None: not one, or one before the start)."""
+    if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
+        cursor = Cursor(*value)
+        return cursor if cursor.problem() is None else None
+    return None
+
+
+def cursors_of(value: Any) -> list[Cursor] | None:
+    """The cursors of the checkpoints a peer says a party holds, sorted (None: not at most
+    :data:`MAX_HELD` ``[round, step]`` pairs)."""
+    if not isinstance(value, list) or len(value) > MAX_HELD:
+        return None
+    out = [cursor_of(v) for v in value]
+    return None if None in out else sorted(set(out))
+
+
+def finished_neighbours(me: str, heard: dict[str, dict], ours: list[Cursor]) -> Cursor | None:
+    """The cursor at which the neighbours that answered our resuming hello from their final state
+    finished (None: none did); every neighbour must have, and this party must hold that cursor."""
     done = {p: h.get("finished") for p, h in heard.items() if "finished" in h}
     if not done:
         return None
-    steps = set(done.values())
-    step = steps.pop()
-    if steps or type(step) is not int:
-        raise PartyError(f"{me}: neighbours say they finished at different steps: {done}")
+    told = {p: cursor_of(v) for p, v in done.items()}
+    cursors = set(told.values())
+    cursor = cursors.pop()
+    if cursors or cursor is None:
+        raise PartyError(f"{me}: neighbours say they finished at different or malformed cursors (expected one "
+                         f"[round, step]): {quote(done)}")
     rest = sorted(set(heard) - set(done))
     if rest:
-        raise PartyError(f"{me}: {sorted(done)} finished at step {step} while {rest} go back to a checkpoint; "
+        raise PartyError(f"{me}: {sorted(done)} finished {cursor} while {rest} go back to a checkpoint; "
                          "start every party again with --resume")
-    if step not in ours:
-        raise PartyError(f"{me}: {sorted(done)} finished after step {step}, but this party holds no checkpoint of "
-                         f"it (it holds {ours}); the run cannot go on")
-    return step
+    if cursor not in ours:
+        raise PartyError(f"{me}: {sorted(done)} finished {cursor}, but this party holds no checkpoint of it (it "
+                         f"holds {[str(c) for c in ours]}); the run cannot go on")
+    return cursor
 
 
 def answer_finished(party: Party, msg: Message) -> None:
@@ -58,80 +81,79 @@ def answer_finished(party: Party, msg: Message) -> None:
     counted = meter_state(party.meter)
     party.finished.discard(msg.sender)  # its goodbye, if any, was its earlier process's
     party.link.send(hello(party.name, msg.sender, plan_hash(party.graph.plan), "", resuming=True,
-                          finished=party.last_step))
+                          finished=list(after_step(party.last_step))))
     party.link.send(Message(Kind.STOP, party.name, msg.sender, text="done"))
     load_meter(party.meter, counted)
-    log.warning("%s: %s came back after this party finished; told it to go on from step %s", party.name,
-                msg.sender, party.last_step)
+    log.warning("%s: %s came back after this party finished; told it to go on %s", party.name,
+                msg.sender, after_step(party.last_step))
 
 
-def steps_of(value: Any) -> list[int] | None:
-    """A list of checkpoint steps a peer sent, sorted (None: not one)."""
-    if isinstance(value, list) and len(value) <= MAX_HELD and all(type(v) is int for v in value):
-        return sorted(set(value))
-    return None
-
-
-def held_by(me: str, ours: list[int], heard: dict[str, dict]) -> dict[str, list[int]]:
-    """Which checkpoint steps this party and each neighbour hold, from the first hello."""
+def held_by(me: str, ours: list[Cursor], heard: dict[str, dict]) -> dict[str, list[Cursor]]:
+    """Which checkpoints (their cursors) this party and each neighbour hold, from the first hello."""
     known = {me: sorted(set(ours))}
     for peer, theirs in heard.items():
-        held = steps_of(theirs.get("checkpoints"))
+        held = cursors_of(theirs.get("checkpoints"))
         if held is None:
-            raise PartyError(f"{me}: {quote(peer)} resumes without telling which checkpoints it holds")
+            raise PartyError(f"{me}: {quote(peer)} resumes without telling which checkpoints it holds (at most "
+                             f"{MAX_HELD} [round, step] pairs): {quote(theirs.get('checkpoints'))}")
         known[peer] = held
     return known
 
 
-def learn_held(me: str, known: dict[str, list[int]], told: dict[str, dict], parties: list[str]) -> None:
+def learn_held(me: str, known: dict[str, list[Cursor]], told: dict[str, dict], parties: list[str]) -> None:
     """Add what the neighbours know of every party's checkpoints to ``known``; a party said to
-    hold other steps than we heard stops the agreement, naming both."""
+    hold other checkpoints than we heard stops the agreement, naming both."""
     for peer, theirs in told.items():
         held = theirs.get("held")
         if not isinstance(held, dict):
             raise PartyError(f"{me}: {quote(peer)} did not say which checkpoints the parties hold")
         for name, value in held.items():
-            steps = steps_of(value)
-            if name not in parties or steps is None:
+            cursors = cursors_of(value)
+            if name not in parties or cursors is None:
                 raise PartyError(f"{me}: {quote(peer)} says party {quote(name)} holds checkpoints {quote(value)}: "
-                                 f"expected a party of the plan and at most {MAX_HELD} step numbers")
-            if name in known and known[name] != steps:
-                raise PartyError(f"{me}: {quote(peer)} says {name!r} holds the checkpoints of steps {steps}, but "
-                                 f"{'this party holds' if name == me else 'we heard'} {known[name]}")
-            known[name] = steps
+                                 f"expected a party of the plan and at most {MAX_HELD} [round, step] pairs")
+            if name in known and known[name] != cursors:
+                raise PartyError(f"{me}: {quote(peer)} says {name!r} holds the checkpoints {_named(cursors)}, but "
+                                 f"{'this party holds' if name == me else 'we heard'} {_named(known[name])}")
+            known[name] = cursors
 
 
-def agree_on_resume(me: str, known: dict[str, list[int]], parties: list[str]) -> int | None:
-    """The last step every party holds a checkpoint of (None: none in common)."""
+def agree_on_resume(me: str, known: dict[str, list[Cursor]], parties: list[str]) -> Cursor | None:
+    """Where every party goes on, in every plan: the last cursor every party of ``parties`` holds a
+    checkpoint of (None: none in common, from the start)."""
     unknown = [p for p in parties if p not in known]
     if unknown:
         raise PartyError(f"{me}: resuming, but nobody said which checkpoints {unknown} hold")
-    common = set.intersection(*(set(known[p]) for p in parties))
+    common = set.intersection(*(set(known[p]) for p in parties)) if parties else set()
     return max(common) if common else None
 
 
-def say_resume(me: str, ours: list[int], agreed: int | None, known: dict[str, list[int]]) -> None:
-    """Log a resume that goes back further than this party's last checkpoint, with both steps."""
+def say_resume(me: str, ours: list[Cursor], agreed: Cursor | None, known: dict[str, list[Cursor]]) -> None:
+    """Log a resume that goes back further than this party's last checkpoint, with both cursors."""
     last = max(ours) if ours else None
     if last is None or agreed == last:
         return
     lacking = sorted(p for p, held in known.items() if last not in held)
     if agreed is None:
-        log.warning("%s: resuming, but no checkpoint is held by every party (this party's last: after step %s; "
+        log.warning("%s: resuming, but no checkpoint is held by every party (this party's last: %s; "
                     "%s do not hold it): from the start", me, last, lacking)
     else:
-        log.warning("%s: resuming after step %s, the last checkpoint every party holds, not after step %s, this "
+        log.warning("%s: resuming %s, the last checkpoint every party holds, not %s, this "
                     "party's last (%s do not hold it)", me, agreed, last, lacking)
 
 
-def usable_checkpoints(me: str, checkpoints: Any) -> list[int]:
-    """The steps of the checkpoints this party can resume from; why any other is not usable is logged."""
+def _named(cursors: list[Cursor]) -> str:
+    return "[" + ", ".join(f"[{c.round}, {c.step}]" for c in cursors) + "]"
+
+
+def usable_checkpoints(me: str, checkpoints: Any) -> list[Cursor]:
+    """The cursors of the checkpoints this party can resume from; why any other is not usable is logged."""
     if checkpoints is None:
         return []
-    steps, bad = checkpoints.scan()
+    cursors, bad = checkpoints.scan()
     for why in bad:
         log.warning("%s: checkpoint %s: not used", me, why)
-    return steps
+    return cursors
 
 
 def set_aside(me: str, checkpoints: Any) -> None:

@@ -18,6 +18,7 @@ from ..core.engine import Party, PartyError, SessionRestart
 from ..core.plan import differing_entries, plan_hash, plan_parts, plan_value
 from ..core.specs import PlanError
 from ..wire.codec import WireError
+from ..wire.control import START, Cursor
 from ..wire.link import Link
 from ..wire.messages import PROTOCOL_VERSION, Kind, Message, hello, quote, read_hello
 from ..wire.transport import PeerRestarted, TransportError, TransportTimeout
@@ -81,7 +82,7 @@ class _Ahead:
 
 @contextmanager
 def session(party: Party, ids_hash: str = "", setup: Any = None,
-            checkpoints: list[int] | None = None, first: list[Message] = ()) -> Iterator[dict]:
+            checkpoints: list[Cursor] | None = None, first: list[Message] = ()) -> Iterator[dict]:
     """Hello (protocol, plan and ids must match), a handshake step fixing wire shapes, then the
     caller's steps, then goodbye. A failure is sent to the neighbours before it is raised.
 
@@ -91,10 +92,11 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
     ``[data] align = "psi"``, the hello is followed by the private alignment
     (:mod:`~splitlearn.run.align`) and a second hello with the aligned rows.
 
-    ``checkpoints``: resume; the steps of the checkpoints this party holds. The neighbours tell
-    theirs, each party picks the last step it and all its neighbours hold, and a second hello
-    checks that they picked the same (naming both otherwise). Yields ``{"resume": step}`` (None:
-    no checkpoint in common, from the start; -1 is the checkpoint taken before the first step)."""
+    ``checkpoints``: resume; the cursors of the checkpoints this party holds. The neighbours tell
+    theirs (``[round, step]`` pairs), each party picks the last cursor every party holds
+    (:func:`~splitlearn.run.resume.agree_on_resume`), and a second hello checks that they picked the
+    same (naming both otherwise). Yields ``{"resume": cursor}`` (None: no checkpoint in common, from
+    the start; (0, -1) is the checkpoint taken before the first step)."""
     link, me = party.link, party.name
     neighbours = party.graph.neighbours(me)
     psi = setup is not None and party.graph.plan.data.align == "psi"
@@ -202,7 +204,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
                          tell=tell or None, agree={"resuming": True} if resuming else None)
         done = finished_neighbours(me, heard, checkpoints) if resuming else None
         if done is not None:  # its neighbours finished: this party is at its final checkpoint, with them
-            party.resumed_at = done
+            party.resumed_at = done.step
             yield {"resume": done, "finished": True}
         else:
             yield from _agree_and_handshake(party, setup, checkpoints, heard, exchange, ahead, psi)
@@ -232,10 +234,10 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
         raise
 
 
-def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[int] | None, heard: dict[str, dict],
+def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[Cursor] | None, heard: dict[str, dict],
                          exchange: Callable[..., dict[str, dict]], ahead: _Ahead, psi: bool) -> Iterator[dict]:
     """The session between the first hello and the steps: the PSI alignment and the rows hello, the
-    resume agreement, the handshake; yields ``{"resume": step}``."""
+    resume agreement, the handshake; yields ``{"resume": cursor}``."""
     link, me = party.link, party.name
     resuming = checkpoints is not None
     known = held_by(me, checkpoints, heard) if resuming else {}
@@ -254,9 +256,9 @@ def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[int] | None
         for r in range(len(parties) - 2):
             learn_held(me, known, exchange(f"resume-{r}", "", None, False, tell={"held": known}), parties)
         resume = agree_on_resume(me, known, parties)
-        exchange("resume", "", None, False, agree={"resume_from": resume})
+        exchange("resume", "", None, False, agree={"resume_from": None if resume is None else list(resume)})
         say_resume(me, checkpoints, resume, known)
-    party.resumed_at = -1 if resume is None else resume  # where every party goes on (flow control)
+    party.resumed_at = -1 if resume is None else resume.step  # where every party goes on (flow control)
     for msg in ahead.take():
         party.keep_early(msg, -2)  # before the handshake (step -1)
     party.step(-1, None, "handshake")
@@ -302,7 +304,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     :class:`~splitlearn.run.checkpoint.Checkpoints`): take one every ``every`` training steps and
     at every epoch's end; ``resume``: go on from the last one every party holds."""
     from ..wire.metering import Meter
-    from .checkpoint import capture, load_meter, meter_state, restore
+    from .checkpoint import after_step, capture, load_meter, meter_state, restore
 
     epochs = party.graph.plan.train.epochs
     if checkpoints is not None:
@@ -327,23 +329,23 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                 if todo is None:
                     todo = list(steps() if callable(steps) else steps)
                 start = 0
-                if info["resume"] is not None:  # the state after that step, as it was (accounting included)
+                if info["resume"] is not None:  # the state at that cursor, as it was (accounting included)
                     tensors, manifest = checkpoints.load(info["resume"])
                     restore(party, tensors, manifest)
                     count_kept_messages(party)
                     metrics.load(manifest["metrics"])
                     timing, epoch = manifest["timing"], manifest["epoch"]
-                    start = next((i for i, st in enumerate(todo) if st.id > info["resume"]), len(todo))
+                    start = next((i for i, st in enumerate(todo) if st.id > info["resume"].step), len(todo))
                     if info.get("finished") and start < len(todo):
-                        raise PartyError(f"{party.name}: its neighbours finished after step {info['resume']}, but "
+                        raise PartyError(f"{party.name}: its neighbours finished {info['resume']}, but "
                                          f"this party's schedule goes on to step {todo[-1].id}")
                 elif attempt:  # begun again with no checkpoint in common: from the start, as a new run
                     restore(party, initial[0], {**initial[1], "meter": meter_state(party.meter)})
                 if info["resume"] is None and checkpoints is not None:  # the state before the first step
                     if resume:
                         set_aside(party.name, checkpoints)
-                    checkpoints.save(-1, *capture(party, {"metrics": metrics.state(), "timing": timing,
-                                                          "epoch": None}))
+                    checkpoints.save(START, *capture(party, {"metrics": metrics.state(), "timing": timing,
+                                                             "epoch": None}))
                 for i in range(start, len(todo)):
                     step = todo[i]
                     if epoch is not None and step.epoch != epoch:
@@ -375,8 +377,8 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                             if last:  # the epoch is complete: its metrics go in the checkpoint
                                 metrics.close_epoch(epoch)
                                 epoch = None
-                            checkpoints.save(step.id, *capture(party, {"metrics": metrics.state(), "timing": timing,
-                                                                       "epoch": epoch}))
+                            checkpoints.save(after_step(step.id), *capture(
+                                party, {"metrics": metrics.state(), "timing": timing, "epoch": epoch}))
                     if on_step is not None:
                         loss = next(iter(out.losses.values()), None)
                         on_step(Progress(i + 1, len(todo), step.epoch, epochs, "step", loss, step.mode))
@@ -394,7 +396,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     if epoch is not None:
         metrics.close_epoch(epoch)
     report = PartyReport(party.name, metrics.history(), {**party.meter.summary(), **timing}, list(party.link.refused),
-                         plays=party.name, modules=party.modules, predictions=predictions)
+                         plays=party.name, modules=party.modules, predictions=predictions, scores=metrics.scores)
     report.refused_jumps = dict(party.bounds.refused)
     report.privacy = privacy_spent(party.graph, party.name, timing["train_samples"], timing["train_steps"])
     if party.observer is not None and hasattr(party.observer, "tensors"):

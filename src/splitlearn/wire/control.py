@@ -2,7 +2,8 @@
 (*instructions*, sent as ``COMMAND``) and what a participant answers (*replies*, sent as ``ACK``).
 
 Each is a frozen dataclass whose fields are JSON values (``int``, ``bool``, ``str``, ``None``,
-tuples of them, a ``dict[str, str]`` or a JSON object); :mod:`splitlearn.wire.messages` encodes
+tuples of them, a ``dict[str, str]``, a JSON object or a :class:`Cursor`, a ``[round, step]`` pair);
+:mod:`splitlearn.wire.messages` encodes
 them (:func:`~splitlearn.wire.messages.command`, :func:`~splitlearn.wire.messages.reply`) and
 decodes them with every field's type checked (a malformed one is a ``WireError`` naming it).
 ``WORD`` is the name on the wire; ``problem`` says what is wrong with values of the right types.
@@ -11,13 +12,45 @@ decodes them with every field's type checked (a malformed one is a ``WireError``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
-__all__ = ["Instruction", "Reply", "INSTRUCTIONS", "REPLIES", "TakeTurn", "SendWeights", "LoadWeights", "Census",
-           "Rows", "Collect", "SendAverage", "Checkpoint", "WhichCheckpoints", "Restore", "StartOver",
+__all__ = ["Cursor", "START", "Instruction", "Reply", "INSTRUCTIONS", "REPLIES", "TakeTurn", "SendWeights",
+           "LoadWeights", "Census", "Rows", "Collect", "SendAverage", "Checkpoint", "WhichCheckpoints", "Restore", "StartOver",
            "MergeServerCopies", "Stop",
            "TurnDone", "CensusAnswer", "Collected", "Saved", "CheckpointsHeld", "Restored", "NotRestored",
            "StartedOver", "Ready", "WeightsLoaded", "WeightsMissing", "WeightsRefused", "Rejoined"]
+
+
+class Cursor(NamedTuple):
+    """Where a run is, and what a checkpoint holds: the state after step ``step`` of round ``round``
+    (``step`` -1: at the start of the round, before any of its steps). Ordered as pairs. A plain plan
+    (the trivial schedule, one round) goes from (0, -1) to (0, k) after step id k; the end of round r
+    of a ``[clients]`` plan is the start of the next one, (r + 1, -1). Every run starts at (0, -1)."""
+
+    round: int
+    step: int
+
+    @classmethod
+    def after_round(cls, index: int) -> Cursor:
+        """The end of round ``index`` (-1: before the first round), as the start of the next one."""
+        return cls(index + 1, -1)
+
+    def problem(self) -> str | None:
+        """What is wrong with the values (None: nothing); a cursor is never before the start."""
+        if self.round < 0 or self.step < -1:
+            return f"cursor {list(self)} is before the start of the run (round >= 0, step >= -1)"
+        return None
+
+    def __str__(self) -> str:
+        return f"after step {self.step} of round {self.round}" if self.step >= 0 else \
+            f"at the start of round {self.round}"
+
+
+START = Cursor(0, -1)  # every run's first cursor: before its first round and step
+
+
+def _cursors(values: tuple[Cursor, ...]) -> str | None:
+    return next((c.problem() for c in values if c.problem()), None)
 
 
 class _Typed:
@@ -129,26 +162,32 @@ class SendAverage(Instruction):
 
 @dataclass(frozen=True)
 class Checkpoint(Instruction):
-    """Save this participant's state as of the end of round ``round`` (-1: before the first)."""
+    """Save this participant's state as of ``cursor`` (the end of a round: the next one's start)."""
 
     WORD: ClassVar[str] = "checkpoint"
-    round: int
+    cursor: Cursor
+
+    def problem(self) -> str | None:
+        return self.cursor.problem()
 
 
 @dataclass(frozen=True)
 class WhichCheckpoints(Instruction):
-    """Say the rounds whose checkpoints this participant holds."""
+    """Say the cursors of the checkpoints this participant holds."""
 
     WORD: ClassVar[str] = "held"
 
 
 @dataclass(frozen=True)
 class Restore(Instruction):
-    """Go back to the checkpoint of round ``round``; ``attempt``: the times the run went back so far."""
+    """Go back to the checkpoint of ``cursor``; ``attempt``: the times the run went back so far."""
 
     WORD: ClassVar[str] = "restore"
-    round: int
+    cursor: Cursor
     attempt: int
+
+    def problem(self) -> str | None:
+        return self.cursor.problem()
 
 
 @dataclass(frozen=True)
@@ -217,27 +256,39 @@ class Collected(Reply):
 @dataclass(frozen=True)
 class Saved(Reply):
     WORD: ClassVar[str] = "saved"
-    round: int
+    cursor: Cursor
+
+    def problem(self) -> str | None:
+        return self.cursor.problem()
 
 
 @dataclass(frozen=True)
 class CheckpointsHeld(Reply):
     WORD: ClassVar[str] = "held"
-    rounds: tuple[int, ...]
+    cursors: tuple[Cursor, ...]
+
+    def problem(self) -> str | None:
+        return _cursors(self.cursors)
 
 
 @dataclass(frozen=True)
 class Restored(Reply):
     WORD: ClassVar[str] = "restored"
-    round: int
+    cursor: Cursor
+
+    def problem(self) -> str | None:
+        return self.cursor.problem()
 
 
 @dataclass(frozen=True)
 class NotRestored(Reply):
-    """It holds no checkpoint of ``round``."""
+    """It holds no checkpoint of ``cursor``."""
 
     WORD: ClassVar[str] = "not_restored"
-    round: int
+    cursor: Cursor
+
+    def problem(self) -> str | None:
+        return self.cursor.problem()
 
 
 @dataclass(frozen=True)
@@ -278,10 +329,13 @@ class WeightsRefused(Reply):
 @dataclass(frozen=True)
 class Rejoined(Reply):
     """Said unasked (request 0) by a participant started again as a new process to resume: the
-    rounds whose checkpoints it holds."""
+    cursors of the checkpoints it holds."""
 
     WORD: ClassVar[str] = "rejoined"
-    rounds: tuple[int, ...]
+    cursors: tuple[Cursor, ...]
+
+    def problem(self) -> str | None:
+        return _cursors(self.cursors)
 
 
 INSTRUCTIONS: dict[str, type[Instruction]] = {c.WORD: c for c in (

@@ -27,7 +27,8 @@ __all__ = ["Kind", "Message", "Limits", "encode", "decode", "kind_of", "parse_js
            "MAX_MESSAGE_BYTES", "hello", "read_hello", "command", "read_command", "reply", "read_reply", "weights",
            "read_weights", "QUOTE_CHARS"]
 
-PROTOCOL_VERSION = 2  # 2: typed COMMAND/ACK control messages (wire/control.py) instead of commands in STEP
+PROTOCOL_VERSION = 3  # 2: typed COMMAND/ACK control messages (wire/control.py) instead of commands in STEP;
+# 3: checkpoints named by a cursor [round, step] (wire/control.Cursor) in control messages and hellos
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 QUOTE_CHARS = 80  # a peer's string quoted in a refusal or an error is cut to this many characters
 
@@ -329,7 +330,8 @@ def _typed(cls: type, body: dict[str, Any], what: str) -> Any:
 
 
 def _of_type(value: Any, hint: Any) -> Any:
-    """``value`` as ``hint`` (int, bool, str, Any, X | None, tuple[X, ...], dict[str, X]); TypeError if it is not."""
+    """``value`` as ``hint`` (int, bool, str, Any, X | None, tuple[X, ...], dict[str, X], a NamedTuple from a
+    list); TypeError if it is not."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value
@@ -345,10 +347,17 @@ def _of_type(value: Any, hint: Any) -> Any:
         return tuple(_of_type(v, args[0]) for v in value)
     if origin is dict and isinstance(value, dict):
         return {k: _of_type(v, args[1]) for k, v in value.items()}
+    if isinstance(hint, type) and issubclass(hint, tuple) and hasattr(hint, "_fields"):  # a NamedTuple: a list
+        kinds = typing.get_type_hints(hint)
+        if isinstance(value, list) and len(value) == len(hint._fields):
+            return hint(*(_of_type(v, kinds[f]) for v, f in zip(value, hint._fields)))
     raise TypeError
 
 
 def _type_name(hint: Any) -> str:
+    pair = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else hint
+    if isinstance(pair, type) and issubclass(pair, tuple) and hasattr(pair, "_fields"):  # a NamedTuple (a Cursor)
+        return ("a list of " if pair is not hint else "") + f"[{', '.join(pair._fields)}]"
     return {int: "an integer", bool: "true or false", str: "a string"}.get(hint, str(hint).replace("typing.", ""))
 
 
