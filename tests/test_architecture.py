@@ -148,3 +148,42 @@ def test_every_import_names_the_module_that_defines_it():
                     if not ok:
                         wrong.append(f"{rel}:{node.lineno}: from {module} import {a.name}")
     assert wrong == [], wrong
+
+
+# -- tests use the package as its users do: no private name of it (item 6 of issue #23) ----------------------------
+_PRIVATE = r"_(?!_)\w+"  # one leading underscore: dunders (__init__, __file__) are the language's, not private
+_ASSIGNED = r"\s*(?::[^=\n]+)?=(?!=)"  # `= ...` or `: type = ...`, not `==`
+_DEFINES = re.compile(rf"\b(?:def|class)\s+({_PRIVATE})|\.({_PRIVATE}){_ASSIGNED}|^[ \t]*({_PRIVATE}){_ASSIGNED}", flags=re.M)
+_READS = re.compile(rf"(?<=[\w)\]])\.({_PRIVATE})\b")  # after a name, a call or a subscript
+_BY_STRING = re.compile(rf"\b(?:get|set|has|del)attr\([^,()]+,\s*[\"']({_PRIVATE})[\"']")
+_IMPORTS = re.compile(r"^[ \t]*from\s+splitlearn[\w.]*\s+import\s+(\([^)]*\)|.*)$", flags=re.M)
+_ALLOWED = {"os._exit"}
+
+
+def _private_names(paths) -> set[str]:
+    """Private names that ``paths`` define: functions, classes, and names assigned (attributes, or names of a class
+    or module)."""
+    return {next(g for g in m.groups() if g) for p in paths for m in _DEFINES.finditer(p.read_text())}
+
+
+def test_no_test_reads_a_private_name_of_the_package():
+    """Tests go through the package's public names, as a user does. A private attribute read (one underscore) is the
+    tests' own, and allowed, when its receiver is ``self`` or ``cls``, or when the name is defined by the test files
+    (tests/*.py) and nowhere in the package (a name both define is taken as the package's); ``os._exit`` is the
+    standard library's. Private names given as strings to getattr, setattr (monkeypatch's too), hasattr and delattr,
+    or imported from splitlearn count too. Comments are not read; code in strings (a script a test runs) is."""
+    tests = sorted((ROOT / "tests").glob("*.py"))
+    own = _private_names(tests) - _private_names(PACKAGE.rglob("*.py"))
+    found = []
+    for path in tests:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for m in _READS.finditer(code):
+                receiver = re.search(r"[\w.]*$", code[:m.start()])[0]  # empty after a call or a subscript
+                if receiver not in ("self", "cls") and f"{receiver}.{m[1]}" not in _ALLOWED and m[1] not in own:
+                    found.append(f"{path.name}:{i}: {receiver}.{m[1]}")
+            found += [f"{path.name}:{i}: {line.strip()}" for m in _BY_STRING.finditer(code) if m.group(1) not in own]
+        for m in _IMPORTS.finditer(path.read_text()):
+            names = re.sub(r"\bas\s+\w+", "", m.group(1))  # an alias is the test's own name
+            found += [f"{path.name}: imports {n}" for n in re.findall(rf"\b{_PRIVATE}\b", names)]
+    assert found == [], found

@@ -140,20 +140,14 @@ def test_measures_on_known_cases():
 
 
 def test_a_failing_sweep_setting_is_listed_as_failed_while_the_others_finish(tmp_path, monkeypatch):
-    import importlib
+    real = splitlearn.api.train  # what each setting of a sweep trains with
 
-    from splitlearn.tools.audit import sweep
-
-    sweep_module = importlib.import_module("splitlearn.tools.audit.sweep")
-
-    real = sweep_module._setting
-
-    def flaky(plan, values, *rest):
-        if values == {"nopeek.alpha": 0.5}:
+    def flaky(plan, **kw):
+        if any(w.nopeek == 0.5 for w in plan.wires.values()):  # the setting nopeek.alpha=0.5
             raise RuntimeError("the run diverged")
-        return real(plan, values, *rest)
+        return real(plan, **kw)
 
-    monkeypatch.setattr(sweep_module, "_setting", flaky)
+    monkeypatch.setattr(splitlearn.api, "train", flaky)
     got = sweep(EXAMPLES / "nopeek.toml", "nopeek.alpha", [0.0, 0.5], tmp_path / "s", epochs=1, decoder_epochs=5)
     assert [r.get("failed") for r in got["rows"]] == [None, "RuntimeError: the run diverged"]
     assert got["rows"][0]["test_accuracy"] is not None

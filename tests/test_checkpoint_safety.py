@@ -220,9 +220,9 @@ def test_a_resumed_server_meters_the_messages_that_came_before_its_restore(tmp_p
 
     def server_waits_for_the_clinics(self, sid, rows, mode):
         if self.name == "server" and mode == "handshake":
-            inbox = self.link.transport.hub._queues["server"]  # handshake and first step of every clinic
+            hub = self.link.transport.hub  # the server's inbox: the handshake and first step of every clinic
             deadline = time.monotonic() + 20
-            while inbox.qsize() < 2 * len(clinics) and time.monotonic() < deadline:
+            while hub.queued("server") < 2 * len(clinics) and time.monotonic() < deadline:
                 time.sleep(0.005)
         return step(self, sid, rows, mode)
 

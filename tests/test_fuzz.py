@@ -947,7 +947,7 @@ def test_mutated_commands_acks_and_weights_leak_nothing_and_nothing_harmful_is_c
             inbox.append((s, mutate(msg, json.loads(msg.text), ["reply", "request", "train", "test", "schema"],
                                     ["server", "x"]) if mutate.r.random() < 0.8 else encode(msg)))
         fed_roles.feed(server, inbox)
-        got = server._replies(["hospital-1", "hospital-2"], 5.0, 3, CensusAnswer)  # noqa: SLF001 - the reader itself
+        got = server.replies(["hospital-1", "hospital-2"], 5.0, 3, CensusAnswer)
         found = []
         for s, answer in got.items():
             ok = [b for p, d in inbox if p == s for _, b in [_body_of(d)] if isinstance(b, dict)

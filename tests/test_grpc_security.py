@@ -22,6 +22,8 @@ from splitlearn.wire.transport.grpc import GrpcTransport
 from splitlearn.wire.transport.grpc_channels import METHOD
 from splitlearn.wire.transport.tls import Credentials, load_credentials, make_certs
 
+from .support import Proxy
+
 pytestmark = pytest.mark.timeout(60)
 
 PARTIES = ["hospital", "clinic_a", "mallory", "eve"]  # hospital listens; eve has a certificate but is not accepted
@@ -237,26 +239,26 @@ def test_peer_closing_ends_recv(hospital, certs, who_closes):
     clinic.close()
 
 
-@pytest.mark.parametrize("who_breaks", ["dialer", "listener"])
-def test_broken_stream_ends_recv(hospital, certs, who_breaks):
-    """One end drops the connection without saying goodbye: the other's pending recv fails at once."""
-    clinic = dialer("clinic_a", hospital.port, load_credentials(certs, "clinic_a"))
+@pytest.mark.parametrize("victim", ["listener", "dialer"])
+def test_broken_stream_ends_recv(hospital, certs, victim):
+    """The connection drops without a goodbye (a relay between the two ends cuts it): the pending recv
+    of either end fails at once."""
+    relay = Proxy(("127.0.0.1", hospital.port))
+    clinic = dialer("clinic_a", relay.port, load_credentials(certs, "clinic_a"))
     clinic.wait_connected(10)
     # a second peer stays connected: a broken stream is reported anyway (a clean close would not be)
     other = dialer("mallory", hospital.port, load_credentials(certs, "mallory"))
     other.wait_connected(10)
-    victim, peer = (hospital, "clinic_a") if who_breaks == "dialer" else (clinic, "hospital")
+    end, peer = (hospital, "clinic_a") if victim == "listener" else (clinic, "hospital")
     with ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(victim.recv, 10)
+        waiting = pool.submit(end.recv, 10)
         time.sleep(0.1)
-        if who_breaks == "dialer":
-            clinic._channels["hospital"].close()  # cancels the stream
-        else:
-            hospital._server.stop(grace=0)
+        relay.cut(refuse_for=0)  # (neither end dials again: no reconnect_timeout)
         with pytest.raises(TransportClosed, match=f"connection to '{peer}' lost"):
             waiting.result(10)
     clinic.close()
     other.close()
+    relay.close()
 
 
 def test_port_in_use(hospital, certs):

@@ -221,7 +221,7 @@ def test_far_ahead_step_ids_leave_no_state_behind():
         srv.finish(i)
     srv.done()
     assert srv.link.refused_count == 10_000
-    assert srv.party.held_early == {} and srv.party._early == {}
+    assert srv.party.held_early == {} and srv.party.kept_early == {}
 
 
 @pytest.mark.parametrize("dims", [240, 40_000])

@@ -210,13 +210,13 @@ def test_early_weights_are_bounded_per_sender(tmp_path):
     for request in range(100, 106):  # six unsolicited weights messages from one client
         flood.send("server", encode(weights_message("hospital-1", "server", state, request)))
     other.send("server", encode(weights_message("hospital-3", "server", state, 7)))
-    server._await(["hospital-2"], 30.0, lambda *_: None,
-                  until=lambda: len(server._early) + server.link.refused_count >= 7)
-    assert sorted(server._early) == [("hospital-1", 100), ("hospital-3", 7)]
+    server.await_messages(["hospital-2"], 30.0, lambda *_: None,
+                          until=lambda: len(server.early_weights) + server.link.refused_count >= 7)
+    assert sorted(server.early_weights) == [("hospital-1", 100), ("hospital-3", 7)]
     refusals = [r for r in server.link.refused if "early weights" in r]
     assert server.link.refused_count == 5 and len(refusals) == 5 and all("hospital-1" in r for r in refusals)
-    got = server._take_weights(["hospital-1", "hospital-3"], 7, 0.01)  # hospital-3's request comes
-    assert list(got) == ["hospital-3"] and not server._early  # hospital-1's other request was stale: dropped
+    got = server.take_weights(["hospital-1", "hospital-3"], 7, 0.01)  # hospital-3's request comes
+    assert list(got) == ["hospital-3"] and not server.early_weights  # hospital-1's other request was stale: dropped
     hub.close()
 
 

@@ -87,11 +87,11 @@ def test_pipelined_bytes_are_the_synchronous_bytes_plus_the_framing_of_the_extra
     framing."""
     k = 4
     sync, piped = splitlearn.train(_plan("u_shaped", 1)), splitlearn.train(_plan("u_shaped", k))
-    for party, report in sync._reports.items():
-        steps = report.meter["train_steps"]
-        theirs = {(t["wire"], t["direction"]): t for t in piped._reports[party].meter["sent"]}
-        assert report.meter["sent"]
-        for s in [t for t in report.meter["sent"] if t["direction"] != "control"]:  # the tensor wires
+    for party, entry in sync["parties"].items():
+        steps = entry["train_steps"]
+        theirs = {(t["wire"], t["direction"]): t for t in piped["parties"][party]["sent"]}
+        assert entry["sent"]
+        for s in [t for t in entry["sent"] if t["direction"] != "control"]:  # the tensor wires
             p = theirs[(s["wire"], s["direction"])]
             assert p["payload"] == s["payload"], (party, s["wire"])
             assert p["messages"] == s["messages"] + (k - 1) * steps, (party, s["wire"])

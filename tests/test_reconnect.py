@@ -67,19 +67,19 @@ def test_a_count_meant_for_an_earlier_process_acknowledges_nothing():
 
     t = GrpcTransport("b", dial={"a": "127.0.0.1:9"}, reconnect_timeout=5)  # a new process of b (not started)
     out: queue.Queue = queue.Queue()
-    assert t._attach("a", out)
+    assert t.stream_opened("a", out)
     assert out.get_nowait() == frames.SYNC + t.incarnation + frames.NOBODY + frames.SEQ.pack(0)  # it knows no incarnation of a
     t.send("a", b"hello")
     t.send("a", b"again")
     assert out.empty()  # kept until a's SYNC says where to go on
     a_incarnation, earlier_b = secrets.token_bytes(8), secrets.token_bytes(8)
-    t._synced("a", out, a_incarnation, earlier_b, 500)  # a received 500 frames from the b that died
+    t.sync_received("a", out, a_incarnation, earlier_b, 500)  # a received 500 frames from the b that died
     assert [out.get_nowait() for _ in range(2)] == [frames.DATA + frames.SEQ.pack(1) + b"hello", frames.DATA + frames.SEQ.pack(2) + b"again"]
     out2: queue.Queue = queue.Queue()  # the stream breaks; a tells the count of this process's frames
-    t._out.pop("a")
-    assert t._attach("a", out2)
+    assert t.stream_ended("a", out, "the stream broke", clean=False)  # a may come back: it is waited for
+    assert t.stream_opened("a", out2)
     assert out2.get_nowait() == frames.SYNC + t.incarnation + a_incarnation + frames.SEQ.pack(0)
-    t._synced("a", out2, a_incarnation, t.incarnation, 1)  # it has the first: only the second goes again
+    t.sync_received("a", out2, a_incarnation, t.incarnation, 1)  # it has the first: only the second goes again
     assert out2.get_nowait() == frames.DATA + frames.SEQ.pack(2) + b"again" and out2.empty()
 
 

@@ -130,9 +130,8 @@ def test_connected_and_broken_since_say_at_once_where_a_peer_stands(certs):
         assert a.broken_since("b") is None and b.broken_since("a") is None
         proxy.cut(refuse_for=3)
         cut = time.monotonic()
-        with a._cond:  # woken by the break itself
-            a._cond.wait_for(lambda: a.broken_since("b") is not None, 10)
-        assert not a.is_connected("b") and cut - 1 <= a.broken_since("b") <= time.monotonic()
+        broke = a.wait_broken("b", 10)  # woken by the break itself
+        assert not a.is_connected("b") and cut - 1 <= a.broken_since("b") == broke <= time.monotonic()
         b.send("a", b"while down")
         assert a.recv(30) == ("b", b"while down")  # came back
         assert a.is_connected("b") and a.broken_since("b") is None

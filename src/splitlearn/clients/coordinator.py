@@ -157,7 +157,7 @@ class Coordinator(Recovery, WeightTransfers):
                 return False
         if not self.in_turns:  # a plan of one party (FedAvg): the client trains alone and says when it is done
             limit = self.step_timeout * max(1, len(turn.steps))  # as long as its steps may take
-            ans = self._replies([client], limit, rid, TurnDone)
+            ans = self.replies([client], limit, rid, TurnDone)
             if client in ans and ans[client].ok:
                 return True
             self._skip(rnd, client, f"{turn.mode} turn", f"no answer within {limit:g} s" if client not in ans
@@ -185,7 +185,7 @@ class Coordinator(Recovery, WeightTransfers):
                 self._instruct(c, Census(), rid)
             except TransportError as e:
                 log.warning("%s: census: cannot reach %s: %s", self.name, c, e)
-        ans = self._replies(self.clients, self.timeout, rid, CensusAnswer)
+        ans = self.replies(self.clients, self.timeout, rid, CensusAnswer)
         train, test, first = [], [], None
         for c in self.clients:
             if c not in ans:

@@ -58,7 +58,7 @@ class Instructing(TurnTaking, StateSaving):
                 self._instruct(p, instruction, rid)
             except TransportError:
                 pass
-        return self._replies(parties, self.timeout, rid, *of)
+        return self.replies(parties, self.timeout, rid, *of)
 
     def _skip(self, rnd: Round, party: str, what: str, why: str) -> None:
         """``party`` failed at ``what`` in round ``rnd``: reported and skipped, unless a party came

@@ -213,11 +213,12 @@ class Participant:
     def _on_rejoined(self, party: str) -> None:
         """``party`` says it came back as a new process: only the coordinator acts on it."""
 
-    def _await(self, senders: list[str], timeout: float, take: Callable[[Message, Reply | None, int], Any],
-               until: Callable[[], bool] | None = None) -> dict[str, Any]:
+    def await_messages(self, senders: list[str], timeout: float, take: Callable[[Message, Reply | None, int], Any],
+                       until: Callable[[], bool] | None = None) -> dict[str, Any]:
         """What ``take(message, reply, request)`` keeps (not None) of one message from each of
-        ``senders``, as far as it comes in time (replies decoded, a malformed one refused).
-        Commands, early weights and rejoin notices that come meanwhile are kept or acted on."""
+        ``senders``, as far as it comes within ``timeout`` s or until ``until()`` holds (replies decoded,
+        a malformed one refused). Commands, early weights (:attr:`early_weights`) and rejoin notices
+        that come meanwhile are kept or acted on."""
         want, got = set(senders), {}
         deadline = time.monotonic() + timeout
         while want - set(got) and not (until is not None and until()):
@@ -245,23 +246,30 @@ class Participant:
                 log.debug("%s: ignoring a late %s from %s", self.name, msg.kind.name, quote(msg.sender))
         return got
 
-    def _replies(self, senders: list[str], timeout: float, request: int | dict[str, int],
-                 *of: type[Reply]) -> dict[str, Reply]:
+    def replies(self, senders: list[str], timeout: float, request: int | dict[str, int],
+                *of: type[Reply]) -> dict[str, Reply]:
         """The replies to ``request`` (one id, or one per sender) of the types ``of`` that come in time."""
         def take(msg: Message, answer: Reply | None, rid: int) -> Reply | None:
             expected = request if isinstance(request, int) else request[msg.sender]
             return answer if isinstance(answer, of) and rid == expected else None
 
-        return self._await(senders, timeout, take)
+        return self.await_messages(senders, timeout, take)
 
-    def _take_weights(self, senders: list[str], request: int, timeout: float) -> dict[str, Message]:
-        """The weights answering ``request`` from each sender that sends them in time."""
+    def take_weights(self, senders: list[str], request: int, timeout: float) -> dict[str, Message]:
+        """The weights answering ``request`` from each sender that sends them in time (taken from
+        :attr:`early_weights` first; the senders' early weights for other requests are dropped)."""
         got = {s: self._early.pop((s, request)) for s in senders if (s, request) in self._early}
         for key in [k for k in self._early if k[0] in senders]:  # another request's: stale, one request at a time
             del self._early[key]
-        ans = self._await([s for s in senders if s not in got], timeout,
-                          lambda msg, _, __: msg if msg.kind == Kind.WEIGHTS and msg.step == request else None)
+        ans = self.await_messages([s for s in senders if s not in got], timeout,
+                                  lambda msg, _, __: msg if msg.kind == Kind.WEIGHTS and msg.step == request else None)
         return {**got, **ans}
+
+    @property
+    def early_weights(self) -> list[tuple[str, int]]:
+        """(sender, request) of each weights message kept because it came before the command naming
+        it (at most :data:`MAX_EARLY_WEIGHTS` per sender), in the order they came."""
+        return list(self._early)
 
     # -- weights ---------------------------------------------------------------------------
     def client_state(self) -> dict[str, torch.Tensor]:
@@ -277,7 +285,7 @@ class Participant:
         ``lend``: keep them for the next evaluation turn only (our own weights stay as they are)."""
         if ready:
             self._reply(request, Ready())
-        msg = self._take_weights([sender], request, self.timeout).get(sender)
+        msg = self.take_weights([sender], request, self.timeout).get(sender)
         if msg is None:
             log.warning("%s: no weights from %s within %g s; training on with our own", self.name, sender,
                         self.timeout)
@@ -298,7 +306,7 @@ class Participant:
     def collect(self, clients: list[str], samples: list[int], request: int) -> tuple[list[str], dict[str, str]]:
         """Federation: receive the clients' weights, average them (by samples); whose were averaged,
         and why each refused client's were refused."""
-        got = self._take_weights(clients, request, self.timeout)
+        got = self.take_weights(clients, request, self.timeout)
         states, shares, used, refused = [], [], [], {}
         for c, n in zip(clients, samples):
             if c in got:

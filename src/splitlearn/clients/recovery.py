@@ -78,7 +78,7 @@ class Recovery(Instructing):
                 log.warning("%s: checkpoint: cannot reach %s: %s", self.name, p, e)
                 why[p] = f"cannot reach it: {e}"
         self.capture(cursor)
-        ans = self._replies(asked, self.timeout, rid, Saved)
+        ans = self.replies(asked, self.timeout, rid, Saved)
         for p in everyone:
             if p not in ans and rnd is not None:
                 self._skip(rnd, p, "checkpoint", why.get(p, f"it did not say within {self.timeout:g} s that it saved "
@@ -127,7 +127,7 @@ class Recovery(Instructing):
                 raise PartyError(f"{self.name}: {why}; cannot tell {p} to go back to the checkpoint {cursor}: "
                                  f"{e}") from None
         self.restore(cursor, self.attempt)
-        got = self._replies(list(ans), 3 * self.timeout, rid, Restored)
+        got = self.replies(list(ans), 3 * self.timeout, rid, Restored)
         failed = [p for p in ans if p not in got or got[p].cursor != cursor]
         if failed:
             raise PartyError(f"{self.name}: {why}; going back to the end of round {cursor.round - 1} ({cursor}), "
@@ -149,8 +149,8 @@ class Recovery(Instructing):
                         self._away(party))
             deadline = time.monotonic() + self.rejoin_wait_s
             while not self._rejoined and self._away(party) and (left := deadline - time.monotonic()) > 0:
-                self._await([party], min(left, POLL_S), lambda *_: None,  # a rejoin notice: _on_rejoined
-                            until=lambda: bool(self._rejoined - self.given_up))
+                self.await_messages([party], min(left, POLL_S), lambda *_: None,  # a rejoin notice: _on_rejoined
+                                    until=lambda: bool(self._rejoined - self.given_up))
                 self._rejoined -= self.given_up
             if not self._rejoined:
                 for p in self._away(party):  # a restart that never said it rejoined is not waited for again

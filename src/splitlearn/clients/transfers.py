@@ -28,7 +28,7 @@ class WeightTransfers(Instructing):
         rid = next(self._requests)
         try:
             self._instruct(holder, SendWeights(self.name, evaluation=evaluation), rid)
-            got = self._take_weights([holder], rid, self.timeout).get(holder)
+            got = self.take_weights([holder], rid, self.timeout).get(holder)
         except TransportError:
             got = None
         if got is None:
@@ -51,7 +51,7 @@ class WeightTransfers(Instructing):
             except TransportError as e:
                 self._skip(rnd, client, "evaluation", f"cannot reach it: {e}")
                 return False
-            ans = self._replies([client], 2 * self.timeout, rid, *LOAD_REPLIES)
+            ans = self.replies([client], 2 * self.timeout, rid, *LOAD_REPLIES)
         if not isinstance(ans.get(client), WeightsLoaded) or ans[client].source != self.name:
             self._skip(rnd, client, "evaluation", f"the weights of {holder}: {_not_loaded(ans.get(client), client)}")
             return False
@@ -83,7 +83,7 @@ class WeightTransfers(Instructing):
                 self._instruct(holder, SendWeights(client), rid)
             except TransportError as e:  # the client will say that nothing came
                 log.warning("%s: hand-off from %s: %s", self.name, holder, e)
-        ans = self._replies([client], 2 * self.timeout, rid, *LOAD_REPLIES)
+        ans = self.replies([client], 2 * self.timeout, rid, *LOAD_REPLIES)
         if client not in ans:  # the client itself waits up to one timeout for the weights
             self._skip(rnd, client, "hand-off", f"no answer within {2 * self.timeout:g} s; its turn is skipped")
             return False
@@ -103,7 +103,7 @@ class WeightTransfers(Instructing):
             except TransportError as e:
                 self._skip(rnd, c, "download", f"cannot reach it: {e}")
         if evaluation and apart:  # the weights may not overtake the command: it decides the meter
-            ready = self._replies(list(requests), self.timeout, requests, Ready)
+            ready = self.replies(list(requests), self.timeout, requests, Ready)
             requests = {c: r for c, r in requests.items() if c in ready}
         try:
             if apart:
@@ -114,7 +114,7 @@ class WeightTransfers(Instructing):
                         self.send_weights(c, r)
         except TransportError as e:
             log.warning("%s: download: %s", self.name, e)
-        ans = self._replies(list(requests), self.timeout, requests, *LOAD_REPLIES)
+        ans = self.replies(list(requests), self.timeout, requests, *LOAD_REPLIES)
         what = "evaluation download" if evaluation else "download"
         loaded = []
         for c in names:
@@ -147,7 +147,7 @@ class WeightTransfers(Instructing):
             except TransportError as e:
                 self._skip(rnd, self.federation, "averaging", f"cannot reach the federation: {e}")
                 return []
-            ans = self._replies([self.federation], 2 * self.timeout, rid, Collected)
+            ans = self.replies([self.federation], 2 * self.timeout, rid, Collected)
             if self.federation not in ans:
                 self._skip(rnd, self.federation, "averaging", f"the federation did not answer within "
                                                               f"{2 * self.timeout:g} s")

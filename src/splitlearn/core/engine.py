@@ -481,6 +481,11 @@ class Party:
         """Per peer: (messages, payload bytes) held for steps this party has not reached yet."""
         return {p: (n, b) for p, (n, b) in self._held.items() if n}
 
+    @property
+    def kept_early(self) -> dict[int, list[Message]]:
+        """Per message step: the messages kept for a step this party has not reached yet (a copy)."""
+        return {step: list(msgs) for step, msgs in self._early.items()}
+
     def _waiting_on(self, st: StepState, stages: list[Stage]) -> set[str]:
         """Parties this step still needs a message from."""
         parties = {self.wires[w].dst_party for s in stages for w in s.sends

@@ -167,7 +167,7 @@ def count_kept_messages(party: Party) -> None:
     """After a restore put the meter back: count again the messages of later steps that came before
     it (kept early) and the goodbyes of neighbours that ran ahead and finished already, whose bytes
     the restored meter does not hold (a checkpoint holds no goodbye); a run never stopped counts them."""
-    for msgs in party._early.values():  # noqa: SLF001 - the engine's own queue of early messages
+    for msgs in party.kept_early.values():
         for msg in msgs:
             direction = "forward" if msg.kind == Kind.ACTIVATION else "backward"
             party.meter.on_recv(msg.wire, direction, len(encode(msg)), msg.payload_bytes)

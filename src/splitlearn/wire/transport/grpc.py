@@ -26,7 +26,10 @@ does not come back within the timeout is lost (:class:`TransportClosed`, naming 
 comes back as a new process (another incarnation) starts its streams from scratch and is
 reported as :class:`~splitlearn.wire.transport.base.PeerRestarted`. One thread per dialed peer dials and
 dials again; at most one per peer waits for it to come back (a reconnect flood cannot pile threads up).
-``is_connected(peer)`` and ``broken_since(peer)`` say where a peer stands without waiting.
+``is_connected(peer)`` and ``broken_since(peer)`` say where a peer stands without waiting;
+``wait_broken(peer, timeout)`` waits for its stream to break. The three events of the link protocol
+on one stream (``stream_opened``, ``sync_received``, ``stream_ended``) are public methods, which the
+gRPC streams call: the protocol can be driven and checked without gRPC.
 """
 
 from __future__ import annotations
@@ -158,8 +161,9 @@ class GrpcTransport(Transport):
                 self._cond.wait(min(left, 0.5))
 
     # -- streams --------------------------------------------------------------------------------
-    def _attach(self, peer: str, out: queue.Queue) -> bool:
-        """A new stream to ``peer``: it begins with our SYNC; what we send waits for theirs."""
+    def stream_opened(self, peer: str, out: queue.Queue) -> bool:
+        """A new stream to ``peer`` whose outgoing frames go to ``out``: it begins with our SYNC; what
+        we send waits for theirs. False (nothing attached) while ``peer`` has a stream or after close."""
         with self._cond:
             if self._closed.is_set() or peer in self._out:
                 return False
@@ -173,8 +177,9 @@ class GrpcTransport(Transport):
         log.info("%s: connected to %s", self.party, peer)
         return True
 
-    def _synced(self, peer: str, out: queue.Queue, incarnation: bytes, ours: bytes, upto: int) -> None:
-        """The peer's SYNC: drop what it has, send again what it lacks (in order), then go on.
+    def sync_received(self, peer: str, out: queue.Queue, incarnation: bytes, ours: bytes, upto: int) -> None:
+        """The peer's SYNC on the stream ``out`` (the peer's ``incarnation``, and the count ``upto`` of
+        our frames it received): drop what it has, send again what it lacks (in order), then go on.
         ``ours``: the incarnation of this party that ``upto`` counts frames of; when it is not this
         process (the peer received ``upto`` frames from an earlier one), nothing of ours is acknowledged."""
         restarted = False
@@ -199,8 +204,9 @@ class GrpcTransport(Transport):
             self._inbox.put(_Lost(peer, f"{peer} restarted (a new process): the session with it begins again",
                                   restarted=True))
 
-    def _detach(self, peer: str, out: queue.Queue, reason: str, clean: bool) -> bool:
-        """The stream ``out`` to ``peer`` ended. True if the peer may come back (a dialer dials again)."""
+    def stream_ended(self, peer: str, out: queue.Queue, reason: str, clean: bool) -> bool:
+        """The stream ``out`` to ``peer`` ended (``clean``: after its goodbye; ``reason``: why). True if
+        the peer may come back (a dialer dials again)."""
         out.put(_END)
         back = False
         with self._cond:
@@ -238,21 +244,21 @@ class GrpcTransport(Transport):
                         self._inbox.put(_Lost(peer, f"{st.lost_why}; it did not come back within "
                                                     f"{self.reconnect_timeout:g} s"))
                         return
-                    self._cond.wait(left)  # woken by its return (_synced), a new break and close
+                    self._cond.wait(left)  # woken by its return (sync_received), a new break and close
             finally:
                 st.waiting = False
 
     def _pump(self, peer: str, out: queue.Queue, incoming: Iterator[bytes]) -> bool:
         """Move the peer's buffers to the inbox until its goodbye or the end of its stream; True if
-        the peer may come back (see :meth:`_detach`)."""
+        the peer may come back (see :meth:`stream_ended`)."""
         try:
             synced = False
             for data in incoming:
                 if data == _BYE:
-                    return self._detach(peer, out, f"{peer} closed the connection", clean=True)
+                    return self.stream_ended(peer, out, f"{peer} closed the connection", clean=True)
                 kind = data[:1]
                 if kind == SYNC and len(data) == SYNC_BYTES and not synced:
-                    self._synced(peer, out, data[1:9], data[9:17], SEQ.unpack_from(data, 17)[0])
+                    self.sync_received(peer, out, data[1:9], data[9:17], SEQ.unpack_from(data, 17)[0])
                     synced = True
                     continue
                 if kind == SYNC and not synced:
@@ -271,7 +277,7 @@ class GrpcTransport(Transport):
                 if seq != st.received + 1:
                     raise TransportError(f"frame {seq} after frame {st.received}: frames were lost")
                 if self._closed.is_set():  # nobody reads the inbox any more: a frame kept now is only memory
-                    return self._detach(peer, out, "this party closed", clean=True)
+                    return self.stream_ended(peer, out, "this party closed", clean=True)
                 payload = memoryview(data)[9:]  # no copy: protobuf parses the view
                 with self._space:  # a peer sending faster than this party reads waits (gRPC flow control)
                     while self._queued.get(peer, 0) and self._queued[peer] + len(payload) > self.hard_limit \
@@ -289,7 +295,7 @@ class GrpcTransport(Transport):
         reason = (f"the stream from {peer} broke ({reason}); the peer's process may have stopped, the link dropped, "
                   f"or a message exceeded the transport's hard limit of {self.hard_limit} bytes (twice "
                   f"max_message_bytes, --max-message-mb, and a MiB)")
-        return self._detach(peer, out, reason, clean=False)
+        return self.stream_ended(peer, out, reason, clean=False)
 
     @staticmethod
     def _drain(out: queue.Queue) -> Iterator[bytes]:
@@ -300,8 +306,8 @@ class GrpcTransport(Transport):
         """Server side of ``Connect``: authenticate, register, then stream both ways."""
         peer = peer_name(context, self.credentials)
         out: queue.Queue = queue.Queue()
-        refusal = ("it is not expected to connect" if peer not in self.accept
-                   else None if self._attach(peer, out) else "it is already connected (or this party is closing)")
+        refusal = ("it is not expected to connect" if peer not in self.accept else None
+                   if self.stream_opened(peer, out) else "it is already connected (or this party is closing)")
         if refusal:
             log.warning("%s: refused a connection from %r (%s): %s", self.party, peer, context.peer(), refusal)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{self.party} refused {peer!r}: {refusal}")
@@ -349,7 +355,7 @@ class GrpcTransport(Transport):
                 finally:
                     timer.cancel()
                 if header == peer:
-                    if self._attach(peer, out):
+                    if self.stream_opened(peer, out):
                         return out, call
                     call.cancel()  # closing meanwhile
                     return None
@@ -433,6 +439,13 @@ class GrpcTransport(Transport):
             st = self._peers.get(peer)
             down = st.down_at if st is not None else None
             return self._closed_at if down is None else down
+
+    def wait_broken(self, peer: str, timeout: float) -> float | None:
+        """Wait up to ``timeout`` s (woken by the break itself) until ``peer``'s stream is down:
+        :meth:`broken_since` then, None if it is still up."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.broken_since(peer) is not None, timeout)
+            return self.broken_since(peer)
 
     def restarts(self, peer: str) -> int:
         """Times ``peer`` came back as a new process: its SYNC named another incarnation (see :class:`Transport`)."""

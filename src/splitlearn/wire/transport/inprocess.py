@@ -27,6 +27,12 @@ class InProcessHub:
             raise TransportError(f"party {party!r} is not part of this hub ({sorted(self._queues)})")
         return InProcessTransport(self, party)
 
+    def queued(self, party: str) -> int:
+        """How many buffers sent to ``party`` it has not received yet (a closed end's mark counts as one)."""
+        if party not in self._queues:
+            raise TransportError(f"party {party!r} is not part of this hub ({sorted(self._queues)})")
+        return self._queues[party].qsize()
+
     def close(self) -> None:
         """Stop every party: their pending and later ``recv`` calls raise TransportClosed."""
         self._closed_at = self._closed_at or time.monotonic()
