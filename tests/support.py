@@ -27,6 +27,8 @@ from splitlearn.core.engine import Party
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import Plan, plan_hash
 from splitlearn.launch.processes import free_port
+from splitlearn.launch.threads import run_local
+from splitlearn.models import build_segment
 from splitlearn.run.session import run_party
 from splitlearn.run.setup import prepare, schedule
 from splitlearn.wire.codec import Encoded, get_codec
@@ -50,6 +52,8 @@ __all__ = ["POISON", "Poisoning",
     "ACT", "LABEL", "f32", "FakeHospital", "Server",
     # links the test cuts
     "Proxy",
+    # the training recipe: split runs against plain PyTorch (tests/test_recipe.py)
+    "norm_mlp", "recipe_sgd", "run_steps", "unsplit_segments", "worst_difference",
     # waiting on what a party logs
     "LogEvent",
 ]
@@ -402,7 +406,9 @@ target = "server.y"
 
 def tiny(hidden=16, **clients) -> Plan:
     """Digits, a two-layer MLP cut after the first ReLU, plain SGD (no optimizer state to hand off);
-    ``clients`` (``count=``, ``schedule=`` ...) make it a ``[clients]`` plan of the hospital."""
+    ``clients`` (``count=``, ``schedule=`` ...) make it a ``[clients]`` plan of the hospital; a
+    ``timeout`` given for its answers bounds each step too (``[train] step_timeout``), so a silent
+    party is given up on as soon in a turn as between turns."""
     body = {
         "name": "tiny", "data": {"dataset": "digits"}, "train": {"epochs": 2, "batch_size": 32, "seed": 3},
         "parties": {"hospital": {"holds": {"x": "x", "y": "y"}, "optimizer": {"name": "sgd", "lr": 0.1}},
@@ -414,6 +420,8 @@ def tiny(hidden=16, **clients) -> Plan:
     }
     if clients:
         body["clients"] = {"template": "hospital", **clients}
+        if "timeout" in clients:
+            body["train"]["step_timeout"] = clients["timeout"]
     return load_plan(body)
 
 
@@ -666,3 +674,39 @@ class Poisoning:
             if kind_of(data) != Kind.ERROR:
                 return peer, data
             self.told.append(decode(data).text)
+
+
+# -- the training recipe: split runs against plain PyTorch (tests/test_recipe.py) -----------------
+
+
+def norm_mlp(width: int = 16) -> torch.nn.Sequential:
+    """A network factory (``tests.support:norm_mlp``): digits to ten classes through a LayerNorm."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(64, width), nn.LayerNorm(width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def recipe_sgd(params) -> torch.optim.Optimizer:
+    """An optimizer factory (``tests.support:recipe_sgd``): what ``{ name = "SGD", lr = 0.05, momentum = 0.9 }`` makes."""
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def run_steps(plan: Plan, count: int | None = None) -> tuple[Plan, dict, list]:
+    """``plan`` set up and checked (:func:`prepare`), then its schedule's first ``count`` steps (every step: None)
+    run through the engine, every party in a thread: (plan, setups, the steps run)."""
+    plan, setups, shapes = prepare(plan)
+    steps = list(schedule(plan, next(iter(setups.values())).splits))[:count]
+    run_local(plan, setups, shapes, steps=steps)
+    return plan, setups, steps
+
+
+def unsplit_segments(plan: Plan) -> dict[str, torch.nn.Module]:
+    """Every segment of ``plan`` as its party builds it (the same initial weights): the pieces of the unsplit
+    model, for plain PyTorch to train (test_equivalence's reference)."""
+    return {seg: build_segment(plan, seg) for seg in plan.segments}
+
+
+def worst_difference(setups: dict, ref: dict[str, torch.nn.Module]) -> float:
+    """The largest difference between any party's trained segment and the same segment of ``ref``."""
+    return max((a - ref[seg].state_dict()[k]).abs().max().item() for s in setups.values()
+               for seg, mod in s.modules.items() for k, a in mod.state_dict().items())

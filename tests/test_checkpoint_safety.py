@@ -18,6 +18,7 @@ import splitlearn
 from splitlearn.core.engine import Party, PartyError
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import plan_hash
+from splitlearn.core.specs import PlanError
 from splitlearn.run.checkpoint import FILES, FORMAT, CheckpointError, Checkpoints, after_step, folder_name
 from splitlearn.run.resume import agree_on_resume, held_by, usable_checkpoints
 from splitlearn.wire.codec import Encoded, get_codec
@@ -356,6 +357,12 @@ def test_checkpoints_are_named_by_their_cursor_and_an_earlier_splitlearns_are_re
             f"this one reads {FORMAT})") in said
     with pytest.raises(CheckpointError, match="round-000009-step-000000003: written by an earlier splitlearn"):
         ck.load(Cursor(9, 3))
+    for c in ck.cursors():  # a party holding an earlier splitlearn's checkpoints only: refused, nothing set aside
+        shutil.rmtree(ck.folder / folder_name(c))
+    with pytest.raises(PlanError, match=r"x: resuming, but every checkpoint it holds was written by an earlier "
+                                        r"splitlearn") as e:
+        usable_checkpoints("x", ck)
+    assert e.value.entry == "--resume" and (ck.folder / "step-000000041").is_dir()
 
 
 def sha256_sums(folder: Path) -> str:

@@ -586,7 +586,7 @@ class HelloScenario:
             common = set(CHECKPOINTS) & {Cursor(*v) for v in (held if isinstance(held, list) else []) if _is_cursor(v)}
             want = list(max(common)) if common else None
             got = body.get("resume_from")
-            if type(got) is not type(want) or got != want or want is not None and not _is_cursor(got):
+            if json.dumps(got) != json.dumps(want) or want is not None and not _is_cursor(got):  # types too
                 out.append(f"resume_from {got!r}, but the last checkpoint both hold is {want!r}")
             if party.resumed_at != (-1 if want is None else want[1]):
                 out.append(f"the party resumes from {party.resumed_at}, not {want}")
@@ -681,6 +681,29 @@ def test_mutated_hellos_leak_nothing_and_no_wrong_hello_is_taken(tmp_path, monke
     assert leaked == [], leaked[:5]
     assert harmful == [], sorted({f"{name}: {found}" for name, found, _ in harmful})[:20]
     assert figures["accepted"] > 0.02 * figures["cases"]  # the honest path is reached, not only refusals
+
+
+@pytest.mark.parametrize("resume_from", [[0, 9.0], [False, 9], [0.0, 9.0], [0, 9, 0], [[0, 9]]],
+                         ids=["float-step", "bool-round", "floats", "three", "nested"])
+def test_a_resume_hello_whose_cursor_only_looks_equal_is_refused(tmp_path, monkeypatch, resume_from):
+    """The resume hello's ``resume_from`` must be the agreed cursor exactly, types included: values that
+    compare equal in Python (``9.0 == 9``, ``False == 0``) are another JSON and another claim, refused."""
+    from splitlearn.run import align
+
+    monkeypatch.setattr(align, "align_psi", _no_alignment)
+    sc = next(s for s in _hello_scenarios(tmp_path) if s.name == "resume")
+    slots = [*sc.slots[:-1], (*sc.slots[-1][:2], {**sc.slots[-1][2], "resume_from": resume_from})]
+    sink = Sink(sc.me)
+    sink.inbox = [(sender, encode(Message(Kind.HELLO, sender, sc.me, text=json.dumps(body))))
+                  for sender, _, body in slots]
+    with pytest.raises(PartyError, match="resume_from differs"):
+        with session(sc.party(sink), sc.ids, sc.setup, sc.checkpoints):
+            pass
+    sink.inbox = [(sender, encode(Message(Kind.HELLO, sender, sc.me, text=json.dumps(body))))
+                  for sender, _, body in sc.slots]  # the honest cursor [0, 9] is taken
+    with pytest.raises(_Handshake):
+        with session(sc.party(sink), sc.ids, sc.setup, sc.checkpoints):
+            pass
 
 
 # -- alignment messages ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from splitlearn.clients.parties import physical_party
+from splitlearn.core.load import load_plan
 from splitlearn.clients.parties import make_role
 from splitlearn.core.engine import PartyError
 from splitlearn.core.plan import STEP_TIMEOUT_S, parse_plan
@@ -23,12 +24,13 @@ from .support import free_port, tiny, toml
 
 
 def test_the_plan_model_resolves_the_one_step_timeout():
-    """Given (``train(timeout=)``, ``--step-timeout``), else ``[train] step_timeout``, else 120 s, or in a
-    ``[clients]`` plan ``clients.timeout``."""
-    plain, clients = tiny(), tiny(count=2, timeout=7.0)
+    """Given (``train(timeout=)``, ``--step-timeout``), else ``[train] step_timeout``, else 120 s, whatever
+    the schedule: ``clients.timeout`` bounds answers, never a step."""
+    plain, clients = tiny(), load_plan({**tiny().model_dump(mode="json", exclude_none=True),
+                                        "clients": {"template": "hospital", "count": 2, "timeout": 7.0}})
     assert STEP_TIMEOUT_S == 120.0
     assert plain.train.step_timeout is None and plain.step_timeout_s() == 120.0
-    assert clients.step_timeout_s() == 7.0
+    assert clients.train.step_timeout is None and clients.step_timeout_s() == 120.0
     assert plain.with_train(step_timeout=3.0).step_timeout_s() == 3.0
     assert clients.with_train(step_timeout=3.0).step_timeout_s() == 3.0
     assert plain.with_train(step_timeout=3.0).step_timeout_s(2.0) == 2.0
@@ -98,11 +100,13 @@ def test_a_party_process_gives_up_on_a_neighbour_that_never_answers_within_the_p
     assert took < 20.0, took  # connecting, then the plan's 1 s (not the 120 s default)
 
 
-def test_a_clients_participant_takes_the_plans_step_timeout_over_the_clients_timeout():
-    """A ``[clients]`` participant's steps have ``[train] step_timeout`` when the plan sets it, and
-    ``clients.timeout`` (its answers' bound) otherwise."""
+def test_a_clients_participant_takes_the_plans_step_timeout_not_the_clients_timeout():
+    """A ``[clients]`` participant's steps have ``[train] step_timeout`` (120 s unless set), never
+    ``clients.timeout``, which bounds its answers only."""
     hub = InProcessHub(["server", "hospital-1", "hospital-2"])
-    plan = tiny(count=2, schedule="fedavg", timeout=7.0)
-    assert make_role(plan, "hospital-1", hub.transport("hospital-1")).step_timeout == 7.0
+    plan = load_plan({**tiny().model_dump(mode="json", exclude_none=True),
+                      "clients": {"template": "hospital", "count": 2, "schedule": "fedavg", "timeout": 7.0}})
+    client = make_role(plan, "hospital-1", hub.transport("hospital-1"))
+    assert (client.step_timeout, client.timeout) == (120.0, 7.0)
     coordinator = make_role(plan.with_train(step_timeout=2.5), "server", hub.transport("server"))
     assert coordinator.step_timeout == 2.5 and coordinator.timeout == 7.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from ..core.plan import Plan
-from ..core.specs import DataSpec, PlanError
+from ..core.specs import DataSpec, PlanError, describe, importable_name
 from ..core.load import load_plan
 from ..run.report import Progress
 
@@ -65,10 +66,50 @@ def _input_field(model: nn.Module | Callable[[], nn.Module], spec: DataSpec) -> 
             return "image"
 
 
+def _optimizer_entry(optimizer: Any, lr: float | None, momentum: float,
+                     options: dict[str, Any] | None) -> dict[str, Any]:
+    """The optimizer table of every party (as a plan file writes it) from what :func:`split_plan` was given."""
+    target, kwargs = optimizer, {}
+    if isinstance(optimizer, functools.partial):
+        if optimizer.args:
+            raise PlanError(f"functools.partial({describe(optimizer.func)}, ...) gives positional arguments: a plan "
+                            "takes an optimizer's arguments by keyword", entry="optimizer",
+                            hint="e.g. functools.partial(torch.optim.AdamW, betas=(0.9, 0.95))")
+        target, kwargs = optimizer.func, dict(optimizer.keywords)
+    if isinstance(target, str):
+        entry: dict[str, Any] = {"factory": target} if ":" in target else {"name": target}
+    elif isinstance(target, type) and issubclass(target, torch.optim.Optimizer) \
+            and getattr(torch.optim, target.__name__, None) is target:
+        entry = {"name": target.__name__}
+    elif callable(target) and importable_name(target) is not None:
+        entry = {"factory": importable_name(target)}
+    else:
+        raise PlanError(f"optimizer {describe(target)} cannot be written in the plan, which every party's process "
+                        "reads", entry="optimizer",
+                        hint="give a torch.optim optimizer's name (\"AdamW\") or class, a functools.partial of one, or "
+                        "'module:function' naming a function other processes can import, called with the parameters "
+                        "and returning a torch.optim.Optimizer")
+    given = {**kwargs, **(options or {})}
+    both = sorted(set(kwargs) & set(options or {})
+                  | {k for k, v in (("lr", lr), ("momentum", momentum)) if v and k in given})
+    if both:
+        raise PlanError(f"{', '.join(both)} given twice (in the optimizer, optimizer_options, lr or momentum)",
+                        entry="optimizer_options", hint="give each argument once")
+    if "factory" in entry:
+        if kwargs or lr is not None or momentum:
+            raise PlanError(f"factory {entry['factory']!r} is called with the parameters only: it sets the optimizer's "
+                            "arguments itself", entry="optimizer", hint="give lr, momentum and the like in the factory")
+        return {**entry, **given}
+    name = entry["name"]
+    return {"name": name, "lr": 1e-3 if lr is None else lr,
+            **({"momentum": momentum} if momentum or name == "sgd" else {}), **given}
+
+
 def split_plan(model: nn.Module | Callable[[], nn.Module], cut: str | int | Sequence[str | int], *,
                data: Any = "digits", inputs: str | None = None, parties: Sequence[str] | None = None,
-               epochs: int = 5, batch_size: int = 32, optimizer: str = "adam", lr: float = 1e-3,
-               momentum: float = 0.0, loss: str = "cross_entropy", codec: str = "float32", seed: int = 0,
+               epochs: int = 5, batch_size: int = 32, optimizer: Any = "adam", lr: float | None = None,
+               momentum: float = 0.0, optimizer_options: dict[str, Any] | None = None, accumulate: int = 1,
+               loss: str = "cross_entropy", codec: str = "float32", seed: int = 0,
                device: str = "auto", test_fraction: float | None = None, id_column: str = "id",
                label_column: str = "label", name: str = "split") -> Plan:
     """The plan :func:`split` trains: ``model`` cut after the named submodule(s) ``cut``.
@@ -79,6 +120,13 @@ def split_plan(model: nn.Module | Callable[[], nn.Module], cut: str | int | Sequ
     order: ``["hospital", "relay", "server"]`` with two cuts is a multi-hop plan. The first
     party holds the data. ``model`` may be an ``nn.Module`` (copied: the object stays yours)
     or a function returning one; for an ``nn.Sequential`` a cut is a layer's index.
+
+    Every party trains with ``optimizer``: a ``torch.optim`` optimizer's name (any case) or class, a
+    ``functools.partial`` of one (its keyword arguments taken), or a ``"module:function"`` string (or such an
+    importable function) called with the parameters; ``lr`` (1e-3 unless given) and ``momentum`` go to a named
+    one. ``optimizer_options`` is the rest of the optimizer table of a plan file: the optimizer's keyword
+    arguments, ``no_decay``, ``schedule`` and ``clip_grad_norm``. ``accumulate``: training batches per
+    optimizer step. A callable that is none of these is refused: the plan is written for every party's process.
     """
     cuts = [str(c) for c in ([cut] if isinstance(cut, (str, int)) else cut)]
     if not cuts:
@@ -102,9 +150,10 @@ def split_plan(model: nn.Module | Callable[[], nn.Module], cut: str | int | Sequ
     for k, (seg, party) in enumerate(zip(names, parties)):
         segments[seg] = {"party": party, "inputs": [f"{holder}.x"] if k == 0 else [names[k - 1]], "network": "model",
                          **({"cut": cuts[k]} if k < len(cuts) else {})}
-    opt = {"name": optimizer, "lr": lr, **({"momentum": momentum} if optimizer == "sgd" else {})}
+    opt = _optimizer_entry(optimizer, lr, momentum, optimizer_options)
     body = {
-        "name": name, "data": spec, "train": {"epochs": epochs, "batch_size": batch_size, "seed": seed},
+        "name": name, "data": spec, "train": {"epochs": epochs, "batch_size": batch_size, "seed": seed,
+                                              **({"accumulate": accumulate} if accumulate != 1 else {})},
         "parties": {p: {"optimizer": opt, "device": device} for p in dict.fromkeys(parties)},
         "networks": {"model": model}, "segments": segments,
         "losses": {"task": {"input": names[-1], "target": f"{holder}.y", "kind": loss}},

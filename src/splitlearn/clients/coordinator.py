@@ -33,6 +33,7 @@ class Coordinator(Recovery, WeightTransfers):
     (its state: :class:`~splitlearn.clients.instructing.Instructing`)."""
 
     def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
+        self.open_tracker()
         try:
             self.coordinate(progress)
         finally:

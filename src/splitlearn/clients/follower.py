@@ -36,6 +36,7 @@ class Follower(TurnTaking, StateSaving):
     :data:`HANDLERS` (if its duties allow it), until a :class:`~splitlearn.wire.control.Stop`."""
 
     def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
+        self.open_tracker()
         try:
             if self.resuming:  # a new process: the coordinator tells which checkpoint every party rewinds to
                 self._reply(0, Rejoined(tuple(usable_checkpoints(self.name, self.checkpoints))))

@@ -127,6 +127,11 @@ class Topology:
         grace = plan.clients.timeout if coord is not None else 0.0
         return cls(physical_names(plan), connections(plan), coord, lead, frozenset(client_names(plan)), grace)
 
+    @property
+    def awaited(self) -> list[str]:
+        """The parties whose end is the run's: the coordinator, or without one every party."""
+        return [self.coordinator] if self.coordinator is not None else list(self.names)
+
     def plays(self, plan: Plan, name: str) -> str | None:
         """The plan party physical party ``name`` plays (None: a federation of its own)."""
         return plays_of(plan, name)

@@ -1,14 +1,14 @@
-"""What every physical party of a ``[clients]`` plan does: take part in turns
-(:mod:`~splitlearn.clients.turns`), send and load weights, save and restore its state
-(:mod:`~splitlearn.clients.saving`), and exchange the typed control messages of
-:mod:`splitlearn.wire.control` with the coordinator.
-
-A turn is the ordinary session (:func:`splitlearn.run.session.run_party`) between the fixed
-parties and one client, over a :class:`~splitlearn.wire.transport.switch.Switch` view that lets
-``T-k`` speak as ``T`` and keeps the turn's messages apart from the schedule's (commands,
-replies and weights). A command carries a deadline after which a late follower drops it. Every
-participant meters what it sends and receives (training and weight traffic apart from
-evaluation traffic).
+"""What every physical party of every plan is: a :class:`Participant`, with its state, its weights,
+its checkpoints (:mod:`~splitlearn.clients.saving`) and its one report. It takes part in turns
+(:mod:`~splitlearn.clients.turns`), each the ordinary session
+(:func:`splitlearn.run.session.run_party`). A plain plan's party (:mod:`~splitlearn.clients.peer`)
+runs the trivial schedule's one turn straight over its transport. A coordinated schedule's party
+exchanges the typed control messages of :mod:`splitlearn.wire.control` with the coordinator, and
+its turns run between the fixed parties and one client over a
+:class:`~splitlearn.wire.transport.switch.Switch` view that lets ``T-k`` speak as ``T`` and keeps
+the turn's messages apart from the schedule's (commands, replies and weights). A command carries
+a deadline after which a late follower drops it. Such a participant meters its training and weight
+traffic apart from its evaluation traffic.
 """
 
 from __future__ import annotations
@@ -107,12 +107,8 @@ class Participant:
         self.recorders: dict[str, Recorder] | None = {} if record and self.setup is not None else None
         self.train_work = {"samples": 0, "steps": 0}  # training this party did: what its noise spent
         self.rng: PartyRandom | None = None  # its random layers' stream (made at its first turn)
-        self.tracker = None  # streams the losses this party computes in its turns (splitlearn.run.tracking)
-        if tracking is not None and self.in_turns and any(n.party == self.plays for n in self.graph.losses()):
-            from ..run.tracking import StepNumbers, open_tracker
-
-            tracker = open_tracker(tracking, plan, name)
-            self.tracker = StepNumbers(tracker) if self.strategy.coordinated else tracker  # turns number steps anew
+        self.tracking = tracking  # where the losses this party computes are streamed (splitlearn.run.tracking)
+        self.tracker = None  # open while it runs (open_tracker), closed by close_tracker
         self.global_state: dict[str, torch.Tensor] | None = None  # federation: the averaged client weights
         if self.is_federation:
             self.global_state = {k: v.clone() for k, v in state_of(
@@ -121,6 +117,7 @@ class Participant:
         self.copies: dict[str, tuple[dict, torch.optim.Optimizer | None]] = {}
         self.lent: dict[str, torch.Tensor] | None = None  # a client: the run's model, lent for one evaluation turn
         self.pool = EvaluationPool(plan)  # a head: the current evaluation's scores (all sites)
+        self.plan_session: PartyReport | None = None  # the trivial schedule's one session (a Peer's)
         self._requests = itertools.count(1)
         self._early: dict[tuple[str, int], Message] = {}  # (sender, request): weights that beat their command
         self._pending: deque[Message] = deque(maxlen=MAX_PENDING)  # follower: commands that came meanwhile
@@ -341,14 +338,35 @@ class Participant:
             self.link.meter = train
 
     # -- report --------------------------------------------------------------------------------
+    def open_tracker(self) -> None:
+        """Open the tracker when this party computes a loss, as its run begins (never at construction: a
+        launcher builds every party before it runs any, and one that fails to build would leave it open)."""
+        if self.tracking is not None and self.in_turns and any(n.party == self.plays for n in self.graph.losses()):
+            from ..run.tracking import StepNumbers, open_tracker
+
+            tracker = open_tracker(self.tracking, self.plan, self.name)
+            self.tracker = StepNumbers(tracker) if self.strategy.coordinated else tracker  # turns number steps anew
+
     def close_tracker(self) -> None:
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
 
+    def took_part(self, session: PartyReport) -> None:
+        """Count a session this participant ran (a turn, or a peer's one round): the training its
+        noise spent."""
+        self.train_work["samples"] += session.meter.get("train_samples", 0)
+        self.train_work["steps"] += session.meter.get("train_steps", 0)
+
     def report(self) -> PartyReport:
+        """What this participant did, for every plan: its accounting, refusals, privacy spent, what it
+        recorded, its model and data; a coordinated schedule's turns (``records``, pooled by the
+        heads) and skips; the trivial schedule's one session (``plan_session``: the per-epoch
+        metrics, timings, predictions and bounds of a plain plan's party, which meters evaluation
+        traffic with its training as every plain plan always has)."""
         self.close_tracker()
         self.records = self.pool.close(self.records)
+        session = self.plan_session or PartyReport(self.name)
         privacy = {}
         if self.in_turns and self.train_work["steps"]:
             privacy = defenses.privacy_spent(self.graph, self.plays, self.train_work["samples"],
@@ -359,12 +377,14 @@ class Participant:
         modules, per_client_modules = self.setup.modules if self.setup else {}, {}
         if not self.strategy.one_model and self.copies:  # each client's copy is its model; the shared one never trained
             modules, per_client_modules = {}, {c: mods for c, (mods, _) in self.copies.items()}
-        return PartyReport(self.name, plays=self.plays, meter=self.link.meter.summary(),
-                           eval_meter=self.eval_meter.summary(), refused=self.refused + self.link.refused,
-                           privacy=privacy, records=self.records, skipped=self.skipped,
-                           modules=modules, per_client=per_client_modules, observed=observed,
-                           data=self.setup.data_report() if self.setup else {},
-                           preprocess=self.setup.preprocess if self.setup else None)
+        return PartyReport(self.name, metrics=session.metrics, plays=self.plays,
+                           meter={**self.link.meter.summary(), **session.meter},
+                           eval_meter=self.eval_meter.summary() if self.strategy.coordinated else {},
+                           refused=self.refused + self.link.refused, privacy=privacy, records=self.records,
+                           skipped=self.skipped, modules=modules, per_client=per_client_modules, observed=observed,
+                           predictions=session.predictions, data=self.setup.data_report() if self.setup else {},
+                           preprocess=self.setup.preprocess if self.setup else None,
+                           refused_jumps=session.refused_jumps, scores=session.scores)
 
 
 def _classify(data: bytes) -> str:

@@ -48,7 +48,7 @@ def physical_party(plan: Plan, name: str, setup: PartySetup | None, transport: T
     plan's party takes ``shapes`` (wire shapes known beforehand) and ``steps``, which replace the
     plan's schedule (prediction: ``predicting`` then); a coordinated schedule's, ``role``: its
     shared ``context``, ``fault`` (a test hook), ``rejoin_wait_s`` (the seconds the coordinator
-    waits for a failed party to come back as a new process), ``timeout`` of an answer."""
+    waits for a failed party to come back as a new process)."""
     common = dict(step_timeout=timeout, record=record, limits=limits, tracking=tracking, out=out, resume=resume)
     if not strategy_of(plan).coordinated:
         return make_role(plan, name, transport, setup, shapes=shapes, steps=steps, predicting=predicting, **common)

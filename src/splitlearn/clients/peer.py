@@ -27,14 +27,17 @@ class Peer(Participant):
 
     def __init__(self, plan: Plan, name: str, transport: Transport, setup: PartySetup | None = None, *,
                  shapes: dict | None = None, steps: list[Step] | None = None, predicting: bool = False,
-                 record: bool = False, out: Any = None, **kw: Any):
-        super().__init__(plan, name, transport, setup, out=out if steps is None else None, **kw)
+                 record: bool = False, out: Any = None, resume: bool = False, **kw: Any):
+        predicting_steps = steps is not None  # a prediction takes no checkpoints and resumes from none
+        super().__init__(plan, name, transport, setup, out=None if predicting_steps else out,
+                         resume=resume and not predicting_steps, **kw)
         self.steps = steps
         s = self.setup
         self.party = Party(s.graph, name, self.link, s.modules, s.optimizer, s.inputs, dict(shapes or {}),
                            self.step_timeout, predicting)
         if record:
             self.party.observer = Recorder(s.splits.ids if s.table is not None else None)
+            self.recorders = {"": self.party.observer}  # what it records, reported as every participant's
 
     def _steps(self) -> list[Step]:
         """The one turn's steps, once the hello has told how many rows there are."""
@@ -50,11 +53,12 @@ class Peer(Participant):
 
     def run(self, progress: Callable[[Progress], None] | None = None) -> PartyReport:
         s = self.setup
+        self.open_tracker()
         try:
-            report = run_party(self.party, self._steps, progress, ids_hash=s.ids_hash, tracker=self.tracker, setup=s,
-                               checkpoints=self.checkpoints, resume=self.resuming)
+            session = run_party(self.party, self._steps, progress, ids_hash=s.ids_hash, tracker=self.tracker,
+                                setup=s, checkpoints=self.checkpoints, resume=self.resuming)
         finally:
             self.close_tracker()
-        report.data = s.data_report()
-        report.preprocess = s.preprocess
-        return report
+        self.took_part(session)
+        self.plan_session = session
+        return self.report()

@@ -6,9 +6,8 @@ from __future__ import annotations
 import copy
 import logging
 
-import torch
-
 from ..core.engine import Party, PartyError
+from ..core.optimizing import PartyOptimizer
 from ..core.specs import PlanError
 from ..run.observe import Recorder
 from ..run.session import run_party
@@ -29,7 +28,9 @@ log = logging.getLogger(__name__)
 class TurnTaking(Participant):
     """A :class:`~splitlearn.clients.participant.Participant` that takes part in turns."""
 
-    def _models(self, turn: Turn, client: str, model: str | None = None) -> tuple[dict, torch.optim.Optimizer | None]:
+    def _models(self, turn: Turn, client: str, model: str | None = None) -> tuple[dict, PartyOptimizer | None]:
+        """The modules and optimizer of a turn: lent weights (no optimizer), this party's own, or a fixed party's
+        copy for ``client`` with an optimizer of its own (its schedule too, stepped by that client's turns)."""
         if self.is_client and model is not None:  # another client's weights, for this turn only
             if self.lent is None:
                 raise PartyError(f"{self.name}: no weights of {model} came to evaluate")
@@ -94,8 +95,7 @@ class TurnTaking(Participant):
             log.warning("%s: turn %d with %s failed: %s", self.name, turn.index, client, e)
             return False, str(e)
         self.refused += link.refused
-        self.train_work["samples"] += report.meter.get("train_samples", 0)
-        self.train_work["steps"] += report.meter.get("train_steps", 0)
+        self.took_part(report)
         losses, steps = {}, {}
         for loss, h in report.metrics.items():
             key = "train_loss" if turn.mode == "train" else "test_loss"

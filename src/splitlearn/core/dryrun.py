@@ -48,7 +48,7 @@ def run_checked(graph: Graph, node: Node, xs: list[torch.Tensor], fn: Callable[[
         came = ", ".join(f"{_via(graph, d, node.party)} with shape {list(x.shape)}" for d, x in zip(node.inputs, xs))
         what = "segment" if node.kind == "segment" else "loss"
         raise PlanError(f"{what} {node.name!r} (party {node.party!r}) cannot take {came}: {e}",
-                        entry=f"{what}s.{node.name}",
+                        entry=f"{'segments' if node.kind == 'segment' else 'losses'}.{node.name}",
                         hint="make what comes in match what this step expects (check 'layers', the network sizes, "
                         "the head's output width and the loss kind)") from None
 

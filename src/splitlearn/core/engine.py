@@ -11,7 +11,8 @@ A step, at every party at once:
 2. losses are computed where their input segment runs;
 3. a stage runs backward once it holds the gradient of every tensor it sent (plus its local
    losses), then sends the gradient of every leaf it received back up its wire;
-4. the party steps its optimizer once all its stages are done.
+4. the party steps its optimizer once all its stages are done (with ``[train] accumulate``, once its
+   gradient group is: :class:`~splitlearn.core.optimizing.Update`).
 
 Evaluation runs 1-2 without gradients; prediction runs 1 only and skips label wires, so the
 predictions stay at the party that owns the head. The *handshake* is an evaluation step on one
@@ -39,9 +40,11 @@ from .admission import check_received_values, decode_checked, early_problem
 from .bounds import LearntBounds
 from .defense import defend_backward, defend_forward
 from .dryrun import check_labels, merge_inputs, run_checked
+from .early import EarlyMessages
 from .flow import FlowControl
 from .graph import Graph, Node, Stage, Wire
 from .losses import get as loss_kind
+from .optimizing import WHOLE, PartyOptimizer, Update
 from .randomness import PartyRandom, party_seed
 from .step import Mode, StepOutput, StepState
 
@@ -70,7 +73,7 @@ class Party:
     """
 
     def __init__(self, graph: Graph, name: str, link: Link, modules: dict[str, nn.Module],
-                 optimizer: torch.optim.Optimizer | None, data: dict[str, torch.Tensor],
+                 optimizer: PartyOptimizer | None, data: dict[str, torch.Tensor],
                  wire_shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None, timeout: float | None = 600.0,
                  predicting: bool = False, noise_secret: int | None = None, rng: PartyRandom | None = None):
         self.graph, self.name, self.link = graph, name, link
@@ -104,8 +107,7 @@ class Party:
         t = graph.plan.train
         self.max_rows = max(t.batch_size, t.eval_batch_size)  # no step is larger
         self.pipeline = t.pipeline  # micro-batches per training step (message step ids are step * pipeline + i)
-        self._early: dict[int, list[Message]] = {}  # step -> messages that came before this party got there
-        self._held: dict[str, list[int]] = {}  # sender -> [messages, bytes] it has in self._early
+        self.early = EarlyMessages(self.limits, self.pipeline)  # messages that came before this party got there
         self.classes: dict[str, int] = {}  # label node -> classes of the cross-entropy head it feeds (handshake)
         self.stage_of = {n: s.index for s in self.stages for n in s.nodes}
         # NoPeek compares a wire's activations with the raw inputs they were computed from
@@ -123,14 +125,14 @@ class Party:
 
     def restart(self) -> None:
         """Forget what the session held (messages kept early, goodbyes) before it begins again."""
-        self._early.clear()
-        self._held.clear()
+        self.early.clear()
         self.finished.clear()
 
     # -- the step ---------------------------------------------------------------------------
 
-    def step(self, step: int, rows: torch.Tensor, mode: Mode) -> StepOutput:
-        """Run one step on the given rows (positions into the aligned data) in ``mode``.
+    def step(self, step: int, rows: torch.Tensor, mode: Mode, update: Update = WHOLE) -> StepOutput:
+        """Run one step on the given rows (positions into the aligned data) in ``mode``; a training step
+        updates the weights as ``update`` says (its gradient group: its losses weighted by its share).
 
         A training step with ``[train] pipeline = K`` runs as K micro-batches (rows split as evenly
         as possible) that flow through the parties as in GPipe: each runs forward as soon as its
@@ -147,13 +149,13 @@ class Party:
             if not len(part):
                 continue  # fewer rows than micro-batches
             st = self.begin(step * k + i, part, mode)
-            st.share = len(part) / len(rows)
+            st.share = update.share * len(part) / len(rows)
             st.todo = [n for n in self.order if not (st.skip_labels and n in self.label_only)]
             st.stages = list(self.stages) if train else []
             states.append(st)
         for m in self.modules.values():
             m.train(train)  # batch norm and dropout behave as in training only when training
-        if train and self.optimizer is not None:
+        if train and self.optimizer is not None and update.first:
             self.optimizer.zero_grad(set_to_none=True)
         if mode == "handshake":
             self.flow.begin_session()
@@ -179,7 +181,7 @@ class Party:
                 if all(not st.todo and not st.stages for st in states):
                     break
                 self._receive(states)
-        if train and self.optimizer is not None:
+        if train and self.optimizer is not None and update.last:
             with self.meter.timed("compute"):
                 self.optimizer.step()
         for pair in self.flow.credits(step, mode):  # the producers that wait for this party: it finished the step
@@ -190,7 +192,7 @@ class Party:
         out = StepOutput()  # the whole batch's losses: the micro-batches' weighted by their rows
         for st in states:
             for name, v in st.out.losses.items():
-                out.losses[name] = out.losses.get(name, 0.0) + st.share * v
+                out.losses[name] = out.losses.get(name, 0.0) + len(st.rows) / len(rows) * v
         return out
 
     def begin(self, step: int, rows: torch.Tensor, mode: Mode) -> StepState:
@@ -299,13 +301,9 @@ class Party:
         self.link.send(Message(kind, self.name, dst, st.step, wire.name, {"t": enc}))
 
     def _next_message(self, states: list[StepState]) -> Message:
-        for st in states:
-            held = self._early.get(st.step)
-            if held:
-                return self._release(held.pop(0))
-        for old in [k for k in self._early if k <= states[-1].step]:  # at most a few steps are held
-            for msg in self._early.pop(old):
-                self._release(msg)
+        kept = self.early.next_for([st.step for st in states])
+        if kept is not None:
+            return kept
         try:
             return self.link.recv(deadline=states[0].deadline)
         except TransportTimeout:
@@ -315,12 +313,6 @@ class Party:
             waiting += [f"a credit from {c}" for c in self.flow.blocked(first.step // self.pipeline, first.mode)]
             raise PartyError(f"{self.name}: step {states[0].step // self.pipeline} not done within its deadline of "
                              f"{self.timeout} s (still waiting for {sorted(set(waiting))})") from None
-
-    def _release(self, msg: Message) -> Message:
-        held = self._held[msg.sender]
-        held[0] -= 1
-        held[1] -= msg.payload_bytes
-        return msg
 
     def _gate(self, states: list[StepState], step: int, mode: Mode) -> None:
         """Flow control (:mod:`~splitlearn.core.flow`): before a step in which this party would send to
@@ -346,11 +338,9 @@ class Party:
         later steps read early (their senders send them again), with the credits owed for the steps
         done that have not come yet (their senders will not). A run never stopped counts each once."""
         meter, step = copy.deepcopy(self.meter), self.last_step
-        for held, msgs in self._early.items():
-            for msg in msgs if held // self.pipeline > step else ():
-                t = meter.received[(msg.wire, "forward" if msg.kind == Kind.ACTIVATION else "backward")]
-                t.messages, t.bytes, t.payload = (t.messages - 1, t.bytes - len(encode(msg)),
-                                                  t.payload - msg.payload_bytes)
+        for msg in self.early.later(step):
+            t = meter.received[(msg.wire, "forward" if msg.kind == Kind.ACTIVATION else "backward")]
+            t.messages, t.bytes, t.payload = (t.messages - 1, t.bytes - len(encode(msg)), t.payload - msg.payload_bytes)
         for consumer, steps in self.flow.unread.items():
             wire = self.flow.out[consumer].wire
             for s in steps:
@@ -462,29 +452,22 @@ class Party:
         wire = self._wire_for(msg)
         if wire is None:
             return
-        problem = early_problem(msg, wire, self.wire_shapes, self.max_rows, self.limits)
-        held = self._held.setdefault(msg.sender, [0, 0])
-        if problem is None and held[0] >= self.limits.early_messages * self.pipeline:  # (per micro-batch)
-            problem = f"{held[0]} messages of later steps are held already (Limits.early_messages)"
-        if problem is None and held[1] + msg.payload_bytes > self.limits.early_bytes:
-            problem = (f"{held[1]} bytes of later steps are held already and {msg.payload_bytes} more would pass "
-                       f"the limit of {self.limits.early_bytes} (Limits.early_bytes)")
+        problem = (early_problem(msg, wire, self.wire_shapes, self.max_rows, self.limits)
+                   or self.early.budget_problem(msg))
         if problem:
             self.link.refuse(msg.sender, problem, msg.step, msg.wire)
             return
-        held[0] += 1
-        held[1] += msg.payload_bytes
-        self._early.setdefault(msg.step, []).append(msg)
+        self.early.keep(msg)
 
     @property
     def held_early(self) -> dict[str, tuple[int, int]]:
         """Per peer: (messages, payload bytes) held for steps this party has not reached yet."""
-        return {p: (n, b) for p, (n, b) in self._held.items() if n}
+        return self.early.by_peer
 
     @property
     def kept_early(self) -> dict[int, list[Message]]:
         """Per message step: the messages kept for a step this party has not reached yet (a copy)."""
-        return {step: list(msgs) for step, msgs in self._early.items()}
+        return self.early.by_step
 
     def _waiting_on(self, st: StepState, stages: list[Stage]) -> set[str]:
         """Parties this step still needs a message from."""

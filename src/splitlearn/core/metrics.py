@@ -10,21 +10,30 @@ interval (:func:`bootstrap_ci`: 1,000 resamples of the rows, a fixed seed, so a 
 resumed twin give the same interval).
 :func:`evaluation_metrics` gives every test figure of a run from its scored rows (:class:`Scores`), whether
 one party scored them in one session or several sites' scores are pooled.
+
+A plan's ``[losses.NAME] metrics = ["balanced_accuracy", ...]`` adds figures by name from
+:data:`EXTRA_METRICS` (:func:`register_metric` adds one; a plan read by a party process or a Ray
+actor sees the built-ins only). They come from scikit-learn, like the figures above: it is a
+dependency already, it computes in float64 on the scored rows as they are kept and pooled here
+(numpy, on the host, over the union of every batch or site), so a figure is exact and the same
+wherever it is pooled, and it is one import; ``torchmetrics`` would add a package whose strength,
+accumulating per batch on the device, this path does not need (the scores are already pooled).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from . import losses
+from .registry import Registry
 
 __all__ = ["METRICS", "REGRESSION_METRICS", "classification_metrics", "regression_metrics",
            "expected_calibration_error", "bootstrap_ci", "curves", "BOOTSTRAP_ROUNDS", "CURVE_POINTS",
-           "Scores", "evaluation_metrics"]
+           "Scores", "evaluation_metrics", "Metric", "EXTRA_METRICS", "register_metric", "check_metrics"]
 
 METRICS = ("accuracy", "roc_auc", "f1", "sensitivity", "specificity", "ece")  # per epoch, as test_<name>
 REGRESSION_METRICS = ("mae", "rmse", "r2")  # per epoch, as test_<name>
@@ -82,6 +91,145 @@ def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str
                                     "rmse": float(np.sqrt(mean_squared_error(true, pred)))}
     out["r2"] = float(r2_score(true, pred)) if len(true) > 1 and np.ptp(true) > 0 else None
     return out
+
+
+_Figure = Callable[[np.ndarray, np.ndarray], "float | None"]  # (outputs, targets) -> a figure, None where undefined
+
+
+@dataclass(frozen=True)
+class Metric:
+    """An extra test figure a loss may ask by name (``[losses.NAME] metrics``), as ``test_<name>``.
+
+    ``fn(outputs, targets)``: ``classification``: class probabilities (rows, classes; each row sums to
+    one) and the true classes; else predicted and true values (a standardised target's in its own
+    units). It gives None where the rows cannot give the figure."""
+
+    name: str
+    fn: _Figure
+    classification: bool
+
+
+EXTRA_METRICS: Registry[Metric] = Registry("metric")  # the built-ins are registered below
+
+
+def register_metric(metric: Metric, *, replace: bool = False) -> Metric:
+    """Add a metric under its name (a taken name only with ``replace``); plans validated afterwards may name it."""
+    return EXTRA_METRICS.register(metric.name, metric, replace=replace)
+
+
+def check_metrics(kind: str, names: Sequence[str]) -> None:
+    """A ValueError unless every name is a metric of :data:`EXTRA_METRICS` of loss kind ``kind``'s sort
+    (classification metrics need a kind with class probabilities, regression ones a kind without an
+    accuracy), none named twice nor one every such loss gives anyway."""
+    if not names:
+        return
+    found = losses.get(kind)
+    if found.classification and found.probabilities is None:
+        raise ValueError(f"loss kind {kind!r} gives no class probabilities, so no extra metrics: remove 'metrics'")
+    classification = found.classification
+    sort = "classification" if classification else "regression"
+    may = [m.name for m in EXTRA_METRICS.values() if m.classification == classification]
+    fits = f"loss kind {kind!r} ({sort}) may ask {may}"
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ValueError(f"metric {name!r} is named twice")
+        if name in (*METRICS, *REGRESSION_METRICS, "loss", "rows"):
+            raise ValueError(f"metric {name!r} is given as test_{name} without asking; {fits}")
+        if name not in EXTRA_METRICS:
+            raise ValueError(f"unknown metric {name!r}; {fits}")
+        if EXTRA_METRICS[name].classification != classification:
+            other = "regression" if classification else "classification"
+            raise ValueError(f"metric {name!r} is a {other} metric; {fits}")
+
+
+def _classes(probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalised float64 probabilities, int64 targets and the decided classes."""
+    probs = np.asarray(probs, dtype=np.float64)
+    probs = probs / probs.sum(1, keepdims=True)
+    return probs, np.asarray(targets).astype(np.int64).reshape(-1), probs.argmax(1)
+
+
+def _sklearn(name: str) -> Callable[..., float]:
+    """``sklearn.metrics.<name>``, imported when first called (scikit-learn is slow to import)."""
+    def score(*args: Any, **kwargs: Any) -> float:
+        import sklearn.metrics
+
+        return getattr(sklearn.metrics, name)(*args, **kwargs)
+    return score
+
+
+def _decided_metric(score: Callable[..., float]) -> _Figure:
+    def fn(probs: np.ndarray, targets: np.ndarray) -> float | None:
+        _, t, decided = _classes(probs, targets)
+        return float(score(t, decided))
+    return fn
+
+
+def _average_precision(probs: np.ndarray, targets: np.ndarray) -> float | None:
+    """Binary: of class 1's probability; several classes: the macro mean one-vs-rest (scikit-learn's
+    ``average="macro"``). None unless every class is among the rows (as ROC AUC)."""
+    from sklearn.metrics import average_precision_score
+
+    p, t, _ = _classes(probs, targets)
+    k = p.shape[1]
+    if len(np.unique(t)) < k:
+        return None
+    if k == 2:
+        return float(average_precision_score(t, p[:, 1]))
+    return float(np.mean([average_precision_score(t == c, p[:, c]) for c in range(k)]))
+
+
+def _log_loss(probs: np.ndarray, targets: np.ndarray) -> float | None:
+    from sklearn.metrics import log_loss
+
+    p, t, _ = _classes(probs, targets)
+    return float(log_loss(t, p, labels=list(range(p.shape[1]))))
+
+
+def _brier(probs: np.ndarray, targets: np.ndarray) -> float | None:
+    """Binary: scikit-learn's ``brier_score_loss`` of class 1's probability; several classes: the mean over
+    rows of the squared distance to the one-hot target (what scikit-learn 1.7 on gives with ``labels``)."""
+    from sklearn.metrics import brier_score_loss
+
+    p, t, _ = _classes(probs, targets)
+    if p.shape[1] == 2:
+        return float(brier_score_loss(t, p[:, 1], pos_label=1))
+    return float(((p - np.eye(p.shape[1])[t]) ** 2).sum(1).mean())
+
+
+def _precision(probs: np.ndarray, targets: np.ndarray) -> float | None:
+    """Binary: of class 1; several classes: the macro mean over the classes in the rows or predictions (as F1)."""
+    from sklearn.metrics import precision_score
+
+    p, t, decided = _classes(probs, targets)
+    if p.shape[1] == 2:
+        return float(precision_score(t, decided, pos_label=1, labels=[0, 1], zero_division=0))
+    seen = sorted(set(np.unique(t).tolist()) | set(np.unique(decided).tolist()))
+    return float(precision_score(t, decided, labels=seen, average="macro", zero_division=0))
+
+
+def _values_metric(score: Callable[..., float], *, spread: bool = False) -> _Figure:
+    def fn(predictions: np.ndarray, targets: np.ndarray) -> float | None:
+        pred = np.asarray(predictions, dtype=np.float64).reshape(-1)
+        true = np.asarray(targets, dtype=np.float64).reshape(-1)
+        if spread and not (len(true) > 1 and np.ptp(true) > 0):  # a share of the target's variance: undefined
+            return None
+        return float(score(true, pred))
+    return fn
+
+
+def _builtin_metrics() -> None:
+    for name, fn in (("balanced_accuracy", _decided_metric(_sklearn("balanced_accuracy_score"))),
+                     ("matthews_corrcoef", _decided_metric(_sklearn("matthews_corrcoef"))),
+                     ("cohen_kappa", _decided_metric(_sklearn("cohen_kappa_score"))),
+                     ("average_precision", _average_precision), ("log_loss", _log_loss), ("brier_score", _brier),
+                     ("precision", _precision)):
+        register_metric(Metric(name, fn, classification=True))
+    for name, fn in (("explained_variance", _values_metric(_sklearn("explained_variance_score"), spread=True)),
+                     ("median_absolute_error", _values_metric(_sklearn("median_absolute_error"))),
+                     ("max_error", _values_metric(_sklearn("max_error"))),
+                     ("mape", _values_metric(_sklearn("mean_absolute_percentage_error")))):
+        register_metric(Metric(name, fn, classification=False))
 
 
 def _auc_rows(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
@@ -215,8 +363,9 @@ def evaluation_metrics(kind: str, parts: Sequence[Scores]) -> dict[str, Any]:
     """Every test figure of loss kind ``kind`` over the union of the rows of ``parts`` (never a mean of
     per-part figures), as ``test_<name>``: the loss, the rows, the accuracy (from the ``right`` counts
     where every part has them), those of :func:`classification_metrics` (a kind with probabilities) or
-    :func:`regression_metrics` (a kind without an accuracy), with their 95 % intervals (``ci95``) and
-    :func:`curves`. No rows: an empty dict."""
+    :func:`regression_metrics` (a kind without an accuracy) and the extra metrics a plan entry asks
+    (``kind`` a :class:`~splitlearn.core.losses.KindName` with ``metrics``: :data:`EXTRA_METRICS`), with the
+    headline figures' 95 % intervals (``ci95``) and :func:`curves`. No rows: an empty dict."""
     rows = sum(p.rows for p in parts)
     if not rows:
         return {}
@@ -233,6 +382,11 @@ def evaluation_metrics(kind: str, parts: Sequence[Scores]) -> dict[str, Any]:
     found = (classification_metrics if classification else regression_metrics)(outputs, targets)
     for name, value in found.items():
         out.setdefault(f"test_{name}", value)  # the counted accuracy stays
+    for name in loss_kind.metrics:  # the plan entry's extra metrics, on the same rows
+        out[f"test_{name}"] = EXTRA_METRICS[name].fn(outputs, targets)
     out["ci95"] = {f"test_{n}": v for n, v in bootstrap_ci(outputs, targets, classification=classification).items()}
     out["curves"] = curves(outputs, targets, classification=classification)
     return out
+
+
+_builtin_metrics()

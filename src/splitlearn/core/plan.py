@@ -144,6 +144,9 @@ class Plan(_Strict):
                 raise ValueError(f"clients.federation {c.federation!r} must be letters, digits, '_' or '-'")
             if c.federation == c.template:
                 raise ValueError("clients.federation cannot be the client template: name the server or a role of its own")
+            if self.train.checkpoint_every is not None:  # never silently ignored
+                raise ValueError("train.checkpoint_every: a [clients] plan takes its checkpoints at the end of every "
+                                 "round (on the coordinator's word), not every N steps; remove it")
             for p, spec in self.parties.items():
                 if spec.data is not None and "{client}" in (spec.data.path or "") and p != c.template:
                     raise ValueError(f"parties.{p}.data.path names {{client}}, but {p!r} is no client template: "
@@ -156,12 +159,11 @@ class Plan(_Strict):
     def step_timeout_s(self, given: float | None = None) -> float:
         """Seconds one step may take as a whole before a party gives up, for every launcher and participant:
         ``given`` (``train(timeout=)``, ``--step-timeout``), else ``[train] step_timeout``, else
-        :data:`STEP_TIMEOUT_S`, or in a ``[clients]`` plan ``clients.timeout``."""
+        :data:`STEP_TIMEOUT_S`, whatever the schedule (``clients.timeout`` bounds a coordinator's
+        wait for an answer, never a step)."""
         if given is not None:
             return given
-        if self.train.step_timeout is not None:
-            return self.train.step_timeout
-        return self.clients.timeout if self.clients is not None else STEP_TIMEOUT_S
+        return self.train.step_timeout if self.train.step_timeout is not None else STEP_TIMEOUT_S
 
     def reads_for(self, party: str) -> str | None:
         """The client whose rows plan party ``party`` reads when the plan is checked end to end before a run

@@ -1,5 +1,6 @@
 """The entries of a plan, each validated on its own: parties and their data, networks, segments,
-losses, wires (codecs, defenses, bounds) and training settings.
+losses, wires (codecs, defenses, bounds) and training settings (a party's optimizer, its schedule and
+clipping: :mod:`splitlearn.core.optimizing`).
 
 :class:`~splitlearn.core.plan.Plan` puts them together (and checks what needs several of them);
 :mod:`splitlearn.core.graph` checks the structure they make. :class:`PlanError`, the error of a plan
@@ -16,9 +17,10 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_serializer, model_validator
 
+from .optimizing import OptimizerSpec
 from .registry import DEFENSES
 
-__all__ = ["PlanError", "Strict", "DataSpec", "FieldRef", "OptimizerSpec", "ResourcesSpec", "PartySpec", "NetworkSpec",
+__all__ = ["PlanError", "Strict", "DataSpec", "FieldRef", "ResourcesSpec", "PartySpec", "NetworkSpec",
            "SegmentSpec", "LossSpec", "NoiseSpec", "LabelProtectionSpec", "WireSpec", "TrainSpec", "PartitionSpec",
            "refused_factory_package", "describe", "importable_name"]
 
@@ -100,13 +102,6 @@ class FieldRef(Strict):
     @classmethod
     def _range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
         return _half_open(v, "columns")
-
-
-class OptimizerSpec(Strict):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0.0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
 
 
 class ResourcesSpec(Strict):
@@ -259,12 +254,23 @@ class SegmentSpec(Strict):
 
 
 class LossSpec(Strict):
-    """A loss computed where its ``input`` segment runs, against ``target`` (``party.field``)."""
+    """A loss computed where its ``input`` segment runs, against ``target`` (``party.field``).
+
+    The options of its kind (``class_weights``, ``label_smoothing``: ``cross_entropy``; ``pos_weight``:
+    ``bce``; :data:`splitlearn.core.losses.LOSS_OPTIONS`) and extra ``metrics`` (names of
+    :data:`splitlearn.core.metrics.EXTRA_METRICS`) are checked here and carried by the validated
+    ``kind`` (a :class:`~splitlearn.core.losses.KindName`); an entry that sets none is written, and
+    hashed, as before they existed.
+    """
 
     input: str
     target: str
     kind: str = "cross_entropy"  # a registered loss kind (splitlearn.core.losses)
     weight: float = Field(1.0, gt=0.0)
+    class_weights: list[float] | None = Field(None, min_length=2)  # cross_entropy: one per class (torch's weight)
+    pos_weight: float | None = Field(None, gt=0.0, allow_inf_nan=False)  # bce: the positive rows' weight
+    label_smoothing: float | None = Field(None, ge=0.0, le=1.0)  # cross_entropy
+    metrics: list[str] = Field(default_factory=list)  # extra test metrics by name, each as test_<name>
 
     @field_validator("kind")
     @classmethod
@@ -273,6 +279,33 @@ class LossSpec(Strict):
 
         get(v)  # raises ValueError naming the known kinds
         return v
+
+    @field_validator("class_weights")
+    @classmethod
+    def _weights(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not all(0.0 <= w < float("inf") for w in v) or not any(v)):  # NaN fails too
+            raise ValueError(f"class_weights must be finite, at least 0 and not all 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _options(self) -> "LossSpec":
+        """The options are those the kind takes, the metrics known and of the kind's sort; ``kind`` carries them."""
+        from .losses import LOSS_OPTIONS, KindName, check_options
+        from .metrics import check_metrics
+
+        given = {k: getattr(self, k) for k in LOSS_OPTIONS if getattr(self, k) is not None}
+        check_options(self.kind, given)  # ValueError: what the kind takes
+        check_metrics(self.kind, self.metrics)
+        options = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in given.items())
+        object.__setattr__(self, "kind", KindName(self.kind, options, tuple(self.metrics)))  # frozen: set once, here
+        return self
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler: Callable[["LossSpec"], dict[str, Any]]) -> dict[str, Any]:
+        """Options and metrics are written only where given (a plan without them hashes as before)."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in ("class_weights", "pos_weight", "label_smoothing")
+                                                      and v is None or k == "metrics" and not v)}
 
 
 class NoiseSpec(Strict):
@@ -362,6 +395,14 @@ class TrainSpec(Strict):
     step_timeout: float | None = Field(None, gt=0.0)
     # micro-batches per training step, pipelined through the parties (GPipe); the gradients are the whole batch's
     pipeline: int = Field(1, ge=1, le=1024)
+    # training batches per optimizer step (gradient accumulation: equals one batch this many times larger)
+    accumulate: int = Field(1, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler: Callable[["TrainSpec"], dict[str, Any]]) -> dict[str, Any]:
+        """``accumulate`` is written only where given (a plan without it hashes as before it existed)."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k == "accumulate" and v == 1)}
 
 
 class PartitionSpec(Strict):

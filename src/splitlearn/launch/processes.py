@@ -115,7 +115,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                 opts = PartyOptions(
                     str(plan_path), name, out=str(out), listen=f"127.0.0.1:{ports[name]}", progress=follow,
                     quiet=not follow, insecure=insecure, certs=None if insecure else certs, resume=resume,
-                    rejoin_wait_s=0.0 if topo.coordinator is not None else None,  # nobody restarts a party here
+                    rejoin_wait_s=0.0,  # nobody restarts a party here: a coordinator does not wait for one
                     # every process imports torch before it connects: on few cores many take a while to start
                     connect_timeout_s=float(max(60, 2 * len(topo.names))),
                     peers={**{p: f"127.0.0.1:{dial_ports[p]}" for p in topo.dials(name)},

@@ -46,7 +46,7 @@ def summarize(plan: Plan, graph: Graph, tasks: dict[str, dict]) -> dict[str, Any
         metrics["test_accuracy"] = tasks[main]["test_accuracy"][-1]
         metrics["test_accuracy_per_epoch"] = tasks[main]["test_accuracy"]
     if main is not None:  # the headline: the last evaluation's figures, the rows scored, their intervals
-        for name in (METRICS[1:] if classif else REGRESSION_METRICS):
+        for name in [*(METRICS[1:] if classif else REGRESSION_METRICS), *plan.losses[main].metrics]:  # + those asked
             if tasks[main].get(f"test_{name}"):
                 metrics[f"test_{name}"] = tasks[main][f"test_{name}"][-1]
         if tasks[main].get("test_rows"):

@@ -82,21 +82,20 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
         raise RunError({p: (str(e) if isinstance(e, (PartyError, PlanError)) else f"{type(e).__name__}: {e}")
                         for p, e in root.items()})
     for n, part in parts.items():  # a client that failed still reports what it did
-        if n not in reports and hasattr(part, "report"):
+        if n not in reports:
             reports[n] = part.report()
     return reports
 
 
 def _join(threads: dict[str, threading.Thread], topo: Topology, stopping: threading.Event,
           hub: InProcessHub) -> None:
-    """Start the parties' threads and wait: the coordinator (a plain plan: every party) must finish;
-    the others end on their own once they have read "stop" and get ``topo.grace_s`` for it, then
-    the hub is closed under them."""
+    """Start the parties' threads and wait: the parties whose end is the run's (``topo.awaited``) must
+    finish; the others end on their own once they have read "stop" and get ``topo.grace_s`` for it,
+    then the hub is closed under them."""
     for t in threads.values():
         t.start()
-    for n, t in threads.items():
-        if topo.coordinator is None or n == topo.coordinator:
-            t.join()
+    for n in topo.awaited:
+        threads[n].join()
     grace = time.monotonic() + topo.grace_s
     for t in threads.values():
         t.join(timeout=max(0.0, grace - time.monotonic()))

@@ -15,6 +15,7 @@ import sys
 import zlib
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from ..core.specs import PlanError, refused_factory_package
 from .cut import CutError, cut_module
 from .zoo import ZOO
 
-__all__ = ["build_network", "build_segment", "network_seed"]
+__all__ = ["build_network", "build_segment", "network_seed", "load_factory"]
 
 
 def network_seed(plan_seed: int, network: str) -> int:
@@ -73,26 +74,35 @@ def _factory(plan: Plan, name: str):
             raise PlanError(f"unknown model-zoo network {spec.zoo!r}", entry=f"{entry}.zoo",
                             hint=f"choose one of {sorted(ZOO)} or give factory = 'package.module:function'")
         return ZOO[spec.zoo], f"{entry}.zoo"
-    module_name, func_name = spec.factory.split(":")
+    return load_factory(plan, spec.factory, f"{entry}.factory"), f"{entry}.factory"
+
+
+def load_factory(plan: Plan, factory: str, entry: str, kind: str = "a network",
+                 returns: str = "a torch.nn.Module") -> Callable[..., Any]:
+    """The function ``factory`` (``module:function``) names, for plan entry ``entry``: its module imported from
+    next to the plan file or from ``sys.path``; ``kind``'s factory (the error says "is not KIND factory") returns
+    ``returns``. PlanError naming the
+    entry when its package is refused (the standard library, torch, ...), it cannot be imported or has no such
+    function."""
+    module_name, func_name = factory.split(":")
     top = module_name.split(".")[0]
     if refused_factory_package(module_name):
-        raise PlanError(f"factory {spec.factory!r} is not a network factory: functions of {top!r} are refused",
-                        entry=f"{entry}.factory",
-                        hint="name a function of your own package that returns a torch.nn.Module "
+        raise PlanError(f"factory {factory!r} is not {kind} factory: functions of {top!r} are refused",
+                        entry=entry, hint=f"name a function of your own package that returns {returns} "
                         "(a plan's factory runs that code: only run plans you trust)")
     folder = plan_dir(plan)
     try:
         module = _import(module_name, folder.resolve() if folder else None)
     except Exception as e:  # ImportError, or an error raised while importing the user's module
         where = f" (looked next to the plan, in {folder}, and on sys.path)" if folder else ""
-        raise PlanError(f"cannot import module {module_name!r} of factory {spec.factory!r}{where}: "
-                        f"{type(e).__name__}: {e}", entry=f"{entry}.factory",
+        raise PlanError(f"cannot import module {module_name!r} of factory {factory!r}{where}: "
+                        f"{type(e).__name__}: {e}", entry=entry,
                         hint="put the module next to the plan file, or install its package") from None
     fn = getattr(module, func_name, None)
     if not callable(fn):
-        raise PlanError(f"module {module_name!r} has no function {func_name!r}", entry=f"{entry}.factory",
-                        hint="name a function that returns a torch.nn.Module")
-    return fn, f"{entry}.factory"
+        raise PlanError(f"module {module_name!r} has no function {func_name!r}", entry=entry,
+                        hint=f"name a function that returns {returns}")
+    return fn
 
 
 def build_network(plan: Plan, name: str) -> nn.Module:

@@ -3,9 +3,10 @@
 A checkpoint is named by a :class:`~splitlearn.wire.control.Cursor` ``(round, step)``: the state
 after step ``step`` of round ``round`` (-1: the start of the round). A plain plan (one round) takes
 one before its first step, (0, -1), then every ``[train] checkpoint_every`` training steps and at
-the end of every epoch, (0, k) after step id k; a ``[clients]`` plan on the coordinator's word before
-the first round and at the end of every round r, (r + 1, -1). It holds the party's weights,
-optimizer state, random stream, codec state (error feedback), noise secret, the bounds learnt from
+the end of every epoch, (0, k) after step id k (never inside a gradient group of ``[train] accumulate``);
+a ``[clients]`` plan on the coordinator's word before the first round and at the end of every round r,
+(r + 1, -1). It holds the party's weights, optimizer state (with its learning-rate schedule's position),
+random stream, codec state (error feedback), noise secret, the bounds learnt from
 the run (``max_jump``), accounting and metrics so far, in
 ``parties/NAME/checkpoints/round-RRRRRR-step-SSSSSSSSS/``: ``state.safetensors`` (tensors, no
 code), ``manifest.json`` (the rest, its cursor too) and ``SHA256SUMS`` (the SHA-256 of both, as
@@ -36,6 +37,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
 from ..core.engine import Party, PartyError
+from ..core.optimizing import PartyOptimizer
 from ..wire.control import Cursor
 from ..wire.messages import Kind, Message, encode
 from ..wire.metering import Meter, Traffic
@@ -85,13 +87,16 @@ def load_modules(modules: dict[str, torch.nn.Module], tensors: dict[str, torch.T
         mod.load_state_dict({k[len(start):]: v for k, v in tensors.items() if k.startswith(start)})
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer | None, prefix: str = "optim.") \
+def optimizer_tensors(optimizer: PartyOptimizer | None, prefix: str = "optim.") \
         -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, manifest entry) of an optimizer's state."""
+    """(tensors, manifest entry) of an optimizer's state; the entry has its schedule's position (``schedule``:
+    steps taken, last epoch) where it has a schedule."""
     if optimizer is None:
         return {}, {}
     sd = optimizer.state_dict()
     tensors, entry = {}, {"param_groups": sd["param_groups"], "scalars": {}}
+    if "schedule" in sd:
+        entry["schedule"] = sd["schedule"]
     for pid, state in sd["state"].items():
         for name, value in state.items():
             if torch.is_tensor(value):
@@ -101,8 +106,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer | None, prefix: str = "op
     return tensors, entry
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer | None, tensors: dict[str, torch.Tensor], entry: dict[str, Any],
+def load_optimizer(optimizer: PartyOptimizer | None, tensors: dict[str, torch.Tensor], entry: dict[str, Any],
                    prefix: str = "optim.") -> None:
+    """Put an optimizer (and its schedule) back as :func:`optimizer_tensors` saw it."""
     if optimizer is None:
         return
     state: dict[int, dict[str, Any]] = {}
@@ -113,7 +119,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer | None, tensors: dict[str, t
     for k, v in entry.get("scalars", {}).items():
         pid, name = k.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": entry["param_groups"]})
+    schedule = {"schedule": entry["schedule"]} if "schedule" in entry else {}
+    optimizer.load_state_dict({"state": state, "param_groups": entry["param_groups"], **schedule})
 
 
 def meter_state(meter: Meter) -> dict[str, Any]:

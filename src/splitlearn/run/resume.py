@@ -13,6 +13,7 @@ from typing import Any
 
 from ..core.engine import Party, PartyError
 from ..core.plan import plan_hash
+from ..core.specs import PlanError
 from ..wire.codec import WireError
 from ..wire.control import Cursor
 from ..wire.messages import Kind, Message, encode, hello, quote, read_hello
@@ -147,12 +148,19 @@ def _named(cursors: list[Cursor]) -> str:
 
 
 def usable_checkpoints(me: str, checkpoints: Any) -> list[Cursor]:
-    """The cursors of the checkpoints this party can resume from; why any other is not usable is logged."""
+    """The cursors of the checkpoints this party can resume from; why any other is not usable is logged.
+    A party that holds none it can use but some of an earlier splitlearn refuses to go on (PlanError):
+    starting over would set that run's work aside unasked, for any plan."""
     if checkpoints is None:
         return []
     cursors, bad = checkpoints.scan()
     for why in bad:
         log.warning("%s: checkpoint %s: not used", me, why)
+    earlier = [why for why in bad if "written by an earlier splitlearn" in why]
+    if earlier and not cursors:
+        raise PlanError(f"{me}: resuming, but every checkpoint it holds was {earlier[0].split(': ', 1)[1]}",
+                        entry="--resume", hint="finish that run with the version that began it, or start it again "
+                        "without --resume")
     return cursors
 
 

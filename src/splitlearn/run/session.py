@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ..core.defense import privacy_spent
 from ..core.engine import Party, PartyError, SessionRestart
+from ..core.optimizing import WHOLE
 from ..core.plan import differing_entries, plan_hash, plan_parts, plan_value
 from ..core.specs import PlanError
 from ..wire.codec import WireError
@@ -25,7 +26,7 @@ from ..wire.transport import PeerRestarted, TransportError, TransportTimeout
 from .report import Metrics, PartyReport, Progress
 from .resume import (agree_on_resume, answer_finished, count_kept_messages, finished_neighbours, held_by, learn_held,
                      say_resume, set_aside, usable_checkpoints)
-from .setup import Step
+from .setup import Step, accumulated
 
 log = logging.getLogger("splitlearn.run.session")
 
@@ -156,7 +157,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
             for key, value in ours.items():
                 if key == "ids_hash" and not (value and theirs.get(key)):
                     continue  # a party without data has no ids to compare
-                if theirs.get(key) != value or type(theirs.get(key)) is not type(value):  # true is not protocol 1
+                if not _same(theirs.get(key), value):  # true is not protocol 1, [0, 9.0] not the cursor [0, 9]
                     if key == "plan_hash" and parts is not None:
                         _plan_differs(me, msg.sender, party.graph.plan, parts, theirs.get("plan_parts"))
                     raise PartyError(f"{me}: {key} differs from {quote(msg.sender)}'s: ours is {value!r}, "
@@ -265,6 +266,12 @@ def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[Cursor] | N
     yield {"resume": resume}
 
 
+def _same(theirs: Any, ours: Any) -> bool:
+    """Whether a neighbour's hello value is ours exactly: the same JSON, types included all the way
+    down (``True`` is not ``1``, ``9.0`` is not ``9``, inside lists too)."""
+    return json.dumps(theirs, sort_keys=True) == json.dumps(ours, sort_keys=True)
+
+
 def _plan_differs(me: str, peer: str, plan: Any, ours: dict[str, str], theirs: Any) -> None:
     """Raise the error naming the first entries where a neighbour's plan differs from ours (when it said)."""
     entries = differing_entries(ours, theirs)
@@ -302,7 +309,9 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     a function giving them once the hello has told how many rows there are (``setup``: the
     party's own data, see :func:`session`). ``checkpoints`` (a
     :class:`~splitlearn.run.checkpoint.Checkpoints`): take one every ``every`` training steps and
-    at every epoch's end; ``resume``: go on from the last one every party holds."""
+    at every epoch's end; ``resume``: go on from the last one every party holds. With ``[train] accumulate``
+    the steps are taken in gradient groups (:func:`~splitlearn.run.setup.accumulated`), and a checkpoint that
+    falls inside a group is taken at its end: no checkpoint holds gradients half accumulated."""
     from ..wire.metering import Meter
     from .checkpoint import after_step, capture, load_meter, meter_state, restore
 
@@ -327,8 +336,8 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
         try:
             with session(party, ids_hash, setup, held, first) as info:
                 if todo is None:
-                    todo = list(steps() if callable(steps) else steps)
-                start = 0
+                    todo = accumulated(list(steps() if callable(steps) else steps), party.graph.plan.train.accumulate)
+                start, due = 0, False  # due: a checkpoint waits for the end of the gradient group
                 if info["resume"] is not None:  # the state at that cursor, as it was (accounting included)
                     tensors, manifest = checkpoints.load(info["resume"])
                     restore(party, tensors, manifest)
@@ -353,7 +362,10 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                     epoch = step.epoch
                     t0 = time.perf_counter()
                     try:
-                        out = party.step(step.id, step.rows, step.mode)
+                        if step.mode == "train" and party.optimizer is not None:
+                            party.optimizer.begin_epoch(step.epoch)  # (a schedule stepped per epoch)
+                        more = (step.update,) if step.update != WHOLE else ()  # (a group of its own: the default)
+                        out = party.step(step.id, step.rows, step.mode, *more)
                     except (PeerRestarted, SessionRestart):
                         raise
                     except TransportError as e:  # a peer gone for good (after waiting for it to come back)
@@ -373,7 +385,9 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                     if checkpoints is not None and step.mode in ("train", "eval"):
                         last = i + 1 == len(todo) or todo[i + 1].epoch != step.epoch
                         every = checkpoints.every
-                        if last or step.mode == "train" and every and timing["train_steps"] % every == 0:
+                        due = due or step.mode == "train" and bool(every) and timing["train_steps"] % every == 0
+                        if last or due and step.update.last:
+                            due = False
                             if last:  # the epoch is complete: its metrics go in the checkpoint
                                 metrics.close_epoch(epoch)
                                 epoch = None

@@ -8,7 +8,7 @@ name), the same wire shapes (a dry run on one sample): no coordination is needed
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -20,17 +20,20 @@ from ..core.defense import check_data as check_defense_data
 from ..core.dryrun import dry_run
 from ..core.graph import Graph, build_graph
 from ..core.load import load_plan
+from ..core.optimizing import (WHOLE, PartyOptimizer, Update, no_decay_split, optimizer_arguments,
+                                optimizer_class, schedule_maker)
 from ..core.plan import Plan
 from ..core.specs import DataSpec, PlanError
 from ..core.step import Mode
 from ..data import DataError, Table, batches
 from ..data.preprocess import Preprocess, TargetScale, fit_preprocess, fit_target_scale
 from ..models import build_segment
+from ..models.build import load_factory
 from .rows import (Splits, counted_splits, data_entry, data_spec, ids_digest, party_inputs, party_table, scaled_targets,
                    splits_for, target_kinds)
 
-__all__ = ["Step", "schedule", "PartySetup", "setup_party", "check_plan", "prepare", "make_optimizer", "party_device",
-           "build_modules", "label_notes"]
+__all__ = ["Step", "schedule", "accumulated", "PartySetup", "setup_party", "check_plan", "prepare", "make_optimizer",
+           "party_device", "build_modules", "label_notes"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Step:
     mode: Mode
     epoch: int
     rows: torch.Tensor  # positions into the train or test rows
+    update: Update = WHOLE  # training: its gradient group ([train] accumulate; one of its own by default)
 
 
 def schedule(plan: Plan, splits: Splits, epochs: int | None = None) -> Iterator[Step]:
@@ -54,17 +58,66 @@ def schedule(plan: Plan, splits: Splits, epochs: int | None = None) -> Iterator[
             sid += 1
 
 
+def accumulated(steps: list[Step], accumulate: int) -> list[Step]:
+    """``steps`` in gradient groups of ``accumulate`` consecutive training steps of one epoch (``[train]
+    accumulate``): each step's :class:`~splitlearn.core.optimizing.Update` gives its rows over its group's, the
+    group opened by its first and closed by its last. A group ends early at an epoch's (or a turn's) last
+    training step: weighted by rows, it equals one batch of the rows it has. Every party derives the same
+    groups from the same steps."""
+    if accumulate == 1:
+        return steps
+    out: list[Step] = []
+    group: list[Step] = []
+
+    def close() -> None:
+        rows = sum(len(s.rows) for s in group)
+        out.extend(replace(s, update=Update(len(s.rows) / rows, i == 0, i == len(group) - 1))
+                   for i, s in enumerate(group))
+        group.clear()
+
+    for s in steps:
+        if group and (s.mode != "train" or s.epoch != group[0].epoch or len(group) == accumulate):
+            close()
+        if s.mode == "train":
+            group.append(s)
+        else:
+            out.append(s)
+    if group:
+        close()
+    return out
+
+
 # -- a party ---------------------------------------------------------------------------------
 
-def make_optimizer(plan: Plan, party: str, modules: dict[str, nn.Module]) -> torch.optim.Optimizer | None:
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    if not params:
-        return None
+def make_optimizer(plan: Plan, party: str, modules: dict[str, nn.Module]) -> PartyOptimizer | None:
+    """The optimizer of ``party``'s plan entry over its trainable parameters (None: it has none), with its
+    schedule and clipping. ``no_decay`` makes two parameter groups, those with weight decay first, the others
+    with ``weight_decay = 0``; a ``factory`` is called with the parameters (or those groups)."""
     o = plan.parties[party].optimizer
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+    decay, no_decay = no_decay_split(modules, o.no_decay)
+    if not decay and not no_decay:
+        return None
+    entry = f"parties.{party}.optimizer"
+    groups = ({"params": decay}, {"params": no_decay, "weight_decay": 0.0})
+    params: list = decay if not no_decay else [g for g in groups if g["params"]]
+    try:
+        if o.factory is not None:
+            fn = load_factory(plan, o.factory, f"{entry}.factory", "an optimizer", "a torch.optim.Optimizer")
+            optimizer = fn(params)
+        else:
+            cls = optimizer_class(o.name)
+            optimizer = cls(params, **optimizer_arguments(cls, o.lr, o.momentum, o.weight_decay, o.arguments))
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"factory {o.factory!r} returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        s = o.schedule
+        return PartyOptimizer(optimizer, schedule_maker(s.name, s.arguments, s.warmup_steps) if s else None,
+                              s.every if s else "step", o.clip_grad_norm)
+    except PlanError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's factory, or torch refusing these parameters
+        raise PlanError(f"party {party!r}: making its optimizer failed: {type(e).__name__}: {e}",
+                        entry=f"{entry}.factory" if o.factory else entry,
+                        hint="check the optimizer, its arguments and its schedule (see docs/plans.md)") from None
 
 
 def party_device(plan: Plan, party: str) -> torch.device:
@@ -104,7 +157,7 @@ class PartySetup:
     graph: Graph
     name: str
     modules: dict[str, nn.Module]
-    optimizer: torch.optim.Optimizer | None
+    optimizer: PartyOptimizer | None
     inputs: dict[str, torch.Tensor]
     splits: Splits | None
     table: Table | None = None  # the raw rows, sorted by id (before preprocessing)

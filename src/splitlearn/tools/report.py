@@ -234,6 +234,13 @@ def _page(title: str, body: str) -> str:
             f"<style>{_STYLE}</style></head><body>{body}{_CHECK}</body></html>")
 
 
+def _asked(figures: dict[str, Any]) -> dict[str, Any]:
+    """The ``test_<name>`` figures of extra metrics a plan's losses asked (``metrics``: core.metrics.EXTRA_METRICS)."""
+    from ..core.metrics import EXTRA_METRICS
+
+    return {k: v for k, v in figures.items() if k.startswith("test_") and k.removeprefix("test_") in EXTRA_METRICS}
+
+
 def _run_body(run_dir: Path, result: dict[str, Any]) -> str:
     plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").is_file() else {}
     m = result.get("metrics", {})
@@ -245,6 +252,9 @@ def _run_body(run_dir: Path, result: dict[str, Any]) -> str:
                  f"{e(str(result.get('transport', '-')))}</p>")
     final = [(k.removeprefix("test_").replace("_", " "), v, (m.get("ci95") or {}).get(k)) for k, v in m.items()
              if k.startswith("test_") and isinstance(v, float)]
+    asked = _asked(m.get("per_epoch", {}))  # a loss's extra metrics: the last evaluation's
+    final += [(k.removeprefix("test_").replace("_", " "), v[-1], None) for k, v in asked.items()
+              if k not in m and v and isinstance(v[-1], float)]
     if final:
         rows = f" ({m['test_rows']} rows)" if m.get("test_rows") else ""
         parts.append(f"<h2>Results on the test rows{html.escape(rows)}</h2>"
@@ -294,6 +304,7 @@ def _run_body(run_dir: Path, result: dict[str, Any]) -> str:
         if m.get("scored") and sites:  # the headline is pooled over these sites' test rows; each on its own
             names = [k for k in ("test_accuracy", "test_roc_auc", "test_sensitivity", "test_specificity", "test_f1",
                                  "test_mae", "test_r2") if any(k in e for e in sites.values())]
+            names += sorted({k for e in sites.values() for k in _asked(e)})  # the plan's extra metrics
             parts.append(f"<p>Test figures above: pooled over {html.escape(_fmt(m['scored'].get('rows')))} test rows "
                          f"of {len(sites)} clients. Per client:</p>"
                          + _table(["client", "rows", *(k.removeprefix("test_") for k in names)],
