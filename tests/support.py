@@ -710,3 +710,44 @@ def worst_difference(setups: dict, ref: dict[str, torch.nn.Module]) -> float:
     """The largest difference between any party's trained segment and the same segment of ``ref``."""
     return max((a - ref[seg].state_dict()[k]).abs().max().item() for s in setups.values()
                for seg, mod in s.modules.items() for k, a in mod.state_dict().items())
+
+
+# -- your own loop (tests/test_stage.py): parties in threads, over the in-process hub or gRPC with certificates ------
+
+def in_threads(*calls) -> list:
+    """Run each function in a thread of its own and return their results in order; the first exception raised
+    in any of them is raised here (after every thread ended)."""
+    results, errors = [None] * len(calls), [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            errors[i] = e
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert not any(t.is_alive() for t in ts), "a party's thread did not end within 120 s"
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
+
+
+def grpc_chain(certs: Path, parties: list[str]) -> list[GrpcTransport]:
+    """A gRPC transport per party with its certificate (``certs``: from ``make_certs``), each listening on a free
+    loopback port and dialing the party before it, connected; the caller closes them."""
+    ports = {p: free_port() for p in parties}
+    out = [GrpcTransport(p, listen=f"127.0.0.1:{ports[p]}" if k + 1 < len(parties) else None, accept=parties[k + 1:k + 2],
+                         dial={parties[k - 1]: f"127.0.0.1:{ports[parties[k - 1]]}"} if k else {},
+                         credentials=load_credentials(certs, p), connect_timeout=30).start()
+           for k, p in enumerate(parties)]
+    for t in out:
+        t.wait_connected()
+    return out
+
+
+__all__ += ["in_threads", "grpc_chain"]

@@ -211,7 +211,7 @@ def test_clients_pool_the_extra_metrics_over_every_sites_test_rows(tmp_path):
     ("losses.digit", {"metrics": ["mape"]}, "metric 'mape' is a regression metric; loss kind 'cross_entropy'"),
     ("losses.digit", {"metrics": ["roc_auc"]}, "metric 'roc_auc' is given as test_roc_auc without asking"),
     ("losses.digit", {"metrics": ["log_loss", "log_loss"]}, "metric 'log_loss' is named twice"),
-    ("losses.digit.class_weights", {"class_weights": [1.0, -1.0]}, "finite, at least 0 and not all 0"),
+    ("losses.digit.class_weights", {"class_weights": [1.0, -1.0]}, "finite and above 0"),
     ("losses.digit.label_smoothing", {"label_smoothing": 1.5}, "less than or equal to 1"),
     ("losses.digit.pos_weight", {"kind": "bce", "pos_weight": 0.0}, "greater than 0"),
 ])
@@ -272,3 +272,15 @@ def test_every_named_metric_is_scikit_learns_for_several_classes_and_for_regress
     assert sorted(expect) == sorted(asked)
     for name, value in expect.items():
         assert got[f"test_{name}"] == pytest.approx(value, abs=1e-12), name
+
+
+def test_an_extra_metric_undefined_on_the_rows_is_none_not_nan():
+    """Cohen's kappa of rows of one class only is undefined (sklearn gives NaN): the figure is None, so a result
+    never holds NaN and the evaluation goes on."""
+    from splitlearn.core import losses
+    from splitlearn.core.metrics import Scores, evaluation_metrics
+
+    kind = losses.KindName("cross_entropy", (), ("cohen_kappa", "balanced_accuracy"))
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]], dtype=np.float32)
+    got = evaluation_metrics(kind, [Scores(probs, np.zeros(3, dtype=np.int64), 0.3, 3, 3)])
+    assert got["test_cohen_kappa"] is None and got["test_balanced_accuracy"] == 1.0

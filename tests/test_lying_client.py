@@ -261,7 +261,7 @@ def test_a_lying_client_process_stops_nobody_and_every_process_says_how_the_run_
     text = (EXAMPLES / "sequential.toml").read_text()
     text = text.replace("count = 10", "count = 3").replace("epochs = 8", "epochs = 2").replace("timeout = 30", "timeout = 3")
     plan = tmp_path / "three.toml"
-    plan.write_text(text.replace("seed = 0", "seed = 0\nreconnect_timeout = 60", 1))
+    plan.write_text(text.replace("seed = 0", "seed = 0\nreconnect_timeout = 60\nstep_timeout = 3", 1))  # a step as an answer
     (tmp_path / "liar.py").write_text(LIAR)
     names = physical_names(load_plan(plan))
     make_certs(names, tmp_path / "certs")

@@ -17,7 +17,7 @@ from splitlearn.clients.strategies import strategy_of
 from splitlearn.core.graph import build_graph
 from splitlearn.core.load import load_plan
 from splitlearn.core.specs import PlanError
-from splitlearn.run.setup import prepare
+from splitlearn.run.setup import prepare, schedule
 from splitlearn.wire.transport import InProcessHub
 
 from .conftest import EXAMPLES
@@ -60,6 +60,7 @@ def test_the_trivial_round_is_every_step_of_the_plan_in_order():
         rows = torch.cat([s.rows for s in train]).numpy()
         assert sorted(rows.tolist()) == sorted(splits.train.tolist()) and rows.tolist() != splits.train.tolist()
         assert torch.cat([s.rows for s in evals]).tolist() == splits.test.tolist()
+    assert [(s.id, s.rows.tolist()) for s in turn.steps] == [(s.id, s.rows.tolist()) for s in schedule(plan, splits)]
     assert strategy_of(plan).configure_train(plan, rnd, []) == []  # nothing to instruct
 
 
@@ -103,6 +104,7 @@ def test_a_peer_reports_through_the_report_every_participant_gives():
         t.start()
     for t in threads:
         t.join(120)
+    assert not any(t.is_alive() for t in threads) and set(reports) == set(parts)
     (turn,) = parts["server"].turns.values()
     trained = sum(s.mode == "train" for s in turn.steps)
     for n, part in parts.items():

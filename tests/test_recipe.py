@@ -7,6 +7,7 @@ new entry refuses a mistake with one error naming the entry and what it accepts.
 from __future__ import annotations
 
 import functools
+import re
 import json
 
 import pytest
@@ -203,3 +204,55 @@ def test_an_optimizer_given_in_python_that_no_process_can_rebuild_is_refused_say
         split_plan(model, 1, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
     assert e.value.entry == "optimizer" and "cannot be written in the plan" in str(e.value)
     assert "functools.partial" in e.value.hint and "'module:function'" in e.value.hint
+
+
+def test_a_per_epoch_schedule_first_used_in_a_later_epoch_catches_up():
+    """A client first drawn in epoch 2 trains at epoch 2's rate (the schedule stepped twice), as one that
+    trained in every epoch does; each later epoch steps it once more."""
+    from splitlearn.core.optimizing import PartyOptimizer, schedule_maker
+
+    def fresh() -> PartyOptimizer:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        return PartyOptimizer(opt, schedule_maker("StepLR", {"step_size": 1, "gamma": 0.5}), every="epoch")
+
+    late, always = fresh(), fresh()
+    for epoch in range(3):
+        always.begin_epoch(epoch)
+    late.begin_epoch(2)
+    assert late.param_groups[0]["lr"] == always.param_groups[0]["lr"] == 0.25
+    late.begin_epoch(3)
+    assert late.param_groups[0]["lr"] == 0.125
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda b: b["losses"]["digit"].update(class_weights=[1.0] * 10) or b["train"].update(accumulate=2),
+     "losses.digit.class_weights with train.accumulate = 2"),
+    (lambda b: b["losses"]["digit"].update(class_weights=[1.0] * 10) or b["train"].update(pipeline=2),
+     "losses.digit.class_weights with train.pipeline = 2"),
+    (lambda b: b["losses"]["digit"].update(class_weights=[0.0] + [1.0] * 9), "class_weights must be finite and above 0"),
+    (lambda b: b["parties"]["server"]["optimizer"].update(arguments={"lr": 5.0}), "arguments names ['lr']"),
+    (lambda b: b["parties"]["server"]["optimizer"].update(name="SparseAdam"), "sparse gradients only"),
+], ids=["weights-accumulate", "weights-pipeline", "zero-weight", "argument-over-a-setting", "sparseadam"])
+def test_recipes_that_would_train_other_than_they_say_are_refused(change, says):
+    from .support import tiny
+
+    body = tiny().model_dump(mode="json", exclude_none=True)
+    change(body)
+    with pytest.raises(PlanError, match=re.escape(says)):
+        load_plan(body)
+
+
+@pytest.mark.parametrize("clients, party, schedule, says", [
+    ({"schedule": "splitfed_v1"}, "server", {"name": "StepLR", "step_size": 1},
+     "under splitfed_v1 server's copies are made anew every round"),
+    ({"schedule": "fedavg", "local_epochs": 2}, "hospital", {"name": "StepLR", "step_size": 1, "every": "epoch"},
+     'every = "epoch" with clients.local_epochs = 2 would step once per round'),
+], ids=["splitfed_v1-server", "local-epochs"])
+def test_schedules_the_rounds_would_bend_are_refused(clients, party, schedule, says):
+    from .support import tiny
+
+    body = tiny(count=2, **clients).model_dump(mode="json", exclude_none=True)
+    body["train"]["epochs"] = 2
+    body["parties"][party]["optimizer"]["schedule"] = schedule
+    with pytest.raises(PlanError, match=re.escape(says)):
+        load_plan(body)

@@ -114,8 +114,8 @@ def train(plan: Plan | str | Path | dict, *, launcher: str = "threads", epochs: 
 
     ``on_step`` is told the :class:`~splitlearn.run.report.Progress` after every step (with
     ``[clients]``: every round), with the training loss. ``timeout`` bounds each step (default: the
-    plan's ``[train] step_timeout``, 120 s unless set; with ``[clients]``, ``clients.timeout``, which
-    also bounds each answer of the schedule).
+    plan's ``[train] step_timeout``, 120 s unless set, whatever the schedule; ``clients.timeout``
+    bounds a coordinator's wait for an answer, never a step).
     ``out`` receives ``result.json``, ``plan.json`` and per party ``parties/NAME/``: its weights
     (safetensors), what it received (for ``splitlearn audit``), its report and its checkpoints
     (``[train] checkpoint_every`` training steps, and every epoch's end); ``resume`` goes on from

@@ -175,7 +175,7 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
           step_timeout: Optional[float] = typer.Option(None, min=0.001, help="seconds a step may take as a whole "
                                                        "(however many messages arrive meanwhile) before this party "
                                                        "gives up [default: the plan's [train] step_timeout, "
-                                                       "else 120; with clients: clients.timeout]"),
+                                                       "else 120, whatever the schedule]"),
           max_message_mb: float = typer.Option(256.0, min=0.001, help="largest message (and decoded tensor) a peer may "
                                                "send, in MiB"),
           progress: bool = typer.Option(False, "--progress", hidden=True),

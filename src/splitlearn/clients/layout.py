@@ -191,4 +191,5 @@ def describe_schedule(plan: Plan) -> str | None:
     return (f"clients: {c.count} x {c.template!r} ({c.template}-1 ... {c.template}-{c.count}), schedule {c.schedule}"
             + (f", hand-off {c.handoff}" if c.schedule == "sequential" else f", federation {federation_of(plan)}")
             + f", partition {c.partition.kind}; coordinator {coordinator_of(plan)}; "
-            f"a client silent for {c.timeout:g} s is skipped")
+            f"a client that does not answer within {c.timeout:g} s is skipped; a step may take "
+            f"{plan.step_timeout_s():g} s")

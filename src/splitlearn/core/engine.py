@@ -12,7 +12,8 @@ A step, at every party at once:
 3. a stage runs backward once it holds the gradient of every tensor it sent (plus its local
    losses), then sends the gradient of every leaf it received back up its wire;
 4. the party steps its optimizer once all its stages are done (with ``[train] accumulate``, once its
-   gradient group is: :class:`~splitlearn.core.optimizing.Update`).
+   gradient group is: :class:`~splitlearn.core.optimizing.Update`; with a party in fp16, once the network
+   agreed that no party overflowed: :mod:`~splitlearn.core.precision`).
 
 Evaluation runs 1-2 without gradients; prediction runs 1 only and skips label wires, so the
 predictions stay at the party that owns the head. The *handshake* is an evaluation step on one
@@ -45,6 +46,8 @@ from .flow import FlowControl
 from .graph import Graph, Node, Stage, Wire
 from .losses import get as loss_kind
 from .optimizing import WHOLE, PartyOptimizer, Update
+from .plan import STEP_TIMEOUT_S
+from .precision import Precision
 from .randomness import PartyRandom, party_seed
 from .step import Mode, StepOutput, StepState
 
@@ -74,7 +77,7 @@ class Party:
 
     def __init__(self, graph: Graph, name: str, link: Link, modules: dict[str, nn.Module],
                  optimizer: PartyOptimizer | None, data: dict[str, torch.Tensor],
-                 wire_shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None, timeout: float | None = 600.0,
+                 wire_shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None, timeout: float | None = STEP_TIMEOUT_S,
                  predicting: bool = False, noise_secret: int | None = None, rng: PartyRandom | None = None):
         self.graph, self.name, self.link = graph, name, link
         self.meter = link.meter
@@ -83,7 +86,8 @@ class Party:
         self.device = next((p.device for m in modules.values() for p in m.parameters()), torch.device("cpu"))
         # random layers draw from the party's own stream (seeded by the plan and its name), never a shared one
         self.rng = rng or PartyRandom(party_seed(graph.plan.train.seed, name), self.device)
-        self.wire_shapes = wire_shapes or {}
+        self.precision = Precision(graph, name, self.device, link, bool(modules) and not predicting, PartyError)
+        self.wire_shapes = self.precision.agreed(wire_shapes or {})  # (an autocasting sender's wires: its dtype)
         self.timeout = timeout
         self.predicting = predicting  # a prediction run: no labels anywhere, not even at the handshake
         self.noise_secret = secrets.randbits(128) if noise_secret is None else noise_secret
@@ -153,6 +157,7 @@ class Party:
             st.todo = [n for n in self.order if not (st.skip_labels and n in self.label_only)]
             st.stages = list(self.stages) if train else []
             states.append(st)
+        self.precision.begin(step * k, mode, update.first, update.last)
         for m in self.modules.values():
             m.train(train)  # batch norm and dropout behave as in training only when training
         if train and self.optimizer is not None and update.first:
@@ -181,7 +186,7 @@ class Party:
                 if all(not st.todo and not st.stages for st in states):
                     break
                 self._receive(states)
-        if train and self.optimizer is not None and update.last:
+        if train and update.last and self.precision.settle(self.optimizer, lambda: self._receive(states)):
             with self.meter.timed("compute"):
                 self.optimizer.step()
         for pair in self.flow.credits(step, mode):  # the producers that wait for this party: it finished the step
@@ -216,8 +221,8 @@ class Party:
             st.values[node.name] = (torch.zeros_like(data[:1]) if st.mode == "handshake" else data[st.rows]).to(self.device)
         elif node.kind == "segment":
             spec = self.graph.plan.segments[node.name]
-            xs = [st.values[d] for d in node.inputs]
-            with self.rng.scope():
+            xs = [self.precision.take_input(d, st.values[d]) for d in node.inputs]
+            with self.rng.scope(), self.precision.autocast():
                 if st.mode == "handshake":
                     st.values[node.name] = run_checked(self.graph, node, xs,
                                                     lambda: merge_inputs(spec.merge, self.modules[node.name], xs))
@@ -228,24 +233,24 @@ class Party:
             spec = self.graph.plan.losses[node.name]
             out = st.values[node.inputs[0]]
             if st.skip_labels:
-                st.out.predictions[node.name] = out.detach().cpu()
+                st.out.predictions[node.name] = self.precision.plain(out)
                 return
             target = st.values[node.inputs[1]]
             kind = loss_kind(spec.kind)
             if st.mode == "handshake":
-                run_checked(self.graph, node, [out, target], lambda: kind.fn(out, target))
+                run_checked(self.graph, node, [out, target], lambda: self.precision.run(kind.fn, out, target))
                 if kind.indexes_classes and not target.is_floating_point():
                     self.classes[node.inputs[1]] = out.shape[-1]
                     self._check_local_labels(node, out.shape[-1])
                 return
-            loss = self.meter.compute((node.name, batch), "forward", lambda: kind.fn(out, target))
+            loss = self.meter.compute((node.name, batch), "forward", lambda: self.precision.run(kind.fn, out, target))
             st.losses[node.name] = loss
             st.out.losses[node.name] = float(loss.detach())
             if st.mode == "eval":
-                st.out.predictions[node.name] = out.detach().cpu()
+                st.out.predictions[node.name] = self.precision.plain(out)
                 st.out.targets[node.name] = target.cpu()
         for w in self.sends_from.get(node.name, []):
-            st.sent[w.name] = defend_forward(self, w, st)
+            st.sent[w.name] = self.precision.to_wire(w, defend_forward(self, w, st))
             self._send(Kind.ACTIVATION, w, st, st.sent[w.name])
 
     def _check_local_labels(self, node: Node, classes: int) -> None:
@@ -265,14 +270,14 @@ class Party:
                 and all(w in st.grads for w in s.sends if self.wires[w].carries == "activation"))
 
     def _backward(self, s: Stage, st: StepState) -> None:
-        roots, grads = [], []
+        roots, grads, scale = [], [], self.precision.loss_scale  # (1 unless the network's losses are scaled)
         for name in s.losses:  # a micro-batch's loss counts by its share of the batch's rows
             roots.append(st.losses[name])
-            weight = self.graph.plan.losses[name].weight
+            weight = self.graph.plan.losses[name].weight * scale
             grads.append(torch.tensor(weight if st.share == 1.0 else weight * st.share, device=st.losses[name].device))
         for term in st.extra.get(s.index, []):
             roots.append(term)
-            grads.append(None if st.share == 1.0 else torch.tensor(st.share, device=term.device))
+            grads.append(None if st.share * scale == 1.0 else torch.tensor(st.share * scale, device=term.device))
         for w in s.sends:
             wire = self.wires[w]
             if wire.carries == "activation":
@@ -287,7 +292,8 @@ class Party:
             if wire.carries == "activation":
                 leaf = st.values[wire.src]
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                self._send(Kind.GRADIENT, wire, st, defend_backward(self, wire, s, st, grad))
+                self._send(Kind.GRADIENT, wire, st,
+                           self.precision.unscaled(lambda g: defend_backward(self, wire, s, st, g), grad))
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -297,7 +303,7 @@ class Party:
         if st.mode != "train":  # a codec's state (error feedback) belongs to training
             codec = get_codec(codec.name)
         with self.meter.timed("compute"):
-            enc = codec.encode(t.detach().cpu())  # encoded from the CPU: the wire is bytes in host memory
+            enc = codec.encode(self.precision.finite(t.detach(), st.mode).cpu())  # the wire is bytes in host memory
         self.link.send(Message(kind, self.name, dst, st.step, wire.name, {"t": enc}))
 
     def _next_message(self, states: list[StepState]) -> Message:
@@ -311,6 +317,7 @@ class Party:
                                                                if w not in st.grads]
             first = states[0]
             waiting += [f"a credit from {c}" for c in self.flow.blocked(first.step // self.pipeline, first.mode)]
+            waiting += self.precision.waiting()
             raise PartyError(f"{self.name}: step {states[0].step // self.pipeline} not done within its deadline of "
                              f"{self.timeout} s (still waiting for {sorted(set(waiting))})") from None
 
@@ -352,8 +359,8 @@ class Party:
     def _receive(self, states: list[StepState]) -> None:
         """Take the next message, for the micro-batch it belongs to (or as early or stale)."""
         msg = self._next_message(states)
-        if msg.kind == Kind.CREDIT:
-            self._take_credit(msg)
+        if msg.kind == Kind.CREDIT:  # flow control's, or (with a text) a loss-scaled step's overflow verdict
+            (self.precision.take if msg.text else self._take_credit)(msg)
             return
         if msg.kind in (Kind.ACTIVATION, Kind.GRADIENT):  # sent during its step: the sender reached it
             self.flow.heard(msg.sender, msg.step // self.pipeline)
@@ -383,14 +390,17 @@ class Party:
         if wire is None:
             return
         try:
+            self.precision.check_dtype(msg, wire, st)  # an autocasting sender's activations: in its dtype
             t = decode_checked(msg, wire, st, self.wire_shapes)
-            check_received_values(msg, wire, st, t, self.graph, self.name, self.classes)
-            learnt = self.bounds.check(msg, wire, st, t)
+            seen = self.precision.seen(msg, st, t)  # a loss-scaled gradient is checked unscaled
+            check_received_values(msg, wire, st, seen, self.graph, self.name, self.classes)
+            learnt = self.bounds.check(msg, wire, st, seen)
         except WireError as e:
             self.link.refuse(msg.sender, str(e), msg.step, msg.wire)
             return
         if self.observer is not None and st.mode in ("train", "eval"):
-            self.observer(wire.name, "forward" if msg.kind == Kind.ACTIVATION else "backward", st, t)
+            self.observer(wire.name, "forward" if msg.kind == Kind.ACTIVATION else "backward", st,
+                          self.precision.plain(seen))
         if msg.kind == Kind.ACTIVATION:
             if wire.src in st.values:
                 return  # duplicate

@@ -22,6 +22,7 @@ accumulating per batch on the device, this path does not need (the scores are al
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -383,10 +384,27 @@ def evaluation_metrics(kind: str, parts: Sequence[Scores]) -> dict[str, Any]:
     for name, value in found.items():
         out.setdefault(f"test_{name}", value)  # the counted accuracy stays
     for name in loss_kind.metrics:  # the plan entry's extra metrics, on the same rows
-        out[f"test_{name}"] = EXTRA_METRICS[name].fn(outputs, targets)
+        out[f"test_{name}"] = _extra(name, outputs, targets)
     out["ci95"] = {f"test_{n}": v for n, v in bootstrap_ci(outputs, targets, classification=classification).items()}
     out["curves"] = curves(outputs, targets, classification=classification)
     return out
+
+
+
+def _extra(name: str, outputs: np.ndarray, targets: np.ndarray) -> float | None:
+    """An extra metric's value; None where it is undefined on these rows (a single class for Cohen's kappa,
+    outputs that are not finite): never NaN in a result, never an evaluation that ends the run."""
+    import logging
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = float(EXTRA_METRICS[name].fn(outputs, targets))
+    except (ValueError, ZeroDivisionError, FloatingPointError) as e:
+        logging.getLogger(__name__).warning("test_%s is undefined on these rows: %s", name, e)
+        return None
+    return value if math.isfinite(value) else None
 
 
 _builtin_metrics()

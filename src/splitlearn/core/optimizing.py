@@ -40,6 +40,7 @@ __all__ = ["Update", "WHOLE", "optimizer_class", "scheduler_class", "accepted_ar
 
 # classes of torch that a plan cannot use, and why
 _REFUSED = {
+    "sparseadam": "it takes sparse gradients only, and a party's segments give dense ones",
     "lbfgs": "its step needs a closure that evaluates the whole model again, which a party holding one piece "
              "cannot give",
     "lambdalr": "it takes a Python function (lr_lambda), which a plan cannot carry",
@@ -164,6 +165,10 @@ def _arguments_beside(cls: type[BaseModel], data: Any) -> Any:
     (tuples given in Python as lists, as a plan file has them)."""
     if not isinstance(data, dict):
         return data
+    given = data.get("arguments")
+    clash = sorted(k for k in (given if isinstance(given, dict) else {}) if k in cls.model_fields and k != "arguments")
+    if clash:  # one value per setting: never an argument that overrides a field in silence
+        raise ValueError(f"arguments names {clash}, which are settings of this table: give them beside the name")
     extra = {k: v for k, v in data.items() if k not in cls.model_fields}
     if not extra:
         return data
@@ -346,9 +351,10 @@ class PartyOptimizer:
         last training step's. So each epoch trains at the learning rate of a schedule stepped at every epoch's
         end, and a party that sits an epoch out (a client not drawn) stays in step with the epochs."""
         if self.scheduler is not None and self.every == "epoch":
-            if self.epoch is not None and epoch > self.epoch:
-                self._advance(epoch - self.epoch)
-            self.epoch = epoch if self.epoch is None else max(self.epoch, epoch)
+            last = 0 if self.epoch is None else self.epoch  # a party that first trains in a later epoch catches up
+            if epoch > last:
+                self._advance(epoch - last)
+            self.epoch = max(last, epoch)
 
     def step(self) -> None:
         """Clip, step the optimizer, then a schedule stepped per step."""

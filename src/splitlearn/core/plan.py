@@ -35,7 +35,7 @@ __all__ = ["Plan", "ClientsSpec", "parse_plan", "plan_hash", "plan_parts", "plan
            "from_validation_error", "plan_dir", "per_client", "STEP_TIMEOUT_S"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
-STEP_TIMEOUT_S = 120.0  # seconds a step may take where neither the caller nor the plan says (no [clients])
+STEP_TIMEOUT_S = 120.0  # seconds a step may take where neither the caller nor the plan says (every plan)
 
 
 class ClientsSpec(_Strict):
@@ -154,6 +154,22 @@ class Plan(_Strict):
             if c.local_steps is None and self.train.epochs % c.local_epochs:
                 raise ValueError(f"clients.local_epochs ({c.local_epochs}) must divide train.epochs ({self.train.epochs}): "
                                  "a round is local_epochs passes")
+            for p, spec in self.parties.items():  # learning-rate schedules the rounds would silently bend
+                sched = spec.optimizer.schedule
+                if sched is not None and sched.every == "epoch" and c.local_steps is None and c.local_epochs > 1:
+                    raise ValueError(f"parties.{p}.optimizer.schedule: every = \"epoch\" with clients.local_epochs = "
+                                     f"{c.local_epochs} would step once per round, not per epoch: use every = \"step\"")
+                if sched is not None and p != c.template and c.schedule == "splitfed_v1":
+                    raise ValueError(f"parties.{p}.optimizer.schedule: under splitfed_v1 {p}'s copies are made anew "
+                                     "every round, so their schedule would start over each round: schedule the "
+                                     "clients' optimizer, or use splitfed_v2")
+        grouped = {"train.pipeline": self.train.pipeline, "train.accumulate": self.train.accumulate}
+        for name, loss in self.losses.items():
+            over = [f"{k} = {v}" for k, v in grouped.items() if v > 1]
+            if loss.class_weights is not None and over:  # torch divides by each batch's sum of weights
+                raise ValueError(f"losses.{name}.class_weights with {', '.join(over)}: a weighted mean over each part "
+                                 "of a batch is not the whole batch's, so the gradients would not be the batch's; "
+                                 "train without splitting the batch, or without class_weights")
         return self
 
     def step_timeout_s(self, given: float | None = None) -> float:

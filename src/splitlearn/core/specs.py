@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
 from .optimizing import OptimizerSpec
 from .registry import DEFENSES
@@ -112,7 +113,12 @@ class ResourcesSpec(Strict):
 
 
 class PartySpec(Strict):
-    """One party: the data fields it holds (local name -> field) and its optimizer."""
+    """One party: the data fields it holds (local name -> field) and its optimizer.
+
+    ``precision``: ``fp32`` (the default), ``bf16`` (autocast in bfloat16, CPU or CUDA) or ``fp16`` (autocast in
+    float16 with loss scaling, CUDA only); the activations it sends travel in that dtype
+    (:mod:`splitlearn.core.precision`). Written into the plan only where it is not ``fp32``.
+    """
 
     holds: dict[str, FieldRef] = Field(default_factory=dict)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -121,6 +127,7 @@ class PartySpec(Strict):
     dial_out: bool = False  # behind a firewall: it connects to its neighbours, never listens
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")  # where it computes (auto: cuda if present)
     resources: ResourcesSpec | None = None  # asked of a Ray cluster for its process (each client's, for a template)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of its forward and losses (fp16: CUDA only)
 
     @model_validator(mode="before")
     @classmethod
@@ -129,6 +136,20 @@ class PartySpec(Strict):
         if isinstance(v, dict) and "source" in v and "data" not in v:
             v = {("data" if k == "source" else k): x for k, x in v.items()}
         return v
+
+    @field_validator("precision")
+    @classmethod
+    def _fp16_on_cuda(cls, v: str, info: ValidationInfo) -> str:
+        if v == "fp16" and info.data.get("device") == "cpu":
+            raise ValueError('fp16 needs CUDA (autocast with loss scaling), but device is "cpu": use '
+                             'precision = "bf16" on the CPU, or device = "cuda"')
+        return v
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler: Callable[["PartySpec"], dict[str, Any]]) -> dict[str, Any]:
+        """``precision`` is written only where it is not fp32 (a plan without it hashes as before it existed)."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k == "precision" and v == "fp32")}
 
     @field_validator("holds", mode="before")
     @classmethod
@@ -283,8 +304,9 @@ class LossSpec(Strict):
     @field_validator("class_weights")
     @classmethod
     def _weights(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and (not all(0.0 <= w < float("inf") for w in v) or not any(v)):  # NaN fails too
-            raise ValueError(f"class_weights must be finite, at least 0 and not all 0, got {v}")
+        if v is not None and not all(0.0 < w < float("inf") for w in v):  # NaN fails too
+            raise ValueError(f"class_weights must be finite and above 0 (a batch holding only classes weighted 0 "
+                             f"would have no loss at all: NaN), got {v}")
         return v
 
     @model_validator(mode="after")
@@ -390,8 +412,8 @@ class TrainSpec(Strict):
     checkpoint_every: int | None = Field(None, ge=1)
     # seconds a party waits for a peer whose link broke to come back (over gRPC) before it stops
     reconnect_timeout: float = Field(180.0, ge=0.0)
-    # seconds one step (and the hello, the goodbye) may take as a whole before a party gives up; None: 120 s, or
-    # in a [clients] plan clients.timeout (Plan.step_timeout_s resolves it)
+    # seconds one step (and the hello, the goodbye) may take as a whole before a party gives up, in every plan;
+    # None: 120 s (Plan.step_timeout_s resolves it; clients.timeout bounds answers only)
     step_timeout: float | None = Field(None, gt=0.0)
     # micro-batches per training step, pipelined through the parties (GPipe); the gradients are the whole batch's
     pipeline: int = Field(1, ge=1, le=1024)

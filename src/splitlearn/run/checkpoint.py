@@ -6,8 +6,9 @@ one before its first step, (0, -1), then every ``[train] checkpoint_every`` trai
 the end of every epoch, (0, k) after step id k (never inside a gradient group of ``[train] accumulate``);
 a ``[clients]`` plan on the coordinator's word before the first round and at the end of every round r,
 (r + 1, -1). It holds the party's weights, optimizer state (with its learning-rate schedule's position),
-random stream, codec state (error feedback), noise secret, the bounds learnt from
-the run (``max_jump``), accounting and metrics so far, in
+the loss scale where a party is in fp16 (:class:`~splitlearn.core.precision.LossScale`), random stream,
+codec state (error feedback), noise secret, the bounds learnt from the run (``max_jump``), accounting
+and metrics so far, in
 ``parties/NAME/checkpoints/round-RRRRRR-step-SSSSSSSSS/``: ``state.safetensors`` (tensors, no
 code), ``manifest.json`` (the rest, its cursor too) and ``SHA256SUMS`` (the SHA-256 of both, as
 ``sha256sum`` writes it): a changed byte in any of the three makes the checkpoint unusable, and it
@@ -168,6 +169,8 @@ def capture(party: Party, extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor
     meter = without_goodbyes(party.checkpoint_meter(), party)
     manifest = {"format": FORMAT, "party": party.name, "optimizer": optim, "noise_secret": str(party.noise_secret),
                 "meter": meter_state(meter), "learnt_bounds": party.bounds.state(), **extra}
+    if party.precision.scale is not None:  # a loss-scaled network (a party in fp16): the scale every party holds
+        manifest["loss_scale"] = party.precision.scale.state_dict()
     return tensors, manifest
 
 
@@ -183,6 +186,11 @@ def restore(party: Party, tensors: dict[str, torch.Tensor], manifest: dict[str, 
     party.noise_secret = int(manifest["noise_secret"])
     load_meter(party.meter, manifest["meter"])
     party.bounds.load(manifest.get("learnt_bounds", {}))
+    if party.precision.scale is not None:
+        try:
+            party.precision.scale.load_state_dict(manifest["loss_scale"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{party.name}: the checkpoint holds no loss scale, which fp16 needs ({e})") from None
 
 
 def _sums_text(digests: dict[str, str]) -> str:

@@ -227,12 +227,17 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
     except (SessionRestart, PeerRestarted):
         raise  # begun again by run_party: nobody is told to stop
     except (PartyError, PlanError, TransportError) as e:
-        for p in neighbours:
-            try:
-                link.send(Message(Kind.ERROR, me, p, text=f"{me} failed: {e}"))
-            except Exception:  # noqa: BLE001 - the neighbour may be gone already
-                pass
+        _tell_neighbours(party, e)
         raise
+
+
+def _tell_neighbours(party: Party, error: Exception) -> None:
+    """Tell every neighbour why this party stops, so none waits out its deadline for it."""
+    for p in party.graph.neighbours(party.name):
+        try:
+            party.link.send(Message(Kind.ERROR, party.name, p, text=f"{party.name} failed: {error}"))
+        except Exception:  # noqa: BLE001 - the neighbour may be gone already
+            pass
 
 
 def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[Cursor] | None, heard: dict[str, dict],
@@ -330,7 +335,11 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
         predictions: dict[str, list] = {}
         epoch = None
         timing = {"train_s": 0.0, "train_samples": 0, "train_steps": 0, "first_step_s": 0.0, "first_step_samples": 0}
-        held = usable_checkpoints(party.name, checkpoints) if resume else None
+        try:
+            held = usable_checkpoints(party.name, checkpoints) if resume else None
+        except PlanError as e:  # it cannot go on from what it holds: its neighbours hear why at once
+            _tell_neighbours(party, e)
+            raise
         if attempt:  # what this session counts (a checkpoint's meter replaces it where one is common)
             load_meter(party.meter, meter_state(Meter(party.name)))
         try:

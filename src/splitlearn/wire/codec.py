@@ -8,7 +8,8 @@ the shape before touching the data. Codecs are chosen per wire and direction by 
 name           sends                                          bytes per element
 =============  ============================================  ==========================
 ``raw``        the tensor's own dtype, exactly (labels)       its itemsize
-``float32``    float32, exactly (the identity codec)          4
+``float32``    float32, exactly (the identity codec); a       4 (a 16-bit float: 2)
+               16-bit float as itself (mixed precision)
 ``float16``    float16                                        2
 ``bfloat16``   bfloat16                                       2
 ``int8``       affine 8-bit quantisation, one scale/tensor    1 (+ 8 per tensor)
@@ -151,7 +152,23 @@ class Codec:
 
 
 class Float32(Codec):
+    """The identity codec: a tensor of 32 bits or fewer arrives as it was sent. A 16-bit float (``float16``,
+    ``bfloat16``: what a party in mixed precision sends) travels as itself, two bytes an element; any other
+    floating tensor as float32."""
+
     name, wire_dtype = "float32", "float32"
+    HALF = ("float16", "bfloat16")
+
+    def encode(self, t: torch.Tensor) -> Encoded:
+        dtype = dtype_name(t.dtype)
+        if dtype in self.HALF:
+            return Encoded(self.name, dtype, tuple(t.shape), to_buffer(t))
+        return super().encode(t)
+
+    def decode(self, e: Encoded) -> torch.Tensor:
+        if e.dtype in self.HALF:
+            return from_bytes(e.data, e.dtype, e.shape)
+        return super().decode(e)
 
 
 class Float16(Codec):

@@ -1,0 +1,443 @@
+"""Your own training loop, split: a :class:`Stage` runs one party's piece of a model over any transport.
+
+The way ``torch.distributed.pipelining`` and Opacus wrap rather than replace: the optimizer, the
+schedule, autocast, accumulation and logging stay in the user's loop; the stage only moves the
+cut's activations forward and their gradients back, through the project's wire
+(:class:`~splitlearn.wire.link.Link`, its codecs and meter) with a wire's defenses applied::
+
+    # the hospital (first stage)                    # the server (last stage)
+    stage = Stage(bottom, t, next="server")          stage = Stage(top, t, previous="hospital")
+    for x in batches:                                for y in labels:
+        stage.forward(x)                                 loss = crit(stage.forward(), y)
+        stage.backward()                                 loss.backward()
+        opt.step(); opt.zero_grad()                      stage.backward()
+                                                         opt.step(); opt.zero_grad()
+
+A middle stage has both ``previous`` and ``next``: ``forward()`` receives, ``backward()`` waits for
+its output's gradient and sends its input's. What is received is checked as the engine checks it
+(:mod:`~splitlearn.core.admission`): the agreed codec, dtype and row shape (fixed by the wire's first
+activation; a gradient: those of the activation it answers), step order, values; nothing is
+unpickled. Any refusal tells the peer (an ERROR message) and raises one error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import Tensor, nn
+
+from ..core.bounds import LearntBounds
+from ..core.defense import Defense, WireContext, active
+from ..core.engine import PartyError
+from ..core.admission import decode_checked
+from ..core.graph import Wire
+from ..core.plan import from_validation_error
+from ..core.specs import PlanError, WireSpec
+from ..core.step import StepState
+from ..wire.codec import Codec, WireError, check_values, get_codec
+from ..wire.link import MAX_KEPT, Link
+from ..wire.messages import Kind, Limits, Message, quote
+from ..wire.metering import Meter
+from ..wire.transport.base import Transport, TransportClosed, TransportTimeout
+
+__all__ = ["Stage"]
+
+_MODES = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class _Context(WireContext):
+    """A defense's view of a stage's step: the stage's raw inputs (NoPeek) and the labels given to
+    :meth:`Stage.backward` (Marvell) instead of a plan's nodes."""
+
+    inputs: Tensor | None = None
+    labels: Tensor | None = None
+
+    def raw_inputs(self) -> Tensor:
+        return self.inputs.reshape(len(self.inputs), -1).float()
+
+    def target(self) -> Tensor:
+        if self.labels is None:
+            raise PlanError(f"{self.wire.spec.label_protection.kind} label protection needs the labels: call "
+                            "stage.backward(labels=y)", entry="receive.label_protection")
+        return self.labels
+
+    def num_classes(self) -> int:  # only label wires ask, and a stage carries activations
+        raise PlanError("a stage carries activations, not labels", entry="send")
+
+
+@dataclass
+class _Forward:
+    """One forward waiting for its backward: what it sent (and its step), what it received."""
+
+    train: bool
+    step: int | None = None  # of the activation sent; None for a last stage
+    sent: Tensor | None = None
+    extra: list[Tensor] = field(default_factory=list)  # the sender's extra loss terms (NoPeek)
+    received: Tensor | None = None  # the input leaf, whose gradient goes back to the previous stage
+    received_step: int | None = None
+
+
+def _spec(given: WireSpec | dict[str, Any] | None, entry: str, party: str) -> WireSpec:
+    if isinstance(given, WireSpec):
+        return given
+    try:
+        return WireSpec.model_validate(given or {})
+    except ValidationError as e:
+        err = from_validation_error(e)
+        raise PlanError(err.message, entry=f"{entry}.{err.entry}" if err.entry else entry, hint=err.hint,
+                        file=f"stage {party!r}") from None
+
+
+def _overrides(defense: Defense, method: str) -> bool:
+    return getattr(type(defense), method) is not getattr(Defense, method)
+
+
+class Stage:
+    """One party's piece of a split model, run in the user's own loop over ``transport``.
+
+    ``module``: the piece (None: the stage passes its input on, e.g. a last stage whose head is in the
+    user's code). ``previous``/``next``: the parties of the stages before and after (at least one).
+    ``send``/``receive``: the settings of the wire to ``next`` and from ``previous``, a
+    :class:`~splitlearn.core.specs.WireSpec` or its dict as a plan's ``[wires.X]`` writes it (``codec``,
+    ``grad_codec``, defenses such as ``noise`` or ``label_protection``, ``max_abs``, ...). Both ends of a
+    wire must give the same settings (checked at its first activation): the sender applies the sender's
+    defenses, the receiver the receiver's. ``timeout``: seconds one call may wait for its peer.
+    ``meter`` counts the bytes sent and received per wire (named after its sender) and direction, the
+    FLOPs of the module's forward and of the backwards the stage runs, and the time spent waiting.
+
+    A forward under ``torch.no_grad()`` is an evaluation: the next stage must receive it under
+    ``no_grad`` too, and no gradient comes back. :meth:`close` (or leaving a ``with`` block) says goodbye;
+    the transport stays the caller's to close.
+    """
+
+    def __init__(self, module: nn.Module | None, transport: Transport, *, previous: str | None = None,
+                 next: str | None = None, send: WireSpec | dict[str, Any] | None = None,
+                 receive: WireSpec | dict[str, Any] | None = None, timeout: float | None = 120.0,
+                 limits: Limits | None = None, device: torch.device | str | None = None):
+        self.party = transport.party
+        if previous is None and next is None:
+            raise PlanError("a stage needs a previous or a next stage (or both)", entry="previous",
+                            hint='e.g. Stage(bottom, transport, next="server")', file=f"stage {self.party!r}")
+        if self.party in (previous, next):
+            raise PlanError(f"a stage cannot send to its own party {self.party!r}", entry="previous" if
+                            previous == self.party else "next", file=f"stage {self.party!r}")
+        self.module, self.transport, self.previous, self.next = module, transport, previous, next
+        self.link = Link(transport, limits=limits)
+        self.meter: Meter = self.link.meter
+        self.limits = self.link.limits
+        self.timeout = timeout
+        self.device = torch.device(device) if device is not None else _device(module)
+        self.out_wire = self.in_wire = None
+        if next is not None:
+            self.out_wire = Wire(self.party, self.party, self.party, next, "activation", (), _spec(send, "send", self.party))
+            for d, _ in active(self.out_wire.spec):
+                if d.key == "nopeek" and previous is not None:
+                    raise PlanError("nopeek decorrelates the activations from the raw inputs they are computed "
+                                    "from, and this stage receives its input", entry="send.nopeek",
+                                    hint="set it on the first stage's wire", file=f"stage {self.party!r}")
+        elif send is not None:
+            raise PlanError("send= sets the wire to the next stage, and this stage has none", entry="send",
+                            file=f"stage {self.party!r}")
+        if previous is not None:
+            self.in_wire = Wire(previous, previous, previous, self.party, "activation", (self.party,),
+                                _spec(receive, "receive", self.party))
+        elif receive is not None:
+            raise PlanError("receive= sets the wire from the previous stage, and this stage has none",
+                            entry="receive", file=f"stage {self.party!r}")
+        self.encoders: dict[Kind, Codec] = {}  # per direction (a codec may keep state: error feedback)
+        if self.out_wire is not None:
+            self.encoders[Kind.ACTIVATION] = get_codec(self.out_wire.spec.codec)
+        if self.in_wire is not None:
+            self.encoders[Kind.GRADIENT] = get_codec(self.in_wire.spec.grad_codec)
+        self.noise_secret = secrets.randbits(128)  # defense noise: this party's secret, never shared
+        self.bounds = LearntBounds()
+        self.shape: tuple[str, tuple[int, ...]] | None = None  # the incoming wire's dtype and row shape, once agreed
+        self.sent_steps = self.received_steps = 0
+        self.pending: deque[_Forward] = deque()  # forwards waiting for their backward, oldest first
+        self.kept: dict[Kind, deque[Message]] = {Kind.ACTIVATION: deque(), Kind.GRADIENT: deque()}
+        self.finished: set[str] = set()  # neighbours that said goodbye
+        self.closed = False
+
+    # -- the loop's two calls ---------------------------------------------------------------------
+
+    def forward(self, x: Tensor | None = None) -> Tensor:
+        """Run the piece on ``x`` (a first stage) or on the input received from the previous stage, send
+        its output to the next stage (after the wire's defenses) and return it (a last stage: to compute
+        the loss on). A received input requires grad when the previous stage trains (its forward ran with
+        gradients), and then so must this one."""
+        self._open()
+        rec = _Forward(train=torch.is_grad_enabled())
+        if self.previous is not None:
+            if x is not None:
+                raise TypeError(f"stage {self.party!r} receives its input from {self.previous!r}: call forward() "
+                                "without an input")
+            self._room()
+            rec.received_step, x, rec.train = self._take_activation()
+            rec.received = x
+        elif x is None:
+            raise TypeError(f"stage {self.party!r} is a first stage: give forward() its input")
+        elif rec.train:
+            self._room()
+        if not rec.train:
+            self.bounds.freeze()  # as the engine: the bounds are the first epoch's training's
+        out = x if self.module is None else self.meter.compute(
+            ("forward", tuple(x.shape), x.dtype), "forward", lambda: self.module(x))
+        if not isinstance(out, Tensor):
+            raise TypeError(f"stage {self.party!r}: the piece returned {type(out).__name__}; a stage sends one "
+                            "tensor per step")
+        if self.next is not None:
+            self._send_forward(rec, x, out)
+        if rec.train and (rec.sent is not None or rec.received is not None):
+            self.pending.append(rec)
+        return out
+
+    def backward(self, labels: Tensor | None = None) -> None:
+        """Backpropagate the oldest forward still waiting: with a next stage, wait for the gradient of the
+        output sent and run backward from it into the module; with a previous one, send the gradient of
+        the received input back (a last stage: after the user's ``loss.backward()``). ``labels``: the
+        batch's labels, for a receiver's ``label_protection = { kind = "marvell" }``."""
+        self._open()
+        if not self.pending:
+            raise RuntimeError(f"stage {self.party!r}: backward() without a forward waiting for it (a forward "
+                               "under torch.no_grad(), or from a previous stage that did not train, waits for none)")
+        if self.next is not None:
+            rec, grad = self._take_gradient()
+            roots, grads = [rec.sent, *rec.extra], [grad, *[None] * len(rec.extra)]
+            pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
+            if pairs:
+                self.meter.compute(("backward", tuple(rec.sent.shape), rec.sent.dtype), "backward",
+                                   lambda: torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs]))
+        else:
+            rec = self.pending.popleft()
+        if rec.received is not None:
+            grad = rec.received.grad
+            if grad is None:
+                if self.next is None:
+                    raise RuntimeError(f"stage {self.party!r}: no gradient reached the input of step "
+                                       f"{rec.received_step}: call loss.backward() before stage.backward()")
+                grad = torch.zeros_like(rec.received)  # the piece does not use its input
+            st = self._state(rec.received_step, len(grad), "train")
+            for d, config in active(self.in_wire.spec):
+                if _overrides(d, "on_gradient") and "train" in d.modes:
+                    grad = d.on_gradient(_Context(self, self.in_wire, st, config, labels=labels), grad)
+            self._send(Kind.GRADIENT, self.in_wire, rec.received_step, grad, train=True)
+        rec.sent = rec.received = None
+        rec.extra.clear()
+
+    # -- goodbye ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Say goodbye to the neighbours and wait (``timeout``) for theirs, so nothing in flight is lost
+        when a process exits. Raises if a tensor still arrives: the two loops did not agree."""
+        if self.closed:
+            return
+        self.closed = True
+        for q in self.kept.values():
+            if q:
+                self._refuse(q[0], "it came before this stage finished and was never taken: the two loops run "
+                             "different numbers of forwards or backwards")
+        peers = [p for p in dict.fromkeys((self.previous, self.next)) if p is not None]
+        for p in peers:
+            self.link.send(Message(Kind.STOP, self.party, p, text="done"))
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while any(p not in self.finished for p in peers):
+            waiting = [p for p in peers if p not in self.finished]
+            msg = self._recv(deadline, f"goodbye from {', '.join(map(repr, waiting))}")
+            if msg.kind in (Kind.ACTIVATION, Kind.GRADIENT):
+                what = "an activation" if msg.kind == Kind.ACTIVATION else "a gradient"
+                self._refuse(msg, f"{what} of step {msg.step} after this stage finished: the two loops run "
+                             "different numbers of forwards or backwards")
+
+    def __enter__(self) -> Stage:
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        if not self.closed:  # the user's loop failed: the neighbours stop instead of waiting for us
+            self.closed = True
+            for p in dict.fromkeys(x for x in (self.previous, self.next) if x is not None):
+                try:
+                    self.link.send(Message(Kind.STOP, self.party, p, text=f"{kind.__name__}: {error}"[:500]))
+                except Exception:  # noqa: BLE001 - the peer may be gone; the user's error is what matters
+                    pass
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def noise_generator(self, step: int, wire: Wire, salt: int | str) -> torch.Generator:
+        """Defense noise for a step and wire from this stage's secret (as :meth:`Party.noise_generator`)."""
+        key = f"{self.noise_secret}/{step}/{wire.name}/{salt}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+
+    def _send_forward(self, rec: _Forward, x: Tensor, out: Tensor) -> None:
+        mode = "train" if rec.train else "eval"
+        rec.step, self.sent_steps = self.sent_steps, self.sent_steps + 1
+        st = self._state(rec.step, len(out), mode)
+        value = out
+        acting = [(d, _Context(self, self.out_wire, st, config, inputs=x)) for d, config in active(self.out_wire.spec)
+                  if mode in d.modes]
+        for d, ctx in acting:
+            term = d.extra_loss(ctx, value)
+            if term is not None and rec.train:
+                rec.extra.append(term)
+        for d, ctx in acting:
+            value = d.on_send(ctx, value)
+        rec.sent = value
+        text = mode if rec.step else f"{mode} {self._digest(self.out_wire)}"  # the first says the wire's settings
+        self._send(Kind.ACTIVATION, self.out_wire, rec.step, value, train=rec.train, text=text)
+
+    def _send(self, kind: Kind, wire: Wire, step: int, t: Tensor, *, train: bool, text: str = "") -> None:
+        codec = self.encoders[kind] if train else get_codec(self.encoders[kind].name)  # (error feedback: training's)
+        dst = wire.dst_party if kind == Kind.ACTIVATION else wire.src_party
+        with self.meter.timed("compute"):
+            enc = codec.encode(t.detach().cpu())
+        self.link.send(Message(kind, self.party, dst, step, wire.name, {"t": enc}, text=text))
+
+    @staticmethod
+    def _digest(wire: Wire) -> str:
+        body = json.dumps(wire.spec.model_dump(mode="json"), sort_keys=True, default=str)
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+    # -- receiving --------------------------------------------------------------------------------
+
+    def _take_activation(self) -> tuple[int, Tensor, bool]:
+        """The next activation from the previous stage, checked: (its step, the tensor, whether it trains)."""
+        msg = self._next(Kind.ACTIVATION)
+        words = msg.text.split(" ")
+        if msg.step != self.received_steps:
+            self._refuse(msg, f"an activation of step {msg.step} where step {self.received_steps} was expected")
+        if words[0] not in _MODES or len(words) != (2 if msg.step == 0 else 1):
+            self._refuse(msg, f"an activation whose text {quote(msg.text)} is not its mode ('train' or 'eval')"
+                         + (" and the wire's settings" if msg.step == 0 else ""))
+        if msg.step == 0 and words[1] != self._digest(self.in_wire):
+            self._refuse(msg, f"its wire settings differ from this stage's receive= settings "
+                         f"({self.in_wire.spec.model_dump(exclude_defaults=True)}): give both ends the same")
+        train = words[0] == "train"
+        if train and not torch.is_grad_enabled():
+            self._refuse(msg, f"step {msg.step} trains (its sender waits for the gradient), but this stage's "
+                         "forward runs without gradients (torch.no_grad): run both stages in the same mode")
+        enc = msg.tensors.get("t")
+        rows = enc.shape[0] if enc is not None and enc.shape else 0
+        st = self._state(msg.step, rows, "train" if train else "eval")
+        t = self._checked(msg, self.in_wire, st, {} if self.shape is None else {self.in_wire.name: self.shape})
+        if train and not t.is_floating_point():
+            self._refuse(msg, f"a training activation of dtype {enc.dtype}, which cannot carry a gradient")
+        if self.shape is None:
+            self.shape = (enc.dtype, tuple(enc.shape[1:]))  # agreed: every later activation has these
+        self.received_steps += 1
+        t = t.to(self.device)
+        if train:
+            t.requires_grad_(True)
+        return msg.step, t, train
+
+    def _take_gradient(self) -> tuple[_Forward, Tensor]:
+        """The next gradient from the next stage, for one of the forwards waiting, checked against what it sent."""
+        msg = self._next(Kind.GRADIENT)
+        rec = next((r for r in self.pending if r.step == msg.step), None)
+        if rec is None:
+            self._refuse(msg, f"a gradient of step {msg.step}, which no forward of this stage waits for")
+        st = self._state(msg.step, len(rec.sent), "train")
+        st.sent[self.out_wire.name] = rec.sent
+        grad = self._checked(msg, self.out_wire, st, {})
+        self.pending.remove(rec)
+        return rec, grad.to(rec.sent.device)
+
+    def _checked(self, msg: Message, wire: Wire, st: StepState, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> Tensor:
+        """The message's tensor once the engine's checks pass: codec, dtype, shape, values, learnt bounds."""
+        try:
+            t = decode_checked(msg, wire, st, shapes)
+            what = f"the {msg.kind.name.lower()} tensor of step {msg.step}"
+            check_values(t, what, allow_nonfinite=wire.spec.allow_nonfinite, max_abs=wire.spec.max_abs)
+            learnt = self.bounds.check(msg, wire, st, t)
+        except WireError as e:
+            self._refuse(msg, str(e))
+        if learnt is not None:
+            self.bounds.learn(*learnt)
+        return t
+
+    def _next(self, kind: Kind) -> Message:
+        """The next activation (from ``previous``) or gradient (from ``next``): kept ones first. A message
+        of the other kind is kept for later, within the per-peer limits."""
+        peer = self.previous if kind == Kind.ACTIVATION else self.next
+        what = f"{'activation' if kind == Kind.ACTIVATION else 'gradient'} from {peer!r}"
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while not self.kept[kind]:
+            msg = self._recv(deadline, what, peer)
+            if msg.kind == Kind.STOP:  # another neighbour's goodbye (noted)
+                continue
+            if msg.kind not in self.kept or msg.sender != (self.previous if msg.kind == Kind.ACTIVATION else self.next):
+                self._refuse(msg, f"no {msg.kind.name.lower()} from {quote(msg.sender)} is expected by this stage")
+            q = self.kept[msg.kind]
+            if len(q) >= self.limits.early_messages or \
+                    sum(m.payload_bytes for m in q) + msg.payload_bytes > self.limits.early_bytes:
+                self._refuse(msg, "more messages ahead of this stage than Limits.early_messages or early_bytes allow")
+            q.append(msg)
+        return self.kept[kind].popleft()
+
+    def _recv(self, deadline: float | None, what: str, peer: str | None = None) -> Message:
+        """The next admitted tensor message or goodbye from anyone: a goodbye is noted (raised if it is
+        ``peer``'s, whom this stage waits for), an ERROR or other STOP raised."""
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise PartyError(f"stage {self.party!r}: no {what} within {self.timeout} s")
+            try:
+                with self.meter.timed("wait"):
+                    sender, data = self.transport.recv(left)
+            except TransportTimeout:
+                continue
+            except TransportClosed as e:
+                raise PartyError(f"stage {self.party!r}: the transport closed while waiting for {what} ({e})") from None
+            msg = self.link.admit(sender, data)
+            if msg is None:  # malformed, impersonating or misaddressed: refused (the peer was told) and raised
+                raise WireError(self.link.refused[-1] if self.link.refused_count <= MAX_KEPT else
+                                f"stage {self.party!r} refused a message from {quote(sender)}")
+            if msg.kind == Kind.STOP and msg.text == "done":
+                self.finished.add(msg.sender)
+                if msg.sender == peer:
+                    raise PartyError(f"stage {self.party!r}: party {quote(msg.sender)} finished while this stage "
+                                     f"waits for {what}: the two loops run different numbers of steps")
+                return msg
+            if msg.kind in (Kind.ERROR, Kind.STOP):
+                reason = msg.text[:500] or "no reason given"
+                raise PartyError(f"stage {self.party!r}: party {quote(msg.sender)} stopped: {reason}")
+            if msg.kind not in (Kind.ACTIVATION, Kind.GRADIENT):
+                self._refuse(msg, f"unexpected {msg.kind.name} message")
+            return msg
+
+    def _refuse(self, msg: Message, reason: str) -> None:
+        """Tell the peer why its message is refused, and raise that (naming it)."""
+        self.link.refuse(msg.sender, reason, msg.step, msg.wire)
+        raise WireError(f"stage {self.party!r} refused a message from {quote(msg.sender)}"
+                        + (f" on wire {quote(msg.wire)}" if msg.wire else "") + f": {reason}",
+                        wire=msg.wire, step=msg.step)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _state(self, step: int, rows: int, mode: str) -> StepState:
+        return StepState(step, torch.arange(rows), mode)  # type: ignore[arg-type]
+
+    def _room(self) -> None:
+        if len(self.pending) >= self.limits.early_steps:
+            raise RuntimeError(f"stage {self.party!r}: {len(self.pending)} forwards wait for their backward "
+                               "(Limits.early_steps): call backward(), or run evaluation under torch.no_grad()")
+
+    def _open(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"stage {self.party!r} is closed")
+
+
+def _device(module: nn.Module | None) -> torch.device:
+    """Where ``module`` computes: its first parameter's device (the CPU without any)."""
+    p = next(iter(module.parameters()), None) if module is not None else None
+    return p.device if p is not None else torch.device("cpu")
