@@ -7,6 +7,7 @@ new entry refuses a mistake with one error naming the entry and what it accepts.
 from __future__ import annotations
 
 import functools
+import math
 import re
 import json
 
@@ -188,7 +189,8 @@ def test_an_optimizer_factory_and_python_objects_make_the_same_plan_as_its_name(
      ["schedule CosineAnnealingLR needs T_max"]),
     ({**SGD, "schedule": {"name": "ReduceLROnPlateau"}}, "parties.server.optimizer.schedule",
      ["ReduceLROnPlateau cannot be used"]),
-    ({**SGD, "clip": "global"}, "parties.server.optimizer", ['clip = "global"', "is not available yet", "clip_grad_norm"]),
+    ({**SGD, "clip": "global"}, "parties.server.optimizer",
+     ['clip = "global"', "set in [train]: clip_grad_norm = N with clip = \"global\""]),
     ({"factory": "torch.optim:SGD"}, "parties.server.optimizer.factory", ["is not an optimizer factory"]),
 ])
 def test_a_wrong_optimizer_entry_is_one_error_naming_it_and_what_it_accepts(table, entry, says):
@@ -256,3 +258,189 @@ def test_schedules_the_rounds_would_bend_are_refused(clients, party, schedule, s
     body["parties"][party]["optimizer"]["schedule"] = schedule
     with pytest.raises(PlanError, match=re.escape(says)):
         load_plan(body)
+
+
+# -- clip = "global": one norm over every party's gradients of the network (item 3, second half) ----------------------
+
+def global_clip_reference(plan, setups, batches, max_norm: float, lr: float, scaler=None,
+                          weight: float = 1.0) -> tuple[dict, list[float]]:
+    """The unsplit model (every segment of ``plan`` in plan order, one after the other) trained in plain PyTorch on
+    ``batches``: SGD(lr, momentum 0.9) over all parameters, the loss weighted ``weight``, ``clip_grad_norm_(all
+    parameters, max_norm)`` after each backward (with ``scaler``: torch's AMP recipe, unscaled first, under a float16
+    autocast on the CPU). The trained segments and each step's norm before clipping."""
+    ref = unsplit_segments(plan)
+    holder = next(s for s in setups.values() if any(k.endswith(".x") for k in s.inputs))
+    x = next(v for k, v in holder.inputs.items() if k.endswith(".x"))
+    y = next(v for k, v in holder.inputs.items() if k.endswith(".y"))
+    params = [p for m in ref.values() for p in m.parameters()]
+    opt, norms = torch.optim.SGD(params, lr=lr, momentum=0.9), []
+    for rows in batches:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
+            h = x[rows]
+            for seg in plan.segments:
+                h = ref[seg](h)
+            loss = weight * F.cross_entropy(h, y[rows])
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None:
+            scaler.unscale_(opt)
+        norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm).item())
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+    return ref, norms
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_a_global_clip_equals_clip_grad_norm_over_every_parameter_of_the_unsplit_model(accumulate):
+    """Vanilla, two parties: each clips by the norm over both parties' gradients, as one clip_grad_norm_ over the
+    unsplit model; with accumulate = 3 over a group's gathered gradients (one batch three times larger)."""
+    sgd = {"name": "SGD", "lr": 0.5, "momentum": 0.9}
+    plan, setups, steps = run_steps(load_plan(body(sgd, batch_size=8, accumulate=accumulate, clip_grad_norm=0.3,
+                                                   clip="global")), 8 * accumulate)
+    large = load_plan(body(sgd, batch_size=8 * accumulate))
+    big = [s.rows for s in schedule(large, setups["hospital"].splits) if s.mode == "train"][:8]
+    assert torch.equal(torch.cat([s.rows for s in steps]), torch.cat(big))
+    ref, norms = global_clip_reference(plan, setups, big, 0.3, 0.5)
+    assert worst_difference(setups, ref) <= 1e-6
+    assert sum(n > 0.3 for n in norms) >= 6, norms  # the clip acted at most steps
+    own = run_steps(load_plan(body({**sgd, "clip_grad_norm": 0.3}, batch_size=8 * accumulate)), 8)[1]
+    assert worst_difference(own, ref) > 1e-4  # and it is not each party clipping its own gradients
+
+
+def multi_hop(**train) -> dict:
+    """examples/multi_hop.toml (client -> relay_1 -> relay_2 -> server) with ``train`` added."""
+    import tomllib
+
+    from .conftest import EXAMPLES
+
+    with open(EXAMPLES / "multi_hop.toml", "rb") as f:
+        chain = tomllib.load(f)
+    chain["train"].update(train)
+    return chain
+
+
+def test_a_global_clip_along_a_chain_of_relays_equals_the_unsplit_model():
+    """client -> relay_1 -> relay_2 -> server: the sums go up three hops to the client and the total three hops
+    down; one verdict per step and hop each way, nothing refused."""
+    from splitlearn.launch.threads import run_local
+
+    plan, setups, shapes = prepare(load_plan(multi_hop(clip_grad_norm=0.15, clip="global")))
+    steps = [s for s in schedule(plan, setups["client"].splits) if s.mode == "train"][:8]
+    reports = run_local(plan, setups, shapes, steps=steps)
+    ref, norms = global_clip_reference(plan, setups, [s.rows for s in steps], 0.15, 0.05)
+    assert worst_difference(setups, ref) <= 1e-6
+    assert sum(n > 0.15 for n in norms) >= 6, norms
+    verdicts = {t["wire"]: t["messages"] for t in reports["relay_1"].meter["sent"] if t["direction"] == "credit"}
+    assert verdicts == {"first->second": 8, "second->third": 8}  # its sum up to the client, the total down
+    assert not any(r.refused for r in reports.values())
+
+
+def test_a_global_clip_and_fp16_loss_scaling_travel_in_the_same_verdicts(monkeypatch):
+    """fp16 (allowed on the CPU, as tests/test_precision.py does) with a global clip: torch's AMP recipe with
+    clip_grad_norm_ after unscale_. Steps that overflow are skipped by every party and clip nothing; the others clip
+    by the network's norm; the verdicts are as many as fp16 alone sends."""
+    from splitlearn.core import precision
+    from splitlearn.launch.threads import run_local
+
+    monkeypatch.setattr(precision, "FP16_DEVICES", frozenset({"cuda", "cpu"}))
+    W, STEPS = 30.0, 12  # a loss weighted 30 overflows float16 in 4 of the first 6 steps (the scale starts at 2^16)
+    sgd = {"name": "SGD", "lr": 0.5 / W, "momentum": 0.9}
+    chosen = body(sgd, clip_grad_norm=0.3 * W, clip="global")
+    for party in chosen["parties"].values():
+        party["precision"] = "fp16"
+    chosen["losses"]["digit"]["weight"] = W
+    plan, setups, shapes = prepare(load_plan(chosen))
+    steps = [s for s in schedule(plan, setups["hospital"].splits) if s.mode == "train"][:STEPS]
+    reports = run_local(plan, setups, shapes, steps=steps)
+    scaler = torch.amp.GradScaler("cpu")
+    ref, norms = global_clip_reference(plan, setups, [s.rows for s in steps], 0.3 * W, 0.5 / W, scaler, W)
+    assert worst_difference(setups, ref) <= 1e-6
+    clipped = [n for n in norms if math.isfinite(n)]
+    assert scaler.get_scale() == 2.0 ** 12 and len(clipped) == STEPS - 4, norms  # 4 steps skipped by every party
+    assert min(clipped) > 0.3 * W, norms  # and the clip acted at each of the others
+    sent = [t for t in reports["server"].meter["sent"] if t["direction"] == "credit" and t["wire"] == "bottom->top"]
+    assert sum(t["messages"] for t in sent) == STEPS  # one verdict a step, fp16's and the norm's together
+
+
+@pytest.mark.parametrize("train,entry,says", [
+    ({"clip_grad_norm": 1.0}, "train", 'say so with clip = "global" beside it'),
+    ({"clip": "global"}, "train", 'train.clip = "global" needs the norm to clip to: train.clip_grad_norm = N'),
+    ({"clip": "party", "clip_grad_norm": 1.0}, "train.clip", "Input should be 'global'"),
+    ({"clip": "global", "clip_grad_norm": 0.0}, "train.clip_grad_norm", "greater than 0"),
+    ({"clip": "global", "clip_grad_norm": float("inf")}, "train.clip_grad_norm", "finite number"),
+])
+def test_a_wrong_global_clip_is_one_error_naming_the_entry(train, entry, says):
+    with pytest.raises(PlanError) as e:
+        load_plan(body(SGD, **train))
+    assert e.value.entry == entry and says in str(e.value), str(e.value)
+
+
+def test_a_global_clip_with_a_partys_own_clip_is_refused_and_a_plan_without_it_is_written_as_before():
+    says = 'parties.server.optimizer.clip_grad_norm with train.clip = "global"'
+    with pytest.raises(PlanError, match=re.escape(says)):
+        load_plan(body(SGD, {**SGD, "clip_grad_norm": 1.0}, clip="global", clip_grad_norm=1.0))
+    written = load_plan(body(SGD)).model_dump(mode="json")["train"]
+    assert "clip" not in written and "clip_grad_norm" not in written  # a plan without them hashes as before
+
+
+class Refusals:
+    """A link that records what a party sends and refuses."""
+
+    def __init__(self):
+        self.sent, self.refused = [], []
+
+    def send(self, msg) -> None:
+        self.sent.append(msg)
+
+    def refuse(self, peer: str, reason: str, step: int = 0, wire: str = "") -> None:
+        self.refused.append(f"{peer}: {reason}")
+
+
+def test_a_forged_norm_is_refused_naming_the_peer_and_never_scales_a_gradient():
+    """The hospital is the root, the server its child. A norm that is not a finite number >= 0 as repr writes it, a
+    missing one, a parent's total below what the child told, or a verdict from a stranger: each refused naming who
+    sent it; the party waits on, and clips by the first true total only."""
+    from splitlearn.core.graph import build_graph
+    from splitlearn.core.optimizing import PartyOptimizer
+    from splitlearn.core.precision import Precision
+    from splitlearn.wire.messages import Kind, Message
+
+    graph = build_graph(load_plan(body(SGD, clip="global", clip_grad_norm=2.0)))
+
+    def party(name: str) -> tuple[Precision, Refusals, PartyOptimizer]:
+        link, w = Refusals(), torch.nn.Parameter(torch.zeros(2))
+        w.grad = torch.tensor([3.0, 4.0])  # a squared norm of 25
+        opt = PartyOptimizer(torch.optim.SGD([w], lr=0.1))
+        p = Precision(graph, name, torch.device("cpu"), link, True, RuntimeError)
+        p.begin(4, "train", True, True)
+        return p, link, opt
+
+    def norm(sender: str, receiver: str, text: str, step: int = 4) -> Message:
+        return Message(Kind.CREDIT, sender, receiver, step, "bottom->top", text=text)
+
+    forged = ["step nan", "step -1.0", "step inf", "step 1e400", "step 0x1p3", "step", "skip", "step 24.0",
+              "step " + "9" * 40]
+    server, link, opt = party("server")
+    inbox = [norm("mallory", "server", "step 1e+30"), *(norm("hospital", "server", t) for t in forged),
+             norm("hospital", "server", "step 100.0")]
+    assert server.settle(opt, lambda: server.take(inbox.pop(0))) is True and not inbox
+    assert [m.text for m in link.sent] == ["finite 25.0"]  # its own sum, up to the hospital
+    assert len(link.refused) == 1 + len(forged)
+    assert link.refused[0].startswith("mallory: no gradient norm is expected from it")
+    assert all(r.startswith("hospital: ") for r in link.refused[1:])
+    assert "finite sum of squared gradient norms >= 0, not 'nan'" in link.refused[1]
+    assert "not 'skip'" in link.refused[7] and "below the 25.0 of this party's subtree alone" in link.refused[8]
+    coef = 2.0 / (10.0 + 1e-6)  # the network's norm: sqrt(100)
+    assert torch.allclose(opt.parameters()[0].grad, torch.tensor([3.0, 4.0]) * coef, rtol=0, atol=1e-7)
+
+    root, link, opt = party("hospital")
+    for text in ["finite nan", "finite -25.0", "finite 1e999", "finite", "overflow", "finite 2.5e+01x"]:
+        root.take(norm("server", "hospital", text))
+    assert len(link.refused) == 6 and all(r.startswith("server: ") for r in link.refused)
+    root.take(norm("server", "hospital", "finite 75.0"))
+    assert root.settle(opt, lambda: pytest.fail("the root has heard its child")) is True
+    assert [m.text for m in link.sent] == ["step 100.0"]  # 25 + 75, down to the server
+    assert torch.allclose(opt.parameters()[0].grad, torch.tensor([3.0, 4.0]) * coef, rtol=0, atol=1e-7)

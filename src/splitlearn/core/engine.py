@@ -13,7 +13,8 @@ A step, at every party at once:
    losses), then sends the gradient of every leaf it received back up its wire;
 4. the party steps its optimizer once all its stages are done (with ``[train] accumulate``, once its
    gradient group is: :class:`~splitlearn.core.optimizing.Update`; with a party in fp16, once the network
-   agreed that no party overflowed: :mod:`~splitlearn.core.precision`).
+   agreed that no party overflowed; with ``clip = "global"``, clipped to the norm the network agreed on the
+   same way: :mod:`~splitlearn.core.precision`).
 
 Evaluation runs 1-2 without gradients; prediction runs 1 only and skips label wires, so the
 predictions stay at the party that owns the head. The *handshake* is an evaluation step on one
@@ -359,7 +360,7 @@ class Party:
     def _receive(self, states: list[StepState]) -> None:
         """Take the next message, for the micro-batch it belongs to (or as early or stale)."""
         msg = self._next_message(states)
-        if msg.kind == Kind.CREDIT:  # flow control's, or (with a text) a loss-scaled step's overflow verdict
+        if msg.kind == Kind.CREDIT:  # flow control's, or (with a text) an optimizer step's verdict (precision.py)
             (self.precision.take if msg.text else self._take_credit)(msg)
             return
         if msg.kind in (Kind.ACTIVATION, Kind.GRADIENT):  # sent during its step: the sender reached it

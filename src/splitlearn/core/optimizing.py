@@ -6,7 +6,10 @@
 - **Schedules by name**: any :mod:`torch.optim.lr_scheduler` class the same way, with linear warmup
   (:func:`schedule_maker`), stepped after every optimizer step or once per epoch
   (:meth:`PartyOptimizer.begin_epoch`).
-- **Clipping**: ``clip_grad_norm_`` over the party's own parameters before its optimizer steps.
+- **Clipping**: ``clip_grad_norm_`` over the party's own parameters before its optimizer steps; with
+  ``[train] clip = "global"``, over every party's of the network, the norm agreed by
+  :mod:`~splitlearn.core.precision` from each party's :meth:`PartyOptimizer.squared_norm`
+  (:meth:`PartyOptimizer.clip_to`).
 - **Accumulation**: an :class:`Update` says how one training step's gradients update the weights:
   its share of its group's rows (its losses are weighted by it), whether it opens the group (the
   gradients start from zero) and whether it closes it (the optimizer steps after it).
@@ -241,7 +244,7 @@ class OptimizerSpec(BaseModel):
     argument itself. ``no_decay``: parameters without weight decay (a group of their own; see
     :func:`no_decay_split` for what matches). ``schedule``: a :class:`ScheduleSpec`. ``clip_grad_norm``:
     ``torch.nn.utils.clip_grad_norm_`` over this party's parameters before each of its optimizer steps
-    (``clip = "global"``, over every party's, is not available yet).
+    (``[train] clip = "global"`` clips over every party's of the network instead).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)  # a plan entry (as splitlearn.core.specs.Strict)
@@ -260,9 +263,9 @@ class OptimizerSpec(BaseModel):
     @classmethod
     def _beside(cls, data: Any) -> Any:
         if isinstance(data, dict) and "clip" in data:
-            raise ValueError(f"clip = {json.dumps(data['clip'], default=repr)}: clipping by the norm over every "
-                             "party's gradients together (\"global\") is not available yet; clip_grad_norm = N clips "
-                             "each party's own gradients")
+            raise ValueError(f"clip = {json.dumps(data['clip'], default=repr)}: the norm over every party's "
+                             "gradients together is the network's, set in [train]: clip_grad_norm = N with "
+                             "clip = \"global\"; clip_grad_norm = N here clips this party's own gradients")
         return _arguments_beside(cls, data)
 
     @field_validator("no_decay")
@@ -356,8 +359,29 @@ class PartyOptimizer:
                 self._advance(epoch - last)
             self.epoch = max(last, epoch)
 
+    def squared_norm(self) -> float:
+        """The sum of the squared 2-norms of the party's gradients (as ``clip_grad_norm_`` takes each tensor's
+        norm), in float64: its share of a global clip's total."""
+        import torch
+
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        norms = torch.stack([torch.linalg.vector_norm(g, 2.0).double() for g in grads])
+        return float((norms * norms).sum())
+
+    def clip_to(self, max_norm: float, total: float) -> None:
+        """Scale the party's gradients as ``clip_grad_norm_(params, max_norm)`` would with ``total`` the norm over
+        every parameter of the network: by ``max_norm / (total + 1e-6)`` where that is below 1, computed in the
+        gradients' dtype (torch's rule, as its ``clip_grads_with_norm_`` of torch 2.6 and later has it)."""
+        import torch
+
+        for g in [p.grad for p in self.parameters() if p.grad is not None]:
+            coef = max_norm / (torch.tensor(total, dtype=g.dtype, device=g.device) + 1e-6)
+            g.mul_(torch.clamp(coef, max=1.0))
+
     def step(self) -> None:
-        """Clip, step the optimizer, then a schedule stepped per step."""
+        """Clip (its own gradients, where its entry says so), step the optimizer, then a schedule stepped per step."""
         if self.clip is not None:
             from torch import nn
 

@@ -163,6 +163,11 @@ class Plan(_Strict):
                     raise ValueError(f"parties.{p}.optimizer.schedule: under splitfed_v1 {p}'s copies are made anew "
                                      "every round, so their schedule would start over each round: schedule the "
                                      "clients' optimizer, or use splitfed_v2")
+        if self.train.clip == "global":  # one clipping per step: the network's, or each party's own
+            own = [p for p, spec in self.parties.items() if spec.optimizer.clip_grad_norm is not None]
+            if own:
+                raise ValueError(f"parties.{own[0]}.optimizer.clip_grad_norm with train.clip = \"global\": the "
+                                 "network clips every party's gradients together; remove the party's own clipping")
         grouped = {"train.pipeline": self.train.pipeline, "train.accumulate": self.train.accumulate}
         for name, loss in self.losses.items():
             over = [f"{k} = {v}" for k, v in grouped.items() if v > 1]

@@ -1,5 +1,5 @@
 """Mixed precision per party (a party's ``precision``): autocast, the wire's dtype, and loss scaling agreed by
-the network.
+the network; and the agreement of each optimizer step, which also carries a global clip's norm.
 
 - ``"fp32"`` (the default): no autocast; the party computes as before.
 - ``"bf16"``: the party's forward and its losses run under ``torch.autocast`` in bfloat16 (CPU or CUDA).
@@ -26,12 +26,33 @@ A verdict is taken only from the party's parent or a child in the tree, for the 
 (and the parent's only after this party told its own); anything else is refused. So a peer can make a step
 be skipped, as it could make the step fail by withholding its gradient, and nothing more; a scale that falls
 below :data:`MIN_SCALE` (some forty overflows in a row) stops the run, naming who reported them.
+
+**A global clip rides on the same verdicts.** With ``[train] clip_grad_norm = N`` and ``clip = "global"``
+every party of a network (the parties the tree spans) clips as ``torch.nn.utils.clip_grad_norm_(all
+parameters, N)`` would on the unsplit model, and only squared norms travel: a party adds the sum of its
+gradients' squared 2-norms (:meth:`~splitlearn.core.optimizing.PartyOptimizer.squared_norm`, after unscaling,
+over the gradients its accumulation group gathered) to its children's and sends its parent ``finite <sum>``;
+the root's sum is the network's, and ``step <total>`` goes back down (the number as ``repr`` writes a float, so
+every party reads the very same one). Each party then scales its gradients by ``min(1, N / (sqrt(total) +
+1e-6))`` (:meth:`~splitlearn.core.optimizing.PartyOptimizer.clip_to`) and steps. With loss scaling too, the
+same two messages carry both (``overflow`` and ``skip`` without a number: a skipped step clips nothing). A
+party on no activation wire (one that only sends labels) takes no part. One number per party per step; the
+loss scale aside, nothing is kept, so checkpoints hold nothing new. A party whose own norm is not finite stops
+the run (its gradients are lost, and nothing non-finite travels).
+
+A number is taken under the rules of a verdict, and only as ``repr`` writes a finite float >= 0 (at most 32
+characters); the total a parent sends cannot be below the sum this party told it. So a hostile peer can make
+the network's norm larger than it is (every party's step smaller, down to nothing: as it could withhold or
+zero its gradient) or smaller, down to the sum this party told (less clipping: as it could send larger
+gradients); it can never make a gradient larger than unclipped (the factor is at most 1), nor have a
+non-finite or negative norm used, nor make a party step on gradients that overflowed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
@@ -53,6 +74,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # a precision -> its a
 FP16_DEVICES = frozenset({"cuda"})  # where fp16 may run (CPU autocast in float16 is slow and not what AMP is for)
 MIN_SCALE = 2.0 ** -24  # a loss scale below this (float16's smallest step) stops the run
 _UP, _DOWN = ("finite", "overflow"), ("step", "skip")  # a child's report, a parent's decision
+_NUMBER = re.compile(r"^[0-9]+(\.[0-9]+)?(e[+-][0-9]+)?$")  # a sum of squared norms as repr writes it: >= 0, no nan
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -159,12 +181,16 @@ class Precision:
         self.upcast = set() if self.dtype is not None else {w.src for w in graph.wires if w.dst_party == name
                                                             and w.name in self.wire_dtypes}
         self.scale = LossScale() if loss_scaled(graph) else None
+        self.clip = plan.train.clip_grad_norm if plan.train.clip == "global" else None  # the network's max norm
         self.place = agreement_tree(graph)[name]
         self.settling: int | None = None  # the message step of the optimizer step whose verdict is pending
         self.settled = -1  # the last step settled (verdicts of it or earlier are duplicates)
         self.heard: dict[str, bool] = {}  # child -> its subtree overflowed
+        self.norms: dict[str, float] = {}  # child -> its subtree's sum of squared gradient norms (global clip)
         self.decided: bool | None = None  # the parent's decision: skip
-        self.told = False  # this party told its parent its subtree's verdict
+        self.total: float | None = None  # the parent's total of squared norms over the network (global clip)
+        self.told = ""  # what this party told its parent of its subtree ("": nothing yet)
+        self.told_sum = 0.0  # the sum of squared norms it told (the total it hears back cannot be less)
         self.flagged = False  # since its gradient group began, the party replaced a non-finite tensor it sent
 
     # -- computing -----------------------------------------------------------------------------
@@ -246,9 +272,10 @@ class Precision:
 
     def begin(self, step: int, mode: Mode, first: bool, last: bool) -> None:
         """A step begins (``step``: its message step id); ``first``/``last``: it opens/closes its gradient group."""
-        self.heard, self.decided, self.told = {}, None, False
+        self.heard, self.norms, self.decided, self.total, self.told = {}, {}, None, None, ""
         self.settled = -1 if mode == "handshake" else self.settled  # a new session: nothing settled in it yet
-        self.settling = step if self.scale is not None and mode == "train" and last else None
+        agrees = self.scale is not None or self.clip is not None
+        self.settling = step if agrees and mode == "train" and last else None
         if mode != "train" or first:
             self.flagged = False
 
@@ -260,13 +287,19 @@ class Precision:
         if problem is not None:
             self.link.refuse(msg.sender, problem, msg.step, msg.wire)
         elif msg.sender == self.place.parent:
-            self.decided = msg.text == "skip"
+            word, number = self._read(msg.text)
+            self.decided, self.total = word == "skip", number
         else:
-            self.heard[msg.sender] = msg.text == "overflow"
+            word, number = self._read(msg.text)
+            self.heard[msg.sender] = word == "overflow"
+            if number is not None:
+                self.norms[msg.sender] = number
 
     def _problem(self, msg: Message) -> str | None:
         edges = self.place.edges
         if msg.sender not in edges:
+            if self.scale is None:
+                return "no gradient norm is expected from it (it is no neighbour in this party's agreement tree)"
             return "no overflow verdict is expected from it (it is no neighbour in this party's loss-scaled network)"
         if msg.wire != edges[msg.sender] or msg.tensors:
             return f"a verdict names wire {edges[msg.sender]!r} and carries no tensor"
@@ -275,42 +308,76 @@ class Precision:
         if msg.step != self.settling:
             return f"a verdict for step {msg.step}, which this party is not settling"
         parent = msg.sender == self.place.parent
-        if msg.text not in (_DOWN if parent else _UP):
-            return f"a verdict is one of {list(_DOWN if parent else _UP)}, not {quote(msg.text)}"
+        problem = self._text_problem(msg.text, _DOWN if parent else _UP)
+        if problem is not None:
+            return problem
         if parent and not self.told:
             return "a decision before this party told its own verdict"
         if (self.decided is not None) if parent else (msg.sender in self.heard):
             return f"a second verdict for step {msg.step}"
+        if parent and self.told == "overflow" and msg.text != "skip":
+            return "a decision to step after this party reported an overflow"
+        total = self._read(msg.text)[1] if parent else None
+        if total is not None and total < self.told_sum:
+            return (f"a total of squared gradient norms of {quote(msg.text.split(' ', 1)[1])} for the network, "
+                    f"below the {self.told_sum!r} of this party's subtree alone")
         return None
+
+    def _text_problem(self, text: str, words: tuple[str, str]) -> str | None:
+        """Why a verdict's text is not one of ``words`` (with a global clip: the first with a number), or None.
+        The number is a sum of squared norms: finite and >= 0, as ``repr`` writes a float."""
+        if self.clip is None:
+            return None if text in words else f"a verdict is one of {list(words)}, not {quote(text)}"
+        accepted = [f"{words[0]} <sum of squared gradient norms>"] + ([words[1]] if self.scale is not None else [])
+        word, _, number = text.partition(" ")
+        if word != words[0] and not (self.scale is not None and text == words[1]):
+            return f"a verdict is one of {accepted}, not {quote(text)}"
+        if word == words[0] and not (len(number) <= 32 and _NUMBER.match(number) and math.isfinite(float(number))):
+            return f"a verdict's number is a finite sum of squared gradient norms >= 0, not {quote(number)}"
+        return None
+
+    @staticmethod
+    def _read(text: str) -> tuple[str, float | None]:
+        """A checked verdict's word and number (None: it has none)."""
+        word, _, number = text.partition(" ")
+        return word, float(number) if number else None
 
     def waiting(self) -> list[str]:
         """The verdicts this party waits for (a timeout's message names them)."""
         if self.settling is None:
             return []
-        out = [f"the overflow verdict of {c}" for c in self.place.children if c not in self.heard]
+        what = "overflow verdict" if self.scale is not None else "gradient norm"
+        out = [f"the {what} of {c}" for c in self.place.children if c not in self.heard]
         return out + ([f"the decision of {self.place.parent}"] if self.told and self.decided is None else [])
 
     def settle(self, optimizer: PartyOptimizer | None, receive: Callable[[], None]) -> bool:
         """After the backward of a step that closes its gradient group: whether the optimizer steps. A loss-scaled
         party unscales its gradients and agrees on the verdict with the network first (``receive`` takes the next
-        message), then moves its scale."""
+        message), then moves its scale; with a global clip the verdict carries the squared norms, and the party
+        clips its gradients to the network's norm."""
         if self.settling is None:
             return optimizer is not None
-        overflow = self.flagged or self._unscale(optimizer)
+        overflow = self.flagged or (self.scale is not None and self._unscale(optimizer))
         mine = overflow
+        squares = self._squared_norm(optimizer) if self.clip is not None and not overflow else 0.0
         while not all(c in self.heard for c in self.place.children):
             receive()
         overflow = overflow or any(self.heard.values())
+        squares += sum(self.norms.get(c, 0.0) for c in self.place.children)  # (in tree order: one sum everywhere)
         if self.place.parent is not None:
-            self._send(self.place.parent, _UP[overflow])
-            self.told = True
+            self.told_sum, self.told = squares, self._verdict(_UP, overflow, squares)
+            self._send(self.place.parent, self.told)
             while self.decided is None:
                 receive()
-            overflow = self.decided
+            overflow, squares = self.decided, self.total if self.total is not None else 0.0
         for c in self.place.children:
-            self._send(c, _DOWN[overflow])
-        self.scale.update(overflow)
+            self._send(c, self._verdict(_DOWN, overflow, squares))
         self.settled, self.settling, self.flagged = self.settling, None, False
+        if self.clip is not None and not overflow and optimizer is not None:
+            optimizer.clip_to(self.clip, math.sqrt(squares))
+        if self.scale is None:
+            return optimizer is not None
+        self.scale.update(overflow)
         if self.scale.scale < MIN_SCALE:
             who = [self.name] * mine + [c for c, bad in self.heard.items() if bad] \
                 + ([self.place.parent] if self.decided else [])
@@ -327,6 +394,21 @@ class Precision:
         for g in grads:
             g.mul_(inv)
         return not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def _squared_norm(self, optimizer: PartyOptimizer | None) -> float:
+        """This party's sum of squared gradient norms; it stops the run if it is not finite (nothing non-finite
+        travels, and the network's norm would be lost)."""
+        squares = optimizer.squared_norm() if optimizer is not None else 0.0
+        if not math.isfinite(squares):
+            raise self.error(f"{self.name}: its gradients' norm is not finite at step {self.settling}, so the "
+                             "network's norm for clip = \"global\" cannot be computed; training cannot go on")
+        return squares
+
+    def _verdict(self, words: tuple[str, str], overflow: bool, squares: float) -> str:
+        """A verdict's text: the word, and with a global clip a step's sum of squared norms (exact as repr)."""
+        if overflow:
+            return words[1]
+        return words[0] if self.clip is None else f"{words[0]} {squares!r}"
 
     def _send(self, peer: str, verdict: str) -> None:
         self.link.send(Message(Kind.CREDIT, self.name, peer, self.settling, self.place.edges[peer], text=verdict))

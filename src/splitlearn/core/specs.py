@@ -419,12 +419,27 @@ class TrainSpec(Strict):
     pipeline: int = Field(1, ge=1, le=1024)
     # training batches per optimizer step (gradient accumulation: equals one batch this many times larger)
     accumulate: int = Field(1, ge=1)
+    # with clip = "global": clip_grad_norm_ over every party's gradients of a network at once (core/precision.py)
+    clip_grad_norm: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    clip: Literal["global"] | None = None
+
+    @model_validator(mode="after")
+    def _global_clip(self) -> "TrainSpec":
+        if self.clip_grad_norm is not None and self.clip is None:
+            raise ValueError("train.clip_grad_norm clips the norm over every party's gradients together: say so with "
+                             "clip = \"global\" beside it (a party's own gradients are clipped by clip_grad_norm in "
+                             "its optimizer table)")
+        if self.clip is not None and self.clip_grad_norm is None:
+            raise ValueError("train.clip = \"global\" needs the norm to clip to: train.clip_grad_norm = N")
+        return self
 
     @model_serializer(mode="wrap")
     def _set_only(self, handler: Callable[["TrainSpec"], dict[str, Any]]) -> dict[str, Any]:
-        """``accumulate`` is written only where given (a plan without it hashes as before it existed)."""
+        """``accumulate`` and the global clip are written only where given (a plan without them hashes as before
+        they existed)."""
         data = handler(self)
-        return {k: v for k, v in data.items() if not (k == "accumulate" and v == 1)}
+        return {k: v for k, v in data.items() if not (k == "accumulate" and v == 1)
+                and not (k in ("clip_grad_norm", "clip") and v is None)}
 
 
 class PartitionSpec(Strict):

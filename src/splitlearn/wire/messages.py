@@ -29,8 +29,8 @@ __all__ = ["Kind", "Message", "Limits", "encode", "decode", "kind_of", "parse_js
 
 PROTOCOL_VERSION = 4  # 2: typed COMMAND/ACK control messages (wire/control.py) instead of commands in STEP;
 # 3: checkpoints named by a cursor [round, step] (wire/control.Cursor) in control messages and hellos
-# 4: the float32 codec sends a 16-bit float as itself; a CREDIT with a text is a loss-scaled step's overflow verdict
-# (core/precision.py)
+# 4: the float32 codec sends a 16-bit float as itself; a CREDIT with a text is a step's agreement (core/precision.py:
+# an fp16 overflow verdict, a global clip's squared norm)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 QUOTE_CHARS = 80  # a peer's string quoted in a refusal or an error is cut to this many characters
 
@@ -99,7 +99,7 @@ class Kind(enum.IntEnum):
     STOP = pb.STOP
     ERROR = pb.ERROR
     ALIGN = pb.ALIGN
-    CREDIT = pb.CREDIT  # flow control (core/flow.py): the sender finished a step; with a text, its overflow verdict
+    CREDIT = pb.CREDIT  # flow control (core/flow.py): the sender finished a step; with a text, a step's agreement
 
 
 @dataclass
