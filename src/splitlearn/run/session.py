@@ -13,7 +13,6 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
-from ..core.defense import privacy_spent
 from ..core.engine import Party, PartyError, SessionRestart
 from ..core.optimizing import WHOLE
 from ..core.plan import differing_entries, plan_hash, plan_parts, plan_value
@@ -310,7 +309,10 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
               on_step: Callable[[Progress], None] | None = None, ids_hash: str = "", tracker: Any = None,
               setup: Any = None, checkpoints: Any = None, resume: bool = False) -> PartyReport:
     """Run a party through the schedule; collect the metrics of the losses it computes (and
-    stream them to ``tracker``, a :class:`~splitlearn.run.tracking.Tracker`). ``steps`` may be
+    stream them to ``tracker``, a :class:`~splitlearn.run.tracking.Tracker`). Its report is what the
+    session knows (metrics, accounting and timings, refusals, predictions, scores); what the party
+    spent and recorded over all its sessions is its participant's to report
+    (:meth:`~splitlearn.clients.participant.Participant.report`). ``steps`` may be
     a function giving them once the hello has told how many rows there are (``setup``: the
     party's own data, see :func:`session`). ``checkpoints`` (a
     :class:`~splitlearn.run.checkpoint.Checkpoints`): take one every ``every`` training steps and
@@ -421,7 +423,4 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     report = PartyReport(party.name, metrics.history(), {**party.meter.summary(), **timing}, list(party.link.refused),
                          plays=party.name, modules=party.modules, predictions=predictions, scores=metrics.scores)
     report.refused_jumps = dict(party.bounds.refused)
-    report.privacy = privacy_spent(party.graph, party.name, timing["train_samples"], timing["train_steps"])
-    if party.observer is not None and hasattr(party.observer, "tensors"):
-        report.observed = party.observer.tensors()
     return report

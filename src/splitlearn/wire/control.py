@@ -49,15 +49,16 @@ class Cursor(NamedTuple):
 START = Cursor(0, -1)  # every run's first cursor: before its first round and step
 
 
-def _cursors(values: tuple[Cursor, ...]) -> str | None:
-    return next((c.problem() for c in values if c.problem()), None)
-
-
 class _Typed:
     WORD: ClassVar[str] = ""
 
     def problem(self) -> str | None:
-        """What is wrong with the values (their types are checked already); None if nothing."""
+        """What is wrong with the values (their types are checked already); None if nothing. Here: any
+        cursor a field holds (alone or in a tuple) that is before the start of the run."""
+        for value in vars(self).values():
+            for c in value if isinstance(value, tuple) and not isinstance(value, Cursor) else (value,):
+                if isinstance(c, Cursor) and c.problem():
+                    return c.problem()
         return None
 
 
@@ -167,9 +168,6 @@ class Checkpoint(Instruction):
     WORD: ClassVar[str] = "checkpoint"
     cursor: Cursor
 
-    def problem(self) -> str | None:
-        return self.cursor.problem()
-
 
 @dataclass(frozen=True)
 class WhichCheckpoints(Instruction):
@@ -185,9 +183,6 @@ class Restore(Instruction):
     WORD: ClassVar[str] = "restore"
     cursor: Cursor
     attempt: int
-
-    def problem(self) -> str | None:
-        return self.cursor.problem()
 
 
 @dataclass(frozen=True)
@@ -258,26 +253,17 @@ class Saved(Reply):
     WORD: ClassVar[str] = "saved"
     cursor: Cursor
 
-    def problem(self) -> str | None:
-        return self.cursor.problem()
-
 
 @dataclass(frozen=True)
 class CheckpointsHeld(Reply):
     WORD: ClassVar[str] = "held"
     cursors: tuple[Cursor, ...]
 
-    def problem(self) -> str | None:
-        return _cursors(self.cursors)
-
 
 @dataclass(frozen=True)
 class Restored(Reply):
     WORD: ClassVar[str] = "restored"
     cursor: Cursor
-
-    def problem(self) -> str | None:
-        return self.cursor.problem()
 
 
 @dataclass(frozen=True)
@@ -286,9 +272,6 @@ class NotRestored(Reply):
 
     WORD: ClassVar[str] = "not_restored"
     cursor: Cursor
-
-    def problem(self) -> str | None:
-        return self.cursor.problem()
 
 
 @dataclass(frozen=True)
@@ -333,9 +316,6 @@ class Rejoined(Reply):
 
     WORD: ClassVar[str] = "rejoined"
     cursors: tuple[Cursor, ...]
-
-    def problem(self) -> str | None:
-        return _cursors(self.cursors)
 
 
 INSTRUCTIONS: dict[str, type[Instruction]] = {c.WORD: c for c in (
