@@ -12,7 +12,7 @@ from splitlearn.tools.audit import AuditError, audit_run, parse_sweep, sweep
 from splitlearn.tools.audit.measures import invert, label_leakage, latest_per_id, ssim
 from splitlearn.cli import app
 from splitlearn.core import engine
-from splitlearn.core.specs import LabelProtectionSpec
+from splitlearn.core.wirespec import LabelProtectionSpec
 from splitlearn.core.load import load_plan
 
 from .conftest import EXAMPLES

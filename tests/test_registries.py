@@ -13,7 +13,8 @@ from splitlearn.core import defense, losses
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import plan_hash
 from splitlearn.core.registry import DEFENSES
-from splitlearn.core.specs import PlanError, WireSpec
+from splitlearn.core.specs import PlanError
+from splitlearn.core.wirespec import WireSpec
 from splitlearn.tools.audit import parse_sweep
 from splitlearn.tools.audit.sweep import plan_with, swept_wires
 

@@ -25,7 +25,7 @@ from .support import LogEvent, max_diff, module_state, tiny
 
 
 def noisy(**clients):
-    from splitlearn.core.specs import WireSpec
+    from splitlearn.core.wirespec import WireSpec
 
     return tiny(**clients).replace(wires={"bottom": WireSpec(noise={"clip": 5.0, "sigma": 1.0})})
 

@@ -154,9 +154,24 @@ def test_cut_refuses_with_one_clear_error(after, says):
     assert e.value.entry == "after" and says in str(e.value)
 
 
-def test_cut_refuses_a_skip_connection_across_the_cut():
-    with pytest.raises(PlanError, match="the value 'relu' .* is also used after it, by 'add': a skip connection") as e:
-        splitlearn.cut(Residual(), after="block")
+def test_cut_across_a_skip_connection_returns_a_tuple_and_refuses_the_input_crossing():
+    model = Residual()
+    bottom, top = splitlearn.cut(model, after="block")  # h crosses beside the block's output
+    x = torch.randn(4, 6)
+    out = bottom(x)
+    assert isinstance(out, tuple) and len(out) == 2 and torch.equal(top(*out), model(x))
+
+    class Reuses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.b(self.a(x)) + x
+
+    with pytest.raises(PlanError, match="the network's input 'x' .* is also used after it, by 'add': raw features "
+                                        "never travel") as e:
+        splitlearn.cut(Reuses(), after="a")
     assert e.value.entry == "after"
 
 

@@ -6,9 +6,9 @@ from typing import Sequence
 
 from torch import nn
 
-from ..core.load import load_plan
 from ..core.specs import PlanError
 from ..models import build_segment
+from .splitting import with_cut_outputs
 
 __all__ = ["cut"]
 
@@ -26,7 +26,9 @@ def cut(model: nn.Module, after: str | int | Sequence[str | int]) -> list[nn.Mod
     >>> top(bottom(x))  # == model(x)
 
     Raises :class:`~splitlearn.core.specs.PlanError` (entry ``after``) when a cut names no submodule, the
-    cuts are out of order, leave a piece empty, or a value other than a cut submodule's output crosses one.
+    cuts are out of order, leave a piece empty, or the model's input crosses one. A piece before a cut that a skip
+    connection crosses returns a tuple (the cut's output, then the crossing values) and the piece after takes
+    them as arguments: ``top(*bottom(x))``.
     """
     if not isinstance(model, nn.Module):
         raise PlanError(f"cut() takes an nn.Module, not {type(model).__name__}", entry="model",
@@ -44,7 +46,8 @@ def cut(model: nn.Module, after: str | int | Sequence[str | int]) -> list[nn.Mod
         "losses": {"task": {"input": names[-1], "target": "p0.y", "kind": "mse"}},
     }
     try:
-        pieces = [build_segment(load_plan(body), n) for n in names]
+        plan = with_cut_outputs(body)  # a skip connection across a cut: the piece before returns a tuple
+        pieces = [build_segment(plan, n) for n in names]
     except PlanError as e:
         raise PlanError(f"cannot cut {type(model).__name__} after {cuts}: {e.message}", entry="after",
                         hint="name submodules in the order the forward calls them, each leaving a piece after it "

@@ -11,24 +11,38 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.plan import Plan
+from pydantic import ValidationError
+
+from ..core.plan import Plan, from_validation_error
 from ..core.specs import DataSpec, PlanError, describe, importable_name
 from ..core.load import load_plan
 from ..run.report import Progress
 
 from .training import Result, train
 
-__all__ = ["split", "split_plan"]
+__all__ = ["split", "split_plan", "with_cut_outputs"]
 
 
 _EMBEDDED = ("digits", "breast_cancer", "synthetic")
 
 
 def _data_of(data: Any, id_column: str, label_column: str) -> DataSpec:
+    """``data`` as the plan's ``[data]``. A torch ``Dataset`` or ``DataLoader`` (or a pair ``(train, test)`` of them)
+    is streamed (:mod:`splitlearn.data.torchdata`): a DataLoader's sampler, collate_fn and workers are used."""
+    from ..data import DataError
+    from ..data.torchdata import is_torch_data
+
     if isinstance(data, DataSpec):
         return data
     if isinstance(data, dict):
         return DataSpec.model_validate(data)
+    torch_pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(map(is_torch_data, data))
+    if is_torch_data(data) or torch_pair:
+        try:
+            return DataSpec.of_torch(*(data if torch_pair else (data,)))
+        except DataError as e:
+            raise PlanError(str(e), entry="data", hint="give a map-style Dataset or a DataLoader over one (and the "
+                            "test rows apart: data=(loader, test_loader))") from None
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return DataSpec.of_arrays({"x": data[0], "y": data[1]})
     if isinstance(data, str) and data in _EMBEDDED:
@@ -40,8 +54,22 @@ def _data_of(data: Any, id_column: str, label_column: str) -> DataSpec:
         if path.suffix.lower() == ".csv" or not path.exists():
             return DataSpec(dataset="csv", path=str(path), id_column=id_column, label_column=label_column)
     raise PlanError(f"data {data!r:.80} is neither an embedded dataset {list(_EMBEDDED)}, a CSV file, an MNIST "
-                    "folder nor a pair (inputs, labels) of tensors", entry="data",
+                    "folder, a pair (inputs, labels) of tensors nor a torch Dataset or DataLoader", entry="data",
                     hint="give e.g. data=\"digits\", data=\"patients.csv\" or data=(x, y)")
+
+
+def _data_with(spec: DataSpec, **changes: Any) -> DataSpec:
+    """``spec`` with the ``changes`` given (not None), each validated as a plan's ``[data]`` entry would be; rows
+    given in Python stay."""
+    given = {k: v for k, v in changes.items() if v is not None}
+    if not given:
+        return spec
+    try:
+        DataSpec.model_validate({**spec.model_dump(), **given})
+    except ValidationError as e:
+        err = from_validation_error(e)
+        raise PlanError(err.message, entry=err.entry, hint=err.hint) from None
+    return spec.model_copy(update=given)
 
 
 def _input_field(model: nn.Module | Callable[[], nn.Module], spec: DataSpec) -> str:
@@ -49,6 +77,8 @@ def _input_field(model: nn.Module | Callable[[], nn.Module], spec: DataSpec) -> 
     from ..data import DataError
     from ..run.rows import read_table as _table
 
+    if spec.dataset == "torch":  # its fields are the items' own: x (or give inputs=)
+        return "x"
     try:
         table = _table(spec, None, {})
     except DataError as e:
@@ -110,8 +140,9 @@ def split_plan(model: nn.Module | Callable[[], nn.Module], cut: str | int | Sequ
                epochs: int = 5, batch_size: int = 32, optimizer: Any = "adam", lr: float | None = None,
                momentum: float = 0.0, optimizer_options: dict[str, Any] | None = None, accumulate: int = 1,
                loss: str = "cross_entropy", codec: str = "float32", seed: int = 0,
-               device: str = "auto", test_fraction: float | None = None, id_column: str = "id",
-               label_column: str = "label", name: str = "split") -> Plan:
+               device: str = "auto", test_fraction: float | None = None, test_data: Any = None,
+               validation_fraction: float | None = None, early_stop: dict[str, Any] | None = None,
+               id_column: str = "id", label_column: str = "label", name: str = "split") -> Plan:
     """The plan :func:`split` trains: ``model`` cut after the named submodule(s) ``cut``.
 
     One cut gives a vanilla split (``client`` holds data and labels and runs the bottom,
@@ -127,6 +158,11 @@ def split_plan(model: nn.Module | Callable[[], nn.Module], cut: str | int | Sequ
     one. ``optimizer_options`` is the rest of the optimizer table of a plan file: the optimizer's keyword
     arguments, ``no_decay``, ``schedule`` and ``clip_grad_norm``. ``accumulate``: training batches per
     optimizer step. A callable that is none of these is refused: the plan is written for every party's process.
+
+    ``data`` may be a torch ``Dataset`` or ``DataLoader`` (read a batch at a time, in this process), its test rows
+    ``test_data`` (another one). ``validation_fraction`` carves validation rows from the training rows, scored every
+    epoch; ``early_stop`` (``{"metric": "val_roc_auc", "patience": 3}``) stops when their figure stops improving,
+    keeping the best epoch's weights (a plan's ``[data]`` and ``[train]`` entries of the same names).
     """
     cuts = [str(c) for c in ([cut] if isinstance(cut, (str, int)) else cut)]
     if not cuts:
@@ -140,9 +176,15 @@ def split_plan(model: nn.Module | Callable[[], nn.Module], cut: str | int | Sequ
     if len(parties) != len(cuts) + 1:
         raise PlanError(f"{len(cuts)} cut(s) make {len(cuts) + 1} pieces, but parties lists {len(parties)}: "
                         f"{parties}", entry="parties", hint="name one party per piece, in order")
-    spec = _data_of(data, id_column, label_column)
-    if test_fraction is not None:
-        spec = spec.model_copy(update={"test_fraction": test_fraction})
+    if test_data is not None:
+        from ..data.torchdata import is_torch_data
+
+        if not (is_torch_data(data) and is_torch_data(test_data)):
+            raise PlanError("test_data gives the test rows of a torch Dataset or DataLoader apart: give both data and "
+                            "test_data as such", entry="test_data", hint="other data: test_fraction=0.2")
+        data = (data, test_data)
+    spec = _data_with(_data_of(data, id_column, label_column), test_fraction=test_fraction,
+                      validation_fraction=validation_fraction)
     holder = parties[0]
     names = (["bottom", "top"] if len(parties) == 2 else ["bottom", "middle", "top"] if len(parties) == 3
              else [f"part{k + 1}" for k in range(len(parties))])
@@ -153,13 +195,39 @@ def split_plan(model: nn.Module | Callable[[], nn.Module], cut: str | int | Sequ
     opt = _optimizer_entry(optimizer, lr, momentum, optimizer_options)
     body = {
         "name": name, "data": spec, "train": {"epochs": epochs, "batch_size": batch_size, "seed": seed,
-                                              **({"accumulate": accumulate} if accumulate != 1 else {})},
+                                              **({"accumulate": accumulate} if accumulate != 1 else {}),
+                                              **({"early_stop": early_stop} if early_stop is not None else {})},
         "parties": {p: {"optimizer": opt, "device": device} for p in dict.fromkeys(parties)},
         "networks": {"model": model}, "segments": segments,
         "losses": {"task": {"input": names[-1], "target": f"{holder}.y", "kind": loss}},
         "wires": {seg: {"codec": codec, "grad_codec": codec} for seg in names[:-1]},
     }
     body["parties"][holder]["holds"] = {"x": inputs or _input_field(model, spec), "y": "y"}
+    return with_cut_outputs(body)
+
+
+def with_cut_outputs(body: dict[str, Any], network: str = "model") -> Plan:
+    """The plan of ``body``, its segments cut from ``network`` declaring the ``outputs`` a skip connection across
+    their cut makes them return (:func:`~splitlearn.models.cut.cut_outputs`); a cut that cannot be made is left
+    for building the segments to refuse, naming why."""
+    from ..models import build_network
+    from ..models.cut import CutError, cut_outputs
+
+    plan = load_plan(body)
+    mine = [s for s, seg in plan.segments.items() if seg.network == network]
+    cuts = [plan.segments[s].cut for s in mine if plan.segments[s].cut is not None]
+    if not cuts or any(plan.segments[s].layers is not None for s in mine):
+        return plan
+    try:
+        names = cut_outputs(build_network(plan, network), cuts)
+    except (CutError, PlanError):
+        return plan
+    bounded = [s for s in mine if plan.segments[s].cut is not None]
+    if not any(names):
+        return plan
+    for seg, outputs in zip(bounded, names):
+        if outputs:
+            body["segments"][seg]["outputs"] = outputs
     return load_plan(body)
 
 

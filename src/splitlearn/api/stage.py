@@ -40,13 +40,15 @@ from ..core.engine import PartyError
 from ..core.admission import decode_checked
 from ..core.graph import Wire
 from ..core.plan import from_validation_error
-from ..core.specs import PlanError, WireSpec
+from ..core.specs import PlanError
+from ..core.wirespec import WireSpec
 from ..core.step import StepState
 from ..wire.codec import Codec, WireError, check_values, get_codec
 from ..wire.link import MAX_KEPT, Link
 from ..wire.messages import Kind, Limits, Message, quote
 from ..wire.metering import Meter
 from ..wire.transport.base import Transport, TransportClosed, TransportTimeout
+from .layout import assemble, call, elements_of, layout_of, layout_problem, shape_key
 
 __all__ = ["Stage"]
 
@@ -76,13 +78,14 @@ class _Context(WireContext):
 
 @dataclass
 class _Forward:
-    """One forward waiting for its backward: what it sent (and its step), what it received."""
+    """One forward waiting for its backward: what it sent (and its step), what it received; per element of a
+    tuple or dict output, by wire name (one tensor: the wire named after its sender)."""
 
     train: bool
-    step: int | None = None  # of the activation sent; None for a last stage
-    sent: Tensor | None = None
+    step: int | None = None  # of the activations sent; None for a last stage
+    sent: dict[str, Tensor] | None = None
     extra: list[Tensor] = field(default_factory=list)  # the sender's extra loss terms (NoPeek)
-    received: Tensor | None = None  # the input leaf, whose gradient goes back to the previous stage
+    received: dict[str, Tensor] | None = None  # the input leaves, whose gradients go back to the previous stage
     received_step: int | None = None
 
 
@@ -107,7 +110,7 @@ class Stage:
     ``module``: the piece (None: the stage passes its input on, e.g. a last stage whose head is in the
     user's code). ``previous``/``next``: the parties of the stages before and after (at least one).
     ``send``/``receive``: the settings of the wire to ``next`` and from ``previous``, a
-    :class:`~splitlearn.core.specs.WireSpec` or its dict as a plan's ``[wires.X]`` writes it (``codec``,
+    :class:`~splitlearn.core.wirespec.WireSpec` or its dict as a plan's ``[wires.X]`` writes it (``codec``,
     ``grad_codec``, defenses such as ``noise`` or ``label_protection``, ``max_abs``, ...). Both ends of a
     wire must give the same settings (checked at its first activation): the sender applies the sender's
     defenses, the receiver the receiver's. ``timeout``: seconds one call may wait for its peer.
@@ -160,7 +163,9 @@ class Stage:
             self.encoders[Kind.GRADIENT] = get_codec(self.in_wire.spec.grad_codec)
         self.noise_secret = secrets.randbits(128)  # defense noise: this party's secret, never shared
         self.bounds = LearntBounds()
-        self.shape: tuple[str, tuple[int, ...]] | None = None  # the incoming wire's dtype and row shape, once agreed
+        self.shapes: dict[str, tuple[str, tuple[int, ...]]] = {}  # each incoming wire's dtype and row shape, once agreed
+        self.layout_in: str | None = None  # the structure the previous stage sends (its first activation says it)
+        self.layout_out: str | None = None  # the structure this stage sends (fixed by its first forward)
         self.sent_steps = self.received_steps = 0
         self.pending: deque[_Forward] = deque()  # forwards waiting for their backward, oldest first
         self.kept: dict[Kind, deque[Message]] = {Kind.ACTIVATION: deque(), Kind.GRADIENT: deque()}
@@ -169,11 +174,16 @@ class Stage:
 
     # -- the loop's two calls ---------------------------------------------------------------------
 
-    def forward(self, x: Tensor | None = None) -> Tensor:
+    def forward(self, x: Any = None) -> Any:
         """Run the piece on ``x`` (a first stage) or on the input received from the previous stage, send
         its output to the next stage (after the wire's defenses) and return it (a last stage: to compute
         the loss on). A received input requires grad when the previous stage trains (its forward ran with
-        gradients), and then so must this one."""
+        gradients), and then so must this one.
+
+        The piece may return a tuple or dict of tensors (a cut that a skip connection crosses): each element
+        travels on a wire of its own (``party:0``, ``party:key``), checked against its own agreed dtype and
+        shape, and the receiving stage's ``forward()`` returns the same structure (its piece takes a tuple as
+        arguments, a dict as keyword arguments). Only floating elements carry a gradient back."""
         self._open()
         rec = _Forward(train=torch.is_grad_enabled())
         if self.previous is not None:
@@ -181,8 +191,8 @@ class Stage:
                 raise TypeError(f"stage {self.party!r} receives its input from {self.previous!r}: call forward() "
                                 "without an input")
             self._room()
-            rec.received_step, x, rec.train = self._take_activation()
-            rec.received = x
+            rec.received_step, rec.received, rec.train = self._take_activation()
+            x = assemble(self.layout_in, list(rec.received.values()))
         elif x is None:
             raise TypeError(f"stage {self.party!r} is a first stage: give forward() its input")
         elif rec.train:
@@ -190,10 +200,7 @@ class Stage:
         if not rec.train:
             self.bounds.freeze()  # as the engine: the bounds are the first epoch's training's
         out = x if self.module is None else self.meter.compute(
-            ("forward", tuple(x.shape), x.dtype), "forward", lambda: self.module(x))
-        if not isinstance(out, Tensor):
-            raise TypeError(f"stage {self.party!r}: the piece returned {type(out).__name__}; a stage sends one "
-                            "tensor per step")
+            ("forward", shape_key(x)), "forward", lambda: call(self.module, x))
         if self.next is not None:
             self._send_forward(rec, x, out)
         if rec.train and (rec.sent is not None or rec.received is not None):
@@ -210,26 +217,27 @@ class Stage:
             raise RuntimeError(f"stage {self.party!r}: backward() without a forward waiting for it (a forward "
                                "under torch.no_grad(), or from a previous stage that did not train, waits for none)")
         if self.next is not None:
-            rec, grad = self._take_gradient()
-            roots, grads = [rec.sent, *rec.extra], [grad, *[None] * len(rec.extra)]
+            rec, got = self._take_gradient()
+            roots = [rec.sent[n] for n in got] + rec.extra
+            grads = list(got.values()) + [None] * len(rec.extra)
             pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
             if pairs:
-                self.meter.compute(("backward", tuple(rec.sent.shape), rec.sent.dtype), "backward",
+                self.meter.compute(("backward", shape_key(rec.sent)), "backward",
                                    lambda: torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs]))
         else:
             rec = self.pending.popleft()
-        if rec.received is not None:
-            grad = rec.received.grad
-            if grad is None:
-                if self.next is None:
-                    raise RuntimeError(f"stage {self.party!r}: no gradient reached the input of step "
-                                       f"{rec.received_step}: call loss.backward() before stage.backward()")
-                grad = torch.zeros_like(rec.received)  # the piece does not use its input
+        leaves = {n: t for n, t in (rec.received or {}).items() if t.is_floating_point()}
+        if leaves and self.next is None and all(t.grad is None for t in leaves.values()):
+            raise RuntimeError(f"stage {self.party!r}: no gradient reached the input of step "
+                               f"{rec.received_step}: call loss.backward() before stage.backward()")
+        for name, leaf in leaves.items():  # integer elements (a mask) carry no gradient back
+            grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)  # an input the piece does not use
+            wire = self._in(name)
             st = self._state(rec.received_step, len(grad), "train")
-            for d, config in active(self.in_wire.spec):
+            for d, config in active(wire.spec):
                 if _overrides(d, "on_gradient") and "train" in d.modes:
-                    grad = d.on_gradient(_Context(self, self.in_wire, st, config, labels=labels), grad)
-            self._send(Kind.GRADIENT, self.in_wire, rec.received_step, grad, train=True)
+                    grad = d.on_gradient(_Context(self, wire, st, config, labels=labels), grad)
+            self._send(Kind.GRADIENT, wire, rec.received_step, grad, train=True)
         rec.sent = rec.received = None
         rec.extra.clear()
 
@@ -274,27 +282,41 @@ class Stage:
 
     # -- sending ----------------------------------------------------------------------------------
 
-    def noise_generator(self, step: int, wire: Wire, salt: int | str) -> torch.Generator:
-        """Defense noise for a step and wire from this stage's secret (as :meth:`Party.noise_generator`)."""
-        key = f"{self.noise_secret}/{step}/{wire.name}/{salt}".encode()
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
-
-    def _send_forward(self, rec: _Forward, x: Tensor, out: Tensor) -> None:
+    def _send_forward(self, rec: _Forward, x: Any, out: Any) -> None:
         mode = "train" if rec.train else "eval"
+        layout, items = layout_of(self.party, out)
+        if self.layout_out is None:
+            self.layout_out = layout
+        elif layout != self.layout_out:
+            raise TypeError(f"stage {self.party!r}: the piece returned {layout} where its first forward returned "
+                            f"{self.layout_out}: every step sends the same structure")
         rec.step, self.sent_steps = self.sent_steps, self.sent_steps + 1
-        st = self._state(rec.step, len(out), mode)
-        value = out
-        acting = [(d, _Context(self, self.out_wire, st, config, inputs=x)) for d, config in active(self.out_wire.spec)
-                  if mode in d.modes]
-        for d, ctx in acting:
-            term = d.extra_loss(ctx, value)
-            if term is not None and rec.train:
-                rec.extra.append(term)
-        for d, ctx in acting:
-            value = d.on_send(ctx, value)
-        rec.sent = value
-        text = mode if rec.step else f"{mode} {self._digest(self.out_wire)}"  # the first says the wire's settings
-        self._send(Kind.ACTIVATION, self.out_wire, rec.step, value, train=rec.train, text=text)
+        rec.sent = {}
+        for i, (name, value) in enumerate(items):
+            wire = self._out(name)
+            st = self._state(rec.step, len(value), mode)
+            acting = [(d, _Context(self, wire, st, config, inputs=x)) for d, config in active(wire.spec)
+                      if mode in d.modes and value.is_floating_point()]
+            for d, ctx in acting:
+                term = d.extra_loss(ctx, value)
+                if term is not None and rec.train:
+                    rec.extra.append(term)
+            for d, ctx in acting:
+                value = d.on_send(ctx, value)
+            rec.sent[name] = value
+            text = mode  # the first says the wire's settings (and a tuple's or dict's layout)
+            if rec.step == 0 and i == 0:
+                text += f" {self._digest(self.out_wire)}" + ("" if layout == "tensor" else f" {layout}")
+            self._send(Kind.ACTIVATION, wire, rec.step, value, train=rec.train, text=text)
+
+    def _out(self, name: str) -> Wire:
+        """The wire an element of this stage's output travels on (the stage's wire settings)."""
+        return self.out_wire if name == self.out_wire.name else Wire(name, self.party, self.party, self.next,
+                                                                     "activation", (), self.out_wire.spec)
+
+    def _in(self, name: str) -> Wire:
+        return self.in_wire if name == self.in_wire.name else Wire(name, self.previous, self.previous, self.party,
+                                                                   "activation", (self.party,), self.in_wire.spec)
 
     def _send(self, kind: Kind, wire: Wire, step: int, t: Tensor, *, train: bool, text: str = "") -> None:
         codec = self.encoders[kind] if train else get_codec(self.encoders[kind].name)  # (error feedback: training's)
@@ -310,47 +332,81 @@ class Stage:
 
     # -- receiving --------------------------------------------------------------------------------
 
-    def _take_activation(self) -> tuple[int, Tensor, bool]:
-        """The next activation from the previous stage, checked: (its step, the tensor, whether it trains)."""
+    def _take_activation(self) -> tuple[int, dict[str, Tensor], bool]:
+        """The next activations from the previous stage, checked: (their step, each element by wire name,
+        whether it trains). The first says the wire's settings and, for a tuple or dict, its layout."""
         msg = self._next(Kind.ACTIVATION)
         words = msg.text.split(" ")
         if msg.step != self.received_steps:
             self._refuse(msg, f"an activation of step {msg.step} where step {self.received_steps} was expected")
-        if words[0] not in _MODES or len(words) != (2 if msg.step == 0 else 1):
+        first = msg.step == 0
+        if words[0] not in _MODES or not (len(words) in (2, 3) if first else len(words) == 1):
             self._refuse(msg, f"an activation whose text {quote(msg.text)} is not its mode ('train' or 'eval')"
-                         + (" and the wire's settings" if msg.step == 0 else ""))
-        if msg.step == 0 and words[1] != self._digest(self.in_wire):
+                         + (" and the wire's settings" if first else ""))
+        if first and words[1] != self._digest(self.in_wire):
             self._refuse(msg, f"its wire settings differ from this stage's receive= settings "
                          f"({self.in_wire.spec.model_dump(exclude_defaults=True)}): give both ends the same")
+        if first:
+            layout = words[2] if len(words) == 3 else "tensor"
+            problem = layout_problem(layout)
+            if problem is None and len(elements_of(layout, self.previous)) > self.limits.early_messages:
+                problem = f"its layout {quote(layout)} has more elements than Limits.early_messages"
+            if problem is not None:
+                self._refuse(msg, problem)
+            self.layout_in = layout
         train = words[0] == "train"
         if train and not torch.is_grad_enabled():
             self._refuse(msg, f"step {msg.step} trains (its sender waits for the gradient), but this stage's "
                          "forward runs without gradients (torch.no_grad): run both stages in the same mode")
-        enc = msg.tensors.get("t")
-        rows = enc.shape[0] if enc is not None and enc.shape else 0
-        st = self._state(msg.step, rows, "train" if train else "eval")
-        t = self._checked(msg, self.in_wire, st, {} if self.shape is None else {self.in_wire.name: self.shape})
-        if train and not t.is_floating_point():
-            self._refuse(msg, f"a training activation of dtype {enc.dtype}, which cannot carry a gradient")
-        if self.shape is None:
-            self.shape = (enc.dtype, tuple(enc.shape[1:]))  # agreed: every later activation has these
+        received: dict[str, Tensor] = {}
+        for i, name in enumerate(elements_of(self.layout_in, self.previous)):
+            if i:
+                msg = self._next(Kind.ACTIVATION)
+                if msg.step != self.received_steps or msg.text != words[0]:
+                    self._refuse(msg, f"an activation of step {msg.step} ({quote(msg.text)}) where the next element "
+                                 f"of step {self.received_steps}, on wire {quote(name)}, was expected")
+            if msg.wire != name:
+                self._refuse(msg, f"an activation on wire {quote(msg.wire)} where wire {quote(name)} was expected "
+                             f"(the layout {self.layout_in})")
+            enc = msg.tensors.get("t")
+            rows = enc.shape[0] if enc is not None and enc.shape else 0
+            st = self._state(msg.step, rows, "train" if train else "eval")
+            wire = self._in(name)
+            t = self._checked(msg, wire, st, {name: self.shapes[name]} if name in self.shapes else {})
+            if train and not t.is_floating_point() and self.layout_in == "tensor":
+                self._refuse(msg, f"a training activation of dtype {enc.dtype}, which cannot carry a gradient")
+            if name not in self.shapes:
+                self.shapes[name] = (enc.dtype, tuple(enc.shape[1:]))  # agreed: every later activation has these
+            t = t.to(self.device)
+            if train and t.is_floating_point():
+                t.requires_grad_(True)
+            received[name] = t
         self.received_steps += 1
-        t = t.to(self.device)
-        if train:
-            t.requires_grad_(True)
-        return msg.step, t, train
+        return msg.step, received, train
 
-    def _take_gradient(self) -> tuple[_Forward, Tensor]:
-        """The next gradient from the next stage, for one of the forwards waiting, checked against what it sent."""
+    def _take_gradient(self) -> tuple[_Forward, dict[str, Tensor]]:
+        """The gradients from the next stage of the floating elements one forward waiting sent, each checked
+        against what it sent (an integer element gets none)."""
         msg = self._next(Kind.GRADIENT)
         rec = next((r for r in self.pending if r.step == msg.step), None)
         if rec is None:
             self._refuse(msg, f"a gradient of step {msg.step}, which no forward of this stage waits for")
-        st = self._state(msg.step, len(rec.sent), "train")
-        st.sent[self.out_wire.name] = rec.sent
-        grad = self._checked(msg, self.out_wire, st, {})
+        wanted = [n for n, t in rec.sent.items() if t.is_floating_point()]
+        got: dict[str, Tensor] = {}
+        for i, name in enumerate(wanted):
+            if i:
+                msg = self._next(Kind.GRADIENT)
+                if msg.step != rec.step:
+                    self._refuse(msg, f"a gradient of step {msg.step} where that of step {rec.step} on wire "
+                                 f"{quote(name)} was expected")
+            if msg.wire != name:
+                self._refuse(msg, f"a gradient on wire {quote(msg.wire)} where one on wire {quote(name)} was expected"
+                             + (" (an integer element carries none)" if msg.wire in rec.sent else ""))
+            st = self._state(msg.step, len(rec.sent[name]), "train")
+            st.sent[name] = rec.sent[name]
+            got[name] = self._checked(msg, self._out(name), st, {}).to(rec.sent[name].device)
         self.pending.remove(rec)
-        return rec, grad.to(rec.sent.device)
+        return rec, got
 
     def _checked(self, msg: Message, wire: Wire, st: StepState, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> Tensor:
         """The message's tensor once the engine's checks pass: codec, dtype, shape, values, learnt bounds."""

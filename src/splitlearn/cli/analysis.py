@@ -37,9 +37,11 @@ def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
     for note in label_notes(prepared[1]) if prepared else []:
         console.print(note, highlight=False, markup=False)
     if shapes:
-        console.print("wire shapes (from a dry run on one sample):")
+        console.print("wire shapes (from a dry run on one sample; each tensor of a tuple or dict output on its own "
+                      "wire):")
+    wires = {w.name: w for w in graph.wires}
     for wire, (dtype, shape) in shapes.items():
-        console.print(f"  {wire}: {dtype} [batch, {', '.join(map(str, shape))}]", highlight=False, markup=False)
+        console.print(_wire_line(wires.get(wire), wire, dtype, shape), highlight=False, markup=False)
     from ..clients.layout import describe_schedule
 
     if describe_schedule(p):
@@ -49,6 +51,23 @@ def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         return
     draw_topology(graph, png, shapes=shapes)
     console.print(f"drew {png}")
+
+
+def _wire_line(w, name: str, dtype: str, shape: tuple[int, ...]) -> str:
+    """One wire of ``inspect``: its dtype, row shape (a varying dimension with its bound), bytes a row, and
+    whether a gradient comes back (an integer activation carries none)."""
+    import torch
+
+    from ..wire.codec import floating
+
+    bounds = dict(w.vary) if w is not None else {}
+    dims = [f"{n} (1..{bounds[d + 1]})" if d + 1 in bounds else str(n) for d, n in enumerate(shape)]
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size() if hasattr(torch, dtype) else 4
+    row = size * math.prod(shape)
+    most = size * math.prod(bounds.get(d + 1, n) for d, n in enumerate(shape))
+    text = f"  {name}: {dtype} [{', '.join(['batch', *dims])}]  {row} B a row" + (f" (up to {most} B)" if most != row
+                                                                                 else "")
+    return text + (" (no gradient)" if w is not None and w.carries == "activation" and not floating(dtype) else "")
 
 
 @app.command()

@@ -384,7 +384,7 @@ class Participant:
                            skipped=self.skipped, modules=modules, per_client=per_client_modules, observed=observed,
                            predictions=session.predictions, data=self.setup.data_report() if self.setup else {},
                            preprocess=self.setup.preprocess if self.setup else None,
-                           refused_jumps=session.refused_jumps, scores=session.scores)
+                           refused_jumps=session.refused_jumps, scores=session.scores, stopping=session.stopping)
 
 
 def _classify(data: bytes) -> str:

@@ -46,7 +46,7 @@ class Peer(Participant):
             self.party.observer.ids = s.splits.ids if s.table is not None else None  # records positions
         if self.steps is not None:
             return self.steps
-        self.rounds = self.strategy.rounds(self.plan, [s.splits.train], s.splits.test)
+        self.rounds = self.strategy.rounds(self.plan, [s.splits.train], s.splits.test, validation=s.splits.validation)
         self.turns = {t.index: t for r in self.rounds for t in r.train}
         (turn,) = self.turns.values()
         return list(turn.steps)

@@ -28,14 +28,28 @@ def metric_histories(plan: Plan, reports: dict[str, PartyReport]) -> tuple[dict[
     """Each loss's per-epoch history (``train_loss``, ``test_*`` lists: what
     :func:`~splitlearn.launch.results.summarize` takes) and what more the ``metrics`` of a result hold: a
     schedule's figures are pooled over every site it scored (``scored``, ``per_client``); a plain plan's are
-    its loss parties' own, and nothing more."""
+    its loss parties' own, and with validation the best epoch kept (:func:`_validation`)."""
     if plan.clients is None:
         tasks: dict[str, dict] = {}
         for rep in reports.values():
             tasks.update(rep.metrics)
-        return tasks, {}
+        return tasks, _validation(tasks, reports)
     tasks, pools = _client_tasks(plan, reports)
     return tasks, _scored(plan, build_graph(plan), tasks, pools)
+
+
+def _validation(tasks: dict[str, dict], reports: dict[str, PartyReport]) -> dict[str, Any]:
+    """With ``[data] validation_fraction``: the ``best_epoch`` every party kept (its weights are the saved ones,
+    and the test figures are its), ``stopped_at`` (the epoch after which the run stopped early; None: it ran
+    every epoch) and ``validation``: the watched figure and the watched loss's ``val_*`` figures per epoch.
+    Nothing without validation."""
+    said = next((r.stopping for r in reports.values() if r.stopping), None)
+    if said is None:
+        return {}
+    history = tasks.get(said["loss"], {})
+    return {"best_epoch": said["best_epoch"], "stopped_at": said["stopped_at"],
+            "validation": {"loss": said["loss"], "metric": said["metric"],
+                           "per_epoch": {k: v for k, v in history.items() if k.startswith("val_")}}}
 
 
 def party_entry(plan: Plan, rep: PartyReport) -> dict[str, Any]:

@@ -220,13 +220,15 @@ class Trivial(Strategy):
     coordinated = False
 
     def rounds(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray,
-               sites: list[int] | None = None) -> list[Round]:
+               sites: list[int] | None = None, validation: np.ndarray | None = None) -> list[Round]:
         """Round 0, whose one turn (mode ``"plan"``) runs the plan's steps over ``shares[0]`` (the
-        training rows) and ``test_rows``, numbered as every party numbers them."""
+        training rows), ``validation`` (``[data] validation_fraction``'s rows) and ``test_rows``, numbered as
+        every party numbers them."""
         from ..run.rows import Splits
         from ..run.setup import schedule
 
-        steps = tuple(schedule(plan, Splits(np.empty(0), shares[0], test_rows)))  # ids: not read by the schedule
+        more = () if validation is None else (validation,)
+        steps = tuple(schedule(plan, Splits(np.empty(0), shares[0], test_rows, *more)))  # ids: not read by it
         return [Round(0, 0, (), (Turn(0, 0, "plan", None, steps),))]
 
     def configure_train(self, plan: Plan, rnd: Round, clients: list[str]) -> list[Action]:

@@ -17,9 +17,20 @@ from .graph import Graph, Wire
 from .losses import get as loss_kind
 from .step import StepState
 
-__all__ = ["WireShapes", "early_problem", "decode_checked", "check_received_values"]
+__all__ = ["WireShapes", "row_shape_problem", "early_problem", "decode_checked", "check_received_values"]
 
 WireShapes = dict[str, tuple[str, tuple[int, ...]]]  # wire -> (dtype, shape without the batch dimension)
+
+
+def row_shape_problem(got: tuple[int, ...], want: tuple[int, ...], vary: tuple[tuple[int, int], ...]) -> str | None:
+    """Why a row shape ``got`` (without the batch dimension) is not the agreed ``want``: every dimension exactly,
+    but one the wire lets vary (``vary``: dimension counted with the batch's as 0, largest size) from 1 to its bound."""
+    bounds = dict(vary)
+    if len(got) != len(want) or any(
+            not (1 <= g <= bounds[d + 1]) if d + 1 in bounds else g != w for d, (g, w) in enumerate(zip(got, want))):
+        varying = "".join(f", dimension {d} from 1 to {b}" for d, b in vary)
+        return f"rows of {list(got)[:8]} where rows of {list(want)}{varying} were agreed"
+    return None
 
 
 def early_problem(msg: Message, wire: Wire, wire_shapes: WireShapes, max_rows: int, limits: Limits) -> str | None:
@@ -34,7 +45,7 @@ def early_problem(msg: Message, wire: Wire, wire_shapes: WireShapes, max_rows: i
     rows = enc.shape[0] if enc.shape else 0
     if wire.name in wire_shapes:
         dtype, shape = wire_shapes[wire.name]
-        if enc.dtype != dtype or tuple(enc.shape[1:]) != tuple(shape):
+        if enc.dtype != dtype or row_shape_problem(tuple(enc.shape[1:]), tuple(shape), wire.vary):
             return f"{enc.dtype}{list(enc.shape)[:8]} where {dtype} with rows of {list(shape)} was agreed"
     if rows > (1 if msg.step < 0 else max_rows):  # (a micro-batch has fewer)
         return f"{rows} rows, more than a step has"
@@ -57,18 +68,27 @@ def decode_checked(msg: Message, wire: Wire, st: StepState, wire_shapes: WireSha
         if wire.name not in st.sent:
             raise WireError("a gradient for an activation not sent yet in this step")
         sent = st.sent[wire.name]
+        if not sent.is_floating_point():
+            raise WireError(f"a gradient for an activation of dtype {dtype_name(sent.dtype)}, which carries none")
         want_dtype, want_shape = dtype_name(sent.dtype), tuple(sent.shape)
     elif st.mode == "handshake":
         want_dtype, want_shape = enc.dtype, (1, *enc.shape[1:])
     elif wire.name in wire_shapes:
         dtype, shape = wire_shapes[wire.name]
         want_dtype, want_shape = dtype, (len(st.rows), *shape)
+        if wire.vary and len(enc.shape) == len(want_shape) and enc.shape[0] == len(st.rows) \
+                and not row_shape_problem(tuple(enc.shape[1:]), tuple(shape), wire.vary):
+            want_shape = tuple(enc.shape)  # a varying dimension within its bound
     else:
         want_dtype, want_shape = enc.dtype, (len(st.rows), *enc.shape[1:])
     if enc.dtype != want_dtype:
         raise WireError(f"dtype {enc.dtype} where {want_dtype} was agreed")
     if tuple(enc.shape) != want_shape:
-        raise WireError(f"shape {list(enc.shape)} where {list(want_shape)} was expected")
+        varying = "".join(f", dimension {d} from 1 to {b}" for d, b in wire.vary) if msg.kind == Kind.ACTIVATION else ""
+        raise WireError(f"shape {list(enc.shape)} where {list(want_shape)}{varying} was expected")
+    if st.mode == "handshake" and wire.vary and (problem := row_shape_problem(tuple(enc.shape[1:]),
+                                                                            tuple(enc.shape[1:]), wire.vary)):
+        raise WireError(problem)
     if st.mode == "handshake" and msg.kind == Kind.ACTIVATION:
         wire_shapes[wire.name] = (enc.dtype, tuple(enc.shape[1:]))
     return get_codec(enc.codec).decode(enc)

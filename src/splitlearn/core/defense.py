@@ -5,7 +5,7 @@ A :class:`Defense` sits at an edge of the step and leaves the protocol alone: at
 :meth:`~Defense.extra_loss` (computed from the undefended value) and :meth:`~Defense.on_send`;
 at the receiver, :meth:`~Defense.on_gradient` on the gradient it returns. A defense is named by
 its key in ``[wires.SOURCE]``; the built-ins (``nopeek``, ``noise``, ``label_protection``,
-``randomized_response``, fields of :class:`~splitlearn.core.specs.WireSpec`) live in
+``randomized_response``, fields of :class:`~splitlearn.core.wirespec.WireSpec`) live in
 :mod:`splitlearn.privacy.defenses`, which the registry imports by name the first time it is read:
 the core never imports it. Any other registered key is accepted in a plan too::
 
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .registry import DEFENSES
-from .specs import PlanError, WireSpec
+from .specs import PlanError
+from .wirespec import WireSpec
 
 if TYPE_CHECKING:  # torch is imported where a tensor is made: validating a plan does not load it
     import torch
@@ -79,9 +80,15 @@ class WireContext:
         return self.state.step
 
     def rng(self, salt: int | str) -> torch.Generator:
-        """Noise for this step and wire from the party's secret; ``salt`` keeps defenses apart (the
+        """Noise for this step and wire from the party's secret (``noise_secret``: never from the plan, which every
+        party holds, so a receiver could regenerate and subtract it); ``salt`` keeps defenses apart (the
         built-ins use 1, 2 and 3: give your defense's key)."""
-        return self.party.noise_generator(self.state.step, self.wire, salt)
+        import hashlib
+
+        import torch
+
+        key = f"{self.party.noise_secret}/{self.state.step}/{self.wire.name}/{salt}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
     def raw_inputs(self) -> Tensor:
         """The sender's raw inputs the wire's value is computed from, one flat float row per sample."""

@@ -15,7 +15,7 @@ from .graph import Graph, Node
 from .losses import get as loss_kind
 from .specs import PlanError
 
-__all__ = ["merge_inputs", "check_labels", "run_checked", "dry_run"]
+__all__ = ["merge_inputs", "check_labels", "check_outputs", "run_checked", "dry_run"]
 
 
 def merge_inputs(how: str, module: nn.Module, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -27,6 +27,35 @@ def merge_inputs(how: str, module: nn.Module, xs: list[torch.Tensor]) -> torch.T
     if how == "sum":
         return module(torch.stack(xs).sum(0))
     return module(*xs)
+
+
+def check_outputs(graph: Graph, node: Node, value: Any) -> None:
+    """A PlanError unless segment ``node`` gives what its plan entry says: one tensor, or (with ``outputs``) a tuple
+    of that many tensors or a dict of those keys, each a tensor."""
+    names = graph.plan.segments[node.name].output_names
+    where = f"segment {node.name!r} (party {node.party!r})"
+    if not names:
+        if not isinstance(value, torch.Tensor):
+            raise PlanError(f"{where} gives a {type(value).__name__}, not one tensor: a segment's output is what its "
+                            "wire carries", entry=f"segments.{node.name}",
+                            hint="list the elements of a tuple or dict output in its 'outputs', or end the segment "
+                            "where the network's value is a single tensor")
+        return
+    if isinstance(value, (tuple, list)):
+        got, elements = f"a tuple of {len(value)}", list(value)
+        fits = len(value) == len(names)
+    elif isinstance(value, dict):
+        got, elements = f"a dict of keys {list(value)[:8]}", list(value.values())
+        fits = list(value) == names
+    else:
+        got, elements, fits = f"a {type(value).__name__}", [], False
+    if not fits:
+        raise PlanError(f"{where} gives {got}, but its outputs are {names}", entry=f"segments.{node.name}.outputs",
+                        hint="list one name per element of the tuple it returns (a dict: its keys, in order)")
+    bad = [n for n, e in zip(names, elements) if not isinstance(e, torch.Tensor)]
+    if bad:
+        raise PlanError(f"{where}: its output {bad[0]!r} is no tensor", entry=f"segments.{node.name}.outputs",
+                        hint="every element of a segment's output travels as a tensor")
 
 
 def check_labels(node: Node, labels: torch.Tensor | None, classes: int) -> None:
@@ -77,12 +106,10 @@ def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch
                 spec = graph.plan.segments[n]
                 device = next((p.device for p in modules[n].parameters()), None)
                 xs = [values[d] if device is None else values[d].to(device) for d in node.inputs]
-                values[n] = run_checked(graph, node, xs, lambda: merge_inputs(spec.merge, modules[n], xs))
-                if not isinstance(values[n], torch.Tensor):
-                    raise PlanError(f"segment {n!r} (party {node.party!r}) gives a {type(values[n]).__name__}, not "
-                                    "one tensor: a segment's output is what its wire carries", entry=f"segments.{n}",
-                                    hint="end the segment where the network's value is a single tensor (cut after a "
-                                    "submodule that returns one)")
+                values[n] = run_checked(graph, node, xs, lambda: merge_inputs(node.merge or spec.merge, modules[n], xs))
+                check_outputs(graph, node, values[n])
+            elif node.kind == "output":
+                values[n] = node.pick(values[node.inputs[0]])
             elif node.inputs[1] in values:
                 out, target = values[node.inputs[0]], values[node.inputs[1]].to(values[node.inputs[0]].device)
                 kind = loss_kind(graph.plan.losses[n].kind)

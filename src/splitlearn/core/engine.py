@@ -24,8 +24,6 @@ which every later message is checked.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import secrets
 import time
 from typing import Callable
@@ -33,15 +31,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..wire.codec import Codec, WireError, get_codec
+from ..wire.codec import Codec, WireError, floating, get_codec
 from ..wire.link import Link
-from ..wire.messages import Kind, Message, encode, quote
-from ..wire.metering import Meter
+from ..wire.messages import Kind, Message, quote
 from ..wire.transport.base import TransportTimeout
 from .admission import check_received_values, decode_checked, early_problem
+from .augment import augmented
 from .bounds import LearntBounds
 from .defense import defend_backward, defend_forward
-from .dryrun import check_labels, merge_inputs, run_checked
+from .dryrun import check_labels, check_outputs, merge_inputs, run_checked
 from .early import EarlyMessages
 from .flow import FlowControl
 from .graph import Graph, Node, Stage, Wire
@@ -118,8 +116,8 @@ class Party:
         # NoPeek compares a wire's activations with the raw inputs they were computed from
         self.raw_inputs = {w.src: graph.raw_inputs(w.src) for w in self.wires.values() if w.src_party == name}
         self.num_classes = {n: int(data[n].max()) + 1 for n in self.order
-                            if self.nodes[n].kind == "input" and n in data and not data[n].is_floating_point()
-                            and data[n].numel()}
+                            if self.nodes[n].kind == "input" and n in data and isinstance(data[n], torch.Tensor)
+                            and not data[n].is_floating_point() and data[n].numel()}  # (a streamed field: no labels)
         self.observer: Callable[[str, str, StepState, torch.Tensor], None] | None = None
         self.finished: set[str] = set()  # neighbours that said they are done
         self.restartable = False  # a neighbour's new hello mid-run restarts the session (it has checkpoints)
@@ -220,16 +218,21 @@ class Party:
         if node.kind == "input":
             data = self.data[node.name]
             st.values[node.name] = (torch.zeros_like(data[:1]) if st.mode == "handshake" else data[st.rows]).to(self.device)
+            st.values[node.name] = augmented(self.graph.plan, node, st.values[node.name], st.mode, self.rng)  # training
         elif node.kind == "segment":
             spec = self.graph.plan.segments[node.name]
             xs = [self.precision.take_input(d, st.values[d]) for d in node.inputs]
             with self.rng.scope(), self.precision.autocast():
+                merge = node.merge or spec.merge
                 if st.mode == "handshake":
                     st.values[node.name] = run_checked(self.graph, node, xs,
-                                                    lambda: merge_inputs(spec.merge, self.modules[node.name], xs))
+                                                    lambda: merge_inputs(merge, self.modules[node.name], xs))
+                    check_outputs(self.graph, node, st.values[node.name])  # the tuple or dict its outputs name
                 else:
                     st.values[node.name] = self.meter.compute(
-                        (node.name, batch), "forward", lambda: merge_inputs(spec.merge, self.modules[node.name], xs))
+                        (node.name, batch), "forward", lambda: merge_inputs(merge, self.modules[node.name], xs))
+        elif node.kind == "output":  # one element of its segment's tuple or dict, on a wire of its own
+            st.values[node.name] = node.pick(st.values[node.inputs[0]])
         else:  # loss
             spec = self.graph.plan.losses[node.name]
             out = st.values[node.inputs[0]]
@@ -258,17 +261,18 @@ class Party:
         """Labels this party holds must be classes of the head (else the loss fails mid-run)."""
         check_labels(node, self.data.get(node.inputs[1]), classes)
 
-    # -- defenses (configured per wire; see splitlearn.core.defense) --------------------------
-
-    def noise_generator(self, step: int, wire: Wire, salt: int | str) -> torch.Generator:
-        """Defense noise: from this party's secret (never from the plan, which every party holds:
-        a receiver could regenerate and subtract it), the step and the wire."""
-        key = f"{self.noise_secret}/{step}/{wire.name}/{salt}".encode()
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+    def _graded(self, wire: Wire, t: torch.Tensor | None = None) -> bool:
+        """Whether a gradient travels back on ``wire``: an activation of a floating dtype (the agreed one, else that
+        of ``t``, the tensor sent or received); an integer tensor (a mask, token ids) carries none."""
+        if wire.carries != "activation":
+            return False
+        if wire.name in self.wire_shapes:
+            return floating(self.wire_shapes[wire.name][0])
+        return t is None or t.is_floating_point()
 
     def _stage_ready(self, s: Stage, st: StepState) -> bool:
         return (not any(n in st.todo for n in s.nodes)
-                and all(w in st.grads for w in s.sends if self.wires[w].carries == "activation"))
+                and all(w in st.grads for w in s.sends if self._graded(self.wires[w], st.sent.get(w))))
 
     def _backward(self, s: Stage, st: StepState) -> None:
         roots, grads, scale = [], [], self.precision.loss_scale  # (1 unless the network's losses are scaled)
@@ -281,7 +285,7 @@ class Party:
             grads.append(None if st.share * scale == 1.0 else torch.tensor(st.share * scale, device=term.device))
         for w in s.sends:
             wire = self.wires[w]
-            if wire.carries == "activation":
+            if self._graded(wire, st.sent[w]):
                 roots.append(st.sent[w])
                 grads.append(st.grads[w])
         pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
@@ -290,7 +294,7 @@ class Party:
                                lambda: torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs]))
         for w in s.receives:
             wire = self.wires[w]
-            if wire.carries == "activation":
+            if self._graded(wire, st.values[wire.src]):
                 leaf = st.values[wire.src]
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
                 self._send(Kind.GRADIENT, wire, st,
@@ -315,12 +319,22 @@ class Party:
             return self.link.recv(deadline=states[0].deadline)
         except TransportTimeout:
             waiting = [n for st in states for n in st.todo] + [w for st in states for s in st.stages for w in s.sends
-                                                               if w not in st.grads]
+                                                               if w not in st.grads
+                                                               and self._graded(self.wires[w], st.sent.get(w))]
             first = states[0]
             waiting += [f"a credit from {c}" for c in self.flow.blocked(first.step // self.pipeline, first.mode)]
             waiting += self.precision.waiting()
             raise PartyError(f"{self.name}: step {states[0].step // self.pipeline} not done within its deadline of "
                              f"{self.timeout} s (still waiting for {sorted(set(waiting))})") from None
+
+    def wait_after(self, step: int, done: Callable[[], bool]) -> None:
+        """After step ``step``, take messages as its micro-batch 0 would (a later step's kept early, a verdict handed
+        on, a finished step's dropped) until ``done()``, within one step's deadline: the epoch verdicts'
+        wait (:mod:`~splitlearn.core.stopping`)."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        st = StepState(step * self.pipeline, torch.zeros(0, dtype=torch.long), "eval", deadline=deadline)
+        while not done():
+            self._receive([st])
 
     def _gate(self, states: list[StepState], step: int, mode: Mode) -> None:
         """Flow control (:mod:`~splitlearn.core.flow`): before a step in which this party would send to
@@ -340,22 +354,6 @@ class Party:
             self.link.refuse(msg.sender, problem, msg.step, msg.wire)
         else:
             self.flow.credited(msg.sender, msg.step // self.pipeline)
-
-    def checkpoint_meter(self) -> Meter:
-        """The accounting as a run resumed after the last step must find it: without the messages of
-        later steps read early (their senders send them again), with the credits owed for the steps
-        done that have not come yet (their senders will not). A run never stopped counts each once."""
-        meter, step = copy.deepcopy(self.meter), self.last_step
-        for msg in self.early.later(step):
-            t = meter.received[(msg.wire, "forward" if msg.kind == Kind.ACTIVATION else "backward")]
-            t.messages, t.bytes, t.payload = (t.messages - 1, t.bytes - len(encode(msg)), t.payload - msg.payload_bytes)
-        for consumer, steps in self.flow.unread.items():
-            wire = self.flow.out[consumer].wire
-            for s in steps:
-                if s <= step:
-                    meter.on_recv(wire, "credit", len(encode(Message(Kind.CREDIT, consumer, self.name,
-                                                                     s * self.pipeline, wire))), 0)
-        return meter
 
     def _receive(self, states: list[StepState]) -> None:
         """Take the next message, for the micro-batch it belongs to (or as early or stale)."""
@@ -406,7 +404,7 @@ class Party:
             if wire.src in st.values:
                 return  # duplicate
             t = t.to(self.device)
-            if st.mode == "train" and wire.carries == "activation":
+            if st.mode == "train" and self._graded(wire, t):
                 t.requires_grad_(True)
             st.values[wire.src] = t
         else:
@@ -483,7 +481,7 @@ class Party:
     def _waiting_on(self, st: StepState, stages: list[Stage]) -> set[str]:
         """Parties this step still needs a message from."""
         parties = {self.wires[w].dst_party for s in stages for w in s.sends
-                   if self.wires[w].carries == "activation" and w not in st.grads}
+                   if self._graded(self.wires[w], st.sent.get(w)) and w not in st.grads}
         for n in st.todo:
             parties |= {self.nodes[d].party for d in self._needs(n, st)
                         if d not in st.values and self.nodes[d].party != self.name}

@@ -1,8 +1,10 @@
 """The plan as a graph: nodes, wires (edges that cross parties) and stages.
 
-Three kinds of node:
+Four kinds of node:
 - input ``party.field``: a field of one party's local data;
 - segment: a module run by one party on one or more inputs;
+- output ``segment:name``: one element of a segment's tuple or dict output (``SegmentSpec.outputs``), at the
+  segment's party, so each element travels on a wire of its own;
 - loss: computed at the party of its input segment, against a target input.
 
 An edge between nodes of two parties is a *wire*. It carries the source tensor forward and,
@@ -22,7 +24,8 @@ from typing import Literal
 
 from .defense import validate as validate_defenses
 from .plan import Plan
-from .specs import PlanError, WireSpec
+from .specs import PlanError
+from .wirespec import WireSpec
 
 __all__ = ["Graph", "Node", "Wire", "Stage", "build_graph"]
 
@@ -31,8 +34,14 @@ __all__ = ["Graph", "Node", "Wire", "Stage", "build_graph"]
 class Node:
     name: str
     party: str
-    kind: Literal["input", "segment", "loss"]
-    inputs: tuple[str, ...] = ()  # segment: its inputs; loss: (input segment, target)
+    kind: Literal["input", "segment", "output", "loss"]
+    inputs: tuple[str, ...] = ()  # segment: its inputs; output: (its segment,); loss: (input segment, target)
+    merge: str = ""  # segment: how it takes its inputs, where not its spec's ("module": a tuple output's elements)
+    element: int = -1  # output: its position in the segment's outputs
+
+    def pick(self, value: object) -> object:
+        """An output node's element of its segment's tuple (by position) or dict (by name)."""
+        return value[self.name.split(":", 1)[1]] if isinstance(value, dict) else value[self.element]  # type: ignore
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class Wire:
     carries: Literal["activation", "label"]
     consumers: tuple[str, ...]  # nodes at dst_party that read it
     spec: WireSpec = field(default_factory=WireSpec)  # codecs and defenses as the plan gives them
+    vary: tuple[tuple[int, int], ...] = ()  # (dimension, largest size) of a shape that varies per batch
 
     @property
     def codec(self) -> str:
@@ -128,8 +138,29 @@ def _suggest(name: str, known: list[str]) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
+def _element(plan: Plan, ref: str, entry: str, nodes: dict[str, Node]) -> str:
+    """Check a reference ``segment:name`` to one element of a segment's outputs; return its node."""
+    seg, name = ref.split(":", 1)
+    if seg not in plan.segments:
+        raise PlanError(f"{ref!r} names unknown segment {seg!r}", entry=entry,
+                        hint=_suggest(seg, list(plan.segments)) + f"segments are {sorted(plan.segments)}")
+    known = plan.segments[seg].output_names
+    if not known:
+        raise PlanError(f"{ref!r} names an element of segment {seg!r}, which gives one tensor", entry=entry,
+                        hint=f"name the segment {seg!r} itself, or list its elements in segments.{seg}.outputs")
+    if name not in known:
+        raise PlanError(f"segment {seg!r} has no output {name!r}", entry=entry,
+                        hint=_suggest(name, known) + f"its outputs are {known}")
+    spec = plan.segments[seg]
+    nodes.setdefault(ref, Node(ref, spec.party, "output", (seg,), element=known.index(name)))
+    return ref
+
+
 def _resolve(plan: Plan, ref: str, entry: str, nodes: dict[str, Node], role: str = "input") -> str:
-    """Check a reference to a data field (``party.field``) or a segment; return the node name."""
+    """Check a reference to a data field (``party.field``), a segment or one of its outputs (``segment:name``);
+    return the node name."""
+    if ":" in ref:
+        return _element(plan, ref, entry, nodes)
     if "." in ref:
         party, fld = ref.split(".", 1)
         if party not in plan.parties:
@@ -222,24 +253,41 @@ def build_graph(plan: Plan) -> Graph:
         if seg.network not in plan.networks:
             raise PlanError(f"unknown network {seg.network!r}", entry=f"{entry}.network",
                             hint=_suggest(seg.network, list(plan.networks)) + f"networks are {sorted(plan.networks)}")
-        inputs = tuple(_resolve(plan, ref, f"{entry}.inputs", nodes) for ref in seg.inputs)
+        inputs: tuple[str, ...] = ()
+        expanded = False
+        for ref in seg.inputs:
+            node = _resolve(plan, ref, f"{entry}.inputs", nodes)
+            if ":" not in node and "." not in node and plan.segments[node].outputs:  # all its elements, in order
+                inputs += tuple(_element(plan, f"{node}:{o}", f"{entry}.inputs", nodes)
+                                for o in plan.segments[node].output_names)
+                expanded = True
+            else:
+                inputs += (node,)
+        if expanded and "merge" in seg.model_fields_set and seg.merge != "module":
+            raise PlanError(f"segment {name!r} takes every output of a segment as its arguments, so it cannot "
+                            f"merge them by {seg.merge!r}", entry=f"{entry}.merge",
+                            hint="leave merge out, or name one element as 'segment:name'")
         for ref in inputs:
             if "." in ref and nodes[ref].party != seg.party:
                 raise PlanError(f"raw data {ref!r} of party {nodes[ref].party!r} would be sent to {seg.party!r}",
                                 entry=f"{entry}.inputs",
                                 hint=f"raw features never leave their party: add a segment at {nodes[ref].party!r} first")
-        nodes[name] = Node(name, seg.party, "segment", inputs)
+        nodes[name] = Node(name, seg.party, "segment", inputs, merge="module" if expanded else "")
     for name, loss in plan.losses.items():
         entry = f"losses.{name}"
         src = _resolve(plan, loss.input, f"{entry}.input", nodes)
         if "." in src:
             raise PlanError(f"a loss takes the output of a segment, not the data field {src!r}", entry=f"{entry}.input",
                             hint=f"name one of the segments {sorted(plan.segments)}")
+        if ":" not in src and plan.segments[src].outputs:
+            known = plan.segments[src].output_names
+            raise PlanError(f"segment {src!r} gives several outputs {known}: a loss takes one", entry=f"{entry}.input",
+                            hint=f"name one as {src + ':' + known[0]!r}")
         if "." not in loss.target:
             raise PlanError(f"the loss target {loss.target!r} is not held by anybody", entry=f"{entry}.target",
                             hint="name the field holding the labels as 'party.field', e.g. 'hospital.y'")
         target = _resolve(plan, loss.target, f"{entry}.target", nodes, role="target")
-        nodes[name] = Node(name, plan.segments[src].party, "loss", (src, target))
+        nodes[name] = Node(name, nodes[src].party, "loss", (src, target))
 
     order = _toposort(nodes)
 
@@ -251,18 +299,22 @@ def build_graph(plan: Plan) -> Graph:
                 consumers.setdefault((d, nodes[n].party), []).append(n)
     wires = []
     for (src, dst_party), users in consumers.items():
-        spec = plan.wires.get(src) or WireSpec()
+        segment = nodes[src].inputs[0] if nodes[src].kind == "output" else src  # an element: its own or its segment's
+        spec = plan.wires.get(src) or plan.wires.get(segment) or WireSpec()
         carries = "label" if nodes[src].kind == "input" else "activation"
         if carries == "label" and spec.codec != "float32":
             raise PlanError(f"{src!r} is a label wire: labels travel exactly, so codec {spec.codec!r} does not apply "
                             "to it", entry=f"wires.{src}.codec", hint="put codecs on activation wires")
+        vary = ()
+        if nodes[src].kind == "output":
+            vary = tuple(sorted(plan.segments[segment].outputs[nodes[src].element].vary.items()))
         wires.append(Wire(name=f"{src}->{'+'.join(users)}", src=src, src_party=nodes[src].party, dst_party=dst_party,
-                          carries=carries, consumers=tuple(users), spec=spec))
+                          carries=carries, consumers=tuple(users), spec=spec, vary=vary))
     g = Graph(plan, nodes, order, wires)
     for w in wires:
         validate_defenses(g, w)  # each defense's own structural checks
     for key in plan.wires:
-        if not any(w.src == key for w in wires):
+        if not any(w.src == key or w.src.split(":")[0] == key for w in wires):
             raise PlanError(f"no wire leaves {key!r}", entry=f"wires.{key}",
                             hint=f"wire settings are keyed by their source; wires leave {sorted({w.src for w in wires})}")
 

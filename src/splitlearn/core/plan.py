@@ -27,8 +27,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 # the entries' types (core/specs.py), those a plan holds
-from .specs import (DataSpec, LossSpec, NetworkSpec, PartitionSpec, PartySpec, PlanError, SegmentSpec, TrainSpec,
-                    WireSpec)
+from .specs import DataSpec, LossSpec, NetworkSpec, PartySpec, PlanError, SegmentSpec
+from .trainspec import PartitionSpec, TrainSpec
+from .wirespec import WireSpec
 from .specs import Strict as _Strict
 
 __all__ = ["Plan", "ClientsSpec", "parse_plan", "plan_hash", "plan_parts", "plan_value", "differing_entries",
@@ -147,6 +148,11 @@ class Plan(_Strict):
             if self.train.checkpoint_every is not None:  # never silently ignored
                 raise ValueError("train.checkpoint_every: a [clients] plan takes its checkpoints at the end of every "
                                  "round (on the coordinator's word), not every N steps; remove it")
+            for entry, value in (("train.early_stop", self.train.early_stop),
+                                 ("data.validation_fraction", self.data.validation_fraction)):
+                if value is not None:
+                    raise ValueError(f"{entry} is for plain plans; a [clients] plan scores its test rows every round, "
+                                     "and its clients hold no validation rows: remove it")
             for p, spec in self.parties.items():
                 if spec.data is not None and "{client}" in (spec.data.path or "") and p != c.template:
                     raise ValueError(f"parties.{p}.data.path names {{client}}, but {p!r} is no client template: "
@@ -168,6 +174,9 @@ class Plan(_Strict):
             if own:
                 raise ValueError(f"parties.{own[0]}.optimizer.clip_grad_norm with train.clip = \"global\": the "
                                  "network clips every party's gradients together; remove the party's own clipping")
+        from .stopping import check_plan as check_stopping
+
+        check_stopping(self)  # validation rows and early stopping: what they need of the rest of the plan
         grouped = {"train.pipeline": self.train.pipeline, "train.accumulate": self.train.accumulate}
         for name, loss in self.losses.items():
             over = [f"{k} = {v}" for k, v in grouped.items() if v > 1]

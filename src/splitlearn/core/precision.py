@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
 
-from ..wire.codec import WireError, dtype_name
+from ..wire.codec import WireError, dtype_name, floating
 from ..wire.messages import Kind, Message, quote
 from .specs import PlanError
 
@@ -92,14 +92,15 @@ class Place:
     edges: dict[str, str] = field(default_factory=dict)  # neighbour in the tree -> the wire its verdicts name
 
 
-def agreement_tree(graph: Graph) -> dict[str, Place]:
+def agreement_tree(graph: Graph, every_wire: bool = False) -> dict[str, Place]:
     """Every party's place: a breadth-first tree over the parties linked by activation wires (each connected
     piece apart), rooted at the first party in plan order that receives no activation (it finishes its
     backward last, so deciding there waits least), else at the first; a party on no activation wire decides
-    alone."""
+    alone. ``every_wire``: linked by any wire, label wires too (the epoch verdicts of
+    :mod:`~splitlearn.core.stopping`, which a party that only sends labels must hear as well)."""
     links: dict[str, dict[str, str]] = {}
     for w in sorted(graph.wires, key=lambda w: w.name):
-        if w.carries == "activation":
+        if every_wire or w.carries == "activation":
             links.setdefault(w.src_party, {}).setdefault(w.dst_party, w.name)
             links.setdefault(w.dst_party, {}).setdefault(w.src_party, w.name)
     order = [p for p in graph.parties if p in links]
@@ -192,6 +193,7 @@ class Precision:
         self.told = ""  # what this party told its parent of its subtree ("": nothing yet)
         self.told_sum = 0.0  # the sum of squared norms it told (the total it hears back cannot be less)
         self.flagged = False  # since its gradient group began, the party replaced a non-finite tensor it sent
+        self.epochs: Any = None  # the epoch verdicts' agreement (splitlearn.core.stopping.EpochAgreement), if any
 
     # -- computing -----------------------------------------------------------------------------
 
@@ -227,7 +229,7 @@ class Precision:
     def agreed(self, wire_shapes: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Wire shapes known beforehand (a dry run in float32), with the dtype of an autocasting sender."""
         for w, dtype in self.wire_dtypes.items():
-            if w in wire_shapes and wire_shapes[w][0] in ("float32", "float64", "float16", "bfloat16"):
+            if w in wire_shapes and floating(wire_shapes[w][0]):
                 wire_shapes[w] = (dtype_name(dtype), wire_shapes[w][1])
         return wire_shapes
 
@@ -237,7 +239,7 @@ class Precision:
         enc = msg.tensors.get("t")
         if st.mode != "handshake" or msg.kind != Kind.ACTIVATION or want is None or enc is None:
             return
-        if enc.dtype in ("float32", "float64", "float16", "bfloat16") and enc.dtype != dtype_name(want):
+        if floating(enc.dtype) and enc.dtype != dtype_name(want):
             raise WireError(f"dtype {enc.dtype} where {dtype_name(want)} was agreed (party {quote(wire.src_party)} "
                             f"computes in {self.kind_of(wire)})")
 
@@ -280,7 +282,11 @@ class Precision:
             self.flagged = False
 
     def take(self, msg: Message) -> None:
-        """A verdict from a neighbour in the tree (a CREDIT with a text), or it is refused naming why."""
+        """A verdict from a neighbour in the tree (a CREDIT with a text), or it is refused naming why. An epoch's
+        verdict (``best``/``stop``, :mod:`~splitlearn.core.stopping`) goes to that agreement."""
+        if self.epochs is not None and self.epochs.owns(msg):
+            self.epochs.take(msg)
+            return
         problem = self._problem(msg)
         if problem == "":
             return  # a duplicate of a settled step's
@@ -345,7 +351,7 @@ class Precision:
     def waiting(self) -> list[str]:
         """The verdicts this party waits for (a timeout's message names them)."""
         if self.settling is None:
-            return []
+            return self.epochs.waiting() if self.epochs is not None else []
         what = "overflow verdict" if self.scale is not None else "gradient norm"
         out = [f"the {what} of {c}" for c in self.place.children if c not in self.heard]
         return out + ([f"the decision of {self.place.parent}"] if self.told and self.decided is None else [])

@@ -1,10 +1,10 @@
 """The entries of a plan, each validated on its own: parties and their data, networks, segments,
-losses, wires (codecs, defenses, bounds) and training settings (a party's optimizer, its schedule and
-clipping: :mod:`splitlearn.core.optimizing`).
+losses; a party's optimizer, its schedule and clipping come from :mod:`splitlearn.core.optimizing`, wires
+(codecs, defenses, bounds) are :mod:`splitlearn.core.wirespec`'s and ``[train]`` :mod:`splitlearn.core.trainspec`'s.
 
 :class:`~splitlearn.core.plan.Plan` puts them together (and checks what needs several of them);
 :mod:`splitlearn.core.graph` checks the structure they make. :class:`PlanError`, the error of a plan
-anywhere, is defined here too.
+anywhere, is defined here too, and :class:`Strict`, every entry's base.
 """
 
 from __future__ import annotations
@@ -13,17 +13,16 @@ import importlib
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator,
+                      model_serializer, model_validator)
 
 from .optimizing import OptimizerSpec
-from .registry import DEFENSES
 
-__all__ = ["PlanError", "Strict", "DataSpec", "FieldRef", "ResourcesSpec", "PartySpec", "NetworkSpec",
-           "SegmentSpec", "LossSpec", "NoiseSpec", "LabelProtectionSpec", "WireSpec", "TrainSpec", "PartitionSpec",
-           "refused_factory_package", "describe", "importable_name"]
+__all__ = ["PlanError", "Strict", "DataSpec", "FieldRef", "ResourcesSpec", "RandomCropStep", "FlipStep",
+           "ColorJitterStep", "AugmentStep", "AUGMENT_STEPS", "augment_kinds", "PartySpec", "NetworkSpec", "SegmentSpec",
+           "OutputSpec", "LossSpec", "refused_factory_package", "describe", "importable_name"]
 
 
 class PlanError(ValueError):
@@ -62,14 +61,18 @@ class DataSpec(Strict):
     """
 
     dataset: Literal["digits", "breast_cancer", "wine", "diabetes", "synthetic", "mnist", "csv", "parquet", "npz", "images",
-                     "arrays"] = "digits"
+                     "arrays", "torch"] = "digits"
     path: str | None = None
     id_column: str | None = None
     label_column: str | None = None
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # validation rows carved from the training rows (the plan's [data] only): metrics on them every epoch, the
+    # best epoch's weights kept (splitlearn.core.stopping); written into the plan only where given
+    validation_fraction: float | None = Field(None, gt=0.0, lt=1.0)
     align: Literal["exact", "psi"] = "exact"
     options: dict[str, Any] = Field(default_factory=dict)
     _table: Any = PrivateAttr(default=None)  # dataset "arrays": the rows given in Python (splitlearn.split)
+    _source: Any = PrivateAttr(default=None)  # dataset "torch": a Dataset or DataLoader given in Python
 
     @classmethod
     def of_arrays(cls, fields: dict[str, Any], test_fraction: float = 0.2) -> "DataSpec":
@@ -85,6 +88,24 @@ class DataSpec(Strict):
         spec = cls(dataset="arrays", test_fraction=test_fraction)
         spec._table = Table(np.arange(next(iter(lengths.values())), dtype=np.int64), arrays)
         return spec
+
+    @classmethod
+    def of_torch(cls, data: Any, test_data: Any = None, test_fraction: float = 0.2) -> "DataSpec":
+        """Rows of a map-style ``torch.utils.data.Dataset`` or a ``DataLoader`` over one, streamed
+        (:mod:`splitlearn.data.torchdata`): items ``(x, y)`` or dicts of tensors; ``test_data`` (a Dataset or
+        DataLoader) the test rows, else ``test_fraction`` of the dataset's positions (a DataLoader needs
+        ``test_data``: its sampler draws from every row). In this process only (``launcher="threads"``)."""
+        from ..data.torchdata import TorchSource
+
+        spec = cls(dataset="torch", test_fraction=test_fraction)
+        spec._source = TorchSource(data, test_data)
+        return spec
+
+    @model_serializer(mode="wrap")
+    def _validation_if_given(self, handler: Callable[["DataSpec"], dict[str, Any]]) -> dict[str, Any]:
+        """``validation_fraction`` is written only where given (a plan without it hashes as before it existed)."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k == "validation_fraction" and v is None)}
 
 
 def _half_open(v: tuple[int, int] | None, what: str) -> tuple[int, int] | None:
@@ -112,12 +133,93 @@ class ResourcesSpec(Strict):
     num_gpus: float | None = Field(None, ge=0.0)
 
 
+class _AugmentStep(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class RandomCropStep(_AugmentStep):
+    """Pad by ``padding`` and crop back at a random offset per row: a shift of at most ``padding`` pixels."""
+
+    kind: Literal["random_crop"]
+    padding: int = Field(ge=1)
+    padding_mode: Literal["constant", "reflect", "replicate"] = "constant"
+    fill: float = 0.0  # the padding's value (constant only)
+
+    @model_validator(mode="after")
+    def _fill_is_constants(self) -> "RandomCropStep":
+        if "fill" in self.model_fields_set and self.padding_mode != "constant":
+            raise ValueError(f"random_crop fill is the value of constant padding; padding_mode = "
+                             f"\"{self.padding_mode}\" takes its values from the image: remove fill")
+        return self
+
+
+class FlipStep(_AugmentStep):
+    """Flip each row left-right (``hflip``) or upside down (``vflip``) with chance ``p``."""
+
+    kind: Literal["hflip", "vflip"]
+    p: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class ColorJitterStep(_AugmentStep):
+    """Brightness, contrast and saturation factors drawn per row from ``[max(0, 1 - v), 1 + v]``."""
+
+    kind: Literal["color_jitter"]
+    brightness: float = Field(0.0, ge=0.0)
+    contrast: float = Field(0.0, ge=0.0)
+    saturation: float = Field(0.0, ge=0.0)
+    clamp: tuple[float, float] | None = None  # [low, high]: clipped after each adjustment (none: not clipped)
+
+    @model_validator(mode="after")
+    def _something(self) -> "ColorJitterStep":
+        if not (self.brightness or self.contrast or self.saturation):
+            raise ValueError("color_jitter changes nothing: give brightness, contrast or saturation above 0")
+        if self.clamp is not None and not self.clamp[0] < self.clamp[1]:
+            raise ValueError(f"color_jitter clamp must be [low, high] with low < high, got {list(self.clamp)}")
+        return self
+
+
+AUGMENT_STEPS: dict[str, type[_AugmentStep]] = {"random_crop": RandomCropStep, "hflip": FlipStep, "vflip": FlipStep,
+                                                "color_jitter": ColorJitterStep}
+
+
+def augment_kinds() -> str:
+    """The augmentation kinds and their arguments, for an error message."""
+    return "; ".join(f"{k} ({', '.join(f for f in cls.model_fields if f != 'kind')})"
+                     for k, cls in AUGMENT_STEPS.items())
+
+
+def _augment_step(v: Any) -> Any:
+    """A step's kind and argument names checked before its values, with a message listing what is accepted."""
+    if isinstance(v, _AugmentStep):
+        return v
+    if not isinstance(v, dict):
+        raise ValueError(f"an augmentation step is a table such as {{ kind = \"hflip\", p = 0.5 }}, got {v!r}; "
+                         f"kinds: {augment_kinds()}")
+    kind = v.get("kind")
+    if kind not in AUGMENT_STEPS:
+        raise ValueError(f"unknown augmentation kind {kind!r}; accepted: {augment_kinds()}")
+    fields = AUGMENT_STEPS[kind].model_fields
+    unknown = sorted(set(v) - set(fields))
+    if unknown:
+        raise ValueError(f"{kind} takes no {', '.join(map(repr, unknown))}; it takes "
+                         f"{', '.join(f for f in fields if f != 'kind')}")
+    return v
+
+
+# One step of a party's image augmentation (:mod:`splitlearn.core.augment`): a table with its kind and arguments.
+AugmentStep = Annotated[RandomCropStep | FlipStep | ColorJitterStep, Field(discriminator="kind"),
+                        BeforeValidator(_augment_step)]
+
+
 class PartySpec(Strict):
     """One party: the data fields it holds (local name -> field) and its optimizer.
 
     ``precision``: ``fp32`` (the default), ``bf16`` (autocast in bfloat16, CPU or CUDA) or ``fp16`` (autocast in
     float16 with loss scaling, CUDA only); the activations it sends travel in that dtype
     (:mod:`splitlearn.core.precision`). Written into the plan only where it is not ``fp32``.
+
+    ``augment``: per field it holds (its local name), image augmentation steps applied in order to its training
+    batches only (:mod:`splitlearn.core.augment`). Written into the plan only where given.
     """
 
     holds: dict[str, FieldRef] = Field(default_factory=dict)
@@ -128,6 +230,7 @@ class PartySpec(Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")  # where it computes (auto: cuda if present)
     resources: ResourcesSpec | None = None  # asked of a Ray cluster for its process (each client's, for a template)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of its forward and losses (fp16: CUDA only)
+    augment: dict[str, list[AugmentStep]] = Field(default_factory=dict)  # field -> steps (training batches only)
 
     @model_validator(mode="before")
     @classmethod
@@ -145,11 +248,25 @@ class PartySpec(Strict):
                              'precision = "bf16" on the CPU, or device = "cuda"')
         return v
 
+    @field_validator("augment")
+    @classmethod
+    def _held_images(cls, v: dict[str, list[Any]], info: ValidationInfo) -> dict[str, list[Any]]:
+        holds = info.data.get("holds")
+        for f, steps in v.items():
+            if holds is None:
+                break  # holds itself is wrong: that error is the one to read
+            if f not in holds:
+                raise ValueError(f"augment names field {f!r}, which this party does not hold; it holds {sorted(holds)}")
+            if not steps:
+                raise ValueError(f"augment.{f} is an empty list of steps: give steps or remove the entry")
+        return v
+
     @model_serializer(mode="wrap")
     def _set_only(self, handler: Callable[["PartySpec"], dict[str, Any]]) -> dict[str, Any]:
-        """``precision`` is written only where it is not fp32 (a plan without it hashes as before it existed)."""
+        """``precision`` and ``augment`` are written only where given (a plan without them hashes as before they
+        existed)."""
         data = handler(self)
-        return {k: v for k, v in data.items() if not (k == "precision" and v == "fp32")}
+        return {k: v for k, v in data.items() if not (k == "precision" and v == "fp32" or k == "augment" and not v)}
 
     @field_validator("holds", mode="before")
     @classmethod
@@ -247,8 +364,41 @@ def importable_name(fn: Any) -> str | None:
     return f"{module}:{name}" if found is fn else None
 
 
+class OutputSpec(Strict):
+    """One element of a segment's tuple or dict output: its ``name`` (a dict's key) and, per dimension that may
+    vary from batch to batch (a sequence length), the bound it may reach: ``vary = { 1 = 512 }``. Written as the
+    bare name where nothing varies (``outputs = ["hidden", "mask"]``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    vary: dict[int, int] = Field(default_factory=dict)  # dimension (1.., the batch is 0) -> largest size
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("vary")
+    @classmethod
+    def _bounds(cls, v: dict[int, int]) -> dict[int, int]:
+        for dim, bound in v.items():
+            if dim < 1 or bound < 1:
+                raise ValueError(f"vary = {{ {dim} = {bound} }}: a dimension after the batch's (1 or more) and a "
+                                 "bound of at least 1")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _short(self, handler: Callable[["OutputSpec"], dict[str, Any]]) -> Any:
+        data = handler(self)
+        return data["name"] if not data.get("vary") else data
+
+
 class SegmentSpec(Strict):
-    """Layers ``[start, stop)`` of a network, run by one party on one or more inputs."""
+    """Layers ``[start, stop)`` of a network, run by one party on one or more inputs.
+
+    ``outputs``: where the module returns a tuple (the names of its elements, in order) or a dict (its keys),
+    each element an :class:`OutputSpec`; a consumer reads one as ``"segment:name"``, or all of them (as
+    positional arguments, in order) by the segment's bare name. Written into the plan only where given.
+    """
 
     party: str
     inputs: list[str] = Field(min_length=1)
@@ -256,12 +406,27 @@ class SegmentSpec(Strict):
     layers: tuple[int, int] | None = None  # an nn.Sequential's layers [start, stop)
     cut: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")  # ends after this submodule
     merge: Literal["concat", "sum", "module"] = "concat"
+    outputs: list[OutputSpec] | None = Field(None, min_length=1)  # elements of a tuple or dict output
 
     @model_validator(mode="after")
     def _one_bound(self) -> "SegmentSpec":
         if self.layers is not None and self.cut is not None:
             raise ValueError("give 'layers' (indices of an nn.Sequential) or 'cut' (a submodule's name), not both")
+        names = [o.name for o in self.outputs or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"outputs {names} name an element twice")
         return self
+
+    @property
+    def output_names(self) -> list[str]:
+        """The names of the elements of a tuple or dict output (none: the segment gives one tensor)."""
+        return [o.name for o in self.outputs or []]
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler: Callable[["SegmentSpec"], dict[str, Any]]) -> dict[str, Any]:
+        """``outputs`` is written only where given (a plan without it hashes as before it existed)."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k == "outputs" and v is None)}
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -328,122 +493,3 @@ class LossSpec(Strict):
         data = handler(self)
         return {k: v for k, v in data.items() if not (k in ("class_weights", "pos_weight", "label_smoothing")
                                                       and v is None or k == "metrics" and not v)}
-
-
-class NoiseSpec(Strict):
-    """Per-sample L2 clipping of the activations to ``clip``, then Gaussian noise of std ``sigma * clip``."""
-
-    clip: float = Field(gt=0.0)
-    sigma: float = Field(ge=0.0)
-    delta: float = Field(1e-5, gt=0.0, lt=1.0)
-
-
-class LabelProtectionSpec(Strict):
-    """Noise the label holder adds to the gradients it returns (see :mod:`splitlearn.privacy.labels`)."""
-
-    kind: Literal["marvell", "max_norm"] = "marvell"
-    strength: float = Field(1.0, ge=0.0)
-
-
-class WireSpec(Strict):
-    """Per-wire settings; the wire is named by its source node (segment or ``party.field``).
-
-    Besides the built-in defenses below, a key may name any defense registered in
-    :mod:`splitlearn.core.defense` when the plan is validated: its setting is kept in
-    ``extra_defenses`` and written back under its own key.
-    """
-
-    codec: str = "float32"  # forward
-    grad_codec: str = "float32"  # backward
-    nopeek: float = Field(0.0, ge=0.0)  # sender adds nopeek * dCor(its raw inputs, the activations) to its loss
-    noise: NoiseSpec | None = None  # sender clips and noises the activations it sends
-    label_protection: LabelProtectionSpec | None = None  # receiver protects the gradients it returns
-    randomized_response: float | None = Field(None, gt=0.0)  # label wires: epsilon of label DP (training only)
-    allow_nonfinite: bool = False  # receivers refuse NaN and infinite values unless this is set
-    max_abs: float = Field(1e6, gt=0.0)  # receivers refuse activations and gradients larger in magnitude (inf: none)
-    # receivers refuse activations and gradients more than this many times larger in magnitude than the
-    # largest the wire carried in its first epoch (so far, during it): a bound learnt from the run (0: none)
-    max_jump: float = Field(1000.0, ge=0.0)
-    extra_defenses: dict[str, Any] = Field(default_factory=dict)  # registered defenses that are no field: key -> setting
-
-    @model_validator(mode="before")
-    @classmethod
-    def _registered(cls, data: Any) -> Any:
-        """Keys naming a registered defense that is no field move into ``extra_defenses``."""
-        if not isinstance(data, dict):
-            return data
-        extra = {k: v for k, v in data.items() if k not in cls.model_fields and k in DEFENSES}
-        if not extra:
-            return data
-        body = {k: v for k, v in data.items() if k not in extra}
-        body["extra_defenses"] = {**(body.get("extra_defenses") or {}), **extra}
-        return body
-
-    @field_validator("extra_defenses")
-    @classmethod
-    def _known(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for key in v:
-            if key in cls.model_fields or key not in DEFENSES:
-                raise ValueError(f"{key!r} is no registered defense (registered: {sorted(DEFENSES)})")
-        return v
-
-    @model_serializer(mode="wrap")
-    def _flat(self, handler: Callable[["WireSpec"], dict[str, Any]]) -> dict[str, Any]:
-        """Registered defenses are written under their own keys, as a plan gives them."""
-        data = handler(self)
-        extra = data.pop("extra_defenses", None) or {}
-        return {**data, **extra}
-
-    @field_validator("codec", "grad_codec")
-    @classmethod
-    def _codec(cls, v: str) -> str:
-        from ..wire.codec import get_codec
-
-        get_codec(v)  # raises ValueError naming the known codecs
-        return v
-
-
-class TrainSpec(Strict):
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
-    seed: int = 0
-    # a checkpoint every this many training steps (and at every epoch's end) when the run has an --out folder
-    checkpoint_every: int | None = Field(None, ge=1)
-    # seconds a party waits for a peer whose link broke to come back (over gRPC) before it stops
-    reconnect_timeout: float = Field(180.0, ge=0.0)
-    # seconds one step (and the hello, the goodbye) may take as a whole before a party gives up, in every plan;
-    # None: 120 s (Plan.step_timeout_s resolves it; clients.timeout bounds answers only)
-    step_timeout: float | None = Field(None, gt=0.0)
-    # micro-batches per training step, pipelined through the parties (GPipe); the gradients are the whole batch's
-    pipeline: int = Field(1, ge=1, le=1024)
-    # training batches per optimizer step (gradient accumulation: equals one batch this many times larger)
-    accumulate: int = Field(1, ge=1)
-    # with clip = "global": clip_grad_norm_ over every party's gradients of a network at once (core/precision.py)
-    clip_grad_norm: float | None = Field(None, gt=0.0, allow_inf_nan=False)
-    clip: Literal["global"] | None = None
-
-    @model_validator(mode="after")
-    def _global_clip(self) -> "TrainSpec":
-        if self.clip_grad_norm is not None and self.clip is None:
-            raise ValueError("train.clip_grad_norm clips the norm over every party's gradients together: say so with "
-                             "clip = \"global\" beside it (a party's own gradients are clipped by clip_grad_norm in "
-                             "its optimizer table)")
-        if self.clip is not None and self.clip_grad_norm is None:
-            raise ValueError("train.clip = \"global\" needs the norm to clip to: train.clip_grad_norm = N")
-        return self
-
-    @model_serializer(mode="wrap")
-    def _set_only(self, handler: Callable[["TrainSpec"], dict[str, Any]]) -> dict[str, Any]:
-        """``accumulate`` and the global clip are written only where given (a plan without them hashes as before
-        they existed)."""
-        data = handler(self)
-        return {k: v for k, v in data.items() if not (k == "accumulate" and v == 1)
-                and not (k in ("clip_grad_norm", "clip") and v is None)}
-
-
-class PartitionSpec(Strict):
-    """How the training rows are shared among horizontal clients."""
-
-    kind: Literal["iid", "dirichlet"] = "iid"
-    alpha: float = Field(0.5, gt=0.0)  # dirichlet: small alpha gives each client few classes

@@ -6,7 +6,9 @@ import numpy as np
 
 from .table import DataError
 
-__all__ = ["train_test_split_ids", "batches"]
+__all__ = ["train_test_split_ids", "validation_count", "validation_split_ids", "batches"]
+
+_VALIDATION = 0x76616C  # the validation rows' own stream beside the test split's ("val")
 
 
 def train_test_split_ids(ids: np.ndarray, test_fraction: float, seed: int,
@@ -28,6 +30,29 @@ def train_test_split_ids(ids: np.ndarray, test_fraction: float, seed: int,
     perm = np.random.default_rng(seed).permutation(np.sort(ids))
     n_test = int(round(len(ids) * test_fraction))
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def validation_count(train: int, fraction: float) -> int:
+    """How many of ``train`` training rows are carved out for validation: ``round(train * fraction)``; a
+    DataError unless both the validation and the training rows that remain are at least one."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"validation_fraction must be in (0, 1), got {fraction}")
+    n = int(round(train * fraction))
+    if not 0 < n < train:
+        raise DataError(f"validation_fraction = {fraction} of {train} training rows leaves "
+                        f"{'no validation' if n <= 0 else 'no training'} row")
+    return n
+
+
+def validation_split_ids(train_ids: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training ids, validation ids) carved from ``train_ids``, each sorted ascending: the
+    :func:`validation_count` first ids of a permutation of the sorted ids by ``default_rng([seed, "val"])``,
+    so, as the test split, they depend only on the ids, the fraction and the seed (every party of an aligned
+    plan derives the same rows)."""
+    ids = np.sort(np.asarray(train_ids))
+    n = validation_count(len(ids), fraction)
+    perm = np.random.default_rng([seed, _VALIDATION]).permutation(ids)
+    return np.sort(perm[n:]), np.sort(perm[:n])
 
 
 def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:

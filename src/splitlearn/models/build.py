@@ -196,7 +196,16 @@ def _piece(plan: Plan, segment: str, net: nn.Module) -> nn.Module:
     except CutError as e:
         raise PlanError(f"cannot cut network {spec.network!r} ({type(net).__name__}) after {cuts}: {e}",
                         entry=f"segments.{segment}.cut", hint="see 'Cutting a network' in docs/plans.md") from None
-    return pieces[bounded.index(segment) if segment in bounded else len(bounded)]
+    piece = pieces[bounded.index(segment) if segment in bounded else len(bounded)]
+    names = getattr(piece, "cut_outputs", [])
+    if names and spec.output_names != names:  # a skip connection crosses the cut: the piece returns a tuple
+        written = "[" + ", ".join(f'"{n}"' for n in names) + "]"
+        raise PlanError(f"segment {segment!r} ends at the cut after {spec.cut!r}, which values used after it cross "
+                        f"({names[1:]} besides {names[0]!r}): it returns the tuple {tuple(names)}, and its outputs "
+                        f"{'are ' + str(spec.output_names) if spec.outputs else 'are not declared'}",
+                        entry=f"segments.{segment}.outputs", hint=f"write outputs = {written} in segments.{segment} "
+                        "(the segment after the cut takes them all by its bare name)")
+    return piece
 
 
 def build_segment(plan: Plan, segment: str) -> nn.Module:

@@ -6,9 +6,12 @@ traced graph is divided at them: piece 0 runs from the inputs to the first cut s
 ``fx.GraphModule`` over the very same submodules, so its ``state_dict`` keys are the module's
 own (``layer1.0.conv1.weight``) and the pieces composed compute exactly what the module does.
 
-Only the cut submodule's output may cross a cut. A value used on both sides (a skip
-connection around the cut, or the input reused later) is refused, naming it: one wire carries
-one tensor.
+The cut submodule's output crosses a cut, and so may any value computed before it and used after it
+(a skip connection around the cut): the piece before then returns a tuple, the cut submodule's output
+first and each crossing value after it in the order of the forward, named after its fx node
+(:func:`cut_outputs`: what a plan's ``outputs`` lists), and the piece after takes them as arguments in
+that order (a value crossing several cuts passes through the pieces between). The network's input
+crossing a cut is refused (raw features never travel), and so are weights used on both sides.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["CutError", "cut_module"]
+__all__ = ["CutError", "cut_module", "cut_outputs"]
 
 
 class CutError(ValueError):
@@ -90,40 +93,55 @@ def _check_shared(graph: fx.Graph, where: dict[fx.Node, int]) -> None:
                            "train two copies of it. Cut where it is used on one side only")
 
 
-def _check_crossings(graph: fx.Graph, where: dict[fx.Node, int], ends: list[fx.Node]) -> None:
+def _crossings(graph: fx.Graph, where: dict[fx.Node, int], ends: list[fx.Node]) -> list[list[fx.Node]]:
+    """Per piece but the last, the values it passes on besides its cut's output (in the order of the forward):
+    those computed in it or before it and used after it. The network's input may not cross."""
     last = len(ends)
+    latest: dict[fx.Node, int] = {}
     for n in graph.nodes:
         k = last if n.op == "output" else where[n]
         for a in n.all_input_nodes:
             if where[a] == k or (k > 0 and a is ends[k - 1]):
                 continue
-            what = "the network's input" if a.op == "placeholder" else f"the value {a.name!r}"
-            cut = ends[where[a]].target if where[a] < last else None
-            raise CutError(f"{what} (computed before the cut after {cut!r}) is also used after it, by {n.name!r}: a skip "
-                           f"connection across a cut; only the cut submodule's output may cross. Move the cut so "
-                           "the connection stays on one side")
+            if a.op == "placeholder":
+                cut = ends[where[a]].target
+                raise CutError(f"the network's input {a.name!r} (before the cut after {cut!r}) is also used after it, "
+                               f"by {n.name!r}: raw features never travel. Move the cut so the input is used on one "
+                               "side only")
+            latest[a] = max(latest.get(a, k), k)
+    return [[a for a in graph.nodes if a in latest and a is not ends[k] and where[a] <= k < latest[a]]
+            for k in range(last)]
 
 
 def _pieces(net: nn.Module, cuts: list[str]) -> list[fx.GraphModule]:
     graph = _trace(net, cuts)
     where, ends = _assign(graph, cuts)
-    _check_crossings(graph, where, ends)
+    extra = _crossings(graph, where, ends)
     output = next(n for n in graph.nodes if n.op == "output")
     pieces = []
     for k in range(len(ends) + 1):
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         if k > 0:
-            env[ends[k - 1]] = g.placeholder(ends[k - 1].name.replace(".", "_"))
+            for a in [ends[k - 1], *extra[k - 1]]:
+                env[a] = g.placeholder(a.name.replace(".", "_"))
         for n in graph.nodes:
             if n.op != "output" and where[n] == k:
                 env[n] = g.node_copy(n, lambda a: env[a])
         if k < len(ends):
-            g.output(env[ends[k]])
+            g.output(env[ends[k]] if not extra[k] else tuple(env[a] for a in [ends[k], *extra[k]]))
         else:
             g.output(fx.map_arg(output.args[0], lambda a: env[a]))
-        pieces.append(fx.GraphModule(net, g, class_name=f"{type(net).__name__}Piece{k}"))
+        piece = fx.GraphModule(net, g, class_name=f"{type(net).__name__}Piece{k}")
+        piece.cut_outputs = [a.name for a in [ends[k], *extra[k]]] if k < len(ends) and extra[k] else []
+        pieces.append(piece)
     return pieces
+
+
+def cut_outputs(net: nn.Module, cuts: list[str]) -> list[list[str]]:
+    """Per piece of ``cut_module(net, cuts)``: the names of the elements of the tuple it returns (its cut
+    submodule's output, then the values crossing the cut), or ``[]`` where it returns one tensor."""
+    return [p.cut_outputs for p in cut_module(net, cuts)]
 
 
 def cut_module(net: nn.Module, cuts: list[str]) -> list[fx.GraphModule]:
@@ -131,9 +149,9 @@ def cut_module(net: nn.Module, cuts: list[str]) -> list[fx.GraphModule]:
 
     A forward that reads ``self.training`` (``F.dropout(x, training=self.training)``) would be
     traced with that mode fixed, so it is refused (``nn.Dropout`` modules follow the mode).
+    A piece that a skip connection leaves returns a tuple (``piece.cut_outputs`` names its elements).
     Raises :class:`CutError` if a cut names no submodule, the cuts are out of order, the forward
-    cannot be traced, a value other than a cut submodule's output crosses a cut, or weights are
-    used on both sides of one.
+    cannot be traced, the network's input crosses a cut, or weights are used on both sides of one.
     """
     was = net.training
     try:

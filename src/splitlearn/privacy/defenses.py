@@ -1,5 +1,5 @@
 """The built-in wire defenses, registered on import: ``nopeek``, ``noise``, ``label_protection``
-and ``randomized_response`` (fields of :class:`~splitlearn.core.specs.WireSpec`).
+and ``randomized_response`` (fields of :class:`~splitlearn.core.wirespec.WireSpec`).
 
 The protocol lives in the core (:mod:`splitlearn.core.defense`) and the registry in
 :mod:`splitlearn.core.registry`, which imports this module by name the first time the registry is

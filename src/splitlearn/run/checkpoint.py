@@ -6,7 +6,9 @@ one before its first step, (0, -1), then every ``[train] checkpoint_every`` trai
 the end of every epoch, (0, k) after step id k (never inside a gradient group of ``[train] accumulate``);
 a ``[clients]`` plan on the coordinator's word before the first round and at the end of every round r,
 (r + 1, -1). It holds the party's weights, optimizer state (with its learning-rate schedule's position),
-the loss scale where a party is in fp16 (:class:`~splitlearn.core.precision.LossScale`), random stream,
+the loss scale where a party is in fp16 (:class:`~splitlearn.core.precision.LossScale`), with validation
+the agreed best epoch, the early-stopping rule's state and the best epoch's weights (``best.SEGMENT.NAME``;
+:mod:`~splitlearn.core.stopping`), random stream,
 codec state (error feedback), noise secret, the bounds learnt from the run (``max_jump``), accounting
 and metrics so far, in
 ``parties/NAME/checkpoints/round-RRRRRR-step-SSSSSSSSS/``: ``state.safetensors`` (tensors, no
@@ -23,6 +25,7 @@ with the reason, among those that cannot be used.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -45,7 +48,7 @@ from ..wire.metering import Meter, Traffic
 
 __all__ = ["Checkpoints", "CheckpointError", "KEEP", "folder_name", "after_step", "capture", "restore",
            "module_tensors", "load_modules", "optimizer_tensors", "load_optimizer", "meter_state", "load_meter",
-           "read_verified", "goodbye_bytes", "without_goodbyes", "FILES", "FORMAT", "SUMS"]
+           "read_verified", "goodbye_bytes", "without_goodbyes", "resumable_meter", "FILES", "FORMAT", "SUMS"]
 
 KEEP = 2
 FORMAT = "splitlearn-checkpoint-3"  # 2: SHA256SUMS covers the manifest too; 3: named by a cursor (round, step)
@@ -155,6 +158,23 @@ def without_goodbyes(meter: Meter, party: Party) -> Meter:
     return meter
 
 
+def resumable_meter(party: Party) -> Meter:
+    """A party's accounting as a run resumed after its last step must find it: without the messages of
+    later steps read early (their senders send them again), with the credits owed for the steps
+    done that have not come yet (their senders will not), and without the goodbyes of neighbours that
+    finished already (:func:`without_goodbyes`). A run never stopped counts each once."""
+    meter, step, k = copy.deepcopy(party.meter), party.last_step, party.pipeline
+    for msg in party.early.later(step):
+        t = meter.received[(msg.wire, "forward" if msg.kind == Kind.ACTIVATION else "backward")]
+        t.messages, t.bytes, t.payload = (t.messages - 1, t.bytes - len(encode(msg)), t.payload - msg.payload_bytes)
+    for consumer, steps in party.flow.unread.items():
+        wire = party.flow.out[consumer].wire
+        for s in steps:
+            if s <= step:
+                meter.on_recv(wire, "credit", len(encode(Message(Kind.CREDIT, consumer, party.name, s * k, wire))), 0)
+    return without_goodbyes(meter, party)
+
+
 def capture(party: Party, extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, manifest) of a party's state after a step; ``extra``: the caller's own (metrics, timing)."""
     tensors = module_tensors(party.modules)
@@ -166,11 +186,17 @@ def capture(party: Party, extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor
         residual = getattr(codec, "residual", None)
         if residual is not None:
             tensors[f"codec.{wire}.{int(kind)}.residual"] = residual.detach().cpu().contiguous().clone()
-    meter = without_goodbyes(party.checkpoint_meter(), party)
+    meter = resumable_meter(party)
     manifest = {"format": FORMAT, "party": party.name, "optimizer": optim, "noise_secret": str(party.noise_secret),
                 "meter": meter_state(meter), "learnt_bounds": party.bounds.state(), **extra}
     if party.precision.scale is not None:  # a loss-scaled network (a party in fp16): the scale every party holds
         manifest["loss_scale"] = party.precision.scale.state_dict()
+    epochs = party.precision.epochs  # validation: the agreed best epoch, the rule's state, the best epoch's weights
+    if epochs is not None:
+        manifest["stopping"] = epochs.state()
+        if epochs.kept is not None:
+            tensors.update({f"best.{seg}.{k}": v.detach().cpu().contiguous().clone()
+                            for seg, sd in epochs.kept.items() for k, v in sd.items()})
     return tensors, manifest
 
 
@@ -191,6 +217,18 @@ def restore(party: Party, tensors: dict[str, torch.Tensor], manifest: dict[str, 
             party.precision.scale.load_state_dict(manifest["loss_scale"])
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{party.name}: the checkpoint holds no loss scale, which fp16 needs ({e})") from None
+    epochs = party.precision.epochs
+    if epochs is not None:  # (the state before any step, taken before the agreement existed: its start)
+        try:
+            epochs.load(manifest.get("stopping", {"epoch": 0, "best_epoch": None, "stopped_at": None}))
+        except ValueError as e:
+            raise CheckpointError(f"{party.name}: {e}") from None
+        kept: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("best."):
+                seg, name = k[len("best."):].split(".", 1)
+                kept.setdefault(seg, {})[name] = v.clone()  # (load_state_dict copies it onto the module's device)
+        epochs.kept = kept or None
 
 
 def _sums_text(digests: dict[str, str]) -> str:

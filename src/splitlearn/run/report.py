@@ -46,10 +46,14 @@ class PartyReport:
     refused_jumps: dict[str, int] = field(default_factory=dict)  # peer -> values refused past a learnt bound
     per_client: dict = field(default_factory=dict, repr=False)  # independent: client -> its own trained segments
     scores: dict[str, list[Scores]] = field(default_factory=dict, repr=False)  # loss -> last evaluation's (not in JSON)
+    # [data] validation_fraction: the epoch whose weights it kept (best_epoch), where it stopped early (stopped_at,
+    # None: it ran every epoch) and by which figure (metric, loss); none without validation
+    stopping: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("modules", "observed", "predictions", "preprocess", "per_client", "scores")}
+                if k not in ("modules", "observed", "predictions", "preprocess", "per_client", "scores")
+                and not (k == "stopping" and not v)}
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,15 @@ class EpochSums:
     train_sum: float = 0.0
     train_n: int = 0
     scores: list[Scores] = field(default_factory=list)
+    validation: list[Scores] = field(default_factory=list)  # [data] validation_fraction: the validation rows'
 
 
 STEP_POINTS = 500  # train loss per step: at most this many points are kept (evenly sampled)
 
 
 class Metrics:
-    """Per-epoch history of the losses a party computes: train loss, and the test figures of
+    """Per-epoch history of the losses a party computes: train loss, the figures on the validation rows
+    (``[data] validation_fraction``: ``val_<name>``, every epoch) and the test figures of
     :func:`~splitlearn.core.metrics.evaluation_metrics` (loss, rows scored, for classification
     accuracy and the clinical metrics, for regression MAE, RMSE and R²); the last evaluation's 95 %
     bootstrap intervals (``ci95``) and curves; the train loss per step. ``scores``: the last
@@ -106,7 +112,7 @@ class Metrics:
                 if self.tracker is not None:
                     self.tracker.log({f"{k}/train_loss_step": v}, step.id)
             else:
-                a.scores.append(self._scores(k, out, v * n, n))
+                (a.validation if step.split == "validation" else a.scores).append(self._scores(k, out, v * n, n))
 
     def _scores(self, k: str, out: StepOutput, loss_sum: float, rows: int) -> Scores:
         """An evaluation batch's scores of loss ``k``: class probabilities, else the decided values (a
@@ -128,6 +134,9 @@ class Metrics:
             before = {name: len(v) for name, v in h.items()}
             if a.train_n:
                 h["train_loss"].append(a.train_sum / a.train_n)
+            for name, value in evaluation_metrics(self.kinds[k], a.validation).items():  # as val_<name>
+                if name not in ("ci95", "curves"):
+                    h.setdefault(f"val_{name[len('test_'):]}", []).append(value)
             found = evaluation_metrics(self.kinds[k], a.scores)
             if found:
                 self.scores[k] = a.scores
@@ -143,7 +152,7 @@ class Metrics:
 
     def state(self) -> dict:
         """For a checkpoint after a training step (no evaluation pending)."""
-        assert not any(a.scores for a in self.acc.values()), "a checkpoint falls between evaluation steps"
+        assert not any(a.scores or a.validation for a in self.acc.values()), "a checkpoint falls between evaluation steps"
         return {"hist": self.hist, "steps": self.steps, "ci": self.ci, "curves": self.curves,
                 "acc": {k: [a.train_sum, a.train_n, 0.0, 0, 0] for k, a in self.acc.items()}}  # no test rows pending
 

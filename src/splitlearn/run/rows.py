@@ -5,7 +5,7 @@ nodes, and the train/test splits every party derives alike from the plan seed.""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +15,12 @@ from ..core import losses
 from ..core.plan import Plan, plan_dir
 from ..core.specs import DataSpec, PlanError
 from ..data import DataError, Table, load_table, train_test_split_ids
+from ..data.split import batches, validation_count, validation_split_ids
+from ..data.torchdata import TorchColumn, TorchReader, TorchSource, source_of
 
 __all__ = ["Splits", "party_table", "party_inputs", "splits_for", "counted_splits", "ids_digest", "data_spec",
-           "with_file", "party_file", "holds_data", "target_kinds", "scaled_targets", "read_table", "data_entry"]
+           "with_file", "party_file", "holds_data", "target_kinds", "scaled_targets", "read_table", "data_entry",
+           "train_batches"]
 
 
 @dataclass
@@ -25,6 +28,13 @@ class Splits:
     ids: np.ndarray  # all aligned ids
     train: np.ndarray  # positions into ids
     test: np.ndarray
+    # [data] validation_fraction: positions carved from the training rows (none without it)
+    validation: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(training rows with the validation rows among them, test rows): what a hello tells."""
+        return len(self.train) + len(self.validation), len(self.test)
 
 
 def read_table(spec: DataSpec, base: Path | None, cache: dict, target: str = "class") -> Table:
@@ -34,6 +44,15 @@ def read_table(spec: DataSpec, base: Path | None, cache: dict, target: str = "cl
             raise DataError("dataset 'arrays' holds rows given in Python, which this process does not have: give "
                             "the data again (splitlearn.predict(run, data=...)) or use a file")
         return spec._table
+    if spec.dataset == "torch":  # a Dataset or DataLoader given in Python: its rows streamed (data.torchdata)
+        if spec._source is None:
+            raise DataError("dataset 'torch' is a Dataset or DataLoader given in Python (splitlearn.split(data=...), "
+                            "DataSpec.of_torch), which this process does not have: a plan file or a party process "
+                            "cannot hold one; train it in the process that holds it (launcher='threads')")
+        if spec.options or spec.path or spec.id_column or spec.label_column:
+            raise DataError("dataset 'torch' takes no path, columns or options: its rows, ids (positions) and "
+                            "transforms are the Dataset's own (standardize and normalize are not applied)")
+        return spec._source.table()
     key = (spec.model_dump_json(), target)
     if key not in cache:
         cache[key] = load_table(spec.dataset, path=spec.path, id_column=spec.id_column,
@@ -192,14 +211,23 @@ def _as_target(arr: np.ndarray, kind: str, loss: str, where: str) -> np.ndarray:
 
 def party_inputs(plan: Plan, party: str, table: Table, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     """The party's input nodes (``party.field``) as tensors over the table's rows; loss targets in the
-    dtype their loss kind gives them (:func:`target_kinds`)."""
-    out = {}
+    dtype their loss kind gives them (:func:`target_kinds`). A torch dataset's fields are
+    :class:`~splitlearn.data.torchdata.TorchField` objects read per step; its loss targets are tensors."""
+    out: dict = {}
     targets = target_kinds(plan, party)
+    reader = None  # a torch dataset's rows: one reader per party, its fields streamed (data.torchdata)
     for local, ref in plan.parties[party].holds.items():
         if f"{party}.{local}" in skip:
             continue
         try:
             arr = table.select(ref.field, ref.columns)
+            if isinstance(arr, TorchColumn):
+                _check_loader(plan, arr.source)
+                if ref.field not in targets:
+                    reader = reader or TorchReader(arr.source, plan.train.seed)
+                    out[f"{party}.{local}"] = arr.view(reader)
+                    continue
+                arr = arr.values(plan.train.seed, plan.train.batch_size)  # a loss's targets, up front (classes, checks)
         except DataError as e:
             raise PlanError(str(e), entry=f"parties.{party}.holds.{local}",
                             hint="name a field of the dataset and a column range inside it") from None
@@ -216,13 +244,29 @@ def splits_for(plan: Plan, table: Table) -> Splits:
     ids = np.sort(table.ids)
     is_test = table.align(ids).fields.get("is_test") if "is_test" in table.fields else None
     train_ids, test_ids = train_test_split_ids(ids, plan.data.test_fraction, plan.train.seed, is_test)
-    return Splits(ids, np.searchsorted(ids, train_ids), np.searchsorted(ids, test_ids))
+    fraction = plan.data.validation_fraction
+    if fraction is None:
+        return Splits(ids, np.searchsorted(ids, train_ids), np.searchsorted(ids, test_ids))
+    try:
+        train_ids, val_ids = validation_split_ids(train_ids, fraction, plan.train.seed)
+    except DataError as e:
+        raise PlanError(str(e), entry="data.validation_fraction",
+                        hint="a fraction that leaves both training and validation rows") from None
+    return Splits(ids, np.searchsorted(ids, train_ids), np.searchsorted(ids, test_ids), np.searchsorted(ids, val_ids))
 
 
-def counted_splits(train: int, test: int) -> Splits:
-    """The splits of a party that holds no data: only how many rows there are (told in the hello)."""
-    return Splits(np.arange(train + test, dtype=np.int64), np.arange(train, dtype=np.int64),
-                  np.arange(train, train + test, dtype=np.int64))
+def counted_splits(train: int, test: int, validation_fraction: float | None = None) -> Splits:
+    """The splits of a party that holds no data: only how many rows there are (told in the hello: ``train``
+    counts the validation rows too, which ``validation_fraction`` carves out as the holders do)."""
+    val = 0
+    if validation_fraction is not None:
+        try:
+            val = validation_count(train, validation_fraction)
+        except DataError as e:
+            raise PlanError(str(e), entry="data.validation_fraction",
+                            hint="a fraction that leaves both training and validation rows") from None
+    return Splits(np.arange(train + test, dtype=np.int64), np.arange(train - val, dtype=np.int64),
+                  np.arange(train, train + test, dtype=np.int64), np.arange(train - val, train, dtype=np.int64))
 
 
 def ids_digest(ids: np.ndarray) -> str:
@@ -235,3 +279,47 @@ def ids_digest(ids: np.ndarray) -> str:
             b = str(v).encode()
             h.update(len(b).to_bytes(4, "little") + b)
     return h.hexdigest()[:16]
+
+
+def _check_loader(plan: Plan, source: TorchSource) -> None:
+    """What the plan asks of a DataLoader, before anything runs: batches no larger than ``[train] batch_size``
+    (a custom batch_sampler's draws are checked as drawn, by :func:`train_batches`) and no validation rows
+    carved from the rows its sampler draws."""
+    if source.loader is None:
+        return
+    size, most = plan.train.batch_size, source.loader.batch_size
+    if most is not None and most > size:
+        raise PlanError(f"the DataLoader draws batches of up to {most} rows, but [train] batch_size is {size}: "
+                        "no step may be larger", entry="train.batch_size",
+                        hint=f"set batch_size = {most} (split(..., batch_size={most}))")
+    if getattr(plan.data, "validation_fraction", None) is not None:
+        raise PlanError("validation_fraction carves validation rows out of the training rows, but a DataLoader's "
+                        "sampler draws from every row of its dataset", entry="data.validation_fraction",
+                        hint="hold the validation rows out of the DataLoader's dataset yourself")
+
+
+def train_batches(plan: Plan, train: np.ndarray, epoch: int) -> list[torch.Tensor]:
+    """An epoch's training batches (positions) for :func:`splitlearn.run.setup.schedule`: a DataLoader's
+    batch sampler's draws (:mod:`splitlearn.data.torchdata`), else the plan seed's batches over ``train``."""
+    t = plan.train
+    source = source_of(plan)
+    if source is None or source.loader is None:
+        out = [torch.from_numpy(train[b]) for b in batches(len(train), t.batch_size, t.seed, epoch)]
+    else:
+        if len(train) != source.n_train:
+            raise PlanError(f"the DataLoader's sampler draws from all {source.n_train} rows of its dataset, but the "
+                            f"plan trains on {len(train)} of them (rows held out of it)",
+                            entry="data", hint="give the test (and validation) rows apart, as their own Dataset")
+        try:
+            drawn = source.draws(epoch)
+        except DataError as e:
+            raise PlanError(str(e), entry="data", hint="check the DataLoader's sampler") from None
+        big = max(len(b) for b in drawn)
+        if big > t.batch_size:
+            raise PlanError(f"the DataLoader draws batches of up to {big} rows, but [train] batch_size is "
+                            f"{t.batch_size}: no step may be larger", entry="train.batch_size",
+                            hint=f"set batch_size = {big} (split(..., batch_size={big}))")
+        out = [torch.from_numpy(train[b]) for b in drawn]
+    if source is not None:
+        source.expect(epoch, out)
+    return out

@@ -11,12 +11,14 @@ import json
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator
 
 from ..core.engine import Party, PartyError, SessionRestart
 from ..core.optimizing import WHOLE
 from ..core.plan import differing_entries, plan_hash, plan_parts, plan_value
 from ..core.specs import PlanError
+from ..core.stopping import EpochAgreement
 from ..wire.codec import WireError
 from ..wire.control import START, Cursor
 from ..wire.link import Link
@@ -331,7 +333,8 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     # the state before any step, in memory: a session begun again with no checkpoint in common goes back to it
     initial = capture(party, {}) if checkpoints is not None else None
     first: list[Message] = []  # a neighbour's new hello that began a restart
-    todo: list[Step] | None = None
+    full: list[Step] | None = None  # the schedule (with validation: every epoch's, before any early stop)
+    validating = party.graph.plan.data.validation_fraction is not None
     for attempt in range(MAX_RESTARTS + 1):
         metrics = Metrics(party, tracker, setup)
         predictions: dict[str, list] = {}
@@ -346,12 +349,16 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
             load_meter(party.meter, meter_state(Meter(party.name)))
         try:
             with session(party, ids_hash, setup, held, first) as info:
-                if todo is None:
-                    todo = accumulated(list(steps() if callable(steps) else steps), party.graph.plan.train.accumulate)
+                if full is None:
+                    full = accumulated(list(steps() if callable(steps) else steps), party.graph.plan.train.accumulate)
+                todo = full
+                agreement = _epoch_agreement(party, full) if validating else None
                 start, due = 0, False  # due: a checkpoint waits for the end of the gradient group
                 if info["resume"] is not None:  # the state at that cursor, as it was (accounting included)
                     tensors, manifest = checkpoints.load(info["resume"])
                     restore(party, tensors, manifest)
+                    if agreement is not None and agreement.stopped is not None:  # it stopped early before
+                        todo = _stopped(full, agreement.steps[agreement.stopped] // party.pipeline)
                     count_kept_messages(party)
                     metrics.load(manifest["metrics"])
                     timing, epoch = manifest["timing"], manifest["epoch"]
@@ -366,7 +373,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                         set_aside(party.name, checkpoints)
                     checkpoints.save(START, *capture(party, {"metrics": metrics.state(), "timing": timing,
                                                              "epoch": None}))
-                for i in range(start, len(todo)):
+                for i in _indices(start, lambda: len(todo)):
                     step = todo[i]
                     if epoch is not None and step.epoch != epoch:
                         metrics.close_epoch(epoch)
@@ -393,13 +400,19 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                     if step.mode == "predict":
                         for k, v in out.predictions.items():
                             predictions.setdefault(k, []).append(v)
+                    settles = agreement is not None and _settles(todo, i)
+                    if settles:  # the epoch's last validation step: the network agrees on its best epoch
+                        metrics.close_epoch(epoch)
+                        epoch = None
+                        if _settle_epoch(party, agreement, step, metrics):
+                            todo = _stopped(todo, step.id)  # every party drops the same epochs
                     if checkpoints is not None and step.mode in ("train", "eval"):
-                        last = i + 1 == len(todo) or todo[i + 1].epoch != step.epoch
+                        last = i + 1 == len(todo) or todo[i + 1].epoch != step.epoch or settles
                         every = checkpoints.every
                         due = due or step.mode == "train" and bool(every) and timing["train_steps"] % every == 0
                         if last or due and step.update.last:
                             due = False
-                            if last:  # the epoch is complete: its metrics go in the checkpoint
+                            if last and epoch is not None:  # the epoch is complete: its metrics go in the checkpoint
                                 metrics.close_epoch(epoch)
                                 epoch = None
                             checkpoints.save(after_step(step.id), *capture(
@@ -423,4 +436,52 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     report = PartyReport(party.name, metrics.history(), {**party.meter.summary(), **timing}, list(party.link.refused),
                          plays=party.name, modules=party.modules, predictions=predictions, scores=metrics.scores)
     report.refused_jumps = dict(party.bounds.refused)
+    if validating:
+        a = party.precision.epochs
+        report.stopping = {"best_epoch": a.best, "stopped_at": a.stopped, "metric": a.metric, "loss": a.loss}
     return report
+
+
+# -- validation and early stopping (splitlearn.core.stopping) ----------------------------------------------------
+
+def _indices(start: int, length: Callable[[], int]) -> Iterator[int]:
+    """``start``, ``start + 1``, ... while below ``length()`` (asked again each time: an early stop shortens it)."""
+    i = start
+    while i < length():
+        yield i
+        i += 1
+
+
+def _settles(todo: list[Step], i: int) -> bool:
+    """Whether ``todo[i]`` is its epoch's last validation step (after it the parties agree on the best epoch)."""
+    step = todo[i]
+    return step.split == "validation" and (i + 1 == len(todo) or todo[i + 1].split != "validation"
+                                           or todo[i + 1].epoch != step.epoch)
+
+
+def _stopped(todo: list[Step], step_id: int) -> list[Step]:
+    """The schedule once the run stops after step ``step_id``: the test steps follow at once, numbered on."""
+    at = next(i for i, s in enumerate(todo) if s.id == step_id)
+    tests = [s for s in todo[at + 1:] if s.mode == "eval" and s.split == "test"]
+    return todo[:at + 1] + [replace(s, id=step_id + 1 + j, epoch=todo[at].epoch) for j, s in enumerate(tests)]
+
+
+def _epoch_agreement(party: Party, full: list[Step]) -> EpochAgreement:
+    """The party's side of the epoch verdicts, attached where its engine hands them (``precision.epochs``)."""
+    ends = [s.id * party.pipeline for i, s in enumerate(full) if _settles(full, i)]
+    agreement = EpochAgreement(party.graph, party.name, party.link, ends, PartyError)
+    party.precision.epochs = agreement
+    return agreement
+
+
+def _settle_epoch(party: Party, agreement: EpochAgreement, step: Step, metrics: Metrics) -> bool:
+    """Agree on the best epoch after ``step`` (its epoch's last validation step); keep the weights of a new best,
+    and before the test steps (the last epoch's, or a stop) load the best epoch's. Whether the run stops."""
+    loss, metric = agreement.loss, agreement.metric
+    best, stop = agreement.settle(step.epoch, lambda: (metrics.hist.get(loss, {}).get(metric) or [None])[-1],
+                                  lambda done: party.wait_after(step.id, done))
+    if best == step.epoch:
+        agreement.keep(party.modules)
+    if stop or step.epoch == party.graph.plan.train.epochs - 1:
+        agreement.use_best(party.modules)
+    return stop

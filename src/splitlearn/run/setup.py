@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.augment import check_images
 from ..core.defense import check_data as check_defense_data
 from ..core.dryrun import dry_run
 from ..core.graph import Graph, build_graph
@@ -30,7 +31,7 @@ from ..data.preprocess import Preprocess, TargetScale, fit_preprocess, fit_targe
 from ..models import build_segment
 from ..models.build import load_factory
 from .rows import (Splits, counted_splits, data_entry, data_spec, ids_digest, party_inputs, party_table, scaled_targets,
-                   splits_for, target_kinds)
+                   splits_for, target_kinds, train_batches)
 
 __all__ = ["Step", "schedule", "accumulated", "PartySetup", "setup_party", "check_plan", "prepare", "make_optimizer",
            "party_device", "build_modules", "label_notes"]
@@ -43,19 +44,24 @@ class Step:
     epoch: int
     rows: torch.Tensor  # positions into the train or test rows
     update: Update = WHOLE  # training: its gradient group ([train] accumulate; one of its own by default)
+    split: str = "test"  # evaluation: the rows it scores, "validation" or "test"
 
 
 def schedule(plan: Plan, splits: Splits, epochs: int | None = None) -> Iterator[Step]:
-    """The steps every party runs, in order: each epoch's training batches, then evaluation."""
+    """The steps every party runs, in order: each epoch's training batches, then evaluation (with ``[data]
+    validation_fraction``: of the validation rows every epoch, of the test rows once after the last epoch)."""
     t = plan.train
     sid = 0
     for epoch in range(epochs or t.epochs):
-        for b in batches(len(splits.train), t.batch_size, t.seed, epoch):
-            yield Step(sid, "train", epoch, torch.from_numpy(splits.train[b]))
+        for rows in train_batches(plan, splits.train, epoch):  # a DataLoader's: its batch sampler's draws
+            yield Step(sid, "train", epoch, rows)
             sid += 1
-        for b in batches(len(splits.test), t.eval_batch_size, t.seed, epoch, shuffle=False):
-            yield Step(sid, "eval", epoch, torch.from_numpy(splits.test[b]))
-            sid += 1
+        validating = plan.data.validation_fraction is not None  # the validation rows every epoch, the test rows
+        for split in ("validation",) * validating + ("test",) * (not validating or epoch == (epochs or t.epochs) - 1):
+            rows = getattr(splits, split)  # once, after the last epoch (with the best epoch's weights)
+            for b in batches(len(rows), t.eval_batch_size, t.seed, epoch, shuffle=False):
+                yield Step(sid, "eval", epoch, torch.from_numpy(rows[b]), split=split)
+                sid += 1
 
 
 def accumulated(steps: list[Step], accumulate: int) -> list[Step]:
@@ -189,7 +195,7 @@ class PartySetup:
     @property
     def rows(self) -> tuple[int, int] | None:
         """(training rows, test rows), once known."""
-        return None if self.splits is None else (len(self.splits.train), len(self.splits.test))
+        return None if self.splits is None else self.splits.counts  # (validation rows counted as training)
 
     def derive(self, table: Table) -> None:
         """Splits, preprocessing (fitted on the training rows) and inputs from ``table``."""
@@ -281,7 +287,7 @@ class PartySetup:
         """A party without data: how many rows the others hold (from their hellos). Splits already
         known with these counts (in one process: the data holders' own) are kept."""
         if self.rows != (train, test):
-            self.splits = counted_splits(train, test)
+            self.splits = counted_splits(train, test, self.plan.data.validation_fraction)
 
     def schema(self) -> dict[str, dict]:
         """What the party's rows look like, without any row: per field its dtype, shape per row,
@@ -375,11 +381,15 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
                                      "to keep only the ids every party holds")
     for s in setups.values():
         if s.table is None:  # only counts, as over a network (where they come in the hello): its step rows
-            s.splits = counted_splits(len(first.splits.train), len(first.splits.test))  # are schedule positions
+            s.splits = counted_splits(*first.splits.counts, plan.data.validation_fraction)  # schedule positions
     inputs = {k: v for s in setups.values() for k, v in s.inputs.items()}
     graph = first.graph
     check_defense_data(graph, inputs)  # what each wire's defenses need of the data (binary labels, classes)
     sample = {k: v[:1] for k, v in inputs.items()}
+    for k, x in sample.items():  # an augmented field holds images every step can take: said before any party starts
+        party, fld = k.split(".", 1)
+        if plan.parties[party].augment.get(fld):
+            check_images(plan.parties[party].augment[fld], x, f"parties.{party}.augment.{fld}")
     modules = {k: m for s in setups.values() for k, m in s.modules.items()}
     modes = {k: m.training for k, m in modules.items()}
     for m in modules.values():

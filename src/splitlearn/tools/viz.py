@@ -131,6 +131,8 @@ def _node_text(graph: Graph, node: Node, label_inputs: set[str]) -> tuple[str, s
         if len(node.inputs) > 1:
             sub = f"{sub}, {seg.merge}" if sub else f"merge: {seg.merge}"
         return node.name, sub
+    if node.kind == "output":  # one element of a segment's tuple or dict output
+        return node.name, "output"
     loss = plan.losses[node.name]
     return f"loss {node.name}", loss.kind
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["Encoded", "Codec", "WireError", "get_codec", "CODECS", "DTYPES", "MAX_ELEMENTS", "decoded_bytes",
+__all__ = ["Encoded", "Codec", "WireError", "get_codec", "CODECS", "DTYPES", "MAX_ELEMENTS", "decoded_bytes", "floating",
            "check_values", "to_buffer", "Float32", "Float16", "BFloat16", "Int8", "TopK", "dtype_name", "to_bytes",
            "from_bytes"]
 
@@ -94,6 +94,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     if dtype not in _NAMES:
         raise WireError(f"dtype {dtype} cannot be sent; allowed: {sorted(DTYPES)}")
     return _NAMES[dtype]
+
+
+def floating(name: str) -> bool:
+    """Whether a wire dtype's name (as the handshake agrees it) is a floating one: a tensor that carries a gradient."""
+    return name in DTYPES and DTYPES[name][0].is_floating_point
 
 
 def to_buffer(t: torch.Tensor) -> memoryview:

@@ -36,7 +36,8 @@ from ...clients.results import client_views, recording_parties
 from ...clients.roles import plays_of
 from ...core.graph import Graph, Node, Wire, build_graph
 from ...core.plan import Plan, per_client as own_files
-from ...core.specs import PlanError, WireSpec
+from ...core.specs import PlanError
+from ...core.wirespec import WireSpec
 from ...launch.results import load_run_plan
 from .verdicts import add_verdicts
 from ...launch.results import non_finite

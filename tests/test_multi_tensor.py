@@ -1,0 +1,305 @@
+"""Several tensors across a cut (issue #24 item 9): a skip connection crossing a cut, a segment returning a
+tuple or dict, each element on a wire of its own (its own dtype and shape, a dimension that may vary up to a
+bound), gradients back for the floating ones only."""
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import splitlearn
+from splitlearn import PlanError
+from splitlearn.api import split_plan
+from splitlearn.core.load import load_plan
+from splitlearn.core.specs import DataSpec
+from splitlearn.run.setup import prepare
+
+from .support import run_steps, unsplit_segments, worst_difference
+
+STEPS = 5
+
+
+class Residual(nn.Module):
+    """``a`` crosses the cut after ``layer1``: ``head(layer1(a) + a)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.layer1, self.head = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        a = torch.relu(self.f(x))
+        return self.head(torch.relu(self.layer1(a)) + a)
+
+
+class Encoder(nn.Module):
+    """Returns (hidden float, integer mask): the mask gets no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)), (x[:, :16] > 4).long()
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 10)
+
+    def forward(self, hidden, mask):
+        return self.lin(hidden * (1 + mask))
+
+
+def test_a_skip_connection_across_the_cut_trains_as_the_unsplit_module():
+    torch.manual_seed(0)
+    model = Residual()
+    plan = split_plan(model, "layer1", data="digits", epochs=1, optimizer="sgd", lr=0.1)
+    assert plan.segments["bottom"].output_names == ["layer1", "relu"]  # filled in: the cut's output, then `a`
+    plan, setups, steps = run_steps(plan, STEPS)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x, y = setups["client"].inputs["client.x"], setups["client"].inputs["client.y"]
+    assert all(s.mode == "train" for s in steps)
+    for s in steps:
+        opt.zero_grad()
+        F.cross_entropy(ref(x[s.rows]), y[s.rows]).backward()
+        opt.step()
+    trained = {k: v for st in setups.values() for m in st.modules.values() for k, v in m.state_dict().items()}
+    assert set(trained) == set(ref.state_dict())
+    worst = max((trained[k].double() - v.double()).abs().max().item() for k, v in ref.state_dict().items())
+    assert worst <= 1e-6, f"split and unsplit residual differ by {worst}"
+    assert (ref.f.weight - model.f.weight).abs().max() > 1e-4  # the skip's gradient reached the bottom
+    bottom, top = splitlearn.cut(model, after="layer1")  # the own-loop pieces: the tuple goes in as arguments
+    assert torch.allclose(top(*bottom(x[:4])), model(x[:4]))
+
+
+def _tuple_plan(**segment):
+    body = {
+        "name": "pair", "data": DataSpec.of_arrays({"x": torch.randint(0, 9, (40, 64)).float(),
+                                                     "y": torch.randint(0, 10, (40,))}),
+        "train": {"epochs": 1, "batch_size": 8},
+        "parties": {"client": {"holds": {"x": "x", "y": "y"}, "optimizer": {"name": "sgd", "lr": 0.1}},
+                    "server": {"optimizer": {"name": "sgd", "lr": 0.1}}},
+        "networks": {"enc": Encoder(), "head": Head()},
+        "segments": {"bottom": {"party": "client", "inputs": ["client.x"], "network": "enc",
+                                "outputs": ["hidden", "mask"]},
+                     "top": {"party": "server", "inputs": ["bottom"], "network": "head", **segment}},
+        "losses": {"task": {"input": "top", "target": "client.y"}},
+    }
+    return load_plan(body)
+
+
+@pytest.mark.parametrize("inputs", [["bottom"], ["bottom:hidden", "bottom:mask"]], ids=["bare", "named"])
+def test_a_segment_returning_a_tuple_trains_as_unsplit_with_no_gradient_for_the_mask(inputs):
+    plan = _tuple_plan(inputs=inputs, **({"merge": "module"} if len(inputs) > 1 else {}))
+    assert plan.model_dump()["segments"]["bottom"]["outputs"] == ["hidden", "mask"]
+    ref = unsplit_segments(plan)
+    plan, setups, steps = run_steps(plan, STEPS)
+    opt = torch.optim.SGD([p for m in ref.values() for p in m.parameters()], lr=0.1)
+    x, y = setups["client"].inputs["client.x"], setups["client"].inputs["client.y"]
+    for s in [s for s in steps if s.mode == "train"]:
+        opt.zero_grad()
+        F.cross_entropy(ref["top"](*ref["bottom"](x[s.rows])), y[s.rows]).backward()
+        opt.step()
+    assert worst_difference(setups, ref) <= 1e-6
+    wires = {w.name: w for w in plan_graph(plan).wires}
+    assert set(wires) == {"bottom:hidden->top", "bottom:mask->top", "client.y->task"}
+
+
+def plan_graph(plan):
+    from splitlearn.core.graph import build_graph
+
+    return build_graph(plan)
+
+
+class Tokens(nn.Module):
+    """Token rows (0: padding) embedded to the batch's longest row: (hidden [B, L, 4], integer mask [B, L])."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, x):
+        ids = x[:, :max(1, int((x != 0).sum(1).max()))].long()
+        return self.emb(ids), (ids != 0).long()
+
+
+class Pool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, hidden, mask):
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return self.lin((hidden * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+def _token_plan(bound: int, longest: int = 6):
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.where(torch.rand(48, generator=g) < 0.1, longest, torch.randint(1, 3, (48,), generator=g))
+    lengths[0] = 1  # the dry run's row (the first) is short; batches are longer
+    x = torch.randint(1, 10, (48, 12), generator=g) * (torch.arange(12) < lengths[:, None])
+    vary = {"vary": {1: bound}}
+    return load_plan({
+        "name": "tokens", "data": DataSpec.of_arrays({"x": x, "y": torch.randint(0, 3, (48,), generator=g)}),
+        "train": {"epochs": 1, "batch_size": 8},
+        "parties": {"client": {"holds": {"x": "x", "y": "y"}, "optimizer": {"name": "sgd", "lr": 0.1}},
+                    "server": {"optimizer": {"name": "sgd", "lr": 0.1}}},
+        "networks": {"enc": Tokens(), "head": Pool()},
+        "segments": {"bottom": {"party": "client", "inputs": ["client.x"], "network": "enc",
+                                "outputs": [{"name": "hidden", **vary}, {"name": "mask", **vary}]},
+                     "top": {"party": "server", "inputs": ["bottom"], "network": "head"}},
+        "losses": {"task": {"input": "top", "target": "client.y"}},
+    })
+
+
+def test_a_varying_sequence_dimension_is_taken_up_to_its_bound_and_refused_past_it():
+    plan = _token_plan(bound=12)
+    assert plan.model_dump()["segments"]["bottom"]["outputs"][0] == {"name": "hidden", "vary": {1: 12}}
+    ref = unsplit_segments(plan)
+    plan, setups, steps = run_steps(plan, 4)
+    x, y = setups["client"].inputs["client.x"], setups["client"].inputs["client.y"]
+    lengths = {int((x[s.rows] != 0).sum(1).max()) for s in steps}
+    assert len(lengths) > 1  # the batches did vary
+    opt = torch.optim.SGD([p for m in ref.values() for p in m.parameters()], lr=0.1)
+    for s in [s for s in steps if s.mode == "train"]:
+        opt.zero_grad()
+        F.cross_entropy(ref["top"](*ref["bottom"](x[s.rows])), y[s.rows]).backward()
+        opt.step()
+    assert worst_difference(setups, ref) <= 1e-6
+
+    with pytest.raises(Exception, match=r"bottom:hidden->top.*where \[8, 1, 4\], dimension 1 from 1 to 2 was "
+                                        r"expected") as e:
+        run_steps(_token_plan(bound=2), 4)  # a batch as long as 6 on a wire bound to 2
+    assert "refused" in str(e.value)
+
+
+def test_a_message_missing_its_tensor_or_of_another_dtype_is_refused():
+    from splitlearn.core.admission import decode_checked
+    from splitlearn.core.step import StepState
+    from splitlearn.wire.codec import WireError, get_codec
+    from splitlearn.wire.messages import Kind, Message
+
+    plan = _token_plan(bound=12)
+    wires = {w.name: w for w in plan_graph(plan).wires}
+    shapes = {"bottom:hidden->top": ("float32", (1, 4)), "bottom:mask->top": ("int64", (1,))}
+    st = StepState(3, torch.arange(2), "train")
+
+    def msg(wire, t):
+        tensors = {} if t is None else {"t": get_codec("float32").encode(t)}
+        return Message(Kind.ACTIVATION, "client", "server", 3, wire, tensors)
+
+    assert decode_checked(msg("bottom:mask->top", torch.ones(2, 5, dtype=torch.long)), wires["bottom:mask->top"], st,
+                          shapes).shape == (2, 5)
+    with pytest.raises(WireError, match="expected one tensor 't', got \\[\\]"):
+        decode_checked(msg("bottom:mask->top", None), wires["bottom:mask->top"], st, shapes)
+    with pytest.raises(WireError, match="dtype float32 where int64 was agreed"):
+        decode_checked(msg("bottom:mask->top", torch.ones(2, 5)), wires["bottom:mask->top"], st, shapes)
+    with pytest.raises(WireError, match=r"shape \[2, 13, 4\] where \[2, 1, 4\], dimension 1 from 1 to 12"):
+        decode_checked(msg("bottom:hidden->top", torch.ones(2, 13, 4)), wires["bottom:hidden->top"], st, shapes)
+    with pytest.raises(WireError, match=r"shape \[2, 5, 3\] where \[2, 1, 4\]"):  # other dimensions exactly
+        decode_checked(msg("bottom:hidden->top", torch.ones(2, 5, 3)), wires["bottom:hidden->top"], st, shapes)
+    st.sent["bottom:mask->top"] = torch.ones(2, 5, dtype=torch.long)
+    grad = Message(Kind.GRADIENT, "server", "client", 3, "bottom:mask->top",
+                   {"t": get_codec("float32").encode(torch.ones(2, 5, dtype=torch.long))})
+    with pytest.raises(WireError, match="a gradient for an activation of dtype int64, which carries none"):
+        decode_checked(grad, wires["bottom:mask->top"], st, shapes)
+
+
+def test_stage_sends_a_tuple_each_tensor_on_its_wire_and_returns_it_whole():
+    from splitlearn import Stage
+    from splitlearn.wire.transport import InProcessHub
+
+    torch.manual_seed(0)
+    enc, head = Encoder(), Head()
+    ref_enc, ref_head = copy.deepcopy(enc), copy.deepcopy(head)
+    x, y = torch.randint(0, 9, (6, 64)).float(), torch.randint(0, 10, (6,))
+    F.cross_entropy(ref_head(*ref_enc(x)), y).backward()
+    hub = InProcessHub(["hospital", "server"])
+    hospital = Stage(enc, hub.transport("hospital"), next="server")
+    server = Stage(head, hub.transport("server"), previous="hospital")
+    for _ in range(2):  # the second step: the layout is known, each element checked against its agreed shape
+        for m in (enc, head):
+            m.zero_grad()
+        hospital.forward(x)
+        out = server.forward()
+        F.cross_entropy(out, y).backward()
+        server.backward()
+        hospital.backward()
+    assert server.shapes == {"hospital:0": ("float32", (16,)), "hospital:1": ("int64", (16,))}
+    got = [p.grad for m in (enc, head) for p in m.parameters()]
+    assert max((a - b.grad).abs().max().item() for a, b in zip(got, [*ref_enc.parameters(), *ref_head.parameters()])) \
+        <= 1e-6
+    sent = {w for (w, direction) in hospital.meter.sent}
+    assert {"hospital:0", "hospital:1"} <= sent  # metered per tensor; the mask's wire carried no gradient back:
+    assert ("hospital:1", "backward") not in hospital.meter.received and ("hospital:0", "backward") in \
+        hospital.meter.received
+
+
+def test_inspect_lists_each_tensor_with_its_dtype_shape_and_bound(tmp_path):
+    from typer.testing import CliRunner
+
+    from splitlearn.cli import app
+
+    (tmp_path / "tokmodels.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Tokens(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.emb = nn.Embedding(10, 4)\n\n    def forward(self, x):\n"
+        "        ids = x[:, :3].long().clamp(0, 9)\n        return self.emb(ids), (ids != 0).long()\n\n"
+        "class Pool(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.lin = nn.Linear(4, 10)\n\n"
+        "    def forward(self, hidden, mask):\n        return self.lin(hidden.mean(1))\n\n"
+        "def tokens():\n    return Tokens()\n\ndef pool():\n    return Pool()\n")
+    (tmp_path / "plan.toml").write_text(
+        'name = "tokens"\n[data]\ndataset = "digits"\n[parties.client]\nholds = { x = "x", y = "y" }\n'
+        '[parties.server]\n[networks.enc]\nfactory = "tokmodels:tokens"\n'
+        '[networks.head]\nfactory = "tokmodels:pool"\n'
+        '[segments.bottom]\nparty = "client"\ninputs = ["client.x"]\nnetwork = "enc"\n'
+        'outputs = [{ name = "hidden", vary = { 1 = 512 } }, "mask"]\n'
+        '[segments.top]\nparty = "server"\ninputs = ["bottom"]\nnetwork = "head"\n'
+        '[losses.task]\ninput = "top"\ntarget = "client.y"\n')
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "plan.toml")])
+    assert result.exit_code == 0, result.output
+    hidden = r"bottom:hidden->top: float32 \[batch, 3 \(1\.\.512\), 4\] +48 B a row \(up to 8192 B\)"
+    assert re.search(hidden, result.output), result.output
+    assert re.search(r"bottom:mask->top: int64 \[batch, 3\] +24 B a row \(no gradient\)", result.output), result.output
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"top": {"inputs": ["bottom:hiden"]}}, "(?s)segment 'bottom' has no output 'hiden'.*did you mean 'hidden'\\? its "
+                                            "outputs are \\['hidden', 'mask'\\]"),
+    ({"top": {"inputs": ["top2:x"]}}, "'top2:x' names unknown segment 'top2'"),
+    ({"loss": "bottom"}, "(?s)segment 'bottom' gives several outputs \\['hidden', 'mask'\\]: a loss takes one.*"
+                         "name one as 'bottom:hidden'"),
+    ({"top": {"inputs": ["bottom"], "merge": "concat"}}, "cannot merge them by 'concat'"),
+])
+def test_references_to_elements_are_checked(change, says):
+    body = {
+        "name": "pair", "data": {"dataset": "digits"},
+        "parties": {"client": {"holds": {"x": "x", "y": "y"}}, "server": {}},
+        "networks": {"enc": Encoder(), "head": Head()},
+        "segments": {"bottom": {"party": "client", "inputs": ["client.x"], "network": "enc",
+                                "outputs": ["hidden", "mask"]},
+                     "top": {"party": "server", "network": "head", "inputs": ["bottom"], **change.get("top", {})}},
+        "losses": {"task": {"input": change.get("loss", "top"), "target": "client.y"}},
+    }
+    with pytest.raises(PlanError, match=says):
+        load_plan(body)
+
+
+def test_a_plan_file_cut_across_a_skip_without_its_outputs_names_what_to_write():
+    body = {
+        "name": "skip", "data": {"dataset": "digits"},
+        "parties": {"client": {"holds": {"x": "x", "y": "y"}}, "server": {}},
+        "networks": {"model": Residual()},
+        "segments": {"bottom": {"party": "client", "inputs": ["client.x"], "network": "model", "cut": "layer1"},
+                     "top": {"party": "server", "inputs": ["bottom"], "network": "model"}},
+        "losses": {"task": {"input": "top", "target": "client.y"}},
+    }
+    with pytest.raises(PlanError, match=re.escape('write outputs = ["layer1", "relu"] in segments.bottom')) as e:
+        prepare(load_plan(body))
+    assert e.value.entry == "segments.bottom.outputs"
