@@ -5,7 +5,10 @@ A drawn :class:`Study` says: the task (binary or multi-class classification, reg
 parties holding column ranges, where the labels are (at a feature party, at the server, at a label-only
 registry), the configuration (vanilla, U-shaped, multi-hop with 1 to 3 relays, multi-task), where the
 rows come from (the embedded dataset, or each party's own CSV with string ids, shuffled rows and missing
-patients aligned by PSI) and the pipeline (1 or 2 micro-batches). A drawn ``[clients]`` study
+patients aligned by PSI), the pipeline (1 or 2 micro-batches) and the training recipe of issue #24: 1 or 2
+batches per optimizer step (``[train] accumulate``), every party's optimizer SGD or AdamW with weight decay except
+on the biases and a per-step cosine schedule after a linear warmup (:data:`RECIPES`), and with or without validation
+rows and early stopping (``[data] validation_fraction``, ``[train] early_stop``). A drawn ``[clients]`` study
 (:func:`client_studies`) has 1 to 3 clients playing one feature party ``clinic`` that holds the labels too, a
 schedule (sequential with a peer or server hand-off, SplitFed v1 or v2, independent), vanilla, U-shaped,
 multi-hop or multi-task, and rows from shares of the embedded dataset (iid or Dirichlet over the classes) or
@@ -44,6 +47,9 @@ class Study:
     schedule: str = ""  # "sequential", "splitfed_v1", "splitfed_v2", "independent"
     handoff: str = "peer"  # sequential: "peer" or "server"
     partition: str = "iid"  # shares of the embedded dataset: "iid" or "dirichlet"
+    accumulate: int = 1  # [train] accumulate: training batches per optimizer step
+    recipe: str = "sgd"  # every party's optimizer: "sgd" or "adamw" (RECIPES)
+    validation: bool = False  # [data] validation_fraction and [train] early_stop (plain plans only: [clients] refuse)
 
     def __str__(self) -> str:
         shape = f"{self.shape}{self.hops if self.shape == 'multi_hop' else ''}"
@@ -53,7 +59,8 @@ class Study:
             return (f"{self.task} {shape} clients={self.clients} {sched} {rows} pipeline={self.pipeline} "
                     f"seed={self.seed}")
         return (f"{self.task} {shape} features={self.features} "
-                f"labels@{self.labels} {'files+psi' if self.files else 'embedded'} pipeline={self.pipeline}")
+                f"labels@{self.labels} {'files+psi' if self.files else 'embedded'} pipeline={self.pipeline} "
+                f"accumulate={self.accumulate} {self.recipe}{' validation' if self.validation else ''}")
 
 
 @st.composite
@@ -64,8 +71,16 @@ def studies(draw) -> Study:
     labels = "feature" if shape == "u_shaped" else draw(st.sampled_from(["feature", "server", "registry"]))
     hops = draw(st.integers(1, 3)) if shape == "multi_hop" else 0
     return Study(task, features, labels, shape, hops, draw(st.booleans()), draw(st.sampled_from([1, 2])),
-                 draw(st.integers(0, 3)))
+                 draw(st.integers(0, 3)), accumulate=draw(st.sampled_from([1, 2])),
+                 recipe=draw(st.sampled_from(RECIPES)), validation=draw(st.booleans()))
 
+
+RECIPES = ["sgd", "adamw"]  # build() writes each: SGD (momentum 0.9 but for regression), or AdamW as below; sgd
+# first, so hypothesis's simplest draw is the plan it always was (SIMPLEST in tests/test_plan_space.py)
+ADAMW = {"name": "AdamW", "lr": 0.01, "weight_decay": 0.01, "no_decay": ["bias"],
+         "schedule": {"name": "CosineAnnealingLR", "T_max": 50, "every": "step", "warmup_steps": 2}}
+VALIDATION_FRACTION = 0.2
+EARLY_STOP = {"metric": "val_loss", "patience": 1}
 
 SCHEDULES = ["sequential", "splitfed_v1", "splitfed_v2", "independent"]
 
@@ -105,6 +120,10 @@ def build(study: Study, folder: Path, exact_ids: bool = False) -> dict:
     ranges = _ranges(width, study.features)
     # targets of 25 to 346 (diabetes progression, not standardised) take a small step
     opt = {"name": "sgd", "lr": 0.05, "momentum": 0.9} if kind != "mse" else {"name": "sgd", "lr": 2e-4}
+    if study.recipe == "adamw":  # Adam's step does not grow with the targets' scale: one learning rate for all
+        opt = ADAMW
+    elif study.recipe != "sgd":
+        raise ValueError(f"unknown recipe {study.recipe!r}: one of {RECIPES}")
     parties: dict[str, dict] = {p: {"holds": {"x": {"field": "x", "columns": list(r)} if not study.files else "x"},
                                     "optimizer": opt} for p, r in zip(sites, ranges)}
     parties.setdefault("server", {"optimizer": opt})
@@ -113,6 +132,10 @@ def build(study: Study, folder: Path, exact_ids: bool = False) -> dict:
     parties[holder].setdefault("holds", {})["y"] = "y"
     plan: dict = {"name": "drawn", "train": {"epochs": 2, "batch_size": 32, "seed": study.seed,
                                              "pipeline": study.pipeline}, "parties": parties}
+    if study.accumulate > 1:
+        plan["train"]["accumulate"] = study.accumulate
+    if study.validation:  # the one figure every task gives; multi-task plans name whose loss it watches
+        plan["train"]["early_stop"] = {**EARLY_STOP, **({"loss": "task"} if study.shape == "multi_task" else {})}
     if study.clients:
         plan["clients"] = {"template": "clinic", "count": study.clients, "schedule": study.schedule,
                            "handoff": study.handoff, "partition": study.partition, "timeout": 60}
@@ -132,6 +155,8 @@ def build(study: Study, folder: Path, exact_ids: bool = False) -> dict:
                 parties[p]["data"]["options"] = {"classes": NAMES[study.task]}
     else:
         plan["data"] = {"dataset": dataset}
+    if study.validation:
+        plan.setdefault("data", {})["validation_fraction"] = VALIDATION_FRACTION
     networks, segments, losses = {}, {}, {}
     for p, (a, b) in zip(sites, ranges):
         networks[f"bottom_{p}"] = {"zoo": "mlp", "args": {"sizes": [b - a, 8], "out_activation": True}}

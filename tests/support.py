@@ -751,3 +751,18 @@ def grpc_chain(certs: Path, parties: list[str]) -> list[GrpcTransport]:
 
 
 __all__ += ["in_threads", "grpc_chain"]
+
+
+class FakeLink:
+    """What an agreement over the tree (core/precision.py, core/stopping.py) sends and refuses, each refusal naming
+    the peer."""
+
+    def __init__(self):
+        self.sent: list[Message] = []
+        self.refused: list[str] = []
+
+    def send(self, msg: Message) -> None:
+        self.sent.append(msg)
+
+    def refuse(self, peer: str, reason: str, step: int = 0, wire: str = "") -> None:
+        self.refused.append(f"{peer}: {reason}")

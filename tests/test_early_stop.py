@@ -20,7 +20,7 @@ from splitlearn.run.rows import counted_splits
 from splitlearn.run.setup import prepare, schedule
 from splitlearn.wire.messages import Kind, Message
 
-from .support import same_run, split_mlp, stop_after, toml, weights
+from .support import FakeLink, same_run, split_mlp, stop_after, toml, weights
 
 # digits through a 64-32-10 MLP at a learning rate high enough that the validation loss turns up after epoch 2:
 # measured, val_loss [1.70, 1.12, 0.72, 0.95]: best epoch 2, stopped after epoch 3 with patience 1
@@ -186,18 +186,6 @@ def test_a_clients_plan_refuses_validation_and_early_stop():
 
 # -- the verdicts, one party at a time ---------------------------------------------------------------------------
 
-class FakeLink:
-    """What an agreement sends and refuses (each refusal naming the peer)."""
-
-    def __init__(self):
-        self.sent: list[Message] = []
-        self.refused: list[str] = []
-
-    def send(self, msg: Message) -> None:
-        self.sent.append(msg)
-
-    def refuse(self, peer: str, reason: str, step: int = 0, wire: str = "") -> None:
-        self.refused.append(f"{peer}: {reason}")
 
 
 def agreement(name: str) -> tuple[EpochAgreement, FakeLink]:
@@ -272,3 +260,23 @@ def test_split_takes_validation_and_early_stop_and_refuses_fractions_out_of_rang
             split_plan(model, cut=0, **({"validation_fraction": 0.2} if "early_stop" in kwargs else {}), **kwargs)
     with pytest.raises(PlanError, match="needs validation rows"):
         split_plan(model, cut=0, early_stop=STOP)
+
+
+def test_a_party_no_wire_links_to_the_watched_figure_is_refused_before_any_party_starts():
+    """Two networks trained apart in one plan: the second pair could never hear the first's epoch verdicts (it once
+    failed at the run's start, as a party error); ``prepare`` names the parties and the entry."""
+    import tomllib
+
+    from .conftest import EXAMPLES
+
+    plan = tomllib.loads((EXAMPLES / "vanilla.toml").read_text())
+    plan["data"]["validation_fraction"] = 0.2
+    plan["parties"]["clinic"] = {"holds": {"x": "x", "y": "y"}, "optimizer": {"name": "sgd", "lr": 0.05}}
+    plan["parties"]["lab"] = {"optimizer": {"name": "sgd", "lr": 0.05}}
+    plan["networks"]["other"] = plan["networks"]["mlp"]
+    plan["segments"]["b2"] = {**plan["segments"]["bottom"], "party": "clinic", "inputs": ["clinic.x"], "network": "other"}
+    plan["segments"]["t2"] = {**plan["segments"]["top"], "party": "lab", "inputs": ["b2"], "network": "other"}
+    plan["losses"]["second"] = {"input": "t2", "target": "clinic.y", "kind": "cross_entropy"}
+    with pytest.raises(PlanError, match=r"entry 'data.validation_fraction': no wire links \['clinic', 'lab'\] to "
+                                        r"'server'"):
+        prepare(plan)

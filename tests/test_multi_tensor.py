@@ -190,7 +190,7 @@ def test_a_message_missing_its_tensor_or_of_another_dtype_is_refused():
     st = StepState(3, torch.arange(2), "train")
 
     def msg(wire, t):
-        tensors = {} if t is None else {"t": get_codec("float32").encode(t)}
+        tensors = {} if t is None else {"t": get_codec("float32" if t.is_floating_point() else "raw").encode(t)}
         return Message(Kind.ACTIVATION, "client", "server", 3, wire, tensors)
 
     assert decode_checked(msg("bottom:mask->top", torch.ones(2, 5, dtype=torch.long)), wires["bottom:mask->top"], st,
@@ -199,6 +199,10 @@ def test_a_message_missing_its_tensor_or_of_another_dtype_is_refused():
         decode_checked(msg("bottom:mask->top", None), wires["bottom:mask->top"], st, shapes)
     with pytest.raises(WireError, match="dtype float32 where int64 was agreed"):
         decode_checked(msg("bottom:mask->top", torch.ones(2, 5)), wires["bottom:mask->top"], st, shapes)
+    lossy = Message(Kind.ACTIVATION, "client", "server", 3, "bottom:mask->top",
+                    {"t": get_codec("float16").encode(torch.ones(2, 5, dtype=torch.long))})
+    with pytest.raises(WireError, match="codec 'float16' where 'raw' was agreed"):  # an integer travels exactly
+        decode_checked(lossy, wires["bottom:mask->top"], st, shapes)
     with pytest.raises(WireError, match=r"shape \[2, 13, 4\] where \[2, 1, 4\], dimension 1 from 1 to 12"):
         decode_checked(msg("bottom:hidden->top", torch.ones(2, 13, 4)), wires["bottom:hidden->top"], st, shapes)
     with pytest.raises(WireError, match=r"shape \[2, 5, 3\] where \[2, 1, 4\]"):  # other dimensions exactly
@@ -265,8 +269,10 @@ def test_inspect_lists_each_tensor_with_its_dtype_shape_and_bound(tmp_path):
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "plan.toml")])
     assert result.exit_code == 0, result.output
     hidden = r"bottom:hidden->top: float32 \[batch, 3 \(1\.\.512\), 4\] +48 B a row \(up to 8192 B\)"
-    assert re.search(hidden, result.output), result.output
-    assert re.search(r"bottom:mask->top: int64 \[batch, 3\] +24 B a row \(no gradient\)", result.output), result.output
+    said = " ".join(result.output.split())  # (as the console wraps it)
+    assert re.search(hidden, said), result.output
+    assert re.search(r"bottom:mask->top: int64 \[batch, 3\] +24 B a row \(exact, no gradient: codecs and defenses "
+                     r"act on floating tensors only\)", said), result.output
 
 
 @pytest.mark.parametrize("change, says", [
@@ -303,3 +309,216 @@ def test_a_plan_file_cut_across_a_skip_without_its_outputs_names_what_to_write()
     with pytest.raises(PlanError, match=re.escape('write outputs = ["layer1", "relu"] in segments.bottom')) as e:
         prepare(load_plan(body))
     assert e.value.entry == "segments.bottom.outputs"
+
+
+# -- integer elements: flow control, exact codecs, defenses, the batch dimension (review of #24 item 9) -------------
+
+class Bottom(nn.Module):
+    """(hidden float, integer mask) of 8 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)), (x[:, :4] > 0).long()
+
+
+class OnMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, m):
+        return self.lin(m.float())
+
+
+def test_a_party_fed_only_an_integer_element_credits_its_producer_and_the_run_trains_as_unsplit():
+    """s2 takes only the mask: nothing comes back to the client from it in training, so the client is held by its
+    credits (before, it was not, and the first evaluation step past the window waited for a credit never sent)."""
+    from splitlearn.core.flow import FlowControl
+    from splitlearn.core.graph import build_graph
+    from splitlearn.wire.messages import Limits
+
+    g = torch.Generator().manual_seed(0)
+    plan = load_plan({
+        "name": "intflow", "data": DataSpec.of_arrays({"x": torch.randn(100, 8, generator=g),
+                                                        "y": torch.randint(0, 3, (100,), generator=g)}),
+        "train": {"epochs": 1, "batch_size": 2, "step_timeout": 20},
+        "parties": {"client": {"holds": {"x": "x", "y": "y"}, "optimizer": {"name": "sgd", "lr": 0.1}},
+                    "s1": {"optimizer": {"name": "sgd", "lr": 0.1}}, "s2": {"optimizer": {"name": "sgd", "lr": 0.1}}},
+        "networks": {"enc": Bottom(), "top": nn.Linear(4, 3), "aux": OnMask()},
+        "segments": {"bottom": {"party": "client", "inputs": ["client.x"], "network": "enc",
+                                "outputs": ["hidden", "mask"]},
+                     "top": {"party": "s1", "inputs": ["bottom:hidden"], "network": "top"},
+                     "aux": {"party": "s2", "inputs": ["bottom:mask"], "network": "aux"}},
+        "losses": {"task": {"input": "top", "target": "client.y"}, "auxloss": {"input": "aux", "target": "client.y"}},
+    })
+    graph = build_graph(plan)
+    agreed = {"bottom:hidden->top": ("float32", (4,)), "bottom:mask->aux": ("int64", (4,))}
+    gated = {p: {c: set(pair.gated) for c, pair in FlowControl(graph, p, Limits(), dict(agreed)).out.items()}
+             for p in ("client", "s2")}
+    assert gated["client"] == {"s1": {"eval", "predict"}, "s2": {"train", "eval", "predict"}}
+    assert [p.producer for p in FlowControl(graph, "s2", Limits(), dict(agreed)).owed] == ["client"]  # s2 credits
+    window = FlowControl(graph, "client", Limits(), dict(agreed)).out["s2"].window
+    ref = unsplit_segments(plan)
+    plan, setups, steps = run_steps(plan)
+    train = [s for s in steps if s.mode == "train"]
+    assert len(train) == 40 > 2 * window and steps[-1].mode == "eval"  # evaluation far past the window
+    x, y = setups["client"].inputs["client.x"], setups["client"].inputs["client.y"]
+    opt = torch.optim.SGD([p for m in ref.values() for p in m.parameters()], lr=0.1)
+    for s in train:
+        opt.zero_grad()
+        hidden, mask = ref["bottom"](x[s.rows])
+        (F.cross_entropy(ref["top"](hidden), y[s.rows]) + F.cross_entropy(ref["aux"](mask), y[s.rows])).backward()
+        opt.step()
+    assert worst_difference(setups, ref) <= 1e-6
+
+
+class BigIds(nn.Module):
+    """(hidden float, token ids above 2**24: a float32 rounds them, float16/int8/top-k ruin them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)), x[:, :16].long() + 2 ** 40 + 1
+
+
+class OnIds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 10)
+
+    def forward(self, hidden, ids):
+        return self.lin(hidden * (ids - 2 ** 40).float())
+
+
+@pytest.mark.parametrize("wire", [{"codec": "float16", "grad_codec": "float16"}, {"codec": "int8"},
+                                  {"codec": "topk:0.25:ef"}, {"noise": {"sigma": 0.5, "clip": 1.0}},
+                                  {"nopeek": 0.5}], ids=["float16", "int8", "topk", "noise", "nopeek"])
+def test_an_integer_element_travels_exactly_and_undefended_whatever_the_wire_sets(wire):
+    from splitlearn.launch.threads import run_local
+    from splitlearn.run.setup import schedule
+
+    g = torch.Generator().manual_seed(0)
+    plan = load_plan({
+        "name": "ids", "data": DataSpec.of_arrays({"x": torch.randint(0, 9, (40, 64), generator=g).float(),
+                                                    "y": torch.randint(0, 10, (40,), generator=g)}),
+        "train": {"epochs": 1, "batch_size": 8},
+        "parties": {"client": {"holds": {"x": "x", "y": "y"}, "optimizer": {"name": "sgd", "lr": 0.1}},
+                    "server": {"optimizer": {"name": "sgd", "lr": 0.1}}},
+        "networks": {"enc": BigIds(), "head": OnIds()},
+        "segments": {"bottom": {"party": "client", "inputs": ["client.x"], "network": "enc",
+                                "outputs": ["hidden", "ids"]},
+                     "top": {"party": "server", "inputs": ["bottom"], "network": "head"}},
+        "losses": {"task": {"input": "top", "target": "client.y"}},
+        "wires": {"bottom": wire},
+    })
+    plan, setups, shapes = prepare(plan)
+    sent, got = [], []
+    setups["client"].modules["bottom"].register_forward_hook(lambda m, i, out: sent.append(out))
+    setups["server"].modules["top"].register_forward_hook(lambda m, i, out: got.append(i))
+    steps = list(schedule(plan, setups["client"].splits))
+    reports = run_local(plan, setups, shapes, steps=steps)
+    assert not any(r.refused for r in reports.values())
+    assert len(got) == len(sent) == len(steps) + 1  # the handshake, then every step
+    assert all(torch.equal(s[1], r[1]) and r[1].dtype == torch.int64 for s, r in zip(sent, got))
+    assert int(got[-1][1].max()) > 2 ** 40  # (float32 would have rounded these)
+    hidden = max((s[0].detach() - r[0].detach()).abs().max().item() for s, r in zip(sent[1:], got[1:]))
+    if "noise" in wire:
+        assert hidden > 0.05  # the float element is noised
+    elif "nopeek" in wire:
+        assert hidden == 0.0  # nopeek changes the loss, not what travels
+    trained = setups["client"].modules["bottom"].lin.weight
+    assert torch.isfinite(trained).all()
+
+
+def test_a_gradient_on_the_wire_of_an_integer_element_is_refused_at_once():
+    from splitlearn.core.engine import Party
+    from splitlearn.wire.codec import get_codec
+    from splitlearn.wire.link import Link
+    from splitlearn.wire.messages import Kind, Message
+    from splitlearn.wire.transport import InProcessHub
+
+    plan = _tuple_plan()
+    graph = plan_graph(plan)
+    hub = InProcessHub(["client", "server"])
+    shapes = {"bottom:hidden->top": ("float32", (16,)), "bottom:mask->top": ("int64", (16,))}
+    client = Party(graph, "client", Link(hub.transport("client")), {}, None, {}, dict(shapes))
+    grad = {"t": get_codec("float32").encode(torch.ones(8, 16))}
+    client.keep_early(Message(Kind.GRADIENT, "server", "client", 5, "bottom:mask->top", grad), 3)
+    assert client.kept_early == {}
+    said = client.link.refused[-1]
+    assert "no gradient from 'server' is expected on this wire (its tensor is no floating one" in said
+    client.keep_early(Message(Kind.GRADIENT, "server", "client", 5, "bottom:hidden->top", grad), 3)
+    assert list(client.kept_early) == [5]  # the floating element's gradient is kept as ever
+
+
+class Flat(nn.Module):
+    def __init__(self, crossing):
+        super().__init__()
+        self.lin, self.crossing = nn.Linear(64, 16), crossing
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h, self.crossing(x, h)
+
+
+@pytest.mark.parametrize("crossing, says", [
+    (lambda x, h: h.mean(0), r"its output 'extra' has shape \[16\], which has no batch dimension"),
+    (lambda x, h: torch.zeros(7, 16), r"its output 'extra' has shape \[7, 16\], which has no batch dimension"),
+    (lambda x, h: x.shape[0], "its output 'extra' is a int, no tensor: a shape or number crosses the cut"),
+], ids=["mean", "table", "number"])
+def test_an_element_without_the_batch_dimension_is_refused_when_the_plan_is_checked(crossing, says):
+    body = {
+        "name": "pos", "data": DataSpec.of_arrays({"x": torch.randn(20, 64), "y": torch.randint(0, 10, (20,))}),
+        "parties": {"client": {"holds": {"x": "x", "y": "y"}}, "server": {}},
+        "networks": {"enc": Flat(crossing), "head": Head()},
+        "segments": {"bottom": {"party": "client", "inputs": ["client.x"], "network": "enc",
+                                "outputs": ["hidden", "extra"]},
+                     "top": {"party": "server", "inputs": ["bottom"], "network": "head"}},
+        "losses": {"task": {"input": "top", "target": "client.y"}},
+    }
+    with pytest.raises(PlanError, match=says) as e:
+        prepare(load_plan(body))
+    assert e.value.entry == "segments.bottom.outputs" and "after the cut" in str(e.value)
+
+
+def test_stage_sends_integer_elements_exactly_and_a_mask_alone_waits_for_no_gradient():
+    from splitlearn import Stage
+    from splitlearn.wire.transport import InProcessHub
+
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 9, (6, 64)).float(), torch.randint(0, 10, (6,))
+    wire = {"codec": "float16", "noise": {"sigma": 0.5, "clip": 1.0}}
+    hub = InProcessHub(["hospital", "server"])
+    enc, head = BigIds(), OnIds()
+    got = []
+    head.register_forward_pre_hook(lambda m, args: got.append(args))
+    hospital = Stage(enc, hub.transport("hospital"), next="server", send=wire, timeout=5)
+    server = Stage(head, hub.transport("server"), previous="hospital", receive=wire, timeout=5)
+    hidden, ids = hospital.forward(x)
+    F.cross_entropy(server.forward(), y).backward()
+    server.backward()
+    hospital.backward()
+    assert torch.equal(got[0][1], ids) and int(ids.max()) > 2 ** 40  # exact, though the wire says float16
+    assert (got[0][0] - hidden).abs().max() > 0.05  # the float element is noised
+    assert enc.lin.weight.grad is not None
+
+
+    class Ids(nn.Module):
+        def forward(self, v):
+            return (v.long() + 2 ** 40,)
+
+    hub = InProcessHub(["hospital", "server"])
+    first = Stage(Ids(), hub.transport("hospital"), next="server", timeout=5)
+    last = Stage(None, hub.transport("server"), previous="hospital", timeout=5)
+    for _ in range(2):  # training forwards (gradients enabled) that send no floating element
+        first.forward(x)
+        (received,) = last.forward()
+        assert torch.equal(received, x.long() + 2 ** 40)
+        last.backward()  # nothing to send back
+        first.backward()  # returns at once: no gradient can come (before, a PartyError after its 5 s timeout)
+    assert not first.pending and not last.pending

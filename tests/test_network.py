@@ -78,8 +78,8 @@ def test_parties_started_in_reverse_order_still_train(tmp_path):
 
 
 def test_killing_one_party_ends_the_others_with_an_error(tmp_path):
-    plan = tmp_path / "vanilla.toml"  # the hospital waits 3 s for the server to come back, then gives up
-    plan.write_text((EXAMPLES / "vanilla.toml").read_text().replace("seed = 0", "seed = 0\nreconnect_timeout = 3", 1))
+    plan = tmp_path / "vanilla.toml"  # the hospital waits 1 s for the server to come back, then gives up
+    plan.write_text((EXAMPLES / "vanilla.toml").read_text().replace("seed = 0", "seed = 0\nreconnect_timeout = 1", 1))
     names = list(load_plan(plan).parties)
     make_certs(names, tmp_path / "certs")
     ports = {n: free_port() for n in names}
@@ -96,7 +96,7 @@ def test_killing_one_party_ends_the_others_with_an_error(tmp_path):
     assert hospital.returncode == 1
     error = json.loads((tmp_path / "out" / "parties" / "hospital" / "error.json").read_text())["error"]
     assert "server" in error
-    assert "did not come back within 3 s" in error and "the last step both parties finished" in error
+    assert "did not come back within 1 s" in error and "the last step both parties finished" in error
 
 
 def test_run_exit_status_and_error_of_a_failed_party(tmp_path):
@@ -191,16 +191,29 @@ def test_who_dials_whom():
     assert sorted(connections(vertical)) == [("clinic_a", "server"), ("clinic_b", "server")]
 
 
-def test_hospital_dials_the_server_by_default(tmp_path):
-    """The whole deployment: the server listens, the hospital names it with --peer and never listens."""
+def test_hospital_dials_the_server_by_default_and_the_label_owner_holds_the_result(tmp_path):
+    """The whole deployment: the server listens, the hospital names it with --peer and never listens,
+    each site writes its own folder; the label owner's holds the run's result, which report reads."""
     plan = EXAMPLES / "vanilla.toml"
     make_certs(["hospital", "server"], tmp_path / "certs")
     port = free_port()
-    common = ["--certs", str(tmp_path / "certs"), "--out", str(tmp_path / "out"), "--epochs", "1", "-q"]
+    common = ["--certs", str(tmp_path / "certs"), "--epochs", "1", "-q"]
     server = subprocess.Popen([sys.executable, "-m", "splitlearn", "party", str(plan), "--name", "server",
-                               "--listen", f"127.0.0.1:{port}", *common], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               "--listen", f"127.0.0.1:{port}", "--out", str(tmp_path / "server"), *common],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     hospital = subprocess.Popen([sys.executable, "-m", "splitlearn", "party", str(plan), "--name", "hospital",
-                                 "--peer", f"server=127.0.0.1:{port}", *common], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)  # no --listen: it never listens
+                                 "--peer", f"server=127.0.0.1:{port}", "--out", str(tmp_path / "hospital"), *common],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # no --listen: it never listens
     outs = [p.communicate(timeout=120)[0].decode() for p in (server, hospital)]
     assert (server.returncode, hospital.returncode) == (0, 0), outs
+    assert not (tmp_path / "hospital" / "result.json").exists()  # the label owner's folder holds the result
+    result = json.loads((tmp_path / "server" / "result.json").read_text())
+    local = splitlearn.train(plan, epochs=1)
+    assert result["metrics"]["test_accuracy"] == local["metrics"]["test_accuracy"]
+    assert result["parties_missing"] == ["hospital"] and result["transport"] == "grpc+mtls"
+    assert result["parties"]["server"]["bytes_sent"] == local["parties"]["server"]["bytes_sent"]
+    from splitlearn.tools.report import write_report
+
+    page = write_report(tmp_path / "server")
+    text = page.read_text()
+    assert "Results on the test rows" in text and f"{result['metrics']['test_accuracy']:.4g}" in text

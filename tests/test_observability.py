@@ -136,7 +136,7 @@ def test_the_report_loads_in_chromium(tmp_path, kind):
     plan = {"clients": "sequential", "audited": "u_shaped"}[kind]
     assert _cli("run", EXAMPLES / f"{plan}.toml", "--in-process", "--epochs", "1", "--out", run, "-q").returncode == 0
     if kind == "audited":
-        assert _cli("audit", run, "--decoder-epochs", "5").returncode == 0
+        assert _cli("audit", run, "--decoder-epochs", "1").returncode == 0  # the page, not the decoder, is checked
     r = _cli("report", run)
     assert r.returncode == 0, r.stderr
     page = run / "report.html"

@@ -103,8 +103,9 @@ def test_pipelined_bytes_are_the_synchronous_bytes_plus_the_framing_of_the_extra
 
 def test_training_through_the_emulated_slow_link_gives_the_same_weights(tmp_path):
     """Every connection of a run through a relay with a 10 ms round trip and 200 Mbit/s: the relay
-    passes bytes unchanged, so the weights are those of a direct run, bit for bit."""
-    direct = launch(EXAMPLES / "vanilla.toml", tmp_path / "direct", epochs=1)
+    passes bytes unchanged, so the weights are those of a direct run, bit for bit (the in-process run:
+    a direct party-process run equals it bit for bit, test_network.py)."""
+    direct = splitlearn.train(EXAMPLES / "vanilla.toml", epochs=1, out=tmp_path / "direct")
     slow = launch(EXAMPLES / "vanilla.toml", tmp_path / "slow", epochs=1, link="10ms,200mbit")
     from safetensors.torch import load_file
 

@@ -152,3 +152,19 @@ def test_a_plan_cannot_call_system_or_unpickling_functions(vanilla, factory):
     vanilla["networks"]["mlp"] = {"factory": factory, "args": {"command": "touch /tmp/splitlearn-pwned"}}
     e = refused(vanilla, dry_run=True)
     assert "is not a network factory" in str(e) and e.entry == "networks.mlp.factory"
+
+
+def test_a_plan_changed_in_python_is_checked_as_when_read(vanilla):
+    """``train(plan, epochs=0)`` once ran no epoch and reported no figure, and a negative seed failed deep in numpy:
+    a plan's copy (``with_train``, ``replace``) is validated like a plan read from its file, naming the entry."""
+    import splitlearn
+
+    plan = load_plan(vanilla)
+    with pytest.raises(PlanError, match=r"entry 'train.epochs': Input should be greater than or equal to 1"):
+        splitlearn.train(plan, epochs=0)
+    with pytest.raises(PlanError, match=r"entry 'train.seed'"):
+        plan.with_train(seed=-1)
+    assert plan.with_train(epochs=plan.train.epochs + 1).train.epochs == plan.train.epochs + 1
+    clients = load_plan(EXAMPLES / "sequential.toml")  # a cross-entry refusal: a [clients] plan takes no checkpoint_every
+    with pytest.raises(PlanError, match="train.checkpoint_every: a \\[clients\\] plan takes its checkpoints"):
+        clients.with_train(checkpoint_every=3)

@@ -28,7 +28,7 @@ from splitlearn.run.setup import prepare, schedule
 from splitlearn.wire.messages import Kind, Message
 
 from .conftest import EXAMPLES
-from .support import same_run, stop_after, unsplit_segments, worst_difference
+from .support import FakeLink, same_run, stop_after, unsplit_segments, worst_difference
 
 SGD = {"name": "SGD", "lr": 0.05, "momentum": 0.9}
 
@@ -192,18 +192,6 @@ def test_a_fp16_run_resumes_bit_identical_with_its_loss_scale(fp16_on_cpu, tmp_p
 
 # -- the agreement, the scale and the dtype, one party at a time -----------------------------------------------------
 
-class FakeLink:
-    """What a Precision sends and refuses."""
-
-    def __init__(self):
-        self.sent: list[Message] = []
-        self.refused: list[str] = []
-
-    def send(self, msg: Message) -> None:
-        self.sent.append(msg)
-
-    def refuse(self, peer: str, reason: str, step: int = 0, wire: str = "") -> None:
-        self.refused.append(f"{peer}: {reason}")
 
 
 def verdict(sender: str, receiver: str, step: int, text: str, wire: str = "bottom->top") -> Message:

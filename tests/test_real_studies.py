@@ -4,7 +4,6 @@ joins what each party recorded with the right rows, and predict matches new rows
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 
 import splitlearn
-from splitlearn.core.load import load_plan
 from splitlearn.tools.audit.run import audit_run
 from splitlearn.wire.transport.tls import make_certs
 
@@ -79,7 +77,8 @@ def test_audit_of_a_party_process_run_equals_the_in_process_audit(tmp_path):
                         str(tmp_path / "procs"), "-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     splitlearn.train(plan, epochs=1, out=tmp_path / "inproc")
-    procs, inproc = (audit_run(tmp_path / d, epochs=5)["wires"] for d in ("procs", "inproc"))
+    # (the decoder's epochs change neither figure compared: dCor and label agreement are of the records)
+    procs, inproc = (audit_run(tmp_path / d, epochs=1)["wires"] for d in ("procs", "inproc"))
     assert procs["hospital.y->digit"]["labels_exposed"]["agreement"] == 1.0
     assert procs["bottom->top"]["distance_correlation"] == pytest.approx(inproc["bottom->top"]["distance_correlation"],
                                                                         abs=1e-6)
@@ -168,27 +167,8 @@ def test_the_launcher_names_a_dead_party_at_once(tmp_path):
     assert took < 60, f"the launcher waited {took:.0f} s (reconnect_timeout is 180 s)"
 
 
-def test_party_processes_leave_a_result_at_the_label_owner_that_report_reads(tmp_path):
-    plan = EXAMPLES / "vanilla.toml"
-    names = list(load_plan(plan).parties)
-    make_certs(names, tmp_path / "certs")
-    ports = {n: free_port() for n in names}
-    procs = [subprocess.Popen(party_cmd(plan, n, tmp_path / "certs", ports, tmp_path / n, "--epochs", "1"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for n in names]  # each site its own folder, as on a deployment
-    outs = [p.communicate(timeout=180)[0].decode() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert not (tmp_path / "hospital" / "result.json").exists()  # the label owner's folder holds the result
-    result = json.loads((tmp_path / "server" / "result.json").read_text())
-    local = splitlearn.train(plan, epochs=1)
-    assert result["metrics"]["test_accuracy"] == local["metrics"]["test_accuracy"]
-    assert result["parties_missing"] == ["hospital"] and result["transport"] == "grpc+mtls"
-    assert result["parties"]["server"]["bytes_sent"] == local["parties"]["server"]["bytes_sent"]
-    from splitlearn.tools.report import write_report
-
-    page = write_report(tmp_path / "server")
-    text = page.read_text()
-    assert "Results on the test rows" in text and f"{result['metrics']['test_accuracy']:.4g}" in text
+# (party processes, each site its own folder, leave the result at the label owner, which report reads:
+# test_network.py::test_hospital_dials_the_server_by_default_and_the_label_owner_holds_the_result)
 
 
 def test_parties_whose_plans_differ_are_told_which_entries(tmp_path):

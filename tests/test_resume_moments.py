@@ -87,11 +87,19 @@ main()
 '''
 
 
-def _clinics(tmp_path: Path) -> Path:
-    """The clinics example (its CSVs written) with a checkpoint every 4 training steps."""
-    work = tmp_path / "clinics"
+@pytest.fixture(scope="module")
+def clinics_files(tmp_path_factory) -> Path:
+    """The clinics example with its CSVs written, once for the module (each test copies it)."""
+    work = tmp_path_factory.mktemp("clinics_files") / "clinics"
     shutil.copytree(EXAMPLES / "clinics", work, ignore=shutil.ignore_patterns("*.csv"))
     subprocess.run([sys.executable, str(work / "make_clinics.py")], check=True, capture_output=True)
+    return work
+
+
+def _clinics(tmp_path: Path, files: Path) -> Path:
+    """A copy of the clinics example (``files``: its CSVs written) with a checkpoint every 4 training steps."""
+    work = tmp_path / "clinics"
+    shutil.copytree(files, work)
     plan = work / "clinics.toml"
     plan.write_text(plan.read_text().replace("seed = 0", "seed = 0\ncheckpoint_every = 4", 1))
     return plan
@@ -176,18 +184,18 @@ MOMENTS = {
 
 
 @pytest.fixture(scope="module")
-def clinics_reference(tmp_path_factory) -> Path:
+def clinics_reference(tmp_path_factory, clinics_files) -> Path:
     """The clinics plan run once, never stopped, for every moment's comparison."""
     folder = tmp_path_factory.mktemp("clinics_reference")
-    return _reference(folder, _clinics(folder), 1)
+    return _reference(folder, _clinics(folder, clinics_files), 1)
 
 
 @pytest.mark.parametrize("moment", list(MOMENTS))
-def test_the_clinics_server_killed_then_resumed(tmp_path, clinics_reference, moment):
+def test_the_clinics_server_killed_then_resumed(tmp_path, clinics_files, clinics_reference, moment):
     """The PSI plan's server SIGKILLed at ``moment`` and started again with --resume: the run ends
     with the weights and metrics of a run never stopped (and its bytes, where it went back to a
     checkpoint every party held)."""
-    plan, reference = _clinics(tmp_path), clinics_reference
+    plan, reference = _clinics(tmp_path, clinics_files), clinics_reference
     server, clinics, common = MOMENTS[moment]
     run = Run(tmp_path, plan, 1)
     flag = run.start("server", server)

@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Tens
 import splitlearn
 from splitlearn import PlanError
 from splitlearn.api import split_plan
+from splitlearn.core.load import load_plan
 from splitlearn.core.specs import DataSpec
-from splitlearn.data import batches, train_test_split_ids
+from splitlearn.data import DataError, batches, train_test_split_ids
 from splitlearn.run.setup import prepare
 
 ROWS, BATCH, EPOCHS, SEED = 120, 16, 2, 0
@@ -228,3 +229,88 @@ def test_targets_that_differ_from_the_items_labels_stop_the_run_naming_them():
     ds.targets = (1 - y).tolist()  # e.g. a target_transform the targets do not know of
     with pytest.raises(PlanError, match=r"dataset.targets differs from the labels the dataset's items give"):
         _split(ds)
+
+
+def _pipelined(plan, pipeline: int):
+    """``plan`` with ``[train] pipeline`` set (its data objects kept)."""
+    return plan.model_copy(update={"train": plan.train.model_copy(update={"pipeline": pipeline})})
+
+
+def test_a_pipelined_step_reads_its_rows_once_and_trains_as_one_batch():
+    """With ``pipeline = 2`` a step's first micro-batch reads the whole step's rows through the loader, the other
+    takes its rows from that batch: the dataset is asked for exactly what ``pipeline = 1`` asks (each training row
+    once per epoch, one request per step), and the weights agree with ``pipeline = 1``'s."""
+    x, y = _rows()
+    model = _model()
+    datasets = {p: Counting(x, y, targets=True) for p in (1, 2)}
+    runs = {p: splitlearn.train(_pipelined(split_plan(model, 1, data=datasets[p], epochs=EPOCHS, batch_size=BATCH,
+                                                      lr=1e-2, seed=SEED), p)) for p in (1, 2)}
+    epoch = [BATCH] * (96 // BATCH) + [24]
+    assert datasets[2].requests == datasets[1].requests == [1, 1] + epoch * EPOCHS
+    _same(runs[1], runs[2], tol=1e-6)
+
+
+class Redrawn(Counting):
+    """Labels that change per draw (as label noise, MixUp or CutMix would): each read of a row flips its label."""
+
+    def __init__(self, x, y):
+        super().__init__(x, y, targets=False)
+        self.draws = np.zeros(len(x), dtype=np.int64)
+
+    def __getitem__(self, i: int):
+        self.draws[i] += 1
+        return self.x[i], (self.y[i] + self.draws[i]) % 2
+
+
+def test_labels_that_change_per_draw_stop_the_run_naming_the_rows():
+    """Without ``dataset.targets`` the labels are read in one pass up front (the loss, its classes and checks use
+    them); a batch read later whose labels differ is an error, never trained against the other labels."""
+    x, y = _rows()
+    with pytest.raises(DataError, match=r"field 'y' of rows \[0\] differs from the labels read for them up front: "
+                                        r"labels must be a function of the row"):
+        _split(Redrawn(x, y))
+
+
+def test_parties_reading_torch_data_of_their_own_beside_a_dataloader_are_refused_naming_them():
+    """A DataLoader's sampler draws every party's steps: another party's own torch data cannot follow them."""
+    (xt, yt), (xs, ys) = _held_out()
+    plan = split_plan(_model(), 1, data=TensorDataset(xt, yt))
+    body = plan.model_dump()
+    body["data"] = plan.data
+    body["parties"]["client"]["data"] = DataSpec.of_torch(DataLoader(TensorDataset(xt, yt), batch_size=BATCH),
+                                                          TensorDataset(xs, ys))
+    body["parties"]["server"]["data"] = DataSpec.of_torch(TensorDataset(xt, yt))
+    body["parties"]["client"]["holds"], body["parties"]["server"]["holds"] = {"x": "x"}, {"y": "y"}
+    body["losses"]["task"]["target"] = "server.y"
+    body["networks"]["model"] = _model
+    with pytest.raises(PlanError, match=r"parties 'client' \(a DataLoader\) and 'server' \(a Dataset\) each read "
+                                        r"torch data of their own"):
+        prepare(load_plan(body))
+
+
+class Noisy(TensorDataset):
+    """A random transform drawing from torch's global generator, as torchvision's do."""
+
+    def __getitem__(self, i: int):
+        x, y = super().__getitem__(i)
+        return x + 0.5 * torch.randn(x.shape), y
+
+
+@pytest.mark.parametrize("loader", [False, True], ids=["dataset", "loader_no_workers"])
+def test_random_transforms_read_in_the_partys_thread_draw_the_partys_stream(loader):
+    """Read without workers, a dataset's random transforms draw from the party's own stream (plan seed and party
+    name): the same seed gives the same weights whatever the caller's generator holds, which is left as it was."""
+    (xt, yt), test = _held_out()
+    model = _model()
+
+    def run(caller_seed: int):
+        data = Noisy(xt, yt)
+        if loader:
+            data = (DataLoader(data, batch_size=BATCH, sampler=ScheduleOrder(len(xt))), TensorDataset(*test))
+        torch.manual_seed(caller_seed)
+        before = torch.random.get_rng_state()
+        result = _split(data, model)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        return result
+
+    _same(run(1), run(2), tol=0.0)

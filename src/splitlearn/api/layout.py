@@ -1,17 +1,25 @@
-"""How a stage's output travels (:class:`~splitlearn.api.stage.Stage`): a tensor on the stage's wire, or each tensor
+"""A stage's wires (:class:`~splitlearn.api.stage.Stage`): their settings, checked as a plan's ``[wires.X]`` and
+digested so that both ends compare them, and how its output travels: a tensor on the stage's wire, or each tensor
 of a tuple or dict on a wire of its own (``party:0``, ``party:key``), the structure announced by the first activation
 as its *layout* (``tensor``, ``tuple:N``, ``dict:k1,k2``) and rebuilt by the receiver."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Any
 
+from pydantic import ValidationError
 from torch import Tensor, nn
 
+from ..core.graph import Wire
+from ..core.plan import from_validation_error
+from ..core.specs import PlanError
+from ..core.wirespec import WireSpec
 from ..wire.messages import quote
 
-__all__ = ["layout_of", "assemble", "elements_of", "shape_key", "call", "layout_problem"]
+__all__ = ["wire_settings", "settings_digest", "layout_of", "assemble", "elements_of", "shape_key", "call", "layout_problem"]
 
 
 def layout_of(party: str, out: Any) -> tuple[str, list[tuple[str, Tensor]]]:
@@ -79,3 +87,22 @@ def layout_problem(layout: str) -> str | None:
     if len(keys) != len(set(keys)):
         return f"its layout {quote(layout)} names an element twice"
     return None
+
+
+def wire_settings(given: WireSpec | dict[str, Any] | None, entry: str, party: str) -> WireSpec:
+    """A stage's ``send=`` or ``receive=`` settings, checked as a plan's ``[wires.X]`` entry is (one PlanError naming
+    the entry)."""
+    if isinstance(given, WireSpec):
+        return given
+    try:
+        return WireSpec.model_validate(given or {})
+    except ValidationError as e:
+        err = from_validation_error(e)
+        raise PlanError(err.message, entry=f"{entry}.{err.entry}" if err.entry else entry, hint=err.hint,
+                        file=f"stage {party!r}") from None
+
+
+def settings_digest(wire: Wire) -> str:
+    """A digest of a wire's settings: the first activation carries it, and the receiver compares it with its own."""
+    body = json.dumps(wire.spec.model_dump(mode="json"), sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]

@@ -22,8 +22,6 @@ unpickled. Any refusal tells the peer (an ERROR message) and raises one error na
 
 from __future__ import annotations
 
-import hashlib
-import json
 import secrets
 import time
 from collections import deque
@@ -31,24 +29,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import Tensor, nn
 
 from ..core.bounds import LearntBounds
-from ..core.defense import Defense, WireContext, active
+from ..core.defense import Defense, WireContext, active, defends
 from ..core.engine import PartyError
-from ..core.admission import decode_checked
+from ..core.admission import codec_for, decode_checked
 from ..core.graph import Wire
-from ..core.plan import from_validation_error
 from ..core.specs import PlanError
 from ..core.wirespec import WireSpec
 from ..core.step import StepState
-from ..wire.codec import Codec, WireError, check_values, get_codec
+from ..wire.codec import Codec, WireError, check_values, dtype_name, get_codec
 from ..wire.link import MAX_KEPT, Link
 from ..wire.messages import Kind, Limits, Message, quote
 from ..wire.metering import Meter
 from ..wire.transport.base import Transport, TransportClosed, TransportTimeout
-from .layout import assemble, call, elements_of, layout_of, layout_problem, shape_key
+from .layout import (assemble, call, elements_of, layout_of, layout_problem, settings_digest, shape_key,
+                     wire_settings)
 
 __all__ = ["Stage"]
 
@@ -87,17 +84,6 @@ class _Forward:
     extra: list[Tensor] = field(default_factory=list)  # the sender's extra loss terms (NoPeek)
     received: dict[str, Tensor] | None = None  # the input leaves, whose gradients go back to the previous stage
     received_step: int | None = None
-
-
-def _spec(given: WireSpec | dict[str, Any] | None, entry: str, party: str) -> WireSpec:
-    if isinstance(given, WireSpec):
-        return given
-    try:
-        return WireSpec.model_validate(given or {})
-    except ValidationError as e:
-        err = from_validation_error(e)
-        raise PlanError(err.message, entry=f"{entry}.{err.entry}" if err.entry else entry, hint=err.hint,
-                        file=f"stage {party!r}") from None
 
 
 def _overrides(defense: Defense, method: str) -> bool:
@@ -141,7 +127,7 @@ class Stage:
         self.device = torch.device(device) if device is not None else _device(module)
         self.out_wire = self.in_wire = None
         if next is not None:
-            self.out_wire = Wire(self.party, self.party, self.party, next, "activation", (), _spec(send, "send", self.party))
+            self.out_wire = Wire(self.party, self.party, self.party, next, "activation", (), wire_settings(send, "send", self.party))
             for d, _ in active(self.out_wire.spec):
                 if d.key == "nopeek" and previous is not None:
                     raise PlanError("nopeek decorrelates the activations from the raw inputs they are computed "
@@ -152,7 +138,7 @@ class Stage:
                             file=f"stage {self.party!r}")
         if previous is not None:
             self.in_wire = Wire(previous, previous, previous, self.party, "activation", (self.party,),
-                                _spec(receive, "receive", self.party))
+                                wire_settings(receive, "receive", self.party))
         elif receive is not None:
             raise PlanError("receive= sets the wire from the previous stage, and this stage has none",
                             entry="receive", file=f"stage {self.party!r}")
@@ -217,7 +203,7 @@ class Stage:
             raise RuntimeError(f"stage {self.party!r}: backward() without a forward waiting for it (a forward "
                                "under torch.no_grad(), or from a previous stage that did not train, waits for none)")
         if self.next is not None:
-            rec, got = self._take_gradient()
+            rec, got = self._take_gradient()  # (none, at once, for a forward that sent no floating element)
             roots = [rec.sent[n] for n in got] + rec.extra
             grads = list(got.values()) + [None] * len(rec.extra)
             pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
@@ -296,7 +282,7 @@ class Stage:
             wire = self._out(name)
             st = self._state(rec.step, len(value), mode)
             acting = [(d, _Context(self, wire, st, config, inputs=x)) for d, config in active(wire.spec)
-                      if mode in d.modes and value.is_floating_point()]
+                      if mode in d.modes and defends(wire, value)]
             for d, ctx in acting:
                 term = d.extra_loss(ctx, value)
                 if term is not None and rec.train:
@@ -306,7 +292,7 @@ class Stage:
             rec.sent[name] = value
             text = mode  # the first says the wire's settings (and a tuple's or dict's layout)
             if rec.step == 0 and i == 0:
-                text += f" {self._digest(self.out_wire)}" + ("" if layout == "tensor" else f" {layout}")
+                text += f" {settings_digest(self.out_wire)}" + ("" if layout == "tensor" else f" {layout}")
             self._send(Kind.ACTIVATION, wire, rec.step, value, train=rec.train, text=text)
 
     def _out(self, name: str) -> Wire:
@@ -319,16 +305,13 @@ class Stage:
                                                                    "activation", (self.party,), self.in_wire.spec)
 
     def _send(self, kind: Kind, wire: Wire, step: int, t: Tensor, *, train: bool, text: str = "") -> None:
-        codec = self.encoders[kind] if train else get_codec(self.encoders[kind].name)  # (error feedback: training's)
+        codec, want = self.encoders[kind], get_codec(codec_for(wire, dtype_name(t.dtype), kind))
+        if not train or want.name != codec.name:  # (error feedback: training's; an integer tensor travels raw)
+            codec = want
         dst = wire.dst_party if kind == Kind.ACTIVATION else wire.src_party
         with self.meter.timed("compute"):
             enc = codec.encode(t.detach().cpu())
         self.link.send(Message(kind, self.party, dst, step, wire.name, {"t": enc}, text=text))
-
-    @staticmethod
-    def _digest(wire: Wire) -> str:
-        body = json.dumps(wire.spec.model_dump(mode="json"), sort_keys=True, default=str)
-        return hashlib.sha256(body.encode()).hexdigest()[:16]
 
     # -- receiving --------------------------------------------------------------------------------
 
@@ -343,7 +326,7 @@ class Stage:
         if words[0] not in _MODES or not (len(words) in (2, 3) if first else len(words) == 1):
             self._refuse(msg, f"an activation whose text {quote(msg.text)} is not its mode ('train' or 'eval')"
                          + (" and the wire's settings" if first else ""))
-        if first and words[1] != self._digest(self.in_wire):
+        if first and words[1] != settings_digest(self.in_wire):
             self._refuse(msg, f"its wire settings differ from this stage's receive= settings "
                          f"({self.in_wire.spec.model_dump(exclude_defaults=True)}): give both ends the same")
         if first:
@@ -387,11 +370,17 @@ class Stage:
     def _take_gradient(self) -> tuple[_Forward, dict[str, Tensor]]:
         """The gradients from the next stage of the floating elements one forward waiting sent, each checked
         against what it sent (an integer element gets none)."""
+        oldest = self.pending[0]
+        if not any(t.is_floating_point() for t in oldest.sent.values()):  # a mask alone: no gradient can come back
+            self.pending.popleft()
+            return oldest, {}
         msg = self._next(Kind.GRADIENT)
         rec = next((r for r in self.pending if r.step == msg.step), None)
         if rec is None:
             self._refuse(msg, f"a gradient of step {msg.step}, which no forward of this stage waits for")
         wanted = [n for n, t in rec.sent.items() if t.is_floating_point()]
+        if not wanted:
+            self._refuse(msg, f"a gradient of step {msg.step}, whose forward sent no floating element")
         got: dict[str, Tensor] = {}
         for i, name in enumerate(wanted):
             if i:

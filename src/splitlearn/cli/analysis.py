@@ -55,7 +55,7 @@ def inspect(plan: Path = typer.Argument(..., help="plan file (.toml)"),
 
 def _wire_line(w, name: str, dtype: str, shape: tuple[int, ...]) -> str:
     """One wire of ``inspect``: its dtype, row shape (a varying dimension with its bound), bytes a row, and
-    whether a gradient comes back (an integer activation carries none)."""
+    whether a gradient comes back (an integer activation carries none, and travels exactly, undefended)."""
     import torch
 
     from ..wire.codec import floating
@@ -67,7 +67,8 @@ def _wire_line(w, name: str, dtype: str, shape: tuple[int, ...]) -> str:
     most = size * math.prod(bounds.get(d + 1, n) for d, n in enumerate(shape))
     text = f"  {name}: {dtype} [{', '.join(['batch', *dims])}]  {row} B a row" + (f" (up to {most} B)" if most != row
                                                                                  else "")
-    return text + (" (no gradient)" if w is not None and w.carries == "activation" and not floating(dtype) else "")
+    integer = w is not None and w.carries == "activation" and not floating(dtype)
+    return text + (" (exact, no gradient: codecs and defenses act on floating tensors only)" if integer else "")
 
 
 @app.command()

@@ -11,15 +11,26 @@ import math
 
 import torch
 
-from ..wire.codec import WireError, check_values, decoded_bytes, dtype_name, get_codec
+from ..wire.codec import WireError, check_values, decoded_bytes, dtype_name, floating, get_codec
 from ..wire.messages import Kind, Limits, Message, quote
 from .graph import Graph, Wire
 from .losses import get as loss_kind
 from .step import StepState
 
-__all__ = ["WireShapes", "row_shape_problem", "early_problem", "decode_checked", "check_received_values"]
+__all__ = ["WireShapes", "codec_for", "row_shape_problem", "early_problem", "decode_checked", "check_received_values"]
 
 WireShapes = dict[str, tuple[str, tuple[int, ...]]]  # wire -> (dtype, shape without the batch dimension)
+
+
+def codec_for(wire: Wire, dtype: str, kind: Kind = Kind.ACTIVATION) -> str:
+    """The codec a tensor of ``dtype`` (as the handshake names it) travels in on ``wire``, the one rule of both
+    ends (the sender: its tensor's dtype; the receiver: the agreed one, or in the handshake the message's):
+    a gradient in the wire's ``grad_codec``; an activation in ``raw`` if it is no floating tensor (a mask,
+    token ids, positions: float16, int8 or top-k would change them; labels travel exactly too), else in
+    the wire's codec."""
+    if kind == Kind.GRADIENT:
+        return wire.grad_codec
+    return "raw" if not floating(dtype) else wire.codec
 
 
 def row_shape_problem(got: tuple[int, ...], want: tuple[int, ...], vary: tuple[tuple[int, int], ...]) -> str | None:
@@ -39,14 +50,14 @@ def early_problem(msg: Message, wire: Wire, wire_shapes: WireShapes, max_rows: i
     enc = msg.tensors.get("t")
     if enc is None or len(msg.tensors) != 1:
         return f"expected one tensor 't', got {[quote(k) for k in list(msg.tensors)[:4]]}"
-    want_codec = wire.codec if msg.kind == Kind.ACTIVATION else wire.grad_codec
-    if enc.codec != get_codec(want_codec).name:
-        return f"codec {quote(enc.codec)} where {want_codec!r} was agreed"
     rows = enc.shape[0] if enc.shape else 0
     if wire.name in wire_shapes:
         dtype, shape = wire_shapes[wire.name]
         if enc.dtype != dtype or row_shape_problem(tuple(enc.shape[1:]), tuple(shape), wire.vary):
             return f"{enc.dtype}{list(enc.shape)[:8]} where {dtype} with rows of {list(shape)} was agreed"
+    want_codec = codec_for(wire, wire_shapes[wire.name][0] if wire.name in wire_shapes else enc.dtype, msg.kind)
+    if enc.codec != get_codec(want_codec).name:
+        return f"codec {quote(enc.codec)} where {want_codec!r} was agreed"
     if rows > (1 if msg.step < 0 else max_rows):  # (a micro-batch has fewer)
         return f"{rows} rows, more than a step has"
     if decoded_bytes(enc.dtype, math.prod(enc.shape)) > limits.tensor_bytes:
@@ -61,9 +72,6 @@ def decode_checked(msg: Message, wire: Wire, st: StepState, wire_shapes: WireSha
     if set(msg.tensors) != {"t"}:
         raise WireError(f"expected one tensor 't', got {sorted(msg.tensors)}")
     enc = msg.tensors["t"]
-    want_codec = wire.codec if msg.kind == Kind.ACTIVATION else wire.grad_codec
-    if enc.codec != get_codec(want_codec).name:
-        raise WireError(f"codec {enc.codec!r} where {want_codec!r} was agreed")
     if msg.kind == Kind.GRADIENT:
         if wire.name not in st.sent:
             raise WireError("a gradient for an activation not sent yet in this step")
@@ -83,6 +91,9 @@ def decode_checked(msg: Message, wire: Wire, st: StepState, wire_shapes: WireSha
         want_dtype, want_shape = enc.dtype, (len(st.rows), *enc.shape[1:])
     if enc.dtype != want_dtype:
         raise WireError(f"dtype {enc.dtype} where {want_dtype} was agreed")
+    want_codec = codec_for(wire, want_dtype, msg.kind)
+    if enc.codec != get_codec(want_codec).name:
+        raise WireError(f"codec {enc.codec!r} where {want_codec!r} was agreed")
     if tuple(enc.shape) != want_shape:
         varying = "".join(f", dimension {d} from 1 to {b}" for d, b in wire.vary) if msg.kind == Kind.ACTIVATION else ""
         raise WireError(f"shape {list(enc.shape)} where {list(want_shape)}{varying} was expected")

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # torch is imported where a tensor is made: validating a plan
     from .step import StepState
 
 __all__ = ["ALL_MODES", "BUILT_IN_KEYS", "Defense", "SweepParam", "WireContext", "register", "active", "validate",
-           "check_data", "privacy_spent", "sweep_params", "defend_forward", "defend_backward"]
+           "check_data", "privacy_spent", "sweep_params", "defends", "defend_forward", "defend_backward"]
 
 ALL_MODES = frozenset({"train", "eval", "predict"})  # a defense never acts in the handshake
 BUILT_IN_KEYS = ("nopeek", "noise", "label_protection", "randomized_response")  # fields of WireSpec
@@ -222,11 +222,19 @@ def sweep_params() -> dict[str, tuple[Defense, SweepParam]]:
 
 # -- at the edges of a step (Party._forward and Party._backward) ---------------------------------
 
+def defends(wire: Wire, value: Tensor) -> bool:
+    """Whether a wire's defenses act on ``value``: a label wire's always; an activation wire's on a floating
+    tensor only (an integer one, a mask or token ids, travels exactly and carries no gradient). The one rule of
+    the engine and of :class:`~splitlearn.api.stage.Stage`."""
+    return wire.carries == "label" or value.is_floating_point()
+
+
 def defend_forward(party: Party, wire: Wire, st: StepState) -> Tensor:
     """What the sender puts on a wire: each defense's extra loss term (kept in ``st.extra`` for the
-    sending stage), from the undefended value, then each defense's change of it (never in the handshake)."""
+    sending stage), from the undefended value, then each defense's change of it (never in the handshake;
+    never on an integer activation: :func:`defends`)."""
     value = st.values[wire.src]
-    if st.mode == "handshake":
+    if st.mode == "handshake" or not defends(wire, value):
         return value
     acting = [(d, WireContext(party, wire, st, config)) for d, config in active(wire.spec) if st.mode in d.modes]
     for d, ctx in acting:
@@ -239,7 +247,9 @@ def defend_forward(party: Party, wire: Wire, st: StepState) -> Tensor:
 
 
 def defend_backward(party: Party, wire: Wire, stage: Stage, st: StepState, grad: Tensor) -> Tensor:
-    """What the receiver returns on a wire: the gradient, changed by each of the wire's defenses."""
+    """What the receiver returns on a wire: the gradient, changed by each of the wire's defenses (:func:`defends`)."""
+    if not defends(wire, grad):
+        return grad
     for d, config in active(wire.spec):
         if st.mode in d.modes:
             grad = d.on_gradient(WireContext(party, wire, st, config, stage), grad)

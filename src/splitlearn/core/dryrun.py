@@ -29,9 +29,10 @@ def merge_inputs(how: str, module: nn.Module, xs: list[torch.Tensor]) -> torch.T
     return module(*xs)
 
 
-def check_outputs(graph: Graph, node: Node, value: Any) -> None:
+def check_outputs(graph: Graph, node: Node, value: Any, rows: int = 1) -> None:
     """A PlanError unless segment ``node`` gives what its plan entry says: one tensor, or (with ``outputs``) a tuple
-    of that many tensors or a dict of those keys, each a tensor."""
+    of that many tensors or a dict of those keys, each a tensor with the batch dimension first (``rows``: the rows
+    that went in, one in the handshake and the dry run)."""
     names = graph.plan.segments[node.name].output_names
     where = f"segment {node.name!r} (party {node.party!r})"
     if not names:
@@ -40,6 +41,7 @@ def check_outputs(graph: Graph, node: Node, value: Any) -> None:
                             "wire carries", entry=f"segments.{node.name}",
                             hint="list the elements of a tuple or dict output in its 'outputs', or end the segment "
                             "where the network's value is a single tensor")
+        _check_rows(node, where, "its output", value, rows, f"segments.{node.name}")
         return
     if isinstance(value, (tuple, list)):
         got, elements = f"a tuple of {len(value)}", list(value)
@@ -52,10 +54,23 @@ def check_outputs(graph: Graph, node: Node, value: Any) -> None:
     if not fits:
         raise PlanError(f"{where} gives {got}, but its outputs are {names}", entry=f"segments.{node.name}.outputs",
                         hint="list one name per element of the tuple it returns (a dict: its keys, in order)")
-    bad = [n for n, e in zip(names, elements) if not isinstance(e, torch.Tensor)]
-    if bad:
-        raise PlanError(f"{where}: its output {bad[0]!r} is no tensor", entry=f"segments.{node.name}.outputs",
-                        hint="every element of a segment's output travels as a tensor")
+    for name, e in zip(names, elements):
+        if not isinstance(e, torch.Tensor):
+            raise PlanError(f"{where}: its output {name!r} is a {type(e).__name__}, no tensor: a shape or number "
+                            "crosses the cut", entry=f"segments.{node.name}.outputs",
+                            hint="compute it after the cut (e.g. from the shape of a tensor there): every element "
+                            "of a segment's output travels as a tensor with a row per sample")
+        _check_rows(node, where, f"its output {name!r}", e, rows, f"segments.{node.name}.outputs")
+
+
+def _check_rows(node: Node, where: str, what: str, t: torch.Tensor, rows: int, entry: str) -> None:
+    """A PlanError unless ``t`` has the batch dimension first (``rows`` rows): a wire carries a row per sample."""
+    if t.dim() and t.shape[0] == rows:
+        return
+    raise PlanError(f"{where}: {what} has shape {list(t.shape)}, which has no batch dimension ({rows} row"
+                    f"{'s' if rows != 1 else ''} went in): it is the same for every row (a position table, "
+                    "a mean over the batch) and cannot travel as rows", entry=entry,
+                    hint="compute such a value after the cut, where it is used (or end the segment before it)")
 
 
 def check_labels(node: Node, labels: torch.Tensor | None, classes: int) -> None:
@@ -107,7 +122,7 @@ def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch
                 device = next((p.device for p in modules[n].parameters()), None)
                 xs = [values[d] if device is None else values[d].to(device) for d in node.inputs]
                 values[n] = run_checked(graph, node, xs, lambda: merge_inputs(node.merge or spec.merge, modules[n], xs))
-                check_outputs(graph, node, values[n])
+                check_outputs(graph, node, values[n], len(xs[0]) if xs and xs[0].dim() else 1)
             elif node.kind == "output":
                 values[n] = node.pick(values[node.inputs[0]])
             elif node.inputs[1] in values:

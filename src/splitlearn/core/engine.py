@@ -31,17 +31,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..wire.codec import Codec, WireError, floating, get_codec
+from ..wire.codec import Codec, WireError, dtype_name, get_codec
 from ..wire.link import Link
 from ..wire.messages import Kind, Message, quote
 from ..wire.transport.base import TransportTimeout
-from .admission import check_received_values, decode_checked, early_problem
+from .admission import check_received_values, codec_for, decode_checked, early_problem
 from .augment import augmented
 from .bounds import LearntBounds
 from .defense import defend_backward, defend_forward
 from .dryrun import check_labels, check_outputs, merge_inputs, run_checked
 from .early import EarlyMessages
-from .flow import FlowControl
+from .flow import FlowControl, graded
 from .graph import Graph, Node, Stage, Wire
 from .losses import get as loss_kind
 from .optimizing import WHOLE, PartyOptimizer, Update
@@ -121,7 +121,8 @@ class Party:
         self.observer: Callable[[str, str, StepState, torch.Tensor], None] | None = None
         self.finished: set[str] = set()  # neighbours that said they are done
         self.restartable = False  # a neighbour's new hello mid-run restarts the session (it has checkpoints)
-        self.flow = FlowControl(graph, name, self.limits)  # credits: never a window ahead of a consumer
+        # credits: never a window ahead of a consumer; which pairs hear back follows the dtypes agreed (the handshake)
+        self.flow = FlowControl(graph, name, self.limits, self.wire_shapes)
         self.last_step = -1  # the last step this party finished (a checkpoint is taken after it)
         self.resumed_at = -1  # the session's step to go on after (set by the session before its handshake)
         self.bounds = LearntBounds()  # per wire and direction: the magnitudes its peer sent (``max_jump``)
@@ -264,11 +265,8 @@ class Party:
     def _graded(self, wire: Wire, t: torch.Tensor | None = None) -> bool:
         """Whether a gradient travels back on ``wire``: an activation of a floating dtype (the agreed one, else that
         of ``t``, the tensor sent or received); an integer tensor (a mask, token ids) carries none."""
-        if wire.carries != "activation":
-            return False
-        if wire.name in self.wire_shapes:
-            return floating(self.wire_shapes[wire.name][0])
-        return t is None or t.is_floating_point()
+        dtype = self.wire_shapes[wire.name][0] if wire.name in self.wire_shapes else None
+        return graded(wire, dtype if dtype is not None or t is None else dtype_name(t.dtype))
 
     def _stage_ready(self, s: Stage, st: StepState) -> bool:
         return (not any(n in st.todo for n in s.nodes)
@@ -304,9 +302,11 @@ class Party:
 
     def _send(self, kind: Kind, wire: Wire, st: StepState, t: torch.Tensor) -> None:
         dst = wire.dst_party if kind == Kind.ACTIVATION else wire.src_party
-        codec = self.encoders[(wire.name, kind)]
-        if st.mode != "train":  # a codec's state (error feedback) belongs to training
-            codec = get_codec(codec.name)
+        codec, want = self.encoders[(wire.name, kind)], get_codec(codec_for(wire, dtype_name(t.dtype), kind))
+        if st.mode != "train" or want.name != codec.name:  # a codec's state (error feedback) belongs to training;
+            codec = want  # an integer tensor travels exactly (raw)
+        if st.mode == "handshake" and kind == Kind.ACTIVATION:  # what it sends is agreed, at its end as at the other's
+            self.wire_shapes.setdefault(wire.name, (dtype_name(t.dtype), tuple(t.shape[1:])))
         with self.meter.timed("compute"):
             enc = codec.encode(self.precision.finite(t.detach(), st.mode).cpu())  # the wire is bytes in host memory
         self.link.send(Message(kind, self.name, dst, st.step, wire.name, {"t": enc}))
@@ -421,10 +421,13 @@ class Party:
         if wire is not None:
             if msg.kind == Kind.ACTIVATION and wire.dst_party == self.name:
                 expected_sender = wire.src_party
-            elif msg.kind == Kind.GRADIENT and wire.src_party == self.name and wire.carries == "activation":
-                expected_sender = wire.dst_party
+            elif msg.kind == Kind.GRADIENT and wire.src_party == self.name and self._graded(wire):
+                expected_sender = wire.dst_party  # (not on a wire of an integer tensor, which carries none)
         if expected_sender != msg.sender:
-            self.link.refuse(msg.sender, f"no {msg.kind.name.lower()} from {quote(msg.sender)} is expected on this wire",
+            integer = msg.kind == Kind.GRADIENT and wire is not None and wire.carries == "activation" \
+                and wire.src_party == self.name and not self._graded(wire)
+            self.link.refuse(msg.sender, f"no {msg.kind.name.lower()} from {quote(msg.sender)} is expected on this wire"
+                             + (" (its tensor is no floating one: it carries none)" if integer else ""),
                              msg.step, msg.wire)
             return None
         return wire

@@ -360,13 +360,14 @@ def _added(values: Sequence[float]) -> float:
     return total
 
 
-def evaluation_metrics(kind: str, parts: Sequence[Scores]) -> dict[str, Any]:
+def evaluation_metrics(kind: str, parts: Sequence[Scores], intervals: bool = True) -> dict[str, Any]:
     """Every test figure of loss kind ``kind`` over the union of the rows of ``parts`` (never a mean of
     per-part figures), as ``test_<name>``: the loss, the rows, the accuracy (from the ``right`` counts
     where every part has them), those of :func:`classification_metrics` (a kind with probabilities) or
     :func:`regression_metrics` (a kind without an accuracy) and the extra metrics a plan entry asks
     (``kind`` a :class:`~splitlearn.core.losses.KindName` with ``metrics``: :data:`EXTRA_METRICS`), with the
-    headline figures' 95 % intervals (``ci95``) and :func:`curves`. No rows: an empty dict."""
+    headline figures' 95 % intervals (``ci95``) and :func:`curves` (unless ``intervals`` is False: a validation
+    epoch's figures, for early stopping, need neither). No rows: an empty dict."""
     rows = sum(p.rows for p in parts)
     if not rows:
         return {}
@@ -385,8 +386,9 @@ def evaluation_metrics(kind: str, parts: Sequence[Scores]) -> dict[str, Any]:
         out.setdefault(f"test_{name}", value)  # the counted accuracy stays
     for name in loss_kind.metrics:  # the plan entry's extra metrics, on the same rows
         out[f"test_{name}"] = _extra(name, outputs, targets)
-    out["ci95"] = {f"test_{n}": v for n, v in bootstrap_ci(outputs, targets, classification=classification).items()}
-    out["curves"] = curves(outputs, targets, classification=classification)
+    if intervals:
+        out["ci95"] = {f"test_{n}": v for n, v in bootstrap_ci(outputs, targets, classification=classification).items()}
+        out["curves"] = curves(outputs, targets, classification=classification)
     return out
 
 

@@ -214,20 +214,35 @@ class Plan(_Strict):
         """A copy whose ``[clients]`` is the plan's own with ``changes`` (a plan without one: new clients with
         ``changes``, which must name the ``template``)."""
         base = self.clients.model_dump() if self.clients is not None else {}
-        return self.replace(clients=ClientsSpec.model_validate({**base, **changes}))
+        return self.replace(clients=ClientsSpec.model_validate({**base, **changes}))._checked()
 
     def with_train(self, **changes: Any) -> "Plan":
         """A copy with the training settings that are not None changed (``epochs``, ``seed``, ...)."""
         changes = {k: v for k, v in changes.items() if v is not None}
         if not changes:
             return self
-        return self.replace(train=self.train.model_copy(update=changes))
+        try:
+            train = TrainSpec.model_validate({**self.train.model_dump(), **changes})
+        except ValidationError as e:
+            err = from_validation_error(e)
+            raise PlanError(err.message, entry=f"train.{err.entry}" if err.entry else "train", hint=err.hint) from None
+        return self.replace(train=train)._checked()
 
     def replace(self, **fields: Any) -> "Plan":
-        """A copy with some top-level fields replaced, remembering the file it came from."""
+        """A copy with some top-level fields replaced (each an entry already validated), remembering the file it came
+        from: for the plans the package derives (the plan a finished run predicts with, a baseline), which are not
+        checked again; a change a user asks for goes through :meth:`with_train` or :meth:`with_clients`, which are."""
         plan = self.model_copy(update=fields)
         plan._source = self._source
         return plan
+
+    def _checked(self) -> "Plan":
+        """This plan, once the checks across its entries pass as when it is read (a PlanError naming the entry)."""
+        try:
+            self._names()
+        except ValueError as e:
+            raise PlanError(str(e), hint="the plan was changed in Python") from None
+        return self
 
 
 _DEPLOYMENT = {"parties": {"__all__": {"address", "dial_out", "data", "device"}}, "train": {"step_timeout"}}

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from .graph import Graph
     from .plan import Plan
 
-__all__ = ["WORDS", "check_plan", "watched_loss", "Rule", "EpochAgreement", "copy_state"]
+__all__ = ["unlinked", "WORDS", "check_plan", "watched_loss", "Rule", "EpochAgreement", "copy_state"]
 
 WORDS = ("best", "stop")  # an epoch verdict's first word
 _VERDICT = re.compile(r"^(best|stop) (0|[1-9][0-9]{0,8})$")
@@ -131,6 +131,20 @@ def copy_state(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch
     return {seg: {k: v.detach().clone() for k, v in m.state_dict().items()} for seg, m in modules.items()}
 
 
+def unlinked(graph: Graph) -> list[str]:
+    """The parties no chain of wires links to the party whose validation figure decides (they could never hear the
+    epoch verdicts): a plan with validation rows and such a party is refused."""
+    places = agreement_tree(graph, every_wire=True)
+
+    def root(p: str) -> str:
+        while places[p].parent is not None:
+            p = places[p].parent
+        return p
+
+    home = root(graph.nodes[watched_loss(graph.plan)].party)
+    return [p for p in graph.parties if root(p) != home]
+
+
 class EpochAgreement:
     """One party's side of the epoch verdicts (see the module's docstring).
 
@@ -148,7 +162,7 @@ class EpochAgreement:
         places = agreement_tree(graph, every_wire=True)
         self.place: Place = places[name]
         self.toward = self._toward(places)  # the child on the way to the holder (None: the holder is not below)
-        if name != self.holder and self.toward is None and self.place.parent is None and len(plan.parties) > 1:
+        if name in unlinked(graph):  # (prepare() refuses such a plan before any party starts)
             raise error(f"{name}: no wire links it to {self.holder!r}, whose {self.metric} decides the best epoch, "
                         "so it cannot learn it")
         self.rule = Rule(plan) if name == self.holder else None

@@ -59,7 +59,7 @@ class TrainSpec(Strict):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(256, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # (numpy seeds are non-negative)
     # a checkpoint every this many training steps (and at every epoch's end) when the run has an --out folder
     checkpoint_every: int | None = Field(None, ge=1)
     # seconds a party waits for a peer whose link broke to come back (over gRPC) before it stops

@@ -7,13 +7,17 @@ are the dataset's indices; with test data, ids ``n..n+m-1`` are the test dataset
 is a :class:`TorchField` that the engine indexes with a step's positions, and the party's
 :class:`TorchReader` reads those rows through a ``DataLoader`` over the dataset with the user's
 ``collate_fn``, workers, ``pin_memory`` and prefetching, whose batches are the schedule's training
-batches in order (one batch kept, so the fields of the same rows are read once). Rows asked
+batches in order (one batch kept, so the fields of the same rows, and a pipelined step's
+micro-batches, are read once: a step's first micro-batch reads the whole step's rows). Rows asked
 outside that order (evaluation, the handshake's one row) are read in this process with the same
-``collate_fn``.
+``collate_fn``. Reads in this process (those, and every read without workers) draw from the
+party's own random stream (given by the reader's owner), never the caller's generator.
 
 Labels a loss needs up front (its classes, the label checks) come from ``dataset.targets`` where
-the dataset has one of its length (checked against every batch read: a mismatch is an error), else
-from one pass over the dataset reading that field. Preprocessing that needs whole columns
+the dataset has one of its length, else from one pass over the dataset reading that field; either
+way they are checked against every batch read (a mismatch is an error: labels must be a function
+of the row, so a collate_fn or dataset that changes them per draw, such as MixUp or label noise, is
+refused rather than trained against other labels). Preprocessing that needs whole columns
 (``standardize``, ``normalize``, ``standardize_target``) is not applied: the dataset's transforms
 are the user's.
 
@@ -28,7 +32,8 @@ cannot have them, and a plan file naming ``dataset = "torch"`` is refused.
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,7 +41,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 
 from .table import DataError, Table
 
-__all__ = ["TorchSource", "TorchColumn", "TorchField", "TorchReader", "is_torch_data", "source_of"]
+__all__ = ["TorchSource", "TorchColumn", "TorchField", "TorchReader", "Scope", "is_torch_data", "sources_of"]
+
+Scope = Callable[[], AbstractContextManager[None]]  # inside, torch's global generator draws a party's own stream
 
 
 def is_torch_data(data: Any) -> bool:
@@ -105,14 +112,14 @@ class TorchSource:
         self._draws: list[list[np.ndarray]] = []  # per epoch: the batch sampler's draws
         self._planned: dict[int, list[np.ndarray]] = {}  # per epoch: the training steps' positions
         self._known: tuple[list[np.ndarray], dict[bytes, list[int]]] | None = None  # planned(), kept
-        self._labels: dict[str, np.ndarray] = {}
-        self._targets: set[str] = set()  # labels taken from dataset.targets: checked against every batch read
-        self._sample = self.read(np.zeros(1, dtype=np.int64))  # one row: the fields, their dtypes and shapes
+        self._labels: dict[str, np.ndarray] = {}  # fields read up front: checked against every batch read
+        self._targets: set[str] = set()  # of them, those taken from dataset.targets
+        self._sample = self._quiet(np.zeros(1, dtype=np.int64))  # one row: the fields, their dtypes and shapes
         if self.test_dataset is not None:  # the test rows must have the same fields, dtypes and shapes
             def kinds(row: dict[str, torch.Tensor]) -> dict[str, tuple]:
                 return {k: (v.dtype, tuple(v.shape[1:])) for k, v in row.items()}
 
-            test = kinds(self.read(np.full(1, self.n_train, dtype=np.int64)))
+            test = kinds(self._quiet(np.full(1, self.n_train, dtype=np.int64)))
             if test != kinds(self._sample):
                 raise DataError(f"the test rows' fields {test} differ from the training rows' {kinds(self._sample)}")
 
@@ -149,6 +156,19 @@ class TorchSource:
                 kw["prefetch_factor"] = user.prefetch_factor
         return DataLoader(dataset, batch_sampler=batches, **kw)
 
+    def in_thread(self, test: bool = False) -> bool:
+        """Whether its reads run in the reading thread (no workers): their random transforms then draw from
+        torch's global generator, so the reader puts a party's stream there."""
+        user = self._settings(test)[1]
+        return user is None or not user.num_workers
+
+    def _quiet(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """``rows`` read before any party has a stream (the sample rows): under a fixed seed, the caller's
+        generator left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return self.read(rows)
+
     def split_rows(self, rows: np.ndarray) -> bool:
         """Whether ``rows`` are test rows (all of them); a DataError for rows of both or out of range."""
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_train + self.n_test):
@@ -159,16 +179,27 @@ class TorchSource:
         return bool(test.any())
 
     def batch(self, rows: np.ndarray, batch: Any) -> dict[str, torch.Tensor]:
-        """A collated batch of ``rows`` as fields, its labels checked against ``dataset.targets``."""
+        """A collated batch of ``rows`` as fields, its labels checked against those read up front."""
         out = _fields(batch, len(rows))
-        for f in self._targets & set(out):
-            self._check_targets(f, rows, out[f])
+        for f in set(self._labels) & set(out):
+            self._check_labels(f, rows, out[f])
         return out
 
-    def _check_targets(self, field: str, rows: np.ndarray, given: torch.Tensor) -> None:
-        if not np.array_equal(given.numpy(), self._labels[field][rows]):
+    def _check_labels(self, field: str, rows: np.ndarray, given: torch.Tensor) -> None:
+        """A DataError, naming the rows, where a batch's ``field`` is not what was read up front for its rows."""
+        want = self._labels[field][rows]
+        got = given.detach().cpu().numpy()
+        if got.shape == want.shape and np.array_equal(got, want, equal_nan=got.dtype.kind == "f" == want.dtype.kind):
+            return
+        differ = rows[(got != want).reshape(len(rows), -1).any(axis=1)] if got.shape == want.shape else rows
+        named = f"{differ[:5].tolist()}{'...' if len(differ) > 5 else ''}"
+        if field in self._targets:
             raise DataError(f"dataset.targets differs from the labels the dataset's items give (field {field!r}, "
-                            f"rows {rows[:5].tolist()}...): a target_transform? Remove targets or make them agree")
+                            f"rows {named}): a target_transform? Remove targets or make them agree")
+        raise DataError(f"field {field!r} of rows {named} differs from the labels read for them up front: labels "
+                        "must be a function of the row (the loss, its classes and checks use those read once), so a "
+                        "dataset or collate_fn that changes them per draw (MixUp, CutMix, random label noise) would "
+                        "train on other labels than the batch's: draw such labels inside the model or loss instead")
 
     def read(self, rows: np.ndarray, seed: int = 0) -> dict[str, torch.Tensor]:
         """``rows`` read in this process (no workers), with the user's collate_fn."""
@@ -178,30 +209,32 @@ class TorchSource:
 
     # -- labels ---------------------------------------------------------------------------------
 
-    def labels(self, field: str, seed: int, per_read: int) -> np.ndarray:
+    def labels(self, field: str, seed: int, per_read: int, scope: Scope = nullcontext) -> np.ndarray:
         """Field ``field`` of every row: ``y`` from ``dataset.targets`` (and the test dataset's) where each has
         one of its length, else one pass over the rows reading it, ``per_read`` rows at a time (through the
-        user's DataLoader settings)."""
+        user's DataLoader settings; reads without workers under ``scope``). Every batch read later is checked
+        against them."""
         with self._lock:
             if field not in self._labels:
-                self._labels[field] = self._read_labels(field, seed, per_read)
+                self._labels[field] = self._read_labels(field, seed, per_read, scope)
             return self._labels[field]
 
-    def _read_labels(self, field: str, seed: int, per_read: int) -> np.ndarray:
+    def _read_labels(self, field: str, seed: int, per_read: int, scope: Scope) -> np.ndarray:
         parts = [self.dataset] + ([self.test_dataset] if self.test_dataset is not None else [])
         targets = [getattr(d, "targets", None) for d in parts] if field == "y" else [None]
         if all(t is not None and len(t) == len(d) for t, d in zip(targets, parts)):  # type: ignore[arg-type]
             labels = np.concatenate([np.asarray(t.numpy() if isinstance(t, torch.Tensor) else t) for t in targets])
             self._labels[field] = labels  # checked against the row already read, then against every batch
             self._targets.add(field)
-            self._check_targets(field, np.zeros(1, dtype=np.int64), self._sample[field])
+            self._check_labels(field, np.zeros(1, dtype=np.int64), self._sample[field])
             return labels
         out = []
         for test, n in ((False, self.n_train), (True, self.n_test)):
             chunks = [list(range(i, min(i + per_read, n))) for i in range(0, n, per_read)]
             if chunks:
-                for b, batch in zip(chunks, self.loader_over(chunks, test, seed)):
-                    out.append(_fields(batch, len(b))[field].numpy())
+                with scope() if self.in_thread(test) else nullcontext():
+                    for b, batch in zip(chunks, self.loader_over(chunks, test, seed)):
+                        out.append(_fields(batch, len(b))[field].numpy())
         return np.concatenate(out)
 
     # -- the training batches -------------------------------------------------------------------
@@ -285,9 +318,9 @@ class TorchColumn:
         raise DataError(f"field {self.field!r} of a torch dataset is streamed, never read whole (preprocessing that "
                         "needs whole columns, such as standardize or normalize, is the dataset's own transforms)")
 
-    def values(self, seed: int, per_read: int) -> np.ndarray:
+    def values(self, seed: int, per_read: int, scope: Scope = nullcontext) -> np.ndarray:
         """Its values at its positions, read up front (labels: see :meth:`TorchSource.labels`)."""
-        out = self.source.labels(self.field, seed, per_read)[self.index]
+        out = self.source.labels(self.field, seed, per_read, scope)[self.index]
         return out if self.columns is None else out[:, self.columns[0]:self.columns[1]]
 
     def view(self, reader: "TorchReader") -> "TorchField":
@@ -296,49 +329,92 @@ class TorchColumn:
 
 class TorchReader:
     """A party's reader: the schedule's training batches through one DataLoader (the user's workers and
-    prefetching), in order; the last batch kept, so every field of the same rows is read once."""
+    prefetching), in order; the last batch kept, so every field of the same rows is read once, and so are
+    the micro-batches of a step that ``[train] pipeline`` splits (the first reads the whole step's rows,
+    the others take theirs from it). Reads in this thread (no workers, or rows outside the schedule) run
+    under ``scope``: the party's own random stream, for the dataset's random transforms."""
 
-    def __init__(self, source: TorchSource, seed: int):
-        self.source, self.seed = source, seed
+    def __init__(self, source: TorchSource, seed: int, scope: Scope = nullcontext, pipeline: int = 1):
+        self.source, self.seed, self.scope, self.pipeline = source, seed, scope, pipeline
         self._rows: np.ndarray | None = None  # the kept batch's positions and fields
         self._at: dict[int, int] = {}
         self._batch: dict[str, torch.Tensor] = {}
         self._stream: Iterator[Any] | None = None
         self._seq: list[np.ndarray] = []
         self._next = 0  # the stream's next batch in _seq
+        self._firsts: tuple[list[np.ndarray] | None, dict[bytes, list[int]]] = (None, {})  # a seq's first
+        # micro-batches: where each comes in it
         self.reads: list[int] = []  # rows per read (what was asked of the dataset), for tests and reports
 
     def read(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Fields of ``rows`` (positions), as tensors in ``rows``' order."""
-        if self._rows is not None and all(int(r) in self._at for r in rows):
-            if np.array_equal(rows, self._rows):
-                return self._batch
-            pick = torch.as_tensor([self._at[int(r)] for r in rows], dtype=torch.long)
-            return {k: v[pick] for k, v in self._batch.items()}
-        batch = self._streamed(rows)
-        if batch is None:
-            batch = self.source.read(rows, self.seed)
-        self.reads.append(len(rows))
-        self._rows, self._batch = rows.copy(), batch
-        self._at = {int(r): i for i, r in enumerate(rows)}
-        return batch
+        kept = self._kept(rows)
+        if kept is not None:
+            return kept
+        planned = self._planned(rows)
+        if planned is None:  # not a training step's rows (evaluation, one row): the stream waits for the next
+            with self.scope():
+                whole, batch = rows, self.source.read(rows, self.seed)
+        else:
+            whole, batch = planned
+        self.reads.append(len(whole))
+        self._rows, self._batch = whole.copy(), batch
+        self._at = {int(r): i for i, r in enumerate(whole)}
+        kept = self._kept(rows)
+        assert kept is not None
+        return kept
 
-    def _streamed(self, rows: np.ndarray) -> dict[str, torch.Tensor] | None:
-        """``rows`` from the stream when they are a planned training batch (the stream (re)started there)."""
-        if self._stream is None or self._next >= len(self._seq) or not np.array_equal(self._seq[self._next], rows):
-            seq, where = self.source.planned()
-            found = where.get(np.ascontiguousarray(rows, dtype=np.int64).tobytes(), [])
-            at = next((k for k in found if k >= self._next), found[0] if found else None)  # the next one due
-            if at is None:  # not a training batch (evaluation, one row): the stream waits for the next
-                return None
-            self._seq, self._next = seq, at
+    def _kept(self, rows: np.ndarray) -> dict[str, torch.Tensor] | None:
+        """``rows`` from the kept batch, when it holds them all."""
+        if self._rows is None or not all(int(r) in self._at for r in rows):
+            return None
+        if np.array_equal(rows, self._rows):
+            return self._batch
+        pick = torch.as_tensor([self._at[int(r)] for r in rows], dtype=torch.long)
+        return {k: v[pick] for k, v in self._batch.items()}
+
+    def _due(self, rows: np.ndarray) -> int | None:
+        """Where ``rows`` come in the planned training steps: a step's rows, or its first micro-batch's."""
+        def first(b: np.ndarray) -> np.ndarray:  # as the engine splits a step (torch.tensor_split)
+            return np.array_split(b, self.pipeline)[0]
+
+        if self._stream is not None and self._next < len(self._seq):
+            b = self._seq[self._next]
+            if np.array_equal(b, rows) or (self.pipeline > 1 and np.array_equal(first(b), rows)):
+                return self._next
+        seq, where = self.source.planned()
+        found = where.get(np.ascontiguousarray(rows, dtype=np.int64).tobytes(), [])
+        if not found and self.pipeline > 1:
+            if self._firsts[0] is not seq:
+                firsts: dict[bytes, list[int]] = {}
+                for k, b in enumerate(seq):
+                    firsts.setdefault(first(b).tobytes(), []).append(k)
+                self._firsts = (seq, firsts)
+            found = self._firsts[1].get(np.ascontiguousarray(rows, dtype=np.int64).tobytes(), [])
+        at = next((k for k in found if k >= self._next), found[0] if found else None)  # the next one due
+        if at is not None and seq is not self._seq:
+            self._seq, self._stream = seq, None
+        return at
+
+    def _planned(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, torch.Tensor]] | None:
+        """The planned step's rows that ``rows`` begin, and its fields, from the stream (started there)."""
+        at = self._due(rows)
+        if at is None:
+            return None
+        in_thread = self.source.in_thread()
+        if self._stream is None or at != self._next:
+            self._next = at
             offset = self.source._settings(False)[2]
-            self._stream = iter(self.source.loader_over([(b - offset).tolist() for b in seq[at:]], False, self.seed))
-        batch = self.source.batch(rows, next(self._stream))
+            with self.scope() if in_thread else nullcontext():
+                self._stream = iter(self.source.loader_over([(b - offset).tolist() for b in self._seq[at:]], False,
+                                                            self.seed))
+        whole = self._seq[at]
+        with self.scope() if in_thread else nullcontext():
+            batch = self.source.batch(whole, next(self._stream))
         self._next += 1
         if self._next >= len(self._seq):
             self._stream = None  # the last planned batch: its workers end
-        return batch
+        return whole, batch
 
 
 class TorchField:
@@ -371,9 +447,12 @@ class TorchField:
         return value if c is None else value[:, c[0]:c[1]]
 
 
-def source_of(plan: Any) -> TorchSource | None:
-    """The plan's torch source: its ``[data]``'s, else a party's own (None when it reads none)."""
-    for spec in (plan.data, *(p.data for p in plan.parties.values())):
-        if spec is not None and spec.dataset == "torch":
-            return spec._source
-    return None
+def sources_of(plan: Any) -> list[tuple[TorchSource, list[str]]]:
+    """The torch sources the plan's parties read, each with the parties reading it (a party that holds
+    fields reads its own ``data``, else the plan's ``[data]``); none when it reads none."""
+    out: dict[int, tuple[TorchSource, list[str]]] = {}
+    for name, party in plan.parties.items():
+        spec = (party.data or plan.data) if party.holds else None
+        if spec is not None and spec.dataset == "torch" and spec._source is not None:
+            out.setdefault(id(spec._source), (spec._source, []))[1].append(name)
+    return list(out.values())

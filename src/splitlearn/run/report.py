@@ -134,9 +134,8 @@ class Metrics:
             before = {name: len(v) for name, v in h.items()}
             if a.train_n:
                 h["train_loss"].append(a.train_sum / a.train_n)
-            for name, value in evaluation_metrics(self.kinds[k], a.validation).items():  # as val_<name>
-                if name not in ("ci95", "curves"):
-                    h.setdefault(f"val_{name[len('test_'):]}", []).append(value)
+            for name, value in evaluation_metrics(self.kinds[k], a.validation, intervals=False).items():  # val_<name>
+                h.setdefault(f"val_{name[len('test_'):]}", []).append(value)
             found = evaluation_metrics(self.kinds[k], a.scores)
             if found:
                 self.scores[k] = a.scores

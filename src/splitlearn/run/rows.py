@@ -13,10 +13,11 @@ import torch
 
 from ..core import losses
 from ..core.plan import Plan, plan_dir
+from ..core.randomness import PartyRandom, party_seed
 from ..core.specs import DataSpec, PlanError
 from ..data import DataError, Table, load_table, train_test_split_ids
 from ..data.split import batches, validation_count, validation_split_ids
-from ..data.torchdata import TorchColumn, TorchReader, TorchSource, source_of
+from ..data.torchdata import TorchColumn, TorchReader, TorchSource, sources_of
 
 __all__ = ["Splits", "party_table", "party_inputs", "splits_for", "counted_splits", "ids_digest", "data_spec",
            "with_file", "party_file", "holds_data", "target_kinds", "scaled_targets", "read_table", "data_entry",
@@ -212,10 +213,15 @@ def _as_target(arr: np.ndarray, kind: str, loss: str, where: str) -> np.ndarray:
 def party_inputs(plan: Plan, party: str, table: Table, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     """The party's input nodes (``party.field``) as tensors over the table's rows; loss targets in the
     dtype their loss kind gives them (:func:`target_kinds`). A torch dataset's fields are
-    :class:`~splitlearn.data.torchdata.TorchField` objects read per step; its loss targets are tensors."""
+    :class:`~splitlearn.data.torchdata.TorchField` objects read per step; its loss targets are tensors.
+
+    A torch dataset's reads in the party's thread (no workers) draw its random transforms from a stream of
+    the party's own, seeded by the plan seed and its name (apart from its random layers' stream), so they
+    are reproducible and leave the caller's generator alone."""
     out: dict = {}
     targets = target_kinds(plan, party)
     reader = None  # a torch dataset's rows: one reader per party, its fields streamed (data.torchdata)
+    stream: PartyRandom | None = None
     for local, ref in plan.parties[party].holds.items():
         if f"{party}.{local}" in skip:
             continue
@@ -223,11 +229,13 @@ def party_inputs(plan: Plan, party: str, table: Table, skip: set[str] = frozense
             arr = table.select(ref.field, ref.columns)
             if isinstance(arr, TorchColumn):
                 _check_loader(plan, arr.source)
+                stream = stream or PartyRandom(party_seed(plan.train.seed, f"{party}/data"))
                 if ref.field not in targets:
-                    reader = reader or TorchReader(arr.source, plan.train.seed)
+                    reader = reader or TorchReader(arr.source, plan.train.seed, stream.scope, plan.train.pipeline)
                     out[f"{party}.{local}"] = arr.view(reader)
                     continue
-                arr = arr.values(plan.train.seed, plan.train.batch_size)  # a loss's targets, up front (classes, checks)
+                # a loss's targets, up front (classes, checks)
+                arr = arr.values(plan.train.seed, plan.train.batch_size, stream.scope)
         except DataError as e:
             raise PlanError(str(e), entry=f"parties.{party}.holds.{local}",
                             hint="name a field of the dataset and a column range inside it") from None
@@ -240,11 +248,13 @@ def party_inputs(plan: Plan, party: str, table: Table, skip: set[str] = frozense
     return out
 
 
-def splits_for(plan: Plan, table: Table) -> Splits:
+def splits_for(plan: Plan, table: Table, validation: bool = True) -> Splits:
+    """The training, test and (with ``[data] validation_fraction``, unless ``validation`` is False: rows to predict)
+    validation rows of ``table``, by id, alike at every party."""
     ids = np.sort(table.ids)
     is_test = table.align(ids).fields.get("is_test") if "is_test" in table.fields else None
     train_ids, test_ids = train_test_split_ids(ids, plan.data.test_fraction, plan.train.seed, is_test)
-    fraction = plan.data.validation_fraction
+    fraction = plan.data.validation_fraction if validation else None
     if fraction is None:
         return Splits(ids, np.searchsorted(ids, train_ids), np.searchsorted(ids, test_ids))
     try:
@@ -281,10 +291,29 @@ def ids_digest(ids: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+def _torch_sources(plan: Plan) -> list[TorchSource]:
+    """The torch sources the parties read: one, or several Datasets batched alike by the plan seed. Parties
+    reading different sources where one is a DataLoader are refused: its sampler's draws are every party's
+    steps, which the other source's rows would not follow."""
+    found = sources_of(plan)
+    if len(found) > 1 and any(s.loader is not None for s, _ in found):
+        named = " and ".join(f"{', '.join(map(repr, parties))} ({'a DataLoader' if s.loader else 'a Dataset'})"
+                             for s, parties in found)
+        entries = [f"parties.{parties[0]}.data" if plan.parties[parties[0]].data is not None else "data"
+                   for _, parties in found]
+        raise PlanError(f"parties {named} each read torch data of their own, but a DataLoader's sampler draws the "
+                        "training steps of every party: the other parties' rows would not follow its draws",
+                        entry=entries[-1], hint="give one DataLoader (or one Dataset) that every party reads, or "
+                        "plain Datasets to each, batched alike by the plan seed")
+    return [s for s, _ in found]
+
+
 def _check_loader(plan: Plan, source: TorchSource) -> None:
-    """What the plan asks of a DataLoader, before anything runs: batches no larger than ``[train] batch_size``
-    (a custom batch_sampler's draws are checked as drawn, by :func:`train_batches`) and no validation rows
-    carved from the rows its sampler draws."""
+    """What the plan asks of a DataLoader, before anything runs: no other party reading torch data of its
+    own (:func:`_torch_sources`), batches no larger than ``[train] batch_size`` (a custom batch_sampler's
+    draws are checked as drawn, by :func:`train_batches`) and no validation rows carved from the rows its
+    sampler draws."""
+    _torch_sources(plan)
     if source.loader is None:
         return
     size, most = plan.train.batch_size, source.loader.batch_size
@@ -300,10 +329,12 @@ def _check_loader(plan: Plan, source: TorchSource) -> None:
 
 def train_batches(plan: Plan, train: np.ndarray, epoch: int) -> list[torch.Tensor]:
     """An epoch's training batches (positions) for :func:`splitlearn.run.setup.schedule`: a DataLoader's
-    batch sampler's draws (:mod:`splitlearn.data.torchdata`), else the plan seed's batches over ``train``."""
+    batch sampler's draws (:mod:`splitlearn.data.torchdata`), else the plan seed's batches over ``train``.
+    Every torch source is told them (its readers stream them)."""
     t = plan.train
-    source = source_of(plan)
-    if source is None or source.loader is None:
+    sources = _torch_sources(plan)
+    source = next((s for s in sources if s.loader is not None), None)
+    if source is None:
         out = [torch.from_numpy(train[b]) for b in batches(len(train), t.batch_size, t.seed, epoch)]
     else:
         if len(train) != source.n_train:
@@ -320,6 +351,6 @@ def train_batches(plan: Plan, train: np.ndarray, epoch: int) -> list[torch.Tenso
                             f"{t.batch_size}: no step may be larger", entry="train.batch_size",
                             hint=f"set batch_size = {big} (split(..., batch_size={big}))")
         out = [torch.from_numpy(train[b]) for b in drawn]
-    if source is not None:
-        source.expect(epoch, out)
+    for s in sources:
+        s.expect(epoch, out)
     return out

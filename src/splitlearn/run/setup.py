@@ -25,6 +25,7 @@ from ..core.optimizing import (WHOLE, PartyOptimizer, Update, no_decay_split, op
                                 optimizer_class, schedule_maker)
 from ..core.plan import Plan
 from ..core.specs import DataSpec, PlanError
+from ..core.stopping import unlinked, watched_loss
 from ..core.step import Mode
 from ..data import DataError, Table, batches
 from ..data.preprocess import Preprocess, TargetScale, fit_preprocess, fit_target_scale
@@ -170,6 +171,7 @@ class PartySetup:
     preprocess: Preprocess | None = None
     skip: frozenset = frozenset()  # input nodes left out (labels, for predict)
     fixed_preprocess: bool = False  # preprocessing given (predict), not fitted
+    predicting: bool = False  # rows to predict: every one scored, no validation rows carved out
     options: dict = field(default_factory=dict)  # the data source's options (preprocessing)
     client: str | None = None  # the client it is, for a per-client file
     alignment: dict | None = None  # private alignment: rows held before, and kept
@@ -200,7 +202,7 @@ class PartySetup:
     def derive(self, table: Table) -> None:
         """Splits, preprocessing (fitted on the training rows) and inputs from ``table``."""
         self.table = table
-        self.splits = splits_for(self.plan, table)
+        self.splits = splits_for(self.plan, table, validation=not self.predicting)
         if not self.fixed_preprocess:
             try:
                 self.preprocess = fit_preprocess(self.options, table, self.splits.train)
@@ -325,7 +327,7 @@ def setup_party(plan: Plan, name: str, cache: dict | None = None, data: DataSpec
     spec = data_spec(plan, name, client, data)
     setup = PartySetup(plan, graph, name, modules, make_optimizer(plan, name, modules) if optimizer else None, {},
                        None, preprocess=preprocess, fixed_preprocess=preprocess is not None,
-                       skip=frozenset(graph.label_inputs() if predict else ()),
+                       skip=frozenset(graph.label_inputs() if predict else ()), predicting=predict,
                        options=dict(spec.options) if spec is not None else {}, client=client,
                        scaled=scaled_targets(plan, name, spec, given=data is not None))
     if spec is not None:
@@ -385,6 +387,11 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
     inputs = {k: v for s in setups.values() for k, v in s.inputs.items()}
     graph = first.graph
     check_defense_data(graph, inputs)  # what each wire's defenses need of the data (binary labels, classes)
+    lost = unlinked(graph) if plan.data.validation_fraction is not None else []
+    if lost:
+        raise PlanError(f"no wire links {lost} to {graph.nodes[watched_loss(plan)].party!r}, whose validation figure "
+                        "decides the best epoch: they could never learn it", entry="data.validation_fraction",
+                        hint="link every party to the network whose loss is watched, or train the networks apart")
     sample = {k: v[:1] for k, v in inputs.items()}
     for k, x in sample.items():  # an augmented field holds images every step can take: said before any party starts
         party, fld = k.split(".", 1)
