@@ -383,7 +383,7 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
                                      "to keep only the ids every party holds")
     for s in setups.values():
         if s.table is None:  # only counts, as over a network (where they come in the hello): its step rows
-            s.splits = counted_splits(*first.splits.counts, plan.data.validation_fraction)  # schedule positions
+            s.splits = counted_splits(*first.splits.counts, None if first.predicting else plan.data.validation_fraction)
     inputs = {k: v for s in setups.values() for k, v in s.inputs.items()}
     graph = first.graph
     check_defense_data(graph, inputs)  # what each wire's defenses need of the data (binary labels, classes)
