@@ -4,10 +4,12 @@ private set intersection (the ``openmined-psi`` package), over the parties' own 
 The data holders, in plan order ``h1 ... hk``, form a chain: ``h2`` learns ``h1 ∩ h2`` as the
 client of a PSI with ``h1``, then serves that set to ``h3``, ... and ``hk`` learns the
 intersection of all, which it sends to the other holders. A PSI server sends only its elements
-hashed and blinded by its secret key; a client, its own blinded elements: no raw id leaves a
-party except those of the final intersection. With three or more holders, a holder in the middle
-of the chain also learns the intersection of its ids with those before it (the price of a
-pairwise protocol). Holders that are not neighbours talk through a neighbour both have (the
+hashed and blinded by its secret key, as a raw sorted set (exact: the library's Bloom filter, whatever
+false positive rate it is given, kept about one in 10,000 ids the server does not hold when it held a
+few hundred, its double hashing repeating the same few bits for some ids); a client, its own blinded
+elements: no raw id leaves a party except those of the final intersection. With three or more holders,
+a holder in the middle of the chain also learns the intersection of its ids with those before it (the
+price of a pairwise protocol). Holders that are not neighbours talk through a neighbour both have (the
 plan's server), which forwards messages it cannot read (blinded elements) and so sees their
 sizes and, when it forwards the final intersection, those ids: it is trusted to forward them
 faithfully (the semi-honest model of the PSI literature).
@@ -28,7 +30,6 @@ and the alignment stops with an error naming the peer (told to every neighbour b
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any, Callable, Iterable
 
@@ -42,17 +43,15 @@ from ..wire.messages import Kind, Message, parse_json, quote
 from ..wire.transport import TransportTimeout
 
 __all__ = ["align_psi", "Alignment", "check_arrangement", "psi_route", "PSI_EXTRA", "Budget", "MAX_ELEMENTS",
-           "peer_budgets", "CHUNK", "ELEMENT_BYTES", "FPR", "MAX_HASHES", "OTHER_BYTES", "PHASES", "TEXT_BYTES", "WIRE",
-           "holders_of", "message_bytes"]
+           "peer_budgets", "CHUNK", "ELEMENT_BYTES", "OTHER_BYTES", "PHASES", "TEXT_BYTES", "WIRE", "holders_of",
+           "message_bytes"]
 
 PSI_EXTRA = "pip install --no-deps openmined-psi  (its wheel pins an older protobuf; splitlearn's works with it)"
-FPR = 1e-9  # false positive rate of the server's set encoding: about one in 10^9 ids wrongly kept
 WIRE = "align"
 MAX_ELEMENTS = 1 << 20  # ids in one PSI request (or result), whatever a hello says
-ELEMENT_BYTES = 35  # a blinded id in a request or response: a 33-byte curve point and 2 bytes of framing
+ELEMENT_BYTES = 35  # a blinded id in a request, response or setup: a 33-byte curve point and 2 bytes of framing
 TEXT_BYTES = 512  # the JSON of an alignment message other than the result
 CHUNK = 4096  # ids per call into the PSI library (about 0.4 s): the deadline is checked between calls
-MAX_HASHES = 128  # hash functions of a server's Bloom filter (honest ones use about 30 + log2(ids))
 OTHER_BYTES = 1 << 20  # other session messages (a later hello) kept per peer during the alignment
 PHASES = ("request", "setup", "response", "result")
 
@@ -95,13 +94,10 @@ def _expected(holders: list[str]) -> set[tuple[str, str, str]]:
 def message_bytes(phase: str, n_from: int, n_to: int, text_bytes: int) -> int:
     """The most bytes (text and data) an honest ``phase`` message takes between holders of
     ``n_from`` and ``n_to`` ids."""
-    if phase == "request":
+    if phase in ("request", "setup"):  # the sender's ids, blinded (a setup: its raw set)
         return TEXT_BYTES + ELEMENT_BYTES * n_from + 16
     if phase == "response":
         return TEXT_BYTES + ELEMENT_BYTES * n_to + 16
-    if phase == "setup":  # a Bloom filter of n_from ids, false positives FPR over n_to queries
-        bits = n_from * math.log(max(1, n_to) / FPR) / math.log(2) ** 2
-        return TEXT_BYTES + math.ceil(bits / 8) + 64
     return text_bytes  # the result: ids in the text
 
 
@@ -325,10 +321,10 @@ class Alignment:
         except Exception as e:  # noqa: BLE001 - a malformed protocol message from the peer
             self.refuse(psi_route(self.graph, self.me, prev)[0], f"a setup or response that cannot be read ({e})")
         hop = psi_route(self.graph, self.me, prev)[0]
-        hashes = setup.bloom_filter.num_hash_functions if setup.HasField("bloom_filter") else 0
-        if not 1 <= hashes <= MAX_HASHES:
-            self.refuse(hop, f"a setup from {quote(prev)} that is not a Bloom filter of 1 to {MAX_HASHES} hash "
-                             f"functions ({hashes})")
+        kind, n, most = setup.WhichOneof("data_structure"), len(setup.raw.encrypted_elements), self.bound(prev)[0]
+        if kind != "raw" or n > most:  # (a Bloom filter would keep ids that prev does not hold)
+            self.refuse(hop, f"a setup from {quote(prev)} that is not a raw set of at most {most} blinded ids "
+                             f"({kind or 'none'}, {n} ids)")
         got = list(response.encrypted_elements)
         if len(got) != len(current):
             self.refuse(hop, f"a response from {quote(prev)} of {len(got)} ids to a request of {len(current)}")
@@ -373,7 +369,8 @@ class Alignment:
             raise
         except Exception as e:  # noqa: BLE001 - a malformed element
             self.refuse(hop, f"a request from {quote(nxt)} that cannot be answered ({e})")
-        setup = server.CreateSetupMessage(FPR, max(1, size), current, psi.DataStructure.BLOOM_FILTER)
+        # a raw set, sorted by the library: exact, unlike its Bloom filter (module docstring); fpr: unused by it
+        setup = server.CreateSetupMessage(0.5, max(1, size), current, psi.DataStructure.RAW)
         self.send(nxt, {"phase": "setup"}, setup.SerializeToString())
         self.send(nxt, {"phase": "response"}, response.SerializeToString())
 
