@@ -13,7 +13,7 @@ from splitlearn.api import split_plan
 from splitlearn.core.load import load_plan
 from splitlearn.core.specs import DataSpec
 from splitlearn.data import DataError, batches, train_test_split_ids
-from splitlearn.run.setup import prepare
+from splitlearn.run.setup import prepare, schedule
 
 ROWS, BATCH, EPOCHS, SEED = 120, 16, 2, 0
 
@@ -248,6 +248,23 @@ def test_a_pipelined_step_reads_its_rows_once_and_trains_as_one_batch():
     epoch = [BATCH] * (96 // BATCH) + [24]
     assert datasets[2].requests == datasets[1].requests == [1, 1] + epoch * EPOCHS
     _same(runs[1], runs[2], tol=1e-6)
+
+
+def test_a_reader_streams_its_own_partys_steps_whatever_a_party_without_data_schedules_after_it():
+    """A party holding no data schedules positions from counts alone (as over a network), which are not the
+    holder's rows of the dataset: whichever party's thread derives its schedule last, the holder's reader
+    streams its own steps, so a pipelined step's first micro-batch still reads the whole step, once."""
+    x, y = _rows()
+    data = Counting(x, y, targets=True)
+    plan, setups, _ = prepare(_pipelined(split_plan(_model(), 1, data=data, epochs=EPOCHS, batch_size=BATCH,
+                                                    lr=1e-2, seed=SEED), 2))
+    steps = {p: [s.rows for s in schedule(plan, setups[p].splits) if s.mode == "train"] for p in ("client", "server")}
+    first = steps["client"][0]
+    assert not torch.equal(first, steps["server"][0])  # (the server's schedule ran last)
+    before = len(data.requests)
+    got = torch.cat([setups["client"].inputs["client.x"][half] for half in torch.tensor_split(first, 2)])
+    assert data.requests[before:] == [BATCH]
+    assert torch.equal(got, x[first])
 
 
 class Redrawn(Counting):

@@ -6,9 +6,10 @@ are the dataset's indices; with test data, ids ``n..n+m-1`` are the test dataset
 ``is_test``). A party's table holds :class:`TorchColumn` objects, never the rows: each input node
 is a :class:`TorchField` that the engine indexes with a step's positions, and the party's
 :class:`TorchReader` reads those rows through a ``DataLoader`` over the dataset with the user's
-``collate_fn``, workers, ``pin_memory`` and prefetching, whose batches are the schedule's training
-batches in order (one batch kept, so the fields of the same rows, and a pipelined step's
-micro-batches, are read once: a step's first micro-batch reads the whole step's rows). Rows asked
+``collate_fn``, workers, ``pin_memory`` and prefetching, whose batches are the party's own training
+steps in order (derived from its own rows, never from another party's schedule; one batch kept, so the
+fields of the same rows, and a pipelined step's micro-batches, are read once: a step's first
+micro-batch reads the whole step's rows). Rows asked
 outside that order (evaluation, the handshake's one row) are read in this process with the same
 ``collate_fn``. Reads in this process (those, and every read without workers) draw from the
 party's own random stream (given by the reader's owner), never the caller's generator.
@@ -110,8 +111,6 @@ class TorchSource:
         self.n_test = 0 if self.test_dataset is None else len(self.test_dataset)  # type: ignore[arg-type]
         self._lock = threading.Lock()
         self._draws: list[list[np.ndarray]] = []  # per epoch: the batch sampler's draws
-        self._planned: dict[int, list[np.ndarray]] = {}  # per epoch: the training steps' positions
-        self._known: tuple[list[np.ndarray], dict[bytes, list[int]]] | None = None  # planned(), kept
         self._labels: dict[str, np.ndarray] = {}  # fields read up front: checked against every batch read
         self._targets: set[str] = set()  # of them, those taken from dataset.targets
         self._sample = self._quiet(np.zeros(1, dtype=np.int64))  # one row: the fields, their dtypes and shapes
@@ -262,23 +261,6 @@ class TorchSource:
                 self._draws.append(drawn)
             return self._draws[epoch]
 
-    def expect(self, epoch: int, rows: list[torch.Tensor]) -> None:
-        """The positions of ``epoch``'s training steps, in order (what the readers stream)."""
-        with self._lock:
-            self._planned[epoch] = [np.ascontiguousarray(r.numpy(), dtype=np.int64) for r in rows]
-            self._known = None
-
-    def planned(self) -> tuple[list[np.ndarray], dict[bytes, list[int]]]:
-        """Every known training step's positions, epoch after epoch, and where each batch comes in it."""
-        with self._lock:
-            if self._known is None:
-                seq = [r for e in sorted(self._planned) for r in self._planned[e]]
-                where: dict[bytes, list[int]] = {}
-                for k, r in enumerate(seq):
-                    where.setdefault(r.tobytes(), []).append(k)
-                self._known = (seq, where)
-            return self._known
-
 
 class TorchColumn:
     """A field of a :class:`TorchSource` at some of its positions, unread: what a party's table holds.
@@ -328,22 +310,28 @@ class TorchColumn:
 
 
 class TorchReader:
-    """A party's reader: the schedule's training batches through one DataLoader (the user's workers and
-    prefetching), in order; the last batch kept, so every field of the same rows is read once, and so are
-    the micro-batches of a step that ``[train] pipeline`` splits (the first reads the whole step's rows,
-    the others take theirs from it). Reads in this thread (no workers, or rows outside the schedule) run
-    under ``scope``: the party's own random stream, for the dataset's random transforms."""
+    """A party's reader: its training steps through one DataLoader (the user's workers and prefetching), in
+    order; the last batch kept, so every field of the same rows is read once, and so are the micro-batches of
+    a step that ``[train] pipeline`` splits (the first reads the whole step's rows, the others take theirs
+    from it). Reads in this thread (no workers, or rows outside the steps) run under ``scope``: the party's
+    own random stream, for the dataset's random transforms.
 
-    def __init__(self, source: TorchSource, seed: int, scope: Scope = nullcontext, pipeline: int = 1):
-        self.source, self.seed, self.scope, self.pipeline = source, seed, scope, pipeline
+    ``steps`` gives the party's training steps, epoch after epoch, as positions into the source (called
+    once, at the first read; none by default): its own, derived from its own rows, so what it streams never
+    depends on which party's thread ran first (a party holding no data schedules positions from counts
+    alone, which are not these rows)."""
+
+    def __init__(self, source: TorchSource, seed: int, scope: Scope = nullcontext, pipeline: int = 1,
+                 steps: Callable[[], list[np.ndarray]] = list):
+        self.source, self.seed, self.scope, self.pipeline, self.steps = source, seed, scope, pipeline, steps
         self._rows: np.ndarray | None = None  # the kept batch's positions and fields
         self._at: dict[int, int] = {}
         self._batch: dict[str, torch.Tensor] = {}
         self._stream: Iterator[Any] | None = None
-        self._seq: list[np.ndarray] = []
+        self._seq: list[np.ndarray] | None = None  # the training steps (steps(), once)
+        self._where: dict[bytes, list[int]] = {}  # where each step's rows come in _seq
+        self._firsts: dict[bytes, list[int]] = {}  # where each step's first micro-batch (pipeline > 1) comes
         self._next = 0  # the stream's next batch in _seq
-        self._firsts: tuple[list[np.ndarray] | None, dict[bytes, list[int]]] = (None, {})  # a seq's first
-        # micro-batches: where each comes in it
         self.reads: list[int] = []  # rows per read (what was asked of the dataset), for tests and reports
 
     def read(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
@@ -373,33 +361,36 @@ class TorchReader:
         pick = torch.as_tensor([self._at[int(r)] for r in rows], dtype=torch.long)
         return {k: v[pick] for k, v in self._batch.items()}
 
-    def _due(self, rows: np.ndarray) -> int | None:
-        """Where ``rows`` come in the planned training steps: a step's rows, or its first micro-batch's."""
-        def first(b: np.ndarray) -> np.ndarray:  # as the engine splits a step (torch.tensor_split)
-            return np.array_split(b, self.pipeline)[0]
+    def _first(self, step: np.ndarray) -> np.ndarray:
+        """A step's first micro-batch, as the engine splits it (torch.tensor_split)."""
+        return np.array_split(step, self.pipeline)[0]
 
-        if self._stream is not None and self._next < len(self._seq):
-            b = self._seq[self._next]
-            if np.array_equal(b, rows) or (self.pipeline > 1 and np.array_equal(first(b), rows)):
+    def _plan(self) -> list[np.ndarray]:
+        """The training steps, and where each step (and its first micro-batch) comes among them."""
+        if self._seq is None:
+            seq = [np.ascontiguousarray(b, dtype=np.int64) for b in self.steps()]
+            for k, b in enumerate(seq):
+                self._where.setdefault(b.tobytes(), []).append(k)
+                if self.pipeline > 1:
+                    self._firsts.setdefault(self._first(b).tobytes(), []).append(k)
+            self._seq = seq
+        return self._seq
+
+    def _due(self, rows: np.ndarray) -> int | None:
+        """Where ``rows`` come in the training steps: a step's rows, or its first micro-batch's."""
+        seq = self._plan()
+        if self._stream is not None and self._next < len(seq):
+            b = seq[self._next]
+            if np.array_equal(b, rows) or (self.pipeline > 1 and np.array_equal(self._first(b), rows)):
                 return self._next
-        seq, where = self.source.planned()
-        found = where.get(np.ascontiguousarray(rows, dtype=np.int64).tobytes(), [])
-        if not found and self.pipeline > 1:
-            if self._firsts[0] is not seq:
-                firsts: dict[bytes, list[int]] = {}
-                for k, b in enumerate(seq):
-                    firsts.setdefault(first(b).tobytes(), []).append(k)
-                self._firsts = (seq, firsts)
-            found = self._firsts[1].get(np.ascontiguousarray(rows, dtype=np.int64).tobytes(), [])
-        at = next((k for k in found if k >= self._next), found[0] if found else None)  # the next one due
-        if at is not None and seq is not self._seq:
-            self._seq, self._stream = seq, None
-        return at
+        key = np.ascontiguousarray(rows, dtype=np.int64).tobytes()
+        found = self._where.get(key) or self._firsts.get(key, [])
+        return next((k for k in found if k >= self._next), found[0] if found else None)  # the next one due
 
     def _planned(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, torch.Tensor]] | None:
-        """The planned step's rows that ``rows`` begin, and its fields, from the stream (started there)."""
+        """The training step's rows that ``rows`` begin, and its fields, from the stream (started there)."""
         at = self._due(rows)
-        if at is None:
+        if at is None or self._seq is None:
             return None
         in_thread = self.source.in_thread()
         if self._stream is None or at != self._next:

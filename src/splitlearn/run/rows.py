@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -231,7 +232,8 @@ def party_inputs(plan: Plan, party: str, table: Table, skip: set[str] = frozense
                 _check_loader(plan, arr.source)
                 stream = stream or PartyRandom(party_seed(plan.train.seed, f"{party}/data"))
                 if ref.field not in targets:
-                    reader = reader or TorchReader(arr.source, plan.train.seed, stream.scope, plan.train.pipeline)
+                    reader = reader or TorchReader(arr.source, plan.train.seed, stream.scope, plan.train.pipeline,
+                                                   _steps_of(plan, table, arr.index))
                     out[f"{party}.{local}"] = arr.view(reader)
                     continue
                 # a loss's targets, up front (classes, checks)
@@ -329,8 +331,7 @@ def _check_loader(plan: Plan, source: TorchSource) -> None:
 
 def train_batches(plan: Plan, train: np.ndarray, epoch: int) -> list[torch.Tensor]:
     """An epoch's training batches (positions) for :func:`splitlearn.run.setup.schedule`: a DataLoader's
-    batch sampler's draws (:mod:`splitlearn.data.torchdata`), else the plan seed's batches over ``train``.
-    Every torch source is told them (its readers stream them)."""
+    batch sampler's draws (:mod:`splitlearn.data.torchdata`), else the plan seed's batches over ``train``."""
     t = plan.train
     sources = _torch_sources(plan)
     source = next((s for s in sources if s.loader is not None), None)
@@ -351,6 +352,20 @@ def train_batches(plan: Plan, train: np.ndarray, epoch: int) -> list[torch.Tenso
                             f"{t.batch_size}: no step may be larger", entry="train.batch_size",
                             hint=f"set batch_size = {big} (split(..., batch_size={big}))")
         out = [torch.from_numpy(train[b]) for b in drawn]
-    for s in sources:
-        s.expect(epoch, out)
     return out
+
+
+def _steps_of(plan: Plan, table: Table, index: np.ndarray) -> Callable[[], list[np.ndarray]]:
+    """The training steps a party's torch reader streams: its schedule's (:func:`train_batches` over the
+    training rows of ``table``, its own rows, every epoch), as positions into the source (``index``: each
+    table row's). Derived by the reader's party itself: a party holding no data schedules positions from
+    counts alone, which are no rows of the source, so no other party's steps may stand for these."""
+    def steps() -> list[np.ndarray]:
+        try:
+            train = splits_for(plan, table).train
+            epochs = [train_batches(plan, train, e) for e in range(plan.train.epochs)]
+        except PlanError:  # rows the plan trains on in no split (a prediction's): none to stream; training's
+            return []  # own splits and steps raise the same error, in setup and the schedule
+        at = index[np.argsort(table.ids, kind="stable")]  # a position among the sorted ids -> the source's row
+        return [at[b.numpy()] for steps_ in epochs for b in steps_]
+    return steps
