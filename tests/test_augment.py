@@ -12,7 +12,8 @@ from splitlearn.core.augment import augment, crop, flip, jitter
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import plan_hash
 from splitlearn.core.randomness import PartyRandom, party_seed
-from splitlearn.core.specs import ColorJitterStep, FlipStep, PlanError, RandomCropStep
+from splitlearn.core.augspec import ColorJitterStep, FlipStep, RandomCropStep
+from splitlearn.core.specs import PlanError
 from splitlearn.launch.threads import run_local
 from splitlearn.run.setup import Step, prepare, schedule
 

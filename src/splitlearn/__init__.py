@@ -9,13 +9,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Plan", "PlanError", "load_plan", "build_graph", "split", "train", "predict", "Result", "cut", "Stage"]
+__all__ = ["Plan", "PlanError", "load_plan", "build_graph", "split", "train", "predict", "generate", "Result", "cut",
+           "Stage"]
 
 _HOME = {"Plan": ".core.plan", "PlanError": ".core.specs", "load_plan": ".core.load", "build_graph": ".core.graph",
-         "split": ".api", "train": ".api", "predict": ".api", "Result": ".api", "cut": ".api", "Stage": ".api"}
+         "split": ".api", "train": ".api", "predict": ".api", "generate": ".api", "Result": ".api", "cut": ".api",
+         "Stage": ".api"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import Result, Stage, cut, predict, split, train
+    from .api import Result, Stage, cut, generate, predict, split, train
     from .core.graph import build_graph
     from .core.load import load_plan
     from .core.plan import Plan

@@ -213,7 +213,11 @@ def with_cut_outputs(body: dict[str, Any], network: str = "model") -> Plan:
     from ..models import build_network
     from ..models.cut import CutError, cut_outputs
 
+    from ..models.build import is_hf_network
+
     plan = load_plan(body)
+    if is_hf_network(plan, network):  # its pieces return (hidden states, mask): declared where the plan is made
+        return plan
     mine = [s for s, seg in plan.segments.items() if seg.network == network]
     cuts = [plan.segments[s].cut for s in mine if plan.segments[s].cut is not None]
     if not cuts or any(plan.segments[s].layers is not None for s in mine):

@@ -14,6 +14,7 @@ from ..core.specs import PlanError
 from ..clients.results import model_holder
 from ..launch.threads import run_local
 from ..models import build_network
+from ..models.hf import HFPiece
 from ..launch.results import build_result, load_weights, save_party, save_result
 from ..run.report import PartyReport, Progress
 from ..run.setup import prepare
@@ -71,7 +72,7 @@ class Result(dict):
         if unexpected:  # the segments were not cut from this network: nothing would be loaded right
             raise ValueError(f"segments of {name!r} hold {sorted(unexpected)[:3]}, which the network has not")
         net.load_state_dict(state, strict=False)
-        return net
+        return net.hf if isinstance(net, HFPiece) else net  # a transformers model: the model itself, adapters in
 
     @property
     def model(self) -> nn.Module:

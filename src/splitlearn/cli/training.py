@@ -249,6 +249,26 @@ def predict(run_dir: Path = typer.Argument(..., help="the --out folder of a fini
         console.print(f"task [cyan]{task}[/]: {len(r['ids'])} predictions delivered to [bold]{r['party']}[/] ({path})")
 
 
+@app.command()
+def generate(run_dir: Path = typer.Argument(..., help="the --out folder of a run that trained a language model"),
+             prompt: str = typer.Option(..., help="the text to continue (tokenised as the run's data was)"),
+             max_new_tokens: int = typer.Option(20, min=1, help="tokens to decode"),
+             tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json or model folder (default: the "
+                                                      "run's data's)")) -> None:
+    """Decode greedily across the trained pieces (a key/value cache at each): tokens per second and bytes per
+    token over each cut."""
+    from ..api.generation import generate as do_generate
+
+    try:
+        out = do_generate(run_dir, prompt, max_new_tokens=max_new_tokens, tokenizer=tokenizer)
+    except PlanError as e:
+        _fail(str(e))
+    console.print(out["text"], highlight=False, markup=False)
+    crossed = ", ".join(f"{w}: {b:.0f} B" for w, b in out["bytes_per_token"].items())
+    err.print(f"{len(out['tokens'])} tokens, {out['tokens_per_second']:.1f} tokens/s; bytes per token over each cut: "
+              f"{escape(crossed)}", highlight=False)
+
+
 def _party_files(given: list[str]) -> dict[str, str] | str:
     """``--data NAME=FILE`` (repeatable) as {NAME: FILE}; one bare FILE as it is."""
     if len(given) == 1 and "=" not in given[0]:

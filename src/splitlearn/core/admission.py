@@ -117,6 +117,12 @@ def check_received_values(msg: Message, wire: Wire, st: StepState, t: torch.Tens
     if wire.carries != "label" or st.mode == "handshake" or not t.numel():
         return
     classes = classes.get(wire.src)
+    ignored = {loss_kind(graph.plan.losses[n.name].kind).ignore_index for n in graph.losses()
+               if n.party == party and n.inputs[1] == wire.src}
+    if classes is not None and len(ignored) == 1 and None not in ignored:  # a language model's -100: left out
+        t = t[t != ignored.pop()]
+        if not t.numel():
+            return
     if classes is not None:
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= classes:

@@ -8,7 +8,7 @@ once for the batch (no loop over rows), from the party's own random stream
 checkpoints): the same plan and seed augment the same rows the same way in every run, in threads or
 processes, and a resumed run goes on bit for bit.
 
-Steps (``kind`` and its arguments; :data:`~splitlearn.core.specs.AUGMENT_STEPS`):
+Steps (``kind`` and its arguments; :data:`~splitlearn.core.augspec.AUGMENT_STEPS`):
 
 - ``random_crop``: pad each side by ``padding`` (``padding_mode`` ``"constant"`` with ``fill``, ``"reflect"``
   or ``"replicate"``), then crop back to the image's size at an offset drawn per row: the image shifts by
@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
-from .specs import ColorJitterStep, FlipStep, PlanError, RandomCropStep
+from .augspec import ColorJitterStep, FlipStep, RandomCropStep
+from .specs import PlanError
 
 if TYPE_CHECKING:
     from .graph import Node

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..data.text import Ragged
 from ..wire.codec import dtype_name
 from .graph import Graph, Node
 from .losses import get as loss_kind
@@ -73,8 +74,13 @@ def _check_rows(node: Node, where: str, what: str, t: torch.Tensor, rows: int, e
                     hint="compute such a value after the cut, where it is used (or end the segment before it)")
 
 
-def check_labels(node: Node, labels: torch.Tensor | None, classes: int) -> None:
-    """A PlanError unless every label of a cross-entropy loss is a class of its head."""
+def check_labels(node: Node, labels: torch.Tensor | Ragged | None, classes: int, ignore: int | None = None) -> None:
+    """A PlanError unless every label of a cross-entropy loss is a class of its head (``ignore``: a value the loss
+    leaves out, accepted too: a language model's -100)."""
+    if isinstance(labels, Ragged):
+        labels = labels.values  # (padding holds ``ignore``)
+    if labels is not None and ignore is not None:
+        labels = labels[labels != ignore]
     if labels is None or not labels.numel() or labels.is_floating_point():
         return
     lo, hi = int(labels.min()), int(labels.max())
@@ -130,6 +136,6 @@ def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch
                 kind = loss_kind(graph.plan.losses[n].kind)
                 run_checked(graph, node, [out, target], lambda: kind.fn(out, target))
                 if kind.indexes_classes and labels:
-                    check_labels(node, labels.get(node.inputs[1]), out.shape[-1])
+                    check_labels(node, labels.get(node.inputs[1]), out.shape[-1], kind.ignore_index)
     return {w.name: (dtype_name(values[w.src].dtype), tuple(values[w.src].shape[1:])) for w in graph.wires
             if w.src in values}

@@ -260,7 +260,8 @@ class Party:
 
     def _check_local_labels(self, node: Node, classes: int) -> None:
         """Labels this party holds must be classes of the head (else the loss fails mid-run)."""
-        check_labels(node, self.data.get(node.inputs[1]), classes)
+        ignore = loss_kind(self.graph.plan.losses[node.name].kind).ignore_index  # (a language model's -100)
+        check_labels(node, self.data.get(node.inputs[1]), classes, ignore)
 
     def _graded(self, wire: Wire, t: torch.Tensor | None = None) -> bool:
         """Whether a gradient travels back on ``wire``: an activation of a floating dtype (the agreed one, else that

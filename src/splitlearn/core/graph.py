@@ -216,10 +216,12 @@ def _stages(g: Graph) -> list[Stage]:
                 n = parent[n]
             return n
 
+        read: set[str] = set()
         for n in local:
-            for d in g.nodes[n].inputs:
-                if d in parent:
-                    parent[find(n)] = find(d)
+            for d in g.nodes[n].inputs:  # data joins the stage of its first reader only: no gradient goes back to
+                if d in parent and not (g.nodes[d].kind == "input" and d in read):  # it, and two readers of it
+                    parent[find(n)] = find(d)  # may wait on each other through other parties (a U-shape's mask)
+                read.add(d)
         for w in g.wires:  # nodes that read one received tensor are one stage: its gradient is sent back once,
             if w.dst_party == party:  # the sum over all of them (two heads on one received activation)
                 for c in w.consumers[1:]:

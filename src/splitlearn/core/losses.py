@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.text import IGNORE_INDEX
 from .registry import Registry
 
 __all__ = ["LossKind", "LOSS_KINDS", "LOSSES", "LOSS_OPTIONS", "KindName", "register", "get", "check_options",
-           "decide", "is_classification", "correct", "first_column"]
+           "decide", "is_classification", "correct", "first_column", "causal_lm"]
 
 LOSS_OPTIONS = ("class_weights", "pos_weight", "label_smoothing")  # keys of [losses.NAME] a kind may take
 
@@ -47,6 +48,9 @@ class LossKind:
     entry of this kind may set, and ``configure(options)`` the loss function with them set (every
     other option is refused when the plan is loaded). ``metrics``: the extra metrics the plan entry
     asks (names of :data:`splitlearn.core.metrics.EXTRA_METRICS`; set by :func:`get` of a :class:`KindName`).
+    ``ignore_index``: a target value left out of the loss (the label checks accept it besides the classes);
+    ``tokens``: targets are token sequences ``[batch, tokens]`` scored per counted token, not per row
+    (:func:`splitlearn.core.metrics.token_scores`).
     """
 
     name: str
@@ -59,6 +63,8 @@ class LossKind:
     options: tuple[str, ...] = ()
     configure: Callable[[Mapping[str, Any]], Callable[[Tensor, Tensor], Tensor]] | None = None
     metrics: tuple[str, ...] = ()
+    ignore_index: int | None = None
+    tokens: bool = False
 
     @property
     def classification(self) -> bool:
@@ -200,3 +206,31 @@ register(LossKind("bce", _bce, decide=lambda out: (first_column(out) > 0).long()
                   correct=lambda out, t: int(((out.reshape(t.shape) > 0).long() == t.long()).sum()),
                   target_range=(0.0, 1.0), probabilities=_two_classes, options=("pos_weight",), configure=_bce_with))
 register(LossKind("mse", _mse, decide=first_column))
+
+
+def _shifted(out: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """The logits at positions 0..T-2 and the tokens they predict (1..T-1); a ValueError for other shapes."""
+    if out.dim() != 3 or target.dim() != 2 or out.shape[:2] != target.shape:
+        raise ValueError(f"causal_lm takes logits [batch, tokens, vocabulary] and targets [batch, tokens] of the "
+                         f"same tokens; got logits {list(out.shape)} and targets {list(target.shape)}")
+    return out[:, :-1], target[:, 1:]
+
+
+def causal_lm(out: Tensor, target: Tensor) -> Tensor:
+    """Next-token cross-entropy: the logits at position t score token t+1 of ``target`` (the shift is here), the
+    mean over the counted tokens (those not :data:`IGNORE_INDEX`), in float32 as Hugging Face's causal LM loss;
+    0 (with a zero gradient) for a batch with none."""
+    logits, labels = _shifted(out, target)
+    labels = labels.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _next_token_right(out: Tensor, target: Tensor) -> int:
+    logits, labels = _shifted(out, target)
+    return int(((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum())
+
+
+register(LossKind("causal_lm", causal_lm, decide=lambda out: out.argmax(-1), correct=_next_token_right,
+                  indexes_classes=True, ignore_index=IGNORE_INDEX, tokens=True))

@@ -28,13 +28,18 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 
+from ..data.text import IGNORE_INDEX
 from . import losses
 from .registry import Registry
 
 __all__ = ["METRICS", "REGRESSION_METRICS", "classification_metrics", "regression_metrics",
            "expected_calibration_error", "bootstrap_ci", "curves", "BOOTSTRAP_ROUNDS", "CURVE_POINTS",
-           "Scores", "evaluation_metrics", "Metric", "EXTRA_METRICS", "register_metric", "check_metrics"]
+           "Scores", "evaluation_metrics", "Metric", "EXTRA_METRICS", "register_metric", "check_metrics",
+           "token_scores"]
 
 METRICS = ("accuracy", "roc_auc", "f1", "sensitivity", "specificity", "ece")  # per epoch, as test_<name>
 REGRESSION_METRICS = ("mae", "rmse", "r2")  # per epoch, as test_<name>
@@ -372,6 +377,8 @@ def evaluation_metrics(kind: str, parts: Sequence[Scores], intervals: bool = Tru
     if not rows:
         return {}
     loss_kind = losses.get(kind)
+    if loss_kind.tokens:
+        return _token_metrics(parts, rows)
     out: dict[str, Any] = {"test_loss": _added([p.loss_sum for p in parts]) / rows, "test_rows": rows}
     if loss_kind.classification and all(p.right is not None for p in parts):
         out["test_accuracy"] = sum(p.right for p in parts) / rows
@@ -390,6 +397,32 @@ def evaluation_metrics(kind: str, parts: Sequence[Scores], intervals: bool = Tru
         out["ci95"] = {f"test_{n}": v for n, v in bootstrap_ci(outputs, targets, classification=classification).items()}
         out["curves"] = curves(outputs, targets, classification=classification)
     return out
+
+
+def token_scores(logits: Tensor, target: Tensor, rows: int, ignore_index: int | None = IGNORE_INDEX) -> Scores:
+    """An evaluation batch of a language-model head (a loss kind with ``tokens``) as :class:`Scores` per counted
+    token: the logits ``[rows, T, V]`` at position t score token t+1 of ``target`` ``[rows, T]``, a token counted
+    unless ``ignore_index`` (None: every token). ``outputs``: each counted token's negative log-likelihood
+    (float64); ``targets``: its id; ``loss_sum``: their sum; ``right``: the tokens predicted right (the logits'
+    argmax); ``rows``: the rows."""
+    logits, target = logits[:, :-1].float(), target[:, 1:]
+    keep = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+    picked, tokens = logits[keep], target[keep]
+    nll = F.cross_entropy(picked, tokens, reduction="none").double().numpy()
+    return Scores(nll, tokens.numpy(), float(nll.sum()), rows, int((picked.argmax(-1) == tokens).sum()))
+
+
+def _token_metrics(parts: Sequence[Scores], rows: int) -> dict[str, Any]:
+    """A language model's figures over every counted token of ``parts`` (:func:`token_scores`): the loss (the
+    token mean), ``perplexity`` (exp of it: over the whole split, token-weighted, not a mean of batches'), next-token
+    ``accuracy``, ``tokens`` and ``rows``; no interval nor curve (perplexity None past exp's range). No counted
+    token: the rows alone."""
+    tokens = sum(len(p.targets) for p in parts)
+    if not tokens:
+        return {"test_rows": rows, "test_tokens": 0}
+    loss = _added([p.loss_sum for p in parts]) / tokens
+    return {"test_loss": loss, "test_perplexity": math.exp(loss) if loss < 700 else None,
+            "test_accuracy": sum(p.right or 0 for p in parts) / tokens, "test_rows": rows, "test_tokens": tokens}
 
 
 

@@ -13,15 +13,16 @@ import importlib
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Any, Callable, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator,
                       model_serializer, model_validator)
 
+from .augspec import AugmentStep
+from .hfspec import HFSpec, LoraSpec
 from .optimizing import OptimizerSpec
 
-__all__ = ["PlanError", "Strict", "DataSpec", "FieldRef", "ResourcesSpec", "RandomCropStep", "FlipStep",
-           "ColorJitterStep", "AugmentStep", "AUGMENT_STEPS", "augment_kinds", "PartySpec", "NetworkSpec", "SegmentSpec",
+__all__ = ["PlanError", "Strict", "DataSpec", "FieldRef", "ResourcesSpec", "PartySpec", "NetworkSpec", "SegmentSpec",
            "OutputSpec", "LossSpec", "refused_factory_package", "describe", "importable_name"]
 
 
@@ -61,7 +62,7 @@ class DataSpec(Strict):
     """
 
     dataset: Literal["digits", "breast_cancer", "wine", "diabetes", "synthetic", "mnist", "csv", "parquet", "npz", "images",
-                     "arrays", "torch"] = "digits"
+                     "text", "arrays", "torch"] = "digits"
     path: str | None = None
     id_column: str | None = None
     label_column: str | None = None
@@ -133,82 +134,6 @@ class ResourcesSpec(Strict):
     num_gpus: float | None = Field(None, ge=0.0)
 
 
-class _AugmentStep(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class RandomCropStep(_AugmentStep):
-    """Pad by ``padding`` and crop back at a random offset per row: a shift of at most ``padding`` pixels."""
-
-    kind: Literal["random_crop"]
-    padding: int = Field(ge=1)
-    padding_mode: Literal["constant", "reflect", "replicate"] = "constant"
-    fill: float = 0.0  # the padding's value (constant only)
-
-    @model_validator(mode="after")
-    def _fill_is_constants(self) -> "RandomCropStep":
-        if "fill" in self.model_fields_set and self.padding_mode != "constant":
-            raise ValueError(f"random_crop fill is the value of constant padding; padding_mode = "
-                             f"\"{self.padding_mode}\" takes its values from the image: remove fill")
-        return self
-
-
-class FlipStep(_AugmentStep):
-    """Flip each row left-right (``hflip``) or upside down (``vflip``) with chance ``p``."""
-
-    kind: Literal["hflip", "vflip"]
-    p: float = Field(0.5, ge=0.0, le=1.0)
-
-
-class ColorJitterStep(_AugmentStep):
-    """Brightness, contrast and saturation factors drawn per row from ``[max(0, 1 - v), 1 + v]``."""
-
-    kind: Literal["color_jitter"]
-    brightness: float = Field(0.0, ge=0.0)
-    contrast: float = Field(0.0, ge=0.0)
-    saturation: float = Field(0.0, ge=0.0)
-    clamp: tuple[float, float] | None = None  # [low, high]: clipped after each adjustment (none: not clipped)
-
-    @model_validator(mode="after")
-    def _something(self) -> "ColorJitterStep":
-        if not (self.brightness or self.contrast or self.saturation):
-            raise ValueError("color_jitter changes nothing: give brightness, contrast or saturation above 0")
-        if self.clamp is not None and not self.clamp[0] < self.clamp[1]:
-            raise ValueError(f"color_jitter clamp must be [low, high] with low < high, got {list(self.clamp)}")
-        return self
-
-
-AUGMENT_STEPS: dict[str, type[_AugmentStep]] = {"random_crop": RandomCropStep, "hflip": FlipStep, "vflip": FlipStep,
-                                                "color_jitter": ColorJitterStep}
-
-
-def augment_kinds() -> str:
-    """The augmentation kinds and their arguments, for an error message."""
-    return "; ".join(f"{k} ({', '.join(f for f in cls.model_fields if f != 'kind')})"
-                     for k, cls in AUGMENT_STEPS.items())
-
-
-def _augment_step(v: Any) -> Any:
-    """A step's kind and argument names checked before its values, with a message listing what is accepted."""
-    if isinstance(v, _AugmentStep):
-        return v
-    if not isinstance(v, dict):
-        raise ValueError(f"an augmentation step is a table such as {{ kind = \"hflip\", p = 0.5 }}, got {v!r}; "
-                         f"kinds: {augment_kinds()}")
-    kind = v.get("kind")
-    if kind not in AUGMENT_STEPS:
-        raise ValueError(f"unknown augmentation kind {kind!r}; accepted: {augment_kinds()}")
-    fields = AUGMENT_STEPS[kind].model_fields
-    unknown = sorted(set(v) - set(fields))
-    if unknown:
-        raise ValueError(f"{kind} takes no {', '.join(map(repr, unknown))}; it takes "
-                         f"{', '.join(f for f in fields if f != 'kind')}")
-    return v
-
-
-# One step of a party's image augmentation (:mod:`splitlearn.core.augment`): a table with its kind and arguments.
-AugmentStep = Annotated[RandomCropStep | FlipStep | ColorJitterStep, Field(discriminator="kind"),
-                        BeforeValidator(_augment_step)]
 
 
 class PartySpec(Strict):
@@ -291,7 +216,12 @@ class NetworkSpec(Strict):
     factory: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     python: str | None = None  # a Python object given in place of a factory: what it is (the object is private)
+    hf: HFSpec | None = None  # a transformers model folder (core.hfspec); written into the plan only where given
     _object: Any = PrivateAttr(default=None)
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler: Callable[["NetworkSpec"], dict[str, Any]]) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if not (k == "hf" and v is None)}
 
     @model_validator(mode="wrap")
     @classmethod
@@ -316,8 +246,9 @@ class NetworkSpec(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "NetworkSpec":
-        if sum(x is not None for x in (self.zoo, self.factory, self.python)) != 1:
-            raise ValueError("give exactly one of 'zoo' (a model-zoo name) or 'factory' ('package.module:function')")
+        if sum(x is not None for x in (self.zoo, self.factory, self.python, self.hf)) != 1:
+            raise ValueError("give exactly one of 'zoo' (a model-zoo name), 'factory' ('package.module:function') or "
+                             "'hf' (a transformers model folder)")
         if self.factory is not None and not re.match(r"^[\w.]+:[\w]+$", self.factory):
             raise ValueError(f"factory must look like 'package.module:function', got {self.factory!r}")
         if self.factory is not None and self.factory.split(":")[0] == "__main__" and self._object is None:
@@ -407,6 +338,7 @@ class SegmentSpec(Strict):
     cut: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")  # ends after this submodule
     merge: Literal["concat", "sum", "module"] = "concat"
     outputs: list[OutputSpec] | None = Field(None, min_length=1)  # elements of a tuple or dict output
+    lora: LoraSpec | None = None  # LoRA adapters on a transformers network's layers, the base frozen (core.hfspec)
 
     @model_validator(mode="after")
     def _one_bound(self) -> "SegmentSpec":
@@ -426,7 +358,7 @@ class SegmentSpec(Strict):
     def _set_only(self, handler: Callable[["SegmentSpec"], dict[str, Any]]) -> dict[str, Any]:
         """``outputs`` is written only where given (a plan without it hashes as before it existed)."""
         data = handler(self)
-        return {k: v for k, v in data.items() if not (k == "outputs" and v is None)}
+        return {k: v for k, v in data.items() if not (k in ("outputs", "lora") and v is None)}
 
     @field_validator("inputs", mode="before")
     @classmethod

@@ -12,28 +12,31 @@ from .images import check_normalize, read_images
 from .partition import partition
 from .split import batches, train_test_split_ids
 from .table import DataError, Table
+from .text import TEXT_OPTIONS, read_text
 
 __all__ = ["Table", "DataError", "load_table", "infer_dataset", "batches", "train_test_split_ids", "partition",
            "DATASETS", "TARGET_OPTION"]
 
-DATASETS = ("digits", "breast_cancer", "wine", "diabetes", "synthetic", "mnist", "csv", "parquet", "npz", "images")
+DATASETS = ("digits", "breast_cancer", "wine", "diabetes", "synthetic", "mnist", "csv", "parquet", "npz", "images",
+            "text")
 TARGET_OPTION = "standardize_target"  # regression targets (data.preprocess): the datasets that can hold them
 _T = TARGET_OPTION
 _OPTIONS: dict[str, set[str]] = {"digits": set(), "breast_cancer": set(), "wine": set(), "diabetes": {_T},
                                  "synthetic": set(SYNTHETIC_OPTIONS), "mnist": {"limit"},
                                  "csv": {"standardize", "classes", _T}, "parquet": {"standardize", "classes", _T},
                                  "npz": {"standardize", "normalize", _T},
-                                 "images": {"size", "channels", "normalize", "classes", "image_column"}}
+                                 "images": {"size", "channels", "normalize", "classes", "image_column"},
+                                 "text": {*TEXT_OPTIONS, _T}}
 _SETTINGS = {"mnist": {"path"}, "csv": {"path", "id_column", "label_column"},  # besides options
              "parquet": {"path", "id_column", "label_column"}, "npz": {"path", "id_column"},
-             "images": {"path", "id_column", "label_column"}}
+             "images": {"path", "id_column", "label_column"}, "text": {"path", "id_column", "label_column"}}
 
 
 def load_table(dataset: str, *, path: str | None = None, id_column: str | None = None, label_column: str | None = None,
                options: dict[str, Any] | None = None, base_dir: Path | None = None, target: str = "class") -> Table:
-    """Load a dataset by name; a relative ``path`` (mnist, csv, parquet, npz, images) is resolved against
-    ``base_dir`` when given. ``standardize``, ``normalize`` and ``standardize_target`` are only checked
-    here: they are fitted on the training rows later (:mod:`splitlearn.data.preprocess`). ``target``:
+    """Load a dataset by name; a relative ``path`` (mnist, csv, parquet, npz, images, text: and its tokenizer) is
+    resolved against ``base_dir`` when given. ``standardize``, ``normalize`` and ``standardize_target`` are only
+    checked here: they are fitted on the training rows later (:mod:`splitlearn.data.preprocess`). ``target``:
     what a label column holds, ``"class"`` labels or ``"value"``s (a regression loss's targets, read as
     float32)."""
     if target not in TARGETS:
@@ -70,6 +73,8 @@ def load_table(dataset: str, *, path: str | None = None, id_column: str | None =
         return mnist(file, options.get("limit"))
     if dataset == "csv":
         return read_csv(file, id_column, label_column, classes, target)
+    if dataset == "text":  # notes tokenised (data.text)
+        return read_text(file, id_column, label_column, options, base_dir, classes, target)
     if dataset == "parquet":
         return read_parquet(file, id_column, label_column, classes, target)
     if target == "value" and dataset == "images":

@@ -176,6 +176,15 @@ def plan_record(plan: Plan) -> dict[str, Any]:
     for spec in specs:
         if spec.get("path") and not Path(spec["path"]).expanduser().is_absolute():
             spec["path"] = str(base / spec["path"])
+        tokenizer = spec.get("options", {}).get("tokenizer")
+        if isinstance(tokenizer, str) and not Path(tokenizer).expanduser().is_absolute():
+            spec["options"]["tokenizer"] = str(base / tokenizer)
+    for net in body["networks"].values():  # a transformers model folder
+        if net.get("hf") and not Path(net["hf"]["folder"]).expanduser().is_absolute():
+            net["hf"]["folder"] = str(base / net["hf"]["folder"])
+    for name, seg in body["segments"].items():  # a merge left to its default stays so (it depends on the inputs)
+        if "merge" not in plan.segments[name].model_fields_set:
+            del seg["merge"]
     return body
 
 

@@ -23,9 +23,10 @@ from torch import nn
 from ..core.plan import Plan, plan_dir
 from ..core.specs import PlanError, refused_factory_package
 from .cut import CutError, cut_module
+from .hf import HFError, HFPiece, add_lora, is_hf_model, load_piece, owned_modules, piece_of
 from .zoo import ZOO
 
-__all__ = ["build_network", "build_segment", "network_seed", "load_factory"]
+__all__ = ["build_network", "build_segment", "network_seed", "load_factory", "is_hf_network"]
 
 
 def network_seed(plan_seed: int, network: str) -> int:
@@ -109,8 +110,19 @@ def build_network(plan: Plan, name: str) -> nn.Module:
     """Instantiate network ``name`` of the plan with its deterministic seed.
 
     A network given as an ``nn.Module`` object is copied (the caller's object is left as it is);
-    a factory is called with the plan's ``args`` under the network's seed.
+    a factory is called with the plan's ``args`` under the network's seed. A transformers network is the whole
+    model (an :class:`~splitlearn.models.hf.HFPiece` of one piece) with the LoRA adapters of every segment cut
+    from it on the layers that segment runs.
     """
+    if is_hf_network(plan, name):
+        segments = _chain(plan, next(s for s, spec in plan.segments.items() if spec.network == name))
+        whole = _hf_piece(plan, name, [], 0, f"networks.{name}")
+        cuts = [plan.segments[s].cut for s in segments if plan.segments[s].cut is not None]
+        for k, s in enumerate(segments):
+            if plan.segments[s].lora is not None:
+                add_lora(whole, plan.segments[s].lora.model_dump(), network_seed(plan.train.seed, name),
+                         within=owned_modules(whole.hf, cuts, k) if cuts else None)
+        return whole
     fn, entry = _factory(plan, name)
     if isinstance(fn, nn.Module):
         return copy.deepcopy(fn)
@@ -208,9 +220,58 @@ def _piece(plan: Plan, segment: str, net: nn.Module) -> nn.Module:
     return piece
 
 
+def is_hf_network(plan: Plan, name: str) -> bool:
+    """Whether network ``name`` is a transformers model (a folder, or a model object given in Python)."""
+    spec = plan.networks[name]
+    return spec.hf is not None or is_hf_model(spec._object)
+
+
+def _hf_piece(plan: Plan, name: str, cuts: list[str], index: int, entry: str) -> HFPiece:
+    spec, seed = plan.networks[name], network_seed(plan.train.seed, name)
+    try:
+        if spec.hf is None:
+            return piece_of(spec._object, cuts, index, seed=seed)
+        folder = Path(spec.hf.folder).expanduser()
+        if not folder.is_absolute() and plan_dir(plan) is not None:
+            folder = plan_dir(plan) / folder
+        return load_piece(folder.resolve(), spec.hf.task, cuts, index, seed=seed, config=spec.hf.config)
+    except HFError as e:
+        raise PlanError(f"network {name!r}: {e}", entry=entry,
+                        hint="see 'Language models' in docs/plans.md") from None
+
+
+def _hf_segment(plan: Plan, segment: str) -> nn.Module:
+    """A segment of a transformers network: the piece of the model it runs, with its LoRA adapters."""
+    spec = plan.segments[segment]
+    mine = _chain(plan, segment)
+    if [s for s in mine if plan.segments[s].cut is None] not in ([], [mine[-1]]):
+        raise PlanError(f"segments {mine} of network {spec.network!r}: each but the last ends after a block named "
+                        "in its 'cut'", entry=f"segments.{segment}", hint='e.g. cut = "model.layers.1"')
+    if len(spec.inputs) > 1 and spec.merge != "module":
+        raise PlanError(f"segment {segment!r} runs a transformers model on {spec.inputs}, which it takes as its "
+                        f"arguments (token ids or hidden states, then the attention mask), not merged by "
+                        f"{spec.merge!r}", entry=f"segments.{segment}.merge", hint='write merge = "module"')
+    cuts = [plan.segments[s].cut for s in mine if plan.segments[s].cut is not None]
+    piece = _hf_piece(plan, spec.network, cuts, mine.index(segment), f"segments.{segment}.cut")
+    if spec.lora is not None:
+        try:
+            add_lora(piece, spec.lora.model_dump(), network_seed(plan.train.seed, spec.network))
+        except HFError as e:
+            raise PlanError(f"segment {segment!r}: {e}", entry=f"segments.{segment}.lora",
+                            hint="name the last part of linear layers this segment runs") from None
+    if getattr(piece, "tied_across", False) and any(p.requires_grad for p in piece.parameters()) and \
+            spec.lora is None:
+        raise PlanError(f"segment {segment!r} holds a copy of a weight tied to the embeddings another segment runs "
+                        "(tie_word_embeddings): the two copies would train apart", entry=f"segments.{segment}",
+                        hint="freeze the base with lora = {...}, or save the model untied (tie_word_embeddings=False)")
+    return piece
+
+
 def build_segment(plan: Plan, segment: str) -> nn.Module:
     """The module a segment runs: its network, a slice of it (nn.Sequential) or a piece cut by name."""
     spec = plan.segments[segment]
+    if is_hf_network(plan, spec.network):
+        return _hf_segment(plan, segment)
     net = build_network(plan, spec.network)
     if not _plain_sequential(net):
         return _piece(plan, segment, net)

@@ -3,7 +3,9 @@
 A :class:`Recorder` is attached to a party (``party.observer``) and keeps, per wire and
 direction, the tensors the party *received* during training together with the sample ids
 they belong to: the first ``max_rows`` rows of the run (early gradients leak labels most)
-and the last ``max_rows`` (the trained model's smashed data). Nothing else is kept.
+and the last ``max_rows`` (the trained model's smashed data). Nothing else is kept. Where a wire's shape
+varies from batch to batch (a sequence length), its rows are kept zero-padded to the longest recorded (its
+mask wire, padded alike, tells the padding apart).
 """
 
 from __future__ import annotations
@@ -14,6 +16,16 @@ import numpy as np
 import torch
 
 __all__ = ["Recorder"]
+
+
+def _padded_cat(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """The chunks' rows, one tensor: each dimension after the batch's zero-padded to its largest size."""
+    most = [max(c.shape[d] for c in chunks) for d in range(1, chunks[0].ndim)]
+    padded = []
+    for c in chunks:
+        pad = [x for d in reversed(range(1, c.ndim)) for x in (0, most[d - 1] - c.shape[d])]
+        padded.append(torch.nn.functional.pad(c, pad) if any(pad) else c)
+    return torch.cat(padded)
 
 
 class Recorder:
@@ -48,7 +60,7 @@ class Recorder:
         for part, store in (("first", self.first), ("last", self.last)):
             keep = slice(-self.max_rows, None) if part == "last" else slice(0, self.max_rows)
             for (wire, direction), chunks in store.items():
-                values = torch.cat([t for _, t in chunks])[keep]
+                values = _padded_cat([t for _, t in chunks])[keep]
                 ids = torch.cat([r for r, _ in chunks])[keep]
                 out[f"{wire}|{direction}|{part}|values"] = values.contiguous()
                 # a party without data (or with string ids) knows only positions in the sorted aligned ids

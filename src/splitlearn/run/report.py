@@ -9,7 +9,7 @@ from typing import Any
 
 from ..core import losses
 from ..core.engine import Party
-from ..core.metrics import Scores, evaluation_metrics
+from ..core.metrics import Scores, evaluation_metrics, token_scores
 from ..core.step import StepOutput
 from .setup import Step
 
@@ -119,6 +119,8 @@ class Metrics:
         standardised target's in its own units), and the rows decided right (classification)."""
         kind = losses.get(self.kinds[k])
         pred, true = out.predictions[k], out.targets[k]
+        if kind.tokens:  # a language model: scored per counted token, not per row
+            return token_scores(pred, true, rows, kind.ignore_index)
         right = kind.correct(pred, true) if kind.classification else None
         if kind.probabilities is not None:
             return Scores(kind.probabilities(pred.float()).numpy(), true.numpy(), loss_sum, rows, right)

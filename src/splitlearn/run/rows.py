@@ -18,6 +18,7 @@ from ..core.randomness import PartyRandom, party_seed
 from ..core.specs import DataSpec, PlanError
 from ..data import DataError, Table, load_table, train_test_split_ids
 from ..data.split import batches, validation_count, validation_split_ids
+from ..data.text import TEXT_FIELDS, Ragged, text_lengths
 from ..data.torchdata import TorchColumn, TorchReader, TorchSource, sources_of
 
 __all__ = ["Splits", "party_table", "party_inputs", "splits_for", "counted_splits", "ids_digest", "data_spec",
@@ -158,6 +159,8 @@ def with_file(spec: DataSpec, path: str | Path) -> DataSpec:
     from ..data import infer_dataset
 
     file = Path(path).expanduser().resolve()
+    if spec.dataset == "text" and file.suffix.lower() in (".csv", ".jsonl", ".ndjson"):
+        return spec.model_copy(update={"path": str(file)})  # notes: read with the same columns and tokenizer
     try:
         kind = infer_dataset(file)
     except DataError as e:
@@ -215,6 +218,9 @@ def party_inputs(plan: Plan, party: str, table: Table, skip: set[str] = frozense
     """The party's input nodes (``party.field``) as tensors over the table's rows; loss targets in the
     dtype their loss kind gives them (:func:`target_kinds`). A torch dataset's fields are
     :class:`~splitlearn.data.torchdata.TorchField` objects read per step; its loss targets are tensors.
+    Where the table holds an ``attention_mask`` (text: :mod:`splitlearn.data.text`), its fields ``input_ids``,
+    ``attention_mask`` and ``lm_labels`` are :class:`~splitlearn.data.text.Ragged` by the mask's lengths: a step's
+    rows come padded to their own longest note.
 
     A torch dataset's reads in the party's thread (no workers) draw its random transforms from a stream of
     the party's own, seeded by the plan seed and its name (apart from its random layers' stream), so they
@@ -223,6 +229,13 @@ def party_inputs(plan: Plan, party: str, table: Table, skip: set[str] = frozense
     targets = target_kinds(plan, party)
     reader = None  # a torch dataset's rows: one reader per party, its fields streamed (data.torchdata)
     stream: PartyRandom | None = None
+    lengths = None  # text: each row's tokens, by which its text fields trim
+    if any(ref.field in TEXT_FIELDS for ref in plan.parties[party].holds.values()):
+        try:
+            lengths = text_lengths(table)
+        except DataError as e:
+            raise PlanError(f"party {party!r}: {e}", entry=f"parties.{party}.holds",
+                            hint="give each row's attention_mask as 1 on its tokens then 0 (right padding)") from None
     for local, ref in plan.parties[party].holds.items():
         if f"{party}.{local}" in skip:
             continue
@@ -247,6 +260,12 @@ def party_inputs(plan: Plan, party: str, table: Table, skip: set[str] = frozense
             if kind == "class" and arr.dtype.kind == "f" and losses.get(plan.losses[loss].kind).indexes_classes:
                 arr = arr.astype(np.int64)
         out[f"{party}.{local}"] = torch.from_numpy(np.ascontiguousarray(arr))
+        if ref.field in TEXT_FIELDS and lengths is not None:
+            if ref.columns is not None:
+                raise PlanError(f"field {ref.field!r} of {party!r} holds tokens, whose batches are cut to their "
+                                "longest note: it takes no column range", entry=f"parties.{party}.holds.{local}",
+                                hint="remove columns (max_length bounds the tokens)")
+            out[f"{party}.{local}"] = Ragged(out[f"{party}.{local}"], torch.from_numpy(lengths))
     return out
 
 

@@ -1,0 +1,431 @@
+"""Cut a Hugging Face ``transformers`` model after named blocks, each party holding only its own layers.
+
+A transformer runs a prelude (embeddings), a list of blocks (``model.layers``, ``transformer.h``,
+``bert.encoder.layer``) and a postlude (final norm, language-model or classification head). A cut names a
+block (``"model.layers.2"``): piece 0 runs the prelude and the blocks up to that one, each later piece the
+blocks up to its own cut, the last piece the remaining blocks and the postlude.
+
+Each piece runs the model's **own forward**, eagerly (so key/value caches, masks and ``peft`` adapters work
+as the library wrote them), with what it does not own taken out:
+
+- the blocks of other pieces are not in its block list at all, and the prelude and postlude modules with
+  weights it does not own are stubs without weights (a prelude stub gives zeros of the hidden size: their
+  values are never used);
+- a piece after the first receives the hidden states and the padding mask; the mask enters the forward as
+  the model's ``attention_mask``, so the causal mask, the position ids and the rotary tables are
+  **recomputed on this side**, not sent; the received hidden states replace the first owned block's input;
+- a piece before the last stops after its last block and returns its hidden states (and the mask).
+
+Building a piece from a model folder (:func:`load_piece`) creates the model on the ``meta`` device, takes
+out what it does not own, then materialises and reads from the folder's safetensors only its own tensors:
+a party never holds the others' layers. :func:`piece_of` cuts a model object the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["HFError", "HFPiece", "is_hf_model", "hf_blocks", "piece_of", "load_piece", "add_lora", "merge_lora", "owned_modules",
+           "TASKS"]
+
+TASKS = {"causal_lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification",
+         "base": "AutoModel"}
+
+
+_ADAPTABLE = ("Linear", "Conv1D")  # layers LoRA adapters go on (torch's, and GPT-2's transposed one)
+
+
+class HFError(ValueError):
+    """A Hugging Face model that cannot be cut or loaded as asked, with the reason."""
+
+
+def is_hf_model(net: Any) -> bool:
+    """Whether ``net`` is a ``transformers`` model (checked without importing transformers)."""
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(net).__mro__)
+
+
+def hf_blocks(net: nn.Module, cuts: Sequence[str]) -> tuple[str, list[int], int]:
+    """The block list the cuts name (its path), the cut blocks' indices and how many blocks it has."""
+    if not cuts:
+        raise HFError("no cut given")
+    lists = {name for name, m in net.named_modules() if isinstance(m, nn.ModuleList)}
+    paths, indices = set(), []
+    for c in cuts:
+        parent, _, index = c.rpartition(".")
+        if parent not in lists or not index.isdigit():
+            found = sorted(lists)
+            raise HFError(f"{c!r} names no block of a block list; cut after a block, e.g. "
+                          f"{found[0] + '.1' if found else 'model.layers.1'} (block lists of this model: {found})")
+        paths.add(parent)
+        indices.append(int(index))
+    if len(paths) > 1:
+        raise HFError(f"the cuts {list(cuts)} name blocks of different lists {sorted(paths)}: cut one list")
+    path = paths.pop()
+    n = len(net.get_submodule(path))
+    if any(i >= n for i in indices):
+        raise HFError(f"{path} has {n} blocks (0..{n - 1}); the cuts {list(cuts)} name one past them")
+    if sorted(set(indices)) != indices:
+        raise HFError(f"the cuts {list(cuts)} must name blocks in increasing order, each once")
+    if indices[-1] == n - 1:
+        raise HFError(f"the last cut {cuts[-1]!r} leaves no block to the last piece: cut before {path}.{n - 1}")
+    return path, indices, n
+
+
+def _owned_blocks(indices: list[int], n: int, index: int) -> range:
+    bounds = [-1, *indices, n - 1]
+    return range(bounds[index] + 1, bounds[index + 1] + 1)
+
+
+def _heavy(m: nn.Module) -> bool:
+    """A module holding weights or saved buffers (what a party owns or not); the others run everywhere."""
+    return any(True for _ in m.parameters()) or any(
+        name not in sub._non_persistent_buffers_set
+        for _, sub in m.named_modules() for name, _ in sub.named_buffers(recurse=False))
+
+
+def _sides(net: nn.Module, path: str) -> tuple[list[str], list[str]]:
+    """The modules with weights outside the block list: those registered before it (the prelude) and after."""
+    before, after = [], []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        side = before
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if full == path:
+                side = after
+            elif path.startswith(full + "."):
+                walk(child, full + ".")
+                side = after
+            elif _heavy(child):
+                side.append(full)
+    walk(net, "")
+    return before, after
+
+
+class _Zeros(nn.Module):
+    """A prelude module another party runs: zeros of the hidden size, shaped like its first tensor argument."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        first = next(a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor))
+        lead = first.shape[:2] if not first.is_floating_point() else first.shape[:-1]
+        return torch.zeros(*lead, self.width, device=first.device)
+
+
+class _Elsewhere(nn.Module):
+    """A postlude module another party runs: never reached (the piece stops at its last block)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("a module of another party was called: the piece did not stop at its last block")
+
+
+class _Blocks(nn.Module):
+    """The owned blocks of a block list, under their own indices (``model.layers.3``), iterated in order."""
+
+    def __init__(self, blocks: dict[int, nn.Module]):
+        super().__init__()
+        for i, b in blocks.items():
+            self.add_module(str(i), b)
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, i: Any) -> Any:
+        mods = list(self._modules.values())
+        return mods[i]
+
+
+class _Reached(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+class HFPiece(nn.Module):
+    """Piece ``index`` of ``pieces`` of a Hugging Face model: ``forward(ids_or_hidden, attention_mask)``.
+
+    The first piece takes token ids ``[B, T]``, a later one hidden states ``[B, T, H]``; a piece before the last
+    returns ``(hidden [B, T, H], attention_mask [B, T])``, the last the model's logits. Its parameters and
+    ``state_dict`` keys are the model's own (``model.layers.3.mlp.up_proj.weight``); where some of them are
+    frozen (a base under LoRA adapters), ``state_dict`` holds only those that train.
+    """
+
+    def __init__(self, model: nn.Module, path: str | None, owned: range, index: int, pieces: int):
+        super().__init__()
+        object.__setattr__(self, "hf", model)  # not a submodule: its children are registered below, by their names
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        self.index, self.pieces, self.path, self.owned = index, pieces, path, owned
+        self._incoming: torch.Tensor | None = None
+        blocks = list(model.get_submodule(path)) if path is not None else []
+        if index > 0:
+            blocks[0].register_forward_pre_hook(self._take_incoming, with_kwargs=True)
+        if index < pieces - 1:
+            blocks[-1].register_forward_hook(self._stop)
+        self.register_state_dict_post_hook(_trained_only)
+        self.register_load_state_dict_post_hook(_frozen_not_missing)
+
+    def _take_incoming(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": self._incoming}
+        return (self._incoming, *args[1:]), kwargs
+
+    def _stop(self, module: nn.Module, args: tuple, output: Any) -> None:
+        raise _Reached(output[0] if isinstance(output, tuple) else output)
+
+    def train(self, mode: bool = True) -> "HFPiece":
+        super().train(mode)
+        self.hf.training = mode
+        return self
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.pieces - 1
+
+    def new_cache(self) -> Any:
+        """An empty key/value cache for this piece (``forward(..., cache=c, position_ids=p)``): its lengths are read
+        from the piece's first block, not block 0, which another party runs."""
+        from transformers import DynamicCache
+
+        first = self.owned.start if self.path is not None else 0
+
+        class PieceCache(DynamicCache):
+            def get_seq_length(self, layer_idx: int = 0) -> int:
+                return super().get_seq_length(layer_idx or first)
+
+            def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+                return super().get_mask_sizes(query_length, layer_idx or first)
+
+        return PieceCache(config=self.hf.config)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
+        if self.first:
+            ids = x
+        else:  # token ids stand-ins for the prelude (never embedded here): pad where the mask is 0, for pooling heads
+            pad = self.hf.config.pad_token_id
+            pad = 0 if pad is None else int(pad)
+            now = attention_mask[:, attention_mask.shape[1] - x.shape[1]:].bool()  # a cache's past: not in x
+            ids = torch.where(now, (pad + 1) % self.hf.config.vocab_size, pad)
+            self._incoming = x
+        try:  # a key/value cache (split generation) holds this piece's blocks only
+            out = self.hf(input_ids=ids, attention_mask=attention_mask, use_cache=kwargs.get("cache") is not None,
+                          **kwargs)
+        except _Reached as r:
+            return r.hidden, attention_mask
+        finally:
+            self._incoming = None
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _frozen(module: nn.Module) -> set[str]:
+    return {n for n, p in module.named_parameters() if not p.requires_grad}
+
+
+def _trained_only(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    for name in _frozen(module):
+        state.pop(prefix + name, None)
+
+
+def _frozen_not_missing(module: nn.Module, incompatible: Any) -> None:
+    """A frozen weight is not saved (it is read from the model folder): its absence is no missing key."""
+    frozen = _frozen(module)
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                    if k not in frozen and not any(k.endswith("." + f) for f in frozen)]
+
+
+def _cut(model: nn.Module, cuts: Sequence[str], index: int) -> tuple[nn.Module, str | None, range]:
+    """``model`` with what piece ``index`` does not own taken out (in place); no cuts: the whole model."""
+    if not cuts:
+        return model, None, range(0)
+    path, indices, n = hf_blocks(model, cuts)
+    if not 0 <= index <= len(cuts):
+        raise HFError(f"{len(cuts)} cuts make {len(cuts) + 1} pieces: no piece {index}")
+    owned = _owned_blocks(indices, n, index)
+    before, after = _sides(model, path)
+    width = int(model.config.hidden_size)
+    blocks = model.get_submodule(path)
+    _set(model, path, _Blocks({i: blocks[i] for i in owned}))
+    if index > 0:
+        for name in before:
+            _set(model, name, _Zeros(width))
+    if index < len(cuts):
+        for name in after:
+            _set(model, name, _Elsewhere())
+    return model, path, owned
+
+
+def _lora_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def add_lora(piece: nn.Module, lora: dict[str, Any], seed: int, within: Sequence[str] | None = None) -> nn.Module:
+    """``peft`` LoRA adapters on the piece's ``target_modules`` (``r``, ``alpha``, ``dropout``), the base frozen
+    but for the modules named in ``train`` (``["score"]``: trained whole) and weights the model folder lacks (a new
+    classification head, initialised from the seed).
+    Each adapter's A is drawn from a stream of its own (the seed and its name), B is zero: the adapters of a
+    layer are the same whichever party builds it, so a split run starts where an unsplit one does. ``within``:
+    only layers under these module names (a whole model given a piece's adapters)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=float(lora.get("alpha", 2 * int(lora.get("r", 8)))),
+                        target_modules=list(lora["target_modules"]), lora_dropout=float(lora.get("dropout", 0.0)),
+                        bias="none")
+    hf = piece.hf if isinstance(piece, HFPiece) else piece
+    layers = {n: m for n, m in hf.named_modules() if type(m).__name__ in _ADAPTABLE}
+    targets = [n for n in layers if n.rpartition(".")[2] in config.target_modules
+               and (within is None or any(n == w or n.startswith(w + ".") for w in within))]
+    if not targets:
+        raise HFError(f"none of its layers is named {sorted(config.target_modules)} (its linear layers end in "
+                      f"{sorted({n.rpartition('.')[2] for n in layers})})")
+    config.target_modules = targets
+    config.fan_in_fan_out = any(type(layers[n]).__name__ == "Conv1D" for n in targets)  # GPT-2's (in, out) layers
+    with warnings.catch_warnings():  # a whole model given each segment's adapters in turn: one adapter, "default"
+        warnings.filterwarnings("ignore", message=".*peft_config.*")
+        inject_adapter_in_model(config, hf)
+    also = set(lora.get("train") or ()) | set(getattr(piece, "fresh", ()))  # whole modules, new weights: trained
+    for name, p in hf.named_parameters():
+        p.requires_grad_("lora_" in name or name in also or any(part in also for part in name.split(".")[:-1]))
+    for name, m in hf.named_modules():
+        if name.endswith("lora_A.default"):
+            g = torch.Generator().manual_seed(_lora_seed(seed, name))
+            bound = 1 / math.sqrt(m.weight.shape[1])  # kaiming_uniform(a=sqrt(5)) as nn.Linear draws
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 * bound - bound)
+    if isinstance(piece, HFPiece):  # children may have been replaced by adapter wrappers: register them again
+        for name, child in hf.named_children():
+            piece.add_module(name, child)
+    return piece
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """``model`` with its LoRA adapters merged into the base weights and removed (plain layers again)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoraLayer):
+            m.merge()
+            _set(model, name, m.get_base_layer())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def piece_of(model: nn.Module, cuts: Sequence[str], index: int, state: dict[str, torch.Tensor] | None = None,
+             seed: int = 0) -> HFPiece:
+    """Piece ``index`` of ``model`` (a transformers model object) cut after ``cuts``: built from its config on the
+    ``meta`` device, only the piece's own tensors materialised, copied from ``state`` (the model's own
+    ``state_dict`` unless given). A tensor the state lacks keeps its initialisation under ``seed``."""
+    source = model.state_dict() if state is None else state
+    piece = _build(type(model), model.config, cuts, index, lambda keys: {k: source[k] for k in keys if k in source},
+                   seed)
+    return piece.train(model.training)
+
+
+def _build(cls: Any, config: Any, cuts: Sequence[str], index: int, read: Any, seed: int) -> HFPiece:
+    with torch.device("meta"):
+        model = cls._from_config(config)
+    model, path, owned = _cut(model, cuts, index)
+    model.to_empty(device="cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.initialize_weights()
+    own = model.state_dict()
+    found = read(list(own))
+    tied = {k: src for k, src in (getattr(model, "all_tied_weights_keys", None) or {}).items()
+            if k in own and k not in found}  # a tied copy the file leaves out: read from its source
+    found.update({k: v for src, v in read(list(set(tied.values()))).items() for k in tied if tied[k] == src})
+    with torch.no_grad():
+        for k, v in found.items():
+            if own[k].shape != v.shape:
+                raise HFError(f"{k} has shape {list(v.shape)} in the model's weights, {list(own[k].shape)} in its config")
+            own[k].copy_(v)
+    piece = HFPiece(model, path, owned, index, len(cuts) + 1)
+    piece.tied_across = bool(tied) and path is not None  # a weight tied to one another party holds a copy of
+    piece.fresh = sorted(n for n, _ in model.named_parameters() if n not in found)  # a new head: initialised here
+    return piece
+
+
+def _weights_reader(folder: Path) -> Any:
+    """A function from tensor names to those tensors read from the folder's safetensors (only those asked)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            where = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise HFError(f"{index} is not a safetensors index ({e})") from None
+    elif (folder / "model.safetensors").is_file():
+        where = None
+    else:
+        raise HFError(f"{folder} holds no model.safetensors (nor an index of shards): save the model with "
+                      "save_pretrained (safetensors; pickled .bin weights are never read)")
+
+    def read(keys: list[str]) -> dict[str, torch.Tensor]:
+        files: dict[Path, list[str]] = {}
+        for k in keys:
+            f = folder / "model.safetensors" if where is None else where.get(k)
+            if f is not None:
+                files.setdefault(f, []).append(k)
+        out = {}
+        for f, ks in files.items():
+            with safe_open(str(f), framework="pt") as h:
+                names = set(h.keys())
+                out.update({k: h.get_tensor(k) for k in ks if k in names})
+        return out
+    return read
+
+
+def load_piece(folder: str | Path, task: str, cuts: Sequence[str], index: int, *, seed: int = 0,
+               config: dict[str, Any] | None = None) -> HFPiece:
+    """Piece ``index`` of the model saved in ``folder`` (``save_pretrained``: ``config.json`` and safetensors),
+    for ``task`` (:data:`TASKS`), cut after ``cuts``; only its own tensors are read. ``config`` overrides entries
+    of the saved configuration (``num_labels`` of a classification head, which the folder then lacks and which
+    is initialised under ``seed``)."""
+    import transformers
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise HFError(f"{folder} is not a model folder: it has no config.json (save the model with save_pretrained)")
+    if task not in TASKS:
+        raise HFError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, **(config or {}))
+        cls = getattr(transformers, TASKS[task])._model_mapping[type(cfg)]
+    except (OSError, ValueError, KeyError) as e:
+        raise HFError(f"cannot read the configuration in {folder} for task {task!r}: {type(e).__name__}: {e}") from None
+    cfg.use_cache = False
+    return _build(cls, cfg, cuts, index, _weights_reader(folder), seed).eval()  # as from_pretrained gives it
+
+
+def owned_modules(model: nn.Module, cuts: Sequence[str], index: int) -> list[str]:
+    """The names of the modules with weights that piece ``index`` of ``model`` cut after ``cuts`` runs."""
+    if not cuts:
+        return [""]
+    path, indices, n = hf_blocks(model, cuts)
+    before, after = _sides(model, path)
+    return ([*before] if index == 0 else []) + [f"{path}.{i}" for i in _owned_blocks(indices, n, index)] \
+        + ([*after] if index == len(cuts) else [])

@@ -1,0 +1,99 @@
+"""The clinical notes example (examples/notes/make_notes.py) writes its corpus, tokenizer and base model."""
+
+import csv
+import importlib.util
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from transformers import LlamaForCausalLM
+
+from .conftest import EXAMPLES
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_notes", EXAMPLES / "notes" / "make_notes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+notes = _script()
+
+
+def _rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    out = tmp_path_factory.mktemp("notes")
+    return out, notes.main(["--small", "--out", str(out)])
+
+
+def test_the_script_writes_the_corpus_and_the_model_folder(made):
+    out, summary = made
+    assert sorted(p.name for p in (out / "model").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    rows, aux = _rows(out / "notes.csv"), _rows(out / "notes_aux.csv")
+    assert list(rows[0]) == ["id", "text", "diagnosis", "prompt"] == list(aux[0])
+    assert (len(rows), len(aux)) == (300, 150)
+    assert [r["id"] for r in rows[:2]] == ["note-00000", "note-00001"] and aux[0]["id"] == "aux-00000"
+    for table in (rows, aux):
+        counts = [sum(r["diagnosis"] == y for r in table) for y in ("pneumonia", "heart_failure", "diabetes", "copd")]
+        assert sum(counts) == len(table) and max(counts) - min(counts) <= 1, counts
+        assert all(r["prompt"] == f"write the clinical note of a patient with {r['diagnosis'].replace('_', ' ')}."
+                   for r in table)
+        assert all(1 <= r["text"].count(".") <= 4 for r in table)
+    texts = [r["text"] for r in rows]
+    assert len(set(texts)) == 300 and not set(texts) & {r["text"] for r in aux}  # unique notes, a disjoint aux set
+    assert summary["rows"] == {"pneumonia": 75, "heart_failure": 75, "diabetes": 75, "copd": 75}
+    assert rows == notes.make_corpus(300, 150, 0)[0]  # the file is the seeded corpus
+
+
+def test_the_corpus_is_the_same_for_the_same_seed():
+    first = notes.make_corpus(60, 30, 7)
+    assert notes.make_corpus(60, 30, 7) == first
+    assert notes.make_corpus(60, 30, 8)[0] != first[0]
+
+
+def test_the_tokenizer_gives_a_note_back(made):
+    out, summary = made
+    tok = Tokenizer.from_file(str(out / "model" / "tokenizer.json"))
+    assert [tok.token_to_id(t) for t in ("<pad>", "<unk>", "<s>", "</s>")] == [0, 1, 2, 3]
+    assert tok.get_vocab_size() == summary["vocab"]
+    for r in _rows(out / "notes.csv"):
+        enc = tok.encode(r["text"])
+        assert (enc.ids[0], enc.ids[-1]) == (2, 3) and 1 not in enc.ids
+        assert tok.decode(enc.ids) == r["text"]
+    pair = tok.encode("write the clinical note of a patient with copd.", "examination shows a barrel shaped chest.")
+    assert pair.type_ids == [0] * 11 + [1] * 8  # <s> and the prompt's 10 tokens, then the note's 7 and </s>
+    padded = tok.encode_batch(["no rash.", "examination shows no rash."])
+    assert padded[0].ids[-2:] == [0, 0] and padded[0].attention_mask == [1] * 5 + [0] * 2
+
+
+def test_the_saved_base_model_loads_and_has_learnt_the_notes(made):
+    out, summary = made
+    model = LlamaForCausalLM.from_pretrained(out / "model")
+    c = model.config
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+            c.max_position_embeddings, c.tie_word_embeddings) == (32, 64, 4, 4, 2, 256, False)
+    assert (c.vocab_size, c.pad_token_id, c.bos_token_id, c.eos_token_id) == (summary["vocab"], 0, 2, 3)
+    tok = Tokenizer.from_file(str(out / "model" / "tokenizer.json"))
+    held = notes.batch(tok, [r["text"] for r in _rows(out / "notes_aux.csv")])  # one batch: a mean over its tokens
+    torch.manual_seed(0)
+    fresh = LlamaForCausalLM(c)
+    with torch.no_grad():
+        after, before = (float(m.eval()(**held).loss) for m in (model, fresh))
+    assert after == pytest.approx(summary["loss_after"], abs=1e-4)
+    assert before == pytest.approx(summary["loss_before"], abs=1e-4)
+    assert abs(before - math.log(c.vocab_size)) < 0.3  # a random model guesses about uniformly
+    assert after < 0.6 * before, (before, after)  # 40 steps of the base training at least: 5.7 -> 2.7 here
+
+
+def test_the_script_refuses_too_few_rows(capsys):
+    with pytest.raises(SystemExit):
+        notes.main(["--rows", "5"])
+    assert "--rows must be at least 16" in capsys.readouterr().err
