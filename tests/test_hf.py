@@ -117,6 +117,9 @@ def test_cuts_that_cannot_be_made_are_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(HFError, match="no model.safetensors.*never read"):
         load_piece(tmp_path, "causal_lm", ["model.layers.1"], 0)
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(HFError, match="model.safetensors: not a readable safetensors file"):
+        load_piece(tmp_path, "causal_lm", ["model.layers.1"], 0)
 
 
 def u_plan(folder, *, lora=True, cuts=("model.layers.0", "model.layers.2"), task="classification", rows=48,

@@ -1,6 +1,7 @@
 """The clinical notes example (examples/notes/make_notes.py) writes its corpus, tokenizer and base model."""
 
 import csv
+import json
 import importlib.util
 import math
 
@@ -97,3 +98,65 @@ def test_the_script_refuses_too_few_rows(capsys):
     with pytest.raises(SystemExit):
         notes.main(["--rows", "5"])
     assert "--rows must be at least 16" in capsys.readouterr().err
+
+
+# -- the example's plans, at the reduced size: U-shaped LoRA fine-tuning, over party processes, resumed -------------
+
+def _plan(made, name, **train):
+    """The example plan ``name`` (classify, lm) next to the small corpus and model, with ``train`` entries."""
+    import shutil
+    import tomllib
+
+    from splitlearn.core.load import load_plan
+
+    out, _ = made
+    shutil.copy(EXAMPLES / "notes" / f"{name}.toml", out / f"{name}.toml")
+    plan = load_plan(out / f"{name}.toml")
+    with open(out / f"{name}.toml", "rb") as f:
+        assert tomllib.load(f)["networks"]["lm"]["hf"]["folder"] == "model"  # read from next to the plan
+    return plan.with_train(**train) if train else plan
+
+
+def test_the_classification_plan_learns_the_diagnoses_and_the_server_sees_no_label(made, tmp_path):
+    import splitlearn
+
+    result = splitlearn.train(_plan(made, "classify", epochs=8), out=tmp_path / "run")
+    m = result["metrics"]
+    assert m["test_rows"] == 60 and m["test_accuracy"] > 0.45  # 4 balanced diagnoses: chance is 0.25
+    wires = {w["name"]: w for w in result["wires"]}
+    assert sorted(wires) == ["bottom:hidden->middle", "bottom:mask->middle", "middle:hidden->top"]
+    assert all(w["carries"] == "activation" for w in wires.values())  # no label wire: the diagnoses stay home
+    saved = {p: sorted(mod.state_dict()) for p, mods in result.modules.items() for mod in mods.values()}
+    assert all("lora_" in k or k == "score.weight" for keys in saved.values() for k in keys)  # adapters + new head
+
+
+def test_the_language_model_plan_over_party_processes_equals_threads_and_generates(made, tmp_path):
+    import splitlearn
+
+    from .support import same_run
+
+    plan = _plan(made, "lm", epochs=1)
+    splitlearn.train(plan, out=tmp_path / "threads")
+    splitlearn.train(plan, launcher="processes", out=tmp_path / "processes")
+    same_run(tmp_path / "threads", tmp_path / "processes")
+    r = json.loads((tmp_path / "processes" / "result.json").read_text())["metrics"]
+    assert r["per_epoch"]["test_perplexity"][-1] < made[1]["vocab"] / 4  # far below a uniform guess
+    out = splitlearn.generate(tmp_path / "processes", "write the clinical note of a patient with copd.",
+                              max_new_tokens=12, stop=False)
+    assert len(out["tokens"]) == 12 and out["text"] and out["tokens_per_second"] > 0
+    assert list(out["bytes_per_token"].values()) == [32 * 4, 32 * 4]  # the small model's hidden size, float32
+
+
+def test_the_language_model_plan_resumes_bit_identical(made, tmp_path):
+    """Stopped in epoch 2, resumed from the end of epoch 1: it ends as the uninterrupted run, to the bit (the FLOP
+    counter's dispatch mode rounds a softmax's backward its own way: a resumed run counts where the first did)."""
+    import splitlearn
+
+    from .support import same_run, stop_after
+
+    plan = _plan(made, "lm", epochs=2)
+    splitlearn.train(plan, out=tmp_path / "whole")
+    with pytest.raises(Exception, match="stopped after 11 steps"):
+        splitlearn.train(plan, out=tmp_path / "stopped", on_step=stop_after(11))
+    splitlearn.train(plan, out=tmp_path / "stopped", resume=True)
+    same_run(tmp_path / "whole", tmp_path / "stopped")

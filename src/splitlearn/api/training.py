@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..core.load import load_plan
 from ..core.plan import Plan
 from ..core.specs import PlanError
 from ..clients.results import model_holder
@@ -181,6 +182,12 @@ def _train_in_processes(plan: Plan, source: Any, launcher: str, *, out: str | Pa
     if out is None:
         raise PlanError(f"launcher={launcher!r}: party processes write their weights and reports to a run folder",
                         entry="out", hint="give out=FOLDER")
+    kw = {**kw, "epochs": plan.train.epochs, "seed": plan.train.seed}  # as prepared (a with_train plan's own too)
+    filed = load_plan(path).with_train(epochs=plan.train.epochs, seed=plan.train.seed)
+    if filed.model_dump(mode="json") != plan.model_dump(mode="json"):  # the processes would run another plan
+        raise PlanError(f"launcher={launcher!r} starts party processes, which read the plan from {path}, but this plan "
+                        "differs from that file beyond its epochs and seed", entry="launcher",
+                        hint="save the plan you mean to run as a file and train that, or use launcher='threads'")
     out = Path(out)
     if launcher == "ray":
         from ..launch.onray import launch_ray

@@ -24,7 +24,11 @@ def _with_ci(m: dict, key: str) -> str:
 def _summary(result: dict) -> None:
     m = result["metrics"]
     rows = f" on {m['test_rows']} test rows" if m.get("test_rows") else ""
-    if "test_accuracy" in m:
+    if m.get("test_tokens") is not None:  # a language model: per token
+        ppl = f"perplexity {m['test_perplexity']:.3f}, " if m.get("test_perplexity") is not None else ""
+        console.print(f"[bold]test loss[/] on {m['test_tokens']} tokens of {m.get('test_rows')} test rows: "
+                      f"{m['test_loss']:.4f} ({ppl}next-token accuracy {m['test_accuracy']:.4f})", highlight=False)
+    elif "test_accuracy" in m:
         console.print(f"[bold]test accuracy[/]{rows}: {_with_ci(m, 'test_accuracy')}", highlight=False)
         names = {"test_roc_auc": "ROC AUC", "test_f1": "F1", "test_sensitivity": "sensitivity",
                  "test_specificity": "specificity", "test_ece": "calibration error (ECE)"}

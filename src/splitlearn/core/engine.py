@@ -215,7 +215,6 @@ class Party:
         return node.inputs
 
     def _forward(self, node: Node, st: StepState) -> None:
-        batch = len(st.rows)
         if node.kind == "input":
             data = self.data[node.name]
             st.values[node.name] = (torch.zeros_like(data[:1]) if st.mode == "handshake" else data[st.rows]).to(self.device)
@@ -230,8 +229,9 @@ class Party:
                                                     lambda: merge_inputs(merge, self.modules[node.name], xs))
                     check_outputs(self.graph, node, st.values[node.name])  # the tuple or dict its outputs name
                 else:
-                    st.values[node.name] = self.meter.compute(
-                        (node.name, batch), "forward", lambda: merge_inputs(merge, self.modules[node.name], xs))
+                    st.values[node.name] = self.meter.compute(  # FLOPs per input shapes (a sequence length varies)
+                        (node.name, *(tuple(x.shape) for x in xs)), "forward",
+                        lambda: merge_inputs(merge, self.modules[node.name], xs))
         elif node.kind == "output":  # one element of its segment's tuple or dict, on a wire of its own
             st.values[node.name] = node.pick(st.values[node.inputs[0]])
         else:  # loss
@@ -248,7 +248,8 @@ class Party:
                     self.classes[node.inputs[1]] = out.shape[-1]
                     self._check_local_labels(node, out.shape[-1])
                 return
-            loss = self.meter.compute((node.name, batch), "forward", lambda: self.precision.run(kind.fn, out, target))
+            loss = self.meter.compute((node.name, tuple(out.shape), tuple(target.shape)), "forward",
+                                      lambda: self.precision.run(kind.fn, out, target))
             st.losses[node.name] = loss
             st.out.losses[node.name] = float(loss.detach())
             if st.mode == "eval":
@@ -289,7 +290,9 @@ class Party:
                 grads.append(st.grads[w])
         pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
         if pairs:
-            self.meter.compute((("stage", s.index), len(st.rows)), "backward",
+            shapes = tuple(tuple(r.shape) for r, _ in pairs) + tuple(
+                tuple(st.values[self.wires[w].src].shape) for w in s.receives)
+            self.meter.compute((("stage", s.index), *shapes), "backward",
                                lambda: torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs]))
         for w in s.receives:
             wire = self.wires[w]

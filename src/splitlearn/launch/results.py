@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.graph import Graph, build_graph
+from ..core import losses
 from ..core.metrics import METRICS, REGRESSION_METRICS
 from ..core.plan import Plan, parse_plan, plan_dir
 from ..core.specs import PlanError
@@ -46,7 +47,8 @@ def summarize(plan: Plan, graph: Graph, tasks: dict[str, dict]) -> dict[str, Any
         metrics["test_accuracy"] = tasks[main]["test_accuracy"][-1]
         metrics["test_accuracy_per_epoch"] = tasks[main]["test_accuracy"]
     if main is not None:  # the headline: the last evaluation's figures, the rows scored, their intervals
-        for name in [*(METRICS[1:] if classif else REGRESSION_METRICS), *plan.losses[main].metrics]:  # + those asked
+        tokens = ("loss", "perplexity", "tokens") if losses.get(plan.losses[main].kind).tokens else ()  # a language model
+        for name in [*(METRICS[1:] if classif else REGRESSION_METRICS), *tokens, *plan.losses[main].metrics]:
             if tasks[main].get(f"test_{name}"):
                 metrics[f"test_{name}"] = tasks[main][f"test_{name}"][-1]
         if tasks[main].get("test_rows"):

@@ -339,8 +339,8 @@ def piece_of(model: nn.Module, cuts: Sequence[str], index: int, state: dict[str,
     ``meta`` device, only the piece's own tensors materialised, copied from ``state`` (the model's own
     ``state_dict`` unless given). A tensor the state lacks keeps its initialisation under ``seed``."""
     source = model.state_dict() if state is None else state
-    piece = _build(type(model), model.config, cuts, index, lambda keys: {k: source[k] for k in keys if k in source},
-                   seed)
+    piece = _build(type(model), model.config, cuts, index,
+                   lambda keys: ((k, source[k]) for k in keys if k in source), seed)
     return piece.train(model.training)
 
 
@@ -352,16 +352,22 @@ def _build(cls: Any, config: Any, cuts: Sequence[str], index: int, read: Any, se
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.initialize_weights()
-    own = model.state_dict()
-    found = read(list(own))
+    own, found = model.state_dict(), set()
+
+    def put(key: str, value: torch.Tensor) -> None:  # one tensor at a time: a piece's weights are held once
+        if own[key].shape != value.shape:
+            raise HFError(f"{key} has shape {list(value.shape)} in the model's weights, {list(own[key].shape)} in its "
+                          "config")
+        with torch.no_grad():
+            own[key].copy_(value)
+        found.add(key)
+    for k, v in read(list(own)):
+        put(k, v)
     tied = {k: src for k, src in (getattr(model, "all_tied_weights_keys", None) or {}).items()
             if k in own and k not in found}  # a tied copy the file leaves out: read from its source
-    found.update({k: v for src, v in read(list(set(tied.values()))).items() for k in tied if tied[k] == src})
-    with torch.no_grad():
-        for k, v in found.items():
-            if own[k].shape != v.shape:
-                raise HFError(f"{k} has shape {list(v.shape)} in the model's weights, {list(own[k].shape)} in its config")
-            own[k].copy_(v)
+    for src, v in read(sorted(set(tied.values()))):
+        for k in [k for k, s in tied.items() if s == src]:
+            put(k, v)
     piece = HFPiece(model, path, owned, index, len(cuts) + 1)
     piece.tied_across = bool(tied) and path is not None  # a weight tied to one another party holds a copy of
     piece.fresh = sorted(n for n, _ in model.named_parameters() if n not in found)  # a new head: initialised here
@@ -370,7 +376,7 @@ def _build(cls: Any, config: Any, cuts: Sequence[str], index: int, read: Any, se
 
 def _weights_reader(folder: Path) -> Any:
     """A function from tensor names to those tensors read from the folder's safetensors (only those asked)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -384,18 +390,21 @@ def _weights_reader(folder: Path) -> Any:
         raise HFError(f"{folder} holds no model.safetensors (nor an index of shards): save the model with "
                       "save_pretrained (safetensors; pickled .bin weights are never read)")
 
-    def read(keys: list[str]) -> dict[str, torch.Tensor]:
+    def read(keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         files: dict[Path, list[str]] = {}
         for k in keys:
             f = folder / "model.safetensors" if where is None else where.get(k)
             if f is not None:
                 files.setdefault(f, []).append(k)
-        out = {}
         for f, ks in files.items():
-            with safe_open(str(f), framework="pt") as h:
-                names = set(h.keys())
-                out.update({k: h.get_tensor(k) for k in ks if k in names})
-        return out
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    names = set(h.keys())
+                    for k in ks:
+                        if k in names:
+                            yield k, h.get_tensor(k)
+            except (OSError, SafetensorError) as e:  # a damaged or foreign file
+                raise HFError(f"{f}: not a readable safetensors file ({e})") from None
     return read
 
 

@@ -132,7 +132,7 @@ def meter_state(meter: Meter) -> dict[str, Any]:
     return {"sent": [[w, d, t.messages, t.bytes, t.payload] for (w, d), t in meter.sent.items()],
             "received": [[w, d, t.messages, t.bytes, t.payload] for (w, d), t in meter.received.items()],
             "flops_forward": meter.flops_forward, "flops_backward": meter.flops_backward,
-            "compute_s": meter.compute_s, "wait_s": meter.wait_s}
+            "compute_s": meter.compute_s, "wait_s": meter.wait_s, "counted": meter.counted}
 
 
 def load_meter(meter: Meter, m: dict[str, Any]) -> None:
@@ -140,6 +140,7 @@ def load_meter(meter: Meter, m: dict[str, Any]) -> None:
     meter.received = {(w, d): Traffic(n, b, p) for w, d, n, b, p in m["received"]}
     meter.flops_forward, meter.flops_backward = m["flops_forward"], m["flops_backward"]
     meter.compute_s, meter.wait_s = m["compute_s"], m["wait_s"]
+    meter.counted = m.get("counted", {})  # (a checkpoint of an earlier splitlearn: counted again)
 
 
 def goodbye_bytes(sender: str, receiver: str) -> int:

@@ -3,7 +3,9 @@
 Bytes are the exact length of the serialised messages (``bytes``) and of the tensor data the
 codecs produced (``payload``); the difference is the protobuf framing. FLOPs come from
 ``torch.utils.flop_counter.FlopCounterMode``; since they depend only on shapes, each
-(piece, batch size) is counted once and reused.
+(piece, input shapes) is counted once and reused. A computation counted runs under the counter's dispatch mode,
+which may decompose an operation (a softmax's or SiLU's backward) and round it differently: the counted keys are
+kept in checkpoints (:meth:`Meter.counted`), so a resumed run counts, and rounds, where the uninterrupted run did.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class Meter:
     flops_backward: int = 0
     compute_s: float = 0.0
     wait_s: float = 0.0
-    _flop_cache: dict[tuple, int] = field(default_factory=dict, repr=False)
+    _flop_cache: dict[str, int] = field(default_factory=dict, repr=False)  # repr(key) -> FLOPs
 
     def on_send(self, wire: str, direction: str, nbytes: int, payload: int) -> None:
         self.sent.setdefault((wire, direction), Traffic()).add(nbytes, payload)
@@ -59,16 +61,26 @@ class Meter:
     def flops(self) -> int:
         return self.flops_forward + self.flops_backward
 
+    @property
+    def counted(self) -> dict[str, int]:
+        """The FLOPs of each computation counted so far (by its key): what a checkpoint keeps."""
+        return dict(self._flop_cache)
+
+    @counted.setter
+    def counted(self, value: dict[str, int]) -> None:
+        self._flop_cache = {str(k): int(v) for k, v in value.items()}
+
     def compute(self, key: tuple, phase: str, fn: Callable[[], object]) -> object:
         """Run ``fn``, timing it and adding its FLOPs (counted once per ``key``) to ``phase``."""
         t0 = time.perf_counter()
-        if key in self._flop_cache:
+        name = repr(key)
+        if name in self._flop_cache:
             out = fn()
-            flops = self._flop_cache[key]
+            flops = self._flop_cache[name]
         else:
             with FlopCounterMode(display=False) as counter:
                 out = fn()
-            flops = self._flop_cache[key] = counter.get_total_flops()
+            flops = self._flop_cache[name] = counter.get_total_flops()
         self.compute_s += time.perf_counter() - t0
         if phase == "forward":
             self.flops_forward += flops

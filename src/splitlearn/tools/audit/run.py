@@ -7,7 +7,8 @@ direction, with sample ids (the first and the last 4096 rows of the run). The at
 
 - on an activation wire, the **receiver** holds the smashed data (``last`` rows: the trained
   model): its distance correlation with the sender's raw inputs, and a model-inversion decoder
-  trained on an auxiliary share of the rows;
+  trained on an auxiliary share of the rows; where those inputs are token ids and it saw hidden states, the
+  text inversion attacks instead (:mod:`splitlearn.tools.audit.inversion`: tokens recovered against chance);
 - on an activation wire whose **sender** does not hold the labels of the loss its gradients
   come from, the sender holds those gradients (``first`` rows: early training leaks most): the
   norm and direction label-leakage attacks;
@@ -41,7 +42,8 @@ from ...core.wirespec import WireSpec
 from ...launch.results import load_run_plan
 from .verdicts import add_verdicts
 from ...launch.results import non_finite
-from . import measures
+from . import inversion, measures
+from .inversion import _widen
 
 __all__ = ["AuditError", "audit_run", "wire_slug", "loss_sources", "image_shape", "RunFolder"]
 
@@ -326,6 +328,8 @@ def _activation_wire(run: RunFolder, w: Wire, *, aux_fraction: float, seed: int,
         why["distance_correlation"] = why["inversion"] = reason
     elif smashed is None:
         why["distance_correlation"] = why["inversion"] = f"{w.dst_party!r} recorded no activations on this wire"
+    elif _as_text(run, w, entry, smashed, sources, aux_fraction=aux_fraction, seed=seed, epochs=epochs):
+        pass  # token ids: attacked by text inversion, not as numbers
     else:
         ids, values = measures.latest_per_id(*smashed)
         raw_parts = {n: run.rows(w.src_party, n, ids) for n in sources}
@@ -381,6 +385,47 @@ def _activation_wire(run: RunFolder, w: Wire, *, aux_fraction: float, seed: int,
     return entry
 
 
+def _as_text(run: RunFolder, w: Wire, entry: dict[str, Any], smashed: tuple[torch.Tensor, torch.Tensor],
+             sources: list[str], *, aux_fraction: float, seed: int, epochs: int) -> bool:
+    """Where the sender's raw inputs are token ids: the text inversion attacks on the hidden states the receiver
+    got (``entry["text_inversion"]``), or an integer element that crosses as one of its fields is; False else."""
+    ids, values = measures.latest_per_id(*smashed)
+    node = run.graph.nodes[w.src]
+    seg = node.inputs[0] if node.kind == "output" else w.src
+    order = [n for n in (*run.graph.nodes[seg].inputs, *sources) if n in sources]
+    raw = {n: run.rows(w.src_party, n, ids) for n in dict.fromkeys(order)}
+    why = entry["why_not"]
+    if not values.is_floating_point():  # a mask or ids: travels exactly, untouched
+        same = inversion.exact_field(values, raw)
+        if same is not None:
+            why["distance_correlation"] = why["inversion"] = (
+                f"{w.dst_party!r} receives {same} as it is: an integer element travels exactly, untouched by codecs "
+                "and defenses")
+        return same is not None
+    found = inversion.token_inputs(values, raw)
+    if found is None:
+        return False
+    tokens, mask_name = found
+    width = values.shape[1]
+    mask = _widen(raw[mask_name] if mask_name else torch.ones_like(raw[tokens]), width)
+    why["distance_correlation"] = why["inversion"] = (
+        f"{tokens} holds token ids, whose distances and squared errors as numbers mean nothing: the tokens are "
+        "audited by text inversion")
+    if f"_embedding|{seg}" not in run._cache:
+        run._cache[f"_embedding|{seg}"] = inversion.base_embedding(run.plan, seg)
+    table, no_table = run._cache[f"_embedding|{seg}"]
+    truth = _widen(raw[tokens], width)
+    try:
+        got = inversion.text_inversion(values, truth, mask, embedding=table, aux_fraction=aux_fraction, seed=seed,
+                                       epochs=epochs, vocab=None if table is not None else int(truth.max()) + 1)
+    except ValueError as e:
+        why["text_inversion"] = str(e)
+        return True
+    entry["text_inversion"] = {**got, "tokens": tokens, "mask": mask_name, "attacker": w.dst_party,
+                               **({"nearest_embedding_note": no_table} if no_table else {})}
+    return True
+
+
 def _label_wire(run: RunFolder, w: Wire) -> dict[str, Any]:
     entry: dict[str, Any] = {"carries": "label", "sender": w.src_party, "receiver": w.dst_party,
                              "defenses": _defenses(w)}
@@ -422,8 +467,9 @@ def audit_run(run_dir: str | Path, aux_fraction: float = 0.1, seed: int = 0, epo
 def _audit(run: RunFolder, *, aux_fraction: float, seed: int, epochs: int, max_rows: int,
            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     out_dir = run.folder / "audit"
-    out = {"run": str(run.folder), "plan": run.plan.name,
-           "test_accuracy": run.result.get("metrics", {}).get("test_accuracy"),
+    metrics = run.result.get("metrics", {})
+    out = {"run": str(run.folder), "plan": run.plan.name, "test_accuracy": metrics.get("test_accuracy"),
+           "test_loss": (metrics.get("per_epoch", {}).get("test_loss") or [metrics.get("test_loss")])[-1],
            "settings": {"aux_fraction": aux_fraction, "seed": seed, "decoder_epochs": epochs, "dcor_rows": max_rows},
            "wires": _wires(run, out_dir, aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows,
                            progress=progress)}

@@ -15,7 +15,8 @@ from .sweep import FIGURES
 __all__ = ["AuditSummary", "audit_summary", "sweep_summary", "ATTACKS", "figure"]
 
 ATTACKS = {"distance_correlation": "distance correlation", "inversion": "model inversion",
-           "label_leakage": "labels from gradients", "labels_exposed": "labels on the wire"}
+           "label_leakage": "labels from gradients", "labels_exposed": "labels on the wire",
+           "text_inversion": "tokens from hidden states"}
 
 
 def figure(value: float | None) -> str:
@@ -34,7 +35,7 @@ class AuditSummary:
     per_client: list[str] = field(default_factory=list)
 
 
-def _figure_of(what: str, verdict: dict, inv: dict, leak: dict) -> str:
+def _figure_of(what: str, verdict: dict, inv: dict, leak: dict, text: dict) -> str:
     if what == "inversion":
         return f"MSE {inv['mse']:.4f} vs {inv['mse_mean_guess']:.4f} by guessing" + (
             f", SSIM {inv['ssim']:.2f}" if inv.get("ssim") is not None else "")
@@ -43,6 +44,10 @@ def _figure_of(what: str, verdict: dict, inv: dict, leak: dict) -> str:
                          if leak.get(k + "_auc") is not None)
     if what == "labels_exposed":
         return f"{100 * verdict['value']:.1f}% exact"
+    if what == "text_inversion":
+        rates = [f"{k} {100 * text[key]['rate']:.1f}%" for k, key in (("learned", "learned"),
+                                                                      ("nearest", "nearest_embedding")) if text.get(key)]
+        return f"{', '.join(rates)} vs chance {100 * text['chance']:.1f}%"
     return f"{verdict['value']:.3f}"
 
 
@@ -56,12 +61,16 @@ def audit_summary(result: dict[str, Any]) -> AuditSummary:
             out.rows.append((name, w["receiver"], "none applies", "-", ""))
         for what, v in w.get("verdicts", {}).items():
             attacker = w["sender"] if what == "label_leakage" else w["receiver"]
-            out.rows.append((name, attacker, ATTACKS[what], _figure_of(what, v, inv, leak), v["verdict"]))
+            out.rows.append((name, attacker, ATTACKS[what], _figure_of(what, v, inv, leak, w.get("text_inversion") or {}),
+                             v["verdict"]))
         why_not: dict[str, list[str]] = {}
         for what, why in (w.get("why_not") or {}).items():
             why_not.setdefault(why, []).append(what.replace("_", " "))
         out.notes += [f"{name}: no {' or '.join(whats)}: {why}" for why, whats in why_not.items()]
         out.notes += [f"{name}: {text}" for text in (inv.get("ssim_note"), leak.get("note")) if text]
+        if w.get("text_inversion") and result.get("test_loss") is not None:
+            out.notes.append(f"{name}: the tokens are recovered from a run whose fine-tuning reached a test loss of "
+                             f"{result['test_loss']:.4f}")
     for name in result["wires"]:  # [clients]: what each client's own traffic gives away
         per = {c: a["wires"].get(name, {}).get("distance_correlation") for c, a in result.get("clients", {}).items()}
         if any(v is not None for v in per.values()):
@@ -76,14 +85,15 @@ def sweep_summary(result: dict[str, Any]) -> tuple[list[str], list[list[str] | N
     params = result["params"]
     keys = [k for k in FIGURES if any(r.get(k) is not None for r in result["rows"])]
     dp = any("delta" in r for r in result["rows"])
-    columns = [*(["value"] if len(params) == 1 else params), "test accuracy", *(FIGURES[k] for k in keys),
-               *(["epsilon"] if dp else [])]
+    loss = ["test_loss"] if any(r.get("test_loss") is not None for r in result["rows"]) else []
+    columns = [*(["value"] if len(params) == 1 else params), "test accuracy", *(["test loss"] if loss else []),
+               *(FIGURES[k] for k in keys), *(["epsilon"] if dp else [])]
     rows = []
     for r in result["rows"]:
         setting = [f"{r['values'][p]:g}" for p in params]
         if r.get("failed"):
-            rows.append(setting + [None] * (1 + len(keys) + dp))
+            rows.append(setting + [None] * (1 + len(loss) + len(keys) + dp))
             continue
         eps = [("unbounded" if r.get("epsilon") is None else f"{r['epsilon']:.3g}")] if dp else []
-        rows.append(setting + [figure(r["test_accuracy"]), *(figure(r.get(k)) for k in keys), *eps])
+        rows.append(setting + [figure(r["test_accuracy"]), *(figure(r.get(k)) for k in loss + keys), *eps])
     return columns, rows

@@ -48,9 +48,10 @@ FIGURES = {
     "inversion_ssim": "inversion SSIM",
     "norm_auc": "norm-attack AUC",
     "direction_auc": "direction-attack AUC",
+    "token_recovery": "token recovery",
 }
 _WORST = {"distance_correlation": max, "inversion_mse": min, "inversion_ssim": max, "norm_auc": max,
-          "direction_auc": max}
+          "direction_auc": max, "token_recovery": max}
 
 
 def parse_sweep(text: str) -> tuple[str, list[float]]:
@@ -128,9 +129,12 @@ def plan_with(plan: Plan, param: str, value: float, wires: list[Wire]) -> Plan:
 def _figures(entry: dict[str, Any]) -> dict[str, Any]:
     inv = entry.get("inversion") or {}
     leak = entry.get("label_leakage") or {}
+    text = entry.get("text_inversion") or {}
+    rates = [r["rate"] for r in (text.get("learned"), text.get("nearest_embedding")) if r]
     return {"distance_correlation": entry.get("distance_correlation"), "inversion_mse": inv.get("mse"),
             "inversion_ssim": inv.get("ssim"), "norm_auc": leak.get("norm_auc"),
-            "direction_auc": leak.get("direction_auc")}
+            "direction_auc": leak.get("direction_auc"), "token_recovery": max(rates) if rates else None,
+            "token_chance": text.get("chance")}
 
 
 def setting_name(values: Mapping[str, float]) -> str:
@@ -142,8 +146,9 @@ def _table(result: dict[str, Any]) -> str:
     rows, params = result["rows"], result["params"]
     keys = [k for k in FIGURES if any(r.get(k) is not None for r in rows)]
     dp = any("delta" in r for r in rows)
-    head = [*(["value"] if len(params) == 1 else params), "test accuracy", *(FIGURES[k] for k in keys),
-            *(["epsilon (noise)"] if dp else [])]
+    loss = ["test_loss"] if any(r.get("test_loss") is not None for r in rows) else []
+    head = [*(["value"] if len(params) == 1 else params), "test accuracy", *(["test loss"] if loss else []),
+            *(FIGURES[k] for k in keys), *(["epsilon (noise)"] if dp else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in rows:
         setting = [f"{r['values'][p]:g}" for p in params]
@@ -152,7 +157,7 @@ def _table(result: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(cells + [""] * (len(head) - len(cells))) + " |")
             continue
         acc = "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
-        cells = setting + [acc] + ["n/a" if r.get(k) is None else f"{r[k]:.4f}" for k in keys]
+        cells = setting + [acc] + ["n/a" if r.get(k) is None else f"{r[k]:.4f}" for k in loss + keys]
         if dp:
             cells.append("unbounded" if r.get("epsilon") is None else f"{r['epsilon']:.3g} (delta {r['delta']:g})")
         lines.append("| " + " | ".join(cells) + " |")
@@ -237,8 +242,13 @@ def sweep(plan_path: str | Path | Plan, param: str | Mapping[str, Sequence[float
 
     write_json(out / "sweep.json", summary)
     note = ("" if len(wires) == 1 else
-            f"\nLeakage figures are the worst over the {len(wires)} wires (largest dCor, SSIM and AUCs, "
-            "smallest MSE).\n")
+            f"\nLeakage figures are the worst over the {len(wires)} wires (largest dCor, SSIM, AUCs and token "
+            "recovery, smallest MSE).\n")
+    chance = sorted({r["token_chance"] for r in rows if r.get("token_chance") is not None})
+    if chance:  # what guessing the most frequent token everywhere scores, beside the attacks' recovery
+        span = f"{chance[0]:.4f}" + (f" to {chance[-1]:.4f}" if len(chance) > 1 else "")
+        note += (f"\nToken recovery: the share of the tokens the better text-inversion attack recovers from the "
+                 f"hidden states (chance, the most frequent token: {span}).\n")
     (out / "sweep.md").write_text(
         f"# Sweep of {name} on {', '.join(w.name for w in wires)} ({base.name}, {summary['epochs']} epochs)\n\n"
         f"{summary['description']}.\n{note}\n{_table(summary)}\n")
@@ -258,7 +268,11 @@ def _setting(plan: Plan, values: dict[str, float], wire_names: list[str], sender
     per_wire = {w: _figures(audit["wires"][w]) for w in wire_names}
     worst = {k: (_WORST[k](xs) if (xs := [f[k] for f in per_wire.values() if f[k] is not None]) else None)
              for k in FIGURES}
-    row = {"values": values, "test_accuracy": result["metrics"].get("test_accuracy"), **worst, "wires": per_wire}
+    row = {"values": values, "test_accuracy": result["metrics"].get("test_accuracy"),
+           "test_loss": audit.get("test_loss"), **worst, "wires": per_wire}
+    chance = [f["token_chance"] for f in per_wire.values() if f["token_chance"] is not None]
+    if chance:
+        row["token_chance"] = max(chance)
     spent = [result["parties"][p].get("privacy", {}).get(w) for w, p in zip(wire_names, senders)]
     if any(spent):  # the noise's (epsilon, delta), as the run accounted it; None where unbounded (sigma 0)
         eps = [p["epsilon"] for p in spent if p]

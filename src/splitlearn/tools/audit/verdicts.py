@@ -9,11 +9,14 @@ The thresholds are rules of thumb, stated with every verdict so that a reader ca
   (it reconstructs far better than a guess), <= 0.9 mild, above that no measurable leak;
 - label leakage from gradients (the larger of the norm and direction AUCs): >= 0.8 leaks,
   >= 0.6 mild, below that no measurable leak (0.5 is chance);
-- a label wire: the receiver holds the labels (agreement with the truth).
+- a label wire: the receiver holds the labels (agreement with the truth);
+- text inversion (token ids recovered from hidden states): the larger advantage over chance of the two
+  attacks, ``(rate - chance) / (1 - chance)``: >= 0.5 leaks, >= 0.1 mild, below that no measurable leak.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = ["THRESHOLDS", "verdict", "add_verdicts", "LEAKS", "MILD", "NONE"]
@@ -24,6 +27,7 @@ THRESHOLDS = {
     "inversion": "MSE / mean-guess MSE <= 0.5 leaks, <= 0.9 mild",
     "label_leakage": "AUC >= 0.8 leaks, >= 0.6 mild (0.5: chance)",
     "labels_exposed": "the labels travel: agreement >= 0.9 leaks, else mild",
+    "text_inversion": "tokens recovered, advantage over chance (rate - chance) / (1 - chance) >= 0.5 leaks, >= 0.1 mild",
 }
 
 
@@ -37,7 +41,14 @@ def verdict(measure: str, value: float) -> str:
         return LEAKS if value >= 0.8 else MILD if value >= 0.6 else NONE
     if measure == "labels_exposed":
         return LEAKS if value >= 0.9 else MILD
+    if measure == "text_inversion":  # value: the larger advantage over chance
+        return LEAKS if value >= 0.5 else MILD if value >= 0.1 else NONE
     raise ValueError(f"no verdict for {measure!r}")
+
+
+def _table(src: str) -> str:
+    """The plan's TOML table of the wire from ``src``: ``[wires.bottom]``, ``[wires."bottom:hidden"]``."""
+    return f"[wires.{src}]" if re.fullmatch(r"[A-Za-z0-9_-]+", src) else f'[wires."{src}"]'
 
 
 def _of_wire(w: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -56,6 +67,11 @@ def _of_wire(w: dict[str, Any]) -> dict[str, dict[str, Any]]:
     seen = w.get("labels_exposed") or {}
     if seen.get("agreement") is not None:
         out["labels_exposed"] = {"value": seen["agreement"], "verdict": verdict("labels_exposed", seen["agreement"])}
+    text = w.get("text_inversion") or {}
+    gains = [r["advantage"] for r in (text.get("learned"), text.get("nearest_embedding"))
+             if r and r.get("advantage") is not None]
+    if gains:
+        out["text_inversion"] = {"value": max(gains), "verdict": verdict("text_inversion", max(gains))}
     return out
 
 
@@ -81,8 +97,20 @@ def add_verdicts(audit: dict[str, Any]) -> dict[str, Any]:
                 + ("Its label protection lowers this; raise its strength to lower it further."
                    if protected else
                    f"{holder} can protect them with noise on the gradients it returns: "
-                   f"[wires.{src}] label_protection = {{ kind = \"max_norm\", strength = 1.0 }} "
+                   f"{_table(src)} label_protection = {{ kind = \"max_norm\", strength = 1.0 }} "
                    "(kind = \"marvell\" for binary labels)."))
+        v = w["verdicts"].get("text_inversion")
+        if v and v["verdict"] != NONE:
+            text, src = w["text_inversion"], name.split("->")[0]
+            best = max(r["rate"] for r in (text["learned"], text.get("nearest_embedding")) if r)
+            noised = ((w.get("defenses") or {}).get("noise") or {}).get("sigma")
+            fix = ("Its noise lowers this; raise sigma to lower it further" if noised
+                   else f"Noise on them lowers it: {_table(src)} noise = {{ clip = C, sigma = S }}")
+            notes.append(
+                f"{name}: the token ids {text['tokens']} never leave {w['sender']}, yet {text['attacker']} recovers "
+                f"{100 * best:.1f}% of them from the hidden states it receives (chance {100 * text['chance']:.1f}%: "
+                f"{v['verdict']}). {fix}; 'splitlearn audit PLAN --sweep noise.sigma=0,0.5,1' tabulates the recovery "
+                "against the fine-tuning's loss.")
     for c in audit.get("clients", {}).values():
         for w in c.get("wires", {}).values():
             w["verdicts"] = _of_wire(w)
