@@ -50,6 +50,9 @@ class Study:
     accumulate: int = 1  # [train] accumulate: training batches per optimizer step
     recipe: str = "sgd"  # every party's optimizer: "sgd" or "adamw" (RECIPES)
     validation: bool = False  # [data] validation_fraction and [train] early_stop (plain plans only: [clients] refuse)
+    # u_shaped: the label holder's head also reads its own features beside the server's output (data read by two of
+    # its segments: a shared input once joined their stages, and the head waited on the bottom's gradient: deadlock)
+    head_reads_x: bool = False
 
     def __str__(self) -> str:
         shape = f"{self.shape}{self.hops if self.shape == 'multi_hop' else ''}"
@@ -60,7 +63,8 @@ class Study:
                     f"seed={self.seed}")
         return (f"{self.task} {shape} features={self.features} "
                 f"labels@{self.labels} {'files+psi' if self.files else 'embedded'} pipeline={self.pipeline} "
-                f"accumulate={self.accumulate} {self.recipe}{' validation' if self.validation else ''}")
+                f"accumulate={self.accumulate} {self.recipe}{' validation' if self.validation else ''}"
+                f"{' head+x' if self.head_reads_x else ''}")
 
 
 @st.composite
@@ -72,7 +76,8 @@ def studies(draw) -> Study:
     hops = draw(st.integers(1, 3)) if shape == "multi_hop" else 0
     return Study(task, features, labels, shape, hops, draw(st.booleans()), draw(st.sampled_from([1, 2])),
                  draw(st.integers(0, 3)), accumulate=draw(st.sampled_from([1, 2])),
-                 recipe=draw(st.sampled_from(RECIPES)), validation=draw(st.booleans()))
+                 recipe=draw(st.sampled_from(RECIPES)), validation=draw(st.booleans()),
+                 head_reads_x=shape == "u_shaped" and draw(st.booleans()))
 
 
 RECIPES = ["sgd", "adamw"]  # build() writes each: SGD (momentum 0.9 but for regression), or AdamW as below; sgd
@@ -176,6 +181,9 @@ def build(study: Study, folder: Path, exact_ids: bool = False) -> dict:
         networks["middle"] = {"zoo": "mlp", "args": {"sizes": [width_in, 8], "out_activation": True}}
         segments["middle"] = {"party": "server", "inputs": merged, "network": "middle"}
         merged, width_in, heads = ["middle"], 8, {"task": holder}
+        if study.head_reads_x:  # beside the server's output, its own features again (concatenated)
+            a, b = ranges[sites.index(holder)]
+            merged, width_in = ["middle", f"{holder}.x"], 8 + b - a
     if study.shape == "multi_task":
         heads = {"task": "server", "second": "server"}
     for name, party in heads.items():

@@ -160,3 +160,50 @@ def test_the_language_model_plan_resumes_bit_identical(made, tmp_path):
         splitlearn.train(plan, out=tmp_path / "stopped", on_step=stop_after(11))
     splitlearn.train(plan, out=tmp_path / "stopped", resume=True)
     same_run(tmp_path / "whole", tmp_path / "stopped")
+
+
+def test_a_vanilla_language_model_sends_its_labels_of_varying_length_and_predict_points_to_generate(made, tmp_path):
+    """The hospital runs the bottom, the server the rest and the loss: the next tokens travel to it on a label wire
+    whose length varies per batch (up to max_length); predict refuses a language model's head, naming generate."""
+    import splitlearn
+    from splitlearn.core.load import load_plan
+    from splitlearn.core.specs import PlanError
+
+    out, summary = made
+    text = (EXAMPLES / "notes" / "lm.toml").read_text()
+    head = text[:text.index("[segments.bottom]")]
+    (out / "vanilla_lm.toml").write_text(head + """
+[segments.bottom]
+party = "hospital"
+network = "lm"
+inputs = ["hospital.input_ids", "hospital.attention_mask"]
+merge = "module"
+cut = "model.layers.1"
+outputs = [{ name = "hidden", vary = { 1 = 96 } }, { name = "mask", vary = { 1 = 96 } }]
+
+[segments.top]
+party = "server"
+network = "lm"
+inputs = ["bottom"]
+
+[losses.next_token]
+input = "top"
+target = "hospital.labels"
+kind = "causal_lm"
+""")
+    result = splitlearn.train(load_plan(out / "vanilla_lm.toml").with_train(epochs=1), out=tmp_path / "run")
+    wire = next(w for w in result["wires"] if w["carries"] == "label")
+    assert wire["name"] == "hospital.labels->next_token" and wire["dst"] == "server"
+    assert result["metrics"]["test_perplexity"] < summary["vocab"] / 4 and result["metrics"]["test_tokens"] > 0
+    per_token = {w["name"]: w["bytes_per_token"] for w in result["wires"]}  # over the real tokens the hospital counted
+    assert per_token["bottom:hidden->top"]["forward"] >= 32 * 4 <= per_token["bottom:hidden->top"]["backward"]
+    assert "backward" not in per_token["bottom:mask->top"]  # an integer element: no gradient
+    counted = result["parties"]["hospital"]
+    assert 0 < counted["tokens_backward"] < counted["tokens_forward"] and "tokens_forward" not in result["parties"][
+        "server"]
+    with pytest.raises(PlanError, match="language model's.*scores next tokens") as e:
+        splitlearn.predict(tmp_path / "run")
+    assert "splitlearn generate" in e.value.hint
+    with pytest.raises(PlanError, match="mean over tokens, and pipeline = 2") as e:  # micro-batches weigh by rows
+        splitlearn.build_graph(load_plan(out / "vanilla_lm.toml").with_train(pipeline=2))
+    assert e.value.entry == "train.pipeline"

@@ -51,6 +51,11 @@ def predict(run_dir: str | Path, data: DataSpec | dict | str | Path | None = Non
         raise PlanError("not a run folder: plan.json is missing", file=run_dir,
                         hint="give the --out folder of a finished 'splitlearn run'")
     plan = load_run_plan(run_dir, networks)
+    tokens = [n for n, spec in plan.losses.items() if losses.get(spec.kind).tokens]
+    if tokens:
+        raise PlanError(f"loss {tokens[0]!r} is a language model's ({plan.losses[tokens[0]].kind}): it scores next "
+                        "tokens, not rows", file=run_dir,
+                        hint="continue a text with `splitlearn generate RUN --prompt ...` (splitlearn.generate)")
     try:  # the run's one model, between the plan's parties; the template's is the final client's
         plan, template = predicting_plan(plan)
     except PlanError as e:

@@ -1,5 +1,5 @@
 """The ``splitlearn`` command line. It parses arguments, calls :mod:`splitlearn.api`, the launchers
-and the tools, and prints; the commands live in :mod:`.training` (run, party, certs, predict, link)
+and the tools, and prints; the commands live in :mod:`.training` (run, party, certs, predict, generate, link)
 and :mod:`.analysis` (inspect, audit, report, cost, compare)."""
 
 from __future__ import annotations

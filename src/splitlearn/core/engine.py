@@ -35,6 +35,7 @@ from ..wire.codec import Codec, WireError, dtype_name, get_codec
 from ..wire.link import Link
 from ..wire.messages import Kind, Message, quote
 from ..wire.transport.base import TransportTimeout
+from ..data.text import Ragged
 from .admission import check_received_values, codec_for, decode_checked, early_problem
 from .augment import augmented
 from .bounds import LearntBounds
@@ -217,6 +218,9 @@ class Party:
     def _forward(self, node: Node, st: StepState) -> None:
         if node.kind == "input":
             data = self.data[node.name]
+            if isinstance(data, Ragged) and st.mode != "handshake" and node.name == next(  # text: real tokens, once
+                    n for n, d in self.data.items() if isinstance(d, Ragged)):
+                self.meter.count_tokens(int(data.lengths[st.rows].sum()), st.mode == "train")
             st.values[node.name] = (torch.zeros_like(data[:1]) if st.mode == "handshake" else data[st.rows]).to(self.device)
             st.values[node.name] = augmented(self.graph.plan, node, st.values[node.name], st.mode, self.rng)  # training
         elif node.kind == "segment":
@@ -292,7 +296,7 @@ class Party:
         if pairs:
             shapes = tuple(tuple(r.shape) for r, _ in pairs) + tuple(
                 tuple(st.values[self.wires[w].src].shape) for w in s.receives)
-            self.meter.compute((("stage", s.index), *shapes), "backward",
+            self.meter.compute((("stage", s.index), len(st.rows), *shapes), "backward",
                                lambda: torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs]))
         for w in s.receives:
             wire = self.wires[w]

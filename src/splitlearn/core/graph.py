@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .defense import validate as validate_defenses
+from .losses import get as loss_kind
 from .plan import Plan
 from .specs import PlanError
 from .wirespec import WireSpec
@@ -244,6 +245,23 @@ def _feeds_local_loss(nodes: dict[str, Node], start: str, party: str) -> bool:
     return any(u.kind == "loss" or _feeds_local_loss(nodes, u.name, party) for u in users)
 
 
+def _token_bound(plan: Plan, field: str) -> tuple[tuple[int, int], ...]:
+    """A token loss's labels (``party.field``) vary in length per batch, up to the text data's ``max_length`` or the
+    width of the rows given in Python; a PlanError where neither says it."""
+    party, _, local = field.partition(".")
+    spec = plan.parties[party].data or plan.data
+    bound = spec.options.get("max_length") if spec.dataset == "text" else None
+    if spec.dataset == "arrays" and spec._table is not None and plan.parties[party].holds.get(local) is not None:
+        values = spec._table.fields.get(plan.parties[party].holds[local].field)
+        bound = values.shape[1] if values is not None and values.ndim == 2 else None
+    if not isinstance(bound, int) or bound < 1:
+        raise PlanError(f"{field!r} (a language model's labels, one per token) travels to another party, and its "
+                        f"longest sequence is not known from dataset {spec.dataset!r}", entry="losses",
+                        hint="read the notes with dataset = \"text\" (its max_length bounds them), or compute the loss "
+                        "where the labels are (a U-shaped plan)")
+    return ((1, bound),)
+
+
 def build_graph(plan: Plan) -> Graph:
     """Check the plan's structure and derive its wires and stages. Raises :class:`PlanError`."""
     nodes: dict[str, Node] = {}
@@ -289,6 +307,12 @@ def build_graph(plan: Plan) -> Graph:
             raise PlanError(f"the loss target {loss.target!r} is not held by anybody", entry=f"{entry}.target",
                             hint="name the field holding the labels as 'party.field', e.g. 'hospital.y'")
         target = _resolve(plan, loss.target, f"{entry}.target", nodes, role="target")
+        for what in ("pipeline", "accumulate"):  # micro-batches and batches of a group count by rows, not tokens
+            if getattr(plan.train, what) > 1 and loss_kind(loss.kind).tokens:
+                raise PlanError(f"loss {name!r} ({loss.kind}) is a mean over tokens, and {what} = "
+                                f"{getattr(plan.train, what)} would weigh its parts by their rows: not the gradient "
+                                "of the whole's token mean", entry=f"train.{what}",
+                                hint=f"leave {what} at 1 for a language model's loss (a larger batch_size instead)")
         nodes[name] = Node(name, nodes[src].party, "loss", (src, target))
 
     order = _toposort(nodes)
@@ -310,6 +334,8 @@ def build_graph(plan: Plan) -> Graph:
         vary = ()
         if nodes[src].kind == "output":
             vary = tuple(sorted(plan.segments[segment].outputs[nodes[src].element].vary.items()))
+        elif any(nodes[u].kind == "loss" and loss_kind(plan.losses[u].kind).tokens for u in users):
+            vary = _token_bound(plan, src)  # a language model's labels: a sequence per row
         wires.append(Wire(name=f"{src}->{'+'.join(users)}", src=src, src_party=nodes[src].party, dst_party=dst_party,
                           carries=carries, consumers=tuple(users), spec=spec, vary=vary))
     g = Graph(plan, nodes, order, wires)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,8 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     finally:
         transport.close()
     if out is not None:
+        # this party's process at its largest (its modules, data, buffers): what it took to take part
+        report.meter["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (Linux: KiB)
         save_party(Path(out) / "parties" / name, report)
         if name == topo.lead:  # the label owner (or a schedule's coordinator) holds the run's result.json
             try:

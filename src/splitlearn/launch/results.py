@@ -94,9 +94,26 @@ def build_result(plan: Plan, reports: dict[str, PartyReport], extra: dict[str, A
     if aligned:  # private alignment: how many rows each party had, and how many every party holds
         result["alignment"] = {"method": plan.data.align, "parties": aligned}
     result.update(schedule_part(plan, reports, parties))
+    _per_token(result["wires"], parties)
     result["parties"] = parties
     result.update(extra or {})
     return result
+
+
+def _per_token(wires: list[dict[str, Any]], parties: dict[str, dict]) -> None:
+    """Text rows: each wire's bytes per real token (forward over every token stepped, backward over the trained
+    ones), from the tokens the holder of the text counted."""
+    forward = max((p.get("tokens_forward", 0) for p in parties.values()), default=0)
+    backward = max((p.get("tokens_backward", 0) for p in parties.values()), default=0)
+    if not forward:
+        return
+    for w in wires:
+        def sent(party: str, direction: str) -> int:
+            return sum(t["bytes"] for t in parties.get(party, {}).get("sent", [])
+                       if t["wire"] == w["name"] and t["direction"] == direction)
+        back = sent(w["dst"], "backward")  # (none on an integer element: no gradient)
+        w["bytes_per_token"] = {"forward": round(sent(w["src"], "forward") / forward, 3),
+                                **({"backward": round(back / backward, 3)} if backward and back else {})}
 
 
 def _privacy(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict]:

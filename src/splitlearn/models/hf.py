@@ -16,19 +16,20 @@ as the library wrote them), with what it does not own taken out:
   **recomputed on this side**, not sent; the received hidden states replace the first owned block's input;
 - a piece before the last stops after its last block and returns its hidden states (and the mask).
 
-Building a piece from a model folder (:func:`load_piece`) creates the model on the ``meta`` device, takes
-out what it does not own, then materialises and reads from the folder's safetensors only its own tensors:
-a party never holds the others' layers. :func:`piece_of` cuts a model object the same way.
+A piece (:func:`load_piece` from a model folder, :func:`piece_of` from a model object) is built on the ``meta``
+device, what it does not own taken out, then its own tensors read one at a time: a party never holds the others'.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import math
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -118,6 +119,9 @@ class _Zeros(nn.Module):
         self.width = width
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if getattr(self, "state", {}).get("entered"):  # it runs after the blocks: no prelude module, a stub's zeros
+            raise HFError("a module registered before the blocks runs after them (a final norm?): this model's pieces "
+                          "cannot be told apart by their order; it is not supported")
         first = next(a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor))
         lead = first.shape[:2] if not first.is_floating_point() else first.shape[:-1]
         return torch.zeros(*lead, self.width, device=first.device)
@@ -176,6 +180,13 @@ class HFPiece(nn.Module):
             self.add_module(name, child)
         self.index, self.pieces, self.path, self.owned = index, pieces, path, owned
         self._incoming: torch.Tensor | None = None
+        self._state = {"entered": False}  # whether this forward has reached its first block (the stubs check it)
+        for m in model.modules():
+            if isinstance(m, _Zeros):
+                m.state = self._state
+        if index > 0 and getattr(model.config, "pad_token_id", None) is None:  # a pooling head reads the stand-in
+            model.config = copy.copy(model.config)  # ids' padding (the mask's): it needs a pad id to tell them
+            model.config.pad_token_id = 0
         blocks = list(model.get_submodule(path)) if path is not None else []
         if index > 0:
             blocks[0].register_forward_pre_hook(self._take_incoming, with_kwargs=True)
@@ -185,6 +196,7 @@ class HFPiece(nn.Module):
         self.register_load_state_dict_post_hook(_frozen_not_missing)
 
     def _take_incoming(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._state["entered"] = True
         if "hidden_states" in kwargs:
             return args, {**kwargs, "hidden_states": self._incoming}
         return (self._incoming, *args[1:]), kwargs
@@ -230,6 +242,7 @@ class HFPiece(nn.Module):
             now = attention_mask[:, attention_mask.shape[1] - x.shape[1]:].bool()  # a cache's past: not in x
             ids = torch.where(now, (pad + 1) % self.hf.config.vocab_size, pad)
             self._incoming = x
+        self._state["entered"] = False
         try:  # a key/value cache (split generation) holds this piece's blocks only
             out = self.hf(input_ids=ids, attention_mask=attention_mask, use_cache=kwargs.get("cache") is not None,
                           **kwargs)
@@ -258,8 +271,15 @@ def _frozen_not_missing(module: nn.Module, incompatible: Any) -> None:
 
 def _cut(model: nn.Module, cuts: Sequence[str], index: int) -> tuple[nn.Module, str | None, range]:
     """``model`` with what piece ``index`` does not own taken out (in place); no cuts: the whole model."""
+    if "input_ids" not in inspect.signature(model.forward).parameters:
+        raise HFError(f"{type(model).__name__} takes no token ids: splitlearn cuts text models (token ids and an "
+                      "attention mask in)")
     if not cuts:
         return model, None, range(0)
+    kinds = set(getattr(model.config, "layer_types", None) or ())
+    if len(kinds) > 1:  # its forward picks each block's mask by the block's position in the list
+        raise HFError(f"its blocks attend in different ways ({sorted(kinds)}: sliding-window or hybrid attention), "
+                      "which a cut does not carry yet; cut a model whose blocks all attend alike")
     path, indices, n = hf_blocks(model, cuts)
     if not 0 <= index <= len(cuts):
         raise HFError(f"{len(cuts)} cuts make {len(cuts) + 1} pieces: no piece {index}")
@@ -302,12 +322,16 @@ def add_lora(piece: nn.Module, lora: dict[str, Any], seed: int, within: Sequence
                       f"{sorted({n.rpartition('.')[2] for n in layers})})")
     config.target_modules = targets
     config.fan_in_fan_out = any(type(layers[n]).__name__ == "Conv1D" for n in targets)  # GPT-2's (in, out) layers
+    before = {n: p.requires_grad for n, p in hf.named_parameters()}  # (peft freezes every weight it does not adapt)
     with warnings.catch_warnings():  # a whole model given each segment's adapters in turn: one adapter, "default"
         warnings.filterwarnings("ignore", message=".*peft_config.*")
         inject_adapter_in_model(config, hf)
     also = set(lora.get("train") or ()) | set(getattr(piece, "fresh", ()))  # whole modules, new weights: trained
     for name, p in hf.named_parameters():
-        p.requires_grad_("lora_" in name or name in also or any(part in also for part in name.split(".")[:-1]))
+        if within is None or any(name.startswith(w + ".") for w in within):  # (a whole model: this segment's layers)
+            p.requires_grad_("lora_" in name or name in also or any(part in also for part in name.split(".")[:-1]))
+        else:
+            p.requires_grad_(before.get(name.replace(".base_layer", ""), before.get(name, True)))
     for name, m in hf.named_modules():
         if name.endswith("lora_A.default"):
             g = torch.Generator().manual_seed(_lora_seed(seed, name))
@@ -336,76 +360,108 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def piece_of(model: nn.Module, cuts: Sequence[str], index: int, state: dict[str, torch.Tensor] | None = None,
              seed: int = 0) -> HFPiece:
     """Piece ``index`` of ``model`` (a transformers model object) cut after ``cuts``: built from its config on the
-    ``meta`` device, only the piece's own tensors materialised, copied from ``state`` (the model's own
-    ``state_dict`` unless given). A tensor the state lacks keeps its initialisation under ``seed``."""
+    ``meta`` device, only the piece's own tensors materialised, taken from ``state`` (the model's own
+    ``state_dict`` unless given)."""
     source = model.state_dict() if state is None else state
-    piece = _build(type(model), model.config, cuts, index,
-                   lambda keys: ((k, source[k]) for k in keys if k in source), seed)
+    piece = _build(type(model), model.config, cuts, index, _Weights(set(source), lambda k: source[k]), seed)
     return piece.train(model.training)
 
 
-def _build(cls: Any, config: Any, cuts: Sequence[str], index: int, read: Any, seed: int) -> HFPiece:
-    with torch.device("meta"):
-        model = cls._from_config(config)
-    model, path, owned = _cut(model, cuts, index)
-    model.to_empty(device="cpu")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model.initialize_weights()
-    own, found = model.state_dict(), set()
+class _Weights(NamedTuple):
+    """The tensors a piece may read: their names, and one tensor at a time by name."""
 
-    def put(key: str, value: torch.Tensor) -> None:  # one tensor at a time: a piece's weights are held once
-        if own[key].shape != value.shape:
-            raise HFError(f"{key} has shape {list(value.shape)} in the model's weights, {list(own[key].shape)} in its "
-                          "config")
-        with torch.no_grad():
-            own[key].copy_(value)
-        found.add(key)
-    for k, v in read(list(own)):
-        put(k, v)
-    tied = {k: src for k, src in (getattr(model, "all_tied_weights_keys", None) or {}).items()
-            if k in own and k not in found}  # a tied copy the file leaves out: read from its source
-    for src, v in read(sorted(set(tied.values()))):
-        for k in [k for k, s in tied.items() if s == src]:
-            put(k, v)
+    names: set[str]
+    get: Callable[[str], torch.Tensor]
+
+
+def _source_key(model: nn.Module, key: str, names: set[str]) -> str | None:
+    """The name ``key`` of ``model`` has among ``names``: itself, or without or with the base model's prefix (a base
+    model's weights for a task model, as ``from_pretrained`` reads them)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for k in (key, key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else None, f"{prefix}.{key}"):
+        if k and k in names:
+            return k
+    return None
+
+
+def _build(cls: Any, config: Any, cuts: Sequence[str], index: int, weights: _Weights, seed: int) -> HFPiece:
+    """The piece, its own tensors put in place one at a time (each held once: no copy beside an initialised one);
+    those the weights lack (a new head, buffers computed from the config) initialised as the model does, under
+    ``seed``. A base weight the weights lack is refused: it would train, or run, from random values."""
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=torch.float32)  # a bf16 folder too: precision is the plan's
+    model, path, owned = _cut(model, cuts, index)
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    own = model.state_dict()
+    found: dict[str, torch.Tensor] = {}
+    for key, meta in own.items():
+        src = _source_key(model, key, weights.names) or (_source_key(model, tied[key], weights.names)
+                                                          if key in tied else None)
+        if src is None:
+            continue
+        value = weights.get(src)
+        if tuple(value.shape) != tuple(meta.shape):
+            raise HFError(f"{key} has shape {list(value.shape)} in the model's weights, {list(meta.shape)} in its config")
+        found[key] = _put(model, key, value.to(meta.dtype) if value.is_floating_point() else value)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = model.get_output_embeddings()  # a language model's head: loaded, never new
+    head = {f"{m}.weight" for m, x in model.named_modules() if x is out} if isinstance(out, nn.Linear) else set()
+    lost = [k for k in own if k not in found and (k.startswith(prefix + ".") or k in head)]
+    if lost:
+        raise HFError(f"its weights lack {len(lost)} tensor(s) of the base model ({', '.join(lost[:3])}): saved by "
+                      "another class or in an older format? Save the model with save_pretrained from this version")
+    with torch.random.fork_rng(devices=[]):  # what the weights lack: initialised as the model does, from the seed
+        torch.manual_seed(seed)
+        for name, module in model.named_modules():
+            empty = [t for t in [*module._parameters.values(), *module._buffers.values()] if t is not None and t.is_meta]
+            if empty:
+                module.to_empty(device="cpu", recurse=False)
+                model._init_weights(module)
+    if any(k in own and src in own for k, src in tied.items()):
+        model.tie_weights()  # both ends here (the whole model): one weight again
     piece = HFPiece(model, path, owned, index, len(cuts) + 1)
-    piece.tied_across = bool(tied) and path is not None  # a weight tied to one another party holds a copy of
+    piece.tied_across = path is not None and any(k in own and src not in own for k, src in tied.items())
     piece.fresh = sorted(n for n, _ in model.named_parameters() if n not in found)  # a new head: initialised here
     return piece
 
 
-def _weights_reader(folder: Path) -> Any:
-    """A function from tensor names to those tensors read from the folder's safetensors (only those asked)."""
+def _put(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in place of the meta tensor ``key`` of ``model`` (a parameter keeps its requires_grad)."""
+    owner, _, leaf = key.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=module._parameters[leaf].requires_grad)
+    else:
+        module._buffers[leaf] = value
+    return value
+
+
+def _folder_weights(folder: Path) -> _Weights:
+    """The folder's safetensors weights: their names, and one tensor read at a time."""
     from safetensors import SafetensorError, safe_open
 
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            where = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-        except (ValueError, KeyError, TypeError) as e:
-            raise HFError(f"{index} is not a safetensors index ({e})") from None
-    elif (folder / "model.safetensors").is_file():
-        where = None
-    else:
-        raise HFError(f"{folder} holds no model.safetensors (nor an index of shards): save the model with "
-                      "save_pretrained (safetensors; pickled .bin weights are never read)")
+    try:
+        if index.is_file():
+            where = {k: (folder / f).resolve() for k, f in json.loads(index.read_text())["weight_map"].items()}
+            if any(folder.resolve() not in f.parents for f in where.values()):
+                raise HFError(f"{index} names shards outside its folder")
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as h:
+                where = {k: folder / "model.safetensors" for k in h.keys()}
+        else:
+            raise HFError(f"{folder} holds no model.safetensors (nor an index of shards): save the model with "
+                          "save_pretrained (safetensors; pickled .bin weights are never read)")
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:  # a damaged or foreign file
+        raise HFError(f"{folder}: not readable safetensors weights ({type(e).__name__}: {e})") from None
 
-    def read(keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        files: dict[Path, list[str]] = {}
-        for k in keys:
-            f = folder / "model.safetensors" if where is None else where.get(k)
-            if f is not None:
-                files.setdefault(f, []).append(k)
-        for f, ks in files.items():
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    names = set(h.keys())
-                    for k in ks:
-                        if k in names:
-                            yield k, h.get_tensor(k)
-            except (OSError, SafetensorError) as e:  # a damaged or foreign file
-                raise HFError(f"{f}: not a readable safetensors file ({e})") from None
-    return read
+    def get(key: str) -> torch.Tensor:
+        try:
+            with safe_open(str(where[key]), framework="pt") as h:
+                return h.get_tensor(key)
+        except (OSError, SafetensorError) as e:
+            raise HFError(f"{where[key]}: not a readable safetensors file ({e})") from None
+    return _Weights(set(where), get)
 
 
 def load_piece(folder: str | Path, task: str, cuts: Sequence[str], index: int, *, seed: int = 0,
@@ -421,13 +477,17 @@ def load_piece(folder: str | Path, task: str, cuts: Sequence[str], index: int, *
         raise HFError(f"{folder} is not a model folder: it has no config.json (save the model with save_pretrained)")
     if task not in TASKS:
         raise HFError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
-    try:
-        cfg = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, **(config or {}))
+    try:  # the folder's own configuration class only: no code from the folder is ever run
+        cfg = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         cls = getattr(transformers, TASKS[task])._model_mapping[type(cfg)]
     except (OSError, ValueError, KeyError) as e:
         raise HFError(f"cannot read the configuration in {folder} for task {task!r}: {type(e).__name__}: {e}") from None
+    for key, value in (config or {}).items():  # entries of the configuration, never arguments of the loader
+        if not hasattr(cfg, key):
+            raise HFError(f"config entry {key!r} is not one of {type(cfg).__name__}'s")
+        setattr(cfg, key, value)
     cfg.use_cache = False
-    return _build(cls, cfg, cuts, index, _weights_reader(folder), seed).eval()  # as from_pretrained gives it
+    return _build(cls, cfg, cuts, index, _folder_weights(folder), seed).eval()  # as from_pretrained gives it
 
 
 def owned_modules(model: nn.Module, cuts: Sequence[str], index: int) -> list[str]:

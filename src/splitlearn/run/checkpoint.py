@@ -132,7 +132,8 @@ def meter_state(meter: Meter) -> dict[str, Any]:
     return {"sent": [[w, d, t.messages, t.bytes, t.payload] for (w, d), t in meter.sent.items()],
             "received": [[w, d, t.messages, t.bytes, t.payload] for (w, d), t in meter.received.items()],
             "flops_forward": meter.flops_forward, "flops_backward": meter.flops_backward,
-            "compute_s": meter.compute_s, "wait_s": meter.wait_s, "counted": meter.counted}
+            "compute_s": meter.compute_s, "wait_s": meter.wait_s, "counted": meter.counted,
+            "tokens": [meter.tokens_forward, meter.tokens_backward]}
 
 
 def load_meter(meter: Meter, m: dict[str, Any]) -> None:
@@ -141,6 +142,7 @@ def load_meter(meter: Meter, m: dict[str, Any]) -> None:
     meter.flops_forward, meter.flops_backward = m["flops_forward"], m["flops_backward"]
     meter.compute_s, meter.wait_s = m["compute_s"], m["wait_s"]
     meter.counted = m.get("counted", {})  # (a checkpoint of an earlier splitlearn: counted again)
+    meter.tokens_forward, meter.tokens_backward = m.get("tokens", [0, 0])
 
 
 def goodbye_bytes(sender: str, receiver: str) -> int:

@@ -436,6 +436,8 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     report = PartyReport(party.name, metrics.history(), {**party.meter.summary(), **timing}, list(party.link.refused),
                          plays=party.name, modules=party.modules, predictions=predictions, scores=metrics.scores)
     report.refused_jumps = dict(party.bounds.refused)
+    held = {id(t): t for m in party.modules.values() for t in [*m.parameters(), *m.buffers()]}  # shared once
+    report.meter["weights_bytes"] = sum(t.numel() * t.element_size() for t in held.values())
     if validating:
         a = party.precision.epochs
         report.stopping = {"best_epoch": a.best, "stopped_at": a.stopped, "metric": a.metric, "loss": a.loss}

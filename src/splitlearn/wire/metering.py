@@ -41,6 +41,8 @@ class Meter:
     flops_backward: int = 0
     compute_s: float = 0.0
     wait_s: float = 0.0
+    tokens_forward: int = 0  # real (unpadded) tokens of the text rows stepped forward: training and evaluation
+    tokens_backward: int = 0  # of which trained (their gradients came back)
     _flop_cache: dict[str, int] = field(default_factory=dict, repr=False)  # repr(key) -> FLOPs
 
     def on_send(self, wire: str, direction: str, nbytes: int, payload: int) -> None:
@@ -60,6 +62,11 @@ class Meter:
     @property
     def flops(self) -> int:
         return self.flops_forward + self.flops_backward
+
+    def count_tokens(self, n: int, trained: bool) -> None:
+        """A step's text rows had ``n`` real tokens (forward; ``trained``: their gradients come back too)."""
+        self.tokens_forward += n
+        self.tokens_backward += n if trained else 0
 
     @property
     def counted(self) -> dict[str, int]:
@@ -114,4 +121,6 @@ class Meter:
             "wait_s": round(self.wait_s, 4),
             "sent": table(self.sent),
             "received": table(self.received),
+            **({"tokens_forward": self.tokens_forward, "tokens_backward": self.tokens_backward}
+               if self.tokens_forward else {}),  # a party holding text: the tokens its rows had
         }
