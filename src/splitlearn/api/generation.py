@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..core.plan import plan_dir
+from ..core.plan import beside_plan
 from ..core.specs import PlanError
 from ..data import DataError
 from ..data.text import load_tokenizer
@@ -34,10 +34,7 @@ def _tokenizer(plan: Any, run_dir: Path, given: str | Path | None) -> Any:
         if not named:
             raise PlanError("the run's data names no tokenizer, so a prompt given as text cannot be tokenised",
                             file=run_dir, hint="give tokenizer= (a tokenizer.json or model folder) or token ids")
-        path = Path(named[0])
-        base = plan_dir(plan)
-        if not path.is_absolute() and base is not None:
-            path = base / path
+        path = beside_plan(plan, named[0])
     try:
         return load_tokenizer(Path(path).expanduser())
     except DataError as e:

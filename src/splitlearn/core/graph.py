@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .defense import validate as validate_defenses
-from .losses import get as loss_kind
 from .plan import Plan
 from .specs import PlanError
 from .wirespec import WireSpec
@@ -245,6 +244,12 @@ def _feeds_local_loss(nodes: dict[str, Node], start: str, party: str) -> bool:
     return any(u.kind == "loss" or _feeds_local_loss(nodes, u.name, party) for u in users)
 
 
+def _loss_kind(kind: str):  # noqa: ANN202 - the loss kinds need torch, which `splitlearn --help` does not import
+    from .losses import get
+
+    return get(kind)
+
+
 def _token_bound(plan: Plan, field: str) -> tuple[tuple[int, int], ...]:
     """A token loss's labels (``party.field``) vary in length per batch, up to the text data's ``max_length`` or the
     width of the rows given in Python; a PlanError where neither says it."""
@@ -308,7 +313,7 @@ def build_graph(plan: Plan) -> Graph:
                             hint="name the field holding the labels as 'party.field', e.g. 'hospital.y'")
         target = _resolve(plan, loss.target, f"{entry}.target", nodes, role="target")
         for what in ("pipeline", "accumulate"):  # micro-batches and batches of a group count by rows, not tokens
-            if getattr(plan.train, what) > 1 and loss_kind(loss.kind).tokens:
+            if getattr(plan.train, what) > 1 and _loss_kind(loss.kind).tokens:
                 raise PlanError(f"loss {name!r} ({loss.kind}) is a mean over tokens, and {what} = "
                                 f"{getattr(plan.train, what)} would weigh its parts by their rows: not the gradient "
                                 "of the whole's token mean", entry=f"train.{what}",
@@ -334,7 +339,7 @@ def build_graph(plan: Plan) -> Graph:
         vary = ()
         if nodes[src].kind == "output":
             vary = tuple(sorted(plan.segments[segment].outputs[nodes[src].element].vary.items()))
-        elif any(nodes[u].kind == "loss" and loss_kind(plan.losses[u].kind).tokens for u in users):
+        elif any(nodes[u].kind == "loss" and _loss_kind(plan.losses[u].kind).tokens for u in users):
             vary = _token_bound(plan, src)  # a language model's labels: a sequence per row
         wires.append(Wire(name=f"{src}->{'+'.join(users)}", src=src, src_party=nodes[src].party, dst_party=dst_party,
                           carries=carries, consumers=tuple(users), spec=spec, vary=vary))

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core.plan import Plan, plan_dir
+from ..core.plan import Plan, beside_plan, plan_dir
 from ..core.specs import PlanError, refused_factory_package
 from .cut import CutError, cut_module
 from .hf import HFError, HFPiece, add_lora, is_hf_model, load_piece, owned_modules, piece_of
@@ -231,10 +231,8 @@ def _hf_piece(plan: Plan, name: str, cuts: list[str], index: int, entry: str) ->
     try:
         if spec.hf is None:
             return piece_of(spec._object, cuts, index, seed=seed)
-        folder = Path(spec.hf.folder).expanduser()
-        if not folder.is_absolute() and plan_dir(plan) is not None:
-            folder = plan_dir(plan) / folder
-        return load_piece(folder.resolve(), spec.hf.task, cuts, index, seed=seed, config=spec.hf.config)
+        return load_piece(beside_plan(plan, spec.hf.folder).resolve(), spec.hf.task, cuts, index, seed=seed,
+                          config=spec.hf.config)
     except HFError as e:
         raise PlanError(f"network {name!r}: {e}", entry=entry,
                         hint="see 'Language models' in docs/plans.md") from None

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from numbers import Integral
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -303,7 +302,7 @@ def base_embedding(plan: Any, segment: str) -> tuple[torch.Tensor | None, str | 
     :class:`~splitlearn.core.plan.Plan`) runs from a ``[networks.X] hf`` folder, as an attacker who knows that
     model holds it (read from the folder: the prelude and the blocks up to the segment's cut only);
     ``(None, why)`` where there is none."""
-    from ...core.plan import plan_dir
+    from ...core.plan import beside_plan
     from ...models.hf import HFError, load_piece
 
     seg = plan.segments[segment]
@@ -311,9 +310,7 @@ def base_embedding(plan: Any, segment: str) -> tuple[torch.Tensor | None, str | 
     if spec is None or spec.hf is None:
         return None, (f"segment {segment!r} runs no [networks.X] hf model folder, so the base model's embeddings "
                       "(the nearest-embedding attack) are not at hand")
-    folder = Path(spec.hf.folder).expanduser()
-    if not folder.is_absolute() and plan_dir(plan) is not None:
-        folder = plan_dir(plan) / folder
+    folder = beside_plan(plan, spec.hf.folder)
     try:
         piece = load_piece(folder, spec.hf.task, [seg.cut] if seg.cut else [], 0, config=spec.hf.config)
         table = piece.hf.get_input_embeddings().weight.detach().float()
