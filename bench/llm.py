@@ -10,7 +10,7 @@ lengths (right padding; each step's rows padded to their own longest, as ``split
 *U-shaped*: the hospital holds the embeddings and the first block, the server the middle blocks, the hospital
 the last block, the norm, the head and the labels (``splitlearn.train``, in-process parties). *One segment*: the
 whole model at the hospital through the same engine. *Unsplit*: a plain PyTorch loop over the same batches with
-the same ``peft`` LoRA adapters (``splitlearn.models.hf.add_lora``: the same initial adapters) and AdamW. Every
+the same ``peft`` LoRA adapters (``splitlearn.models.lora.add_lora``: the same initial adapters) and AdamW. Every
 setting runs once per repeat, alternated; figures are medians and their spread (min-max).
 """
 
@@ -121,7 +121,7 @@ def unsplit_run(folder: Path, arrays: dict, steps: list[np.ndarray]) -> dict:
     from transformers import AutoModelForCausalLM
 
     from splitlearn.models.build import network_seed
-    from splitlearn.models.hf import add_lora
+    from splitlearn.models.lora import add_lora
 
     model = AutoModelForCausalLM.from_pretrained(str(folder))
     add_lora(model, LORA, network_seed(SEED, "lm"))

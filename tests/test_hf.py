@@ -17,7 +17,8 @@ from splitlearn.core.specs import DataSpec, PlanError  # noqa: E402
 from splitlearn.launch.threads import run_local  # noqa: E402
 from splitlearn.models import build_network, build_segment  # noqa: E402
 from splitlearn.models.generation import greedy  # noqa: E402
-from splitlearn.models.hf import HFError, load_piece, merge_lora, piece_of  # noqa: E402
+from splitlearn.models.hf import HFError, load_piece, piece_of  # noqa: E402
+from splitlearn.models.lora import merge_lora  # noqa: E402
 from splitlearn.run.setup import prepare, schedule  # noqa: E402
 
 V, T = 50, 9
@@ -318,3 +319,43 @@ def test_lora_on_one_segment_only_gives_the_whole_trained_model(tmp_path):
     whole = result.model.state_dict()
     assert any("lora_" in k for k in trained) and any(k == "score.weight" for k in trained)
     assert all(torch.equal(whole[k], v) for k, v in trained.items())  # every segment's weights, adapters included
+
+
+def test_other_families_compose_exactly_from_a_folder_and_the_callers_model_stays_its_own(tmp_path):
+    """Gemma (an embedding module holding a saved weight and a computed buffer) and GPT-NeoX (a checkpoint whose
+    head transformers renames, embed_out): the pieces read from the folder compose to the model exactly; a piece cut
+    from a model object owns its weights (training it leaves the caller's model as it was)."""
+    torch.manual_seed(0)
+    gemma = transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, pad_token_id=0)).eval()
+    neox = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2)).eval()
+    ids, mask = batch()
+    for model, cut in ((gemma, "model.layers.1"), (neox, "gpt_neox.layers.1")):
+        folder = tmp_path / type(model).__name__
+        model.save_pretrained(folder)
+        pieces = [load_piece(folder, "causal_lm", [cut], k) for k in range(2)]
+        assert torch.equal(pieces[1](pieces[0](ids, mask)[0], mask), model(input_ids=ids, attention_mask=mask).logits)
+    before = {k: v.clone() for k, v in gemma.state_dict().items()}
+    with torch.no_grad():
+        for p in piece_of(gemma, ["model.layers.1"], 0).parameters():
+            p.add_(1.0)
+    assert all(torch.equal(before[k], v) for k, v in gemma.state_dict().items())
+
+
+def test_a_tied_embedding_trains_at_one_party_only_under_adapters(tmp_path):
+    """GPT-2 ties its head to its embeddings: U-shaped with adapters everywhere (both copies frozen) trains; a bottom
+    without adapters would train its copy while the top's stays: refused, naming the segment."""
+    import splitlearn
+
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(gpt2()).save_pretrained(tmp_path)
+    cuts = ("transformer.h.0", "transformer.h.2")
+    frozen = u_plan(tmp_path, cuts=cuts, task="causal_lm", targets=("c_attn",))
+    assert build_segment(frozen, "top").tied_across
+    bottom = frozen.segments["bottom"].model_copy(update={"lora": None})
+    plan = frozen.model_copy(update={"segments": {**frozen.segments, "bottom": bottom}})
+    with pytest.raises(PlanError, match="'bottom' trains a weight tied to one another segment holds") as e:
+        splitlearn.train(plan)
+    assert e.value.entry == "segments.bottom"

@@ -28,10 +28,6 @@ def _summary(result: dict) -> None:
         ppl = f"perplexity {m['test_perplexity']:.3f}, " if m.get("test_perplexity") is not None else ""
         console.print(f"[bold]test loss[/] on {m['test_tokens']} tokens of {m.get('test_rows')} test rows: "
                       f"{m['test_loss']:.4f} ({ppl}next-token accuracy {m['test_accuracy']:.4f})", highlight=False)
-    per_token = [f"{w['name']} {'/'.join(f'{v:.1f}' for v in w['bytes_per_token'].values())}"
-                 for w in result.get("wires", []) if w.get("bytes_per_token")]
-    if per_token:  # text rows: padded per batch, so per real token
-        console.print("  bytes per real token (forward/backward): " + ", ".join(per_token), highlight=False)
     elif "test_accuracy" in m:
         console.print(f"[bold]test accuracy[/]{rows}: {_with_ci(m, 'test_accuracy')}", highlight=False)
         names = {"test_roc_auc": "ROC AUC", "test_f1": "F1", "test_sensitivity": "sensitivity",
@@ -43,6 +39,10 @@ def _summary(result: dict) -> None:
         names = {"test_mae": "MAE", "test_rmse": "RMSE", "test_r2": "R²"}
         shown = [f"{label} {_with_ci(m, k)}" for k, label in names.items() if m.get(k) is not None]
         console.print(f"[bold]test regression[/]{rows}: " + ", ".join(shown), highlight=False)
+    per_token = [f"{w['name']} {'/'.join(f'{v:.1f}' for v in w['bytes_per_token'].values())}"
+                 for w in result.get("wires", []) if w.get("bytes_per_token")]
+    if per_token:  # text rows: padded per batch, so per real token
+        console.print("  bytes per real token (forward/backward): " + ", ".join(per_token), highlight=False)
     sites = list(m.get("per_client", {}).items())
     if m.get("scored") and sites:  # a [clients] run: pooled over every site's test rows; each on its own
         console.print(f"  pooled over {len(sites)} clients' test rows; per client:", highlight=False)

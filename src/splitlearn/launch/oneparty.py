@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,19 @@ def endpoints(plan: Plan, topo: Topology, name: str, listen: str | None, peers: 
         raise PlanError(f"party {name!r} must listen for {accept} but has no address", entry=f"parties.{name}.address",
                         hint="pass --listen HOST:PORT or set the party's address in the plan")
     return Endpoints(listen if accept else None, dial, accept)
+
+
+def _peak_rss() -> int:
+    """This party's process at its largest, in bytes (its modules, data, buffers): Linux's VmHWM, which, unlike
+    ``ru_maxrss``, does not carry over the launcher's peak across exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # (bytes on macOS, KiB elsewhere)
 
 
 def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, listen: str | None = None,
@@ -108,8 +122,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     finally:
         transport.close()
     if out is not None:
-        # this party's process at its largest (its modules, data, buffers): what it took to take part
-        report.meter["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (Linux: KiB)
+        report.meter["peak_rss_bytes"] = _peak_rss()
         save_party(Path(out) / "parties" / name, report)
         if name == topo.lead:  # the label owner (or a schedule's coordinator) holds the run's result.json
             try:

@@ -94,26 +94,32 @@ def build_result(plan: Plan, reports: dict[str, PartyReport], extra: dict[str, A
     if aligned:  # private alignment: how many rows each party had, and how many every party holds
         result["alignment"] = {"method": plan.data.align, "parties": aligned}
     result.update(schedule_part(plan, reports, parties))
-    _per_token(result["wires"], parties)
+    _per_token(result["wires"], parties, {w.name for w in graph.wires if w.carries == "label" and not w.vary})
     result["parties"] = parties
     result.update(extra or {})
     return result
 
 
-def _per_token(wires: list[dict[str, Any]], parties: dict[str, dict]) -> None:
+def _per_token(wires: list[dict[str, Any]], parties: dict[str, dict], per_row: set[str]) -> None:
     """Text rows: each wire's bytes per real token (forward over every token stepped, backward over the trained
-    ones), from the tokens the holder of the text counted."""
-    forward = max((p.get("tokens_forward", 0) for p in parties.values()), default=0)
-    backward = max((p.get("tokens_backward", 0) for p in parties.values()), default=0)
-    if not forward:
+    ones), by the tokens the holder of the text counted (the wire's sender where it holds text); not for a label
+    wire carrying one label a row (``per_row``)."""
+    counted = {n: p for n, p in parties.items() if p.get("tokens_forward")}
+    if not counted:
         return
     for w in wires:
-        def sent(party: str, direction: str) -> int:
-            return sum(t["bytes"] for t in parties.get(party, {}).get("sent", [])
-                       if t["wire"] == w["name"] and t["direction"] == direction)
-        back = sent(w["dst"], "backward")  # (none on an integer element: no gradient)
-        w["bytes_per_token"] = {"forward": round(sent(w["src"], "forward") / forward, 3),
+        if w["name"] in per_row:
+            continue
+        holder = counted.get(w["src"]) or next(iter(counted.values()))
+        forward, backward = holder["tokens_forward"], holder.get("tokens_backward", 0)
+        back = _sent(parties, w["dst"], w["name"], "backward")  # (none on an integer element: no gradient)
+        w["bytes_per_token"] = {"forward": round(_sent(parties, w["src"], w["name"], "forward") / forward, 3),
                                 **({"backward": round(back / backward, 3)} if backward and back else {})}
+
+
+def _sent(parties: dict[str, dict], party: str, wire: str, direction: str) -> int:
+    return sum(t["bytes"] for t in parties.get(party, {}).get("sent", [])
+               if t["wire"] == wire and t["direction"] == direction)
 
 
 def _privacy(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict]:

@@ -23,7 +23,8 @@ from torch import nn
 from ..core.plan import Plan, beside_plan, plan_dir
 from ..core.specs import PlanError, refused_factory_package
 from .cut import CutError, cut_module
-from .hf import HFError, HFPiece, add_lora, is_hf_model, load_piece, owned_modules, piece_of
+from .hf import HFError, HFPiece, is_hf_model, load_piece, owned_modules, piece_of
+from .lora import add_lora
 from .zoo import ZOO
 
 __all__ = ["build_network", "build_segment", "network_seed", "load_factory", "is_hf_network"]
@@ -257,12 +258,19 @@ def _hf_segment(plan: Plan, segment: str) -> nn.Module:
         except HFError as e:
             raise PlanError(f"segment {segment!r}: {e}", entry=f"segments.{segment}.lora",
                             hint="name the last part of linear layers this segment runs") from None
-    if getattr(piece, "tied_across", False) and any(p.requires_grad for p in piece.parameters()) and \
-            spec.lora is None:
-        raise PlanError(f"segment {segment!r} holds a copy of a weight tied to the embeddings another segment runs "
-                        "(tie_word_embeddings): the two copies would train apart", entry=f"segments.{segment}",
-                        hint="freeze the base with lora = {...}, or save the model untied (tie_word_embeddings=False)")
+    tied = _tied_names(piece)
+    if getattr(piece, "tied_across", False) and any(p.requires_grad for n, p in piece.named_parameters() if n in tied):
+        raise PlanError(f"segment {segment!r} trains a weight tied to one another segment holds (an embedding and a "
+                        "language-model head, tie_word_embeddings): the two copies would train apart",
+                        entry=f"segments.{segment}", hint="freeze it (lora = {...}, not naming it in train), or save "
+                        "the model untied (tie_word_embeddings=False)")
     return piece
+
+
+def _tied_names(piece: HFPiece) -> set[str]:
+    """The names of a piece's weights tied to another's (an embedding and a language-model head)."""
+    tied = getattr(piece.hf, "all_tied_weights_keys", None) or {}
+    return {*tied, *tied.values()}
 
 
 def build_segment(plan: Plan, segment: str) -> nn.Module:

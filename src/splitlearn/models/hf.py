@@ -25,23 +25,17 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import math
-import warnings
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["HFError", "HFPiece", "is_hf_model", "hf_blocks", "piece_of", "load_piece", "add_lora", "merge_lora", "owned_modules",
+__all__ = ["HFError", "HFPiece", "is_hf_model", "hf_blocks", "piece_of", "load_piece", "owned_modules", "set_module",
            "TASKS"]
 
 TASKS = {"causal_lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification",
          "base": "AutoModel"}
-
-
-_ADAPTABLE = ("Linear", "Conv1D")  # layers LoRA adapters go on (torch's, and GPT-2's transposed one)
 
 
 class HFError(ValueError):
@@ -159,7 +153,8 @@ class _Reached(Exception):
         self.hidden = hidden
 
 
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` under ``root``."""
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
@@ -287,74 +282,14 @@ def _cut(model: nn.Module, cuts: Sequence[str], index: int) -> tuple[nn.Module, 
     before, after = _sides(model, path)
     width = int(model.config.hidden_size)
     blocks = model.get_submodule(path)
-    _set(model, path, _Blocks({i: blocks[i] for i in owned}))
+    set_module(model, path, _Blocks({i: blocks[i] for i in owned}))
     if index > 0:
         for name in before:
-            _set(model, name, _Zeros(width))
+            set_module(model, name, _Zeros(width))
     if index < len(cuts):
         for name in after:
-            _set(model, name, _Elsewhere())
+            set_module(model, name, _Elsewhere())
     return model, path, owned
-
-
-def _lora_seed(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
-
-
-def add_lora(piece: nn.Module, lora: dict[str, Any], seed: int, within: Sequence[str] | None = None) -> nn.Module:
-    """``peft`` LoRA adapters on the piece's ``target_modules`` (``r``, ``alpha``, ``dropout``), the base frozen
-    but for the modules named in ``train`` (``["score"]``: trained whole) and weights the model folder lacks (a new
-    classification head, initialised from the seed).
-    Each adapter's A is drawn from a stream of its own (the seed and its name), B is zero: the adapters of a
-    layer are the same whichever party builds it, so a split run starts where an unsplit one does. ``within``:
-    only layers under these module names (a whole model given a piece's adapters)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=float(lora.get("alpha", 2 * int(lora.get("r", 8)))),
-                        target_modules=list(lora["target_modules"]), lora_dropout=float(lora.get("dropout", 0.0)),
-                        bias="none")
-    hf = piece.hf if isinstance(piece, HFPiece) else piece
-    layers = {n: m for n, m in hf.named_modules() if type(m).__name__ in _ADAPTABLE}
-    targets = [n for n in layers if n.rpartition(".")[2] in config.target_modules
-               and (within is None or any(n == w or n.startswith(w + ".") for w in within))]
-    if not targets:
-        raise HFError(f"none of its layers is named {sorted(config.target_modules)} (its linear layers end in "
-                      f"{sorted({n.rpartition('.')[2] for n in layers})})")
-    config.target_modules = targets
-    config.fan_in_fan_out = any(type(layers[n]).__name__ == "Conv1D" for n in targets)  # GPT-2's (in, out) layers
-    before = {n: p.requires_grad for n, p in hf.named_parameters()}  # (peft freezes every weight it does not adapt)
-    with warnings.catch_warnings():  # a whole model given each segment's adapters in turn: one adapter, "default"
-        warnings.filterwarnings("ignore", message=".*peft_config.*")
-        inject_adapter_in_model(config, hf)
-    also = set(lora.get("train") or ()) | set(getattr(piece, "fresh", ()))  # whole modules, new weights: trained
-    for name, p in hf.named_parameters():
-        if within is None or any(name.startswith(w + ".") for w in within):  # (a whole model: this segment's layers)
-            p.requires_grad_("lora_" in name or name in also or any(part in also for part in name.split(".")[:-1]))
-        else:
-            p.requires_grad_(before.get(name.replace(".base_layer", ""), before.get(name, True)))
-    for name, m in hf.named_modules():
-        if name.endswith("lora_A.default"):
-            g = torch.Generator().manual_seed(_lora_seed(seed, name))
-            bound = 1 / math.sqrt(m.weight.shape[1])  # kaiming_uniform(a=sqrt(5)) as nn.Linear draws
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 * bound - bound)
-    if isinstance(piece, HFPiece):  # children may have been replaced by adapter wrappers: register them again
-        for name, child in hf.named_children():
-            piece.add_module(name, child)
-    return piece
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """``model`` with its LoRA adapters merged into the base weights and removed (plain layers again)."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, m in list(model.named_modules()):
-        if isinstance(m, LoraLayer):
-            m.merge()
-            _set(model, name, m.get_base_layer())
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
 
 
 def piece_of(model: nn.Module, cuts: Sequence[str], index: int, state: dict[str, torch.Tensor] | None = None,
@@ -363,7 +298,8 @@ def piece_of(model: nn.Module, cuts: Sequence[str], index: int, state: dict[str,
     ``meta`` device, only the piece's own tensors materialised, taken from ``state`` (the model's own
     ``state_dict`` unless given)."""
     source = model.state_dict() if state is None else state
-    piece = _build(type(model), model.config, cuts, index, _Weights(set(source), lambda k: source[k]), seed)
+    piece = _build(type(model), model.config, cuts, index,
+                   _Weights(set(source), lambda k: source[k].detach().clone()), seed)  # the caller's stays theirs
     return piece.train(model.training)
 
 
@@ -374,14 +310,23 @@ class _Weights(NamedTuple):
     get: Callable[[str], torch.Tensor]
 
 
-def _source_key(model: nn.Module, key: str, names: set[str]) -> str | None:
-    """The name ``key`` of ``model`` has among ``names``: itself, or without or with the base model's prefix (a base
-    model's weights for a task model, as ``from_pretrained`` reads them)."""
+def _sources(model: nn.Module, names: set[str], own: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Each of ``model``'s tensor names its name among the saved ``names``, as ``from_pretrained`` reads them: the
+    model's renamings of older checkpoints (GPT-NeoX's ``embed_out``), a base model's weights without or with the
+    base model's prefix."""
     prefix = getattr(model, "base_model_prefix", "") or ""
-    for k in (key, key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else None, f"{prefix}.{key}"):
-        if k and k in names:
-            return k
-    return None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renames = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        mapped = {rename_source_key(n, renames, [], prefix, own)[0]: n for n in sorted(names)}
+    except (ImportError, AttributeError, TypeError):  # another transformers: the prefix only
+        mapped = {}
+    for n in sorted(names):
+        for k in (n, n[len(prefix) + 1:] if prefix and n.startswith(prefix + ".") else None, f"{prefix}.{n}"):
+            mapped.setdefault(k, n) if k in own else None
+    return mapped
 
 
 def _build(cls: Any, config: Any, cuts: Sequence[str], index: int, weights: _Weights, seed: int) -> HFPiece:
@@ -393,10 +338,10 @@ def _build(cls: Any, config: Any, cuts: Sequence[str], index: int, weights: _Wei
     model, path, owned = _cut(model, cuts, index)
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     own = model.state_dict()
+    saved = _sources(model, weights.names, own)
     found: dict[str, torch.Tensor] = {}
     for key, meta in own.items():
-        src = _source_key(model, key, weights.names) or (_source_key(model, tied[key], weights.names)
-                                                          if key in tied else None)
+        src = saved.get(key) or (saved.get(tied[key]) if key in tied else None)
         if src is None:
             continue
         value = weights.get(src)
@@ -406,7 +351,8 @@ def _build(cls: Any, config: Any, cuts: Sequence[str], index: int, weights: _Wei
     prefix = getattr(model, "base_model_prefix", "") or ""
     out = model.get_output_embeddings()  # a language model's head: loaded, never new
     head = {f"{m}.weight" for m, x in model.named_modules() if x is out} if isinstance(out, nn.Linear) else set()
-    lost = [k for k in own if k not in found and (k.startswith(prefix + ".") or k in head)]
+    base = getattr(model, "base_model", None) is model  # (task "base": every weight is the base's)
+    lost = [k for k in own if k not in found and (base or k.startswith(prefix + ".") or k in head)]
     if lost:
         raise HFError(f"its weights lack {len(lost)} tensor(s) of the base model ({', '.join(lost[:3])}): saved by "
                       "another class or in an older format? Save the model with save_pretrained from this version")
@@ -414,13 +360,15 @@ def _build(cls: Any, config: Any, cuts: Sequence[str], index: int, weights: _Wei
         torch.manual_seed(seed)
         for name, module in model.named_modules():
             empty = [t for t in [*module._parameters.values(), *module._buffers.values()] if t is not None and t.is_meta]
-            if empty:
+            if empty:  # (to_empty replaces every tensor it holds directly: those loaded are put back)
                 module.to_empty(device="cpu", recurse=False)
                 model._init_weights(module)
+                for key in [k for k in found if k.rpartition(".")[0] == name]:
+                    _put(model, key, found[key])
     if any(k in own and src in own for k, src in tied.items()):
         model.tie_weights()  # both ends here (the whole model): one weight again
     piece = HFPiece(model, path, owned, index, len(cuts) + 1)
-    piece.tied_across = path is not None and any(k in own and src not in own for k, src in tied.items())
+    piece.tied_across = path is not None and any((k in own) != (src in own) for k, src in tied.items())
     piece.fresh = sorted(n for n, _ in model.named_parameters() if n not in found)  # a new head: initialised here
     return piece
 
