@@ -354,8 +354,12 @@ def section(m: dict, f: dict, size: dict, head: str) -> str:
     unsplit = statistics.median(sp["unsplit"]["tokens_per_s"])
     lines += ["", f"Engine (one segment against unsplit): {one / unsplit:.2f}x; split (U-shaped float32 against one "
               f"segment): {split / one:.2f}x.", "",
-              "Where the time goes, from each run's meter over the whole run (the training steps, the first step's "
-              "FLOP count and the evaluation: the same work in every setting), medians: *compute* (each party's "
+              "Where the time goes, from each run's meter over the whole run (the training steps, the evaluation and "
+              "the FLOP counts: the engine runs each segment, loss and stage backward under torch's FlopCounterMode the "
+              "first time it meets a shape, so that FLOPs are exact per sequence length; with lengths drawn from "
+              "64-128 that is most of this short run's steps, and the U-shaped plan has three segments and stages to "
+              "count where the one segment has one: a cost paid once per length, not per step, in a longer run), "
+              "medians: *compute* (each party's "
               "segments, losses, backward, optimizer and encoding of what it sends), *wait* (blocked on a message). "
               "*Other*: the longest party's compute + wait minus both parties' compute, the time neither computed "
               "(hand-offs between the parties' threads).", "",
@@ -426,10 +430,8 @@ def section(m: dict, f: dict, size: dict, head: str) -> str:
     held = {p: statistics.median(mem[p]["held"]) / mem[p]["weights"] for p in pieces}
     lines += [f"Reading: a piece stays resident at {min(held.values()):.2f}-{max(held.values()):.2f}x its weights, "
               f"but its peak while building is {min(peak.values()):.2f}-{max(peak.values()):.2f}x"
-              + (": `load_piece` materialises and initialises the piece's tensors, then reads every one of them from "
-                 "the file before copying them in, so both copies are held at once (reading and copying one tensor "
-                 "at a time would bring the peak near the weights)."
-                 if max(held.values()) < 1.3 and 1.6 < min(peak.values()) <= max(peak.values()) < 2.4 else ".")
+              + (" (`load_piece` maps the folder's file once and puts each tensor read from it in place of the "
+                 "piece's empty one: a weight is held once).")
               + f" The whole model's peak is {statistics.median(whole['peak']) / whole['weights']:.2f}x its weights.",
               "",
               "GPU: no figures; no device was lent to this run.", ""]

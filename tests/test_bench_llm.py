@@ -84,6 +84,5 @@ def test_a_party_peaks_at_its_own_layers_not_the_whole_model(tmp_path):
     shares = [mem[str(k)][0]["weights"] / whole["weights"] for k in range(len(size["cuts"]) + 1)]
     peaks = [mem[str(k)][0]["peak"] / whole["peak"] for k in range(len(size["cuts"]) + 1)]
     assert abs(sum(shares) - 1) < 1e-9 and max(shares) < 0.6  # each holds its own: the embeddings or head, blocks
-    # measured here: peaks 0.34, 0.88, 0.36 of the whole model's for weight shares 0.23, 0.55, 0.23 (the rest: the
-    # build's own allocations, a few MB whatever the piece)
-    assert peaks[0] < 0.5 and peaks[2] < 0.5 and peaks[1] < 1.0, (shares, peaks)
+    # measured here: peaks 0.25, 0.57, 0.28 of the whole model's for weight shares 0.23, 0.55, 0.23
+    assert all(peak < share + 0.1 for peak, share in zip(peaks, shares)), (shares, peaks)

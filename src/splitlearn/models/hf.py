@@ -403,10 +403,13 @@ def _folder_weights(folder: Path) -> _Weights:
     except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:  # a damaged or foreign file
         raise HFError(f"{folder}: not readable safetensors weights ({type(e).__name__}: {e})") from None
 
+    opened: dict[Path, Any] = {}  # one mapping of each file for the whole build (not one per tensor)
+
     def get(key: str) -> torch.Tensor:
         try:
-            with safe_open(str(where[key]), framework="pt") as h:
-                return h.get_tensor(key)
+            if where[key] not in opened:
+                opened[where[key]] = safe_open(str(where[key]), framework="pt")
+            return opened[where[key]].get_tensor(key)
         except (OSError, SafetensorError) as e:
             raise HFError(f"{where[key]}: not a readable safetensors file ({e})") from None
     return _Weights(set(where), get)
