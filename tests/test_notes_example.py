@@ -128,6 +128,10 @@ def test_the_classification_plan_learns_the_diagnoses_and_the_server_sees_no_lab
     assert all(w["carries"] == "activation" for w in wires.values())  # no label wire: the diagnoses stay home
     saved = {p: sorted(mod.state_dict()) for p, mods in result.modules.items() for mod in mods.values()}
     assert all("lora_" in k or k == "score.weight" for keys in saved.values() for k in keys)  # adapters + new head
+    from splitlearn.core.specs import PlanError
+
+    with pytest.raises(PlanError, match="has no language-model head"):  # a classifier decodes no text
+        splitlearn.generate(tmp_path / "run", "a note", max_new_tokens=2)
 
 
 def test_the_language_model_plan_over_party_processes_equals_threads_and_generates(made, tmp_path):

@@ -63,7 +63,7 @@ def generate(run_dir: str | Path, prompt: str | Sequence[int], *, max_new_tokens
             load_weights(run_dir / "parties" / party / "weights.safetensors", {s: pieces[s]})
         except (ValueError, OSError) as e:
             raise PlanError(f"party {party!r}: {e}", file=run_dir, hint="generate from the run folder it trained") from None
-    if pieces[segments[-1]].hf.config.model_type and not hasattr(pieces[segments[-1]].hf, "lm_head"):
+    if pieces[segments[-1]].hf.get_output_embeddings() is None:  # (GPT-NeoX's is embed_out: asked, not named)
         raise PlanError(f"network {names[0]!r} has no language-model head (its task is not causal_lm)", file=run_dir)
     config = pieces[segments[0]].hf.config
     tok = None
