@@ -147,6 +147,9 @@ class Party:
         train = mode == "train"
         if mode == "handshake":
             rows = torch.zeros(1, dtype=torch.long)
+        text = next((d for d in self.data.values() if isinstance(d, Ragged)), None)
+        if text is not None and mode in ("train", "eval"):  # text rows: their real tokens, once a step
+            self.meter.count_tokens(int(text.lengths[rows].sum()), train)
         k = self.pipeline
         parts = [r for r in torch.tensor_split(rows, k)] if train and k > 1 else [rows]
         states = []
@@ -218,9 +221,6 @@ class Party:
     def _forward(self, node: Node, st: StepState) -> None:
         if node.kind == "input":
             data = self.data[node.name]
-            if isinstance(data, Ragged) and st.mode != "handshake" and node.name == next(  # text: real tokens, once
-                    n for n, d in self.data.items() if isinstance(d, Ragged)):
-                self.meter.count_tokens(int(data.lengths[st.rows].sum()), st.mode == "train")
             st.values[node.name] = (torch.zeros_like(data[:1]) if st.mode == "handshake" else data[st.rows]).to(self.device)
             st.values[node.name] = augmented(self.graph.plan, node, st.values[node.name], st.mode, self.rng)  # training
         elif node.kind == "segment":

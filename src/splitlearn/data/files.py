@@ -20,7 +20,7 @@ import numpy as np
 from .table import DataError, Table, repeated
 
 __all__ = ["read_idx", "mnist", "read_csv", "TARGETS", "check_classes", "check_table_settings", "check_target",
-           "check_unique", "csv_records", "header_index", "label_indices", "label_values", "text_ids"]
+           "check_unique", "csv_records", "header_index", "add_labels", "label_indices", "label_values", "text_ids"]
 
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -153,6 +153,14 @@ def label_values(labels: Sequence[str], where: Callable[[int], str]) -> np.ndarr
     return out
 
 
+def add_labels(fields: dict[str, np.ndarray], columns: dict[str, list[str]], labels: Sequence[str],
+               classes: list[str] | None, where: Callable[[int], str], target: str = "class") -> None:
+    """A label column's values as field ``y`` (:func:`label_indices`), its class names in ``columns["y"]``."""
+    fields["y"], names = label_indices(labels, classes, where, target)
+    if names is not None:
+        columns["y"] = names
+
+
 def label_indices(labels: Sequence[str], classes: list[str] | None,
                   where: Callable[[int], str], target: str = "class") -> tuple[np.ndarray, list[str] | None]:
     """Labels (stripped text) as int64 class indices, and the class names (None when integer labels are kept);
@@ -272,8 +280,6 @@ def read_csv(path: Path, id_column: str | None, label_column: str | None = None,
     x = np.asarray(rows, dtype=np.float32).reshape(len(ids), len(features))
     fields, columns = {"x": x}, {"x": [h for _, h in features]}
     if label_at is not None:
-        fields["y"], names = label_indices(labels, classes,
-                                           lambda i: f"{path}, line {lines[i]}, column {label_column!r}", target)
-        if names is not None:
-            columns["y"] = names
+        add_labels(fields, columns, labels, classes, lambda i: f"{path}, line {lines[i]}, column {label_column!r}",
+                   target)
     return Table(ids_arr, fields, columns)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import check_table_settings, check_target, check_unique, label_indices, text_ids
+from .files import add_labels, check_table_settings, check_target, check_unique, text_ids
 from .images import IMAGE_SUFFIXES
 from .table import DataError, Table, as_ids, repeated
 
@@ -107,10 +107,7 @@ def read_parquet(path: Path, id_column: str | None, label_column: str | None = N
         if bad is not None:
             raise DataError(f"{path}, row {bad}, column {label_column!r}: no label (null)")
         labels = [str(v).strip() for v in col.to_pylist()]
-        fields["y"], names = label_indices(labels, classes, lambda i: f"{path}, row {i}, column {label_column!r}",
-                                           target)
-        if names is not None:
-            columns["y"] = names
+        add_labels(fields, columns, labels, classes, lambda i: f"{path}, row {i}, column {label_column!r}", target)
     return Table(ids, fields, columns)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .files import check_table_settings, check_target, check_unique, csv_records, header_index, label_indices, text_ids
+from .files import add_labels, check_table_settings, check_target, check_unique, csv_records, header_index, text_ids
 from .table import DataError, Table
 
 __all__ = ["Ragged", "read_text", "load_tokenizer", "pad_id", "text_lengths", "TEXT_FIELDS", "TEXT_OPTIONS",
@@ -277,8 +277,6 @@ def read_text(path: Path, id_column: str | None, label_column: str | None, optio
     fields = {"input_ids": input_ids, "attention_mask": mask, "lm_labels": lm_labels}
     table_columns: dict[str, list[str]] = {}
     if label_column is not None:
-        fields["y"], names = label_indices(labels, classes,
-                                           lambda i: f"{path}, line {lines[i]}, column {label_column!r}", target)
-        if names is not None:
-            table_columns["y"] = names
+        add_labels(fields, table_columns, labels, classes,
+                   lambda i: f"{path}, line {lines[i]}, column {label_column!r}", target)
     return Table(ids_arr, fields, table_columns)

@@ -325,7 +325,8 @@ def _sources(model: nn.Module, names: set[str], own: dict[str, torch.Tensor]) ->
         mapped = {}
     for n in sorted(names):
         for k in (n, n[len(prefix) + 1:] if prefix and n.startswith(prefix + ".") else None, f"{prefix}.{n}"):
-            mapped.setdefault(k, n) if k in own else None
+            if k in own:
+                mapped.setdefault(k, n)
     return mapped
 
 
