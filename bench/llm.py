@@ -206,7 +206,7 @@ def _measure(folder: Path, cuts: tuple[str, ...], repeats: int) -> dict[str, lis
     torch.set_num_threads(1)  # no math thread pool to cross the fork
     import transformers
 
-    from splitlearn.models.hf import load_piece
+    from splitlearn.models.hfload import load_piece
 
     def build(what: str, where: Path, cut: tuple[str, ...]) -> torch.nn.Module:
         if what == "whole":
@@ -408,7 +408,7 @@ def section(m: dict, f: dict, size: dict, head: str) -> str:
               "bytes are in the forward figures.", "",
               "### Memory per party against the whole model", "",
               "*Weights*: the parameter bytes each built module holds (exact; the rotary tables, non-persistent "
-              "buffers, are recomputed in every piece). Pieces are built with `splitlearn.models.hf.load_piece` "
+              "buffers, are recomputed in every piece). Pieces are built with `splitlearn.models.hfload.load_piece` "
               "(which reads only its own tensors from the folder), the whole model with "
               "`AutoModelForCausalLM.from_pretrained` (which maps the safetensors file: its weights become resident "
               "as they are read, so every build is followed by reading each weight once, as a step would). *Peak*: "

@@ -14,7 +14,8 @@ class HFSpec(BaseModel):
     relative to the plan file; each party reads only the layers it runs from its own copy of the folder.
 
     ``task``: ``causal_lm`` (the language-model head: logits per token), ``classification`` (a sequence
-    classification head: logits per note) or ``base`` (the last hidden states). ``config``: entries of the
+    classification head: logits per note; a vision model's image classifier: logits per image) or ``base`` (the
+    last hidden states). ``config``: entries of the
     saved configuration to override (``num_labels`` of a new classification head, initialised from the plan
     seed). ``hf = "folder"`` is short for ``hf = { folder = "folder" }``."""
 

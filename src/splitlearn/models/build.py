@@ -23,7 +23,8 @@ from torch import nn
 from ..core.plan import Plan, beside_plan, plan_dir
 from ..core.specs import PlanError, refused_factory_package
 from .cut import CutError, cut_module
-from .hf import HFError, HFPiece, is_hf_model, load_piece, owned_modules, piece_of
+from .hf import HFError, HFPiece, is_hf_model, owned_modules
+from .hfload import load_piece, piece_of
 from .lora import add_lora
 from .zoo import ZOO
 
@@ -236,7 +237,7 @@ def _hf_piece(plan: Plan, name: str, cuts: list[str], index: int, entry: str) ->
                           config=spec.hf.config)
     except HFError as e:
         raise PlanError(f"network {name!r}: {e}", entry=entry,
-                        hint="see 'Language models' in docs/plans.md") from None
+                        hint="see 'Language models' and 'Vision transformers' in docs/plans.md") from None
 
 
 def _hf_segment(plan: Plan, segment: str) -> nn.Module:
@@ -246,12 +247,16 @@ def _hf_segment(plan: Plan, segment: str) -> nn.Module:
     if [s for s in mine if plan.segments[s].cut is None] not in ([], [mine[-1]]):
         raise PlanError(f"segments {mine} of network {spec.network!r}: each but the last ends after a block named "
                         "in its 'cut'", entry=f"segments.{segment}", hint='e.g. cut = "model.layers.1"')
+    cuts = [plan.segments[s].cut for s in mine if plan.segments[s].cut is not None]
+    piece = _hf_piece(plan, spec.network, cuts, mine.index(segment), f"segments.{segment}.cut")
+    if len(spec.inputs) > 1 and piece.vision:
+        raise PlanError(f"segment {segment!r} runs a vision model ({type(piece.hf).__name__}) on {spec.inputs}: it "
+                        "takes one input, the pixel values or the hidden states of the segment before (no mask)",
+                        entry=f"segments.{segment}.inputs", hint="give one input")
     if len(spec.inputs) > 1 and spec.merge != "module":
         raise PlanError(f"segment {segment!r} runs a transformers model on {spec.inputs}, which it takes as its "
                         f"arguments (token ids or hidden states, then the attention mask), not merged by "
                         f"{spec.merge!r}", entry=f"segments.{segment}.merge", hint='write merge = "module"')
-    cuts = [plan.segments[s].cut for s in mine if plan.segments[s].cut is not None]
-    piece = _hf_piece(plan, spec.network, cuts, mine.index(segment), f"segments.{segment}.cut")
     if spec.lora is not None:
         try:
             add_lora(piece, spec.lora.model_dump(), network_seed(plan.train.seed, spec.network))

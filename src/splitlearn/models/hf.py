@@ -16,26 +16,27 @@ as the library wrote them), with what it does not own taken out:
   **recomputed on this side**, not sent; the received hidden states replace the first owned block's input;
 - a piece before the last stops after its last block and returns its hidden states (and the mask).
 
-A piece (:func:`load_piece` from a model folder, :func:`piece_of` from a model object) is built on the ``meta``
-device, what it does not own taken out, then its own tensors read one at a time: a party never holds the others'.
+A vision transformer (ViT, DeiT: ``main_input_name`` ``pixel_values``) has no mask: the first piece takes the
+pixel values, a later one the hidden states (the patches' and the class token's), and only they cross a cut.
+
+A piece (:func:`~splitlearn.models.hfload.load_piece` from a model folder, :func:`~splitlearn.models.hfload.piece_of`
+from a model object) is built on the ``meta`` device, what it does not own taken out (:func:`cut_model`), then its own
+tensors read one at a time: a party never holds the others'.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import json
-from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["HFError", "HFPiece", "is_hf_model", "hf_blocks", "piece_of", "load_piece", "owned_modules", "set_module",
-           "TASKS"]
+__all__ = ["HFError", "HFPiece", "is_hf_model", "is_vision", "hf_blocks", "cut_model", "owned_modules", "set_module"]
 
-TASKS = {"causal_lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification",
-         "base": "AutoModel"}
+
+_PLAIN = "cut a plain vision transformer (ViT, DeiT, DINOv2, BEiT, CLIP's vision model)"
 
 
 class HFError(ValueError):
@@ -105,17 +106,34 @@ def _sides(net: nn.Module, path: str) -> tuple[list[str], list[str]]:
     return before, after
 
 
-class _Zeros(nn.Module):
-    """A prelude module another party runs: zeros of the hidden size, shaped like its first tensor argument."""
+def _shell(module: nn.Module) -> nn.Module:
+    """``module``'s tree without weights: each tensor an empty one of its dtype, not saved (a forward may read a
+    weight's dtype of a module it does not run: ViT's patch embedding)."""
+    shell = nn.Module()
+    for name, t in [*module._parameters.items(), *module._buffers.items()]:
+        if t is not None:
+            shell.register_buffer(name, torch.empty(0, dtype=t.dtype), persistent=False)
+    for name, child in module.named_children():
+        shell.add_module(name, _shell(child))
+    return shell
 
-    def __init__(self, width: int):
+
+class _Zeros(nn.Module):
+    """A prelude module another party runs: zeros of the hidden size, shaped like its first tensor argument (like the
+    received hidden states, where the piece gives them: a vision model's)."""
+
+    def __init__(self, width: int, like: nn.Module):
         super().__init__()
         self.width = width
+        for name, child in _shell(like).named_children():
+            self.add_module(name, child)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if getattr(self, "state", {}).get("entered"):  # it runs after the blocks: no prelude module, a stub's zeros
             raise HFError("a module registered before the blocks runs after them (a final norm?): this model's pieces "
                           "cannot be told apart by their order; it is not supported")
+        if getattr(self, "state", {}).get("like") is not None:
+            return torch.zeros_like(self.state["like"])
         first = next(a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor))
         lead = first.shape[:2] if not first.is_floating_point() else first.shape[:-1]
         return torch.zeros(*lead, self.width, device=first.device)
@@ -160,10 +178,13 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class HFPiece(nn.Module):
-    """Piece ``index`` of ``pieces`` of a Hugging Face model: ``forward(ids_or_hidden, attention_mask)``.
+    """Piece ``index`` of ``pieces`` of a Hugging Face model: ``forward(ids_or_hidden, attention_mask)``, or
+    ``forward(pixels_or_hidden)`` for a vision model (:attr:`vision`).
 
     The first piece takes token ids ``[B, T]``, a later one hidden states ``[B, T, H]``; a piece before the last
-    returns ``(hidden [B, T, H], attention_mask [B, T])``, the last the model's logits. Its parameters and
+    returns ``(hidden [B, T, H], attention_mask [B, T])``, the last the model's logits. A vision model's first
+    piece takes pixel values ``[B, C, H, W]``, and a piece before the last returns the hidden states
+    ``[B, N + 1, H]`` alone (N patches and the class token; no mask). Its parameters and
     ``state_dict`` keys are the model's own (``model.layers.3.mlp.up_proj.weight``); where some of them are
     frozen (a base under LoRA adapters), ``state_dict`` holds only those that train.
     """
@@ -174,13 +195,14 @@ class HFPiece(nn.Module):
         for name, child in model.named_children():
             self.add_module(name, child)
         self.index, self.pieces, self.path, self.owned = index, pieces, path, owned
+        self.vision = is_vision(model)
         self._incoming: torch.Tensor | None = None
         self._state = {"entered": False}  # whether this forward has reached its first block (the stubs check it)
         for m in model.modules():
             if isinstance(m, _Zeros):
                 m.state = self._state
-        if index > 0 and getattr(model.config, "pad_token_id", None) is None:  # a pooling head reads the stand-in
-            model.config = copy.copy(model.config)  # ids' padding (the mask's): it needs a pad id to tell them
+        if index > 0 and not self.vision and getattr(model.config, "pad_token_id", None) is None:  # a pooling head
+            model.config = copy.copy(model.config)  # reads the stand-in ids' padding (the mask's): it needs a pad id
             model.config.pad_token_id = 0
         blocks = list(model.get_submodule(path)) if path is not None else []
         if index > 0:
@@ -228,7 +250,9 @@ class HFPiece(nn.Module):
 
         return PieceCache(config=self.hf.config)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if self.vision or attention_mask is None:
+            return self._see(x, attention_mask)
         if self.first:
             ids = x
         else:  # token ids stand-ins for the prelude (never embedded here): pad where the mask is 0, for pooling heads
@@ -247,6 +271,47 @@ class HFPiece(nn.Module):
             self._incoming = None
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
+    def _see(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """A vision model's forward: pixel values or hidden states in, hidden states or the model's output out."""
+        name, cfg = type(self.hf).__name__, self.hf.config
+        if not self.vision or attention_mask is not None:
+            raise HFError(f"{name} takes " + ("pixel values or hidden states only, no attention mask" if self.vision
+                                              else "token ids or hidden states and their attention mask"))
+        image = _image(cfg)
+        want = [image[0], "H", "W"] if self.first else ["N", int(cfg.hidden_size)]
+        if x.dim() != len(want) + 1 or x.shape[1 if self.first else 2] != want[0 if self.first else 1]:
+            raise HFError(f"piece {self.index} of {name} takes {'pixel values' if self.first else 'hidden states'} "
+                          f"[B, {', '.join(map(str, want))}], not {list(x.shape)}")
+        if not self.first:  # pixel stand-ins of the configured shape (no memory): the prelude, a stub, never reads them
+            self._incoming = x
+            x = x.new_zeros(()).expand(len(x), *image)
+        self._state.update(entered=False, like=self._incoming)
+        try:
+            out = self.hf(pixel_values=x)
+        except _Reached as r:
+            return r.hidden
+        except (ValueError, TypeError, RuntimeError) as e:  # before its first block: the stubs' zeros did not fit
+            if self.first or self._state["entered"]:
+                raise
+            raise HFError(f"{name} cannot start at a block on this side ({type(e).__name__}: {e}): its embeddings "
+                          f"give more than the hidden states (a patch grid?), which a cut does not carry; {_PLAIN}"
+                          ) from None
+        finally:
+            self._incoming = self._state["like"] = None
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _image(cfg: Any) -> tuple[int, int, int]:
+    """The configured image shape: channels, height, width."""
+    size = getattr(cfg, "image_size", 1)
+    height, width = tuple(size)[-2:] if isinstance(size, (list, tuple)) else (size, size)
+    return int(getattr(cfg, "num_channels", 3)), int(height), int(width)
+
+
+def is_vision(model: nn.Module) -> bool:
+    """Whether ``model`` is a vision model: its forward takes pixel values (ViT, DeiT), not token ids."""
+    return getattr(model, "main_input_name", None) == "pixel_values"
+
 
 def _frozen(module: nn.Module) -> set[str]:
     return {n for n, p in module.named_parameters() if not p.requires_grad}
@@ -264,182 +329,62 @@ def _frozen_not_missing(module: nn.Module, incompatible: Any) -> None:
                                     if k not in frozen and not any(k.endswith("." + f) for f in frozen)]
 
 
-def _cut(model: nn.Module, cuts: Sequence[str], index: int) -> tuple[nn.Module, str | None, range]:
+def cut_model(model: nn.Module, cuts: Sequence[str], index: int) -> tuple[nn.Module, str | None, range]:
     """``model`` with what piece ``index`` does not own taken out (in place); no cuts: the whole model."""
-    if "input_ids" not in inspect.signature(model.forward).parameters:
-        raise HFError(f"{type(model).__name__} takes no token ids: splitlearn cuts text models (token ids and an "
-                      "attention mask in)")
+    if ("pixel_values" if is_vision(model) else "input_ids") not in inspect.signature(model.forward).parameters:
+        raise HFError(f"{type(model).__name__} takes neither token ids nor pixel values: splitlearn cuts text models "
+                      "(token ids and an attention mask in) and vision transformers (pixel values in)")
     if not cuts:
         return model, None, range(0)
     kinds = set(getattr(model.config, "layer_types", None) or ())
     if len(kinds) > 1:  # its forward picks each block's mask by the block's position in the list
         raise HFError(f"its blocks attend in different ways ({sorted(kinds)}: sliding-window or hybrid attention), "
                       "which a cut does not carry yet; cut a model whose blocks all attend alike")
+    if is_vision(model) and getattr(model.config, "depths", None):
+        raise HFError(f"{type(model).__name__}'s blocks are stages of different shapes (depths "
+                      f"{list(model.config.depths)}: Swin, ConvNeXt style), which a cut does not carry; {_PLAIN}")
     path, indices, n = hf_blocks(model, cuts)
     if not 0 <= index <= len(cuts):
         raise HFError(f"{len(cuts)} cuts make {len(cuts) + 1} pieces: no piece {index}")
     owned = _owned_blocks(indices, n, index)
     before, after = _sides(model, path)
+    odd = _not_one_tensor(model, path, before) if is_vision(model) and index > 0 else []
+    if odd:
+        raise HFError(f"{type(model).__name__}'s {odd[0]} gives more than the hidden states (a patch grid?), which a "
+                      f"cut does not carry; {_PLAIN}")
     width = int(model.config.hidden_size)
     blocks = model.get_submodule(path)
     set_module(model, path, _Blocks({i: blocks[i] for i in owned}))
     if index > 0:
         for name in before:
-            set_module(model, name, _Zeros(width))
+            set_module(model, name, _Zeros(width, model.get_submodule(name)))
     if index < len(cuts):
         for name in after:
             set_module(model, name, _Elsewhere())
     return model, path, owned
 
 
-def piece_of(model: nn.Module, cuts: Sequence[str], index: int, state: dict[str, torch.Tensor] | None = None,
-             seed: int = 0) -> HFPiece:
-    """Piece ``index`` of ``model`` (a transformers model object) cut after ``cuts``: built from its config on the
-    ``meta`` device, only the piece's own tensors materialised, taken from ``state`` (the model's own
-    ``state_dict`` unless given)."""
-    source = model.state_dict() if state is None else state
-    piece = _build(type(model), model.config, cuts, index,
-                   _Weights(set(source), lambda k: source[k].detach().clone()), seed)  # the caller's stays theirs
-    return piece.train(model.training)
+def _stop_before(module: nn.Module, args: tuple) -> None:
+    raise _Reached(args[0] if args else torch.empty(0))
 
 
-class _Weights(NamedTuple):
-    """The tensors a piece may read: their names, and one tensor at a time by name."""
-
-    names: set[str]
-    get: Callable[[str], torch.Tensor]
-
-
-def _sources(model: nn.Module, names: set[str], own: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Each of ``model``'s tensor names its name among the saved ``names``, as ``from_pretrained`` reads them: the
-    model's renamings of older checkpoints (GPT-NeoX's ``embed_out``), a base model's weights without or with the
-    base model's prefix."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
+def _not_one_tensor(model: nn.Module, path: str, before: list[str]) -> list[str]:
+    """The prelude modules of a vision model that return more than one tensor (Data2VecVision's embeddings: the
+    hidden states and the patch grid), which a later piece's stubs cannot stand in for: found by running the model
+    up to its first block on an empty image of the configured shape (on the ``meta`` device where the model is)."""
+    odd: list[str] = []
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda m, a, out, name=name: None if isinstance(out, torch.Tensor) else odd.append(name)) for name in before]
+    hooks.append(model.get_submodule(path)[0].register_forward_pre_hook(_stop_before))
     try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-
-        renames = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-        mapped = {rename_source_key(n, renames, [], prefix, own)[0]: n for n in sorted(names)}
-    except (ImportError, AttributeError, TypeError):  # another transformers: the prefix only
-        mapped = {}
-    for n in sorted(names):
-        for k in (n, n[len(prefix) + 1:] if prefix and n.startswith(prefix + ".") else None, f"{prefix}.{n}"):
-            if k in own:
-                mapped.setdefault(k, n)
-    return mapped
-
-
-def _build(cls: Any, config: Any, cuts: Sequence[str], index: int, weights: _Weights, seed: int) -> HFPiece:
-    """The piece, its own tensors put in place one at a time (each held once: no copy beside an initialised one);
-    those the weights lack (a new head, buffers computed from the config) initialised as the model does, under
-    ``seed``. A base weight the weights lack is refused: it would train, or run, from random values."""
-    with torch.device("meta"):
-        model = cls._from_config(config, dtype=torch.float32)  # a bf16 folder too: precision is the plan's
-    model, path, owned = _cut(model, cuts, index)
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    own = model.state_dict()
-    saved = _sources(model, weights.names, own)
-    found: dict[str, torch.Tensor] = {}
-    for key, meta in own.items():
-        src = saved.get(key) or (saved.get(tied[key]) if key in tied else None)
-        if src is None:
-            continue
-        value = weights.get(src)
-        if tuple(value.shape) != tuple(meta.shape):
-            raise HFError(f"{key} has shape {list(value.shape)} in the model's weights, {list(meta.shape)} in its config")
-        found[key] = _put(model, key, value.to(meta.dtype) if value.is_floating_point() else value)
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    out = model.get_output_embeddings()  # a language model's head: loaded, never new
-    head = {f"{m}.weight" for m, x in model.named_modules() if x is out} if isinstance(out, nn.Linear) else set()
-    base = getattr(model, "base_model", None) is model  # (task "base": every weight is the base's)
-    lost = [k for k in own if k not in found and (base or k.startswith(prefix + ".") or k in head)]
-    if lost:
-        raise HFError(f"its weights lack {len(lost)} tensor(s) of the base model ({', '.join(lost[:3])}): saved by "
-                      "another class or in an older format? Save the model with save_pretrained from this version")
-    with torch.random.fork_rng(devices=[]):  # what the weights lack: initialised as the model does, from the seed
-        torch.manual_seed(seed)
-        for name, module in model.named_modules():
-            empty = [t for t in [*module._parameters.values(), *module._buffers.values()] if t is not None and t.is_meta]
-            if empty:  # (to_empty replaces every tensor it holds directly: those loaded are put back)
-                module.to_empty(device="cpu", recurse=False)
-                model._init_weights(module)
-                for key in [k for k in found if k.rpartition(".")[0] == name]:
-                    _put(model, key, found[key])
-    if any(k in own and src in own for k, src in tied.items()):
-        model.tie_weights()  # both ends here (the whole model): one weight again
-    piece = HFPiece(model, path, owned, index, len(cuts) + 1)
-    piece.tied_across = path is not None and any((k in own) != (src in own) for k, src in tied.items())
-    piece.fresh = sorted(n for n, _ in model.named_parameters() if n not in found)  # a new head: initialised here
-    return piece
-
-
-def _put(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
-    """``value`` in place of the meta tensor ``key`` of ``model`` (a parameter keeps its requires_grad)."""
-    owner, _, leaf = key.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=module._parameters[leaf].requires_grad)
-    else:
-        module._buffers[leaf] = value
-    return value
-
-
-def _folder_weights(folder: Path) -> _Weights:
-    """The folder's safetensors weights: their names, and one tensor read at a time."""
-    from safetensors import SafetensorError, safe_open
-
-    index = folder / "model.safetensors.index.json"
-    try:
-        if index.is_file():
-            where = {k: (folder / f).resolve() for k, f in json.loads(index.read_text())["weight_map"].items()}
-            if any(folder.resolve() not in f.parents for f in where.values()):
-                raise HFError(f"{index} names shards outside its folder")
-        elif (folder / "model.safetensors").is_file():
-            with safe_open(str(folder / "model.safetensors"), framework="pt") as h:
-                where = {k: folder / "model.safetensors" for k in h.keys()}
-        else:
-            raise HFError(f"{folder} holds no model.safetensors (nor an index of shards): save the model with "
-                          "save_pretrained (safetensors; pickled .bin weights are never read)")
-    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:  # a damaged or foreign file
-        raise HFError(f"{folder}: not readable safetensors weights ({type(e).__name__}: {e})") from None
-
-    opened: dict[Path, Any] = {}  # one mapping of each file for the whole build (not one per tensor)
-
-    def get(key: str) -> torch.Tensor:
-        try:
-            if where[key] not in opened:
-                opened[where[key]] = safe_open(str(where[key]), framework="pt")
-            return opened[where[key]].get_tensor(key)
-        except (OSError, SafetensorError) as e:
-            raise HFError(f"{where[key]}: not a readable safetensors file ({e})") from None
-    return _Weights(set(where), get)
-
-
-def load_piece(folder: str | Path, task: str, cuts: Sequence[str], index: int, *, seed: int = 0,
-               config: dict[str, Any] | None = None) -> HFPiece:
-    """Piece ``index`` of the model saved in ``folder`` (``save_pretrained``: ``config.json`` and safetensors),
-    for ``task`` (:data:`TASKS`), cut after ``cuts``; only its own tensors are read. ``config`` overrides entries
-    of the saved configuration (``num_labels`` of a classification head, which the folder then lacks and which
-    is initialised under ``seed``)."""
-    import transformers
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise HFError(f"{folder} is not a model folder: it has no config.json (save the model with save_pretrained)")
-    if task not in TASKS:
-        raise HFError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
-    try:  # the folder's own configuration class only: no code from the folder is ever run
-        cfg = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-        cls = getattr(transformers, TASKS[task])._model_mapping[type(cfg)]
-    except (OSError, ValueError, KeyError) as e:
-        raise HFError(f"cannot read the configuration in {folder} for task {task!r}: {type(e).__name__}: {e}") from None
-    for key, value in (config or {}).items():  # entries of the configuration, never arguments of the loader
-        if not hasattr(cfg, key):
-            raise HFError(f"config entry {key!r} is not one of {type(cfg).__name__}'s")
-        setattr(cfg, key, value)
-    cfg.use_cache = False
-    return _build(cls, cfg, cuts, index, _folder_weights(folder), seed).eval()  # as from_pretrained gives it
+        with torch.no_grad():
+            model(pixel_values=torch.zeros(1, *_image(model.config), device=next(model.parameters()).device))
+    except Exception:  # noqa: BLE001 - _Reached; or a forward that cannot run so: its pieces' forward will tell
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return odd
 
 
 def owned_modules(model: nn.Module, cuts: Sequence[str], index: int) -> list[str]:

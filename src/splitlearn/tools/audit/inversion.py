@@ -303,7 +303,8 @@ def base_embedding(plan: Any, segment: str) -> tuple[torch.Tensor | None, str | 
     model holds it (read from the folder: the prelude and the blocks up to the segment's cut only);
     ``(None, why)`` where there is none."""
     from ...core.plan import beside_plan
-    from ...models.hf import HFError, load_piece
+    from ...models.hf import HFError
+    from ...models.hfload import load_piece
 
     seg = plan.segments[segment]
     spec = plan.networks.get(seg.network) if seg.network else None
