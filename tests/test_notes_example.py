@@ -4,11 +4,15 @@ import csv
 import json
 import importlib.util
 import math
+import re
 
 import pytest
 import torch
 from tokenizers import Tokenizer
+from typer.testing import CliRunner
 from transformers import LlamaForCausalLM
+
+from splitlearn.cli import app
 
 from .conftest import EXAMPLES
 
@@ -140,15 +144,32 @@ def test_the_language_model_plan_over_party_processes_equals_threads_and_generat
     from .support import same_run
 
     plan = _plan(made, "lm", epochs=1)
-    splitlearn.train(plan, out=tmp_path / "threads")
+    result = splitlearn.train(plan, out=tmp_path / "threads")
     splitlearn.train(plan, launcher="processes", out=tmp_path / "processes")
     same_run(tmp_path / "threads", tmp_path / "processes")
     r = json.loads((tmp_path / "processes" / "result.json").read_text())["metrics"]
     assert r["per_epoch"]["test_perplexity"][-1] < made[1]["vocab"] / 4  # far below a uniform guess
-    out = splitlearn.generate(tmp_path / "processes", "write the clinical note of a patient with copd.",
-                              max_new_tokens=12, stop=False)
-    assert len(out["tokens"]) == 12 and out["text"] and out["tokens_per_second"] > 0
-    assert list(out["bytes_per_token"].values()) == [32 * 4, 32 * 4]  # the small model's hidden size, float32
+    # generation across the party processes (gRPC, mutual TLS), each with its own piece: as in threads, and as
+    # the unsplit trained model decodes
+    prompt = "write the clinical note of a patient with copd."
+    out = splitlearn.generate(tmp_path / "processes", prompt, max_new_tokens=20, stop=False, launcher="processes")
+    assert out["launcher"] == "processes" and len(out["tokens"]) == 20 and out["text"] and out["tokens_per_second"] > 0
+    threads = splitlearn.generate(tmp_path / "threads", prompt, max_new_tokens=20, stop=False)
+    assert threads["tokens"] == out["tokens"]
+    r = CliRunner().invoke(app, ["generate", str(tmp_path / "threads"), "--prompt", prompt, "--max-new-tokens", "20"])
+    crossed = re.search(r"tokens/s; bytes per token over each wire: bottom:hidden->middle: (\d+) B", r.output)
+    assert r.exit_code == 0 and crossed and 32 * 4 < int(crossed.group(1)) < 32 * 4 + 128
+    r = CliRunner().invoke(app, ["generate", str(tmp_path / "threads"), "--prompt", prompt, "--launcher", "ray"])
+    assert r.exit_code == 2 and "launcher 'ray': choose threads or processes" in r.output
+    ids, model = out["prompt_tokens"], result.model.eval()
+    with torch.no_grad():  # the unsplit model's greedy choice, position after position (the end-of-text token too)
+        for _ in range(20):
+            ids = ids + [int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
+    assert out["tokens"] == ids[len(out["prompt_tokens"]):]
+    hidden = out["bytes_per_token"]["bottom:hidden->middle"]  # the small model's hidden size, float32, and framing
+    assert 32 * 4 < hidden < 32 * 4 + 128 and 32 * 4 < out["bytes_per_token"]["middle:hidden->top"] < 32 * 4 + 128
+    logs = [(tmp_path / "processes" / "generation" / "parties" / p / "party.log").read_text() for p in plan.parties]
+    assert not any(prompt in log for log in logs)
 
 
 def test_the_language_model_plan_resumes_bit_identical(made, tmp_path):
@@ -208,6 +229,8 @@ kind = "causal_lm"
     with pytest.raises(PlanError, match="language model's.*scores next tokens") as e:
         splitlearn.predict(tmp_path / "run")
     assert "splitlearn generate" in e.value.hint
+    with pytest.raises(PlanError, match="head \\(segment 'top'\\) is at 'server'"):  # the next token: at the server
+        splitlearn.generate(tmp_path / "run", "a note", max_new_tokens=2)
     with pytest.raises(PlanError, match="mean over tokens, and pipeline = 2") as e:  # micro-batches weigh by rows
         splitlearn.build_graph(load_plan(out / "vanilla_lm.toml").with_train(pipeline=2))
     assert e.value.entry == "train.pipeline"

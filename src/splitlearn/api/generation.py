@@ -1,26 +1,24 @@
-"""Split generation from a run folder: greedy decoding across the pieces of a trained transformers network.
+"""Split generation from a run folder: greedy decoding across the parties, each with its own trained piece.
 
-Each party's trained piece is rebuilt from the plan (its base from the model folder, its adapters from its
-``weights.safetensors``) and the prompt is decoded through the pieces in order with a key/value cache at each
-(:func:`splitlearn.models.generation.greedy`): after the prompt, each new token's hidden state crosses each
-cut once. In this process: the pieces are the parties' own, the wires in-process.
+Each party rebuilds its trained pieces from the plan (the base from its model folder, its adapters from its
+``weights.safetensors``) and decodes as a run of the engine (:mod:`splitlearn.launch.generating`): the prompt
+crosses each cut once, then each new token's hidden state, over the plan's wires, checked and metered; the
+next token is decided at the text's owner. ``launcher="threads"`` runs every party in this process over the
+in-process transport, ``"processes"`` one process per party over gRPC with mutual TLS.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
+from typing import Any, Literal, Sequence
 
 from ..core.plan import beside_plan
 from ..core.specs import PlanError
 from ..data import DataError
 from ..data.text import load_tokenizer
-from ..launch.results import load_run_plan, load_weights
-from ..models import build_segment
-from ..models.build import is_hf_network
-from ..models.generation import greedy
+from ..launch.generating import PartyGeneration, generation_result, job_of, plan_generation
+from ..launch.results import load_run_plan
+from ..launch.threads import run_local
 
 __all__ = ["generate"]
 
@@ -42,43 +40,65 @@ def _tokenizer(plan: Any, run_dir: Path, given: str | Path | None) -> Any:
 
 
 def generate(run_dir: str | Path, prompt: str | Sequence[int], *, max_new_tokens: int = 20,
-             network: str | None = None, tokenizer: str | Path | None = None, stop: bool = True) -> dict[str, Any]:
+             network: str | None = None, tokenizer: str | Path | None = None, stop: bool = True,
+             launcher: Literal["threads", "processes"] = "threads") -> dict[str, Any]:
     """Decode ``max_new_tokens`` greedily after ``prompt`` (text, tokenised as the run's data was, or token ids)
-    with the trained pieces of the run's transformers ``network``; stops at the end-of-text token unless
-    ``stop=False``. Returns the new tokens, their text, tokens per second and bytes per token over each cut."""
+    with the trained pieces of the run's transformers ``network``, each party with its own (``launcher``: in
+    threads of this process, or in party processes over gRPC); the tokens after the end-of-text token are
+    dropped unless ``stop=False``. Returns the new tokens, their text, tokens per second (at the text's owner,
+    the prompt's pass included) and each wire's bytes per new token (framing included)."""
     run_dir = Path(run_dir)
     if not (run_dir / "plan.json").is_file():
         raise PlanError(f"{run_dir} is not a run folder (no plan.json)", hint="train with --out first")
+    if launcher not in ("threads", "processes"):
+        raise PlanError(f"launcher {launcher!r}: choose threads or processes", entry="launcher")
     plan = load_run_plan(run_dir)
-    names = [n for n in plan.networks if is_hf_network(plan, n)] if network is None else [network]
-    if len(names) != 1 or names[0] not in plan.networks or not is_hf_network(plan, names[0]):
-        raise PlanError(f"generate decodes with one transformers network; the run has {sorted(plan.networks)}",
-                        file=run_dir, hint="name it: network=...")
-    segments = [s for s, spec in plan.segments.items() if spec.network == names[0]]
-    pieces = {}
-    for s in segments:
-        party = plan.segments[s].party
-        pieces[s] = build_segment(plan, s)
-        try:
-            load_weights(run_dir / "parties" / party / "weights.safetensors", {s: pieces[s]})
-        except (ValueError, OSError) as e:
-            raise PlanError(f"party {party!r}: {e}", file=run_dir, hint="generate from the run folder it trained") from None
-    if pieces[segments[-1]].hf.get_output_embeddings() is None:  # (GPT-NeoX's is embed_out: asked, not named)
-        raise PlanError(f"network {names[0]!r} has no language-model head (its task is not causal_lm)", file=run_dir)
-    config = pieces[segments[0]].hf.config
+    try:
+        gen = plan_generation(plan, network)
+    except PlanError as e:
+        raise e.in_file(run_dir) from None
+    config = _config(plan, gen.network, run_dir)
     tok = None
     if isinstance(prompt, str):
         tok = _tokenizer(plan, run_dir, tokenizer)
         ids = tok.encode(prompt, add_special_tokens=False).ids
-        ids = ([config.bos_token_id] if config.bos_token_id is not None else []) + ids
+        ids = ([config.bos_token_id] if getattr(config, "bos_token_id", None) is not None else []) + ids
     else:
         ids = [int(i) for i in prompt]
     if not ids or any(not 0 <= i < config.vocab_size for i in ids):
         raise PlanError(f"the prompt's token ids must be 1 or more in [0, {config.vocab_size})", file=run_dir)
-    eos = config.eos_token_id if stop and isinstance(config.eos_token_id, int) else None
-    out = greedy(list(pieces.values()), torch.tensor([ids]), max_new_tokens, eos)
-    wires = [plan.segments[s].party + "->" + plan.segments[n].party for s, n in zip(segments, segments[1:])]
-    return {"prompt_tokens": ids, "tokens": out.tokens,
-            "text": tok.decode(out.tokens, skip_special_tokens=True) if tok is not None else None,
-            "tokens_per_second": out.tokens_per_second,
-            "bytes_per_token": dict(zip([f"{s} ({w})" for s, w in zip(segments, wires)], out.bytes_per_token))}
+    try:
+        gen.check(len(ids), max_new_tokens)
+    except PlanError as e:
+        raise e.in_file(run_dir) from None
+    if launcher == "threads":
+        parts = {p: PartyGeneration(plan, run_dir, p, gen, max_new_tokens, ids if p == gen.owner else None)
+                 for p in plan.parties}
+        reports = run_local(plan, {p: g.setup for p, g in parts.items()}, steps=parts[gen.owner].steps,
+                            predicting=True, built=lambda n, participant: parts[n].attach(participant))
+        reports = {p: parts[p].finish(r) for p, r in reports.items()}
+    else:
+        from ..launch.processes import launch
+
+        jobs = {p: job_of(run_dir, gen, max_new_tokens, ids, p) for p in plan.parties}
+        reports = launch(run_dir / "plan.json", run_dir / "generation", checked=plan, jobs=jobs)
+    eos = config.eos_token_id if stop and isinstance(getattr(config, "eos_token_id", None), int) else None
+    out_ = generation_result(gen, reports, eos)
+    return {"prompt_tokens": ids, "tokens": out_["tokens"],
+            "text": tok.decode(out_["tokens"], skip_special_tokens=True) if tok is not None else None,
+            "tokens_per_second": out_["tokens_per_second"], "seconds": out_["seconds"],
+            "bytes_per_token": out_["bytes_per_token"], "launcher": launcher}
+
+
+def _config(plan: Any, network: str, run_dir: Path) -> Any:
+    """The network's transformers configuration (vocabulary size, special tokens), read from its folder."""
+    spec = plan.networks[network]
+    if spec.hf is None:
+        raise PlanError(f"network {network!r} was given as a Python object: generate needs its model folder",
+                        file=run_dir)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(beside_plan(plan, spec.hf.folder).resolve()))
+    except (OSError, ValueError) as e:
+        raise PlanError(f"network {network!r}: cannot read its model folder's config ({e})", file=run_dir) from None

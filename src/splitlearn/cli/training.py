@@ -262,18 +262,22 @@ def generate(run_dir: Path = typer.Argument(..., help="the --out folder of a run
              prompt: str = typer.Option(..., help="the text to continue (tokenised as the run's data was)"),
              max_new_tokens: int = typer.Option(20, min=1, help="tokens to decode"),
              tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json or model folder (default: the "
-                                                      "run's data's)")) -> None:
-    """Decode greedily across the trained pieces (a key/value cache at each): tokens per second and bytes per
-    token over each cut."""
+                                                      "run's data's)"),
+             launcher: str = typer.Option("threads", help="threads (every party in this process) or processes (one "
+                                                          "process per party, over gRPC with mutual TLS)")) -> None:
+    """Decode greedily across the parties, each with its trained piece and a key/value cache: the prompt stays
+    with its owner, each new token's hidden state crosses each cut once; tokens per second and bytes per token
+    over each wire."""
     from ..api.generation import generate as do_generate
+    from ..run.report import RunError
 
     try:
-        out = do_generate(run_dir, prompt, max_new_tokens=max_new_tokens, tokenizer=tokenizer)
-    except PlanError as e:
+        out = do_generate(run_dir, prompt, max_new_tokens=max_new_tokens, tokenizer=tokenizer, launcher=launcher)
+    except (PlanError, RunError) as e:
         _fail(str(e))
     console.print(out["text"], highlight=False, markup=False)
     crossed = ", ".join(f"{w}: {b:.0f} B" for w, b in out["bytes_per_token"].items())
-    err.print(f"{len(out['tokens'])} tokens, {out['tokens_per_second']:.1f} tokens/s; bytes per token over each cut: "
+    err.print(f"{len(out['tokens'])} tokens, {out['tokens_per_second']:.1f} tokens/s; bytes per token over each wire: "
               f"{escape(crossed)}", highlight=False)
 
 

@@ -76,7 +76,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
                   seed: int | None = None, connect_timeout: float = 60.0, step_timeout: float | None = None,
                   on_step=None, dial_out: list[str] = (), limits: Limits | None = None,
                   log: str | None = None, data: str | Path | None = None, resume: bool = False,
-                  rejoin_wait: float | None = None) -> PartyReport:
+                  rejoin_wait: float | None = None, generate: dict | None = None) -> PartyReport:
     """Run physical party ``name`` of the plan in this process, over gRPC. ``certs=None`` means
     insecure. ``step_timeout`` bounds each step as a whole (default: the plan's ``[train]
     step_timeout``, :meth:`~splitlearn.core.plan.Plan.step_timeout_s`); ``limits`` what a peer may
@@ -84,12 +84,19 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     (``tensorboard[:DIR]``, ``mlflow[:URI]``); ``data`` this party's own file (``--data``), instead
     of the plan's data settings; ``resume``: go on from the last checkpoint in ``out`` that every party holds; ``rejoin_wait``: how long the coordinator of a
     ``[clients]`` plan waits for a failed party to come back as a new process (default: the plan's
-    ``reconnect_timeout``)."""
+    ``reconnect_timeout``); ``generate``: decode with the trained pieces of a run folder instead of training (a job
+    of :func:`~splitlearn.launch.generating.job_of`)."""
     from ..wire.transport.grpc import GrpcTransport
     from ..run.tracking import parse_log
     from ..wire.transport.tls import load_credentials
 
-    plan = load_plan(plan_path).with_train(epochs=epochs, seed=seed)
+    job = None
+    if generate is not None:
+        from .generating import party_job
+
+        plan, job = party_job(generate, name)
+    else:
+        plan = load_plan(plan_path).with_train(epochs=epochs, seed=seed)
     limits = limits or Limits()
     if dial_out:
         plan = with_dial_out(plan, dial_out)
@@ -99,7 +106,8 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     plays = topo.plays(plan, name)
     try:
         given = own_data(plan, name, data) if data is not None else None
-        setup = setup_party(plan, plays, data=given, client=client_of(plan, name)) if plays is not None else None
+        setup = job.setup if job is not None else \
+            setup_party(plan, plays, data=given, client=client_of(plan, name)) if plays is not None else None
         # plan and data errors before connecting
     except PlanError as e:
         raise e.in_file(e.file or plan._source) from None
@@ -115,16 +123,21 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
         transport.wait_connected(connect_timeout)
         if resume and out is None:
             raise PlanError("--resume needs the --out folder whose checkpoints to go on from", entry="--resume")
-        part = physical_party(plan, name, setup, transport, timeout=step_timeout, record=out is not None,
-                              limits=limits, tracking=tracking, out=out, resume=resume,
-                              rejoin_wait_s=plan.train.reconnect_timeout if rejoin_wait is None else rejoin_wait)
+        more = dict(steps=job.steps, predicting=True) if job is not None else {}
+        part = physical_party(plan, name, setup, transport, timeout=step_timeout, record=out is not None and job is None,
+                              limits=limits, tracking=tracking, out=None if job is not None else out, resume=resume,
+                              rejoin_wait_s=plan.train.reconnect_timeout if rejoin_wait is None else rejoin_wait, **more)
+        if job is not None:
+            job.attach(part)
         report = part.run(on_step)
+        if job is not None:
+            report = job.finish(report)
     finally:
         transport.close()
     if out is not None:
         report.meter["peak_rss_bytes"] = _peak_rss()
         save_party(Path(out) / "parties" / name, report)
-        if name == topo.lead:  # the label owner (or a schedule's coordinator) holds the run's result.json
+        if name == topo.lead and job is None:  # the label owner (or a schedule's coordinator) holds the run's result.json
             try:
                 write_partial_result(plan, topo, Path(out), "grpc" if certs is None else "grpc+mtls")
             except Exception as e:  # noqa: BLE001 - the run itself succeeded; its report.json is written

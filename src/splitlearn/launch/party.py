@@ -43,6 +43,7 @@ class PartyOptions:
     data: str | None = None
     resume: bool = False
     rejoin_wait_s: float | None = None
+    generate: dict | None = None  # a generation job instead of training (splitlearn.launch.generating.job_of)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -82,7 +83,8 @@ def party_process(opts: PartyOptions) -> int:
                                step_timeout=opts.step_timeout_s, dial_out=list(opts.dial_out),
                                on_step=(lambda pr: print(progress_line(pr), flush=True)) if opts.progress else None,
                                limits=Limits(message_bytes=limit, tensor_bytes=limit), log=opts.log,
-                               data=opts.data, resume=opts.resume, rejoin_wait=opts.rejoin_wait_s)
+                               data=opts.data, resume=opts.resume, rejoin_wait=opts.rejoin_wait_s,
+                               generate=opts.generate)
     except Exception as e:  # noqa: BLE001 - every failure of a party is reported the same way
         text = str(e) if isinstance(e, (PlanError, RunError, RuntimeError, OSError, ValueError)) else repr(e)
         if opts.out is not None:

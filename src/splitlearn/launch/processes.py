@@ -69,14 +69,17 @@ def free_port() -> int:
 
 def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed: int | None = None,
            insecure: bool = False, timeout: float = 3600.0, on_step=None, checked: Plan | None = None,
-           log: str | None = None, resume: bool = False, link: str | None = None) -> dict:
+           log: str | None = None, resume: bool = False, link: str | None = None,
+           jobs: dict[str, dict] | None = None) -> dict:
     """``splitlearn run``: one process per physical party on loopback (mutual TLS with throw-away
     certificates unless ``insecure``); returns the merged result. Raises RunError naming each
     failed party whose failure ends the run (a client's is data: the coordinator reports it);
     Ctrl-C stops every process. ``checked``: the plan as already checked end to end by
     :func:`~splitlearn.run.setup.prepare` (otherwise it is checked here first); ``resume``: every
     party goes on from the last checkpoint in ``out`` they all hold; ``link``: every connection
-    through an emulated slow link, e.g. ``"50ms,100mbit"`` (:mod:`splitlearn.wire.transport.slowlink`)."""
+    through an emulated slow link, e.g. ``"50ms,100mbit"`` (:mod:`splitlearn.wire.transport.slowlink`);
+    ``jobs``: per party, a generation job (:func:`~splitlearn.launch.generating.job_of`) instead of training: the
+    parties' reports are returned then, by name, and no result is written."""
     from ..wire.transport.tls import make_certs
 
     from ..run.tracking import finish_tracking, parse_log
@@ -120,7 +123,8 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                     connect_timeout_s=float(max(60, 2 * len(topo.names))),
                     peers={**{p: f"127.0.0.1:{dial_ports[p]}" for p in topo.dials(name)},
                            **{p: f"127.0.0.1:{ports[p]}" for p in topo.accepts(name)}},
-                    epochs=epochs, seed=seed, log=None if tracking is None else f"{tracking.kind}:{tracking.where}")
+                    epochs=epochs, seed=seed, log=None if tracking is None else f"{tracking.kind}:{tracking.where}",
+                    generate=jobs[name] if jobs else None)
                 log_file = folder / "party.log"
                 log_file.write_text("")
                 if forker is not None and not procs:  # the forker must be able to start; else new interpreters
@@ -165,6 +169,8 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
             errors[name] = (json.loads(err_file.read_text())["error"] if err_file.is_file()
                             else (lines or [f"exit status {code}"])[-1])
     errors = {**{n: errors[n] for n in failed if n in errors}, **errors}  # the parties that failed first
+    if jobs:
+        return _reports(topo, out, errors)
     extra = {"link": {"rtt_s": rtt, "bandwidth_bit_s": bandwidth}} if link is not None else {}
     result = gather(plan, topo, out, errors, "grpc" + ("" if insecure else "+mtls"), extra)
     if tracking is not None:
@@ -191,6 +197,19 @@ def gather(plan: Plan, topo: Topology, out: Path, errors: dict[str, str], transp
     result.update(failures_part(plan, errors))
     save_result(out, plan, result)
     return result
+
+
+def _reports(topo: Topology, out: Path, errors: dict[str, str]) -> dict[str, PartyReport]:
+    """Every party's report from its folder in ``out``; RunError naming the parties that failed."""
+    if errors:
+        raise RunError(errors)
+    reports = {}
+    for n in topo.names:
+        f = out / "parties" / n / "report.json"
+        if not f.is_file():
+            raise RunError({n: f"it ended without writing {f}"})
+        reports[n] = PartyReport(**json.loads(f.read_text()))
+    return reports
 
 
 def _forking() -> bool:

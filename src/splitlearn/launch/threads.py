@@ -26,7 +26,8 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
               on_step: Callable[[Progress], None] | None = None, timeout: float | None = None,
               record: bool = False, faults: dict[str, Callable] | None = None,
               steps: list[Step] | None = None, predicting: bool = False,
-              tracking: Any = None, out: Any = None, resume: bool = False) -> dict[str, PartyReport]:
+              tracking: Any = None, out: Any = None, resume: bool = False,
+              built: Callable[[str, Any], None] | None = None) -> dict[str, PartyReport]:
     """Run ``plan`` (set up and checked by :func:`~splitlearn.run.setup.prepare`) with every
     physical party in a thread; their reports. ``on_step`` follows the lead party (a plain plan's
     loss party, the coordinator of a ``[clients]`` plan); ``timeout`` bounds each step (default: the
@@ -34,7 +35,8 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     keeps what each party receives for the audit; ``faults`` (tests) are hooks of client roles;
     ``steps`` replace the plan's schedule (``predicting``: prediction steps, no labels anywhere);
     ``tracking`` (a :class:`~splitlearn.run.tracking.LogSpec`) streams each loss party's metrics;
-    ``out``: the run folder (checkpoints are taken there); ``resume``: from the last checkpoint.
+    ``out``: the run folder (checkpoints are taken there); ``resume``: from the last checkpoint; ``built``: called
+    with each party's name and participant once it is built, before any runs.
 
     A party whose failure is data (a client) is reported by the coordinator and the run goes on;
     any other failure stops every party and raises :class:`RunError` naming the parties that
@@ -53,6 +55,8 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
         kw.update(out=out, resume=resume)
         parts[n] = physical_party(plan, n, held[n], hub.transport(n), shapes=shapes, timeout=timeout,
                                   record=record, tracking=tracking, **kw)
+        if built is not None:
+            built(n, parts[n])
     reports: dict[str, PartyReport] = {}
     errors: dict[str, BaseException] = {}
     after: set[str] = set()  # parties that failed once the run was being stopped: consequences

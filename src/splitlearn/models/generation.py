@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from .hf import HFPiece
 
-__all__ = ["Decoded", "greedy"]
+__all__ = ["Decoded", "greedy", "Decoding", "Feed", "Watch", "CachedPiece"]
 
 
 @dataclass
@@ -75,3 +76,112 @@ def greedy(pieces: Sequence[HFPiece], prompt: torch.Tensor, max_new_tokens: int,
             break
     out.seconds = time.perf_counter() - start
     return out
+
+
+# -- decoding across party processes: the engine's steps, one new token each -------------------------------------
+
+class Decoding:
+    """The text owner's side of split generation through the engine: step 0 feeds the prompt, step ``k`` the
+    token step ``k - 1`` decided; the last piece (the owner's, :class:`CachedPiece`) decides each token. A read
+    of a slice (``[:1]``: the handshake's stand-in row) decides nothing."""
+
+    def __init__(self, prompt: Sequence[int]):
+        if not prompt:
+            raise ValueError("the prompt has no token")
+        self.prompt = torch.tensor([list(prompt)], dtype=torch.int64)  # [1, P]
+        self.tokens: list[int] = []
+        self.live = False  # False while the handshake runs the pieces on stand-ins
+        self.started: float | None = None
+        self.seconds = 0.0
+
+    def ids(self) -> torch.Tensor:
+        """What the first piece embeds now: the prompt ``[1, P]``, then the last token ``[1, 1]``."""
+        return self.prompt if not self.tokens else torch.tensor([[self.tokens[-1]]], dtype=torch.int64)
+
+    def mask(self) -> torch.Tensor:
+        """Every position so far ``[1, P + k]``: one sequence, no padding."""
+        return torch.ones(1, self.prompt.shape[1] + len(self.tokens), dtype=torch.int64)
+
+    def decide(self, logits: torch.Tensor) -> None:
+        if self.live:
+            self.tokens.append(int(logits[0, -1].argmax()))
+            self.seconds = time.perf_counter() - (self.started or time.perf_counter())
+
+
+class Feed:
+    """A text field of the owner's data during generation (``input_ids`` or ``attention_mask``): indexed by a
+    step's rows it gives :meth:`Decoding.ids` or :meth:`Decoding.mask`, as a text field gives its rows."""
+
+    dtype = torch.int64
+
+    def __init__(self, decoding: Decoding, field: str):
+        if field not in ("input_ids", "attention_mask"):
+            raise ValueError(f"generation feeds token ids and their mask, not {field!r}")
+        self.decoding, self.field = decoding, field
+
+    def __len__(self) -> int:
+        return 1
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.__getitem__(slice(0, 1)).shape
+
+    def is_floating_point(self) -> bool:
+        return False
+
+    def __getitem__(self, rows: Any) -> torch.Tensor:
+        d = self.decoding
+        if not isinstance(rows, slice) and not d.live:  # the first real step: the clock starts
+            d.live, d.started = True, time.perf_counter()
+        return d.ids() if self.field == "input_ids" else d.mask()
+
+
+@dataclass
+class Watch:
+    """A party's accounting of generation: the bytes it had sent on each wire when the first new token began
+    (its first call on a cache), so that what each new token costs is told apart from the prompt's pass."""
+
+    meter: Any = None  # the party's wire.metering.Meter, once its participant is built
+    at_first_token: dict[str, int] | None = None
+
+    def first_token(self) -> None:
+        if self.at_first_token is None and self.meter is not None:
+            self.at_first_token = self.sent()
+
+    def sent(self) -> dict[str, int]:
+        return {w: t.bytes for (w, d), t in self.meter.sent.items() if d == "forward"}
+
+    def bytes_per_token(self, new_tokens: int) -> dict[str, float]:
+        """Per wire this party sends: the bytes of a new token (the prompt's pass left out), averaged over the
+        ``new_tokens - 1`` that crossed (the last is decided, not sent on)."""
+        if self.meter is None or self.at_first_token is None or new_tokens < 2:
+            return {}
+        now = self.sent()
+        return {w: (b - self.at_first_token.get(w, 0)) / (new_tokens - 1) for w, b in now.items()}
+
+
+class CachedPiece(nn.Module):
+    """A piece run by the engine during generation, with a key/value cache of its own blocks: a call whose
+    input is as long as its mask is a prompt (a new cache); a shorter one continues the sequence (positions
+    after the cache's). The owner's last piece decides each token (``decoding``)."""
+
+    def __init__(self, piece: HFPiece, watch: Watch, decoding: Decoding | None = None):
+        super().__init__()
+        self.piece, self.watch, self.decoding = piece, watch, decoding
+        self.cache: Any = None
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        new, seen = x.shape[1], attention_mask.shape[1]
+        if new == seen:
+            self.cache = self.piece.new_cache()
+        else:
+            past = self.cache.get_seq_length() if self.cache is not None else None
+            if past is None or seen - new != past:
+                raise ValueError(f"generation: {new} new position(s) with a mask of {seen} do not follow the "
+                                 f"{past or 0} this piece has seen")
+            self.watch.first_token()
+        positions = torch.arange(seen - new, seen, device=x.device).unsqueeze(0)
+        out = self.piece(x, attention_mask, cache=self.cache, position_ids=positions)
+        if self.decoding is not None and self.piece.last:
+            self.decoding.decide(out)
+        return out
