@@ -197,8 +197,12 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
           rejoin_wait: Optional[float] = typer.Option(None, "--rejoin-wait", min=0.0, help="[clients] coordinator: "
                                                       "seconds to wait for a failed party to come back as a new "
                                                       "process [default: the plan's reconnect_timeout; 0: skip it "
-                                                      "at once]")) -> None:
-    """Run one party of PLAN on this machine, talking to its neighbours over gRPC."""
+                                                      "at once]"),
+          predict: Optional[Path] = typer.Option(None, "--predict", help="instead of training, predict with this "
+                                                 "party's part of a finished run (its RUN_DIR; --data: its new rows): "
+                                                 "predictions.csv is written where a head is")) -> None:
+    """Run one party of PLAN on this machine, talking to its neighbours over gRPC (with --predict: its part of a
+    prediction from a finished run, each site with its own rows)."""
     from ..launch.party import PartyOptions, party_process
 
     code = party_process(PartyOptions(
@@ -206,7 +210,7 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
         peers=_peers(peer), dial_out=tuple(dial_out), out=None if out is None else str(out), epochs=epochs, seed=seed,
         connect_timeout_s=connect_timeout, step_timeout_s=step_timeout, max_message_mb=max_message_mb,
         progress=progress, quiet=quiet, log=log, data=None if data is None else str(data), resume=resume,
-        rejoin_wait_s=rejoin_wait))
+        rejoin_wait_s=rejoin_wait, predict=None if predict is None else str(predict)))
     if code:
         raise typer.Exit(code)
 

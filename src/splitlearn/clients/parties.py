@@ -8,7 +8,7 @@ peers only (:class:`~splitlearn.clients.peer.Peer`). Every launcher
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..core.plan import Plan
 from ..core.specs import PlanError
@@ -37,7 +37,8 @@ def make_role(plan: Plan, name: str, transport: Transport, setup: PartySetup | N
 
 def physical_party(plan: Plan, name: str, setup: PartySetup | None, transport: Transport, *,
                    shapes: dict | None = None, timeout: float | None = None, record: bool = False,
-                   limits: Limits | None = None, steps: list[Step] | None = None, predicting: bool = False,
+                   limits: Limits | None = None, steps: list[Step] | Callable[[], list[Step]] | None = None,
+                   predicting: bool = False,
                    tracking: Any = None, out: Path | None = None, resume: bool = False, **role: Any) -> Participant:
     """What physical party ``name`` runs over ``transport``; ``.run(progress)`` gives its report.
 

@@ -22,11 +22,13 @@ __all__ = ["Peer"]
 
 class Peer(Participant):
     """A physical party of a plain plan (see the module). ``shapes``: wire shapes known
-    beforehand; ``steps``: replace the plan's schedule (prediction: ``predicting`` then, and no
-    checkpoints); ``record``: keep what it receives for the audit."""
+    beforehand; ``steps``: replace the plan's schedule, or give them once the hello has told the rows (a
+    function; prediction: ``predicting`` then, and no checkpoints); ``record``: keep what it receives for the
+    audit."""
 
     def __init__(self, plan: Plan, name: str, transport: Transport, setup: PartySetup | None = None, *,
-                 shapes: dict | None = None, steps: list[Step] | None = None, predicting: bool = False,
+                 shapes: dict | None = None, steps: list[Step] | Callable[[], list[Step]] | None = None,
+                 predicting: bool = False,
                  record: bool = False, out: Any = None, resume: bool = False, **kw: Any):
         predicting_steps = steps is not None  # a prediction takes no checkpoints and resumes from none
         super().__init__(plan, name, transport, setup, out=None if predicting_steps else out,
@@ -44,8 +46,8 @@ class Peer(Participant):
         s = self.setup
         if self.party.observer is not None:  # the ids after any private alignment; a party without data
             self.party.observer.ids = s.splits.ids if s.table is not None else None  # records positions
-        if self.steps is not None:
-            return self.steps
+        if self.steps is not None:  # (a function of the rows the hello told: a prediction's)
+            return self.steps() if callable(self.steps) else self.steps
         self.rounds = self.strategy.rounds(self.plan, [s.splits.train], s.splits.test, validation=s.splits.validation)
         self.turns = {t.index: t for r in self.rounds for t in r.train}
         (turn,) = self.turns.values()

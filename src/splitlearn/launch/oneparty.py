@@ -13,6 +13,7 @@ import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..core.plan import Plan
 from ..core.specs import PlanError
@@ -23,8 +24,10 @@ from ..run.report import PartyReport, Progress
 from ..run.setup import setup_party
 from ..clients.layout import Topology, own_data, with_dial_out
 from ..clients.parties import physical_party
-from ..clients.results import missing_part
+from ..clients.results import missing_part, predicting_plan
 from ..clients.roles import client_of
+from .predicting import PartyPrediction
+from .status import PartyStatus, role_of
 
 _log = logging.getLogger("splitlearn.launch.oneparty")
 
@@ -76,7 +79,8 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
                   seed: int | None = None, connect_timeout: float = 60.0, step_timeout: float | None = None,
                   on_step=None, dial_out: list[str] = (), limits: Limits | None = None,
                   log: str | None = None, data: str | Path | None = None, resume: bool = False,
-                  rejoin_wait: float | None = None, generate: dict | None = None) -> PartyReport:
+                  rejoin_wait: float | None = None, generate: dict | None = None,
+                  predict: str | Path | None = None, status: PartyStatus | None = None) -> PartyReport:
     """Run physical party ``name`` of the plan in this process, over gRPC. ``certs=None`` means
     insecure. ``step_timeout`` bounds each step as a whole (default: the plan's ``[train]
     step_timeout``, :meth:`~splitlearn.core.plan.Plan.step_timeout_s`); ``limits`` what a peer may
@@ -85,18 +89,26 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     of the plan's data settings; ``resume``: go on from the last checkpoint in ``out`` that every party holds; ``rejoin_wait``: how long the coordinator of a
     ``[clients]`` plan waits for a failed party to come back as a new process (default: the plan's
     ``reconnect_timeout``); ``generate``: decode with the trained pieces of a run folder instead of training (a job
-    of :func:`~splitlearn.launch.generating.job_of`)."""
+    of :func:`~splitlearn.launch.generating.job_of`); ``predict``: predict with the trained segments of this run
+    folder (this site's part: its own rows, ``data``, or the plan's test rows), the predictions written where a head
+    is (:class:`~splitlearn.launch.predicting.PartyPrediction`); ``status``: what this party is doing, kept up to
+    date for its status endpoint (:mod:`splitlearn.launch.status`)."""
     from ..wire.transport.grpc import GrpcTransport
     from ..run.tracking import parse_log
     from ..wire.transport.tls import load_credentials
 
-    job = None
+    job: Any = None  # a job instead of training: generation or prediction, with its setup and steps
     if generate is not None:
         from .generating import party_job
 
         plan, job = party_job(generate, name)
     else:
         plan = load_plan(plan_path).with_train(epochs=epochs, seed=seed)
+        if predict is not None:
+            plan = predicting_plan(plan)[0]
+            if out is not None and Path(out).resolve() == Path(predict).resolve():
+                raise PlanError("--out names the run folder itself: its reports would be overwritten", entry="--out",
+                                hint="predictions go to RUN/parties/NAME/predictions.csv; give --out another folder")
     limits = limits or Limits()
     if dial_out:
         plan = with_dial_out(plan, dial_out)
@@ -104,8 +116,13 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     if name not in topo.names:
         raise PlanError(f"no party {name!r} in the plan", hint=f"parties are {topo.names[:8]}")
     plays = topo.plays(plan, name)
+    status = status or PartyStatus(name)  # (read only by a status endpoint)
+    status.begin(plan.name, role_of(plan, name))
+    on_step = status.chain(on_step)
     try:
         given = own_data(plan, name, data) if data is not None else None
+        if predict is not None:
+            job = PartyPrediction(plan, Path(predict), name, given)
         setup = job.setup if job is not None else \
             setup_party(plan, plays, data=given, client=client_of(plan, name)) if plays is not None else None
         # plan and data errors before connecting
@@ -118,6 +135,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
                               connect_timeout=connect_timeout, max_message_bytes=limits.message_bytes,
                               droppable=[p for p in (*ends.dial, *ends.accept) if p in topo.droppable],
                               reconnect_timeout=plan.train.reconnect_timeout)
+    status.watch(transport=transport)
     transport.start()
     try:
         transport.wait_connected(connect_timeout)
@@ -127,6 +145,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
         part = physical_party(plan, name, setup, transport, timeout=step_timeout, record=out is not None and job is None,
                               limits=limits, tracking=tracking, out=None if job is not None else out, resume=resume,
                               rejoin_wait_s=plan.train.reconnect_timeout if rejoin_wait is None else rejoin_wait, **more)
+        status.watch(meters=(part.link.meter, part.eval_meter))
         if job is not None:
             job.attach(part)
         report = part.run(on_step)

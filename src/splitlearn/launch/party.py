@@ -44,6 +44,9 @@ class PartyOptions:
     resume: bool = False
     rejoin_wait_s: float | None = None
     generate: dict | None = None  # a generation job instead of training (splitlearn.launch.generating.job_of)
+    predict: str | None = None  # a run folder to predict with instead of training (this site's part)
+    status: str | None = None  # HOST:PORT of this process's live status endpoint (splitlearn.launch.status)
+    log_format: str = "text"  # or "json": log records as JSON lines on stderr
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -68,13 +71,19 @@ def party_process(opts: PartyOptions) -> int:
     from ..wire.messages import Limits
     from .oneparty import progress_line, run_one_party
     from .results import write_json
+    from .status import PartyWatch
 
     if opts.certs is None and not opts.insecure:
         print("error: give --certs DIR (made by 'splitlearn certs PLAN --out DIR'), or --insecure to run without TLS",
               file=sys.stderr)
         return 2
+    try:  # its title, log format and status endpoint
+        watch = PartyWatch(opts.name, status=opts.status, log_format=opts.log_format, out=opts.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if opts.insecure:
-        print("warning: --insecure: this party talks without TLS; peers are not authenticated", file=sys.stderr)
+        watch.say(logging.WARNING, "--insecure: this party talks without TLS; peers are not authenticated")
     limit = int(opts.max_message_mb * 2**20)
     try:
         report = run_one_party(opts.plan, opts.name, certs=None if opts.insecure else Path(opts.certs),
@@ -84,17 +93,22 @@ def party_process(opts: PartyOptions) -> int:
                                on_step=(lambda pr: print(progress_line(pr), flush=True)) if opts.progress else None,
                                limits=Limits(message_bytes=limit, tensor_bytes=limit), log=opts.log,
                                data=opts.data, resume=opts.resume, rejoin_wait=opts.rejoin_wait_s,
-                               generate=opts.generate)
+                               generate=opts.generate, predict=opts.predict, status=watch.status)
     except Exception as e:  # noqa: BLE001 - every failure of a party is reported the same way
         text = str(e) if isinstance(e, (PlanError, RunError, RuntimeError, OSError, ValueError)) else repr(e)
         if opts.out is not None:
             write_json(Path(opts.out) / "parties" / opts.name / "error.json", {"party": opts.name, "error": text})
-        print(f"error: party {opts.name}: {text}", file=sys.stderr)
+        watch.say(logging.ERROR, f"party {opts.name}: {text}")
+        watch.end(text)
         return 1
     if not opts.quiet:
         m = report.meter
         print(f"party {opts.name} done: sent {human(m['bytes_sent'], 'B')}, received {human(m['bytes_received'], 'B')}, "
               f"{human(m['flops'])} FLOPs")
+    if "predicted" in report.meter:  # (said even when quiet: it is the result)
+        print(f"party {opts.name}: {report.meter['predicted']['rows']} predictions written to "
+              f"{report.meter['predicted']['file']}")
+    watch.end()  # (a status endpoint serves "done" until read, briefly)
     return 0
 
 

@@ -269,10 +269,13 @@ def party_inputs(plan: Plan, party: str, table: Table, skip: set[str] = frozense
     return out
 
 
-def splits_for(plan: Plan, table: Table, validation: bool = True) -> Splits:
+def splits_for(plan: Plan, table: Table, validation: bool = True, every_row: bool = False) -> Splits:
     """The training, test and (with ``[data] validation_fraction``, unless ``validation`` is False: rows to predict)
-    validation rows of ``table``, by id, alike at every party."""
+    validation rows of ``table``, by id, alike at every party; ``every_row``: every row a test row (new rows to
+    predict, the count a party without data learns in the hello)."""
     ids = np.sort(table.ids)
+    if every_row:
+        return Splits(ids, np.zeros(0, dtype=np.int64), np.arange(len(ids), dtype=np.int64))
     is_test = table.align(ids).fields.get("is_test") if "is_test" in table.fields else None
     train_ids, test_ids = train_test_split_ids(ids, plan.data.test_fraction, plan.train.seed, is_test)
     fraction = plan.data.validation_fraction if validation else None

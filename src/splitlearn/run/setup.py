@@ -172,6 +172,7 @@ class PartySetup:
     skip: frozenset = frozenset()  # input nodes left out (labels, for predict)
     fixed_preprocess: bool = False  # preprocessing given (predict), not fitted
     predicting: bool = False  # rows to predict: every one scored, no validation rows carved out
+    every_row: bool = False  # new rows to predict: every one a test row (none trains)
     options: dict = field(default_factory=dict)  # the data source's options (preprocessing)
     client: str | None = None  # the client it is, for a per-client file
     alignment: dict | None = None  # private alignment: rows held before, and kept
@@ -202,7 +203,7 @@ class PartySetup:
     def derive(self, table: Table) -> None:
         """Splits, preprocessing (fitted on the training rows) and inputs from ``table``."""
         self.table = table
-        self.splits = splits_for(self.plan, table, validation=not self.predicting)
+        self.splits = splits_for(self.plan, table, validation=not self.predicting, every_row=self.every_row)
         if not self.fixed_preprocess:
             try:
                 self.preprocess = fit_preprocess(self.options, table, self.splits.train)
@@ -288,8 +289,8 @@ class PartySetup:
     def count(self, train: int, test: int) -> None:
         """A party without data: how many rows the others hold (from their hellos). Splits already
         known with these counts (in one process: the data holders' own) are kept."""
-        if self.rows != (train, test):
-            self.splits = counted_splits(train, test, self.plan.data.validation_fraction)
+        if self.rows != (train, test):  # (rows to predict carve out no validation rows, as the holders' do not)
+            self.splits = counted_splits(train, test, None if self.predicting else self.plan.data.validation_fraction)
 
     def schema(self) -> dict[str, dict]:
         """What the party's rows look like, without any row: per field its dtype, shape per row,
@@ -317,17 +318,18 @@ class PartySetup:
 
 def setup_party(plan: Plan, name: str, cache: dict | None = None, data: DataSpec | None = None,
                 predict: bool = False, optimizer: bool = True, client: str | None = None,
-                preprocess: Preprocess | None = None) -> PartySetup:
+                preprocess: Preprocess | None = None, every_row: bool = False) -> PartySetup:
     """Build a party's segments, optimizer (unless not ``optimizer``) and inputs (without labels
     when ``predict``); ``client``: the client it is (for a per-client file); ``preprocess``: use
-    this one (predict) instead of fitting one on the training rows."""
+    this one (predict) instead of fitting one on the training rows; ``every_row``: every row is a test row
+    (new rows to predict)."""
     graph = build_graph(plan)
     segs = [n for n in graph.local_order(name) if graph.nodes[n].kind == "segment"]
     modules = build_modules(plan, name, segs)
     spec = data_spec(plan, name, client, data)
     setup = PartySetup(plan, graph, name, modules, make_optimizer(plan, name, modules) if optimizer else None, {},
                        None, preprocess=preprocess, fixed_preprocess=preprocess is not None,
-                       skip=frozenset(graph.label_inputs() if predict else ()), predicting=predict,
+                       skip=frozenset(graph.label_inputs() if predict else ()), predicting=predict, every_row=every_row,
                        options=dict(spec.options) if spec is not None else {}, client=client,
                        scaled=scaled_targets(plan, name, spec, given=data is not None))
     if spec is not None:
