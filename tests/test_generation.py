@@ -89,16 +89,22 @@ def test_the_caches_follow_the_sequence_and_refuse_a_peer_that_does_not():
     torch.manual_seed(0)
     model = cls(config()).eval()
     prompt = torch.tensor([[3, 17, 5]])
-    pieces = [CachedPiece(piece_of(model, cuts, k), Watch()) for k in range(3)]
+    first = greedy([piece_of(model, cuts, k) for k in range(3)], prompt, 2).tokens
+    one = torch.ones(1, 3, dtype=torch.long)
     with torch.no_grad():
-        hidden, mask = pieces[0](prompt, torch.ones(1, 3, dtype=torch.long))
+        pieces = [CachedPiece(piece_of(model, cuts, k), Watch(), starts=1, source="'server'") for k in range(3)]
+        hidden, mask = pieces[0](prompt, one)
         hidden, _ = pieces[1](hidden, mask)
-        first = pieces[2](hidden, mask)[0, -1].argmax()
-        assert int(first) == greedy([piece_of(model, cuts, k) for k in range(3)], prompt, 1).tokens[0]
-        with pytest.raises(ValueError, match="1 new position.*mask of 5 do not follow the 3"):
-            pieces[1](hidden[:, :1], torch.ones(1, 5, dtype=torch.long))  # a server told of a position it never saw
-        with pytest.raises(ValueError, match="do not follow the 0"):
-            CachedPiece(piece_of(model, cuts, 1), Watch())(hidden[:, :1], mask)  # a new token before any prompt
+        assert int(pieces[2](hidden, mask)[0, -1].argmax()) == first[0]
+        # a server that sends the whole sequence again (a new cache it would steer) or a position out of turn
+        with pytest.raises(ValueError, match="'server' sent 4 new position\\(s\\) with a mask of 4; each step after "
+                                             "the prompt carries exactly one, position 3"):
+            pieces[2](torch.zeros(1, 4, H), torch.ones(1, 4, dtype=torch.long))
+        with pytest.raises(ValueError, match="sent 1 new position\\(s\\) with a mask of 6.*position 3"):
+            pieces[2](hidden[:, :1], torch.ones(1, 6, dtype=torch.long))
+        with pytest.raises(ValueError, match="'server' sent 1 position\\(s\\) with a mask of 3 where a sequence "
+                                             "begins"):  # a new token before any prompt
+            CachedPiece(piece_of(model, cuts, 1), Watch(), source="'server'")(hidden[:, :1], mask)
 
 
 def test_plans_that_cannot_generate_are_refused(tmp_path):
@@ -112,6 +118,8 @@ def test_plans_that_cannot_generate_are_refused(tmp_path):
     with pytest.raises(PlanError, match="reach 33 positions; the run's wires carry sequences of at most 32") as e:
         plan_generation(u).check(5, 29)
     assert "at most 28 new tokens" in e.value.hint
+    with pytest.raises(PlanError, match="reach 16 positions; the model has 12 \\(n_positions\\)"):  # GPT-2's table
+        plan_generation(u).check(5, 12, FAMILIES["gpt2"][1]().__class__(n_positions=12))
     fixed = u.replace(segments={**u.segments, "bottom": u.segments["bottom"].model_copy(
         update={"outputs": [o.model_copy(update={"vary": {}}) for o in u.segments["bottom"].outputs]})})
     with pytest.raises(PlanError, match="'bottom'.*do not vary in length"):
@@ -125,4 +133,5 @@ def test_the_result_stops_at_the_end_of_text_token_and_gathers_each_wire():
     gen = plan_generation(lm_plan("model", FAMILIES["llama"][2], FAMILIES["llama"][3]))
     out = generation_result(gen, {"hospital": owner, "server": server}, stop_at=2)
     assert out["tokens"] == [5, 2] and out["tokens_per_second"] == 8.0  # 4 decoded in 0.5 s
+    assert generation_result(gen, {"hospital": owner, "server": server}, stop_at=[7, 9])["tokens"] == [5, 2, 7]
     assert out["bytes_per_token"] == {"bottom:hidden->middle": 200.0, "middle:hidden->top": 190.0}

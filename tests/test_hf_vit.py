@@ -93,6 +93,13 @@ def test_models_and_inputs_a_vision_cut_cannot_carry_are_refused_by_name(tmp_pat
     data2vec = transformers.Data2VecVisionForImageClassification(transformers.Data2VecVisionConfig(**SMALL))
     with pytest.raises(HFError, match="data2vec_vision.embeddings gives more than the hidden states"):
         piece_of(data2vec, ["data2vec_vision.encoder.layer.1"], 1)
+    beit = transformers.BeitForImageClassification(transformers.BeitConfig(  # BEiT's pt22k checkpoints are so
+        **SMALL, use_shared_relative_position_bias=True))
+    with pytest.raises(HFError, match="shares one relative position bias among its blocks"):
+        piece_of(beit, ["beit.layers.1"], 1)
+    plain = transformers.BeitForImageClassification(transformers.BeitConfig(**SMALL, num_labels=10)).eval()
+    assert torch.equal(compose([piece_of(plain, ["beit.layers.1"], k) for k in range(2)], images(), 17),
+                       plain(pixel_values=images()).logits)  # without a shared bias: exact
     model = vit()
     with pytest.raises(HFError, match=r"names no block.*vit\.layers"):  # the checkpoint's name, not the module's
         piece_of(model, ["vit.encoder.layer.0"], 0)

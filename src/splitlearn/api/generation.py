@@ -44,9 +44,10 @@ def generate(run_dir: str | Path, prompt: str | Sequence[int], *, max_new_tokens
              launcher: Literal["threads", "processes"] = "threads") -> dict[str, Any]:
     """Decode ``max_new_tokens`` greedily after ``prompt`` (text, tokenised as the run's data was, or token ids)
     with the trained pieces of the run's transformers ``network``, each party with its own (``launcher``: in
-    threads of this process, or in party processes over gRPC); the tokens after the end-of-text token are
-    dropped unless ``stop=False``. Returns the new tokens, their text, tokens per second (at the text's owner,
-    the prompt's pass included) and each wire's bytes per new token (framing included)."""
+    threads of this process, or in party processes over gRPC); the tokens after the end-of-text token (the
+    first of several) are dropped unless ``stop=False`` (every step is decoded all the same). Returns the new
+    tokens, their text, tokens per second (at the text's owner, the prompt's pass included) and each wire's
+    bytes per new token (framing included)."""
     run_dir = Path(run_dir)
     if not (run_dir / "plan.json").is_file():
         raise PlanError(f"{run_dir} is not a run folder (no plan.json)", hint="train with --out first")
@@ -68,7 +69,7 @@ def generate(run_dir: str | Path, prompt: str | Sequence[int], *, max_new_tokens
     if not ids or any(not 0 <= i < config.vocab_size for i in ids):
         raise PlanError(f"the prompt's token ids must be 1 or more in [0, {config.vocab_size})", file=run_dir)
     try:
-        gen.check(len(ids), max_new_tokens)
+        gen.check(len(ids), max_new_tokens, config)
     except PlanError as e:
         raise e.in_file(run_dir) from None
     if launcher == "threads":
@@ -82,7 +83,8 @@ def generate(run_dir: str | Path, prompt: str | Sequence[int], *, max_new_tokens
 
         jobs = {p: job_of(run_dir, gen, max_new_tokens, ids, p) for p in plan.parties}
         reports = launch(run_dir / "plan.json", run_dir / "generation", checked=plan, jobs=jobs)
-    eos = config.eos_token_id if stop and isinstance(getattr(config, "eos_token_id", None), int) else None
+    eos = getattr(config, "eos_token_id", None) if stop else None  # one id, or several (Llama 3's)
+    eos = eos if isinstance(eos, int) or isinstance(eos, list) and all(isinstance(e, int) for e in eos) else None
     out_ = generation_result(gen, reports, eos)
     return {"prompt_tokens": ids, "tokens": out_["tokens"],
             "text": tok.decode(out_["tokens"], skip_special_tokens=True) if tok is not None else None,
@@ -99,6 +101,7 @@ def _config(plan: Any, network: str, run_dir: Path) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(beside_plan(plan, spec.hf.folder).resolve()))
+        return AutoConfig.from_pretrained(str(beside_plan(plan, spec.hf.folder).resolve()), local_files_only=True,
+                                          trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise PlanError(f"network {network!r}: cannot read its model folder's config ({e})", file=run_dir) from None

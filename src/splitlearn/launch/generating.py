@@ -6,15 +6,17 @@ Generation is ``max_new_tokens`` prediction steps of the run's plan. The owner's
 decided), every piece runs with a key/value cache of its own blocks
 (:class:`~splitlearn.models.generation.CachedPiece`), and what crosses each cut goes over the plan's wires as
 in training: checked, metered, refused past its bounds. The owner must hold the last piece (the
-language-model head: a U-shaped plan), so that the next token is decided where the prompt is and never
-leaves it. The other parties learn only the number of steps, never the prompt.
+language-model head: a U-shaped plan), so that the next token is decided where the prompt is. The other
+parties are never sent the prompt's tokens nor the new ones (only the number of steps): they see the prompt's
+length and the hidden states at their cuts, as in training (what those reveal: ``splitlearn audit``'s
+text inversion).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -42,8 +44,9 @@ class Generation:
     owner: str
     limit: int
 
-    def check(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        """A PlanError unless the prompt and the new tokens fit the run's wires."""
+    def check(self, prompt_tokens: int, max_new_tokens: int, config: Any = None) -> None:
+        """A PlanError unless the prompt and the new tokens fit the run's wires (and the model's positions, from
+        its transformers ``config``: ``n_positions`` or ``max_position_embeddings``)."""
         if max_new_tokens < 1:
             raise PlanError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if prompt_tokens < 1:
@@ -54,6 +57,12 @@ class Generation:
                             f"positions; the run's wires carry sequences of at most {self.limit}",
                             hint=f"ask for at most {max(self.limit - prompt_tokens + 1, 0)} new tokens, or train with "
                                  "a larger max_length (and vary bounds)")
+        for entry in ("n_positions", "max_position_embeddings"):
+            most = getattr(config, entry, None)
+            if isinstance(most, int) and need > most:
+                raise PlanError(f"the prompt ({prompt_tokens} tokens) and {max_new_tokens} new tokens reach {need} "
+                                f"positions; the model has {most} ({entry})",
+                                hint=f"ask for at most {max(most - prompt_tokens + 1, 0)} new tokens")
 
 
 def plan_generation(plan: Plan, network: str | None = None) -> Generation:
@@ -129,10 +138,14 @@ class PartyGeneration:
             last = s == gen.segments[-1]
             if last and m.hf.get_output_embeddings() is None:  # (GPT-NeoX's is embed_out: asked, not named)
                 raise PlanError(f"network {gen.network!r} has no language-model head (its task is not causal_lm)")
-            self.setup.modules[s] = CachedPiece(m, self.watch, self.decoding if last else None)
-            vocab = m.hf.config.vocab_size
-            if s == gen.segments[0] and self.decoding is not None and int(self.decoding.prompt.max()) >= vocab:
-                raise PlanError(f"the prompt's token ids must lie in [0, {vocab}), the model's vocabulary")
+            k = gen.segments.index(s)
+            source = "the text" if k == 0 else repr(plan.segments[gen.segments[k - 1]].party)
+            self.setup.modules[s] = CachedPiece(m, self.watch, self.decoding if last else None, source=source)
+            if self.decoding is not None and s == gen.segments[0]:
+                vocab = m.hf.config.vocab_size
+                if int(self.decoding.prompt.max()) >= vocab:
+                    raise PlanError(f"the prompt's token ids must lie in [0, {vocab}), the model's vocabulary")
+                gen.check(len(prompt), max_new_tokens, m.hf.config)
 
     @property
     def steps(self) -> list[Step]:
@@ -193,14 +206,17 @@ def _load_pieces(setup: PartySetup, run_dir: Path, party: str) -> None:
         raise PlanError(f"party {party!r}: {e}", file=run_dir, hint="generate from the run folder it trained") from None
 
 
-def generation_result(gen: Generation, reports: dict[str, PartyReport], stop_at: int | None = None) -> dict[str, Any]:
-    """The new tokens (up to and with ``stop_at``, the end-of-text token, where given), tokens per second at
-    the owner and each wire's bytes per new token, from the parties' reports."""
+def generation_result(gen: Generation, reports: dict[str, PartyReport],
+                      stop_at: int | Sequence[int] | None = None) -> dict[str, Any]:
+    """The new tokens (up to and with the first of ``stop_at``, the end-of-text token or tokens, where given),
+    tokens per second at the owner and each wire's bytes per new token, from the parties' reports."""
     owner = reports[gen.owner].meter.get("generation") or {}
     tokens = [int(t) for t in owner.get("tokens", [])]
     decoded = len(tokens)
-    if stop_at is not None and stop_at in tokens:
-        tokens = tokens[:tokens.index(stop_at) + 1]
+    ends = set() if stop_at is None else {stop_at} if isinstance(stop_at, int) else set(stop_at)
+    first = next((i for i, t in enumerate(tokens) if t in ends), None)
+    if first is not None:
+        tokens = tokens[:first + 1]
     seconds = float(owner.get("seconds", 0.0))
     per_token: dict[str, float] = {}
     for rep in reports.values():

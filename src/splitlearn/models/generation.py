@@ -2,8 +2,10 @@
 
 The prompt goes through every piece once; then each new token does: piece 0 embeds it and runs its blocks
 against its cache, the hidden state of that one position crosses each cut (``[1, 1, H]``), the last piece
-gives the next token's logits. Only what crosses is counted (:class:`Decoded`): the same bytes the wires
-would carry at float32.
+gives the next token's logits. :class:`CachedPiece` is a piece with its cache (strict about what may follow
+what), :class:`Decoding` the text owner's prompt and tokens, :class:`Feed` its text fields for the engine
+(``splitlearn.launch.generating`` runs generation as steps of a run), :class:`Watch` a party's bytes per new
+token. :func:`greedy` chains the pieces in this process (counting what would cross, at float32).
 """
 
 from __future__ import annotations
@@ -43,38 +45,30 @@ class Decoded:
 @torch.no_grad()
 def greedy(pieces: Sequence[HFPiece], prompt: torch.Tensor, max_new_tokens: int,
            eos_token_id: int | None = None) -> Decoded:
-    """Decode ``max_new_tokens`` after ``prompt`` (token ids ``[1, P]``) greedily through ``pieces`` in order
-    (stopping early at ``eos_token_id``). Equal, token for token, to the unsplit model's greedy decoding."""
+    """Decode ``max_new_tokens`` after ``prompt`` (token ids ``[1, P]``) greedily through ``pieces`` in order, in
+    this process (stopping early at ``eos_token_id``), each with its cache (:class:`CachedPiece`, as in a run).
+    Equal, token for token, to the unsplit model's greedy decoding."""
     if prompt.ndim != 2 or prompt.shape[0] != 1 or prompt.shape[1] == 0:
         raise ValueError(f"the prompt is token ids of shape [1, P], got {list(prompt.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    for p in pieces:
-        p.eval()
-    caches = [p.new_cache() for p in pieces]
+    decoding = Decoding(prompt[0].tolist())
+    cached = [CachedPiece(p.eval(), Watch(), decoding if k == len(pieces) - 1 else None, starts=1)
+              for k, p in enumerate(pieces)]
     out = Decoded([], [0] * (len(pieces) - 1))
-    new, mask, past = prompt, torch.ones_like(prompt), 0
-    start = time.perf_counter()
+    decoding.live, decoding.started = True, time.perf_counter()
     for step in range(max_new_tokens):
-        positions = torch.arange(past, past + new.shape[1]).unsqueeze(0)
-        x = new
-        for k, (piece, cache) in enumerate(zip(pieces, caches)):
-            y = piece(x, mask, cache=cache, position_ids=positions)
-            if k < len(pieces) - 1:
-                x = y[0]
+        x, mask = decoding.ids(), decoding.mask()
+        for k, piece in enumerate(cached):
+            x = piece(x, mask)
+            if k < len(cached) - 1:
+                x = x[0]
                 out.crossed[k] += x.numel() * x.element_size()
-            else:
-                x = y
         if step == 0:
             out.prompt_crossed = list(out.crossed)
-        token = int(x[0, -1].argmax())
-        out.tokens.append(token)
-        past += new.shape[1]
-        new = torch.tensor([[token]], dtype=prompt.dtype)
-        mask = torch.cat([mask, torch.ones_like(new)], dim=1)
-        if eos_token_id is not None and token == eos_token_id:
+        if eos_token_id is not None and decoding.tokens[-1] == eos_token_id:
             break
-    out.seconds = time.perf_counter() - start
+    out.tokens, out.seconds = list(decoding.tokens), decoding.seconds
     return out
 
 
@@ -161,24 +155,32 @@ class Watch:
 
 
 class CachedPiece(nn.Module):
-    """A piece run by the engine during generation, with a key/value cache of its own blocks: a call whose
-    input is as long as its mask is a prompt (a new cache); a shorter one continues the sequence (positions
-    after the cache's). The owner's last piece decides each token (``decoding``)."""
+    """A piece run during generation, with a key/value cache of its own blocks. Its first ``starts`` calls begin a
+    sequence (input as long as its mask: a new cache): under the engine the handshake's stand-ins, then the
+    prompt. Every later call continues it by exactly one position (positions after the cache's); anything else,
+    such as a peer sending a whole sequence again, is refused naming ``source`` (who sends this piece its input).
+    The owner's last piece decides each token (``decoding``)."""
 
-    def __init__(self, piece: HFPiece, watch: Watch, decoding: Decoding | None = None):
+    def __init__(self, piece: HFPiece, watch: Watch, decoding: Decoding | None = None, *, starts: int = 2,
+                 source: str = "the previous piece"):
         super().__init__()
-        self.piece, self.watch, self.decoding = piece, watch, decoding
+        self.piece, self.watch, self.decoding, self.starts, self.source = piece, watch, decoding, starts, source
         self.cache: Any = None
+        self.calls = 0
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         new, seen = x.shape[1], attention_mask.shape[1]
-        if new == seen:
+        call, self.calls = self.calls, self.calls + 1
+        if call < self.starts:
+            if new != seen:
+                raise ValueError(f"generation: {self.source} sent {new} position(s) with a mask of {seen} where a "
+                                 "sequence begins (as many as its mask)")
             self.cache = self.piece.new_cache()
         else:
-            past = self.cache.get_seq_length() if self.cache is not None else None
-            if past is None or seen - new != past:
-                raise ValueError(f"generation: {new} new position(s) with a mask of {seen} do not follow the "
-                                 f"{past or 0} this piece has seen")
+            past = self.cache.get_seq_length()
+            if new != 1 or seen != past + 1:
+                raise ValueError(f"generation: {self.source} sent {new} new position(s) with a mask of {seen}; each "
+                                 f"step after the prompt carries exactly one, position {past}")
             self.watch.first_token()
         positions = torch.arange(seen - new, seen, device=x.device).unsqueeze(0)
         out = self.piece(x, attention_mask, cache=self.cache, position_ids=positions)

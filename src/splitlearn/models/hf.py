@@ -36,7 +36,7 @@ from torch import nn
 __all__ = ["HFError", "HFPiece", "is_hf_model", "is_vision", "hf_blocks", "cut_model", "owned_modules", "set_module"]
 
 
-_PLAIN = "cut a plain vision transformer (ViT, DeiT, DINOv2, BEiT, CLIP's vision model)"
+_PLAIN = "cut a plain vision transformer (ViT, DeiT, DINOv2, BEiT without a shared position bias, CLIP's vision model)"
 
 
 class HFError(ValueError):
@@ -340,6 +340,9 @@ def cut_model(model: nn.Module, cuts: Sequence[str], index: int) -> tuple[nn.Mod
     if len(kinds) > 1:  # its forward picks each block's mask by the block's position in the list
         raise HFError(f"its blocks attend in different ways ({sorted(kinds)}: sliding-window or hybrid attention), "
                       "which a cut does not carry yet; cut a model whose blocks all attend alike")
+    if getattr(model.config, "use_shared_relative_position_bias", False):  # a prelude module every block reads
+        raise HFError(f"{type(model).__name__} shares one relative position bias among its blocks (a module run "
+                      f"before them whose output each block reads), which a cut does not carry; {_PLAIN}")
     if is_vision(model) and getattr(model.config, "depths", None):
         raise HFError(f"{type(model).__name__}'s blocks are stages of different shapes (depths "
                       f"{list(model.config.depths)}: Swin, ConvNeXt style), which a cut does not carry; {_PLAIN}")
