@@ -136,15 +136,22 @@ def train_prepared(plan: Plan, setups: dict, shapes: dict, *, launcher: str = "t
                    out: str | Path | None = None, on_step: Callable[[Progress], None] | None = None,
                    timeout: float | None = None, faults: dict | None = None, log: str | None = None,
                    resume: bool = False, insecure: bool = False, link: str | None = None,
-                   ray_address: str | None = None) -> Result:
+                   ray_address: str | None = None, on_status: Callable[[str, str], None] | None = None,
+                   log_format: str = "text") -> Result:
     """:func:`train` after :func:`~splitlearn.run.setup.prepare` (which checks the plan end to end);
     ``source`` is what the plan was read from (party processes read it again), ``epochs`` and ``seed``
-    the overrides it was prepared with."""
+    the overrides it was prepared with; ``on_status``: party processes serve their live status, and each one's
+    address is given to it (``name, url``); ``log_format``: ``json`` writes their logs as JSON lines."""
     from ..run.tracking import finish_tracking, parse_log
 
     _check_launcher(launcher)
     if resume and out is None:
         raise PlanError("resume needs the run folder (out) whose checkpoints to go on from", entry="--resume")
+    if launcher != "processes":
+        for given, what in ((on_status, "on_status"), (None if log_format == "text" else log_format, "log_format")):
+            if given is not None:
+                raise PlanError(f"{what} applies to party processes started by launcher='processes', not "
+                                f"launcher={launcher!r}", entry=what)
     if launcher != "threads":
         for given, what, why in ((timeout, "timeout", "set [train] step_timeout in the plan: every party process reads "
                                   "it"), (faults, "faults", "faults are test hooks of in-process parties"),
@@ -153,7 +160,8 @@ def train_prepared(plan: Plan, setups: dict, shapes: dict, *, launcher: str = "t
                 raise PlanError(f"{what} does not reach launcher={launcher!r}: {why}", entry=what)
         setups.clear()  # each party process builds its own: the tables prepared here are not held for the run
         return _train_in_processes(plan, source, launcher, epochs=epochs, seed=seed, out=out, on_step=on_step,
-                                   log=log, resume=resume, insecure=insecure, link=link, ray_address=ray_address)
+                                   log=log, resume=resume, insecure=insecure, link=link, ray_address=ray_address,
+                                   on_status=on_status, log_format=log_format)
     for given, what in ((link, "link"), (ray_address, "ray_address")):
         if given is not None:
             raise PlanError(f"{what} applies to party processes, not to launcher='threads'", entry=what)
@@ -203,7 +211,8 @@ def _train_in_processes(plan: Plan, source: Any, launcher: str, *, out: str | Pa
         if kw.get("ray_address") is not None:
             raise PlanError("ray_address applies to launcher='ray'", entry="ray_address")
         body = launch(path, out, epochs=kw["epochs"], seed=kw["seed"], insecure=kw["insecure"], on_step=kw["on_step"],
-                      checked=plan, log=kw["log"], resume=kw["resume"], link=kw["link"])
+                      checked=plan, log=kw["log"], resume=kw["resume"], link=kw["link"], on_status=kw["on_status"],
+                      log_format=kw["log_format"])
 
     return Result(body, plan, folder=out)
 

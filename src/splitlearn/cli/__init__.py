@@ -92,6 +92,10 @@ def main() -> None:  # pragma: no cover
 
 
 from . import training, analysis  # noqa: E402,F401,I001 - their commands register on app, in this order (--help)
+from . import deploy  # noqa: E402,F401 - authority, keys, sign, revoke, provision: keys that stay home
+from . import status  # noqa: E402,F401 - a running party's live status
+from . import export  # noqa: E402,F401 - a trained party's segments as ONNX files, for serving
+from . import service  # noqa: E402,F401 - serve, submit, runs, stop: a party kept up between runs
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -95,7 +95,12 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
                                            "and/or bandwidth, e.g. 50ms,100mbit"),
         ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="each party process as a Ray actor: "
                                           "ADDRESS of a cluster (ray://HOST:10001, auto) or 'local' (pip install "
-                                          "'splitlearn[ray]')")) -> None:
+                                          "'splitlearn[ray]')"),
+        status: bool = typer.Option(False, "--status", help="each party process serves its live status on a free "
+                                    "loopback port (a page, /status.json, /metrics); the addresses are printed and "
+                                    "kept in OUT/parties/NAME/status.url"),
+        log_format: str = typer.Option("text", "--log-format", help="the party processes' logs (OUT/parties/NAME/"
+                                       "party.log): text, or json lines")) -> None:
     """Train PLAN: one process per party on loopback with mutual TLS (or --in-process);
     write OUT/result.json and each party's weights."""
     from ..api import train_prepared
@@ -115,6 +120,10 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
         _fail("--ray places party processes on a Ray cluster: it cannot go with --in-process or --link")
     if log is not None and ray is not None:
         _fail("--log is not available with --ray yet: the parties' metrics are in OUT/result.json")
+    if log_format not in ("text", "json"):
+        _fail(f"--log-format {log_format!r}: choose text or json")
+    if (status or log_format != "text") and (in_process or ray is not None):
+        _fail("--status and --log-format apply to party processes on this machine: not with --in-process or --ray")
     if link is not None:
         from ..wire.transport.slowlink import parse_link
 
@@ -147,7 +156,7 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
             result = train_prepared(p, setups, shapes, launcher="threads" if in_process else
                                     ("ray" if ray is not None else "processes"), source=plan, epochs=epochs,
                                     seed=seed, out=out, on_step=on_step, log=log, resume=resume, insecure=insecure,
-                                    link=link, ray_address=ray)
+                                    link=link, ray_address=ray, **_watching(status, log_format))
         except PlanError as e:
             _fail(str(e))
         except RunError as e:
@@ -156,6 +165,14 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
             raise typer.Exit(1) from None
     _summary(result)
     console.print(f"wrote {out / 'result.json'}")
+
+
+def _watching(status: bool, log_format: str) -> dict:
+    """``train_prepared``'s options for ``run --status`` and ``--log-format`` (none when not asked)."""
+    more: dict = {} if log_format == "text" else {"log_format": log_format}
+    if status:
+        more["on_status"] = lambda name, url: console.print(f"status of {name}: {url}", highlight=False)
+    return more
 
 
 def _peers(values: list[str]) -> dict[str, str]:
@@ -200,7 +217,12 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
                                                       "at once]"),
           predict: Optional[Path] = typer.Option(None, "--predict", help="instead of training, predict with this "
                                                  "party's part of a finished run (its RUN_DIR; --data: its new rows): "
-                                                 "predictions.csv is written where a head is")) -> None:
+                                                 "predictions.csv is written where a head is"),
+          status: Optional[str] = typer.Option(None, "--status", metavar="HOST:PORT", help="serve this party's live "
+                                               "status over HTTP: a page at /, /status.json, /metrics (Prometheus); "
+                                               "bind 127.0.0.1 unless others must reach it; port 0: any free port"),
+          log_format: str = typer.Option("text", "--log-format", help="text, or json: log records as JSON lines "
+                                         "(time, level, logger, party, message) on stderr")) -> None:
     """Run one party of PLAN on this machine, talking to its neighbours over gRPC (with --predict: its part of a
     prediction from a finished run, each site with its own rows)."""
     from ..launch.party import PartyOptions, party_process
@@ -210,7 +232,8 @@ def party(plan: Path = typer.Argument(..., help="plan file (.toml), the same at 
         peers=_peers(peer), dial_out=tuple(dial_out), out=None if out is None else str(out), epochs=epochs, seed=seed,
         connect_timeout_s=connect_timeout, step_timeout_s=step_timeout, max_message_mb=max_message_mb,
         progress=progress, quiet=quiet, log=log, data=None if data is None else str(data), resume=resume,
-        rejoin_wait_s=rejoin_wait, predict=None if predict is None else str(predict)))
+        rejoin_wait_s=rejoin_wait, predict=None if predict is None else str(predict), status=status,
+        log_format=log_format))
     if code:
         raise typer.Exit(code)
 

@@ -210,6 +210,9 @@ def _say(out: IO[bytes], msg: dict) -> None:
 
 
 def serve() -> None:
+    from splitlearn.launch.status import set_title
+
+    set_title("splitlearn forker")  # (each child names its party: splitlearn.launch.status.PartyWatch)
     _warm_up()
     out = sys.stdout.buffer
     fd = sys.stdin.fileno()

@@ -31,7 +31,8 @@ from .status import PartyStatus, role_of
 
 _log = logging.getLogger("splitlearn.launch.oneparty")
 
-__all__ = ["run_one_party", "endpoints", "Endpoints", "write_partial_result", "progress_line"]
+__all__ = ["run_one_party", "endpoints", "Endpoints", "write_partial_result", "progress_line", "tell_early",
+           "TELL_WAIT_S"]
 
 
 @dataclass
@@ -80,7 +81,7 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
                   on_step=None, dial_out: list[str] = (), limits: Limits | None = None,
                   log: str | None = None, data: str | Path | None = None, resume: bool = False,
                   rejoin_wait: float | None = None, generate: dict | None = None,
-                  predict: str | Path | None = None, status: PartyStatus | None = None) -> PartyReport:
+                  predict: str | Path | None = None, status: PartyStatus | None = None, run: str = "") -> PartyReport:
     """Run physical party ``name`` of the plan in this process, over gRPC. ``certs=None`` means
     insecure. ``step_timeout`` bounds each step as a whole (default: the plan's ``[train]
     step_timeout``, :meth:`~splitlearn.core.plan.Plan.step_timeout_s`); ``limits`` what a peer may
@@ -91,7 +92,8 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
     ``reconnect_timeout``); ``generate``: decode with the trained pieces of a run folder instead of training (a job
     of :func:`~splitlearn.launch.generating.job_of`); ``predict``: predict with the trained segments of this run
     folder (this site's part: its own rows, ``data``, or the plan's test rows), the predictions written where a head
-    is (:class:`~splitlearn.launch.predicting.PartyPrediction`); ``status``: what this party is doing, kept up to
+    is (:class:`~splitlearn.launch.predicting.PartyPrediction`); ``run``: the run this process belongs to (a
+    service's: a peer's process of another run is turned away and dials again); ``status``: what this party is doing, kept up to
     date for its status endpoint (:mod:`splitlearn.launch.status`)."""
     from ..wire.transport.grpc import GrpcTransport
     from ..run.tracking import parse_log
@@ -127,14 +129,17 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
             setup_party(plan, plays, data=given, client=client_of(plan, name)) if plays is not None else None
         # plan and data errors before connecting
     except PlanError as e:
-        raise e.in_file(e.file or plan._source) from None
+        error = e.in_file(e.file or plan._source)
+        tell_early(plan, topo, name, error, certs=certs, listen=listen, peers=peers or {}, run=run,
+                   wait=min(connect_timeout, TELL_WAIT_S))
+        raise error from None
     tracking = parse_log(log, out) if log else None
     ends = endpoints(plan, topo, name, listen, peers or {})
     creds = load_credentials(certs, name) if certs is not None else None
     transport = GrpcTransport(name, listen=ends.listen, dial=ends.dial, accept=ends.accept, credentials=creds,
                               connect_timeout=connect_timeout, max_message_bytes=limits.message_bytes,
                               droppable=[p for p in (*ends.dial, *ends.accept) if p in topo.droppable],
-                              reconnect_timeout=plan.train.reconnect_timeout)
+                              reconnect_timeout=plan.train.reconnect_timeout, run=run)
     status.watch(transport=transport)
     transport.start()
     try:
@@ -163,6 +168,35 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
                 _log.warning("%s: no result.json from the reports in %s (%s); a launcher's gathers them all",
                              name, out, e)
     return report
+
+
+TELL_WAIT_S = 10.0  # how long a party that cannot start waits for its neighbours, to tell them why
+
+
+def tell_early(plan: Plan, topo: Topology, name: str, error: Exception, *, certs: Path | None, listen: str | None,
+               peers: dict[str, str], run: str = "", wait: float = TELL_WAIT_S) -> None:
+    """A party that cannot start (its data, its plan) tells its neighbours why, over a connection of its own for
+    ``wait`` seconds at most: they stop at once, naming it, rather than waiting out their connect timeout for a
+    party that never comes. Best effort: whatever goes wrong here is left to their deadlines."""
+    from ..wire.messages import Kind, Message, encode
+    from ..wire.transport.grpc import GrpcTransport
+    from ..wire.transport.tls import load_credentials
+
+    transport = None
+    try:
+        ends = endpoints(plan, topo, name, listen, peers)
+        creds = load_credentials(certs, name) if certs is not None else None
+        transport = GrpcTransport(name, listen=ends.listen, dial=ends.dial, accept=ends.accept, credentials=creds,
+                                  connect_timeout=wait, run=run)
+        transport.start()
+        transport.wait_connected(wait)
+        for peer in [*ends.dial, *ends.accept]:
+            transport.send(peer, encode(Message(Kind.ERROR, name, peer, text=f"{name} failed: {error}")))
+    except Exception as e:  # noqa: BLE001 - the neighbours' deadlines remain
+        _log.info("%s: could not tell its neighbours why it stops (%s)", name, e)
+    finally:
+        if transport is not None:
+            transport.close()
 
 
 def write_partial_result(plan: Plan, topo: Topology, out: Path, transport: str) -> dict:

@@ -45,6 +45,7 @@ class PartyOptions:
     rejoin_wait_s: float | None = None
     generate: dict | None = None  # a generation job instead of training (splitlearn.launch.generating.job_of)
     predict: str | None = None  # a run folder to predict with instead of training (this site's part)
+    run: str = ""  # the run this process belongs to: its peers' processes of another run are turned away
     status: str | None = None  # HOST:PORT of this process's live status endpoint (splitlearn.launch.status)
     log_format: str = "text"  # or "json": log records as JSON lines on stderr
 
@@ -93,7 +94,7 @@ def party_process(opts: PartyOptions) -> int:
                                on_step=(lambda pr: print(progress_line(pr), flush=True)) if opts.progress else None,
                                limits=Limits(message_bytes=limit, tensor_bytes=limit), log=opts.log,
                                data=opts.data, resume=opts.resume, rejoin_wait=opts.rejoin_wait_s,
-                               generate=opts.generate, predict=opts.predict, status=watch.status)
+                               generate=opts.generate, predict=opts.predict, run=opts.run, status=watch.status)
     except Exception as e:  # noqa: BLE001 - every failure of a party is reported the same way
         text = str(e) if isinstance(e, (PlanError, RunError, RuntimeError, OSError, ValueError)) else repr(e)
         if opts.out is not None:

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -70,20 +69,26 @@ def free_port() -> int:
 def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed: int | None = None,
            insecure: bool = False, timeout: float = 3600.0, on_step=None, checked: Plan | None = None,
            log: str | None = None, resume: bool = False, link: str | None = None,
-           jobs: dict[str, dict] | None = None) -> dict:
+           jobs: dict[str, dict] | None = None, on_status=None, log_format: str = "text") -> dict:
     """``splitlearn run``: one process per physical party on loopback (mutual TLS with throw-away
     certificates unless ``insecure``); returns the merged result. Raises RunError naming each
     failed party whose failure ends the run (a client's is data: the coordinator reports it);
     Ctrl-C stops every process. ``checked``: the plan as already checked end to end by
-    :func:`~splitlearn.run.setup.prepare` (otherwise it is checked here first); ``resume``: every
+    :func:`~splitlearn.run.setup.prepare` (otherwise it is checked here first; for ``jobs``, the run's plan,
+    which each party process checks for its own part); ``resume``: every
     party goes on from the last checkpoint in ``out`` they all hold; ``link``: every connection
     through an emulated slow link, e.g. ``"50ms,100mbit"`` (:mod:`splitlearn.wire.transport.slowlink`);
     ``jobs``: per party, a generation job (:func:`~splitlearn.launch.generating.job_of`) instead of training: the
-    parties' reports are returned then, by name, and no result is written."""
-    from ..wire.transport.tls import make_certs
+    parties' reports are returned then, by name, and no result is written. ``on_status``: each party process serves
+    its live status on a free loopback port (:mod:`splitlearn.launch.status`), and ``on_status(name, url)`` is told
+    where as it starts (``parties/NAME/status.url`` records it too); ``log_format``: ``text`` or ``json`` (the
+    parties' log records as JSON lines in their ``party.log``)."""
+    from ..wire.transport.tls import make_certs, private_folder
 
     from ..run.tracking import finish_tracking, parse_log
 
+    if log_format not in ("text", "json"):
+        raise PlanError(f"log_format {log_format!r}: choose text or json", entry="log_format")
     plan = checked or prepare(plan_path, epochs=epochs, seed=seed)[0]  # all checks before starting anything
     out = Path(out)
     tracking = parse_log(log, out) if log else None
@@ -105,14 +110,14 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
     procs: dict[str, Any] = {}
     env = child_env(len(topo.names))
     forker = Forker(env) if _forking() else None  # many processes share one import of torch
-    with tempfile.TemporaryDirectory(prefix="splitlearn-certs-") as certs:
+    with private_folder(out / ".certs") as certs:  # in the run folder (0700): a SIGKILL leaves no key in /tmp
         if not insecure:
             make_certs(topo.names, Path(certs))
         try:
             for name in topo.names:
                 folder = out / "parties" / name
                 folder.mkdir(parents=True, exist_ok=True)
-                for old in ("error.json", "report.json"):  # nothing of an earlier run is taken for this one
+                for old in ("error.json", "report.json", "status.url"):  # nothing of an earlier run counts for this one
                     (folder / old).unlink(missing_ok=True)
                 follow = name == topo.lead and on_step is not None  # only a pipe somebody reads: a full one blocks
                 opts = PartyOptions(
@@ -124,9 +129,12 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                     peers={**{p: f"127.0.0.1:{dial_ports[p]}" for p in topo.dials(name)},
                            **{p: f"127.0.0.1:{ports[p]}" for p in topo.accepts(name)}},
                     epochs=epochs, seed=seed, log=None if tracking is None else f"{tracking.kind}:{tracking.where}",
-                    generate=jobs[name] if jobs else None)
+                    generate=jobs[name] if jobs else None, log_format=log_format,
+                    status=None if on_status is None else f"127.0.0.1:{free_port()}")
                 log_file = folder / "party.log"
                 log_file.write_text("")
+                if on_status is not None:
+                    on_status(name, f"http://{opts.status}/")
                 if forker is not None and not procs:  # the forker must be able to start; else new interpreters
                     try:
                         forker.wait_ready()

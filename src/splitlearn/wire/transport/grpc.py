@@ -4,11 +4,11 @@ of parties, mutually authenticated with TLS.
 Raw bytes go over the stream (no (de)serialiser here): they are serialised ``Envelope``\\ s,
 parsed and checked above, in :class:`splitlearn.wire.link.Link`. Who sent a buffer:
 
-* the listening side takes the peer's name from the CN of its client certificate, which must
-  be signed by the CA (``require_client_auth``); names not in ``accept``, or already connected,
-  are refused with PERMISSION_DENIED and the server keeps serving;
-* the dialing side checks the listener's certificate against the CA with the expected peer
-  name as TLS target name, so the peer it dialed is the peer it talks to.
+* the listening side takes the peer's name from the CN of its client certificate, which must be signed by the
+  CA (``require_client_auth``); names not in ``accept``, or already connected, are refused with PERMISSION_DENIED
+  and the server keeps serving; a certificate :class:`~.tls.PeerCheck` refuses (expired, revoked), UNAUTHENTICATED;
+* the dialing side checks the listener's certificate against the CA with the expected peer name as TLS target
+  name, so the peer it dialed is the peer it talks to, and by ``PeerCheck`` before it opens a stream.
 
 Without credentials (insecure mode) the dialer states its name in the ``x-splitlearn-party``
 header and the listener believes it: nothing is authenticated or encrypted then.
@@ -47,9 +47,9 @@ import grpc
 from .base import PeerRestarted, Transport, TransportClosed, TransportError, TransportTimeout
 from .frames import (ACK, DATA, MAX_UNACKED_BYTES, SEQ, SYNC, SYNC_BYTES, PeerState, ack_frame, data_frame,
                      sync_frame)
-from .grpc_channels import (METHOD, PARTY_HEADER, bind, channel_options, dial_channel, make_server,
+from .grpc_channels import (METHOD, PARTY_HEADER, RUN_HEADER, bind, channel_options, dial_channel, make_server,
                             peer_name, why)
-from .tls import Credentials
+from .tls import Credentials, PeerCheck
 
 __all__ = ["GrpcTransport"]
 
@@ -73,8 +73,9 @@ class GrpcTransport(Transport):
     def __init__(self, party: str, *, listen: str | None = None, dial: dict[str, str] | None = None,
                  accept: Iterable[str] = (), credentials: Credentials | None = None,
                  connect_timeout: float = 60.0, max_message_bytes: int = 256 * 2**20,
-                 droppable: Iterable[str] = (), reconnect_timeout: float = 0.0):
+                 droppable: Iterable[str] = (), reconnect_timeout: float = 0.0, run: str = ""):
         self.party, self.listen, self.dial = party, listen, dict(dial or {})
+        self.run = run  # the run it belongs to: a stream of another run's process is turned away (a service's)
         self.reconnect_timeout = reconnect_timeout  # seconds a broken stream may take to come back
         self.incarnation = secrets.token_bytes(8)  # this process's streams, told to peers in every SYNC
         self._peers: dict[str, PeerState] = {}
@@ -87,6 +88,7 @@ class GrpcTransport(Transport):
             raise ValueError(f"{party}: accepting {sorted(self.accept)} needs a listen address")
         if credentials is not None and credentials.party != party:
             raise ValueError(f"credentials are for {credentials.party!r}, not for {party!r}")
+        self._check = PeerCheck(credentials) if credentials is not None else None  # expiry, revocation, role
         self.port: int | None = None
         self._cond = threading.Condition()
         self._out: dict[str, queue.Queue] = {}  # connected peer -> its outgoing queue
@@ -306,11 +308,17 @@ class GrpcTransport(Transport):
         """Server side of ``Connect``: authenticate, register, then stream both ways."""
         peer = peer_name(context, self.credentials)
         out: queue.Queue = queue.Queue()
-        refusal = ("it is not expected to connect" if peer not in self.accept else None
-                   if self.stream_opened(peer, out) else "it is already connected (or this party is closing)")
+        bad = self._check.accepted(context, peer) if self._check and peer in self.accept else None  # expired, revoked
+        theirs = dict(context.invocation_metadata() or ()).get(RUN_HEADER, "")
+        if not bad and theirs != self.run:  # another run's process, early or late: it dials again until its own comes
+            log.info("%s: turned away %r of run %r (this is run %r)", self.party, peer, theirs, self.run)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.party} is in run {self.run!r}, not {theirs!r}")
+        refusal = bad or ("it is not expected to connect" if peer not in self.accept else None
+                          if self.stream_opened(peer, out) else "it is already connected (or this party is closing)")
         if refusal:
             log.warning("%s: refused a connection from %r (%s): %s", self.party, peer, context.peer(), refusal)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{self.party} refused {peer!r}: {refusal}")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED if bad else grpc.StatusCode.PERMISSION_DENIED,
+                          f"{self.party} refused {peer!r}: {refusal}")
         context.add_callback(lambda: out.put(_END))
         context.send_initial_metadata(((PARTY_HEADER, self.party),))
         threading.Thread(target=self._pump, args=(peer, out, requests), name=f"sl-recv-{peer}", daemon=True).start()
@@ -343,9 +351,13 @@ class GrpcTransport(Transport):
                     ready.result(timeout=min(left / 2, 1.0))
                 except grpc.FutureTimeoutError:
                     pass  # open the stream anyway: its error says why the channel is not ready
+                if self._check and (ready.done() or "handshake" in self._problem.get(peer, "").lower()) and (
+                        bad := self._check.dialed(addr, peer)):  # reached, or TLS failed: its certificate, our checks
+                    self._problem[peer] = bad
+                    return None  # revoked, expired, not a party's: dialing again cannot help
                 out: queue.Queue = queue.Queue()
                 try:
-                    call = connect(self._drain(out), metadata=((PARTY_HEADER, self.party),))
+                    call = connect(self._drain(out), metadata=((PARTY_HEADER, self.party), (RUN_HEADER, self.run)))
                 except ValueError:  # the channel was closed: this transport is closing
                     return None
                 timer = threading.Timer(max(deadline - time.monotonic(), 0.1), call.cancel)
@@ -363,6 +375,8 @@ class GrpcTransport(Transport):
                 out.put(_END)
                 self._problem[peer] = (f"{addr} is party {header!r}, not {peer!r}" if header
                                        else f"cannot open a stream to {addr}: {why(call)}")
+                if call.code() == grpc.StatusCode.UNAUTHENTICATED:  # the listener refused this party's certificate
+                    return None
                 log.debug("%s: dialing %s: %s", self.party, peer, self._problem[peer])
                 self._closed.wait(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(2 * delay, 2.0)

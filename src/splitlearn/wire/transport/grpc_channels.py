@@ -11,12 +11,13 @@ import grpc
 
 from .tls import Credentials
 
-__all__ = ["SERVICE", "METHOD", "PARTY_HEADER", "KEEPALIVE_MS", "RECEIVE_WINDOW", "channel_options", "make_server",
+__all__ = ["SERVICE", "METHOD", "PARTY_HEADER", "RUN_HEADER", "KEEPALIVE_MS", "RECEIVE_WINDOW", "channel_options", "make_server",
            "bind", "dial_channel", "peer_name", "why", "Serve"]
 
 SERVICE = "splitlearn.v1.SplitLearning"
 METHOD = f"/{SERVICE}/Connect"
 PARTY_HEADER = "x-splitlearn-party"
+RUN_HEADER = "x-splitlearn-run"  # the run a dialing process belongs to (a party service runs one after another)
 KEEPALIVE_MS = 30_000  # detect dead peers and keep idle connections open through NATs
 # HTTP/2 flow control with a fixed window: what a peer can park in this party's gRPC buffers, unread, is
 # at most this per stream. gRPC's default (BDP probing) grows the window with the link, without bound
