@@ -22,7 +22,9 @@ def serve(kit: Path = typer.Option(..., help="the party's kit (splitlearn provis
                                     "an admin certificate of the kit's authority)"),
           data: Optional[Path] = typer.Option(None, help="this site's rows for every run (as splitlearn party --data)"),
           listen: Optional[str] = typer.Option(None, help="HOST:PORT the party listens on (default: the plan's)"),
-          peer: list[str] = typer.Option([], help="NAME=HOST:PORT of a party to dial (repeatable)")) -> None:
+          peer: list[str] = typer.Option([], help="NAME=HOST:PORT of a party to dial (repeatable)"),
+          status: Optional[str] = typer.Option(None, help="HOST:PORT where each run's party serves its live status "
+                                               "(splitlearn status HOST:PORT)")) -> None:
     """Keep party NAME up: take runs submitted by an administrator, one at a time, each in KIT/runs/RUN/."""
     from ..launch.service import Service
 
@@ -34,7 +36,7 @@ def serve(kit: Path = typer.Option(..., help="the party's kit (splitlearn provis
         peers[who] = where
     try:
         service = Service(kit, name, admin, data=None if data is None else str(data.resolve()), listen=listen,
-                          peers=peers)
+                          peers=peers, status=status)
     except (OSError, ValueError) as e:
         _fail(f"cannot start the service of {name!r}: {e}")
     console.print(f"party {name!r} takes runs at https://{service.address} (admin certificates only); runs in "

@@ -64,16 +64,18 @@ def _now() -> str:
 class Service:
     """Party ``name`` of a kit (``kit``: its ``ca.pem``, ``NAME.pem``, ``NAME.key``, ``crl.pem``), taking runs on
     ``admin`` (HOST:PORT, HTTPS with mutual TLS). ``data``: this site's rows for every run (``--data``);
-    ``listen``/``peers``: as ``splitlearn party`` takes them (default: the plan's addresses)."""
+    ``listen``/``peers``: as ``splitlearn party`` takes them (default: the plan's addresses); ``status``: where
+    each run's party process serves its live status (``splitlearn party --status``)."""
 
     def __init__(self, kit: str | Path, name: str, admin: str, *, data: str | None = None, listen: str | None = None,
-                 peers: dict[str, str] | None = None, connect_timeout_s: float = 60.0):
+                 peers: dict[str, str] | None = None, connect_timeout_s: float = 60.0, status: str | None = None):
         from ..wire.transport.tls import PeerCheck, load_credentials
 
         self.kit, self.name = Path(kit).resolve(), name
         self.creds = load_credentials(self.kit, name)  # its own pair fits, not expired or revoked: else it says why
         self.check = PeerCheck(self.creds)
         self.data, self.listen, self.peers, self.connect_timeout_s = data, listen, dict(peers or {}), connect_timeout_s
+        self.status = status  # HOST:PORT where each run's party process serves its live status
         self.runs: dict[str, RunEntry] = {}
         self.queue: deque[str] = deque()
         self.current: subprocess.Popen | None = None
@@ -185,7 +187,7 @@ class Service:
                 folder = Path(entry.folder)
                 opts = PartyOptions(str(folder / "plan.toml"), self.name, certs=str(self.kit), listen=self.listen,
                                     peers=self.peers, out=str(folder), quiet=True, data=self.data,
-                                    connect_timeout_s=self.connect_timeout_s, run=entry.run)
+                                    connect_timeout_s=self.connect_timeout_s, run=entry.run, status=self.status)
                 with open(folder / "party.log", "w") as logf:
                     self.current = subprocess.Popen([sys.executable, "-m", "splitlearn.launch.party", opts.to_json()],
                                                     stdout=logf, stderr=logf, start_new_session=True)

@@ -6,12 +6,12 @@ parsed and checked above, in :class:`splitlearn.wire.link.Link`. Who sent a buff
 
 * the listening side takes the peer's name from the CN of its client certificate, which must be signed by the
   CA (``require_client_auth``); names not in ``accept``, or already connected, are refused with PERMISSION_DENIED
-  and the server keeps serving; a certificate :class:`~.tls.PeerCheck` refuses (expired, revoked), UNAUTHENTICATED;
+  and the server keeps serving; a certificate :class:`~.tls.PeerCheck` refuses (expired, revoked), UNAUTHENTICATED
+  (and waiting for that peer ends); a process of another run (``x-splitlearn-run``) is turned away and dials again;
 * the dialing side checks the listener's certificate against the CA with the expected peer name as TLS target
   name, so the peer it dialed is the peer it talks to, and by ``PeerCheck`` before it opens a stream.
-
-Without credentials (insecure mode) the dialer states its name in the ``x-splitlearn-party``
-header and the listener believes it: nothing is authenticated or encrypted then.
+Without credentials (insecure mode) the dialer states its name in the ``x-splitlearn-party`` header and the
+listener believes it: nothing is authenticated or encrypted then.
 
 ``close()`` sends an empty frame (goodbye; never a valid message) on every stream, flushes and
 ends them. When a peer's stream ends without a goodbye (error, cancellation, process killed),
@@ -93,7 +93,7 @@ class GrpcTransport(Transport):
         self._cond = threading.Condition()
         self._out: dict[str, queue.Queue] = {}  # connected peer -> its outgoing queue
         self._seen: set[str] = set()  # peers that have been connected
-        self._failed: dict[str, str] = {}  # dialed peer -> why dialing gave up
+        self._failed: dict[str, str] = {}  # peer -> why connecting to it gave up (dialing, or its certificate)
         self._problem: dict[str, str] = {}  # peer -> last connection problem
         self._channels: dict[str, grpc.Channel] = {}
         self._inbox: queue.Queue = queue.Queue()
@@ -108,11 +108,10 @@ class GrpcTransport(Transport):
     # -- setting up ---------------------------------------------------------------------------
     @property
     def hard_limit(self) -> int:
-        """What gRPC itself receives: twice ``max_message_bytes`` and a MiB, so that a message over
-        the limit reaches the link, which refuses it naming the limit, while the stream goes on.
-        A message over this breaks the stream (gRPC says no more than that to the receiver). It
-        also bounds what one peer's buffers may hold in the inbox before it waits for this party
-        to read them."""
+        """What gRPC itself receives: twice ``max_message_bytes`` and a MiB, so that a message over the limit
+        reaches the link, which refuses it naming the limit, while the stream goes on. A message over this
+        breaks the stream (gRPC says no more than that to the receiver). It also bounds what one peer's
+        buffers may hold in the inbox before it waits for this party to read them."""
         return 2 * self.max_message_bytes + 2**20
 
     def queued_bytes(self, peer: str) -> int:
@@ -152,10 +151,9 @@ class GrpcTransport(Transport):
             while True:
                 if self._closed.is_set():
                     raise TransportClosed(f"{self.party}: transport closed")
-                missing = sorted(expected - self._seen)
-                left = deadline - time.monotonic()
-                if not missing:
+                if not (missing := sorted(expected - self._seen)):
                     return
+                left = deadline - time.monotonic()
                 if left <= 0 or any(p in self._failed for p in missing):
                     why = "; ".join(f"{p}: " + (self._failed.get(p) or self._problem.get(p) or (
                         f"no answer from {self.dial[p]}" if p in self.dial else "it did not dial in")) for p in missing)
@@ -317,6 +315,9 @@ class GrpcTransport(Transport):
                           if self.stream_opened(peer, out) else "it is already connected (or this party is closing)")
         if refusal:
             log.warning("%s: refused a connection from %r (%s): %s", self.party, peer, context.peer(), refusal)
+            with self._cond:  # revoked, expired: final, so waiting for it to connect ends now, saying why
+                self._failed.update({peer: f"refused: {bad}"} if bad and peer not in self._seen else {})
+                self._cond.notify_all()
             context.abort(grpc.StatusCode.UNAUTHENTICATED if bad else grpc.StatusCode.PERMISSION_DENIED,
                           f"{self.party} refused {peer!r}: {refusal}")
         context.add_callback(lambda: out.put(_END))
@@ -325,8 +326,8 @@ class GrpcTransport(Transport):
         yield from self._drain(out)
 
     def _dial(self, peer: str, addr: str) -> None:
-        """Client side, one thread per dialed peer: connect with backoff until ``connect_timeout``,
-        stream, and after a break dial again until ``reconnect_timeout`` after it."""
+        """Client side, one thread per dialed peer: connect with backoff until ``connect_timeout``, stream, and
+        after a break dial again until ``reconnect_timeout`` after it."""
         deadline, first = time.monotonic() + self.connect_timeout, True
         while (stream := self._open(peer, addr, deadline)) is not None:
             first = False
