@@ -277,3 +277,43 @@ def test_a_segment_the_exporter_refuses_or_gets_wrong_is_named_and_nothing_is_wr
     assert message in str(e.value)
     assert not (tmp_path / "out").exists()
     assert [f.name for f in export_plan(plan, "server", tmp_path / "server")] == ["top.onnx", "manifest.json"]
+
+
+def test_an_onnx_bottom_sends_its_activation_over_the_authenticated_wire_to_the_servers_top(trained, tmp_path):
+    """docs/serving.md: the hospital runs its exported bottom in onnxruntime and hands the activation to a
+    ``Stage`` without a module (it passes its input on), over gRPC with mutual TLS; the server's ``Stage`` runs
+    its trained top on what arrives (checked, metered): the predictions are ``splitlearn.predict``'s."""
+    from splitlearn import Stage
+    from splitlearn.wire.transport.tls import make_certs
+
+    from .support import grpc_chain, in_threads
+
+    run, x = trained
+    export_party(run, "hospital")
+    folder = run / "export" / "hospital"
+    (bottom,) = json.loads((folder / "manifest.json").read_text())["segments"]
+    predicted = splitlearn.predict(run, write=False)["digit"]
+    activation = _run(folder, bottom, {"hospital.x": x[predicted["ids"]]})["bottom"]  # the hospital's raw rows
+    plan = splitlearn.load_plan(json.loads((run / "plan.json").read_text()))
+    top = build_segment(plan, "top")
+    load_weights(run / "parties" / "server" / "weights.safetensors", {"top": top})
+    make_certs(["hospital", "server"], tmp_path / "certs")
+    hospital, server = grpc_chain(tmp_path / "certs", ["server", "hospital"])[::-1]
+
+    def send():
+        with torch.no_grad(), Stage(None, hospital, next="server") as stage:
+            stage.forward(torch.from_numpy(activation))
+            return stage.meter.bytes_sent
+
+    def serve():
+        with torch.no_grad(), Stage(top.eval(), server, previous="hospital") as stage:
+            return stage.forward()
+
+    try:
+        sent, logits = in_threads(send, serve)
+    finally:
+        hospital.close()
+        server.close()
+    assert sent >= activation.nbytes  # the activation itself crossed, float32
+    assert torch.allclose(logits, predicted["outputs"], atol=1e-5)
+    assert logits.argmax(1).tolist() == predicted["predictions"]
