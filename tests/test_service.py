@@ -98,6 +98,28 @@ def test_a_run_is_stopped_queued_or_running(consortium):
     assert got["hospital"]["state"] == "stopped" and got["hospital"]["error"] == "stopped by 'alice'"
 
 
+def test_plans_with_code_odd_names_and_an_idle_client_do_not_get_through(consortium):
+    import socket
+
+    c = consortium
+    body = split_mlp("svc", [64, 10], data={"dataset": "digits"})
+    body["networks"]["mlp"] = {"factory": "yaml:unsafe_load", "args": {"stream": "!!python/object/apply:os.system"}}
+    (c["root"] / "code.toml").write_text(toml(body))
+    with pytest.raises(ServiceError, match="runs code of its own \\(networks.mlp.factory = 'yaml:unsafe_load'\\).*"
+                                           "--allow-code"):
+        submit(c["root"] / "code.toml", c["to"]["server"], c["admins"], "alice", "code")
+    with pytest.raises(ServiceError, match="exists already"):  # the refused plan's folder is kept, and not reused
+        submit(c["root"] / "plan.toml", c["to"]["server"], c["admins"], "alice", "code")
+    for bad in ("nl\n", "../up", ".hidden"):
+        with pytest.raises(ServiceError, match="run name"):
+            submit(c["root"] / "plan.toml", c["to"]["server"], c["admins"], "alice", bad)
+    host, port = c["to"]["server"].split(":")
+    with socket.create_connection((host, int(port))):  # says nothing: holds only itself
+        assert list_runs(c["to"]["server"], c["admins"], "alice")["party"] == "server"
+    recorded = json.loads((c["kits"]["server"] / "runs" / "runs.json").read_text())
+    assert "code" not in [r["run"] for r in recorded["runs"]] and all(r["state"] for r in recorded["runs"])
+
+
 def test_only_a_current_administrator_is_heard(consortium):
     c = consortium
     assert list_runs(c["to"]["server"], c["admins"], "eve")["party"] == "server"

@@ -59,8 +59,9 @@ def test_each_site_predicts_from_its_own_file_and_the_server_alone_gets_the_pred
     assert [int(r[1]) for r in rows[1:]] == want["predictions"]
     got = np.array([[float(v) for v in r[2:]] for r in rows[1:]])
     assert np.abs(got - np.array(want["probabilities"])).max() < 1e-5  # (written with 6 significant digits)
-    for n in ("clinic_a", "clinic_b", "clinic_c"):  # a site holding no head writes nothing
+    for n in ("clinic_a", "clinic_b", "clinic_c"):  # a site holding no head writes no predictions, but its ids
         assert not (run / "parties" / n / "predictions.csv").exists()
+        assert _rows(run / "parties" / n / "predicted_rows.csv")[1:] == [[str(k), i] for k, i in enumerate(want["ids"])]
     # the unmatched ids (b lacks 205, 210, 233; c alone holds 240, 241) were never shown to another site
     assert not any(str(ids[i]) in logs["server"] for i in (205, 240))
 

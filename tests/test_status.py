@@ -116,6 +116,7 @@ def test_the_endpoint_follows_the_training_in_json_and_prometheus_metrics(live):
     assert _get(live.urls["server"] + "nothing")[0] == 404
     assert _get(live.urls["server"] + "status.json", method="POST")[0] == 405
     assert _get(live.urls["server"] + "status.json", host="attacker.example")[0] == 403  # no DNS rebinding
+    assert _get(live.urls["server"] + "status.json", host="127.0.0.1.nip.io")[0] == 403  # nor a loopback-like name
 
 
 def test_each_party_process_is_titled_with_its_party_and_run(live):

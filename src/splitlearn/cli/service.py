@@ -24,7 +24,11 @@ def serve(kit: Path = typer.Option(..., help="the party's kit (splitlearn provis
           listen: Optional[str] = typer.Option(None, help="HOST:PORT the party listens on (default: the plan's)"),
           peer: list[str] = typer.Option([], help="NAME=HOST:PORT of a party to dial (repeatable)"),
           status: Optional[str] = typer.Option(None, help="HOST:PORT where each run's party serves its live status "
-                                               "(splitlearn status HOST:PORT)")) -> None:
+                                               "(splitlearn status HOST:PORT)"),
+          connect_timeout: float = typer.Option(60.0, min=1.0, help="seconds each run's party waits for its "
+                                                "neighbours"),
+          allow_code: bool = typer.Option(False, "--allow-code", help="run plans that name code of their own "
+                                          "(a factory); refused by default")) -> None:
     """Keep party NAME up: take runs submitted by an administrator, one at a time, each in KIT/runs/RUN/."""
     from ..launch.service import Service
 
@@ -36,11 +40,16 @@ def serve(kit: Path = typer.Option(..., help="the party's kit (splitlearn provis
         peers[who] = where
     try:
         service = Service(kit, name, admin, data=None if data is None else str(data.resolve()), listen=listen,
-                          peers=peers, status=status)
+                          peers=peers, status=status, connect_timeout_s=connect_timeout, allow_code=allow_code)
     except (OSError, ValueError) as e:
         _fail(f"cannot start the service of {name!r}: {e}")
     console.print(f"party {name!r} takes runs at https://{service.address} (admin certificates only); runs in "
                   f"{service.kit / 'runs'}", highlight=False)
+    import signal
+    import threading
+
+    # SIGTERM (systemctl stop) ends the run's party process too, as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=service.close, daemon=True).start())
     try:
         service.serve_forever()
     except KeyboardInterrupt:

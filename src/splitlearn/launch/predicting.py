@@ -129,7 +129,15 @@ class PartyPrediction:
 
     def finish(self, report: PartyReport) -> PartyReport:
         """At a head's owner: its predictions written to ``RUN/parties/NAME/predictions.csv`` (ids where it holds
-        the rows, else their positions in the aligned order); nothing else is kept."""
+        the rows, else their positions in the aligned order); at a party holding rows, ``predicted_rows.csv``:
+        each position and its own id (to join a head owner's positions with); nothing else is kept."""
+        s = self.setup
+        if s.table is not None and not report.predictions:
+            path = self.run_dir / "parties" / self.party / "predicted_rows.csv"
+            with open(path, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["position", "id"])
+                w.writerows(enumerate(s.splits.ids[s.splits.test].tolist()))
         if report.predictions:
             s = self.setup
             rows = s.splits.test

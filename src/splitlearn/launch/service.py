@@ -7,10 +7,13 @@ time, in order), with the kit's key and certificates and the site's own rows (``
 recorded as failed (with its party's error) and the next one starts; a run can be stopped, queued or running.
 
 The administration interface is HTTPS with mutual TLS on its own address: the client must present a
-certificate of the kit's authority for the role ``admin``, not expired and not on the kit's revocation list
-(``crl.pem``, read again when it changes); anything else is refused (403) naming why. Requests are JSON,
-at most :data:`MAX_BODY` bytes: ``GET /runs``, ``POST /runs`` ``{"run": NAME, "plan": TOML}``,
-``POST /runs/NAME/stop``.
+certificate of the kit's authority for the role ``admin`` (TLS itself refuses one of another authority or
+expired), not on the kit's revocation list (``crl.pem``, read again when it changes); anything else is
+refused (403) naming why. Requests are JSON, at most :data:`MAX_BODY` bytes: ``GET /runs``, ``POST /runs``
+``{"run": NAME, "plan": TOML}``, ``POST /runs/NAME/stop``. A submitted plan that would run code of its own
+(a ``factory``) is refused unless the service allows it (``allow_code``): an administrator's certificate
+is not a review of the code. The runs are recorded in ``KIT/runs/runs.json``: a service started again takes
+up the queued ones, and a run it was running is recorded as failed.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class Service:
     each run's party process serves its live status (``splitlearn party --status``)."""
 
     def __init__(self, kit: str | Path, name: str, admin: str, *, data: str | None = None, listen: str | None = None,
-                 peers: dict[str, str] | None = None, connect_timeout_s: float = 60.0, status: str | None = None):
+                 peers: dict[str, str] | None = None, connect_timeout_s: float = 60.0, status: str | None = None,
+                 allow_code: bool = False):
         from ..wire.transport.tls import PeerCheck, load_credentials
 
         self.kit, self.name = Path(kit).resolve(), name
@@ -76,6 +80,7 @@ class Service:
         self.check = PeerCheck(self.creds)
         self.data, self.listen, self.peers, self.connect_timeout_s = data, listen, dict(peers or {}), connect_timeout_s
         self.status = status  # HOST:PORT where each run's party process serves its live status
+        self.allow_code = allow_code  # plans with a factory (code of their own) are run
         self.runs: dict[str, RunEntry] = {}
         self.queue: deque[str] = deque()
         self.current: subprocess.Popen | None = None
@@ -87,18 +92,21 @@ class Service:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cafile=str(self.kit / "ca.pem"))
         ctx.load_cert_chain(str(self.kit / f"{name}.pem"), str(self.kit / f"{name}.key"))
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        # the TLS handshake runs in each request's thread, with a timeout: an idle client holds only its own
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
         self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: log.info(  # a failed handshake: that client's problem
+            "%s: a request from %s failed: %s", name, address, sys.exc_info()[1])
         self.address = f"{self.server.server_address[0]}:{self.server.server_address[1]}"
         (self.kit / "runs").mkdir(exist_ok=True)
+        self._load()
 
     # -- the administrator's requests ---------------------------------------------------------------
 
     def admin_refusal(self, der: bytes | None) -> tuple[str | None, str]:
-        """(why the client certificate is refused or None, the name it carries)."""
+        """(why the client certificate is refused or None, the name it carries): the parties' own check, for the
+        role ``admin``."""
         from cryptography import x509
-
-        from ..wire.transport.tls import cert_role, utc
 
         try:
             cert = x509.load_der_x509_certificate(der or b"")
@@ -106,17 +114,32 @@ class Service:
             return "no readable client certificate", "?"
         names = [a.value for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
         who = str(names[0]) if names else "?"
-        if cert_role(cert) != "admin":
-            return f"certificate of {who!r} is for the role {cert_role(cert)!r}, not an administrator's", who
         try:
-            gone = self.check.revoked().get(cert.serial_number)
+            return self.check.verdict(cert, who, role="admin"), who
         except Exception as e:  # noqa: BLE001 - CertificateError: a revocation list it cannot read refuses all
             return f"this service cannot check certificates: {e}", who
-        if gone is not None:
-            return f"certificate of {who!r} was revoked on {utc(gone)}", who
-        if dt.datetime.now(dt.timezone.utc) > cert.not_valid_after_utc:
-            return f"certificate of {who!r} expired on {utc(cert.not_valid_after_utc)}", who
-        return None, who
+
+    def _save(self) -> None:
+        """``runs.json``: every run and its state (under the lock)."""
+        tmp = self.kit / "runs" / ".runs.json.tmp"
+        tmp.write_text(json.dumps({"runs": [asdict(e) for e in self.runs.values()], "queue": list(self.queue)}))
+        os.replace(tmp, self.kit / "runs" / "runs.json")
+
+    def _load(self) -> None:
+        """The runs of an earlier life of this service: the queued ones queued again, a running one failed."""
+        try:
+            body = json.loads((self.kit / "runs" / "runs.json").read_text())
+            entries = [RunEntry(**e) for e in body["runs"]]
+            queue = [r for r in body["queue"] if isinstance(r, str)]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{self.kit / 'runs' / 'runs.json'} cannot be read ({e}): move it aside to start afresh")
+        for e in entries:
+            if e.state == "running":
+                e.state, e.ended, e.error = "failed", _now(), "the service stopped while it ran"
+            self.runs[e.run] = e
+        self.queue.extend(r for r in queue if r in self.runs and self.runs[r].state == "queued")
 
     def submit(self, run: str, plan_text: str, by: str) -> RunEntry:
         """Queue run ``run`` of the plan ``plan_text`` (TOML); ServiceError naming what does not fit."""
@@ -124,7 +147,7 @@ class Service:
         from ..core.load import load_plan
         from ..core.specs import PlanError
 
-        if not isinstance(run, str) or not _RUN.match(run):
+        if not isinstance(run, str) or not _RUN.fullmatch(run):
             raise ServiceError(f"run name {str(run)[:80]!r}: letters, digits, '_', '.', '-', at most 64, not starting "
                                "with a dot or a dash")
         if not isinstance(plan_text, str):
@@ -134,19 +157,26 @@ class Service:
                 raise ServiceError(f"run {run!r} was submitted before ({self.runs[run].state}): name the new one "
                                    "differently")
             folder = self.kit / "runs" / run
-            folder.mkdir(parents=True, exist_ok=False)
+            if folder.exists():
+                raise ServiceError(f"{folder} exists already (a refused plan's?): name the run differently")
+            folder.mkdir(parents=True)
             (folder / "plan.toml").write_text(plan_text)
             try:
                 plan = load_plan(folder / "plan.toml")
                 names = Topology.of(plan).names
-            except (PlanError, ValueError) as e:
+                code = _code_entries(plan.model_dump(mode="json"))
+                if code and not self.allow_code:
+                    raise ServiceError(f"the plan of run {run!r} runs code of its own ({', '.join(code[:3])}); this "
+                                       "service runs only plans without a factory (start it with --allow-code)")
+                if self.name not in names:
+                    raise ServiceError(f"the plan of run {run!r} has no party {self.name!r} (its parties: {names[:8]})")
+            except (PlanError, ValueError, ServiceError) as e:
                 (folder / "plan.toml").rename(folder / "refused-plan.toml")
-                raise ServiceError(f"the plan of run {run!r} cannot run: {e}") from None
-            if self.name not in names:
-                (folder / "plan.toml").rename(folder / "refused-plan.toml")
-                raise ServiceError(f"the plan of run {run!r} has no party {self.name!r} (its parties: {names[:8]})")
+                raise e if isinstance(e, ServiceError) else ServiceError(f"the plan of run {run!r} cannot run: {e}") \
+                    from None
             entry = self.runs[run] = RunEntry(run, "queued", _now(), by, str(folder))
             self.queue.append(run)
+            self._save()
             self.cond.notify_all()
         log.info("%s: run %r submitted by %r", self.name, run, by)
         return entry
@@ -160,6 +190,7 @@ class Service:
             if entry.state == "queued":
                 self.queue.remove(run)
                 entry.state, entry.ended, entry.error = "stopped", _now(), f"stopped by {by!r} before it started"
+                self._save()
                 return entry
             if entry.state != "running" or self.current is None:
                 raise ServiceError(f"run {run!r} is {entry.state}: there is nothing to stop")
@@ -192,6 +223,7 @@ class Service:
                     self.current = subprocess.Popen([sys.executable, "-m", "splitlearn.launch.party", opts.to_json()],
                                                     stdout=logf, stderr=logf, start_new_session=True)
                 entry.state, entry.started = "running", _now()
+                self._save()
             log.info("%s: run %r started (pid %d)", self.name, entry.run, self.current.pid)
             code = self.current.wait()
             with self.cond:
@@ -203,6 +235,7 @@ class Service:
                     entry.state = "done"
                 else:
                     entry.state, entry.error = "failed", _party_error(folder, self.name, code)
+                self._save()
             log.info("%s: run %r %s", self.name, entry.run, entry.state)
 
     def serve_forever(self) -> None:
@@ -224,6 +257,21 @@ class Service:
             _end(proc)
         self.server.shutdown()
         self.server.server_close()
+
+
+def _code_entries(body: Any, where: str = "") -> list[str]:
+    """The plan entries that name code to import and run (``factory``, a Python object's ``python``)."""
+    found = []
+    if isinstance(body, dict):
+        for k, v in body.items():
+            if k in ("factory", "python") and v:
+                found.append(f"{where}{k} = {str(v)[:60]!r}")
+            else:
+                found += _code_entries(v, f"{where}{k}.")
+    elif isinstance(body, list):
+        for i, v in enumerate(body):
+            found += _code_entries(v, f"{where}{i}.")
+    return found
 
 
 def _end(proc: subprocess.Popen) -> None:
@@ -249,6 +297,12 @@ def _party_error(folder: Path, name: str, code: int) -> str:
 def _handler(service: Service) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "splitlearn-service"
+        timeout = 10  # seconds a client may take for the TLS handshake and its request
+
+        def setup(self) -> None:
+            self.request.settimeout(self.timeout)
+            self.request.do_handshake()  # here, in this request's thread (an idle client blocks nobody else)
+            super().setup()
 
         def log_message(self, fmt: str, *args: Any) -> None:  # through logging, not stderr
             log.debug("%s: " + fmt, service.name, *args)

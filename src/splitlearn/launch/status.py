@@ -222,6 +222,16 @@ class _Collector:
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def _is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP literal (``127.x.y.z``, ``::1``): never a name that merely starts so."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
     server_version = "splitlearn-status"
@@ -230,7 +240,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         path = self.path.split("?", 1)[0]
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
-        if self.server.loopback and host and host not in _LOOPBACK and not host.startswith("127."):
+        if self.server.loopback and host and not _is_loopback(host):  # a rebound name ("127.evil.example") too
             self._send(403, b"a loopback status endpoint answers loopback names only\n", "text/plain")
             return  # (another site's page, through a name it rebinds to 127.0.0.1, reads nothing)
         try:
@@ -283,7 +293,7 @@ class _Server(ThreadingHTTPServer):
 
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.status, self.watched, self.final_read = status, threading.Event(), threading.Event()
-        self.loopback = address[0] in _LOOPBACK or address[0].startswith("127.")
+        self.loopback = _is_loopback(address[0])
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(status))
         super().__init__(address, _Handler)

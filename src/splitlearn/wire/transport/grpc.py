@@ -49,7 +49,7 @@ from .frames import (ACK, DATA, MAX_UNACKED_BYTES, SEQ, SYNC, SYNC_BYTES, PeerSt
                      sync_frame)
 from .grpc_channels import (METHOD, PARTY_HEADER, RUN_HEADER, bind, channel_options, dial_channel, make_server,
                             peer_name, why)
-from .tls import Credentials, PeerCheck
+from .tls import UNREACHED, Credentials, PeerCheck
 
 __all__ = ["GrpcTransport"]
 
@@ -315,9 +315,7 @@ class GrpcTransport(Transport):
                           if self.stream_opened(peer, out) else "it is already connected (or this party is closing)")
         if refusal:
             log.warning("%s: refused a connection from %r (%s): %s", self.party, peer, context.peer(), refusal)
-            with self._cond:  # revoked, expired: final, so waiting for it to connect ends now, saying why
-                self._failed.update({peer: f"refused: {bad}"} if bad and peer not in self._seen else {})
-                self._cond.notify_all()
+            self._problem[peer] = f"refused: {refusal}"  # said if it never connects (a valid one may still come)
             context.abort(grpc.StatusCode.UNAUTHENTICATED if bad else grpc.StatusCode.PERMISSION_DENIED,
                           f"{self.party} refused {peer!r}: {refusal}")
         context.add_callback(lambda: out.put(_END))
@@ -326,8 +324,7 @@ class GrpcTransport(Transport):
         yield from self._drain(out)
 
     def _dial(self, peer: str, addr: str) -> None:
-        """Client side, one thread per dialed peer: connect with backoff until ``connect_timeout``, stream, and
-        after a break dial again until ``reconnect_timeout`` after it."""
+        """Client side, one thread per peer: connect (backoff) until ``connect_timeout``, then redial a break."""
         deadline, first = time.monotonic() + self.connect_timeout, True
         while (stream := self._open(peer, addr, deadline)) is not None:
             first = False
@@ -351,11 +348,14 @@ class GrpcTransport(Transport):
                 try:
                     ready.result(timeout=min(left / 2, 1.0))
                 except grpc.FutureTimeoutError:
-                    pass  # open the stream anyway: its error says why the channel is not ready
-                if self._check and (ready.done() or "handshake" in self._problem.get(peer, "").lower()) and (
-                        bad := self._check.dialed(addr, peer)):  # reached, or TLS failed: its certificate, our checks
+                    pass  # (without credentials the stream's own error says why the channel is not ready)
+                if self._check and (bad := self._check.dialed(addr, peer)):  # its certificate, by our checks first
                     self._problem[peer] = bad
-                    return None  # revoked, expired, not a party's: dialing again cannot help
+                    if bad is not UNREACHED:
+                        return None  # revoked, expired, not a party's: dialing again cannot help
+                    self._closed.wait(min(delay, max(0.0, deadline - time.monotonic())))
+                    delay = min(2 * delay, 2.0)
+                    continue  # not checked: no stream before it is
                 out: queue.Queue = queue.Queue()
                 try:
                     call = connect(self._drain(out), metadata=((PARTY_HEADER, self.party), (RUN_HEADER, self.run)))

@@ -38,7 +38,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["Credentials", "CertificateError", "PeerCheck", "ROLES", "WARN_DAYS", "cert_role", "check_party_name",
+UNREACHED = "no TLS answer: its certificate could not be checked"  # (compared by identity)
+
+__all__ = ["Credentials", "CertificateError", "PeerCheck", "ROLES", "WARN_DAYS", "UNREACHED", "cert_role",
+           "check_party_name",
            "issue", "key_pem", "load_credentials", "make_certs", "new_authority", "private_folder", "utc",
            "write_pem"]
 
@@ -256,12 +259,12 @@ class PeerCheck:
                 self._stamp = stamp
             return dict(self._revoked)
 
-    def verdict(self, cert: x509.Certificate, name: str) -> str | None:
-        """Why party ``name``'s certificate ``cert`` is refused (its role, its validity, the revocation
+    def verdict(self, cert: x509.Certificate, name: str, role: str = "party") -> str | None:
+        """Why ``name``'s certificate ``cert`` is refused for ``role`` (its role, its validity, the revocation
         list), or None. CertificateError when the revocation list cannot be read."""
-        role = cert_role(cert)
-        if role != "party":
-            return f"certificate of {name!r} is for the role {role!r}, not a party's"
+        if cert_role(cert) != role:
+            return (f"certificate of {name!r} is for the role {cert_role(cert)!r}, not "
+                    f"{'a party' if role == 'party' else 'an administrator'}'s")
         gone = self.revoked().get(cert.serial_number)
         if gone is not None:
             return f"certificate of {name!r} was revoked on {utc(gone)}"
@@ -287,13 +290,14 @@ class PeerCheck:
     def dialed(self, address: str, name: str, timeout: float = 2.0) -> str | None:
         """Why the party listening at ``address`` is refused as ``name``, from the certificate it presents to a
         TLS connection of this party's own (gRPC does not show a client the listener's certificate): not the
-        authority's, for another name, or refused by :meth:`verdict`. None when it passes or cannot be
-        reached (gRPC then says why), and without the folder (this party's own pair is presented)."""
+        authority's, for another name, or refused by :meth:`verdict`. None when it passes, and without the folder
+        (this party's own pair is presented); :data:`UNREACHED` when no TLS answer came: not checked, so no
+        stream may be opened yet (the dialer tries again)."""
         folder, me = self.credentials.folder, self.credentials.party
         if folder is None:
             return None
         why = self._dialed(address, name, timeout)
-        if why is not None:
+        if why is not None and why is not UNREACHED:
             log.warning("%s: refused to connect to %s at %s: %s", me, name, address, why)
         return why
 
@@ -311,8 +315,8 @@ class PeerCheck:
                     self._ssl.wrap_socket(sock) as tls:
                 der = tls.getpeercert(binary_form=True)
             cert = x509.load_der_x509_certificate(der)
-        except (OSError, ValueError, TypeError):  # not reachable yet, or no TLS there: gRPC's own attempt says why
-            return None
+        except (OSError, ValueError, TypeError):  # not reachable yet, or no TLS there: not checked
+            return UNREACHED
         try:
             cert.verify_directly_issued_by(self.ca)
         except Exception:  # noqa: BLE001 - InvalidSignature, another issuer, ...
