@@ -181,7 +181,7 @@ def launch_ray(plan_path: str | Path, out: Path, *, address: str | None = None, 
                checked: Plan | None = None, resume: bool = False) -> dict:
     """``splitlearn run --ray``: every physical party as a Ray actor (see the module's text); the
     merged result, as :func:`~splitlearn.launch.processes.launch` gives it."""
-    from ..wire.transport.tls import make_certs
+    from ..wire.transport.tls import make_certs, private_folder
     from .processes import child_env, gather
     from ..run.setup import prepare
     from ..clients.layout import Topology
@@ -214,7 +214,7 @@ def launch_ray(plan_path: str | Path, out: Path, *, address: str | None = None, 
                 errors[n] = f"its Ray actor died before the run began ({type(e).__name__})"
         if errors:  # no party can run without every address (a client too: the plan names its peers)
             raise RunError(errors)
-        with tempfile.TemporaryDirectory(prefix="splitlearn-certs-") as certs:
+        with private_folder(Path(out) / ".certs") as certs:  # in the run folder (0700): none left in /tmp
             if not insecure:
                 make_certs(topo.names, Path(certs))
             for n in topo.names:
