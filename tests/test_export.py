@@ -289,8 +289,8 @@ def test_an_onnx_bottom_sends_its_activation_over_the_authenticated_wire_to_the_
     from .support import grpc_chain, in_threads
 
     run, x = trained
-    export_party(run, "hospital")
-    folder = run / "export" / "hospital"
+    folder = tmp_path / "hospital"
+    export_party(run, "hospital", folder)
     (bottom,) = json.loads((folder / "manifest.json").read_text())["segments"]
     predicted = splitlearn.predict(run, write=False)["digit"]
     activation = _run(folder, bottom, {"hospital.x": x[predicted["ids"]]})["bottom"]  # the hospital's raw rows

@@ -522,3 +522,35 @@ def test_stage_sends_integer_elements_exactly_and_a_mask_alone_waits_for_no_grad
         last.backward()  # nothing to send back
         first.backward()  # returns at once: no gradient can come (before, a PartyError after its 5 s timeout)
     assert not first.pending and not last.pending
+
+
+def test_pieces_cut_in_several_threads_at_once_leave_every_later_forward_alone():
+    """torch.fx patches nn.Module.__call__ for the whole process while it traces; two traces at once used to leave
+    it patched for good, and every later forward of the process failed ("module is not installed as a submodule").
+    Parties in threads build their pieces at the same time: the traces take turns."""
+    import threading
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    call, failed = nn.Module.__call__, []
+
+    def build():
+        try:
+            for _ in range(60):
+                splitlearn.cut(Net(), after="a")
+        except Exception as e:  # noqa: BLE001 - reported below
+            failed.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failed == [] and nn.Module.__call__ is call
+    assert nn.Linear(4, 2)(torch.ones(1, 4)).shape == (1, 2)

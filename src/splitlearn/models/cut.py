@@ -16,6 +16,8 @@ crossing a cut is refused (raw features never travel), and so are weights used o
 
 from __future__ import annotations
 
+import threading
+
 import torch.fx as fx
 from torch import nn
 
@@ -35,6 +37,9 @@ class _KeepWhole(fx.Tracer):
         return qualname in self.whole or super().is_leaf_module(m, qualname)
 
 
+_TRACING = threading.Lock()  # one fx trace at a time in this process (parties in threads build pieces at once)
+
+
 def _trace(net: nn.Module, cuts: list[str]) -> fx.Graph:
     names = dict(net.named_modules())
     for c in cuts:
@@ -44,7 +49,8 @@ def _trace(net: nn.Module, cuts: list[str]) -> fx.Graph:
     if len(set(cuts)) != len(cuts):
         raise CutError(f"the cuts {cuts} name a submodule twice")
     try:
-        return _KeepWhole(set(cuts)).trace(net)
+        with _TRACING:  # fx patches nn.Module.__call__ for the whole process while it traces: two traces at once
+            return _KeepWhole(set(cuts)).trace(net)  # would leave it patched for good (every later forward fails)
     except Exception as e:  # noqa: BLE001 - fx raises many kinds (TraceError, TypeError from a user's forward, ...)
         raise CutError(f"torch.fx cannot trace its forward ({type(e).__name__}: {e}); a forward whose control flow "
                        "depends on tensor values cannot be cut by name") from None
