@@ -157,7 +157,8 @@ def test_the_language_model_plan_over_party_processes_equals_threads_and_generat
     threads = splitlearn.generate(tmp_path / "threads", prompt, max_new_tokens=20, stop=False)
     assert threads["tokens"] == out["tokens"]
     r = CliRunner().invoke(app, ["generate", str(tmp_path / "threads"), "--prompt", prompt, "--max-new-tokens", "20"])
-    crossed = re.search(r"tokens/s; bytes per token over each wire: bottom:hidden->middle: (\d+) B", r.output)
+    said = " ".join(r.output.split())  # (the console wraps long lines at its width)
+    crossed = re.search(r"tokens/s; bytes per token over each wire: bottom:hidden->middle: (\d+) B", said)
     assert r.exit_code == 0 and crossed and 32 * 4 < int(crossed.group(1)) < 32 * 4 + 128
     r = CliRunner().invoke(app, ["generate", str(tmp_path / "threads"), "--prompt", prompt, "--launcher", "ray"])
     assert r.exit_code == 2 and "launcher 'ray': choose threads or processes" in r.output
