@@ -607,7 +607,11 @@ class Proxy:
             if not self.open.is_set():
                 client.close()
                 continue
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:  # nothing listens there yet: the dialer sees its connection closed and dials again
+                client.close()
+                continue
             with self.lock:
                 self.conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):

@@ -70,10 +70,10 @@ def test_parties_started_in_reverse_order_still_train(tmp_path):
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         if n != names[0]:  # every party but the client listens (the client only dials)
             _wait_listening(ports[n], procs[-1])
+    local = splitlearn.train(plan, epochs=1)  # (while they train) the start order changes nothing
     outs = [p.communicate(timeout=180)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0] * len(names), outs
     report = json.loads((tmp_path / "out" / "parties" / "server" / "report.json").read_text())
-    local = splitlearn.train(plan, epochs=1)  # the start order changes nothing
     assert report["metrics"]["digit"]["test_accuracy"][-1] == local["metrics"]["test_accuracy"]
 
 
@@ -204,11 +204,11 @@ def test_hospital_dials_the_server_by_default_and_the_label_owner_holds_the_resu
     hospital = subprocess.Popen([sys.executable, "-m", "splitlearn", "party", str(plan), "--name", "hospital",
                                  "--peer", f"server=127.0.0.1:{port}", "--out", str(tmp_path / "hospital"), *common],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # no --listen: it never listens
+    local = splitlearn.train(plan, epochs=1)  # (while they train)
     outs = [p.communicate(timeout=120)[0].decode() for p in (server, hospital)]
     assert (server.returncode, hospital.returncode) == (0, 0), outs
     assert not (tmp_path / "hospital" / "result.json").exists()  # the label owner's folder holds the result
     result = json.loads((tmp_path / "server" / "result.json").read_text())
-    local = splitlearn.train(plan, epochs=1)
     assert result["metrics"]["test_accuracy"] == local["metrics"]["test_accuracy"]
     assert result["parties_missing"] == ["hospital"] and result["transport"] == "grpc+mtls"
     assert result["parties"]["server"]["bytes_sent"] == local["parties"]["server"]["bytes_sent"]

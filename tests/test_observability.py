@@ -27,6 +27,17 @@ def _cli(*args, cwd=None, timeout=300):
                           cwd=cwd, env=env, timeout=timeout)
 
 
+def _here(*args):
+    """A command run in this process by typer's runner (its ``exit_code`` and ``output``): for what a
+    test only sets up, without a second interpreter importing torch; :func:`_cli` where the process
+    itself (its exit status, its stderr) is what is checked."""
+    from typer.testing import CliRunner
+
+    from splitlearn.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 # -- metrics -----------------------------------------------------------------------------------
 
 def _final_outputs(run_dir):
@@ -134,11 +145,11 @@ def _chromium(page: Path, tmp: Path) -> tuple[str, str, Path]:
 def test_the_report_loads_in_chromium(tmp_path, kind):
     run = tmp_path / "run"
     plan = {"clients": "sequential", "audited": "u_shaped"}[kind]
-    assert _cli("run", EXAMPLES / f"{plan}.toml", "--in-process", "--epochs", "1", "--out", run, "-q").returncode == 0
+    assert _here("run", EXAMPLES / f"{plan}.toml", "--in-process", "--epochs", "1", "--out", run, "-q").exit_code == 0
     if kind == "audited":
-        assert _cli("audit", run, "--decoder-epochs", "1").returncode == 0  # the page, not the decoder, is checked
-    r = _cli("report", run)
-    assert r.returncode == 0, r.stderr
+        assert _here("audit", run, "--decoder-epochs", "1").exit_code == 0  # the page, not the decoder, is checked
+    r = _here("report", run)
+    assert r.exit_code == 0, r.output
     page = run / "report.html"
     html = page.read_text()
     assert "http://" not in html and "https://" not in html  # self-contained: nothing to fetch
@@ -163,8 +174,8 @@ def test_the_report_loads_in_chromium(tmp_path, kind):
 def test_the_u_shaped_label_leak_is_explained_and_protection_works_there(tmp_path):
     plan = tomllib.loads((EXAMPLES / "u_shaped.toml").read_text())
     splitlearn.train(plan, epochs=2, out=tmp_path / "open")
-    r = _cli("audit", tmp_path / "open", "--decoder-epochs", "5")
-    assert r.returncode == 0, r.stderr
+    r = _here("audit", tmp_path / "open", "--decoder-epochs", "5")
+    assert r.exit_code == 0, r.output
     out, flat = r.stdout, " ".join(r.stdout.split())
     assert "labels from" in out and "leaks" in out
     assert '[wires.middle] label_protection = { kind = "max_norm", strength = 1.0 }' in flat  # the protecting line
@@ -174,7 +185,7 @@ def test_the_u_shaped_label_leak_is_explained_and_protection_works_there(tmp_pat
     assert open_auc > 0.95 and "thresholds" in audit
     plan["wires"] = {"middle": {"label_protection": {"kind": "max_norm", "strength": 1.0}}}
     splitlearn.train(plan, epochs=2, out=tmp_path / "protected")
-    assert _cli("audit", tmp_path / "protected", "--decoder-epochs", "5").returncode == 0
+    assert _here("audit", tmp_path / "protected", "--decoder-epochs", "5").exit_code == 0
     audit = json.loads((tmp_path / "protected" / "audit" / "audit.json").read_text())
     assert audit["wires"]["middle->head"]["verdicts"]["label_leakage"]["value"] < open_auc - 0.1
 
@@ -199,15 +210,16 @@ def test_out_is_never_overwritten_without_force(tmp_path):
     r = _cli("run", EXAMPLES / "vanilla.toml", "--in-process", "--epochs", "1", "--out", out, "-q")
     assert r.returncode == 2 and "already holds files" in r.stderr and "--force" in r.stderr
     assert (out / "result.json").read_text() == "{}"
-    r = _cli("run", EXAMPLES / "vanilla.toml", "--in-process", "--epochs", "1", "--out", out, "-q", "--force")
-    assert r.returncode == 0 and json.loads((out / "result.json").read_text())["plan"] == "vanilla"
+    r = _here("run", EXAMPLES / "vanilla.toml", "--in-process", "--epochs", "1", "--out", out, "-q", "--force")
+    assert r.exit_code == 0 and json.loads((out / "result.json").read_text())["plan"] == "vanilla"
 
 
-def test_inspect_draws_only_where_asked(tmp_path):
-    r = _cli("inspect", EXAMPLES / "vanilla.toml", cwd=tmp_path)
-    assert r.returncode == 0 and list(tmp_path.iterdir()) == []
-    r = _cli("inspect", EXAMPLES / "vanilla.toml", "--png", tmp_path / "t.png")
-    assert r.returncode == 0 and (tmp_path / "t.png").stat().st_size > 10_000
+def test_inspect_draws_only_where_asked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = _here("inspect", EXAMPLES / "vanilla.toml")
+    assert r.exit_code == 0 and list(tmp_path.iterdir()) == []
+    r = _here("inspect", EXAMPLES / "vanilla.toml", "--png", tmp_path / "t.png")
+    assert r.exit_code == 0 and (tmp_path / "t.png").stat().st_size > 10_000
 
 
 BAD_PLAN = """
@@ -287,7 +299,7 @@ def test_user_mistakes_are_one_clear_message(tmp_path, case):
 
 def test_an_unexpected_error_is_one_line_without_debug(tmp_path):
     run = tmp_path / "run"
-    assert _cli("run", EXAMPLES / "vanilla.toml", "--in-process", "--epochs", "1", "--out", run, "-q").returncode == 0
+    assert _here("run", EXAMPLES / "vanilla.toml", "--in-process", "--epochs", "1", "--out", run, "-q").exit_code == 0
     (run / "result.json").write_text("[1, 2]")  # a damaged run folder: no message was written for this
     r = _cli("report", run)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "--debug" in r.stderr

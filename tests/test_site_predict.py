@@ -29,7 +29,7 @@ def test_each_site_predicts_from_its_own_file_and_the_server_alone_gets_the_pred
     plan = tmp_path / "clinics.toml"
     plan.write_text(toml(vertical_plan(tmp_path, files, align="psi", standardize=True)))
     run = tmp_path / "run"
-    splitlearn.train(plan, out=run)
+    splitlearn.train(plan, out=run, epochs=1)
     x, _ = raw_cancer()
     new, rng = {}, np.random.default_rng(7)
     for k, p in enumerate(("clinic_a", "clinic_b", "clinic_c")):  # 40 new patients; b misses 3 of them, c has 2 more
