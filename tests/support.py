@@ -8,6 +8,7 @@ Peak memory is read from /proc while the process runs (``VmHWM``): the ``ru_maxr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -770,3 +772,65 @@ class FakeLink:
 
     def refuse(self, peer: str, reason: str, step: int = 0, wire: str = "") -> None:
         self.refused.append(f"{peer}: {reason}")
+
+
+class ServiceLines:
+    """What a ``splitlearn serve`` process prints (a line per run whose state changes), read by a thread and waited
+    on line by line: no polling of its runs."""
+
+    def __init__(self, proc: subprocess.Popen):
+        import queue
+
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=lambda: [self.lines.put(line.rstrip("\n")) for line in proc.stdout], daemon=True).start()
+
+    def until(self, run: str, states: tuple[str, ...], timeout: float = 120.0) -> str:
+        """The first line saying run ``run`` reached one of ``states`` (printed since the service started)."""
+        import queue
+
+        wanted = tuple(f"run {run!r}: {s}" for s in states)
+        end = time.monotonic() + timeout
+        k = 0
+        while True:
+            while k < len(self.seen):
+                if self.seen[k].startswith(wanted):
+                    return self.seen[k]
+                k += 1
+            try:
+                self.seen.append(self.lines.get(timeout=max(0.0, end - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError(f"run {run!r} never reached {states}; the service said {self.seen[-5:]}") from None
+
+
+__all__ += ["ServiceLines"]
+
+
+@contextlib.contextmanager
+def netns_pair(prefix: str, addresses: dict[str, str]):
+    """Two network namespaces joined by a veth pair, one per party of ``addresses`` (party -> its IPv4 address,
+    /24): yields ({party: namespace}, (veth of the first, veth of the second)); removed on the way out (needs
+    root and iproute2)."""
+    tag = str(free_port())[-4:]
+    ns = {p: f"{prefix}{p[0]}{tag}" for p in addresses}
+    veth = tuple(f"{prefix[-1]}{p[0]}{tag}" for p in addresses)
+
+    def sh(*cmd: str) -> None:
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    try:
+        for n in ns.values():
+            sh("ip", "netns", "add", n)
+        sh("ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
+        for (party, n), v in zip(ns.items(), veth):
+            sh("ip", "link", "set", v, "netns", n)
+            sh("ip", "-n", n, "addr", "add", f"{addresses[party]}/24", "dev", v)
+            sh("ip", "-n", n, "link", "set", v, "up")
+            sh("ip", "-n", n, "link", "set", "lo", "up")
+        yield ns, veth
+    finally:
+        for n in ns.values():
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
+__all__ += ["netns_pair"]

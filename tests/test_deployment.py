@@ -17,6 +17,7 @@ import splitlearn
 from splitlearn.launch.processes import free_port
 
 from .conftest import EXAMPLES
+from .support import ServiceLines, netns_pair
 
 _PROBE = f"sl-dprobe-{free_port()}"
 NETNS = shutil.which("ip") is not None and subprocess.run(["ip", "netns", "add", _PROBE],
@@ -40,25 +41,10 @@ def cli(*args: str, ns: str | None = None, check: bool = True) -> subprocess.Com
 
 
 @pytest.fixture
-def sites(tmp_path):
+def sites():
     """Two namespaces joined by a veth pair: the server's and the hospital's."""
-    tag = str(free_port())[-4:]
-    ns = {"server": f"sds{tag}", "hospital": f"sdh{tag}"}
-    veth = (f"ds{tag}", f"dh{tag}")
-    try:
-        for n in ns.values():
-            sh("ip", "netns", "add", n)
-        sh("ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
-        for (party, n), v in zip(ns.items(), veth):
-            sh("ip", "link", "set", v, "netns", n)
-            sh("ip", "-n", n, "addr", "add", f"{ADDR[party]}/24", "dev", v)
-            sh("ip", "-n", n, "link", "set", v, "up")
-            sh("ip", "-n", n, "link", "set", "lo", "up")
+    with netns_pair("sd", ADDR) as (ns, _):
         yield ns
-    finally:
-        for n in ns.values():
-            subprocess.run(["ip", "netns", "pids", n], capture_output=True)
-            subprocess.run(["ip", "netns", "del", n], capture_output=True)
 
 
 def runs(ns: str, to: str, admin: Path) -> dict:
@@ -98,6 +84,7 @@ def test_a_consortium_deploys_from_kits_trains_watches_predicts_and_revokes(tmp_
     try:
         for s, proc in services.items():
             assert "takes runs at" in proc.stdout.readline()
+        said = {s: ServiceLines(proc) for s, proc in services.items()}  # a line per run whose state changes
         for s in sites:  # the administrator, from the server's network
             cli("submit", str(plan), "--to", to[s], "--certs", str(admin), "--as", "alice", "--run", "first",
                 ns=sites["server"])
@@ -113,9 +100,9 @@ def test_a_consortium_deploys_from_kits_trains_watches_predicts_and_revokes(tmp_
 
         mid = until(stepping, "the hospital's status mid-run")
         assert mid["run"] == "vanilla" and mid["peers"] == {"server": True} and mid["bytes_sent"] > 0
-        done = until(lambda: all(runs(sites["server"], to[s], admin)["first"]["state"] in ("done", "failed")
-                                 for s in sites) and True, "the first run")
-        assert done and all(runs(sites["server"], to[s], admin)["first"]["state"] == "done" for s in sites)
+        for s in sites:
+            said[s].until("first", ("done", "failed"))
+        assert all(runs(sites["server"], to[s], admin)["first"]["state"] == "done" for s in sites)
         result = json.loads((kits / "server" / "runs" / "first" / "result.json").read_text())
         assert result["transport"] == "grpc+mtls" and result["metrics"]["test_accuracy"] > 0.8  # 10 digits: chance 0.1
 
@@ -138,16 +125,16 @@ def test_a_consortium_deploys_from_kits_trains_watches_predicts_and_revokes(tmp_
         for s in sites:  # a second run, taken by the same services
             cli("submit", str(plan), "--to", to[s], "--certs", str(admin), "--as", "alice", "--run", "second",
                 ns=sites["server"])
-        until(lambda: all(runs(sites["server"], to[s], admin)["second"]["state"] == "done" for s in sites),
-              "the second run")
+        assert all(said[s].until("second", ("done", "failed")) == "run 'second': done" for s in sites)
 
         cli("revoke", "hospital", "--ca", str(ca))
         shutil.copy(ca / "crl.pem", kits / "server")  # the authority's new list reaches the server
         for s in sites:
             cli("submit", str(plan), "--to", to[s], "--certs", str(admin), "--as", "alice", "--run", "third",
                 ns=sites["server"])
-        third = until(lambda: (r := {s: runs(sites["server"], to[s], admin)["third"] for s in sites}) and all(
-            e["state"] in ("done", "failed") for e in r.values()) and r, "the third run")
+        for s in sites:
+            said[s].until("third", ("done", "failed"))
+        third = {s: runs(sites["server"], to[s], admin)["third"] for s in sites}
         assert {e["state"] for e in third.values()} == {"failed"}
         assert "certificate of 'hospital' was revoked" in third["hospital"]["error"] + third["server"]["error"]
     finally:

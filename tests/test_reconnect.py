@@ -4,6 +4,7 @@ for seconds ends with the weights of a run whose link never broke."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from splitlearn.wire.transport.grpc import GrpcTransport
 from splitlearn.wire.transport.tls import load_credentials, make_certs
 
 from .conftest import EXAMPLES
-from .support import Proxy, free_port, weights
+from .support import netns_pair, Proxy, free_port, weights
 
 
 @pytest.fixture()
@@ -168,24 +169,14 @@ if NETNS:
 @pytest.mark.skipif(not NETNS, reason="network namespaces cannot be created here (needs root and iproute2)")
 def test_a_link_down_for_five_seconds_between_namespaces(tmp_path):
     """Each party in its own namespace and address, joined by a veth pair that goes down for 5 s."""
-    tag = str(free_port())[-4:]
-    ns = {"server": f"sls{tag}", "hospital": f"slh{tag}"}
-    veth = (f"vs{tag}", f"vh{tag}")
     addr = {"server": "10.77.0.1", "hospital": "10.77.0.2"}
 
     def sh(*cmd: str) -> None:
         subprocess.run(cmd, check=True, capture_output=True)
 
     server = hospital = None
-    try:
-        for n in ns.values():
-            sh("ip", "netns", "add", n)
-        sh("ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
-        for (party, n), v in zip(ns.items(), veth):
-            sh("ip", "link", "set", v, "netns", n)
-            sh("ip", "-n", n, "addr", "add", f"{addr[party]}/24", "dev", v)
-            sh("ip", "-n", n, "link", "set", v, "up")
-            sh("ip", "-n", n, "link", "set", "lo", "up")
+    with netns_pair("sl", addr) as (ns, veth), contextlib.ExitStack() as done:
+        done.callback(lambda: [p.kill() for p in (server, hospital) if p is not None and p.poll() is None])
         text = (EXAMPLES / "vanilla.toml").read_text().replace(
             "[parties.server]", f'[parties.server]\naddress = "{addr["server"]}:7443"')
         plan = tmp_path / "plan.toml"
@@ -204,9 +195,3 @@ def test_a_link_down_for_five_seconds_between_namespaces(tmp_path):
         outs = [p.communicate(timeout=180) for p in (hospital, server)]
         assert hospital.returncode == 0 and server.returncode == 0, outs
         assert _same(_reference(reference), weights(out)) == 0.0
-    finally:
-        for proc in (server, hospital):  # a failed check leaves no party running
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-        for n in ns.values():
-            subprocess.run(["ip", "netns", "del", n], capture_output=True)

@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -15,7 +14,7 @@ from splitlearn.launch.processes import free_port
 from splitlearn.launch.service import ServiceError, list_runs, stop_run, submit
 from splitlearn.wire.transport.authority import make_authority, make_request, revoke, sign_requests
 
-from .support import split_mlp, toml
+from .support import ServiceLines, split_mlp, toml
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +49,19 @@ def consortium(tmp_path_factory):
         line = proc.stdout.readline()
         assert "takes runs at https://127.0.0.1:" in line, line
     yield {"root": root, "ca": ca, "kits": kits, "admins": admins, "to": {p: f"127.0.0.1:{admin_ports[p]}"
-                                                                        for p in kits}}
+                                                                        for p in kits},
+           "said": {p: ServiceLines(proc) for p, proc in services.items()}}
     for proc in services.values():
         proc.terminate()
         proc.wait(timeout=15)
 
 
-def wait_for(c, run, states, parties=("server", "hospital"), deadline_s=90):
-    """The runs' entries at each service once ``run`` reached one of ``states`` there (polled, with a deadline)."""
-    end = time.monotonic() + deadline_s
-    while True:
-        got = {p: next(r for r in list_runs(c["to"][p], c["admins"], "alice")["runs"] if r["run"] == run)
-               for p in parties}
-        if all(e["state"] in states for e in got.values()) or time.monotonic() > end:
-            return got
-        time.sleep(0.2)
+def wait_for(c, run, states, parties=("server", "hospital")):
+    """The runs' entries at each service once its service said ``run`` reached one of ``states``."""
+    for p in parties:
+        c["said"][p].until(run, states)
+    return {p: next(r for r in list_runs(c["to"][p], c["admins"], "alice")["runs"] if r["run"] == run)
+            for p in parties}
 
 
 def test_runs_submitted_to_the_services_queue_and_train_after_a_failing_one(consortium):

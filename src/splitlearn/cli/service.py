@@ -40,7 +40,10 @@ def serve(kit: Path = typer.Option(..., help="the party's kit (splitlearn provis
         peers[who] = where
     try:
         service = Service(kit, name, admin, data=None if data is None else str(data.resolve()), listen=listen,
-                          peers=peers, status=status, connect_timeout_s=connect_timeout, allow_code=allow_code)
+                          peers=peers, status=status, connect_timeout_s=connect_timeout, allow_code=allow_code,
+                          on_change=lambda e: console.print(f"run {e.run!r}: {e.state}"
+                                                            + (f" ({e.error})" if e.error else ""), highlight=False,
+                                                            soft_wrap=True))
     except (OSError, ValueError) as e:
         _fail(f"cannot start the service of {name!r}: {e}")
     console.print(f"party {name!r} takes runs at https://{service.address} (admin certificates only); runs in "

@@ -68,11 +68,12 @@ class Service:
     """Party ``name`` of a kit (``kit``: its ``ca.pem``, ``NAME.pem``, ``NAME.key``, ``crl.pem``), taking runs on
     ``admin`` (HOST:PORT, HTTPS with mutual TLS). ``data``: this site's rows for every run (``--data``);
     ``listen``/``peers``: as ``splitlearn party`` takes them (default: the plan's addresses); ``status``: where
-    each run's party process serves its live status (``splitlearn party --status``)."""
+    each run's party process serves its live status (``splitlearn party --status``); ``on_change``: told each
+    run's entry when its state changes."""
 
     def __init__(self, kit: str | Path, name: str, admin: str, *, data: str | None = None, listen: str | None = None,
                  peers: dict[str, str] | None = None, connect_timeout_s: float = 60.0, status: str | None = None,
-                 allow_code: bool = False):
+                 allow_code: bool = False, on_change: Any = None):
         from ..wire.transport.tls import PeerCheck, load_credentials
 
         self.kit, self.name = Path(kit).resolve(), name
@@ -81,6 +82,7 @@ class Service:
         self.data, self.listen, self.peers, self.connect_timeout_s = data, listen, dict(peers or {}), connect_timeout_s
         self.status = status  # HOST:PORT where each run's party process serves its live status
         self.allow_code = allow_code  # plans with a factory (code of their own) are run
+        self.on_change = on_change  # called with a run's entry whenever its state changes (serve prints it)
         self.runs: dict[str, RunEntry] = {}
         self.queue: deque[str] = deque()
         self.current: subprocess.Popen | None = None
@@ -119,8 +121,10 @@ class Service:
         except Exception as e:  # noqa: BLE001 - CertificateError: a revocation list it cannot read refuses all
             return f"this service cannot check certificates: {e}", who
 
-    def _save(self) -> None:
-        """``runs.json``: every run and its state (under the lock)."""
+    def _save(self, changed: RunEntry) -> None:
+        """``runs.json``: every run and its state (under the lock), after ``changed``'s state changed."""
+        if self.on_change is not None:
+            self.on_change(changed)
         tmp = self.kit / "runs" / ".runs.json.tmp"
         tmp.write_text(json.dumps({"runs": [asdict(e) for e in self.runs.values()], "queue": list(self.queue)}))
         os.replace(tmp, self.kit / "runs" / "runs.json")
@@ -176,7 +180,7 @@ class Service:
                     from None
             entry = self.runs[run] = RunEntry(run, "queued", _now(), by, str(folder))
             self.queue.append(run)
-            self._save()
+            self._save(entry)
             self.cond.notify_all()
         log.info("%s: run %r submitted by %r", self.name, run, by)
         return entry
@@ -190,7 +194,7 @@ class Service:
             if entry.state == "queued":
                 self.queue.remove(run)
                 entry.state, entry.ended, entry.error = "stopped", _now(), f"stopped by {by!r} before it started"
-                self._save()
+                self._save(entry)
                 return entry
             if entry.state != "running" or self.current is None:
                 raise ServiceError(f"run {run!r} is {entry.state}: there is nothing to stop")
@@ -223,7 +227,7 @@ class Service:
                     self.current = subprocess.Popen([sys.executable, "-m", "splitlearn.launch.party", opts.to_json()],
                                                     stdout=logf, stderr=logf, start_new_session=True)
                 entry.state, entry.started = "running", _now()
-                self._save()
+                self._save(entry)
             log.info("%s: run %r started (pid %d)", self.name, entry.run, self.current.pid)
             code = self.current.wait()
             with self.cond:
@@ -235,7 +239,7 @@ class Service:
                     entry.state = "done"
                 else:
                     entry.state, entry.error = "failed", _party_error(folder, self.name, code)
-                self._save()
+                self._save(entry)
             log.info("%s: run %r %s", self.name, entry.run, entry.state)
 
     def serve_forever(self) -> None:
