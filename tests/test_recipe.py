@@ -200,6 +200,36 @@ def test_a_wrong_optimizer_entry_is_one_error_naming_it_and_what_it_accepts(tabl
     assert all(s in str(e.value) for s in says), str(e.value)
 
 
+_CHECK_ONLY = """
+import sys
+from splitlearn.core.optimizing import OptimizerSpec
+
+def compiler():  # torch's compiler as Python modules (torch.C's own dynamo bindings load with torch)
+    return any(m.split(".")[:1] == ["torch"] and m.split(".")[1:2] == ["_dynamo"] for m in sys.modules)
+
+OptimizerSpec(name="AdamW", lr=0.01, weight_decay=0.1, arguments={"betas": [0.9, 0.95]})
+try:
+    OptimizerSpec(name="Adam", lr=0.01, arguments={"betas": [1.5, 0.9]})
+    refused = False
+except ValueError as e:
+    refused = "Invalid beta parameter" in str(e)
+checked = compiler()
+import torch
+torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # a real one imports it
+print(checked, refused, compiler())
+"""
+
+
+def test_reading_a_plan_checks_its_optimizer_without_importing_torchs_compiler():
+    """The launcher, ``inspect`` and ``report`` read plans: torch checks the optimizer's values (a wrong beta is
+    still refused) without importing its compiler (1.8 s), as building an optimizer does."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _CHECK_ONLY], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "True", "True"], out.stdout + out.stderr
+
+
 def test_an_optimizer_given_in_python_that_no_process_can_rebuild_is_refused_saying_what_to_give():
     model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
     with pytest.raises(PlanError) as e:

@@ -125,7 +125,11 @@ def train(plan: Plan | str | Path | dict, *, launcher: str = "threads", epochs: 
     the metrics to ``"tensorboard[:DIR]"`` or ``"mlflow[:URI]"`` (see :mod:`splitlearn.run.tracking`).
     """
     _check_launcher(launcher)  # before the data is read
-    checked, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
+    if launcher == "processes":
+        from ..launch.processes import warm_up
+
+        warm_up()  # the party processes' forker imports torch while the plan is read and checked
+    checked, setups, shapes = prepare(plan, epochs=epochs, seed=seed, probe=launcher != "threads")
     return train_prepared(checked, setups, shapes, launcher=launcher, source=plan, epochs=epochs, seed=seed, out=out,
                           on_step=on_step, timeout=timeout, log=log, resume=resume, insecure=insecure, link=link,
                           ray_address=ray_address)

@@ -107,8 +107,12 @@ def run(plan: Path = typer.Argument(..., help="plan file (.toml)"),
     from ..run.report import RunError
     from ..run.setup import label_notes, prepare
 
-    try:
-        p, setups, shapes = prepare(plan, epochs=epochs, seed=seed)
+    if not in_process and ray is None:
+        from ..launch.processes import warm_up
+
+        warm_up()  # the party processes' forker imports torch while the plan is read and checked
+    try:  # party processes make their own optimizers: those here are only checked
+        p, setups, shapes = prepare(plan, epochs=epochs, seed=seed, probe=not in_process)
     except PlanError as e:
         _fail(str(e))
     for note in label_notes(setups):

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: a plan is read (and --h
     from torch.optim import lr_scheduler
 
 __all__ = ["Update", "WHOLE", "optimizer_class", "scheduler_class", "accepted_arguments", "check_arguments",
-           "optimizer_arguments", "schedule_maker", "ScheduleSpec", "OptimizerSpec", "no_decay_split", "PartyOptimizer"]
+           "optimizer_arguments", "checking_class", "schedule_maker", "ScheduleSpec", "OptimizerSpec", "no_decay_split", "PartyOptimizer"]
 
 # classes of torch that a plan cannot use, and why
 _REFUSED = {
@@ -292,7 +292,7 @@ class OptimizerSpec(BaseModel):
         import torch
 
         try:
-            cls([torch.zeros(2, 2, requires_grad=True)], **kwargs)
+            checking_class(cls)([torch.zeros(2, 2, requires_grad=True)], **kwargs)
         except Exception as e:  # noqa: BLE001 - torch's own checks of the values
             raise ValueError(f"optimizer {cls.__name__} refused its arguments: {type(e).__name__}: {e}") from None
         return self
@@ -303,6 +303,20 @@ class OptimizerSpec(BaseModel):
         if self.factory is not None:  # it sets them: they are not written
             data = {k: v for k, v in data.items() if k not in ("name", "lr", "momentum", "weight_decay")}
         return _flat_arguments(data, {"no_decay": [], "factory": None, "schedule": None, "clip_grad_norm": None})
+
+
+def checking_class(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """CLS for a throw-away instance that lets torch check the arguments: its ``add_param_group`` called as
+    written, not through ``torch._disable_dynamo``, whose first call imports ``torch._dynamo`` (1.8 s in
+    every process that reads a plan: the launcher, ``inspect``, ``report``). The values are checked by the
+    same code; the disabling matters only inside a compiled region, which a plan check is not."""
+    plain = getattr(cls.add_param_group, "__wrapped__", None)
+    if plain is None:
+        return cls
+    try:
+        return type(cls.__name__, (cls,), {"add_param_group": plain, "__module__": cls.__module__})
+    except TypeError:  # a class that cannot be subclassed so: checked as it is
+        return cls
 
 
 def no_decay_split(modules: dict[str, nn.Module], patterns: list[str]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

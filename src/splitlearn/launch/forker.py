@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["Forker", "Forked", "PRELOAD", "serve"]
+__all__ = ["Forker", "Forked", "PRELOAD", "serve", "start_early", "take"]
 
 PRELOAD = ("grpc", "splitlearn.launch.party", "splitlearn.launch.oneparty", "splitlearn.clients.coordinator",
            "splitlearn.clients.follower", "splitlearn.wire.transport.grpc", "splitlearn.run.align",
-           "splitlearn.data.formats", "safetensors.torch")
+           "splitlearn.data.formats", "safetensors.torch", "sklearn.metrics")
 
 
 # -- the launcher's side ---------------------------------------------------------------------------
@@ -72,6 +72,7 @@ class Forker:
     def __init__(self, env: dict[str, str]):
         import subprocess
 
+        self.env = env
         self.proc = subprocess.Popen([sys.executable, "-m", "splitlearn.launch.forker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
         self.ready = False
@@ -115,10 +116,10 @@ class Forker:
                 self.cond.wait(0.2)
 
     def start(self, name: str, options: str, stdout: str | Path, stderr: str | Path,
-              timeout: float = 120.0) -> Forked:
+              timeout: float = 120.0, threads: int | None = None) -> Forked:
         """Fork a party process running the party of ``options`` (:class:`~splitlearn.launch.party.PartyOptions`
-        as JSON; its output to the files given)."""
-        request = {"name": name, "options": options, "stdout": str(stdout), "stderr": str(stderr)}
+        as JSON; its output to the files given; ``threads``: its math threads, else torch's default there)."""
+        request = {"name": name, "options": options, "stdout": str(stdout), "stderr": str(stderr), "threads": threads}
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
         self.proc.stdin.flush()
         deadline = time.monotonic() + timeout
@@ -147,6 +148,30 @@ class Forker:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+_early: Forker | None = None  # started before the plan is read: it imports torch meanwhile
+
+
+def start_early(env: dict[str, str]) -> None:
+    """Start a forker now (``env``: the party processes' own), for the next :func:`take` of this process:
+    it imports torch (3-4 s) while the launcher reads and checks the plan. Unused, it ends with this
+    process (its input closes)."""
+    global _early
+    if _early is None:
+        _early = Forker(env)
+
+
+def take(env: dict[str, str]) -> Forker:
+    """The forker :func:`start_early` started, if it was for ``env``; else a new one."""
+    global _early
+    forker, _early = _early, None
+    if forker is not None and forker.env == env and forker.proc.poll() is None:
+        return forker
+    if forker is not None:  # started for other settings, or gone
+        forker.kill()
+        forker.proc.wait()
+    return Forker(env)
 
 
 # -- the forker process ----------------------------------------------------------------------------
@@ -190,6 +215,10 @@ def _child(request: dict[str, Any]) -> None:
         # the inherited objects stay frozen: a collection over them would write to every shared page
         from splitlearn.launch.party import PartyOptions, party_process
 
+        if request.get("threads"):  # before its first parallel region makes the pool
+            import torch
+
+            torch.set_num_threads(int(request["threads"]))
         sys.argv = ["splitlearn-party", request["name"]]
         code = party_process(PartyOptions.from_json(request["options"]))
     except BaseException:  # noqa: BLE001 - whatever it is, the child ends here, saying so

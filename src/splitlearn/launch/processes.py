@@ -22,7 +22,7 @@ from typing import Any
 
 from ..core.plan import Plan
 from ..core.specs import PlanError
-from .forker import Forker
+from .forker import start_early, take as take_forker
 from .party import PartyOptions
 from ..run.allocator import math_threads
 from .results import build_result, save_result
@@ -33,7 +33,7 @@ from ..clients.results import failures_part
 
 _log = logging.getLogger("splitlearn.launch.processes")
 
-__all__ = ["launch", "gather", "free_port", "child_env", "GRACE_S"]
+__all__ = ["launch", "warm_up", "gather", "free_port", "child_env", "GRACE_S"]
 
 
 _taken: set[int] = set()  # ports this process handed out (a party may not have bound its own yet)
@@ -89,7 +89,14 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
 
     if log_format not in ("text", "json"):
         raise PlanError(f"log_format {log_format!r}: choose text or json", entry="log_format")
-    plan = checked or prepare(plan_path, epochs=epochs, seed=seed)[0]  # all checks before starting anything
+    # many processes share one import of torch; the forker makes it while the plan is checked (3-4 s a run)
+    forker = take_forker(child_env(None)) if _forking() else None
+    try:
+        plan = checked or prepare(plan_path, epochs=epochs, seed=seed, probe=True)[0]  # checked before any starts
+    except BaseException:
+        if forker is not None:
+            forker.kill()
+        raise
     out = Path(out)
     tracking = parse_log(log, out) if log else None
     topo = Topology.of(plan)
@@ -109,7 +116,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                 dial_ports[name] = relays[-1].port
     procs: dict[str, Any] = {}
     env = child_env(len(topo.names))
-    forker = Forker(env) if _forking() else None  # many processes share one import of torch
+    threads = None if "OMP_NUM_THREADS" in os.environ else math_threads(len(topo.names))  # the user's wins
     with private_folder(out / ".certs") as certs:  # in the run folder (0700): a SIGKILL leaves no key in /tmp
         if not insecure:
             make_certs(topo.names, Path(certs))
@@ -147,7 +154,7 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
                         stdout = Path(certs) / "progress.fifo"
                         os.mkfifo(stdout)
                         threading.Thread(target=_follow_fifo, args=(stdout, on_step), daemon=True).start()
-                    procs[name] = forker.start(name, opts.to_json(), stdout, log_file)
+                    procs[name] = forker.start(name, opts.to_json(), stdout, log_file, threads=threads)
                     continue
                 with open(log_file, "w") as log_fh:
                     procs[name] = subprocess.Popen([sys.executable, "-m", "splitlearn.launch.party", opts.to_json()],
@@ -220,6 +227,13 @@ def _reports(topo: Topology, out: Path, errors: dict[str, str]) -> dict[str, Par
     return reports
 
 
+def warm_up() -> None:
+    """Start the forker of the next :func:`launch` of this process now, where party processes are forked: a
+    launcher calls it before reading the plan, so that both happen at once."""
+    if _forking():
+        start_early(child_env(None))
+
+
 def _forking() -> bool:
     """Whether party processes are forked from one warmed-up process (:mod:`splitlearn.launch.forker`):
     where the system can fork, unless ``SPLITLEARN_FORK=0`` asks for fresh interpreters."""
@@ -231,15 +245,17 @@ def _follow_fifo(path: Path, on_step) -> None:
         _follow(stream, on_step)
 
 
-def child_env(parties: int) -> dict[str, str]:
+def child_env(parties: int | None) -> dict[str, str]:
     """Party processes on one machine take turns computing, so idle math threads must sleep, not
     spin on the cores the computing party needs (OMP_WAIT_POLICY=PASSIVE; measured on 2 cores:
     CNN split 1127-1293 -> 1333-1456 samples/s). More party processes than cores: one math thread
     each, or their thread pools fight (measured: 4 parties on 2 cores trained 3x faster). The
-    user's own settings win."""
+    user's own settings win. ``parties`` None: the thread count is left to each child (the forker,
+    started before the plan is read, tells each child its count)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env.setdefault("OMP_NUM_THREADS", str(math_threads(parties)))  # as in-process runs use (launch/threads.py)
+    if parties is not None:
+        env.setdefault("OMP_NUM_THREADS", str(math_threads(parties)))  # as in-process runs use (launch/threads.py)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS pool would start a thread in the forker
     return env
 

@@ -21,7 +21,7 @@ from ..core.defense import check_data as check_defense_data
 from ..core.dryrun import dry_run
 from ..core.graph import Graph, build_graph
 from ..core.load import load_plan
-from ..core.optimizing import (WHOLE, PartyOptimizer, Update, no_decay_split, optimizer_arguments,
+from ..core.optimizing import (WHOLE, PartyOptimizer, Update, checking_class, no_decay_split, optimizer_arguments,
                                 optimizer_class, schedule_maker)
 from ..core.plan import Plan
 from ..core.specs import DataSpec, PlanError
@@ -96,10 +96,11 @@ def accumulated(steps: list[Step], accumulate: int) -> list[Step]:
 
 # -- a party ---------------------------------------------------------------------------------
 
-def make_optimizer(plan: Plan, party: str, modules: dict[str, nn.Module]) -> PartyOptimizer | None:
+def make_optimizer(plan: Plan, party: str, modules: dict[str, nn.Module], probe: bool = False) -> PartyOptimizer | None:
     """The optimizer of ``party``'s plan entry over its trainable parameters (None: it has none), with its
     schedule and clipping. ``no_decay`` makes two parameter groups, those with weight decay first, the others
-    with ``weight_decay = 0``; a ``factory`` is called with the parameters (or those groups)."""
+    with ``weight_decay = 0``; a ``factory`` is called with the parameters (or those groups). ``probe``: one
+    made only to be checked (:func:`~splitlearn.core.optimizing.checking_class`), never to step."""
     o = plan.parties[party].optimizer
     decay, no_decay = no_decay_split(modules, o.no_decay)
     if not decay and not no_decay:
@@ -113,7 +114,8 @@ def make_optimizer(plan: Plan, party: str, modules: dict[str, nn.Module]) -> Par
             optimizer = fn(params)
         else:
             cls = optimizer_class(o.name)
-            optimizer = cls(params, **optimizer_arguments(cls, o.lr, o.momentum, o.weight_decay, o.arguments))
+            kwargs = optimizer_arguments(cls, o.lr, o.momentum, o.weight_decay, o.arguments)
+            optimizer = (checking_class(cls) if probe else cls)(params, **kwargs)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"factory {o.factory!r} returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
         s = o.schedule
@@ -317,9 +319,10 @@ class PartySetup:
 
 
 def setup_party(plan: Plan, name: str, cache: dict | None = None, data: DataSpec | None = None,
-                predict: bool = False, optimizer: bool = True, client: str | None = None,
+                predict: bool = False, optimizer: bool | str = True, client: str | None = None,
                 preprocess: Preprocess | None = None, every_row: bool = False) -> PartySetup:
-    """Build a party's segments, optimizer (unless not ``optimizer``) and inputs (without labels
+    """Build a party's segments, optimizer (unless not ``optimizer``; ``"probe"``: one to be checked only,
+    :func:`make_optimizer`) and inputs (without labels
     when ``predict``); ``client``: the client it is (for a per-client file); ``preprocess``: use
     this one (predict) instead of fitting one on the training rows; ``every_row``: every row is a test row
     (new rows to predict)."""
@@ -327,7 +330,7 @@ def setup_party(plan: Plan, name: str, cache: dict | None = None, data: DataSpec
     segs = [n for n in graph.local_order(name) if graph.nodes[n].kind == "segment"]
     modules = build_modules(plan, name, segs)
     spec = data_spec(plan, name, client, data)
-    setup = PartySetup(plan, graph, name, modules, make_optimizer(plan, name, modules) if optimizer else None, {},
+    setup = PartySetup(plan, graph, name, modules, make_optimizer(plan, name, modules, optimizer == "probe") if optimizer else None, {},
                        None, preprocess=preprocess, fixed_preprocess=preprocess is not None,
                        skip=frozenset(graph.label_inputs() if predict else ()), predicting=predict, every_row=every_row,
                        options=dict(spec.options) if spec is not None else {}, client=client,
@@ -413,15 +416,16 @@ def check_plan(setups: dict[str, PartySetup]) -> dict[str, tuple[str, tuple[int,
 
 def prepare(plan: Plan | str | Path, *, epochs: int | None = None, seed: int | None = None,
             data: DataSpec | dict[str, DataSpec] | None = None,
-            check_only: bool = False) -> tuple[Plan, dict[str, PartySetup], dict]:
+            check_only: bool = False, probe: bool = False) -> tuple[Plan, dict[str, PartySetup], dict]:
     """Load the plan, set every party up and check the plan end to end before any training
-    (``check_only``: no optimizers, for a look at the plan). ``data``: one source for every
-    party, or one per party name."""
+    (``check_only``: no optimizers, for a look at the plan; ``probe``: optimizers made to be checked only,
+    for a launcher whose parties make their own). ``data``: one source for every party, or one per party name."""
     plan = load_plan(plan).with_train(epochs=epochs, seed=seed)
     cache: dict = {}
     per = data if isinstance(data, dict) else {p: data for p in plan.parties}
     try:
-        setups = {p: setup_party(plan, p, cache, per.get(p), optimizer=not check_only, client=plan.reads_for(p))
+        setups = {p: setup_party(plan, p, cache, per.get(p), optimizer=False if check_only else ("probe" if probe else True),
+                             client=plan.reads_for(p))
                   for p in plan.parties}
         shapes = check_plan(setups)
     except PlanError as e:  # name the plan file, whatever part of the set-up found the problem
