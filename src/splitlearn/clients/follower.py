@@ -20,6 +20,7 @@ from ..wire.messages import Kind, quote, read_command
 from ..wire.transport import TransportClosed
 from .roles import physical_names
 from .saving import StateSaving
+from .secure import SecurePhase, secure_send
 from .turns import TurnTaking
 
 __all__ = ["Follower", "Unfit", "HANDLERS", "WHILE_RESUMING"]
@@ -118,6 +119,10 @@ class Follower(TurnTaking, StateSaving):
     def _send(self, request: int, ins: SendWeights) -> None:
         if ins.to not in physical_names(self.plan):
             raise Unfit(f"no party {quote(ins.to)} to send weights to")
+        if self.spec.secure_aggregation and self.is_client and ins.to == self.federation and not ins.evaluation:
+            secure_send(self, request, None if self.fault is None else
+                        lambda phase: self.fault(self, request, SecurePhase(phase, ins.to)))
+            return
         with self._metering(ins.evaluation):
             self.send_weights(ins.to, request)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ from ..wire.transport.switch import Switch
 from .context import Context
 from .roles import Duty, client_names, coordinator_of, duties_of, federation_of, physical_names, plays_of
 from .scoring import EvaluationPool
+from .secure import secure_collect
 from .strategies import strategy_of
 from .weights import average, load_state, state_of
 
@@ -110,6 +112,7 @@ class Participant:
         self.tracking = tracking  # where the losses this party computes are streamed (splitlearn.run.tracking)
         self.tracker = None  # open while it runs (open_tracker), closed by close_tracker
         self.global_state: dict[str, torch.Tensor] | None = None  # federation: the averaged client weights
+        self.secure_random: Callable[[int], bytes] = os.urandom  # secure aggregation's keys and masks (tests: seeded)
         if self.is_federation:
             self.global_state = {k: v.clone() for k, v in state_of(
                 {s: _build(plan, s) for s in _segments_of(self.graph, self.spec.template)}).items()}
@@ -302,7 +305,10 @@ class Participant:
 
     def collect(self, clients: list[str], samples: list[int], request: int) -> tuple[list[str], dict[str, str]]:
         """Federation: receive the clients' weights, average them (by samples); whose were averaged,
-        and why each refused client's were refused."""
+        and why each refused client's were refused. Under ``secure_aggregation`` the weights come
+        masked and only their average is recovered (:func:`~splitlearn.clients.secure.secure_collect`)."""
+        if self.spec.secure_aggregation:
+            return secure_collect(self, clients, samples, request)
         got = self.take_weights(clients, request, self.timeout)
         states, shares, used, refused = [], [], [], {}
         for c, n in zip(clients, samples):

@@ -52,6 +52,7 @@ class Strategy:
 
     name = ""
     one_model = True  # the run ends with one model (for predict); False: one per client
+    averages = False  # its rounds end with Average (the federation's): clients.secure_aggregation may protect it
     coordinated = True  # a coordinator walks the rounds and instructs the others (False: each party derives them)
 
     def check_options(self, options: dict[str, Any]) -> None:
@@ -162,6 +163,7 @@ class SplitFedV2(Strategy):
     after another against the one server model; then the federation averages them by samples."""
 
     name = "splitfed_v2"
+    averages = True
 
     def rounds(self, plan: Plan, shares: list[np.ndarray], test_rows: np.ndarray,
                sites: list[int] | None = None) -> list[Round]:
@@ -182,8 +184,9 @@ class SplitFedV2(Strategy):
 
     def describe(self, plan: Plan) -> dict[str, Any]:
         c = plan.clients
+        secure = {"secure_aggregation": {"threshold": c.secure_threshold}} if c.secure_aggregation else {}
         return {"federation": federation_of(plan), "local_epochs": c.local_epochs, "local_steps": c.local_steps,
-                "fraction": c.fraction}
+                "fraction": c.fraction, **secure}
 
     def summary(self, plan: Plan) -> str:
         return f"clients train in each round, {federation_of(plan)} averages their segments"

@@ -147,10 +147,11 @@ class WeightTransfers(Instructing):
             except TransportError as e:
                 self._skip(rnd, self.federation, "averaging", f"cannot reach the federation: {e}")
                 return []
-            ans = self.replies([self.federation], 2 * self.timeout, rid, Collected)
+            # secure aggregation: four phases of up to a timeout each, and a margin
+            wait = (6 if self.spec.secure_aggregation else 2) * self.timeout
+            ans = self.replies([self.federation], wait, rid, Collected)
             if self.federation not in ans:
-                self._skip(rnd, self.federation, "averaging", f"the federation did not answer within "
-                                                              f"{2 * self.timeout:g} s")
+                self._skip(rnd, self.federation, "averaging", f"the federation did not answer within {wait:g} s")
                 return []
             got = [c for c in ans[self.federation].averaged if c in sending]
             refused = ans[self.federation].refused

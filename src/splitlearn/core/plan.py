@@ -17,9 +17,10 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,7 +51,10 @@ class ClientsSpec(_Strict):
     the ``federation`` role; v1 keeps a server copy per client, averaged too, v2 one shared
     server), ``independent`` (no sharing), ``fedavg`` (the same averaging rounds, named for
     plans where the client holds the whole model; ``local_steps = 1`` makes it large-batch SGD).
-    ``options`` (``[clients.options]``) go to the strategy, which checks them.
+    ``options`` (``[clients.options]``) go to the strategy, which checks them. ``secure_aggregation``:
+    an averaging schedule's federation receives masked weights and recovers only their weighted
+    average (:mod:`splitlearn.privacy.secagg`); ``secure_threshold``: the clients whose shares it
+    needs to unmask a round (default ceil(2n/3) of the round's n clients).
     """
 
     template: str
@@ -64,6 +68,8 @@ class ClientsSpec(_Strict):
     fraction: float = Field(1.0, gt=0.0, le=1.0)  # averaging schedules: share of clients drawn each round
     timeout: float = Field(30.0, gt=0.0)  # seconds a client may take to answer before it is skipped
     options: dict[str, Any] = Field(default_factory=dict)  # [clients.options]: the strategy's own, checked by it
+    secure_aggregation: bool = False  # averaging schedules: the federation sees masked weights, only their average
+    secure_threshold: int | None = Field(None, ge=2)  # secure aggregation: shares needed to unmask a round
 
     @field_validator("partition", mode="before")
     @classmethod
@@ -88,9 +94,55 @@ class ClientsSpec(_Strict):
             STRATEGIES.get(info.data["schedule"]).check_options(v)
         return v
 
+    @field_validator("secure_aggregation")
+    @classmethod
+    def _averaging(cls, v: bool, info: ValidationInfo) -> bool:
+        """Secure aggregation needs a schedule that averages and two clients a round at least."""
+        from .strategy import STRATEGIES
+
+        d = info.data
+        if not v or "count" not in d or d.get("schedule") not in STRATEGIES:  # else their own errors say why
+            return v
+        if not getattr(STRATEGIES.get(d["schedule"]), "averages", False):
+            raise ValueError(f"schedule {d['schedule']!r} does not average the clients' weights, so there is no sum "
+                             "to protect: use splitfed_v1, splitfed_v2 or fedavg, or remove secure_aggregation")
+        drawn = _drawn(d)
+        if drawn < 2:
+            raise ValueError(f"a round draws {drawn} client (count {d['count']}, fraction {d.get('fraction', 1.0):g}), "
+                             "and of one client the sum is its update: draw 2 or more")
+        return v
+
+    @field_validator("secure_threshold")
+    @classmethod
+    def _threshold(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """Above half of a round's clients (a federation telling different clients that different ones
+        dropped could otherwise unmask one) and at most all of them."""
+        d = info.data
+        if v is None or "count" not in d or "secure_aggregation" not in d:
+            return v
+        if not d["secure_aggregation"]:
+            raise ValueError("secure_threshold is for secure_aggregation = true: set that too, or remove it")
+        drawn = _drawn(d)
+        if not drawn // 2 < v <= drawn:
+            raise ValueError(f"{v} with {drawn} clients a round: it must be above half of them and at most all "
+                             f"({drawn // 2 + 1} to {drawn}); above, no round could be unmasked, at half or below a "
+                             "federation lying about who dropped could unmask one client's weights")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _secure_if_set(self, handler: Callable[["ClientsSpec"], dict[str, Any]]) -> dict[str, Any]:
+        """The secure aggregation entries are written only where set (a plan without them hashes as before)."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in ("secure_aggregation", "secure_threshold") and not v)}
+
     def names(self) -> list[str]:
         """The clients' party names: ``template-1`` ... ``template-count``."""
         return [f"{self.template}-{k}" for k in range(1, self.count + 1)]
+
+
+def _drawn(fields: dict[str, Any]) -> int:
+    """Clients a round of an averaging schedule draws, as :func:`splitlearn.clients.schedule.averaging_rounds` does."""
+    return max(1, round(fields.get("fraction", 1.0) * fields["count"]))
 
 
 class Plan(_Strict):
