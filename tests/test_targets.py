@@ -193,6 +193,19 @@ def test_bootstrap_intervals_match_a_direct_resampling():
     assert bootstrap_ci(probs[:1], t[:1], classification=True) == {}
 
 
+def test_bootstrap_intervals_of_a_multiclass_auc_with_tied_scores_match_a_direct_resampling():
+    """The resamples' AUCs come from how often each row is drawn (no resample is ranked): macro one-vs-rest AUC
+    with many tied scores, as scikit-learn computes it on each resample."""
+    rng = np.random.default_rng(4)
+    t = rng.integers(0, 3, 120)
+    raw = np.round(rng.random((120, 3)) + 0.4 * np.eye(3)[t], 1)  # one decimal: ties everywhere
+    probs = raw / raw.sum(1, keepdims=True)
+    ci = bootstrap_ci(probs, t, classification=True, rounds=200, seed=9)
+    idx = np.random.default_rng(9).integers(0, 120, (200, 120))
+    direct = [roc_auc_score(t[i], probs[i], multi_class="ovr", average="macro") for i in idx]
+    assert ci["roc_auc"] == pytest.approx([np.percentile(direct, 2.5), np.percentile(direct, 97.5)], abs=1e-12)
+
+
 def test_square_brackets_survive_in_help_and_errors(tmp_path):
     r = runner.invoke(app, ["run", "--help"])
     assert "pip install 'splitlearn[ray]'" in " ".join(r.output.split())
