@@ -101,6 +101,7 @@ class Metrics:
         self.ci: dict[str, dict] = {}  # loss -> the last evaluation's intervals
         self.curves: dict[str, dict] = {}  # loss -> the last evaluation's curves (core.metrics.curves)
         self.scores: dict[str, list[Scores]] = {}  # loss -> the last evaluation's scores, batch by batch
+        self.unsettled: set[str] = set()  # losses whose last evaluation's intervals and curves are not drawn yet
 
     def add(self, step: Step, out: StepOutput) -> None:
         n = len(step.rows)
@@ -138,28 +139,37 @@ class Metrics:
                 h["train_loss"].append(a.train_sum / a.train_n)
             for name, value in evaluation_metrics(self.kinds[k], a.validation, intervals=False).items():  # val_<name>
                 h.setdefault(f"val_{name[len('test_'):]}", []).append(value)
-            found = evaluation_metrics(self.kinds[k], a.scores)
+            found = evaluation_metrics(self.kinds[k], a.scores, intervals=False)  # the last one's: when asked
             if found:
                 self.scores[k] = a.scores
+                self.unsettled.add(k)
                 for name, value in found.items():
-                    if name not in ("ci95", "curves"):
-                        h.setdefault(name, []).append(value)
-                if "ci95" in found:
-                    self.ci[k], self.curves[k] = found["ci95"], found["curves"]
+                    h.setdefault(name, []).append(value)
             if self.tracker is not None:
                 self.tracker.log({f"{k}/{name}": v[-1] for name, v in h.items()
                                   if len(v) > before.get(name, 0) and v[-1] is not None}, epoch)
             self.acc[k] = EpochSums()
 
+    def settle(self) -> None:
+        """The last evaluation's 95 % intervals and curves, drawn once it is known to be asked for (a checkpoint,
+        the history): a thousand bootstrap resamples at every epoch would be the parties' largest cost."""
+        for k in sorted(self.unsettled):
+            found = evaluation_metrics(self.kinds[k], self.scores[k])
+            self.ci.pop(k, None), self.curves.pop(k, None)
+            if "ci95" in found:
+                self.ci[k], self.curves[k] = found["ci95"], found["curves"]
+        self.unsettled.clear()
+
     def state(self) -> dict:
         """For a checkpoint after a training step (no evaluation pending)."""
         assert not any(a.scores or a.validation for a in self.acc.values()), "a checkpoint falls between evaluation steps"
+        self.settle()
         return {"hist": self.hist, "steps": self.steps, "ci": self.ci, "curves": self.curves,
                 "acc": {k: [a.train_sum, a.train_n, 0.0, 0, 0] for k, a in self.acc.items()}}  # no test rows pending
 
     def load(self, state: dict) -> None:
         self.hist, self.steps, self.ci = state["hist"], state["steps"], state.get("ci", {})
-        self.curves = state.get("curves", {})
+        self.curves, self.unsettled = state.get("curves", {}), set()
         for k, (ts, tn, _vs, vn, _right) in state["acc"].items():
             if vn:
                 raise ValueError(f"a checkpoint of loss {k!r} falls between evaluation steps ({vn} test rows pending)")
@@ -168,6 +178,7 @@ class Metrics:
     def history(self) -> dict[str, dict[str, list]]:
         """Each loss's per-epoch lists, with ``train_loss_steps``: [step id, loss] pairs, sampled,
         ``ci95``: the last evaluation's intervals, and ``curves``: its curves for the report."""
+        self.settle()
         out = {}
         for k, h in self.hist.items():
             pts = self.steps[k]
