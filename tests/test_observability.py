@@ -156,7 +156,13 @@ def test_the_report_loads_in_chromium(tmp_path, kind):
     dom, log, shot = _chromium(page, tmp_path)
     images = html.count("<img ")
     assert f'data-images="{images} 0"' in dom  # every image decoded (the page's own check ran)
-    assert images == (4 if kind == "audited" else 3)  # topology, curves, the last evaluation (and the inversion grid)
+    attack_figures = 0
+    if kind == "audited":  # one figure per place a registered attack applies (tools/audit/attacks.py)
+        audit = json.loads((run / "audit" / "audit.json").read_text())
+        attack_figures = sum(1 for a in audit["attacks"].values() for r in a.get("results", []) if r.get("figure"))
+        assert attack_figures >= 1
+    # topology, curves, the last evaluation (and the inversion grid, and the attacks' figures)
+    assert images == (4 + attack_figures if kind == "audited" else 3)
     errors = [line for line in log.splitlines() if "CONSOLE" in line and ("error" in line.lower())]
     assert errors == []
     from matplotlib.image import imread

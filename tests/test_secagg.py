@@ -4,25 +4,30 @@ the plain runs' within the stated fixed-point bound."""
 
 import hashlib
 import json
+import math
+import threading
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitlearn.clients.baselines import method_plan
 from splitlearn.clients.secure import SECAGG_WIRE, SecurePhase, round_context
+from splitlearn.clients.securestate import SecureState
 from splitlearn.clients.weights import average, flatten
 from splitlearn.core.specs import PlanError
 from splitlearn.launch.results import build_result
 from splitlearn.launch.threads import run_local
-from splitlearn.privacy.secagg import (MAX_ABS, SecAggClient, SecAggError, SecAggServer, decode, encode, error_bound,
-                                       mask_stream, seeded_bytes)
+from splitlearn.privacy.secagg import (MAX_ABS, Roster, SecAggClient, SecAggError, SecAggServer, decode, encode,
+                                       error_bound, mask_stream, seeded_bytes)
 from splitlearn.privacy.shamir import ShamirError, reconstruct, share_from_bytes, split
 from splitlearn.run.setup import prepare
 from splitlearn.wire.codec import Encoded
 from splitlearn.wire.control import SendWeights
 from splitlearn.wire.messages import Kind, Message
+from splitlearn.wire.transport.tls import load_credentials, make_certs
 
 from .support import tiny
 
@@ -149,13 +154,16 @@ def _plan(schedule: str, secure: bool, **more):
         epochs=1, batch_size=128)
 
 
-def _run(plan, faults=None):
+def _run(plan, faults=None, out=None, also=None):
     """Every party in this process, each client's secure aggregation seeded; the reports, the participants, what
-    the federation received (its schedule's messages) and each client's weights as it was told to send them."""
+    the federation received (its schedule's messages) and each client's weights as it was told to send them.
+    ``out``: the run folder; ``also(name, participant)``: more set-up of each party once built."""
     parts, seen, sent = {}, [], {}
 
     def built(name, part):
         parts[name] = part
+        if also is not None:
+            also(name, part)
         if part.is_client:
             part.secure_random = seeded_bytes(int(name.rsplit("-", 1)[1]))
         if part.is_federation:
@@ -176,7 +184,7 @@ def _run(plan, faults=None):
             faults[role.name](role, request, ins)
 
     plan, setups, shapes = prepare(plan)
-    reports = run_local(plan, setups, shapes, built=built, faults={c: capture for c in plan.clients.names()})
+    reports = run_local(plan, setups, shapes, built=built, faults={c: capture for c in plan.clients.names()}, out=out)
     return reports, parts, seen, sent
 
 
@@ -215,7 +223,8 @@ def test_secure_aggregation_equals_the_plain_run_within_the_fixed_point_bound(sc
     # scored with weights a float32 rounding apart: one test row may fall the other way at most
     rows = ours["metrics"]["test_rows"]
     assert ours["metrics"]["test_accuracy"] == pytest.approx(theirs["metrics"]["test_accuracy"], abs=1.5 / rows)
-    assert ours["skipped"] == [] and ours["schedule"]["secure_aggregation"] == {"threshold": None}
+    assert ours["skipped"] == [] and ours["schedule"]["secure_aggregation"] == {
+        "threshold": 2, "rule": "ceil(2n/3) of the n clients a round draws"}
     # the federation received the protocol's messages only: no client's weights in the clear
     received = reports[fed.name].meter["received"]
     assert any(r["wire"] == SECAGG_WIRE for r in received) and not any(r["wire"] == "weights" for r in received)
@@ -260,7 +269,9 @@ def test_a_client_killed_mid_round_leaves_the_average_of_the_survivors_within_th
         if isinstance(ins, SecurePhase) and ins.phase == "masked":
             raise SystemExit("killed")
 
-    plan = _plan("splitfed_v2", True, timeout=1.5, federation="fed")  # a federation of its own: told to Collect
+    # a federation of its own (told to Collect); it waits clients.timeout for the dead client's masked vector: 1 s,
+    # where every answer of the living ones takes milliseconds (their steps keep a deadline of their own)
+    plan = _plan("splitfed_v2", True, timeout=1.0, federation="fed").with_train(step_timeout=30)
     reports, parts, seen, sent = _run(plan, {"hospital-2": dies})
     fed = _federation(parts)
     survivors = ["hospital-1", "hospital-3"]
@@ -299,3 +310,263 @@ def test_a_malformed_masked_vector_is_refused_and_its_client_named():
     expected, counts, total = _expected(parts, sent, ["hospital-1", "hospital-2"])
     bound = error_bound(counts, total, max(float(v.abs().max()) for s in sent.values() for v in s.values()))
     assert _within(fed.global_state, expected, bound) <= 0
+
+
+# -- withdrawals, dropouts, rewinds, certificates, late clients, wrong shares ----------------------------------
+
+def _nan_at_send(role, request, ins):
+    """Its weights turn NaN as it is told to send them (after the capture of what it would send)."""
+    if isinstance(ins, SendWeights) and not ins.evaluation:
+        with torch.no_grad():
+            for m in role.setup.modules.values():
+                for p in m.parameters():
+                    p.fill_(math.nan)
+
+
+def _abort(role, request, why):
+    role.link.send(Message(Kind.WEIGHTS, role.name, role.federation, request, SECAGG_WIRE, {},
+                           json.dumps({"phase": "abort", "why": why})))
+
+
+def _phases(seen, sender):
+    return [json.loads(m.text)["phase"] for m in seen if m.sender == sender and m.wire == SECAGG_WIRE]
+
+
+def _bound_for(parts, sent, survivors, total=None):
+    expected, counts, round_total = _expected(parts, sent, survivors)
+    top = max(float(v.abs().max()) for c in survivors for v in sent[c].values())
+    return expected, error_bound(counts, round_total if total is None else total, top)
+
+
+@pytest.fixture(scope="module")
+def withdrawn(tmp_path_factory):
+    """A SplitFed v2 run whose hospital-3 cannot encode its weights (NaN), in a run folder of its own (the clients'
+    journals: hospital-1's and -2's update unmasked with the two of them)."""
+    folder = tmp_path_factory.mktemp("withdrawn")
+    return folder, _run(_plan("splitfed_v2", True, federation="fed"), {"hospital-3": _nan_at_send}, out=folder)
+
+
+def test_a_client_whose_weights_cannot_be_encoded_withdraws_at_once_and_the_others_are_averaged(withdrawn):
+    # the default clients.timeout (30 s) is never waited for: hospital-3 says why before it sends any key
+    _, (reports, parts, seen, sent) = withdrawn
+    fed = _federation(parts)
+    (skip,) = build_result(fed.plan, reports)["skipped"]
+    assert skip["client"] == "hospital-3" and skip["during"] == "averaging"
+    assert skip["reason"].startswith("left out of secure aggregation: ")
+    assert "hospital-3 withdrew: its weights 'bottom." in skip["reason"]
+    assert "are not finite (NaN or infinite) and cannot be encoded" in skip["reason"]
+    assert _phases(seen, "hospital-3") == ["abort"]  # nothing of its weights, no key
+    survivors = ["hospital-1", "hospital-2"]
+    expected, bound = _bound_for(parts, sent, survivors, total=sum(_expected(parts, sent, survivors)[1]))
+    assert _within(fed.global_state, expected, bound) <= 0
+    with pytest.raises(SecAggError, match=r"a value of magnitude 2.15e\+09 is beyond"):
+        encode(np.array([0.5, -2.0 ** 31]), 1.0)
+
+
+def test_fedavg_with_a_client_gone_after_sharing_its_keys_averages_the_survivors_within_the_bound():
+    def gone(role, request, ins):  # hospital-1 shared its keys' shares, then leaves instead of masking
+        if isinstance(ins, SecurePhase) and ins.phase == "masked":
+            _abort(role, request, "gone")
+            raise SecAggError("gone (the test's fault)")
+
+    reports, parts, seen, sent = _run(_plan("fedavg", True), {"hospital-1": gone})
+    fed = _federation(parts)
+    survivors = ["hospital-2", "hospital-3"]
+    expected, bound = _bound_for(parts, sent, survivors)
+    assert _within(fed.global_state, expected, bound) <= 0
+    assert [(s["client"], s["reason"]) for s in build_result(fed.plan, reports)["skipped"]] == [
+        ("hospital-1", "left out of secure aggregation: 'gone'")]
+    unmask = [m for m in seen if m.wire == SECAGG_WIRE and json.loads(m.text)["phase"] == "unmask"]
+    assert {m.sender for m in unmask} == set(survivors)  # its mask key rebuilt, never its seed
+    assert all(set(m.tensors) == {"b/hospital-2", "b/hospital-3", "s/hospital-1"} for m in unmask)
+
+
+def test_a_round_done_again_after_a_rewind_is_unmasked_with_the_same_survivors(withdrawn):
+    """Each client's journal (in the run folder) holds the survivors its update was unmasked with; a round trained
+    again bit for bit (a rewind; here a second run in the folder) is unmasked with them only: the same average, no
+    second sum to subtract from the first."""
+    folder, (_, first, _, sent) = withdrawn
+    reports, again, seen, sent_again = _run(_plan("splitfed_v2", True, federation="fed"), out=folder)  # all fine now
+    assert all(torch.equal(sent[c][k], sent_again[c][k]) for c in ("hospital-1", "hospital-2") for k in sent[c])
+    before, after = _federation(first).global_state, _federation(again).global_state
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the very same sum
+    (skip,) = build_result(_federation(again).plan, reports)["skipped"]
+    assert skip["client"] == "hospital-3" and "done again after a rewind" in skip["reason"]
+    assert _phases(seen, "hospital-3") == ["keys"]  # told at once: in no roster, nothing of it unmasked
+    assert all(set(m.tensors) == {"b/hospital-1", "b/hospital-2"} for m in seen
+               if m.wire == SECAGG_WIRE and json.loads(m.text)["phase"] == "unmask")
+    fresh = SecAggClient("a", b"r", 2, seeded_bytes(0), bound=("a", "b"))  # a client holds to them too
+    with pytest.raises(SecAggError, match=r"unmasked before .* \['a', 'b'\]; asked now for \['a', 'b', 'c'\]"):
+        _answer_for(fresh, ("a", "b", "c"), ())
+
+
+def test_a_round_done_again_without_one_of_its_survivors_is_not_unmasked(withdrawn):
+    folder, _ = withdrawn
+    initial = {}
+
+    def keep_initial(name, part):
+        if part.is_federation:
+            initial.update({k: v.clone() for k, v in part.global_state.items()})
+
+    plan = _plan("splitfed_v2", True, federation="fed")
+    reports, parts, seen, _ = _run(plan, {"hospital-2": _nan_at_send}, out=folder, also=keep_initial)
+    fed = _federation(parts)  # hospital-2 cannot come now: no average, nothing unmasked
+    assert all(torch.equal(fed.global_state[k], v) for k, v in initial.items())
+    skipped = {s["client"]: s["reason"] for s in build_result(fed.plan, reports)["skipped"]}
+    assert sorted(skipped) == ["hospital-1", "hospital-2", "hospital-3"] and "withdrew" in skipped["hospital-2"]
+    assert all("unmasked before with ['hospital-1', 'hospital-2'], and ['hospital-2'] sent no keys this time"
+               in skipped[c] for c in ("hospital-1", "hospital-3"))
+    assert not any(json.loads(m.text)["phase"] in ("shares", "masked", "unmask") for m in seen if m.wire == SECAGG_WIRE)
+
+
+def _answer_for(client, survivors, dropped):
+    """``client``'s answer to an unmask request, in a round of ``survivors`` and ``dropped`` (other clients made here)."""
+    names = sorted({client.name, *survivors, *dropped})
+    others = {n: SecAggClient(n, client.context, client.required, seeded_bytes(i + 10)) for i, n in enumerate(names)
+              if n != client.name}
+    everyone = {client.name: client, **others}
+    server = SecAggServer(names, client.required or 2, 4, client.context)
+    for n in names:
+        server.add_keys(n, everyone[n].advertise())
+    roster = server.close_keys()
+    for n in names:
+        server.add_shares(n, everyone[n].share(roster))
+    client.mask(server.close_shares()[client.name], np.zeros(4, dtype=np.uint64))
+    return client.unmask(survivors, dropped)
+
+
+def test_a_client_answers_no_unmask_request_that_drops_it_names_too_few_or_splits_the_clients_wrongly():
+    def client(t=3):
+        return SecAggClient("a", b"r", t, seeded_bytes(1))
+
+    with pytest.raises(SecAggError, match="counts a itself as dropped"):
+        _answer_for(client(), ("b", "c", "d"), ("a",))
+    with pytest.raises(SecAggError, match="2 survivors, fewer than the threshold 3"):
+        _answer_for(client(), ("a", "b"), ("c", "d"))
+    with pytest.raises(SecAggError, match="do not split the clients whose masks it added"):
+        _answer_for(client(), ("a", "b", "c"), ("b",))
+    assert set(_answer_for(client(), ("a", "b", "c"), ("d",))) == {"b/a", "b/b", "b/c", "s/d"}
+    # the least threshold is ceil(2n/3): 3 of 5 lets a lying federation with one colluding client unmask one
+    five = {n: SecAggClient(n, b"r", None, seeded_bytes(i)) for i, n in enumerate("abcde")}
+    with pytest.raises(SecAggError, match="a threshold of 3 for 5 clients: a accepts 4 to 5"):
+        five["a"].share(Roster(tuple("abcde"), {n: c.advertise() for n, c in five.items()}, 3))
+    # the plan's threshold holds whatever the roster's size: 3 required, a roster of 3 with t = 2 refused
+    three = {n: SecAggClient(n, b"r", 3, seeded_bytes(i)) for i, n in enumerate("abc")}
+    with pytest.raises(SecAggError, match="a threshold of 2 for 3 clients: a accepts 3 to 3"):
+        three["a"].share(Roster(tuple("abc"), {n: c.advertise() for n, c in three.items()}, 2))
+
+
+def test_a_wrong_share_is_outvoted_and_its_sender_named():
+    names = ["a", "b", "c", "d", "e"]
+    xs = [np.random.default_rng(k).normal(size=50) for k in range(5)]
+    clients, server = _protocol(names, [1] * 5, xs, threshold=4)
+    survivors, dropped = server.close_masked()
+    answers = {n: clients[n].unmask(survivors, dropped) for n in survivors}
+    lie = dict(answers["a"])
+    lie["b/c"] = (int.from_bytes(lie["b/c"], "big") ^ 1).to_bytes(66, "big")
+    server.add_unmask("a", lie)
+    for n in "bcde":
+        server.add_unmask(n, answers[n])
+    mean = decode(server.total(), 1.0)
+    assert np.abs(mean - sum(xs) / 5).max() <= error_bound([1] * 5, 5, max(np.abs(x).max() for x in xs))
+    assert server.misfits == {"a": "its share of c's seed does not fit the other survivors' shares"}
+
+
+def test_a_late_client_is_told_the_round_went_on_and_its_late_vector_is_dropped():
+    unmasking = threading.Event()
+    got = {}
+
+    def also(name, part):
+        if part.is_federation:
+            send = part.link.send
+
+            def watch(msg):
+                send(msg)
+                if msg.wire == SECAGG_WIRE and json.loads(msg.text)["phase"] == "unmask":
+                    unmasking.set()
+
+            part.link.send = watch
+        if name == "hospital-3":
+            admit = part.link.admit
+            part.link.admit = lambda peer, data: got.setdefault(len(got), admit(peer, data))
+
+    def late(role, request, ins):  # hospital-3 masks only once the federation asked the others to unmask
+        if isinstance(ins, SecurePhase) and ins.phase == "masked":
+            assert unmasking.wait(60)
+
+    # the federation waits clients.timeout (1 s) for the late vector, which the others send in milliseconds
+    plan = _plan("splitfed_v2", True, timeout=1.0, federation="fed").with_train(step_timeout=30)
+    reports, parts, seen, sent = _run(plan, {"hospital-3": late}, also=also)
+    fed = _federation(parts)
+    expected, bound = _bound_for(parts, sent, ["hospital-1", "hospital-2"])
+    assert _within(fed.global_state, expected, bound) <= 0
+    told = [json.loads(m.text) for m in got.values() if m is not None and m.wire == SECAGG_WIRE]
+    assert told[-1] == {"phase": "abort", "why": "its masked message did not come within 1 s: the round goes on "
+                                                 "without it"}
+    assert _phases(seen, "hospital-3")[-1] == "masked"  # it came, after the round had gone on: dropped
+    assert reports[fed.name].refused == [] and fed.early_weights == [] and reports["hospital-3"].refused == []
+    (skip,) = build_result(fed.plan, reports)["skipped"]
+    assert skip["client"] == "hospital-3" and "its masked message did not come within 1 s" in skip["reason"]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("certs")
+    make_certs(["server", "fed", "hospital-1", "hospital-2", "hospital-3"], folder)
+    return folder
+
+
+def _certified(folder, more=None):
+    """Each party's secure aggregation signs with its own certificate's key, as a party process's does."""
+    def also(name, part):
+        part.secure = SecureState.of(name, load_credentials(folder, name), None)
+        if more is not None:
+            more(name, part)
+
+    return also
+
+
+def test_splitfed_v1_with_certificates_every_client_signs_and_masked_vectors_go_in_parts(certs):
+    def small(name, part):  # the masked vector (1,040 words) goes in parts of 256 words
+        if part.is_client:
+            part.secure.part_bytes = 2048
+
+    reports, parts, seen, sent = _run(_plan("splitfed_v1", True, federation="fed"), also=_certified(certs, small))
+    fed = _federation(parts)
+    expected, bound = _bound_for(parts, sent, fed.clients)
+    assert _within(fed.global_state, expected, bound) <= 0
+    assert build_result(fed.plan, reports)["skipped"] == []
+    for c in fed.clients:
+        assert _phases(seen, c) == ["keys", "sign", "shares"] + ["masked"] * 5 + ["unmask"]
+        assert [json.loads(m.text)["offset"] for m in seen if m.sender == c and m.wire == SECAGG_WIRE
+                and json.loads(m.text)["phase"] == "masked"] == [0, 256, 512, 768, 1024]
+    assert all("x" in m.tensors for m in seen if m.wire == SECAGG_WIRE and json.loads(m.text)["phase"] == "keys")
+
+
+def test_a_federation_that_puts_keys_of_its_own_under_a_clients_name_is_refused_by_every_client(certs):
+    fake = SecAggClient("hospital-2", b"the federation's own", None, seeded_bytes(99)).advertise()
+
+    def hostile(name, part):  # the roster hospital-1 and -3 get holds the federation's keys for hospital-2
+        if part.is_federation:
+            part.secure.certified.check = lambda *args: None  # it relays every signature unchecked
+            send = part.link.send
+
+            def swap(msg):
+                if msg.wire == SECAGG_WIRE and json.loads(msg.text)["phase"] == "roster" and \
+                        msg.receiver != "hospital-2":
+                    t = dict(msg.tensors)
+                    t.update({f"{k}/hospital-2": Encoded("raw", "uint8", (32,), v)
+                              for k, v in (("c", fake.c), ("s", fake.s), ("h", fake.commitment))})
+                    msg = Message(msg.kind, msg.sender, msg.receiver, msg.step, msg.wire, t, msg.text)
+                send(msg)
+
+            part.link.send = swap
+
+    reports, parts, seen, _ = _run(_plan("splitfed_v2", True, federation="fed"), also=_certified(certs, hostile))
+    for c in ("hospital-1", "hospital-3"):  # hospital-2 signed the roster with its own keys: not theirs
+        assert any("the signature of 'hospital-2' over the roster does not check out" in r
+                   for r in reports[c].refused), reports[c].refused
+    assert any("does not check out" in r for r in reports["hospital-2"].refused)
+    assert not any(json.loads(m.text)["phase"] in ("shares", "masked", "unmask") for m in seen if m.wire == SECAGG_WIRE)
+    res = build_result(_federation(parts).plan, reports)
+    assert sorted(s["client"] for s in res["skipped"]) == ["hospital-1", "hospital-2", "hospital-3"]

@@ -85,13 +85,20 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
           epochs: Optional[int] = typer.Option(None, min=1, help="sweep: training epochs (default: the plan's)"),
           decoder_epochs: int = typer.Option(200, min=1, help="training epochs of the inversion decoder"),
           seed: int = typer.Option(0, help="seed of the attacks"),
+          attack: Optional[List[str]] = typer.Option(None, "--attack", help="run this registered attack only (given "
+                                                     "twice or more: these); default: every one that applies"),
+          known_labels: Optional[int] = typer.Option(None, min=2, help="model completion: labelled rows the attacker "
+                                                     "holds (default 4 a class, at least 20)"),
+          attribute: Optional[str] = typer.Option(None, help="attribute probe: the sensitive attribute, "
+                                                  "PARTY.FIELD or PARTY.FIELD:COLUMN of a sender's data"),
           force: bool = typer.Option(False, "--force", help="sweep: write over an --out folder that holds files"),
           ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="sweep: every setting as a Ray "
                                             "task in parallel: ADDRESS of a cluster or 'local' (pip install "
                                             "'splitlearn[ray]')")) -> None:
     """Audit what each party of a finished run could learn (distance correlation, model inversion,
-    label leakage); or, with --sweep, train a plan at several strengths of a defense and tabulate
-    accuracy against leakage."""
+    label leakage, model completion, labels by clustering, attribute inference: every registered attack
+    that applies, or --attack NAME); or, with --sweep, train a plan at several strengths of a defense and
+    tabulate accuracy against leakage."""
     import shutil
 
     from ..tools.audit import AuditError, audit_run, parse_sweep
@@ -115,10 +122,14 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
                 _fail("--wire chooses the wire a --sweep sets; a run's audit covers every wire")
             with console.status("auditing", spinner="dots") as status:
                 result = audit_run(target, aux_fraction=aux_fraction, seed=seed, epochs=decoder_epochs,
-                                   progress=lambda text: status.update(text))
+                                   progress=lambda text: status.update(text), attacks=attack or None,
+                                   known_labels=known_labels, attribute=attribute)
         else:
             if target.is_dir():
                 _fail(f"{target} is a folder: --sweep trains a plan, give the plan file (.toml)")
+            if attack or known_labels is not None or attribute is not None:
+                _fail("--attack, --known-labels and --attribute choose the attacks of a run's audit; a --sweep "
+                      "tabulates the per-wire measures")
             grid = dict(parse_sweep(text) for text in sweep)
             if len(grid) < len(sweep):
                 _fail("--sweep: a parameter is given twice; give each once, with all its values")

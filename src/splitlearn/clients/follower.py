@@ -156,6 +156,8 @@ class Follower(TurnTaking, StateSaving):
             self._reply(request, NotRestored(ins.cursor))
             return
         self.restore(ins.cursor, ins.attempt)
+        if self.secure is not None:  # a coordinator that came back as a new process numbers its requests anew
+            self.secure.last = 0
         self._reply(request, Restored(ins.cursor))
 
     def _merge_copies(self, request: int, ins: MergeServerCopies) -> None:

@@ -44,7 +44,8 @@ from ..wire.transport.switch import Switch
 from .context import Context
 from .roles import Duty, client_names, coordinator_of, duties_of, federation_of, physical_names, plays_of
 from .scoring import EvaluationPool
-from .secure import secure_collect
+from .secure import SECAGG_WIRE, secure_collect
+from .securestate import SecureState
 from .strategies import strategy_of
 from .weights import average, load_state, state_of
 
@@ -113,6 +114,9 @@ class Participant:
         self.tracker = None  # open while it runs (open_tracker), closed by close_tracker
         self.global_state: dict[str, torch.Tensor] | None = None  # federation: the averaged client weights
         self.secure_random: Callable[[int], bytes] = os.urandom  # secure aggregation's keys and masks (tests: seeded)
+        # secure aggregation's journal, certificate kit (a party process's mutual TLS key) and latest request
+        self.secure = SecureState.of(name, transport.credentials, out) \
+            if self.spec is not None and self.spec.secure_aggregation else None
         if self.is_federation:
             self.global_state = {k: v.clone() for k, v in state_of(
                 {s: _build(plan, s) for s in _segments_of(self.graph, self.spec.template)}).items()}
@@ -201,6 +205,9 @@ class Participant:
         refused (an ERROR to the sender) and counted."""
         if msg.sender not in self._senders_of_weights():
             return False
+        if msg.wire == SECAGG_WIRE and self.secure is not None and msg.step <= self.secure.last:
+            log.debug("%s: dropping a secure aggregation message of finished request %d", self.name, msg.step)
+            return True  # (an abort for a client that gave up already, a vector that came too late)
         held = [r for s, r in self._early if s == msg.sender]
         if len(held) >= MAX_EARLY_WEIGHTS:
             self.link.refuse(msg.sender, f"weights for request {msg.step} before any command named them, while its "

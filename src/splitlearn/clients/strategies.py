@@ -184,7 +184,8 @@ class SplitFedV2(Strategy):
 
     def describe(self, plan: Plan) -> dict[str, Any]:
         c = plan.clients
-        secure = {"secure_aggregation": {"threshold": c.secure_threshold}} if c.secure_aggregation else {}
+        rule = "secure_threshold" if c.secure_threshold else "ceil(2n/3) of the n clients a round draws"
+        secure = {"secure_aggregation": {"threshold": c.secure_floor(), "rule": rule}} if c.secure_aggregation else {}
         return {"federation": federation_of(plan), "local_epochs": c.local_epochs, "local_steps": c.local_steps,
                 "fraction": c.fraction, **secure}
 

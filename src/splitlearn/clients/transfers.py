@@ -10,6 +10,7 @@ from ..wire.control import (Collect, Collected, LoadWeights, MergeServerCopies, 
 from ..wire.messages import Kind, Message, quote
 from ..wire.transport import TransportError
 from .instructing import Instructing
+from .secure import LEFT_OUT, PHASES
 from .schedule import Round
 
 __all__ = ["WeightTransfers", "LOAD_REPLIES"]
@@ -147,8 +148,8 @@ class WeightTransfers(Instructing):
             except TransportError as e:
                 self._skip(rnd, self.federation, "averaging", f"cannot reach the federation: {e}")
                 return []
-            # secure aggregation: four phases of up to a timeout each, and a margin
-            wait = (6 if self.spec.secure_aggregation else 2) * self.timeout
+            # secure aggregation: its phases of up to a timeout each, and a margin
+            wait = (PHASES + 2 if self.spec.secure_aggregation else 2) * self.timeout
             ans = self.replies([self.federation], wait, rid, Collected)
             if self.federation not in ans:
                 self._skip(rnd, self.federation, "averaging", f"the federation did not answer within {wait:g} s")
@@ -156,7 +157,9 @@ class WeightTransfers(Instructing):
             got = [c for c in ans[self.federation].averaged if c in sending]
             refused = ans[self.federation].refused
         for c in sending:
-            if c in refused:  # it is there, and sent what the federation refused: skipped at once
+            if c in refused and refused[c].startswith(LEFT_OUT):  # secure aggregation: it withdrew, or was left out
+                self._skip(rnd, c, "averaging", f"{LEFT_OUT}{quote(refused[c][len(LEFT_OUT):], 300)}")
+            elif c in refused:  # it is there, and sent what the federation refused: skipped at once
                 self._skip(rnd, c, "averaging", f"its weights were refused by {self.federation}: {quote(refused[c])}")
             elif c not in got:
                 self._skip(rnd, c, "averaging", f"its weights did not come within {self.timeout:g} s")

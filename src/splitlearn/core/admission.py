@@ -72,6 +72,8 @@ def decode_checked(msg: Message, wire: Wire, st: StepState, wire_shapes: WireSha
     if set(msg.tensors) != {"t"}:
         raise WireError(f"expected one tensor 't', got {sorted(msg.tensors)}")
     enc = msg.tensors["t"]
+    if msg.kind == Kind.ACTIVATION and wire.masked and enc.dtype != "int64":  # (in the handshake too)
+        raise WireError(f"dtype {enc.dtype} where a secure sum's masked int64 tensor is due (core/securesum.py)")
     if msg.kind == Kind.GRADIENT:
         if wire.name not in st.sent:
             raise WireError("a gradient for an activation not sent yet in this step")

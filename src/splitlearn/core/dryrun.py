@@ -20,12 +20,13 @@ __all__ = ["merge_inputs", "check_labels", "check_outputs", "run_checked", "dry_
 
 
 def merge_inputs(how: str, module: nn.Module, xs: list[torch.Tensor]) -> torch.Tensor:
-    """Run a segment on its inputs: concatenated on the feature dimension, summed, or as arguments."""
+    """Run a segment on its inputs: concatenated on the feature dimension, summed (``secure_sum`` too: in one
+    process there is nothing to hide; a party's engine gives it the decoded sum alone), or as arguments."""
     if len(xs) == 1:
         return module(xs[0])
     if how == "concat":
         return module(torch.cat(xs, dim=1))
-    if how == "sum":
+    if how in ("sum", "secure_sum"):
         return module(torch.stack(xs).sum(0))
     return module(*xs)
 
@@ -137,5 +138,5 @@ def dry_run(graph: Graph, modules: dict[str, nn.Module], sample: dict[str, torch
                 run_checked(graph, node, [out, target], lambda: kind.fn(out, target))
                 if kind.indexes_classes and labels:
                     check_labels(node, labels.get(node.inputs[1]), out.shape[-1], kind.ignore_index)
-    return {w.name: (dtype_name(values[w.src].dtype), tuple(values[w.src].shape[1:])) for w in graph.wires
-            if w.src in values}
+    return {w.name: ("int64" if w.masked else dtype_name(values[w.src].dtype), tuple(values[w.src].shape[1:]))
+            for w in graph.wires if w.src in values}  # (a secure sum's input travels masked, core/securesum.py)

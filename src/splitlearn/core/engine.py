@@ -49,6 +49,7 @@ from .optimizing import WHOLE, PartyOptimizer, Update
 from .plan import STEP_TIMEOUT_S
 from .precision import Precision
 from .randomness import PartyRandom, party_seed
+from .securesum import SecureSum
 from .step import Mode, StepOutput, StepState
 
 __all__ = ["Party", "PartyError", "SessionRestart"]
@@ -127,6 +128,7 @@ class Party:
         self.last_step = -1  # the last step this party finished (a checkpoint is taken after it)
         self.resumed_at = -1  # the session's step to go on after (set by the session before its handshake)
         self.bounds = LearntBounds()  # per wire and direction: the magnitudes its peer sent (``max_jump``)
+        self.secure = SecureSum(graph, name, self.meter, PartyError)  # merge = "secure_sum": masks, keys, the sum
 
     def restart(self) -> None:
         """Forget what the session held (messages kept early, goodbyes) before it begins again."""
@@ -226,6 +228,7 @@ class Party:
         elif node.kind == "segment":
             spec = self.graph.plan.segments[node.name]
             xs = [self.precision.take_input(d, st.values[d]) for d in node.inputs]
+            xs = self.secure.merged(node, st, xs, self.observer)  # a secure sum: [the sum of its inputs]
             with self.rng.scope(), self.precision.autocast():
                 merge = node.merge or spec.merge
                 if st.mode == "handshake":
@@ -249,8 +252,8 @@ class Party:
             if st.mode == "handshake":
                 run_checked(self.graph, node, [out, target], lambda: self.precision.run(kind.fn, out, target))
                 if kind.indexes_classes and not target.is_floating_point():
-                    self.classes[node.inputs[1]] = out.shape[-1]
-                    self._check_local_labels(node, out.shape[-1])
+                    self.classes[node.inputs[1]] = out.shape[-1]  # and labels held here must be classes of the head
+                    check_labels(node, self.data.get(node.inputs[1]), out.shape[-1], kind.ignore_index)
                 return
             loss = self.meter.compute((node.name, tuple(out.shape), tuple(target.shape)), "forward",
                                       lambda: self.precision.run(kind.fn, out, target))
@@ -262,11 +265,6 @@ class Party:
         for w in self.sends_from.get(node.name, []):
             st.sent[w.name] = self.precision.to_wire(w, defend_forward(self, w, st))
             self._send(Kind.ACTIVATION, w, st, st.sent[w.name])
-
-    def _check_local_labels(self, node: Node, classes: int) -> None:
-        """Labels this party holds must be classes of the head (else the loss fails mid-run)."""
-        ignore = loss_kind(self.graph.plan.losses[node.name].kind).ignore_index  # (a language model's -100)
-        check_labels(node, self.data.get(node.inputs[1]), classes, ignore)
 
     def _graded(self, wire: Wire, t: torch.Tensor | None = None) -> bool:
         """Whether a gradient travels back on ``wire``: an activation of a floating dtype (the agreed one, else that
@@ -310,6 +308,7 @@ class Party:
 
     def _send(self, kind: Kind, wire: Wire, st: StepState, t: torch.Tensor) -> None:
         dst = wire.dst_party if kind == Kind.ACTIVATION else wire.src_party
+        t = self.secure.mask(wire, kind, st, t)  # into a secure sum: masked fixed point (int64)
         codec, want = self.encoders[(wire.name, kind)], get_codec(codec_for(wire, dtype_name(t.dtype), kind))
         if st.mode != "train" or want.name != codec.name:  # a codec's state (error feedback) belongs to training;
             codec = want  # an integer tensor travels exactly (raw)
@@ -411,7 +410,7 @@ class Party:
         if msg.kind == Kind.ACTIVATION:
             if wire.src in st.values:
                 return  # duplicate
-            t = t.to(self.device)
+            t = self.secure.take(wire, st, t).to(self.device)  # a masked one: kept, a zero leaf in its place
             if st.mode == "train" and self._graded(wire, t):
                 t.requires_grad_(True)
             st.values[wire.src] = t

@@ -54,9 +54,10 @@ def _used(w: Wire, mode: str) -> bool:
 
 def graded(wire: Wire, dtype: str | None) -> bool:
     """Whether a gradient travels back on ``wire`` in training: an activation of a floating dtype (``dtype``: the
-    agreed one, as the handshake names it; None: not agreed yet, taken as floating). An integer tensor (a mask,
+    agreed one, as the handshake names it; None: not agreed yet, taken as floating), or a secure sum's masked input
+    (int64 on the wire, the sum's gradient back: :mod:`~splitlearn.core.securesum`). An integer tensor (a mask,
     token ids) and a label carry none. The one rule of both ends (:meth:`~splitlearn.core.engine.Party._graded`)."""
-    return wire.carries == "activation" and (dtype is None or floating(dtype))
+    return wire.carries == "activation" and (wire.masked or dtype is None or floating(dtype))
 
 
 def flow_pairs(graph: Graph, limits: Limits, dtypes: Mapping[str, str] | None = None) -> list[Pair]:

@@ -54,6 +54,7 @@ class Wire:
     consumers: tuple[str, ...]  # nodes at dst_party that read it
     spec: WireSpec = field(default_factory=WireSpec)  # codecs and defenses as the plan gives them
     vary: tuple[tuple[int, int], ...] = ()  # (dimension, largest size) of a shape that varies per batch
+    masked: bool = False  # into a secure sum (core/securesum.py): masked int64 forward, the sum's gradient back
 
     @property
     def codec(self) -> str:
@@ -342,10 +343,14 @@ def build_graph(plan: Plan) -> Graph:
         elif any(nodes[u].kind == "loss" and _loss_kind(plan.losses[u].kind).tokens for u in users):
             vary = _token_bound(plan, src)  # a language model's labels: a sequence per row
         wires.append(Wire(name=f"{src}->{'+'.join(users)}", src=src, src_party=nodes[src].party, dst_party=dst_party,
-                          carries=carries, consumers=tuple(users), spec=spec, vary=vary))
+                          carries=carries, consumers=tuple(users), spec=spec, vary=vary,
+                          masked=any(nodes[u].kind == "segment" and plan.segments[u].merge == "secure_sum" for u in users)))
     g = Graph(plan, nodes, order, wires)
     for w in wires:
         validate_defenses(g, w)  # each defense's own structural checks
+    from .securesum import check_secure_sums  # here: it needs torch, which a plan read for --help does not
+
+    check_secure_sums(g)
     for key in plan.wires:
         if not any(w.src == key or w.src.split(":")[0] == key for w in wires):
             raise PlanError(f"no wire leaves {key!r}", entry=f"wires.{key}",

@@ -54,7 +54,7 @@ class ClientsSpec(_Strict):
     ``options`` (``[clients.options]``) go to the strategy, which checks them. ``secure_aggregation``:
     an averaging schedule's federation receives masked weights and recovers only their weighted
     average (:mod:`splitlearn.privacy.secagg`); ``secure_threshold``: the clients whose shares it
-    needs to unmask a round (default ceil(2n/3) of the round's n clients).
+    needs to unmask a round (:meth:`secure_floor`: default ceil(2n/3) of the n clients a round draws).
     """
 
     template: str
@@ -115,18 +115,20 @@ class ClientsSpec(_Strict):
     @field_validator("secure_threshold")
     @classmethod
     def _threshold(cls, v: int | None, info: ValidationInfo) -> int | None:
-        """Above half of a round's clients (a federation telling different clients that different ones
-        dropped could otherwise unmask one) and at most all of them."""
+        """At least ceil(2n/3) of the n clients a round draws (a federation telling different clients that
+        different ones dropped, with fewer than n/3 colluding clients, cannot unmask one) and at most n."""
         d = info.data
         if v is None or "count" not in d or "secure_aggregation" not in d:
             return v
         if not d["secure_aggregation"]:
             raise ValueError("secure_threshold is for secure_aggregation = true: set that too, or remove it")
         drawn = _drawn(d)
-        if not drawn // 2 < v <= drawn:
-            raise ValueError(f"{v} with {drawn} clients a round: it must be above half of them and at most all "
-                             f"({drawn // 2 + 1} to {drawn}); above, no round could be unmasked, at half or below a "
-                             "federation lying about who dropped could unmask one client's weights")
+        least = max(2, -(-2 * drawn // 3))
+        if not least <= v <= drawn:
+            raise ValueError(f"{v} with {drawn} clients a round: it must be at least two thirds of them and at most "
+                             f"all ({least} to {drawn}); above, no round could be unmasked, below, a federation lying "
+                             "about who dropped, helped by fewer than a third of the clients, could unmask one "
+                             "client's weights")
         return v
 
     @model_serializer(mode="wrap")
@@ -138,6 +140,11 @@ class ClientsSpec(_Strict):
     def names(self) -> list[str]:
         """The clients' party names: ``template-1`` ... ``template-count``."""
         return [f"{self.template}-{k}" for k in range(1, self.count + 1)]
+
+    def secure_floor(self) -> int:
+        """The threshold of every round of secure aggregation: ``secure_threshold``, else ceil(2n/3) (at
+        least 2) of the n clients a round draws; the federation asks it, every client insists on it."""
+        return self.secure_threshold or max(2, -(-2 * _drawn({"count": self.count, "fraction": self.fraction}) // 3))
 
 
 def _drawn(fields: dict[str, Any]) -> int:
@@ -261,6 +268,13 @@ class Plan(_Strict):
             raise PlanError("standardize_target is not available in a [clients] plan yet: each client would fit its "
                             "own scale on its own rows", entry=entry, hint="remove the option, or train without "
                             "[clients]")
+
+    def check_secure_sum(self, entry: str) -> None:
+        """A secure sum (``merge = "secure_sum"``, :mod:`~splitlearn.core.securesum`) masks the vertical parties of
+        one session: a ``[clients]`` plan, whose turns it is not built for, refuses it (PlanError naming ``entry``)."""
+        if self.clients is not None:
+            raise PlanError("a secure sum masks the activations of vertical parties of one run; a [clients] plan's "
+                            "turns are not supported", entry=entry, hint='write merge = "sum"')
 
     def with_clients(self, **changes: Any) -> "Plan":
         """A copy whose ``[clients]`` is the plan's own with ``changes`` (a plan without one: new clients with

@@ -336,7 +336,7 @@ class SegmentSpec(Strict):
     network: str
     layers: tuple[int, int] | None = None  # an nn.Sequential's layers [start, stop)
     cut: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")  # ends after this submodule
-    merge: Literal["concat", "sum", "module"] = "concat"
+    merge: Literal["concat", "sum", "secure_sum", "module"] = "concat"  # secure_sum: core/securesum.py
     outputs: list[OutputSpec] | None = Field(None, min_length=1)  # elements of a tuple or dict output
     lora: LoraSpec | None = None  # LoRA adapters on a transformers network's layers, the base frozen (core.hfspec)
 

@@ -35,6 +35,7 @@ class StepState:
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> gradient of what we sent on it
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     sent: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> the tensor sent on it (after defenses)
+    masked: dict[str, torch.Tensor] = field(default_factory=dict)  # node -> its masked tensor, into a secure sum
     extra: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage -> extra loss terms (NoPeek)
     out: StepOutput = field(default_factory=StepOutput)
     share: float = 1.0  # this micro-batch's share of the step's rows (1: the whole batch)

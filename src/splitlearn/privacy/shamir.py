@@ -9,10 +9,12 @@ about it (every secret is equally likely given them). The coefficients come from
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Callable, Sequence
 
-__all__ = ["PRIME", "SHARE_BYTES", "ShamirError", "split", "reconstruct", "share_to_bytes", "share_from_bytes"]
+__all__ = ["PRIME", "SHARE_BYTES", "ShamirError", "split", "reconstruct", "interpolate", "reconstruct_checked",
+           "share_to_bytes", "share_from_bytes"]
 
 PRIME = (1 << 521) - 1  # the Mersenne prime 2^521 - 1: any 256-bit secret is a field element
 SHARE_BYTES = (PRIME.bit_length() + 7) // 8  # 66: one share's value, big-endian
@@ -48,19 +50,52 @@ def reconstruct(shares: Sequence[tuple[int, int]], threshold: int) -> int:
     a :class:`ShamirError` if there are fewer, or their ``x`` repeat or lie outside the field."""
     if len(shares) < threshold:
         raise ShamirError(f"{len(shares)} shares, {threshold} needed to give the secret back")
-    use = list(shares)[:threshold]
-    xs = [x for x, _ in use]
-    if len(set(xs)) < len(xs) or any(not 0 < x < PRIME or not 0 <= y < PRIME for x, y in use):
+    return interpolate(list(shares)[:threshold], 0)
+
+
+def interpolate(shares: Sequence[tuple[int, int]], x: int) -> int:
+    """The value at ``x`` of the polynomial of degree ``len(shares) - 1`` through ``shares`` (at 0: the
+    secret; at another share's x: what that share must be if it fits the same polynomial)."""
+    xs = [xi for xi, _ in shares]
+    if len(set(xs)) < len(xs) or any(not 0 < xi < PRIME or not 0 <= y < PRIME for xi, y in shares):
         raise ShamirError("shares repeat an x or lie outside the field")
-    secret = 0
-    for j, (xj, yj) in enumerate(use):
+    value = 0
+    for j, (xj, yj) in enumerate(shares):
         num = den = 1
         for m, xm in enumerate(xs):
             if m != j:
-                num = num * xm % PRIME
+                num = num * (xm - x) % PRIME
                 den = den * (xm - xj) % PRIME
-        secret = (secret + yj * num * pow(den, -1, PRIME)) % PRIME
-    return secret
+        value = (value + yj * num * pow(den, -1, PRIME)) % PRIME
+    return value
+
+
+def reconstruct_checked(shares: Sequence[tuple[int, int]], threshold: int, fits: Callable[[int], bool],
+                        max_tries: int = 64) -> tuple[int, list[int]]:
+    """The secret of ``shares`` that ``fits`` (a commitment, a public key), and the positions of the
+    shares found wrong: the first ``threshold`` shares, else sets that leave out one share, then two,
+    ... (at most ``max_tries`` sets). A share is found wrong when it lies off the polynomial of the set
+    that fits and was in a set that did not. ShamirError when no set tried fits."""
+    if len(shares) < threshold:
+        raise ShamirError(f"{len(shares)} shares, {threshold} needed to give the secret back")
+    tried: set[tuple[int, ...]] = set()
+    doubted: set[int] = set()
+    for k in range(len(shares) - threshold + 1):
+        for out in itertools.combinations(range(len(shares)), k):
+            use = tuple(i for i in range(len(shares)) if i not in out)[:threshold]
+            if use in tried:
+                continue
+            if len(tried) >= max_tries:
+                break
+            tried.add(use)
+            points = [shares[i] for i in use]
+            secret = interpolate(points, 0)
+            if fits(secret):
+                wrong = [i for i in sorted(doubted - set(use)) if interpolate(points, shares[i][0]) != shares[i][1]]
+                return secret, wrong
+            doubted.update(use)
+    raise ShamirError(f"no {threshold} of the {len(shares)} shares give it back ({len(tried)} sets tried): more "
+                      f"than {len(shares) - threshold} of them are wrong (or the tries ran out)")
 
 
 def share_to_bytes(y: int) -> bytes:

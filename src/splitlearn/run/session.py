@@ -266,6 +266,8 @@ def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[Cursor] | N
         exchange("resume", "", None, False, agree={"resume_from": None if resume is None else list(resume)})
         say_resume(me, checkpoints, resume, known)
     party.resumed_at = -1 if resume is None else resume.step  # where every party goes on (flow control)
+    if party.secure.groups:  # merge = "secure_sum": the members agree their mask keys (core/securesum.py)
+        party.secure.agree(lambda phase, tell: exchange(phase, "", None, False, tell=tell))
     for msg in ahead.take():
         party.keep_early(msg, -2)  # before the handshake (step -1)
     party.step(-1, None, "handshake")

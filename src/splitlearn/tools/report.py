@@ -204,8 +204,28 @@ def _audit_section(run_dir: Path) -> str:
                             f"<figcaption>model inversion on {html.escape(name)}: originals (top) and what "
                             "the receiver reconstructs (bottom)</figcaption></figure>")
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in audit.get("explanations", []))
-    return (_table(["wire", "from -> to", "carries", "dCor", "inversion MSE", "SSIM", "norm AUC", "direction AUC",
-                    "verdict"], rows) + (f"<ul>{notes}</ul>" if notes else "") + "".join(pictures))
+    return ((_table(["wire", "from -> to", "carries", "dCor", "inversion MSE", "SSIM", "norm AUC", "direction AUC",
+                     "verdict"], rows) if rows else "") + (f"<ul>{notes}</ul>" if notes else "") + "".join(pictures)
+            + "".join(_attack_section(run_dir, a) for a in audit.get("attacks", {}).values()))
+
+
+def _attack_section(run_dir: Path, a: dict[str, Any]) -> str:
+    """One registered attack of the audit: who attacks with what, its figure against its baseline per place it
+    applies, the verdict and the plan line that reduces it, and its figures."""
+    head = (f"<h3>{html.escape(a.get('title', ''))}</h3><p>{html.escape(a.get('attacker', ''))}; needs "
+            f"{html.escape(a.get('needs', ''))}. Baseline: {html.escape(a.get('baseline', ''))}."
+            + (f" Published: {html.escape(a['paper'])}." if a.get("paper") else "") + "</p>")
+    if a.get("why_not"):
+        return head + f"<p>Does not apply: {html.escape(a['why_not'])}</p>"
+    rows, pictures = [], []
+    for r in a.get("results", []):
+        rows.append([r.get("wire"), r.get("attacker"), r.get("figure_text") or r.get("why_not"),
+                     r.get("verdict", "-"), r.get("remedy", "")])
+        fig = r.get("figure")
+        inside = isinstance(fig, str) and (run_dir / fig).resolve().is_relative_to((run_dir / "audit").resolve())
+        if inside and (run_dir / fig).is_file():
+            pictures.append(f"<figure>{_img((run_dir / fig).read_bytes(), str(a.get('title', 'attack')))}</figure>")
+    return head + _table(["wire", "attacker", "figure", "verdict", "what reduces it"], rows) + "".join(pictures)
 
 
 _STYLE = """

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["inversion_grid", "sweep_plot"]
+__all__ = ["inversion_grid", "sweep_plot", "attack_bars"]
 
 
 def _figure(width: float, height: float):
@@ -90,6 +90,28 @@ def sweep_plot(path: Path, param: str, rows: list[dict[str, Any]], figures: dict
     if not present:
         axes[0].text(0.5, 0.5, "no leakage figure measured", ha="center", va="center")
     fig.suptitle(f"sweep of {param}: accuracy vs leakage", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def attack_bars(path: Path, title: str, values: dict[str, float], highlight: str, label: str = "accuracy") -> Path:
+    """One bar per figure of an attack (its baselines, the attack ``highlight`` in red, the main task),
+    each with its value written above it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = _figure(1.2 + 1.25 * len(values), 3.2)
+    ax = fig.subplots()
+    names = list(values)
+    bars = ax.bar(range(len(names)), [values[n] for n in names],
+                  color=["tab:red" if n == highlight else "tab:grey" for n in names])
+    for b, n in zip(bars, names):
+        ax.annotate(f"{values[n]:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, fontsize=8, rotation=15)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel(label)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     return path

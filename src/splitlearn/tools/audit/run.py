@@ -24,82 +24,33 @@ the plan's client order) and every recorded row is a position in it.
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from ...clients.results import client_views, recording_parties
 from ...clients.roles import plays_of
-from ...core.graph import Graph, Node, Wire, build_graph
+from ...core.graph import Graph, Wire, build_graph
 from ...core.plan import Plan, per_client as own_files
 from ...core.specs import PlanError
 from ...core.wirespec import WireSpec
 from ...launch.results import load_run_plan
-from .verdicts import add_verdicts
+from .verdicts import add_verdicts, secure_sum_note
 from ...launch.results import non_finite
 from . import inversion, measures
 from .inversion import _widen
+from .where import image_shape, loss_sources, wire_slug
+from .attacks import Settings, attack_notes, check_settings, chosen, run_attacks
+from .wires import WIRE_MEASURES, keep_measures
 
-__all__ = ["AuditError", "audit_run", "wire_slug", "loss_sources", "image_shape", "RunFolder"]
+__all__ = ["AuditError", "audit_run", "RunFolder"]
 
 
 class AuditError(ValueError):
     """A run folder or sweep that cannot be audited, with what to do instead."""
-
-
-def wire_slug(name: str) -> str:
-    """A file-name-safe form of a wire name: ``bottom->top`` -> ``bottom_to_top``."""
-    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name.replace("->", "_to_"))
-
-
-def loss_sources(graph: Graph, wire: Wire) -> list[Node]:
-    """The losses the gradients returned on ``wire`` come from (downstream of its consumers)."""
-    users: dict[str, list[str]] = {}
-    for n in graph.nodes.values():
-        for d in n.inputs:
-            users.setdefault(d, []).append(n.name)
-    seen, todo, losses = set(), list(wire.consumers), []
-    while todo:
-        n = todo.pop(0)
-        if n in seen:
-            continue
-        seen.add(n)
-        node = graph.nodes[n]
-        if node.kind == "loss":
-            losses.append(node)
-        else:
-            todo += users.get(n, [])
-    order = {n: i for i, n in enumerate(graph.order)}
-    return sorted(losses, key=lambda n: order[n.name])
-
-
-def image_shape(plan: Plan, nodes: list[str], tensors: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
-    """The image shape of the raw input, if it is one image field; None for tabular data.
-
-    ``image`` fields carry their shape; the flat ``x`` of digits (64 -> 8x8) and MNIST
-    (784 -> 28x28) is reshaped when the party holds all of its columns.
-    """
-    if len(nodes) != 1:
-        return None
-    t = tensors[nodes[0]]
-    if t.dim() in (3, 4):
-        return tuple(int(s) for s in t.shape[1:])
-    if t.dim() != 2:
-        return None
-    party, local = nodes[0].split(".", 1)
-    ref = plan.parties[party].holds[local]
-    dataset = (plan.parties[party].data or plan.data).dataset
-    width = int(t.shape[1])
-    side = math.isqrt(width)
-    full = ref.columns is None or tuple(ref.columns) == (0, width)
-    if ref.field == "x" and dataset in ("digits", "mnist") and full and side * side == width:
-        return (side, side)
-    return None
 
 
 @dataclass
@@ -202,7 +153,7 @@ class RunFolder:
         from ...run.setup import setup_party
 
         if party not in self._setups:
-            s = setup_party(self.plan, party, self._cache)
+            s = setup_party(self.plan, party, self._cache, optimizer=False)
             common = self.aligned_ids()
             if s.table is not None and common is not None and len(common) != len(s.splits.ids):
                 s.restrict(common)
@@ -321,7 +272,9 @@ def _activation_wire(run: RunFolder, w: Wire, *, aux_fraction: float, seed: int,
     why = entry["why_not"]
     # -- what the receiver learns about the sender's raw inputs ------------------------------------
     sources = run.graph.raw_inputs(w.src)
-    smashed = run.seen(w.dst_party, w.name, "forward", "last")
+    smashed = run.seen(w.dst_party, w.name, "sum" if w.masked else "forward", "last")  # a secure sum's: the sum
+    if w.masked:  # merge = "secure_sum": the receiver holds only the sum, which the figures below are of
+        why["attack_on_its_own_activation"] = secure_sum_note(run.graph, w)
     if not sources:
         reason = (f"{w.src_party!r} computes {w.src!r} from no data of its own (only from tensors it received): "
                   "the raw inputs are audited on the wires that carry them from their owner")
@@ -442,22 +395,35 @@ def _label_wire(run: RunFolder, w: Wire) -> dict[str, Any]:
 
 
 def audit_run(run_dir: str | Path, aux_fraction: float = 0.1, seed: int = 0, epochs: int = 200,
-              max_rows: int = 1000, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              max_rows: int = 1000, progress: Callable[[str], None] | None = None, attacks: Sequence[str] | None = None,
+              known_labels: int | None = None, attribute: str | None = None) -> dict[str, Any]:
     """Audit the run in ``run_dir``; write ``run_dir/audit/audit.json`` (and the inversion figures
     ``audit/inversion_WIRE.png``) and return what it holds.
 
     ``aux_fraction``: the share of recorded rows the inversion attacker knows in the clear;
     ``epochs``: the inversion decoder's training epochs; ``max_rows``: rows used for the distance
     correlation; ``seed``: the attacks' randomness; ``progress`` is told each wire as it is audited.
-    Every wire gets ``verdicts`` (see :mod:`splitlearn.tools.audit.verdicts`).
+    Every wire gets ``verdicts`` (see :mod:`splitlearn.tools.audit.verdicts`). ``attacks``: the registered
+    attacks to run (:mod:`splitlearn.tools.audit.attacks`; default every one that applies), each with its
+    section in ``attacks``; ``known_labels`` and ``attribute``: the model completion's labelled rows and the
+    attribute probe's attribute (:class:`~splitlearn.tools.audit.attacks.Settings`).
     """
     if not 0 < aux_fraction < 1:
         raise AuditError(f"aux_fraction must be between 0 and 1 (exclusive), got {aux_fraction}")
     if epochs < 1:
         raise AuditError(f"the decoder needs at least one epoch, got {epochs}")
-    run = RunFolder.open(run_dir)
-    audit = add_verdicts(_audit(run, aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows,
-                                progress=progress))
+    settings = Settings(aux_fraction, seed, epochs, max_rows, known_labels, attribute)
+    try:
+        per_wire, others = chosen(attacks)
+        run = RunFolder.open(run_dir)
+        check_settings(run, others, settings)
+    except ValueError as e:
+        raise AuditError(str(e)) from None
+    audit = _audit(run, aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows,
+                   progress=progress, per_wire=per_wire)
+    audit["attacks"] = run_attacks(run, others, settings, run.folder / "audit", progress)
+    audit = add_verdicts(audit)
+    audit["explanations"] += attack_notes(audit["attacks"])
     from ...launch.results import write_json
 
     write_json(run.folder / "audit" / "audit.json", audit)
@@ -465,8 +431,12 @@ def audit_run(run_dir: str | Path, aux_fraction: float = 0.1, seed: int = 0, epo
 
 
 def _audit(run: RunFolder, *, aux_fraction: float, seed: int, epochs: int, max_rows: int,
-           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+           progress: Callable[[str], None] | None = None, per_wire: frozenset[str] = WIRE_MEASURES) -> dict[str, Any]:
     out_dir = run.folder / "audit"
+    if not per_wire:  # only attacks of the registry's own asked for
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return {"run": str(run.folder), "plan": run.plan.name, "test_accuracy": run.result.get("metrics", {}).get(
+            "test_accuracy"), "settings": {"aux_fraction": aux_fraction, "seed": seed}, "wires": {}}
     metrics = run.result.get("metrics", {})
     out = {"run": str(run.folder), "plan": run.plan.name, "test_accuracy": metrics.get("test_accuracy"),
            "test_loss": (metrics.get("per_epoch", {}).get("test_loss") or [metrics.get("test_loss")])[-1],
@@ -478,7 +448,7 @@ def _audit(run: RunFolder, *, aux_fraction: float, seed: int, epochs: int, max_r
                                                aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows,
                                                progress=progress, who=c)}
                           for c, view in run.per_client.items() if any(view.values())}
-    return out
+    return keep_measures(out, per_wire)
 
 
 def _wires(run: RunFolder, out_dir: Path, progress: Callable[[str], None] | None = None, who: str = "",

@@ -71,6 +71,16 @@ def audit_summary(result: dict[str, Any]) -> AuditSummary:
         if w.get("text_inversion") and result.get("test_loss") is not None:
             out.notes.append(f"{name}: the tokens are recovered from a run whose fine-tuning reached a test loss of "
                              f"{result['test_loss']:.4f}")
+    for entry in result.get("attacks", {}).values():  # the registry's attacks: a row per place each applies
+        if entry.get("why_not"):
+            out.notes.append(f"no {entry['title']}: {entry['why_not']}")
+        for r in entry.get("results", []):
+            if r.get("why_not"):
+                out.notes.append(f"{r['wire']}: no {entry['title']} by {r['attacker']}: {r['why_not']}")
+            else:
+                out.rows.append((r["wire"], r["attacker"], entry["title"], r["figure_text"], r["verdict"]))
+        limits = dict.fromkeys(r["thresholds"] for r in entry.get("results", []) if r.get("thresholds"))
+        out.thresholds += [f"{entry['title']}: {t}" for t in limits]
     for name in result["wires"]:  # [clients]: what each client's own traffic gives away
         per = {c: a["wires"].get(name, {}).get("distance_correlation") for c, a in result.get("clients", {}).items()}
         if any(v is not None for v in per.values()):

@@ -22,6 +22,7 @@ from ...core.load import load_plan
 from ...core.plan import Plan
 from ...core.specs import PlanError
 from .run import AuditError, audit_run
+from .wires import WIRE_MEASURES
 
 __all__ = ["PARAMS", "FIGURES", "sweep", "parse_sweep", "swept_wires", "plan_with", "setting_name"]
 
@@ -264,7 +265,8 @@ def _setting(plan: Plan, values: dict[str, float], wire_names: list[str], sender
     from ...api import train
 
     result = train(plan, epochs=epochs, seed=train_seed, out=run_dir)
-    audit = audit_run(run_dir, aux_fraction=aux_fraction, seed=seed, epochs=decoder_epochs)
+    audit = audit_run(run_dir, aux_fraction=aux_fraction, seed=seed, epochs=decoder_epochs,
+                      attacks=sorted(WIRE_MEASURES))  # what the table shows: the per-wire measures
     per_wire = {w: _figures(audit["wires"][w]) for w in wire_names}
     worst = {k: (_WORST[k](xs) if (xs := [f[k] for f in per_wire.values() if f[k] is not None]) else None)
              for k in FIGURES}

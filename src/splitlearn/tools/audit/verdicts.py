@@ -17,9 +17,12 @@ The thresholds are rules of thumb, stated with every verdict so that a reader ca
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["THRESHOLDS", "verdict", "add_verdicts", "LEAKS", "MILD", "NONE"]
+if TYPE_CHECKING:
+    from ...core.graph import Graph, Wire
+
+__all__ = ["THRESHOLDS", "verdict", "add_verdicts", "secure_sum_note", "LEAKS", "MILD", "NONE"]
 
 LEAKS, MILD, NONE = "leaks", "mild", "no measurable leak"
 THRESHOLDS = {
@@ -117,3 +120,13 @@ def add_verdicts(audit: dict[str, Any]) -> dict[str, Any]:
     audit["thresholds"] = dict(THRESHOLDS)
     audit["explanations"] = notes
     return audit
+
+
+def secure_sum_note(graph: Graph, wire: Wire) -> str:
+    """Why no attack on the sender's own activation applies on ``wire``, an input of a secure sum
+    (``merge = "secure_sum"``, :mod:`splitlearn.core.securesum`): the receiver holds only the sum."""
+    segment = wire.consumers[0]
+    members = [w.src_party for w in graph.wires if w.masked and w.consumers == wire.consumers]
+    return (f"{wire.dst_party} holds only the sum of the activations of {', '.join(members)} (segment {segment!r} "
+            f"merges them by secure_sum): {wire.src_party}'s own arrives masked, uniform modulo 2^64; the distance "
+            f"correlation and the inversion here are of the sum, against {wire.src_party}'s raw inputs")

@@ -11,6 +11,7 @@ Message parsing, checks and accounting live above it, in :class:`splitlearn.wire
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 __all__ = ["Transport", "TransportError", "TransportClosed", "TransportTimeout", "PeerRestarted"]
 
@@ -37,6 +38,7 @@ class PeerRestarted(TransportClosed):
 
 class Transport(ABC):
     party: str
+    credentials: Any = None  # this party's own key and certificate where the transport authenticates peers by them
 
     @abstractmethod
     def send(self, dst: str, data: bytes) -> None:

@@ -94,6 +94,7 @@ class _View(Transport):
         self.switch, self.kind, self.party, self.peers, self.defer = switch, kind, party, peers, defer
         self._out = dict(aliases)
         self._in = {v: k for k, v in aliases.items()}
+        self.credentials = switch.inner.credentials  # the connection's own
 
     def send(self, dst: str, data: bytes) -> None:
         self.switch.inner.send(self._out.get(dst, dst), data)
