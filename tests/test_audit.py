@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 import splitlearn
 from splitlearn.tools.audit import AuditError, audit_run, parse_sweep, sweep
 from splitlearn.tools.audit.measures import invert, label_leakage, latest_per_id, ssim
+from splitlearn.tools.audit.wires import WIRE_MEASURES
 from splitlearn.cli import app
 from splitlearn.core import engine
 from splitlearn.core.wirespec import LabelProtectionSpec
@@ -32,7 +33,7 @@ def _vertical(tmp_path_factory, protection: dict | None):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "secrets", SimpleNamespace(randbits=lambda bits: 0))
         result = splitlearn.train(body, epochs=3, out=out)
-    return result, audit_run(out, epochs=DECODER_EPOCHS)
+    return result, audit_run(out, epochs=DECODER_EPOCHS, attacks=sorted(WIRE_MEASURES))  # the per-wire measures
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_marvell_hides_the_labels_from_both_clinics(vertical_plain, vertical_mar
 
 def test_u_shaped_server_learns_labels_and_the_hospital_leaks_images(tmp_path):
     splitlearn.train(EXAMPLES / "u_shaped.toml", epochs=2, out=tmp_path)
-    audit = audit_run(tmp_path, epochs=DECODER_EPOCHS)
+    audit = audit_run(tmp_path, epochs=DECODER_EPOCHS, attacks=sorted(WIRE_MEASURES))
     saved = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert saved["wires"].keys() == audit["wires"].keys() == {"bottom->middle", "middle->head"}
     # gradients the server received for the activations it sent to the hospital's head
