@@ -21,24 +21,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import NameOID
 
-from ..wire.transport.tls import CertificateError, Credentials, PeerCheck
+from ..wire.transport.tls import CertificateError, Credentials, PeerCheck, cert_names
 from .secagg import SecAggError
 
 __all__ = ["MAX_CERTIFICATE_BYTES", "MAX_SIGNATURE_BYTES", "Certified"]
 
 MAX_CERTIFICATE_BYTES = 16 * 1024  # a certificate (DER) a client may send with its keys
 MAX_SIGNATURE_BYTES = 1024  # an ECDSA signature is about 72 bytes, an RSA-4096 one 512
-
-
-def _names(cert: x509.Certificate) -> list[str]:
-    """The names a certificate is for: its SAN's DNS names, else its CN (as the transport reads them)."""
-    try:
-        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-            x509.DNSName)
-    except x509.ExtensionNotFound:
-        return [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
 
 
 class Certified:
@@ -77,8 +67,8 @@ class Certified:
                 raise SecAggError(f"the certificate given for {name!r} was not issued by the run's authority "
                                   "(ca.pem)") from None
             self._issued[der] = cert
-        if name not in _names(cert):
-            raise SecAggError(f"the certificate given for {name!r} is for {_names(cert)[:3]}")
+        if name not in cert_names(cert):
+            raise SecAggError(f"the certificate given for {name!r} is for {cert_names(cert)[:3]}")
         try:
             why = self._peers.verdict(cert, name)
         except CertificateError as e:

@@ -40,7 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 UNREACHED = "no TLS answer: its certificate could not be checked"  # (compared by identity)
 
-__all__ = ["Credentials", "CertificateError", "PeerCheck", "ROLES", "WARN_DAYS", "UNREACHED", "cert_role",
+__all__ = ["Credentials", "CertificateError", "PeerCheck", "ROLES", "WARN_DAYS", "UNREACHED", "cert_role", "cert_names",
            "check_party_name",
            "issue", "key_pem", "load_credentials", "make_certs", "new_authority", "private_folder", "utc",
            "write_pem"]
@@ -92,7 +92,7 @@ def cert_role(cert: x509.Certificate) -> str:
     return ",".join(ous) or "party"
 
 
-def _cert_names(cert: x509.Certificate) -> list[str]:
+def cert_names(cert: x509.Certificate) -> list[str]:
     """The names a certificate is for: its SAN's DNS names, else its CN."""
     try:
         return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
@@ -321,8 +321,8 @@ class PeerCheck:
             cert.verify_directly_issued_by(self.ca)
         except Exception:  # noqa: BLE001 - InvalidSignature, another issuer, ...
             return f"the party at {address} presents a certificate that the authority in ca.pem did not issue"
-        if name not in _cert_names(cert):
-            return f"the party at {address} presents a certificate for {_cert_names(cert)}, not for {name!r}"
+        if name not in cert_names(cert):
+            return f"the party at {address} presents a certificate for {cert_names(cert)}, not for {name!r}"
         try:
             return self.verdict(cert, name)
         except CertificateError as e:
