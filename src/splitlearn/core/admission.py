@@ -108,29 +108,30 @@ def decode_checked(msg: Message, wire: Wire, st: StepState, wire_shapes: WireSha
 
 
 def check_received_values(msg: Message, wire: Wire, st: StepState, t: torch.Tensor, graph: Graph, party: str,
-                          classes: dict[str, int]) -> None:
+                          classes: dict[str, int]) -> float:
     """A WireError for values that would poison ``party``'s training: NaN or infinity, magnitudes
     past the wire's ``max_abs`` (activations and gradients), labels that are no class of the head
-    (``classes``: label node -> classes, learnt in the handshake) or outside the loss's range."""
+    (``classes``: label node -> classes, learnt in the handshake) or outside the loss's range. Returns the
+    tensor's largest finite magnitude (:func:`~splitlearn.wire.codec.check_values`)."""
     spec = wire.spec
     what = f"the {'label' if wire.carries == 'label' else msg.kind.name.lower()} tensor of step {st.step}"
-    check_values(t, what, allow_nonfinite=spec.allow_nonfinite,
-                 max_abs=math.inf if wire.carries == "label" else spec.max_abs)
+    top = check_values(t, what, allow_nonfinite=spec.allow_nonfinite,
+                       max_abs=math.inf if wire.carries == "label" else spec.max_abs)
     if wire.carries != "label" or st.mode == "handshake" or not t.numel():
-        return
+        return top
     classes = classes.get(wire.src)
     ignored = {loss_kind(graph.plan.losses[n.name].kind).ignore_index for n in graph.losses()
                if n.party == party and n.inputs[1] == wire.src}
     if classes is not None and len(ignored) == 1 and None not in ignored:  # a language model's -100: left out
         t = t[t != ignored.pop()]
         if not t.numel():
-            return
+            return top
     if classes is not None:
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= classes:
             raise WireError(f"{what} holds label {lo if lo < 0 else hi}, outside the head's {classes} classes "
                             f"(0..{classes - 1})")
-        return
+        return top
     for n in graph.losses():
         kind = loss_kind(graph.plan.losses[n.name].kind)
         if n.party == party and n.inputs[1] == wire.src and kind.target_range is not None:
@@ -138,3 +139,4 @@ def check_received_values(msg: Message, wire: Wire, st: StepState, t: torch.Tens
             if float(t.min()) < lo or float(t.max()) > hi:
                 raise WireError(f"{what} holds a value outside [{lo:g}, {hi:g}], which a {kind.name} loss "
                                 "cannot take")
+    return top

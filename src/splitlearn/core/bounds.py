@@ -59,17 +59,19 @@ class LearntBounds:
         self.top = {str(k): float(v) for k, v in state.get("top", {}).items()}
         self.fixed = set(state.get("fixed", []))
 
-    def check(self, msg: Message, wire: Wire, st: StepState, t: torch.Tensor) -> tuple[str, float] | None:
+    def check(self, msg: Message, wire: Wire, st: StepState, t: torch.Tensor,
+              top: float | None = None) -> tuple[str, float] | None:
         """Refuse (and count, per peer) an activation or gradient more than the wire's ``max_jump``
         times larger in magnitude than its learnt bound; label wires, the handshake and integer
         tensors are left to their own checks. Returns what a training step teaches the bound (wire
-        and direction, magnitude) once the tensor is taken; None otherwise."""
+        and direction, magnitude) once the tensor is taken; None otherwise. ``top``: its largest finite
+        magnitude where already known (the value checks found it: :func:`magnitude` otherwise)."""
         factor = wire.spec.max_jump
         if (not factor or wire.carries == "label" or st.mode == "handshake" or not t.is_floating_point()
                 or not t.numel()):
             return None
         key = f"{wire.name}/{'forward' if msg.kind == Kind.ACTIVATION else 'backward'}"
-        top = magnitude(t)
+        top = magnitude(t) if top is None else top
         problem = self.problem(key, top, factor)
         if problem is not None:
             self.count(msg.sender)
@@ -81,7 +83,8 @@ class LearntBounds:
 
 def magnitude(t: torch.Tensor) -> float:
     """The largest finite magnitude in ``t`` (NaN and infinities, where a wire allows them, ignored)."""
-    top = float(t.detach().abs().max())
+    low, high = torch.aminmax(t.detach())  # one pass, no temporary
+    top = float(max(-low, high))
     if not math.isfinite(top):
         top = float(t.detach().abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max())
     return top

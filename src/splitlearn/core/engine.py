@@ -399,8 +399,8 @@ class Party:
             self.precision.check_dtype(msg, wire, st)  # an autocasting sender's activations: in its dtype
             t = decode_checked(msg, wire, st, self.wire_shapes)
             seen = self.precision.seen(msg, st, t)  # a loss-scaled gradient is checked unscaled
-            check_received_values(msg, wire, st, seen, self.graph, self.name, self.classes)
-            learnt = self.bounds.check(msg, wire, st, seen)
+            top = check_received_values(msg, wire, st, seen, self.graph, self.name, self.classes)
+            learnt = self.bounds.check(msg, wire, st, seen, top)  # the largest magnitude found once
         except WireError as e:
             self.link.refuse(msg.sender, str(e), msg.step, msg.wire)
             return

@@ -73,12 +73,14 @@ def decoded_bytes(dtype: str, numel: int) -> int:
     return numel * max(4, np.dtype(DTYPES[dtype][1]).itemsize if dtype in DTYPES else 8)
 
 
-def check_values(t: torch.Tensor, what: str, *, allow_nonfinite: bool = False, max_abs: float = math.inf) -> None:
+def check_values(t: torch.Tensor, what: str, *, allow_nonfinite: bool = False, max_abs: float = math.inf) -> float:
     """Refuse (WireError) a received floating-point tensor with NaN or infinite entries, or with
-    an entry larger than ``max_abs`` in magnitude; ``what`` names it in the error."""
+    an entry larger than ``max_abs`` in magnitude; ``what`` names it in the error. Returns its largest
+    finite magnitude (0.0 for an empty or integer tensor), which the learnt bounds compare too."""
     if not t.is_floating_point() or not t.numel():
-        return
-    top = float(t.detach().abs().max())  # one pass: NaN and infinity carry through the maximum
+        return 0.0
+    low, high = torch.aminmax(t.detach())  # one pass, no temporary: NaN carries through both
+    top = float(max(-low, high))
     if not math.isfinite(top):
         if not allow_nonfinite:
             bad = int((~torch.isfinite(t)).sum())
@@ -88,6 +90,7 @@ def check_values(t: torch.Tensor, what: str, *, allow_nonfinite: bool = False, m
     if top > max_abs:
         raise WireError(f"{what} holds a value of magnitude {top:.3g}, over the wire's max_abs of {max_abs:g}; "
                         "refused (raise max_abs on the wire if such values are expected)")
+    return top
 
 
 def dtype_name(dtype: torch.dtype) -> str:
