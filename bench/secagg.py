@@ -177,13 +177,19 @@ def section_secagg(grpc: bool) -> None:
         "",
     ]
     if net:
+        local = next(r for r in runs if r["method"] == "splitfed_v2" and r["clients"] == 10 and r["secure"])
+        signed = f"{(net[1]['received'] - local['received']) / 1e3:.0f} KB in and " \
+                 f"{(net[1]['sent'] - local['sent']) / 1e3:.0f} KB out"
         lines += ["### Over loopback gRPC with mutual TLS (one process per party)", "", *table(net), "",
                   "Eleven party processes share the machine's cores with each other and with other work: their extra "
                   "seconds per round vary by several seconds from one run of this script to the next.", "",
                   "100 clients over gRPC are not run here: one plain SplitFed v2 epoch of 100 client processes takes "
-                  "about 104 s on this machine (`bench/load.py`), so the pair would not fit this script's five "
-                  "minutes; the protocol's messages and bytes are those of the in-process run (the same serialised "
-                  "bytes), and its computation is the clients' own, in parallel processes.", ""]
+                  "about 104 s on this machine (`bench/load.py`), so the pair (two epochs each: over 400 s) would "
+                  "not fit this script's eight minutes with the rest; the protocol's messages are those of the in-process run, "
+                  "and its computation is the clients' own, in parallel processes. Its bytes are the in-process run's "
+                  "plus the certificates and signatures (in one process nothing is signed): each client's certificate "
+                  "comes with its keys and the roster carries every client's to each client, here "
+                  f"{signed} per round more than in one process (what goes out growing with the square of the clients).", ""]
     else:
         lines += ["Over gRPC: not run (`--no-grpc`).", ""]
     base = recovery[0]["unmasking"]

@@ -1,27 +1,33 @@
 """The secure-sum merge (``merge = "secure_sum"``, core/securesum.py): the server receives each clinic's activation as
 masked fixed point and holds only their sum. Training equals the plain ``sum`` merge's within the stated bound, in-process
 and over gRPC, and a resumed run the run never stopped; what the server received is uniform; a malformed masked tensor
-is refused and its sender named; the plan refuses what a secure sum cannot serve; the audit attacks the sum."""
+is refused and its sender named; with certificates a server relaying a key of its own as a clinic's is refused; the plan
+refuses what a secure sum cannot serve; the audit attacks the sum."""
 
+import json
 import re
 import tomllib
 
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import splitlearn
 from splitlearn.core.load import load_plan
-from splitlearn.core.securesum import MAX_ABS, decode, encode, error_bound
+from splitlearn.core.plan import plan_hash
+from splitlearn.core.securesum import MAX_ABS, decode, encode, error_bound, key_statement
 from splitlearn.core.specs import PlanError
 from splitlearn.launch.threads import run_local
+from splitlearn.privacy.secagg_certs import Certified
 from splitlearn.run.report import RunError
 from splitlearn.run.setup import prepare
 from splitlearn.tools.audit import audit_run
 from splitlearn.wire.codec import Encoded
 from splitlearn.wire.messages import Kind, Message
+from splitlearn.wire.transport.tls import load_credentials, make_certs
 
 from .conftest import EXAMPLES
 from .support import same_run, stop_after, toml, weights
@@ -160,7 +166,14 @@ def test_secure_sum_over_grpc_equals_the_in_process_run_and_the_plain_sum(tmp_pa
     path, plain = few_rows
     net = splitlearn.train(path, launcher="processes", out=tmp_path / "grpc")
     local = splitlearn.train(path, out=tmp_path / "local")
-    same_run(tmp_path / "local", tmp_path / "grpc")  # the masks cancel exactly: bit for bit
+    same_run(tmp_path / "local", tmp_path / "grpc", count_bytes=False)  # the masks cancel exactly: bit for bit
+    # under mutual TLS each clinic's key hello also carries its certificate and its signature of its key (hex, about
+    # 1 kB), and the server's roster relays all three to each clinic (named without the "secure_" of the hellos)
+    extra = {p: net["parties"][p]["bytes_sent"] - local["parties"][p]["bytes_sent"] for p in local["parties"]}
+    clinics = [p for p in extra if p != "server"]
+    assert all(800 < extra[c] < 1300 for c in clinics), extra
+    assert extra["server"] == len(clinics) * sum(extra[c] - 2 * len("secure_") for c in clinics), extra
+    assert all(net["parties"][p]["flops"] == local["parties"][p]["flops"] for p in extra)
     got = weights(tmp_path / "grpc")
     assert max(float((got[n] - v).abs().max()) for n, v in plain.items()) <= WEIGHTS_TOLERANCE
     assert all(p["refused"] == [] for p in net["parties"].values()) and net["metrics"] == local["metrics"]
@@ -174,6 +187,61 @@ def test_a_resumed_secure_sum_run_ends_as_the_run_never_stopped(tmp_path, few_ro
         splitlearn.train(path, out=tmp_path / "b", on_step=stop_after(2))
     splitlearn.train(path, out=tmp_path / "b", resume=True)
     same_run(tmp_path / "a", tmp_path / "b")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("certs")
+    make_certs(["server", "clinic_a", "clinic_b", "clinic_c"], folder)
+    return folder
+
+
+@pytest.mark.parametrize("server", ["honest", "own key", "own key and certificate"])
+def test_with_certificates_a_server_relaying_a_key_of_its_own_as_a_clinics_is_refused(certs, few_rows, server):
+    """Each clinic signs its key with its certificate (as party processes under mutual TLS do); a server that puts a
+    key of its own under clinic_b's name in the roster it relays to the others (with clinic_b's signature, or one of
+    its own certificate) is refused by clinic_a and clinic_c before any key is agreed, naming clinic_b."""
+    path, plain = few_rows
+    fake = X25519PrivateKey.from_private_bytes(bytes(range(32))).public_key().public_bytes_raw()
+
+    def built(name, part):
+        part.link.transport.credentials = load_credentials(certs, name)
+        if name != "server" or server == "honest":
+            return
+        send, own = part.link.send, Certified(load_credentials(certs, "server"))
+
+        def swap(msg):
+            body = json.loads(msg.text) if msg.kind == Kind.HELLO else {}
+            if "secure_roster" in body and msg.receiver != "clinic_b":
+                entry = body["secure_roster"]["top"]["clinic_b"]
+                entry["key"] = fake.hex()
+                if server == "own key and certificate":
+                    entry.update(certificate=own.certificate.hex(), signature=own.sign(
+                        key_statement(plan_hash(part.party.graph.plan), "clinic_b", fake)).hex())
+                msg = Message(msg.kind, msg.sender, msg.receiver, msg.step, msg.wire, msg.tensors, json.dumps(body))
+            send(msg)
+
+        part.link.send = swap
+
+    sent, sums = {}, {}
+    spy = _spy(sent, sums)
+    body = tomllib.loads(path.read_text())
+    if server == "honest":  # signed and checked: the masks cancel as without certificates
+        setups, _, reports = _run(body, lambda n, p: (built(n, p), spy(n, p)))
+        ours = _weights(setups)
+        assert max(float((ours[n] - v).abs().max()) for n, v in plain.items()) <= WEIGHTS_TOLERANCE
+        assert len(sums) == 5 and all(not r.refused for r in reports.values())  # handshake, 2 train, 2 eval steps
+        return
+    with pytest.raises(RunError) as failed:
+        _run(body, lambda n, p: (built(n, p), spy(n, p)))
+    why = ("the signature of 'clinic_b' over the roster does not check out" if server == "own key" else
+           r"the certificate given for 'clinic_b' is for \['server'\]")
+    ((clinic, error),) = failed.value.errors.items()  # the run stops at the first clinic that refuses
+    assert clinic in ("clinic_a", "clinic_c") and re.search(
+        rf"{clinic}: the key 'server' relayed for party 'clinic_b' in the secure sum of segment 'top' is not "
+        rf"vouched for by the certificate of 'clinic_b' \({why}.*\); no key is agreed", error), error
+    # only clinic_b, relayed the true roster, masked (its handshake tensor, under keys the server does not hold)
+    assert {w for w, _ in sent} <= {"bottom_b->top"} and sums == {}
 
 
 @pytest.mark.parametrize("lie", ["float32", "narrower"])
@@ -240,7 +308,11 @@ def test_the_plan_refuses_what_a_secure_sum_cannot_serve():
 def test_the_audit_attacks_the_sum_and_says_why_not_each_clinics_own(tmp_path, few_rows):
     path, _ = few_rows
     splitlearn.train(path, out=tmp_path)
-    audit = audit_run(tmp_path, epochs=5, attacks=["inversion"])  # the per-wire audit (its other measures too)
+    # the per-wire audit (its other measures too) and the attribute probe of a column clinic_a holds
+    audit = audit_run(tmp_path, epochs=5, attacks=["inversion", "attribute_probe"], attribute="clinic_a.x:0")
+    (probe,) = audit["attacks"]["attribute_probe"]["results"]  # on the sum the server recorded, not the masks
+    assert probe["wire"] == "bottom_a->top" and "server holds only the sum" in probe["note"], probe
+    assert "right from the sum of the activations" in probe["figure_text"] and probe["rows"] > 0
     for clinic in "abc":
         entry = audit["wires"][f"bottom_{clinic}->top"]
         assert "holds only the sum" in entry["why_not"]["attack_on_its_own_activation"]

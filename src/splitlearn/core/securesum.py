@@ -15,7 +15,12 @@ at most 2^-24 of the magnitude each). A plain ``sum`` merge rounds too, at each 
 rounds of hellos over the authenticated links (:meth:`SecureSum.agree`): each member tells its neighbours its
 public key; each merger tells its neighbours the roster of its group's keys, each tagged by the authenticated
 name of the hello it came in; a member checks the roster holds its own key and agrees
-``K = HKDF-SHA256(X25519(own, theirs), "pair|SEGMENT|A|B")`` with every other member. At message step ``s``
+``K = HKDF-SHA256(X25519(own, theirs), "pair|SEGMENT|A|B")`` with every other member. Where the run has
+certificates (party processes over mutual TLS) each member also signs :func:`key_statement` (the plan's hash, its
+name, its key) with its party key and tells its certificate; the merger relays both with the key, and a member
+agrees no key before every other member's certificate (the run's CA, that party's name, :class:`PeerCheck`'s
+verdict) and signature check out, so a merger cannot put keys of its own in the roster. Without certificates
+(every party in one process) the merger is trusted to relay the keys as they came. At message step ``s``
 (a micro-batch, a block of a step's rows, is a message step of its own: ``step * pipeline + i``), member ``i``
 adds ``sum_j ±PRG(K_ij, "SEGMENT|MODE|s")``, ``+`` towards members after it among the segment's inputs and ``-``
 before, so the masks cancel in the sum. The PRG is the one of :mod:`splitlearn.privacy.secagg` (its own labels):
@@ -29,9 +34,9 @@ vertical party is needed in every step (one that drops stops the run, as without
 place of member ``i``'s received tensor, so autograd gives every member's leaf the gradient of the sum (the same
 for each, as in a plain ``sum``), which goes back on its wire as any gradient, in float.
 
-Not covered: the merger relays the keys, so a merger that substitutes them (an active attacker) can unmask;
-a member can bias the sum with any tensor (nothing checks a masked input; the decoded sum is checked against
-the members' range and the wires' ``max_abs``, but not against ``max_jump``).
+Not covered: without certificates the merger relays the keys unchecked, so a merger that substitutes them (an
+active attacker) can unmask; a member can bias the sum with any tensor (nothing checks a masked input; the decoded
+sum is checked against the members' range and the wires' ``max_abs``, but not against ``max_jump``).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..wire.messages import Kind, quote
+from .plan import plan_hash
 from .specs import PlanError
 
 if TYPE_CHECKING:
@@ -55,12 +61,14 @@ if TYPE_CHECKING:
     from .step import StepState
 
 __all__ = ["SCALE_BITS", "MAX_ABS", "MAX_PARTIES", "SecureSum", "check_secure_sums", "secure_groups", "encode",
-           "decode", "error_bound", "keystream"]
+           "decode", "error_bound", "keystream", "key_statement"]
 
 SCALE_BITS = 32  # fixed point: a value is counted in units of 2^-32
 MAX_ABS = 2.0 ** 24  # the largest magnitude a member sends
 MAX_PARTIES = 64  # 64 * 2^24 * 2^32 = 2^62: the sum never wraps
 _KEY_HEX = 64  # an X25519 public key, in hex
+_CERTIFICATE_HEX = 2 * 16 * 1024  # a member's certificate (DER, at most 16 KiB), in hex
+_SIGNATURE_HEX = 2 * 1024  # its signature of its key (ECDSA: about 72 bytes, RSA-4096: 512), in hex
 
 
 def encode(x: torch.Tensor) -> np.ndarray:
@@ -92,6 +100,22 @@ def keystream(key: bytes, purpose: bytes, length: int) -> np.ndarray:
                    info=b"splitlearn securesum v1|" + purpose).derive(key)
     enc = Cipher(algorithms.ChaCha20(derived, bytes(16)), mode=None).encryptor()
     return np.frombuffer(enc.update(bytes(8 * length)), dtype="<u8")
+
+
+def key_statement(plan_digest: str, party: str, public: bytes) -> bytes:
+    """What a member signs with its party key to vouch for its X25519 key ``public`` in the run of the plan whose hash
+    is ``plan_digest`` (:func:`~splitlearn.core.plan.plan_hash`)."""
+    return f"splitlearn securesum v1|key|{plan_digest}|{party}|".encode() + public
+
+
+def _hex(value: Any, most: int) -> bytes | None:
+    """Bytes from their hex, at most ``most`` characters (None: not such a text)."""
+    if not isinstance(value, str) or len(value) > most:
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
 
 
 def secure_groups(graph: Graph) -> dict[str, tuple[Wire, ...]]:
@@ -166,38 +190,67 @@ class SecureSum:
         self.random_bytes = random_bytes
         self.pairs: dict[str, list[tuple[int, bytes]]] = {}  # segment -> (sign, pair key) per other member
 
-    def agree(self, exchange: Callable[[str, dict[str, Any] | None], dict[str, dict[str, Any]]]) -> None:
+    def agree(self, exchange: Callable[[str, dict[str, Any] | None], dict[str, dict[str, Any]]],
+              certified: Any = None) -> None:
         """Agree the pair keys in two rounds of hellos (``exchange(phase, what to tell)``: every neighbour's hello of
         that phase): each member's public key, then each merger's roster of its group's keys. A member draws a new
-        key every session, so no keystream of an earlier session (a step done again after a restart) is used again."""
+        key every session, so no keystream of an earlier session (a step done again after a restart) is used again.
+        ``certified``: the party's :class:`~splitlearn.privacy.secagg_certs.Certified` where the run has certificates
+        (its ``certificate``, ``sign(data)`` and ``check(name, certificate, data, signature)``, which raises a
+        ValueError): each member signs its key and checks every other member's signature before agreeing keys."""
         own = X25519PrivateKey.from_private_bytes(self.random_bytes(32)) if self.joins else None
         public = own.public_key().public_bytes_raw().hex() if own is not None else None
-        heard = exchange("secure-keys", {"secure_key": public} if public else None)
-        rosters: dict[str, dict[str, str]] = {}
+        digest = plan_hash(self.graph.plan)
+        tell: dict[str, Any] | None = None
+        if public is not None:
+            tell = {"secure_key": public}
+            if certified is not None:
+                tell.update(secure_certificate=certified.certificate.hex(), secure_signature=certified.sign(
+                    key_statement(digest, self.name, bytes.fromhex(public))).hex())
+        heard = exchange("secure-keys", tell)
+        rosters: dict[str, dict[str, dict[str, str]]] = {}
         for seg, wires in self.merges.items():
             rosters[seg] = {}
             for w in wires:
-                told = heard.get(w.src_party, {}).get("secure_key")
+                hello = heard.get(w.src_party, {})
+                told = hello.get("secure_key")
                 if _public(told) is None:
                     raise self.error(f"{self.name}: party {quote(w.src_party)} told no X25519 key (32 bytes in hex) "
                                      f"for the secure sum of segment {seg!r}, but {quote(told)}")
-                rosters[seg][w.src_party] = told
+                entry = rosters[seg][w.src_party] = {"key": told}
+                for field, most in (("certificate", _CERTIFICATE_HEX), ("signature", _SIGNATURE_HEX)):
+                    if f"secure_{field}" in hello:  # relayed as told; its members check it
+                        if _hex(hello[f"secure_{field}"], most) is None:
+                            raise self.error(f"{self.name}: party {quote(w.src_party)} told a {field} for its key "
+                                             f"that is no hex of at most {most // 2} bytes")
+                        entry[field] = hello[f"secure_{field}"]
         heard = exchange("secure-roster", {"secure_roster": rosters} if rosters else None)
         self.pairs = {}
         for seg in dict.fromkeys(self.joins.values()):
             merger, members = self.graph.nodes[seg].party, [w.src_party for w in self.groups[seg]]
             roster = heard.get(merger, {}).get("secure_roster")
             roster = roster.get(seg) if isinstance(roster, dict) else None
-            if (not isinstance(roster, dict) or sorted(roster) != sorted(members) or roster[self.name] != public
-                    or any(_public(v) is None for v in roster.values())):
+            if (not isinstance(roster, dict) or sorted(roster) != sorted(members)
+                    or any(not isinstance(v, dict) or _public(v.get("key")) is None for v in roster.values())
+                    or roster[self.name]["key"] != public):
                 raise self.error(f"{self.name}: {merger!r} sent no roster of the keys of {members} with ours for the "
                                  f"secure sum of segment {seg!r}, but {quote(roster)}")
             me, pairs = members.index(self.name), []
             for i, p in enumerate(members):
                 if p == self.name:
                     continue
+                theirs = _public(roster[p]["key"])
+                if certified is not None:  # the key is p's own: signed by p's certificate, issued by the run's CA
+                    try:
+                        certified.check(p, _hex(roster[p].get("certificate"), _CERTIFICATE_HEX) or b"",
+                                        key_statement(digest, p, theirs),
+                                        _hex(roster[p].get("signature"), _SIGNATURE_HEX) or b"")
+                    except ValueError as e:
+                        raise self.error(f"{self.name}: the key {merger!r} relayed for party {p!r} in the secure sum "
+                                         f"of segment {seg!r} is not vouched for by the certificate of {p!r} ({e}); "
+                                         "no key is agreed") from None
                 try:
-                    shared = own.exchange(X25519PublicKey.from_public_bytes(_public(roster[p])))
+                    shared = own.exchange(X25519PublicKey.from_public_bytes(theirs))
                 except ValueError:
                     raise self.error(f"{self.name}: the key of {p!r} in {merger!r}'s roster agrees no secret (a key "
                                      "of low order)") from None
@@ -261,10 +314,11 @@ class SecureSum:
                 total += m.numpy().view(np.uint64).ravel()
             s = torch.from_numpy(decode(total)).float().reshape(masked[0].shape)
         top = float(s.abs().max()) if s.numel() else 0.0
-        ceiling = min(len(wires) * MAX_ABS, *(w.spec.max_abs for w in wires))
+        # each member within its own wire's max_abs, as a plain sum checks them: their sum within the sum of those
+        ceiling = min(len(wires) * MAX_ABS, sum(w.spec.max_abs for w in wires))
         if top > ceiling:
             raise self.error(f"{self.name}: the secure sum of segment {node.name!r} at step {st.step} decodes to a "
-                             f"magnitude of {top:.3g}, beyond {ceiling:g} (its members' range, the wires' max_abs): "
+                             f"magnitude of {top:.3g}, beyond {ceiling:g} (its members' range, the sum of the wires' max_abs): "
                              f"the masks of {[w.src_party for w in wires]} do not cancel, or one of them sent such "
                              "values; which one cannot be told")
         if observer is not None and st.mode in ("train", "eval"):

@@ -267,11 +267,20 @@ def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[Cursor] | N
         say_resume(me, checkpoints, resume, known)
     party.resumed_at = -1 if resume is None else resume.step  # where every party goes on (flow control)
     if party.secure.groups:  # merge = "secure_sum": the members agree their mask keys (core/securesum.py)
-        party.secure.agree(lambda phase, tell: exchange(phase, "", None, False, tell=tell))
+        party.secure.agree(lambda phase, tell: exchange(phase, "", None, False, tell=tell), _certified(party))
     for msg in ahead.take():
         party.keep_early(msg, -2)  # before the handshake (step -1)
     party.step(-1, None, "handshake")
     yield {"resume": resume}
+
+
+def _certified(party: Party) -> Any:
+    """A member's kit to sign its secure-sum key and check the others' under mutual TLS, else None (logged)."""
+    from ..privacy.secagg_certs import Certified  # (cryptography's x509: for a secure sum only)
+    credentials = getattr(party.link.transport, "credentials", None)
+    if party.secure.joins and credentials is None:
+        log.warning("%s: secure sum without certificates: the merger is trusted to relay the keys", party.name)
+    return Certified(credentials) if party.secure.joins and credentials is not None else None
 
 
 def _same(theirs: Any, ours: Any) -> bool:

@@ -155,7 +155,7 @@ class ClusterLabels(Attack):
         part = max(tries, key=lambda p: (tries[p][3], tries[p][0]))
         _, acc, counts, _, oracle = tries[part]
         majority = float(counts.sum(0).max() / counts.sum())
-        what = {"backward": "gradients", "forward": "activations"}[d["direction"]]
+        what = {"backward": "gradients", "forward": "activations", "sum": "summed activations"}[d["direction"]]
         leaks, mild = majority + 0.5 * (1 - majority), majority + 0.1 * (1 - majority)
         verdict = LEAKS if acc >= leaks else MILD if acc >= mild else NONE
         png = out_dir / f"cluster_labels_{wire_slug(target.wire)}_{target.attacker}.png"

@@ -7,6 +7,10 @@ on their activations (the trained model's, one row per sample) and predicts it f
 attribute with more than two values is split at its median (above or not); an integer one is taken as classes.
 Baselines: the majority value (chance for a constant guess), and the same probe on the sender's raw inputs,
 which the attack approaches as the activations keep what the inputs tell about the attribute.
+
+On an input of a secure sum (``merge = "secure_sum"``, :mod:`splitlearn.core.securesum`) the receiver holds only the
+sum of the members' activations (each one's own arrives masked, uniform modulo 2^64): the probe reads the sum it
+recorded and says so (``note``).
 """
 
 from __future__ import annotations
@@ -113,15 +117,27 @@ class AttributeProbe(Attack):
             return ("no sensitive attribute named: audit --attribute PARTY.FIELD[:COLUMN] names one (a field of a "
                     "sender's data that is not the task, e.g. digits' parity or a column a clinic keeps)")
         party, field, column = parse_attribute(settings.attribute)
-        found = [Target(w.dst_party, w.name, f"the activations {party!r} sent",
-                        {"party": party, "field": field, "column": column, "sources": run.graph.raw_inputs(w.src)})
-                 for w in run.graph.wires if w.carries == "activation" and w.src_party == party
-                 and run.graph.raw_inputs(w.src) and run.seen(w.dst_party, w.name, "forward", "last") is not None]
+        found = []
+        for w in run.graph.wires:
+            direction = "sum" if w.masked else "forward"  # a secure sum's input: the receiver holds only the sum
+            if not (w.carries == "activation" and w.src_party == party and run.graph.raw_inputs(w.src)
+                    and run.seen(w.dst_party, w.name, direction, "last") is not None):
+                continue
+            details = {"party": party, "field": field, "column": column, "sources": run.graph.raw_inputs(w.src),
+                       "direction": direction}
+            if not w.masked:
+                found.append(Target(w.dst_party, w.name, f"the activations {party!r} sent", details))
+                continue
+            members = [u.src_party for u in run.graph.wires if u.masked and u.consumers == w.consumers]
+            details["note"] = (f"{w.dst_party} holds only the sum of the activations of {', '.join(members)} (segment "
+                               f"{w.consumers[0]!r} merges them by secure_sum): {party}'s own arrives masked, uniform "
+                               "modulo 2^64, and the probe reads the sum")
+            found.append(Target(w.dst_party, w.name, f"the sum of the activations of {', '.join(members)}", details))
         return found or f"{party!r} sends no activations of its own data that were recorded"
 
     def attack(self, run: RunFolder, target: Target, settings: Settings, out_dir: Path) -> dict[str, Any]:
         d = target.details
-        ids, values = latest_per_id(*run.seen(target.attacker, target.wire, "forward", "last"))
+        ids, values = latest_per_id(*run.seen(target.attacker, target.wire, d["direction"], "last"))
         attribute, how = _attribute_values(run, d["party"], d["field"], d["column"], ids)
         if len(np.unique(attribute)) < 2:
             raise ValueError(f"the attribute takes one value on the {len(ids)} rows received: nothing to infer")
@@ -145,12 +161,15 @@ class AttributeProbe(Attack):
         out: dict[str, Any] = {
             "value": acc, "verdict": verdict, "accuracy": acc, "attribute": f"{d['party']}.{name}", "binarised": how,
             "rows": int(len(ids)), "known_rows": int(len(known)),
-            "figure_text": f"{d['party']}.{name} ({how}): {100 * acc:.1f}% right from the activations, "
+            "figure_text": f"{d['party']}.{name} ({how}): {100 * acc:.1f}% right from the "
+                           f"{'sum of the activations' if 'note' in d else 'activations'}, "
                            f"{100 * raw_acc:.1f}% from the raw inputs, majority {100 * majority:.1f}%",
             "baselines": {"majority_value": majority, "raw_inputs": raw_acc},
             "thresholds": f"accuracy >= {leaks:.3f} leaks, >= {mild:.3f} mild (half and a tenth of the way from the "
                           "majority value to every row)",
             "figure": str(png.relative_to(run.folder))}
+        if "note" in d:
+            out["note"] = d["note"]
         if verdict != NONE:
             src = next(w for w in run.graph.wires if w.name == target.wire).src
             out["remedy"] = (f"{d['party']} can blur what it sends: {plan_table(src)} "
