@@ -2,6 +2,8 @@
 party processes to the same weights, and a party process is started through a function, not the CLI."""
 
 import json
+import os
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,25 @@ def test_launcher_mistakes_are_one_clear_error(tmp_path):
     with pytest.raises(PlanError, match=r"timeout does not reach launcher='processes': set \[train\] step_timeout"):
         splitlearn.train(plan, epochs=1, launcher="processes", out=tmp_path / "x", timeout=5.0)
     assert not (tmp_path / "x").exists()  # refused before anything was written
+    with pytest.raises(PlanError, match=r"unknown optimizer 'sgdz'"):  # refused while the forker was warming up
+        splitlearn.train({**tomllib.loads(plan.read_text()), "parties": {
+            "hospital": {"holds": {"x": "x", "y": "y"}, "optimizer": {"name": "sgdz", "lr": 0.1}},
+            "server": {"optimizer": {"name": "sgd", "lr": 0.1}}}}, launcher="processes", out=tmp_path / "y")
+    assert _forkers() == []  # the party processes' forker, started before the plan was read, is not left behind
+
+
+def _forkers() -> list[int]:
+    """This process's children that are party-process forkers (a zombie has no command line: not counted)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"forker" in cmd:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def test_party_options_travel_as_json_and_unknown_keys_are_refused():

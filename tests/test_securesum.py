@@ -7,6 +7,7 @@ refuses what a secure sum cannot serve; the audit attacks the sum."""
 import json
 import re
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,23 +148,37 @@ def test_secure_sum_trains_as_the_plain_sum_within_the_bound(example):
 
 
 @pytest.fixture(scope="module")
-def few_rows(tmp_path_factory):
-    """vertical_three with a secure sum on few rows (114 training rows, 2 steps), its file, and the plain sum's
-    weights trained in this process."""
-    folder = tmp_path_factory.mktemp("few")
-    path = folder / "secure.toml"
-    small = dict(batch_size=64, checkpoint_every=1)
-    body = _body("vertical_three", "secure_sum", **small)
-    body["data"]["test_fraction"] = 0.8
-    path.write_text(toml(body))
-    plain = _body("vertical_three", "sum", **small)
-    plain["data"]["test_fraction"] = 0.8
-    plain_setups, _, _ = _run(plain)
-    return path, _weights(plain_setups)
+def few_rows_of(tmp_path_factory):
+    """Per example: the plan with a secure sum on few rows (test_fraction 0.8, batches of 64: 2 training steps), its
+    file, and the plain sum's weights trained in this process; made once each."""
+    made = {}
+
+    def few(example: str) -> tuple[Path, dict]:
+        if example not in made:
+            folder = tmp_path_factory.mktemp(f"few_{example}")
+            path = folder / "secure.toml"
+            small = dict(batch_size=64, checkpoint_every=1)
+            body = _body(example, "secure_sum", **small)
+            body["data"]["test_fraction"] = 0.8
+            path.write_text(toml(body))
+            plain = _body(example, "sum", **small)
+            plain["data"]["test_fraction"] = 0.8
+            plain_setups, _, _ = _run(plain)
+            made[example] = path, _weights(plain_setups)
+        return made[example]
+
+    return few
 
 
-def test_secure_sum_over_grpc_equals_the_in_process_run_and_the_plain_sum(tmp_path, few_rows):
-    path, plain = few_rows
+@pytest.fixture(scope="module")
+def few_rows(few_rows_of):
+    """vertical_three's (three clinics) few-rows plan."""
+    return few_rows_of("vertical_three")
+
+
+@pytest.mark.parametrize("example", ["vertical", "vertical_three"])
+def test_secure_sum_over_grpc_equals_the_in_process_run_and_the_plain_sum(tmp_path, few_rows_of, example):
+    path, plain = few_rows_of(example)
     net = splitlearn.train(path, launcher="processes", out=tmp_path / "grpc")
     local = splitlearn.train(path, out=tmp_path / "local")
     same_run(tmp_path / "local", tmp_path / "grpc", count_bytes=False)  # the masks cancel exactly: bit for bit

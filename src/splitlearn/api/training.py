@@ -125,14 +125,17 @@ def train(plan: Plan | str | Path | dict, *, launcher: str = "threads", epochs: 
     the metrics to ``"tensorboard[:DIR]"`` or ``"mlflow[:URI]"`` (see :mod:`splitlearn.run.tracking`).
     """
     _check_launcher(launcher)  # before the data is read
-    if launcher == "processes":
-        from ..launch.processes import warm_up
+    from ..launch.processes import cool_down, warm_up
 
+    if launcher == "processes":
         warm_up()  # the party processes' forker imports torch while the plan is read and checked
-    checked, setups, shapes = prepare(plan, epochs=epochs, seed=seed, probe=launcher != "threads")
-    return train_prepared(checked, setups, shapes, launcher=launcher, source=plan, epochs=epochs, seed=seed, out=out,
-                          on_step=on_step, timeout=timeout, log=log, resume=resume, insecure=insecure, link=link,
-                          ray_address=ray_address)
+    try:
+        checked, setups, shapes = prepare(plan, epochs=epochs, seed=seed, probe=launcher != "threads")
+        return train_prepared(checked, setups, shapes, launcher=launcher, source=plan, epochs=epochs, seed=seed,
+                              out=out, on_step=on_step, timeout=timeout, log=log, resume=resume, insecure=insecure,
+                              link=link, ray_address=ray_address)
+    finally:
+        cool_down()  # a forker the run did not take (a plan refused first) is not left idle
 
 
 def train_prepared(plan: Plan, setups: dict, shapes: dict, *, launcher: str = "threads",

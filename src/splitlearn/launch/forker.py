@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["Forker", "Forked", "PRELOAD", "serve", "start_early", "take"]
+__all__ = ["Forker", "Forked", "PRELOAD", "serve", "start_early", "take", "discard_early"]
 
 PRELOAD = ("grpc", "splitlearn.launch.party", "splitlearn.launch.oneparty", "splitlearn.clients.coordinator",
            "splitlearn.clients.follower", "splitlearn.wire.transport.grpc", "splitlearn.run.align",
@@ -162,6 +162,15 @@ def start_early(env: dict[str, str]) -> None:
         _early = Forker(env)
 
 
+def discard_early() -> None:
+    """End the forker :func:`start_early` started, if no :func:`take` took it."""
+    global _early
+    forker, _early = _early, None
+    if forker is not None:
+        forker.kill()
+        forker.proc.wait()
+
+
 def take(env: dict[str, str]) -> Forker:
     """The forker :func:`start_early` started, if it was for ``env``; else a new one."""
     global _early
@@ -169,8 +178,8 @@ def take(env: dict[str, str]) -> Forker:
     if forker is not None and forker.env == env and forker.proc.poll() is None:
         return forker
     if forker is not None:  # started for other settings, or gone
-        forker.kill()
-        forker.proc.wait()
+        _early = forker
+        discard_early()
     return Forker(env)
 
 

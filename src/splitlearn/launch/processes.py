@@ -22,7 +22,7 @@ from typing import Any
 
 from ..core.plan import Plan
 from ..core.specs import PlanError
-from .forker import start_early, take as take_forker
+from .forker import discard_early, start_early, take as take_forker
 from .party import PartyOptions
 from ..run.allocator import math_threads
 from .results import build_result, save_result
@@ -33,7 +33,7 @@ from ..clients.results import failures_part
 
 _log = logging.getLogger("splitlearn.launch.processes")
 
-__all__ = ["launch", "warm_up", "gather", "free_port", "child_env", "GRACE_S"]
+__all__ = ["launch", "warm_up", "cool_down", "gather", "free_port", "child_env", "GRACE_S"]
 
 
 _taken: set[int] = set()  # ports this process handed out (a party may not have bound its own yet)
@@ -91,29 +91,31 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
         raise PlanError(f"log_format {log_format!r}: choose text or json", entry="log_format")
     # many processes share one import of torch; the forker makes it while the plan is checked (3-4 s a run)
     forker = take_forker(child_env(None)) if _forking() else None
-    try:
+    relays = []
+    try:  # nothing started is left behind by a plan or an option refused here
         plan = checked or prepare(plan_path, epochs=epochs, seed=seed, probe=True)[0]  # checked before any starts
+        out = Path(out)
+        tracking = parse_log(log, out) if log else None
+        topo = Topology.of(plan)
+        ports = {p: free_port() for p in topo.names}
+        dial_ports = dict(ports)  # where a dialer finds each listener: itself, or the slow link in front of it
+        if link is not None:
+            from ..wire.transport.slowlink import SlowLink, parse_link
+
+            try:
+                rtt, bandwidth = parse_link(link)
+            except ValueError as e:
+                raise PlanError(str(e), entry="--link") from None
+            for name in topo.names:
+                if topo.accepts(name):
+                    relays.append(SlowLink(("127.0.0.1", ports[name]), rtt=rtt, bandwidth=bandwidth).start())
+                    dial_ports[name] = relays[-1].port
     except BaseException:
         if forker is not None:
             forker.kill()
+        for relay in relays:
+            relay.stop()
         raise
-    out = Path(out)
-    tracking = parse_log(log, out) if log else None
-    topo = Topology.of(plan)
-    ports = {p: free_port() for p in topo.names}
-    dial_ports = dict(ports)  # where a dialer finds each listener: itself, or the slow link in front of it
-    relays = []
-    if link is not None:
-        from ..wire.transport.slowlink import SlowLink, parse_link
-
-        try:
-            rtt, bandwidth = parse_link(link)
-        except ValueError as e:
-            raise PlanError(str(e), entry="--link") from None
-        for name in topo.names:
-            if topo.accepts(name):
-                relays.append(SlowLink(("127.0.0.1", ports[name]), rtt=rtt, bandwidth=bandwidth).start())
-                dial_ports[name] = relays[-1].port
     procs: dict[str, Any] = {}
     env = child_env(len(topo.names))
     threads = None if "OMP_NUM_THREADS" in os.environ else math_threads(len(topo.names))  # the user's wins
@@ -229,9 +231,16 @@ def _reports(topo: Topology, out: Path, errors: dict[str, str]) -> dict[str, Par
 
 def warm_up() -> None:
     """Start the forker of the next :func:`launch` of this process now, where party processes are forked: a
-    launcher calls it before reading the plan, so that both happen at once."""
+    launcher calls it before reading the plan, so that both happen at once (and :func:`cool_down` once it is
+    done, launched or not)."""
     if _forking():
         start_early(child_env(None))
+
+
+def cool_down() -> None:
+    """End the forker :func:`warm_up` started if no launch took it (a plan refused first): a long-lived process,
+    a notebook, keeps no idle forker."""
+    discard_early()
 
 
 def _forking() -> bool:
