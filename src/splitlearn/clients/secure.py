@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -62,6 +63,7 @@ __all__ = ["SECAGG_WIRE", "LEFT_OUT", "PHASES", "SecurePhase", "round_context", 
            "secure_collect"]
 
 log = logging.getLogger(__name__)
+_UNSIGNED_TOLD = threading.Event()  # the warning that nothing is signed: given once a process
 
 SECAGG_WIRE = "secagg"  # the wire name of every message of the protocol (metered apart from plain weights)
 LEFT_OUT = "left out of secure aggregation: "  # a reason of the federation's that is no refusal of the client's
@@ -237,8 +239,9 @@ def _send_client(part: Participant, sec: SecureState, request: int, ctx: bytes, 
         roster = roster.among(signers)
     elif body.get("signed"):
         raise SecAggError("a roster to sign, and this client has no certificate (a run without TLS)")
-    elif not sec.warned:
+    elif not sec.warned and not _UNSIGNED_TOLD.is_set():  # once a process: a simulation's clients are its threads
         sec.warned = True
+        _UNSIGNED_TOLD.set()
         log.warning("%s: secure aggregation without certificates: the federation is trusted to relay the clients' "
                     "keys as they came (no client can check them)", part.name)
     shares = me.share(roster)
