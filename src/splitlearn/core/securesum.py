@@ -23,7 +23,7 @@ verdict) and signature check out, so a merger cannot put keys of its own in the 
 (every party in one process) the merger is trusted to relay the keys as they came. At message step ``s``
 (a micro-batch, a block of a step's rows, is a message step of its own: ``step * pipeline + i``), member ``i``
 adds ``sum_j ±PRG(K_ij, "SEGMENT|MODE|s")``, ``+`` towards members after it among the segment's inputs and ``-``
-before, so the masks cancel in the sum. The PRG is the one of :mod:`splitlearn.privacy.secagg` (its own labels):
+before, so the masks cancel in the sum. The PRG (:func:`keystream_parts`, which secure aggregation uses too):
 HKDF-SHA256 of the key and the label keying ChaCha20's keystream, read as little-endian uint64 words, a
 cryptographic stream cipher, so with two members or more each masked tensor is uniform modulo 2^64 to the
 merger. The masks depend on the session's keys and the message step only: nothing is kept, and a resumed or
@@ -42,7 +42,7 @@ sum is checked against the members' range and the wires' ``max_abs``, but not ag
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from .step import StepState
 
 __all__ = ["SCALE_BITS", "MAX_ABS", "MAX_PARTIES", "SecureSum", "check_secure_sums", "secure_groups", "encode",
-           "decode", "error_bound", "keystream", "key_statement"]
+           "decode", "error_bound", "keystream", "keystream_parts", "key_statement"]
 
 SCALE_BITS = 32  # fixed point: a value is counted in units of 2^-32
 MAX_ABS = 2.0 ** 24  # the largest magnitude a member sends
@@ -94,12 +94,21 @@ def error_bound(parties: int, magnitude: float) -> float:
     return rounding + 2.0 ** -23 * (magnitude + rounding)
 
 
-def keystream(key: bytes, purpose: bytes, length: int) -> np.ndarray:
-    """``length`` uint64 words of ChaCha20's keystream under HKDF-SHA256(``key``, ``purpose``)."""
-    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                   info=b"splitlearn securesum v1|" + purpose).derive(key)
+def keystream_parts(key: bytes, info: bytes, length: int, part: int = 1 << 20) -> Iterator[tuple[int, np.ndarray]]:
+    """``length`` uint64 words (little-endian) of ChaCha20's keystream under HKDF-SHA256(``key``, ``info``), as
+    (offset, words) parts of at most ``part`` words: the one PRG of the secure sum and of secure aggregation
+    (:mod:`splitlearn.privacy.secagg`), a cryptographic stream whose words reveal nothing of its key."""
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(key)
     enc = Cipher(algorithms.ChaCha20(derived, bytes(16)), mode=None).encryptor()
-    return np.frombuffer(enc.update(bytes(8 * length)), dtype="<u8")
+    for at in range(0, length, part):
+        n = min(part, length - at)
+        yield at, np.frombuffer(enc.update(bytes(8 * n)), dtype="<u8")
+
+
+def keystream(key: bytes, purpose: bytes, length: int) -> np.ndarray:
+    """``length`` uint64 words of a secure sum's mask: :func:`keystream_parts` under the secure sum's label."""
+    parts = [words for _, words in keystream_parts(key, b"splitlearn securesum v1|" + purpose, length)]
+    return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
 
 def key_statement(plan_digest: str, party: str, public: bytes) -> bytes:

@@ -16,8 +16,8 @@ float64 reference), before the cast to the entry's own dtype.
 it sends the others through the server; ``s``: to agree a mask with every other client) and a
 32-byte self-mask seed ``b``. It sends ``y = q + PRG(b) + sum_v ±PRG(agree(s_u, s_v))`` (``+``
 towards clients after it in the roster, ``-`` before): the pairwise masks cancel in the sum.
-The PRG is HKDF-SHA256 (the agreed secret or the seed, with a label naming the purpose and the
-round) keying ChaCha20's keystream, read as little-endian uint64: a cryptographic stream cipher
+The PRG (:func:`splitlearn.core.securesum.keystream_parts`, shared with the secure sum) is HKDF-SHA256
+(the agreed secret or the seed, with a label naming the purpose and the round) keying ChaCha20's keystream, read as little-endian uint64: a cryptographic stream cipher
 (unlike numpy's Philox, a mask reveals nothing of its key), fast in OpenSSL and the same words
 everywhere. The server adds the masked vectors' parts into one running sum as they come.
 
@@ -47,7 +47,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..core.securesum import keystream_parts
 from .shamir import SHARE_BYTES, ShamirError, reconstruct_checked, share_from_bytes, share_to_bytes, split
 
 __all__ = ["SCALE_BITS", "MODULUS_BITS", "MAX_ABS", "KEY_BYTES", "CIPHERTEXT_BYTES", "MAX_TRIES", "SecAggError",
@@ -148,14 +149,6 @@ def _hkdf(secret: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"splitlearn secagg v1|" + info).derive(secret)
 
 
-def _stream(secret: bytes, length: int, purpose: bytes) -> Iterator[tuple[int, np.ndarray]]:
-    """ChaCha20's keystream under HKDF-SHA256(``secret``, ``purpose``) as (offset, uint64 words), in pieces."""
-    enc = Cipher(algorithms.ChaCha20(_hkdf(secret, purpose), bytes(16)), mode=None).encryptor()
-    for at in range(0, length, _STREAM_WORDS):
-        n = min(_STREAM_WORDS, length - at)
-        yield at, np.frombuffer(enc.update(bytes(8 * n)), dtype="<u8")
-
-
 def mask_stream(secret: bytes, length: int, purpose: bytes) -> np.ndarray:
     """``length`` uint64 words of ChaCha20's keystream under HKDF-SHA256(``secret``, ``purpose``)."""
     out = np.zeros(length, dtype=np.uint64)
@@ -165,7 +158,7 @@ def mask_stream(secret: bytes, length: int, purpose: bytes) -> np.ndarray:
 
 def _add_mask(y: np.ndarray, secret: bytes, purpose: bytes, subtract: bool = False) -> None:
     """``y`` += (or -=) :func:`mask_stream` of its length, in place, a piece at a time (no second vector)."""
-    for at, words in _stream(secret, y.size, purpose):
+    for at, words in keystream_parts(secret, b"splitlearn secagg v1|" + purpose, y.size, _STREAM_WORDS):
         if subtract:
             y[at:at + words.size] -= words
         else:

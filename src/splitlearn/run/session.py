@@ -277,7 +277,7 @@ def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[Cursor] | N
 def _certified(party: Party) -> Any:
     """A member's kit to sign its secure-sum key and check the others' under mutual TLS, else None (logged)."""
     from ..privacy.secagg_certs import Certified  # (cryptography's x509: for a secure sum only)
-    credentials = getattr(party.link.transport, "credentials", None)
+    credentials = party.link.transport.credentials
     if party.secure.joins and credentials is None:
         log.warning("%s: secure sum without certificates: the merger is trusted to relay the keys", party.name)
     return Certified(credentials) if party.secure.joins and credentials is not None else None

@@ -29,6 +29,7 @@ the per-wire audit (``per_wire``).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,7 @@ class Target:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-class Attack:
+class Attack(ABC):
     """A registered attack: its declaration (class attributes) and what it does on a run folder.
 
     :meth:`targets` lists where it applies in a run (a text saying why, where it applies nowhere);
@@ -98,8 +99,9 @@ class Attack:
         """Where it applies in ``run`` (empty or a text: nowhere, and why)."""
         return "a measure of the per-wire audit" if self.per_wire else []
 
+    @abstractmethod
     def attack(self, run: RunFolder, target: Target, settings: Settings, out_dir: Path) -> dict[str, Any]:
-        raise NotImplementedError(f"attack {self.name!r} runs in the per-wire audit")
+        """Run on ``target``: its figures (``value``, ``verdict``, ``figure_text``, and ``remedy`` where it leaks)."""
 
     def describe(self) -> dict[str, Any]:
         """Its declaration, as ``audit.json`` and the documentation's table give it."""

@@ -7,9 +7,13 @@ wire's receiver holds. :mod:`splitlearn.tools.audit.run` measures them wire by w
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .attacks import Attack, register_attack
+from .attacks import Attack, Settings, Target, register_attack
+
+if TYPE_CHECKING:
+    from .run import RunFolder
 
 __all__ = ["WireMeasure", "WIRE_MEASURES", "keep_measures"]
 
@@ -23,6 +27,10 @@ class WireMeasure(Attack):
                  baseline: str, paper: str = "") -> None:
         self.name, self.title, self.attacker, self.needs = name, title, attacker, needs
         self.applies_to, self.figure, self.baseline, self.paper = applies_to, figure, baseline, paper
+
+    def attack(self, run: RunFolder, target: Target, settings: Settings, out_dir: Path) -> dict[str, Any]:
+        """Never called: it has no targets of its own (:meth:`targets` says so), the per-wire audit measures it."""
+        raise RuntimeError(f"{self.name!r} is measured by the per-wire audit (audit.json's wires), not on a target")
 
 
 _MEASURES = (
