@@ -53,6 +53,7 @@ class Study:
     # u_shaped: the label holder's head also reads its own features beside the server's output (data read by two of
     # its segments: a shared input once joined their stages, and the head waited on the bottom's gradient: deadlock)
     head_reads_x: bool = False
+    lost: bool = False  # stopped mid-run, one party lost every checkpoint: the resume begins again from the start
 
     def __str__(self) -> str:
         shape = f"{self.shape}{self.hops if self.shape == 'multi_hop' else ''}"
@@ -64,7 +65,7 @@ class Study:
         return (f"{self.task} {shape} features={self.features} "
                 f"labels@{self.labels} {'files+psi' if self.files else 'embedded'} pipeline={self.pipeline} "
                 f"accumulate={self.accumulate} {self.recipe}{' validation' if self.validation else ''}"
-                f"{' head+x' if self.head_reads_x else ''}")
+                f"{' head+x' if self.head_reads_x else ''}{' lost-checkpoints' if self.lost else ''}")
 
 
 @st.composite
@@ -77,7 +78,7 @@ def studies(draw) -> Study:
     return Study(task, features, labels, shape, hops, draw(st.booleans()), draw(st.sampled_from([1, 2])),
                  draw(st.integers(0, 3)), accumulate=draw(st.sampled_from([1, 2])),
                  recipe=draw(st.sampled_from(RECIPES)), validation=draw(st.booleans()),
-                 head_reads_x=shape == "u_shaped" and draw(st.booleans()))
+                 head_reads_x=shape == "u_shaped" and draw(st.booleans()), lost=draw(st.booleans()))
 
 
 RECIPES = ["sgd", "adamw"]  # build() writes each: SGD (momentum 0.9 but for regression), or AdamW as below; sgd

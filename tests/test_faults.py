@@ -61,18 +61,31 @@ def test_a_torn_checkpoint_is_never_used(tmp_path):
     same_run(tmp_path / "a", tmp_path / "b")
 
 
-def test_parties_holding_different_checkpoints_agree_on_the_last_they_all_hold(tmp_path):
+@pytest.mark.parametrize("lost", ["the last all hold", "every checkpoint"])
+def test_parties_holding_different_checkpoints_agree_on_the_last_they_all_hold(tmp_path, lost):
+    """One party lost checkpoints: the parties go on from the last they all still hold, or, holding none in common,
+    begin again from the start, counted as a new run (the resuming hellos are not the run's traffic)."""
+    import shutil
+
     body = load_plan(EXAMPLES / "multi_hop.toml").with_train(epochs=2, checkpoint_every=5)
     splitlearn.train(body, out=tmp_path / "a")
     with pytest.raises(Exception, match="stopped"):
         splitlearn.train(body, out=tmp_path / "b", on_step=stop_after(40))
-    first = next(iter(body.parties))  # the party at one end of the chain lost its latest checkpoint
-    ck = Checkpoints(tmp_path / "b" / "parties" / first / "checkpoints", plan_hash=plan_hash(body))
-    import shutil
-
-    shutil.rmtree(ck.folder / folder_name(ck.cursors()[-1]))
+    held = {p: Checkpoints(tmp_path / "b" / "parties" / p / "checkpoints", plan_hash=plan_hash(body))
+            for p in body.parties}
+    common = set.intersection(*(set(ck.cursors()) for ck in held.values()))
+    first = next(iter(body.parties))  # the party at one end of the chain
+    if lost == "every checkpoint":
+        shutil.rmtree(held[first].folder)
+        expected = None
+    else:  # which ones each holds depends on where each party was when the run stopped
+        shutil.rmtree(held[first].folder / folder_name(max(common)))
+        expected = max(common - {max(common)}, default=None)
     splitlearn.train(body, out=tmp_path / "b", resume=True)
     same_run(tmp_path / "a", tmp_path / "b")
+    set_aside = sorted(p for p in body.parties if list((tmp_path / "b" / "parties" / p).glob("checkpoints.before-*")))
+    assert set_aside == (sorted(set(body.parties) - {first} if lost == "every checkpoint" else body.parties)
+                         if expected is None else [])
 
 
 def test_every_party_process_killed_with_sigkill_then_resumed(tmp_path):

@@ -24,6 +24,7 @@ def test_party_processes_from_python_train_to_the_weights_of_threads(tmp_path):
     plan = EXAMPLES / "vanilla.toml"
     threads = splitlearn.train(plan, epochs=1, launcher="threads")
     processes = splitlearn.train(plan, epochs=1, launcher="processes", out=tmp_path / "run")
+    assert _forkers() == []  # the forker that forked them is ended and reaped with the run
     assert processes["transport"] == "grpc+mtls" and threads["transport"] == "in-process"
     a, b = threads.model.state_dict(), processes.model.state_dict()
     assert sorted(a) == sorted(b)

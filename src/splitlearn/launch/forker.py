@@ -142,12 +142,25 @@ class Forker:
             pass
 
     def kill(self) -> None:
+        """End it and the children it has now (its process group), and reap it: nothing of it is left."""
         import signal
 
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        self.proc.wait()
+
+    def end(self, grace: float = 10.0) -> None:
+        """No more children: close its input and wait until it exits, once those it has end (else, after
+        ``grace`` seconds, :meth:`kill`)."""
+        import subprocess
+
+        self.close()
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
 
 
 _early: Forker | None = None  # started before the plan is read: it imports torch meanwhile
@@ -168,7 +181,6 @@ def discard_early() -> None:
     forker, _early = _early, None
     if forker is not None:
         forker.kill()
-        forker.proc.wait()
 
 
 def take(env: dict[str, str]) -> Forker:

@@ -169,10 +169,11 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
             _stop(procs)
             raise
         finally:
-            if forker is not None:
-                forker.close()
+            if forker is not None:  # ended and reaped: a launch leaves no process behind
                 if any(p.poll() is None for p in procs.values()):
                     forker.kill()
+                else:
+                    forker.end()
             for relay in relays:
                 relay.stop()
     errors = {}

@@ -8,7 +8,9 @@ this party finished.
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 from ..core.engine import Party, PartyError
@@ -17,12 +19,14 @@ from ..core.specs import PlanError
 from ..wire.codec import WireError
 from ..wire.control import Cursor
 from ..wire.messages import Kind, Message, encode, hello, quote, read_hello
+from ..wire.metering import Meter, Traffic
 from .checkpoint import after_step, goodbye_bytes, load_meter, meter_state
 
 log = logging.getLogger("splitlearn.run.resume")
 
 __all__ = ["MAX_HELD", "held_by", "learn_held", "agree_on_resume", "finished_neighbours", "answer_finished",
-           "cursor_of", "cursors_of", "say_resume", "usable_checkpoints", "set_aside", "count_kept_messages"]
+           "cursor_of", "cursors_of", "say_resume", "usable_checkpoints", "set_aside", "count_kept_messages",
+           "ResumeTraffic"]
 
 MAX_HELD = 1000  # checkpoints a party may say it holds
 
@@ -181,3 +185,29 @@ def count_kept_messages(party: Party) -> None:
             party.meter.on_recv(msg.wire, direction, len(encode(msg)), msg.payload_bytes)
     for peer in party.finished:
         party.meter.on_recv("", "control", goodbye_bytes(peer, party.name), 0)
+
+
+class ResumeTraffic:
+    """What a resuming session sends and receives beyond a run never stopped: the resuming fields of its
+    first hellos (``resuming``, ``checkpoints``) and the resume agreement's hellos. A session that agrees
+    to begin again from the start takes them off its meter (:meth:`uncount`): it counts as a new run."""
+
+    def __init__(self) -> None:
+        self.sent, self.received = Traffic(), Traffic()  # messages and bytes beyond a new run's
+
+    def note(self, side: str, msg: Message, fields: dict[str, Any]) -> None:
+        """A hello sent or received (``side``), with its ``fields``: a first hello counts what it says beyond
+        a new run's (the same fields less the resuming ones, as :func:`~splitlearn.wire.messages.hello` writes
+        them), the resume agreement's all of it, any other phase (the rows, the secure sum's keys) nothing."""
+        phase, extra = fields.get("phase", "hello"), self.sent if side == "sent" else self.received
+        if phase == "hello":
+            fresh = {k: v for k, v in fields.items() if k not in ("resuming", "checkpoints")}
+            extra.bytes += len(encode(msg)) - len(encode(replace(msg, text=json.dumps(fresh))))
+        elif isinstance(phase, str) and phase.startswith("resume"):
+            extra.messages, extra.bytes = extra.messages + 1, extra.bytes + len(encode(msg))
+
+    def uncount(self, meter: Meter) -> None:
+        for table, extra in ((meter.sent, self.sent), (meter.received, self.received)):
+            if extra.bytes or extra.messages:
+                counted = table[("", "control")]
+                counted.messages, counted.bytes = counted.messages - extra.messages, counted.bytes - extra.bytes

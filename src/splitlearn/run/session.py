@@ -11,22 +11,21 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator
 
 from ..core.engine import Party, PartyError, SessionRestart
 from ..core.optimizing import WHOLE
 from ..core.plan import differing_entries, plan_hash, plan_parts, plan_value
 from ..core.specs import PlanError
-from ..core.stopping import EpochAgreement
 from ..wire.codec import WireError
 from ..wire.control import START, Cursor
 from ..wire.link import Link
-from ..wire.messages import PROTOCOL_VERSION, Kind, Message, hello, quote, read_hello
+from ..wire.messages import PROTOCOL_VERSION, Kind, Message, encode, hello, quote, read_hello
 from ..wire.transport import PeerRestarted, TransportError, TransportTimeout
 from .report import Metrics, PartyReport, Progress
-from .resume import (agree_on_resume, answer_finished, count_kept_messages, finished_neighbours, held_by, learn_held,
-                     say_resume, set_aside, usable_checkpoints)
+from .epochs import epoch_agreement, indices, settle_epoch, settles, stopped
+from .resume import (ResumeTraffic, agree_on_resume, answer_finished, count_kept_messages, finished_neighbours,
+                     held_by, learn_held, say_resume, set_aside, usable_checkpoints)
 from .setup import Step, accumulated
 
 log = logging.getLogger("splitlearn.run.session")
@@ -103,6 +102,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
     neighbours = party.graph.neighbours(me)
     psi = setup is not None and party.graph.plan.data.align == "psi"
     ahead = _Ahead(party, neighbours, first)  # messages of a later phase that came early (or began a restart)
+    extra = ResumeTraffic() if checkpoints is not None else None  # off the meter if it begins again from the start
 
     def deadline() -> float | None:  # the hello, like the goodbye, has one deadline however much arrives
         return None if party.timeout is None else time.monotonic() + party.timeout
@@ -121,10 +121,12 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
 
         def say() -> None:
             for p in neighbours:
-                link.send(hello(me, p, ours["plan_hash"], ids, rows=list(rows) if rows else None,
-                                phase=phase if phase != "hello" else None, plan_parts=parts, **(agree or {}),
-                                **(tell or {}), target_scale=setup.scale_hello(p) if counts and setup is not None
-                                else None))
+                msg = hello(me, p, ours["plan_hash"], ids, rows=list(rows) if rows else None,
+                            phase=phase if phase != "hello" else None, plan_parts=parts, **(agree or {}),
+                            **(tell or {}), target_scale=setup.scale_hello(p) if counts and setup is not None else None)
+                link.send(msg)
+                if extra is not None:
+                    extra.note("sent", msg, json.loads(msg.text))
 
         if rows is not None or not counts:
             say()
@@ -188,6 +190,8 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
                     continue
             heard.add(msg.sender)
             got[msg.sender] = theirs
+            if extra is not None:
+                extra.note("received", msg, theirs)
             if not sent and rows is not None:
                 say()
                 sent = True
@@ -209,7 +213,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
             party.resumed_at = done.step
             yield {"resume": done, "finished": True}
         else:
-            yield from _agree_and_handshake(party, setup, checkpoints, heard, exchange, ahead, psi)
+            yield from _agree_and_handshake(party, setup, checkpoints, heard, exchange, ahead, psi, extra)
         for p in neighbours:
             link.send(Message(Kind.STOP, me, p, text="done"))
         until = deadline()
@@ -242,9 +246,11 @@ def _tell_neighbours(party: Party, error: Exception) -> None:
 
 
 def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[Cursor] | None, heard: dict[str, dict],
-                         exchange: Callable[..., dict[str, dict]], ahead: _Ahead, psi: bool) -> Iterator[dict]:
+                         exchange: Callable[..., dict[str, dict]], ahead: _Ahead, psi: bool,
+                         extra: ResumeTraffic | None) -> Iterator[dict]:
     """The session between the first hello and the steps: the PSI alignment and the rows hello, the
-    resume agreement, the handshake; yields ``{"resume": cursor}``."""
+    resume agreement, the handshake; yields ``{"resume": cursor}``. A resume from the start counts as a new run
+    (``extra``: what the resuming hellos said beyond a new run's)."""
     link, me = party.link, party.name
     resuming = checkpoints is not None
     known = held_by(me, checkpoints, heard) if resuming else {}
@@ -265,6 +271,8 @@ def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[Cursor] | N
         resume = agree_on_resume(me, known, parties)
         exchange("resume", "", None, False, agree={"resume_from": None if resume is None else list(resume)})
         say_resume(me, checkpoints, resume, known)
+        if resume is None:
+            extra.uncount(party.meter)
     party.resumed_at = -1 if resume is None else resume.step  # where every party goes on (flow control)
     if party.secure.groups:  # merge = "secure_sum": the members agree their mask keys (core/securesum.py)
         party.secure.agree(lambda phase, tell: exchange(phase, "", None, False, tell=tell), _certified(party))
@@ -358,18 +366,20 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
             raise
         if attempt:  # what this session counts (a checkpoint's meter replaces it where one is common)
             load_meter(party.meter, meter_state(Meter(party.name)))
+            for msg in first:  # the hello that began it, counted before
+                party.meter.on_recv(msg.wire, "control", len(encode(msg)), msg.payload_bytes)
         try:
             with session(party, ids_hash, setup, held, first) as info:
                 if full is None:
                     full = accumulated(list(steps() if callable(steps) else steps), party.graph.plan.train.accumulate)
                 todo = full
-                agreement = _epoch_agreement(party, full) if validating else None
+                agreement = epoch_agreement(party, full) if validating else None
                 start, due = 0, False  # due: a checkpoint waits for the end of the gradient group
                 if info["resume"] is not None:  # the state at that cursor, as it was (accounting included)
                     tensors, manifest = checkpoints.load(info["resume"])
                     restore(party, tensors, manifest)
                     if agreement is not None and agreement.stopped is not None:  # it stopped early before
-                        todo = _stopped(full, agreement.steps[agreement.stopped] // party.pipeline)
+                        todo = stopped(full, agreement.steps[agreement.stopped] // party.pipeline)
                     count_kept_messages(party)
                     metrics.load(manifest["metrics"])
                     timing, epoch = manifest["timing"], manifest["epoch"]
@@ -384,7 +394,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                         set_aside(party.name, checkpoints)
                     checkpoints.save(START, *capture(party, {"metrics": metrics.state(), "timing": timing,
                                                              "epoch": None}))
-                for i in _indices(start, lambda: len(todo)):
+                for i in indices(start, lambda: len(todo)):
                     step = todo[i]
                     if epoch is not None and step.epoch != epoch:
                         metrics.close_epoch(epoch)
@@ -411,14 +421,14 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                     if step.mode == "predict":
                         for k, v in out.predictions.items():
                             predictions.setdefault(k, []).append(v)
-                    settles = agreement is not None and _settles(todo, i)
-                    if settles:  # the epoch's last validation step: the network agrees on its best epoch
+                    settled = agreement is not None and settles(todo, i)
+                    if settled:  # the epoch's last validation step: the network agrees on its best epoch
                         metrics.close_epoch(epoch)
                         epoch = None
-                        if _settle_epoch(party, agreement, step, metrics):
-                            todo = _stopped(todo, step.id)  # every party drops the same epochs
+                        if settle_epoch(party, agreement, step, metrics):
+                            todo = stopped(todo, step.id)  # every party drops the same epochs
                     if checkpoints is not None and step.mode in ("train", "eval"):
-                        last = i + 1 == len(todo) or todo[i + 1].epoch != step.epoch or settles
+                        last = i + 1 == len(todo) or todo[i + 1].epoch != step.epoch or settled
                         every = checkpoints.every
                         due = due or step.mode == "train" and bool(every) and timing["train_steps"] % every == 0
                         if last or due and step.update.last:
@@ -453,48 +463,3 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
         a = party.precision.epochs
         report.stopping = {"best_epoch": a.best, "stopped_at": a.stopped, "metric": a.metric, "loss": a.loss}
     return report
-
-
-# -- validation and early stopping (splitlearn.core.stopping) ----------------------------------------------------
-
-def _indices(start: int, length: Callable[[], int]) -> Iterator[int]:
-    """``start``, ``start + 1``, ... while below ``length()`` (asked again each time: an early stop shortens it)."""
-    i = start
-    while i < length():
-        yield i
-        i += 1
-
-
-def _settles(todo: list[Step], i: int) -> bool:
-    """Whether ``todo[i]`` is its epoch's last validation step (after it the parties agree on the best epoch)."""
-    step = todo[i]
-    return step.split == "validation" and (i + 1 == len(todo) or todo[i + 1].split != "validation"
-                                           or todo[i + 1].epoch != step.epoch)
-
-
-def _stopped(todo: list[Step], step_id: int) -> list[Step]:
-    """The schedule once the run stops after step ``step_id``: the test steps follow at once, numbered on."""
-    at = next(i for i, s in enumerate(todo) if s.id == step_id)
-    tests = [s for s in todo[at + 1:] if s.mode == "eval" and s.split == "test"]
-    return todo[:at + 1] + [replace(s, id=step_id + 1 + j, epoch=todo[at].epoch) for j, s in enumerate(tests)]
-
-
-def _epoch_agreement(party: Party, full: list[Step]) -> EpochAgreement:
-    """The party's side of the epoch verdicts, attached where its engine hands them (``precision.epochs``)."""
-    ends = [s.id * party.pipeline for i, s in enumerate(full) if _settles(full, i)]
-    agreement = EpochAgreement(party.graph, party.name, party.link, ends, PartyError)
-    party.precision.epochs = agreement
-    return agreement
-
-
-def _settle_epoch(party: Party, agreement: EpochAgreement, step: Step, metrics: Metrics) -> bool:
-    """Agree on the best epoch after ``step`` (its epoch's last validation step); keep the weights of a new best,
-    and before the test steps (the last epoch's, or a stop) load the best epoch's. Whether the run stops."""
-    loss, metric = agreement.loss, agreement.metric
-    best, stop = agreement.settle(step.epoch, lambda: (metrics.hist.get(loss, {}).get(metric) or [None])[-1],
-                                  lambda done: party.wait_after(step.id, done))
-    if best == step.epoch:
-        agreement.keep(party.modules)
-    if stop or step.epoch == party.graph.plan.train.epochs - 1:
-        agreement.use_best(party.modules)
-    return stop
