@@ -83,6 +83,8 @@ def test_two_sites_pooled_equal_one_session_over_the_union_of_their_rows(kind):
                         "losses": {"y": {}}})
         records = pool.add(records, Turn(i, 0, "eval", None, ()), 0, site.scores, records[-1], keep_in_record=False)
     (pooled,) = [r for r in pool.close(records) if r["mode"] == "pooled"]
+    assert "ci95" not in pooled["losses"]["y"]  # drawn once asked for (a checkpoint, the report), not every round
+    pool.settle()
     assert pooled["losses"]["y"] == union
     # heads at the clients: each keeps its scores in its record (through JSON); the result pools them
     plan = _plan(kind, clients=True)

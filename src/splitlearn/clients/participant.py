@@ -379,6 +379,7 @@ class Participant:
         traffic with its training as every plain plan always has)."""
         self.close_tracker()
         self.records = self.pool.close(self.records)
+        self.pool.settle()
         session = self.plan_session or PartyReport(self.name)
         privacy = {}
         if self.in_turns and self.train_work["steps"]:

@@ -194,13 +194,15 @@ def _pools(plan: Plan, reports: dict[str, PartyReport]) -> dict[str, dict[int, d
                 elif r["mode"] == "pooled":
                     pooled.setdefault((loss, r["round"]), []).append(r)
     out: dict[str, dict[int, dict]] = {}
+    last = {loss: rnd for loss, rnd in sorted(evals, key=lambda k: k[1])}  # the evaluation whose intervals are given
     for (loss, rnd), turns in sorted(evals.items(), key=lambda kv: kv[0][1]):
         recs = [turns[t] for t in sorted(turns)]
         heads = pooled.get((loss, rnd), [])
         if len(heads) == 1:
             metrics = heads[0]["losses"][loss]
         elif all("scores" in r and loss in r["scores"] for r in recs):
-            metrics = evaluation_metrics(plan.losses[loss].kind, [_scores(r["scores"][loss]) for r in recs])
+            metrics = evaluation_metrics(plan.losses[loss].kind, [_scores(r["scores"][loss]) for r in recs],
+                                         intervals=rnd == last[loss])
         else:
             metrics = _mean(recs, loss)
         sites = {r["client"]: {"rows": r["rows"], **{k: v for k, v in r["losses"][loss].items()

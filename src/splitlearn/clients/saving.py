@@ -27,6 +27,7 @@ class StateSaving(Participant):
         optimizers (and the server copies kept per client), the federation's average, the random
         stream, meters, records and the training its noise spent."""
         self.records = self.pool.close(self.records)  # the round's evaluation is over: its pooled record goes in
+        self.pool.settle()  # with its intervals, as the run's end would give them
         tensors, optim = {}, {}
         if self.setup is not None:
             tensors.update(checkpoints.module_tensors(self.setup.modules))
@@ -74,6 +75,7 @@ class StateSaving(Participant):
         self.attempt, self.resuming = attempt, False
         self.lent = None
         self.pool.clear()
+        self.pool.unsettled = None  # (its record is no longer among the records: those of the checkpoint are)
         self._early.clear()
         self._pending.clear()
         return man

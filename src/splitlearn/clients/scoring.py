@@ -2,7 +2,9 @@
 its heads' evaluation scores (:class:`~splitlearn.run.report.Metrics`, given back as the report's
 ``scores``), and :class:`EvaluationPool` writes one pooled record per evaluation: the figures of
 :func:`~splitlearn.core.metrics.evaluation_metrics` over the union of the rows (never a mean of
-per-client figures)."""
+per-client figures). Its bootstrap intervals and curves are drawn for the last pooled record only, once asked
+(:meth:`EvaluationPool.settle`: a checkpoint, the report), as a plain plan's party draws them
+(:meth:`~splitlearn.run.report.Metrics.settle`)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class EvaluationPool:
         self.plan = plan
         self.scores: dict[str, list[Scores]] = {}
         self.of: tuple[int, int] | None = None
+        self.unsettled: tuple[dict, dict[str, list[Scores]]] | None = None  # the last pooled record, its scores
 
     def add(self, records: list[dict], turn: Turn, attempt: int, scored: dict[str, list[Scores]], record: dict,
             keep_in_record: bool) -> list[dict]:
@@ -54,9 +57,20 @@ class EvaluationPool:
         pooled = {"mode": "pooled", "round": rnd, "epoch": evals[-1]["epoch"] if evals else 0,
                   "turns": [r["turn"] for r in evals], "clients": [r["client"] for r in evals],
                   "rows": sum(r["rows"] for r in evals),
-                  "losses": {k: evaluation_metrics(self.plan.losses[k].kind, v) for k, v in self.scores.items()}}
+                  "losses": {k: evaluation_metrics(self.plan.losses[k].kind, v, intervals=False)
+                             for k, v in self.scores.items()}}
+        self.unsettled = (pooled, self.scores)
         self.clear()
         return [r for r in records if not (r["mode"] == "pooled" and r["round"] == rnd)] + [pooled]
+
+    def settle(self) -> None:
+        """Draw the last pooled record's 95 % intervals and curves (once: the record in ``records`` gets them)."""
+        if self.unsettled is not None:
+            pooled, scores = self.unsettled
+            for k, v in scores.items():
+                found = evaluation_metrics(self.plan.losses[k].kind, v)
+                pooled["losses"][k].update({n: found[n] for n in ("ci95", "curves") if n in found})
+            self.unsettled = None
 
     def clear(self) -> None:
         self.scores, self.of = {}, None

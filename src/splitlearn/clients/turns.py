@@ -89,7 +89,8 @@ class TurnTaking(Participant):
             if self.tracker is not None:
                 self.tracker.turn = turn.index
             turn_steps = self.ctx.steps_of(self.plan, turn, self.clients.index(client)) if self.ctx else turn.steps
-            report = run_party(party, iter(turn_steps), ids_hash=tag, tracker=self.tracker)
+            # a turn's own intervals would be drawn for nothing: its record keeps its figures, the pooled one intervals
+            report = run_party(party, iter(turn_steps), ids_hash=tag, tracker=self.tracker, intervals=False)
         except (PartyError, PlanError, TransportError) as e:  # a peer that is gone or silent: failures as data
             self.refused += link.refused
             log.warning("%s: turn %d with %s failed: %s", self.name, turn.index, client, e)

@@ -175,14 +175,18 @@ class Metrics:
                 raise ValueError(f"a checkpoint of loss {k!r} falls between evaluation steps ({vn} test rows pending)")
             self.acc[k] = EpochSums(ts, tn)
 
-    def history(self) -> dict[str, dict[str, list]]:
+    def history(self, intervals: bool = True) -> dict[str, dict[str, list]]:
         """Each loss's per-epoch lists, with ``train_loss_steps``: [step id, loss] pairs, sampled,
-        ``ci95``: the last evaluation's intervals, and ``curves``: its curves for the report."""
-        self.settle()
+        ``ci95``: the last evaluation's intervals, and ``curves``: its curves for the report (``intervals``
+        False: neither, none drawn: a ``[clients]`` turn's figures, whose pooled record has them)."""
+        if intervals:
+            self.settle()
         out = {}
         for k, h in self.hist.items():
             pts = self.steps[k]
             every = max(1, -(-len(pts) // STEP_POINTS))
-            out[k] = {**h, "train_loss_steps": pts[::every], **({"ci95": self.ci[k]} if self.ci.get(k) else {}),
-                      **({"curves": self.curves[k]} if self.curves.get(k) else {})}
+            out[k] = {**h, "train_loss_steps": pts[::every]}
+            if intervals:
+                out[k].update({**({"ci95": self.ci[k]} if self.ci.get(k) else {}),
+                               **({"curves": self.curves[k]} if self.curves.get(k) else {})})
         return out

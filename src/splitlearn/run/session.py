@@ -328,7 +328,7 @@ MAX_RESTARTS = 20  # sessions begun again after a neighbour went back to a check
 
 def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]],
               on_step: Callable[[Progress], None] | None = None, ids_hash: str = "", tracker: Any = None,
-              setup: Any = None, checkpoints: Any = None, resume: bool = False) -> PartyReport:
+              setup: Any = None, checkpoints: Any = None, resume: bool = False, intervals: bool = True) -> PartyReport:
     """Run a party through the schedule; collect the metrics of the losses it computes (and
     stream them to ``tracker``, a :class:`~splitlearn.run.tracking.Tracker`). Its report is what the
     session knows (metrics, accounting and timings, refusals, predictions, scores); what the party
@@ -339,7 +339,8 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     :class:`~splitlearn.run.checkpoint.Checkpoints`): take one every ``every`` training steps and
     at every epoch's end; ``resume``: go on from the last one every party holds. With ``[train] accumulate``
     the steps are taken in gradient groups (:func:`~splitlearn.run.setup.accumulated`), and a checkpoint that
-    falls inside a group is taken at its end: no checkpoint holds gradients half accumulated."""
+    falls inside a group is taken at its end: no checkpoint holds gradients half accumulated. ``intervals`` False:
+    the report's metrics leave out the last evaluation's bootstrap intervals and curves (none is drawn)."""
     from ..wire.metering import Meter
     from .checkpoint import after_step, capture, load_meter, meter_state, restore
 
@@ -454,7 +455,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
             resume = True
     if epoch is not None:
         metrics.close_epoch(epoch)
-    report = PartyReport(party.name, metrics.history(), {**party.meter.summary(), **timing}, list(party.link.refused),
+    report = PartyReport(party.name, metrics.history(intervals), {**party.meter.summary(), **timing}, list(party.link.refused),
                          plays=party.name, modules=party.modules, predictions=predictions, scores=metrics.scores)
     report.refused_jumps = dict(party.bounds.refused)
     held = {id(t): t for m in party.modules.values() for t in [*m.parameters(), *m.buffers()]}  # shared once
