@@ -380,3 +380,23 @@ def test_multi_task_clients_report_every_task_of_every_epoch():
     for task in res["metrics"]["tasks"].values():
         assert None not in task["test_loss"] and len(task["test_loss"]) == 2
         assert task["test_accuracy"] > 0.6
+
+
+def test_every_simulated_client_starts_from_the_same_weights_in_storage_of_its_own():
+    """Clients are given copies of one fresh build (not one build each): equal weights, none shared."""
+    from splitlearn.clients.layout import Topology, physical_setups
+
+    from .conftest import EXAMPLES
+
+    plan, setups, _ = prepare(EXAMPLES / "sequential.toml")
+    held = physical_setups(plan, Topology.of(plan), setups)
+    clients = [s for n, s in held.items() if s is not None and n.startswith(plan.clients.template + "-")]
+    assert len(clients) == plan.clients.count == 10
+    fresh = build_segment(plan, "bottom").state_dict()
+    seen = set()
+    for s in clients:
+        state = s.modules["bottom"].state_dict()
+        assert all(torch.equal(state[k], fresh[k]) for k in fresh)
+        seen.update(t.data_ptr() for t in state.values())
+        assert s.optimizer.param_groups[0]["params"][0] is next(s.modules["bottom"].parameters())
+    assert len(seen) == len(clients) * len(fresh)  # no client trains another's tensors

@@ -76,7 +76,7 @@ def client_names(plan: Plan) -> list[str]:
 def client_of(plan: Plan, name: str) -> str | None:
     """``name`` if physical party ``name`` is a client of the plan's ``[clients]`` (it reads a client's rows),
     None for a fixed party, a federation and every party of a plain plan."""
-    return name if plan.clients is not None and name in plan.clients.names() else None
+    return name if plan.clients is not None and plan.clients.is_client(name) else None
 
 
 class Duty(enum.Flag):

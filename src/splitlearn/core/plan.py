@@ -12,6 +12,7 @@ this module checks what needs several of them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -139,12 +140,26 @@ class ClientsSpec(_Strict):
 
     def names(self) -> list[str]:
         """The clients' party names: ``template-1`` ... ``template-count``."""
-        return [f"{self.template}-{k}" for k in range(1, self.count + 1)]
+        return list(_client_names(self.template, self.count))
+
+    def is_client(self, name: str) -> bool:
+        """Whether ``name`` is one of :meth:`names` (asked for every party, every turn: not a list search)."""
+        return name in _client_set(self.template, self.count)
 
     def secure_floor(self) -> int:
         """The threshold of every round of secure aggregation: ``secure_threshold``, else ceil(2n/3) (at
         least 2) of the n clients a round draws; the federation asks it, every client insists on it."""
         return self.secure_threshold or max(2, -(-2 * _drawn({"count": self.count, "fraction": self.fraction}) // 3))
+
+
+@functools.lru_cache(maxsize=16)
+def _client_names(template: str, count: int) -> tuple[str, ...]:
+    return tuple(f"{template}-{k}" for k in range(1, count + 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _client_set(template: str, count: int) -> frozenset[str]:
+    return frozenset(_client_names(template, count))
 
 
 def _drawn(fields: dict[str, Any]) -> int:
