@@ -9,6 +9,12 @@ train/test split) in one process; accuracies are means over the seeds, and a set
 its mean accuracy minus that of the undefended plan over the same seeds. Leakage figures come
 from ``splitlearn.tools.audit.audit_run`` on each run (the worst over the plan's wires where there are
 several), averaged over the seeds.
+
+    .venv/bin/python bench/privacy.py --table    # writes the "privacy_table" section: defense x attack
+
+``--table`` trains each plan of :data:`TABLE_PLANS` once per defense setting of :data:`DEFENSES` and runs the
+audit (``audit_run``: every attack of the registry, those registered later included) on each run; it writes the
+table attack x defense with the main-task cost and a defense score after VFLAIR's DCS (:func:`dcs`).
 """
 
 from __future__ import annotations
@@ -201,12 +207,256 @@ def section_labels(seeds: list[int], strengths: list[float], tmp: Path) -> list[
     return lines
 
 
+# -- the defense x attack table (--table) ------------------------------------------------------------
+
+BETA = 0.5  # DCS: the weight of the attack's distance against the main task's (VFLAIR's default)
+
+
+def _digits_halves(tmp: Path) -> dict:
+    """digits split into left and right halves (4 of each row's 8 pixels) between two clinics, labels at the
+    server: tests/test_audit_attacks.py's plan (4 epochs), from an .npz written to ``tmp``."""
+    import numpy as np
+
+    from splitlearn.data.embedded import digits
+
+    x = digits().fields["x"].reshape(-1, 8, 8)
+    path = tmp / "digits_halves.npz"
+    np.savez(path, left=x[:, :, :4].reshape(-1, 32), right=x[:, :, 4:].reshape(-1, 32), y=digits().fields["y"])
+    sgd, bottom = {"name": "sgd", "lr": 0.1, "momentum": 0.9}, {"zoo": "mlp", "args": {"sizes": [32, 32],
+                                                                                       "out_activation": True}}
+    return {"name": "digits_halves", "data": {"dataset": "npz", "path": str(path)},
+            "train": {"epochs": 4, "batch_size": 64, "seed": 0},
+            "parties": {"clinic_a": {"holds": {"x": "left"}, "optimizer": sgd},
+                        "clinic_b": {"holds": {"x": "right"}, "optimizer": sgd},
+                        "server": {"holds": {"y": "y"}, "optimizer": sgd}},
+            "networks": {"bottom_a": bottom, "bottom_b": bottom, "top": {"zoo": "mlp", "args": {"sizes": [64, 32, 10]}}},
+            "segments": {"bottom_a": {"party": "clinic_a", "inputs": ["clinic_a.x"], "network": "bottom_a"},
+                         "bottom_b": {"party": "clinic_b", "inputs": ["clinic_b.x"], "network": "bottom_b"},
+                         "top": {"party": "server", "inputs": ["bottom_a", "bottom_b"], "merge": "concat",
+                                 "network": "top"}},
+            "losses": {"digit": {"input": "top", "target": "server.y"}}}
+
+
+# label -> (plan body from a temporary folder, epochs, the audit's --attribute, MID's bottleneck)
+TABLE_PLANS: dict[str, tuple[Any, int | None, str | None, int]] = {
+    "digits halves (vertical, 2 clinics)": (_digits_halves, None, None, 16),
+    "digits (vanilla)": (lambda tmp: load_plan(PLANS["digits (vanilla)"]).model_dump(mode="json"), None,
+                         "hospital.parity", 32),
+    "breast cancer (vertical 15/15)": (lambda tmp: load_plan(PLANS["breast cancer (vertical)"]).model_dump(mode="json"),
+                                       3, "clinic_a.x:0", 8),
+}
+# name -> (the wires it goes on: activation / returned gradients / label, its setting; "B": MID's bottleneck)
+DEFENSES: dict[str, tuple[str, Any]] = {
+    "none": ("", None),
+    "nopeek 0.5": ("activation", {"nopeek": 0.5}),
+    "noise sigma 1": ("activation", {"noise": {"clip": 1.0, "sigma": 1.0}}),
+    "randomized response eps 1": ("label", {"randomized_response": 1.0}),
+    "marvell 1.0": ("gradient", {"label_protection": {"kind": "marvell", "strength": 1.0}}),
+    "max_norm": ("gradient", {"label_protection": {"kind": "max_norm"}}),
+    "MID lambda 0.001": ("activation", {"mid": {"lambda": 0.001, "bottleneck": "B"}}),
+    "MID lambda 0.1": ("activation", {"mid": {"lambda": 0.1, "bottleneck": "B"}}),
+}
+# per-wire measures of the audit: (baseline, higher is stronger); inversion's figure is the MSE over the mean guess's
+WIRE_BASELINES = {"distance_correlation": (0.0, True), "inversion": (1.0, False), "label_leakage": (0.5, True),
+                  "text_inversion": (0.0, True)}
+PREFERRED = ("own_inputs", "majority_class", "majority_value", "mean_image", "chance")
+
+
+def _toml(setting: dict) -> str:
+    def val(v: Any) -> str:
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
+        return f'"{v}"' if isinstance(v, str) else f"{v:g}" if isinstance(v, float) else str(v)
+    return "; ".join(f"{k} = {val(v)}" for k, v in setting.items())
+
+
+def defended(body: dict, where: str, setting: dict | None, bottleneck: int) -> tuple[dict, list[str]] | None:
+    """``body`` with ``setting`` on every wire of kind ``where`` (None: no such wire); and those wires."""
+    if setting is None:
+        return body, []
+    from splitlearn.core.graph import build_graph
+
+    graph = build_graph(load_plan(body))
+    pick = {"activation": lambda w: w.carries == "activation" and graph.nodes[w.src].kind == "segment",
+            "gradient": lambda w: w.carries == "activation" and graph.receiver_computes_loss(w),
+            "label": lambda w: w.carries == "label"}[where]
+    wires = sorted({w.src for w in graph.wires if pick(w)})
+    if not wires:
+        return None
+    setting = {k: ({**v, "bottleneck": bottleneck} if isinstance(v, dict) and v.get("bottleneck") == "B" else v)
+               for k, v in setting.items()}
+    out = {**body, "wires": {**body.get("wires", {})}}
+    for src in wires:
+        out["wires"][src] = {**out["wires"].get(src, {}), **setting}
+    return out, wires
+
+
+def attack_rows(audit: dict, classes: int) -> dict[str, tuple[float, float, bool]]:
+    """Every figure of an audit: "attack: attacker on wire" -> (value, baseline, higher is stronger). Per-wire
+    measures as :data:`WIRE_BASELINES`; a registered attack's ``value`` against the first of its ``baselines``
+    in :data:`PREFERRED` order (lower is stronger where its declared figure is an MSE)."""
+    from splitlearn.tools.audit.attacks import ATTACKS
+
+    out = {}
+    for wire, entry in audit.get("wires", {}).items():
+        for measure, v in (entry.get("verdicts") or {}).items():
+            if v.get("value") is None:
+                continue
+            base, higher = WIRE_BASELINES.get(measure, (1.0 / classes, True))  # labels on the wire: chance
+            own = entry.get(measure) if isinstance(entry.get(measure), dict) else {}
+            who = own.get("attacker") or entry.get("attacker") or entry.get("receiver")
+            out[f"{measure}: {who} on {wire}"] = (float(v["value"]), base, higher)
+    for name, section in audit.get("attacks", {}).items():
+        higher = "MSE" not in ATTACKS.get(name).describe()["figure"] if name in ATTACKS else True
+        for r in section.get("results", []):
+            if r.get("value") is None:
+                continue
+            bases = {k: b for k, b in (r.get("baselines") or {}).items() if isinstance(b, (int, float))}
+            base = next((bases[k] for k in PREFERRED if k in bases), next(iter(bases.values()), 0.0 if higher else 1.0))
+            out[f"{name}: {r['attacker']} on {r['wire']}"] = (float(r["value"]), float(base), higher)
+    return out
+
+
+def strength(value: float, base: float, higher: bool) -> float:
+    """The attack's share of the way from its baseline to a perfect attack, in [0, 1]: ``(v - b) / (1 - b)`` for a
+    figure where higher is stronger (an accuracy, an AUC, a dCor), ``(b - v) / b`` for an error (a relative MSE)."""
+    s = (value - base) / (1 - base) if higher else (base - value) / base
+    return min(1.0, max(0.0, s)) if base != (1 if higher else 0) else 0.0
+
+
+def dcs(attack: float, main_loss: float) -> float:
+    """VFLAIR's Defense Capability Score for one attack: ``1 / (1 + D)``, ``D = sqrt(BETA * A^2 + (1 - BETA) * M^2)``,
+    ``A`` the attack's :func:`strength` under the defense (0: at its baseline, the ideal), ``M`` the main-task
+    accuracy lost against the undefended run (0 where it gained)."""
+    return 1.0 / (1.0 + (BETA * attack ** 2 + (1 - BETA) * max(0.0, main_loss) ** 2) ** 0.5)
+
+
+def _pinned():
+    """The parties' noise secrets pinned (each draws a new one every run), so that the table is reproducible."""
+    from types import SimpleNamespace
+
+    from splitlearn.core import engine
+
+    class Pin:
+        def __enter__(self):
+            self.was, engine.secrets = engine.secrets, SimpleNamespace(randbits=lambda bits: 0)
+
+        def __exit__(self, *exc):
+            engine.secrets = self.was
+    return Pin()
+
+
+def section_table(tmp: Path) -> str:
+    from splitlearn.core.specs import PlanError
+    from splitlearn.tools.audit.attacks import attack_names
+
+    lines = ["## Privacy: every defense against every attack, with its cost and a defense score", "",
+             "Written by `.venv/bin/python bench/privacy.py --table` in {SECONDS} s. Machine: "
+             f"{platform.machine()}, torch {torch.__version__}, one torch thread, in-process parties; seed 0, the "
+             "parties' noise secrets pinned to 0 (one reproducible run per cell; noise, Marvell, randomized response "
+             "and MID draw other noise with other secrets, so a cell moves by a few points from secret to secret).",
+             "Attacks: every one registered (`" + "`, `".join(attack_names()) + "`), run by `audit_run` (inversion "
+             "decoder 50 epochs) on each run: those that apply to a plan are its rows.", "",
+             f"**Defense score (after VFLAIR's DCS).** For one attack under a defense, `A` is the attack's share of "
+             "the way from its baseline to a perfect attack, `(v - b) / (1 - b)` for a figure where higher is stronger "
+             "(accuracy, AUC, dCor) and `(b - v) / b` for an error (the inversion's MSE over the mean guess's, "
+             "b = 1), clipped to [0, 1]; `M` is the main-task accuracy lost against the undefended run (0 where it "
+             f"gained). `D = sqrt(beta A^2 + (1 - beta) M^2)` with beta = {BETA}, the distance of (attack, main task) "
+             "from the ideal (attack at its baseline, main task at the undefended accuracy), and `DCS = 1 / (1 + D)`, "
+             "in [0.5, 1] (1: the ideal). A defense's score on a plan is the mean over the plan's attack rows. "
+             "Baselines b: dCor 0; inversion 1 (the mean guess); label leakage AUC 0.5; labels on the wire chance; "
+             "the registry's attacks their first of own inputs (model completion: what the party knows without the "
+             "run), majority class, majority value.", ""]
+    advice = []
+    for label, (make, epochs, attribute, bottleneck) in TABLE_PLANS.items():
+        body = make(tmp)
+        classes = 2 if "cancer" in label else 10
+        res: dict[str, dict] = {}
+        for name, (where, setting) in DEFENSES.items():
+            got = defended(body, where, setting, bottleneck)
+            if got is None:
+                res[name] = {"why": f"no {where} wire"}
+                continue
+            run_body, wires = got
+            out = Path(tempfile.mkdtemp(dir=tmp))
+            try:
+                with _pinned():
+                    result = train(load_plan(run_body), epochs=epochs, seed=0, out=out)
+            except PlanError as e:
+                res[name] = {"why": str(e).split("\n")[0].split("': ", 1)[-1]}
+                continue
+            audit = audit_run(out, epochs=50, attribute=attribute)
+            eps = [v["epsilon"] for v in (result.get("privacy") or {}).values() if isinstance(v, dict) and "epsilon" in v]
+            res[name] = {"acc": result["metrics"]["test_accuracy"], "rows": attack_rows(audit, classes),
+                         "wires": wires, "setting": run_body["wires"][wires[0]] if wires else {},
+                         "eps": max(eps) if eps else None}
+            print(f"table {label} {name}: acc {res[name]['acc']:.4f}", flush=True)
+        ref = res["none"]
+        names = [n for n in res if "acc" in res[n]]
+        rows = list(ref["rows"])
+        lines += [f"### {label}", "", "| attack: attacker on wire (figure, baseline) | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        score = {n: [] for n in names}
+        for row in rows:
+            v0, base, higher = ref["rows"][row]
+            cells = []
+            for n in names:
+                got = res[n]["rows"].get(row)
+                if got is None:
+                    cells.append("-")
+                    continue
+                d = dcs(strength(*got), ref["acc"] - res[n]["acc"])
+                score[n].append(d)
+                cells.append(f"{got[0]:.3f} ({d:.2f})")
+            lines.append(f"| {row} ({'higher' if higher else 'lower'} leaks more; b = {base:.3f}) | "
+                         + " | ".join(cells) + " |")
+            s0 = strength(v0, base, higher)
+            if s0 >= 0.1:  # it leaks: the cheapest defense that halves it, else the one that scores best on it
+                tried = [n for n in names if n != "none" and row in res[n]["rows"]]
+                halving = [n for n in tried if strength(*res[n]["rows"][row]) <= s0 / 2]
+                pick = (min(halving, key=lambda n: (ref["acc"] - res[n]["acc"], strength(*res[n]["rows"][row])))
+                        if halving else max(tried, key=lambda n: dcs(strength(*res[n]["rows"][row]),
+                                                                      ref["acc"] - res[n]["acc"]), default=None))
+                if pick is not None:
+                    b = res[pick]
+                    advice.append(f"- {label}, {row}: {v0:.3f} undefended -> {b['rows'][row][0]:.3f} with "
+                                  f"`{_toml(b['setting'])}` on `[wires.{b['wires'][0]}]`"
+                                  + (f" (and {', '.join(b['wires'][1:])})" if len(b["wires"]) > 1 else "")
+                                  + f", for {pts(b['acc'], ref['acc'])} points of main-task accuracy"
+                                  + ("." if halving else ": no defense of the table halves it; this one scores best "
+                                     "on it (DCS)."))
+        lines.append("| main-task test accuracy | " + " | ".join(f"{res[n]['acc']:.4f}" for n in names) + " |")
+        lines.append("| change (points) | " + " | ".join(pts(res[n]["acc"], ref["acc"]) for n in names) + " |")
+        lines.append("| epsilon spent (noise) | " + " | ".join(f"{res[n]['eps']:.1f}" if res[n]["eps"] else "-"
+                                                              for n in names) + " |")
+        lines.append("| **defense score (mean DCS)** | " + " | ".join(
+            f"**{statistics.fmean(score[n]):.3f}**" if score[n] else "-" for n in names) + " |")
+        skipped = [f"{n} ({res[n]['why']})" for n in res if "why" in res[n]]
+        lines += ["", "Cells: the attack's figure under the defense (its DCS). Settings, on every wire they apply "
+                  "to: " + "; ".join(f"{n}: `{_toml(res[n]['setting'])}`" for n in names if n != "none") + "."
+                  + (f" Not applicable: {'; '.join(skipped)}." if skipped else ""), ""]
+    lines += ["### What reduces each leak, measured", "",
+              "For each attack that leaks undefended (`A` >= 0.1: a tenth of the way from its baseline to a perfect "
+              "attack), the cheapest defense of the table that halves `A`, its plan line and its cost in main-task "
+              "accuracy (where none halves it, the one with the best DCS on it):", "", *advice, ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
     ap.add_argument("--alphas", default="0,0.25,0.3,0.35,0.4,0.5,1,1.5,2,3,4,8", help="NoPeek alphas (the first is the reference)")
     ap.add_argument("--strengths", default="0.25,0.5,1,2", help="Marvell strengths")
+    ap.add_argument("--table", action="store_true", help="only the defense x attack table (its own section)")
     args = ap.parse_args()
+    if args.table:
+        torch.set_num_threads(1)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            text = section_table(Path(tmp))
+        write_section("privacy_table", text.replace("{SECONDS}", f"{time.perf_counter() - t0:.0f}"))
+        print("wrote the privacy_table section of BENCHMARKS.md")
+        return
     seeds = list(range(args.seeds))
     alphas = [float(a) for a in args.alphas.split(",")]
     strengths = [float(s) for s in args.strengths.split(",")]

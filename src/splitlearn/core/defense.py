@@ -17,6 +17,10 @@ the core never imports it. Any other registered key is accepted in a plan too::
     register(Shift())  # before the plan is loaded: [wires.bottom] shift = { by = 1.0 }
 
 Defense noise comes from :meth:`WireContext.rng`: the sending party's secret, never the plan.
+
+A defense with trainable parameters (``mid``) returns them from :meth:`Defense.module`; they are built with
+the sender's segment and kept in it as the child ``defense_KEY`` (:func:`attach_modules`, called where a
+segment is built), so the sender's optimizer trains them and its weights and checkpoints hold them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .wirespec import WireSpec
 
 if TYPE_CHECKING:  # torch is imported where a tensor is made: validating a plan does not load it
     import torch
-    from torch import Tensor
+    from torch import Tensor, nn
 
     from .engine import Party
     from .graph import Graph, Stage, Wire
@@ -38,7 +42,8 @@ if TYPE_CHECKING:  # torch is imported where a tensor is made: validating a plan
     from .step import StepState
 
 __all__ = ["ALL_MODES", "BUILT_IN_KEYS", "Defense", "SweepParam", "WireContext", "register", "active", "validate",
-           "check_data", "privacy_spent", "sweep_params", "defends", "defend_forward", "defend_backward"]
+           "check_data", "privacy_spent", "sweep_params", "defends", "defend_forward", "defend_backward",
+           "module_name", "attach_modules"]
 
 ALL_MODES = frozenset({"train", "eval", "predict"})  # a defense never acts in the handshake
 BUILT_IN_KEYS = ("nopeek", "noise", "label_protection", "randomized_response")  # fields of WireSpec
@@ -107,6 +112,17 @@ class WireContext:
         """Classes of the labels the wire carries (the sender's side of a label wire)."""
         return self.party.num_classes[self.wire.src]
 
+    def module(self, defense: Defense) -> nn.Module:
+        """The trainable parameters ``defense`` keeps in the sender's segment (:meth:`Defense.module`); a
+        PlanError where the segment was built without them (a module given from outside a plan)."""
+        segment = getattr(self.party, "modules", {}).get(self.wire.src)
+        child = dict(segment.named_children()).get(module_name(defense.key)) if segment is not None else None
+        if child is None:
+            raise PlanError(f"{defense.key} on {self.wire.src!r}: its parameters are not in the segment "
+                            f"{self.wire.src!r} (the child {module_name(defense.key)!r})", entry=f"wires.{self.wire.src}",
+                            hint="build the segment from the plan (models.build.build_segment attaches them)")
+        return child
+
 
 class Defense:
     """One defense. Subclasses set ``key`` (its key in ``[wires.SOURCE]``) and override what they need.
@@ -147,6 +163,11 @@ class Defense:
 
     def privacy_spent(self, wire: Wire, config: Any, plan: Plan, samples: int, steps: int) -> dict | None:
         """The privacy the sender spent after ``steps`` training steps over ``samples`` rows, or None."""
+        return None
+
+    def module(self, plan: Plan, source: str, config: Any) -> nn.Module | None:
+        """Trainable parameters the sender keeps for the wires from segment ``source`` (None: none); built with
+        the segment, as its child ``defense_KEY`` (:func:`attach_modules`); :meth:`WireContext.module` finds it."""
         return None
 
 
@@ -213,6 +234,26 @@ def privacy_spent(graph: Graph, party: str, samples: int, steps: int) -> dict[st
             if spent is not None:
                 out.setdefault(wire.name, {}).update(spent)
     return out
+
+
+def module_name(key: str) -> str:
+    """The name of defense ``key``'s child in the sender's segment module."""
+    return f"defense_{key}"
+
+
+def attach_modules(plan: Plan, segment: str, module: nn.Module) -> nn.Module:
+    """``module`` (segment ``segment``'s, just built) with the trainable parameters of the defenses of the wires
+    it sends added as children (:meth:`Defense.module`): its party's optimizer trains them and its weights and
+    checkpoints hold them. A child of an ``nn.Sequential`` runs last in its forward, so such a module must pass
+    its input on unchanged."""
+    spec = plan.wires.get(segment)
+    if spec is None:
+        return module
+    for defense, config in active(spec):
+        child = defense.module(plan, segment, config)
+        if child is not None:
+            module.add_module(module_name(defense.key), child)
+    return module
 
 
 def sweep_params() -> dict[str, tuple[Defense, SweepParam]]:

@@ -37,6 +37,7 @@ class StepState:
     sent: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> the tensor sent on it (after defenses)
     masked: dict[str, torch.Tensor] = field(default_factory=dict)  # node -> its masked tensor, into a secure sum
     extra: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage -> extra loss terms (NoPeek)
+    notes: dict[tuple[str, str], object] = field(default_factory=dict)  # (defense, wire) -> its values of the step
     out: StepOutput = field(default_factory=StepOutput)
     share: float = 1.0  # this micro-batch's share of the step's rows (1: the whole batch)
     stages: list[Stage] = field(default_factory=list)  # stages still to run backward

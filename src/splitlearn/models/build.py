@@ -279,7 +279,14 @@ def _tied_names(piece: HFPiece) -> set[str]:
 
 
 def build_segment(plan: Plan, segment: str) -> nn.Module:
-    """The module a segment runs: its network, a slice of it (nn.Sequential) or a piece cut by name."""
+    """The module a segment runs: its network, a slice of it (nn.Sequential) or a piece cut by name, with the
+    trainable parameters of its wires' defenses (:func:`~splitlearn.core.defense.attach_modules`)."""
+    from ..core.defense import attach_modules
+
+    return attach_modules(plan, segment, _segment_module(plan, segment))
+
+
+def _segment_module(plan: Plan, segment: str) -> nn.Module:
     spec = plan.segments[segment]
     if is_hf_network(plan, spec.network):
         return _hf_segment(plan, segment)

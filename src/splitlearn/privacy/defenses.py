@@ -1,5 +1,7 @@
 """The built-in wire defenses, registered on import: ``nopeek``, ``noise``, ``label_protection``
-and ``randomized_response`` (fields of :class:`~splitlearn.core.wirespec.WireSpec`).
+and ``randomized_response`` (fields of :class:`~splitlearn.core.wirespec.WireSpec`), and ``mid``
+(:mod:`splitlearn.privacy.mid`, a registered key: ``[wires.X] mid = { lambda = ..., bottleneck = ... }``),
+registered after ``nopeek`` so that ``noise`` on the same wire noises what MID decodes.
 
 The protocol lives in the core (:mod:`splitlearn.core.defense`) and the registry in
 :mod:`splitlearn.core.registry`, which imports this module by name the first time the registry is
@@ -26,6 +28,7 @@ from ..core.defense import ALL_MODES, Defense, SweepParam, WireContext, register
 from ..core.graph import Graph, Wire
 from ..core.plan import Plan
 from ..core.specs import PlanError
+from .mid import MID
 
 __all__ = ["NoPeek", "Noise", "LabelProtection", "RandomizedResponse"]
 
@@ -140,5 +143,5 @@ class RandomizedResponse(Defense):
         return randomized_response(value, ctx.config, ctx.num_classes(), ctx.rng(2))
 
 
-for _defense in (NoPeek(), Noise(), LabelProtection(), RandomizedResponse()):
+for _defense in (NoPeek(), MID(), Noise(), LabelProtection(), RandomizedResponse()):
     register(_defense)

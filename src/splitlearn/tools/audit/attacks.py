@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from .run import RunFolder
 
 __all__ = ["Attack", "Target", "Settings", "ATTACKS", "register_attack", "unregister_attack", "attack_names",
-           "get_attack", "describe_attacks", "chosen", "check_settings", "run_attacks", "attack_notes", "LEAKS", "MILD",
-           "NONE"]
+           "get_attack", "describe_attacks", "chosen", "not_named", "check_settings", "run_attacks", "attack_notes",
+           "LEAKS", "MILD", "NONE", "ACTIVE_NOT_NAMED"]
 
 LEAKS, MILD, NONE = "leaks", "mild", "no measurable leak"  # the verdicts (as splitlearn.tools.audit.verdicts')
 
@@ -113,7 +113,10 @@ class Attack(ABC):
 ATTACKS: Registry[Attack] = Registry("attack", builtins=("splitlearn.tools.audit.wires",
                                                            "splitlearn.tools.audit.completion",
                                                            "splitlearn.tools.audit.clustering",
-                                                           "splitlearn.tools.audit.probe"))
+                                                           "splitlearn.tools.audit.probe",
+                                                           "splitlearn.tools.audit.active.backdoor"))
+ACTIVE_NOT_NAMED = ("an active attack: it trains the run's plan again in this process with a malicious party "
+                    "(several times the run's own time); name it to run it: audit --attack {name}")
 
 
 def register_attack(attack: Attack, *, replace: bool = False) -> Attack:
@@ -193,17 +196,27 @@ def run_attacks(run: RunFolder, names: list[str], settings: Settings, out_dir: P
 
 
 def chosen(names: Sequence[str] | None) -> tuple[frozenset[str], list[str]]:
-    """The per-wire measures and the other attacks that ``audit --attack`` names (None: every registered one);
-    a ValueError naming the registered attacks for a name that is none of them."""
+    """The per-wire measures and the other attacks that ``audit --attack`` names (None: every registered passive
+    one: an active attack runs only when named, see :func:`not_named`); a ValueError naming the registered attacks
+    for a name that is none of them."""
     known = ATTACKS.names()
     if names is None:
-        names = known
+        names = [n for n in known if not ATTACKS.get(n).active]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"no attack named {unknown[0]!r}; registered: {', '.join(known)}")
     names = list(dict.fromkeys(names))
     return (frozenset(n for n in names if ATTACKS.get(n).per_wire),
             [n for n in names if not ATTACKS.get(n).per_wire])
+
+
+def not_named(names: Sequence[str] | None) -> dict[str, Any]:
+    """The audit's section for each registered active attack an audit of every attack (``names`` None) leaves out:
+    its declaration and why it did not run."""
+    if names is not None:
+        return {}
+    return {n: {**ATTACKS.get(n).describe(), "results": [], "why_not": ACTIVE_NOT_NAMED.format(name=n)}
+            for n in ATTACKS.names() if ATTACKS.get(n).active}
 
 
 def check_settings(run: RunFolder, names: list[str], settings: Settings) -> None:

@@ -43,7 +43,7 @@ from ...launch.results import non_finite
 from . import inversion, measures
 from .inversion import _widen
 from .where import image_shape, loss_sources, wire_slug
-from .attacks import Settings, attack_notes, check_settings, chosen, run_attacks
+from .attacks import Settings, attack_notes, check_settings, chosen, not_named, run_attacks
 from .wires import WIRE_MEASURES, keep_measures
 
 __all__ = ["AuditError", "audit_run", "RunFolder"]
@@ -421,7 +421,7 @@ def audit_run(run_dir: str | Path, aux_fraction: float = 0.1, seed: int = 0, epo
         raise AuditError(str(e)) from None
     audit = _audit(run, aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows,
                    progress=progress, per_wire=per_wire)
-    audit["attacks"] = run_attacks(run, others, settings, run.folder / "audit", progress)
+    audit["attacks"] = {**run_attacks(run, others, settings, run.folder / "audit", progress), **not_named(attacks)}
     audit = add_verdicts(audit)
     audit["explanations"] += attack_notes(audit["attacks"])
     from ...launch.results import write_json
