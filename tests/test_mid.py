@@ -105,3 +105,37 @@ def test_bad_mid_settings_are_refused_with_one_clear_message(setting, words):
 def test_mid_is_refused_on_a_label_wire():
     with pytest.raises(PlanError, match="label wire"):
         load_plan(_vanilla({"hospital.y": {"mid": {"lambda": 0.1, "bottleneck": 32}}}))
+
+
+def test_mid_trains_over_party_processes_and_its_saved_layers_predict_as_the_run_scored(tmp_path):
+    """A party process holds MID's layers before its first step (they take the wire's size at the handshake):
+    its state is saved, checkpointed and read back by ``predict`` like the segment's own layers."""
+    plan = tmp_path / "mid.toml"
+    plan.write_text((EXAMPLES / "vanilla.toml").read_text() + "\n[wires.bottom]\nmid = { lambda = 0.001, bottleneck = 8 }\n")
+    result = splitlearn.train(plan, epochs=1, launcher="processes", out=tmp_path / "run")
+    held = load_file(tmp_path / "run" / "parties" / "hospital" / "weights.safetensors")
+    assert held["bottom.defense_mid.enc_weight"].shape == (16, 128) and held["bottom.defense_mid.dec_weight"].shape == (128, 8)
+    predicted = predict(tmp_path / "run", write=False)["digit"]
+    truth = digits().fields["y"][np.asarray(predicted["ids"])]
+    assert float((np.asarray(predicted["predictions"]) == truth).mean()) == result["metrics"]["test_accuracy"]
+
+
+def test_a_run_with_mid_stopped_and_resumed_ends_as_the_run_never_stopped(tmp_path):
+    body = _vanilla({"bottom": {"mid": {"lambda": 0.01, "bottleneck": 8}}})
+    body["train"].update(epochs=2, checkpoint_every=7)
+    with pytest.MonkeyPatch.context() as mp:  # the noise secrets pinned: both runs draw the same samples
+        mp.setattr(engine, "secrets", SimpleNamespace(randbits=lambda bits: 0))
+        splitlearn.train(body, out=tmp_path / "a")
+        seen = {"k": 0}
+
+        def stop(progress) -> None:
+            seen["k"] += 1
+            if seen["k"] == 30:
+                raise RuntimeError("stopped")
+
+        with pytest.raises(Exception, match="stopped"):
+            splitlearn.train(body, out=tmp_path / "b", on_step=stop)
+        splitlearn.train(body, out=tmp_path / "b", resume=True)
+    for party in ("hospital", "server"):
+        a, b = (load_file(tmp_path / r / "parties" / party / "weights.safetensors") for r in "ab")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), party

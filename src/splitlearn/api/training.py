@@ -64,6 +64,12 @@ class Result(dict):
         whole = [s for s in segments if plan.segments[s].layers is None and plan.segments[s].cut is None]
         if len(segments) > 1 and len(whole) == len(segments):
             raise ValueError(f"network {name!r} runs whole in segments {segments}: take each from result.modules")
+        trained = [s for s in segments if any(c.startswith("defense_") for c, _ in
+                                              self._reports[model_holder(plan, plan.segments[s].party,
+                                                                         self.get("final_client"))].modules[s].named_children())]
+        if trained:  # (MID): the trained model runs the defense's layers between its segments; the network has none
+            raise ValueError(f"segments {trained} of network {name!r} hold a defense's trained layers (their wires' "
+                             f"[wires.X] mid): the model is its segments with them; take each from result.modules")
         net = build_network(plan, name).cpu()
         state: dict[str, torch.Tensor] = {}
         for s in segments:

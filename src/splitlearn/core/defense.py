@@ -165,6 +165,10 @@ class Defense:
         """The privacy the sender spent after ``steps`` training steps over ``samples`` rows, or None."""
         return None
 
+    def handshake(self, ctx: WireContext, value: Tensor) -> None:
+        """Told, at the handshake (before any step, the value of one row), what the wire carries: a defense whose
+        layers take the wire's size makes them here, so the party's state is whole before its first step."""
+
     def module(self, plan: Plan, source: str, config: Any) -> nn.Module | None:
         """Trainable parameters the sender keeps for the wires from segment ``source`` (None: none); built with
         the segment, as its child ``defense_KEY`` (:func:`attach_modules`); :meth:`WireContext.module` finds it."""
@@ -275,6 +279,9 @@ def defend_forward(party: Party, wire: Wire, st: StepState) -> Tensor:
     sending stage), from the undefended value, then each defense's change of it (never in the handshake;
     never on an integer activation: :func:`defends`)."""
     value = st.values[wire.src]
+    if st.mode == "handshake" and defends(wire, value):  # what the wire carries, once: a defense's layers take its size
+        for d, config in active(wire.spec):
+            d.handshake(WireContext(party, wire, st, config), value)
     if st.mode == "handshake" or not defends(wire, value):
         return value
     acting = [(d, WireContext(party, wire, st, config)) for d, config in active(wire.spec) if st.mode in d.modes]

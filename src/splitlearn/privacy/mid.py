@@ -145,6 +145,9 @@ class MID(Defense):
         digest = hashlib.sha256(f"{plan.train.seed}/mid/{source}".encode()).digest()
         return Bottleneck(int(config["bottleneck"]), int.from_bytes(digest[:8], "little") >> 1)
 
+    def handshake(self, ctx: WireContext, value: Tensor) -> None:
+        ctx.module(self).initialize_parameters(value)  # sized before the party's state is first saved
+
     def _encoded(self, ctx: WireContext, value: Tensor) -> tuple[Tensor, Tensor]:
         key = (self.key, ctx.wire.name)  # the extra loss's encoding, reused by on_send for the same tensor
         held = ctx.state.notes.get(key)

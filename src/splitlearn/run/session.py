@@ -350,8 +350,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
         if not resume:
             checkpoints.clear()
         party.restartable = True
-    # the state before any step, in memory: a session begun again with no checkpoint in common goes back to it
-    initial = capture(party, {}) if checkpoints is not None else None
+    initial = None  # the state before any step, in memory: a session begun again with no checkpoint in common goes back to it
     first: list[Message] = []  # a neighbour's new hello that began a restart
     full: list[Step] | None = None  # the schedule (with validation: every epoch's, before any early stop)
     validating = party.graph.plan.data.validation_fraction is not None
@@ -371,6 +370,8 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                 party.meter.on_recv(msg.wire, "control", len(encode(msg)), msg.payload_bytes)
         try:
             with session(party, ids_hash, setup, held, first) as info:
+                if initial is None and checkpoints is not None:  # (after the handshake: a defense's layers are sized)
+                    initial = capture(party, {})
                 if full is None:
                     full = accumulated(list(steps() if callable(steps) else steps), party.graph.plan.train.accumulate)
                 todo = full
