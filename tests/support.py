@@ -834,3 +834,30 @@ def netns_pair(prefix: str, addresses: dict[str, str]):
 
 
 __all__ += ["netns_pair"]
+
+
+def digits_halves_plan(folder: Path, *, epochs: int, wires: dict | None = None) -> dict:
+    """Digits split between two clinics, the 4 left and the 4 right pixels of every row of 8 (written to
+    ``folder/digits_halves.npz`` once), the labels at the server: bottoms mlp [32, 32], top mlp [64, 32, 10] over
+    their concatenation, SGD lr 0.1 momentum 0.9, batch 64, seed 0 (the audit's reproductions run on it)."""
+    from splitlearn.data.embedded import digits
+
+    path = folder / "digits_halves.npz"
+    if not path.exists():
+        x = digits().fields["x"].reshape(-1, 8, 8)
+        np.savez(path, left=x[:, :, :4].reshape(-1, 32), right=x[:, :, 4:].reshape(-1, 32), y=digits().fields["y"])
+    sgd = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
+    bottom = {"zoo": "mlp", "args": {"sizes": [32, 32], "out_activation": True}}
+    return {"name": "digits_halves", "data": {"dataset": "npz", "path": str(path)},
+            "train": {"epochs": epochs, "batch_size": 64, "seed": 0},
+            "parties": {"clinic_a": {"holds": {"x": "left"}, "optimizer": sgd},
+                        "clinic_b": {"holds": {"x": "right"}, "optimizer": sgd},
+                        "server": {"holds": {"y": "y"}, "optimizer": sgd}},
+            "networks": {"bottom_a": bottom, "bottom_b": bottom,
+                         "top": {"zoo": "mlp", "args": {"sizes": [64, 32, 10]}}},
+            "segments": {"bottom_a": {"party": "clinic_a", "inputs": ["clinic_a.x"], "network": "bottom_a"},
+                         "bottom_b": {"party": "clinic_b", "inputs": ["clinic_b.x"], "network": "bottom_b"},
+                         "top": {"party": "server", "inputs": ["bottom_a", "bottom_b"], "merge": "concat",
+                                 "network": "top"}},
+            "losses": {"digit": {"input": "top", "target": "server.y"}},
+            "wires": wires or {}}

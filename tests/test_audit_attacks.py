@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -21,49 +20,23 @@ import splitlearn
 from splitlearn.cli import app
 from splitlearn.core import engine
 from splitlearn.core.load import load_plan
-from splitlearn.data.embedded import digits
 from splitlearn.tools.audit import AuditError, audit_run
 from splitlearn.tools.report import write_report
 from splitlearn.tools.audit.attacks import (LEAKS, MILD, NONE, Attack, Target, attack_names, get_attack,
                                             register_attack, unregister_attack)
 
 from .conftest import EXAMPLES
+from .support import digits_halves_plan
 
 PASSIVE = ["model_completion", "cluster_labels", "attribute_probe"]
 DECODER_EPOCHS = 20  # the per-wire inversion's decoder: not what this file measures
 ATTRIBUTE = "clinic_a.x:0"  # breast cancer's mean radius, one of clinic_a's columns: above its median or not
-SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
-
-
-def _digits_halves(folder: Path) -> Path:
-    """digits as an .npz: ``left`` and ``right`` (the 4 left and the 4 right pixels of every row of 8), y."""
-    x = digits().fields["x"].reshape(-1, 8, 8)
-    path = folder / "digits_halves.npz"
-    np.savez(path, left=x[:, :, :4].reshape(-1, 32), right=x[:, :, 4:].reshape(-1, 32), y=digits().fields["y"])
-    return path
-
-
-def _digits_plan(path: Path) -> dict:
-    bottom = {"zoo": "mlp", "args": {"sizes": [32, 32], "out_activation": True}}
-    return {"name": "digits_halves", "data": {"dataset": "npz", "path": str(path)},
-            "train": {"epochs": 4, "batch_size": 64, "seed": 0},
-            "parties": {"clinic_a": {"holds": {"x": "left"}, "optimizer": SGD},
-                        "clinic_b": {"holds": {"x": "right"}, "optimizer": SGD},
-                        "server": {"holds": {"y": "y"}, "optimizer": SGD}},
-            "networks": {"bottom_a": bottom, "bottom_b": bottom,
-                         "top": {"zoo": "mlp", "args": {"sizes": [64, 32, 10]}}},
-            "segments": {"bottom_a": {"party": "clinic_a", "inputs": ["clinic_a.x"], "network": "bottom_a"},
-                         "bottom_b": {"party": "clinic_b", "inputs": ["clinic_b.x"], "network": "bottom_b"},
-                         "top": {"party": "server", "inputs": ["bottom_a", "bottom_b"], "merge": "concat",
-                                 "network": "top"}},
-            "losses": {"digit": {"input": "top", "target": "server.y"}},
-            "wires": {"bottom_a": {"nopeek": 0.5}}}
 
 
 @pytest.fixture(scope="module")
 def digits_audit(tmp_path_factory):
     folder = tmp_path_factory.mktemp("digits_halves")
-    splitlearn.train(_digits_plan(_digits_halves(folder)), out=folder / "run")
+    splitlearn.train(digits_halves_plan(folder, epochs=4, wires={"bottom_a": {"nopeek": 0.5}}), out=folder / "run")
     return audit_run(folder / "run", attacks=["model_completion", "cluster_labels"])
 
 

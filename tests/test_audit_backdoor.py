@@ -7,42 +7,23 @@ bottoms mlp [32, 32], top mlp [64, 32, 10], SGD lr 0.1 momentum 0.9, batch 64, 6
 it gets back in its first epoch, poisons 1 % of the training rows with Villain's trigger and adds it at test time.
 """
 
-import numpy as np
 import pytest
 
 import splitlearn
 from splitlearn.core.load import load_plan
-from splitlearn.data.embedded import digits
 from splitlearn.tools.audit import audit_run
 from splitlearn.tools.audit.active import backdoor as villain
 from splitlearn.tools.audit.attacks import LEAKS, get_attack
 
 from .conftest import EXAMPLES
+from .support import digits_halves_plan
 
 
-SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
 EPOCHS = 6
 
 
 def _digits_plan(folder, wires: dict | None = None) -> dict:
-    x = digits().fields["x"].reshape(-1, 8, 8)
-    path = folder / "digits_halves.npz"
-    if not path.exists():
-        np.savez(path, left=x[:, :, :4].reshape(-1, 32), right=x[:, :, 4:].reshape(-1, 32), y=digits().fields["y"])
-    bottom = {"zoo": "mlp", "args": {"sizes": [32, 32], "out_activation": True}}
-    return {"name": "digits_halves", "data": {"dataset": "npz", "path": str(path)},
-            "train": {"epochs": EPOCHS, "batch_size": 64, "seed": 0},
-            "parties": {"clinic_a": {"holds": {"x": "left"}, "optimizer": SGD},
-                        "clinic_b": {"holds": {"x": "right"}, "optimizer": SGD},
-                        "server": {"holds": {"y": "y"}, "optimizer": SGD}},
-            "networks": {"bottom_a": bottom, "bottom_b": bottom,
-                         "top": {"zoo": "mlp", "args": {"sizes": [64, 32, 10]}}},
-            "segments": {"bottom_a": {"party": "clinic_a", "inputs": ["clinic_a.x"], "network": "bottom_a"},
-                         "bottom_b": {"party": "clinic_b", "inputs": ["clinic_b.x"], "network": "bottom_b"},
-                         "top": {"party": "server", "inputs": ["bottom_a", "bottom_b"], "merge": "concat",
-                                 "network": "top"}},
-            "losses": {"digit": {"input": "top", "target": "server.y"}},
-            "wires": wires or {}}
+    return digits_halves_plan(folder, epochs=EPOCHS, wires=wires)
 
 
 @pytest.fixture(scope="module")
