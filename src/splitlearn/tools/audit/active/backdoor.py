@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ....clients.roles import client_names
 from ....core.graph import build_graph
 from ....core.load import load_plan
 from ....core.plan import Plan
@@ -92,7 +93,7 @@ def places(plan: Plan) -> list[Place] | str:
     """Every (feature party, segment) of ``plan`` that can plant a backdoor, or a text saying why none can: an
     activation wire whose segment takes one raw input of its party, towards a classification loss computed
     elsewhere whose labels the sender does not hold."""
-    if plan.clients is not None:
+    if client_names(plan):
         return "a [clients] run: each client's bottom is its own; attack a run of the plan without [clients]"
     graph = build_graph(plan)
     found, why, done = [], [], set()
