@@ -129,6 +129,10 @@ class Stage:
         if next is not None:
             self.out_wire = Wire(self.party, self.party, self.party, next, "activation", (), wire_settings(send, "send", self.party))
             for d, _ in active(self.out_wire.spec):
+                if d.key == "hijack_guard":  # silently unguarded would be worse than refused
+                    raise PlanError("hijack_guard watches the gradients in a plan's sessions; a stage does not run "
+                                    "it", entry="send.hijack_guard", hint="train the plan with splitlearn.train, or "
+                                    "leave hijack_guard out of send=", file=f"stage {self.party!r}")
                 if d.key == "nopeek" and previous is not None:
                     raise PlanError("nopeek decorrelates the activations from the raw inputs they are computed "
                                     "from, and this stage receives its input", entry="send.nopeek",

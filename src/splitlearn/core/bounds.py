@@ -1,10 +1,11 @@
 """Bounds learnt from the run: a wire's activations and gradients may not jump far past the
-magnitudes it carried in the first epoch (``[wires.SOURCE] max_jump``)."""
+magnitudes it carried in the first epoch (``[wires.SOURCE] max_jump``); and the sender's hijack guard
+(``[wires.SOURCE] hijack_guard``, :mod:`splitlearn.privacy.hijack`) on the gradients it takes."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,8 +13,16 @@ from ..wire.codec import WireError
 from ..wire.messages import Kind, Message
 from .graph import Wire
 from .step import StepState
+from .wirespec import GUARDS
 
-__all__ = ["LearntBounds", "magnitude"]
+if TYPE_CHECKING:
+    from .graph import Graph
+
+__all__ = ["Hijacked", "LearntBounds", "magnitude"]
+
+
+class Hijacked(Exception):
+    """The gradients a party took back on a wire look hijacked (``hijack_guard``): it stops training."""
 
 
 class LearntBounds:
@@ -27,7 +36,9 @@ class LearntBounds:
     ``refused`` counts the refusals per peer; :meth:`state` and :meth:`load` go in checkpoints.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, graph: Graph | None = None) -> None:
+        self.graph = graph  # (a hijack guard needs it: which labels are the sender's)
+        self.guards: dict[str, Any] = {}  # wire -> its hijack guard's watch (per session: not checkpointed)
         self.top: dict[str, float] = {}  # wire/direction -> largest magnitude taken in training
         self.fixed: set[str] = set()  # those whose bound no longer grows
         self.refused: dict[str, int] = {}  # peer -> values refused for jumping past a bound
@@ -61,6 +72,20 @@ class LearntBounds:
 
     def check(self, msg: Message, wire: Wire, st: StepState, t: torch.Tensor,
               top: float | None = None) -> tuple[str, float] | None:
+        """:meth:`jump`'s check, then, on a training gradient the bound takes, the wire's hijack guard (it raises
+        :class:`Hijacked` where the gradients look hijacked)."""
+        learnt = self.jump(msg, wire, st, t, top)
+        guard = wire.spec.hijack_guard
+        if guard is not None and msg.kind == Kind.GRADIENT and st.mode == "train" and self.graph is not None:
+            if wire.name not in self.guards:
+                self.guards[wire.name] = GUARDS.get(guard.detector).watcher(self.graph, wire, guard)
+            why = self.guards[wire.name].watch(st, t)
+            if why is not None:
+                raise Hijacked(why)
+        return learnt
+
+    def jump(self, msg: Message, wire: Wire, st: StepState, t: torch.Tensor,
+             top: float | None = None) -> tuple[str, float] | None:
         """Refuse (and count, per peer) an activation or gradient more than the wire's ``max_jump``
         times larger in magnitude than its learnt bound; label wires, the handshake and integer
         tensors are left to their own checks. Returns what a training step teaches the bound (wire

@@ -46,7 +46,7 @@ __all__ = ["ALL_MODES", "BUILT_IN_KEYS", "Defense", "SweepParam", "WireContext",
            "module_name", "attach_modules"]
 
 ALL_MODES = frozenset({"train", "eval", "predict"})  # a defense never acts in the handshake
-BUILT_IN_KEYS = ("nopeek", "noise", "label_protection", "randomized_response")  # fields of WireSpec
+BUILT_IN_KEYS = ("nopeek", "noise", "label_protection", "randomized_response", "hijack_guard")  # fields of WireSpec
 
 
 def _activation(graph: Graph, wire: Wire) -> bool:

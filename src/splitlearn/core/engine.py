@@ -38,7 +38,7 @@ from ..wire.transport.base import TransportTimeout
 from ..data.text import Ragged
 from .admission import check_received_values, codec_for, decode_checked, early_problem
 from .augment import augmented
-from .bounds import LearntBounds
+from .bounds import Hijacked, LearntBounds
 from .defense import defend_backward, defend_forward
 from .dryrun import check_labels, check_outputs, merge_inputs, run_checked
 from .early import EarlyMessages
@@ -127,7 +127,7 @@ class Party:
         self.flow = FlowControl(graph, name, self.limits, self.wire_shapes)
         self.last_step = -1  # the last step this party finished (a checkpoint is taken after it)
         self.resumed_at = -1  # the session's step to go on after (set by the session before its handshake)
-        self.bounds = LearntBounds()  # per wire and direction: the magnitudes its peer sent (``max_jump``)
+        self.bounds = LearntBounds(graph)  # per wire and direction: the magnitudes its peer sent (``max_jump``)
         self.secure = SecureSum(graph, name, self.meter, PartyError)  # merge = "secure_sum": masks, keys, the sum
 
     def restart(self) -> None:
@@ -400,10 +400,12 @@ class Party:
             t = decode_checked(msg, wire, st, self.wire_shapes)
             seen = self.precision.seen(msg, st, t)  # a loss-scaled gradient is checked unscaled
             top = check_received_values(msg, wire, st, seen, self.graph, self.name, self.classes)
-            learnt = self.bounds.check(msg, wire, st, seen, top)  # the largest magnitude found once
+            learnt = self.bounds.check(msg, wire, st, seen, top)  # the largest magnitude found once; hijack_guard
         except WireError as e:
             self.link.refuse(msg.sender, str(e), msg.step, msg.wire)
             return
+        except Hijacked as e:  # before this step's gradients are applied; the session tells the neighbours
+            raise PartyError(f"{self.name}: {e}") from None
         if self.observer is not None and st.mode in ("train", "eval"):
             self.observer(wire.name, "forward" if msg.kind == Kind.ACTIVATION else "backward", st,
                           self.precision.plain(seen))

@@ -7,9 +7,13 @@ from typing import Any, Callable, Literal
 from pydantic import Field, field_validator, model_serializer, model_validator
 
 from .specs import Strict
-from .registry import DEFENSES
+from .registry import DEFENSES, Registry
 
-__all__ = ["NoiseSpec", "LabelProtectionSpec", "WireSpec"]
+__all__ = ["NoiseSpec", "LabelProtectionSpec", "HijackGuardSpec", "WireSpec", "GUARDS"]
+
+# hijack detectors by name (``[wires.X] hijack_guard = { detector = NAME }``); the built-in one, ``labels``, lives in
+# splitlearn.privacy.hijack, which also registers the setting's structural check among the defenses
+GUARDS: Registry[Any] = Registry("hijack detector", builtins="splitlearn.privacy.hijack")
 
 
 class NoiseSpec(Strict):
@@ -25,6 +29,24 @@ class LabelProtectionSpec(Strict):
 
     kind: Literal["marvell", "max_norm"] = "marvell"
     strength: float = Field(1.0, ge=0.0)
+
+
+class HijackGuardSpec(Strict):
+    """The sender watches the gradients it gets back on the wire and stops training when they look hijacked
+    (:mod:`splitlearn.privacy.hijack`): their dependence on its labels (chance-adjusted R^2), averaged over
+    ``window`` training steps, below ``threshold`` in the session's first window, or below it and below ``drop``
+    times the mean of the window ending ``window`` steps before the current one begins (a hijack that begins later)."""
+
+    detector: str = Field("labels", validate_default=True)
+    window: int = Field(10, ge=2, le=1000)
+    threshold: float = Field(0.45, gt=0.0, lt=1.0)
+    drop: float = Field(0.55, gt=0.0, lt=1.0)
+
+    @field_validator("detector")
+    @classmethod
+    def _detector(cls, v: str) -> str:
+        GUARDS.get(v)  # raises ValueError naming the registered ones
+        return v
 
 
 class WireSpec(Strict):
@@ -46,6 +68,7 @@ class WireSpec(Strict):
     # receivers refuse activations and gradients more than this many times larger in magnitude than the
     # largest the wire carried in its first epoch (so far, during it): a bound learnt from the run (0: none)
     max_jump: float = Field(1000.0, ge=0.0)
+    hijack_guard: HijackGuardSpec | None = None  # the sender stops training on gradients that look hijacked (true)
     extra_defenses: dict[str, Any] = Field(default_factory=dict)  # registered defenses that are no field: key -> setting
 
     @model_validator(mode="before")
@@ -71,10 +94,20 @@ class WireSpec(Strict):
 
     @model_serializer(mode="wrap")
     def _flat(self, handler: Callable[["WireSpec"], dict[str, Any]]) -> dict[str, Any]:
-        """Registered defenses are written under their own keys, as a plan gives them."""
+        """Registered defenses are written under their own keys, as a plan gives them; no ``hijack_guard`` unless set."""
         data = handler(self)
+        if data.get("hijack_guard") is None:
+            data.pop("hijack_guard", None)  # written only where set: a plan without it hashes as before
         extra = data.pop("extra_defenses", None) or {}
         return {**data, **extra}
+
+    @field_validator("hijack_guard", mode="before")
+    @classmethod
+    def _guard(cls, v: Any) -> Any:
+        """``true``: the guard with its defaults; ``false``: none."""
+        if v is True:
+            return {}
+        return None if v is False else v
 
     @field_validator("codec", "grad_codec")
     @classmethod

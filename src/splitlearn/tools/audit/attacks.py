@@ -22,7 +22,8 @@ An attack of one's own is written against :class:`Attack` and registered before 
 The built-in passive attacks replay what the attacking party recorded in the run (``observed.safetensors``)
 and its own trained weights: :mod:`~splitlearn.tools.audit.completion` (model completion),
 :mod:`~splitlearn.tools.audit.clustering` (labels by clustering), :mod:`~splitlearn.tools.audit.probe`
-(attribute inference); the per-wire measures of :mod:`~splitlearn.tools.audit.wires` (distance correlation,
+(attribute inference), :mod:`~splitlearn.tools.audit.sdar` (a server simulating the client's bottom); the active
+ones (:mod:`~splitlearn.tools.audit.active`: a feature party's backdoor, feature-space hijacking) run when named; the per-wire measures of :mod:`~splitlearn.tools.audit.wires` (distance correlation,
 model inversion, labels from gradients, labels on the wire, text inversion) are registered too, and run by
 the per-wire audit (``per_wire``).
 """
@@ -114,7 +115,9 @@ ATTACKS: Registry[Attack] = Registry("attack", builtins=("splitlearn.tools.audit
                                                            "splitlearn.tools.audit.completion",
                                                            "splitlearn.tools.audit.clustering",
                                                            "splitlearn.tools.audit.probe",
-                                                           "splitlearn.tools.audit.active.backdoor"))
+                                                           "splitlearn.tools.audit.sdar",
+                                                           "splitlearn.tools.audit.active.backdoor",
+                                                           "splitlearn.tools.audit.active.fsha"))
 ACTIVE_NOT_NAMED = ("an active attack: it trains the run's plan again in this process with a malicious party "
                     "(several times the run's own time); name it to run it: audit --attack {name}")
 
