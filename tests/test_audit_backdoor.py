@@ -77,3 +77,17 @@ def test_where_a_backdoor_applies():
     with pytest.raises(ValueError, match=r"'server' \(any segment\) cannot plant a backdoor here; those that can: "
                                          r"clinic_a \(bottom_a\), clinic_b \(bottom_b\)"):
         villain.backdoor(EXAMPLES / "vertical.toml", "server")
+
+
+def test_under_psi_the_attacker_works_on_the_rows_its_alignment_kept(tmp_path):
+    """The attacker's row positions are those of its aligned data (a PSI alignment replaces its splits during the
+    session): the rows it poisons are its own aligned training rows, of the target class."""
+    from .support import clinic_files, vertical_plan
+
+    files, held, _ = clinic_files(tmp_path, missing_at_b=40)
+    plan = vertical_plan(tmp_path, files, align="psi", standardize=True)
+    plan["train"]["epochs"] = 3
+    r = villain.backdoor(plan, "clinic_b")
+    assert r.poisoned >= 1 and r.poisoned_share <= 0.01
+    assert r.inference_precision >= 0.9  # measured 1.0; 0.75 when it read the splits from before the alignment
+    assert r.success >= 0.9

@@ -400,3 +400,24 @@ def test_every_simulated_client_starts_from_the_same_weights_in_storage_of_its_o
         seen.update(t.data_ptr() for t in state.values())
         assert s.optimizer.param_groups[0]["params"][0] is next(s.modules["bottom"].parameters())
     assert len(seen) == len(clients) * len(fresh)  # no client trains another's tensors
+
+
+def test_clients_of_a_network_deepcopy_cannot_copy_are_each_built(tmp_path):
+    """weight_norm keeps a computed weight (not a leaf) that deepcopy refuses: each client is built instead."""
+    from splitlearn.clients.layout import Topology, physical_setups
+
+    from .conftest import EXAMPLES
+
+    (tmp_path / "wnnet.py").write_text("from torch import nn\n\ndef make():\n    return nn.Sequential(nn.utils.weight_norm("
+                                       "nn.Linear(64, 128)), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))\n")
+    text = (EXAMPLES / "sequential.toml").read_text()
+    assert 'zoo = "mlp"\nargs = { sizes = [64, 128, 64, 10] }' in text
+    plan_file = tmp_path / "plan.toml"
+    plan_file.write_text(text.replace('zoo = "mlp"\nargs = { sizes = [64, 128, 64, 10] }', 'factory = "wnnet:make"')
+                         .replace("count = 10", "count = 3"))
+    plan, setups, _ = prepare(plan_file)
+    held = physical_setups(plan, Topology.of(plan), setups)
+    clients = [s.modules["bottom"] for n, s in held.items() if s is not None and n.startswith("hospital-")]
+    assert len(clients) == 3 and len({id(m) for m in clients}) == 3
+    first = clients[0].state_dict()
+    assert all(torch.equal(m.state_dict()[k], first[k]) for m in clients[1:] for k in first)

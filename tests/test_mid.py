@@ -105,6 +105,10 @@ def test_bad_mid_settings_are_refused_with_one_clear_message(setting, words):
 def test_mid_is_refused_on_a_label_wire():
     with pytest.raises(PlanError, match="label wire"):
         load_plan(_vanilla({"hospital.y": {"mid": {"lambda": 0.1, "bottleneck": 32}}}))
+    body = load_plan(EXAMPLES / "sequential.toml").model_dump(mode="json")  # [clients]: refused, not crashed
+    body["wires"] = {"bottom": {"mid": {"lambda": 0.01, "bottleneck": 8}}}
+    with pytest.raises(PlanError, match=r"mid with \[clients\] is not supported yet"):
+        load_plan(body)
 
 
 def test_mid_trains_over_party_processes_and_its_saved_layers_predict_as_the_run_scored(tmp_path):

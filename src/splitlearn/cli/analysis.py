@@ -86,7 +86,8 @@ def audit(target: Path = typer.Argument(..., help="a run folder (--out of 'split
           decoder_epochs: int = typer.Option(200, min=1, help="training epochs of the inversion decoder"),
           seed: int = typer.Option(0, help="seed of the attacks"),
           attack: Optional[List[str]] = typer.Option(None, "--attack", help="run this registered attack only (given "
-                                                     "twice or more: these); default: every one that applies"),
+                                                     "twice or more: these); default: every passive one that applies "
+                                                     "(an active one, which trains the plan again, runs when named)"),
           known_labels: Optional[int] = typer.Option(None, min=2, help="model completion: labelled rows the attacker "
                                                      "holds (default 4 a class, at least 20)"),
           attribute: Optional[str] = typer.Option(None, help="attribute probe: the sensitive attribute, "

@@ -160,13 +160,23 @@ def physical_setups(plan: Plan, topo: Topology, prepared: dict[str, PartySetup],
             if t.client is not None:  # each client reads its own file
                 out[n] = setup_party(plan, plays, client=n, data=data.get(n) if data else None)
                 continue
-            # built once (seeded: the same weights every build), then copied: a build per client cost 2-4 ms
-            mods = copy.deepcopy(fresh[plays]) if plays in fresh else fresh.setdefault(
+            mods = _fresh_copy(fresh, plays) if plays in fresh else fresh.setdefault(
                 plays, build_modules(plan, plays, list(t.modules)))
+            if mods is None:  # a module deepcopy cannot copy (weight_norm's computed weights): built again
+                mods = build_modules(plan, plays, list(t.modules))
             out[n] = dataclasses.replace(t, modules=mods, optimizer=make_optimizer(plan, plays, mods))
         else:
             out[n] = prepared[plays]
     return out
+
+
+def _fresh_copy(fresh: dict[str, dict], plays: str) -> dict | None:
+    """A copy of the first client's fresh segments (built once, seeded: the same weights every build; a build per
+    client cost 2-4 ms), or None where a module cannot be deep-copied."""
+    try:
+        return copy.deepcopy(fresh[plays])
+    except (RuntimeError, TypeError):
+        return None
 
 
 def shared_in_process(plan: Plan, setups: dict[str, PartySetup]) -> dict[str, Any]:

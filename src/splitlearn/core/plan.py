@@ -35,7 +35,7 @@ from .wirespec import WireSpec
 from .specs import Strict as _Strict
 
 __all__ = ["Plan", "ClientsSpec", "parse_plan", "plan_hash", "plan_parts", "plan_value", "differing_entries",
-           "from_validation_error", "plan_dir", "beside_plan", "per_client", "STEP_TIMEOUT_S"]
+           "from_validation_error", "plan_dir", "beside_plan", "per_client", "with_clients", "STEP_TIMEOUT_S"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 STEP_TIMEOUT_S = 120.0  # seconds a step may take where neither the caller nor the plan says (every plan)
@@ -440,6 +440,11 @@ def beside_plan(plan: Plan, path: str | Path) -> Path:
     """``path`` (a model folder, a tokenizer) as the plan means it: a relative one from the plan file's folder."""
     path = Path(path).expanduser()
     return path if path.is_absolute() or plan_dir(plan) is None else plan_dir(plan) / path
+
+
+def with_clients(plan: Plan) -> bool:
+    """Whether the plan has a ``[clients]`` section (its template party played by many clients in turns)."""
+    return plan.clients is not None
 
 
 def per_client(plan: Plan) -> bool:

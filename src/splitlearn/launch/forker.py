@@ -142,13 +142,22 @@ class Forker:
             pass
 
     def kill(self) -> None:
-        """End it and the children it has now (its process group), and reap it: nothing of it is left."""
+        """End it now, and the children it started that are still running (each leads a session of its own:
+        killed by pid), and reap it: nothing of it is left."""
         import signal
 
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        with self.cond:
+            running = [pid for pid, child in self.by_pid.items() if child.returncode is None]
+        for pid in running:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:  # (reaped already: its group id may be another's by now)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait()
 
     def end(self, grace: float = 10.0) -> None:

@@ -170,8 +170,8 @@ def launch(plan_path: str | Path, out: Path, *, epochs: int | None = None, seed:
             raise
         finally:
             if forker is not None:  # ended and reaped: a launch leaves no process behind
-                if any(p.poll() is None for p in procs.values()):
-                    forker.kill()
+                if not procs or any(p.poll() is None for p in procs.values()):
+                    forker.kill()  # (none started: it may still be warming up; else those still running)
                 else:
                     forker.end()
             for relay in relays:

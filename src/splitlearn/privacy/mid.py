@@ -12,8 +12,8 @@ carry of its labels, shrinks as ``lambda`` grows. Encoder ``d -> 2 * bottleneck`
 one linear layer each (initialised to keep the variance, ``U(-sqrt(3 / in), sqrt(3 / in))``: deeper ones, or torch's
 default initialisation, slowed the small networks measured here several times), ``std = softplus(s - 5)`` as
 VFLAIR writes it (training starts nearly deterministic). The parameters live in the sender's segment
-(:meth:`Bottleneck` as its child ``defense_mid``), sized at its first forward from the wire's width and
-initialised from the plan seed and the wire's name, so every run of a plan starts from the same ones.
+(:meth:`Bottleneck` as its child ``defense_mid``), sized at the handshake from the wire's width and
+initialised from the plan seed and the sending segment's name, so every run of a plan starts from the same ones.
 
 Unlike the paper, where the active party (the label holder) runs the bottleneck on what it receives, here
 the sender runs it on what it sends (the defense protocol acts at the sender's edge of the step): the
@@ -34,7 +34,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from ..core.defense import ALL_MODES, Defense, SweepParam, WireContext
 from ..core.graph import Graph, Wire
-from ..core.plan import Plan
+from ..core.plan import Plan, with_clients
 from ..core.specs import PlanError
 
 __all__ = ["Bottleneck", "MID", "kl_to_standard_normal"]
@@ -50,7 +50,7 @@ def kl_to_standard_normal(mu: Tensor, std: Tensor) -> Tensor:
 
 
 class Bottleneck(LazyModuleMixin, nn.Module):
-    """MID's encoder and decoder, sized at the first tensor they see (the wire's width ``d``); ``forward`` passes
+    """MID's encoder and decoder, sized at the handshake (the wire's width ``d``; else at the first tensor they see); ``forward`` passes
     its input on unchanged (the module sits in the sender's segment, and an ``nn.Sequential`` runs it)."""
 
     def __init__(self, bottleneck: int, seed: int):
@@ -135,6 +135,10 @@ class MID(Defense):
     def validate(self, graph: Graph, wire: Wire, config: Any) -> None:
         super().validate(graph, wire, config)
         _check(config, _entry(wire))
+        if with_clients(graph.plan):  # each client's and the federation's copy of its layers: not built yet
+            raise PlanError("mid with [clients] is not supported yet: the clients' copies of its layers and their "
+                            "average are not made", entry=_entry(wire), hint="train the plan without [clients], or "
+                            "defend the wire with nopeek or noise")
         if graph.nodes[wire.src].kind != "segment":
             raise PlanError(f"mid on {wire.src!r}: its parameters live in the sending segment, and {wire.src!r} is "
                             f"a {graph.nodes[wire.src].kind}", entry=_entry(wire),

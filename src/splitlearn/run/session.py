@@ -370,8 +370,8 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                 party.meter.on_recv(msg.wire, "control", len(encode(msg)), msg.payload_bytes)
         try:
             with session(party, ids_hash, setup, held, first) as info:
-                if initial is None and checkpoints is not None:  # (after the handshake: a defense's layers are sized)
-                    initial = capture(party, {})
+                if initial is None and checkpoints is not None and not info.get("finished"):  # (after the handshake:
+                    initial = capture(party, {})  # a defense's layers are sized; finished, nothing begins again)
                 if full is None:
                     full = accumulated(list(steps() if callable(steps) else steps), party.graph.plan.train.accumulate)
                 todo = full

@@ -17,7 +17,7 @@ An attack of one's own is written against :class:`Attack` and registered before 
         def attack(self, run, target, settings, out_dir):
             return {"value": 0.5, "verdict": "mild", "figure_text": "0.500"}
 
-    register_attack(Peek())   # splitlearn audit RUN now runs it; audit --attack peek runs it alone
+    register_attack(Peek())   # splitlearn audit RUN now runs it (an active one only when named); --attack peek alone
 
 The built-in passive attacks replay what the attacking party recorded in the run (``observed.safetensors``)
 and its own trained weights: :mod:`~splitlearn.tools.audit.completion` (model completion),
@@ -123,8 +123,8 @@ ACTIVE_NOT_NAMED = ("an active attack: it trains the run's plan again in this pr
 
 
 def register_attack(attack: Attack, *, replace: bool = False) -> Attack:
-    """Register ``attack`` under its ``name``: ``splitlearn audit`` runs it wherever its :meth:`~Attack.targets`
-    find a place. A name taken already is refused unless ``replace``."""
+    """Register ``attack`` under its ``name``: ``splitlearn audit`` runs it (an active one when named) wherever its
+    :meth:`~Attack.targets` find a place. A name taken already is refused unless ``replace``."""
     if not isinstance(attack, Attack):
         raise TypeError(f"an attack must be an instance of splitlearn.tools.audit.attacks.Attack, got {attack!r}")
     return ATTACKS.register(attack.name, attack, replace=replace)
@@ -213,13 +213,18 @@ def chosen(names: Sequence[str] | None) -> tuple[frozenset[str], list[str]]:
             [n for n in names if not ATTACKS.get(n).per_wire])
 
 
-def not_named(names: Sequence[str] | None) -> dict[str, Any]:
+def not_named(run: RunFolder, names: Sequence[str] | None, settings: Settings) -> dict[str, Any]:
     """The audit's section for each registered active attack an audit of every attack (``names`` None) leaves out:
-    its declaration and why it did not run."""
-    if names is not None:
-        return {}
-    return {n: {**ATTACKS.get(n).describe(), "results": [], "why_not": ACTIVE_NOT_NAMED.format(name=n)}
-            for n in ATTACKS.names() if ATTACKS.get(n).active}
+    its declaration and why it did not run (where it applies nowhere in ``run``, why not)."""
+    out: dict[str, Any] = {}
+    for n in ATTACKS.names() if names is None else ():
+        attack = ATTACKS.get(n)
+        if attack.active:
+            found = attack.targets(run, settings)
+            why = found if isinstance(found, str) else ACTIVE_NOT_NAMED.format(name=n) if found else \
+                "it applies nowhere in this run"
+            out[n] = {**attack.describe(), "results": [], "why_not": why}
+    return out
 
 
 def check_settings(run: RunFolder, names: list[str], settings: Settings) -> None:

@@ -404,7 +404,8 @@ def audit_run(run_dir: str | Path, aux_fraction: float = 0.1, seed: int = 0, epo
     ``epochs``: the inversion decoder's training epochs; ``max_rows``: rows used for the distance
     correlation; ``seed``: the attacks' randomness; ``progress`` is told each wire as it is audited.
     Every wire gets ``verdicts`` (see :mod:`splitlearn.tools.audit.verdicts`). ``attacks``: the registered
-    attacks to run (:mod:`splitlearn.tools.audit.attacks`; default every one that applies), each with its
+    attacks to run (:mod:`splitlearn.tools.audit.attacks`; default every passive one that applies, and for each
+    active one where it applies, why it did not run: it trains the plan again, so it runs when named), each with its
     section in ``attacks``; ``known_labels`` and ``attribute``: the model completion's labelled rows and the
     attribute probe's attribute (:class:`~splitlearn.tools.audit.attacks.Settings`).
     """
@@ -421,7 +422,7 @@ def audit_run(run_dir: str | Path, aux_fraction: float = 0.1, seed: int = 0, epo
         raise AuditError(str(e)) from None
     audit = _audit(run, aux_fraction=aux_fraction, seed=seed, epochs=epochs, max_rows=max_rows,
                    progress=progress, per_wire=per_wire)
-    audit["attacks"] = {**run_attacks(run, others, settings, run.folder / "audit", progress), **not_named(attacks)}
+    audit["attacks"] = {**run_attacks(run, others, settings, run.folder / "audit", progress), **not_named(run, attacks, settings)}
     audit = add_verdicts(audit)
     audit["explanations"] += attack_notes(audit["attacks"])
     from ...launch.results import write_json

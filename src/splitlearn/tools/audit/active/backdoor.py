@@ -144,10 +144,15 @@ class Villain:
         self.poisoned_steps = 0  # training rows that carried the trigger, all epochs together
         self.hook = None
 
+    @property
+    def splits(self) -> Any:
+        """The attacker's splits as its session left them (aligned rows under PSI)."""
+        return self.setup.splits
+
     def install(self, participant: Any) -> None:
         """Wrap ``participant``'s engine step (to note its rows) and hook its bottom (once per module)."""
         party = participant.party
-        self.party, self.splits = party, participant.setup.splits
+        self.party, self.setup = party, participant.setup  # its splits read when used: a PSI alignment replaces them
         module = party.modules[self.place.segment]
         if self.hook is None:
             self.hook = module.register_forward_hook(self._forward)
