@@ -32,6 +32,7 @@ import torch
 
 from _md import write_section
 from splitlearn.api import train
+from splitlearn.tools.audit.score import BETA, dcs, strength
 from splitlearn.tools.audit import audit_run
 from splitlearn.core.load import load_plan
 
@@ -209,7 +210,6 @@ def section_labels(seeds: list[int], strengths: list[float], tmp: Path) -> list[
 
 # -- the defense x attack table (--table) ------------------------------------------------------------
 
-BETA = 0.5  # DCS: the weight of the attack's distance against the main task's (VFLAIR's default)
 
 
 def _digits_halves(tmp: Path) -> dict:
@@ -315,20 +315,6 @@ def attack_rows(audit: dict, classes: int) -> dict[str, tuple[float, float, bool
             base = next((bases[k] for k in PREFERRED if k in bases), next(iter(bases.values()), 0.0 if higher else 1.0))
             out[f"{name}: {r['attacker']} on {r['wire']}"] = (float(r["value"]), float(base), higher)
     return out
-
-
-def strength(value: float, base: float, higher: bool) -> float:
-    """The attack's share of the way from its baseline to a perfect attack, in [0, 1]: ``(v - b) / (1 - b)`` for a
-    figure where higher is stronger (an accuracy, an AUC, a dCor), ``(b - v) / b`` for an error (a relative MSE)."""
-    s = (value - base) / (1 - base) if higher else (base - value) / base
-    return min(1.0, max(0.0, s)) if base != (1 if higher else 0) else 0.0
-
-
-def dcs(attack: float, main_loss: float) -> float:
-    """VFLAIR's Defense Capability Score for one attack: ``1 / (1 + D)``, ``D = sqrt(BETA * A^2 + (1 - BETA) * M^2)``,
-    ``A`` the attack's :func:`strength` under the defense (0: at its baseline, the ideal), ``M`` the main-task
-    accuracy lost against the undefended run (0 where it gained)."""
-    return 1.0 / (1.0 + (BETA * attack ** 2 + (1 - BETA) * max(0.0, main_loss) ** 2) ** 0.5)
 
 
 def _pinned():

@@ -102,6 +102,18 @@ def test_sweep_nopeek_lowers_distance_correlation(tmp_path):
     assert nopeek["distance_correlation"] < plain["distance_correlation"]  # same seed, same batches
     assert json.loads((tmp_path / "nopeek.alpha=0.5" / "plan.json").read_text())["wires"]["bottom"]["nopeek"] == 0.5
     assert (tmp_path / "sweep.png").is_file() and "| 0.5 |" in (tmp_path / "sweep.md").read_text()
+    # each setting's defense score (after VFLAIR's DCS) against the first setting's accuracy, as the module states it
+    from splitlearn.tools.audit.score import dcs, strength
+
+    assert dcs(0.0, 0.0) == 1.0 and dcs(1.0, 1.0) == 0.5 and dcs(0.5, -0.2) == dcs(0.5, 0.0)
+    for r in saved["rows"]:
+        parts = [strength(r["distance_correlation"], 0.0, True),  # (vanilla: the labels travel, no label leakage)
+                 strength(r["inversion_relative"], 1.0, False)]
+        assert r["inversion_relative"] == r["inversion_mse"] / r["wires"]["bottom->top"]["inversion_mse"] * \
+            r["wires"]["bottom->top"]["inversion_relative"]
+        lost = plain["test_accuracy"] - r["test_accuracy"]
+        assert r["dcs"] == sum(dcs(a, lost) for a in parts) / 2 and 0.5 <= r["dcs"] <= 1
+    assert "| DCS |" in (tmp_path / "sweep.md").read_text() and "DCS: the defense score" in (tmp_path / "sweep.md").read_text()
 
 
 def test_audit_of_a_folder_without_a_plan_exits_2(tmp_path):

@@ -90,9 +90,12 @@ def test_the_hijack_guard_stops_a_hijack_that_begins_after_two_epochs(tmp_path):
 ])
 def test_the_guard_never_fires_on_honest_runs(example, wire, loss_party, accuracy, tmp_path):
     plan = _with_guard(example, wire)
-    if example == "resnet.toml":  # its network's factory is found next to the plan file
-        (tmp_path / "my_resnet.py").write_text((EXAMPLES / "my_resnet.py").read_text())
-        (tmp_path / "plan.toml").write_text((EXAMPLES / example).read_text() + "\n[wires.bottom]\nhijack_guard = true\n")
+    if example == "resnet.toml":  # its network's factory is found next to the plan file, under a name of its own
+        (tmp_path / "fsha_resnet.py").write_text((EXAMPLES / "my_resnet.py").read_text())  # (one module name: one
+        text = (EXAMPLES / example).read_text()  # module in a process, and test_examples imports my_resnet)
+        assert '"my_resnet:' in text
+        (tmp_path / "plan.toml").write_text(text.replace('"my_resnet:', '"fsha_resnet:')
+                                            + "\n[wires.bottom]\nhijack_guard = true\n")
         plan = tmp_path / "plan.toml"
     run = run_against(plan, "server", lambda p: None, epochs=3)
     (metrics,) = run.reports[loss_party].metrics.values()

@@ -21,6 +21,7 @@ from ...core.graph import Graph, Wire, build_graph
 from ...core.load import load_plan
 from ...core.plan import Plan
 from ...core.specs import PlanError
+from .score import dcs, sweep_strengths
 from .run import AuditError, audit_run
 from .wires import WIRE_MEASURES
 
@@ -52,7 +53,7 @@ FIGURES = {
     "token_recovery": "token recovery",
 }
 _WORST = {"distance_correlation": max, "inversion_mse": min, "inversion_ssim": max, "norm_auc": max,
-          "direction_auc": max, "token_recovery": max}
+          "direction_auc": max, "token_recovery": max, "inversion_relative": min}
 
 
 def parse_sweep(text: str) -> tuple[str, list[float]]:
@@ -133,9 +134,21 @@ def _figures(entry: dict[str, Any]) -> dict[str, Any]:
     text = entry.get("text_inversion") or {}
     rates = [r["rate"] for r in (text.get("learned"), text.get("nearest_embedding")) if r]
     return {"distance_correlation": entry.get("distance_correlation"), "inversion_mse": inv.get("mse"),
+            "inversion_relative": inv["mse"] / inv["mse_mean_guess"] if inv.get("mse") is not None and
+            inv.get("mse_mean_guess") else None,
             "inversion_ssim": inv.get("ssim"), "norm_auc": leak.get("norm_auc"),
             "direction_auc": leak.get("direction_auc"), "token_recovery": max(rates) if rates else None,
             "token_chance": text.get("chance")}
+
+
+def _score(rows: list[dict[str, Any]]) -> None:
+    """Each row's defense score (``dcs``, :mod:`~splitlearn.tools.audit.score`): its measures' mean DCS against the
+    first setting's test accuracy (a sweep's first setting: the least defended, e.g. 0)."""
+    ref = rows[0].get("test_accuracy") if rows and not rows[0].get("failed") else None
+    for r in rows:
+        found = sweep_strengths(r) if not r.get("failed") else []
+        if found and ref is not None and r.get("test_accuracy") is not None:
+            r["dcs"] = sum(dcs(a, ref - r["test_accuracy"]) for a in found) / len(found)
 
 
 def setting_name(values: Mapping[str, float]) -> str:
@@ -147,9 +160,10 @@ def _table(result: dict[str, Any]) -> str:
     rows, params = result["rows"], result["params"]
     keys = [k for k in FIGURES if any(r.get(k) is not None for r in rows)]
     dp = any("delta" in r for r in rows)
+    score = any(r.get("dcs") is not None for r in rows)
     loss = ["test_loss"] if any(r.get("test_loss") is not None for r in rows) else []
     head = [*(["value"] if len(params) == 1 else params), "test accuracy", *(["test loss"] if loss else []),
-            *(FIGURES[k] for k in keys), *(["epsilon (noise)"] if dp else [])]
+            *(FIGURES[k] for k in keys), *(["epsilon (noise)"] if dp else []), *(["DCS"] if score else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in rows:
         setting = [f"{r['values'][p]:g}" for p in params]
@@ -161,6 +175,8 @@ def _table(result: dict[str, Any]) -> str:
         cells = setting + [acc] + ["n/a" if r.get(k) is None else f"{r[k]:.4f}" for k in loss + keys]
         if dp:
             cells.append("unbounded" if r.get("epsilon") is None else f"{r['epsilon']:.3g} (delta {r['delta']:g})")
+        if score:
+            cells.append("n/a" if r.get("dcs") is None else f"{r['dcs']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -233,6 +249,7 @@ def sweep(plan_path: str | Path | Plan, param: str | Mapping[str, Sequence[float
         if files is not None:
             write_files(run_dir, files)
         rows.append({**one, **row, "run": str(run_dir)})
+    _score(rows)
     params = list(grid)
     name = " x ".join(params)
     summary = {"plan": base.name, "param": name, "params": params, "description": "; ".join(PARAMS[p] for p in params),
@@ -245,6 +262,11 @@ def sweep(plan_path: str | Path | Plan, param: str | Mapping[str, Sequence[float
     note = ("" if len(wires) == 1 else
             f"\nLeakage figures are the worst over the {len(wires)} wires (largest dCor, SSIM, AUCs and token "
             "recovery, smallest MSE).\n")
+    if any(r.get("dcs") is not None for r in rows):
+        note += (f"\nDCS: the defense score after VFLAIR's (splitlearn.tools.audit.score): 1 / (1 + sqrt(0.5 A^2 + "
+                 f"0.5 M^2)), A the mean over the measures above of each one's share of the way from its baseline to "
+                 f"a perfect attack, M the test accuracy lost against the first setting ({setting_name(settings[0])}); "
+                 f"1 is the ideal.\n")
     chance = sorted({r["token_chance"] for r in rows if r.get("token_chance") is not None})
     if chance:  # what guessing the most frequent token everywhere scores, beside the attacks' recovery
         span = f"{chance[0]:.4f}" + (f" to {chance[-1]:.4f}" if len(chance) > 1 else "")
@@ -269,7 +291,7 @@ def _setting(plan: Plan, values: dict[str, float], wire_names: list[str], sender
                       attacks=sorted(WIRE_MEASURES))  # what the table shows: the per-wire measures
     per_wire = {w: _figures(audit["wires"][w]) for w in wire_names}
     worst = {k: (_WORST[k](xs) if (xs := [f[k] for f in per_wire.values() if f[k] is not None]) else None)
-             for k in FIGURES}
+             for k in _WORST}
     row = {"values": values, "test_accuracy": result["metrics"].get("test_accuracy"),
            "test_loss": audit.get("test_loss"), **worst, "wires": per_wire}
     chance = [f["token_chance"] for f in per_wire.values() if f["token_chance"] is not None]
