@@ -334,15 +334,18 @@ def _pinned():
 
 def section_table(tmp: Path) -> str:
     from splitlearn.core.specs import PlanError
-    from splitlearn.tools.audit.attacks import attack_names
+    from splitlearn.tools.audit.attacks import attack_names, get_attack
 
     lines = ["## Privacy: every defense against every attack, with its cost and a defense score", "",
              "Written by `.venv/bin/python bench/privacy.py --table` in {SECONDS} s. Machine: "
              f"{platform.machine()}, torch {torch.__version__}, one torch thread, in-process parties; seed 0, the "
              "parties' noise secrets pinned to 0 (one reproducible run per cell; noise, Marvell, randomized response "
              "and MID draw other noise with other secrets, so a cell moves by a few points from secret to secret).",
-             "Attacks: every one registered (`" + "`, `".join(attack_names()) + "`), run by `audit_run` (inversion "
-             "decoder 50 epochs) on each run: those that apply to a plan are its rows.", "",
+             "Attacks: every passive one registered (`" + "`, `".join(n for n in attack_names() if not get_attack(n)
+                                                                  .active) + "`), run by `audit_run` (inversion "
+             "decoder 50 epochs) on each run: those that apply to a plan are its rows. The active ones (`"
+             + "`, `".join(n for n in attack_names() if get_attack(n).active) + "`) train the plan again per cell; "
+             "their defenses are measured in docs/privacy.md.", "",
              f"**Defense score (after VFLAIR's DCS).** For one attack under a defense, `A` is the attack's share of "
              "the way from its baseline to a perfect attack, `(v - b) / (1 - b)` for a figure where higher is stronger "
              "(accuracy, AUC, dCor) and `(b - v) / b` for an error (the inversion's MSE over the mean guess's, "
