@@ -251,7 +251,7 @@ class Villain:
         centre = g[np.isin(pos, known)].mean(0)
         score = g @ (centre / max(np.linalg.norm(centre), 1e-12))
         score[np.isin(pos, known)] = np.inf  # its own known rows first
-        n = max(1, int(round(self.budget * len(self.splits.train))))
+        n = max(1, int(self.budget * len(self.splits.train)))  # at most the budget (one row at least)
         self.poisoned = np.sort(pos[np.argsort(-score, kind="stable")[:n]])
         emb = np.stack([self.embeddings[p] for p in self.poisoned])
         self.delta = float(emb.std(axis=1, ddof=1).mean()) if emb.shape[1] > 1 else float(emb.std() or 1.0)

@@ -291,8 +291,12 @@ class FeatureSpaceHijacking(Attack):
     def targets(self, run: RunFolder, settings: Settings) -> list[Target] | str:
         if run.per_client:
             return "a [clients] run: each client's bottom is its own; audit a run of the plan without [clients]"
-        found = [Target(w.dst_party, w.name, "the gradients it returns")
-                 for w in run.graph.wires if w.carries == "activation" and run.graph.raw_inputs(w.src)]
+        wires = [w for w in run.graph.wires if w.carries == "activation" and run.graph.raw_inputs(w.src)]
+        found = [Target(w.dst_party, w.name, "the gradients it returns") for w in wires
+                 if all(len(run.graph.nodes[c].inputs) == 1 for c in w.consumers if run.graph.nodes[c].kind == "segment")]
+        if wires and not found:
+            return ("the receiving segment merges several wires (vertical): this FSHA server hijacks a segment fed by "
+                    "one client's activations alone")
         return found or "no activation wire is computed from its sender's own data"
 
     def attack(self, run: RunFolder, target: Target, settings: Settings, out_dir: Path) -> dict[str, Any]:
@@ -308,7 +312,7 @@ class FeatureSpaceHijacking(Attack):
             result = hijack(run.plan, x[aux], wire=w.name, seed=settings.seed, config=FshaConfig(seed=settings.seed))
         except RunError as e:  # the sender's hijack_guard stopped it
             if "look hijacked" not in str(e):
-                raise
+                raise ValueError(f"the run with the hijacking server failed: {e}") from None
             return {"value": None, "verdict": NONE, "stopped": str(e),
                     "figure_text": f"stopped by {w.src_party}'s hijack_guard before the server could invert anything"}
         got = reconstruction(result, others)
