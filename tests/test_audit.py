@@ -109,8 +109,9 @@ def test_sweep_nopeek_lowers_distance_correlation(tmp_path):
     for r in saved["rows"]:
         parts = [strength(r["distance_correlation"], 0.0, True),  # (vanilla: the labels travel, no label leakage)
                  strength(r["inversion_relative"], 1.0, False)]
-        assert r["inversion_relative"] == r["inversion_mse"] / r["wires"]["bottom->top"]["inversion_mse"] * \
-            r["wires"]["bottom->top"]["inversion_relative"]
+        inv = json.loads((tmp_path / f"nopeek.alpha={r['value']:g}" / "audit" / "audit.json").read_text())[
+            "wires"]["bottom->top"]["inversion"]
+        assert r["inversion_relative"] == inv["mse"] / inv["mse_mean_guess"]
         lost = plain["test_accuracy"] - r["test_accuracy"]
         assert r["dcs"] == sum(dcs(a, lost) for a in parts) / 2 and 0.5 <= r["dcs"] <= 1
     assert "| DCS |" in (tmp_path / "sweep.md").read_text() and "DCS: the defense score" in (tmp_path / "sweep.md").read_text()

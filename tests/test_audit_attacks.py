@@ -187,7 +187,7 @@ def test_an_attack_registered_in_a_test_is_run_by_audit_with_the_built_in_ones(c
     assert set(audit["attacks"]) == {*PASSIVE, "peek_test", *active}  # every registered attack but per-wire measures
     assert all(audit["attacks"][n]["results"] == [] for n in active)
     assert "audit --attack backdoor" in audit["attacks"]["backdoor"]["why_not"]  # it applies here: name it to run it
-    assert "merges several wires (vertical)" in audit["attacks"]["fsha"]["why_not"]  # it applies nowhere here
+    assert "takes several inputs (several clients' wires" in audit["attacks"]["fsha"]["why_not"]  # nowhere here
     assert audit["wires"]["bottom_a->top"]["inversion"] is not None  # which the per-wire audit measures, as ever
     results = audit["attacks"]["peek_test"]["results"]
     assert [(r["attacker"], r["wire"], r["value"]) for r in results] == [("server", "bottom_a->top", 0.5),

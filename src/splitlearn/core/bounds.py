@@ -38,7 +38,8 @@ class LearntBounds:
 
     def __init__(self, graph: Graph | None = None) -> None:
         self.graph = graph  # (a hijack guard needs it: which labels are the sender's)
-        self.guards: dict[str, Any] = {}  # wire -> its hijack guard's watch (per session: not checkpointed)
+        self.guards: dict[str, Any] = {}  # wire -> its hijack guard's watch (checkpointed with the bounds)
+        self.guard_states: dict[str, Any] = {}  # wire -> a checkpoint's watch, taken up when the wire is next watched
         self.top: dict[str, float] = {}  # wire/direction -> largest magnitude taken in training
         self.fixed: set[str] = set()  # those whose bound no longer grows
         self.refused: dict[str, int] = {}  # peer -> values refused for jumping past a bound
@@ -64,11 +65,13 @@ class LearntBounds:
 
     def state(self) -> dict[str, Any]:
         """What decides acceptance from here on, as JSON (for a checkpoint)."""
-        return {"top": dict(self.top), "fixed": sorted(self.fixed)}
+        guards = {**self.guard_states, **{w: g.state() for w, g in self.guards.items()}}
+        return {"top": dict(self.top), "fixed": sorted(self.fixed), **({"guards": guards} if guards else {})}
 
     def load(self, state: dict[str, Any]) -> None:
         self.top = {str(k): float(v) for k, v in state.get("top", {}).items()}
         self.fixed = set(state.get("fixed", []))
+        self.guards, self.guard_states = {}, dict(state.get("guards", {}))  # a resumed watch goes on where it was
 
     def check(self, msg: Message, wire: Wire, st: StepState, t: torch.Tensor,
               top: float | None = None) -> tuple[str, float] | None:
@@ -79,6 +82,8 @@ class LearntBounds:
         if guard is not None and msg.kind == Kind.GRADIENT and st.mode == "train" and self.graph is not None:
             if wire.name not in self.guards:
                 self.guards[wire.name] = GUARDS.get(guard.detector).watcher(self.graph, wire, guard)
+                if wire.name in self.guard_states:
+                    self.guards[wire.name].load(self.guard_states.pop(wire.name))
             why = self.guards[wire.name].watch(st, t)
             if why is not None:
                 raise Hijacked(why)

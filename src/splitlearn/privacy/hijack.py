@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..core.defense import Defense, register
 from ..core.registry import DEFENSES
+from ..core.plan import with_clients
 from ..core.specs import PlanError
 from ..core.wirespec import GUARDS, HijackGuardSpec
 
@@ -64,7 +65,7 @@ def label_dependence(grads: Tensor, labels: Tensor) -> float | None:
     mean = g.mean(dim=0)
     between = float((((sums / counts[:, None]) - mean) ** 2).sum(dim=1) @ counts)
     total = float(((g - mean) ** 2).sum())
-    if total <= 0.0:
+    if not total > 1e-9 * rows:  # every row one direction (to rounding), or a non-finite gradient: it says nothing
         return None
     chance = (k - 1) / (rows - 1)
     return (between / total - chance) / (1 - chance)
@@ -110,7 +111,15 @@ class LabelWatch:
         self.labels = label_node(graph, wire)
         self.pipeline = graph.plan.train.pipeline
         self.recent: deque[float] = deque(maxlen=3 * spec.window)
-        self.taken = 0  # micro-batches with a figure, this session
+        self.taken = 0  # micro-batches with a figure, since the run began (a checkpoint keeps it)
+
+    def state(self) -> dict[str, Any]:
+        """Its figures and count, as JSON (a checkpoint: a resumed run is watched as the run never stopped)."""
+        return {"recent": list(self.recent), "taken": self.taken}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.recent = deque((float(v) for v in state.get("recent", [])), maxlen=3 * self.spec.window)
+        self.taken = int(state.get("taken", 0))
 
     def watch(self, st: StepState, grad: Tensor) -> str | None:
         """Take the gradient of a training micro-batch; why it looks hijacked, or None."""
@@ -132,12 +141,12 @@ class LabelWatch:
             why = f"below the hijack_guard threshold {self.spec.threshold:g} from the start"
         elif before is not None and now < self.spec.drop * before:
             why = (f"below the hijack_guard threshold {self.spec.threshold:g} and below {self.spec.drop:g} times its "
-                   f"mean {2 * w} to {3 * w} steps before ({before:.3f})")
+                   f"mean {2 * w} to {3 * w} micro-batches before ({before:.3f})")
         else:
             return None  # an honest head that fits its rows: the dependence falls slowly
         return (f"the gradients returned on wire {self.wire.name!r} look hijacked at step {st.step // self.pipeline} "
                 f"(their dependence on this party's labels {self.labels!r}, chance-adjusted R^2 of the unit gradients "
-                f"by label, averaged over the last {w} training steps, is {now:.3f}, {why}: an honest server's "
+                f"by label, averaged over the last {w} training micro-batches, is {now:.3f}, {why}: an honest server's "
                 "gradients depend on the labels); this party stops training")
 
 
@@ -161,6 +170,15 @@ class HijackGuardCheck(Defense):
         if wire.carries != "activation":
             raise PlanError(f"hijack_guard on {wire.src!r}: it watches the gradients an activation wire brings back, "
                             "and this is a label wire", entry=entry, hint="set it on the sender's activation wire")
+        if with_clients(graph.plan):
+            raise PlanError(f"hijack_guard on {wire.src!r} with [clients] is not supported yet: each turn's session "
+                            "would start a new watch, too short to judge, and a client stopped in one turn would train "
+                            "again in the next", entry=entry, hint="set it in a plan without [clients]")
+        if wire.spec.label_protection is not None:
+            raise PlanError(f"hijack_guard and label_protection on {wire.src!r}: the noise the label holder adds to "
+                            "the gradients it returns hides the very dependence on the labels the guard tests (an "
+                            "honest vanilla run with max_norm raised it at step 40)", entry=entry,
+                            hint="choose one of them for this wire")
         if label_node(graph, wire) is None:
             raise PlanError(f"hijack_guard on {wire.src!r}: party {wire.src_party!r} holds the labels of no "
                             "classification loss downstream of this wire, and the guard tests the gradients it gets "

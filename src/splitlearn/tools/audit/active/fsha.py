@@ -281,7 +281,8 @@ class FeatureSpaceHijacking(Attack):
     name = "fsha"
     title = "feature-space hijacking (Pasquini et al. 2021)"
     attacker = "server (malicious: returns gradients of its own)"
-    needs = "public rows of the client's domain (the auxiliary share, --aux-fraction), the plan's architecture"
+    needs = ("public rows of the client's domain (here the run's test rows, never trained on), the plan's architecture "
+             "and the client's initial weights, which every party builds from the plan's seed (its pilot encoder)")
     active = True
     applies_to = "activation wires whose sender computes them from its own data and trains on the gradient back"
     figure = "reconstruction MSE of the client's other rows through the attacker's decoder"
@@ -295,8 +296,8 @@ class FeatureSpaceHijacking(Attack):
         found = [Target(w.dst_party, w.name, "the gradients it returns") for w in wires
                  if all(len(run.graph.nodes[c].inputs) == 1 for c in w.consumers if run.graph.nodes[c].kind == "segment")]
         if wires and not found:
-            return ("the receiving segment merges several wires (vertical): this FSHA server hijacks a segment fed by "
-                    "one client's activations alone")
+            return ("the receiving segment takes several inputs (several clients' wires, or the parts of a "
+                    "multi-tensor wire): this FSHA server hijacks a segment fed by one tensor of one client")
         return found or "no activation wire is computed from its sender's own data"
 
     def attack(self, run: RunFolder, target: Target, settings: Settings, out_dir: Path) -> dict[str, Any]:
@@ -304,18 +305,21 @@ class FeatureSpaceHijacking(Attack):
 
         w = next(x for x in run.graph.wires if x.name == target.wire)
         node = run.graph.raw_inputs(w.src)[0]
-        x = run.setup(w.src_party).inputs[node]  # every row of the sender's, in the run's order
-        order = np.random.default_rng(settings.seed).permutation(len(x))
-        cut = max(2, int(settings.aux_fraction * len(x)))
-        aux, others = torch.as_tensor(np.sort(order[:cut])), torch.as_tensor(np.sort(order[cut:]))
+        setup = run.setup(w.src_party)
+        x = setup.inputs[node]  # every row of the sender's, in the run's order
+        public = torch.as_tensor(np.asarray(setup.splits.test))  # the server's public rows: never trained on
+        if len(public) < 2:
+            raise ValueError("the run has fewer than 2 test rows: the hijacking server's public rows are those")
         try:
-            result = hijack(run.plan, x[aux], wire=w.name, seed=settings.seed, config=FshaConfig(seed=settings.seed))
+            result = hijack(run.plan, x[public], wire=w.name, config=FshaConfig(seed=settings.seed))
         except RunError as e:  # the sender's hijack_guard stopped it
             if "look hijacked" not in str(e):
                 raise ValueError(f"the run with the hijacking server failed: {e}") from None
-            return {"value": None, "verdict": NONE, "stopped": str(e),
-                    "figure_text": f"stopped by {w.src_party}'s hijack_guard before the server could invert anything"}
-        got = reconstruction(result, others)
+            return {"value": None, "verdict": MILD, "stopped": str(e),
+                    "figure_text": f"stopped by {w.src_party}'s hijack_guard: the server held the activations of the "
+                                   "training batches before the stop (with the client's initial encoder as its pilot, "
+                                   "its decoder inverts those as well as a finished hijack's)"}
+        got = reconstruction(result, torch.as_tensor(np.asarray(setup.splits.train)))
         verdict = LEAKS if got["ratio"] <= MSE_LEAKS else MILD if got["ratio"] <= MSE_MILD else NONE
         out = {"value": got["mse"], "verdict": verdict, **got,
                "figure_text": f"MSE {got['mse']:.4f} against the mean image's {got['baseline']:.4f}"}
