@@ -164,7 +164,7 @@ def test_audit_runs_fsha_on_a_run_and_the_guard_makes_it_fail(tmp_path):
         splitlearn.train(plan, epochs=2, out=tmp_path / f"run{guard}")  # the honest run: the guard stays silent
         (got,) = audit_run(tmp_path / f"run{guard}", attacks=["fsha"])["attacks"]["fsha"]["results"]
         verdicts[guard] = got
-    assert verdicts[False]["verdict"] == "leaks" and verdicts[False]["mse"] <= 0.04, verdicts[False]  # measured 0.029
+    assert verdicts[False]["verdict"] == "leaks" and verdicts[False]["mse"] <= 0.04, verdicts[False]  # measured 0.028
     assert verdicts[True]["verdict"] == "mild" and "look hijacked at step 9" in verdicts[True]["stopped"]  # (what
     # the server got before the stop is exposed: the guard stops the hijack going on, not those batches)
 
