@@ -25,6 +25,7 @@ from splitlearn.tools.audit.active.fsha import FshaConfig, Hijacker, hijack, rec
 from splitlearn.tools.audit.active.harness import run_against
 
 from .conftest import EXAMPLES
+from .support import stop_after
 
 STEPS = 92  # 4 epochs of 23 training steps (719 training rows, batch 32)
 GUARD_STEPS = 10  # the guard's window: it fires at the first full one
@@ -181,15 +182,8 @@ def test_a_resumed_run_is_watched_as_the_run_never_stopped(tmp_path):
     body["wires"] = {"bottom": {"hijack_guard": True}}
     body["train"].update(epochs=2, checkpoint_every=7)
     splitlearn.train(body, out=tmp_path / "a")
-    seen = {"k": 0}
-
-    def stop(progress) -> None:
-        seen["k"] += 1
-        if seen["k"] == 30:
-            raise RuntimeError("stopped")
-
     with pytest.raises(Exception, match="stopped"):
-        splitlearn.train(body, out=tmp_path / "b", on_step=stop)
+        splitlearn.train(body, out=tmp_path / "b", on_step=stop_after(30))
     splitlearn.train(body, out=tmp_path / "b", resume=True)
     watched = []
     for run in ("a", "b"):

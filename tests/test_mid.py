@@ -25,6 +25,7 @@ from splitlearn.models.build import build_segment
 from splitlearn.tools.audit import audit_run
 
 from .conftest import EXAMPLES
+from .support import stop_after
 
 DECODER_EPOCHS = 20  # the audit's inversion decoder (cheap; the same for every run compared)
 
@@ -130,15 +131,8 @@ def test_a_run_with_mid_stopped_and_resumed_ends_as_the_run_never_stopped(tmp_pa
     with pytest.MonkeyPatch.context() as mp:  # the noise secrets pinned: both runs draw the same samples
         mp.setattr(engine, "secrets", SimpleNamespace(randbits=lambda bits: 0))
         splitlearn.train(body, out=tmp_path / "a")
-        seen = {"k": 0}
-
-        def stop(progress) -> None:
-            seen["k"] += 1
-            if seen["k"] == 30:
-                raise RuntimeError("stopped")
-
         with pytest.raises(Exception, match="stopped"):
-            splitlearn.train(body, out=tmp_path / "b", on_step=stop)
+            splitlearn.train(body, out=tmp_path / "b", on_step=stop_after(30))
         splitlearn.train(body, out=tmp_path / "b", resume=True)
     for party in ("hospital", "server"):
         a, b = (load_file(tmp_path / r / "parties" / party / "weights.safetensors") for r in "ab")
