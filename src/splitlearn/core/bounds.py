@@ -79,7 +79,8 @@ class LearntBounds:
         :class:`Hijacked` where the gradients look hijacked)."""
         learnt = self.jump(msg, wire, st, t, top)
         guard = wire.spec.hijack_guard
-        if guard is not None and msg.kind == Kind.GRADIENT and st.mode == "train" and self.graph is not None:
+        if (guard is not None and msg.kind == Kind.GRADIENT and st.mode == "train" and self.graph is not None
+                and wire.name not in st.grads):  # (a duplicate of a gradient taken already is not scored again)
             if wire.name not in self.guards:
                 self.guards[wire.name] = GUARDS.get(guard.detector).watcher(self.graph, wire, guard)
                 if wire.name in self.guard_states:
