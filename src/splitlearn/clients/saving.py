@@ -74,8 +74,7 @@ class StateSaving(Participant):
                                                                      man["train_work"])
         self.attempt, self.resuming = attempt, False
         self.lent = None
-        self.pool.clear()
-        self.pool.unsettled = None  # (its record is no longer among the records: those of the checkpoint are)
+        self.pool.reset()
         self._early.clear()
         self._pending.clear()
         return man

@@ -74,3 +74,8 @@ class EvaluationPool:
 
     def clear(self) -> None:
         self.scores, self.of = {}, None
+
+    def reset(self) -> None:
+        """Nothing pooled, nothing to settle (a rewind: the records are the checkpoint's)."""
+        self.clear()
+        self.unsettled = None

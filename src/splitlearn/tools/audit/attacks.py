@@ -39,13 +39,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from ...core.registry import Registry
 
 if TYPE_CHECKING:
+    from ...core.graph import Graph, Wire
     from .run import RunFolder
 
 __all__ = ["Attack", "Target", "Settings", "ATTACKS", "register_attack", "unregister_attack", "attack_names",
            "get_attack", "describe_attacks", "chosen", "not_named", "check_settings", "run_attacks", "attack_notes",
-           "LEAKS", "MILD", "NONE", "ACTIVE_NOT_NAMED"]
+           "LEAKS", "MILD", "NONE", "ACTIVE_NOT_NAMED", "CLIENTS_RUN", "own_data_wires"]
 
 LEAKS, MILD, NONE = "leaks", "mild", "no measurable leak"  # the verdicts (as splitlearn.tools.audit.verdicts')
+CLIENTS_RUN = "a [clients] run: each client's bottom is its own; audit a run of the plan without [clients]"
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,12 @@ ATTACKS: Registry[Attack] = Registry("attack", builtins=("splitlearn.tools.audit
                                                            "splitlearn.tools.audit.active.fsha"))
 ACTIVE_NOT_NAMED = ("an active attack: it trains the run's plan again in this process with a malicious party "
                     "(several times the run's own time); name it to run it: audit --attack {name}")
+
+
+def own_data_wires(graph: Graph) -> list[Wire]:
+    """The activation wires whose sender computes them from raw inputs of its own: what a party's own data gives away
+    (the wires the attacks on a client's bottom look at)."""
+    return [w for w in graph.wires if w.carries == "activation" and graph.raw_inputs(w.src)]
 
 
 def register_attack(attack: Attack, *, replace: bool = False) -> Attack:

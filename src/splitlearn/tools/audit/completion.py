@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ...core.dryrun import merge_inputs
-from .attacks import LEAKS, MILD, NONE, Attack, Settings, Target, register_attack
+from .attacks import CLIENTS_RUN, LEAKS, MILD, NONE, Attack, Settings, Target, own_data_wires, register_attack
 from .where import foreign_losses, row_classes, main_accuracy, plan_table, source_segment, wire_slug
 
 if TYPE_CHECKING:
@@ -97,12 +97,10 @@ class ModelCompletion(Attack):
 
     def targets(self, run: RunFolder, settings: Settings) -> list[Target] | str:
         if run.per_client:
-            return "a [clients] run: each client's bottom is its own; audit a run of the plan without [clients]"
+            return CLIENTS_RUN
         found, why = [], []
         done: set[tuple[str, str]] = set()
-        for w in run.graph.wires:
-            if w.carries != "activation" or not run.graph.raw_inputs(w.src):
-                continue
+        for w in own_data_wires(run.graph):
             seg = source_segment(run.graph, w)
             todo = [n for n in foreign_losses(run.graph, w, w.src_party)
                     if row_classes(run.plan, n.name)]

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.dryrun import merge_inputs
-from .attacks import LEAKS, MILD, NONE, Attack, Settings, Target, register_attack
+from .attacks import CLIENTS_RUN, LEAKS, MILD, NONE, Attack, Settings, Target, own_data_wires, register_attack
 from .measures import invert, latest_per_id, ssim
 from .where import image_shape, plan_table, row_classes, wire_slug
 
@@ -303,10 +303,10 @@ class SDAR(Attack):
 
     def targets(self, run: RunFolder, settings: Settings) -> list[Target] | str:
         if run.per_client:
-            return "a [clients] run: each client's bottom is its own; audit a run of the plan without [clients]"
+            return CLIENTS_RUN
         found, why = [], []
-        for w in run.graph.wires:
-            if w.carries != "activation" or w.masked or not run.graph.raw_inputs(w.src):
+        for w in own_data_wires(run.graph):
+            if w.masked:
                 continue
             src = run.graph.nodes[w.src]
             if src.kind != "segment" or any(run.graph.nodes[d].kind != "input" for d in src.inputs):

@@ -55,7 +55,7 @@ from ....core.plan import Plan
 from ....launch.threads import run_local
 from ....run.report import RunError
 from ....run.setup import Step, setup_party
-from ..attacks import LEAKS, MILD, NONE, Attack, Settings, Target, register_attack
+from ..attacks import CLIENTS_RUN, LEAKS, MILD, NONE, Attack, Settings, Target, own_data_wires, register_attack
 from ..where import foreign_losses, plan_table, row_classes, source_segment, wire_slug
 from .harness import Attacked, run_against
 
@@ -94,12 +94,10 @@ def places(plan: Plan) -> list[Place] | str:
     activation wire whose segment takes one raw input of its party, towards a classification loss computed
     elsewhere whose labels the sender does not hold."""
     if client_names(plan):
-        return "a [clients] run: each client's bottom is its own; attack a run of the plan without [clients]"
+        return CLIENTS_RUN
     graph = build_graph(plan)
     found, why, done = [], [], set()
-    for w in graph.wires:
-        if w.carries != "activation" or not graph.raw_inputs(w.src):
-            continue
+    for w in own_data_wires(graph):
         seg = source_segment(graph, w)
         losses = [n for n in foreign_losses(graph, w, w.src_party) if row_classes(plan, n.name)
                   and n.party != w.src_party]
@@ -398,9 +396,7 @@ class Backdoor(Attack):
     paper = "over 93 % attack success with 1 % poisoning, main task within a point or so (Villain)"
 
     def targets(self, run: RunFolder, settings: Settings) -> list[Target] | str:
-        if run.per_client:
-            return "a [clients] run: each client's bottom is its own; audit a run of the plan without [clients]"
-        found = places(run.plan)
+        found = places(run.plan)  # (a [clients] run: CLIENTS_RUN)
         if isinstance(found, str):
             return found
         return [Target(p.attacker, p.wire, f"its own {p.segment!r}: a trigger on its activations, target rows "

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ....core.load import load_plan
 from ....core.plan import Plan
 from ....models.build import build_segment
-from ..attacks import LEAKS, MILD, NONE, Attack, Settings, Target, register_attack
+from ..attacks import CLIENTS_RUN, LEAKS, MILD, NONE, Attack, Settings, Target, own_data_wires, register_attack
 from ..where import plan_table
 from .harness import Attacked, run_against
 
@@ -291,8 +291,8 @@ class FeatureSpaceHijacking(Attack):
 
     def targets(self, run: RunFolder, settings: Settings) -> list[Target] | str:
         if run.per_client:
-            return "a [clients] run: each client's bottom is its own; audit a run of the plan without [clients]"
-        wires = [w for w in run.graph.wires if w.carries == "activation" and run.graph.raw_inputs(w.src)]
+            return CLIENTS_RUN
+        wires = own_data_wires(run.graph)
         found = [Target(w.dst_party, w.name, "the gradients it returns") for w in wires
                  if all(len(run.graph.nodes[c].inputs) == 1 for c in w.consumers if run.graph.nodes[c].kind == "segment")]
         if wires and not found:
