@@ -534,8 +534,8 @@ def main() -> None:
     if bad:
         ap.error(f"unknown {bad}: models are {list(PLANS)}, launchers {list(LAUNCHERS)}")
     args.profile_epochs = {"cnn": None, "mlp": 10}  # the MLP's steps are short: more of them for the samples
-    if args.quick:
-        args.repeats, args.epochs, args.profile = 0, 1, True
+    if args.quick:  # one profiled run each, which is the measured one (with --no-profile: one plain run each)
+        args.repeats, args.epochs = (0 if args.profile else 1), 1
         args.profile_epochs = {"cnn": 1, "mlp": 3}
     load0, t0 = loadavg(), time.perf_counter()
     if float(load0.split()[0]) > (os.cpu_count() or 1):

@@ -398,3 +398,22 @@ def test_a_hello_holding_anything_but_cursors_is_refused_naming_the_peer(told):
         held_by("server", [START], {"hospital": {"checkpoints": told}})
     assert held_by("server", [START], {"hospital": {"checkpoints": [[0, 3], [0, -1], [0, 3]]}}) == \
         {"server": [START], "hospital": [START, Cursor(0, 3)]}
+
+
+def test_a_checkpoint_keeps_the_last_evaluations_rows_and_a_run_resumed_from_it_draws_the_intervals_never_stopped(
+        tmp_path):
+    """Epoch checkpoints do not draw the bootstrap intervals (a thousand resamples an epoch): the last
+    evaluation's scored rows go in the checkpoint, and a run resumed from the final one reports the intervals
+    and curves of the run never stopped, drawn from those rows."""
+    body = load_plan(EXAMPLES / "vanilla.toml").with_train(epochs=2)
+    a = splitlearn.train(body, out=tmp_path / "a")
+    ck = _ck(tmp_path / "a", "server", body)
+    tensors, manifest = ck.load(ck.cursors()[-1])
+    (loss,) = manifest["metrics"]["unsettled"]
+    rows = a["metrics"]["test_rows"]
+    assert tensors[f"metrics.{loss}.outputs"].shape == (rows, 10) and tensors[f"metrics.{loss}.targets"].shape == (rows,)
+    assert manifest["metrics"]["unsettled"][loss][1] == rows
+    assert manifest["metrics"]["ci"] == {}  # never drawn for a checkpoint
+    b = splitlearn.train(body, out=tmp_path / "a", resume=True)  # every party finished: the result again
+    assert a["metrics"]["ci95"] and b["metrics"]["ci95"] == a["metrics"]["ci95"]
+    assert json.loads((tmp_path / "a" / "result.json").read_text())["metrics"]["ci95"] == a["metrics"]["ci95"]

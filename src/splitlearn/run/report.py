@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
+
 from ..core import losses
 from ..core.engine import Party
 from ..core.metrics import Scores, evaluation_metrics, token_scores
@@ -161,15 +164,37 @@ class Metrics:
         self.unsettled.clear()
 
     def state(self) -> dict:
-        """For a checkpoint after a training step (no evaluation pending)."""
+        """For a checkpoint after a training step (no evaluation pending), with :meth:`tensors`: the last
+        evaluation's intervals and curves are not drawn for it (a thousand resamples at every epoch's checkpoint
+        were most of a small model's epoch end); its scored rows go in the checkpoint instead (``unsettled``:
+        each loss's summed loss, rows and rows decided right; :meth:`tensors` the outputs and targets)."""
         assert not any(a.scores or a.validation for a in self.acc.values()), "a checkpoint falls between evaluation steps"
-        self.settle()
-        return {"hist": self.hist, "steps": self.steps, "ci": self.ci, "curves": self.curves,
+        unsettled = {}
+        for k in sorted(self.unsettled):
+            parts = self.scores[k]
+            right = None if any(p.right is None for p in parts) else int(sum(p.right for p in parts))
+            unsettled[k] = [float(sum(p.loss_sum for p in parts)), int(sum(p.rows for p in parts)), right]
+        return {"hist": self.hist, "steps": self.steps, "ci": self.ci, "curves": self.curves, "unsettled": unsettled,
                 "acc": {k: [a.train_sum, a.train_n, 0.0, 0, 0] for k, a in self.acc.items()}}  # no test rows pending
 
-    def load(self, state: dict) -> None:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The rows of each evaluation whose intervals are not drawn yet, for a checkpoint (``metrics.LOSS.outputs``
+        and ``.targets``: every batch's, concatenated, which is all the intervals and curves read)."""
+        out = {}
+        for k in sorted(self.unsettled):
+            for what in ("outputs", "targets"):
+                joined = np.concatenate([getattr(p, what) for p in self.scores[k]])
+                out[f"metrics.{k}.{what}"] = torch.from_numpy(np.ascontiguousarray(joined))
+        return out
+
+    def load(self, state: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Back to what :meth:`state` and :meth:`tensors` saved (``tensors``: the checkpoint's)."""
         self.hist, self.steps, self.ci = state["hist"], state["steps"], state.get("ci", {})
-        self.curves, self.unsettled = state.get("curves", {}), set()
+        self.curves, self.unsettled, self.scores = state.get("curves", {}), set(), {}
+        for k, (loss_sum, rows, right) in state.get("unsettled", {}).items():
+            outputs, targets = (tensors[f"metrics.{k}.{what}"].numpy() for what in ("outputs", "targets"))
+            self.scores[k] = [Scores(outputs, targets, loss_sum, rows, right)]
+            self.unsettled.add(k)
         for k, (ts, tn, _vs, vn, _right) in state["acc"].items():
             if vn:
                 raise ValueError(f"a checkpoint of loss {k!r} falls between evaluation steps ({vn} test rows pending)")

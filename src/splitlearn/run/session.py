@@ -326,6 +326,14 @@ def _recv(link: Link, deadline: float | None, why: str) -> Message:
 MAX_RESTARTS = 20  # sessions begun again after a neighbour went back to a checkpoint, per run
 
 
+def _captured(party: Party, metrics: Metrics, timing: dict, epoch: int | None) -> tuple[dict, dict]:
+    """A checkpoint's (tensors, manifest) of ``party`` after a step: its state, its metrics, its timing."""
+    from .checkpoint import capture  # (torch's files: imported where a run is)
+
+    tensors, manifest = capture(party, {"metrics": metrics.state(), "timing": timing, "epoch": epoch})
+    return {**tensors, **metrics.tensors()}, manifest
+
+
 def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]],
               on_step: Callable[[Progress], None] | None = None, ids_hash: str = "", tracker: Any = None,
               setup: Any = None, checkpoints: Any = None, resume: bool = False, intervals: bool = True) -> PartyReport:
@@ -383,7 +391,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                     if agreement is not None and agreement.stopped is not None:  # it stopped early before
                         todo = stopped(full, agreement.steps[agreement.stopped] // party.pipeline)
                     count_kept_messages(party)
-                    metrics.load(manifest["metrics"])
+                    metrics.load(manifest["metrics"], tensors)
                     timing, epoch = manifest["timing"], manifest["epoch"]
                     start = next((i for i, st in enumerate(todo) if st.id > info["resume"].step), len(todo))
                     if info.get("finished") and start < len(todo):
@@ -394,8 +402,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                 if info["resume"] is None and checkpoints is not None:  # the state before the first step
                     if resume:
                         set_aside(party.name, checkpoints)
-                    checkpoints.save(START, *capture(party, {"metrics": metrics.state(), "timing": timing,
-                                                             "epoch": None}))
+                    checkpoints.save(START, *_captured(party, metrics, timing, None))
                 for i in indices(start, lambda: len(todo)):
                     step = todo[i]
                     if epoch is not None and step.epoch != epoch:
@@ -438,8 +445,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
                             if last and epoch is not None:  # the epoch is complete: its metrics go in the checkpoint
                                 metrics.close_epoch(epoch)
                                 epoch = None
-                            checkpoints.save(after_step(step.id), *capture(
-                                party, {"metrics": metrics.state(), "timing": timing, "epoch": epoch}))
+                            checkpoints.save(after_step(step.id), *_captured(party, metrics, timing, epoch))
                     if on_step is not None:
                         loss = next(iter(out.losses.values()), None)
                         on_step(Progress(i + 1, len(todo), step.epoch, epochs, "step", loss, step.mode))
