@@ -28,7 +28,7 @@ from splitlearn.tools.audit.attacks import (LEAKS, MILD, NONE, Attack, Target, a
 from .conftest import EXAMPLES
 from .support import digits_halves_plan
 
-PASSIVE = ["model_completion", "cluster_labels", "attribute_probe", "sdar"]
+PASSIVE = ["model_completion", "cluster_labels", "attribute_probe", "sdar", "membership"]
 DECODER_EPOCHS = 20  # the per-wire inversion's decoder: not what this file measures
 ATTRIBUTE = "clinic_a.x:0"  # breast cancer's mean radius, one of clinic_a's columns: above its median or not
 

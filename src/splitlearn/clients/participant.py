@@ -42,6 +42,7 @@ from ..wire.metering import Meter
 from ..wire.transport.base import Transport, TransportTimeout
 from ..wire.transport.switch import Switch
 from .context import Context
+from .results import FederationRound, federation_record
 from .roles import Duty, client_names, coordinator_of, duties_of, federation_of, physical_names, plays_of
 from .scoring import EvaluationPool
 from .secure import SECAGG_WIRE, secure_collect
@@ -67,7 +68,8 @@ class Participant:
     :class:`~splitlearn.clients.follower.Follower` parties carry out its instructions; a plain
     plan's parties are :class:`~splitlearn.clients.peer.Peer` parties, each running the trivial
     schedule's one round (:class:`~splitlearn.clients.strategies.Trivial`). ``record``: keep what
-    this party receives, per client, for the audit; ``rejoin_wait_s``: how long the coordinator
+    this party receives, per client, for the audit (the federation: what it averaged in its last round,
+    each client's weights as received unless ``secure_aggregation``); ``rejoin_wait_s``: how long the coordinator
     waits for a failed party to come back as a new process (0: never)."""
 
     def __init__(self, plan: Plan, name: str, transport: Transport, setup: PartySetup | None = None, *,
@@ -108,6 +110,8 @@ class Participant:
         self.skipped: list[dict] = []
         self.refused: list[str] = []
         self.recorders: dict[str, Recorder] | None = {} if record and self.setup is not None else None
+        self.recording = record  # the federation too: what it averaged in its last round (federation_record)
+        self.last_round: FederationRound | None = None  # federation, recording: the last round it averaged
         self.train_work = {"samples": 0, "steps": 0}  # training this party did: what its noise spent
         self.rng: PartyRandom | None = None  # its random layers' stream (made at its first turn)
         self.tracking = tracking  # where the losses this party computes are streamed (splitlearn.run.tracking)
@@ -314,8 +318,11 @@ class Participant:
         """Federation: receive the clients' weights, average them (by samples); whose were averaged,
         and why each refused client's were refused. Under ``secure_aggregation`` the weights come
         masked and only their average is recovered (:func:`~splitlearn.clients.secure.secure_collect`)."""
-        if self.spec.secure_aggregation:
-            return secure_collect(self, clients, samples, request)
+        if self.spec.secure_aggregation:  # nothing of one client's in the clear: the average alone is kept
+            used, refused = secure_collect(self, clients, samples, request)
+            if used and self.recording:
+                self.last_round = FederationRound(self.global_state)
+            return used, refused
         got = self.take_weights(clients, request, self.timeout)
         states, shares, used, refused = [], [], [], {}
         for c, n in zip(clients, samples):
@@ -329,6 +336,8 @@ class Participant:
                     refused[c] = str(e)[:300]
         if states:
             self.global_state = average(states, shares)
+            if self.recording:  # for the audit: each client's weights as received, this round's only
+                self.last_round = FederationRound(self.global_state, dict(zip(used, states)), dict(zip(used, shares)))
         return used, refused
 
     def merge_copies(self, clients: list[str], samples: list[int]) -> None:
@@ -388,6 +397,8 @@ class Participant:
         observed = {}
         for client, rec in (self.recorders or {}).items():
             observed.update({(f"{client}/{k}" if client else k): v for k, v in rec.tensors().items()})
+        if self.last_round is not None:  # the federation: what it averaged in its last round
+            observed.update(federation_record(self.last_round))
         modules, per_client_modules = self.setup.modules if self.setup else {}, {}
         if not self.strategy.one_model and self.copies:  # each client's copy is its model; the shared one never trained
             modules, per_client_modules = {}, {c: mods for c, (mods, _) in self.copies.items()}

@@ -1,15 +1,17 @@
 """What a run's results are, as its schedule shapes them: each party's entry and the metrics of
 ``result.json`` (a schedule's figures pooled over every site its evaluations scored), its schedule
 part, the run's model (whose weights :func:`predict` uses) and what each client's traffic left in a
-run folder. A plain plan is the trivial case: its loss parties' own figures, no schedule part, its
-parties' own weights.
+run folder (and what the federation averaged in its last round: :func:`federation_record`). A plain
+plan is the trivial case: its loss parties' own figures, no schedule part, its parties' own weights.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..core.graph import Graph, build_graph
 from ..core.metrics import Scores, evaluation_metrics
@@ -17,11 +19,14 @@ from ..core.plan import Plan, per_client
 from ..core.specs import PlanError
 from ..run.report import PartyReport, RunError
 from .layout import clients_playing
-from .roles import coordinator_of
+from .roles import client_names, coordinator_of, federation_of
 from .strategies import strategy_of
 
 __all__ = ["metric_histories", "party_entry", "schedule_part", "failures_part", "missing_part", "final_client",
-           "model_holder", "predicting_plan", "recording_parties", "client_views"]
+           "model_holder", "predicting_plan", "recording_parties", "client_views", "FederationRound",
+           "federation_record", "federation_received", "FEDERATION_KEY", "Averaging", "averaging_of"]
+
+FEDERATION_KEY = "federation"  # observed.safetensors: federation|average|W, federation|client|C|W, federation|samples|C
 
 
 def metric_histories(plan: Plan, reports: dict[str, PartyReport]) -> tuple[dict[str, dict], dict[str, Any]]:
@@ -116,10 +121,87 @@ def predicting_plan(plan: Plan) -> tuple[Plan, str | None]:
 
 def recording_parties(plan: Plan) -> list[str]:
     """The physical parties whose run folders may hold what they received (``observed.safetensors``): the
-    plan's parties, or with ``[clients]`` its fixed parties and every client (a federation of its own
-    receives weights only)."""
+    plan's parties, or with ``[clients]`` its fixed parties and every client, and a federation of its own where
+    the schedule averages (what it averaged in its last round, :func:`federation_record`)."""
     spec = plan.clients
-    return list(plan.parties) if spec is None else [p for p in plan.parties if p != spec.template] + spec.names()
+    if spec is None:
+        return list(plan.parties)
+    fed = federation_of(plan)
+    own = [fed] if strategy_of(plan).averages and fed not in plan.parties else []
+    return [p for p in plan.parties if p != spec.template] + own + spec.names()
+
+
+@dataclass(frozen=True)
+class Averaging:
+    """Who averages the clients' weights of a run: the ``federation``, the plan party the clients play
+    (``template``: its segments are what is averaged), the ``clients`` in order, and whether the federation holds
+    only their weighted sum (``secure``: ``secure_aggregation``)."""
+
+    federation: str
+    template: str
+    clients: list[str]
+    secure: bool
+
+
+def averaging_of(plan: Plan) -> Averaging | str:
+    """Who averages the clients' weights of ``plan`` (:class:`Averaging`), or, where no federation does, why
+    (one line: a plain plan, or a schedule that does not average)."""
+    spec = plan.clients
+    if spec is None:
+        return "not a [clients] run: no federation receives clients' weights"
+    if not strategy_of(plan).averages:
+        return (f"schedule {spec.schedule!r} does not average: no federation receives each client's weights "
+                "(splitfed_v1, splitfed_v2 and fedavg do)")
+    return Averaging(federation_of(plan), spec.template, spec.names(), spec.secure_aggregation)
+
+
+@dataclass(frozen=True)
+class FederationRound:
+    """What the federation averaged in one round: the ``average`` it holds after it, and, where the weights came
+    in the clear (no ``secure_aggregation``), each client's weights as received (``clients``) and the samples it
+    weighted them by (``samples``)."""
+
+    average: dict[str, torch.Tensor]
+    clients: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+
+
+def federation_record(last: FederationRound) -> dict[str, torch.Tensor]:
+    """``last`` as the federation's part of its ``observed.safetensors``: ``federation|average|W``,
+    ``federation|client|C|W`` and ``federation|samples|C`` (``W`` a weight's name, ``segment.key``)."""
+    def own(v: torch.Tensor) -> torch.Tensor:
+        return v.detach().cpu().contiguous().clone()
+
+    out = {f"{FEDERATION_KEY}|average|{k}": own(v) for k, v in last.average.items()}
+    for c, state in last.clients.items():
+        out.update({f"{FEDERATION_KEY}|client|{c}|{k}": own(v) for k, v in state.items()})
+        out[f"{FEDERATION_KEY}|samples|{c}"] = torch.tensor([int(last.samples[c])], dtype=torch.int64)
+    return out
+
+
+def federation_received(plan: Plan, observed: dict[str, torch.Tensor]) -> FederationRound | None:
+    """What :func:`federation_record` wrote, read back from the federation's recording (None where it holds no
+    round: not the federation, nothing averaged, or the run not recorded); its clients in the plan's order."""
+    head = f"{FEDERATION_KEY}|"
+    average: dict[str, torch.Tensor] = {}
+    clients: dict[str, dict[str, torch.Tensor]] = {}
+    samples: dict[str, int] = {}
+    for key, v in observed.items():
+        if not key.startswith(head):
+            continue
+        what, _, rest = key[len(head):].partition("|")
+        if what == "average":
+            average[rest] = v
+        elif what == "client":
+            c, _, k = rest.partition("|")
+            clients.setdefault(c, {})[k] = v
+        elif what == "samples":
+            samples[rest] = int(v.reshape(-1)[0])
+    if not average:
+        return None
+    order = client_names(plan)
+    return FederationRound(average, {c: clients[c] for c in order if c in clients},
+                           {c: samples[c] for c in order if c in samples})
 
 
 def client_views(plan: Plan, observed: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:

@@ -74,6 +74,7 @@ class StateSaving(Participant):
                                                                      man["train_work"])
         self.attempt, self.resuming = attempt, False
         self.lent = None
+        self.last_round = None  # the federation's record of a round after the cursor: it is trained again
         self.pool.reset()
         self._early.clear()
         self._pending.clear()

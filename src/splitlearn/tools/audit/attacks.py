@@ -22,7 +22,8 @@ An attack of one's own is written against :class:`Attack` and registered before 
 The built-in passive attacks replay what the attacking party recorded in the run (``observed.safetensors``)
 and its own trained weights: :mod:`~splitlearn.tools.audit.completion` (model completion),
 :mod:`~splitlearn.tools.audit.clustering` (labels by clustering), :mod:`~splitlearn.tools.audit.probe`
-(attribute inference), :mod:`~splitlearn.tools.audit.sdar` (a server simulating the client's bottom); the active
+(attribute inference), :mod:`~splitlearn.tools.audit.sdar` (a server simulating the client's bottom),
+:mod:`~splitlearn.tools.audit.membership` (membership inference by the federation on one client's weights); the active
 ones (:mod:`~splitlearn.tools.audit.active`: a feature party's backdoor, feature-space hijacking) run when named; the per-wire measures of :mod:`~splitlearn.tools.audit.wires` (distance correlation,
 model inversion, labels from gradients, labels on the wire, text inversion) are registered too, and run by
 the per-wire audit (``per_wire``).
@@ -118,6 +119,7 @@ ATTACKS: Registry[Attack] = Registry("attack", builtins=("splitlearn.tools.audit
                                                            "splitlearn.tools.audit.clustering",
                                                            "splitlearn.tools.audit.probe",
                                                            "splitlearn.tools.audit.sdar",
+                                                           "splitlearn.tools.audit.membership",
                                                            "splitlearn.tools.audit.active.backdoor",
                                                            "splitlearn.tools.audit.active.fsha"))
 ACTIVE_NOT_NAMED = ("an active attack: it trains the run's plan again in this process with a malicious party "
