@@ -310,6 +310,7 @@ def same_run(a: Path, b: Path, count_bytes: bool = True) -> None:
     ra, rb = (json.loads((r / "result.json").read_text()) for r in (a, b))
     assert ra["metrics"]["test_accuracy_per_epoch"] == rb["metrics"]["test_accuracy_per_epoch"]
     assert ra["metrics"]["train_loss"] == rb["metrics"]["train_loss"]
+    assert ra["metrics"].get("ci95") == rb["metrics"].get("ci95")  # drawn from the last evaluation, kept or not
     for p in ra["parties"] if count_bytes else ():
         assert ra["parties"][p]["bytes_sent"] == rb["parties"][p]["bytes_sent"], p
         assert ra["parties"][p]["flops"] == rb["parties"][p]["flops"], p

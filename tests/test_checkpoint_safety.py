@@ -416,4 +416,5 @@ def test_a_checkpoint_keeps_the_last_evaluations_rows_and_a_run_resumed_from_it_
     assert manifest["metrics"]["ci"] == {}  # never drawn for a checkpoint
     b = splitlearn.train(body, out=tmp_path / "a", resume=True)  # every party finished: the result again
     assert a["metrics"]["ci95"] and b["metrics"]["ci95"] == a["metrics"]["ci95"]
+    assert a["metrics"]["curves"] and b["metrics"]["curves"] == a["metrics"]["curves"]
     assert json.loads((tmp_path / "a" / "result.json").read_text())["metrics"]["ci95"] == a["metrics"]["ci95"]

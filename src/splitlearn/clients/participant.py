@@ -42,7 +42,7 @@ from ..wire.metering import Meter
 from ..wire.transport.base import Transport, TransportTimeout
 from ..wire.transport.switch import Switch
 from .context import Context
-from .results import FederationRound, federation_record
+from .results import RECORDED_CLIENTS, FederationRound, federation_record
 from .roles import Duty, client_names, coordinator_of, duties_of, federation_of, physical_names, plays_of
 from .scoring import EvaluationPool
 from .secure import SECAGG_WIRE, secure_collect
@@ -337,7 +337,8 @@ class Participant:
         if states:
             self.global_state = average(states, shares)
             if self.recording:  # for the audit: each client's weights as received, this round's only
-                self.last_round = FederationRound(self.global_state, dict(zip(used, states)), dict(zip(used, shares)))
+                kept = list(zip(used, states, shares))[:RECORDED_CLIENTS]  # a bounded record: the first clients
+                self.last_round = FederationRound(self.global_state, {c: st for c, st, _ in kept}, {c: n for c, _, n in kept})
         return used, refused
 
     def merge_copies(self, clients: list[str], samples: list[int]) -> None:

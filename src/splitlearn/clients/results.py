@@ -24,7 +24,9 @@ from .strategies import strategy_of
 
 __all__ = ["metric_histories", "party_entry", "schedule_part", "failures_part", "missing_part", "final_client",
            "model_holder", "predicting_plan", "recording_parties", "client_views", "FederationRound",
-           "federation_record", "federation_received", "FEDERATION_KEY", "Averaging", "averaging_of"]
+           "federation_record", "federation_received", "FEDERATION_KEY", "Averaging", "averaging_of", "RECORDED_CLIENTS"]
+
+RECORDED_CLIENTS = 5  # clients whose weights the federation keeps for the audit (the first averaged each round)
 
 FEDERATION_KEY = "federation"  # observed.safetensors: federation|average|W, federation|client|C|W, federation|samples|C
 
@@ -158,8 +160,8 @@ def averaging_of(plan: Plan) -> Averaging | str:
 @dataclass(frozen=True)
 class FederationRound:
     """What the federation averaged in one round: the ``average`` it holds after it, and, where the weights came
-    in the clear (no ``secure_aggregation``), each client's weights as received (``clients``) and the samples it
-    weighted them by (``samples``)."""
+    in the clear (no ``secure_aggregation``), the weights of the first :data:`RECORDED_CLIENTS` clients averaged, as
+    received (``clients``), and the samples it weighted them by (``samples``)."""
 
     average: dict[str, torch.Tensor]
     clients: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)

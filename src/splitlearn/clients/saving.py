@@ -27,8 +27,8 @@ class StateSaving(Participant):
         optimizers (and the server copies kept per client), the federation's average, the random
         stream, meters, records and the training its noise spent."""
         self.records = self.pool.close(self.records)  # the round's evaluation is over: its pooled record goes in
-        self.pool.settle()  # with its intervals, as the run's end would give them
-        tensors, optim = {}, {}
+        pool, tensors = self.pool.checkpoint()  # its scored rows: intervals are drawn when the result asks
+        optim = {}
         if self.setup is not None:
             tensors.update(checkpoints.module_tensors(self.setup.modules))
             t, optim = checkpoints.optimizer_tensors(self.setup.optimizer)
@@ -46,7 +46,7 @@ class StateSaving(Participant):
             "format": checkpoints.FORMAT, "party": self.name, "optimizer": optim, "copies": copies,
             "random": self.rng is not None, "meter": checkpoints.meter_state(self.link.meter),
             "eval_meter": checkpoints.meter_state(self.eval_meter), "records": self.records, "skipped": self.skipped,
-            "refused": self.refused, "train_work": self.train_work, **self._extra_state()})
+            "refused": self.refused, "train_work": self.train_work, "pool": pool, **self._extra_state()})
 
     def restore(self, cursor: Cursor, attempt: int) -> dict[str, Any]:
         """Go back to the state :meth:`capture` saved as of ``cursor``; its manifest (a checkpoint of an
@@ -75,7 +75,7 @@ class StateSaving(Participant):
         self.attempt, self.resuming = attempt, False
         self.lent = None
         self.last_round = None  # the federation's record of a round after the cursor: it is trained again
-        self.pool.reset()
+        self.pool.load(man.get("pool"), tensors, self.records)
         self._early.clear()
         self._pending.clear()
         return man

@@ -3,14 +3,14 @@ its heads' evaluation scores (:class:`~splitlearn.run.report.Metrics`, given bac
 ``scores``), and :class:`EvaluationPool` writes one pooled record per evaluation: the figures of
 :func:`~splitlearn.core.metrics.evaluation_metrics` over the union of the rows (never a mean of
 per-client figures). Its bootstrap intervals and curves are drawn for the last pooled record only, once asked
-(:meth:`EvaluationPool.settle`: a checkpoint, the report), as a plain plan's party draws them
-(:meth:`~splitlearn.run.report.Metrics.settle`)."""
+(:meth:`EvaluationPool.settle`: the report; a checkpoint keeps the record's scored rows instead,
+:meth:`EvaluationPool.checkpoint`), as a plain plan's party draws them (:meth:`~splitlearn.run.report.Metrics.settle`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..core.metrics import Scores, evaluation_metrics
+from ..core.metrics import Scores, draws_intervals, evaluation_metrics, scores_loaded, scores_state
 from ..core.plan import Plan
 from .schedule import Turn
 
@@ -71,6 +71,26 @@ class EvaluationPool:
                 found = evaluation_metrics(self.plan.losses[k].kind, v)
                 pooled["losses"][k].update({n: found[n] for n in ("ci95", "curves") if n in found})
             self.unsettled = None
+
+    def checkpoint(self) -> tuple[dict | None, dict]:
+        """(state, tensors) for a checkpoint: the unsettled pooled record's round and its scored rows
+        (:func:`~splitlearn.core.metrics.scores_state`, tensors ``pool.LOSS.outputs`` and ``.targets``), so that
+        its intervals are drawn once, when the result asks, not at every round's checkpoint."""
+        if self.unsettled is not None and not any(draws_intervals(self.plan.losses[k].kind) for k in self.unsettled[1]):
+            self.settle()  # nothing to draw (a language model's, decided classes): no rows kept
+        if self.unsettled is None:
+            return None, {}
+        pooled, scores = self.unsettled
+        summary, tensors = scores_state(scores, "pool.")
+        return {"round": pooled["round"], "scores": summary}, tensors
+
+    def load(self, state: dict | None, tensors: dict, records: list[dict]) -> None:
+        """Back to what :meth:`checkpoint` saved, the unsettled record being the pooled one of ``records`` (the
+        checkpoint's) of its round."""
+        self.reset()
+        if state is not None:
+            pooled = next(r for r in reversed(records) if r["mode"] == "pooled" and r["round"] == state["round"])
+            self.unsettled = (pooled, scores_loaded(state["scores"], tensors, "pool."))
 
     def clear(self) -> None:
         self.scores, self.of = {}, None

@@ -39,7 +39,7 @@ from .registry import Registry
 __all__ = ["METRICS", "REGRESSION_METRICS", "classification_metrics", "regression_metrics",
            "expected_calibration_error", "bootstrap_ci", "curves", "BOOTSTRAP_ROUNDS", "CURVE_POINTS",
            "Scores", "evaluation_metrics", "Metric", "EXTRA_METRICS", "register_metric", "check_metrics",
-           "token_scores"]
+           "token_scores", "scores_state", "scores_loaded", "draws_intervals"]
 
 METRICS = ("accuracy", "roc_auc", "f1", "sensitivity", "specificity", "ece")  # per epoch, as test_<name>
 REGRESSION_METRICS = ("mae", "rmse", "r2")  # per epoch, as test_<name>
@@ -370,6 +370,34 @@ def _added(values: Sequence[float]) -> float:
     for v in values:
         total += v
     return total
+
+
+def draws_intervals(kind: str) -> bool:
+    """Whether :func:`evaluation_metrics` draws bootstrap intervals and curves for loss kind ``kind`` (not a
+    language model's, scored per token, nor a head that decides classes without probabilities)."""
+    k = losses.get(kind)
+    return not k.tokens and not (k.probabilities is None and k.classification)
+
+
+def scores_state(scores: dict[str, Sequence[Scores]], prefix: str) -> tuple[dict[str, list], dict[str, Tensor]]:
+    """Scored rows for a checkpoint, whose intervals and curves are drawn only when asked: per loss its summed
+    loss, rows and rows decided right (JSON), and its outputs and targets (``PREFIX LOSS.outputs``, ``.targets``:
+    every part's, concatenated, which is all :func:`bootstrap_ci` and :func:`curves` read)."""
+    summary, tensors = {}, {}
+    for k in sorted(scores):
+        parts = scores[k]
+        right = None if any(p.right is None for p in parts) else int(sum(p.right for p in parts))
+        summary[k] = [_added([p.loss_sum for p in parts]), int(sum(p.rows for p in parts)), right]
+        for what in ("outputs", "targets"):
+            joined = np.concatenate([getattr(p, what) for p in parts])
+            tensors[f"{prefix}{k}.{what}"] = torch.from_numpy(np.ascontiguousarray(joined))
+    return summary, tensors
+
+
+def scores_loaded(summary: dict[str, list], tensors: dict[str, Tensor], prefix: str) -> dict[str, list[Scores]]:
+    """What :func:`scores_state` saved: per loss one :class:`Scores` of every row."""
+    return {k: [Scores(tensors[f"{prefix}{k}.outputs"].numpy(), tensors[f"{prefix}{k}.targets"].numpy(),
+                       loss_sum, rows, right)] for k, (loss_sum, rows, right) in summary.items()}
 
 
 def evaluation_metrics(kind: str, parts: Sequence[Scores], intervals: bool = True) -> dict[str, Any]:

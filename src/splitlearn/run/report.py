@@ -7,12 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..core import losses
 from ..core.engine import Party
-from ..core.metrics import Scores, evaluation_metrics, token_scores
+from ..core.metrics import Scores, draws_intervals, evaluation_metrics, scores_loaded, scores_state, token_scores
 from ..core.step import StepOutput
 from .setup import Step
 
@@ -153,48 +152,34 @@ class Metrics:
                                   if len(v) > before.get(name, 0) and v[-1] is not None}, epoch)
             self.acc[k] = EpochSums()
 
-    def settle(self) -> None:
-        """The last evaluation's 95 % intervals and curves, drawn once it is known to be asked for (a checkpoint,
-        the history): a thousand bootstrap resamples at every epoch would be the parties' largest cost."""
-        for k in sorted(self.unsettled):
+    def settle(self, only: set[str] | None = None) -> None:
+        """The last evaluation's 95 % intervals and curves, drawn once they are asked for (the history): a thousand
+        bootstrap resamples at every epoch would be the parties' largest cost. ``only``: these losses only."""
+        for k in sorted(self.unsettled if only is None else self.unsettled & only):
             found = evaluation_metrics(self.kinds[k], self.scores[k])
             self.ci.pop(k, None), self.curves.pop(k, None)
             if "ci95" in found:
                 self.ci[k], self.curves[k] = found["ci95"], found["curves"]
-        self.unsettled.clear()
+        self.unsettled -= self.unsettled if only is None else only
 
-    def state(self) -> dict:
-        """For a checkpoint after a training step (no evaluation pending), with :meth:`tensors`: the last
-        evaluation's intervals and curves are not drawn for it (a thousand resamples at every epoch's checkpoint
-        were most of a small model's epoch end); its scored rows go in the checkpoint instead (``unsettled``:
-        each loss's summed loss, rows and rows decided right; :meth:`tensors` the outputs and targets)."""
+    def checkpoint(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(state, tensors) for a checkpoint after a training step (no evaluation pending). The last evaluation's
+        intervals and curves are not drawn for it (a thousand resamples at every epoch's checkpoint were most of a
+        small model's epoch end): its scored rows go in the checkpoint instead (``unsettled``: each loss's summed
+        loss, rows and rows decided right; the tensors ``metrics.LOSS.outputs`` and ``.targets``:
+        :func:`~splitlearn.core.metrics.scores_state`), from which :meth:`load` lets them be drawn when asked."""
         assert not any(a.scores or a.validation for a in self.acc.values()), "a checkpoint falls between evaluation steps"
-        unsettled = {}
-        for k in sorted(self.unsettled):
-            parts = self.scores[k]
-            right = None if any(p.right is None for p in parts) else int(sum(p.right for p in parts))
-            unsettled[k] = [float(sum(p.loss_sum for p in parts)), int(sum(p.rows for p in parts)), right]
+        self.settle({k for k in self.unsettled if not draws_intervals(self.kinds[k])})  # nothing to draw: no rows kept
+        unsettled, tensors = scores_state({k: self.scores[k] for k in self.unsettled}, "metrics.")
         return {"hist": self.hist, "steps": self.steps, "ci": self.ci, "curves": self.curves, "unsettled": unsettled,
-                "acc": {k: [a.train_sum, a.train_n, 0.0, 0, 0] for k, a in self.acc.items()}}  # no test rows pending
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The rows of each evaluation whose intervals are not drawn yet, for a checkpoint (``metrics.LOSS.outputs``
-        and ``.targets``: every batch's, concatenated, which is all the intervals and curves read)."""
-        out = {}
-        for k in sorted(self.unsettled):
-            for what in ("outputs", "targets"):
-                joined = np.concatenate([getattr(p, what) for p in self.scores[k]])
-                out[f"metrics.{k}.{what}"] = torch.from_numpy(np.ascontiguousarray(joined))
-        return out
+                "acc": {k: [a.train_sum, a.train_n, 0.0, 0, 0] for k, a in self.acc.items()}}, tensors  # no test rows
 
     def load(self, state: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
-        """Back to what :meth:`state` and :meth:`tensors` saved (``tensors``: the checkpoint's)."""
-        self.hist, self.steps, self.ci = state["hist"], state["steps"], state.get("ci", {})
-        self.curves, self.unsettled, self.scores = state.get("curves", {}), set(), {}
-        for k, (loss_sum, rows, right) in state.get("unsettled", {}).items():
-            outputs, targets = (tensors[f"metrics.{k}.{what}"].numpy() for what in ("outputs", "targets"))
-            self.scores[k] = [Scores(outputs, targets, loss_sum, rows, right)]
-            self.unsettled.add(k)
+        """Back to what :meth:`checkpoint` saved (``tensors``: the checkpoint's)."""
+        self.hist, self.steps, self.ci, self.curves = state["hist"], state["steps"], state.get("ci", {}), \
+            state.get("curves", {})
+        self.scores = scores_loaded(state.get("unsettled", {}), tensors or {}, "metrics.")
+        self.unsettled = set(self.scores)
         for k, (ts, tn, _vs, vn, _right) in state["acc"].items():
             if vn:
                 raise ValueError(f"a checkpoint of loss {k!r} falls between evaluation steps ({vn} test rows pending)")

@@ -330,8 +330,9 @@ def _captured(party: Party, metrics: Metrics, timing: dict, epoch: int | None) -
     """A checkpoint's (tensors, manifest) of ``party`` after a step: its state, its metrics, its timing."""
     from .checkpoint import capture  # (torch's files: imported where a run is)
 
-    tensors, manifest = capture(party, {"metrics": metrics.state(), "timing": timing, "epoch": epoch})
-    return {**tensors, **metrics.tensors()}, manifest
+    state, kept = metrics.checkpoint()
+    tensors, manifest = capture(party, {"metrics": state, "timing": timing, "epoch": epoch})
+    return {**tensors, **kept}, manifest
 
 
 def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]],

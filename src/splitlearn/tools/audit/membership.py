@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ...clients.context import client_labels
-from ...clients.results import Averaging, FederationRound, averaging_of, federation_received
+from ...clients.results import RECORDED_CLIENTS, Averaging, FederationRound, averaging_of, federation_received
 from ...clients.schedule import client_shares
 from ...clients.secure import SECAGG_WIRE
 from ...core import losses
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["MembershipInference", "membership_auc", "row_losses", "compose", "MAX_CLIENTS", "MAX_ROWS", "BATCH",
            "SECURE_NOTE", "REMEDY"]
 
-MAX_CLIENTS = 5  # clients attacked at most (the first the federation recorded, in the plan's order)
+MAX_CLIENTS = RECORDED_CLIENTS  # clients attacked at most: those the federation recorded (the first it averaged)
 MAX_ROWS = 2000  # members and non-members scored at most, each drawn at random
 BATCH = 512  # rows a forward takes at once
 SECURE_NOTE = "the federation holds only the weighted sum of the clients' weights (secure_aggregation)"
