@@ -148,3 +148,68 @@ def test_empty_fields_and_tensors_are_left_out_as_protobuf_leaves_them_out():
         for name, e in msg.tensors.items():
             env.tensors.add(name=name, dtype=e.dtype, shape=list(e.shape), codec=e.codec, data=bytes(e.data))
         assert msgs.encode(msg) == env.SerializeToString()
+
+
+# -- in one process: messages handed over whole, metered at the bytes the wire would carry --------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from splitlearn.wire.messages import checked, encoded_size, handed_over  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(list(Kind)), st.text(max_size=300), st.integers(0, 2**40), st.text(max_size=20),
+       st.lists(st.tuples(st.sampled_from(["float32", "raw", "int8", "float16", "topk:0.5"]),
+                          st.lists(st.integers(0, 70), min_size=0, max_size=4)), max_size=3))
+def test_a_message_handed_over_is_metered_at_the_bytes_of_its_encoding(kind, text, step, wire, tensors):
+    """``encoded_size`` is ``len(encode(msg))`` for any message (names, steps and shapes of every varint width,
+    empty tensors, codecs with side buffers), and a message handed over keeps it."""
+    encs = {f"t{i}": get_codec(codec).encode(torch.randn(shape)) for i, (codec, shape) in enumerate(tensors)}
+    msg = Message(kind, "hospital-12", "server", step, wire, encs, text)
+    assert encoded_size(msg) == len(encode(msg)) == encoded_size(handed_over(msg))
+    assert decode(encode(handed_over(msg))) == decode(encode(msg))
+
+
+def test_a_message_handed_over_is_the_receivers_own_and_is_decoded_without_a_copy():
+    """The sender may change its tensor once sent; the receiver's tensor is made over the handed-over bytes."""
+    t = torch.randn(4, 8)
+    msg = handed_over(Message(Kind.ACTIVATION, "hospital", "server", 3, "bottom", {"t": get_codec("float32").encode(t)}))
+    sent = t.clone()
+    t.mul_(-1)  # the sender's activation changes after the send
+    got = get_codec("float32").decode(checked(msg).tensors["t"])
+    assert torch.equal(got, sent)
+    got.add_(1)  # writable, and the message's own memory: no copy was made
+    assert torch.equal(get_codec("float32").decode(msg.tensors["t"]), sent + 1)
+
+
+def test_a_message_handed_over_meets_the_limits_an_encoded_one_does():
+    big = Message(Kind.ACTIVATION, "hospital", "server", 1, "w", {"t": get_codec("float32").encode(torch.zeros(64, 64))})
+    for limits in (Limits(message_bytes=1000), Limits(tensor_bytes=1000), Limits(max_dims=1), Limits(name_chars=2)):
+        with pytest.raises(WireError) as encoded:
+            decode(encode(big), limits)
+        with pytest.raises(WireError) as whole:
+            checked(handed_over(big), limits)
+        assert str(whole.value) == str(encoded.value)
+
+
+def test_a_run_in_one_process_encodes_and_decodes_no_message(monkeypatch):
+    """The simulation hands every message over whole (none is encoded nor parsed), and its parties meter the
+    bytes of the gRPC run (tests/test_accounting.py compares them)."""
+    import splitlearn
+    import splitlearn.wire.link as link
+
+    counted = {"encode": 0, "decode": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            counted[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(link, "encode", counting("encode", link.encode))
+    monkeypatch.setattr(link, "decode", counting("decode", link.decode))
+    from .conftest import EXAMPLES
+
+    result = splitlearn.train(EXAMPLES / "vanilla.toml", epochs=1)
+    assert counted == {"encode": 0, "decode": 0}
+    assert result["parties"]["hospital"]["bytes_sent"] > 1000 * 45  # the activations of 45 batches, metered

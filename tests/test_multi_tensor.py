@@ -554,3 +554,34 @@ def test_pieces_cut_in_several_threads_at_once_leave_every_later_forward_alone()
         t.join()
     assert failed == [] and nn.Module.__call__ is call
     assert nn.Linear(4, 2)(torch.ones(1, 4)).shape == (1, 2)
+
+
+def test_a_forward_in_another_thread_while_a_model_is_cut_runs_as_itself():
+    """While fx traces, nn.Module.__call__ is patched for the whole process: a forward that another thread runs
+    then (a party training while its neighbour, in the same process, still cuts its model: docs/own-loop.md's
+    in-process example failed about one run in fifteen) went into the trace and failed ("module is not installed
+    as a submodule"). It now runs as itself, to the same output."""
+    import threading
+
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), torch.randn(5, 8)
+    want, stop, seen = net(x), threading.Event(), {"runs": 0, "errors": []}
+
+    def forwards():
+        while not stop.is_set():
+            try:
+                assert torch.equal(net(x), want)
+                seen["runs"] += 1
+            except Exception as e:  # noqa: BLE001 - reported below
+                seen["errors"].append(repr(e))
+                return
+
+    t = threading.Thread(target=forwards)
+    t.start()
+    try:
+        for _ in range(5):  # a long trace: 300 layers, so the other thread runs during it
+            splitlearn.cut(nn.Sequential(*[nn.Linear(8, 8) for _ in range(300)]), after=1)
+    finally:
+        stop.set()
+        t.join()
+    assert seen["errors"] == [] and seen["runs"] > 0

@@ -32,9 +32,17 @@ class _KeepWhole(fx.Tracer):
     def __init__(self, whole: set[str]):
         super().__init__()
         self.whole = whole
+        self.thread = threading.get_ident()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return qualname in self.whole or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        # fx patches nn.Module.__call__ for the whole process while it traces: a module called by another thread
+        # (a party already training beside the one cutting its model) runs as itself, not into this trace
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
 
 _TRACING = threading.Lock()  # one fx trace at a time in this process (parties in threads build pieces at once)

@@ -29,7 +29,7 @@ import torch
 
 __all__ = ["Encoded", "Codec", "WireError", "get_codec", "CODECS", "DTYPES", "MAX_ELEMENTS", "decoded_bytes", "floating",
            "check_values", "to_buffer", "Float32", "Float16", "BFloat16", "Int8", "TopK", "dtype_name", "to_bytes",
-           "from_bytes"]
+           "from_bytes", "Owned"]
 
 DTYPES: dict[str, tuple[torch.dtype, str]] = {  # name -> (torch dtype, little-endian numpy storage)
     "float32": (torch.float32, "<f4"),
@@ -52,6 +52,11 @@ class WireError(ValueError):
     def __init__(self, message: str, *, wire: str = "", step: int = 0):
         super().__init__(message)
         self.wire, self.step = wire, step
+
+
+class Owned(bytearray):
+    """A tensor's bytes handed from one party to another of this process (:func:`~splitlearn.wire.messages.handed_over`):
+    a copy the receiver alone holds, so decoding makes its tensor over this memory instead of copying it again."""
 
 
 @dataclass(frozen=True)
@@ -135,10 +140,10 @@ def from_bytes(data: bytes | memoryview, dtype: str, shape: tuple[int, ...], to:
     itemsize = np.dtype(storage).itemsize
     if len(data) != numel * itemsize:
         raise WireError(f"{len(data)} bytes for shape {list(shape)} of {dtype} (expected {numel * itemsize})")
-    arr = np.frombuffer(data, dtype=storage).reshape(shape)  # a read-only view of the received bytes
+    arr = np.frombuffer(data, dtype=storage).reshape(shape)  # a view of the received bytes (read-only but Owned)
     if to is not None and to != dtype and dtype != "bfloat16" and to in ("float32", "float64", "float16"):
         return torch.from_numpy(arr.astype(DTYPES[to][1]))  # the conversion is the copy (exact, as torch's)
-    t = torch.from_numpy(arr.copy())
+    t = torch.from_numpy(arr if isinstance(data, Owned) and arr.size else arr.copy())  # handed over: its memory
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 

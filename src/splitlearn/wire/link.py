@@ -6,9 +6,10 @@ import logging
 import time
 
 from .codec import WireError
-from .messages import Kind, Limits, Message, decode, encode, quote
+from .messages import Kind, Limits, Message, checked, decode, encode, encoded_size, handed_over, quote
 from .metering import Meter
 from .transport.base import Transport, TransportTimeout
+from .transport.inprocess import InProcessTransport
 
 __all__ = ["Link", "MAX_KEPT", "MAX_REASON"]
 
@@ -33,8 +34,18 @@ class Link:
         self.limits = limits or Limits()
         self.refused: list[str] = []  # the first MAX_KEPT refusals; refused_count counts them all
         self.refused_count = 0
+        self.whole = type(transport) is InProcessTransport  # in one process: messages handed over, not encoded
+        if self.whole:
+            transport.take_messages()
 
     def send(self, msg: Message) -> None:
+        """Meter ``msg`` at the bytes the wire carries and send it: encoded, or in one process handed over whole
+        to a party that takes it so (no encoding; each tensor copied once, into memory the receiver owns)."""
+        if self.whole and self.transport.takes_messages(msg.receiver):
+            whole = handed_over(msg)
+            self.meter.on_send(msg.wire, _DIRECTION.get(msg.kind, "control"), encoded_size(whole), msg.payload_bytes)
+            self.transport.send(msg.receiver, whole)
+            return
         data = encode(msg)
         self.meter.on_send(msg.wire, _DIRECTION.get(msg.kind, "control"), len(data), msg.payload_bytes)
         self.transport.send(msg.receiver, data)
@@ -58,11 +69,12 @@ class Link:
         except Exception:  # the peer may be gone or may not exist; refusing must not fail
             pass
 
-    def admit(self, peer: str, data: bytes) -> Message | None:
-        """Decode a buffer from the authenticated ``peer`` and check who it claims to be from and
-        for; None (after refusing it) when it is malformed, oversized or impersonating."""
+    def admit(self, peer: str, data: bytes | Message) -> Message | None:
+        """Decode a buffer from the authenticated ``peer`` (or check a message handed over whole in this process,
+        against the same limits) and check who it claims to be from and for; None (after refusing it) when it is
+        malformed, oversized or impersonating."""
         try:
-            msg = decode(data, self.limits)
+            msg = checked(data, self.limits) if isinstance(data, Message) else decode(data, self.limits)
         except WireError as e:
             self.refuse(peer, str(e), e.step, e.wire)
             return None
@@ -73,7 +85,8 @@ class Link:
         if msg.receiver != self.party:
             self.refuse(peer, f"it is addressed to {quote(msg.receiver)}", msg.step, msg.wire)
             return None
-        self.meter.on_recv(msg.wire, _DIRECTION.get(msg.kind, "control"), len(data), msg.payload_bytes)
+        size = encoded_size(msg) if isinstance(data, Message) else len(data)
+        self.meter.on_recv(msg.wire, _DIRECTION.get(msg.kind, "control"), size, msg.payload_bytes)
         return msg
 
     def recv(self, timeout: float | None = None, *, deadline: float | None = None) -> Message:

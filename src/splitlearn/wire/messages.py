@@ -19,11 +19,11 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from .codec import DTYPES, MAX_ELEMENTS, Encoded, WireError, decoded_bytes
+from .codec import DTYPES, MAX_ELEMENTS, Encoded, Owned, WireError, decoded_bytes
 from .control import INSTRUCTIONS, REPLIES, Instruction, Reply
 from .proto import splitlearn_pb2 as pb
 
-__all__ = ["Kind", "Message", "Limits", "encode", "decode", "kind_of", "parse_json", "quote", "PROTOCOL_VERSION",
+__all__ = ["Kind", "Message", "Limits", "encode", "decode", "encoded_size", "handed_over", "checked", "kind_of", "parse_json", "quote", "PROTOCOL_VERSION",
            "MAX_MESSAGE_BYTES", "hello", "read_hello", "command", "read_command", "reply", "read_reply", "weights",
            "read_weights", "QUOTE_CHARS"]
 
@@ -124,6 +124,16 @@ def encode(msg: Message) -> bytes:
     """The serialised ``Envelope`` of ``msg``, as protobuf writes it (the round-trip tests parse it
     with protobuf), built from its parts in one join: a tensor's bytes are copied once, from its
     own memory into the message (protobuf would copy them into the envelope, then out of it)."""
+    return b"".join(_parts(msg))
+
+
+def encoded_size(msg: Message) -> int:
+    """``len(encode(msg))``, without building it (a message handed over in one process is metered at the
+    bytes the wire would carry)."""
+    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in _parts(msg))
+
+
+def _parts(msg: Message) -> list[bytes | memoryview]:
     tensors = []
     for name, e in msg.tensors.items():
         body = [_string(1, name), _string(2, e.dtype)]
@@ -143,7 +153,15 @@ def encode(msg: Message) -> bytes:
     if int(msg.kind):
         parts.append(b"\x20" + _varint(int(msg.kind)))
     parts.append(_string(5, msg.wire))
-    return b"".join([*parts, *tensors, _string(7, msg.text)])
+    return [*parts, *tensors, _string(7, msg.text)]
+
+
+def handed_over(msg: Message) -> Message:
+    """``msg`` as one party of this process hands it to another without encoding it: each tensor's bytes copied
+    once, into memory the receiver then owns (:class:`~splitlearn.wire.codec.Owned`: decoding takes it without a
+    copy), so the sender may change its tensors as soon as it has sent."""
+    return dataclasses.replace(msg, tensors={k: dataclasses.replace(e, data=Owned(e.data), extra=dict(e.extra))
+                                             for k, e in msg.tensors.items()})
 
 
 def _varint(n: int) -> bytes:
@@ -213,35 +231,57 @@ def decode(data: bytes, limits: Limits = Limits()) -> Message:
         kind = Kind(env.kind)
     except ValueError:
         raise WireError(f"unknown message kind {env.kind}") from None
-    for what in ("sender", "receiver", "wire"):
-        if len(getattr(env, what)) > limits.name_chars:
-            raise WireError(f"its {what} name {quote(getattr(env, what))} is longer than {limits.name_chars} characters")
-    wire = env.wire
-    if len(env.text) > limits.text_bytes:
-        raise WireError(f"its text of {len(env.text)} characters exceeds the limit of {limits.text_bytes}",
-                        wire=wire, step=env.step)
+    _check_envelope(env.sender, env.receiver, env.wire, env.step, env.text, limits)
     tensors: dict[str, Encoded] = {}
     for t in env.tensors:
-        problem = None
-        numel = _numel(t.shape) if len(t.shape) <= limits.max_dims else -1
-        if len(t.shape) > limits.max_dims:
-            problem = f"tensor {quote(t.name)} has {len(t.shape)} dimensions, more than {limits.max_dims}"
-        elif max(len(t.name), len(t.codec), len(t.dtype), *(len(k) for k in t.extra)) > limits.name_chars:
-            problem = f"tensor {quote(t.name)} has a name, codec, dtype or buffer name longer than {limits.name_chars}"
-        elif t.dtype not in DTYPES:
-            problem = f"tensor {quote(t.name)} has dtype {quote(t.dtype)}, which is not allowed; allowed: {sorted(DTYPES)}"
-        elif numel < 0 or numel > MAX_ELEMENTS:
-            problem = (f"tensor {quote(t.name)} of shape {list(t.shape)[:8]}: "
-                       + ("a negative dimension" if numel < 0 else f"its elements exceed the limit of {MAX_ELEMENTS}"))
-        elif decoded_bytes(t.dtype, numel) > limits.tensor_bytes:
-            problem = (f"tensor {quote(t.name)} of shape {list(t.shape)[:8]} would take {decoded_bytes(t.dtype, numel)} "
-                       f"bytes decoded, over the limit of {limits.tensor_bytes} (Limits.tensor_bytes)")
-        elif t.name in tensors:
+        problem = _tensor_problem(t.name, t.codec, t.dtype, t.shape, t.extra, limits)
+        if problem is None and t.name in tensors:
             problem = f"tensor {quote(t.name)} appears twice"
         if problem:
-            raise WireError(problem, wire=wire, step=env.step)
+            raise WireError(problem, wire=env.wire, step=env.step)
         tensors[t.name] = Encoded(t.codec, t.dtype, tuple(t.shape), t.data, dict(t.extra))
-    return Message(kind, env.sender, env.receiver, env.step, wire, tensors, env.text)
+    return Message(kind, env.sender, env.receiver, env.step, env.wire, tensors, env.text)
+
+
+def checked(msg: Message, limits: Limits = Limits()) -> Message:
+    """:func:`decode`'s checks on a message handed over in this process (:func:`handed_over`): the same limits,
+    the same errors, as if it had been encoded and decoded. Raises WireError."""
+    size = encoded_size(msg)
+    if size > limits.message_bytes:
+        raise WireError(f"message of {size} bytes exceeds the limit of {limits.message_bytes} (Limits.message_bytes)")
+    _check_envelope(msg.sender, msg.receiver, msg.wire, msg.step, msg.text, limits)
+    for name, e in msg.tensors.items():
+        problem = _tensor_problem(name, e.codec, e.dtype, e.shape, e.extra, limits)
+        if problem:
+            raise WireError(problem, wire=msg.wire, step=msg.step)
+    return msg
+
+
+def _check_envelope(sender: str, receiver: str, wire: str, step: int, text: str, limits: Limits) -> None:
+    for what, name in (("sender", sender), ("receiver", receiver), ("wire", wire)):
+        if len(name) > limits.name_chars:
+            raise WireError(f"its {what} name {quote(name)} is longer than {limits.name_chars} characters")
+    if len(text) > limits.text_bytes:
+        raise WireError(f"its text of {len(text)} characters exceeds the limit of {limits.text_bytes}",
+                        wire=wire, step=step)
+
+
+def _tensor_problem(name: str, codec: str, dtype: str, shape: Any, extra: Any, limits: Limits) -> str | None:
+    """What is wrong with a tensor's header (dimensions, names, dtype, elements, decoded size), or None."""
+    numel = _numel(shape) if len(shape) <= limits.max_dims else -1
+    if len(shape) > limits.max_dims:
+        return f"tensor {quote(name)} has {len(shape)} dimensions, more than {limits.max_dims}"
+    if max(len(name), len(codec), len(dtype), *(len(k) for k in extra)) > limits.name_chars:
+        return f"tensor {quote(name)} has a name, codec, dtype or buffer name longer than {limits.name_chars}"
+    if dtype not in DTYPES:
+        return f"tensor {quote(name)} has dtype {quote(dtype)}, which is not allowed; allowed: {sorted(DTYPES)}"
+    if numel < 0 or numel > MAX_ELEMENTS:
+        return (f"tensor {quote(name)} of shape {list(shape)[:8]}: "
+                + ("a negative dimension" if numel < 0 else f"its elements exceed the limit of {MAX_ELEMENTS}"))
+    if decoded_bytes(dtype, numel) > limits.tensor_bytes:
+        return (f"tensor {quote(name)} of shape {list(shape)[:8]} would take {decoded_bytes(dtype, numel)} "
+                f"bytes decoded, over the limit of {limits.tensor_bytes} (Limits.tensor_bytes)")
+    return None
 
 
 # -- what the run layer says: the hello, the schedule's commands and replies, weights ------------

@@ -1,10 +1,15 @@
-"""In-process transport: one queue per party, for simulations and tests."""
+"""In-process transport: one queue per party, for simulations and tests.
+
+Besides bytes it carries a message handed over whole (:func:`~splitlearn.wire.messages.handed_over`: no encoding,
+one copy of each tensor) to a party that takes messages (:meth:`InProcessTransport.take_messages`: its
+:class:`~splitlearn.wire.link.Link` reads this transport and nothing else does); any other party gets bytes."""
 
 from __future__ import annotations
 
 import queue
 import threading
 import time
+from typing import Any
 
 from .base import Transport, TransportClosed, TransportError, TransportTimeout
 
@@ -21,6 +26,7 @@ class InProcessHub:
         self._closed = threading.Event()
         self._left: dict[str, float] = {}  # party -> when it closed its end (time.monotonic())
         self._closed_at: float | None = None
+        self._whole: set[str] = set()  # parties that take messages handed over whole
 
     def transport(self, party: str) -> "InProcessTransport":
         if party not in self._queues:
@@ -45,12 +51,26 @@ class InProcessTransport(Transport):
     def __init__(self, hub: InProcessHub, party: str):
         self.hub, self.party = hub, party
 
-    def send(self, dst: str, data: bytes) -> None:
+    def send(self, dst: str, data: Any) -> None:
+        """Queue ``data`` for ``dst``: bytes (kept as they are now), or a message handed over whole to a party
+        that takes messages (:meth:`takes_messages`)."""
         if self.hub._closed.is_set():
             raise TransportClosed("the in-process hub is closed")
         if dst not in self.hub._queues:
             raise TransportError(f"no party {dst!r} to send to")
-        self.hub._queues[dst].put((self.party, bytes(data)))
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            data = bytes(data)
+        elif dst not in self.hub._whole:
+            raise TransportError(f"{dst!r} takes bytes, not a message handed over whole")
+        self.hub._queues[dst].put((self.party, data))
+
+    def take_messages(self) -> None:
+        """From now on this party may be handed messages whole: its one reader (its Link) admits them."""
+        self.hub._whole.add(self.party)
+
+    def takes_messages(self, dst: str) -> bool:
+        """Whether ``dst`` may be handed a message whole (else it is sent bytes)."""
+        return dst in self.hub._whole
 
     def close(self) -> None:
         """This party's end only: its pending and later ``recv`` calls raise TransportClosed."""
@@ -63,7 +83,8 @@ class InProcessTransport(Transport):
             raise TransportError(f"no party {peer!r} in this hub")
         return self.hub._left.get(peer, self.hub._closed_at)
 
-    def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
+    def recv(self, timeout: float | None = None) -> tuple[str, Any]:
+        """The next buffer (or, for a party that takes messages, message) and its sender."""
         try:
             item = self.hub._queues[self.party].get(timeout=timeout)
         except queue.Empty:
