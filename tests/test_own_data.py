@@ -15,6 +15,7 @@ from splitlearn.launch.threads import run_local
 from splitlearn.run.report import RunError
 from splitlearn.run.setup import prepare
 from splitlearn.wire.transport.inprocess import InProcessTransport
+from splitlearn.wire.messages import Message, encode
 
 from .conftest import EXAMPLES
 from .support import clinic_files, raw_cancer, vertical_plan, write_csv
@@ -32,8 +33,8 @@ def test_psi_aligns_three_clinics_to_exactly_the_intersection_and_no_other_id_tr
     sent: list[bytes] = []
     original = InProcessTransport.send
 
-    def spy(self, dst, data):
-        sent.append(bytes(data))
+    def spy(self, dst, data):  # a message handed over whole in one process: the bytes the wire would carry
+        sent.append(encode(data) if isinstance(data, Message) else bytes(data))
         original(self, dst, data)
 
     monkeypatch.setattr(InProcessTransport, "send", spy)

@@ -44,6 +44,11 @@ class _KeepWhole(fx.Tracer):
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        if threading.get_ident() != self.thread:  # (nn.Module.__getattr__ is patched as well)
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
 
 _TRACING = threading.Lock()  # one fx trace at a time in this process (parties in threads build pieces at once)
 

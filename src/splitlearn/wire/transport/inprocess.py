@@ -2,7 +2,8 @@
 
 Besides bytes it carries a message handed over whole (:func:`~splitlearn.wire.messages.handed_over`: no encoding,
 one copy of each tensor) to a party that takes messages (:meth:`InProcessTransport.take_messages`: its
-:class:`~splitlearn.wire.link.Link` reads this transport and nothing else does); any other party gets bytes."""
+:class:`~splitlearn.wire.link.Link` reads this transport, and whatever else reads it must take a message as a
+:class:`~splitlearn.wire.link.Link` does); any other party gets bytes."""
 
 from __future__ import annotations
 
