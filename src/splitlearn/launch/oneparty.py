@@ -21,6 +21,7 @@ from ..core.load import load_plan
 from ..wire.messages import Limits
 from .results import build_result, save_party, save_result
 from ..run.report import PartyReport, Progress
+from ..run.allocator import frozen_heap
 from ..run.setup import setup_party
 from ..clients.layout import Topology, own_data, with_dial_out
 from ..clients.parties import physical_party
@@ -153,7 +154,8 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
         status.watch(meters=(part.link.meter, part.eval_meter))
         if job is not None:
             job.attach(part)
-        report = part.run(on_step)
+        with frozen_heap():  # no cyclic collection walks the process's libraries while it trains
+            report = part.run(on_step)
         if job is not None:
             report = job.finish(report)
     finally:

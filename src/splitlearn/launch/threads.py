@@ -13,7 +13,7 @@ from ..core.engine import PartyError
 from ..core.plan import Plan
 from ..core.specs import PlanError
 from ..wire.transport import InProcessHub, TransportClosed
-from ..run.allocator import math_threads
+from ..run.allocator import frozen_heap, math_threads
 from ..run.report import PartyReport, Progress, RunError
 from ..run.setup import PartySetup, Step
 from ..clients.layout import Topology, physical_setups, shared_in_process
@@ -77,7 +77,8 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     torch.set_num_threads(math_threads(len(topo.names)))  # what each party process would get (launch/processes.py)
     threads = {n: threading.Thread(target=work, args=(n,), name=f"party-{n}", daemon=True) for n in topo.names}
     try:
-        _join(threads, topo, stopping, hub)
+        with frozen_heap():  # no cyclic collection walks the process's libraries while the parties train
+            _join(threads, topo, stopping, hub)
     finally:
         torch.set_num_threads(before)
     fatal = {p: e for p, e in errors.items() if p not in topo.droppable}
