@@ -73,8 +73,9 @@ class Link:
         """Decode a buffer from the authenticated ``peer`` (or check a message handed over whole in this process,
         against the same limits) and check who it claims to be from and for; None (after refusing it) when it is
         malformed, oversized or impersonating."""
+        size = encoded_size(data) if isinstance(data, Message) else len(data)
         try:
-            msg = checked(data, self.limits) if isinstance(data, Message) else decode(data, self.limits)
+            msg = checked(data, self.limits, size) if isinstance(data, Message) else decode(data, self.limits)
         except WireError as e:
             self.refuse(peer, str(e), e.step, e.wire)
             return None
@@ -85,7 +86,6 @@ class Link:
         if msg.receiver != self.party:
             self.refuse(peer, f"it is addressed to {quote(msg.receiver)}", msg.step, msg.wire)
             return None
-        size = encoded_size(msg) if isinstance(data, Message) else len(data)
         self.meter.on_recv(msg.wire, _DIRECTION.get(msg.kind, "control"), size, msg.payload_bytes)
         return msg
 

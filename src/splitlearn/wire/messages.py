@@ -243,10 +243,11 @@ def decode(data: bytes, limits: Limits = Limits()) -> Message:
     return Message(kind, env.sender, env.receiver, env.step, env.wire, tensors, env.text)
 
 
-def checked(msg: Message, limits: Limits = Limits()) -> Message:
+def checked(msg: Message, limits: Limits = Limits(), size: int | None = None) -> Message:
     """:func:`decode`'s checks on a message handed over in this process (:func:`handed_over`): the same limits,
-    the same errors, as if it had been encoded and decoded. Raises WireError."""
-    size = encoded_size(msg)
+    the same errors, as if it had been encoded and decoded (``size``: its :func:`encoded_size`, if known).
+    Raises WireError."""
+    size = encoded_size(msg) if size is None else size
     if size > limits.message_bytes:
         raise WireError(f"message of {size} bytes exceeds the limit of {limits.message_bytes} (Limits.message_bytes)")
     _check_envelope(msg.sender, msg.receiver, msg.wire, msg.step, msg.text, limits)
