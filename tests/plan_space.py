@@ -5,7 +5,8 @@ A drawn :class:`Study` says: the task (binary or multi-class classification, reg
 parties holding column ranges, where the labels are (at a feature party, at the server, at a label-only
 registry), the configuration (vanilla, U-shaped, multi-hop with 1 to 3 relays, multi-task), where the
 rows come from (the embedded dataset, or each party's own CSV with string ids, shuffled rows and missing
-patients aligned by PSI), the pipeline (1 or 2 micro-batches) and the training recipe of issue #24: 1 or 2
+patients aligned by PSI), the merge of two or three feature parties' bottoms (concatenated, or summed securely:
+``merge = "secure_sum"``), the pipeline (1 or 2 micro-batches) and the training recipe of issue #24: 1 or 2
 batches per optimizer step (``[train] accumulate``), every party's optimizer SGD or AdamW with weight decay except
 on the biases and a per-step cosine schedule after a linear warmup (:data:`RECIPES`), and with or without validation
 rows and early stopping (``[data] validation_fraction``, ``[train] early_stop``). A drawn ``[clients]`` study
@@ -55,6 +56,7 @@ class Study:
     head_reads_x: bool = False
     lost: bool = False  # stopped mid-run, one party lost every checkpoint: the resume begins again from the start
     guard: bool = False  # the label holder's bottom wire has [wires] hijack_guard (silent in an honest run)
+    secure: bool = False  # the server sums the feature parties' bottoms securely (merge = "secure_sum", #28)
 
     def __str__(self) -> str:
         shape = f"{self.shape}{self.hops if self.shape == 'multi_hop' else ''}"
@@ -67,7 +69,7 @@ class Study:
                 f"labels@{self.labels} {'files+psi' if self.files else 'embedded'} pipeline={self.pipeline} "
                 f"accumulate={self.accumulate} {self.recipe}{' validation' if self.validation else ''}"
                 f"{' head+x' if self.head_reads_x else ''}{' lost-checkpoints' if self.lost else ''}"
-                f"{' hijack-guard' if self.guard else ''}")
+                f"{' hijack-guard' if self.guard else ''}{' secure-sum' if self.secure else ''}")
 
 
 @st.composite
@@ -82,7 +84,9 @@ def studies(draw) -> Study:
                  recipe=draw(st.sampled_from(RECIPES)), validation=draw(st.booleans()),
                  head_reads_x=shape == "u_shaped" and draw(st.booleans()), lost=draw(st.booleans()),
                  # (not behind relays: there honest binary plans raised it, 3 of 96: docs/privacy.md says so)
-                 guard=labels == "feature" and task != "regression" and shape != "multi_hop" and draw(st.booleans()))
+                 guard=labels == "feature" and task != "regression" and shape != "multi_hop" and draw(st.booleans()),
+                 # (two heads reading the bottoms would see them in the clear: a secure sum feeds one segment alone)
+                 secure=features > 1 and shape in ("vanilla", "u_shaped") and draw(st.booleans()))
 
 
 RECIPES = ["sgd", "adamw"]  # build() writes each: SGD (momentum 0.9 but for regression), or AdamW as below; sgd
@@ -172,7 +176,7 @@ def build(study: Study, folder: Path, exact_ids: bool = False) -> dict:
         networks[f"bottom_{p}"] = {"zoo": "mlp", "args": {"sizes": [b - a, 8], "out_activation": True}}
         segments[f"bottom_{p}"] = {"party": p, "inputs": [f"{p}.x"], "network": f"bottom_{p}"}
     merged = [f"bottom_{p}" for p in sites]
-    width_in = 8 * len(sites)
+    width_in = 8 if study.secure else 8 * len(sites)  # a sum of the bottoms, or their concatenation
     if study.shape == "multi_hop":
         prev = merged[0]
         for k in range(study.hops):
@@ -196,6 +200,8 @@ def build(study: Study, folder: Path, exact_ids: bool = False) -> dict:
         segments[f"head_{name}"] = {"party": party, "inputs": merged, "network": f"head_{name}"}
         losses[name] = {"input": f"head_{name}", "target": f"{holder}.y", "kind": kind,
                         "weight": 1.0 if name == "task" else 0.5}
+    if study.secure:  # the segment that merges the bottoms: the server's middle (U-shaped) or its head
+        segments["middle" if study.shape == "u_shaped" else "head_task"]["merge"] = "secure_sum"
     plan.update(networks=networks, segments=segments, losses=losses)
     if study.guard:  # the holder watches the gradients it gets back: an honest run trains as without it
         plan["wires"] = {f"bottom_{holder}": {"hijack_guard": True}}
