@@ -13,7 +13,8 @@ rows and early stopping (``[data] validation_fraction``, ``[train] early_stop``)
 (:func:`client_studies`) has 1 to 3 clients playing one feature party ``clinic`` that holds the labels too, a
 schedule (sequential with a peer or server hand-off, SplitFed v1 or v2, independent), vanilla, U-shaped,
 multi-hop or multi-task, and rows from shares of the embedded dataset (iid or Dirichlet over the classes) or
-each client's own CSV (string ids, shuffled, uneven sizes and class balance). :func:`build` writes its plan and
+each client's own CSV (string ids, shuffled, uneven sizes and class balance), and for SplitFed with two clients or
+more, secure aggregation or not. :func:`build` writes its plan and
 files.
 """
 
@@ -56,7 +57,8 @@ class Study:
     head_reads_x: bool = False
     lost: bool = False  # stopped mid-run, one party lost every checkpoint: the resume begins again from the start
     guard: bool = False  # the label holder's bottom wire has [wires] hijack_guard (silent in an honest run)
-    secure: bool = False  # the server sums the feature parties' bottoms securely (merge = "secure_sum", #28)
+    secure: bool = False  # the server sums the feature parties' bottoms securely (merge = "secure_sum", #28); with
+    # [clients] of a schedule that averages: the federation receives them by secure aggregation (secure_aggregation)
 
     def __str__(self) -> str:
         shape = f"{self.shape}{self.hops if self.shape == 'multi_hop' else ''}"
@@ -64,7 +66,7 @@ class Study:
             sched = self.schedule + (f"/{self.handoff}" if self.schedule == "sequential" else "")
             rows = "own files" if self.files else f"{self.partition} shares"
             return (f"{self.task} {shape} clients={self.clients} {sched} {rows} pipeline={self.pipeline} "
-                    f"seed={self.seed}")
+                    f"seed={self.seed}{' secure-aggregation' if self.secure else ''}")
         return (f"{self.task} {shape} features={self.features} "
                 f"labels@{self.labels} {'files+psi' if self.files else 'embedded'} pipeline={self.pipeline} "
                 f"accumulate={self.accumulate} {self.recipe}{' validation' if self.validation else ''}"
@@ -108,9 +110,10 @@ def client_studies(draw) -> Study:
     handoff = draw(st.sampled_from(["peer", "server"])) if schedule == "sequential" else "peer"
     files = draw(st.booleans())
     partition = "iid" if files or task == "regression" else draw(st.sampled_from(["iid", "dirichlet"]))
+    clients = draw(st.integers(1, 3))
     return Study(task, 1, "feature", shape, draw(st.integers(1, 2)) if shape == "multi_hop" else 0, files,
-                 draw(st.sampled_from([1, 2])), draw(st.integers(0, 3)), draw(st.integers(1, 3)), schedule, handoff,
-                 partition)
+                 draw(st.sampled_from([1, 2])), draw(st.integers(0, 3)), clients, schedule, handoff, partition,
+                 secure=clients > 1 and schedule.startswith("splitfed") and draw(st.booleans()))
 
 
 def _table(task: str):
@@ -152,7 +155,8 @@ def build(study: Study, folder: Path, exact_ids: bool = False) -> dict:
         plan["train"]["early_stop"] = {**EARLY_STOP, **({"loss": "task"} if study.shape == "multi_task" else {})}
     if study.clients:
         plan["clients"] = {"template": "clinic", "count": study.clients, "schedule": study.schedule,
-                           "handoff": study.handoff, "partition": study.partition, "timeout": 60}
+                           "handoff": study.handoff, "partition": study.partition, "timeout": 60,
+                           **({"secure_aggregation": True} if study.secure else {})}
         parties["clinic"]["holds"]["x"] = "x"  # the whole row (a client's file holds only the features)
     if study.clients and study.files:
         _write_client_files(study, folder)
@@ -176,7 +180,7 @@ def build(study: Study, folder: Path, exact_ids: bool = False) -> dict:
         networks[f"bottom_{p}"] = {"zoo": "mlp", "args": {"sizes": [b - a, 8], "out_activation": True}}
         segments[f"bottom_{p}"] = {"party": p, "inputs": [f"{p}.x"], "network": f"bottom_{p}"}
     merged = [f"bottom_{p}" for p in sites]
-    width_in = 8 if study.secure else 8 * len(sites)  # a sum of the bottoms, or their concatenation
+    width_in = 8 if study.secure and not study.clients else 8 * len(sites)  # a sum of the bottoms, or concatenated
     if study.shape == "multi_hop":
         prev = merged[0]
         for k in range(study.hops):
@@ -200,7 +204,7 @@ def build(study: Study, folder: Path, exact_ids: bool = False) -> dict:
         segments[f"head_{name}"] = {"party": party, "inputs": merged, "network": f"head_{name}"}
         losses[name] = {"input": f"head_{name}", "target": f"{holder}.y", "kind": kind,
                         "weight": 1.0 if name == "task" else 0.5}
-    if study.secure:  # the segment that merges the bottoms: the server's middle (U-shaped) or its head
+    if study.secure and not study.clients:  # the segment that merges the bottoms: the server's middle or its head
         segments["middle" if study.shape == "u_shaped" else "head_task"]["merge"] = "secure_sum"
     plan.update(networks=networks, segments=segments, losses=losses)
     if study.guard:  # the holder watches the gradients it gets back: an honest run trains as without it
