@@ -88,19 +88,30 @@ def test_parties_sharing_the_cores_get_the_same_thread_count_in_process_and_as_p
 def test_the_heap_before_a_run_is_left_out_of_cyclic_collections_during_it_and_only_then():
     """``run/allocator.frozen_heap`` (the threads launcher and every party process train inside it): the objects
     there before are frozen while the parties train, so no full collection walks torch's modules on every party's
-    time; afterwards they are collected again, unless the process had frozen them itself (a forked party)."""
+    time; afterwards they are collected again. Runs at once share one freeze (undone when the last ends), and a
+    heap that something else froze is left exactly as it was."""
     import gc
 
     from splitlearn.run.allocator import frozen_heap
 
     gc.unfreeze()
+    gc.collect()
     before, seen = len(gc.get_objects()), []
-    splitlearn.train(EXAMPLES / "vanilla.toml", epochs=1, on_step=lambda progress: seen.append(gc.get_freeze_count()))
-    assert seen and min(seen) >= before * 0.9  # the process's objects, frozen at every step
-    assert gc.get_freeze_count() == 0  # and collected as before once the run ended
-    gc.freeze()
-    frozen = gc.get_freeze_count()
-    with frozen_heap():
-        pass
-    assert gc.get_freeze_count() >= frozen  # a process that froze its heap itself keeps it frozen
-    gc.unfreeze()
+    try:
+        splitlearn.train(EXAMPLES / "vanilla.toml", epochs=1, on_step=lambda progress: seen.append(gc.get_freeze_count()))
+        assert seen and min(seen) >= before * 0.9  # the process's objects, frozen at every step
+        assert gc.get_freeze_count() == 0  # and collected as before once the run ended
+        with frozen_heap():
+            outer = gc.get_freeze_count()
+            with frozen_heap():  # a second run at once: the same freeze
+                assert gc.get_freeze_count() == outer > 0
+            assert gc.get_freeze_count() == outer  # still frozen for the first
+        assert gc.get_freeze_count() == 0
+        gc.freeze()  # frozen by something else (a server framework does it): left exactly as it is
+        theirs = gc.get_freeze_count()
+        junk = [[] for _ in range(1000)]  # objects made after their freeze stay out of it
+        with frozen_heap():
+            assert gc.get_freeze_count() == theirs
+        assert gc.get_freeze_count() == theirs and junk
+    finally:
+        gc.unfreeze()

@@ -244,6 +244,9 @@ def _child(request: dict[str, Any]) -> None:
         os.dup2(err, 2)
         # the inherited objects stay frozen: a collection over them would write to every shared page
         from splitlearn.launch.party import PartyOptions, party_process
+        from splitlearn.run.allocator import SINGLE_RUN
+
+        SINGLE_RUN["process"] = True  # its one run's heap is frozen too, for good: the process ends with it
 
         if request.get("threads"):  # before its first parallel region makes the pool
             import torch

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["tune_allocator", "math_threads", "frozen_heap"]
+__all__ = ["tune_allocator", "math_threads", "frozen_heap", "SINGLE_RUN"]
 
 
 def math_threads(parties: int) -> int:
@@ -43,17 +44,30 @@ def tune_allocator() -> bool:
         return False
 
 
+_FREEZING = threading.Lock()
+_freeze = {"depth": 0, "ours": False}
+SINGLE_RUN = {"process": False}  # a forked party process: one run, then it exits (launch/forker.py sets it)
+
+
 @contextmanager
 def frozen_heap() -> Iterator[None]:
-    """Inside, the objects that existed before are left out of Python's cyclic collections (``gc.freeze``): a full
-    collection walks every object of the process, torch's and scikit-learn's modules included (about 0.1 s each on
-    a 2-core machine), and a run of a small model triggers several, every party thread waiting on it. They are
-    freed by their reference counts as before, and collected again afterwards (``gc.unfreeze``), unless the
-    process had frozen its heap itself (a party process forked with its libraries loaded keeps it frozen)."""
-    already = gc.get_freeze_count() > 0
-    gc.freeze()
+    """Inside, the objects that existed before are left out of Python's cyclic collections (``gc.freeze``, after
+    one collection): a full collection walks every object of the process, torch's and scikit-learn's modules
+    included (about 0.1 s each on a 2-core machine), and a run of a small model triggers several, every party
+    thread waiting on it. Runs at once in this process share one freeze, undone (``gc.unfreeze``) when the last one
+    ends; a heap frozen by something else (a server framework) is left as it is; a single-run process
+    (:data:`SINGLE_RUN`) stays frozen."""
+    with _FREEZING:
+        if _freeze["depth"] == 0:
+            _freeze["ours"] = SINGLE_RUN["process"] or gc.get_freeze_count() == 0
+            if _freeze["ours"]:
+                gc.collect()  # the garbage of what ran before is not kept for the run's length
+                gc.freeze()
+        _freeze["depth"] += 1
     try:
         yield
     finally:
-        if not already:
-            gc.unfreeze()
+        with _FREEZING:
+            _freeze["depth"] -= 1
+            if _freeze["depth"] == 0 and _freeze["ours"] and not SINGLE_RUN["process"]:
+                gc.unfreeze()
