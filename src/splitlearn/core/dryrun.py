@@ -16,7 +16,7 @@ from .graph import Graph, Node
 from .losses import get as loss_kind
 from .specs import PlanError
 
-__all__ = ["merge_inputs", "check_labels", "check_outputs", "run_checked", "dry_run"]
+__all__ = ["merge_inputs", "forward", "check_labels", "check_outputs", "run_checked", "dry_run"]
 
 
 def merge_inputs(how: str, module: nn.Module, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -29,6 +29,27 @@ def merge_inputs(how: str, module: nn.Module, xs: list[torch.Tensor]) -> torch.T
     if how in ("sum", "secure_sum"):
         return module(torch.stack(xs).sum(0))
     return module(*xs)
+
+
+def forward(graph: Graph, modules: dict[str, nn.Module], values: dict[str, Any], needed: set[str] | None = None,
+            guard: Callable[[Node, list[Any], Callable[[], Any]], Any] | None = None) -> dict[str, Any]:
+    """The value of every segment and output node (those in ``needed``, if given) from the input nodes' ``values``,
+    in one process, without gradients: the whole network as the parties compute it. ``guard(node, xs, run)``, if
+    given, runs each segment (to say what failed in the caller's words)."""
+    values = dict(values)
+    with torch.no_grad():
+        for n in graph.order:
+            node = graph.nodes[n]
+            if node.kind in ("input", "loss") or (needed is not None and n not in needed):
+                continue
+            if node.kind == "output":
+                values[n] = node.pick(values[node.inputs[0]])
+                continue
+            xs = [values[d] for d in node.inputs]
+            run = (lambda node=node, xs=xs: merge_inputs(node.merge or graph.plan.segments[node.name].merge,
+                                                         modules[node.name], xs))
+            values[n] = run() if guard is None else guard(node, xs, run)
+    return values
 
 
 def check_outputs(graph: Graph, node: Node, value: Any, rows: int = 1) -> None:

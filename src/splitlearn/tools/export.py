@@ -31,7 +31,7 @@ from torch import nn
 
 from ..clients.results import predicting_plan
 from ..core.defense import active
-from ..core.dryrun import merge_inputs
+from ..core.dryrun import forward, merge_inputs
 from ..core.graph import Graph, build_graph
 from ..core.load import load_plan
 from ..core.plan import Plan
@@ -218,25 +218,17 @@ def _synthetic(graph: Graph, fields: dict[str, tuple[str, tuple[int, ...]]], row
 
 
 def _forward(graph: Graph, modules: dict[str, nn.Module], values: dict[str, Any], needed: set[str]) -> dict[str, Any]:
-    """Every needed node's value from the input nodes' ``values`` (no gradients)."""
-    values = dict(values)
-    with torch.no_grad():
-        for n in graph.order:
-            node = graph.nodes[n]
-            if n not in needed or node.kind == "input":
-                continue
-            if node.kind == "output":
-                values[n] = node.pick(values[node.inputs[0]])
-                continue
-            xs = [values[d] for d in node.inputs]
-            try:
-                values[n] = merge_inputs(node.merge or graph.plan.segments[n].merge, modules[n], xs)
-            except Exception as e:  # noqa: BLE001 - the user's module
-                came = ", ".join(f"{d} {list(x.shape)}" for d, x in zip(node.inputs, xs))
-                raise PlanError(f"segment {n!r} (party {node.party!r}) cannot run on rows shaped as the run's ({came}): "
-                                f"{type(e).__name__}: {e}", entry=f"segments.{n}",
-                                hint="export with the plan the weights were trained with") from None
-    return values
+    """Every needed node's value from the input nodes' ``values`` (no gradients; a segment that fails is named)."""
+    def guard(node, xs, run):
+        try:
+            return run()
+        except Exception as e:  # noqa: BLE001 - the user's module
+            came = ", ".join(f"{d} {list(x.shape)}" for d, x in zip(node.inputs, xs))
+            raise PlanError(f"segment {node.name!r} (party {node.party!r}) cannot run on rows shaped as the run's "
+                            f"({came}): {type(e).__name__}: {e}", entry=f"segments.{node.name}",
+                            hint="export with the plan the weights were trained with") from None
+
+    return forward(graph, modules, values, needed, guard)
 
 
 class _Serving(nn.Module):

@@ -32,7 +32,7 @@ from ...clients.results import RECORDED_CLIENTS, Averaging, FederationRound, ave
 from ...clients.schedule import client_shares
 from ...clients.secure import SECAGG_WIRE
 from ...core import losses
-from ...core.dryrun import merge_inputs
+from ...core.dryrun import forward
 from ...core.graph import Graph
 from ...core.plan import per_client
 from .attacks import NONE, Attack, Settings, Target, register_attack
@@ -96,21 +96,14 @@ def row_losses(graph: Graph, modules: dict[str, nn.Module], inputs: dict[str, to
     plan, total = graph.plan, None
     rows = len(next(iter(inputs.values())))
     for start in range(0, rows, BATCH):
-        values = {k: v[start:start + BATCH] for k, v in inputs.items()}
+        values = forward(graph, modules, {k: v[start:start + BATCH] for k, v in inputs.items()})
         part = torch.zeros(len(next(iter(values.values()))), dtype=torch.float64)
         with torch.no_grad():
-            for n in graph.order:
-                node = graph.nodes[n]
-                if node.kind == "segment":
-                    values[n] = merge_inputs(node.merge or plan.segments[n].merge, modules[n],
-                                             [values[d] for d in node.inputs])
-                elif node.kind == "output":
-                    values[n] = node.pick(values[node.inputs[0]])
-                elif node.kind == "loss":
-                    out, target = values[node.inputs[0]], values[node.inputs[1]]
-                    fn, weight = losses.get(plan.losses[n].kind).fn, plan.losses[n].weight
-                    part += torch.tensor([float(fn(out[i:i + 1], target[i:i + 1])) for i in range(len(out))],
-                                         dtype=torch.float64) * weight
+            for node in graph.losses():
+                out, target = values[node.inputs[0]], values[node.inputs[1]]
+                fn, weight = losses.get(plan.losses[node.name].kind).fn, plan.losses[node.name].weight
+                part += torch.tensor([float(fn(out[i:i + 1], target[i:i + 1])) for i in range(len(out))],
+                                     dtype=torch.float64) * weight
         total = part if total is None else torch.cat([total, part])
     return total.numpy()
 
