@@ -32,6 +32,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -124,10 +125,32 @@ def split_run(path: Path, launcher: str, epochs: int | None, profile: bool = Fal
     ps = result["parties"]  # bench/run.py's count: every training step but the first, at the slower party
     runpy = (ps["hospital"]["train_samples"] - ps["hospital"]["first_step_samples"]) / max(
         p["train_s"] - p["first_step_s"] for p in ps.values())
-    return {"samples_per_s": min(rate_of.values()), "runpy_samples_per_s": runpy, "step_s": step_s,
-            "between_s": _between(steps), "cpu": _cpu(steady, launcher), "samples": samples,
-            "steady": len(steady) // len(parties),
-            "rows": statistics.fmean(s["rows"] for s in steady)}
+    run = {"samples_per_s": min(rate_of.values()), "runpy_samples_per_s": runpy, "step_s": step_s,
+           "between_s": _between(steps), "cpu": _cpu(steady, launcher), "samples": samples,
+           "steady": len(steady) // len(parties), "steady_of": {p: len(per[p]) for p in parties},
+           "rows": statistics.fmean(s["rows"] for s in steady)}
+    if launcher == "threads" and samples:  # one thread: a party's samples are its own turns, sampled at this rate
+        marked = sum(n for _, _, frames, n in samples if _mark(frames) and _mark(frames)[0] == "steady")
+        run["one_thread_rate"] = marked / _union([(s["t0"], s["t1"]) for s in steady])
+    return run
+
+
+def _mark(frames: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """(kind, party) of a sample's innermost step mark, or None."""
+    for fn, _ in reversed(frames):
+        if m := MARK.match(fn):
+            return m.group(1), m.group(2)
+    return None
+
+
+def _union(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by any of ``spans``."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def _settle(timeout: float = 15.0) -> None:
@@ -193,7 +216,7 @@ class Spy:
     step mark appears (processes)."""
 
     def __init__(self, rate: int):
-        self.exe = shutil.which("py-spy") or "/root/.pyenv/shims/py-spy"
+        self.exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(self.exe).exists():
             raise SystemExit("py-spy is needed for the decomposition (pip install py-spy); or run with --no-profile")
         self.rate, self.procs, self.files = rate, {}, {}
@@ -289,7 +312,13 @@ def decompose(run: dict) -> dict[str, dict[str, float]]:
     out = {}
     for party, c in counts.items():
         total = sum(c.values())
-        out[party] = {k: v / total * run["step_s"][party] for k, v in c.items()}
+        if "one_thread_rate" in run:  # the parties take turns on one thread: a sample is its own turn's time; the
+            # rest of its step the others had the thread (its "wait")
+            own = {k: v / run["one_thread_rate"] / run["steady_of"][party] for k, v in c.items()}
+            own["wait"] = max(0.0, run["step_s"][party] - sum(own.values()))
+            out[party] = own
+        else:
+            out[party] = {k: v / total * run["step_s"][party] for k, v in c.items()}
         out[party]["samples"] = total
     return out
 

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from splitlearn.core.engine import Party
+from splitlearn.wire.transport.turns import wait_until
 from splitlearn.core.load import load_plan
 from splitlearn.core.plan import Plan, plan_hash
 from splitlearn.launch.processes import free_port
@@ -75,7 +76,9 @@ class LogEvent(logging.Handler):
             self.event.set()
 
     def wait(self, timeout: float) -> bool:
-        return self.event.wait(timeout)
+        """Whether it was logged within ``timeout`` s; a party of the thread launcher waiting here lets the other
+        parties run meanwhile (they take turns on one thread: ``wire/transport/turns.py``)."""
+        return wait_until(self.event.is_set, timeout)
 
     def __enter__(self) -> "LogEvent":
         self.logger.addHandler(self)

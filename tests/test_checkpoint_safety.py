@@ -25,6 +25,7 @@ from splitlearn.wire.codec import Encoded, get_codec
 from splitlearn.wire.control import START, Cursor
 from splitlearn.run.session import run_party
 from splitlearn.wire.messages import Kind, Limits, encode, hello, read_hello
+from splitlearn.wire.transport.turns import settled, wait_until
 
 from .conftest import EXAMPLES
 from .support import ACT, LABEL, Server, same_run, stop_after, weights
@@ -128,7 +129,7 @@ def test_a_peer_with_nothing_in_common_cannot_make_a_resumed_party_lose_its_chec
 def test_going_back_further_than_a_partys_last_checkpoint_is_logged_with_both_steps(tmp_path, caplog):
     """Multi-hop: the client at one end lost its latest checkpoint; the server at the other end learns
     it through the relays, goes back with everyone and says so, naming both steps and the client."""
-    body, a, b = _stopped_run(tmp_path, "multi_hop")
+    body, a, b = _stopped_run(tmp_path, "multi_hop", stop=42)  # (after every party's checkpoint after step 39)
     client = _ck(b, "client", body)
     *_, older, latest = client.cursors()  # (it keeps more: its label wire to the server is gated, Checkpoints.lag)
     import shutil
@@ -222,9 +223,9 @@ def test_a_resumed_server_meters_the_messages_that_came_before_its_restore(tmp_p
     def server_waits_for_the_clinics(self, sid, rows, mode):
         if self.name == "server" and mode == "handshake":
             hub = self.link.transport.hub  # the server's inbox: the handshake and first step of every clinic
-            deadline = time.monotonic() + 20
-            while hub.queued("server") < 2 * len(clinics) and time.monotonic() < deadline:
-                time.sleep(0.005)
+            # (the parties take turns on one thread: once the clinics wait for the server, nothing more comes)
+            assert wait_until(lambda: hub.queued("server") >= 2 * len(clinics) or settled(), 20)
+            assert hub.queued("server") >= 2, "no clinic's first step came during the server's handshake"
         return step(self, sid, rows, mode)
 
     monkeypatch.setattr(Party, "step", server_waits_for_the_clinics)
@@ -267,8 +268,8 @@ def test_a_resumed_run_counts_the_goodbye_of_a_party_that_ran_ahead_once(tmp_pat
     late: list[str] = []
     send, step, restore = Link.send, Party.step, ck.restore
 
-    def wait(name: str) -> None:
-        if not ev[name].wait(60):
+    def wait(name: str) -> None:  # (the parties take turns on one thread: the others run meanwhile)
+        if not wait_until(ev[name].is_set, 60):
             late.append(name)
 
     def gated_send(self, msg):

@@ -28,6 +28,7 @@ from splitlearn.wire.codec import Encoded
 from splitlearn.wire.control import SendWeights
 from splitlearn.wire.messages import Kind, Message
 from splitlearn.wire.transport.tls import load_credentials, make_certs
+from splitlearn.wire.transport.turns import wait_until
 
 from .support import tiny
 
@@ -492,7 +493,7 @@ def test_a_late_client_is_told_the_round_went_on_and_its_late_vector_is_dropped(
 
     def late(role, request, ins):  # hospital-3 masks only once the federation asked the others to unmask
         if isinstance(ins, SecurePhase) and ins.phase == "masked":
-            assert unmasking.wait(60)
+            assert wait_until(unmasking.is_set, 60)  # (the parties take turns on one thread: they run meanwhile)
 
     # the federation waits clients.timeout (1 s) for the late vector, which the others send in milliseconds
     plan = _plan("splitfed_v2", True, timeout=1.0, federation="fed").with_train(step_timeout=30)

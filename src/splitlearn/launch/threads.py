@@ -1,9 +1,13 @@
-"""The thread launcher: every physical party of any plan in a thread of this process, over the
-in-process transport (the same serialised bytes as gRPC, so the same accounting)."""
+"""The thread launcher: every physical party of any plan in this process, over the in-process transport
+(messages handed over whole, metered at the bytes gRPC carries, so the same accounting).
+
+The parties take turns on the calling thread (:class:`~splitlearn.wire.transport.turns.Turns`: each party a
+greenlet that yields while it waits for a message), which is what a simulation's steps are anyway: one
+party computes while the others wait. One thread means one math team, no interpreter lock handed over
+and no thread woken per message (BENCHMARKS.md, *Per-step overhead*)."""
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any, Callable
 
@@ -13,6 +17,7 @@ from ..core.engine import PartyError
 from ..core.plan import Plan
 from ..core.specs import PlanError
 from ..wire.transport import InProcessHub, TransportClosed
+from ..wire.transport.turns import TaskExit, Turns
 from ..run.allocator import frozen_heap, math_threads
 from ..run.report import PartyReport, Progress, RunError
 from ..run.setup import PartySetup, Step
@@ -29,7 +34,7 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
               tracking: Any = None, out: Any = None, resume: bool = False,
               built: Callable[[str, Any], None] | None = None) -> dict[str, PartyReport]:
     """Run ``plan`` (set up and checked by :func:`~splitlearn.run.setup.prepare`) with every
-    physical party in a thread; their reports. ``on_step`` follows the lead party (a plain plan's
+    physical party a task of this thread (:class:`~splitlearn.wire.transport.turns.Turns`); their reports. ``on_step`` follows the lead party (a plain plan's
     loss party, the coordinator of a ``[clients]`` plan); ``timeout`` bounds each step (default: the
     plan's ``[train] step_timeout``, :meth:`~splitlearn.core.plan.Plan.step_timeout_s`); ``record``
     keeps what each party receives for the audit; ``faults`` (tests) are hooks of client roles;
@@ -60,26 +65,30 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     reports: dict[str, PartyReport] = {}
     errors: dict[str, BaseException] = {}
     after: set[str] = set()  # parties that failed once the run was being stopped: consequences
-    stopping = threading.Event()
+    stopping: list[bool] = []  # [True] once the run is being stopped
 
     def work(name: str) -> None:
         try:
             reports[name] = parts[name].run(on_step if name == topo.lead else None)
-        except BaseException as e:  # noqa: BLE001 - reported per party below
-            if stopping.is_set():
+        except BaseException as e:  # noqa: BLE001 - reported per party below (a killed client's SystemExit too)
+            if isinstance(e, (TaskExit, KeyboardInterrupt)):  # the run is being ended: not the party's failure
+                raise
+            if stopping:
                 after.add(name)
             errors[name] = e
             if name not in topo.droppable:
-                stopping.set()
+                stopping.append(True)
                 hub.close()
 
     before = torch.get_num_threads()
     torch.set_num_threads(math_threads(len(topo.names)))  # what each party process would get (launch/processes.py)
-    threads = {n: threading.Thread(target=work, args=(n,), name=f"party-{n}", daemon=True) for n in topo.names}
+    turns = Turns()
+    tasks = {n: turns.spawn(f"party-{n}", lambda n=n: work(n)) for n in topo.names}
     try:
         with frozen_heap():  # no cyclic collection walks the process's libraries while the parties train
-            _join(threads, topo, stopping, hub)
+            _join(turns, [tasks[n] for n in topo.awaited], topo.grace_s, stopping, hub)
     finally:
+        turns.close()
         torch.set_num_threads(before)
     fatal = {p: e for p, e in errors.items() if p not in topo.droppable}
     if fatal:
@@ -92,19 +101,11 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     return reports
 
 
-def _join(threads: dict[str, threading.Thread], topo: Topology, stopping: threading.Event,
-          hub: InProcessHub) -> None:
-    """Start the parties' threads and wait: the parties whose end is the run's (``topo.awaited``) must
-    finish; the others end on their own once they have read "stop" and get ``topo.grace_s`` for it,
-    then the hub is closed under them."""
-    for t in threads.values():
-        t.start()
-    for n in topo.awaited:
-        threads[n].join()
-    grace = time.monotonic() + topo.grace_s
-    for t in threads.values():
-        t.join(timeout=max(0.0, grace - time.monotonic()))
-    stopping.set()
+def _join(turns: Turns, awaited: list, grace_s: float, stopping: list[bool], hub: InProcessHub) -> None:
+    """Run the parties until those whose end is the run's (``awaited``) finish; the others end on their own
+    once they have read "stop" and get ``grace_s`` for it, then the hub is closed under them."""
+    turns.run(until=lambda: all(t.dead for t in awaited))
+    turns.run(deadline=time.monotonic() + grace_s)
+    stopping.append(True)
     hub.close()
-    for t in threads.values():
-        t.join(timeout=5)
+    turns.run(deadline=time.monotonic() + 5)

@@ -1,4 +1,8 @@
-"""In-process transport: one queue per party, for simulations and tests.
+"""In-process transport: one inbox per party, for simulations and tests.
+
+An inbox is a :class:`~splitlearn.wire.transport.turns.Mailbox`: a party run as a task of
+:class:`~splitlearn.wire.transport.turns.Turns` (the thread launcher's parties) yields its turn while it waits for
+a message; a party in a thread of its own blocks as on a queue.
 
 Besides bytes it carries a message handed over whole (:func:`~splitlearn.wire.messages.handed_over`: no encoding,
 one copy of each tensor) to a party that takes messages (:meth:`InProcessTransport.take_messages`: its
@@ -7,12 +11,12 @@ one copy of each tensor) to a party that takes messages (:meth:`InProcessTranspo
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from typing import Any
 
 from .base import Transport, TransportClosed, TransportError, TransportTimeout
+from .turns import Empty, Mailbox
 
 __all__ = ["InProcessHub", "InProcessTransport"]
 
@@ -23,7 +27,7 @@ class InProcessHub:
     """Connects the parties of one process. ``hub.transport(name)`` is that party's end."""
 
     def __init__(self, parties: list[str]):
-        self._queues: dict[str, queue.Queue] = {p: queue.Queue() for p in parties}
+        self._queues: dict[str, Mailbox] = {p: Mailbox() for p in parties}
         self._closed = threading.Event()
         self._left: dict[str, float] = {}  # party -> when it closed its end (time.monotonic())
         self._closed_at: float | None = None
@@ -88,7 +92,7 @@ class InProcessTransport(Transport):
         """The next buffer (or, for a party that takes messages, message) and its sender."""
         try:
             item = self.hub._queues[self.party].get(timeout=timeout)
-        except queue.Empty:
+        except Empty:
             raise TransportTimeout(f"{self.party}: nothing received within {timeout} s") from None
         if item is _CLOSED:
             self.hub._queues[self.party].put(_CLOSED)  # keep later calls closed too

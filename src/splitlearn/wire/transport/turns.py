@@ -1,0 +1,304 @@
+"""Parties of one process taking turns on one thread.
+
+A simulation's parties are sequential by nature: in a synchronous split step the hospital's forward
+waits for nothing, the server's waits for the hospital's activation, the hospital's backward for the
+server's gradient. Run as OS threads they hand the step over through the kernel twice a step, take
+turns on the interpreter lock, and each becomes an OpenMP master with a math team of its own (with
+more OpenMP threads than cores libgomp stops spinning, so every parallel region wakes its workers from
+sleep). Run as greenlets on one thread, a party that waits for a message lets the next ready party run:
+one math team, no lock handed over, a switch of a few microseconds.
+
+- :class:`Turns` runs functions as *tasks* (greenlets) on the calling thread until a condition holds.
+- :class:`Mailbox` is a party's inbox: a task that reads an empty one yields its turn until something
+  arrives (or its deadline passes); a plain thread blocks on it as on a queue. Anything may put into it,
+  from any thread.
+- :func:`pause` is a wait for hooks and tests: in a task it yields (other parties run meanwhile); in a
+  thread it sleeps.
+
+Torch keeps grad mode, autocast and its dispatch and function modes per thread. Tasks share a thread, so
+each task's are kept when it yields and set again when it resumes; a task starts with a fresh thread's
+(grad enabled, no autocast, no modes), whatever its caller's are, and the caller's are set back at the end.
+A task must not block its thread on anything another task would release (a lock held across a wait, an
+event another party sets): that would stop every party. Messages, timeouts and :func:`pause` are how
+tasks wait.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+import greenlet
+import torch
+
+__all__ = ["Turns", "Mailbox", "Empty", "TaskExit", "pause", "wait_until", "settled", "in_turns"]
+
+TaskExit = greenlet.GreenletExit  # raised in a task that :meth:`Turns.close` ends
+
+_DEVICES = ("cpu", "cuda")  # autocast's state is kept per device type
+
+
+class Empty(Exception):
+    """Nothing arrived within the timeout."""
+
+
+# ---- torch's per-thread state, kept per task ---------------------------------------------------------------
+
+_FRESH = (True, (), (), (), True)  # a new thread's: grad enabled, no autocast, no modes, autocast cache on
+
+
+def _take_torch_state() -> tuple:
+    """This thread's torch state, left as a fresh thread's."""
+    grad = torch.is_grad_enabled()
+    autocast = tuple((d, torch.get_autocast_dtype(d)) for d in _DEVICES if torch.is_autocast_enabled(d))
+    dispatch = function = ()
+    if torch._C._len_torch_dispatch_stack():
+        modes = []
+        while torch._C._len_torch_dispatch_stack():
+            modes.append(torch._C._pop_torch_dispatch_stack(None))
+        dispatch = tuple(reversed(modes))
+    if torch._C._len_torch_function_stack():
+        modes = []
+        while torch._C._len_torch_function_stack():
+            modes.append(torch._C._pop_torch_function_stack())
+        function = tuple(reversed(modes))
+    cache = torch.is_autocast_cache_enabled()
+    state = (grad, autocast, dispatch, function, cache)
+    if state != _FRESH:
+        _set_torch_state(_FRESH)
+    return state
+
+
+def _set_torch_state(state: tuple) -> None:
+    grad, autocast, dispatch, function, cache = state
+    if torch.is_grad_enabled() != grad:
+        torch._C._set_grad_enabled(grad)
+    on = dict(autocast)
+    for d in _DEVICES:
+        if torch.is_autocast_enabled(d) != (d in on):
+            torch.set_autocast_enabled(d, d in on)
+        if d in on:
+            torch.set_autocast_dtype(d, on[d])
+    if torch.is_autocast_cache_enabled() != cache:
+        torch.set_autocast_cache_enabled(cache)
+    for mode in dispatch:
+        torch._C._push_on_torch_dispatch_stack(mode)
+    for mode in function:
+        torch._C._push_on_torch_function_stack(mode)
+
+
+# ---- tasks ---------------------------------------------------------------------------------------------------
+
+
+class _Task(greenlet.greenlet):
+    def __init__(self, turns: "Turns", name: str, fn: Callable[[], Any]):
+        super().__init__(fn, parent=turns._loop)
+        self.turns, self.name = turns, name
+        self.torch_state: tuple = _FRESH
+        self.waiting: "Mailbox | None" = None  # the inbox it waits on
+        self.woken = False  # set by what it waited for (a put, its deadline)
+        self.wait_id = 0  # which of its waits a timer belongs to
+
+
+def _current() -> _Task | None:
+    g = greenlet.getcurrent()
+    return g if isinstance(g, _Task) else None
+
+
+def in_turns() -> bool:
+    """Whether the caller is a task of :class:`Turns` (else a plain thread)."""
+    return _current() is not None
+
+
+class Turns:
+    """Tasks on the calling thread: :meth:`spawn` them, then :meth:`run` until a condition holds. A task
+    runs until it waits (an empty :class:`Mailbox`, :func:`pause`) or ends; the ready tasks run in the order
+    they became ready. Tasks' exceptions end :meth:`run` (catch them in the task to report them)."""
+
+    def __init__(self) -> None:
+        self._loop = greenlet.getcurrent()
+        self._thread = threading.get_ident()
+        self._tasks: list[_Task] = []
+        self._ready: deque[_Task] = deque()
+        self._timers: list[tuple[float, int, _Task]] = []  # (deadline, order, task): waits with a deadline
+        self._order = itertools.count()
+        self._wake = threading.Condition()  # a put from another thread, while no task is ready
+        self._running = 0  # tasks not ended
+
+    def spawn(self, name: str, fn: Callable[[], Any]) -> greenlet.greenlet:
+        """A task running ``fn()``, ready to start."""
+        def body() -> Any:
+            try:
+                return fn()
+            finally:
+                self._running -= 1
+
+        task = _Task(self, name, body)
+        self._tasks.append(task)
+        self._running += 1
+        self._ready.append(task)
+        return task
+
+    def run(self, until: Callable[[], bool] | None = None, deadline: float | None = None) -> bool:
+        """Run ready tasks until ``until()`` holds (checked between turns), every task has ended, or
+        ``time.monotonic()`` reaches ``deadline``; whether ``until()`` holds (or every task ended, without it)."""
+        if threading.get_ident() != self._thread or greenlet.getcurrent() is not self._loop:
+            raise RuntimeError("Turns.run is called from the thread (and greenlet) that made it")
+        caller = _take_torch_state()
+        try:
+            while True:
+                if until is not None and until():
+                    return True
+                if not self._running:
+                    return until is None or until()
+                task = self._next(deadline)
+                if task is None:
+                    return False
+                task.woken = False
+                _set_torch_state(task.torch_state)
+                task.switch()  # until it waits or ends
+                task.torch_state = _take_torch_state() if not task.dead else _FRESH
+        finally:
+            _set_torch_state(caller)
+
+    def _next(self, deadline: float | None) -> _Task | None:
+        """The next task to run: a ready one, else the first whose wait ends (a put from another thread,
+        its deadline); None once ``deadline`` has passed."""
+        while True:
+            now = time.monotonic()
+            with self._wake:
+                while self._timers and self._timers[0][0] <= now:
+                    _, wait_id, task = heapq.heappop(self._timers)
+                    if task.wait_id == wait_id:  # (else a wait that ended otherwise)
+                        self._wakeup(task)
+                while self._ready:
+                    task = self._ready.popleft()
+                    if not task.dead:
+                        return task
+                if deadline is not None and now >= deadline:
+                    return None
+                ends = ([self._timers[0][0]] if self._timers else []) + ([deadline] if deadline is not None else [])
+                until = min(ends, default=None)
+                self._wake.wait(None if until is None else max(0.0, until - now))
+
+    def _wakeup(self, task: _Task) -> None:
+        """Make ``task`` ready (under ``self._wake``), once per wait."""
+        if not task.woken and not task.dead:
+            task.woken = True
+            if task.waiting is not None:
+                task.waiting._waiter = None
+                task.waiting = None
+            self._ready.append(task)
+            self._wake.notify()
+
+    def _park(self, task: _Task, deadline: float | None) -> None:
+        """``task`` waits (for its ``waiting`` mailbox to get something, or ``deadline``): the loop runs others
+        meanwhile."""
+        task.wait_id = next(self._order)
+        if deadline is not None:
+            with self._wake:
+                heapq.heappush(self._timers, (deadline, task.wait_id, task))
+        self._loop.switch()
+        task.wait_id = 0  # its timer, if still pending, is stale
+
+    def alive(self) -> list[str]:
+        """The tasks that have not ended, by name."""
+        return [t.name for t in self._tasks if not t.dead]
+
+    def close(self) -> None:
+        """End the tasks that have not ended: :data:`TaskExit` is raised where each waits (its ``finally``
+        blocks run; a task that catches it and waits again is left)."""
+        if threading.get_ident() != self._thread:
+            raise RuntimeError("Turns.close is called from the thread that made the tasks")
+        caller = _take_torch_state()
+        try:
+            for task in self._tasks:
+                if task:  # started and not ended
+                    _set_torch_state(task.torch_state)
+                    try:
+                        task.throw(TaskExit)
+                    except TaskExit:
+                        pass
+                    _take_torch_state()
+        finally:
+            _set_torch_state(caller)
+
+
+def pause(seconds: float) -> None:
+    """Wait ``seconds``: a task yields its turn meanwhile (other tasks run), a thread sleeps."""
+    task = _current()
+    if task is None:
+        time.sleep(seconds)
+        return
+    task.turns._park(task, time.monotonic() + seconds)
+
+
+def settled() -> bool:
+    """Whether every other task of the caller's :class:`Turns` waits for a message that has not come (none is
+    ready, none sleeps in :func:`pause`): nothing more happens until the caller acts. False in a thread."""
+    task = _current()
+    if task is None:
+        return False
+    turns = task.turns
+    with turns._wake:
+        return not turns._ready and all(t is task or t.dead or not t or (t.waiting is not None and not t.woken)
+                                        for t in turns._tasks)
+
+
+def wait_until(done: Callable[[], bool], timeout: float, every: float = 0.002) -> bool:
+    """Whether ``done()`` holds within ``timeout`` seconds, checked every ``every`` seconds with :func:`pause` in
+    between (a task lets the others run meanwhile): what a hook waiting for another party of the process uses."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        pause(every)
+    return True
+
+
+class Mailbox:
+    """A FIFO inbox with one reader: a task waits for it by yielding its turn, a thread by blocking."""
+
+    def __init__(self) -> None:
+        self._items: deque = deque()
+        self._cond = threading.Condition()
+        self._waiter: _Task | None = None
+
+    def put(self, item: Any) -> None:
+        with self._cond:
+            self._items.append(item)
+            waiter = self._waiter
+            self._cond.notify()
+        if waiter is not None:
+            with waiter.turns._wake:
+                if waiter.waiting is self:
+                    waiter.turns._wakeup(waiter)
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The oldest item; raises :class:`Empty` if none arrives within ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        task = _current()
+        while True:
+            if task is None:
+                with self._cond:
+                    if self._items:
+                        return self._items.popleft()
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise Empty
+                    self._cond.wait(left)
+                continue
+            with task.turns._wake, self._cond:  # (a put from another thread sees both set, or the item is here)
+                if self._items:
+                    return self._items.popleft()
+                if deadline is not None and deadline <= time.monotonic():
+                    raise Empty
+                self._waiter, task.waiting = task, self
+            task.turns._park(task, deadline)
