@@ -5,7 +5,7 @@ decomposed into compute per party, encode/decode, copies, transport, waits and P
     .venv/bin/python bench/overhead.py --quick    # a smoke run (under a minute): prints it, writes nothing
 
 For the bench CNN and the MLP on digits, split training in one process (``splitlearn.train(plan,
-launcher="threads")``: each party a thread) and over loopback gRPC with mutual TLS (``launcher="processes"``)
+launcher="threads")``: the parties take turns on one thread) and over loopback gRPC with mutual TLS (``launcher="processes"``)
 is measured against the unsplit model trained in this process on the same batches (``bench/run.py``'s
 ``unsplit_samples_per_s``), split and unsplit runs alternated; medians and every run's ratio.
 
@@ -419,8 +419,8 @@ def decomposition_table(run: dict, unsplit_step: float, launcher: str, between: 
              "waiting for a core", "other Python threads": "other threads, CPU: Python's (gRPC streams, dialing)",
              "gRPC core threads": "other threads, CPU: gRPC core threads",
              "math and other threads": "other threads, CPU: math (OpenMP) and other threads"}
-    for k in cpu_rows:
-        if any(k in run["cpu"].get(p, {}) for p in parties):
+    for k in cpu_rows:  # (in one process the parties share one thread: its CPU is every party's; not shown)
+        if "one_thread_rate" not in run and any(k in run["cpu"].get(p, {}) for p in parties):
             lines.append(f"| {names[k]} | " + " | ".join(f"{_ms(run['cpu'].get(p, {}).get(k, 0))} | "
                                                         for p in parties) + " |")
     lines.append(f"| *unsplit step (same batches, this process)* | {_ms(unsplit_step)} | |"
@@ -443,7 +443,8 @@ def reading(run: dict, unsplit_step: float, launcher: str) -> list[str]:
            f"{_ms(over['copies'])} ms, transport {_ms(over['transport'])} ms, "
            f"bookkeeping {_ms(sum(book.values()))} ms ("
            + ", ".join(f"{c} {_ms(v)}" for c, v in sorted(book.items(), key=lambda kv: -kv[1]) if v >= 5e-5) + ").",
-           "- Waits (blocked in `Link.recv`): " + ", ".join(f"{p} {_ms(d[p].get('wait', 0))} ms "
+           ("- Waits (the other party's turns on the one thread): " if "one_thread_rate" in run else
+            "- Waits (blocked in `Link.recv`): ") + ", ".join(f"{p} {_ms(d[p].get('wait', 0))} ms "
                                                            f"({d[p].get('wait', 0) / run['step_s'][p]:.0%})"
                                                            for p in parties)
            + f"; the step takes {_ms(step)} ms against the unsplit {_ms(unsplit_step)} ms "
@@ -473,7 +474,7 @@ def section(args: argparse.Namespace, got: dict, seconds: float, load: tuple[str
         f"{load[0]}; after: {load[1]}." + BUSY * (max(float(x.split()[0]) for x in load) > (os.cpu_count() or 1)),
         "",
         "Vanilla plans (hospital: bottom + labels; server: top + loss). *In one process*: `splitlearn.train(plan, "
-        "launcher=\"threads\")`, each party a thread. *gRPC*: `launcher=\"processes\"`, one process per party on "
+        "launcher=\"threads\")`, the parties taking turns on one thread (`wire/transport/turns.py`). *gRPC*: `launcher=\"processes\"`, one process per party on "
         "loopback with mutual TLS. *Unsplit*: bottom and top composed in this process, same batches, same optimizer "
         "(`bench/run.py`'s `unsplit_samples_per_s`: every training step but the first). Split samples/s: the "
         "*steady* training steps (a party's training step after a training step: neither the run's first, which "
@@ -507,13 +508,16 @@ def section(args: argparse.Namespace, got: dict, seconds: float, load: tuple[str
             "(backward) and the optimizer with `core/optimizing.py`; *encode/decode* `wire/codec.py` and "
             "`wire/messages.py` (protobuf included); *copies* the receiver's own tensor (`codec.from_bytes`), the "
             "in-process transport keeping the bytes, the gRPC frame's join; *transport* the transports, queues and "
-            "gRPC calls in the party's thread; *wait* a blocked lock, condition or queue under `Link.recv`; "
+            "gRPC calls in the party's thread; *wait* a blocked lock, condition or queue under `Link.recv` (in one "
+            "process: the rest of the party's step, while the other party had the thread); "
             "*engine* `core/engine.py`, `core/step.py` and the rest of splitlearn (with their own tensor ops: the "
             "batch's rows taken, the loss read); *link* `wire/link.py`; *metering* `wire/metering.py` (and FLOP "
             "counting); *randomness* `core/randomness.py`; *recording* `run/observe.py`; *checks* admission, "
             "learnt bounds, flow control, early messages, defenses and `codec.check_values`. A category's share "
             "of the party's steady samples times its mean steady step (from the step marks of the same run) gives "
-            "ms per step, so each party's column adds up to its step. CPU rows: `/proc/self/task/*/schedstat` "
+            "ms per step, so each party's column adds up to its step (in one process, where the parties take turns on one "
+            "thread: a party's samples over the rate at which the thread was sampled during steady steps, "
+            "their count over the time steady steps covered, per step; *wait* the rest of its step). CPU rows: `/proc/self/task/*/schedstat` "
             "read at each step's ends (the step's thread; in a party process its other threads too, which work "
             "beside the step and are not in its wall time).",
         ]

@@ -246,7 +246,7 @@ def main() -> None:
         "",
         f"`examples/sequential.toml` with `schedule = \"splitfed_v2\"`, {args.clients} clients (iid shares of the "
         f"1437 training rows), {args.epochs} epochs (one round each), batch 32. *Engine*: `train` in one process "
-        "(every client and the server a thread; after `prepare`, which is not timed). *Plain PyTorch*: the loop of "
+        "(every client and the server a task taking turns on one thread, `wire/transport/turns.py`; after `prepare`, which is not timed). *Plain PyTorch*: the loop of "
         "`bench/splitfed_ref.py:reference` on the same rounds, batches and initial weights, with the math threads "
         "the engine gives each party here (each client its own "
         "SGD momentum, sample-weighted average of the bottoms every round, the averaged model scored after each "

@@ -111,7 +111,7 @@ def train(plan: Plan | str | Path | dict, *, launcher: str = "threads", epochs: 
     """Train a plan; return (and with ``out``, write) the :class:`Result`.
 
     ``launcher`` says where the parties run: ``"threads"`` (every party in this process, over the
-    in-process transport: the simulation), ``"processes"`` (one process per party on loopback gRPC
+    in-process transport, the parties taking turns on the calling thread: the simulation), ``"processes"`` (one process per party on loopback gRPC
     with mutual TLS, throw-away certificates unless ``insecure``; ``link`` emulates a slow network,
     e.g. ``"50ms,100mbit"``) or ``"ray"`` (each party process a Ray actor on the cluster at
     ``ray_address``, default a local one). Processes read the plan from its file and write to ``out``
