@@ -315,7 +315,7 @@ def decompose(run: dict) -> dict[str, dict[str, float]]:
         if "one_thread_rate" in run:  # the parties take turns on one thread: a sample is its own turn's time; the
             # rest of its step the others had the thread (its "wait")
             own = {k: v / run["one_thread_rate"] / run["steady_of"][party] for k, v in c.items()}
-            own["wait"] = max(0.0, run["step_s"][party] - sum(own.values()))
+            own["wait"] = max(0.0, run["step_s"][party] - sum(v for k, v in own.items() if k != "wait"))
             out[party] = own
         else:
             out[party] = {k: v / total * run["step_s"][party] for k, v in c.items()}

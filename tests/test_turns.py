@@ -114,3 +114,97 @@ def test_the_thread_launchers_parties_run_on_the_callers_thread_and_train_bit_fo
     splitlearn.train(EXAMPLES / "vanilla.toml", epochs=1, on_step=lambda pr: seen.add(threading.get_ident()))
     assert seen == {threading.get_ident()}
     assert threading.active_count() == threads_before
+
+
+def test_a_wait_whose_deadline_passed_while_another_task_kept_the_thread_ends_as_a_timeout():
+    """A task's deadline is looked at when it has the thread again; what was put after the deadline (by the task
+    that kept the thread) does not count as in time, so a party stalled past a peer's step timeout is still
+    reported as one, as with threads."""
+    turns, box = Turns(), Mailbox()
+    got: list = []
+
+    def waiter() -> None:
+        try:
+            got.append(box.get(timeout=0.05))
+        except Empty:
+            got.append("timed out")
+        got.append(box.get(timeout=1))  # the late item is still there for the next read
+
+    def staller() -> None:
+        time.sleep(0.2)  # keeps the thread past the waiter's deadline (a long C call, a stall)
+        box.put("late")
+
+    turns.spawn("waiter", waiter)
+    turns.spawn("staller", staller)
+    turns.run()
+    assert got == ["timed out", "late"]
+
+
+def test_a_task_waiting_inside_autocast_leaves_no_cached_cast_to_the_next_task():
+    """Autocast caches the casts of leaf tensors per thread until its outermost block ends: a task that waits
+    inside autocast must not keep another task's cast weights alive across that task's optimizer step."""
+
+    def run(with_waiter: bool) -> float:
+        turns, box = Turns(), Mailbox()
+        w, x, out = torch.nn.Parameter(torch.ones(4, 4)), torch.ones(2, 4), {}
+
+        def waiter() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                box.get()
+
+        def trainer() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                (x @ w).sum()
+            with torch.no_grad():
+                w.add_(1.0)  # an optimizer step
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out["y"] = float((x @ w).float().sum().detach())
+            box.put(None)
+
+        if with_waiter:
+            turns.spawn("waiter", waiter)
+        turns.spawn("trainer", trainer)
+        turns.run()
+        return out["y"]
+
+    assert run(True) == run(False) == 64.0
+
+
+def test_tasks_start_outside_the_callers_inference_mode_and_saved_tensor_hooks():
+    turns, seen = Turns(), []
+
+    def task() -> None:
+        w = torch.ones(3, requires_grad=True)
+        (w * 2).sum().backward()  # fails under inference mode
+        seen.append((torch.is_inference_mode_enabled(), float(w.grad.sum())))
+
+    packed = []
+    turns.spawn("task", task)
+    with torch.inference_mode(), torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t,
+                                                                          lambda t: t):
+        turns.run()
+        assert torch.is_inference_mode_enabled()
+    assert seen == [(False, 6.0)] and packed == []
+
+
+def test_close_ends_every_task_even_when_one_fails_on_its_way_out():
+    turns, box, ended = Turns(), Mailbox(), []
+
+    def failing() -> None:
+        try:
+            box.get()
+        finally:
+            raise ValueError("its cleanup failed")
+
+    def plain() -> None:
+        try:
+            box.get()
+        finally:
+            ended.append("plain")
+
+    turns.spawn("failing", failing)
+    turns.spawn("plain", plain)
+    turns.run(deadline=time.monotonic() + 0.01)
+    with pytest.raises(ValueError, match="its cleanup failed"):
+        turns.close()
+    assert ended == ["plain"] and turns.alive() == []

@@ -34,7 +34,8 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
               tracking: Any = None, out: Any = None, resume: bool = False,
               built: Callable[[str, Any], None] | None = None) -> dict[str, PartyReport]:
     """Run ``plan`` (set up and checked by :func:`~splitlearn.run.setup.prepare`) with every
-    physical party a task of this thread (:class:`~splitlearn.wire.transport.turns.Turns`); their reports. ``on_step`` follows the lead party (a plain plan's
+    physical party a task of this thread (:class:`~splitlearn.wire.transport.turns.Turns`); their reports.
+    ``on_step`` follows the lead party (a plain plan's
     loss party, the coordinator of a ``[clients]`` plan); ``timeout`` bounds each step (default: the
     plan's ``[train] step_timeout``, :meth:`~splitlearn.core.plan.Plan.step_timeout_s`); ``record``
     keeps what each party receives for the audit; ``faults`` (tests) are hooks of client roles;
@@ -88,8 +89,10 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
         with frozen_heap():  # no cyclic collection walks the process's libraries while the parties train
             _join(turns, [tasks[n] for n in topo.awaited], topo.grace_s, stopping, hub)
     finally:
-        turns.close()
-        torch.set_num_threads(before)
+        try:
+            turns.close()
+        finally:
+            torch.set_num_threads(before)
     fatal = {p: e for p, e in errors.items() if p not in topo.droppable}
     if fatal:
         root = {p: e for p, e in fatal.items() if not isinstance(e, TransportClosed) and p not in after} or fatal

@@ -20,7 +20,10 @@ each task's are kept when it yields and set again when it resumes; a task starts
 (grad enabled, no autocast, no modes), whatever its caller's are, and the caller's are set back at the end.
 A task must not block its thread on anything another task would release (a lock held across a wait, an
 event another party sets): that would stop every party. Messages, timeouts and :func:`pause` are how
-tasks wait.
+tasks wait. A task's deadline is looked at when it has the thread again: a party that keeps the thread
+longer than another's timeout (a stall in its step) ends that wait late, but as a timeout still, since a
+message put after the deadline does not count as in time. The caller's inference mode and saved-tensor
+hooks are off inside :meth:`Turns.run` and set back afterwards, as a new thread would not have them either.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ import itertools
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import greenlet
-import torch
 
 __all__ = ["Turns", "Mailbox", "Empty", "TaskExit", "pause", "wait_until", "settled", "in_turns"]
 
@@ -47,48 +50,84 @@ class Empty(Exception):
 
 
 # ---- torch's per-thread state, kept per task ---------------------------------------------------------------
+# (torch is imported on first use: the transports' other modules, certificates and TLS, need none of it)
 
-_FRESH = (True, (), (), (), True)  # a new thread's: grad enabled, no autocast, no modes, autocast cache on
+# a new thread's: grad enabled, no autocast (none nested), no modes, the autocast cache on
+_FRESH = (True, (), 0, (), (), True)
+_torch: Any = None
 
 
 def _take_torch_state() -> tuple:
-    """This thread's torch state, left as a fresh thread's."""
-    grad = torch.is_grad_enabled()
-    autocast = tuple((d, torch.get_autocast_dtype(d)) for d in _DEVICES if torch.is_autocast_enabled(d))
+    """This thread's torch state, left as a fresh thread's (an autocast's cache emptied: it is the thread's)."""
+    global _torch
+    if _torch is None:
+        import torch as _torch
+    t, c = _torch, _torch._C
+    grad = t.is_grad_enabled()
+    autocast = tuple((d, t.get_autocast_dtype(d)) for d in _DEVICES if t.is_autocast_enabled(d))
+    nested = t.autocast_increment_nesting() - 1
+    t.autocast_decrement_nesting()
+    if nested:
+        for _ in range(nested):
+            t.autocast_decrement_nesting()
+        t.clear_autocast_cache()
     dispatch = function = ()
-    if torch._C._len_torch_dispatch_stack():
+    if c._len_torch_dispatch_stack():
         modes = []
-        while torch._C._len_torch_dispatch_stack():
-            modes.append(torch._C._pop_torch_dispatch_stack(None))
+        while c._len_torch_dispatch_stack():
+            modes.append(c._pop_torch_dispatch_stack(None))
         dispatch = tuple(reversed(modes))
-    if torch._C._len_torch_function_stack():
+    if c._len_torch_function_stack():
         modes = []
-        while torch._C._len_torch_function_stack():
-            modes.append(torch._C._pop_torch_function_stack())
+        while c._len_torch_function_stack():
+            modes.append(c._pop_torch_function_stack())
         function = tuple(reversed(modes))
-    cache = torch.is_autocast_cache_enabled()
-    state = (grad, autocast, dispatch, function, cache)
+    state = (grad, autocast, nested, dispatch, function, t.is_autocast_cache_enabled())
     if state != _FRESH:
         _set_torch_state(_FRESH)
     return state
 
 
 def _set_torch_state(state: tuple) -> None:
-    grad, autocast, dispatch, function, cache = state
-    if torch.is_grad_enabled() != grad:
-        torch._C._set_grad_enabled(grad)
+    """Set ``state`` (from :func:`_take_torch_state`) on a thread whose state is a fresh thread's."""
+    t, c = _torch, _torch._C
+    grad, autocast, nested, dispatch, function, cache = state
+    if t.is_grad_enabled() != grad:
+        c._set_grad_enabled(grad)
     on = dict(autocast)
     for d in _DEVICES:
-        if torch.is_autocast_enabled(d) != (d in on):
-            torch.set_autocast_enabled(d, d in on)
+        if t.is_autocast_enabled(d) != (d in on):
+            t.set_autocast_enabled(d, d in on)
         if d in on:
-            torch.set_autocast_dtype(d, on[d])
-    if torch.is_autocast_cache_enabled() != cache:
-        torch.set_autocast_cache_enabled(cache)
+            t.set_autocast_dtype(d, on[d])
+    for _ in range(nested):
+        t.autocast_increment_nesting()
+    if t.is_autocast_cache_enabled() != cache:
+        t.set_autocast_cache_enabled(cache)
     for mode in dispatch:
-        torch._C._push_on_torch_dispatch_stack(mode)
+        c._push_on_torch_dispatch_stack(mode)
     for mode in function:
-        torch._C._push_on_torch_function_stack(mode)
+        c._push_on_torch_function_stack(mode)
+
+
+@contextmanager
+def _as_a_fresh_thread() -> Iterator[tuple]:
+    """Inside, this thread's torch state is a fresh thread's (no inference mode, no saved-tensor hooks either);
+    the caller's is set back on the way out."""
+    caller = _take_torch_state()
+    c = _torch._C
+    hooks = []
+    while c._autograd._top_saved_tensors_default_hooks(False) is not None:
+        hooks.append(c._autograd._top_saved_tensors_default_hooks(False))
+        c._autograd._pop_saved_tensors_default_hooks()
+    try:
+        with _torch.inference_mode(False):
+            yield caller
+    finally:
+        for pack, unpack in reversed(hooks):
+            c._autograd._push_saved_tensors_default_hooks(pack, unpack)
+        _take_torch_state()  # (whatever a task left)
+        _set_torch_state(caller)
 
 
 # ---- tasks ---------------------------------------------------------------------------------------------------
@@ -125,7 +164,8 @@ class Turns:
         self._tasks: list[_Task] = []
         self._ready: deque[_Task] = deque()
         self._timers: list[tuple[float, int, _Task]] = []  # (deadline, order, task): waits with a deadline
-        self._order = itertools.count()
+        self._order = itertools.count(1)  # wait ids (0: no wait)
+        self._stale = 0  # timers of waits that ended otherwise, still in the heap
         self._wake = threading.Condition()  # a put from another thread, while no task is ready
         self._running = 0  # tasks not ended
 
@@ -148,8 +188,7 @@ class Turns:
         ``time.monotonic()`` reaches ``deadline``; whether ``until()`` holds (or every task ended, without it)."""
         if threading.get_ident() != self._thread or greenlet.getcurrent() is not self._loop:
             raise RuntimeError("Turns.run is called from the thread (and greenlet) that made it")
-        caller = _take_torch_state()
-        try:
+        with _as_a_fresh_thread():
             while True:
                 if until is not None and until():
                     return True
@@ -160,10 +199,11 @@ class Turns:
                     return False
                 task.woken = False
                 _set_torch_state(task.torch_state)
-                task.switch()  # until it waits or ends
-                task.torch_state = _take_torch_state() if not task.dead else _FRESH
-        finally:
-            _set_torch_state(caller)
+                try:
+                    task.switch()  # until it waits or ends
+                finally:
+                    state = _take_torch_state()  # (an ended task's is dropped)
+                    task.torch_state = _FRESH if task.dead else state
 
     def _next(self, deadline: float | None) -> _Task | None:
         """The next task to run: a ready one, else the first whose wait ends (a put from another thread,
@@ -173,8 +213,10 @@ class Turns:
             with self._wake:
                 while self._timers and self._timers[0][0] <= now:
                     _, wait_id, task = heapq.heappop(self._timers)
-                    if task.wait_id == wait_id:  # (else a wait that ended otherwise)
+                    if task.wait_id == wait_id:
                         self._wakeup(task)
+                    else:  # a wait that ended otherwise
+                        self._stale = max(0, self._stale - 1)
                 while self._ready:
                     task = self._ready.popleft()
                     if not task.dead:
@@ -198,12 +240,19 @@ class Turns:
     def _park(self, task: _Task, deadline: float | None) -> None:
         """``task`` waits (for its ``waiting`` mailbox to get something, or ``deadline``): the loop runs others
         meanwhile."""
-        task.wait_id = next(self._order)
+        task.wait_id = wait_id = next(self._order)
         if deadline is not None:
             with self._wake:
-                heapq.heappush(self._timers, (deadline, task.wait_id, task))
+                heapq.heappush(self._timers, (deadline, wait_id, task))
         self._loop.switch()
         task.wait_id = 0  # its timer, if still pending, is stale
+        if deadline is not None and deadline > time.monotonic():
+            with self._wake:
+                self._stale += 1
+                if self._stale > 64 and self._stale > len(self._timers) // 2:  # (a step timeout is minutes)
+                    self._timers = [t for t in self._timers if t[2].wait_id == t[1]]
+                    heapq.heapify(self._timers)
+                    self._stale = 0
 
     def alive(self) -> list[str]:
         """The tasks that have not ended, by name."""
@@ -214,8 +263,8 @@ class Turns:
         blocks run; a task that catches it and waits again is left)."""
         if threading.get_ident() != self._thread:
             raise RuntimeError("Turns.close is called from the thread that made the tasks")
-        caller = _take_torch_state()
-        try:
+        first: BaseException | None = None
+        with _as_a_fresh_thread():
             for task in self._tasks:
                 if task:  # started and not ended
                     _set_torch_state(task.torch_state)
@@ -223,9 +272,12 @@ class Turns:
                         task.throw(TaskExit)
                     except TaskExit:
                         pass
-                    _take_torch_state()
-        finally:
-            _set_torch_state(caller)
+                    except BaseException as e:  # noqa: BLE001 - the others are ended all the same; raised after
+                        first = first or e
+                    finally:
+                        _take_torch_state()
+        if first is not None:
+            raise first
 
 
 def pause(seconds: float) -> None:
@@ -239,7 +291,8 @@ def pause(seconds: float) -> None:
 
 def settled() -> bool:
     """Whether every other task of the caller's :class:`Turns` waits for a message that has not come (none is
-    ready, none sleeps in :func:`pause`): nothing more happens until the caller acts. False in a thread."""
+    ready, none sleeps in :func:`pause`): nothing more happens until the caller acts, a wait's timeout ends or
+    another thread puts something into a mailbox. False in a thread."""
     task = _current()
     if task is None:
         return False
@@ -270,7 +323,7 @@ class Mailbox:
 
     def put(self, item: Any) -> None:
         with self._cond:
-            self._items.append(item)
+            self._items.append((time.monotonic(), item))
             waiter = self._waiter
             self._cond.notify()
         if waiter is not None:
@@ -288,17 +341,22 @@ class Mailbox:
         while True:
             if task is None:
                 with self._cond:
-                    if self._items:
-                        return self._items.popleft()
+                    if self._in_time(deadline):
+                        return self._items.popleft()[1]
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise Empty
                     self._cond.wait(left)
                 continue
             with task.turns._wake, self._cond:  # (a put from another thread sees both set, or the item is here)
-                if self._items:
-                    return self._items.popleft()
-                if deadline is not None and deadline <= time.monotonic():
+                if self._in_time(deadline):
+                    return self._items.popleft()[1]
+                if self._items or (deadline is not None and deadline <= time.monotonic()):
                     raise Empty
                 self._waiter, task.waiting = task, self
             task.turns._park(task, deadline)
+
+    def _in_time(self, deadline: float | None) -> bool:
+        """Whether the oldest item came by ``deadline``: a task's deadline is looked at only when it has the thread
+        again, and what came after it (while another task kept the thread) must not end the wait as if in time."""
+        return bool(self._items) and (deadline is None or self._items[0][0] <= deadline)
