@@ -17,6 +17,7 @@ import hashlib
 import json
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -329,19 +330,45 @@ class Plan(_Strict):
 _DEPLOYMENT = {"parties": {"__all__": {"address", "dial_out", "data", "device"}}, "train": {"step_timeout"}}
 
 
+_HASHING = threading.Lock()
+_HASHED: dict[int, tuple[Plan, dict]] = {}  # id -> (the plan, its hash and parts): the last few plans hashed
+
+
+def _hashed(plan: Plan) -> dict:
+    """What :func:`plan_hash` and :func:`plan_parts` computed for this very plan object (a plan is frozen; every
+    session of a [clients] run says both in each of its hellos)."""
+    with _HASHING:
+        got = _HASHED.get(id(plan))
+        if got is None or got[0] is not plan:
+            if len(_HASHED) >= 8:
+                _HASHED.pop(next(iter(_HASHED)))
+            got = _HASHED[id(plan)] = (plan, {})
+        return got[1]
+
+
 def plan_hash(plan: Plan) -> str:
     """A stable hash of everything that shapes the computation (parties must agree on it).
 
     Where parties run (addresses, who dials, devices), where each reads its own data and how long each
     waits for a step (``--step-timeout`` may differ per party anyway) are left out.
     """
-    body = json.dumps(plan.model_dump(mode="json", exclude=_DEPLOYMENT), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
+    known = _hashed(plan)
+    if "hash" not in known:
+        body = json.dumps(plan.model_dump(mode="json", exclude=_DEPLOYMENT), sort_keys=True, separators=(",", ":"))
+        known["hash"] = hashlib.sha256(body.encode()).hexdigest()[:16]
+    return known["hash"]
 
 
 def plan_parts(plan: Plan, depth: int = 3) -> dict[str, str]:
     """The hashed body of :func:`plan_hash` entry by entry (``train.epochs``, ``parties.clinic.optimizer``,
     down to ``depth`` levels): parties whose plans differ can name the entries that differ."""
+    known = _hashed(plan)
+    if ("parts", depth) not in known:
+        known[("parts", depth)] = _parts(plan, depth)
+    return dict(known[("parts", depth)])
+
+
+def _parts(plan: Plan, depth: int) -> dict[str, str]:
     body = plan.model_dump(mode="json", exclude=_DEPLOYMENT)
     out: dict[str, str] = {}
 
