@@ -79,7 +79,8 @@ def parse_json(text: str, limits: Limits = Limits()) -> Any:
     if len(text) > limits.text_bytes:
         raise WireError(f"a text of {len(text)} characters exceeds the limit of {limits.text_bytes}")
     depth = deepest = 0
-    for b in _BRACKETS.findall(_STRING.sub("", text)):
+    openers = text.count("[") + text.count("{")  # (those in strings too: no text nests deeper than its openers)
+    for b in _BRACKETS.findall(_STRING.sub("", text)) if openers > limits.json_depth else ():
         depth += 1 if b in "[{" else -1
         if depth > deepest:
             deepest = depth
