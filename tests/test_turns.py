@@ -208,3 +208,61 @@ def test_close_ends_every_task_even_when_one_fails_on_its_way_out():
     with pytest.raises(ValueError, match="its cleanup failed"):
         turns.close()
     assert ended == ["plain"] and turns.alive() == []
+
+
+def test_close_resumes_a_waiting_task_so_a_torch_error_in_its_cleanup_is_an_error_not_a_crash():
+    """Thrown into from a shallower stack than the loop ran it on, a task whose cleanup raised a torch error took
+    the process down (torch walks the stack to build the error); close() resumes it as the loop does."""
+    turns, box, caught = Turns(), Mailbox(), []
+
+    def task() -> None:
+        try:
+            box.get()
+        finally:
+            try:
+                torch.ones(2) @ torch.ones(3)
+            except RuntimeError as e:
+                caught.append(str(e)[:40])
+
+    turns.spawn("task", task)
+
+    def deeper(n: int) -> None:  # the loop runs it a few frames deeper than close() is called from
+        if n:
+            return deeper(n - 1)
+        turns.run(until=lambda: turns._tasks[0].waiting is not None)
+
+    deeper(8)
+    turns.close()
+    assert len(caught) == 1 and turns.alive() == []
+
+
+def test_autocast_dtype_and_saved_tensor_hooks_are_each_tasks_own_and_inference_mode_is_refused_across_a_wait():
+    turns, box, seen = Turns(), Mailbox(), {}
+
+    def holder() -> None:
+        with torch.autocast("cpu", dtype=torch.float16), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: seen.setdefault("packed by", "holder") and t,
+                                                         lambda t: t):
+            box.get()
+
+    def other() -> None:
+        with torch.autocast("cpu"):  # the default dtype of a fresh thread: bfloat16
+            seen["dtype"] = torch.get_autocast_dtype("cpu")
+        w = torch.ones(3, requires_grad=True)
+        (w * w).sum().backward()  # saves tensors: no hook of the holder's runs
+        box.put(None)
+
+    turns.spawn("holder", holder)
+    turns.spawn("other", other)
+    turns.run()
+    assert seen == {"dtype": torch.bfloat16}
+
+    def inferring() -> None:
+        with torch.inference_mode():
+            box.get(timeout=1)
+
+    turns = Turns()
+    turns.spawn("inferring", inferring)
+    with pytest.raises(RuntimeError, match="waits inside torch.inference_mode"):
+        turns.run()
+    assert not torch.is_inference_mode_enabled()

@@ -18,6 +18,7 @@ import json
 import re
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -331,7 +332,8 @@ _DEPLOYMENT = {"parties": {"__all__": {"address", "dial_out", "data", "device"}}
 
 
 _HASHING = threading.Lock()
-_HASHED: dict[int, tuple[Plan, dict]] = {}  # id -> (the plan, its hash and parts): the last few plans hashed
+_HASHED: dict[int, tuple[weakref.ref, dict]] = {}  # id -> (the plan, weakly: it may hold the user's data and
+# modules; its hash and parts): the last few plans hashed
 
 
 def _hashed(plan: Plan) -> dict:
@@ -339,10 +341,10 @@ def _hashed(plan: Plan) -> dict:
     session of a [clients] run says both in each of its hellos)."""
     with _HASHING:
         got = _HASHED.get(id(plan))
-        if got is None or got[0] is not plan:
+        if got is None or got[0]() is not plan:  # (a dead reference never matches an id used again)
             if len(_HASHED) >= 8:
                 _HASHED.pop(next(iter(_HASHED)))
-            got = _HASHED[id(plan)] = (plan, {})
+            got = _HASHED[id(plan)] = (weakref.ref(plan), {})
         return got[1]
 
 

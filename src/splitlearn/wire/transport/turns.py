@@ -52,26 +52,30 @@ class Empty(Exception):
 # ---- torch's per-thread state, kept per task ---------------------------------------------------------------
 # (torch is imported on first use: the transports' other modules, certificates and TLS, need none of it)
 
-# a new thread's: grad enabled, no autocast (none nested), no modes, the autocast cache on
-_FRESH = (True, (), 0, (), (), True)
+# a new thread's: grad enabled, autocast off with torch's default dtypes (none nested), no modes, no saved-tensor
+# hooks, the autocast cache on (set at the first use, with torch)
+_FRESH: tuple = ()
 _torch: Any = None
 
 
 def _take_torch_state() -> tuple:
     """This thread's torch state, left as a fresh thread's (an autocast's cache emptied: it is the thread's)."""
-    global _torch
+    global _torch, _FRESH
     if _torch is None:
         import torch as _torch
-    t, c = _torch, _torch._C
+        defaults = tuple((d, _torch.bfloat16 if d == "cpu" else _torch.float16) for d in _DEVICES)
+        _FRESH = (True, (), defaults, 0, (), (), (), True)
+    t, c, a = _torch, _torch._C, _torch._C._autograd
     grad = t.is_grad_enabled()
-    autocast = tuple((d, t.get_autocast_dtype(d)) for d in _DEVICES if t.is_autocast_enabled(d))
+    autocast = tuple(d for d in _DEVICES if t.is_autocast_enabled(d))
+    dtypes = tuple((d, t.get_autocast_dtype(d)) for d in _DEVICES)
     nested = t.autocast_increment_nesting() - 1
     t.autocast_decrement_nesting()
     if nested:
         for _ in range(nested):
             t.autocast_decrement_nesting()
         t.clear_autocast_cache()
-    dispatch = function = ()
+    dispatch = function = hooks = ()
     if c._len_torch_dispatch_stack():
         modes = []
         while c._len_torch_dispatch_stack():
@@ -82,7 +86,13 @@ def _take_torch_state() -> tuple:
         while c._len_torch_function_stack():
             modes.append(c._pop_torch_function_stack())
         function = tuple(reversed(modes))
-    state = (grad, autocast, nested, dispatch, function, t.is_autocast_cache_enabled())
+    if a._top_saved_tensors_default_hooks(False) is not None:
+        pairs = []
+        while (top := a._top_saved_tensors_default_hooks(False)) is not None:
+            pairs.append(top)
+            a._pop_saved_tensors_default_hooks()
+        hooks = tuple(reversed(pairs))
+    state = (grad, autocast, dtypes, nested, dispatch, function, hooks, t.is_autocast_cache_enabled())
     if state != _FRESH:
         _set_torch_state(_FRESH)
     return state
@@ -90,16 +100,15 @@ def _take_torch_state() -> tuple:
 
 def _set_torch_state(state: tuple) -> None:
     """Set ``state`` (from :func:`_take_torch_state`) on a thread whose state is a fresh thread's."""
-    t, c = _torch, _torch._C
-    grad, autocast, nested, dispatch, function, cache = state
+    t, c, a = _torch, _torch._C, _torch._C._autograd
+    grad, autocast, dtypes, nested, dispatch, function, hooks, cache = state
     if t.is_grad_enabled() != grad:
         c._set_grad_enabled(grad)
-    on = dict(autocast)
-    for d in _DEVICES:
-        if t.is_autocast_enabled(d) != (d in on):
-            t.set_autocast_enabled(d, d in on)
-        if d in on:
-            t.set_autocast_dtype(d, on[d])
+    for d, dtype in dtypes:
+        if t.is_autocast_enabled(d) != (d in autocast):
+            t.set_autocast_enabled(d, d in autocast)
+        if t.get_autocast_dtype(d) != dtype:
+            t.set_autocast_dtype(d, dtype)
     for _ in range(nested):
         t.autocast_increment_nesting()
     if t.is_autocast_cache_enabled() != cache:
@@ -108,24 +117,19 @@ def _set_torch_state(state: tuple) -> None:
         c._push_on_torch_dispatch_stack(mode)
     for mode in function:
         c._push_on_torch_function_stack(mode)
+    for pack, unpack in hooks:
+        a._push_saved_tensors_default_hooks(pack, unpack)
 
 
 @contextmanager
 def _as_a_fresh_thread() -> Iterator[tuple]:
-    """Inside, this thread's torch state is a fresh thread's (no inference mode, no saved-tensor hooks either);
-    the caller's is set back on the way out."""
+    """Inside, this thread's torch state is a fresh thread's (no inference mode either); the caller's is set back on
+    the way out."""
     caller = _take_torch_state()
-    c = _torch._C
-    hooks = []
-    while c._autograd._top_saved_tensors_default_hooks(False) is not None:
-        hooks.append(c._autograd._top_saved_tensors_default_hooks(False))
-        c._autograd._pop_saved_tensors_default_hooks()
     try:
         with _torch.inference_mode(False):
             yield caller
     finally:
-        for pack, unpack in reversed(hooks):
-            c._autograd._push_saved_tensors_default_hooks(pack, unpack)
         _take_torch_state()  # (whatever a task left)
         _set_torch_state(caller)
 
@@ -137,10 +141,11 @@ class _Task(greenlet.greenlet):
     def __init__(self, turns: "Turns", name: str, fn: Callable[[], Any]):
         super().__init__(fn, parent=turns._loop)
         self.turns, self.name = turns, name
-        self.torch_state: tuple = _FRESH
+        self.torch_state: tuple | None = None  # its torch state while it waits (None: a fresh thread's)
         self.waiting: "Mailbox | None" = None  # the inbox it waits on
         self.woken = False  # set by what it waited for (a put, its deadline)
         self.wait_id = 0  # which of its waits a timer belongs to
+        self.ending = False  # set by Turns.close: its wait raises TaskExit
 
 
 def _current() -> _Task | None:
@@ -198,12 +203,12 @@ class Turns:
                 if task is None:
                     return False
                 task.woken = False
-                _set_torch_state(task.torch_state)
+                _set_torch_state(task.torch_state or _FRESH)
                 try:
                     task.switch()  # until it waits or ends
                 finally:
                     state = _take_torch_state()  # (an ended task's is dropped)
-                    task.torch_state = _FRESH if task.dead else state
+                    task.torch_state = None if task.dead else state
 
     def _next(self, deadline: float | None) -> _Task | None:
         """The next task to run: a ready one, else the first whose wait ends (a put from another thread,
@@ -240,12 +245,17 @@ class Turns:
     def _park(self, task: _Task, deadline: float | None) -> None:
         """``task`` waits (for its ``waiting`` mailbox to get something, or ``deadline``): the loop runs others
         meanwhile."""
+        if _torch is not None and _torch.is_inference_mode_enabled():  # (a thread-wide mode no task could leave)
+            raise RuntimeError(f"{task.name} waits inside torch.inference_mode(), which the tasks taking turns on this "
+                               "thread cannot each have: leave it before waiting (torch.no_grad() is kept per task)")
         task.wait_id = wait_id = next(self._order)
         if deadline is not None:
             with self._wake:
                 heapq.heappush(self._timers, (deadline, wait_id, task))
         self._loop.switch()
         task.wait_id = 0  # its timer, if still pending, is stale
+        if task.ending:
+            raise TaskExit
         if deadline is not None and deadline > time.monotonic():
             with self._wake:
                 self._stale += 1
@@ -260,18 +270,19 @@ class Turns:
 
     def close(self) -> None:
         """End the tasks that have not ended: :data:`TaskExit` is raised where each waits (its ``finally``
-        blocks run; a task that catches it and waits again is left)."""
+        blocks run; a task that catches it and waits again is left). Each is resumed as the loop resumes it (not
+        thrown into: an error torch builds while the task unwinds walks its stack, which a throw from a shallower
+        stack than the loop's broke)."""
         if threading.get_ident() != self._thread:
             raise RuntimeError("Turns.close is called from the thread that made the tasks")
         first: BaseException | None = None
         with _as_a_fresh_thread():
             for task in self._tasks:
                 if task:  # started and not ended
-                    _set_torch_state(task.torch_state)
+                    _set_torch_state(task.torch_state or _FRESH)
+                    task.ending = True
                     try:
-                        task.throw(TaskExit)
-                    except TaskExit:
-                        pass
+                        task.switch()  # its wait raises TaskExit; it ends, or waits again (and is left)
                     except BaseException as e:  # noqa: BLE001 - the others are ended all the same; raised after
                         first = first or e
                     finally:
