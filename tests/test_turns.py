@@ -229,9 +229,10 @@ def test_close_resumes_a_waiting_task_so_a_torch_error_in_its_cleanup_is_an_erro
     def deeper(n: int) -> None:  # the loop runs it a few frames deeper than close() is called from
         if n:
             return deeper(n - 1)
-        turns.run(until=lambda: turns._tasks[0].waiting is not None)
+        turns.run(deadline=time.monotonic() + 0.05)  # it runs at once and waits for the box
 
     deeper(8)
+    assert turns.alive() == ["task"]
     turns.close()
     assert len(caught) == 1 and turns.alive() == []
 

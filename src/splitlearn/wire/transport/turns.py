@@ -15,15 +15,16 @@ one math team, no lock handed over, a switch of a few microseconds.
 - :func:`pause` is a wait for hooks and tests: in a task it yields (other parties run meanwhile); in a
   thread it sleeps.
 
-Torch keeps grad mode, autocast and its dispatch and function modes per thread. Tasks share a thread, so
-each task's are kept when it yields and set again when it resumes; a task starts with a fresh thread's
-(grad enabled, no autocast, no modes), whatever its caller's are, and the caller's are set back at the end.
+Torch keeps grad mode, autocast (its dtypes, nesting and cache), its dispatch and function modes and the
+saved-tensor hooks per thread. Tasks share a thread, so each task's are kept when it yields and set again
+when it resumes; a task starts with a fresh thread's (grad enabled, no autocast, no modes, no hooks),
+whatever its caller's are, and the caller's are set back at the end. Inference mode cannot be carried so:
+the caller's is off inside :meth:`Turns.run`, and a task that would wait inside one is refused.
 A task must not block its thread on anything another task would release (a lock held across a wait, an
 event another party sets): that would stop every party. Messages, timeouts and :func:`pause` are how
 tasks wait. A task's deadline is looked at when it has the thread again: a party that keeps the thread
 longer than another's timeout (a stall in its step) ends that wait late, but as a timeout still, since a
-message put after the deadline does not count as in time. The caller's inference mode and saved-tensor
-hooks are off inside :meth:`Turns.run` and set back afterwards, as a new thread would not have them either.
+message put after the deadline does not count as in time.
 """
 
 from __future__ import annotations
