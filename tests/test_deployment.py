@@ -63,9 +63,9 @@ def until(check, what: str, deadline_s: float = 150):
 
 @pytest.mark.skipif(not NETNS, reason="network namespaces cannot be created here (needs root and iproute2)")
 def test_a_consortium_deploys_from_kits_trains_watches_predicts_and_revokes(tmp_path, sites):
-    plan = tmp_path / "plan.toml"
+    plan = tmp_path / "plan.toml"  # 6 epochs: a run of 2 (3 s) could end between two polls of its status mid-run
     plan.write_text((EXAMPLES / "vanilla.toml").read_text().replace(
-        "[parties.server]", f'[parties.server]\naddress = "{ADDR["server"]}:7443"').replace("epochs = ", "epochs = 2 #"))
+        "[parties.server]", f'[parties.server]\naddress = "{ADDR["server"]}:7443"').replace("epochs = ", "epochs = 6 #"))
     ca, kits, admin = tmp_path / "ca", tmp_path / "kits", tmp_path / "admin"
     cli("authority", "--out", str(ca))
     cli("provision", str(plan), "--ca", str(ca), "--out", str(kits))
