@@ -124,6 +124,7 @@ def test_a_wait_whose_deadline_passed_while_another_task_kept_the_thread_ends_as
     got: list = []
 
     def waiter() -> None:
+        got.append(time.monotonic() + 0.05)  # its deadline
         try:
             got.append(box.get(timeout=0.05))
         except Empty:
@@ -131,13 +132,15 @@ def test_a_wait_whose_deadline_passed_while_another_task_kept_the_thread_ends_as
         got.append(box.get(timeout=1))  # the late item is still there for the next read
 
     def staller() -> None:
-        time.sleep(0.2)  # keeps the thread past the waiter's deadline (a long C call, a stall)
+        x = torch.ones(64, 64)
+        while time.monotonic() <= got[0]:  # a long computation: it keeps the thread past the waiter's deadline
+            x = (x @ x).clamp(-1, 1)
         box.put("late")
 
     turns.spawn("waiter", waiter)
     turns.spawn("staller", staller)
     turns.run()
-    assert got == ["timed out", "late"]
+    assert got[1:] == ["timed out", "late"]
 
 
 def test_a_task_waiting_inside_autocast_leaves_no_cached_cast_to_the_next_task():

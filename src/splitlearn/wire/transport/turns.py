@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 import greenlet
 
-__all__ = ["Turns", "Mailbox", "Empty", "TaskExit", "pause", "wait_until", "settled", "in_turns"]
+__all__ = ["Turns", "Mailbox", "Empty", "TaskExit", "pause", "wait_until", "settled"]
 
 TaskExit = greenlet.GreenletExit  # raised in a task that :meth:`Turns.close` ends
 
@@ -76,27 +76,22 @@ def _take_torch_state() -> tuple:
         for _ in range(nested):
             t.autocast_decrement_nesting()
         t.clear_autocast_cache()
-    dispatch = function = hooks = ()
-    if c._len_torch_dispatch_stack():
-        modes = []
-        while c._len_torch_dispatch_stack():
-            modes.append(c._pop_torch_dispatch_stack(None))
-        dispatch = tuple(reversed(modes))
-    if c._len_torch_function_stack():
-        modes = []
-        while c._len_torch_function_stack():
-            modes.append(c._pop_torch_function_stack())
-        function = tuple(reversed(modes))
-    if a._top_saved_tensors_default_hooks(False) is not None:
-        pairs = []
-        while (top := a._top_saved_tensors_default_hooks(False)) is not None:
-            pairs.append(top)
-            a._pop_saved_tensors_default_hooks()
-        hooks = tuple(reversed(pairs))
+    dispatch = _drain(c._len_torch_dispatch_stack, lambda: c._pop_torch_dispatch_stack(None))
+    function = _drain(c._len_torch_function_stack, c._pop_torch_function_stack)
+    hooks = _drain(lambda: a._top_saved_tensors_default_hooks(False) is not None,
+                   lambda: (a._top_saved_tensors_default_hooks(False), a._pop_saved_tensors_default_hooks())[0])
     state = (grad, autocast, dtypes, nested, dispatch, function, hooks, t.is_autocast_cache_enabled())
     if state != _FRESH:
         _set_torch_state(_FRESH)
     return state
+
+
+def _drain(left: Callable[[], Any], pop: Callable[[], Any]) -> tuple:
+    """A per-thread stack emptied: its entries, bottom first (what pushing them again in order restores)."""
+    out = []
+    while left():
+        out.append(pop())
+    return tuple(reversed(out))
 
 
 def _set_torch_state(state: tuple) -> None:
@@ -152,11 +147,6 @@ class _Task(greenlet.greenlet):
 def _current() -> _Task | None:
     g = greenlet.getcurrent()
     return g if isinstance(g, _Task) else None
-
-
-def in_turns() -> bool:
-    """Whether the caller is a task of :class:`Turns` (else a plain thread)."""
-    return _current() is not None
 
 
 class Turns:
