@@ -421,3 +421,39 @@ def test_clients_of_a_network_deepcopy_cannot_copy_are_each_built(tmp_path):
     assert len(clients) == 3 and len({id(m) for m in clients}) == 3
     first = clients[0].state_dict()
     assert all(torch.equal(m.state_dict()[k], first[k]) for m in clients[1:] for k in first)
+
+
+@pytest.mark.parametrize("schedule", ["splitfed_v2", "sequential"])
+def test_in_one_process_a_clients_messages_are_handed_over_whole_and_metered_as_bytes(schedule, monkeypatch):
+    """Through each physical party's Switch (commands, weights, turns) nothing is encoded in one process, and each
+    party's meter counts what the same run counts when every message travels as bytes (the commands' texts
+    aside, whose timestamps differ from run to run); the weights trained are the same."""
+    from splitlearn.wire import link
+    from splitlearn.wire.transport.inprocess import InProcessTransport
+
+    plan = tiny(count=3, schedule=schedule).with_train(epochs=1)
+    encoded = []
+    real = link.encode
+
+    def counting(msg):
+        encoded.append(msg.kind)
+        return real(msg)
+
+    monkeypatch.setattr(link, "encode", counting)
+    whole = run_clients(plan)
+    assert encoded == []  # every message handed over whole
+    monkeypatch.setattr(InProcessTransport, "take_messages", lambda self: False)  # bytes, as before this change
+    as_bytes = run_clients(plan)
+    assert len(encoded) > 100 and Kind.WEIGHTS in encoded and Kind.HELLO in encoded
+    for name, rep in whole.items():
+        for table in ("sent", "received"):
+            rows = {(r["wire"], r["direction"]): r for r in rep.meter[table]}
+            other = {(r["wire"], r["direction"]): r for r in as_bytes[name].meter[table]}
+            assert rows.keys() == other.keys()
+            for key, r in rows.items():
+                assert r["messages"] == other[key]["messages"] and r["payload"] == other[key]["payload"]
+                if key[1] != "control":  # tensors, weights, credits: to the byte
+                    assert r["bytes"] == other[key]["bytes"], (name, table, key)
+        for seg, mod in rep.modules.items():
+            assert max_diff(module_state(mod), module_state(as_bytes[name].modules[seg])) == 0.0
+    assert sum(len(rep.modules) for rep in whole.values()) >= 2

@@ -158,14 +158,15 @@ from splitlearn.wire.messages import checked, encoded_size, handed_over  # noqa:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(list(Kind)), st.text(max_size=300), st.integers(0, 2**40), st.text(max_size=20),
+@given(st.sampled_from(list(Kind)), st.text(max_size=300), st.integers(-2**63, 2**63 - 1), st.text(max_size=20),
        st.lists(st.tuples(st.sampled_from(["float32", "raw", "int8", "float16", "topk:0.5"]),
-                          st.lists(st.integers(0, 70), min_size=0, max_size=4)), max_size=3))
-def test_a_message_handed_over_is_metered_at_the_bytes_of_its_encoding(kind, text, step, wire, tensors):
-    """``encoded_size`` is ``len(encode(msg))`` for any message (names, steps and shapes of every varint width,
-    empty tensors, codecs with side buffers), and a message handed over keeps it."""
-    encs = {f"t{i}": get_codec(codec).encode(torch.randn(shape)) for i, (codec, shape) in enumerate(tensors)}
-    msg = Message(kind, "hospital-12", "server", step, wire, encs, text)
+                          st.lists(st.integers(0, 70), min_size=0, max_size=4)), max_size=3),
+       st.text(max_size=150), st.text(max_size=3))
+def test_a_message_handed_over_is_metered_at_the_bytes_of_its_encoding(kind, text, step, wire, tensors, sender, tag):
+    """``encoded_size`` is ``len(encode(msg))`` for any message (names of any characters, negative steps, steps
+    and shapes of every varint width, empty tensors, codecs with side buffers), and a message handed over keeps it."""
+    encs = {f"t{i}{tag}": get_codec(codec).encode(torch.randn(shape)) for i, (codec, shape) in enumerate(tensors)}
+    msg = Message(kind, sender, "server", step, wire, encs, text)
     assert encoded_size(msg) == len(encode(msg)) == encoded_size(handed_over(msg))
     assert decode(encode(handed_over(msg))) == decode(encode(msg))
 

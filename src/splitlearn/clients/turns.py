@@ -14,7 +14,7 @@ from ..run.session import run_party
 from ..run.setup import make_optimizer
 from ..wire.codec import WireError
 from ..wire.link import Link
-from ..wire.messages import Kind, decode, kind_of, read_hello
+from ..wire.messages import Kind, Message, checked, decode, encoded_size, kind_of, read_hello
 from ..wire.transport import TransportError
 from .participant import Participant
 from .schedule import Turn
@@ -53,12 +53,14 @@ class TurnTaking(Participant):
         # in every hello of this turn (the hello compares it); a turn done again after a rewind differs from the first
         tag = f"{self.ids_hash}/turn-{turn.index}" + (f"/again-{self.attempt}" if self.attempt else "")
 
-        def turn_of(data: bytes) -> str | None:
-            """The turn tag of a hello (None: no readable hello)."""
-            if kind_of(data) != Kind.HELLO:
+        def turn_of(data: bytes | Message) -> str | None:
+            """The turn tag of a hello, bytes or handed over whole in one process (None: no readable hello)."""
+            if (data.kind if isinstance(data, Message) else kind_of(data)) != Kind.HELLO:
                 return None
             try:
-                return read_hello(decode(data, self.limits), self.limits).get("ids_hash")
+                msg = checked(data, self.limits, encoded_size(data)) if isinstance(data, Message) \
+                    else decode(data, self.limits)
+                return read_hello(msg, self.limits).get("ids_hash")
             except WireError:
                 return None
 

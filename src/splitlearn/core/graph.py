@@ -83,6 +83,7 @@ class Graph:
     order: list[str]  # topological
     wires: list[Wire]
     stages: list[Stage] = field(default_factory=list)
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # what is derived from it once (flow pairs)
 
     @property
     def parties(self) -> list[str]:

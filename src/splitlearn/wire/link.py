@@ -9,7 +9,6 @@ from .codec import WireError
 from .messages import Kind, Limits, Message, checked, decode, encode, encoded_size, handed_over, quote
 from .metering import Meter
 from .transport.base import Transport, TransportTimeout
-from .transport.inprocess import InProcessTransport
 
 __all__ = ["Link", "MAX_KEPT", "MAX_REASON"]
 
@@ -34,9 +33,7 @@ class Link:
         self.limits = limits or Limits()
         self.refused: list[str] = []  # the first MAX_KEPT refusals; refused_count counts them all
         self.refused_count = 0
-        self.whole = type(transport) is InProcessTransport  # in one process: messages handed over, not encoded
-        if self.whole:
-            transport.take_messages()
+        self.whole = transport.take_messages()  # in one process: messages handed over, not encoded
 
     def send(self, msg: Message) -> None:
         """Meter ``msg`` at the bytes the wire carries and send it: encoded, or in one process handed over whole

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterator
 
 from torch.utils.flop_counter import FlopCounterMode
@@ -30,6 +30,9 @@ class Traffic:
         self.messages += 1
         self.bytes += nbytes
         self.payload += payload
+
+
+_TRAFFIC = tuple(f.name for f in fields(Traffic))
 
 
 @dataclass
@@ -109,7 +112,8 @@ class Meter:
 
     def summary(self) -> dict:
         def table(d: dict[tuple[str, str], Traffic]) -> list[dict]:
-            return [{"wire": w, "direction": k, **asdict(t)} for (w, k), t in sorted(d.items())]
+            return [{"wire": w, "direction": k, **{f: getattr(t, f) for f in _TRAFFIC}}  # (asdict: a deep copy)
+                    for (w, k), t in sorted(d.items())]
 
         return {
             "bytes_sent": self.bytes_sent,

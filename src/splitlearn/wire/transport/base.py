@@ -65,6 +65,16 @@ class Transport(ABC):
         transport first heard from it; never waits. 0 for a transport that cannot tell (the default)."""
         return 0
 
+    def take_messages(self) -> bool:
+        """Ask to be handed messages whole from now on instead of bytes (in one process: nothing encoded); whether
+        it will be. Only a transport every reader of which admits a message as a :class:`~splitlearn.wire.link.Link`
+        does may say yes. The default: no, bytes only."""
+        return False
+
+    def takes_messages(self, dst: str) -> bool:
+        """Whether party ``dst`` may be handed a message whole (else it is sent bytes). The default: no."""
+        return False
+
     def close(self) -> None:
         """Release connections; later calls raise TransportClosed."""
 

@@ -69,9 +69,13 @@ class InProcessTransport(Transport):
             raise TransportError(f"{dst!r} takes bytes, not a message handed over whole")
         self.hub._queues[dst].put((self.party, data))
 
-    def take_messages(self) -> None:
-        """From now on this party may be handed messages whole: its one reader (its Link) admits them."""
+    def take_messages(self) -> bool:
+        """From now on this party may be handed messages whole: its readers (a Link, or a Switch whose readers are
+        Links) admit them. Not a subclass's: it may read or change the bytes (a test's hostile peer)."""
+        if type(self) is not InProcessTransport:
+            return False
         self.hub._whole.add(self.party)
+        return True
 
     def takes_messages(self, dst: str) -> bool:
         """Whether ``dst`` may be handed a message whole (else it is sent bytes)."""

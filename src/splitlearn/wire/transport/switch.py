@@ -12,6 +12,9 @@ only the bound peer (plan name -> physical name on the way out, back on the way 
 reads only from the turn's peers: what ``hospital-5`` sends during ``hospital-3``'s turn waits
 (and is dropped as stale when the next turn starts), so it can neither speak for
 ``hospital`` nor stop the turn. What waits is capped per sender.
+
+Over an in-process hub the Switch takes messages handed over whole (:meth:`Switch.take_messages`) when its
+readers are Links: ``classify``, ``keep``, ``defer`` and ``size`` are then given a message or bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 from .base import Transport, TransportTimeout
 
@@ -31,13 +34,20 @@ MAX_HELD_BYTES = 256 * 2**20  # held for the other reader, per peer; beyond that
 
 
 class Switch:
-    """Sorts ``inner``'s messages with ``classify(data) -> "control" | "session"``."""
+    """Sorts ``inner``'s messages with ``classify(data) -> "control" | "session"``; ``size(data)``: the bytes
+    a held one counts."""
 
-    def __init__(self, inner: Transport, classify: Callable[[bytes], str]):
-        self.inner, self.classify = inner, classify
+    def __init__(self, inner: Transport, classify: Callable[[Any], str], size: Callable[[Any], int] = len):
+        self.inner, self.classify, self.size = inner, classify, size
         self.held: dict[str, deque] = {"control": deque(), "session": deque()}
         self.held_bytes: dict[str, int] = {}
         self.dropped = 0  # messages dropped because their sender had too much held
+        self.whole = False  # messages handed over whole (take_messages)
+
+    def take_messages(self) -> bool:
+        """Messages handed over whole from now on, where the connection can (its readers must be Links)."""
+        self.whole = self.whole or self.inner.take_messages()
+        return self.whole
 
     def control(self) -> "_View":
         """The physical party's own view: commands, acknowledgements, weights."""
@@ -52,23 +62,24 @@ class Switch:
         held = self.held["session"]
         for p, d in [(p, d) for p, d in held if not keep(p, d)]:
             held.remove((p, d))
-            self.held_bytes[p] -= len(d)
+            self.held_bytes[p] -= self.size(d)
         return _View(self, "session", party, aliases, frozenset(peers), defer)
 
-    def _hold(self, kind: str, peer: str, data: bytes) -> None:
-        if self.held_bytes.get(peer, 0) + len(data) > MAX_HELD_BYTES:
+    def _hold(self, kind: str, peer: str, data: Any) -> None:
+        size = self.size(data)
+        if self.held_bytes.get(peer, 0) + size > MAX_HELD_BYTES:
             self.dropped += 1
             log.warning("%s: dropped a message from %s: %d bytes of its messages are waiting already",
                         self.inner.party, peer, self.held_bytes.get(peer, 0))
             return
         self.held[kind].append((peer, data))
-        self.held_bytes[peer] = self.held_bytes.get(peer, 0) + len(data)
+        self.held_bytes[peer] = self.held_bytes.get(peer, 0) + size
 
     def _take(self, kind: str, peers: frozenset | None, defer=None) -> tuple[str, bytes] | None:
         for item in self.held[kind]:
             if (peers is None or item[0] in peers) and not (defer is not None and defer(*item)):
                 self.held[kind].remove(item)
-                self.held_bytes[item[0]] -= len(item[1])
+                self.held_bytes[item[0]] -= self.size(item[1])
                 return item
         return None
 
@@ -96,8 +107,14 @@ class _View(Transport):
         self._in = {v: k for k, v in aliases.items()}
         self.credentials = switch.inner.credentials  # the connection's own
 
-    def send(self, dst: str, data: bytes) -> None:
+    def send(self, dst: str, data: Any) -> None:
         self.switch.inner.send(self._out.get(dst, dst), data)
+
+    def take_messages(self) -> bool:
+        return self.switch.take_messages()
+
+    def takes_messages(self, dst: str) -> bool:
+        return self.switch.whole and self.switch.inner.takes_messages(self._out.get(dst, dst))
 
     def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
         peer, data = self.switch._recv(self.kind, timeout, self.peers, self.defer)
