@@ -85,7 +85,7 @@ def check_values(t: torch.Tensor, what: str, *, allow_nonfinite: bool = False, m
     if not t.is_floating_point() or not t.numel():
         return 0.0
     low, high = torch.aminmax(t.detach())  # one pass, no temporary: NaN carries through both
-    top = float(max(-low, high))
+    top = max(-float(low), float(high))  # (NaN in both: the max is NaN)
     if not math.isfinite(top):
         if not allow_nonfinite:
             bad = int((~torch.isfinite(t)).sum())

@@ -377,15 +377,15 @@ def _fields(obj: Any) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+_HINTS: dict[type, tuple[dict[str, Any], dict[str, dataclasses.Field]]] = {}  # a class's type hints and fields
 
 
 def _typed(cls: type, body: dict[str, Any], what: str) -> Any:
     """An instance of ``cls`` from the JSON object ``body``: no field unknown or missing, each of
     its declared type (lists become tuples), then :meth:`problem` asked. Raises WireError."""
     if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    hints, fields = _HINTS[cls], {f.name: f for f in dataclasses.fields(cls)}
+        _HINTS[cls] = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    hints, fields = _HINTS[cls]
     unknown = sorted(set(body) - set(fields))
     if unknown:
         raise WireError(f"a {what} with unknown fields {', '.join(quote(k) for k in unknown[:3])}")
