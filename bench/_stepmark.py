@@ -130,8 +130,8 @@ def read(folder: Path) -> list[dict]:
             pid, tid, party, kind, mode, n, t0, t1 = head.split()
             threads = {}
             for item in filter(None, cpu.split(",")):
-                tid, name, r0, w0, r1, w1 = item.split(":")
-                threads[int(tid)] = (name, (int(r1) - int(r0)) / 1e9, (int(w1) - int(w0)) / 1e9)
+                thread, name, r0, w0, r1, w1 = item.split(":")
+                threads[int(thread)] = (name, (int(r1) - int(r0)) / 1e9, (int(w1) - int(w0)) / 1e9)
             rows.append({"pid": int(pid), "tid": int(tid), "party": party, "kind": kind, "mode": mode, "rows": int(n),
                          "t0": float(t0), "t1": float(t1), "threads": threads})
     return rows

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitlearn.wire.codec import DTYPES, WireError, from_bytes, get_codec
+from splitlearn.wire.codec import DTYPES, Encoded, WireError, from_bytes, get_codec
 from splitlearn.wire.messages import Kind, Limits, Message, decode, encode
 
 
@@ -169,6 +169,17 @@ def test_a_message_handed_over_is_metered_at_the_bytes_of_its_encoding(kind, tex
     msg = Message(kind, sender, "server", step, wire, encs, text)
     assert encoded_size(msg) == len(encode(msg)) == encoded_size(handed_over(msg))
     assert decode(encode(handed_over(msg))) == decode(encode(msg))
+
+
+def test_a_tensor_given_as_any_buffer_is_sized_by_its_bytes():
+    """``encoded_size`` counts a buffer's bytes, not its length: a numpy array or a float memoryview of 12 floats
+    is 48 bytes, as ``encode`` writes them."""
+    import numpy as np
+
+    arr = np.arange(12, dtype=np.float32)
+    for data in (arr, memoryview(arr), memoryview(arr).cast("B"), arr.tobytes(), bytearray(arr.tobytes())):
+        msg = Message(Kind.ACTIVATION, "hospital", "server", 1, "bottom", {"t": Encoded("float32", "float32", (12,), data)})
+        assert encoded_size(msg) == len(encode(msg)) == encoded_size(handed_over(msg))
 
 
 def test_a_message_handed_over_is_the_receivers_own_and_is_decoded_without_a_copy():

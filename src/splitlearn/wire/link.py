@@ -33,7 +33,9 @@ class Link:
         self.limits = limits or Limits()
         self.refused: list[str] = []  # the first MAX_KEPT refusals; refused_count counts them all
         self.refused_count = 0
-        self.whole = transport.take_messages()  # in one process: messages handed over, not encoded
+        # in one process: messages handed over, not encoded (never to a wrapper that is no Transport of its own: one
+        # forwarding attribute lookups would answer for the transport it wraps, and read the bytes itself)
+        self.whole = isinstance(transport, Transport) and transport.take_messages()
 
     def send(self, msg: Message) -> None:
         """Meter ``msg`` at the bytes the wire carries and send it: encoded, or in one process handed over whole

@@ -142,7 +142,7 @@ def encoded_size(msg: Message) -> int:
         if e.shape:
             dims = sum(_varint_size(d) for d in e.shape)
             body += 1 + _varint_size(dims) + dims
-        n = e.data.nbytes if isinstance(e.data, memoryview) else len(e.data)
+        n = len(e.data) if isinstance(e.data, (bytes, bytearray)) else memoryview(e.data).nbytes
         if n:
             body += 1 + _varint_size(n) + n
         for k, v in e.extra.items():

@@ -35,10 +35,10 @@ MAX_HELD_BYTES = 256 * 2**20  # held for the other reader, per peer; beyond that
 
 class Switch:
     """Sorts ``inner``'s messages with ``classify(data) -> "control" | "session"``; ``size(data)``: the bytes
-    a held one counts."""
+    a held one counts (without it: ``len``, and bytes only, never a message handed over whole)."""
 
-    def __init__(self, inner: Transport, classify: Callable[[Any], str], size: Callable[[Any], int] = len):
-        self.inner, self.classify, self.size = inner, classify, size
+    def __init__(self, inner: Transport, classify: Callable[[Any], str], size: Callable[[Any], int] | None = None):
+        self.inner, self.classify, self.size, self._sizes = inner, classify, size or len, size is not None
         self.held: dict[str, deque] = {"control": deque(), "session": deque()}
         self.held_bytes: dict[str, int] = {}
         self.dropped = 0  # messages dropped because their sender had too much held
@@ -46,7 +46,7 @@ class Switch:
 
     def take_messages(self) -> bool:
         """Messages handed over whole from now on, where the connection can (its readers must be Links)."""
-        self.whole = self.whole or self.inner.take_messages()
+        self.whole = self.whole or (self._sizes and self.inner.take_messages())
         return self.whole
 
     def control(self) -> "_View":
