@@ -78,3 +78,20 @@ def test_party_options_travel_as_json_and_unknown_keys_are_refused():
     assert PartyOptions.from_json(opts.to_json()) == opts
     with pytest.raises(ValueError, match=r"unknown keys \['argv'\]"):
         PartyOptions.from_json(json.dumps({"plan": "p", "name": "n", "argv": ["party"]}))
+
+
+def test_party_processes_wait_passively_after_a_short_spin_unless_the_user_says_otherwise(monkeypatch):
+    """Party processes on one machine: math threads sleep while their party waits (PASSIVE), after a short spin
+    between two operations (GOMP_SPINCOUNT); a user's own settings are kept as they are."""
+    from splitlearn.launch.processes import child_env
+
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(key, raising=False)
+    env = child_env(2)
+    assert (env["OMP_WAIT_POLICY"], env["GOMP_SPINCOUNT"]) == ("PASSIVE", "25000")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    assert child_env(None)["GOMP_SPINCOUNT"] == "0"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    env = child_env(None)
+    assert env["OMP_WAIT_POLICY"] == "active" and "GOMP_SPINCOUNT" not in env

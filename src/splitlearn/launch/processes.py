@@ -258,12 +258,18 @@ def _follow_fifo(path: Path, on_step) -> None:
 def child_env(parties: int | None) -> dict[str, str]:
     """Party processes on one machine take turns computing, so idle math threads must sleep, not
     spin on the cores the computing party needs (OMP_WAIT_POLICY=PASSIVE; measured on 2 cores:
-    CNN split 1127-1293 -> 1333-1456 samples/s). More party processes than cores: one math thread
-    each, or their thread pools fight (measured: 4 parties on 2 cores trained 3x faster). The
-    user's own settings win. ``parties`` None: the thread count is left to each child (the forker,
-    started before the plan is read, tells each child its count)."""
+    CNN split 1127-1293 -> 1333-1456 samples/s). Between two operations of one party's computation, though,
+    they wait a moment before sleeping (GNU OpenMP's ``GOMP_SPINCOUNT``, 25,000 spins, some microseconds; PASSIVE
+    alone is 0, the default without it 300,000): a party's next operation then finds its workers awake, and a
+    party waiting for a message still leaves the cores to the other (measured on 2 cores, bench CNN over gRPC,
+    alternated: 1,195-1,314 -> 1,274-1,450 samples/s; 300,000 spins: 1,196-1,248; ACTIVE: 256-271). More party
+    processes than cores: one math thread each, or their thread pools fight (measured: 4 parties on 2 cores
+    trained 3x faster). The user's own settings win. ``parties`` None: the thread count is left to each child
+    (the forker, started before the plan is read, tells each child its count)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if env["OMP_WAIT_POLICY"].upper() == "PASSIVE":  # (a user's ACTIVE: spins as it says)
+        env.setdefault("GOMP_SPINCOUNT", "25000")
     if parties is not None:
         env.setdefault("OMP_NUM_THREADS", str(math_threads(parties)))  # as in-process runs use (launch/threads.py)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS pool would start a thread in the forker
