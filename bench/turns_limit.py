@@ -1,7 +1,10 @@
 """The limit of a simulation's parties in one process, without the engine: plain PyTorch with the bottom and
 the top of the bench CNN and of the digits MLP as two parties handing the activation and its gradient over,
 as OS threads (through queues) and as greenlets on one thread (what ``wire/transport/turns.py`` does),
-against the unsplit model; the same batches and SGD. Prints ms per step (medians of alternated runs).
+against the unsplit model; the same batches and SGD. And the limit of party processes on one machine: the
+same two parties as two processes (started as the launcher starts them: fresh interpreters, the math threads'
+environment of ``launch/processes.child_env``) handing the tensors' bytes over a pipe, no gRPC, no TLS, no
+engine. Prints ms per step (medians of alternated runs).
 
     .venv/bin/python bench/turns_limit.py [--repeats 5]
 """
@@ -86,7 +89,63 @@ def runs(which: str) -> dict:
                 if not g.dead:
                     g.switch()
 
-    return {"unsplit": unsplit, "two OS threads": threads, "two greenlets, one thread": greenlets, "n": n}
+    def processes() -> float:
+        """Two party processes over pipes: seconds of the ``n`` steps (after both built their models)."""
+        import multiprocessing as mp
+        import os
+
+        from splitlearn.launch.processes import child_env
+        from splitlearn.run.allocator import math_threads
+
+        spawn, saved = mp.get_context("spawn"), dict(os.environ)
+        os.environ.clear()
+        os.environ.update(child_env(2))  # read by each child's OpenMP as it starts
+        os.environ.setdefault("OMP_NUM_THREADS", str(math_threads(2)))
+        try:
+            (h_end, s_end), (hc, h_ctl), (sc, s_ctl) = spawn.Pipe(), spawn.Pipe(), spawn.Pipe()
+            procs = [spawn.Process(target=_party, args=("hospital", which, h_end, hc)),
+                     spawn.Process(target=_party, args=("server", which, s_end, sc))]
+            for p in procs:
+                p.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        for ctl in (h_ctl, s_ctl):
+            ctl.recv_bytes()  # built
+        t0 = time.perf_counter()
+        for ctl in (h_ctl, s_ctl):
+            ctl.send_bytes(b"go")
+        h_ctl.recv_bytes()  # the hospital's last step done
+        seconds = time.perf_counter() - t0
+        for p in procs:
+            p.join()
+        return seconds
+
+    return {"unsplit": unsplit, "two OS threads": threads, "two greenlets, one thread": greenlets,
+            "two processes, pipes": processes, "n": n}
+
+
+def _party(role: str, which: str, conn, ctl) -> None:
+    """One party of :func:`runs`' ``processes``: its half of the model, tensors as raw float32 bytes on ``conn``."""
+    bottom, top, x, y = models(which)
+    b, n = 64, len(x) // 64
+    opt = torch.optim.SGD((bottom if role == "hospital" else top).parameters(), lr=0.01, momentum=0.9)
+    ctl.send_bytes(b"built")
+    ctl.recv_bytes()
+    for i in range(n):
+        opt.zero_grad()
+        if role == "hospital":
+            a = bottom(x[i * b:(i + 1) * b])
+            conn.send_bytes(a.detach().numpy())
+            g = torch.frombuffer(bytearray(conn.recv_bytes()), dtype=torch.float32).view(a.shape)
+            a.backward(g)
+        else:
+            shape = (b, 32, 16, 16) if which == "cnn" else (b, 256)
+            a = torch.frombuffer(bytearray(conn.recv_bytes()), dtype=torch.float32).view(shape).requires_grad_()
+            nn.functional.cross_entropy(top(a), y[i * b:(i + 1) * b]).backward()
+            conn.send_bytes(a.grad.numpy())
+        opt.step()
+    ctl.send_bytes(b"done")
 
 
 def main() -> None:
@@ -101,8 +160,8 @@ def main() -> None:
         for _ in range(args.repeats):  # alternated
             for k, fn in fns.items():
                 t0 = time.perf_counter()
-                fn()
-                got[k].append((time.perf_counter() - t0) / n * 1e3)
+                seconds = fn()  # (the processes' own count: their start is not a step)
+                got[k].append((time.perf_counter() - t0 if seconds is None else seconds) / n * 1e3)
         ref = statistics.median(got["unsplit"])
         for k, v in got.items():
             print(f"{which} {k:28s} {statistics.median(v):7.3f} ms/step (runs {min(v):.3f}-{max(v):.3f}); "
