@@ -259,10 +259,12 @@ def child_env(parties: int | None) -> dict[str, str]:
     """Party processes on one machine take turns computing, so idle math threads must sleep, not
     spin on the cores the computing party needs (OMP_WAIT_POLICY=PASSIVE; measured on 2 cores:
     CNN split 1127-1293 -> 1333-1456 samples/s). Between two operations of one party's computation, though,
-    they wait a moment before sleeping (GNU OpenMP's ``GOMP_SPINCOUNT``, 25,000 spins, some microseconds; PASSIVE
-    alone is 0, the default without it 300,000): a party's next operation then finds its workers awake, and a
-    party waiting for a message still leaves the cores to the other (measured on 2 cores, bench CNN over gRPC,
-    alternated: 1,195-1,314 -> 1,274-1,450 samples/s; 300,000 spins: 1,196-1,248; ACTIVE: 256-271). More party
+    they wait a moment before sleeping (GNU OpenMP's ``GOMP_SPINCOUNT``, 25,000 spins; PASSIVE alone is 0, the
+    default without it 300,000): a party's next operation then finds its workers awake, and a party waiting for a
+    message still leaves the cores to the other soon. A trade-off, measured on 2 cores over gRPC, 10 alternated runs
+    each, medians: the bench CNN 1,292 -> 1,372 samples/s (+6%), the digits MLP, whose operations take microseconds
+    so that the spin of the party that just sent overlaps the other's whole computation, 14,076 -> 13,115 (-7%);
+    300,000 spins: CNN 1,196-1,248; ACTIVE: 256-271. More party
     processes than cores: one math thread each, or their thread pools fight (measured: 4 parties on 2 cores
     trained 3x faster). The user's own settings win. ``parties`` None: the thread count is left to each child
     (the forker, started before the plan is read, tells each child its count)."""
