@@ -1,10 +1,11 @@
 """The limit of a simulation's parties in one process, without the engine: plain PyTorch with the bottom and
 the top of the bench CNN and of the digits MLP as two parties handing the activation and its gradient over,
 as OS threads (through queues) and as greenlets on one thread (what ``wire/transport/turns.py`` does),
-against the unsplit model; the same batches and SGD. And the limit of party processes on one machine: the
-same two parties as two processes (started as the launcher starts them: fresh interpreters, the math threads'
-environment of ``launch/processes.child_env``) handing the tensors' bytes over a pipe, no gRPC, no TLS, no
-engine. Prints ms per step (medians of alternated runs).
+against the unsplit model; the bench plans' modules and batches (those of ``bench/run.py``'s unsplit loop) and SGD.
+And the limit of party processes on one machine: the same two parties as two processes (spawned interpreters
+with the math threads' environment of ``launch/processes.child_env``, which forked party processes get alike)
+handing the tensors' bytes over a pipe, no gRPC, no TLS, no engine; timed from both having built their half,
+so their first step is in it. Prints ms per step (medians of alternated runs).
 
     .venv/bin/python bench/turns_limit.py [--repeats 5]
 """
@@ -17,22 +18,31 @@ import statistics
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 import greenlet
 import torch
 import torch.nn as nn
 
 
+PLAN_FILES = {"cnn": Path(__file__).parent / "plans" / "cnn_synthetic.toml",
+              "mlp": Path(__file__).parent / "plans" / "mlp_digits.toml"}
+EPOCHS = {"cnn": 1, "mlp": 10}  # the MLP's steps are short: more of them
+
+
 def models(which: str) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """The bench plan's bottom and top, built as ``bench/run.py`` builds them, and its training batches in order
+    (full ones, each a contiguous block): the batches of ``bench/run.py``'s unsplit loop, whose step the
+    benchmarks' ratios are taken against."""
+    from splitlearn.models import build_segment
+    from splitlearn.run.setup import prepare, schedule
+
+    plan, setups, _ = prepare(PLAN_FILES[which], epochs=EPOCHS[which])
+    h = setups["hospital"]
+    (x_name,) = [k for k in h.inputs if k != "hospital.y"]
+    rows = torch.cat([s.rows for s in schedule(plan, h.splits) if s.mode == "train" and len(s.rows) == 64])
     torch.manual_seed(0)
-    if which == "cnn":  # bench/plans/cnn_synthetic.toml: cut after conv-relu-pool, 32x16x16 crossing
-        bottom = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        top = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                            nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10))
-        return bottom, top, torch.randn(64 * 30, 3, 32, 32), torch.randint(0, 10, (64 * 30,))
-    bottom = nn.Sequential(nn.Linear(64, 256), nn.ReLU())  # bench/plans/mlp_digits.toml
-    top = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
-    return bottom, top, torch.randn(64 * 200, 64), torch.randint(0, 10, (64 * 200,))
+    return build_segment(plan, "bottom"), build_segment(plan, "top"), h.inputs[x_name][rows], h.inputs["hospital.y"][rows]
 
 
 def runs(which: str) -> dict:
@@ -103,22 +113,36 @@ def runs(which: str) -> dict:
         os.environ.setdefault("OMP_NUM_THREADS", str(math_threads(2)))
         try:
             (h_end, s_end), (hc, h_ctl), (sc, s_ctl) = spawn.Pipe(), spawn.Pipe(), spawn.Pipe()
-            procs = [spawn.Process(target=_party, args=("hospital", which, h_end, hc)),
-                     spawn.Process(target=_party, args=("server", which, s_end, sc))]
+            procs = [spawn.Process(target=_party, args=("hospital", which, h_end, hc), daemon=True),
+                     spawn.Process(target=_party, args=("server", which, s_end, sc), daemon=True)]
             for p in procs:
                 p.start()
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        for ctl in (h_ctl, s_ctl):
-            ctl.recv_bytes()  # built
-        t0 = time.perf_counter()
-        for ctl in (h_ctl, s_ctl):
-            ctl.send_bytes(b"go")
-        h_ctl.recv_bytes()  # the hospital's last step done
-        seconds = time.perf_counter() - t0
-        for p in procs:
-            p.join()
+        for end in (h_end, s_end, hc, sc):  # the children's: a child that dies ends its pipes (EOFError here)
+            end.close()
+
+        def wait(ctl) -> None:
+            if not ctl.poll(600):
+                raise SystemExit("a party process did not answer within 600 s")
+            ctl.recv_bytes()
+
+        try:
+            for ctl in (h_ctl, s_ctl):
+                wait(ctl)  # built (its interpreter started, its half of the model and the data made)
+            t0 = time.perf_counter()
+            for ctl in (h_ctl, s_ctl):
+                ctl.send_bytes(b"go")
+            wait(h_ctl)  # the hospital's last step done
+            seconds = time.perf_counter() - t0
+        except EOFError:
+            raise SystemExit(f"a party process failed (exit codes {[p.exitcode for p in procs]})") from None
+        finally:
+            for p in procs:
+                p.join(10)
+                if p.is_alive():
+                    p.terminate()
         return seconds
 
     return {"unsplit": unsplit, "two OS threads": threads, "two greenlets, one thread": greenlets,

@@ -92,6 +92,7 @@ def test_party_processes_wait_passively_after_a_short_spin_unless_the_user_says_
     monkeypatch.setenv("GOMP_SPINCOUNT", "0")
     assert child_env(None)["GOMP_SPINCOUNT"] == "0"
     monkeypatch.delenv("GOMP_SPINCOUNT")
-    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
-    env = child_env(None)
-    assert env["OMP_WAIT_POLICY"] == "active" and "GOMP_SPINCOUNT" not in env
+    for policy in ("active", "PASSIVE"):  # the user's policy: GNU OpenMP's own spin for it (PASSIVE: none)
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+        env = child_env(None)
+        assert env["OMP_WAIT_POLICY"] == policy and "GOMP_SPINCOUNT" not in env

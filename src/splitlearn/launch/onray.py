@@ -195,7 +195,7 @@ def launch_ray(plan_path: str | Path, out: Path, *, address: str | None = None, 
     topo = Topology.of(plan)
     run_id = f"{int(time.time() * 1000) % 10**10}"
     env = {k: v for k, v in child_env(len(topo.names)).items()
-           if k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS", "PYTHONUNBUFFERED")}
+           if k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_NUM_THREADS", "PYTHONUNBUFFERED")}
     env["PYTHONPATH"] = os.pathsep.join(_python_path())
     resources = _resources(plan, topo, ray)
     actor_cls = ray.remote(max_restarts=0)(_PartyActor)

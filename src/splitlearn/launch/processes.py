@@ -269,8 +269,8 @@ def child_env(parties: int | None) -> dict[str, str]:
     trained 3x faster). The user's own settings win. ``parties`` None: the thread count is left to each child
     (the forker, started before the plan is read, tells each child its count)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if env["OMP_WAIT_POLICY"].upper() == "PASSIVE":  # (a user's ACTIVE: spins as it says)
+    if "OMP_WAIT_POLICY" not in env:  # (a user's own policy, PASSIVE or ACTIVE, spins as GNU OpenMP says for it)
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
         env.setdefault("GOMP_SPINCOUNT", "25000")
     if parties is not None:
         env.setdefault("OMP_NUM_THREADS", str(math_threads(parties)))  # as in-process runs use (launch/threads.py)
