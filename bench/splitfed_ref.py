@@ -155,6 +155,68 @@ def metrics_timed() -> Iterator[list[float]]:
             m.evaluation_metrics = original
 
 
+@contextmanager
+def decomposed() -> Iterator[dict[str, float]]:
+    """Seconds of the engine's work by part, while inside: each part's own time (less the parts it calls, and less
+    the time its task waited while the others had the thread): the steps by mode, a turn's session around them
+    (hellos, goodbye, the turn's figures), the turn's set-up (its view, link and party, its record), the evaluation
+    metrics; the rest is the schedule's coordination (commands, weights, averaging) and the scheduler."""
+    import greenlet
+
+    from splitlearn.clients import turns as client_turns
+    from splitlearn.core import engine as core_engine, metrics
+    from splitlearn.run import session
+    from splitlearn.wire.transport import turns as task_turns
+
+    spent: dict[str, float] = {}
+    stacks: dict = {}
+
+    def timed(fn, key_of):
+        def wrapper(*args, **kwargs):
+            stack = stacks.setdefault(greenlet.getcurrent(), [])
+            frame = [time.perf_counter(), 0.0, 0.0]  # start, parked, the parts it called
+            stack.append(frame)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stack.pop()
+                inside = time.perf_counter() - frame[0] - frame[1]
+                key = key_of(args, kwargs)
+                spent[key] = spent.get(key, 0.0) + inside - frame[2]
+                if stack:
+                    stack[-1][2] += inside
+        return wrapper
+
+    park = task_turns.Turns._park
+
+    def parked(self, task, deadline):
+        t0 = time.perf_counter()
+        try:
+            return park(self, task, deadline)
+        finally:
+            for frame in stacks.get(greenlet.getcurrent(), []):
+                frame[1] += time.perf_counter() - t0
+
+    step, run_party, run_turn = core_engine.Party.step, session.run_party, client_turns.TurnTaking.run_turn
+    scored = metrics.evaluation_metrics
+    users = [m for name, m in list(sys.modules.items())
+             if name.startswith("splitlearn.") and getattr(m, "evaluation_metrics", None) is scored]
+    patches = [(core_engine.Party, "step", timed(step, lambda a, k: f"steps: {a[3] if len(a) > 3 else k['mode']}")),
+               (session, "run_party", timed(run_party, lambda a, k: "session around the steps")),
+               (client_turns, "run_party", timed(run_party, lambda a, k: "session around the steps")),
+               (client_turns.TurnTaking, "run_turn", timed(run_turn, lambda a, k: "turn set-up and record")),
+               (task_turns.Turns, "_park", parked)]
+    patches += [(m, "evaluation_metrics", timed(scored, lambda a, k: "evaluation metrics")) for m in users]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, new in patches:
+        setattr(owner, name, new)
+    try:
+        yield spent
+    finally:
+        for owner, name, old in saved:
+            setattr(owner, name, old)
+
+
 def engine(plan, setups, shapes) -> dict:
     """The engine's in-process run: seconds, of which in evaluation metrics, and the last test accuracy."""
     from splitlearn.api.training import train_prepared
@@ -227,6 +289,10 @@ def main() -> None:
             print(f"[{r}] engine {eng[-1]['seconds']:.2f} s ({eng[-1]['metrics_s']:.2f} s in evaluation metrics, "
                   f"accuracy {eng[-1]['accuracy']:.4f}), plain PyTorch "
                   f"{ref[-1]['seconds']:.2f} s (accuracy {ref[-1]['accuracy']:.4f})", flush=True)
+        with decomposed() as parts:  # a run of its own: the timers cost a few percent
+            t0 = time.perf_counter()
+            engine(*prepared(Path(tmp), args.clients, args.epochs))
+            whole = time.perf_counter() - t0
     scale = []
     for n in [int(c) for c in args.scale.split(",") if c]:
         out = subprocess.run([sys.executable, __file__, "--one", str(n), "--scale-epochs", str(args.scale_epochs)],
@@ -266,6 +332,21 @@ def main() -> None:
         f"{e - m:.2f} s are {e / p - m / p:.1f}x the plain loop's time, over "
         f"{args.clients * args.epochs} client turns ({(e - m - p) / (args.clients * args.epochs) * 1e3:.1f} ms more "
         "per turn than the plain loop).",
+    ]
+    turns = args.clients * args.epochs
+    rest = whole - sum(parts.values())
+    lines += [
+        "", "### Where the engine's time goes", "",
+        f"A run of its own with timers ({whole:.2f} s): each part's own time, less the parts it calls and less the "
+        "time its task waited while the others had the thread (`bench/splitfed_ref.py:decomposed`); every client "
+        "and the server each run a training step and a handshake step in every turn (the handshake: one row of "
+        "zeros through the turn's parties, fixing its wires).", "",
+        "| part | s | ms per client turn | share |", "|---|---:|---:|---:|",
+        *[f"| {k} | {v:.2f} | {v / turns * 1e3:.2f} | {v / whole:.0%} |"
+          for k, v in sorted(parts.items(), key=lambda kv: -kv[1])],
+        f"| the rest: the schedule's coordination (commands, weights, averaging), the scheduler, the collection "
+        f"before the run | {rest:.2f} | {rest / turns * 1e3:.2f} | {rest / whole:.0%} |",
+        f"| *the plain loop, all of it* | {p:.2f} | {p / turns * 1e3:.2f} | |",
     ]
     if len(scale) > 1:
         a, b = scale[0], scale[-1]
