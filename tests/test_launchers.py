@@ -96,3 +96,15 @@ def test_party_processes_wait_passively_after_a_short_spin_unless_the_user_says_
         monkeypatch.setenv("OMP_WAIT_POLICY", policy)
         env = child_env(None)
         assert env["OMP_WAIT_POLICY"] == policy and "GOMP_SPINCOUNT" not in env
+
+
+def test_every_party_process_tunes_the_allocator_however_it_started(monkeypatch, capsys):
+    """Forked by the launcher, spawned or ``splitlearn party``: each runs ``party_process``, which tunes the C
+    library's allocator first (before, a forked party, the launcher's default, never did)."""
+    from splitlearn.launch.party import PartyOptions, party_process
+    from splitlearn.run import allocator
+
+    tuned = []
+    monkeypatch.setattr(allocator, "tune_allocator", lambda: tuned.append(True) or True)
+    assert party_process(PartyOptions(plan="plan.toml", name="hospital")) == 2  # no --certs: refused at once
+    assert tuned == [True] and "give --certs" in capsys.readouterr().err

@@ -65,8 +65,11 @@ class PartyOptions:
 
 def party_process(opts: PartyOptions) -> int:
     """Run the party of ``opts`` in this process, over gRPC; the process's exit status. A failure
-    is one line on stderr (and ``error.json`` in the party's ``out`` folder for its launcher)."""
+    is one line on stderr (and ``error.json`` in the party's ``out`` folder for its launcher). The C library's
+    allocator is tuned first (:func:`~splitlearn.run.allocator.tune_allocator`), however the process started:
+    forked by the launcher, spawned, or ``splitlearn party``."""
     from ..core.specs import PlanError
+    from ..run.allocator import tune_allocator
     from ..run.report import RunError
     from ..core.units import human
     from ..wire.messages import Limits
@@ -74,6 +77,7 @@ def party_process(opts: PartyOptions) -> int:
     from .results import write_json
     from .status import PartyWatch
 
+    tune_allocator()
     if opts.certs is None and not opts.insecure:
         print("error: give --certs DIR (made by 'splitlearn certs PLAN --out DIR'), or --insecure to run without TLS",
               file=sys.stderr)
@@ -118,9 +122,6 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - the proce
     once its output is flushed (finalization can deadlock on gRPC's call objects)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    from ..run.allocator import tune_allocator
-
-    tune_allocator()
     code = 2
     try:
         args = sys.argv[1:] if argv is None else argv
