@@ -142,9 +142,12 @@ class _PartyActor:
         return f"{host}:{self.port}"
 
     def run(self, plan_path: str, certs: dict[str, bytes] | None, peers: dict[str, str], options: dict) -> dict:
-        """Run the party; its folder's files and its error (None when it finished)."""
+        """Run the party; its folder's files and its error (None when it finished). The actor's process is the
+        party's: its allocator is tuned as every party process's (:func:`~splitlearn.launch.party.party_process`)."""
+        from ..run.allocator import tune_allocator
         from .oneparty import run_one_party
 
+        tune_allocator()
         if self._held is not None:  # the party binds it now
             self._held.close()
         with tempfile.TemporaryDirectory(prefix=f"splitlearn-{self.name}-") as tmp:
