@@ -129,6 +129,11 @@ def _reference(plan, setups) -> dict:
     return {"seconds": time.perf_counter() - t0, "accuracy": accuracy}
 
 
+def _importers(name: str, fn: object) -> list:
+    """splitlearn's modules that hold ``fn`` under ``name`` (imported it), its own module included."""
+    return [m for key, m in list(sys.modules.items()) if key.startswith("splitlearn.") and getattr(m, name, None) is fn]
+
+
 @contextmanager
 def metrics_timed() -> Iterator[list[float]]:
     """Time every call of ``splitlearn.core.metrics.evaluation_metrics`` (the test figures of an evaluation, with
@@ -144,8 +149,7 @@ def metrics_timed() -> Iterator[list[float]]:
         finally:
             spent.append(time.perf_counter() - t0)
 
-    users = [m for name, m in list(sys.modules.items())
-             if name.startswith("splitlearn.") and getattr(m, "evaluation_metrics", None) is original]
+    users = _importers("evaluation_metrics", original)
     for m in users:
         m.evaluation_metrics = timed
     try:
@@ -199,14 +203,13 @@ def decomposed() -> Iterator[dict[str, float]]:
 
     step, run_party, run_turn = core_engine.Party.step, session.run_party, client_turns.TurnTaking.run_turn
     scored = metrics.evaluation_metrics
-    users = [m for name, m in list(sys.modules.items())
-             if name.startswith("splitlearn.") and getattr(m, "evaluation_metrics", None) is scored]
+    metered = timed(scored, lambda a, k: "evaluation metrics")  # one wrapper everywhere: metrics_timed finds it
     patches = [(core_engine.Party, "step", timed(step, lambda a, k: f"steps: {a[3] if len(a) > 3 else k['mode']}")),
                (session, "run_party", timed(run_party, lambda a, k: "session around the steps")),
                (client_turns, "run_party", timed(run_party, lambda a, k: "session around the steps")),
                (client_turns.TurnTaking, "run_turn", timed(run_turn, lambda a, k: "turn set-up and record")),
                (task_turns.Turns, "_park", parked)]
-    patches += [(m, "evaluation_metrics", timed(scored, lambda a, k: "evaluation metrics")) for m in users]
+    patches += [(m, "evaluation_metrics", metered) for m in _importers("evaluation_metrics", scored)]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, new in patches:
         setattr(owner, name, new)
@@ -292,7 +295,7 @@ def main() -> None:
         run = prepared(Path(tmp), args.clients, args.epochs)
         with decomposed() as parts:  # a run of its own: the timers cost a few percent
             t0 = time.perf_counter()
-            engine(*run)  # (its own count of the metrics sees only core.metrics' calls here: not used)
+            engine(*run)
             whole = time.perf_counter() - t0
     scale = []
     for n in [int(c) for c in args.scale.split(",") if c]:

@@ -423,15 +423,17 @@ def test_clients_of_a_network_deepcopy_cannot_copy_are_each_built(tmp_path):
     assert all(torch.equal(m.state_dict()[k], first[k]) for m in clients[1:] for k in first)
 
 
-@pytest.mark.parametrize("schedule", ["splitfed_v2", "sequential"])
+@pytest.mark.parametrize("schedule", ["splitfed_v2", "sequential", "fedavg"])
 def test_in_one_process_a_clients_messages_are_handed_over_whole_and_metered_as_bytes(schedule, monkeypatch):
     """Through each physical party's Switch (commands, weights, turns) nothing is encoded in one process, and each
     party's meter counts what the same run counts when every message travels as bytes (the commands' texts
-    aside, whose timestamps differ from run to run); the weights trained are the same."""
+    aside, whose timestamps differ from run to run); the weights trained are the same. Every coordinated schedule
+    reads through a Switch: a split one, a hand-off one, and FedAvg with a federation of its own."""
     from splitlearn.wire import link
     from splitlearn.wire.transport.inprocess import InProcessTransport
 
-    plan = tiny(count=3, schedule=schedule).with_train(epochs=1)
+    plan = (method_plan(tiny(), "fedavg", 3) if schedule == "fedavg"
+            else tiny(count=3, schedule=schedule)).with_train(epochs=1)
     encoded = []
     real = link.encode
 
@@ -444,7 +446,8 @@ def test_in_one_process_a_clients_messages_are_handed_over_whole_and_metered_as_
     assert encoded == []  # every message handed over whole
     monkeypatch.setattr(InProcessTransport, "take_messages", lambda self: False)  # bytes, as before this change
     as_bytes = run_clients(plan)
-    assert len(encoded) > 100 and Kind.WEIGHTS in encoded and Kind.HELLO in encoded
+    assert Kind.WEIGHTS in encoded and Kind.COMMAND in encoded  # as bytes, the schedule's messages were encoded
+    assert schedule == "fedavg" or (len(encoded) > 100 and Kind.HELLO in encoded)  # and the turns' (FedAvg has none)
     for name, rep in whole.items():
         for table in ("sent", "received"):
             rows = {(r["wire"], r["direction"]): r for r in rep.meter[table]}

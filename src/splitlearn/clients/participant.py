@@ -37,8 +37,8 @@ from ..run.setup import PartySetup, setup_party
 from ..wire.codec import WireError
 from ..wire.control import Instruction, Rejoined, Reply, WeightsLoaded, WeightsMissing, WeightsRefused, Ready
 from ..wire.link import Link
-from ..wire.messages import (Kind, Limits, Message, encoded_size, kind_of, quote, read_reply, read_weights, reply,
-                              weights)
+from ..wire.messages import (Kind, Limits, Message, kind_of, quote, read_reply, read_weights, reply, weights,
+                              wire_size)
 from ..wire.metering import Meter
 from ..wire.transport.base import Transport, TransportTimeout
 from ..wire.transport.switch import Switch
@@ -92,7 +92,7 @@ class Participant:
         self.timeout = timeout if timeout is not None else self.spec.timeout if self.spec else self.step_timeout
         self.limits = limits or Limits()
         # a coordinated schedule's own messages (commands, replies, weights) travel apart from its turns'
-        self.switch = Switch(transport, _classify, _held_size) if self.strategy.coordinated else None
+        self.switch = Switch(transport, _classify, wire_size) if self.strategy.coordinated else None
         self.link = Link(self.switch.control() if self.switch else transport, Meter(name), self.limits)
         self.eval_meter = Meter(name)
         self.fault = fault
@@ -417,13 +417,7 @@ class Participant:
 def _classify(data: bytes | Message) -> str:
     """Commands, replies and weights are the schedule's; everything else belongs to a turn (bytes, or in one
     process a message handed over whole)."""
-    kind = data.kind if isinstance(data, Message) else kind_of(data)
-    return "control" if kind in (None, Kind.COMMAND, Kind.ACK, Kind.WEIGHTS) else "session"
-
-
-def _held_size(data: bytes | Message) -> int:
-    """The bytes a message held by the Switch counts: those the wire carries."""
-    return encoded_size(data) if isinstance(data, Message) else len(data)
+    return "control" if kind_of(data) in (None, Kind.COMMAND, Kind.ACK, Kind.WEIGHTS) else "session"
 
 
 def _segments_of(graph: Any, party: str) -> list[str]:

@@ -14,7 +14,7 @@ from ..run.session import run_party
 from ..run.setup import make_optimizer
 from ..wire.codec import WireError
 from ..wire.link import Link
-from ..wire.messages import Kind, Message, checked, decode, encoded_size, kind_of, read_hello
+from ..wire.messages import Kind, Message, kind_of, parsed, read_hello
 from ..wire.transport import TransportError
 from .participant import Participant
 from .schedule import Turn
@@ -55,12 +55,10 @@ class TurnTaking(Participant):
 
         def turn_of(data: bytes | Message) -> str | None:
             """The turn tag of a hello, bytes or handed over whole in one process (None: no readable hello)."""
-            if (data.kind if isinstance(data, Message) else kind_of(data)) != Kind.HELLO:
+            if kind_of(data) != Kind.HELLO:
                 return None
             try:
-                msg = checked(data, self.limits, encoded_size(data)) if isinstance(data, Message) \
-                    else decode(data, self.limits)
-                return read_hello(msg, self.limits).get("ids_hash")
+                return read_hello(parsed(data, self.limits), self.limits).get("ids_hash")
             except WireError:
                 return None
 

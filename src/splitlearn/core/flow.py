@@ -64,10 +64,8 @@ def flow_pairs(graph: Graph, limits: Limits, dtypes: Mapping[str, str] | None = 
     """Every (producer, consumer) pair gated in some mode, with its window and credit rhythm; ``dtypes``: the
     agreed dtype of each wire known (a training pair hears back only if one of its wires is :func:`graded`)."""
     dtypes = dtypes or {}
-    key = ("flow_pairs", limits, tuple(sorted(dtypes.items())))
-    if key not in graph.memo:  # (a party of every turn of a [clients] schedule asks again)
-        graph.memo[key] = _flow_pairs(graph, limits, dtypes)
-    return list(graph.memo[key])
+    return list(graph.derived(("flow_pairs", limits, tuple(sorted(dtypes.items()))),
+                              lambda: _flow_pairs(graph, limits, dtypes)))
 
 
 def _flow_pairs(graph: Graph, limits: Limits, dtypes: Mapping[str, str]) -> list[Pair]:

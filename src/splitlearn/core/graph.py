@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Callable, Literal
 
 from .defense import validate as validate_defenses
 from .plan import Plan
@@ -83,7 +83,14 @@ class Graph:
     order: list[str]  # topological
     wires: list[Wire]
     stages: list[Stage] = field(default_factory=list)
-    memo: dict = field(default_factory=dict, repr=False, compare=False)  # what is derived from it once (flow pairs)
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # what is derived from it: see derived()
+
+    def derived(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()``, made once per graph under ``key`` (a graph does not change once built; a [clients]
+        schedule's parties derive the same things from it every turn). Callers copy what they may change."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
 
     @property
     def parties(self) -> list[str]:

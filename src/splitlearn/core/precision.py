@@ -98,10 +98,7 @@ def agreement_tree(graph: Graph, every_wire: bool = False) -> dict[str, Place]:
     backward last, so deciding there waits least), else at the first; a party on no activation wire decides
     alone. ``every_wire``: linked by any wire, label wires too (the epoch verdicts of
     :mod:`~splitlearn.core.stopping`, which a party that only sends labels must hear as well)."""
-    key = ("agreement_tree", every_wire)
-    if key not in graph.memo:  # (every turn's parties of a [clients] schedule ask again)
-        graph.memo[key] = _agreement_tree(graph, every_wire)
-    return dict(graph.memo[key])
+    return dict(graph.derived(("agreement_tree", every_wire), lambda: _agreement_tree(graph, every_wire)))
 
 
 def _agreement_tree(graph: Graph, every_wire: bool) -> dict[str, Place]:

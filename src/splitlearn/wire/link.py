@@ -6,7 +6,7 @@ import logging
 import time
 
 from .codec import WireError
-from .messages import Kind, Limits, Message, checked, decode, encode, encoded_size, handed_over, quote
+from .messages import Kind, Limits, Message, encode, encoded_size, handed_over, parsed, quote, wire_size
 from .metering import Meter
 from .transport.base import Transport, TransportTimeout
 
@@ -72,9 +72,9 @@ class Link:
         """Decode a buffer from the authenticated ``peer`` (or check a message handed over whole in this process,
         against the same limits) and check who it claims to be from and for; None (after refusing it) when it is
         malformed, oversized or impersonating."""
-        size = encoded_size(data) if isinstance(data, Message) else len(data)
+        size = wire_size(data)
         try:
-            msg = checked(data, self.limits, size) if isinstance(data, Message) else decode(data, self.limits)
+            msg = parsed(data, self.limits, size)
         except WireError as e:
             self.refuse(peer, str(e), e.step, e.wire)
             return None

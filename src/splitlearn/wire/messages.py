@@ -23,7 +23,8 @@ from .codec import DTYPES, MAX_ELEMENTS, Encoded, Owned, WireError, decoded_byte
 from .control import INSTRUCTIONS, REPLIES, Instruction, Reply
 from .proto import splitlearn_pb2 as pb
 
-__all__ = ["Kind", "Message", "Limits", "encode", "decode", "encoded_size", "handed_over", "checked", "kind_of", "parse_json", "quote", "PROTOCOL_VERSION",
+__all__ = ["Kind", "Message", "Limits", "encode", "decode", "encoded_size", "wire_size", "parsed", "handed_over",
+           "checked", "kind_of", "parse_json", "quote", "PROTOCOL_VERSION",
            "MAX_MESSAGE_BYTES", "hello", "read_hello", "command", "read_command", "reply", "read_reply", "weights",
            "read_weights", "QUOTE_CHARS"]
 
@@ -188,6 +189,18 @@ def _parts(msg: Message) -> list[bytes | memoryview]:
     return [*parts, *tensors, _string(7, msg.text)]
 
 
+def wire_size(data: bytes | Message) -> int:
+    """The bytes ``data`` takes on the wire: a buffer's length, or a message handed over whole's
+    :func:`encoded_size`."""
+    return encoded_size(data) if isinstance(data, Message) else len(data)
+
+
+def parsed(data: bytes | Message, limits: Limits = Limits(), size: int | None = None) -> Message:
+    """A message from a peer: a buffer :func:`decode`\ d, or a message handed over whole :func:`checked` against
+    the same limits (``size``: its :func:`wire_size`, if known). Raises WireError."""
+    return checked(data, limits, size) if isinstance(data, Message) else decode(data, limits)
+
+
 def handed_over(msg: Message) -> Message:
     """``msg`` as one party of this process hands it to another without encoding it: each tensor's bytes copied
     once, into memory the receiver then owns (:class:`~splitlearn.wire.codec.Owned`: decoding takes it without a
@@ -224,8 +237,11 @@ def _entry(key: str, value: bytes) -> bytes:
     return _key(6) + _varint(len(body)) + body
 
 
-def kind_of(data: bytes) -> Kind | None:
-    """The kind of a buffer, or None if it is not a message of a known kind (nothing is checked else)."""
+def kind_of(data: bytes | Message) -> Kind | None:
+    """The kind of a buffer, or None if it is not a message of a known kind (nothing is checked else); a message
+    handed over whole in one process (:func:`handed_over`): its kind."""
+    if isinstance(data, Message):
+        return data.kind
     env = pb.Envelope()
     try:
         env.ParseFromString(data)
