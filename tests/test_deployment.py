@@ -52,11 +52,12 @@ def runs(ns: str, to: str, admin: Path) -> dict:
                                                  ns=ns).stdout)["runs"]}
 
 
-def until(check, what: str, deadline_s: float = 150):
-    """Poll ``check`` until it gives something truthy (with a deadline)."""
+def until(check, what, deadline_s: float = 150):
+    """Poll ``check`` until it gives something truthy (with a deadline); ``what`` names it in the error (a function:
+    called then, to say what was seen last)."""
     end = time.monotonic() + deadline_s
     while (got := check()) is None or got is False:
-        assert time.monotonic() < end, f"timed out waiting for {what}"
+        assert time.monotonic() < end, f"timed out waiting for {what() if callable(what) else what}"
         time.sleep(0.3)
     return got
 
@@ -92,13 +93,20 @@ def test_a_consortium_deploys_from_kits_trains_watches_predicts_and_revokes(tmp_
         read = ("import json, sys, urllib.request\ntry:\n    print(urllib.request.urlopen(sys.argv[1], timeout=2).read()"
                 ".decode())\nexcept OSError:\n    print('{}')")
 
+        seen = {"last": None, "states": []}
+
         def stepping():  # the hospital's live status, over HTTP from the server's network, mid-run (a light poller)
             r = subprocess.run(["ip", "netns", "exec", sites["server"], sys.executable, "-c", read,
                                 f"http://{ADDR['hospital']}:7500/status.json"], capture_output=True, text=True)
             state = json.loads(r.stdout or "{}")
+            seen["last"] = state or r.stderr[-300:]
+            if state.get("state") not in seen["states"]:
+                seen["states"].append(state.get("state"))
             return state if state.get("state") == "training" and state.get("step", 0) >= 2 else None
 
-        mid = until(stepping, "the hospital's status mid-run")
+        mid = until(stepping, lambda: f"the hospital's status mid-run (states seen, in order: {seen['states']}; the last "
+                                      f"status: {str(seen['last'])[:400]}; the services said: "
+                                      f"{ {s: (said[s].seen + list(said[s].lines.queue))[-5:] for s in said} })")
         assert mid["run"] == "vanilla" and mid["peers"] == {"server": True} and mid["bytes_sent"] > 0
         for s in sites:
             said[s].until("first", ("done", "failed"))

@@ -196,8 +196,8 @@ def wire_size(data: bytes | Message) -> int:
 
 
 def parsed(data: bytes | Message, limits: Limits = Limits(), size: int | None = None) -> Message:
-    """A message from a peer: a buffer :func:`decode`\ d, or a message handed over whole :func:`checked` against
-    the same limits (``size``: its :func:`wire_size`, if known). Raises WireError."""
+    """A message from a peer: a buffer decoded (:func:`decode`), or a message handed over whole checked against the
+    same limits (:func:`checked`; ``size``: its :func:`wire_size`, if known). Raises WireError."""
     return checked(data, limits, size) if isinstance(data, Message) else decode(data, limits)
 
 
