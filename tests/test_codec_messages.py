@@ -226,3 +226,70 @@ def test_a_run_in_one_process_encodes_and_decodes_no_message(monkeypatch):
     result = splitlearn.train(EXAMPLES / "vanilla.toml", epochs=1)
     assert counted == {"encode": 0, "decode": 0}
     assert result["parties"]["hospital"]["bytes_sent"] > 1000 * 45  # the activations of 45 batches, metered
+
+
+def test_a_tensor_lent_in_one_process_is_the_senders_memory_and_refused_once_written_to():
+    """What a party of this process lends (messages.handed_over with lend_tensors) is decoded over the sender's own
+    memory, not copied; a tensor written to in place before it was read is refused, never read changed; written to
+    after it was read, autograd refuses the gradient that saved it; memory that is no tensor's is copied."""
+    from splitlearn.wire.codec import Lent, Owned
+    from splitlearn.wire.messages import handed_over
+
+    def sent(t, lend=True):
+        msg = Message(Kind.ACTIVATION, "a", "b", 0, "w", {"t": get_codec("float32").encode(t)})
+        return handed_over(msg, lend_tensors=lend).tensors["t"]
+
+    x = torch.randn(4, 3)
+    enc = sent(x)
+    assert isinstance(enc.data, Lent) and enc.nbytes == 4 * 3 * 4
+    got = get_codec("float32").decode(enc)
+    assert got.data_ptr() == x.data_ptr() and torch.equal(got, x)
+    assert isinstance(sent(x, lend=False).data, Owned)  # a sender that may change what it sent: a copy
+    assert get_codec("float32").decode(sent(x, lend=False)).data_ptr() != x.data_ptr()
+    assert isinstance(sent(x.t()).data, Lent)  # not contiguous: encoding copied it, and that copy is lent
+
+    y = torch.randn(4, 3)
+    enc = sent(y)
+    y.mul_(2)  # the sender writes into what it sent before the receiver read it
+    with pytest.raises(WireError, match="written to in place after it was sent"):
+        get_codec("float32").decode(enc)
+
+    z = torch.randn(4, 3)
+    leaf = get_codec("float32").decode(sent(z)).requires_grad_(True)  # the receiver's leaf, saved by its product
+    out = (leaf * leaf).sum()
+    z.add_(1)  # written after it was read: the shared version counter tells autograd
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+    half = torch.randn(4, 3).to(torch.bfloat16)  # its bits are reinterpreted when encoded (a copy): copied, not lent
+    assert isinstance(sent(half).data, Owned) and torch.equal(get_codec("float32").decode(sent(half)), half)
+
+
+def test_in_one_process_the_engine_lends_its_activations_and_gradients(monkeypatch):
+    """No tensor of a two-party run in one process is copied at the hand-over: each activation, label and gradient
+    is lent (decoded over the sender's memory), and training still matches the unsplit model (tests/test_equivalence.py
+    checks it to the bit)."""
+    import splitlearn
+    import splitlearn.wire.codec as codec
+    import splitlearn.wire.messages as messages
+    from .conftest import EXAMPLES
+
+    seen = {"copied": 0, "lent": 0}
+
+    def owned(data):
+        seen["copied"] += 1
+        return codec.Owned(data)
+
+    def decoding(fn):
+        def wrapped(data, *a, **k):
+            seen["lent"] += isinstance(data, codec.Lent)
+            return fn(data, *a, **k)
+        return wrapped
+
+    monkeypatch.setattr(messages, "Owned", owned)
+    monkeypatch.setattr(codec, "from_bytes", decoding(codec.from_bytes))
+    result = splitlearn.train(EXAMPLES / "vanilla.toml", epochs=1)
+    tensors = sum(row["messages"] for p in result["parties"].values() for row in p["received"]
+                  if row["direction"] in ("forward", "backward"))
+    assert seen["copied"] == 0
+    assert seen["lent"] == tensors > 2 * 45  # activations, labels and gradients (45 training batches and more)

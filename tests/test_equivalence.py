@@ -76,3 +76,46 @@ def test_split_training_equals_unsplit(name):
     moved = max((a - b).abs().max().item() for seg in plan.segments
                 for a, b in zip(ref[seg].state_dict().values(), build_segment(plan, seg).state_dict().values()))
     assert moved > 1e-3
+
+
+def test_every_step_runs_the_modules_in_its_mode_which_is_set_when_it_changes(monkeypatch):
+    """A training step runs every module and submodule in training mode, an evaluation (and the handshake) in eval
+    mode; the engine sets a module's tree when the mode changes or something else set the module's own mode (a
+    callback's ``eval()`` mid-training), not at every step (it walks every submodule)."""
+    import splitlearn
+    from splitlearn.core.engine import Party
+
+    mode_of, seen, set_by_engine, steps, outside = {}, [], [], [], []
+    step, train = Party.step, torch.nn.Module.train
+
+    def stepping(self, sid, rows, mode, *a, **k):
+        for m in self.modules.values():
+            if id(m) not in mode_of:
+                m.register_forward_pre_hook(lambda mod, args, party=self.name: seen.append(
+                    (mode_of[party], {s.training for s in mod.modules()})))
+            mode_of[id(m)] = mode
+        if mode == "train" and steps.count((self.name, "train")) == 4:
+            outside.append(self.name)
+            for m in self.modules.values():
+                m.eval()  # something else sets the module's mode between two training steps
+            outside.clear()
+        mode_of[self.name] = mode
+        steps.append((self.name, mode))
+        return step(self, sid, rows, mode, *a, **k)
+
+    def training(self, mode=True):
+        if id(self) in mode_of and not outside:
+            set_by_engine.append(mode)
+        return train(self, mode)
+
+    monkeypatch.setattr(Party, "step", stepping)
+    monkeypatch.setattr(torch.nn.Module, "train", training)
+    splitlearn.train(EXAMPLES / "vanilla.toml", epochs=2)
+    assert {m for m, _ in seen} == {"handshake", "train", "eval"}
+    wrong = [(i, m, flags) for i, (m, flags) in enumerate(seen) if flags != {m == "train"}]
+    assert not wrong, wrong[:5]  # every submodule, in every forward
+    changes = {p: sum(a != b for a, b in zip(modes, modes[1:]))
+               for p in ("hospital", "server") for modes in [[m for q, m in steps if q == p]]}
+    # set at each party's first step, at each change of mode (the handshake counts as eval), after the eval() above:
+    # a few times, against more than a hundred steps
+    assert len(steps) > 100 and len(set_by_engine) <= sum(changes.values()) + 2 + 2

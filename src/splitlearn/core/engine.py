@@ -81,6 +81,9 @@ class Party:
                  wire_shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None, timeout: float | None = STEP_TIMEOUT_S,
                  predicting: bool = False, noise_secret: int | None = None, rng: PartyRandom | None = None):
         self.graph, self.name, self.link = graph, name, link
+        # in one process its tensors are lent, not copied (codec.Lent): the engine never writes into a tensor it sent
+        # (an activation is kept for backward, a gradient is its leaf's); one written to all the same is refused there
+        link.lends = True
         self.meter = link.meter
         self.modules, self.optimizer, self.data = modules, optimizer, data
         # where it computes: its modules' device (data stay on the CPU; each batch moves when it is read)
@@ -129,6 +132,7 @@ class Party:
         self.resumed_at = -1  # the session's step to go on after (set by the session before its handshake)
         self.bounds = LearntBounds(graph)  # per wire and direction: the magnitudes its peer sent (``max_jump``)
         self.secure = SecureSum(graph, name, self.meter, PartyError)  # merge = "secure_sum": masks, keys, the sum
+        self.trained_as: dict[str, bool] = {}  # module -> the mode (training or not) this party last set on its tree
 
     def restart(self) -> None:
         """Forget what the session held (messages kept early, goodbyes) before it begins again."""
@@ -164,8 +168,10 @@ class Party:
             st.stages = list(self.stages) if train else []
             states.append(st)
         self.precision.begin(step * k, mode, update.first, update.last)
-        for m in self.modules.values():
-            m.train(train)  # batch norm and dropout behave as in training only when training
+        for key, m in self.modules.items():  # batch norm and dropout behave as in training only when training
+            if self.trained_as.get(key) is not train or m.training is not train:  # (set for the whole tree on a
+                m.train(train)  # change of mode, or where something else set the module's: not each step)
+                self.trained_as[key] = train
         if train and self.optimizer is not None and update.first:
             self.optimizer.zero_grad(set_to_none=True)
         if mode == "handshake":

@@ -29,7 +29,7 @@ import torch
 
 __all__ = ["Encoded", "Codec", "WireError", "get_codec", "CODECS", "DTYPES", "MAX_ELEMENTS", "decoded_bytes", "floating",
            "check_values", "to_buffer", "Float32", "Float16", "BFloat16", "Int8", "TopK", "dtype_name", "to_bytes",
-           "from_bytes", "Owned"]
+           "from_bytes", "Owned", "Lent", "lend"]
 
 DTYPES: dict[str, tuple[torch.dtype, str]] = {  # name -> (torch dtype, little-endian numpy storage)
     "float32": (torch.float32, "<f4"),
@@ -57,6 +57,34 @@ class WireError(ValueError):
 class Owned(bytearray):
     """A tensor's bytes handed from one party to another of this process (:func:`~splitlearn.wire.messages.handed_over`):
     a copy the receiver alone holds, so decoding makes its tensor over this memory instead of copying it again."""
+
+
+class Lent(np.ndarray):
+    """A tensor one party of this process lends another with a message (:func:`~splitlearn.wire.messages.handed_over`
+    with ``lend_tensors``, what a :class:`~splitlearn.wire.link.Link` that ``lends`` asks for; :func:`lend`): its
+    bytes as a flat ``uint8`` array over the tensor's own memory, not copied.
+    ``tensor`` is the sender's (detached: the same memory and autograd version counter), ``version`` the counter when
+    it was lent. Decoding gives the receiver that memory (:func:`from_bytes`): a tensor written to in place after it
+    was lent is refused there (WireError), never read changed; written to after it was decoded, autograd refuses the
+    gradient of whichever side saved it (the counter is shared), as for any tensor written to after it was used."""
+
+    tensor: torch.Tensor
+    version: int
+
+
+def lend(data: bytes | memoryview) -> Lent | None:
+    """``data`` as a :class:`Lent` where it is a view of the whole memory of a contiguous tensor in host memory (what
+    :func:`to_buffer` gives without copying); else None (the caller copies)."""
+    arr = data.obj if isinstance(data, memoryview) else None
+    t = getattr(arr, "base", None)  # a tensor's numpy() view keeps the tensor as its base (numpy: the memory's owner)
+    n = len(data)
+    # a C-contiguous array as large as a contiguous tensor it views: that tensor's whole memory, nothing else
+    if not isinstance(t, torch.Tensor) or not isinstance(arr, np.ndarray) or not n or arr.nbytes != n \
+            or not t.is_cpu or t.numel() * t.element_size() != n or not t.is_contiguous() or not arr.flags.c_contiguous:
+        return None
+    out = arr.reshape(-1).view(np.uint8).view(Lent)
+    out.tensor, out.version = t, t._version
+    return out
 
 
 @dataclass(frozen=True)
@@ -128,7 +156,7 @@ def to_bytes(t: torch.Tensor) -> bytes:
 def from_bytes(data: bytes | memoryview, dtype: str, shape: tuple[int, ...], to: str | None = None) -> torch.Tensor:
     """A tensor from raw little-endian bytes, after checking dtype, shape and length. ``to``: the
     dtype wanted in the end; a conversion is then the one copy made (else the bytes are copied
-    once, so the tensor owns writable memory)."""
+    once, so the tensor owns writable memory; bytes :class:`Owned` or a :class:`Lent` tensor are not copied)."""
     if dtype not in DTYPES:
         raise WireError(f"dtype {dtype!r} is not allowed; allowed: {sorted(DTYPES)}")
     if any(d < 0 for d in shape):
@@ -140,6 +168,12 @@ def from_bytes(data: bytes | memoryview, dtype: str, shape: tuple[int, ...], to:
     itemsize = np.dtype(storage).itemsize
     if len(data) != numel * itemsize:
         raise WireError(f"{len(data)} bytes for shape {list(shape)} of {dtype} (expected {numel * itemsize})")
+    if isinstance(data, Lent):  # lent by a party of this process: the sender's memory, unless written to since
+        if data.tensor._version != data.version:
+            raise WireError("its tensor was written to in place after it was sent (a party of this process lent it, "
+                            "and changed it before it was read)")
+        if data.tensor.dtype == torch_dtype and (to is None or to == dtype):
+            return data.tensor.view(shape).detach()  # (the same version counter: see Lent)
     arr = np.frombuffer(data, dtype=storage).reshape(shape)  # a view of the received bytes (read-only but Owned)
     if to is not None and to != dtype and dtype != "bfloat16" and to in ("float32", "float64", "float16"):
         return torch.from_numpy(arr.astype(DTYPES[to][1]))  # the conversion is the copy (exact, as torch's)
