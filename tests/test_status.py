@@ -220,3 +220,35 @@ def test_options_for_the_status_and_logs_are_checked_first(tmp_path):
     r = CliRunner().invoke(app, ["run", str(EXAMPLES / "vanilla.toml"), "--in-process", "--status", "--out",
                                  str(tmp_path / "run")])
     assert r.exit_code == 2 and "--status and --log-format apply to party processes" in r.output, r.output
+
+
+def test_the_final_status_is_read_whole_before_the_process_may_end(monkeypatch):
+    """A party process that ended waits (``close(linger)``) until a watcher has read its final status: that read
+    counts once the reply is written, not when it begins (the process could end, and the watcher get a reply cut
+    short)."""
+    import http.server
+    import threading
+
+    from splitlearn.launch.status import PartyStatus, StatusServer
+
+    state = PartyStatus("server")
+    state.end()
+    server = StatusServer(state)
+    closers = []
+    end_headers = http.server.BaseHTTPRequestHandler.end_headers
+
+    def headers_sent(self):  # the reply's head is out, its body not yet: may the process end now?
+        end_headers(self)
+        closer = threading.Thread(target=server.close, kwargs={"linger": 30})
+        closer.start()
+        closer.join(1)  # it must still be waiting for the read to end (it cannot end before the body is written)
+        closers.append((closer, closer.is_alive()))
+
+    monkeypatch.setattr(http.server.BaseHTTPRequestHandler, "end_headers", headers_sent)
+    with urllib.request.urlopen(server.url + "status.json", timeout=10) as r:
+        got = json.loads(r.read())
+    assert got["state"] == "done"
+    (closer, waiting), = closers
+    assert waiting  # while the reply was being written, closing waited
+    closer.join(10)
+    assert not closer.is_alive()  # and once the reply was read whole, it ended (well before its 30 s)

@@ -5,21 +5,19 @@ party process on another machine; only the transport under the link differs.
 
 A step, at every party at once:
 
-1. every local node runs forward as soon as its inputs are present (local data, or tensors
-   received on a wire, which become leaves with ``requires_grad=True``); outputs feeding a
-   wire are sent at once;
+1. every local node runs forward as soon as its inputs are present (local data, or tensors received on a wire,
+   which become leaves with ``requires_grad=True``); outputs feeding a wire are sent at once;
 2. losses are computed where their input segment runs;
-3. a stage runs backward once it holds the gradient of every tensor it sent (plus its local
-   losses), then sends the gradient of every leaf it received back up its wire;
+3. a stage runs backward once it holds the gradient of every tensor it sent (plus its local losses), then sends
+   the gradient of every leaf it received back up its wire;
 4. the party steps its optimizer once all its stages are done (with ``[train] accumulate``, once its
    gradient group is: :class:`~splitlearn.core.optimizing.Update`; with a party in fp16, once the network
    agreed that no party overflowed; with ``clip = "global"``, clipped to the norm the network agreed on the
    same way: :mod:`~splitlearn.core.precision`).
 
-Evaluation runs 1-2 without gradients; prediction runs 1 only and skips label wires, so the
-predictions stay at the party that owns the head. The *handshake* is an evaluation step on one
-row of zeros: it checks the plan across parties and fixes the shape of every wire, against
-which every later message is checked.
+Evaluation runs 1-2 without gradients; prediction runs 1 only and skips label wires, so the predictions stay at
+the party that owns the head. The *handshake* is an evaluation step on one row of zeros: it checks the plan
+across parties and fixes the shape of every wire, against which every later message is checked.
 """
 
 from __future__ import annotations
@@ -50,7 +48,7 @@ from .plan import STEP_TIMEOUT_S
 from .precision import Precision
 from .randomness import PartyRandom, party_seed
 from .securesum import SecureSum
-from .step import Mode, StepOutput, StepState
+from .step import Mode, Modes, StepOutput, StepState
 
 __all__ = ["Party", "PartyError", "SessionRestart"]
 
@@ -81,9 +79,6 @@ class Party:
                  wire_shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None, timeout: float | None = STEP_TIMEOUT_S,
                  predicting: bool = False, noise_secret: int | None = None, rng: PartyRandom | None = None):
         self.graph, self.name, self.link = graph, name, link
-        # in one process its tensors are lent, not copied (codec.Lent): the engine never writes into a tensor it sent
-        # (an activation is kept for backward, a gradient is its leaf's); one written to all the same is refused there
-        link.lends = True
         self.meter = link.meter
         self.modules, self.optimizer, self.data = modules, optimizer, data
         # where it computes: its modules' device (data stay on the CPU; each batch moves when it is read)
@@ -132,7 +127,7 @@ class Party:
         self.resumed_at = -1  # the session's step to go on after (set by the session before its handshake)
         self.bounds = LearntBounds(graph)  # per wire and direction: the magnitudes its peer sent (``max_jump``)
         self.secure = SecureSum(graph, name, self.meter, PartyError)  # merge = "secure_sum": masks, keys, the sum
-        self.trained_as: dict[str, bool] = {}  # module -> the mode (training or not) this party last set on its tree
+        self.modes = Modes()  # its modules' mode, set when it changes
 
     def restart(self) -> None:
         """Forget what the session held (messages kept early, goodbyes) before it begins again."""
@@ -168,10 +163,7 @@ class Party:
             st.stages = list(self.stages) if train else []
             states.append(st)
         self.precision.begin(step * k, mode, update.first, update.last)
-        for key, m in self.modules.items():  # batch norm and dropout behave as in training only when training
-            if self.trained_as.get(key) is not train or m.training is not train:  # (set for the whole tree on a
-                m.train(train)  # change of mode, or where something else set the module's: not each step)
-                self.trained_as[key] = train
+        self.modes.apply(self.modules, train)  # batch norm and dropout behave as in training only when training
         if train and self.optimizer is not None and update.first:
             self.optimizer.zero_grad(set_to_none=True)
         if mode == "handshake":
@@ -322,6 +314,8 @@ class Party:
             self.wire_shapes.setdefault(wire.name, (dtype_name(t.dtype), tuple(t.shape[1:])))
         with self.meter.timed("compute"):
             enc = codec.encode(self.precision.finite(t.detach(), st.mode).cpu())  # the wire is bytes in host memory
+        if st.mode == "train" and (kind == Kind.GRADIENT or self._graded(wire, t)):  # the receiver's leaf (autograd
+            enc = enc.lent()  # refuses a write into it), or an input of backward: in one process, lent (codec.Lent)
         self.link.send(Message(kind, self.name, dst, st.step, wire.name, {"t": enc}))
 
     def _next_message(self, states: list[StepState]) -> Message:

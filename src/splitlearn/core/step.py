@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from torch import nn
 
 from .graph import Stage
 
-__all__ = ["Mode", "StepOutput", "StepState"]
+__all__ = ["Mode", "Modes", "StepOutput", "StepState"]
 
 Mode = Literal["train", "eval", "predict", "handshake"]
 
@@ -41,3 +42,18 @@ class StepState:
     out: StepOutput = field(default_factory=StepOutput)
     share: float = 1.0  # this micro-batch's share of the step's rows (1: the whole batch)
     stages: list[Stage] = field(default_factory=list)  # stages still to run backward
+
+
+class Modes:
+    """A party's modules in a step's mode (batch norm and dropout behave as in training only when training): each
+    module's whole tree set when the mode differs from the one this party set last, or from the module's own flag
+    (something else set it), not at every step (``train()`` walks every submodule)."""
+
+    def __init__(self) -> None:
+        self.set_as: dict[str, bool] = {}  # module -> the mode this party last set on its tree
+
+    def apply(self, modules: dict[str, nn.Module], train: bool) -> None:
+        for key, m in modules.items():
+            if self.set_as.get(key) is not train or m.training is not train:
+                m.train(train)
+                self.set_as[key] = train

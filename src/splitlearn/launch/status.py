@@ -243,6 +243,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.loopback and host and not _is_loopback(host):  # a rebound name ("127.evil.example") too
             self._send(403, b"a loopback status endpoint answers loopback names only\n", "text/plain")
             return  # (another site's page, through a name it rebinds to 127.0.0.1, reads nothing)
+        ended = self.server.status.ended.is_set()  # (read before the snapshot: an ended one's shows the end)
         try:
             if path == "/":
                 self._send(200, _PAGE.encode(), "text/html; charset=utf-8")
@@ -261,9 +262,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, b"the status could not be read\n", "text/plain")
             return
         self.server.watched.set()
-        if self.server.status.ended.is_set():
-            self.server.final_read.set()  # a watcher saw the end: the process need not wait any more
         self._send(200, body, kind)
+        if ended:  # a watcher read the end, all of it: the process need not wait any more (before the body was
+            self.server.final_read.set()  # written, it could end while the reply was half sent)
 
     def _refuse(self) -> None:
         self._send(405, b"only GET\n", "text/plain", {"Allow": "GET"})

@@ -60,27 +60,33 @@ class Owned(bytearray):
 
 
 class Lent(np.ndarray):
-    """A tensor one party of this process lends another with a message (:func:`~splitlearn.wire.messages.handed_over`
-    with ``lend_tensors``, what a :class:`~splitlearn.wire.link.Link` that ``lends`` asks for; :func:`lend`): its
-    bytes as a flat ``uint8`` array over the tensor's own memory, not copied.
-    ``tensor`` is the sender's (detached: the same memory and autograd version counter), ``version`` the counter when
-    it was lent. Decoding gives the receiver that memory (:func:`from_bytes`): a tensor written to in place after it
-    was lent is refused there (WireError), never read changed; written to after it was decoded, autograd refuses the
-    gradient of whichever side saved it (the counter is shared), as for any tensor written to after it was used."""
+    """A tensor one party of this process lends another with a message, not copied (:func:`lend`; the engine lends
+    the tensors of a training step that the receiver takes as its leaf, and gradients): its bytes as a flat ``uint8``
+    array over the tensor's own memory, as bytes go anywhere (over gRPC they are copied into the frame as ever);
+    handed over in this process (:func:`~splitlearn.wire.messages.handed_over`) it stays lent. ``tensor`` is the
+    sender's (detached: the same memory and autograd version counter), ``version`` the counter when it was lent.
+    Decoding gives the receiver that memory (:func:`from_bytes`): a tensor written to in place after it was lent is
+    refused there (WireError), never read changed; written to after it was decoded, autograd refuses the gradient of
+    whichever side saved it (the counter is shared), as for any tensor written to after it was used. A copy or a
+    slice of it is plain bytes (no ``tensor``)."""
 
-    tensor: torch.Tensor
+    tensor: torch.Tensor | None
     version: int
+
+    def __array_finalize__(self, obj: object) -> None:
+        self.tensor, self.version = None, -1  # (set by lend alone: what numpy derives from it lends nothing)
 
 
 def lend(data: bytes | memoryview) -> Lent | None:
-    """``data`` as a :class:`Lent` where it is a view of the whole memory of a contiguous tensor in host memory (what
-    :func:`to_buffer` gives without copying); else None (the caller copies)."""
+    """``data`` as a :class:`Lent` where it is a view of the whole memory of a contiguous tensor in host memory that
+    has no more memory than that (what :func:`to_buffer` gives without copying); else None (the caller copies)."""
     arr = data.obj if isinstance(data, memoryview) else None
     t = getattr(arr, "base", None)  # a tensor's numpy() view keeps the tensor as its base (numpy: the memory's owner)
     n = len(data)
-    # a C-contiguous array as large as a contiguous tensor it views: that tensor's whole memory, nothing else
+    # a C-contiguous array as large as a contiguous tensor it views and as the tensor's storage: all of it, no more
     if not isinstance(t, torch.Tensor) or not isinstance(arr, np.ndarray) or not n or arr.nbytes != n \
-            or not t.is_cpu or t.numel() * t.element_size() != n or not t.is_contiguous() or not arr.flags.c_contiguous:
+            or not t.is_cpu or t.numel() * t.element_size() != n or not t.is_contiguous() or not arr.flags.c_contiguous \
+            or t.untyped_storage().nbytes() != n:
         return None
     out = arr.reshape(-1).view(np.uint8).view(Lent)
     out.tensor, out.version = t, t._version
@@ -99,6 +105,11 @@ class Encoded:
     def nbytes(self) -> int:
         """Payload bytes: the data and the codec's side buffers."""
         return len(self.data) + sum(len(v) for v in self.extra.values())
+
+    def lent(self) -> "Encoded":
+        """The same, its data lent (:func:`lend`) where it is a tensor's whole memory, not copied in this process."""
+        data = lend(self.data)
+        return self if data is None else Encoded(self.codec, self.dtype, self.shape, data, self.extra)
 
 
 def decoded_bytes(dtype: str, numel: int) -> int:
@@ -168,8 +179,8 @@ def from_bytes(data: bytes | memoryview, dtype: str, shape: tuple[int, ...], to:
     itemsize = np.dtype(storage).itemsize
     if len(data) != numel * itemsize:
         raise WireError(f"{len(data)} bytes for shape {list(shape)} of {dtype} (expected {numel * itemsize})")
-    if isinstance(data, Lent):  # lent by a party of this process: the sender's memory, unless written to since
-        if data.tensor._version != data.version:
+    if isinstance(data, Lent) and data.tensor is not None:  # lent in this process: the sender's memory, unless
+        if data.tensor._version != data.version:  # written to since
             raise WireError("its tensor was written to in place after it was sent (a party of this process lent it, "
                             "and changed it before it was read)")
         if data.tensor.dtype == torch_dtype and (to is None or to == dtype):

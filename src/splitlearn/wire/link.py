@@ -16,7 +16,6 @@ log = logging.getLogger("splitlearn.wire.link")
 
 _DIRECTION = {Kind.ACTIVATION: "forward", Kind.GRADIENT: "backward", Kind.WEIGHTS: "weights",
               Kind.CREDIT: "credit"}  # credits: flow control (core/flow.py), metered like every message
-_LENT = (Kind.ACTIVATION, Kind.GRADIENT)  # what a link that lends lends: the engine's tensors of a step
 MAX_KEPT = 100
 MAX_REASON = 600  # characters of a refusal kept, logged and sent back
 
@@ -37,16 +36,13 @@ class Link:
         # in one process: messages handed over, not encoded (never to a wrapper that is no Transport of its own: one
         # forwarding attribute lookups would answer for the transport it wraps, and read the bytes itself)
         self.whole = isinstance(transport, Transport) and transport.take_messages()
-        # in one process, an activation's or a gradient's tensor lent, not copied (codec.Lent): set by a sender that
-        # never writes into a tensor it sent (the engine's Party); a wrapper of ``send`` sees the message as ever
-        self.lends = False
 
     def send(self, msg: Message) -> None:
         """Meter ``msg`` at the bytes the wire carries and send it: encoded, or in one process handed over whole
-        to a party that takes it so (no encoding; each tensor copied once, into memory the receiver owns; an
-        activation's or a gradient's lent instead where the link :attr:`lends`)."""
+        to a party that takes it so (no encoding; each tensor copied once, into memory the receiver owns, or one the
+        sender lent, :class:`~splitlearn.wire.codec.Lent`, handed over as it is)."""
         if self.whole and self.transport.takes_messages(msg.receiver):
-            whole = handed_over(msg, self.lends and msg.kind in _LENT)
+            whole = handed_over(msg)
             self.meter.on_send(msg.wire, _DIRECTION.get(msg.kind, "control"), encoded_size(whole), msg.payload_bytes)
             self.transport.send(msg.receiver, whole)
             return

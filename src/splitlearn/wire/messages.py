@@ -19,7 +19,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from .codec import DTYPES, MAX_ELEMENTS, Encoded, Owned, WireError, decoded_bytes, lend
+from .codec import DTYPES, MAX_ELEMENTS, Encoded, Lent, Owned, WireError, decoded_bytes
 from .control import INSTRUCTIONS, REPLIES, Instruction, Reply
 from .proto import splitlearn_pb2 as pb
 
@@ -201,18 +201,14 @@ def parsed(data: bytes | Message, limits: Limits = Limits(), size: int | None = 
     return checked(data, limits, size) if isinstance(data, Message) else decode(data, limits)
 
 
-def handed_over(msg: Message, lend_tensors: bool = False) -> Message:
+def handed_over(msg: Message) -> Message:
     """``msg`` as one party of this process hands it to another without encoding it: each tensor's bytes copied
     once, into memory the receiver then owns (:class:`~splitlearn.wire.codec.Owned`: decoding takes it without a
-    copy), so the sender may change its tensors as soon as it has sent. With ``lend_tensors`` (a sender that does
-    not change what it sent: the engine's activations and gradients), a tensor whose bytes are a view of its memory
-    is lent instead, not copied (:class:`~splitlearn.wire.codec.Lent`)."""
-    def data(e: Encoded) -> bytes | memoryview:
-        lent = lend(e.data) if lend_tensors else None
-        return Owned(e.data) if lent is None else lent
-
+    copy), so the sender may change its tensors as soon as it has sent; a tensor its sender lent
+    (:class:`~splitlearn.wire.codec.Lent`) is handed over as it is, not copied."""
     return Message(msg.kind, msg.sender, msg.receiver, msg.step, msg.wire,
-                   {k: Encoded(e.codec, e.dtype, e.shape, data(e), dict(e.extra)) for k, e in msg.tensors.items()},
+                   {k: Encoded(e.codec, e.dtype, e.shape, e.data if isinstance(e.data, Lent) else Owned(e.data),
+                               dict(e.extra)) for k, e in msg.tensors.items()},
                    msg.text)
 
 
