@@ -11,10 +11,11 @@ batches per optimizer step (``[train] accumulate``), every party's optimizer SGD
 on the biases and a per-step cosine schedule after a linear warmup (:data:`RECIPES`), and with or without validation
 rows and early stopping (``[data] validation_fraction``, ``[train] early_stop``). A drawn ``[clients]`` study
 (:func:`client_studies`) has 1 to 3 clients playing one feature party ``clinic`` that holds the labels too, a
-schedule (sequential with a peer or server hand-off, SplitFed v1 or v2, independent), vanilla, U-shaped,
+schedule (sequential with a peer or server hand-off, SplitFed v1 or v2, independent, or the baselines FedAvg and
+large-batch SGD, whose plan puts the whole model at the client as ``splitlearn compare`` does), vanilla, U-shaped,
 multi-hop or multi-task, and rows from shares of the embedded dataset (iid or Dirichlet over the classes) or
-each client's own CSV (string ids, shuffled, uneven sizes and class balance), and for SplitFed with two clients or
-more, secure aggregation or not. :func:`build` writes its plan and
+each client's own CSV (string ids, shuffled, uneven sizes and class balance), and for SplitFed and FedAvg with two
+clients or more, secure aggregation or not. :func:`build` writes its plan and
 files.
 """
 
@@ -46,7 +47,7 @@ class Study:
     pipeline: int
     seed: int
     clients: int = 0  # clients playing the template party "clinic" (0: no [clients] section)
-    schedule: str = ""  # "sequential", "splitfed_v1", "splitfed_v2", "independent"
+    schedule: str = ""  # "sequential", "splitfed_v1", "splitfed_v2", "independent", "fedavg", "large_batch"
     handoff: str = "peer"  # sequential: "peer" or "server"
     partition: str = "iid"  # shares of the embedded dataset: "iid" or "dirichlet"
     accumulate: int = 1  # [train] accumulate: training batches per optimizer step
@@ -98,7 +99,8 @@ ADAMW = {"name": "AdamW", "lr": 0.01, "weight_decay": 0.01, "no_decay": ["bias"]
 VALIDATION_FRACTION = 0.2
 EARLY_STOP = {"metric": "val_loss", "patience": 1}
 
-SCHEDULES = ["sequential", "splitfed_v1", "splitfed_v2", "independent"]
+SCHEDULES = ["sequential", "splitfed_v1", "splitfed_v2", "independent", "fedavg", "large_batch"]
+WHOLE_MODEL = ("fedavg", "large_batch")  # the baselines of ``splitlearn compare``: every segment at the client
 
 
 @st.composite
@@ -113,7 +115,7 @@ def client_studies(draw) -> Study:
     clients = draw(st.integers(1, 3))
     return Study(task, 1, "feature", shape, draw(st.integers(1, 2)) if shape == "multi_hop" else 0, files,
                  draw(st.sampled_from([1, 2])), draw(st.integers(0, 3)), clients, schedule, handoff, partition,
-                 secure=clients > 1 and schedule.startswith("splitfed") and draw(st.booleans()))
+                 secure=clients > 1 and (schedule.startswith("splitfed") or schedule == "fedavg") and draw(st.booleans()))
 
 
 def _table(task: str):
@@ -209,6 +211,13 @@ def build(study: Study, folder: Path, exact_ids: bool = False) -> dict:
     plan.update(networks=networks, segments=segments, losses=losses)
     if study.guard:  # the holder watches the gradients it gets back: an honest run trains as without it
         plan["wires"] = {f"bottom_{holder}": {"hijack_guard": True}}
+    if study.schedule in WHOLE_MODEL:  # FedAvg (local epochs) or large-batch SGD (one local step): as ``compare``
+        plan["parties"] = {"clinic": parties["clinic"]}  # builds them (clients/baselines.method_plan): one party,
+        for seg in segments.values():  # every segment at the client, the whole model averaged by a federation
+            seg["party"] = "clinic"
+        plan["clients"].update(schedule="fedavg", federation="federation",
+                               **({"local_steps": 1} if study.schedule == "large_batch" else {}))
+        plan["clients"].pop("handoff")
     return plan
 
 
