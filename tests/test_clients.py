@@ -427,23 +427,33 @@ def test_clients_of_a_network_deepcopy_cannot_copy_are_each_built(tmp_path):
 def test_in_one_process_a_clients_messages_are_handed_over_whole_and_metered_as_bytes(schedule, monkeypatch):
     """Through each physical party's Switch (commands, weights, turns) nothing is encoded in one process, and each
     party's meter counts what the same run counts when every message travels as bytes (the commands' texts
-    aside, whose timestamps differ from run to run); the weights trained are the same. Every coordinated schedule
-    reads through a Switch: a split one, a hand-off one, and FedAvg with a federation of its own."""
+    aside, whose timestamps differ from run to run); the weights trained are the same. A training step's activations
+    and gradients are lent, not copied; weights never are. Every coordinated schedule reads through a Switch: a split
+    one, a hand-off one, and FedAvg with a federation of its own."""
     from splitlearn.wire import link
+    from splitlearn.wire.codec import Lent
     from splitlearn.wire.transport.inprocess import InProcessTransport
 
     plan = (method_plan(tiny(), "fedavg", 3) if schedule == "fedavg"
             else tiny(count=3, schedule=schedule)).with_train(epochs=1)
-    encoded = []
-    real = link.encode
+    encoded, handed = [], []
+    real, hand = link.encode, link.handed_over
 
     def counting(msg):
         encoded.append(msg.kind)
         return real(msg)
 
+    def handing(msg):
+        handed.extend((msg.kind, isinstance(e.data, Lent)) for e in msg.tensors.values())
+        return hand(msg)
+
     monkeypatch.setattr(link, "encode", counting)
+    monkeypatch.setattr(link, "handed_over", handing)
     whole = run_clients(plan)
     assert encoded == []  # every message handed over whole
+    # a training step's tensors lent (codec.Lent), never weights (the sender goes on changing its model): copied
+    assert {kind for kind, lent in handed if lent} == (set() if schedule == "fedavg" else {Kind.ACTIVATION, Kind.GRADIENT})
+    assert (Kind.WEIGHTS, False) in handed and (Kind.WEIGHTS, True) not in handed
     monkeypatch.setattr(InProcessTransport, "take_messages", lambda self: False)  # bytes, as before this change
     as_bytes = run_clients(plan)
     assert Kind.WEIGHTS in encoded and Kind.COMMAND in encoded  # as bytes, the schedule's messages were encoded
