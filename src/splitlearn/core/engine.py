@@ -48,7 +48,7 @@ from .plan import STEP_TIMEOUT_S
 from .precision import Precision
 from .randomness import PartyRandom, party_seed
 from .securesum import SecureSum
-from .step import Mode, Modes, StepOutput, StepState
+from .step import WRITTEN_AFTER_SENDING, Mode, Modes, StepOutput, StepState
 
 __all__ = ["Party", "PartyError", "SessionRestart"]
 
@@ -137,14 +137,14 @@ class Party:
     # -- the step ---------------------------------------------------------------------------
 
     def step(self, step: int, rows: torch.Tensor, mode: Mode, update: Update = WHOLE) -> StepOutput:
-        """Run one step on the given rows (positions into the aligned data) in ``mode``; a training step
-        updates the weights as ``update`` says (its gradient group: its losses weighted by its share).
+        """Run one step on the given rows (positions into the aligned data) in ``mode``; a training step updates the
+        weights as ``update`` says (its gradient group: its losses weighted by its share).
 
-        A training step with ``[train] pipeline = K`` runs as K micro-batches (rows split as evenly
-        as possible) that flow through the parties as in GPipe: each runs forward as soon as its
-        inputs are there and backward as soon as its gradients are, its loss weighted by its share
-        of the rows, so the gradients accumulated over them are the whole batch's; the optimizer
-        steps once. Micro-batch ``i`` of step ``s`` travels as message step ``s * K + i``."""
+        A training step with ``[train] pipeline = K`` runs as K micro-batches (rows split as evenly as possible) that
+        flow through the parties as in GPipe: each runs forward as soon as its inputs are there and backward as soon
+        as its gradients are, its loss weighted by its share of the rows, so the gradients accumulated over them are
+        the whole batch's; the optimizer steps once. Micro-batch ``i`` of step ``s`` travels as message step
+        ``s * K + i``."""
         train = mode == "train"
         if mode == "handshake":
             rows = torch.zeros(1, dtype=torch.long)
@@ -189,6 +189,9 @@ class Party:
                                 progressed = True
                 if all(not st.todo and not st.stages for st in states):
                     break
+                if bad := [w for st in states if st.mode == "train" for w in st.written_after_sending()
+                           if self._graded(self.wires[w], st.sent[w])]:  # (before its receiver reads, if lent)
+                    raise PartyError(f"{self.name}: the tensor it sent on {sorted(set(bad))} {WRITTEN_AFTER_SENDING}")
                 self._receive(states)
         if train and update.last and self.precision.settle(self.optimizer, lambda: self._receive(states)):
             with self.meter.timed("compute"):
@@ -262,6 +265,7 @@ class Party:
                 st.out.targets[node.name] = target.cpu()
         for w in self.sends_from.get(node.name, []):
             st.sent[w.name] = self.precision.to_wire(w, defend_forward(self, w, st))
+            st.sent_as[w.name] = st.sent[w.name]._version
             self._send(Kind.ACTIVATION, w, st, st.sent[w.name])
 
     def _graded(self, wire: Wire, t: torch.Tensor | None = None) -> bool:
@@ -344,12 +348,11 @@ class Party:
             self._receive([st])
 
     def _gate(self, states: list[StepState], step: int, mode: Mode) -> None:
-        """Flow control (:mod:`~splitlearn.core.flow`): before a step in which this party would send to
-        a consumer without hearing back, wait until that consumer is at most a window behind; what
-        comes meanwhile is taken as in the step (tensors of this step are kept in its state)."""
+        """Flow control (:mod:`~splitlearn.core.flow`): before a step in which this party would send to a consumer
+        without hearing back, wait until that consumer is at most a window behind; what comes meanwhile is taken as
+        in the step (tensors of this step are kept in its state)."""
         while blocked := self.flow.blocked(step, mode):
-            gone = [c for c in blocked if c in self.finished]
-            if gone:
+            if gone := [c for c in blocked if c in self.finished]:
                 raise PartyError(f"{self.name}: party {quote(gone[0])} finished while step {step} still waits for "
                                  "its credit")
             self._receive(states)
@@ -374,8 +377,8 @@ class Party:
         self.receive(msg, st, st.stages)
 
     def receive(self, msg: Message, st: StepState, stages: list[Stage] = ()) -> None:
-        """Take one admitted message during step ``st``: use it, keep it for a later step, drop a
-        stale duplicate, or refuse it (nothing is kept for a refused message)."""
+        """Take one admitted message during step ``st``: use it, keep it for a later step, drop a stale duplicate, or
+        refuse it (nothing is kept for a refused message)."""
         if msg.kind == Kind.STOP and msg.text == "done":
             self.finished.add(msg.sender)
             if msg.sender in self._waiting_on(st, stages):
@@ -450,11 +453,10 @@ class Party:
     def keep_early(self, msg: Message, current: int) -> None:
         """Keep a tensor message of a later step for when this party gets there.
 
-        Only what the step will accept is kept, checked before it is held: a tensor message
-        from the wire's sender, at most ``early_steps`` ahead, of the agreed codec, dtype and per-row
-        shape with no more rows than a step has, within the per-peer ``early_messages`` and
-        ``early_bytes`` limits. Anything else is refused and counted, and leaves nothing behind.
-        """
+        Only what the step will accept is kept, checked before it is held: a tensor message from the wire's sender, at
+        most ``early_steps`` ahead, of the agreed codec, dtype and per-row shape with no more rows than a step has,
+        within the per-peer ``early_messages`` and ``early_bytes`` limits. Anything else is refused and counted, and
+        leaves nothing behind."""
         if msg.kind == Kind.CREDIT:  # (read before the handshake): taken at once, nothing kept
             self._take_credit(msg)
             return
@@ -470,11 +472,9 @@ class Party:
         if problem:
             self.link.refuse(msg.sender, problem, msg.step, msg.wire)
             return
-        wire = self._wire_for(msg)
-        if wire is None:
+        if (wire := self._wire_for(msg)) is None:
             return
-        problem = (early_problem(msg, wire, self.wire_shapes, self.max_rows, self.limits)
-                   or self.early.budget_problem(msg))
+        problem = early_problem(msg, wire, self.wire_shapes, self.max_rows, self.limits) or self.early.budget_problem(msg)
         if problem:
             self.link.refuse(msg.sender, problem, msg.step, msg.wire)
             return

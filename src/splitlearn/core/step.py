@@ -10,9 +10,12 @@ from torch import nn
 
 from .graph import Stage
 
-__all__ = ["Mode", "Modes", "StepOutput", "StepState"]
+__all__ = ["Mode", "Modes", "StepOutput", "StepState", "WRITTEN_AFTER_SENDING"]
 
 Mode = Literal["train", "eval", "predict", "handshake"]
+WRITTEN_AFTER_SENDING = ("was written to in place afterwards by a segment of its own reading it (an in-place first "
+                         "layer, such as ReLU(inplace=True)): backward would run through that write and give a wrong "
+                         "gradient (PyTorch refuses such a write to a tensor it saved); make that layer not in place")
 
 
 @dataclass
@@ -36,12 +39,19 @@ class StepState:
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> gradient of what we sent on it
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     sent: dict[str, torch.Tensor] = field(default_factory=dict)  # wire -> the tensor sent on it (after defenses)
+    sent_as: dict[str, int] = field(default_factory=dict)  # wire -> that tensor's autograd version when it was sent
     masked: dict[str, torch.Tensor] = field(default_factory=dict)  # node -> its masked tensor, into a secure sum
     extra: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage -> extra loss terms (NoPeek)
     notes: dict[tuple[str, str], object] = field(default_factory=dict)  # (defense, wire) -> its values of the step
     out: StepOutput = field(default_factory=StepOutput)
     share: float = 1.0  # this micro-batch's share of the step's rows (1: the whole batch)
     stages: list[Stage] = field(default_factory=list)  # stages still to run backward
+
+    def written_after_sending(self) -> list[str]:
+        """The wires whose tensor was written to in place here after it was sent (a local segment reading it, with an
+        in-place first layer): its receiver computed on what was sent, while backward would run from the changed
+        tensor, through the write: a wrong gradient."""
+        return [w for w, version in self.sent_as.items() if self.sent[w]._version != version]
 
 
 class Modes:
