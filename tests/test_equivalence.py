@@ -121,55 +121,40 @@ def test_every_step_runs_the_modules_in_its_mode_which_is_set_when_it_changes(mo
     assert len(steps) > 100 and len(set_by_engine) <= sum(changes.values()) + 2 + 2
 
 
-def test_a_sent_tensor_written_to_in_place_by_a_local_segment_is_refused_not_trained_wrong():
-    """A hospital's trunk feeds the server's head and its own auxiliary head; that head's first layer is an in-place
-    ReLU, which writes into the tensor already sent. The server computed on what was sent, while the hospital's
-    backward would run from the changed tensor through the ReLU: a wrong gradient (unsplit PyTorch refuses such a write
-    to a tensor it saved). The run stops naming the wire and the remedy (the engine's check, before it waits for the
-    gradient: the same in party processes); out of place, the same plan trains."""
-    import splitlearn
-    from splitlearn.run.report import RunError
-
-    def plan(inplace: bool) -> dict:
-        torch.manual_seed(0)
-        return {
-            "name": "fanout", "data": {"dataset": "digits"}, "train": {"epochs": 3, "batch_size": 32, "seed": 0},
-            "parties": {"hospital": {"holds": {"x": "x", "y": "y"}, "optimizer": {"name": "sgd", "lr": 0.05}},
-                        "server": {"optimizer": {"name": "sgd", "lr": 0.05}}},
-            "networks": {"trunk": torch.nn.Linear(64, 32),
-                         "aux": torch.nn.Sequential(torch.nn.ReLU(inplace=inplace), torch.nn.Linear(32, 10)),
-                         "head": torch.nn.Linear(32, 10)},
-            "segments": {"trunk": {"party": "hospital", "inputs": ["hospital.x"], "network": "trunk"},
-                         "aux": {"party": "hospital", "inputs": ["trunk"], "network": "aux"},
-                         "head": {"party": "server", "inputs": ["trunk"], "network": "head"}},
-            "losses": {"a": {"input": "aux", "target": "hospital.y"}, "b": {"input": "head", "target": "hospital.y"}},
-        }
-
-    with pytest.raises(RunError, match=r"hospital: the tensor it sent on \['trunk->head'\] was written to in place "
-                                       r"afterwards .* make that layer not in place"):
-        splitlearn.train(plan(True))
-    result = splitlearn.train(plan(False))
-    assert result["metrics"]["test_accuracy"] > 0.5  # ten digits: chance is 0.1
-
-
-def test_the_same_write_is_refused_in_party_processes(tmp_path):
-    """The plan above as a file (its auxiliary head a factory beside it), over gRPC party processes: the hospital
-    stops with the same words (before this check it trained, its gradient through the ReLU)."""
-    import splitlearn
-    from splitlearn.run.report import RunError
-
-    (tmp_path / "nets.py").write_text("import torch\n\n\ndef aux():\n"
-                                      "    return torch.nn.Sequential(torch.nn.ReLU(inplace=True), torch.nn.Linear(32, 10))\n")
+def _fanout_plan(folder, inplace: bool, epochs: int, module: str):
+    """A hospital's trunk feeding the server's head and its own auxiliary head, whose first layer is a ReLU (in place
+    or not): a plan file, the auxiliary head a factory beside it in ``module`` (party processes read the plan from its
+    file; a module of one name is imported once a process)."""
+    (folder / f"{module}.py").write_text("import torch\n\n\ndef aux(inplace):\n    return torch.nn.Sequential("
+                                    "torch.nn.ReLU(inplace=inplace), torch.nn.Linear(32, 10))\n")
     segments = {"trunk": ("hospital", "hospital.x"), "aux": ("hospital", "trunk"), "head": ("server", "trunk")}
-    (tmp_path / "plan.toml").write_text("\n".join([
-        'name = "fanout"', "[data]", 'dataset = "digits"', "[train]", "epochs = 1", "batch_size = 32", "seed = 0",
-        "[parties.hospital]", 'holds = { x = "x", y = "y" }', 'optimizer = { name = "sgd", lr = 0.05 }',
+    (folder / "plan.toml").write_text("\n".join([
+        'name = "fanout"', "[data]", 'dataset = "digits"', "[train]", f"epochs = {epochs}", "batch_size = 32",
+        "seed = 0", "[parties.hospital]", 'holds = { x = "x", y = "y" }', 'optimizer = { name = "sgd", lr = 0.05 }',
         "[parties.server]", 'optimizer = { name = "sgd", lr = 0.05 }',
-        "[networks.trunk]", 'zoo = "mlp"', "args = { sizes = [64, 32] }", "[networks.aux]", 'factory = "nets:aux"',
+        "[networks.trunk]", 'zoo = "mlp"', "args = { sizes = [64, 32] }",
+        "[networks.aux]", f'factory = "{module}:aux"', f"args = {{ inplace = {str(inplace).lower()} }}",
         "[networks.head]", 'zoo = "mlp"', "args = { sizes = [32, 10] }",
         *[line for name, (party, src) in segments.items()
           for line in (f"[segments.{name}]", f'party = "{party}"', f'inputs = ["{src}"]', f'network = "{name}"')],
         "[losses.a]", 'input = "aux"', 'target = "hospital.y"', "[losses.b]", 'input = "head"', 'target = "hospital.y"',
         ""]))
-    with pytest.raises(RunError, match=r"hospital: the tensor it sent on \['trunk->head'\] was written to in place"):
-        splitlearn.train(tmp_path / "plan.toml", launcher="processes", out=tmp_path / "run")
+    return folder / "plan.toml"
+
+
+@pytest.mark.parametrize("launcher", ["threads", "processes"])
+def test_a_sent_tensor_written_to_in_place_by_a_local_segment_is_refused_not_trained_wrong(launcher, tmp_path):
+    """The auxiliary head's in-place ReLU writes into the tensor the hospital already sent. The server computed on
+    what was sent, while the hospital's backward would run from the changed tensor through the ReLU: a wrong gradient
+    (unsplit PyTorch refuses such a write to a tensor it saved; before this check a gRPC run trained so, silently).
+    The run stops naming the wire and the remedy, in one process and in party processes (the engine's check, before
+    the party waits for the gradient); out of place, the same plan trains."""
+    import splitlearn
+    from splitlearn.run.report import RunError
+
+    with pytest.raises(RunError, match=r"hospital: the tensor it sent on \['trunk->head'\] was written to in place "
+                                       r"afterwards .* make that layer not in place"):
+        splitlearn.train(_fanout_plan(tmp_path, True, 1, f"fanout_{launcher}"), launcher=launcher, out=tmp_path / "a")
+    if launcher == "threads":
+        result = splitlearn.train(_fanout_plan(tmp_path, False, 3, f"fanout_{launcher}"))
+        assert result["metrics"]["test_accuracy"] > 0.5  # ten digits: chance is 0.1

@@ -6,7 +6,7 @@ import logging
 import time
 
 from .codec import WireError
-from .messages import Kind, Limits, Message, encode, encoded_size, handed_over, parsed, quote, wire_size
+from .messages import Kind, Limits, Message, encode, handed_over, parsed, quote, wire_size
 from .metering import Meter
 from .transport.base import Transport, TransportTimeout
 
@@ -43,7 +43,7 @@ class Link:
         sender lent, :class:`~splitlearn.wire.codec.Lent`, handed over as it is)."""
         if self.whole and self.transport.takes_messages(msg.receiver):
             whole = handed_over(msg)
-            self.meter.on_send(msg.wire, _DIRECTION.get(msg.kind, "control"), encoded_size(whole), msg.payload_bytes)
+            self.meter.on_send(msg.wire, _DIRECTION.get(msg.kind, "control"), wire_size(whole), msg.payload_bytes)
             self.transport.send(msg.receiver, whole)
             return
         data = encode(msg)

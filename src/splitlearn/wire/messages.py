@@ -115,6 +115,9 @@ class Message:
     wire: str = ""
     tensors: dict[str, Encoded] = field(default_factory=dict)
     text: str = ""
+    # handed over in one process (handed_over): its encoded_size, counted once for the sender's meter, the
+    # receiver's admission and a Switch's held bytes alike (a message is not changed once built)
+    wire_bytes: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def payload_bytes(self) -> int:
@@ -191,8 +194,10 @@ def _parts(msg: Message) -> list[bytes | memoryview]:
 
 def wire_size(data: bytes | Message) -> int:
     """The bytes ``data`` takes on the wire: a buffer's length, or a message handed over whole's
-    :func:`encoded_size`."""
-    return encoded_size(data) if isinstance(data, Message) else len(data)
+    :func:`encoded_size` (counted when it was handed over)."""
+    if isinstance(data, Message):
+        return encoded_size(data) if data.wire_bytes is None else data.wire_bytes
+    return len(data)
 
 
 def parsed(data: bytes | Message, limits: Limits = Limits(), size: int | None = None) -> Message:
@@ -205,11 +210,14 @@ def handed_over(msg: Message) -> Message:
     """``msg`` as one party of this process hands it to another without encoding it: each tensor's bytes copied
     once, into memory the receiver then owns (:class:`~splitlearn.wire.codec.Owned`: decoding takes it without a
     copy), so the sender may change its tensors as soon as it has sent; a tensor its sender lent
-    (:class:`~splitlearn.wire.codec.Lent`) is handed over as it is, not copied."""
-    return Message(msg.kind, msg.sender, msg.receiver, msg.step, msg.wire,
-                   {k: Encoded(e.codec, e.dtype, e.shape, e.data if isinstance(e.data, Lent) else Owned(e.data),
-                               dict(e.extra)) for k, e in msg.tensors.items()},
-                   msg.text)
+    (:class:`~splitlearn.wire.codec.Lent`) is handed over as it is, not copied. Its size on the wire is counted
+    here, once (``wire_bytes``: what :func:`wire_size` gives)."""
+    whole = Message(msg.kind, msg.sender, msg.receiver, msg.step, msg.wire,
+                    {k: Encoded(e.codec, e.dtype, e.shape, e.data if isinstance(e.data, Lent) else Owned(e.data),
+                                dict(e.extra)) for k, e in msg.tensors.items()},
+                    msg.text)
+    whole.wire_bytes = encoded_size(whole)
+    return whole
 
 
 def _varint(n: int) -> bytes:
@@ -298,7 +306,7 @@ def checked(msg: Message, limits: Limits = Limits(), size: int | None = None) ->
     """:func:`decode`'s checks on a message handed over in this process (:func:`handed_over`): the same limits,
     the same errors, as if it had been encoded and decoded (``size``: its :func:`encoded_size`, if known).
     Raises WireError."""
-    size = encoded_size(msg) if size is None else size
+    size = wire_size(msg) if size is None else size
     if size > limits.message_bytes:
         raise WireError(f"message of {size} bytes exceeds the limit of {limits.message_bytes} (Limits.message_bytes)")
     _check_envelope(msg.sender, msg.receiver, msg.wire, msg.step, msg.text, limits)
