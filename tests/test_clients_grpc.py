@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+
+import pytest
 
 from splitlearn.launch.processes import launch
 from splitlearn.clients.roles import physical_names
@@ -37,7 +40,7 @@ def test_a_killed_client_process_is_skipped_and_the_run_completes(tmp_path):
     machine answer within, as in test_lying_client.py.)"""
     text = (EXAMPLES / "sequential.toml").read_text()
     text = text.replace("count = 10", "count = 3").replace("epochs = 8", "epochs = 4").replace("timeout = 30", "timeout = 3")
-    text = text.replace("seed = 0", "seed = 0\nreconnect_timeout = 3", 1)
+    text = text.replace("seed = 0", "seed = 0\nreconnect_timeout = 1", 1)
     plan_file = tmp_path / "three.toml"
     plan_file.write_text(text)
     names = physical_names(load_plan(plan_file))
@@ -72,6 +75,91 @@ def test_a_killed_client_process_is_skipped_and_the_run_completes(tmp_path):
     assert later and all("given up on earlier" in r for r in later)  # not asked, nor waited for, again
     evals = [r for r in report["records"] if r["mode"] == "eval"]
     assert len(evals) == 4 and evals[-1]["losses"]["digit"]["test_accuracy"] > 0.5  # training went on
+
+
+TRIPWIRE = """
+import os, signal
+from pathlib import Path
+
+import torch
+
+
+class Tripwire(torch.nn.Linear):
+    \"\"\"A first layer that ends its own process (SIGKILL, as a crash would) at its first forward once the marker
+    file names this process.\"\"\"
+
+    def __init__(self, marker: str):
+        super().__init__(64, 128)
+        self.marker = Path(marker)
+
+    def forward(self, x):
+        if self.marker.exists() and self.marker.read_text() == str(os.getpid()):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)
+
+
+def mlp(marker: str):
+    return torch.nn.Sequential(Tripwire(marker), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
+                               torch.nn.Linear(64, 10))
+"""
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "fedavg"])
+def test_a_client_process_killed_inside_its_turn_fails_that_turn_at_once_not_after_the_step_timeout(tmp_path, schedule):
+    """The coordinator waits inside a client's turn when the client's process dies (sequential: the server waits
+    for its handshake's activation; FedAvg: the federation waits for the end of its local training): the turn fails
+    as soon as the transport says the client is gone (its stream down past ``reconnect_timeout``), naming the lost
+    connection, not after the step timeout (60 s here, times the turn's steps for FedAvg; before, a client's loss
+    reached no wait: the whole federation waited it out). The client is then skipped and the other trains on."""
+    text = (EXAMPLES / "sequential.toml").read_text()
+    text = text.replace("count = 10", "count = 2").replace("epochs = 8", "epochs = 3").replace("timeout = 30", "timeout = 3")
+    text = text.replace("seed = 0", "seed = 0\nreconnect_timeout = 1", 1)
+    if schedule == "fedavg":  # the whole model at the client, averaged by a federation (as splitlearn compare runs it)
+        server = '[parties.server]\noptimizer = { name = "sgd", lr = 0.05, momentum = 0.9 }\n'
+        assert server in text
+        text = text.replace(server, "").replace('party = "server"', 'party = "hospital"')
+        text = re.sub(r'handoff = .*\n', "", text.replace('schedule = "sequential"', 'schedule = "fedavg"\nfederation = "fed"'))
+    marker = tmp_path / "marker"
+    text = text.replace('zoo = "mlp"\nargs = { sizes = [64, 128, 64, 10] }', f'factory = "tripwire:mlp"\nargs = {{ marker = "{marker}" }}')
+    assert "tripwire:mlp" in text
+    (tmp_path / "tripwire.py").write_text(TRIPWIRE)
+    plan_file = tmp_path / "two.toml"
+    plan_file.write_text(text)
+    names = physical_names(load_plan(plan_file))
+    coordinator = "fed" if schedule == "fedavg" else "server"
+    assert names == [coordinator, "hospital-1", "hospital-2"]
+    make_certs(names, tmp_path / "certs")
+    ports = {n: free_port() for n in names}
+    procs = {}
+    for n in names:
+        cmd = [sys.executable, "-m", "splitlearn", "party", str(plan_file), "--name", n, "--certs", str(tmp_path / "certs"),
+               "--out", str(tmp_path / "run"), "--listen", f"127.0.0.1:{ports[n]}", "--connect-timeout", "60",
+               "--step-timeout", "60", "--rejoin-wait", "1"]
+        cmd += [a for p in names if p != n for a in ("--peer", f"{p}=127.0.0.1:{ports[p]}")]
+        if n == coordinator:
+            cmd.append("--progress")
+        procs[n] = subprocess.Popen(cmd, stdout=subprocess.PIPE if n == coordinator else subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        first = procs[coordinator].stdout.readline().decode()  # the coordinator finished round 0
+        assert first.startswith("progress 1 3 0 3 round train ")
+        marker.write_text(str(procs["hospital-2"].pid))  # its next forward: in its turn of round 1
+        assert procs[coordinator].wait(timeout=50) == 0  # (waiting out the step timeout would take 60 s or more)
+        assert procs["hospital-1"].wait(timeout=30) == 0
+        assert procs["hospital-2"].wait(timeout=5) == -signal.SIGKILL
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    report = json.loads((tmp_path / "run" / "parties" / coordinator / "report.json").read_text())
+    (turn,) = [s for s in report["skipped"] if s["round"] == 1 and s["during"] == "train turn"]
+    assert turn["client"] == "hospital-2" and "connection to 'hospital-2' lost, not back within 1 s" in turn["reason"]
+    assert {s["client"] for s in report["skipped"]} == {"hospital-2"} and (2, "hospital-2") in {
+        (s["round"], s["client"]) for s in report["skipped"]}
+    scorer = "hospital-1" if schedule == "fedavg" else coordinator  # (a federation's clients score the average)
+    evals = [r for r in json.loads((tmp_path / "run" / "parties" / scorer / "report.json").read_text())["records"]
+             if r["mode"] == "eval"]
+    assert len(evals) == 3 and evals[-1]["losses"]["digit"]["test_accuracy"] > 0.5  # hospital-1 trained on
 
 
 def test_splitfed_with_a_federation_process_of_its_own_matches_in_process(tmp_path):

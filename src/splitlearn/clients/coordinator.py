@@ -158,11 +158,12 @@ class Coordinator(Recovery, WeightTransfers):
                 return False
         if not self.in_turns:  # a plan of one party (FedAvg): the client trains alone and says when it is done
             limit = self.step_timeout * max(1, len(turn.steps))  # as long as its steps may take
-            ans = self.replies([client], limit, rid, TurnDone)
+            gone = self.gone([client])  # (a client gone meanwhile is not waited for)
+            ans = self.replies([client], limit, rid, TurnDone, gone=gone)
             if client in ans and ans[client].ok:
                 return True
-            self._skip(rnd, client, f"{turn.mode} turn", f"no answer within {limit:g} s" if client not in ans
-                       else f"its turn failed: {ans[client].why}")
+            self._skip(rnd, client, f"{turn.mode} turn", (gone(client) or f"no answer within {limit:g} s")
+                       if client not in ans else f"its turn failed: {ans[client].why}")
             return False
         ok, why = self.run_turn(turn, client, model)
         if not ok:

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from ..wire.messages import (Kind, Limits, Message, kind_of, quote, read_reply, 
                               wire_size)
 from ..wire.metering import Meter
 from ..wire.transport.base import Transport, TransportTimeout
-from ..wire.transport.switch import Switch
+from ..wire.transport.switch import WATCH_S, Switch
 from .context import Context
 from .results import RECORDED_CLIENTS, FederationRound, federation_record
 from .roles import Duty, client_names, coordinator_of, duties_of, federation_of, physical_names, plays_of
@@ -225,19 +225,45 @@ class Participant:
     def _on_rejoined(self, party: str) -> None:
         """``party`` says it came back as a new process: only the coordinator acts on it."""
 
+    def _restarts_known(self, peer: str) -> int:
+        """The restarts of ``peer`` (new processes of it, as the transport saw them) this party's waits for it may
+        run with: those seen when the wait begins (a coordinator: those it has taken into account, :mod:`.recovery`)."""
+        return self.switch.inner.restarts(peer)
+
+    def gone(self, peers: Iterable[str]) -> Callable[[str], str | None]:
+        """Why each of ``peers`` is gone, or None: it came back as a new process since :meth:`_restarts_known` (the
+        state a wait for it counted on is lost), or its stream is down past the transport's reconnect window. A
+        client's loss is no error of the transport (its failure is data): the waits for it ask this."""
+        inner, known = self.switch.inner, {p: self._restarts_known(p) for p in peers}
+        window = getattr(inner, "reconnect_timeout", 0.0)
+
+        def why(p: str) -> str | None:
+            if inner.restarts(p) > known[p]:
+                return f"{p} came back as a new process: what was under way with it is lost"
+            since = inner.broken_since(p)
+            if since is not None and time.monotonic() - since > window:
+                return f"connection to {p!r} lost" + f", not back within {window:g} s" * bool(window)
+            return None
+        return why
+
     def await_messages(self, senders: list[str], timeout: float, take: Callable[[Message, Reply | None, int], Any],
-                       until: Callable[[], bool] | None = None) -> dict[str, Any]:
+                       until: Callable[[], bool] | None = None,
+                       gone: Callable[[str], str | None] | None = None) -> dict[str, Any]:
         """What ``take(message, reply, request)`` keeps (not None) of one message from each of
         ``senders``, as far as it comes within ``timeout`` s or until ``until()`` holds (replies decoded,
-        a malformed one refused). Commands, early weights (:attr:`early_weights`) and rejoin notices
-        that come meanwhile are kept or acted on."""
+        a malformed one refused); ``gone`` (:meth:`gone`): a sender it names is not waited for any longer (looked at
+        every :data:`~splitlearn.wire.transport.switch.WATCH_S` s without a message). Commands, early weights
+        (:attr:`early_weights`) and rejoin notices that come meanwhile are kept or acted on."""
         want, got = set(senders), {}
         deadline = time.monotonic() + timeout
         while want - set(got) and not (until is not None and until()):
             try:
-                msg = self.link.recv(deadline=deadline)
+                msg = self.link.recv(deadline=deadline if gone is None else min(deadline, time.monotonic() + WATCH_S))
             except TransportTimeout:
-                break
+                if gone is None or time.monotonic() >= deadline:
+                    break
+                want -= {s for s in want - set(got) if gone(s)}
+                continue
             answer, request = None, 0
             if msg.kind == Kind.ACK:
                 try:
@@ -259,13 +285,14 @@ class Participant:
         return got
 
     def replies(self, senders: list[str], timeout: float, request: int | dict[str, int],
-                *of: type[Reply]) -> dict[str, Reply]:
-        """The replies to ``request`` (one id, or one per sender) of the types ``of`` that come in time."""
+                *of: type[Reply], gone: Callable[[str], str | None] | None = None) -> dict[str, Reply]:
+        """The replies to ``request`` (one id, or one per sender) of the types ``of`` that come in time (``gone``: see
+        :meth:`await_messages`)."""
         def take(msg: Message, answer: Reply | None, rid: int) -> Reply | None:
             expected = request if isinstance(request, int) else request[msg.sender]
             return answer if isinstance(answer, of) and rid == expected else None
 
-        return self.await_messages(senders, timeout, take)
+        return self.await_messages(senders, timeout, take, gone=gone)
 
     def take_weights(self, senders: list[str], request: int, timeout: float) -> dict[str, Message]:
         """The weights answering ``request`` from each sender that sends them in time (taken from

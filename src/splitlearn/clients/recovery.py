@@ -40,6 +40,11 @@ class Recovery(Instructing):
         except TransportError:
             return 0
 
+    def _restarts_known(self, peer: str) -> int:
+        """A turn with ``peer`` ends at once if the transport saw it restart beyond those taken into account: the
+        rewind waits (:meth:`_rejoined_party`)."""
+        return self._restarts_taken.get(peer, 0)
+
     def _broken(self, party: str) -> bool:
         """Whether ``party``'s stream is broken now (the transport knows; never waits)."""
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Callable
 
 from ..core.engine import Party, PartyError
 from ..core.optimizing import PartyOptimizer
@@ -15,7 +16,7 @@ from ..run.setup import make_optimizer
 from ..wire.codec import WireError
 from ..wire.link import Link
 from ..wire.messages import Kind, Message, kind_of, parsed, read_hello
-from ..wire.transport import TransportError
+from ..wire.transport import TransportClosed, TransportError
 from .participant import Participant
 from .schedule import Turn
 from .weights import load_state
@@ -44,6 +45,18 @@ class TurnTaking(Participant):
             self.copies[client] = (mods, make_optimizer(self.plan, self.plays, mods))
         return self.copies[client]
 
+    def _watch(self, peers: set[str]) -> Callable[[], None]:
+        """What a turn's wait looks at while no message comes (:meth:`Switch.session`): a peer of the turn that is
+        gone (:meth:`~splitlearn.clients.participant.Participant.gone`) ends it at once, a TransportClosed naming it,
+        instead of after the step timeout (a client's loss is no transport error: its failure is the turn's)."""
+        gone = self.gone(peers)
+
+        def check() -> None:
+            for p in sorted(peers):
+                if why := gone(p):
+                    raise TransportClosed(why)
+        return check
+
     def run_turn(self, turn: Turn, client: str, model: str | None = None) -> tuple[bool, str]:
         """Take part in one turn with ``client`` (evaluating ``model``'s weights, lent to it, when
         not its own): (done, why not)."""
@@ -71,7 +84,8 @@ class TurnTaking(Participant):
             found = turn_of(data)
             return found is not None and found != tag
 
-        view = self.switch.session(self.plays, {} if self.is_client else {t: client}, keep, peers, defer)
+        view = self.switch.session(self.plays, {} if self.is_client else {t: client}, keep, peers, defer,
+                                   self._watch(peers))
         link = Link(view, self.link.meter if turn.mode == "train" else self.eval_meter, self.limits)
         try:
             modules, optimizer = self._models(turn, client, model)

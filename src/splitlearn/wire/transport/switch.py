@@ -28,9 +28,10 @@ from .base import Transport, TransportTimeout
 
 log = logging.getLogger("splitlearn.wire.transport.switch")
 
-__all__ = ["Switch", "MAX_HELD_BYTES"]
+__all__ = ["Switch", "MAX_HELD_BYTES", "WATCH_S"]
 
 MAX_HELD_BYTES = 256 * 2**20  # held for the other reader, per peer; beyond that a peer's messages are dropped
+WATCH_S = 0.5  # a turn's read that waits looks this often whether a peer of the turn is gone (Switch.session)
 
 
 class Switch:
@@ -54,16 +55,19 @@ class Switch:
         return _View(self, "control", self.inner.party, {}, None)
 
     def session(self, party: str, aliases: dict[str, str], keep: Callable[[str, bytes], bool],
-                peers: set[str], defer: Callable[[str, bytes], bool] | None = None) -> "_View":
+                peers: set[str], defer: Callable[[str, bytes], bool] | None = None,
+                watch: Callable[[], None] | None = None) -> "_View":
         """A turn's view as plan party ``party`` with the physical ``peers`` of the turn: messages
         from anybody else wait for a later turn, as do those ``defer(peer, data)`` says belong to
         one (the next turn's hello, which can come while this turn says goodbye). Held session
-        messages that ``keep(peer, data)`` rejects (left over from an earlier turn) are dropped first."""
+        messages that ``keep(peer, data)`` rejects (left over from an earlier turn) are dropped first.
+        ``watch()``: called every :data:`WATCH_S` seconds a read waits without a message; it raises
+        (a TransportError) to end the wait, where a peer of the turn is gone."""
         held = self.held["session"]
         for p, d in [(p, d) for p, d in held if not keep(p, d)]:
             held.remove((p, d))
             self.held_bytes[p] -= self.size(d)
-        return _View(self, "session", party, aliases, frozenset(peers), defer)
+        return _View(self, "session", party, aliases, frozenset(peers), defer, watch)
 
     def _hold(self, kind: str, peer: str, data: Any) -> None:
         size = self.size(data)
@@ -83,7 +87,8 @@ class Switch:
                 return item
         return None
 
-    def _recv(self, kind: str, timeout: float | None, peers: frozenset | None, defer=None) -> tuple[str, bytes]:
+    def _recv(self, kind: str, timeout: float | None, peers: frozenset | None, defer=None,
+              watch: Callable[[], None] | None = None) -> tuple[str, bytes]:
         item = self._take(kind, peers, defer)
         if item is not None:
             return item
@@ -92,7 +97,14 @@ class Switch:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise TransportTimeout(f"{self.inner.party}: nothing received within {timeout} s")
-            peer, data = self.inner.recv(left)
+            if watch is None:
+                peer, data = self.inner.recv(left)
+            else:  # in slices: between them, whether a peer of the turn is gone
+                try:
+                    peer, data = self.inner.recv(WATCH_S if left is None else min(left, WATCH_S))
+                except TransportTimeout:
+                    watch()
+                    continue
             got = self.classify(data)
             if got == kind and (peers is None or peer in peers) and not (defer is not None and defer(peer, data)):
                 return peer, data
@@ -101,8 +113,9 @@ class Switch:
 
 class _View(Transport):
     def __init__(self, switch: Switch, kind: str, party: str, aliases: dict[str, str], peers: frozenset | None,
-                 defer: Callable[[str, bytes], bool] | None = None):
+                 defer: Callable[[str, bytes], bool] | None = None, watch: Callable[[], None] | None = None):
         self.switch, self.kind, self.party, self.peers, self.defer = switch, kind, party, peers, defer
+        self.watch = watch
         self._out = dict(aliases)
         self._in = {v: k for k, v in aliases.items()}
         self.credentials = switch.inner.credentials  # the connection's own
@@ -117,7 +130,7 @@ class _View(Transport):
         return self.switch.whole and self.switch.inner.takes_messages(self._out.get(dst, dst))
 
     def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
-        peer, data = self.switch._recv(self.kind, timeout, self.peers, self.defer)
+        peer, data = self.switch._recv(self.kind, timeout, self.peers, self.defer, self.watch)
         return self._in.get(peer, peer), data
 
     def is_connected(self, peer: str) -> bool:
