@@ -80,7 +80,7 @@ def test_a_consortium_deploys_from_kits_trains_watches_predicts_and_revokes(tmp_
     to = {s: f"{ADDR[s]}:7400" for s in sites}
     services = {s: subprocess.Popen(["ip", "netns", "exec", sites[s], sys.executable, "-m", "splitlearn", "serve",
                                      "--kit", str(kits / s), "--name", s, "--admin", to[s], "--status",
-                                     f"{ADDR[s]}:7500", "--connect-timeout", "15"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     f"{ADDR[s]}:7500", "--connect-timeout", "10"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 for s in sites}
     try:
         for s, proc in services.items():

@@ -110,6 +110,23 @@ def test_a_sessions_figures_are_the_one_functions_on_its_scores(kind):
     assert _figures(metrics) == evaluation_metrics(kind, metrics.scores["y"])
 
 
+def test_the_same_scores_asked_again_give_equal_figures_that_are_each_the_callers_own():
+    """An evaluation turn and the pooled record of that one turn ask for the figures of the same scored rows;
+    the second is not computed again, and neither caller can change what the other reads."""
+    plan = _plan("cross_entropy")
+    parts = _session(plan, _batches("cross_entropy")).scores["y"]
+    first = evaluation_metrics("cross_entropy", parts)
+    first["test_accuracy"] = -1.0
+    first["ci95"]["test_accuracy"][0] = -1.0
+    first["curves"]["confusion"][0][0] = -1
+    again = evaluation_metrics("cross_entropy", list(parts))
+    fresh = evaluation_metrics("cross_entropy", [type(p)(p.outputs.copy(), p.targets.copy(), p.loss_sum, p.rows, p.right)
+                                                 for p in parts])  # other objects: scored anew
+    assert again == fresh and again["test_accuracy"] >= 0 and again["ci95"]["test_accuracy"][0] >= 0
+    assert again["curves"]["confusion"][0][0] >= 0
+    assert evaluation_metrics("cross_entropy", parts[:2])["test_rows"] == 12  # other parts: their own figures
+
+
 def test_accuracy_counts_the_heads_decisions_where_probabilities_tie():
     """A bce logit of 1e-9 is decided 1 (``correct``: logit > 0), while its float32 probabilities tie at
     0.5 (the argmax says 0): session and pool both count the decision, so they agree."""

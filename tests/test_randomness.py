@@ -107,6 +107,19 @@ def test_the_heap_before_a_run_is_left_out_of_cyclic_collections_during_it_and_o
                 assert gc.get_freeze_count() == outer > 0
             assert gc.get_freeze_count() == outer  # still frozen for the first
         assert gc.get_freeze_count() == 0
+        started: list[int] = []  # the generation of every collection while a run begins
+
+        def note(phase: str, info: dict) -> None:
+            if phase == "start":
+                started.append(info["generation"])
+
+        gc.callbacks.append(note)
+        try:
+            with frozen_heap():  # a run in a process that runs several: no full collection to begin
+                assert gc.get_freeze_count() > 0
+        finally:
+            gc.callbacks.remove(note)
+        assert started and max(started) < 2
         gc.freeze()  # frozen by something else (a server framework does it): left exactly as it is
         theirs = gc.get_freeze_count()
         junk = [[] for _ in range(1000)]  # objects made after their freeze stay out of it

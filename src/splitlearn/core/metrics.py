@@ -1,15 +1,15 @@
 """Clinical metrics of a head, from its outputs and the true targets.
 
-ROC AUC (one-vs-rest, macro, for several classes; None unless every class is among the rows),
-F1 (binary; for several classes the macro mean over the classes in the rows or predictions),
-sensitivity and specificity (binary: class 1 is the positive one) come from scikit-learn;
-the expected calibration error is the usual 10-bin estimate (bins of equal width over the
-confidence of the decided class), which scikit-learn does not provide. Regression heads get MAE, RMSE and R² (scikit-learn).
+ROC AUC (one-vs-rest, macro, for several classes; None unless every class is among the rows), F1 (binary; for
+several classes the macro mean over the classes in the rows or predictions), sensitivity and specificity (binary:
+class 1 is the positive one) come from scikit-learn; the expected calibration error is the usual 10-bin estimate
+(bins of equal width over the confidence of the decided class), which scikit-learn does not provide. Regression
+heads get MAE, RMSE and R² (scikit-learn).
 Every headline figure comes with the rows it was computed on and a 95 % percentile bootstrap
 interval (:func:`bootstrap_ci`: 1,000 resamples of the rows, a fixed seed, so a run and its
 resumed twin give the same interval).
-:func:`evaluation_metrics` gives every test figure of a run from its scored rows (:class:`Scores`), whether
-one party scored them in one session or several sites' scores are pooled.
+:func:`evaluation_metrics` gives every test figure of a run from its scored rows (:class:`Scores`), whether one
+party scored them in one session or several sites' scores are pooled.
 
 A plan's ``[losses.NAME] metrics = ["balanced_accuracy", ...]`` adds figures by name from
 :data:`EXTRA_METRICS` (:func:`register_metric` adds one; a plan read by a party process or a Ray
@@ -22,7 +22,9 @@ accumulating per batch on the device, this path does not need (the scores are al
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -400,6 +402,10 @@ def scores_loaded(summary: dict[str, list], tensors: dict[str, Tensor], prefix: 
                        loss_sum, rows, right)] for k, (loss_sum, rows, right) in summary.items()}
 
 
+_RECENT: dict[tuple, tuple[tuple[Scores, ...], dict[str, Any]]] = {}  # the last 2 evaluations' figures, by parts
+_RECENT_LOCK = threading.Lock()
+
+
 def evaluation_metrics(kind: str, parts: Sequence[Scores], intervals: bool = True) -> dict[str, Any]:
     """Every test figure of loss kind ``kind`` over the union of the rows of ``parts`` (never a mean of
     per-part figures), as ``test_<name>``: the loss, the rows, the accuracy (from the ``right`` counts
@@ -407,7 +413,21 @@ def evaluation_metrics(kind: str, parts: Sequence[Scores], intervals: bool = Tru
     :func:`regression_metrics` (a kind without an accuracy) and the extra metrics a plan entry asks
     (``kind`` a :class:`~splitlearn.core.losses.KindName` with ``metrics``: :data:`EXTRA_METRICS`), with the
     headline figures' 95 % intervals (``ci95``) and :func:`curves` (unless ``intervals`` is False: a validation
-    epoch's figures, for early stopping, need neither). No rows: an empty dict."""
+    epoch's figures, for early stopping, need neither). No rows: an empty dict.
+
+    The same :class:`Scores` objects in the same order (scored rows are never changed) asked again are not scored
+    again: a client's evaluation turn and the pooled record of that one turn share the figures (a copy each)."""
+    key = (kind, intervals, tuple(id(p) for p in parts))
+    if (known := _RECENT.get(key)) is None:
+        known = (tuple(parts), _evaluation_metrics(kind, parts, intervals))  # (the parts held: their ids stay theirs)
+        with _RECENT_LOCK:
+            _RECENT[key] = known
+            if len(_RECENT) > 2:
+                del _RECENT[next(iter(_RECENT))]  # the oldest
+    return copy.deepcopy(known[1])
+
+
+def _evaluation_metrics(kind: str, parts: Sequence[Scores], intervals: bool) -> dict[str, Any]:
     rows = sum(p.rows for p in parts)
     if not rows:
         return {}

@@ -25,9 +25,11 @@ Errors are ``ValueError`` naming what is accepted; the plan's validation and the
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -102,16 +104,22 @@ def scheduler_class(name: str) -> type[lr_scheduler.LRScheduler]:
     return _find(name, lr_scheduler, lr_scheduler.LRScheduler, "schedule", "")
 
 
+@functools.lru_cache(maxsize=64)
+def _parameters(cls: type) -> Mapping[str, inspect.Parameter]:
+    """``cls.__init__``'s parameters, read once per class (every client of a run makes its optimizer)."""
+    return inspect.signature(cls.__init__).parameters
+
+
 def accepted_arguments(cls: type) -> list[str]:
     """The keyword arguments a plan may give ``cls`` (its signature's, less those splitlearn gives)."""
-    return [p.name for p in inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in _parameters(cls).values()
             if p.name not in _OURS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def check_arguments(cls: type, given: dict[str, Any], what: str) -> None:
     """ValueError if ``given`` names an argument ``cls`` does not take (listing those it takes) or lacks one it
     needs; ``what``: how the message names it ("optimizer AdamW")."""
-    params = inspect.signature(cls.__init__).parameters
+    params = _parameters(cls)
     accepted = accepted_arguments(cls)
     unknown = [k for k in given if k not in accepted]
     if unknown:

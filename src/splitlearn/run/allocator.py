@@ -51,17 +51,22 @@ SINGLE_RUN = {"process": False}  # a forked party process: one run, then it exit
 
 @contextmanager
 def frozen_heap() -> Iterator[None]:
-    """Inside, the objects that existed before are left out of Python's cyclic collections (``gc.freeze``, after
-    one collection): a full collection walks every object of the process, torch's and scikit-learn's modules
-    included (about 0.1 s each on a 2-core machine), and a run of a small model triggers several, every party
-    thread waiting on it. Runs at once in this process share one freeze, undone (``gc.unfreeze``) when the last one
-    ends; a heap frozen by something else (a server framework) is left as it is; a single-run process
-    (:data:`SINGLE_RUN`) stays frozen."""
+    """Inside, the objects that existed before are left out of Python's cyclic collections (``gc.freeze``): a full
+    collection walks every object of the process, torch's and scikit-learn's modules included (0.15-0.2 s each on a
+    2-core machine), and a run of a small model triggers several, every party thread waiting on it. Runs at once in
+    this process share one freeze, undone (``gc.unfreeze``) when the last one ends; a heap frozen by something else
+    (a server framework) is left as it is.
+
+    Before freezing, a single-run process (:data:`SINGLE_RUN`, which stays frozen) collects fully: nothing it
+    freezes is garbage. Any other process collects its young generations only (under a millisecond): older garbage,
+    a previous run's among it, is frozen with the rest for this run's length and left to Python's own full
+    collections afterwards, as in a plain loop, instead of every run in a process (a sweep, a test suite) paying a
+    full collection first."""
     with _FREEZING:
         if _freeze["depth"] == 0:
             _freeze["ours"] = SINGLE_RUN["process"] or gc.get_freeze_count() == 0
             if _freeze["ours"]:
-                gc.collect()  # the garbage of what ran before is not kept for the run's length
+                gc.collect(2 if SINGLE_RUN["process"] else 1)
                 gc.freeze()
         _freeze["depth"] += 1
     try:
