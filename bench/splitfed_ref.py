@@ -331,8 +331,9 @@ def main() -> None:
         f"Target (issue #29): at least 0.8. The same test accuracy, {eng[-1]['accuracy']:.4f} and "
         f"{ref[-1]['accuracy']:.4f}: the loop trains what the engine trains. Of the engine's {e:.2f} s (the median "
         f"run), {m:.2f} s ({m / e:.0%}) are evaluation metrics (`core/metrics.evaluation_metrics`: "
-        "the test figures with their 95% bootstrap intervals and curves; timed by wrapping it), computed at each "
-        "evaluation for the evaluating turn's report and again for the pooled record; the other "
+        "the test figures with their 95% bootstrap intervals and curves; timed by wrapping it), computed once at each "
+        "evaluation (the evaluating turn's report and the pooled record of that one turn share them) and, "
+        "with intervals, once at the end; the other "
         f"{e - m:.2f} s are {e / p - m / p:.1f}x the plain loop's time, over "
         f"{args.clients * args.epochs} client turns ({(e - m - p) / (args.clients * args.epochs) * 1e3:.1f} ms more "
         "per turn than the plain loop).",
