@@ -41,8 +41,11 @@ class Recovery(Instructing):
             return 0
 
     def _restarts_known(self, peer: str) -> int:
-        """A turn with ``peer`` ends at once if the transport saw it restart beyond those taken into account: the
-        rewind waits (:meth:`_rejoined_party`)."""
+        """Where this coordinator rewinds (checkpoints kept, ``rejoin_wait_s``), a turn with ``peer`` ends at once if
+        the transport saw it restart beyond those taken into account: the rewind waits (:meth:`_rejoined_party`).
+        Elsewhere a new process of a client is a client like any (its restarts seen when the turn begins)."""
+        if self.checkpoints is None or self.rejoin_wait_s <= 0:
+            return super()._restarts_known(peer)
         return self._restarts_taken.get(peer, 0)
 
     def _broken(self, party: str) -> bool:
@@ -140,6 +143,8 @@ class Recovery(Instructing):
         log.warning("%s: %s; every party went back to the end of round %d (%s)", self.name, why, cursor.round - 1,
                     cursor)
         self._rejoined.clear()
+        for p in ans:  # the processes that went back are those the run goes on with (a resuming coordinator's too)
+            self._restarts_taken[p] = max(self._restarts_taken.get(p, 0), self._restarts(p))
         return next((i for i, r in enumerate(self.rounds) if r.index >= cursor.round), len(self.rounds))
 
     def _rejoined_party(self, party: str) -> str | None:

@@ -46,9 +46,10 @@ class TurnTaking(Participant):
         return self.copies[client]
 
     def _watch(self, peers: set[str]) -> Callable[[], None]:
-        """What a turn's wait looks at while no message comes (:meth:`Switch.session`): a peer of the turn that is
-        gone (:meth:`~splitlearn.clients.participant.Participant.gone`) ends it at once, a TransportClosed naming it,
-        instead of after the step timeout (a client's loss is no transport error: its failure is the turn's)."""
+        """What a fixed party's turn looks at while no message comes (:meth:`Switch.session`): its client (``peers``),
+        gone (:meth:`~splitlearn.clients.participant.Participant.gone`), ends it at once, a TransportClosed naming it,
+        instead of after the step timeout (a client's loss is no transport error: its failure is the turn's; a fixed
+        party's loss or restart is, and ends the turn anyway)."""
         gone = self.gone(peers)
 
         def check() -> None:
@@ -85,7 +86,7 @@ class TurnTaking(Participant):
             return found is not None and found != tag
 
         view = self.switch.session(self.plays, {} if self.is_client else {t: client}, keep, peers, defer,
-                                   self._watch(peers))
+                                   None if self.is_client else self._watch({client}))
         link = Link(view, self.link.meter if turn.mode == "train" else self.eval_meter, self.limits)
         try:
             modules, optimizer = self._models(turn, client, model)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -402,8 +402,7 @@ def scores_loaded(summary: dict[str, list], tensors: dict[str, Tensor], prefix: 
                        loss_sum, rows, right)] for k, (loss_sum, rows, right) in summary.items()}
 
 
-_RECENT: dict[tuple, tuple[tuple[Scores, ...], dict[str, Any]]] = {}  # the last 2 evaluations' figures, by parts
-_RECENT_LOCK = threading.Lock()
+_RECENT: dict[tuple, tuple[tuple[weakref.ref, ...], dict[str, Any]]] = {}  # the last 2 evaluations' figures
 
 
 def evaluation_metrics(kind: str, parts: Sequence[Scores], intervals: bool = True) -> dict[str, Any]:
@@ -415,15 +414,14 @@ def evaluation_metrics(kind: str, parts: Sequence[Scores], intervals: bool = Tru
     headline figures' 95 % intervals (``ci95``) and :func:`curves` (unless ``intervals`` is False: a validation
     epoch's figures, for early stopping, need neither). No rows: an empty dict.
 
-    The same :class:`Scores` objects in the same order (scored rows are never changed) asked again are not scored
-    again: a client's evaluation turn and the pooled record of that one turn share the figures (a copy each)."""
+    The same :class:`Scores` objects in the same order (scored rows are never changed) asked again are not scored again
+    (a turn's evaluation and the pooled record of that one turn share the figures, a copy each; nothing is held)."""
     key = (kind, intervals, tuple(id(p) for p in parts))
-    if (known := _RECENT.get(key)) is None:
-        known = (tuple(parts), _evaluation_metrics(kind, parts, intervals))  # (the parts held: their ids stay theirs)
-        with _RECENT_LOCK:
-            _RECENT[key] = known
-            if len(_RECENT) > 2:
-                del _RECENT[next(iter(_RECENT))]  # the oldest
+    if (known := _RECENT.get(key)) is None or any(r() is not p for r, p in zip(known[0], parts)):  # (an id reused)
+        known = (tuple(weakref.ref(p) for p in parts), _evaluation_metrics(kind, parts, intervals))
+        _RECENT[key] = known
+        while len(_RECENT) > 2:  # the oldest goes (each step atomic, as another thread may evaluate meanwhile)
+            _RECENT.pop(next(iter(_RECENT), None), None)
     return copy.deepcopy(known[1])
 
 
