@@ -85,16 +85,19 @@ import torch
 
 
 class Tripwire(torch.nn.Linear):
-    \"\"\"A first layer that ends its own process (SIGKILL, as a crash would) at its first forward once the marker
-    file names this process.\"\"\"
+    \"\"\"A first layer that sends its own process a signal (SIGKILL: a crash; SIGINT: Ctrl-C) at its first forward
+    once the marker file names this process: "PID SIGNAL".\"\"\"
 
     def __init__(self, marker: str):
         super().__init__(64, 128)
         self.marker = Path(marker)
 
     def forward(self, x):
-        if self.marker.exists() and self.marker.read_text() == str(os.getpid()):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.marker.exists():
+            pid, sig = self.marker.read_text().split()
+            if pid == str(os.getpid()):
+                self.marker.unlink()
+                os.kill(os.getpid(), int(sig))
         return super().forward(x)
 
 
@@ -104,16 +107,19 @@ def mlp(marker: str):
 """
 
 
-@pytest.mark.parametrize("schedule", ["sequential", "fedavg"])
-def test_a_client_process_killed_inside_its_turn_fails_that_turn_at_once_not_after_the_step_timeout(tmp_path, schedule):
+@pytest.mark.parametrize("schedule, how", [("sequential", signal.SIGKILL), ("fedavg", signal.SIGKILL),
+                                           ("sequential", signal.SIGINT)], ids=["killed", "fedavg-killed", "ctrl-c"])
+def test_a_client_process_killed_inside_its_turn_fails_that_turn_at_once_not_after_the_step_timeout(tmp_path, schedule,
+                                                                                                   how):
     """The coordinator waits inside a client's turn when the client's process dies (sequential: the server waits
     for its handshake's activation; FedAvg: the federation waits for the end of its local training): the turn fails
-    as soon as the transport says the client is gone (its stream down past ``reconnect_timeout``), naming the lost
-    connection, not after the step timeout (60 s here, times the turn's steps for FedAvg; before, a client's loss
-    reached no wait: the whole federation waited it out). The client is then skipped and the other trains on."""
+    as soon as the transport says the client is gone, naming why, not after the step timeout (60 s here, times the
+    turn's steps for FedAvg; before, a client's loss reached no wait: the whole federation waited it out). Killed
+    (SIGKILL), its stream is down past ``reconnect_timeout`` (1 s); stopped with Ctrl-C (SIGINT), it said goodbye, so
+    a reconnect window of 60 s is not waited out. The client is then skipped and the other trains on."""
     text = (EXAMPLES / "sequential.toml").read_text()
     text = text.replace("count = 10", "count = 2").replace("epochs = 8", "epochs = 3").replace("timeout = 30", "timeout = 3")
-    text = text.replace("seed = 0", "seed = 0\nreconnect_timeout = 1", 1)
+    text = text.replace("seed = 0", f"seed = 0\nreconnect_timeout = {1 if how == signal.SIGKILL else 60}", 1)
     if schedule == "fedavg":  # the whole model at the client, averaged by a federation (as splitlearn compare runs it)
         server = '[parties.server]\noptimizer = { name = "sgd", lr = 0.05, momentum = 0.9 }\n'
         assert server in text
@@ -143,17 +149,19 @@ def test_a_client_process_killed_inside_its_turn_fails_that_turn_at_once_not_aft
     try:
         first = procs[coordinator].stdout.readline().decode()  # the coordinator finished round 0
         assert first.startswith("progress 1 3 0 3 round train ")
-        marker.write_text(str(procs["hospital-2"].pid))  # its next forward: in its turn of round 1
+        marker.write_text(f"{procs['hospital-2'].pid} {int(how)}")  # its next forward: in its turn of round 1
         assert procs[coordinator].wait(timeout=50) == 0  # (waiting out the step timeout would take 60 s or more)
         assert procs["hospital-1"].wait(timeout=30) == 0
-        assert procs["hospital-2"].wait(timeout=5) == -signal.SIGKILL
+        assert procs["hospital-2"].wait(timeout=30) == (-signal.SIGKILL if how == signal.SIGKILL else 130)
     finally:
         for p in procs.values():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     report = json.loads((tmp_path / "run" / "parties" / coordinator / "report.json").read_text())
     (turn,) = [s for s in report["skipped"] if s["round"] == 1 and s["during"] == "train turn"]
-    assert turn["client"] == "hospital-2" and "connection to 'hospital-2' lost, not back within 1 s" in turn["reason"]
+    why = ("connection to 'hospital-2' lost, not back within 1 s" if how == signal.SIGKILL
+           else "hospital-2 closed its connection")
+    assert turn["client"] == "hospital-2" and why in turn["reason"], turn
     assert {s["client"] for s in report["skipped"]} == {"hospital-2"} and (2, "hospital-2") in {
         (s["round"], s["client"]) for s in report["skipped"]}
     scorer = "hospital-1" if schedule == "fedavg" else coordinator  # (a federation's clients score the average)

@@ -143,3 +143,16 @@ def _raised(fn):
     except Exception as e:  # noqa: BLE001
         return e
     return None
+
+
+def test_a_peer_that_closed_its_end_has_left_and_one_still_there_has_not(parties):
+    """``left(peer)``: its goodbye came (a party closed its end: Ctrl-C, the end of its run), so nobody waits for it
+    as for one whose stream broke and may come back (a client's turn ends at once: tests/test_clients_grpc.py)."""
+    ts, _ = parties
+    assert not ts["a"].left("b") and not ts["c"].left("b") and ts["a"].broken_since("b") is None
+    ts["b"].close()
+    for t in (ts["a"], ts["c"]):
+        if hasattr(t, "wait_broken"):  # gRPC: the goodbye travels
+            assert t.wait_broken("b", 10) is not None
+        assert t.broken_since("b") is not None and t.left("b")
+    assert not ts["a"].left("c") and not ts["c"].left("a")

@@ -232,8 +232,9 @@ class Participant:
 
     def gone(self, peers: Iterable[str]) -> Callable[[str], str | None]:
         """Why each of ``peers`` is gone, or None: it came back as a new process since :meth:`_restarts_known` (the
-        state a wait for it counted on is lost), or its stream is down past the transport's reconnect window. A
-        client's loss is no error of the transport (its failure is data): the waits for it ask this."""
+        state a wait for it counted on is lost), closed its connection (its goodbye: Ctrl-C, a stopped service), or
+        its stream is down past the transport's reconnect window. A client's loss is no error of the transport (its
+        failure is data): the waits for it ask this."""
         inner, known = self.switch.inner, {p: self._restarts_known(p) for p in peers}
         window = getattr(inner, "reconnect_timeout", 0.0)
 
@@ -241,6 +242,8 @@ class Participant:
             if inner.restarts(p) > known[p]:
                 return f"{p} came back as a new process: what was under way with it is lost"
             since = inner.broken_since(p)
+            if since is not None and inner.left(p):
+                return f"{p} closed its connection"
             if since is not None and time.monotonic() - since > window:
                 return f"connection to {p!r} lost" + f", not back within {window:g} s" * bool(window)
             return None

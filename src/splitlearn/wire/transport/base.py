@@ -60,6 +60,11 @@ class Transport(ABC):
         closed) and has not come back since; None while it is up, and before it first connects."""
         return None
 
+    def left(self, peer: str) -> bool:
+        """Whether ``peer`` closed its end (said goodbye) and has not come back; never waits. A peer that left is
+        not waited for as one whose stream broke. False for a transport that cannot tell (the default)."""
+        return False
+
     def restarts(self, peer: str) -> int:
         """How many times ``peer`` came back as a new process (another incarnation) since this
         transport first heard from it; never waits. 0 for a transport that cannot tell (the default)."""

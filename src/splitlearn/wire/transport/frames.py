@@ -50,6 +50,7 @@ class PeerState:
         self.lost_at: float | None = None  # when its stream broke and may come back (None: connected, or never)
         self.lost_why = ""
         self.down_at: float | None = None  # when its stream last ended, broken or closed (None: up, or never)
+        self.said_bye = False  # its stream ended with its goodbye (it closed its end), and it has not come back
         self.synced = False  # its SYNC came on the current stream: frames may go out
         self.gone = False  # it did not come back in time
         self.waiting = False  # a thread waits for it to come back (one at most: see GrpcTransport._await_return)

@@ -1,8 +1,8 @@
 """gRPC transport: one bidirectional stream (``/splitlearn.v1.SplitLearning/Connect``) per pair
 of parties, mutually authenticated with TLS.
 
-Raw bytes go over the stream (no (de)serialiser here): they are serialised ``Envelope``\\ s,
-parsed and checked above, in :class:`splitlearn.wire.link.Link`. Who sent a buffer:
+Raw bytes go over the stream (no (de)serialiser here): they are serialised ``Envelope``\\ s, parsed and checked
+above, in :class:`splitlearn.wire.link.Link`. Who sent a buffer:
 
 * the listening side takes the peer's name from the CN of its client certificate, which must be signed by the
   CA (``require_client_auth``); names not in ``accept``, or already connected, are refused with PERMISSION_DENIED
@@ -13,23 +13,21 @@ parsed and checked above, in :class:`splitlearn.wire.link.Link`. Who sent a buff
 Without credentials (insecure mode) the dialer states its name in the ``x-splitlearn-party`` header and the
 listener believes it: nothing is authenticated or encrypted then.
 
-``close()`` sends an empty frame (goodbye; never a valid message) on every stream, flushes and
-ends them. When a peer's stream ends without a goodbye (error, cancellation, process killed),
-``recv`` raises :class:`TransportClosed` right after that peer's earlier buffers. After a goodbye
-it does so only once no other peer is still connected, so a party still finishing with a third
-party is not stopped by a neighbour that is done (the runner's goodbye phase).
+``close()`` sends an empty frame (goodbye; never a valid message) on every stream, flushes and ends them. When a
+peer's stream ends without a goodbye (error, cancellation, process killed), ``recv`` raises :class:`TransportClosed`
+right after that peer's earlier buffers. After a goodbye it does so only once no other peer is still connected, so a
+party still finishing with a third party is not stopped by a neighbour that is done (the runner's goodbye phase).
 
-With ``reconnect_timeout`` a stream that breaks is not the end: the dialing side dials again with
-backoff, the listening side takes the peer back, and what was sent meanwhile, or sent and not
-acknowledged before the break, is sent again (the frames: :mod:`.frames`). A peer that
-does not come back within the timeout is lost (:class:`TransportClosed`, naming it); one that
-comes back as a new process (another incarnation) starts its streams from scratch and is
-reported as :class:`~splitlearn.wire.transport.base.PeerRestarted`. One thread per dialed peer dials and
-dials again; at most one per peer waits for it to come back (a reconnect flood cannot pile threads up).
-``is_connected(peer)`` and ``broken_since(peer)`` say where a peer stands without waiting;
-``wait_broken(peer, timeout)`` waits for its stream to break. The three events of the link protocol
-on one stream (``stream_opened``, ``sync_received``, ``stream_ended``) are public methods, which the
-gRPC streams call: the protocol can be driven and checked without gRPC.
+With ``reconnect_timeout`` a stream that breaks is not the end: the dialing side dials again with backoff, the
+listening side takes the peer back, and what was sent meanwhile, or sent and not acknowledged before the break, is
+sent again (the frames: :mod:`.frames`). A peer that does not come back within the timeout is lost
+(:class:`TransportClosed`, naming it); one that comes back as a new process (another incarnation) starts its streams
+from scratch and is reported as :class:`~splitlearn.wire.transport.base.PeerRestarted`. One thread per dialed peer
+dials and dials again; at most one per peer waits for it to come back (a reconnect flood cannot pile threads up).
+``is_connected``, ``broken_since`` and ``left`` (its goodbye) say where a peer stands without waiting;
+``wait_broken(peer, timeout)`` waits for its stream to break. The link protocol's three events on one stream
+(``stream_opened``, ``sync_received``, ``stream_ended``) are public methods the gRPC streams call: the protocol can
+be driven and checked without gRPC.
 """
 
 from __future__ import annotations
@@ -45,8 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from .base import PeerRestarted, Transport, TransportClosed, TransportError, TransportTimeout
-from .frames import (ACK, DATA, MAX_UNACKED_BYTES, SEQ, SYNC, SYNC_BYTES, PeerState, ack_frame, data_frame,
-                     sync_frame)
+from .frames import ACK, DATA, MAX_UNACKED_BYTES, SEQ, SYNC, SYNC_BYTES, PeerState, ack_frame, data_frame, sync_frame
 from .grpc_channels import (METHOD, PARTY_HEADER, RUN_HEADER, bind, channel_options, dial_channel, make_server,
                             peer_name, why)
 from .tls import UNREACHED, Credentials, PeerCheck
@@ -162,8 +159,8 @@ class GrpcTransport(Transport):
 
     # -- streams --------------------------------------------------------------------------------
     def stream_opened(self, peer: str, out: queue.Queue) -> bool:
-        """A new stream to ``peer`` whose outgoing frames go to ``out``: it begins with our SYNC; what
-        we send waits for theirs. False (nothing attached) while ``peer`` has a stream or after close."""
+        """A new stream to ``peer`` whose outgoing frames go to ``out``: it begins with our SYNC; what we send waits for
+        theirs. False (nothing attached) while ``peer`` has a stream or after close."""
         with self._cond:
             if self._closed.is_set() or peer in self._out:
                 return False
@@ -178,10 +175,10 @@ class GrpcTransport(Transport):
         return True
 
     def sync_received(self, peer: str, out: queue.Queue, incarnation: bytes, ours: bytes, upto: int) -> None:
-        """The peer's SYNC on the stream ``out`` (the peer's ``incarnation``, and the count ``upto`` of
-        our frames it received): drop what it has, send again what it lacks (in order), then go on.
-        ``ours``: the incarnation of this party that ``upto`` counts frames of; when it is not this
-        process (the peer received ``upto`` frames from an earlier one), nothing of ours is acknowledged."""
+        """The peer's SYNC on the stream ``out`` (the peer's ``incarnation``, and the count ``upto`` of our frames it
+        received): drop what it has, send again what it lacks (in order), then go on. ``ours``: the incarnation of this
+        party that ``upto`` counts frames of; not this process (the peer received ``upto`` frames from an earlier one):
+        nothing of ours is acknowledged."""
         restarted = False
         if ours != self.incarnation:
             upto = 0
@@ -197,7 +194,7 @@ class GrpcTransport(Transport):
             st.ack(upto)
             for _, frame in st.unacked:
                 out.put(frame)
-            st.synced, st.lost_at, st.down_at = True, None, None
+            st.synced, st.lost_at, st.down_at, st.said_bye = True, None, None, False
             self._cond.notify_all()  # wakes the thread waiting for it to come back
         if restarted:
             log.warning("%s: %s came back as a new process", self.party, peer)
@@ -205,8 +202,8 @@ class GrpcTransport(Transport):
                                   restarted=True))
 
     def stream_ended(self, peer: str, out: queue.Queue, reason: str, clean: bool) -> bool:
-        """The stream ``out`` to ``peer`` ended (``clean``: after its goodbye; ``reason``: why). True if
-        the peer may come back (a dialer dials again)."""
+        """The stream ``out`` to ``peer`` ended (``clean``: after its goodbye; ``reason``: why). True if the peer may
+        come back (a dialer dials again)."""
         out.put(_END)
         back = False
         with self._cond:
@@ -215,7 +212,7 @@ class GrpcTransport(Transport):
             del self._out[peer]
             st = self._peers.get(peer)
             if st is not None:
-                st.synced, st.down_at = False, time.monotonic()
+                st.synced, st.down_at, st.said_bye = False, time.monotonic(), clean
             self._cond.notify_all()
             if self._closed.is_set():
                 return False
@@ -231,9 +228,8 @@ class GrpcTransport(Transport):
         return back
 
     def _await_return(self, peer: str) -> None:
-        """A peer whose stream broke has ``reconnect_timeout`` seconds from its last break to come
-        back (its SYNC on a new stream). One such thread per peer: it ends as soon as the peer is back
-        and follows each new break's deadline, so a reconnect flood cannot pile threads up."""
+        """A peer whose stream broke has ``reconnect_timeout`` seconds from its last break to come back (its SYNC on a
+        new stream). One such thread per peer: it ends once the peer is back and follows each new break's deadline."""
         with self._cond:
             st = self._peers[peer]
             try:
@@ -446,8 +442,8 @@ class GrpcTransport(Transport):
             return not self._closed.is_set() and peer in self._out and st is not None and st.synced
 
     def broken_since(self, peer: str) -> float | None:
-        """When ``peer``'s stream last ended and has not come back (its SYNC on a new stream);
-        after ``close()``, at the latest when this transport closed (see :class:`Transport`)."""
+        """When ``peer``'s stream last ended and has not come back (its SYNC on a new stream); after ``close()``, at the
+        latest when this transport closed (see :class:`Transport`)."""
         if peer != self.party:
             self._known(peer)
         with self._cond:
@@ -455,9 +451,14 @@ class GrpcTransport(Transport):
             down = st.down_at if st is not None else None
             return self._closed_at if down is None else down
 
+    def left(self, peer: str) -> bool:
+        """Whether ``peer``'s stream ended with its goodbye and has not come back (see :class:`Transport`)."""
+        self._known(peer)
+        with self._cond:
+            return peer in self._peers and self._peers[peer].said_bye and not self._peers[peer].synced
+
     def wait_broken(self, peer: str, timeout: float) -> float | None:
-        """Wait up to ``timeout`` s (woken by the break itself) until ``peer``'s stream is down:
-        :meth:`broken_since` then, None if it is still up."""
+        """Wait up to ``timeout`` s (woken by the break) until ``peer``'s stream is down: :meth:`broken_since` then."""
         with self._cond:
             self._cond.wait_for(lambda: self.broken_since(peer) is not None, timeout)
             return self.broken_since(peer)
@@ -466,8 +467,7 @@ class GrpcTransport(Transport):
         """Times ``peer`` came back as a new process: its SYNC named another incarnation (see :class:`Transport`)."""
         self._known(peer)
         with self._cond:
-            st = self._peers.get(peer)
-            return st.restarts if st is not None else 0
+            return st.restarts if (st := self._peers.get(peer)) is not None else 0
 
     def _known(self, peer: str) -> None:
         if peer not in self.dial and peer not in self.accept:
@@ -475,8 +475,8 @@ class GrpcTransport(Transport):
                                  f"{sorted(set(self.dial) | self.accept)})")
 
     def close(self, grace: float = 0.5) -> None:
-        """Finish every stream (flushing what was sent, up to ``grace`` s), stop the server;
-        pending and later ``recv`` calls raise TransportClosed."""
+        """Finish every stream (flushing what was sent, up to ``grace`` s), stop the server; pending and later ``recv``
+        calls raise TransportClosed."""
         with self._cond:
             if self._closed.is_set():
                 return

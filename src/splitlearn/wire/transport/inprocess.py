@@ -86,6 +86,10 @@ class InProcessTransport(Transport):
         self.hub._left.setdefault(self.party, time.monotonic())
         self.hub._queues[self.party].put(_CLOSED)
 
+    def left(self, peer: str) -> bool:
+        """Whether ``peer`` closed its end (see :class:`~.base.Transport`)."""
+        return self.broken_since(peer) is not None and peer in self.hub._left
+
     def broken_since(self, peer: str) -> float | None:
         """When ``peer`` closed its end, or the hub was closed; None while both are open."""
         if peer not in self.hub._queues:
