@@ -232,7 +232,7 @@ class Participant:
 
     def gone(self, peers: Iterable[str]) -> Callable[[str], str | None]:
         """Why each of ``peers`` is gone, or None: it came back as a new process since :meth:`_restarts_known` (the
-        state a wait for it counted on is lost), closed its connection (its goodbye: Ctrl-C, a stopped service), or
+        state a wait for it counted on is lost), closed its connection (its goodbye: Ctrl-C, the end of its run), or
         its stream is down past the transport's reconnect window. A client's loss is no error of the transport (its
         failure is data): the waits for it ask this."""
         inner, known = self.switch.inner, {p: self._restarts_known(p) for p in peers}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,8 +64,7 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int
 
 
 def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, float | None]:
-    """``probs`` (rows, classes) sum to one per row; ``targets`` the classes. A metric that the
-    rows cannot give (AUC with one class present) is None."""
+    """``probs`` (rows, classes) sum to one per row; ``targets`` the classes. A figure the rows cannot give: None."""
     from sklearn.metrics import f1_score, recall_score, roc_auc_score
 
     probs = np.asarray(probs, dtype=np.float64)
@@ -403,6 +403,7 @@ def scores_loaded(summary: dict[str, list], tensors: dict[str, Tensor], prefix: 
 
 
 _RECENT: dict[tuple, tuple[tuple[weakref.ref, ...], dict[str, Any]]] = {}  # the last 2 evaluations' figures
+_RECENT_LOCK = threading.Lock()
 
 
 def evaluation_metrics(kind: str, parts: Sequence[Scores], intervals: bool = True) -> dict[str, Any]:
@@ -419,9 +420,10 @@ def evaluation_metrics(kind: str, parts: Sequence[Scores], intervals: bool = Tru
     key = (kind, intervals, tuple(id(p) for p in parts))
     if (known := _RECENT.get(key)) is None or any(r() is not p for r, p in zip(known[0], parts)):  # (an id reused)
         known = (tuple(weakref.ref(p) for p in parts), _evaluation_metrics(kind, parts, intervals))
-        _RECENT[key] = known
-        while len(_RECENT) > 2:  # the oldest goes (each step atomic, as another thread may evaluate meanwhile)
-            _RECENT.pop(next(iter(_RECENT), None), None)
+        with _RECENT_LOCK:  # (parties in threads of one process may evaluate at once)
+            _RECENT[key] = known
+            while len(_RECENT) > 2:  # the oldest goes
+                del _RECENT[next(iter(_RECENT))]
     return copy.deepcopy(known[1])
 
 

@@ -165,7 +165,7 @@ class GrpcTransport(Transport):
             if self._closed.is_set() or peer in self._out:
                 return False
             st = self._peers.setdefault(peer, PeerState())
-            st.synced = False
+            st.synced = st.said_bye = False
             self._out[peer] = out
             out.put(sync_frame(self.incarnation, st.incarnation, st.received))
             self._seen.add(peer)
@@ -212,7 +212,7 @@ class GrpcTransport(Transport):
             del self._out[peer]
             st = self._peers.get(peer)
             if st is not None:
-                st.synced, st.down_at, st.said_bye = False, time.monotonic(), clean
+                st.synced, st.down_at, st.said_bye = False, time.monotonic(), clean and not self._closed.is_set()
             self._cond.notify_all()
             if self._closed.is_set():
                 return False
