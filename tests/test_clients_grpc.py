@@ -10,7 +10,9 @@ import sys
 import pytest
 
 from splitlearn.launch.processes import launch
+from splitlearn.clients.context import Context
 from splitlearn.clients.roles import physical_names
+from splitlearn.run.setup import setup_party
 from splitlearn.core.load import load_plan
 from splitlearn.wire.transport.tls import make_certs
 
@@ -85,18 +87,18 @@ import torch
 
 
 class Tripwire(torch.nn.Linear):
-    \"\"\"A first layer that sends its own process a signal (SIGKILL: a crash; SIGINT: Ctrl-C) at its first forward
-    once the marker file names this process: "PID SIGNAL".\"\"\"
+    \"\"\"A first layer that sends its own process a signal (SIGKILL: a crash; SIGINT: Ctrl-C) at its AT-th training
+    forward, where the marker file names this process: "PID SIGNAL AT".\"\"\"
 
     def __init__(self, marker: str):
         super().__init__(64, 128)
-        self.marker = Path(marker)
+        self.marker, self.trained = Path(marker), 0
 
     def forward(self, x):
-        if self.marker.exists():
-            pid, sig = self.marker.read_text().split()
-            if pid == str(os.getpid()):
-                self.marker.unlink()
+        if self.training:
+            self.trained += 1
+            pid, sig, at = self.marker.read_text().split() if self.marker.exists() else ("", 0, 0)
+            if pid == str(os.getpid()) and self.trained == int(at):
                 os.kill(os.getpid(), int(sig))
         return super().forward(x)
 
@@ -125,6 +127,9 @@ def test_a_client_process_killed_inside_its_turn_fails_that_turn_at_once_not_aft
         assert server in text
         text = text.replace(server, "").replace('party = "server"', 'party = "hospital"')
         text = re.sub(r'handoff = .*\n', "", text.replace('schedule = "sequential"', 'schedule = "fedavg"\nfederation = "fed"'))
+    (tmp_path / "shares.toml").write_text(text)  # the same rows and shares, its own model (nothing imported here)
+    shares = load_plan(tmp_path / "shares.toml")
+    share = Context.from_setup(shares, setup_party(shares, "hospital")).shares[1]
     marker = tmp_path / "marker"
     text = text.replace('zoo = "mlp"\nargs = { sizes = [64, 128, 64, 10] }', f'factory = "tripwire:mlp"\nargs = {{ marker = "{marker}" }}')
     assert "tripwire:mlp" in text
@@ -146,10 +151,11 @@ def test_a_client_process_killed_inside_its_turn_fails_that_turn_at_once_not_aft
             cmd.append("--progress")
         procs[n] = subprocess.Popen(cmd, stdout=subprocess.PIPE if n == coordinator else subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True)
+    steps = -(-len(share) // 32)  # hospital-2's training steps a round
+    marker.write_text(f"{procs['hospital-2'].pid} {int(how)} {steps + 1}")  # its first training step of round 1
     try:
         first = procs[coordinator].stdout.readline().decode()  # the coordinator finished round 0
         assert first.startswith("progress 1 3 0 3 round train ")
-        marker.write_text(f"{procs['hospital-2'].pid} {int(how)}")  # its next forward: in its turn of round 1
         assert procs[coordinator].wait(timeout=50) == 0  # (waiting out the step timeout would take 60 s or more)
         assert procs["hospital-1"].wait(timeout=30) == 0
         assert procs["hospital-2"].wait(timeout=30) == (-signal.SIGKILL if how == signal.SIGKILL else 130)
