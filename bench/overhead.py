@@ -471,7 +471,8 @@ def section(args: argparse.Namespace, got: dict, seconds: float, load: tuple[str
         f"Written by `.venv/bin/python bench/overhead.py{' --quick' if args.quick else ''}` in {seconds:.0f} s. "
         f"Machine: {os.cpu_count()} cores (shared), {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"Python {platform.python_version()}, torch {torch.__version__}. Load average (1, 5, 15 min) before: "
-        f"{load[0]}; after: {load[1]}." + BUSY * (max(float(x.split()[0]) for x in load) > (os.cpu_count() or 1)),
+        f"{load[0]}; after: {load[1]} (its own party processes included)."
+        + BUSY * (float(load[0].split()[0]) > (os.cpu_count() or 1)),  # (others' load: before it ran)
         "",
         "Vanilla plans (hospital: bottom + labels; server: top + loss). *In one process*: `splitlearn.train(plan, "
         "launcher=\"threads\")`, the parties taking turns on one thread (`wire/transport/turns.py`). *gRPC*: `launcher=\"processes\"`, one process per party on "
