@@ -40,7 +40,7 @@ from ..wire.link import Link
 from ..wire.messages import (Kind, Limits, Message, kind_of, quote, read_reply, read_weights, reply, weights,
                               wire_size)
 from ..wire.metering import Meter
-from ..wire.transport.base import Transport, TransportTimeout
+from ..wire.transport.base import Transport, TransportError, TransportTimeout
 from ..wire.transport.switch import WATCH_S, Switch
 from .context import Context
 from .results import RECORDED_CLIENTS, FederationRound, federation_record
@@ -225,10 +225,17 @@ class Participant:
     def _on_rejoined(self, party: str) -> None:
         """``party`` says it came back as a new process: only the coordinator acts on it."""
 
+    def _restarts(self, party: str) -> int:
+        """How many times the transport saw ``party`` come back as a new process (0: it cannot tell)."""
+        try:
+            return self.switch.inner.restarts(party)
+        except TransportError:
+            return 0
+
     def _restarts_known(self, peer: str) -> int:
         """The restarts of ``peer`` (new processes of it, as the transport saw them) this party's waits for it may
         run with: those seen when the wait begins (a coordinator: those it has taken into account, :mod:`.recovery`)."""
-        return self.switch.inner.restarts(peer)
+        return self._restarts(peer)
 
     def gone(self, peers: Iterable[str]) -> Callable[[str], str | None]:
         """Why each of ``peers`` is gone, or None: it came back as a new process since :meth:`_restarts_known` (the
@@ -239,7 +246,7 @@ class Participant:
         window = getattr(inner, "reconnect_timeout", 0.0)
 
         def why(p: str) -> str | None:
-            if inner.restarts(p) > known[p]:
+            if self._restarts(p) > known[p]:
                 return f"{p} came back as a new process: what was under way with it is lost"
             since = inner.broken_since(p)
             if since is not None and inner.left(p):

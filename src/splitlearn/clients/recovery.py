@@ -33,13 +33,6 @@ class Recovery(Instructing):
     transport); ``given_up``: parties waited for in vain (never again); ``_restarts_taken``: per
     party, its restarts (seen by the transport) believed."""
 
-    def _restarts(self, party: str) -> int:
-        """How many times the transport saw ``party`` come back as a new process (0: it cannot tell)."""
-        try:
-            return self.switch.inner.restarts(party)
-        except TransportError:
-            return 0
-
     def _restarts_known(self, peer: str) -> int:
         """Where this coordinator rewinds (checkpoints kept, ``rejoin_wait_s``), a turn with ``peer`` ends at once if
         the transport saw it restart beyond those taken into account: the rewind waits (:meth:`_rejoined_party`).

@@ -97,7 +97,7 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     root = {p: e for p, e in fatal.items() if not isinstance(e, TransportClosed) and p not in after} or fatal
     said = {p: (str(e) if isinstance(e, (PartyError, PlanError)) else f"{type(e).__name__}: {e}") for p, e in root.items()}
     errors.clear()  # (an error's traceback holds work's frame, whose cells hold errors and every party: a cycle)
-    fatal = root = {}
+    del fatal, root
     if said:
         raise RunError(said)
     for n, part in parts.items():  # a client that failed still reports what it did
