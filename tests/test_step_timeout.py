@@ -15,6 +15,7 @@ from splitlearn.core.engine import PartyError
 from splitlearn.core.plan import STEP_TIMEOUT_S, parse_plan
 from splitlearn.core.specs import PlanError
 from splitlearn.launch.oneparty import run_one_party
+from splitlearn.run.allocator import frozen_heap
 from splitlearn.run.setup import prepare
 from splitlearn.wire.messages import Kind, kind_of
 from splitlearn.wire.transport import InProcessHub
@@ -54,14 +55,19 @@ class _Mute:
 
 
 def test_a_plain_in_process_party_gives_up_on_a_silent_neighbour_within_the_plans_step_timeout():
-    """Without any timeout given, the hospital's step has the plan's deadline (1 s, not 120 s): its server
-    never sends the gradient of the first training step, and the hospital fails within about a second,
-    naming the deadline and what it waited for."""
-    plan, setups, shapes = prepare(tiny().with_train(step_timeout=1.0, epochs=1))
+    """Without any timeout given, the hospital's step has the plan's deadline (2 s, not 120 s): its server
+    never sends the gradient of the first training step, and the hospital fails within about that,
+    naming the deadline and what it waited for.
+
+    The same deadline bounds the hellos before it, so the parties run as ``splitlearn`` runs them, with the
+    heap frozen (:func:`~splitlearn.run.allocator.frozen_heap`): a full collection of a test worker's heap
+    (torch, transformers, scikit-learn loaded) on a loaded 2-core machine once held the server's hello past
+    a 1 s deadline."""
+    plan, setups, shapes = prepare(tiny().with_train(step_timeout=2.0, epochs=1))
     hub = InProcessHub(["hospital", "server"])
     hospital = physical_party(plan, "hospital", setups["hospital"], hub.transport("hospital"), shapes=shapes)
     server = physical_party(plan, "server", setups["server"], _Mute(hub.transport("server")), shapes=shapes)
-    assert hospital.party.timeout == 1.0 and server.party.timeout == 1.0
+    assert hospital.party.timeout == 2.0 and server.party.timeout == 2.0
     failed: list[BaseException] = []
 
     def serve() -> None:
@@ -70,15 +76,16 @@ def test_a_plain_in_process_party_gives_up_on_a_silent_neighbour_within_the_plan
         except BaseException as e:  # noqa: BLE001 - it fails once the hospital has given up
             failed.append(e)
 
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    start = time.monotonic()
-    with pytest.raises(PartyError, match=r"hospital: step 0 not done within its deadline of 1\.0 s .*bottom"):
-        hospital.run()
-    took = time.monotonic() - start
-    hub.close()
-    t.join(10)
-    assert 1.0 <= took < 10.0, took  # the plan's deadline, far below the 120 s default
+    with frozen_heap():
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        start = time.monotonic()
+        with pytest.raises(PartyError, match=r"hospital: step 0 not done within its deadline of 2\.0 s .*bottom"):
+            hospital.run()
+        took = time.monotonic() - start
+        hub.close()
+        t.join(10)
+    assert 2.0 <= took < 12.0, took  # the plan's deadline, far below the 120 s default
 
 
 def test_a_party_process_gives_up_on_a_neighbour_that_never_answers_within_the_plans_step_timeout(tmp_path):
