@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from splitlearn.clients.baselines import centralized_plan, method_plan
 from splitlearn.tools.compare import predict_cost
 from splitlearn.clients.context import Context
-from splitlearn.wire.control import LoadWeights, SendWeights, TakeTurn
+from splitlearn.wire.control import Checkpoint, LoadWeights, SendWeights, TakeTurn
+from splitlearn.core.strategy import STRATEGIES
 from splitlearn.launch.results import build_result as merge_reports
 from splitlearn.wire.messages import weights as weights_message
 from splitlearn.wire.messages import Kind
@@ -196,6 +197,41 @@ def test_a_client_that_stops_answering_is_skipped_reported_and_the_run_completes
     assert {(1, "hospital-2"), (2, "hospital-2")} <= skipped
     assert all(c == "hospital-2" for _, c in skipped)
     assert len(res["metrics"]["test_accuracy_per_epoch"]) == 3 and res["metrics"]["test_accuracy"] > 0.5
+
+
+FAILING_AT = {"turn": TakeTurn, "load": LoadWeights, "send": SendWeights, "checkpoint": Checkpoint}
+
+
+@pytest.mark.parametrize("schedule", sorted(STRATEGIES.names()))
+@pytest.mark.parametrize("moment", sorted(FAILING_AT))
+def test_a_client_failing_at_any_command_is_skipped_at_once_naming_that_it_left(tmp_path, schedule, moment):
+    """Every schedule, a client failing when a command of each kind comes (its second of that kind: it has done
+    one): its process would close its connection, and every wait for it, the turn's, a hand-off's, a download's,
+    the federation's collection, a checkpoint's, stops at once, its skip naming that it left, never the minute its
+    answers and steps may take (``clients.timeout``, ``[train] step_timeout``). The others train on."""
+    plan = tiny(count=3, schedule=schedule, timeout=60.0).with_train(epochs=3)
+    seen = {"n": 0}
+
+    def fails(role, request, ins):
+        if isinstance(ins, FAILING_AT[moment]):
+            seen["n"] += 1
+            if seen["n"] == 2:
+                raise SystemExit("killed")
+
+    logging.disable(logging.WARNING)
+    try:
+        start = time.monotonic()
+        reports = run_clients(plan, faults={"hospital-2": fails}, out=tmp_path if moment == "checkpoint" else None)
+        took = time.monotonic() - start
+    finally:
+        logging.disable(logging.NOTSET)
+    res = merge_reports(plan, reports)
+    reasons = {(s["round"], s["during"]): s["reason"] for s in res["skipped"]}
+    assert {s["client"] for s in res["skipped"]} <= {"hospital-2"}, res["skipped"]
+    assert (seen["n"] >= 2) == bool(reasons), (seen, reasons)  # (a schedule that never sends it that command twice)
+    assert all("hospital-2 closed its connection" in r for r in reasons.values()), reasons
+    assert took < 50, took  # (every wait above is a minute long: not one of them was waited out)
+    assert len(res["metrics"]["test_accuracy_per_epoch"]) == 3
 
 
 def test_a_client_that_misses_its_turn_rejoins_later():

@@ -237,20 +237,25 @@ class Participant:
         run with: those seen when the wait begins (a coordinator: those it has taken into account, :mod:`.recovery`)."""
         return self._restarts(peer)
 
-    def gone(self, peers: Iterable[str]) -> Callable[[str], str | None]:
-        """Why each of ``peers`` is gone, or None: it came back as a new process since :meth:`_restarts_known` (the
-        state a wait for it counted on is lost), closed its connection (its goodbye: Ctrl-C, the end of its run), or
-        its stream is down past the transport's reconnect window. A client's loss is no error of the transport (its
-        failure is data): the waits for it ask this."""
-        inner, known = self.switch.inner, {p: self._restarts_known(p) for p in peers}
+    def gone(self, peers: Iterable[str], now: bool = False) -> Callable[[str], str | None]:
+        """Why each of ``peers`` is gone, or None: it came back as a new process since :meth:`_restarts_known` (``now``:
+        since this call; the state a wait for it counted on is lost), closed its connection (its goodbye: Ctrl-C, a
+        failure, the end of its run), or its stream is down past the transport's reconnect window. A client's loss is
+        no error of the transport (its failure is data): every wait for it asks this (:meth:`await_messages`). A peer
+        the transport cannot tell about (no link to it) is never gone."""
+        inner = self.switch.inner
+        known = {p: self._restarts(p) if now else self._restarts_known(p) for p in peers}
         window = getattr(inner, "reconnect_timeout", 0.0)
 
         def why(p: str) -> str | None:
-            if self._restarts(p) > known[p]:
+            if self._restarts(p) > known.get(p, 0):
                 return f"{p} came back as a new process: what was under way with it is lost"
-            since = inner.broken_since(p)
-            if since is not None and inner.left(p):
-                return f"{p} closed its connection"
+            try:
+                since = inner.broken_since(p)
+                if since is not None and inner.left(p):
+                    return f"{p} closed its connection"
+            except TransportError:
+                return None
             if since is not None and time.monotonic() - since > window:
                 return f"connection to {p!r} lost" + f", not back within {window:g} s" * bool(window)
             return None
@@ -261,18 +266,24 @@ class Participant:
                        gone: Callable[[str], str | None] | None = None) -> dict[str, Any]:
         """What ``take(message, reply, request)`` keeps (not None) of one message from each of
         ``senders``, as far as it comes within ``timeout`` s or until ``until()`` holds (replies decoded,
-        a malformed one refused); ``gone`` (:meth:`gone`): a sender it names is not waited for any longer (looked at
-        every :data:`~splitlearn.wire.transport.switch.WATCH_S` s without a message). Commands, early weights
-        (:attr:`early_weights`) and rejoin notices that come meanwhile are kept or acted on."""
+        a malformed one refused). A sender that is gone (``gone``, by default :meth:`gone` of the senders as of
+        now) is not waited for any longer: looked at every :data:`~splitlearn.wire.transport.switch.WATCH_S` s
+        while it is waited for. Commands, early weights (:attr:`early_weights`) and rejoin notices that come
+        meanwhile are kept or acted on."""
         want, got = set(senders), {}
+        gone = gone or self.gone(want, now=True)
         deadline = time.monotonic() + timeout
+        look = time.monotonic() + WATCH_S
         while want - set(got) and not (until is not None and until()):
-            try:
-                msg = self.link.recv(deadline=deadline if gone is None else min(deadline, time.monotonic() + WATCH_S))
-            except TransportTimeout:
-                if gone is None or time.monotonic() >= deadline:
-                    break
+            if time.monotonic() >= look:  # (messages of others may keep coming: looked at on time all the same)
                 want -= {s for s in want - set(got) if gone(s)}
+                look = time.monotonic() + WATCH_S
+                continue
+            try:
+                msg = self.link.recv(deadline=min(deadline, look))
+            except TransportTimeout:
+                if time.monotonic() >= deadline:
+                    break
                 continue
             answer, request = None, 0
             if msg.kind == Kind.ACK:
@@ -304,14 +315,17 @@ class Participant:
 
         return self.await_messages(senders, timeout, take, gone=gone)
 
-    def take_weights(self, senders: list[str], request: int, timeout: float) -> dict[str, Message]:
+    def take_weights(self, senders: list[str], request: int, timeout: float,
+                     gone: Callable[[str], str | None] | None = None) -> dict[str, Message]:
         """The weights answering ``request`` from each sender that sends them in time (taken from
-        :attr:`early_weights` first; the senders' early weights for other requests are dropped)."""
+        :attr:`early_weights` first; the senders' early weights for other requests are dropped; ``gone``: see
+        :meth:`await_messages`)."""
         got = {s: self._early.pop((s, request)) for s in senders if (s, request) in self._early}
         for key in [k for k in self._early if k[0] in senders]:  # another request's: stale, one request at a time
             del self._early[key]
         ans = self.await_messages([s for s in senders if s not in got], timeout,
-                                  lambda msg, _, __: msg if msg.kind == Kind.WEIGHTS and msg.step == request else None)
+                                  lambda msg, _, __: msg if msg.kind == Kind.WEIGHTS and msg.step == request else None,
+                                  gone=gone)
         return {**got, **ans}
 
     @property
@@ -334,11 +348,13 @@ class Participant:
         ``lend``: keep them for the next evaluation turn only (our own weights stay as they are)."""
         if ready:
             self._reply(request, Ready())
-        msg = self.take_weights([sender], request, self.timeout).get(sender)
+        gone = self.gone([sender], now=True)
+        msg = self.take_weights([sender], request, self.timeout, gone=gone).get(sender)
         if msg is None:
-            log.warning("%s: no weights from %s within %g s; training on with our own", self.name, sender,
-                        self.timeout)
-            self._reply(request, WeightsMissing(sender))
+            why = gone(sender)
+            log.warning("%s: no weights from %s (%s); training on with our own", self.name, sender,
+                        why or f"not within {self.timeout:g} s")
+            self._reply(request, WeightsMissing(sender, (why or "")[:300]))
             return
         try:
             state = read_weights(msg, self.client_state())

@@ -79,11 +79,12 @@ class Recovery(Instructing):
                 log.warning("%s: checkpoint: cannot reach %s: %s", self.name, p, e)
                 why[p] = f"cannot reach it: {e}"
         self.capture(cursor)
-        ans = self.replies(asked, self.timeout, rid, Saved)
+        gone = self.gone(asked, now=True)
+        ans = self.replies(asked, self.timeout, rid, Saved, gone=gone)
         for p in everyone:
             if p not in ans and rnd is not None:
-                self._skip(rnd, p, "checkpoint", why.get(p, f"it did not say within {self.timeout:g} s that it saved "
-                                                             "its state"))
+                self._skip(rnd, p, "checkpoint", why.get(p) or gone(p) or f"it did not say within {self.timeout:g} s "
+                                                                        "that it saved its state")
 
     def start_over_everyone(self, everyone: list[str]) -> None:
         """Resuming, but no checkpoint is held by every party: every party starts the run over."""

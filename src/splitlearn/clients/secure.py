@@ -53,6 +53,7 @@ from ..privacy.shamir import SHARE_BYTES
 from ..wire.codec import Encoded, WireError
 from ..wire.messages import Kind, Message, parse_json, quote
 from ..wire.transport import TransportError
+from ..wire.transport.switch import WATCH_S
 from .securestate import SecureState
 from .weights import flatten, unflatten
 
@@ -322,12 +323,25 @@ class _Round:
                 log.debug("%s: secure aggregation: dropping a late message of %s", part.name, msg.sender)
             return True
 
+        gone, away, look = part.gone(pending, now=True), {}, [time.monotonic() + WATCH_S]
+
+        def settled() -> bool:  # every sender done, or gone (looked at every WATCH_S s: no wait for one that left)
+            if pending and time.monotonic() >= look[0]:
+                look[0] = time.monotonic() + WATCH_S
+                away.update({c: why for c in sorted(pending) if (why := gone(c))})
+                pending.difference_update(away)
+            return not pending
+
         while pending and (left := deadline - time.monotonic()) > 0:
-            part.await_messages(self.clients, left, mine, until=lambda: not pending)
+            part.await_messages(self.clients, left, mine, until=settled)
         late = sorted(pending) if waited else []
         self.abort(late, f"its {phase} message did not come within {part.timeout:g} s: the round goes on without it")
         for c in late:
             self.out.setdefault(c, f"{LEFT_OUT}its {phase} message did not come within {part.timeout:g} s")
+        for c, why in away.items():
+            log.warning("%s: secure aggregation (%s): %s", part.name, phase, why)
+            if waited:
+                self.out.setdefault(c, f"{LEFT_OUT}{why} before its {phase} message")
 
 
 def secure_collect(part: Participant, clients: list[str], samples: list[int],

@@ -26,14 +26,15 @@ class WeightTransfers(Instructing):
     def _fetch(self, rnd: Round, holder: str, what: str, then: str, evaluation: bool = False) -> Message | None:
         """``holder``'s weights, sent to this coordinator; None if they did not come in time (``holder``
         is skipped for ``what``, the report saying ``then``)."""
-        rid = next(self._requests)
+        rid, gone = next(self._requests), self.gone([holder], now=True)
         try:
             self._instruct(holder, SendWeights(self.name, evaluation=evaluation), rid)
-            got = self.take_weights([holder], rid, self.timeout).get(holder)
+            got = self.take_weights([holder], rid, self.timeout, gone=gone).get(holder)
         except TransportError:
             got = None
         if got is None:
-            self._skip(rnd, holder, what, f"its weights did not come within {self.timeout:g} s; {then}")
+            self._skip(rnd, holder, what, f"{gone(holder) or f'its weights did not come within {self.timeout:g} s'}; "
+                                          f"{then}")
         return got
 
     def _lend(self, rnd: Round, holder: str, client: str) -> bool:
@@ -52,9 +53,11 @@ class WeightTransfers(Instructing):
             except TransportError as e:
                 self._skip(rnd, client, "evaluation", f"cannot reach it: {e}")
                 return False
-            ans = self.replies([client], 2 * self.timeout, rid, *LOAD_REPLIES)
+            gone = self.gone([client], now=True)
+            ans = self.replies([client], 2 * self.timeout, rid, *LOAD_REPLIES, gone=gone)
         if not isinstance(ans.get(client), WeightsLoaded) or ans[client].source != self.name:
-            self._skip(rnd, client, "evaluation", f"the weights of {holder}: {_not_loaded(ans.get(client), client)}")
+            self._skip(rnd, client, "evaluation", f"the weights of {holder}: "
+                       + (_not_loaded(ans[client], client) if client in ans else gone(client) or _not_loaded(None, client)))
             return False
         return True
 
@@ -84,9 +87,11 @@ class WeightTransfers(Instructing):
                 self._instruct(holder, SendWeights(client), rid)
             except TransportError as e:  # the client will say that nothing came
                 log.warning("%s: hand-off from %s: %s", self.name, holder, e)
-        ans = self.replies([client], 2 * self.timeout, rid, *LOAD_REPLIES)
+        gone = self.gone([client], now=True)
+        ans = self.replies([client], 2 * self.timeout, rid, *LOAD_REPLIES, gone=gone)
         if client not in ans:  # the client itself waits up to one timeout for the weights
-            self._skip(rnd, client, "hand-off", f"no answer within {2 * self.timeout:g} s; its turn is skipped")
+            self._skip(rnd, client, "hand-off",
+                       f"{gone(client) or f'no answer within {2 * self.timeout:g} s'}; its turn is skipped")
             return False
         if not isinstance(ans[client], WeightsLoaded):
             self._skip(rnd, holder, "hand-off", f"{_not_loaded(ans[client], client)}; {client} trains on from its own")
@@ -103,8 +108,9 @@ class WeightTransfers(Instructing):
                                                             evaluation=evaluation))
             except TransportError as e:
                 self._skip(rnd, c, "download", f"cannot reach it: {e}")
+        asked, gone = set(requests), self.gone(list(requests), now=True)
         if evaluation and apart:  # the weights may not overtake the command: it decides the meter
-            ready = self.replies(list(requests), self.timeout, requests, Ready)
+            ready = self.replies(list(requests), self.timeout, requests, Ready, gone=gone)
             requests = {c: r for c, r in requests.items() if c in ready}
         try:
             if apart:
@@ -115,13 +121,13 @@ class WeightTransfers(Instructing):
                         self.send_weights(c, r)
         except TransportError as e:
             log.warning("%s: download: %s", self.name, e)
-        ans = self.replies(list(requests), self.timeout, requests, *LOAD_REPLIES)
+        ans = self.replies(list(requests), self.timeout, requests, *LOAD_REPLIES, gone=gone)
         what = "evaluation download" if evaluation else "download"
         loaded = []
         for c in names:
             if c not in ans:
-                if c in requests:
-                    self._skip(rnd, c, what, f"no answer within {self.timeout:g} s")
+                if c in asked:  # (not ready in time, or no answer to the load)
+                    self._skip(rnd, c, what, gone(c) or f"no answer within {self.timeout:g} s")
             elif not isinstance(ans[c], WeightsLoaded) or ans[c].source != self.federation:
                 self._skip(rnd, c, what, f"the federation's weights: {_not_loaded(ans[c], c)}")
             else:
@@ -139,6 +145,7 @@ class WeightTransfers(Instructing):
             except TransportError as e:
                 self._skip(rnd, c, "averaging", f"cannot reach it: {e}")
         samples = [rnd.samples[self.clients.index(c)] for c in sending]
+        gone = self.gone(sending, now=True)  # (why one's weights did not come, where this coordinator can tell)
         refused: dict[str, str] = {}
         if self.federation == self.name:
             got, refused = self.collect(sending, samples, rid)
@@ -162,7 +169,7 @@ class WeightTransfers(Instructing):
             elif c in refused:  # it is there, and sent what the federation refused: skipped at once
                 self._skip(rnd, c, "averaging", f"its weights were refused by {self.federation}: {quote(refused[c])}")
             elif c not in got:
-                self._skip(rnd, c, "averaging", f"its weights did not come within {self.timeout:g} s")
+                self._skip(rnd, c, "averaging", gone(c) or f"its weights did not come within {self.timeout:g} s")
         return got
 
     def _merge_copies_everywhere(self, rnd: Round, clients: tuple[str, ...]) -> None:
@@ -180,5 +187,6 @@ def _not_loaded(answer: Reply | None, client: str) -> str:
     if isinstance(answer, WeightsRefused):
         return f"{client} refused them: {quote(answer.why)}"
     if isinstance(answer, WeightsMissing):
-        return f"they did not reach {client} within {client}'s timeout"
+        return (f"they did not reach {client}: {quote(answer.why, 300)}" if answer.why
+                else f"they did not reach {client} within {client}'s timeout")
     return f"{client} did not say it loaded them ({quote(answer)})"

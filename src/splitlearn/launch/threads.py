@@ -44,14 +44,14 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
     ``out``: the run folder (checkpoints are taken there); ``resume``: from the last checkpoint; ``built``: called
     with each party's name and participant once it is built, before any runs.
 
-    A party whose failure is data (a client) is reported by the coordinator and the run goes on;
-    any other failure stops every party and raises :class:`RunError` naming the parties that
-    failed first."""
+    A party whose failure is data (a client) is reported by the coordinator and the run goes on (its end of the
+    hub closed, as its process would close its connection: what waits for it stops waiting); any other failure
+    stops every party and raises :class:`RunError` naming the parties that failed first."""
     topo = Topology.of(plan)
     hub = InProcessHub(topo.names)
     held = physical_setups(plan, topo, setups)
     extra = shared_in_process(plan, setups)  # derived once, the same for every physical party
-    parts = {}
+    parts, ends = {}, {n: hub.transport(n) for n in topo.names}
     for n in topo.names:
         kw = dict(extra)
         if faults and n in faults:
@@ -59,7 +59,7 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
         if steps is not None:
             kw.update(steps=steps, predicting=predicting)
         kw.update(out=out, resume=resume)
-        parts[n] = physical_party(plan, n, held[n], hub.transport(n), shapes=shapes, timeout=timeout,
+        parts[n] = physical_party(plan, n, held[n], ends[n], shapes=shapes, timeout=timeout,
                                   record=record, tracking=tracking, **kw)
         if built is not None:
             built(n, parts[n])
@@ -80,6 +80,8 @@ def run_local(plan: Plan, setups: dict[str, PartySetup], shapes: dict | None = N
             if name not in topo.droppable:
                 stopping.append(True)
                 hub.close()
+            else:  # as its process would end: its connection closed, which the waits for it see at once
+                ends[name].close()
 
     before = torch.get_num_threads()
     torch.set_num_threads(math_threads(len(topo.names)))  # what each party process would get (launch/processes.py)

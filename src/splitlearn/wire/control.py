@@ -294,10 +294,12 @@ class WeightsLoaded(Reply):
 
 @dataclass(frozen=True)
 class WeightsMissing(Reply):
-    """The weights of ``source`` did not come within the client's timeout (it trains on with its own)."""
+    """The weights of ``source`` did not come (the client trains on with its own): ``why``, where the client could
+    tell (``source`` is gone: it left, came back as a new process, or its link is down); else within its timeout."""
 
     WORD: ClassVar[str] = "missing"
     source: str
+    why: str = ""
 
 
 @dataclass(frozen=True)
