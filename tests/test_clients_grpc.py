@@ -110,15 +110,17 @@ def mlp(marker: str):
 
 
 @pytest.mark.parametrize("schedule, how", [("sequential", signal.SIGKILL), ("fedavg", signal.SIGKILL),
-                                           ("sequential", signal.SIGINT)], ids=["killed", "fedavg-killed", "ctrl-c"])
+                                           ("sequential", signal.SIGINT), ("sequential", signal.SIGTERM)],
+                         ids=["killed", "fedavg-killed", "ctrl-c", "sigterm"])
 def test_a_client_process_killed_inside_its_turn_fails_that_turn_at_once_not_after_the_step_timeout(tmp_path, schedule,
                                                                                                    how):
     """The coordinator waits inside a client's turn when the client's process dies (sequential: the server waits
     for its handshake's activation; FedAvg: the federation waits for the end of its local training): the turn fails
     as soon as the transport says the client is gone, naming why, not after the step timeout (60 s here, times the
     turn's steps for FedAvg; before, a client's loss reached no wait: the whole federation waited it out). Killed
-    (SIGKILL), its stream is down past ``reconnect_timeout`` (1 s); stopped with Ctrl-C (SIGINT), it said goodbye, so
-    a reconnect window of 60 s is not waited out. The client is then skipped and the other trains on."""
+    (SIGKILL), its stream is down past ``reconnect_timeout`` (1 s); stopped with Ctrl-C (SIGINT) or SIGTERM (a
+    service's stop), it tells the turn's peers why and says goodbye, so a reconnect window of 60 s is not waited out.
+    The client is then skipped and the other trains on."""
     text = (EXAMPLES / "sequential.toml").read_text()
     text = text.replace("count = 10", "count = 2").replace("epochs = 8", "epochs = 3").replace("timeout = 30", "timeout = 3")
     text = text.replace("seed = 0", f"seed = 0\nreconnect_timeout = {1 if how == signal.SIGKILL else 60}", 1)
@@ -158,15 +160,15 @@ def test_a_client_process_killed_inside_its_turn_fails_that_turn_at_once_not_aft
         assert first.startswith("progress 1 3 0 3 round train ")
         assert procs[coordinator].wait(timeout=50) == 0  # (waiting out the step timeout would take 60 s or more)
         assert procs["hospital-1"].wait(timeout=30) == 0
-        assert procs["hospital-2"].wait(timeout=30) == (-signal.SIGKILL if how == signal.SIGKILL else 130)
+        assert procs["hospital-2"].wait(timeout=30) == (-signal.SIGKILL if how == signal.SIGKILL else 128 + how)
     finally:
         for p in procs.values():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     report = json.loads((tmp_path / "run" / "parties" / coordinator / "report.json").read_text())
     (turn,) = [s for s in report["skipped"] if s["round"] == 1 and s["during"] == "train turn"]
-    why = ("connection to 'hospital-2' lost, not back within 1 s" if how == signal.SIGKILL
-           else "hospital-2 closed its connection")
+    why = {signal.SIGKILL: "connection to 'hospital-2' lost, not back within 1 s",  # (its turn's peer: "hospital")
+           signal.SIGINT: "hospital was stopped (Ctrl-C)", signal.SIGTERM: "hospital was stopped (SIGTERM)"}[how]
     assert turn["client"] == "hospital-2" and why in turn["reason"], turn
     assert {s["client"] for s in report["skipped"]} == {"hospital-2"} and (2, "hospital-2") in {
         (s["round"], s["client"]) for s in report["skipped"]}

@@ -99,6 +99,38 @@ def test_killing_one_party_ends_the_others_with_an_error(tmp_path):
     assert "did not come back within 1 s" in error and "the last step both parties finished" in error
 
 
+def test_a_party_stopped_with_sigterm_tells_its_neighbours_and_every_party_ends_at_once(tmp_path):
+    """SIGTERM (a service's stop, ``systemctl stop``, ``kill``) stops a party as Ctrl-C does: it tells its
+    neighbours why and closes its connections, exit status 143. Along the chain client -> relay_1 -> relay_2 ->
+    server, relay_1 stopped mid-run: every other party ends within moments, naming it, though each would wait a
+    minute for a broken link to come back (``reconnect_timeout``: what a party killed where it stood costs them)."""
+    plan = tmp_path / "multi_hop.toml"
+    plan.write_text((EXAMPLES / "multi_hop.toml").read_text().replace("seed = 0", "seed = 0\nreconnect_timeout = 60", 1))
+    names = list(load_plan(plan).parties)
+    make_certs(names, tmp_path / "certs")
+    ports = {n: free_port() for n in names}
+    procs = {n: subprocess.Popen(party_cmd(plan, n, tmp_path / "certs", ports, tmp_path / "out", "--epochs", "500",
+                                           *(["--progress"] if n == "client" else [])),
+                                 stdout=subprocess.PIPE if n == "client" else subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True) for n in names}
+    try:
+        for _ in range(20):  # training is under way
+            assert procs["client"].stdout.readline().startswith(b"progress")
+        procs["relay_1"].send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        codes = {n: p.wait(timeout=60) for n, p in procs.items()}
+        took = time.monotonic() - t0
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert codes == {"client": 1, "relay_1": 143, "relay_2": 1, "server": 1}, codes
+    assert took < 30, took  # (a broken link would be waited for 60 s)
+    errors = {n: json.loads((tmp_path / "out" / "parties" / n / "error.json").read_text())["error"] for n in names}
+    assert errors["relay_1"] == "stopped by SIGTERM"
+    assert all("relay_1 was stopped (SIGTERM)" in errors[n] for n in ("client", "relay_2", "server")), errors
+
+
 def test_run_exit_status_and_error_of_a_failed_party(tmp_path):
     bad = tmp_path / "bad.toml"
     # the server's file names a factory only its own process cannot build: the plan check in

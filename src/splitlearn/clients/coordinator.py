@@ -56,8 +56,9 @@ class Coordinator(Recovery, WeightTransfers):
         everyone = [*others, *self.clients]
         try:
             self._walk(fixed, everyone, progress)
-        except BaseException as e:
-            self._stop(everyone, str(e) or type(e).__name__)
+        except BaseException as e:  # (Ctrl-C, SIGTERM: it was stopped; every party says so)
+            self._stop(everyone, f"{self.name} was stopped ({str(e) or 'Ctrl-C'})" if isinstance(e, KeyboardInterrupt)
+                       else str(e) or type(e).__name__)
             raise
         self._stop(everyone, None)
 

@@ -17,7 +17,7 @@ from ..wire.control import (Census, CensusAnswer, Checkpoint, CheckpointsHeld, C
                             SendAverage, SendWeights, StartedOver, StartOver, Stop, TakeTurn, TurnDone,
                             WhichCheckpoints)
 from ..wire.messages import Kind, quote, read_command
-from ..wire.transport import TransportClosed
+from ..wire.transport import TransportClosed, TransportError
 from .roles import physical_names
 from .saving import StateSaving
 from .secure import SecurePhase, secure_send
@@ -124,7 +124,17 @@ class Follower(TurnTaking, StateSaving):
                         lambda phase: self.fault(self, request, SecurePhase(phase, ins.to)))
             return
         with self._metering(ins.evaluation):
-            self.send_weights(ins.to, request)
+            self._send_to_client(ins.to, request) if ins.to in self.clients else self.send_weights(ins.to, request)
+
+    def _send_to_client(self, client: str, request: int) -> None:
+        """Weights to a client (a hand-off's peer, the federation's average): one that is gone cannot take them, and
+        the coordinator learns it from that client; this party goes on (its own transport closed still ends it)."""
+        try:
+            self.send_weights(client, request)
+        except TransportClosed:
+            raise
+        except TransportError as e:
+            log.warning("%s: weights for %s not sent: %s", self.name, client, e)
 
     def _collect(self, request: int, ins: Collect) -> None:
         got, refused = self.collect(list(ins.clients), list(ins.samples), request)
@@ -136,7 +146,7 @@ class Follower(TurnTaking, StateSaving):
             raise Unfit(f"no client {quote(strangers[0])} to send the average to")
         with self._metering(ins.evaluation):
             for c, r in zip(ins.clients, ins.requests):
-                self.send_weights(c, r)
+                self._send_to_client(c, r)
 
     def _checkpoint(self, request: int, ins: Checkpoint) -> None:
         self.capture(ins.cursor)

@@ -243,6 +243,8 @@ class Participant:
         failure, the end of its run), or its stream is down past the transport's reconnect window. A client's loss is
         no error of the transport (its failure is data): every wait for it asks this (:meth:`await_messages`). A peer
         the transport cannot tell about (no link to it) is never gone."""
+        if self.switch is None:  # (a plain plan's party: no client to lose)
+            return lambda p: None
         inner = self.switch.inner
         known = {p: self._restarts(p) if now else self._restarts_known(p) for p in peers}
         window = getattr(inner, "reconnect_timeout", 0.0)
@@ -267,23 +269,20 @@ class Participant:
         """What ``take(message, reply, request)`` keeps (not None) of one message from each of
         ``senders``, as far as it comes within ``timeout`` s or until ``until()`` holds (replies decoded,
         a malformed one refused). A sender that is gone (``gone``, by default :meth:`gone` of the senders as of
-        now) is not waited for any longer: looked at every :data:`~splitlearn.wire.transport.switch.WATCH_S` s
-        while it is waited for. Commands, early weights (:attr:`early_weights`) and rejoin notices that come
+        now) is not waited for any longer: looked at whenever :data:`~splitlearn.wire.transport.switch.WATCH_S` s
+        pass without a message. Commands, early weights (:attr:`early_weights`) and rejoin notices that come
         meanwhile are kept or acted on."""
         want, got = set(senders), {}
         gone = gone or self.gone(want, now=True)
         deadline = time.monotonic() + timeout
-        look = time.monotonic() + WATCH_S
         while want - set(got) and not (until is not None and until()):
-            if time.monotonic() >= look:  # (messages of others may keep coming: looked at on time all the same)
-                want -= {s for s in want - set(got) if gone(s)}
-                look = time.monotonic() + WATCH_S
-                continue
+            look = min(deadline, time.monotonic() + WATCH_S)
             try:
-                msg = self.link.recv(deadline=min(deadline, look))
-            except TransportTimeout:
-                if time.monotonic() >= deadline:
+                msg = self.link.recv(deadline=look)
+            except TransportTimeout:  # (only with nothing left to read: what a sender said before it went is taken)
+                if not look <= time.monotonic() < deadline:  # the end, or a transport that did not wait: nothing comes
                     break
+                want -= {s for s in want - set(got) if gone(s)}
                 continue
             answer, request = None, 0
             if msg.kind == Kind.ACK:

@@ -66,7 +66,7 @@ class Recovery(Instructing):
         """Every party (this one too) saves its state as of the end of round ``index`` (-1: before the
         first), the cursor of the next round's start."""
         cursor = Cursor.after_round(index)
-        rid = next(self._requests)
+        rid, gone = next(self._requests), self.gone(everyone, now=True)
         asked, why = [], {}
         for p in everyone:
             if p in self.given_up:  # it did not come back when waited for: not asked (nor waited for) again
@@ -79,7 +79,6 @@ class Recovery(Instructing):
                 log.warning("%s: checkpoint: cannot reach %s: %s", self.name, p, e)
                 why[p] = f"cannot reach it: {e}"
         self.capture(cursor)
-        gone = self.gone(asked, now=True)
         ans = self.replies(asked, self.timeout, rid, Saved, gone=gone)
         for p in everyone:
             if p not in ans and rnd is not None:

@@ -53,7 +53,6 @@ from ..privacy.shamir import SHARE_BYTES
 from ..wire.codec import Encoded, WireError
 from ..wire.messages import Kind, Message, parse_json, quote
 from ..wire.transport import TransportError
-from ..wire.transport.switch import WATCH_S
 from .securestate import SecureState
 from .weights import flatten, unflatten
 
@@ -323,17 +322,16 @@ class _Round:
                 log.debug("%s: secure aggregation: dropping a late message of %s", part.name, msg.sender)
             return True
 
-        gone, away, look = part.gone(pending, now=True), {}, [time.monotonic() + WATCH_S]
+        gone, away = part.gone(pending, now=True), {}
 
-        def settled() -> bool:  # every sender done, or gone (looked at every WATCH_S s: no wait for one that left)
-            if pending and time.monotonic() >= look[0]:
-                look[0] = time.monotonic() + WATCH_S
-                away.update({c: why for c in sorted(pending) if (why := gone(c))})
-                pending.difference_update(away)
-            return not pending
+        def left(c: str) -> None:  # asked once nothing is left to read: a pending sender that is gone is not waited for
+            if c in pending and (why := gone(c)):
+                away[c] = why
+                pending.discard(c)
+            return None  # (every client is still read: another's late message is dropped here, not kept for later)
 
-        while pending and (left := deadline - time.monotonic()) > 0:
-            part.await_messages(self.clients, left, mine, until=settled)
+        while pending and (rest := deadline - time.monotonic()) > 0:
+            part.await_messages(self.clients, rest, mine, until=lambda: not pending, gone=left)
         late = sorted(pending) if waited else []
         self.abort(late, f"its {phase} message did not come within {part.timeout:g} s: the round goes on without it")
         for c in late:

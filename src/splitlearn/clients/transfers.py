@@ -46,14 +46,13 @@ class WeightTransfers(Instructing):
             got = self._fetch(rnd, holder, "evaluation", f"{client}'s test rows are not scored", evaluation=True)
             if got is None:
                 return False
-            rid = next(self._requests)
+            rid, gone = next(self._requests), self.gone([client], now=True)
             try:
                 self._instruct(client, LoadWeights(self.name, lend=True, evaluation=True), rid)
                 self.link.send(Message(Kind.WEIGHTS, self.name, client, rid, "weights", got.tensors))
             except TransportError as e:
                 self._skip(rnd, client, "evaluation", f"cannot reach it: {e}")
                 return False
-            gone = self.gone([client], now=True)
             ans = self.replies([client], 2 * self.timeout, rid, *LOAD_REPLIES, gone=gone)
         if not isinstance(ans.get(client), WeightsLoaded) or ans[client].source != self.name:
             self._skip(rnd, client, "evaluation", f"the weights of {holder}: "
@@ -74,7 +73,7 @@ class WeightTransfers(Instructing):
             relayed = self._fetch(rnd, holder, "hand-off", f"{client} trains on from its own")
             if relayed is None:
                 return True
-        rid = next(self._requests)
+        rid, gone = next(self._requests), self.gone([client], now=True)
         try:
             self._instruct(client, LoadWeights(holder if peer else self.name), rid)
             if relayed is not None:
@@ -87,7 +86,6 @@ class WeightTransfers(Instructing):
                 self._instruct(holder, SendWeights(client), rid)
             except TransportError as e:  # the client will say that nothing came
                 log.warning("%s: hand-off from %s: %s", self.name, holder, e)
-        gone = self.gone([client], now=True)
         ans = self.replies([client], 2 * self.timeout, rid, *LOAD_REPLIES, gone=gone)
         if client not in ans:  # the client itself waits up to one timeout for the weights
             self._skip(rnd, client, "hand-off",
@@ -102,32 +100,38 @@ class WeightTransfers(Instructing):
         round, or before evaluating the averaged model: metered as evaluation traffic); who did."""
         apart = self.federation != self.name
         requests: dict[str, int] = {}
+        gone = self.gone(names, now=True)
         for c in names:
             try:
                 requests[c] = self._instruct(c, LoadWeights(self.federation, ready=evaluation and apart,
                                                             evaluation=evaluation))
             except TransportError as e:
                 self._skip(rnd, c, "download", f"cannot reach it: {e}")
-        asked, gone = set(requests), self.gone(list(requests), now=True)
+        asked, unready = set(requests), set()
         if evaluation and apart:  # the weights may not overtake the command: it decides the meter
             ready = self.replies(list(requests), self.timeout, requests, Ready, gone=gone)
+            unready = set(requests) - set(ready)
             requests = {c: r for c, r in requests.items() if c in ready}
         try:
             if apart:
                 self._instruct(self.federation, SendAverage(tuple(requests), tuple(requests.values()), evaluation))
-            else:
-                with self._metering(evaluation):
-                    for c, r in requests.items():
-                        self.send_weights(c, r)
         except TransportError as e:
             log.warning("%s: download: %s", self.name, e)
+        if not apart:
+            with self._metering(evaluation):
+                for c, r in requests.items():
+                    try:
+                        self.send_weights(c, r)
+                    except TransportError as e:  # (one client gone: the others get theirs)
+                        log.warning("%s: download to %s: %s", self.name, c, e)
         ans = self.replies(list(requests), self.timeout, requests, *LOAD_REPLIES, gone=gone)
         what = "evaluation download" if evaluation else "download"
         loaded = []
         for c in names:
             if c not in ans:
                 if c in asked:  # (not ready in time, or no answer to the load)
-                    self._skip(rnd, c, what, gone(c) or f"no answer within {self.timeout:g} s")
+                    self._skip(rnd, c, what, gone(c) or (f"it did not say it was ready within {self.timeout:g} s"
+                                                         if c in unready else f"no answer within {self.timeout:g} s"))
             elif not isinstance(ans[c], WeightsLoaded) or ans[c].source != self.federation:
                 self._skip(rnd, c, what, f"the federation's weights: {_not_loaded(ans[c], c)}")
             else:
@@ -136,7 +140,7 @@ class WeightTransfers(Instructing):
 
     def _average(self, rnd: Round, done: tuple[str, ...]) -> list[str]:
         """The clients that trained send their weights to the federation, which averages them."""
-        rid = next(self._requests)
+        rid, gone = next(self._requests), self.gone(done, now=True)  # (why one's weights did not come, if it can tell)
         sending = []
         for c in done:
             try:
@@ -145,7 +149,6 @@ class WeightTransfers(Instructing):
             except TransportError as e:
                 self._skip(rnd, c, "averaging", f"cannot reach it: {e}")
         samples = [rnd.samples[self.clients.index(c)] for c in sending]
-        gone = self.gone(sending, now=True)  # (why one's weights did not come, where this coordinator can tell)
         refused: dict[str, str] = {}
         if self.federation == self.name:
             got, refused = self.collect(sending, samples, rid)

@@ -5,7 +5,8 @@ launchers start in every party process they fork (:mod:`.forker`) or spawn
 :class:`PartyOptions` holds every setting of a party process (the ``splitlearn party`` options);
 :func:`party_process` runs it and returns the process's exit status: 0 once its report is
 written, 1 when it failed (``error.json`` in its ``--out`` folder names why), 2 for options that
-cannot run.
+cannot run, 128 + the signal when it was stopped (Ctrl-C: 130; SIGTERM, a service's stop or
+``systemctl stop``: 143), having told its neighbours.
 """
 
 from __future__ import annotations
@@ -14,11 +15,39 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["PartyOptions", "party_process", "main", "exit_flushed"]
+__all__ = ["PartyOptions", "party_process", "main", "exit_flushed", "Stopped"]
+
+
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM): the party ends as on Ctrl-C, its neighbours told why (the session,
+    and a coordinator's ``Stop``), its connections closed with a goodbye, instead of dying where it stood."""
+
+
+@contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """Inside, SIGTERM raises :class:`Stopped` in the main thread (a second one ends the process at once); the
+    handler before is put back after. Elsewhere than in the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Stopped("SIGTERM")
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 @dataclass(frozen=True)
 class PartyOptions:
@@ -91,14 +120,22 @@ def party_process(opts: PartyOptions) -> int:
         watch.say(logging.WARNING, "--insecure: this party talks without TLS; peers are not authenticated")
     limit = int(opts.max_message_mb * 2**20)
     try:
-        report = run_one_party(opts.plan, opts.name, certs=None if opts.insecure else Path(opts.certs),
-                               listen=opts.listen, peers=dict(opts.peers), out=None if opts.out is None else Path(opts.out),
-                               epochs=opts.epochs, seed=opts.seed, connect_timeout=opts.connect_timeout_s,
-                               step_timeout=opts.step_timeout_s, dial_out=list(opts.dial_out),
-                               on_step=(lambda pr: print(progress_line(pr), flush=True)) if opts.progress else None,
-                               limits=Limits(message_bytes=limit, tensor_bytes=limit), log=opts.log,
-                               data=opts.data, resume=opts.resume, rejoin_wait=opts.rejoin_wait_s,
-                               generate=opts.generate, predict=opts.predict, run=opts.run, status=watch.status)
+        with _stopped_by_sigterm():
+            report = run_one_party(opts.plan, opts.name, certs=None if opts.insecure else Path(opts.certs),
+                                   listen=opts.listen, peers=dict(opts.peers), out=None if opts.out is None else Path(opts.out),
+                                   epochs=opts.epochs, seed=opts.seed, connect_timeout=opts.connect_timeout_s,
+                                   step_timeout=opts.step_timeout_s, dial_out=list(opts.dial_out),
+                                   on_step=(lambda pr: print(progress_line(pr), flush=True)) if opts.progress else None,
+                                   limits=Limits(message_bytes=limit, tensor_bytes=limit), log=opts.log,
+                                   data=opts.data, resume=opts.resume, rejoin_wait=opts.rejoin_wait_s,
+                                   generate=opts.generate, predict=opts.predict, run=opts.run, status=watch.status)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Stopped): said in one line, as a failure is
+        text = f"stopped by {str(e) or 'Ctrl-C'}"
+        if opts.out is not None:
+            write_json(Path(opts.out) / "parties" / opts.name / "error.json", {"party": opts.name, "error": text})
+        watch.say(logging.WARNING, f"party {opts.name}: {text}")
+        watch.end(text)
+        return 128 + (signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT)
     except Exception as e:  # noqa: BLE001 - every failure of a party is reported the same way
         text = str(e) if isinstance(e, (PlanError, RunError, RuntimeError, OSError, ValueError)) else repr(e)
         if opts.out is not None:

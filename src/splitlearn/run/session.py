@@ -231,16 +231,18 @@ def session(party: Party, ids_hash: str = "", setup: Any = None,
                 until = deadline()
     except (SessionRestart, PeerRestarted):
         raise  # begun again by run_party: nobody is told to stop
-    except (PartyError, PlanError, TransportError) as e:
+    except (PartyError, PlanError, TransportError, KeyboardInterrupt) as e:  # (Ctrl-C, SIGTERM: it was stopped)
         _tell_neighbours(party, e)
         raise
 
 
-def _tell_neighbours(party: Party, error: Exception) -> None:
+def _tell_neighbours(party: Party, error: BaseException) -> None:
     """Tell every neighbour why this party stops, so none waits out its deadline for it."""
+    text = (f"{party.name} was stopped ({str(error) or 'Ctrl-C'})" if isinstance(error, KeyboardInterrupt)
+            else f"{party.name} failed: {error}")
     for p in party.graph.neighbours(party.name):
         try:
-            party.link.send(Message(Kind.ERROR, party.name, p, text=f"{party.name} failed: {error}"))
+            party.link.send(Message(Kind.ERROR, party.name, p, text=text))
         except Exception:  # noqa: BLE001 - the neighbour may be gone already
             pass
 

@@ -63,6 +63,8 @@ class InProcessTransport(Transport):
             raise TransportClosed("the in-process hub is closed")
         if dst not in self.hub._queues:
             raise TransportError(f"no party {dst!r} to send to")
+        if dst in self.hub._left:  # (its end will read nothing again: nothing is kept for it)
+            raise TransportError(f"{dst} closed its connection")
         if isinstance(data, (bytes, bytearray, memoryview)):
             data = bytes(data)
         elif dst not in self.hub._whole:
