@@ -127,13 +127,16 @@ class Follower(TurnTaking, StateSaving):
             self._send_to_client(ins.to, request) if ins.to in self.clients else self.send_weights(ins.to, request)
 
     def _send_to_client(self, client: str, request: int) -> None:
-        """Weights to a client (a hand-off's peer, the federation's average): one that is gone cannot take them, and
-        the coordinator learns it from that client; this party goes on (its own transport closed still ends it)."""
+        """Weights to a client (a hand-off's peer, the federation's average): one that is gone (:meth:`gone`) cannot
+        take them, and the coordinator learns it from that client; this party goes on. Any other failure to send
+        (its own transport closed, a limit) is its own."""
         try:
             self.send_weights(client, request)
         except TransportClosed:
             raise
         except TransportError as e:
+            if not self.gone([client], now=True)(client):
+                raise
             log.warning("%s: weights for %s not sent: %s", self.name, client, e)
 
     def _collect(self, request: int, ins: Collect) -> None:

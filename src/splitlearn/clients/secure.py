@@ -324,10 +324,11 @@ class _Round:
 
         gone, away = part.gone(pending, now=True), {}
 
-        def left(c: str) -> None:  # asked once nothing is left to read: a pending sender that is gone is not waited for
-            if c in pending and (why := gone(c)):
-                away[c] = why
-                pending.discard(c)
+        def left(_: str) -> None:  # asked once nothing is left to read: a pending sender that is gone is not waited
+            for c in sorted(pending):  # for (every pending one: one that sent a part of its vector is no "want" left)
+                if why := gone(c):
+                    away[c] = why
+                    pending.discard(c)
             return None  # (every client is still read: another's late message is dropped here, not kept for later)
 
         while pending and (rest := deadline - time.monotonic()) > 0:

@@ -29,6 +29,7 @@ from ..clients.results import missing_part, predicting_plan
 from ..clients.roles import client_of
 from .predicting import PartyPrediction
 from .status import PartyStatus, role_of
+from .stopping import shielded
 
 _log = logging.getLogger("splitlearn.launch.oneparty")
 
@@ -131,8 +132,9 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
         # plan and data errors before connecting
     except PlanError as e:
         error = e.in_file(e.file or plan._source)
-        tell_early(plan, topo, name, error, certs=certs, listen=listen, peers=peers or {}, run=run,
-                   wait=min(connect_timeout, TELL_WAIT_S))
+        with shielded():  # (a SIGTERM meanwhile does not replace the error)
+            tell_early(plan, topo, name, error, certs=certs, listen=listen, peers=peers or {}, run=run,
+                       wait=min(connect_timeout, TELL_WAIT_S))
         raise error from None
     tracking = parse_log(log, out) if log else None
     ends = endpoints(plan, topo, name, listen, peers or {})
@@ -159,7 +161,15 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
         if job is not None:
             report = job.finish(report)
     finally:
-        transport.close()
+        with shielded():  # its goodbye goes out whatever stops it (launch/stopping.py)
+            transport.close()
+    with shielded():  # the run is done: its report is written
+        _write_reports(plan, topo, name, out, job, certs, report)
+    return report
+
+
+def _write_reports(plan: Plan, topo: Topology, name: str, out: Path | str | None, job: Any, certs: Path | None,
+                   report: PartyReport) -> None:
     if out is not None:
         report.meter["peak_rss_bytes"] = _peak_rss()
         save_party(Path(out) / "parties" / name, report)
@@ -169,7 +179,6 @@ def run_one_party(plan_path: str | Path, name: str, *, certs: Path | None, liste
             except Exception as e:  # noqa: BLE001 - the run itself succeeded; its report.json is written
                 _log.warning("%s: no result.json from the reports in %s (%s); a launcher's gathers them all",
                              name, out, e)
-    return report
 
 
 TELL_WAIT_S = 10.0  # how long a party that cannot start waits for its neighbours, to tell them why

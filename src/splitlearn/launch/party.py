@@ -17,37 +17,13 @@ import logging
 import os
 import signal
 import sys
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-__all__ = ["PartyOptions", "party_process", "main", "exit_flushed", "Stopped"]
+from .stopping import Stopped, stop_on_sigterm
 
+__all__ = ["PartyOptions", "party_process", "main", "exit_flushed"]
 
-class Stopped(KeyboardInterrupt):
-    """The process was asked to stop (SIGTERM): the party ends as on Ctrl-C, its neighbours told why (the session,
-    and a coordinator's ``Stop``), its connections closed with a goodbye, instead of dying where it stood."""
-
-
-@contextmanager
-def _stopped_by_sigterm() -> Iterator[None]:
-    """Inside, SIGTERM raises :class:`Stopped` in the main thread (a second one ends the process at once); the
-    handler before is put back after. Elsewhere than in the main thread, nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Stopped("SIGTERM")
-
-    before = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 @dataclass(frozen=True)
 class PartyOptions:
@@ -120,7 +96,7 @@ def party_process(opts: PartyOptions) -> int:
         watch.say(logging.WARNING, "--insecure: this party talks without TLS; peers are not authenticated")
     limit = int(opts.max_message_mb * 2**20)
     try:
-        with _stopped_by_sigterm():
+        with stop_on_sigterm():
             report = run_one_party(opts.plan, opts.name, certs=None if opts.insecure else Path(opts.certs),
                                    listen=opts.listen, peers=dict(opts.peers), out=None if opts.out is None else Path(opts.out),
                                    epochs=opts.epochs, seed=opts.seed, connect_timeout=opts.connect_timeout_s,
