@@ -15,6 +15,7 @@ from splitlearn.tools.compare import predict_cost
 from splitlearn.clients.context import Context
 from splitlearn.wire.control import Checkpoint, LoadWeights, SendWeights, TakeTurn
 from splitlearn.core.strategy import STRATEGIES
+from splitlearn.clients.secure import SecurePhase
 from splitlearn.launch.results import build_result as merge_reports
 from splitlearn.wire.messages import weights as weights_message
 from splitlearn.wire.messages import Kind
@@ -199,17 +200,25 @@ def test_a_client_that_stops_answering_is_skipped_reported_and_the_run_completes
     assert len(res["metrics"]["test_accuracy_per_epoch"]) == 3 and res["metrics"]["test_accuracy"] > 0.5
 
 
-FAILING_AT = {"turn": TakeTurn, "load": LoadWeights, "send": SendWeights, "checkpoint": Checkpoint}
+FAILING_AT = {"turn": TakeTurn, "load": LoadWeights, "send": SendWeights, "checkpoint": Checkpoint,
+              "secure": SecurePhase}
+AVERAGING = ["fedavg", "splitfed_v1", "splitfed_v2"]
+FAILURES = ([(s, m, "") for s in sorted(STRATEGIES.names()) for m in ("turn", "load", "send", "checkpoint")]
+            + [(s, m, "federation apart") for s in AVERAGING for m in ("load", "send")]  # its Collect, SendAverage
+            + [(s, "secure", "secure aggregation") for s in AVERAGING])  # its phases: the second, "masked"
 
 
-@pytest.mark.parametrize("schedule", sorted(STRATEGIES.names()))
-@pytest.mark.parametrize("moment", sorted(FAILING_AT))
-def test_a_client_failing_at_any_command_is_skipped_at_once_naming_that_it_left(tmp_path, schedule, moment):
+@pytest.mark.parametrize("schedule, moment, variant", FAILURES, ids=lambda v: str(v).replace(" ", "-") or "plain")
+def test_a_client_failing_at_any_command_is_skipped_at_once_naming_that_it_left(tmp_path, schedule, moment, variant):
     """Every schedule, a client failing when a command of each kind comes (its second of that kind: it has done
     one): its process would close its connection, and every wait for it, the turn's, a hand-off's, a download's,
-    the federation's collection, a checkpoint's, stops at once, its skip naming that it left, never the minute its
-    answers and steps may take (``clients.timeout``, ``[train] step_timeout``). The others train on."""
-    plan = tiny(count=3, schedule=schedule, timeout=60.0).with_train(epochs=3)
+    the federation's collection (a federation of its own too), secure aggregation's phases, a checkpoint's, stops at
+    once, its skip naming that it left, never the minute its answers and steps may take (``clients.timeout``,
+    ``[train] step_timeout``). The others train on."""
+    extra = {"federation": "fed"} if variant else {}
+    if variant == "secure aggregation":
+        extra["secure_aggregation"] = True
+    plan = tiny(count=3, schedule=schedule, timeout=60.0, **extra).with_train(epochs=3)
     seen = {"n": 0}
 
     def fails(role, request, ins):
