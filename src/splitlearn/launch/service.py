@@ -186,7 +186,8 @@ class Service:
         return entry
 
     def stop(self, run: str, by: str) -> RunEntry:
-        """Stop run ``run``: dropped from the queue, or its party process ended (SIGTERM, then SIGKILL)."""
+        """Stop run ``run``: dropped from the queue, or its party process ended (SIGTERM: it tells its neighbours
+        and says goodbye, :mod:`.stopping`; SIGKILL if it has not ended 10 s later)."""
         with self.cond:
             entry = self.runs.get(run)
             if entry is None:
