@@ -153,6 +153,7 @@ class WeightTransfers(Instructing):
         if self.federation == self.name:
             got, refused = self.collect(sending, samples, rid)
         else:
+            fed = self.gone([self.federation], now=True)
             try:
                 self._instruct(self.federation, Collect(tuple(sending), tuple(samples)), rid)
             except TransportError as e:
@@ -160,9 +161,10 @@ class WeightTransfers(Instructing):
                 return []
             # secure aggregation: its phases of up to a timeout each, and a margin
             wait = (PHASES + 2 if self.spec.secure_aggregation else 2) * self.timeout
-            ans = self.replies([self.federation], wait, rid, Collected)
+            ans = self.replies([self.federation], wait, rid, Collected, gone=fed)
             if self.federation not in ans:
-                self._skip(rnd, self.federation, "averaging", f"the federation did not answer within {wait:g} s")
+                self._skip(rnd, self.federation, "averaging",
+                           fed(self.federation) or f"the federation did not answer within {wait:g} s")
                 return []
             got = [c for c in ans[self.federation].averaged if c in sending]
             refused = ans[self.federation].refused
