@@ -8,9 +8,11 @@ import logging
 import time
 from typing import Any
 
+from ..core.engine import PartyError
 from ..wire.control import Instruction, Reply
 from ..wire.messages import command
 from ..wire.transport import TransportError
+from .roles import physical_names
 from .saving import StateSaving
 from .schedule import Round
 from .turns import TurnTaking
@@ -62,10 +64,20 @@ class Instructing(TurnTaking, StateSaving):
 
     def _skip(self, rnd: Round, party: str, what: str, why: str) -> None:
         """``party`` failed at ``what`` in round ``rnd``: reported and skipped, unless a party came
-        back as a new process meanwhile (PartyRejoined: every party rewinds to a checkpoint)."""
-        rejoined = self._rejoined_party(party) if self.checkpoints is not None and self.rejoin_wait_s > 0 else None
+        back as a new process meanwhile (PartyRejoined: every party rewinds to a checkpoint), or a fixed role (a
+        federation of its own, a relay) is gone for good (:meth:`gone`; where the coordinator rewinds, once it did not
+        come back within ``rejoin_wait_s``): a PartyError then stops the run, naming it."""
+        waits = self.checkpoints is not None and self.rejoin_wait_s > 0
+        rejoined = self._rejoined_party(party) if waits else None
         if rejoined is not None:
             raise PartyRejoined(rejoined)
+        fixed = [p for p in physical_names(self.plan) if p not in self.clients and p != self.name]
+        gone = self.gone(fixed, now=True)  # a fixed role gone for good: no schedule goes on without it
+        if lost := next(((p, gone(p)) for p in fixed if gone(p)), None):
+            raise PartyError(f"{self.name}: {lost[0]} is gone ({lost[1]}"
+                             + f"; not back as a new process within {self.rejoin_wait_s:g} s" * waits
+                             + "), and the run cannot go on without it"
+                             + " (start every party again with --resume to go on from the last checkpoint)" * waits)
         self.skipped.append({"round": rnd.index, "client": party, "during": what, "reason": why})
         log.warning("%s: skipped %s in round %d (%s): %s", self.name, party, rnd.index, what, why)
 

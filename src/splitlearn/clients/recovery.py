@@ -156,17 +156,10 @@ class Recovery(Instructing):
                                     until=lambda: bool(self._rejoined - self.given_up))
                 self._rejoined -= self.given_up
             if not self._rejoined:
-                away = self._away(party)
-                for p in away:  # a restart that never said it rejoined is not waited for again
+                for p in self._away(party):  # a restart that never said it rejoined is not waited for again
                     self._restarts_taken[p] = self._restarts(p)
                 if self._broken(party):
                     self.given_up.add(party)
-                gone = self.gone([p for p in away if p not in self.clients], now=True)
-                if lost := [(p, why) for p in away if p not in self.clients and (why := gone(p))]:  # a fixed role
-                    raise PartyError(f"{self.name}: {lost[0][0]} is gone ({lost[0][1]}; not back as a new process "
-                                     f"within {self.rejoin_wait_s:g} s), and the run cannot go on without it: start "
-                                     "it again with --resume within that time, or every party again with --resume "
-                                     "to go on from the last checkpoint")
         return sorted(self._rejoined)[0] if self._rejoined else None
 
     def _away(self, party: str) -> list[str]:
