@@ -71,15 +71,26 @@ class Instructing(TurnTaking, StateSaving):
         rejoined = self._rejoined_party(party) if waits else None
         if rejoined is not None:
             raise PartyRejoined(rejoined)
-        fixed = [p for p in physical_names(self.plan) if p not in self.clients and p != self.name]
-        gone = self.gone(fixed, now=True)  # a fixed role gone for good: no schedule goes on without it
-        if lost := next(((p, gone(p)) for p in fixed if gone(p)), None):
+        lost = self._fixed_role_gone()  # a fixed role gone for good: no schedule goes on without it
+        if lost is not None and waits and lost[0] not in self.given_up:  # it may come back: waited for as well
+            if (rejoined := self._rejoined_party(lost[0])) is not None:
+                raise PartyRejoined(rejoined)
+            lost = self._fixed_role_gone()
+        if lost is not None:
             raise PartyError(f"{self.name}: {lost[0]} is gone ({lost[1]}"
                              + f"; not back as a new process within {self.rejoin_wait_s:g} s" * waits
                              + "), and the run cannot go on without it"
-                             + " (start every party again with --resume to go on from the last checkpoint)" * waits)
+                             + " (start every party again with --resume to go on from the last checkpoint)"
+                             * (self.checkpoints is not None))
         self.skipped.append({"round": rnd.index, "client": party, "during": what, "reason": why})
         log.warning("%s: skipped %s in round %d (%s): %s", self.name, party, rnd.index, what, why)
+
+    def _fixed_role_gone(self) -> tuple[str, str] | None:
+        """A fixed role (a federation of its own, a relay: any party but the clients and this coordinator) that is
+        gone (:meth:`gone`), and why; None if none is."""
+        fixed = [p for p in physical_names(self.plan) if p not in self.clients and p != self.name]
+        gone = self.gone(fixed, now=True)
+        return next(((p, why) for p in fixed if (why := gone(p))), None)
 
     def _rejoined_party(self, party: str) -> str | None:
         """The party that came back as a new process after ``party`` failed; None here (nobody is

@@ -158,6 +158,8 @@ class Recovery(Instructing):
             if not self._rejoined:
                 for p in self._away(party):  # a restart that never said it rejoined is not waited for again
                     self._restarts_taken[p] = self._restarts(p)
+                    if p not in self.clients and self._broken(p):  # a fixed role waited for in vain (it ends the
+                        self.given_up.add(p)  # run: Instructing._skip)
                 if self._broken(party):
                     self.given_up.add(party)
         return sorted(self._rejoined)[0] if self._rejoined else None
