@@ -20,6 +20,23 @@ from .conftest import EXAMPLES
 from .support import free_port
 
 
+def start_parties(plan_file, names: list[str], tmp_path, lead: str, *extra: str,
+                  stderr=subprocess.DEVNULL) -> dict[str, subprocess.Popen]:
+    """Every party of the plan as a ``splitlearn party`` process over mutual TLS (certificates made in ``tmp_path``),
+    each in a session of its own; ``lead`` prints its progress on a pipe, ``extra`` are everyone's options."""
+    make_certs(names, tmp_path / "certs")
+    ports = {n: free_port() for n in names}
+    procs = {}
+    for n in names:
+        cmd = [sys.executable, "-m", "splitlearn", "party", str(plan_file), "--name", n, "--certs", str(tmp_path / "certs"),
+               "--listen", f"127.0.0.1:{ports[n]}", "--connect-timeout", "60", *extra]
+        cmd += [a for p in names if p != n for a in ("--peer", f"{p}=127.0.0.1:{ports[p]}")]
+        cmd += ["--progress"] if n == lead else []
+        procs[n] = subprocess.Popen(cmd, stdout=subprocess.PIPE if n == lead else subprocess.DEVNULL, stderr=stderr,
+                                    start_new_session=True)
+    return procs
+
+
 def test_ten_client_processes_complete_and_match_the_in_process_run(tmp_path):
     from splitlearn import train
 
@@ -47,17 +64,7 @@ def test_a_killed_client_process_is_skipped_and_the_run_completes(tmp_path):
     plan_file.write_text(text)
     names = physical_names(load_plan(plan_file))
     assert names == ["server", "hospital-1", "hospital-2", "hospital-3"]
-    make_certs(names, tmp_path / "certs")
-    ports = {n: free_port() for n in names}
-    procs = {}
-    for n in names:
-        cmd = [sys.executable, "-m", "splitlearn", "party", str(plan_file), "--name", n, "--certs", str(tmp_path / "certs"),
-               "--out", str(tmp_path / "run"), "--listen", f"127.0.0.1:{ports[n]}", "--connect-timeout", "60"]
-        cmd += [a for p in names if p != n for a in ("--peer", f"{p}=127.0.0.1:{ports[p]}")]
-        if n == "server":
-            cmd.append("--progress")
-        procs[n] = subprocess.Popen(cmd, stdout=subprocess.PIPE if n == "server" else subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
+    procs = start_parties(plan_file, names, tmp_path, "server", "--out", str(tmp_path / "run"))
     try:
         first = procs["server"].stdout.readline().decode()  # the coordinator finished round 0
         assert first.startswith("progress 1 4 0 4 round train ")
@@ -141,18 +148,8 @@ def test_a_client_process_killed_inside_its_turn_fails_that_turn_at_once_not_aft
     names = physical_names(load_plan(plan_file))
     coordinator = "fed" if schedule == "fedavg" else "server"
     assert names == [coordinator, "hospital-1", "hospital-2"]
-    make_certs(names, tmp_path / "certs")
-    ports = {n: free_port() for n in names}
-    procs = {}
-    for n in names:
-        cmd = [sys.executable, "-m", "splitlearn", "party", str(plan_file), "--name", n, "--certs", str(tmp_path / "certs"),
-               "--out", str(tmp_path / "run"), "--listen", f"127.0.0.1:{ports[n]}", "--connect-timeout", "60",
-               "--step-timeout", "60", "--rejoin-wait", "1"]
-        cmd += [a for p in names if p != n for a in ("--peer", f"{p}=127.0.0.1:{ports[p]}")]
-        if n == coordinator:
-            cmd.append("--progress")
-        procs[n] = subprocess.Popen(cmd, stdout=subprocess.PIPE if n == coordinator else subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
+    procs = start_parties(plan_file, names, tmp_path, coordinator, "--out", str(tmp_path / "run"), "--step-timeout", "60",
+                          "--rejoin-wait", "1")
     steps = -(-len(share) // 32)  # hospital-2's training steps a round
     marker.write_text(f"{procs['hospital-2'].pid} {int(how)} {steps + 1}")  # its first training step of round 1
     try:
@@ -190,18 +187,8 @@ def test_a_federation_process_stopped_for_good_ends_the_run_at_every_party_namin
     plan_file.write_text(text.replace("seed = 0", "seed = 0\nreconnect_timeout = 2", 1))
     names = physical_names(load_plan(plan_file))
     assert names == ["server", "fed", "hospital-1", "hospital-2", "hospital-3"]
-    make_certs(names, tmp_path / "certs")
-    ports = {n: free_port() for n in names}
-    procs = {}
-    for n in names:
-        cmd = [sys.executable, "-m", "splitlearn", "party", str(plan_file), "--name", n, "--certs", str(tmp_path / "certs"),
-               "--listen", f"127.0.0.1:{ports[n]}", "--connect-timeout", "60", "--log-format", "json"]
-        cmd += ["--out", str(tmp_path / "run")] if checkpoints else []
-        cmd += [a for p in names if p != n for a in ("--peer", f"{p}=127.0.0.1:{ports[p]}")]
-        if n == "server":
-            cmd.append("--progress")
-        procs[n] = subprocess.Popen(cmd, stdout=subprocess.PIPE if n == "server" else subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+    procs = start_parties(plan_file, names, tmp_path, "server", "--log-format", "json",
+                          *(["--out", str(tmp_path / "run")] if checkpoints else []), stderr=subprocess.PIPE)
     try:
         assert procs["server"].stdout.readline().decode().startswith("progress 1 20 0 20 round train ")
         procs["fed"].send_signal(signal.SIGTERM)

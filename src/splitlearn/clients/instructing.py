@@ -85,10 +85,14 @@ class Instructing(TurnTaking, StateSaving):
         self.skipped.append({"round": rnd.index, "client": party, "during": what, "reason": why})
         log.warning("%s: skipped %s in round %d (%s): %s", self.name, party, rnd.index, what, why)
 
+    def _fixed_roles(self) -> list[str]:
+        """The fixed roles this coordinator commands: every physical party but the clients and itself (a federation
+        of its own, a relay, a server that is not the coordinator)."""
+        return [p for p in physical_names(self.plan) if p not in self.clients and p != self.name]
+
     def _fixed_role_gone(self) -> tuple[str, str] | None:
-        """A fixed role (a federation of its own, a relay: any party but the clients and this coordinator) that is
-        gone (:meth:`gone`), and why; None if none is."""
-        fixed = [p for p in physical_names(self.plan) if p not in self.clients and p != self.name]
+        """A fixed role (:meth:`_fixed_roles`) that is gone (:meth:`gone`), and why; None if none is."""
+        fixed = self._fixed_roles()
         gone = self.gone(fixed, now=True)
         return next(((p, why) for p in fixed if (why := gone(p))), None)
 

@@ -15,7 +15,6 @@ from ..wire.control import (Checkpoint, CheckpointsHeld, Cursor, Restore, Restor
                             StartOver, WhichCheckpoints)
 from ..wire.transport import TransportError
 from .instructing import Instructing
-from .roles import physical_names
 from .schedule import Round
 
 __all__ = ["Recovery", "MAX_REWINDS", "POLL_S"]
@@ -167,6 +166,5 @@ class Recovery(Instructing):
     def _away(self, party: str) -> list[str]:
         """Who may yet come back as a new process: ``party`` or a fixed role whose stream is broken
         now, or that the transport saw restart without saying so yet."""
-        fixed = [p for p in physical_names(self.plan) if p not in self.clients and p not in (self.name, party)]
-        candidates = [party, *fixed]
+        candidates = [party, *(p for p in self._fixed_roles() if p != party)]
         return [p for p in candidates if self._broken(p) or self._restarts(p) > self._restarts_taken.get(p, 0)]
