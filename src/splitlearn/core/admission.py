@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..wire.codec import WireError, check_values, decoded_bytes, dtype_name, floating, get_codec
+from ..wire.codec import WireError, check_values, decoded_bytes, dtype_name, extremes, floating, get_codec
 from ..wire.messages import Kind, Limits, Message, quote
 from .graph import Graph, Wire
 from .losses import get as loss_kind
@@ -114,29 +114,49 @@ def check_received_values(msg: Message, wire: Wire, st: StepState, t: torch.Tens
     (``classes``: label node -> classes, learnt in the handshake) or outside the loss's range. Returns the
     tensor's largest finite magnitude (:func:`~splitlearn.wire.codec.check_values`)."""
     spec = wire.spec
-    what = f"the {'label' if wire.carries == 'label' else msg.kind.name.lower()} tensor of step {st.step}"
-    top = check_values(t, what, allow_nonfinite=spec.allow_nonfinite,
-                       max_abs=math.inf if wire.carries == "label" else spec.max_abs)
-    if wire.carries != "label" or st.mode == "handshake" or not t.numel():
+    label = wire.carries == "label"
+    what = _Named(label, msg.kind, st.step)  # (its text is made only for an error)
+    top = check_values(t, what, allow_nonfinite=spec.allow_nonfinite, max_abs=math.inf if label else spec.max_abs)
+    if not label or st.mode == "handshake" or not t.numel():
         return top
     classes = classes.get(wire.src)
-    ignored = {loss_kind(graph.plan.losses[n.name].kind).ignore_index for n in graph.losses()
-               if n.party == party and n.inputs[1] == wire.src}
+    ignored, ranges = graph.derived(("label_losses", party, wire.src), lambda: _label_losses(graph, party, wire.src))
     if classes is not None and len(ignored) == 1 and None not in ignored:  # a language model's -100: left out
-        t = t[t != ignored.pop()]
+        t = t[t != next(iter(ignored))]
         if not t.numel():
             return top
     if classes is not None:
-        lo, hi = int(t.min()), int(t.max())
+        lo, hi = extremes(t)
         if lo < 0 or hi >= classes:
             raise WireError(f"{what} holds label {lo if lo < 0 else hi}, outside the head's {classes} classes "
                             f"(0..{classes - 1})")
         return top
-    for n in graph.losses():
-        kind = loss_kind(graph.plan.losses[n.name].kind)
-        if n.party == party and n.inputs[1] == wire.src and kind.target_range is not None:
-            lo, hi = kind.target_range
-            if float(t.min()) < lo or float(t.max()) > hi:
-                raise WireError(f"{what} holds a value outside [{lo:g}, {hi:g}], which a {kind.name} loss "
+    if ranges:
+        lo, hi = extremes(t)
+        for kind, (low, high) in ranges:
+            if lo < low or hi > high:
+                raise WireError(f"{what} holds a value outside [{low:g}, {high:g}], which a {kind} loss "
                                 "cannot take")
     return top
+
+
+class _Named:
+    """The name of a received tensor in an error ("the label tensor of step 3"), put together when it is shown."""
+
+    def __init__(self, label: bool, kind: Kind, step: int):
+        self.label, self.kind, self.step = label, kind, step
+
+    def __str__(self) -> str:
+        return f"the {'label' if self.label else self.kind.name.lower()} tensor of step {self.step}"
+
+    def __format__(self, spec: str) -> str:
+        return str(self)
+
+
+def _label_losses(graph: Graph, party: str, label: str) -> tuple[set, list[tuple[str, tuple[float, float]]]]:
+    """What ``party``'s losses taking the label node ``label`` make of it: their ``ignore_index`` values, and the
+    (loss kind, range) of those whose targets have a range."""
+    kinds = [loss_kind(graph.plan.losses[n.name].kind) for n in graph.losses()
+             if n.party == party and n.inputs[1] == label]
+    return ({k.ignore_index for k in kinds},
+            [(k.name, k.target_range) for k in kinds if k.target_range is not None])

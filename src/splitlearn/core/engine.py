@@ -48,7 +48,7 @@ from .plan import STEP_TIMEOUT_S
 from .precision import Precision
 from .randomness import PartyRandom, party_seed
 from .securesum import SecureSum
-from .step import WRITTEN_AFTER_SENDING, Mode, Modes, StepOutput, StepState
+from .step import CPU, WRITTEN_AFTER_SENDING, Mode, Modes, StepOutput, StepState, placed
 
 __all__ = ["Party", "PartyError", "SessionRestart"]
 
@@ -224,8 +224,8 @@ class Party:
     def _forward(self, node: Node, st: StepState) -> None:
         if node.kind == "input":
             data = self.data[node.name]
-            st.values[node.name] = (torch.zeros_like(data[:1]) if st.mode == "handshake" else data[st.rows]).to(self.device)
-            st.values[node.name] = augmented(self.graph.plan, node, st.values[node.name], st.mode, self.rng)  # training
+            rows = torch.zeros_like(data[:1]) if st.mode == "handshake" else data[st.rows]
+            st.values[node.name] = augmented(self.graph.plan, node, placed(rows, self.device), st.mode, self.rng)  # (training)
         elif node.kind == "segment":
             spec = self.graph.plan.segments[node.name]
             xs = [self.precision.take_input(d, st.values[d]) for d in node.inputs]
@@ -317,7 +317,7 @@ class Party:
         if st.mode == "handshake" and kind == Kind.ACTIVATION:  # what it sends is agreed, at its end as at the other's
             self.wire_shapes.setdefault(wire.name, (dtype_name(t.dtype), tuple(t.shape[1:])))
         with self.meter.timed("compute"):
-            enc = codec.encode(self.precision.finite(t.detach(), st.mode).cpu())  # the wire is bytes in host memory
+            enc = codec.encode(placed(self.precision.finite(t.detach(), st.mode), CPU))  # the wire: bytes in host memory
         if st.mode == "train" and (kind == Kind.GRADIENT or self._graded(wire, t)):  # the receiver's leaf (autograd
             enc = enc.lent()  # refuses a write into it), or an input of backward: in one process, lent (codec.Lent)
         self.link.send(Message(kind, self.name, dst, st.step, wire.name, {"t": enc}))
@@ -415,14 +415,14 @@ class Party:
         if msg.kind == Kind.ACTIVATION:
             if wire.src in st.values:
                 return  # duplicate
-            t = self.secure.take(wire, st, t).to(self.device)  # a masked one: kept, a zero leaf in its place
+            t = placed(self.secure.take(wire, st, t), self.device)  # a masked one: kept, a zero leaf in its place
             if st.mode == "train" and self._graded(wire, t):
                 t.requires_grad_(True)
             st.values[wire.src] = t
         else:
             if wire.name in st.grads:
                 return  # duplicate
-            st.grads[wire.name] = t.to(self.device)
+            st.grads[wire.name] = placed(t, self.device)
         if learnt is not None:  # only what enters the step teaches the bound
             self.bounds.learn(*learnt)
 

@@ -10,12 +10,19 @@ from torch import nn
 
 from .graph import Stage
 
-__all__ = ["Mode", "Modes", "StepOutput", "StepState", "WRITTEN_AFTER_SENDING"]
+__all__ = ["Mode", "Modes", "StepOutput", "StepState", "WRITTEN_AFTER_SENDING", "CPU", "placed"]
 
 Mode = Literal["train", "eval", "predict", "handshake"]
 WRITTEN_AFTER_SENDING = ("was written to in place afterwards by a segment of its own reading it (an in-place first "
                          "layer, such as ReLU(inplace=True)): backward would run through that write and give a wrong "
                          "gradient (PyTorch refuses such a write to a tensor it saved); make that layer not in place")
+
+CPU = torch.device("cpu")
+
+
+def placed(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: itself where it is there (no call into torch for nothing; a step makes a few)."""
+    return t if t.device == device else t.to(device)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 __all__ = ["Encoded", "Codec", "WireError", "get_codec", "CODECS", "DTYPES", "MAX_ELEMENTS", "decoded_bytes", "floating",
-           "check_values", "to_buffer", "Float32", "Float16", "BFloat16", "Int8", "TopK", "dtype_name", "to_bytes",
+           "check_values", "extremes", "to_buffer", "Float32", "Float16", "BFloat16", "Int8", "TopK", "dtype_name", "to_bytes",
            "from_bytes", "Owned", "Lent", "lend"]
 
 DTYPES: dict[str, tuple[torch.dtype, str]] = {  # name -> (torch dtype, little-endian numpy storage)
@@ -117,14 +117,14 @@ def decoded_bytes(dtype: str, numel: int) -> int:
     return numel * max(4, np.dtype(DTYPES[dtype][1]).itemsize if dtype in DTYPES else 8)
 
 
-def check_values(t: torch.Tensor, what: str, *, allow_nonfinite: bool = False, max_abs: float = math.inf) -> float:
+def check_values(t: torch.Tensor, what: object, *, allow_nonfinite: bool = False, max_abs: float = math.inf) -> float:
     """Refuse (WireError) a received floating-point tensor with NaN or infinite entries, or with
-    an entry larger than ``max_abs`` in magnitude; ``what`` names it in the error. Returns its largest
-    finite magnitude (0.0 for an empty or integer tensor), which the learnt bounds compare too."""
+    an entry larger than ``max_abs`` in magnitude; ``what`` names it in the error (formatted only then). Returns its
+    largest finite magnitude (0.0 for an empty or integer tensor), which the learnt bounds compare too."""
     if not t.is_floating_point() or not t.numel():
         return 0.0
-    low, high = torch.aminmax(t.detach())  # one pass, no temporary: NaN carries through both
-    top = max(-float(low), float(high))  # (NaN in both: the max is NaN)
+    low, high = extremes(t)
+    top = max(-low, high)  # (NaN in both: the max is NaN)
     if not math.isfinite(top):
         if not allow_nonfinite:
             bad = int((~torch.isfinite(t)).sum())
@@ -135,6 +135,13 @@ def check_values(t: torch.Tensor, what: str, *, allow_nonfinite: bool = False, m
         raise WireError(f"{what} holds a value of magnitude {top:.3g}, over the wire's max_abs of {max_abs:g}; "
                         "refused (raise max_abs on the wire if such values are expected)")
     return top
+
+
+def extremes(t: torch.Tensor) -> tuple[float, float] | tuple[int, int]:
+    """The lowest and the highest entry of a non-empty tensor, in one pass (``torch.aminmax``, no temporary); NaN in
+    both where an entry is NaN."""
+    low, high = torch.aminmax(t.detach() if t.requires_grad else t)
+    return low.item(), high.item()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -152,7 +159,9 @@ def to_buffer(t: torch.Tensor) -> memoryview:
     """The tensor's little-endian bytes, as a view of its own memory where it is contiguous, on
     the CPU and little-endian already (no copy: the message is built from it directly). The view
     keeps the memory alive; the tensor must not change until the message is encoded."""
-    t = t.detach().contiguous().cpu()
+    t = t.detach() if t.requires_grad else t  # (each call torch would make for nothing costs microseconds a message)
+    t = t if t.is_contiguous() else t.contiguous()
+    t = t if t.is_cpu else t.cpu()
     name = dtype_name(t.dtype)
     if name == "bfloat16":
         t = t.view(torch.int16)  # numpy has no bfloat16: send its 16 bits
@@ -184,7 +193,8 @@ def from_bytes(data: bytes | memoryview, dtype: str, shape: tuple[int, ...], to:
             raise WireError("its tensor was written to in place after it was sent (a party of this process lent it, "
                             "and changed it before it was read)")
         if data.tensor.dtype == torch_dtype and (to is None or to == dtype):
-            return data.tensor.view(shape).detach()  # (the same version counter: see Lent)
+            lent = data.tensor if data.tensor.shape == shape else data.tensor.view(shape)
+            return lent.detach()  # (the same version counter: see Lent)
     arr = np.frombuffer(data, dtype=storage).reshape(shape)  # a view of the received bytes (read-only but Owned)
     if to is not None and to != dtype and dtype != "bfloat16" and to in ("float32", "float64", "float16"):
         return torch.from_numpy(arr.astype(DTYPES[to][1]))  # the conversion is the copy (exact, as torch's)
@@ -200,13 +210,13 @@ class Codec:
 
     def encode(self, t: torch.Tensor) -> Encoded:
         out_dtype = dtype_name(t.dtype)
-        if self.wire_dtype is not None:
+        if self.wire_dtype is not None and t.dtype != DTYPES[self.wire_dtype][0]:
             t = t.to(DTYPES[self.wire_dtype][0])
         return Encoded(self.name, out_dtype, tuple(t.shape), to_buffer(t))
 
     def decode(self, e: Encoded) -> torch.Tensor:
         t = from_bytes(e.data, self.wire_dtype or e.dtype, e.shape, to=e.dtype)
-        return t.to(DTYPES[e.dtype][0]) if e.dtype in DTYPES else t
+        return t.to(DTYPES[e.dtype][0]) if e.dtype in DTYPES and t.dtype != DTYPES[e.dtype][0] else t
 
 
 class Float32(Codec):
@@ -320,6 +330,7 @@ class TopK(Codec):
 
 
 CODECS = {c.name: c for c in (Codec, Float32, Float16, BFloat16)}
+_SHARED = {name: c() for name, c in CODECS.items()}
 
 
 def get_codec(name: str) -> Codec:
@@ -338,4 +349,4 @@ def get_codec(name: str) -> Codec:
     if name not in CODECS:
         raise ValueError(f"unknown codec {name!r}; choose one of {sorted(CODECS) + ['int8', 'int8:channel']} "
                          "or 'topk:FRACTION[:ef]'")
-    return CODECS[name]()
+    return _SHARED[name]  # (these keep no state: one instance serves every wire)

@@ -11,9 +11,8 @@ kept in checkpoints (:meth:`Meter.counted`), so a resumed run counts, and rounds
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Callable, Iterator
+from typing import Callable
 
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -47,6 +46,7 @@ class Meter:
     tokens_forward: int = 0  # real (unpadded) tokens of the text rows stepped forward: training and evaluation
     tokens_backward: int = 0  # of which trained (their gradients came back)
     _flop_cache: dict[str, int] = field(default_factory=dict, repr=False)  # repr(key) -> FLOPs
+    _by_key: dict[tuple, int] = field(default_factory=dict, repr=False, compare=False)  # the same by key (no repr a step)
 
     def on_send(self, wire: str, direction: str, nbytes: int, payload: int) -> None:
         self.sent.setdefault((wire, direction), Traffic()).add(nbytes, payload)
@@ -79,18 +79,24 @@ class Meter:
     @counted.setter
     def counted(self, value: dict[str, int]) -> None:
         self._flop_cache = {str(k): int(v) for k, v in value.items()}
+        self._by_key = {}
 
     def compute(self, key: tuple, phase: str, fn: Callable[[], object]) -> object:
         """Run ``fn``, timing it and adding its FLOPs (counted once per ``key``) to ``phase``."""
         t0 = time.perf_counter()
-        name = repr(key)
-        if name in self._flop_cache:
+        flops = self._by_key.get(key)
+        if flops is not None:
             out = fn()
-            flops = self._flop_cache[name]
         else:
-            with FlopCounterMode(display=False) as counter:
+            name = repr(key)  # (what a checkpoint keeps)
+            if name in self._flop_cache:
                 out = fn()
-            flops = self._flop_cache[name] = counter.get_total_flops()
+                flops = self._flop_cache[name]
+            else:
+                with FlopCounterMode(display=False) as counter:
+                    out = fn()
+                flops = self._flop_cache[name] = counter.get_total_flops()
+            self._by_key[key] = flops
         self.compute_s += time.perf_counter() - t0
         if phase == "forward":
             self.flops_forward += flops
@@ -98,17 +104,9 @@ class Meter:
             self.flops_backward += flops
         return out
 
-    @contextmanager
-    def timed(self, what: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            dt = time.perf_counter() - t0
-            if what == "wait":
-                self.wait_s += dt
-            else:
-                self.compute_s += dt
+    def timed(self, what: str) -> "_Timed":
+        """A context that adds the seconds spent inside to ``what``: ``wait``, else compute."""
+        return _Timed(self, what == "wait")
 
     def summary(self) -> dict:
         def table(d: dict[tuple[str, str], Traffic]) -> list[dict]:
@@ -128,3 +126,22 @@ class Meter:
             **({"tokens_forward": self.tokens_forward, "tokens_backward": self.tokens_backward}
                if self.tokens_forward else {}),  # a party holding text: the tokens its rows had
         }
+
+
+class _Timed:
+    """:meth:`Meter.timed` (a class, not a generator: it is entered a few times every step)."""
+
+    __slots__ = ("meter", "wait", "t0")
+
+    def __init__(self, meter: Meter, wait: bool):
+        self.meter, self.wait, self.t0 = meter, wait, 0.0
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        dt = time.perf_counter() - self.t0
+        if self.wait:
+            self.meter.wait_s += dt
+        else:
+            self.meter.compute_s += dt
