@@ -128,7 +128,7 @@ def check_received_values(msg: Message, wire: Wire, st: StepState, t: torch.Tens
     if classes is not None:
         lo, hi = extremes(t)
         if lo < 0 or hi >= classes:
-            raise WireError(f"{what} holds label {lo if lo < 0 else hi}, outside the head's {classes} classes "
+            raise WireError(f"{what} holds label {int(lo if lo < 0 else hi)}, outside the head's {classes} classes "
                             f"(0..{classes - 1})")
         return top
     if ranges:

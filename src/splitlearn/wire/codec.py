@@ -349,4 +349,7 @@ def get_codec(name: str) -> Codec:
     if name not in CODECS:
         raise ValueError(f"unknown codec {name!r}; choose one of {sorted(CODECS) + ['int8', 'int8:channel']} "
                          "or 'topk:FRACTION[:ef]'")
-    return _SHARED[name]  # (these keep no state: one instance serves every wire)
+    shared = _SHARED.get(name)  # (these keep no state: one instance serves every wire)
+    if type(shared) is not CODECS[name]:  # (one added to CODECS, or replaced, since)
+        shared = _SHARED[name] = CODECS[name]()
+    return shared
