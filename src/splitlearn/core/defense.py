@@ -190,8 +190,13 @@ def register(defense: Defense, *, replace: bool = False) -> Defense:
     return DEFENSES.register(key, defense, replace=replace)
 
 
-def active(spec: WireSpec) -> list[tuple[Defense, Any]]:
-    """The defenses a wire's settings turn on, in registry order, each with its setting."""
+def active(spec: WireSpec) -> tuple[tuple[Defense, Any], ...]:
+    """The defenses a wire's settings turn on, in registry order, each with its setting (found once per settings
+    and registry: a party asks for every message)."""
+    version = DEFENSES.version
+    known = _ACTIVE.get(id(spec))
+    if known is not None and known[0] is spec and known[1] == version:
+        return known[2]
     out, fields = [], WireSpec.model_fields  # (read once: pydantic's class property costs microseconds a read)
     for key, defense in DEFENSES.items():
         if key in fields:
@@ -200,7 +205,13 @@ def active(spec: WireSpec) -> list[tuple[Defense, Any]]:
                 out.append((defense, config))
         elif key in spec.extra_defenses:
             out.append((defense, spec.extra_defenses[key]))
-    return out
+    if len(_ACTIVE) > 4096:  # (the settings of many plans, one process)
+        _ACTIVE.clear()
+    _ACTIVE[id(spec)] = (spec, version, tuple(out))  # (the settings are frozen; kept, so their id is not reused)
+    return tuple(out)
+
+
+_ACTIVE: dict[int, tuple[WireSpec, int, tuple]] = {}
 
 
 def _label_defenses() -> str:

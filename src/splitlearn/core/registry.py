@@ -38,6 +38,7 @@ class Registry(Generic[T]):
         self._loaded = not self._builtins
         self._loading = False
         self._lock = threading.RLock()  # another thread's first read waits until the built-ins are in
+        self._changes = 0  # registrations and removals so far (what a reader caching a lookup compares)
 
     def _load(self) -> None:
         if self._loaded:
@@ -62,6 +63,7 @@ class Registry(Generic[T]):
         if name in self._items and not replace and self._items[name] is not item:
             raise ValueError(f"a {self.what} named {name!r} is registered already; pass replace=True to replace it")
         self._items[name] = item
+        self._changes += 1
         return item
 
     def get(self, name: str) -> T:
@@ -74,7 +76,15 @@ class Registry(Generic[T]):
     def unregister(self, name: str) -> T:
         """Take ``name`` out again (a test's own part, once it is done); KeyError if it is not there."""
         self._load()
-        return self._items.pop(name)
+        item = self._items.pop(name)
+        self._changes += 1
+        return item
+
+    @property
+    def version(self) -> int:
+        """Changes so far, built-ins loaded: equal between two reads, a lookup over the registry gives the same."""
+        self._load()
+        return self._changes
 
     def names(self) -> list[str]:
         self._load()

@@ -214,7 +214,8 @@ def handed_over(msg: Message) -> Message:
     (:class:`~splitlearn.wire.codec.Lent`) is handed over as it is, not copied. Its size on the wire is counted
     here, once (``wire_bytes``: what :func:`wire_size` gives)."""
     whole = Message(msg.kind, msg.sender, msg.receiver, msg.step, msg.wire,
-                    {k: Encoded(e.codec, e.dtype, e.shape, e.data if isinstance(e.data, Lent) else Owned(e.data),
+                    {k: e if isinstance(e.data, Lent) and not e.extra else  # (lent whole: nothing to copy)
+                        Encoded(e.codec, e.dtype, e.shape, e.data if isinstance(e.data, Lent) else Owned(e.data),
                                 dict(e.extra)) for k, e in msg.tensors.items()},
                     msg.text)
     whole.wire_bytes = encoded_size(whole)
