@@ -25,6 +25,8 @@ from splitlearn.core.specs import PlanError
 from splitlearn.core.load import load_plan
 from splitlearn.run.setup import prepare, setup_party
 from splitlearn.launch.threads import run_local
+from splitlearn.core.engine import Party
+from splitlearn.run.agreement import Agreement
 
 from .support import LogEvent, max_diff, module_state, tiny
 
@@ -138,7 +140,8 @@ def test_bytes_and_flops_of_each_method_match_a_hand_count():
         assert _payload(p["received"], "weights", "weights") == _payload(p["sent"], "weights", "weights") \
             == 2 * bottom_values * 4
         wire = next(w["name"] for w in res["wires"] if w["carries"] == "activation")
-        assert _payload(p["sent"], wire, "forward") == (2 * len(ctx.shares[k]) + 2) * hidden * 4  # + a handshake row a turn
+        # + the first turn's handshake row: the second turn's session takes what that handshake agreed
+        assert _payload(p["sent"], wire, "forward") == (2 * len(ctx.shares[k]) + 1) * hidden * 4
         assert p["flops"] == 2 * len(ctx.shares[k]) * 2 * (2 * 64 * hidden)
 
     # centralized: one party, no bytes; its meter also holds the evaluation forward passes
@@ -159,6 +162,31 @@ def test_bytes_and_flops_of_each_method_match_a_hand_count():
     for name in ("hospital-1", "hospital-2"):
         assert _payload(res["parties"][name]["received"], "weights", "weights") == steps * model_values * 4
         assert _payload(res["parties"][name]["sent"], "weights", "weights") == steps * model_values * 4
+
+
+@pytest.mark.parametrize("schedule", ["splitfed_v2", "splitfed_v1", "sequential"])
+def test_a_clients_later_turns_take_its_first_handshake_and_train_bit_for_bit_as_with_one_a_turn(schedule,
+                                                                                                  monkeypatch):
+    plan = tiny(8, count=3, schedule=schedule).with_train(epochs=3)
+    counted = []
+    step = Party.step
+
+    def counting(self, *args, **kwargs):
+        counted.append(args[2] if len(args) > 2 else kwargs.get("mode"))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Party, "step", counting)
+    kept = run_clients(plan)
+    kept_handshakes, turns = counted.count("handshake"), merge_reports(plan, kept)
+    counted.clear()
+    monkeypatch.setattr(Agreement, "held", lambda self, party, heard: False)  # a handshake every turn, as before
+    every = run_clients(plan)
+    assert kept_handshakes == 2 * 3  # each client's first turn, at the client and at the server
+    assert counted.count("handshake") > 2 * 3 * 3  # a turn each, more than one a client and epoch
+    for name in ("server", "hospital-1", "hospital-2", "hospital-3"):
+        for seg, module in kept[name].modules.items():
+            assert max_diff(module_state(module), module_state(every[name].modules[seg])) == 0.0, (name, seg)
+    assert turns["metrics"] == merge_reports(plan, every)["metrics"]
 
 
 @pytest.mark.parametrize("method", ["sequential", "splitfed_v2", "fedavg", "large_batch"])

@@ -30,6 +30,7 @@ from ..core.plan import Plan, per_client, plan_hash
 from ..core.specs import PlanError
 from ..core.randomness import PartyRandom, party_seed
 from ..core import defense as defenses
+from ..run.agreement import Agreement
 from ..run.checkpoint import Checkpoints
 from ..run.observe import Recorder
 from ..run.report import PartyReport
@@ -128,6 +129,7 @@ class Participant:
         # fixed parties: a copy of their segments per client (splitfed_v1 for a round, independent for good)
         self.copies: dict[str, tuple[dict, torch.optim.Optimizer | None]] = {}
         self.lent: dict[str, torch.Tensor] | None = None  # a client: the run's model, lent for one evaluation turn
+        self.agreements: dict[str, Agreement] = {}  # turns: the last handshake with each peer (run/agreement.py)
         self.pool = EvaluationPool(plan)  # a head: the current evaluation's scores (all sites)
         self.plan_session: PartyReport | None = None  # the trivial schedule's one session (a Peer's)
         self._requests = itertools.count(1)

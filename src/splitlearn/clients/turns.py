@@ -10,6 +10,7 @@ from typing import Callable
 from ..core.engine import Party, PartyError
 from ..core.optimizing import PartyOptimizer
 from ..core.specs import PlanError
+from ..run.agreement import Agreement
 from ..run.observe import Recorder
 from ..run.session import run_party
 from ..run.setup import make_optimizer
@@ -105,7 +106,8 @@ class TurnTaking(Participant):
                 self.tracker.turn = turn.index
             turn_steps = self.ctx.steps_of(self.plan, turn, self.clients.index(client)) if self.ctx else turn.steps
             # a turn's own intervals would be drawn for nothing: its record keeps its figures, the pooled one intervals
-            report = run_party(party, iter(turn_steps), ids_hash=tag, tracker=self.tracker, intervals=False)
+            report = run_party(party, iter(turn_steps), ids_hash=tag, tracker=self.tracker, intervals=False,
+                               agreement=self.agreements.setdefault(",".join(sorted(peers)), Agreement()))
         except (PartyError, PlanError, TransportError) as e:  # a peer that is gone or silent: failures as data
             self.refused += link.refused
             log.warning("%s: turn %d with %s failed: %s", self.name, turn.index, client, e)

@@ -28,13 +28,14 @@ __all__ = ["Kind", "Message", "Limits", "encode", "decode", "encoded_size", "wir
            "MAX_MESSAGE_BYTES", "hello", "read_hello", "command", "read_command", "reply", "read_reply", "weights",
            "read_weights", "QUOTE_CHARS"]
 
-PROTOCOL_VERSION = 6  # 2: typed COMMAND/ACK control messages (wire/control.py) instead of commands in STEP;
+PROTOCOL_VERSION = 7  # 2: typed COMMAND/ACK control messages (wire/control.py) instead of commands in STEP;
 # 3: checkpoints named by a cursor [round, step] (wire/control.Cursor) in control messages and hellos
 # 4: the float32 codec sends a 16-bit float as itself; a CREDIT with a text is a step's agreement (core/precision.py:
 # an fp16 overflow verdict, a global clip's squared norm)
 # 5: a PSI setup is the holder's raw blinded set (run/align.py; the Bloom filter gave false positives); an integer
 # tensor travels raw on any wire; epoch verdicts (core/stopping.py) as CREDIT texts
 # 6: WeightsMissing says why the weights did not come (their sender is gone), where the client can tell
+# 7: a turn's hello tells the tag of the last handshake with its peer ("agreed"): both telling the same skip it
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 QUOTE_CHARS = 80  # a peer's string quoted in a refusal or an error is cut to this many characters
 
