@@ -1,6 +1,7 @@
 """Horizontal clients: schedules equal their unsplit counterparts, exact accounting, skipped clients."""
 
 import gc
+import json
 import logging
 import threading
 import time
@@ -187,6 +188,14 @@ def test_a_clients_later_turns_take_its_first_handshake_and_train_bit_for_bit_as
         for seg, module in kept[name].modules.items():
             assert max_diff(module_state(module), module_state(every[name].modules[seg])) == 0.0, (name, seg)
     assert turns["metrics"] == merge_reports(plan, every)["metrics"]
+
+
+def test_an_agreement_read_back_from_a_checkpoint_is_the_one_kept_and_anything_else_holds_none():
+    kept = Agreement("ids/turn-3", {"bottom->top": ("float32", (8,))}, {"hospital.y": 10})
+    assert Agreement.loaded(json.loads(json.dumps(kept.state()))) == kept
+    for bad in (None, 3, "x", ["t", "not a dict", {}], [5, {}, {}], ["t", {"w": ["float32", ["a"]]}, {}],
+                ["t", {}, {"hospital.y": "ten"}]):
+        assert Agreement.loaded(bad) == Agreement(), bad  # a handshake at the next turn
 
 
 @pytest.mark.parametrize("method", ["sequential", "splitfed_v2", "fedavg", "large_batch"])

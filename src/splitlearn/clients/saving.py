@@ -8,6 +8,7 @@ import copy
 from typing import Any
 
 from ..run import checkpoint as checkpoints
+from ..run.agreement import Agreement
 from ..run.setup import make_optimizer
 from ..wire.control import Cursor
 from .participant import Participant
@@ -46,7 +47,8 @@ class StateSaving(Participant):
             "format": checkpoints.FORMAT, "party": self.name, "optimizer": optim, "copies": copies,
             "random": self.rng is not None, "meter": checkpoints.meter_state(self.link.meter),
             "eval_meter": checkpoints.meter_state(self.eval_meter), "records": self.records, "skipped": self.skipped,
-            "refused": self.refused, "train_work": self.train_work, "pool": pool, **self._extra_state()})
+            "refused": self.refused, "train_work": self.train_work, "pool": pool,
+            "agreements": {peer: a.state() for peer, a in self.agreements.items()}, **self._extra_state()})
 
     def restore(self, cursor: Cursor, attempt: int) -> dict[str, Any]:
         """Go back to the state :meth:`capture` saved as of ``cursor``; its manifest (a checkpoint of an
@@ -74,6 +76,7 @@ class StateSaving(Participant):
                                                                      man["train_work"])
         self.attempt, self.resuming = attempt, False
         self.lent = None
+        self.agreements = {peer: Agreement.loaded(a) for peer, a in man.get("agreements", {}).items()}
         self.last_round = None  # the federation's record of a round after the cursor: it is trained again
         self.pool.load(man.get("pool"), tensors, self.records)
         self._early.clear()

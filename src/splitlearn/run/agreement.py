@@ -5,9 +5,10 @@ classes. Two parties that take turns together again in the same run agree the sa
 server, every round of SplitFed. Each keeps the :class:`Agreement` of its last handshake with that peer, under the
 tag of the turn that made it, and tells the tag in its hello; where both tell the same one, the session takes it
 instead of the handshake (the messages that follow are checked against it, as after a handshake). A party that
-holds none (a new process, a first turn) tells none, and both handshake. Only a session of two parties (in a chain
-a party would not know whether a neighbour's other neighbour still holds it), and never where a defense acts at the
-handshake (it sizes its layers there, in that turn's modules).
+holds none (a new process, a first turn) tells none, and both handshake. A participant's checkpoint keeps them, so
+a run resumed from one agrees (and meters) as the run did. Only a session of two parties (in a chain a party would
+not know whether a neighbour's other neighbour still holds it), and never where a defense acts at the handshake (it
+sizes its layers there, in that turn's modules).
 """
 
 from __future__ import annotations
@@ -49,3 +50,18 @@ class Agreement:
     def keep(self, party: Any, tag: str) -> None:
         """What ``party``'s handshake in the turn ``tag`` fixed."""
         self.tag, self.shapes, self.classes = tag, dict(party.wire_shapes), dict(party.classes)
+
+    def state(self) -> list:
+        """As JSON (a participant's checkpoint keeps it: a run resumed from it agrees as the run did)."""
+        return [self.tag, {w: [d, list(shape)] for w, (d, shape) in self.shapes.items()}, dict(self.classes)]
+
+    @classmethod
+    def loaded(cls, value: Any) -> "Agreement":
+        """One from :meth:`state`; none held (a handshake at the next turn) where ``value`` is not such a state."""
+        try:
+            tag, shapes, classes = value
+            out = cls(tag, {str(w): (str(d), tuple(int(n) for n in shape)) for w, (d, shape) in shapes.items()},
+                      {str(k): int(v) for k, v in classes.items()})
+        except (TypeError, ValueError, AttributeError):
+            return cls()
+        return out if isinstance(tag, str) else cls()
