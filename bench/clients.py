@@ -116,8 +116,8 @@ def section_scale(counts: list[int], epochs: int) -> None:
               "the data.",
               f"Memory grows by about {slope * 1024:.0f} KB per client: its own bottom weights and optimizer "
               "state, meters, a thread and that thread's allocator arena; the data and the schedule are shared. "
-              "Time grows with the number of turns, since every turn opens a session (hello and a one-row "
-              "handshake) with the server; with 500 clients a client has about 3 rows, so a turn is one small "
+              "Time grows with the number of turns, since every turn opens a session with the server (a hello; a "
+              "one-row handshake in a client's first turn, whose later turns take what it fixed); with 500 clients a client has about 3 rows, so a turn is one small "
               "batch. Accuracy falls with many tiny shares in 2 epochs: each client's one small batch per epoch "
               "(and the momentum each client keeps for itself) makes a noisier walk than batches of 32."]
     write_section("scale", "\n".join(lines))

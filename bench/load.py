@@ -131,7 +131,8 @@ def main() -> None:
               "from the warmed-up forker, a process writes only to the pages it changes."]
     lines += ["", "Where the time goes: every process connects and makes its TLS handshakes before the first turn; "
               "the turns then run one client at a time (sequential) or every client each round (SplitFed v2), and "
-              "each turn opens a session (hello, handshake) with the server; with `--out` every round ends with a "
+              "each turn opens a session with the server (a hello; a handshake in a client's first turn, whose later turns "
+              "take what it fixed); with `--out` every round ends with a "
               "checkpoint of every role."]
     write_section("load", "\n".join(lines))
 

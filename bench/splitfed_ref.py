@@ -344,8 +344,9 @@ def main() -> None:
         "", "### Where the engine's time goes", "",
         f"A run of its own with timers ({whole:.2f} s): each part's own time, less the parts it calls and less the "
         "time its task waited while the others had the thread (`bench/splitfed_ref.py:decomposed`); every client "
-        "and the server each run a training step and a handshake step in every turn (the handshake: one row of "
-        "zeros through the turn's parties, fixing its wires).", "",
+        "and the server each run a training step in every turn, and a handshake step in a client's first turn (the "
+        "handshake: one row of zeros through the turn's parties, fixing its wires; a client's later turns take what "
+        "it fixed, `run/agreement.py`).", "",
         "| part | s | ms per client turn | share |", "|---|---:|---:|---:|",
         *[f"| {k} | {v:.2f} | {v / turns * 1e3:.2f} | {v / whole:.0%} |"
           for k, v in sorted(parts.items(), key=lambda kv: -kv[1])],

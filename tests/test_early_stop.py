@@ -280,3 +280,25 @@ def test_a_party_no_wire_links_to_the_watched_figure_is_refused_before_any_party
     with pytest.raises(PlanError, match=r"entry 'data.validation_fraction': no wire links \['clinic', 'lab'\] to "
                                         r"'server'"):
         prepare(plan)
+
+
+def test_a_session_begun_again_mid_run_with_validation_ends_as_the_uninterrupted_run(tmp_path, monkeypatch):
+    """A neighbour that comes back mid-run restarts the session from the last common checkpoint (every 2 steps here);
+    the second session agrees its epochs again and the run ends as one never restarted."""
+    from splitlearn.core.engine import Party
+    from splitlearn.wire.transport import PeerRestarted
+
+    plan = body(epochs=3, early_stop=None, checkpoint_every=2, step_timeout=10)
+    splitlearn.train(load_plan(plan), out=tmp_path / "once")
+    step, fired = Party.step, []
+
+    def server_back_once(self, s, rows, mode, *args, **kwargs):
+        if self.name == "hospital" and mode == "train" and s == 3 and not fired:
+            fired.append(s)
+            raise PeerRestarted("server", "server came back as a new process (simulated)")
+        return step(self, s, rows, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Party, "step", server_back_once)
+    splitlearn.train(load_plan(plan), out=tmp_path / "again")
+    assert fired == [3]
+    same_run(tmp_path / "once", tmp_path / "again", count_bytes=False)

@@ -76,7 +76,8 @@ class StateSaving(Participant):
                                                                      man["train_work"])
         self.attempt, self.resuming = attempt, False
         self.lent = None
-        self.agreements = {peer: Agreement.loaded(a) for peer, a in man.get("agreements", {}).items()}
+        held = man.get("agreements")
+        self.agreements = {str(p): Agreement.loaded(a) for p, a in held.items()} if isinstance(held, dict) else {}
         self.last_round = None  # the federation's record of a round after the cursor: it is trained again
         self.pool.load(man.get("pool"), tensors, self.records)
         self._early.clear()

@@ -107,7 +107,7 @@ class TurnTaking(Participant):
             turn_steps = self.ctx.steps_of(self.plan, turn, self.clients.index(client)) if self.ctx else turn.steps
             # a turn's own intervals would be drawn for nothing: its record keeps its figures, the pooled one intervals
             report = run_party(party, iter(turn_steps), ids_hash=tag, tracker=self.tracker, intervals=False,
-                               agreement=self.agreements.setdefault(",".join(sorted(peers)), Agreement()))
+                               agreed=self.agreements.setdefault(",".join(sorted(peers)), Agreement()))
         except (PartyError, PlanError, TransportError) as e:  # a peer that is gone or silent: failures as data
             self.refused += link.refused
             log.warning("%s: turn %d with %s failed: %s", self.name, turn.index, client, e)

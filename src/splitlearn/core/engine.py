@@ -91,13 +91,9 @@ class Party:
         self.predicting = predicting  # a prediction run: no labels anywhere, not even at the handshake
         self.noise_secret = secrets.randbits(128) if noise_secret is None else noise_secret
         self.nodes = graph.nodes
-        self.order = graph.local_order(name)
-        self.stages = graph.stages_of(name)
-        self.wires = {w.name: w for w in graph.wires if name in (w.src_party, w.dst_party)}
-        self.sends_from: dict[str, list[Wire]] = {}
-        for w in self.wires.values():
-            if w.src_party == name:
-                self.sends_from.setdefault(w.src, []).append(w)
+        view = graph.party_view(name)  # (derived once per graph: a [clients] turn builds its parties every time)
+        self.order, self.stages, self.wires, self.sends_from = view.order, view.stages, view.wires, view.sends_from
+        self.label_only, self.stage_of, self.raw_inputs = view.label_only, view.stage_of, view.raw_inputs
         # encoders are per wire and direction (a codec may keep state, e.g. error feedback)
         self.encoders: dict[tuple[str, Kind], Codec] = {}
         for w in self.wires.values():
@@ -105,16 +101,12 @@ class Party:
                 self.encoders[(w.name, Kind.ACTIVATION)] = get_codec(w.codec)
             elif w.carries == "activation":
                 self.encoders[(w.name, Kind.GRADIENT)] = get_codec(w.grad_codec)
-        self.label_only = graph.label_inputs() & set(self.order)
         self.limits = link.limits
         t = graph.plan.train
         self.max_rows = max(t.batch_size, t.eval_batch_size)  # no step is larger
         self.pipeline = t.pipeline  # micro-batches per training step (message step ids are step * pipeline + i)
         self.early = EarlyMessages(self.limits, self.pipeline)  # messages that came before this party got there
         self.classes: dict[str, int] = {}  # label node -> classes of the cross-entropy head it feeds (handshake)
-        self.stage_of = {n: s.index for s in self.stages for n in s.nodes}
-        # NoPeek compares a wire's activations with the raw inputs they were computed from
-        self.raw_inputs = {w.src: graph.raw_inputs(w.src) for w in self.wires.values() if w.src_party == name}
         self.num_classes = {n: int(data[n].max()) + 1 for n in self.order
                             if self.nodes[n].kind == "input" and n in data and isinstance(data[n], torch.Tensor)
                             and not data[n].is_floating_point() and data[n].numel()}  # (a streamed field: no labels)

@@ -27,7 +27,7 @@ from .plan import Plan
 from .specs import PlanError
 from .wirespec import WireSpec
 
-__all__ = ["Graph", "Node", "Wire", "Stage", "build_graph"]
+__all__ = ["Graph", "Node", "Wire", "Stage", "PartyView", "build_graph"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,21 @@ class Stage:
     losses: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class PartyView:
+    """One party's part of a graph: its nodes in order, its stages, its wires (by name) and those leaving each
+    node, its input nodes that are only loss targets, each node's stage, and the raw inputs each sent value is
+    computed from (NoPeek compares them)."""
+
+    order: list[str]
+    stages: list[Stage]
+    wires: dict[str, Wire]
+    sends_from: dict[str, list[Wire]]
+    label_only: set[str]
+    stage_of: dict[str, int]
+    raw_inputs: dict[str, list[str]]
+
+
 @dataclass
 class Graph:
     plan: Plan
@@ -95,6 +110,21 @@ class Graph:
     @property
     def parties(self) -> list[str]:
         return list(self.plan.parties)
+
+    def party_view(self, party: str) -> "PartyView":
+        """What ``party`` runs and where it sends (derived once: shared, not to be changed)."""
+        def make() -> PartyView:
+            order = self.local_order(party)
+            stages = self.stages_of(party)
+            wires = {w.name: w for w in self.wires if party in (w.src_party, w.dst_party)}
+            sends_from: dict[str, list[Wire]] = {}
+            for w in wires.values():
+                if w.src_party == party:
+                    sends_from.setdefault(w.src, []).append(w)
+            return PartyView(order, stages, wires, sends_from, self.label_inputs() & set(order),
+                             {n: s.index for s in stages for n in s.nodes},
+                             {w.src: self.raw_inputs(w.src) for w in wires.values() if w.src_party == party})
+        return self.derived(("party_view", party), make)
 
     def wire_between(self, src: str, dst_party: str) -> Wire | None:
         return next((w for w in self.wires if w.src == src and w.dst_party == dst_party), None)

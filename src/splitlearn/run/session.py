@@ -84,7 +84,7 @@ class _Ahead:
 
 @contextmanager
 def session(party: Party, ids_hash: str = "", setup: Any = None, checkpoints: list[Cursor] | None = None,
-            first: list[Message] = (), agreement: Agreement | None = None) -> Iterator[dict]:
+            first: list[Message] = (), agreed: Agreement | None = None) -> Iterator[dict]:
     """Hello (protocol, plan and ids must match), a handshake step fixing wire shapes, then the
     caller's steps, then goodbye. A failure is sent to the neighbours before it is raised.
 
@@ -100,7 +100,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None, checkpoints: li
     same (naming both otherwise). Yields ``{"resume": cursor}`` (None: no checkpoint in common, from
     the start; (0, -1) is the checkpoint taken before the first step).
 
-    ``agreement``: what an earlier turn's handshake with the same peer fixed (:mod:`~splitlearn.run.agreement`),
+    ``agreed``: what an earlier turn's handshake with the same peer fixed (:mod:`~splitlearn.run.agreement`),
     taken instead of the handshake where the peer holds the same one; else kept from this session's."""
     link, me = party.link, party.name
     neighbours = party.graph.neighbours(me)
@@ -208,7 +208,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None, checkpoints: li
         # counts travel in the first hello, or (psi) in a second one once the rows are aligned
         resuming = checkpoints is not None
         tell = {"checkpoints": checkpoints} if resuming else {}
-        tell.update(agreement.told() if agreement is not None else {})
+        tell.update(agreed.told() if agreed is not None else {})
         if psi and held is not None:  # how many ids it aligns: what its requests are bounded by (run/align.py)
             tell["id_count"] = len(setup.own_ids)
         heard = exchange("hello", "" if psi else ids_hash, None if psi else held, setup is not None and not psi,
@@ -219,7 +219,7 @@ def session(party: Party, ids_hash: str = "", setup: Any = None, checkpoints: li
             yield {"resume": done, "finished": True}
         else:
             yield from _agree_and_handshake(party, setup, checkpoints, heard, exchange, ahead, psi, extra,
-                                            agreement, ids_hash)
+                                            agreed, ids_hash)
         for p in neighbours:
             link.send(Message(Kind.STOP, me, p, text="done"))
         until = deadline()
@@ -255,7 +255,7 @@ def _tell_neighbours(party: Party, error: BaseException) -> None:
 
 def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[Cursor] | None, heard: dict[str, dict],
                          exchange: Callable[..., dict[str, dict]], ahead: _Ahead, psi: bool,
-                         extra: ResumeTraffic | None, agreement: Agreement | None, tag: str) -> Iterator[dict]:
+                         extra: ResumeTraffic | None, agreed: Agreement | None, tag: str) -> Iterator[dict]:
     """The session between the first hello and the steps: the PSI alignment and the rows hello, the
     resume agreement, the handshake; yields ``{"resume": cursor}``. A resume from the start counts as a new run
     (``extra``: what the resuming hellos said beyond a new run's)."""
@@ -286,12 +286,12 @@ def _agree_and_handshake(party: Party, setup: Any, checkpoints: list[Cursor] | N
         party.secure.agree(lambda phase, tell: exchange(phase, "", None, False, tell=tell), _certified(party))
     for msg in ahead.take():
         party.keep_early(msg, -2)  # before the handshake (step -1)
-    if agreement is not None and agreement.held(party, heard):
-        agreement.take(party)  # (what the same handshake fixed at both: a turn's again)
+    if agreed is not None and agreed.held(party, heard):
+        agreed.take(party)  # (what the same handshake fixed at both: a turn's again)
     else:
         party.step(-1, None, "handshake")
-        if agreement is not None:
-            agreement.keep(party, tag)
+        if agreed is not None:
+            agreed.keep(party, tag)
     yield {"resume": resume}
 
 
@@ -351,7 +351,7 @@ def _captured(party: Party, metrics: Metrics, timing: dict, epoch: int | None) -
 def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]],
               on_step: Callable[[Progress], None] | None = None, ids_hash: str = "", tracker: Any = None,
               setup: Any = None, checkpoints: Any = None, resume: bool = False, intervals: bool = True,
-              agreement: Agreement | None = None) -> PartyReport:
+              agreed: Agreement | None = None) -> PartyReport:
     """Run a party through the schedule; collect the metrics of the losses it computes (and
     stream them to ``tracker``, a :class:`~splitlearn.run.tracking.Tracker`). Its report is what the
     session knows (metrics, accounting and timings, refusals, predictions, scores); what the party
@@ -364,7 +364,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
     the steps are taken in gradient groups (:func:`~splitlearn.run.setup.accumulated`), and a checkpoint that
     falls inside a group is taken at its end: no checkpoint holds gradients half accumulated. ``intervals`` False:
     the report's metrics leave out the last evaluation's bootstrap intervals and curves (none is drawn).
-    ``agreement``: a turn's, :func:`session`'s."""
+    ``agreed``: a turn's handshake kept, :func:`session`'s."""
     from ..wire.metering import Meter
     from .checkpoint import after_step, capture, load_meter, meter_state, restore
 
@@ -393,7 +393,7 @@ def run_party(party: Party, steps: Iterator[Step] | Callable[[], Iterator[Step]]
             for msg in first:  # the hello that began it, counted before
                 party.meter.on_recv(msg.wire, "control", len(encode(msg)), msg.payload_bytes)
         try:
-            with session(party, ids_hash, setup, held, first, agreement) as info:
+            with session(party, ids_hash, setup, held, first, agreed) as info:
                 if initial is None and checkpoints is not None and not info.get("finished"):  # (after the handshake:
                     initial = capture(party, {})  # a defense's layers are sized; finished, nothing begins again)
                 if full is None:
