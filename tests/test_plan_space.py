@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from itertools import islice
+from unittest import mock
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from safetensors.torch import load_file
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 import splitlearn
+from splitlearn.wire.transport import PeerRestarted
 from splitlearn.clients.secure import SECAGG_WIRE
 from splitlearn.clients.context import Context
 from splitlearn.core.load import load_plan
@@ -37,6 +39,8 @@ from splitlearn.core.plan import plan_hash
 from splitlearn.core.specs import DataSpec, PlanError
 from splitlearn.core import losses as loss_kinds
 from splitlearn.core.dryrun import merge_inputs
+from splitlearn.core.engine import Party
+from splitlearn.run.report import RunError
 from splitlearn.core.graph import build_graph
 from splitlearn.models import build_segment
 from splitlearn.run.checkpoint import Checkpoints
@@ -210,6 +214,29 @@ def check(study: Study) -> None:
             shutil.rmtree(folder / "c" / "parties" / next(iter(body["parties"])) / "checkpoints")
         splitlearn.train(resumable, out=folder / "c", resume=True)
         same_run(folder / "b", folder / "c")
+
+        # a neighbour back as a new process mid-run: the parties begin their sessions again from the last checkpoint
+        # they share (or the start), and the run ends as the one never interrupted; where a party had finished
+        # already (a label holder runs ahead of its consumer) the run stops saying to start again with --resume, and
+        # that run ends so
+        holder, fired, seen = next(iter(body["parties"])), [], []
+
+        def back_once(self, step, rows, mode, *args, **kwargs):
+            seen.append(self.name == holder and mode == "train")
+            if sum(seen) == 3 and seen[-1] and not fired:  # at its third training step
+                fired.append(self.graph.neighbours(holder)[0])
+                raise PeerRestarted(fired[0], f"{fired[0]} came back as a new process (simulated)")
+            return party_step(self, step, rows, mode, *args, **kwargs)
+
+        party_step = Party.step
+        with mock.patch.object(Party, "step", back_once):
+            try:
+                splitlearn.train(resumable, out=folder / "d")
+            except RunError as e:
+                assert "finished" in str(e) and "--resume" in str(e), (study, str(e))
+                splitlearn.train(resumable, out=folder / "d", resume=True)
+        assert fired, study
+        same_run(folder / "b", folder / "d")
 
         # one row predicted alone equals the same row predicted in a batch (matched by id under PSI)
         batch = splitlearn.predict(folder / "a", write=False)["task"]
