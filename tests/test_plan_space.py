@@ -219,11 +219,11 @@ def check(study: Study) -> None:
         # they share (or the start), and the run ends as the one never interrupted; where a party had finished
         # already (a label holder runs ahead of its consumer) the run stops saying to start again with --resume, and
         # that run ends so
-        holder, fired, seen = next(iter(body["parties"])), [], []
+        holder, fired, trained = next(iter(body["parties"])), [], [0]
 
         def back_once(self, step, rows, mode, *args, **kwargs):
-            seen.append(self.name == holder and mode == "train")
-            if sum(seen) == 3 and seen[-1] and not fired:  # at its third training step
+            trained[0] += self.name == holder and mode == "train"
+            if trained[0] == 3 and self.name == holder and mode == "train" and not fired:  # its third training step
                 fired.append(self.graph.neighbours(holder)[0])
                 raise PeerRestarted(fired[0], f"{fired[0]} came back as a new process (simulated)")
             return party_step(self, step, rows, mode, *args, **kwargs)

@@ -330,7 +330,7 @@ class TopK(Codec):
 
 
 CODECS = {c.name: c for c in (Codec, Float32, Float16, BFloat16)}
-_SHARED = {name: c() for name, c in CODECS.items()}
+_SHARED: dict[str, Codec] = {}  # name -> the one instance get_codec gives (made at its first call)
 
 
 def get_codec(name: str) -> Codec:
@@ -350,6 +350,6 @@ def get_codec(name: str) -> Codec:
         raise ValueError(f"unknown codec {name!r}; choose one of {sorted(CODECS) + ['int8', 'int8:channel']} "
                          "or 'topk:FRACTION[:ef]'")
     shared = _SHARED.get(name)  # (these keep no state: one instance serves every wire)
-    if type(shared) is not CODECS[name]:  # (one added to CODECS, or replaced, since)
+    if type(shared) is not CODECS[name]:  # (the first call, or a class put in CODECS since)
         shared = _SHARED[name] = CODECS[name]()
     return shared
