@@ -154,6 +154,8 @@ def test_empty_fields_and_tensors_are_left_out_as_protobuf_leaves_them_out():
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
+import splitlearn.wire.codec as codec_module  # noqa: E402
+
 from splitlearn.wire.messages import checked, encoded_size, handed_over  # noqa: E402
 
 
@@ -277,6 +279,60 @@ def test_a_tensor_lent_in_one_process_is_the_senders_memory_and_refused_once_wri
 
     half = torch.randn(4, 3).to(torch.bfloat16)  # its bits are reinterpreted when encoded (a copy): copied, not lent
     assert isinstance(sent(half).data, Owned) and torch.equal(get_codec("float32").decode(sent(half)), half)
+
+
+class _Negating(codec_module.Codec):
+    """A codec of a user's: its own encode (the shortcut of a codec that sends a tensor as it is must not skip it)."""
+
+    name = "negating"
+
+    def encode(self, t):
+        return super().encode(~t if t.dtype == torch.bool else -t)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["float32", "raw", "float16", "bfloat16", "int8", "topk:0.5", "negating"]),
+       st.sampled_from(["float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool"]),
+       st.lists(st.integers(0, 5), min_size=0, max_size=3), st.sampled_from(["whole", "transposed", "part"]),
+       st.booleans())
+def test_a_tensor_lent_straight_is_what_encoding_then_lending_gives(name, dtype, shape, layout, grad):
+    """``Codec.encode_lent`` (what the engine sends a training step's activations and gradients with) gives what
+    ``encode(t).lent()`` gives for every codec, dtype and layout: the same codec, dtype, shape and bytes, lent where
+    that is lent (the tensor's whole memory), and the same tensor decoded; a codec that encodes its own way is used."""
+    import numpy as np
+
+    t = (torch.randn(tuple(shape)) * 3).to(codec_module.DTYPES[dtype][0])
+    if layout == "transposed" and t.dim() >= 2:
+        t = t.transpose(0, 1)
+    elif layout == "part" and t.dim() and t.shape[0] > 1:
+        t = t[1:]
+    if grad and t.is_floating_point():
+        t = t.clone().requires_grad_(True)
+    codec = _Negating() if name == "negating" else get_codec(name)
+    if name in ("int8", "topk:0.5") and not t.is_floating_point():
+        return  # (they take floating tensors)
+    want, got = codec.encode(t).lent(), codec.encode_lent(t)
+    assert (got.codec, got.dtype, got.shape, got.extra) == (want.codec, want.dtype, want.shape, want.extra)
+    assert isinstance(got.data, codec_module.Lent) == isinstance(want.data, codec_module.Lent)
+    assert np.array_equal(np.frombuffer(got.data, np.uint8), np.frombuffer(want.data, np.uint8))
+    out = codec.decode(got)
+    assert out.dtype == codec.decode(want).dtype and torch.equal(out, codec.decode(want))
+    if isinstance(got.data, codec_module.Lent):  # the sender's own memory where that is lent, a copy's else
+        ptr = t.data_ptr() if t.numel() else None
+        assert (got.data.tensor.data_ptr() == ptr) == (want.data.tensor.data_ptr() == ptr)
+
+
+def test_a_hello_read_twice_is_parsed_once_and_each_reader_gets_its_own():
+    """A hello handed over in one process is read by a turn's switch and by its session: parsed once per limits, a
+    reader's changes not seen by the next, and limits that refuse it still refuse it."""
+    from splitlearn.wire.messages import hello, read_hello
+
+    msg = hello("hospital", "server", "abc", "ids", rows=[3, 4], plan_parts={"a": "1"})
+    first = read_hello(msg, Limits())
+    first["rows"] = None
+    assert read_hello(msg, Limits()) == {**first, "rows": [3, 4]}
+    with pytest.raises(WireError, match="exceeds the limit of 10"):
+        read_hello(msg, Limits(text_bytes=10))
 
 
 def test_in_one_process_the_engine_lends_the_tensors_of_its_training_steps(monkeypatch):

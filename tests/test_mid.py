@@ -3,10 +3,12 @@
 Runs: ``examples/vanilla.toml`` (digits, the hospital's bottom sends 128 values a row to the server), its own 8
 epochs, seed 0, the parties' noise secrets pinned (each party draws a new one every run) so that the figures are
 those of one reproducible run: undefended, MID with lambda 0.001 and MID with lambda 0.1 (bottleneck 32).
-MID's accuracy depends on its noise draws: at lambda 0.001, 0.919, 0.933, 0.964, 0.942 and 0.969 over five
-secrets (0.961 undefended); at lambda 0.3 a bottleneck of 32 collapses (accuracy 0.09).
+MID's accuracy depends on its noise draws and on the math threads' count: at lambda 0.001, 0.928, 0.955, 0.947,
+0.944 and 0.961 over five secrets with two threads, 0.852 to 0.961 with one (0.961 undefended); at lambda 0.3 a
+bottleneck of 32 collapses (accuracy 0.09).
 """
 
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,11 +38,15 @@ def _vanilla(wires: dict) -> dict:
     return body
 
 
-def _run(tmp_path_factory, wires: dict) -> tuple[Path, object, dict]:
+def _trained(tmp_path_factory, wires: dict, secret: int = 0) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("mid")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine, "secrets", SimpleNamespace(randbits=lambda bits: 0))
-        result = splitlearn.train(_vanilla(wires), out=out)
+    with pytest.MonkeyPatch.context() as mp:  # the party's secret draws MID's noise: fixed, one draw of it
+        mp.setattr(engine, "secrets", SimpleNamespace(randbits=lambda bits: secret))
+        return out, splitlearn.train(_vanilla(wires), out=out)
+
+
+def _run(tmp_path_factory, wires: dict) -> tuple[Path, object, dict]:
+    out, result = _trained(tmp_path_factory, wires)
     audit = audit_run(out, attacks=["distance_correlation", "inversion"], epochs=DECODER_EPOCHS)
     return out, result, audit["wires"]["bottom->top"]
 
@@ -51,11 +57,17 @@ def runs(tmp_path_factory):
             for lam in (None, 0.001, 0.1)}
 
 
-def test_mid_at_a_small_lambda_trains_as_well_as_the_undefended_plan(runs):
-    plain, small = runs[None][1]["metrics"]["test_accuracy"], runs[0.001][1]["metrics"]["test_accuracy"]
-    # measured: 0.961 undefended, 0.919 with MID (lambda 0.001; 0.919 to 0.969 over five secrets)
+def test_mid_at_a_small_lambda_trains_as_well_as_the_undefended_plan(runs, tmp_path_factory):
+    """Over five secrets (each draws MID's noise): one secret's run is one draw, which varies by several points, and
+    with the math threads' count too (a sum's order)."""
+    plain = runs[None][1]["metrics"]["test_accuracy"]
+    wires = {"bottom": {"mid": {"lambda": 0.001, "bottleneck": 32}}}
+    small = [runs[0.001][1]["metrics"]["test_accuracy"]] + [
+        _trained(tmp_path_factory, wires, secret)[1]["metrics"]["test_accuracy"] for secret in range(1, 5)]
+    # measured: 0.961 undefended; with MID, secrets 0-4: 0.928, 0.955, 0.947, 0.944, 0.961 (mean 0.947) with two
+    # math threads, 0.852, 0.947, 0.961, 0.914, 0.961 (mean 0.927) with one (the suite's, two workers on two cores)
     assert plain >= 0.93
-    assert small >= plain - 0.06
+    assert statistics.fmean(small) >= plain - 0.06
 
 
 def test_mid_at_a_larger_lambda_cuts_what_the_server_learns_of_the_inputs(runs):

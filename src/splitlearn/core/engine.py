@@ -22,6 +22,7 @@ across parties and fixes the shape of every wire, against which every later mess
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from typing import Callable
@@ -107,9 +108,7 @@ class Party:
         self.pipeline = t.pipeline  # micro-batches per training step (message step ids are step * pipeline + i)
         self.early = EarlyMessages(self.limits, self.pipeline)  # messages that came before this party got there
         self.classes: dict[str, int] = {}  # label node -> classes of the cross-entropy head it feeds (handshake)
-        self.num_classes = {n: int(data[n].max()) + 1 for n in self.order
-                            if self.nodes[n].kind == "input" and n in data and isinstance(data[n], torch.Tensor)
-                            and not data[n].is_floating_point() and data[n].numel()}  # (a streamed field: no labels)
+        self._labels = {n: data[n] for n in self.order if self.nodes[n].kind == "input" and n in data}  # (num_classes)
         self.observer: Callable[[str, str, StepState, torch.Tensor], None] | None = None
         self.finished: set[str] = set()  # neighbours that said they are done
         self.restartable = False  # a neighbour's new hello mid-run restarts the session (it has checkpoints)
@@ -120,6 +119,12 @@ class Party:
         self.bounds = LearntBounds(graph)  # per wire and direction: the magnitudes its peer sent (``max_jump``)
         self.secure = SecureSum(graph, name, self.meter, PartyError)  # merge = "secure_sum": masks, keys, the sum
         self.modes = Modes()  # its modules' mode, set when it changes
+
+    @functools.cached_property
+    def num_classes(self) -> dict[str, int]:
+        """Label node -> its classes (the largest label held, plus one), worked out when first asked (a label defense)."""
+        return {n: int(d.max()) + 1 for n, d in self._labels.items() if isinstance(d, torch.Tensor)
+                and not d.is_floating_point() and d.numel()}  # (a streamed field: no labels)
 
     def restart(self) -> None:
         """Forget what the session held (messages kept early, goodbyes) before it begins again."""
@@ -308,10 +313,12 @@ class Party:
             codec = want  # an integer tensor travels exactly (raw)
         if st.mode == "handshake" and kind == Kind.ACTIVATION:  # what it sends is agreed, at its end as at the other's
             self.wire_shapes.setdefault(wire.name, (dtype_name(t.dtype), tuple(t.shape[1:])))
+        # a training step's gradient, or an activation the receiver takes as its leaf (autograd refuses a write into
+        # it) or an input of backward: lent (codec.Lent), in one process not copied; else the wire's bytes
+        lent = st.mode == "train" and (kind == Kind.GRADIENT or self._graded(wire, t))
         with self.meter.timed("compute"):
-            enc = codec.encode(placed(self.precision.finite(t.detach(), st.mode), CPU))  # the wire: bytes in host memory
-        if st.mode == "train" and (kind == Kind.GRADIENT or self._graded(wire, t)):  # the receiver's leaf (autograd
-            enc = enc.lent()  # refuses a write into it), or an input of backward: in one process, lent (codec.Lent)
+            t = placed(self.precision.finite(t.detach(), st.mode), CPU)  # (on the wire: in host memory)
+            enc = codec.encode_lent(t) if lent else codec.encode(t)
         self.link.send(Message(kind, self.name, dst, st.step, wire.name, {"t": enc}))
 
     def _next_message(self, states: list[StepState]) -> Message:

@@ -102,10 +102,10 @@ class FlowControl:
 
     def _derive(self) -> None:
         """The pairs again if a dtype of this party's wires was agreed since (the handshake)."""
-        key = tuple(self.agreed[w][0] if w in self.agreed else None for w in self.mine)
+        key = tuple(map(self.agreed.get, self.mine))  # (looked at before every step: no generator)
         if key != self._key:
             self._key = key
-            pairs = flow_pairs(self.graph, self.limits, {w: d for w, d in zip(self.mine, key) if d is not None})
+            pairs = flow_pairs(self.graph, self.limits, {w: a[0] for w, a in zip(self.mine, key) if a is not None})
             self._out = {p.consumer: p for p in pairs if p.producer == self.party}
             self._owed = [p for p in pairs if p.consumer == self.party]
 

@@ -307,7 +307,12 @@ def _certified(party: Party) -> Any:
 def _same(theirs: Any, ours: Any) -> bool:
     """Whether a neighbour's hello value is ours exactly: the same JSON, types included all the way
     down (``True`` is not ``1``, ``9.0`` is not ``9``, inside lists too)."""
+    if type(theirs) is type(ours) and type(ours) in _PLAIN and theirs == ours:  # (most of a hello: no JSON made)
+        return True
     return json.dumps(theirs, sort_keys=True) == json.dumps(ours, sort_keys=True)
+
+
+_PLAIN = (str, int, bool, type(None))  # equal values of one of these types (the very type) write the same JSON
 
 
 def _plan_differs(me: str, peer: str, plan: Any, ours: dict[str, str], theirs: Any) -> None:

@@ -22,6 +22,7 @@ name           sends                                          bytes per element
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,9 @@ DTYPES: dict[str, tuple[torch.dtype, str]] = {  # name -> (torch dtype, little-e
     "bool": (torch.bool, "?"),
 }
 _NAMES = {t: n for n, (t, _) in DTYPES.items()}
+_ITEMSIZE = {n: np.dtype(s).itemsize for n, (_, s) in DTYPES.items()}
+# dtypes whose bytes numpy holds as torch does (on a little-endian machine), a tensor's memory lent as it is
+_AS_IS = {t for n, (t, _) in DTYPES.items() if n != "bfloat16"} if sys.byteorder == "little" else set()
 MAX_ELEMENTS = 1 << 28  # refuse anything larger, whatever its header claims
 
 
@@ -60,7 +64,8 @@ class Owned(bytearray):
 
 
 class Lent(np.ndarray):
-    """A tensor one party of this process lends another with a message, not copied (:func:`lend`; the engine lends
+    """A tensor one party of this process lends another with a message, not copied (:func:`lend`, or
+    :meth:`Codec.encode_lent` straight from the tensor; the engine lends
     the tensors of a training step that the receiver takes as its leaf, and gradients): its bytes as a flat ``uint8``
     array over the tensor's own memory, as bytes go anywhere (over gRPC they are copied into the frame as ever);
     handed over in this process (:func:`~splitlearn.wire.messages.handed_over`) it stays lent. ``tensor`` is the
@@ -93,6 +98,19 @@ def lend(data: bytes | memoryview) -> Lent | None:
     return out
 
 
+def _lent_tensor(t: torch.Tensor) -> Lent | None:
+    """What ``lend(to_buffer(t))`` gives, made from the tensor without the memoryview between (a training step's
+    activations and gradients, three or more a step): where ``t`` is contiguous in host memory, all of its storage,
+    and numpy holds its dtype as it is (not bfloat16; a little-endian machine); else None."""
+    n = t.numel() * t.element_size()
+    if not n or t.dtype not in _AS_IS or not t.is_cpu or not t.is_contiguous() or t.untyped_storage().nbytes() != n:
+        return None
+    t = t.detach() if t.requires_grad else t
+    out = t.numpy().reshape(-1).view(np.uint8).view(Lent)
+    out.tensor, out.version = t, t._version
+    return out
+
+
 @dataclass(frozen=True)
 class Encoded:
     codec: str
@@ -114,7 +132,7 @@ class Encoded:
 
 def decoded_bytes(dtype: str, numel: int) -> int:
     """The most memory decoding ``numel`` elements of ``dtype`` takes (codecs decode through float32)."""
-    return numel * max(4, np.dtype(DTYPES[dtype][1]).itemsize if dtype in DTYPES else 8)
+    return numel * max(4, _ITEMSIZE.get(dtype, 8))
 
 
 def check_values(t: torch.Tensor, what: object, *, allow_nonfinite: bool = False, max_abs: float = math.inf) -> float:
@@ -179,13 +197,13 @@ def from_bytes(data: bytes | memoryview, dtype: str, shape: tuple[int, ...], to:
     once, so the tensor owns writable memory; bytes :class:`Owned` or a :class:`Lent` tensor are not copied)."""
     if dtype not in DTYPES:
         raise WireError(f"dtype {dtype!r} is not allowed; allowed: {sorted(DTYPES)}")
-    if any(d < 0 for d in shape):
+    if min(shape, default=0) < 0:
         raise WireError(f"negative dimension in shape {list(shape)}")
     numel = math.prod(shape)
     if numel > MAX_ELEMENTS:
         raise WireError(f"{numel} elements exceed the limit of {MAX_ELEMENTS}")
     torch_dtype, storage = DTYPES[dtype]
-    itemsize = np.dtype(storage).itemsize
+    itemsize = _ITEMSIZE[dtype]
     if len(data) != numel * itemsize:
         raise WireError(f"{len(data)} bytes for shape {list(shape)} of {dtype} (expected {numel * itemsize})")
     if isinstance(data, Lent) and data.tensor is not None:  # lent in this process: the sender's memory, unless
@@ -214,6 +232,17 @@ class Codec:
             t = t.to(DTYPES[self.wire_dtype][0])
         return Encoded(self.name, out_dtype, tuple(t.shape), to_buffer(t))
 
+    def encode_lent(self, t: torch.Tensor) -> Encoded:
+        """``encode(t).lent()``: its data lent where it is the tensor's whole memory (:func:`lend`), made from the
+        tensor straight where this codec sends it as it is."""
+        if self.sends_as_is(t) and (data := _lent_tensor(t)) is not None:
+            return Encoded(self.name, _NAMES[t.dtype], tuple(t.shape), data)
+        return self.encode(t).lent()
+
+    def sends_as_is(self, t: torch.Tensor) -> bool:
+        """Whether :meth:`encode` sends ``t``'s own bytes, unchanged (never where a subclass encodes its own way)."""
+        return type(self).encode is Codec.encode and (self.wire_dtype is None or t.dtype == DTYPES[self.wire_dtype][0])
+
     def decode(self, e: Encoded) -> torch.Tensor:
         t = from_bytes(e.data, self.wire_dtype or e.dtype, e.shape, to=e.dtype)
         return t.to(DTYPES[e.dtype][0]) if e.dtype in DTYPES and t.dtype != DTYPES[e.dtype][0] else t
@@ -232,6 +261,9 @@ class Float32(Codec):
         if dtype in self.HALF:
             return Encoded(self.name, dtype, tuple(t.shape), to_buffer(t))
         return super().encode(t)
+
+    def sends_as_is(self, t: torch.Tensor) -> bool:
+        return type(self).encode is Float32.encode and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
     def decode(self, e: Encoded) -> torch.Tensor:
         if e.dtype in self.HALF:

@@ -19,6 +19,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from . import envelope
 from .codec import DTYPES, MAX_ELEMENTS, Encoded, Lent, Owned, WireError, decoded_bytes
 from .control import INSTRUCTIONS, REPLIES, Instruction, Reply
 from .proto import splitlearn_pb2 as pb
@@ -120,6 +121,9 @@ class Message:
     # handed over in one process (handed_over): its encoded_size, counted once for the sender's meter, the
     # receiver's admission and a Switch's held bytes alike (a message is not changed once built)
     wire_bytes: int | None = field(default=None, repr=False, compare=False)
+    # a hello read once (read_hello): its limits and body; handed over in one process, a turn's hello is read by the
+    # switch (which turn it is for) and by the session
+    read_as: tuple[Limits, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def payload_bytes(self) -> int:
@@ -131,67 +135,13 @@ def encode(msg: Message) -> bytes:
     """The serialised ``Envelope`` of ``msg``, as protobuf writes it (the round-trip tests parse it
     with protobuf), built from its parts in one join: a tensor's bytes are copied once, from its
     own memory into the message (protobuf would copy them into the envelope, then out of it)."""
-    return b"".join(_parts(msg))
+    return envelope.envelope(msg)
 
 
 def encoded_size(msg: Message) -> int:
     """``len(encode(msg))``, counted without building it (a message handed over in one process is metered at the
-    bytes the wire would carry): the arithmetic of :func:`_parts`, field by field (every field number is below 16,
-    so each key is one byte)."""
-    size = _str_size(msg.sender) + _str_size(msg.receiver) + _str_size(msg.wire) + _str_size(msg.text)
-    if msg.step:
-        size += 1 + _varint_size(msg.step)
-    if int(msg.kind):
-        size += 1 + _varint_size(int(msg.kind))
-    for name, e in msg.tensors.items():
-        body = _str_size(name) + _str_size(e.dtype) + _str_size(e.codec)
-        if e.shape:
-            dims = sum(_varint_size(d) for d in e.shape)
-            body += 1 + _varint_size(dims) + dims
-        n = len(e.data) if isinstance(e.data, (bytes, bytearray)) else memoryview(e.data).nbytes
-        if n:
-            body += 1 + _varint_size(n) + n
-        for k, v in e.extra.items():
-            kb = len(k.encode())
-            entry = 1 + _varint_size(kb) + kb + 1 + _varint_size(len(v)) + len(v)
-            body += 1 + _varint_size(entry) + entry
-        size += 1 + _varint_size(body) + body
-    return size
-
-
-def _varint_size(n: int) -> int:
-    """``len(_varint(n))``."""
-    n &= (1 << 64) - 1
-    return 1 if n < 0x80 else (n.bit_length() + 6) // 7
-
-
-def _str_size(value: str) -> int:
-    """``len(_string(f, value))`` for a field number below 16."""
-    n = len(value.encode()) if not value.isascii() else len(value)
-    return 1 + _varint_size(n) + n if n else 0
-
-
-def _parts(msg: Message) -> list[bytes | memoryview]:
-    tensors = []
-    for name, e in msg.tensors.items():
-        body = [_string(1, name), _string(2, e.dtype)]
-        if e.shape:
-            dims = b"".join(_varint(d) for d in e.shape)
-            body.append(_key(3) + _varint(len(dims)) + dims)
-        body.append(_string(4, e.codec))
-        head = b"".join(body)
-        data = e.data if isinstance(e.data, memoryview) else memoryview(e.data)
-        data_field = [_key(5) + _varint(data.nbytes), data] if data.nbytes else []
-        extra = [_entry(k, v) for k, v in e.extra.items()]
-        size = len(head) + sum(len(x) if isinstance(x, bytes) else x.nbytes for x in data_field) + sum(map(len, extra))
-        tensors += [_key(6) + _varint(size), head, *data_field, *extra]
-    parts = [_string(1, msg.sender), _string(2, msg.receiver)]
-    if msg.step:
-        parts.append(b"\x18" + _varint(msg.step))
-    if int(msg.kind):
-        parts.append(b"\x20" + _varint(int(msg.kind)))
-    parts.append(_string(5, msg.wire))
-    return [*parts, *tensors, _string(7, msg.text)]
+    bytes the wire would carry)."""
+    return envelope.size(msg)
 
 
 def wire_size(data: bytes | Message) -> int:
@@ -213,7 +163,11 @@ def handed_over(msg: Message) -> Message:
     once, into memory the receiver then owns (:class:`~splitlearn.wire.codec.Owned`: decoding takes it without a
     copy), so the sender may change its tensors as soon as it has sent; a tensor its sender lent
     (:class:`~splitlearn.wire.codec.Lent`) is handed over as it is, not copied. Its size on the wire is counted
-    here, once (``wire_bytes``: what :func:`wire_size` gives)."""
+    here, once (``wire_bytes``: what :func:`wire_size` gives). A message whose every tensor is lent whole is handed
+    over itself (a training step's activations and gradients: nothing to copy, nothing to build again)."""
+    if msg.tensors and all(isinstance(e.data, Lent) and not e.extra for e in msg.tensors.values()):
+        msg.wire_bytes = encoded_size(msg) if msg.wire_bytes is None else msg.wire_bytes
+        return msg
     whole = Message(msg.kind, msg.sender, msg.receiver, msg.step, msg.wire,
                     {k: e if isinstance(e.data, Lent) and not e.extra else  # (lent whole: nothing to copy)
                         Encoded(e.codec, e.dtype, e.shape, e.data if isinstance(e.data, Lent) else Owned(e.data),
@@ -221,33 +175,6 @@ def handed_over(msg: Message) -> Message:
                     msg.text)
     whole.wire_bytes = encoded_size(whole)
     return whole
-
-
-def _varint(n: int) -> bytes:
-    """Protobuf's base-128 varint; a negative int64 as its 64-bit two's complement (ten bytes)."""
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _key(field_number: int) -> bytes:
-    return _varint(field_number << 3 | 2)  # length-delimited
-
-
-def _string(field_number: int, value: str | bytes) -> bytes:
-    """A string or bytes field (nothing for an empty one, as proto3 writes it)."""
-    raw = value.encode() if isinstance(value, str) else bytes(value)
-    return _key(field_number) + _varint(len(raw)) + raw if raw else b""
-
-
-def _entry(key: str, value: bytes) -> bytes:
-    """One entry of the tensor's ``extra`` map (field 6: a message of key 1 and value 2)."""
-    body = b"\x0a" + _varint(len(key.encode())) + key.encode() + b"\x12" + _varint(len(value)) + bytes(value)
-    return _key(6) + _varint(len(body)) + body
 
 
 def kind_of(data: bytes | Message) -> Kind | None:
@@ -358,11 +285,14 @@ def hello(sender: str, receiver: str, plan_hash: str, ids_hash: str, **more: Any
 
 
 def read_hello(msg: Message, limits: Limits = Limits()) -> dict[str, Any]:
-    """The fields of a peer's hello (protocol, plan_hash, ids_hash). Raises WireError."""
+    """The fields of a peer's hello (protocol, plan_hash, ids_hash), a dict of the caller's. Raises WireError."""
+    if msg.read_as is not None and msg.read_as[0] == limits:  # read before, against the same limits
+        return dict(msg.read_as[1])
     body = parse_json(msg.text, limits)
     if not isinstance(body, dict):
         raise WireError("its hello is not a JSON object")
-    return body
+    msg.read_as = (limits, body)
+    return dict(body)
 
 
 def command(sender: str, receiver: str, instruction: Instruction, request: int, deadline: float) -> Message:

@@ -164,6 +164,7 @@ class Turns:
         self._stale = 0  # timers of waits that ended otherwise, still in the heap
         self._wake = threading.Condition()  # a put from another thread, while no task is ready
         self._running = 0  # tasks not ended
+        self._sleeping = False  # the loop waits on _wake (under it: set and read with _wake held)
 
     def spawn(self, name: str, fn: Callable[[], Any]) -> greenlet.greenlet:
         """A task running ``fn()``, ready to start."""
@@ -194,12 +195,13 @@ class Turns:
                 if task is None:
                     return False
                 task.woken = False
-                _set_torch_state(task.torch_state or _FRESH)
+                if task.torch_state is not None:  # (None: a fresh thread's, which the loop's is between tasks)
+                    _set_torch_state(task.torch_state)
                 try:
                     task.switch()  # until it waits or ends
                 finally:
                     state = _take_torch_state()  # (an ended task's is dropped)
-                    task.torch_state = None if task.dead else state
+                    task.torch_state = None if task.dead or state == _FRESH else state
 
     def _next(self, deadline: float | None) -> _Task | None:
         """The next task to run: a ready one, else the first whose wait ends (a put from another thread,
@@ -221,7 +223,11 @@ class Turns:
                     return None
                 ends = ([self._timers[0][0]] if self._timers else []) + ([deadline] if deadline is not None else [])
                 until = min(ends, default=None)
-                self._wake.wait(None if until is None else max(0.0, until - now))
+                self._sleeping = True
+                try:
+                    self._wake.wait(None if until is None else max(0.0, until - now))
+                finally:
+                    self._sleeping = False
 
     def _wakeup(self, task: _Task) -> None:
         """Make ``task`` ready (under ``self._wake``), once per wait."""
@@ -231,7 +237,8 @@ class Turns:
                 task.waiting._waiter = None
                 task.waiting = None
             self._ready.append(task)
-            self._wake.notify()
+            if self._sleeping:  # (the loop waits in _next for a put from another thread, or a timer)
+                self._wake.notify()
 
     def _park(self, task: _Task, deadline: float | None) -> None:
         """``task`` waits (for its ``waiting`` mailbox to get something, or ``deadline``): the loop runs others
@@ -322,12 +329,14 @@ class Mailbox:
         self._items: deque = deque()
         self._cond = threading.Condition()
         self._waiter: _Task | None = None
+        self._blocked = 0  # threads blocked in get (not tasks)
 
     def put(self, item: Any) -> None:
         with self._cond:
             self._items.append((time.monotonic(), item))
             waiter = self._waiter
-            self._cond.notify()
+            if self._blocked:  # (a thread waits on it: notify is a Python call, and a task never waits so)
+                self._cond.notify()
         if waiter is not None:
             with waiter.turns._wake:
                 if waiter.waiting is self:
@@ -348,7 +357,11 @@ class Mailbox:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise Empty
-                    self._cond.wait(left)
+                    self._blocked += 1
+                    try:
+                        self._cond.wait(left)
+                    finally:
+                        self._blocked -= 1
                 continue
             with task.turns._wake, self._cond:  # (a put from another thread sees both set, or the item is here)
                 if self._in_time(deadline):
