@@ -290,8 +290,21 @@ class _Negating(codec_module.Codec):
         return super().encode(~t if t.dtype == torch.bool else -t)
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.sampled_from(["float32", "raw", "float16", "bfloat16", "int8", "topk:0.5", "negating"]),
+class _HalfIsBFloat16(codec_module.Float32):
+    """Float32's encode, with a float16 tensor converted (only bfloat16 travels as itself)."""
+
+    HALF = ("bfloat16",)
+
+
+class _Float16Wire(codec_module.Float32):
+    wire_dtype = "float16"
+
+
+_OWN = {"negating": _Negating, "half is bfloat16": _HalfIsBFloat16, "float16 wire": _Float16Wire}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["float32", "raw", "float16", "bfloat16", "int8", "topk:0.5", *_OWN]),
        st.sampled_from(["float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool"]),
        st.lists(st.integers(0, 5), min_size=0, max_size=3), st.sampled_from(["whole", "transposed", "part"]),
        st.booleans())
@@ -308,7 +321,7 @@ def test_a_tensor_lent_straight_is_what_encoding_then_lending_gives(name, dtype,
         t = t[1:]
     if grad and t.is_floating_point():
         t = t.clone().requires_grad_(True)
-    codec = _Negating() if name == "negating" else get_codec(name)
+    codec = _OWN[name]() if name in _OWN else get_codec(name)
     if name in ("int8", "topk:0.5") and not t.is_floating_point():
         return  # (they take floating tensors)
     want, got = codec.encode(t).lent(), codec.encode_lent(t)
@@ -322,17 +335,25 @@ def test_a_tensor_lent_straight_is_what_encoding_then_lending_gives(name, dtype,
         assert (got.data.tensor.data_ptr() == ptr) == (want.data.tensor.data_ptr() == ptr)
 
 
-def test_a_hello_read_twice_is_parsed_once_and_each_reader_gets_its_own():
+def test_a_hello_read_twice_is_parsed_once_and_each_reader_gets_its_own(monkeypatch):
     """A hello handed over in one process is read by a turn's switch and by its session: parsed once per limits, a
-    reader's changes not seen by the next, and limits that refuse it still refuse it."""
-    from splitlearn.wire.messages import hello, read_hello
+    reader's changes to its dict not seen by the next, limits that refuse it still refuse it, and a copy of the
+    message with another text (``dataclasses.replace``) is read anew."""
+    import dataclasses
 
-    msg = hello("hospital", "server", "abc", "ids", rows=[3, 4], plan_parts={"a": "1"})
-    first = read_hello(msg, Limits())
+    import splitlearn.wire.messages as messages
+
+    parses = []
+    parse = messages.parse_json
+    monkeypatch.setattr(messages, "parse_json", lambda text, limits: parses.append(text) or parse(text, limits))
+    msg = messages.hello("hospital", "server", "abc", "ids", rows=[3, 4], plan_parts={"a": "1"})
+    first = messages.read_hello(msg, Limits())
     first["rows"] = None
-    assert read_hello(msg, Limits()) == {**first, "rows": [3, 4]}
+    assert messages.read_hello(msg, Limits()) == {**first, "rows": [3, 4]} and len(parses) == 1
     with pytest.raises(WireError, match="exceeds the limit of 10"):
-        read_hello(msg, Limits(text_bytes=10))
+        messages.read_hello(msg, Limits(text_bytes=10))
+    other = dataclasses.replace(msg, text=msg.text.replace('"abc"', '"xyz"'))
+    assert messages.read_hello(other, Limits())["plan_hash"] == "xyz"
 
 
 def test_in_one_process_the_engine_lends_the_tensors_of_its_training_steps(monkeypatch):

@@ -108,7 +108,8 @@ class Party:
         self.pipeline = t.pipeline  # micro-batches per training step (message step ids are step * pipeline + i)
         self.early = EarlyMessages(self.limits, self.pipeline)  # messages that came before this party got there
         self.classes: dict[str, int] = {}  # label node -> classes of the cross-entropy head it feeds (handshake)
-        self._labels = {n: data[n] for n in self.order if self.nodes[n].kind == "input" and n in data}  # (num_classes)
+        self._labels = {n: data[n] for n in self.order if self.nodes[n].kind == "input" and n in data  # labels held
+                        and isinstance(data[n], torch.Tensor) and not data[n].is_floating_point() and data[n].numel()}
         self.observer: Callable[[str, str, StepState, torch.Tensor], None] | None = None
         self.finished: set[str] = set()  # neighbours that said they are done
         self.restartable = False  # a neighbour's new hello mid-run restarts the session (it has checkpoints)
@@ -123,8 +124,7 @@ class Party:
     @functools.cached_property
     def num_classes(self) -> dict[str, int]:
         """Label node -> its classes (the largest label held, plus one), worked out when first asked (a label defense)."""
-        return {n: int(d.max()) + 1 for n, d in self._labels.items() if isinstance(d, torch.Tensor)
-                and not d.is_floating_point() and d.numel()}  # (a streamed field: no labels)
+        return {n: int(d.max()) + 1 for n, d in self._labels.items()}
 
     def restart(self) -> None:
         """Forget what the session held (messages kept early, goodbyes) before it begins again."""

@@ -234,14 +234,15 @@ class Codec:
 
     def encode_lent(self, t: torch.Tensor) -> Encoded:
         """``encode(t).lent()``: its data lent where it is the tensor's whole memory (:func:`lend`), made from the
-        tensor straight where this codec sends it as it is."""
-        if self.sends_as_is(t) and (data := _lent_tensor(t)) is not None:
+        tensor straight where a built-in codec sends it as it is (a codec of the user's always encodes)."""
+        if type(self) in _AS_SENT and "encode" not in vars(self) and self._as_is(t) \
+                and (data := _lent_tensor(t)) is not None:
             return Encoded(self.name, _NAMES[t.dtype], tuple(t.shape), data)
         return self.encode(t).lent()
 
-    def sends_as_is(self, t: torch.Tensor) -> bool:
-        """Whether :meth:`encode` sends ``t``'s own bytes, unchanged (never where a subclass encodes its own way)."""
-        return type(self).encode is Codec.encode and (self.wire_dtype is None or t.dtype == DTYPES[self.wire_dtype][0])
+    def _as_is(self, t: torch.Tensor) -> bool:
+        """Whether :meth:`encode` sends ``t``'s own bytes, unchanged."""
+        return self.wire_dtype is None or t.dtype == DTYPES[self.wire_dtype][0]
 
     def decode(self, e: Encoded) -> torch.Tensor:
         t = from_bytes(e.data, self.wire_dtype or e.dtype, e.shape, to=e.dtype)
@@ -262,8 +263,8 @@ class Float32(Codec):
             return Encoded(self.name, dtype, tuple(t.shape), to_buffer(t))
         return super().encode(t)
 
-    def sends_as_is(self, t: torch.Tensor) -> bool:
-        return type(self).encode is Float32.encode and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    def _as_is(self, t: torch.Tensor) -> bool:
+        return t.dtype == DTYPES[self.wire_dtype][0] or _NAMES.get(t.dtype) in self.HALF
 
     def decode(self, e: Encoded) -> torch.Tensor:
         if e.dtype in self.HALF:
@@ -362,6 +363,7 @@ class TopK(Codec):
 
 
 CODECS = {c.name: c for c in (Codec, Float32, Float16, BFloat16)}
+_AS_SENT = (Codec, Float32, Float16, BFloat16)  # the codecs that may lend a tensor straight (Codec.encode_lent)
 _SHARED: dict[str, Codec] = {}  # name -> the one instance get_codec gives (made at its first call)
 
 

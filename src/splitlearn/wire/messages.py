@@ -123,7 +123,7 @@ class Message:
     wire_bytes: int | None = field(default=None, repr=False, compare=False)
     # a hello read once (read_hello): its limits and body; handed over in one process, a turn's hello is read by the
     # switch (which turn it is for) and by the session
-    read_as: tuple[Limits, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    read_as: tuple[Limits, str, dict[str, Any]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def payload_bytes(self) -> int:
@@ -166,7 +166,7 @@ def handed_over(msg: Message) -> Message:
     here, once (``wire_bytes``: what :func:`wire_size` gives). A message whose every tensor is lent whole is handed
     over itself (a training step's activations and gradients: nothing to copy, nothing to build again)."""
     if msg.tensors and all(isinstance(e.data, Lent) and not e.extra for e in msg.tensors.values()):
-        msg.wire_bytes = encoded_size(msg) if msg.wire_bytes is None else msg.wire_bytes
+        msg.wire_bytes = encoded_size(msg)
         return msg
     whole = Message(msg.kind, msg.sender, msg.receiver, msg.step, msg.wire,
                     {k: e if isinstance(e.data, Lent) and not e.extra else  # (lent whole: nothing to copy)
@@ -285,13 +285,15 @@ def hello(sender: str, receiver: str, plan_hash: str, ids_hash: str, **more: Any
 
 
 def read_hello(msg: Message, limits: Limits = Limits()) -> dict[str, Any]:
-    """The fields of a peer's hello (protocol, plan_hash, ids_hash), a dict of the caller's. Raises WireError."""
-    if msg.read_as is not None and msg.read_as[0] == limits:  # read before, against the same limits
-        return dict(msg.read_as[1])
+    """The fields of a peer's hello (protocol, plan_hash, ids_hash), a dict of the caller's (the values in it are
+    shared with the message's later readers: read them, do not change them). Raises WireError."""
+    kept = msg.read_as
+    if kept is not None and kept[0] == limits and kept[1] is msg.text:  # read before, against the same limits
+        return dict(kept[2])
     body = parse_json(msg.text, limits)
     if not isinstance(body, dict):
         raise WireError("its hello is not a JSON object")
-    msg.read_as = (limits, body)
+    msg.read_as = (limits, msg.text, body)
     return dict(body)
 
 
