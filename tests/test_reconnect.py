@@ -83,6 +83,21 @@ def test_a_count_meant_for_an_earlier_process_acknowledges_nothing():
     assert out2.get_nowait() == frames.DATA + frames.SEQ.pack(2) + b"again" and out2.empty()
 
 
+def test_frames_are_acknowledged_with_the_next_frame_sent_back_or_once_many_came():
+    """An ACK only lets the sender drop the frames it keeps for a reconnection: a receiver acknowledges what came with
+    the next frame it sends back (a step's reply), and at once only after ACK_EVERY frames or ACK_BYTES bytes (a
+    one-way flow), so that the sender keeps a bounded amount; a SYNC acknowledges everything (tested above)."""
+    from splitlearn.wire.transport import frames
+
+    st = frames.PeerState()
+    assert [st.took(seq, 100) for seq in range(1, 4)] == [False] * 3
+    assert st.owing() == 3 and st.owing() is None  # the reply's ACK covers them, once
+    assert [st.took(seq, 100) for seq in range(4, 4 + frames.ACK_EVERY)] == [False] * (frames.ACK_EVERY - 1) + [True]
+    assert st.owing() is None  # that ACK went out at once
+    assert st.took(4 + frames.ACK_EVERY, frames.ACK_BYTES) is True  # a large frame: at once
+    assert st.took(5 + frames.ACK_EVERY, 1) is False and st.owing() == 5 + frames.ACK_EVERY
+
+
 def test_a_peer_that_does_not_come_back_is_named_after_the_timeout(tmp_path):
     make_certs(["a", "b"], tmp_path)
     a = GrpcTransport("a", listen="127.0.0.1:0", accept=["b"], credentials=load_credentials(tmp_path, "a"),

@@ -165,9 +165,8 @@ class GrpcTransport(Transport):
             if self._closed.is_set() or peer in self._out:
                 return False
             st = self._peers.setdefault(peer, PeerState())
-            st.synced = st.said_bye = False
             self._out[peer] = out
-            out.put(sync_frame(self.incarnation, st.incarnation, st.received))
+            out.put(sync_frame(self.incarnation, st.incarnation, st.opened()))
             self._seen.add(peer)
             self._problem.pop(peer, None)
             self._cond.notify_all()
@@ -187,8 +186,7 @@ class GrpcTransport(Transport):
             if st.incarnation is not None and st.incarnation != incarnation:  # a new process: from scratch
                 restarted = True
                 st.restarts += 1
-                st.sent = st.received = st.unacked_bytes = 0
-                st.unacked.clear()
+                st.forget()
                 upto = 0
             st.incarnation = incarnation
             st.ack(upto)
@@ -280,9 +278,9 @@ class GrpcTransport(Transport):
                             and not self._closed.is_set():
                         self._space.wait(0.5)
                     self._queued[peer] = self._queued.get(peer, 0) + len(payload)
-                st.received = seq
+                if st.took(seq, len(payload)):  # (else the next frame sent the peer acknowledges it, frames.py)
+                    out.put(ack_frame(seq))
                 self._inbox.put((peer, payload))
-                out.put(ack_frame(seq))
             reason = "the stream ended without a goodbye"
         except Exception as e:  # noqa: BLE001 - grpc.RpcError and anything else ends the stream
             reason = str(e) if isinstance(e, TransportError) else why(e)
@@ -408,6 +406,8 @@ class GrpcTransport(Transport):
             st.unacked.append((st.sent, frame))
             st.unacked_bytes += len(frame)
             if out is not None and st.synced:
+                if (upto := st.owing()) is not None:  # what came from it, acknowledged before this frame
+                    out.put(ack_frame(upto))
                 out.put(frame)
 
     def recv(self, timeout: float | None = None) -> tuple[str, bytes]:
