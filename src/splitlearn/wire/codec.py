@@ -93,9 +93,7 @@ def lend(data: bytes | memoryview) -> Lent | None:
             or not t.is_cpu or t.numel() * t.element_size() != n or not t.is_contiguous() or not arr.flags.c_contiguous \
             or t.untyped_storage().nbytes() != n:
         return None
-    out = arr.reshape(-1).view(np.uint8).view(Lent)
-    out.tensor, out.version = t, t._version
-    return out
+    return _lent(arr, t)
 
 
 def _lent_tensor(t: torch.Tensor) -> Lent | None:
@@ -106,7 +104,12 @@ def _lent_tensor(t: torch.Tensor) -> Lent | None:
     if not n or t.dtype not in _AS_IS or not t.is_cpu or not t.is_contiguous() or t.untyped_storage().nbytes() != n:
         return None
     t = t.detach() if t.requires_grad else t
-    out = t.numpy().reshape(-1).view(np.uint8).view(Lent)
+    return _lent(t.numpy(), t)
+
+
+def _lent(arr: np.ndarray, t: torch.Tensor) -> Lent:
+    """``arr`` (all of ``t``'s memory) as the Lent of ``t``."""
+    out = arr.reshape(-1).view(np.uint8).view(Lent)
     out.tensor, out.version = t, t._version
     return out
 

@@ -6,6 +6,7 @@ step, wire, tensors, text); parsing is protobuf's (:func:`~splitlearn.wire.messa
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 __all__ = ["envelope", "size"]
@@ -23,27 +24,14 @@ def size(msg: Any) -> int:
     bytes the wire would carry): the arithmetic of :func:`_parts`, field by field (every field number is below 16,
     so each key is one byte). The sizes of a message's names and of a tensor's header are kept once worked out
     (a few microseconds a message, every message of a step)."""
-    head = (msg.sender, msg.receiver, msg.wire, int(msg.kind))
-    size = _SIZES.get(head)
-    if size is None:
-        size = _str_size(msg.sender) + _str_size(msg.receiver) + _str_size(msg.wire)
-        if head[3]:
-            size += 1 + _varint_size(head[3])
-        _keep(head, size)
+    size = _names_size(msg.sender, msg.receiver, msg.wire, int(msg.kind))
     if msg.text:
         size += _str_size(msg.text)
     if msg.step:
         size += 1 + _varint_size(msg.step)
     for name, e in msg.tensors.items():
         n = len(e.data) if isinstance(e.data, (bytes, bytearray)) else memoryview(e.data).nbytes
-        key = (name, e.dtype, e.codec, tuple(e.shape))
-        body = _SIZES.get(key)
-        if body is None:
-            body = _str_size(name) + _str_size(e.dtype) + _str_size(e.codec)
-            if e.shape:
-                dims = sum(_varint_size(d) for d in e.shape)
-                body += 1 + _varint_size(dims) + dims
-            _keep(key, body)
+        body = _header_size(name, e.dtype, e.codec, tuple(e.shape))
         if n:
             body += 1 + _varint_size(n) + n
         for k, v in e.extra.items():
@@ -54,14 +42,20 @@ def size(msg: Any) -> int:
     return size
 
 
-_SIZES: dict[tuple, int] = {}  # size's: names -> their fields' bytes; a tensor's header -> its fields'
-_SIZES_KEPT = 4096  # (emptied when full: a run's messages have a few dozen of each)
+@functools.lru_cache(maxsize=4096)  # (a run's messages have a few dozen of each)
+def _names_size(sender: str, receiver: str, wire: str, kind: int) -> int:
+    """The bytes of a message's sender, receiver, wire and kind fields."""
+    return _str_size(sender) + _str_size(receiver) + _str_size(wire) + (1 + _varint_size(kind) if kind else 0)
 
 
-def _keep(key: tuple, size: int) -> None:
-    if len(_SIZES) >= _SIZES_KEPT:
-        _SIZES.clear()
-    _SIZES[key] = size
+@functools.lru_cache(maxsize=4096)
+def _header_size(name: str, dtype: str, codec: str, shape: tuple[int, ...]) -> int:
+    """The bytes of a tensor's name, dtype, codec and shape fields."""
+    body = _str_size(name) + _str_size(dtype) + _str_size(codec)
+    if shape:
+        dims = sum(_varint_size(d) for d in shape)
+        body += 1 + _varint_size(dims) + dims
+    return body
 
 
 def _varint_size(n: int) -> int:
